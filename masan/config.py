@@ -1,0 +1,353 @@
+"""One typed run configuration: YAML file + ``key.sub=value`` CLI overrides.
+
+Every knob of a run lives here; modules receive the section they need and never read
+constants of their own. A run writes the resolved config as ``config.yaml`` in its run
+directory (see :func:`save_config`), and :func:`config_hash` fingerprints the parts that
+must match for a checkpoint to be resumed.
+
+Example::
+
+    cfg = load_config("hpc/configs/demo.yaml", ["optim.lr=3e-4", "model.fusion=add"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override is wrong; the message says which key and what to do."""
+
+
+@dataclass
+class DataConfig:
+    """Where the cohort lives and how samples are shaped."""
+
+    store: str = "runs/cohort.zarr"
+    """Zarr store written by ``data_tools/to_zarr.py``."""
+    classes: list[str] = field(default_factory=lambda: ["NC", "EMCI", "LMCI", "AD"])
+    """Classes the model predicts, a subset of the store's classes, in output order.
+    ``[NC, AD]`` gives the binary AD-vs-NC task; subjects of other classes are left out.
+    Use ``merge`` to pool classes instead."""
+    merge: dict[str, str] = field(default_factory=dict)
+    """Store class -> model class, e.g. ``{EMCI: MCI, LMCI: MCI}`` for NC/MCI/AD."""
+    positive_class: str = "AD"
+    """Positive class for precision/recall (the paper: AD vs the rest)."""
+    fmri_frames: int | None = None
+    """Frames fed to the model: the first N of each run (None: all; runs must then agree)."""
+    use_t1: bool = True
+    use_fmri: bool = True
+    normalize: bool = True
+    """Z-score each subject with the statistics stored at conversion time."""
+    num_workers: int = 2
+    """DataLoader worker processes per rank."""
+    prefetch_factor: int = 2
+
+
+@dataclass
+class ModelConfig:
+    """MASAN architecture (see docs/paper-mapping.md for each choice)."""
+
+    arch: Literal["masan", "hfcn"] = "masan"
+    """``masan``: the paper's model; ``hfcn``: the T1-only H-FCN-style baseline."""
+    t1_shape: list[int] = field(default_factory=lambda: [240, 256, 176])
+    """T1 input (X, Y, Z) voxels; must be divisible by patch_grid * 2**levels."""
+    fmri_shape: list[int] = field(default_factory=lambda: [60, 64, 44])
+    """fMRI frame (X, Y, Z) voxels; must be divisible by patch_grid."""
+    fmri_frames: int = 976
+    """Frames T per fMRI run entering fPM (as input channels, see fmri_time)."""
+    patch_grid: list[int] = field(default_factory=lambda: [4, 4, 4])
+    """Non-overlapping regions along X, Y, Z (paper: 4x4x4 = 64 regions)."""
+    channels: list[int] = field(default_factory=lambda: [32, 64, 128, 128])
+    """sPM widths: InitConv output, then each of the three encoder levels (Table 1)."""
+    fmri_channels: list[int] = field(default_factory=lambda: [32, 64, 128, 128])
+    """fPM widths, same layout as ``channels``."""
+    fmri_time: Literal["channels", "temporal_conv"] = "channels"
+    """How time enters fPM: frames as input channels, or a 1D temporal conv per voxel first."""
+    temporal_features: int = 32
+    """Output features of the temporal conv when ``fmri_time=temporal_conv``."""
+    groups: int = 8
+    """GroupNorm groups."""
+    attn_dim: int = 64
+    """Query/key width of region self-attention (eq. 3-5)."""
+    fusion: Literal["attention", "add"] = "attention"
+    """T1-guided attention fusion (eq. 6) or element-wise addition (the paper's ablation)."""
+    modalities: Literal["both", "t1", "fmri"] = "both"
+    mlp_hidden: int = 256
+    dropout: float = 0.2
+    activation_checkpointing: bool = False
+    """Recompute each encoder/decoder block in backward (torch.utils.checkpoint, non-reentrant)."""
+    channels_last: bool = False
+    """Use torch.channels_last_3d memory format (faster convs on GPUs)."""
+
+
+@dataclass
+class LossConfig:
+    """L = alpha * Ls + beta * Lf + CE (eq. 8), Ls/Lf with the L1 sparsity term of eq. 1."""
+
+    alpha: float = 0.5
+    beta: float = 0.5
+    sparsity: float = 1e-4
+    """lambda of eq. 1, on the mean absolute bottleneck encoding."""
+    recon: Literal["mse", "l1"] = "mse"
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    micro_batch: int = 1
+    """Samples per rank per forward pass."""
+    grad_accum: int = 1
+    warmup_steps: int = 0
+    schedule: Literal["constant", "cosine"] = "cosine"
+    min_lr_ratio: float = 0.05
+
+
+@dataclass
+class TrainConfig:
+    pretrain_epochs: int = 100
+    """Phase 1: reconstruction-only pretraining of sPM/fPM."""
+    joint_epochs: int = 700
+    """Phase 2: the full loss of eq. 8."""
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    zero_stage: int = 1
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    max_steps: int | None = None
+    """Stop after this many optimizer steps in total (smoke tests); None: all epochs."""
+
+
+@dataclass
+class SplitConfig:
+    """Stratified subject-level train/test split (the paper: 70/30, repeated 10 times)."""
+
+    test_fraction: float = 0.3
+    repeat: int = 0
+    """Repeat index; each repeat is a different split seed, nothing else changes."""
+    seed: int = 1234
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 500
+    every_minutes: float = 30.0
+    keep: int = 3
+    """Complete checkpoints kept; older ones are deleted."""
+
+
+@dataclass
+class LogConfig:
+    every_steps: int = 10
+    tensorboard: bool = True
+    eval_every_epochs: int = 10
+
+
+@dataclass
+class RunConfig:
+    run_dir: str = "runs/default"
+    seed: int = 0
+    deterministic: bool = False
+    """Deterministic algorithms and data order (bit-identical resume on the same hardware)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """Check/convert a YAML value against a dataclass field type; raise ConfigError."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping of {hint.__name__} fields, got {value!r}")
+        return _build(hint, value, where)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{where}: bad value {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: {value!r} is not one of {list(args)}")
+        return value
+    if origin is list:
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)] if args else value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return {str(k): _coerce(v, args[1], f"{where}.{k}") for k, v in value.items()}
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if hint is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    return value
+
+
+def _build(cls: type, values: dict, where: str = "") -> Any:
+    hints = _hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ConfigError(
+            f"unknown config key(s) {', '.join(prefix + u for u in unknown)}; "
+            f"valid keys here: {', '.join(sorted(names))}"
+        )
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in values.items()}
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted!r}: {k!r} is not a section")
+    node[keys[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"optim.lr=3e-4"`` -> ``("optim.lr", 0.0003)``; the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value (e.g. optim.lr=3e-4)")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({e})") from e
+    return key.strip(), value
+
+
+def config_from_dict(values: dict | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Build a RunConfig from a nested dict plus dotted overrides (validated)."""
+    tree = json.loads(json.dumps(values or {}))  # deep copy, plain types
+    for o in overrides:
+        k, v = parse_override(o)
+        _set_dotted(tree, k, v)
+    return _build(RunConfig, tree)
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Load a YAML config file (None: defaults) and apply ``key.sub=value`` overrides."""
+    values: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist; pass an existing YAML file (see hpc/configs/)")
+        try:
+            values = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p} is not valid YAML: {e}") from e
+        if not isinstance(values, dict):
+            raise ConfigError(f"config file {p} must hold a mapping of sections (data:, model:, ...)")
+    try:
+        return config_from_dict(values, overrides)
+    except ConfigError as e:
+        src = f" (in {path})" if path else ""
+        raise ConfigError(f"{e}{src}") from None
+
+
+def config_to_dict(cfg: RunConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: RunConfig, path: str | os.PathLike) -> Path:
+    """Write the resolved config as YAML atomically (tmp file + rename)."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(p.name + f".tmp{os.getpid()}")
+    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    os.replace(tmp, p)
+    return p
+
+
+# Sections that may change between a checkpoint and its resume without breaking it.
+_RESUMABLE_CHANGES = ("run_dir", "data.num_workers", "data.prefetch_factor", "data.store",
+                      "checkpoint", "log", "train.device", "train.max_steps",
+                      "train.pretrain_epochs", "train.joint_epochs")
+
+
+def config_hash(cfg: RunConfig) -> str:
+    """Fingerprint of everything that must match for a checkpoint to be resumed.
+
+    Paths, logging and checkpoint cadence, worker counts and epoch budgets may change
+    between submissions (e.g. to extend a run); model, loss, optimiser, precision, split and
+    data selection may not.
+    """
+    d = config_to_dict(cfg)
+    for dotted in _RESUMABLE_CHANGES:
+        node = d
+        keys = dotted.split(".")
+        for k in keys[:-1]:
+            node = node[k]
+        node.pop(keys[-1], None)
+    blob = json.dumps(d, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def config_diff(a: RunConfig, b: RunConfig) -> list[str]:
+    """Human-readable list of ``key: old -> new`` differences (for resume errors)."""
+    out: list[str] = []
+
+    def walk(x: Any, y: Any, prefix: str) -> None:
+        if isinstance(x, dict) and isinstance(y, dict):
+            for k in sorted(set(x) | set(y)):
+                walk(x.get(k), y.get(k), f"{prefix}.{k}" if prefix else k)
+        elif x != y:
+            out.append(f"{prefix}: {x!r} -> {y!r}")
+
+    walk(config_to_dict(a), config_to_dict(b), "")
+    return out
