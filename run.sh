@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Set up the project in .venv (Python 3.11, CPU torch) and run the demo or the tests.
+#   bash run.sh demo [demo.py args]    synthesize a cohort, convert it, train, evaluate (CPU)
+#   bash run.sh test [pytest args]     the whole test suite (starts a local SLURM cluster as root)
+#   bash run.sh setup                  only create/update .venv
+set -euo pipefail
+cd "$(dirname "$0")"
+
+pick_python() {
+    for p in "${PYTHON:-}" python3.11 python3; do
+        [ -n "$p" ] || continue
+        if command -v "$p" >/dev/null 2>&1 && "$p" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
+            echo "$p"; return 0
+        fi
+    done
+    echo "run.sh: Python 3.11 not found; install it or set PYTHON=/path/to/python3.11" >&2
+    exit 1
+}
+
+setup() {
+    if [ ! -x .venv/bin/python ]; then
+        "$(pick_python)" -m venv .venv
+    fi
+    # Re-install only when the dependency list changed (stamp = hash of pyproject.toml).
+    local stamp=.venv/.masan-installed want
+    want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+    if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+        .venv/bin/python -m pip install -q --upgrade pip
+        # torch first, pinned: the CPU build on this machine's disk (an unpinned torch pulls CUDA).
+        .venv/bin/python -m pip install -q torch==2.13.0
+        .venv/bin/python -m pip install -q -e '.[test]'
+        echo "$want" > "$stamp"
+    fi
+}
+
+cmd=${1:-}
+[ $# -gt 0 ] && shift
+case "$cmd" in
+    setup) setup ;;
+    demo)  setup; exec .venv/bin/python launch/demo.py "$@" ;;
+    test)  setup; exec .venv/bin/python -m pytest tests "$@" ;;
+    *) echo "usage: bash run.sh demo|test|setup [args]" >&2; exit 2 ;;
+esac
