@@ -61,9 +61,14 @@ class ModelConfig:
     arch: Literal["masan", "hfcn"] = "masan"
     """``masan``: the paper's model; ``hfcn``: the T1-only H-FCN-style baseline."""
     t1_shape: list[int] = field(default_factory=lambda: [240, 256, 176])
-    """T1 input (X, Y, Z) voxels; must be divisible by patch_grid * 2**levels."""
+    """T1 input (X, Y, Z) voxels; must be divisible by patch_grid (patch sizes need not be
+    divisible by 2**levels: odd sizes are handled, e.g. 60 -> 30 -> 15 -> 8)."""
     fmri_shape: list[int] = field(default_factory=lambda: [60, 64, 44])
-    """fMRI frame (X, Y, Z) voxels; must be divisible by patch_grid."""
+    """fMRI frame (X, Y, Z) voxels, same field of view as T1; each axis at least patch_grid
+    (and divisible by it when ``fmri_layout=patches``)."""
+    fmri_layout: Literal["volume", "patches"] = "volume"
+    """``volume``: fPM encodes the whole frame volume and its feature maps are pooled onto the
+    patch grid; ``patches``: the frame volume is cut into the patch grid like T1."""
     fmri_frames: int = 976
     """Frames T per fMRI run entering fPM (as input channels, see fmri_time)."""
     patch_grid: list[int] = field(default_factory=lambda: [4, 4, 4])
@@ -76,15 +81,44 @@ class ModelConfig:
     """How time enters fPM: frames as input channels, or a 1D temporal conv per voxel first."""
     temporal_features: int = 32
     """Output features of the temporal conv when ``fmri_time=temporal_conv``."""
+    temporal_kernel: int = 8
+    """Temporal conv kernel length (frames)."""
+    temporal_stride: int = 4
+    """Temporal conv stride (frames); the responses are then averaged over time."""
+    temporal_chunk: int = 16384
+    """Voxels per checkpointed piece of the temporal conv when activation_checkpointing is on
+    (0: all voxels at once); its full-resolution response is ~2.6 GB in bf16 otherwise."""
     groups: int = 8
     """GroupNorm groups."""
+    region_pool: list[str] = field(default_factory=lambda: ["avg", "max"])
+    """How each level's feature map is pooled onto the regions ("multiscale" features): any of
+    ``avg``, ``max``; the pooled features of all modes are concatenated."""
+    fusion_cells: int = 1
+    """Cells per region and axis of the region maps that fusion works on (1: one vector per
+    region; 2: a 2x2x2 sub-grid per region gives spatial attention finer resolution)."""
     attn_dim: int = 64
     """Query/key width of region self-attention (eq. 3-5)."""
+    value_dim: int = 64
+    """Value width of region self-attention: features per region fed to the classifier."""
     fusion: Literal["attention", "add"] = "attention"
     """T1-guided attention fusion (eq. 6) or element-wise addition (the paper's ablation)."""
+    channel_reduction: int = 4
+    """Hidden width divisor of the channel-attention MLP (CBAM's r)."""
+    spatial_kernel: int = 3
+    """Kernel of the spatial-attention conv over the region map (odd)."""
     modalities: Literal["both", "t1", "fmri"] = "both"
+    region_weights: Literal["attention", "embedding"] = "attention"
+    """What ``out["region_weights"]`` reports: attention each region receives (column mean of
+    eq. 4) or the norm of each region's fused embedding (the paper's Fig. 4)."""
     mlp_hidden: int = 256
     dropout: float = 0.2
+    hfcn_region_group: int = 2
+    """H-FCN baseline: neighbouring patches per axis merged into one region-level unit."""
+    hfcn_features: int = 64
+    """H-FCN baseline: width of the patch-level and region-level features."""
+    patch_chunk: int = 0
+    """Patches per pass through the patch autoencoder (0: all at once); lowers the peak of
+    activation recomputation at full resolution."""
     activation_checkpointing: bool = False
     """Recompute each encoder/decoder block in backward (torch.utils.checkpoint, non-reentrant)."""
     channels_last: bool = False
@@ -104,29 +138,44 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
+    """Adam (torch.optim.Adam inside DeepSpeed) and its learning-rate schedule."""
+
     lr: float = 1e-3
+    """Peak learning rate (the paper: 1e-3)."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 0.0
     grad_clip: float = 1.0
+    """Global gradient-norm clip (DeepSpeed ``gradient_clipping``); 0 disables it."""
     micro_batch: int = 1
     """Samples per rank per forward pass."""
     grad_accum: int = 1
+    """Micro-batches per optimizer step; global batch = micro_batch * grad_accum * ranks."""
     warmup_steps: int = 0
+    """Linear warmup at the start of EACH phase (optimizer steps)."""
     schedule: Literal["constant", "cosine"] = "cosine"
+    """Per phase: warmup, then constant or cosine decay to ``lr * min_lr_ratio`` at the
+    phase's last step. Each phase (pretrain, joint) runs its own schedule."""
     min_lr_ratio: float = 0.05
 
 
 @dataclass
 class TrainConfig:
+    """Phases, precision and parallelism of the DeepSpeed engine."""
+
     pretrain_epochs: int = 100
     """Phase 1: reconstruction-only pretraining of sPM/fPM."""
     joint_epochs: int = 700
     """Phase 2: the full loss of eq. 8."""
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    """Model/activation dtype; Adam keeps fp32 master weights for bf16/fp16. fp16 needs CUDA."""
     zero_stage: int = 1
+    """DeepSpeed ZeRO stage 0, 1 or 2 (3 is refused: rank 0 evaluates the whole model)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto: CUDA when a GPU is visible, else the CPU (DS_ACCELERATOR=cpu, gloo)."""
     max_steps: int | None = None
     """Stop after this many optimizer steps in total (smoke tests); None: all epochs."""
+    dist_timeout_minutes: float = 30.0
+    """Collective timeout; long checkpoint saves on slow file systems need headroom."""
 
 
 @dataclass
@@ -141,23 +190,37 @@ class SplitConfig:
 
 @dataclass
 class CheckpointConfig:
+    """When complete checkpoints are written (always also at epoch and phase ends, and on stop)."""
+
     every_steps: int = 500
+    """Save every N optimizer steps (0: never by step count)."""
     every_minutes: float = 30.0
+    """Save when this many minutes passed since the last save (0: never by time)."""
     keep: int = 3
     """Complete checkpoints kept; older ones are deleted."""
 
 
 @dataclass
 class LogConfig:
+    """TensorBoard (rank 0) under ``run_dir/tb``."""
+
     every_steps: int = 10
+    """Scalars (loss terms, LR, samples/s, GPU memory) every N optimizer steps."""
     tensorboard: bool = True
     eval_every_epochs: int = 10
+    """Test-split monitoring metrics and region-weight images every N epochs (0: never).
+    Logged under ``monitor_test/``; never used to select checkpoints or stop early."""
+    flush_secs: int = 30
 
 
 @dataclass
 class RunConfig:
+    """Everything one training run needs; saved as ``run_dir/config.yaml`` at every start."""
+
     run_dir: str = "runs/default"
+    """Checkpoints, TensorBoard events, split, predictions. A new run_dir starts fresh."""
     seed: int = 0
+    """Seeds model init, dropout and data order (per epoch: seed + epoch)."""
     deterministic: bool = False
     """Deterministic algorithms and data order (bit-identical resume on the same hardware)."""
     data: DataConfig = field(default_factory=DataConfig)

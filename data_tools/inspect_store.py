@@ -1,0 +1,93 @@
+#!/usr/bin/env python
+"""Print what a MASAN cohort store holds: classes, subjects per class, shapes, codecs, size,
+the last conversion's failures; optionally one subject's arrays in detail or a checksum check.
+
+Examples:
+  python data_tools/inspect_store.py runs/cohort.zarr
+  python data_tools/inspect_store.py runs/cohort.zarr --subject sub-001
+  python data_tools/inspect_store.py runs/cohort.zarr --verify      # re-read everything, compare checksums
+Exit status: 0 fine, 1 --verify found damaged subjects, 2 not a readable store.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+import zarr
+from zarr.storage import LocalStore
+
+from masan.data.convert import verify_group
+from masan.data.store import SUBJECTS, CohortStore, StoreError
+
+
+def _size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def summary(store: CohortStore) -> list[str]:
+    rows = store.table
+    lines = [f"store {store.path}  ({_size(store.path) / 1e6:.1f} MB on disk)",
+             f"classes {store.classes}; {len(rows)} subjects: "
+             + ", ".join(f"{c} {n}" for c, n in Counter(r["label"] for r in rows).most_common())]
+    for m in ("t1", "fmri"):
+        shapes = Counter(tuple(r[m]["shape"]) for r in rows if r.get(m))
+        lacking = sum(1 for r in rows if not r.get(m))
+        lines.append(f"{m}: " + ", ".join(f"{list(s)} x{n}" for s, n in shapes.most_common())
+                     + (f"; {lacking} subjects without" if lacking else ""))
+    lines.append(f"options {json.dumps(store.attrs.get('options', {}))}")
+    if "planted_effect" in store.attrs:
+        pe = store.attrs["planted_effect"]
+        lines.append(f"planted effect: centre {pe['center']} radius {pe['radius']} cells {pe['cells']}")
+    failed = store.attrs.get("last_conversion", {}).get("failed", [])
+    lines.append(f"last conversion: {len(failed)} failed" + "".join(f"\n  {f['subject']}: {f['error']}" for f in failed))
+    return lines
+
+
+def subject_detail(store: CohortStore, subject: str) -> list[str]:
+    lines = [f"{subject}: label {store.label(subject)}"]
+    for m in ("t1", "fmri"):
+        if not store.has(subject, m):
+            lines.append(f"  {m}: absent")
+            continue
+        meta = store.meta(subject, m)
+        nii = meta["nifti"]
+        lines.append(f"  {m}: shape {list(store.shape(subject, m))} from {nii['shape']} {nii['dtype']} "
+                     f"axcodes {nii['axcodes']} zooms {nii['zooms']} TR {nii['tr_seconds']} s "
+                     f"scaling {nii['scl_slope']:g}x+{nii['scl_inter']:g}")
+        lines.append(f"     transform {meta['transform']}  stats mean {meta['stats']['mean']:.4g} "
+                     f"std {meta['stats']['std']:.4g}")
+        lines.append(f"     source {store.row(subject)[m]['source']}")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("store", type=Path)
+    p.add_argument("--subject", help="show this subject's arrays")
+    p.add_argument("--verify", action="store_true", help="re-read every array and compare its checksum")
+    args = p.parse_args(argv)
+    try:
+        store = CohortStore(args.store)
+        lines = summary(store)
+        if args.subject:
+            lines += subject_detail(store, args.subject)
+    except (StoreError, KeyError) as e:
+        print(f"inspect_store: {e}", file=sys.stderr)
+        return 2
+    print("\n".join(lines))
+    if args.verify:
+        root = LocalStore(args.store / SUBJECTS, read_only=True)
+        damaged = {s: bad for s in store.subjects if (bad := verify_group(zarr.open_group(root, path=s, mode="r")))}
+        for s, bad in damaged.items():
+            print(f"DAMAGED {s}: {bad} do not match their checksums; rerun to_zarr.py with --verify", file=sys.stderr)
+        print(f"verified {len(store.subjects)} subjects: {len(damaged)} damaged")
+        return 1 if damaged else 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+#!/usr/bin/env python
+"""Convert a NIfTI cohort (BIDS folder or CSV manifest) into a MASAN cohort store (Zarr v3).
+
+Examples:
+  python data_tools/to_zarr.py --bids demo/bids --out runs/cohort.zarr
+  python data_tools/to_zarr.py --manifest cohort.csv --out /scratch/cohort.zarr --workers 8 \\
+      --canonical --t1-shape --fmri-shape          # RAS + the paper's 240x256x176 / 60x64x44
+
+Rerun it after adding subjects or fixing files: finished subjects whose sources are unchanged
+are skipped, half-written ones are redone. Layout and choices: docs/data-format.md.
+Exit status: 0 all converted, 1 some subjects failed (see STORE/conversion_report.json;
+0 with --allow-failures), 2 the inputs or options are unusable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from masan.config import ModelConfig
+from masan.data.convert import (DEFAULT_CLASSES, ConvertError, ConvertOptions, convert_cohort, discover_bids,
+                                planted_effect, read_manifest)
+from masan.data.store import REPORT
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    model = ModelConfig()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--bids", type=Path, help="BIDS folder with participants.tsv and sub-*/[ses-*/]anat|func")
+    src.add_argument("--manifest", type=Path, help="CSV with columns subject,t1,fmri,label (paths relative to it)")
+    p.add_argument("--out", type=Path, required=True, help="store folder (created, or updated in place)")
+    p.add_argument("--label-column", default="diagnosis", help="participants.tsv column holding the diagnosis")
+    p.add_argument("--label-map", default=None,
+                   help="extra RAW=CLASS pairs, e.g. 'Dementia=AD,MCI=LMCI' (CN=NC is built in; case-insensitive)")
+    p.add_argument("--classes", nargs="+", default=list(DEFAULT_CLASSES), help="class names, in order")
+    p.add_argument("--session", default=None, help="BIDS session to use (default: first with T1w and BOLD)")
+    p.add_argument("--require", nargs="+", choices=["t1", "fmri"], default=["t1", "fmri"],
+                   help="modalities every subject must have (others are converted when present)")
+    lay = p.add_argument_group("layout")
+    lay.add_argument("--canonical", action="store_true", help="reorient to RAS+ (affine kept true)")
+    lay.add_argument("--t1-shape", nargs="*", type=int, metavar="N",
+                     help=f"centre crop/pad T1 to X Y Z (flag alone: {' '.join(map(str, model.t1_shape))})")
+    lay.add_argument("--fmri-shape", nargs="*", type=int, metavar="N",
+                     help=f"centre crop/pad fMRI frames to X Y Z (flag alone: {' '.join(map(str, model.fmri_shape))})")
+    d = ConvertOptions()
+    lay.add_argument("--patch-grid", nargs=3, type=int, default=list(d.patch_grid),
+                     help="T1 chunk = one cell of this grid (default %(default)s)")
+    lay.add_argument("--fmri-chunk-frames", type=int, default=d.fmri_chunk_frames, help="frames per fMRI chunk")
+    lay.add_argument("--fmri-shard-frames", type=int, default=d.fmri_shard_frames,
+                     help="frames per fMRI shard file; also the streaming slab (memory per worker)")
+    lay.add_argument("--codec", default=d.codec, choices=["zstd", "lz4", "lz4hc", "blosclz", "zlib"])
+    lay.add_argument("--clevel", type=int, default=d.clevel)
+    lay.add_argument("--shuffle", default=d.shuffle, choices=["bitshuffle", "shuffle", "noshuffle"])
+    p.add_argument("--nan", default=d.nan, choices=["error", "zero"],
+                   help="NaN voxels: error (default: the subject fails) or zero (stored as 0, count recorded)")
+    p.add_argument("--workers", type=int, default=1, help="subjects converted in parallel (processes)")
+    p.add_argument("--verify", action="store_true",
+                   help="re-read already converted subjects and reconvert any whose checksum differs")
+    p.add_argument("--allow-failures", action="store_true", help="exit 0 even when some subjects failed")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+    for name, default in (("t1_shape", model.t1_shape), ("fmri_shape", model.fmri_shape)):
+        v = getattr(args, name)
+        if v is not None and len(v) == 0:
+            setattr(args, name, list(default))
+        elif v is not None and len(v) != 3:
+            p.error(f"--{name.replace('_', '-')} takes three sizes X Y Z (or none for the paper's)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        opts = ConvertOptions(
+            canonical=args.canonical, t1_shape=tuple(args.t1_shape) if args.t1_shape else None,
+            fmri_shape=tuple(args.fmri_shape) if args.fmri_shape else None, patch_grid=tuple(args.patch_grid),
+            fmri_chunk_frames=args.fmri_chunk_frames, fmri_shard_frames=args.fmri_shard_frames, codec=args.codec,
+            clevel=args.clevel, shuffle=args.shuffle, nan=args.nan, require=tuple(args.require))
+        if args.bids:
+            sources = discover_bids(args.bids, args.label_column, args.session)
+            effect = planted_effect(args.bids)
+            extra = {"planted_effect": effect} if effect else None
+        else:
+            sources, extra = read_manifest(args.manifest), None
+        report = convert_cohort(sources, args.out, opts, args.classes, args.label_map, args.workers, args.verify,
+                                extra, progress=not args.no_progress)
+    except ConvertError as e:
+        print(f"to_zarr: {e}", file=sys.stderr)
+        return 2
+    print(f"{args.out}: {len(report.converted)} converted, {len(report.skipped)} unchanged (skipped), "
+          f"{len(report.removed)} removed, {len(report.failed)} failed in {report.seconds:.1f} s")
+    for w in report.warnings:
+        print(f"  warning: {w}")
+    for f in report.failed:
+        print(f"  FAILED {f.subject}: {f.error}", file=sys.stderr)
+    if report.failed:
+        print(f"details: {args.out / REPORT}", file=sys.stderr)
+        return 0 if args.allow_failures else 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,217 @@
+"""SLURM job states without sacct, and the run directory's record of its jobs.
+
+Many clusters (and the local test cluster, which has no slurmdbd) have no working ``sacct``,
+so a job's state is read from ``squeue`` while it is queued or running, then from
+``scontrol show job`` (finished jobs stay there for ``MinJobAge`` seconds, 300 by default),
+then from ``sacct`` when it exists, and is ``UNKNOWN`` otherwise: callers then look at the
+run directory (``DONE``) to tell how the run ended.
+
+``run_dir/jobs.json`` lists every job submitted for a run directory (SLURM job ids, or the pid
+of a local run) and the events of those jobs (requeues, restarts). It is what stops a second
+submission while a job for the same run directory is still pending or running.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import fcntl
+import json
+import os
+import shutil
+import socket
+import subprocess
+from pathlib import Path
+
+JOBS_FILE = "jobs.json"
+DONE_FILE = "DONE"
+QUERY_TIMEOUT_S = 30
+
+# States in which a job still holds (or will hold) its run directory.
+ACTIVE_STATES = frozenset({
+    "PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING",
+    "SUSPENDED", "RESIZING", "SIGNALING", "STAGE_OUT", "RESV_DEL_HOLD", "STOPPED",
+})
+# Ends that a resubmission can cure (a crash, a lost node, an exhausted requeue budget).
+RESTARTABLE_STATES = frozenset({
+    "FAILED", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "TIMEOUT", "PREEMPTED", "DEADLINE",
+})
+UNKNOWN = "UNKNOWN"
+
+
+class SlurmUnavailable(RuntimeError):
+    """No SLURM here: sbatch is missing or the controller does not answer."""
+
+
+def _run(cmd: list[str]) -> subprocess.CompletedProcess | None:
+    if shutil.which(cmd[0]) is None:
+        return None
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=QUERY_TIMEOUT_S, check=False)
+    except subprocess.TimeoutExpired:
+        return None
+
+
+def slurm_available() -> tuple[bool, str]:
+    """(True, "") when sbatch exists and the controller answers; else (False, why)."""
+    if shutil.which("sbatch") is None:
+        return False, "sbatch was not found on PATH"
+    res = _run(["sinfo", "-h", "-o", "%P"])
+    if res is None or res.returncode != 0:
+        detail = (res.stderr.strip() if res is not None else "no answer") or "no answer"
+        return False, f"the SLURM controller did not answer sinfo ({detail})"
+    return True, ""
+
+
+def _state_word(text: str) -> str:
+    # "CANCELLED by 0" -> CANCELLED; "RUNNING" -> RUNNING
+    return text.strip().split()[0].upper() if text.strip() else ""
+
+
+def job_state(job_id: str) -> str:
+    """State of one job or array task ("123" or "123_4"): PENDING, RUNNING, COMPLETED, ...
+
+    Tries squeue, scontrol, then sacct; returns ``UNKNOWN`` when none knows the job.
+    """
+    res = _run(["squeue", "-h", "-r", "-j", job_id, "-o", "%i|%T"])
+    if res is not None and res.returncode == 0:
+        for line in res.stdout.splitlines():
+            jid, _, state = line.partition("|")
+            if jid.strip() == job_id and state.strip():
+                return _state_word(state)
+    res = _run(["scontrol", "show", "job", "-o", job_id])
+    if res is not None and res.returncode == 0:
+        fields = dict(tok.split("=", 1) for tok in res.stdout.split() if "=" in tok)
+        if fields.get("JobState"):
+            return _state_word(fields["JobState"])
+    res = _run(["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "JobID,State"])
+    if res is not None and res.returncode == 0:
+        for line in res.stdout.splitlines():
+            jid, _, state = line.partition("|")
+            if jid.strip() == job_id and state.strip():
+                return _state_word(state)
+    return UNKNOWN
+
+
+def job_field(job_id: str, name: str) -> str | None:
+    """One ``scontrol show job`` field (e.g. ``Restarts``, ``Reason``), None when unknown."""
+    res = _run(["scontrol", "show", "job", "-o", job_id])
+    if res is None or res.returncode != 0:
+        return None
+    fields = dict(tok.split("=", 1) for tok in res.stdout.split() if "=" in tok)
+    return fields.get(name)
+
+
+def requeue(job_id: str) -> None:
+    """``scontrol requeue`` this job (from inside it, after the stop checkpoint is complete)."""
+    res = _run(["scontrol", "requeue", job_id])
+    if res is None or res.returncode != 0:
+        why = res.stderr.strip() if res is not None else "scontrol not found or no answer"
+        raise RuntimeError(f"scontrol requeue {job_id} failed: {why}")
+
+
+def node_address(node: str) -> str:
+    """An address for ``node`` that resolves: itself, else its SLURM ``NodeAddr``.
+
+    SLURM node names need not be host names (several slurmd on one host, or clusters whose
+    node names are not in DNS); the rendezvous (MASTER_ADDR) needs a reachable address.
+    """
+    try:
+        socket.getaddrinfo(node, None)
+        return node
+    except socket.gaierror:
+        pass
+    res = _run(["scontrol", "show", "node", "-o", node])
+    if res is not None and res.returncode == 0:
+        fields = dict(tok.split("=", 1) for tok in res.stdout.split() if "=" in tok)
+        if fields.get("NodeAddr"):
+            return fields["NodeAddr"]
+    raise RuntimeError(f"cannot resolve node {node!r} for MASTER_ADDR: not in DNS and no NodeAddr in scontrol")
+
+
+# --------------------------------------------------------------------------- jobs.json
+
+
+def _now() -> str:
+    return datetime.datetime.now().isoformat(timespec="seconds")
+
+
+@contextlib.contextmanager
+def _locked_record(run_dir: Path):
+    """Read-modify-write of run_dir/jobs.json under an exclusive file lock."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / JOBS_FILE
+    with open(run_dir / (JOBS_FILE + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        record = json.loads(path.read_text()) if path.exists() else {"jobs": [], "events": []}
+        yield record
+        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(record, indent=1))
+        os.replace(tmp, path)
+
+
+def read_record(run_dir: str | Path) -> dict:
+    """The run directory's jobs.json as a dict (empty lists when absent)."""
+    path = Path(run_dir) / JOBS_FILE
+    return json.loads(path.read_text()) if path.exists() else {"jobs": [], "events": []}
+
+
+def record_job(run_dir: str | Path, job_id: str, kind: str, log: str, **extra) -> None:
+    """Add a submitted job (kind ``slurm``) or a local run (kind ``local``, job_id = pid)."""
+    with _locked_record(Path(run_dir)) as rec:
+        rec["jobs"].append({"job_id": str(job_id), "kind": kind, "host": socket.gethostname(),
+                            "submitted": _now(), "log": log, **extra})
+
+
+def record_event(run_dir: str | Path, job_id: str, event: str, **extra) -> None:
+    """Append an event (``started``, ``requeued``, ``restarted``, ...) to jobs.json."""
+    with _locked_record(Path(run_dir)) as rec:
+        rec["events"].append({"time": _now(), "job_id": str(job_id), "event": event, **extra})
+
+
+def _local_alive(job: dict) -> bool:
+    if job.get("host") != socket.gethostname():
+        return False  # cannot tell from here; a local run elsewhere does not block
+    try:
+        os.kill(int(job["job_id"]), 0)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def active_jobs(run_dir: str | Path) -> list[tuple[str, str]]:
+    """(job id, state) of this run directory's jobs that are still pending or running."""
+    out = []
+    for job in read_record(run_dir)["jobs"]:
+        if job["kind"] == "local":
+            if _local_alive(job):
+                out.append((job["job_id"], "RUNNING (local)"))
+            continue
+        state = job_state(job["job_id"])
+        if state in ACTIVE_STATES:
+            out.append((job["job_id"], state))
+    return out
+
+
+def is_done(run_dir: str | Path) -> bool:
+    """True when the run finished all its epochs (run_training wrote ``DONE``)."""
+    return (Path(run_dir) / DONE_FILE).exists()
+
+
+def detect_gpus_per_node(partition: str | None = None) -> int:
+    """GPUs per node of a partition from sinfo's GRES (``gpu:8``, ``gpu:a100:4(S:0-1)``); 0 if none.
+
+    When the partition mixes node types, the largest count is taken; pass --gpus-per-node
+    to choose.
+    """
+    cmd = ["sinfo", "-h", "-o", "%G"] + (["-p", partition] if partition else [])
+    res = _run(cmd)
+    if res is None or res.returncode != 0:
+        return 0
+    counts = [0]
+    for gres in res.stdout.replace(",", "\n").split():
+        if gres.startswith("gpu:"):
+            count = gres.split("(")[0].rsplit(":", 1)[-1]
+            if count.isdigit():
+                counts.append(int(count))
+    return max(counts)

@@ -1,0 +1,267 @@
+#!/usr/bin/env python
+"""Submit MASAN training to SLURM (submitit + DeepSpeed), or run it here without SLURM.
+
+    python launch/submit.py --nodes 4 --gpus-per-node 8 --time 24:00:00 \\
+        --config hpc/configs/paper.yaml --run-dir runs/masan optim.lr=3e-4
+
+One rank per GPU of each node (one per node on CPU nodes). Each rank resumes from the newest
+complete checkpoint of its run directory, so submitting the same --run-dir again continues a
+run instead of starting over (a second submission while a job of that run directory is still
+pending or running is refused; see run_dir/jobs.json).
+
+Time limits and preemption: SLURM sends USR2 --signal-delay seconds before the limit; every
+rank stops at the next step, a complete checkpoint is saved, and the job requeues itself (at
+most --max-requeues times). With --wait, this command follows the job(s) to the end and
+resubmits a job that crashed (FAILED, NODE_FAIL, OUT_OF_MEMORY, TIMEOUT...) up to
+--max-restarts times.
+
+--repeats N and --ablation key=value submit one job array with one run directory per
+(variant, repeat): run_dir/repeat_R or run_dir/<variant>/repeat_R (variant "baseline" plus
+one per --ablation); repeat R uses split.repeat=R.
+
+Without SLURM (no sbatch on PATH, or the controller does not answer) or with --local, the
+same runs train on this machine, one after the other, with nodes x gpus-per-node gloo ranks
+each (at least one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # `python launch/submit.py` puts launch/ first, not the repo
+    sys.path.insert(0, str(REPO))
+
+from launch.slurm import jobs  # noqa: E402
+from launch.slurm.plan import Resources, RunSpec, parse_time_min, plan_runs  # noqa: E402
+from masan.config import ConfigError  # noqa: E402
+
+ENV_SCRIPT = REPO / "hpc" / "env" / "cluster_env.sh"
+SUBMITIT_DIR = "slurm"
+EXIT_REFUSED = 2
+EXIT_FAILED = 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="launch/submit.py", description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("what to train")
+    g.add_argument("--config", help="YAML run config (see hpc/configs/); default: the run directory's "
+                   "config.yaml when resuming, else the built-in defaults")
+    g.add_argument("--run-dir", default="runs/masan", help="run directory (default: %(default)s)")
+    g.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="config overrides, e.g. optim.lr=3e-4 model.fusion=add")
+    g.add_argument("--repeats", type=int, default=1, help="repeats (different splits) per variant")
+    g.add_argument("--ablation", action="append", default=[], metavar="KEY=VALUE",
+                   help="one ablation variant (repeatable); submitted with the baseline as one array")
+    g.add_argument("--no-baseline", action="store_true", help="with --ablation: leave out the baseline")
+    r = p.add_argument_group("SLURM resources")
+    r.add_argument("--nodes", type=int, default=1)
+    r.add_argument("--gpus-per-node", type=int, default=None,
+                   help="GPUs (= ranks) per node; default: the GPUs the partition's nodes have (sinfo), "
+                   "0 on CPU nodes (then one rank per node)")
+    r.add_argument("--cpus-per-task", type=int, default=None, help="CPU cores per rank (data workers + 1)")
+    r.add_argument("--mem", default=None, help="memory per node, SLURM syntax (e.g. 64G)")
+    r.add_argument("--time", default="4:00:00", help="time limit per job, SLURM syntax (default: %(default)s)")
+    r.add_argument("--partition")
+    r.add_argument("--account")
+    r.add_argument("--qos")
+    r.add_argument("--constraint")
+    r.add_argument("--exclude", help="nodes to avoid, e.g. node[3-4]")
+    r.add_argument("--job-name", default="masan")
+    f = p.add_argument_group("time limits, preemption, crashes")
+    f.add_argument("--signal-delay", type=int, default=120,
+                   help="seconds before the time limit at which SLURM sends USR2 (default: %(default)s); "
+                   "must cover one training step plus a checkpoint save")
+    f.add_argument("--max-requeues", type=int, default=10,
+                   help="requeues per job after USR2 (time limit or preemption) (default: %(default)s)")
+    f.add_argument("--max-restarts", type=int, default=1,
+                   help="resubmissions of a crashed job per run, with --wait or --local (default: %(default)s)")
+    m = p.add_argument_group("mode")
+    m.add_argument("--local", action="store_true", help="train on this machine even if SLURM is available")
+    m.add_argument("--wait", action="store_true", help="follow the job(s) until they end; exit 0 if all runs finished")
+    m.add_argument("--poll", type=float, default=10.0, help="seconds between state checks with --wait")
+    return p
+
+
+# --------------------------------------------------------------------------- SLURM
+
+
+def _make_executor(folder: Path, res: Resources, max_requeues: int):
+    import submitit
+
+    ex = submitit.SlurmExecutor(folder=folder, max_num_timeout=max_requeues)
+    params = dict(
+        job_name=res.job_name, nodes=res.nodes, ntasks_per_node=res.tasks_per_node,
+        time=res.time_min, signal_delay_s=res.signal_delay_s, stderr_to_stdout=True,
+        setup=[f"export PYTHONPATH={REPO}${{PYTHONPATH:+:$PYTHONPATH}}", f"source {ENV_SCRIPT}"],
+        additional_parameters={"requeue": True},
+    )
+    if res.gpus_per_node:
+        params["gpus_per_node"] = res.gpus_per_node
+    for name in ("cpus_per_task", "mem", "partition", "account", "qos", "constraint", "exclude"):
+        if getattr(res, name) is not None:
+            params[name] = getattr(res, name)
+    ex.update_parameters(**params)
+    return ex
+
+
+def log_path(folder: Path, job_id: str) -> Path:
+    """Where submitit writes rank 0's output of a job (``%j_0_log.out``)."""
+    return folder / f"{job_id}_0_log.out"
+
+
+def submit_slurm(specs: list[RunSpec], res: Resources, folder: Path, max_requeues: int) -> list[str]:
+    """Submit the runs (one job, or one array for several) and record them; returns job ids."""
+    from launch.slurm.task import TrainTask
+
+    ex = _make_executor(folder, res, max_requeues)
+    tasks = [TrainTask(s.cfg, max_requeues=max_requeues) for s in specs]
+    if len(tasks) == 1:
+        submitted = [ex.submit(tasks[0])]
+    else:
+        with ex.batch():
+            submitted = [ex.submit(t) for t in tasks]
+    ids = [str(j.job_id) for j in submitted]
+    for spec, jid in zip(specs, ids):
+        jobs.record_job(spec.run_dir, jid, "slurm", str(log_path(folder, jid)),
+                        nodes=res.nodes, tasks_per_node=res.tasks_per_node)
+    return ids
+
+
+def watch(pending: dict[str, RunSpec], res: Resources, folder: Path, args) -> int:
+    """Follow jobs to their end, resubmitting crashed ones; 0 when every run is DONE."""
+    restarts = {str(s.run_dir): 0 for s in pending.values()}
+    last: dict[str, str] = {}
+    failed: list[str] = []
+    while pending:
+        time.sleep(args.poll)
+        for jid, spec in list(pending.items()):
+            state = jobs.job_state(jid)
+            if state != last.get(jid):
+                print(f"  job {jid}: {state}  ({spec.run_dir})", flush=True)
+                last[jid] = state
+            if state in jobs.ACTIVE_STATES:
+                continue
+            del pending[jid]
+            if jobs.is_done(spec.run_dir):
+                print(f"  run finished: {spec.run_dir}", flush=True)
+                continue
+            key = str(spec.run_dir)
+            if state in jobs.RESTARTABLE_STATES and restarts[key] < args.max_restarts:
+                restarts[key] += 1
+                (new_id,) = submit_slurm([spec], res, folder, args.max_requeues)
+                jobs.record_event(spec.run_dir, new_id, "restarted", after=jid, state=state,
+                                  restart=restarts[key])
+                print(f"  job {jid} ended {state}: resubmitted as job {new_id} "
+                      f"(restart {restarts[key]}/{args.max_restarts}); log {log_path(folder, new_id)}", flush=True)
+                pending[new_id] = spec
+                continue
+            print(f"  run NOT finished: {spec.run_dir} (job {jid} ended {state}; "
+                  f"see {log_path(folder, jid)}; submit again to resume)", flush=True)
+            failed.append(key)
+    return EXIT_FAILED if failed else 0
+
+
+# --------------------------------------------------------------------------- local
+
+
+def run_locally(specs: list[RunSpec], res: Resources, max_restarts: int) -> int:
+    from launch.slurm.local import run_local
+
+    failed = []
+    for spec in specs:
+        for attempt in range(max_restarts + 1):
+            print(f"local run {spec.run_dir} ({res.world_size} rank(s)"
+                  f"{', restart %d' % attempt if attempt else ''})", flush=True)
+            code = run_local(spec.cfg, world_size=res.world_size)
+            if code == 0 or jobs.is_done(spec.run_dir):
+                break
+            print(f"  local run exited with code {code}; see {spec.run_dir}/logs/", flush=True)
+        if not jobs.is_done(spec.run_dir):
+            failed.append(spec.run_dir)
+    for d in failed:
+        print(f"run NOT finished: {d} (run the same command again to resume)")
+    return EXIT_FAILED if failed else 0
+
+
+# --------------------------------------------------------------------------- main
+
+
+def _resources(args) -> Resources:
+    gpus = args.gpus_per_node
+    if gpus is None:
+        gpus = jobs.detect_gpus_per_node(args.partition) if not args.local else 0
+    return Resources(
+        nodes=args.nodes, gpus_per_node=gpus, cpus_per_task=args.cpus_per_task, mem=args.mem,
+        time_min=parse_time_min(args.time), partition=args.partition, account=args.account,
+        qos=args.qos, constraint=args.constraint, exclude=args.exclude, job_name=args.job_name,
+        signal_delay_s=args.signal_delay)
+
+
+def _select(specs: list[RunSpec]) -> list[RunSpec] | None:
+    """Drop finished runs; None (refuse) if a run directory still has a live job."""
+    busy = [(s, jobs.active_jobs(s.run_dir)) for s in specs]
+    busy = [(s, a) for s, a in busy if a]
+    for s, active in busy:
+        listing = ", ".join(f"{jid} {state}" for jid, state in active)
+        print(f"refused: {s.run_dir} already has a live job ({listing}); wait for it to end, "
+              f"or cancel it (scancel JOBID) and submit again to resume", file=sys.stderr)
+    if busy:
+        return None
+    todo = []
+    for s in specs:
+        if jobs.is_done(s.run_dir):
+            print(f"already finished (DONE): {s.run_dir}; nothing to do for it")
+        else:
+            todo.append(s)
+    return todo
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        specs = plan_runs(args.run_dir, args.config, args.overrides, args.repeats, args.ablation,
+                          baseline=not args.no_baseline)
+        res = _resources(args)
+    except (ConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_REFUSED
+    todo = _select(specs)
+    if todo is None:
+        return EXIT_REFUSED
+    base = Path(args.run_dir).resolve()
+    if not todo:
+        print(f"all runs finished; TensorBoard: tensorboard --logdir {base}")
+        return 0
+    local = args.local
+    if not local:
+        ok, why = jobs.slurm_available()
+        if not ok:
+            print(f"note: {why}: running locally instead ({res.world_size} rank(s) per run, CPU/gloo unless "
+                  f"a GPU is visible). Use a login node with SLURM to submit.", flush=True)
+            local = True
+    if local:
+        print(f"TensorBoard: tensorboard --logdir {base}", flush=True)
+        return run_locally(todo, res, args.max_restarts)
+
+    folder = base / SUBMITIT_DIR
+    ids = submit_slurm(todo, res, folder, args.max_requeues)
+    print(f"submitted {len(ids)} run(s), {res.nodes} node(s) x {res.tasks_per_node} rank(s) each:")
+    for spec, jid in zip(todo, ids):
+        print(f"  job {jid}: {spec.run_dir}\n    log: {log_path(folder, jid)}")
+    print(f"TensorBoard: tensorboard --logdir {base}")
+    print(f"state: squeue -j {ids[0].split('_')[0]}   cancel: scancel {ids[0].split('_')[0]}", flush=True)
+    if not args.wait:
+        return 0
+    return watch(dict(zip(ids, todo)), res, folder, args)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())

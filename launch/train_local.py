@@ -1,0 +1,145 @@
+#!/usr/bin/env python
+"""Train one run on this machine: in this process, or as N gloo processes (no SLURM needed).
+
+Examples::
+
+    python launch/train_local.py --config hpc/configs/demo.yaml
+    python launch/train_local.py --config hpc/configs/demo.yaml --nproc 2 run_dir=runs/demo2 optim.lr=3e-4
+
+Run the same command again after a crash, kill or stop: it resumes from the newest complete
+checkpoint in run_dir (a finished run returns at once). ``touch RUN_DIR/STOP`` (or SIGUSR2 /
+SIGTERM to this launcher) makes every rank save a checkpoint and stop.
+
+Exit status: 0 when the run completed or stopped cleanly (the last line says which), 1 when a
+rank failed, 2 for a bad config or arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+
+FORWARDED_SIGNALS = (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
+POLL_S = 0.5
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(
+        description="Train a MASAN run locally: in this process (--nproc 1) or as N processes with "
+                    "torch.distributed gloo on the CPU (nccl when GPUs are visible). Resumes automatically "
+                    "from RUN_DIR/checkpoints; `touch RUN_DIR/STOP` saves and stops every rank.",
+        epilog="Overrides are section.key=value, e.g. run_dir=runs/x train.max_steps=20 optim.lr=3e-4.")
+    ap.add_argument("--config", help="run config YAML (e.g. hpc/configs/demo.yaml); defaults when omitted")
+    ap.add_argument("--nproc", type=int, default=1, help="processes (data-parallel ranks) on this machine")
+    ap.add_argument("--port", type=int, default=None, help="rendezvous port for --nproc > 1 (default: a free one)")
+    ap.add_argument("overrides", nargs="*", help="config overrides section.key=value")
+    args = ap.parse_args(argv)
+    if args.nproc < 1:
+        ap.error("--nproc must be at least 1")
+    return args
+
+
+def setup_logging(rank: int) -> None:
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s")
+    for noisy in ("DeepSpeed", "torch.distributed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def train_here(args: argparse.Namespace) -> int:
+    """One rank: this process (the environment says which rank, or a world of one)."""
+    from masan.config import ConfigError, load_config
+    from masan.train.checkpoint import ResumeError
+    from masan.train.run import run_training
+    from masan.train.stop import StopRequest
+
+    rank = int(os.environ.get("RANK", "0"))
+    setup_logging(rank)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    stop = StopRequest(cfg.run_dir).install()
+    try:
+        outcome = run_training(cfg, stop)
+    except (ConfigError, ResumeError) as e:
+        print(f"error (rank {rank}): {e}", file=sys.stderr)
+        return 2
+    if rank == 0:
+        hint = "; run the same command again to continue" if outcome.status == "stopped" else ""
+        print(f"status: {outcome.status} at step {outcome.step} (epoch {outcome.epoch}) in {outcome.run_dir}{hint}")
+    return 0
+
+
+def spawn(args: argparse.Namespace, argv: list[str]) -> int:
+    """Start ``--nproc`` copies of this script as ranks 0..N-1 and wait for all of them.
+
+    If one rank dies, the others are terminated (they would wait forever in a collective).
+    Signals to this launcher are forwarded to every rank (a stop request reaches all of them).
+    """
+    from masan.train.distributed import free_port
+
+    port = args.port or free_port()
+    worker_argv = strip_nproc(argv)
+    procs = []
+    for rank in range(args.nproc):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(args.nproc), LOCAL_RANK=str(rank),
+                   LOCAL_WORLD_SIZE=str(args.nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        procs.append(subprocess.Popen([sys.executable, os.path.abspath(__file__), *worker_argv], env=env))
+
+    def forward(signum, frame):  # noqa: ARG001 - signal handler signature
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signum)
+
+    for sig in FORWARDED_SIGNALS:
+        signal.signal(sig, forward)
+    codes: dict[int, int] = {}
+    while len(codes) < len(procs):
+        for rank, p in enumerate(procs):
+            if rank not in codes and p.poll() is not None:
+                codes[rank] = p.returncode
+                if p.returncode != 0:
+                    for other in procs:
+                        if other.poll() is None:
+                            other.terminate()
+        time.sleep(POLL_S)
+    failed = {r: c for r, c in codes.items() if c != 0}
+    if failed:
+        print(f"error: rank(s) {sorted(failed)} exited with {sorted(set(failed.values()))}; "
+              f"the run resumes from its newest complete checkpoint when started again", file=sys.stderr)
+        return 2 if set(failed.values()) == {2} else 1
+    return 0
+
+
+def strip_nproc(argv: list[str]) -> list[str]:
+    """``argv`` without ``--nproc N`` / ``--nproc=N`` / ``--port ...`` (the workers are single ranks)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a in ("--nproc", "--port"):
+            skip = True
+            continue
+        if a.startswith(("--nproc=", "--port=")):
+            continue
+        out.append(a)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    if args.nproc > 1 and "RANK" not in os.environ:
+        return spawn(args, argv)
+    return train_here(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""Subjects of a store as model samples: class selection/merging and the torch Dataset.
+
+``select_subjects`` turns the store's classes into the model's (``data.classes`` picks and
+orders them, ``data.merge`` pools store classes first) and leaves out subjects lacking a
+modality the run uses. ``CohortDataset`` reads one subject per item from the store; it
+holds only the store path until first use in each process, so DataLoader workers started
+by fork or spawn each open their own Zarr handles.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections import defaultdict
+
+import torch
+from torch.utils.data import Dataset
+
+from masan.config import ConfigError, DataConfig
+from masan.data.store import CohortStore
+
+
+def _modalities(cfg: DataConfig) -> list[str]:
+    used = [m for m, on in (("t1", cfg.use_t1), ("fmri", cfg.use_fmri)) if on]
+    if not used:
+        raise ConfigError("data.use_t1 and data.use_fmri are both false; switch at least one on")
+    return used
+
+
+def select_subjects(store: CohortStore | str | os.PathLike, data_cfg: DataConfig
+                    ) -> tuple[list[str], list[int], list[str]]:
+    """-> (subjects, labels as indices into class_names, class_names = data_cfg.classes).
+
+    A store class maps to ``data_cfg.merge.get(c, c)``; subjects whose mapped class is not
+    in ``data_cfg.classes`` are left out silently (that is the selection), subjects lacking
+    a used modality are left out with one warning naming them.
+    """
+    store = store if isinstance(store, CohortStore) else CohortStore(store)
+    classes = list(data_cfg.classes)
+    have = store.classes
+    if len(set(classes)) != len(classes):
+        raise ConfigError(f"data.classes {classes} names a class twice")
+    unknown = sorted(set(data_cfg.merge) - set(have))
+    if unknown:
+        raise ConfigError(f"data.merge maps {unknown}, which are not classes of {store.path} (it has {have})")
+    reachable = {data_cfg.merge.get(c, c) for c in have}
+    missing = [c for c in classes if c not in reachable]
+    if missing:
+        raise ConfigError(f"data.classes {missing} are neither classes of {store.path} ({have}) nor targets of "
+                          f"data.merge {data_cfg.merge}; fix data.classes or data.merge")
+    used = _modalities(data_cfg)
+    subjects, labels, lacking = [], [], []
+    for s in store.subjects:
+        cls = data_cfg.merge.get(store.label(s), store.label(s))
+        if cls not in classes:
+            continue
+        absent = [m for m in used if not store.has(s, m)]
+        if absent:
+            lacking.append(f"{s} (no {'/'.join(absent)})")
+            continue
+        subjects.append(s)
+        labels.append(classes.index(cls))
+    if lacking:
+        warnings.warn(f"{len(lacking)} subject(s) of {store.path} left out for lacking a modality this run uses: "
+                      f"{', '.join(lacking)}", stacklevel=2)
+    if not subjects:
+        raise ConfigError(f"no subject of {store.path} has classes {classes} with {' and '.join(used)}; "
+                          "check data.classes, data.merge, data.use_t1/use_fmri")
+    return subjects, labels, classes
+
+
+class CohortDataset(Dataset):
+    """Item i -> {"t1": float32 (1, X, Y, Z), "fmri": float32 (T, X, Y, Z), "label": int64 (),
+    "index": int64 () = i}; a modality switched off in ``data_cfg`` is absent.
+
+    ``data_cfg.fmri_frames`` keeps the first N frames of each run (None: all, and every run
+    must then have the same length). Shapes are checked against the store's table at
+    construction so that a mismatch fails before training, naming the subjects.
+    """
+
+    def __init__(self, store_path: str | os.PathLike, subjects: list[str], labels: list[int], data_cfg: DataConfig):
+        if len(subjects) != len(labels):
+            raise ValueError(f"{len(subjects)} subjects but {len(labels)} labels")
+        self.store = CohortStore(store_path)
+        self.subjects, self.labels, self.cfg = list(subjects), list(labels), data_cfg
+        self.modalities = _modalities(data_cfg)
+        for s in self.subjects:
+            for m in self.modalities:
+                self.store.shape(s, m)  # raises naming the subject when it is absent
+        self._check_shapes()
+
+    def _check_shapes(self) -> None:
+        frames = self.cfg.fmri_frames
+        for m in self.modalities:
+            groups: dict[tuple, list[str]] = defaultdict(list)
+            for s in self.subjects:
+                shape = self.store.shape(s, m)
+                groups[shape[1:] if m == "fmri" else shape].append(s)
+            if len(groups) > 1:
+                listing = "; ".join(f"{list(k)}: {v[:3]}{'...' if len(v) > 3 else ''}" for k, v in groups.items())
+                flag = "--t1-shape" if m == "t1" else "--fmri-shape"
+                raise ValueError(f"{m} volumes in {self.store.path} differ in shape ({listing}); the model needs one "
+                                 f"shape: reconvert with data_tools/to_zarr.py {flag} X Y Z")
+        if "fmri" in self.modalities:
+            lengths = {s: self.store.shape(s, "fmri")[0] for s in self.subjects}
+            if frames is not None:
+                for s, t in lengths.items():
+                    if t < frames:
+                        self._short(s, t)
+            elif len(set(lengths.values())) > 1:
+                raise ValueError(f"fMRI runs in {self.store.path} differ in length ({sorted(set(lengths.values()))} "
+                                 "frames); set data.fmri_frames to use the first N frames of each")
+
+    def _short(self, subject: str, frames: int) -> None:
+        raise ValueError(f"subject {subject} has {frames} fMRI frames but data.fmri_frames="
+                         f"{self.cfg.fmri_frames}; lower data.fmri_frames or leave this subject out")
+
+    def __len__(self) -> int:
+        return len(self.subjects)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        s = self.subjects[i]
+        item: dict[str, torch.Tensor] = {}
+        if self.cfg.use_t1:
+            item["t1"] = torch.from_numpy(self.store.read_t1(s, normalize=self.cfg.normalize))[None]
+        if self.cfg.use_fmri:
+            n = self.cfg.fmri_frames
+            fmri = self.store.read_fmri(s, frames=slice(0, n) if n else None, normalize=self.cfg.normalize)
+            if n is not None and fmri.shape[0] < n:
+                self._short(s, fmri.shape[0])
+            item["fmri"] = torch.from_numpy(fmri)
+        item["label"] = torch.tensor(self.labels[i], dtype=torch.int64)
+        item["index"] = torch.tensor(i, dtype=torch.int64)
+        return item

@@ -1,0 +1,250 @@
+"""NIfTI reading for the cohort store: header facts, exact voxels, bounded-memory streaming.
+
+Everything here works on the *stored* (unscaled) values of a NIfTI-1/-2 file, in the file's
+own integer or float type made native-endian; ``scl_slope``/``scl_inter`` are recorded and
+applied by the reader (:mod:`masan.data.store`), so no float64 copy of a volume is ever made
+and the stored values are exactly the file's.
+
+- :func:`open_image` loads a header (clear errors for missing, non-NIfTI or corrupt files).
+- :func:`describe` gives the NIfTI-Zarr-like attribute block (affine, sform/qform and codes,
+  zooms, units, TR in seconds, orientation, scaling, the raw header bytes).
+- :class:`SpatialPlan` is the optional reorientation to RAS (``--canonical``) followed by a
+  centre crop/pad to a fixed shape, with the affine kept true.
+- :func:`iter_frame_slabs` streams a 4D run in frame slabs through one sequential pass over
+  the (possibly gzipped) file: memory is one slab, and a .nii.gz is decompressed once.
+- :func:`write_nifti_slabs` writes a 3D/4D NIfTI from frame slabs (synthetic cohorts).
+"""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from nibabel.openers import ImageOpener
+from nibabel.orientations import apply_orientation, aff2axcodes, inv_ornt_aff, io_orientation
+
+# Voxel types a model can consume; NIfTI's complex and RGB types are refused.
+SUPPORTED_KINDS = "iuf"
+_TIME_UNIT_SECONDS = {"sec": 1.0, "msec": 1e-3, "usec": 1e-6}
+
+
+class NiftiError(ValueError):
+    """A NIfTI file cannot be used; the message names the file and what to do."""
+
+
+def open_image(path: str | Path) -> nib.Nifti1Pair:
+    """Load a NIfTI-1/-2 header (data stay on disk). Raises NiftiError naming the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise NiftiError(f"{p}: file not found; fix the path in the manifest/BIDS folder")
+    try:
+        img = nib.load(p)
+    except Exception as e:  # nibabel raises many types for unreadable headers
+        raise NiftiError(f"{p}: not a readable NIfTI file ({type(e).__name__}: {e}); "
+                         "re-export it from the scanner data (e.g. dcm2niix) or re-download it") from e
+    if not isinstance(img, (nib.Nifti1Pair, nib.Nifti2Pair)):
+        raise NiftiError(f"{p}: is a {type(img).__name__}, not NIfTI; convert it to .nii/.nii.gz first")
+    dtype = img.header.get_data_dtype()
+    if dtype.kind not in SUPPORTED_KINDS or dtype.fields is not None:
+        raise NiftiError(f"{p}: voxel type {dtype} is not supported (need integer or float voxels); "
+                         "convert it to int16 or float32")
+    return img
+
+
+def data_shape(img: nib.Nifti1Pair, rank: int, path: str | Path) -> tuple[int, ...]:
+    """The image's shape as a rank-3 (volume) or rank-4 (run) shape; NiftiError otherwise.
+
+    Trailing singleton axes are dropped (a T1 stored as X,Y,Z,1 is a volume). A volume's
+    axes must have at least 2 voxels; a run needs at least 1 frame.
+    """
+    shape = tuple(int(n) for n in img.shape)
+    while len(shape) > rank and shape[-1] == 1:
+        shape = shape[:-1]
+    if rank == 4 and len(shape) == 3:
+        raise NiftiError(f"{path}: has shape {shape}, a single 3D volume, but an fMRI run must be 4D "
+                         "(X, Y, Z, T); pass the 4D BOLD series, not one frame")
+    if len(shape) != rank:
+        what = "a 3D volume (X, Y, Z)" if rank == 3 else "a 4D run (X, Y, Z, T)"
+        raise NiftiError(f"{path}: has shape {shape} (rank {len(shape)}) but must be {what}; "
+                         "check that the right file is given for this modality")
+    if min(shape[:3]) < 2:
+        raise NiftiError(f"{path}: spatial shape {shape[:3]} has an axis under 2 voxels; "
+                         "this is not a 3D image (a single slice?); pass the full volume")
+    return shape
+
+
+def describe(img: nib.Nifti1Pair) -> dict:
+    """NIfTI facts recorded beside each stored array (JSON-ready).
+
+    Keys: format, shape, dtype (as on disk), affine (4x4 world mm, nibabel's ``img.affine``),
+    sform/qform with their codes, zooms, space_unit, time_unit, tr_seconds (None when the
+    header has no usable TR), axcodes, scl_slope, scl_inter (as nibabel applies them),
+    header_b64 (the raw header bytes, to rebuild the file).
+    """
+    hdr = img.header
+    space_unit, time_unit = hdr.get_xyzt_units()
+    zooms = [float(z) for z in hdr.get_zooms()]
+    tr = None
+    if len(img.shape) >= 4 and len(zooms) >= 4 and zooms[3] > 0:
+        factor = _TIME_UNIT_SECONDS.get(time_unit)
+        # 'unknown' time units: NIfTI readers conventionally take seconds.
+        tr = zooms[3] * (factor if factor is not None else 1.0)
+    sform, sform_code = hdr.get_sform(coded=True)
+    qform, qform_code = hdr.get_qform(coded=True)
+    return {
+        "format": "nifti2" if isinstance(hdr, nib.Nifti2Header) else "nifti1",
+        "shape": [int(n) for n in img.shape],
+        "dtype": hdr.get_data_dtype().str,
+        "affine": np.asarray(img.affine, dtype=float).tolist(),
+        "sform": None if sform is None else np.asarray(sform, dtype=float).tolist(),
+        "sform_code": int(sform_code),
+        "qform": None if qform is None else np.asarray(qform, dtype=float).tolist(),
+        "qform_code": int(qform_code),
+        "zooms": zooms,
+        "space_unit": space_unit,
+        "time_unit": time_unit,
+        "tr_seconds": tr,
+        "axcodes": list(aff2axcodes(img.affine)),
+        "scl_slope": float(img.dataobj.slope),
+        "scl_inter": float(img.dataobj.inter),
+        "header_b64": base64.b64encode(hdr.binaryblock).decode("ascii"),
+    }
+
+
+@dataclass(frozen=True)
+class SpatialPlan:
+    """Reorientation + centre crop/pad applied to the first three (spatial) axes.
+
+    ``ornt`` is nibabel's orientation transform to RAS (identity when not canonical);
+    ``offset[i]`` says that output voxel j along axis i is voxel ``j + offset[i]`` of the
+    reoriented input (negative: padding before, positive: cropping). Padding uses the
+    stored value 0. ``affine`` is the output's voxel-to-world affine, so world coordinates
+    of every kept voxel are unchanged.
+    """
+
+    in_shape: tuple[int, int, int]
+    ornt: np.ndarray
+    out_shape: tuple[int, int, int]
+    offset: tuple[int, int, int]
+    affine: np.ndarray
+
+    @classmethod
+    def make(cls, affine: np.ndarray, in_shape: tuple[int, ...], canonical: bool,
+             shape: tuple[int, int, int] | None) -> "SpatialPlan":
+        in_shape = tuple(int(n) for n in in_shape[:3])
+        ornt = io_orientation(affine) if canonical else np.array([[0, 1], [1, 1], [2, 1]], dtype=float)
+        aff = np.asarray(affine, dtype=float) @ inv_ornt_aff(ornt, in_shape)
+        oriented = tuple(int(in_shape[int(ax)]) for ax in ornt[:, 0].argsort())
+        out_shape = tuple(int(n) for n in shape) if shape is not None else oriented
+        offset = tuple((n - m) // 2 for n, m in zip(oriented, out_shape))
+        shift = np.eye(4)
+        shift[:3, 3] = offset
+        return cls(in_shape, ornt, out_shape, offset, aff @ shift)
+
+    @property
+    def is_identity(self) -> bool:
+        return self.in_shape == self.out_shape and not any(self.offset) and np.array_equal(
+            self.ornt, [[0, 1], [1, 1], [2, 1]])
+
+    def apply(self, arr: np.ndarray) -> np.ndarray:
+        """(X, Y, Z, ...) input array -> (X', Y', Z', ...) output; trailing axes untouched."""
+        if self.is_identity:
+            return arr
+        arr = apply_orientation(arr, self.ornt)
+        out = np.zeros(self.out_shape + arr.shape[3:], dtype=arr.dtype)
+        src, dst = [], []
+        for n_in, n_out, o in zip(arr.shape[:3], self.out_shape, self.offset):
+            s0, d0 = max(o, 0), max(-o, 0)
+            n = max(min(n_in - s0, n_out - d0), 0)
+            src.append(slice(s0, s0 + n))
+            dst.append(slice(d0, d0 + n))
+        out[tuple(dst)] = arr[tuple(src)]
+        return out
+
+    def record(self) -> dict:
+        """JSON-ready description of the transform (stored beside the array)."""
+        return {
+            "reoriented_to": "RAS" if not np.array_equal(self.ornt, [[0, 1], [1, 1], [2, 1]]) else None,
+            "ornt": self.ornt.astype(int).tolist(),
+            "in_shape": list(self.in_shape),
+            "out_shape": list(self.out_shape),
+            "crop_pad_offset": list(self.offset),
+            "pad_value": 0,
+        }
+
+
+def _native(dtype: np.dtype) -> np.dtype:
+    return dtype.newbyteorder("=")
+
+
+def iter_frame_slabs(img: nib.Nifti1Pair, frames_per_slab: int, path: str | Path | None = None
+                     ) -> Iterator[tuple[int, np.ndarray]]:
+    """Stream the stored (unscaled) voxels as ``(t0, slab)`` with slab (X, Y, Z, n), native dtype.
+
+    A 3D image is one slab of one frame (shape (X, Y, Z, 1)). The file is read once,
+    front to back (NIfTI keeps time as the slowest axis), so a .nii.gz is decompressed in
+    one pass and memory is one slab. Raises NiftiError naming the file when it is
+    truncated or its compressed stream is corrupt.
+    """
+    path = path if path is not None else img.get_filename()
+    shape = tuple(int(n) for n in img.shape)
+    spatial = shape[:3]
+    frames = int(np.prod(shape[3:], dtype=np.int64)) if len(shape) > 3 else 1
+    dtype = img.header.get_data_dtype()
+    frame_bytes = int(np.prod(spatial, dtype=np.int64)) * dtype.itemsize
+    fix = "the file is truncated or corrupt: re-export or re-download it"
+    try:
+        with ImageOpener(img.dataobj.file_like) as f:
+            f.seek(img.dataobj.offset)
+            for t0 in range(0, frames, frames_per_slab):
+                n = min(frames_per_slab, frames - t0)
+                buf = f.read(frame_bytes * n)
+                if len(buf) < frame_bytes * n:
+                    got = t0 * frame_bytes + len(buf)
+                    raise NiftiError(f"{path}: voxel data end after {got} of {frames * frame_bytes} bytes "
+                                     f"(frame {t0 + len(buf) // frame_bytes} of {frames}); {fix}")
+                slab = np.frombuffer(buf, dtype=dtype).reshape(spatial + (n,), order="F")
+                yield t0, slab.astype(_native(dtype), copy=not dtype.isnative)
+    except (EOFError, zlib.error, gzip.BadGzipFile, OSError) as e:
+        raise NiftiError(f"{path}: cannot read voxel data ({type(e).__name__}: {e}); {fix}") from e
+
+
+def read_volume(img: nib.Nifti1Pair, path: str | Path | None = None) -> np.ndarray:
+    """All stored voxels of a 3D image (or X,Y,Z,1) as (X, Y, Z), native dtype, unscaled."""
+    (_, slab), = iter_frame_slabs(img, 1, path)
+    return slab[..., 0]
+
+
+def write_nifti_slabs(path: str | Path, affine: np.ndarray, shape: tuple[int, ...], dtype: np.dtype,
+                      slabs: Iterator[np.ndarray], zooms: tuple[float, ...], compresslevel: int = 6) -> Path:
+    """Write a 3D or 4D NIfTI-1 file from (X, Y, Z, n) slabs given in time order.
+
+    ``zooms`` are voxel sizes in mm (and the TR in seconds for 4D). Memory is one slab:
+    the header is written first, then each slab in NIfTI's Fortran order (gzip when the
+    name ends .gz, at ``compresslevel``; 6 is gzip's and dcm2niix's usual level).
+    """
+    path = Path(path)
+    hdr = nib.Nifti1Header()
+    hdr.set_data_dtype(dtype)
+    hdr.set_data_shape(shape)
+    hdr.set_zooms(zooms)
+    hdr.set_xyzt_units("mm", "sec")
+    hdr.set_sform(affine, code=1)
+    hdr.set_qform(affine, code=1)
+    hdr.set_data_offset(352)
+    frames = shape[3] if len(shape) > 3 else 1
+    written = 0
+    with ImageOpener(path, "wb", compresslevel=compresslevel) as f:
+        hdr.write_to(f)  # 348 header bytes + 4 extension bytes = vox_offset 352
+        for slab in slabs:
+            f.write(np.asarray(slab, dtype=dtype).tobytes(order="F"))
+            written += slab.shape[3]
+    if written != frames:
+        raise ValueError(f"{path}: wrote {written} frames but the header says {frames}")
+    return path

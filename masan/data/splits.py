@@ -1,0 +1,208 @@
+"""Stratified subject-level train/test splits, one per repeat (the paper: 70/30, 10 repeats).
+
+A split depends only on the set of (subject, label) pairs and on ``split_cfg``: the pairs
+are sorted by subject before splitting, so the order a caller lists subjects in does not
+matter. Repeat ``r`` uses the random state ``split_cfg.seed + r``; nothing else changes
+between repeats. The test part is for the final evaluation only: the training loop never
+selects models or stops early on it.
+
+Example::
+
+    split = make_split(subjects, labels, cfg.split)      # labels: class index or name per subject
+    split.save(run_dir / "split.json")
+    same = Split.load(run_dir / "split.json")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from collections import Counter
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sklearn.model_selection import train_test_split
+
+from masan.config import SplitConfig
+
+SPLIT_FILE = "split.json"
+
+
+class SplitError(ValueError):
+    """A split cannot be made or does not match; the message says why and what to do."""
+
+
+@dataclass
+class Split:
+    """One repeat's partition of the subjects.
+
+    Attributes:
+        train: training subjects, sorted.
+        test: test subjects, sorted (disjoint from ``train``).
+        repeat: repeat index r.
+        seed: the base seed ``split.seed`` of the config; the random state used is
+            ``seed + repeat`` (see :attr:`random_state`).
+        test_fraction: requested fraction of subjects in ``test``.
+        labels: subject -> label (class index or name) the split was stratified on.
+    """
+
+    train: list[str]
+    test: list[str]
+    repeat: int
+    seed: int
+    test_fraction: float = 0.3
+    labels: dict[str, Hashable] = field(default_factory=dict)
+
+    @property
+    def random_state(self) -> int:
+        return self.seed + self.repeat
+
+    def part(self, name: str) -> list[str]:
+        """Subjects of part ``"train"`` or ``"test"``."""
+        if name not in ("train", "test"):
+            raise SplitError(f"split part {name!r} does not exist; use 'train' or 'test'")
+        return self.train if name == "train" else self.test
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["random_state"] = self.random_state
+        return d
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the split as JSON atomically (tmp file + rename)."""
+        p = Path(path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_name(p.name + f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(self.to_dict(), indent=1))
+        os.replace(tmp, p)
+        return p
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Split":
+        p = Path(path)
+        try:
+            d = json.loads(p.read_text())
+        except FileNotFoundError:
+            raise SplitError(f"split file {p} does not exist") from None
+        except json.JSONDecodeError as e:
+            raise SplitError(f"split file {p} is not valid JSON ({e}); delete it to make the split again") from None
+        d.pop("random_state", None)
+        names = {f.name for f in dataclasses.fields(cls)}
+        missing = {"train", "test", "repeat", "seed"} - set(d)
+        if missing or set(d) - names:
+            raise SplitError(
+                f"split file {p} has keys {sorted(d)}; expected {sorted(names)} "
+                f"(missing {sorted(missing)}): it was not written by Split.save"
+            )
+        return cls(**d)
+
+
+def _check_class_sizes(counts: Counter, test_fraction: float) -> None:
+    """Refuse splits that would leave a class out of the train or the test part."""
+    too_small = {
+        c: n for c, n in counts.items() if n < 2 or n * test_fraction < 1 or n * (1 - test_fraction) < 1
+    }
+    if too_small:
+        need = math.ceil(max(2, 1 / test_fraction, 1 / (1 - test_fraction)) - 1e-9)
+        detail = ", ".join(f"{c!r}: {n}" for c, n in sorted(too_small.items(), key=str))
+        raise SplitError(
+            f"too few subjects for a stratified split with test_fraction={test_fraction}: "
+            f"class(es) {detail} subject(s); each class needs at least {need} so that both the "
+            f"train and the test part get one. Add subjects, leave the class out or pool it "
+            f"(data.classes / data.merge), or change split.test_fraction"
+        )
+
+
+def make_split(subjects: Sequence[str], labels: Sequence[Hashable], split_cfg: SplitConfig) -> Split:
+    """Stratified subject-level split for repeat ``split_cfg.repeat``.
+
+    Args:
+        subjects: subject ids, unique.
+        labels: one label per subject (class index or class name), same order.
+        split_cfg: test fraction, repeat index and base seed.
+
+    Returns:
+        A :class:`Split` with sorted ``train``/``test`` lists; every class appears in both.
+
+    Raises:
+        SplitError: duplicate subjects, length mismatch, a bad fraction, or a class too small.
+    """
+    subjects = [str(s) for s in subjects]
+    labels = [lab.item() if hasattr(lab, "item") else lab for lab in labels]  # numpy scalars -> JSON-able
+    if len(subjects) != len(labels):
+        raise SplitError(f"{len(subjects)} subjects but {len(labels)} labels; give one label per subject")
+    dup = sorted(s for s, n in Counter(subjects).items() if n > 1)
+    if dup:
+        raise SplitError(f"subject(s) listed more than once: {dup[:10]}; each subject must appear once")
+    f = split_cfg.test_fraction
+    if not 0 < f < 1:
+        raise SplitError(f"split.test_fraction={f} must lie strictly between 0 and 1 (the paper uses 0.3)")
+    if split_cfg.repeat < 0:
+        raise SplitError(f"split.repeat={split_cfg.repeat} must be >= 0")
+    counts = Counter(labels)
+    _check_class_sizes(counts, f)
+
+    order = sorted(range(len(subjects)), key=lambda i: subjects[i])
+    subj_sorted = [subjects[i] for i in order]
+    lab_sorted = [labels[i] for i in order]
+    try:
+        train, test = train_test_split(
+            subj_sorted, test_size=f, stratify=lab_sorted, random_state=split_cfg.seed + split_cfg.repeat
+        )
+    except ValueError as e:  # sklearn: e.g. fewer test subjects than classes
+        raise SplitError(
+            f"cannot split {len(subjects)} subjects of {len(counts)} classes with test_fraction={f}: {e}. "
+            f"Add subjects, pool classes (data.merge) or change split.test_fraction"
+        ) from None
+    label_of = dict(zip(subj_sorted, lab_sorted))
+    for part_name, part in (("train", train), ("test", test)):
+        absent = set(counts) - {label_of[s] for s in part}
+        if absent:  # guarded by _check_class_sizes; kept so a silent sklearn change cannot slip through
+            raise SplitError(
+                f"the {part_name} part of repeat {split_cfg.repeat} has no subject of class(es) "
+                f"{sorted(absent, key=str)}; add subjects or change split.test_fraction"
+            )
+    return Split(
+        train=sorted(train), test=sorted(test), repeat=split_cfg.repeat, seed=split_cfg.seed,
+        test_fraction=f, labels=label_of,
+    )
+
+
+def load_or_make_split(
+    run_dir: str | os.PathLike, subjects: Sequence[str], labels: Sequence[Hashable], split_cfg: SplitConfig
+) -> Split:
+    """The split of a run: made and saved as ``run_dir/split.json`` on the first start,
+    then reloaded on every resume and checked against what the config gives now.
+
+    Raises:
+        SplitError: the saved split differs (subjects or labels changed since the run began,
+            or the split section was edited); the message names the difference.
+    """
+    path = Path(run_dir) / SPLIT_FILE
+    fresh = make_split(subjects, labels, split_cfg)
+    if not path.exists():
+        fresh.save(path)
+        return fresh
+    saved = Split.load(path)
+    if saved.to_dict() != fresh.to_dict():
+        diffs = []
+        for part in ("train", "test"):
+            gone = sorted(set(saved.part(part)) - set(fresh.part(part)))
+            new = sorted(set(fresh.part(part)) - set(saved.part(part)))
+            if gone or new:
+                diffs.append(f"{part}: saved-only {gone[:5]}, now-only {new[:5]}")
+        for key in ("repeat", "seed", "test_fraction"):
+            if getattr(saved, key) != getattr(fresh, key):
+                diffs.append(f"{key}: {getattr(saved, key)!r} -> {getattr(fresh, key)!r}")
+        relabelled = sorted(s for s in saved.labels if s in fresh.labels and saved.labels[s] != fresh.labels[s])
+        if relabelled:
+            diffs.append(f"labels changed for {relabelled[:5]}")
+        raise SplitError(
+            f"{path} does not match the split the current cohort and config give "
+            f"({'; '.join(diffs) or 'stored fields differ'}). A run must keep its split: use a new "
+            f"run_dir for the changed cohort/config, or delete {path} if the old run is abandoned"
+        )
+    return saved

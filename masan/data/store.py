@@ -1,0 +1,226 @@
+"""Read API of the cohort store written by ``data_tools/to_zarr.py`` (layout: docs/data-format.md).
+
+A store is a Zarr v3 group::
+
+    STORE/zarr.json                  root attrs: masan_store (format), classes, cohort (table)
+    STORE/subjects/<id>/t1           int/float array (X, Y, Z), stored values of the NIfTI file
+    STORE/subjects/<id>/fmri         array (T, X, Y, Z)
+    STORE/conversion_report.json     the last conversion's failures and warnings
+
+Each array carries ``nifti`` (header facts, :func:`masan.data.nifti.describe`),
+``transform`` (reorientation/crop-pad), ``stats`` (mean/std of the scaled values over the
+nonzero stored voxels, computed at conversion) and ``checksum`` attributes.
+
+Values: readers return ``stored * scl_slope + scl_inter`` as float32, i.e. what
+``np.asarray(nibabel.load(f).dataobj)`` gives, then optionally z-scored with the subject's
+stored statistics. ``read_raw`` returns the stored values exactly.
+
+:class:`CohortStore` is picklable and opens Zarr lazily once per process, so it can be
+handed to DataLoader workers (fork or spawn) and used by many ranks at once (read only).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.storage import LocalStore
+
+FORMAT = "masan-cohort-store"
+FORMAT_VERSION = 1
+SUBJECTS = "subjects"
+STAGING = ".staging"
+TRASH = ".trash"
+REPORT = "conversion_report.json"
+MODALITIES = ("t1", "fmri")
+FIX = "run `python data_tools/to_zarr.py --bids DIR --out STORE` (or --manifest CSV) to (re)build it"
+
+Region = tuple[slice, slice, slice]
+
+
+class StoreError(RuntimeError):
+    """The store is missing, not a cohort store, or damaged; the message names path and fix."""
+
+
+def modality_path(subject: str, modality: str) -> str:
+    """Key of a subject's array inside the store, e.g. ``subjects/sub-01/t1``."""
+    return f"{SUBJECTS}/{subject}/{modality}"
+
+
+def scaled_float32(raw: np.ndarray, slope: float, inter: float) -> np.ndarray:
+    """Stored values -> float32 data values (NIfTI scaling applied in float64, then rounded)."""
+    if slope == 1.0 and inter == 0.0:
+        return raw.astype(np.float32)
+    return (raw * np.float64(slope) + np.float64(inter)).astype(np.float32)
+
+
+def normalized_float32(raw: np.ndarray, slope: float, inter: float, mean: float, std: float) -> np.ndarray:
+    """Stored values -> z-scored float32: ``(raw * slope + inter - mean) / std`` in one pass.
+
+    Folding scaling and z-score into one multiply-add keeps a full-resolution run at two
+    passes over float32 memory (the read is memory-bound).
+    """
+    a = np.float32(slope / std)
+    b = np.float32((inter - mean) / std)
+    out = np.multiply(raw, a, dtype=np.float32)
+    out += b
+    return out
+
+
+class CohortStore:
+    """Read-only view of a cohort store (see module docstring)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._pid: int | None = None
+        self._root: Any = None
+        self._attrs: dict | None = None
+        self._arrays: dict[str, Any] = {}
+        self._check_exists()
+
+    # ------------------------------------------------------------------ process-local handles
+    def __getstate__(self) -> dict:
+        return {"path": self.path}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["path"])
+
+    def _check_exists(self) -> None:
+        if not self.path.exists():
+            raise StoreError(f"cohort store {self.path} does not exist; {FIX}")
+        if not (self.path / "zarr.json").is_file():
+            raise StoreError(f"{self.path} is not a Zarr v3 cohort store (no zarr.json); {FIX}")
+
+    def _open(self) -> Any:
+        if self._root is None or self._pid != os.getpid():
+            try:
+                root = zarr.open_group(LocalStore(self.path, read_only=True), mode="r")
+                attrs = dict(root.attrs)
+            except Exception as e:
+                raise StoreError(f"cannot open cohort store {self.path} ({type(e).__name__}: {e}); "
+                                 f"it is damaged; {FIX}") from e
+            if attrs.get("masan_store", {}).get("format") != FORMAT:
+                raise StoreError(f"{self.path} is a Zarr group but not a MASAN cohort store; {FIX}")
+            self._root, self._attrs, self._arrays, self._pid = root, attrs, {}, os.getpid()
+        return self._root
+
+    @property
+    def attrs(self) -> dict:
+        """Root attributes (format, classes, cohort table, conversion options, ...)."""
+        self._open()
+        return self._attrs
+
+    def _array(self, subject: str, modality: str) -> Any:
+        self._open()
+        key = modality_path(subject, modality)
+        arr = self._arrays.get(key)
+        if arr is None:
+            if not self.has(subject, modality):
+                have = [m for m in MODALITIES if self.has(subject, m)] if subject in self._rows else None
+                what = f"has only {have}" if have is not None else "is not in the store"
+                raise KeyError(f"subject {subject!r} {what}; cannot read {modality!r} from {self.path}")
+            try:
+                arr = self._root[key]
+                meta = dict(arr.attrs)
+            except Exception as e:
+                raise StoreError(f"{self.path}: array {key} is missing or damaged ({type(e).__name__}: {e}); "
+                                 f"{FIX}") from e
+            arr = (arr, meta)
+            self._arrays[key] = arr
+        return arr
+
+    # ------------------------------------------------------------------ cohort table
+    @property
+    def table(self) -> list[dict]:
+        """Cohort rows: subject, label, and per modality shape, dtype, source, sha256."""
+        return list(self.attrs.get("cohort", []))
+
+    @property
+    def _rows(self) -> dict[str, dict]:
+        return {r["subject"]: r for r in self.attrs.get("cohort", [])}
+
+    @property
+    def subjects(self) -> list[str]:
+        return sorted(self._rows)
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.attrs.get("classes", []))
+
+    def label(self, subject: str) -> str:
+        return self.row(subject)["label"]
+
+    def row(self, subject: str) -> dict:
+        """The subject's cohort-table row."""
+        row = self._rows.get(subject)
+        if row is None:
+            raise KeyError(f"subject {subject!r} is not in cohort store {self.path} "
+                           f"({len(self._rows)} subjects; see data_tools/inspect_store.py)")
+        return row
+
+    def has(self, subject: str, modality: str) -> bool:
+        if modality not in MODALITIES:
+            raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
+        return self._rows.get(subject, {}).get(modality) is not None
+
+    def shape(self, subject: str, modality: str) -> tuple[int, ...]:
+        """Stored shape: (X, Y, Z) for t1, (T, X, Y, Z) for fmri (from the table, no I/O)."""
+        if not self.has(subject, modality):
+            self._array(subject, modality)  # raises the explanatory KeyError
+        return tuple(self.row(subject)[modality]["shape"])
+
+    def meta(self, subject: str, modality: str) -> dict:
+        """Attributes of one array: nifti, transform, stats, checksum."""
+        return self._array(subject, modality)[1]
+
+    def affine(self, subject: str, modality: str) -> np.ndarray:
+        """(4, 4) float64 voxel -> world (mm) affine of the stored array (true after transforms)."""
+        return np.asarray(self.meta(subject, modality)["affine"], dtype=np.float64)
+
+    # ------------------------------------------------------------------ voxels
+    def read_raw(self, subject: str, modality: str, frames: slice | None = None,
+                 region: Region | None = None) -> np.ndarray:
+        """Stored values exactly (the file's dtype, native order): t1 (X,Y,Z), fmri (T,X,Y,Z)."""
+        arr, _ = self._array(subject, modality)
+        index: tuple = tuple(region) if region is not None else (slice(None),) * 3
+        if modality == "fmri":
+            index = (frames if frames is not None else slice(None),) + index
+        elif frames is not None:
+            raise ValueError("frames= only applies to fmri")
+        try:
+            return arr[index]
+        except Exception as e:
+            raise StoreError(f"{self.path}: cannot read {modality_path(subject, modality)} "
+                             f"({type(e).__name__}: {e}); the store is damaged; {FIX}") from e
+
+    def _read(self, subject: str, modality: str, frames: slice | None, region: Region | None,
+              normalize: bool) -> np.ndarray:
+        raw = self.read_raw(subject, modality, frames, region)
+        meta = self.meta(subject, modality)
+        slope, inter = meta["nifti"]["scl_slope"], meta["nifti"]["scl_inter"]
+        if normalize:
+            stats = meta["stats"]
+            return normalized_float32(raw, slope, inter, stats["mean"], stats["std"])
+        return scaled_float32(raw, slope, inter)
+
+    def read_t1(self, subject: str, region: Region | None = None, normalize: bool = True) -> np.ndarray:
+        """T1 as float32 (X, Y, Z) (or the ``region`` box); z-scored when ``normalize``."""
+        return self._read(subject, "t1", None, region, normalize)
+
+    def read_fmri(self, subject: str, frames: slice | None = None, region: Region | None = None,
+                  normalize: bool = True) -> np.ndarray:
+        """fMRI as float32 (T, X, Y, Z); ``frames`` selects a time range, ``region`` a box."""
+        return self._read(subject, "fmri", frames, region, normalize)
+
+    # ------------------------------------------------------------------ conversion record
+    def report(self) -> dict:
+        """The last conversion's report (failures, warnings); {} when none was written."""
+        p = self.path / REPORT
+        return json.loads(p.read_text()) if p.is_file() else {}
+
+    def __repr__(self) -> str:
+        return f"CohortStore({str(self.path)!r})"

@@ -1,0 +1,97 @@
+"""``python -m masan.evaluate RUN_DIR [RUN_DIR ...] --out REPORT_DIR``: the paper's Table 2
+(mean ± std over repeats, per method), metrics per run, all per-subject predictions, and the
+region figures (Fig. 4 style map over a T1 slice, region ranking)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from collections.abc import Sequence
+
+from tqdm import tqdm
+
+from masan.evaluate.figures import VIEWS
+from masan.evaluate.metrics import TABLE_METRICS, MetricsError
+from masan.evaluate.regions import RegionError
+from masan.evaluate.report import collect_runs, markdown_table, write_report
+
+EXIT_NO_RUNS = 1
+EXIT_BAD_INPUT = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m masan.evaluate",
+        description=(
+            "Aggregate finished training runs. Writes into --out: table.md/.csv/.json (per method: "
+            "H-FCN, MASAN, MASAN (fusion=add), ...; accuracy, precision, recall with the positive class "
+            "(data.positive_class, e.g. AD) vs the rest, in %, mean ± std over repeats), runs.csv (metrics "
+            "per run), predictions.csv (every test subject of every run) and figures/ (region ranking "
+            "PNG+CSV and region-weight maps over a T1 slice). Unfinished runs are listed and skipped."
+        ),
+        epilog="Example: python -m masan.evaluate runs/masan_r* runs/hfcn_r* --out reports/table2 --store runs/cohort.zarr",
+    )
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                   help="run directories (a folder without config.yaml is searched one level down)")
+    p.add_argument("--out", required=True, help="report directory (created)")
+    p.add_argument("--store", default=None,
+                   help="cohort store for the T1 under the region map (default: each run's data.store)")
+    p.add_argument("--atlas", default=None,
+                   help="NIfTI label volume naming the regions by majority label; it must be in the same "
+                        "world space as the stored T1s (e.g. both in MNI152), it is resampled onto the T1 grid "
+                        "by nearest neighbour")
+    p.add_argument("--atlas-labels", default=None,
+                   help="TSV/CSV (or blank-separated LUT) of 'index name' rows for --atlas")
+    p.add_argument("--subject", default=None,
+                   help="test subject for the region map (default: the first positive-class test subject)")
+    p.add_argument("--rank-method", choices=("mean", "difference"), default="mean",
+                   help="region ranking: mean weight over the positive class, or positive minus rest "
+                        "(default: %(default)s)")
+    p.add_argument("--top-k", type=int, default=15, help="regions in the ranking chart (default: %(default)s)")
+    p.add_argument("--views", nargs="+", choices=VIEWS, default=list(VIEWS),
+                   help="slice orientations of the region map (default: all three)")
+    p.add_argument("--allow-unfinished", action="store_true",
+                   help="also report runs that wrote metrics but no DONE marker (e.g. stopped by train.max_steps)")
+    p.add_argument("--no-figures", action="store_true", help="tables only")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from masan.evaluate.region_figures import method_figures  # matplotlib/zarr only when needed
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        runs, skipped = collect_runs(args.run_dirs, require_done=not args.allow_unfinished)
+        for d, why in skipped:
+            print(f"skipped {d}: {why}", file=sys.stderr)
+        if not runs:
+            print(f"no finished run among {len(skipped)} director(ies); nothing to report", file=sys.stderr)
+            return EXIT_NO_RUNS
+        report = write_report(runs, skipped, args.out)
+        figures = []
+        if not args.no_figures:
+            try:
+                for members in tqdm(report["groups"].values(), desc="figures", unit="method"):
+                    figures += method_figures(members, report["files"]["table_md"].parent / "figures", args.store,
+                                              args.atlas, args.atlas_labels, args.subject, args.rank_method,
+                                              args.top_k, args.views)
+            except (RegionError, MetricsError) as e:
+                print(f"error: {e}", file=sys.stderr)
+                return EXIT_BAD_INPUT
+    for message in dict.fromkeys(str(w.message) for w in caught):
+        if not message.startswith("skipping run"):  # already listed above
+            print(f"warning: {message}", file=sys.stderr)
+    positive = " / ".join(sorted({p for r in report["rows"] for p in r["positive_class"]}))
+    print(f"Table 2: accuracy, precision and recall of {positive} vs the rest "
+          f"({', '.join(TABLE_METRICS)} in metrics.json); values in %, mean ± std over repeats\n")
+    print(markdown_table(report["rows"]))
+    print(f"{len(runs)} run(s) reported, {len(skipped)} skipped. Files:")
+    for path in list(report["files"].values()) + figures:
+        print(f"  {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

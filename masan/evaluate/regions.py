@@ -1,0 +1,223 @@
+"""Patch-grid regions: their order, names, voxel extent and ranking by region weight.
+
+MASAN cuts the T1 volume into ``patch_grid = (gx, gy, gz)`` non-overlapping regions (the
+paper: 4x4x4 = 64) and outputs one weight per region, ``region_weights`` (N, R) with
+R = gx*gy*gz. Region ``r`` is grid cell ``np.unravel_index(r, patch_grid)`` (C order: x
+slowest, z fastest), i.e. the order ``tensor.reshape(gx, gy, gz)`` flattens. Cell (i, j, k)
+holds the voxels v with ``floor(v * g / size) = i`` along each axis (the model's
+``masan.model.regions``: exactly its patches when ``size`` divides by ``g``).
+
+Regions are named by grid coordinates (``"x1-y2-z0"``) or, with an atlas label volume, by
+the majority atlas label inside each cell (see :func:`atlas_region_names`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Literal
+
+import nibabel as nib
+import numpy as np
+from scipy import ndimage
+
+from masan.model.regions import num_regions, regions_to_voxels
+
+RankMethod = Literal["mean", "difference"]
+
+
+class RegionError(ValueError):
+    """Region weights, grid or atlas do not fit together; the message says what to change."""
+
+
+def grid_names(patch_grid: Sequence[int]) -> list[str]:
+    """``"x{i}-y{j}-z{k}"`` for each region, in region order."""
+    return [f"x{i}-y{j}-z{k}" for i, j, k in np.ndindex(*patch_grid)]
+
+
+def _cell_of_voxel(shape: Sequence[int], patch_grid: Sequence[int]) -> list[np.ndarray]:
+    """Per axis, the (size,) grid coordinate of each voxel (the rule of ``regions_to_voxels``)."""
+    if len(shape) != 3 or len(patch_grid) != 3:
+        raise RegionError(f"need a 3-D shape and a 3-D patch grid, got {tuple(shape)} and {tuple(patch_grid)}")
+    return [(np.arange(n) * g) // n for n, g in zip(shape, patch_grid)]
+
+
+def paint_regions(weights: np.ndarray, patch_grid: Sequence[int], shape: Sequence[int]) -> np.ndarray:
+    """Paint one value per region back onto the voxel grid.
+
+    Args:
+        weights: (R,) values in region order.
+        patch_grid: (gx, gy, gz) with gx*gy*gz = R.
+        shape: (X, Y, Z) voxel grid the regions tile.
+
+    Returns:
+        (X, Y, Z) float32 volume, each voxel holding its region's value.
+    """
+    w = np.asarray(weights, dtype=np.float32).reshape(-1)
+    if w.size != num_regions(patch_grid):
+        raise RegionError(
+            f"{w.size} region weights do not fit patch_grid {list(patch_grid)} ({num_regions(patch_grid)} regions); "
+            f"use the run's model.patch_grid"
+        )
+    return regions_to_voxels(w, patch_grid, shape)
+
+
+def region_centre(region: int, patch_grid: Sequence[int], shape: Sequence[int]) -> tuple[int, int, int]:
+    """Voxel index (x, y, z) of the centre of region ``region``."""
+    cell = np.unravel_index(region, tuple(patch_grid))
+    return tuple(int(np.flatnonzero(ax == c).mean()) for ax, c in zip(_cell_of_voxel(shape, patch_grid), cell))
+
+
+def region_scores(
+    region_weights: np.ndarray,
+    labels: Sequence[int] | np.ndarray,
+    positive_index: int | None = None,
+    method: RankMethod = "mean",
+) -> np.ndarray:
+    """(R,) importance score of each region over subjects.
+
+    Args:
+        region_weights: (N, R) non-negative region weights of N subjects.
+        labels: (N,) int class index of each subject.
+        positive_index: the positive class (e.g. AD) or None.
+        method: ``"mean"``: mean weight over the positive subjects (over all subjects when
+            ``positive_index`` is None), i.e. where the model looks for that class;
+            ``"difference"``: mean over positive subjects minus mean over the rest, i.e.
+            where it looks more for that class than for the others (needs ``positive_index``).
+    """
+    w = np.asarray(region_weights, dtype=np.float64)
+    y = np.asarray(labels).reshape(-1)
+    if w.ndim != 2 or w.shape[0] != y.size:
+        raise RegionError(f"region weights of shape {w.shape} do not pair with {y.size} labels; expected (N, R)")
+    if method not in ("mean", "difference"):
+        raise RegionError(f"ranking method {method!r} is not one of 'mean', 'difference'")
+    if positive_index is None:
+        if method == "difference":
+            raise RegionError("ranking by 'difference' needs the positive class (positive_index)")
+        return w.mean(axis=0)
+    pos = y == positive_index
+    if not pos.any():
+        raise RegionError(f"no subject of the positive class (index {positive_index}) to rank regions by")
+    if method == "mean":
+        return w[pos].mean(axis=0)
+    if pos.all():
+        raise RegionError("ranking by 'difference' needs subjects outside the positive class too")
+    return w[pos].mean(axis=0) - w[~pos].mean(axis=0)
+
+
+def rank_regions(
+    region_weights: np.ndarray,
+    labels: Sequence[int] | np.ndarray,
+    positive_index: int | None = None,
+    method: RankMethod = "mean",
+) -> list[tuple[int, float]]:
+    """Regions sorted by :func:`region_scores`, highest first (ties: lower index first).
+
+    Returns:
+        list of (region_index, score), length R.
+    """
+    s = region_scores(region_weights, labels, positive_index, method)
+    order = np.argsort(-s, kind="stable")
+    return [(int(r), float(s[r])) for r in order]
+
+
+# --------------------------------------------------------------------------- atlas
+
+
+def load_atlas_labels(path: str | os.PathLike) -> dict[int, str]:
+    """Read an atlas label table: rows ``index<sep>name`` with a tab, comma or blanks as
+    separator (further columns, e.g. FreeSurfer LUT colours, ignored). A first row whose
+    index is not an integer is a header and skipped.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise RegionError(f"atlas label table {p} does not exist")
+    lines = [ln for ln in p.read_text().splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    sep = "\t" if lines and "\t" in lines[0] else "," if lines and "," in lines[0] else None
+    names: dict[int, str] = {}
+    for n, line in enumerate(lines):
+        row = [c.strip() for c in line.split(sep)]
+        try:
+            idx = int(float(row[0]))
+        except ValueError:
+            if n == 0:
+                continue
+            raise RegionError(f"{p}: row {line!r} does not start with an integer label index") from None
+        if len(row) < 2 or not row[1]:
+            raise RegionError(f"{p}: row {line!r} has no name after the index")
+        names[idx] = row[1]
+    if not names:
+        raise RegionError(f"atlas label table {p} holds no 'index, name' rows")
+    return names
+
+
+def resample_atlas(
+    atlas_path: str | os.PathLike, target_shape: Sequence[int], target_affine: np.ndarray
+) -> np.ndarray:
+    """Nearest-neighbour resample an atlas label volume onto a T1 voxel grid.
+
+    Assumes the atlas and the T1 are in the same world space (their affines map to the same
+    millimetre coordinates, e.g. both registered to MNI152); for T1s left in scanner space
+    the names are only a rough guide. Voxels outside the atlas get label 0 (background).
+
+    Args:
+        atlas_path: NIfTI label volume (integer labels, 0 = background).
+        target_shape: (X, Y, Z) T1 grid.
+        target_affine: (4, 4) voxel -> world affine of the T1 grid.
+
+    Returns:
+        (X, Y, Z) int64 labels.
+    """
+    p = Path(atlas_path)
+    try:
+        img = nib.load(p)
+    except Exception as e:  # nibabel raises several types for unreadable files
+        raise RegionError(f"cannot read atlas {p} as NIfTI: {e}") from None
+    data = np.asanyarray(img.dataobj)
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise RegionError(f"atlas {p} has shape {data.shape}; expected a 3-D label volume")
+    vox_map = np.linalg.inv(img.affine) @ np.asarray(target_affine, dtype=np.float64)  # T1 voxel -> atlas voxel
+    # grid-constant: a T1 voxel whose nearest atlas voxel exists keeps it, even within half a
+    # voxel of the edge ("constant" would zero those)
+    return ndimage.affine_transform(np.rint(data).astype(np.int64), vox_map, output_shape=tuple(target_shape),
+                                    order=0, mode="grid-constant", cval=0)
+
+
+def atlas_region_names(
+    atlas: np.ndarray,
+    patch_grid: Sequence[int],
+    label_names: Mapping[int, str] | None = None,
+    background: int = 0,
+) -> list[str]:
+    """Name each region by the atlas label covering most of its non-background voxels.
+
+    Args:
+        atlas: (X, Y, Z) int labels on the same grid as the regions (see :func:`resample_atlas`).
+        patch_grid: (gx, gy, gz).
+        label_names: label index -> name; unnamed labels read ``"label <index>"``.
+        background: label index that names nothing.
+
+    Returns:
+        R names ``"<label> (x1-y2-z0)"``; a region holding only background reads
+        ``"background (x1-y2-z0)"``.
+    """
+    names = dict(label_names or {})
+    cell = np.ravel_multi_index(np.ix_(*_cell_of_voxel(atlas.shape, patch_grid)), tuple(patch_grid))
+    cell = np.broadcast_to(cell, atlas.shape).reshape(-1)
+    lab = np.asarray(atlas).reshape(-1)
+    keep = lab != background
+    labs, inv = np.unique(lab[keep], return_inverse=True)
+    r_count = num_regions(patch_grid)
+    # voxel count of every (region, label) pair in one pass
+    counts = np.bincount(cell[keep] * labs.size + inv, minlength=r_count * labs.size).reshape(r_count, labs.size)
+    out = []
+    for r, g in enumerate(grid_names(patch_grid)):
+        if labs.size == 0 or counts[r].sum() == 0:
+            out.append(f"background ({g})")
+            continue
+        top = int(labs[np.argmax(counts[r])])
+        out.append(f"{names.get(top, f'label {top}')} ({g})")
+    return out

@@ -1,0 +1,274 @@
+"""Aggregate finished runs into the paper's Table 2: mean ± std over repeats, per method.
+
+A run directory counts when it holds ``config.yaml``, ``metrics.json``, ``predictions.csv``
+and the ``DONE`` marker (see docs/architecture.md, run directory layout); other runs are
+listed as skipped with the reason, never crashed on. Runs are grouped by method:
+
+    H-FCN                  model.arch=hfcn
+    MASAN                  model.arch=masan, modalities=both, fusion=attention
+    MASAN (fusion=add)     the paper's ablation (Fig. 3)
+    MASAN (T1 only) / MASAN (fMRI only)   single-modality variants (no fusion)
+
+Table metrics are the paper's: accuracy, precision and recall with the positive class (AD)
+vs the rest (``binary_accuracy``, ``precision``, ``recall`` of metrics.json), in %, mean ±
+sample standard deviation (ddof=1; undefined for a single run) over the runs of a method,
+plus the multi-class accuracy, F1 and AUC as extra columns.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from masan.config import ConfigError, ModelConfig, RunConfig, config_diff, load_config
+from masan.evaluate.metrics import TABLE_METRICS
+from masan.evaluate.predict import (
+    METRICS_FILE,
+    PREDICTIONS_FILE,
+    Predictions,
+    PredictionsError,
+    load_predictions,
+    prediction_csv_rows,
+)
+
+CONFIG_FILE = "config.yaml"
+DONE_FILE = "DONE"
+SUMMARY_METRICS = TABLE_METRICS + ("accuracy", "f1", "auc")
+"""Columns of the summary table: the paper's three, then multi-class accuracy, F1, AUC."""
+METRIC_TITLES = {
+    "binary_accuracy": "Accuracy",
+    "precision": "Precision",
+    "recall": "Recall",
+    "accuracy": "Accuracy (all classes)",
+    "f1": "F1",
+    "auc": "AUC",
+}
+METHOD_ORDER = ("H-FCN", "MASAN", "MASAN (fusion=add)", "MASAN (T1 only)", "MASAN (fMRI only)")
+"""Table row order: the baseline first, then the paper's model and its ablation."""
+SAME_METHOD_MAY_DIFFER = (
+    "run_dir", "split.repeat", "checkpoint", "log", "data.store", "data.num_workers",
+    "data.prefetch_factor", "train.device", "train.dist_timeout_minutes",
+)
+"""Config keys (or section prefixes) that may differ between repeats of one method without a warning."""
+
+
+class RunNotReady(Exception):
+    """A run directory cannot be reported yet (unfinished or incomplete); str() says why."""
+
+
+@dataclass
+class RunResult:
+    """One finished run, read back from its directory."""
+
+    run_dir: Path
+    config: RunConfig
+    metrics: dict
+    predictions: Predictions
+    class_names: list[str]
+
+    @property
+    def method(self) -> str:
+        return method_name(self.config.model)
+
+    @property
+    def repeat(self) -> int:
+        return self.config.split.repeat
+
+
+def method_name(model_cfg: ModelConfig) -> str:
+    """Table row name of a model config (see the module docstring)."""
+    if model_cfg.arch == "hfcn":
+        return "H-FCN"
+    if model_cfg.modalities != "both":
+        return f"MASAN ({'T1' if model_cfg.modalities == 't1' else 'fMRI'} only)"
+    return "MASAN" if model_cfg.fusion == "attention" else f"MASAN (fusion={model_cfg.fusion})"
+
+
+def load_run(run_dir: str | os.PathLike, require_done: bool = True) -> RunResult:
+    """Read a run directory; raises :class:`RunNotReady` naming what is missing or broken."""
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise RunNotReady("not a directory")
+    needed = [CONFIG_FILE, METRICS_FILE, PREDICTIONS_FILE] + ([DONE_FILE] if require_done else [])
+    missing = [n for n in needed if not (run / n).is_file()]
+    if missing:
+        raise RunNotReady(f"unfinished: no {', '.join(missing)}")
+    try:
+        cfg = load_config(run / CONFIG_FILE)
+    except ConfigError as e:
+        raise RunNotReady(f"unreadable {CONFIG_FILE}: {e}") from None
+    try:
+        metrics = json.loads((run / METRICS_FILE).read_text())
+    except json.JSONDecodeError as e:
+        raise RunNotReady(f"{METRICS_FILE} is not valid JSON ({e})") from None
+    absent = [m for m in TABLE_METRICS if m not in metrics]
+    if absent:
+        raise RunNotReady(f"{METRICS_FILE} lacks {absent}: not written by masan.evaluate.write_predictions")
+    try:
+        preds, names = load_predictions(run, metrics.get("split", "test"))
+    except PredictionsError as e:
+        raise RunNotReady(str(e)) from None
+    return RunResult(run, cfg, metrics, preds, names)
+
+
+def expand_run_dirs(paths: Iterable[str | os.PathLike]) -> list[Path]:
+    """Each path that holds a config.yaml is a run; otherwise the folders below it that hold
+    one are (so ``runs/`` finds ``runs/<variant>/repeat_R``; no search inside a run). A path
+    with neither is kept, to be reported as skipped."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        found = []
+        if p.is_dir() and not (p / CONFIG_FILE).is_file():
+            for root, dirs, files in os.walk(p):
+                if CONFIG_FILE in files:
+                    found.append(Path(root))
+                    dirs.clear()
+                dirs.sort()
+        out.extend(found or [p])
+    return list(dict.fromkeys(out))
+
+
+def collect_runs(
+    run_dirs: Iterable[str | os.PathLike], require_done: bool = True
+) -> tuple[list[RunResult], list[tuple[Path, str]]]:
+    """Load every run; returns (finished runs, [(run_dir, why skipped)]), warning per skip."""
+    runs, skipped = [], []
+    for d in expand_run_dirs(run_dirs):
+        try:
+            runs.append(load_run(d, require_done))
+        except RunNotReady as e:
+            skipped.append((d, str(e)))
+            warnings.warn(f"skipping run {d}: {e}", stacklevel=2)
+    return runs, skipped
+
+
+def _ignored(key: str) -> bool:
+    return any(key == k or key.startswith(k + ".") for k in SAME_METHOD_MAY_DIFFER)
+
+
+def group_runs(runs: Sequence[RunResult]) -> dict[str, list[RunResult]]:
+    """Runs per method in table order, each group sorted by repeat. Warns when runs of one
+    method differ in more than the repeat (e.g. another lr) or repeat a split."""
+    groups: dict[str, list[RunResult]] = {}
+    for r in runs:
+        groups.setdefault(r.method, []).append(r)
+    rank = {m: i for i, m in enumerate(METHOD_ORDER)}
+    ordered = dict(sorted(groups.items(), key=lambda kv: (rank.get(kv[0], len(rank)), kv[0])))
+    for method, members in ordered.items():
+        members.sort(key=lambda r: (r.repeat, str(r.run_dir)))
+        for r in members[1:]:
+            diff = [d for d in config_diff(members[0].config, r.config) if not _ignored(d.split(":")[0])]
+            if diff:
+                warnings.warn(f"{method}: {r.run_dir} differs from {members[0].run_dir} in {diff[:5]}", stacklevel=2)
+        reps = [r.repeat for r in members]
+        dup = sorted({x for x in reps if reps.count(x) > 1})
+        if dup:
+            warnings.warn(f"{method}: repeat(s) {dup} appear more than once; their splits are the same", stacklevel=2)
+    return ordered
+
+
+def _mean_std(values: Sequence[float | None]) -> tuple[float | None, float | None, int]:
+    v = np.array([x for x in values if x is not None], dtype=np.float64) * 100.0
+    if v.size == 0:
+        return None, None, 0
+    return float(v.mean()), (float(v.std(ddof=1)) if v.size > 1 else None), int(v.size)
+
+
+def summary_table(groups: dict[str, list[RunResult]]) -> list[dict]:
+    """One row per method: ``method, runs, repeats, classes, positive_class`` and, per metric
+    of SUMMARY_METRICS, ``<metric>_mean``/``<metric>_std`` in % (None when undefined)."""
+    rows = []
+    for method, members in groups.items():
+        row = {
+            "method": method,
+            "runs": len(members),
+            "repeats": [r.repeat for r in members],
+            "classes": sorted({"/".join(r.class_names) for r in members}),
+            "positive_class": sorted({r.metrics.get("positive_class", "") for r in members}),
+        }
+        for m in SUMMARY_METRICS:
+            row[f"{m}_mean"], row[f"{m}_std"], _ = _mean_std([r.metrics.get(m) for r in members])
+        rows.append(row)
+    return rows
+
+
+def format_cell(mean: float | None, std: float | None) -> str:
+    """``"67.55 ± 4.26"``; ``"67.55 ± n/a"`` for a single run; ``"n/a"`` without values."""
+    if mean is None:
+        return "n/a"
+    return f"{mean:.2f} ± {std:.2f}" if std is not None else f"{mean:.2f} ± n/a"
+
+
+def markdown_table(rows: Sequence[dict], metrics: Sequence[str] = SUMMARY_METRICS) -> str:
+    """The summary as a Markdown table (values in %, mean ± std over repeats)."""
+    head = ["Method", "Runs"] + [METRIC_TITLES[m] for m in metrics]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["method"], str(r["runs"])] + [format_cell(r[f"{m}_mean"], r[f"{m}_std"]) for m in metrics]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _write_csv(path: Path, rows: Sequence[dict]) -> None:
+    fields = list(dict.fromkeys(k for r in rows for k in r))
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields, restval="")
+        w.writeheader()
+        w.writerows(rows)
+
+
+def run_rows(runs: Sequence[RunResult]) -> list[dict]:
+    """Per-run metrics: run_dir, method, repeat, n, the scalar metrics and per-class ones."""
+    rows = []
+    for r in runs:
+        m = r.metrics
+        row = {"run_dir": str(r.run_dir), "method": r.method, "repeat": r.repeat, "n_test": m.get("n")}
+        row.update({k: m.get(k) for k in SUMMARY_METRICS + ("nll",)})
+        for c, pc in m.get("per_class", {}).items():
+            row.update({f"{k}/{c}": pc[k] for k in ("precision", "recall", "f1", "support")})
+        rows.append(row)
+    return rows
+
+
+def prediction_rows(runs: Sequence[RunResult]) -> list[dict]:
+    """Every evaluated subject of every run: run_dir, method, repeat, then the predictions.csv columns."""
+    rows = []
+    for r in runs:
+        head = {"run_dir": str(r.run_dir), "method": r.method, "repeat": r.repeat}
+        split = r.metrics.get("split", "test")
+        rows += [{**head, **row} for row in prediction_csv_rows(r.predictions, split, r.class_names)]
+    return rows
+
+
+def write_report(runs: Sequence[RunResult], skipped: Sequence[tuple[Path, str]], out_dir: str | os.PathLike) -> dict:
+    """Write the tables into ``out_dir``; returns ``{"rows": summary rows, "files": {name: path}}``.
+
+    Files: ``table.csv``/``table.md``/``table.json`` (summary per method; the JSON also lists
+    runs and skipped runs), ``runs.csv`` (metrics per run), ``predictions.csv`` (all subjects).
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    groups = group_runs(runs)
+    rows = summary_table(groups)
+    files = {k: out / n for k, n in (("table_csv", "table.csv"), ("table_md", "table.md"), ("table_json", "table.json"),
+                                      ("runs_csv", "runs.csv"), ("predictions_csv", "predictions.csv"))}
+    _write_csv(files["table_csv"], [{**r, "repeats": " ".join(map(str, r["repeats"])),
+                                     "classes": " ".join(r["classes"]),
+                                     "positive_class": " ".join(r["positive_class"])} for r in rows])
+    md = "Values in %, mean ± std over repeats; accuracy, precision and recall with the positive class vs the rest.\n\n"
+    files["table_md"].write_text(md + markdown_table(rows))
+    files["table_json"].write_text(json.dumps({
+        "methods": rows,
+        "runs": [{"run_dir": str(r.run_dir), "method": r.method, "repeat": r.repeat} for r in runs],
+        "skipped": [{"run_dir": str(d), "reason": why} for d, why in skipped],
+    }, indent=1))
+    _write_csv(files["runs_csv"], run_rows([r for g in groups.values() for r in g]))
+    _write_csv(files["predictions_csv"], prediction_rows([r for g in groups.values() for r in g]))
+    return {"rows": rows, "groups": groups, "files": files}

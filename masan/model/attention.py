@@ -1,0 +1,41 @@
+"""Region self-attention (eq. 3-5).
+
+Each region's feature vector is mapped to a query, key and value by 1x1 convolutions over
+the regions (``W(q)``, ``W(k)``, ``W(v)`` of eq. 3; a 1x1 conv over the region axis is the
+same linear map applied to every region), ``weight_ij = softmax_j(query_i . key_j)`` (eq. 4,
+scaled by ``1/sqrt(attn_dim)`` as in the Transformer the paper builds on, which keeps the
+softmax out of saturation at initialisation) and ``new_region_i = sum_j weight_ij value_j``
+(eq. 5). Region features are layer-normalised first: the pooled levels have very different
+scales. The scores and the softmax run in fp32 whatever the autocast dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RegionSelfAttention(nn.Module):
+    """Regions ``(B, R, D)`` -> ``(new regions (B, R, value_dim), weights (B, R, R))``.
+
+    Each row of ``weights`` is a distribution over the regions attended to (sums to 1).
+    """
+
+    def __init__(self, in_features: int, attn_dim: int, value_dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(in_features)
+        self.query = nn.Conv1d(in_features, attn_dim, kernel_size=1)
+        self.key = nn.Conv1d(in_features, attn_dim, kernel_size=1)
+        self.value = nn.Conv1d(in_features, value_dim, kernel_size=1)
+        self.scale = 1.0 / math.sqrt(attn_dim)
+
+    def forward(self, regions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.norm(regions).transpose(1, 2)  # (B, D, R): conv over regions
+        q, k, v = self.query(x), self.key(x), self.value(x)  # (B, attn|value, R)
+        scores = torch.einsum("bdi,bdj->bij", q.float(), k.float()) * self.scale
+        weights = F.softmax(scores, dim=-1)
+        new = torch.einsum("bij,bdj->bid", weights, v.float()).to(v.dtype)
+        return new, weights

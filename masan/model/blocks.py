@@ -1,0 +1,203 @@
+"""Small composable 3D building blocks (MONAI style) for the patch autoencoders and heads.
+
+Shapes use ``N`` for the batch of patches (subjects x regions), ``C`` channels and
+``(D, H, W)`` for the three spatial axes of a patch. Every block works under
+``torch.autocast`` (bf16/fp16) and with parameters cast to bf16 by an engine: GroupNorm
+runs in the dtype of its input with fp32 statistics (the CPU and CUDA kernels accumulate in
+fp32), so a 60x64x44 feature map is never copied to fp32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+def autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
+    """Switch autocast off on ``device`` (nothing to do where it does not exist, e.g. meta)."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device_type=device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def conv3d(in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1) -> nn.Conv3d:
+    """A 3D convolution with "same" padding: output size ``ceil(size / stride)`` per axis.
+
+    For stride 2 this gives 60 -> 30 -> 15 -> 8, so odd patch sizes need no cropping.
+    """
+    return nn.Conv3d(in_channels, out_channels, kernel_size, stride=stride, padding=kernel_size // 2)
+
+
+class GroupNorm3d(nn.GroupNorm):
+    """GroupNorm that keeps its input dtype under autocast (fp32 statistics inside the kernel).
+
+    Autocast would up-cast the whole feature map to fp32 (a 2x larger saved activation);
+    the native bf16/fp16 kernels already accumulate mean and variance in fp32.
+
+    Input/output: ``(N, C, D, H, W)``, any floating dtype.
+    """
+
+    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5):
+        if num_channels % num_groups:
+            raise ValueError(
+                f"GroupNorm: {num_channels} channels cannot be split into {num_groups} groups; "
+                f"set model.groups to a divisor of every width in model.channels/fmri_channels"
+            )
+        super().__init__(num_groups, num_channels, eps=eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with autocast_off(x.device):
+            return F.group_norm(x, self.num_groups, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
+
+
+class ResidualBlock(nn.Module):
+    """``[GroupNorm, ReLU, Conv3x3] x 2 + identity`` (Table 1's EncoderBlock, "AddId").
+
+    Input/output: ``(N, C, D, H, W)``, same shape.
+    """
+
+    def __init__(self, channels: int, groups: int):
+        super().__init__()
+        self.norm1 = GroupNorm3d(groups, channels)
+        self.conv1 = conv3d(channels, channels)
+        self.norm2 = GroupNorm3d(groups, channels)
+        self.conv2 = conv3d(channels, channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv1(F.relu(self.norm1(x)))
+        y = self.conv2(F.relu(self.norm2(y)))
+        return x + y
+
+
+class DownStage(nn.Module):
+    """One encoder level: ``Conv3x3 stride 2`` (EncoderDown) then a :class:`ResidualBlock`.
+
+    Input ``(N, C_in, D, H, W)`` -> output ``(N, C_out, ceil(D/2), ceil(H/2), ceil(W/2))``.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, groups: int):
+        super().__init__()
+        self.down = conv3d(in_channels, out_channels, stride=2)
+        self.block = ResidualBlock(out_channels, groups)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block(self.down(x))
+
+
+class UpConcat(nn.Module):
+    """Decoder upsampling: 1x1 conv to the skip's width, trilinear upsampling to the skip's
+    exact size (so odd sizes round-trip: 8 -> 15), then concatenation with the skip.
+
+    The 1x1 conv runs before upsampling, at the coarse resolution, where it is 8x cheaper.
+    Inputs ``x (N, C_in, d, h, w)``, ``skip (N, C_skip, D, H, W)`` -> ``(N, 2*C_skip, D, H, W)``.
+    """
+
+    def __init__(self, in_channels: int, skip_channels: int):
+        super().__init__()
+        self.proj = nn.Conv3d(in_channels, skip_channels, kernel_size=1)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        up = F.interpolate(self.proj(x), size=skip.shape[2:], mode="trilinear", align_corners=False)
+        return torch.cat([up, skip.to(up.dtype)], dim=1)
+
+
+class UpStage(nn.Module):
+    """One decoder level, mirror of :class:`DownStage`: :class:`UpConcat`, a 1x1 conv that
+    merges the concatenation back to ``C_out`` channels, then a :class:`ResidualBlock`.
+
+    Inputs ``x (N, C_in, d, h, w)``, ``skip (N, C_skip, D, H, W)`` -> ``(N, C_out, D, H, W)``.
+    """
+
+    def __init__(self, in_channels: int, skip_channels: int, out_channels: int, groups: int):
+        super().__init__()
+        self.up = UpConcat(in_channels, skip_channels)
+        self.merge = nn.Conv3d(2 * skip_channels, out_channels, kernel_size=1)
+        self.block = ResidualBlock(out_channels, groups)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        return self.block(self.merge(self.up(x, skip)))
+
+
+class OutputStage(nn.Module):
+    """Last decoder level, mirror of InitConv: :class:`UpConcat` then a 3x3 conv to the
+    reconstructed channels (1 for T1, T frames for fMRI). No residual block at full
+    resolution, as the encoder has none there (Table 1).
+
+    Inputs ``x (N, C_in, d, h, w)``, ``skip (N, C_skip, D, H, W)`` -> ``(N, C_out, D, H, W)``.
+    """
+
+    def __init__(self, in_channels: int, skip_channels: int, out_channels: int):
+        super().__init__()
+        self.up = UpConcat(in_channels, skip_channels)
+        self.conv = conv3d(2 * skip_channels, out_channels)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        return self.conv(self.up(x, skip))
+
+
+class TemporalConv(nn.Module):
+    """Per-voxel 1D convolution over time, ReLU, then the mean over time.
+
+    Gives ``features`` shift-invariant temporal descriptors per voxel, whatever the number of
+    frames: resting-state runs are not time-locked across subjects, so frame ``t`` of one run
+    means nothing for frame ``t`` of another.
+    Input ``(B, T, X, Y, Z)`` with ``T >= kernel`` -> output ``(B, features, X, Y, Z)``.
+
+    ``voxel_chunk`` > 0 processes that many voxels per checkpointed piece, so the
+    ``(voxels, features, T')`` response never exists whole (it is ~2.6 GB in bf16 at
+    60x64x44 x 976 frames); 0 processes all voxels at once.
+    """
+
+    def __init__(self, features: int, kernel: int, stride: int, voxel_chunk: int = 0):
+        super().__init__()
+        self.conv = nn.Conv1d(1, features, kernel_size=kernel, stride=stride)
+        self.voxel_chunk = voxel_chunk
+
+    def _respond(self, series: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.conv(series)).mean(dim=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, *spatial = x.shape
+        if t < self.conv.kernel_size[0]:
+            raise ValueError(
+                f"fMRI has {t} frames, fewer than model.temporal_kernel={self.conv.kernel_size[0]}; "
+                "lower temporal_kernel or feed more frames"
+            )
+        series = x.reshape(b, t, -1).transpose(1, 2).reshape(-1, 1, t)  # (B*V, 1, T)
+        if self.voxel_chunk > 0 and torch.is_grad_enabled():
+            pieces = [checkpoint(self._respond, s, use_reentrant=False) for s in series.split(self.voxel_chunk)]
+            feats = torch.cat(pieces)
+        else:
+            feats = self._respond(series)
+        return feats.reshape(b, -1, feats.shape[1]).transpose(1, 2).reshape(b, -1, *spatial)
+
+
+class MLPClassifier(nn.Module):
+    """``Linear -> ReLU -> Dropout -> Linear``: features ``(B, F)`` -> logits ``(B, C)``."""
+
+    def __init__(self, in_features: int, hidden: int, num_classes: int, dropout: float):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(in_features, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, num_classes)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def run_block(fn: Callable[..., torch.Tensor], *args: torch.Tensor, checkpointed: bool) -> torch.Tensor:
+    """Call ``fn(*args)``; with ``checkpointed`` (and gradients on) keep only the inputs and
+    recompute the block in backward (non-reentrant, RNG state preserved)."""
+    if checkpointed and torch.is_grad_enabled():
+        return checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
+
+
+def param_dtype(module: nn.Module) -> torch.dtype:
+    """Dtype of a module's first parameter (fp32, or bf16/fp16 when an engine cast the model)."""
+    return next(module.parameters()).dtype

@@ -1,0 +1,62 @@
+"""The training objective (eq. 1, 7, 8), term by term.
+
+``L = alpha * Ls + beta * Lf + Lreg`` (eq. 8) with
+``Ls = recon(t1_recon, t1) + lambda * mean|t1_code|`` and likewise ``Lf`` for fMRI
+(reconstruction plus the L1 sparsity penalty of eq. 1 on the bottleneck encoding; the mean
+instead of eq. 1's sum keeps lambda independent of the resolution), and ``Lreg`` the
+cross-entropy of eq. 7. Everything is computed in fp32 whatever the autocast dtype.
+
+Phase ``pretrain`` (the paper pre-trains the feature extraction network on the
+reconstruction loss first) optimises ``alpha * Ls + beta * Lf`` only, but adds
+``0 * Lreg`` so every parameter (fusion, attention, classifier) stays in the autograd graph and
+gets a (zero) gradient, which DDP and DeepSpeed ZeRO expect on every rank at every step.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from masan.config import LossConfig
+
+PHASES = ("pretrain", "joint")
+
+
+def _reconstruction(recon: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
+    if recon.shape != target.shape:
+        raise ValueError(f"reconstruction of shape {tuple(recon.shape)} does not match its input {tuple(target.shape)}")
+    if kind == "mse":
+        return F.mse_loss(recon.float(), target.float())
+    if kind == "l1":
+        return F.l1_loss(recon.float(), target.float())
+    raise ValueError(f"loss.recon={kind!r}: use 'mse' or 'l1'")
+
+
+def masan_loss(out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], loss_cfg: LossConfig,
+               phase: str = "joint") -> dict[str, torch.Tensor]:
+    """Loss terms of one batch as fp32 scalars: ``total``, ``recon_t1``, ``recon_fmri``,
+    ``sparsity_t1``, ``sparsity_fmri`` (already multiplied by lambda) and ``ce``.
+
+    ``out``: the model's output dict; a modality the model does not reconstruct (switched
+    off, or the H-FCN baseline) gives zero terms. ``batch``: the dataset dict with
+    ``"label" (B,) int64`` and ``"t1"``/``"fmri"`` for the modalities reconstructed.
+    """
+    if phase not in PHASES:
+        raise ValueError(f"phase={phase!r}: use one of {PHASES}")
+    logits = out["logits"]
+    zero = logits.new_zeros((), dtype=torch.float32)
+    terms = {"ce": F.cross_entropy(logits.float(), batch["label"].to(logits.device))}
+    modality = {}
+    for name in ("t1", "fmri"):
+        if f"{name}_recon" in out:
+            if name not in batch:
+                raise ValueError(f"the model reconstructs {name} but the batch has no {name!r} entry")
+            terms[f"recon_{name}"] = _reconstruction(out[f"{name}_recon"], batch[name], loss_cfg.recon)
+            terms[f"sparsity_{name}"] = loss_cfg.sparsity * out[f"{name}_code"].float().abs().mean()
+        else:
+            terms[f"recon_{name}"] = terms[f"sparsity_{name}"] = zero
+        modality[name] = terms[f"recon_{name}"] + terms[f"sparsity_{name}"]
+    autoencoders = loss_cfg.alpha * modality["t1"] + loss_cfg.beta * modality["fmri"]
+    ce_weight = 1.0 if phase == "joint" else 0.0
+    terms["total"] = autoencoders + ce_weight * terms["ce"]
+    return terms

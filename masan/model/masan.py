@@ -1,0 +1,123 @@
+"""The whole MASAN model (Fig. 1): sPM + fPM -> per-level T1-guided fusion on the regions ->
+region self-attention -> MLP classifier.
+
+Data flow for one subject at full resolution (defaults, shapes without the batch axis)::
+
+    T1 (1, 240, 256, 176) --split 4x4x4--> 64 patches (1, 60, 64, 44) --sPM (shared AE)-->
+        recon (1, 240, 256, 176); levels 32x60x64x44 .. 128x8x8x6 per patch
+        --avg+max pool per patch--> region maps (64, 4, 4, 4), (128, ...), (256, ...), (256, ...)
+    fMRI (976, 60, 64, 44) --fPM (frames as channels)--> recon (976, 60, 64, 44);
+        levels 32x60x64x44 .. 128x8x8x6 --adaptive avg+max pool--> the same region maps
+    per level: fused = T1 + fMRI * Attention_c(T1) * Attention_s(T1)         (eq. 6)
+    concat levels -> regions (64, 704) -> self-attention -> (64, 64) -> flatten -> MLP -> logits
+
+The region head (fusion, attention, classifier) holds well under 1% of the FLOPs; it runs with
+autocast off in the parameters' dtype, so sigmoid gates and attention logits never see fp16.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from masan.config import ModelConfig
+from masan.model.attention import RegionSelfAttention
+from masan.model.autoencoder import FunctionalModule, ModalityFeatures, PatchAutoencoder, PatchModule, VolumeModule
+from masan.model.blocks import MLPClassifier, TemporalConv, autocast_off, param_dtype
+from masan.model.fusion import build_fusion
+from masan.model.regions import num_regions, region_features
+
+
+def build_spm(cfg: ModelConfig) -> PatchModule:
+    """sPM: one shared patch autoencoder (1 -> 1 channel) over the T1 patch grid."""
+    ae = PatchAutoencoder(1, 1, cfg.channels, cfg.groups, cfg.activation_checkpointing)
+    return PatchModule(ae, cfg.patch_grid, cfg.fusion_cells, cfg.region_pool, cfg.patch_chunk, cfg.channels_last, "T1")
+
+
+def build_fpm(cfg: ModelConfig) -> FunctionalModule:
+    """fPM: time as channels (or a temporal conv) -> autoencoder over the volume or its patches."""
+    temporal = None
+    in_channels = cfg.fmri_frames
+    if cfg.fmri_time == "temporal_conv":
+        chunk = cfg.temporal_chunk if cfg.activation_checkpointing else 0
+        temporal = TemporalConv(cfg.temporal_features, cfg.temporal_kernel, cfg.temporal_stride, chunk)
+        in_channels = cfg.temporal_features
+    ae = PatchAutoencoder(in_channels, cfg.fmri_frames, cfg.fmri_channels, cfg.groups, cfg.activation_checkpointing)
+    if cfg.fmri_layout == "patches":
+        spatial: nn.Module = PatchModule(ae, cfg.patch_grid, cfg.fusion_cells, cfg.region_pool, cfg.patch_chunk,
+                                         cfg.channels_last, "fMRI frame")
+    else:
+        spatial = VolumeModule(ae, cfg.patch_grid, cfg.fusion_cells, cfg.region_pool, cfg.channels_last)
+    return FunctionalModule(cfg.fmri_frames, spatial, temporal)
+
+
+class MASAN(nn.Module):
+    """MASAN for ``num_classes`` classes; modalities, fusion and layouts from ``cfg``.
+
+    ``forward(t1=(B, 1, X, Y, Z) | None, fmri=(B, T, x, y, z) | None)`` returns the dict of
+    docs/architecture.md (section Model); inputs of a modality switched off are ignored.
+    """
+
+    def __init__(self, cfg: ModelConfig, num_classes: int):
+        super().__init__()
+        self.grid = tuple(cfg.patch_grid)
+        self.use_t1 = cfg.modalities in ("both", "t1")
+        self.use_fmri = cfg.modalities in ("both", "fmri")
+        self.region_weight_source = cfg.region_weights
+        pools = len(cfg.region_pool)
+        widths = [pools * c for c in (cfg.channels if self.use_t1 else cfg.fmri_channels)]
+        self.spm = build_spm(cfg) if self.use_t1 else None
+        self.fpm = build_fpm(cfg) if self.use_fmri else None
+        self.fusion = None
+        if self.use_t1 and self.use_fmri:
+            if len(cfg.channels) != len(cfg.fmri_channels):
+                raise ValueError(
+                    f"model.channels {cfg.channels} and model.fmri_channels {cfg.fmri_channels} must have the "
+                    "same number of levels: fusion pairs the levels of sPM and fPM"
+                )
+            self.fusion = nn.ModuleList(
+                build_fusion(cfg.fusion, w, pools * cf, cfg.channel_reduction, cfg.spatial_kernel)
+                for w, cf in zip(widths, cfg.fmri_channels)
+            )
+        region_dim = sum(widths) * cfg.fusion_cells**3
+        self.attention = RegionSelfAttention(region_dim, cfg.attn_dim, cfg.value_dim)
+        self.classifier = MLPClassifier(num_regions(self.grid) * cfg.value_dim, cfg.mlp_hidden, num_classes,
+                                        cfg.dropout)
+
+    def _encode(self, name: str, module: nn.Module | None, x: torch.Tensor | None,
+                out: dict[str, torch.Tensor]) -> ModalityFeatures | None:
+        if module is None:
+            return None
+        if x is None:
+            raise ValueError(
+                f"the model uses {name} (model.modalities) but the batch has no {name}; "
+                f"enable it in the data (data.use_{name}) or set model.modalities"
+            )
+        feats = module(x)
+        out[f"{name}_recon"] = feats.recon
+        out[f"{name}_code"] = feats.code
+        return feats
+
+    def _fuse(self, t1: ModalityFeatures | None, fmri: ModalityFeatures | None) -> list[torch.Tensor]:
+        dtype = param_dtype(self.attention)
+        if t1 is None or fmri is None:
+            return [m.to(dtype) for m in (t1 or fmri).region_maps]
+        return [f(a.to(dtype), b.to(dtype)) for f, a, b in zip(self.fusion, t1.region_maps, fmri.region_maps)]
+
+    def forward(self, t1: torch.Tensor | None = None, fmri: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        s = self._encode("t1", self.spm, t1, out)
+        f = self._encode("fmri", self.fpm, fmri, out)
+        device = (t1 if s is not None else fmri).device
+        with autocast_off(device):
+            maps = self._fuse(s, f)
+            regions = torch.cat([region_features(m, self.grid) for m in maps], dim=2)  # (B, R, D)
+            new, weights = self.attention(regions)
+            out["logits"] = self.classifier(new.flatten(1))
+        out["attention"] = weights
+        if self.region_weight_source == "embedding":
+            norms = regions.float().norm(dim=2)
+            out["region_weights"] = norms / norms.sum(dim=1, keepdim=True).clamp_min(torch.finfo(norms.dtype).tiny)
+        else:
+            out["region_weights"] = weights.mean(dim=1)  # attention each region receives; sums to 1
+        return out

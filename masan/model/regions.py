@@ -1,0 +1,115 @@
+"""The patch grid: volumes <-> patches, feature maps -> regions, region values -> voxels.
+
+Region ``i`` is patch ``i`` of the non-overlapping ``grid = (Gx, Gy, Gz)`` split of a volume,
+numbered in C order: ``i = (gx * Gy + gy) * Gz + gz``. The same numbering is used for T1,
+for fMRI (whose frame covers the same field of view) and in ``out["region_weights"]``,
+so region ``i`` is the same part of the brain in both modalities and in figures.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+POOL_MODES = ("avg", "max")
+
+
+def num_regions(grid: Sequence[int]) -> int:
+    """R = Gx * Gy * Gz."""
+    return math.prod(grid)
+
+
+def patch_shape(volume_shape: Sequence[int], grid: Sequence[int], what: str = "volume") -> tuple[int, ...]:
+    """Voxels of one patch per axis; raises if the volume does not divide into the grid."""
+    if len(volume_shape) != len(grid) or any(s % g for s, g in zip(volume_shape, grid)):
+        raise ValueError(
+            f"{what} of spatial shape {tuple(volume_shape)} cannot be cut into the patch grid "
+            f"{tuple(grid)}: every axis must be a multiple of model.patch_grid "
+            f"(crop or pad the data, or change model.patch_grid)"
+        )
+    return tuple(s // g for s, g in zip(volume_shape, grid))
+
+
+def split_patches(x: torch.Tensor, grid: Sequence[int], what: str = "volume") -> torch.Tensor:
+    """``(B, C, X, Y, Z)`` -> ``(B*R, C, X/Gx, Y/Gy, Z/Gz)``, subject-major, regions in C order."""
+    b, c = x.shape[:2]
+    (gx, gy, gz), (px, py, pz) = grid, patch_shape(x.shape[2:], grid, what)
+    x = x.reshape(b, c, gx, px, gy, py, gz, pz).permute(0, 2, 4, 6, 1, 3, 5, 7)
+    return x.reshape(b * gx * gy * gz, c, px, py, pz)
+
+
+def merge_patches(p: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
+    """Inverse of :func:`split_patches`: ``(B*R, C, px, py, pz)`` -> ``(B, C, Gx*px, Gy*py, Gz*pz)``."""
+    gx, gy, gz = grid
+    n, c, px, py, pz = p.shape
+    b = n // (gx * gy * gz)
+    p = p.reshape(b, gx, gy, gz, c, px, py, pz).permute(0, 4, 1, 5, 2, 6, 3, 7)
+    return p.reshape(b, c, gx * px, gy * py, gz * pz)
+
+
+def _check_modes(modes: Sequence[str]) -> None:
+    if not modes or any(m not in POOL_MODES for m in modes):
+        raise ValueError(f"model.region_pool={list(modes)!r}: use a non-empty list of {list(POOL_MODES)}")
+
+
+def _adaptive_pool(x: torch.Tensor, size: tuple[int, ...], modes: Sequence[str]) -> torch.Tensor:
+    _check_modes(modes)
+    pools = {"avg": F.adaptive_avg_pool3d, "max": F.adaptive_max_pool3d}
+    return torch.cat([pools[m](x, size) for m in modes], dim=1)
+
+
+def pool_cells(p: torch.Tensor, cells: int, modes: Sequence[str]) -> torch.Tensor:
+    """Pool each patch's feature map to ``cells^3`` cells: ``(N, C, d, h, w)`` -> ``(N, M*C, k, k, k)``
+    with ``M = len(modes)``, ``k = cells``; channels are ``[mode0 channels..., mode1 channels...]``."""
+    return _adaptive_pool(p, (cells,) * 3, modes)
+
+
+def pool_patches(p: torch.Tensor, grid: Sequence[int], cells: int, modes: Sequence[str]) -> torch.Tensor:
+    """Pool each patch's feature map (:func:`pool_cells`) and lay the patches out as the grid:
+    ``(B*R, C, d, h, w)`` -> region map ``(B, M*C, Gx*k, Gy*k, Gz*k)``."""
+    return merge_patches(pool_cells(p, cells, modes), grid)
+
+
+def pool_volume(v: torch.Tensor, grid: Sequence[int], cells: int, modes: Sequence[str]) -> torch.Tensor:
+    """Pool a whole-volume feature map onto the grid's cells: ``(B, C, D, H, W)`` ->
+    ``(B, M*C, Gx*k, Gy*k, Gz*k)``.
+
+    Adaptive pooling bins cover ``[floor(i*D/n), ceil((i+1)*D/n))``: exactly the region's
+    voxels when ``D`` divides, otherwise one boundary voxel shared with the neighbour
+    (e.g. 30 voxels onto 4 regions at fMRI level 1). A map coarser than the cells (a 2x2x2
+    bottleneck onto 4x4x4 regions) gives each of its voxels to every cell it overlaps.
+    """
+    return _adaptive_pool(v, tuple(g * cells for g in grid), modes)
+
+
+def region_features(region_map: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
+    """Region map ``(B, C, Gx*k, Gy*k, Gz*k)`` -> one feature vector per region ``(B, R, C*k^3)``."""
+    b = region_map.shape[0]
+    return split_patches(region_map, grid, "region map").reshape(b, num_regions(grid), -1)
+
+
+def region_slices(volume_shape: Sequence[int], grid: Sequence[int], index: int) -> tuple[slice, ...]:
+    """The voxels of region ``index`` in a volume of ``volume_shape`` (X, Y, Z)."""
+    ps = patch_shape(volume_shape, grid)
+    pos = np.unravel_index(index, tuple(grid))
+    return tuple(slice(int(i) * p, (int(i) + 1) * p) for i, p in zip(pos, ps))
+
+
+def regions_to_voxels(weights: np.ndarray, grid: Sequence[int], shape: Sequence[int]) -> np.ndarray:
+    """Paint region values onto voxels for figures (nearest region, like the paper's Fig. 4).
+
+    ``weights (..., R)`` -> ``(..., X, Y, Z)``; voxel ``v`` of an axis of size ``S`` belongs to
+    region ``floor(v * G / S)``, which is exactly :func:`split_patches` when ``S`` divides.
+    """
+    weights = np.asarray(weights)
+    if weights.shape[-1] != num_regions(grid):
+        raise ValueError(f"region weights have {weights.shape[-1]} regions, patch grid {tuple(grid)} has {num_regions(grid)}")
+    cube = weights.reshape(*weights.shape[:-1], *grid)
+    for axis, (g, s) in enumerate(zip(grid, shape)):
+        idx = (np.arange(s) * g) // s
+        cube = np.take(cube, idx, axis=weights.ndim - 1 + axis)
+    return cube

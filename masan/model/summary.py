@@ -1,0 +1,178 @@
+"""Parameter count and activation size per level of the configured model, at full resolution.
+
+Nothing is computed on real data: the model is built on PyTorch's ``meta`` device (shapes and
+dtypes only, no memory, no FLOPs) and one forward pass is traced with
+``torch.autograd.graph.saved_tensors_hooks`` to add up the tensors autograd keeps for the
+backward pass, per branch (T1 / fMRI / region head) and per encoder level, with activation
+checkpointing off and on. Run::
+
+    python -m masan.model.summary                                  # paper defaults
+    python -m masan.model.summary --config hpc/configs/demo.yaml model.fmri_frames=200
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from collections import defaultdict
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from masan.config import ConfigError, ModelConfig, load_config
+from masan.model import build_model
+from masan.model.regions import patch_shape
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+MIB = 2**20
+
+
+def level_shapes(spatial: Sequence[int], levels: int) -> list[tuple[int, ...]]:
+    """Spatial shape at each encoder level: stride-2 "same" convs give ``ceil(s / 2)``."""
+    shapes = [tuple(spatial)]
+    for _ in range(levels - 1):
+        shapes.append(tuple(math.ceil(s / 2) for s in shapes[-1]))
+    return shapes
+
+
+def branch_levels(cfg: ModelConfig) -> dict[str, list[tuple[int, ...]]]:
+    """Level shapes of each autoencoder input: T1 patches and fMRI volume (or its patches)."""
+    out = {}
+    if cfg.arch == "hfcn" or cfg.modalities in ("both", "t1"):
+        out["T1"] = level_shapes(patch_shape(cfg.t1_shape, cfg.patch_grid, "model.t1_shape"), len(cfg.channels))
+    if cfg.arch == "masan" and cfg.modalities in ("both", "fmri"):
+        frame = cfg.fmri_shape
+        if cfg.fmri_layout == "patches":
+            frame = patch_shape(frame, cfg.patch_grid, "model.fmri_shape")
+        out["fMRI"] = level_shapes(frame, len(cfg.fmri_channels))
+    return out
+
+
+def parameter_counts(model: nn.Module) -> dict[str, int]:
+    """Parameters per top-level part of the model, plus ``total``."""
+    counts = {name: sum(p.numel() for p in child.parameters()) for name, child in model.named_children()}
+    counts = {k: v for k, v in counts.items() if v}
+    counts["total"] = sum(p.numel() for p in model.parameters())
+    return counts
+
+
+def meta_inputs(cfg: ModelConfig, batch: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Full-resolution inputs on the meta device for the modalities the model uses."""
+    inputs = {}
+    levels = branch_levels(cfg)
+    if "T1" in levels:
+        inputs["t1"] = torch.empty(batch, 1, *cfg.t1_shape, device="meta", dtype=dtype)
+    if "fMRI" in levels:
+        inputs["fmri"] = torch.empty(batch, cfg.fmri_frames, *cfg.fmri_shape, device="meta", dtype=dtype)
+    return inputs
+
+
+def saved_bytes(cfg: ModelConfig, num_classes: int, dtype: torch.dtype, batch: int = 1) -> dict[tuple[str, str], int]:
+    """Bytes autograd keeps for backward, keyed by (branch, level label), for one meta forward.
+
+    Branch is ``T1``/``fMRI`` inside sPM/fPM and ``head`` elsewhere; the level is the encoder
+    level whose spatial shape the tensor has (``other`` for anything else in that branch).
+    """
+    with torch.device("meta"):
+        model = build_model(cfg, num_classes).to(dtype)
+    params = {p.untyped_storage()._cdata for p in model.parameters()}
+    shapes = branch_levels(cfg)
+    modules = {"spm": "T1", "patches": "T1", "fpm": "fMRI"}
+    state = {"branch": "head"}
+    for name, child in model.named_children():
+        if name in modules:
+            child.register_forward_pre_hook(lambda m, a, b=modules[name]: state.update(branch=b))
+            child.register_forward_hook(lambda m, a, o: state.update(branch="head"))
+    seen: set[int] = set()
+    totals: dict[tuple[str, str], int] = defaultdict(int)
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage._cdata in params or storage._cdata in seen:
+            return t
+        seen.add(storage._cdata)
+        branch = state["branch"]
+        level = "other"
+        if t.dim() == 5 and branch in shapes and tuple(t.shape[2:]) in shapes[branch]:
+            level = str(shapes[branch].index(tuple(t.shape[2:])))
+        totals[(branch, level)] += storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(**meta_inputs(cfg, batch, dtype))
+    return dict(totals)
+
+
+def _fmt_shape(shape: Sequence[int]) -> str:
+    return "x".join(str(s) for s in shape)
+
+
+def summarize(cfg: ModelConfig, num_classes: int, dtype_name: str = "bf16") -> str:
+    """The report printed by the command line (one sample, full resolution from ``cfg``)."""
+    dtype = DTYPES[dtype_name]
+    item = torch.empty((), dtype=dtype).element_size()
+    with torch.device("meta"):
+        counts = parameter_counts(build_model(cfg, num_classes))
+    regions = math.prod(cfg.patch_grid)
+    lines = [
+        f"{cfg.arch} model, {num_classes} classes, one sample; T1 {_fmt_shape(cfg.t1_shape)} as "
+        f"{_fmt_shape(cfg.patch_grid)} patches; fMRI {cfg.fmri_frames} frames of {_fmt_shape(cfg.fmri_shape)} "
+        f"(time: {cfg.fmri_time}, layout: {cfg.fmri_layout}); modalities {cfg.modalities}, fusion {cfg.fusion}",
+        "parameters: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()),
+        "",
+        f"feature map per level ({dtype_name}; T1 = all {regions} patches of the sample)",
+        f"{'branch':<6} {'level':>5} {'channels':>8} {'spatial':>12} {'elements':>14} {'MiB':>9}",
+    ]
+    widths = {"T1": cfg.channels, "fMRI": cfg.fmri_channels}
+    for branch, shapes in branch_levels(cfg).items():
+        copies = regions if branch == "T1" or cfg.fmri_layout == "patches" else 1
+        for level, (shape, width) in enumerate(zip(shapes, widths[branch])):
+            n = copies * width * math.prod(shape)
+            lines.append(f"{branch:<6} {level:>5} {width:>8} {_fmt_shape(shape):>12} {n:>14,} {n * item / MIB:>9.1f}")
+    saved = {ckpt: saved_bytes(_with(cfg, activation_checkpointing=ckpt), num_classes, dtype) for ckpt in (False, True)}
+    keys = sorted(set(saved[False]) | set(saved[True]))
+    lines += ["", f"kept for backward ({dtype_name} MiB, weights excluded), activation checkpointing off / on",
+              f"{'branch':<6} {'level':>5} {'off':>10} {'on':>10}"]
+    for key in keys:
+        lines.append(f"{key[0]:<6} {key[1]:>5} {saved[False].get(key, 0) / MIB:>10.1f} {saved[True].get(key, 0) / MIB:>10.1f}")
+    lines.append(f"{'total':<6} {'':>5} {sum(saved[False].values()) / MIB:>10.1f} {sum(saved[True].values()) / MIB:>10.1f}")
+    lines.append("(peak memory adds the largest block's recomputation and the gradients; see bench/model.py)")
+    return "\n".join(lines)
+
+
+def _with(cfg: ModelConfig, **changes) -> ModelConfig:
+    import dataclasses
+
+    return dataclasses.replace(cfg, **changes)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m masan.model.summary",
+        description="Print the parameter count and the activation size per level of the configured model at "
+        "full resolution, computed on the meta device (no data, no memory, seconds on a laptop).",
+    )
+    parser.add_argument("--config", help="run config YAML (default: the built-in defaults, i.e. the paper's model)")
+    parser.add_argument("overrides", nargs="*", help="config overrides like model.fusion=add model.patch_grid=[2,2,2]")
+    parser.add_argument("--classes", type=int, default=None,
+                        help="number of classes (default: the length of data.classes in the config)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="activation dtype (default bf16)")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    classes = args.classes or len(cfg.data.classes)
+    try:
+        print(summarize(cfg.model, classes, args.dtype))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

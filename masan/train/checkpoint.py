@@ -1,0 +1,271 @@
+"""Complete checkpoints: all ranks save together; only a marked one is ever resumed.
+
+Layout under ``run_dir/checkpoints``::
+
+    step_000123/            DeepSpeed files of every rank (save_latest=False: no ``latest``)
+    step_000123/COMPLETE    JSON manifest written LAST by rank 0 after a barrier:
+                            {"tag", "step", "files": {name: bytes}, "state": client state
+                            without RNG, "config": the resolved run config}
+    latest_complete         the newest complete tag (atomic rename), for people and tools
+
+DeepSpeed's own ``latest`` is written by rank 0 right after its own files with no barrier,
+so it can name a checkpoint another rank never finished; it is not used. On start the
+newest checkpoint whose marker exists and whose files match the manifest (present, same
+sizes) is loaded; a damaged one (no marker, missing or truncated file, load error) is
+skipped with a warning naming it, and the previous one is tried.
+
+The client state saved with DeepSpeed (in rank 0's model-states file) holds the training
+position (phase, epoch, step, samples consumed in the epoch, phase start step), the
+data-parallel world size, the config hash and the RNG states of EVERY rank (gathered to
+rank 0, because DeepSpeed keeps the client state of rank 0 only).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from masan.config import RunConfig, config_diff, config_from_dict, config_to_dict
+from masan.train import distributed as D
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "checkpoints"
+MARKER = "COMPLETE"
+POINTER = "latest_complete"
+TAG_RE = re.compile(r"^step_(\d+)$")
+ISSUE_ZERO_RESHAPE = "https://github.com/deepspeedai/DeepSpeed/issues/3810"
+
+
+class ResumeError(RuntimeError):
+    """The run directory cannot be resumed with this config; the message says what to do."""
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:06d}"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def rng_state() -> dict:
+    """This process's python, numpy and torch (and CUDA) generator states."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+@dataclass
+class Resumed:
+    """What a resume restored."""
+
+    tag: str
+    state: dict
+    """Client state (training position etc.); ``state["rng"]`` holds one entry per saved rank."""
+    world_changed: bool
+    note: str
+    """Human-readable summary of what was restored and what was reset."""
+
+
+class CheckpointManager:
+    """Save and find complete checkpoints of one run directory.
+
+    Args:
+        run_dir: the run directory; checkpoints go to ``run_dir/checkpoints``.
+        keep: complete checkpoints kept (older ones are deleted by rank 0).
+        rank, world_size: this process's place (rank 0 writes markers and prunes).
+    """
+
+    def __init__(self, run_dir: str | Path, keep: int, rank: int = 0, world_size: int = 1):
+        self.dir = Path(run_dir) / CHECKPOINT_DIR
+        self.keep = max(1, keep)
+        self.rank, self.world_size = rank, world_size
+
+    # ------------------------------------------------------------------ finding
+
+    def tags(self) -> list[str]:
+        """Checkpoint folders (complete or not), newest step first."""
+        if not self.dir.is_dir():
+            return []
+        found = [(int(m.group(1)), p.name) for p in self.dir.iterdir() if p.is_dir() and (m := TAG_RE.match(p.name))]
+        return [name for _, name in sorted(found, reverse=True)]
+
+    def manifest(self, tag: str) -> dict:
+        return json.loads((self.dir / tag / MARKER).read_text())
+
+    def problem(self, tag: str) -> str | None:
+        """Why checkpoint ``tag`` cannot be resumed, or None when it is complete and intact."""
+        folder = self.dir / tag
+        if not (folder / MARKER).is_file():
+            return f"no {MARKER} marker (a save that did not finish on every rank)"
+        try:
+            files = self.manifest(tag)["files"]
+        except (OSError, ValueError, KeyError) as e:
+            return f"unreadable {MARKER} manifest ({e})"
+        for name, size in files.items():
+            f = folder / name
+            if not f.is_file():
+                return f"file {name} listed in the manifest is missing"
+            if f.stat().st_size != size:
+                return f"file {name} has {f.stat().st_size} bytes, the manifest says {size} (truncated or rewritten)"
+        return None
+
+    def complete_tags(self) -> list[str]:
+        return [t for t in self.tags() if self.problem(t) is None]
+
+    # ------------------------------------------------------------------ saving
+
+    def save(self, engine, step: int, state: dict, cfg: RunConfig) -> str:
+        """Collective: every rank writes its DeepSpeed files; rank 0 then marks the checkpoint.
+
+        Args:
+            engine: the DeepSpeed engine (same step on every rank).
+            step: global optimizer step, names the folder ``step_<step>``.
+            state: JSON-ready client state of the training position (same on every rank).
+            cfg: the run config, recorded in the manifest to explain a refused resume.
+        Returns:
+            the tag.
+        """
+        tag = tag_for(step)
+        folder = self.dir / tag
+        if self.rank == 0:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            if folder.exists():  # a damaged leftover of an earlier attempt at this step
+                shutil.rmtree(folder)
+        D.barrier()
+        client = dict(state, rng=D.all_gather_objects(rng_state()))
+        engine.save_checkpoint(str(self.dir), tag=tag, client_state=client, save_latest=False)
+        D.barrier()
+        if self.rank == 0:
+            files = {}
+            for f in sorted(p for p in folder.rglob("*") if p.is_file()):
+                _fsync(f)
+                files[str(f.relative_to(folder))] = f.stat().st_size
+            manifest = {"tag": tag, "step": step, "files": files, "state": state, "config": config_to_dict(cfg)}
+            _write_atomic(folder / MARKER, json.dumps(manifest, indent=1))
+            _write_atomic(self.dir / POINTER, tag + "\n")
+            self._prune()
+        D.barrier()
+        return tag
+
+    def _prune(self) -> None:
+        """Keep the newest ``keep`` complete checkpoints; drop anything older than the oldest kept."""
+        complete = self.complete_tags()
+        if not complete:
+            return
+        kept = complete[: self.keep]
+        oldest_kept = int(TAG_RE.match(kept[-1]).group(1))
+        for tag in self.tags():
+            if tag not in kept and int(TAG_RE.match(tag).group(1)) < oldest_kept:
+                shutil.rmtree(self.dir / tag, ignore_errors=True)
+
+    # ------------------------------------------------------------------ resuming
+
+    def _choose(self, skip: set[str]) -> str | None:
+        """Rank 0 picks the newest intact checkpoint not in ``skip``, warning about damaged ones."""
+        for tag in self.tags():
+            if tag in skip:
+                continue
+            why = self.problem(tag)
+            if why is None:
+                return tag
+            log.warning("skipping damaged checkpoint %s: %s; trying the previous one", self.dir / tag, why)
+        return None
+
+    def check_compatible(self, tag: str, cfg: RunConfig, config_hash: str) -> None:
+        saved = self.manifest(tag)
+        if saved["state"]["config_hash"] == config_hash:
+            return
+        try:
+            diffs = config_diff(config_from_dict(saved["config"]), cfg)
+        except Exception as e:  # noqa: BLE001 - an older config layout: the hash alone must do
+            diffs = [f"(saved config unreadable with this code: {e})"]
+        raise ResumeError(
+            f"checkpoint {self.dir / tag} was written with a different config "
+            f"(hash {saved['state']['config_hash']}, now {config_hash}); these settings differ:\n  "
+            + "\n  ".join(diffs)
+            + f"\nEither restore those settings to continue this run, or start fresh in a new run "
+              f"directory (run_dir=...), leaving {self.dir.parent} as it is.")
+
+    def resume(self, engine, cfg: RunConfig, config_hash: str) -> Resumed | None:
+        """Collective: load the newest complete, intact checkpoint into ``engine``.
+
+        Returns None when there is none (a fresh start). Raises ResumeError when the newest
+        intact checkpoint belongs to an incompatible config. A different data-parallel world
+        size loads the weights only (ZeRO's partitioned Adam state cannot be re-sharded,
+        DeepSpeed #3810) and restarts Adam's moments; the training position is kept.
+        """
+        skip: set[str] = set()
+        while True:
+            tag = D.broadcast_object(self._choose(skip) if self.rank == 0 else None)
+            if tag is None:
+                if skip:
+                    log.warning("no loadable checkpoint left in %s; starting from scratch", self.dir)
+                return None
+            error = None
+            if self.rank == 0:
+                try:
+                    self.check_compatible(tag, cfg, config_hash)
+                except ResumeError as e:
+                    error = str(e)
+            error = D.broadcast_object(error)
+            if error:
+                raise ResumeError(error)
+            saved_world = self.manifest(tag)["state"]["dp_world_size"]
+            world_changed = saved_world != self.world_size
+            try:
+                path, client = engine.load_checkpoint(
+                    str(self.dir), tag=tag, load_module_only=world_changed,
+                    load_optimizer_states=not world_changed, load_lr_scheduler_states=False)
+                ok = path is not None and client is not None
+                why = "DeepSpeed found nothing to load" if not ok else ""
+            except Exception as e:  # noqa: BLE001 - any load failure means: try the previous one
+                ok, why = False, f"{type(e).__name__}: {e}"
+            results = D.all_gather_objects((ok, why))
+            bad = [f"rank {r}: {w}" for r, (o, w) in enumerate(results) if not o]
+            if bad:
+                if self.rank == 0:
+                    log.warning("skipping checkpoint %s: load failed (%s); trying the previous one",
+                                self.dir / tag, "; ".join(bad))
+                skip.add(tag)
+                continue
+            if world_changed:
+                note = (f"resumed {tag} written by {saved_world} data-parallel ranks on {self.world_size}: "
+                        f"restored model weights, step, epoch, phase and LR schedule position; RESET Adam "
+                        f"moments (ZeRO optimizer state cannot be re-sharded, {ISSUE_ZERO_RESHAPE}) and "
+                        f"re-seeded per-rank RNGs; the rest of the epoch is re-dealt over the new ranks")
+            else:
+                note = f"resumed {tag}: weights, Adam state, position, LR schedule and per-rank RNG states"
+            return Resumed(tag=tag, state=client, world_changed=world_changed, note=note)

@@ -1,0 +1,229 @@
+"""The DeepSpeed engine of a run: its JSON config derived from RunConfig, Adam, the LR schedule.
+
+The DeepSpeed config is never written by hand: :func:`deepspeed_config` derives it from the
+run config (one row per key, with the config field it comes from, see :data:`DS_ROWS`), and
+``python -m masan.train.engine --config X [key=value ...]`` prints it, the template users
+inspect. ``hpc/deepspeed/README.md`` is that command's ``--markdown`` output for the paper
+config (a test checks it is current).
+
+Optimizer: plain ``torch.optim.Adam`` (the paper's optimizer) wrapped by DeepSpeed's ZeRO /
+bf16 machinery, not DeepSpeed's fused or CPU Adam ops (they JIT-compile CUDA/AVX kernels and
+differ numerically). Activation checkpointing is a model setting
+(``model.activation_checkpointing``: torch.utils.checkpoint per 3-D block), not DeepSpeed's.
+
+LR schedule (per phase, the choice documented in docs/paper-mapping.md): each phase
+(pretrain, joint) starts with ``optim.warmup_steps`` of linear warmup, then stays constant or
+follows a cosine from ``optim.lr`` down to ``optim.lr * optim.min_lr_ratio`` at the phase's
+last step. The joint phase starts a fresh curve because it adds a new objective (the
+classifier's cross-entropy) on top of the pretrained encoders.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from masan.config import ConfigError, OptimConfig, RunConfig, load_config
+
+STEPS_PER_PRINT_OFF = 10**9
+"""DeepSpeed's own step printing is off: the run logs to TensorBoard instead."""
+
+
+@dataclass(frozen=True)
+class DSRow:
+    """One DeepSpeed config key: dotted JSON path, value, where it comes from, why."""
+
+    key: str
+    value: object
+    source: str
+    note: str
+
+
+def _rows(cfg: RunConfig, world_size: int) -> list[DSRow]:
+    o, t = cfg.optim, cfg.train
+    rows = [
+        DSRow("train_micro_batch_size_per_gpu", o.micro_batch, "optim.micro_batch",
+              "samples per rank per forward pass"),
+        DSRow("gradient_accumulation_steps", o.grad_accum, "optim.grad_accum",
+              "micro-batches summed before each optimizer step"),
+        DSRow("train_batch_size", o.micro_batch * o.grad_accum * world_size,
+              "optim.micro_batch * optim.grad_accum * world size",
+              f"global batch per optimizer step ({world_size} data-parallel ranks)"),
+        DSRow("gradient_clipping", o.grad_clip, "optim.grad_clip", "global gradient-norm clip (0: off)"),
+        DSRow("zero_optimization.stage", t.zero_stage, "train.zero_stage",
+              "1: Adam state sharded over ranks; 2: gradients too (3 is refused)"),
+        DSRow("bf16.enabled", t.precision == "bf16", "train.precision",
+              "bf16 weights/activations, fp32 master weights and Adam state"),
+        DSRow("fp16.enabled", t.precision == "fp16", "train.precision",
+              "fp16 with dynamic loss scaling (CUDA only)"),
+    ]
+    if t.precision == "fp16":
+        rows.append(DSRow("fp16.loss_scale", 0, "fixed", "0 = dynamic loss scaling"))
+    rows += [
+        DSRow("checkpoint.tag_validation", "FAIL", "fixed",
+              "every rank must save under the same tag (a mismatch is a bug, not a warning)"),
+        DSRow("steps_per_print", STEPS_PER_PRINT_OFF, "fixed", "DeepSpeed's own printing off; see run_dir/tb"),
+        DSRow("wall_clock_breakdown", False, "fixed", "no per-step timers (they synchronise)"),
+    ]
+    return rows
+
+
+def check_config(cfg: RunConfig, device_type: str) -> None:
+    """Refuse settings the engine cannot run, with what to change."""
+    t = cfg.train
+    if t.zero_stage not in (0, 1, 2):
+        raise ConfigError(f"train.zero_stage={t.zero_stage}: use 0, 1 or 2 (ZeRO-3 shards the weights, "
+                          "but rank 0 evaluates the whole model alone; a conv autoencoder fits without it)")
+    if t.precision == "fp16" and device_type != "cuda":
+        raise ConfigError("train.precision=fp16 needs CUDA (DeepSpeed's loss scaler); use bf16 or fp32 on the CPU")
+    if cfg.optim.micro_batch < 1 or cfg.optim.grad_accum < 1:
+        raise ConfigError("optim.micro_batch and optim.grad_accum must be at least 1")
+
+
+def deepspeed_config(cfg: RunConfig, world_size: int) -> dict:
+    """The DeepSpeed JSON config of ``cfg`` for ``world_size`` data-parallel ranks."""
+    out: dict = {}
+    for row in _rows(cfg, world_size):
+        node = out
+        *parents, leaf = row.key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = row.value
+    return out
+
+
+class LRSchedule:
+    """LR factor per optimizer step; the current phase's span is set by the training loop.
+
+    ``factor(s)`` is the multiplier of ``optim.lr`` for the optimizer step with global index
+    ``s`` (0-based). The schedule is a pure function of the step and the phase span, so it
+    needs no state of its own in a checkpoint: the step, the phase start and the phase length
+    (recomputed for a new world size) restore it.
+    """
+
+    def __init__(self, optim_cfg: OptimConfig):
+        self.cfg = optim_cfg
+        self.phase_start = 0
+        self.phase_steps = 1
+
+    def set_phase(self, start_step: int, total_steps: int) -> None:
+        """The current phase runs optimizer steps ``start_step .. start_step + total_steps - 1``."""
+        self.phase_start, self.phase_steps = int(start_step), max(1, int(total_steps))
+
+    def factor(self, step: int) -> float:
+        c = self.cfg
+        local = step - self.phase_start
+        if c.warmup_steps > 0 and local < c.warmup_steps:
+            return (local + 1) / c.warmup_steps
+        if c.schedule == "constant":
+            return 1.0
+        span = max(1, self.phase_steps - c.warmup_steps - 1)
+        progress = min(1.0, max(0.0, (local - c.warmup_steps) / span))
+        return c.min_lr_ratio + (1.0 - c.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_engine(model: torch.nn.Module, cfg: RunConfig, world_size: int, schedule: LRSchedule):
+    """``deepspeed.initialize`` with torch Adam and a LambdaLR driven by ``schedule``.
+
+    Call after :func:`masan.train.distributed.init_distributed` (it selects DeepSpeed's
+    accelerator and the process group). Returns the DeepSpeed engine; its ``lr_scheduler``
+    is stepped by DeepSpeed after each optimizer step.
+    """
+    import deepspeed  # after DS_ACCELERATOR is set
+
+    o = cfg.optim
+    optimizer = torch.optim.Adam(model.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+    # a closure, so LambdaLR.state_dict() keeps no copy of the schedule in checkpoints
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule.factor(step))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=deepspeed_config(cfg, world_size), dist_init_required=False)
+    return engine
+
+
+def set_schedule_step(engine, step: int) -> None:
+    """Put the engine's LR scheduler at global step ``step`` (after a resume or phase change)."""
+    sched = engine.lr_scheduler
+    sched.last_epoch = step - 1
+    sched.step()
+
+
+def current_lr(engine) -> float:
+    return float(engine.lr_scheduler.get_last_lr()[0])
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def readme_markdown(cfg: RunConfig, world_size: int, command: str) -> str:
+    """hpc/deepspeed/README.md: the derived config with one annotated row per key."""
+    rows = _rows(cfg, world_size)
+    table = "\n".join(f"| `{r.key}` | `{json.dumps(r.value)}` | {r.source} | {r.note} |" for r in rows)
+    return f"""# DeepSpeed config (derived, do not edit)
+
+The DeepSpeed JSON is derived from the run config by `masan/train/engine.py`; nobody edits a
+DeepSpeed JSON by hand. This page is generated by
+
+```
+{command}
+```
+
+and `tests/test_train_engine.py` fails when it is out of date. Print the config of any run with
+`python -m masan.train.engine --config CONFIG --world-size N [key=value ...]`.
+
+Example: a 4-node job with 8 A100/H100 GPUs per node ({world_size} data-parallel ranks,
+`hpc/configs/paper.yaml`):
+
+```json
+{json.dumps(deepspeed_config(cfg, world_size), indent=2)}
+```
+
+| key | value | from | why |
+|---|---|---|---|
+{table}
+
+Not in this JSON, on purpose: the optimizer (`torch.optim.Adam` built by the engine from
+`optim.lr/betas/weight_decay`, no DeepSpeed fused/CPU Adam op), the LR schedule (a torch
+`LambdaLR`: warmup then cosine per phase, `optim.warmup_steps/schedule/min_lr_ratio`) and
+activation checkpointing (`model.activation_checkpointing`: torch.utils.checkpoint per 3-D
+block inside the model).
+"""
+
+
+README_WORLD_SIZE = 32
+"""4 nodes x 8 GPUs: the example job of hpc/deepspeed/README.md."""
+README_COMMAND = ("python -m masan.train.engine --config hpc/configs/paper.yaml "
+                  f"--world-size {README_WORLD_SIZE} --markdown > hpc/deepspeed/README.md")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m masan.train.engine",
+        description="Print the DeepSpeed JSON config derived from a run config (the template the "
+                    "training engine uses; nothing to edit by hand).")
+    ap.add_argument("--config", help="run config YAML (hpc/configs/*.yaml); defaults when omitted")
+    ap.add_argument("--world-size", type=int, default=1, help="data-parallel ranks (nodes x GPUs per node)")
+    ap.add_argument("--markdown", action="store_true", help="print the annotated README page instead of JSON")
+    ap.add_argument("overrides", nargs="*", help="config overrides section.key=value, e.g. optim.grad_accum=4")
+    args = ap.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.world_size < 1:
+        print("error: --world-size must be at least 1", file=sys.stderr)
+        return 2
+    if args.markdown:
+        sys.stdout.write(readme_markdown(cfg, args.world_size, README_COMMAND))
+    else:
+        print(json.dumps(deepspeed_config(cfg, args.world_size), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

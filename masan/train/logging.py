@@ -1,0 +1,127 @@
+"""TensorBoard for one run (rank 0 only; every other rank gets a logger that does nothing).
+
+Steps are global optimizer steps. After a resume the writer is opened with
+``purge_step=<resumed step>``: points a killed run logged past its last complete checkpoint
+are dropped, so every tag's steps increase without duplicates or rewinds. The writer is
+flushed at each checkpoint and closed before the run returns.
+
+Tags: ``train/<loss term>``, ``train/lr``, ``train/samples_per_s``, ``train/gpu_mem_gib``
+(CUDA only), ``train/epoch``; ``monitor_test/<metric>`` for the test-split metrics computed
+every ``log.eval_every_epochs`` (monitoring only: the run never selects checkpoints or
+stops on them), the confusion-matrix figure and the region-weight / attention images.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from masan.config import LogConfig, RunConfig, config_to_dict
+
+TB_DIR = "tb"
+MONITOR_PREFIX = "monitor_test"
+"""Prefix of test-split metrics: shown for monitoring, never used for model selection."""
+
+
+class TrainLogger:
+    """Rank-0 TensorBoard writer; a silent no-op when ``enabled`` is False.
+
+    Args:
+        run_dir: events go to ``run_dir/tb``.
+        log_cfg: the ``log`` config section.
+        enabled: True on rank 0 with ``log.tensorboard``.
+        purge_step: the resumed global step (None on a fresh start).
+    """
+
+    def __init__(self, run_dir: str | Path, log_cfg: LogConfig, enabled: bool, purge_step: int | None = None):
+        self.writer = None
+        if enabled and log_cfg.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(Path(run_dir) / TB_DIR), purge_step=purge_step,
+                                        flush_secs=log_cfg.flush_secs)
+
+    def scalars(self, values: dict[str, float], step: int, prefix: str = "train") -> None:
+        if self.writer is None:
+            return
+        for name, v in values.items():
+            self.writer.add_scalar(f"{prefix}/{name}", float(v), step)
+
+    def gpu_memory(self, device: torch.device, step: int) -> None:
+        """Peak allocated CUDA memory since the last call, GiB (nothing on the CPU)."""
+        if self.writer is None or device.type != "cuda":
+            return
+        self.writer.add_scalar("train/gpu_mem_gib", torch.cuda.max_memory_allocated(device) / 2**30, step)
+        torch.cuda.reset_peak_memory_stats(device)
+
+    def hparams(self, cfg: RunConfig) -> None:
+        """The resolved config as text and as TensorBoard hparams (flattened scalars/strings)."""
+        if self.writer is None:
+            return
+        from torch.utils.tensorboard.summary import hparams
+
+        flat = {}
+
+        def walk(node, prefix):
+            for k, v in node.items():
+                key = f"{prefix}.{k}" if prefix else k
+                if isinstance(v, dict):
+                    walk(v, key)
+                else:
+                    flat[key] = v if isinstance(v, (int, float, str, bool)) else str(v)
+
+        d = config_to_dict(cfg)
+        walk(d, "")
+        metrics = {f"{MONITOR_PREFIX}/binary_accuracy": 0.0, f"{MONITOR_PREFIX}/accuracy": 0.0}
+        # written into this writer's own file (add_hparams would open a second event folder)
+        for summary in hparams(flat, metrics):
+            self.writer.file_writer.add_summary(summary)
+        self.writer.add_text("config", "```\n" + yaml.safe_dump(d, sort_keys=False) + "\n```", 0)
+
+    def monitor_metrics(self, metrics: dict, step: int) -> None:
+        """Test-split metrics (masan.evaluate.metrics.classification_metrics) + confusion figure."""
+        if self.writer is None:
+            return
+        from masan.evaluate.figures import confusion_figure
+        from masan.evaluate.metrics import flat_scalars
+
+        self.scalars(flat_scalars(metrics), step, prefix=MONITOR_PREFIX)
+        self.writer.add_figure(f"{MONITOR_PREFIX}/confusion_matrix",
+                               confusion_figure(metrics["confusion_matrix"], metrics["class_names"],
+                                                title="test split (monitoring only)"), step)
+
+    def region_images(self, t1: np.ndarray | None, region_weights: np.ndarray, patch_grid: list[int],
+                      step: int, attention: np.ndarray | None = None) -> None:
+        """Mean test-split region weights over a T1 (paper Fig. 4 style) and the mean attention.
+
+        Args:
+            t1: (X, Y, Z) T1 volume the regions tile (None: no overlay figure).
+            region_weights: (N, R) region weights of the test subjects.
+            attention: (N, R, R) attention matrices, or None.
+        """
+        if self.writer is None:
+            return
+        from masan.evaluate.figures import region_map_figure
+
+        w = np.asarray(region_weights, dtype=np.float32)
+        if t1 is not None and w.size:
+            self.writer.add_figure(f"{MONITOR_PREFIX}/region_weights",
+                                   region_map_figure(t1, w.mean(axis=0), patch_grid,
+                                                     title="mean region weight, test split"), step)
+        if attention is not None:
+            a = np.asarray(attention, dtype=np.float32).mean(axis=0)
+            a = (a - a.min()) / max(float(a.max() - a.min()), 1e-12)
+            self.writer.add_image(f"{MONITOR_PREFIX}/attention", a, step, dataformats="HW")
+
+    def flush(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+            self.writer.close()
+            self.writer = None

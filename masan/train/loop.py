@@ -1,0 +1,277 @@
+"""The training loop, whole: two phases, epochs, steps, logging, checkpoints, stop requests.
+
+Read :func:`train` top to bottom; everything it calls is a few lines below it. Position
+bookkeeping (:class:`TrainState`) counts optimizer steps and the samples of the current
+epoch's order already consumed by all ranks, which is what a checkpoint stores and what
+:class:`ResumableSampler` needs to continue an epoch without repeating or skipping a sample,
+even on a different number of ranks.
+
+An optimizer step is ``optim.grad_accum`` micro-batches of ``optim.micro_batch`` subjects per
+rank. An epoch is every training subject once (in a per-epoch shuffled order seeded by
+``seed + epoch``) cut to whole steps: the few subjects that do not fill a last step are left
+out of that epoch (a different few each epoch), so checkpoints always fall on step
+boundaries and never hold half-accumulated gradients.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from masan.config import RunConfig
+from masan.evaluate.predict import MODALITY_KEYS, gather_predictions, predict, prediction_metrics
+from masan.model import masan_loss
+from masan.train import distributed as D
+from masan.train.checkpoint import CheckpointManager
+from masan.train.distributed import DistInfo
+from masan.train.engine import LRSchedule, current_lr, set_schedule_step
+from masan.train.logging import TrainLogger
+from masan.train.stop import StopRequest
+
+log = logging.getLogger(__name__)
+
+PHASES = ("pretrain", "joint")
+"""Phase 1: reconstruction pretraining of sPM/fPM; phase 2: the full loss (eq. 8)."""
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass
+class TrainState:
+    """Where training stands; saved in every checkpoint (JSON-ready)."""
+
+    phase: str = PHASES[0]
+    epoch: int = 0
+    """Epoch within the phase (the next one to run when ``consumed`` is 0)."""
+    consumed: int = 0
+    """Samples of this epoch's order already used, over all ranks."""
+    step: int = 0
+    """Optimizer steps over both phases: the TensorBoard step and the checkpoint name."""
+    phase_start: int = 0
+    """Global step at which this phase began (start of its LR curve)."""
+    epochs_done: int = 0
+    """Finished epochs over both phases (seeds the data order, x-axis of epoch metrics)."""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainState":
+        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls)})
+
+
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler over subjects that can start an epoch at a global position.
+
+    The epoch's order is ``randperm(n)`` seeded with ``seed + epoch`` (no shuffle: 0..n-1),
+    padded to a multiple of the world size like DistributedSampler; rank r takes positions
+    ``start + r, start + r + W, ...``. So after ``start`` samples consumed by all ranks
+    together, any world size continues with exactly the samples not yet seen.
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, shuffle: bool, seed: int):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
+        self.start = 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        super().set_epoch(epoch)
+        self.start = start
+
+    def _order(self) -> list[int]:
+        n = len(self.dataset)
+        if self.shuffle:
+            g = torch.Generator()
+            g.manual_seed(self.seed + self.epoch)
+            order = torch.randperm(n, generator=g).tolist()
+        else:
+            order = list(range(n))
+        padded = math.ceil(n / self.num_replicas) * self.num_replicas
+        order += (order * math.ceil(padded / n))[: padded - n]
+        return order
+
+    def __iter__(self):
+        return iter(self._order()[self.start + self.rank:: self.num_replicas])
+
+    def __len__(self) -> int:
+        padded = math.ceil(len(self.dataset) / self.num_replicas) * self.num_replicas
+        return max(0, math.ceil((padded - self.start - self.rank) / self.num_replicas))
+
+
+@dataclass
+class LoopParts:
+    """Everything the loop uses, built by :func:`masan.train.run.run_training`."""
+
+    cfg: RunConfig
+    info: DistInfo
+    engine: object
+    schedule: LRSchedule
+    train_set: Dataset
+    test_set: Dataset
+    class_names: list[str]
+    ckpt: CheckpointManager
+    logger: TrainLogger
+    stop: StopRequest
+    config_hash: str
+
+
+def train(p: LoopParts, state: TrainState) -> str:
+    """Train from ``state`` to the end; returns ``"completed"``, ``"stopped"`` or ``"max_steps"``."""
+    cfg, engine = p.cfg, p.engine
+    epochs = {"pretrain": cfg.train.pretrain_epochs, "joint": cfg.train.joint_epochs}
+    sampler = ResumableSampler(p.train_set, p.info.world_size, p.info.rank, shuffle=True, seed=cfg.seed)
+    per_step = cfg.optim.micro_batch * cfg.optim.grad_accum * p.info.world_size  # samples, all ranks
+    last_save = {"step": state.step, "time": time.monotonic()}
+
+    for phase in PHASES[PHASES.index(state.phase):]:
+        if state.phase != phase:  # a new phase starts: fresh epoch count and LR curve
+            state = dataclasses.replace(state, phase=phase, epoch=0, consumed=0, phase_start=state.step)
+        p.schedule.set_phase(state.phase_start, phase_steps(p, state, epochs[phase], sampler, per_step))
+        set_schedule_step(engine, state.step)
+
+        while state.epoch < epochs[phase]:
+            sampler.set_epoch(state.epochs_done, start=state.consumed)
+            batches = iter(make_loader(p, sampler, state.epochs_done))
+            t_log, samples_log = time.perf_counter(), 0
+
+            for _ in range(steps_left(len(p.train_set), state.consumed, per_step, p.info.world_size)):
+                terms = {}
+                for _ in range(cfg.optim.grad_accum):
+                    batch = to_device(next(batches), p.info.device, DTYPES[cfg.train.precision])
+                    out = engine(**{k: batch.get(k) for k in MODALITY_KEYS})
+                    loss = masan_loss(out, batch, cfg.loss, phase=phase)
+                    engine.backward(loss["total"])
+                    engine.step()  # DeepSpeed: optimizer + LR step on the last micro-batch only
+                    for k, v in loss.items():
+                        terms[k] = terms.get(k, 0.0) + float(v.detach()) / cfg.optim.grad_accum
+                state.step += 1
+                state.consumed += per_step
+                samples_log += per_step
+
+                if state.step % cfg.log.every_steps == 0:
+                    terms = D.mean_over_ranks(terms)
+                    rate = samples_log / (time.perf_counter() - t_log)
+                    p.logger.scalars({**terms, "lr": current_lr(engine), "samples_per_s": rate,
+                                      "epoch": state.epochs_done + state.consumed / len(p.train_set)}, state.step)
+                    p.logger.gpu_memory(p.info.device, state.step)
+                    t_log, samples_log = time.perf_counter(), 0
+
+                if p.stop.agreed():
+                    save(p, state, last_save)
+                    return "stopped"
+                if cfg.train.max_steps is not None and state.step >= cfg.train.max_steps:
+                    save(p, state, last_save)
+                    return "max_steps"
+                if save_due(cfg, state, last_save):
+                    save(p, state, last_save)
+
+            state = dataclasses.replace(state, epoch=state.epoch + 1, consumed=0, epochs_done=state.epochs_done + 1)
+            if phase == "joint" and cfg.log.eval_every_epochs and state.epoch % cfg.log.eval_every_epochs == 0:
+                monitor_test(p, state.step)
+            save(p, state, last_save)  # epoch end (the last epoch's is the phase end)
+    return "completed"
+
+
+# --------------------------------------------------------------------------- pieces of the loop
+
+
+def steps_left(n: int, consumed: int, per_step: int, world: int) -> int:
+    """Whole optimizer steps left in an epoch of ``n`` subjects after ``consumed`` samples."""
+    padded = math.ceil(n / world) * world
+    return max(0, padded - consumed) // per_step
+
+
+def phase_steps(p: LoopParts, state: TrainState, n_epochs: int, sampler, per_step: int) -> int:
+    """Total optimizer steps of the current phase: steps done + steps left (at this world size)."""
+    n, world = len(p.train_set), p.info.world_size
+    full = steps_left(n, 0, per_step, world)
+    if full == 0:
+        raise ValueError(
+            f"an optimizer step needs {per_step} samples (optim.micro_batch * optim.grad_accum * {world} ranks) "
+            f"but the training split has only {n} subjects; lower optim.micro_batch/grad_accum or use fewer ranks")
+    left = 0
+    if state.epoch < n_epochs:
+        left = steps_left(n, state.consumed, per_step, world) + (n_epochs - state.epoch - 1) * full
+    return (state.step - state.phase_start) + left
+
+
+def make_loader(p: LoopParts, sampler, epoch: int) -> DataLoader:
+    """Workers read the Zarr store; a loader-owned generator keeps the global RNG untouched,
+    so a resumed run (new iterator mid-epoch) draws the same dropout masks as an unbroken one."""
+    d = p.cfg.data
+    g = torch.Generator()
+    g.manual_seed(p.cfg.seed + epoch)
+    return DataLoader(p.train_set, batch_size=p.cfg.optim.micro_batch, sampler=sampler, drop_last=True,
+                      num_workers=d.num_workers, prefetch_factor=d.prefetch_factor if d.num_workers else None,
+                      pin_memory=p.info.device.type == "cuda", generator=g)
+
+
+def to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
+    """Images to ``device`` in the engine's dtype; labels/indices stay int64."""
+    return {k: v.to(device, dtype=dtype if v.is_floating_point() else v.dtype, non_blocking=True)
+            for k, v in batch.items()}
+
+
+def save_due(cfg: RunConfig, state: TrainState, last_save: dict) -> bool:
+    """Every ``checkpoint.every_steps`` steps, or when rank 0's clock says ``every_minutes`` passed
+    (agreed by all ranks so that all of them save)."""
+    c = cfg.checkpoint
+    by_steps = c.every_steps > 0 and state.step - last_save["step"] >= c.every_steps
+    by_time = c.every_minutes > 0 and time.monotonic() - last_save["time"] >= 60 * c.every_minutes
+    return D.any_rank(by_steps or by_time)
+
+
+def save(p: LoopParts, state: TrainState, last_save: dict) -> None:
+    """One complete checkpoint on all ranks (skipped if this step is already saved)."""
+    if last_save.get("saved") == state.step:
+        return
+    client = {**state.to_dict(), "dp_world_size": p.info.world_size, "config_hash": p.config_hash}
+    p.ckpt.save(p.engine, state.step, client, p.cfg)
+    p.logger.flush()
+    last_save.update(step=state.step, time=time.monotonic(), saved=state.step)
+
+
+def monitor_test(p: LoopParts, step: int) -> None:
+    """Test-split metrics and region images for TensorBoard (monitoring only, never selection)."""
+    preds, attention, t1 = evaluate(p, p.test_set, with_images=True)
+    if p.info.is_main and len(preds):
+        p.logger.monitor_metrics(prediction_metrics(preds, p.class_names, p.cfg.data.positive_class), step)
+        if preds.region_weights.size:
+            p.logger.region_images(t1, preds.region_weights, p.cfg.model.patch_grid, step, attention)
+    p.logger.flush()
+
+
+def evaluate(p: LoopParts, dataset: Dataset, with_images: bool = False):
+    """Collective: predictions of ``dataset`` sharded over the ranks, merged on every rank.
+
+    Returns (Predictions, attention (N, R, R) of rank 0's share or None, rank 0's first T1 or None).
+    """
+    sampler = DistributedSampler(dataset, num_replicas=p.info.world_size, rank=p.info.rank, shuffle=False)
+    loader = DataLoader(dataset, batch_size=p.cfg.optim.micro_batch, sampler=sampler,
+                        num_workers=p.cfg.data.num_workers)
+    preds = gather_predictions(predict(p.engine.module, loader, p.info.device, class_names=p.class_names))
+    attention = t1 = None
+    if with_images and p.info.is_main and len(dataset):
+        attention, t1 = first_attention(p, dataset)
+    return preds, attention, t1
+
+
+def first_attention(p: LoopParts, dataset: Dataset):
+    """Attention matrix (1, R, R) and T1 volume (X, Y, Z) of the dataset's first subject."""
+    item = dataset[0]
+    batch = to_device({k: v[None] for k, v in item.items() if k in MODALITY_KEYS}, p.info.device,
+                      DTYPES[p.cfg.train.precision])
+    module = p.engine.module
+    was = module.training
+    module.eval()
+    with torch.no_grad():
+        out = module(**{k: batch.get(k) for k in MODALITY_KEYS})
+    module.train(was)
+    att = out.get("attention")
+    t1 = item["t1"][0].numpy() if "t1" in item else None
+    return (att.float().cpu().numpy() if att is not None else None), t1

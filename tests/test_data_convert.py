@@ -1,0 +1,289 @@
+"""to_zarr on real NIfTI files (nibabel's), bad inputs, reruns, --verify and a killed conversion."""
+
+import csv
+import gzip
+import importlib.util
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from masan.data.store import REPORT, STAGING, SUBJECTS, CohortStore
+from masan.data.synth import synthesize_cohort
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(nib.__file__).parent / "tests" / "data"
+_spec = importlib.util.spec_from_file_location("to_zarr", ROOT / "data_tools" / "to_zarr.py")
+to_zarr = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(to_zarr)
+_spec = importlib.util.spec_from_file_location("inspect_store", ROOT / "data_tools" / "inspect_store.py")
+inspect_store = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(inspect_store)
+
+REAL = {  # subject -> (t1, fmri, label): every real file nibabel ships that fits a modality
+    "s1": ("anatomical.nii", "functional.nii", "NC"),       # big-endian int16 + scaled int16 4D
+    "s2": ("standard.nii.gz", "example4d.nii.gz", "AD"),    # uint8 mask + gzip 4D
+    "s3": ("reoriented_anat_moved.nii", "example_nifti2.nii.gz", "CN"),  # float32 + NIfTI-2
+    "s4": ("resampled_anat_moved.nii", "", "LMCI"),         # float32 with NaN background, no fMRI
+}
+
+
+def write_manifest(path, rows):
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["subject", "t1", "fmri", "label"])
+        w.writerows(rows)
+    return path
+
+
+def real_manifest(tmp):
+    return write_manifest(tmp / "real.csv", [(s, DATA / t1, DATA / fm if fm else "", lab)
+                                             for s, (t1, fm, lab) in REAL.items()])
+
+
+@pytest.fixture(scope="module")
+def real_store(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("real")
+    rc = to_zarr.main(["--manifest", str(real_manifest(tmp)), "--out", str(tmp / "s.zarr"), "--require", "t1",
+                       "--nan", "zero", "--no-progress"])
+    assert rc == 0
+    return CohortStore(tmp / "s.zarr")
+
+
+def test_real_files_read_back_exactly(real_store):
+    assert real_store.subjects == ["s1", "s2", "s3", "s4"]
+    assert real_store.label("s3") == "NC"  # ADNI's CN maps to NC
+    for s, (t1, fm, _) in REAL.items():
+        for modality, name in (("t1", t1), ("fmri", fm)):
+            if not name:
+                assert not real_store.has(s, modality)
+                continue
+            img = nib.load(DATA / name)
+            want = np.nan_to_num(np.asarray(img.dataobj))  # --nan zero stored NaN as 0
+            raw = real_store.read_raw(s, modality)
+            got = real_store.read_t1(s, normalize=False) if modality == "t1" else real_store.read_fmri(s, normalize=False)
+            if modality == "fmri":  # the store keeps time first
+                raw, got = np.moveaxis(raw, 0, 3), np.moveaxis(got, 0, 3)
+            assert np.array_equal(raw, np.nan_to_num(img.dataobj.get_unscaled())), (s, modality)
+            meta = real_store.meta(s, modality)["nifti"]
+            assert (meta["scl_slope"], meta["scl_inter"]) == (float(img.dataobj.slope), float(img.dataobj.inter))
+            assert got.dtype == np.float32 and np.array_equal(got, want.astype(np.float32)), (s, modality)
+            assert np.array_equal(real_store.affine(s, modality), img.affine)
+    assert real_store.meta("s1", "fmri")["nifti"]["tr_seconds"] == 2.0
+    assert real_store.meta("s4", "t1")["nan_replaced"] == 153
+    warnings = real_store.report()["warnings"]
+    assert any("example4d.nii.gz" in w and "TR is 2000 s" in w for w in warnings)  # its header says sec
+
+
+def test_scaled_file_normalisation_uses_conversion_stats(real_store):
+    want = np.asarray(nib.load(DATA / "functional.nii").dataobj)  # float64, scaled
+    nonzero = want[np.asarray(nib.load(DATA / "functional.nii").dataobj.get_unscaled()) != 0]
+    z = np.moveaxis(real_store.read_fmri("s1"), 0, 3)
+    assert np.allclose(z, (want - nonzero.mean()) / nonzero.std(), atol=1e-4)
+
+
+def test_canonical_and_crop_pad_keep_the_affine_true(tmp_path):
+    man = write_manifest(tmp_path / "m.csv", [("a", DATA / "anatomical.nii", DATA / "functional.nii", "AD")])
+    out = tmp_path / "c.zarr"
+    assert to_zarr.main(["--manifest", str(man), "--out", str(out), "--canonical", "--t1-shape", "40", "36", "24",
+                         "--fmri-shape", "16", "24", "4", "--no-progress"]) == 0
+    store = CohortStore(out)
+    for modality, name in (("t1", "anatomical.nii"), ("fmri", "functional.nii")):
+        img = nib.load(DATA / name)
+        src = np.asarray(img.dataobj)
+        got = store.read_t1("a", normalize=False) if modality == "t1" else np.moveaxis(
+            store.read_fmri("a", normalize=False), 0, 3)
+        aff = store.affine("a", modality)
+        assert nib.aff2axcodes(aff) == ("R", "A", "S")
+        # every stored voxel sits where the source voxel with the same world position was
+        idx = np.indices(got.shape[:3]).reshape(3, -1)
+        world = aff @ np.vstack([idx, np.ones(idx.shape[1])])
+        vox = np.rint(np.linalg.inv(img.affine) @ world)[:3].astype(int)
+        inside = np.all((vox >= 0) & (vox < np.array(src.shape[:3])[:, None]), axis=0)
+        stored = got.reshape(-1, *got.shape[3:])
+        assert np.array_equal(stored[inside], src[tuple(vox[:, inside])].astype(np.float32))
+        assert np.all(stored[~inside] == (0 if modality == "t1" else np.float32(img.dataobj.inter)))
+        assert 0 < inside.sum() < inside.size  # both cropped and padded
+    assert store.meta("a", "t1")["transform"]["reoriented_to"] == "RAS"
+
+
+def _nifti(path, data, affine=None):
+    nib.save(nib.Nifti1Image(data, np.eye(4) if affine is None else affine), path)
+    return path
+
+
+def test_every_bad_input_fails_alone_with_file_and_fix(tmp_path):
+    good_t1, good_fmri = DATA / "anatomical.nii", DATA / "example4d.nii.gz"
+    cut = tmp_path / "cut_bold.nii.gz"
+    blob = good_fmri.read_bytes()
+    cut.write_bytes(blob[: len(blob) // 2])
+    junk = tmp_path / "junk_T1w.nii.gz"
+    with gzip.open(junk, "wb") as f:
+        f.write(os.urandom(4000))
+    inf = np.ones((6, 6, 6), np.float32)
+    inf[2, 2, 2] = np.inf
+    inf_file = _nifti(tmp_path / "inf_T1w.nii", inf)
+    rows = [
+        ("good", good_t1, good_fmri, "AD"),
+        ("truncated", good_t1, cut, "AD"),
+        ("corrupt", junk, good_fmri, "AD"),
+        ("t1_is_4d", DATA / "functional.nii", good_fmri, "AD"),
+        ("fmri_is_3d", good_t1, DATA / "anatomical.nii", "AD"),
+        ("nan", DATA / "resampled_anat_moved.nii", good_fmri, "AD"),
+        ("inf", inf_file, good_fmri, "AD"),
+        ("no_fmri", good_t1, "", "AD"),
+        ("absent_file", tmp_path / "nope.nii", good_fmri, "AD"),
+        ("unknown_label", good_t1, good_fmri, "MCI"),
+        ("no_label", good_t1, good_fmri, ""),
+        ("dup", good_t1, good_fmri, "AD"),
+        ("dup", good_t1, good_fmri, "NC"),
+        ("../evil", good_t1, good_fmri, "AD"),
+        ("a b", good_t1, good_fmri, "AD"),
+    ]
+    man = write_manifest(tmp_path / "bad.csv", rows)
+    out = tmp_path / "bad.zarr"
+    assert to_zarr.main(["--manifest", str(man), "--out", str(out), "--no-progress"]) == 1
+    store = CohortStore(out)
+    assert store.subjects == ["good"]  # every good subject is still converted
+    failed = {f["subject"]: f for f in store.report()["failed"]}
+    expect = {  # subject -> fragments of the message (what was wrong + what to do)
+        "truncated": ["cut_bold.nii.gz", "truncated or corrupt", "re-download"],
+        "corrupt": ["junk_T1w.nii.gz", "not a readable NIfTI", "re-export"],
+        "t1_is_4d": ["functional.nii", "must be a 3D volume", "right file"],
+        "fmri_is_3d": ["anatomical.nii", "must be 4D"],
+        "nan": ["resampled_anat_moved.nii", "153 of 1071 voxels are NaN", "--nan zero"],
+        "inf": ["inf_T1w.nii", "Inf", "re-export"],
+        "no_fmri": ["bad.csv row 9", "no fmri", "--require t1"],
+        "absent_file": ["nope.nii", "does not exist", "fix the path"],
+        "unknown_label": ["'MCI'", "--label-map"],
+        "no_label": ["no label", "diagnosis"],
+        "dup": ["appears 2 times", "row 13, bad.csv row 14", "one row"],
+        "../evil": ["not a safe name", "letters, digits"],
+        "a b": ["not a safe name"],
+    }
+    assert set(failed) == set(expect)
+    for subject, fragments in expect.items():
+        for frag in fragments:
+            assert frag in failed[subject]["error"], (subject, frag, failed[subject]["error"])
+    assert failed["truncated"]["file"].endswith("cut_bold.nii.gz")
+    assert store.attrs["last_conversion"]["failed"]  # also visible from the store itself
+    assert not (out / SUBJECTS / "truncated").exists() and not (out / STAGING).exists()
+    assert to_zarr.main(["--manifest", str(man), "--out", str(out), "--no-progress", "--allow-failures"]) == 0
+
+
+def test_unusable_inputs_exit_2(tmp_path, capsys):
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "file.txt").write_text("x")
+    man = real_manifest(tmp_path)
+    assert to_zarr.main(["--manifest", str(man), "--out", str(tmp_path / "other"), "--no-progress"]) == 2
+    assert "not a cohort store" in capsys.readouterr().err
+    bad = tmp_path / "cols.csv"
+    bad.write_text("id,t1\nx,y\n")
+    assert to_zarr.main(["--manifest", str(bad), "--out", str(tmp_path / "o.zarr")]) == 2
+    assert "lacks column(s)" in capsys.readouterr().err
+
+
+def _synth(tmp, n=2, **kw):
+    return synthesize_cohort(tmp / "bids", n, t1_shape=(16, 16, 16), fmri_shape=(8, 8, 8), frames=6, **kw)
+
+
+def test_rerun_skips_unchanged_redoes_changed_and_verify_repairs(tmp_path):
+    bids = _synth(tmp_path)
+    out = tmp_path / "s.zarr"
+    args = ["--bids", str(bids), "--out", str(out), "--no-progress"]
+    assert to_zarr.main(args) == 0
+    store = CohortStore(out)
+    assert store.attrs["planted_effect"]["cells"]["4x4x4"] == [1, 1, 1]
+    assert len(store.subjects) == 8 and store.report()["converted"] == store.subjects
+    assert to_zarr.main(args) == 0
+    assert CohortStore(out).report()["skipped"] == store.subjects
+
+    t1 = bids / "sub-001" / "anat" / "sub-001_T1w.nii.gz"
+    os.utime(t1)  # touched, same bytes: still skipped (sha256 decides)
+    other = _synth(tmp_path / "other", seed=5)
+    shutil.copy(other / "sub-002" / "func" / "sub-002_task-rest_bold.nii.gz",
+                bids / "sub-002" / "func" / "sub-002_task-rest_bold.nii.gz")
+    rows = (bids / "participants.tsv").read_text().splitlines()
+    (bids / "participants.tsv").write_text("\n".join(r for r in rows if not r.startswith("sub-008")) + "\n")
+    assert to_zarr.main(args) == 0
+    rep = CohortStore(out).report()
+    assert rep["converted"] == ["sub-002"] and rep["removed"] == ["sub-008"] and len(rep["skipped"]) == 6
+    fresh = np.moveaxis(np.asarray(nib.load(bids / "sub-002/func/sub-002_task-rest_bold.nii.gz").dataobj), 3, 0)
+    assert np.array_equal(CohortStore(out).read_raw("sub-002", "fmri"), fresh)
+
+    # damage one stored chunk file: inspect --verify finds it, to_zarr --verify reconverts it
+    chunk = next(p for p in (out / SUBJECTS / "sub-003" / "t1").rglob("*") if p.is_file() and p.name != "zarr.json")
+    blob = bytearray(chunk.read_bytes())
+    blob[len(blob) // 3] ^= 0xFF
+    chunk.write_bytes(bytes(blob))
+    assert inspect_store.main([str(out), "--verify"]) == 1
+    assert to_zarr.main(args + ["--verify"]) == 0
+    assert CohortStore(out).report()["converted"] == ["sub-003"]
+    assert inspect_store.main([str(out), "--verify"]) == 0
+    assert inspect_store.main([str(out), "--subject", "sub-003"]) == 0
+
+
+def test_bids_sessions_runs_label_column_and_map(tmp_path):
+    bids = _synth(tmp_path, n=1)
+    sub = bids / "sub-001"
+    for ses in ("ses-01", "ses-02"):
+        (sub / ses).mkdir()
+        shutil.copytree(sub / "anat", sub / ses / "anat")
+    shutil.copytree(sub / "func", sub / "ses-02" / "func")  # only ses-02 has both modalities
+    shutil.copy(sub / "ses-02/func/sub-001_task-rest_bold.nii.gz", sub / "ses-02/func/sub-001_task-motor_bold.nii.gz")
+    shutil.rmtree(sub / "anat")
+    shutil.rmtree(sub / "func")
+    (bids / "sub-900").mkdir()  # a folder without a participants.tsv row
+    (bids / "participants.tsv").write_text("participant_id\tdx\nsub-001\tCN\nsub-002\tDementia\n"
+                                           "sub-003\tLMCI\nsub-004\tn/a\n")
+    out = tmp_path / "s.zarr"
+    rc = to_zarr.main(["--bids", str(bids), "--out", str(out), "--label-column", "dx", "--label-map",
+                       "Dementia=AD", "--no-progress"])
+    assert rc == 1
+    store = CohortStore(out)
+    assert [store.label(s) for s in store.subjects] == ["NC", "AD", "LMCI"]
+    assert "/ses-02/func/sub-001_task-rest_bold" in store.row("sub-001")["fmri"]["source"]
+    assert any("2 sessions; used ses-02" in w for w in store.report()["warnings"])
+    assert any("2 BOLD files" in w for w in store.report()["warnings"]) is False  # task-rest preferred
+    failed = {f["subject"]: f["error"] for f in store.report()["failed"]}
+    assert set(failed) == {"sub-004", "sub-900"} and "no label" in failed["sub-900"]
+    assert to_zarr.main(["--bids", str(bids), "--out", str(tmp_path / "x.zarr"), "--no-progress"]) == 2  # no dx col
+
+
+def test_killed_conversion_resumes_with_complete_subjects(tmp_path):
+    bids = synthesize_cohort(tmp_path / "bids", 3, t1_shape=(64, 64, 64), fmri_shape=(32, 32, 32), frames=60,
+                             compresslevel=1)
+    out = tmp_path / "s.zarr"
+    cmd = [sys.executable, str(ROOT / "data_tools" / "to_zarr.py"), "--bids", str(bids), "--out", str(out),
+           "--workers", "2", "--fmri-shard-frames", "16", "--no-progress"]
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        done = list((out / SUBJECTS).glob("sub-*")) if (out / SUBJECTS).is_dir() else []
+        if len(done) >= 2:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, f"conversion ended before it could be killed: {proc.stderr.read()}"
+    os.killpg(proc.pid, signal.SIGKILL)  # the CLI and its workers, mid-run
+    proc.wait()
+    before = sorted(p.name for p in (out / SUBJECTS).iterdir())
+    assert 2 <= len(before) < 12
+    assert to_zarr.main(cmd[2:]) == 0
+    store = CohortStore(out)
+    rep = store.report()
+    assert sorted(rep["skipped"]) == before  # published subjects were complete
+    assert sorted(rep["converted"]) == sorted(set(store.subjects) - set(before))  # the rest (half-written) redone
+    assert len(store.subjects) == 12 and not (out / STAGING).exists()
+    for s in store.subjects:
+        t1 = np.asarray(nib.load(bids / s / "anat" / f"{s}_T1w.nii.gz").dataobj)
+        bold = np.asarray(nib.load(bids / s / "func" / f"{s}_task-rest_bold.nii.gz").dataobj)
+        assert np.array_equal(store.read_raw(s, "t1"), t1)
+        assert np.array_equal(store.read_raw(s, "fmri"), np.moveaxis(bold, 3, 0))
+    assert not (out / REPORT).with_suffix(".json.tmp").exists()

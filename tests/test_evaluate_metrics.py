@@ -1,0 +1,61 @@
+"""Metrics with AD as the positive class, checked against values worked out by hand."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from masan.evaluate.metrics import MetricsError, classification_metrics, flat_scalars
+
+CLASSES = ["NC", "MCI", "AD"]
+#                 NC NC NC MCI MCI MCI AD AD AD AD
+LABELS = np.array([0, 0, 0, 1, 1, 1, 2, 2, 2, 2])
+PREDS = np.array([0, 0, 2, 1, 0, 2, 2, 2, 2, 1])
+
+
+def test_positive_class_metrics_by_hand():
+    m = classification_metrics(LABELS, PREDS, CLASSES, "AD")
+    # AD predicted for 5 subjects, 3 of them AD; 4 AD subjects, 3 found.
+    assert m["precision"] == pytest.approx(3 / 5)
+    assert m["recall"] == pytest.approx(3 / 4)
+    assert m["f1"] == pytest.approx(2 * 0.6 * 0.75 / 1.35)
+    # AD-vs-rest decision: correct for 3 AD + 4 of the 6 non-AD subjects
+    assert m["binary_accuracy"] == pytest.approx(7 / 10)
+    assert m["accuracy"] == pytest.approx(6 / 10)  # multi-class
+    assert m["confusion_matrix"] == [[2, 0, 1], [1, 1, 1], [0, 1, 3]]
+    assert m["per_class"]["NC"] == {"precision": pytest.approx(2 / 3), "recall": pytest.approx(2 / 3),
+                                    "f1": pytest.approx(2 / 3), "support": 3}
+    assert m["per_class"]["AD"]["precision"] == pytest.approx(m["precision"])
+    assert m["n"] == 10 and m["class_names"] == CLASSES and m["positive_class"] == "AD"
+    assert m["auc"] is None and m["nll"] is None
+
+
+def test_probabilities_give_auc_and_nll():
+    probs = np.full((10, 3), 0.1)
+    probs[np.arange(10), PREDS] = 0.8
+    m = classification_metrics(LABELS, PREDS, CLASSES, "AD", probs)
+    assert m["nll"] == pytest.approx(-np.mean(np.log(probs[np.arange(10), LABELS])))
+    assert 0.0 <= m["auc"] <= 1.0
+
+
+def test_no_positive_prediction_gives_zero_precision():
+    m = classification_metrics([0, 2], [0, 0], CLASSES, "AD")
+    assert m["precision"] == 0.0 and m["recall"] == 0.0 and m["binary_accuracy"] == 0.5
+
+
+def test_flat_scalars_are_tensorboard_ready():
+    flat = flat_scalars(classification_metrics(LABELS, PREDS, CLASSES, "AD"))
+    assert {"accuracy", "binary_accuracy", "precision", "recall", "f1", "recall/MCI", "f1/AD"} <= set(flat)
+    assert "auc" not in flat
+    assert all(isinstance(v, float) for v in flat.values())
+
+
+def test_errors_name_the_problem():
+    with pytest.raises(MetricsError, match="data.positive_class"):
+        classification_metrics(LABELS, PREDS, ["NC", "MCI", "LMCI"], "AD")
+    with pytest.raises(MetricsError, match="pair up"):
+        classification_metrics(LABELS, PREDS[:3], CLASSES, "AD")
+    with pytest.raises(MetricsError, match="outside"):
+        classification_metrics([0, 5], [0, 1], CLASSES, "AD")
+    with pytest.raises(MetricsError, match="shape"):
+        classification_metrics(LABELS, PREDS, CLASSES, "AD", np.zeros((10, 2)))

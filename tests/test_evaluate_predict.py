@@ -1,0 +1,152 @@
+"""predict() over real DataLoaders (missing modality, bf16 autocast, padded distributed
+sampling with a real 2-process gloo group) and the run directory's prediction files."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from masan.evaluate.predict import (
+    Predictions,
+    PredictionsError,
+    epoch_metrics,
+    gather_predictions,
+    load_predictions,
+    predict,
+    write_predictions,
+)
+
+CLASSES = ["NC", "MCI", "AD"]
+GRID = 8  # 2x2x2 regions
+
+
+class ToyCohort(Dataset):
+    """CohortDataset-shaped items; class c has mean intensity c, fMRI absent when ``fmri=False``."""
+
+    def __init__(self, n: int, fmri: bool = True):
+        self.subjects = [f"sub-{i:02d}" for i in range(n)]
+        self.labels = [i % 3 for i in range(n)]
+        self.fmri = fmri
+
+    def __len__(self):
+        return len(self.subjects)
+
+    def __getitem__(self, i):
+        g = torch.Generator().manual_seed(i)
+        item = {"t1": torch.randn(1, 4, 4, 4, generator=g) * 0.1 + self.labels[i],
+                "label": torch.tensor(self.labels[i]), "index": torch.tensor(i)}
+        if self.fmri:
+            item["fmri"] = torch.randn(3, 2, 2, 2, generator=g)
+        return item
+
+
+class ToyModel(nn.Module):
+    """Returns the MASAN output dict: logits from the T1 mean, region weights from 2x2x2 pooling."""
+
+    def __init__(self):
+        super().__init__()
+        self.centres = nn.Parameter(torch.tensor([0.0, 1.0, 2.0]))
+        self.seen_fmri: list[bool] = []
+
+    def forward(self, t1=None, fmri=None):
+        self.seen_fmri.append(fmri is not None)
+        m = t1.mean(dim=(1, 2, 3, 4))
+        logits = -(m[:, None] - self.centres) ** 2 * 10
+        rw = torch.nn.functional.avg_pool3d(t1.abs(), 2).flatten(1)
+        return {"logits": logits, "region_weights": rw / rw.sum(1, keepdim=True)}
+
+
+def test_predict_collects_outputs_and_restores_mode():
+    ds = ToyCohort(7, fmri=False)
+    model = ToyModel().train()
+    preds = predict(model, DataLoader(ds, batch_size=3), "cpu", class_names=CLASSES)
+    assert model.training, "predict must restore train mode"
+    assert model.seen_fmri and not any(model.seen_fmri), "absent fMRI must reach the model as None"
+    assert preds.subjects == ds.subjects
+    assert preds.labels.tolist() == ds.labels
+    assert preds.probs.shape == (7, 3) and preds.probs.dtype == np.float32
+    np.testing.assert_allclose(preds.probs.sum(1), 1, atol=1e-6)
+    assert preds.preds.tolist() == ds.labels  # toy model is right by construction
+    assert preds.region_weights.shape == (7, GRID)
+
+
+def test_predict_under_bf16_autocast_matches_fp32():
+    ds = ToyCohort(5)
+    model = ToyModel()
+    fp32 = predict(model, DataLoader(ds, batch_size=2), "cpu")
+    bf16 = predict(model, DataLoader(ds, batch_size=2), "cpu", autocast_dtype=torch.bfloat16)
+    assert model.seen_fmri[-1]
+    assert (fp32.preds == bf16.preds).all()
+    np.testing.assert_allclose(fp32.probs, bf16.probs, atol=0.05)
+
+
+def test_predict_checks_class_count():
+    with pytest.raises(PredictionsError, match="num_classes=2"):
+        predict(ToyModel(), DataLoader(ToyCohort(3), batch_size=3), "cpu", class_names=["NC", "AD"])
+
+
+def test_write_and_load_predictions_round_trip(tmp_path):
+    ds = ToyCohort(9)
+    preds = predict(ToyModel(), DataLoader(ds, batch_size=4), "cpu")
+    train = predict(ToyModel(), DataLoader(ToyCohort(4), batch_size=4), "cpu")
+    metrics = write_predictions(preds, tmp_path, CLASSES, "AD", extra={"train": train})
+    on_disk = json.loads((tmp_path / "metrics.json").read_text())
+    assert on_disk == metrics and on_disk["split"] == "test" and on_disk["accuracy"] == 1.0
+    assert on_disk["by_split"]["train"]["n"] == 4
+    header = (tmp_path / "predictions.csv").read_text().splitlines()[0]
+    assert header == "subject,split,label,pred,prob_NC,prob_MCI,prob_AD"
+    back, names = load_predictions(tmp_path)
+    assert names == CLASSES and back.subjects == preds.subjects
+    assert (back.labels == preds.labels).all() and (back.preds == preds.preds).all()
+    np.testing.assert_allclose(back.probs, preds.probs, atol=1e-5)
+    np.testing.assert_array_equal(back.region_weights, preds.region_weights)
+    back_train, _ = load_predictions(tmp_path, "train")
+    assert len(back_train) == 4 and back_train.region_weights.shape == (4, 0)
+
+
+def test_epoch_metrics_are_flat_floats():
+    preds = predict(ToyModel(), DataLoader(ToyCohort(6), batch_size=6), "cpu")
+    scalars = epoch_metrics(preds, CLASSES, "AD")
+    assert scalars["accuracy"] == 1.0 and scalars["recall"] == 1.0 and "precision/MCI" in scalars
+
+
+def test_load_predictions_refuses_mismatched_region_weights(tmp_path):
+    preds = predict(ToyModel(), DataLoader(ToyCohort(6), batch_size=6), "cpu")
+    write_predictions(preds, tmp_path, CLASSES, "AD")
+    np.save(tmp_path / "region_weights.npy", np.zeros((2, GRID), np.float32))
+    with pytest.raises(PredictionsError, match="different runs"):
+        load_predictions(tmp_path)
+
+
+def _gather_worker(rank: int, world: int, init: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        ds = ToyCohort(5)  # 5 subjects on 2 ranks: the sampler pads rank 1 with a repeat
+        loader = DataLoader(ds, batch_size=2, sampler=DistributedSampler(ds, world, rank, shuffle=False))
+        local = predict(ToyModel(), loader, "cpu")
+        merged = gather_predictions(local)
+        np.savez(f"{out}{rank}.npz", subjects=np.array(merged.subjects), probs=merged.probs,
+                 local=np.array(local.subjects))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_gather_predictions_over_two_gloo_ranks(tmp_path):
+    mp.spawn(_gather_worker, args=(2, f"file://{tmp_path}/rendezvous", str(tmp_path / "rank")), nprocs=2)
+    r0, r1 = (np.load(tmp_path / f"rank{r}.npz") for r in range(2))
+    assert len(r0["local"]) == 3 and len(r1["local"]) == 3  # padded shares
+    expected = [f"sub-{i:02d}" for i in range(5)]
+    assert r0["subjects"].tolist() == expected == r1["subjects"].tolist()
+    np.testing.assert_array_equal(r0["probs"], r1["probs"])
+
+
+def test_predictions_are_a_plain_dataclass():
+    p = Predictions(["a"], np.zeros(1, np.int64), np.array([[0.2, 0.8]], np.float32), np.zeros((1, 0), np.float32))
+    assert len(p) == 1 and p.preds.tolist() == [1]

@@ -1,0 +1,136 @@
+"""Table-2 aggregation over run directories written the way training writes them
+(config.yaml via save_config, predictions via write_predictions), including unfinished runs."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from masan.config import RunConfig, config_from_dict, save_config
+from masan.evaluate.__main__ import main
+from masan.evaluate.metrics import classification_metrics
+from masan.evaluate.predict import Predictions, write_predictions
+from masan.evaluate.report import collect_runs, format_cell, group_runs, method_name, summary_table
+
+CLASSES = ["NC", "MCI", "AD"]
+LABELS = np.repeat([0, 1, 2], 4)  # 12 test subjects
+GRID = [2, 2, 2]
+PLANTED = 5  # region whose weight is raised in AD subjects
+
+
+def fake_predictions(errors: int, seed: int) -> Predictions:
+    """Right on all but ``errors`` subjects (their prediction moved to the next class)."""
+    rng = np.random.default_rng(seed)
+    preds = LABELS.copy()
+    wrong = rng.choice(len(LABELS), errors, replace=False)
+    preds[wrong] = (preds[wrong] + 1) % 3
+    probs = np.full((len(LABELS), 3), 0.1, np.float32)
+    probs[np.arange(len(LABELS)), preds] = 0.8
+    weights = rng.random((len(LABELS), 8)).astype(np.float32) * 0.5
+    weights[LABELS == 2, PLANTED] += 1.0
+    return Predictions([f"sub-{i:02d}" for i in range(len(LABELS))], LABELS.copy(), probs, weights)
+
+
+def make_run(root, name: str, overrides: list[str], repeat: int, errors: int, done: bool = True):
+    run = root / name
+    cfg = config_from_dict({}, [f"run_dir={run}", f"split.repeat={repeat}", "data.classes=[NC, MCI, AD]",
+                                f"model.patch_grid={GRID}", f"data.store={root / 'missing.zarr'}"] + overrides)
+    save_config(cfg, run / "config.yaml")
+    preds = fake_predictions(errors, seed=repeat + 10 * len(overrides))
+    write_predictions(preds, run, CLASSES, "AD")
+    if done:
+        (run / "DONE").write_text("")
+    return run, preds
+
+
+METHODS = {
+    "H-FCN": ["model.arch=hfcn"],
+    "MASAN": [],
+    "MASAN (fusion=add)": ["model.fusion=add"],
+}
+
+
+@pytest.fixture
+def runs(tmp_path):
+    made = {m: [] for m in METHODS}
+    for m, ov in METHODS.items():
+        for r, errors in enumerate((2, 4, 3)):
+            made[m].append(make_run(tmp_path / "runs", f"{m.replace(' ', '_')}_r{r}", ov, r, errors + len(ov))[1])
+    make_run(tmp_path / "runs", "still_training", [], 3, 0, done=False)
+    broken = tmp_path / "runs" / "broken"
+    make_run(tmp_path / "runs", "broken", [], 4, 0)
+    (broken / "metrics.json").write_text("{not json")
+    return tmp_path / "runs", made
+
+
+def test_method_names_follow_the_paper():
+    assert method_name(RunConfig().model) == "MASAN"
+    assert method_name(config_from_dict({}, ["model.fusion=add"]).model) == "MASAN (fusion=add)"
+    assert method_name(config_from_dict({}, ["model.arch=hfcn"]).model) == "H-FCN"
+    assert method_name(config_from_dict({}, ["model.modalities=t1"]).model) == "MASAN (T1 only)"
+
+
+def test_table_is_mean_and_std_over_repeats(runs):
+    root, made = runs
+    with pytest.warns(UserWarning, match="skipping run"):
+        results, skipped = collect_runs([root])
+    assert {p.name for p, _ in skipped} == {"still_training", "broken"}
+    assert "DONE" in dict((p.name, why) for p, why in skipped)["still_training"]
+    rows = {r["method"]: r for r in summary_table(group_runs(results))}
+    assert list(rows) == ["H-FCN", "MASAN", "MASAN (fusion=add)"]  # baseline first, like Table 2
+    for method, preds in made.items():
+        ms = [classification_metrics(p.labels, p.preds, CLASSES, "AD") for p in preds]
+        for key in ("binary_accuracy", "precision", "recall", "accuracy"):
+            v = np.array([m[key] for m in ms]) * 100
+            assert rows[method][f"{key}_mean"] == pytest.approx(v.mean())
+            assert rows[method][f"{key}_std"] == pytest.approx(v.std(ddof=1))
+        assert rows[method]["runs"] == 3 and rows[method]["repeats"] == [0, 1, 2]
+
+
+def test_cli_writes_tables_predictions_and_figures(runs, capsys):
+    root, made = runs
+    out = root.parent / "report"
+    assert main([str(root), "--out", str(out), "--top-k", "5"]) == 0
+    printed = capsys.readouterr()
+    assert "| H-FCN | 3 |" in printed.out and "±" in printed.out
+    assert "skipped" in printed.err and "still_training" in printed.err
+    assert "cannot read its T1" in printed.err  # no store: maps skipped, rankings still drawn
+    table = json.loads((out / "table.json").read_text())
+    assert [m["method"] for m in table["methods"]] == list(METHODS)
+    assert {s["run_dir"].split("/")[-1] for s in table["skipped"]} == {"still_training", "broken"}
+    md = (out / "table.md").read_text()
+    masan = next(m for m in table["methods"] if m["method"] == "MASAN")
+    assert format_cell(masan["precision_mean"], masan["precision_std"]) in md
+    with (out / "runs.csv").open() as f:
+        per_run = list(csv.DictReader(f))
+    assert len(per_run) == 9 and "recall/AD" in per_run[0]
+    with (out / "predictions.csv").open() as f:
+        subjects = list(csv.DictReader(f))
+    assert len(subjects) == 9 * len(LABELS)
+    assert set(subjects[0]) >= {"run_dir", "method", "repeat", "subject", "label", "pred", "prob_AD"}
+    for stem in ("h-fcn", "masan", "masan-fusion-add"):
+        assert (out / "figures" / f"{stem}_region_ranking.png").stat().st_size > 5000
+        with (out / "figures" / f"{stem}_region_ranking.csv").open() as f:
+            top = next(csv.DictReader(f))
+        assert top["region"] == str(PLANTED) and top["name"] == "x1-y0-z1"
+
+
+def test_unfinished_runs_can_be_included_on_request(runs, capsys):
+    root, _ = runs
+    assert main([str(root), "--out", str(root.parent / "r2"), "--allow-unfinished", "--no-figures"]) == 0
+    table = json.loads((root.parent / "r2" / "table.json").read_text())
+    assert next(m for m in table["methods"] if m["method"] == "MASAN")["runs"] == 4
+
+
+def test_no_finished_run_exits_non_zero(tmp_path, capsys):
+    make_run(tmp_path, "only", [], 0, 1, done=False)
+    assert main([str(tmp_path / "only"), "--out", str(tmp_path / "rep")]) == 1
+    assert "nothing to report" in capsys.readouterr().err
+
+
+def test_single_run_has_no_std():
+    assert format_cell(67.5, None) == "67.50 ± n/a"
+    assert format_cell(None, None) == "n/a"

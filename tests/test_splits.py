@@ -1,0 +1,100 @@
+"""Subject-level stratified splits: proportions, repeat/seed rule, persistence, clear errors."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter
+
+import pytest
+
+from masan.config import SplitConfig
+from masan.data.splits import Split, SplitError, load_or_make_split, make_split
+
+PAPER_COHORT = {"AD": 72, "EMCI": 34, "LMCI": 36, "NC": 64}  # ADNI3 counts of the paper
+
+
+def cohort(counts: dict[str, int]) -> tuple[list[str], list[str]]:
+    subjects, labels = [], []
+    for label, n in counts.items():
+        subjects += [f"sub-{label}{i:03d}" for i in range(n)]
+        labels += [label] * n
+    return subjects, labels
+
+
+def test_split_is_stratified_disjoint_and_complete():
+    subjects, labels = cohort(PAPER_COHORT)
+    split = make_split(subjects, labels, SplitConfig(test_fraction=0.3, repeat=0, seed=7))
+    assert not set(split.train) & set(split.test)
+    assert sorted(split.train + split.test) == sorted(subjects)
+    assert split.train == sorted(split.train) and split.test == sorted(split.test)
+    test_counts = Counter(split.labels[s] for s in split.test)
+    for label, n in PAPER_COHORT.items():
+        assert abs(test_counts[label] - 0.3 * n) <= 1, (label, test_counts[label], n)
+    assert len(split.test) == pytest.approx(0.3 * len(subjects), abs=1)
+
+
+def test_repeat_r_uses_seed_plus_r_and_nothing_else():
+    subjects, labels = cohort({"NC": 10, "AD": 10})
+    r0 = make_split(subjects, labels, SplitConfig(repeat=0, seed=100))
+    r1 = make_split(subjects, labels, SplitConfig(repeat=1, seed=100))
+    shifted = make_split(subjects, labels, SplitConfig(repeat=0, seed=101))
+    assert r0.test != r1.test, "repeats must differ"
+    assert (r1.train, r1.test) == (shifted.train, shifted.test)
+    assert r1.random_state == 101 and r1.seed == 100 and r1.repeat == 1
+    again = make_split(subjects, labels, SplitConfig(repeat=0, seed=100))
+    assert (again.train, again.test) == (r0.train, r0.test)
+
+
+def test_split_does_not_depend_on_subject_order():
+    subjects, labels = cohort({"NC": 8, "MCI": 8, "AD": 8})
+    pairs = list(zip(subjects, labels))
+    random.Random(3).shuffle(pairs)
+    shuffled = make_split([s for s, _ in pairs], [y for _, y in pairs], SplitConfig(repeat=2))
+    plain = make_split(subjects, labels, SplitConfig(repeat=2))
+    assert (shuffled.train, shuffled.test) == (plain.train, plain.test)
+
+
+def test_save_load_round_trip(tmp_path):
+    subjects, labels = cohort({"NC": 6, "AD": 6})
+    split = make_split(subjects, [int(y == "AD") for y in labels], SplitConfig(repeat=3, seed=1))
+    path = split.save(tmp_path / "run" / "split.json")
+    loaded = Split.load(path)
+    assert loaded == split
+    assert json.loads(path.read_text())["random_state"] == 4
+
+
+def test_load_refuses_foreign_json(tmp_path):
+    (tmp_path / "split.json").write_text(json.dumps({"train": []}))
+    with pytest.raises(SplitError, match="not written by Split.save"):
+        Split.load(tmp_path / "split.json")
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(SplitError, match="not valid JSON"):
+        Split.load(tmp_path / "bad.json")
+
+
+def test_too_small_class_is_a_clear_error():
+    subjects, labels = cohort({"NC": 10, "AD": 10, "EMCI": 2})
+    with pytest.raises(SplitError, match=r"'EMCI': 2.*at least 4"):
+        make_split(subjects, labels, SplitConfig(test_fraction=0.3))
+
+
+def test_bad_inputs_are_clear_errors():
+    with pytest.raises(SplitError, match="once"):
+        make_split(["a", "a", "b", "c"], [0, 0, 1, 1], SplitConfig(test_fraction=0.5))
+    with pytest.raises(SplitError, match="labels"):
+        make_split(["a", "b"], [0], SplitConfig())
+    with pytest.raises(SplitError, match="test_fraction"):
+        make_split(["a", "b"], [0, 1], SplitConfig(test_fraction=1.0))
+
+
+def test_load_or_make_split_keeps_a_runs_split(tmp_path):
+    subjects, labels = cohort({"NC": 6, "AD": 6})
+    cfg = SplitConfig(repeat=1)
+    first = load_or_make_split(tmp_path, subjects, labels, cfg)
+    assert (tmp_path / "split.json").is_file()
+    assert load_or_make_split(tmp_path, list(reversed(subjects)), list(reversed(labels)), cfg) == first
+    with pytest.raises(SplitError, match="does not match"):
+        load_or_make_split(tmp_path, subjects + ["sub-NC999", "sub-AD999"], labels + ["NC", "AD"], cfg)
+    with pytest.raises(SplitError, match="repeat"):
+        load_or_make_split(tmp_path, subjects, labels, SplitConfig(repeat=2))
