@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -38,9 +39,11 @@ if str(REPO) not in sys.path:  # `python launch/submit.py` puts launch/ first, n
 
 from launch.slurm import jobs  # noqa: E402
 from launch.slurm.plan import Resources, RunSpec, parse_time_min, plan_runs  # noqa: E402
-from masan.config import ConfigError  # noqa: E402
+from masan.config import ConfigError, save_config  # noqa: E402
 
 ENV_SCRIPT = REPO / "hpc" / "env" / "cluster_env.sh"
+TRAIN_LOCAL = REPO / "launch" / "train_local.py"
+LOCAL_CONFIG = "submitted_config.yaml"
 SUBMITIT_DIR = "slurm"
 EXIT_REFUSED = 2
 EXIT_FAILED = 1
@@ -172,22 +175,34 @@ def watch(pending: dict[str, RunSpec], res: Resources, folder: Path, args) -> in
 
 
 def run_locally(specs: list[RunSpec], res: Resources, max_restarts: int) -> int:
-    from launch.slurm.local import run_local
-
+    """Train the runs one after the other with launch/train_local.py (nodes x gpus ranks each)."""
     failed = []
     for spec in specs:
+        cfg_file = save_config(spec.cfg, spec.run_dir / LOCAL_CONFIG)
+        cmd = [sys.executable, str(TRAIN_LOCAL), "--config", str(cfg_file), "--nproc", str(res.world_size)]
         for attempt in range(max_restarts + 1):
-            print(f"local run {spec.run_dir} ({res.world_size} rank(s)"
-                  f"{', restart %d' % attempt if attempt else ''})", flush=True)
-            code = run_local(spec.cfg, world_size=res.world_size)
-            if code == 0 or jobs.is_done(spec.run_dir):
-                break
-            print(f"  local run exited with code {code}; see {spec.run_dir}/logs/", flush=True)
+            print(f"local run {spec.run_dir}: {res.world_size} rank(s)"
+                  f"{f', restart {attempt}' if attempt else ''}", flush=True)
+            proc = subprocess.Popen(cmd)
+            jobs.record_job(spec.run_dir, str(proc.pid), "local", "(this terminal)", world_size=res.world_size)
+            code = _wait_child(proc)
+            if code in (0, EXIT_REFUSED) or jobs.is_done(spec.run_dir):
+                break  # finished, stopped on request, or a config error that a restart cannot cure
+            print(f"  local run exited with code {code}", flush=True)
         if not jobs.is_done(spec.run_dir):
             failed.append(spec.run_dir)
     for d in failed:
         print(f"run NOT finished: {d} (run the same command again to resume)")
     return EXIT_FAILED if failed else 0
+
+
+def _wait_child(proc: subprocess.Popen) -> int:
+    """Wait for a local run; Ctrl-C reaches it too (it saves and stops), so keep waiting."""
+    while True:
+        try:
+            return proc.wait()
+        except KeyboardInterrupt:
+            print("interrupted: waiting for the ranks to save a checkpoint and stop ...", flush=True)
 
 
 # --------------------------------------------------------------------------- main
@@ -214,10 +229,13 @@ def _select(specs: list[RunSpec]) -> list[RunSpec] | None:
               f"or cancel it (scancel JOBID) and submit again to resume", file=sys.stderr)
     if busy:
         return None
+    from masan.train.run import _done  # DONE with the same epoch target: nothing left to train
+
     todo = []
     for s in specs:
-        if jobs.is_done(s.run_dir):
-            print(f"already finished (DONE): {s.run_dir}; nothing to do for it")
+        done = _done(s.run_dir, s.cfg)
+        if done is not None:
+            print(f"already finished (DONE at step {done['step']}): {s.run_dir}; nothing to do for it")
         else:
             todo.append(s)
     return todo

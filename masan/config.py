@@ -176,6 +176,9 @@ class TrainConfig:
     """Stop after this many optimizer steps in total (smoke tests); None: all epochs."""
     dist_timeout_minutes: float = 30.0
     """Collective timeout; long checkpoint saves on slow file systems need headroom."""
+    zero_bucket_elements: int = 200_000_000
+    """ZeRO gradient reduce / allgather bucket (elements), capped at the model's parameter
+    count: DeepSpeed allocates it per step, which a large bucket makes slow on the CPU."""
 
 
 @dataclass
@@ -183,9 +186,11 @@ class SplitConfig:
     """Stratified subject-level train/test split (the paper: 70/30, repeated 10 times)."""
 
     test_fraction: float = 0.3
+    """Fraction of each class's subjects held out for the final test (never for model selection)."""
     repeat: int = 0
     """Repeat index; each repeat is a different split seed, nothing else changes."""
     seed: int = 1234
+    """Base seed: repeat r splits with random state ``seed + r`` (scikit-learn train_test_split)."""
 
 
 @dataclass

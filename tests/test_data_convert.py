@@ -212,6 +212,7 @@ def test_rerun_skips_unchanged_redoes_changed_and_verify_repairs(tmp_path):
                 bids / "sub-002" / "func" / "sub-002_task-rest_bold.nii.gz")
     rows = (bids / "participants.tsv").read_text().splitlines()
     (bids / "participants.tsv").write_text("\n".join(r for r in rows if not r.startswith("sub-008")) + "\n")
+    shutil.rmtree(bids / "sub-008")
     assert to_zarr.main(args) == 0
     rep = CohortStore(out).report()
     assert rep["converted"] == ["sub-002"] and rep["removed"] == ["sub-008"] and len(rep["skipped"]) == 6
@@ -258,7 +259,7 @@ def test_bids_sessions_runs_label_column_and_map(tmp_path):
 
 
 def test_killed_conversion_resumes_with_complete_subjects(tmp_path):
-    bids = synthesize_cohort(tmp_path / "bids", 3, t1_shape=(64, 64, 64), fmri_shape=(32, 32, 32), frames=60,
+    bids = synthesize_cohort(tmp_path / "bids", 3, t1_shape=(48, 48, 48), fmri_shape=(32, 32, 32), frames=40,
                              compresslevel=1)
     out = tmp_path / "s.zarr"
     cmd = [sys.executable, str(ROOT / "data_tools" / "to_zarr.py"), "--bids", str(bids), "--out", str(out),
@@ -273,13 +274,15 @@ def test_killed_conversion_resumes_with_complete_subjects(tmp_path):
     assert proc.poll() is None, f"conversion ended before it could be killed: {proc.stderr.read()}"
     os.killpg(proc.pid, signal.SIGKILL)  # the CLI and its workers, mid-run
     proc.wait()
-    before = sorted(p.name for p in (out / SUBJECTS).iterdir())
-    assert 2 <= len(before) < 12
+    before = sorted(p.name for p in (out / SUBJECTS).iterdir() if p.is_dir())
+    half = sorted(p.name for p in (out / STAGING).iterdir()) if (out / STAGING).is_dir() else []
+    assert 2 <= len(before) < 12 and not set(half) & set(before)
     assert to_zarr.main(cmd[2:]) == 0
     store = CohortStore(out)
     rep = store.report()
     assert sorted(rep["skipped"]) == before  # published subjects were complete
-    assert sorted(rep["converted"]) == sorted(set(store.subjects) - set(before))  # the rest (half-written) redone
+    assert sorted(rep["converted"]) == sorted(set(store.subjects) - set(before))  # the rest, redone
+    assert set(half) <= set(rep["converted"])
     assert len(store.subjects) == 12 and not (out / STAGING).exists()
     for s in store.subjects:
         t1 = np.asarray(nib.load(bids / s / "anat" / f"{s}_T1w.nii.gz").dataobj)

@@ -23,5 +23,6 @@ export SUBMITIT_PREEMPT_SIGNAL="${SUBMITIT_PREEMPT_SIGNAL:-USR2}"
 # --- Python output reaches the job log at once (progress and the stop/requeue messages).
 export PYTHONUNBUFFERED=1
 
-# --- DeepSpeed JIT-built ops: cache them per user on a shared path so every node reuses them.
-export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$HOME/.cache/torch_extensions}"
+# --- DeepSpeed JIT-builds small ops (e.g. the CPU shm comm op) on first use into
+# TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions/py<ver>_<cpu|cu...>); the first job
+# on a fresh home directory spends about a minute compiling, later jobs load the cached build.

@@ -116,8 +116,8 @@ class TrainTask:
         if rank == 0:
             jobs.record_event(self.cfg.run_dir, env.job_id, "started", restarts=restarts,
                               nodes=env.num_nodes, world_size=env.num_tasks)
-        log.info("rank %d/%d on %s (job %s, restart %d): training %s", rank, env.num_tasks,
-                 env.hostname, env.job_id, restarts, self.cfg.run_dir)
+        log.info("rank %d/%d on node %s (job %s, restart %d): training %s", rank, env.num_tasks,
+                 os.environ.get("SLURMD_NODENAME", env.hostname), env.job_id, restarts, self.cfg.run_dir)
         outcome = resolve_entry(self.entry)(self.cfg, stop)
         log.info("rank %d: run_training returned %s", rank, outcome)
         if outcome.status != "stopped":

@@ -279,7 +279,7 @@ def check_sources(sources: list[SubjectSource], label_map: dict[str, str], requi
                  "(starting with a letter or digit)")
             continue
         if s.label is None:
-            fail("has no label; fill in its diagnosis")
+            fail("has no label; fill in its diagnosis (a row in participants.tsv / the manifest)")
             continue
         cls = label_map.get(s.label.upper())
         if cls is None:

@@ -127,12 +127,19 @@ def _smooth_fields(rng: np.random.Generator, k: int, shape: tuple[int, int, int]
 
 
 def _time_courses(rng: np.random.Generator, k: int, frames: int) -> np.ndarray:
-    """k slow random time courses (frames, k) with zero mean and unit std (smoothed noise)."""
+    """Slow random time courses (frames, k'), zero mean, unit std and mutually orthogonal.
+
+    k' = min(k, frames - 1). Orthogonality makes every voxel's temporal std equal to its
+    amplitude (see :func:`_fmri_slabs`), so the planted damping is not drowned by chance.
+    """
+    k = min(k, frames - 1)
+    if k < 1:
+        return np.zeros((frames, 0))
     raw = rng.standard_normal((frames + 8, k))
     kernel = np.hanning(9)
     courses = np.stack([np.convolve(raw[:, j], kernel, mode="valid")[:frames] for j in range(k)], axis=1)
-    courses -= courses.mean(axis=0)
-    return courses / np.maximum(courses.std(axis=0), 1e-9)
+    q, _ = np.linalg.qr(courses - courses.mean(axis=0))
+    return q * np.sqrt(frames)
 
 
 def _to_int16(a: np.ndarray) -> np.ndarray:
@@ -148,13 +155,19 @@ def _affine(shape: tuple[int, int, int]) -> tuple[np.ndarray, tuple[float, float
 
 def _fmri_slabs(rng: np.random.Generator, base: np.ndarray, amplitude: np.ndarray, frames: int,
                 slab: int, tissue: Tissue) -> Iterator[np.ndarray]:
-    """(X, Y, Z, n) int16 slabs of base * (1 + amplitude * sum_k field_k * course_k(t)) + noise."""
-    fields = _smooth_fields(rng, tissue.fluctuation_fields, base.shape, tissue.smoothness)
+    """(X, Y, Z, n) int16 slabs of base * (1 + amplitude * fluctuation) + noise.
+
+    fluctuation(t, x) = sum_k w_k(x) c_k(t) with smooth spatial weights w normalised to unit
+    length per voxel and orthonormal time courses c: coherent, smooth patterns whose
+    temporal std is exactly 1 everywhere.
+    """
     courses = _time_courses(rng, tissue.fluctuation_fields, frames)
+    fields = _smooth_fields(rng, courses.shape[1], base.shape, tissue.smoothness) if courses.shape[1] else \
+        np.zeros((0,) + base.shape)
+    fields /= np.maximum(np.sqrt((fields ** 2).sum(axis=0)), 1e-9)
     weighted = base * amplitude
     for t0 in range(0, frames, slab):
-        c = courses[t0:t0 + slab]  # (n, k)
-        fluct = np.tensordot(fields, c, axes=([0], [1])) / np.sqrt(tissue.fluctuation_fields)
+        fluct = np.tensordot(fields, courses[t0:t0 + slab], axes=([0], [1]))  # (X, Y, Z, n)
         out = base[..., None] + weighted[..., None] * fluct
         out += rng.normal(0.0, tissue.epi_noise, out.shape)
         yield _to_int16(out)

@@ -30,10 +30,12 @@ def build_parser() -> argparse.ArgumentParser:
             "per run), predictions.csv (every test subject of every run) and figures/ (region ranking "
             "PNG+CSV and region-weight maps over a T1 slice). Unfinished runs are listed and skipped."
         ),
-        epilog="Example: python -m masan.evaluate runs/masan_r* runs/hfcn_r* --out reports/table2 --store runs/cohort.zarr",
+        epilog="Example: python -m masan.evaluate runs/masan runs/hfcn --out reports/table2 "
+               "--store runs/cohort.zarr",
     )
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
-                   help="run directories (a folder without config.yaml is searched one level down)")
+                   help="run directories; a folder without config.yaml is searched below "
+                        "(e.g. runs/<variant>/repeat_R)")
     p.add_argument("--out", required=True, help="report directory (created)")
     p.add_argument("--store", default=None,
                    help="cohort store for the T1 under the region map (default: each run's data.store)")

@@ -280,7 +280,8 @@ def load_predictions(run_dir: str | os.PathLike, split: str = "test") -> tuple[P
         labels = np.array([names.index(r["label"]) for r in rows], dtype=np.int64)
         probs = np.array([[float(r[PROB_PREFIX + c]) for c in names] for r in rows], dtype=np.float32)
     except ValueError as e:
-        raise PredictionsError(f"{path}: a label is not one of {names} or a probability is not a number ({e})") from None
+        raise PredictionsError(f"{path}: a label is not one of {names} or a probability is not a number ({e})"
+                               ) from None
     rw = np.zeros((len(rows), 0), np.float32)
     if split == eval_split and (run / REGION_WEIGHTS_FILE).is_file():
         rw = np.load(run / REGION_WEIGHTS_FILE)

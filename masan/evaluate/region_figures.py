@@ -157,7 +157,7 @@ def method_figures(
                                 title=f"{method}, {s} ({label}, predicted {pred}, repeat {run.repeat})")
         files.append(save_figure(fig, out / f"{stem}_region_map_{slug(s)}.png"))
         fig = region_map_figure(t1[0], w[y == pos].mean(axis=0), grid, t1[1], views=views,
-                                title=f"{method}: mean weights of {(y == pos).sum()} {class_names[pos]} test subjects "
-                                      f"over the T1 of {s}")
+                                title=f"{method}: mean weights of {(y == pos).sum()} {class_names[pos]} "
+                                      f"test prediction(s) over the T1 of {s}")
         files.append(save_figure(fig, out / f"{stem}_region_map_mean_{slug(class_names[pos])}.png"))
     return files

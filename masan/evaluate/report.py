@@ -262,7 +262,8 @@ def write_report(runs: Sequence[RunResult], skipped: Sequence[tuple[Path, str]],
     _write_csv(files["table_csv"], [{**r, "repeats": " ".join(map(str, r["repeats"])),
                                      "classes": " ".join(r["classes"]),
                                      "positive_class": " ".join(r["positive_class"])} for r in rows])
-    md = "Values in %, mean ± std over repeats; accuracy, precision and recall with the positive class vs the rest.\n\n"
+    md = ("Values in %, mean ± std over repeats; accuracy, precision and recall with the positive class "
+          "vs the rest.\n\n")
     files["table_md"].write_text(md + markdown_table(rows))
     files["table_json"].write_text(json.dumps({
         "methods": rows,

@@ -65,6 +65,10 @@ def _adaptive_pool(x: torch.Tensor, size: tuple[int, ...], modes: Sequence[str])
 def pool_cells(p: torch.Tensor, cells: int, modes: Sequence[str]) -> torch.Tensor:
     """Pool each patch's feature map to ``cells^3`` cells: ``(N, C, d, h, w)`` -> ``(N, M*C, k, k, k)``
     with ``M = len(modes)``, ``k = cells``; channels are ``[mode0 channels..., mode1 channels...]``."""
+    if cells == 1:  # plain reductions: GPU adaptive pooling to 1x1x1 loops over a whole patch per thread
+        _check_modes(modes)
+        reduce = {"avg": torch.mean, "max": torch.amax}
+        return torch.cat([reduce[m](p, dim=(2, 3, 4), keepdim=True) for m in modes], dim=1)
     return _adaptive_pool(p, (cells,) * 3, modes)
 
 

@@ -31,6 +31,8 @@ import torch
 from masan.config import ConfigError, OptimConfig, RunConfig, load_config
 
 STEPS_PER_PRINT_OFF = 10**9
+BUCKET_ALIGN = 1024
+"""ZeRO bucket sizes are rounded up to a multiple of this (DeepSpeed asserts alignment)."""
 """DeepSpeed's own step printing is off: the run logs to TensorBoard instead."""
 
 
@@ -44,8 +46,11 @@ class DSRow:
     note: str
 
 
-def _rows(cfg: RunConfig, world_size: int) -> list[DSRow]:
+def _rows(cfg: RunConfig, world_size: int, num_params: int | None = None) -> list[DSRow]:
     o, t = cfg.optim, cfg.train
+    bucket = t.zero_bucket_elements
+    if num_params is not None:  # DeepSpeed wants a multiple of its alignment (2 or 4 elements)
+        bucket = min(bucket, -(-num_params // BUCKET_ALIGN) * BUCKET_ALIGN)
     rows = [
         DSRow("train_micro_batch_size_per_gpu", o.micro_batch, "optim.micro_batch",
               "samples per rank per forward pass"),
@@ -57,6 +62,10 @@ def _rows(cfg: RunConfig, world_size: int) -> list[DSRow]:
         DSRow("gradient_clipping", o.grad_clip, "optim.grad_clip", "global gradient-norm clip (0: off)"),
         DSRow("zero_optimization.stage", t.zero_stage, "train.zero_stage",
               "1: Adam state sharded over ranks; 2: gradients too (3 is refused)"),
+        DSRow("zero_optimization.reduce_bucket_size", bucket, "train.zero_bucket_elements",
+              "gradient all-reduce bucket (elements), capped at the model's parameter count"),
+        DSRow("zero_optimization.allgather_bucket_size", bucket, "train.zero_bucket_elements",
+              "updated-weight all-gather bucket (elements), same cap"),
         DSRow("bf16.enabled", t.precision == "bf16", "train.precision",
               "bf16 weights/activations, fp32 master weights and Adam state"),
         DSRow("fp16.enabled", t.precision == "fp16", "train.precision",
@@ -85,10 +94,11 @@ def check_config(cfg: RunConfig, device_type: str) -> None:
         raise ConfigError("optim.micro_batch and optim.grad_accum must be at least 1")
 
 
-def deepspeed_config(cfg: RunConfig, world_size: int) -> dict:
-    """The DeepSpeed JSON config of ``cfg`` for ``world_size`` data-parallel ranks."""
+def deepspeed_config(cfg: RunConfig, world_size: int, num_params: int | None = None) -> dict:
+    """The DeepSpeed JSON config of ``cfg`` for ``world_size`` data-parallel ranks
+    (bucket sizes capped at ``num_params`` when the model is known)."""
     out: dict = {}
-    for row in _rows(cfg, world_size):
+    for row in _rows(cfg, world_size, num_params):
         node = out
         *parents, leaf = row.key.split(".")
         for p in parents:
@@ -141,7 +151,8 @@ def build_engine(model: torch.nn.Module, cfg: RunConfig, world_size: int, schedu
     # a closure, so LambdaLR.state_dict() keeps no copy of the schedule in checkpoints
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule.factor(step))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=deepspeed_config(cfg, world_size), dist_init_required=False)
+                                           config=deepspeed_config(cfg, world_size, sum(p.numel() for p in model.parameters())),
+                                           dist_init_required=False)
     return engine
 
 

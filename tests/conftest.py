@@ -1,0 +1,92 @@
+"""Shared fixtures: the local SLURM cluster, and a tiny real cohort + config for launcher tests.
+
+The cluster is a real one (Debian's slurm-wlm + munge, two ``slurmd -N nodeX`` on loopback),
+started once per session by ``hpc/local_cluster.sh`` when the tests run as root (it installs
+the packages on first use) and stopped at the end if this session started it. Without root
+and without an answering local cluster, the SLURM tests are skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+CLUSTER_SCRIPT = REPO / "hpc" / "local_cluster.sh"
+LOCAL_CLUSTER_NAME = "masan-local"
+CLUSTER_START_TIMEOUT_S = 900  # includes the one-time apt-get install
+
+# The smallest model and data the real training path accepts (T1 32^3 in 2x2x2 patches,
+# fMRI 6 frames of 16^3), two classes, five subjects each: a few seconds per epoch on a core.
+TINY_CONFIG = {
+    "data": {"classes": ["NC", "AD"], "fmri_frames": 6, "num_workers": 0},
+    "model": {"t1_shape": [32, 32, 32], "fmri_shape": [16, 16, 16], "fmri_frames": 6, "patch_grid": [2, 2, 2],
+              "channels": [4, 8, 8, 8], "fmri_channels": [4, 8, 8, 8], "groups": 4, "attn_dim": 8,
+              "mlp_hidden": 16, "dropout": 0.0},
+    "train": {"pretrain_epochs": 1, "joint_epochs": 2, "precision": "fp32", "device": "cpu"},
+    "checkpoint": {"every_steps": 20, "every_minutes": 0},
+    "log": {"every_steps": 5, "eval_every_epochs": 100},
+}
+
+
+def _cluster_name() -> str | None:
+    if shutil.which("scontrol") is None:
+        return None
+    res = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=30, check=False)
+    if res.returncode != 0:
+        return None
+    for line in res.stdout.splitlines():
+        key, _, value = line.partition("=")
+        if key.strip() == "ClusterName":
+            return value.strip()
+    return None
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """A running local SLURM cluster with nodes node1 and node2 (started here when needed)."""
+    name = _cluster_name()
+    if name is not None and name != LOCAL_CLUSTER_NAME:
+        pytest.skip(f"SLURM here is cluster {name!r}, not the local test cluster: not submitting test jobs to it")
+    if name is None and os.geteuid() != 0:
+        pytest.skip("no local SLURM cluster answers, and starting one (bash hpc/local_cluster.sh start) needs root")
+    res = subprocess.run(["bash", str(CLUSTER_SCRIPT), "start"], capture_output=True, text=True,
+                         timeout=CLUSTER_START_TIMEOUT_S, check=False)
+    if res.returncode != 0:
+        pytest.fail(f"hpc/local_cluster.sh start failed:\n{res.stdout}\n{res.stderr}")
+    yield
+    if name is None:  # this session started it
+        subprocess.run(["bash", str(CLUSTER_SCRIPT), "stop"], capture_output=True, timeout=120, check=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_store(tmp_path_factory) -> Path:
+    """A converted Zarr cohort: 5 NC + 5 AD phantom subjects (real NIfTI -> real store)."""
+    from masan.data.convert import ConvertOptions, convert_cohort, discover_bids
+    from masan.data.synth import synthesize_cohort
+
+    root = tmp_path_factory.mktemp("cohort")
+    bids = synthesize_cohort(root / "bids", n_per_class=5, classes=("NC", "AD"), frames=6)
+    store = root / "cohort.zarr"
+    report = convert_cohort(discover_bids(bids), store, ConvertOptions(patch_grid=(2, 2, 2)),
+                            classes=("NC", "AD"), progress=False)
+    assert not report.failed, report.failed
+    return store
+
+
+@pytest.fixture(scope="session")
+def tiny_config(tmp_path_factory, tiny_store) -> Path:
+    """YAML run config for the tiny cohort (override epochs etc. on the command line)."""
+    cfg = {**TINY_CONFIG, "data": {**TINY_CONFIG["data"], "store": str(tiny_store)}}
+    path = tmp_path_factory.mktemp("config") / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path

@@ -1,0 +1,153 @@
+"""launch/submit.py against a real SLURM cluster (two slurmd nodes on this machine).
+
+Each test trains the tiny real model with real DeepSpeed engines (gloo) through submitit.
+What users rely on: one rank per node of a 2-node job; a job requeued by hand or stopped by
+its time limit resumes from a complete checkpoint and finishes every epoch; --repeats runs
+every repeat as one array; the same run directory is never started over or run twice at once.
+
+SLURM holds a requeued job for about two minutes (``Reason=BeginTime``) before it may start
+again; the tests release that hold (``scontrol update StartTime=now``, as an admin could)
+so they wait for the resume, not for the scheduler.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from launch.slurm import jobs
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[1]
+SUBMIT = REPO / "launch" / "submit.py"
+JOB_TIMEOUT_S = 420
+POLL_S = 1.0
+# TINY_CONFIG trains 1 + 2 epochs; these give a run long enough to interrupt.
+LONG_RUN = ["train.joint_epochs=14", "checkpoint.every_steps=10"]
+
+
+def submit(*args, wait_job: bool = False, timeout: float = JOB_TIMEOUT_S) -> subprocess.CompletedProcess:
+    """Run launch/submit.py; with wait_job, --wait while releasing SLURM's requeue holds."""
+    cmd = [sys.executable, str(SUBMIT), *map(str, args)] + (["--wait", "--poll", "2"] if wait_job else [])
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None:
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"{' '.join(cmd)} did not end within {timeout}s:\n{proc.stdout.read()}")
+        release_requeue_holds()
+        time.sleep(POLL_S)
+    return subprocess.CompletedProcess(cmd, proc.returncode, proc.stdout.read(), "")
+
+
+def release_requeue_holds() -> None:
+    res = subprocess.run(["squeue", "-h", "-r", "-o", "%i %r"], capture_output=True, text=True, check=False)
+    for line in res.stdout.splitlines():
+        jid, _, reason = line.partition(" ")
+        if reason.strip() == "BeginTime":
+            subprocess.run(["scontrol", "update", f"JobId={jid}", "StartTime=now"], capture_output=True, check=False)
+
+
+def job_ids(run_dir: Path) -> list[str]:
+    return [j["job_id"] for j in jobs.read_record(run_dir)["jobs"]]
+
+
+def events(run_dir: Path, kind: str) -> list[dict]:
+    return [e for e in jobs.read_record(run_dir)["events"] if e["event"] == kind]
+
+
+def wait_until(predicate, what: str, timeout: float = JOB_TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what}")
+        release_requeue_holds()
+        time.sleep(POLL_S)
+
+
+def rank0_log(run_dir: Path, job_id: str) -> str:
+    return (run_dir / "slurm" / f"{job_id}_0_log.out").read_text()
+
+
+def assert_finished(run_dir: Path, epochs: int) -> dict:
+    done = json.loads((run_dir / "DONE").read_text())
+    assert done["epochs_done"] == epochs, done
+    assert (run_dir / "predictions.csv").is_file() and (run_dir / "metrics.json").is_file()
+    return done
+
+
+def test_two_node_job_runs_one_rank_per_node_and_is_not_started_twice(slurm_cluster, tiny_config, tmp_path):
+    run_dir = tmp_path / "two_nodes"
+    res = submit("--nodes", 2, "--time", 10, "--config", tiny_config, "--run-dir", run_dir, wait_job=True)
+    assert res.returncode == 0, res.stdout
+    (jid,) = job_ids(run_dir)
+    assert f"job {jid}" in res.stdout and "tensorboard --logdir" in res.stdout and "_0_log.out" in res.stdout
+    done = assert_finished(run_dir, epochs=3)
+    (started,) = events(run_dir, "started")
+    assert started["world_size"] == 2 and started["nodes"] == 2
+    assert "rank 0/2 on node node1" in rank0_log(run_dir, jid)
+    assert "rank 1/2 on node node2" in (run_dir / "slurm" / f"{jid}_1_log.out").read_text()
+    assert (run_dir / "tb").is_dir()
+
+    again = submit("--nodes", 2, "--time", 10, "--run-dir", run_dir, wait_job=True)
+    assert again.returncode == 0, again.stdout
+    assert "already finished" in again.stdout
+    assert job_ids(run_dir) == [jid]  # nothing new submitted, nothing retrained
+    assert json.loads((run_dir / "DONE").read_text()) == done
+
+
+def test_scontrol_requeue_mid_run_resumes_from_checkpoint(slurm_cluster, tiny_config, tmp_path):
+    run_dir = tmp_path / "requeue"
+    res = submit("--nodes", 2, "--time", 10, "--config", tiny_config, "--run-dir", run_dir, *LONG_RUN)
+    assert res.returncode == 0, res.stdout
+    (jid,) = job_ids(run_dir)
+
+    twice = submit("--nodes", 2, "--run-dir", run_dir)
+    assert twice.returncode == 2 and "refused" in twice.stdout and jid in twice.stdout
+    assert job_ids(run_dir) == [jid]
+
+    wait_until(lambda: (run_dir / "checkpoints" / "latest_complete").exists(), "a first checkpoint")
+    subprocess.run(["scontrol", "requeue", jid], check=True)
+    wait_until(lambda: jobs.job_state(jid) not in jobs.ACTIVE_STATES, f"job {jid} to end")
+
+    assert jobs.job_state(jid) == "COMPLETED"
+    assert_finished(run_dir, epochs=15)
+    assert [e["restarts"] for e in events(run_dir, "started")] == [0, 1]
+    log = rank0_log(run_dir, jid)
+    assert "resumed step_" in log.split("restart 1")[1]
+
+
+def test_time_limit_stops_saves_requeues_and_finishes(slurm_cluster, tiny_config, tmp_path):
+    run_dir = tmp_path / "time_limit"
+    # 2-minute limit, USR2 60 s before it: the run needs more than one allocation.
+    res = submit("--nodes", 2, "--time", 2, "--signal-delay", 60, "--config", tiny_config,
+                 "--run-dir", run_dir, *LONG_RUN, wait_job=True)
+    assert res.returncode == 0, res.stdout
+    (jid,) = job_ids(run_dir)
+    assert_finished(run_dir, epochs=15)
+    requeued = events(run_dir, "requeued")
+    assert requeued and requeued[0]["step"] > 0
+    assert [e["restarts"] for e in events(run_dir, "started")][:2] == [0, 1]
+    after = rank0_log(run_dir, jid).split("restart 1")[1]
+    assert f"resumed step_{requeued[0]['step']:06d}" in after  # the stop checkpoint itself
+
+
+def test_repeats_run_as_one_array_with_one_run_dir_each(slurm_cluster, tiny_config, tmp_path):
+    base = tmp_path / "repeats"
+    res = submit("--nodes", 1, "--repeats", 2, "--time", 10, "--config", tiny_config, "--run-dir", base,
+                 wait_job=True)
+    assert res.returncode == 0, res.stdout
+    ids = [job_ids(base / f"repeat_{r}")[0] for r in range(2)]
+    assert len({i.split("_")[0] for i in ids}) == 1 and sorted(i.split("_")[1] for i in ids) == ["0", "1"]
+    for r in range(2):
+        assert_finished(base / f"repeat_{r}", epochs=3)
+        assert yaml.safe_load((base / f"repeat_{r}" / "config.yaml").read_text())["split"]["repeat"] == r
+    splits = [json.loads((base / f"repeat_{r}" / "split.json").read_text()) for r in range(2)]
+    assert splits[0]["test"] != splits[1]["test"]
