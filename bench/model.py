@@ -76,10 +76,11 @@ def measure(cfg: RunConfig, device: str, precision: str, checkpointing: bool, ba
         data["fmri"] = torch.randn(batch, model_cfg.fmri_frames, *model_cfg.fmri_shape, device=device)
     dtype = PRECISIONS[precision]
     cuda = device.startswith("cuda")
+    device_type = torch.device(device).type
 
     def step() -> None:
         model.zero_grad(set_to_none=True)
-        with torch.autocast(device_type=torch.device(device).type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        with torch.autocast(device_type=device_type, dtype=dtype or torch.float32, enabled=dtype is not None):
             out = model(t1=data.get("t1"), fmri=data.get("fmri"))
             terms = masan_loss(out, data, cfg.loss, "joint")
         terms["total"].backward()
@@ -105,7 +106,8 @@ def measure(cfg: RunConfig, device: str, precision: str, checkpointing: bool, ba
 
 def _format(results: list[Result], header: str) -> str:
     ref = next((r for r in results if r.precision == "fp32" and not r.checkpointing), results[0])
-    lines = [header, f"{'precision':<9} {'ckpt':<4} {'ms/sample':>10} {'x time':>7} {'peak MiB/sample':>16} {'x mem':>6}"]
+    columns = f"{'precision':<9} {'ckpt':<4} {'ms/sample':>10} {'x time':>7} {'peak MiB/sample':>16} {'x mem':>6}"
+    lines = [header, columns]
     for r in results:
         lines.append(f"{r.precision:<9} {'on' if r.checkpointing else 'off':<4} {r.ms_per_sample:>10.1f} "
                      f"{r.ms_per_sample / ref.ms_per_sample:>7.2f} {r.peak_mib_per_sample:>16.1f} "
@@ -141,7 +143,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     steps = args.steps or (10 if device == "cuda" else 3)
     m = cfg.model
-    name = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    if device == "cuda":
+        name = torch.cuda.get_device_name()
+    else:
+        name = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     header = (f"{m.arch} fwd+bwd, batch {args.batch}, {steps} steps on {name}, torch {torch.__version__}\n"
               f"T1 {m.t1_shape} in {m.patch_grid} patches, channels {m.channels}; fMRI {m.fmri_frames} x "
               f"{m.fmri_shape} ({m.fmri_time}, {m.fmri_layout}); fusion {m.fusion}, modalities {m.modalities}")

@@ -70,7 +70,8 @@ class ModelConfig:
     """``volume``: fPM encodes the whole frame volume and its feature maps are pooled onto the
     patch grid; ``patches``: the frame volume is cut into the patch grid like T1."""
     fmri_frames: int = 976
-    """Frames T per fMRI run entering fPM (as input channels, see fmri_time)."""
+    """Frames T per fMRI run entering fPM (input channels of InitConv, or the temporal conv's
+    series) and reconstructed by its decoder; must equal the frames the data yields."""
     patch_grid: list[int] = field(default_factory=lambda: [4, 4, 4])
     """Non-overlapping regions along X, Y, Z (paper: 4x4x4 = 64 regions)."""
     channels: list[int] = field(default_factory=lambda: [32, 64, 128, 128])

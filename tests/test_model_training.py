@@ -13,7 +13,8 @@ LOSS = LossConfig(sparsity=1e-2)
 
 def _batch(batch=2, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return {"t1": torch.randn(batch, 1, 32, 32, 32, generator=g), "fmri": torch.randn(batch, 6, 16, 16, 16, generator=g),
+    return {"t1": torch.randn(batch, 1, 32, 32, 32, generator=g),
+            "fmri": torch.randn(batch, 6, 16, 16, 16, generator=g),
             "label": torch.tensor([0, 1] * (batch // 2), dtype=torch.int64)}
 
 

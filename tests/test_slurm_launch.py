@@ -126,12 +126,14 @@ def test_scontrol_requeue_mid_run_resumes_from_checkpoint(slurm_cluster, tiny_co
 
 def test_time_limit_stops_saves_requeues_and_finishes(slurm_cluster, tiny_config, tmp_path):
     run_dir = tmp_path / "time_limit"
-    # 2-minute limit, USR2 60 s before it: the run needs more than one allocation.
-    res = submit("--nodes", 2, "--time", 2, "--signal-delay", 60, "--config", tiny_config,
-                 "--run-dir", run_dir, *LONG_RUN, wait_job=True)
+    # 2-minute limit, USR2 45 s before it. SLURM checks limits periodically and signals up to
+    # ~30 s early, so USR2 comes 45-75 s into each allocation (about 15 s of which start-up and
+    # resume take); this run (500 steps, ~90 s of training on 2 cores) needs two or three.
+    res = submit("--nodes", 2, "--time", 2, "--signal-delay", 45, "--config", tiny_config,
+                 "--run-dir", run_dir, "train.joint_epochs=124", wait_job=True)
     assert res.returncode == 0, res.stdout
     (jid,) = job_ids(run_dir)
-    assert_finished(run_dir, epochs=15)
+    assert_finished(run_dir, epochs=125)
     requeued = events(run_dir, "requeued")
     assert requeued and requeued[0]["step"] > 0
     assert [e["restarts"] for e in events(run_dir, "started")][:2] == [0, 1]

@@ -25,6 +25,7 @@ import os
 import re
 import shutil
 import time
+import zlib
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
@@ -326,26 +327,37 @@ def _chunking(modality: str, shape: tuple[int, ...], opts: ConvertOptions) -> tu
 
 
 class _Stats:
-    """Streaming count/mean/M2 (Chan et al.) of nonzero stored values, in float64."""
+    """Streaming count, sum and sum of squares of the nonzero stored values (float64).
+
+    Zeros add nothing to either sum, so no masking is needed; for integer voxels the sums
+    are exact (block sums stay below 2**53).
+    """
+
+    BLOCK = 1 << 20
 
     def __init__(self) -> None:
-        self.n, self.mean, self.m2 = 0, 0.0, 0.0
+        self.n, self.s1, self.s2 = 0, 0.0, 0.0
 
     def add(self, values: np.ndarray) -> None:
-        v = values[values != 0].astype(np.float64)
-        if v.size == 0:
-            return
-        m = float(v.mean())
-        m2 = float(np.square(v - m).sum())
-        n = self.n + v.size
-        d = m - self.mean
-        self.mean += d * v.size / n
-        self.m2 += m2 + d * d * self.n * v.size / n
-        self.n = n
+        flat = values.reshape(-1)
+        for i in range(0, flat.size, self.BLOCK):
+            part = flat[i:i + self.BLOCK]
+            x = part.astype(np.float64)
+            self.n += int(np.count_nonzero(part))
+            self.s1 += float(x.sum())
+            self.s2 += float(x @ x)
+
+    @property
+    def mean(self) -> float:
+        return self.s1 / self.n if self.n else 0.0
+
+    @property
+    def var(self) -> float:
+        return max(self.s2 / self.n - self.mean ** 2, 0.0) if self.n else 0.0
 
     def scaled(self, slope: float, inter: float, path: str, warn: list[str]) -> dict:
         """Mean/std of the scaled values; a blank or constant image (a mask) gets std 1 and a warning."""
-        std = abs(slope) * (self.m2 / self.n) ** 0.5 if self.n else 0.0
+        std = abs(slope) * self.var ** 0.5
         if std == 0:
             warn.append(f"{path}: {'every voxel is 0' if not self.n else 'all nonzero voxels have one value'}; "
                         "normalisation uses std 1 (is it the right file?)")
@@ -353,13 +365,13 @@ class _Stats:
                 "over": "nonzero stored voxels"}
 
 
-def _check_finite(slab: np.ndarray, nan: str, path: str, t0: int) -> int:
-    """Inf is always an error; NaN per policy. Returns the NaN count (replaced in place)."""
+def _check_finite(slab: np.ndarray, nan: str, path: str, t0: int) -> tuple[int, np.ndarray]:
+    """Inf is always an error; NaN per policy. Returns the NaN count and the slab (NaN -> 0)."""
     if slab.dtype.kind != "f":
-        return 0
+        return 0, slab
     bad = ~np.isfinite(slab)
     if not bad.any():
-        return 0
+        return 0, slab
     nans = np.isnan(slab)
     n_nan, n_inf = int(nans.sum()), int(bad.sum() - nans.sum())
     where = f" (from frame {t0})" if slab.shape[3] > 1 or t0 else ""
@@ -368,8 +380,9 @@ def _check_finite(slab: np.ndarray, nan: str, path: str, t0: int) -> int:
     if nan == "error":
         raise nifti.NiftiError(f"{path}: {n_nan} of {slab.size} voxels are NaN{where} (usual in the "
                                "background of resampled images); rerun with --nan zero to store them as 0")
+    slab = slab.copy() if not slab.flags.writeable else slab
     slab[nans] = 0
-    return n_nan
+    return n_nan, slab
 
 
 def _write_modality(group: Any, modality: str, path: str, opts: ConvertOptions, warn: list[str]) -> dict:
@@ -387,17 +400,15 @@ def _write_modality(group: Any, modality: str, path: str, opts: ConvertOptions, 
         group.store, name=modality, shape=out_shape, dtype=dtype, chunks=chunks, shards=shards,
         compressors=BloscCodec(cname=opts.codec, clevel=opts.clevel, shuffle=opts.shuffle), fill_value=0,
         dimension_names=("x", "y", "z") if modality == "t1" else ("t", "x", "y", "z"), overwrite=True)
-    stats, digest, nan_count = _Stats(), hashlib.blake2b(digest_size=16), 0
+    stats, crc, nan_count = _Stats(), 0, 0
     slab_frames = shards[0] if modality == "fmri" else 1
     for t0, slab in nifti.iter_frame_slabs(img, slab_frames, path):
-        if not slab.flags.writeable:
-            slab = slab.copy()
-        nan_count += _check_finite(slab, opts.nan, path, t0)
+        nans, slab = _check_finite(slab, opts.nan, path, t0)
+        nan_count += nans
         out = plan.apply(slab)  # (X', Y', Z', n)
-        for k in range(out.shape[3]):
-            stats.add(out[..., k])
         out = np.ascontiguousarray(out[..., 0] if modality == "t1" else np.moveaxis(out, 3, 0))
-        digest.update(memoryview(out).cast("B"))
+        stats.add(out)
+        crc = zlib.crc32(memoryview(out).cast("B"), crc)
         if modality == "t1":
             arr[...] = out
         else:
@@ -413,20 +424,20 @@ def _write_modality(group: Any, modality: str, path: str, opts: ConvertOptions, 
         "affine": plan.affine.tolist(),
         "transform": plan.record(),
         "stats": stats.scaled(info["scl_slope"], info["scl_inter"], path, warn),
-        "checksum": {"blake2b_16": digest.hexdigest(), "of": "stored values, C order, native dtype"},
+        "checksum": {"crc32": f"{crc:08x}", "of": "stored values, C order, native dtype"},
         "nan_replaced": nan_count,
     }
     arr.update_attributes(attrs)
-    return {"shape": list(out_shape), "dtype": dtype.str, "tr_seconds": tr, "checksum": attrs["checksum"]["blake2b_16"]}
+    return {"shape": list(out_shape), "dtype": dtype.str, "tr_seconds": tr, "checksum": attrs["checksum"]["crc32"]}
 
 
 def array_checksum(arr: Any, slab_frames: int) -> str:
-    """blake2b of a stored array's values (C order), read a slab of leading-axis entries at a time."""
-    digest = hashlib.blake2b(digest_size=16)
+    """CRC-32 of a stored array's values (C order), read a slab of leading-axis entries at a time."""
+    crc = 0
     step = arr.shape[0] if arr.ndim == 3 else slab_frames
     for i in range(0, arr.shape[0], step):
-        digest.update(memoryview(np.ascontiguousarray(arr[i:i + step])).cast("B"))
-    return digest.hexdigest()
+        crc = zlib.crc32(memoryview(np.ascontiguousarray(arr[i:i + step])).cast("B"), crc)
+    return f"{crc:08x}"
 
 
 def verify_group(group: Any, slab_frames: int = ConvertOptions.fmri_shard_frames) -> list[str]:
@@ -436,7 +447,7 @@ def verify_group(group: Any, slab_frames: int = ConvertOptions.fmri_shard_frames
     for modality in MODALITIES:
         if modality in group:
             arr = group[modality]
-            want = dict(arr.attrs).get("checksum", {}).get("blake2b_16")
+            want = dict(arr.attrs).get("checksum", {}).get("crc32")
             try:
                 got = array_checksum(arr, slab_frames)
             except Exception as e:  # damaged chunk files raise codec errors

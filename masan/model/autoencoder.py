@@ -112,10 +112,11 @@ class PatchModule(nn.Module):
     """One shared :class:`PatchAutoencoder` over every patch of the grid (the paper's sPM).
 
     Input ``(B, C, X, Y, Z)`` with each axis a multiple of the grid. The ``B*R`` patches go
-    through the autoencoder as one batch, or ``chunk`` patches at a time (their level
-    features are pooled onto their regions before the next chunk, so only the pooled
-    values of a chunk outlive it). A change inside patch ``i`` changes only patch ``i``'s
-    reconstruction, code and region features.
+    through the autoencoder as one batch, or ``chunk`` patches at a time: each chunk's level
+    features are pooled onto their regions at once (full-resolution maps are never
+    concatenated), and with activation checkpointing a backward recomputes one chunk's stage
+    at a time, which bounds the recomputation peak. A change inside patch ``i`` changes only
+    patch ``i``'s reconstruction, code and region features.
     """
 
     def __init__(self, autoencoder: PatchAutoencoder | EncoderOnly, grid: Sequence[int], cells: int,
@@ -149,7 +150,8 @@ class PatchModule(nn.Module):
 class VolumeModule(nn.Module):
     """A :class:`PatchAutoencoder` over the whole volume; level features pooled onto the grid.
 
-    Input ``(B, C, X, Y, Z)`` with each axis at least the grid's regions x cells at every level.
+    Input ``(B, C, X, Y, Z)`` of any size; see :func:`~masan.model.regions.pool_volume` for
+    how level maps whose size does not divide by the grid are shared between regions.
     """
 
     def __init__(self, autoencoder: PatchAutoencoder, grid: Sequence[int], cells: int, modes: Sequence[str],

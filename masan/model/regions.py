@@ -111,7 +111,9 @@ def regions_to_voxels(weights: np.ndarray, grid: Sequence[int], shape: Sequence[
     """
     weights = np.asarray(weights)
     if weights.shape[-1] != num_regions(grid):
-        raise ValueError(f"region weights have {weights.shape[-1]} regions, patch grid {tuple(grid)} has {num_regions(grid)}")
+        raise ValueError(
+            f"region weights have {weights.shape[-1]} regions, patch grid {tuple(grid)} has {num_regions(grid)}"
+        )
     cube = weights.reshape(*weights.shape[:-1], *grid)
     for axis, (g, s) in enumerate(zip(grid, shape)):
         idx = (np.arange(s) * g) // s

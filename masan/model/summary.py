@@ -1,10 +1,11 @@
 """Parameter count and activation size per level of the configured model, at full resolution.
 
 Nothing is computed on real data: the model is built on PyTorch's ``meta`` device (shapes and
-dtypes only, no memory, no FLOPs) and one forward pass is traced with
-``torch.autograd.graph.saved_tensors_hooks`` to add up the tensors autograd keeps for the
-backward pass, per branch (T1 / fMRI / region head) and per encoder level, with activation
-checkpointing off and on. Run::
+dtypes only, no memory, no FLOPs) and one training step (forward, loss, backward) is traced:
+``torch.autograd.graph.saved_tensors_hooks`` adds up the tensors autograd keeps for the
+backward pass, per branch (T1 / fMRI / region head) and per encoder level, and
+``torch.utils.flop_counter.FlopCounterMode`` counts the FLOPs, with activation checkpointing
+off and on. Run::
 
     python -m masan.model.summary                                  # paper defaults
     python -m masan.model.summary --config hpc/configs/demo.yaml model.fmri_frames=200
@@ -13,6 +14,7 @@ checkpointing off and on. Run::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import sys
 from collections import defaultdict
@@ -20,9 +22,10 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
-from masan.config import ConfigError, ModelConfig, load_config
-from masan.model import build_model
+from masan.config import ConfigError, LossConfig, ModelConfig, load_config
+from masan.model import build_model, masan_loss
 from masan.model.regions import patch_shape
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -69,11 +72,24 @@ def meta_inputs(cfg: ModelConfig, batch: int, dtype: torch.dtype) -> dict[str, t
     return inputs
 
 
-def saved_bytes(cfg: ModelConfig, num_classes: int, dtype: torch.dtype, batch: int = 1) -> dict[tuple[str, str], int]:
-    """Bytes autograd keeps for backward, keyed by (branch, level label), for one meta forward.
+@dataclasses.dataclass
+class Trace:
+    """What one traced training step on the meta device keeps and computes."""
 
-    Branch is ``T1``/``fMRI`` inside sPM/fPM and ``head`` elsewhere; the level is the encoder
-    level whose spatial shape the tensor has (``other`` for anything else in that branch).
+    saved: dict[tuple[str, str], int]
+    """Bytes kept for backward by (branch, level label), weights excluded."""
+    forward_flops: dict[str, int]
+    """Forward FLOPs per top-level part of the model."""
+    step_flops: int
+    """FLOPs of forward + backward (including recomputation when checkpointing)."""
+
+
+def trace_step(cfg: ModelConfig, num_classes: int, dtype: torch.dtype, batch: int = 1) -> Trace:
+    """Trace one meta-device training step (forward, eq. 8 loss, backward) of the model.
+
+    For saved tensors the branch is ``T1``/``fMRI`` inside sPM/fPM and ``head`` elsewhere; the
+    level is the encoder level whose spatial shape the tensor has (``other`` for anything
+    else in that branch).
     """
     with torch.device("meta"):
         model = build_model(cfg, num_classes).to(dtype)
@@ -100,9 +116,16 @@ def saved_bytes(cfg: ModelConfig, num_classes: int, dtype: torch.dtype, batch: i
         totals[(branch, level)] += storage.nbytes()
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(**meta_inputs(cfg, batch, dtype))
-    return dict(totals)
+    inputs = meta_inputs(cfg, batch, dtype)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = model(**inputs)
+        forward = {name.split(".", 1)[1]: sum(ops.values()) for name, ops in counter.get_flop_counts().items()
+                   if name.count(".") == 1}
+        labels = torch.zeros(batch, dtype=torch.int64, device="meta")
+        masan_loss(out, {**inputs, "label": labels}, LossConfig(), "joint")["total"].backward()
+    return Trace(dict(totals), forward, counter.get_total_flops())
 
 
 def _fmt_shape(shape: Sequence[int]) -> str:
@@ -131,20 +154,27 @@ def summarize(cfg: ModelConfig, num_classes: int, dtype_name: str = "bf16") -> s
         for level, (shape, width) in enumerate(zip(shapes, widths[branch])):
             n = copies * width * math.prod(shape)
             lines.append(f"{branch:<6} {level:>5} {width:>8} {_fmt_shape(shape):>12} {n:>14,} {n * item / MIB:>9.1f}")
-    saved = {ckpt: saved_bytes(_with(cfg, activation_checkpointing=ckpt), num_classes, dtype) for ckpt in (False, True)}
+    traces = {ckpt: trace_step(_with(cfg, activation_checkpointing=ckpt), num_classes, dtype) for ckpt in (False, True)}
+    saved = {ckpt: t.saved for ckpt, t in traces.items()}
     keys = sorted(set(saved[False]) | set(saved[True]))
     lines += ["", f"kept for backward ({dtype_name} MiB, weights excluded), activation checkpointing off / on",
               f"{'branch':<6} {'level':>5} {'off':>10} {'on':>10}"]
-    for key in keys:
-        lines.append(f"{key[0]:<6} {key[1]:>5} {saved[False].get(key, 0) / MIB:>10.1f} {saved[True].get(key, 0) / MIB:>10.1f}")
-    lines.append(f"{'total':<6} {'':>5} {sum(saved[False].values()) / MIB:>10.1f} {sum(saved[True].values()) / MIB:>10.1f}")
+    for branch, level in keys:
+        off, on = (saved[c].get((branch, level), 0) / MIB for c in (False, True))
+        lines.append(f"{branch:<6} {level:>5} {off:>10.1f} {on:>10.1f}")
+    off, on = (sum(saved[c].values()) / MIB for c in (False, True))
+    lines.append(f"{'total':<6} {'':>5} {off:>10.1f} {on:>10.1f}")
     lines.append("(peak memory adds the largest block's recomputation and the gradients; see bench/model.py)")
+    tflop = {k: v / 1e12 for k, v in traces[False].forward_flops.items()}
+    shown = {k: v for k, v in tflop.items() if v >= 0.005}
+    shown["rest"] = sum(tflop.values()) - sum(shown.values())
+    lines += ["", "TFLOP per sample: forward " + ", ".join(f"{k} {v:.2f}" for k, v in shown.items())
+              + f"; forward+backward {traces[False].step_flops / 1e12:.2f} "
+              f"({traces[True].step_flops / 1e12:.2f} with checkpointing)"]
     return "\n".join(lines)
 
 
 def _with(cfg: ModelConfig, **changes) -> ModelConfig:
-    import dataclasses
-
     return dataclasses.replace(cfg, **changes)
 
 

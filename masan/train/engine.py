@@ -24,6 +24,7 @@ import argparse
 import json
 import math
 import sys
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -160,7 +161,9 @@ def set_schedule_step(engine, step: int) -> None:
     """Put the engine's LR scheduler at global step ``step`` (after a resume or phase change)."""
     sched = engine.lr_scheduler
     sched.last_epoch = step - 1
-    sched.step()
+    with warnings.catch_warnings():  # "lr_scheduler.step() before optimizer.step()": intended here
+        warnings.simplefilter("ignore", UserWarning)
+        sched.step()
 
 
 def current_lr(engine) -> float:

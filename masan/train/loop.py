@@ -18,11 +18,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import sys
 import time
 from dataclasses import dataclass
 
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from tqdm import tqdm
 
 from masan.config import RunConfig
 from masan.evaluate.predict import MODALITY_KEYS, gather_predictions, predict, prediction_metrics
@@ -133,13 +135,21 @@ def train(p: LoopParts, state: TrainState) -> str:
             state = dataclasses.replace(state, phase=phase, epoch=0, consumed=0, phase_start=state.step)
         p.schedule.set_phase(state.phase_start, phase_steps(p, state, epochs[phase], sampler, per_step))
         set_schedule_step(engine, state.step)
+        if p.info.is_main:
+            log.info("phase %s: epoch %d/%d, step %d; %d steps per epoch (%d subjects, %d per step over %d ranks)",
+                     phase, state.epoch, epochs[phase], state.step,
+                     steps_left(len(p.train_set), 0, per_step, p.info.world_size), len(p.train_set), per_step,
+                     p.info.world_size)
 
         while state.epoch < epochs[phase]:
             sampler.set_epoch(state.epochs_done, start=state.consumed)
             batches = iter(make_loader(p, sampler, state.epochs_done))
             t_log, samples_log = time.perf_counter(), 0
 
-            for _ in range(steps_left(len(p.train_set), state.consumed, per_step, p.info.world_size)):
+            n_steps = steps_left(len(p.train_set), state.consumed, per_step, p.info.world_size)
+            bar = tqdm(total=n_steps, desc=f"{phase} epoch {state.epoch}", unit="step", leave=False,
+                       disable=not (p.info.is_main and sys.stderr.isatty()))
+            for _ in range(n_steps):
                 terms = {}
                 for _ in range(cfg.optim.grad_accum):
                     batch = to_device(next(batches), p.info.device, DTYPES[cfg.train.precision])
@@ -152,6 +162,7 @@ def train(p: LoopParts, state: TrainState) -> str:
                 state.step += 1
                 state.consumed += per_step
                 samples_log += per_step
+                bar.update()
 
                 if state.step % cfg.log.every_steps == 0:
                     terms = D.mean_over_ranks(terms)
@@ -170,7 +181,11 @@ def train(p: LoopParts, state: TrainState) -> str:
                 if save_due(cfg, state, last_save):
                     save(p, state, last_save)
 
+            bar.close()
             state = dataclasses.replace(state, epoch=state.epoch + 1, consumed=0, epochs_done=state.epochs_done + 1)
+            if p.info.is_main:
+                log.info("%s epoch %d/%d done at step %d (loss %.4g)", phase, state.epoch, epochs[phase], state.step,
+                         terms.get("total", float("nan")) if n_steps else float("nan"))
             if phase == "joint" and cfg.log.eval_every_epochs and state.epoch % cfg.log.eval_every_epochs == 0:
                 monitor_test(p, state.step)
             save(p, state, last_save)  # epoch end (the last epoch's is the phase end)
@@ -231,7 +246,9 @@ def save(p: LoopParts, state: TrainState, last_save: dict) -> None:
     if last_save.get("saved") == state.step:
         return
     client = {**state.to_dict(), "dp_world_size": p.info.world_size, "config_hash": p.config_hash}
-    p.ckpt.save(p.engine, state.step, client, p.cfg)
+    tag = p.ckpt.save(p.engine, state.step, client, p.cfg)
+    if p.info.is_main:
+        log.info("saved complete checkpoint %s", tag)
     p.logger.flush()
     last_save.update(step=state.step, time=time.monotonic(), saved=state.step)
 

@@ -56,9 +56,10 @@ def seed_everything(seed: int, deterministic: bool) -> None:
 
 
 def _target(cfg: RunConfig) -> dict:
-    """What 'finished' means for this config (a changed target reopens a DONE run)."""
+    """What 'finished' means for this config (a changed target or config reopens a DONE run;
+    an incompatible config is then refused by the resume)."""
     return {"pretrain_epochs": cfg.train.pretrain_epochs, "joint_epochs": cfg.train.joint_epochs,
-            "max_steps": cfg.train.max_steps}
+            "max_steps": cfg.train.max_steps, "config_hash": config_hash(cfg)}
 
 
 def _done(run_dir: Path, cfg: RunConfig) -> dict | None:
@@ -138,6 +139,8 @@ def run_training(cfg: RunConfig, stop: StopRequest | None = None) -> TrainOutcom
                 torch.manual_seed(cfg.seed + 1 + info.rank + state.step)
             if info.is_main:
                 log.warning(resumed.note)
+        elif info.is_main:
+            log.info("no complete checkpoint in %s: starting from scratch", run_dir / "checkpoints")
 
         logger = TrainLogger(run_dir, cfg.log, enabled=info.is_main,
                              purge_step=state.step if resumed is not None else None)

@@ -1,0 +1,100 @@
+"""launch/submit.py without SLURM, and how a submission expands into runs and resources."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from launch.slurm import jobs
+from launch.slurm.plan import Resources, parse_time_min, plan_runs
+
+REPO = Path(__file__).resolve().parents[1]
+SLURM_COMMANDS = {"sbatch", "srun", "squeue", "sinfo", "scontrol", "scancel", "sacct"}
+
+
+def path_without_slurm(tmp_path: Path) -> str:
+    """A PATH with every system command except SLURM's (a laptop or a login node without it)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for folder in ("/usr/local/bin", "/usr/bin"):
+        for exe in Path(folder).iterdir():
+            if exe.name not in SLURM_COMMANDS and not (bin_dir / exe.name).exists():
+                (bin_dir / exe.name).symlink_to(exe)
+    return f"{Path(sys.executable).parent}:{bin_dir}"
+
+
+@pytest.mark.slow
+def test_without_slurm_the_same_command_trains_locally(tiny_config, tmp_path):
+    run_dir = tmp_path / "run"
+    env = dict(os.environ, PATH=path_without_slurm(tmp_path))
+    cmd = [sys.executable, str(REPO / "launch" / "submit.py"), "--nodes", "1", "--config", str(tiny_config),
+           "--run-dir", str(run_dir)]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "sbatch was not found" in res.stdout and "running locally" in res.stdout
+    assert f"tensorboard --logdir {run_dir}" in res.stdout
+    done = json.loads((run_dir / "DONE").read_text())
+    assert done["epochs_done"] == 3
+    assert [j["kind"] for j in jobs.read_record(run_dir)["jobs"]] == ["local"]
+
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "already finished" in again.stdout
+    assert json.loads((run_dir / "DONE").read_text()) == done
+    assert len(jobs.read_record(run_dir)["jobs"]) == 1
+
+
+def test_repeats_and_ablations_expand_to_one_run_dir_each(tiny_config, tmp_path):
+    specs = plan_runs(tmp_path / "abl", str(tiny_config), ["optim.lr=3e-4"], repeats=2,
+                      ablations=["model.fusion=add", "model.arch=hfcn"])
+    got = {(s.run_dir.relative_to(tmp_path / "abl").as_posix(), s.cfg.split.repeat, s.cfg.model.fusion,
+            s.cfg.model.arch) for s in specs}
+    assert got == {
+        ("baseline/repeat_0", 0, "attention", "masan"), ("baseline/repeat_1", 1, "attention", "masan"),
+        ("model.fusion-add/repeat_0", 0, "add", "masan"), ("model.fusion-add/repeat_1", 1, "add", "masan"),
+        ("model.arch-hfcn/repeat_0", 0, "attention", "hfcn"), ("model.arch-hfcn/repeat_1", 1, "attention", "hfcn"),
+    }
+    assert all(s.cfg.optim.lr == 3e-4 and s.cfg.run_dir == str(s.run_dir) for s in specs)
+    single = plan_runs(tmp_path / "one", str(tiny_config), ["split.repeat=3"])
+    assert [(s.run_dir, s.cfg.split.repeat) for s in single] == [((tmp_path / "one").resolve(), 3)]
+
+
+def test_resubmission_reuses_the_run_dirs_config(tiny_config, tmp_path):
+    from masan.config import load_config, save_config
+
+    run_dir = tmp_path / "resume"
+    save_config(load_config(str(tiny_config), ["optim.lr=0.02", f"run_dir={run_dir}"]), run_dir / "config.yaml")
+    (spec,) = plan_runs(run_dir, None, [])
+    assert spec.cfg.optim.lr == 0.02 and spec.cfg.data.store == load_config(str(tiny_config)).data.store
+
+
+def test_one_rank_per_gpu_or_one_per_cpu_node():
+    assert Resources(nodes=4, gpus_per_node=8).world_size == 32
+    assert Resources(nodes=2, gpus_per_node=0).tasks_per_node == 1
+
+
+@pytest.mark.parametrize("text, minutes", [("90", 90), ("1:30", 2), ("2:00:00", 120), ("1-12", 2160),
+                                           ("1-0:30", 1470), ("0-0:0:59", 1)])
+def test_slurm_time_formats(text, minutes):
+    assert parse_time_min(text) == minutes
+
+
+def test_bad_inputs_say_what_to_fix(tiny_config, tmp_path):
+    with pytest.raises(ValueError, match="--time"):
+        parse_time_min("two hours")
+    res = subprocess.run([sys.executable, str(REPO / "launch" / "submit.py"), "--local", "--config",
+                          str(tiny_config), "--run-dir", str(tmp_path / "x"), "model.fusoin=add"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "fusoin" in res.stderr
+
+
+def test_a_live_local_run_blocks_a_second_submission(tmp_path):
+    jobs.record_job(tmp_path, str(os.getpid()), "local", "terminal")  # this test process is alive
+    assert jobs.active_jobs(tmp_path) == [(str(os.getpid()), "RUNNING (local)")]
+    res = subprocess.run([sys.executable, str(REPO / "launch" / "submit.py"), "--local",
+                          "--run-dir", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "refused" in res.stderr

@@ -1,0 +1,191 @@
+"""Real training runs (DeepSpeed on the CPU, gloo, the real store/dataset/model) through
+launch/train_local.py: two ranks and both phases, stop and resume, a different number of
+ranks, kill -9 and a bit-identical deterministic resume, damaged checkpoints, a refused
+config, TensorBoard steps after a resume.
+
+Uses the session's tiny converted cohort (tests/conftest.py: 5 NC + 5 AD phantom subjects,
+T1 32^3, fMRI 16^3 x 6 frames, patch grid 2x2x2). The first DeepSpeed engine on a machine
+JIT-builds DeepSpeed's shm comm op with g++ (about a minute, cached afterwards).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from masan.train.checkpoint import MARKER, POINTER, CheckpointManager
+
+REPO = Path(__file__).resolve().parents[1]
+LAUNCH = REPO / "launch" / "train_local.py"
+RUN_TIMEOUT_S = 420
+
+TRAIN_CONFIG = {
+    "seed": 7,
+    "data": {"classes": ["NC", "AD"], "fmri_frames": 6, "num_workers": 1},
+    "model": {"t1_shape": [32, 32, 32], "fmri_shape": [16, 16, 16], "fmri_frames": 6, "patch_grid": [2, 2, 2],
+              "channels": [4, 8, 8, 8], "fmri_channels": [4, 8, 8, 8], "groups": 4, "attn_dim": 8,
+              "mlp_hidden": 16, "dropout": 0.2},
+    "optim": {"micro_batch": 1, "warmup_steps": 2},
+    "train": {"pretrain_epochs": 1, "joint_epochs": 2, "precision": "fp32", "device": "cpu"},
+    "checkpoint": {"every_steps": 2, "every_minutes": 0, "keep": 3},
+    "log": {"every_steps": 1, "eval_every_epochs": 1},
+}
+"""7 training subjects, micro-batch 1: 7 steps per epoch on one rank, 4 on two."""
+
+
+@pytest.fixture(scope="module")
+def train_config(tmp_path_factory, tiny_store) -> Path:
+    path = tmp_path_factory.mktemp("train_config") / "train.yaml"
+    path.write_text(yaml.safe_dump({**TRAIN_CONFIG, "data": {**TRAIN_CONFIG["data"], "store": str(tiny_store)}}))
+    return path
+
+
+def launch(config: Path, run_dir: Path, *overrides: str, nproc: int = 1) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(LAUNCH), "--config", str(config), "--nproc", str(nproc), f"run_dir={run_dir}",
+           *overrides]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=RUN_TIMEOUT_S, check=False, cwd=REPO)
+    res.log = res.stdout + res.stderr
+    return res
+
+
+def ok(res: subprocess.CompletedProcess, status: str) -> str:
+    assert res.returncode == 0, res.log[-4000:]
+    assert f"status: {status}" in res.stdout, res.log[-4000:]
+    return res.log
+
+
+def manifests(run_dir: Path) -> list[dict]:
+    """Manifests of the complete checkpoints, oldest first."""
+    mgr = CheckpointManager(run_dir, keep=100)
+    return [mgr.manifest(t) for t in reversed(mgr.complete_tags())]
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    mgr = CheckpointManager(run_dir, keep=100)
+    tag = mgr.complete_tags()[0]
+    return torch.load(run_dir / "checkpoints" / tag / "mp_rank_00_model_states.pt", map_location="cpu",
+                      weights_only=False)["module"]
+
+
+def scalar_steps(run_dir: Path) -> dict[str, list[int]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [e.step for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def assert_monotonic(run_dir: Path) -> dict[str, list[int]]:
+    steps = scalar_steps(run_dir)
+    assert steps, "no TensorBoard scalars"
+    for tag, s in steps.items():
+        assert all(a < b for a, b in zip(s, s[1:])), f"{tag}: steps not strictly increasing: {s}"
+    return steps
+
+
+def test_two_ranks_stop_resume_and_resize(tmp_path, train_config):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "STOP").touch()  # every rank must stop after the first step, and save together
+    log = ok(launch(train_config, run, nproc=2), "stopped at step 1")
+    assert not (run / "STOP").exists(), "the consumed STOP file must be removed"
+    [first] = manifests(run)
+    assert first["step"] == 1 and first["state"]["dp_world_size"] == 2
+    assert (run / "checkpoints" / POINTER).read_text().strip() == first["tag"]
+    assert any("zero_pp_rank_1" in f for f in first["files"]), "rank 1 wrote no optimizer shard"
+
+    log = ok(launch(train_config, run, nproc=2), "completed")
+    assert "resumed step_000001" in log
+    for f in ("DONE", "predictions.csv", "metrics.json", "region_weights.npy", "config.yaml", "split.json"):
+        assert (run / f).is_file(), f
+    states = [m["state"] for m in manifests(run)]
+    assert states[-1]["phase"] == "joint" and states[-1]["epochs_done"] == 3 and states[-1]["step"] == 12
+    steps = assert_monotonic(run)
+    assert steps["train/recon_t1"][0] == 1 and steps["train/ce"][-1] == 12
+    assert "monitor_test/binary_accuracy" in steps  # test metrics: monitoring only, under their own name
+    assert json.loads((run / "metrics.json").read_text())["n"] == 3
+
+    # one more joint epoch on ONE rank: weights and position carry over, Adam moments restart
+    log = ok(launch(train_config, run, "train.joint_epochs=3", nproc=1), "completed")
+    assert "written by 2 data-parallel ranks on 1" in log and "RESET Adam" in log, log[-3000:]
+    last = manifests(run)[-1]["state"]
+    assert last["step"] == 12 + 7 and last["epochs_done"] == 4 and last["dp_world_size"] == 1
+    assert_monotonic(run)
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, train_config) -> Path:
+    """An uninterrupted deterministic single-process run (21 steps over both phases)."""
+    run = tmp_path_factory.mktemp("reference") / "run"
+    ok(launch(train_config, run, "deterministic=true"), "completed")
+    return run
+
+
+def test_kill9_then_resume_ends_with_identical_weights(tmp_path, train_config, reference_run):
+    run = tmp_path / "run"
+    cmd = [sys.executable, str(LAUNCH), "--config", str(train_config), f"run_dir={run}", "deterministic=true"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
+    pointer = run / "checkpoints" / POINTER
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while not pointer.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(random.uniform(0.0, 1.0))  # a random step (possibly mid-save)
+    assert proc.poll() is None and not (run / "DONE").exists(), "the run ended before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = CheckpointManager(run, 100).complete_tags()[0]
+
+    log = ok(launch(train_config, run, "deterministic=true"), "completed")
+    assert "resumed " in log and "no complete checkpoint" not in log
+    resumed_tag = log.split("resumed ")[1].split(":")[0]
+    assert resumed_tag >= killed_at  # the newest complete one (a save in flight may have completed)
+
+    ref, got = final_weights(reference_run), final_weights(run)
+    assert ref.keys() == got.keys()
+    for k in ref:
+        assert torch.equal(ref[k], got[k]), f"{k} differs after kill -9 + resume"
+    assert_monotonic(run)
+
+
+def test_damaged_checkpoints_are_skipped(tmp_path, train_config, reference_run):
+    run = tmp_path / "run"
+    shutil.copytree(reference_run, run)
+    # a finished run started again returns at once
+    log = ok(launch(train_config, run, "deterministic=true"), "completed")
+    assert "is finished" in log
+
+    mgr = CheckpointManager(run, keep=100)
+    newest, second, third = mgr.complete_tags()[:3]
+    shard = next(f for f in sorted((run / "checkpoints" / newest).iterdir()) if f.suffix == ".pt")
+    with open(shard, "r+b") as f:
+        f.truncate(shard.stat().st_size // 2)  # a half-written file
+    (run / "checkpoints" / second / MARKER).unlink()  # a save that never finished
+    assert "truncated" in mgr.problem(newest) and "no COMPLETE marker" in mgr.problem(second)
+    assert mgr.problem(third) is None
+
+    log = ok(launch(train_config, run, "deterministic=true", "train.joint_epochs=3"), "completed")
+    assert f"skipping damaged checkpoint {run / 'checkpoints' / newest}" in log
+    assert f"skipping damaged checkpoint {run / 'checkpoints' / second}" in log
+    assert f"resumed {third}" in log
+    assert_monotonic(run)
+
+
+def test_incompatible_config_is_refused(tmp_path, train_config, reference_run):
+    run = tmp_path / "run"
+    shutil.copytree(reference_run, run)
+    before = (run / "config.yaml").read_text()
+    res = launch(train_config, run, "deterministic=true", "optim.lr=0.005")
+    assert res.returncode == 2, res.log[-3000:]
+    assert "optim.lr: 0.001 -> 0.005" in res.stderr and "new run directory" in res.stderr, res.stderr[-3000:]
+    assert (run / "config.yaml").read_text() == before, "a refused start must not rewrite config.yaml"
