@@ -51,7 +51,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     lay.add_argument("--fmri-shard-frames", type=int, default=d.fmri_shard_frames,
                      help="frames per fMRI shard file; also the streaming slab (memory per worker)")
     lay.add_argument("--codec", default=d.codec, choices=["zstd", "lz4", "lz4hc", "blosclz", "zlib"])
-    lay.add_argument("--clevel", type=int, default=d.clevel)
+    lay.add_argument("--clevel", type=int, default=d.clevel, choices=range(10), metavar="0-9",
+                     help="compression level (default %(default)s)")
     lay.add_argument("--shuffle", default=d.shuffle, choices=["bitshuffle", "shuffle", "noshuffle"])
     p.add_argument("--nan", default=d.nan, choices=["error", "zero"],
                    help="NaN voxels: error (default: the subject fails) or zero (stored as 0, count recorded)")

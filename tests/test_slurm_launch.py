@@ -153,3 +153,14 @@ def test_repeats_run_as_one_array_with_one_run_dir_each(slurm_cluster, tiny_conf
         assert yaml.safe_load((base / f"repeat_{r}" / "config.yaml").read_text())["split"]["repeat"] == r
     splits = [json.loads((base / f"repeat_{r}" / "split.json").read_text()) for r in range(2)]
     assert splits[0]["test"] != splits[1]["test"]
+
+
+def test_a_crashed_job_is_resubmitted_up_to_max_restarts(slurm_cluster, tiny_config, tmp_path):
+    run_dir = tmp_path / "crash"
+    res = submit("--nodes", 1, "--time", 5, "--config", tiny_config, "--run-dir", run_dir, "--max-restarts", 1,
+                 f"data.store={tmp_path / 'missing.zarr'}", wait_job=True)  # every start crashes
+    assert res.returncode == 1 and "NOT finished" in res.stdout, res.stdout
+    first, second = job_ids(run_dir)
+    (restart,) = events(run_dir, "restarted")
+    assert (restart["after"], restart["job_id"], restart["state"]) == (first, second, "FAILED")
+    assert "missing.zarr" in rank0_log(run_dir, second)

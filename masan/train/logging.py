@@ -1,8 +1,8 @@
 """TensorBoard for one run (rank 0 only; every other rank gets a logger that does nothing).
 
 Steps are global optimizer steps. After a resume the writer is opened with
-``purge_step=<resumed step>``: points a killed run logged past its last complete checkpoint
-are dropped, so every tag's steps increase without duplicates or rewinds. The writer is
+``purge_step=<resumed step + 1>``: points a killed run logged past its last complete
+checkpoint are dropped (those up to its step were logged before it was saved), so every tag's steps increase without duplicates or rewinds. The writer is
 flushed at each checkpoint and closed before the run returns.
 
 Tags: ``train/<loss term>``, ``train/lr``, ``train/samples_per_s``, ``train/gpu_mem_gib``
@@ -33,7 +33,7 @@ class TrainLogger:
         run_dir: events go to ``run_dir/tb``.
         log_cfg: the ``log`` config section.
         enabled: True on rank 0 with ``log.tensorboard``.
-        purge_step: the resumed global step (None on a fresh start).
+        purge_step: first step to drop from earlier event files (None on a fresh start).
     """
 
     def __init__(self, run_dir: str | Path, log_cfg: LogConfig, enabled: bool, purge_step: int | None = None):

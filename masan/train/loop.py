@@ -149,7 +149,7 @@ def train(p: LoopParts, state: TrainState) -> str:
             n_steps = steps_left(len(p.train_set), state.consumed, per_step, p.info.world_size)
             bar = tqdm(total=n_steps, desc=f"{phase} epoch {state.epoch}", unit="step", leave=False,
                        disable=not (p.info.is_main and sys.stderr.isatty()))
-            for _ in range(n_steps):
+            for i in range(n_steps):
                 terms = {}
                 for _ in range(cfg.optim.grad_accum):
                     batch = to_device(next(batches), p.info.device, DTYPES[cfg.train.precision])
@@ -178,7 +178,7 @@ def train(p: LoopParts, state: TrainState) -> str:
                 if cfg.train.max_steps is not None and state.step >= cfg.train.max_steps:
                     save(p, state, last_save)
                     return "max_steps"
-                if save_due(cfg, state, last_save):
+                if i < n_steps - 1 and save_due(cfg, state, last_save):  # the epoch-end save follows
                     save(p, state, last_save)
 
             bar.close()

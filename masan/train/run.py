@@ -143,7 +143,8 @@ def run_training(cfg: RunConfig, stop: StopRequest | None = None) -> TrainOutcom
             log.info("no complete checkpoint in %s: starting from scratch", run_dir / "checkpoints")
 
         logger = TrainLogger(run_dir, cfg.log, enabled=info.is_main,
-                             purge_step=state.step if resumed is not None else None)
+                             # points up to the checkpoint's step were logged before it was saved
+                             purge_step=state.step + 1 if resumed is not None else None)
         if resumed is None:
             logger.hparams(cfg)
         parts = LoopParts(cfg=cfg, info=info, engine=engine, schedule=schedule, train_set=train_set,
