@@ -277,7 +277,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"state: squeue -j {ids[0].split('_')[0]}   cancel: scancel {ids[0].split('_')[0]}", flush=True)
     if not args.wait:
         return 0
-    return watch(dict(zip(ids, todo)), res, folder, args)
+    try:
+        return watch(dict(zip(ids, todo)), res, folder, args)
+    except KeyboardInterrupt:
+        print(f"\nstopped following; the job(s) keep running (squeue -j {ids[0].split('_')[0]})")
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":

@@ -80,7 +80,7 @@ def test_chunks_follow_patch_grid_and_frames_with_few_files(cohort):
     assert f.chunks == (4, *FMRI) and f.shards == (8, *FMRI)
     codecs = json.loads((store.path / SUBJECTS / "sub-001" / "t1" / "zarr.json").read_text())["codecs"]
     inner = codecs[0]["configuration"]["codecs"]
-    assert {"cname": "zstd", "shuffle": "bitshuffle"}.items() <= inner[-1]["configuration"].items()
+    assert {"cname": "lz4hc", "clevel": 5, "shuffle": "bitshuffle"}.items() <= inner[-1]["configuration"].items()
     files = [p for p in (store.path / SUBJECTS / "sub-001").rglob("*") if p.is_file()]
     assert len(files) == 1 + 2 + 1 + 3  # group + 2 array metadata + 1 T1 shard + 3 fMRI shards
 

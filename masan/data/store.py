@@ -88,6 +88,7 @@ class CohortStore:
         self._root: Any = None
         self._attrs: dict | None = None
         self._arrays: dict[str, Any] = {}
+        self._rowmap: dict[str, dict] = {}
         self._check_exists()
 
     # ------------------------------------------------------------------ process-local handles
@@ -114,6 +115,7 @@ class CohortStore:
             if attrs.get("masan_store", {}).get("format") != FORMAT:
                 raise StoreError(f"{self.path} is a Zarr group but not a MASAN cohort store; {FIX}")
             self._root, self._attrs, self._arrays, self._pid = root, attrs, {}, os.getpid()
+            self._rowmap = {r["subject"]: r for r in attrs.get("cohort", [])}
         return self._root
 
     @property
@@ -149,7 +151,8 @@ class CohortStore:
 
     @property
     def _rows(self) -> dict[str, dict]:
-        return {r["subject"]: r for r in self.attrs.get("cohort", [])}
+        self._open()
+        return self._rowmap
 
     @property
     def subjects(self) -> list[str]:

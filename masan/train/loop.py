@@ -270,7 +270,8 @@ def evaluate(p: LoopParts, dataset: Dataset, with_images: bool = False):
     """
     sampler = DistributedSampler(dataset, num_replicas=p.info.world_size, rank=p.info.rank, shuffle=False)
     loader = DataLoader(dataset, batch_size=p.cfg.optim.micro_batch, sampler=sampler,
-                        num_workers=p.cfg.data.num_workers)
+                        num_workers=p.cfg.data.num_workers,
+                        generator=torch.Generator().manual_seed(p.cfg.seed))  # training RNG untouched
     preds = gather_predictions(predict(p.engine.module, loader, p.info.device, class_names=p.class_names))
     attention = t1 = None
     if with_images and p.info.is_main and len(dataset):
