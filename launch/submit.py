@@ -47,6 +47,7 @@ LOCAL_CONFIG = "submitted_config.yaml"
 SUBMITIT_DIR = "slurm"
 EXIT_REFUSED = 2
 EXIT_FAILED = 1
+UNKNOWN_GRACE_POLLS = 3  # polls a job may be unknown to squeue/scontrol/sacct before it counts as gone
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -141,6 +142,7 @@ def watch(pending: dict[str, RunSpec], res: Resources, folder: Path, args) -> in
     """Follow jobs to their end, resubmitting crashed ones; 0 when every run is DONE."""
     restarts = {str(s.run_dir): 0 for s in pending.values()}
     last: dict[str, str] = {}
+    unknown: dict[str, int] = {}
     failed: list[str] = []
     while pending:
         time.sleep(args.poll)
@@ -150,6 +152,9 @@ def watch(pending: dict[str, RunSpec], res: Resources, folder: Path, args) -> in
                 print(f"  job {jid}: {state}  ({spec.run_dir})", flush=True)
                 last[jid] = state
             if state in jobs.ACTIVE_STATES:
+                continue
+            if state == jobs.UNKNOWN and unknown.setdefault(jid, 0) < UNKNOWN_GRACE_POLLS:
+                unknown[jid] += 1  # a slow or restarting controller: ask again before concluding
                 continue
             del pending[jid]
             if jobs.is_done(spec.run_dir):

@@ -290,3 +290,33 @@ def test_killed_conversion_resumes_with_complete_subjects(tmp_path):
         assert np.array_equal(store.read_raw(s, "t1"), t1)
         assert np.array_equal(store.read_raw(s, "fmri"), np.moveaxis(bold, 3, 0))
     assert not (out / REPORT).with_suffix(".json.tmp").exists()
+
+
+_PEAK_RSS = """
+import resource, sys
+from masan.data.convert import ConvertOptions, SubjectSource, convert_cohort
+from pathlib import Path
+src = [SubjectSource("s", "AD", None, Path(sys.argv[1]), "test")]
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+report = convert_cohort(src, sys.argv[2], ConvertOptions(fmri_shard_frames=8, fmri_chunk_frames=8, require=("fmri",)),
+                        progress=False)
+assert not report.failed, report.failed
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
+"""
+
+
+def test_fmri_streams_in_bounded_memory(tmp_path):
+    """A run 8x longer must not need 8x the memory: the conversion holds one shard of frames."""
+    from masan.data.nifti import write_nifti_slabs
+
+    shape, rng = (48, 48, 48), np.random.default_rng(0)
+    peaks, sizes = [], []
+    for frames in (75, 600):
+        path = tmp_path / f"run{frames}_bold.nii.gz"
+        slabs = (rng.integers(0, 1000, shape + (25,), dtype=np.int16) for _ in range(frames // 25))
+        write_nifti_slabs(path, np.eye(4), shape + (frames,), np.int16, slabs, (2.0, 2.0, 2.0, 2.0), compresslevel=1)
+        out = subprocess.run([sys.executable, "-c", _PEAK_RSS, str(path), str(tmp_path / f"s{frames}.zarr")],
+                             capture_output=True, text=True, check=True)
+        peaks.append(int(out.stdout.split()[-1]) * 1024)  # ru_maxrss is in KiB on Linux
+        sizes.append(np.prod(shape) * frames * 2)
+    assert peaks[1] - peaks[0] < 0.25 * (sizes[1] - sizes[0]), (peaks, sizes)

@@ -51,18 +51,23 @@ def modality_path(subject: str, modality: str) -> str:
     return f"{SUBJECTS}/{subject}/{modality}"
 
 
-def scaled_float32(raw: np.ndarray, slope: float, inter: float) -> np.ndarray:
-    """Stored values -> float32 data values (NIfTI scaling applied in float64, then rounded)."""
-    if slope == 1.0 and inter == 0.0:
-        return raw.astype(np.float32)
-    return (raw * np.float64(slope) + np.float64(inter)).astype(np.float32)
-
-
 NORMALIZE_BLOCK = 1 << 16
 """Voxels per step of the fused normalisation: small enough that both passes stay in cache."""
 
 
-def normalized_float32(raw: np.ndarray, slope: float, inter: float, mean: float, std: float) -> np.ndarray:
+def scaled_float32(raw: np.ndarray, slope: float, inter: float, out: np.ndarray | None = None) -> np.ndarray:
+    """Stored values -> float32 data values (NIfTI scaling applied in float64, then rounded),
+    i.e. ``np.asarray(nibabel.load(f).dataobj).astype(np.float32)``."""
+    out = np.empty(raw.shape, dtype=np.float32) if out is None else out
+    if slope == 1.0 and inter == 0.0:
+        out[...] = raw
+    else:
+        out[...] = raw * np.float64(slope) + np.float64(inter)
+    return out
+
+
+def normalized_float32(raw: np.ndarray, slope: float, inter: float, mean: float, std: float,
+                       out: np.ndarray | None = None) -> np.ndarray:
     """Stored values -> z-scored float32: ``(raw * slope + inter - mean) / std``.
 
     Scaling and z-score fold into one multiply-add, done block by block so that the second
@@ -70,7 +75,7 @@ def normalized_float32(raw: np.ndarray, slope: float, inter: float, mean: float,
     """
     a = np.float32(slope / std)
     b = np.float32((inter - mean) / std)
-    out = np.empty(raw.shape, dtype=np.float32)
+    out = np.empty(raw.shape, dtype=np.float32) if out is None else out
     src, dst = raw.reshape(-1), out.reshape(-1)
     for i in range(0, src.size, NORMALIZE_BLOCK):
         block = dst[i:i + NORMALIZE_BLOCK]
@@ -210,13 +215,28 @@ class CohortStore:
 
     def _read(self, subject: str, modality: str, frames: slice | None, region: Region | None,
               normalize: bool) -> np.ndarray:
-        raw = self.read_raw(subject, modality, frames, region)
-        meta = self.meta(subject, modality)
+        """float32 values; fMRI is read and converted one shard of frames at a time, so the
+        stored values never exist as a whole-run intermediate (half the memory traffic)."""
+        arr, meta = self._array(subject, modality)
         slope, inter = meta["nifti"]["scl_slope"], meta["nifti"]["scl_inter"]
-        if normalize:
-            stats = meta["stats"]
-            return normalized_float32(raw, slope, inter, stats["mean"], stats["std"])
-        return scaled_float32(raw, slope, inter)
+        stats = meta["stats"]
+
+        def convert(raw: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+            if normalize:
+                return normalized_float32(raw, slope, inter, stats["mean"], stats["std"], out)
+            return scaled_float32(raw, slope, inter, out)
+
+        if modality == "t1" or (frames is not None and frames.step not in (None, 1)):
+            return convert(self.read_raw(subject, modality, frames, region))
+        start, stop, _ = (frames if frames is not None else slice(None)).indices(arr.shape[0])
+        step = (arr.shards or arr.chunks)[0]
+        out = None
+        for t0 in range(start, stop, step):
+            raw = self.read_raw(subject, modality, slice(t0, min(t0 + step, stop)), region)
+            if out is None:
+                out = np.empty((stop - start,) + raw.shape[1:], dtype=np.float32)
+            convert(raw, out[t0 - start:t0 - start + raw.shape[0]])
+        return out if out is not None else convert(self.read_raw(subject, modality, frames, region))
 
     def read_t1(self, subject: str, region: Region | None = None, normalize: bool = True) -> np.ndarray:
         """T1 as float32 (X, Y, Z) (or the ``region`` box); z-scored when ``normalize``."""

@@ -133,7 +133,7 @@ def train(p: LoopParts, state: TrainState) -> str:
     for phase in PHASES[PHASES.index(state.phase):]:
         if state.phase != phase:  # a new phase starts: fresh epoch count and LR curve
             state = dataclasses.replace(state, phase=phase, epoch=0, consumed=0, phase_start=state.step)
-        p.schedule.set_phase(state.phase_start, phase_steps(p, state, epochs[phase], sampler, per_step))
+        p.schedule.set_phase(state.phase_start, phase_steps(p, state, epochs[phase], per_step))
         set_schedule_step(engine, state.step)
         if p.info.is_main:
             log.info("phase %s: epoch %d/%d, step %d; %d steps per epoch (%d subjects, %d per step over %d ranks)",
@@ -201,7 +201,7 @@ def steps_left(n: int, consumed: int, per_step: int, world: int) -> int:
     return max(0, padded - consumed) // per_step
 
 
-def phase_steps(p: LoopParts, state: TrainState, n_epochs: int, sampler, per_step: int) -> int:
+def phase_steps(p: LoopParts, state: TrainState, n_epochs: int, per_step: int) -> int:
     """Total optimizer steps of the current phase: steps done + steps left (at this world size)."""
     n, world = len(p.train_set), p.info.world_size
     full = steps_left(n, 0, per_step, world)

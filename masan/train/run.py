@@ -98,73 +98,86 @@ def _data(cfg: RunConfig, info: D.DistInfo, run_dir: Path):
 
 
 def run_training(cfg: RunConfig, stop: StopRequest | None = None) -> TrainOutcome:
-    """Train one run (see docs/architecture.md); collective over all ranks of the process group."""
+    """Train one run (see docs/architecture.md); collective over all ranks of the process group.
+
+    Initialises torch.distributed from the environment when nobody did, and then also tears
+    it down at the end (after a barrier; on an error without one: the other ranks may never
+    reach it).
+    """
+    created_group = not torch.distributed.is_initialized()
+    info = D.init_distributed(cfg.train)
+    try:
+        outcome = _run(cfg, stop, info)
+    except BaseException:
+        if created_group:
+            D.shutdown()
+        raise
+    if created_group:
+        D.barrier()
+        D.shutdown()
+    return outcome
+
+
+def _run(cfg: RunConfig, stop: StopRequest | None, info: D.DistInfo) -> TrainOutcome:
     from masan.model import build_model
     from masan.train.engine import LRSchedule, build_engine, check_config
 
     run_dir = Path(cfg.run_dir)
-    created_group = not torch.distributed.is_initialized()
-    info = D.init_distributed(cfg.train)
+    done = _done(run_dir, cfg)
+    if done is not None:
+        log.info("%s is finished (DONE at step %d); nothing to do", run_dir, done["step"])
+        return TrainOutcome("completed", done["step"], done["epochs_done"], str(run_dir))
+    check_config(cfg, info.device.type)
+    stop = stop or StopRequest(run_dir)
+    seed_everything(cfg.seed, cfg.deterministic)
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / DONE_FILE).unlink(missing_ok=True)  # a changed target reopens the run
+    train_set, test_set, class_names = _data(cfg, info, run_dir)
+
+    model = build_model(cfg.model, len(class_names))  # same seed: same init on every rank
+    schedule = LRSchedule(cfg.optim)
+    engine = build_engine(model, cfg, info.world_size, schedule)
+    ckpt = CheckpointManager(run_dir, cfg.checkpoint.keep, info.rank, info.world_size)
+    chash = config_hash(cfg)
+    resumed = ckpt.resume(engine, cfg, chash)
+    if info.is_main:
+        save_config(cfg, run_dir / CONFIG_FILE)  # after the compatibility check: a refused start changes nothing
+
+    state = TrainState()
+    random.seed(cfg.seed + 1 + info.rank)  # per-rank streams (dropout) after the shared init
+    np.random.seed((cfg.seed + 1 + info.rank) % 2**32)
+    torch.manual_seed(cfg.seed + 1 + info.rank)
+    if resumed is not None:
+        state = TrainState.from_dict(resumed.state)
+        if not resumed.world_changed:
+            set_rng_state(resumed.state["rng"][info.rank])
+        else:
+            torch.manual_seed(cfg.seed + 1 + info.rank + state.step)
+        if info.is_main:
+            log.warning(resumed.note)
+    elif info.is_main:
+        log.info("no complete checkpoint in %s: starting from scratch", run_dir / "checkpoints")
+
+    logger = TrainLogger(run_dir, cfg.log, enabled=info.is_main,
+                         # points up to the checkpoint's step were logged before it was saved
+                         purge_step=state.step + 1 if resumed is not None else None)
+    if resumed is None:
+        logger.hparams(cfg)
+    parts = LoopParts(cfg=cfg, info=info, engine=engine, schedule=schedule, train_set=train_set,
+                      test_set=test_set, class_names=class_names, ckpt=ckpt, logger=logger, stop=stop,
+                      config_hash=chash)
     try:
-        done = _done(run_dir, cfg)
-        if done is not None:
-            log.info("%s is finished (DONE at step %d); nothing to do", run_dir, done["step"])
-            return TrainOutcome("completed", done["step"], done["epochs_done"], str(run_dir))
-        check_config(cfg, info.device.type)
-        stop = stop or StopRequest(run_dir)
-        seed_everything(cfg.seed, cfg.deterministic)
-        if info.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / DONE_FILE).unlink(missing_ok=True)  # a changed target reopens the run
-        train_set, test_set, class_names = _data(cfg, info, run_dir)
-
-        model = build_model(cfg.model, len(class_names))  # same seed: same init on every rank
-        schedule = LRSchedule(cfg.optim)
-        engine = build_engine(model, cfg, info.world_size, schedule)
-        ckpt = CheckpointManager(run_dir, cfg.checkpoint.keep, info.rank, info.world_size)
-        chash = config_hash(cfg)
-        resumed = ckpt.resume(engine, cfg, chash)
-        if info.is_main:
-            save_config(cfg, run_dir / CONFIG_FILE)  # after the compatibility check: a refused start changes nothing
-
-        state = TrainState()
-        random.seed(cfg.seed + 1 + info.rank)  # per-rank streams (dropout) after the shared init
-        np.random.seed((cfg.seed + 1 + info.rank) % 2**32)
-        torch.manual_seed(cfg.seed + 1 + info.rank)
-        if resumed is not None:
-            state = TrainState.from_dict(resumed.state)
-            if not resumed.world_changed:
-                set_rng_state(resumed.state["rng"][info.rank])
-            else:
-                torch.manual_seed(cfg.seed + 1 + info.rank + state.step)
+        status = train(parts, state)
+        state = _final_state(ckpt)
+        if status == "stopped":
             if info.is_main:
-                log.warning(resumed.note)
-        elif info.is_main:
-            log.info("no complete checkpoint in %s: starting from scratch", run_dir / "checkpoints")
-
-        logger = TrainLogger(run_dir, cfg.log, enabled=info.is_main,
-                             # points up to the checkpoint's step were logged before it was saved
-                             purge_step=state.step + 1 if resumed is not None else None)
-        if resumed is None:
-            logger.hparams(cfg)
-        parts = LoopParts(cfg=cfg, info=info, engine=engine, schedule=schedule, train_set=train_set,
-                          test_set=test_set, class_names=class_names, ckpt=ckpt, logger=logger, stop=stop,
-                          config_hash=chash)
-        try:
-            status = train(parts, state)
-            state = _final_state(ckpt)
-            if status == "stopped":
-                if info.is_main:
-                    stop.clear_file()
-                return TrainOutcome("stopped", state.step, state.epochs_done, str(run_dir))
-            finish(parts, state)
-            return TrainOutcome("completed", state.step, state.epochs_done, str(run_dir))
-        finally:
-            logger.close()
+                stop.clear_file()
+            return TrainOutcome("stopped", state.step, state.epochs_done, str(run_dir))
+        finish(parts, state)
+        return TrainOutcome("completed", state.step, state.epochs_done, str(run_dir))
     finally:
-        if created_group:
-            D.barrier()
-            D.shutdown()
+        logger.close()
 
 
 def _final_state(ckpt: CheckpointManager) -> TrainState:

@@ -1,0 +1,92 @@
+#!/usr/bin/env python
+"""Training throughput and peak memory of the demo config, side by side in one run.
+
+Trains ``hpc/configs/demo.yaml`` (or --config) through ``launch/train_local.py`` for
+``--steps`` optimizer steps per variant (1 and 2 gloo processes; fp32 and bf16) on a phantom
+cohort synthesized and converted once, and prints a table:
+
+    variant | samples/s (median of the logged train/samples_per_s after warm-up) | peak RSS per rank (MiB)
+    and the ratio of each samples/s to the first variant's.
+
+Peak RSS is the largest maximum resident set of any rank process (getrusage of the waited-for
+children). Example::
+
+    python bench/train.py --steps 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+MARK = "PEAK_RSS_KIB"
+MEASURE = ("import resource, subprocess, sys; rc = subprocess.run(sys.argv[1:]).returncode; "
+           f"print('{MARK}', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); sys.exit(rc)")
+"""Runs one variant and reports the largest RSS of its processes (ranks included: all waited for)."""
+VARIANTS = (("1 proc fp32", 1, "fp32"), ("2 proc fp32", 2, "fp32"), ("1 proc bf16", 1, "bf16"),
+            ("2 proc bf16", 2, "bf16"))
+
+
+def make_store(root: Path, cfg: dict) -> Path:
+    from masan.data.convert import ConvertOptions, convert_cohort, discover_bids
+    from masan.data.synth import synthesize_cohort
+
+    m = cfg["model"]
+    classes = tuple(cfg["data"]["classes"])
+    bids = synthesize_cohort(root / "bids", n_per_class=12, classes=classes, t1_shape=tuple(m["t1_shape"]),
+                             fmri_shape=tuple(m["fmri_shape"]), frames=m["fmri_frames"])
+    store = root / "cohort.zarr"
+    convert_cohort(discover_bids(bids), store, ConvertOptions(patch_grid=tuple(m["patch_grid"])), classes=classes,
+                   progress=False)
+    return store
+
+
+def rate(run_dir: Path) -> float:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    values = [e.value for e in acc.Scalars("train/samples_per_s")][1:]  # first window holds start-up
+    return statistics.median(values) if values else float("nan")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default=str(REPO / "hpc/configs/demo.yaml"))
+    ap.add_argument("--steps", type=int, default=30, help="optimizer steps per variant")
+    args = ap.parse_args()
+    cfg = yaml.safe_load(Path(args.config).read_text())
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        store = make_store(root, cfg)
+        for name, nproc, precision in VARIANTS:
+            run = root / name.replace(" ", "_")
+            res = subprocess.run(
+                [sys.executable, "-c", MEASURE, sys.executable, str(REPO / "launch/train_local.py"),
+                 "--config", args.config, "--nproc", str(nproc),
+                 f"run_dir={run}", f"data.store={store}", f"train.precision={precision}",
+                 f"train.max_steps={args.steps}", "log.every_steps=5", "log.eval_every_epochs=0",
+                 "checkpoint.every_steps=0", "checkpoint.every_minutes=0"],
+                capture_output=True, text=True, check=False)
+            if res.returncode != 0:
+                print(res.stderr[-3000:], file=sys.stderr)
+                return 1
+            peak_kib = int(res.stderr.rsplit(MARK, 1)[1].split()[0])
+            rows.append((name, rate(run), peak_kib / 1024))
+    base = rows[0][1]
+    print(f"{'variant':<14} {'samples/s':>10} {'ratio':>6} {'peak RSS MiB':>13}")
+    for name, r, rss in rows:
+        print(f"{name:<14} {r:>10.2f} {r / base:>6.2f} {rss:>13.0f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
