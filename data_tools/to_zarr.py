@@ -45,7 +45,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     lay.add_argument("--fmri-shape", nargs="*", type=int, metavar="N",
                      help=f"centre crop/pad fMRI frames to X Y Z (flag alone: {' '.join(map(str, model.fmri_shape))})")
     d = ConvertOptions()
-    lay.add_argument("--patch-grid", nargs=3, type=int, default=list(d.patch_grid),
+    lay.add_argument("--patch-grid", nargs=3, type=int, default=list(d.patch_grid), metavar=("GX", "GY", "GZ"),
                      help="T1 chunk = one cell of this grid (default %(default)s)")
     lay.add_argument("--fmri-chunk-frames", type=int, default=d.fmri_chunk_frames, help="frames per fMRI chunk")
     lay.add_argument("--fmri-shard-frames", type=int, default=d.fmri_shard_frames,

@@ -41,8 +41,7 @@ from zarr.storage import LocalStore
 
 from masan.data import nifti
 from masan.data.synth import PLANTED_EFFECT_FILE
-from masan.data.store import (FORMAT, FORMAT_VERSION, MODALITIES, REPORT, STAGING, SUBJECTS, TRASH,
-                              modality_path)
+from masan.data.store import FORMAT, FORMAT_VERSION, MODALITIES, REPORT, STAGING, SUBJECTS, TRASH
 
 DEFAULT_CLASSES = ("NC", "EMCI", "LMCI", "AD")
 ADNI_ALIASES = {"CN": "NC"}
