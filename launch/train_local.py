@@ -90,6 +90,8 @@ def spawn(args: argparse.Namespace, argv: list[str]) -> int:
     for rank in range(args.nproc):
         env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(args.nproc), LOCAL_RANK=str(rank),
                    LOCAL_WORLD_SIZE=str(args.nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        # share the cores instead of every rank starting one thread per core (as torchrun does)
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
         procs.append(subprocess.Popen([sys.executable, os.path.abspath(__file__), *worker_argv], env=env))
 
     def forward(signum, frame):  # noqa: ARG001 - signal handler signature
