@@ -234,11 +234,11 @@ def _select(specs: list[RunSpec]) -> list[RunSpec] | None:
               f"or cancel it (scancel JOBID) and submit again to resume", file=sys.stderr)
     if busy:
         return None
-    from masan.train.run import _done  # DONE with the same epoch target: nothing left to train
+    from masan.train.run import finished_run  # DONE with the same epoch target: nothing left to train
 
     todo = []
     for s in specs:
-        done = _done(s.run_dir, s.cfg)
+        done = finished_run(s.run_dir, s.cfg)
         if done is not None:
             print(f"already finished (DONE at step {done['step']}): {s.run_dir}; nothing to do for it")
         else:

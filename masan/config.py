@@ -386,7 +386,8 @@ def save_config(cfg: RunConfig, path: str | os.PathLike) -> Path:
 # Sections that may change between a checkpoint and its resume without breaking it.
 _RESUMABLE_CHANGES = ("run_dir", "data.num_workers", "data.prefetch_factor", "data.store",
                       "checkpoint", "log", "train.device", "train.max_steps",
-                      "train.pretrain_epochs", "train.joint_epochs")
+                      "train.pretrain_epochs", "train.joint_epochs", "train.dist_timeout_minutes",
+                      "train.zero_bucket_elements")
 
 
 def config_hash(cfg: RunConfig) -> str:

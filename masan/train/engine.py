@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import warnings
 from dataclasses import dataclass
@@ -146,6 +147,13 @@ def build_engine(model: torch.nn.Module, cfg: RunConfig, world_size: int, schedu
     is stepped by DeepSpeed after each optimizer step.
     """
     import deepspeed  # after DS_ACCELERATOR is set
+
+    if os.environ.get("MASAN_DS_SHM_COMM", "0") != "1":
+        # On the CPU accelerator DeepSpeed JIT-compiles a shared-memory all-reduce op with g++
+        # in every fresh environment (about 70 s on 2 cores, and rebuilt whenever two
+        # environments share ~/.cache/torch_extensions). Training all-reduces through the gloo
+        # group just as well; MASAN_DS_SHM_COMM=1 brings the op back. No effect on CUDA.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
     o = cfg.optim
     optimizer = torch.optim.Adam(model.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)

@@ -62,7 +62,8 @@ def _target(cfg: RunConfig) -> dict:
             "max_steps": cfg.train.max_steps, "config_hash": config_hash(cfg)}
 
 
-def _done(run_dir: Path, cfg: RunConfig) -> dict | None:
+def finished_run(run_dir: Path, cfg: RunConfig) -> dict | None:
+    """The DONE record of a run that finished this config's epoch target, else None."""
     f = run_dir / DONE_FILE
     if not f.is_file():
         return None
@@ -123,7 +124,7 @@ def _run(cfg: RunConfig, stop: StopRequest | None, info: D.DistInfo) -> TrainOut
     from masan.train.engine import LRSchedule, build_engine, check_config
 
     run_dir = Path(cfg.run_dir)
-    done = _done(run_dir, cfg)
+    done = finished_run(run_dir, cfg)
     if done is not None:
         log.info("%s is finished (DONE at step %d); nothing to do", run_dir, done["step"])
         return TrainOutcome("completed", done["step"], done["epochs_done"], str(run_dir))
