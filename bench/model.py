@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from masan.config import ConfigError, ModelConfig, RunConfig, load_config
+from masan.config import ModelConfig, RunConfig, add_config_arguments, config_from_args
 from masan.model import build_model, masan_loss
 
 CPU_SHAPES = [
@@ -118,8 +118,7 @@ def _format(results: list[Result], header: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] + " See the module docstring for details.",
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="run config YAML (default: built-in defaults = the paper's model)")
-    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. model.fusion=add")
+    add_config_arguments(parser)
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--full", action="store_true", help="on CPU too, use the configured (full) resolution")
     parser.add_argument("--batch", type=int, default=1, help="samples per step (default 1)")
@@ -135,12 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     if device == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but no CUDA GPU is visible", file=sys.stderr)
         return 2
-    overrides = list(args.overrides) if device == "cuda" or args.full else [*CPU_SHAPES, *args.overrides]
-    try:
-        cfg = load_config(args.config, overrides)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = config_from_args(args, defaults=() if device == "cuda" or args.full else CPU_SHAPES)
     steps = args.steps or (10 if device == "cuda" else 3)
     m = cfg.model
     if device == "cuda":

@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"predictions:       {run_dir / 'predictions.csv'}")
     print(f"figures:           {report / 'figures'}")
     print(f"TensorBoard logs:  {run_dir / 'tb'}   (tensorboard --logdir {run_dir})")
-    print(f"on a cluster:      python launch/submit.py --nodes 4 --gpus-per-node 8 --config hpc/configs/paper.yaml")
+    print("on a cluster:      python launch/submit.py --nodes 4 --gpus-per-node 8 --config hpc/configs/paper.yaml")
     return 0
 
 

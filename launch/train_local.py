@@ -29,15 +29,16 @@ POLL_S = 0.5
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    from masan.config import add_config_arguments
+
     ap = argparse.ArgumentParser(
         description="Train a MASAN run locally: in this process (--nproc 1) or as N processes with "
                     "torch.distributed gloo on the CPU (nccl when GPUs are visible). Resumes automatically "
                     "from RUN_DIR/checkpoints; `touch RUN_DIR/STOP` saves and stops every rank.",
         epilog="Overrides are section.key=value, e.g. run_dir=runs/x train.max_steps=20 optim.lr=3e-4.")
-    ap.add_argument("--config", help="run config YAML (e.g. hpc/configs/demo.yaml); defaults when omitted")
     ap.add_argument("--nproc", type=int, default=1, help="processes (data-parallel ranks) on this machine")
     ap.add_argument("--port", type=int, default=None, help="rendezvous port for --nproc > 1 (default: a free one)")
-    ap.add_argument("overrides", nargs="*", help="config overrides section.key=value")
+    add_config_arguments(ap)
     args = ap.parse_args(argv)
     if args.nproc < 1:
         ap.error("--nproc must be at least 1")
@@ -52,18 +53,14 @@ def setup_logging(rank: int) -> None:
 
 def train_here(args: argparse.Namespace) -> int:
     """One rank: this process (the environment says which rank, or a world of one)."""
-    from masan.config import ConfigError, load_config
+    from masan.config import ConfigError, config_from_args
     from masan.train.checkpoint import ResumeError
     from masan.train.run import run_training
     from masan.train.stop import StopRequest
 
     rank = int(os.environ.get("RANK", "0"))
     setup_logging(rank)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = config_from_args(args)
     stop = StopRequest(cfg.run_dir).install()
     try:
         outcome = run_training(cfg, stop)

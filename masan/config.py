@@ -16,6 +16,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -367,6 +368,24 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
     except ConfigError as e:
         src = f" (in {path})" if path else ""
         raise ConfigError(f"{e}{src}") from None
+
+
+def add_config_arguments(parser) -> None:
+    """Give an argparse parser the config arguments every command shares: --config and KEY=VALUE."""
+    parser.add_argument("--config", metavar="YAML",
+                        help="run config file (see hpc/configs/*.yaml); the built-in defaults when omitted")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="config overrides section.key=value, e.g. optim.lr=3e-4 model.fusion=add")
+
+
+def config_from_args(args, defaults: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """The config named by :func:`add_config_arguments`' arguments; ``defaults`` go before the
+    user's overrides. A bad file or override prints the reason and exits with status 2."""
+    try:
+        return load_config(args.config, [*defaults, *args.overrides])
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def config_to_dict(cfg: RunConfig) -> dict:

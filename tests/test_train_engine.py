@@ -70,7 +70,9 @@ def test_cli_prints_the_json(capsys):
     assert main(["--config", str(REPO / "hpc/configs/demo.yaml"), "--world-size", "2", "optim.grad_accum=3"]) == 0
     ds = json.loads(capsys.readouterr().out)
     assert ds["gradient_accumulation_steps"] == 3
-    assert main(["optim.nope=1"]) == 2
+    with pytest.raises(SystemExit) as exit_:
+        main(["optim.nope=1"])
+    assert exit_.value.code == 2
     assert "unknown config key" in capsys.readouterr().err
 
 

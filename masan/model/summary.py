@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from masan.config import ConfigError, LossConfig, ModelConfig, load_config
+from masan.config import LossConfig, ModelConfig, add_config_arguments, config_from_args
 from masan.model import build_model, masan_loss
 from masan.model.regions import patch_shape
 
@@ -184,17 +184,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Print the parameter count and the activation size per level of the configured model at "
         "full resolution, computed on the meta device (no data, no memory, seconds on a laptop).",
     )
-    parser.add_argument("--config", help="run config YAML (default: the built-in defaults, i.e. the paper's model)")
-    parser.add_argument("overrides", nargs="*", help="config overrides like model.fusion=add model.patch_grid=[2,2,2]")
+    add_config_arguments(parser)
     parser.add_argument("--classes", type=int, default=None,
                         help="number of classes (default: the length of data.classes in the config)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="activation dtype (default bf16)")
     args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = config_from_args(args)
     classes = args.classes or len(cfg.data.classes)
     try:
         print(summarize(cfg.model, classes, args.dtype))

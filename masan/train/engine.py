@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from masan.config import ConfigError, OptimConfig, RunConfig, load_config
+from masan.config import ConfigError, OptimConfig, RunConfig, add_config_arguments, config_from_args
 
 STEPS_PER_PRINT_OFF = 10**9
 BUCKET_ALIGN = 1024
@@ -227,16 +227,11 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m masan.train.engine",
         description="Print the DeepSpeed JSON config derived from a run config (the template the "
                     "training engine uses; nothing to edit by hand).")
-    ap.add_argument("--config", help="run config YAML (hpc/configs/*.yaml); defaults when omitted")
     ap.add_argument("--world-size", type=int, default=1, help="data-parallel ranks (nodes x GPUs per node)")
     ap.add_argument("--markdown", action="store_true", help="print the annotated README page instead of JSON")
-    ap.add_argument("overrides", nargs="*", help="config overrides section.key=value, e.g. optim.grad_accum=4")
+    add_config_arguments(ap)
     args = ap.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = config_from_args(args)
     if args.world_size < 1:
         print("error: --world-size must be at least 1", file=sys.stderr)
         return 2
