@@ -100,6 +100,11 @@ class ModelConfig:
     region; 2: a 2x2x2 sub-grid per region gives spatial attention finer resolution)."""
     attn_dim: int = 64
     """Query/key width of region self-attention (eq. 3-5)."""
+    region_norm: Literal["cohort", "layer"] = "cohort"
+    """How region features are standardised before self-attention (not in the paper):
+    ``cohort``: each feature by its running mean/std over the training subjects (keeps the
+    between-subject differences, removes the anatomy all subjects share); ``layer``: LayerNorm
+    over each region's features (per subject; the model then barely learns on the demo)."""
     value_dim: int = 64
     """Value width of region self-attention: features per region fed to the classifier."""
     fusion: Literal["attention", "add"] = "attention"

@@ -126,14 +126,23 @@ def test_scontrol_requeue_mid_run_resumes_from_checkpoint(slurm_cluster, tiny_co
 
 def test_time_limit_stops_saves_requeues_and_finishes(slurm_cluster, tiny_config, tmp_path):
     run_dir = tmp_path / "time_limit"
-    # 2-minute limit, USR2 45 s before it. SLURM checks limits periodically and signals up to
-    # ~30 s early, so USR2 comes 45-75 s into each allocation (about 15 s of which start-up and
-    # resume take); this run (500 steps, ~90 s of training on 2 cores) needs two or three.
-    res = submit("--nodes", 2, "--time", 2, "--signal-delay", 45, "--config", tiny_config,
-                 "--run-dir", run_dir, "train.joint_epochs=124", wait_job=True)
+    # Whatever this machine's speed, the job must meet its time limit mid-run: once it has a
+    # first checkpoint its limit is cut to 2 minutes (as if it had run for hours), so SLURM
+    # sends USR2 (100 s ahead of the limit) at its next periodic check, leaving a minute or
+    # more to save. Once the job has requeued itself, the limit is raised again so the next
+    # allocation can finish the run (about 2 minutes of training on 2 quiet cores).
+    res = submit("--nodes", 2, "--time", 15, "--signal-delay", 100, "--config", tiny_config,
+                 "--run-dir", run_dir, "train.joint_epochs=300", "checkpoint.every_steps=10")
     assert res.returncode == 0, res.stdout
     (jid,) = job_ids(run_dir)
-    assert_finished(run_dir, epochs=125)
+    wait_until(lambda: (run_dir / "checkpoints" / "latest_complete").exists(), "a first checkpoint")
+    subprocess.run(["scontrol", "update", f"JobId={jid}", "TimeLimit=2"], check=True)
+    wait_until(lambda: events(run_dir, "requeued"), "the job to stop at its time limit and requeue itself")
+    subprocess.run(["scontrol", "update", f"JobId={jid}", "TimeLimit=15"], check=True)
+    wait_until(lambda: jobs.job_state(jid) not in jobs.ACTIVE_STATES, f"job {jid} to end", timeout=900)
+
+    assert jobs.job_state(jid) == "COMPLETED"
+    assert_finished(run_dir, epochs=301)
     requeued = events(run_dir, "requeued")
     assert requeued and requeued[0]["step"] > 0
     assert [e["restarts"] for e in events(run_dir, "started")][:2] == [0, 1]

@@ -5,8 +5,13 @@ the regions (``W(q)``, ``W(k)``, ``W(v)`` of eq. 3; a 1x1 conv over the region a
 same linear map applied to every region), ``weight_ij = softmax_j(query_i . key_j)`` (eq. 4,
 scaled by ``1/sqrt(attn_dim)`` as in the Transformer the paper builds on, which keeps the
 softmax out of saturation at initialisation) and ``new_region_i = sum_j weight_ij value_j``
-(eq. 5). Region features are layer-normalised first: the pooled levels have very different
-scales. The scores and the softmax run in fp32 whatever the autocast dtype.
+(eq. 5). Region features are standardised first (not in the paper): by default each feature of
+each region by its running mean and std over the cohort (:class:`~masan.model.blocks.CohortStandardize`),
+which removes the anatomy every subject shares and keeps what differs between subjects; ``layer``
+is the Transformer's LayerNorm over each region's features, which only equalises the very
+different scales of the pooled levels (on the phantom cohort the model then does not learn:
+the between-subject differences stay ~5 % of a common offset). The scores and the softmax run
+in fp32 whatever the autocast dtype.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from masan.model.blocks import CohortStandardize
+
 
 class RegionSelfAttention(nn.Module):
     """Regions ``(B, R, D)`` -> ``(new regions (B, R, value_dim), weights (B, R, R))``.
@@ -24,9 +31,14 @@ class RegionSelfAttention(nn.Module):
     Each row of ``weights`` is a distribution over the regions attended to (sums to 1).
     """
 
-    def __init__(self, in_features: int, attn_dim: int, value_dim: int):
+    def __init__(self, in_features: int, attn_dim: int, value_dim: int, num_regions: int, norm: str = "cohort"):
         super().__init__()
-        self.norm = nn.LayerNorm(in_features)
+        if norm == "cohort":
+            self.norm: nn.Module = CohortStandardize((num_regions, in_features))
+        elif norm == "layer":
+            self.norm = nn.LayerNorm(in_features)
+        else:
+            raise ValueError(f"model.region_norm={norm!r}: use 'cohort' or 'layer'")
         self.query = nn.Conv1d(in_features, attn_dim, kernel_size=1)
         self.key = nn.Conv1d(in_features, attn_dim, kernel_size=1)
         self.value = nn.Conv1d(in_features, value_dim, kernel_size=1)

@@ -80,7 +80,8 @@ class MASAN(nn.Module):
                 for w, cf in zip(widths, cfg.fmri_channels)
             )
         region_dim = sum(widths) * cfg.fusion_cells**3
-        self.attention = RegionSelfAttention(region_dim, cfg.attn_dim, cfg.value_dim)
+        self.attention = RegionSelfAttention(region_dim, cfg.attn_dim, cfg.value_dim, num_regions(self.grid),
+                                             cfg.region_norm)
         self.classifier = MLPClassifier(num_regions(self.grid) * cfg.value_dim, cfg.mlp_hidden, num_classes,
                                         cfg.dropout)
 
