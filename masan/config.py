@@ -202,7 +202,7 @@ class SplitConfig:
 
 @dataclass
 class CheckpointConfig:
-    """When complete checkpoints are written (always also at epoch and phase ends, and on stop)."""
+    """When complete checkpoints are written (always also at phase ends and on stop)."""
 
     every_steps: int = 500
     """Save every N optimizer steps (0: never by step count)."""
@@ -210,6 +210,10 @@ class CheckpointConfig:
     """Save when this many minutes passed since the last save (0: never by time)."""
     keep: int = 3
     """Complete checkpoints kept; older ones are deleted."""
+    at_epoch_end: bool = True
+    """Also save at the end of every epoch. Turn off when epochs last a few steps (a small
+    cohort on many ranks), where epoch-end saves would cost more than the training itself;
+    every_steps / every_minutes then bound what a crash can lose."""
 
 
 @dataclass

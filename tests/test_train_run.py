@@ -94,6 +94,14 @@ def assert_monotonic(run_dir: Path) -> dict[str, list[int]]:
     return steps
 
 
+def test_without_epoch_end_saves_only_cadence_and_phase_ends_are_saved(tmp_path, train_config):
+    run = tmp_path / "run"
+    ok(launch(train_config, run, "checkpoint.at_epoch_end=false", "checkpoint.every_steps=5",
+              "checkpoint.keep=100", "log.eval_every_epochs=0"), "completed")
+    # 7 steps per epoch: pretrain 1 epoch (steps 1-7), joint 2 epochs (steps 8-21)
+    assert [m["step"] for m in manifests(run)] == [5, 7, 12, 17, 21]
+
+
 def test_two_ranks_stop_resume_and_resize(tmp_path, train_config):
     run = tmp_path / "run"
     run.mkdir()

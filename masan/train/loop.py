@@ -188,7 +188,9 @@ def train(p: LoopParts, state: TrainState) -> str:
                          terms.get("total", float("nan")) if n_steps else float("nan"))
             if phase == "joint" and cfg.log.eval_every_epochs and state.epoch % cfg.log.eval_every_epochs == 0:
                 monitor_test(p, state.step)
-            save(p, state, last_save)  # epoch end (the last epoch's is the phase end)
+            # the same decision on every rank: save_due is collective, the rest is config and state
+            if cfg.checkpoint.at_epoch_end or state.epoch == epochs[phase] or save_due(cfg, state, last_save):
+                save(p, state, last_save)  # epoch end (the last epoch's is the phase end)
     return "completed"
 
 
