@@ -157,7 +157,7 @@ def watch(pending: dict[str, RunSpec], res: Resources, folder: Path, args) -> in
                 unknown[jid] += 1  # a slow or restarting controller: ask again before concluding
                 continue
             del pending[jid]
-            if jobs.is_done(spec.run_dir):
+            if finished(spec):
                 print(f"  run finished: {spec.run_dir}", flush=True)
                 continue
             key = str(spec.run_dir)
@@ -191,14 +191,22 @@ def run_locally(specs: list[RunSpec], res: Resources, max_restarts: int) -> int:
             proc = subprocess.Popen(cmd)
             jobs.record_job(spec.run_dir, str(proc.pid), "local", "(this terminal)", world_size=res.world_size)
             code = _wait_child(proc)
-            if code in (0, EXIT_REFUSED) or jobs.is_done(spec.run_dir):
+            if code in (0, EXIT_REFUSED) or finished(spec):
                 break  # finished, stopped on request, or a config error that a restart cannot cure
             print(f"  local run exited with code {code}", flush=True)
-        if not jobs.is_done(spec.run_dir):
+        if not finished(spec):
             failed.append(spec.run_dir)
     for d in failed:
         print(f"run NOT finished: {d} (run the same command again to resume)")
     return EXIT_FAILED if failed else 0
+
+
+def finished(spec: RunSpec) -> bool:
+    """The run wrote DONE for this config's epoch target (a stale DONE of a shorter target does
+    not count: the same check run_training makes before training)."""
+    from masan.train.run import finished_run  # lazy: torch is not needed for --help
+
+    return finished_run(spec.run_dir, spec.cfg) is not None
 
 
 def _wait_child(proc: subprocess.Popen) -> int:
@@ -234,7 +242,7 @@ def _select(specs: list[RunSpec]) -> list[RunSpec] | None:
               f"or cancel it (scancel JOBID) and submit again to resume", file=sys.stderr)
     if busy:
         return None
-    from masan.train.run import finished_run  # DONE with the same epoch target: nothing left to train
+    from masan.train.run import finished_run  # lazy: torch is not needed for --help
 
     todo = []
     for s in specs:

@@ -24,7 +24,6 @@ import subprocess
 from pathlib import Path
 
 JOBS_FILE = "jobs.json"
-DONE_FILE = "DONE"
 QUERY_TIMEOUT_S = 30
 
 # States in which a job still holds (or will hold) its run directory.
@@ -191,11 +190,6 @@ def active_jobs(run_dir: str | Path) -> list[tuple[str, str]]:
         if state in ACTIVE_STATES:
             out.append((job["job_id"], state))
     return out
-
-
-def is_done(run_dir: str | Path) -> bool:
-    """True when the run finished all its epochs (run_training wrote ``DONE``)."""
-    return (Path(run_dir) / DONE_FILE).exists()
 
 
 def detect_gpus_per_node(partition: str | None = None) -> int:
