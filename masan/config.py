@@ -49,7 +49,15 @@ class DataConfig:
     use_t1: bool = True
     use_fmri: bool = True
     normalize: bool = True
-    """Z-score each subject with the statistics stored at conversion time."""
+    """Z-score each subject with the statistics stored at conversion time (the fMRI only when
+    ``fmri_temporal=none``)."""
+    fmri_temporal: Literal["none", "psc", "mean_psc", "demean", "zscore"] = "none"
+    """How the fMRI run reaches fPM (masan/data/temporal.py): ``none``: the whole 4-D run z-scored
+    with one mean/std (fPM then mostly sees the static EPI image); ``psc``: each voxel's percent
+    signal change around its temporal mean (fluctuation amplitude and correlations);
+    ``mean_psc``: the z-scored temporal mean image plus those fluctuations at the same scale;
+    ``demean``: each voxel minus its temporal mean, over the run's global temporal std;
+    ``zscore``: each voxel's series standardised (correlations only)."""
     num_workers: int = 2
     """DataLoader worker processes per rank."""
     prefetch_factor: int = 2
@@ -92,6 +100,10 @@ class ModelConfig:
     (0: all voxels at once); its full-resolution response is ~2.6 GB in bf16 otherwise."""
     groups: int = 8
     """GroupNorm groups."""
+    decoder_skips: Literal["all", "coarse", "none"] = "all"
+    """Encoder-decoder concatenations of the autoencoders: ``all`` (Table 1), ``coarse`` (none at
+    full resolution, so reconstruction has to pass through a downsampled level and pretraining
+    shapes the deeper features), ``none`` (the code alone)."""
     region_pool: list[str] = field(default_factory=lambda: ["avg", "max"])
     """How each level's feature map is pooled onto the regions ("multiscale" features): any of
     ``avg``, ``max``; the pooled features of all modes are concatenated."""
@@ -102,9 +114,14 @@ class ModelConfig:
     """Query/key width of region self-attention (eq. 3-5)."""
     region_norm: Literal["cohort", "layer"] = "cohort"
     """How region features are standardised before self-attention (not in the paper):
-    ``cohort``: each feature by its running mean/std over the training subjects (keeps the
-    between-subject differences, removes the anatomy all subjects share); ``layer``: LayerNorm
-    over each region's features (per subject; the model then barely learns on the demo)."""
+    ``cohort``: each feature by its mean/std over the training subjects, fitted by a no-grad
+    pass after pretraining (and every ``train.norm_refresh_epochs``), all-reduced over ranks,
+    frozen in between and kept in the checkpoint (keeps the between-subject differences,
+    removes the anatomy all subjects share); ``layer``: LayerNorm over each region's features
+    (per subject; the model then barely learns on the demo)."""
+    region_std_floor: float = 0.1
+    """``cohort`` standardisation divides by at least this fraction of the median feature std, so
+    a nearly constant feature (background) does not amplify noise and its gradients."""
     value_dim: int = 64
     """Value width of region self-attention: features per region fed to the classifier."""
     fusion: Literal["attention", "add"] = "attention"
@@ -114,9 +131,18 @@ class ModelConfig:
     spatial_kernel: int = 3
     """Kernel of the spatial-attention conv over the region map (odd)."""
     modalities: Literal["both", "t1", "fmri"] = "both"
-    region_weights: Literal["attention", "embedding"] = "attention"
-    """What ``out["region_weights"]`` reports: attention each region receives (column mean of
-    eq. 4) or the norm of each region's fused embedding (the paper's Fig. 4)."""
+    region_weights: Literal["occlusion", "attention", "embedding"] = "occlusion"
+    """What ``out["region_weights"]`` (the region ranking and figures) reports: ``occlusion``:
+    how much the predicted class probabilities change when the region's features are set to the
+    cohort mean (which regions carry the decision); ``attention``: attention each region
+    receives (column mean of eq. 4: where the model looks, not what decides); ``embedding``:
+    the norm of each region's fused embedding (the paper's Fig. 4)."""
+    head_grad_to_encoders: float = 1.0
+    """Scale of the classifier's gradient (eq. 7) flowing back into sPM/fPM through the region
+    maps: 1 trains end to end (the paper); smaller values let the reconstruction terms shape
+    the encoders while cohort standardisation would otherwise amplify the classifier's
+    gradient by 1/std (the feature's between-subject spread); 0 trains the head on the
+    autoencoders' features."""
     mlp_hidden: int = 256
     dropout: float = 0.2
     hfcn_region_group: int = 2
@@ -181,6 +207,10 @@ class TrainConfig:
     """auto: CUDA when a GPU is visible, else the CPU (DS_ACCELERATOR=cpu, gloo)."""
     max_steps: int | None = None
     """Stop after this many optimizer steps in total (smoke tests); None: all epochs."""
+    norm_refresh_epochs: int = 5
+    """Refit the cohort standardisers (``model.region_norm=cohort``) on all training subjects every
+    N joint epochs (a no-grad pass, ~1/3 of an epoch's compute); they are always fitted when the
+    joint phase starts. 0: only then."""
     dist_timeout_minutes: float = 30.0
     """Collective timeout; long checkpoint saves on slow file systems need headroom."""
     zero_bucket_elements: int = 200_000_000
@@ -194,6 +224,10 @@ class SplitConfig:
 
     test_fraction: float = 0.3
     """Fraction of each class's subjects held out for the final test (never for model selection)."""
+    val_fraction: float = 0.0
+    """Fraction of the training part (stratified, subject-level; at least one subject per class)
+    held out as a validation part, saved in split.json, monitored every ``log.eval_every_epochs``
+    and never trained on. 0 (the paper's protocol: no validation set): nothing is monitored."""
     repeat: int = 0
     """Repeat index; each repeat is a different split seed, nothing else changes."""
     seed: int = 1234
@@ -224,8 +258,12 @@ class LogConfig:
     """Scalars (loss terms, LR, samples/s, GPU memory) every N optimizer steps."""
     tensorboard: bool = True
     eval_every_epochs: int = 10
-    """Test-split monitoring metrics and region-weight images every N epochs (0: never).
-    Logged under ``monitor_test/``; never used to select checkpoints or stop early."""
+    """Validation-part metrics (``split.val_fraction``) and region-weight images every N joint
+    epochs (0: never), logged under ``monitor_val/``. The test part is touched only by the final
+    evaluation."""
+    grad_norm_every_steps: int = 50
+    """Log the gradient norm of each loss term (``train/grad_norm_<term>``) every N optimizer
+    steps, from a side pass (one forward and one backward per term there); 0: never."""
     flush_secs: int = 30
 
 

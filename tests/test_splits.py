@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 from collections import Counter
 
@@ -98,3 +99,25 @@ def test_load_or_make_split_keeps_a_runs_split(tmp_path):
         load_or_make_split(tmp_path, subjects + ["sub-NC999", "sub-AD999"], labels + ["NC", "AD"], cfg)
     with pytest.raises(SplitError, match="repeat"):
         load_or_make_split(tmp_path, subjects, labels, SplitConfig(repeat=2))
+
+
+def test_validation_part_is_carved_from_training_stratified_and_saved(tmp_path):
+    subjects = [f"s{i:03d}" for i in range(60)]
+    labels = ["NC", "EMCI", "LMCI", "AD"] * 15
+    split = make_split(subjects, labels, SplitConfig(val_fraction=0.15))
+    plain = make_split(subjects, labels, SplitConfig())
+    assert split.test == plain.test  # the test part does not depend on the validation part
+    assert sorted(split.train + split.val) == plain.train and not set(split.train) & set(split.val)
+    label_of = dict(zip(subjects, labels))
+    assert {label_of[s] for s in split.val} == set(labels)  # every class, at least once
+    assert len(split.val) == math.ceil(0.15 * len(plain.train))
+    split.save(tmp_path / "split.json")
+    assert Split.load(tmp_path / "split.json") == split
+    assert split.part("val") == split.val
+    assert make_split(subjects, labels, SplitConfig(val_fraction=0.15)) == split  # deterministic
+
+
+def test_validation_part_needs_two_training_subjects_per_class():
+    with pytest.raises(SplitError, match="val_fraction"):
+        make_split([f"s{i}" for i in range(6)], ["NC", "AD"] * 3, SplitConfig(test_fraction=0.5, val_fraction=0.2))
+    assert make_split([f"s{i}" for i in range(6)], ["NC", "AD"] * 3, SplitConfig(test_fraction=0.5)).val == []

@@ -131,11 +131,16 @@ def test_sampler_resumes_mid_epoch_without_repeats_or_gaps():
     assert _epoch(n, 2, epoch=3) != full  # a new order each epoch
 
 
-def test_steps_left_counts_whole_steps():
-    assert steps_left(11, 0, per_step=4, world=2) == 3  # 12 padded samples
-    assert steps_left(11, 8, per_step=4, world=2) == 1
-    assert steps_left(5, 0, per_step=8, world=2) == 0
-    assert math.isclose(steps_left(10, 0, 2, 1), 5)
+def test_steps_left_counts_whole_steps_and_never_repeats_a_subject():
+    assert steps_left(11, 0, per_step=4) == 2  # 8 of 11 subjects; 3 rotate out, none is seen twice
+    assert steps_left(11, 8, per_step=4) == 0
+    assert steps_left(5, 0, per_step=8) == 0
+    assert steps_left(144, 0, per_step=32) == 4  # the paper cohort on 32 ranks: 128 seen, 16 rotate out
+    assert math.isclose(steps_left(10, 0, 2), 5)
+    for n, world in ((11, 2), (144, 32), (7, 3)):  # the samples of an epoch's steps are distinct subjects
+        used = [i for r in range(world) for i in list(ResumableSampler(_Items(n), world, r, True, 0))
+                [: steps_left(n, 0, world)]]
+        assert len(used) == len(set(used)) == steps_left(n, 0, world) * world
 
 
 def test_train_local_help():

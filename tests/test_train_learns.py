@@ -63,3 +63,25 @@ def test_short_run_learns_the_planted_effect(tmp_path, planted_store):
     preds, names = load_predictions(tmp_path / "run")
     ranking = rank_regions(preds.region_weights, preds.labels, names.index("AD"), method="mean")
     assert ranking[0][0] == planted_region, f"planted region {planted_region}, ranking {ranking}"
+
+
+def test_demo_config_in_bf16_skips_no_step(tmp_path, planted_store):
+    """bf16 training (the demo's and the GPUs' precision) throws no optimizer step away for
+    non-finite gradients: every logged ``train/skipped_steps`` is 0."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    store, _ = planted_store
+    run = tmp_path / "run"
+    res = subprocess.run([sys.executable, str(REPO / "launch/train_local.py"), "--config",
+                          str(REPO / "hpc/configs/demo.yaml"), f"run_dir={run}", f"data.store={store}",
+                          "data.classes=[NC, AD]", "data.fmri_frames=6", "model.fmri_frames=6",
+                          "train.pretrain_epochs=1", "train.joint_epochs=3", "train.precision=bf16",
+                          "log.every_steps=1", "log.grad_norm_every_steps=4", "log.eval_every_epochs=1"],
+                         capture_output=True, text=True, timeout=600, check=False, cwd=REPO)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
+    acc = EventAccumulator(str(run / "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    skipped = [e.value for e in acc.Scalars("train/skipped_steps")]
+    assert len(skipped) >= 10 and max(skipped) == 0, skipped
+    assert "OVERFLOW" not in res.stdout + res.stderr
+    assert acc.Scalars("train/grad_norm_ce") and acc.Scalars("monitor_val/accuracy")  # eq. 8 balance, validation

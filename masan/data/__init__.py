@@ -8,6 +8,7 @@ Modules (imported directly, so that conversion workers need not import torch):
 - :mod:`masan.data.dataset` ``select_subjects`` and ``CohortDataset``
 - :mod:`masan.data.splits`  stratified subject-level splits
 - :mod:`masan.data.synth`   phantom cohorts with a planted effect (``data_tools/synth_cohort.py``)
+- :mod:`masan.data.anatomy` MNI152 validation cohorts with planted effects (``synth_cohort.py --anatomy mni152``)
 
 Store layout and fidelity choices: docs/data-format.md.
 """

@@ -18,6 +18,7 @@ from torch.utils.data import Dataset
 
 from masan.config import ConfigError, DataConfig
 from masan.data.store import CohortStore
+from masan.data.temporal import fluctuations
 
 
 def _modalities(cfg: DataConfig) -> list[str]:
@@ -71,7 +72,8 @@ def select_subjects(store: CohortStore | str | os.PathLike, data_cfg: DataConfig
 
 class CohortDataset(Dataset):
     """Item i -> {"t1": float32 (1, X, Y, Z), "fmri": float32 (T, X, Y, Z), "label": int64 (),
-    "index": int64 () = i}; a modality switched off in ``data_cfg`` is absent.
+    "index": int64 () = i}; a modality switched off in ``data_cfg`` is absent. The fMRI is
+    presented as ``data_cfg.fmri_temporal`` says (:mod:`masan.data.temporal`).
 
     ``data_cfg.fmri_frames`` keeps the first N frames of each run (None: all, and every run
     must then have the same length). Shapes are checked against the store's table at
@@ -125,9 +127,13 @@ class CohortDataset(Dataset):
             item["t1"] = torch.from_numpy(self.store.read_t1(s, normalize=self.cfg.normalize))[None]
         if self.cfg.use_fmri:
             n = self.cfg.fmri_frames
-            fmri = self.store.read_fmri(s, frames=slice(0, n) if n else None, normalize=self.cfg.normalize)
+            temporal = self.cfg.fmri_temporal
+            fmri = self.store.read_fmri(s, frames=slice(0, n) if n else None,
+                                        normalize=self.cfg.normalize and temporal == "none")
             if n is not None and fmri.shape[0] < n:
                 self._short(s, fmri.shape[0])
+            if temporal != "none":
+                fmri = fluctuations(fmri, temporal)
             item["fmri"] = torch.from_numpy(fmri)
         item["label"] = torch.tensor(self.labels[i], dtype=torch.int64)
         item["index"] = torch.tensor(i, dtype=torch.int64)

@@ -222,18 +222,23 @@ def read_volume(img: nib.Nifti1Pair, path: str | Path | None = None) -> np.ndarr
 
 
 def write_nifti_slabs(path: str | Path, affine: np.ndarray, shape: tuple[int, ...], dtype: np.dtype,
-                      slabs: Iterator[np.ndarray], zooms: tuple[float, ...], compresslevel: int = 6) -> Path:
+                      slabs: Iterator[np.ndarray], zooms: tuple[float, ...], compresslevel: int = 6,
+                      scl_slope: float | None = None, scl_inter: float = 0.0) -> Path:
     """Write a 3D or 4D NIfTI-1 file from (X, Y, Z, n) slabs given in time order.
 
     ``zooms`` are voxel sizes in mm (and the TR in seconds for 4D). Memory is one slab:
     the header is written first, then each slab in NIfTI's Fortran order (gzip when the
     name ends .gz, at ``compresslevel``; 6 is gzip's and dcm2niix's usual level).
+    The slabs hold *stored* values; ``scl_slope``/``scl_inter`` (when a slope is given)
+    go into the header, so readers see ``stored * scl_slope + scl_inter``.
     """
     path = Path(path)
     hdr = nib.Nifti1Header()
     hdr.set_data_dtype(dtype)
     hdr.set_data_shape(shape)
     hdr.set_zooms(zooms)
+    if scl_slope is not None:
+        hdr.set_slope_inter(float(scl_slope), float(scl_inter))
     hdr.set_xyzt_units("mm", "sec")
     hdr.set_sform(affine, code=1)
     hdr.set_qform(affine, code=1)

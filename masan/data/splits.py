@@ -29,6 +29,7 @@ from sklearn.model_selection import train_test_split
 from masan.config import SplitConfig
 
 SPLIT_FILE = "split.json"
+PARTS = ("train", "val", "test")
 
 
 class SplitError(ValueError):
@@ -40,13 +41,16 @@ class Split:
     """One repeat's partition of the subjects.
 
     Attributes:
-        train: training subjects, sorted.
+        train: training subjects, sorted (the model's gradient steps; without ``val``).
         test: test subjects, sorted (disjoint from ``train``).
         repeat: repeat index r.
         seed: the base seed ``split.seed`` of the config; the random state used is
             ``seed + repeat`` (see :attr:`random_state`).
         test_fraction: requested fraction of subjects in ``test``.
         labels: subject -> label (class index or name) the split was stratified on.
+        val: validation subjects carved from the training part (stratified), sorted;
+            for monitoring and optional best-checkpoint selection, never trained on.
+        val_fraction: requested fraction of the training part held out as ``val``.
     """
 
     train: list[str]
@@ -55,16 +59,18 @@ class Split:
     seed: int
     test_fraction: float = 0.3
     labels: dict[str, Hashable] = field(default_factory=dict)
+    val: list[str] = field(default_factory=list)
+    val_fraction: float = 0.0
 
     @property
     def random_state(self) -> int:
         return self.seed + self.repeat
 
     def part(self, name: str) -> list[str]:
-        """Subjects of part ``"train"`` or ``"test"``."""
-        if name not in ("train", "test"):
-            raise SplitError(f"split part {name!r} does not exist; use 'train' or 'test'")
-        return self.train if name == "train" else self.test
+        """Subjects of part ``"train"``, ``"val"`` or ``"test"``."""
+        if name not in PARTS:
+            raise SplitError(f"split part {name!r} does not exist; use one of {PARTS}")
+        return {"train": self.train, "val": self.val, "test": self.test}[name]
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -158,7 +164,8 @@ def make_split(subjects: Sequence[str], labels: Sequence[Hashable], split_cfg: S
             f"Add subjects, pool classes (data.merge) or change split.test_fraction"
         ) from None
     label_of = dict(zip(subj_sorted, lab_sorted))
-    for part_name, part in (("train", train), ("test", test)):
+    train, val = _carve_val(sorted(train), label_of, split_cfg)
+    for part_name, part in (("train", train), ("test", test)) + ((("val", val),) if val else ()):
         absent = set(counts) - {label_of[s] for s in part}
         if absent:  # guarded by _check_class_sizes; kept so a silent sklearn change cannot slip through
             raise SplitError(
@@ -167,8 +174,30 @@ def make_split(subjects: Sequence[str], labels: Sequence[Hashable], split_cfg: S
             )
     return Split(
         train=sorted(train), test=sorted(test), repeat=split_cfg.repeat, seed=split_cfg.seed,
-        test_fraction=f, labels=label_of,
+        test_fraction=f, labels=label_of, val=sorted(val), val_fraction=split_cfg.val_fraction,
     )
+
+
+def _carve_val(train: list[str], label_of: dict, split_cfg: SplitConfig) -> tuple[list[str], list[str]]:
+    """Stratified ``split.val_fraction`` of the training subjects -> (train, val): ``ceil(v * n)``
+    subjects, and at least one of every class."""
+    v = split_cfg.val_fraction
+    if v == 0:
+        return train, []
+    if not 0 < v < 1:
+        raise SplitError(f"split.val_fraction={v} must lie in [0, 1) (0: no validation part)")
+    counts = Counter(label_of[s] for s in train)
+    small = {c: n for c, n in counts.items() if n < 2}
+    if small:
+        detail = ", ".join(f"{c!r}: {n}" for c, n in sorted(small.items(), key=str))
+        raise SplitError(
+            f"split.val_fraction={v} needs at least 2 training subjects of every class (one for validation), "
+            f"but the training part has {detail}. Add subjects or set split.val_fraction=0"
+        )
+    n_val = max(math.ceil(v * len(train) - 1e-9), len(counts))
+    rest, val = train_test_split(train, test_size=n_val, stratify=[label_of[s] for s in train],
+                                 random_state=split_cfg.seed + split_cfg.repeat)
+    return sorted(rest), sorted(val)
 
 
 def load_or_make_split(
@@ -189,12 +218,12 @@ def load_or_make_split(
     saved = Split.load(path)
     if saved.to_dict() != fresh.to_dict():
         diffs = []
-        for part in ("train", "test"):
+        for part in PARTS:
             gone = sorted(set(saved.part(part)) - set(fresh.part(part)))
             new = sorted(set(fresh.part(part)) - set(saved.part(part)))
             if gone or new:
                 diffs.append(f"{part}: saved-only {gone[:5]}, now-only {new[:5]}")
-        for key in ("repeat", "seed", "test_fraction"):
+        for key in ("repeat", "seed", "test_fraction", "val_fraction"):
             if getattr(saved, key) != getattr(fresh, key):
                 diffs.append(f"{key}: {getattr(saved, key)!r} -> {getattr(fresh, key)!r}")
         relabelled = sorted(s for s in saved.labels if s in fresh.labels and saved.labels[s] != fresh.labels[s])

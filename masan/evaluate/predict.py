@@ -31,13 +31,12 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from masan.evaluate.metrics import classification_metrics, flat_scalars
+from masan.model.inputs import MODALITY_KEYS
 
 PREDICTIONS_FILE = "predictions.csv"
 REGION_WEIGHTS_FILE = "region_weights.npy"
 METRICS_FILE = "metrics.json"
 PROB_PREFIX = "prob_"
-MODALITY_KEYS = ("t1", "fmri")
-"""Batch keys passed to the model as keyword arguments; an absent key is passed as None."""
 
 
 class PredictionsError(ValueError):

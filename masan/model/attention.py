@@ -6,7 +6,7 @@ same linear map applied to every region), ``weight_ij = softmax_j(query_i . key_
 scaled by ``1/sqrt(attn_dim)`` as in the Transformer the paper builds on, which keeps the
 softmax out of saturation at initialisation) and ``new_region_i = sum_j weight_ij value_j``
 (eq. 5). Region features are standardised first (not in the paper): by default each feature of
-each region by its running mean and std over the cohort (:class:`~masan.model.blocks.CohortStandardize`),
+each region by its mean and std over the training subjects (:class:`~masan.model.standardize.FittedStandardize`),
 which removes the anatomy every subject shares and keeps what differs between subjects; ``layer``
 is the Transformer's LayerNorm over each region's features, which only equalises the very
 different scales of the pooled levels (on the phantom cohort the model then does not learn:
@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from masan.model.blocks import CohortStandardize
+from masan.model.standardize import FittedStandardize
 
 
 class RegionSelfAttention(nn.Module):
@@ -31,10 +31,11 @@ class RegionSelfAttention(nn.Module):
     Each row of ``weights`` is a distribution over the regions attended to (sums to 1).
     """
 
-    def __init__(self, in_features: int, attn_dim: int, value_dim: int, num_regions: int, norm: str = "cohort"):
+    def __init__(self, in_features: int, attn_dim: int, value_dim: int, num_regions: int, norm: str = "cohort",
+                 std_floor: float = 0.1):
         super().__init__()
         if norm == "cohort":
-            self.norm: nn.Module = CohortStandardize((num_regions, in_features))
+            self.norm: nn.Module = FittedStandardize((num_regions, in_features), std_floor)
         elif norm == "layer":
             self.norm = nn.LayerNorm(in_features)
         else:
@@ -45,7 +46,12 @@ class RegionSelfAttention(nn.Module):
         self.scale = 1.0 / math.sqrt(attn_dim)
 
     def forward(self, regions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = self.norm(regions).transpose(1, 2)  # (B, D, R): conv over regions
+        return self.attend(self.norm(regions))
+
+    def attend(self, standardized: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eq. 3-5 on regions already standardised by ``self.norm`` (for occlusion: a region
+        set to 0 is a region at the cohort mean)."""
+        x = standardized.transpose(1, 2)  # (B, D, R): conv over regions
         q, k, v = self.query(x), self.key(x), self.value(x)  # (B, attn|value, R)
         scores = torch.einsum("bdi,bdj->bij", q.float(), k.float()) * self.scale
         weights = F.softmax(scores, dim=-1)

@@ -68,13 +68,28 @@ class EncoderOnly(nn.Module):
         return None, self.encoder(x)
 
 
-class Decoder(nn.Module):
-    """Mirror of :class:`Encoder`: level features (deepest last) -> ``(N, out_channels, D, H, W)``."""
+SKIP_MODES = ("all", "coarse", "none")
 
-    def __init__(self, channels: Sequence[int], out_channels: int, groups: int, checkpointed: bool = False):
+
+def skip_used(mode: str, level: int) -> bool:
+    """Does the decoder concatenate encoder level ``level`` (0 = full resolution)?
+    ``all``: every level (Table 1's concatenations); ``coarse``: all but full resolution, so the
+    reconstruction must pass through at least one downsampled level; ``none``: only the code."""
+    if mode not in SKIP_MODES:
+        raise ValueError(f"model.decoder_skips={mode!r}: use one of {list(SKIP_MODES)}")
+    return mode == "all" or (mode == "coarse" and level > 0)
+
+
+class Decoder(nn.Module):
+    """Mirror of :class:`Encoder`: level features (deepest last) -> ``(N, out_channels, D, H, W)``;
+    ``skips`` (:func:`skip_used`) says which encoder levels are concatenated."""
+
+    def __init__(self, channels: Sequence[int], out_channels: int, groups: int, checkpointed: bool = False,
+                 skips: str = "all"):
         super().__init__()
-        ups = [UpStage(channels[l + 1], channels[l], channels[l], groups) for l in range(len(channels) - 2, 0, -1)]
-        self.stages = nn.ModuleList([*ups, OutputStage(channels[1], channels[0], out_channels)])
+        ups = [UpStage(channels[l + 1], channels[l], channels[l], groups, skip_used(skips, l))
+               for l in range(len(channels) - 2, 0, -1)]
+        self.stages = nn.ModuleList([*ups, OutputStage(channels[1], channels[0], out_channels, skip_used(skips, 0))])
         self.checkpointed = checkpointed
 
     def forward(self, feats: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -85,19 +100,20 @@ class Decoder(nn.Module):
 
 
 class PatchAutoencoder(nn.Module):
-    """Table 1's encoder, its symmetric decoder, with encoder-decoder skip concatenation.
+    """Table 1's encoder, its symmetric decoder, with encoder-decoder skip concatenation
+    (at the levels ``skips`` names, :func:`skip_used`).
 
     Input ``(N, C_in, D, H, W)`` -> ``(reconstruction (N, C_out, D, H, W), level features)``.
     ``checkpointed`` recomputes every down/up stage in backward (only stage inputs are kept).
     """
 
     def __init__(self, in_channels: int, out_channels: int, channels: Sequence[int], groups: int,
-                 checkpointed: bool = False):
+                 checkpointed: bool = False, skips: str = "all"):
         super().__init__()
         if len(channels) < 2:
             raise ValueError(f"model channels {list(channels)}: give InitConv's width and at least one level")
         self.encoder = Encoder(in_channels, channels, groups, checkpointed)
-        self.decoder = Decoder(channels, out_channels, groups, checkpointed)
+        self.decoder = Decoder(channels, out_channels, groups, checkpointed, skips)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         feats = self.encoder(x)

@@ -93,17 +93,20 @@ class UpConcat(nn.Module):
     """Decoder upsampling: 1x1 conv to the skip's width, trilinear upsampling to the skip's
     exact size (so odd sizes round-trip: 8 -> 15), then concatenation with the skip.
 
+    With ``use_skip=False`` the skip gives only its size: the 1x1 conv makes all ``2*C_skip``
+    channels from ``x``, so the decoder must rebuild this level from the coarser code.
     The 1x1 conv runs before upsampling, at the coarse resolution, where it is 8x cheaper.
     Inputs ``x (N, C_in, d, h, w)``, ``skip (N, C_skip, D, H, W)`` -> ``(N, 2*C_skip, D, H, W)``.
     """
 
-    def __init__(self, in_channels: int, skip_channels: int):
+    def __init__(self, in_channels: int, skip_channels: int, use_skip: bool = True):
         super().__init__()
-        self.proj = nn.Conv3d(in_channels, skip_channels, kernel_size=1)
+        self.use_skip = use_skip
+        self.proj = nn.Conv3d(in_channels, skip_channels * (1 if use_skip else 2), kernel_size=1)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         up = F.interpolate(self.proj(x), size=skip.shape[2:], mode="trilinear", align_corners=False)
-        return torch.cat([up, skip.to(up.dtype)], dim=1)
+        return torch.cat([up, skip.to(up.dtype)], dim=1) if self.use_skip else up
 
 
 class UpStage(nn.Module):
@@ -113,9 +116,9 @@ class UpStage(nn.Module):
     Inputs ``x (N, C_in, d, h, w)``, ``skip (N, C_skip, D, H, W)`` -> ``(N, C_out, D, H, W)``.
     """
 
-    def __init__(self, in_channels: int, skip_channels: int, out_channels: int, groups: int):
+    def __init__(self, in_channels: int, skip_channels: int, out_channels: int, groups: int, use_skip: bool = True):
         super().__init__()
-        self.up = UpConcat(in_channels, skip_channels)
+        self.up = UpConcat(in_channels, skip_channels, use_skip)
         self.merge = nn.Conv3d(2 * skip_channels, out_channels, kernel_size=1)
         self.block = ResidualBlock(out_channels, groups)
 
@@ -131,9 +134,9 @@ class OutputStage(nn.Module):
     Inputs ``x (N, C_in, d, h, w)``, ``skip (N, C_skip, D, H, W)`` -> ``(N, C_out, D, H, W)``.
     """
 
-    def __init__(self, in_channels: int, skip_channels: int, out_channels: int):
+    def __init__(self, in_channels: int, skip_channels: int, out_channels: int, use_skip: bool = True):
         super().__init__()
-        self.up = UpConcat(in_channels, skip_channels)
+        self.up = UpConcat(in_channels, skip_channels, use_skip)
         self.conv = conv3d(2 * skip_channels, out_channels)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
@@ -203,47 +206,18 @@ def param_dtype(module: nn.Module) -> torch.dtype:
     return next(module.parameters()).dtype
 
 
-class CohortStandardize(nn.Module):
-    """Standardise every feature by its running mean and std over the training subjects.
+class _ScaleGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
 
-    Input/output ``(B, *shape)``, one statistic per element of ``shape``. Registered MRI of
-    different subjects share most of their anatomy, so each feature is mostly a subject-invariant
-    offset (about 95 % of its magnitude on the phantom cohort) and the between-subject
-    differences that carry the diagnosis are small on top of it; a classifier fed raw features
-    then sees a nearly constant input and its gradients are dominated by that offset.
-    Subtracting the cohort mean removes it while keeping each subject's deviation, which a
-    per-subject norm (LayerNorm) cannot do.
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad * ctx.scale, None
 
-    Unlike BatchNorm it always normalises with the running statistics, so it works with one
-    subject per micro-batch and behaves the same in training and evaluation; training
-    forwards update them (cumulative average for the first ``1/momentum`` batches, then an
-    exponential average with ``momentum``, following the features as the encoders learn).
-    The statistics are not synchronised across data-parallel ranks (each sees a random part
-    of the same cohort).
-    """
 
-    def __init__(self, shape: tuple[int, ...], momentum: float = 0.1, eps: float = 1e-5):
-        super().__init__()
-        self.momentum, self.eps = momentum, eps
-        self.register_buffer("mean", torch.zeros(shape))
-        self.register_buffer("var", torch.ones(shape))
-        self.register_buffer("batches", torch.zeros((), dtype=torch.long))
-
-    @torch.no_grad()
-    def _update(self, x: torch.Tensor) -> None:
-        self.batches += 1
-        rate = self.batches.float().reciprocal().clamp_min(self.momentum)  # a tensor: no host sync, meta-safe
-        xf = x.float()
-        old = self.mean.float()
-        mean = old.lerp(xf.mean(0), rate)
-        # Welford/West update of the variance itself (not E[x^2] - mean^2, which cancels
-        # catastrophically when the buffers are bf16 and the offset dominates)
-        var = self.var.float().lerp(((xf - old) * (xf - mean)).mean(0), rate)
-        self.mean.copy_(mean)
-        self.var.copy_(var)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training and torch.is_grad_enabled():
-            self._update(x)
-        std = (self.var.float() + self.eps).sqrt()
-        return ((x.float() - self.mean.float()) / std).to(x.dtype)
+def scale_grad(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """Identity forward; the gradient flowing back through ``x`` is multiplied by ``scale``
+    (1: unchanged, 0: ``x`` is a constant for everything downstream)."""
+    return x if scale == 1.0 else _ScaleGrad.apply(x, scale)

@@ -2,7 +2,8 @@
 no autoencoder, three levels of decision.
 
 * patch level: the T1 patch grid through one shared encoder (sPM's encoder, no decoder); the
-  bottleneck of each patch is avg+max pooled to a vector, mapped to ``hfcn_features`` and
+  bottleneck of each patch is avg+max pooled to a vector, standardised over the training
+  cohort like MASAN's regions (``model.region_norm``), mapped to ``hfcn_features`` and
   gated by a learned patch score in (0, 1) (H-FCN's patch-level localisation of
   discriminative patches, here soft instead of pruned);
 * region level: a conv with kernel = stride = ``hfcn_region_group`` over the grid of gated
@@ -23,6 +24,7 @@ from torch import nn
 from masan.config import ModelConfig
 from masan.model.autoencoder import Encoder, EncoderOnly, PatchModule
 from masan.model.blocks import MLPClassifier, autocast_off, param_dtype
+from masan.model.standardize import FittedStandardize
 
 
 class HFCN(nn.Module):
@@ -39,6 +41,9 @@ class HFCN(nn.Module):
         self.patches = PatchModule(encoder, cfg.patch_grid, 1, cfg.region_pool, cfg.patch_chunk,
                                    cfg.channels_last, "T1")
         width, feats = len(cfg.region_pool) * cfg.channels[-1], cfg.hfcn_features
+        # the same cohort standardisation as MASAN's regions, so the baseline is not handicapped
+        self.norm = (FittedStandardize((width, *cfg.patch_grid), cfg.region_std_floor)
+                     if cfg.region_norm == "cohort" else nn.Identity())
         self.patch_level = nn.Sequential(nn.Conv3d(width, feats, 1), nn.ReLU())
         self.patch_gate = nn.Sequential(nn.Conv3d(feats, 1, 1), nn.Sigmoid())
         self.region_level = nn.Sequential(nn.Conv3d(feats, feats, group, stride=group), nn.ReLU())
@@ -50,7 +55,7 @@ class HFCN(nn.Module):
             raise ValueError("the H-FCN baseline (model.arch=hfcn) needs T1; enable data.use_t1")
         deepest = self.patches(t1).region_maps[-1]  # (B, M*c_L, Gx, Gy, Gz)
         with autocast_off(t1.device):
-            patch = self.patch_level(deepest.to(param_dtype(self.patch_level)))
+            patch = self.patch_level(self.norm(deepest.to(param_dtype(self.patch_level))))
             gate = self.patch_gate(patch)  # (B, 1, Gx, Gy, Gz)
             region = self.region_level(patch * gate)
             logits = self.subject_level(region.flatten(1))

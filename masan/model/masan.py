@@ -23,14 +23,14 @@ from torch import nn
 from masan.config import ModelConfig
 from masan.model.attention import RegionSelfAttention
 from masan.model.autoencoder import FunctionalModule, ModalityFeatures, PatchAutoencoder, PatchModule, VolumeModule
-from masan.model.blocks import MLPClassifier, TemporalConv, autocast_off, param_dtype
+from masan.model.blocks import MLPClassifier, TemporalConv, autocast_off, param_dtype, scale_grad
 from masan.model.fusion import build_fusion
 from masan.model.regions import num_regions, region_features
 
 
 def build_spm(cfg: ModelConfig) -> PatchModule:
     """sPM: one shared patch autoencoder (1 -> 1 channel) over the T1 patch grid."""
-    ae = PatchAutoencoder(1, 1, cfg.channels, cfg.groups, cfg.activation_checkpointing)
+    ae = PatchAutoencoder(1, 1, cfg.channels, cfg.groups, cfg.activation_checkpointing, cfg.decoder_skips)
     return PatchModule(ae, cfg.patch_grid, cfg.fusion_cells, cfg.region_pool, cfg.patch_chunk, cfg.channels_last, "T1")
 
 
@@ -42,7 +42,8 @@ def build_fpm(cfg: ModelConfig) -> FunctionalModule:
         chunk = cfg.temporal_chunk if cfg.activation_checkpointing else 0
         temporal = TemporalConv(cfg.temporal_features, cfg.temporal_kernel, cfg.temporal_stride, chunk)
         in_channels = cfg.temporal_features
-    ae = PatchAutoencoder(in_channels, cfg.fmri_frames, cfg.fmri_channels, cfg.groups, cfg.activation_checkpointing)
+    ae = PatchAutoencoder(in_channels, cfg.fmri_frames, cfg.fmri_channels, cfg.groups, cfg.activation_checkpointing,
+                          cfg.decoder_skips)
     if cfg.fmri_layout == "patches":
         spatial: nn.Module = PatchModule(ae, cfg.patch_grid, cfg.fusion_cells, cfg.region_pool, cfg.patch_chunk,
                                          cfg.channels_last, "fMRI frame")
@@ -64,6 +65,7 @@ class MASAN(nn.Module):
         self.use_t1 = cfg.modalities in ("both", "t1")
         self.use_fmri = cfg.modalities in ("both", "fmri")
         self.region_weight_source = cfg.region_weights
+        self.head_grad_to_encoders = cfg.head_grad_to_encoders
         pools = len(cfg.region_pool)
         widths = [pools * c for c in (cfg.channels if self.use_t1 else cfg.fmri_channels)]
         self.spm = build_spm(cfg) if self.use_t1 else None
@@ -81,7 +83,7 @@ class MASAN(nn.Module):
             )
         region_dim = sum(widths) * cfg.fusion_cells**3
         self.attention = RegionSelfAttention(region_dim, cfg.attn_dim, cfg.value_dim, num_regions(self.grid),
-                                             cfg.region_norm)
+                                             cfg.region_norm, cfg.region_std_floor)
         self.classifier = MLPClassifier(num_regions(self.grid) * cfg.value_dim, cfg.mlp_hidden, num_classes,
                                         cfg.dropout)
 
@@ -111,14 +113,38 @@ class MASAN(nn.Module):
         f = self._encode("fmri", self.fpm, fmri, out)
         device = (t1 if s is not None else fmri).device
         with autocast_off(device):
-            maps = self._fuse(s, f)
+            maps = [scale_grad(m, self.head_grad_to_encoders) for m in self._fuse(s, f)]
             regions = torch.cat([region_features(m, self.grid) for m in maps], dim=2)  # (B, R, D)
-            new, weights = self.attention(regions)
+            standardized = self.attention.norm(regions)
+            new, weights = self.attention.attend(standardized)
             out["logits"] = self.classifier(new.flatten(1))
+            if self.region_weight_source == "occlusion":
+                out["region_weights"] = self._occlusion(standardized.detach(), out["logits"].detach())
         out["attention"] = weights
         if self.region_weight_source == "embedding":
             norms = regions.float().norm(dim=2)
             out["region_weights"] = norms / norms.sum(dim=1, keepdim=True).clamp_min(torch.finfo(norms.dtype).tiny)
-        else:
+        elif self.region_weight_source == "attention":
             out["region_weights"] = weights.mean(dim=1)  # attention each region receives; sums to 1
         return out
+
+    @torch.no_grad()
+    def _occlusion(self, standardized: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """How much each region carries the decision: region ``r``'s standardised features are
+        set to 0 (the training cohort's mean), and the change of the class probabilities is
+        measured as their total-variation distance ``0.5 * sum_c |p_c - p_c^(r)|``; normalised
+        to sum to 1 per subject. ``(B, R, D)``, logits ``(B, C)`` -> ``(B, R)``.
+
+        Signed-agnostic on purpose: a region that pushes towards any class counts. Costs R
+        passes of the region head (attention + MLP), well under 1 % of the encoders.
+        """
+        b, r, d = standardized.shape
+        keep = 1.0 - torch.eye(r, dtype=standardized.dtype, device=standardized.device)  # (R, R)
+        occluded = (standardized[:, None] * keep[None, :, :, None]).reshape(b * r, r, d)
+        new, _ = self.attention.attend(occluded)
+        was = self.classifier.training
+        self.classifier.eval()  # no dropout in an attribution
+        probs = torch.softmax(self.classifier(new.flatten(1)).float(), dim=-1).reshape(b, r, -1)
+        self.classifier.train(was)
+        change = 0.5 * (probs - torch.softmax(logits.float(), dim=-1)[:, None]).abs().sum(-1)  # (B, R)
+        return change / change.sum(dim=1, keepdim=True).clamp_min(torch.finfo(change.dtype).tiny)

@@ -6,9 +6,10 @@ checkpoint are dropped (those up to its step were logged before it was saved), s
 flushed at each checkpoint and closed before the run returns.
 
 Tags: ``train/<loss term>``, ``train/lr``, ``train/samples_per_s``, ``train/gpu_mem_gib``
-(CUDA only), ``train/epoch``; ``monitor_test/<metric>`` for the test-split metrics computed
-every ``log.eval_every_epochs`` (monitoring only: the run never selects checkpoints or
-stops on them), the confusion-matrix figure and the region-weight / attention images.
+(CUDA only), ``train/epoch``, ``train/skipped_steps`` (optimizer steps DeepSpeed skipped for
+non-finite gradients), ``train/grad_norm_<term>``; ``monitor_val/<metric>`` for the
+validation-part metrics computed every ``log.eval_every_epochs``, the confusion-matrix figure
+and the region-weight / attention images. The test part never appears here.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ import yaml
 from masan.config import LogConfig, RunConfig, config_to_dict
 
 TB_DIR = "tb"
-MONITOR_PREFIX = "monitor_test"
-"""Prefix of test-split metrics: shown for monitoring, never used for model selection."""
+MONITOR_PREFIX = "monitor_val"
+"""Prefix of validation-part metrics (carved from the training subjects; the test part is only
+evaluated at the end)."""
 
 
 class TrainLogger:
@@ -82,7 +84,7 @@ class TrainLogger:
         self.writer.add_text("config", "```\n" + yaml.safe_dump(d, sort_keys=False) + "\n```", 0)
 
     def monitor_metrics(self, metrics: dict, step: int) -> None:
-        """Test-split metrics (masan.evaluate.metrics.classification_metrics) + confusion figure."""
+        """Validation metrics (masan.evaluate.metrics.classification_metrics) + confusion figure."""
         if self.writer is None:
             return
         from masan.evaluate.figures import confusion_figure
@@ -91,15 +93,15 @@ class TrainLogger:
         self.scalars(flat_scalars(metrics), step, prefix=MONITOR_PREFIX)
         self.writer.add_figure(f"{MONITOR_PREFIX}/confusion_matrix",
                                confusion_figure(metrics["confusion_matrix"], metrics["class_names"],
-                                                title="test split (monitoring only)"), step)
+                                                title="validation part"), step)
 
     def region_images(self, t1: np.ndarray | None, region_weights: np.ndarray, patch_grid: list[int],
                       step: int, attention: np.ndarray | None = None) -> None:
-        """Mean test-split region weights over a T1 (paper Fig. 4 style) and the mean attention.
+        """Mean validation region weights over a T1 (paper Fig. 4 style) and the mean attention.
 
         Args:
             t1: (X, Y, Z) T1 volume the regions tile (None: no overlay figure).
-            region_weights: (N, R) region weights of the test subjects.
+            region_weights: (N, R) region weights of the validation subjects.
             attention: (N, R, R) attention matrices, or None.
         """
         if self.writer is None:
@@ -110,7 +112,7 @@ class TrainLogger:
         if t1 is not None and w.size:
             self.writer.add_figure(f"{MONITOR_PREFIX}/region_weights",
                                    region_map_figure(t1, w.mean(axis=0), patch_grid,
-                                                     title="mean region weight, test split"), step)
+                                                     title="mean region weight, validation part"), step)
         if attention is not None:
             a = np.asarray(attention, dtype=np.float32).mean(axis=0)
             a = (a - a.min()) / max(float(a.max() - a.min()), 1e-12)

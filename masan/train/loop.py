@@ -8,9 +8,16 @@ even on a different number of ranks.
 
 An optimizer step is ``optim.grad_accum`` micro-batches of ``optim.micro_batch`` subjects per
 rank. An epoch is every training subject once (in a per-epoch shuffled order seeded by
-``seed + epoch``) cut to whole steps: the few subjects that do not fill a last step are left
-out of that epoch (a different few each epoch), so checkpoints always fall on step
-boundaries and never hold half-accumulated gradients.
+``seed + epoch``) cut to whole steps: no subject is ever seen twice in an epoch, and the few
+that do not fill a last step (``n mod samples-per-step``) rotate out of that epoch, a different
+few each epoch (the log says how many), so checkpoints always fall on step boundaries and
+never hold half-accumulated gradients.
+
+At the start of the joint phase, and every ``train.norm_refresh_epochs`` joint epochs, the
+model's cohort standardisers are fitted on all training subjects
+(:func:`masan.train.standardize.fit_standardizers`). Every ``log.every_steps`` steps the loss
+terms, the gradient norm of each term (``log.grad_norms``), the optimizer steps DeepSpeed
+skipped for non-finite gradients, the LR and the throughput are logged.
 """
 
 from __future__ import annotations
@@ -27,13 +34,16 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
 from masan.config import RunConfig
-from masan.evaluate.predict import MODALITY_KEYS, gather_predictions, predict, prediction_metrics
+from masan.evaluate.predict import prediction_metrics
+from masan.model.inputs import MODALITY_KEYS
+from masan.predict import predict_subjects
 from masan.model import masan_loss
 from masan.train import distributed as D
 from masan.train.checkpoint import CheckpointManager
 from masan.train.distributed import DistInfo
 from masan.train.engine import LRSchedule, current_lr, set_schedule_step
 from masan.train.logging import TrainLogger
+from masan.train.standardize import fit_standardizers
 from masan.train.stop import StopRequest
 
 log = logging.getLogger(__name__)
@@ -114,7 +124,8 @@ class LoopParts:
     engine: object
     schedule: LRSchedule
     train_set: Dataset
-    test_set: Dataset
+    val_set: Dataset | None
+    """Validation subjects (carved from the training part) for monitoring; None: no monitoring."""
     class_names: list[str]
     ckpt: CheckpointManager
     logger: TrainLogger
@@ -136,21 +147,24 @@ def train(p: LoopParts, state: TrainState) -> str:
         p.schedule.set_phase(state.phase_start, phase_steps(p, state, epochs[phase], per_step))
         set_schedule_step(engine, state.step)
         if p.info.is_main:
-            log.info("phase %s: epoch %d/%d, step %d; %d steps per epoch (%d subjects, %d per step over %d ranks)",
-                     phase, state.epoch, epochs[phase], state.step,
-                     steps_left(len(p.train_set), 0, per_step, p.info.world_size), len(p.train_set), per_step,
-                     p.info.world_size)
+            n = len(p.train_set)
+            log.info("phase %s: epoch %d/%d, step %d; %d steps per epoch (%d subjects, %d per step over %d ranks; "
+                     "%d subject(s) rotate out of each epoch)", phase, state.epoch, epochs[phase], state.step,
+                     steps_left(n, 0, per_step), n, per_step, p.info.world_size, n % per_step)
 
         while state.epoch < epochs[phase]:
+            if phase == "joint" and state.consumed == 0 and refit_due(cfg, state.epoch):
+                fit_norms(p)
             sampler.set_epoch(state.epochs_done, start=state.consumed)
             batches = iter(make_loader(p, sampler, state.epochs_done))
             t_log, samples_log = time.perf_counter(), 0
 
-            n_steps = steps_left(len(p.train_set), state.consumed, per_step, p.info.world_size)
+            n_steps = steps_left(len(p.train_set), state.consumed, per_step)
             bar = tqdm(total=n_steps, desc=f"{phase} epoch {state.epoch}", unit="step", leave=False,
                        disable=not (p.info.is_main and sys.stderr.isatty()))
             for i in range(n_steps):
                 terms = {}
+                log_due = (state.step + 1) % cfg.log.every_steps == 0
                 for _ in range(cfg.optim.grad_accum):
                     batch = to_device(next(batches), p.info.device, DTYPES[cfg.train.precision])
                     out = engine(**{k: batch.get(k) for k in MODALITY_KEYS})
@@ -159,15 +173,28 @@ def train(p: LoopParts, state: TrainState) -> str:
                     engine.step()  # DeepSpeed: optimizer + LR step on the last micro-batch only
                     for k, v in loss.items():
                         terms[k] = terms.get(k, 0.0) + float(v.detach()) / cfg.optim.grad_accum
+                    if not torch.isfinite(loss["total"].detach()):
+                        raise FloatingPointError(
+                            f"the {phase} loss is not finite at step {state.step} on rank {p.info.rank} "
+                            f"({ {k: float(v) for k, v in loss.items()} }); lower optim.lr, check the input "
+                            f"data (python data_tools/inspect_store.py --verify) or use train.precision=fp32")
+                every = cfg.log.grad_norm_every_steps
+                if every and (state.step + 1) % every == 0:
+                    grad_norms = D.mean_over_ranks(term_grad_norms(engine.module, batch, cfg.loss, phase))
+                    p.logger.scalars(grad_norms, state.step + 1)
                 state.step += 1
                 state.consumed += per_step
                 samples_log += per_step
                 bar.update()
 
-                if state.step % cfg.log.every_steps == 0:
+                if log_due:
                     terms = D.mean_over_ranks(terms)
                     rate = samples_log / (time.perf_counter() - t_log)
+                    skipped = skipped_steps(engine)
+                    if skipped and p.info.is_main:
+                        log.warning("%d optimizer step(s) skipped so far for non-finite gradients", skipped)
                     p.logger.scalars({**terms, "lr": current_lr(engine), "samples_per_s": rate,
+                                      "skipped_steps": skipped,
                                       "epoch": state.epochs_done + state.consumed / len(p.train_set)}, state.step)
                     p.logger.gpu_memory(p.info.device, state.step)
                     t_log, samples_log = time.perf_counter(), 0
@@ -187,7 +214,7 @@ def train(p: LoopParts, state: TrainState) -> str:
                 log.info("%s epoch %d/%d done at step %d (loss %.4g)", phase, state.epoch, epochs[phase], state.step,
                          terms.get("total", float("nan")) if n_steps else float("nan"))
             if phase == "joint" and cfg.log.eval_every_epochs and state.epoch % cfg.log.eval_every_epochs == 0:
-                monitor_test(p, state.step)
+                monitor_val(p, state.step)
             # the same decision on every rank: save_due is collective, the rest is config and state
             if cfg.checkpoint.at_epoch_end or state.epoch == epochs[phase] or save_due(cfg, state, last_save):
                 save(p, state, last_save)  # epoch end (the last epoch's is the phase end)
@@ -197,23 +224,23 @@ def train(p: LoopParts, state: TrainState) -> str:
 # --------------------------------------------------------------------------- pieces of the loop
 
 
-def steps_left(n: int, consumed: int, per_step: int, world: int) -> int:
-    """Whole optimizer steps left in an epoch of ``n`` subjects after ``consumed`` samples."""
-    padded = math.ceil(n / world) * world
-    return max(0, padded - consumed) // per_step
+def steps_left(n: int, consumed: int, per_step: int) -> int:
+    """Whole optimizer steps left in an epoch of ``n`` subjects after ``consumed`` samples (never
+    reaching the sampler's padding, so no subject is used twice in an epoch)."""
+    return max(0, n - consumed) // per_step
 
 
 def phase_steps(p: LoopParts, state: TrainState, n_epochs: int, per_step: int) -> int:
     """Total optimizer steps of the current phase: steps done + steps left (at this world size)."""
     n, world = len(p.train_set), p.info.world_size
-    full = steps_left(n, 0, per_step, world)
+    full = steps_left(n, 0, per_step)
     if full == 0:
         raise ValueError(
             f"an optimizer step needs {per_step} samples (optim.micro_batch * optim.grad_accum * {world} ranks) "
             f"but the training split has only {n} subjects; lower optim.micro_batch/grad_accum or use fewer ranks")
     left = 0
     if state.epoch < n_epochs:
-        left = steps_left(n, state.consumed, per_step, world) + (n_epochs - state.epoch - 1) * full
+        left = steps_left(n, state.consumed, per_step) + (n_epochs - state.epoch - 1) * full
     return (state.step - state.phase_start) + left
 
 
@@ -255,9 +282,58 @@ def save(p: LoopParts, state: TrainState, last_save: dict) -> None:
     last_save.update(step=state.step, time=time.monotonic(), saved=state.step)
 
 
-def monitor_test(p: LoopParts, step: int) -> None:
-    """Test-split metrics and region images for TensorBoard (monitoring only, never selection)."""
-    preds, attention, t1 = evaluate(p, p.test_set, with_images=True)
+def refit_due(cfg: RunConfig, joint_epoch: int) -> bool:
+    """Fit the standardisers before joint epoch ``joint_epoch``? (epoch 0, then every refresh)."""
+    every = cfg.train.norm_refresh_epochs
+    return joint_epoch == 0 or (every > 0 and joint_epoch % every == 0)
+
+
+def fit_norms(p: LoopParts) -> None:
+    """Collective: fit the model's cohort standardisers on every training subject."""
+    t0 = time.perf_counter()
+    n = fit_standardizers(p.engine.module, p.train_set, p.info.rank, p.info.world_size, p.info.device,
+                          DTYPES[p.cfg.train.precision], p.cfg.optim.micro_batch, p.cfg.data.num_workers)
+    if n and p.info.is_main:
+        log.info("fitted %d feature standardiser(s) on %d training subjects in %.1f s", n, len(p.train_set),
+                 time.perf_counter() - t0)
+
+
+def skipped_steps(engine) -> int:
+    """Optimizer steps DeepSpeed skipped so far for non-finite gradients (overflow)."""
+    return int(getattr(engine, "skipped_steps", 0) or 0)
+
+
+def term_grad_norms(model: torch.nn.Module, batch: dict, loss_cfg, phase: str) -> dict[str, float]:
+    """Norm of each loss term's gradient over all parameters on ``batch``, as weighted in eq. 8
+    (``grad_norm_<term>``: alpha * recon_t1, beta * recon_fmri, ce), so the balance of eq. 8 is
+    visible.
+
+    A side pass on detached copies of the weights (``torch.func.functional_call``): the
+    engine's gradient hooks (ZeRO buckets) never see it, and the step's gradients are untouched.
+    Costs one forward and one backward per term, every ``log.grad_norm_every_steps`` steps.
+    """
+    params = {n: q.detach().requires_grad_(q.requires_grad) for n, q in model.named_parameters()}
+    leaves = [q for q in params.values() if q.requires_grad]
+    weights = {"recon_t1": loss_cfg.alpha, "recon_fmri": loss_cfg.beta, "ce": 1.0 if phase == "joint" else 0.0}
+    out = torch.func.functional_call(model, params, kwargs={k: batch.get(k) for k in MODALITY_KEYS}, strict=False)
+    loss = masan_loss(out, batch, loss_cfg, phase=phase)
+    norms = {}
+    for name, weight in weights.items():
+        term = loss[name]
+        if not term.requires_grad or weight == 0.0:
+            continue
+        grads = torch.autograd.grad(term, leaves, retain_graph=True, allow_unused=True)
+        sq = sum(float(g.float().pow(2).sum()) for g in grads if g is not None)
+        norms[f"grad_norm_{name}"] = weight * math.sqrt(sq)
+    return norms
+
+
+def monitor_val(p: LoopParts, step: int) -> None:
+    """Validation-part metrics and region images for TensorBoard (the test part is never looked at
+    before the final evaluation)."""
+    if p.val_set is None:
+        return
+    preds, attention, t1 = evaluate(p, p.val_set, with_images=True)
     if p.info.is_main and len(preds):
         p.logger.monitor_metrics(prediction_metrics(preds, p.class_names, p.cfg.data.positive_class), step)
         if preds.region_weights.size:
@@ -270,11 +346,8 @@ def evaluate(p: LoopParts, dataset: Dataset, with_images: bool = False):
 
     Returns (Predictions, attention (N, R, R) of rank 0's share or None, rank 0's first T1 or None).
     """
-    sampler = DistributedSampler(dataset, num_replicas=p.info.world_size, rank=p.info.rank, shuffle=False)
-    loader = DataLoader(dataset, batch_size=p.cfg.optim.micro_batch, sampler=sampler,
-                        num_workers=p.cfg.data.num_workers,
-                        generator=torch.Generator().manual_seed(p.cfg.seed))  # training RNG untouched
-    preds = gather_predictions(predict(p.engine.module, loader, p.info.device, class_names=p.class_names))
+    preds = predict_subjects(p.engine.module, dataset, p.cfg, p.info.device, p.class_names, p.info.rank,
+                             p.info.world_size, p.cfg.seed)  # `python -m masan.predict` runs the same code
     attention = t1 = None
     if with_images and p.info.is_main and len(dataset):
         attention, t1 = first_attention(p, dataset)

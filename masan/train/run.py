@@ -87,7 +87,7 @@ def _data(cfg: RunConfig, info: D.DistInfo, run_dir: Path):
         make_split(subjects, labels, cfg.split).save(split_path)
     D.barrier()
     split = Split.load(split_path)
-    missing = sorted(set(split.train + split.test) - set(label_of))
+    missing = sorted(set(split.train + split.val + split.test) - set(label_of))
     if missing:
         raise ValueError(f"{split_path} names subjects not in the store {cfg.data.store} with data.classes "
                          f"{cfg.data.classes}: {missing[:5]}...; use the store the run started with or a new run_dir")
@@ -95,7 +95,7 @@ def _data(cfg: RunConfig, info: D.DistInfo, run_dir: Path):
     def dataset(part):
         return CohortDataset(cfg.data.store, part, [label_of[s] for s in part], cfg.data)
 
-    return dataset(split.train), dataset(split.test), class_names
+    return dataset(split.train), (dataset(split.val) if split.val else None), dataset(split.test), class_names
 
 
 def run_training(cfg: RunConfig, stop: StopRequest | None = None) -> TrainOutcome:
@@ -134,7 +134,7 @@ def _run(cfg: RunConfig, stop: StopRequest | None, info: D.DistInfo) -> TrainOut
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / DONE_FILE).unlink(missing_ok=True)  # a changed target reopens the run
-    train_set, test_set, class_names = _data(cfg, info, run_dir)
+    train_set, val_set, test_set, class_names = _data(cfg, info, run_dir)
 
     model = build_model(cfg.model, len(class_names))  # same seed: same init on every rank
     schedule = LRSchedule(cfg.optim)
@@ -166,7 +166,7 @@ def _run(cfg: RunConfig, stop: StopRequest | None, info: D.DistInfo) -> TrainOut
     if resumed is None:
         logger.hparams(cfg)
     parts = LoopParts(cfg=cfg, info=info, engine=engine, schedule=schedule, train_set=train_set,
-                      test_set=test_set, class_names=class_names, ckpt=ckpt, logger=logger, stop=stop,
+                      val_set=val_set, class_names=class_names, ckpt=ckpt, logger=logger, stop=stop,
                       config_hash=chash)
     try:
         status = train(parts, state)
@@ -175,7 +175,7 @@ def _run(cfg: RunConfig, stop: StopRequest | None, info: D.DistInfo) -> TrainOut
             if info.is_main:
                 stop.clear_file()
             return TrainOutcome("stopped", state.step, state.epochs_done, str(run_dir))
-        finish(parts, state)
+        finish(parts, state, test_set)
         return TrainOutcome("completed", state.step, state.epochs_done, str(run_dir))
     finally:
         logger.close()
@@ -186,11 +186,11 @@ def _final_state(ckpt: CheckpointManager) -> TrainState:
     return TrainState.from_dict(ckpt.manifest(ckpt.complete_tags()[0])["state"])
 
 
-def finish(p: LoopParts, state: TrainState) -> None:
+def finish(p: LoopParts, state: TrainState, test_set) -> None:
     """Predictions of the test split, metrics.json, and the DONE marker (rank 0 writes)."""
     from masan.evaluate.predict import write_predictions
 
-    preds, _, _ = evaluate(p, p.test_set)
+    preds, _, _ = evaluate(p, test_set)
     if p.info.is_main:
         write_predictions(preds, p.cfg.run_dir, p.class_names, p.cfg.data.positive_class, split="test")
         done = {"step": state.step, "epochs_done": state.epochs_done, "target": _target(p.cfg)}

@@ -1,0 +1,59 @@
+"""Fitting the model's cohort standardisers: one no-grad pass over every training subject.
+
+Called by the training loop at the start of the joint phase (after pretraining) and every
+``train.norm_refresh_epochs`` joint epochs after that. Each rank forwards its own share of the
+training subjects (every subject exactly once over all ranks, no padding), the fp64 sums of
+every :class:`~masan.model.standardize.FittedStandardize` are all-reduced, and every rank sets
+the same statistics. They then stay frozen until the next fit and travel in the checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset
+
+from masan.model.inputs import MODALITY_KEYS
+from masan.model.standardize import standardizers
+
+log = logging.getLogger(__name__)
+
+
+def _all_reduce(tensors: list[torch.Tensor]) -> None:
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    for t in tensors:
+        dist.all_reduce(t)
+
+
+@torch.no_grad()
+def fit_standardizers(model: torch.nn.Module, dataset: Dataset, rank: int, world_size: int,
+                      device: torch.device, dtype: torch.dtype, micro_batch: int, num_workers: int = 0) -> int:
+    """Collective: fit every standardiser of ``model`` on ``dataset``; returns how many there are.
+
+    ``model`` is the plain module (``engine.module``); inputs are cast to ``dtype`` as in
+    training. The model is in eval mode during the pass (no dropout) and restored afterwards.
+    """
+    norms = list(standardizers(model))
+    if not norms:
+        return 0
+    share = list(range(rank, len(dataset), world_size))
+    loader = DataLoader(torch.utils.data.Subset(dataset, share), batch_size=micro_batch, num_workers=num_workers)
+    was = model.training
+    model.eval()
+    for n in norms:
+        n.begin_fit()
+    try:
+        for batch in loader:
+            model(**{k: batch[k].to(device, dtype=dtype) if k in batch else None for k in MODALITY_KEYS})
+        sums = [t for n in norms for t in n.sums()]
+        _all_reduce(sums)
+        for n in norms:
+            n.end_fit()
+    finally:
+        for n in norms:
+            n._sums = None
+        model.train(was)
+    return len(norms)

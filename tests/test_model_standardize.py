@@ -1,0 +1,114 @@
+"""The fitted cohort standardiser: exact statistics, fp32 under bf16 engines, the same on every
+rank (real gloo processes), in the checkpointed state, and region importance by occlusion."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+
+from masan.model import build_model, small_model_config
+from masan.model.standardize import FittedStandardize, standardizers
+from masan.train.standardize import fit_standardizers
+
+
+class _Probe(nn.Module):
+    """The smallest model with a standardiser: t1 (B, 1, 2, 3, 1) -> standardised (B, 6)."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = FittedStandardize((6,), std_floor=0.0)
+
+    def forward(self, t1=None, fmri=None):
+        return self.norm(t1.flatten(1))
+
+
+def _items(n: int = 13) -> list[dict]:
+    g = torch.Generator().manual_seed(3)
+    offset = torch.arange(6.0).reshape(1, 2, 3, 1) * 100  # a large shared offset, small spread
+    return [{"t1": offset + torch.randn(1, 2, 3, 1, generator=g) * (1 + i % 3)} for i in range(n)]
+
+
+def test_fit_gives_the_cohort_mean_and_std_and_freezes_them():
+    items = _items()
+    probe = _Probe()
+    assert torch.equal(probe(**{"t1": items[0]["t1"][None]}), items[0]["t1"].flatten()[None])  # identity before
+    fit_standardizers(probe, items, rank=0, world_size=1, device=torch.device("cpu"), dtype=torch.float32,
+                      micro_batch=4)
+    x = np.stack([it["t1"].flatten().double().numpy() for it in items])
+    assert np.allclose(probe.norm.mean.numpy(), x.mean(0), rtol=1e-6)
+    assert np.allclose(probe.norm.std.numpy(), x.std(0, ddof=1), rtol=1e-5)
+    assert int(probe.norm.fitted_samples) == len(items)
+    before = probe.norm.mean.clone()
+    probe.train()
+    probe(t1=torch.stack([it["t1"] for it in items]) + 1000)  # training forwards never move the statistics
+    assert torch.equal(probe.norm.mean, before)
+    z = probe(t1=torch.stack([it["t1"] for it in items])).double()
+    assert torch.allclose(z.mean(0), torch.zeros(6, dtype=torch.float64), atol=1e-5)
+
+
+def test_statistics_stay_fp32_when_the_model_is_cast_to_bf16():
+    probe = _Probe()
+    fit_standardizers(probe, _items(), 0, 1, torch.device("cpu"), torch.float32, 2)
+    mean = probe.norm.mean.clone()
+    probe.to(torch.bfloat16)
+    assert probe.norm.mean.dtype == torch.float32 and torch.equal(probe.norm.mean, mean)
+    assert "norm.mean" in probe.state_dict() and "norm.std" in probe.state_dict()  # travels in checkpoints
+
+
+def test_std_floor_bounds_the_amplification_of_a_constant_feature():
+    norm = FittedStandardize((3,), std_floor=0.1)
+    norm.begin_fit()
+    norm(torch.tensor([[0.0, 5.0, 1.0], [2.0, 5.0, 3.0], [4.0, 5.0, 5.0]]))
+    norm.end_fit()
+    assert float(norm.std[1]) == pytest.approx(0.1 * 2.0)  # 10 % of the median std (2), not ~0
+
+
+def _fit_worker(rank: int, world: int, init: str, out: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    probe = _Probe()
+    fit_standardizers(probe, _items(), rank, world, torch.device("cpu"), torch.float32, micro_batch=2)
+    torch.save({"mean": probe.norm.mean, "std": probe.norm.std, "n": probe.norm.fitted_samples}, f"{out}{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_two_ranks_fit_the_same_statistics_as_one(tmp_path):
+    one = _Probe()
+    fit_standardizers(one, _items(), 0, 1, torch.device("cpu"), torch.float32, 2)
+    mp.spawn(_fit_worker, args=(2, f"file://{tmp_path}/rendezvous", str(tmp_path / "rank")), nprocs=2)
+    for r in range(2):
+        got = torch.load(tmp_path / f"rank{r}.pt")
+        assert int(got["n"]) == 13  # every subject once over both ranks: no padding, no duplicates
+        assert torch.allclose(got["mean"], one.norm.mean, rtol=1e-6)
+        assert torch.allclose(got["std"], one.norm.std, rtol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["masan", "hfcn"])
+def test_both_models_have_a_standardiser(arch):
+    model = build_model(small_model_config(arch=arch), 2)
+    assert len(list(standardizers(model))) == 1
+
+
+def test_occlusion_region_weights_measure_what_decides():
+    torch.manual_seed(0)
+    model = build_model(small_model_config(region_weights="occlusion"), 2).eval()
+    t1, fmri = torch.randn(3, 1, 32, 32, 32), torch.randn(3, 6, 16, 16, 16)
+    with torch.no_grad():
+        w = model(t1=t1, fmri=fmri)["region_weights"]
+    assert w.shape == (3, 8) and torch.all(w >= 0) and torch.allclose(w.sum(1), torch.ones(3))
+    # a region whose standardised features sit at the cohort mean (0) for these subjects carries nothing
+    norm = model.attention.norm
+    with torch.no_grad():
+        regions = torch.cat([m for m in model._fuse(model.spm(t1), model.fpm(fmri))], dim=1)
+    from masan.model.regions import region_features
+    feats = region_features(regions, model.grid)
+    norm.begin_fit()
+    norm(feats)
+    norm.end_fit()
+    norm.mean[5] = feats[:, 5].float().mean(0)  # region 5 of every subject at the mean ...
+    norm.std[5] = 1e6  # ... and flat: standardised to ~0
+    with torch.no_grad():
+        w = model(t1=t1, fmri=fmri)["region_weights"]
+    assert torch.all(w[:, 5] < 1e-4) and torch.allclose(w.sum(1), torch.ones(3))
