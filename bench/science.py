@@ -51,7 +51,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from masan.config import ConfigError, load_config  # noqa: E402
+from masan.config import ConfigError, config_hash, load_config  # noqa: E402
 from masan.data import anatomy  # noqa: E402
 
 CONFIG = REPO / "hpc/configs/science.yaml"
@@ -125,13 +125,14 @@ def train_command(args: argparse.Namespace, run_dir: Path, store: Path, variant:
             *VARIANTS[variant], *args.overrides]
 
 
-def train(cmd: list[str], run_dir: Path, cohort: dict, env: dict) -> dict:
-    """Train one run: skipped when it finished before with the same command and cohort,
-    resumed when it was interrupted, started afresh when either changed (or the run dir was
-    not made by this benchmark: its checkpoints would refuse the config).
+def train(cmd: list[str], run_dir: Path, cohort: dict, env: dict, cfg_hash: str) -> dict:
+    """Train one run: skipped when it finished before with the same command, resolved config
+    (``cfg_hash``: :func:`masan.config.config_hash`, so the config file and the code's defaults
+    count) and cohort; resumed when it was interrupted; started afresh when one of them changed
+    (or the run dir was not made by this benchmark: its checkpoints would refuse the config).
 
     Returns {"status": "trained" | "cached" | "failed", "minutes": training minutes so far}."""
-    stamp = {"command": cmd[1:], "cohort": cohort}
+    stamp = {"command": cmd[1:], "config_hash": cfg_hash, "cohort": cohort}
     stamp_file = run_dir / RUN_STAMP
     old = json.loads(stamp_file.read_text()) if stamp_file.is_file() else None
     if run_dir.exists() and (old is None or {k: old.get(k) for k in stamp} != stamp):
@@ -383,11 +384,15 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[tuple[int, str], dict] = {}
     print(f"training {len(jobs)} runs ({args.repeats} repeats x {', '.join(args.variants)}), {args.jobs} at a time; "
           f"logs in {args.work / 'runs'}/<variant>/r<repeat>/{LOG_FILE}", flush=True)
+    commands = {(r, v): train_command(args, run_dirs[r, v], store_path, v, r, shape_overrides) for r, v in jobs}
+    try:
+        hashes = {job: config_hash(load_config(args.config, cmd[cmd.index("--config") + 2:]))
+                  for job, cmd in commands.items()}
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     with ThreadPoolExecutor(args.jobs) as pool:
-        futures = {}
-        for r, v in jobs:
-            cmd = train_command(args, run_dirs[r, v], store_path, v, r, shape_overrides)
-            futures[pool.submit(train, cmd, run_dirs[r, v], stamp, env)] = (r, v)
+        futures = {pool.submit(train, commands[job], run_dirs[job], stamp, env, hashes[job]): job for job in jobs}
         for fut in as_completed(futures):
             r, v = futures[fut]
             res = fut.result()
@@ -420,8 +425,8 @@ def main(argv: list[str] | None = None) -> int:
               f"fMRI {'x'.join(map(str, args.fmri_shape))} x {args.frames}, planted "
               f"{', '.join(planted['by_structure'])}; {args.repeats} repeat(s); config {args.config.name}"
               + (f" + {' '.join(args.overrides)}" if args.overrides else "")
-              + f". Cells: mean ± std over repeats; planted rank: best rank of a planted region in the model's "
-                f"region ranking (1 = top).")
+              + ". Cells: mean ± std over repeats; planted rank: best rank of a planted region in the model's "
+                "region ranking (1 = top).")
     text = table(rows, args.repeats, baselines, minutes, header)
     print("\n" + text)
     out.parent.mkdir(parents=True, exist_ok=True)
