@@ -7,8 +7,9 @@ an oracle, on the MNI152 validation cohort with planted effects, side by side in
    ``data_tools/to_zarr.py``.
 2. Trains every variant on every repeat's split with ``launch/train_local.py --config
    hpc/configs/science.yaml`` (run dirs WORK/runs/<variant>/r<repeat>, log in train.log there;
-   a run finished with the same arguments is not trained again, an interrupted one resumes,
-   one whose arguments changed starts afresh). Variants::
+   a run finished with the same arguments, resolved config and cohort is not trained again, an
+   interrupted one resumes, one where any of them changed starts afresh; one benchmark at a time
+   per WORK: WORK/science.lock). Variants::
 
        masan      the paper's model (T1 + fMRI, T1-guided attention fusion)
        masan_add  fusion by element-wise addition (model.fusion=add)
@@ -25,7 +26,7 @@ an oracle, on the MNI152 validation cohort with planted effects, side by side in
 Prints a line per finished run and one markdown table (mean +- std over repeats), written to
 --out (default WORK/science.md), raw numbers to WORK/science.json.
 
-  python bench/science.py                                   # 3 repeats x 5 variants, ~25 min on 2 cores
+  python bench/science.py                                   # 3 repeats x 5 variants (min/run: see the table)
   python bench/science.py --repeats 1 --variants masan t1_only train.joint_epochs=40
   python bench/science.py --full --jobs 1                   # GPU-sized: T1 96x112x96, fMRI 24x28x24 x 64, 4 x 24
   python bench/science.py --structures hippocampus entorhinal --strength 0.4 --work runs/science_weak
@@ -34,6 +35,7 @@ Prints a line per finished run and one markdown table (mean +- std over repeats)
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import shlex
@@ -67,6 +69,7 @@ FULL = {"per_class": 24, "t1_shape": [96, 112, 96], "fmri_shape": [24, 28, 24], 
 ORACLE = "oracle"
 TOP_K = 3
 COHORT_STAMP = "cohort.json"
+LOCK_FILE = "science.lock"
 RUN_STAMP = "bench_run.json"
 LOG_FILE = "train.log"
 TAIL_LINES = 25
@@ -340,12 +343,36 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def lock_work(work: Path):
+    """Hold WORK/science.lock for this process's life, or None when another benchmark holds it
+    (two benchmarks in one work dir would restart each other's runs)."""
+    work.mkdir(parents=True, exist_ok=True)
+    f = (work / LOCK_FILE).open("a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "?"
+        f.close()
+        print(f"error: another bench/science.py (pid {holder}) is using {work}; wait for it or pass --work DIR",
+              file=sys.stderr)
+        return None
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
+    return f
+
+
 def main(argv: list[str] | None = None) -> int:
     from masan.data.store import CohortStore
 
     args = parse_args(argv)
     start = time.perf_counter()
     args.work = args.work.resolve()
+    lock = lock_work(args.work)
+    if lock is None:
+        return 2
     out = args.out or args.work / "science.md"
     full = FULL if args.full else {}
     try:

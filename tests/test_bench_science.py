@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 import subprocess
 import sys
@@ -37,6 +38,15 @@ def test_cells_are_mean_and_sample_std_over_repeats():
     assert cell([0.5, 0.7]) == "0.60 ± 0.14"
     assert cell([3, None], 1) == "3.0"
     assert cell([None]) == "-"
+
+
+def test_one_benchmark_per_work_dir(tmp_path, capsys):
+    bench = load_bench()
+    held = bench.lock_work(tmp_path)
+    assert held is not None and bench.lock_work(tmp_path) is None
+    assert f"pid {os.getpid()}" in capsys.readouterr().err
+    held.close()
+    assert bench.lock_work(tmp_path) is not None
 
 
 @pytest.mark.slow
