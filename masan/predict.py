@@ -23,8 +23,8 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from masan.config import ConfigError, RunConfig, load_config
+from masan.model.inputs import PRECISION_DTYPES as DTYPES
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def predict_subjects(model: torch.nn.Module, dataset, cfg: RunConfig, device: torch.device, class_names: list[str],

@@ -76,6 +76,10 @@ class FittedStandardize(nn.Module):
             raise RuntimeError("FittedStandardize.sums() outside begin_fit()/end_fit()")
         return self._sums
 
+    def cancel_fit(self) -> None:
+        """Stop accumulating without changing the statistics (a fit that failed part way)."""
+        self._sums = None
+
     @torch.no_grad()
     def end_fit(self) -> None:
         """Set mean/std from the (all-reduced) sums and stop accumulating."""

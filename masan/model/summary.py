@@ -27,8 +27,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from masan.config import LossConfig, ModelConfig, add_config_arguments, config_from_args
 from masan.model import build_model, masan_loss
 from masan.model.regions import patch_shape
+from masan.model.inputs import PRECISION_DTYPES as DTYPES
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 MIB = 2**20
 
 

@@ -16,8 +16,8 @@ never hold half-accumulated gradients.
 At the start of the joint phase, and every ``train.norm_refresh_epochs`` joint epochs, the
 model's cohort standardisers are fitted on all training subjects
 (:func:`masan.train.standardize.fit_standardizers`). Every ``log.every_steps`` steps the loss
-terms, the gradient norm of each term (``log.grad_norms``), the optimizer steps DeepSpeed
-skipped for non-finite gradients, the LR and the throughput are logged.
+terms, the optimizer steps DeepSpeed skipped for non-finite gradients, the LR and the
+throughput are logged; every ``log.grad_norm_every_steps`` steps the gradient norm of each term.
 """
 
 from __future__ import annotations
@@ -35,9 +35,9 @@ from tqdm import tqdm
 
 from masan.config import RunConfig
 from masan.evaluate.predict import prediction_metrics
-from masan.model.inputs import MODALITY_KEYS
-from masan.predict import predict_subjects
+from masan.model.inputs import MODALITY_KEYS, PRECISION_DTYPES as DTYPES
 from masan.model import masan_loss
+from masan.predict import predict_subjects
 from masan.train import distributed as D
 from masan.train.checkpoint import CheckpointManager
 from masan.train.distributed import DistInfo
@@ -51,7 +51,6 @@ log = logging.getLogger(__name__)
 PHASES = ("pretrain", "joint")
 """Phase 1: reconstruction pretraining of sPM/fPM; phase 2: the full loss (eq. 8)."""
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 @dataclass

@@ -48,12 +48,13 @@ def fit_standardizers(model: torch.nn.Module, dataset: Dataset, rank: int, world
     try:
         for batch in loader:
             model(**{k: batch[k].to(device, dtype=dtype) if k in batch else None for k in MODALITY_KEYS})
-        sums = [t for n in norms for t in n.sums()]
-        _all_reduce(sums)
+        _all_reduce([t for n in norms for t in n.sums()])
         for n in norms:
             n.end_fit()
-    finally:
+    except BaseException:
         for n in norms:
-            n._sums = None
+            n.cancel_fit()
+        raise
+    finally:
         model.train(was)
     return len(norms)
