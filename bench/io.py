@@ -6,12 +6,19 @@ One synthesized cohort, measured side by side in one run:
   - bytes on disk: store vs .nii.gz;
   - one full sample (T1 + fMRI): store (float32, z-scored: what the loader returns) vs nibabel
     from .nii.gz, both as raw stored values and as float32 z-scored (like for like);
-  - a random patch (one cell of the 4x4x4 grid of the T1) and a random block of fMRI frames.
+  - a random patch (one cell of the 4x4x4 grid of the T1) and a random block of fMRI frames;
+  - the training loader of one rank (batch 1), as the model receives it (z-scored, in the model
+    dtype, on the device), for each cohort cache (``data.cache``) side by side: ``none`` (today's
+    path: DataLoader workers decode the store), ``host`` (stored integers in shared memory,
+    scaled on the device), ``device`` (the cohort in device memory): samples/s, GB/s into the
+    model and the ratio to ``none``; building a cache is timed apart.
 Targets (issue 2): store bytes <= .nii.gz bytes; full-sample read >= 5x faster.
+Target (issue 9): the ``host`` cache delivers a full-resolution sample >= 10x faster than ``none``.
 
   python bench/io.py                 # moderate: 4 subjects, T1 120x128x88, fMRI 60x64x44 x 200
   python bench/io.py --full          # the paper's sizes: T1 240x256x176, fMRI 60x64x44 x 976
   python bench/io.py --codec lz4 --clevel 5 --keep /tmp/bench   # try another codec, keep the files
+  python bench/io.py --full --loader-only --subjects 2 --frames 488   # only the loader table, fewer frames
 Timings are the best of --repeats passes over all subjects (contenders interleaved), with every
 file in the page cache; CPU time counts all threads, a steadier figure on a shared machine.
 """
@@ -19,6 +26,7 @@ file in the page cache; CPU time counts all threads, a steadier figure on a shar
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -27,11 +35,19 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import torch
+from torch.utils.data import DataLoader
 
-from masan.config import ModelConfig
+from masan.config import DataConfig, ModelConfig
+from masan.data.cache import CohortCache
 from masan.data.convert import ConvertOptions, convert_cohort, discover_bids
+from masan.data.dataset import CohortDataset
 from masan.data.store import SUBJECTS, CohortStore
 from masan.data.synth import synthesize_cohort
+from masan.model.inputs import PRECISION_DTYPES
+from masan.train.loop import to_device
+
+CACHES = ("none", "host", "device")
 
 
 def _bytes(paths) -> int:
@@ -70,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--full", action="store_true", help="paper sizes (T1 240x256x176, fMRI 60x64x44 x 976)")
     p.add_argument("--t1-shape", nargs=3, type=int, default=[120, 128, 88])
     p.add_argument("--fmri-shape", nargs=3, type=int, default=list(model.fmri_shape))
-    p.add_argument("--frames", type=int, default=200)
+    p.add_argument("--frames", type=int, default=None, help="fMRI frames (default 200; --full: 976)")
     p.add_argument("--gzip-level", type=int, default=6, help=".nii.gz compression level (6: gzip/dcm2niix default)")
     d = ConvertOptions()
     p.add_argument("--codec", default=d.codec)
@@ -83,28 +99,49 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--patches", type=int, default=20, help="random patch reads per repeat")
     p.add_argument("--keep", type=Path, default=None, help="write here and keep the files (default: a temp dir)")
     p.add_argument("--seed", type=int, default=0)
+    data = DataConfig()
+    p.add_argument("--loader-only", action="store_true", help="only the loader table (no nibabel comparison)")
+    p.add_argument("--loader-workers", type=int, default=data.num_workers,
+                   help="DataLoader workers of the 'none' loader (default: data.num_workers)")
+    p.add_argument("--loader-passes", type=int, default=2, help="epochs over the cohort per cache (best one counts)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--precision", choices=sorted(PRECISION_DTYPES), default="fp32", help="dtype the model receives")
+    p.add_argument("--cache-dir", default=data.cache_dir, help="shared memory of the host cache")
     args = p.parse_args(argv)
     if args.full:
-        args.t1_shape, args.fmri_shape, args.frames = model.t1_shape, model.fmri_shape, model.fmri_frames
+        args.t1_shape, args.fmri_shape = model.t1_shape, model.fmri_shape
+    args.frames = args.frames or (model.fmri_frames if args.full else 200)
     work = args.keep or Path(tempfile.mkdtemp(prefix="masan-bench-io-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
-        table = run(args, work)
+        store = prepare(args, work)
+        table = [] if args.loader_only else run(args, work, store)
+        loader = loader_table(store, torch.device(args.device), args.precision, args.frames, args.loader_workers,
+                              args.loader_passes, args.cache_dir)
     finally:
         if args.keep is None:
             shutil.rmtree(work, ignore_errors=True)
     print(f"\ncohort: {args.subjects} subjects, T1 {args.t1_shape}, fMRI {args.fmri_shape} x {args.frames}; "
           f"store {args.codec}-{args.clevel} {args.shuffle}, fMRI chunk {args.chunk_frames} frames, "
           f"shard {args.shard_frames}; gzip level {args.gzip_level}; {os.cpu_count()} CPUs")
-    w = max(len(r[0]) for r in table)
-    print(f"{'':{w}}  {'store':>10}  {'nii.gz':>10}  ratio")
-    for name, store_v, nii_v, ratio in table:
-        print(f"{name:{w}}  {store_v:>10}  {nii_v:>10}  {ratio}")
+    if table:
+        print_table(["", "store", "nii.gz", "ratio"], table)
+    print(f"\nloader of one rank, batch 1, {args.precision} on {args.device} (none: {args.loader_workers} "
+          f"DataLoader workers; best of {args.loader_passes} epochs):")
+    print_table(["", *CACHES], loader)
     return 0
 
 
-def run(args: argparse.Namespace, work: Path) -> list[tuple[str, str, str, str]]:
-    rng = np.random.default_rng(args.seed)
+def print_table(header: list[str], rows: list[tuple]) -> None:
+    """First column left-aligned to its widest cell, the others right-aligned, two spaces apart."""
+    w = max(len(str(r[0])) for r in [header, *rows])
+    widths = [max(10, *(len(str(r[i])) for r in [header, *rows])) for i in range(1, len(header))]
+    for r in [header, *rows]:
+        print(f"{r[0]:{w}}  " + "  ".join(f"{str(v):>{k}}" for v, k in zip(r[1:], widths)))
+
+
+def prepare(args: argparse.Namespace, work: Path) -> Path:
+    """Synthesize the cohort (once per --keep directory) and convert it; -> the store."""
     bids = work / "bids"
     if not (bids / "participants.tsv").is_file():
         print(f"synthesizing {args.subjects} subjects in {bids} (not timed) ...")
@@ -114,11 +151,73 @@ def run(args: argparse.Namespace, work: Path) -> list[tuple[str, str, str, str]]
     shutil.rmtree(out, ignore_errors=True)
     opts = ConvertOptions(codec=args.codec, clevel=args.clevel, shuffle=args.shuffle,
                           fmri_chunk_frames=args.chunk_frames, fmri_shard_frames=args.shard_frames)
-    sources = discover_bids(bids)
     t = time.perf_counter()
-    report = convert_cohort(sources, out, opts, classes=("NC",), workers=args.workers)
-    convert_s = time.perf_counter() - t
+    report = convert_cohort(discover_bids(bids), out, opts, classes=("NC",), workers=args.workers)
+    args.convert_s = time.perf_counter() - t
     assert not report.failed, report.failed
+    return out
+
+
+def loader_table(store_path: Path, device: torch.device, precision: str, frames: int, workers: int, passes: int,
+                 cache_dir: str, classes: tuple[str, ...] = ("NC",)) -> list[tuple[str, ...]]:
+    """Samples/s and GB/s into the model of one rank's training loader for each cache (see module
+    doc and :func:`loader_speeds`). -> rows (name, none, host, device)."""
+    r = loader_speeds(store_path, device, precision, frames, workers, passes, cache_dir, classes)
+    base = r["none"]["seconds"]
+    return [
+        ("samples/s", *(f"{r[k]['samples'] / r[k]['seconds']:.2f}" for k in CACHES)),
+        ("GB/s into the model", *(f"{r[k]['bytes'] / r[k]['seconds'] / 1e9:.2f}" for k in CACHES)),
+        ("ms per sample", *(f"{r[k]['seconds'] / r[k]['samples'] * 1e3:.0f}" for k in CACHES)),
+        ("x none (speed)", *(f"{base / r[k]['seconds']:.1f}x" for k in CACHES)),
+        ("cache build (s, once)", "", *(f"{r[k]['build_s']:.1f}" for k in CACHES[1:])),
+    ]
+
+
+def loader_speeds(store_path: Path, device: torch.device, precision: str, frames: int, workers: int, passes: int,
+                  cache_dir: str, classes: tuple[str, ...] = ("NC",)) -> dict[str, dict[str, float]]:
+    """One rank's training loader for each cache: ``passes`` epochs over the store's subjects at
+    batch 1, each batch as the model receives it (``precision``, on ``device``); ``none`` uses
+    ``workers`` DataLoader workers. -> cache -> {seconds (best epoch), samples, bytes (t1 + fmri
+    delivered in that epoch), build_s (building the cache, 0 for none)}."""
+    dtype = PRECISION_DTYPES[precision]
+    store = CohortStore(store_path)
+    subjects = store.subjects
+    cfg = DataConfig(classes=list(classes), fmri_frames=frames, num_workers=workers, cache_dir=cache_dir)
+    labels = [list(classes).index(store.label(s)) for s in subjects]
+    best, moved, build = {}, {}, {}
+    for kind in CACHES:
+        dataset = CohortDataset(store_path, subjects, labels, cfg)
+        cache = None
+        if kind != "none":
+            t = time.perf_counter()
+            cache = CohortCache(store_path, subjects, labels, dataclasses.replace(cfg, cache=kind), device)
+            build[kind] = time.perf_counter() - t
+        best[kind] = float("inf")
+        for _ in range(passes):
+            if cache is None:
+                batches = (to_device(b, device, dtype) for b in
+                           DataLoader(dataset, batch_size=1, num_workers=cfg.num_workers,
+                                      prefetch_factor=cfg.prefetch_factor if cfg.num_workers else None,
+                                      pin_memory=device.type == "cuda"))
+            else:
+                batches = cache.batches(range(len(subjects)), 1, dtype, cfg.prefetch_factor)
+            t, nbytes = time.perf_counter(), 0
+            for b in batches:
+                nbytes += sum(b[k].nbytes for k in ("t1", "fmri"))
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            best[kind] = min(best[kind], time.perf_counter() - t)
+            moved[kind] = nbytes
+        if cache is not None:
+            cache.close()
+    return {k: {"seconds": best[k], "samples": len(subjects), "bytes": moved[k], "build_s": build.get(k, 0.0)}
+            for k in CACHES}
+
+
+def run(args: argparse.Namespace, work: Path, out: Path) -> list[tuple[str, str, str, str]]:
+    rng = np.random.default_rng(args.seed)
+    bids = work / "bids"
+    convert_s = args.convert_s
     store = CohortStore(out)
     subjects = store.subjects
     files = [f for s in subjects for f in _sources(bids, s)]

@@ -5,8 +5,9 @@ Trains ``hpc/configs/demo.yaml`` (or --config) through ``launch/train_local.py``
 ``--steps`` optimizer steps per variant (1 and 2 gloo processes; fp32 and bf16) on a phantom
 cohort synthesized and converted once, and prints a table:
 
-    variant | samples/s (median of the logged train/samples_per_s after warm-up) | peak RSS per rank (MiB)
-    and the ratio of each samples/s to the first variant's.
+    variant | samples/s (median of the logged train/samples_per_s after warm-up) | ratio to the first
+    variant | data wait (median of the logged train/data_wait_frac: the largest share of a logging
+    interval any rank waited for its next batch) | peak RSS per rank (MiB)
 
 Peak RSS is the largest maximum resident set of any rank process (getrusage of the waited-for
 children). Example::
@@ -48,12 +49,13 @@ def make_store(root: Path, cfg: dict) -> Path:
     return store
 
 
-def rate(run_dir: Path) -> float:
+def logged_median(run_dir: Path, tag: str) -> float:
+    """Median of a logged scalar (``train/<tag>``) over the logging intervals after the first."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0})
     acc.Reload()
-    values = [e.value for e in acc.Scalars("train/samples_per_s")][1:]  # first window holds start-up
+    values = [e.value for e in acc.Scalars(f"train/{tag}")][1:]  # first window holds start-up
     return statistics.median(values) if values else float("nan")
 
 
@@ -80,11 +82,12 @@ def main() -> int:
                 print(res.stderr[-3000:], file=sys.stderr)
                 return 1
             peak_kib = int(res.stderr.rsplit(MARK, 1)[1].split()[0])
-            rows.append((name, rate(run), peak_kib / 1024))
+            rows.append((name, logged_median(run, "samples_per_s"), logged_median(run, "data_wait_frac"),
+                         peak_kib / 1024))
     base = rows[0][1]
-    print(f"{'variant':<14} {'samples/s':>10} {'ratio':>6} {'peak RSS MiB':>13}")
-    for name, r, rss in rows:
-        print(f"{name:<14} {r:>10.2f} {r / base:>6.2f} {rss:>13.0f}")
+    print(f"{'variant':<14} {'samples/s':>10} {'ratio':>6} {'data wait':>10} {'peak RSS MiB':>13}")
+    for name, r, wait, rss in rows:
+        print(f"{name:<14} {r:>10.2f} {r / base:>6.2f} {100 * wait:>9.1f}% {rss:>13.0f}")
     return 0
 
 

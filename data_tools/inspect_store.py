@@ -18,10 +18,9 @@ from collections import Counter
 from pathlib import Path
 
 import zarr
-from zarr.storage import LocalStore
 
 from masan.data.convert import verify_group
-from masan.data.store import SUBJECTS, CohortStore, StoreError
+from masan.data.store import CohortStore, StoreError, StrictLocalStore
 
 
 def _size(path: Path) -> int:
@@ -42,6 +41,10 @@ def summary(store: CohortStore) -> list[str]:
     if "planted_effect" in store.attrs:
         pe = store.attrs["planted_effect"]
         lines.append(f"planted effect: centre {pe['center']} radius {pe['radius']} cells {pe['cells']}")
+    acc = store.attrs.get("access")
+    if acc:
+        group = "" if acc.get("gid") is None else f", group id {acc['gid']}"
+        lines.append(f"access: files {acc['file_mode']}{group} (chosen by {acc['chosen_by']})")
     failed = store.attrs.get("last_conversion", {}).get("failed", [])
     lines.append(f"last conversion: {len(failed)} failed" + "".join(f"\n  {f['subject']}: {f['error']}" for f in failed))
     return lines
@@ -64,6 +67,15 @@ def subject_detail(store: CohortStore, subject: str) -> list[str]:
     return lines
 
 
+def _verify(path: Path, group: str) -> list[str]:
+    """Arrays of one subject version that are unreadable, incomplete or differ from their checksum
+    (a missing chunk file is damage: StrictLocalStore raises instead of reading zeros)."""
+    try:
+        return verify_group(zarr.open_group(StrictLocalStore(path, read_only=True), path=group, mode="r"))
+    except Exception as e:  # the version folder itself is missing or unreadable
+        return [f"{group} ({type(e).__name__})"]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("store", type=Path)
@@ -80,8 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print("\n".join(lines))
     if args.verify:
-        root = LocalStore(args.store / SUBJECTS, read_only=True)
-        damaged = {s: bad for s in store.subjects if (bad := verify_group(zarr.open_group(root, path=s, mode="r")))}
+        damaged = {s: bad for s in store.subjects if (bad := _verify(args.store, store.group_path(s)))}
         for s, bad in damaged.items():
             print(f"DAMAGED {s}: {bad} do not match their checksums; rerun to_zarr.py with --verify", file=sys.stderr)
         print(f"verified {len(store.subjects)} subjects: {len(damaged)} damaged")

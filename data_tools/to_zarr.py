@@ -7,9 +7,11 @@ Examples:
       --canonical --t1-shape --fmri-shape          # RAS + the paper's 240x256x176 / 60x64x44
 
 Rerun it after adding subjects or fixing files: finished subjects whose sources are unchanged
-are skipped, half-written ones are redone. Layout and choices: docs/data-format.md.
+are skipped, half-written ones are redone. Subjects leave the store only with --prune.
+The store is as closed as its most restricted source (e.g. sources 600 -> store 600/700)
+unless --mode/--group share it on purpose. Layout and safety: docs/data-format.md.
 Exit status: 0 all converted, 1 some subjects failed (see STORE/conversion_report.json;
-0 with --allow-failures), 2 the inputs or options are unusable.
+0 with --allow-failures), 2 the inputs or options are unusable (nothing changed).
 """
 
 from __future__ import annotations
@@ -18,9 +20,10 @@ import argparse
 import sys
 from pathlib import Path
 
+from masan.access import AccessError, parse_group, parse_mode
 from masan.config import ModelConfig
-from masan.data.convert import (DEFAULT_CLASSES, ConvertError, ConvertOptions, convert_cohort, discover_bids,
-                                planted_effect, read_manifest)
+from masan.data.convert import (DEFAULT_CLASSES, ConvertError, ConvertOptions, StoreAccess, convert_cohort,
+                                discover_bids, planted_effect, read_manifest)
 from masan.data.store import REPORT
 
 
@@ -59,6 +62,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=1, help="subjects converted in parallel (processes)")
     p.add_argument("--verify", action="store_true",
                    help="re-read already converted subjects and reconvert any whose checksum differs")
+    p.add_argument("--prune", action="store_true",
+                   help="remove subjects the input no longer lists, whose sources are missing or that fail now "
+                        "(default: keep their earlier conversion and report them)")
+    acc = p.add_argument_group("access (default: no more open than the most restricted source)")
+    acc.add_argument("--mode", default=None, metavar="OCTAL",
+                     help="file mode for the whole store, e.g. 640 to let the group read on purpose "
+                          "(folders get x where r)")
+    acc.add_argument("--group", default=None, help="group name or id to own the store (you must be a member)")
     p.add_argument("--allow-failures", action="store_true", help="exit 0 even when some subjects failed")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
@@ -73,7 +84,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.workers < 1:
+        print(f"to_zarr: --workers must be 1 or more, got {args.workers}", file=sys.stderr)
+        return 2
     try:
+        share = StoreAccess(None if args.mode is None else parse_mode(args.mode),
+                            None if args.group is None else parse_group(args.group))
         opts = ConvertOptions(
             canonical=args.canonical, t1_shape=tuple(args.t1_shape) if args.t1_shape else None,
             fmri_shape=tuple(args.fmri_shape) if args.fmri_shape else None, patch_grid=tuple(args.patch_grid),
@@ -86,12 +102,13 @@ def main(argv: list[str] | None = None) -> int:
         else:
             sources, extra = read_manifest(args.manifest), None
         report = convert_cohort(sources, args.out, opts, args.classes, args.label_map, args.workers, args.verify,
-                                extra, progress=not args.no_progress)
-    except ConvertError as e:
+                                extra, progress=not args.no_progress, prune=args.prune, share=share)
+    except (ConvertError, AccessError) as e:
         print(f"to_zarr: {e}", file=sys.stderr)
         return 2
     print(f"{args.out}: {len(report.converted)} converted, {len(report.skipped)} unchanged (skipped), "
-          f"{len(report.removed)} removed, {len(report.failed)} failed in {report.seconds:.1f} s")
+          f"{len(report.kept)} kept from earlier, {len(report.removed)} removed, {len(report.failed)} failed "
+          f"in {report.seconds:.1f} s; access {report.access}")
     for w in report.warnings:
         print(f"  warning: {w}")
     for f in report.failed:

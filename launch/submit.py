@@ -13,7 +13,10 @@ Time limits and preemption: SLURM sends USR2 --signal-delay seconds before the l
 rank stops at the next step, a complete checkpoint is saved, and the job requeues itself (at
 most --max-requeues times). With --wait, this command follows the job(s) to the end and
 resubmits a job that crashed (FAILED, NODE_FAIL, OUT_OF_MEMORY, TIMEOUT...) up to
---max-restarts times.
+--max-restarts times. A run refused at its start (a config value its cohort cannot serve, a
+checkpoint written with another config, a run directory it cannot write) is never
+resubmitted: the job's rank 0 records the reason in run_dir/jobs.json (event "refused"),
+--wait prints it and exits 2, as it does for bad arguments (--nodes 0, ...).
 
 --repeats N and --ablation key=value submit one job array with one run directory per
 (variant, repeat): run_dir/repeat_R or run_dir/<variant>/repeat_R (variant "baseline" plus
@@ -45,9 +48,30 @@ ENV_SCRIPT = REPO / "hpc" / "env" / "cluster_env.sh"
 TRAIN_LOCAL = REPO / "launch" / "train_local.py"
 LOCAL_CONFIG = "submitted_config.yaml"
 SUBMITIT_DIR = "slurm"
-EXIT_REFUSED = 2
+EXIT_REFUSED = jobs.EXIT_REFUSED
 EXIT_FAILED = 1
 UNKNOWN_GRACE_POLLS = 3  # polls a job may be unknown to squeue/scontrol/sacct before it counts as gone
+
+
+def _at_least(low: float, kind=int):
+    """argparse type: a number of ``kind`` not below ``low`` (argparse then exits 2 naming the flag)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if not value >= low:  # also refuses nan
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {text}")
+        return value
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    """argparse type: a finite number above 0 (seconds between polls)."""
+    value = _at_least(0.0, float)(text)
+    if value == 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,16 +84,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--run-dir", default="runs/masan", help="run directory (default: %(default)s)")
     g.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="config overrides, e.g. optim.lr=3e-4 model.fusion=add")
-    g.add_argument("--repeats", type=int, default=1, help="repeats (different splits) per variant")
+    g.add_argument("--repeats", type=_at_least(1), default=1, help="repeats (different splits) per variant")
     g.add_argument("--ablation", action="append", default=[], metavar="KEY=VALUE",
                    help="one ablation variant (repeatable); submitted with the baseline as one array")
     g.add_argument("--no-baseline", action="store_true", help="with --ablation: leave out the baseline")
     r = p.add_argument_group("SLURM resources")
-    r.add_argument("--nodes", type=int, default=1)
-    r.add_argument("--gpus-per-node", type=int, default=None,
+    r.add_argument("--nodes", type=_at_least(1), default=1)
+    r.add_argument("--gpus-per-node", type=_at_least(0), default=None,
                    help="GPUs (= ranks) per node; default: the GPUs the partition's nodes have (sinfo), "
                    "0 on CPU nodes (then one rank per node)")
-    r.add_argument("--cpus-per-task", type=int, default=None, help="CPU cores per rank (data workers + 1)")
+    r.add_argument("--cpus-per-task", type=_at_least(1), default=None, help="CPU cores per rank (data workers + 1)")
     r.add_argument("--mem", default=None, help="memory per node, SLURM syntax (e.g. 64G)")
     r.add_argument("--time", default="4:00:00", help="time limit per job, SLURM syntax (default: %(default)s)")
     r.add_argument("--partition")
@@ -79,17 +103,17 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--exclude", help="nodes to avoid, e.g. node[3-4]")
     r.add_argument("--job-name", default="masan")
     f = p.add_argument_group("time limits, preemption, crashes")
-    f.add_argument("--signal-delay", type=int, default=120,
+    f.add_argument("--signal-delay", type=_at_least(0), default=120,
                    help="seconds before the time limit at which SLURM sends USR2 (default: %(default)s); "
                    "must cover one training step plus a checkpoint save")
-    f.add_argument("--max-requeues", type=int, default=10,
+    f.add_argument("--max-requeues", type=_at_least(0), default=10,
                    help="requeues per job after USR2 (time limit or preemption) (default: %(default)s)")
-    f.add_argument("--max-restarts", type=int, default=1,
+    f.add_argument("--max-restarts", type=_at_least(0), default=1,
                    help="resubmissions of a crashed job per run, with --wait or --local (default: %(default)s)")
     m = p.add_argument_group("mode")
     m.add_argument("--local", action="store_true", help="train on this machine even if SLURM is available")
     m.add_argument("--wait", action="store_true", help="follow the job(s) until they end; exit 0 if all runs finished")
-    m.add_argument("--poll", type=float, default=10.0, help="seconds between state checks with --wait")
+    m.add_argument("--poll", type=_positive_float, default=10.0, help="seconds between state checks with --wait")
     return p
 
 
@@ -144,6 +168,7 @@ def watch(pending: dict[str, RunSpec], res: Resources, folder: Path, args) -> in
     last: dict[str, str] = {}
     unknown: dict[str, int] = {}
     failed: list[str] = []
+    refused: list[str] = []
     while pending:
         time.sleep(args.poll)
         for jid, spec in list(pending.items()):
@@ -161,6 +186,11 @@ def watch(pending: dict[str, RunSpec], res: Resources, folder: Path, args) -> in
                 print(f"  run finished: {spec.run_dir}", flush=True)
                 continue
             key = str(spec.run_dir)
+            why = jobs.refusal(spec.run_dir, jid)
+            if why is not None:  # a config or resume error: the same job would be refused again
+                print(f"  run REFUSED: {spec.run_dir} (job {jid}, not resubmitted): {why}", flush=True)
+                refused.append(key)
+                continue
             if state in jobs.RESTARTABLE_STATES and restarts[key] < args.max_restarts:
                 restarts[key] += 1
                 (new_id,) = submit_slurm([spec], res, folder, args.max_requeues)
@@ -173,7 +203,7 @@ def watch(pending: dict[str, RunSpec], res: Resources, folder: Path, args) -> in
             print(f"  run NOT finished: {spec.run_dir} (job {jid} ended {state}; "
                   f"see {log_path(folder, jid)}; submit again to resume)", flush=True)
             failed.append(key)
-    return EXIT_FAILED if failed else 0
+    return EXIT_REFUSED if refused and not failed else EXIT_FAILED if failed else 0
 
 
 # --------------------------------------------------------------------------- local
@@ -181,7 +211,7 @@ def watch(pending: dict[str, RunSpec], res: Resources, folder: Path, args) -> in
 
 def run_locally(specs: list[RunSpec], res: Resources, max_restarts: int) -> int:
     """Train the runs one after the other with launch/train_local.py (nodes x gpus ranks each)."""
-    failed = []
+    failed, refused = [], []
     for spec in specs:
         cfg_file = save_config(spec.cfg, spec.run_dir / LOCAL_CONFIG)
         cmd = [sys.executable, str(TRAIN_LOCAL), "--config", str(cfg_file), "--nproc", str(res.world_size)]
@@ -194,11 +224,15 @@ def run_locally(specs: list[RunSpec], res: Resources, max_restarts: int) -> int:
             if code in (0, EXIT_REFUSED) or finished(spec):
                 break  # finished, stopped on request, or a config error that a restart cannot cure
             print(f"  local run exited with code {code}", flush=True)
-        if not finished(spec):
+        if code == EXIT_REFUSED:
+            refused.append(spec.run_dir)
+        elif not finished(spec):
             failed.append(spec.run_dir)
+    for d in refused:
+        print(f"run REFUSED: {d} (see the error above; fix it and run again)")
     for d in failed:
         print(f"run NOT finished: {d} (run the same command again to resume)")
-    return EXIT_FAILED if failed else 0
+    return EXIT_FAILED if failed else EXIT_REFUSED if refused else 0
 
 
 def finished(spec: RunSpec) -> bool:
@@ -225,9 +259,14 @@ def _resources(args) -> Resources:
     gpus = args.gpus_per_node
     if gpus is None:
         gpus = jobs.detect_gpus_per_node(args.partition) if not args.local else 0
+    time_min = parse_time_min(args.time)
+    if args.signal_delay >= time_min * 60:
+        raise ValueError(f"--signal-delay {args.signal_delay} s is not shorter than --time {args.time} "
+                         f"({time_min * 60} s): the stop signal would come before training does; lower "
+                         "--signal-delay or raise --time")
     return Resources(
         nodes=args.nodes, gpus_per_node=gpus, cpus_per_task=args.cpus_per_task, mem=args.mem,
-        time_min=parse_time_min(args.time), partition=args.partition, account=args.account,
+        time_min=time_min, partition=args.partition, account=args.account,
         qos=args.qos, constraint=args.constraint, exclude=args.exclude, job_name=args.job_name,
         signal_delay_s=args.signal_delay)
 

@@ -11,7 +11,8 @@ checkpoint in run_dir (a finished run returns at once). ``touch RUN_DIR/STOP`` (
 SIGTERM to this launcher) makes every rank save a checkpoint and stop.
 
 Exit status: 0 when the run completed or stopped cleanly (the last line says which), 1 when a
-rank failed, 2 for a bad config or arguments.
+rank failed, 2 for a bad config or arguments, a run directory that is not writable, or a
+checkpoint that refuses this config (nothing in the run directory changed then).
 """
 
 from __future__ import annotations
@@ -53,9 +54,8 @@ def setup_logging(rank: int) -> None:
 
 def train_here(args: argparse.Namespace) -> int:
     """One rank: this process (the environment says which rank, or a world of one)."""
-    from masan.config import ConfigError, config_from_args
-    from masan.train.checkpoint import ResumeError
-    from masan.train.run import run_training
+    from masan.config import config_from_args
+    from masan.train.run import USER_ERRORS, run_training
     from masan.train.stop import StopRequest
 
     rank = int(os.environ.get("RANK", "0"))
@@ -64,7 +64,7 @@ def train_here(args: argparse.Namespace) -> int:
     stop = StopRequest(cfg.run_dir).install()
     try:
         outcome = run_training(cfg, stop)
-    except (ConfigError, ResumeError) as e:
+    except USER_ERRORS as e:
         print(f"error (rank {rank}): {e}", file=sys.stderr)
         return 2
     if rank == 0:

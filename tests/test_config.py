@@ -50,3 +50,33 @@ def test_hash_ignores_paths_and_cadence_but_not_science():
     changed = load_config(None, ["optim.lr=0.5"])
     assert config_hash(base) != config_hash(changed)
     assert config_diff(base, changed) == ["optim.lr: 0.001 -> 0.5"]
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("optim.lr=.nan", "optim.lr=nan is not a finite number"),
+        ("optim.lr=0", "optim.lr=0.0 is out of range; use a positive learning rate"),
+        ("optim.betas=[0.9, 1.5]", "optim.betas=[0.9, 1.5] is out of range"),
+        ("split.test_fraction=1.5", "split.test_fraction=1.5 is out of range; use a fraction strictly between 0 and 1"),
+        ("split.val_fraction=-0.1", "split.val_fraction=-0.1 is out of range"),
+        ("train.joint_epochs=-1", "train.joint_epochs=-1 is out of range; use at least 1 epoch"),
+        ("train.pretrain_epochs=-2", "train.pretrain_epochs=-2 is out of range"),
+        ("optim.micro_batch=0", "optim.micro_batch=0 is out of range"),
+        ("checkpoint.keep=0", "checkpoint.keep=0 is out of range"),
+        ("train.dist_timeout_minutes=.inf", "train.dist_timeout_minutes=inf is not a finite number"),
+        ("model.dropout=1", "model.dropout=1.0 is out of range"),
+        ("data.classes=[AD]", "data.classes=['AD'] is out of range; use at least two classes"),
+    ],
+)
+def test_wrong_values_are_refused_when_the_config_loads(override, fragment):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert fragment in str(e.value)
+
+
+def test_shipped_configs_are_valid():
+    from pathlib import Path
+
+    for path in sorted((Path(__file__).resolve().parents[1] / "hpc" / "configs").glob("*.yaml")):
+        load_config(path)

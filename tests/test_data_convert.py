@@ -3,6 +3,7 @@
 import csv
 import gzip
 import importlib.util
+import json
 import os
 import shutil
 import signal
@@ -130,6 +131,12 @@ def test_every_bad_input_fails_alone_with_file_and_fix(tmp_path):
     inf = np.ones((6, 6, 6), np.float32)
     inf[2, 2, 2] = np.inf
     inf_file = _nifti(tmp_path / "inf_T1w.nii", inf)
+
+    def own(path, subject):  # each subject its own copy: one file listed for two subjects is refused
+        folder = tmp_path / "own" / subject
+        folder.mkdir(parents=True, exist_ok=True)
+        return shutil.copy(path, folder / Path(path).name)
+
     rows = [
         ("good", good_t1, good_fmri, "AD"),
         ("truncated", good_t1, cut, "AD"),
@@ -147,6 +154,8 @@ def test_every_bad_input_fails_alone_with_file_and_fix(tmp_path):
         ("../evil", good_t1, good_fmri, "AD"),
         ("a b", good_t1, good_fmri, "AD"),
     ]
+    shared = (good_t1, good_fmri)
+    rows = [rows[0]] + [(s, *(own(f, s) if f in shared else f for f in (t1, fm)), lab) for s, t1, fm, lab in rows[1:]]
     man = write_manifest(tmp_path / "bad.csv", rows)
     out = tmp_path / "bad.zarr"
     assert to_zarr.main(["--manifest", str(man), "--out", str(out), "--no-progress"]) == 1
@@ -215,12 +224,16 @@ def test_rerun_skips_unchanged_redoes_changed_and_verify_repairs(tmp_path):
     shutil.rmtree(bids / "sub-008")
     assert to_zarr.main(args) == 0
     rep = CohortStore(out).report()
-    assert rep["converted"] == ["sub-002"] and rep["removed"] == ["sub-008"] and len(rep["skipped"]) == 6
+    assert rep["converted"] == ["sub-002"] and rep["kept"] == ["sub-008"] and len(rep["skipped"]) == 6
+    assert "sub-008" in CohortStore(out).subjects  # unlisted: kept until --prune says otherwise
+    assert to_zarr.main(args + ["--prune"]) == 0
+    assert CohortStore(out).report()["removed"] == ["sub-008"] and not (out / SUBJECTS / "sub-008").exists()
     fresh = np.moveaxis(np.asarray(nib.load(bids / "sub-002/func/sub-002_task-rest_bold.nii.gz").dataobj), 3, 0)
     assert np.array_equal(CohortStore(out).read_raw("sub-002", "fmri"), fresh)
 
     # damage one stored chunk file: inspect --verify finds it, to_zarr --verify reconverts it
-    chunk = next(p for p in (out / SUBJECTS / "sub-003" / "t1").rglob("*") if p.is_file() and p.name != "zarr.json")
+    t1_dir = out / CohortStore(out).group_path("sub-003") / "t1"
+    chunk = next(p for p in t1_dir.rglob("*") if p.is_file() and p.name != "zarr.json")
     blob = bytearray(chunk.read_bytes())
     blob[len(blob) // 3] ^= 0xFF
     chunk.write_bytes(bytes(blob))
@@ -267,15 +280,18 @@ def test_killed_conversion_resumes_with_complete_subjects(tmp_path):
     proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
-        done = list((out / SUBJECTS).glob("sub-*")) if (out / SUBJECTS).is_dir() else []
+        try:  # subjects the cohort table lists (published and recorded)
+            done = json.loads((out / "zarr.json").read_text())["attributes"].get("cohort", [])
+        except (OSError, ValueError, KeyError):
+            done = []
         if len(done) >= 2:
             break
         time.sleep(0.02)
     assert proc.poll() is None, f"conversion ended before it could be killed: {proc.stderr.read()}"
     os.killpg(proc.pid, signal.SIGKILL)  # the CLI and its workers, mid-run
     proc.wait()
-    before = sorted(p.name for p in (out / SUBJECTS).iterdir() if p.is_dir())
-    half = sorted(p.name for p in (out / STAGING).iterdir()) if (out / STAGING).is_dir() else []
+    before = CohortStore(out).subjects  # published and in the table (a version the table never named is redone)
+    half = sorted(p.name.split(".")[0] for p in (out / STAGING).iterdir()) if (out / STAGING).is_dir() else []
     assert 2 <= len(before) < 12 and not set(half) & set(before)
     assert to_zarr.main(cmd[2:]) == 0
     store = CohortStore(out)

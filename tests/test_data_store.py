@@ -11,7 +11,7 @@ import pytest
 import zarr
 
 from masan.data.convert import ConvertOptions, convert_cohort, discover_bids
-from masan.data.store import SUBJECTS, CohortStore, StoreError
+from masan.data.store import CohortStore, StoreError
 from masan.data.synth import synthesize_cohort
 
 T1, FMRI, FRAMES = (32, 24, 16), (12, 16, 8), 20
@@ -74,14 +74,15 @@ def test_normalisation_uses_nonzero_voxels(cohort):
 def test_chunks_follow_patch_grid_and_frames_with_few_files(cohort):
     _, store = cohort
     root = zarr.open_group(store.path, mode="r")
-    t1 = root[f"{SUBJECTS}/sub-001/t1"]
+    group = store.group_path("sub-001")  # the subject's current version folder
+    t1 = root[f"{group}/t1"]
     assert t1.chunks == (8, 6, 4) and t1.shards == (32, 24, 16)  # one 4x4x4 cell per chunk, one shard
-    f = root[f"{SUBJECTS}/sub-001/fmri"]
+    f = root[f"{group}/fmri"]
     assert f.chunks == (4, *FMRI) and f.shards == (8, *FMRI)
-    codecs = json.loads((store.path / SUBJECTS / "sub-001" / "t1" / "zarr.json").read_text())["codecs"]
+    codecs = json.loads((store.path / group / "t1" / "zarr.json").read_text())["codecs"]
     inner = codecs[0]["configuration"]["codecs"]
     assert {"cname": "lz4hc", "clevel": 5, "shuffle": "bitshuffle"}.items() <= inner[-1]["configuration"].items()
-    files = [p for p in (store.path / SUBJECTS / "sub-001").rglob("*") if p.is_file()]
+    files = [p for p in (store.path / group).rglob("*") if p.is_file()]
     assert len(files) == 1 + 2 + 1 + 3  # group + 2 array metadata + 1 T1 shard + 3 fMRI shards
 
 
@@ -121,6 +122,6 @@ def test_missing_damaged_and_foreign_stores_say_how_to_fix(cohort, tmp_path):
         CohortStore(broken).subjects
     shutil.rmtree(broken)
     shutil.copytree(store.path, broken)
-    shutil.rmtree(broken / SUBJECTS / "sub-001" / "t1")
-    with pytest.raises(StoreError, match=r"sub-001/t1 is missing or damaged.*to_zarr.py"):
+    shutil.rmtree(broken / store.group_path("sub-001") / "t1")
+    with pytest.raises(StoreError, match=r"sub-001/v\d+/t1 is missing or damaged.*to_zarr.py"):
         CohortStore(broken).read_t1("sub-001")

@@ -17,18 +17,21 @@ from masan.train.standardize import fit_standardizers
 class _Probe(nn.Module):
     """The smallest model with a standardiser: t1 (B, 1, 2, 3, 1) -> standardised (B, 6)."""
 
-    def __init__(self):
+    def __init__(self, keep: int = 0):
         super().__init__()
-        self.norm = FittedStandardize((6,), std_floor=0.0)
+        self.norm = FittedStandardize((6,), std_floor=0.0, keep=keep, num_classes=3)
 
     def forward(self, t1=None, fmri=None):
         return self.norm(t1.flatten(1))
 
 
 def _items(n: int = 13) -> list[dict]:
+    """Subjects of 3 classes (i % 3); features 1 and 4 shift with the class, feature 4 most."""
     g = torch.Generator().manual_seed(3)
     offset = torch.arange(6.0).reshape(1, 2, 3, 1) * 100  # a large shared offset, small spread
-    return [{"t1": offset + torch.randn(1, 2, 3, 1, generator=g) * (1 + i % 3)} for i in range(n)]
+    shift = torch.tensor([0.0, 2.0, 0.0, 0.0, 6.0, 0.0]).reshape(1, 2, 3, 1)
+    return [{"t1": offset + torch.randn(1, 2, 3, 1, generator=g) * (1 + i % 3) + shift * (i % 3),
+             "label": torch.tensor(i % 3)} for i in range(n)]
 
 
 def test_fit_gives_the_cohort_mean_and_std_and_freezes_them():
@@ -50,12 +53,25 @@ def test_fit_gives_the_cohort_mean_and_std_and_freezes_them():
 
 
 def test_statistics_stay_fp32_when_the_model_is_cast_to_bf16():
-    probe = _Probe()
+    probe = _Probe(keep=2)
     fit_standardizers(probe, _items(), 0, 1, torch.device("cpu"), torch.float32, 2)
-    mean = probe.norm.mean.clone()
+    mean, mask = probe.norm.mean.clone(), probe.norm.keep_mask.clone()
     probe.to(torch.bfloat16)
     assert probe.norm.mean.dtype == torch.float32 and torch.equal(probe.norm.mean, mean)
-    assert "norm.mean" in probe.state_dict() and "norm.std" in probe.state_dict()  # travels in checkpoints
+    assert torch.equal(probe.norm.keep_mask, mask)
+    assert {"norm.mean", "norm.std", "norm.keep_mask"} <= set(probe.state_dict())  # travels in checkpoints
+
+
+def test_screening_keeps_the_features_that_separate_the_classes():
+    items = _items(30)
+    probe = _Probe(keep=2)
+    fit_standardizers(probe, items, 0, 1, torch.device("cpu"), torch.float32, 4)
+    assert probe.norm.keep_mask.tolist() == [0, 1, 0, 0, 1, 0]
+    z = probe(t1=torch.stack([it["t1"] for it in items]))
+    assert torch.all(z[:, [0, 2, 3, 5]] == 0)  # screened out: the cohort mean for every subject
+    assert torch.all(z[:, [1, 4]].std(0) > 0.5)
+    with pytest.raises(RuntimeError, match="set_labels"):  # a fit without classes cannot screen
+        fit_standardizers(probe, [{"t1": it["t1"]} for it in items], 0, 1, torch.device("cpu"), torch.float32, 4)
 
 
 def test_std_floor_bounds_the_amplification_of_a_constant_feature():
@@ -68,14 +84,15 @@ def test_std_floor_bounds_the_amplification_of_a_constant_feature():
 
 def _fit_worker(rank: int, world: int, init: str, out: str) -> None:
     torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
-    probe = _Probe()
+    probe = _Probe(keep=1)
     fit_standardizers(probe, _items(), rank, world, torch.device("cpu"), torch.float32, micro_batch=2)
-    torch.save({"mean": probe.norm.mean, "std": probe.norm.std, "n": probe.norm.fitted_samples}, f"{out}{rank}.pt")
+    torch.save({"mean": probe.norm.mean, "std": probe.norm.std, "n": probe.norm.fitted_samples,
+                "mask": probe.norm.keep_mask}, f"{out}{rank}.pt")
     torch.distributed.destroy_process_group()
 
 
 def test_two_ranks_fit_the_same_statistics_as_one(tmp_path):
-    one = _Probe()
+    one = _Probe(keep=1)
     fit_standardizers(one, _items(), 0, 1, torch.device("cpu"), torch.float32, 2)
     mp.spawn(_fit_worker, args=(2, f"file://{tmp_path}/rendezvous", str(tmp_path / "rank")), nprocs=2)
     for r in range(2):
@@ -83,6 +100,7 @@ def test_two_ranks_fit_the_same_statistics_as_one(tmp_path):
         assert int(got["n"]) == 13  # every subject once over both ranks: no padding, no duplicates
         assert torch.allclose(got["mean"], one.norm.mean, rtol=1e-6)
         assert torch.allclose(got["std"], one.norm.std, rtol=1e-6)
+        assert torch.equal(got["mask"], one.norm.keep_mask) and int(got["mask"].sum()) == 1
 
 
 @pytest.mark.parametrize("arch", ["masan", "hfcn"])

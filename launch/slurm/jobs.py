@@ -36,6 +36,11 @@ RESTARTABLE_STATES = frozenset({
     "FAILED", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "TIMEOUT", "PREEMPTED", "DEADLINE",
 })
 UNKNOWN = "UNKNOWN"
+REFUSED = "refused"
+"""jobs.json event of a job whose training refused to start (see :func:`refusal`)."""
+EXIT_REFUSED = 2
+"""Exit status of bad input (arguments, config, a refused resume), never restarted: the
+submitting command's, and a training task's whose run refused to start."""
 
 
 class SlurmUnavailable(RuntimeError):
@@ -166,6 +171,15 @@ def record_event(run_dir: str | Path, job_id: str, event: str, **extra) -> None:
     """Append an event (``started``, ``requeued``, ``restarted``, ...) to jobs.json."""
     with _locked_record(Path(run_dir)) as rec:
         rec["events"].append({"time": _now(), "job_id": str(job_id), "event": event, **extra})
+
+
+def refusal(run_dir: str | Path, job_id: str) -> str | None:
+    """Why job ``job_id`` refused to train (the ``refused`` event its rank 0 recorded: a config
+    or resume error that a resubmission would meet again), or None."""
+    for event in reversed(read_record(run_dir)["events"]):
+        if event["job_id"] == str(job_id) and event["event"] == REFUSED:
+            return event.get("error", "(no reason recorded)")
+    return None
 
 
 def _local_alive(job: dict) -> bool:

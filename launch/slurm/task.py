@@ -20,6 +20,10 @@ followed by a requeue from here: SLURM already requeues (or the user cancelled).
 
 Before step 1 (while the task is still importing) submitit's own handler is in charge; there
 is nothing to save then, so :meth:`TrainTask.checkpoint` just resubmits the unchanged task.
+
+A run that refuses to start (a config or resume error, raised on every rank alike) is not a
+crash: rank 0 records a ``refused`` event with the reason in ``run_dir/jobs.json`` and every
+task exits with status 2, so ``submit.py --wait`` reports it instead of resubmitting it.
 """
 
 from __future__ import annotations
@@ -118,7 +122,15 @@ class TrainTask:
                               nodes=env.num_nodes, world_size=env.num_tasks)
         log.info("rank %d/%d on node %s (job %s, restart %d): training %s", rank, env.num_tasks,
                  os.environ.get("SLURMD_NODENAME", env.hostname), env.job_id, restarts, self.cfg.run_dir)
-        outcome = resolve_entry(self.entry)(self.cfg, stop)
+        from masan.train.run import USER_ERRORS
+
+        try:
+            outcome = resolve_entry(self.entry)(self.cfg, stop)
+        except USER_ERRORS as e:  # every rank gets the same error (the start is agreed collectively)
+            if rank == 0:
+                jobs.record_event(self.cfg.run_dir, env.job_id, jobs.REFUSED, error=str(e))
+            log.error("rank %d: refused: %s", rank, e)
+            sys.exit(jobs.EXIT_REFUSED)
         log.info("rank %d: run_training returned %s", rank, outcome)
         if outcome.status != "stopped":
             return outcome

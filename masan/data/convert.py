@@ -5,20 +5,20 @@ Steps, each a function:
 1. :func:`discover_bids` / :func:`read_manifest` list :class:`SubjectSource` rows.
 2. :func:`check_sources` maps labels to classes and rejects duplicate or unsafe ids,
    unknown/missing labels and missing modalities (per subject, never the whole run).
-3. :func:`convert_subject` writes one subject into ``STORE/.staging/<id>`` (T1 whole, fMRI in
-   frame slabs of one shard each), re-reads and checksums it, then publishes it with one
-   directory rename: a subject under ``STORE/subjects/`` is always complete and verified.
+3. :func:`convert_subject` writes one subject into ``STORE/.staging/<id>.<v>`` (T1 whole, fMRI
+   in frame slabs of one shard each), re-reads and checksums it, then publishes it as a new
+   version folder ``STORE/subjects/<id>/<v>`` with one rename (:mod:`masan.data.publish`).
 4. :func:`convert_cohort` runs 3 over worker processes with a progress bar, skips subjects
-   whose sources and options are unchanged, redoes half-written or changed ones, keeps the
-   cohort table in the root attributes and writes ``conversion_report.json``.
+   whose sources and options are unchanged, redoes half-written or changed ones, points the
+   cohort table (root attributes) at each new version before the old one is removed, and
+   always writes ``conversion_report.json``. Subjects leave the store only with ``prune``.
 
-Layout and fidelity choices: docs/data-format.md.
+Store safety (locking, versions, permissions) and layout: docs/data-format.md.
 """
 
 from __future__ import annotations
 
 import csv
-import fcntl
 import hashlib
 import json
 import os
@@ -27,9 +27,7 @@ import shutil
 import time
 import zlib
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Literal
 
@@ -39,9 +37,12 @@ from tqdm.auto import tqdm
 from zarr.codecs import BloscCodec
 from zarr.storage import LocalStore
 
-from masan.data import nifti
+from masan import access
+from masan.data import nifti, places, publish, store_access
+from masan.data.store_access import StoreAccess
 from masan.data.synth import PLANTED_EFFECT_FILE
-from masan.data.store import FORMAT, FORMAT_VERSION, MODALITIES, REPORT, STAGING, SUBJECTS, TRASH
+from masan.data.store import (FORMAT, FORMAT_VERSION, MODALITIES, REPORT, STAGING, SUBJECTS, TRASH,
+                              StrictLocalStore)
 
 DEFAULT_CLASSES = ("NC", "EMCI", "LMCI", "AD")
 ADNI_ALIASES = {"CN": "NC"}
@@ -140,8 +141,16 @@ class Report:
     converted: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
+    """Subjects taken out of the store (only with ``prune``)."""
+    kept: list[str] = field(default_factory=list)
+    """Subjects still in the store from an earlier run although this run did not (re)convert
+    them (unlisted, source missing, or failing now); ``prune`` would remove them."""
     failed: list[Failure] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    access: str = ""
+    """Permissions the store was given (e.g. ``files 600, folders 700``)."""
+    aborted: str | None = None
+    """Set when the run stopped early (the error); the report is written anyway."""
     seconds: float = 0.0
 
     def to_json(self) -> dict:
@@ -159,14 +168,11 @@ def read_manifest(path: str | Path) -> list[SubjectSource]:
     path = Path(path)
     if not path.is_file():
         raise ConvertError(f"manifest {path} not found; pass a CSV with columns subject,t1,fmri,label")
-    with path.open(newline="") as f:
-        reader = csv.DictReader(f)
-        need = {"subject", "t1", "fmri", "label"}
-        missing = need - set(reader.fieldnames or [])
-        if missing:
-            raise ConvertError(f"manifest {path} lacks column(s) {sorted(missing)} "
-                               f"(has {reader.fieldnames}); it needs subject,t1,fmri,label")
-        rows = list(reader)
+    cols, rows = _read_table(path, ",")
+    missing = {"subject", "t1", "fmri", "label"} - set(cols)
+    if missing:
+        raise ConvertError(f"manifest {path} lacks column(s) {sorted(missing)} "
+                           f"(has {cols}); it needs subject,t1,fmri,label")
     out = []
     for i, r in enumerate(rows, start=2):  # row 1 is the header
         def p(key: str) -> Path | None:
@@ -175,6 +181,20 @@ def read_manifest(path: str | Path) -> list[SubjectSource]:
         out.append(SubjectSource((r.get("subject") or "").strip(), (r.get("label") or "").strip() or None,
                                  p("t1"), p("fmri"), f"{path.name} row {i}"))
     return out
+
+
+def _read_table(path: Path, delimiter: str) -> tuple[list[str], list[dict]]:
+    """Header and rows of a UTF-8 CSV/TSV. A byte-order mark (Excel's "UTF-8 CSV") is dropped,
+    otherwise it would glue itself to the first column's name; another encoding is refused
+    with the fix, not guessed (a Latin-1 'é' read wrongly would change a subject id)."""
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f, delimiter=delimiter)
+            return list(reader.fieldnames or []), list(reader)
+    except UnicodeDecodeError as e:
+        raise ConvertError(f"{path} is not UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 1]!r}); "
+                           f"save it as UTF-8, e.g. `iconv -f latin1 -t utf-8 {path.name} > fixed` "
+                           "and use the fixed file") from None
 
 
 def _pick(files: list[Path], kind: str, prefer: str | None = None) -> tuple[Path | None, list[str]]:
@@ -206,13 +226,10 @@ def discover_bids(bids: str | Path, label_column: str = "diagnosis", session: st
     if not table.is_file():
         raise ConvertError(f"{table} not found; a BIDS folder needs participants.tsv with "
                            f"participant_id and a {label_column!r} column")
-    with table.open(newline="") as f:
-        reader = csv.DictReader(f, delimiter="\t")
-        cols = reader.fieldnames or []
-        if "participant_id" not in cols or label_column not in cols:
-            raise ConvertError(f"{table} has columns {cols}; it needs participant_id and {label_column!r} "
-                               "(pick the label column with --label-column)")
-        rows = list(reader)
+    cols, rows = _read_table(table, "\t")
+    if "participant_id" not in cols or label_column not in cols:
+        raise ConvertError(f"{table} has columns {cols}; it needs participant_id and {label_column!r} "
+                           "(pick the label column with --label-column)")
     sources = []
     listed = set()
     for i, r in enumerate(rows, start=2):
@@ -268,6 +285,7 @@ def check_sources(sources: list[SubjectSource], label_map: dict[str, str], requi
     """Per-subject checks before any voxel is read; every bad subject becomes a Failure."""
     jobs, failures = [], []
     counts = Counter(s.subject for s in sources)
+    shared = _shared_files(sources)
     for s in sources:
         def fail(msg: str, file: Path | None = None) -> None:
             failures.append(Failure(s.subject or f"<{s.origin}>", str(file) if file else None, f"{s.origin}: {msg}"))
@@ -299,8 +317,31 @@ def check_sources(sources: list[SubjectSource], label_map: dict[str, str], requi
             m, f = absent[0]
             fail(f"{m} file {f} does not exist; fix the path", f)
             continue
-        jobs.append(Job(s.subject, cls, {m: str(f.resolve()) for m, f in files.items() if f is not None}, s.notes))
+        clash = [(f, shared[_file_id(f)]) for f in files.values() if f is not None and len(shared[_file_id(f)]) > 1]
+        if clash:
+            f, owners = clash[0]
+            fail(f"{f} is listed for subjects {', '.join(sorted(owners))}; one scan in two subjects would "
+                 "leak between train and test splits: give each subject its own file", f)
+            continue
+        # The path as listed (BIDS path), not a symlink's target: provenance names the subject's file.
+        jobs.append(Job(s.subject, cls, {m: os.path.abspath(f) for m, f in files.items() if f is not None}, s.notes))
     return jobs, failures
+
+
+def _file_id(path: Path) -> tuple[int, int]:
+    """Identity of the file behind a path (symlinks and hard links included)."""
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
+def _shared_files(sources: list[SubjectSource]) -> dict[tuple[int, int], set[str]]:
+    """File identity -> subjects listing it (existing files only)."""
+    owners: dict[tuple[int, int], set[str]] = {}
+    for s in sources:
+        for f in (s.t1, s.fmri):
+            if f is not None and f.is_file():
+                owners.setdefault(_file_id(f), set()).add(s.subject)
+    return owners
 
 
 # ====================================================================== one subject
@@ -400,7 +441,10 @@ def _write_modality(group: Any, modality: str, path: str, opts: ConvertOptions, 
     arr = zarr.create_array(
         group.store, name=modality, shape=out_shape, dtype=dtype, chunks=chunks, shards=shards,
         compressors=BloscCodec(cname=opts.codec, clevel=opts.clevel, shuffle=opts.shuffle), fill_value=0,
-        dimension_names=("x", "y", "z") if modality == "t1" else ("t", "x", "y", "z"), overwrite=True)
+        dimension_names=("x", "y", "z") if modality == "t1" else ("t", "x", "y", "z"), overwrite=True,
+        # Every chunk is written, even all-zero ones: readers then treat a missing chunk file
+        # as damage (StrictLocalStore) instead of silently reading zeros.
+        config={"write_empty_chunks": True})
     stats, crc, nan_count = _Stats(), 0, 0
     slab_frames = shards[0] if modality == "fmri" else 1
     for t0, slab in nifti.iter_frame_slabs(img, slab_frames, path):
@@ -416,6 +460,9 @@ def _write_modality(group: Any, modality: str, path: str, opts: ConvertOptions, 
             arr[t0:t0 + out.shape[0]] = out
     if nan_count:
         warn.append(f"{path}: {nan_count} NaN voxels stored as 0 (--nan zero)")
+    if modality == "fmri" and frames == 1:
+        warn.append(f"{path}: the fMRI run has a single frame (no time course); stored as is, "
+                    "check that the right BOLD file is listed")
     tr = info["tr_seconds"]
     if tr is not None and tr > TR_SUSPECT_SECONDS:
         warn.append(f"{path}: header TR is {tr:g} s ({info['zooms'][3]:g} {info['time_unit']}); "
@@ -458,16 +505,21 @@ def verify_group(group: Any, slab_frames: int = ConvertOptions.fmri_shard_frames
     return bad
 
 
+def _strict(folder: Path) -> Any:
+    """A subject group opened read-only so that a missing chunk file raises (verification)."""
+    return zarr.open_group(StrictLocalStore(folder, read_only=True), mode="r")
+
+
 def convert_subject(job: Job, store: str, opts: ConvertOptions) -> dict:
     """Write, verify and publish one subject. Returns a result dict for :func:`convert_cohort`:
     ``{"subject", "ok": True, "row", "warnings"}`` or ``{"subject", "ok": False, "failure"}``."""
     root = Path(store)
-    staging = root / STAGING / job.subject
-    shutil.rmtree(staging, ignore_errors=True)
+    version = publish.new_version()
+    staging = root / STAGING / f"{job.subject}.{version}"
     warn: list[str] = []
     current = None
     try:
-        group = zarr.open_group(LocalStore(staging), mode="w")
+        group = zarr.open_group(LocalStore(staging), mode="w")  # writing: a partial shard write reads absent shards
         row: dict[str, Any] = {"subject": job.subject, "label": job.label}
         sources = {}
         for modality in MODALITIES:
@@ -480,12 +532,12 @@ def convert_subject(job: Job, store: str, opts: ConvertOptions) -> dict:
             entry["source"], entry["sha256"] = current, sources[modality]["sha256"]
             row[modality] = entry
         current = None
-        bad = verify_group(group, opts.fmri_shard_frames)
+        bad = verify_group(_strict(staging), opts.fmri_shard_frames)
         if bad:
             raise OSError(f"re-read of {bad} after writing did not match (disk full or failing?); rerun")
         group.update_attributes({"subject": job.subject, "sources": sources, "options": opts.fingerprint(),
                                  "row": row, "complete": True})
-        _publish(root, job.subject, staging)
+        row["group"] = publish.publish_version(root, job.subject, staging, version)
         return {"subject": job.subject, "ok": True, "row": row, "warnings": warn + job.notes}
     except Exception as e:
         shutil.rmtree(staging, ignore_errors=True)
@@ -493,26 +545,19 @@ def convert_subject(job: Job, store: str, opts: ConvertOptions) -> dict:
         return {"subject": job.subject, "ok": False, "failure": asdict(Failure(job.subject, current, msg))}
 
 
-def _publish(root: Path, subject: str, staging: Path) -> None:
-    """Swap the staged group in with renames (same filesystem: atomic per rename)."""
-    final = root / SUBJECTS / subject
-    if final.exists():
-        trash = root / TRASH / f"{subject}.{os.getpid()}"
-        trash.parent.mkdir(exist_ok=True)
-        os.rename(final, trash)
-        shutil.rmtree(trash, ignore_errors=True)
-    os.rename(staging, final)
-
-
 # ====================================================================== the cohort
 
 
-def _published(root: Any, subject: str) -> dict | None:
+def _published(root: Any, subject: str, row: dict | None) -> tuple[str, dict] | None:
+    """(group key, attributes) of the version the table row points at, if complete."""
+    if row is None:
+        return None
+    key = row.get("group") or f"{SUBJECTS}/{subject}"
     try:
-        attrs = dict(root[f"{SUBJECTS}/{subject}"].attrs)
+        attrs = dict(root[key].attrs)
     except (KeyError, FileNotFoundError):
         return None
-    return attrs if attrs.get("complete") else None
+    return (key, attrs) if attrs.get("complete") else None
 
 
 def _unchanged(job: Job, attrs: dict, opts: ConvertOptions) -> bool:
@@ -531,129 +576,192 @@ def _unchanged(job: Job, attrs: dict, opts: ConvertOptions) -> bool:
     return True
 
 
-class _StoreLock:
-    """Exclusive lock on STORE/.lock: one conversion writes a store at a time (freed on kill)."""
-
-    def __init__(self, root: Path):
-        self.file = (root / ".lock").open("w")
-
-    def __enter__(self) -> "_StoreLock":
-        try:
-            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ConvertError(f"another conversion is writing {Path(self.file.name).parent}; "
-                               "wait for it to finish (or stop it) and rerun") from None
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        fcntl.flock(self.file, fcntl.LOCK_UN)
-        self.file.close()
+def _check_store_or_empty(path: Path) -> None:
+    """ConvertError unless ``path`` is absent, empty (but for lock files) or a Zarr group."""
+    if (path.is_dir() and not (path / "zarr.json").is_file()
+            and any(p.name not in publish.LOCK_FILES for p in path.iterdir())):
+        raise ConvertError(f"{path} exists and is not a cohort store; choose another --out or empty it")
 
 
 def _open_root(path: Path) -> Any:
-    if any(p.name != ".lock" for p in path.iterdir()) and not (path / "zarr.json").is_file():
-        raise ConvertError(f"{path} exists and is not a cohort store; choose another --out or empty it")
+    """The store's root group; a new one is created without deleting anything (zarr's
+    ``mode="w"`` would delete the lock file just taken)."""
+    _check_store_or_empty(path)
     if (path / "zarr.json").is_file():
         root = zarr.open_group(LocalStore(path), mode="r+")
         if dict(root.attrs).get("masan_store", {}).get("format") != FORMAT:
             raise ConvertError(f"{path} is a Zarr group but not a MASAN cohort store; choose another --out")
     else:
-        root = zarr.open_group(LocalStore(path), mode="w",
-                               attributes={"masan_store": {"format": FORMAT, "version": FORMAT_VERSION}})
+        root = zarr.create_group(LocalStore(path), overwrite=False,
+                                 attributes={"masan_store": {"format": FORMAT, "version": FORMAT_VERSION}})
     if SUBJECTS not in root:
         root.create_group(SUBJECTS)
     return root
 
 
+def _check_places(out: Path) -> None:
+    """Refuse a store inside a training run directory or holding one (item 7 of issue 12):
+    the conversion prunes what it does not know, training writes checkpoints where it runs."""
+    run = places.enclosing(out, places.is_run_dir)
+    if run is not None:
+        raise ConvertError(f"--out {out} is inside the training run directory {run} (it has a MASAN "
+                           "config.yaml); put the store outside run directories")
+    if out.is_dir():
+        inside = places.nested_inside(out, places.is_run_dir)
+        if inside:
+            raise ConvertError(f"{inside[0]} is a training run directory (config.yaml, checkpoints/) inside the "
+                               f"store {out}; move it out of the store (a conversion may remove it) and rerun")
+
+
 def convert_cohort(sources: list[SubjectSource], out: str | Path, options: ConvertOptions | None = None,
                    classes: tuple[str, ...] | list[str] = DEFAULT_CLASSES, label_map: str | None = None,
                    workers: int = 1, verify: bool = False, extra_attrs: dict | None = None,
-                   progress: bool = True) -> Report:
+                   progress: bool = True, prune: bool = False, share: StoreAccess | None = None) -> Report:
     """Convert a cohort into the store at ``out`` (created or updated in place).
 
     Subjects already published from unchanged sources with the same options are skipped
-    (``verify`` re-reads them and redoes any whose checksum differs); subjects no longer
-    in the input or failing now are removed. Every failure is per subject. The report is
-    returned, stored in ``STORE/conversion_report.json`` and summarised in the root attrs.
+    (``verify`` re-reads them and redoes any whose checksum differs). Every failure is per
+    subject. Subjects the input no longer lists, whose source is missing or that fail now
+    keep their earlier conversion (reported as ``kept``) unless ``prune``. The store gets
+    the sources' most restrictive permissions unless ``share`` says otherwise. The report
+    is returned, always stored in ``STORE/conversion_report.json`` and summarised in the root
+    attrs. Raises ConvertError (nothing changed) for unusable inputs, a locked store, an
+    input listing no subject, or a store/run-directory nesting.
     """
     opts = options or ConvertOptions()
     classes = tuple(classes)
     mapping = parse_label_map(label_map, classes)
     out = Path(out)
+    if not sources:
+        raise ConvertError(f"the input lists no subject; {out} was left as it is (check the manifest rows or "
+                           "participants.tsv; to empty a store, delete it)")
+    _check_places(out)
+    _check_store_or_empty(out)  # before the lock files are created in someone else's folder
     start = time.monotonic()
-    report = Report()
-    with _StoreLock(_ensure_dir(out)):
-        root = _open_root(out)
-        for leftover in (STAGING, TRASH):  # half-written subjects of an interrupted run
-            shutil.rmtree(out / leftover, ignore_errors=True)
-        jobs, report.failed = check_sources(sources, mapping, opts.require)
-        rows: dict[str, dict] = {}
-        todo = []
-        for job in jobs:
-            attrs = _published(root, job.subject)
-            if attrs and _unchanged(job, attrs, opts) and not (verify and _verify_published(out, job.subject, opts, report)):
-                row = dict(attrs["row"], label=job.label)
-                for modality, path in job.sources.items():  # the same files may have moved
-                    row[modality] = dict(row[modality], source=path)
-                rows[job.subject] = row
-                report.skipped.append(job.subject)
-            else:
-                todo.append(job)
-
-        def record(result: dict) -> None:
-            if result["ok"]:
-                rows[result["subject"]] = result["row"]
-                report.converted.append(result["subject"])
-                report.warnings.extend(f"{result['subject']}: {w}" for w in result["warnings"])
-            else:
-                report.failed.append(Failure(**result["failure"]))
-            _write_table(root, rows, classes, opts, extra_attrs)
-
-        _write_table(root, rows, classes, opts, extra_attrs)
-        bar = tqdm(total=len(todo), desc=f"to_zarr {out.name}", unit="subject", disable=not progress)
-        if workers <= 1 or len(todo) <= 1:
-            for job in todo:
-                record(convert_subject(job, str(out), opts))
-                bar.update()
-        else:
-            with ProcessPoolExecutor(min(workers, len(todo)), mp_context=get_context("spawn")) as pool:
-                futures = [pool.submit(convert_subject, job, str(out), opts) for job in todo]
-                for fut in as_completed(futures):
-                    record(fut.result())
-                    bar.update()
-        bar.close()
-        report.removed = _remove_unlisted(out, set(rows))
-        for leftover in (STAGING, TRASH):
-            shutil.rmtree(out / leftover, ignore_errors=True)
-        report.seconds = time.monotonic() - start
-        _write_table(root, rows, classes, opts, extra_attrs, report)
-        tmp = out / f"{REPORT}.tmp"
-        tmp.write_text(json.dumps(report.to_json(), indent=1))
-        os.replace(tmp, out / REPORT)
+    jobs, failed = check_sources(sources, mapping, opts.require)
+    mode, gid, chosen_by = store_access.target_access(out, [Path(p) for j in jobs for p in j.sources.values()],
+                                                         share or StoreAccess())
+    with access.creation_umask(mode):
+        out.mkdir(parents=True, exist_ok=True)
+        try:
+            with publish.StoreLock(out):
+                root = _open_root(out)
+                report = Report(failed=failed)
+                try:
+                    _convert_locked(root, out, jobs, opts, classes, workers, verify, progress, prune, report,
+                                    (mode, gid, chosen_by), extra_attrs)
+                except BaseException as e:
+                    report.aborted = f"{type(e).__name__}: {e}"
+                    raise
+                finally:  # the report is written whatever happened (a crash says where it stopped)
+                    report.seconds = time.monotonic() - start
+                    _write_json(out / REPORT, report.to_json())
+        except publish.LockError as e:
+            raise ConvertError(str(e)) from None
     return report
 
 
-def _ensure_dir(path: Path) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+def _convert_locked(root: Any, out: Path, jobs: list[Job], opts: ConvertOptions, classes: tuple[str, ...],
+                    workers: int, verify: bool, progress: bool, prune: bool, report: Report,
+                    perms: tuple[int, int | None, str], extra_attrs: dict | None) -> None:
+    """The conversion proper, under the store lock (see :func:`convert_cohort`)."""
+    mode, gid, chosen_by = perms
+    loose = access.more_open_than(out, mode, gid)
+    if loose:
+        report.warnings.append(
+            f"{out}: {len(loose)} path(s) were more open than the sources allow ({access.describe_mode(mode, gid)}), "
+            f"e.g. {', '.join(map(str, loose[:3]))}; tightened (pass --mode/--group to share on purpose)")
+    mode, gid = access.apply_access(out, mode, gid)
+    report.access = access.describe_mode(mode, gid)
+    extra = {**(extra_attrs or {}), "access": {"file_mode": f"{mode:03o}", "gid": gid, "chosen_by": chosen_by}}
+    for leftover in (STAGING, TRASH):  # half-written subjects of an interrupted run
+        shutil.rmtree(out / leftover, ignore_errors=True)
+    # The table keeps every published subject until a new version replaces it: readers never
+    # see a subject vanish while it is reconverted.
+    rows: dict[str, dict] = {r["subject"]: r for r in dict(root.attrs).get("cohort", [])}
+    publish.drop_unreferenced(out, rows)
+    todo = []
+    for job in jobs:
+        found = _published(root, job.subject, rows.get(job.subject))
+        redo = not found or not _unchanged(job, found[1], opts)
+        if not redo and verify:
+            redo = _verify_published(root, found[0], job.subject, opts, report)
+        if not redo:
+            row = dict(found[1]["row"], label=job.label)
+            if rows[job.subject].get("group"):
+                row["group"] = found[0]
+            for modality, path in job.sources.items():  # the same files may have moved
+                row[modality] = dict(row[modality], source=path)
+            rows[job.subject] = row
+            report.skipped.append(job.subject)
+        else:
+            todo.append(job)
+
+    def record(result: dict) -> None:
+        if result["ok"]:
+            subject = result["subject"]
+            rows[subject] = result["row"]
+            report.converted.append(subject)
+            report.warnings.extend(f"{subject}: {w}" for w in result["warnings"])
+            _write_table(root, rows, classes, opts, extra)
+            publish.drop_versions(out, subject, keep=result["row"]["group"])  # only now unreferenced
+        else:
+            report.failed.append(Failure(**result["failure"]))
+
+    def died(job: Job, why: str) -> None:
+        report.failed.append(Failure(job.subject, None, f"{why}; rerun to retry it"))
+
+    _write_table(root, rows, classes, opts, extra)
+    bar = tqdm(total=len(todo), desc=f"to_zarr {out.name}", unit="subject", disable=not progress)
+    if workers <= 1 or len(todo) <= 1:
+        for job in todo:
+            record(convert_subject(job, str(out), opts))
+            bar.update()
+    else:
+        publish.run_pool(todo, convert_subject, (str(out), opts), min(workers, len(todo)), out, record, died,
+                         bar.update)
+    bar.close()
+    _settle_stale(out, root, rows, report, prune, classes, opts, extra)
+    publish.drop_unreferenced(out, rows)
+    for leftover in (STAGING, TRASH):
+        shutil.rmtree(out / leftover, ignore_errors=True)
+    _write_table(root, rows, classes, opts, extra, report)
+    access.apply_access(out, mode, gid)
 
 
-def _verify_published(out: Path, subject: str, opts: ConvertOptions, report: Report) -> bool:
+def _settle_stale(out: Path, root: Any, rows: dict[str, dict], report: Report, prune: bool,
+                  classes: tuple[str, ...], opts: ConvertOptions, extra: dict) -> None:
+    """Subjects in the store that this run neither converted nor found unchanged: removed with
+    ``prune`` (table first, then folders), else kept and reported."""
+    stale = sorted(set(rows) - set(report.converted) - set(report.skipped))
+    failing = {f.subject for f in report.failed}
+    if prune:
+        for subject in stale:
+            rows.pop(subject)
+        _write_table(root, rows, classes, opts, extra)
+        for subject in stale:
+            publish.drop_versions(out, subject, keep=None)
+        report.removed = stale
+        return
+    report.kept = stale
+    for subject in stale:
+        why = "it failed now (see failed)" if subject in failing else "the input does not list it"
+        report.warnings.append(f"{subject}: kept its earlier conversion because {why}; --prune removes it")
+
+
+def _write_json(path: Path, data: dict) -> None:
+    """Replace ``path`` atomically (a reader sees the old or the new file, never half)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+def _verify_published(root: Any, key: str, subject: str, opts: ConvertOptions, report: Report) -> bool:
     """--verify: True (redo) when a published subject's arrays no longer match their checksums."""
-    group = zarr.open_group(LocalStore(out / SUBJECTS / subject, read_only=True), mode="r")
-    bad = verify_group(group, opts.fmri_shard_frames)
+    bad = verify_group(_strict(Path(root.store.root) / key), opts.fmri_shard_frames)
     if bad:
         report.warnings.append(f"{subject}: stored {bad} did not match the recorded checksum; reconverted")
     return bool(bad)
-
-
-def _remove_unlisted(out: Path, keep: set[str]) -> list[str]:
-    removed = []
-    for folder in sorted((out / SUBJECTS).iterdir()):
-        if folder.is_dir() and folder.name not in keep:
-            shutil.rmtree(folder)
-            removed.append(folder.name)
-    return removed
 
 
 def _write_table(root: Any, rows: dict[str, dict], classes: tuple[str, ...], opts: ConvertOptions,

@@ -84,6 +84,8 @@ class CohortDataset(Dataset):
         if len(subjects) != len(labels):
             raise ValueError(f"{len(subjects)} subjects but {len(labels)} labels")
         self.store = CohortStore(store_path)
+        self.source = self.store
+        """Where samples are read: the store, or a :class:`masan.data.cache.CohortCache` (same values)."""
         self.subjects, self.labels, self.cfg = list(subjects), list(labels), data_cfg
         self.modalities = _modalities(data_cfg)
         for s in self.subjects:
@@ -117,6 +119,12 @@ class CohortDataset(Dataset):
         raise ValueError(f"subject {subject} has {frames} fMRI frames but data.fmri_frames="
                          f"{self.cfg.fmri_frames}; lower data.fmri_frames or leave this subject out")
 
+    def use_cache(self, cache) -> None:
+        """Read from ``cache`` (a CohortCache of this dataset's subjects) instead of the store."""
+        if cache.subjects != self.subjects:
+            raise ValueError("the cohort cache holds other subjects than this dataset")
+        self.source = cache
+
     def __len__(self) -> int:
         return len(self.subjects)
 
@@ -124,12 +132,12 @@ class CohortDataset(Dataset):
         s = self.subjects[i]
         item: dict[str, torch.Tensor] = {}
         if self.cfg.use_t1:
-            item["t1"] = torch.from_numpy(self.store.read_t1(s, normalize=self.cfg.normalize))[None]
+            item["t1"] = torch.from_numpy(self.source.read_t1(s, normalize=self.cfg.normalize))[None]
         if self.cfg.use_fmri:
             n = self.cfg.fmri_frames
             temporal = self.cfg.fmri_temporal
-            fmri = self.store.read_fmri(s, frames=slice(0, n) if n else None,
-                                        normalize=self.cfg.normalize and temporal == "none")
+            fmri = self.source.read_fmri(s, frames=slice(0, n) if n else None,
+                                         normalize=self.cfg.normalize and temporal == "none")
             if n is not None and fmri.shape[0] < n:
                 self._short(s, fmri.shape[0])
             if temporal != "none":

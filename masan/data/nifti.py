@@ -21,6 +21,7 @@ import base64
 import gzip
 import zlib
 from collections.abc import Iterator
+from typing import BinaryIO
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -189,8 +190,10 @@ def iter_frame_slabs(img: nib.Nifti1Pair, frames_per_slab: int, path: str | Path
 
     A 3D image is one slab of one frame (shape (X, Y, Z, 1)). The file is read once,
     front to back (NIfTI keeps time as the slowest axis), so a .nii.gz is decompressed in
-    one pass and memory is one slab. Raises NiftiError naming the file when it is
-    truncated or its compressed stream is corrupt.
+    one pass and memory is one slab. A gzip stream is read to its end, and its CRC-32 and
+    length checked, before the last slab is yielded. Raises NiftiError naming the file when
+    it is truncated or its compressed stream is corrupt (a caller must not publish the
+    slabs before the iteration ends).
     """
     path = path if path is not None else img.get_filename()
     shape = tuple(int(n) for n in img.shape)
@@ -200,7 +203,7 @@ def iter_frame_slabs(img: nib.Nifti1Pair, frames_per_slab: int, path: str | Path
     frame_bytes = int(np.prod(spatial, dtype=np.int64)) * dtype.itemsize
     fix = "the file is truncated or corrupt: re-export or re-download it"
     try:
-        with ImageOpener(img.dataobj.file_like) as f:
+        with _open_stream(img.dataobj.file_like) as f:
             f.seek(img.dataobj.offset)
             for t0 in range(0, frames, frames_per_slab):
                 n = min(frames_per_slab, frames - t0)
@@ -209,10 +212,39 @@ def iter_frame_slabs(img: nib.Nifti1Pair, frames_per_slab: int, path: str | Path
                     got = t0 * frame_bytes + len(buf)
                     raise NiftiError(f"{path}: voxel data end after {got} of {frames * frame_bytes} bytes "
                                      f"(frame {t0 + len(buf) // frame_bytes} of {frames}); {fix}")
+                if t0 + n >= frames:
+                    _check_stream_end(f)  # before the last slab leaves: nothing is trusted unchecked
                 slab = np.frombuffer(buf, dtype=dtype).reshape(spatial + (n,), order="F")
                 yield t0, slab.astype(_native(dtype), copy=not dtype.isnative)
     except (EOFError, zlib.error, gzip.BadGzipFile, OSError) as e:
         raise NiftiError(f"{path}: cannot read voxel data ({type(e).__name__}: {e}); {fix}") from e
+
+
+GZIP_MAGIC = b"\x1f\x8b"
+_DRAIN_BLOCK = 1 << 20
+
+
+def _open_stream(path: str | Path) -> gzip.GzipFile | BinaryIO:
+    """The file's bytes, decompressed when it is gzip (by its magic bytes, whatever its name).
+
+    Python's own gzip reader is used on purpose (not nibabel's opener, which may pick
+    indexed_gzip): it checks each member's CRC-32 and length (ISIZE) when the stream ends.
+    """
+    with open(path, "rb") as raw:
+        magic = raw.read(2)
+    return gzip.open(path, "rb") if magic == GZIP_MAGIC else open(path, "rb")
+
+
+def _check_stream_end(f: gzip.GzipFile | BinaryIO) -> None:
+    """Read a gzip stream to its end so that its CRC-32 and ISIZE trailer is checked.
+
+    Reading stops at the end of the voxel data otherwise, and a stream whose bytes
+    decompress but whose checksum does not match (damage that deflate does not notice)
+    would be accepted with wrong voxels. Raises gzip.BadGzipFile / EOFError on mismatch.
+    """
+    if isinstance(f, gzip.GzipFile):
+        while f.read(_DRAIN_BLOCK):
+            pass
 
 
 def read_volume(img: nib.Nifti1Pair, path: str | Path | None = None) -> np.ndarray:

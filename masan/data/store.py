@@ -3,9 +3,13 @@
 A store is a Zarr v3 group::
 
     STORE/zarr.json                  root attrs: masan_store (format), classes, cohort (table)
-    STORE/subjects/<id>/t1           int/float array (X, Y, Z), stored values of the NIfTI file
-    STORE/subjects/<id>/fmri         array (T, X, Y, Z)
+    STORE/subjects/<id>/<v>/t1       int/float array (X, Y, Z), stored values of the NIfTI file
+    STORE/subjects/<id>/<v>/fmri     array (T, X, Y, Z)
     STORE/conversion_report.json     the last conversion's failures and warnings
+
+``<v>`` is the subject's current version folder, named by its cohort-table row (``group``);
+a reconversion writes a new version, points the table at it, then removes the old one.
+Stores of format 1 keep the arrays in ``subjects/<id>/`` directly (rows without ``group``).
 
 Each array carries ``nifti`` (header facts, :func:`masan.data.nifti.describe`),
 ``transform`` (reorientation/crop-pad), ``stats`` (mean/std of the scaled values over the
@@ -17,12 +21,18 @@ stored statistics. ``read_raw`` returns the stored values exactly.
 
 :class:`CohortStore` is picklable and opens Zarr lazily once per process, so it can be
 handed to DataLoader workers (fork or spawn) and used by many ranks at once (read only).
+
+Reads are strict: a chunk file that is missing raises :class:`StoreError` naming the subject
+and array (zarr would return the fill value, i.e. silent zeros). When the missing data are a
+version that a reconversion has just replaced, the reader reloads the cohort table and
+redoes the whole read from the new version, so it never mixes or loses a subject.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +47,8 @@ STAGING = ".staging"
 TRASH = ".trash"
 REPORT = "conversion_report.json"
 MODALITIES = ("t1", "fmri")
+CHUNK_DIR = "c"
+"""Zarr v3 default chunk-key prefix: ``<array>/c/0/0/0``."""
 FIX = "run `python data_tools/to_zarr.py --bids DIR --out STORE` (or --manifest CSV) to (re)build it"
 
 Region = tuple[slice, slice, slice]
@@ -46,9 +58,38 @@ class StoreError(RuntimeError):
     """The store is missing, not a cohort store, or damaged; the message names path and fix."""
 
 
-def modality_path(subject: str, modality: str) -> str:
-    """Key of a subject's array inside the store, e.g. ``subjects/sub-01/t1``."""
-    return f"{SUBJECTS}/{subject}/{modality}"
+class MissingChunkError(FileNotFoundError):
+    """A chunk (shard) file of an array is absent: the store is damaged or was replaced."""
+
+
+class StrictLocalStore(LocalStore):
+    """LocalStore that raises on a missing chunk file instead of letting zarr use the fill value.
+
+    Conversion writes every chunk (``write_empty_chunks``), so a missing one is never a
+    legitimate zero block. Metadata keys (``zarr.json``) keep LocalStore's None-when-absent.
+    """
+
+    @staticmethod
+    def _is_chunk(key: str) -> bool:
+        return f"/{CHUNK_DIR}/" in f"/{key}"
+
+    async def get(self, key: str, prototype: Any = None, byte_range: Any = None) -> Any:
+        value = await super().get(key, prototype, byte_range)
+        if value is None and self._is_chunk(key):
+            raise MissingChunkError(f"chunk file {self.root / key} is missing")
+        return value
+
+    def get_sync(self, key: str, *, prototype: Any = None, byte_range: Any = None) -> Any:
+        value = super().get_sync(key, prototype=prototype, byte_range=byte_range)
+        if value is None and self._is_chunk(key):
+            raise MissingChunkError(f"chunk file {self.root / key} is missing")
+        return value
+
+
+def modality_path(subject: str, modality: str, group: str | None = None) -> str:
+    """Key of a subject's array inside the store: ``<group>/<modality>`` where ``group`` is the
+    row's version folder (e.g. ``subjects/sub-01/v1732...``), ``subjects/<id>`` in format 1."""
+    return f"{group or f'{SUBJECTS}/{subject}'}/{modality}"
 
 
 NORMALIZE_BLOCK = 1 << 16
@@ -112,7 +153,7 @@ class CohortStore:
     def _open(self) -> Any:
         if self._root is None or self._pid != os.getpid():
             try:
-                root = zarr.open_group(LocalStore(self.path, read_only=True), mode="r")
+                root = zarr.open_group(StrictLocalStore(self.path, read_only=True), mode="r")
                 attrs = dict(root.attrs)
             except Exception as e:
                 raise StoreError(f"cannot open cohort store {self.path} ({type(e).__name__}: {e}); "
@@ -129,9 +170,32 @@ class CohortStore:
         self._open()
         return self._attrs
 
+    def _refresh(self) -> None:
+        """Forget the cached table and arrays: the next access rereads the root zarr.json."""
+        self._root = None
+
+    def _retrying(self, subject: str, read: Callable[[], Any]) -> Any:
+        """Run ``read()``; when it fails because a reconversion replaced the subject's version
+        meanwhile (the table now points elsewhere), reload the table and run it once more,
+        whole, so a result never mixes two versions."""
+        self._open()
+        before = self.group_path(subject) if subject in self._rows else None
+        try:
+            return read()
+        except StoreError:
+            self._refresh()
+            self._open()
+            if before is None or subject not in self._rows or self.group_path(subject) == before:
+                raise
+            return read()
+
+    def group_path(self, subject: str) -> str:
+        """Store key of the subject's current version folder (from its cohort-table row)."""
+        return self.row(subject).get("group") or f"{SUBJECTS}/{subject}"
+
     def _array(self, subject: str, modality: str) -> Any:
         self._open()
-        key = modality_path(subject, modality)
+        key = modality_path(subject, modality, self._rows.get(subject, {}).get("group"))
         arr = self._arrays.get(key)
         if arr is None:
             if not self.has(subject, modality):
@@ -191,7 +255,7 @@ class CohortStore:
 
     def meta(self, subject: str, modality: str) -> dict:
         """Attributes of one array: nifti, transform, stats, checksum."""
-        return self._array(subject, modality)[1]
+        return self._retrying(subject, lambda: self._array(subject, modality)[1])
 
     def affine(self, subject: str, modality: str) -> np.ndarray:
         """(4, 4) float64 voxel -> world (mm) affine of the stored array (true after transforms)."""
@@ -201,6 +265,9 @@ class CohortStore:
     def read_raw(self, subject: str, modality: str, frames: slice | None = None,
                  region: Region | None = None) -> np.ndarray:
         """Stored values exactly (the file's dtype, native order): t1 (X,Y,Z), fmri (T,X,Y,Z)."""
+        return self._retrying(subject, lambda: self._read_raw(subject, modality, frames, region))
+
+    def _read_raw(self, subject: str, modality: str, frames: slice | None, region: Region | None) -> np.ndarray:
         arr, _ = self._array(subject, modality)
         index: tuple = tuple(region) if region is not None else (slice(None),) * 3
         if modality == "fmri":
@@ -210,13 +277,18 @@ class CohortStore:
         try:
             return arr[index]
         except Exception as e:
-            raise StoreError(f"{self.path}: cannot read {modality_path(subject, modality)} "
-                             f"({type(e).__name__}: {e}); the store is damaged; {FIX}") from e
+            raise StoreError(f"{self.path}: cannot read {modality} of subject {subject} "
+                             f"({modality_path(subject, modality, self._rows[subject].get('group'))}: "
+                             f"{type(e).__name__}: {e}); the store is damaged; {FIX}") from e
 
     def _read(self, subject: str, modality: str, frames: slice | None, region: Region | None,
               normalize: bool) -> np.ndarray:
         """float32 values; fMRI is read and converted one shard of frames at a time, so the
         stored values never exist as a whole-run intermediate (half the memory traffic)."""
+        return self._retrying(subject, lambda: self._read_once(subject, modality, frames, region, normalize))
+
+    def _read_once(self, subject: str, modality: str, frames: slice | None, region: Region | None,
+                   normalize: bool) -> np.ndarray:
         arr, meta = self._array(subject, modality)
         slope, inter = meta["nifti"]["scl_slope"], meta["nifti"]["scl_inter"]
         stats = meta["stats"]
@@ -227,16 +299,16 @@ class CohortStore:
             return scaled_float32(raw, slope, inter, out)
 
         if modality == "t1" or (frames is not None and frames.step not in (None, 1)):
-            return convert(self.read_raw(subject, modality, frames, region))
+            return convert(self._read_raw(subject, modality, frames, region))
         start, stop, _ = (frames if frames is not None else slice(None)).indices(arr.shape[0])
         step = (arr.shards or arr.chunks)[0]
         out = None
         for t0 in range(start, stop, step):
-            raw = self.read_raw(subject, modality, slice(t0, min(t0 + step, stop)), region)
+            raw = self._read_raw(subject, modality, slice(t0, min(t0 + step, stop)), region)
             if out is None:
                 out = np.empty((stop - start,) + raw.shape[1:], dtype=np.float32)
             convert(raw, out[t0 - start:t0 - start + raw.shape[0]])
-        return out if out is not None else convert(self.read_raw(subject, modality, frames, region))
+        return out if out is not None else convert(self._read_raw(subject, modality, frames, region))
 
     def read_t1(self, subject: str, region: Region | None = None, normalize: bool = True) -> np.ndarray:
         """T1 as float32 (X, Y, Z) (or the ``region`` box); z-scored when ``normalize``."""

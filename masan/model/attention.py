@@ -32,10 +32,14 @@ class RegionSelfAttention(nn.Module):
     """
 
     def __init__(self, in_features: int, attn_dim: int, value_dim: int, num_regions: int, norm: str = "cohort",
-                 std_floor: float = 0.1):
+                 std_floor: float = 0.1, screen: int = 0, num_classes: int = 1):
         super().__init__()
         if norm == "cohort":
-            self.norm: nn.Module = FittedStandardize((num_regions, in_features), std_floor)
+            self.norm: nn.Module = FittedStandardize((num_regions, in_features), std_floor, keep=screen,
+                                                     num_classes=num_classes)
+        elif screen:
+            raise ValueError("model.screen_features needs model.region_norm=cohort (screening is fitted with the "
+                             "cohort statistics)")
         elif norm == "layer":
             self.norm = nn.LayerNorm(in_features)
         else:

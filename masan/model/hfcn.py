@@ -42,7 +42,8 @@ class HFCN(nn.Module):
                                    cfg.channels_last, "T1")
         width, feats = len(cfg.region_pool) * cfg.channels[-1], cfg.hfcn_features
         # the same cohort standardisation as MASAN's regions, so the baseline is not handicapped
-        self.norm = (FittedStandardize((width, *cfg.patch_grid), cfg.region_std_floor)
+        self.norm = (FittedStandardize((width, *cfg.patch_grid), cfg.region_std_floor, keep=cfg.screen_features,
+                                       num_classes=num_classes)
                      if cfg.region_norm == "cohort" else nn.Identity())
         self.patch_level = nn.Sequential(nn.Conv3d(width, feats, 1), nn.ReLU())
         self.patch_gate = nn.Sequential(nn.Conv3d(feats, 1, 1), nn.Sigmoid())

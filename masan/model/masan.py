@@ -83,7 +83,8 @@ class MASAN(nn.Module):
             )
         region_dim = sum(widths) * cfg.fusion_cells**3
         self.attention = RegionSelfAttention(region_dim, cfg.attn_dim, cfg.value_dim, num_regions(self.grid),
-                                             cfg.region_norm, cfg.region_std_floor)
+                                             cfg.region_norm, cfg.region_std_floor, cfg.screen_features,
+                                             num_classes)
         self.classifier = MLPClassifier(num_regions(self.grid) * cfg.value_dim, cfg.mlp_hidden, num_classes,
                                         cfg.dropout)
 

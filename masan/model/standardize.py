@@ -19,6 +19,15 @@ of ranks.
 A small ``std_floor`` (a fraction of the median std of the layer's features) keeps a nearly
 constant feature (a region of background, say) from being divided by ~0 and amplifying noise
 and its gradients.
+
+**Screening** (``keep > 0``): the same pass also accumulates the sums per class, and only the
+``keep`` features with the largest one-way ANOVA F statistic (between-class over within-class
+variance, on the training subjects) pass; the others are set to 0, the cohort mean. This is the
+univariate screening that neuroimaging decoders put before their classifier (nilearn's
+``Decoder(screening_percentile=...)``, ANOVA-SVM): with tens of training subjects and tens of
+thousands of region features, a classifier given all of them memorises the training subjects,
+while a few hundred subjects would be needed to find a focal effect among them (see
+docs/paper-mapping.md, "Learning a realistic cohort").
 """
 
 from __future__ import annotations
@@ -30,29 +39,40 @@ from torch import nn
 
 
 class FittedStandardize(nn.Module):
-    """``(B, *shape)`` -> ``(x - mean) / std`` per element of ``shape``; fp32 statistics.
+    """``(B, *shape)`` -> ``keep_mask * (x - mean) / std`` per element of ``shape``; fp32 statistics.
 
-    Until the first fit the statistics are the identity (mean 0, std 1). Between
-    :meth:`begin_fit` and :meth:`end_fit` every forward also accumulates its input (no
-    gradient) into fp64 sums.
+    Until the first fit the statistics are the identity (mean 0, std 1, every feature kept).
+    Between :meth:`begin_fit` and :meth:`end_fit` every forward also accumulates its input (no
+    gradient) into fp64 sums per class; with screening, :meth:`set_labels` gives the classes of
+    the next forward's samples.
 
     Args:
         shape: feature shape without the batch axis, e.g. ``(R, D)`` regions x features.
         std_floor: std is at least ``std_floor * median(std)`` (0: only ``eps``).
         eps: absolute floor of the variance.
+        keep: screening: pass only the ``keep`` features of largest ANOVA F (0: all).
+        num_classes: classes of the labels given to :meth:`set_labels` (needed when ``keep``).
     """
 
-    def __init__(self, shape: tuple[int, ...], std_floor: float = 0.1, eps: float = 1e-6):
+    def __init__(self, shape: tuple[int, ...], std_floor: float = 0.1, eps: float = 1e-6, keep: int = 0,
+                 num_classes: int = 1):
         super().__init__()
-        self.std_floor, self.eps = std_floor, eps
+        if keep < 0:
+            raise ValueError(f"model.screen_features={keep} must be >= 0 (0: no screening)")
+        if keep and num_classes < 2:
+            raise ValueError("screening (model.screen_features > 0) needs at least 2 classes")
+        self.std_floor, self.eps, self.keep = std_floor, eps, int(keep)
+        self.num_classes = num_classes if keep else 1
         self.register_buffer("mean", torch.zeros(shape))
         self.register_buffer("std", torch.ones(shape))
+        self.register_buffer("keep_mask", torch.ones(shape))
         self.register_buffer("fitted_samples", torch.zeros((), dtype=torch.long))
         self._sums: list[torch.Tensor] | None = None
+        self._labels: torch.Tensor | None = None
 
     def _apply(self, fn, recurse=True):
         # engines cast models with module.to(bf16): keep the statistics fp32, follow the device only
-        saved = {name: self._buffers[name] for name in ("mean", "std")}
+        saved = {name: self._buffers[name] for name in ("mean", "std", "keep_mask")}
         super()._apply(fn, recurse)
         for name, old in saved.items():
             self._buffers[name] = old.to(device=self._buffers[name].device)
@@ -62,49 +82,95 @@ class FittedStandardize(nn.Module):
     def collecting(self) -> bool:
         return self._sums is not None
 
+    @property
+    def screening(self) -> bool:
+        return self.keep > 0
+
     def begin_fit(self) -> None:
         """Start accumulating the inputs of the following forwards."""
-        dev = self.mean.device
-        self._sums = [torch.zeros((), dtype=torch.float64, device=dev),
-                      torch.zeros(self.mean.shape, dtype=torch.float64, device=dev),
-                      torch.zeros(self.mean.shape, dtype=torch.float64, device=dev)]
+        dev, c = self.mean.device, self.num_classes
+        self._sums = [torch.zeros(c, dtype=torch.float64, device=dev),
+                      torch.zeros((c, *self.mean.shape), dtype=torch.float64, device=dev),
+                      torch.zeros((c, *self.mean.shape), dtype=torch.float64, device=dev)]
+
+    def set_labels(self, labels: torch.Tensor | None) -> None:
+        """Classes ``(B,)`` (int64 in ``[0, num_classes)``) of the samples of the next forward
+        during a fit; ignored without screening."""
+        self._labels = labels
 
     def sums(self) -> list[torch.Tensor]:
-        """``[count, sum, sum of squares]`` accumulated since :meth:`begin_fit` (fp64), for an
-        all-reduce over ranks before :meth:`end_fit`."""
+        """``[count, sum, sum of squares]`` per class (fp64, leading axis = class) accumulated
+        since :meth:`begin_fit`, for an all-reduce over ranks before :meth:`end_fit`."""
         if self._sums is None:
             raise RuntimeError("FittedStandardize.sums() outside begin_fit()/end_fit()")
         return self._sums
 
     def cancel_fit(self) -> None:
         """Stop accumulating without changing the statistics (a fit that failed part way)."""
-        self._sums = None
+        self._sums, self._labels = None, None
 
     @torch.no_grad()
     def end_fit(self) -> None:
-        """Set mean/std from the (all-reduced) sums and stop accumulating."""
-        count, s, sq = self.sums()
-        self._sums = None
-        n = float(count)
+        """Set mean/std (and the screening mask) from the (all-reduced) sums; stop accumulating."""
+        counts, s, sq = self.sums()
+        self._sums, self._labels = None, None
+        n = float(counts.sum())
         if n < 2:
             raise ValueError(f"cannot fit feature statistics on {int(n)} sample(s); the training split needs at least 2")
-        mean = s / n
-        var = (sq / n - mean * mean).clamp_min(0.0) * (n / (n - 1))
+        mean = s.sum(0) / n
+        var = (sq.sum(0) / n - mean * mean).clamp_min(0.0) * (n / (n - 1))
         std = var.add(self.eps).sqrt()
         if self.std_floor > 0:
             std = std.clamp_min(self.std_floor * std.median())
         self.mean.copy_(mean.to(self.mean.dtype))
         self.std.copy_(std.to(self.std.dtype))
+        self.keep_mask.copy_(self._screen(counts, s, sq, std) if self.screening else torch.ones_like(self.keep_mask))
         self.fitted_samples.fill_(int(n))
+
+    def _screen(self, counts: torch.Tensor, s: torch.Tensor, sq: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+        """1 for the ``keep`` features of largest ANOVA F over the classes present, else 0.
+
+        ``F = [sum_c n_c (m_c - m)^2 / (k - 1)] / [sum_c (sq_c - n_c m_c^2) / (n - k)]``; the
+        within-class variance is floored like ``std`` so a nearly constant feature cannot win
+        on rounding noise."""
+        present = counts > 0
+        k, n = int(present.sum()), float(counts.sum())
+        if k < 2 or n <= k:
+            raise ValueError(
+                f"screening (model.screen_features) needs at least 2 classes and more subjects than classes "
+                f"in the training split; got {k} class(es), {int(n)} subject(s)"
+            )
+        counts, s, sq = counts[present], s[present], sq[present]
+        shape = (-1,) + (1,) * (s.dim() - 1)
+        class_mean = s / counts.view(shape)
+        grand = s.sum(0) / n
+        between = (counts.view(shape) * (class_mean - grand) ** 2).sum(0) / (k - 1)
+        within = ((sq - counts.view(shape) * class_mean**2).sum(0) / (n - k)).clamp_min(0.0)
+        floor = (std.median() * self.std_floor) ** 2 if self.std_floor > 0 else self.eps
+        f_stat = between / within.clamp_min(max(float(floor), self.eps))
+        mask = torch.zeros(f_stat.numel(), dtype=self.keep_mask.dtype, device=f_stat.device)
+        mask[torch.topk(f_stat.flatten(), min(self.keep, f_stat.numel())).indices] = 1.0
+        return mask.view(f_stat.shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._sums is not None:
             with torch.no_grad():
-                xd = x.detach().double()
-                self._sums[0] += xd.shape[0]
-                self._sums[1] += xd.sum(0)
-                self._sums[2] += (xd * xd).sum(0)
-        return ((x.float() - self.mean) / self.std).to(x.dtype)
+                self._accumulate(x.detach().double())
+        return ((x.float() - self.mean) / self.std * self.keep_mask).to(x.dtype)
+
+    def _accumulate(self, xd: torch.Tensor) -> None:
+        if self.screening:
+            if self._labels is None or self._labels.shape[0] != xd.shape[0]:
+                raise RuntimeError("FittedStandardize with screening: call set_labels(labels) before each "
+                                   "forward of a fit (masan.train.standardize.fit_standardizers does)")
+            onehot = torch.nn.functional.one_hot(self._labels.to(xd.device).long(), self.num_classes).double()
+        else:
+            onehot = torch.ones(xd.shape[0], 1, dtype=torch.float64, device=xd.device)
+        flat = xd.reshape(xd.shape[0], -1)
+        self._sums[0] += onehot.sum(0)
+        self._sums[1] += (onehot.T @ flat).view_as(self._sums[1])
+        self._sums[2] += (onehot.T @ (flat * flat)).view_as(self._sums[2])
+        self._labels = None
 
 
 def standardizers(model: nn.Module) -> Iterator[FittedStandardize]:

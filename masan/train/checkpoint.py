@@ -4,15 +4,33 @@ Layout under ``run_dir/checkpoints``::
 
     step_000123/            DeepSpeed files of every rank (save_latest=False: no ``latest``)
     step_000123/COMPLETE    JSON manifest written LAST by rank 0 after a barrier:
-                            {"tag", "step", "files": {name: bytes}, "state": client state
-                            without RNG, "config": the resolved run config}
+                            {"tag", "step", "files": {name: {"bytes", "sha256"}}, "state":
+                            client state without RNG, "config": the resolved run config}
     latest_complete         the newest complete tag (atomic rename), for people and tools
 
 DeepSpeed's own ``latest`` is written by rank 0 right after its own files with no barrier,
 so it can name a checkpoint another rank never finished; it is not used. On start the
-newest checkpoint whose marker exists and whose files match the manifest (present, same
-sizes) is loaded; a damaged one (no marker, missing or truncated file, load error) is
-skipped with a warning naming it, and the previous one is tried.
+newest checkpoint whose marker exists and whose files match the manifest is loaded; a
+damaged one is skipped with a warning naming it and the file, and the previous one is tried.
+Damage is found in three places, all agreed by every rank before the next step:
+
+1. rank 0, choosing: no marker, a missing file or a different size (half-written);
+2. every rank, before DeepSpeed reads anything: the SHA-256 of the files it will load
+   (its own ZeRO shard; rank 0 also the shared model-states file) against the manifest,
+   so same-size damage (zeroed blocks, bit rot) is caught. The verdicts are gathered
+   from every rank and all fall back together when any rank found damage: DeepSpeed's
+   load has collectives of its own (ZeRO all-gathers the weights), so a rank that failed
+   alone before them would leave the others waiting for the collective timeout;
+3. every rank, loading: an error DeepSpeed raises (gathered the same way).
+
+Cost of the checksums: each rank hashes only its own files, once when saving (right after
+writing them, while they are in the page cache) and once when resuming. Measured on the
+development machine for a 162 MB file, the paper config's whole checkpoint (11.6 M
+parameters: bf16 weights, fp32 master weights and two Adam moments): SHA-256 (hashlib,
+SHA-NI) took 0.2 s on an idle core (about 1 GB/s) and 0.6 s with both cores busy, against
+1.9 s for ``torch.save`` + sync of the same data; with several ranks each hashes its share
+in parallel. Cheap enough to be always on. Checkpoints written before checksums existed
+(sizes only in the manifest) are still resumed, checked by size.
 
 The client state saved with DeepSpeed (in rank 0's model-states file) holds the training
 position (phase, epoch, step, samples consumed in the epoch, phase start step), the
@@ -22,6 +40,7 @@ rank 0, because DeepSpeed keeps the client state of rank 0 only).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -43,6 +62,9 @@ CHECKPOINT_DIR = "checkpoints"
 MARKER = "COMPLETE"
 POINTER = "latest_complete"
 TAG_RE = re.compile(r"^step_(\d+)$")
+SHARD_RE = re.compile(r"zero_pp_rank_(\d+)_")
+"""DeepSpeed's per-rank ZeRO optimizer shard (``[bf16_]zero_pp_rank_R_mp_rank_00_optim_states.pt``)."""
+HASH = "sha256"
 ISSUE_ZERO_RESHAPE = "https://github.com/deepspeedai/DeepSpeed/issues/3810"
 
 
@@ -69,6 +91,26 @@ def _fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file's bytes, read in chunks (checkpoint files can be gigabytes)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, HASH).hexdigest()
+
+
+def file_owner(name: str, world_size: int) -> int:
+    """The rank that hashes a checkpoint file on save and verifies it on resume: the rank of
+    a ZeRO shard (the rank that wrote it and the only one that loads it), rank 0 otherwise."""
+    m = SHARD_RE.search(name)
+    return int(m.group(1)) if m and int(m.group(1)) < world_size else 0
+
+
+def _expected(entry) -> tuple[int, str | None]:
+    """(bytes, sha256 or None) of a manifest entry; older manifests hold the size alone."""
+    if isinstance(entry, dict):
+        return entry["bytes"], entry.get(HASH)
+    return int(entry), None
 
 
 def rng_state() -> dict:
@@ -134,12 +176,36 @@ class CheckpointManager:
             files = self.manifest(tag)["files"]
         except (OSError, ValueError, KeyError) as e:
             return f"unreadable {MARKER} manifest ({e})"
-        for name, size in files.items():
+        for name, entry in files.items():
             f = folder / name
+            size, _ = _expected(entry)
             if not f.is_file():
                 return f"file {name} listed in the manifest is missing"
             if f.stat().st_size != size:
                 return f"file {name} has {f.stat().st_size} bytes, the manifest says {size} (truncated or rewritten)"
+        return None
+
+    def damage(self, tag: str, shards: bool = True) -> str | None:
+        """Why this rank's files of checkpoint ``tag`` differ from their manifest checksums
+        (None: intact). This rank checks the files it owns (:func:`file_owner`); ZeRO shards
+        only with ``shards`` (a resume on a different world size does not load them)."""
+        folder = self.dir / tag
+        try:
+            files = self.manifest(tag)["files"]
+        except (OSError, ValueError, KeyError) as e:
+            return f"unreadable {MARKER} manifest ({e})"
+        for name, entry in files.items():
+            _, digest = _expected(entry)
+            if digest is None or file_owner(name, self.world_size) != self.rank:
+                continue
+            if not shards and SHARD_RE.search(name):
+                continue
+            try:
+                got = file_digest(folder / name)
+            except OSError as e:
+                return f"file {name} cannot be read ({e})"
+            if got != digest:
+                return f"file {name} has {HASH} {got[:12]}..., the manifest says {digest[:12]}... (damaged in place)"
         return None
 
     def complete_tags(self) -> list[str]:
@@ -168,11 +234,15 @@ class CheckpointManager:
         client = dict(state, rng=D.all_gather_objects(rng_state()))
         engine.save_checkpoint(str(self.dir), tag=tag, client_state=client, save_latest=False)
         D.barrier()
-        if self.rank == 0:
-            files = {}
-            for f in sorted(p for p in folder.rglob("*") if p.is_file()):
+        mine = {}  # each rank makes its own files durable and hashes them (in parallel, from its page cache)
+        for f in sorted(p for p in folder.rglob("*") if p.is_file()):
+            name = str(f.relative_to(folder))
+            if file_owner(name, self.world_size) == self.rank:
                 _fsync(f)
-                files[str(f.relative_to(folder))] = f.stat().st_size
+                mine[name] = {"bytes": f.stat().st_size, HASH: file_digest(f)}
+        gathered = D.all_gather_objects(mine)
+        if self.rank == 0:
+            files = dict(sorted(kv for part in gathered for kv in part.items()))
             manifest = {"tag": tag, "step": step, "files": files, "state": state, "config": config_to_dict(cfg)}
             _write_atomic(folder / MARKER, json.dumps(manifest, indent=1))
             _write_atomic(self.dir / POINTER, tag + "\n")
@@ -202,6 +272,27 @@ class CheckpointManager:
             if why is None:
                 return tag
             log.warning("skipping damaged checkpoint %s: %s; trying the previous one", self.dir / tag, why)
+        return None
+
+    def _any_rank_failed(self, tag: str, what: str, why_here: str | None) -> bool:
+        """Collective: True on every rank when any rank gave a reason (rank 0 warns, naming
+        each rank's reason), so all ranks fall back to the previous checkpoint together."""
+        bad = [f"rank {r}: {w}" for r, w in enumerate(D.all_gather_objects(why_here)) if w]
+        if bad and self.rank == 0:
+            log.warning("skipping %s checkpoint %s: %s; trying the previous one", what, self.dir / tag, "; ".join(bad))
+        return bool(bad)
+
+    def refusal(self, cfg: RunConfig, config_hash: str) -> str | None:
+        """Read-only, one process: why the newest complete checkpoint refuses ``cfg``
+        (:class:`ResumeError`'s message), or None; lets a start refuse before it changes
+        anything in the run directory (the collective :meth:`resume` checks again)."""
+        for tag in self.tags():
+            if self.problem(tag) is None:
+                try:
+                    self.check_compatible(tag, cfg, config_hash)
+                except ResumeError as e:
+                    return str(e)
+                return None
         return None
 
     def check_compatible(self, tag: str, cfg: RunConfig, config_hash: str) -> None:
@@ -245,20 +336,18 @@ class CheckpointManager:
                 raise ResumeError(error)
             saved_world = self.manifest(tag)["state"]["dp_world_size"]
             world_changed = saved_world != self.world_size
+            # agreed BEFORE DeepSpeed reads anything: its load has collectives of its own
+            if self._any_rank_failed(tag, "damaged", self.damage(tag, shards=not world_changed)):
+                skip.add(tag)
+                continue
             try:
                 path, client = engine.load_checkpoint(
                     str(self.dir), tag=tag, load_module_only=world_changed,
                     load_optimizer_states=not world_changed, load_lr_scheduler_states=False)
-                ok = path is not None and client is not None
-                why = "DeepSpeed found nothing to load" if not ok else ""
+                why = "DeepSpeed found nothing to load" if path is None or client is None else None
             except Exception as e:  # noqa: BLE001 - any load failure means: try the previous one
-                ok, why = False, f"{type(e).__name__}: {e}"
-            results = D.all_gather_objects((ok, why))
-            bad = [f"rank {r}: {w}" for r, (o, w) in enumerate(results) if not o]
-            if bad:
-                if self.rank == 0:
-                    log.warning("skipping checkpoint %s: load failed (%s); trying the previous one",
-                                self.dir / tag, "; ".join(bad))
+                why = f"load failed: {type(e).__name__}: {e}"
+            if self._any_rank_failed(tag, "unloadable", why):
                 skip.add(tag)
                 continue
             if world_changed:

@@ -5,8 +5,12 @@ Steps are global optimizer steps. After a resume the writer is opened with
 checkpoint are dropped (those up to its step were logged before it was saved), so every tag's steps increase without duplicates or rewinds. The writer is
 flushed at each checkpoint and closed before the run returns.
 
-Tags: ``train/<loss term>``, ``train/lr``, ``train/samples_per_s``, ``train/gpu_mem_gib``
-(CUDA only), ``train/epoch``, ``train/skipped_steps`` (optimizer steps DeepSpeed skipped for
+Tags: ``train/<loss term>``, ``train/lr``, ``train/samples_per_s``, ``train/epoch``,
+per logging interval ``train/data_wait_frac`` (the largest share of the interval any rank spent
+waiting for its next batch), ``train/data_wait_s`` and ``train/compute_s`` (seconds, mean over
+ranks) and the peak memory of the interval, largest over ranks (:func:`interval_stats`):
+``train/peak_rss_gib`` (process resident set), on CUDA ``train/gpu_mem_gib`` (max allocated) and
+``train/gpu_reserved_gib`` (max reserved by the caching allocator), ``train/skipped_steps`` (optimizer steps DeepSpeed skipped for
 non-finite gradients), ``train/grad_norm_<term>``; ``monitor_val/<metric>`` for the
 validation-part metrics computed every ``log.eval_every_epochs``, the confusion-matrix figure
 and the region-weight / attention images. The test part never appears here.
@@ -14,6 +18,7 @@ and the region-weight / attention images. The test part never appears here.
 
 from __future__ import annotations
 
+import resource
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +31,45 @@ TB_DIR = "tb"
 MONITOR_PREFIX = "monitor_val"
 """Prefix of validation-part metrics (carved from the training subjects; the test part is only
 evaluated at the end)."""
+
+
+MEMORY_TAGS = ("peak_rss_gib", "gpu_mem_gib", "gpu_reserved_gib")
+CLEAR_REFS = "/proc/self/clear_refs"
+"""Writing ``5`` here resets the process's peak resident set (VmHWM; Linux >= 4.0)."""
+
+
+def peak_memory(device: torch.device) -> dict[str, float]:
+    """This process's peak memory since the last call, GiB, and reset: ``peak_rss_gib`` (VmHWM of
+    /proc/self/status; where it cannot be reset, the peak since the process started, from
+    getrusage), and on CUDA ``gpu_mem_gib`` / ``gpu_reserved_gib`` (max allocated / reserved)."""
+    out = {"peak_rss_gib": _vm_hwm_bytes() / 2**30}
+    try:
+        with open(CLEAR_REFS, "w") as f:
+            f.write("5")
+    except OSError:
+        pass  # not Linux, or no permission: the figure is then the lifetime peak
+    if device.type == "cuda":
+        out["gpu_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        out["gpu_reserved_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
+        torch.cuda.reset_peak_memory_stats(device)
+    return out
+
+
+def _vm_hwm_bytes() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def interval_stats(wait_s: float, elapsed_s: float, device: torch.device) -> dict[str, float]:
+    """One rank's logging interval: seconds waited for data (blocked fetching the next batch),
+    wall seconds of the interval, and :func:`peak_memory` (reset for the next interval)."""
+    return {"wait_s": wait_s, "elapsed_s": elapsed_s, **peak_memory(device)}
 
 
 class TrainLogger:
@@ -52,12 +96,22 @@ class TrainLogger:
         for name, v in values.items():
             self.writer.add_scalar(f"{prefix}/{name}", float(v), step)
 
-    def gpu_memory(self, device: torch.device, step: int) -> None:
-        """Peak allocated CUDA memory since the last call, GiB (nothing on the CPU)."""
-        if self.writer is None or device.type != "cuda":
-            return
-        self.writer.add_scalar("train/gpu_mem_gib", torch.cuda.max_memory_allocated(device) / 2**30, step)
-        torch.cuda.reset_peak_memory_stats(device)
+    def interval(self, per_rank: list[dict[str, float]], step: int) -> str:
+        """Data wait, compute and peak memory of one logging interval (one :func:`interval_stats`
+        per rank, in rank order) to TensorBoard; -> the console line, e.g. ``data wait 1.2 s of
+        10.0 s (12.0% max over 2 ranks: 12.0% 3.1%), peak RSS 2.10 GiB, GPU 10.3 GiB alloc``."""
+        frac = [r["wait_s"] / max(r["elapsed_s"], 1e-9) for r in per_rank]
+        n = len(per_rank)
+        values = {"data_wait_frac": max(frac), "data_wait_s": sum(r["wait_s"] for r in per_rank) / n,
+                  "compute_s": sum(r["elapsed_s"] - r["wait_s"] for r in per_rank) / n}
+        values.update({k: max(r[k] for r in per_rank) for k in MEMORY_TAGS if k in per_rank[0]})
+        self.scalars(values, step)
+        line = (f"data wait {values['data_wait_s']:.2f} s of {per_rank[0]['elapsed_s']:.2f} s "
+                f"({100 * max(frac):.1f}% max over {n} ranks: {' '.join(f'{100 * f:.1f}%' for f in frac)}), "
+                f"peak RSS {values['peak_rss_gib']:.2f} GiB")
+        if "gpu_mem_gib" in values:
+            line += f", GPU {values['gpu_mem_gib']:.2f} GiB allocated / {values['gpu_reserved_gib']:.2f} GiB reserved"
+        return line
 
     def hparams(self, cfg: RunConfig) -> None:
         """The resolved config as text and as TensorBoard hparams (flattened scalars/strings)."""

@@ -16,8 +16,9 @@ never hold half-accumulated gradients.
 At the start of the joint phase, and every ``train.norm_refresh_epochs`` joint epochs, the
 model's cohort standardisers are fitted on all training subjects
 (:func:`masan.train.standardize.fit_standardizers`). Every ``log.every_steps`` steps the loss
-terms, the optimizer steps DeepSpeed skipped for non-finite gradients, the LR and the
-throughput are logged; every ``log.grad_norm_every_steps`` steps the gradient norm of each term.
+terms, the optimizer steps DeepSpeed skipped for non-finite gradients, the LR, the
+throughput, each rank's data wait and the peak memory are logged; every
+``log.grad_norm_every_steps`` steps the gradient norm of each term.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
 from masan.config import RunConfig
+from masan.data.cache import open_cache
 from masan.evaluate.predict import prediction_metrics
 from masan.model.inputs import MODALITY_KEYS, PRECISION_DTYPES as DTYPES
 from masan.model import masan_loss
@@ -42,7 +44,7 @@ from masan.train import distributed as D
 from masan.train.checkpoint import CheckpointManager
 from masan.train.distributed import DistInfo
 from masan.train.engine import LRSchedule, current_lr, set_schedule_step
-from masan.train.logging import TrainLogger
+from masan.train.logging import TrainLogger, interval_stats
 from masan.train.standardize import fit_standardizers
 from masan.train.stop import StopRequest
 
@@ -139,6 +141,7 @@ def train(p: LoopParts, state: TrainState) -> str:
     sampler = ResumableSampler(p.train_set, p.info.world_size, p.info.rank, shuffle=True, seed=cfg.seed)
     per_step = cfg.optim.micro_batch * cfg.optim.grad_accum * p.info.world_size  # samples, all ranks
     last_save = {"step": state.step, "time": time.monotonic()}
+    cache = open_cache(p.train_set, cfg.data, p.info.device)  # data.cache: None, or decoded once per node
 
     for phase in PHASES[PHASES.index(state.phase):]:
         if state.phase != phase:  # a new phase starts: fresh epoch count and LR curve
@@ -155,8 +158,8 @@ def train(p: LoopParts, state: TrainState) -> str:
             if phase == "joint" and state.consumed == 0 and refit_due(cfg, state.epoch):
                 fit_norms(p)
             sampler.set_epoch(state.epochs_done, start=state.consumed)
-            batches = iter(make_loader(p, sampler, state.epochs_done))
-            t_log, samples_log = time.perf_counter(), 0
+            batches = iter(make_loader(p, sampler, state.epochs_done, cache))
+            t_log, samples_log, waited = time.perf_counter(), 0, 0.0
 
             n_steps = steps_left(len(p.train_set), state.consumed, per_step)
             bar = tqdm(total=n_steps, desc=f"{phase} epoch {state.epoch}", unit="step", leave=False,
@@ -165,7 +168,9 @@ def train(p: LoopParts, state: TrainState) -> str:
                 terms = {}
                 log_due = (state.step + 1) % cfg.log.every_steps == 0
                 for _ in range(cfg.optim.grad_accum):
+                    t_wait = time.perf_counter()  # blocked on the loader (and the host-to-device copy)
                     batch = to_device(next(batches), p.info.device, DTYPES[cfg.train.precision])
+                    waited += time.perf_counter() - t_wait
                     out = engine(**{k: batch.get(k) for k in MODALITY_KEYS})
                     loss = masan_loss(out, batch, cfg.loss, phase=phase)
                     engine.backward(loss["total"])
@@ -188,15 +193,19 @@ def train(p: LoopParts, state: TrainState) -> str:
 
                 if log_due:
                     terms = D.mean_over_ranks(terms)
-                    rate = samples_log / (time.perf_counter() - t_log)
+                    elapsed = time.perf_counter() - t_log
+                    rate = samples_log / elapsed
                     skipped = skipped_steps(engine)
                     if skipped and p.info.is_main:
                         log.warning("%d optimizer step(s) skipped so far for non-finite gradients", skipped)
                     p.logger.scalars({**terms, "lr": current_lr(engine), "samples_per_s": rate,
                                       "skipped_steps": skipped,
                                       "epoch": state.epochs_done + state.consumed / len(p.train_set)}, state.step)
-                    p.logger.gpu_memory(p.info.device, state.step)
-                    t_log, samples_log = time.perf_counter(), 0
+                    line = p.logger.interval(D.all_gather_objects(interval_stats(waited, elapsed, p.info.device)),
+                                             state.step)
+                    if p.info.is_main:
+                        log.info("step %d: loss %.4g, %.2f samples/s, %s", state.step, terms["total"], rate, line)
+                    t_log, samples_log, waited = time.perf_counter(), 0, 0.0
 
                 if p.stop.agreed():
                     save(p, state, last_save)
@@ -243,10 +252,13 @@ def phase_steps(p: LoopParts, state: TrainState, n_epochs: int, per_step: int) -
     return (state.step - state.phase_start) + left
 
 
-def make_loader(p: LoopParts, sampler, epoch: int) -> DataLoader:
+def make_loader(p: LoopParts, sampler, epoch: int, cache=None):
     """Workers read the Zarr store; a loader-owned generator keeps the global RNG untouched,
-    so a resumed run (new iterator mid-epoch) draws the same dropout masks as an unbroken one."""
+    so a resumed run (new iterator mid-epoch) draws the same dropout masks as an unbroken one.
+    With a cohort cache, its batches (already on the device) in the sampler's order instead."""
     d = p.cfg.data
+    if cache is not None:
+        return cache.batches(sampler, p.cfg.optim.micro_batch, DTYPES[p.cfg.train.precision], d.prefetch_factor)
     g = torch.Generator()
     g.manual_seed(p.cfg.seed + epoch)
     return DataLoader(p.train_set, batch_size=p.cfg.optim.micro_batch, sampler=sampler, drop_last=True,

@@ -1,26 +1,37 @@
 """``run_training(cfg, stop)``: one run from its config to predictions, resumable at any point.
 
-Order of a start: process group -> DONE check -> seeds -> data and split -> model and
-DeepSpeed engine -> resume from the newest complete checkpoint (or refuse an incompatible
-config) -> config.yaml -> TensorBoard -> :func:`masan.train.loop.train` -> predictions,
-metrics.json and DONE (rank 0). Every launcher (local, torchrun, submitit on SLURM) ends here.
+Order of a start: process group -> DONE check -> every check (:func:`preflight`: the run
+directory is writable, the cohort, split and batch fit the config, the newest checkpoint
+accepts this config) -> only then the first change to the run directory -> model and
+DeepSpeed engine -> resume from the newest complete, intact checkpoint -> run directory
+access, DONE removed (a changed target reopens the run), config.yaml -> TensorBoard ->
+:func:`masan.train.loop.train` -> predictions, metrics.json and DONE (rank 0). A start that is
+refused (bad config, incompatible checkpoint) therefore leaves the run directory byte for byte
+as it was. Every launcher (local, torchrun, submitit on SLURM) ends here.
+
+Access: the run directory (checkpoints, logs, predictions.csv naming each subject with its
+diagnosis) is never more open than the store it trains on: files are created under a umask
+derived from the store's mode (:mod:`masan.access`), and an existing run directory is closed
+to the same mode (and the store's group) once the start is accepted.
 """
 
 from __future__ import annotations
 
+import getpass
 import json
 import logging
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from masan.config import RunConfig, config_hash, save_config
+from masan.access import apply_access, creation_umask, describe_mode, restrictive_mode
+from masan.config import ConfigError, RunConfig, config_hash, save_config
 from masan.train import distributed as D
-from masan.train.checkpoint import CheckpointManager, set_rng_state
+from masan.train.checkpoint import CHECKPOINT_DIR, CheckpointManager, ResumeError, set_rng_state
 from masan.train.logging import TrainLogger
 from masan.train.loop import LoopParts, TrainState, evaluate, train
 from masan.train.stop import StopRequest
@@ -29,6 +40,9 @@ log = logging.getLogger(__name__)
 
 DONE_FILE = "DONE"
 CONFIG_FILE = "config.yaml"
+TB_DIR = "tb"
+USER_ERRORS = (ConfigError, ResumeError)
+"""Errors of the input, not of the machine: launchers exit 2 and never restart them."""
 
 
 @dataclass
@@ -74,28 +88,115 @@ def finished_run(run_dir: Path, cfg: RunConfig) -> dict | None:
     return done if done.get("target") == _target(cfg) else None
 
 
-def _data(cfg: RunConfig, info: D.DistInfo, run_dir: Path):
-    """Subjects, the split of this repeat (made once by rank 0, saved in run_dir) and the datasets."""
-    from masan.data.dataset import CohortDataset, select_subjects
-    from masan.data.splits import SPLIT_FILE, Split, make_split
+def _user() -> str:
+    """This process's user name for messages (its uid where no name is known, e.g. in containers)."""
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return f"uid {os.geteuid()}"
+
+
+def check_writable(run_dir: Path) -> None:
+    """Refuse a run directory this user cannot write (or its nearest existing parent, for a
+    new one), and its checkpoint and TensorBoard folders, now rather than at the first save
+    hours in. ``os.access`` asks the kernel (mode bits, ACLs, read-only mounts) and writes
+    nothing, so a refused start changes nothing."""
+    existing = run_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    folders = [existing] if existing != run_dir else [run_dir, *(
+        run_dir / d for d in (CHECKPOINT_DIR, TB_DIR) if (run_dir / d).is_dir())]
+    for d in folders:
+        if not os.access(d, os.W_OK | os.X_OK):
+            fix = ("it is on a read-only file system: choose a run_dir=... on a writable one"
+                   if os.statvfs(d).f_flag & os.ST_RDONLY else
+                   f"make it writable (chmod u+wx {d}) or choose another run_dir=...")
+            raise ConfigError(f"{d} is not writable by user {_user()}: checkpoints and results of "
+                              f"run_dir={run_dir} could not be saved there; {fix}")
+
+
+@dataclass
+class Preflight:
+    """What rank 0 found before any change to the run directory (sent to every rank)."""
+
+    subjects: list[str] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)
+    class_names: list[str] = field(default_factory=list)
+    split: object = None
+    """The :class:`masan.data.splits.Split` of this repeat (from split.json when it exists)."""
+    split_is_new: bool = False
+    file_mode: int = 0o600
+    gid: int | None = None
+    error: tuple[str, str] | None = None
+    """(kind, message) when the start is refused: kind ``config``, ``resume`` or ``other``."""
+
+
+def preflight(cfg: RunConfig, world_size: int, ckpt: CheckpointManager, chash: str) -> Preflight:
+    """Every check of a start, read-only (rank 0): the run directory is writable, the cohort
+    has the classes, the split exists or can be made, an optimizer step's batch fits the
+    training part, the newest complete checkpoint accepts this config; and the access mode of
+    the run directory: the store's (mode and group)."""
+    from masan.data.dataset import select_subjects
+    from masan.data.splits import SPLIT_FILE, Split, SplitError, make_split
     from masan.data.store import CohortStore
 
+    run_dir = Path(cfg.run_dir)
+    check_writable(run_dir)
     subjects, labels, class_names = select_subjects(CohortStore(cfg.data.store), cfg.data)
-    label_of = dict(zip(subjects, labels))
     split_path = run_dir / SPLIT_FILE
-    if info.is_main and not split_path.is_file():
-        make_split(subjects, labels, cfg.split).save(split_path)
-    D.barrier()
-    split = Split.load(split_path)
-    missing = sorted(set(split.train + split.val + split.test) - set(label_of))
+    try:
+        split = Split.load(split_path) if split_path.is_file() else make_split(subjects, labels, cfg.split)
+    except SplitError as e:
+        raise ConfigError(str(e)) from None
+    missing = sorted(set(split.train + split.val + split.test) - set(subjects))
     if missing:
-        raise ValueError(f"{split_path} names subjects not in the store {cfg.data.store} with data.classes "
-                         f"{cfg.data.classes}: {missing[:5]}...; use the store the run started with or a new run_dir")
+        raise ConfigError(f"{split_path} names subjects not in the store {cfg.data.store} with data.classes "
+                          f"{cfg.data.classes}: {missing[:5]}...; use the store the run started with (data.store=...) "
+                          "or a new run_dir")
+    per_step = cfg.optim.micro_batch * cfg.optim.grad_accum * world_size
+    if per_step > len(split.train):
+        raise ConfigError(
+            f"optim.micro_batch={cfg.optim.micro_batch} x optim.grad_accum={cfg.optim.grad_accum} x {world_size} "
+            f"rank(s) = {per_step} samples per optimizer step, but the training part of the split has "
+            f"{len(split.train)} subjects; lower optim.micro_batch or optim.grad_accum, or use fewer ranks")
+    refusal = ckpt.refusal(cfg, chash)
+    if refusal:
+        raise ResumeError(refusal)
+    file_mode, gid = restrictive_mode([cfg.data.store])
+    return Preflight(subjects, labels, class_names, split, not split_path.is_file(), file_mode, gid)
+
+
+def _agreed_preflight(cfg: RunConfig, info: D.DistInfo, ckpt: CheckpointManager, chash: str) -> Preflight:
+    """Collective: rank 0's :func:`preflight` on every rank; a refusal raises on every rank
+    (the same error type for user errors), so no rank waits for one that gave up."""
+    pre = None
+    if info.is_main:
+        try:
+            pre = preflight(cfg, info.world_size, ckpt, chash)
+        except ConfigError as e:
+            pre = Preflight(error=("config", str(e)))
+        except ResumeError as e:
+            pre = Preflight(error=("resume", str(e)))
+        except Exception as e:  # noqa: BLE001 - told to the other ranks, then raised here as it is
+            D.broadcast_object(Preflight(error=("other", f"{type(e).__name__}: {e}")))
+            raise
+    pre = D.broadcast_object(pre)
+    if pre.error is not None:
+        kind, message = pre.error
+        raise {"config": ConfigError, "resume": ResumeError}.get(kind, RuntimeError)(message)
+    return pre
+
+
+def _datasets(cfg: RunConfig, pre: Preflight):
+    from masan.data.dataset import CohortDataset
+
+    label_of = dict(zip(pre.subjects, pre.labels))
 
     def dataset(part):
         return CohortDataset(cfg.data.store, part, [label_of[s] for s in part], cfg.data)
 
-    return dataset(split.train), (dataset(split.val) if split.val else None), dataset(split.test), class_names
+    split = pre.split
+    return dataset(split.train), (dataset(split.val) if split.val else None), dataset(split.test)
 
 
 def run_training(cfg: RunConfig, stop: StopRequest | None = None) -> TrainOutcome:
@@ -120,8 +221,7 @@ def run_training(cfg: RunConfig, stop: StopRequest | None = None) -> TrainOutcom
 
 
 def _run(cfg: RunConfig, stop: StopRequest | None, info: D.DistInfo) -> TrainOutcome:
-    from masan.model import build_model
-    from masan.train.engine import LRSchedule, build_engine, check_config
+    from masan.train.engine import check_config
 
     run_dir = Path(cfg.run_dir)
     done = finished_run(run_dir, cfg)
@@ -129,21 +229,39 @@ def _run(cfg: RunConfig, stop: StopRequest | None, info: D.DistInfo) -> TrainOut
         log.info("%s is finished (DONE at step %d); nothing to do", run_dir, done["step"])
         return TrainOutcome("completed", done["step"], done["epochs_done"], str(run_dir))
     check_config(cfg, info.device.type)
-    stop = stop or StopRequest(run_dir)
+    ckpt = CheckpointManager(run_dir, cfg.checkpoint.keep, info.rank, info.world_size)
+    chash = config_hash(cfg)
+    pre = _agreed_preflight(cfg, info, ckpt, chash)  # nothing in run_dir has changed before this
+    # every file of the run, on every rank (checkpoint shards too), is created at most this open
+    with creation_umask(pre.file_mode):
+        return _train(cfg, stop or StopRequest(run_dir), info, ckpt, chash, pre)
+
+
+def _train(cfg: RunConfig, stop: StopRequest, info: D.DistInfo, ckpt: CheckpointManager, chash: str,
+           pre: Preflight) -> TrainOutcome:
+    from masan.data.splits import SPLIT_FILE
+    from masan.model import build_model
+    from masan.train.engine import LRSchedule, build_engine
+
+    run_dir = Path(cfg.run_dir)
     seed_everything(cfg.seed, cfg.deterministic)
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / DONE_FILE).unlink(missing_ok=True)  # a changed target reopens the run
-    train_set, val_set, test_set, class_names = _data(cfg, info, run_dir)
+        if pre.split_is_new:
+            pre.split.save(run_dir / SPLIT_FILE)
+    train_set, val_set, test_set = _datasets(cfg, pre)
+    class_names = pre.class_names
 
     model = build_model(cfg.model, len(class_names))  # same seed: same init on every rank
     schedule = LRSchedule(cfg.optim)
     engine = build_engine(model, cfg, info.world_size, schedule)
-    ckpt = CheckpointManager(run_dir, cfg.checkpoint.keep, info.rank, info.world_size)
-    chash = config_hash(cfg)
     resumed = ckpt.resume(engine, cfg, chash)
-    if info.is_main:
-        save_config(cfg, run_dir / CONFIG_FILE)  # after the compatibility check: a refused start changes nothing
+    if info.is_main:  # the start is accepted: only now change what was there
+        applied = apply_access(run_dir, pre.file_mode, pre.gid)
+        log.info("run directory %s: %s (never more open than the store %s)", run_dir, describe_mode(*applied),
+                 cfg.data.store)
+        (run_dir / DONE_FILE).unlink(missing_ok=True)  # a changed target reopens the run
+        save_config(cfg, run_dir / CONFIG_FILE)
 
     state = TrainState()
     random.seed(cfg.seed + 1 + info.rank)  # per-rank streams (dropout) after the shared init

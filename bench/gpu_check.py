@@ -1,0 +1,440 @@
+#!/usr/bin/env python
+"""The GPU check of issue 9: one table of full-resolution figures on one CUDA GPU in <= 8 minutes.
+
+Prints one table, a line per result as soon as it is measured (flushed, so a timeout still
+leaves figures), in order of value:
+
+1. ``masan``: forward + loss (eq. 8, joint phase) + backward + Adam step of the paper's model
+   (hpc/configs/paper.yaml: T1 240x256x176 in 4x4x4 patches, fMRI 976 x 60x64x44) in bf16
+   (weights and activations, as DeepSpeed's bf16 mode runs the module), micro-batch 1/2/4,
+   activation checkpointing on/off, channels_last; ms per sample and peak GiB (max allocated,
+   total and per sample); each row 2 warm-up steps, then 3 timed ones (``--warmup``, ``--steps``).
+2. ``hfcn``: the same for the H-FCN baseline (T1 only).
+3. ``loader``: one rank's training loader at full resolution from each cohort cache
+   (``data.cache`` none/host/device; bench/io.py :func:`loader_speeds`), on a synthetic
+   full-size cohort prepared in a background process while sections 1-2 run.
+4. ``deepspeed``: 30 optimizer steps of the real training entry point (launch/train_local.py,
+   DeepSpeed with torch.optim Adam: nothing is JIT-compiled) on that cohort with
+   ``data.cache=host``, and the data-wait fraction it logs (``train/data_wait_frac``).
+5. ``compile``: the micro-batch-1 rows again under ``torch.compile`` (compile time excluded, as
+   warm-up), last because compiling costs minutes.
+
+Every row and section is guarded: an out-of-memory or any error prints as that row and the
+check goes on. A global budget (``--budget-s``, default 420 s) skips what would not finish in
+time. Targets (issue 9): <= 60 ms and <= 12 GiB per sample, data wait < 5 % of the step.
+
+    python bench/gpu_check.py                 # on the GPU machine (see bench/gpu_check.sh)
+    python bench/gpu_check.py --tiny          # CPU-sized shapes, the same code paths (tests)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import concurrent.futures as futures
+import gc
+import multiprocessing
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # bench.io and masan import with the repository as the only path entry
+    sys.path.insert(0, str(REPO))
+
+from masan.config import RunConfig, config_to_dict, load_config  # noqa: E402
+from masan.model import build_model, masan_loss  # noqa: E402
+from masan.model.inputs import PRECISION_DTYPES  # noqa: E402
+from masan.train.logging import peak_memory  # noqa: E402
+
+PAPER = REPO / "hpc/configs/paper.yaml"
+TINY = ["model.t1_shape=[32,32,32]", "model.fmri_shape=[16,16,16]", "model.fmri_frames=6",
+        "model.patch_grid=[2,2,2]", "model.channels=[4,8,8,8]", "model.fmri_channels=[4,8,8,8]", "model.groups=4",
+        "model.attn_dim=8", "model.mlp_hidden=16", "data.fmri_frames=6", "model.hfcn_features=8"]
+"""CPU-sized model and data with every structural feature of the paper's (tests/conftest.py's tiny run)."""
+CLASSES = ("NC", "AD")
+COLUMNS = (("section", 10), ("variant", 34), ("ms/sample", 10), ("peak GiB", 9), ("GiB/sample", 10), ("note", 0))
+
+
+@dataclass(frozen=True)
+class Row:
+    """One model measurement: architecture, micro-batch, checkpointing, channels_last, torch.compile."""
+
+    arch: str
+    batch: int
+    ckpt: bool = False
+    channels_last: bool = False
+    compiled: bool = False
+
+    @property
+    def name(self) -> str:
+        flags = [f"mb{self.batch}", "ckpt" if self.ckpt else "no-ckpt"]
+        flags += ["channels_last"] if self.channels_last else []
+        flags += ["compile"] if self.compiled else []
+        return " ".join(flags)
+
+
+MASAN_ROWS = [Row("masan", 1), Row("masan", 1, ckpt=True), Row("masan", 1, ckpt=True, channels_last=True),
+              Row("masan", 2, ckpt=True), Row("masan", 4, ckpt=True), Row("masan", 2)]
+HFCN_ROWS = [Row("hfcn", 1), Row("hfcn", 4)]
+COMPILE_ROWS = [Row("masan", 1, compiled=True), Row("masan", 1, ckpt=True, compiled=True)]
+"""Bounded so that the whole check fits 8 minutes on an H100 (compile rows last, skipped when late)."""
+
+
+class Budget:
+    """The global time budget: ``left()`` seconds remain; ``alarm()`` interrupts a row that overruns."""
+
+    def __init__(self, seconds: float):
+        self.end = time.monotonic() + seconds
+
+    def left(self) -> float:
+        return self.end - time.monotonic()
+
+    def alarm(self) -> None:
+        signal.alarm(max(1, int(self.left())))
+
+
+class OutOfTime(Exception):
+    pass
+
+
+def _on_alarm(signum, frame):  # noqa: ARG001 - signal handler signature
+    raise OutOfTime("the check's time budget ran out during this row")
+
+
+def emit(*cells) -> None:
+    """One table line, flushed at once (a killed check still leaves what it measured)."""
+    line = "  ".join(f"{str(c):<{w}}" if w else str(c) for c, (_, w) in zip(cells, COLUMNS))
+    print(line.rstrip(), flush=True)
+
+
+def note(section: str, variant: str, text: str) -> None:
+    emit(section, variant, "-", "-", "-", text)
+
+
+# --------------------------------------------------------------------------- model rows
+
+
+def measure_model(cfg: RunConfig, row: Row, device: torch.device, dtype: torch.dtype, warmup: int, steps: int,
+                  compile_backend: str) -> tuple[float, float]:
+    """-> (ms per sample, peak GiB) of forward + loss + backward + Adam step (``dtype`` weights and
+    inputs); peak: max allocated on CUDA, the process's peak resident set on the CPU."""
+    m = cfg.model
+    m.arch, m.activation_checkpointing, m.channels_last = row.arch, row.ckpt, row.channels_last
+    torch.manual_seed(0)
+    peak_memory(device)  # reset the peaks
+    model = build_model(m, len(CLASSES)).to(device=device, dtype=dtype).train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    step_model = torch.compile(model, backend=compile_backend) if row.compiled else model
+    b = row.batch
+    data = {"label": torch.arange(b, device=device) % len(CLASSES)}
+    if row.arch == "hfcn" or m.modalities != "fmri":
+        data["t1"] = torch.randn(b, 1, *m.t1_shape, device=device, dtype=dtype)
+    if row.arch == "masan" and m.modalities != "t1":
+        data["fmri"] = torch.randn(b, m.fmri_frames, *m.fmri_shape, device=device, dtype=dtype)
+    if row.channels_last:
+        data = {k: v.contiguous(memory_format=torch.channels_last_3d) if v.dim() == 5 else v for k, v in data.items()}
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        out = step_model(t1=data.get("t1"), fmri=data.get("fmri"))
+        masan_loss(out, data, cfg.loss, "joint")["total"].backward()
+        opt.step()
+
+    try:
+        for _ in range(warmup):
+            step()
+        _sync(device)
+        t = time.perf_counter()
+        for _ in range(steps):
+            step()
+        _sync(device)
+        seconds = (time.perf_counter() - t) / steps
+        mem = peak_memory(device)
+        return 1e3 * seconds / b, mem.get("gpu_mem_gib", mem["peak_rss_gib"])
+    finally:
+        del model, opt, step_model, data
+        _free(device)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def model_section(section: str, rows: list[Row], args, cfg: RunConfig, budget: Budget, min_left: float) -> None:
+    device, dtype = args.device, PRECISION_DTYPES[args.precision]
+    for row in rows:
+        if budget.left() < min_left:
+            note(section, row.name, f"skipped: {budget.left():.0f} s left of the budget")
+            continue
+        try:
+            budget.alarm()
+            ms, peak = measure_model(_copy(cfg), row, device, dtype, args.warmup, args.steps, args.compile_backend)
+            emit(section, row.name, f"{ms:.1f}", f"{peak:.2f}", f"{peak / row.batch:.2f}", "")
+        except torch.cuda.OutOfMemoryError:
+            note(section, row.name, "out of memory")
+        except Exception as e:  # noqa: BLE001 - one failing row must not end the check
+            note(section, row.name, f"error: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+        finally:
+            signal.alarm(0)
+            _free(device)
+        if row.compiled:
+            torch._dynamo.reset()
+
+
+def _copy(cfg: RunConfig) -> RunConfig:
+    return copy.deepcopy(cfg)  # each row sets its own model flags
+
+
+# --------------------------------------------------------------------------- the synthetic cohort
+
+
+def prepare_cohort(root: str, cfg_dict: dict, subjects: int, workers: int) -> str:
+    """A full-size cohort store of ``subjects`` subjects (half NC, half AD) under ``root``: one
+    phantom subject is synthesized, the others are its voxels with one voxel changed (the
+    converter refuses one scan listed for two subjects), written as uncompressed .nii (fast);
+    the loader's and the step's cost do not depend on the voxels. -> the store."""
+    import nibabel as nib
+
+    from masan.data.convert import ConvertOptions, convert_cohort, discover_bids
+    from masan.data.synth import synthesize_cohort
+
+    m = cfg_dict["model"]
+    bids = Path(root) / "bids"
+    frames = cfg_dict["data"]["fmri_frames"] or m["fmri_frames"]
+    synthesize_cohort(bids, {"NC": 1}, tuple(m["t1_shape"]), tuple(m["fmri_shape"]), frames, classes=("NC",),
+                      compresslevel=1)
+    lines = ["participant_id\tdiagnosis"]
+    for i in range(subjects):
+        name = f"sub-{i + 1:03d}"
+        for kind in ("anat", "func") if i else ():
+            (bids / name / kind).mkdir(parents=True)
+            for f in (bids / "sub-001" / kind).glob("*.nii.gz"):
+                img = nib.load(f)
+                data = np.asarray(img.dataobj)
+                data.flat[0] += i
+                nib.save(nib.Nifti1Image(data, img.affine, img.header),
+                         bids / name / kind / f.name.replace("sub-001", name).replace(".nii.gz", ".nii"))
+        lines.append(f"{name}\t{CLASSES[i % 2]}")
+    (bids / "participants.tsv").write_text("\n".join(lines) + "\n")
+    store = Path(root) / "cohort.zarr"
+    report = convert_cohort(discover_bids(bids), store, ConvertOptions(patch_grid=tuple(m["patch_grid"])),
+                            classes=CLASSES, workers=workers, progress=False)
+    if report.failed:
+        raise RuntimeError(f"converting the synthetic cohort failed: {report.failed}")
+    shutil.rmtree(bids)
+    return str(store)
+
+
+def cache_dir_for(need_bytes: int, preferred: str, fallback: str) -> str:
+    """``preferred`` (/dev/shm) when it has room for twice the cohort, else ``fallback`` (a container's
+    /dev/shm is often 64 MB; the page cache then plays its part)."""
+    try:
+        if shutil.disk_usage(preferred).free > 2 * need_bytes:
+            return preferred
+    except OSError:
+        pass
+    return fallback
+
+
+def loader_section(store: str, args, cfg: RunConfig, work: Path, budget: Budget) -> str:
+    from bench.io import CACHES, loader_speeds
+    from masan.data.store import CohortStore
+
+    s = CohortStore(store)
+    need = sum(np.dtype(s.row(x)[m]["dtype"]).itemsize * int(np.prod(s.shape(x, m))) for x in s.subjects
+               for m in ("t1", "fmri"))
+    cache_dir = cache_dir_for(need, cfg.data.cache_dir, str(work))
+    if budget.left() < args.min_left_loader:
+        note("loader", "none/host/device", f"skipped: {budget.left():.0f} s left of the budget")
+        return cache_dir
+    try:
+        budget.alarm()
+        r = loader_speeds(Path(store), args.device, args.precision, cfg.data.fmri_frames, cfg.data.num_workers,
+                          args.loader_passes, cache_dir, CLASSES)
+        base = r["none"]["seconds"]
+        for k in CACHES:
+            x = r[k]
+            emit("loader", f"cache={k} ({x['samples']} subjects)", f"{x['seconds'] / x['samples'] * 1e3:.1f}", "-", "-",
+                 f"{x['bytes'] / x['seconds'] / 1e9:.2f} GB/s into the model, {base / x['seconds']:.1f}x none"
+                 + (f", built in {x['build_s']:.1f} s in {cache_dir}" if k != "none" else
+                    f", {cfg.data.num_workers} DataLoader workers"))
+    except Exception as e:  # noqa: BLE001
+        note("loader", "none/host/device", f"error: {type(e).__name__}: {e}")
+    finally:
+        signal.alarm(0)
+        _free(args.device)
+    return cache_dir
+
+
+# --------------------------------------------------------------------------- the DeepSpeed run
+
+
+def deepspeed_section(store: str, cache_dir: str, args, config: Path, work: Path, budget: Budget) -> None:
+    """The real entry point for ``--ds-steps`` steps with data.cache=host; prints step time and data wait."""
+    variant = f"{args.ds_steps} steps, cache=host, mb1"
+    if budget.left() < args.min_left_ds:
+        note("deepspeed", variant, f"skipped: {budget.left():.0f} s left of the budget")
+        return
+    run_dir = work / "ds_run"
+    every = max(1, args.ds_steps // 6)
+    cmd = [sys.executable, str(REPO / "launch/train_local.py"), "--config", str(config), "--nproc", "1",
+           f"run_dir={run_dir}", f"data.store={store}", f"data.classes=[{','.join(CLASSES)}]", "data.cache=host",
+           f"data.cache_dir={cache_dir}", f"train.max_steps={args.ds_steps}", "train.pretrain_epochs=1000",
+           f"train.precision={args.precision}", f"train.device={args.device.type}", f"log.every_steps={every}",
+           "log.eval_every_epochs=0", "log.grad_norm_every_steps=0", "checkpoint.every_steps=0",
+           "checkpoint.every_minutes=0", "checkpoint.at_epoch_end=false", "split.val_fraction=0",
+           "split.test_fraction=0.5", "optim.micro_batch=1", "optim.grad_accum=1", "optim.warmup_steps=0"]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=max(10.0, budget.left() - 5), env=env,
+                             cwd=REPO, check=False)
+    except subprocess.TimeoutExpired as e:
+        note("deepspeed", variant, f"timed out after {e.timeout:.0f} s (budget)")
+        _tail((e.stderr or b"").decode() if isinstance(e.stderr, bytes) else (e.stderr or ""))
+        _report_ds(run_dir, variant)
+        return
+    if res.returncode != 0:
+        note("deepspeed", variant, f"exit {res.returncode}")
+        _tail(res.stdout + res.stderr)
+    _report_ds(run_dir, variant)
+
+
+def _tail(text: str, lines: int = 25) -> None:
+    for line in text.strip().splitlines()[-lines:]:
+        print(f"    | {line}", flush=True)
+
+
+def _report_ds(run_dir: Path, variant: str) -> None:
+    """The run's logged intervals (the first holds start-up): step time from samples/s, data wait, peak."""
+    try:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0})
+        acc.Reload()
+        tags = acc.Tags()["scalars"]
+        series = {t.split("/", 1)[1]: [e.value for e in acc.Scalars(t)] for t in tags}
+    except Exception as e:  # noqa: BLE001
+        note("deepspeed", variant, f"no TensorBoard scalars ({type(e).__name__}: {e})")
+        return
+    rates, waits = series.get("samples_per_s", []), series.get("data_wait_frac", [])
+    if not rates or not waits:
+        note("deepspeed", variant, f"no logged intervals (tags: {sorted(series)})")
+        return
+    steady = slice(1, None) if len(rates) > 1 else slice(None)
+    peak = max(series.get("gpu_mem_gib", series.get("peak_rss_gib", [float("nan")])))
+    emit("deepspeed", variant, f"{1e3 / statistics.median(rates[steady]):.1f}", f"{peak:.2f}", f"{peak:.2f}",
+         f"data wait {100 * statistics.median(waits[steady]):.1f}% median, {100 * max(waits[steady]):.1f}% max "
+         f"of each interval (first interval: {100 * waits[0]:.1f}%, start-up)")
+
+
+# --------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap.add_argument("--tiny", action="store_true", help="CPU-sized shapes (and --device cpu unless given)")
+    ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when visible)")
+    ap.add_argument("--config", type=Path, default=PAPER, help="model/loss/data settings (default paper.yaml)")
+    ap.add_argument("--precision", choices=sorted(PRECISION_DTYPES), default=None,
+                    help="default bf16 on CUDA, fp32 on the CPU")
+    ap.add_argument("--budget-s", type=float, default=420.0, help="global time budget (default 420 s: 7 min)")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=3, help="timed steps per model row")
+    ap.add_argument("--subjects", type=int, default=4, help="subjects of the synthetic cohort (half NC, half AD)")
+    ap.add_argument("--loader-passes", type=int, default=2)
+    ap.add_argument("--ds-steps", type=int, default=30)
+    ap.add_argument("--compile-backend", default="inductor", help="torch.compile backend (--tiny: eager)")
+    ap.add_argument("--sections", default="masan,hfcn,loader,deepspeed,compile",
+                    help="comma-separated sections to run")
+    ap.add_argument("--work", type=Path, default=None, help="scratch directory (default: a temp dir, removed)")
+    args = ap.parse_args(argv)
+    if args.device is None:
+        args.device = "cpu" if args.tiny or not torch.cuda.is_available() else "cuda"
+    args.device = torch.device(args.device)
+    args.precision = args.precision or ("bf16" if args.device.type == "cuda" else "fp32")
+    if args.tiny:  # the same code paths in seconds: no inductor build, one timed step, one loader pass
+        args.compile_backend = "eager" if args.compile_backend == "inductor" else args.compile_backend
+        args.warmup, args.steps, args.loader_passes = min(args.warmup, 1), min(args.steps, 1), 1
+        args.ds_steps = min(args.ds_steps, 4)
+    # seconds a section needs at least to be worth starting
+    args.min_left_model, args.min_left_loader, args.min_left_ds = (5, 5, 30) if args.tiny else (20, 30, 90)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    budget = Budget(args.budget_s)
+    signal.signal(signal.SIGALRM, _on_alarm)
+    cfg = load_config(args.config, TINY if args.tiny else [])
+    sections = set(args.sections.split(","))
+    work = args.work or Path(tempfile.mkdtemp(prefix="masan-gpu-check-"))
+    work.mkdir(parents=True, exist_ok=True)
+    for sub in ("cohort", "config"):  # the store must not sit inside a directory holding a run config
+        (work / sub).mkdir(exist_ok=True)
+    config = work / "config" / "config.yaml"
+    config.write_text(yaml.safe_dump(config_to_dict(cfg)))
+    m = cfg.model
+    gpu = torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else "CPU"
+    print(f"gpu_check: {gpu}, torch {torch.__version__}, {args.precision}, budget {args.budget_s:.0f} s; "
+          f"T1 {m.t1_shape} in {m.patch_grid} patches, fMRI {m.fmri_frames} x {m.fmri_shape}; "
+          f"targets: <= 60 ms and <= 12 GiB per sample, data wait < 5 %", flush=True)
+    emit(*(c for c, _ in COLUMNS))
+    pool = cohort = None
+    try:
+        if sections & {"loader", "deepspeed"}:  # synthesized and converted while the GPU measures models
+            pool = futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+            cohort = pool.submit(prepare_cohort, str(work / "cohort"), config_to_dict(cfg), args.subjects,
+                                 min(8, os.cpu_count() or 1))
+        if "masan" in sections:
+            model_section("masan", MASAN_ROWS[1:3] if args.tiny else MASAN_ROWS, args, cfg, budget,
+                          args.min_left_model)
+        if "hfcn" in sections:
+            model_section("hfcn", HFCN_ROWS[:1] if args.tiny else HFCN_ROWS, args, cfg, budget, args.min_left_model)
+        store = cache_dir = None
+        if cohort is not None:
+            try:
+                store = cohort.result(timeout=max(1.0, budget.left()))
+            except Exception as e:  # noqa: BLE001
+                note("cohort", f"{args.subjects} subjects", f"error: {type(e).__name__}: {e}")
+        if store and "loader" in sections:
+            cache_dir = loader_section(store, args, cfg, work, budget)
+        if store and "deepspeed" in sections:
+            deepspeed_section(store, cache_dir or str(work), args, config, work, budget)
+        if "compile" in sections:
+            model_section("compile", COMPILE_ROWS[:1] if args.tiny else COMPILE_ROWS, args, cfg, budget,
+                          args.min_left_model * 3)
+    except Exception:  # noqa: BLE001 - print what broke, keep the figures printed so far
+        traceback.print_exc()
+        return 1
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+        if args.work is None:
+            shutil.rmtree(work, ignore_errors=True)
+    print(f"gpu_check done, {args.budget_s - budget.left():.0f} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,191 @@
+"""Who may read what we write: stores and run directories never more open than their sources.
+
+Cohort data often come under a data-use agreement (ADNI's forbids sharing). A converted
+store, or a run directory naming each subject with its diagnosis, must therefore be no more
+readable than the NIfTI files it came from, whatever the user's umask. The policy:
+
+- :func:`restrictive_mode` gives the most restrictive file mode among the sources (and the
+  group they share, if any); a directory's bits count only where it can also be entered.
+- :func:`creation_umask` keeps every file created while writing at most that open, so no
+  file is ever briefly world-readable.
+- :func:`apply_access` sets the mode (directories get ``x`` where they have ``r``) and the
+  group on a whole tree; directories get set-gid so files created later inherit the group.
+- :func:`more_open_than` lists the paths of an existing tree that are more open (warnings).
+
+Modes are "file modes": permission bits for regular files (``0o640``); :func:`dir_mode`
+derives the directory mode. The owner always keeps read and write (the writer is the owner).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import grp
+import os
+import stat
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+OWNER_RW = 0o600
+"""The writer owns what it writes and must read/write it whatever the sources say."""
+_CLASSES = ((0o400, 0o200, 0o100), (0o040, 0o020, 0o010), (0o004, 0o002, 0o001))
+"""(r, w, x) bits of owner, group, other."""
+
+
+class AccessError(ValueError):
+    """A requested mode or group cannot be used; the message says why and what to pass instead."""
+
+
+def dir_mode(file_mode: int) -> int:
+    """Directory bits for a file mode: ``x`` wherever ``r`` is set (0o640 -> 0o750)."""
+    mode = file_mode & 0o666
+    for r, _, x in _CLASSES:
+        if mode & r:
+            mode |= x
+    return mode
+
+
+def _effective_file_bits(st: os.stat_result) -> int:
+    """What a path grants, expressed as file bits: a directory grants r/w to a class only
+    when that class may also enter it (x); a file's own x bit never matters for data."""
+    bits = stat.S_IMODE(st.st_mode)
+    if not stat.S_ISDIR(st.st_mode):
+        return bits & 0o666
+    out = 0
+    for r, w, x in _CLASSES:
+        if bits & x:
+            out |= bits & (r | w)
+    return out
+
+
+def restrictive_mode(paths: Iterable[str | os.PathLike]) -> tuple[int, int | None]:
+    """The most restrictive file mode among ``paths`` (files or directories) and their shared
+    group id (None when they do not all share one).
+
+    The mode is the intersection of what every path grants (see :func:`_effective_file_bits`),
+    plus owner read/write. When the paths' groups differ, group bits are dropped: no single
+    group may be given what each source gave only its own group. No paths: ``(0o600, None)``.
+    """
+    mode, gids, seen = 0o666, set(), False
+    for p in paths:
+        st = os.stat(p)
+        mode &= _effective_file_bits(st)
+        gids.add(st.st_gid)
+        seen = True
+    if not seen:
+        return OWNER_RW, None
+    gid = gids.pop() if len(gids) == 1 else None
+    if gid is None:
+        mode &= ~0o070
+    return mode | OWNER_RW, gid
+
+
+def parse_mode(text: str) -> int:
+    """``"640"``/``"0o640"`` -> 0o640 for a ``--mode`` flag; AccessError for anything else,
+    including a mode that would keep the owner from reading or writing."""
+    s = text.strip().lower().removeprefix("0o")
+    try:
+        mode = int(s, 8)
+    except ValueError:
+        raise AccessError(f"--mode {text!r} is not an octal file mode; use e.g. 600 (owner only) "
+                          "or 640 (owner and group read)") from None
+    if not 0 <= mode <= 0o777 or mode & OWNER_RW != OWNER_RW:
+        raise AccessError(f"--mode {text!r} must be 3 octal digits whose first is 6 or 7 (the owner "
+                          "reads and writes), e.g. 600 or 640")
+    return mode & 0o666
+
+
+def parse_group(text: str) -> int:
+    """``--group`` value (a group name or numeric id) -> gid; AccessError naming the fix."""
+    try:
+        return int(text) if text.isdigit() else grp.getgrnam(text).gr_gid
+    except KeyError:
+        raise AccessError(f"--group {text!r}: no such group; list yours with `id -Gn`") from None
+
+
+@contextlib.contextmanager
+def creation_umask(file_mode: int) -> Iterator[None]:
+    """Set a umask so that files created inside are at most ``file_mode`` and directories at
+    most :func:`dir_mode` of it; the previous umask is restored on exit.
+
+    The umask is process-wide: worker processes started inside inherit it.
+    """
+    old = os.umask(0o777 & ~dir_mode(file_mode))
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def _walk(root: Path) -> Iterator[tuple[Path, os.stat_result]]:
+    """``root`` and everything under it, without following symlinks (they are skipped:
+    their targets are not ours to change)."""
+    st = os.lstat(root)
+    if stat.S_ISLNK(st.st_mode):
+        return
+    yield root, st
+    if not stat.S_ISDIR(st.st_mode):
+        return
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        for name in dirnames + filenames:
+            p = Path(dirpath) / name
+            try:
+                st = os.lstat(p)
+            except FileNotFoundError:  # removed meanwhile (a reader's view is not ours to freeze)
+                continue
+            if not stat.S_ISLNK(st.st_mode):
+                yield p, st
+
+
+def apply_access(root: str | os.PathLike, file_mode: int, gid: int | None = None) -> tuple[int, int | None]:
+    """Give every file under ``root`` ``file_mode`` and every directory :func:`dir_mode` of it
+    (plus set-gid when ``gid`` is given, so later files inherit the group); chown to ``gid``.
+
+    When the group cannot be set (the user is not a member), group bits are dropped instead
+    of leaving the data readable by whatever group it has. Returns the (mode, gid) applied.
+    """
+    file_mode &= 0o666
+    file_mode |= OWNER_RW
+    root = Path(root)
+    if gid is not None:
+        try:
+            for p, st in _walk(root):
+                if st.st_gid != gid:
+                    os.chown(p, -1, gid, follow_symlinks=False)
+        except PermissionError:
+            gid, file_mode = None, file_mode & ~0o070
+    dmode = dir_mode(file_mode) | (stat.S_ISGID if gid is not None else 0)
+    for p, st in _walk(root):
+        want = dmode if stat.S_ISDIR(st.st_mode) else file_mode
+        if stat.S_IMODE(st.st_mode) != want:
+            os.chmod(p, want)
+    return file_mode, gid
+
+
+def more_open_than(path: str | os.PathLike, file_mode: int, gid: int | None = None) -> list[Path]:
+    """Paths under ``path`` granting group or others more than ``file_mode`` allows (for a
+    directory: more than :func:`dir_mode`); with ``gid``, also any path with group bits that
+    belongs to another group. Sorted; empty when the tree is as closed as asked."""
+    allowed_file = file_mode & 0o066
+    allowed_dir = dir_mode(file_mode) & 0o077
+    out = []
+    for p, st in _walk(Path(path)):
+        bits = stat.S_IMODE(st.st_mode) & 0o077
+        allowed = allowed_dir if stat.S_ISDIR(st.st_mode) else allowed_file
+        if not stat.S_ISDIR(st.st_mode):
+            bits &= 0o066  # a file's x bit shares nothing
+        if bits & ~allowed or (gid is not None and bits & 0o070 and st.st_gid != gid):
+            out.append(p)
+    return sorted(out)
+
+
+def describe_mode(file_mode: int, gid: int | None) -> str:
+    """``0o640`` + gid -> ``"files 640, folders 750, group staff"`` for messages."""
+    group = "" if gid is None else f", group {_group_name(gid)}"
+    return f"files {file_mode:03o}, folders {dir_mode(file_mode):03o}{group}"
+
+
+def _group_name(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)

@@ -1,0 +1,551 @@
+"""Cohort cache (``data.cache``): decode each subject once per node, scale it on the device.
+
+Without a cache (``none``) every training step decodes its subjects from the Zarr store
+(LZ4 + bitshuffle) and z-scores them in float32 on the CPU: ~1 GB of memory traffic per
+full-resolution sample, the pace-setter of a GPU step. With a cache:
+
+* ``host``: the ranks of a node split the subjects, each decodes its share from the store once
+  into ``data.cache_dir`` (a tmpfs such as /dev/shm, i.e. shared RAM) as the *stored integers*
+  (int16 for ADNI: half the bytes of float32), one ``.npy`` file per subject and modality; every
+  rank of the node then maps all of them (one copy per node, whatever the number of ranks).
+  A background thread gathers the next batch into pinned memory and copies it to the GPU on a
+  side stream (``non_blocking``), where the NIfTI scaling and z-score are applied, while the
+  current step computes.
+* ``device``: the same, then each rank copies the whole cohort's stored integers into its GPU
+  memory once; a batch is then a device-to-device gather plus the scaling.
+
+On the CPU both work unchanged ("device" memory is then the process's own memory). Samples are
+numerically identical to ``none``: the same float32 operations in the same order as
+:func:`masan.data.store.normalized_float32` / :func:`masan.data.store.scaled_float32`, then the
+same cast to the model's dtype. ``data.fmri_temporal`` other than ``none`` is applied on the CPU
+(:func:`masan.data.temporal.fluctuations`) from the cached integers, so only the decode is saved.
+
+Memory is checked before anything is written (host: free space of ``cache_dir`` and the node's
+available RAM; device: free GPU memory), leaving ``data.cache_reserve_gib`` free; a cohort that
+does not fit is refused with the numbers and the fix. The node's lead rank deletes the files
+when the cache is closed or the process exits; a directory left by a killed run is removed by
+the next cache built on that node.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import hashlib
+import os
+import queue
+import shutil
+import socket
+import threading
+import time
+import weakref
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from masan.config import DataConfig
+from masan.data.store import NORMALIZE_BLOCK, CohortStore, normalized_float32, scaled_float32
+from masan.data.temporal import fluctuations
+from masan.train import distributed as D
+
+GIB = 2**30
+PREFIX = "masan-cache-"
+OWNER = "owner"
+"""File in a cache directory holding ``<host> <pid>`` of the rank that deletes it."""
+FIX = ("use data.cache=none, cache fewer frames (data.fmri_frames) or subjects, or run on a node with more "
+       "memory (or lower data.cache_reserve_gib)")
+
+
+class CacheError(RuntimeError):
+    """The cohort does not fit the memory asked for; the message names bytes needed/available and the fix."""
+
+
+@dataclass(frozen=True)
+class Scale:
+    """How one cached array becomes model values: ``raw * slope + inter``, z-scored by ``mean``/``std``."""
+
+    slope: float
+    inter: float
+    mean: float
+    std: float
+
+
+def mem_available() -> int:
+    """Bytes of RAM the kernel can give without swapping (MemAvailable of /proc/meminfo)."""
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def node_peers() -> tuple[int, int]:
+    """Collective: (this rank's index among the ranks of its node, ranks on the node), by host name."""
+    hosts = D.all_gather_objects(socket.gethostname())
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    mine = [r for r, h in enumerate(hosts) if h == hosts[rank]]
+    return mine.index(rank), len(mine)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_stale(cache_dir: Path) -> list[Path]:
+    """Remove cache directories of this host whose owning process is gone (a killed run); -> removed."""
+    removed = []
+    host = socket.gethostname()
+    for d in cache_dir.glob(PREFIX + "*"):
+        try:
+            owner_host, pid = (d / OWNER).read_text().split()
+        except (OSError, ValueError):
+            continue  # being created right now, or not ours
+        if owner_host == host and not _pid_alive(int(pid)):
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+    return removed
+
+
+class CohortCache:
+    """Stored integers of ``subjects`` (the modalities ``data_cfg`` uses) in shared memory, and on
+    ``device`` for ``data_cfg.cache == "device"``. Collective: every rank constructs it.
+
+    Reads like :class:`masan.data.store.CohortStore` (``read_t1``/``read_fmri``, float32, same
+    values), so :class:`masan.data.dataset.CohortDataset` can read from it; :meth:`batches`
+    yields training batches already on the device.
+
+    Args:
+        store_path: the cohort store.
+        subjects: subjects to cache (the dataset's, in its order: batch indices refer to it).
+        labels: class index of each subject.
+        data_cfg: ``cache`` (host or device), ``cache_dir``, ``cache_reserve_gib``,
+            ``fmri_frames`` (only those frames are cached), ``use_t1``/``use_fmri``.
+        device: where batches go (``cuda:N`` or ``cpu``).
+    """
+
+    def __init__(self, store_path: str | os.PathLike, subjects: list[str], labels: list[int], data_cfg: DataConfig,
+                 device: torch.device):
+        if data_cfg.cache not in ("host", "device"):
+            raise ValueError(f"CohortCache needs data.cache=host or device, got {data_cfg.cache!r}")
+        self.store = CohortStore(store_path)
+        self.subjects, self.labels, self.cfg = list(subjects), list(labels), data_cfg
+        self.device = torch.device(device)
+        self.modalities = [m for m, on in (("t1", data_cfg.use_t1), ("fmri", data_cfg.use_fmri)) if on]
+        self.scales = {(s, m): self._scale(s, m) for s in self.subjects for m in self.modalities}
+        self.local_rank, self.local_world = node_peers()
+        self.decoded: list[str] = []
+        """Subjects this rank decoded from the store (its share of the node's)."""
+        self.dir = Path(data_cfg.cache_dir) / (PREFIX + D.broadcast_object(self._token()))
+        self.index = {s: i for i, s in enumerate(self.subjects)}
+        # every step below is agreed by all ranks, so that a refusal on one never leaves the others
+        # waiting in a barrier
+        self.host: dict[tuple[str, str], np.ndarray] = {}
+        self.on_device: dict[tuple[str, str], torch.Tensor] = {}
+        _agree(self._create if self.local_rank == 0 else None)
+        try:
+            _agree(lambda: [self._decode(s) for i, s in enumerate(self.subjects)
+                            if i % self.local_world == self.local_rank])
+            self._map()
+            if data_cfg.cache == "device":
+                _agree(self._check_device)
+                self.on_device = {k: torch.from_numpy(v).to(self.device, copy=True) for k, v in self.host.items()}
+        except BaseException:
+            self.close()  # no half-built cache left in shared memory
+            raise
+
+    def _map(self) -> None:
+        # copy-on-write maps: writable views for torch, while the file (and other ranks) never change
+        self.host = {k: np.load(self._file(*k), mmap_mode="c") for k in self.scales}
+
+    def __getstate__(self) -> dict:
+        """For spawned DataLoader workers: paths and numbers, not the mapped arrays (re-mapped there)."""
+        state = {k: v for k, v in self.__dict__.items() if k not in ("host", "on_device", "_finalizer")}
+        return {**state, "device": torch.device("cpu")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.on_device = {}
+        self._map()
+
+    # ------------------------------------------------------------------ building
+    def _token(self) -> str:
+        key = f"{self.store.path.resolve()}|{self.cfg.fmri_frames}|{','.join(self.subjects)}|{time.time_ns()}"
+        return f"{os.getpid()}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+
+    def _frames(self, subject: str) -> int:
+        total = self.store.shape(subject, "fmri")[0]
+        return min(total, self.cfg.fmri_frames) if self.cfg.fmri_frames else total
+
+    def _shape(self, subject: str, modality: str) -> tuple[int, ...]:
+        shape = self.store.shape(subject, modality)
+        return (self._frames(subject),) + shape[1:] if modality == "fmri" else shape
+
+    def _scale(self, subject: str, modality: str) -> Scale:
+        meta = self.store.meta(subject, modality)
+        return Scale(meta["nifti"]["scl_slope"], meta["nifti"]["scl_inter"], meta["stats"]["mean"],
+                     meta["stats"]["std"])
+
+    def nbytes(self) -> int:
+        """Bytes of the cached stored integers (one copy)."""
+        total = 0
+        for s in self.subjects:
+            for m in self.modalities:
+                dtype = np.dtype(self.store.row(s)[m]["dtype"])
+                total += dtype.itemsize * int(np.prod(self._shape(s, m)))
+        return total
+
+    def _file(self, subject: str, modality: str) -> Path:
+        return self.dir / f"{self.index[subject]}-{modality}.npy"
+
+    def _create(self) -> None:
+        """Node lead: check the memory, remove stale caches, make this cache's directory (deleted at close/exit)."""
+        self._check_host()
+        sweep_stale(Path(self.cfg.cache_dir))
+        self.dir.mkdir(parents=True)
+        (self.dir / OWNER).write_text(f"{socket.gethostname()} {os.getpid()}")
+        self._finalizer = weakref.finalize(self, shutil.rmtree, str(self.dir), True)
+
+    def _check_host(self) -> None:
+        need = self.nbytes()
+        root = Path(self.cfg.cache_dir)
+        if not root.is_dir():
+            raise CacheError(f"data.cache_dir={root} does not exist; point it at a tmpfs such as /dev/shm")
+        free, avail = shutil.disk_usage(root).free, mem_available()
+        have = min(free, avail) - int(self.cfg.cache_reserve_gib * GIB)
+        if need > have:
+            raise CacheError(
+                f"data.cache={self.cfg.cache} needs {need / GIB:.2f} GiB ({need} bytes) of shared memory in {root} for "
+                f"{len(self.subjects)} subjects of {self.store.path}, but only {max(have, 0) / GIB:.2f} GiB may be "
+                f"used ({root} has {free / GIB:.2f} GiB free, the node {avail / GIB:.2f} GiB available, "
+                f"data.cache_reserve_gib={self.cfg.cache_reserve_gib} kept free); {FIX}")
+
+    def _check_device(self) -> None:
+        need = self.nbytes()
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            where = f"GPU {self.device} ({free / GIB:.2f} of {total / GIB:.2f} GiB free)"
+        else:  # every rank of the node holds its own copy in RAM
+            need *= self.local_world
+            free = mem_available()
+            where = f"this node's RAM ({free / GIB:.2f} GiB available, {self.local_world} ranks each with a copy)"
+        have = free - int(self.cfg.cache_reserve_gib * GIB)
+        if need > have:
+            raise CacheError(
+                f"data.cache=device needs {need / GIB:.2f} GiB ({need} bytes) for {len(self.subjects)} subjects of "
+                f"{self.store.path} on {where}, leaving data.cache_reserve_gib={self.cfg.cache_reserve_gib} GiB for the "
+                f"model: {max(have, 0) / GIB:.2f} GiB may be used; use data.cache=host (the cohort in shared host "
+                f"memory) or {FIX}")
+
+    def _decode(self, subject: str) -> None:
+        """Stored integers of the subject's arrays -> ``.npy`` files (written under a temporary name,
+        then renamed, so a file that exists is complete); a shard of frames at a time."""
+        for m in self.modalities:
+            final = self._file(subject, m)
+            dtype = np.dtype(self.store.row(subject)[m]["dtype"])
+            tmp = final.with_name(final.name + ".tmp")
+            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=self._shape(subject, m))
+            if m == "t1":
+                out[...] = self.store.read_raw(subject, m)
+            else:  # a shard of frames at a time: no whole-run intermediate beside the file
+                arr, _ = self.store._array(subject, m)
+                step = (arr.shards or arr.chunks)[0]
+                for t0 in range(0, out.shape[0], step):
+                    t1 = min(t0 + step, out.shape[0])
+                    out[t0:t1] = self.store.read_raw(subject, m, frames=slice(t0, t1))
+            out.flush()
+            del out
+            os.replace(tmp, final)
+        self.decoded.append(subject)
+
+    def close(self) -> None:
+        """Drop this rank's views and device copies; the node's lead rank deletes the files (others
+        may still map them: their pages stay valid until they drop them)."""
+        self.host, self.on_device = {}, {}
+        fin = getattr(self, "_finalizer", None)
+        if fin is not None:
+            fin()
+
+    # ------------------------------------------------------------------ the store's read API
+    def read_t1(self, subject: str, normalize: bool = True) -> np.ndarray:
+        """float32 (X, Y, Z), equal to ``CohortStore.read_t1``."""
+        return self._values(subject, "t1", None, normalize)
+
+    def read_fmri(self, subject: str, frames: slice | None = None, normalize: bool = True) -> np.ndarray:
+        """float32 (T, X, Y, Z) of the cached frames (``frames`` within them), equal to ``CohortStore.read_fmri``."""
+        return self._values(subject, "fmri", frames, normalize)
+
+    def _values(self, subject: str, modality: str, frames: slice | None, normalize: bool) -> np.ndarray:
+        raw = self.host[(subject, modality)]
+        if frames is not None:
+            if frames.stop is not None and frames.stop > raw.shape[0]:
+                raise ValueError(f"{subject}: frames {frames} asked but only {raw.shape[0]} are cached "
+                                 f"(data.fmri_frames={self.cfg.fmri_frames})")
+            raw = raw[frames]
+        sc = self.scales[(subject, modality)]
+        if normalize:
+            return normalized_float32(raw, sc.slope, sc.inter, sc.mean, sc.std)
+        return scaled_float32(raw, sc.slope, sc.inter)
+
+    # ------------------------------------------------------------------ training batches
+    def batches(self, indices: Iterable[int], batch_size: int, dtype: torch.dtype, depth: int = 2) -> "Batches":
+        """Batches of ``batch_size`` dataset indices (the last partial one dropped), on the device in
+        ``dtype``, prepared ``depth`` ahead by a background thread: see :class:`Batches`. One
+        iterator at a time: starting one stops the previous (each epoch starts a new one), whose
+        buffers the new one reuses."""
+        previous = getattr(self, "_active", None)
+        buffers = None
+        if previous is not None and previous() is not None:
+            previous().close()
+            buffers = previous().producer.buffers()
+        it = Batches(self, indices, batch_size, dtype, depth, buffers)
+        self._active = weakref.ref(it)
+        return it
+
+    def raw(self, subject: str, modality: str) -> torch.Tensor:
+        """Stored integers of one array: the device copy (``device`` cache) or a view of the shared file."""
+        key = (subject, modality)
+        return self.on_device[key] if key in self.on_device else torch.from_numpy(self.host[key])
+
+
+def to_values(raws: list[torch.Tensor], scales: list[Scale], normalize: bool, out_dtype: torch.dtype,
+              out: torch.Tensor | None = None) -> torch.Tensor:
+    """Stored integers of B samples (each (...) on one device) -> (B, ...) model input in ``out_dtype``
+    (through the float32 ``out`` when given, else a new tensor).
+
+    The same operations as the store's readers, so values are bit-identical to the ``none`` path:
+    on the CPU the store's own functions, on a GPU the same float32 steps, z-score as
+    ``x * float32(slope/std)`` then ``+ float32((inter-mean)/std)``, plain scaling in float64
+    rounded to float32; then the cast to the model dtype.
+    """
+    if out is None:
+        out = torch.empty((len(raws),) + tuple(raws[0].shape), dtype=torch.float32, device=raws[0].device)
+    for o, r, sc in zip(out, raws, scales):
+        if o.device.type == "cpu":  # the store's cache-blocked functions, on all of torch's CPU threads
+            if normalize:
+                _in_parts(lambda a, b: normalized_float32(a, sc.slope, sc.inter, sc.mean, sc.std, out=b), r, o)
+            else:
+                _in_parts(lambda a, b: scaled_float32(a, sc.slope, sc.inter, out=b), r, o)
+        elif normalize:
+            o.copy_(r)  # int -> float32 is exact, as numpy's cast inside np.multiply
+            o.mul_(float(np.float32(sc.slope / sc.std))).add_(float(np.float32((sc.inter - sc.mean) / sc.std)))
+        elif sc.slope == 1.0 and sc.inter == 0.0:
+            o.copy_(r)
+        else:
+            o.copy_(r.double() * sc.slope + sc.inter)
+    return out if out_dtype == torch.float32 else out.to(out_dtype)
+
+
+_END = object()
+_POOL: concurrent.futures.ThreadPoolExecutor | None = None
+
+
+def _in_parts(convert, raw: torch.Tensor, out: torch.Tensor) -> None:
+    """``convert(raw part, out part)`` over ``torch.get_num_threads()`` contiguous parts of the
+    flattened arrays at once (numpy releases the GIL; the values are those of one call)."""
+    global _POOL
+    threads = torch.get_num_threads()
+    src, dst = raw.numpy().reshape(-1), out.numpy().reshape(-1)
+    step = -(-src.size // threads)
+    step = -(-step // NORMALIZE_BLOCK) * NORMALIZE_BLOCK  # whole blocks per part
+    if threads == 1 or step >= src.size:
+        convert(src, dst)
+        return
+    if _POOL is None or _POOL._max_workers != threads:
+        _POOL = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="masan-cache-scale")
+    list(_POOL.map(lambda i: convert(src[i:i + step], dst[i:i + step]), range(0, src.size, step)))
+
+
+class Batches:
+    """Iterator of training batches from a :class:`CohortCache`:
+    ``{"t1": (B, 1, X, Y, Z), "fmri": (B, T, X, Y, Z)`` in ``dtype`` on the cache's device,
+    ``"label": int64 (B,), "index": int64 (B,)}``, as ``DataLoader(CohortDataset)`` followed by
+    ``masan.train.loop.to_device`` would give.
+
+    A daemon thread (:class:`_Producer`) prepares up to ``depth`` batches ahead. :meth:`__next__`
+    waits for the next one (host time: the data wait) and, on CUDA, for the event of its copy and
+    scaling on the side stream, then hands its tensors to the current stream. Stopping early
+    (:meth:`close`, or dropping the iterator) ends the thread.
+
+    On the CPU the float32 images are written into ``depth + 2`` reused buffers (a fresh 660 MB
+    tensor per full-resolution sample costs more in page faults than the scaling itself), so a
+    batch stays valid until ``depth + 1`` further batches were taken: the training loop holds
+    one at a time; clone a batch to keep it longer.
+    """
+
+    def __init__(self, cache: CohortCache, indices: Iterable[int], batch_size: int, dtype: torch.dtype, depth: int,
+                 buffers: tuple[list, list, int] | None = None):
+        order = list(indices)
+        groups = [order[i:i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)]
+        self.device = cache.device
+        self.producer = _Producer(cache, groups, dtype, depth, buffers)
+        self.thread = threading.Thread(target=self.producer.run, name="masan-cache-batches", daemon=True)
+        # the thread holds the producer, not this iterator: dropping the iterator stops it
+        weakref.finalize(self, self.producer.stopped.set)
+        self.thread.start()
+
+    def __iter__(self) -> Iterator[dict]:
+        return self
+
+    def __len__(self) -> int:
+        return len(self.producer.groups)
+
+    def __next__(self) -> dict:
+        q = self.producer.queue
+        item = q.get()
+        if item is _END:
+            q.put(_END)  # later calls end too
+            raise StopIteration
+        if isinstance(item, BaseException):
+            raise item
+        batch, event = item
+        if event is not None:
+            event.synchronize()
+            current = torch.cuda.current_stream(self.device)
+            for v in batch.values():  # made on the side stream, used and freed on the current one
+                v.record_stream(current)
+        return batch
+
+    def close(self) -> None:
+        self.producer.stopped.set()
+        while True:  # unblock a producer waiting on a full queue
+            try:
+                self.producer.queue.get_nowait()
+            except queue.Empty:
+                break
+        self.thread.join(timeout=30)
+
+
+class _Producer:
+    """The batch-preparing side of :class:`Batches`. On CUDA a ``host`` batch is gathered into one of
+    ``depth + 2`` reused pinned buffers (refilled only after the event of its last copy fired),
+    copied on a side stream and scaled there."""
+
+    def __init__(self, cache: CohortCache, groups: list[list[int]], dtype: torch.dtype, depth: int,
+                 buffers: tuple[list, list, int] | None = None):
+        self.cache, self.groups, self.dtype = cache, groups, dtype
+        self.cuda = cache.device.type == "cuda"
+        self.stream = torch.cuda.Stream(cache.device) if self.cuda else None
+        pinned, outputs, self.next_slot = buffers or ([], [], 0)
+        slots = depth + 2
+        self.pinned: list[dict[str, torch.Tensor]] = (pinned + [{} for _ in range(slots)])[:slots]
+        """CUDA only: per slot, the pinned staging buffers of the host-to-device copies."""
+        self.outputs: list[dict[str, torch.Tensor]] = (outputs + [{} for _ in range(slots)])[:slots]
+        """CPU only: per slot, the float32 image buffers reused by each (depth + 2)-th batch."""
+        self.events: list[torch.cuda.Event | None] = [None] * (depth + 2)
+        self.queue: queue.Queue = queue.Queue(maxsize=max(depth, 1))
+        self.stopped = threading.Event()
+
+    def buffers(self) -> tuple[list, list, int]:
+        """The pinned and output buffers and the next slot, for the next iterator of the same cache
+        (this one has ended; its last batch, still held by the consumer, is left alone the longest)."""
+        return self.pinned, self.outputs, self.next_slot
+
+    def _put(self, item) -> bool:
+        while not self.stopped.is_set():
+            try:
+                self.queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def run(self) -> None:
+        try:
+            if self.cuda:
+                torch.cuda.set_device(self.cache.device)
+            for group in self.groups:
+                slot = self.next_slot
+                self.next_slot = (slot + 1) % len(self.pinned)
+                if self.stopped.is_set() or not self._put(self._prepare(slot, group)):
+                    return
+            self._put(_END)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the training thread by Batches.__next__
+            self._put(e)
+
+    def _on_side_stream(self):
+        return torch.cuda.stream(self.stream) if self.cuda else contextlib.nullcontext()
+
+    def _prepare(self, slot: int, group: list[int]) -> tuple[dict, torch.cuda.Event | None]:
+        c = self.cache
+        subjects = [c.subjects[i] for i in group]
+        batch: dict[str, torch.Tensor] = {}
+        if self.cuda and self.events[slot] is not None:
+            self.events[slot].synchronize()  # this slot's pinned buffers were copied out
+        for m in c.modalities:
+            if m == "fmri" and c.cfg.fmri_temporal != "none":  # per-voxel statistics: on the CPU, as the dataset
+                runs = [fluctuations(c.read_fmri(s, normalize=False), c.cfg.fmri_temporal) for s in subjects]
+                values = self._upload(slot, m, [torch.from_numpy(r) for r in runs])
+                with self._on_side_stream():
+                    batch[m] = torch.stack(values).to(self.dtype)
+                continue
+            raws = self._upload(slot, m, [c.raw(s, m) for s in subjects])
+            out = None
+            if not self.cuda:
+                shape = (len(raws),) + tuple(raws[0].shape)
+                out = self.outputs[slot].get(m)
+                if out is None or out.shape != shape:
+                    out = self.outputs[slot][m] = torch.empty(shape, dtype=torch.float32)
+            with self._on_side_stream():
+                batch[m] = to_values(raws, [c.scales[(s, m)] for s in subjects], c.cfg.normalize, self.dtype, out)
+        if "t1" in batch:
+            batch["t1"] = batch["t1"].unsqueeze(1)
+        with self._on_side_stream():
+            batch["label"] = torch.tensor([c.labels[i] for i in group], dtype=torch.int64).to(c.device)
+            batch["index"] = torch.tensor(group, dtype=torch.int64).to(c.device)
+        event = None
+        if self.cuda:
+            event = torch.cuda.Event()
+            event.record(self.stream)
+            self.events[slot] = event
+        return batch, event
+
+    def _upload(self, slot: int, modality: str, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Samples on the cache's device: as they are when already there, else through the slot's
+        pinned buffer and an asynchronous copy on the side stream (CUDA)."""
+        if tensors[0].device == self.cache.device:
+            return tensors
+        shape = (len(tensors),) + tuple(tensors[0].shape)
+        buf = self.pinned[slot].get(modality)
+        if buf is None or buf.shape != shape or buf.dtype != tensors[0].dtype:
+            buf = torch.empty(shape, dtype=tensors[0].dtype, pin_memory=True)
+            self.pinned[slot][modality] = buf
+        for b, t in zip(buf, tensors):
+            b.copy_(t)
+        with self._on_side_stream():
+            return list(buf.to(self.cache.device, non_blocking=True).unbind(0))
+
+
+def _agree(step) -> None:
+    """Collective: run ``step`` (None: nothing) on this rank, then raise on every rank the first
+    error any rank met (so no rank is left waiting for one that failed)."""
+    error = None
+    if step is not None:
+        try:
+            step()
+        except Exception as e:  # noqa: BLE001 - re-raised below, on every rank
+            error = e
+    errors = D.all_gather_objects(None if error is None else f"{type(error).__name__}: {error}")
+    if error is not None:
+        raise error
+    first = next((e for e in errors if e is not None), None)
+    if first is not None:
+        raise CacheError(f"another rank failed to build the cohort cache: {first}")
+
+
+def open_cache(dataset, data_cfg: DataConfig, device: torch.device) -> CohortCache | None:
+    """Collective: the cache ``data_cfg.cache`` asks for over ``dataset``'s subjects (None for
+    ``none``); the dataset then reads from it too (standardiser fits, monitoring)."""
+    if data_cfg.cache == "none":
+        return None
+    cache = CohortCache(dataset.store.path, dataset.subjects, dataset.labels, data_cfg, device)
+    dataset.use_cache(cache)
+    return cache

@@ -1,0 +1,77 @@
+"""What a folder is: a training run directory or a cohort store (one definition for every tool).
+
+A conversion rewrites and prunes its store, and a training run writes checkpoints into its
+run directory; one nested in the other is destroyed or polluted by the other's tool, so
+both tools refuse the nesting (issue 12, item 7). A run directory is recognised by the
+file ``masan.train.run`` writes first (``config.yaml``, a MASAN config) or that file beside
+its ``checkpoints/`` folder (:func:`is_run_dir`);
+a cohort store by its root ``zarr.json`` naming the MASAN store format.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+RUN_DIR_MARKERS = ("config.yaml", "checkpoints")
+"""Either entry marks a training run directory (masan.train.run CONFIG_FILE, checkpoint.CHECKPOINT_DIR)."""
+STORE_FORMAT = "masan-cohort-store"
+"""``masan_store.format`` in a cohort store's root attributes (masan.data.store.FORMAT)."""
+
+
+MASAN_CONFIG_SECTIONS = ("model:", "data:")
+"""Top-level keys every saved MASAN config has (masan.config.config_to_dict)."""
+
+
+def is_run_dir(path: str | os.PathLike) -> bool:
+    """True when ``path`` is a training run directory: its ``config.yaml`` beside a
+    ``checkpoints/`` folder, or a ``config.yaml`` that is a MASAN config (a run that has
+    not saved yet). Either marker alone is too common (a home folder's config.yaml) to count."""
+    p = Path(path)
+    config, checkpoints = (p / m for m in RUN_DIR_MARKERS)
+    if not config.is_file():
+        return False
+    if checkpoints.is_dir():
+        return True
+    try:
+        lines = config.read_text(errors="replace").splitlines()
+    except OSError:
+        return False
+    return all(any(line.startswith(key) for line in lines) for key in MASAN_CONFIG_SECTIONS)
+
+
+def is_cohort_store(path: str | os.PathLike) -> bool:
+    """True when ``path`` is the root of a MASAN cohort store."""
+    meta = Path(path) / "zarr.json"
+    try:
+        attrs = json.loads(meta.read_text()).get("attributes", {})
+    except (OSError, ValueError):
+        return False
+    return isinstance(attrs, dict) and attrs.get("masan_store", {}).get("format") == STORE_FORMAT
+
+
+def enclosing(path: str | os.PathLike, test) -> Path | None:
+    """``path`` itself or its nearest ancestor for which ``test(folder)`` holds, else None."""
+    p = Path(os.path.abspath(path))
+    for folder in (p, *p.parents):
+        if test(folder):
+            return folder
+    return None
+
+
+def nested_inside(root: str | os.PathLike, test, depth: int = 3) -> list[Path]:
+    """Folders below ``root`` (down to ``depth`` levels; a store's subject versions are at 3)
+    for which ``test(folder)`` holds. Symlinks are not followed."""
+    found, level = [], [Path(root)]
+    for _ in range(depth):
+        nxt = []
+        for folder in level:
+            try:
+                children = [c for c in folder.iterdir() if c.is_dir() and not c.is_symlink()]
+            except OSError:
+                continue
+            for c in children:
+                (found if test(c) else nxt).append(c)
+        level = nxt
+    return sorted(found)

@@ -1,0 +1,272 @@
+"""How a conversion owns and changes a cohort store without ever losing or half-showing a subject.
+
+- :class:`StoreLock`: ``STORE/.lock`` (flock, exclusive) is held by the converting process
+  for the whole run. The file is never deleted (zarr's ``mode="w"`` used to delete it right
+  after it was locked, so a second converter locked a new file). Its workers hold
+  ``STORE/.lock.workers`` shared for their lives; a new run takes that one exclusively
+  (briefly) before writing, so workers left by a killed converter can never race it.
+- :func:`worker_init`: a worker dies with its parent (``PR_SET_PDEATHSIG`` on Linux, plus a
+  parent-pid watchdog everywhere), so kill -9 of the converter leaves no orphan publishing.
+- :func:`publish_version`: a subject is written as a new version folder
+  ``subjects/<id>/v<ns>`` (one rename from staging, nothing replaced); the cohort table in
+  the root ``zarr.json`` (replaced atomically by zarr's LocalStore) then points at it, and
+  only after that are older versions removed (:func:`drop_versions`). A reader sees the
+  old version or the new one, never a gap.
+- :func:`run_pool`: subjects over worker processes; a worker that dies (OOM killer,
+  kill -9) fails only the subject it held, the pool is rebuilt and the others go on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import fcntl
+import os
+import re
+import shutil
+import signal
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any, IO
+
+from masan.data.store import SUBJECTS
+
+LOCK = ".lock"
+WORKERS_LOCK = ".lock.workers"
+LOCK_FILES = (LOCK, WORKERS_LOCK)
+VERSION = re.compile(r"^v\d+$")
+"""Name of a subject's version folder (``v`` + nanoseconds since the epoch at publication)."""
+ORPHAN_WAIT_S = 10.0
+"""How long a new run waits for workers of a killed run to notice and exit (they poll each 0.5 s)."""
+_PR_SET_PDEATHSIG = 1
+_WATCHDOG_S = 0.5
+
+
+class LockError(ValueError):
+    """Another conversion (or its workers) is writing the store; exit code 2."""
+
+
+def _flock(f: IO, how: int) -> bool:
+    try:
+        fcntl.flock(f, how | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+
+
+class StoreLock:
+    """Exclusive lock on ``STORE/.lock`` for one conversion, released on exit or kill.
+
+    After locking, the file must still be the one at ``STORE/.lock`` (same inode): a lock
+    on a file someone deleted would exclude nobody. Workers of an earlier, killed run are
+    waited for (they die within a second) before the lock is granted.
+    """
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.file: IO | None = None
+
+    def __enter__(self) -> "StoreLock":
+        path = self.root / LOCK
+        for _ in range(3):
+            f = path.open("a+")  # "a+": a refused process must not truncate the holder's pid
+            if not _flock(f, fcntl.LOCK_EX):
+                f.seek(0)
+                holder = f.read().strip() or "?"
+                f.close()
+                raise LockError(f"another conversion (pid {holder}) is writing {self.root}; wait for it "
+                                "to finish (or stop it) and rerun")
+            if os.path.exists(path) and os.fstat(f.fileno()).st_ino == os.stat(path).st_ino:
+                break
+            f.close()  # locked a file that was replaced meanwhile: lock the current one
+        else:
+            raise LockError(f"{path} keeps being replaced; is another tool deleting files in {self.root}?")
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        self.file = f
+        try:
+            self._wait_for_orphans()
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def _wait_for_orphans(self) -> None:
+        """Take the workers' lock exclusively once: no worker of an earlier run still lives."""
+        with (self.root / WORKERS_LOCK).open("a+") as w:
+            deadline = time.monotonic() + ORPHAN_WAIT_S
+            while not _flock(w, fcntl.LOCK_EX):
+                if time.monotonic() > deadline:
+                    raise LockError(f"worker processes of an earlier conversion still hold {w.name}; "
+                                    f"stop them (`fuser -k {w.name}`) and rerun")
+                time.sleep(0.2)
+            fcntl.flock(w, fcntl.LOCK_UN)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.file is not None:
+            fcntl.flock(self.file, fcntl.LOCK_UN)
+            self.file.close()
+            self.file = None
+
+
+# ====================================================================== workers
+
+_PARENT: int | None = None
+_WORKER_LOCK: IO | None = None  # kept open: the shared lock lives as long as the worker
+
+
+def _die_with_parent(parent: int) -> None:
+    """Ask Linux to SIGKILL this process when its parent dies; a watchdog thread covers other
+    systems and the moment before the prctl call (the parent may already be gone)."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(_WATCHDOG_S)
+        os._exit(70)  # the converter is gone: publishing now would race whoever holds the lock next
+
+    if os.getppid() != parent:
+        os._exit(70)
+    threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
+
+
+def worker_init(parent: int, store: str) -> None:
+    """Initializer of every conversion worker: die with the parent, hold the workers' lock."""
+    global _PARENT, _WORKER_LOCK
+    _PARENT = parent
+    _die_with_parent(parent)
+    _WORKER_LOCK = open(Path(store) / WORKERS_LOCK, "a+")
+    fcntl.flock(_WORKER_LOCK, fcntl.LOCK_SH)  # granted at once: the parent released its check
+
+
+def parent_alive() -> bool:
+    """In a worker: whether the converter that started it still runs (always True in-process)."""
+    return _PARENT is None or os.getppid() == _PARENT
+
+
+# ====================================================================== versions
+
+
+def new_version() -> str:
+    return f"v{time.time_ns()}"
+
+
+def version_group(subject: str, version: str) -> str:
+    """Store key of one version of a subject, e.g. ``subjects/sub-01/v1732590000000000000``."""
+    return f"{SUBJECTS}/{subject}/{version}"
+
+
+def publish_version(root: Path, subject: str, staging: Path, version: str) -> str:
+    """Move a verified staged group to its version folder (one rename; nothing is replaced,
+    so readers of the current version are untouched). Returns the group key."""
+    if not parent_alive():
+        os._exit(70)
+    key = version_group(subject, version)
+    (root / SUBJECTS / subject).mkdir(parents=True, exist_ok=True)
+    os.rename(staging, root / key)
+    return key
+
+
+def drop_versions(root: Path, subject: str, keep: str | None) -> None:
+    """Remove every version of ``subject`` except the group key ``keep`` (None: the subject's
+    folder goes). Call only once the cohort table no longer points at them. A folder of the
+    old, unversioned layout (``subjects/<id>/t1`` directly) counts as one old version."""
+    folder = root / SUBJECTS / subject
+    if keep is None:
+        shutil.rmtree(folder, ignore_errors=True)
+        return
+    keep_name = keep.rsplit("/", 1)[-1]
+    for child in folder.iterdir() if folder.is_dir() else ():
+        if child.name == keep_name:
+            continue
+        if child.is_dir():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            child.unlink(missing_ok=True)
+
+
+def is_subject_folder(folder: Path) -> bool:
+    """A folder of ``subjects/`` holding only subject data (versions, or the old layout)."""
+    return folder.is_dir() and all(VERSION.match(c.name) or c.name in ("zarr.json", "t1", "fmri")
+                                   for c in folder.iterdir())
+
+
+def drop_unreferenced(out: Path, rows: dict[str, dict]) -> None:
+    """Remove subject versions no table row points at (left by a killed run or worker; no
+    reader can know them). Folders that are not subject data are left alone."""
+    for folder in sorted((out / SUBJECTS).iterdir()) if (out / SUBJECTS).is_dir() else ():
+        row = rows.get(folder.name)
+        if row is None:
+            if is_subject_folder(folder) and all(VERSION.match(c.name) for c in folder.iterdir()):
+                drop_versions(out, folder.name, keep=None)
+        elif row.get("group"):
+            drop_versions(out, folder.name, keep=row["group"])
+
+
+# ====================================================================== worker pool
+
+
+def run_pool(jobs: list, fn: Callable, args: tuple, workers: int, store: Path,
+             record: Callable[[dict], None], died: Callable[[Any, str], None],
+             tick: Callable[[], None] = lambda: None) -> None:
+    """Run ``fn(job, *args)`` for every job over ``workers`` processes, passing each result to
+    ``record`` in the parent; ``died(job, why)`` for a job whose worker process died.
+
+    At most ``workers`` jobs are in flight, so when the pool breaks the suspects are exactly
+    the jobs in flight. A lone suspect is the culprit; several are rerun one at a time (alone
+    in flight) in the rebuilt pool, so only a subject that kills its worker again is failed
+    (an OOM subject), while those merely in flight beside it are converted.
+    """
+    queue, solo = deque(jobs), deque()
+    while queue or solo:
+        lost = _drain(queue, solo, workers, fn, args, store, record, tick)
+        if len(lost) == 1:
+            died(lost[0], "the worker process converting it died (killed, e.g. by the out-of-memory killer "
+                          "or kill -9); the other subjects went on")
+            tick()
+        else:
+            solo.extend(lost)
+
+
+def _drain(queue: deque, solo: deque, n: int, fn: Callable, args: tuple, store: Path,
+           record: Callable[[dict], None], tick: Callable[[], None]) -> list:
+    """Run ``solo`` jobs one at a time, then ``queue`` jobs ``n`` at a time, in one pool, until
+    both are empty or the pool breaks; returns the jobs in flight when it broke (else [])."""
+    ctx = get_context("spawn")  # no inherited locks, threads or zarr state
+    with ProcessPoolExecutor(n, mp_context=ctx, initializer=worker_init, initargs=(os.getpid(), str(store))) as pool:
+        inflight: dict = {}
+        suspects: set = set()  # futures of solo jobs: nothing else runs beside them
+        while queue or solo or inflight:
+            while not suspects:
+                if solo:
+                    if inflight:
+                        break  # let the others finish, then the suspect runs alone
+                    fut = pool.submit(fn, solo[0], *args)
+                    inflight[fut] = solo.popleft()
+                    suspects.add(fut)
+                elif queue and len(inflight) < n:
+                    job = queue.popleft()
+                    inflight[pool.submit(fn, job, *args)] = job
+                else:
+                    break
+            done, _ = wait(inflight, return_when=FIRST_COMPLETED)
+            for fut in done:
+                try:
+                    result = fut.result()
+                except BrokenProcessPool:
+                    return list(inflight.values())
+                inflight.pop(fut)
+                suspects.discard(fut)
+                record(result)
+                tick()
+    return []

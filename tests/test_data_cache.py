@@ -1,0 +1,171 @@
+"""The cohort cache (data.cache=host/device): samples and training batches identical to the
+store path, one decode per node shared by real gloo ranks, memory refused with the numbers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch.utils.data import DataLoader
+
+from masan.config import DataConfig
+from masan.data.cache import CacheError, CohortCache, open_cache
+from masan.data.convert import ConvertOptions, convert_cohort, discover_bids
+from masan.data.dataset import CohortDataset, select_subjects
+from masan.data.store import CohortStore
+from masan.data.synth import synthesize_cohort
+from masan.train.loop import to_device
+
+T1, FMRI, FRAMES = (16, 16, 12), (8, 8, 6), 5
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    """3 NC + 3 AD phantoms; one T1 stored with scl_slope 0.5 / scl_inter 3 (the float64 scaling path)."""
+    tmp = tmp_path_factory.mktemp("cache")
+    bids = synthesize_cohort(tmp / "bids", 3, classes=("NC", "AD"), t1_shape=T1, fmri_shape=FMRI, frames=FRAMES)
+    t1 = next((bids / "sub-002" / "anat").glob("*_T1w.nii.gz"))
+    img = nib.load(t1)
+    scaled = nib.Nifti1Image(np.asarray(img.dataobj).astype(np.int16), img.affine, img.header)
+    scaled.header.set_slope_inter(0.5, 3.0)
+    nib.save(scaled, t1)
+    out = tmp / "s.zarr"
+    report = convert_cohort(discover_bids(bids), out, ConvertOptions(patch_grid=(2, 2, 2)), classes=("NC", "AD"),
+                            progress=False)
+    assert not report.failed, report.failed
+    assert CohortStore(out).meta("sub-002", "t1")["nifti"]["scl_slope"] == 0.5
+    return out
+
+
+def _cfg(tmp_path: Path, **kw) -> DataConfig:
+    return DataConfig(classes=["NC", "AD"], fmri_frames=4, num_workers=0, cache_dir=str(tmp_path),
+                      cache_reserve_gib=0.0, **kw)
+
+
+def _kept(batch: dict) -> dict:
+    """A batch to keep beyond the next few (the CPU loader reuses its buffers)."""
+    return {k: v.clone() for k, v in batch.items()}
+
+
+def _dataset(store: Path, cfg: DataConfig) -> CohortDataset:
+    subjects, labels, _ = select_subjects(store, cfg)
+    return CohortDataset(store, subjects, labels, cfg)
+
+
+@pytest.mark.parametrize("kind", ["host", "device"])
+@pytest.mark.parametrize("normalize, temporal, dtype", [(True, "none", torch.float32), (False, "none", torch.float32),
+                                                        (True, "psc", torch.bfloat16)])
+def test_batches_and_items_equal_the_store_path(store, tmp_path, kind, normalize, temporal, dtype):
+    cfg = _cfg(tmp_path, cache=kind, normalize=normalize, fmri_temporal=temporal)
+    plain = _dataset(store, cfg)
+    want = [to_device(b, torch.device("cpu"), dtype) for b in DataLoader(plain, batch_size=2, drop_last=True)]
+    expected_items = [plain[i] for i in range(len(plain))]
+
+    cached = _dataset(store, cfg)
+    cache = open_cache(cached, cfg, torch.device("cpu"))
+    try:
+        assert cached.source is cache and cache.decoded == cached.subjects  # a world of one decodes all
+        for i, item in enumerate(expected_items):  # the dataset's own reads (standardiser fits, monitoring)
+            got = cached[i]
+            for k in item:
+                assert torch.equal(got[k], item[k]), (k, i)
+        batches = [_kept(b) for b in cache.batches(range(len(plain)), 2, dtype)]
+        assert len(batches) == len(want) == len(plain) // 2
+        for got, ref in zip(batches, want):
+            assert set(got) == set(ref)
+            for k in ref:
+                assert got[k].dtype == ref[k].dtype and got[k].shape == ref[k].shape, k
+                assert torch.equal(got[k], ref[k]), k  # bit-identical, not merely close
+    finally:
+        cache.close()
+    assert not any(tmp_path.iterdir()), "the cache's files must be gone after close"
+
+
+def test_stored_integers_are_what_is_cached(store, tmp_path):
+    cfg = _cfg(tmp_path, cache="host")
+    ds = _dataset(store, cfg)
+    cache = open_cache(ds, cfg, torch.device("cpu"))
+    s = CohortStore(store)
+    files = sorted(p.name for p in cache.dir.glob("*.npy"))
+    assert len(files) == 2 * len(ds.subjects)
+    raw = np.load(cache.dir / files[0])
+    assert raw.dtype == np.dtype(s.row(ds.subjects[0])["fmri"]["dtype"])
+    assert np.array_equal(np.load(cache._file(ds.subjects[0], "fmri")), s.read_raw(ds.subjects[0], "fmri")[:4])
+    assert cache.nbytes() == sum(np.load(cache.dir / f, mmap_mode="r").nbytes for f in files)
+    cache.close()
+
+
+def test_too_little_memory_is_refused_with_numbers_and_fix(store, tmp_path, monkeypatch):
+    cfg = _cfg(tmp_path, cache="host")
+    cfg.cache_reserve_gib = 1e6
+    with pytest.raises(CacheError, match=r"needs 0\.\d+ GiB .*bytes.*data.cache_reserve_gib=1000000.0.*data.cache=none"):
+        open_cache(_dataset(store, cfg), cfg, torch.device("cpu"))
+    cfg.cache = "device"
+    monkeypatch.setattr(CohortCache, "_check_host", lambda self: None)  # shared memory fits, the device does not
+    with pytest.raises(CacheError, match="data.cache=device needs .*data.cache=host"):
+        open_cache(_dataset(store, cfg), cfg, torch.device("cpu"))
+    assert not any(tmp_path.iterdir())
+
+
+def test_early_stop_and_a_killed_runs_leftovers(store, tmp_path):
+    cfg = _cfg(tmp_path, cache="host")
+    ds = _dataset(store, cfg)
+    stale = tmp_path / "masan-cache-dead"
+    stale.mkdir()
+    (stale / "owner").write_text(f"{__import__('socket').gethostname()} 999999999")
+    cache = open_cache(ds, cfg, torch.device("cpu"))
+    assert not stale.exists()
+    batches = cache.batches(range(len(ds)), 1, torch.float32, depth=1)
+    next(batches)
+    batches.close()  # a run that stops mid-epoch leaves no thread blocked behind
+    assert not batches.thread.is_alive()
+    del batches
+    cache.close()
+
+
+def _rank_worker(rank: int, world: int, init: str, store: str, cache_dir: str, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    cfg = _cfg(Path(cache_dir), cache="host")
+    ds = _dataset(Path(store), cfg)
+    cache = open_cache(ds, cfg, torch.device("cpu"))
+    order = range(rank, len(ds), world)
+    got = [_kept(b) for b in cache.batches(order, 1, torch.float32)]
+    plain = [to_device(b, torch.device("cpu"), torch.float32) for b in
+             DataLoader(torch.utils.data.Subset(_dataset(Path(store), cfg), list(order)), batch_size=1)]
+    same = all(torch.equal(a[k], b[k]) for a, b in zip(got, plain) for k in b) and len(got) == len(plain)
+    files = sorted(p.name for p in cache.dir.glob("*.npy"))
+    dist.barrier()  # every rank has looked before the lead deletes
+    cache.close()
+    Path(out, f"{rank}.json").write_text(json.dumps({"decoded": cache.decoded, "same": same, "files": files,
+                                                     "dir": str(cache.dir)}))
+    dist.destroy_process_group()
+
+
+def test_two_ranks_decode_once_per_node_and_share_the_files(store, tmp_path):
+    cache_dir, out = tmp_path / "shm", tmp_path / "out"
+    cache_dir.mkdir()
+    out.mkdir()
+    mp.spawn(_rank_worker, args=(2, f"file://{tmp_path}/rendezvous", str(store), str(cache_dir), str(out)), nprocs=2)
+    ranks = [json.loads((out / f"{r}.json").read_text()) for r in range(2)]
+    assert all(r["same"] for r in ranks)
+    assert ranks[0]["dir"] == ranks[1]["dir"] and ranks[0]["files"] == ranks[1]["files"]
+    decoded = ranks[0]["decoded"] + ranks[1]["decoded"]
+    assert ranks[0]["decoded"] and ranks[1]["decoded"], "the node's ranks share the decoding"
+    assert sorted(decoded) == sorted(set(decoded)) and len(decoded) == 6, "each subject decoded exactly once"
+    assert len(ranks[0]["files"]) == 2 * 6
+    assert not any(cache_dir.iterdir()), "the node's lead deleted the cache"
+
+
+def test_cache_is_built_only_when_asked(store, tmp_path):
+    cfg = _cfg(tmp_path)
+    ds = _dataset(store, cfg)
+    assert open_cache(ds, cfg, torch.device("cpu")) is None and ds.source is ds.store
+    with pytest.raises(ValueError, match="data.cache=host or device"):
+        CohortCache(store, ds.subjects, ds.labels, cfg, torch.device("cpu"))

@@ -1,0 +1,51 @@
+"""bench/gpu_check.py at CPU-sized shapes (--tiny): every section prints its row, through the
+same code as on the GPU, importing only what the GPU machine has or gets from .whl/."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+ABSENT_ON_GPU_MACHINE = ("matplotlib", "nilearn", "pandas", "PIL")
+"""Packages neither installed on the GPU machine nor shipped in .whl/: the check must not import them."""
+BLOCKER = """
+import sys
+from importlib.machinery import PathFinder
+
+class _Absent(PathFinder):  # the path finder, blind to the absent packages (find_spec gives None, as there)
+    @classmethod
+    def find_spec(cls, name, path=None, target=None):
+        if name.split(".")[0] in {absent!r}:
+            return None
+        return PathFinder.find_spec(name, path, target)
+
+sys.meta_path[:] = [_Absent if f is PathFinder else f for f in sys.meta_path]
+"""
+
+
+def test_tiny_check_prints_every_section(tmp_path):
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(BLOCKER.format(absent=set(ABSENT_ON_GPU_MACHINE)))
+    # only the repository and the blocker on the path, as on the GPU machine (PYTHONPATH=/tmp/site:$PWD)
+    env = dict(os.environ, PYTHONPATH=f"{site}{os.pathsep}{REPO}", PYTHONUNBUFFERED="1", PYTHON=sys.executable)
+    res = subprocess.run(["bash", str(REPO / "bench/gpu_check.sh"), "--tiny", "--subjects", "4",
+                          "--work", str(tmp_path / "work")], env=env, cwd=tmp_path, capture_output=True, text=True,
+                         timeout=600, check=False)
+    out = res.stdout
+    assert res.returncode == 0, out[-3000:] + res.stderr[-3000:]
+    rows = [line.split() for line in out.splitlines()]
+    sections = {r[0] for r in rows if r}
+    assert {"masan", "hfcn", "loader", "deepspeed", "compile"} <= sections, out
+    assert "error" not in out and "skipped" not in out and "out of memory" not in out, out
+    for r in rows:
+        if r and r[0] in ("masan", "hfcn", "compile"):
+            assert float(r[-3]) > 0 and float(r[-2]) > 0, r  # ms/sample and peak GiB were measured
+    loader = [line for line in out.splitlines() if line.startswith("loader")]
+    assert [line.split()[1] for line in loader] == ["cache=none", "cache=host", "cache=device"]
+    ds = next(line for line in out.splitlines() if line.startswith("deepspeed"))
+    assert "data wait" in ds and "% median" in ds, ds
+    assert out.rstrip().splitlines()[-1].startswith("gpu_check done")

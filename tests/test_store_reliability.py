@@ -1,0 +1,474 @@
+"""Issue 12, the store half: races, killed parents and workers, silent corruption, readers under
+reconversion, input that is missing rather than bad, run-directory nesting and access rights.
+
+Every scenario runs on real stores on disk and real processes (tiny phantom cohorts keep the
+whole file within a few minutes on two cores).
+"""
+
+import gzip
+import importlib.util
+import json
+import multiprocessing as mp
+import os
+import pwd
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from masan import access
+from masan.data import nifti
+from masan.data.store import REPORT, STAGING, SUBJECTS, CohortStore, StoreError
+from masan.data.synth import synthesize_cohort
+from test_data_convert import write_manifest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = {"n_per_class": {"NC": 1, "AD": 1}, "t1_shape": (12, 12, 12), "fmri_shape": (8, 8, 8), "frames": 4,
+        "compresslevel": 1}
+RACE_TRIALS = 20
+KILL_TRIALS = 3
+WORKER_KILL_TRIALS = 2  # each pays two pool start-ups (the rebuilt pool), ~15 s on two busy cores
+BUSY = ("--fmri-shard-frames", "8", "--fmri-chunk-frames", "4")
+"""Small shards: a busy run writes many slabs, so a kill lands mid-subject."""
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "data_tools" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+to_zarr = _load("to_zarr")
+inspect_store = _load("inspect_store")
+
+
+def _tiny(folder, **kw):
+    return synthesize_cohort(folder, **{**TINY, **kw})
+
+
+def _args(bids, out, *more):
+    return ["--bids", str(bids), "--out", str(out), "--no-progress", *more]
+
+
+def _sources(bids, subject):
+    t1 = np.asarray(nib.load(bids / subject / "anat" / f"{subject}_T1w.nii.gz").dataobj)
+    bold = np.asarray(nib.load(bids / subject / "func" / f"{subject}_task-rest_bold.nii.gz").dataobj)
+    return t1, np.moveaxis(bold, 3, 0)
+
+
+def _exact(bids, out):
+    """The store verifies, its table lists exactly the subject folders on disk, and every
+    subject reads back as its source files."""
+    assert inspect_store.main([str(out), "--verify"]) == 0
+    store = CohortStore(out)
+    on_disk = sorted(p.name for p in (out / SUBJECTS).iterdir() if p.is_dir())
+    assert store.subjects == on_disk == sorted(p.name for p in bids.glob("sub-*"))
+    for s in store.subjects:
+        t1, bold = _sources(bids, s)
+        assert np.array_equal(store.read_raw(s, "t1"), t1) and np.array_equal(store.read_raw(s, "fmri"), bold)
+    return store
+
+
+def _snapshot(folder):
+    return {str(p.relative_to(folder)): (p.stat().st_mtime_ns, p.read_bytes() if p.is_file() else None)
+            for p in sorted(folder.rglob("*"))}
+
+
+# ====================================================================== 1. two converters, new store
+
+
+def _main_at(args, start_at):
+    """In a pool process: call to_zarr at a given instant (both racers start together);
+    ``["--version"]`` only loads it (warm-up)."""
+    main = _load("to_zarr").main
+    time.sleep(max(start_at - time.time(), 0))
+    return None if args == ["--version"] else main(args)
+
+
+def test_concurrent_conversions_into_a_new_store_one_refuses(tmp_path, capfd):
+    bids = _tiny(tmp_path / "bids", frames=24)
+    outcomes = []
+    with ProcessPoolExecutor(2, mp_context=mp.get_context("spawn")) as racers:
+        list(racers.map(_main_at, [["--version"]] * 2, [time.time() + 3] * 2))  # both started and imported
+        for trial in range(RACE_TRIALS):
+            out = tmp_path / f"race{trial}.zarr"
+            start = time.time() + 0.25
+            futs = [racers.submit(_main_at, _args(bids, out), start) for _ in range(2)]
+            rcs = sorted(f.result() for f in futs)
+            outcomes.append(rcs)
+            _exact(bids, out)
+    err = capfd.readouterr().err
+    assert outcomes == [[0, 2]] * RACE_TRIALS, outcomes  # one refused, the other completed
+    assert "another conversion (pid" in err
+
+
+# ====================================================================== 2/3. kill -9: parent, one worker
+
+
+def _children(pid):
+    """Live child processes of ``pid`` that are pool workers (not the resource tracker)."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            st = (d / "stat").read_text()
+            cmd = (d / "cmdline").read_bytes()
+        except OSError:
+            continue
+        fields = st.rsplit(")", 1)[1].split()
+        if int(fields[1]) == pid and fields[0] != "Z" and b"spawn_main" in cmd:
+            out.append(int(d.name))
+    return out
+
+
+def _alive(pid):
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _start_busy(bids, out):
+    """A 2-worker conversion, returned once both workers are converting (staging in use)."""
+    cmd = [sys.executable, str(ROOT / "data_tools" / "to_zarr.py"), *_args(bids, out, "--workers", "2", *BUSY)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        workers = _children(proc.pid)
+        if len(workers) == 2 and (out / STAGING).is_dir() and any((out / STAGING).iterdir()):
+            return proc, workers
+        time.sleep(0.01)
+    raise AssertionError(f"conversion ended before it could be killed: {proc.stderr.read()}")
+
+
+@pytest.fixture(scope="module")
+def busy_bids(tmp_path_factory):
+    """Subjects big enough that a 2-worker run is still converting when killed."""
+    return synthesize_cohort(tmp_path_factory.mktemp("busy") / "bids", {"NC": 2, "AD": 2}, t1_shape=(32, 32, 32),
+                             fmri_shape=(24, 24, 24), frames=64, compresslevel=1)
+
+
+def test_kill_parent_workers_die_and_rerun_is_correct(busy_bids, tmp_path):
+    for trial in range(KILL_TRIALS):
+        out = tmp_path / f"k{trial}.zarr"
+        proc, workers = _start_busy(busy_bids, out)
+        os.kill(proc.pid, signal.SIGKILL)  # the parent only: its workers must not go on alone
+        proc.wait()
+        deadline = time.monotonic() + 5
+        while any(map(_alive, workers)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(map(_alive, workers)), "workers outlived their killed parent"
+        assert to_zarr.main(_args(busy_bids, out, *BUSY)) == 0  # correct on the first rerun
+        _exact(busy_bids, out)
+
+
+def test_kill_one_worker_fails_only_its_subject_and_run_goes_on(busy_bids, tmp_path):
+    for trial in range(WORKER_KILL_TRIALS):
+        out = tmp_path / f"w{trial}.zarr"
+        proc, workers = _start_busy(busy_bids, out)
+        os.kill(workers[0], signal.SIGKILL)  # like the OOM killer
+        _, err = proc.communicate(timeout=120)
+        report = json.loads((out / REPORT).read_text())  # always written
+        assert "BrokenProcessPool" not in err.decode() and report["aborted"] is None
+        done = set(report["converted"])
+        failed = {f["subject"]: f["error"] for f in report["failed"]}
+        assert proc.returncode == (1 if failed else 0)
+        assert done | set(failed) == {p.name for p in busy_bids.glob("sub-*")} and len(failed) <= 1
+        assert all("worker process converting it died" in e for e in failed.values())
+        assert to_zarr.main(_args(busy_bids, out, *BUSY)) == 0
+        assert sorted(CohortStore(out).report()["converted"]) == sorted(failed)  # only the lost one is redone
+        _exact(busy_bids, out)
+
+
+def test_subject_whose_worker_dies_alone_is_failed_by_name_and_redone_on_rerun(busy_bids, tmp_path):
+    """Kill a worker, then kill the one-worker pool that reruns the suspects one at a time:
+    the subject it held is the culprit (as an OOM subject would be), failed by name."""
+    out = tmp_path / "twice.zarr"
+    proc, first = _start_busy(busy_bids, out)
+    os.kill(first[0], signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while proc.poll() is None and time.monotonic() < deadline:
+        fresh = [p for p in _children(proc.pid) if p not in first]
+        if fresh:
+            os.kill(fresh[0], signal.SIGKILL)  # the rebuilt pool's worker, holding one suspect alone
+            break
+        time.sleep(0.005)
+    _, err = proc.communicate(timeout=120)
+    report = json.loads((out / REPORT).read_text())
+    (failure,) = report["failed"]
+    assert proc.returncode == 1 and "worker process converting it died" in failure["error"]
+    assert failure["subject"] in err.decode() and len(report["converted"]) == 3
+    assert to_zarr.main(_args(busy_bids, out, *BUSY)) == 0
+    assert CohortStore(out).report()["converted"] == [failure["subject"]]
+    _exact(busy_bids, out)
+
+
+# ====================================================================== 4. gzip CRC / ISIZE
+
+
+@pytest.mark.parametrize("where,what", [(-8, "CRC"), (-4, "length")])
+def test_gzip_trailer_damage_is_refused_naming_the_file(tmp_path, where, what):
+    bids = _tiny(tmp_path / "bids")
+    bold = bids / "sub-002" / "func" / "sub-002_task-rest_bold.nii.gz"
+    blob = bytearray(bold.read_bytes())
+    blob[where] ^= 0xFF  # the stream still inflates; only the trailer disagrees
+    bold.write_bytes(bytes(blob))
+    with gzip.open(bold) as f:  # what nibabel's reader sees up to the end of the voxel data: fine
+        f.read(352 + 8 * 8 * 8 * 4 * 2)
+    with pytest.raises(nifti.NiftiError, match=f"{bold.name}.*{what}"):
+        list(nifti.iter_frame_slabs(nifti.open_image(bold), 2))
+    out = tmp_path / "s.zarr"
+    assert to_zarr.main(_args(bids, out)) == 1
+    store = CohortStore(out)
+    assert store.subjects == ["sub-001"]
+    (fail,) = store.report()["failed"]
+    assert fail["subject"] == "sub-002" and str(bold) in fail["error"] and "re-download" in fail["error"]
+
+
+# ====================================================================== 5. reader under reconversion
+
+
+def _reader(path, bids, stop, result):
+    """Read sub-001 over and over (one long-lived handle, as a DataLoader does, and fresh ones);
+    count reads and anything that is not the exact source (zeros, missing subject, errors)."""
+    t1, bold = _sources(Path(bids), "sub-001")
+    kept = CohortStore(path)
+    reads, bad = 0, []
+    while not stop.is_set():
+        for store in (kept, CohortStore(path)):
+            try:
+                ok = (np.array_equal(store.read_raw("sub-001", "t1"), t1)
+                      and np.array_equal(store.read_raw("sub-001", "fmri"), bold))
+                if not ok:
+                    bad.append("wrong voxels")
+            except Exception as e:  # noqa: BLE001 - every failure is a finding here
+                bad.append(f"{type(e).__name__}: {e}")
+            reads += 1
+    result.put((reads, bad[:5], len(bad)))
+
+
+def test_reader_never_sees_a_missing_or_zeroed_subject_during_reconversions(tmp_path):
+    bids = _tiny(tmp_path / "bids", frames=16)
+    out = tmp_path / "s.zarr"
+    args = _args(bids, out, "--fmri-shard-frames", "4", "--fmri-chunk-frames", "2")
+    assert to_zarr.main(args) == 0
+    ctx = mp.get_context("spawn")
+    stop, result = ctx.Event(), ctx.Queue()
+    reader = ctx.Process(target=_reader, args=(str(out), str(bids), stop, result))
+    reader.start()
+    time.sleep(2.0)  # let it import and start reading
+    for i in range(8):  # a changed option reconverts every subject
+        assert to_zarr.main(args + ["--clevel", str(1 + i % 2)]) == 0
+        assert CohortStore(out).report()["converted"] == ["sub-001", "sub-002"]
+    stop.set()
+    reads, examples, n_bad = result.get(timeout=60)
+    reader.join(30)
+    print(f"reader: {reads} reads of sub-001 through 8 reconversions, {n_bad} wrong")
+    assert n_bad == 0, examples
+    assert reads > 20
+    _exact(bids, out)
+
+
+# ====================================================================== 6. missing input is not an order to delete
+
+
+def test_empty_input_exits_2_and_changes_nothing(tmp_path, capsys):
+    bids = _tiny(tmp_path / "bids")
+    out = tmp_path / "s.zarr"
+    assert to_zarr.main(_args(bids, out)) == 0
+    before = _snapshot(out)
+    empty = tmp_path / "empty.csv"
+    empty.write_text("subject,t1,fmri,label\n")
+    assert to_zarr.main(["--manifest", str(empty), "--out", str(out), "--no-progress"]) == 2
+    assert "lists no subject" in capsys.readouterr().err
+    (tmp_path / "nobody").mkdir()
+    (tmp_path / "nobody" / "participants.tsv").write_text("participant_id\tdiagnosis\n")
+    assert to_zarr.main(_args(tmp_path / "nobody", out, "--prune")) == 2
+    assert _snapshot(out) == before
+    assert to_zarr.main(["--manifest", str(empty), "--out", str(tmp_path / "new.zarr")]) == 2
+    assert not (tmp_path / "new.zarr").exists()
+
+
+def test_missing_source_keeps_its_copy_and_prune_is_explicit(tmp_path):
+    bids = _tiny(tmp_path / "bids")
+    out = tmp_path / "s.zarr"
+    assert to_zarr.main(_args(bids, out)) == 0
+    t1 = bids / "sub-002" / "anat" / "sub-002_T1w.nii.gz"
+    aside = tmp_path / "aside.nii.gz"
+    t1.rename(aside)  # moved away for a moment
+    assert to_zarr.main(_args(bids, out)) == 1
+    rep = CohortStore(out).report()
+    assert rep["kept"] == ["sub-002"] and rep["removed"] == [] and "sub-002" in CohortStore(out).subjects
+    assert any("sub-002: kept its earlier conversion" in w for w in rep["warnings"])
+    aside.rename(t1)
+    assert to_zarr.main(_args(bids, out)) == 0
+    assert CohortStore(out).report()["skipped"] == ["sub-001", "sub-002"]  # nothing was lost or redone
+    _exact(bids, out)
+
+
+# ====================================================================== 7. run directories and stores do not nest
+
+
+def test_run_directory_inside_store_and_store_inside_run_directory_are_refused(tmp_path, capsys):
+    bids = _tiny(tmp_path / "bids")
+    out = tmp_path / "s.zarr"
+    assert to_zarr.main(_args(bids, out)) == 0
+    run = out / SUBJECTS / "my-run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text("seed: 1\n")
+    assert to_zarr.main(_args(bids, out, "--prune")) == 2
+    assert "is a training run directory" in capsys.readouterr().err
+    assert (run / "config.yaml").is_file()
+    shutil.rmtree(run)
+    rundir = tmp_path / "run"
+    rundir.mkdir()
+    (rundir / "config.yaml").write_text("model:\n  channels: 8\ndata:\n  store: x\n")  # a run not yet saved
+    (tmp_path / "config.yaml").write_text("editor: vim\n")  # any other config.yaml is no run directory
+    assert to_zarr.main(_args(bids, tmp_path / "fine.zarr")) == 0
+    assert to_zarr.main(_args(bids, rundir / "cohort.zarr")) == 2
+    assert "inside the training run directory" in capsys.readouterr().err
+    assert not (rundir / "cohort.zarr").exists()
+
+
+# ====================================================================== 10. missing chunk
+
+
+def test_missing_chunk_raises_naming_subject_and_array(tmp_path):
+    bids = _tiny(tmp_path / "bids", frames=8)
+    out = tmp_path / "s.zarr"
+    assert to_zarr.main(_args(bids, out, "--fmri-shard-frames", "4", "--fmri-chunk-frames", "2")) == 0
+    store = CohortStore(out)
+    shard = next((out / store.group_path("sub-001") / "fmri" / "c").rglob("*"))
+    while shard.is_dir():
+        shard = next(shard.iterdir())
+    shard.unlink()
+    with pytest.raises(StoreError, match=r"fmri of subject sub-001.*chunk file .* is missing"):
+        CohortStore(out).read_fmri("sub-001")
+    assert inspect_store.main([str(out), "--verify"]) == 1
+
+
+# ====================================================================== 12. access
+
+
+PROBE = "masan-probe"
+
+
+def _probe_user():
+    if os.geteuid() != 0:
+        pytest.skip("needs root to create a second user and read as it (CI runs tests as root)")
+    try:
+        pwd.getpwnam(PROBE)
+    except KeyError:
+        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", PROBE], check=True)
+    return PROBE
+
+
+def _can_read(user, path):
+    return subprocess.run(["runuser", "-u", user, "--", "cat", str(path)], capture_output=True).returncode == 0
+
+
+def test_store_is_no_more_open_than_owner_only_sources(tmp_path):
+    user = _probe_user()
+    base = Path(tempfile.mkdtemp(prefix="masan-access-", dir="/tmp"))  # others may enter it: a real test
+    try:
+        os.chmod(base, 0o755)
+        control = base / "public.txt"
+        control.write_text("x")
+        os.chmod(control, 0o644)
+        assert _can_read(user, control)  # the probe user can read what is open to it
+        bids = _tiny(base / "bids")
+        for p in [bids, *bids.rglob("*")]:  # sources readable by their owner only
+            os.chmod(p, 0o700 if p.is_dir() else 0o600)
+        out = base / "s.zarr"
+        old = os.umask(0o022)  # the usual umask: the store must not follow it
+        try:
+            assert to_zarr.main(_args(bids, out)) == 0
+        finally:
+            os.umask(old)
+        assert access.more_open_than(out, 0o600) == []
+        files = [p for p in out.rglob("*") if p.is_file()]
+        assert files and stat.S_IMODE(out.stat().st_mode) & 0o777 == 0o700
+        os.chmod(out, 0o755)  # even with the root folder opened by mistake, no file is readable
+        assert not any(_can_read(user, f) for f in files)
+        # share on purpose, then a default rerun tightens it again and says so
+        assert to_zarr.main(_args(bids, out, "--mode", "644")) == 0
+        chunk = next(f for f in out.rglob("*") if f.is_file() and "/c/" in str(f))
+        assert _can_read(user, chunk)
+        assert to_zarr.main(_args(bids, out)) == 0
+        warn = " ".join(CohortStore(out).report()["warnings"])
+        assert "more open than the sources allow" in warn and str(out) in warn
+        assert not _can_read(user, chunk) and access.more_open_than(out, 0o600) == []
+        assert to_zarr.main(_args(bids, out, "--mode", "400")) == 2  # the owner must write
+    finally:
+        shutil.rmtree(base)
+
+
+def test_access_helpers(tmp_path):
+    d = tmp_path / "src"
+    d.mkdir()
+    f = d / "a.nii"
+    f.write_text("x")
+    os.chmod(f, 0o644)
+    os.chmod(d, 0o755)
+    assert access.restrictive_mode([f, d])[0] == 0o644
+    os.chmod(d, 0o711)  # others may enter but not list: counted as closed to them (the safe side)
+    assert access.restrictive_mode([f, d])[0] == 0o600
+    os.chmod(d, 0o700)  # nobody else may enter: f's 644 shares nothing
+    assert access.restrictive_mode([f, d]) == (0o600, os.stat(d).st_gid)
+    assert access.dir_mode(0o640) == 0o750
+    with access.creation_umask(0o600):
+        (tmp_path / "new").write_text("x")
+        (tmp_path / "newdir").mkdir()
+    assert stat.S_IMODE((tmp_path / "new").stat().st_mode) == 0o600
+    assert stat.S_IMODE((tmp_path / "newdir").stat().st_mode) == 0o700
+    os.chmod(tmp_path, 0o700)
+    os.chmod(tmp_path / "new", 0o644)
+    assert access.more_open_than(tmp_path, 0o600) == [tmp_path / "new", f]
+    access.apply_access(tmp_path, 0o600)
+    assert access.more_open_than(tmp_path, 0o600) == []
+
+
+# ====================================================================== 13. small conversion-side items
+
+
+def test_small_input_cases(tmp_path, capsys):
+    bids = _tiny(tmp_path / "bids")
+    table = bids / "participants.tsv"
+    text = table.read_text()
+    table.write_text("\ufeff" + text, encoding="utf-8")  # Excel's "UTF-8 CSV"
+    assert to_zarr.main(_args(bids, tmp_path / "bom.zarr")) == 0
+
+    table.write_bytes(text.replace("NC", "NC\u00e9").encode("latin-1"))
+    assert to_zarr.main(_args(bids, tmp_path / "latin.zarr")) == 2
+    err = capsys.readouterr().err
+    assert str(table) in err and "not UTF-8" in err and "iconv" in err
+    table.write_text(text)
+
+    t1 = lambda s: bids / s / "anat" / f"{s}_T1w.nii.gz"  # noqa: E731
+    bold = lambda s: bids / s / "func" / f"{s}_task-rest_bold.nii.gz"  # noqa: E731
+    twice = write_manifest(tmp_path / "twice.csv", [("a", t1("sub-001"), bold("sub-001"), "NC"),
+                                               ("b", t1("sub-001"), bold("sub-002"), "AD")])
+    assert to_zarr.main(["--manifest", str(twice), "--out", str(tmp_path / "twice.zarr"), "--no-progress"]) == 1
+    failed = {f["subject"]: f["error"] for f in CohortStore(tmp_path / "twice.zarr").report()["failed"]}
+    assert set(failed) == {"a", "b"} and all("listed for subjects a, b" in e for e in failed.values())
+
+    one = _tiny(tmp_path / "one", frames=1, n_per_class={"NC": 1})
+    assert to_zarr.main(_args(one, tmp_path / "one.zarr")) == 0
+    assert any("single frame" in w for w in CohortStore(tmp_path / "one.zarr").report()["warnings"])
+
+    elsewhere = tmp_path / "elsewhere_T1w.nii.gz"
+    shutil.move(t1("sub-002"), elsewhere)
+    t1("sub-002").symlink_to(elsewhere)
+    assert to_zarr.main(_args(bids, tmp_path / "link.zarr")) == 0
+    assert CohortStore(tmp_path / "link.zarr").row("sub-002")["t1"]["source"] == str(t1("sub-002"))

@@ -1,0 +1,250 @@
+"""Training that loses nothing and changes nothing it refuses (issue 12, training half).
+
+Real runs (launch/train_local.py, DeepSpeed on the CPU, gloo ranks in separate processes) on
+the session's tiny cohort, copied into a store readable by its owner only:
+
+- the run directory of such a store is closed to other users (checked as a second,
+  unprivileged user with ``runuser``), predictions.csv included;
+- a refused start (incompatible checkpoint, a batch the cohort cannot fill) leaves the run
+  directory byte for byte as it was (content, modes and mtimes of every path);
+- checkpoint files damaged in place (same size) are found by their checksums: a damaged
+  ZeRO shard seen by rank 1 only and a damaged model file seen by rank 0 only make both
+  ranks fall back together, with a 1-minute collective timeout;
+- a read-only checkpoint folder is refused at start, naming it; bad values exit 2 naming the
+  key; ``submit.py`` refuses nonsensical resources.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+import yaml
+from test_train_run import LAUNCH, REPO, TRAIN_CONFIG, launch, manifests, ok
+
+from masan.access import apply_access
+from masan.train.checkpoint import CheckpointManager
+
+OTHER_USER = "masan-reader"
+TWO_RANK_STEPS = 4
+"""Steps of the two-rank run: checkpoints every step, the newest 3 kept (steps 2, 3, 4)."""
+
+
+def _as_root() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root: checking what another user can read needs a second user (runuser)")
+
+
+def other_user() -> str:
+    """An unprivileged second user (created when missing)."""
+    _as_root()
+    if subprocess.run(["id", OTHER_USER], capture_output=True, check=False).returncode != 0:
+        res = subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", OTHER_USER],
+                             capture_output=True, text=True, check=False)
+        assert res.returncode in (0, 9), res.stderr  # 9: created meanwhile by another test
+    return OTHER_USER
+
+
+def as_other(*cmd: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["runuser", "-u", other_user(), "--", *cmd], capture_output=True, text=True, check=False)
+
+
+@pytest.fixture(scope="module")
+def shared_dir():
+    """A folder every user may enter (not pytest's root-only tmp), so only the modes of what
+    the run writes decide what another user can read."""
+    d = Path(tempfile.mkdtemp(prefix="masan-reliability-", dir="/tmp"))
+    d.chmod(0o755)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def config(shared_dir, tiny_store) -> Path:
+    """The tiny training config on a copy of the cohort readable by its owner only."""
+    store = shared_dir / "closed.zarr"
+    shutil.copytree(tiny_store, store)
+    apply_access(store, 0o600)
+    path = shared_dir / "train.yaml"
+    path.write_text(yaml.safe_dump({**TRAIN_CONFIG, "data": {**TRAIN_CONFIG["data"], "store": str(store)},
+                                    "log": {**TRAIN_CONFIG["log"], "eval_every_epochs": 0}}))
+    path.chmod(0o644)
+    return path
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(shared_dir, config) -> Path:
+    run = shared_dir / "run"
+    ok(launch(config, run, f"train.max_steps={TWO_RANK_STEPS}", "checkpoint.every_steps=1", nproc=2), "completed")
+    return run
+
+
+def snapshot(root: Path) -> dict[str, tuple]:
+    """Every path under root: (mode, mtime_ns, sha256 of a file's bytes)."""
+    out = {}
+    for p in sorted([root, *root.rglob("*")]):
+        st = p.lstat()
+        digest = hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else None
+        out[str(p.relative_to(root))] = (st.st_mode, st.st_mtime_ns, digest)
+    return out
+
+
+def damage_in_place(path: Path) -> None:
+    """Invert 4 KiB in the middle of a file: same size, different bytes."""
+    with open(path, "r+b") as f:
+        f.seek(path.stat().st_size // 2)
+        block = f.read(4096)
+        f.seek(path.stat().st_size // 2)
+        f.write(bytes(b ^ 0xFF for b in block))
+
+
+def log_time(log: str, fragment: str) -> datetime:
+    line = next(line for line in log.splitlines() if fragment in line)
+    return datetime.strptime(re.match(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+)", line).group(1), "%Y-%m-%d %H:%M:%S,%f")
+
+
+def test_run_directory_is_no_more_open_than_its_store(two_rank_run):
+    reader = other_user()
+    open_paths = [p for p in [two_rank_run, *two_rank_run.rglob("*")] if p.lstat().st_mode & 0o077]
+    assert not open_paths, f"readable by group/others: {open_paths[:5]}"
+    predictions = two_rank_run / "predictions.csv"
+    assert predictions.is_file()
+    denied = as_other("cat", str(predictions))
+    assert denied.returncode != 0 and "Permission denied" in denied.stderr, (reader, denied.stdout[:200])
+    listing = as_other("ls", str(two_rank_run / "checkpoints"))
+    assert listing.returncode != 0
+    control = two_rank_run.parent / "readable.txt"  # the same user reads what is meant to be shared
+    control.write_text("shared\n")
+    control.chmod(0o644)
+    assert as_other("cat", str(control)).stdout == "shared\n"
+
+
+def test_refused_start_leaves_the_run_directory_as_it_was(tmp_path, shared_dir, config, two_rank_run):
+    run = shared_dir / "refused"
+    shutil.copytree(two_rank_run, run)  # copy2: contents, modes and mtimes
+    before = snapshot(run)
+    assert (run / "DONE").is_file()
+
+    res = launch(config, run, f"train.max_steps={TWO_RANK_STEPS}", "optim.lr=0.005")
+    assert res.returncode == 2, res.log[-3000:]
+    assert "optim.lr: 0.001 -> 0.005" in res.stderr and "Traceback" not in res.stderr, res.stderr[-3000:]
+    assert snapshot(run) == before, "a refused resume changed the run directory"
+
+    # checked against the cohort: 8 samples per step, 7 training subjects in split.json
+    res = launch(config, run, f"train.max_steps={TWO_RANK_STEPS}", "optim.micro_batch=8")
+    assert res.returncode == 2, res.log[-3000:]
+    assert "optim.micro_batch=8" in res.stderr and "7 subjects" in res.stderr, res.stderr[-3000:]
+    assert snapshot(run) == before
+
+    fresh = tmp_path / "fresh"  # a new run refused before its directory exists
+    res = launch(config, fresh, "optim.micro_batch=8")
+    assert res.returncode == 2 and "optim.micro_batch=8" in res.stderr, res.log[-3000:]
+    assert not fresh.exists()
+
+
+def test_damage_seen_by_one_rank_makes_both_fall_back_together(shared_dir, config, two_rank_run):
+    run = shared_dir / "damaged"
+    shutil.copytree(two_rank_run, run)
+    mgr = CheckpointManager(run, keep=100)
+    newest, second, third = mgr.complete_tags()[:3]
+    shard = run / "checkpoints" / newest / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    model = run / "checkpoints" / second / "mp_rank_00_model_states.pt"
+    damage_in_place(shard)  # only rank 1 loads (and verifies) its shard
+    damage_in_place(model)  # only rank 0 verifies the shared model file
+    assert mgr.problem(newest) is None and mgr.problem(second) is None  # sizes alone do not tell
+
+    # a rank left waiting in a collective would fail the run after 1 minute
+    res = launch(config, run, f"train.max_steps={TWO_RANK_STEPS + 1}", "checkpoint.every_steps=1",
+                 "train.dist_timeout_minutes=1", nproc=2)
+    log = ok(res, "completed")
+    assert re.search(rf"skipping damaged checkpoint {run / 'checkpoints' / newest}: rank 1: file {shard.name} has "
+                     r"sha256 \w+\.\.\., the manifest says", log), log[-4000:]
+    assert f"skipping damaged checkpoint {run / 'checkpoints' / second}: rank 0: file {model.name}" in log
+    assert f"resumed {third}" in log
+    took = log_time(log, f"resumed {third}") - log_time(log, f"skipping damaged checkpoint {run / 'checkpoints'}")
+    assert took.total_seconds() < 60, took
+    assert manifests(run)[-1]["step"] == TWO_RANK_STEPS + 1
+
+
+@contextlib.contextmanager
+def read_only(folder: Path):
+    """``folder`` read-only for this process: a read-only bind mount as root (root ignores
+    mode bits), mode 555 otherwise."""
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        yield
+        folder.chmod(0o755)
+        return
+    res = subprocess.run(["mount", "--bind", "-o", "ro", str(folder), str(folder)], capture_output=True, text=True,
+                         check=False)
+    if res.returncode != 0:
+        pytest.skip(f"cannot make a read-only bind mount here ({res.stderr.strip()})")
+    try:
+        yield
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_read_only_checkpoint_folder_is_refused_at_start(tmp_path, config):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    with read_only(run / "checkpoints"):
+        res = subprocess.run([sys.executable, str(LAUNCH), "--config", str(config), f"run_dir={run}"],
+                             capture_output=True, text=True, timeout=120, cwd=REPO, check=False)
+    assert res.returncode == 2, res.stdout[-2000:] + res.stderr[-3000:]
+    assert f"{run / 'checkpoints'} is not writable by user " in res.stderr, res.stderr[-3000:]
+    assert "Traceback" not in res.stderr
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints"]
+
+
+def test_a_bad_value_exits_2_naming_the_key(tmp_path, config):
+    """(every rule: tests/test_config.py)"""
+    res = subprocess.run([sys.executable, str(LAUNCH), "--config", str(config), f"run_dir={tmp_path / 'run'}",
+                          "split.test_fraction=1.5"], capture_output=True, text=True, timeout=120, cwd=REPO,
+                         check=False)
+    assert res.returncode == 2 and "split.test_fraction=1.5" in res.stderr, res.stderr[-2000:]
+    assert "Traceback" not in res.stderr and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--nodes", "0"], "argument --nodes: must be at least 1, got 0"),
+    (["--gpus-per-node", "-1"], "argument --gpus-per-node: must be at least 0"),
+    (["--poll", "0"], "argument --poll: must be a finite number above 0"),
+    (["--repeats", "two"], "argument --repeats: 'two' is not an integer"),
+    (["--time", "5", "--signal-delay", "600"], "--signal-delay 600 s is not shorter than --time 5"),
+])
+def test_submit_refuses_nonsensical_resources(tmp_path, capsys, args, fragment):
+    from launch.submit import main
+
+    try:
+        code = main(["--local", "--run-dir", str(tmp_path / "run"), *args])
+    except SystemExit as e:  # argparse's own exit
+        code = e.code
+    assert code == 2 and fragment in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_wait_reports_a_refused_run_instead_of_resubmitting_it(slurm_cluster, tiny_config, tmp_path):
+    """A batch larger than the cohort's training part is refused inside the job (it needs the
+    store); --wait must tell it from a crash: one job, no restart, exit 2 with the reason."""
+    from test_slurm_launch import events, job_ids, submit
+
+    run_dir = tmp_path / "refused"
+    res = submit("--nodes", 1, "--time", 5, "--config", tiny_config, "--run-dir", run_dir, "--max-restarts", 1,
+                 "optim.micro_batch=64", wait_job=True)
+    assert res.returncode == 2 and "run REFUSED" in res.stdout and "optim.micro_batch=64" in res.stdout, res.stdout
+    [jid] = job_ids(run_dir)
+    [refused] = events(run_dir, "refused")
+    assert refused["job_id"] == jid and "lower optim.micro_batch" in refused["error"]
+    assert not events(run_dir, "restarted")
