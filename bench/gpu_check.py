@@ -91,6 +91,8 @@ MASAN_ROWS = [Row("masan", 1), Row("masan", 1, ckpt=True), Row("masan", 1, ckpt=
 HFCN_ROWS = [Row("hfcn", 1), Row("hfcn", 4)]
 COMPILE_ROWS = [Row("masan", 1, compiled=True), Row("masan", 1, ckpt=True, compiled=True)]
 """Bounded so that the whole check fits 8 minutes on an H100 (compile rows last, skipped when late)."""
+TINY_ROWS = [Row("masan", 2, ckpt=True, channels_last=True)]
+"""--tiny: every model option of the rows above in one row."""
 
 
 class Budget:
@@ -153,20 +155,16 @@ def measure_model(cfg: RunConfig, row: Row, device: torch.device, dtype: torch.d
         masan_loss(out, data, cfg.loss, "joint")["total"].backward()
         opt.step()
 
-    try:
-        for _ in range(warmup):
-            step()
-        _sync(device)
-        t = time.perf_counter()
-        for _ in range(steps):
-            step()
-        _sync(device)
-        seconds = (time.perf_counter() - t) / steps
-        mem = peak_memory(device)
-        return 1e3 * seconds / b, mem.get("gpu_mem_gib", mem["peak_rss_gib"])
-    finally:
-        del model, opt, step_model, data
-        _free(device)
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    t = time.perf_counter()
+    for _ in range(steps):
+        step()
+    _sync(device)
+    seconds = (time.perf_counter() - t) / steps
+    mem = peak_memory(device)
+    return 1e3 * seconds / b, mem.get("gpu_mem_gib", mem["peak_rss_gib"])  # the caller frees the model
 
 
 def _sync(device: torch.device) -> None:
@@ -269,7 +267,7 @@ def loader_section(store: str, args, cfg: RunConfig, work: Path, budget: Budget)
         return cache_dir
     try:
         budget.alarm()
-        r = loader_speeds(Path(store), args.device, args.precision, cfg.data.fmri_frames, cfg.data.num_workers,
+        r = loader_speeds(Path(store), args.device, args.precision, cfg.data.fmri_frames, args.workers,
                           args.loader_passes, cache_dir, CLASSES)
         base = r["none"]["seconds"]
         for k in CACHES:
@@ -277,7 +275,7 @@ def loader_section(store: str, args, cfg: RunConfig, work: Path, budget: Budget)
             emit("loader", f"cache={k} ({x['samples']} subjects)", f"{x['seconds'] / x['samples'] * 1e3:.1f}", "-", "-",
                  f"{x['bytes'] / x['seconds'] / 1e9:.2f} GB/s into the model, {base / x['seconds']:.1f}x none"
                  + (f", built in {x['build_s']:.1f} s in {cache_dir}" if k != "none" else
-                    f", {cfg.data.num_workers} DataLoader workers"))
+                    f", {args.workers} DataLoader workers"))
     except Exception as e:  # noqa: BLE001
         note("loader", "none/host/device", f"error: {type(e).__name__}: {e}")
     finally:
@@ -299,11 +297,11 @@ def deepspeed_section(store: str, cache_dir: str, args, config: Path, work: Path
     every = max(1, args.ds_steps // 6)
     cmd = [sys.executable, str(REPO / "launch/train_local.py"), "--config", str(config), "--nproc", "1",
            f"run_dir={run_dir}", f"data.store={store}", f"data.classes=[{','.join(CLASSES)}]", "data.cache=host",
-           f"data.cache_dir={cache_dir}", f"train.max_steps={args.ds_steps}", "train.pretrain_epochs=1000",
+           f"data.cache_dir={cache_dir}", f"data.num_workers={args.workers}", f"train.max_steps={args.ds_steps}", "train.pretrain_epochs=1000",
            f"train.precision={args.precision}", f"train.device={args.device.type}", f"log.every_steps={every}",
            "log.eval_every_epochs=0", "log.grad_norm_every_steps=0", "checkpoint.every_steps=0",
            "checkpoint.every_minutes=0", "checkpoint.at_epoch_end=false", "split.val_fraction=0",
-           "split.test_fraction=0.5", "optim.micro_batch=1", "optim.grad_accum=1", "optim.warmup_steps=0"]
+           "split.test_fraction=0.25", "optim.micro_batch=1", "optim.grad_accum=1", "optim.warmup_steps=0"]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
     try:
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=max(10.0, budget.left() - 5), env=env,
@@ -361,7 +359,8 @@ def parse_args(argv: list[str] | None):
     ap.add_argument("--budget-s", type=float, default=420.0, help="global time budget (default 420 s: 7 min)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=3, help="timed steps per model row")
-    ap.add_argument("--subjects", type=int, default=4, help="subjects of the synthetic cohort (half NC, half AD)")
+    ap.add_argument("--subjects", type=int, default=8,
+                    help="subjects of the synthetic cohort (half NC, half AD; a quarter of each class is the test part)")
     ap.add_argument("--loader-passes", type=int, default=2)
     ap.add_argument("--ds-steps", type=int, default=30)
     ap.add_argument("--compile-backend", default="inductor", help="torch.compile backend (--tiny: eager)")
@@ -396,6 +395,13 @@ def main(argv: list[str] | None = None) -> int:
     config.write_text(yaml.safe_dump(config_to_dict(cfg)))
     m = cfg.model
     gpu = torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else "CPU"
+    # DataLoader workers hand samples over through /dev/shm: a container's is often 64 MB
+    sample = 4 * (int(np.prod(m.t1_shape)) + m.fmri_frames * int(np.prod(m.fmri_shape)))
+    shm_free = shutil.disk_usage("/dev/shm").free if Path("/dev/shm").is_dir() else 0
+    args.workers = cfg.data.num_workers if shm_free > 4 * (cfg.data.prefetch_factor + 1) * sample else 0
+    if args.workers != cfg.data.num_workers:
+        print(f"gpu_check: /dev/shm has {shm_free / 2**30:.2f} GiB free, too little for DataLoader workers: "
+              "data.num_workers=0 in the loader and DeepSpeed sections", flush=True)
     print(f"gpu_check: {gpu}, torch {torch.__version__}, {args.precision}, budget {args.budget_s:.0f} s; "
           f"T1 {m.t1_shape} in {m.patch_grid} patches, fMRI {m.fmri_frames} x {m.fmri_shape}; "
           f"targets: <= 60 ms and <= 12 GiB per sample, data wait < 5 %", flush=True)
@@ -407,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
             cohort = pool.submit(prepare_cohort, str(work / "cohort"), config_to_dict(cfg), args.subjects,
                                  min(8, os.cpu_count() or 1))
         if "masan" in sections:
-            model_section("masan", MASAN_ROWS[1:3] if args.tiny else MASAN_ROWS, args, cfg, budget,
+            model_section("masan", TINY_ROWS if args.tiny else MASAN_ROWS, args, cfg, budget,
                           args.min_left_model)
         if "hfcn" in sections:
             model_section("hfcn", HFCN_ROWS[:1] if args.tiny else HFCN_ROWS, args, cfg, budget, args.min_left_model)

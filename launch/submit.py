@@ -114,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--local", action="store_true", help="train on this machine even if SLURM is available")
     m.add_argument("--wait", action="store_true", help="follow the job(s) until they end; exit 0 if all runs finished")
     m.add_argument("--poll", type=_positive_float, default=10.0, help="seconds between state checks with --wait")
+    m.add_argument("--status", nargs="+", metavar="RUN_DIR",
+                   help="only print the table of every run under these directories (launch/status.py) and exit")
     return p
 
 
@@ -295,6 +297,10 @@ def _select(specs: list[RunSpec]) -> list[RunSpec] | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.status:
+        from launch.status import main as show_status
+
+        return show_status(args.status)
     try:
         specs = plan_runs(args.run_dir, args.config, args.overrides, args.repeats, args.ablation,
                           baseline=not args.no_baseline)

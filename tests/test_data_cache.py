@@ -123,7 +123,7 @@ def test_early_stop_and_a_killed_runs_leftovers(store, tmp_path):
     batches = cache.batches(range(len(ds)), 1, torch.float32, depth=1)
     next(batches)
     batches.close()  # a run that stops mid-epoch leaves no thread blocked behind
-    assert not batches.thread.is_alive()
+    assert not batches.producer.thread.is_alive()
     del batches
     cache.close()
 

@@ -139,6 +139,8 @@ class CohortCache:
         self.store = CohortStore(store_path)
         self.subjects, self.labels, self.cfg = list(subjects), list(labels), data_cfg
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:  # set_device and mem_get_info need an index
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.modalities = [m for m, on in (("t1", data_cfg.use_t1), ("fmri", data_cfg.use_fmri)) if on]
         self.scales = {(s, m): self._scale(s, m) for s in self.subjects for m in self.modalities}
         self.local_rank, self.local_world = node_peers()
@@ -168,7 +170,7 @@ class CohortCache:
 
     def __getstate__(self) -> dict:
         """For spawned DataLoader workers: paths and numbers, not the mapped arrays (re-mapped there)."""
-        state = {k: v for k, v in self.__dict__.items() if k not in ("host", "on_device", "_finalizer")}
+        state = {k: v for k, v in self.__dict__.items() if k not in ("host", "on_device", "_finalizer", "_producer")}
         return {**state, "device": torch.device("cpu")}
 
     def __setstate__(self, state: dict) -> None:
@@ -269,6 +271,10 @@ class CohortCache:
     def close(self) -> None:
         """Drop this rank's views and device copies; the node's lead rank deletes the files (others
         may still map them: their pages stay valid until they drop them)."""
+        producer = getattr(self, "_producer", None)
+        if producer is not None:
+            producer.stop()
+            self._producer = None
         self.host, self.on_device = {}, {}
         fin = getattr(self, "_finalizer", None)
         if fin is not None:
@@ -301,13 +307,11 @@ class CohortCache:
         ``dtype``, prepared ``depth`` ahead by a background thread: see :class:`Batches`. One
         iterator at a time: starting one stops the previous (each epoch starts a new one), whose
         buffers the new one reuses."""
-        previous = getattr(self, "_active", None)
-        buffers = None
-        if previous is not None and previous() is not None:
-            previous().close()
-            buffers = previous().producer.buffers()
-        it = Batches(self, indices, batch_size, dtype, depth, buffers)
-        self._active = weakref.ref(it)
+        previous = getattr(self, "_producer", None)
+        if previous is not None:
+            previous.stop()  # its thread has ended: its buffers are free
+        it = Batches(self, indices, batch_size, dtype, depth, previous.buffers() if previous is not None else None)
+        self._producer = it.producer  # not the iterator: dropping that still stops the thread
         return it
 
     def raw(self, subject: str, modality: str) -> torch.Tensor:
@@ -387,10 +391,9 @@ class Batches:
         groups = [order[i:i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)]
         self.device = cache.device
         self.producer = _Producer(cache, groups, dtype, depth, buffers)
-        self.thread = threading.Thread(target=self.producer.run, name="masan-cache-batches", daemon=True)
         # the thread holds the producer, not this iterator: dropping the iterator stops it
         weakref.finalize(self, self.producer.stopped.set)
-        self.thread.start()
+        self.producer.thread.start()
 
     def __iter__(self) -> Iterator[dict]:
         return self
@@ -415,13 +418,7 @@ class Batches:
         return batch
 
     def close(self) -> None:
-        self.producer.stopped.set()
-        while True:  # unblock a producer waiting on a full queue
-            try:
-                self.producer.queue.get_nowait()
-            except queue.Empty:
-                break
-        self.thread.join(timeout=30)
+        self.producer.stop()
 
 
 class _Producer:
@@ -434,8 +431,9 @@ class _Producer:
         self.cache, self.groups, self.dtype = cache, groups, dtype
         self.cuda = cache.device.type == "cuda"
         self.stream = torch.cuda.Stream(cache.device) if self.cuda else None
-        pinned, outputs, self.next_slot = buffers or ([], [], 0)
+        pinned, outputs, next_slot = buffers or ([], [], 0)
         slots = depth + 2
+        self.next_slot = next_slot % slots
         self.pinned: list[dict[str, torch.Tensor]] = (pinned + [{} for _ in range(slots)])[:slots]
         """CUDA only: per slot, the pinned staging buffers of the host-to-device copies."""
         self.outputs: list[dict[str, torch.Tensor]] = (outputs + [{} for _ in range(slots)])[:slots]
@@ -443,6 +441,20 @@ class _Producer:
         self.events: list[torch.cuda.Event | None] = [None] * (depth + 2)
         self.queue: queue.Queue = queue.Queue(maxsize=max(depth, 1))
         self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self.run, name="masan-cache-batches", daemon=True)
+
+    def stop(self) -> None:
+        """End the thread (at once when it waits on a full queue; after the batch in hand otherwise)."""
+        self.stopped.set()
+        while True:
+            try:
+                self.queue.get_nowait()
+            except queue.Empty:
+                break
+        if self.thread.is_alive() and self.thread is not threading.current_thread():
+            self.thread.join()
+        if self.stream is not None:
+            self.stream.synchronize()  # copies out of the pinned buffers have landed: the next iterator may refill them
 
     def buffers(self) -> tuple[list, list, int]:
         """The pinned and output buffers and the next slot, for the next iterator of the same cache

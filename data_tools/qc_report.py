@@ -1,0 +1,72 @@
+#!/usr/bin/env python
+"""Write a static HTML quality-check report of a cohort store: DIR/index.html plus PNGs.
+
+Per subject: header facts (shapes, voxel size, TR, orientation codes), a T1 mosaic with the
+fMRI mean outline resampled onto it through the stored affines, an fMRI carpet and
+temporal-std view, and flags for what looks wrong (orientation disagreement, fields of view
+that do not overlap, constant or clipped volumes, too few frames, outlier intensities against
+the cohort). A cohort section lists the label counts and the last conversion's failures.
+Open DIR/index.html in any browser; no server is needed. The report is given the store's
+permissions (it shows subjects' images and labels).
+
+Examples:
+  python data_tools/qc_report.py runs/cohort.zarr --out runs/cohort_qc
+  python data_tools/qc_report.py runs/cohort.zarr --out /tmp/qc --subjects sub-001 sub-007
+Exit status: 0 report written (flagged subjects included), 2 unusable store, subject or --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # `python data_tools/qc_report.py` puts data_tools/ first, not the repo
+    sys.path.insert(0, str(REPO))
+
+from masan.data.qc import QCError, QCOptions, write_report  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = QCOptions()
+    p = argparse.ArgumentParser(prog="data_tools/qc_report.py", description=__doc__.split("\n\n")[0],
+                                epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("store", type=Path, help="cohort store written by data_tools/to_zarr.py")
+    p.add_argument("--out", type=Path, required=True,
+                   help="report folder (new, empty, or an earlier report, which is replaced)")
+    p.add_argument("--subjects", nargs="+", metavar="ID", help="only these subjects (default: all)")
+    p.add_argument("--min-frames", type=int, default=d.min_frames,
+                   help="flag fMRI runs with fewer frames (default: the cohort's most common run length)")
+    p.add_argument("--z-threshold", type=float, default=d.z_threshold,
+                   help="flag a modality whose mean or std is this many robust SD from the cohort median "
+                   "(default: %(default)s)")
+    p.add_argument("--clip-fraction", type=float, default=d.clip_fraction,
+                   help="flag a volume with more than this share of its nonzero voxels at the maximum "
+                   "(default: %(default)s)")
+    p.add_argument("--fov-overlap", type=float, default=d.fov_overlap,
+                   help="flag a subject with less than this share of the fMRI head inside the T1 volume "
+                   "(default: %(default)s)")
+    p.add_argument("--slices", type=int, default=d.mosaic_slices, help="T1 mosaic slices (default: %(default)s)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    opts = QCOptions(subjects=args.subjects, min_frames=args.min_frames, z_threshold=args.z_threshold,
+                     clip_fraction=args.clip_fraction, fov_overlap=args.fov_overlap, mosaic_slices=args.slices,
+                     progress=not args.no_progress)
+    try:
+        res = write_report(args.store, args.out, opts)
+    except QCError as e:
+        print(f"qc_report: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {res['index']} ({res['subjects']} subjects, {len(res['flagged'])} flagged; {res['access']})")
+    for subject, codes in res["flagged"].items():
+        print(f"  FLAGGED {subject}: {', '.join(codes)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
