@@ -31,7 +31,6 @@ setup() {
         .venv/bin/python -m pip install -q -e '.[test]'
         echo "$want" > "$stamp"
     fi
-    install_browser
 }
 
 # The QC report's browser test (tests/test_qc_report.py) drives a headless Chromium through
@@ -60,6 +59,6 @@ cmd=${1:-}
 case "$cmd" in
     setup) setup ;;
     demo)  setup; exec .venv/bin/python launch/demo.py "$@" ;;
-    test)  setup; exec .venv/bin/python -m pytest tests "$@" ;;
+    test)  setup; install_browser; exec .venv/bin/python -m pytest tests "$@" ;;
     *) echo "usage: bash run.sh demo|test|setup [args]" >&2; exit 2 ;;
 esac
