@@ -249,7 +249,10 @@ class CohortCache:
 
     def _decode(self, subject: str) -> None:
         """Stored integers of the subject's arrays -> ``.npy`` files (written under a temporary name,
-        then renamed, so a file that exists is complete); a shard of frames at a time."""
+        then renamed, so a file that exists is complete); a shard of frames at a time. Refuses a
+        subject whose store version changed meanwhile (a reconversion under a run), so the cache
+        never mixes two versions or holds data that disagrees with the scales taken at start."""
+        before = self.store.group_path(subject)
         for m in self.modalities:
             final = self._file(subject, m)
             dtype = np.dtype(self.store.row(subject)[m]["dtype"])
@@ -266,6 +269,11 @@ class CohortCache:
             out.flush()
             del out
             os.replace(tmp, final)
+        self.store._refresh()
+        if self.store.group_path(subject) != before:
+            raise RuntimeError(
+                f"{subject} was reconverted in {self.store.path} while data.cache was being built; the cache would "
+                "mix two versions of it. Let the conversion finish, then restart the run (it resumes)")
         self.decoded.append(subject)
 
     def close(self) -> None:
