@@ -30,9 +30,10 @@ time. Targets (issue 9): <= 60 ms and <= 12 GiB per sample, data wait < 5 % of t
 from __future__ import annotations
 
 import argparse
-import copy
 import concurrent.futures as futures
+import copy
 import gc
+import json
 import multiprocessing
 import os
 import shutil
@@ -57,13 +58,18 @@ if str(REPO) not in sys.path:  # bench.io and masan import with the repository a
 from masan.config import RunConfig, config_to_dict, load_config  # noqa: E402
 from masan.model import build_model, masan_loss  # noqa: E402
 from masan.model.inputs import PRECISION_DTYPES  # noqa: E402
+from masan.rundir import RunDir  # noqa: E402
 from masan.train.logging import peak_memory  # noqa: E402
 
 PAPER = REPO / "hpc/configs/paper.yaml"
-TINY = ["model.t1_shape=[32,32,32]", "model.fmri_shape=[16,16,16]", "model.fmri_frames=6",
-        "model.patch_grid=[2,2,2]", "model.channels=[4,8,8,8]", "model.fmri_channels=[4,8,8,8]", "model.groups=4",
-        "model.attn_dim=8", "model.mlp_hidden=16", "data.fmri_frames=6", "model.hfcn_features=8"]
-"""CPU-sized model and data with every structural feature of the paper's (tests/conftest.py's tiny run)."""
+def _overrides(path: Path) -> list[str]:
+    """A config file as ``section.key=value`` overrides (applied on top of ``--config``)."""
+    return [f"{section}.{key}={json.dumps(value)}" for section, keys in yaml.safe_load(path.read_text()).items()
+            for key, value in keys.items()]
+
+
+TINY = _overrides(REPO / "hpc/configs/tiny.yaml")
+"""CPU-sized model and data with every structural feature of the paper's (the tests' tiny config)."""
 CLASSES = ("NC", "AD")
 COLUMNS = (("section", 10), ("variant", 34), ("ms/sample", 10), ("peak GiB", 9), ("GiB/sample", 10), ("note", 0))
 
@@ -297,7 +303,8 @@ def deepspeed_section(store: str, cache_dir: str, args, config: Path, work: Path
     every = max(1, args.ds_steps // 6)
     cmd = [sys.executable, str(REPO / "launch/train_local.py"), "--config", str(config), "--nproc", "1",
            f"run_dir={run_dir}", f"data.store={store}", f"data.classes=[{','.join(CLASSES)}]", "data.cache=host",
-           f"data.cache_dir={cache_dir}", f"data.num_workers={args.workers}", f"train.max_steps={args.ds_steps}", "train.pretrain_epochs=1000",
+           f"data.cache_dir={cache_dir}", f"data.num_workers={args.workers}", f"train.max_steps={args.ds_steps}",
+           "train.pretrain_epochs=1000",
            f"train.precision={args.precision}", f"train.device={args.device.type}", f"log.every_steps={every}",
            "log.eval_every_epochs=0", "log.grad_norm_every_steps=0", "checkpoint.every_steps=0",
            "checkpoint.every_minutes=0", "checkpoint.at_epoch_end=false", "split.val_fraction=0",
@@ -327,7 +334,7 @@ def _report_ds(run_dir: Path, variant: str) -> None:
     try:
         from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-        acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0})
+        acc = EventAccumulator(str(RunDir(run_dir).tb), size_guidance={"scalars": 0})
         acc.Reload()
         tags = acc.Tags()["scalars"]
         series = {t.split("/", 1)[1]: [e.value for e in acc.Scalars(t)] for t in tags}
@@ -360,7 +367,8 @@ def parse_args(argv: list[str] | None):
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=3, help="timed steps per model row")
     ap.add_argument("--subjects", type=int, default=8,
-                    help="subjects of the synthetic cohort (half NC, half AD; a quarter of each class is the test part)")
+                    help="subjects of the synthetic cohort (half NC, half AD; a quarter of each class is the "
+                         "test part)")
     ap.add_argument("--loader-passes", type=int, default=2)
     ap.add_argument("--ds-steps", type=int, default=30)
     ap.add_argument("--compile-backend", default="inductor", help="torch.compile backend (--tiny: eager)")

@@ -19,6 +19,7 @@ Target (issue 9): the ``host`` cache delivers a full-resolution sample >= 10x fa
   python bench/io.py --full          # the paper's sizes: T1 240x256x176, fMRI 60x64x44 x 976
   python bench/io.py --codec lz4 --clevel 5 --keep /tmp/bench   # try another codec, keep the files
   python bench/io.py --full --loader-only --subjects 2 --frames 488   # only the loader table, fewer frames
+  python bench/io.py --keep /tmp/b --against /tmp/old/store.zarr   # this layout vs a store of the same cohort
 Timings are the best of --repeats passes over all subjects (contenders interleaved), with every
 file in the page cache; CPU time counts all threads, a steadier figure on a shared machine.
 """
@@ -100,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--patches", type=int, default=20, help="random patch reads per repeat")
     p.add_argument("--keep", type=Path, default=None, help="write here and keep the files (default: a temp dir)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--against", type=Path, default=None, metavar="STORE",
+                   help="another store of the same cohort (e.g. written by the previous layout, kept with --keep): "
+                        "its reads are timed interleaved with this one's, same reader, in a second table")
     data = DataConfig()
     p.add_argument("--loader-only", action="store_true", help="only the loader table (no nibabel comparison)")
     p.add_argument("--loader-workers", type=int, default=data.num_workers,
@@ -116,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     try:
         store = prepare(args, work)
-        table = [] if args.loader_only else run(args, work, store)
+        table, against = ([], []) if args.loader_only else run(args, work, store)
         loader = loader_table(store, torch.device(args.device), args.precision, args.frames, args.loader_workers,
                               args.loader_passes, args.cache_dir)
     finally:
@@ -127,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
           f"shard {args.shard_frames}; gzip level {args.gzip_level}; {os.cpu_count()} CPUs")
     if table:
         print_table(["", "store", "nii.gz", "ratio"], table)
+    if against:
+        print(f"\nthis store ({store_format(store)}) vs --against {args.against} ({store_format(args.against)}):")
+        print_table(["", "this", "against", "against / this"], against)
     print(f"\nloader of one rank, batch 1, {args.precision} on {args.device} (none: {args.loader_workers} "
           f"DataLoader workers; best of {args.loader_passes} epochs):")
     print_table(["", *CACHES], loader)
@@ -231,7 +238,36 @@ def loader_speeds(store_path: Path, device: torch.device, precision: str, frames
             for k in CACHES}
 
 
-def run(args: argparse.Namespace, work: Path, out: Path) -> list[tuple[str, str, str, str]]:
+def store_format(path: Path) -> str:
+    """``format N`` of a store (1: bare arrays, 2: NIfTI-Zarr images)."""
+    return f"format {CohortStore(path).attrs['masan_store']['version']}"
+
+
+def _store_reads(store: CohortStore, picks) -> dict:
+    """Timed store reads over all subjects: ``sample`` (float32 z-scored, what the loader returns),
+    ``raw`` (stored values), ``patch`` (a T1 grid cell + an fMRI frame block per pick)."""
+    subjects = store.subjects
+
+    def sample() -> None:
+        for s in subjects:
+            store.read_t1(s)
+            store.read_fmri(s)
+
+    def raw() -> None:
+        for s in subjects:
+            store.read_raw(s, "t1")
+            store.read_raw(s, "fmri")
+
+    def patch() -> None:
+        for s, region, fr in picks():
+            store.read_t1(s, region=region)
+            store.read_fmri(s, frames=fr)
+
+    return {"sample": sample, "raw": raw, "patch": patch}
+
+
+def run(args: argparse.Namespace, work: Path, out: Path) -> tuple[list[tuple[str, ...]], list[tuple[str, ...]]]:
+    """The store-vs-nibabel rows, and with ``--against`` the this-store-vs-other-store rows."""
     rng = np.random.default_rng(args.seed)
     bids = work / "bids"
     convert_s = args.convert_s
@@ -243,16 +279,6 @@ def run(args: argparse.Namespace, work: Path, out: Path) -> list[tuple[str, str,
     voxel_bytes = sum(np.dtype(r[m]["dtype"]).itemsize * int(np.prod(r[m]["shape"])) for r in store.table
                       for m in ("t1", "fmri"))
     n = len(subjects)
-
-    def store_sample() -> None:
-        for s in subjects:
-            store.read_t1(s)
-            store.read_fmri(s)
-
-    def store_raw() -> None:
-        for s in subjects:
-            store.read_raw(s, "t1")
-            store.read_raw(s, "fmri")
 
     def nib_raw() -> None:
         for s in subjects:
@@ -281,28 +307,38 @@ def run(args: argparse.Namespace, work: Path, out: Path) -> list[tuple[str, str,
             t0 = int(local.integers(0, frames - block + 1))
             yield s, region, slice(t0, t0 + block)
 
-    def store_patch() -> None:
-        for s, region, fr in picks():
-            store.read_t1(s, region=region)
-            store.read_fmri(s, frames=fr)
-
     def nib_patch() -> None:
         for s, region, fr in picks():
             t1, bold = _sources(bids, s)
             np.asarray(nib.load(t1).dataobj[region])
             np.asarray(nib.load(bold).dataobj[..., fr])
 
-    fns = {"store": store_sample, "nib_z": nib_z, "store_raw": store_raw, "nib_raw": nib_raw,
-           "store_patch": store_patch, "nib_patch": nib_patch}
+    reads = _store_reads(store, picks)
+    fns = {"store": reads["sample"], "nib_z": nib_z, "store_raw": reads["raw"], "nib_raw": nib_raw,
+           "store_patch": reads["patch"], "nib_patch": nib_patch}
+    if args.against is not None:
+        other = CohortStore(args.against)
+        if other.subjects != subjects:
+            raise SystemExit(f"--against {args.against} holds other subjects than {out}")
+        fns.update({f"other_{k}": fn for k, fn in _store_reads(other, picks).items()})
     wall, cpu = _best_interleaved(fns, args.repeats)
     mb = 1e6
 
-    def timing(label: str, a: str, b: str, per: int) -> list[tuple[str, str, str, str]]:
+    def timing(label: str, a: str, b: str, per: int, ratio: str = "{:.1f}x faster|{:.1f}x less"
+               ) -> list[tuple[str, str, str, str]]:
+        fast, less = ratio.split("|")
         return [(f"{label} wall (ms)", f"{wall[a] / per * 1e3:.1f}", f"{wall[b] / per * 1e3:.1f}",
-                 f"{wall[b] / wall[a]:.1f}x faster"),
+                 fast.format(wall[b] / wall[a])),
                 (f"{label} CPU (ms)", f"{cpu[a] / per * 1e3:.1f}", f"{cpu[b] / per * 1e3:.1f}",
-                 f"{cpu[b] / cpu[a]:.1f}x less")]
+                 less.format(cpu[b] / cpu[a]))]
 
+    against = [] if args.against is None else [
+        ("bytes on disk (MB)", f"{store_bytes / mb:.1f}", f"{_bytes((args.against / SUBJECTS).rglob('*')) / mb:.1f}",
+         ""),
+        *timing("full sample float32 z-scored", "store", "other_sample", n, "{:.2f}x|{:.2f}x"),
+        *timing("full sample raw values", "store_raw", "other_raw", n, "{:.2f}x|{:.2f}x"),
+        *timing("T1 patch + fMRI frame block", "store_patch", "other_patch", args.patches, "{:.2f}x|{:.2f}x"),
+    ]
     return [
         ("conversion (subjects/s)", f"{n / convert_s:.2f}", "", ""),
         ("conversion (MB/s voxels)", f"{voxel_bytes / mb / convert_s:.0f}", "", ""),
@@ -313,7 +349,7 @@ def run(args: argparse.Namespace, work: Path, out: Path) -> list[tuple[str, str,
         *timing("T1 patch + fMRI frame block", "store_patch", "nib_patch", args.patches),
         ("read throughput (MB/s voxels)", f"{voxel_bytes / mb / wall['store_raw']:.0f}",
          f"{voxel_bytes / mb / wall['nib_raw']:.0f}", ""),
-    ]
+    ], against
 
 
 if __name__ == "__main__":

@@ -49,12 +49,12 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from masan.config import ConfigError, config_hash, load_config
+from masan.data import anatomy
+from masan.files import atomic_write_json
+from masan.rundir import RunDir
 
-from masan.config import ConfigError, config_hash, load_config  # noqa: E402
-from masan.data import anatomy  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 CONFIG = REPO / "hpc/configs/science.yaml"
 VARIANTS = {
@@ -70,8 +70,6 @@ ORACLE = "oracle"
 TOP_K = 3
 COHORT_STAMP = "cohort.json"
 LOCK_FILE = "science.lock"
-RUN_STAMP = "bench_run.json"
-LOG_FILE = "train.log"
 TAIL_LINES = 25
 COLUMNS = (("4-class acc", "accuracy", 2), ("AD acc", "binary_accuracy", 2), ("AD precision", "precision", 2),
            ("AD recall", "recall", 2), ("AD AUC", "auc", 2), ("planted rank", "best_rank", 1))
@@ -114,7 +112,7 @@ def make_cohort(work: Path, stamp: dict) -> Path:
     run_step(synth)
     run_step([sys.executable, "data_tools/to_zarr.py", "--bids", str(bids), "--out", str(store),
               "--patch-grid", *map(str, stamp["patch_grid"]), "--no-progress"])
-    stamp_file.write_text(json.dumps(stamp, indent=1))
+    atomic_write_json(stamp_file, stamp)
     return store
 
 
@@ -136,25 +134,26 @@ def train(cmd: list[str], run_dir: Path, cohort: dict, env: dict, cfg_hash: str)
 
     Returns {"status": "trained" | "cached" | "failed", "minutes": training minutes so far}."""
     stamp = {"command": cmd[1:], "config_hash": cfg_hash, "cohort": cohort}
-    stamp_file = run_dir / RUN_STAMP
+    run = RunDir(run_dir)
+    stamp_file = run.bench_stamp
     old = json.loads(stamp_file.read_text()) if stamp_file.is_file() else None
     if run_dir.exists() and (old is None or {k: old.get(k) for k in stamp} != stamp):
         print(f"{run_dir}: made with other arguments or another cohort: starting it afresh", flush=True)
         shutil.rmtree(run_dir)
         old = None
-    if old is not None and old.get("done") and (run_dir / "predictions.csv").is_file():
+    if old is not None and old.get("done") and run.predictions.is_file():
         return {"status": "cached", "minutes": old["minutes"]}
     minutes = old.get("minutes", 0.0) if old else 0.0  # an interrupted run resumes: its time adds up
     run_dir.mkdir(parents=True, exist_ok=True)
-    stamp_file.write_text(json.dumps({**stamp, "done": False, "minutes": minutes}, indent=1))
-    log = run_dir / LOG_FILE
+    atomic_write_json(stamp_file, {**stamp, "done": False, "minutes": minutes})
+    log = run.train_log
     print("$", shlex.join(cmd), ">", shlex.quote(str(log)), flush=True)
     t = time.perf_counter()
     with log.open("a") as f:
         rc = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, env=env, check=False).returncode
     minutes += (time.perf_counter() - t) / 60
-    done = rc == 0 and (run_dir / "predictions.csv").is_file()
-    stamp_file.write_text(json.dumps({**stamp, "done": done, "minutes": minutes}, indent=1))
+    done = rc == 0 and run.predictions.is_file()
+    atomic_write_json(stamp_file, {**stamp, "done": done, "minutes": minutes})
     if not done:
         tail = log.read_text(errors="replace").splitlines()[-TAIL_LINES:]
         why = f"exit status {rc}" if rc else "no predictions.csv written (stopped before the end?)"
@@ -167,7 +166,7 @@ def train(cmd: list[str], run_dir: Path, cohort: dict, env: dict, cfg_hash: str)
 
 
 def metric_values(labels: np.ndarray, probs: np.ndarray, names: list[str], positive: str) -> dict:
-    from masan.evaluate.metrics import classification_metrics
+    from masan.metrics import classification_metrics
 
     m = classification_metrics(labels, probs.argmax(axis=1), names, positive, probs)
     return {k: m[k] for k in ("n", "accuracy", "binary_accuracy", "precision", "recall", "auc")}
@@ -187,7 +186,7 @@ def planted_regions(store, grid: list[int]) -> dict:
 
 def region_result(region_weights: np.ndarray, labels: np.ndarray, planted: dict) -> dict:
     """Where the planted regions sit in the model's ranking (mean weight over the test subjects)."""
-    from masan.evaluate.regions import rank_regions
+    from masan.evaluate.region_ranking import rank_regions
 
     if region_weights.size == 0 or not planted["all"]:
         return {"best_rank": None, "top3": None}
@@ -202,7 +201,7 @@ def region_result(region_weights: np.ndarray, labels: np.ndarray, planted: dict)
 def score_run(run_dir: Path, planted: dict) -> dict:
     from masan.evaluate.predict import load_predictions
 
-    cfg = load_config(run_dir / "config.yaml")
+    cfg = load_config(RunDir(run_dir).config)
     preds, names = load_predictions(run_dir, "test")
     out = metric_values(preds.labels, preds.probs, names, cfg.data.positive_class)
     return {**out, **region_result(preds.region_weights, preds.labels, planted)}
@@ -232,11 +231,11 @@ class Oracle:
         """The split the runs of this repeat used (their split.json), else made the same way."""
         import dataclasses
 
-        from masan.data.splits import SPLIT_FILE, Split, make_split
+        from masan.data.splits import Split, make_split
 
         for d in run_dirs:
-            if (d / SPLIT_FILE).is_file():
-                return Split.load(d / SPLIT_FILE)
+            if RunDir(d).split.is_file():
+                return Split.load(RunDir(d).split)
         cfg = dataclasses.replace(self.split_cfg, repeat=repeat)
         subjects = sorted(self.label)
         return make_split(subjects, [self.label[s] for s in subjects], cfg)
@@ -410,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     run_dirs = {(r, v): args.work / "runs" / v / f"r{r}" for r, v in jobs}
     results: dict[tuple[int, str], dict] = {}
     print(f"training {len(jobs)} runs ({args.repeats} repeats x {', '.join(args.variants)}), {args.jobs} at a time; "
-          f"logs in {args.work / 'runs'}/<variant>/r<repeat>/{LOG_FILE}", flush=True)
+          f"logs in {args.work / 'runs'}/<variant>/r<repeat>/{RunDir.TRAIN_LOG_NAME}", flush=True)
     commands = {(r, v): train_command(args, run_dirs[r, v], store_path, v, r, shape_overrides) for r, v in jobs}
     try:
         hashes = {job: config_hash(load_config(args.config, cmd[cmd.index("--config") + 2:]))
@@ -423,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
         for fut in as_completed(futures):
             r, v = futures[fut]
             res = fut.result()
-            res["log"] = str(run_dirs[r, v] / LOG_FILE)
+            res["log"] = str(RunDir(run_dirs[r, v]).train_log)
             if res["status"] != "failed":
                 try:
                     res.update(score_run(run_dirs[r, v], planted))

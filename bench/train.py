@@ -53,7 +53,9 @@ def logged_median(run_dir: Path, tag: str) -> float:
     """Median of a logged scalar (``train/<tag>``) over the logging intervals after the first."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0})
+    from masan.rundir import RunDir
+
+    acc = EventAccumulator(str(RunDir(run_dir).tb), size_guidance={"scalars": 0})
     acc.Reload()
     values = [e.value for e in acc.Scalars(f"train/{tag}")][1:]  # first window holds start-up
     return statistics.median(values) if values else float("nan")

@@ -46,7 +46,8 @@ def summary(store: CohortStore) -> list[str]:
         group = "" if acc.get("gid") is None else f", group id {acc['gid']}"
         lines.append(f"access: files {acc['file_mode']}{group} (chosen by {acc['chosen_by']})")
     failed = store.attrs.get("last_conversion", {}).get("failed", [])
-    lines.append(f"last conversion: {len(failed)} failed" + "".join(f"\n  {f['subject']}: {f['error']}" for f in failed))
+    lines.append(f"last conversion: {len(failed)} failed"
+                 + "".join(f"\n  {f['subject']}: {f['error']}" for f in failed))
     return lines
 
 
@@ -64,6 +65,9 @@ def subject_detail(store: CohortStore, subject: str) -> list[str]:
         lines.append(f"     transform {meta['transform']}  stats mean {meta['stats']['mean']:.4g} "
                      f"std {meta['stats']['std']:.4g}")
         lines.append(f"     source {store.row(subject)[m]['source']}")
+        legacy = "format-1 array (rerun to_zarr.py to rewrite it as NIfTI-Zarr)"
+        layout = f"NIfTI-Zarr image, {meta['levels']} level(s)" if "levels" in meta else legacy
+        lines.append(f"     layout {layout}")
     return lines
 
 
@@ -72,7 +76,7 @@ def _verify(path: Path, group: str) -> list[str]:
     (a missing chunk file is damage: StrictLocalStore raises instead of reading zeros)."""
     try:
         return verify_group(zarr.open_group(StrictLocalStore(path, read_only=True), path=group, mode="r"))
-    except Exception as e:  # the version folder itself is missing or unreadable
+    except Exception as e:  # noqa: BLE001 - any failure to open the version folder is damage to report
         return [f"{group} ({type(e).__name__})"]
 
 

@@ -21,17 +21,14 @@ import argparse
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # `python data_tools/qc_report.py` puts data_tools/ first, not the repo
-    sys.path.insert(0, str(REPO))
-
-from masan.data.qc import QCError, QCOptions, write_report  # noqa: E402
+from masan.data.qc import QCError, QCOptions, write_report
 
 
 def build_parser() -> argparse.ArgumentParser:
     d = QCOptions()
     p = argparse.ArgumentParser(prog="data_tools/qc_report.py", description=__doc__.split("\n\n")[0],
-                                epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+                                epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("store", type=Path, help="cohort store written by data_tools/to_zarr.py")
     p.add_argument("--out", type=Path, required=True,
                    help="report folder (new, empty, or an earlier report, which is replaced)")

@@ -58,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="fMRI frame voxels (default: phantom 16 16 16, mni152 12 14 12)")
     p.add_argument("--frames", type=int, default=None, help="fMRI frames per run (default: phantom 8, mni152 16)")
     p.add_argument("--full", action="store_true",
-                   help=f"the paper's sizes: T1 {ModelConfig().t1_shape}, fMRI {ModelConfig().fmri_shape} x {FULL_FRAMES}")
+                   help=f"the paper's sizes: T1 {ModelConfig().t1_shape}, "
+                   f"fMRI {ModelConfig().fmri_shape} x {FULL_FRAMES}")
     p.add_argument("--strength", nargs="+", type=float, default=None, metavar="K",
                    help="effect at severity 1 (phantom: one value, default %s; mni152: one value for both "
                         "modalities or T1 and fMRI, default %s %s)" % ((PlantedEffect.strength,)

@@ -22,8 +22,16 @@ from pathlib import Path
 
 from masan.access import AccessError, parse_group, parse_mode
 from masan.config import ModelConfig
-from masan.data.convert import (DEFAULT_CLASSES, ConvertError, ConvertOptions, StoreAccess, convert_cohort,
-                                discover_bids, planted_effect, read_manifest)
+from masan.data.convert import (
+    DEFAULT_CLASSES,
+    ConvertError,
+    ConvertOptions,
+    StoreAccess,
+    convert_cohort,
+    discover_bids,
+    planted_effect,
+    read_manifest,
+)
 from masan.data.store import REPORT
 
 
@@ -57,6 +65,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     lay.add_argument("--clevel", type=int, default=d.clevel, choices=range(10), metavar="0-9",
                      help="compression level (default %(default)s)")
     lay.add_argument("--shuffle", default=d.shuffle, choices=["bitshuffle", "shuffle", "noshuffle"])
+    lay.add_argument("--levels", type=int, default=d.levels,
+                     help="resolution levels per image (default %(default)s: full resolution only); each further "
+                          "level halves X, Y, Z for OME-Zarr viewers (training reads level 0)")
     p.add_argument("--nan", default=d.nan, choices=["error", "zero"],
                    help="NaN voxels: error (default: the subject fails) or zero (stored as 0, count recorded)")
     p.add_argument("--workers", type=int, default=1, help="subjects converted in parallel (processes)")
@@ -94,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
             canonical=args.canonical, t1_shape=tuple(args.t1_shape) if args.t1_shape else None,
             fmri_shape=tuple(args.fmri_shape) if args.fmri_shape else None, patch_grid=tuple(args.patch_grid),
             fmri_chunk_frames=args.fmri_chunk_frames, fmri_shard_frames=args.fmri_shard_frames, codec=args.codec,
-            clevel=args.clevel, shuffle=args.shuffle, nan=args.nan, require=tuple(args.require))
+            clevel=args.clevel, shuffle=args.shuffle, levels=args.levels, nan=args.nan, require=tuple(args.require))
         if args.bids:
             sources = discover_bids(args.bids, args.label_column, args.session)
             effect = planted_effect(args.bids)

@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+from masan.rundir import RunDir
+
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO / "hpc" / "configs" / "demo.yaml"
 PER_CLASS = 12
@@ -67,14 +69,15 @@ def main(argv: list[str] | None = None) -> int:
                             f"data.store={store}", *args.overrides], "3. train (local, through the launcher)")
     timings["evaluate"] = run([py, "-m", "masan.evaluate", str(run_dir), "--out", str(report)], "4. evaluate")
 
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    rd = RunDir(run_dir)
+    metrics = json.loads(rd.metrics.read_text())
     shown = {k: round(v, 3) for k, v in metrics.items() if isinstance(v, (int, float))}
     print("\n== done in " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
     print(f"test metrics:      {shown}")
-    print(f"metrics:           {run_dir / 'metrics.json'}  and the table {report / 'table.md'}")
-    print(f"predictions:       {run_dir / 'predictions.csv'}")
+    print(f"metrics:           {rd.metrics}  and the table {report / 'table.md'}")
+    print(f"predictions:       {rd.predictions}")
     print(f"figures:           {report / 'figures'}")
-    print(f"TensorBoard logs:  {run_dir / 'tb'}   (tensorboard --logdir {run_dir})")
+    print(f"TensorBoard logs:  {rd.tb}   (tensorboard --logdir {run_dir})")
     print("on a cluster:      python launch/submit.py --nodes 4 --gpus-per-node 8 --config hpc/configs/paper.yaml")
     return 0
 

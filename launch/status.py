@@ -18,7 +18,7 @@ the median seconds per step of the last logged intervals) and done (DONE for thi
 target).
 
 Sources, all in the run directory, read with the project's own readers: config.yaml
-(masan.config), checkpoints/*/COMPLETE (masan.train.checkpoint), DONE (masan.train.run),
+(masan.config), checkpoints/*/COMPLETE (masan.train.checkpoint), DONE (masan.rundir),
 jobs.json (launch.slurm.jobs), tb/ (TensorBoard's event reader). Works without SLURM.
 Exit status: 0, or 2 when no run directory was found under the paths given.
 """
@@ -39,13 +39,10 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # `python launch/status.py` puts launch/ first, not the repo
-    sys.path.insert(0, str(REPO))
+from launch.slurm import jobs
+from masan.rundir import RunDir
 
-from launch.slurm import jobs  # noqa: E402
-
-RUN_MARKERS = ("config.yaml", "submitted_config.yaml", jobs.JOBS_FILE, "checkpoints")
+RUN_MARKERS = (RunDir.CONFIG_NAME, RunDir.SUBMITTED_CONFIG_NAME, RunDir.JOBS_NAME, RunDir.CHECKPOINTS_NAME)
 """Any of these marks a run directory (a SLURM run has only jobs.json until its job starts)."""
 REPEAT_RE = re.compile(r"^repeat_(\d+)$")
 ETA_INTERVALS = 10
@@ -132,7 +129,7 @@ class _Opaque:
 
 
 class _TagOnly(pickle.Unpickler):
-    def find_class(self, module, name):
+    def find_class(self, module, name):  # noqa: ARG002 - pickle.Unpickler.find_class signature
         return _Opaque
 
 
@@ -174,7 +171,7 @@ def _rel(root: Path, run: Path) -> str:
 
 def _scalars(run: Path, tags: tuple[str, ...]) -> dict[str, list]:
     """TensorBoard scalar events (wall_time, step, value) of ``tags`` in run/tb; {} if none."""
-    tb = run / "tb"
+    tb = RunDir(run).tb
     if not tb.is_dir():
         return {}
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -207,25 +204,23 @@ def run_status(root: Path, run: Path, queued: dict[str, str] | None, now: float 
     """Everything the table shows about one run directory."""
     from masan.config import ConfigError, load_config
     from masan.evaluate.report import method_name
-    from masan.train.checkpoint import CheckpointManager
-    from masan.train.run import CONFIG_FILE, finished_run
+    from masan.train.checkpoint import MARKER, CheckpointManager
 
     now = time.time() if now is None else now
     st = RunStatus(run=_rel(root, run), path=str(run))
     repeat_dir = REPEAT_RE.match(run.name)
     cfg = None
-    for name in (CONFIG_FILE, "submitted_config.yaml"):
-        if (run / name).is_file():
-            try:
-                cfg = load_config(run / name)
-            except ConfigError as e:
-                st.note = f"unreadable {name}: {e}"
-            break
+    config = RunDir(run).any_config()
+    if config is not None:
+        try:
+            cfg = load_config(config)
+        except ConfigError as e:
+            st.note = f"unreadable {config.name}: {e}"
     if cfg is not None:
         st.variant = method_name(cfg.model)
         st.repeat = cfg.split.repeat
         st.epochs_target = cfg.train.pretrain_epochs + cfg.train.joint_epochs
-        st.done = finished_run(run, cfg) is not None
+        st.done = RunDir(run).finished(cfg) is not None
     elif repeat_dir:  # submitted, not started: submit.py's layout names the repeat
         st.repeat = int(repeat_dir.group(1))
 
@@ -243,7 +238,7 @@ def run_status(root: Path, run: Path, queued: dict[str, str] | None, now: float 
         state = ckpt.manifest(complete[0])["state"]
         st.checkpoint, st.step = complete[0], state["step"]
         st.phase, st.epochs_done = state["phase"], state["epochs_done"]
-        st.checkpoint_age_s = now - (ckpt.dir / complete[0] / "COMPLETE").stat().st_mtime
+        st.checkpoint_age_s = now - (ckpt.dir / complete[0] / MARKER).stat().st_mtime
         saved_step = st.step
     events = _scalars(run, (LOSS_TAG, EPOCH_TAG))
     if events.get(LOSS_TAG):
@@ -310,7 +305,8 @@ def format_table(rows: list[RunStatus]) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="launch/status.py", description=__doc__.split("\n\n")[0],
-                                epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+                                epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories or folders holding them")
     p.add_argument("--watch", type=float, metavar="SECONDS", help="refresh every SECONDS until Ctrl-C")
     p.add_argument("--json", action="store_true", help="one JSON list of the runs instead of the table")

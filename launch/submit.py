@@ -36,18 +36,13 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # `python launch/submit.py` puts launch/ first, not the repo
-    sys.path.insert(0, str(REPO))
+from launch.slurm import jobs
+from launch.slurm.plan import Resources, RunSpec, plan_runs, slurm_time
+from launch.slurm.submission import log_path, submit_slurm
+from masan.config import ConfigError, save_config
+from masan.rundir import RunDir
 
-from launch.slurm import jobs  # noqa: E402
-from launch.slurm.plan import Resources, RunSpec, parse_time_min, plan_runs  # noqa: E402
-from masan.config import ConfigError, save_config  # noqa: E402
-
-ENV_SCRIPT = REPO / "hpc" / "env" / "cluster_env.sh"
-TRAIN_LOCAL = REPO / "launch" / "train_local.py"
-LOCAL_CONFIG = "submitted_config.yaml"
-SUBMITIT_DIR = "slurm"
+TRAIN_LOCAL = Path(__file__).resolve().parent / "train_local.py"
 EXIT_REFUSED = jobs.EXIT_REFUSED
 EXIT_FAILED = 1
 UNKNOWN_GRACE_POLLS = 3  # polls a job may be unknown to squeue/scontrol/sacct before it counts as gone
@@ -95,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "0 on CPU nodes (then one rank per node)")
     r.add_argument("--cpus-per-task", type=_at_least(1), default=None, help="CPU cores per rank (data workers + 1)")
     r.add_argument("--mem", default=None, help="memory per node, SLURM syntax (e.g. 64G)")
-    r.add_argument("--time", default="4:00:00", help="time limit per job, SLURM syntax (default: %(default)s)")
+    r.add_argument("--time", dest="time_min", type=slurm_time, default="4:00:00",
+                   help="time limit per job, SLURM syntax (default: %(default)s)")
     r.add_argument("--partition")
     r.add_argument("--account")
     r.add_argument("--qos")
@@ -103,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--exclude", help="nodes to avoid, e.g. node[3-4]")
     r.add_argument("--job-name", default="masan")
     f = p.add_argument_group("time limits, preemption, crashes")
-    f.add_argument("--signal-delay", type=_at_least(0), default=120,
+    f.add_argument("--signal-delay", dest="signal_delay_s", type=_at_least(0), default=120,
                    help="seconds before the time limit at which SLURM sends USR2 (default: %(default)s); "
                    "must cover one training step plus a checkpoint save")
     f.add_argument("--max-requeues", type=_at_least(0), default=10,
@@ -120,48 +116,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # --------------------------------------------------------------------------- SLURM
-
-
-def _make_executor(folder: Path, res: Resources, max_requeues: int):
-    import submitit
-
-    ex = submitit.SlurmExecutor(folder=folder, max_num_timeout=max_requeues)
-    params = dict(
-        job_name=res.job_name, nodes=res.nodes, ntasks_per_node=res.tasks_per_node,
-        time=res.time_min, signal_delay_s=res.signal_delay_s, stderr_to_stdout=True,
-        setup=[f"export PYTHONPATH={REPO}${{PYTHONPATH:+:$PYTHONPATH}}", f"source {ENV_SCRIPT}"],
-        additional_parameters={"requeue": True},
-    )
-    if res.gpus_per_node:
-        params["gpus_per_node"] = res.gpus_per_node
-    for name in ("cpus_per_task", "mem", "partition", "account", "qos", "constraint", "exclude"):
-        if getattr(res, name) is not None:
-            params[name] = getattr(res, name)
-    ex.update_parameters(**params)
-    return ex
-
-
-def log_path(folder: Path, job_id: str) -> Path:
-    """Where submitit writes rank 0's output of a job (``%j_0_log.out``)."""
-    return folder / f"{job_id}_0_log.out"
-
-
-def submit_slurm(specs: list[RunSpec], res: Resources, folder: Path, max_requeues: int) -> list[str]:
-    """Submit the runs (one job, or one array for several) and record them; returns job ids."""
-    from launch.slurm.task import TrainTask
-
-    ex = _make_executor(folder, res, max_requeues)
-    tasks = [TrainTask(s.cfg, max_requeues=max_requeues) for s in specs]
-    if len(tasks) == 1:
-        submitted = [ex.submit(tasks[0])]
-    else:
-        with ex.batch():
-            submitted = [ex.submit(t) for t in tasks]
-    ids = [str(j.job_id) for j in submitted]
-    for spec, jid in zip(specs, ids):
-        jobs.record_job(spec.run_dir, jid, "slurm", str(log_path(folder, jid)),
-                        nodes=res.nodes, tasks_per_node=res.tasks_per_node)
-    return ids
 
 
 def watch(pending: dict[str, RunSpec], res: Resources, folder: Path, args) -> int:
@@ -215,7 +169,7 @@ def run_locally(specs: list[RunSpec], res: Resources, max_restarts: int) -> int:
     """Train the runs one after the other with launch/train_local.py (nodes x gpus ranks each)."""
     failed, refused = [], []
     for spec in specs:
-        cfg_file = save_config(spec.cfg, spec.run_dir / LOCAL_CONFIG)
+        cfg_file = save_config(spec.cfg, RunDir(spec.run_dir).submitted_config)
         cmd = [sys.executable, str(TRAIN_LOCAL), "--config", str(cfg_file), "--nproc", str(res.world_size)]
         for attempt in range(max_restarts + 1):
             print(f"local run {spec.run_dir}: {res.world_size} rank(s)"
@@ -240,9 +194,7 @@ def run_locally(specs: list[RunSpec], res: Resources, max_restarts: int) -> int:
 def finished(spec: RunSpec) -> bool:
     """The run wrote DONE for this config's epoch target (a stale DONE of a shorter target does
     not count: the same check run_training makes before training)."""
-    from masan.train.run import finished_run  # lazy: torch is not needed for --help
-
-    return finished_run(spec.run_dir, spec.cfg) is not None
+    return RunDir(spec.run_dir).finished(spec.cfg) is not None
 
 
 def _wait_child(proc: subprocess.Popen) -> int:
@@ -258,19 +210,11 @@ def _wait_child(proc: subprocess.Popen) -> int:
 
 
 def _resources(args) -> Resources:
+    """The job's resources; ``--gpus-per-node`` omitted: the partition's GPUs (none locally)."""
     gpus = args.gpus_per_node
     if gpus is None:
         gpus = jobs.detect_gpus_per_node(args.partition) if not args.local else 0
-    time_min = parse_time_min(args.time)
-    if args.signal_delay >= time_min * 60:
-        raise ValueError(f"--signal-delay {args.signal_delay} s is not shorter than --time {args.time} "
-                         f"({time_min * 60} s): the stop signal would come before training does; lower "
-                         "--signal-delay or raise --time")
-    return Resources(
-        nodes=args.nodes, gpus_per_node=gpus, cpus_per_task=args.cpus_per_task, mem=args.mem,
-        time_min=time_min, partition=args.partition, account=args.account,
-        qos=args.qos, constraint=args.constraint, exclude=args.exclude, job_name=args.job_name,
-        signal_delay_s=args.signal_delay)
+    return Resources.from_args(args, gpus_per_node=gpus)
 
 
 def _select(specs: list[RunSpec]) -> list[RunSpec] | None:
@@ -283,11 +227,9 @@ def _select(specs: list[RunSpec]) -> list[RunSpec] | None:
               f"or cancel it (scancel JOBID) and submit again to resume", file=sys.stderr)
     if busy:
         return None
-    from masan.train.run import finished_run  # lazy: torch is not needed for --help
-
     todo = []
     for s in specs:
-        done = finished_run(s.run_dir, s.cfg)
+        done = RunDir(s.run_dir).finished(s.cfg)
         if done is not None:
             print(f"already finished (DONE at step {done['step']}): {s.run_dir}; nothing to do for it")
         else:
@@ -326,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"TensorBoard: tensorboard --logdir {base}", flush=True)
         return run_locally(todo, res, args.max_restarts)
 
-    folder = base / SUBMITIT_DIR
+    folder = RunDir(base).slurm
     ids = submit_slurm(todo, res, folder, args.max_requeues)
     print(f"submitted {len(ids)} run(s), {res.nodes} node(s) x {res.tasks_per_node} rank(s) each:")
     for spec, jid in zip(todo, ids):

@@ -47,7 +47,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def setup_logging(rank: int) -> None:
-    logging.basicConfig(level=logging.INFO, force=True, format=f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, force=True,
+                        format=f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s")
     for noisy in ("DeepSpeed", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 

@@ -26,16 +26,55 @@ from typing import Any, Literal
 
 import yaml
 
+from masan.files import atomic_write_text
+
 
 class ConfigError(ValueError):
     """A config file or override is wrong; the message says which key and what to do."""
+
+
+# Field metadata: which keys may differ, and where (a flagged section counts whole). Two flags,
+# because the two questions differ: an epoch budget may grow on resume but changes the result of
+# a repeat; the repeat index changes the split, so no checkpoint serves it, but it is the one
+# thing repeats of a method differ in.
+RESUMABLE = "resumable"
+"""May change between a checkpoint and its resume: :func:`config_hash` leaves the key out."""
+SAME_METHOD = "same_method"
+"""May differ between repeats of one method: the report (masan.evaluate.report) does not warn."""
+HASHED_WHEN_SET = "hashed_when_set"
+"""Added after runs existed: :func:`config_hash` leaves the key out while it has its default,
+so checkpoints written before it existed still resume."""
+PLUMBING = {RESUMABLE: True, SAME_METHOD: True}
+"""Where and how a run runs, not what it computes: both of the first two flags."""
+
+
+@dataclass
+class AugmentConfig:
+    """Train-only data augmentation (masan/data/transforms.py; not in the paper; all off by default).
+
+    Each training sample draws its transform from a generator seeded by (seed, epoch, subject
+    index): a resumed run, and any number of ranks or loader workers, draws the same transforms.
+    T1 and every fMRI frame get the same spatial transform; validation and test subjects (and
+    the fitted cohort standardisers) never see one."""
+
+    flip: bool = False
+    """Mirror the first axis (left-right in a store reoriented to RAS) with probability 0.5."""
+    rotate_deg: float = 0.0
+    """Rotation about each axis through the volume centre, uniform in ±rotate_deg degrees."""
+    shift: float = 0.0
+    """Translation along each axis, uniform in ±shift x the field of view (0.02: ±2 %)."""
+    scale: float = 0.0
+    """Zoom, uniform in 1 ± scale (the same along every axis)."""
+    intensity: float = 0.0
+    """Per modality, a gain uniform in 1 ± intensity and an offset uniform in ±intensity
+    (z-score units; every frame of the fMRI run gets the same)."""
 
 
 @dataclass
 class DataConfig:
     """Where the cohort lives and how samples are shaped."""
 
-    store: str = "runs/cohort.zarr"
+    store: str = field(default="runs/cohort.zarr", metadata=PLUMBING)
     """Zarr store written by ``data_tools/to_zarr.py``."""
     classes: list[str] = field(default_factory=lambda: ["NC", "EMCI", "LMCI", "AD"])
     """Classes the model predicts, a subset of the store's classes, in output order.
@@ -59,22 +98,24 @@ class DataConfig:
     ``mean_psc``: the z-scored temporal mean image plus those fluctuations at the same scale;
     ``demean``: each voxel minus its temporal mean, over the run's global temporal std;
     ``zscore``: each voxel's series standardised (correlations only)."""
-    num_workers: int = 2
+    num_workers: int = field(default=2, metadata=PLUMBING)
     """DataLoader worker processes per rank."""
-    prefetch_factor: int = 2
+    prefetch_factor: int = field(default=2, metadata=PLUMBING)
     """Batches each worker (or, with a cache, the copy thread) prepares ahead of the step."""
-    cache: Literal["none", "host", "device"] = "none"
+    cache: Literal["none", "host", "device"] = field(default="none", metadata=PLUMBING)
     """Cohort cache for training (masan/data/cache.py): ``none``: every step decodes its subjects
     from the Zarr store in DataLoader workers; ``host``: each subject is decoded once per node
     into shared memory (``cache_dir``) as its stored integers, every rank maps it, batches are
     copied to the GPU asynchronously and scaled/z-scored there; ``device``: the same, then the
     whole cohort is copied into each rank's GPU memory (CPU memory on the CPU). Samples are
     numerically identical to ``none``."""
-    cache_dir: str = "/dev/shm"
+    cache_dir: str = field(default="/dev/shm", metadata=PLUMBING)
     """Shared-memory directory of the ``host`` cache (a tmpfs: its pages are RAM)."""
-    cache_reserve_gib: float = 8.0
+    cache_reserve_gib: float = field(default=8.0, metadata=PLUMBING)
     """Memory the cache must leave free (host RAM for ``host``, GPU memory for the model with
     ``device``), GiB; caching is refused before it starts when it would not."""
+    augment: AugmentConfig = field(default_factory=AugmentConfig, metadata={HASHED_WHEN_SET: True})
+    """Train-only augmentation, off by default (see :class:`AugmentConfig`)."""
 
 
 @dataclass
@@ -118,6 +159,10 @@ class ModelConfig:
     """Encoder-decoder concatenations of the autoencoders: ``all`` (Table 1), ``coarse`` (none at
     full resolution, so reconstruction has to pass through a downsampled level and pretraining
     shapes the deeper features), ``none`` (the code alone)."""
+    upsample: Literal["trilinear", "nearest"] = field(default="trilinear", metadata={HASHED_WHEN_SET: True})
+    """Decoder upsampling (Table 1's "upsampling", mode not given): ``trilinear`` (smooth), or
+    ``nearest``, whose backward is a plain sum over each coarse voxel's children instead of
+    trilinear's scattered atomic adds (see docs/performance.md for what each costs)."""
     region_pool: list[str] = field(default_factory=lambda: ["avg", "max"])
     """How each level's feature map is pooled onto the regions ("multiscale" features): any of
     ``avg``, ``max``; the pooled features of all modes are concatenated."""
@@ -217,25 +262,25 @@ class OptimConfig:
 class TrainConfig:
     """Phases, precision and parallelism of the DeepSpeed engine."""
 
-    pretrain_epochs: int = 100
+    pretrain_epochs: int = field(default=100, metadata={RESUMABLE: True})
     """Phase 1: reconstruction-only pretraining of sPM/fPM."""
-    joint_epochs: int = 700
+    joint_epochs: int = field(default=700, metadata={RESUMABLE: True})
     """Phase 2: the full loss of eq. 8."""
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
     """Model/activation dtype; Adam keeps fp32 master weights for bf16/fp16. fp16 needs CUDA."""
     zero_stage: int = 1
     """DeepSpeed ZeRO stage 0, 1 or 2 (3 is refused: rank 0 evaluates the whole model)."""
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata=PLUMBING)
     """auto: CUDA when a GPU is visible, else the CPU (DS_ACCELERATOR=cpu, gloo)."""
-    max_steps: int | None = None
+    max_steps: int | None = field(default=None, metadata={RESUMABLE: True})
     """Stop after this many optimizer steps in total (smoke tests); None: all epochs."""
     norm_refresh_epochs: int = 5
     """Refit the cohort standardisers (``model.region_norm=cohort``) on all training subjects every
     N joint epochs (a no-grad pass, ~1/3 of an epoch's compute); they are always fitted when the
     joint phase starts. 0: only then."""
-    dist_timeout_minutes: float = 30.0
+    dist_timeout_minutes: float = field(default=30.0, metadata=PLUMBING)
     """Collective timeout; long checkpoint saves on slow file systems need headroom."""
-    zero_bucket_elements: int = 200_000_000
+    zero_bucket_elements: int = field(default=200_000_000, metadata=PLUMBING)
     """ZeRO gradient reduce / allgather bucket (elements), capped at the model's parameter
     count: DeepSpeed allocates it per step, which a large bucket makes slow on the CPU."""
 
@@ -250,7 +295,7 @@ class SplitConfig:
     """Fraction of the training part (stratified, subject-level; at least one subject per class)
     held out as a validation part, saved in split.json, monitored every ``log.eval_every_epochs``
     and never trained on. 0 (the paper's protocol: no validation set): nothing is monitored."""
-    repeat: int = 0
+    repeat: int = field(default=0, metadata={SAME_METHOD: True})
     """Repeat index; each repeat is a different split seed, nothing else changes."""
     seed: int = 1234
     """Base seed: repeat r splits with random state ``seed + r`` (scikit-learn train_test_split)."""
@@ -293,7 +338,7 @@ class LogConfig:
 class RunConfig:
     """Everything one training run needs; saved as ``run_dir/config.yaml`` at every start."""
 
-    run_dir: str = "runs/default"
+    run_dir: str = field(default="runs/default", metadata=PLUMBING)
     """Checkpoints, TensorBoard events, split, predictions. A new run_dir starts fresh."""
     seed: int = 0
     """Seeds model init, dropout and data order (per epoch: seed + epoch)."""
@@ -305,8 +350,8 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    log: LogConfig = field(default_factory=LogConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig, metadata=PLUMBING)
+    log: LogConfig = field(default_factory=LogConfig, metadata=PLUMBING)
 
 
 # --------------------------------------------------------------------------- loading
@@ -485,6 +530,10 @@ _RULES: tuple[tuple[str, typing.Callable[[Any], bool], str], ...] = (
     ("data.prefetch_factor", _positive, "at least 1 batch per worker"),
     ("data.fmri_frames", _optional_positive, "null (all frames) or at least 1 frame"),
     ("data.classes", lambda v: len(v) >= 2, "at least two classes, e.g. [NC, AD]"),
+    ("data.augment.rotate_deg", lambda v: 0 <= v <= 180, "0 (off) or a small angle in degrees, e.g. 5"),
+    ("data.augment.shift", _fraction_right_open, "0 (off) or a small fraction of the field of view, e.g. 0.02"),
+    ("data.augment.scale", _fraction_right_open, "0 (off) or a small fraction, e.g. 0.05"),
+    ("data.augment.intensity", _fraction_right_open, "0 (off) or a small fraction, e.g. 0.1"),
     ("model.t1_shape", _positive_list(3), "three positive sizes (X, Y, Z)"),
     ("model.fmri_shape", _positive_list(3), "three positive sizes (X, Y, Z)"),
     ("model.patch_grid", _positive_list(3), "three positive counts, e.g. [4, 4, 4]"),
@@ -576,21 +625,31 @@ def config_to_dict(cfg: RunConfig) -> dict:
 
 
 def save_config(cfg: RunConfig, path: str | os.PathLike) -> Path:
-    """Write the resolved config as YAML atomically (tmp file + rename)."""
+    """Write the resolved config as YAML atomically (:mod:`masan.files`)."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + f".tmp{os.getpid()}")
-    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-    os.replace(tmp, p)
-    return p
+    return atomic_write_text(p, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
 
-# Sections that may change between a checkpoint and its resume without breaking it.
-_RESUMABLE_CHANGES = ("run_dir", "data.num_workers", "data.prefetch_factor", "data.store", "data.cache",
-                      "data.cache_dir", "data.cache_reserve_gib",
-                      "checkpoint", "log", "train.device", "train.max_steps",
-                      "train.pretrain_epochs", "train.joint_epochs", "train.dist_timeout_minutes",
-                      "train.zero_bucket_elements")
+def flagged_keys(flag: str, cls: type | None = None, prefix: str = "") -> tuple[str, ...]:
+    """Dotted keys whose field carries the metadata ``flag`` (:data:`RESUMABLE`, :data:`SAME_METHOD`,
+    :data:`HASHED_WHEN_SET`); a flagged section is one key (e.g. ``"checkpoint"``)."""
+    cls = cls or RunConfig
+    hints, out = _hints(cls), []
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        if f.metadata.get(flag):
+            out.append(key)
+        elif dataclasses.is_dataclass(hints[f.name]):
+            out.extend(flagged_keys(flag, hints[f.name], key + "."))
+    return tuple(out)
+
+
+def _pop_dotted(tree: dict, dotted: str) -> Any:
+    *path, last = dotted.split(".")
+    for k in path:
+        tree = tree[k]
+    return tree.pop(last, None)
 
 
 def config_hash(cfg: RunConfig) -> str:
@@ -598,15 +657,16 @@ def config_hash(cfg: RunConfig) -> str:
 
     Paths, logging and checkpoint cadence, worker counts and epoch budgets may change
     between submissions (e.g. to extend a run); model, loss, optimiser, precision, split and
-    data selection may not.
+    data selection may not. Which keys may change is the :data:`RESUMABLE` metadata of the
+    config fields.
     """
     d = config_to_dict(cfg)
-    for dotted in _RESUMABLE_CHANGES:
-        node = d
-        keys = dotted.split(".")
-        for k in keys[:-1]:
-            node = node[k]
-        node.pop(keys[-1], None)
+    defaults = RunConfig()
+    for dotted in flagged_keys(HASHED_WHEN_SET):
+        if _get_dotted(cfg, dotted) == _get_dotted(defaults, dotted):
+            _pop_dotted(d, dotted)
+    for dotted in flagged_keys(RESUMABLE):
+        _pop_dotted(d, dotted)
     blob = json.dumps(d, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 

@@ -1,8 +1,8 @@
 """Apply a trained run to a cohort: ``python -m masan.predict RUN_DIR [--store STORE] --out DIR``.
 
 External validation (a finished run on another cohort, as ClinicaDL's ``predict``) and the
-run's own final evaluation use the same function, :func:`predict_subjects`, so a run's test
-predictions can be reproduced from its directory alone: the model is rebuilt from
+run's own final evaluation use the same function, :func:`masan.inference.predict_subjects`, so
+a run's test predictions can be reproduced from its directory alone: the model is rebuilt from
 ``RUN_DIR/config.yaml`` and loaded from the newest complete checkpoint (weights and the fitted
 cohort standardisers), in the run's precision, on any number of ranks.
 
@@ -20,40 +20,28 @@ import sys
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
 
 from masan.config import ConfigError, RunConfig, load_config
+from masan.inference import predict_subjects
 from masan.model.inputs import PRECISION_DTYPES as DTYPES
-
-
-
-def predict_subjects(model: torch.nn.Module, dataset, cfg: RunConfig, device: torch.device, class_names: list[str],
-                     rank: int = 0, world_size: int = 1, seed: int = 0):
-    """Collective when ``world_size > 1``: predictions of every subject of ``dataset``, sharded over
-    the ranks and merged on every rank (:class:`masan.evaluate.predict.Predictions`)."""
-    from masan.evaluate.predict import gather_predictions, predict
-
-    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=False)
-    loader = DataLoader(dataset, batch_size=cfg.optim.micro_batch, sampler=sampler, num_workers=cfg.data.num_workers,
-                        generator=torch.Generator().manual_seed(seed))  # the caller's RNG untouched
-    return gather_predictions(predict(model, loader, device, class_names=class_names))
+from masan.rundir import RunDir
 
 
 def load_trained_model(run_dir: Path, device: torch.device) -> tuple[torch.nn.Module, RunConfig, list[str], str]:
     """The run's model with the weights of its newest complete checkpoint, in the run's precision.
     Returns (model in eval mode, config, class names, checkpoint tag)."""
     from masan.model import build_model
-    from masan.train.checkpoint import CHECKPOINT_DIR, CheckpointManager
+    from masan.train.checkpoint import CheckpointManager
 
-    config = run_dir / "config.yaml"
+    config = RunDir(run_dir).config
     if not config.is_file():
         raise FileNotFoundError(f"{config} does not exist: {run_dir} is not a training run directory "
                                 "(train one with launch/train_local.py or launch/submit.py)")
     cfg = load_config(config)
     tags = CheckpointManager(run_dir, keep=1).complete_tags()
     if not tags:
-        raise FileNotFoundError(f"{run_dir / CHECKPOINT_DIR} holds no complete checkpoint; train the run first")
-    states = torch.load(run_dir / CHECKPOINT_DIR / tags[0] / "mp_rank_00_model_states.pt", map_location="cpu",
+        raise FileNotFoundError(f"{RunDir(run_dir).checkpoints} holds no complete checkpoint; train the run first")
+    states = torch.load(RunDir(run_dir).checkpoints / tags[0] / "mp_rank_00_model_states.pt", map_location="cpu",
                         weights_only=False)
     class_names = list(cfg.data.classes)
     model = build_model(cfg.model, len(class_names))
@@ -63,16 +51,16 @@ def load_trained_model(run_dir: Path, device: torch.device) -> tuple[torch.nn.Mo
 
 def _subjects(cfg: RunConfig, run_dir: Path, store: str | None, part: str):
     from masan.data.dataset import select_subjects
-    from masan.data.splits import SPLIT_FILE, Split
+    from masan.data.splits import Split
 
     if store is None:
         store = cfg.data.store
         subjects, labels, _ = select_subjects(store, cfg.data)
         label_of = dict(zip(subjects, labels))
-        chosen = Split.load(run_dir / SPLIT_FILE).part(part)
+        chosen = Split.load(RunDir(run_dir).split).part(part)
         missing = [s for s in chosen if s not in label_of]
         if missing:
-            raise ConfigError(f"{run_dir / SPLIT_FILE} names subjects not in {store}: {missing[:5]}; "
+            raise ConfigError(f"{RunDir(run_dir).split} names subjects not in {store}: {missing[:5]}; "
                               "pass the store the run was trained on with --store")
         return store, chosen, [label_of[s] for s in chosen], part
     subjects, labels, _ = select_subjects(store, cfg.data)
@@ -87,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--store", help="cohort store to predict (default: the run's own store and --split part)")
     ap.add_argument("--split", default="test", choices=("train", "val", "test"),
                     help="part of the run's own split to predict when --store is omitted (default %(default)s)")
-    ap.add_argument("--out", type=Path, required=True, help="folder for predictions.csv, region_weights.npy, metrics.json")
+    ap.add_argument("--out", type=Path, required=True,
+                    help="folder for predictions.csv, region_weights.npy, metrics.json")
     ap.add_argument("--device", default="cpu", help="torch device (default %(default)s)")
     args = ap.parse_args(argv)
 

@@ -11,27 +11,23 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 CLUSTER_SCRIPT = REPO / "hpc" / "local_cluster.sh"
 LOCAL_CLUSTER_NAME = "masan-local"
 CLUSTER_START_TIMEOUT_S = 900  # includes the one-time apt-get install
 
-# The smallest model and data the real training path accepts (T1 32^3 in 2x2x2 patches,
-# fMRI 6 frames of 16^3), two classes, five subjects each: a few seconds per epoch on a core.
+# The smallest model and data the real training path accepts (hpc/configs/tiny.yaml: T1 32^3 in
+# 2x2x2 patches, fMRI 6 frames of 16^3), two classes, five subjects each: a few seconds per epoch
+# on a core.
+TINY_YAML = REPO / "hpc" / "configs" / "tiny.yaml"
 TINY_CONFIG = {
-    "data": {"classes": ["NC", "AD"], "fmri_frames": 6, "num_workers": 0},
-    "model": {"t1_shape": [32, 32, 32], "fmri_shape": [16, 16, 16], "fmri_frames": 6, "patch_grid": [2, 2, 2],
-              "channels": [4, 8, 8, 8], "fmri_channels": [4, 8, 8, 8], "groups": 4, "attn_dim": 8,
-              "mlp_hidden": 16, "dropout": 0.0},
+    **yaml.safe_load(TINY_YAML.read_text()),
     "train": {"pretrain_epochs": 1, "joint_epochs": 2, "precision": "fp32", "device": "cpu"},
     "checkpoint": {"every_steps": 20, "every_minutes": 0},
     "log": {"every_steps": 5, "eval_every_epochs": 100},

@@ -18,8 +18,7 @@ from masan.data.anatomy import Nuisance, synthesize_anatomy_cohort
 from masan.data.store import CohortStore
 from masan.data.synth import PlantedEffect, _affine, synthesize_cohort
 from masan.evaluate import oracle
-from masan.evaluate.oracle import (feature_names, oracle_predict, planted_features, planted_masks,
-                                   planted_region_ranks)
+from masan.evaluate.oracle import feature_names, oracle_predict, planted_features, planted_masks, planted_region_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
 T1_SHAPE, FMRI_SHAPE, FRAMES = (48, 56, 48), (12, 14, 12), 16

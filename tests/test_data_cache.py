@@ -103,7 +103,8 @@ def test_stored_integers_are_what_is_cached(store, tmp_path):
 def test_too_little_memory_is_refused_with_numbers_and_fix(store, tmp_path, monkeypatch):
     cfg = _cfg(tmp_path, cache="host")
     cfg.cache_reserve_gib = 1e6
-    with pytest.raises(CacheError, match=r"needs 0\.\d+ GiB .*bytes.*data.cache_reserve_gib=1000000.0.*data.cache=none"):
+    with pytest.raises(CacheError,
+                       match=r"needs 0\.\d+ GiB .*bytes.*data.cache_reserve_gib=1000000.0.*data.cache=none"):
         open_cache(_dataset(store, cfg), cfg, torch.device("cpu"))
     cfg.cache = "device"
     monkeypatch.setattr(CohortCache, "_check_host", lambda self: None)  # shared memory fits, the device does not

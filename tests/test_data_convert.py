@@ -69,7 +69,8 @@ def test_real_files_read_back_exactly(real_store):
             img = nib.load(DATA / name)
             want = np.nan_to_num(np.asarray(img.dataobj))  # --nan zero stored NaN as 0
             raw = real_store.read_raw(s, modality)
-            got = real_store.read_t1(s, normalize=False) if modality == "t1" else real_store.read_fmri(s, normalize=False)
+            got = (real_store.read_t1(s, normalize=False) if modality == "t1"
+                   else real_store.read_fmri(s, normalize=False))
             if modality == "fmri":  # the store keeps time first
                 raw, got = np.moveaxis(raw, 0, 3), np.moveaxis(got, 0, 3)
             assert np.array_equal(raw, np.nan_to_num(img.dataobj.get_unscaled())), (s, modality)

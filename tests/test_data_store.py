@@ -75,15 +75,17 @@ def test_chunks_follow_patch_grid_and_frames_with_few_files(cohort):
     _, store = cohort
     root = zarr.open_group(store.path, mode="r")
     group = store.group_path("sub-001")  # the subject's current version folder
-    t1 = root[f"{group}/t1"]
+    t1 = root[f"{group}/t1/0"]  # level 0 of the NIfTI-Zarr image
     assert t1.chunks == (8, 6, 4) and t1.shards == (32, 24, 16)  # one 4x4x4 cell per chunk, one shard
-    f = root[f"{group}/fmri"]
+    f = root[f"{group}/fmri/0"]
     assert f.chunks == (4, *FMRI) and f.shards == (8, *FMRI)
-    codecs = json.loads((store.path / group / "t1" / "zarr.json").read_text())["codecs"]
+    codecs = json.loads((store.path / group / "t1" / "0" / "zarr.json").read_text())["codecs"]
     inner = codecs[0]["configuration"]["codecs"]
     assert {"cname": "lz4hc", "clevel": 5, "shuffle": "bitshuffle"}.items() <= inner[-1]["configuration"].items()
     files = [p for p in (store.path / group).rglob("*") if p.is_file()]
-    assert len(files) == 1 + 2 + 1 + 3  # group + 2 array metadata + 1 T1 shard + 3 fMRI shards
+    # version group + per image (group, level-0 metadata, `nifti` header metadata and chunk) + 1 T1 shard
+    # + 3 fMRI shards
+    assert len(files) == 1 + 2 * 4 + 1 + 3
 
 
 def test_picklable_and_reopens_per_process(cohort):
@@ -114,12 +116,12 @@ def test_missing_damaged_and_foreign_stores_say_how_to_fix(cohort, tmp_path):
     foreign = tmp_path / "foreign.zarr"
     zarr.open_group(foreign, mode="w")
     with pytest.raises(StoreError, match="not a MASAN cohort store"):
-        CohortStore(foreign).subjects
+        _ = CohortStore(foreign).subjects  # the store opens lazily: reading a property opens it
     broken = tmp_path / "broken.zarr"
     shutil.copytree(store.path, broken)
     (broken / "zarr.json").write_text("{ not json")
     with pytest.raises(StoreError, match=r"broken.zarr.*damaged.*to_zarr.py"):
-        CohortStore(broken).subjects
+        _ = CohortStore(broken).subjects
     shutil.rmtree(broken)
     shutil.copytree(store.path, broken)
     shutil.rmtree(broken / store.group_path("sub-001") / "t1")

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from masan.evaluate.figures import _to_ras, confusion_figure, ranking_figure, region_map_figure, save_figure
-from masan.evaluate.regions import (
+from masan.evaluate.plots import _to_ras, confusion_figure, ranking_figure, region_map_figure, save_figure
+from masan.evaluate.region_ranking import (
     RegionError,
     grid_names,
     load_atlas_labels,
@@ -130,7 +130,7 @@ def test_atlas_label_tables(tmp_path):
 
 
 def test_atlas_that_is_not_nifti_is_a_clear_error(tmp_path):
-    from masan.evaluate.regions import resample_atlas
+    from masan.evaluate.region_ranking import resample_atlas
 
     (tmp_path / "atlas.nii").write_text("not an image")
     with pytest.raises(RegionError, match="cannot read atlas"):

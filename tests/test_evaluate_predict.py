@@ -13,15 +13,9 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from masan.evaluate.predict import (
-    Predictions,
-    PredictionsError,
-    epoch_metrics,
-    gather_predictions,
-    load_predictions,
-    predict,
-    write_predictions,
-)
+from masan.evaluate.predict import load_predictions, write_predictions
+from masan.inference import Predictions, PredictionsError, gather_predictions, predict
+from masan.metrics import flat_scalars, prediction_metrics
 
 CLASSES = ["NC", "MCI", "AD"]
 GRID = 8  # 2x2x2 regions
@@ -113,7 +107,7 @@ def test_write_and_load_predictions_round_trip(tmp_path):
 
 def test_epoch_metrics_are_flat_floats():
     preds = predict(ToyModel(), DataLoader(ToyCohort(6), batch_size=6), "cpu")
-    scalars = epoch_metrics(preds, CLASSES, "AD")
+    scalars = flat_scalars(prediction_metrics(preds, CLASSES, "AD"))
     assert scalars["accuracy"] == 1.0 and scalars["recall"] == 1.0 and "precision/MCI" in scalars
 
 

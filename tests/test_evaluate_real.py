@@ -20,8 +20,9 @@ from masan.data.splits import load_or_make_split
 from masan.data.store import CohortStore
 from masan.data.synth import synthesize_cohort
 from masan.evaluate.__main__ import main
-from masan.evaluate.predict import predict, write_predictions
-from masan.evaluate.regions import atlas_region_names, resample_atlas
+from masan.evaluate.predict import write_predictions
+from masan.evaluate.region_ranking import atlas_region_names, resample_atlas
+from masan.inference import predict
 from masan.model import build_model, small_model_config
 
 HIPPOCAMPUS, CORTEX = 17, 3

@@ -49,3 +49,23 @@ def test_tiny_check_prints_every_section(tmp_path):
     ds = next(line for line in out.splitlines() if line.startswith("deepspeed"))
     assert "data wait" in ds and "% median" in ds, ds
     assert out.rstrip().splitlines()[-1].startswith("gpu_check done")
+
+
+def test_tiny_profile_prints_every_variant_and_the_top_operators(tmp_path):
+    """bench/profile_step.py (issue 9's profile of one step) runs through on the CPU, with only
+    what the GPU machine has: a time per modality and per variant, then the operator tables."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(BLOCKER.format(absent=set(ABSENT_ON_GPU_MACHINE)))
+    env = dict(os.environ, PYTHONPATH=f"{site}{os.pathsep}{REPO}", PYTHONUNBUFFERED="1")
+    res = subprocess.run([sys.executable, str(REPO / "bench/profile_step.py"), "--tiny"], env=env, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=600, check=False)
+    out = res.stdout
+    assert res.returncode == 0, out[-3000:] + res.stderr[-3000:]
+    from bench.profile_step import VARIANTS
+
+    rows = [line.split() for line in out.splitlines() if line.startswith(("split", "variant"))]
+    assert len(rows) == 3 + len(VARIANTS), out
+    assert "error" not in out and "skipped" not in out, out
+    assert all(float(r[-3]) > 0 for r in rows), rows  # ms/sample measured
+    assert "aten::convolution_backward" in out and "by input shape" in out, out

@@ -5,8 +5,14 @@ import pytest
 import torch
 
 from masan.model import build_model, small_model_config
-from masan.model.regions import (merge_patches, pool_volume, region_features, region_slices, regions_to_voxels,
-                                 split_patches)
+from masan.model.regions import (
+    merge_patches,
+    pool_volume,
+    region_features,
+    region_slices,
+    regions_to_voxels,
+    split_patches,
+)
 
 GRID = (2, 3, 2)
 

@@ -349,7 +349,7 @@ def test_missing_chunk_raises_naming_subject_and_array(tmp_path):
     out = tmp_path / "s.zarr"
     assert to_zarr.main(_args(bids, out, "--fmri-shard-frames", "4", "--fmri-chunk-frames", "2")) == 0
     store = CohortStore(out)
-    shard = next((out / store.group_path("sub-001") / "fmri" / "c").rglob("*"))
+    shard = next((out / store.group_path("sub-001") / "fmri" / "0" / "c").rglob("*"))  # level 0
     while shard.is_dir():
         shard = next(shard.iterdir())
     shard.unlink()

@@ -14,9 +14,10 @@ import pytest
 import yaml
 
 from masan.evaluate.predict import load_predictions
-from masan.evaluate.regions import rank_regions
+from masan.evaluate.region_ranking import rank_regions
 
 REPO = Path(__file__).resolve().parents[1]
+TINY = yaml.safe_load((REPO / "hpc" / "configs" / "tiny.yaml").read_text())
 PER_CLASS = 12
 STRENGTH = 0.8
 """Planted effect: T1 intensity and fMRI fluctuation drop by 80 % in one ball for AD."""
@@ -52,10 +53,8 @@ def test_short_run_learns_the_planted_effect(tmp_path, planted_store):
     store, planted_region = planted_store
     cfg = {
         "run_dir": str(tmp_path / "run"), "seed": 0,
-        "data": {"store": str(store), "classes": ["NC", "AD"], "fmri_frames": 6, "num_workers": 1},
-        "model": {"t1_shape": [32, 32, 32], "fmri_shape": [16, 16, 16], "fmri_frames": 6, "patch_grid": [2, 2, 2],
-                  "channels": [4, 8, 8, 8], "fmri_channels": [4, 8, 8, 8], "groups": 4, "attn_dim": 8,
-                  "mlp_hidden": 16, "dropout": 0.0},
+        "data": {**TINY["data"], "store": str(store), "num_workers": 1},
+        "model": {**TINY["model"], "value_dim": 64},  # the width this test's thresholds were measured with
         "optim": {"micro_batch": 2, "warmup_steps": 2, "lr": 3e-3},
         "train": {"pretrain_epochs": 1, "joint_epochs": 10, "precision": "fp32", "device": "cpu"},
         "checkpoint": {"every_steps": 0, "every_minutes": 0, "keep": 1},
@@ -97,8 +96,8 @@ def realistic_store(tmp_path_factory) -> tuple[Path, list[int]]:
     """(store, planted regions of the 4x4x4 grid) of 16 NC + 16 AD subjects of the MNI152
     validation cohort (real anatomy, graded atrophy in hippocampus and amygdala, fMRI effects,
     gain, bias field, noise, misregistration, int16) at a small size."""
-    from masan.data.convert import ConvertOptions, convert_cohort, discover_bids, planted_effect
     from masan.data.anatomy import synthesize_anatomy_cohort
+    from masan.data.convert import ConvertOptions, convert_cohort, discover_bids, planted_effect
     from masan.data.store import CohortStore
     from masan.evaluate.oracle import planted_region_ranks
 

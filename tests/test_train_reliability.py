@@ -29,10 +29,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_train_run import LAUNCH, REPO, TRAIN_CONFIG, launch, manifests, ok
 
 from masan.access import apply_access
 from masan.train.checkpoint import CheckpointManager
+from test_train_run import LAUNCH, REPO, TRAIN_CONFIG, launch, manifests, ok
 
 OTHER_USER = "masan-reader"
 TWO_RANK_STEPS = 4

@@ -30,12 +30,11 @@ REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch" / "train_local.py"
 RUN_TIMEOUT_S = 420
 
+TINY = yaml.safe_load((REPO / "hpc" / "configs" / "tiny.yaml").read_text())
 TRAIN_CONFIG = {
     "seed": 7,
-    "data": {"classes": ["NC", "AD"], "fmri_frames": 6, "num_workers": 1},
-    "model": {"t1_shape": [32, 32, 32], "fmri_shape": [16, 16, 16], "fmri_frames": 6, "patch_grid": [2, 2, 2],
-              "channels": [4, 8, 8, 8], "fmri_channels": [4, 8, 8, 8], "groups": 4, "attn_dim": 8,
-              "mlp_hidden": 16, "dropout": 0.2},
+    "data": {**TINY["data"], "num_workers": 1},
+    "model": {**TINY["model"], "dropout": 0.2},
     "optim": {"micro_batch": 1, "warmup_steps": 2},
     "train": {"pretrain_epochs": 1, "joint_epochs": 2, "precision": "fp32", "device": "cpu"},
     "checkpoint": {"every_steps": 2, "every_minutes": 0, "keep": 3},

@@ -23,7 +23,9 @@ import socket
 import subprocess
 from pathlib import Path
 
-JOBS_FILE = "jobs.json"
+from masan.files import atomic_write_json
+from masan.rundir import RunDir
+
 QUERY_TIMEOUT_S = 30
 
 # States in which a job still holds (or will hold) its run directory.
@@ -144,19 +146,17 @@ def _now() -> str:
 def _locked_record(run_dir: Path):
     """Read-modify-write of run_dir/jobs.json under an exclusive file lock."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / JOBS_FILE
-    with open(run_dir / (JOBS_FILE + ".lock"), "w") as lock:
+    run = RunDir(run_dir)
+    with open(run.jobs_lock, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        record = json.loads(path.read_text()) if path.exists() else {"jobs": [], "events": []}
+        record = read_record(run_dir)
         yield record
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(record, indent=1))
-        os.replace(tmp, path)
+        atomic_write_json(run.jobs, record)
 
 
 def read_record(run_dir: str | Path) -> dict:
     """The run directory's jobs.json as a dict (empty lists when absent)."""
-    path = Path(run_dir) / JOBS_FILE
+    path = RunDir(run_dir).jobs
     return json.loads(path.read_text()) if path.exists() else {"jobs": [], "events": []}
 
 

@@ -13,14 +13,15 @@ resumed with that config unless ``--config`` is given, so resubmitting needs no 
 
 from __future__ import annotations
 
+import argparse
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from masan.config import RunConfig, load_config
+from masan.rundir import RunDir
 
 BASELINE = "baseline"
-CONFIG_FILE = "config.yaml"
 
 
 @dataclass(frozen=True)
@@ -34,22 +35,50 @@ class RunSpec:
     cfg: RunConfig
 
 
+SUBMITIT = "submitit"
+"""Field metadata key: the ``submitit.SlurmExecutor`` parameter a :class:`Resources` field sets."""
+
+
+def sbatch(parameter: str, default=None, omit: tuple = (None,)):
+    """A :class:`Resources` field that becomes submitit's executor parameter ``parameter``
+    (:meth:`Resources.executor_parameters`); values in ``omit`` are left to SLURM's default."""
+    return field(default=default, metadata={SUBMITIT: parameter, "omit": omit})
+
+
 @dataclass(frozen=True)
 class Resources:
-    """SLURM resources of one job (each run of an array gets the same)."""
+    """SLURM resources of one job (each run of an array gets the same).
 
-    nodes: int = 1
-    gpus_per_node: int = 0
-    cpus_per_task: int | None = None
-    mem: str | None = None
-    time_min: int = 60
-    partition: str | None = None
-    account: str | None = None
-    qos: str | None = None
-    constraint: str | None = None
-    exclude: str | None = None
-    job_name: str = "masan"
-    signal_delay_s: int = 120
+    A new SLURM flag is one field here (``sbatch("<submitit parameter>")``) and one
+    ``add_argument`` in ``launch/submit.py``'s ``build_parser`` whose ``dest`` is the field's
+    name: :meth:`from_args` and :meth:`executor_parameters` find it by its metadata.
+    """
+
+    nodes: int = sbatch("nodes", 1)
+    gpus_per_node: int = sbatch("gpus_per_node", 0, omit=(None, 0))
+    cpus_per_task: int | None = sbatch("cpus_per_task")
+    mem: str | None = sbatch("mem")
+    time_min: int = sbatch("time", 60)
+    partition: str | None = sbatch("partition")
+    account: str | None = sbatch("account")
+    qos: str | None = sbatch("qos")
+    constraint: str | None = sbatch("constraint")
+    exclude: str | None = sbatch("exclude")
+    job_name: str = sbatch("job_name", "masan")
+    signal_delay_s: int = sbatch("signal_delay_s", 120)
+
+    def __post_init__(self):
+        if self.signal_delay_s >= self.time_min * 60:
+            raise ValueError(f"--signal-delay {self.signal_delay_s} s is not shorter than --time {self.time_min} "
+                             f"min ({self.time_min * 60} s): the stop signal would come before training does; "
+                             "lower --signal-delay or raise --time")
+
+    @classmethod
+    def from_args(cls, args, **given) -> "Resources":
+        """Resources from parsed arguments: every field whose name is an attribute of ``args``
+        (``given`` wins, e.g. a GPU count detected with sinfo); ValueError for nonsense."""
+        values = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
+        return cls(**{**values, **given})
 
     @property
     def tasks_per_node(self) -> int:
@@ -59,6 +88,21 @@ class Resources:
     @property
     def world_size(self) -> int:
         return self.nodes * self.tasks_per_node
+
+    def executor_parameters(self) -> dict:
+        """``submitit.SlurmExecutor.update_parameters`` keywords of these resources: one per
+        field (by its :func:`sbatch` metadata) plus the task layout, one task per rank."""
+        params = {f.metadata[SUBMITIT]: getattr(self, f.name) for f in fields(self)
+                  if getattr(self, f.name) not in f.metadata["omit"]}
+        return {**params, "ntasks_per_node": self.tasks_per_node}
+
+
+def slurm_time(text: str) -> int:
+    """argparse type of ``--time``: :func:`parse_time_min`, its message as argparse's error."""
+    try:
+        return parse_time_min(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def parse_time_min(text: str) -> int:
@@ -91,8 +135,8 @@ def variant_dir_name(variant: str) -> str:
 
 def _resolve(run_dir: Path, config: str | None, overrides: list[str]) -> RunConfig:
     source = config
-    if source is None and (run_dir / CONFIG_FILE).is_file():
-        source = str(run_dir / CONFIG_FILE)
+    if source is None and RunDir(run_dir).config.is_file():
+        source = str(RunDir(run_dir).config)
     return load_config(source, [*overrides, f"run_dir={run_dir}"])
 
 

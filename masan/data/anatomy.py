@@ -64,8 +64,14 @@ from scipy.spatial.transform import Rotation
 from tqdm.auto import tqdm
 
 from masan.data.nifti import write_nifti_slabs
-from masan.data.synth import (DEFAULT_CLASSES, DEFAULT_SEVERITY, PLANTED_EFFECT_FILE, _smooth_fields,
-                              _time_courses, _to_int16)
+from masan.data.synth import (
+    DEFAULT_CLASSES,
+    DEFAULT_SEVERITY,
+    PLANTED_EFFECT_FILE,
+    _smooth_fields,
+    _time_courses,
+    _to_int16,
+)
 
 ANATOMY = "mni152"
 TEMPLATE_NAME = "ICBM 2009a nonlinear symmetric MNI152, 1 mm (nilearn's copy)"

@@ -192,9 +192,7 @@ class CohortCache:
         return (self._frames(subject),) + shape[1:] if modality == "fmri" else shape
 
     def _scale(self, subject: str, modality: str) -> Scale:
-        meta = self.store.meta(subject, modality)
-        return Scale(meta["nifti"]["scl_slope"], meta["nifti"]["scl_inter"], meta["stats"]["mean"],
-                     meta["stats"]["std"])
+        return Scale(*self.store.scaling(subject, modality))
 
     def nbytes(self) -> int:
         """Bytes of the cached stored integers (one copy)."""
@@ -243,7 +241,8 @@ class CohortCache:
         if need > have:
             raise CacheError(
                 f"data.cache=device needs {need / GIB:.2f} GiB ({need} bytes) for {len(self.subjects)} subjects of "
-                f"{self.store.path} on {where}, leaving data.cache_reserve_gib={self.cfg.cache_reserve_gib} GiB for the "
+                f"{self.store.path} on {where}, leaving data.cache_reserve_gib={self.cfg.cache_reserve_gib} GiB "
+                "for the "
                 f"model: {max(have, 0) / GIB:.2f} GiB may be used; use data.cache=host (the cohort in shared host "
                 f"memory) or {FIX}")
 
@@ -343,9 +342,9 @@ def to_values(raws: list[torch.Tensor], scales: list[Scale], normalize: bool, ou
     for o, r, sc in zip(out, raws, scales):
         if o.device.type == "cpu":  # the store's cache-blocked functions, on all of torch's CPU threads
             if normalize:
-                _in_parts(lambda a, b: normalized_float32(a, sc.slope, sc.inter, sc.mean, sc.std, out=b), r, o)
+                _in_parts(lambda a, b, sc=sc: normalized_float32(a, sc.slope, sc.inter, sc.mean, sc.std, out=b), r, o)
             else:
-                _in_parts(lambda a, b: scaled_float32(a, sc.slope, sc.inter, out=b), r, o)
+                _in_parts(lambda a, b, sc=sc: scaled_float32(a, sc.slope, sc.inter, out=b), r, o)
         elif normalize:
             o.copy_(r)  # int -> float32 is exact, as numpy's cast inside np.multiply
             o.mul_(float(np.float32(sc.slope / sc.std))).add_(float(np.float32((sc.inter - sc.mean) / sc.std)))

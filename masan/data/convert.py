@@ -1,14 +1,14 @@
-"""NIfTI/BIDS cohort -> Zarr v3 cohort store (the library behind ``data_tools/to_zarr.py``).
+"""Checked cohort -> Zarr v3 cohort store (the library behind ``data_tools/to_zarr.py``).
 
 Steps, each a function:
 
-1. :func:`discover_bids` / :func:`read_manifest` list :class:`SubjectSource` rows.
-2. :func:`check_sources` maps labels to classes and rejects duplicate or unsafe ids,
-   unknown/missing labels and missing modalities (per subject, never the whole run).
-3. :func:`convert_subject` writes one subject into ``STORE/.staging/<id>.<v>`` (T1 whole, fMRI
-   in frame slabs of one shard each), re-reads and checksums it, then publishes it as a new
-   version folder ``STORE/subjects/<id>/<v>`` with one rename (:mod:`masan.data.publish`).
-4. :func:`convert_cohort` runs 3 over worker processes with a progress bar, skips subjects
+1. :mod:`masan.data.sources` lists the subjects (:func:`discover_bids` / :func:`read_manifest`)
+   and checks them (:func:`check_sources`: labels, ids, files), per subject.
+2. :func:`convert_subject` writes one subject into ``STORE/.staging/<id>.<v>``, each modality
+   a NIfTI-Zarr image (:mod:`masan.data.nifti_zarr`; T1 whole, fMRI in frame slabs of one
+   shard each), re-reads and checksums it, then publishes it as a new version folder
+   ``STORE/subjects/<id>/<v>`` with one rename (:mod:`masan.data.publish`).
+3. :func:`convert_cohort` runs 2 over worker processes with a progress bar, skips subjects
    whose sources and options are unchanged, redoes half-written or changed ones, points the
    cohort table (root attributes) at each new version before the old one is removed, and
    always writes ``conversion_report.json``. Subjects leave the store only with ``prune``.
@@ -18,15 +18,11 @@ Store safety (locking, versions, permissions) and layout: docs/data-format.md.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import os
-import re
 import shutil
 import time
-import zlib
-from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -38,23 +34,26 @@ from zarr.codecs import BloscCodec
 from zarr.storage import LocalStore
 
 from masan import access
-from masan.data import nifti, places, publish, store_access
+from masan.data import nifti, nifti_zarr, places, publish, store_access
+from masan.data.sources import (  # noqa: F401  (re-exported: the converter's public API)
+    DEFAULT_CLASSES,
+    ConvertError,
+    Failure,
+    Job,
+    SubjectSource,
+    check_sources,
+    discover_bids,
+    parse_label_map,
+    planted_effect,
+    read_manifest,
+)
+from masan.data.store import FORMAT, FORMAT_VERSION, MODALITIES, REPORT, STAGING, SUBJECTS, TRASH, StrictLocalStore
 from masan.data.store_access import StoreAccess
-from masan.data.synth import PLANTED_EFFECT_FILE
-from masan.data.store import (FORMAT, FORMAT_VERSION, MODALITIES, REPORT, STAGING, SUBJECTS, TRASH,
-                              StrictLocalStore)
+from masan.files import atomic_write_json
 
-DEFAULT_CLASSES = ("NC", "EMCI", "LMCI", "AD")
-ADNI_ALIASES = {"CN": "NC"}
-"""Diagnosis spellings of ADNI tables mapped to the class names by default."""
-SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 SOURCE_HASH_BLOCK = 1 << 22
 TR_SUSPECT_SECONDS = 20.0
 """A TR above this is reported as a warning (headers often hold ms with the unit 'sec')."""
-
-
-class ConvertError(ValueError):
-    """The conversion as a whole cannot start (bad inputs or options); exit code 2."""
 
 
 @dataclass
@@ -79,6 +78,9 @@ class ConvertOptions:
     clevel: int = 5
     """0-9."""
     shuffle: Literal["bitshuffle", "shuffle", "noshuffle"] = "bitshuffle"
+    levels: int = 1
+    """Resolution levels per image: 1 is level 0 only (what training reads); each further
+    level halves X, Y, Z (2x2x2 means, per frame) for OME-Zarr viewers."""
     nan: Literal["error", "zero"] = "error"
     """NaN voxels: ``error`` rejects the subject, ``zero`` stores 0 and records the count."""
     require: tuple[str, ...] = ("t1", "fmri")
@@ -88,6 +90,8 @@ class ConvertOptions:
         if self.fmri_shard_frames % self.fmri_chunk_frames:
             raise ConvertError(f"fmri_shard_frames ({self.fmri_shard_frames}) must be a multiple of "
                                f"fmri_chunk_frames ({self.fmri_chunk_frames})")
+        if self.levels < 1:
+            raise ConvertError(f"levels must be 1 or more (1: full resolution only), got {self.levels}")
         bad = set(self.require) - set(MODALITIES)
         if bad or not self.require:
             raise ConvertError(f"require must name some of {MODALITIES}, got {self.require}")
@@ -102,38 +106,6 @@ class ConvertOptions:
         d.pop("require")
         d["format_version"] = FORMAT_VERSION
         return json.loads(json.dumps(d))
-
-
-@dataclass
-class SubjectSource:
-    """One subject as found in the input: id, raw label, files, where it came from."""
-
-    subject: str
-    label: str | None
-    t1: Path | None
-    fmri: Path | None
-    origin: str
-    """E.g. ``manifest.csv row 4`` (for error messages)."""
-    notes: list[str] = field(default_factory=list)
-
-
-@dataclass
-class Failure:
-    subject: str
-    file: str | None
-    error: str
-    """What was wrong and what to do."""
-
-
-@dataclass
-class Job:
-    """A checked subject: class label and sources."""
-
-    subject: str
-    label: str
-    sources: dict[str, str]
-    """modality -> absolute path (only modalities present)."""
-    notes: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -157,191 +129,6 @@ class Report:
         d = asdict(self)
         d["failed"] = [asdict(f) for f in self.failed]
         return d
-
-
-# ====================================================================== discovery
-
-
-def read_manifest(path: str | Path) -> list[SubjectSource]:
-    """CSV with columns subject, t1, fmri, label (paths relative to the CSV's folder; t1 or
-    fmri may be empty)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConvertError(f"manifest {path} not found; pass a CSV with columns subject,t1,fmri,label")
-    cols, rows = _read_table(path, ",")
-    missing = {"subject", "t1", "fmri", "label"} - set(cols)
-    if missing:
-        raise ConvertError(f"manifest {path} lacks column(s) {sorted(missing)} "
-                           f"(has {cols}); it needs subject,t1,fmri,label")
-    out = []
-    for i, r in enumerate(rows, start=2):  # row 1 is the header
-        def p(key: str) -> Path | None:
-            v = (r.get(key) or "").strip()
-            return None if not v else (Path(v) if Path(v).is_absolute() else path.parent / v)
-        out.append(SubjectSource((r.get("subject") or "").strip(), (r.get("label") or "").strip() or None,
-                                 p("t1"), p("fmri"), f"{path.name} row {i}"))
-    return out
-
-
-def _read_table(path: Path, delimiter: str) -> tuple[list[str], list[dict]]:
-    """Header and rows of a UTF-8 CSV/TSV. A byte-order mark (Excel's "UTF-8 CSV") is dropped,
-    otherwise it would glue itself to the first column's name; another encoding is refused
-    with the fix, not guessed (a Latin-1 'é' read wrongly would change a subject id)."""
-    try:
-        with path.open(newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f, delimiter=delimiter)
-            return list(reader.fieldnames or []), list(reader)
-    except UnicodeDecodeError as e:
-        raise ConvertError(f"{path} is not UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 1]!r}); "
-                           f"save it as UTF-8, e.g. `iconv -f latin1 -t utf-8 {path.name} > fixed` "
-                           "and use the fixed file") from None
-
-
-def _pick(files: list[Path], kind: str, prefer: str | None = None) -> tuple[Path | None, list[str]]:
-    if prefer:
-        preferred = [f for f in files if prefer in f.name]
-        files = preferred or files
-    files = sorted(files)
-    notes = [f"{len(files)} {kind} files; used {files[0].name}"] if len(files) > 1 else []
-    return (files[0] if files else None), notes
-
-
-def _bids_files(folder: Path) -> tuple[Path | None, Path | None, list[str]]:
-    t1, n1 = _pick(list(folder.glob("anat/*_T1w.nii*")), "T1w")
-    bold, n2 = _pick(list(folder.glob("func/*_bold.nii*")), "BOLD", prefer="task-rest")
-    return t1, bold, n1 + n2
-
-
-def discover_bids(bids: str | Path, label_column: str = "diagnosis", session: str | None = None
-                  ) -> list[SubjectSource]:
-    """Subjects of a BIDS folder: participants.tsv (participant_id + ``label_column``) and
-    ``sub-*/[ses-*/]anat/*_T1w.nii[.gz]``, ``func/*_bold.nii[.gz]``.
-
-    With sessions, ``session`` (e.g. ``bl`` or ``ses-bl``) picks one; otherwise the first
-    session (sorted) holding both modalities is used, else the first session. With several
-    runs, a ``task-rest`` BOLD is preferred, then the first by name; the choice is noted.
-    """
-    bids = Path(bids)
-    table = bids / "participants.tsv"
-    if not table.is_file():
-        raise ConvertError(f"{table} not found; a BIDS folder needs participants.tsv with "
-                           f"participant_id and a {label_column!r} column")
-    cols, rows = _read_table(table, "\t")
-    if "participant_id" not in cols or label_column not in cols:
-        raise ConvertError(f"{table} has columns {cols}; it needs participant_id and {label_column!r} "
-                           "(pick the label column with --label-column)")
-    sources = []
-    listed = set()
-    for i, r in enumerate(rows, start=2):
-        sid = (r["participant_id"] or "").strip()
-        listed.add(sid)
-        folder = bids / sid
-        notes: list[str] = []
-        sessions = sorted(p for p in folder.glob("ses-*") if p.is_dir()) if sid else []
-        if sessions:
-            if session:
-                want = session if session.startswith("ses-") else f"ses-{session}"
-                sessions = [p for p in sessions if p.name == want]
-                folder = sessions[0] if sessions else folder / want
-            else:
-                found = [(p, _bids_files(p)) for p in sessions]
-                full = [p for p, (a, b, _) in found if a and b]
-                folder = (full or sessions)[0]
-                if len(sessions) > 1:
-                    notes.append(f"{len(sessions)} sessions; used {folder.name} (choose with --session)")
-        t1, bold, more = _bids_files(folder) if sid else (None, None, [])
-        label = (r.get(label_column) or "").strip()
-        sources.append(SubjectSource(sid, None if label.lower() in ("", "n/a", "na", "nan") else label,
-                                     t1, bold, f"participants.tsv row {i}", notes + more))
-    for folder in sorted(bids.glob("sub-*")):
-        if folder.is_dir() and folder.name not in listed:
-            t1, bold, _ = _bids_files(folder)
-            sources.append(SubjectSource(folder.name, None, t1, bold, f"folder {folder} (not in participants.tsv)"))
-    return sources
-
-
-def planted_effect(bids: str | Path) -> dict | None:
-    """The synthetic cohort's planted-effect record (``planted_effect.json``), if any."""
-    p = Path(bids) / PLANTED_EFFECT_FILE
-    return json.loads(p.read_text()) if p.is_file() else None
-
-
-def parse_label_map(text: str | None, classes: tuple[str, ...] | list[str]) -> dict[str, str]:
-    """``"CN=NC,Dementia=AD"`` -> mapping (upper-cased keys); classes and ADNI aliases included."""
-    mapping = {c.upper(): c for c in classes}
-    mapping.update({k: v for k, v in ADNI_ALIASES.items() if v in classes})
-    for item in filter(None, (s.strip() for s in (text or "").split(","))):
-        if "=" not in item:
-            raise ConvertError(f"label map entry {item!r} must look like RAW=CLASS (e.g. CN=NC)")
-        raw, cls = (s.strip() for s in item.split("=", 1))
-        if cls not in classes:
-            raise ConvertError(f"label map {item!r}: {cls!r} is not one of the classes {list(classes)}")
-        mapping[raw.upper()] = cls
-    return mapping
-
-
-def check_sources(sources: list[SubjectSource], label_map: dict[str, str], require: tuple[str, ...]
-                  ) -> tuple[list[Job], list[Failure]]:
-    """Per-subject checks before any voxel is read; every bad subject becomes a Failure."""
-    jobs, failures = [], []
-    counts = Counter(s.subject for s in sources)
-    shared = _shared_files(sources)
-    for s in sources:
-        def fail(msg: str, file: Path | None = None) -> None:
-            failures.append(Failure(s.subject or f"<{s.origin}>", str(file) if file else None, f"{s.origin}: {msg}"))
-        if counts[s.subject] > 1:
-            where = [o.origin for o in sources if o.subject == s.subject]
-            fail(f"subject id {s.subject!r} appears {counts[s.subject]} times ({', '.join(where)}); "
-                 "give each subject exactly one row")
-            continue
-        if not SAFE_ID.match(s.subject):
-            fail(f"subject id {s.subject!r} is not a safe name; use 1-64 letters, digits, '-' or '_' "
-                 "(starting with a letter or digit)")
-            continue
-        if s.label is None:
-            fail("has no label; fill in its diagnosis (a row in participants.tsv / the manifest)")
-            continue
-        cls = label_map.get(s.label.upper())
-        if cls is None:
-            fail(f"label {s.label!r} is not a known class; known labels {sorted(label_map)}; "
-                 "map it with --label-map RAW=CLASS or fix the table")
-            continue
-        files = {"t1": s.t1, "fmri": s.fmri}
-        missing = [m for m in require if files[m] is None]
-        absent = [(m, f) for m, f in files.items() if f is not None and not f.is_file()]
-        if missing:
-            fail(f"has no {' and no '.join(missing)} file; add it, or convert with --require "
-                 f"{' '.join(m for m in MODALITIES if m not in missing) or 't1'} to allow this")
-            continue
-        if absent:
-            m, f = absent[0]
-            fail(f"{m} file {f} does not exist; fix the path", f)
-            continue
-        clash = [(f, shared[_file_id(f)]) for f in files.values() if f is not None and len(shared[_file_id(f)]) > 1]
-        if clash:
-            f, owners = clash[0]
-            fail(f"{f} is listed for subjects {', '.join(sorted(owners))}; one scan in two subjects would "
-                 "leak between train and test splits: give each subject its own file", f)
-            continue
-        # The path as listed (BIDS path), not a symlink's target: provenance names the subject's file.
-        jobs.append(Job(s.subject, cls, {m: os.path.abspath(f) for m, f in files.items() if f is not None}, s.notes))
-    return jobs, failures
-
-
-def _file_id(path: Path) -> tuple[int, int]:
-    """Identity of the file behind a path (symlinks and hard links included)."""
-    st = os.stat(path)
-    return st.st_dev, st.st_ino
-
-
-def _shared_files(sources: list[SubjectSource]) -> dict[tuple[int, int], set[str]]:
-    """File identity -> subjects listing it (existing files only)."""
-    owners: dict[tuple[int, int], set[str]] = {}
-    for s in sources:
-        for f in (s.t1, s.fmri):
-            if f is not None and f.is_file():
-                owners.setdefault(_file_id(f), set()).add(s.subject)
-    return owners
 
 
 # ====================================================================== one subject
@@ -428,7 +215,7 @@ def _check_finite(slab: np.ndarray, nan: str, path: str, t0: int) -> tuple[int, 
 
 
 def _write_modality(group: Any, modality: str, path: str, opts: ConvertOptions, warn: list[str]) -> dict:
-    """Stream one NIfTI file into ``group[modality]``; returns its table entry."""
+    """Stream one NIfTI file into the NIfTI-Zarr image ``group[modality]``; returns its table entry."""
     img = nifti.open_image(path)
     shape = nifti.data_shape(img, 3 if modality == "t1" else 4, path)
     info = nifti.describe(img)
@@ -438,14 +225,11 @@ def _write_modality(group: Any, modality: str, path: str, opts: ConvertOptions, 
     out_shape = plan.out_shape if modality == "t1" else (frames,) + plan.out_shape
     dtype = img.header.get_data_dtype().newbyteorder("=")
     chunks, shards = _chunking(modality, out_shape, opts)
-    arr = zarr.create_array(
-        group.store, name=modality, shape=out_shape, dtype=dtype, chunks=chunks, shards=shards,
-        compressors=BloscCodec(cname=opts.codec, clevel=opts.clevel, shuffle=opts.shuffle), fill_value=0,
-        dimension_names=("x", "y", "z") if modality == "t1" else ("t", "x", "y", "z"), overwrite=True,
-        # Every chunk is written, even all-zero ones: readers then treat a missing chunk file
-        # as damage (StrictLocalStore) instead of silently reading zeros.
-        config={"write_empty_chunks": True})
-    stats, crc, nan_count = _Stats(), 0, 0
+    header = nifti.stored_header(img, plan, plan.out_shape if modality == "t1" else plan.out_shape + (frames,))
+    image = nifti_zarr.ImageWriter(
+        group, modality, out_shape, dtype, chunks, shards,
+        BloscCodec(cname=opts.codec, clevel=opts.clevel, shuffle=opts.shuffle), opts.levels, header, info)
+    stats, nan_count = _Stats(), 0
     slab_frames = shards[0] if modality == "fmri" else 1
     for t0, slab in nifti.iter_frame_slabs(img, slab_frames, path):
         nans, slab = _check_finite(slab, opts.nan, path, t0)
@@ -453,11 +237,7 @@ def _write_modality(group: Any, modality: str, path: str, opts: ConvertOptions, 
         out = plan.apply(slab)  # (X', Y', Z', n)
         out = np.ascontiguousarray(out[..., 0] if modality == "t1" else np.moveaxis(out, 3, 0))
         stats.add(out)
-        crc = zlib.crc32(memoryview(out).cast("B"), crc)
-        if modality == "t1":
-            arr[...] = out
-        else:
-            arr[t0:t0 + out.shape[0]] = out
+        image.write(t0, out)
     if nan_count:
         warn.append(f"{path}: {nan_count} NaN voxels stored as 0 (--nan zero)")
     if modality == "fmri" and frames == 1:
@@ -467,42 +247,22 @@ def _write_modality(group: Any, modality: str, path: str, opts: ConvertOptions, 
     if tr is not None and tr > TR_SUSPECT_SECONDS:
         warn.append(f"{path}: header TR is {tr:g} s ({info['zooms'][3]:g} {info['time_unit']}); "
                     "the unit is probably wrong (ms?), recorded as is")
-    attrs = {
+    checksum = image.checksums()
+    image.finish({
         "nifti": info,
         "affine": plan.affine.tolist(),
         "transform": plan.record(),
         "stats": stats.scaled(info["scl_slope"], info["scl_inter"], path, warn),
-        "checksum": {"crc32": f"{crc:08x}", "of": "stored values, C order, native dtype"},
+        "checksum": checksum,
         "nan_replaced": nan_count,
-    }
-    arr.update_attributes(attrs)
-    return {"shape": list(out_shape), "dtype": dtype.str, "tr_seconds": tr, "checksum": attrs["checksum"]["crc32"]}
-
-
-def array_checksum(arr: Any, slab_frames: int) -> str:
-    """CRC-32 of a stored array's values (C order), read a slab of leading-axis entries at a time."""
-    crc = 0
-    step = arr.shape[0] if arr.ndim == 3 else slab_frames
-    for i in range(0, arr.shape[0], step):
-        crc = zlib.crc32(memoryview(np.ascontiguousarray(arr[i:i + step])).cast("B"), crc)
-    return f"{crc:08x}"
+    })
+    return {"shape": list(out_shape), "dtype": dtype.str, "tr_seconds": tr, "checksum": checksum["crc32"]}
 
 
 def verify_group(group: Any, slab_frames: int = ConvertOptions.fmri_shard_frames) -> list[str]:
-    """Re-read every array of a subject group (fMRI ``slab_frames`` at a time); list the arrays
-    whose checksum differs from the one recorded at conversion."""
-    bad = []
-    for modality in MODALITIES:
-        if modality in group:
-            arr = group[modality]
-            want = dict(arr.attrs).get("checksum", {}).get("crc32")
-            try:
-                got = array_checksum(arr, slab_frames)
-            except Exception as e:  # damaged chunk files raise codec errors
-                got = f"unreadable ({type(e).__name__})"
-            if got != want:
-                bad.append(modality)
-    return bad
+    """Re-read every image of a subject group (every level; fMRI ``slab_frames`` at a time);
+    list the modalities whose stored values differ from the checksums recorded at conversion."""
+    return [m for m in MODALITIES if m in group and not nifti_zarr.verify(group[m], slab_frames)]
 
 
 def _strict(folder: Path) -> Any:
@@ -539,7 +299,7 @@ def convert_subject(job: Job, store: str, opts: ConvertOptions) -> dict:
                                  "row": row, "complete": True})
         row["group"] = publish.publish_version(root, job.subject, staging, version)
         return {"subject": job.subject, "ok": True, "row": row, "warnings": warn + job.notes}
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - any failure fails this subject only, reported with its file
         shutil.rmtree(staging, ignore_errors=True)
         msg = str(e) if isinstance(e, nifti.NiftiError) else f"{type(e).__name__}: {e}"
         return {"subject": job.subject, "ok": False, "failure": asdict(Failure(job.subject, current, msg))}
@@ -655,7 +415,7 @@ def convert_cohort(sources: list[SubjectSource], out: str | Path, options: Conve
                     raise
                 finally:  # the report is written whatever happened (a crash says where it stopped)
                     report.seconds = time.monotonic() - start
-                    _write_json(out / REPORT, report.to_json())
+                    atomic_write_json(out / REPORT, report.to_json())
         except publish.LockError as e:
             raise ConvertError(str(e)) from None
     return report
@@ -747,13 +507,6 @@ def _settle_stale(out: Path, root: Any, rows: dict[str, dict], report: Report, p
     for subject in stale:
         why = "it failed now (see failed)" if subject in failing else "the input does not list it"
         report.warnings.append(f"{subject}: kept its earlier conversion because {why}; --prune removes it")
-
-
-def _write_json(path: Path, data: dict) -> None:
-    """Replace ``path`` atomically (a reader sees the old or the new file, never half)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
 
 
 def _verify_published(root: Any, key: str, subject: str, opts: ConvertOptions, report: Report) -> bool:

@@ -4,11 +4,13 @@
 orders them, ``data.merge`` pools store classes first) and leaves out subjects lacking a
 modality the run uses. ``CohortDataset`` reads one subject per item from the store; it
 holds only the store path until first use in each process, so DataLoader workers started
-by fork or spawn each open their own Zarr handles.
+by fork or spawn each open their own Zarr handles. Train-only transforms (augmentation,
+:mod:`masan.data.transforms`) hook in through :meth:`CohortDataset.with_transform`.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import warnings
 from collections import defaultdict
@@ -78,6 +80,9 @@ class CohortDataset(Dataset):
     ``data_cfg.fmri_frames`` keeps the first N frames of each run (None: all, and every run
     must then have the same length). Shapes are checked against the store's table at
     construction so that a mismatch fails before training, naming the subjects.
+
+    Train and test subjects get the same items; only a view made by :meth:`with_transform`
+    (the training loader's) passes them through a transform.
     """
 
     def __init__(self, store_path: str | os.PathLike, subjects: list[str], labels: list[int], data_cfg: DataConfig):
@@ -88,6 +93,10 @@ class CohortDataset(Dataset):
         """Where samples are read: the store, or a :class:`masan.data.cache.CohortCache` (same values)."""
         self.subjects, self.labels, self.cfg = list(subjects), list(labels), data_cfg
         self.modalities = _modalities(data_cfg)
+        self.transform = None
+        """Called as ``transform(item, index, epoch)`` on every item (:meth:`with_transform`)."""
+        self.epoch = 0
+        """The epoch the transform is told (it seeds its draws)."""
         for s in self.subjects:
             for m in self.modalities:
                 self.store.shape(s, m)  # raises naming the subject when it is absent
@@ -125,6 +134,14 @@ class CohortDataset(Dataset):
             raise ValueError("the cohort cache holds other subjects than this dataset")
         self.source = cache
 
+    def with_transform(self, transform, epoch: int) -> CohortDataset:
+        """A view of this dataset whose items pass through ``transform(item, index, epoch)``
+        (e.g. :class:`masan.data.transforms.Augment`): the training loader's view of one epoch.
+        This dataset is left as it is, so evaluation and the standardiser fits never see it."""
+        view = copy.copy(self)
+        view.transform, view.epoch = transform, epoch
+        return view
+
     def __len__(self) -> int:
         return len(self.subjects)
 
@@ -145,4 +162,4 @@ class CohortDataset(Dataset):
             item["fmri"] = torch.from_numpy(fmri)
         item["label"] = torch.tensor(self.labels[i], dtype=torch.int64)
         item["index"] = torch.tensor(i, dtype=torch.int64)
-        return item
+        return item if self.transform is None else self.transform(item, i, self.epoch)

@@ -9,7 +9,8 @@ and the stored values are exactly the file's.
 - :func:`describe` gives the NIfTI-Zarr-like attribute block (affine, sform/qform and codes,
   zooms, units, TR in seconds, orientation, scaling, the raw header bytes).
 - :class:`SpatialPlan` is the optional reorientation to RAS (``--canonical``) followed by a
-  centre crop/pad to a fixed shape, with the affine kept true.
+  centre crop/pad to a fixed shape, with the affine kept true; :func:`stored_header` is the
+  binary NIfTI header of the array so stored (the NIfTI-Zarr ``nifti`` array).
 - :func:`iter_frame_slabs` streams a 4D run in frame slabs through one sequential pass over
   the (possibly gzipped) file: memory is one slab, and a .nii.gz is decompressed once.
 - :func:`write_nifti_slabs` writes a 3D/4D NIfTI from frame slabs (synthetic cohorts).
@@ -21,14 +22,14 @@ import base64
 import gzip
 import zlib
 from collections.abc import Iterator
-from typing import BinaryIO
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import nibabel as nib
 import numpy as np
 from nibabel.openers import ImageOpener
-from nibabel.orientations import apply_orientation, aff2axcodes, inv_ornt_aff, io_orientation
+from nibabel.orientations import aff2axcodes, apply_orientation, inv_ornt_aff, io_orientation
 
 # Voxel types a model can consume; NIfTI's complex and RGB types are refused.
 SUPPORTED_KINDS = "iuf"
@@ -178,6 +179,27 @@ class SpatialPlan:
             "crop_pad_offset": list(self.offset),
             "pad_value": 0,
         }
+
+
+def stored_header(img: nib.Nifti1Pair, plan: SpatialPlan, shape: tuple[int, ...]) -> bytes:
+    """Binary NIfTI-1/-2 header (348 or 540 bytes, the file's byte order, no extensions) of
+    the array as stored: ``shape`` in NIfTI order (X, Y, Z[, T]), the plan's affine, and the
+    scaling nibabel took out of the loaded header (``scl_slope``/``scl_inter`` restored).
+
+    With an identity plan it is the file's own header; a reoriented or cropped array gets
+    ``plan.affine`` in both sform and qform, keeping their codes (``aligned`` when the file
+    had neither, so readers do not fall back to the zooms)."""
+    hdr = img.header.copy()
+    hdr.set_slope_inter(float(img.dataobj.slope), float(img.dataobj.inter))
+    if tuple(int(n) for n in hdr.get_data_shape()) != tuple(shape):
+        hdr.set_data_shape(shape)
+    if not plan.is_identity:
+        sform_code, qform_code = int(hdr["sform_code"]), int(hdr["qform_code"])
+        if not sform_code and not qform_code:
+            sform_code = 2
+        hdr.set_sform(plan.affine, code=sform_code)
+        hdr.set_qform(plan.affine, code=qform_code)
+    return hdr.binaryblock
 
 
 def _native(dtype: np.dtype) -> np.dtype:

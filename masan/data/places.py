@@ -14,8 +14,8 @@ import json
 import os
 from pathlib import Path
 
-RUN_DIR_MARKERS = ("config.yaml", "checkpoints")
-"""Either entry marks a training run directory (masan.train.run CONFIG_FILE, checkpoint.CHECKPOINT_DIR)."""
+from masan.rundir import RunDir
+
 STORE_FORMAT = "masan-cohort-store"
 """``masan_store.format`` in a cohort store's root attributes (masan.data.store.FORMAT)."""
 
@@ -28,8 +28,8 @@ def is_run_dir(path: str | os.PathLike) -> bool:
     """True when ``path`` is a training run directory: its ``config.yaml`` beside a
     ``checkpoints/`` folder, or a ``config.yaml`` that is a MASAN config (a run that has
     not saved yet). Either marker alone is too common (a home folder's config.yaml) to count."""
-    p = Path(path)
-    config, checkpoints = (p / m for m in RUN_DIR_MARKERS)
+    run = RunDir(path)
+    config, checkpoints = run.config, run.checkpoints
     if not config.is_file():
         return False
     if checkpoints.is_dir():

@@ -52,6 +52,7 @@ from tqdm.auto import tqdm
 
 from masan.access import apply_access, creation_umask, describe_mode, restrictive_mode
 from masan.data.store import CohortStore, StoreError
+from masan.files import atomic_write_text
 
 INDEX = "index.html"
 GENERATOR = "masan.data.qc"
@@ -543,7 +544,7 @@ def _prepare_out(out: Path, store: CohortStore) -> None:
 
 
 def _save(fig: Figure, path: Path, dpi: int) -> str:
-    """PNG of ``fig`` at ``path``; returns its file name. (Not masan.evaluate.figures.save_figure:
+    """PNG of ``fig`` at ``path``; returns its file name. (Not masan.evaluate.plots.save_figure:
     importing masan.evaluate loads torch, seconds for a tool that needs none of it.)"""
     fig.savefig(path, dpi=dpi)
     return path.name
@@ -591,9 +592,7 @@ def write_report(store_path: str | os.PathLike, out: str | os.PathLike, opts: QC
                                   max(1, opts.mosaic_slices // 2))
                 qc.images["fMRI signal, carpet and temporal std"] = _save(fig, out / f"{subject}_fmri.png", opts.dpi)
             results.append(qc)
-        tmp = out / f".{INDEX}.tmp"
-        tmp.write_text(page_html(store, results, opts, min_frames))
-        os.replace(tmp, out / INDEX)
+        atomic_write_text(out / INDEX, page_html(store, results, opts, min_frames))
     applied = apply_access(out, mode, gid)
     return {"index": out / INDEX, "subjects": len(results),
             "flagged": {r.subject: sorted({f.code for f in r.flags}) for r in results if r.flags},

@@ -9,8 +9,8 @@ selects models or stops early on it.
 Example::
 
     split = make_split(subjects, labels, cfg.split)      # labels: class index or name per subject
-    split.save(run_dir / "split.json")
-    same = Split.load(run_dir / "split.json")
+    split.save(RunDir(run_dir).split)                    # run_dir/split.json
+    same = Split.load(RunDir(run_dir).split)
 """
 
 from __future__ import annotations
@@ -27,8 +27,9 @@ from pathlib import Path
 from sklearn.model_selection import train_test_split
 
 from masan.config import SplitConfig
+from masan.files import atomic_write_json
+from masan.rundir import RunDir
 
-SPLIT_FILE = "split.json"
 PARTS = ("train", "val", "test")
 
 
@@ -78,13 +79,10 @@ class Split:
         return d
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the split as JSON atomically (tmp file + rename)."""
+        """Write the split as JSON atomically (:mod:`masan.files`)."""
         p = Path(path)
         p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_name(p.name + f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1))
-        os.replace(tmp, p)
-        return p
+        return atomic_write_json(p, self.to_dict())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Split":
@@ -210,7 +208,7 @@ def load_or_make_split(
         SplitError: the saved split differs (subjects or labels changed since the run began,
             or the split section was edited); the message names the difference.
     """
-    path = Path(run_dir) / SPLIT_FILE
+    path = RunDir(run_dir).split
     fresh = make_split(subjects, labels, split_cfg)
     if not path.exists():
         fresh.save(path)

@@ -3,17 +3,22 @@
 A store is a Zarr v3 group::
 
     STORE/zarr.json                  root attrs: masan_store (format), classes, cohort (table)
-    STORE/subjects/<id>/<v>/t1       int/float array (X, Y, Z), stored values of the NIfTI file
-    STORE/subjects/<id>/<v>/fmri     array (T, X, Y, Z)
+    STORE/subjects/<id>/<v>/t1/      NIfTI-Zarr image: level 0 ``0`` (X, Y, Z), ``nifti`` header
+    STORE/subjects/<id>/<v>/fmri/    NIfTI-Zarr image: level 0 ``0`` (T, X, Y, Z), ``nifti`` header
     STORE/conversion_report.json     the last conversion's failures and warnings
 
-``<v>`` is the subject's current version folder, named by its cohort-table row (``group``);
-a reconversion writes a new version, points the table at it, then removes the old one.
-Stores of format 1 keep the arrays in ``subjects/<id>/`` directly (rows without ``group``).
+Each image is a NIfTI-Zarr 1.0 / OME-Zarr 0.5 group (:mod:`masan.data.nifti_zarr`) whose
+level 0 holds the stored values of the NIfTI file; lower levels (``--levels``) are for
+viewers and are never read here. ``<v>`` is the subject's current version folder, named by
+its cohort-table row (``group``); a reconversion writes a new version, points the table at
+it, then removes the old one. Stores of format 1 hold each modality as a bare array
+(``<v>/t1`` with our attributes on it, or ``subjects/<id>/t1`` for rows without ``group``):
+they read the same; rerunning to_zarr on them rewrites every subject as NIfTI-Zarr.
 
-Each array carries ``nifti`` (header facts, :func:`masan.data.nifti.describe`),
-``transform`` (reorientation/crop-pad), ``stats`` (mean/std of the scaled values over the
-nonzero stored voxels, computed at conversion) and ``checksum`` attributes.
+Each image's ``masan`` attributes hold ``nifti`` (header facts,
+:func:`masan.data.nifti.describe`), ``transform`` (reorientation/crop-pad), ``stats``
+(mean/std of the scaled values over the nonzero stored voxels, computed at conversion) and
+``checksum``; :meth:`CohortStore.meta` returns them.
 
 Values: readers return ``stored * scl_slope + scl_inter`` as float32, i.e. what
 ``np.asarray(nibabel.load(f).dataobj)`` gives, then optionally z-scored with the subject's
@@ -40,8 +45,11 @@ import numpy as np
 import zarr
 from zarr.storage import LocalStore
 
+from masan.data import nifti_zarr
+
 FORMAT = "masan-cohort-store"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: each modality a NIfTI-Zarr image group; 1: a bare array (still read)."""
 SUBJECTS = "subjects"
 STAGING = ".staging"
 TRASH = ".trash"
@@ -125,6 +133,11 @@ def normalized_float32(raw: np.ndarray, slope: float, inter: float, mean: float,
     return out
 
 
+def _scaling(meta: dict) -> tuple[float, float, float, float]:
+    """(scl_slope, scl_inter, mean, std) from an image's attributes (:meth:`CohortStore.meta`)."""
+    return meta["nifti"]["scl_slope"], meta["nifti"]["scl_inter"], meta["stats"]["mean"], meta["stats"]["std"]
+
+
 class CohortStore:
     """Read-only view of a cohort store (see module docstring)."""
 
@@ -203,12 +216,10 @@ class CohortStore:
                 what = f"has only {have}" if have is not None else "is not in the store"
                 raise KeyError(f"subject {subject!r} {what}; cannot read {modality!r} from {self.path}")
             try:
-                arr = self._root[key]
-                meta = dict(arr.attrs)
+                arr = nifti_zarr.open_image(self._root[key])
             except Exception as e:
                 raise StoreError(f"{self.path}: array {key} is missing or damaged ({type(e).__name__}: {e}); "
                                  f"{FIX}") from e
-            arr = (arr, meta)
             self._arrays[key] = arr
         return arr
 
@@ -254,8 +265,13 @@ class CohortStore:
         return tuple(self.row(subject)[modality]["shape"])
 
     def meta(self, subject: str, modality: str) -> dict:
-        """Attributes of one array: nifti, transform, stats, checksum."""
+        """Our attributes of one image: nifti, transform, stats, checksum (and levels)."""
         return self._retrying(subject, lambda: self._array(subject, modality)[1])
+
+    def scaling(self, subject: str, modality: str) -> tuple[float, float, float, float]:
+        """(scl_slope, scl_inter, mean, std): data value = stored * slope + inter; the z-score
+        uses the subject's mean/std of the data values (computed at conversion)."""
+        return _scaling(self.meta(subject, modality))
 
     def affine(self, subject: str, modality: str) -> np.ndarray:
         """(4, 4) float64 voxel -> world (mm) affine of the stored array (true after transforms)."""
@@ -290,12 +306,11 @@ class CohortStore:
     def _read_once(self, subject: str, modality: str, frames: slice | None, region: Region | None,
                    normalize: bool) -> np.ndarray:
         arr, meta = self._array(subject, modality)
-        slope, inter = meta["nifti"]["scl_slope"], meta["nifti"]["scl_inter"]
-        stats = meta["stats"]
+        slope, inter, mean, std = _scaling(meta)
 
         def convert(raw: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
             if normalize:
-                return normalized_float32(raw, slope, inter, stats["mean"], stats["std"], out)
+                return normalized_float32(raw, slope, inter, mean, std, out)
             return scaled_float32(raw, slope, inter, out)
 
         if modality == "t1" or (frames is not None and frames.step not in (None, 1)):

@@ -31,12 +31,12 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from masan.data.nifti import write_nifti_slabs
+from masan.data.sources import PLANTED_EFFECT_FILE
 
 DEFAULT_CLASSES = ("NC", "EMCI", "LMCI", "AD")
 DEFAULT_SEVERITY = {"NC": 0.0, "EMCI": 1 / 3, "LMCI": 2 / 3, "AD": 1.0}
 FIELD_OF_VIEW_MM = (240.0, 256.0, 176.0)
 """Physical extent of both images; voxel sizes follow from the shapes."""
-PLANTED_EFFECT_FILE = "planted_effect.json"
 
 
 @dataclass(frozen=True)

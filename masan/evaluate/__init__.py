@@ -1,24 +1,16 @@
-"""Evaluation: predictions, the paper's metrics (AD vs rest), Table-2 report and figures.
+"""Evaluation: the run directory's prediction files, the paper's Table 2, region rankings and
+figures. The command ``python -m masan.evaluate RUN_DIR [RUN_DIR ...] --out REPORT_DIR``.
 
-Used by training (end-of-run predictions, TensorBoard epoch metrics) and by the command
-``python -m masan.evaluate RUN_DIR [RUN_DIR ...] --out REPORT_DIR``.
+Modules, one role each (none is imported by training, except :mod:`~masan.evaluate.plots`
+lazily, when TensorBoard logs images):
+
+- :mod:`~masan.evaluate.predict`: predictions.csv / region_weights.npy / metrics.json of a run
+  (the predictions themselves come from :mod:`masan.inference`, the metrics from
+  :mod:`masan.metrics`);
+- :mod:`~masan.evaluate.report`: runs grouped per method, Table 2 (mean ± std over repeats);
+- :mod:`~masan.evaluate.region_ranking`: region weights -> named, ranked regions (numbers only;
+  the model's own patch grid is :mod:`masan.model.regions`);
+- :mod:`~masan.evaluate.plots`: matplotlib figures (confusion matrix, region map, ranking bars);
+- :mod:`~masan.evaluate.report_figures`: which figures a report writes, for which subject;
+- :mod:`~masan.evaluate.oracle`: the planted-effect oracle of the synthetic cohorts.
 """
-
-from masan.evaluate.metrics import MetricsError, classification_metrics, flat_scalars, positive_index
-from masan.evaluate.predict import (
-    Predictions,
-    PredictionsError,
-    epoch_metrics,
-    gather_predictions,
-    load_predictions,
-    merge_predictions,
-    predict,
-    write_predictions,
-)
-from masan.evaluate.regions import rank_regions, region_scores
-
-__all__ = [
-    "MetricsError", "Predictions", "PredictionsError", "classification_metrics", "epoch_metrics", "flat_scalars",
-    "gather_predictions", "load_predictions", "merge_predictions", "positive_index", "predict", "rank_regions",
-    "region_scores", "write_predictions",
-]

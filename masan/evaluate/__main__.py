@@ -11,10 +11,10 @@ from collections.abc import Sequence
 
 from tqdm import tqdm
 
-from masan.evaluate.figures import VIEWS
-from masan.evaluate.metrics import TABLE_METRICS, MetricsError
-from masan.evaluate.regions import RegionError
+from masan.evaluate.plots import VIEWS
+from masan.evaluate.region_ranking import RegionError
 from masan.evaluate.report import collect_runs, markdown_table, write_report
+from masan.metrics import TABLE_METRICS, MetricsError
 
 EXIT_NO_RUNS = 1
 EXIT_BAD_INPUT = 2
@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from masan.evaluate.region_figures import method_figures  # matplotlib/zarr only when needed
+    from masan.evaluate.report_figures import method_figures  # matplotlib/zarr only when needed
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -27,36 +27,16 @@ from pathlib import Path
 
 import numpy as np
 
-from masan.config import ConfigError, ModelConfig, RunConfig, config_diff, load_config
-from masan.evaluate.metrics import TABLE_METRICS
-from masan.evaluate.predict import (
-    METRICS_FILE,
-    PREDICTIONS_FILE,
-    Predictions,
-    PredictionsError,
-    load_predictions,
-    prediction_csv_rows,
-)
+from masan.config import SAME_METHOD, ConfigError, ModelConfig, RunConfig, config_diff, flagged_keys, load_config
+from masan.evaluate.predict import Predictions, PredictionsError, load_predictions, prediction_csv_rows
+from masan.metrics import METRIC_TITLES, METRICS, PER_CLASS_METRICS, SUMMARY_METRICS, TABLE_METRICS
+from masan.rundir import RunDir
 
-CONFIG_FILE = "config.yaml"
-DONE_FILE = "DONE"
-SUMMARY_METRICS = TABLE_METRICS + ("accuracy", "f1", "auc")
-"""Columns of the summary table: the paper's three, then multi-class accuracy, F1, AUC."""
-METRIC_TITLES = {
-    "binary_accuracy": "Accuracy",
-    "precision": "Precision",
-    "recall": "Recall",
-    "accuracy": "Accuracy (all classes)",
-    "f1": "F1",
-    "auc": "AUC",
-}
 METHOD_ORDER = ("H-FCN", "MASAN", "MASAN (fusion=add)", "MASAN (T1 only)", "MASAN (fMRI only)")
 """Table row order: the baseline first, then the paper's model and its ablation."""
-SAME_METHOD_MAY_DIFFER = (
-    "run_dir", "split.repeat", "checkpoint", "log", "data.store", "data.num_workers",
-    "data.prefetch_factor", "train.device", "train.dist_timeout_minutes",
-)
-"""Config keys (or section prefixes) that may differ between repeats of one method without a warning."""
+SAME_METHOD_MAY_DIFFER = flagged_keys(SAME_METHOD)
+"""Config keys (or sections) that may differ between repeats of one method without a warning:
+the fields marked :data:`masan.config.SAME_METHOD`."""
 
 
 class RunNotReady(Exception):
@@ -96,21 +76,22 @@ def load_run(run_dir: str | os.PathLike, require_done: bool = True) -> RunResult
     run = Path(run_dir)
     if not run.is_dir():
         raise RunNotReady("not a directory")
-    needed = [CONFIG_FILE, METRICS_FILE, PREDICTIONS_FILE] + ([DONE_FILE] if require_done else [])
+    needed = [RunDir.CONFIG_NAME, RunDir.METRICS_NAME, RunDir.PREDICTIONS_NAME] + (
+        [RunDir.DONE_NAME] if require_done else [])
     missing = [n for n in needed if not (run / n).is_file()]
     if missing:
         raise RunNotReady(f"unfinished: no {', '.join(missing)}")
     try:
-        cfg = load_config(run / CONFIG_FILE)
+        cfg = load_config(RunDir(run).config)
     except ConfigError as e:
-        raise RunNotReady(f"unreadable {CONFIG_FILE}: {e}") from None
+        raise RunNotReady(f"unreadable {RunDir.CONFIG_NAME}: {e}") from None
     try:
-        metrics = json.loads((run / METRICS_FILE).read_text())
+        metrics = json.loads(RunDir(run).metrics.read_text())
     except json.JSONDecodeError as e:
-        raise RunNotReady(f"{METRICS_FILE} is not valid JSON ({e})") from None
+        raise RunNotReady(f"{RunDir.METRICS_NAME} is not valid JSON ({e})") from None
     absent = [m for m in TABLE_METRICS if m not in metrics]
     if absent:
-        raise RunNotReady(f"{METRICS_FILE} lacks {absent}: not written by masan.evaluate.write_predictions")
+        raise RunNotReady(f"{RunDir.METRICS_NAME} lacks {absent}: not written by masan.evaluate.write_predictions")
     try:
         preds, names = load_predictions(run, metrics.get("split", "test"))
     except PredictionsError as e:
@@ -125,9 +106,9 @@ def expand_run_dirs(paths: Iterable[str | os.PathLike]) -> list[Path]:
     out: list[Path] = []
     for p in map(Path, paths):
         found = []
-        if p.is_dir() and not (p / CONFIG_FILE).is_file():
+        if p.is_dir() and not RunDir(p).config.is_file():
             for root, dirs, files in os.walk(p):
-                if CONFIG_FILE in files:
+                if RunDir.CONFIG_NAME in files:
                     found.append(Path(root))
                     dirs.clear()
                 dirs.sort()
@@ -230,9 +211,9 @@ def run_rows(runs: Sequence[RunResult]) -> list[dict]:
     for r in runs:
         m = r.metrics
         row = {"run_dir": str(r.run_dir), "method": r.method, "repeat": r.repeat, "n_test": m.get("n")}
-        row.update({k: m.get(k) for k in SUMMARY_METRICS + ("nll",)})
+        row.update({k.name: m.get(k.name) for k in METRICS})
         for c, pc in m.get("per_class", {}).items():
-            row.update({f"{k}/{c}": pc[k] for k in ("precision", "recall", "f1", "support")})
+            row.update({f"{k}/{c}": pc[k] for k in (*PER_CLASS_METRICS, "support")})
         rows.append(row)
     return rows
 

@@ -10,29 +10,28 @@ See docs/paper-mapping.md for how each paper element maps here.
 
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
+
 import torch
 from torch import nn
 
-from masan.config import ModelConfig
+from masan.config import ModelConfig, load_config
 from masan.model.hfcn import HFCN
 from masan.model.loss import masan_loss
 from masan.model.masan import MASAN
 
 __all__ = ["build_model", "masan_loss", "small_model_config", "MASAN", "HFCN"]
 
-SMALL_MODEL = dict(
-    t1_shape=[32, 32, 32], fmri_shape=[16, 16, 16], fmri_frames=6, patch_grid=[2, 2, 2],
-    channels=[4, 8, 8, 8], fmri_channels=[4, 8, 8, 8], groups=4, attn_dim=8, value_dim=8, mlp_hidden=16,
-    temporal_features=4, temporal_kernel=3, temporal_stride=1, temporal_chunk=512,
-    hfcn_features=8, hfcn_region_group=1, dropout=0.0,
-)
-"""The smallest MASAN that keeps every structural feature (4 levels, odd sizes excepted)."""
+TINY_CONFIG = Path(__file__).resolve().parents[2] / "hpc" / "configs" / "tiny.yaml"
+"""The smallest MASAN that keeps every structural feature (4 levels, odd sizes excepted): the
+one tiny config of the tests and benches."""
 
 
 def small_model_config(**changes) -> ModelConfig:
-    """A :class:`ModelConfig` small enough for CPU tests and smoke runs (T1 32^3 in 2x2x2
-    patches, fMRI 6 frames of 16^3, widths 4/8/8/8), with ``changes`` applied on top."""
-    return ModelConfig(**{**SMALL_MODEL, **changes})
+    """The model of hpc/configs/tiny.yaml, small enough for CPU tests and smoke runs (T1 32^3 in
+    2x2x2 patches, fMRI 6 frames of 16^3, widths 4/8/8/8), with ``changes`` applied on top."""
+    return dataclasses.replace(load_config(TINY_CONFIG).model, **changes)
 
 
 def build_model(model_cfg: ModelConfig, num_classes: int) -> nn.Module:

@@ -55,8 +55,33 @@ class RegionSelfAttention(nn.Module):
     def attend(self, standardized: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Eq. 3-5 on regions already standardised by ``self.norm`` (for occlusion: a region
         set to 0 is a region at the cohort mean)."""
+        return self._mix(*self._project(standardized))
+
+    def attend_occluded(self, standardized: torch.Tensor) -> torch.Tensor:
+        """:meth:`attend` of every single-region occlusion at once: ``(B, R, D)`` ->
+        new regions ``(B * R, R, value_dim)``, copy ``b * R + r`` having region ``r`` set to 0.
+
+        The projections are 1x1 convolutions, so a zeroed region projects to the biases: they
+        are computed once and region ``r``'s column replaced, instead of projecting ``R`` copies
+        of all ``D`` features (the same numbers, ``R`` times cheaper).
+        """
+        q, k, v = self._project(standardized)
+        b, r = q.shape[0], q.shape[-1]
+        occluded = torch.eye(r, dtype=torch.bool, device=q.device)[None, :, None, :]  # (1, R copies, 1, R)
+
+        def occlude(t: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
+            bias = conv.bias if conv.bias is not None else t.new_zeros(t.shape[1])
+            copies = torch.where(occluded, bias.to(t.dtype)[None, None, :, None], t[:, None])
+            return copies.reshape(b * r, t.shape[1], r)
+
+        new, _ = self._mix(occlude(q, self.query), occlude(k, self.key), occlude(v, self.value))
+        return new
+
+    def _project(self, standardized: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x = standardized.transpose(1, 2)  # (B, D, R): conv over regions
-        q, k, v = self.query(x), self.key(x), self.value(x)  # (B, attn|value, R)
+        return self.query(x), self.key(x), self.value(x)  # (B, attn|value, R)
+
+    def _mix(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         scores = torch.einsum("bdi,bdj->bij", q.float(), k.float()) * self.scale
         weights = F.softmax(scores, dim=-1)
         new = torch.einsum("bij,bdj->bid", weights, v.float()).to(v.dtype)

@@ -85,11 +85,12 @@ class Decoder(nn.Module):
     ``skips`` (:func:`skip_used`) says which encoder levels are concatenated."""
 
     def __init__(self, channels: Sequence[int], out_channels: int, groups: int, checkpointed: bool = False,
-                 skips: str = "all"):
+                 skips: str = "all", upsample: str = "trilinear"):
         super().__init__()
-        ups = [UpStage(channels[l + 1], channels[l], channels[l], groups, skip_used(skips, l))
-               for l in range(len(channels) - 2, 0, -1)]
-        self.stages = nn.ModuleList([*ups, OutputStage(channels[1], channels[0], out_channels, skip_used(skips, 0))])
+        ups = [UpStage(channels[lv + 1], channels[lv], channels[lv], groups, skip_used(skips, lv), upsample)
+               for lv in range(len(channels) - 2, 0, -1)]
+        self.stages = nn.ModuleList([*ups, OutputStage(channels[1], channels[0], out_channels, skip_used(skips, 0),
+                                                       upsample)])
         self.checkpointed = checkpointed
 
     def forward(self, feats: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -108,12 +109,12 @@ class PatchAutoencoder(nn.Module):
     """
 
     def __init__(self, in_channels: int, out_channels: int, channels: Sequence[int], groups: int,
-                 checkpointed: bool = False, skips: str = "all"):
+                 checkpointed: bool = False, skips: str = "all", upsample: str = "trilinear"):
         super().__init__()
         if len(channels) < 2:
             raise ValueError(f"model channels {list(channels)}: give InitConv's width and at least one level")
         self.encoder = Encoder(in_channels, channels, groups, checkpointed)
-        self.decoder = Decoder(channels, out_channels, groups, checkpointed, skips)
+        self.decoder = Decoder(channels, out_channels, groups, checkpointed, skips, upsample)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         feats = self.encoder(x)

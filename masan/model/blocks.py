@@ -10,6 +10,7 @@ fp32), so a 60x64x44 feature map is never copied to fp32.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable
 
 import torch
@@ -31,6 +32,50 @@ def conv3d(in_channels: int, out_channels: int, kernel_size: int = 3, stride: in
     For stride 2 this gives 60 -> 30 -> 15 -> 8, so odd patch sizes need no cropping.
     """
     return nn.Conv3d(in_channels, out_channels, kernel_size, stride=stride, padding=kernel_size // 2)
+
+
+class NarrowConv3d(nn.Conv3d):
+    """A "same"-padded 3D convolution to very few output channels (the T1 reconstruction,
+    ``64 -> 1``), computed where its kernels are not pathological; same parameters and result
+    as :class:`torch.nn.Conv3d`.
+
+    cuDNN's weight gradient for one output channel took 153 ms of a 311 ms full-resolution
+    step on an H200 (599 ms with the weight padded to 8 channels), and oneDNN's forward +
+    backward is 2.4x slower in NCDHW than in channels_last on the CPU (docs/performance.md).
+    ``STRATEGY`` per device type:
+
+    * ``taps``: a 1x1x1 conv to one channel per kernel tap (``C_out * k^3`` maps; its weight
+      gradient is a plain matrix product), then a fixed one-hot conv that shifts each tap's
+      map into place and sums them (no weight gradient);
+    * ``channels_last``: the input in channels_last_3d;
+    * ``plain``: as :class:`torch.nn.Conv3d`.
+
+    Input ``(N, C_in, D, H, W)`` -> ``(N, C_out, D, H, W)``.
+    """
+
+    STRATEGY = {"cuda": "taps", "cpu": "channels_last"}
+    MAX_OUT = 4
+    """Wider convolutions always run plain."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3):
+        super().__init__(in_channels, out_channels, kernel_size, padding=kernel_size // 2)
+        taps = kernel_size**3
+        shift = torch.zeros(out_channels, out_channels * taps, kernel_size, kernel_size, kernel_size)
+        for o in range(out_channels):  # tap t of output o lands on kernel position t
+            shift[o, o * taps:(o + 1) * taps].view(taps, -1).fill_diagonal_(1.0)
+        self.register_buffer("shift", shift, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        strategy = self.STRATEGY.get(x.device.type, "plain") if self.out_channels <= self.MAX_OUT else "plain"
+        if strategy == "taps":
+            out, cin, *kernel = self.weight.shape
+            # (out, cin, kx, ky, kz) -> (out * taps, cin, 1, 1, 1), tap order as in ``shift``
+            pointwise = self.weight.reshape(out, cin, -1).transpose(1, 2).reshape(-1, cin, 1, 1, 1)
+            per_tap = F.conv3d(x, pointwise)
+            return F.conv3d(per_tap, self.shift.to(per_tap.dtype), self.bias, padding=self.padding)
+        if strategy == "channels_last":
+            x = x.contiguous(memory_format=torch.channels_last_3d)
+        return super().forward(x)
 
 
 class GroupNorm3d(nn.GroupNorm):
@@ -89,9 +134,42 @@ class DownStage(nn.Module):
         return self.block(self.down(x))
 
 
+UPSAMPLE_MODES = ("trilinear", "nearest")
+
+
+@functools.lru_cache(maxsize=64)
+def _linear_weights(n_in: int, n_out: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``(n_out, n_in)`` matrix of 1D linear interpolation, ``align_corners=False`` as
+    :func:`torch.nn.functional.interpolate` computes it for an explicit output size."""
+    src = ((torch.arange(n_out, dtype=torch.float64) + 0.5) * (n_in / n_out) - 0.5).clamp_min(0)
+    lo = src.floor().long().clamp_max(n_in - 1)
+    hi = (lo + 1).clamp_max(n_in - 1)
+    frac = src - lo
+    m = torch.zeros(n_out, n_in, dtype=torch.float64)
+    m[torch.arange(n_out), lo] += 1 - frac
+    m[torch.arange(n_out), hi] += frac
+    return m.to(dtype=dtype, device=device)
+
+
+def trilinear(x: torch.Tensor, size: tuple[int, int, int]) -> torch.Tensor:
+    """Trilinear upsampling (``align_corners=False``) as three matrix products, one per axis:
+    the values of ``F.interpolate(x, size, mode="trilinear")`` (to rounding), but a backward
+    of matrix products instead of its scattered atomic adds, which took 46 of 141 ms of a
+    full-resolution step on an H200 (2.5x faster on the CPU too; docs/performance.md).
+    ``(N, C, d, h, w)`` -> ``(N, C, *size)``.
+    """
+    n, c, d, h, w = x.shape
+    big_d, big_h, big_w = size
+    y = torch.matmul(x, _linear_weights(w, big_w, x.dtype, x.device).T)  # (N, C, d, h, W)
+    y = torch.matmul(_linear_weights(h, big_h, x.dtype, x.device), y)  # (N, C, d, H, W)
+    y = torch.matmul(_linear_weights(d, big_d, x.dtype, x.device), y.reshape(n, c, d, big_h * big_w))
+    return y.reshape(n, c, big_d, big_h, big_w)
+
+
 class UpConcat(nn.Module):
-    """Decoder upsampling: 1x1 conv to the skip's width, trilinear upsampling to the skip's
-    exact size (so odd sizes round-trip: 8 -> 15), then concatenation with the skip.
+    """Decoder upsampling: 1x1 conv to the skip's width, upsampling (``mode``: trilinear or
+    nearest) to the skip's exact size (so odd sizes round-trip: 8 -> 15), then concatenation
+    with the skip.
 
     With ``use_skip=False`` the skip gives only its size: the 1x1 conv makes all ``2*C_skip``
     channels from ``x``, so the decoder must rebuild this level from the coarser code.
@@ -99,13 +177,17 @@ class UpConcat(nn.Module):
     Inputs ``x (N, C_in, d, h, w)``, ``skip (N, C_skip, D, H, W)`` -> ``(N, 2*C_skip, D, H, W)``.
     """
 
-    def __init__(self, in_channels: int, skip_channels: int, use_skip: bool = True):
+    def __init__(self, in_channels: int, skip_channels: int, use_skip: bool = True, mode: str = "trilinear"):
         super().__init__()
-        self.use_skip = use_skip
+        if mode not in UPSAMPLE_MODES:
+            raise ValueError(f"model.upsample={mode!r}: use one of {list(UPSAMPLE_MODES)}")
+        self.use_skip, self.mode = use_skip, mode
         self.proj = nn.Conv3d(in_channels, skip_channels * (1 if use_skip else 2), kernel_size=1)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-        up = F.interpolate(self.proj(x), size=skip.shape[2:], mode="trilinear", align_corners=False)
+        x = self.proj(x)
+        size = tuple(skip.shape[2:])
+        up = trilinear(x, size) if self.mode == "trilinear" else F.interpolate(x, size=size, mode="nearest")
         return torch.cat([up, skip.to(up.dtype)], dim=1) if self.use_skip else up
 
 
@@ -116,9 +198,10 @@ class UpStage(nn.Module):
     Inputs ``x (N, C_in, d, h, w)``, ``skip (N, C_skip, D, H, W)`` -> ``(N, C_out, D, H, W)``.
     """
 
-    def __init__(self, in_channels: int, skip_channels: int, out_channels: int, groups: int, use_skip: bool = True):
+    def __init__(self, in_channels: int, skip_channels: int, out_channels: int, groups: int, use_skip: bool = True,
+                 mode: str = "trilinear"):
         super().__init__()
-        self.up = UpConcat(in_channels, skip_channels, use_skip)
+        self.up = UpConcat(in_channels, skip_channels, use_skip, mode)
         self.merge = nn.Conv3d(2 * skip_channels, out_channels, kernel_size=1)
         self.block = ResidualBlock(out_channels, groups)
 
@@ -134,10 +217,11 @@ class OutputStage(nn.Module):
     Inputs ``x (N, C_in, d, h, w)``, ``skip (N, C_skip, D, H, W)`` -> ``(N, C_out, D, H, W)``.
     """
 
-    def __init__(self, in_channels: int, skip_channels: int, out_channels: int, use_skip: bool = True):
+    def __init__(self, in_channels: int, skip_channels: int, out_channels: int, use_skip: bool = True,
+                 mode: str = "trilinear"):
         super().__init__()
-        self.up = UpConcat(in_channels, skip_channels, use_skip)
-        self.conv = conv3d(2 * skip_channels, out_channels)
+        self.up = UpConcat(in_channels, skip_channels, use_skip, mode)
+        self.conv = NarrowConv3d(2 * skip_channels, out_channels)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         return self.conv(self.up(x, skip))

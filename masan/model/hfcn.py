@@ -51,7 +51,8 @@ class HFCN(nn.Module):
         regions = math.prod(g // group for g in cfg.patch_grid)
         self.subject_level = MLPClassifier(regions * feats, cfg.mlp_hidden, num_classes, cfg.dropout)
 
-    def forward(self, t1: torch.Tensor | None = None, fmri: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def forward(self, t1: torch.Tensor | None = None, fmri: torch.Tensor | None = None  # noqa: ARG002 - MASAN's signature
+                ) -> dict[str, torch.Tensor]:
         if t1 is None:
             raise ValueError("the H-FCN baseline (model.arch=hfcn) needs T1; enable data.use_t1")
         deepest = self.patches(t1).region_maps[-1]  # (B, M*c_L, Gx, Gy, Gz)

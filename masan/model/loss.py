@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from masan.config import LossConfig
 
 PHASES = ("pretrain", "joint")
+"""Phase 1: reconstruction pretraining of sPM/fPM; phase 2: the full loss (eq. 8)."""
 
 
 def _reconstruction(recon: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:

@@ -30,7 +30,8 @@ from masan.model.regions import num_regions, region_features
 
 def build_spm(cfg: ModelConfig) -> PatchModule:
     """sPM: one shared patch autoencoder (1 -> 1 channel) over the T1 patch grid."""
-    ae = PatchAutoencoder(1, 1, cfg.channels, cfg.groups, cfg.activation_checkpointing, cfg.decoder_skips)
+    ae = PatchAutoencoder(1, 1, cfg.channels, cfg.groups, cfg.activation_checkpointing, cfg.decoder_skips,
+                          cfg.upsample)
     return PatchModule(ae, cfg.patch_grid, cfg.fusion_cells, cfg.region_pool, cfg.patch_chunk, cfg.channels_last, "T1")
 
 
@@ -43,7 +44,7 @@ def build_fpm(cfg: ModelConfig) -> FunctionalModule:
         temporal = TemporalConv(cfg.temporal_features, cfg.temporal_kernel, cfg.temporal_stride, chunk)
         in_channels = cfg.temporal_features
     ae = PatchAutoencoder(in_channels, cfg.fmri_frames, cfg.fmri_channels, cfg.groups, cfg.activation_checkpointing,
-                          cfg.decoder_skips)
+                          cfg.decoder_skips, cfg.upsample)
     if cfg.fmri_layout == "patches":
         spatial: nn.Module = PatchModule(ae, cfg.patch_grid, cfg.fusion_cells, cfg.region_pool, cfg.patch_chunk,
                                          cfg.channels_last, "fMRI frame")
@@ -57,6 +58,7 @@ class MASAN(nn.Module):
 
     ``forward(t1=(B, 1, X, Y, Z) | None, fmri=(B, T, x, y, z) | None)`` returns the dict of
     docs/architecture.md (section Model); inputs of a modality switched off are ignored.
+    With ``region_weights=occlusion`` the ``region_weights`` entry exists only in eval mode.
     """
 
     def __init__(self, cfg: ModelConfig, num_classes: int):
@@ -119,7 +121,9 @@ class MASAN(nn.Module):
             standardized = self.attention.norm(regions)
             new, weights = self.attention.attend(standardized)
             out["logits"] = self.classifier(new.flatten(1))
-            if self.region_weight_source == "occlusion":
+            if self.region_weight_source == "occlusion" and not self.training:
+                # an attribution for reports, never a training signal: R extra head passes per
+                # subject were a sixth of a small model's training step on the CPU
                 out["region_weights"] = self._occlusion(standardized.detach(), out["logits"].detach())
         out["attention"] = weights
         if self.region_weight_source == "embedding":
@@ -139,10 +143,8 @@ class MASAN(nn.Module):
         Signed-agnostic on purpose: a region that pushes towards any class counts. Costs R
         passes of the region head (attention + MLP), well under 1 % of the encoders.
         """
-        b, r, d = standardized.shape
-        keep = 1.0 - torch.eye(r, dtype=standardized.dtype, device=standardized.device)  # (R, R)
-        occluded = (standardized[:, None] * keep[None, :, :, None]).reshape(b * r, r, d)
-        new, _ = self.attention.attend(occluded)
+        b, r, _ = standardized.shape
+        new = self.attention.attend_occluded(standardized)
         was = self.classifier.training
         self.classifier.eval()  # no dropout in an attribution
         probs = torch.softmax(self.classifier(new.flatten(1)).float(), dim=-1).reshape(b, r, -1)

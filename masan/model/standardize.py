@@ -116,7 +116,8 @@ class FittedStandardize(nn.Module):
         self._sums, self._labels = None, None
         n = float(counts.sum())
         if n < 2:
-            raise ValueError(f"cannot fit feature statistics on {int(n)} sample(s); the training split needs at least 2")
+            raise ValueError(
+                f"cannot fit feature statistics on {int(n)} sample(s); the training split needs at least 2")
         mean = s.sum(0) / n
         var = (sq.sum(0) / n - mean * mean).clamp_min(0.0) * (n / (n - 1))
         std = var.add(self.eps).sqrt()

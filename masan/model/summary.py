@@ -26,8 +26,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from masan.config import LossConfig, ModelConfig, add_config_arguments, config_from_args
 from masan.model import build_model, masan_loss
-from masan.model.regions import patch_shape
 from masan.model.inputs import PRECISION_DTYPES as DTYPES
+from masan.model.regions import patch_shape
 
 MIB = 2**20
 
@@ -99,8 +99,8 @@ def trace_step(cfg: ModelConfig, num_classes: int, dtype: torch.dtype, batch: in
     state = {"branch": "head"}
     for name, child in model.named_children():
         if name in modules:
-            child.register_forward_pre_hook(lambda m, a, b=modules[name]: state.update(branch=b))
-            child.register_forward_hook(lambda m, a, o: state.update(branch="head"))
+            child.register_forward_pre_hook(lambda _m, _a, b=modules[name]: state.update(branch=b))
+            child.register_forward_hook(lambda _m, _a, _o: state.update(branch="head"))
     seen: set[int] = set()
     totals: dict[tuple[str, str], int] = defaultdict(int)
 

@@ -54,11 +54,12 @@ import numpy as np
 import torch
 
 from masan.config import RunConfig, config_diff, config_from_dict, config_to_dict
+from masan.files import atomic_write_json, atomic_write_text
+from masan.rundir import RunDir
 from masan.train import distributed as D
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_DIR = "checkpoints"
 MARKER = "COMPLETE"
 POINTER = "latest_complete"
 TAG_RE = re.compile(r"^step_(\d+)$")
@@ -74,15 +75,6 @@ class ResumeError(RuntimeError):
 
 def tag_for(step: int) -> str:
     return f"step_{step:06d}"
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _fsync(path: Path) -> None:
@@ -151,7 +143,7 @@ class CheckpointManager:
     """
 
     def __init__(self, run_dir: str | Path, keep: int, rank: int = 0, world_size: int = 1):
-        self.dir = Path(run_dir) / CHECKPOINT_DIR
+        self.dir = RunDir(run_dir).checkpoints
         self.keep = max(1, keep)
         self.rank, self.world_size = rank, world_size
 
@@ -244,8 +236,8 @@ class CheckpointManager:
         if self.rank == 0:
             files = dict(sorted(kv for part in gathered for kv in part.items()))
             manifest = {"tag": tag, "step": step, "files": files, "state": state, "config": config_to_dict(cfg)}
-            _write_atomic(folder / MARKER, json.dumps(manifest, indent=1))
-            _write_atomic(self.dir / POINTER, tag + "\n")
+            atomic_write_json(folder / MARKER, manifest)
+            atomic_write_text(self.dir / POINTER, tag + "\n")
             self._prune()
         D.barrier()
         return tag

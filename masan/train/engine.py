@@ -159,9 +159,9 @@ def build_engine(model: torch.nn.Module, cfg: RunConfig, world_size: int, schedu
     optimizer = torch.optim.Adam(model.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
     # a closure, so LambdaLR.state_dict() keeps no copy of the schedule in checkpoints
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule.factor(step))
+    ds_config = deepspeed_config(cfg, world_size, sum(p.numel() for p in model.parameters()))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=deepspeed_config(cfg, world_size, sum(p.numel() for p in model.parameters())),
-                                           dist_init_required=False)
+                                           config=ds_config, dist_init_required=False)
     return engine
 
 

@@ -2,18 +2,20 @@
 
 Steps are global optimizer steps. After a resume the writer is opened with
 ``purge_step=<resumed step + 1>``: points a killed run logged past its last complete
-checkpoint are dropped (those up to its step were logged before it was saved), so every tag's steps increase without duplicates or rewinds. The writer is
-flushed at each checkpoint and closed before the run returns.
+checkpoint are dropped (those up to its step were logged before it was saved), so every
+tag's steps increase without duplicates or rewinds. The writer is flushed at each checkpoint
+and closed before the run returns.
 
 Tags: ``train/<loss term>``, ``train/lr``, ``train/samples_per_s``, ``train/epoch``,
 per logging interval ``train/data_wait_frac`` (the largest share of the interval any rank spent
 waiting for its next batch), ``train/data_wait_s`` and ``train/compute_s`` (seconds, mean over
 ranks) and the peak memory of the interval, largest over ranks (:func:`interval_stats`):
 ``train/peak_rss_gib`` (process resident set), on CUDA ``train/gpu_mem_gib`` (max allocated) and
-``train/gpu_reserved_gib`` (max reserved by the caching allocator), ``train/skipped_steps`` (optimizer steps DeepSpeed skipped for
-non-finite gradients), ``train/grad_norm_<term>``; ``monitor_val/<metric>`` for the
-validation-part metrics computed every ``log.eval_every_epochs``, the confusion-matrix figure
-and the region-weight / attention images. The test part never appears here.
+``train/gpu_reserved_gib`` (max reserved by the caching allocator), ``train/skipped_steps``
+(optimizer steps DeepSpeed skipped for non-finite gradients), ``train/grad_norm_<term>``;
+``monitor_val/<metric>`` for the validation-part metrics computed every
+``log.eval_every_epochs``, the confusion-matrix figure and the region-weight / attention
+images. The test part never appears here.
 """
 
 from __future__ import annotations
@@ -26,8 +28,9 @@ import torch
 import yaml
 
 from masan.config import LogConfig, RunConfig, config_to_dict
+from masan.metrics import HPARAM_METRICS, flat_scalars
+from masan.rundir import RunDir
 
-TB_DIR = "tb"
 MONITOR_PREFIX = "monitor_val"
 """Prefix of validation-part metrics (carved from the training subjects; the test part is only
 evaluated at the end)."""
@@ -87,7 +90,7 @@ class TrainLogger:
         if enabled and log_cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(Path(run_dir) / TB_DIR), purge_step=purge_step,
+            self.writer = SummaryWriter(str(RunDir(run_dir).tb), purge_step=purge_step,
                                         flush_secs=log_cfg.flush_secs)
 
     def scalars(self, values: dict[str, float], step: int, prefix: str = "train") -> None:
@@ -131,18 +134,17 @@ class TrainLogger:
 
         d = config_to_dict(cfg)
         walk(d, "")
-        metrics = {f"{MONITOR_PREFIX}/binary_accuracy": 0.0, f"{MONITOR_PREFIX}/accuracy": 0.0}
+        metrics = {f"{MONITOR_PREFIX}/{m}": 0.0 for m in HPARAM_METRICS}
         # written into this writer's own file (add_hparams would open a second event folder)
         for summary in hparams(flat, metrics):
             self.writer.file_writer.add_summary(summary)
         self.writer.add_text("config", "```\n" + yaml.safe_dump(d, sort_keys=False) + "\n```", 0)
 
     def monitor_metrics(self, metrics: dict, step: int) -> None:
-        """Validation metrics (masan.evaluate.metrics.classification_metrics) + confusion figure."""
+        """Validation metrics (:func:`masan.metrics.classification_metrics`) + confusion figure."""
         if self.writer is None:
             return
-        from masan.evaluate.figures import confusion_figure
-        from masan.evaluate.metrics import flat_scalars
+        from masan.evaluate.plots import confusion_figure  # matplotlib: only when images are logged
 
         self.scalars(flat_scalars(metrics), step, prefix=MONITOR_PREFIX)
         self.writer.add_figure(f"{MONITOR_PREFIX}/confusion_matrix",
@@ -160,7 +162,7 @@ class TrainLogger:
         """
         if self.writer is None:
             return
-        from masan.evaluate.figures import region_map_figure
+        from masan.evaluate.plots import region_map_figure  # matplotlib: only when images are logged
 
         w = np.asarray(region_weights, dtype=np.float32)
         if t1 is not None and w.size:

@@ -36,10 +36,13 @@ from tqdm import tqdm
 
 from masan.config import RunConfig
 from masan.data.cache import open_cache
-from masan.evaluate.predict import prediction_metrics
-from masan.model.inputs import MODALITY_KEYS, PRECISION_DTYPES as DTYPES
+from masan.data.transforms import Augment
+from masan.inference import predict_subjects
+from masan.metrics import prediction_metrics
 from masan.model import masan_loss
-from masan.predict import predict_subjects
+from masan.model.inputs import MODALITY_KEYS
+from masan.model.inputs import PRECISION_DTYPES as DTYPES
+from masan.model.loss import PHASES
 from masan.train import distributed as D
 from masan.train.checkpoint import CheckpointManager
 from masan.train.distributed import DistInfo
@@ -49,10 +52,6 @@ from masan.train.standardize import fit_standardizers
 from masan.train.stop import StopRequest
 
 log = logging.getLogger(__name__)
-
-PHASES = ("pretrain", "joint")
-"""Phase 1: reconstruction pretraining of sPM/fPM; phase 2: the full loss (eq. 8)."""
-
 
 
 @dataclass
@@ -142,6 +141,7 @@ def train(p: LoopParts, state: TrainState) -> str:
     per_step = cfg.optim.micro_batch * cfg.optim.grad_accum * p.info.world_size  # samples, all ranks
     last_save = {"step": state.step, "time": time.monotonic()}
     cache = open_cache(p.train_set, cfg.data, p.info.device)  # data.cache: None, or decoded once per node
+    augment = Augment.from_config(cfg.data.augment, cfg.seed)  # data.augment: None, or train-only transforms
 
     for phase in PHASES[PHASES.index(state.phase):]:
         if state.phase != phase:  # a new phase starts: fresh epoch count and LR curve
@@ -158,7 +158,7 @@ def train(p: LoopParts, state: TrainState) -> str:
             if phase == "joint" and state.consumed == 0 and refit_due(cfg, state.epoch):
                 fit_norms(p)
             sampler.set_epoch(state.epochs_done, start=state.consumed)
-            batches = iter(make_loader(p, sampler, state.epochs_done, cache))
+            batches = iter(make_loader(p, sampler, state.epochs_done, cache, augment))
             t_log, samples_log, waited = time.perf_counter(), 0, 0.0
 
             n_steps = steps_left(len(p.train_set), state.consumed, per_step)
@@ -252,16 +252,20 @@ def phase_steps(p: LoopParts, state: TrainState, n_epochs: int, per_step: int) -
     return (state.step - state.phase_start) + left
 
 
-def make_loader(p: LoopParts, sampler, epoch: int, cache=None):
+def make_loader(p: LoopParts, sampler, epoch: int, cache=None, augment: Augment | None = None):
     """Workers read the Zarr store; a loader-owned generator keeps the global RNG untouched,
     so a resumed run (new iterator mid-epoch) draws the same dropout masks as an unbroken one.
-    With a cohort cache, its batches (already on the device) in the sampler's order instead."""
+    With a cohort cache, its batches (already on the device) in the sampler's order instead.
+    ``augment`` (train-only, :mod:`masan.data.transforms`) transforms each sample, seeded by
+    (seed, epoch, subject index): the same draws on either path, after a resume, at any worker count."""
     d = p.cfg.data
     if cache is not None:
-        return cache.batches(sampler, p.cfg.optim.micro_batch, DTYPES[p.cfg.train.precision], d.prefetch_factor)
+        batches = cache.batches(sampler, p.cfg.optim.micro_batch, DTYPES[p.cfg.train.precision], d.prefetch_factor)
+        return batches if augment is None else (augment.batch(b, epoch) for b in batches)
     g = torch.Generator()
     g.manual_seed(p.cfg.seed + epoch)
-    return DataLoader(p.train_set, batch_size=p.cfg.optim.micro_batch, sampler=sampler, drop_last=True,
+    dataset = p.train_set if augment is None else p.train_set.with_transform(augment, epoch)
+    return DataLoader(dataset, batch_size=p.cfg.optim.micro_batch, sampler=sampler, drop_last=True,
                       num_workers=d.num_workers, prefetch_factor=d.prefetch_factor if d.num_workers else None,
                       pin_memory=p.info.device.type == "cuda", generator=g)
 

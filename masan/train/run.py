@@ -18,7 +18,6 @@ to the same mode (and the store's group) once the start is accepted.
 from __future__ import annotations
 
 import getpass
-import json
 import logging
 import os
 import random
@@ -30,17 +29,15 @@ import torch
 
 from masan.access import apply_access, creation_umask, describe_mode, restrictive_mode
 from masan.config import ConfigError, RunConfig, config_hash, save_config
+from masan.rundir import RunDir
 from masan.train import distributed as D
-from masan.train.checkpoint import CHECKPOINT_DIR, CheckpointManager, ResumeError, set_rng_state
+from masan.train.checkpoint import CheckpointManager, ResumeError, set_rng_state
 from masan.train.logging import TrainLogger
 from masan.train.loop import LoopParts, TrainState, evaluate, train
 from masan.train.stop import StopRequest
 
 log = logging.getLogger(__name__)
 
-DONE_FILE = "DONE"
-CONFIG_FILE = "config.yaml"
-TB_DIR = "tb"
 USER_ERRORS = (ConfigError, ResumeError)
 """Errors of the input, not of the machine: launchers exit 2 and never restart them."""
 
@@ -69,25 +66,6 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.backends.cudnn.deterministic = True
 
 
-def _target(cfg: RunConfig) -> dict:
-    """What 'finished' means for this config (a changed target or config reopens a DONE run;
-    an incompatible config is then refused by the resume)."""
-    return {"pretrain_epochs": cfg.train.pretrain_epochs, "joint_epochs": cfg.train.joint_epochs,
-            "max_steps": cfg.train.max_steps, "config_hash": config_hash(cfg)}
-
-
-def finished_run(run_dir: Path, cfg: RunConfig) -> dict | None:
-    """The DONE record of a run that finished this config's epoch target, else None."""
-    f = run_dir / DONE_FILE
-    if not f.is_file():
-        return None
-    try:
-        done = json.loads(f.read_text())
-    except ValueError:
-        return None
-    return done if done.get("target") == _target(cfg) else None
-
-
 def _user() -> str:
     """This process's user name for messages (its uid where no name is known, e.g. in containers)."""
     try:
@@ -104,8 +82,9 @@ def check_writable(run_dir: Path) -> None:
     existing = run_dir
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
+    rd = RunDir(run_dir)
     folders = [existing] if existing != run_dir else [run_dir, *(
-        run_dir / d for d in (CHECKPOINT_DIR, TB_DIR) if (run_dir / d).is_dir())]
+        d for d in (rd.checkpoints, rd.tb) if d.is_dir())]
     for d in folders:
         if not os.access(d, os.W_OK | os.X_OK):
             fix = ("it is on a read-only file system: choose a run_dir=... on a writable one"
@@ -137,13 +116,13 @@ def preflight(cfg: RunConfig, world_size: int, ckpt: CheckpointManager, chash: s
     training part, the newest complete checkpoint accepts this config; and the access mode of
     the run directory: the store's (mode and group)."""
     from masan.data.dataset import select_subjects
-    from masan.data.splits import SPLIT_FILE, Split, SplitError, make_split
+    from masan.data.splits import Split, SplitError, make_split
     from masan.data.store import CohortStore
 
     run_dir = Path(cfg.run_dir)
     check_writable(run_dir)
     subjects, labels, class_names = select_subjects(CohortStore(cfg.data.store), cfg.data)
-    split_path = run_dir / SPLIT_FILE
+    split_path = RunDir(run_dir).split
     try:
         split = Split.load(split_path) if split_path.is_file() else make_split(subjects, labels, cfg.split)
     except SplitError as e:
@@ -177,7 +156,7 @@ def _agreed_preflight(cfg: RunConfig, info: D.DistInfo, ckpt: CheckpointManager,
             pre = Preflight(error=("config", str(e)))
         except ResumeError as e:
             pre = Preflight(error=("resume", str(e)))
-        except Exception as e:  # noqa: BLE001 - told to the other ranks, then raised here as it is
+        except Exception as e:  # told to the other ranks, then raised here as it is
             D.broadcast_object(Preflight(error=("other", f"{type(e).__name__}: {e}")))
             raise
     pre = D.broadcast_object(pre)
@@ -224,7 +203,7 @@ def _run(cfg: RunConfig, stop: StopRequest | None, info: D.DistInfo) -> TrainOut
     from masan.train.engine import check_config
 
     run_dir = Path(cfg.run_dir)
-    done = finished_run(run_dir, cfg)
+    done = RunDir(run_dir).finished(cfg)
     if done is not None:
         log.info("%s is finished (DONE at step %d); nothing to do", run_dir, done["step"])
         return TrainOutcome("completed", done["step"], done["epochs_done"], str(run_dir))
@@ -239,16 +218,16 @@ def _run(cfg: RunConfig, stop: StopRequest | None, info: D.DistInfo) -> TrainOut
 
 def _train(cfg: RunConfig, stop: StopRequest, info: D.DistInfo, ckpt: CheckpointManager, chash: str,
            pre: Preflight) -> TrainOutcome:
-    from masan.data.splits import SPLIT_FILE
     from masan.model import build_model
     from masan.train.engine import LRSchedule, build_engine
 
     run_dir = Path(cfg.run_dir)
+    rd = RunDir(run_dir)
     seed_everything(cfg.seed, cfg.deterministic)
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         if pre.split_is_new:
-            pre.split.save(run_dir / SPLIT_FILE)
+            pre.split.save(rd.split)
     train_set, val_set, test_set = _datasets(cfg, pre)
     class_names = pre.class_names
 
@@ -260,8 +239,8 @@ def _train(cfg: RunConfig, stop: StopRequest, info: D.DistInfo, ckpt: Checkpoint
         applied = apply_access(run_dir, pre.file_mode, pre.gid)
         log.info("run directory %s: %s (never more open than the store %s)", run_dir, describe_mode(*applied),
                  cfg.data.store)
-        (run_dir / DONE_FILE).unlink(missing_ok=True)  # a changed target reopens the run
-        save_config(cfg, run_dir / CONFIG_FILE)
+        rd.reopen()  # a changed target reopens the run
+        save_config(cfg, rd.config)
 
     state = TrainState()
     random.seed(cfg.seed + 1 + info.rank)  # per-rank streams (dropout) after the shared init
@@ -276,7 +255,7 @@ def _train(cfg: RunConfig, stop: StopRequest, info: D.DistInfo, ckpt: Checkpoint
         if info.is_main:
             log.warning(resumed.note)
     elif info.is_main:
-        log.info("no complete checkpoint in %s: starting from scratch", run_dir / "checkpoints")
+        log.info("no complete checkpoint in %s: starting from scratch", rd.checkpoints)
 
     logger = TrainLogger(run_dir, cfg.log, enabled=info.is_main,
                          # points up to the checkpoint's step were logged before it was saved
@@ -311,8 +290,5 @@ def finish(p: LoopParts, state: TrainState, test_set) -> None:
     preds, _, _ = evaluate(p, test_set)
     if p.info.is_main:
         write_predictions(preds, p.cfg.run_dir, p.class_names, p.cfg.data.positive_class, split="test")
-        done = {"step": state.step, "epochs_done": state.epochs_done, "target": _target(p.cfg)}
-        tmp = Path(p.cfg.run_dir) / f".{DONE_FILE}.tmp"
-        tmp.write_text(json.dumps(done))
-        os.replace(tmp, Path(p.cfg.run_dir) / DONE_FILE)
+        RunDir(p.cfg.run_dir).mark_done(p.cfg, state.step, state.epochs_done)
     D.barrier()

@@ -15,7 +15,7 @@ import signal
 import threading
 from pathlib import Path
 
-STOP_FILE = "STOP"
+from masan.rundir import RunDir
 
 
 class StopRequest:
@@ -46,7 +46,7 @@ class StopRequest:
 
     @property
     def file(self) -> Path | None:
-        return self.run_dir / STOP_FILE if self.run_dir is not None else None
+        return RunDir(self.run_dir).stop if self.run_dir is not None else None
 
     def local(self) -> bool:
         """True if this process was asked to stop (flag or STOP file)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from masan.evaluate.metrics import MetricsError, classification_metrics, flat_scalars
+from masan.metrics import MetricsError, classification_metrics, flat_scalars
 
 CLASSES = ["NC", "MCI", "AD"]
 #                 NC NC NC MCI MCI MCI AD AD AD AD

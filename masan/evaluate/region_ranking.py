@@ -1,4 +1,7 @@
-"""Patch-grid regions: their order, names, voxel extent and ranking by region weight.
+"""Region ranking for evaluation: region weights -> named, ranked regions (numbers, no plots).
+
+Reads a run's ``region_weights`` after the fact; the model's own patch grid (patches, pooling
+onto regions) is :mod:`masan.model.regions`, the figures are :mod:`masan.evaluate.plots`.
 
 MASAN cuts the T1 volume into ``patch_grid = (gx, gy, gz)`` non-overlapping regions (the
 paper: 4x4x4 = 64) and outputs one weight per region, ``region_weights`` (N, R) with
@@ -172,7 +175,7 @@ def resample_atlas(
     p = Path(atlas_path)
     try:
         img = nib.load(p)
-    except Exception as e:  # nibabel raises several types for unreadable files
+    except Exception as e:  # noqa: BLE001 - nibabel raises several types for unreadable files
         raise RegionError(f"cannot read atlas {p} as NIfTI: {e}") from None
     data = np.asanyarray(img.dataobj)
     if data.ndim == 4 and data.shape[3] == 1:

@@ -1,5 +1,6 @@
-"""Matplotlib figures: confusion matrix, region-weight map over a T1 slice (the paper's
-Fig. 4), and a ranking of the patch-grid regions.
+"""Plots (evaluation's only matplotlib module): confusion matrix, region-weight map over a T1
+slice (the paper's Fig. 4), and a ranking of the patch-grid regions. Evaluation imports it, and
+TensorBoard image logging does, lazily, when it logs images.
 
 Figures are built as ``matplotlib.figure.Figure`` objects without pyplot, so they work in
 training processes (TensorBoard ``add_figure``) and headless report runs alike; write PNGs
@@ -21,7 +22,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from sklearn.metrics import ConfusionMatrixDisplay
 
-from masan.evaluate.regions import RankMethod, paint_regions, region_centre, region_scores
+from masan.evaluate.region_ranking import RankMethod, paint_regions, region_centre, region_scores
 
 VIEWS = ("axial", "coronal", "sagittal")
 _VIEW_AXIS = {"sagittal": 0, "coronal": 1, "axial": 2}
@@ -87,7 +88,7 @@ def region_map_figure(
     Args:
         t1: (X, Y, Z) T1 volume on the grid the model's regions tile.
         weights: (R,) region weights of this subject (or a class mean), region order of
-            :mod:`masan.evaluate.regions`.
+            :mod:`masan.evaluate.region_ranking`.
         patch_grid: (gx, gy, gz).
         affine: (4, 4) voxel -> world affine of ``t1`` for orientation and voxel aspect;
             None: voxel axes are taken as RAS with 1 mm voxels.
@@ -140,7 +141,7 @@ def ranking_figure(
     title: str = "",
 ) -> Figure:
     """Horizontal bars of the top-``top_k`` regions ranked by
-    :func:`masan.evaluate.regions.region_scores`, with each class's mean weight per region.
+    :func:`masan.evaluate.region_ranking.region_scores`, with each class's mean weight per region.
 
     Args:
         region_weights: (N, R) region weights; labels (N,) int class indices.

@@ -1,10 +1,12 @@
-"""The region figures of a report: which subject, which T1 slice, which region names.
+"""The region figures of a report (``python -m masan.evaluate``): which subject, which T1 slice,
+which region names; the drawing is :mod:`masan.evaluate.plots`, the ranking
+:mod:`masan.evaluate.region_ranking`.
 
 Per method (a group of runs, see :mod:`masan.evaluate.report`), from the test subjects'
 ``region_weights.npy`` of all its repeats:
 
 - ``<method>_region_ranking.png`` / ``.csv``: regions ranked by
-  :func:`masan.evaluate.regions.region_scores` (default: mean weight over the positive
+  :func:`masan.evaluate.region_ranking.region_scores` (default: mean weight over the positive
   class, i.e. AD), with each class's mean weight;
 - ``<method>_region_map_<subject>.png``: one test subject's region weights over its own T1
   (the paper's Fig. 4), read from the cohort store; default subject: the first
@@ -12,7 +14,7 @@ Per method (a group of runs, see :mod:`masan.evaluate.report`), from the test su
 - ``<method>_region_map_mean_<class>.png``: the positive class's mean weights over that T1.
 
 Regions are named by grid cell, or with ``atlas`` by the majority atlas label of each cell
-(atlas resampled onto the displayed subject's T1 grid: see :func:`regions.resample_atlas`).
+(atlas resampled onto the displayed subject's T1 grid: see :func:`masan.evaluate.region_ranking.resample_atlas`).
 """
 
 from __future__ import annotations
@@ -26,17 +28,17 @@ from pathlib import Path
 
 import numpy as np
 
-from masan.evaluate.figures import VIEWS, ranking_figure, region_map_figure, save_figure
-from masan.evaluate.metrics import positive_index
-from masan.evaluate.regions import (
+from masan.evaluate.plots import VIEWS, ranking_figure, region_map_figure, save_figure
+from masan.evaluate.region_ranking import (
     RankMethod,
     atlas_region_names,
     grid_names,
     load_atlas_labels,
-    resample_atlas,
     region_scores,
+    resample_atlas,
 )
 from masan.evaluate.report import RunResult
+from masan.metrics import positive_index
 
 
 def slug(text: str) -> str:
@@ -51,7 +53,7 @@ def _read_t1(store_path: str | os.PathLike, subject: str) -> tuple[np.ndarray, n
     try:
         store = CohortStore(store_path)
         return store.read_t1(subject, normalize=False), store.affine(subject, "t1")
-    except Exception as e:  # a missing/moved store must not stop the tables and rankings
+    except Exception as e:  # noqa: BLE001 - a missing/moved store must not stop the tables and rankings
         warnings.warn(f"no region map for {subject}: cannot read its T1 from store {store_path} ({e}); "
                       f"pass --store with the cohort store the runs trained on", stacklevel=2)
         return None

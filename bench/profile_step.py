@@ -1,0 +1,190 @@
+#!/usr/bin/env python
+"""Where one full-resolution training step of MASAN spends its time (issue 9, item 5).
+
+Three sections, each line printed (flushed) as soon as it is measured, so a timeout still
+leaves figures:
+
+1. ``split``: forward + loss + backward + Adam step per sample of the paper's model with only
+   T1, only fMRI, and both (``model.modalities``), micro-batch 1, as ``--config`` sets it.
+2. ``variant``: the step with one setting changed at a time: how the T1 output conv runs
+   (:class:`~masan.model.blocks.NarrowConv3d`), nearest-neighbour decoder upsampling
+   (``model.upsample``), activation checkpointing off, micro-batch 2 and 4.
+3. ``profile``: one step of the whole model under ``torch.profiler``: the operators with the
+   most self time on the device (CUDA kernels; the CPU with ``--device cpu``), then the same
+   split by input shape, so a slow kernel is tied to the layer that calls it.
+
+    python bench/profile_step.py              # on the GPU machine, paper.yaml, bf16 (see bench/gpu_check.sh)
+    python bench/profile_step.py --tiny       # CPU-sized shapes, the same code paths (tests)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import signal
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # bench.gpu_check and masan import with the repository as the only path entry
+    sys.path.insert(0, str(REPO))
+
+from bench.gpu_check import PAPER, TINY, Budget, Row, _free, _on_alarm, emit, measure_model, note  # noqa: E402
+from masan.config import load_config  # noqa: E402
+from masan.model import build_model, masan_loss  # noqa: E402
+from masan.model.blocks import NarrowConv3d  # noqa: E402
+from masan.model.inputs import PRECISION_DTYPES  # noqa: E402
+
+VARIANTS: list[tuple[str, dict, str, int]] = [
+    # name, model overrides, NarrowConv3d strategy on this device (the T1 output conv), micro-batch
+    ("outconv taps, trilinear", {"upsample": "trilinear"}, "taps", 1),
+    ("outconv taps, nearest", {"upsample": "nearest"}, "taps", 1),
+    ("outconv taps, trilinear, mb2", {"upsample": "trilinear"}, "taps", 2),
+    ("outconv taps, trilinear, mb4", {"upsample": "trilinear"}, "taps", 4),
+    ("outconv taps, trilinear, no ckpt", {"upsample": "trilinear", "activation_checkpointing": False}, "taps", 1),
+    ("outconv plain, trilinear", {"upsample": "trilinear"}, "plain", 1),
+    ("outconv channels_last, trilinear", {"upsample": "trilinear"}, "channels_last", 1),
+]
+"""Each row changes the step as the config (``--set``) gives it; cuDNN autotuning
+(``torch.backends.cudnn.benchmark``) changed nothing on an H200 (docs/performance.md)."""
+
+
+def _row(cfg, batch: int) -> Row:
+    m = cfg.model
+    return Row(m.arch, batch, ckpt=m.activation_checkpointing, channels_last=m.channels_last)
+
+
+def _timed(cfg, batch: int, args, budget: Budget, section: str, name: str) -> None:
+    if budget.left() < args.min_left:
+        note(section, name, f"skipped: {budget.left():.0f} s left of the budget")
+        return
+    try:
+        budget.alarm()
+        ms, peak = measure_model(cfg, _row(cfg, batch), args.device, args.dtype, args.warmup, args.steps, "eager")
+        emit(section, name, f"{ms:.1f}", f"{peak:.2f}", f"{peak / batch:.2f}", "")
+    except torch.cuda.OutOfMemoryError:
+        note(section, name, "out of memory")
+    except Exception as e:  # noqa: BLE001 - one failing row must not end the check
+        note(section, name, f"error: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+    finally:
+        signal.alarm(0)
+        _free(args.device)
+
+
+def split_section(cfg, args, budget: Budget) -> None:
+    for modalities in ("t1", "fmri", "both"):
+        c = copy.deepcopy(cfg)
+        c.model.modalities = modalities
+        _timed(c, 1, args, budget, "split", f"modalities={modalities}")
+
+
+def profile_section(cfg, args, budget: Budget) -> None:
+    """Profile one step after two warm-up steps; print the top operators by self device time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    if budget.left() < args.min_left:
+        note("profile", "-", f"skipped: {budget.left():.0f} s left of the budget")
+        return
+    device, dtype, m = args.device, args.dtype, cfg.model
+    torch.manual_seed(0)
+    model = build_model(m, 2).to(device=device, dtype=dtype).train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    data = {"label": torch.zeros(1, dtype=torch.long, device=device),
+            "t1": torch.randn(1, 1, *m.t1_shape, device=device, dtype=dtype),
+            "fmri": torch.randn(1, m.fmri_frames, *m.fmri_shape, device=device, dtype=dtype)}
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        out = model(t1=data["t1"], fmri=data["fmri"])
+        masan_loss(out, data, cfg.loss, "joint")["total"].backward()
+        opt.step()
+
+    cuda = device.type == "cuda"
+    try:
+        budget.alarm()
+        for _ in range(2):
+            step()
+        if cuda:
+            torch.cuda.synchronize(device)
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with profile(activities=activities, record_shapes=True) as prof:
+            step()
+            if cuda:
+                torch.cuda.synchronize(device)
+        key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+        print(f"profile: one step, top {args.top} operators by {key}", flush=True)
+        print(prof.key_averages().table(sort_by=key, row_limit=args.top, max_name_column_width=48), flush=True)
+        print(f"profile: top {args.top} by input shape", flush=True)
+        print(prof.key_averages(group_by_input_shape=True).table(sort_by=key, row_limit=args.top,
+                                                                 max_name_column_width=40, max_shapes_column_width=90),
+              flush=True)
+        if args.trace:
+            prof.export_chrome_trace(str(args.trace))
+            print(f"profile: chrome trace in {args.trace}", flush=True)
+    except Exception as e:  # noqa: BLE001
+        note("profile", "-", f"error: {type(e).__name__}: {e}")
+        traceback.print_exc()
+    finally:
+        signal.alarm(0)
+        _free(device)  # the model and optimiser go with this frame
+
+
+def variant_section(cfg, args, budget: Budget) -> None:
+    before = dict(NarrowConv3d.STRATEGY)
+    try:
+        for name, overrides, strategy, batch in VARIANTS:
+            c = copy.deepcopy(cfg)
+            for k, v in overrides.items():
+                setattr(c.model, k, v)
+            NarrowConv3d.STRATEGY[args.device.type] = strategy
+            _timed(c, batch, args, budget, "variant", name)
+    finally:
+        NarrowConv3d.STRATEGY.clear()
+        NarrowConv3d.STRATEGY.update(before)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap.add_argument("--tiny", action="store_true", help="CPU-sized shapes (and --device cpu unless given)")
+    ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when visible)")
+    ap.add_argument("--config", type=Path, default=PAPER, help="model settings (default paper.yaml)")
+    ap.add_argument("--precision", choices=sorted(PRECISION_DTYPES), default=None,
+                    help="default bf16 on CUDA, fp32 on the CPU")
+    ap.add_argument("--budget-s", type=float, default=300.0, help="global time budget (default 300 s)")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--top", type=int, default=25, help="operators listed by the profile")
+    ap.add_argument("--trace", type=Path, default=None, help="also write the profile as a Chrome trace here")
+    ap.add_argument("--sections", default="split,variant,profile", help="comma-separated sections to run")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="config overrides for every section, e.g. model.upsample=nearest")
+    args = ap.parse_args(argv)
+    if args.device is None:
+        args.device = "cpu" if args.tiny or not torch.cuda.is_available() else "cuda"
+    args.device = torch.device(args.device)
+    args.dtype = PRECISION_DTYPES[args.precision or ("bf16" if args.device.type == "cuda" else "fp32")]
+    if args.tiny:
+        args.warmup, args.steps, args.top = 1, 1, min(args.top, 8)
+    args.min_left = 5 if args.tiny else 20
+    budget = Budget(args.budget_s)
+    signal.signal(signal.SIGALRM, _on_alarm)
+    cfg = load_config(args.config, (TINY if args.tiny else []) + args.set)
+    gpu = torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else "CPU"
+    print(f"profile_step: {gpu}, torch {torch.__version__}, {args.dtype}, budget {args.budget_s:.0f} s", flush=True)
+    emit("section", "variant", "ms/sample", "peak GiB", "GiB/sample", "note")
+    sections = args.sections.split(",")
+    t0 = time.monotonic()
+    for name, fn in (("split", split_section), ("variant", variant_section), ("profile", profile_section)):
+        if name in sections:
+            fn(cfg, args, budget)
+    print(f"profile_step done, {time.monotonic() - t0:.0f} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""Submitting training runs to SLURM with submitit: the executor, the jobs, their logs.
+
+The executor's parameters come from :meth:`launch.slurm.plan.Resources.executor_parameters`
+(one per resource field) plus what every MASAN job needs whatever the resources: rank 0's
+stderr in its log, ``hpc/env/cluster_env.sh`` sourced before ``srun`` (threads, NCCL,
+signals), and ``--requeue`` so that :class:`launch.slurm.task.TrainTask` can requeue the job
+after a stop checkpoint. Submitted jobs are recorded in each run directory's ``jobs.json``.
+The tasks unpickle ``launch.slurm.task`` on the compute nodes with the submitting Python,
+where the project is installed (``pip install -e .``), so no ``PYTHONPATH`` is set.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from launch.slurm import jobs
+from launch.slurm.plan import Resources, RunSpec
+
+ENV_SCRIPT = Path(__file__).resolve().parents[2] / "hpc" / "env" / "cluster_env.sh"
+
+
+def make_executor(folder: Path, res: Resources, max_requeues: int):
+    """A ``submitit.SlurmExecutor`` writing its scripts and logs to ``folder``."""
+    import submitit  # lazy: --help and local runs need no submitit
+
+    ex = submitit.SlurmExecutor(folder=folder, max_num_timeout=max_requeues)
+    ex.update_parameters(**res.executor_parameters(), stderr_to_stdout=True, setup=[f"source {ENV_SCRIPT}"],
+                         additional_parameters={"requeue": True})
+    return ex
+
+
+def log_path(folder: Path, job_id: str) -> Path:
+    """Where submitit writes rank 0's output of a job (``%j_0_log.out``)."""
+    return folder / f"{job_id}_0_log.out"
+
+
+def submit_slurm(specs: list[RunSpec], res: Resources, folder: Path, max_requeues: int) -> list[str]:
+    """Submit the runs (one job, or one array for several) and record them; returns job ids."""
+    from launch.slurm.task import TrainTask
+
+    ex = make_executor(folder, res, max_requeues)
+    tasks = [TrainTask(s.cfg, max_requeues=max_requeues) for s in specs]
+    if len(tasks) == 1:
+        submitted = [ex.submit(tasks[0])]
+    else:
+        with ex.batch():
+            submitted = [ex.submit(t) for t in tasks]
+    ids = [str(j.job_id) for j in submitted]
+    for spec, jid in zip(specs, ids):
+        jobs.record_job(spec.run_dir, jid, "slurm", str(log_path(folder, jid)),
+                        nodes=res.nodes, tasks_per_node=res.tasks_per_node)
+    return ids

@@ -1,0 +1,176 @@
+"""Inference: the model over a loader, sharded over the ranks and merged; no files, no plots.
+
+Training (validation monitoring, the final test predictions), ``python -m masan.predict`` and
+the evaluation tools share this module; the files a run directory keeps its predictions in
+(predictions.csv, region_weights.npy, metrics.json) belong to evaluation
+(:mod:`masan.evaluate.predict`). The batch keys the model takes are the model's
+(:data:`masan.model.inputs.MODALITY_KEYS`).
+
+Example (every rank; all get the merged predictions)::
+
+    preds = predict_subjects(model, dataset, cfg, device, class_names, rank, world_size, cfg.seed)
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm
+
+from masan.model.inputs import MODALITY_KEYS
+
+
+class PredictionsError(ValueError):
+    """Prediction inputs or files are inconsistent; the message names the file or subject."""
+
+
+@dataclass
+class Predictions:
+    """Per-subject model outputs of one split.
+
+    Attributes:
+        subjects: N subject ids, sorted.
+        labels: (N,) int64 true class index.
+        probs: (N, C) float32 softmax probabilities.
+        region_weights: (N, R) float32 region weights (R = 0 when the model gives none).
+    """
+
+    subjects: list[str]
+    labels: np.ndarray
+    probs: np.ndarray
+    region_weights: np.ndarray
+
+    @property
+    def preds(self) -> np.ndarray:
+        """(N,) int64 arg-max class."""
+        return self.probs.argmax(axis=1).astype(np.int64)
+
+    def __len__(self) -> int:
+        return len(self.subjects)
+
+
+def merge_predictions(parts: Iterable[Predictions]) -> Predictions:
+    """Concatenate predictions, keep one row per subject (a DistributedSampler pads with
+    repeats) and sort by subject."""
+    parts = [p for p in parts if len(p)]
+    if not parts:
+        raise PredictionsError("no predictions to merge (every part is empty)")
+    subjects = [s for p in parts for s in p.subjects]
+    first = {}
+    for i, s in enumerate(subjects):
+        first.setdefault(s, i)
+    keep = [first[s] for s in sorted(first)]
+    return Predictions(
+        subjects=sorted(first),
+        labels=np.concatenate([p.labels for p in parts])[keep],
+        probs=np.concatenate([p.probs for p in parts])[keep],
+        region_weights=np.concatenate([p.region_weights for p in parts])[keep],
+    )
+
+
+def gather_predictions(preds: Predictions) -> Predictions:
+    """Merge every rank's predictions (collective: call on all ranks; all get the result).
+    Without an initialised process group this returns ``preds`` merged with itself."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return merge_predictions([preds])
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, preds)
+    return merge_predictions(parts)
+
+
+def _input_dtype(model: torch.nn.Module) -> torch.dtype:
+    """Floating dtype of the model's parameters (bf16 under a DeepSpeed bf16 engine)."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+def predict(
+    model: torch.nn.Module,
+    loader: Iterable[Mapping[str, torch.Tensor]],
+    device: torch.device | str,
+    autocast_dtype: torch.dtype | None = None,
+    class_names: Sequence[str] | None = None,
+    subjects: Sequence[str] | None = None,
+    progress: bool = False,
+) -> Predictions:
+    """Run the model over a loader without gradients and collect its outputs.
+
+    Args:
+        model: module (or DeepSpeed engine) called as ``model(t1=..., fmri=...)`` returning a
+            dict with ``"logits"`` (B, C) and optionally ``"region_weights"`` (B, R).
+        loader: yields CohortDataset batches: ``"label"`` (B,), ``"index"`` (B,) and the
+            modalities switched on (``"t1"`` (B,1,X,Y,Z), ``"fmri"`` (B,T,x,y,z)); an absent
+            modality is passed as None.
+        device: where the model lives; batches are moved there and cast to the dtype of
+            the model's parameters.
+        autocast_dtype: e.g. ``torch.bfloat16`` to run under ``torch.autocast``; None: off.
+        class_names: when given, the logits width is checked against it.
+        subjects: the subject of each dataset index; default ``loader.dataset.subjects``.
+        progress: show a tqdm bar.
+
+    Returns:
+        :class:`Predictions` of the subjects this loader visits (one rank's share under a
+        DistributedSampler: see :func:`gather_predictions`), sorted by subject. The model's
+        train/eval mode is restored afterwards.
+    """
+    device = torch.device(device)
+    if subjects is None:
+        subjects = getattr(getattr(loader, "dataset", None), "subjects", None)
+        if subjects is None:
+            raise PredictionsError("predict() needs subjects=...: the loader's dataset has no .subjects list")
+    dtype = _input_dtype(model)
+    rows: list[Predictions] = []
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch in tqdm(loader, desc="predict", disable=not progress, leave=False):
+                inputs = {
+                    k: batch[k].to(device, dtype=dtype, non_blocking=True) if k in batch else None
+                    for k in MODALITY_KEYS
+                }
+                amp = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
+                       else contextlib.nullcontext())
+                with amp:
+                    out = model(**inputs)
+                logits = out["logits"].float()
+                if class_names is not None and logits.shape[1] != len(class_names):
+                    raise PredictionsError(
+                        f"model gives {logits.shape[1]} logits but there are {len(class_names)} classes "
+                        f"{list(class_names)}; build the model with num_classes={len(class_names)}"
+                    )
+                rw = out.get("region_weights")
+                index = batch["index"].reshape(-1).tolist()
+                rows.append(Predictions(
+                    subjects=[subjects[i] for i in index],
+                    labels=batch["label"].reshape(-1).cpu().numpy().astype(np.int64),
+                    probs=torch.softmax(logits, dim=1).cpu().numpy().astype(np.float32),
+                    region_weights=(rw.float().cpu().numpy().astype(np.float32) if rw is not None
+                                    else np.zeros((len(index), 0), np.float32)),
+                ))
+    finally:
+        model.train(was_training)
+    if not rows:
+        return Predictions([], np.zeros(0, np.int64), np.zeros((0, len(class_names or ())), np.float32),
+                           np.zeros((0, 0), np.float32))
+    return merge_predictions(rows)
+
+
+def predict_subjects(model: torch.nn.Module, dataset, cfg, device: torch.device, class_names: list[str],
+                     rank: int = 0, world_size: int = 1, seed: int = 0) -> Predictions:
+    """Collective when ``world_size > 1``: predictions of every subject of ``dataset`` (its
+    ``subjects``), sharded over the ranks and merged on every rank. ``cfg`` (a RunConfig) gives
+    ``optim.micro_batch`` and ``data.num_workers``; ``seed`` seeds the loader's own generator, so
+    the caller's RNG is untouched."""
+    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=False)
+    loader = DataLoader(dataset, batch_size=cfg.optim.micro_batch, sampler=sampler, num_workers=cfg.data.num_workers,
+                        generator=torch.Generator().manual_seed(seed))
+    return gather_predictions(predict(model, loader, device, class_names=class_names))

@@ -1,0 +1,162 @@
+"""The run directory: every file name in it, and whether the run is finished.
+
+One training run keeps everything in one folder (``cfg.run_dir``). Training writes it, and
+the launchers, ``launch/status.py``, the evaluation report and the benchmarks read it; each
+of them asks this object for a path instead of spelling the name again, so a file is renamed
+or added here and nowhere else. Layout (docs/architecture.md explains each file)::
+
+    config.yaml            resolved config, written at every accepted start
+    submitted_config.yaml  the config launch/submit.py hands a local run (before it starts)
+    split.json             the split of this repeat
+    checkpoints/           complete checkpoints (layout: masan.train.checkpoint)
+    tb/                    TensorBoard events (rank 0)
+    STOP                   created by a user: every rank stops at the next step and saves
+    predictions.csv        test predictions, end of the run (masan.evaluate.predict)
+    region_weights.npy     region weights of the test subjects
+    metrics.json           test metrics
+    DONE                   the run finished this config's epoch target (JSON record)
+    jobs.json (+ .lock)    SLURM jobs and events of this run (launch.slurm.jobs)
+    slurm/                 submitit's job scripts and logs
+    train.log, bench_run.json   output and stamp of a bench/science.py run
+
+:meth:`RunDir.finished` imports neither torch nor DeepSpeed: ``launch/submit.py`` and
+``launch/status.py`` ask it on a login node.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from masan.config import RunConfig, config_hash
+from masan.files import atomic_write_json
+
+
+def done_target(cfg: RunConfig) -> dict:
+    """What 'finished' means for this config: its epoch target and the config fingerprint. A
+    longer target or another config reopens a DONE run (the resume then refuses a config
+    the checkpoints cannot serve)."""
+    return {"pretrain_epochs": cfg.train.pretrain_epochs, "joint_epochs": cfg.train.joint_epochs,
+            "max_steps": cfg.train.max_steps, "config_hash": config_hash(cfg)}
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """Paths of one run directory (nothing is created until something is written).
+
+    ``RunDir(cfg.run_dir).split`` is ``run_dir/split.json``; the ``*_NAME`` class attributes
+    are the bare names, for code that lists folders.
+    """
+
+    root: Path
+
+    CONFIG_NAME = "config.yaml"
+    SUBMITTED_CONFIG_NAME = "submitted_config.yaml"
+    SPLIT_NAME = "split.json"
+    CHECKPOINTS_NAME = "checkpoints"
+    TB_NAME = "tb"
+    STOP_NAME = "STOP"
+    PREDICTIONS_NAME = "predictions.csv"
+    REGION_WEIGHTS_NAME = "region_weights.npy"
+    METRICS_NAME = "metrics.json"
+    DONE_NAME = "DONE"
+    JOBS_NAME = "jobs.json"
+    SLURM_NAME = "slurm"
+    TRAIN_LOG_NAME = "train.log"
+    BENCH_STAMP_NAME = "bench_run.json"
+
+    def __init__(self, root: str | os.PathLike):
+        object.__setattr__(self, "root", Path(root))
+
+    def __fspath__(self) -> str:
+        return os.fspath(self.root)
+
+    # ------------------------------------------------------------------ paths
+
+    @property
+    def config(self) -> Path:
+        return self.root / self.CONFIG_NAME
+
+    @property
+    def submitted_config(self) -> Path:
+        return self.root / self.SUBMITTED_CONFIG_NAME
+
+    @property
+    def split(self) -> Path:
+        return self.root / self.SPLIT_NAME
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / self.CHECKPOINTS_NAME
+
+    @property
+    def tb(self) -> Path:
+        return self.root / self.TB_NAME
+
+    @property
+    def stop(self) -> Path:
+        return self.root / self.STOP_NAME
+
+    @property
+    def predictions(self) -> Path:
+        return self.root / self.PREDICTIONS_NAME
+
+    @property
+    def region_weights(self) -> Path:
+        return self.root / self.REGION_WEIGHTS_NAME
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / self.METRICS_NAME
+
+    @property
+    def done(self) -> Path:
+        return self.root / self.DONE_NAME
+
+    @property
+    def jobs(self) -> Path:
+        return self.root / self.JOBS_NAME
+
+    @property
+    def jobs_lock(self) -> Path:
+        return self.root / (self.JOBS_NAME + ".lock")
+
+    @property
+    def slurm(self) -> Path:
+        return self.root / self.SLURM_NAME
+
+    @property
+    def train_log(self) -> Path:
+        return self.root / self.TRAIN_LOG_NAME
+
+    @property
+    def bench_stamp(self) -> Path:
+        return self.root / self.BENCH_STAMP_NAME
+
+    def any_config(self) -> Path | None:
+        """The config a run was started with (``config.yaml``), else the one it was submitted
+        with (a local run that has not started), else None."""
+        return next((p for p in (self.config, self.submitted_config) if p.is_file()), None)
+
+    # ------------------------------------------------------------------ DONE
+
+    def finished(self, cfg: RunConfig) -> dict | None:
+        """The DONE record (``step``, ``epochs_done``, ``target``) when the run finished this
+        config's target (:func:`done_target`), else None: no DONE, an unreadable one (a write
+        that never finished counts as not done), or one of a shorter target or other config."""
+        try:
+            record = json.loads(self.done.read_text())
+        except (FileNotFoundError, IsADirectoryError, ValueError):
+            return None
+        return record if isinstance(record, dict) and record.get("target") == done_target(cfg) else None
+
+    def mark_done(self, cfg: RunConfig, step: int, epochs_done: int) -> Path:
+        """Write DONE (atomically: a reader never sees half a record) for this config's target."""
+        return atomic_write_json(self.done, {"step": step, "epochs_done": epochs_done,
+                                             "target": done_target(cfg)}, indent=None)
+
+    def reopen(self) -> None:
+        """Remove DONE: a run started again with a changed target is not finished."""
+        self.done.unlink(missing_ok=True)

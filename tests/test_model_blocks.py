@@ -1,0 +1,60 @@
+"""The fast paths of the model's blocks compute what the plain PyTorch operators compute:
+the T1 output conv (:class:`NarrowConv3d`), trilinear upsampling as matrix products,
+the equal-block average pooling and the one-projection occlusion of the region head."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from masan.model.attention import RegionSelfAttention
+from masan.model.blocks import NarrowConv3d, trilinear
+from masan.model.regions import _pool, pool_volume
+
+
+@pytest.mark.parametrize("strategy", ["taps", "channels_last", "plain"])
+@pytest.mark.parametrize("out_channels", [1, 2])
+def test_narrow_conv_matches_conv3d_with_gradients(strategy, out_channels, monkeypatch):
+    torch.manual_seed(0)
+    conv = NarrowConv3d(6, out_channels).double()
+    monkeypatch.setattr(NarrowConv3d, "STRATEGY", {"cpu": strategy})
+    x = torch.randn(2, 6, 5, 6, 7, dtype=torch.float64, requires_grad=True)
+    ref = F.conv3d(x, conv.weight, conv.bias, padding=1)
+    grad = torch.randn_like(ref)
+    want = torch.autograd.grad(ref, [x, conv.weight, conv.bias], grad)
+    out = conv(x)
+    got = torch.autograd.grad(out, [x, conv.weight, conv.bias], grad)
+    assert out.shape == ref.shape and torch.allclose(out, ref, atol=1e-12)
+    for g, w in zip(got, want):
+        assert torch.allclose(g, w, atol=1e-10)
+    assert set(conv.state_dict()) == {"weight", "bias"}  # checkpoints are those of a Conv3d
+
+
+@pytest.mark.parametrize(("size_in", "size_out"), [((8, 8, 6), (15, 16, 11)), ((15, 16, 11), (30, 32, 22)),
+                                                   ((2, 2, 2), (3, 4, 3)), ((4, 4, 4), (8, 8, 8))])
+def test_trilinear_matches_interpolate(size_in, size_out):
+    x = torch.randn(2, 3, *size_in, dtype=torch.float64, requires_grad=True)
+    ref = F.interpolate(x, size=size_out, mode="trilinear", align_corners=False)
+    out = trilinear(x, size_out)
+    grad = torch.randn_like(ref)
+    assert torch.allclose(out, ref, atol=1e-12)
+    assert torch.allclose(torch.autograd.grad(out, x, grad)[0], torch.autograd.grad(ref, x, grad)[0], atol=1e-12)
+
+
+def test_region_pooling_bins_are_those_of_adaptive_pooling():
+    x = torch.randn(2, 3, 8, 12, 4)
+    pooled = pool_volume(x, (2, 2, 2), 2, ["avg", "max"])
+    ref = torch.cat([F.adaptive_avg_pool3d(x, (4, 4, 4)), F.adaptive_max_pool3d(x, (4, 4, 4))], dim=1)
+    assert torch.allclose(pooled, ref, atol=1e-6)
+    assert torch.allclose(_pool(x, (4, 4, 4), "avg", reshaped=True), ref[:, :3], atol=1e-6)  # the CUDA path
+
+
+def test_occlusion_from_one_projection_equals_projecting_every_occluded_copy():
+    torch.manual_seed(0)
+    attention = RegionSelfAttention(40, 8, 6, 8, norm="layer")
+    regions = torch.randn(3, 8, 40)
+    b, r, d = regions.shape
+    occluded = (regions[:, None] * (1 - torch.eye(r))[None, :, :, None]).reshape(b * r, r, d)
+    want, _ = attention.attend(occluded)
+    assert torch.allclose(attention.attend_occluded(regions), want, atol=1e-6)
