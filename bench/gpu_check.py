@@ -355,17 +355,31 @@ def _report_ds(run_dir: Path, variant: str) -> None:
 # --------------------------------------------------------------------------- main
 
 
-def parse_args(argv: list[str] | None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+def device_parser(doc: str, budget_s: float) -> argparse.ArgumentParser:
+    """The arguments every GPU bench shares (this check, bench/profile_step.py)."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=doc)
     ap.add_argument("--tiny", action="store_true", help="CPU-sized shapes (and --device cpu unless given)")
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when visible)")
     ap.add_argument("--config", type=Path, default=PAPER, help="model/loss/data settings (default paper.yaml)")
     ap.add_argument("--precision", choices=sorted(PRECISION_DTYPES), default=None,
                     help="default bf16 on CUDA, fp32 on the CPU")
-    ap.add_argument("--budget-s", type=float, default=420.0, help="global time budget (default 420 s: 7 min)")
+    ap.add_argument("--budget-s", type=float, default=budget_s, help=f"global time budget (default {budget_s:.0f} s)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=3, help="timed steps per model row")
+    return ap
+
+
+def resolve_device(args: argparse.Namespace) -> None:
+    """``args.device`` (a torch.device: cuda when visible unless --tiny) and ``args.precision``."""
+    if args.device is None:
+        args.device = "cpu" if args.tiny or not torch.cuda.is_available() else "cuda"
+    args.device = torch.device(args.device)
+    args.precision = args.precision or ("bf16" if args.device.type == "cuda" else "fp32")
+
+
+def parse_args(argv: list[str] | None):
+    ap = device_parser(__doc__, 420.0)
     ap.add_argument("--subjects", type=int, default=8,
                     help="subjects of the synthetic cohort (half NC, half AD; a quarter of each class is the "
                          "test part)")
@@ -376,10 +390,7 @@ def parse_args(argv: list[str] | None):
                     help="comma-separated sections to run")
     ap.add_argument("--work", type=Path, default=None, help="scratch directory (default: a temp dir, removed)")
     args = ap.parse_args(argv)
-    if args.device is None:
-        args.device = "cpu" if args.tiny or not torch.cuda.is_available() else "cuda"
-    args.device = torch.device(args.device)
-    args.precision = args.precision or ("bf16" if args.device.type == "cuda" else "fp32")
+    resolve_device(args)
     if args.tiny:  # the same code paths in seconds: no inductor build, one timed step, one loader pass
         args.compile_backend = "eager" if args.compile_backend == "inductor" else args.compile_backend
         args.warmup, args.steps, args.loader_passes = min(args.warmup, 1), min(args.steps, 1), 1

@@ -19,7 +19,6 @@ leaves figures:
 
 from __future__ import annotations
 
-import argparse
 import copy
 import signal
 import sys
@@ -33,7 +32,18 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # bench.gpu_check and masan import with the repository as the only path entry
     sys.path.insert(0, str(REPO))
 
-from bench.gpu_check import PAPER, TINY, Budget, Row, _free, _on_alarm, emit, measure_model, note  # noqa: E402
+from bench.gpu_check import (  # noqa: E402
+    TINY,
+    Budget,
+    Row,
+    _free,
+    _on_alarm,
+    device_parser,
+    emit,
+    measure_model,
+    note,
+    resolve_device,
+)
 from masan.config import load_config  # noqa: E402
 from masan.model import build_model, masan_loss  # noqa: E402
 from masan.model.blocks import NarrowConv3d  # noqa: E402
@@ -148,26 +158,15 @@ def variant_section(cfg, args, budget: Budget) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    ap.add_argument("--tiny", action="store_true", help="CPU-sized shapes (and --device cpu unless given)")
-    ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when visible)")
-    ap.add_argument("--config", type=Path, default=PAPER, help="model settings (default paper.yaml)")
-    ap.add_argument("--precision", choices=sorted(PRECISION_DTYPES), default=None,
-                    help="default bf16 on CUDA, fp32 on the CPU")
-    ap.add_argument("--budget-s", type=float, default=300.0, help="global time budget (default 300 s)")
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=3)
+    ap = device_parser(__doc__, 300.0)
     ap.add_argument("--top", type=int, default=25, help="operators listed by the profile")
     ap.add_argument("--trace", type=Path, default=None, help="also write the profile as a Chrome trace here")
     ap.add_argument("--sections", default="split,variant,profile", help="comma-separated sections to run")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                     help="config overrides for every section, e.g. model.upsample=nearest")
     args = ap.parse_args(argv)
-    if args.device is None:
-        args.device = "cpu" if args.tiny or not torch.cuda.is_available() else "cuda"
-    args.device = torch.device(args.device)
-    args.dtype = PRECISION_DTYPES[args.precision or ("bf16" if args.device.type == "cuda" else "fp32")]
+    resolve_device(args)
+    args.dtype = PRECISION_DTYPES[args.precision]
     if args.tiny:
         args.warmup, args.steps, args.top = 1, 1, min(args.top, 8)
     args.min_left = 5 if args.tiny else 20

@@ -51,6 +51,7 @@ import numpy as np
 
 from masan.config import ConfigError, config_hash, load_config
 from masan.data import anatomy
+from masan.data.synth import add_shape_arguments
 from masan.files import atomic_write_json
 from masan.rundir import RunDir
 
@@ -64,6 +65,9 @@ VARIANTS = {
     "fmri_only": ["model.modalities=fmri", "data.use_t1=false"],
     "hfcn": ["model.arch=hfcn", "data.use_fmri=false"],
 }
+MINUTES = {"masan": 4.9, "masan_add": 5.0, "t1_only": 4.4, "hfcn": 2.3, "fmri_only": 0.7}
+"""Minutes per run at the default size on 2 CPU cores (one thread each): runs are started
+longest first, so the short ones fill the end and neither core idles at the tail."""
 FULL = {"per_class": 24, "t1_shape": [96, 112, 96], "fmri_shape": [24, 28, 24], "frames": 64}
 """--full: a GPU-sized cohort (and train.device=auto: the config pins the CPU)."""
 ORACLE = "oracle"
@@ -321,15 +325,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--strength", nargs="+", type=float, default=None, metavar="K",
                     help="effect strength, one value or T1 fMRI (synth_cohort's default)")
     ap.add_argument("--seed", type=int, default=0, help="cohort seed")
-    ap.add_argument("--t1-shape", nargs=3, type=int, default=None, metavar=("X", "Y", "Z"),
-                    help="cohort and model T1 shape (default: the config's model.t1_shape)")
-    ap.add_argument("--fmri-shape", nargs=3, type=int, default=None, metavar=("X", "Y", "Z"),
-                    help="cohort and model fMRI frame shape (default: the config's model.fmri_shape)")
-    ap.add_argument("--frames", type=int, default=None, help="fMRI frames (default: the config's model.fmri_frames)")
+    add_shape_arguments(ap, {k: f"the config's model.{v}, for the cohort and the model" for k, v in
+                             (("t1-shape", "t1_shape"), ("fmri-shape", "fmri_shape"), ("frames", "fmri_frames"))})
     ap.add_argument("--full", action="store_true",
                     help=f"GPU-sized cohort: T1 {FULL['t1_shape']}, fMRI {FULL['fmri_shape']} x {FULL['frames']}, "
                          f"{FULL['per_class']} per class; runs with train.device=auto")
-    ap.add_argument("--jobs", type=int, default=1, help="runs trained in parallel (default 1: a 2-core machine)")
+    ap.add_argument("--jobs", type=int, default=2,
+                    help="runs trained in parallel, each on cpu_count/jobs threads (default 2: on 2 CPU cores two "
+                         "one-thread runs finish sooner than one run on both; 1 for one GPU)")
     ap.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides for every run")
     argv = sys.argv[1:] if argv is None else list(argv)
     # KEY=VALUE may follow --variants/--structures (nargs="+"): take them out before parsing
@@ -405,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     env = dict(os.environ)
     if args.jobs > 1:
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.jobs))
-    jobs = [(r, v) for r in range(args.repeats) for v in args.variants]
+    jobs = sorted(((r, v) for r in range(args.repeats) for v in args.variants), key=lambda j: -MINUTES.get(j[1], 0))
     run_dirs = {(r, v): args.work / "runs" / v / f"r{r}" for r, v in jobs}
     results: dict[tuple[int, str], dict] = {}
     print(f"training {len(jobs)} runs ({args.repeats} repeats x {', '.join(args.variants)}), {args.jobs} at a time; "

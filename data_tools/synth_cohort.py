@@ -31,7 +31,7 @@ from pathlib import Path
 
 from masan.config import ModelConfig
 from masan.data import anatomy
-from masan.data.synth import DEFAULT_CLASSES, DEFAULT_SEVERITY, PlantedEffect, synthesize_cohort
+from masan.data.synth import DEFAULT_CLASSES, DEFAULT_SEVERITY, PlantedEffect, add_shape_arguments, synthesize_cohort
 
 FULL_FRAMES = ModelConfig().fmri_frames
 # Defaults per anatomy: subjects per class, T1 shape, fMRI shape, frames.
@@ -52,11 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--classes", nargs="+", default=list(DEFAULT_CLASSES))
     p.add_argument("--severity", nargs="+", type=float, default=None, metavar="S",
                    help="one severity in [0, 1] per class (default: NC 0, EMCI 1/3, LMCI 2/3, AD 1)")
-    p.add_argument("--t1-shape", nargs=3, type=int, default=None, metavar=("X", "Y", "Z"),
-                   help="T1 voxels (default: phantom 32 32 32, mni152 48 56 48)")
-    p.add_argument("--fmri-shape", nargs=3, type=int, default=None, metavar=("X", "Y", "Z"),
-                   help="fMRI frame voxels (default: phantom 16 16 16, mni152 12 14 12)")
-    p.add_argument("--frames", type=int, default=None, help="fMRI frames per run (default: phantom 8, mni152 16)")
+    add_shape_arguments(p, {"t1-shape": "phantom 32 32 32, mni152 48 56 48",
+                            "fmri-shape": "phantom 16 16 16, mni152 12 14 12", "frames": "phantom 8, mni152 16"})
     p.add_argument("--full", action="store_true",
                    help=f"the paper's sizes: T1 {ModelConfig().t1_shape}, "
                    f"fMRI {ModelConfig().fmri_shape} x {FULL_FRAMES}")

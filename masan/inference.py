@@ -23,6 +23,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
+from masan.model.autoencoder import encoders_only
 from masan.model.inputs import MODALITY_KEYS
 
 
@@ -139,7 +140,7 @@ def predict(
                 }
                 amp = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
                        else contextlib.nullcontext())
-                with amp:
+                with amp, encoders_only(model):  # predictions need no reconstruction
                     out = model(**inputs)
                 logits = out["logits"].float()
                 if class_names is not None and logits.shape[1] != len(class_names):

@@ -58,3 +58,22 @@ def test_occlusion_from_one_projection_equals_projecting_every_occluded_copy():
     occluded = (regions[:, None] * (1 - torch.eye(r))[None, :, :, None]).reshape(b * r, r, d)
     want, _ = attention.attend(occluded)
     assert torch.allclose(attention.attend_occluded(regions), want, atol=1e-6)
+
+
+def test_encoders_only_gives_the_same_logits_and_region_weights_without_reconstructions():
+    from masan.model import build_model, small_model_config
+    from masan.model.autoencoder import encoders_only
+
+    torch.manual_seed(0)
+    cfg = small_model_config()
+    model = build_model(cfg, 2).eval()
+    t1, fmri = torch.randn(2, 1, *cfg.t1_shape), torch.randn(2, cfg.fmri_frames, *cfg.fmri_shape)
+    with torch.no_grad():
+        full = model(t1=t1, fmri=fmri)
+        with encoders_only(model):
+            fast = model(t1=t1, fmri=fmri)
+        again = model(t1=t1, fmri=fmri)
+    assert "t1_recon" in full and "t1_recon" not in fast and "fmri_recon" not in fast
+    assert "t1_recon" in again  # the decoders are back after the block
+    for key in ("logits", "region_weights"):
+        assert torch.equal(full[key], fast[key]), key

@@ -97,6 +97,16 @@ class PlantedEffect:
         return d
 
 
+def add_shape_arguments(parser, defaults: dict[str, str]) -> None:
+    """The ``--t1-shape X Y Z``, ``--fmri-shape X Y Z`` and ``--frames T`` options of the cohort
+    tools (None when not given); ``defaults`` says, per option name, what is taken instead."""
+    parser.add_argument("--t1-shape", nargs=3, type=int, default=None, metavar=("X", "Y", "Z"),
+                        help=f"T1 voxels (default: {defaults['t1-shape']})")
+    parser.add_argument("--fmri-shape", nargs=3, type=int, default=None, metavar=("X", "Y", "Z"),
+                        help=f"fMRI frame voxels (default: {defaults['fmri-shape']})")
+    parser.add_argument("--frames", type=int, default=None, help=f"fMRI frames per run (default: {defaults['frames']})")
+
+
 def _grid(shape: tuple[int, int, int]) -> list[np.ndarray]:
     return np.meshgrid(*[(np.arange(n) + 0.5) / n - 0.5 for n in shape], indexing="ij")
 

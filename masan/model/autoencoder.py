@@ -14,7 +14,8 @@ bottleneck code and, per encoder level, the feature map pooled onto the regions 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -115,10 +116,28 @@ class PatchAutoencoder(nn.Module):
             raise ValueError(f"model channels {list(channels)}: give InitConv's width and at least one level")
         self.encoder = Encoder(in_channels, channels, groups, checkpointed)
         self.decoder = Decoder(channels, out_channels, groups, checkpointed, skips, upsample)
+        self.decode = True
+        """False (:func:`encoders_only`): no reconstruction, ``(None, level features)``."""
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
         feats = self.encoder(x)
-        return self.decoder(feats), feats
+        return (self.decoder(feats) if self.decode else None), feats
+
+
+@contextlib.contextmanager
+def encoders_only(model: nn.Module) -> Iterator[None]:
+    """Within the block every :class:`PatchAutoencoder` of ``model`` skips its decoder: the
+    model's outputs have no ``*_recon`` (None), everything else is unchanged. For passes that
+    use only the classification path (fitting the standardisers, predictions), where the
+    decoders are ~40 % of the forward."""
+    autoencoders = [m for m in model.modules() if isinstance(m, PatchAutoencoder)]
+    for m in autoencoders:
+        m.decode = False
+    try:
+        yield
+    finally:
+        for m in autoencoders:
+            m.decode = True
 
 
 def _cat(parts: list[torch.Tensor]) -> torch.Tensor:

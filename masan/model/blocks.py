@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 from collections.abc import Callable
 
 import torch
@@ -34,45 +35,68 @@ def conv3d(in_channels: int, out_channels: int, kernel_size: int = 3, stride: in
     return nn.Conv3d(in_channels, out_channels, kernel_size, stride=stride, padding=kernel_size // 2)
 
 
+class _ShiftSum(torch.autograd.Function):
+    """``(N, C_out * k^3, D, H, W)`` one map per (output, kernel tap) -> ``(N, C_out, D, H, W)``:
+    each tap's map shifted to its kernel offset (zero outside) and summed per output, which is
+    a "same"-padded cross-correlation with one-hot kernels; the backward shifts back. Slices
+    and adds only: the one-hot convolution that does the same costs more than the work."""
+
+    @staticmethod
+    def forward(ctx, per_tap: torch.Tensor, out_channels: int, kernel: int) -> torch.Tensor:
+        n, _, d, h, w = per_tap.shape
+        p = kernel // 2
+        padded = F.pad(per_tap, (p,) * 6)
+        out = per_tap.new_zeros(n, out_channels, d, h, w)
+        for i, (o, a, b, c) in enumerate(itertools.product(range(out_channels), *[range(kernel)] * 3)):
+            out[:, o] += padded[:, i, a:a + d, b:b + h, c:c + w]
+        ctx.kernel, ctx.out_channels = kernel, out_channels
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        k = ctx.kernel
+        d, h, w = grad.shape[2:]
+        e = 2 * (k // 2)  # output voxel x took tap (a, b, c) from x + (a, b, c) - k // 2
+        padded = F.pad(grad, (k // 2,) * 6)
+        parts = [padded[:, o, e - a:e - a + d, e - b:e - b + h, e - c:e - c + w]
+                 for o, a, b, c in itertools.product(range(ctx.out_channels), *[range(k)] * 3)]
+        return torch.stack(parts, dim=1), None, None
+
+
 class NarrowConv3d(nn.Conv3d):
     """A "same"-padded 3D convolution to very few output channels (the T1 reconstruction,
     ``64 -> 1``), computed where its kernels are not pathological; same parameters and result
     as :class:`torch.nn.Conv3d`.
 
     cuDNN's weight gradient for one output channel took 153 ms of a 311 ms full-resolution
-    step on an H200 (599 ms with the weight padded to 8 channels), and oneDNN's forward +
-    backward is 2.4x slower in NCDHW than in channels_last on the CPU (docs/performance.md).
+    step on an H200 (599 ms with the weight padded to 8 channels); ``taps`` brought the step
+    to 82 ms, and is 1.3-1.7x faster than oneDNN's plain or channels_last conv on the CPU
+    (docs/performance.md).
     ``STRATEGY`` per device type:
 
-    * ``taps``: a 1x1x1 conv to one channel per kernel tap (``C_out * k^3`` maps; its weight
-      gradient is a plain matrix product), then a fixed one-hot conv that shifts each tap's
-      map into place and sums them (no weight gradient);
+    * ``taps``: a 1x1x1 conv to one map per (output, kernel tap) (a matrix product, whose
+      weight gradient is cheap), then each map shifted to its offset and summed (:class:`_ShiftSum`);
     * ``channels_last``: the input in channels_last_3d;
     * ``plain``: as :class:`torch.nn.Conv3d`.
 
     Input ``(N, C_in, D, H, W)`` -> ``(N, C_out, D, H, W)``.
     """
 
-    STRATEGY = {"cuda": "taps", "cpu": "channels_last"}
+    STRATEGY = {"cuda": "taps", "cpu": "taps"}
     MAX_OUT = 4
     """Wider convolutions always run plain."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3):
         super().__init__(in_channels, out_channels, kernel_size, padding=kernel_size // 2)
-        taps = kernel_size**3
-        shift = torch.zeros(out_channels, out_channels * taps, kernel_size, kernel_size, kernel_size)
-        for o in range(out_channels):  # tap t of output o lands on kernel position t
-            shift[o, o * taps:(o + 1) * taps].view(taps, -1).fill_diagonal_(1.0)
-        self.register_buffer("shift", shift, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         strategy = self.STRATEGY.get(x.device.type, "plain") if self.out_channels <= self.MAX_OUT else "plain"
         if strategy == "taps":
-            out, cin, *kernel = self.weight.shape
-            # (out, cin, kx, ky, kz) -> (out * taps, cin, 1, 1, 1), tap order as in ``shift``
+            out, cin, k = self.weight.shape[0], self.weight.shape[1], self.weight.shape[-1]
+            # (out, cin, kx, ky, kz) -> (out * taps, cin, 1, 1, 1): map i = (o, a, b, c) in C order
             pointwise = self.weight.reshape(out, cin, -1).transpose(1, 2).reshape(-1, cin, 1, 1, 1)
-            per_tap = F.conv3d(x, pointwise)
-            return F.conv3d(per_tap, self.shift.to(per_tap.dtype), self.bias, padding=self.padding)
+            y = _ShiftSum.apply(F.conv3d(x, pointwise), out, k)
+            return y if self.bias is None else y + self.bias.view(1, -1, 1, 1, 1)
         if strategy == "channels_last":
             x = x.contiguous(memory_format=torch.channels_last_3d)
         return super().forward(x)

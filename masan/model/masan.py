@@ -100,7 +100,8 @@ class MASAN(nn.Module):
                 f"enable it in the data (data.use_{name}) or set model.modalities"
             )
         feats = module(x)
-        out[f"{name}_recon"] = feats.recon
+        if feats.recon is not None:  # None inside autoencoder.encoders_only
+            out[f"{name}_recon"] = feats.recon
         out[f"{name}_code"] = feats.code
         return feats
 

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 
+from masan.model.autoencoder import encoders_only
 from masan.model.inputs import MODALITY_KEYS
 from masan.model.standardize import standardizers
 
@@ -49,7 +50,8 @@ def fit_standardizers(model: torch.nn.Module, dataset: Dataset, rank: int, world
         for batch in loader:
             for n in norms:  # screening standardisers need the classes; the others ignore them
                 n.set_labels(batch.get("label"))
-            model(**{k: batch[k].to(device, dtype=dtype) if k in batch else None for k in MODALITY_KEYS})
+            with encoders_only(model):  # the region features need no reconstruction
+                model(**{k: batch[k].to(device, dtype=dtype) if k in batch else None for k in MODALITY_KEYS})
         _all_reduce([t for n in norms for t in n.sums()])
         for n in norms:
             n.end_fit()
