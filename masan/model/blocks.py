@@ -96,7 +96,8 @@ class NarrowConv3d(nn.Conv3d):
             # (out, cin, kx, ky, kz) -> (out * taps, cin, 1, 1, 1): map i = (o, a, b, c) in C order
             pointwise = self.weight.reshape(out, cin, -1).transpose(1, 2).reshape(-1, cin, 1, 1, 1)
             y = _ShiftSum.apply(F.conv3d(x, pointwise), out, k)
-            return y if self.bias is None else y + self.bias.view(1, -1, 1, 1, 1)
+            # the bias in the maps' dtype, as a conv under autocast adds it (no fp32 promotion)
+            return y if self.bias is None else y + self.bias.to(y.dtype).view(1, -1, 1, 1, 1)
         if strategy == "channels_last":
             x = x.contiguous(memory_format=torch.channels_last_3d)
         return super().forward(x)
