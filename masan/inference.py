@@ -132,7 +132,7 @@ def predict(
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), encoders_only(model):  # predictions need no reconstruction
             for batch in tqdm(loader, desc="predict", disable=not progress, leave=False):
                 inputs = {
                     k: batch[k].to(device, dtype=dtype, non_blocking=True) if k in batch else None
@@ -140,7 +140,7 @@ def predict(
                 }
                 amp = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
                        else contextlib.nullcontext())
-                with amp, encoders_only(model):  # predictions need no reconstruction
+                with amp:
                     out = model(**inputs)
                 logits = out["logits"].float()
                 if class_names is not None and logits.shape[1] != len(class_names):

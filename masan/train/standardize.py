@@ -47,10 +47,10 @@ def fit_standardizers(model: torch.nn.Module, dataset: Dataset, rank: int, world
     for n in norms:
         n.begin_fit()
     try:
-        for batch in loader:
-            for n in norms:  # screening standardisers need the classes; the others ignore them
-                n.set_labels(batch.get("label"))
-            with encoders_only(model):  # the region features need no reconstruction
+        with encoders_only(model):  # the region features need no reconstruction
+            for batch in loader:
+                for n in norms:  # screening standardisers need the classes; the others ignore them
+                    n.set_labels(batch.get("label"))
                 model(**{k: batch[k].to(device, dtype=dtype) if k in batch else None for k in MODALITY_KEYS})
         _all_reduce([t for n in norms for t in n.sums()])
         for n in norms:
