@@ -24,7 +24,6 @@ import argparse
 import concurrent.futures as futures
 import multiprocessing
 import platform
-import resource
 import sys
 import time
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ import torch
 from tqdm import tqdm
 
 from masan.config import ModelConfig, RunConfig, add_config_arguments, config_from_args
+from masan.hostmem import peak_rss_bytes, rss_bytes
 from masan.model import build_model, masan_loss
 
 CPU_SHAPES = [
@@ -50,15 +50,6 @@ class Result:
     checkpointing: bool
     ms_per_sample: float
     peak_mib_per_sample: float
-
-
-def _rss_mib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
-
-
-def _peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
 
 
 def measure(cfg: RunConfig, device: str, precision: str, checkpointing: bool, batch: int, warmup: int,
@@ -93,14 +84,14 @@ def measure(cfg: RunConfig, device: str, precision: str, checkpointing: bool, ba
         base = torch.cuda.memory_allocated()
     else:
         model.zero_grad(set_to_none=True)
-        base = _rss_mib() * 2**20
+        base = rss_bytes()
     start = time.perf_counter()
     for _ in range(steps):
         step()
     if cuda:
         torch.cuda.synchronize()
     seconds = (time.perf_counter() - start) / steps
-    peak = (torch.cuda.max_memory_allocated() - base) if cuda else _peak_rss_mib() * 2**20 - base
+    peak = (torch.cuda.max_memory_allocated() - base) if cuda else peak_rss_bytes() - base
     return Result(precision, checkpointing, 1000 * seconds / batch, max(peak, 0) / 2**20 / batch)
 
 

@@ -71,6 +71,9 @@ longest first, so the short ones fill the end and neither core idles at the tail
 FULL = {"per_class": 24, "t1_shape": [96, 112, 96], "fmri_shape": [24, 28, 24], "frames": 64}
 """--full: a GPU-sized cohort (and train.device=auto: the config pins the CPU)."""
 ORACLE = "oracle"
+CACHE_DIR = "cache"
+"""WORK/cache: ``data.cache`` files of the running trainings (science.yaml: ``host``), on the work
+dir's disk rather than /dev/shm, which containers often keep small; each run removes its own."""
 TOP_K = 3
 COHORT_STAMP = "cohort.json"
 LOCK_FILE = "science.lock"
@@ -87,7 +90,7 @@ def cohort_args(args: argparse.Namespace, grid: list[int]) -> dict:
     """Everything the cohort depends on (its stamp)."""
     return {"anatomy": anatomy.ANATOMY, "per_class": args.per_class, "structures": args.structures,
             "strength": args.strength, "seed": args.seed, "t1_shape": args.t1_shape,
-            "fmri_shape": args.fmri_shape, "frames": args.frames, "patch_grid": grid}
+            "fmri_shape": args.fmri_shape, "frames": args.frames, "stages": args.stages, "patch_grid": grid}
 
 
 def run_step(cmd: list[str]) -> None:
@@ -113,6 +116,8 @@ def make_cohort(work: Path, stamp: dict) -> Path:
         synth += ["--structures", *stamp["structures"]]
     if stamp["strength"]:
         synth += ["--strength", *map(str, stamp["strength"])]
+    if stamp["stages"]:
+        synth += ["--stages", *map(str, stamp["stages"])]
     run_step(synth)
     run_step([sys.executable, "data_tools/to_zarr.py", "--bids", str(bids), "--out", str(store),
               "--patch-grid", *map(str, stamp["patch_grid"]), "--no-progress"])
@@ -126,7 +131,8 @@ def make_cohort(work: Path, stamp: dict) -> Path:
 def train_command(args: argparse.Namespace, run_dir: Path, store: Path, variant: str, repeat: int,
                   shape_overrides: list[str]) -> list[str]:
     return [sys.executable, "launch/train_local.py", "--config", str(args.config), f"run_dir={run_dir}",
-            f"data.store={store}", f"split.repeat={repeat}", f"seed={repeat}", *shape_overrides,
+            f"data.store={store}", f"data.cache_dir={store.parent / CACHE_DIR}", f"split.repeat={repeat}",
+            f"seed={repeat}", *shape_overrides,
             *VARIANTS[variant], *args.overrides]
 
 
@@ -324,6 +330,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="planted structures (synth_cohort's default: hippocampus amygdala)")
     ap.add_argument("--strength", nargs="+", type=float, default=None, metavar="K",
                     help="effect strength, one value or T1 fMRI (synth_cohort's default)")
+    ap.add_argument("--stages", nargs=4, type=float, default=None,
+                    metavar=("T1_START", "T1_END", "FMRI_START", "FMRI_END"),
+                    help="severity window of each modality's effect (synth_cohort's --stages)")
     ap.add_argument("--seed", type=int, default=0, help="cohort seed")
     add_shape_arguments(ap, {k: f"the config's model.{v}, for the cohort and the model" for k, v in
                              (("t1-shape", "t1_shape"), ("fmri-shape", "fmri_shape"), ("frames", "fmri_frames"))})
@@ -400,6 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     except subprocess.CalledProcessError as e:
         print(f"error: making the cohort failed (exit status {e.returncode}): {shlex.join(e.cmd)}", file=sys.stderr)
         return 1
+    (store_path.parent / CACHE_DIR).mkdir(exist_ok=True)
     store = CohortStore(store_path)
     planted = planted_regions(store, grid)
     print(f"planted regions on the {'x'.join(map(str, grid))} grid (most planted voxels first): {planted['all']}; "

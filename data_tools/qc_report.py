@@ -21,39 +21,24 @@ import argparse
 import sys
 from pathlib import Path
 
-from masan.data.qc import QCError, QCOptions, write_report
+from masan.data.qc import QCError, QCOptions, add_option_arguments, write_report
 
 
 def build_parser() -> argparse.ArgumentParser:
-    d = QCOptions()
     p = argparse.ArgumentParser(prog="data_tools/qc_report.py", description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("store", type=Path, help="cohort store written by data_tools/to_zarr.py")
     p.add_argument("--out", type=Path, required=True,
                    help="report folder (new, empty, or an earlier report, which is replaced)")
-    p.add_argument("--subjects", nargs="+", metavar="ID", help="only these subjects (default: all)")
-    p.add_argument("--min-frames", type=int, default=d.min_frames,
-                   help="flag fMRI runs with fewer frames (default: the cohort's most common run length)")
-    p.add_argument("--z-threshold", type=float, default=d.z_threshold,
-                   help="flag a modality whose mean or std is this many robust SD from the cohort median "
-                   "(default: %(default)s)")
-    p.add_argument("--clip-fraction", type=float, default=d.clip_fraction,
-                   help="flag a volume with more than this share of its nonzero voxels at the maximum "
-                   "(default: %(default)s)")
-    p.add_argument("--fov-overlap", type=float, default=d.fov_overlap,
-                   help="flag a subject with less than this share of the fMRI head inside the T1 volume "
-                   "(default: %(default)s)")
-    p.add_argument("--slices", type=int, default=d.mosaic_slices, help="T1 mosaic slices (default: %(default)s)")
+    add_option_arguments(p)  # --subjects, --min-frames, the thresholds, --slices (masan.data.qc.QCOptions)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    opts = QCOptions(subjects=args.subjects, min_frames=args.min_frames, z_threshold=args.z_threshold,
-                     clip_fraction=args.clip_fraction, fov_overlap=args.fov_overlap, mosaic_slices=args.slices,
-                     progress=not args.no_progress)
+    opts = QCOptions.from_args(args, progress=not args.no_progress)
     try:
         res = write_report(args.store, args.out, opts)
     except QCError as e:

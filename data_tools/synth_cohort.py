@@ -39,7 +39,8 @@ DEFAULTS = {"phantom": (12, [32, 32, 32], [16, 16, 16], 8),
             "mni152": (16, [48, 56, 48], [12, 14, 12], 16)}
 # Option -> the anatomy it belongs to (giving it with the other one is an error).
 ANATOMY_ONLY = {"center": "phantom", "radius": "phantom", "structures": "mni152", "fmri_effect": "mni152",
-                "severity_sd": "mni152", "partner": "mni152", "orientation": "mni152"}
+                "severity_sd": "mni152", "partner": "mni152", "orientation": "mni152",
+                "stages": "mni152"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,6 +80,11 @@ def main(argv: list[str] | None = None) -> int:
                          "none given: T1 effect only")
     mn.add_argument("--severity-sd", type=float, default=None,
                     help="per-subject severity jitter, N(0, SD) clipped to [0, 1] (default 0.15)")
+    mn.add_argument("--stages", nargs=4, type=float, default=None,
+                    metavar=("T1_START", "T1_END", "FMRI_START", "FMRI_END"),
+                    help="severity window over which each modality's effect rises from 0 to full (default "
+                         "0 1 0 1: both alike); e.g. 0.33 1 0 0.67: fMRI changes before atrophy, as in the "
+                         "amyloid-cascade model, so fMRI separates the early classes and T1 the late ones")
     mn.add_argument("--partner", default=None, choices=sorted(anatomy.STRUCTURES), metavar="NAME",
                     help="partner network for the connectivity effect (default: first of "
                          f"{', '.join(anatomy.PARTNER_CHOICES)} not planted)")
@@ -122,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
                 fmri_effect=tuple(args.fmri_effect) if args.fmri_effect is not None else anatomy.FMRI_EFFECTS,
                 strength=strength, seed=args.seed, progress=True, classes=tuple(args.classes), severity=severity,
                 severity_sd=0.15 if args.severity_sd is None else args.severity_sd, partner=args.partner,
-                tr=args.tr, orientation=args.orientation or "RAS")
+                tr=args.tr, orientation=args.orientation or "RAS",
+                stages=None if args.stages is None else {"t1": args.stages[:2], "fmri": args.stages[2:]})
         except (ValueError, RuntimeError) as e:
             p.error(str(e))
     print(f"wrote {per_class * len(args.classes)} subjects to {out}; convert with: "

@@ -5,7 +5,10 @@
     python launch/demo.py --root /tmp/x   # everything under /tmp/x
 
 Steps, each printed as the command it runs, so you can run them yourself:
-  1. synthesize a small phantom cohort (BIDS NIfTI, 4 classes x 12 subjects, planted effect)
+  1. synthesize a small cohort on real anatomy (the MNI152 template that nilearn ships, as BIDS
+     NIfTI: 4 classes x 16 subjects, graded atrophy and fMRI changes planted in hippocampus and
+     amygdala, with the nuisance of a real cohort; docs/validation-cohort.md), at the shapes
+     of hpc/configs/demo.yaml
   2. convert it to the Zarr store           (data_tools/to_zarr.py)
   3. train through the launcher, locally     (launch/submit.py --local, hpc/configs/demo.yaml)
   4. evaluate                               (python -m masan.evaluate)
@@ -18,16 +21,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from masan.config import load_config
 from masan.rundir import RunDir
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO / "hpc" / "configs" / "demo.yaml"
-PER_CLASS = 12
+PER_CLASS = 16
 
 
 def run(cmd: list[str], what: str) -> float:
@@ -41,12 +46,29 @@ def run(cmd: list[str], what: str) -> float:
     return time.monotonic() - start
 
 
+def _stale_cohort(bids: Path, model) -> str | None:
+    """What is wrong with an existing demo cohort for ``model`` (None: fine or absent)."""
+    record = bids / "planted_effect.json"
+    if not (bids / "participants.tsv").is_file():
+        return None
+    if not record.is_file():
+        return "a cohort without planted_effect.json"
+    effect = json.loads(record.read_text())
+    if effect.get("anatomy") != "mni152":
+        return "a phantom cohort (an earlier demo)"
+    want = {"t1": list(model.t1_shape), "fmri": list(model.fmri_shape)}
+    got = {m: effect.get("grids", {}).get(m, {}).get("shape") for m in want}
+    if got != want:
+        return f"a cohort of other shapes ({got}; the demo needs {want})"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--root", type=Path, default=Path.cwd(),
                    help="folder for demo/ (cohort) and runs/demo/ (training); default: the current folder")
-    p.add_argument("--per-class", type=int, default=PER_CLASS, help="phantom subjects per class (default %(default)s)")
+    p.add_argument("--per-class", type=int, default=PER_CLASS, help="subjects per class (default %(default)s)")
     p.add_argument("--ranks", type=int, default=1, help="local gloo ranks for training (default %(default)s)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="config overrides for training, e.g. train.joint_epochs=5")
@@ -57,16 +79,27 @@ def main(argv: list[str] | None = None) -> int:
     report = run_dir / "report"
     py = sys.executable
     timings = {}
+    model = load_config(DEMO_CONFIG).model  # the cohort is made at the shapes the model expects
+    stale = _stale_cohort(bids, model)
+    if stale:  # e.g. the phantom cohort of an earlier version: its run is stale too
+        print(f"\n== {bids} holds {stale}; replacing it, {store} and {run_dir} (all made by this demo)")
+        for old in (bids, store, run_dir):
+            shutil.rmtree(old, ignore_errors=True)
     if not (bids / "participants.tsv").is_file():
-        timings["synthesize"] = run([py, "data_tools/synth_cohort.py", "--out", str(bids),
-                                     "--per-class", str(args.per_class)], "1. synthesize a phantom cohort")
+        timings["synthesize"] = run([py, "data_tools/synth_cohort.py", "--anatomy", "mni152", "--out", str(bids),
+                                     "--per-class", str(args.per_class), "--t1-shape", *map(str, model.t1_shape),
+                                     "--fmri-shape", *map(str, model.fmri_shape), "--frames", str(model.fmri_frames)],
+                                    "1. synthesize a cohort on the MNI152 brain")
     else:
         print(f"\n== 1. cohort already there: {bids}")
     timings["convert"] = run([py, "data_tools/to_zarr.py", "--bids", str(bids), "--out", str(store),
-                              "--patch-grid", "2", "2", "2", "--no-progress"], "2. convert to Zarr")
+                              "--patch-grid", *map(str, model.patch_grid), "--no-progress"], "2. convert to Zarr")
+    cache = root / "demo" / "cache"  # data.cache files while training (removed after), beside the cohort
+    cache.mkdir(parents=True, exist_ok=True)
     timings["train"] = run([py, "launch/submit.py", "--local", "--nodes", str(args.ranks),
                             "--config", str(DEMO_CONFIG), "--run-dir", str(run_dir),
-                            f"data.store={store}", *args.overrides], "3. train (local, through the launcher)")
+                            f"data.store={store}", f"data.cache_dir={cache}", *args.overrides],
+                           "3. train (local, through the launcher)")
     timings["evaluate"] = run([py, "-m", "masan.evaluate", str(run_dir), "--out", str(report)], "4. evaluate")
 
     rd = RunDir(run_dir)

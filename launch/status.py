@@ -219,7 +219,7 @@ def run_status(root: Path, run: Path, queued: dict[str, str] | None, now: float 
     if cfg is not None:
         st.variant = method_name(cfg.model)
         st.repeat = cfg.split.repeat
-        st.epochs_target = cfg.train.pretrain_epochs + cfg.train.joint_epochs
+        st.epochs_target = sum(cfg.epochs.values())
         st.done = RunDir(run).finished(cfg) is not None
     elif repeat_dir:  # submitted, not started: submit.py's layout names the repeat
         st.repeat = int(repeat_dir.group(1))
@@ -250,7 +250,7 @@ def run_status(root: Path, run: Path, queued: dict[str, str] | None, now: float 
         if cfg is not None and not st.done:
             st.eta_s = eta_seconds(events[EPOCH_TAG], st.epochs_target, cfg.train.max_steps)
     if cfg is not None and st.epochs_done is not None:  # the live phase (a checkpoint's may be older)
-        st.phase = "pretrain" if st.epochs_done < cfg.train.pretrain_epochs else "joint"
+        st.phase = "pretrain" if st.epochs_done < cfg.epochs["pretrain"] else "joint"
     if st.done:
         st.eta_s, st.phase = 0.0, "done"
     return st

@@ -209,7 +209,10 @@ class ModelConfig:
     statistics stay valid between fits. 1: end to end, as the paper may have meant; with
     fitted (frozen) standardisation the classifier's gradient, amplified by 1/std, moves the
     encoders' features far from their fitted statistics within an epoch and the head
-    collapses to one class (phantom NC vs AD: 0.5 test accuracy at 1 and 0.1, 1.0 at 0)."""
+    collapses to one class (phantom NC vs AD: 0.5 test accuracy at 1 and 0.1, 1.0 at 0). H-FCN
+    (``arch=hfcn``) takes the same setting; having no decoder, at 0 its encoder stays as
+    initialised and only its patch/region/subject levels learn (end to end it predicted one
+    class on the realistic cohort at every learning rate and normalisation tried, issue 8)."""
     mlp_hidden: int = 256
     dropout: float = 0.2
     hfcn_region_group: int = 2
@@ -263,7 +266,8 @@ class TrainConfig:
     """Phases, precision and parallelism of the DeepSpeed engine."""
 
     pretrain_epochs: int = field(default=100, metadata={RESUMABLE: True})
-    """Phase 1: reconstruction-only pretraining of sPM/fPM."""
+    """Phase 1: reconstruction-only pretraining of sPM/fPM (none for ``model.arch=hfcn``, which has
+    no autoencoder: :attr:`RunConfig.epochs`)."""
     joint_epochs: int = field(default=700, metadata={RESUMABLE: True})
     """Phase 2: the full loss of eq. 8."""
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
@@ -352,6 +356,14 @@ class RunConfig:
     split: SplitConfig = field(default_factory=SplitConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig, metadata=PLUMBING)
     log: LogConfig = field(default_factory=LogConfig, metadata=PLUMBING)
+
+    @property
+    def epochs(self) -> dict[str, int]:
+        """Epochs each phase trains: ``train.pretrain_epochs`` and ``train.joint_epochs``, except
+        that a model without autoencoders (``model.arch=hfcn``) has nothing to pretrain (its
+        pretraining loss is 0) and goes straight to the joint phase."""
+        pretrain = 0 if self.model.arch == "hfcn" else self.train.pretrain_epochs
+        return {"pretrain": pretrain, "joint": self.train.joint_epochs}
 
 
 # --------------------------------------------------------------------------- loading

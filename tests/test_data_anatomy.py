@@ -232,15 +232,40 @@ def test_run_is_written_in_frame_blocks_and_same_seed_same_files(tmp_path):
     assert (a / "planted_effect.json").read_text() == (b / "planted_effect.json").read_text()
 
 
+def test_stages_order_the_modalities_along_the_disease_course(tmp_path):
+    """--stages: a modality's effect is 0 before its window and full after it, so with T1
+    starting at 0.5 an EMCI subject (severity 1/3) has the T1 and the EPI baseline of an
+    unaffected brain, with its fMRI effect unchanged, while an AD subject's T1 is atrophied."""
+    assert [anatomy.stage(s, (0.25, 0.75)) for s in (0.0, 0.25, 0.5, 0.75, 1.0)] == [0.0, 0.0, 0.5, 1.0, 1.0]
+    assert anatomy.stage(0.4, (0.4, 0.4)) == 1.0 and anatomy.stage(0.3, (0.4, 0.4)) == 0.0
+    kw = dict(n_per_class={"EMCI": 1, "AD": 1}, t1_shape=(16, 20, 16), fmri_shape=(6, 7, 6), frames=4,
+              severity_sd=0.0, classes=("EMCI", "AD"))
+    staged = synthesize_anatomy_cohort(tmp_path / "staged", stages={"t1": (0.5, 1.0)}, **kw)
+    no_t1 = synthesize_anatomy_cohort(tmp_path / "no_t1", strength=(0.0, anatomy.DEFAULT_STRENGTH[1]), **kw)
+
+    def img(root, subject, kind):
+        sub = {"t1": f"{subject}/anat/{subject}_T1w.nii.gz", "bold": f"{subject}/func/{subject}_task-rest_bold.nii.gz"}
+        return np.asarray(nib.load(root / sub[kind]).dataobj)
+
+    assert np.array_equal(img(staged, "sub-001", "t1"), img(no_t1, "sub-001", "t1"))  # EMCI: no atrophy yet
+    assert np.array_equal(img(staged, "sub-001", "bold"), img(no_t1, "sub-001", "bold"))
+    assert not np.array_equal(img(staged, "sub-002", "t1"), img(no_t1, "sub-002", "t1"))  # AD: atrophied
+    assert json.loads((staged / "planted_effect.json").read_text())["stages"] == {"t1": [0.5, 1.0],
+                                                                                  "fmri": [0.0, 1.0]}
+    with pytest.raises(ValueError, match="stage window"):
+        synthesize_anatomy_cohort(tmp_path / "bad", stages={"fmri": (0.8, 0.2)}, **kw)
+
+
 def test_cli_writes_an_mni152_cohort(tmp_path):
     cli = _tool("synth_cohort")
     assert cli.main(["--anatomy", "mni152", "--out", str(tmp_path / "m"), "--per-class", "1", "--classes", "NC",
                      "AD", "--t1-shape", "16", "20", "16", "--fmri-shape", "6", "7", "6", "--frames", "3",
                      "--structures", "hippocampus", "entorhinal", "--fmri-effect", "amplitude",
-                     "--strength", "0.4", "0.5"]) == 0
+                     "--strength", "0.4", "0.5", "--stages", "0.5", "1", "0", "0.5"]) == 0
     effect = json.loads((tmp_path / "m" / "planted_effect.json").read_text())
     assert list(effect["structures"]) == ["hippocampus", "entorhinal"] and effect["fmri_effect"] == ["amplitude"]
     assert (effect["strength_t1"], effect["strength_fmri"]) == (0.4, 0.5)
+    assert effect["stages"] == {"t1": [0.5, 1.0], "fmri": [0.0, 0.5]}
     assert feature_names(effect) == ["t1_mean:hippocampus", "t1_mean:entorhinal",
                                      "fmri_std:hippocampus", "fmri_std:entorhinal"]
     assert nib.load(tmp_path / "m" / "sub-002" / "func" / "sub-002_task-rest_bold.nii.gz").shape == (6, 7, 6, 3)

@@ -113,3 +113,23 @@ def test_model_cast_to_bf16_accepts_fp32_batches():
     terms = _step(model, _batch())
     assert torch.isfinite(terms["total"])
     assert all(p.grad.dtype == torch.bfloat16 for p in model.parameters())
+
+
+@pytest.mark.parametrize("arch", ["masan", "hfcn"])
+def test_classifier_gradient_reaches_the_encoders_only_when_asked(arch):
+    """model.head_grad_to_encoders: at 0 (default) the cross-entropy trains the head and leaves
+    the encoders to the reconstruction terms (H-FCN's encoder, with none, stays as initialised:
+    end to end against frozen cohort statistics it collapsed to one class); at 1 it trains them."""
+    batch = _batch()
+    encoder = "patches.autoencoder" if arch == "hfcn" else "spm.autoencoder.encoder"
+    for scale, reached in ((0.0, False), (1.0, True)):
+        torch.manual_seed(0)
+        model = build_model(small_model_config(arch=arch, head_grad_to_encoders=scale), 2)
+        model.zero_grad(set_to_none=True)
+        out = model(t1=batch["t1"], fmri=batch["fmri"])
+        torch.nn.functional.cross_entropy(out["logits"], batch["label"]).backward()
+        enc = [p.grad for n, p in model.named_parameters() if n.startswith(encoder)]
+        assert enc and all(g is not None for g in enc)
+        assert any(g.abs().sum() > 0 for g in enc) == reached, (arch, scale)
+        head = "subject_level" if arch == "hfcn" else "classifier"
+        assert all(p.grad.abs().sum() > 0 for n, p in model.named_parameters() if n.startswith(head))

@@ -160,6 +160,22 @@ def test_cli_errors_name_the_store_and_the_fix(qc_store, tmp_path, capsys):
         "index.html", "sub-001_fmri.png", "sub-001_t1.png"]
 
 
+def test_every_option_of_the_tool_sets_its_field():
+    """QCOptions owns the tool's options: each flag lands in its field, the rest keep their defaults."""
+    from masan.data.qc import QCOptions
+
+    spec = importlib.util.spec_from_file_location("qc_report", QC_REPORT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    args = mod.build_parser().parse_args(["s.zarr", "--out", "o", "--subjects", "a", "b", "--min-frames", "7",
+                                          "--z-threshold", "5", "--clip-fraction", "0.2", "--fov-overlap", "0.3",
+                                          "--slices", "4"])
+    opts = QCOptions.from_args(args, progress=False)
+    assert opts == QCOptions(subjects=["a", "b"], min_frames=7, z_threshold=5.0, clip_fraction=0.2, fov_overlap=0.3,
+                             mosaic_slices=4, progress=False)
+    assert QCOptions.from_args(mod.build_parser().parse_args(["s.zarr", "--out", "o"])) == QCOptions()
+
+
 def test_cli_help_runs_as_a_script():
     res = subprocess.run([sys.executable, str(QC_REPORT), "--help"], capture_output=True, text=True, check=False)
     assert res.returncode == 0 and "--out" in res.stdout and "--min-frames" in res.stdout

@@ -47,7 +47,6 @@ occupancy of the voxel. ``planted_effect.json`` records all of it (see
 
 from __future__ import annotations
 
-import csv
 import importlib.util
 import json
 import math
@@ -71,6 +70,7 @@ from masan.data.synth import (
     _smooth_fields,
     _time_courses,
     _to_int16,
+    write_cohort_tables,
 )
 
 ANATOMY = "mni152"
@@ -81,8 +81,24 @@ DEFAULT_STRENGTH = (0.6, 0.7)
 """(T1, fMRI) effect at severity 1. Chosen so that at the default size (16 per class, T1
 48x56x48, fMRI 12x14x12 x 16) a logistic regression on the planted features separates NC
 from AD (>0.9) while the 4 classes overlap (about 0.65): see docs/validation-cohort.md."""
+DEFAULT_STAGES = {"t1": (0.0, 1.0), "fmri": (0.0, 1.0)}
+"""Per modality, the window ``(start, end)`` of disease severity over which its effect grows
+from 0 to full (:func:`stage`). ``(0, 1)`` for both: one severity drives both modalities
+alike, so the fMRI is a second, noisier measure of what the T1 shows. ``--stages`` sets the
+order of the amyloid-cascade model (Jack et al., Lancet Neurol 2010; 2013), where synaptic
+dysfunction (fMRI, FDG) becomes abnormal before atrophy (MRI): e.g. fMRI (0, 0.67), T1
+(0.33, 1), so the early classes differ mostly in fMRI and the late ones mostly in T1."""
 GM_THRESHOLD = 0.2
 """A structure's T1 effect mask is its ellipsoids intersected with GM probability > this."""
+
+
+def stage(severity: float, window: Sequence[float]) -> float:
+    """A modality's effect fraction at disease ``severity``: 0 before ``window[0]``, 1 after
+    ``window[1]``, linear in between (a biomarker's rise along the disease course)."""
+    start, end = float(window[0]), float(window[1])
+    if end <= start:
+        return float(severity >= start)
+    return float(np.clip((severity - start) / (end - start), 0.0, 1.0))
 
 
 @dataclass(frozen=True)
@@ -489,7 +505,8 @@ def synthesize_anatomy_cohort(
         fmri_effect: Sequence[str] = FMRI_EFFECTS, strength: float | tuple[float, float] = DEFAULT_STRENGTH,
         seed: int = 0, progress: bool = False, classes: Sequence[str] = DEFAULT_CLASSES,
         severity: dict[str, float] | None = None, severity_sd: float = 0.15, partner: str | None = None,
-        nuisance: Nuisance | None = None, signal: Signal | None = None, tr: float = 2.0,
+        stages: dict[str, Sequence[float]] | None = None, nuisance: Nuisance | None = None,
+        signal: Signal | None = None, tr: float = 2.0,
         orientation: str = "RAS", compresslevel: int = 6, slab_frames: int = 64) -> Path:
     """Write an MNI152-based BIDS cohort with planted effects and return its folder.
 
@@ -499,7 +516,9 @@ def synthesize_anatomy_cohort(
     severity 1, one number for both modalities or ``(t1, fmri)``: the GM fraction lost, the
     fraction of fluctuation amplitude lost and of the coupling lost. ``severity``: class ->
     severity (default NC 0, EMCI 1/3, LMCI 2/3, AD 1); each subject draws
-    ``clip(severity + N(0, severity_sd), 0, 1)``. ``partner``: the network the structures
+    ``clip(severity + N(0, severity_sd), 0, 1)``. ``stages``: per modality (``t1``, ``fmri``)
+    the severity window over which its effect rises (:data:`DEFAULT_STAGES`, :func:`stage`);
+    the strength multiplies the staged severity. ``partner``: the network the structures
     are coupled to (default: first of :data:`PARTNER_CHOICES` not planted).
     ``orientation``: voxel axis codes of the written files (``RAS``, ``LAS``, ``PSR``...).
     Subjects are interleaved across classes (sub-001 NC, sub-002 EMCI, ...); the same
@@ -522,6 +541,10 @@ def synthesize_anatomy_cohort(
     counts = n_per_class if isinstance(n_per_class, dict) else {c: int(n_per_class) for c in classes}
     sev = {c: float((severity or DEFAULT_SEVERITY).get(c, 0.0)) for c in classes}
     k_t1, k_f = (float(strength), float(strength)) if np.isscalar(strength) else tuple(map(float, strength))
+    stages = {m: tuple(map(float, (stages or {}).get(m, w))) for m, w in DEFAULT_STAGES.items()}
+    for m, (a, b) in stages.items():
+        if not (0.0 <= a <= b <= 1.0):
+            raise ValueError(f"stage window for {m} is ({a}, {b}); give 0 <= start <= end <= 1")
     fmri_effect = tuple(fmri_effect)
     bad = set(fmri_effect) - set(FMRI_EFFECTS)
     if bad:
@@ -566,6 +589,7 @@ def synthesize_anatomy_cohort(
         rng = np.random.default_rng([seed, i])
         s = float(np.clip(sev[cls] + rng.normal(0.0, severity_sd), 0.0, 1.0))
         subject_sev[subject] = round(s, 6)
+        s_t1, s_f = stage(s, stages["t1"]), stage(s, stages["fmri"])
         rec = {}
 
         # ---- T1: template + GM -> CSF in the planted structures, gain, bias, noise, misregistration
@@ -574,7 +598,7 @@ def synthesize_anatomy_cohort(
         bias = _bias_field(rng, t1g.shape, nuisance.bias, nuisance.bias_length)
         img = sample(src["t1"], t1g.shape, t1g.affine, motion)
         img *= t1_scale
-        img += (k_t1 * s * contrast) * sample(src["loss_t1"], t1g.shape, t1g.affine, motion)
+        img += (k_t1 * s_t1 * contrast) * sample(src["loss_t1"], t1g.shape, t1g.affine, motion)
         img *= gain * bias
         inside = sample(src["brain_t1"], t1g.shape, t1g.affine, motion) > 0.02
         img[inside] += rng.normal(0.0, nuisance.t1_noise * signal.t1_wm, int(inside.sum())).astype(np.float32)
@@ -591,15 +615,15 @@ def synthesize_anatomy_cohort(
         motion, mrec = _rigid(rng, nuisance.misregistration_mm, nuisance.misregistration_deg, center)
         bias = _bias_field(rng, fg.shape, nuisance.bias, nuisance.bias_length)
         tissue = {k: sample(src[k], fg.shape, fg.affine, motion) for k in ("gm", "wm", "csf")}
-        loss = (k_t1 * s) * sample(src["loss_f"], fg.shape, fg.affine, motion)
+        loss = (k_t1 * s_t1) * sample(src["loss_f"], fg.shape, fg.affine, motion)
         tissue["gm"] -= loss
         tissue["csf"] += loss
         base = sum(signal.epi[k] * tissue[k] for k in tissue) * (gain * bias)
         amp = sum(signal.network_amplitude[k] * tissue[k] for k in tissue)
         occ_s = np.clip(sample(occ_src["s"], fg.shape, fg.affine, motion), 0, 1)
         occ_p = np.clip(sample(occ_src["p"], fg.shape, fg.affine, motion), 0, 1)
-        damp = 1.0 - k_f * s * occ_s if "amplitude" in fmri_effect else np.ones_like(occ_s)
-        r = signal.coupling * (1.0 - (k_f * s if "connectivity" in fmri_effect else 0.0))
+        damp = 1.0 - k_f * s_f * occ_s if "amplitude" in fmri_effect else np.ones_like(occ_s)
+        r = signal.coupling * (1.0 - (k_f * s_f if "connectivity" in fmri_effect else 0.0))
         courses = _time_courses(rng, k_fields + 2, frames)
         courses = np.pad(courses, ((0, 0), (0, k_fields + 2 - courses.shape[1])))
         noise_sd = nuisance.epi_noise * signal.epi["gm"]
@@ -618,14 +642,8 @@ def synthesize_anatomy_cohort(
         bar.update()
     bar.close()
 
-    with (out / "participants.tsv").open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["participant_id", "diagnosis"], delimiter="\t")
-        w.writeheader()
-        w.writerows(rows)
-    (out / "dataset_description.json").write_text(json.dumps(
-        {"Name": "MASAN MNI152 validation cohort", "BIDSVersion": "1.8.0", "DatasetType": "raw",
-         "GeneratedBy": [{"Name": "masan.data.anatomy", "Description": f"seed {seed}; template {TEMPLATE_NAME}"}]},
-        indent=1))
+    write_cohort_tables(out, rows, "MASAN MNI152 validation cohort", "masan.data.anatomy",
+                        f"seed {seed}; template {TEMPLATE_NAME}")
     planted_rec = {n: [e.record() for e in ells] for n, ells in planted.items()}
     ranks = {}
     for mod, g in (("t1", t1g), ("fmri", fg)):
@@ -636,7 +654,8 @@ def synthesize_anatomy_cohort(
         "anatomy": ANATOMY, "template": TEMPLATE_NAME,
         "structures": planted_rec, "partner": {partner: [e.record() for e in partner_ells]},
         "gm_threshold": GM_THRESHOLD, "severity": sev, "severity_sd": severity_sd,
-        "strength_t1": k_t1, "strength_fmri": k_f, "fmri_effect": list(fmri_effect),
+        "strength_t1": k_t1, "strength_fmri": k_f, "stages": {m: list(w) for m, w in stages.items()},
+        "fmri_effect": list(fmri_effect),
         "subject_severity": subject_sev, "subject_nuisance": subject_nui,
         "nuisance": asdict(nuisance), "signal": asdict(signal), "seed": seed, "tr_seconds": tr,
         "orientation": orientation.upper(),
@@ -644,7 +663,9 @@ def synthesize_anatomy_cohort(
                   "fmri": {"shape": list(fg.file_shape), "affine": fg.file_affine.tolist()}},
         "region_ranks": ranks,
         "effect": {
-            "severity": "subject severity = clip(class severity + N(0, severity_sd), 0, 1)",
+            "severity": "subject severity = clip(class severity + N(0, severity_sd), 0, 1); each modality "
+                        "takes stage(severity, stages[modality]) = clip((severity - start) / (end - start), 0, 1) "
+                        "(called severity below)",
             "t1": "GM fraction x (1 - strength_t1 * severity) inside each structure's ellipsoids with "
                   "GM > gm_threshold, the lost fraction becoming CSF (T1 moves towards CSF intensity)",
             "fmri_amplitude": "fluctuation amplitude x (1 - strength_fmri * severity * occupancy) in the structures",

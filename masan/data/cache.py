@@ -49,6 +49,7 @@ import torch
 from masan.config import DataConfig
 from masan.data.store import NORMALIZE_BLOCK, CohortStore, normalized_float32, scaled_float32
 from masan.data.temporal import fluctuations
+from masan.hostmem import available_bytes
 from masan.train import distributed as D
 
 GIB = 2**30
@@ -71,15 +72,6 @@ class Scale:
     inter: float
     mean: float
     std: float
-
-
-def mem_available() -> int:
-    """Bytes of RAM the kernel can give without swapping (MemAvailable of /proc/meminfo)."""
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def node_peers() -> tuple[int, int]:
@@ -219,7 +211,7 @@ class CohortCache:
         root = Path(self.cfg.cache_dir)
         if not root.is_dir():
             raise CacheError(f"data.cache_dir={root} does not exist; point it at a tmpfs such as /dev/shm")
-        free, avail = shutil.disk_usage(root).free, mem_available()
+        free, avail = shutil.disk_usage(root).free, available_bytes()
         have = min(free, avail) - int(self.cfg.cache_reserve_gib * GIB)
         if need > have:
             raise CacheError(
@@ -235,7 +227,7 @@ class CohortCache:
             where = f"GPU {self.device} ({free / GIB:.2f} of {total / GIB:.2f} GiB free)"
         else:  # every rank of the node holds its own copy in RAM
             need *= self.local_world
-            free = mem_available()
+            free = available_bytes()
             where = f"this node's RAM ({free / GIB:.2f} GiB available, {self.local_world} ranks each with a copy)"
         have = free - int(self.cfg.cache_reserve_gib * GIB)
         if need > have:

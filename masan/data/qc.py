@@ -41,7 +41,7 @@ import datetime
 import html
 import os
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import nibabel as nib
@@ -73,27 +73,48 @@ class QCError(ValueError):
     """The report cannot be made (bad store, subject or output folder); the message names the fix."""
 
 
+def _flag(default, flag: str | None, help: str, **argparse_kw):
+    """A :class:`QCOptions` field that is also ``qc_report.py``'s option ``flag`` (None: none)."""
+    return field(default=default, metadata={"flag": flag, "help": help, "argparse": argparse_kw})
+
+
 @dataclass
 class QCOptions:
-    """What ``qc_report.py`` checks and draws (its flags, one for one)."""
+    """What ``qc_report.py`` checks and draws. A field with a ``flag`` is that option of the
+    tool, one for one (:func:`add_option_arguments`, :meth:`from_args`): a new threshold is one
+    field here."""
 
-    subjects: list[str] | None = None
-    """Only these subjects (default: all); the cohort section still covers the whole store."""
-    min_frames: int | None = None
-    """Runs with fewer frames are flagged; None: the cohort's most common run length (a
-    truncated run), at least 2."""
-    z_threshold: float = 3.5
-    """Robust z (median / MAD) above which a subject's mean or std is an outlier."""
-    clip_fraction: float = 0.01
-    """Share of the nonzero voxels at the maximum value above which a volume is clipped."""
-    fov_overlap: float = 0.5
-    """Share of the fMRI foreground inside the T1 volume below which the FOVs do not overlap."""
-    mosaic_slices: int = 12
-    """Axial slices in the T1 mosaic (and half as many temporal-std slices)."""
-    carpet_voxels: int = 1500
-    """Voxel time series shown in the carpet (an evenly spaced sample of the fMRI foreground)."""
-    dpi: int = 80
-    progress: bool = True
+    subjects: list[str] | None = _flag(None, "--subjects", "only these subjects (default: all); the cohort "
+                                       "section still covers the whole store", nargs="+", metavar="ID")
+    min_frames: int | None = _flag(None, "--min-frames", "flag fMRI runs with fewer frames (default: the "
+                                   "cohort's most common run length, at least 2)", type=int)
+    z_threshold: float = _flag(3.5, "--z-threshold", "flag a modality whose mean or std is this many robust SD "
+                               "(median / MAD) from the cohort median", type=float)
+    clip_fraction: float = _flag(0.01, "--clip-fraction", "flag a volume with more than this share of its "
+                                 "nonzero voxels at the maximum", type=float)
+    fov_overlap: float = _flag(0.5, "--fov-overlap", "flag a subject with less than this share of the fMRI "
+                               "foreground inside the T1 volume", type=float)
+    mosaic_slices: int = _flag(12, "--slices", "axial slices in the T1 mosaic (half as many temporal-std "
+                               "slices)", type=int, metavar="N")
+    carpet_voxels: int = _flag(1500, None, "voxel time series in the carpet (an evenly spaced sample of the "
+                               "fMRI foreground)")
+    dpi: int = _flag(80, None, "resolution of the figures")
+    progress: bool = _flag(True, None, "a progress bar (qc_report.py: --no-progress)")
+
+    @classmethod
+    def from_args(cls, args, **given) -> "QCOptions":
+        """Options from :func:`add_option_arguments`' parsed flags (``given`` wins)."""
+        values = {f.name: getattr(args, f.name) for f in fields(cls) if f.metadata["flag"] and hasattr(args, f.name)}
+        return cls(**{**values, **given})
+
+
+def add_option_arguments(parser) -> None:
+    """One option per :class:`QCOptions` field with a ``flag``, its default shown."""
+    for f in fields(QCOptions):
+        if f.metadata["flag"]:
+            default = "" if f.default is None else " (default: %(default)s)"
+            parser.add_argument(f.metadata["flag"], dest=f.name, default=f.default,
+                                help=f.metadata["help"] + default, **f.metadata["argparse"])
 
 
 @dataclass

@@ -59,12 +59,12 @@ class Failure:
 
 @dataclass
 class Job:
-    """A checked subject: class label and sources."""
+    """A checked subject, ready to convert: its class ``label``, its ``sources`` (modality ->
+    absolute path, only the modalities present) and ``notes`` on what was accepted as is."""
 
     subject: str
     label: str
     sources: dict[str, str]
-    """modality -> absolute path (only modalities present)."""
     notes: list[str] = field(default_factory=list)
 
 

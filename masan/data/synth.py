@@ -41,24 +41,31 @@ FIELD_OF_VIEW_MM = (240.0, 256.0, 176.0)
 
 @dataclass(frozen=True)
 class Tissue:
-    """Phantom intensities (int16 units) and head geometry (fractions of the volume)."""
+    """Phantom intensities (int16 units), head geometry (fractions of the volume) and what
+    varies between subjects.
+
+    Attributes:
+        t1, epi: intensity of each tissue (scalp, CSF, GM, WM) in T1 and in the EPI baseline.
+        head_radius: semi-axes of the head ellipsoid, fractions of each axis; the brain's
+            layers scale from it. ``ventricle_radius``: the ventricles' semi-axes.
+        size_jitter, gain_jitter: relative random scaling of each subject's head, and scanner
+            gain per subject.
+        fluctuation: fMRI fluctuation amplitude (fraction of baseline) outside the planted
+            region, from ``fluctuation_fields`` smooth spatial fields of correlation length
+            ``smoothness`` (fraction of the volume).
+        noise: Gaussian noise std (int16 units) of the T1 and of each EPI frame.
+    """
 
     t1: dict = field(default_factory=lambda: {"scalp": 300.0, "csf": 150.0, "gm": 550.0, "wm": 850.0})
     epi: dict = field(default_factory=lambda: {"scalp": 200.0, "csf": 900.0, "gm": 700.0, "wm": 550.0})
     head_radius: tuple[float, float, float] = (0.44, 0.44, 0.42)
-    """Semi-axes of the head ellipsoid, fractions of each axis; brain layers scale from it."""
     ventricle_radius: tuple[float, float, float] = (0.04, 0.12, 0.06)
-    t1_noise: float = 20.0
-    epi_noise: float = 8.0
     size_jitter: float = 0.03
-    """Relative random scaling of each subject's head."""
     gain_jitter: float = 0.08
-    """Relative random scanner gain per subject."""
     fluctuation: float = 0.05
-    """fMRI fluctuation amplitude (fraction of baseline) outside the planted region."""
     fluctuation_fields: int = 3
     smoothness: float = 0.15
-    """Spatial correlation length of the fluctuation fields, fraction of the volume."""
+    noise: dict = field(default_factory=lambda: {"t1": 20.0, "epi": 8.0})
 
 
 @dataclass(frozen=True)
@@ -179,7 +186,7 @@ def _fmri_slabs(rng: np.random.Generator, base: np.ndarray, amplitude: np.ndarra
     for t0 in range(0, frames, slab):
         fluct = np.tensordot(fields, courses[t0:t0 + slab], axes=([0], [1]))  # (X, Y, Z, n)
         out = base[..., None] + weighted[..., None] * fluct
-        out += rng.normal(0.0, tissue.epi_noise, out.shape)
+        out += rng.normal(0.0, tissue.noise["epi"], out.shape)
         yield _to_int16(out)
 
 
@@ -194,7 +201,7 @@ def synthesize_subject(out_dir: Path, subject: str, cls: str, rng: np.random.Gen
 
     t1 = _phantom(t1_shape, scale, tissue.t1, tissue) * gain
     t1[effect.mask(t1_shape)] *= 1.0 - severity
-    t1 += rng.normal(0.0, tissue.t1_noise, t1_shape)
+    t1 += rng.normal(0.0, tissue.noise["t1"], t1_shape)
     aff, zooms = _affine(t1_shape)
     anat = out_dir / subject / "anat"
     anat.mkdir(parents=True, exist_ok=True)
@@ -209,6 +216,18 @@ def synthesize_subject(out_dir: Path, subject: str, cls: str, rng: np.random.Gen
     func.mkdir(parents=True, exist_ok=True)
     write_nifti_slabs(func / f"{subject}_task-rest_bold.nii.gz", aff, fmri_shape + (frames,), np.int16,
                       _fmri_slabs(rng, base, amplitude, frames, slab_frames, tissue), zooms + (tr,), compresslevel)
+
+
+def write_cohort_tables(out: Path, rows: list[dict], name: str, generator: str, description: str) -> None:
+    """The BIDS tables of a synthetic cohort: participants.tsv (``rows`` of participant_id,
+    diagnosis) and dataset_description.json naming the ``generator`` module."""
+    with (out / "participants.tsv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["participant_id", "diagnosis"], delimiter="\t")
+        w.writeheader()
+        w.writerows(rows)
+    (out / "dataset_description.json").write_text(json.dumps(
+        {"Name": name, "BIDSVersion": "1.8.0", "DatasetType": "raw",
+         "GeneratedBy": [{"Name": generator, "Description": description}]}, indent=1))
 
 
 def synthesize_cohort(out_dir: str | Path, n_per_class: int | dict[str, int] = 12,
@@ -244,12 +263,6 @@ def synthesize_cohort(out_dir: str | Path, n_per_class: int | dict[str, int] = 1
         rows.append({"participant_id": subject, "diagnosis": cls})
         bar.update()
     bar.close()
-    with (out / "participants.tsv").open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["participant_id", "diagnosis"], delimiter="\t")
-        w.writeheader()
-        w.writerows(rows)
-    (out / "dataset_description.json").write_text(json.dumps(
-        {"Name": "MASAN phantom cohort", "BIDSVersion": "1.8.0", "DatasetType": "raw",
-         "GeneratedBy": [{"Name": "masan.data.synth", "Description": f"seed {seed}"}]}, indent=1))
+    write_cohort_tables(out, rows, "MASAN phantom cohort", "masan.data.synth", f"seed {seed}")
     (out / PLANTED_EFFECT_FILE).write_text(json.dumps(effect.record(), indent=1))
     return out

@@ -10,6 +10,11 @@ no autoencoder, three levels of decision.
   patch features merges neighbouring patches into regions (2x2x2 patches by default);
 * subject level: the region features, flattened, through the MLP classifier.
 
+Training: the classifier's gradient reaches the encoder scaled by ``model.head_grad_to_encoders``
+(as MASAN's); at the default 0 the encoder keeps its initial weights (H-FCN has no
+reconstruction term) and the three levels above it learn. End to end it collapsed to one class
+on the realistic cohort (docs/paper-mapping.md).
+
 ``forward(t1, fmri=None)`` -> ``{"logits" (B, C), "region_weights" (B, R)}``; the region weights
 are the patch gates normalised to sum to 1 per subject (R = patches of the grid, as in MASAN).
 """
@@ -23,7 +28,7 @@ from torch import nn
 
 from masan.config import ModelConfig
 from masan.model.autoencoder import Encoder, EncoderOnly, PatchModule
-from masan.model.blocks import MLPClassifier, autocast_off, param_dtype
+from masan.model.blocks import MLPClassifier, autocast_off, param_dtype, scale_grad
 from masan.model.standardize import FittedStandardize
 
 
@@ -37,6 +42,7 @@ class HFCN(nn.Module):
             raise ValueError(
                 f"model.hfcn_region_group={group} must divide every axis of model.patch_grid {cfg.patch_grid}"
             )
+        self.head_grad_to_encoders = cfg.head_grad_to_encoders
         encoder = EncoderOnly(Encoder(1, cfg.channels, cfg.groups, cfg.activation_checkpointing))
         self.patches = PatchModule(encoder, cfg.patch_grid, 1, cfg.region_pool, cfg.patch_chunk,
                                    cfg.channels_last, "T1")
@@ -55,7 +61,7 @@ class HFCN(nn.Module):
                 ) -> dict[str, torch.Tensor]:
         if t1 is None:
             raise ValueError("the H-FCN baseline (model.arch=hfcn) needs T1; enable data.use_t1")
-        deepest = self.patches(t1).region_maps[-1]  # (B, M*c_L, Gx, Gy, Gz)
+        deepest = scale_grad(self.patches(t1).region_maps[-1], self.head_grad_to_encoders)  # (B, M*c_L, Gx, Gy, Gz)
         with autocast_off(t1.device):
             patch = self.patch_level(self.norm(deepest.to(param_dtype(self.patch_level))))
             gate = self.patch_gate(patch)  # (B, 1, Gx, Gy, Gz)

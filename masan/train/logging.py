@@ -20,7 +20,6 @@ images. The test part never appears here.
 
 from __future__ import annotations
 
-import resource
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +27,7 @@ import torch
 import yaml
 
 from masan.config import LogConfig, RunConfig, config_to_dict
+from masan.hostmem import peak_rss_bytes
 from masan.metrics import HPARAM_METRICS, flat_scalars
 from masan.rundir import RunDir
 
@@ -37,36 +37,18 @@ evaluated at the end)."""
 
 
 MEMORY_TAGS = ("peak_rss_gib", "gpu_mem_gib", "gpu_reserved_gib")
-CLEAR_REFS = "/proc/self/clear_refs"
-"""Writing ``5`` here resets the process's peak resident set (VmHWM; Linux >= 4.0)."""
 
 
 def peak_memory(device: torch.device) -> dict[str, float]:
-    """This process's peak memory since the last call, GiB, and reset: ``peak_rss_gib`` (VmHWM of
-    /proc/self/status; where it cannot be reset, the peak since the process started, from
-    getrusage), and on CUDA ``gpu_mem_gib`` / ``gpu_reserved_gib`` (max allocated / reserved)."""
-    out = {"peak_rss_gib": _vm_hwm_bytes() / 2**30}
-    try:
-        with open(CLEAR_REFS, "w") as f:
-            f.write("5")
-    except OSError:
-        pass  # not Linux, or no permission: the figure is then the lifetime peak
+    """This process's peak memory since the last call, GiB, and reset: ``peak_rss_gib``
+    (:func:`masan.hostmem.peak_rss_bytes`; where it cannot be reset, the peak since the process
+    started), and on CUDA ``gpu_mem_gib`` / ``gpu_reserved_gib`` (max allocated / reserved)."""
+    out = {"peak_rss_gib": peak_rss_bytes(reset=True) / 2**30}
     if device.type == "cuda":
         out["gpu_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         out["gpu_reserved_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
         torch.cuda.reset_peak_memory_stats(device)
     return out
-
-
-def _vm_hwm_bytes() -> int:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
 def interval_stats(wait_s: float, elapsed_s: float, device: torch.device) -> dict[str, float]:

@@ -136,7 +136,7 @@ class LoopParts:
 def train(p: LoopParts, state: TrainState) -> str:
     """Train from ``state`` to the end; returns ``"completed"``, ``"stopped"`` or ``"max_steps"``."""
     cfg, engine = p.cfg, p.engine
-    epochs = {"pretrain": cfg.train.pretrain_epochs, "joint": cfg.train.joint_epochs}
+    epochs = cfg.epochs  # H-FCN: no pretraining
     sampler = ResumableSampler(p.train_set, p.info.world_size, p.info.rank, shuffle=True, seed=cfg.seed)
     per_step = cfg.optim.micro_batch * cfg.optim.grad_accum * p.info.world_size  # samples, all ranks
     last_save = {"step": state.step, "time": time.monotonic()}

@@ -1,0 +1,47 @@
+"""This host's memory, as Linux reports it: what the kernel can still give, and what this
+process holds now and at its peak (bytes). One owner for the /proc reads that the cohort cache
+(is there room?), the training log (peak per interval) and the benchmarks (growth per step)
+all need; off Linux each falls back to what :mod:`resource` knows."""
+
+from __future__ import annotations
+
+import os
+import resource
+
+CLEAR_REFS = "/proc/self/clear_refs"
+"""Writing ``5`` here resets the process's peak resident set (VmHWM; Linux >= 4.0)."""
+
+
+def available_bytes() -> int:
+    """RAM the kernel can give without swapping (MemAvailable of /proc/meminfo)."""
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    raise OSError("/proc/meminfo has no MemAvailable line (Linux >= 3.14 needed)")
+
+
+def rss_bytes() -> int:
+    """This process's resident set now (/proc/self/statm)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss_bytes(reset: bool = False) -> int:
+    """This process's peak resident set (VmHWM), then, with ``reset``, start a new peak from
+    now. Where /proc cannot say or reset it, the lifetime peak from getrusage."""
+    peak = None
+    try:
+        with open("/proc/self/status") as f:
+            peak = next((int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:")), None)
+    except OSError:
+        pass
+    if peak is None:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    if reset:
+        try:
+            with open(CLEAR_REFS, "w") as f:
+                f.write("5")
+        except OSError:
+            pass  # not Linux, or no permission: later peaks are lifetime peaks
+    return peak
