@@ -131,7 +131,7 @@ def make_cohort(work: Path, stamp: dict) -> Path:
 def train_command(args: argparse.Namespace, run_dir: Path, store: Path, variant: str, repeat: int,
                   shape_overrides: list[str]) -> list[str]:
     return [sys.executable, "launch/train_local.py", "--config", str(args.config), f"run_dir={run_dir}",
-            f"data.store={store}", f"data.cache_dir={store.parent / CACHE_DIR}", f"split.repeat={repeat}",
+            f"data.store={store}", f"data.cache_dir={args.work / CACHE_DIR}", f"split.repeat={repeat}",
             f"seed={repeat}", *shape_overrides,
             *VARIANTS[variant], *args.overrides]
 
@@ -409,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     except subprocess.CalledProcessError as e:
         print(f"error: making the cohort failed (exit status {e.returncode}): {shlex.join(e.cmd)}", file=sys.stderr)
         return 1
-    (store_path.parent / CACHE_DIR).mkdir(exist_ok=True)
+    (args.work / CACHE_DIR).mkdir(exist_ok=True)
     store = CohortStore(store_path)
     planted = planted_regions(store, grid)
     print(f"planted regions on the {'x'.join(map(str, grid))} grid (most planted voxels first): {planted['all']}; "

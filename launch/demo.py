@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 from masan.config import load_config
+from masan.data.anatomy import ANATOMY
 from masan.rundir import RunDir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,7 +55,7 @@ def _stale_cohort(bids: Path, model) -> str | None:
     if not record.is_file():
         return "a cohort without planted_effect.json"
     effect = json.loads(record.read_text())
-    if effect.get("anatomy") != "mni152":
+    if effect.get("anatomy") != ANATOMY:
         return "a phantom cohort (an earlier demo)"
     want = {"t1": list(model.t1_shape), "fmri": list(model.fmri_shape)}
     got = {m: effect.get("grids", {}).get(m, {}).get("shape") for m in want}
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         for old in (bids, store, run_dir):
             shutil.rmtree(old, ignore_errors=True)
     if not (bids / "participants.tsv").is_file():
-        timings["synthesize"] = run([py, "data_tools/synth_cohort.py", "--anatomy", "mni152", "--out", str(bids),
+        timings["synthesize"] = run([py, "data_tools/synth_cohort.py", "--anatomy", ANATOMY, "--out", str(bids),
                                      "--per-class", str(args.per_class), "--t1-shape", *map(str, model.t1_shape),
                                      "--fmri-shape", *map(str, model.fmri_shape), "--frames", str(model.fmri_frames)],
                                     "1. synthesize a cohort on the MNI152 brain")

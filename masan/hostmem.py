@@ -13,12 +13,13 @@ CLEAR_REFS = "/proc/self/clear_refs"
 
 
 def available_bytes() -> int:
-    """RAM the kernel can give without swapping (MemAvailable of /proc/meminfo)."""
+    """RAM the kernel can give without swapping (MemAvailable of /proc/meminfo; where there is
+    none, the free physical pages)."""
     with open("/proc/meminfo") as f:
         for line in f:
             if line.startswith("MemAvailable:"):
                 return int(line.split()[1]) * 1024
-    raise OSError("/proc/meminfo has no MemAvailable line (Linux >= 3.14 needed)")
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def rss_bytes() -> int:
