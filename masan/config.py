@@ -282,6 +282,11 @@ class TrainConfig:
     """Refit the cohort standardisers (``model.region_norm=cohort``) on all training subjects every
     N joint epochs (a no-grad pass, ~1/3 of an epoch's compute); they are always fitted when the
     joint phase starts. 0: only then."""
+    rescreen_on_refresh: bool = False
+    """With screening (``model.screen_features``), refits after the first also choose the kept
+    features anew (True), or keep the first fit's choice and refresh only mean and std (False).
+    A late re-screen swaps the features the head was trained on; on the realistic cohort one
+    split's training loss jumped 0.59 -> 1.57 and never recovered (docs/validation-cohort.md)."""
     dist_timeout_minutes: float = field(default=30.0, metadata=PLUMBING)
     """Collective timeout; long checkpoint saves on slow file systems need headroom."""
     zero_bucket_elements: int = field(default=200_000_000, metadata=PLUMBING)

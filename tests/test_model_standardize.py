@@ -74,6 +74,22 @@ def test_screening_keeps_the_features_that_separate_the_classes():
         fit_standardizers(probe, [{"t1": it["t1"]} for it in items], 0, 1, torch.device("cpu"), torch.float32, 4)
 
 
+def test_a_refit_keeps_the_first_screening_unless_asked_to_rescreen():
+    items = _items(30)
+    probe = _Probe(keep=2)
+    fit_standardizers(probe, items, 0, 1, torch.device("cpu"), torch.float32, 4)
+    assert probe.norm.keep_mask.tolist() == [0, 1, 0, 0, 1, 0]
+    # the features drift during training: now features 0 and 2 separate the classes instead
+    drift = torch.tensor([6.0, -2.0, 6.0, 0.0, -6.0, 0.0]).reshape(1, 2, 3, 1)
+    drifted = [{"t1": it["t1"] + drift * int(it["label"]) + 7.0, "label": it["label"]} for it in items]
+    fit_standardizers(probe, drifted, 0, 1, torch.device("cpu"), torch.float32, 4, rescreen=False)
+    assert probe.norm.keep_mask.tolist() == [0, 1, 0, 0, 1, 0]  # the head keeps its features ...
+    expected = torch.stack([it["t1"].flatten() for it in drifted]).double()
+    assert torch.allclose(probe.norm.mean.double(), expected.mean(0), rtol=1e-5)  # ... re-centred
+    fit_standardizers(probe, drifted, 0, 1, torch.device("cpu"), torch.float32, 4, rescreen=True)
+    assert probe.norm.keep_mask.tolist() == [1, 0, 1, 0, 0, 0]
+
+
 def test_std_floor_bounds_the_amplification_of_a_constant_feature():
     norm = FittedStandardize((3,), std_floor=0.1)
     norm.begin_fit()

@@ -110,8 +110,11 @@ class FittedStandardize(nn.Module):
         self._sums, self._labels = None, None
 
     @torch.no_grad()
-    def end_fit(self) -> None:
-        """Set mean/std (and the screening mask) from the (all-reduced) sums; stop accumulating."""
+    def end_fit(self, rescreen: bool = True) -> None:
+        """Set mean/std (and the screening mask) from the (all-reduced) sums; stop accumulating.
+
+        ``rescreen=False`` keeps the screening mask of an earlier fit (the first fit always
+        screens): the head keeps seeing the same features, only re-centred and re-scaled."""
         counts, s, sq = self.sums()
         self._sums, self._labels = None, None
         n = float(counts.sum())
@@ -125,7 +128,10 @@ class FittedStandardize(nn.Module):
             std = std.clamp_min(self.std_floor * std.median())
         self.mean.copy_(mean.to(self.mean.dtype))
         self.std.copy_(std.to(self.std.dtype))
-        self.keep_mask.copy_(self._screen(counts, s, sq, std) if self.screening else torch.ones_like(self.keep_mask))
+        if not self.screening:
+            self.keep_mask.fill_(1.0)
+        elif rescreen or int(self.fitted_samples) == 0:
+            self.keep_mask.copy_(self._screen(counts, s, sq, std))
         self.fitted_samples.fill_(int(n))
 
     def _screen(self, counts: torch.Tensor, s: torch.Tensor, sq: torch.Tensor, std: torch.Tensor) -> torch.Tensor:

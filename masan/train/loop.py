@@ -307,7 +307,8 @@ def fit_norms(p: LoopParts) -> None:
     """Collective: fit the model's cohort standardisers on every training subject."""
     t0 = time.perf_counter()
     n = fit_standardizers(p.engine.module, p.train_set, p.info.rank, p.info.world_size, p.info.device,
-                          DTYPES[p.cfg.train.precision], p.cfg.optim.micro_batch, p.cfg.data.num_workers)
+                          DTYPES[p.cfg.train.precision], p.cfg.optim.micro_batch, p.cfg.data.num_workers,
+                          rescreen=p.cfg.train.rescreen_on_refresh)
     if n and p.info.is_main:
         log.info("fitted %d feature standardiser(s) on %d training subjects in %.1f s", n, len(p.train_set),
                  time.perf_counter() - t0)

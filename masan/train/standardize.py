@@ -31,8 +31,12 @@ def _all_reduce(tensors: list[torch.Tensor]) -> None:
 
 @torch.no_grad()
 def fit_standardizers(model: torch.nn.Module, dataset: Dataset, rank: int, world_size: int,
-                      device: torch.device, dtype: torch.dtype, micro_batch: int, num_workers: int = 0) -> int:
+                      device: torch.device, dtype: torch.dtype, micro_batch: int, num_workers: int = 0,
+                      rescreen: bool = True) -> int:
     """Collective: fit every standardiser of ``model`` on ``dataset``; returns how many there are.
+
+    ``rescreen=False`` keeps the screening masks of an earlier fit (see
+    :meth:`~masan.model.standardize.FittedStandardize.end_fit`).
 
     ``model`` is the plain module (``engine.module``); inputs are cast to ``dtype`` as in
     training. The model is in eval mode during the pass (no dropout) and restored afterwards.
@@ -54,7 +58,7 @@ def fit_standardizers(model: torch.nn.Module, dataset: Dataset, rank: int, world
                 model(**{k: batch[k].to(device, dtype=dtype) if k in batch else None for k in MODALITY_KEYS})
         _all_reduce([t for n in norms for t in n.sums()])
         for n in norms:
-            n.end_fit()
+            n.end_fit(rescreen)
     except BaseException:
         for n in norms:
             n.cancel_fit()
