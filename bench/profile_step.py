@@ -6,9 +6,10 @@ leaves figures:
 
 1. ``split``: forward + loss + backward + Adam step per sample of the paper's model with only
    T1, only fMRI, and both (``model.modalities``), micro-batch 1, as ``--config`` sets it.
-2. ``variant``: the step with one setting changed at a time: how the T1 output conv runs
-   (:class:`~masan.model.blocks.NarrowConv3d`), nearest-neighbour decoder upsampling
-   (``model.upsample``), activation checkpointing off, micro-batch 2 and 4.
+2. ``variant``: the step as the model runs it (:data:`CURRENT`), then with one setting
+   changed at a time: each fast path back to the plain operator (the output conv's fold before
+   upsampling, pooling over reshaped blocks), micro-batch 2, nearest-neighbour decoder
+   upsampling (``model.upsample``), activation checkpointing, channels_last.
 3. ``profile``: one step of the whole model under ``torch.profiler``: the operators with the
    most self time on the device (CUDA kernels; the CPU with ``--device cpu``), then the same
    split by input shape, so a slow kernel is tied to the layer that calls it.
@@ -19,11 +20,13 @@ leaves figures:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import signal
 import sys
 import time
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -45,22 +48,44 @@ from bench.gpu_check import (  # noqa: E402
     resolve_device,
 )
 from masan.config import load_config  # noqa: E402
-from masan.model import build_model, masan_loss  # noqa: E402
-from masan.model.blocks import NarrowConv3d  # noqa: E402
+from masan.model import build_model, masan_loss, regions  # noqa: E402
+from masan.model.blocks import NarrowConv3d, OutputStage  # noqa: E402
 from masan.model.inputs import PRECISION_DTYPES  # noqa: E402
 
-VARIANTS: list[tuple[str, dict, str, int]] = [
-    # name, model overrides, NarrowConv3d strategy on this device (the T1 output conv), micro-batch
-    ("outconv taps, trilinear", {"upsample": "trilinear"}, "taps", 1),
-    ("outconv taps, nearest", {"upsample": "nearest"}, "taps", 1),
-    ("outconv taps, trilinear, mb2", {"upsample": "trilinear"}, "taps", 2),
-    ("outconv taps, trilinear, mb4", {"upsample": "trilinear"}, "taps", 4),
-    ("outconv taps, trilinear, no ckpt", {"upsample": "trilinear", "activation_checkpointing": False}, "taps", 1),
-    ("outconv plain, trilinear", {"upsample": "trilinear"}, "plain", 1),
-    ("outconv channels_last, trilinear", {"upsample": "trilinear"}, "channels_last", 1),
+CURRENT = {"outconv": "taps", "fold": True, "reshaped_pool": True}
+"""The fast paths as the model takes them on CUDA: the T1 output conv as per-tap maps
+(``NarrowConv3d.STRATEGY``), folded before upsampling (``OutputStage.FOLD``), region pooling
+over reshaped blocks (``regions.RESHAPED_POOL``)."""
+VARIANTS: list[tuple[str, dict, dict, int]] = [
+    # name, model overrides, fast paths changed from CURRENT, micro-batch
+    ("current", {}, {}, 1),
+    ("output conv not folded", {}, {"fold": False}, 1),
+    ("adaptive max pooling", {}, {"reshaped_pool": False}, 1),
+    ("before: not folded, adaptive pooling", {}, {"fold": False, "reshaped_pool": False}, 1),
+    ("current, mb2", {}, {}, 2),
+    ("current, nearest upsampling", {"upsample": "nearest"}, {}, 1),
+    ("current, checkpointing", {"activation_checkpointing": True}, {}, 1),
+    ("current, channels_last", {"channels_last": True}, {}, 1),
 ]
-"""Each row changes the step as the config (``--set``) gives it; cuDNN autotuning
-(``torch.backends.cudnn.benchmark``) changed nothing on an H200 (docs/performance.md)."""
+"""Each row changes the step as the config (``--set``) gives it, then one setting; cuDNN
+autotuning (``torch.backends.cudnn.benchmark``) changed nothing on an H200 (docs/performance.md)."""
+
+
+@contextlib.contextmanager
+def fast_paths(device: torch.device, outconv: str, fold: bool, reshaped_pool: bool) -> Iterator[None]:
+    """Within the block the model's fast paths on ``device`` are as given (see :data:`CURRENT`)."""
+    saved = (dict(NarrowConv3d.STRATEGY), OutputStage.FOLD, dict(regions.RESHAPED_POOL))
+    NarrowConv3d.STRATEGY[device.type] = outconv
+    OutputStage.FOLD = fold
+    regions.RESHAPED_POOL[device.type] = reshaped_pool
+    try:
+        yield
+    finally:
+        NarrowConv3d.STRATEGY.clear()
+        NarrowConv3d.STRATEGY.update(saved[0])
+        OutputStage.FOLD = saved[1]
+        regions.RESHAPED_POOL.clear()
+        regions.RESHAPED_POOL.update(saved[2])
 
 
 def _row(cfg, batch: int) -> Row:
@@ -144,17 +169,12 @@ def profile_section(cfg, args, budget: Budget) -> None:
 
 
 def variant_section(cfg, args, budget: Budget) -> None:
-    before = dict(NarrowConv3d.STRATEGY)
-    try:
-        for name, overrides, strategy, batch in VARIANTS:
-            c = copy.deepcopy(cfg)
-            for k, v in overrides.items():
-                setattr(c.model, k, v)
-            NarrowConv3d.STRATEGY[args.device.type] = strategy
+    for name, overrides, paths, batch in VARIANTS:
+        c = copy.deepcopy(cfg)
+        for k, v in overrides.items():
+            setattr(c.model, k, v)
+        with fast_paths(args.device, **{**CURRENT, **paths}):
             _timed(c, batch, args, budget, "variant", name)
-    finally:
-        NarrowConv3d.STRATEGY.clear()
-        NarrowConv3d.STRATEGY.update(before)
 
 
 def main(argv: list[str] | None = None) -> int:

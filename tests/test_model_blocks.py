@@ -1,6 +1,7 @@
 """The fast paths of the model's blocks compute what the plain PyTorch operators compute:
-the T1 output conv (:class:`NarrowConv3d`), trilinear upsampling as matrix products,
-the equal-block average pooling and the one-projection occlusion of the region head."""
+the T1 output conv (:class:`NarrowConv3d`) and its fold before upsampling (:class:`OutputStage`),
+trilinear upsampling as matrix products, the equal-block average and max pooling and the
+one-projection occlusion of the region head."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from masan.model.attention import RegionSelfAttention
-from masan.model.blocks import NarrowConv3d, trilinear
+from masan.model.blocks import NarrowConv3d, OutputStage, trilinear
 from masan.model.regions import _pool, pool_volume
 
 
@@ -48,6 +49,27 @@ def test_region_pooling_bins_are_those_of_adaptive_pooling():
     ref = torch.cat([F.adaptive_avg_pool3d(x, (4, 4, 4)), F.adaptive_max_pool3d(x, (4, 4, 4))], dim=1)
     assert torch.allclose(pooled, ref, atol=1e-6)
     assert torch.allclose(_pool(x, (4, 4, 4), "avg", reshaped=True), ref[:, :3], atol=1e-6)  # the CUDA path
+    assert torch.equal(_pool(x, (4, 4, 4), "max", reshaped=True), ref[:, 3:])
+
+
+@pytest.mark.parametrize("mode", ["trilinear", "nearest"])
+@pytest.mark.parametrize("out_channels", [1, 3])
+def test_output_stage_folded_before_upsampling_matches_the_plain_stage(mode, out_channels, monkeypatch):
+    torch.manual_seed(0)
+    stage = OutputStage(5, 4, out_channels, mode=mode).double()
+    x = torch.randn(2, 5, 3, 4, 3, dtype=torch.float64, requires_grad=True)
+    skip = torch.randn(2, 4, 5, 8, 6, dtype=torch.float64, requires_grad=True)
+    params = [x, skip, *stage.parameters()]
+    results = {}
+    for fold in (False, True):
+        monkeypatch.setattr(OutputStage, "FOLD", fold)
+        out = stage(x, skip)
+        grad = torch.linspace(-1, 1, out.numel(), dtype=torch.float64).view_as(out)
+        results[fold] = (out, torch.autograd.grad(out, params, grad))
+    (ref, ref_grads), (got, got_grads) = results[False], results[True]
+    assert got.shape == ref.shape == (2, out_channels, 5, 8, 6) and torch.allclose(got, ref, atol=1e-12)
+    for g, w in zip(got_grads, ref_grads):
+        assert torch.allclose(g, w, atol=1e-10)
 
 
 def test_occlusion_from_one_projection_equals_projecting_every_occluded_copy():

@@ -89,15 +89,26 @@ class NarrowConv3d(nn.Conv3d):
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3):
         super().__init__(in_channels, out_channels, kernel_size, padding=kernel_size // 2)
 
+    def strategy(self, device: torch.device) -> str:
+        """How this conv runs on ``device`` (``STRATEGY``; wider convolutions always ``plain``)."""
+        return self.STRATEGY.get(device.type, "plain") if self.out_channels <= self.MAX_OUT else "plain"
+
+    def pointwise_taps(self) -> torch.Tensor:
+        """The weight as one 1x1x1 map per (output, kernel tap): ``(C_out * k^3, C_in)``, map
+        ``i = (o, a, b, c)`` in C order."""
+        out, cin = self.weight.shape[:2]
+        return self.weight.reshape(out, cin, -1).transpose(1, 2).reshape(-1, cin)
+
+    def sum_taps(self, per_tap: torch.Tensor) -> torch.Tensor:
+        """``(N, C_out * k^3, D, H, W)`` per-tap maps -> the convolution's output ``(N, C_out, D, H, W)``."""
+        y = _ShiftSum.apply(per_tap, self.out_channels, self.kernel_size[0])
+        # the bias in the maps' dtype, as a conv under autocast adds it (no fp32 promotion)
+        return y if self.bias is None else y + self.bias.to(y.dtype).view(1, -1, 1, 1, 1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        strategy = self.STRATEGY.get(x.device.type, "plain") if self.out_channels <= self.MAX_OUT else "plain"
+        strategy = self.strategy(x.device)
         if strategy == "taps":
-            out, cin, k = self.weight.shape[0], self.weight.shape[1], self.weight.shape[-1]
-            # (out, cin, kx, ky, kz) -> (out * taps, cin, 1, 1, 1): map i = (o, a, b, c) in C order
-            pointwise = self.weight.reshape(out, cin, -1).transpose(1, 2).reshape(-1, cin, 1, 1, 1)
-            y = _ShiftSum.apply(F.conv3d(x, pointwise), out, k)
-            # the bias in the maps' dtype, as a conv under autocast adds it (no fp32 promotion)
-            return y if self.bias is None else y + self.bias.to(y.dtype).view(1, -1, 1, 1, 1)
+            return self.sum_taps(F.conv3d(x, self.pointwise_taps()[..., None, None, None]))
         if strategy == "channels_last":
             x = x.contiguous(memory_format=torch.channels_last_3d)
         return super().forward(x)
@@ -209,10 +220,13 @@ class UpConcat(nn.Module):
         self.use_skip, self.mode = use_skip, mode
         self.proj = nn.Conv3d(in_channels, skip_channels * (1 if use_skip else 2), kernel_size=1)
 
+    def upsample(self, x: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
+        """``(N, C, d, h, w)`` -> ``(N, C, *size)`` by ``mode``; channel-wise and linear, with
+        weights that sum to 1 per output voxel (so it commutes with a 1x1 conv and its bias)."""
+        return trilinear(x, size) if self.mode == "trilinear" else F.interpolate(x, size=size, mode="nearest")
+
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-        x = self.proj(x)
-        size = tuple(skip.shape[2:])
-        up = trilinear(x, size) if self.mode == "trilinear" else F.interpolate(x, size=size, mode="nearest")
+        up = self.upsample(self.proj(x), tuple(skip.shape[2:]))
         return torch.cat([up, skip.to(up.dtype)], dim=1) if self.use_skip else up
 
 
@@ -239,8 +253,17 @@ class OutputStage(nn.Module):
     reconstructed channels (1 for T1, T frames for fMRI). No residual block at full
     resolution, as the encoder has none there (Table 1).
 
+    Where the conv runs as per-tap maps (:class:`NarrowConv3d` ``taps``) and ``FOLD`` is on,
+    the taps' 1x1 conv of the upsampled half is folded into ``UpConcat``'s 1x1 conv and applied
+    *before* upsampling (both are linear and channel-wise, and the upsampling weights sum to 1,
+    so the bias folds too): the same parameters and result to rounding, but the full-resolution
+    concatenation (2 x C_skip channels) and its 1x1 conv are never made. The skip half gets its
+    own 1x1 conv at full resolution and the two per-tap maps are added.
+
     Inputs ``x (N, C_in, d, h, w)``, ``skip (N, C_skip, D, H, W)`` -> ``(N, C_out, D, H, W)``.
     """
+
+    FOLD = True
 
     def __init__(self, in_channels: int, skip_channels: int, out_channels: int, use_skip: bool = True,
                  mode: str = "trilinear"):
@@ -249,7 +272,20 @@ class OutputStage(nn.Module):
         self.conv = NarrowConv3d(2 * skip_channels, out_channels)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        if self.FOLD and self.up.use_skip and self.conv.strategy(x.device) == "taps":
+            return self._folded(x, skip)
         return self.conv(self.up(x, skip))
+
+    def _folded(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        taps = self.conv.pointwise_taps()  # (C_out * k^3, 2 * C_skip): [upsampled | skip] channels
+        c_skip = skip.shape[1]
+        proj = self.up.proj
+        w_up = taps[:, :c_skip] @ proj.weight.flatten(1).to(taps.dtype)  # (C_out * k^3, C_in)
+        b_up = taps[:, :c_skip] @ proj.bias.to(taps.dtype)
+        coarse = F.conv3d(x, w_up[..., None, None, None], b_up)
+        per_tap = self.up.upsample(coarse, tuple(skip.shape[2:]))
+        per_tap = per_tap + F.conv3d(skip.to(per_tap.dtype), taps[:, c_skip:, None, None, None].to(per_tap.dtype))
+        return self.conv.sum_taps(per_tap)
 
 
 class TemporalConv(nn.Module):

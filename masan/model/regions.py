@@ -63,19 +63,22 @@ def _adaptive_pool(x: torch.Tensor, size: tuple[int, ...], modes: Sequence[str])
     return torch.cat([_pool(x, size, m) for m in modes], dim=1)
 
 
+RESHAPED_POOL = {"cuda": True, "cpu": False}
+"""Per device type: pool onto equal blocks as a reduction over a reshaped view (the same bins
+as adaptive pooling). On an H200 adaptive max pooling of the full-resolution maps took 6.6 ms
+of an 82 ms step and adaptive average pooling's backward 13.6 ms of 311; on the CPU the
+adaptive kernels are the faster (docs/performance.md)."""
+
+
 def _pool(x: torch.Tensor, size: tuple[int, ...], mode: str, reshaped: bool | None = None) -> torch.Tensor:
-    """One pooling mode onto ``size`` bins; ``reshaped`` (default: on CUDA) takes the
-    reshaped-mean path for averages where the bins are equal blocks."""
-    if mode == "max":
-        return F.adaptive_max_pool3d(x, size)
-    reshaped = x.is_cuda if reshaped is None else reshaped
+    """One pooling mode onto ``size`` bins; ``reshaped`` (default: :data:`RESHAPED_POOL`) takes
+    a mean/max over a reshaped view where the bins are equal blocks."""
+    reshaped = RESHAPED_POOL.get(x.device.type, False) if reshaped is None else reshaped
     if reshaped and all(d % s == 0 for d, s in zip(x.shape[2:], size)):
-        # equal blocks: a mean over a reshaped view, the same bins; adaptive_avg_pool3d's
-        # backward took 13.6 ms of a 311 ms step on an H200, this one is out of the top list
-        # (on the CPU the reshaped mean is the slower)
         n, c = x.shape[:2]
-        return x.reshape(n, c, *(v for d, s in zip(x.shape[2:], size) for v in (s, d // s))).mean(dim=(3, 5, 7))
-    return F.adaptive_avg_pool3d(x, size)
+        blocks = x.reshape(n, c, *(v for d, s in zip(x.shape[2:], size) for v in (s, d // s)))
+        return blocks.mean(dim=(3, 5, 7)) if mode == "avg" else blocks.amax(dim=(3, 5, 7))
+    return F.adaptive_avg_pool3d(x, size) if mode == "avg" else F.adaptive_max_pool3d(x, size)
 
 
 def pool_cells(p: torch.Tensor, cells: int, modes: Sequence[str]) -> torch.Tensor:
