@@ -7,9 +7,9 @@ leaves figures:
 1. ``split``: forward + loss + backward + Adam step per sample of the paper's model with only
    T1, only fMRI, and both (``model.modalities``), micro-batch 1, as ``--config`` sets it.
 2. ``variant``: the step as the model runs it (:data:`CURRENT`), then with one setting
-   changed at a time: each fast path back to the plain operator (InitConv, 1x1x1 convs, the
-   output conv's fold before upsampling, pooling over reshaped blocks), all of them at once,
-   micro-batch 2, activation checkpointing, nearest-neighbour decoder upsampling.
+   changed at a time: each fast path back to the plain operator (the output conv's fold before
+   upsampling, pooling over reshaped blocks), micro-batch 2, nearest-neighbour decoder
+   upsampling (``model.upsample``), activation checkpointing, channels_last.
 3. ``profile``: one step of the whole model under ``torch.profiler``: the operators with the
    most self time on the device (CUDA kernels; the CPU with ``--device cpu``), then the same
    split by input shape, so a slow kernel is tied to the layer that calls it.
@@ -48,50 +48,44 @@ from bench.gpu_check import (  # noqa: E402
     resolve_device,
 )
 from masan.config import load_config  # noqa: E402
-from masan.model import blocks, build_model, masan_loss, regions  # noqa: E402
+from masan.model import build_model, masan_loss, regions  # noqa: E402
 from masan.model.blocks import NarrowConv3d, OutputStage  # noqa: E402
 from masan.model.inputs import PRECISION_DTYPES  # noqa: E402
 
-CURRENT = {"outconv": "taps", "inconv": "taps", "pointwise": "matmul", "fold": True, "reshaped_pool": True}
-"""The fast paths as the model takes them on CUDA: the T1 output conv and InitConv as per-tap
-maps (``NarrowConv3d.STRATEGY``, ``INPUT_STRATEGY``), 1x1x1 convs as matrix products
-(``blocks.POINTWISE``), the output conv folded before upsampling (``OutputStage.FOLD``),
-region pooling over reshaped blocks (``regions.RESHAPED_POOL``)."""
-BEFORE = {"outconv": "taps", "inconv": "plain", "pointwise": "conv", "fold": False, "reshaped_pool": False}
-"""The fast paths as they were before the H100 slot of 2026-11-26 (docs/performance.md)."""
+CURRENT = {"outconv": "taps", "fold": True, "reshaped_pool": True}
+"""The fast paths as the model takes them on CUDA: the T1 output conv as per-tap maps
+(``NarrowConv3d.STRATEGY``), folded before upsampling (``OutputStage.FOLD``), region pooling
+over reshaped blocks (``regions.RESHAPED_POOL``)."""
 VARIANTS: list[tuple[str, dict, dict, int]] = [
     # name, model overrides, fast paths changed from CURRENT, micro-batch
     ("current", {}, {}, 1),
-    ("InitConv plain", {}, {"inconv": "plain"}, 1),
-    ("1x1 convs by cuDNN", {}, {"pointwise": "conv"}, 1),
     ("output conv not folded", {}, {"fold": False}, 1),
     ("adaptive max pooling", {}, {"reshaped_pool": False}, 1),
-    ("before (all of the above)", {}, BEFORE, 1),
+    ("before: not folded, adaptive pooling", {}, {"fold": False, "reshaped_pool": False}, 1),
     ("current, mb2", {}, {}, 2),
-    ("current, checkpointing", {"activation_checkpointing": True}, {}, 1),
     ("current, nearest upsampling", {"upsample": "nearest"}, {}, 1),
+    ("current, checkpointing", {"activation_checkpointing": True}, {}, 1),
+    ("current, channels_last", {"channels_last": True}, {}, 1),
 ]
 """Each row changes the step as the config (``--set``) gives it, then one setting; cuDNN
 autotuning (``torch.backends.cudnn.benchmark``) changed nothing on an H200 (docs/performance.md)."""
 
 
 @contextlib.contextmanager
-def fast_paths(device: torch.device, outconv: str, inconv: str, pointwise: str, fold: bool,
-               reshaped_pool: bool) -> Iterator[None]:
+def fast_paths(device: torch.device, outconv: str, fold: bool, reshaped_pool: bool) -> Iterator[None]:
     """Within the block the model's fast paths on ``device`` are as given (see :data:`CURRENT`)."""
-    tables = [(NarrowConv3d.STRATEGY, outconv), (NarrowConv3d.INPUT_STRATEGY, inconv),
-              (blocks.POINTWISE, pointwise), (regions.RESHAPED_POOL, reshaped_pool)]
-    saved = [dict(table) for table, _ in tables], OutputStage.FOLD
-    for table, value in tables:
-        table[device.type] = value
+    saved = (dict(NarrowConv3d.STRATEGY), OutputStage.FOLD, dict(regions.RESHAPED_POOL))
+    NarrowConv3d.STRATEGY[device.type] = outconv
     OutputStage.FOLD = fold
+    regions.RESHAPED_POOL[device.type] = reshaped_pool
     try:
         yield
     finally:
-        for (table, _), old in zip(tables, saved[0]):
-            table.clear()
-            table.update(old)
+        NarrowConv3d.STRATEGY.clear()
+        NarrowConv3d.STRATEGY.update(saved[0])
         OutputStage.FOLD = saved[1]
+        regions.RESHAPED_POOL.clear()
+        regions.RESHAPED_POOL.update(saved[2])
 
 
 def _row(cfg, batch: int) -> Row:

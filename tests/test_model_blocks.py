@@ -9,22 +9,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from masan.model import blocks
 from masan.model.attention import RegionSelfAttention
-from masan.model.blocks import NarrowConv3d, OutputStage, PointwiseConv3d, trilinear
+from masan.model.blocks import NarrowConv3d, OutputStage, trilinear
 from masan.model.regions import _pool, pool_volume
 
 
-@pytest.mark.parametrize("pointwise", ["conv", "matmul"])
 @pytest.mark.parametrize("strategy", ["taps", "channels_last", "plain"])
-@pytest.mark.parametrize(("in_channels", "out_channels"), [(6, 1), (6, 2), (1, 5), (2, 6)])
-def test_narrow_conv_matches_conv3d_with_gradients(strategy, in_channels, out_channels, pointwise, monkeypatch):
+@pytest.mark.parametrize("out_channels", [1, 2])
+def test_narrow_conv_matches_conv3d_with_gradients(strategy, out_channels, monkeypatch):
     torch.manual_seed(0)
-    conv = NarrowConv3d(in_channels, out_channels).double()
+    conv = NarrowConv3d(6, out_channels).double()
     monkeypatch.setattr(NarrowConv3d, "STRATEGY", {"cpu": strategy})
-    monkeypatch.setattr(NarrowConv3d, "INPUT_STRATEGY", {"cpu": strategy})
-    monkeypatch.setitem(blocks.POINTWISE, "cpu", pointwise)
-    x = torch.randn(2, in_channels, 5, 6, 7, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 6, 5, 6, 7, dtype=torch.float64, requires_grad=True)
     ref = F.conv3d(x, conv.weight, conv.bias, padding=1)
     grad = torch.randn_like(ref)
     want = torch.autograd.grad(ref, [x, conv.weight, conv.bias], grad)
@@ -34,24 +30,6 @@ def test_narrow_conv_matches_conv3d_with_gradients(strategy, in_channels, out_ch
     for g, w in zip(got, want):
         assert torch.allclose(g, w, atol=1e-10)
     assert set(conv.state_dict()) == {"weight", "bias"}  # checkpoints are those of a Conv3d
-
-
-def test_pointwise_conv_as_a_matrix_product_matches_conv3d(monkeypatch):
-    torch.manual_seed(0)
-    conv = PointwiseConv3d(5, 3).double()
-    x = torch.randn(2, 5, 3, 4, 6, dtype=torch.float64, requires_grad=True)
-    grad = torch.randn(2, 3, 3, 4, 6, dtype=torch.float64)
-    results = []
-    for mode in ("conv", "matmul"):
-        monkeypatch.setitem(blocks.POINTWISE, "cpu", mode)
-        out = conv(x)
-        results.append((out, torch.autograd.grad(out, [x, conv.weight, conv.bias], grad)))
-    (ref, ref_grads), (got, got_grads) = results
-    assert torch.allclose(got, ref, atol=1e-12)
-    for g, w in zip(got_grads, ref_grads):
-        assert torch.allclose(g, w, atol=1e-10)
-    assert isinstance(blocks.conv3d(4, 8, kernel_size=1), PointwiseConv3d)
-    assert isinstance(blocks.conv3d(1, 32), NarrowConv3d) and type(blocks.conv3d(32, 64)) is torch.nn.Conv3d
 
 
 @pytest.mark.parametrize(("size_in", "size_out"), [((8, 8, 6), (15, 16, 11)), ((15, 16, 11), (30, 32, 22)),
@@ -74,12 +52,10 @@ def test_region_pooling_bins_are_those_of_adaptive_pooling():
     assert torch.equal(_pool(x, (4, 4, 4), "max", reshaped=True), ref[:, 3:])
 
 
-@pytest.mark.parametrize("pointwise", ["conv", "matmul"])
 @pytest.mark.parametrize("mode", ["trilinear", "nearest"])
 @pytest.mark.parametrize("out_channels", [1, 3])
-def test_output_stage_folded_before_upsampling_matches_the_plain_stage(mode, out_channels, pointwise, monkeypatch):
+def test_output_stage_folded_before_upsampling_matches_the_plain_stage(mode, out_channels, monkeypatch):
     torch.manual_seed(0)
-    monkeypatch.setitem(blocks.POINTWISE, "cpu", pointwise)
     stage = OutputStage(5, 4, out_channels, mode=mode).double()
     x = torch.randn(2, 5, 3, 4, 3, dtype=torch.float64, requires_grad=True)
     skip = torch.randn(2, 4, 5, 8, 6, dtype=torch.float64, requires_grad=True)

@@ -30,57 +30,9 @@ def autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
 def conv3d(in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1) -> nn.Conv3d:
     """A 3D convolution with "same" padding: output size ``ceil(size / stride)`` per axis.
 
-    For stride 2 this gives 60 -> 30 -> 15 -> 8, so odd patch sizes need no cropping. A
-    stride-1 convolution from or to very few channels (the T1 InitConv, ``1 -> 32``) is a
-    :class:`NarrowConv3d`, 1x1x1 convolutions are :class:`PointwiseConv3d`: the same
-    parameters, computed where cuDNN is slow for them.
+    For stride 2 this gives 60 -> 30 -> 15 -> 8, so odd patch sizes need no cropping.
     """
-    if kernel_size == 1 and stride == 1:
-        return PointwiseConv3d(in_channels, out_channels)
-    if stride == 1 and min(in_channels, out_channels) <= NarrowConv3d.MAX_NARROW:
-        return NarrowConv3d(in_channels, out_channels, kernel_size)
     return nn.Conv3d(in_channels, out_channels, kernel_size, stride=stride, padding=kernel_size // 2)
-
-
-POINTWISE = {"cuda": "matmul", "cpu": "conv"}
-"""How 1x1x1 convolutions run per device type: ``matmul``: one matrix product per sample on the
-``(C, D*H*W)`` view, no layout change; ``conv``: cuDNN/oneDNN. cuDNN converts every bf16
-input, output and gradient to channels-last and back (186 conversions, 12 % of a
-full-resolution step on an H100, docs/performance.md)."""
-
-
-def pointwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """A 1x1x1 convolution: ``x (N, C_in, D, H, W)``, ``weight (C_out, C_in)``, ``bias (C_out,)``
-    -> ``(N, C_out, D, H, W)``; by :data:`POINTWISE` for ``x``'s device (``matmul`` only on a
-    contiguous ``x``)."""
-    if POINTWISE.get(x.device.type, "conv") != "matmul" or not x.is_contiguous():
-        return F.conv3d(x, weight[..., None, None, None], bias)
-    n, _, *spatial = x.shape
-    y = torch.matmul(weight, x.reshape(n, x.shape[1], -1))  # autocast: bf16 like the conv
-    if bias is not None:
-        y = y + bias.to(y.dtype)[:, None]
-    return y.reshape(n, -1, *spatial)
-
-
-class PointwiseConv3d(nn.Conv3d):
-    """A 1x1x1 :class:`torch.nn.Conv3d` computed by :func:`pointwise`: the same parameters.
-    Input ``(N, C_in, D, H, W)`` -> ``(N, C_out, D, H, W)``."""
-
-    def __init__(self, in_channels: int, out_channels: int):
-        super().__init__(in_channels, out_channels, kernel_size=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return pointwise(x, self.weight.flatten(1), self.bias)
-
-
-def unfold_taps(x: torch.Tensor, kernel: int) -> torch.Tensor:
-    """``(N, C, D, H, W)`` -> ``(N, C * k^3, D, H, W)``: channel ``c * k^3 + i`` is channel ``c``
-    shifted by kernel tap ``i = (a, b, c')`` in C order ("same" zero padding), so that a
-    ``k^3`` convolution is a 1x1x1 one over these maps."""
-    n, c, d, h, w = x.shape
-    padded = F.pad(x, (kernel // 2,) * 6)
-    taps = [padded[:, :, a:a + d, b:b + h, e:e + w] for a, b, e in itertools.product(range(kernel), repeat=3)]
-    return torch.stack(taps, dim=2).reshape(n, c * kernel**3, d, h, w)
 
 
 class _ShiftSum(torch.autograd.Function):
@@ -112,20 +64,18 @@ class _ShiftSum(torch.autograd.Function):
 
 
 class NarrowConv3d(nn.Conv3d):
-    """A "same"-padded 3D convolution from or to very few channels (the T1 InitConv ``1 -> 32``,
-    the T1 reconstruction ``64 -> 1``), computed where its kernels are not pathological; same
-    parameters and result as :class:`torch.nn.Conv3d`.
+    """A "same"-padded 3D convolution to very few output channels (the T1 reconstruction,
+    ``64 -> 1``), computed where its kernels are not pathological; same parameters and result
+    as :class:`torch.nn.Conv3d`.
 
     cuDNN's weight gradient for one output channel took 153 ms of a 311 ms full-resolution
     step on an H200 (599 ms with the weight padded to 8 channels); ``taps`` brought the step
-    to 82 ms, and is 1.3-1.7x faster than oneDNN's plain or channels_last conv on the CPU.
-    For one input channel cuDNN ran a generic (non tensor-core) kernel: 5 ms of a 90 ms step
-    on an H100 (docs/performance.md). ``STRATEGY`` per device type:
+    to 82 ms, and is 1.3-1.7x faster than oneDNN's plain or channels_last conv on the CPU
+    (docs/performance.md).
+    ``STRATEGY`` per device type:
 
-    * ``taps``: few outputs: a 1x1x1 conv to one map per (output, kernel tap) (a matrix
-      product, whose weight gradient is cheap), then each map shifted to its offset and summed
-      (:class:`_ShiftSum`); few inputs: the input's ``k^3`` shifted copies
-      (:func:`unfold_taps`), then a 1x1x1 conv over them;
+    * ``taps``: a 1x1x1 conv to one map per (output, kernel tap) (a matrix product, whose
+      weight gradient is cheap), then each map shifted to its offset and summed (:class:`_ShiftSum`);
     * ``channels_last``: the input in channels_last_3d;
     * ``plain``: as :class:`torch.nn.Conv3d`.
 
@@ -133,23 +83,15 @@ class NarrowConv3d(nn.Conv3d):
     """
 
     STRATEGY = {"cuda": "taps", "cpu": "taps"}
-    """For few outputs (at most as many as inputs)."""
-    INPUT_STRATEGY = {"cuda": "taps", "cpu": "plain"}
-    """For few inputs: on the CPU oneDNN's conv is the faster (60 against 90 ms for the science
-    cohort's InitConv, forward and backward)."""
-    MAX_NARROW = 4
-    """Convolutions with more input and output channels than this always run plain."""
+    MAX_OUT = 4
+    """Wider convolutions always run plain."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3):
         super().__init__(in_channels, out_channels, kernel_size, padding=kernel_size // 2)
 
     def strategy(self, device: torch.device) -> str:
-        """How this conv runs on ``device`` (``STRATEGY``; wide convolutions always ``plain``)."""
-        if self.out_channels <= min(self.in_channels, self.MAX_NARROW):
-            return self.STRATEGY.get(device.type, "plain")
-        if self.in_channels <= self.MAX_NARROW:
-            return self.INPUT_STRATEGY.get(device.type, "plain")
-        return "plain"
+        """How this conv runs on ``device`` (``STRATEGY``; wider convolutions always ``plain``)."""
+        return self.STRATEGY.get(device.type, "plain") if self.out_channels <= self.MAX_OUT else "plain"
 
     def pointwise_taps(self) -> torch.Tensor:
         """The weight as one 1x1x1 map per (output, kernel tap): ``(C_out * k^3, C_in)``, map
@@ -165,10 +107,8 @@ class NarrowConv3d(nn.Conv3d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         strategy = self.strategy(x.device)
-        if strategy == "taps" and self.out_channels <= self.in_channels:
-            return self.sum_taps(pointwise(x, self.pointwise_taps()))
         if strategy == "taps":
-            return pointwise(unfold_taps(x, self.kernel_size[0]), self.weight.flatten(1), self.bias)
+            return self.sum_taps(F.conv3d(x, self.pointwise_taps()[..., None, None, None]))
         if strategy == "channels_last":
             x = x.contiguous(memory_format=torch.channels_last_3d)
         return super().forward(x)
@@ -278,7 +218,7 @@ class UpConcat(nn.Module):
         if mode not in UPSAMPLE_MODES:
             raise ValueError(f"model.upsample={mode!r}: use one of {list(UPSAMPLE_MODES)}")
         self.use_skip, self.mode = use_skip, mode
-        self.proj = PointwiseConv3d(in_channels, skip_channels * (1 if use_skip else 2))
+        self.proj = nn.Conv3d(in_channels, skip_channels * (1 if use_skip else 2), kernel_size=1)
 
     def upsample(self, x: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
         """``(N, C, d, h, w)`` -> ``(N, C, *size)`` by ``mode``; channel-wise and linear, with
@@ -301,7 +241,7 @@ class UpStage(nn.Module):
                  mode: str = "trilinear"):
         super().__init__()
         self.up = UpConcat(in_channels, skip_channels, use_skip, mode)
-        self.merge = PointwiseConv3d(2 * skip_channels, out_channels)
+        self.merge = nn.Conv3d(2 * skip_channels, out_channels, kernel_size=1)
         self.block = ResidualBlock(out_channels, groups)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
@@ -342,8 +282,9 @@ class OutputStage(nn.Module):
         proj = self.up.proj
         w_up = taps[:, :c_skip] @ proj.weight.flatten(1).to(taps.dtype)  # (C_out * k^3, C_in)
         b_up = taps[:, :c_skip] @ proj.bias.to(taps.dtype)
-        per_tap = self.up.upsample(pointwise(x, w_up, b_up), tuple(skip.shape[2:]))
-        per_tap = per_tap + pointwise(skip.to(per_tap.dtype), taps[:, c_skip:].to(per_tap.dtype))
+        coarse = F.conv3d(x, w_up[..., None, None, None], b_up)
+        per_tap = self.up.upsample(coarse, tuple(skip.shape[2:]))
+        per_tap = per_tap + F.conv3d(skip.to(per_tap.dtype), taps[:, c_skip:, None, None, None].to(per_tap.dtype))
         return self.conv.sum_taps(per_tap)
 
 
