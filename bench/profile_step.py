@@ -7,9 +7,9 @@ leaves figures:
 1. ``split``: forward + loss + backward + Adam step per sample of the paper's model with only
    T1, only fMRI, and both (``model.modalities``), micro-batch 1, as ``--config`` sets it.
 2. ``variant``: the step as the model runs it (:data:`CURRENT`), then with one setting
-   changed at a time: each fast path back to the plain operator (the output conv's fold before
-   upsampling, pooling over reshaped blocks), micro-batch 2, nearest-neighbour decoder
-   upsampling (``model.upsample``), activation checkpointing, channels_last.
+   changed at a time: each fast path back to the plain operator (1x1x1 convs, the block max's
+   backward, the output conv's fold before upsampling, pooling over reshaped blocks), all of
+   them at once, micro-batch 2, activation checkpointing.
 3. ``profile``: one step of the whole model under ``torch.profiler``: the operators with the
    most self time on the device (CUDA kernels; the CPU with ``--device cpu``), then the same
    split by input shape, so a slow kernel is tied to the layer that calls it.
@@ -48,44 +48,59 @@ from bench.gpu_check import (  # noqa: E402
     resolve_device,
 )
 from masan.config import load_config  # noqa: E402
-from masan.model import build_model, masan_loss, regions  # noqa: E402
+from masan.model import blocks, build_model, masan_loss, regions  # noqa: E402
 from masan.model.blocks import NarrowConv3d, OutputStage  # noqa: E402
 from masan.model.inputs import PRECISION_DTYPES  # noqa: E402
 
-CURRENT = {"outconv": "taps", "fold": True, "reshaped_pool": True}
+CURRENT = {"outconv": "taps", "pointwise": "bmm", "fold": True, "reshaped_pool": True, "block_max": True}
 """The fast paths as the model takes them on CUDA: the T1 output conv as per-tap maps
-(``NarrowConv3d.STRATEGY``), folded before upsampling (``OutputStage.FOLD``), region pooling
-over reshaped blocks (``regions.RESHAPED_POOL``)."""
+(``NarrowConv3d.STRATEGY``), 1x1x1 convs as batched matrix products (``blocks.POINTWISE``),
+the output conv folded before upsampling (``OutputStage.FOLD``), region pooling over reshaped
+blocks (``regions.RESHAPED_POOL``) with an index backward for the max (``regions._BlockMax``;
+off: ``amax`` and autograd's backward)."""
+BEFORE = {"outconv": "taps", "pointwise": "conv", "fold": False, "reshaped_pool": False, "block_max": False}
+"""The fast paths as they were before the H100 slot of 2026-11-26 (docs/performance.md)."""
 VARIANTS: list[tuple[str, dict, dict, int]] = [
     # name, model overrides, fast paths changed from CURRENT, micro-batch
     ("current", {}, {}, 1),
+    ("1x1 convs by cuDNN", {}, {"pointwise": "conv"}, 1),
+    ("block max by amax", {}, {"block_max": False}, 1),
     ("output conv not folded", {}, {"fold": False}, 1),
-    ("adaptive max pooling", {}, {"reshaped_pool": False}, 1),
-    ("before: not folded, adaptive pooling", {}, {"fold": False, "reshaped_pool": False}, 1),
+    ("adaptive pooling", {}, {"reshaped_pool": False}, 1),
+    ("before (all of the above)", {}, BEFORE, 1),
     ("current, mb2", {}, {}, 2),
-    ("current, nearest upsampling", {"upsample": "nearest"}, {}, 1),
     ("current, checkpointing", {"activation_checkpointing": True}, {}, 1),
-    ("current, channels_last", {"channels_last": True}, {}, 1),
 ]
 """Each row changes the step as the config (``--set``) gives it, then one setting; cuDNN
 autotuning (``torch.backends.cudnn.benchmark``) changed nothing on an H200 (docs/performance.md)."""
 
 
+class _AmaxOverBlocks:
+    """``regions._BlockMax`` as ``amax`` (autograd's backward splits the gradient over ties)."""
+
+    @staticmethod
+    def apply(x: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
+        n, c = x.shape[:2]
+        return x.reshape(n, c, *(v for d, s in zip(x.shape[2:], size) for v in (s, d // s))).amax(dim=(3, 5, 7))
+
+
 @contextlib.contextmanager
-def fast_paths(device: torch.device, outconv: str, fold: bool, reshaped_pool: bool) -> Iterator[None]:
+def fast_paths(device: torch.device, outconv: str, pointwise: str, fold: bool, reshaped_pool: bool,
+               block_max: bool) -> Iterator[None]:
     """Within the block the model's fast paths on ``device`` are as given (see :data:`CURRENT`)."""
-    saved = (dict(NarrowConv3d.STRATEGY), OutputStage.FOLD, dict(regions.RESHAPED_POOL))
-    NarrowConv3d.STRATEGY[device.type] = outconv
+    tables = [(NarrowConv3d.STRATEGY, outconv), (blocks.POINTWISE, pointwise), (regions.RESHAPED_POOL, reshaped_pool)]
+    saved = [dict(table) for table, _ in tables], OutputStage.FOLD, regions._BlockMax
+    for table, value in tables:
+        table[device.type] = value
     OutputStage.FOLD = fold
-    regions.RESHAPED_POOL[device.type] = reshaped_pool
+    regions._BlockMax = saved[2] if block_max else _AmaxOverBlocks
     try:
         yield
     finally:
-        NarrowConv3d.STRATEGY.clear()
-        NarrowConv3d.STRATEGY.update(saved[0])
-        OutputStage.FOLD = saved[1]
-        regions.RESHAPED_POOL.clear()
-        regions.RESHAPED_POOL.update(saved[2])
+        for (table, _), old in zip(tables, saved[0]):
+            table.clear()
+            table.update(old)
+        OutputStage.FOLD, regions._BlockMax = saved[1], saved[2]
 
 
 def _row(cfg, batch: int) -> Row:

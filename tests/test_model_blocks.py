@@ -9,8 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from masan.model import blocks
 from masan.model.attention import RegionSelfAttention
-from masan.model.blocks import NarrowConv3d, OutputStage, trilinear
+from masan.model.blocks import NarrowConv3d, OutputStage, PointwiseConv3d, trilinear
 from masan.model.regions import _pool, pool_volume
 
 
@@ -49,13 +50,36 @@ def test_region_pooling_bins_are_those_of_adaptive_pooling():
     ref = torch.cat([F.adaptive_avg_pool3d(x, (4, 4, 4)), F.adaptive_max_pool3d(x, (4, 4, 4))], dim=1)
     assert torch.allclose(pooled, ref, atol=1e-6)
     assert torch.allclose(_pool(x, (4, 4, 4), "avg", reshaped=True), ref[:, :3], atol=1e-6)  # the CUDA path
-    assert torch.equal(_pool(x, (4, 4, 4), "max", reshaped=True), ref[:, 3:])
+    x.requires_grad_(True)
+    got, want = _pool(x, (4, 4, 4), "max", reshaped=True), F.adaptive_max_pool3d(x, (4, 4, 4))
+    grad = torch.randn_like(want)
+    assert torch.equal(got, want)  # and the gradient goes to the same arg-max voxel of each block
+    assert torch.equal(torch.autograd.grad(got, x, grad)[0], torch.autograd.grad(want, x, grad)[0])
 
 
+def test_pointwise_conv_as_a_matrix_product_matches_conv3d(monkeypatch):
+    torch.manual_seed(0)
+    conv = PointwiseConv3d(5, 3).double()
+    x = torch.randn(2, 5, 3, 4, 6, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(2, 3, 3, 4, 6, dtype=torch.float64)
+    results = []
+    for mode in ("conv", "bmm"):
+        monkeypatch.setitem(blocks.POINTWISE, "cpu", mode)
+        out = conv(x)
+        results.append((out, torch.autograd.grad(out, [x, conv.weight, conv.bias], grad)))
+    (ref, ref_grads), (got, got_grads) = results
+    assert torch.allclose(got, ref, atol=1e-12)
+    for g, w in zip(got_grads, ref_grads):
+        assert torch.allclose(g, w, atol=1e-10)
+    assert set(conv.state_dict()) == {"weight", "bias"}  # checkpoints are those of a Conv3d
+
+
+@pytest.mark.parametrize("pointwise", ["conv", "bmm"])
 @pytest.mark.parametrize("mode", ["trilinear", "nearest"])
 @pytest.mark.parametrize("out_channels", [1, 3])
-def test_output_stage_folded_before_upsampling_matches_the_plain_stage(mode, out_channels, monkeypatch):
+def test_output_stage_folded_before_upsampling_matches_the_plain_stage(mode, out_channels, pointwise, monkeypatch):
     torch.manual_seed(0)
+    monkeypatch.setitem(blocks.POINTWISE, "cpu", pointwise)
     stage = OutputStage(5, 4, out_channels, mode=mode).double()
     x = torch.randn(2, 5, 3, 4, 3, dtype=torch.float64, requires_grad=True)
     skip = torch.randn(2, 4, 5, 8, 6, dtype=torch.float64, requires_grad=True)

@@ -35,6 +35,38 @@ def conv3d(in_channels: int, out_channels: int, kernel_size: int = 3, stride: in
     return nn.Conv3d(in_channels, out_channels, kernel_size, stride=stride, padding=kernel_size // 2)
 
 
+POINTWISE = {"cuda": "bmm", "cpu": "conv"}
+"""How 1x1x1 convolutions (:func:`pointwise`) run per device type: ``bmm``: one matrix product
+per sample on its ``(C, D*H*W)`` view, which keeps the NCDHW layout; ``conv``: cuDNN/oneDNN,
+which for bf16 converts every input, output and gradient to channels-last and back (those
+conversions were 14 of 90 ms of a full-resolution step on an H100, docs/performance.md)."""
+
+
+def pointwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """A 1x1x1 convolution: ``x (N, C_in, D, H, W)``, ``weight (C_out, C_in)``, ``bias (C_out,)``
+    -> ``(N, C_out, D, H, W)``, by :data:`POINTWISE` for ``x``'s device (``bmm`` only on a
+    contiguous ``x``)."""
+    if POINTWISE.get(x.device.type, "conv") != "bmm" or not x.is_contiguous():
+        return F.conv3d(x, weight[..., None, None, None], bias)
+    n, c, *spatial = x.shape
+    # bmm, not matmul: matmul folds a 2-D weight times a batch into one mm with transposing copies
+    y = torch.bmm(weight.expand(n, -1, -1), x.reshape(n, c, -1))  # autocast: bf16 like the conv
+    if bias is not None:
+        y = y + bias.to(y.dtype)[:, None]
+    return y.reshape(n, -1, *spatial)
+
+
+class PointwiseConv3d(nn.Conv3d):
+    """A 1x1x1 :class:`torch.nn.Conv3d` computed by :func:`pointwise`: the same parameters.
+    Input ``(N, C_in, D, H, W)`` -> ``(N, C_out, D, H, W)``."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__(in_channels, out_channels, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return pointwise(x, self.weight.flatten(1), self.bias)
+
+
 class _ShiftSum(torch.autograd.Function):
     """``(N, C_out * k^3, D, H, W)`` one map per (output, kernel tap) -> ``(N, C_out, D, H, W)``:
     each tap's map shifted to its kernel offset (zero outside) and summed per output, which is
@@ -108,7 +140,7 @@ class NarrowConv3d(nn.Conv3d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         strategy = self.strategy(x.device)
         if strategy == "taps":
-            return self.sum_taps(F.conv3d(x, self.pointwise_taps()[..., None, None, None]))
+            return self.sum_taps(pointwise(x, self.pointwise_taps()))
         if strategy == "channels_last":
             x = x.contiguous(memory_format=torch.channels_last_3d)
         return super().forward(x)
@@ -218,7 +250,7 @@ class UpConcat(nn.Module):
         if mode not in UPSAMPLE_MODES:
             raise ValueError(f"model.upsample={mode!r}: use one of {list(UPSAMPLE_MODES)}")
         self.use_skip, self.mode = use_skip, mode
-        self.proj = nn.Conv3d(in_channels, skip_channels * (1 if use_skip else 2), kernel_size=1)
+        self.proj = PointwiseConv3d(in_channels, skip_channels * (1 if use_skip else 2))
 
     def upsample(self, x: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
         """``(N, C, d, h, w)`` -> ``(N, C, *size)`` by ``mode``; channel-wise and linear, with
@@ -241,7 +273,7 @@ class UpStage(nn.Module):
                  mode: str = "trilinear"):
         super().__init__()
         self.up = UpConcat(in_channels, skip_channels, use_skip, mode)
-        self.merge = nn.Conv3d(2 * skip_channels, out_channels, kernel_size=1)
+        self.merge = PointwiseConv3d(2 * skip_channels, out_channels)
         self.block = ResidualBlock(out_channels, groups)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
@@ -282,9 +314,8 @@ class OutputStage(nn.Module):
         proj = self.up.proj
         w_up = taps[:, :c_skip] @ proj.weight.flatten(1).to(taps.dtype)  # (C_out * k^3, C_in)
         b_up = taps[:, :c_skip] @ proj.bias.to(taps.dtype)
-        coarse = F.conv3d(x, w_up[..., None, None, None], b_up)
-        per_tap = self.up.upsample(coarse, tuple(skip.shape[2:]))
-        per_tap = per_tap + F.conv3d(skip.to(per_tap.dtype), taps[:, c_skip:, None, None, None].to(per_tap.dtype))
+        per_tap = self.up.upsample(pointwise(x, w_up, b_up), tuple(skip.shape[2:]))
+        per_tap = per_tap + pointwise(skip.to(per_tap.dtype), taps[:, c_skip:].to(per_tap.dtype))
         return self.conv.sum_taps(per_tap)
 
 
