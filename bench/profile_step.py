@@ -7,7 +7,7 @@ leaves figures:
 1. ``split``: forward + loss + backward + Adam step per sample of the paper's model with only
    T1, only fMRI, and both (``model.modalities``), micro-batch 1, as ``--config`` sets it.
 2. ``variant``: the step as the model runs it (:data:`CURRENT`), then with one setting
-   changed at a time: each fast path back to the plain operator (InitConv, 1x1x1 convs, the block max's
+   changed at a time: each fast path back to the plain operator (1x1x1 convs, the block max's
    backward, the output conv's fold before upsampling, pooling over reshaped blocks), all of
    them at once, micro-batch 2, activation checkpointing.
 3. ``profile``: one step of the whole model under ``torch.profiler``: the operators with the
@@ -52,21 +52,17 @@ from masan.model import blocks, build_model, masan_loss, regions  # noqa: E402
 from masan.model.blocks import NarrowConv3d, OutputStage  # noqa: E402
 from masan.model.inputs import PRECISION_DTYPES  # noqa: E402
 
-CURRENT = {"outconv": "taps", "inconv": "taps", "pointwise": "bmm", "fold": True, "reshaped_pool": True,
-           "block_max": True}
-"""The fast paths as the model takes them on CUDA: the T1 output conv and InitConv as per-tap
-maps (``NarrowConv3d.STRATEGY``, ``INPUT_STRATEGY``), 1x1x1 convs as batched matrix products
-(``blocks.POINTWISE``),
+CURRENT = {"outconv": "taps", "pointwise": "bmm", "fold": True, "reshaped_pool": True, "block_max": True}
+"""The fast paths as the model takes them on CUDA: the T1 output conv as per-tap maps
+(``NarrowConv3d.STRATEGY``), 1x1x1 convs as batched matrix products (``blocks.POINTWISE``),
 the output conv folded before upsampling (``OutputStage.FOLD``), region pooling over reshaped
 blocks (``regions.RESHAPED_POOL``) with an index backward for the max (``regions._BlockMax``;
 off: ``amax`` and autograd's backward)."""
-BEFORE = {"outconv": "taps", "inconv": "plain", "pointwise": "conv", "fold": False, "reshaped_pool": False,
-          "block_max": False}
+BEFORE = {"outconv": "taps", "pointwise": "conv", "fold": False, "reshaped_pool": False, "block_max": False}
 """The fast paths as they were before the H100 slot of 2026-11-26 (docs/performance.md)."""
 VARIANTS: list[tuple[str, dict, dict, int]] = [
     # name, model overrides, fast paths changed from CURRENT, micro-batch
     ("current", {}, {}, 1),
-    ("InitConv plain", {}, {"inconv": "plain"}, 1),
     ("1x1 convs by cuDNN", {}, {"pointwise": "conv"}, 1),
     ("block max by amax", {}, {"block_max": False}, 1),
     ("output conv not folded", {}, {"fold": False}, 1),
@@ -89,11 +85,10 @@ class _AmaxOverBlocks:
 
 
 @contextlib.contextmanager
-def fast_paths(device: torch.device, outconv: str, inconv: str, pointwise: str, fold: bool, reshaped_pool: bool,
+def fast_paths(device: torch.device, outconv: str, pointwise: str, fold: bool, reshaped_pool: bool,
                block_max: bool) -> Iterator[None]:
     """Within the block the model's fast paths on ``device`` are as given (see :data:`CURRENT`)."""
-    tables = [(NarrowConv3d.STRATEGY, outconv), (NarrowConv3d.INPUT_STRATEGY, inconv), (blocks.POINTWISE, pointwise),
-              (regions.RESHAPED_POOL, reshaped_pool)]
+    tables = [(NarrowConv3d.STRATEGY, outconv), (blocks.POINTWISE, pointwise), (regions.RESHAPED_POOL, reshaped_pool)]
     saved = [dict(table) for table, _ in tables], OutputStage.FOLD, regions._BlockMax
     for table, value in tables:
         table[device.type] = value

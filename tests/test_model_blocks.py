@@ -15,16 +15,13 @@ from masan.model.blocks import NarrowConv3d, OutputStage, PointwiseConv3d, trili
 from masan.model.regions import _pool, pool_volume
 
 
-@pytest.mark.parametrize("pointwise", ["conv", "bmm"])
 @pytest.mark.parametrize("strategy", ["taps", "channels_last", "plain"])
-@pytest.mark.parametrize(("in_channels", "out_channels"), [(6, 1), (6, 2), (1, 5), (2, 6)])
-def test_narrow_conv_matches_conv3d_with_gradients(strategy, in_channels, out_channels, pointwise, monkeypatch):
+@pytest.mark.parametrize("out_channels", [1, 2])
+def test_narrow_conv_matches_conv3d_with_gradients(strategy, out_channels, monkeypatch):
     torch.manual_seed(0)
-    conv = NarrowConv3d(in_channels, out_channels).double()
+    conv = NarrowConv3d(6, out_channels).double()
     monkeypatch.setattr(NarrowConv3d, "STRATEGY", {"cpu": strategy})
-    monkeypatch.setattr(NarrowConv3d, "INPUT_STRATEGY", {"cpu": strategy})
-    monkeypatch.setitem(blocks.POINTWISE, "cpu", pointwise)
-    x = torch.randn(2, in_channels, 5, 6, 7, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 6, 5, 6, 7, dtype=torch.float64, requires_grad=True)
     ref = F.conv3d(x, conv.weight, conv.bias, padding=1)
     grad = torch.randn_like(ref)
     want = torch.autograd.grad(ref, [x, conv.weight, conv.bias], grad)
@@ -34,7 +31,6 @@ def test_narrow_conv_matches_conv3d_with_gradients(strategy, in_channels, out_ch
     for g, w in zip(got, want):
         assert torch.allclose(g, w, atol=1e-10)
     assert set(conv.state_dict()) == {"weight", "bias"}  # checkpoints are those of a Conv3d
-    assert isinstance(blocks.conv3d(1, 32), NarrowConv3d) and type(blocks.conv3d(32, 64)) is torch.nn.Conv3d
 
 
 @pytest.mark.parametrize(("size_in", "size_out"), [((8, 8, 6), (15, 16, 11)), ((15, 16, 11), (30, 32, 22)),

@@ -30,12 +30,8 @@ def autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
 def conv3d(in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1) -> nn.Conv3d:
     """A 3D convolution with "same" padding: output size ``ceil(size / stride)`` per axis.
 
-    For stride 2 this gives 60 -> 30 -> 15 -> 8, so odd patch sizes need no cropping. A
-    stride-1 convolution from or to very few channels (the T1 InitConv, ``1 -> 32``) is a
-    :class:`NarrowConv3d`: the same parameters, computed where cuDNN is slow for it.
+    For stride 2 this gives 60 -> 30 -> 15 -> 8, so odd patch sizes need no cropping.
     """
-    if stride == 1 and kernel_size > 1 and min(in_channels, out_channels) <= NarrowConv3d.MAX_NARROW:
-        return NarrowConv3d(in_channels, out_channels, kernel_size)
     return nn.Conv3d(in_channels, out_channels, kernel_size, stride=stride, padding=kernel_size // 2)
 
 
@@ -71,16 +67,6 @@ class PointwiseConv3d(nn.Conv3d):
         return pointwise(x, self.weight.flatten(1), self.bias)
 
 
-def unfold_taps(x: torch.Tensor, kernel: int) -> torch.Tensor:
-    """``(N, C, D, H, W)`` -> ``(N, C * k^3, D, H, W)``: channel ``c * k^3 + i`` is channel ``c``
-    shifted by kernel tap ``i = (a, b, c')`` in C order ("same" zero padding), so that a
-    ``k^3`` convolution is a 1x1x1 one over these maps."""
-    n, c, d, h, w = x.shape
-    padded = F.pad(x, (kernel // 2,) * 6)
-    taps = [padded[:, :, a:a + d, b:b + h, e:e + w] for a, b, e in itertools.product(range(kernel), repeat=3)]
-    return torch.stack(taps, dim=2).reshape(n, c * kernel**3, d, h, w)
-
-
 class _ShiftSum(torch.autograd.Function):
     """``(N, C_out * k^3, D, H, W)`` one map per (output, kernel tap) -> ``(N, C_out, D, H, W)``:
     each tap's map shifted to its kernel offset (zero outside) and summed per output, which is
@@ -110,20 +96,18 @@ class _ShiftSum(torch.autograd.Function):
 
 
 class NarrowConv3d(nn.Conv3d):
-    """A "same"-padded 3D convolution from or to very few channels (the T1 InitConv ``1 -> 32``,
-    the T1 reconstruction ``64 -> 1``), computed where its kernels are not pathological; same
-    parameters and result as :class:`torch.nn.Conv3d`.
+    """A "same"-padded 3D convolution to very few output channels (the T1 reconstruction,
+    ``64 -> 1``), computed where its kernels are not pathological; same parameters and result
+    as :class:`torch.nn.Conv3d`.
 
     cuDNN's weight gradient for one output channel took 153 ms of a 311 ms full-resolution
     step on an H200 (599 ms with the weight padded to 8 channels); ``taps`` brought the step
-    to 82 ms, and is 1.3-1.7x faster than oneDNN's plain or channels_last conv on the CPU.
-    For one input channel cuDNN runs a generic (non tensor-core) kernel: 5 ms of an 83 ms step
-    on an H100 (docs/performance.md). ``STRATEGY`` per device type:
+    to 82 ms, and is 1.3-1.7x faster than oneDNN's plain or channels_last conv on the CPU
+    (docs/performance.md).
+    ``STRATEGY`` per device type:
 
-    * ``taps``: few outputs: a 1x1x1 conv to one map per (output, kernel tap) (a matrix
-      product, whose weight gradient is cheap), then each map shifted to its offset and summed
-      (:class:`_ShiftSum`); few inputs: the input's ``k^3`` shifted copies
-      (:func:`unfold_taps`), then a 1x1x1 conv over them;
+    * ``taps``: a 1x1x1 conv to one map per (output, kernel tap) (a matrix product, whose
+      weight gradient is cheap), then each map shifted to its offset and summed (:class:`_ShiftSum`);
     * ``channels_last``: the input in channels_last_3d;
     * ``plain``: as :class:`torch.nn.Conv3d`.
 
@@ -131,23 +115,15 @@ class NarrowConv3d(nn.Conv3d):
     """
 
     STRATEGY = {"cuda": "taps", "cpu": "taps"}
-    """For few outputs (at most as many as inputs)."""
-    INPUT_STRATEGY = {"cuda": "taps", "cpu": "plain"}
-    """For few inputs: on the CPU oneDNN's conv is the faster (60 against 90 ms for the science
-    cohort's InitConv, forward and backward)."""
-    MAX_NARROW = 4
-    """Convolutions with more input and output channels than this always run plain."""
+    MAX_OUT = 4
+    """Wider convolutions always run plain."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3):
         super().__init__(in_channels, out_channels, kernel_size, padding=kernel_size // 2)
 
     def strategy(self, device: torch.device) -> str:
-        """How this conv runs on ``device`` (``STRATEGY``/``INPUT_STRATEGY``; wide ones ``plain``)."""
-        if self.out_channels <= min(self.in_channels, self.MAX_NARROW):
-            return self.STRATEGY.get(device.type, "plain")
-        if self.in_channels <= self.MAX_NARROW:
-            return self.INPUT_STRATEGY.get(device.type, "plain")
-        return "plain"
+        """How this conv runs on ``device`` (``STRATEGY``; wider convolutions always ``plain``)."""
+        return self.STRATEGY.get(device.type, "plain") if self.out_channels <= self.MAX_OUT else "plain"
 
     def pointwise_taps(self) -> torch.Tensor:
         """The weight as one 1x1x1 map per (output, kernel tap): ``(C_out * k^3, C_in)``, map
@@ -163,10 +139,8 @@ class NarrowConv3d(nn.Conv3d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         strategy = self.strategy(x.device)
-        if strategy == "taps" and self.out_channels <= self.in_channels:
-            return self.sum_taps(pointwise(x, self.pointwise_taps()))
         if strategy == "taps":
-            return pointwise(unfold_taps(x, self.kernel_size[0]), self.weight.flatten(1), self.bias)
+            return self.sum_taps(pointwise(x, self.pointwise_taps()))
         if strategy == "channels_last":
             x = x.contiguous(memory_format=torch.channels_last_3d)
         return super().forward(x)
