@@ -88,19 +88,19 @@ class _AmaxOverBlocks:
 def fast_paths(device: torch.device, outconv: str, pointwise: str, fold: bool, reshaped_pool: bool,
                block_max: bool) -> Iterator[None]:
     """Within the block the model's fast paths on ``device`` are as given (see :data:`CURRENT`)."""
-    tables = [(NarrowConv3d.STRATEGY, outconv), (blocks.POINTWISE, pointwise), (regions.RESHAPED_POOL, reshaped_pool)]
-    saved = [dict(table) for table, _ in tables], OutputStage.FOLD, regions._BlockMax
+    tables = [(NarrowConv3d.STRATEGY, outconv), (blocks.POINTWISE, pointwise), (OutputStage.FOLD, fold),
+              (regions.RESHAPED_POOL, reshaped_pool)]
+    saved = [dict(table) for table, _ in tables], regions._BlockMax
     for table, value in tables:
         table[device.type] = value
-    OutputStage.FOLD = fold
-    regions._BlockMax = saved[2] if block_max else _AmaxOverBlocks
+    regions._BlockMax = saved[1] if block_max else _AmaxOverBlocks
     try:
         yield
     finally:
         for (table, _), old in zip(tables, saved[0]):
             table.clear()
             table.update(old)
-        OutputStage.FOLD, regions._BlockMax = saved[1], saved[2]
+        regions._BlockMax = saved[1]
 
 
 def _row(cfg, batch: int) -> Row:

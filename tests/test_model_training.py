@@ -131,5 +131,7 @@ def test_classifier_gradient_reaches_the_encoders_only_when_asked(arch):
         enc = [p.grad for n, p in model.named_parameters() if n.startswith(encoder)]
         assert enc and all(g is not None for g in enc)
         assert any(g.abs().sum() > 0 for g in enc) == reached, (arch, scale)
-        head = "subject_level" if arch == "hfcn" else "classifier"
-        assert all(p.grad.abs().sum() > 0 for n, p in model.named_parameters() if n.startswith(head))
+        heads = ("subject_level",) if arch == "hfcn" else ("classifier", "fusion")  # the fusion learns too
+        for head in heads:
+            grads = [p.grad for n, p in model.named_parameters() if n.startswith(head)]
+            assert grads and all(g is not None and g.abs().sum() > 0 for g in grads), (arch, scale, head)

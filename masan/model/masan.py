@@ -106,10 +106,18 @@ class MASAN(nn.Module):
         return feats
 
     def _fuse(self, t1: ModalityFeatures | None, fmri: ModalityFeatures | None) -> list[torch.Tensor]:
+        """Per level, the region maps of the modalities fused (eq. 6). The classifier's gradient
+        reaches the encoders scaled by ``head_grad_to_encoders``, and the fusion in full: its
+        attention gates are part of the head (with the scaling after the fusion they never
+        learnt, and every T1 feature kept its random share of fMRI)."""
         dtype = param_dtype(self.attention)
+
+        def head_input(maps: list[torch.Tensor]) -> list[torch.Tensor]:
+            return [scale_grad(m.to(dtype), self.head_grad_to_encoders) for m in maps]
+
         if t1 is None or fmri is None:
-            return [m.to(dtype) for m in (t1 or fmri).region_maps]
-        return [f(a.to(dtype), b.to(dtype)) for f, a, b in zip(self.fusion, t1.region_maps, fmri.region_maps)]
+            return head_input((t1 or fmri).region_maps)
+        return [f(a, b) for f, a, b in zip(self.fusion, head_input(t1.region_maps), head_input(fmri.region_maps))]
 
     def forward(self, t1: torch.Tensor | None = None, fmri: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
@@ -117,8 +125,7 @@ class MASAN(nn.Module):
         f = self._encode("fmri", self.fpm, fmri, out)
         device = (t1 if s is not None else fmri).device
         with autocast_off(device):
-            maps = [scale_grad(m, self.head_grad_to_encoders) for m in self._fuse(s, f)]
-            regions = torch.cat([region_features(m, self.grid) for m in maps], dim=2)  # (B, R, D)
+            regions = torch.cat([region_features(m, self.grid) for m in self._fuse(s, f)], dim=2)  # (B, R, D)
             standardized = self.attention.norm(regions)
             new, weights = self.attention.attend(standardized)
             out["logits"] = self.classifier(new.flatten(1))
