@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import hashlib
 import json
 import os
 import shlex
@@ -136,19 +137,33 @@ def train_command(args: argparse.Namespace, run_dir: Path, store: Path, variant:
             *VARIANTS[variant], *args.overrides]
 
 
-def train(cmd: list[str], run_dir: Path, cohort: dict, env: dict, cfg_hash: str) -> dict:
+TRAINING_CODE = ("masan/**/*.py", "launch/*.py")
+"""The sources a run's result depends on beyond its config (:func:`code_fingerprint`)."""
+
+
+def code_fingerprint() -> str:
+    """SHA-256 of the training code (:data:`TRAINING_CODE`): a fix that leaves the config as it
+    was (a gradient path, a kernel) must not be scored with runs made before it."""
+    digest = hashlib.sha256()
+    for path in sorted(p for pattern in TRAINING_CODE for p in REPO.glob(pattern)):
+        digest.update(str(path.relative_to(REPO)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def train(cmd: list[str], run_dir: Path, cohort: dict, env: dict, cfg_hash: str, code: str) -> dict:
     """Train one run: skipped when it finished before with the same command, resolved config
     (``cfg_hash``: :func:`masan.config.config_hash`, so the config file and the code's defaults
-    count) and cohort; resumed when it was interrupted; started afresh when one of them changed
-    (or the run dir was not made by this benchmark: its checkpoints would refuse the config).
+    count), training code (``code``: :func:`code_fingerprint`) and cohort; resumed when it was
+    interrupted; started afresh when one of them changed (or the run dir was not made by this
+    benchmark: its checkpoints would refuse the config).
 
     Returns {"status": "trained" | "cached" | "failed", "minutes": training minutes so far}."""
-    stamp = {"command": cmd[1:], "config_hash": cfg_hash, "cohort": cohort}
+    stamp = {"command": cmd[1:], "config_hash": cfg_hash, "code": code, "cohort": cohort}
     run = RunDir(run_dir)
     stamp_file = run.bench_stamp
     old = json.loads(stamp_file.read_text()) if stamp_file.is_file() else None
     if run_dir.exists() and (old is None or {k: old.get(k) for k in stamp} != stamp):
-        print(f"{run_dir}: made with other arguments or another cohort: starting it afresh", flush=True)
+        print(f"{run_dir}: made with other arguments, code or cohort: starting it afresh", flush=True)
         shutil.rmtree(run_dir)
         old = None
     if old is not None and old.get("done") and run.predictions.is_file():
@@ -430,8 +445,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    code = code_fingerprint()
     with ThreadPoolExecutor(args.jobs) as pool:
-        futures = {pool.submit(train, commands[job], run_dirs[job], stamp, env, hashes[job]): job for job in jobs}
+        futures = {pool.submit(train, commands[job], run_dirs[job], stamp, env, hashes[job], code): job
+                   for job in jobs}
         for fut in as_completed(futures):
             r, v = futures[fut]
             res = fut.result()

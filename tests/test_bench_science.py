@@ -49,6 +49,22 @@ def test_one_benchmark_per_work_dir(tmp_path, capsys):
     assert bench.lock_work(tmp_path) is not None
 
 
+def test_a_change_of_the_training_code_is_not_scored_with_old_runs(tmp_path, monkeypatch):
+    """The run stamp holds a fingerprint of masan/ and launch/: a fix that leaves the config as it
+    was (e.g. which parameters a gradient reaches) retrains; documentation does not."""
+    bench = load_bench()
+    (tmp_path / "masan" / "model").mkdir(parents=True)
+    (tmp_path / "docs").mkdir()
+    code = tmp_path / "masan" / "model" / "fusion.py"
+    code.write_text("scale_after_fusion = True\n")
+    monkeypatch.setattr(bench, "REPO", tmp_path)
+    before = bench.code_fingerprint()
+    (tmp_path / "docs" / "notes.md").write_text("measured\n")
+    assert bench.code_fingerprint() == before
+    code.write_text("scale_after_fusion = False\n")
+    assert bench.code_fingerprint() != before
+
+
 @pytest.mark.slow
 def test_science_bench_end_to_end(tmp_path):
     work = tmp_path / "science"
