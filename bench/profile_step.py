@@ -80,8 +80,7 @@ class _AmaxOverBlocks:
 
     @staticmethod
     def apply(x: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
-        n, c = x.shape[:2]
-        return x.reshape(n, c, *(v for d, s in zip(x.shape[2:], size) for v in (s, d // s))).amax(dim=(3, 5, 7))
+        return regions.block_view(x, size).amax(dim=(3, 5, 7))
 
 
 @contextlib.contextmanager

@@ -70,6 +70,13 @@ max (:class:`_BlockMax`) took a full-resolution step on an H100 from 108 to 83 m
 from 311 to 297 ms; on the CPU the adaptive kernels are the faster (docs/performance.md)."""
 
 
+def block_view(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """``(N, C, D, H, W)`` cut into ``size`` equal blocks per axis, as a view
+    ``(N, C, s0, D/s0, s1, H/s1, s2, W/s2)``: block ``(i, j, k)`` is ``[:, :, i, :, j, :, k, :]``."""
+    n, c = x.shape[:2]
+    return x.reshape(n, c, *(v for d, s in zip(x.shape[2:], size) for v in (s, d // s)))
+
+
 class _BlockMax(torch.autograd.Function):
     """``(N, C, D, H, W)`` -> ``(N, C, *size)``: the max of each equal block, as max pooling gives
     it (one arg-max voxel per block takes the gradient). The backward writes the gradient to
@@ -80,7 +87,7 @@ class _BlockMax(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
         n, c, *dims = x.shape
         b = [d // s for d, s in zip(dims, size)]
-        blocks = x.reshape(n, c, size[0], b[0], size[1], b[1], size[2], b[2]).permute(0, 1, 2, 4, 6, 3, 5, 7)
+        blocks = block_view(x, size).permute(0, 1, 2, 4, 6, 3, 5, 7)
         values, idx = blocks.reshape(n, c, *size, -1).max(dim=-1)
         # the arg-max as a flat index into x: block origin + offset inside the block
         axes = [torch.arange(s, device=x.device).view(*(-1 if i == a else 1 for i in range(3))) * bb
@@ -105,9 +112,7 @@ def _pool(x: torch.Tensor, size: tuple[int, ...], mode: str, reshaped: bool | No
     a mean/max over a reshaped view where the bins are equal blocks."""
     reshaped = RESHAPED_POOL.get(x.device.type, False) if reshaped is None else reshaped
     if reshaped and all(d % s == 0 for d, s in zip(x.shape[2:], size)):
-        n, c = x.shape[:2]
-        blocks = x.reshape(n, c, *(v for d, s in zip(x.shape[2:], size) for v in (s, d // s)))
-        return blocks.mean(dim=(3, 5, 7)) if mode == "avg" else _BlockMax.apply(x, tuple(size))
+        return block_view(x, size).mean(dim=(3, 5, 7)) if mode == "avg" else _BlockMax.apply(x, tuple(size))
     return F.adaptive_avg_pool3d(x, size) if mode == "avg" else F.adaptive_max_pool3d(x, size)
 
 
