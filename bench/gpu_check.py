@@ -56,7 +56,7 @@ if str(REPO) not in sys.path:  # bench.io and masan import with the repository a
     sys.path.insert(0, str(REPO))
 
 from masan.config import RunConfig, config_to_dict, load_config  # noqa: E402
-from masan.model import build_model, masan_loss  # noqa: E402
+from masan.model import build_model, compile_modality_modules, masan_loss  # noqa: E402
 from masan.model.inputs import PRECISION_DTYPES  # noqa: E402
 from masan.rundir import RunDir  # noqa: E402
 from masan.train.logging import peak_memory  # noqa: E402
@@ -145,7 +145,8 @@ def measure_model(cfg: RunConfig, row: Row, device: torch.device, dtype: torch.d
     peak_memory(device)  # reset the peaks
     model = build_model(m, len(CLASSES)).to(device=device, dtype=dtype).train()
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-    step_model = torch.compile(model, backend=compile_backend) if row.compiled else model
+    if row.compiled:  # as training compiles it (model.compile)
+        compile_modality_modules(model, compile_backend)
     b = row.batch
     data = {"label": torch.arange(b, device=device) % len(CLASSES)}
     if row.arch == "hfcn" or m.modalities != "fmri":
@@ -157,7 +158,7 @@ def measure_model(cfg: RunConfig, row: Row, device: torch.device, dtype: torch.d
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
-        out = step_model(t1=data.get("t1"), fmri=data.get("fmri"))
+        out = model(t1=data.get("t1"), fmri=data.get("fmri"))
         masan_loss(out, data, cfg.loss, "joint")["total"].backward()
         opt.step()
 
@@ -367,6 +368,9 @@ def device_parser(doc: str, budget_s: float) -> argparse.ArgumentParser:
     ap.add_argument("--budget-s", type=float, default=budget_s, help=f"global time budget (default {budget_s:.0f} s)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=3, help="timed steps per model row")
+    ap.add_argument("--compile-backend", default="inductor", help="torch.compile backend (--tiny: eager)")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="config overrides for every section, e.g. model.compile=true")
     return ap
 
 
@@ -376,6 +380,8 @@ def resolve_device(args: argparse.Namespace) -> None:
         args.device = "cpu" if args.tiny or not torch.cuda.is_available() else "cuda"
     args.device = torch.device(args.device)
     args.precision = args.precision or ("bf16" if args.device.type == "cuda" else "fp32")
+    if args.tiny and args.compile_backend == "inductor":  # the same code paths, no inductor build
+        args.compile_backend = "eager"
 
 
 def parse_args(argv: list[str] | None):
@@ -385,14 +391,12 @@ def parse_args(argv: list[str] | None):
                          "test part)")
     ap.add_argument("--loader-passes", type=int, default=2)
     ap.add_argument("--ds-steps", type=int, default=30)
-    ap.add_argument("--compile-backend", default="inductor", help="torch.compile backend (--tiny: eager)")
     ap.add_argument("--sections", default="masan,hfcn,loader,deepspeed,compile",
                     help="comma-separated sections to run")
     ap.add_argument("--work", type=Path, default=None, help="scratch directory (default: a temp dir, removed)")
     args = ap.parse_args(argv)
     resolve_device(args)
     if args.tiny:  # the same code paths in seconds: no inductor build, one timed step, one loader pass
-        args.compile_backend = "eager" if args.compile_backend == "inductor" else args.compile_backend
         args.warmup, args.steps, args.loader_passes = min(args.warmup, 1), min(args.steps, 1), 1
         args.ds_steps = min(args.ds_steps, 4)
     # seconds a section needs at least to be worth starting
@@ -404,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     budget = Budget(args.budget_s)
     signal.signal(signal.SIGALRM, _on_alarm)
-    cfg = load_config(args.config, TINY if args.tiny else [])
+    cfg = load_config(args.config, (TINY if args.tiny else []) + args.set)
     sections = set(args.sections.split(","))
     work = args.work or Path(tempfile.mkdtemp(prefix="masan-gpu-check-"))
     work.mkdir(parents=True, exist_ok=True)

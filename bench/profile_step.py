@@ -13,6 +13,11 @@ leaves figures:
 3. ``profile``: one step of the whole model under ``torch.profiler``: the operators with the
    most self time on the device (CUDA kernels; the CPU with ``--device cpu``), then the same
    split by input shape, so a slow kernel is tied to the layer that calls it.
+4. ``engine``: the step inside the real DeepSpeed engine (``build_engine``, the config's ZeRO
+   stage and precision, one rank, synthetic inputs already on the device), eager and under
+   ``torch.compile``: per sample as the training loop runs it (the loss terms read back every
+   step), without those read-backs, and split into forward, backward and optimizer step
+   (synchronised between them); then the optimizer step's operators by host time.
 
     python bench/profile_step.py              # on the GPU machine, paper.yaml, bf16 (see bench/gpu_check.sh)
     python bench/profile_step.py --tiny       # CPU-sized shapes, the same code paths (tests)
@@ -48,7 +53,7 @@ from bench.gpu_check import (  # noqa: E402
     resolve_device,
 )
 from masan.config import load_config  # noqa: E402
-from masan.model import blocks, build_model, masan_loss, regions  # noqa: E402
+from masan.model import blocks, build_model, compile_modality_modules, masan_loss, regions  # noqa: E402
 from masan.model.blocks import NarrowConv3d, OutputStage  # noqa: E402
 from masan.model.inputs import PRECISION_DTYPES  # noqa: E402
 
@@ -70,6 +75,7 @@ VARIANTS: list[tuple[str, dict, dict, int]] = [
     ("before (all of the above)", {}, BEFORE, 1),
     ("current, mb2", {}, {}, 2),
     ("current, checkpointing", {"activation_checkpointing": True}, {}, 1),
+    ("current, torch.compile", {"compile": True}, {}, 1),
 ]
 """Each row changes the step as the config (``--set``) gives it, then one setting; cuDNN
 autotuning (``torch.backends.cudnn.benchmark``) changed nothing on an H200 (docs/performance.md)."""
@@ -102,19 +108,22 @@ def fast_paths(device: torch.device, outconv: str, pointwise: str, fold: bool, r
         regions._BlockMax = saved[1]
 
 
-def _row(cfg, batch: int) -> Row:
+def _row(cfg, batch: int, compiled: bool = False) -> Row:
     m = cfg.model
-    return Row(m.arch, batch, ckpt=m.activation_checkpointing, channels_last=m.channels_last)
+    return Row(m.arch, batch, ckpt=m.activation_checkpointing, channels_last=m.channels_last, compiled=compiled)
 
 
-def _timed(cfg, batch: int, args, budget: Budget, section: str, name: str) -> None:
+def _timed(cfg, batch: int, args, budget: Budget, section: str, name: str, compiled: bool = False) -> None:
     if budget.left() < args.min_left:
         note(section, name, f"skipped: {budget.left():.0f} s left of the budget")
         return
     try:
         budget.alarm()
-        ms, peak = measure_model(cfg, _row(cfg, batch), args.device, args.dtype, args.warmup, args.steps, "eager")
-        emit(section, name, f"{ms:.1f}", f"{peak:.2f}", f"{peak / batch:.2f}", "")
+        t0 = time.perf_counter()
+        ms, peak = measure_model(cfg, _row(cfg, batch, compiled), args.device, args.dtype, args.warmup, args.steps,
+                                 args.compile_backend)
+        extra = f"with warm-up and compile {time.perf_counter() - t0:.0f} s" if compiled else ""
+        emit(section, name, f"{ms:.1f}", f"{peak:.2f}", f"{peak / batch:.2f}", extra)
     except torch.cuda.OutOfMemoryError:
         note(section, name, "out of memory")
     except Exception as e:  # noqa: BLE001 - one failing row must not end the check
@@ -122,6 +131,8 @@ def _timed(cfg, batch: int, args, budget: Budget, section: str, name: str) -> No
     finally:
         signal.alarm(0)
         _free(args.device)
+        if compiled:
+            torch._dynamo.reset()
 
 
 def split_section(cfg, args, budget: Budget) -> None:
@@ -183,21 +194,127 @@ def profile_section(cfg, args, budget: Budget) -> None:
 
 
 def variant_section(cfg, args, budget: Budget) -> None:
+    wanted = args.variants.split(";") if args.variants else None
     for name, overrides, paths, batch in VARIANTS:
+        if wanted is not None and name not in wanted:
+            continue
         c = copy.deepcopy(cfg)
+        compiled = overrides.get("compile", False)
         for k, v in overrides.items():
-            setattr(c.model, k, v)
+            if k != "compile":
+                setattr(c.model, k, v)
         with fast_paths(args.device, **{**CURRENT, **paths}):
-            _timed(c, batch, args, budget, "variant", name)
+            _timed(c, batch, args, budget, "variant", name, compiled)
+
+
+def engine_section(cfg, args, budget: Budget) -> None:
+    for compiled in [kind == "compiled" for kind in args.engines.split(",")]:
+        name = "engine" + (", torch.compile" if compiled else "")
+        if budget.left() < args.min_left:
+            note("engine", name, f"skipped: {budget.left():.0f} s left of the budget")
+            continue
+        try:
+            budget.alarm()
+            _engine_rows(copy.deepcopy(cfg), args, name, compiled)
+        except Exception as e:  # noqa: BLE001
+            note("engine", name, f"error: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+            traceback.print_exc()
+        finally:
+            signal.alarm(0)
+            _free(args.device)
+            if compiled:
+                torch._dynamo.reset()
+
+
+def _engine_rows(cfg, args, name: str, compiled: bool) -> None:
+    """Rows of :func:`engine_section` for one engine (micro-batch 1)."""
+    from masan.train import distributed as D
+    from masan.train.engine import LRSchedule, build_engine
+    from masan.train.logging import peak_memory
+
+    device, m = args.device, cfg.model
+    cfg.train.device = device.type
+    cfg.train.precision = args.precision
+    cfg.optim.micro_batch, cfg.optim.grad_accum = 1, 1
+    D.init_distributed(cfg.train)
+    torch.manual_seed(0)
+    peak_memory(device)
+    model = build_model(m, 4)
+    if compiled:  # as training compiles it (model.compile)
+        compile_modality_modules(model, args.compile_backend)
+    engine = build_engine(model, cfg, 1, LRSchedule(cfg.optim))
+    data = {"label": torch.zeros(1, dtype=torch.long, device=device),
+            "t1": torch.randn(1, 1, *m.t1_shape, device=device, dtype=args.dtype),
+            "fmri": torch.randn(1, m.fmri_frames, *m.fmri_shape, device=device, dtype=args.dtype)}
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    split = {"forward": 0.0, "backward": 0.0, "step": 0.0}
+
+    def step(read_back: bool, timed: bool = False) -> None:
+        t = time.perf_counter()
+        out = engine(t1=data["t1"], fmri=data["fmri"])
+        loss = masan_loss(out, data, cfg.loss, "joint")
+        if timed:
+            sync(), split.__setitem__("forward", split["forward"] + time.perf_counter() - t)
+            t = time.perf_counter()
+        engine.backward(loss["total"])
+        if timed:
+            sync(), split.__setitem__("backward", split["backward"] + time.perf_counter() - t)
+            t = time.perf_counter()
+        engine.step()
+        if timed:
+            sync(), split.__setitem__("step", split["step"] + time.perf_counter() - t)
+        if read_back:  # as masan.train.loop.train: every term and the finiteness check, every step
+            _ = [float(v.detach()) for v in loss.values()], bool(torch.isfinite(loss["total"].detach()))
+
+    t0 = time.perf_counter()
+    for _ in range(args.warmup):
+        step(True)
+    sync()
+    warm = time.perf_counter() - t0
+    for read_back, label in ((True, "as the loop (loss read back every step)"), (False, "no per-step read-back")):
+        t = time.perf_counter()
+        for _ in range(args.steps):
+            step(read_back)
+        sync()
+        ms = 1e3 * (time.perf_counter() - t) / args.steps
+        peak = peak_memory(device)
+        gib = peak.get("gpu_mem_gib", peak["peak_rss_gib"])
+        emit("engine", f"{name}: {label}", f"{ms:.1f}", f"{gib:.2f}", f"{gib:.2f}",
+             f"ZeRO {cfg.train.zero_stage}, {args.precision}" + (f"; warm-up {warm:.0f} s" if read_back else ""))
+    for _ in range(args.steps):
+        step(True, timed=True)
+    emit("engine", f"{name}: split", "-", "-", "-",
+         ", ".join(f"{k} {1e3 * v / args.steps:.1f} ms" for k, v in split.items()))
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    out = engine(t1=data["t1"], fmri=data["fmri"])
+    engine.backward(masan_loss(out, data, cfg.loss, "joint")["total"])
+    sync()
+    with profile(activities=activities) as prof:
+        engine.step()
+        sync()
+    print(f"engine: {name}: the optimizer step's operators by host time", flush=True)
+    print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=args.top, max_name_column_width=60),
+          flush=True)
+    with profile(activities=activities) as prof:
+        step(True)
+        sync()
+    key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    print(f"engine: {name}: one whole step's operators by {key}", flush=True)
+    print(prof.key_averages().table(sort_by=key, row_limit=args.top, max_name_column_width=60), flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = device_parser(__doc__, 300.0)
     ap.add_argument("--top", type=int, default=25, help="operators listed by the profile")
     ap.add_argument("--trace", type=Path, default=None, help="also write the profile as a Chrome trace here")
-    ap.add_argument("--sections", default="split,variant,profile", help="comma-separated sections to run")
-    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                    help="config overrides for every section, e.g. model.upsample=nearest")
+    ap.add_argument("--sections", default="split,variant,profile,engine", help="comma-separated sections to run")
+    ap.add_argument("--variants", default="",
+                    help="names of the variant rows to run, separated by ; (default: all), e.g. 'current;current, mb2'")
+    ap.add_argument("--engines", default="eager,compiled",
+                    help="the engine section's rows: eager, compiled or both (comma-separated)")
     args = ap.parse_args(argv)
     resolve_device(args)
     args.dtype = PRECISION_DTYPES[args.precision]
@@ -212,7 +329,8 @@ def main(argv: list[str] | None = None) -> int:
     emit("section", "variant", "ms/sample", "peak GiB", "GiB/sample", "note")
     sections = args.sections.split(",")
     t0 = time.monotonic()
-    for name, fn in (("split", split_section), ("variant", variant_section), ("profile", profile_section)):
+    for name, fn in (("split", split_section), ("variant", variant_section), ("profile", profile_section),
+                     ("engine", engine_section)):
         if name in sections:
             fn(cfg, args, budget)
     print(f"profile_step done, {time.monotonic() - t0:.0f} s", flush=True)

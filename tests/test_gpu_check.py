@@ -4,6 +4,7 @@ same code as on the GPU, importing only what the GPU machine has or gets from .w
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -64,8 +65,15 @@ def test_tiny_profile_prints_every_variant_and_the_top_operators(tmp_path):
     assert res.returncode == 0, out[-3000:] + res.stderr[-3000:]
     from bench.profile_step import VARIANTS
 
-    rows = [line.split() for line in out.splitlines() if line.startswith(("split", "variant"))]
-    assert len(rows) == 3 + len(VARIANTS), out
+    rows = [re.split(r"\s{2,}", line) for line in out.splitlines() if line.startswith(("split", "variant", "engine "))]
+    split_variant = [r for r in rows if r[0] != "engine"]
+    assert len(split_variant) == 3 + len(VARIANTS), out
     assert "error" not in out and "skipped" not in out, out
-    assert all(float(r[-3]) > 0 for r in rows), rows  # ms/sample measured
+    assert all(float(r[2]) > 0 for r in split_variant), rows  # ms/sample measured
     assert "aten::convolution_backward" in out and "by input shape" in out, out
+    # the step inside the DeepSpeed engine, eager and compiled: as the loop runs it, then split
+    engine = {r[1]: r for r in rows if r[0] == "engine"}
+    for name in ("engine", "engine, torch.compile"):
+        assert float(engine[f"{name}: as the loop (loss read back every step)"][2]) > 0, out
+        assert "forward" in engine[f"{name}: split"][-1] and "step" in engine[f"{name}: split"][-1], out
+    assert "the optimizer step's operators by host time" in out, out

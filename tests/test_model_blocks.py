@@ -123,3 +123,53 @@ def test_encoders_only_gives_the_same_logits_and_region_weights_without_reconstr
     assert "t1_recon" in again  # the decoders are back after the block
     for key in ("logits", "region_weights"):
         assert torch.equal(full[key], fast[key]), key
+
+
+@pytest.mark.parametrize("paths", ["cpu", "cuda"])
+def test_modality_modules_compile_to_one_graph_each(monkeypatch, paths):
+    """``model.compile`` pays only if sPM and fPM each trace to one graph: a graph break per
+    GroupNorm (torch 2.11 could not trace ``torch.amp.is_autocast_available``) made the compile
+    of the full model outlast the H100 check. Checked on the CPU's paths and on the CUDA fast
+    paths (1x1 convs as bmm, the folded output conv, reshaped pooling with the index max),
+    under bf16 autocast as the GPU's step runs."""
+    from masan.model import build_model, regions, small_model_config
+
+    if paths == "cuda":
+        for table, value in ((blocks.NarrowConv3d.STRATEGY, "taps"), (blocks.POINTWISE, "bmm"),
+                             (blocks.OutputStage.FOLD, True), (regions.RESHAPED_POOL, True)):
+            monkeypatch.setitem(table, "cpu", value)
+    cfg = small_model_config(fusion_cells=2)
+    model = build_model(cfg, 2).train()
+    t1 = torch.randn(1, 1, *cfg.t1_shape)
+    fmri = torch.randn(1, cfg.fmri_frames, *cfg.fmri_shape)
+    torch._dynamo.reset()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for module, x in ((model.spm, t1), (model.fpm, fmri)):
+            explained = torch._dynamo.explain(module)(x)
+            assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
+
+def test_compiled_modality_modules_give_the_eager_values_and_gradients():
+    """:func:`masan.model.compile_modality_modules` compiles in place: the same parameters and
+    ``state_dict`` keys, the same outputs and gradients (fp64, the aot_eager backend)."""
+    import copy
+
+    from masan.config import LossConfig
+    from masan.model import build_model, compile_modality_modules, masan_loss, small_model_config
+
+    cfg = small_model_config(fusion_cells=2)
+    torch.manual_seed(0)
+    eager = build_model(cfg, 2).double().train()
+    compiled = copy.deepcopy(eager)
+    assert compile_modality_modules(compiled, "aot_eager") == ["spm", "fpm"]
+    assert compiled.state_dict().keys() == eager.state_dict().keys()
+    data = {"label": torch.tensor([1]), "t1": torch.randn(1, 1, *cfg.t1_shape, dtype=torch.float64),
+            "fmri": torch.randn(1, cfg.fmri_frames, *cfg.fmri_shape, dtype=torch.float64)}
+    torch._dynamo.reset()
+    losses = [masan_loss(model(t1=data["t1"], fmri=data["fmri"]), data, LossConfig(), "joint")["total"]
+              for model in (eager, compiled)]
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-12, atol=0)
+    for loss in losses:
+        loss.backward()
+    for (name, a), b in zip(eager.named_parameters(), compiled.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-9, atol=1e-12, msg=lambda m, n=name: f"{n}: {m}")

@@ -218,3 +218,18 @@ def test_predict_reproduces_the_runs_test_predictions_from_its_directory(tmp_pat
     bad = subprocess.run([sys.executable, "-m", "masan.predict", str(tmp_path), "--out", str(tmp_path / "q")],
                          capture_output=True, text=True, timeout=120, cwd=REPO, check=False)
     assert bad.returncode == 2 and "not a training run directory" in bad.stderr
+
+
+def test_compiled_modality_modules_train_like_eager_and_save_the_same_checkpoint(tmp_path, train_config,
+                                                                                 reference_run):
+    """``model.compile`` (here the aot_eager backend: traced, no code generated) runs both phases,
+    the standardiser fits and the test evaluation; its checkpoints have the eager model's keys
+    and its weights follow the eager run's to rounding."""
+    run = tmp_path / "run"
+    log = ok(launch(train_config, run, "deterministic=true", "model.compile=true", "model.compile_backend=aot_eager"),
+             "completed")
+    assert "model.compile: spm, fpm compiled" in log
+    compiled, eager = final_weights(run), final_weights(reference_run)
+    assert compiled.keys() == eager.keys()
+    for k, v in eager.items():
+        torch.testing.assert_close(compiled[k], v, rtol=1e-3, atol=1e-4, msg=lambda m, k=k: f"{k}: {m}")

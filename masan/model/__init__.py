@@ -21,7 +21,7 @@ from masan.model.hfcn import HFCN
 from masan.model.loss import masan_loss
 from masan.model.masan import MASAN
 
-__all__ = ["build_model", "masan_loss", "small_model_config", "MASAN", "HFCN"]
+__all__ = ["build_model", "compile_modality_modules", "masan_loss", "small_model_config", "MASAN", "HFCN"]
 
 TINY_CONFIG = Path(__file__).resolve().parents[2] / "hpc" / "configs" / "tiny.yaml"
 """The smallest MASAN that keeps every structural feature (4 levels, odd sizes excepted): the
@@ -52,3 +52,23 @@ def build_model(model_cfg: ModelConfig, num_classes: int) -> nn.Module:
     if model_cfg.channels_last:
         model = model.to(memory_format=torch.channels_last_3d)
     return model
+
+
+COMPILED_MODULES = ("spm", "fpm", "patches")
+"""The attributes :func:`compile_modality_modules` compiles where a model has them: MASAN's sPM
+and fPM, the H-FCN's patch encoder."""
+
+
+def compile_modality_modules(model: nn.Module, backend: str = "inductor") -> list[str]:
+    """``torch.compile`` the model's modality modules in place (``nn.Module.compile``: parameters
+    and ``state_dict`` keys unchanged) and return their names.
+
+    Those hold the full-resolution convolutions, norms and pooling, nearly all of a step's time;
+    the fusion, attention, heads and fitted standardisers are small and stay eager. Each module
+    traces to one graph (tests/test_model_blocks.py), so a new mode (``eval``, ``no_grad``,
+    :func:`~masan.model.autoencoder.encoders_only`) costs one more compile, not a slow path.
+    """
+    names = [n for n in COMPILED_MODULES if isinstance(getattr(model, n, None), nn.Module)]
+    for n in names:
+        getattr(model, n).compile(backend=backend)
+    return names

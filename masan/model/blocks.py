@@ -19,10 +19,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+AUTOCAST_DEVICE_TYPES = frozenset(t for t in ("cpu", "cuda", "xpu", "mps", "hpu") if torch.amp.is_autocast_available(t))
+"""Device types with autocast, read once: ``torch.amp.is_autocast_available`` inside a forward
+is a graph break for ``torch.compile`` on torch 2.11 (one per GroupNorm)."""
+
 
 def autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
     """Switch autocast off on ``device`` (nothing to do where it does not exist, e.g. meta)."""
-    if torch.amp.is_autocast_available(device.type):
+    if device.type in AUTOCAST_DEVICE_TYPES:
         return torch.autocast(device_type=device.type, enabled=False)
     return contextlib.nullcontext()
 
@@ -228,9 +232,11 @@ def trilinear(x: torch.Tensor, size: tuple[int, int, int]) -> torch.Tensor:
     """
     n, c, d, h, w = x.shape
     big_d, big_h, big_w = size
-    y = torch.matmul(x, _linear_weights(w, big_w, x.dtype, x.device).T)  # (N, C, d, h, W)
-    y = torch.matmul(_linear_weights(h, big_h, x.dtype, x.device), y)  # (N, C, d, H, W)
-    y = torch.matmul(_linear_weights(d, big_d, x.dtype, x.device), y.reshape(n, c, d, big_h * big_w))
+    # torch.compile traces the matrices' construction into its graph (constants there); eager reuses them
+    weights = _linear_weights.__wrapped__ if torch.compiler.is_compiling() else _linear_weights
+    y = torch.matmul(x, weights(w, big_w, x.dtype, x.device).T)  # (N, C, d, h, W)
+    y = torch.matmul(weights(h, big_h, x.dtype, x.device), y)  # (N, C, d, H, W)
+    y = torch.matmul(weights(d, big_d, x.dtype, x.device), y.reshape(n, c, d, big_h * big_w))
     return y.reshape(n, c, big_d, big_h, big_w)
 
 

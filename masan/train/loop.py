@@ -46,7 +46,7 @@ from masan.model.loss import PHASES
 from masan.train import distributed as D
 from masan.train.checkpoint import CheckpointManager
 from masan.train.distributed import DistInfo
-from masan.train.engine import LRSchedule, current_lr, set_schedule_step
+from masan.train.engine import LRSchedule, current_lr, grad_norm, set_schedule_step
 from masan.train.logging import TrainLogger, interval_stats
 from masan.train.standardize import fit_standardizers
 from masan.train.stop import StopRequest
@@ -182,6 +182,7 @@ def train(p: LoopParts, state: TrainState) -> str:
                             f"the {phase} loss is not finite at step {state.step} on rank {p.info.rank} "
                             f"({ {k: float(v) for k, v in loss.items()} }); lower optim.lr, check the input "
                             f"data (python data_tools/inspect_store.py --verify) or use train.precision=fp32")
+                norm = check_grad_norm(engine, state.step, phase, p.info.rank)
                 every = cfg.log.grad_norm_every_steps
                 if every and (state.step + 1) % every == 0:
                     grad_norms = D.mean_over_ranks(term_grad_norms(engine.module, batch, cfg.loss, phase))
@@ -198,7 +199,8 @@ def train(p: LoopParts, state: TrainState) -> str:
                     skipped = skipped_steps(engine)
                     if skipped and p.info.is_main:
                         log.warning("%d optimizer step(s) skipped so far for non-finite gradients", skipped)
-                    p.logger.scalars({**terms, "lr": current_lr(engine), "samples_per_s": rate,
+                    norm_log = {} if norm is None else {"grad_norm": norm}  # this step's, before clipping
+                    p.logger.scalars({**terms, **norm_log, "lr": current_lr(engine), "samples_per_s": rate,
                                       "skipped_steps": skipped,
                                       "epoch": state.epochs_done + state.consumed / len(p.train_set)}, state.step)
                     line = p.logger.interval(D.all_gather_objects(interval_stats(waited, elapsed, p.info.device)),
@@ -312,6 +314,22 @@ def fit_norms(p: LoopParts) -> None:
     if n and p.info.is_main:
         log.info("fitted %d feature standardiser(s) on %d training subjects in %.1f s", n, len(p.train_set),
                  time.perf_counter() - t0)
+
+
+def check_grad_norm(engine, step: int, phase: str, rank: int) -> float | None:
+    """The optimizer step's global gradient norm (the same on every rank); a non-finite one that
+    was applied stops the run before anything is saved, so the last checkpoint holds the last
+    finite weights. (In bf16 DeepSpeed does not scan for overflow: ``bf16.check_grad_overflow``
+    is off, masan.train.engine.)"""
+    norm = grad_norm(engine)
+    # an fp16 step skipped by the loss scaler (norm inf, weights untouched) is not an error
+    if norm is not None and not math.isfinite(norm) and engine.was_step_applied():
+        raise FloatingPointError(
+            f"the {phase} gradient norm is {norm} at step {step + 1} on rank {rank}: the weights of this step are "
+            f"not finite and were not saved; resume from the last checkpoint with a lower optim.lr or "
+            f"optim.grad_clip, check the input data (python data_tools/inspect_store.py --verify) or use "
+            f"train.precision=fp32")
+    return norm
 
 
 def skipped_steps(engine) -> int:

@@ -218,7 +218,7 @@ def _run(cfg: RunConfig, stop: StopRequest | None, info: D.DistInfo) -> TrainOut
 
 def _train(cfg: RunConfig, stop: StopRequest, info: D.DistInfo, ckpt: CheckpointManager, chash: str,
            pre: Preflight) -> TrainOutcome:
-    from masan.model import build_model
+    from masan.model import build_model, compile_modality_modules
     from masan.train.engine import LRSchedule, build_engine
 
     run_dir = Path(cfg.run_dir)
@@ -232,6 +232,11 @@ def _train(cfg: RunConfig, stop: StopRequest, info: D.DistInfo, ckpt: Checkpoint
     class_names = pre.class_names
 
     model = build_model(cfg.model, len(class_names))  # same seed: same init on every rank
+    if cfg.model.compile:
+        names = compile_modality_modules(model, cfg.model.compile_backend)
+        if info.is_main:
+            log.info("model.compile: %s compiled with torch.compile (%s) on their first step of each mode; "
+                     "the first steps are slow", ", ".join(names), cfg.model.compile_backend)
     schedule = LRSchedule(cfg.optim)
     engine = build_engine(model, cfg, info.world_size, schedule)
     resumed = ckpt.resume(engine, cfg, chash)
