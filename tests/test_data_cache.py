@@ -129,6 +129,40 @@ def test_early_stop_and_a_killed_runs_leftovers(store, tmp_path):
     cache.close()
 
 
+@pytest.mark.parametrize("next_order", ["as announced", "another"])
+def test_the_next_epochs_first_batches_are_prepared_ahead(store, tmp_path, monkeypatch, next_order):
+    """With ``then`` (the next epoch's order) the thread prepares that epoch's first ``depth``
+    batches once this one's are done: the next iterator starts with them, and every batch of
+    both epochs is the store path's, prepared once; if the next epoch asks for another order
+    (a resume mid-epoch, a change of phase) they are dropped and its own are prepared."""
+    from masan.data import cache as cache_module
+
+    cfg = _cfg(tmp_path, cache="host")
+    ds = _dataset(store, cfg)
+    plain = [to_device(b, torch.device("cpu"), torch.float32) for b in DataLoader(ds, batch_size=1)]
+    cache = open_cache(ds, cfg, torch.device("cpu"))
+    prepared = []
+    original = cache_module._Producer._prepare
+    monkeypatch.setattr(cache_module._Producer, "_prepare",
+                        lambda self, slot, group: prepared.append(list(group)) or original(self, slot, group))
+    first, announced = [0, 1, 2, 3, 4, 5], [5, 3, 1, 0, 2, 4]
+    second = announced if next_order == "as announced" else [4, 2, 0, 1, 3, 5]
+    try:
+        batches = cache.batches(first, 1, torch.float32, depth=2, then=announced)
+        got = [_kept(next(batches)) for _ in first]
+        batches.producer.thread.join(timeout=60)  # its lookahead is done
+        assert [g for g, _ in batches.producer.ahead] == [[5], [3]]
+        batches = cache.batches(second, 1, torch.float32, depth=2)
+        got += [_kept(next(batches)) for _ in second]
+    finally:
+        batches.close()
+        cache.close()
+    for b, i in zip(got, first + second):
+        assert all(torch.equal(b[k], plain[i][k]) for k in plain[i]), i
+    reused = 2 if next_order == "as announced" else 0  # the announced first two, or none
+    assert prepared == [[i] for i in first] + [[5], [3]] + [[i] for i in second[reused:]]
+
+
 def _rank_worker(rank: int, world: int, init: str, store: str, cache_dir: str, out: str) -> None:
     import torch.distributed as dist
 

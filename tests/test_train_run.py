@@ -233,3 +233,15 @@ def test_compiled_modality_modules_train_like_eager_and_save_the_same_checkpoint
     assert compiled.keys() == eager.keys()
     for k, v in eager.items():
         torch.testing.assert_close(compiled[k], v, rtol=1e-3, atol=1e-4, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def test_a_run_from_the_host_cache_ends_with_the_store_runs_weights(tmp_path, train_config, reference_run):
+    """``data.cache=host`` (each epoch's first batches prepared during the previous epoch, across
+    the change of phase) feeds the same batches in the same order as the store's DataLoader:
+    the deterministic run ends with the same weights."""
+    run, shm = tmp_path / "run", tmp_path / "shm"
+    shm.mkdir()
+    ok(launch(train_config, run, "deterministic=true", "data.cache=host", f"data.cache_dir={shm}"), "completed")
+    cached, eager = final_weights(run), final_weights(reference_run)
+    for k, v in eager.items():
+        assert torch.equal(cached[k], v), k

@@ -301,15 +301,23 @@ class CohortCache:
         return scaled_float32(raw, sc.slope, sc.inter)
 
     # ------------------------------------------------------------------ training batches
-    def batches(self, indices: Iterable[int], batch_size: int, dtype: torch.dtype, depth: int = 2) -> "Batches":
+    def batches(self, indices: Iterable[int], batch_size: int, dtype: torch.dtype, depth: int = 2,
+                then: Iterable[int] | None = None) -> "Batches":
         """Batches of ``batch_size`` dataset indices (the last partial one dropped), on the device in
         ``dtype``, prepared ``depth`` ahead by a background thread: see :class:`Batches`. One
         iterator at a time: starting one stops the previous (each epoch starts a new one), whose
-        buffers the new one reuses."""
+        buffers the new one reuses.
+
+        ``then``: the indices the *next* iterator will most likely be asked for (the next epoch's
+        order). Once this one's batches are prepared, the thread prepares the first ``depth`` of
+        those too, and the next iterator starts with them where its batches begin the same way
+        (else they are dropped): an epoch then starts without waiting for its first batch, which
+        with a few steps per epoch per rank was most of the data wait."""
         previous = getattr(self, "_producer", None)
         if previous is not None:
-            previous.stop()  # its thread has ended: its buffers are free
-        it = Batches(self, indices, batch_size, dtype, depth, previous.buffers() if previous is not None else None)
+            previous.stop()  # its thread has ended: its buffers are free, its lookahead is done
+        it = Batches(self, indices, batch_size, dtype, depth, previous.handover() if previous is not None else None,
+                     then)
         self._producer = it.producer  # not the iterator: dropping that still stops the thread
         return it
 
@@ -385,11 +393,10 @@ class Batches:
     """
 
     def __init__(self, cache: CohortCache, indices: Iterable[int], batch_size: int, dtype: torch.dtype, depth: int,
-                 buffers: tuple[list, list, int] | None = None):
-        order = list(indices)
-        groups = [order[i:i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)]
+                 handover: "Handover | None" = None, then: Iterable[int] | None = None):
         self.device = cache.device
-        self.producer = _Producer(cache, groups, dtype, depth, buffers)
+        lookahead = _groups(then, batch_size)[:depth] if then is not None else []
+        self.producer = _Producer(cache, _groups(indices, batch_size), dtype, depth, handover, lookahead)
         # the thread holds the producer, not this iterator: dropping the iterator stops it
         weakref.finalize(self, self.producer.stopped.set)
         self.producer.thread.start()
@@ -420,17 +427,40 @@ class Batches:
         self.producer.stop()
 
 
+def _groups(indices: Iterable[int], batch_size: int) -> list[list[int]]:
+    """Consecutive groups of ``batch_size`` indices; a last partial group is dropped."""
+    order = list(indices)
+    return [order[i:i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)]
+
+
+@dataclass
+class Handover:
+    """What an ended :class:`_Producer` leaves to the next one of the same cache."""
+
+    pinned: list
+    outputs: list
+    next_slot: int
+    ready: list
+    """``(group, (batch, event))`` prepared ahead for the next iterator, in order."""
+
+
 class _Producer:
     """The batch-preparing side of :class:`Batches`. On CUDA a ``host`` batch is gathered into one of
     ``depth + 2`` reused pinned buffers (refilled only after the event of its last copy fired),
-    copied on a side stream and scaled there."""
+    copied on a side stream and scaled there. After its own batches it prepares the ``lookahead``
+    groups (at most ``depth``) for the next producer (:meth:`handover`)."""
 
     def __init__(self, cache: CohortCache, groups: list[list[int]], dtype: torch.dtype, depth: int,
-                 buffers: tuple[list, list, int] | None = None):
+                 handover: Handover | None = None, lookahead: list[list[int]] | None = None):
         self.cache, self.groups, self.dtype = cache, groups, dtype
         self.cuda = cache.device.type == "cuda"
         self.stream = torch.cuda.Stream(cache.device) if self.cuda else None
-        pinned, outputs, next_slot = buffers or ([], [], 0)
+        handover = handover or Handover([], [], 0, [])
+        pinned, outputs, next_slot = handover.pinned, handover.outputs, handover.next_slot
+        self.ready = handover.ready
+        self.lookahead = lookahead or []
+        self.ahead: list = []
+        """``(group, item)`` prepared from ``lookahead``."""
         slots = depth + 2
         self.next_slot = next_slot % slots
         self.pinned: list[dict[str, torch.Tensor]] = (pinned + [{} for _ in range(slots)])[:slots]
@@ -455,10 +485,11 @@ class _Producer:
         if self.stream is not None:
             self.stream.synchronize()  # copies out of the pinned buffers have landed: the next iterator may refill them
 
-    def buffers(self) -> tuple[list, list, int]:
-        """The pinned and output buffers and the next slot, for the next iterator of the same cache
-        (this one has ended; its last batch, still held by the consumer, is left alone the longest)."""
-        return self.pinned, self.outputs, self.next_slot
+    def handover(self) -> Handover:
+        """The pinned and output buffers, the next slot and the batches prepared ahead, for the next
+        iterator of the same cache (this one has ended; its last batch, still held by the consumer,
+        is left alone the longest)."""
+        return Handover(self.pinned, self.outputs, self.next_slot, self.ahead)
 
     def _put(self, item) -> bool:
         while not self.stopped.is_set():
@@ -473,14 +504,32 @@ class _Producer:
         try:
             if self.cuda:
                 torch.cuda.set_device(self.cache.device)
-            for group in self.groups:
-                slot = self.next_slot
-                self.next_slot = (slot + 1) % len(self.pinned)
-                if self.stopped.is_set() or not self._put(self._prepare(slot, group)):
+            # batches the previous producer prepared ahead, while they match this one's (in slot order)
+            reused = 0
+            for group, item in self.ready:
+                if reused == len(self.groups) or group != self.groups[reused]:
+                    break
+                if self.stopped.is_set() or not self._put(item):
                     return
-            self._put(_END)
+                reused += 1
+            self.ready = []
+            for group in self.groups[reused:]:
+                if self.stopped.is_set() or not self._put(self._prepare(self._take_slot(), group)):
+                    return
+            if not self._put(_END):
+                return
+            for group in self.lookahead:  # the next iterator's first batches, while this one's are used
+                if self.stopped.is_set():
+                    return
+                self.ahead.append((group, self._prepare(self._take_slot(), group)))
         except BaseException as e:  # noqa: BLE001 - re-raised in the training thread by Batches.__next__
+            self.ahead = []
             self._put(e)
+
+    def _take_slot(self) -> int:
+        slot = self.next_slot
+        self.next_slot = (slot + 1) % len(self.pinned)
+        return slot
 
     def _on_side_stream(self):
         return torch.cuda.stream(self.stream) if self.cuda else contextlib.nullcontext()

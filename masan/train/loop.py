@@ -23,6 +23,7 @@ throughput, each rank's data wait and the peak memory are logged; every
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import math
@@ -262,7 +263,10 @@ def make_loader(p: LoopParts, sampler, epoch: int, cache=None, augment: Augment 
     (seed, epoch, subject index): the same draws on either path, after a resume, at any worker count."""
     d = p.cfg.data
     if cache is not None:
-        batches = cache.batches(sampler, p.cfg.optim.micro_batch, DTYPES[p.cfg.train.precision], d.prefetch_factor)
+        following = copy.copy(sampler)  # the next epoch's order, prepared ahead at this one's end
+        following.set_epoch(epoch + 1, start=0)
+        batches = cache.batches(sampler, p.cfg.optim.micro_batch, DTYPES[p.cfg.train.precision], d.prefetch_factor,
+                                then=following)
         return batches if augment is None else (augment.batch(b, epoch) for b in batches)
     g = torch.Generator()
     g.manual_seed(p.cfg.seed + epoch)
