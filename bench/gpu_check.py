@@ -16,8 +16,12 @@ leaves figures), in order of value:
 4. ``deepspeed``: 30 optimizer steps of the real training entry point (launch/train_local.py,
    DeepSpeed with torch.optim Adam: nothing is JIT-compiled) on that cohort with
    ``data.cache=host``, and the data-wait fraction it logs (``train/data_wait_frac``).
-5. ``compile``: the micro-batch-1 rows again under ``torch.compile`` (compile time excluded, as
-   warm-up), last because compiling costs minutes.
+5. ``compile``: the micro-batch-1 rows again with ``model.compile`` (sPM and fPM compiled as
+   training compiles them; compile time excluded, as warm-up), last because compiling costs
+   minutes (about 1.5-2.5 on an H100 host).
+
+``--set model.compile=true`` (any ``key=value``) changes the config of every section, the
+DeepSpeed run's included.
 
 Every row and section is guarded: an out-of-memory or any error prints as that row and the
 check goes on. A global budget (``--budget-s``, default 420 s) skips what would not finish in
