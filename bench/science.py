@@ -52,7 +52,7 @@ import numpy as np
 
 from masan.config import ConfigError, config_hash, load_config
 from masan.data import anatomy
-from masan.data.synth import add_shape_arguments
+from masan.data.synth import add_effect_arguments, add_shape_arguments
 from masan.files import atomic_write_json
 from masan.rundir import RunDir
 
@@ -341,13 +341,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), metavar="NAME",
                     help="variants to train (default all): " + ", ".join(VARIANTS))
     ap.add_argument("--per-class", type=int, default=None, help="subjects per class (default 16; --full 24)")
-    ap.add_argument("--structures", nargs="+", default=None, choices=sorted(anatomy.STRUCTURES), metavar="NAME",
-                    help="planted structures (synth_cohort's default: hippocampus amygdala)")
-    ap.add_argument("--strength", nargs="+", type=float, default=None, metavar="K",
-                    help="effect strength, one value or T1 fMRI (synth_cohort's default)")
-    ap.add_argument("--stages", nargs=4, type=float, default=None,
-                    metavar=("T1_START", "T1_END", "FMRI_START", "FMRI_END"),
-                    help="severity window of each modality's effect (synth_cohort's --stages)")
+    add_effect_arguments(ap)  # the cohort's planted effect, as data_tools/synth_cohort.py takes it
     ap.add_argument("--seed", type=int, default=0, help="cohort seed")
     add_shape_arguments(ap, {k: f"the config's model.{v}, for the cohort and the model" for k, v in
                              (("t1-shape", "t1_shape"), ("fmri-shape", "fmri_shape"), ("frames", "fmri_frames"))})

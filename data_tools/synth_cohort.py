@@ -31,7 +31,14 @@ from pathlib import Path
 
 from masan.config import ModelConfig
 from masan.data import anatomy
-from masan.data.synth import DEFAULT_CLASSES, DEFAULT_SEVERITY, PlantedEffect, add_shape_arguments, synthesize_cohort
+from masan.data.synth import (
+    DEFAULT_CLASSES,
+    DEFAULT_SEVERITY,
+    PlantedEffect,
+    add_effect_arguments,
+    add_shape_arguments,
+    synthesize_cohort,
+)
 
 FULL_FRAMES = ModelConfig().fmri_frames
 # Defaults per anatomy: subjects per class, T1 shape, fMRI shape, frames.
@@ -58,10 +65,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--full", action="store_true",
                    help=f"the paper's sizes: T1 {ModelConfig().t1_shape}, "
                    f"fMRI {ModelConfig().fmri_shape} x {FULL_FRAMES}")
-    p.add_argument("--strength", nargs="+", type=float, default=None, metavar="K",
-                   help="effect at severity 1 (phantom: one value, default %s; mni152: one value for both "
-                        "modalities or T1 and fMRI, default %s %s)" % ((PlantedEffect.strength,)
-                                                                       + anatomy.DEFAULT_STRENGTH))
     p.add_argument("--tr", type=float, default=2.0, help="repetition time in seconds (header)")
     p.add_argument("--seed", type=int, default=0)
     ph = p.add_argument_group("phantom")
@@ -71,20 +74,13 @@ def main(argv: list[str] | None = None) -> int:
     ph.add_argument("--radius", type=float, default=None,
                     help=f"ball radius, fraction of each axis (default {PlantedEffect.radius})")
     mn = p.add_argument_group("mni152")
-    mn.add_argument("--structures", nargs="+", default=None, choices=sorted(anatomy.STRUCTURES), metavar="NAME",
-                    help="structures carrying the effect (default: hippocampus amygdala); one of "
-                         + ", ".join(sorted(anatomy.STRUCTURES)))
+    add_effect_arguments(p, mn)
     mn.add_argument("--fmri-effect", nargs="*", default=None, choices=list(anatomy.FMRI_EFFECTS),
                     help="planted fMRI effects: amplitude (fluctuations damped in the structures) and/or "
                          "connectivity (structures decoupled from the partner network); default both, "
                          "none given: T1 effect only")
     mn.add_argument("--severity-sd", type=float, default=None,
                     help="per-subject severity jitter, N(0, SD) clipped to [0, 1] (default 0.15)")
-    mn.add_argument("--stages", nargs=4, type=float, default=None,
-                    metavar=("T1_START", "T1_END", "FMRI_START", "FMRI_END"),
-                    help="severity window over which each modality's effect rises from 0 to full (default "
-                         "0 1 0 1: both alike); e.g. 0.33 1 0 0.67: fMRI changes before atrophy, as in the "
-                         "amyloid-cascade model, so fMRI separates the early classes and T1 the late ones")
     mn.add_argument("--partner", default=None, choices=sorted(anatomy.STRUCTURES), metavar="NAME",
                     help="partner network for the connectivity effect (default: first of "
                          f"{', '.join(anatomy.PARTNER_CHOICES)} not planted)")

@@ -114,6 +114,27 @@ def add_shape_arguments(parser, defaults: dict[str, str]) -> None:
     parser.add_argument("--frames", type=int, default=None, help=f"fMRI frames per run (default: {defaults['frames']})")
 
 
+def add_effect_arguments(parser, anatomy_group=None) -> None:
+    """The planted effect's ``--strength``, ``--structures`` and ``--stages`` options of the cohort
+    tools (None when not given: the generators' defaults); the two MNI152-only ones go into
+    ``anatomy_group`` (default ``parser``)."""
+    from masan.data import anatomy  # here: anatomy imports this module
+
+    group = anatomy_group or parser
+    parser.add_argument("--strength", nargs="+", type=float, default=None, metavar="K",
+                        help="effect at severity 1 (phantom: one value, default %s; mni152: one value for both "
+                             "modalities or T1 and fMRI, default %s %s)" % ((PlantedEffect.strength,)
+                                                                            + anatomy.DEFAULT_STRENGTH))
+    group.add_argument("--structures", nargs="+", default=None, choices=sorted(anatomy.STRUCTURES), metavar="NAME",
+                       help="structures carrying the effect (default: hippocampus amygdala); one of "
+                            + ", ".join(sorted(anatomy.STRUCTURES)))
+    group.add_argument("--stages", nargs=4, type=float, default=None,
+                       metavar=("T1_START", "T1_END", "FMRI_START", "FMRI_END"),
+                       help="severity window over which each modality's effect rises from 0 to full (default "
+                            "0 1 0 1: both alike); e.g. 0.33 1 0 0.67: fMRI changes before atrophy, as in the "
+                            "amyloid-cascade model, so fMRI separates the early classes and T1 the late ones")
+
+
 def _grid(shape: tuple[int, int, int]) -> list[np.ndarray]:
     return np.meshgrid(*[(np.arange(n) + 0.5) / n - 0.5 for n in shape], indexing="ij")
 
