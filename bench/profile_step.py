@@ -76,6 +76,9 @@ VARIANTS: list[tuple[str, dict, dict, int]] = [
     ("current, mb2", {}, {}, 2),
     ("current, checkpointing", {"activation_checkpointing": True}, {}, 1),
     ("current, torch.compile", {"compile": True}, {}, 1),
+    # inductor keeps 3-D convs in NCDHW (12 of 68 ms are cuDNN's layout conversions); fed
+    # channels_last_3d, its GroupNorm and elementwise kernels follow that layout
+    ("current, torch.compile, channels_last", {"compile": True, "channels_last": True}, {}, 1),
 ]
 """Each row changes the step as the config (``--set``) gives it, then one setting; cuDNN
 autotuning (``torch.backends.cudnn.benchmark``) changed nothing on an H200 (docs/performance.md)."""
