@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from masan.config import ConfigError, load_config
 from masan.train.engine import (
@@ -19,7 +20,7 @@ from masan.train.engine import (
     main,
     readme_markdown,
 )
-from masan.train.loop import ResumableSampler, steps_left
+from masan.train.loop import ResumableSampler, check_grad_norm, steps_left
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -34,10 +35,34 @@ def test_deepspeed_config_follows_the_run_config():
     assert ds["gradient_clipping"] == 0.5
     assert ds["zero_optimization"]["stage"] == 2
     assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
+    # bf16 steps without DeepSpeed's per-tensor inf/NaN scan (the loop checks the norm instead)
+    assert ds["bf16"]["check_grad_overflow"] is False
     fp32 = deepspeed_config(load_config(None, ["train.precision=fp32"]), 1)
     assert not fp32["bf16"]["enabled"] and not fp32["fp16"]["enabled"]
     fp16 = deepspeed_config(load_config(None, ["train.precision=fp16"]), 1)
-    assert fp16["fp16"] == {"enabled": True, "loss_scale": 0}
+    assert fp16["fp16"] == {"enabled": True, "loss_scale": 0}  # the loss scaler keeps its overflow scan
+    assert "check_grad_overflow" not in fp16["bf16"]
+
+
+class _Stepped:
+    """What :func:`check_grad_norm` reads of an engine after its optimizer step."""
+
+    def __init__(self, norm, applied: bool = True):
+        self.norm, self.applied = norm, applied
+
+    def get_global_grad_norm(self):
+        return self.norm
+
+    def was_step_applied(self) -> bool:
+        return self.applied
+
+
+def test_a_non_finite_gradient_norm_stops_the_run_naming_step_rank_and_fixes():
+    assert check_grad_norm(_Stepped(torch.tensor(2.5)), 9, "joint", 0) == 2.5
+    assert check_grad_norm(_Stepped(None), 9, "joint", 0) is None  # no clipping: DeepSpeed computed none
+    assert check_grad_norm(_Stepped(math.inf, applied=False), 9, "joint", 0) == math.inf  # fp16: skipped, not lost
+    with pytest.raises(FloatingPointError, match=r"joint gradient norm is nan at step 10 on rank 3.*optim.lr"):
+        check_grad_norm(_Stepped(torch.tensor(float("nan"))), 9, "joint", 3)
 
 
 def test_zero_buckets_capped_at_model_size_and_aligned():
