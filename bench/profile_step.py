@@ -111,19 +111,20 @@ def fast_paths(device: torch.device, outconv: str, pointwise: str, fold: bool, r
         regions._BlockMax = saved[1]
 
 
-def _row(cfg, batch: int, compiled: bool = False) -> Row:
+def _row(cfg, batch: int) -> Row:
     m = cfg.model
-    return Row(m.arch, batch, ckpt=m.activation_checkpointing, channels_last=m.channels_last, compiled=compiled)
+    return Row(m.arch, batch, ckpt=m.activation_checkpointing, channels_last=m.channels_last, compiled=m.compile)
 
 
-def _timed(cfg, batch: int, args, budget: Budget, section: str, name: str, compiled: bool = False) -> None:
+def _timed(cfg, batch: int, args, budget: Budget, section: str, name: str) -> None:
+    compiled = cfg.model.compile
     if budget.left() < args.min_left:
         note(section, name, f"skipped: {budget.left():.0f} s left of the budget")
         return
     try:
         budget.alarm()
         t0 = time.perf_counter()
-        ms, peak = measure_model(cfg, _row(cfg, batch, compiled), args.device, args.dtype, args.warmup, args.steps,
+        ms, peak = measure_model(cfg, _row(cfg, batch), args.device, args.dtype, args.warmup, args.steps,
                                  args.compile_backend)
         extra = f"with warm-up and compile {time.perf_counter() - t0:.0f} s" if compiled else ""
         emit(section, name, f"{ms:.1f}", f"{peak:.2f}", f"{peak / batch:.2f}", extra)
@@ -202,12 +203,10 @@ def variant_section(cfg, args, budget: Budget) -> None:
         if wanted is not None and name not in wanted:
             continue
         c = copy.deepcopy(cfg)
-        compiled = overrides.get("compile", False)
         for k, v in overrides.items():
-            if k != "compile":
-                setattr(c.model, k, v)
+            setattr(c.model, k, v)
         with fast_paths(args.device, **{**CURRENT, **paths}):
-            _timed(c, batch, args, budget, "variant", name, compiled)
+            _timed(c, batch, args, budget, "variant", name)
 
 
 def engine_section(cfg, args, budget: Budget) -> None:
@@ -251,21 +250,24 @@ def _engine_rows(cfg, args, name: str, compiled: bool) -> None:
             "fmri": torch.randn(1, m.fmri_frames, *m.fmri_shape, device=device, dtype=args.dtype)}
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     split = {"forward": 0.0, "backward": 0.0, "step": 0.0}
+    lap_start = [0.0]
+
+    def lap(part: str | None) -> None:
+        """With ``part``: synchronise and add the seconds since the last lap to ``split[part]``."""
+        if part is not None:
+            sync()
+            split[part] += time.perf_counter() - lap_start[0]
+        lap_start[0] = time.perf_counter()
 
     def step(read_back: bool, timed: bool = False) -> None:
-        t = time.perf_counter()
+        lap(None)
         out = engine(t1=data["t1"], fmri=data["fmri"])
         loss = masan_loss(out, data, cfg.loss, "joint")
-        if timed:
-            sync(), split.__setitem__("forward", split["forward"] + time.perf_counter() - t)
-            t = time.perf_counter()
+        lap("forward" if timed else None)
         engine.backward(loss["total"])
-        if timed:
-            sync(), split.__setitem__("backward", split["backward"] + time.perf_counter() - t)
-            t = time.perf_counter()
+        lap("backward" if timed else None)
         engine.step()
-        if timed:
-            sync(), split.__setitem__("step", split["step"] + time.perf_counter() - t)
+        lap("step" if timed else None)
         if read_back:  # as masan.train.loop.train: every term and the finiteness check, every step
             _ = [float(v.detach()) for v in loss.values()], bool(torch.isfinite(loss["total"].detach()))
 

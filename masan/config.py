@@ -229,9 +229,9 @@ class ModelConfig:
     compile: bool = field(default=False, metadata=PLUMBING)
     """Training compiles the modality modules (sPM, fPM: the autoencoders and their region
     pooling, nearly all of a step's time; the H-FCN's patch encoder) with ``torch.compile``, in
-    place (checkpoints are unchanged). On an H100 at full resolution (bf16) 82 -> 68 ms per
-    sample, after about 2.5 minutes of compiling when a run starts or resumes
-    (docs/performance.md); on the CPU the compile takes minutes even for the tiny model."""
+    place (checkpoints are unchanged). On an H100 at full resolution (bf16) a DeepSpeed step
+    goes 92.5 -> 81.8 ms per sample, after about 105 s of compiling when a run starts or
+    resumes (docs/performance.md); on the CPU the compile takes minutes even for the tiny model."""
     compile_backend: str = field(default="inductor", metadata=PLUMBING)
     """The ``torch.compile`` backend of ``compile``: ``inductor`` (generated kernels), or
     ``aot_eager`` (traced, nothing generated: checks that the model compiles, as the tests do)."""
