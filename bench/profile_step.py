@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Where one full-resolution training step of MASAN spends its time (issue 9, item 5).
 
-Three sections, each line printed (flushed) as soon as it is measured, so a timeout still
+Five sections, each line printed (flushed) as soon as it is measured, so a timeout still
 leaves figures:
 
 1. ``split``: forward + loss + backward + Adam step per sample of the paper's model with only
@@ -13,11 +13,14 @@ leaves figures:
 3. ``profile``: one step of the whole model under ``torch.profiler``: the operators with the
    most self time on the device (CUDA kernels; the CPU with ``--device cpu``), then the same
    split by input shape, so a slow kernel is tied to the layer that calls it.
-4. ``engine``: the step inside the real DeepSpeed engine (``build_engine``, the config's ZeRO
+4. ``layout``: one eager step with ``model.channels_last`` under a dispatch mode that lists
+   every operator writing an NCDHW tensor from a channels-last input (a layout conversion).
+5. ``engine``: the step inside the real DeepSpeed engine (``build_engine``, the config's ZeRO
    stage and precision, one rank, synthetic inputs already on the device), eager and under
    ``torch.compile``: per sample as the training loop runs it (the loss terms read back every
    step), without those read-backs, and split into forward, backward and optimizer step
-   (synchronised between them); then the optimizer step's operators by host time.
+   (synchronised between them); then the optimizer step's operators by host time. ``--engines``
+   picks the rows (``compiled+channels_last``: both settings on).
 
     python bench/profile_step.py              # on the GPU machine, paper.yaml, bf16 (see bench/gpu_check.sh)
     python bench/profile_step.py --tiny       # CPU-sized shapes, the same code paths (tests)
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import signal
 import sys
 import time
@@ -35,6 +39,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # bench.gpu_check and masan import with the repository as the only path entry
@@ -209,26 +215,91 @@ def variant_section(cfg, args, budget: Budget) -> None:
             _timed(c, batch, args, budget, "variant", name)
 
 
+class LayoutAudit(TorchDispatchMode):
+    """Counts the operators that turn a channels-last input into a new NCDHW tensor (views
+    excluded): with ``model.channels_last`` each is a layout conversion the step pays for,
+    and an NCDHW tensor fed to cuDNN's bf16 conv costs two more."""
+
+    def __init__(self):
+        super().__init__()
+        self.found: dict[tuple[str, tuple[int, ...]], int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        ins = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        if any(blocks.is_channels_last(t) for t in ins):
+            shared = {t.untyped_storage().data_ptr() for t in ins}
+            for t in tree_flatten(out)[0]:
+                if (isinstance(t, torch.Tensor) and t.dim() == 5 and t.shape[1] > 1 and math.prod(t.shape[2:]) > 1
+                        and t.is_contiguous() and t.untyped_storage().data_ptr() not in shared):
+                    key = (str(func.overloadpacket.__name__), tuple(t.shape))
+                    self.found[key] = self.found.get(key, 0) + 1
+        return out
+
+
+def layout_section(cfg, args, budget: Budget) -> None:
+    """One eager forward + backward with ``model.channels_last`` on (the fast paths as
+    :data:`CURRENT`) under :class:`LayoutAudit`; prints each converting operator, by output shape."""
+    if budget.left() < args.min_left:
+        note("layout", "-", f"skipped: {budget.left():.0f} s left of the budget")
+        return
+    device, dtype, m = args.device, args.dtype, copy.deepcopy(cfg.model)
+    m.channels_last, m.compile = True, False
+    try:
+        budget.alarm()
+        torch.manual_seed(0)
+        model = build_model(m, 2).to(device=device, dtype=dtype).train()
+        data = {"label": torch.zeros(1, dtype=torch.long, device=device),
+                "t1": torch.randn(1, 1, *m.t1_shape, device=device, dtype=dtype),
+                "fmri": torch.randn(1, m.fmri_frames, *m.fmri_shape, device=device, dtype=dtype)}
+        audit = LayoutAudit()
+        with fast_paths(device, **CURRENT), audit:
+            masan_loss(model(t1=data["t1"], fmri=data["fmri"]), data, cfg.loss, "joint")["total"].backward()
+        rows = sorted(audit.found.items(), key=lambda kv: -kv[1] * math.prod(kv[0][1]))
+        total = sum(n * math.prod(shape) for (_, shape), n in rows) * torch.finfo(dtype).bits / 8 / 2**30
+        print(f"layout: {len(rows)} operator/shape pairs write NCDHW from channels-last, "
+              f"{total:.2f} GiB written in all", flush=True)
+        for (op, shape), n in rows[:args.top]:
+            print(f"layout: {n:4d} x {op:32s} -> {shape}", flush=True)
+    except Exception as e:  # noqa: BLE001
+        note("layout", "-", f"error: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+        traceback.print_exc()
+    finally:
+        signal.alarm(0)
+        _free(device)
+
+
+ENGINE_FLAGS = {"compiled": "compile", "channels_last": "channels_last"}
+"""``--engines`` kinds are ``eager`` or flags joined by ``+`` (``compiled+channels_last``), each
+turning one model setting on."""
+
+
 def engine_section(cfg, args, budget: Budget) -> None:
-    for compiled in [kind == "compiled" for kind in args.engines.split(",")]:
-        name = "engine" + (", torch.compile" if compiled else "")
+    for kind in args.engines.split(","):
+        flags = [] if kind == "eager" else kind.split("+")
+        if any(f not in ENGINE_FLAGS for f in flags):
+            raise SystemExit(f"--engines: {kind!r} is not 'eager' or a '+'-joined set of {sorted(ENGINE_FLAGS)}")
+        name = "engine" + "".join(f", {'torch.compile' if f == 'compiled' else f}" for f in flags)
         if budget.left() < args.min_left:
             note("engine", name, f"skipped: {budget.left():.0f} s left of the budget")
             continue
+        c = copy.deepcopy(cfg)
+        for f in flags:
+            setattr(c.model, ENGINE_FLAGS[f], True)
         try:
             budget.alarm()
-            _engine_rows(copy.deepcopy(cfg), args, name, compiled)
+            _engine_rows(c, args, name)
         except Exception as e:  # noqa: BLE001
             note("engine", name, f"error: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
             traceback.print_exc()
         finally:
             signal.alarm(0)
             _free(args.device)
-            if compiled:
+            if c.model.compile:
                 torch._dynamo.reset()
 
 
-def _engine_rows(cfg, args, name: str, compiled: bool) -> None:
+def _engine_rows(cfg, args, name: str) -> None:
     """Rows of :func:`engine_section` for one engine (micro-batch 1)."""
     from masan.train import distributed as D
     from masan.train.engine import LRSchedule, build_engine
@@ -242,7 +313,7 @@ def _engine_rows(cfg, args, name: str, compiled: bool) -> None:
     torch.manual_seed(0)
     peak_memory(device)
     model = build_model(m, 4)
-    if compiled:  # as training compiles it (model.compile)
+    if m.compile:  # as training compiles it
         compile_modality_modules(model, args.compile_backend)
     engine = build_engine(model, cfg, 1, LRSchedule(cfg.optim))
     data = {"label": torch.zeros(1, dtype=torch.long, device=device),
@@ -315,11 +386,13 @@ def main(argv: list[str] | None = None) -> int:
     ap = device_parser(__doc__, 300.0)
     ap.add_argument("--top", type=int, default=25, help="operators listed by the profile")
     ap.add_argument("--trace", type=Path, default=None, help="also write the profile as a Chrome trace here")
-    ap.add_argument("--sections", default="split,variant,profile,engine", help="comma-separated sections to run")
+    ap.add_argument("--sections", default="split,variant,profile,layout,engine",
+                    help="comma-separated sections to run")
     ap.add_argument("--variants", default="",
                     help="names of the variant rows to run, separated by ; (default: all), e.g. 'current;current, mb2'")
     ap.add_argument("--engines", default="eager,compiled",
-                    help="the engine section's rows: eager, compiled or both (comma-separated)")
+                    help="the engine section's rows, comma-separated: eager, or model settings turned on "
+                         "joined by + (compiled, channels_last), e.g. 'compiled,compiled+channels_last'")
     args = ap.parse_args(argv)
     resolve_device(args)
     args.dtype = PRECISION_DTYPES[args.precision]
@@ -335,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     sections = args.sections.split(",")
     t0 = time.monotonic()
     for name, fn in (("split", split_section), ("variant", variant_section), ("profile", profile_section),
-                     ("engine", engine_section)):
+                     ("layout", layout_section), ("engine", engine_section)):
         if name in sections:
             fn(cfg, args, budget)
     print(f"profile_step done, {time.monotonic() - t0:.0f} s", flush=True)

@@ -225,7 +225,11 @@ class ModelConfig:
     activation_checkpointing: bool = False
     """Recompute each encoder/decoder block in backward (torch.utils.checkpoint, non-reentrant)."""
     channels_last: bool = False
-    """Use torch.channels_last_3d memory format (faster convs on GPUs)."""
+    """Lay the patches' and volumes' activations out as ``torch.channels_last_3d`` (NDHWC) from
+    the input on: cuDNN runs bf16 3-D convs natively in that layout (NCDHW costs a conversion
+    around each, 12 ms of an 82 ms step on an H100) and the fast paths keep it. Eager CUDA
+    GroupNorm converts back, so it is meant with ``model.compile`` (inductor's norm follows the
+    layout); not yet measured on a GPU with the layout kept end to end (docs/performance.md)."""
     compile: bool = field(default=False, metadata=PLUMBING)
     """Training compiles the modality modules (sPM, fPM: the autoencoders and their region
     pooling, nearly all of a step's time; the H-FCN's patch encoder) with ``torch.compile``, in

@@ -59,7 +59,8 @@ def test_tiny_profile_prints_every_variant_and_the_top_operators(tmp_path):
     site.mkdir()
     (site / "sitecustomize.py").write_text(BLOCKER.format(absent=set(ABSENT_ON_GPU_MACHINE)))
     env = dict(os.environ, PYTHONPATH=f"{site}{os.pathsep}{REPO}", PYTHONUNBUFFERED="1")
-    res = subprocess.run([sys.executable, str(REPO / "bench/profile_step.py"), "--tiny"], env=env, cwd=tmp_path,
+    res = subprocess.run([sys.executable, str(REPO / "bench/profile_step.py"), "--tiny",
+                          "--engines", "eager,compiled+channels_last"], env=env, cwd=tmp_path,
                          capture_output=True, text=True, timeout=600, check=False)
     out = res.stdout
     assert res.returncode == 0, out[-3000:] + res.stderr[-3000:]
@@ -71,9 +72,12 @@ def test_tiny_profile_prints_every_variant_and_the_top_operators(tmp_path):
     assert "error" not in out and "skipped" not in out, out
     assert all(float(r[2]) > 0 for r in split_variant), rows  # ms/sample measured
     assert "aten::convolution_backward" in out and "by input shape" in out, out
-    # the step inside the DeepSpeed engine, eager and compiled: as the loop runs it, then split
+    assert re.search(r"^layout: \d+ operator/shape pairs write NCDHW from channels-last", out, re.M), out
+    # the step inside the DeepSpeed engine, eager and compiled with channels-last activations
+    # (DeepSpeed broadcasts parameters as bytes: channels-last weights failed there): as the
+    # loop runs it, then split
     engine = {r[1]: r for r in rows if r[0] == "engine"}
-    for name in ("engine", "engine, torch.compile"):
+    for name in ("engine", "engine, torch.compile, channels_last"):
         assert float(engine[f"{name}: as the loop (loss read back every step)"][2]) > 0, out
         assert "forward" in engine[f"{name}: split"][-1] and "step" in engine[f"{name}: split"][-1], out
     assert "the optimizer step's operators by host time" in out, out

@@ -172,3 +172,48 @@ def test_compiled_modality_modules_give_the_eager_values_and_gradients():
         loss.backward()
     for (name, a), b in zip(eager.named_parameters(), compiled.parameters()):
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-9, atol=1e-12, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def _layout_cases():
+    """Each fast path as ``(name, fn(x, skip) -> y, whether y is a feature map)``: pooled cells
+    only go to the region features (one gathering copy) and the reconstruction to the loss
+    (NCDHW, as its target), so for those only the input gradients count."""
+    torch.manual_seed(0)
+    conv, narrow = PointwiseConv3d(6, 5).double(), NarrowConv3d(6, 1).double()
+    folded = OutputStage(6, 6, 3).double()
+    return [
+        ("pointwise", lambda x, skip: conv(x), True),
+        ("trilinear", lambda x, skip: trilinear(x, (7, 10, 12)), True),
+        ("block mean", lambda x, skip: _pool(x, (2, 2, 2), "avg", reshaped=True), False),
+        ("block max", lambda x, skip: _pool(x, (2, 2, 2), "max", reshaped=True), False),
+        ("narrow conv taps", lambda x, skip: narrow(x), False),
+        ("folded output stage", lambda x, skip: folded(x, skip), False),
+    ]
+
+
+@pytest.mark.parametrize("case", range(6))
+def test_fast_paths_keep_a_channels_last_input_channels_last(case, monkeypatch):
+    """With ``model.channels_last`` the step pays only if nothing converts back to NCDHW between
+    the 3x3x3 convs (cuDNN runs those natively in channels-last; inductor's GroupNorm follows
+    the layout): each fast path, on the CUDA settings, gives the NCDHW values and gradients,
+    its output feature map channels-last (where it has several channels) and its input
+    gradient too."""
+    for table, value in ((blocks.POINTWISE, "bmm"), (NarrowConv3d.STRATEGY, "taps"), (OutputStage.FOLD, True)):
+        monkeypatch.setitem(table, "cpu", value)
+    name, fn, feature_map = _layout_cases()[case]
+    results = {}
+    for layout in (torch.contiguous_format, torch.channels_last_3d):
+        torch.manual_seed(1)
+        x = torch.randn(2, 6, 4, 6, 8, dtype=torch.float64).contiguous(memory_format=layout).requires_grad_()
+        skip = torch.randn(2, 6, 7, 10, 12, dtype=torch.float64).contiguous(memory_format=layout).requires_grad_()
+        out = fn(x, skip)
+        grad = torch.linspace(-1, 1, out.numel(), dtype=torch.float64).view_as(out)
+        results[layout] = (out, torch.autograd.grad(out, [x, skip], grad, allow_unused=True))
+    (ref, ref_grads), (got, got_grads) = results.values()
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-12, msg=lambda m: f"{name}: {m}")
+    if feature_map and got.shape[1] > 1:
+        assert blocks.is_channels_last(got), f"{name}: output {got.stride()} is not channels-last"
+    for g, w in zip(got_grads, ref_grads):
+        if w is not None:
+            torch.testing.assert_close(g, w, rtol=0, atol=1e-10, msg=lambda m: f"{name}: {m}")
+            assert blocks.is_channels_last(g), f"{name}: input gradient {g.stride()} is not channels-last"

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from masan.config import ModelConfig, load_config
@@ -38,8 +37,9 @@ def build_model(model_cfg: ModelConfig, num_classes: int) -> nn.Module:
     """The model ``model_cfg.arch`` names (``masan`` or ``hfcn``) for ``num_classes`` classes.
 
     ``forward(t1=(B, 1, X, Y, Z) | None, fmri=(B, T, x, y, z) | None) -> dict`` as described in
-    docs/architecture.md (section Model). Parameters are fp32; with ``channels_last`` the conv
-    weights use ``torch.channels_last_3d``.
+    docs/architecture.md (section Model). Parameters are fp32 and contiguous, also with
+    ``channels_last`` (which lays out the activations: a conv follows its input's layout, and
+    DeepSpeed refuses channels-last parameters: it broadcasts each one viewed as bytes).
     """
     if num_classes < 2:
         raise ValueError(f"num_classes={num_classes}: a classifier needs at least 2 classes (see data.classes)")
@@ -49,8 +49,6 @@ def build_model(model_cfg: ModelConfig, num_classes: int) -> nn.Module:
         model = MASAN(model_cfg, num_classes)
     else:
         raise ValueError(f"model.arch={model_cfg.arch!r}: use 'masan' or 'hfcn'")
-    if model_cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last_3d)
     return model
 
 

@@ -39,18 +39,40 @@ def conv3d(in_channels: int, out_channels: int, kernel_size: int = 3, stride: in
     return nn.Conv3d(in_channels, out_channels, kernel_size, stride=stride, padding=kernel_size // 2)
 
 
+def is_channels_last(x: torch.Tensor) -> bool:
+    """``x (N, C, D, H, W)`` is laid out NDHWC (``torch.channels_last_3d``), and not also NCDHW
+    (a tensor with one channel, or one voxel, is both)."""
+    return x.dim() == 5 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d)
+
+
+def voxels_last(x: torch.Tensor) -> torch.Tensor:
+    """A channels-last ``x (N, C, D, H, W)`` as its contiguous view ``(N, D, H, W, C)``: the fast
+    paths compute on it, so that their outputs and input gradients keep that layout (autograd
+    makes each gradient contiguous in the order of the view it flows back through)."""
+    return x.permute(0, 2, 3, 4, 1)
+
+
+def channels_first(y: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`voxels_last`: ``(N, D, H, W, C)`` -> the ``(N, C, D, H, W)`` view."""
+    return y.permute(0, 4, 1, 2, 3)
+
+
 POINTWISE = {"cuda": "bmm", "cpu": "conv"}
-"""How 1x1x1 convolutions (:func:`pointwise`) run per device type: ``bmm``: one matrix product
-per sample on its ``(C, D*H*W)`` view, which keeps the NCDHW layout; ``conv``: cuDNN/oneDNN,
-which for bf16 converts every input, output and gradient to channels-last and back (those
-conversions were 14 of 90 ms of a full-resolution step on an H100, docs/performance.md)."""
+"""How 1x1x1 convolutions (:func:`pointwise`) run per device type: ``bmm``: a matrix product
+in the input's layout (per sample on the ``(C, D*H*W)`` view of NCDHW; on the ``(N*D*H*W, C)``
+rows of channels-last, bias fused); ``conv``: cuDNN/oneDNN, which for bf16 NCDHW converts every
+input, output and gradient to channels-last and back (those conversions were 14 of 90 ms of a
+full-resolution step on an H100, docs/performance.md)."""
 
 
 def pointwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """A 1x1x1 convolution: ``x (N, C_in, D, H, W)``, ``weight (C_out, C_in)``, ``bias (C_out,)``
-    -> ``(N, C_out, D, H, W)``, by :data:`POINTWISE` for ``x``'s device (``bmm`` only on a
-    contiguous ``x``)."""
-    if POINTWISE.get(x.device.type, "conv") != "bmm" or not x.is_contiguous():
+    -> ``(N, C_out, D, H, W)`` in ``x``'s layout, by :data:`POINTWISE` for ``x``'s device
+    (``bmm`` on a contiguous or channels-last ``x``, else the conv)."""
+    mode = POINTWISE.get(x.device.type, "conv")
+    if mode == "bmm" and is_channels_last(x):
+        return channels_first(F.linear(voxels_last(x), weight, bias))
+    if mode != "bmm" or not x.is_contiguous():
         return F.conv3d(x, weight[..., None, None, None], bias)
     n, c, *spatial = x.shape
     # bmm, not matmul: matmul folds a 2-D weight times a batch into one mm with transposing copies
@@ -136,8 +158,10 @@ class NarrowConv3d(nn.Conv3d):
         return self.weight.reshape(out, cin, -1).transpose(1, 2).reshape(-1, cin)
 
     def sum_taps(self, per_tap: torch.Tensor) -> torch.Tensor:
-        """``(N, C_out * k^3, D, H, W)`` per-tap maps -> the convolution's output ``(N, C_out, D, H, W)``."""
-        y = _ShiftSum.apply(per_tap, self.out_channels, self.kernel_size[0])
+        """``(N, C_out * k^3, D, H, W)`` per-tap maps -> the convolution's output ``(N, C_out, D, H, W)``
+        (NCDHW: each tap's map is shifted as one plane; a channels-last input is made NCDHW
+        first, one copy, where its 27 strided slices would each read the whole map)."""
+        y = _ShiftSum.apply(per_tap.contiguous(), self.out_channels, self.kernel_size[0])
         # the bias in the maps' dtype, as a conv under autocast adds it (no fp32 promotion)
         return y if self.bias is None else y + self.bias.to(y.dtype).view(1, -1, 1, 1, 1)
 
@@ -228,15 +252,21 @@ def trilinear(x: torch.Tensor, size: tuple[int, int, int]) -> torch.Tensor:
     the values of ``F.interpolate(x, size, mode="trilinear")`` (to rounding), but a backward
     of matrix products instead of its scattered atomic adds, which took 46 of 141 ms of a
     full-resolution step on an H200 (2.5x faster on the CPU too; docs/performance.md).
-    ``(N, C, d, h, w)`` -> ``(N, C, *size)``.
+    ``(N, C, d, h, w)`` -> ``(N, C, *size)``, in ``x``'s layout (NCDHW or channels-last).
     """
     n, c, d, h, w = x.shape
     big_d, big_h, big_w = size
     # torch.compile traces the matrices' construction into its graph (constants there); eager reuses them
     weights = _linear_weights.__wrapped__ if torch.compiler.is_compiling() else _linear_weights
-    y = torch.matmul(x, weights(w, big_w, x.dtype, x.device).T)  # (N, C, d, h, W)
-    y = torch.matmul(weights(h, big_h, x.dtype, x.device), y)  # (N, C, d, H, W)
-    y = torch.matmul(weights(d, big_d, x.dtype, x.device), y.reshape(n, c, d, big_h * big_w))
+    m_d, m_h, m_w = (weights(a, b, x.dtype, x.device) for a, b in ((d, big_d), (h, big_h), (w, big_w)))
+    if is_channels_last(x):  # on the (N, d, h, w, C) view: each axis a matrix times (axis, rest) blocks
+        y = torch.matmul(m_w, voxels_last(x).reshape(n * d * h, w, c))  # (N*d*h, W, C)
+        y = torch.matmul(m_h, y.reshape(n * d, h, big_w * c))  # (N*d, H, W*C)
+        y = torch.matmul(m_d, y.reshape(n, d, big_h * big_w * c))  # (N, D, H*W*C)
+        return channels_first(y.reshape(n, big_d, big_h, big_w, c))
+    y = torch.matmul(x, m_w.T)  # (N, C, d, h, W)
+    y = torch.matmul(m_h, y)  # (N, C, d, H, W)
+    y = torch.matmul(m_d, y.reshape(n, c, d, big_h * big_w))
     return y.reshape(n, c, big_d, big_h, big_w)
 
 

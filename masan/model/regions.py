@@ -17,6 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from masan.model.blocks import channels_first, is_channels_last, voxels_last
+
 POOL_MODES = ("avg", "max")
 
 
@@ -81,22 +83,26 @@ class _BlockMax(torch.autograd.Function):
     """``(N, C, D, H, W)`` -> ``(N, C, *size)``: the max of each equal block, as max pooling gives
     it (one arg-max voxel per block takes the gradient). The backward writes the gradient to
     those voxels by index; differentiating ``amax`` instead splits it over ties with
-    full-resolution mask passes (~5 ms of a 90 ms step on an H100)."""
+    full-resolution mask passes (~5 ms of a 90 ms step on an H100). The gradient has ``x``'s
+    layout (NCDHW or channels-last): the index is a memory offset by ``x``'s strides."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
+        if not (x.is_contiguous() or is_channels_last(x)):
+            x = x.contiguous()
         n, c, *dims = x.shape
         b = [d // s for d, s in zip(dims, size)]
         blocks = block_view(x, size).permute(0, 1, 2, 4, 6, 3, 5, 7)
         values, idx = blocks.reshape(n, c, *size, -1).max(dim=-1)
-        # the arg-max as a flat index into x: block origin + offset inside the block
+        # the arg-max voxel: block origin + offset inside the block, per spatial axis
         axes = [torch.arange(s, device=x.device).view(*(-1 if i == a else 1 for i in range(3))) * bb
                 for a, (s, bb) in enumerate(zip(size, b))]
         offset = [idx // (b[1] * b[2]), (idx // b[2]) % b[1], idx % b[2]]
-        voxel = [axes[a] + offset[a] for a in range(3)]
-        plane = torch.arange(n * c, device=x.device).view(n, c, 1, 1, 1) * (dims[0] * dims[1] * dims[2])
-        ctx.save_for_backward(plane + (voxel[0] * dims[1] + voxel[1]) * dims[2] + voxel[2])
-        ctx.shape = x.shape
+        sn, sc, *sv = x.stride()
+        plane = (torch.arange(n, device=x.device).view(n, 1, 1, 1, 1) * sn
+                 + torch.arange(c, device=x.device).view(1, c, 1, 1, 1) * sc)
+        ctx.save_for_backward(plane + sum((axes[a] + offset[a]) * sv[a] for a in range(3)))
+        ctx.shape, ctx.strides = x.shape, x.stride()
         return values
 
     @staticmethod
@@ -104,7 +110,17 @@ class _BlockMax(torch.autograd.Function):
         (flat,) = ctx.saved_tensors
         out = grad.new_zeros(ctx.shape.numel())
         out[flat.flatten()] = grad.flatten()
-        return out.view(ctx.shape), None
+        return out.as_strided(ctx.shape, ctx.strides), None
+
+
+def _block_mean(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """The mean of each equal block, ``(N, C, D, H, W)`` -> ``(N, C, *size)``; on a channels-last
+    ``x`` computed on its NDHWC view, so that the gradient keeps that layout."""
+    if not is_channels_last(x):
+        return block_view(x, size).mean(dim=(3, 5, 7))
+    n, c = x.shape[:2]
+    cells = voxels_last(x).reshape(n, *(v for d, s in zip(x.shape[2:], size) for v in (s, d // s)), c)
+    return channels_first(cells.mean(dim=(2, 4, 6)))
 
 
 def _pool(x: torch.Tensor, size: tuple[int, ...], mode: str, reshaped: bool | None = None) -> torch.Tensor:
@@ -112,7 +128,7 @@ def _pool(x: torch.Tensor, size: tuple[int, ...], mode: str, reshaped: bool | No
     a mean/max over a reshaped view where the bins are equal blocks."""
     reshaped = RESHAPED_POOL.get(x.device.type, False) if reshaped is None else reshaped
     if reshaped and all(d % s == 0 for d, s in zip(x.shape[2:], size)):
-        return block_view(x, size).mean(dim=(3, 5, 7)) if mode == "avg" else _BlockMax.apply(x, tuple(size))
+        return _block_mean(x, size) if mode == "avg" else _BlockMax.apply(x, tuple(size))
     return F.adaptive_avg_pool3d(x, size) if mode == "avg" else F.adaptive_max_pool3d(x, size)
 
 
