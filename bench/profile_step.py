@@ -35,7 +35,7 @@ import signal
 import sys
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -122,27 +122,36 @@ def _row(cfg, batch: int) -> Row:
     return Row(m.arch, batch, ckpt=m.activation_checkpointing, channels_last=m.channels_last, compiled=m.compile)
 
 
-def _timed(cfg, batch: int, args, budget: Budget, section: str, name: str) -> None:
-    compiled = cfg.model.compile
+def _guarded(section: str, name: str, args, budget: Budget, fn: Callable[[], None]) -> None:
+    """Run ``fn()`` under the budget's alarm; a spent budget or a failure becomes one noted row
+    (with the traceback after it), and the device memory ``fn`` held is freed."""
     if budget.left() < args.min_left:
         note(section, name, f"skipped: {budget.left():.0f} s left of the budget")
         return
     try:
         budget.alarm()
-        t0 = time.perf_counter()
-        ms, peak = measure_model(cfg, _row(cfg, batch), args.device, args.dtype, args.warmup, args.steps,
-                                 args.compile_backend)
-        extra = f"with warm-up and compile {time.perf_counter() - t0:.0f} s" if compiled else ""
-        emit(section, name, f"{ms:.1f}", f"{peak:.2f}", f"{peak / batch:.2f}", extra)
+        fn()
     except torch.cuda.OutOfMemoryError:
         note(section, name, "out of memory")
     except Exception as e:  # noqa: BLE001 - one failing row must not end the check
         note(section, name, f"error: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+        traceback.print_exc()
     finally:
         signal.alarm(0)
-        _free(args.device)
-        if compiled:
-            torch._dynamo.reset()
+        _free(args.device)  # the model and optimiser went with fn's frame
+
+
+def _timed(cfg, batch: int, args, budget: Budget, section: str, name: str) -> None:
+    def measure() -> None:
+        t0 = time.perf_counter()
+        ms, peak = measure_model(cfg, _row(cfg, batch), args.device, args.dtype, args.warmup, args.steps,
+                                 args.compile_backend)
+        extra = f"with warm-up and compile {time.perf_counter() - t0:.0f} s" if cfg.model.compile else ""
+        emit(section, name, f"{ms:.1f}", f"{peak:.2f}", f"{peak / batch:.2f}", extra)
+
+    _guarded(section, name, args, budget, measure)
+    if cfg.model.compile:
+        torch._dynamo.reset()
 
 
 def split_section(cfg, args, budget: Budget) -> None:
@@ -152,20 +161,30 @@ def split_section(cfg, args, budget: Budget) -> None:
         _timed(c, 1, args, budget, "split", f"modalities={modalities}")
 
 
-def profile_section(cfg, args, budget: Budget) -> None:
-    """Profile one step after two warm-up steps; print the top operators by self device time."""
-    from torch.profiler import ProfilerActivity, profile
-
-    if budget.left() < args.min_left:
-        note("profile", "-", f"skipped: {budget.left():.0f} s left of the budget")
-        return
-    device, dtype, m = args.device, args.dtype, cfg.model
-    torch.manual_seed(0)
-    model = build_model(m, 2).to(device=device, dtype=dtype).train()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-    data = {"label": torch.zeros(1, dtype=torch.long, device=device),
+def _sample(m, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """One synthetic full-size sample of model config ``m`` (class 0) on ``device``."""
+    return {"label": torch.zeros(1, dtype=torch.long, device=device),
             "t1": torch.randn(1, 1, *m.t1_shape, device=device, dtype=dtype),
             "fmri": torch.randn(1, m.fmri_frames, *m.fmri_shape, device=device, dtype=dtype)}
+
+
+def _bare_model(m, device: torch.device, dtype: torch.dtype) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    """The model of ``m`` cast to ``dtype`` on ``device`` (no engine), in train mode, and a sample."""
+    torch.manual_seed(0)
+    return build_model(m, 2).to(device=device, dtype=dtype).train(), _sample(m, device, dtype)
+
+
+def profile_section(cfg, args, budget: Budget) -> None:
+    """Profile one step after two warm-up steps; print the top operators by self device time."""
+    _guarded("profile", "-", args, budget, lambda: _profile(cfg, args))
+
+
+def _profile(cfg, args) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    device, dtype, m = args.device, args.dtype, cfg.model
+    model, data = _bare_model(m, device, dtype)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
@@ -174,33 +193,25 @@ def profile_section(cfg, args, budget: Budget) -> None:
         opt.step()
 
     cuda = device.type == "cuda"
-    try:
-        budget.alarm()
-        for _ in range(2):
-            step()
+    for _ in range(2):
+        step()
+    if cuda:
+        torch.cuda.synchronize(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities, record_shapes=True) as prof:
+        step()
         if cuda:
             torch.cuda.synchronize(device)
-        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-        with profile(activities=activities, record_shapes=True) as prof:
-            step()
-            if cuda:
-                torch.cuda.synchronize(device)
-        key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
-        print(f"profile: one step, top {args.top} operators by {key}", flush=True)
-        print(prof.key_averages().table(sort_by=key, row_limit=args.top, max_name_column_width=48), flush=True)
-        print(f"profile: top {args.top} by input shape", flush=True)
-        print(prof.key_averages(group_by_input_shape=True).table(sort_by=key, row_limit=args.top,
-                                                                 max_name_column_width=40, max_shapes_column_width=90),
-              flush=True)
-        if args.trace:
-            prof.export_chrome_trace(str(args.trace))
-            print(f"profile: chrome trace in {args.trace}", flush=True)
-    except Exception as e:  # noqa: BLE001
-        note("profile", "-", f"error: {type(e).__name__}: {e}")
-        traceback.print_exc()
-    finally:
-        signal.alarm(0)
-        _free(device)  # the model and optimiser go with this frame
+    key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    print(f"profile: one step, top {args.top} operators by {key}", flush=True)
+    print(prof.key_averages().table(sort_by=key, row_limit=args.top, max_name_column_width=48), flush=True)
+    print(f"profile: top {args.top} by input shape", flush=True)
+    print(prof.key_averages(group_by_input_shape=True).table(sort_by=key, row_limit=args.top,
+                                                             max_name_column_width=40, max_shapes_column_width=90),
+          flush=True)
+    if args.trace:
+        prof.export_chrome_trace(str(args.trace))
+        print(f"profile: chrome trace in {args.trace}", flush=True)
 
 
 def variant_section(cfg, args, budget: Budget) -> None:
@@ -240,33 +251,22 @@ class LayoutAudit(TorchDispatchMode):
 def layout_section(cfg, args, budget: Budget) -> None:
     """One eager forward + backward with ``model.channels_last`` on (the fast paths as
     :data:`CURRENT`) under :class:`LayoutAudit`; prints each converting operator, by output shape."""
-    if budget.left() < args.min_left:
-        note("layout", "-", f"skipped: {budget.left():.0f} s left of the budget")
-        return
+    _guarded("layout", "-", args, budget, lambda: _layout(cfg, args))
+
+
+def _layout(cfg, args) -> None:
     device, dtype, m = args.device, args.dtype, copy.deepcopy(cfg.model)
     m.channels_last, m.compile = True, False
-    try:
-        budget.alarm()
-        torch.manual_seed(0)
-        model = build_model(m, 2).to(device=device, dtype=dtype).train()
-        data = {"label": torch.zeros(1, dtype=torch.long, device=device),
-                "t1": torch.randn(1, 1, *m.t1_shape, device=device, dtype=dtype),
-                "fmri": torch.randn(1, m.fmri_frames, *m.fmri_shape, device=device, dtype=dtype)}
-        audit = LayoutAudit()
-        with fast_paths(device, **CURRENT), audit:
-            masan_loss(model(t1=data["t1"], fmri=data["fmri"]), data, cfg.loss, "joint")["total"].backward()
-        rows = sorted(audit.found.items(), key=lambda kv: -kv[1] * math.prod(kv[0][1]))
-        total = sum(n * math.prod(shape) for (_, shape), n in rows) * torch.finfo(dtype).bits / 8 / 2**30
-        print(f"layout: {len(rows)} operator/shape pairs write NCDHW from channels-last, "
-              f"{total:.2f} GiB written in all", flush=True)
-        for (op, shape), n in rows[:args.top]:
-            print(f"layout: {n:4d} x {op:32s} -> {shape}", flush=True)
-    except Exception as e:  # noqa: BLE001
-        note("layout", "-", f"error: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
-        traceback.print_exc()
-    finally:
-        signal.alarm(0)
-        _free(device)
+    model, data = _bare_model(m, device, dtype)
+    audit = LayoutAudit()
+    with fast_paths(device, **CURRENT), audit:
+        masan_loss(model(t1=data["t1"], fmri=data["fmri"]), data, cfg.loss, "joint")["total"].backward()
+    rows = sorted(audit.found.items(), key=lambda kv: -kv[1] * math.prod(kv[0][1]))
+    total = sum(n * math.prod(shape) for (_, shape), n in rows) * torch.finfo(dtype).bits / 8 / 2**30
+    print(f"layout: {len(rows)} operator/shape pairs write NCDHW from channels-last, "
+          f"{total:.2f} GiB written in all", flush=True)
+    for (op, shape), n in rows[:args.top]:
+        print(f"layout: {n:4d} x {op:32s} -> {shape}", flush=True)
 
 
 ENGINE_FLAGS = {"compiled": "compile", "channels_last": "channels_last"}
@@ -280,23 +280,12 @@ def engine_section(cfg, args, budget: Budget) -> None:
         if any(f not in ENGINE_FLAGS for f in flags):
             raise SystemExit(f"--engines: {kind!r} is not 'eager' or a '+'-joined set of {sorted(ENGINE_FLAGS)}")
         name = "engine" + "".join(f", {'torch.compile' if f == 'compiled' else f}" for f in flags)
-        if budget.left() < args.min_left:
-            note("engine", name, f"skipped: {budget.left():.0f} s left of the budget")
-            continue
         c = copy.deepcopy(cfg)
         for f in flags:
             setattr(c.model, ENGINE_FLAGS[f], True)
-        try:
-            budget.alarm()
-            _engine_rows(c, args, name)
-        except Exception as e:  # noqa: BLE001
-            note("engine", name, f"error: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
-            traceback.print_exc()
-        finally:
-            signal.alarm(0)
-            _free(args.device)
-            if c.model.compile:
-                torch._dynamo.reset()
+        _guarded("engine", name, args, budget, lambda c=c, name=name: _engine_rows(c, args, name))
+        if c.model.compile:
+            torch._dynamo.reset()
 
 
 def _engine_rows(cfg, args, name: str) -> None:
@@ -316,9 +305,7 @@ def _engine_rows(cfg, args, name: str) -> None:
     if m.compile:  # as training compiles it
         compile_modality_modules(model, args.compile_backend)
     engine = build_engine(model, cfg, 1, LRSchedule(cfg.optim))
-    data = {"label": torch.zeros(1, dtype=torch.long, device=device),
-            "t1": torch.randn(1, 1, *m.t1_shape, device=device, dtype=args.dtype),
-            "fmri": torch.randn(1, m.fmri_frames, *m.fmri_shape, device=device, dtype=args.dtype)}
+    data = _sample(m, device, args.dtype)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     split = {"forward": 0.0, "backward": 0.0, "step": 0.0}
     lap_start = [0.0]
