@@ -150,7 +150,7 @@ def measure_model(cfg: RunConfig, row: Row, device: torch.device, dtype: torch.d
     model = build_model(m, len(CLASSES)).to(device=device, dtype=dtype).train()
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     if row.compiled:  # as training compiles it (model.compile)
-        compile_modality_modules(model, compile_backend)
+        compile_modality_modules(model, compile_backend, m.compile_mode)
     b = row.batch
     data = {"label": torch.arange(b, device=device) % len(CLASSES)}
     if row.arch == "hfcn" or m.modalities != "fmri":

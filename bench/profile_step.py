@@ -85,6 +85,10 @@ VARIANTS: list[tuple[str, dict, dict, int]] = [
     # inductor keeps 3-D convs in NCDHW (12 of 68 ms are cuDNN's layout conversions); fed
     # channels_last_3d, its GroupNorm and elementwise kernels follow that layout
     ("current, torch.compile, channels_last", {"compile": True, "channels_last": True}, {}, 1),
+    # the compiled step is host-bound inside the engine (~83 ms of host work for ~68 ms on the GPU)
+    ("current, torch.compile, CUDA graphs", {"compile": True, "compile_mode": "reduce-overhead"}, {}, 1),
+    ("current, torch.compile, CUDA graphs, channels_last",
+     {"compile": True, "compile_mode": "reduce-overhead", "channels_last": True}, {}, 1),
 ]
 """Each row changes the step as the config (``--set``) gives it, then one setting; cuDNN
 autotuning (``torch.backends.cudnn.benchmark``) changed nothing on an H200 (docs/performance.md)."""
@@ -269,9 +273,10 @@ def _layout(cfg, args) -> None:
         print(f"layout: {n:4d} x {op:32s} -> {shape}", flush=True)
 
 
-ENGINE_FLAGS = {"compiled": "compile", "channels_last": "channels_last"}
-"""``--engines`` kinds are ``eager`` or flags joined by ``+`` (``compiled+channels_last``), each
-turning one model setting on."""
+ENGINE_FLAGS = {"compiled": ("compile", True), "channels_last": ("channels_last", True),
+                "cudagraphs": ("compile_mode", "reduce-overhead")}
+"""``--engines`` kinds are ``eager`` or flags joined by ``+`` (``compiled+cudagraphs``), each
+setting one model field."""
 
 
 def engine_section(cfg, args, budget: Budget) -> None:
@@ -282,7 +287,7 @@ def engine_section(cfg, args, budget: Budget) -> None:
         name = "engine" + "".join(f", {'torch.compile' if f == 'compiled' else f}" for f in flags)
         c = copy.deepcopy(cfg)
         for f in flags:
-            setattr(c.model, ENGINE_FLAGS[f], True)
+            setattr(c.model, *ENGINE_FLAGS[f])
         _guarded("engine", name, args, budget, lambda c=c, name=name: _engine_rows(c, args, name))
         if c.model.compile:
             torch._dynamo.reset()
@@ -303,7 +308,7 @@ def _engine_rows(cfg, args, name: str) -> None:
     peak_memory(device)
     model = build_model(m, 4)
     if m.compile:  # as training compiles it
-        compile_modality_modules(model, args.compile_backend)
+        compile_modality_modules(model, args.compile_backend, m.compile_mode)
     engine = build_engine(model, cfg, 1, LRSchedule(cfg.optim))
     data = _sample(m, device, args.dtype)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
@@ -378,8 +383,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variants", default="",
                     help="names of the variant rows to run, separated by ; (default: all), e.g. 'current;current, mb2'")
     ap.add_argument("--engines", default="eager,compiled",
-                    help="the engine section's rows, comma-separated: eager, or model settings turned on "
-                         "joined by + (compiled, channels_last), e.g. 'compiled,compiled+channels_last'")
+                    help="the engine section's rows, comma-separated: eager, or model settings joined by + "
+                         "(compiled, channels_last, cudagraphs: compile_mode reduce-overhead), "
+                         "e.g. 'compiled,compiled+cudagraphs+channels_last'")
     args = ap.parse_args(argv)
     resolve_device(args)
     args.dtype = PRECISION_DTYPES[args.precision]

@@ -239,6 +239,12 @@ class ModelConfig:
     compile_backend: str = field(default="inductor", metadata=PLUMBING)
     """The ``torch.compile`` backend of ``compile``: ``inductor`` (generated kernels), or
     ``aot_eager`` (traced, nothing generated: checks that the model compiles, as the tests do)."""
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = field(
+        default="default", metadata=PLUMBING)
+    """inductor's ``torch.compile`` mode: ``reduce-overhead`` replays each compiled forward and
+    backward as CUDA graphs (one launch instead of hundreds; a compiled DeepSpeed step on an
+    H100 held the host ~83 ms for ~68 ms of GPU work, docs/performance.md), at the price of
+    static memory pools; other backends ignore it."""
 
 
 @dataclass

@@ -57,9 +57,10 @@ COMPILED_MODULES = ("spm", "fpm", "patches")
 and fPM, the H-FCN's patch encoder."""
 
 
-def compile_modality_modules(model: nn.Module, backend: str = "inductor") -> list[str]:
+def compile_modality_modules(model: nn.Module, backend: str = "inductor", mode: str = "default") -> list[str]:
     """``torch.compile`` the model's modality modules in place (``nn.Module.compile``: parameters
-    and ``state_dict`` keys unchanged) and return their names.
+    and ``state_dict`` keys unchanged) and return their names; ``mode`` is inductor's
+    (``model.compile_mode``), ignored by other backends.
 
     Those hold the full-resolution convolutions, norms and pooling, nearly all of a step's time;
     the fusion, attention, heads and fitted standardisers are small and stay eager. Each module
@@ -67,6 +68,7 @@ def compile_modality_modules(model: nn.Module, backend: str = "inductor") -> lis
     :func:`~masan.model.autoencoder.encoders_only`) costs one more compile, not a slow path.
     """
     names = [n for n in COMPILED_MODULES if isinstance(getattr(model, n, None), nn.Module)]
+    options = {"mode": mode} if backend == "inductor" and mode != "default" else {}
     for n in names:
-        getattr(model, n).compile(backend=backend)
+        getattr(model, n).compile(backend=backend, **options)
     return names

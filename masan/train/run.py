@@ -233,10 +233,11 @@ def _train(cfg: RunConfig, stop: StopRequest, info: D.DistInfo, ckpt: Checkpoint
 
     model = build_model(cfg.model, len(class_names))  # same seed: same init on every rank
     if cfg.model.compile:
-        names = compile_modality_modules(model, cfg.model.compile_backend)
+        names = compile_modality_modules(model, cfg.model.compile_backend, cfg.model.compile_mode)
         if info.is_main:
-            log.info("model.compile: %s compiled with torch.compile (%s) on their first step of each mode; "
-                     "the first steps are slow", ", ".join(names), cfg.model.compile_backend)
+            log.info("model.compile: %s compiled with torch.compile (%s, mode %s) on their first step of each "
+                     "mode; the first steps are slow", ", ".join(names), cfg.model.compile_backend,
+                     cfg.model.compile_mode)
     schedule = LRSchedule(cfg.optim)
     engine = build_engine(model, cfg, info.world_size, schedule)
     resumed = ckpt.resume(engine, cfg, chash)
