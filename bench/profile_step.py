@@ -63,13 +63,16 @@ from masan.model import blocks, build_model, compile_modality_modules, masan_los
 from masan.model.blocks import NarrowConv3d, OutputStage  # noqa: E402
 from masan.model.inputs import PRECISION_DTYPES  # noqa: E402
 
-CURRENT = {"outconv": "taps", "pointwise": "bmm", "fold": True, "reshaped_pool": True, "block_max": True}
+CURRENT = {"outconv": "taps", "pointwise": "bmm", "fold": True, "reshaped_pool": True, "block_max": True,
+           "separable_mean": True}
 """The fast paths as the model takes them on CUDA: the T1 output conv as per-tap maps
 (``NarrowConv3d.STRATEGY``), 1x1x1 convs as batched matrix products (``blocks.POINTWISE``),
 the output conv folded before upsampling (``OutputStage.FOLD``), region pooling over reshaped
 blocks (``regions.RESHAPED_POOL``) with an index backward for the max (``regions._BlockMax``;
-off: ``amax`` and autograd's backward)."""
-BEFORE = {"outconv": "taps", "pointwise": "conv", "fold": False, "reshaped_pool": False, "block_max": False}
+off: ``amax`` and autograd's backward), the mean onto unequal bins as matrix products
+(``regions.SEPARABLE_MEAN``)."""
+BEFORE = {"outconv": "taps", "pointwise": "conv", "fold": False, "reshaped_pool": False, "block_max": False,
+          "separable_mean": False}
 """The fast paths as they were before the H100 slot of 2026-11-26 (docs/performance.md)."""
 VARIANTS: list[tuple[str, dict, dict, int]] = [
     # name, model overrides, fast paths changed from CURRENT, micro-batch
@@ -77,7 +80,8 @@ VARIANTS: list[tuple[str, dict, dict, int]] = [
     ("1x1 convs by cuDNN", {}, {"pointwise": "conv"}, 1),
     ("block max by amax", {}, {"block_max": False}, 1),
     ("output conv not folded", {}, {"fold": False}, 1),
-    ("adaptive pooling", {}, {"reshaped_pool": False}, 1),
+    ("adaptive pooling", {}, {"reshaped_pool": False, "separable_mean": False}, 1),
+    ("unequal bins by adaptive average pooling", {}, {"separable_mean": False}, 1),
     ("before (all of the above)", {}, BEFORE, 1),
     ("current, mb2", {}, {}, 2),
     ("current, checkpointing", {"activation_checkpointing": True}, {}, 1),
@@ -104,10 +108,10 @@ class _AmaxOverBlocks:
 
 @contextlib.contextmanager
 def fast_paths(device: torch.device, outconv: str, pointwise: str, fold: bool, reshaped_pool: bool,
-               block_max: bool) -> Iterator[None]:
+               block_max: bool, separable_mean: bool) -> Iterator[None]:
     """Within the block the model's fast paths on ``device`` are as given (see :data:`CURRENT`)."""
     tables = [(NarrowConv3d.STRATEGY, outconv), (blocks.POINTWISE, pointwise), (OutputStage.FOLD, fold),
-              (regions.RESHAPED_POOL, reshaped_pool)]
+              (regions.RESHAPED_POOL, reshaped_pool), (regions.SEPARABLE_MEAN, separable_mean)]
     saved = [dict(table) for table, _ in tables], regions._BlockMax
     for table, value in tables:
         table[device.type] = value

@@ -44,6 +44,21 @@ def test_trilinear_matches_interpolate(size_in, size_out):
     assert torch.allclose(torch.autograd.grad(out, x, grad)[0], torch.autograd.grad(ref, x, grad)[0], atol=1e-12)
 
 
+@pytest.mark.parametrize(("size_in", "size_out"), [((15, 16, 11), (2, 2, 2)), ((15, 12, 11), (8, 8, 8)),
+                                                   ((2, 2, 2), (8, 8, 8)), ((7, 5, 3), (3, 2, 3))])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last_3d])
+def test_unequal_bins_are_averaged_as_adaptive_average_pooling_does(size_in, size_out, layout):
+    """On CUDA (``SEPARABLE_MEAN``) a mean onto unequal bins is three matrix products: the values
+    and gradients of ``adaptive_avg_pool3d`` (whose backward scatters with atomic adds)."""
+    x = torch.randn(2, 3, *size_in, dtype=torch.float64).contiguous(memory_format=layout).requires_grad_()
+    ref = F.adaptive_avg_pool3d(x, size_out)
+    out = _pool(x, size_out, "avg", reshaped=False, separable_mean=True)
+    grad = torch.randn_like(ref)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+    torch.testing.assert_close(torch.autograd.grad(out, x, grad)[0], torch.autograd.grad(ref, x, grad)[0],
+                               rtol=0, atol=1e-12)
+
+
 def test_region_pooling_bins_are_those_of_adaptive_pooling():
     x = torch.randn(2, 3, 8, 12, 4)
     pooled = pool_volume(x, (2, 2, 2), 2, ["avg", "max"])
@@ -125,19 +140,21 @@ def test_encoders_only_gives_the_same_logits_and_region_weights_without_reconstr
         assert torch.equal(full[key], fast[key]), key
 
 
-@pytest.mark.parametrize("paths", ["cpu", "cuda"])
+@pytest.mark.parametrize("paths", ["cpu", "cuda", "cuda channels_last"])
 def test_modality_modules_compile_to_one_graph_each(monkeypatch, paths):
     """``model.compile`` pays only if sPM and fPM each trace to one graph: a graph break per
     GroupNorm (torch 2.11 could not trace ``torch.amp.is_autocast_available``) made the compile
     of the full model outlast the H100 check. Checked on the CPU's paths and on the CUDA fast
-    paths (1x1 convs as bmm, the folded output conv, reshaped pooling with the index max),
-    under bf16 autocast as the GPU's step runs."""
+    paths (1x1 convs as bmm, the folded output conv, reshaped pooling with the index max, the
+    separable mean), also with channels-last activations, under bf16 autocast as the GPU's
+    step runs."""
     from masan.model import build_model, regions, small_model_config
 
-    if paths == "cuda":  # each fast-path table's CUDA entry taken for the CPU
-        for table in (blocks.NarrowConv3d.STRATEGY, blocks.POINTWISE, blocks.OutputStage.FOLD, regions.RESHAPED_POOL):
+    if paths.startswith("cuda"):  # each fast-path table's CUDA entry taken for the CPU
+        for table in (blocks.NarrowConv3d.STRATEGY, blocks.POINTWISE, blocks.OutputStage.FOLD, regions.RESHAPED_POOL,
+                      regions.SEPARABLE_MEAN):
             monkeypatch.setitem(table, "cpu", table["cuda"])
-    cfg = small_model_config(fusion_cells=2)
+    cfg = small_model_config(fusion_cells=2, channels_last=paths.endswith("channels_last"))
     model = build_model(cfg, 2).train()
     t1 = torch.randn(1, 1, *cfg.t1_shape)
     fmri = torch.randn(1, cfg.fmri_frames, *cfg.fmri_shape)
@@ -186,12 +203,13 @@ def _layout_cases():
         ("trilinear", lambda x, skip: trilinear(x, (7, 10, 12)), True),
         ("block mean", lambda x, skip: _pool(x, (2, 2, 2), "avg", reshaped=True), False),
         ("block max", lambda x, skip: _pool(x, (2, 2, 2), "max", reshaped=True), False),
+        ("unequal bins mean", lambda x, skip: _pool(x, (3, 4, 3), "avg", separable_mean=True), False),
         ("narrow conv taps", lambda x, skip: narrow(x), False),
         ("folded output stage", lambda x, skip: folded(x, skip), False),
     ]
 
 
-@pytest.mark.parametrize("case", range(6))
+@pytest.mark.parametrize("case", range(7))
 def test_fast_paths_keep_a_channels_last_input_channels_last(case, monkeypatch):
     """With ``model.channels_last`` the step pays only if nothing converts back to NCDHW between
     the 3x3x3 convs (cuDNN runs those natively in channels-last; inductor's GroupNorm follows

@@ -233,32 +233,45 @@ class DownStage(nn.Module):
 UPSAMPLE_MODES = ("trilinear", "nearest")
 
 
-@functools.lru_cache(maxsize=64)
-def _linear_weights(n_in: int, n_out: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """``(n_out, n_in)`` matrix of 1D linear interpolation, ``align_corners=False`` as
-    :func:`torch.nn.functional.interpolate` computes it for an explicit output size."""
-    src = ((torch.arange(n_out, dtype=torch.float64) + 0.5) * (n_in / n_out) - 0.5).clamp_min(0)
-    lo = src.floor().long().clamp_max(n_in - 1)
-    hi = (lo + 1).clamp_max(n_in - 1)
-    frac = src - lo
+@functools.lru_cache(maxsize=128)
+def _axis_weights(kind: str, n_in: int, n_out: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``(n_out, n_in)`` matrix of one axis of a separable resampling: ``linear``: 1D linear
+    interpolation, ``align_corners=False``, as :func:`torch.nn.functional.interpolate` computes
+    it for an explicit output size; ``mean``: the mean over adaptive pooling's bin
+    ``[floor(i * n_in / n_out), ceil((i + 1) * n_in / n_out))``."""
     m = torch.zeros(n_out, n_in, dtype=torch.float64)
-    m[torch.arange(n_out), lo] += 1 - frac
-    m[torch.arange(n_out), hi] += frac
+    rows = torch.arange(n_out)
+    if kind == "linear":
+        src = ((rows.double() + 0.5) * (n_in / n_out) - 0.5).clamp_min(0)
+        lo = src.floor().long().clamp_max(n_in - 1)
+        hi = (lo + 1).clamp_max(n_in - 1)
+        frac = src - lo
+        m[rows, lo] += 1 - frac
+        m[rows, hi] += frac
+    elif kind == "mean":
+        for i in range(n_out):
+            lo, hi = (i * n_in) // n_out, -(-((i + 1) * n_in) // n_out)
+            m[i, lo:hi] = 1.0 / (hi - lo)
+    else:
+        raise ValueError(f"axis weights: unknown kind {kind!r}")
     return m.to(dtype=dtype, device=device)
 
 
-def trilinear(x: torch.Tensor, size: tuple[int, int, int]) -> torch.Tensor:
-    """Trilinear upsampling (``align_corners=False``) as three matrix products, one per axis:
-    the values of ``F.interpolate(x, size, mode="trilinear")`` (to rounding), but a backward
-    of matrix products instead of its scattered atomic adds, which took 46 of 141 ms of a
-    full-resolution step on an H200 (2.5x faster on the CPU too; docs/performance.md).
-    ``(N, C, d, h, w)`` -> ``(N, C, *size)``, in ``x``'s layout (NCDHW or channels-last).
-    """
+def axis_weights(kind: str, n_in: int, n_out: int, like: torch.Tensor) -> torch.Tensor:
+    """:func:`_axis_weights` in ``like``'s dtype and device, reused from a cache in eager mode
+    (torch.compile traces the matrix's construction into its graph, as a constant there)."""
+    build = _axis_weights.__wrapped__ if torch.compiler.is_compiling() else _axis_weights
+    return build(kind, n_in, n_out, like.dtype, like.device)
+
+
+def separable(x: torch.Tensor, kind: str, size: tuple[int, int, int]) -> torch.Tensor:
+    """A linear resampling that acts on each spatial axis alone (:func:`_axis_weights` ``kind``),
+    as three matrix products: ``(N, C, d, h, w)`` -> ``(N, C, *size)``, in ``x``'s layout (NCDHW
+    or channels-last). Its backward is matrix products too, where the resampling operators'
+    own backwards scatter with atomic adds."""
     n, c, d, h, w = x.shape
     big_d, big_h, big_w = size
-    # torch.compile traces the matrices' construction into its graph (constants there); eager reuses them
-    weights = _linear_weights.__wrapped__ if torch.compiler.is_compiling() else _linear_weights
-    m_d, m_h, m_w = (weights(a, b, x.dtype, x.device) for a, b in ((d, big_d), (h, big_h), (w, big_w)))
+    m_d, m_h, m_w = (axis_weights(kind, a, b, x) for a, b in ((d, big_d), (h, big_h), (w, big_w)))
     if is_channels_last(x):  # on the (N, d, h, w, C) view: each axis a matrix times (axis, rest) blocks
         y = torch.matmul(m_w, voxels_last(x).reshape(n * d * h, w, c))  # (N*d*h, W, C)
         y = torch.matmul(m_h, y.reshape(n * d, h, big_w * c))  # (N*d, H, W*C)
@@ -268,6 +281,16 @@ def trilinear(x: torch.Tensor, size: tuple[int, int, int]) -> torch.Tensor:
     y = torch.matmul(m_h, y)  # (N, C, d, H, W)
     y = torch.matmul(m_d, y.reshape(n, c, d, big_h * big_w))
     return y.reshape(n, c, big_d, big_h, big_w)
+
+
+def trilinear(x: torch.Tensor, size: tuple[int, int, int]) -> torch.Tensor:
+    """Trilinear upsampling (``align_corners=False``) by :func:`separable`: the values of
+    ``F.interpolate(x, size, mode="trilinear")`` (to rounding), but a backward of matrix
+    products instead of its scattered atomic adds, which took 46 of 141 ms of a
+    full-resolution step on an H200 (2.5x faster on the CPU too; docs/performance.md).
+    ``(N, C, d, h, w)`` -> ``(N, C, *size)``, in ``x``'s layout.
+    """
+    return separable(x, "linear", size)
 
 
 class UpConcat(nn.Module):
