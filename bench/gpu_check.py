@@ -373,8 +373,8 @@ def device_parser(doc: str, budget_s: float) -> argparse.ArgumentParser:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=3, help="timed steps per model row")
     ap.add_argument("--compile-backend", default="inductor", help="torch.compile backend (--tiny: eager)")
-    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                    help="config overrides for every section, e.g. model.compile=true")
+    ap.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
+                    help="config overrides for every section, e.g. model.compile=true (repeatable)")
     return ap
 
 

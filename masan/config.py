@@ -234,8 +234,9 @@ class ModelConfig:
     """Training compiles the modality modules (sPM, fPM: the autoencoders and their region
     pooling, nearly all of a step's time; the H-FCN's patch encoder) with ``torch.compile``, in
     place (checkpoints are unchanged). On an H100 at full resolution (bf16) a DeepSpeed step
-    goes 92.5 -> 81.8 ms per sample, after about 105 s of compiling when a run starts or
-    resumes (docs/performance.md); on the CPU the compile takes minutes even for the tiny model."""
+    goes 92.5 -> 81.8 ms per sample, after about 105 s of compiling at the first start
+    (docs/performance.md); restarts read the kernels from ``compile_cache`` (on the CPU the
+    tiny model's first compiled step: 238 s cold, 22 s from the cache)."""
     compile_backend: str = field(default="inductor", metadata=PLUMBING)
     """The ``torch.compile`` backend of ``compile``: ``inductor`` (generated kernels), or
     ``aot_eager`` (traced, nothing generated: checks that the model compiles, as the tests do)."""
@@ -245,6 +246,12 @@ class ModelConfig:
     backward as CUDA graphs (one launch instead of hundreds; a compiled DeepSpeed step on an
     H100 held the host ~83 ms for ~68 ms of GPU work, docs/performance.md), at the price of
     static memory pools; other backends ignore it."""
+    compile_cache: str = field(default="", metadata=PLUMBING)
+    """Where inductor keeps what it compiled (``TORCHINDUCTOR_CACHE_DIR``, set by the run; this
+    key wins over the variable): empty is ``run_dir/compile_cache``, which every restart
+    (preemption, time limit, crash) and every node of the job reads, so only the first start
+    pays the full compile (the tiny model's first compiled step on the CPU: 238 s cold,
+    22 s from the cache). Inductor's default is node-local ``/tmp``."""
 
 
 @dataclass

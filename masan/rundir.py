@@ -66,6 +66,7 @@ class RunDir:
     SLURM_NAME = "slurm"
     TRAIN_LOG_NAME = "train.log"
     BENCH_STAMP_NAME = "bench_run.json"
+    COMPILE_CACHE_NAME = "compile_cache"
 
     def __init__(self, root: str | os.PathLike):
         object.__setattr__(self, "root", Path(root))
@@ -134,6 +135,10 @@ class RunDir:
     @property
     def bench_stamp(self) -> Path:
         return self.root / self.BENCH_STAMP_NAME
+
+    @property
+    def compile_cache(self) -> Path:
+        return self.root / self.COMPILE_CACHE_NAME
 
     def any_config(self) -> Path | None:
         """The config a run was started with (``config.yaml``), else the one it was submitted

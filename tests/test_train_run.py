@@ -224,11 +224,13 @@ def test_compiled_modality_modules_train_like_eager_and_save_the_same_checkpoint
                                                                                  reference_run):
     """``model.compile`` (here the aot_eager backend: traced, no code generated) runs both phases,
     the standardiser fits and the test evaluation; its checkpoints have the eager model's keys
-    and its weights follow the eager run's to rounding."""
+    and its weights follow the eager run's to rounding. Compiled kernels go to the run
+    directory's cache, not node-local /tmp."""
     run = tmp_path / "run"
     log = ok(launch(train_config, run, "deterministic=true", "model.compile=true", "model.compile_backend=aot_eager"),
              "completed")
     assert "model.compile: spm, fpm compiled" in log
+    assert f"kernels cached in {run / 'compile_cache'}" in log  # restarts and other nodes reuse them
     compiled, eager = final_weights(run), final_weights(reference_run)
     assert compiled.keys() == eager.keys()
     for k, v in eager.items():

@@ -349,11 +349,16 @@ def term_grad_norms(model: torch.nn.Module, batch: dict, loss_cfg, phase: str) -
     A side pass on detached copies of the weights (``torch.func.functional_call``): the
     engine's gradient hooks (ZeRO buckets) never see it, and the step's gradients are untouched.
     Costs one forward and one backward per term, every ``log.grad_norm_every_steps`` steps.
+    Eager also where ``model.compile`` compiled the modality modules: swapped-in weights would
+    fail the compiled graphs' guards (a recompile each time), and one forward with a backward
+    per term is not what CUDA graphs (``model.compile_mode: reduce-overhead``) replay.
     """
     params = {n: q.detach().requires_grad_(q.requires_grad) for n, q in model.named_parameters()}
     leaves = [q for q in params.values() if q.requires_grad]
     weights = {"recon_t1": loss_cfg.alpha, "recon_fmri": loss_cfg.beta, "ce": 1.0 if phase == "joint" else 0.0}
-    out = torch.func.functional_call(model, params, kwargs={k: batch.get(k) for k in MODALITY_KEYS}, strict=False)
+    with torch.compiler.set_stance("force_eager"):
+        out = torch.func.functional_call(model, params, kwargs={k: batch.get(k) for k in MODALITY_KEYS},
+                                         strict=False)
     loss = masan_loss(out, batch, loss_cfg, phase=phase)
     norms = {}
     for name, weight in weights.items():

@@ -233,11 +233,13 @@ def _train(cfg: RunConfig, stop: StopRequest, info: D.DistInfo, ckpt: Checkpoint
 
     model = build_model(cfg.model, len(class_names))  # same seed: same init on every rank
     if cfg.model.compile:
+        # torch sets this variable to its /tmp default as it imports: the config decides instead
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cfg.model.compile_cache or str(rd.compile_cache)
         names = compile_modality_modules(model, cfg.model.compile_backend, cfg.model.compile_mode)
         if info.is_main:
             log.info("model.compile: %s compiled with torch.compile (%s, mode %s) on their first step of each "
-                     "mode; the first steps are slow", ", ".join(names), cfg.model.compile_backend,
-                     cfg.model.compile_mode)
+                     "mode; the first steps are slow (kernels cached in %s)", ", ".join(names),
+                     cfg.model.compile_backend, cfg.model.compile_mode, os.environ["TORCHINDUCTOR_CACHE_DIR"])
     schedule = LRSchedule(cfg.optim)
     engine = build_engine(model, cfg, info.world_size, schedule)
     resumed = ckpt.resume(engine, cfg, chash)
