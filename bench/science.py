@@ -66,9 +66,10 @@ VARIANTS = {
     "fmri_only": ["model.modalities=fmri", "data.use_t1=false"],
     "hfcn": ["model.arch=hfcn", "data.use_fmri=false"],
 }
-MINUTES = {"masan": 4.9, "masan_add": 5.0, "t1_only": 4.4, "hfcn": 2.3, "fmri_only": 0.7}
-"""Minutes per run at the default size on 2 CPU cores (one thread each): runs are started
-longest first, so the short ones fill the end and neither core idles at the tail."""
+MINUTES = {"t1_only": 8.2, "masan": 7.6, "masan_add": 5.4, "hfcn": 2.9, "fmri_only": 0.7}
+"""Minutes per run at the default size on 2 CPU cores (one thread each; the mean of the five
+repeats of docs/results/science_cpu_5repeats_final.md): runs are started longest first, so the
+short ones fill the end and neither core idles at the tail."""
 FULL = {"per_class": 24, "t1_shape": [96, 112, 96], "fmri_shape": [24, 28, 24], "frames": 64}
 """--full: a GPU-sized cohort (and train.device=auto: the config pins the CPU)."""
 ORACLE = "oracle"
