@@ -169,11 +169,11 @@ def split_section(cfg, args, budget: Budget) -> None:
         _timed(c, 1, args, budget, "split", f"modalities={modalities}")
 
 
-def _sample(m, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """One synthetic full-size sample of model config ``m`` (class 0) on ``device``."""
-    return {"label": torch.zeros(1, dtype=torch.long, device=device),
-            "t1": torch.randn(1, 1, *m.t1_shape, device=device, dtype=dtype),
-            "fmri": torch.randn(1, m.fmri_frames, *m.fmri_shape, device=device, dtype=dtype)}
+def _sample(m, device: torch.device, dtype: torch.dtype, batch: int = 1) -> dict[str, torch.Tensor]:
+    """``batch`` synthetic full-size samples of model config ``m`` (class 0) on ``device``."""
+    return {"label": torch.zeros(batch, dtype=torch.long, device=device),
+            "t1": torch.randn(batch, 1, *m.t1_shape, device=device, dtype=dtype),
+            "fmri": torch.randn(batch, m.fmri_frames, *m.fmri_shape, device=device, dtype=dtype)}
 
 
 def _bare_model(m, device: torch.device, dtype: torch.dtype) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
@@ -277,10 +277,10 @@ def _layout(cfg, args) -> None:
         print(f"layout: {n:4d} x {op:32s} -> {shape}", flush=True)
 
 
-ENGINE_FLAGS = {"compiled": ("compile", True), "channels_last": ("channels_last", True),
-                "cudagraphs": ("compile_mode", "reduce-overhead")}
+ENGINE_FLAGS = {"compiled": ("model", "compile", True), "channels_last": ("model", "channels_last", True),
+                "cudagraphs": ("model", "compile_mode", "reduce-overhead"), "mb2": ("optim", "micro_batch", 2)}
 """``--engines`` kinds are ``eager`` or flags joined by ``+`` (``compiled+cudagraphs``), each
-setting one model field."""
+setting one config field (config section, field, value); the micro-batch is 1 unless set."""
 
 
 def engine_section(cfg, args, budget: Budget) -> None:
@@ -290,15 +290,17 @@ def engine_section(cfg, args, budget: Budget) -> None:
             raise SystemExit(f"--engines: {kind!r} is not 'eager' or a '+'-joined set of {sorted(ENGINE_FLAGS)}")
         name = "engine" + "".join(f", {'torch.compile' if f == 'compiled' else f}" for f in flags)
         c = copy.deepcopy(cfg)
+        c.optim.micro_batch, c.optim.grad_accum = 1, 1
         for f in flags:
-            setattr(c.model, *ENGINE_FLAGS[f])
+            section, key, value = ENGINE_FLAGS[f]
+            setattr(getattr(c, section), key, value)
         _guarded("engine", name, args, budget, lambda c=c, name=name: _engine_rows(c, args, name))
         if c.model.compile:
             torch._dynamo.reset()
 
 
 def _engine_rows(cfg, args, name: str) -> None:
-    """Rows of :func:`engine_section` for one engine (micro-batch 1)."""
+    """Rows of :func:`engine_section` for one engine (times and memory per sample)."""
     from masan.train import distributed as D
     from masan.train.engine import LRSchedule, build_engine
     from masan.train.logging import peak_memory
@@ -306,7 +308,7 @@ def _engine_rows(cfg, args, name: str) -> None:
     device, m = args.device, cfg.model
     cfg.train.device = device.type
     cfg.train.precision = args.precision
-    cfg.optim.micro_batch, cfg.optim.grad_accum = 1, 1
+    b = cfg.optim.micro_batch
     D.init_distributed(cfg.train)
     torch.manual_seed(0)
     peak_memory(device)
@@ -314,7 +316,7 @@ def _engine_rows(cfg, args, name: str) -> None:
     if m.compile:  # as training compiles it
         compile_modality_modules(model, args.compile_backend, m.compile_mode)
     engine = build_engine(model, cfg, 1, LRSchedule(cfg.optim))
-    data = _sample(m, device, args.dtype)
+    data = _sample(m, device, args.dtype, b)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     split = {"forward": 0.0, "backward": 0.0, "step": 0.0}
     lap_start = [0.0]
@@ -348,15 +350,16 @@ def _engine_rows(cfg, args, name: str) -> None:
         for _ in range(args.steps):
             step(read_back)
         sync()
-        ms = 1e3 * (time.perf_counter() - t) / args.steps
+        ms = 1e3 * (time.perf_counter() - t) / args.steps / b
         peak = peak_memory(device)
         gib = peak.get("gpu_mem_gib", peak["peak_rss_gib"])
-        emit("engine", f"{name}: {label}", f"{ms:.1f}", f"{gib:.2f}", f"{gib:.2f}",
-             f"ZeRO {cfg.train.zero_stage}, {args.precision}" + (f"; warm-up {warm:.0f} s" if read_back else ""))
+        emit("engine", f"{name}: {label}", f"{ms:.1f}", f"{gib:.2f}", f"{gib / b:.2f}",
+             f"ZeRO {cfg.train.zero_stage}, {args.precision}, micro-batch {b}"
+             + (f"; warm-up {warm:.0f} s" if read_back else ""))
     for _ in range(args.steps):
         step(True, timed=True)
     emit("engine", f"{name}: split", "-", "-", "-",
-         ", ".join(f"{k} {1e3 * v / args.steps:.1f} ms" for k, v in split.items()))
+         ", ".join(f"{k} {1e3 * v / args.steps / b:.1f} ms" for k, v in split.items()) + " per sample")
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device.type == "cuda"
@@ -388,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="names of the variant rows to run, separated by ; (default: all), e.g. 'current;current, mb2'")
     ap.add_argument("--engines", default="eager,compiled",
                     help="the engine section's rows, comma-separated: eager, or model settings joined by + "
-                         "(compiled, channels_last, cudagraphs: compile_mode reduce-overhead), "
+                         "(compiled, channels_last, cudagraphs: compile_mode reduce-overhead, mb2: micro-batch 2), "
                          "e.g. 'compiled,compiled+cudagraphs+channels_last'")
     args = ap.parse_args(argv)
     resolve_device(args)
