@@ -77,11 +77,16 @@ separable matrix products (:func:`~masan.model.blocks.separable`): adaptive aver
 backward scatters with atomic adds (1.9 ms of a compiled step on an H100)."""
 
 
+def _split_axes(dims: Sequence[int], size: Sequence[int]) -> tuple[int, ...]:
+    """Spatial axes ``(D, H, W)`` cut into ``size`` equal blocks: ``(s0, D/s0, s1, H/s1, s2, W/s2)``."""
+    return tuple(v for d, s in zip(dims, size) for v in (s, d // s))
+
+
 def block_view(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     """``(N, C, D, H, W)`` cut into ``size`` equal blocks per axis, as a view
     ``(N, C, s0, D/s0, s1, H/s1, s2, W/s2)``: block ``(i, j, k)`` is ``[:, :, i, :, j, :, k, :]``."""
     n, c = x.shape[:2]
-    return x.reshape(n, c, *(v for d, s in zip(x.shape[2:], size) for v in (s, d // s)))
+    return x.reshape(n, c, *_split_axes(x.shape[2:], size))
 
 
 class _BlockMax(torch.autograd.Function):
@@ -124,7 +129,7 @@ def _block_mean(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     if not is_channels_last(x):
         return block_view(x, size).mean(dim=(3, 5, 7))
     n, c = x.shape[:2]
-    cells = voxels_last(x).reshape(n, *(v for d, s in zip(x.shape[2:], size) for v in (s, d // s)), c)
+    cells = voxels_last(x).reshape(n, *_split_axes(x.shape[2:], size), c)
     return channels_first(cells.mean(dim=(2, 4, 6)))
 
 
