@@ -48,6 +48,7 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -189,25 +190,37 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def guarded(section: str, name: str, budget: Budget, min_left: float, device: torch.device,
+            fn: Callable[[], None], compiled: bool = False) -> None:
+    """One row: ``fn()`` (which emits it) under the budget's alarm. A spent budget or a failure
+    becomes one noted row (a failure's traceback after it), so no row ends the check; then the
+    device memory ``fn`` held is freed, and with ``compiled`` dynamo's compiled graphs too."""
+    if budget.left() < min_left:
+        note(section, name, f"skipped: {budget.left():.0f} s left of the budget")
+        return
+    try:
+        budget.alarm()
+        fn()
+    except torch.cuda.OutOfMemoryError:
+        note(section, name, "out of memory")
+    except Exception as e:  # noqa: BLE001 - one failing row must not end the check
+        note(section, name, f"error: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+        traceback.print_exc()
+    finally:
+        signal.alarm(0)
+        _free(device)  # the model and optimiser went with fn's frame
+        if compiled:
+            torch._dynamo.reset()
+
+
 def model_section(section: str, rows: list[Row], args, cfg: RunConfig, budget: Budget, min_left: float) -> None:
     device, dtype = args.device, PRECISION_DTYPES[args.precision]
     for row in rows:
-        if budget.left() < min_left:
-            note(section, row.name, f"skipped: {budget.left():.0f} s left of the budget")
-            continue
-        try:
-            budget.alarm()
+        def measure(row: Row = row) -> None:
             ms, peak = measure_model(_copy(cfg), row, device, dtype, args.warmup, args.steps, args.compile_backend)
             emit(section, row.name, f"{ms:.1f}", f"{peak:.2f}", f"{peak / row.batch:.2f}", "")
-        except torch.cuda.OutOfMemoryError:
-            note(section, row.name, "out of memory")
-        except Exception as e:  # noqa: BLE001 - one failing row must not end the check
-            note(section, row.name, f"error: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
-        finally:
-            signal.alarm(0)
-            _free(device)
-        if row.compiled:
-            torch._dynamo.reset()
+
+        guarded(section, row.name, budget, min_left, device, measure, compiled=row.compiled)
 
 
 def _copy(cfg: RunConfig) -> RunConfig:
@@ -273,11 +286,8 @@ def loader_section(store: str, args, cfg: RunConfig, work: Path, budget: Budget)
     need = sum(np.dtype(s.row(x)[m]["dtype"]).itemsize * int(np.prod(s.shape(x, m))) for x in s.subjects
                for m in ("t1", "fmri"))
     cache_dir = cache_dir_for(need, cfg.data.cache_dir, str(work))
-    if budget.left() < args.min_left_loader:
-        note("loader", "none/host/device", f"skipped: {budget.left():.0f} s left of the budget")
-        return cache_dir
-    try:
-        budget.alarm()
+
+    def measure() -> None:
         r = loader_speeds(Path(store), args.device, args.precision, cfg.data.fmri_frames, args.workers,
                           args.loader_passes, cache_dir, CLASSES)
         base = r["none"]["seconds"]
@@ -287,11 +297,8 @@ def loader_section(store: str, args, cfg: RunConfig, work: Path, budget: Budget)
                  f"{x['bytes'] / x['seconds'] / 1e9:.2f} GB/s into the model, {base / x['seconds']:.1f}x none"
                  + (f", built in {x['build_s']:.1f} s in {cache_dir}" if k != "none" else
                     f", {args.workers} DataLoader workers"))
-    except Exception as e:  # noqa: BLE001
-        note("loader", "none/host/device", f"error: {type(e).__name__}: {e}")
-    finally:
-        signal.alarm(0)
-        _free(args.device)
+
+    guarded("loader", "none/host/device", budget, args.min_left_loader, args.device, measure)
     return cache_dir
 
 

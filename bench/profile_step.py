@@ -34,8 +34,7 @@ import math
 import signal
 import sys
 import time
-import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -50,12 +49,11 @@ from bench.gpu_check import (  # noqa: E402
     TINY,
     Budget,
     Row,
-    _free,
     _on_alarm,
     device_parser,
     emit,
+    guarded,
     measure_model,
-    note,
     resolve_device,
 )
 from masan.config import load_config  # noqa: E402
@@ -130,25 +128,6 @@ def _row(cfg, batch: int) -> Row:
     return Row(m.arch, batch, ckpt=m.activation_checkpointing, channels_last=m.channels_last, compiled=m.compile)
 
 
-def _guarded(section: str, name: str, args, budget: Budget, fn: Callable[[], None]) -> None:
-    """Run ``fn()`` under the budget's alarm; a spent budget or a failure becomes one noted row
-    (with the traceback after it), and the device memory ``fn`` held is freed."""
-    if budget.left() < args.min_left:
-        note(section, name, f"skipped: {budget.left():.0f} s left of the budget")
-        return
-    try:
-        budget.alarm()
-        fn()
-    except torch.cuda.OutOfMemoryError:
-        note(section, name, "out of memory")
-    except Exception as e:  # noqa: BLE001 - one failing row must not end the check
-        note(section, name, f"error: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
-        traceback.print_exc()
-    finally:
-        signal.alarm(0)
-        _free(args.device)  # the model and optimiser went with fn's frame
-
-
 def _timed(cfg, batch: int, args, budget: Budget, section: str, name: str) -> None:
     def measure() -> None:
         t0 = time.perf_counter()
@@ -157,9 +136,7 @@ def _timed(cfg, batch: int, args, budget: Budget, section: str, name: str) -> No
         extra = f"with warm-up and compile {time.perf_counter() - t0:.0f} s" if cfg.model.compile else ""
         emit(section, name, f"{ms:.1f}", f"{peak:.2f}", f"{peak / batch:.2f}", extra)
 
-    _guarded(section, name, args, budget, measure)
-    if cfg.model.compile:
-        torch._dynamo.reset()
+    guarded(section, name, budget, args.min_left, args.device, measure, compiled=cfg.model.compile)
 
 
 def split_section(cfg, args, budget: Budget) -> None:
@@ -184,7 +161,7 @@ def _bare_model(m, device: torch.device, dtype: torch.dtype) -> tuple[torch.nn.M
 
 def profile_section(cfg, args, budget: Budget) -> None:
     """Profile one step after two warm-up steps; print the top operators by self device time."""
-    _guarded("profile", "-", args, budget, lambda: _profile(cfg, args))
+    guarded("profile", "-", budget, args.min_left, args.device, lambda: _profile(cfg, args))
 
 
 def _profile(cfg, args) -> None:
@@ -259,7 +236,7 @@ class LayoutAudit(TorchDispatchMode):
 def layout_section(cfg, args, budget: Budget) -> None:
     """One eager forward + backward with ``model.channels_last`` on (the fast paths as
     :data:`CURRENT`) under :class:`LayoutAudit`; prints each converting operator, by output shape."""
-    _guarded("layout", "-", args, budget, lambda: _layout(cfg, args))
+    guarded("layout", "-", budget, args.min_left, args.device, lambda: _layout(cfg, args))
 
 
 def _layout(cfg, args) -> None:
@@ -294,9 +271,8 @@ def engine_section(cfg, args, budget: Budget) -> None:
         for f in flags:
             section, key, value = ENGINE_FLAGS[f]
             setattr(getattr(c, section), key, value)
-        _guarded("engine", name, args, budget, lambda c=c, name=name: _engine_rows(c, args, name))
-        if c.model.compile:
-            torch._dynamo.reset()
+        guarded("engine", name, budget, args.min_left, args.device, lambda c=c, name=name: _engine_rows(c, args, name),
+                compiled=c.model.compile)
 
 
 def _engine_rows(cfg, args, name: str) -> None:
