@@ -169,6 +169,11 @@ class ModelConfig:
     fusion_cells: int = 1
     """Cells per region and axis of the region maps that fusion works on (1: one vector per
     region; 2: a 2x2x2 sub-grid per region gives spatial attention finer resolution)."""
+    connectivity_cells: int = field(default=0, metadata={HASHED_WHEN_SET: True})
+    """Functional connectivity features (not in the paper; masan/model/connectivity.py): the
+    Fisher-z correlations between the mean time courses of the fMRI's cells, ``k`` cells per
+    region and axis, join each region's fused features (``k^3 x`` all cells per region), so a
+    coupling change between distant structures is visible to the head. 0: off (the paper)."""
     attn_dim: int = 64
     """Query/key width of region self-attention (eq. 3-5)."""
     region_norm: Literal["cohort", "layer"] = "cohort"
@@ -187,6 +192,11 @@ class ModelConfig:
     training subjects, fitted with the cohort statistics; the others are set to the cohort mean.
     0: keep all. Small cohorts need it (a focal effect among ~10^4-10^5 region features); see
     docs/paper-mapping.md."""
+    screen_fraction: float = field(default=0.0, metadata={HASHED_WHEN_SET: True})
+    """Screening as a fraction of all region features (regions x features), instead of the count
+    ``screen_features`` (give one of the two): a focal effect covers a constant fraction of the
+    brain, so at a finer grid or wider model the same fraction keeps the same anatomy, where a
+    fixed count keeps ever less of it. Kept features: ``max(1, round(fraction * total))``."""
     value_dim: int = 64
     """Value width of region self-attention: features per region fed to the classifier."""
     fusion: Literal["attention", "add"] = "attention"
@@ -209,10 +219,8 @@ class ModelConfig:
     statistics stay valid between fits. 1: end to end, as the paper may have meant; with
     fitted (frozen) standardisation the classifier's gradient, amplified by 1/std, moves the
     encoders' features far from their fitted statistics within an epoch and the head
-    collapses to one class (phantom NC vs AD: 0.5 test accuracy at 1 and 0.1, 1.0 at 0). H-FCN
-    (``arch=hfcn``) takes the same setting; having no decoder, at 0 its encoder stays as
-    initialised and only its patch/region/subject levels learn (end to end it predicted one
-    class on the realistic cohort at every learning rate and normalisation tried, issue 8)."""
+    collapses to one class (docs/paper-mapping.md). H-FCN (``arch=hfcn``) takes the same
+    setting: its patch autoencoder learns from reconstruction like sPM."""
     mlp_hidden: int = 256
     dropout: float = 0.2
     hfcn_region_group: int = 2
@@ -253,6 +261,13 @@ class ModelConfig:
     pays the full compile (the tiny model's first compiled step on the CPU: 238 s cold,
     22 s from the cache). Inductor's default is node-local ``/tmp``."""
 
+    def screen_keep(self, total: int) -> int:
+        """Region features the screening keeps out of ``total`` (``screen_features`` or
+        ``screen_fraction`` of it; 0: no screening)."""
+        if self.screen_fraction:
+            return max(1, round(self.screen_fraction * total))
+        return self.screen_features
+
 
 @dataclass
 class LossConfig:
@@ -263,6 +278,11 @@ class LossConfig:
     sparsity: float = 1e-4
     """lambda of eq. 1, on the mean absolute bottleneck encoding."""
     recon: Literal["mse", "l1"] = "mse"
+    class_weights: Literal["none", "balanced"] = field(default="none", metadata={HASHED_WHEN_SET: True})
+    """Weights of the classes in the cross-entropy (eq. 7, which has none): ``balanced`` weighs
+    class c by ``n / (k * n_c)`` over the training subjects (scikit-learn's convention), so a
+    cohort with ADNI's proportions (AD the largest class) is not learnt as "call everyone the
+    largest class"; ``none``: every subject counts once, as in the paper."""
 
 
 @dataclass
@@ -292,8 +312,7 @@ class TrainConfig:
     """Phases, precision and parallelism of the DeepSpeed engine."""
 
     pretrain_epochs: int = field(default=100, metadata={RESUMABLE: True})
-    """Phase 1: reconstruction-only pretraining of sPM/fPM (none for ``model.arch=hfcn``, which has
-    no autoencoder: :attr:`RunConfig.epochs`)."""
+    """Phase 1: reconstruction-only pretraining of sPM/fPM (and of H-FCN's patch autoencoder)."""
     joint_epochs: int = field(default=700, metadata={RESUMABLE: True})
     """Phase 2: the full loss of eq. 8."""
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
@@ -390,11 +409,9 @@ class RunConfig:
 
     @property
     def epochs(self) -> dict[str, int]:
-        """Epochs each phase trains: ``train.pretrain_epochs`` and ``train.joint_epochs``, except
-        that a model without autoencoders (``model.arch=hfcn``) has nothing to pretrain (its
-        pretraining loss is 0) and goes straight to the joint phase."""
-        pretrain = 0 if self.model.arch == "hfcn" else self.train.pretrain_epochs
-        return {"pretrain": pretrain, "joint": self.train.joint_epochs}
+        """Epochs each phase trains: ``train.pretrain_epochs`` and ``train.joint_epochs`` (the
+        H-FCN baseline pretrains its patch autoencoder like MASAN's sPM)."""
+        return {"pretrain": self.train.pretrain_epochs, "joint": self.train.joint_epochs}
 
 
 # --------------------------------------------------------------------------- loading
@@ -569,6 +586,9 @@ _RULES: tuple[tuple[str, typing.Callable[[Any], bool], str], ...] = (
     ("loss.alpha", _non_negative, "a weight of 0 or more (the paper: 0.5)"),
     ("loss.beta", _non_negative, "a weight of 0 or more (the paper: 0.5)"),
     ("loss.sparsity", _non_negative, "a weight of 0 or more (the paper: 1e-4)"),
+    ("model.screen_features", _non_negative, "0 (no screening) or a number of region features to keep"),
+    ("model.screen_fraction", _fraction_right_open, "0 (no screening) or a fraction below 1, e.g. 0.0005"),
+    ("model.connectivity_cells", _non_negative, "0 (off) or cells per region and axis, e.g. 2"),
     ("data.num_workers", _non_negative, "0 (load in the training process) or more worker processes"),
     ("data.prefetch_factor", _positive, "at least 1 batch per worker"),
     ("data.fmri_frames", _optional_positive, "null (all frames) or at least 1 frame"),
@@ -623,6 +643,9 @@ def validate_config(cfg: RunConfig) -> None:
             raise ConfigError(f"{key}={value!r} is out of range; use {fix}")
     if not (cfg.data.use_t1 or cfg.data.use_fmri):
         raise ConfigError("data.use_t1 and data.use_fmri are both false; a run needs at least one modality")
+    if cfg.model.screen_features and cfg.model.screen_fraction:
+        raise ConfigError(f"model.screen_features={cfg.model.screen_features} and model.screen_fraction="
+                          f"{cfg.model.screen_fraction} are both set; give one of them (the other 0)")
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:

@@ -1,7 +1,10 @@
-"""bench/science.py end to end at a tiny size: cohort, two variants, oracle, table, raw numbers."""
+"""bench/science.py: its cohort commands, the paper-exact variant, the rows fitted without training
+(oracle, linear baseline) on the runs' split, and end to end at a tiny size: cohort, two trained
+variants, the oracle and the linear row, table, raw numbers."""
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 import os
@@ -10,13 +13,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "bench" / "science.py"
 # 4 subjects per class on a 32^3 MNI152 grid, one epoch per phase, fp32 (bf16 is far slower on CPUs)
 TINY = ["--per-class", "4", "--t1-shape", "32", "32", "32", "--fmri-shape", "8", "8", "8", "--frames", "8",
-        "--repeats", "1", "--variants", "masan", "t1_only",
+        "--repeats", "1", "--variants", "masan", "t1_only", "linear",
         "train.pretrain_epochs=1", "train.joint_epochs=1", "split.val_fraction=0", "train.precision=fp32"]
 NUMBER = r"\d+\.\d+(?: ± \d+\.\d+)?"
 
@@ -26,6 +30,11 @@ def load_bench():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def baselines_module():
+    load_bench()  # puts the repository on sys.path, as running the script does
+    return importlib.import_module("bench.baselines")
 
 
 def test_overrides_may_follow_the_variant_list():
@@ -65,6 +74,174 @@ def test_a_change_of_the_training_code_is_not_scored_with_old_runs(tmp_path, mon
     assert bench.code_fingerprint() != before
 
 
+def cohort(argv: list[str]) -> tuple[object, dict, list[list[str]]]:
+    """(args, stamp, [synth_cohort, to_zarr] command) as main() makes them at the science.yaml sizes."""
+    bench = load_bench()
+    args = bench.parse_args(argv)
+    args.per_class = args.per_class or bench.PRESETS[args.preset].per_class
+    args.t1_shape, args.fmri_shape = [48, 56, 48], [12, 14, 12]
+    args.frames = args.frames or bench.PRESETS[args.preset].frames
+    stamp = bench.cohort_args(args, [4, 4, 4])
+    return args, stamp, bench.cohort_commands(stamp, Path("bids"), Path("cohort.zarr"))
+
+
+def flag(cmd: list[str], name: str) -> str:
+    return cmd[cmd.index(name) + 1]
+
+
+def test_cohort_flags_reach_the_cohort_commands():
+    args, easy, (synth, convert) = cohort([])
+    assert args.work == REPO / "runs/science"
+    assert flag(synth, "--preset") == "easy" and flag(synth, "--per-class") == "16" and "--subjects" not in synth
+    assert flag(convert, "--register") == "none" and flag(convert, "--template") == "mni152"
+    assert "--t1-shape" not in convert  # the synthetic volumes are stored as written
+
+    args, adni, (synth, convert) = cohort(["--preset", "adni-like"])
+    assert args.work == REPO / "runs/science-adni-like"  # two cohorts do not overwrite each other
+    assert flag(synth, "--preset") == "adni-like" and flag(synth, "--subjects") == "96" and "--per-class" not in synth
+    assert flag(synth, "--frames") == "48"  # the preset's frames, and the model's (main's shape overrides)
+    assert flag(convert, "--register") == "syn" and flag(convert, "--template") == "mni152"
+    assert convert[convert.index("--t1-shape") + 1:][:3] == ["48", "56", "48"]  # the template grid is the model's
+    assert convert[convert.index("--fmri-shape") + 1:][:3] == ["12", "14", "12"]
+
+    _, other, (synth, convert) = cohort(["--preset", "adni-like", "--subjects", "40", "--register", "affine",
+                                         "--structures", "hippocampus"])
+    assert flag(synth, "--subjects") == "40" and flag(convert, "--register") == "affine"
+    assert flag(synth, "--structures") == "hippocampus"
+    assert len({json.dumps(s, sort_keys=True) for s in (easy, adni, other)}) == 3  # each its own stamp
+
+    bench = load_bench()
+    for argv in (["--subjects", "40"], ["--preset", "adni-like", "--per-class", "8"]):
+        with pytest.raises(SystemExit):
+            bench.parse_args(argv)
+
+
+def test_a_changed_cohort_is_remade(tmp_path, monkeypatch):
+    bench = load_bench()
+    made = []
+
+    def run_step(cmd):
+        made.append(cmd)
+        if "data_tools/to_zarr.py" in cmd:
+            Path(flag(cmd, "--out")).mkdir(parents=True)
+
+    monkeypatch.setattr(bench, "run_step", run_step)
+    _, stamp, _ = cohort([])
+    bench.make_cohort(tmp_path, stamp)
+    bench.make_cohort(tmp_path, stamp)
+    assert len(made) == 2  # the second call reused it
+    bench.make_cohort(tmp_path, {**stamp, "register": "rigid"})
+    assert len(made) == 4 and flag(made[-1], "--register") == "rigid"
+
+
+def test_paper_exact_config_loads_and_trains_at_the_bench_scale(tmp_path):
+    """paper-exact.yaml holds the paper's method; the bench's paper_exact run takes only sizes,
+    budgets and plumbing from science.yaml (BENCH_SCALE), so it differs from masan in method only."""
+    bench = load_bench()
+    paper = bench.load_config(bench.PAPER_EXACT)
+    assert (paper.model.fusion_cells, paper.model.screen_features, paper.model.head_grad_to_encoders) == (1, 0, 1.0)
+    assert paper.model.region_weights == "embedding" and paper.split.val_fraction == 0
+    assert paper.model.t1_shape == [240, 256, 176] and paper.data.fmri_frames == 976
+
+    args = bench.parse_args(["--work", str(tmp_path)])
+    science = bench.load_config(bench.CONFIG)
+    cfg = {v: bench.command_config(bench.train_command(args, tmp_path / v, tmp_path / "c.zarr", v, 1,
+                                                       ["model.t1_shape=[32,40,32]"], science))
+           for v in ("masan", "paper_exact")}
+    exact, ours = cfg["paper_exact"], cfg["masan"]
+    assert exact.model.fusion_cells == 1 and exact.model.head_grad_to_encoders == 1.0
+    assert exact.model.t1_shape == ours.model.t1_shape == [32, 40, 32]  # the bench's shape overrides too
+    for key in bench.BENCH_SCALE:
+        section, _, name = key.partition(".")
+        here = getattr(exact, section) if not name else getattr(getattr(exact, section), name)
+        there = getattr(ours, section) if not name else getattr(getattr(ours, section), name)
+        assert here == there, key
+    assert exact.split.repeat == ours.split.repeat == 1 and exact.run_dir == str(tmp_path / "paper_exact")
+
+
+def test_linear_row_is_fitted_on_the_runs_split_from_the_store_alone(tiny_store, tmp_path, monkeypatch):
+    """The linear baseline reads the store's voxels, never the planted truth (this store has none:
+    the oracle cannot run on it), fits on the training part of the split the runs used, and is
+    scored on its test part."""
+    from masan.config import config_from_dict
+    from masan.data.splits import make_split
+    from masan.data.store import CohortStore
+    from masan.rundir import RunDir
+
+    baselines = baselines_module()
+    store = CohortStore(tiny_store)
+    cfg = config_from_dict({"data": {"classes": ["NC", "AD"], "fmri_frames": 6}})
+    row = baselines.LinearBaseline(store, cfg.data, cfg.split, [2, 2, 2], fmri=False)
+    subjects = sorted(row.label)
+    runs = make_split(subjects, [row.label[s] for s in subjects], type(cfg.split)(repeat=5))
+    run_dir = tmp_path / "masan" / "r0"
+    run_dir.mkdir(parents=True)
+    runs.save(RunDir(run_dir).split)
+    split = row.split(0, [tmp_path / "missing", run_dir])
+    assert (split.train, split.test) == (runs.train, runs.test)
+    assert split.test != make_split(subjects, [row.label[s] for s in subjects], cfg.split).test  # not repeat 0's
+
+    fitted, fit_linear = {}, baselines.fit_linear
+
+    def fit(X, y, seed, blocks):
+        fitted.update(X=X, y=y)
+        return fit_linear(X, y, seed, blocks)
+
+    monkeypatch.setattr(baselines, "fit_linear", fit)
+    res = row.score(split)
+    voxels = np.stack([store.read_t1(s, normalize=True).ravel() for s in split.train])
+    np.testing.assert_array_equal(fitted["X"], voxels)  # the training part's stored T1, nothing else
+    assert list(fitted["y"]) == [row.label[s] for s in split.train]
+    assert res["n"] == len(split.test) and 0 <= res["accuracy"] <= 1
+    assert res["chosen"]["k"]["t1"] in baselines.K_CHOICES and res["chosen"]["C"] in baselines.C_CHOICES
+    assert res["region_weights"].shape == (len(split.test), 8)
+    with pytest.raises(ValueError, match="planted_effect"):
+        baselines.Oracle(store, cfg.data, cfg.split).score(split)
+
+    both = baselines.LinearBaseline(store, cfg.data, cfg.split, [2, 2, 2], fmri=True)
+    features = both.features(split.train[:1])
+    t1, fmri = store.shape(split.train[0], "t1"), store.shape(split.train[0], "fmri")
+    assert features.shape[1] == np.prod(t1) + np.prod(fmri[1:]) + 8 * 7 // 2  # voxels, voxels, region pairs
+    assert (both.feature_region == -1).sum() == 8 * 7 // 2 and both.feature_region.max() == 7
+    assert both.blocks["t1"].size == np.prod(t1) and both.blocks["fmri"][0] == np.prod(t1)  # one block per modality
+    res = both.score(split)
+    assert set(res["chosen"]["k"]) == {"t1", "fmri"} and res["n"] == len(split.test)
+
+
+def test_linear_settings_come_from_cross_validation_on_the_training_part():
+    baselines = baselines_module()
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1, 2], 10)
+    X = rng.normal(size=(30, 2500))
+    X[:, 7] += 3 * y  # one informative feature among noise
+    pipe, chosen = baselines.fit_linear(X, y, seed=0)
+    assert chosen["cv_folds"] == 5 and chosen["k"]["all"] in baselines.K_CHOICES
+    assert chosen["C"] in baselines.C_CHOICES and (pipe.predict(X) == y).mean() > 0.9
+    everything = {"all": np.arange(2500)}
+    weights = baselines.region_weights(pipe, everything, np.arange(2500), 2500)  # each feature its own region
+    assert weights.argmax() == 7 and np.isclose(weights.sum(), 1)
+    _, chosen = baselines.fit_linear(X[:21], np.r_[y[:20], 2], seed=0)  # a class of one: nothing to cross-validate
+    assert chosen == {"k": {"all": baselines.DEFAULT_K}, "C": baselines.DEFAULT_C, "cv_folds": 0}
+    blocks = {"many": np.arange(30, 2500), "few": np.arange(30)}
+    pipe, chosen = baselines.fit_linear(X, y, seed=0, blocks=blocks)
+    assert chosen["k"]["few"] <= 30  # no more than there are
+    weights = baselines.region_weights(pipe, blocks, np.arange(2500), 2500)
+    assert weights.argmax() == 7  # found in its own block
+
+
+def test_ablations_may_run_fewer_repeats_and_the_table_says_so():
+    bench = load_bench()
+    args = bench.parse_args(["--repeats", "3", "--ablation-repeats", "5"])
+    assert args.ablation_repeats == 3  # never more than MASAN's
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--ablation-repeats", "0"])
+    run = {"accuracy": 0.5, "binary_accuracy": 0.75, "precision": 0.5, "recall": 0.5, "auc": 0.6, "best_rank": 1,
+           "top3": True, "minutes": 1.0}
+    text = bench.table({"masan": [run] * 3, "hfcn": [run], "masan (first 1)": [run]}, [], 3.0, "header")
+    assert "| masan | 0.50 ± 0.00 |" in text and "| 3/3 | 1.0 ± 0.0 |" in text
+    assert "| hfcn | 0.50 |" in text and "| masan (first 1) |" in text and text.count("| 1/1 |") == 2
+
+
 @pytest.mark.slow
 def test_science_bench_end_to_end(tmp_path):
     work = tmp_path / "science"
@@ -73,7 +250,7 @@ def test_science_bench_end_to_end(tmp_path):
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
     assert "synth_cohort.py --anatomy mni152" in res.stdout and "to_zarr.py" in res.stdout
     table = (work / "science.md").read_text()
-    for row in ("oracle", "masan", "t1_only"):
+    for row in ("oracle", "linear", "masan", "t1_only"):
         line = next((ln for ln in table.splitlines() if ln.startswith(f"| {row} |")), None)
         assert line is not None, table
         cells = [c.strip() for c in line.strip("|").split("|")]
@@ -81,7 +258,8 @@ def test_science_bench_end_to_end(tmp_path):
         assert cells[8] == "1/1", line  # runs ok
     assert "| masan_add |" not in table and "Chance: always-" in table
     raw = json.loads((work / "science.json").read_text())
-    assert set(raw["runs"]) == {"oracle", "masan", "t1_only"}
+    assert set(raw["runs"]) == {"oracle", "linear", "masan", "t1_only"}
+    assert raw["runs"]["linear"][0]["n"] == raw["runs"]["masan"][0]["n"]  # the same test part
     masan = raw["runs"]["masan"][0]
     assert masan["status"] == "trained" and masan["n"] > 0 and 1 <= masan["best_rank"] <= 64
     assert set(masan["rank_by_structure"]) == set(raw["planted_regions"]["by_structure"])

@@ -1,5 +1,7 @@
 """Output contract of build_model (docs/architecture.md, section Model) for every configuration."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -73,8 +75,8 @@ def test_odd_patch_sizes_reconstruct_to_the_input_shape():
 def test_hfcn_outputs_logits_and_region_weights(classes):
     t1, fmri = _inputs()
     out = build_model(small_model_config(arch="hfcn"), classes)(t1=t1, fmri=fmri)
-    assert set(out) == {"logits", "region_weights"}
-    assert out["logits"].shape == (2, classes)
+    assert set(out) == {"logits", "region_weights", "t1_recon", "t1_code"}  # no fMRI: T1 only
+    assert out["logits"].shape == (2, classes) and out["t1_recon"].shape == t1.shape
     _check_region_outputs(out, 2, 8)
 
 
@@ -82,6 +84,15 @@ def test_hfcn_groups_patches_into_regions():
     cfg = small_model_config(arch="hfcn", patch_grid=[4, 4, 4], hfcn_region_group=2)
     out = build_model(cfg, 3)(t1=torch.randn(1, 1, 32, 32, 32))
     _check_region_outputs(out, 1, 64)
+
+
+def test_hfcn_takes_masans_region_options():
+    """The patch features H-FCN standardises are MASAN's T1 region features: every level, the
+    fusion cells, the same screening (a fair baseline differs from MASAN in its head only)."""
+    cfg = small_model_config(arch="hfcn", fusion_cells=2, screen_features=5)
+    hfcn, masan = build_model(cfg, 2), build_model(dataclasses.replace(cfg, arch="masan", modalities="t1"), 2)
+    assert hfcn.norm.mean.shape == masan.attention.norm.mean.shape == (8, 2 * (4 + 8 + 8 + 8) * 2**3)
+    assert hfcn.norm.keep == masan.attention.norm.keep == 5
 
 
 def test_missing_modality_input_names_the_fix():

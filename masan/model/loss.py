@@ -33,20 +33,39 @@ def _reconstruction(recon: torch.Tensor, target: torch.Tensor, kind: str) -> tor
     raise ValueError(f"loss.recon={kind!r}: use 'mse' or 'l1'")
 
 
+def class_weights(labels: list[int], num_classes: int, kind: str) -> torch.Tensor | None:
+    """fp32 ``(num_classes,)`` cross-entropy weights for ``loss.class_weights`` from the training
+    subjects' ``labels`` (class indices), or None for ``none``. ``balanced``: ``n / (k * n_c)``
+    with k the classes present; a class absent from the labels gets weight 0 (it cannot be
+    learnt, and DeepSpeed's ranks must agree on the weights, so they come from the whole split)."""
+    if kind == "none":
+        return None
+    if kind != "balanced":
+        raise ValueError(f"loss.class_weights={kind!r}: use 'none' or 'balanced'")
+    counts = torch.bincount(torch.as_tensor(labels, dtype=torch.int64), minlength=num_classes).float()
+    present = counts > 0
+    weights = torch.zeros(num_classes)
+    weights[present] = counts.sum() / (present.sum() * counts[present])
+    return weights
+
+
 def masan_loss(out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], loss_cfg: LossConfig,
-               phase: str = "joint") -> dict[str, torch.Tensor]:
+               phase: str = "joint", class_weight: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Loss terms of one batch as fp32 scalars: ``total``, ``recon_t1``, ``recon_fmri``,
     ``sparsity_t1``, ``sparsity_fmri`` (already multiplied by lambda) and ``ce``.
 
     ``out``: the model's output dict; a modality the model does not reconstruct (switched
-    off, or the H-FCN baseline) gives zero terms. ``batch``: the dataset dict with
+    off) gives zero terms. ``batch``: the dataset dict with
     ``"label" (B,) int64`` and ``"t1"``/``"fmri"`` for the modalities reconstructed.
+    ``class_weight``: ``(C,)`` weights of the cross-entropy (:func:`class_weights`); each
+    batch's loss is the weighted sum over the weighted count, as ``F.cross_entropy`` does.
     """
     if phase not in PHASES:
         raise ValueError(f"phase={phase!r}: use one of {PHASES}")
     logits = out["logits"]
     zero = logits.new_zeros((), dtype=torch.float32)
-    terms = {"ce": F.cross_entropy(logits.float(), batch["label"].to(logits.device))}
+    weight = None if class_weight is None else class_weight.to(logits.device, torch.float32)
+    terms = {"ce": F.cross_entropy(logits.float(), batch["label"].to(logits.device), weight=weight)}
     modality = {}
     for name in ("t1", "fmri"):
         if f"{name}_recon" in out:

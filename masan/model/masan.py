@@ -9,6 +9,7 @@ Data flow for one subject at full resolution (defaults, shapes without the batch
     fMRI (976, 60, 64, 44) --fPM (frames as channels)--> recon (976, 60, 64, 44);
         levels 32x60x64x44 .. 128x8x8x6 --adaptive avg+max pool--> the same region maps
     per level: fused = T1 + fMRI * Attention_c(T1) * Attention_s(T1)         (eq. 6)
+    [model.connectivity_cells: + the fMRI cells' correlations per region (masan/model/connectivity.py)]
     concat levels -> regions (64, 704) -> self-attention -> (64, 64) -> flatten -> MLP -> logits
 
 The region head (fusion, attention, classifier) holds well under 1% of the FLOPs; it runs with
@@ -24,6 +25,7 @@ from masan.config import ModelConfig
 from masan.model.attention import RegionSelfAttention
 from masan.model.autoencoder import FunctionalModule, ModalityFeatures, PatchAutoencoder, PatchModule, VolumeModule
 from masan.model.blocks import MLPClassifier, TemporalConv, autocast_off, param_dtype, scale_grad
+from masan.model.connectivity import RegionConnectivity
 from masan.model.fusion import build_fusion
 from masan.model.regions import num_regions, region_features
 
@@ -83,9 +85,14 @@ class MASAN(nn.Module):
                 build_fusion(cfg.fusion, w, pools * cf, cfg.channel_reduction, cfg.spatial_kernel)
                 for w, cf in zip(widths, cfg.fmri_channels)
             )
+        self.connectivity = (RegionConnectivity(self.grid, cfg.connectivity_cells)
+                             if self.use_fmri and cfg.connectivity_cells else None)
         region_dim = sum(widths) * cfg.fusion_cells**3
+        if self.connectivity is not None:
+            region_dim += self.connectivity.features_per_region
         self.attention = RegionSelfAttention(region_dim, cfg.attn_dim, cfg.value_dim, num_regions(self.grid),
-                                             cfg.region_norm, cfg.region_std_floor, cfg.screen_features,
+                                             cfg.region_norm, cfg.region_std_floor,
+                                             cfg.screen_keep(num_regions(self.grid) * region_dim),
                                              num_classes)
         self.classifier = MLPClassifier(num_regions(self.grid) * cfg.value_dim, cfg.mlp_hidden, num_classes,
                                         cfg.dropout)
@@ -125,7 +132,10 @@ class MASAN(nn.Module):
         f = self._encode("fmri", self.fpm, fmri, out)
         device = (t1 if s is not None else fmri).device
         with autocast_off(device):
-            regions = torch.cat([region_features(m, self.grid) for m in self._fuse(s, f)], dim=2)  # (B, R, D)
+            parts = [region_features(m, self.grid) for m in self._fuse(s, f)]
+            if self.connectivity is not None:
+                parts.append(self.connectivity(fmri).to(parts[0].dtype))
+            regions = torch.cat(parts, dim=2)  # (B, R, D)
             standardized = self.attention.norm(regions)
             new, weights = self.attention.attend(standardized)
             out["logits"] = self.classifier(new.flatten(1))

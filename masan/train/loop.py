@@ -43,7 +43,7 @@ from masan.metrics import prediction_metrics
 from masan.model import masan_loss
 from masan.model.inputs import MODALITY_KEYS
 from masan.model.inputs import PRECISION_DTYPES as DTYPES
-from masan.model.loss import PHASES
+from masan.model.loss import PHASES, class_weights
 from masan.train import distributed as D
 from masan.train.checkpoint import CheckpointManager
 from masan.train.distributed import DistInfo
@@ -143,6 +143,7 @@ def train(p: LoopParts, state: TrainState) -> str:
     last_save = {"step": state.step, "time": time.monotonic()}
     cache = open_cache(p.train_set, cfg.data, p.info.device)  # data.cache: None, or decoded once per node
     augment = Augment.from_config(cfg.data.augment, cfg.seed)  # data.augment: None, or train-only transforms
+    weight = class_weights(p.train_set.labels, len(p.class_names), cfg.loss.class_weights)  # loss.class_weights
 
     for phase in PHASES[PHASES.index(state.phase):]:
         if state.phase != phase:  # a new phase starts: fresh epoch count and LR curve
@@ -173,7 +174,7 @@ def train(p: LoopParts, state: TrainState) -> str:
                     batch = to_device(next(batches), p.info.device, DTYPES[cfg.train.precision])
                     waited += time.perf_counter() - t_wait
                     out = engine(**{k: batch.get(k) for k in MODALITY_KEYS})
-                    loss = masan_loss(out, batch, cfg.loss, phase=phase)
+                    loss = masan_loss(out, batch, cfg.loss, phase=phase, class_weight=weight)
                     engine.backward(loss["total"])
                     engine.step()  # DeepSpeed: optimizer + LR step on the last micro-batch only
                     for k, v in loss.items():
@@ -186,7 +187,7 @@ def train(p: LoopParts, state: TrainState) -> str:
                 norm = check_grad_norm(engine, state.step, phase, p.info.rank)
                 every = cfg.log.grad_norm_every_steps
                 if every and (state.step + 1) % every == 0:
-                    grad_norms = D.mean_over_ranks(term_grad_norms(engine.module, batch, cfg.loss, phase))
+                    grad_norms = D.mean_over_ranks(term_grad_norms(engine.module, batch, cfg.loss, phase, weight))
                     p.logger.scalars(grad_norms, state.step + 1)
                 state.step += 1
                 state.consumed += per_step
@@ -341,7 +342,8 @@ def skipped_steps(engine) -> int:
     return int(getattr(engine, "skipped_steps", 0) or 0)
 
 
-def term_grad_norms(model: torch.nn.Module, batch: dict, loss_cfg, phase: str) -> dict[str, float]:
+def term_grad_norms(model: torch.nn.Module, batch: dict, loss_cfg, phase: str,
+                    class_weight: torch.Tensor | None = None) -> dict[str, float]:
     """Norm of each loss term's gradient over all parameters on ``batch``, as weighted in eq. 8
     (``grad_norm_<term>``: alpha * recon_t1, beta * recon_fmri, ce), so the balance of eq. 8 is
     visible.
@@ -359,7 +361,7 @@ def term_grad_norms(model: torch.nn.Module, batch: dict, loss_cfg, phase: str) -
     with torch.compiler.set_stance("force_eager"):
         out = torch.func.functional_call(model, params, kwargs={k: batch.get(k) for k in MODALITY_KEYS},
                                          strict=False)
-    loss = masan_loss(out, batch, loss_cfg, phase=phase)
+    loss = masan_loss(out, batch, loss_cfg, phase=phase, class_weight=class_weight)
     norms = {}
     for name, weight in weights.items():
         term = loss[name]

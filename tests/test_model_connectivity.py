@@ -1,0 +1,102 @@
+"""The fMRI connectivity features (model.connectivity_cells) and the class-weighted
+cross-entropy (loss.class_weights): what a hard, imbalanced cohort needs from the head."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from masan.config import ConfigError, LossConfig, load_config
+from masan.model import build_model, masan_loss, small_model_config
+from masan.model.connectivity import RegionConnectivity, cell_time_courses, correlations
+from masan.model.loss import class_weights
+
+
+def test_cell_time_courses_are_the_cells_means_in_region_order():
+    torch.manual_seed(0)
+    fmri = torch.randn(2, 5, 8, 8, 4, dtype=torch.float64)
+    series = cell_time_courses(fmri, (2, 2, 1), 2)  # 4 regions x 8 cells
+    assert series.shape == (2, 32, 5)
+    # region 1 (gx 0, gy 1, gz 0) spans x 0:4, y 4:8, z 0:4; its cell 3 (0, 1, 1) is x 0:2, y 6:8, z 2:4
+    want = fmri[:, :, 0:2, 6:8, 2:4].mean(dim=(2, 3, 4))
+    torch.testing.assert_close(series[:, 1 * 8 + 3], want)
+
+
+def test_correlations_match_numpy_and_a_constant_row_is_zero():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, 6, 40))
+    x[0, 5] = 3.0  # constant: background
+    got = correlations(torch.from_numpy(x))[0].numpy()
+    want = np.corrcoef(x[0, :5])
+    np.testing.assert_allclose(got[:5, :5], want, atol=1e-10)
+    assert np.all(got[5] == 0) and np.all(got[:, 5] == 0)
+
+
+def test_connectivity_sees_a_coupling_change_between_distant_regions():
+    """Two regions sharing a signal in one subject and not in another: only the features
+    of that pair change, and they are scale-invariant."""
+    g = torch.Generator().manual_seed(1)
+    t = 64
+    shared = torch.randn(t, generator=g, dtype=torch.float64)
+
+    def subject(coupled: bool) -> torch.Tensor:
+        x = torch.randn(1, t, 4, 4, 4, generator=g, dtype=torch.float64) * 0.3
+        x[0, :, :2, :2, :2] += shared[:, None, None, None]  # region 0
+        other = shared if coupled else torch.randn(t, generator=g, dtype=torch.float64)
+        x[0, :, 2:, 2:, 2:] += other[:, None, None, None]  # region 7, the far corner
+        return x
+
+    conn = RegionConnectivity((2, 2, 2), 1)
+    a, b = conn(subject(True)), conn(subject(False))
+    assert a.shape == (1, 8, 8)
+    assert a[0, 0, 7] > 2.0 and abs(float(b[0, 0, 7])) < 0.6  # Fisher z: r > 0.96 vs weak
+    torch.testing.assert_close(conn(subject(True) * 40.0 + 7.0)[0, 0, 7], conn(subject(True))[0, 0, 7],
+                               rtol=0.5, atol=0.5)  # another draw, same coupling: same order
+
+
+def test_model_with_connectivity_trains_and_the_features_reach_the_head():
+    cfg = dataclasses.replace(small_model_config(), connectivity_cells=2)
+    model = build_model(cfg, 4)
+    conn = model.connectivity
+    assert conn is not None
+    assert model.attention.norm.mean.shape[-1] > conn.features_per_region
+    t1 = torch.randn(2, 1, *cfg.t1_shape)
+    fmri = torch.randn(2, cfg.fmri_frames, *cfg.fmri_shape)
+    out = model(t1=t1, fmri=fmri)
+    masan_loss(out, {"t1": t1, "fmri": fmri, "label": torch.tensor([0, 3])}, LossConfig())["total"].backward()
+    assert model.attention.query.weight.grad is not None
+    t1_only = build_model(dataclasses.replace(cfg, modalities="t1"), 4)
+    assert t1_only.connectivity is None  # no fMRI, no connectivity
+
+
+def test_balanced_class_weights_equalise_the_classes():
+    w = class_weights([0] * 6 + [1] * 2 + [3] * 4, 4, "balanced")
+    torch.testing.assert_close(w, torch.tensor([12 / 18, 12 / 6, 0.0, 12 / 12]))
+    counts = torch.tensor([6.0, 2.0, 0.0, 4.0])
+    assert torch.allclose(w * counts, torch.tensor([4.0, 4.0, 0.0, 4.0]))  # every present class weighs alike
+    assert class_weights([0, 1], 2, "none") is None
+    with pytest.raises(ValueError, match="class_weights"):
+        class_weights([0, 1], 2, "inverse")
+
+
+def test_weighted_cross_entropy_counts_a_rare_class_more():
+    logits = torch.zeros(3, 2, requires_grad=True)
+    out = {"logits": logits}
+    batch = {"label": torch.tensor([0, 0, 1])}
+    weight = class_weights([0, 0, 0, 0, 1], 2, "balanced")
+    masan_loss(out, batch, LossConfig(), class_weight=weight)["ce"].backward()
+    g = logits.grad
+    # weights 5/8 and 5/2: a class-1 subject pulls 4 times as hard as a class-0 one
+    assert torch.isclose(g[2, 1] / g[0, 0], torch.tensor(4.0), rtol=1e-5)
+
+
+def test_screen_fraction_keeps_a_fraction_and_excludes_the_count():
+    cfg = dataclasses.replace(small_model_config(), screen_fraction=0.01)
+    model = build_model(cfg, 4)
+    total = model.attention.norm.mean.numel()
+    assert model.attention.norm.keep == max(1, round(0.01 * total))
+    with pytest.raises(ConfigError, match="give one of them"):
+        load_config(None, ["model.screen_features=20", "model.screen_fraction=0.001"])
+    with pytest.raises(ConfigError, match="screen_fraction"):
+        load_config(None, ["model.screen_fraction=1.5"])
