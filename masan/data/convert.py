@@ -6,8 +6,10 @@ Steps, each a function:
    and checks them (:func:`check_sources`: labels, ids, files), per subject.
 2. :func:`convert_subject` writes one subject into ``STORE/.staging/<id>.<v>``, each modality
    a NIfTI-Zarr image (:mod:`masan.data.nifti_zarr`; T1 whole, fMRI in frame slabs of one
-   shard each), re-reads and checksums it, then publishes it as a new version folder
-   ``STORE/subjects/<id>/<v>`` with one rename (:mod:`masan.data.publish`).
+   shard each) as the file has it or, with ``register``, resampled onto the template's grids
+   (:mod:`masan.data.registration`, transforms kept beside), re-reads and checksums it, then
+   publishes it as a new version folder ``STORE/subjects/<id>/<v>`` with one rename
+   (:mod:`masan.data.publish`).
 3. :func:`convert_cohort` runs 2 over worker processes with a progress bar, skips subjects
    whose sources and options are unchanged, redoes half-written or changed ones, points the
    cohort table (root attributes) at each new version before the old one is removed, and
@@ -23,7 +25,8 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -34,7 +37,7 @@ from zarr.codecs import BloscCodec
 from zarr.storage import LocalStore
 
 from masan import access
-from masan.data import nifti, nifti_zarr, places, publish, store_access
+from masan.data import nifti, nifti_zarr, places, publish, registration, store_access
 from masan.data.sources import (  # noqa: F401  (re-exported: the converter's public API)
     DEFAULT_CLASSES,
     ConvertError,
@@ -63,9 +66,11 @@ class ConvertOptions:
     canonical: bool = False
     """Reorient every image to RAS+ (voxels permuted/flipped, affine adjusted)."""
     t1_shape: tuple[int, int, int] | None = None
-    """Centre crop/pad T1 to this (X, Y, Z) (the paper: 240 256 176); None keeps it."""
+    """Centre crop/pad T1 to this (X, Y, Z) (the paper: 240 256 176); None keeps it. With
+    ``register``: the shape of the template grid (None: ``registration.DEFAULT_VOXEL_MM``)."""
     fmri_shape: tuple[int, int, int] | None = None
-    """Centre crop/pad each fMRI frame to this (the paper: 60 64 44); None keeps it."""
+    """Centre crop/pad each fMRI frame to this (the paper: 60 64 44); None keeps it. With
+    ``register``: the shape of the template grid, as ``t1_shape``."""
     patch_grid: tuple[int, int, int] = (4, 4, 4)
     """T1 chunk = one cell of this grid (shape // grid), so a patch read touches one chunk."""
     fmri_chunk_frames: int = 16
@@ -85,6 +90,16 @@ class ConvertOptions:
     """NaN voxels: ``error`` rejects the subject, ``zero`` stores 0 and records the count."""
     require: tuple[str, ...] = ("t1", "fmri")
     """Modalities every subject must have; a subject missing one fails."""
+    register: Literal["none", "rigid", "affine", "syn"] = "none"
+    """Spatial normalisation (:mod:`masan.data.registration`): ``none`` stores the file's voxels;
+    otherwise each T1 is registered to ``template`` with ANTs and resampled onto the template
+    grid of ``t1_shape`` (then a template-grid shape, not a crop/pad; ``canonical`` has no
+    effect), each fMRI through its mean's rigid fit to the T1 onto the grid of ``fmri_shape``."""
+    template: str = "mni152"
+    """Registration template (``registration.TEMPLATES``)."""
+    threads: int | None = None
+    """ITK threads per worker when registering (None: the usable cores over the workers). Not
+    in the fingerprint: more than one only makes reruns differ by fractions of a millimetre."""
 
     def __post_init__(self) -> None:
         if self.fmri_shard_frames % self.fmri_chunk_frames:
@@ -99,11 +114,32 @@ class ConvertOptions:
             v = getattr(self, name)
             if v is not None and (len(v) != 3 or min(v) < 1):
                 raise ConvertError(f"{name} must be three positive integers, got {v}")
+        if self.register not in registration.TYPES:
+            raise ConvertError(f"register must be one of {registration.TYPES}, got {self.register!r}")
+        if self.template not in registration.TEMPLATES:
+            raise ConvertError(f"template must be one of {registration.TEMPLATES}, got {self.template!r}")
+        if self.register != "none" and registration.tool_version() == registration.NOT_INSTALLED:
+            raise ConvertError(f"--register {self.register} needs ANTs' Python package: pip install antspyx "
+                               "(or convert without --register)")
+        if self.threads is not None and self.threads < 1:
+            raise ConvertError(f"threads must be 1 or more, got {self.threads}")
+
+    def registration_settings(self) -> dict | None:
+        """The registration settings (``registration.settings``; the root attribute
+        ``registration``), None without registration."""
+        if self.register == "none":
+            return None
+        return registration.settings(self.register, self.template, self.t1_shape, self.fmri_shape)
 
     def fingerprint(self) -> dict:
-        """Options that decide the stored bytes (a subject converted otherwise is redone)."""
+        """Options that decide the stored bytes (a subject converted otherwise is redone).
+        Without registration it is what it was before registration existed, so such stores
+        are not redone."""
         d = asdict(self)
-        d.pop("require")
+        for key in ("require", "register", "template", "threads"):
+            d.pop(key)
+        if self.register != "none":
+            d["registration"] = self.registration_settings()
         d["format_version"] = FORMAT_VERSION
         return json.loads(json.dumps(d))
 
@@ -214,32 +250,107 @@ def _check_finite(slab: np.ndarray, nan: str, path: str, t0: int) -> tuple[int, 
     return n_nan, slab
 
 
-def _write_modality(group: Any, modality: str, path: str, opts: ConvertOptions, warn: list[str]) -> dict:
-    """Stream one NIfTI file into the NIfTI-Zarr image ``group[modality]``; returns its table entry."""
+class _Source:
+    """A NIfTI file's stored values as ``(t0, (X, Y, Z, n))`` slabs, NaN/Inf checked per ``--nan``
+    (:func:`_check_finite`); ``nans`` counts the NaN voxels stored as 0 by the counted passes."""
+
+    def __init__(self, img: Any, path: str, nan: str):
+        self.img, self.path, self.nan, self.nans = img, path, nan, 0
+
+    def slabs(self, frames: int, count: bool = True) -> Iterator[tuple[int, np.ndarray]]:
+        for t0, slab in nifti.iter_frame_slabs(self.img, frames, self.path):
+            nans, slab = _check_finite(slab, self.nan, self.path, t0)
+            self.nans += nans if count else 0
+            yield t0, slab
+
+
+@dataclass
+class _Placement:
+    """Where a source's voxels go in the store: the stored (X, Y, Z) ``space``, its voxel -> world
+    (mm) ``affine``, binary NIfTI ``header``, the image's ``transform`` record (and ``registration``
+    record when registered), the header facts for the OME metadata, and ``slabs(n)``: the stored
+    values ``(t0, (X, Y, Z, n))``, n frames at a time."""
+
+    space: tuple[int, int, int]
+    affine: np.ndarray
+    header: bytes
+    transform: dict
+    ome_info: dict
+    slabs: Callable[[int], Iterator[tuple[int, np.ndarray]]]
+    registration: dict | None = None
+
+
+def _as_in_file(img: Any, shape: tuple[int, ...], modality: str, info: dict, source: _Source,
+                opts: ConvertOptions) -> _Placement:
+    """The file's voxels, reoriented (``canonical``) and centre cropped/padded (``t1_shape``/``fmri_shape``)."""
+    plan = nifti.SpatialPlan.make(img.affine, shape, opts.canonical, opts.t1_shape if modality == "t1"
+                                  else opts.fmri_shape)
+
+    def slabs(frames: int) -> Iterator[tuple[int, np.ndarray]]:
+        for t0, slab in source.slabs(frames):
+            yield t0, plan.apply(slab)
+
+    header = nifti.stored_header(img, plan, plan.out_shape + tuple(shape[3:]))
+    return _Placement(plan.out_shape, plan.affine, header, plan.record(), info, slabs)
+
+
+def _registered(img: Any, shape: tuple[int, ...], modality: str, info: dict, source: _Source,
+                opts: ConvertOptions, reg: registration.SubjectRegistration) -> _Placement:
+    """The voxels resampled onto the template grid (:mod:`masan.data.registration`). The T1 is
+    registered here; an fMRI file is read twice: once for its temporal mean (registered to the
+    T1), then frame slab by frame slab through the composed transforms."""
+    dtype = img.header.get_data_dtype().newbyteorder("=")
+    space, affine = reg.grid(modality)
+    if modality == "t1":
+        (_, volume), = source.slabs(1)
+        volume, record = reg.t1(volume[..., 0].astype(np.float32), img.affine, dtype, source.path)
+
+        def slabs(_frames: int) -> Iterator[tuple[int, np.ndarray]]:
+            yield 0, volume[..., None]
+    else:
+        total = np.zeros(shape[:3], dtype=np.float64)
+        for _, slab in source.slabs(opts.fmri_shard_frames, count=False):
+            total += slab.sum(axis=3, dtype=np.float64)
+        record = reg.fmri_prepare((total / shape[3]).astype(np.float32), img.affine, info["tr_seconds"], source.path)
+
+        def slabs(frames: int) -> Iterator[tuple[int, np.ndarray]]:
+            for t0, slab in source.slabs(frames):
+                yield t0, reg.fmri_frames(slab.astype(np.float32), dtype)
+
+    voxel = float(np.sqrt((affine[:3, :3] ** 2).sum(axis=0)).max())
+    ome_info = {**info, "zooms": [voxel] * 3 + info["zooms"][3:], "space_unit": "mm"}
+    transform = {"registered_to": reg.template, "in_shape": list(shape[:3]), "out_shape": list(space), "pad_value": 0}
+    header = registration.template_header(img, affine, space + tuple(shape[3:]))
+    return _Placement(space, affine, header, transform, ome_info, slabs, record)
+
+
+def _codec(opts: ConvertOptions) -> BloscCodec:
+    return BloscCodec(cname=opts.codec, clevel=opts.clevel, shuffle=opts.shuffle)
+
+
+def _write_modality(group: Any, modality: str, path: str, opts: ConvertOptions, warn: list[str],
+                    reg: registration.SubjectRegistration | None = None) -> dict:
+    """Stream one NIfTI file into the NIfTI-Zarr image ``group[modality]`` (registered onto the
+    template grid when ``reg`` is given); returns its table entry."""
     img = nifti.open_image(path)
     shape = nifti.data_shape(img, 3 if modality == "t1" else 4, path)
     info = nifti.describe(img)
-    target = opts.t1_shape if modality == "t1" else opts.fmri_shape
-    plan = nifti.SpatialPlan.make(img.affine, shape, opts.canonical, target)
+    source = _Source(img, path, opts.nan)
+    place = (_as_in_file(img, shape, modality, info, source, opts) if reg is None
+             else _registered(img, shape, modality, info, source, opts, reg))
     frames = 1 if modality == "t1" else shape[3]
-    out_shape = plan.out_shape if modality == "t1" else (frames,) + plan.out_shape
+    out_shape = place.space if modality == "t1" else (frames,) + place.space
     dtype = img.header.get_data_dtype().newbyteorder("=")
     chunks, shards = _chunking(modality, out_shape, opts)
-    header = nifti.stored_header(img, plan, plan.out_shape if modality == "t1" else plan.out_shape + (frames,))
-    image = nifti_zarr.ImageWriter(
-        group, modality, out_shape, dtype, chunks, shards,
-        BloscCodec(cname=opts.codec, clevel=opts.clevel, shuffle=opts.shuffle), opts.levels, header, info)
-    stats, nan_count = _Stats(), 0
-    slab_frames = shards[0] if modality == "fmri" else 1
-    for t0, slab in nifti.iter_frame_slabs(img, slab_frames, path):
-        nans, slab = _check_finite(slab, opts.nan, path, t0)
-        nan_count += nans
-        out = plan.apply(slab)  # (X', Y', Z', n)
+    image = nifti_zarr.ImageWriter(group, modality, out_shape, dtype, chunks, shards, _codec(opts), opts.levels,
+                                   place.header, place.ome_info)
+    stats = _Stats()
+    for t0, out in place.slabs(shards[0] if modality == "fmri" else 1):  # (X', Y', Z', n)
         out = np.ascontiguousarray(out[..., 0] if modality == "t1" else np.moveaxis(out, 3, 0))
         stats.add(out)
         image.write(t0, out)
-    if nan_count:
-        warn.append(f"{path}: {nan_count} NaN voxels stored as 0 (--nan zero)")
+    if source.nans:
+        warn.append(f"{path}: {source.nans} NaN voxels stored as 0 (--nan zero)")
     if modality == "fmri" and frames == 1:
         warn.append(f"{path}: the fMRI run has a single frame (no time course); stored as is, "
                     "check that the right BOLD file is listed")
@@ -248,21 +359,26 @@ def _write_modality(group: Any, modality: str, path: str, opts: ConvertOptions, 
         warn.append(f"{path}: header TR is {tr:g} s ({info['zooms'][3]:g} {info['time_unit']}); "
                     "the unit is probably wrong (ms?), recorded as is")
     checksum = image.checksums()
-    image.finish({
+    attrs = {
         "nifti": info,
-        "affine": plan.affine.tolist(),
-        "transform": plan.record(),
+        "affine": place.affine.tolist(),
+        "transform": place.transform,
         "stats": stats.scaled(info["scl_slope"], info["scl_inter"], path, warn),
         "checksum": checksum,
-        "nan_replaced": nan_count,
-    })
+        "nan_replaced": source.nans,
+    }
+    if place.registration is not None:
+        attrs["registration"] = place.registration
+    image.finish(attrs)
     return {"shape": list(out_shape), "dtype": dtype.str, "tr_seconds": tr, "checksum": checksum["crc32"]}
 
 
 def verify_group(group: Any, slab_frames: int = ConvertOptions.fmri_shard_frames) -> list[str]:
     """Re-read every image of a subject group (every level; fMRI ``slab_frames`` at a time);
-    list the modalities whose stored values differ from the checksums recorded at conversion."""
-    return [m for m in MODALITIES if m in group and not nifti_zarr.verify(group[m], slab_frames)]
+    list the modalities (and ``registration``, the stored transforms) whose values differ from
+    the checksums recorded at conversion."""
+    bad = [m for m in MODALITIES if m in group and not nifti_zarr.verify(group[m], slab_frames)]
+    return bad + ([] if registration.verify(group) else [registration.GROUP])
 
 
 def _strict(folder: Path) -> Any:
@@ -278,8 +394,15 @@ def convert_subject(job: Job, store: str, opts: ConvertOptions) -> dict:
     staging = root / STAGING / f"{job.subject}.{version}"
     warn: list[str] = []
     current = None
+    reg = None
     try:
         group = zarr.open_group(LocalStore(staging), mode="w")  # writing: a partial shard write reads absent shards
+        if opts.register != "none":
+            registration.set_threads(opts.threads or 1)
+            # ANTs writes its transforms as files: beside the staged subject, under the store's
+            # permissions, and removed with it
+            reg = registration.SubjectRegistration(opts.register, opts.template, opts.t1_shape, opts.fmri_shape,
+                                                   staging.with_name(staging.name + ".ants"), job.subject)
         row: dict[str, Any] = {"subject": job.subject, "label": job.label}
         sources = {}
         for modality in MODALITIES:
@@ -288,10 +411,13 @@ def convert_subject(job: Job, store: str, opts: ConvertOptions) -> dict:
             if current is None:
                 continue
             sources[modality] = source_record(current)
-            entry = _write_modality(group, modality, current, opts, warn)
+            entry = _write_modality(group, modality, current, opts, warn, reg)
             entry["source"], entry["sha256"] = current, sources[modality]["sha256"]
             row[modality] = entry
         current = None
+        if reg is not None:
+            reg.write(group, _codec(opts))
+            warn.extend(reg.warnings)
         bad = verify_group(_strict(staging), opts.fmri_shard_frames)
         if bad:
             raise OSError(f"re-read of {bad} after writing did not match (disk full or failing?); rerun")
@@ -303,6 +429,9 @@ def convert_subject(job: Job, store: str, opts: ConvertOptions) -> dict:
         shutil.rmtree(staging, ignore_errors=True)
         msg = str(e) if isinstance(e, nifti.NiftiError) else f"{type(e).__name__}: {e}"
         return {"subject": job.subject, "ok": False, "failure": asdict(Failure(job.subject, current, msg))}
+    finally:
+        if reg is not None:
+            shutil.rmtree(reg.workdir, ignore_errors=True)
 
 
 # ====================================================================== the cohort
@@ -472,6 +601,9 @@ def _convert_locked(root: Any, out: Path, jobs: list[Job], opts: ConvertOptions,
         report.failed.append(Failure(job.subject, None, f"{why}; rerun to retry it"))
 
     _write_table(root, rows, classes, opts, extra)
+    if opts.register != "none" and opts.threads is None:  # N workers x M ITK threads within the cores we may use
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        opts = replace(opts, threads=max(1, cores // max(1, min(workers, len(todo)))))
     bar = tqdm(total=len(todo), desc=f"to_zarr {out.name}", unit="subject", disable=not progress)
     if workers <= 1 or len(todo) <= 1:
         for job in todo:
@@ -529,4 +661,10 @@ def _write_table(root: Any, rows: dict[str, dict], classes: tuple[str, ...], opt
     if report is not None:
         attrs["last_conversion"] = {"converted": len(report.converted), "skipped": len(report.skipped),
                                     "failed": [asdict(f) for f in report.failed], "report": REPORT}
+    settings = opts.registration_settings()
+    if settings is not None:
+        attrs[registration.GROUP] = {**settings, "antspyx": registration.tool_version()}
+    elif registration.GROUP in root.attrs:  # an earlier run registered, this one does not: one atomic rewrite
+        root.attrs.put({**{k: v for k, v in root.attrs.asdict().items() if k != registration.GROUP}, **attrs})
+        return
     root.update_attributes(attrs)

@@ -10,7 +10,10 @@
   a T1 mosaic (axial slices, RAS+, the subject's right on the image right) with the outline
   of the fMRI mean image and the edge of the fMRI field of view resampled onto it through the
   two stored affines, and an fMRI panel (global signal and per-frame spread, a carpet of
-  voxel time series, temporal-std slices).
+  voxel time series, temporal-std slices);
+- per subject of a registered store (``to_zarr.py --register``): the T1 in template space with
+  the template's brain outline and tissue edge drawn over it, and its similarity to the template
+  before and after registration (:mod:`masan.data.registration`).
 
 Flags (:class:`Flag`, ``code``) say what looks wrong:
 
@@ -26,6 +29,10 @@ Flags (:class:`Flag`, ``code``) say what looks wrong:
                 cohort (median / 1.4826 MAD over every subject of the store, the MAD taken
                 as at least 5% of the median)
 ``missing``     a modality is absent from the store (converted with ``--require t1``)
+``registration`` the registered T1's correlation with the template under
+                ``min_template_corr``, the fMRI mean's brain overlap (Dice) with the template's
+                under ``min_brain_dice``, or either lower after registration than the header
+                had placed it (by more than ``registration.WORSE_BY``): a failed registration
 ==============  ==========================================================================
 
 Values are the data values (NIfTI scaling applied, not z-scored). The fMRI is read one block
@@ -51,6 +58,7 @@ from scipy import ndimage
 from tqdm.auto import tqdm
 
 from masan.access import apply_access, creation_umask, describe_mode, restrictive_mode
+from masan.data import registration
 from masan.data.store import CohortStore, StoreError
 from masan.files import atomic_write_text
 
@@ -94,6 +102,10 @@ class QCOptions:
                                  "nonzero voxels at the maximum", type=float)
     fov_overlap: float = _flag(0.5, "--fov-overlap", "flag a subject with less than this share of the fMRI "
                                "foreground inside the T1 volume", type=float)
+    min_template_corr: float = _flag(0.7, "--min-template-corr", "registered stores: flag a T1 whose correlation "
+                                     "with the template over its brain voxels is below this", type=float)
+    min_brain_dice: float = _flag(0.8, "--min-brain-dice", "registered stores: flag an fMRI whose mean's brain "
+                                  "mask overlaps the template's brain less (Dice)", type=float)
     mosaic_slices: int = _flag(12, "--slices", "axial slices in the T1 mosaic (half as many temporal-std "
                                "slices)", type=int, metavar="N")
     carpet_voxels: int = _flag(1500, None, "voxel time series in the carpet (an evenly spaced sample of the "
@@ -141,6 +153,9 @@ class SubjectQC:
     """caption -> PNG file name (relative to the report folder)."""
     numbers: dict[str, float] = field(default_factory=dict)
     """Measured shares (0-1) shown beside the facts, e.g. the fMRI head inside the T1 volume."""
+    similarity: dict[str, dict] = field(default_factory=dict)
+    """Registered stores: modality -> the similarity to the template recorded at conversion
+    (``{"measure", "before", "after"}``)."""
 
 
 # ====================================================================== checks
@@ -322,12 +337,40 @@ def check_subject(store: CohortStore, subject: str, opts: QCOptions, min_frames:
         if share < opts.fov_overlap:
             qc.flags.append(Flag("fov", "t1+fmri", f"only {100 * share:.0f}% of the fMRI head lies inside the "
                                  "T1 field of view (affines from different spaces, or a wrong sform/qform)"))
+    qc.flags += registration_flags(store, subject, qc, opts)
     for key, z in sorted(zscores.items()):
         if subject in z and abs(z[subject]) > opts.z_threshold:
             m, stat = key.rsplit("_", 1)
             qc.flags.append(Flag("outlier", m, f"{m} {stat} is {z[subject]:+.1f} robust SD from the cohort "
                                  f"median (|z| > {opts.z_threshold:g})"))
     return qc, t1, summary
+
+
+_SIMILARITY = {"t1": ("template_correlation", "correlation with the template", "min_template_corr"),
+               "fmri": ("brain_dice", "brain overlap (Dice) with the template", "min_brain_dice")}
+
+
+def registration_flags(store: CohortStore, subject: str, qc: SubjectQC, opts: QCOptions) -> list[Flag]:
+    """``registration`` flags from the similarities the conversion recorded with each registered
+    image (also kept in ``qc.similarity``); none for images that were not registered."""
+    flags = []
+    for m in qc.facts:
+        record = store.meta(subject, m).get("registration")
+        if not record:
+            continue
+        key, what, floor_name = _SIMILARITY[m]
+        before, after = record[key]["before"], record[key]["after"]
+        qc.similarity[m] = {"measure": what, "before": before, "after": after}
+        floor = getattr(opts, floor_name)
+        fix = ("the registration probably failed: look at the overlay; check the source's orientation and header, "
+               "that the T1 is skull-stripped, or try another --register type")
+        if after < floor:
+            flags.append(Flag("registration", m, f"{m} {what} is {after:.2f} after registration, under "
+                              f"{floor:g} (--{floor_name.replace('_', '-')}); {fix}"))
+        elif before is not None and after < before - registration.WORSE_BY:
+            flags.append(Flag("registration", m, f"{m} {what} fell from {before:.2f} (header placement) to "
+                              f"{after:.2f} by registration; {fix}"))
+    return flags
 
 
 # ====================================================================== figures
@@ -370,20 +413,48 @@ def _montage_axes(fig: Figure, rect: tuple[float, float, float, float], image: n
     return ax
 
 
+@dataclass
+class _Mosaic:
+    """A montage of axial T1 slices drawn into a figure: the RAS volume and affine, the slice
+    indices ``ks``, the montage ``image`` (NaN between tiles), its tile corners and axes."""
+
+    fig: Figure
+    ax: object
+    vol: np.ndarray
+    aff: np.ndarray
+    ks: np.ndarray
+    image: np.ndarray
+    corners: list[tuple[int, int]]
+
+    @classmethod
+    def draw(cls, t1: np.ndarray, t1_affine: np.ndarray, n_slices: int, ncols: int) -> "_Mosaic":
+        """Axial slices (RAS+: right on the right, anterior up) through the head, gray, one image."""
+        vol, aff = to_ras(t1, t1_affine)
+        ks = _slices(foreground(vol) if vol.max() > vol.min() else np.ones(vol.shape, bool), n_slices)
+        image, corners = montage([vol[:, :, k] for k in ks], ncols)
+        zooms = np.sqrt((aff[:3, :3] ** 2).sum(axis=0))
+        aspect = float(zooms[1] / zooms[0])
+        height, width = image.shape
+        fig = Figure(figsize=(10, 10 * height * aspect / width + 0.4))
+        lo, hi = np.nanpercentile(image, (1, 99.5))
+        ax = _montage_axes(fig, (0, 0, 1, 0.93), image, aspect, cmap="gray", vmin=lo, vmax=max(hi, lo + 1e-6))
+        return cls(fig, ax, vol, aff, ks, image, corners)
+
+    def finish(self, title: str) -> Figure:
+        """Slice labels and the title; returns the figure."""
+        for k, (r, c) in zip(self.ks, self.corners):
+            self.ax.text(c + 1, r + 1, f"z={k}", color="white", fontsize=7, va="top")
+        self.fig.text(0.5, 0.99, title, ha="center", va="top", fontsize=9)
+        return self.fig
+
+
 def t1_mosaic_figure(t1: np.ndarray, t1_affine: np.ndarray, fmri_mean: np.ndarray | None,
                      fmri_affine: np.ndarray | None, n_slices: int, ncols: int = 6) -> Figure:
     """Axial T1 slices (RAS+: right on the right, anterior up) with the fMRI mean's foreground
     outline (red) and the edge of the fMRI field of view (dashed yellow) resampled onto them
     through the two affines (world mm; trilinear). One image (a montage), for speed."""
-    vol, aff = to_ras(t1, t1_affine)
-    ks = _slices(foreground(vol) if vol.max() > vol.min() else np.ones(vol.shape, bool), n_slices)
-    image, corners = montage([vol[:, :, k] for k in ks], ncols)
-    zooms = np.sqrt((aff[:3, :3] ** 2).sum(axis=0))
-    aspect = float(zooms[1] / zooms[0])
-    height, width = image.shape
-    fig = Figure(figsize=(10, 10 * height * aspect / width + 0.4))
-    lo, hi = np.nanpercentile(image, (1, 99.5))
-    ax = _montage_axes(fig, (0, 0, 1, 0.93), image, aspect, cmap="gray", vmin=lo, vmax=max(hi, lo + 1e-6))
+    mosaic = _Mosaic.draw(t1, t1_affine, n_slices, ncols)
+    vol, aff, ks, image, ax = mosaic.vol, mosaic.aff, mosaic.ks, mosaic.image, mosaic.ax
     if fmri_mean is not None:
         to_fmri = np.linalg.inv(fmri_affine) @ aff
         ii, jj = np.meshgrid(np.arange(vol.shape[0]), np.arange(vol.shape[1]), indexing="ij")
@@ -403,11 +474,27 @@ def t1_mosaic_figure(t1: np.ndarray, t1_affine: np.ndarray, fmri_mean: np.ndarra
         values = np.where(np.isnan(image), np.nan, np.nan_to_num(fmri_img))
         if top > 0 and np.nanmax(values) > FOREGROUND * top:
             ax.contour(values, levels=[FOREGROUND * top], colors="red", linewidths=0.8)
-    for k, (r, c) in zip(ks, corners):
-        ax.text(c + 1, r + 1, f"z={k}", color="white", fontsize=7, va="top")
-    fig.text(0.5, 0.99, "T1 (RAS, axial) with the fMRI mean outline (red) and the fMRI field of view (dashed yellow)",
-             ha="center", va="top", fontsize=9)
-    return fig
+    return mosaic.finish("T1 (RAS, axial) with the fMRI mean outline (red) and the fMRI field of view (dashed yellow)")
+
+
+def registration_figure(t1: np.ndarray, t1_affine: np.ndarray, template: str, n_slices: int,
+                        ncols: int = 6) -> Figure:
+    """The registered T1 ((X, Y, Z) on its template grid, ``t1_affine`` voxel -> template mm) in
+    axial slices with the template's brain outline (cyan) and its grey/white edge (yellow: the
+    template T1 at the median of its brain voxels) drawn over it: where they cut through the
+    subject's anatomy, the registration missed."""
+    mosaic = _Mosaic.draw(t1, t1_affine, n_slices, ncols)
+    tpl, brain = registration.template_on_grid(template, t1.shape, t1_affine)
+    tpl, _ = to_ras(tpl, t1_affine)
+    brain, _ = to_ras(brain.astype(np.float32), t1_affine)
+    edge = float(np.median(tpl[brain > 0.5])) if (brain > 0.5).any() else 0.0
+    for volume, level, color in ((brain, 0.5, "cyan"), (tpl, edge, "yellow")):
+        tiles, _ = montage([volume[:, :, k] for k in mosaic.ks], ncols)
+        tiles = np.where(np.isnan(mosaic.image), np.nan, tiles)
+        if np.nanmin(tiles) < level < np.nanmax(tiles):
+            mosaic.ax.contour(tiles, levels=[level], colors=color, linewidths=0.7)
+    return mosaic.finish(f"T1 registered to {template}: the template's brain outline (cyan) and grey/white edge "
+                         "(yellow)")
 
 
 def fmri_figure(summary: FmriSummary, fmri_affine: np.ndarray, n_voxels: int, n_slices: int) -> Figure:
@@ -482,6 +569,11 @@ def cohort_html(store: CohortStore, results: list[SubjectQC], opts: QCOptions, m
              "<h3>Labels</h3>",
              _table(["label", "subjects"], [[c, labels.get(c, 0)] for c in store.classes]
                     + [[c, n] for c, n in labels.items() if c not in store.classes])]
+    settings = store.attrs.get(registration.GROUP)
+    parts.append(f"<p>registration: {_e(settings['type'])} to {_e(settings['template'])} (ANTs; T1 grid "
+                 f"{settings['t1_grid']['shape']}, fMRI grid {settings['fmri_grid']['shape']}, MNI mm); flagged under "
+                 f"correlation {opts.min_template_corr:g} (T1) or brain Dice {opts.min_brain_dice:g} (fMRI)</p>"
+                 if settings else "<p>registration: none (the files' voxels, placed by their headers)</p>")
     for m in ("t1", "fmri"):
         shapes = Counter(tuple(r[m]["shape"]) for r in rows if r.get(m))
         parts.append(f"<p>{m} stored shapes: " + ", ".join(f"<code>{list(s)}</code> x{n}" for s, n in
@@ -508,6 +600,10 @@ def cohort_html(store: CohortStore, results: list[SubjectQC], opts: QCOptions, m
     return "".join(parts) + "</section>"
 
 
+def _number(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}"
+
+
 def subject_html(qc: SubjectQC) -> str:
     """One subject's section; ``class="subject flagged"`` and ``data-flags`` when flagged."""
     codes = " ".join(sorted({f.code for f in qc.flags}))
@@ -522,6 +618,10 @@ def subject_html(qc: SubjectQC) -> str:
                      "axes (source)"], rows)]
     if qc.numbers:
         parts.append("<p>" + ", ".join(f"{_e(k)}: {100 * v:.0f}%" for k, v in qc.numbers.items()) + "</p>")
+    if qc.similarity:
+        parts.append("<p class='similarity'>registration: " + "; ".join(
+            f"{_e(m)} {_e(v['measure'])} {_number(v['before'])} (header placement) -> {_number(v['after'])}"
+            for m, v in qc.similarity.items()) + "</p>")
     if qc.flags:
         parts.append("<ul class='flags'>" + "".join(
             f"<li class='flag' data-flag='{_e(f.code)}'><b>{_e(f.code)}</b> ({_e(f.modality)}): {_e(f.message)}</li>"
@@ -608,6 +708,11 @@ def write_report(store_path: str | os.PathLike, out: str | os.PathLike, opts: QC
                 fig = t1_mosaic_figure(t1, qc.facts["t1"]["affine"], None if summary is None else summary.mean,
                                        qc.facts.get("fmri", {}).get("affine"), opts.mosaic_slices)
                 qc.images["T1 mosaic with fMRI outline"] = _save(fig, out / f"{subject}_t1.png", opts.dpi)
+            registered = store.meta(subject, "t1").get("registration") if t1 is not None else None
+            if registered:
+                fig = registration_figure(t1, qc.facts["t1"]["affine"], registered["template"], opts.mosaic_slices)
+                qc.images[f"T1 registered to {registered['template']} ({registered['type']}) with the template's "
+                          "edges"] = _save(fig, out / f"{subject}_registration.png", opts.dpi)
             if summary is not None:
                 fig = fmri_figure(summary, qc.facts["fmri"]["affine"], opts.carpet_voxels,
                                   max(1, opts.mosaic_slices // 2))
