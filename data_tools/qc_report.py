@@ -5,7 +5,10 @@ Per subject: header facts (shapes, voxel size, TR, orientation codes), a T1 mosa
 fMRI mean outline resampled onto it through the stored affines, an fMRI carpet and
 temporal-std view, and flags for what looks wrong (orientation disagreement, fields of view
 that do not overlap, constant or clipped volumes, too few frames, outlier intensities against
-the cohort). A cohort section lists the label counts and the last conversion's failures.
+the cohort). For a store converted with --register: the T1 in template space with the
+template's brain outline and grey/white edge over it, the similarity to the template before
+and after registration, and a flag when it looks failed (--min-template-corr, --min-brain-dice).
+A cohort section lists the label counts and the last conversion's failures.
 Open DIR/index.html in any browser; no server is needed. The report is given the store's
 permissions (it shows subjects' images and labels).
 
