@@ -9,7 +9,14 @@ Two anatomies:
            matter atrophy in named structures (--structures), fMRI amplitude and/or
            connectivity changes there (--fmri-effect), per-subject severity jitter, and the
            nuisance every real cohort has (gain, bias field, noise, misregistration).
-           See docs/validation-cohort.md.
+           --preset easy (default): 4 x 16 subjects, a strong effect, small misregistration.
+           --preset adni-like: as hard as ADNI: the paper's class proportions 64/34/36/72
+           NC/EMCI/LMCI/AD scaled to --subjects (default 96: 30/16/17/33), one severity per
+           modality drawn independently, effect sizes tuned so the oracle scores as a
+           hippocampal-volume classifier does on ADNI, fMRI effect in connectivity only,
+           48 frames, a smooth warp per subject (--warp-rms) and unregistered head
+           placements (--motion; the fMRI run a little off the T1).
+           See docs/validation-cohort.md (with the measured oracle accuracies).
 Severity: NC 0, EMCI 1/3, LMCI 2/3, AD 1 (--severity). The truth (where, how strong, each
 subject's severity and nuisance) goes to planted_effect.json; to_zarr copies it into the
 store, and masan.evaluate.oracle reads it back (planted masks, features, oracle classifier).
@@ -18,6 +25,7 @@ Examples:
   python data_tools/synth_cohort.py --out demo/bids                       # phantom, 4 x 12 subjects, small
   python data_tools/synth_cohort.py --out /scratch/bids --full --per-class 5   # 240x256x176 + 60x64x44 x 976
   python data_tools/synth_cohort.py --anatomy mni152 --out val/bids       # 4 x 16, T1 48x56x48, fMRI 12x14x12 x 16
+  python data_tools/synth_cohort.py --anatomy mni152 --preset adni-like --out adni/bids   # 96 subjects, 48 frames
   python data_tools/synth_cohort.py --anatomy mni152 --out val/bids --structures hippocampus entorhinal \\
       --fmri-effect connectivity --strength 0.5 0.8
   python data_tools/to_zarr.py --bids demo/bids --out demo/cohort.zarr
@@ -26,11 +34,14 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from masan.config import ModelConfig
-from masan.data import anatomy
+from masan.data import anatomy, presets
 from masan.data.synth import (
     DEFAULT_CLASSES,
     DEFAULT_SEVERITY,
@@ -41,13 +52,36 @@ from masan.data.synth import (
 )
 
 FULL_FRAMES = ModelConfig().fmri_frames
-# Defaults per anatomy: subjects per class, T1 shape, fMRI shape, frames.
+# Defaults per anatomy: subjects per class, T1 shape, fMRI shape, frames (mni152: its preset's).
 DEFAULTS = {"phantom": (12, [32, 32, 32], [16, 16, 16], 8),
-            "mni152": (16, [48, 56, 48], [12, 14, 12], 16)}
+            "mni152": (None, [48, 56, 48], [12, 14, 12], None)}
 # Option -> the anatomy it belongs to (giving it with the other one is an error).
 ANATOMY_ONLY = {"center": "phantom", "radius": "phantom", "structures": "mni152", "fmri_effect": "mni152",
                 "severity_sd": "mni152", "partner": "mni152", "orientation": "mni152",
-                "stages": "mni152"}
+                "stages": "mni152", "preset": "mni152", "subjects": "mni152", "warp_rms": "mni152",
+                "motion": "mni152"}
+
+
+def _generator_arguments(p: argparse.ArgumentParser, args: argparse.Namespace, preset: presets.Preset) -> dict:
+    """The preset's effect, nuisance and geometry arguments with the options given on top."""
+    kw = preset.generator_arguments()
+    kw.pop("frames")
+    if args.strength:
+        kw["strength"] = args.strength[0] if len(args.strength) == 1 else tuple(args.strength)
+    if args.fmri_effect is not None:
+        kw["fmri_effect"] = tuple(args.fmri_effect)
+    if args.severity_sd is not None:
+        sd = args.severity_sd
+        if len(sd) > 2:
+            p.error("--severity-sd takes one SD or two (T1 fMRI)")
+        # a preset with a severity per modality keeps drawing them independently
+        kw["severity_sd"] = sd[0] if len(sd) == 1 and np.isscalar(preset.severity_sd) else (sd[0], sd[-1])
+    if args.motion is not None:
+        kw["nuisance"] = dataclasses.replace(kw["nuisance"], misregistration_mm=args.motion[0],
+                                             misregistration_deg=args.motion[1])
+    if args.warp_rms is not None:
+        kw["geometry"] = dataclasses.replace(kw["geometry"], warp_rms_mm=args.warp_rms)
+    return kw
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,12 +90,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--anatomy", choices=["phantom", "mni152"], default="phantom",
                    help="phantom heads (default) or the MNI152 validation cohort")
     p.add_argument("--per-class", type=int, default=None,
-                   help="subjects per class (default: phantom 12, mni152 16)")
+                   help="subjects per class (default: phantom 12, mni152 --preset easy 16)")
     p.add_argument("--classes", nargs="+", default=list(DEFAULT_CLASSES))
     p.add_argument("--severity", nargs="+", type=float, default=None, metavar="S",
                    help="one severity in [0, 1] per class (default: NC 0, EMCI 1/3, LMCI 2/3, AD 1)")
     add_shape_arguments(p, {"t1-shape": "phantom 32 32 32, mni152 48 56 48",
-                            "fmri-shape": "phantom 16 16 16, mni152 12 14 12", "frames": "phantom 8, mni152 16"})
+                            "fmri-shape": "phantom 16 16 16, mni152 12 14 12",
+                            "frames": "phantom 8, mni152 easy 16, adni-like 48"})
     p.add_argument("--full", action="store_true",
                    help=f"the paper's sizes: T1 {ModelConfig().t1_shape}, "
                    f"fMRI {ModelConfig().fmri_shape} x {FULL_FRAMES}")
@@ -74,13 +109,37 @@ def main(argv: list[str] | None = None) -> int:
     ph.add_argument("--radius", type=float, default=None,
                     help=f"ball radius, fraction of each axis (default {PlantedEffect.radius})")
     mn = p.add_argument_group("mni152")
+    easy, adni = presets.PRESETS["easy"], presets.PRESETS["adni-like"]
+    mn.add_argument("--preset", default=None, choices=list(presets.PRESETS),
+                    help=f"how hard the cohort is (default {presets.DEFAULT_PRESET}; see the top of this help). "
+                         f"adni-like sets --strength {adni.strength[0]} {adni.strength[1]}, --fmri-effect "
+                         f"{' '.join(adni.fmri_effect)}, --frames {adni.frames}, --severity-sd {adni.severity_sd[0]} "
+                         f"{adni.severity_sd[1]}; the options below override the preset's values")
+    mn.add_argument("--subjects", type=int, default=None, metavar="N",
+                    help="adni-like: subjects in all, split over the classes in the paper's proportions "
+                         f"{'/'.join(map(str, presets.PAPER_CLASS_COUNTS.values()))} "
+                         f"(default {adni.subjects})")
     add_effect_arguments(p, mn)
     mn.add_argument("--fmri-effect", nargs="*", default=None, choices=list(anatomy.FMRI_EFFECTS),
                     help="planted fMRI effects: amplitude (fluctuations damped in the structures) and/or "
-                         "connectivity (structures decoupled from the partner network); default both, "
-                         "none given: T1 effect only")
-    mn.add_argument("--severity-sd", type=float, default=None,
-                    help="per-subject severity jitter, N(0, SD) clipped to [0, 1] (default 0.15)")
+                         "connectivity (structures decoupled from the partner network); default both (adni-like: "
+                         "connectivity), none given: T1 effect only")
+    mn.add_argument("--severity-sd", nargs="+", type=float, default=None, metavar="SD",
+                    help="per-subject severity jitter, N(0, SD) clipped to [0, 1]: one SD (easy: one severity "
+                         "for both modalities, default 0.15) or T1 and fMRI SDs (a severity per modality, drawn "
+                         f"independently; adni-like always draws them so, default {adni.severity_sd[0]} "
+                         f"{adni.severity_sd[1]})")
+    mn.add_argument("--warp-rms", type=float, default=None, metavar="MM",
+                    help="adni-like: RMS length of each subject's smooth nonlinear warp over the brain "
+                         f"(default {adni.geometry.warp_rms_mm}; 0: none)")
+    mn.add_argument("--motion", nargs=2, type=float, default=None, metavar=("MM", "DEG"),
+                    help="head placement per subject: translation of length U(0, MM) and rotation of U(0, DEG) "
+                         "degrees (easy: misregistration per modality, default "
+                         f"{easy.nuisance.misregistration_mm:g} {easy.nuisance.misregistration_deg:g}; adni-like: "
+                         f"the T1's, the fMRI run's moved from it by up to {adni.geometry.fmri_offset_mm:g} mm / "
+                         f"{adni.geometry.fmri_offset_deg:g} degrees, default {adni.nuisance.misregistration_mm:g} "
+                         f"{adni.nuisance.misregistration_deg:g}); the header keeps the nominal grid, so the brain "
+                         "sits elsewhere in each subject's voxels")
     mn.add_argument("--partner", default=None, choices=sorted(anatomy.STRUCTURES), metavar="NAME",
                     help="partner network for the connectivity effect (default: first of "
                          f"{', '.join(anatomy.PARTNER_CHOICES)} not planted)")
@@ -91,8 +150,21 @@ def main(argv: list[str] | None = None) -> int:
     for name, owner in ANATOMY_ONLY.items():
         if getattr(args, name) is not None and args.anatomy != owner:
             p.error(f"--{name.replace('_', '-')} applies to --anatomy {owner} only")
+    name = args.preset or presets.DEFAULT_PRESET
+    preset = presets.PRESETS[name]
+    if args.anatomy == "mni152":
+        if args.per_class is not None and preset.proportions is not None:
+            p.error(f"--per-class does not apply to --preset {name}, whose classes follow the paper's "
+                    "proportions; give the total with --subjects N")
+        if args.subjects is not None and preset.proportions is None:
+            p.error(f"--subjects applies to --preset adni-like; --preset {name} takes --per-class N")
+        if args.subjects is not None and args.subjects < len(args.classes):
+            p.error(f"--subjects {args.subjects} leaves a class empty; give at least {len(args.classes)}")
+        if args.warp_rms is not None and preset.geometry is None:
+            p.error(f"--warp-rms applies to --preset adni-like; --preset {name} has no warp")
     per_class, t1_shape, fmri_shape, frames = DEFAULTS[args.anatomy]
     per_class = args.per_class if args.per_class is not None else per_class
+    frames = preset.frames if frames is None else frames
     t1_shape, fmri_shape = args.t1_shape or t1_shape, args.fmri_shape or fmri_shape
     frames = args.frames if args.frames is not None else frames
     if args.full:
@@ -114,21 +186,21 @@ def main(argv: list[str] | None = None) -> int:
         out = synthesize_cohort(args.out, per_class, tuple(t1_shape), tuple(fmri_shape), frames,
                                 (center, radius), strength, tuple(args.classes), args.seed, severity, args.tr,
                                 progress=True)
+        n_subjects = per_class * len(args.classes)
     else:
-        strength = anatomy.DEFAULT_STRENGTH if not args.strength else \
-            (args.strength[0] if len(args.strength) == 1 else tuple(args.strength))
         try:
+            kw = _generator_arguments(p, args, preset)
+            counts = preset.counts(args.classes, per_class=args.per_class, subjects=args.subjects)
             out = anatomy.synthesize_anatomy_cohort(
-                args.out, per_class, tuple(t1_shape), tuple(fmri_shape), frames,
+                args.out, counts, tuple(t1_shape), tuple(fmri_shape), frames=frames,
                 structures=tuple(args.structures or ("hippocampus", "amygdala")),
-                fmri_effect=tuple(args.fmri_effect) if args.fmri_effect is not None else anatomy.FMRI_EFFECTS,
-                strength=strength, seed=args.seed, progress=True, classes=tuple(args.classes), severity=severity,
-                severity_sd=0.15 if args.severity_sd is None else args.severity_sd, partner=args.partner,
-                tr=args.tr, orientation=args.orientation or "RAS",
-                stages=None if args.stages is None else {"t1": args.stages[:2], "fmri": args.stages[2:]})
+                seed=args.seed, progress=True, classes=tuple(args.classes), severity=severity,
+                partner=args.partner, tr=args.tr, orientation=args.orientation or "RAS",
+                stages=None if args.stages is None else {"t1": args.stages[:2], "fmri": args.stages[2:]}, **kw)
         except (ValueError, RuntimeError) as e:
             p.error(str(e))
-    print(f"wrote {per_class * len(args.classes)} subjects to {out}; convert with: "
+        n_subjects = sum(counts.values())
+    print(f"wrote {n_subjects} subjects to {out}; convert with: "
           f"python data_tools/to_zarr.py --bids {out} --out STORE")
     return 0
 

@@ -20,6 +20,12 @@ nothing is downloaded) resampled onto the requested grids, with
 - **nuisance** (:class:`Nuisance`): per-subject gain, a smooth multiplicative bias field,
   Gaussian noise, and a rigid misregistration per subject and modality (the header keeps
   the nominal affine, as after an imperfect registration; the same for all frames).
+- **geometry** (optional, :class:`masan.data.deformation.Geometry`): each subject's own shape
+  (a smooth warp of the template) and an unregistered head placement (the T1's rigid
+  placement, the fMRI run's moved a little from it), applied to every map of the subject's
+  anatomy; the header still keeps the nominal affine. Severities may also be drawn per
+  modality, independently (``severity_sd=(t1, fmri)``). :mod:`masan.data.presets` names
+  the combinations (``easy``, ``adni-like``).
 
 Grids (:func:`grid_affine`): isotropic voxels, the field of view is the template's brain
 bounding box plus a margin, centred, with the voxel size chosen so that the box fills the
@@ -30,7 +36,7 @@ written in RAS voxel order unless ``orientation`` says otherwise (e.g. ``"LAS"``
 Resampling (:func:`sample`): a map is first block-averaged and Gaussian-smoothed to the
 target voxel size (the spread of a voxel-wide box: partial volume), then read at
 the target voxel centres through one ``scipy.ndimage.affine_transform`` that also applies
-the subject's misregistration.
+the subject's misregistration (or, with a warp, ``map_coordinates`` at the mapped positions).
 
 fMRI signal, per voxel x and frame t (fractions of the baseline)::
 
@@ -59,9 +65,18 @@ import nibabel as nib
 import numpy as np
 from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, ornt_transform
 from scipy import ndimage
-from scipy.spatial.transform import Rotation
 from tqdm.auto import tqdm
 
+from masan.data.deformation import (
+    Geometry,
+    SubjectTransform,
+    draw_rigid,
+    draw_warp,
+    matrix_record,
+    rms_length,
+    second_placement,
+    voxel_centers_mm,
+)
 from masan.data.nifti import write_nifti_slabs
 from masan.data.synth import (
     DEFAULT_CLASSES,
@@ -89,6 +104,9 @@ order of the amyloid-cascade model (Jack et al., Lancet Neurol 2010; 2013), wher
 dysfunction (fMRI, FDG) becomes abnormal before atrophy (MRI): e.g. fMRI (0, 0.67), T1
 (0.33, 1), so the early classes differ mostly in fMRI and the late ones mostly in T1."""
 GM_THRESHOLD = 0.2
+MODALITIES = ("t1", "fmri")
+WARP_MARGIN_MM = 10.0
+"""The warp's control grid spans the template brain plus this on every side."""
 """A structure's T1 effect mask is its ellipsoids intersected with GM probability > this."""
 
 
@@ -243,12 +261,6 @@ def voxel_size(affine: np.ndarray) -> float:
     return float(np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0)).max())
 
 
-def voxel_centers_mm(shape: Sequence[int], affine: np.ndarray) -> np.ndarray:
-    """(X, Y, Z, 3) world coordinates of the voxel centres (index i at position i)."""
-    idx = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64) for n in shape], indexing="ij"), axis=-1)
-    return idx @ np.asarray(affine)[:3, :3].T + np.asarray(affine)[:3, 3]
-
-
 # ---------------------------------------------------------------------------------------------- resampling
 def _prepare(volume: np.ndarray, affine: np.ndarray, voxel_mm: float) -> tuple[np.ndarray, np.ndarray]:
     """Low-pass a 1 mm map for sampling at ``voxel_mm``: block-average by f = floor(voxel / 2)
@@ -286,17 +298,40 @@ def prepared(key: tuple, voxel_mm: float, make=None) -> tuple[np.ndarray, np.nda
     return _PREPARED[ck]
 
 
+Motion = np.ndarray | SubjectTransform | None
+"""Where a grid position (mm) finds the template (mm): None (nowhere else), a rigid (4, 4)
+mm -> mm, or a :class:`masan.data.deformation.SubjectTransform` (rigid, then a warp)."""
+
+
 def sample(source: tuple[np.ndarray, np.ndarray], shape: Sequence[int], affine: np.ndarray,
-           motion: np.ndarray | None = None, order: int = 1) -> np.ndarray:
+           motion: Motion = None, order: int = 1) -> np.ndarray:
     """float32 ``shape`` array: ``source`` (volume, affine) read at the grid's voxel centres.
 
-    ``motion`` (4, 4, mm -> mm) maps a grid position to the anatomy shown there (the
-    subject's misregistration); outside the source: 0.
+    ``motion`` maps a grid position to the template position shown there (the subject's
+    placement and shape, :data:`Motion`); outside the source: 0.
     """
     vol, src_aff = source
+    shape = tuple(int(n) for n in shape)
+    if isinstance(motion, SubjectTransform):
+        if motion.warp is not None:
+            return _sample_warped(source, shape, affine, motion, order)
+        motion = motion.rigid
     m = np.linalg.inv(src_aff) @ (np.eye(4) if motion is None else motion) @ np.asarray(affine, dtype=np.float64)
-    return ndimage.affine_transform(vol, m[:3, :3], m[:3, 3], output_shape=tuple(int(n) for n in shape),
+    return ndimage.affine_transform(vol, m[:3, :3], m[:3, 3], output_shape=shape,
                                     order=order, mode="constant", cval=0.0, output=np.float32)
+
+
+def _sample_warped(source: tuple[np.ndarray, np.ndarray], shape: tuple[int, int, int], affine: np.ndarray,
+                   motion: SubjectTransform, order: int) -> np.ndarray:
+    """:func:`sample` through a warp: no affine shortcut, the positions a slab at a time."""
+    vol, src_aff = source
+    inv = np.linalg.inv(src_aff)
+    out = np.empty(shape, dtype=np.float32)
+    for start, stop in motion.slabs(shape):
+        idx = motion.on_grid(shape, affine, start, stop) @ inv[:3, :3].T + inv[:3, 3]
+        ndimage.map_coordinates(vol, np.moveaxis(idx, -1, 0), output=out[start:stop], order=order,
+                                mode="constant", cval=0.0)
+    return out
 
 
 def indicator(ellipsoids: Sequence[Ellipsoid]) -> np.ndarray:
@@ -322,7 +357,7 @@ def _key(ellipsoids: Sequence[Ellipsoid]) -> tuple:
 
 
 def occupancy(ellipsoids: Sequence[Ellipsoid], shape: Sequence[int], affine: np.ndarray,
-              motion: np.ndarray | None = None) -> np.ndarray:
+              motion: Motion = None) -> np.ndarray:
     """float32 ``shape``: fraction of each voxel inside the ellipsoids (partial volume, [0, 1])."""
     src = prepared(("occupancy", _key(ellipsoids)), voxel_size(affine), lambda: indicator(ellipsoids))
     return np.clip(sample(src, shape, affine, motion), 0.0, 1.0)
@@ -335,8 +370,10 @@ def gm_loss_map(ellipsoids: Sequence[Ellipsoid], threshold: float = GM_THRESHOLD
 
 
 def structure_masks(structures: dict[str, Sequence[Ellipsoid]], shape: Sequence[int], affine: np.ndarray,
-                    modality: str = "t1", gm_threshold: float = GM_THRESHOLD) -> dict[str, np.ndarray]:
-    """Boolean ``shape`` mask per structure on any grid (``affine``: voxel -> MNI mm).
+                    modality: str = "t1", gm_threshold: float = GM_THRESHOLD, motion: Motion = None
+                    ) -> dict[str, np.ndarray]:
+    """Boolean ``shape`` mask per structure on any grid (``affine``: voxel -> MNI mm, or, with
+    ``motion``, voxel -> the subject's grid mm; the masks then follow the subject's anatomy).
 
     A voxel is in when the structure's occupancy is at least half its maximum on this grid
     (so a small structure on a coarse fMRI grid still gets its best voxels), and, for
@@ -344,10 +381,10 @@ def structure_masks(structures: dict[str, Sequence[Ellipsoid]], shape: Sequence[
     """
     if modality not in ("t1", "fmri"):
         raise ValueError(f"modality must be 't1' or 'fmri', got {modality!r}")
-    gm = sample(prepared(("gm",), voxel_size(affine)), shape, affine) if modality == "t1" else None
+    gm = sample(prepared(("gm",), voxel_size(affine)), shape, affine, motion) if modality == "t1" else None
     out = {}
     for name, ells in structures.items():
-        occ = occupancy(tuple(ells), shape, affine)
+        occ = occupancy(tuple(ells), shape, affine, motion)
         mask = (occ >= 0.5 * occ.max()) & (occ > 0) if occ.max() > 0 else np.zeros(occ.shape, bool)
         out[name] = mask & (gm > gm_threshold) if gm is not None else mask
     return out
@@ -412,21 +449,28 @@ class Signal:
     """corr(s, p) at severity 0."""
 
 
-def _rigid(rng: np.random.Generator, max_mm: float, max_deg: float, center: np.ndarray) -> tuple[np.ndarray, dict]:
-    """(4, 4) rigid mm -> mm transform (rotation about ``center``, then translation) and its record."""
-    def direction() -> np.ndarray:
-        v = rng.standard_normal(3)
-        return v / np.linalg.norm(v)
+def _severities(rng: np.random.Generator, severity: float, sd: float | Sequence[float]
+                ) -> tuple[dict[str, float], float | dict[str, float]]:
+    """A subject's severity per modality, ``clip(severity + N(0, sd), 0, 1)``, and its record:
+    one draw for both modalities (``sd`` a number) or one per modality (``sd`` = (t1, fmri))."""
+    def draw(spread: float) -> float:
+        return float(np.clip(severity + rng.normal(0.0, spread), 0.0, 1.0))
 
-    t = direction() * rng.uniform(0, max_mm)
-    rotvec = direction() * np.deg2rad(rng.uniform(0, max_deg))
-    r = Rotation.from_rotvec(rotvec).as_matrix()
-    m = np.eye(4)
-    m[:3, :3] = r
-    m[:3, 3] = center - r @ center + t
-    return m, {"translation_mm": [round(float(v), 4) for v in t],
-               "rotation_deg": [round(float(v), 4) for v in np.rad2deg(rotvec)],
-               "rotation_center_mm": [round(float(v), 4) for v in center]}
+    if np.isscalar(sd):
+        s = draw(sd)
+        return {m: s for m in MODALITIES}, round(s, 6)
+    drawn = {m: draw(spread) for m, spread in zip(MODALITIES, sd)}
+    return drawn, {m: round(v, 6) for m, v in drawn.items()}
+
+
+@lru_cache(maxsize=1)
+def _warp_frame() -> tuple[tuple[np.ndarray, np.ndarray], np.ndarray]:
+    """(the warp's control box: template brain box + :data:`WARP_MARGIN_MM`, (N, 3) mm points of
+    the template brain on a 4 mm lattice, where a warp's mean and RMS are taken)."""
+    tpl = load_template()
+    lo, hi = (np.asarray(c) for c in tpl.bbox_mm)
+    idx = np.argwhere(tpl.brain[::4, ::4, ::4] > 0) * 4
+    return (lo - WARP_MARGIN_MM, hi + WARP_MARGIN_MM), idx @ tpl.affine[:3, :3].T + tpl.affine[:3, 3]
 
 
 def _bias_field(rng: np.random.Generator, shape: tuple[int, int, int], amplitude: float, length: float) -> np.ndarray:
@@ -504,10 +548,11 @@ def synthesize_anatomy_cohort(
         frames: int = 16, structures: Sequence[str] = ("hippocampus", "amygdala"),
         fmri_effect: Sequence[str] = FMRI_EFFECTS, strength: float | tuple[float, float] = DEFAULT_STRENGTH,
         seed: int = 0, progress: bool = False, classes: Sequence[str] = DEFAULT_CLASSES,
-        severity: dict[str, float] | None = None, severity_sd: float = 0.15, partner: str | None = None,
-        stages: dict[str, Sequence[float]] | None = None, nuisance: Nuisance | None = None,
-        signal: Signal | None = None, tr: float = 2.0,
-        orientation: str = "RAS", compresslevel: int = 6, slab_frames: int = 64) -> Path:
+        severity: dict[str, float] | None = None, severity_sd: float | tuple[float, float] = 0.15,
+        partner: str | None = None, stages: dict[str, Sequence[float]] | None = None,
+        nuisance: Nuisance | None = None, signal: Signal | None = None, tr: float = 2.0,
+        orientation: str = "RAS", compresslevel: int = 6, slab_frames: int = 64,
+        geometry: Geometry | None = None) -> Path:
     """Write an MNI152-based BIDS cohort with planted effects and return its folder.
 
     Shapes are RAS voxel counts (X, Y, Z); ``frames`` fMRI frames per run, TR ``tr`` s.
@@ -516,10 +561,16 @@ def synthesize_anatomy_cohort(
     severity 1, one number for both modalities or ``(t1, fmri)``: the GM fraction lost, the
     fraction of fluctuation amplitude lost and of the coupling lost. ``severity``: class ->
     severity (default NC 0, EMCI 1/3, LMCI 2/3, AD 1); each subject draws
-    ``clip(severity + N(0, severity_sd), 0, 1)``. ``stages``: per modality (``t1``, ``fmri``)
+    ``clip(severity + N(0, severity_sd), 0, 1)``; ``severity_sd=(t1, fmri)`` draws one severity
+    per modality, independently, each with its own spread. ``stages``: per modality (``t1``, ``fmri``)
     the severity window over which its effect rises (:data:`DEFAULT_STAGES`, :func:`stage`);
     the strength multiplies the staged severity. ``partner``: the network the structures
     are coupled to (default: first of :data:`PARTNER_CHOICES` not planted).
+    ``geometry`` (:class:`masan.data.deformation.Geometry`; None: each modality gets its own
+    rigid misregistration and no warp): each subject gets a smooth warp, its T1 the head
+    placement drawn from ``nuisance``'s misregistration, its fMRI that placement moved by a
+    small offset; every map of the subject's anatomy (T1, tissue, occupancies, effect) is
+    read through them (:func:`sample`).
     ``orientation``: voxel axis codes of the written files (``RAS``, ``LAS``, ``PSR``...).
     Subjects are interleaved across classes (sub-001 NC, sub-002 EMCI, ...); the same
     arguments give the same files.
@@ -528,18 +579,24 @@ def synthesize_anatomy_cohort(
     (int16 with ``scl_slope``, written ``slab_frames`` frames at a time), participants.tsv
     (participant_id, diagnosis), dataset_description.json and planted_effect.json: the
     truth record, keys ``anatomy`` ("mni152"), ``template``, ``structures`` and ``partner``
-    ({name: [{center_mm, radii_mm}, ...]}), ``gm_threshold``, ``severity``, ``severity_sd``,
-    ``strength_t1``, ``strength_fmri``, ``fmri_effect``, ``subject_severity``
-    ({subject: s}), ``subject_nuisance`` ({subject: {t1: {gain, bias_range, motion},
-    fmri: {...}}}), ``nuisance``, ``signal``, ``grids`` (shape and affine per modality as
-    written), ``region_ranks`` ({t1|fmri: {"4x4x4": [...], "2x2x2": [...]}} on the written
-    grids) and ``effect`` (the formulas in words).
+    ({name: [{center_mm, radii_mm}, ...]}), ``gm_threshold``, ``severity``, ``severity_sd``
+    (``{t1, fmri}`` when per modality), ``strength_t1``, ``strength_fmri``, ``fmri_effect``,
+    ``subject_severity`` ({subject: s}, or {subject: {t1, fmri}}), ``subject_nuisance``
+    ({subject: {t1: {gain, bias_range, motion}, fmri: {...}}}; with ``geometry`` each
+    ``motion`` also holds its ``matrix`` (4x4, grid mm -> head frame mm), the fMRI's its
+    ``offset`` from the T1's, and the subject a ``warp``: :meth:`Warp.record` and its
+    ``rms_mm``), ``geometry`` (when given), ``nuisance``, ``signal``, ``grids`` (shape and
+    affine per modality as written), ``region_ranks`` ({t1|fmri: {"4x4x4": [...], "2x2x2":
+    [...]}} on the written grids) and ``effect`` (the formulas in words).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     classes = tuple(classes)
     counts = n_per_class if isinstance(n_per_class, dict) else {c: int(n_per_class) for c in classes}
     sev = {c: float((severity or DEFAULT_SEVERITY).get(c, 0.0)) for c in classes}
+    per_modality = not np.isscalar(severity_sd)
+    if per_modality and len(severity_sd) != 2:
+        raise ValueError(f"severity_sd is {severity_sd}; give one spread or two (t1, fmri)")
     k_t1, k_f = (float(strength), float(strength)) if np.isscalar(strength) else tuple(map(float, strength))
     stages = {m: tuple(map(float, (stages or {}).get(m, w))) for m, w in DEFAULT_STAGES.items()}
     for m, (a, b) in stages.items():
@@ -587,14 +644,22 @@ def synthesize_anatomy_cohort(
     for i, cls in enumerate(order):
         subject = f"sub-{i + 1:03d}"
         rng = np.random.default_rng([seed, i])
-        s = float(np.clip(sev[cls] + rng.normal(0.0, severity_sd), 0.0, 1.0))
-        subject_sev[subject] = round(s, 6)
-        s_t1, s_f = stage(s, stages["t1"]), stage(s, stages["fmri"])
+        drawn, subject_sev[subject] = _severities(rng, sev[cls], severity_sd)
+        s_t1, s_f = stage(drawn["t1"], stages["t1"]), stage(drawn["fmri"], stages["fmri"])
         rec = {}
+        warp = None
+        if geometry is not None and geometry.warp_rms_mm > 0:
+            box, brain_pts = _warp_frame()
+            warp = draw_warp(rng, geometry.warp_rms_mm, box, geometry.warp_control_points, brain_pts)
+            rec["warp"] = {**warp.record(), "rms_mm": round(rms_length(warp, brain_pts), 4)}
 
         # ---- T1: template + GM -> CSF in the planted structures, gain, bias, noise, misregistration
         gain = 1.0 + rng.uniform(-nuisance.gain, nuisance.gain)
-        motion, mrec = _rigid(rng, nuisance.misregistration_mm, nuisance.misregistration_deg, center)
+        motion, mrec = draw_rigid(rng, nuisance.misregistration_mm, nuisance.misregistration_deg, center)
+        head = motion
+        if geometry is not None:
+            mrec["matrix"] = matrix_record(head)
+            motion = SubjectTransform(head, warp)
         bias = _bias_field(rng, t1g.shape, nuisance.bias, nuisance.bias_length)
         img = sample(src["t1"], t1g.shape, t1g.affine, motion)
         img *= t1_scale
@@ -612,7 +677,10 @@ def synthesize_anatomy_cohort(
 
         # ---- fMRI: EPI baseline from (atrophied) tissue maps, fluctuations, effect, nuisance
         gain = 1.0 + rng.uniform(-nuisance.gain, nuisance.gain)
-        motion, mrec = _rigid(rng, nuisance.misregistration_mm, nuisance.misregistration_deg, center)
+        if geometry is None:
+            motion, mrec = draw_rigid(rng, nuisance.misregistration_mm, nuisance.misregistration_deg, center)
+        else:
+            motion, mrec = second_placement(rng, geometry, head, warp, center)
         bias = _bias_field(rng, fg.shape, nuisance.bias, nuisance.bias_length)
         tissue = {k: sample(src[k], fg.shape, fg.affine, motion) for k in ("gm", "wm", "csf")}
         loss = (k_t1 * s_t1) * sample(src["loss_f"], fg.shape, fg.affine, motion)
@@ -653,10 +721,12 @@ def synthesize_anatomy_cohort(
     record = {
         "anatomy": ANATOMY, "template": TEMPLATE_NAME,
         "structures": planted_rec, "partner": {partner: [e.record() for e in partner_ells]},
-        "gm_threshold": GM_THRESHOLD, "severity": sev, "severity_sd": severity_sd,
+        "gm_threshold": GM_THRESHOLD, "severity": sev,
+        "severity_sd": dict(zip(MODALITIES, map(float, severity_sd))) if per_modality else severity_sd,
         "strength_t1": k_t1, "strength_fmri": k_f, "stages": {m: list(w) for m, w in stages.items()},
         "fmri_effect": list(fmri_effect),
         "subject_severity": subject_sev, "subject_nuisance": subject_nui,
+        **({"geometry": asdict(geometry)} if geometry is not None else {}),
         "nuisance": asdict(nuisance), "signal": asdict(signal), "seed": seed, "tr_seconds": tr,
         "orientation": orientation.upper(),
         "grids": {"t1": {"shape": list(t1g.file_shape), "affine": t1g.file_affine.tolist()},
@@ -672,5 +742,11 @@ def synthesize_anatomy_cohort(
             "fmri_connectivity": "corr(structure signal, partner signal) = coupling * (1 - strength_fmri * severity)",
             "units": "centres/radii in MNI152 mm; masks via masan.evaluate.oracle.planted_masks"},
     }
+    if geometry is not None:
+        record["effect"]["geometry"] = (
+            "grid position g (mm, the written grid) shows template position A g + d(A g): A = "
+            "subject_nuisance[subject][modality].motion.matrix (head placement), d = subject_nuisance[subject]."
+            "warp (cubic interpolating spline through its control displacements); "
+            "masan.data.deformation.transform_from_record")
     (out / PLANTED_EFFECT_FILE).write_text(json.dumps(record, indent=1))
     return out

@@ -7,7 +7,11 @@ A synthetic cohort's store carries its truth record in the root attribute
 - :func:`planted_masks`: each planted structure's voxels on any grid, given the grid's
   voxel -> mm affine. Use ``CohortStore.affine(subject, modality)``: that affine is true
   after to_zarr's optional reorientation (``--canonical``) and crop/pad (``--t1-shape``,
-  ``--fmri-shape``), so the masks are right in the store's voxel space.
+  ``--fmri-shape``), so the masks are right in the store's voxel space. On the template
+  (MNI) grid by default; with ``subject`` they follow that subject's own anatomy (its head
+  placement and warp from the truth record), which is where an unregistered store shows it.
+- :func:`is_registered`: whether the store's images were spatially normalised to the
+  template (root attribute ``registration``), which decides the space above.
 - :func:`planted_features`: per subject, what the planted effect changes, measured on
   the stored data (what the model sees, nuisance included): mean z-scored T1 in each
   structure, mean temporal std of the fMRI in % of each voxel's mean, and (when
@@ -31,9 +35,11 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from masan.data import anatomy
+from masan.data.deformation import transform_from_record
 from masan.data.synth import FIELD_OF_VIEW_MM
 
 PHANTOM_STRUCTURE = "ball"
+SPACES = ("auto", "subject", "template")
 
 
 def _kind(effect: dict) -> str:
@@ -58,8 +64,28 @@ def _ball_mask(effect: dict, shape: Sequence[int], affine: np.ndarray) -> np.nda
     return ((frac - np.asarray(effect["center"])) ** 2).sum(axis=-1) <= float(effect["radius"]) ** 2
 
 
-def planted_masks(effect: dict, shape: Sequence[int], affine: np.ndarray, modality: str = "t1"
-                  ) -> dict[str, np.ndarray]:
+def is_registered(store) -> bool:
+    """Whether the store's images lie on the template grid (:func:`masan.data.anatomy.grid_affine`
+    in MNI mm): its root attribute ``registration`` is a dict whose ``type`` (``rigid``,
+    ``affine``, ``syn``...) is not ``none``. Absent: not registered."""
+    reg = store.attrs.get("registration")
+    kind = reg.get("type") if isinstance(reg, dict) else reg
+    return str(kind or "none").lower() != "none"
+
+
+def _subject_motion(effect: dict, subject: str | None, modality: str):
+    """The subject's grid -> template transform from the record (None: template space)."""
+    if subject is None or _kind(effect) != "mni152":
+        return None
+    tf = transform_from_record(effect, subject, modality)
+    if tf is None:
+        raise ValueError(f"the planted-effect record has no {modality} placement for subject {subject!r}; "
+                         "pass subject=None for template-space masks")
+    return tf
+
+
+def planted_masks(effect: dict, shape: Sequence[int], affine: np.ndarray, modality: str = "t1",
+                  subject: str | None = None) -> dict[str, np.ndarray]:
     """Boolean ``shape`` (X, Y, Z) mask per planted structure on the grid with voxel -> mm ``affine``.
 
     MNI152 records: ``modality="t1"`` gives the structure's ellipsoids intersected with the
@@ -67,30 +93,46 @@ def planted_masks(effect: dict, shape: Sequence[int], affine: np.ndarray, modali
     ``"fmri"`` gives the ellipsoids alone (the voxels whose fluctuations change). On a
     coarse grid a voxel is in when its occupancy is at least half the structure's highest
     (:func:`masan.data.anatomy.structure_masks`). Phantom records: ``{"ball": mask}``.
+
+    ``subject=None``: the template's structures (a registered store, or the written grid
+    without each subject's displacement). ``subject``: where that subject's images show them
+    before any registration, through its placement and warp in ``subject_nuisance``
+    (:func:`masan.data.deformation.transform_from_record`); phantom records have none.
     """
     shape = tuple(int(n) for n in shape[-3:])
     if _kind(effect) == "phantom":
         return {PHANTOM_STRUCTURE: _ball_mask(effect, shape, affine)}
-    structures = anatomy.ellipsoids_from_record(effect["structures"])
-    return anatomy.structure_masks(structures, shape, affine, modality,
-                                   float(effect.get("gm_threshold", anatomy.GM_THRESHOLD)))
+    return _record_masks(effect, "structures", shape, affine, modality, _subject_motion(effect, subject, modality))
 
 
-def partner_mask(effect: dict, shape: Sequence[int], affine: np.ndarray) -> np.ndarray | None:
-    """The partner network's fMRI mask (MNI152 records), None when the record has none."""
-    if _kind(effect) != "mni152" or not effect.get("partner"):
+def _record_masks(effect: dict, key: str, shape: Sequence[int], affine: np.ndarray, modality: str, motion
+                  ) -> dict[str, np.ndarray]:
+    """:func:`masan.data.anatomy.structure_masks` of the record's ``structures`` or ``partner``."""
+    return anatomy.structure_masks(anatomy.ellipsoids_from_record(effect[key]), tuple(shape[-3:]), affine, modality,
+                                   float(effect.get("gm_threshold", anatomy.GM_THRESHOLD)), motion)
+
+
+def partner_mask(effect: dict, shape: Sequence[int], affine: np.ndarray, subject: str | None = None
+                 ) -> np.ndarray | None:
+    """The partner network's fMRI mask (MNI152 records; ``subject`` as in :func:`planted_masks`),
+    None when the record has none."""
+    if _kind(effect) != "mni152":
         return None
-    masks = anatomy.structure_masks(anatomy.ellipsoids_from_record(effect["partner"]), tuple(shape[-3:]),
-                                    affine, "fmri")
-    return np.logical_or.reduce(list(masks.values()))
+    return _partner_union(effect, shape, affine, _subject_motion(effect, subject, "fmri"))
+
+
+def _partner_union(effect: dict, shape: Sequence[int], affine: np.ndarray, motion) -> np.ndarray | None:
+    if not effect.get("partner"):
+        return None
+    return np.logical_or.reduce(list(_record_masks(effect, "partner", shape, affine, "fmri", motion).values()))
 
 
 def planted_region_ranks(effect: dict, shape: Sequence[int], affine: np.ndarray, grid: Sequence[int],
-                         modality: str = "t1") -> list[int]:
+                         modality: str = "t1", subject: str | None = None) -> list[int]:
     """Flat C-order indices ``(gx * Gy + gy) * Gz + gz`` of the regions of the non-overlapping
-    ``grid`` split of the volume that hold planted voxels (union of :func:`planted_masks`),
-    the region with most planted voxels first."""
-    masks = planted_masks(effect, shape, affine, modality)
+    ``grid`` split of the volume that hold planted voxels (union of :func:`planted_masks`,
+    ``subject`` as there), the region with most planted voxels first."""
+    masks = planted_masks(effect, shape, affine, modality, subject)
     return anatomy.region_ranks(np.logical_or.reduce(list(masks.values())), grid)
 
 
@@ -110,7 +152,7 @@ def _corr(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / d) if d > 0 else 0.0
 
 
-def planted_features(store, subjects: Sequence[str], frame_block: int = 128) -> np.ndarray:
+def planted_features(store, subjects: Sequence[str], frame_block: int = 128, space: str = "auto") -> np.ndarray:
     """(N, F) float64 features of ``subjects`` measured on the store (columns: :func:`feature_names`).
 
     - ``t1_mean``: mean of ``store.read_t1(normalize=True)`` (z-scored with the subject's
@@ -121,7 +163,11 @@ def planted_features(store, subjects: Sequence[str], frame_block: int = 128) -> 
     - ``fmri_conn``: Pearson correlation of the structure's mean % signal series with the
       partner network's.
 
-    Masks follow each subject's stored affine. The run is read ``frame_block`` frames at a
+    Masks follow each subject's stored affine, and where they are taken is ``space``:
+    ``subject``: each subject's own anatomy (``planted_masks(..., subject=...)``: an oracle
+    that knows every subject's placement and warp); ``template``: the template's structures
+    for everyone; ``auto`` (default): ``template`` for a registered store (:func:`is_registered`)
+    and phantom records, ``subject`` otherwise. The run is read ``frame_block`` frames at a
     time and only the masked voxels are kept (memory: frames x masked voxels).
     A structure with no voxel on the grid gives NaN.
     """
@@ -129,6 +175,12 @@ def planted_features(store, subjects: Sequence[str], frame_block: int = 128) -> 
     if not effect:
         raise ValueError(f"{store.path} has no 'planted_effect' attribute: not a synthetic cohort "
                          "(convert the BIDS folder written by data_tools/synth_cohort.py with to_zarr.py)")
+    if space not in SPACES:
+        raise ValueError(f"space is {space!r}; choose from {SPACES}")
+    if space == "subject" and is_registered(store):
+        raise ValueError(f"{store.path} is registered to the template (attribute 'registration'): its images no "
+                         "longer show each subject's placement; use space='template' or 'auto'")
+    per_subject = space == "subject" or (space == "auto" and _kind(effect) == "mni152" and not is_registered(store))
     names = feature_names(effect)
     conn = any(n.startswith("fmri_conn:") for n in names)
     cache: dict[tuple, tuple] = {}
@@ -136,11 +188,17 @@ def planted_features(store, subjects: Sequence[str], frame_block: int = 128) -> 
     def masks_for(subject: str, modality: str) -> tuple:
         shape = store.shape(subject, modality)[-3:]
         aff = store.affine(subject, modality)
-        key = (modality, shape, aff.round(6).tobytes())
+        who = subject if per_subject else None
+        key = (modality, shape, aff.round(6).tobytes(), who)
         if key not in cache:
-            m = planted_masks(effect, shape, aff, modality)
-            p = partner_mask(effect, shape, aff) if modality == "fmri" and conn else None
-            cache[key] = (m, p)
+            if who is not None:
+                cache.clear()  # one subject's masks serve that subject only
+            if _kind(effect) == "phantom":
+                cache[key] = (planted_masks(effect, shape, aff, modality), None)
+            else:  # one transform for the structures and the partner: mapping the grid is the cost
+                motion = _subject_motion(effect, who, modality)
+                cache[key] = (_record_masks(effect, "structures", shape, aff, modality, motion),
+                              _partner_union(effect, shape, aff, motion) if modality == "fmri" and conn else None)
         return cache[key]
 
     rows = []
