@@ -40,7 +40,15 @@ def summary(store: CohortStore) -> list[str]:
     lines.append(f"options {json.dumps(store.attrs.get('options', {}))}")
     if "planted_effect" in store.attrs:
         pe = store.attrs["planted_effect"]
-        lines.append(f"planted effect: centre {pe['center']} radius {pe['radius']} cells {pe['cells']}")
+        if "structures" in pe:  # an MNI152 validation cohort (docs/validation-cohort.md)
+            fmri = ", ".join(pe["fmri_effect"]) or "none"
+            lines.append(f"planted effect: {', '.join(pe['structures'])} (fMRI: {fmri}; "
+                         f"partner {', '.join(pe['partner'])})")
+        else:  # a phantom cohort: one ball
+            lines.append(f"planted effect: centre {pe['center']} radius {pe['radius']} cells {pe['cells']}")
+    if "registration" in store.attrs:
+        reg = store.attrs["registration"]
+        lines.append(f"registered: {reg.get('type')} to {reg.get('template')}")
     acc = store.attrs.get("access")
     if acc:
         group = "" if acc.get("gid") is None else f", group id {acc['gid']}"
