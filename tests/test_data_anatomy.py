@@ -271,3 +271,11 @@ def test_cli_writes_an_mni152_cohort(tmp_path):
     assert nib.load(tmp_path / "m" / "sub-002" / "func" / "sub-002_task-rest_bold.nii.gz").shape == (6, 7, 6, 3)
     with pytest.raises(SystemExit):
         cli.main(["--out", str(tmp_path / "p"), "--structures", "hippocampus"])  # phantom has no structures
+
+
+def test_inspect_store_names_the_planted_structures(cohort, capsys):
+    """inspect_store.py on an MNI152 store (it used to read a phantom's ball from every record)."""
+    _, store, _, _ = cohort
+    assert _tool("inspect_store").main([str(store.path)]) == 0
+    out = capsys.readouterr().out
+    assert "planted effect: hippocampus, amygdala" in out and "partner posterior_cingulate" in out
