@@ -31,12 +31,42 @@ def autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def conv3d(in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1) -> nn.Conv3d:
+class Conv3d(nn.Conv3d):
+    """:class:`torch.nn.Conv3d` (same parameters) that computes in fp32 on the device types of
+    ``BF16_IN_FP32`` when its input, weight or autocast is bf16, and returns bf16.
+
+    Why: oneDNN's bf16 weight gradient of a 3D convolution on AVX-512 CPUs is wrong, reads
+    uninitialized memory or writes out of bounds when an axis of the map is small (a 2-voxel
+    axis, 16 or more input channels; such maps are the deepest levels of the fMRI patches at
+    full resolution), so a CPU run in bf16 stopped on a non-finite gradient norm or crashed
+    (docs/performance.md, "Kernel faults"). fp32 is exact there and costs little on a CPU.
+    """
+
+    BF16_IN_FP32 = frozenset({"cpu"})
+
+    def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        device = x.device
+        if device.type not in self.BF16_IN_FP32 or not _bf16_involved(x, weight):
+            return super()._conv_forward(x, weight, bias)
+        with autocast_off(device):
+            y = super()._conv_forward(x.float(), weight.float(), None if bias is None else bias.float())
+        return y.to(torch.bfloat16)
+
+
+def _bf16_involved(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Would a convolution of ``x`` by ``weight`` run in bf16 here (a bf16 operand, or bf16 autocast)?"""
+    if torch.bfloat16 in (x.dtype, weight.dtype):
+        return True
+    kind = x.device.type
+    return torch.is_autocast_enabled(kind) and torch.get_autocast_dtype(kind) == torch.bfloat16
+
+
+def conv3d(in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1) -> Conv3d:
     """A 3D convolution with "same" padding: output size ``ceil(size / stride)`` per axis.
 
     For stride 2 this gives 60 -> 30 -> 15 -> 8, so odd patch sizes need no cropping.
     """
-    return nn.Conv3d(in_channels, out_channels, kernel_size, stride=stride, padding=kernel_size // 2)
+    return Conv3d(in_channels, out_channels, kernel_size, stride=stride, padding=kernel_size // 2)
 
 
 def is_channels_last(x: torch.Tensor) -> bool:
@@ -121,7 +151,7 @@ class _ShiftSum(torch.autograd.Function):
         return torch.stack(parts, dim=1), None, None
 
 
-class NarrowConv3d(nn.Conv3d):
+class NarrowConv3d(Conv3d):
     """A "same"-padded 3D convolution to very few output channels (the T1 reconstruction,
     ``64 -> 1``), computed where its kernels are not pathological; same parameters and result
     as :class:`torch.nn.Conv3d`.

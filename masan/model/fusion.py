@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from masan.model.blocks import Conv3d
+
 
 class ChannelAttention(nn.Module):
     """``(B, C, D, H, W)`` -> channel weights in (0, 1), ``(B, C, 1, 1, 1)``."""
@@ -41,7 +43,7 @@ class SpatialAttention(nn.Module):
         super().__init__()
         if kernel % 2 == 0:
             raise ValueError(f"model.spatial_kernel={kernel} must be odd so the region map keeps its size")
-        self.conv = nn.Conv3d(2, 1, kernel, padding=kernel // 2)
+        self.conv = Conv3d(2, 1, kernel, padding=kernel // 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         qmax = x.amax(dim=1, keepdim=True)

@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from masan.config import ModelConfig
-from masan.model.blocks import MLPClassifier, autocast_off, param_dtype, scale_grad
+from masan.model.blocks import Conv3d, MLPClassifier, autocast_off, param_dtype, scale_grad
 from masan.model.masan import build_spm
 from masan.model.regions import num_regions, region_features
 from masan.model.standardize import FittedStandardize
@@ -80,7 +80,7 @@ class HFCN(nn.Module):
         self.norm = patch_norm(cfg, width, num_classes)
         self.patch_level = nn.Sequential(nn.Conv3d(width, feats, 1), nn.ReLU())
         self.patch_gate = nn.Sequential(nn.Conv3d(feats, 1, 1), nn.Sigmoid())
-        self.region_level = nn.Sequential(nn.Conv3d(feats, feats, group, stride=group), nn.ReLU())
+        self.region_level = nn.Sequential(Conv3d(feats, feats, group, stride=group), nn.ReLU())
         regions = math.prod(g // group for g in cfg.patch_grid)
         self.subject_level = MLPClassifier(regions * feats, cfg.mlp_hidden, num_classes, cfg.dropout)
 
