@@ -1,21 +1,25 @@
 #!/usr/bin/env python
 """Write a static HTML quality-check report of a cohort store: DIR/index.html plus PNGs.
 
-Per subject: header facts (shapes, voxel size, TR, orientation codes), a T1 mosaic with the
-fMRI mean outline resampled onto it through the stored affines, an fMRI carpet and
-temporal-std view, and flags for what looks wrong (orientation disagreement, fields of view
-that do not overlap, constant or clipped volumes, too few frames, outlier intensities against
-the cohort). For a store converted with --register: the T1 in template space with the
-template's brain outline and grey/white edge over it, the similarity to the template before
-and after registration, and a flag when it looks failed (--min-template-corr, --min-brain-dice).
-A cohort section lists the label counts and the last conversion's failures.
-Open DIR/index.html in any browser; no server is needed. The report is given the store's
-permissions (it shows subjects' images and labels).
+Per subject: header facts (shapes, voxel size, TR, orientation codes), the T1 in three
+orthogonal views in world space (sagittal, coronal, axial, with L/R, A/P, S/I at the edges)
+with the fMRI mean outline and field of view drawn over it through the stored affines, an fMRI
+carpet and temporal-std view, and flags for what looks wrong (orientation disagreement, fields
+of view that do not overlap, constant or clipped volumes, too few frames, outlier intensities
+against the cohort, a voxel size, TR or voxel-axis handedness other than the cohort's most
+common). A subject that cannot be read (permission denied, a missing or corrupt chunk) is
+flagged unreadable with its cause, and the others are still checked. For a store converted with
+--register: the T1 in template space with the template's brain outline and grey/white edge over
+it, the similarity to the template before and after registration, and a flag when it looks
+failed (--min-template-corr, --min-brain-dice). A cohort section lists the label counts and the
+last conversion's failures. Open DIR/index.html in any browser; no server is needed. The report
+is given the store's permissions (it shows subjects' images and labels).
 
 Examples:
   python data_tools/qc_report.py runs/cohort.zarr --out runs/cohort_qc
   python data_tools/qc_report.py runs/cohort.zarr --out /tmp/qc --subjects sub-001 sub-007
-Exit status: 0 report written (flagged subjects included), 2 unusable store, subject or --out.
+Exit status: 0 report written (flagged subjects included), 1 report written but some subjects
+could not be read (listed as UNREADABLE, with the cause), 2 unusable store, subject or --out.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("store", type=Path, help="cohort store written by data_tools/to_zarr.py")
     p.add_argument("--out", type=Path, required=True,
                    help="report folder (new, empty, or an earlier report, which is replaced)")
-    add_option_arguments(p)  # --subjects, --min-frames, the thresholds, --slices (masan.data.qc.QCOptions)
+    add_option_arguments(p)  # --subjects, --min-frames, the thresholds (masan.data.qc.QCOptions)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -50,7 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {res['index']} ({res['subjects']} subjects, {len(res['flagged'])} flagged; {res['access']})")
     for subject, codes in res["flagged"].items():
         print(f"  FLAGGED {subject}: {', '.join(codes)}")
-    return 0
+    for cause in res["unreadable"].values():  # each names its subject
+        print(f"  UNREADABLE {cause}", file=sys.stderr)
+    return 1 if res["unreadable"] else 0
 
 
 if __name__ == "__main__":

@@ -52,6 +52,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--session", default=None, help="BIDS session to use (default: first with T1w and BOLD)")
     p.add_argument("--require", nargs="+", choices=["t1", "fmri"], default=["t1", "fmri"],
                    help="modalities every subject must have (others are converted when present)")
+    p.add_argument("--allow-unlabeled", action="store_true",
+                   help="store subjects without a diagnosis (empty or n/a) for `python -m masan.predict`; "
+                        "training leaves them out (default: such a subject fails)")
     lay = p.add_argument_group("layout")
     lay.add_argument("--canonical", action="store_true", help="reorient to RAS+ (affine kept true)")
     lay.add_argument("--t1-shape", nargs="*", type=int, metavar="N",
@@ -124,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
             fmri_shape=tuple(args.fmri_shape) if args.fmri_shape else None, patch_grid=tuple(args.patch_grid),
             fmri_chunk_frames=args.fmri_chunk_frames, fmri_shard_frames=args.fmri_shard_frames, codec=args.codec,
             clevel=args.clevel, shuffle=args.shuffle, levels=args.levels, nan=args.nan, require=tuple(args.require),
-            register=args.register, template=args.template, threads=args.threads)
+            register=args.register, template=args.template, threads=args.threads,
+            allow_unlabeled=args.allow_unlabeled)
         if args.bids:
             sources = discover_bids(args.bids, args.label_column, args.session)
             effect = planted_effect(args.bids)

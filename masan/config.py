@@ -124,18 +124,20 @@ class ModelConfig:
 
     arch: Literal["masan", "hfcn"] = "masan"
     """``masan``: the paper's model; ``hfcn``: the T1-only H-FCN-style baseline."""
-    t1_shape: list[int] = field(default_factory=lambda: [240, 256, 176])
+    t1_shape: list[int] | None = field(default_factory=lambda: [240, 256, 176])
     """T1 input (X, Y, Z) voxels; must be divisible by patch_grid (patch sizes need not be
-    divisible by 2**levels: odd sizes are handled, e.g. 60 -> 30 -> 15 -> 8)."""
-    fmri_shape: list[int] = field(default_factory=lambda: [60, 64, 44])
+    divisible by 2**levels: odd sizes are handled, e.g. 60 -> 30 -> 15 -> 8). null: the
+    store's (training fills it in at start, masan/data/contract.py); a value must equal it."""
+    fmri_shape: list[int] | None = field(default_factory=lambda: [60, 64, 44])
     """fMRI frame (X, Y, Z) voxels, same field of view as T1; each axis at least patch_grid
-    (and divisible by it when ``fmri_layout=patches``)."""
+    (and divisible by it when ``fmri_layout=patches``). null: the store's, as ``t1_shape``."""
     fmri_layout: Literal["volume", "patches"] = "volume"
     """``volume``: fPM encodes the whole frame volume and its feature maps are pooled onto the
     patch grid; ``patches``: the frame volume is cut into the patch grid like T1."""
-    fmri_frames: int = 976
+    fmri_frames: int | None = 976
     """Frames T per fMRI run entering fPM (input channels of InitConv, or the temporal conv's
-    series) and reconstructed by its decoder; must equal the frames the data yields."""
+    series) and reconstructed by its decoder. One number with ``data.fmri_frames``: null takes
+    that one (or, both null, the store's run length); both set must agree."""
     patch_grid: list[int] = field(default_factory=lambda: [4, 4, 4])
     """Non-overlapping regions along X, Y, Z (paper: 4x4x4 = 64 regions)."""
     channels: list[int] = field(default_factory=lambda: [32, 64, 128, 128])
@@ -549,6 +551,11 @@ def _optional_positive(v) -> bool:
     return v is None or v > 0
 
 
+def _optional(test):
+    """``test``, or None."""
+    return lambda v: v is None or test(v)
+
+
 def _positive_list(n: int):
     """Test: exactly ``n`` values, all positive."""
     return lambda v: len(v) == n and all(x > 0 for x in v)
@@ -597,12 +604,12 @@ _RULES: tuple[tuple[str, typing.Callable[[Any], bool], str], ...] = (
     ("data.augment.shift", _fraction_right_open, "0 (off) or a small fraction of the field of view, e.g. 0.02"),
     ("data.augment.scale", _fraction_right_open, "0 (off) or a small fraction, e.g. 0.05"),
     ("data.augment.intensity", _fraction_right_open, "0 (off) or a small fraction, e.g. 0.1"),
-    ("model.t1_shape", _positive_list(3), "three positive sizes (X, Y, Z)"),
-    ("model.fmri_shape", _positive_list(3), "three positive sizes (X, Y, Z)"),
+    ("model.t1_shape", _optional(_positive_list(3)), "three positive sizes (X, Y, Z), or null (the store's)"),
+    ("model.fmri_shape", _optional(_positive_list(3)), "three positive sizes (X, Y, Z), or null (the store's)"),
     ("model.patch_grid", _positive_list(3), "three positive counts, e.g. [4, 4, 4]"),
     ("model.channels", _positive_list(4), "four positive widths, e.g. [32, 64, 128, 128]"),
     ("model.fmri_channels", _positive_list(4), "four positive widths, e.g. [32, 64, 128, 128]"),
-    ("model.fmri_frames", _positive, "at least 1 frame"),
+    ("model.fmri_frames", _optional_positive, "at least 1 frame, or null (data.fmri_frames, or the store's)"),
     ("model.groups", _positive, "at least 1 GroupNorm group"),
     ("model.dropout", _fraction_right_open, "a probability in [0, 1), e.g. 0.2"),
     ("model.region_std_floor", _non_negative, "0 or more, e.g. 0.1"),

@@ -16,6 +16,7 @@ have the run's input shapes. Writes ``DIR/predictions.csv``, ``region_weights.np
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -63,8 +64,28 @@ def _subjects(cfg: RunConfig, run_dir: Path, store: str | None, part: str):
             raise ConfigError(f"{RunDir(run_dir).split} names subjects not in {store}: {missing[:5]}; "
                               "pass the store the run was trained on with --store")
         return store, chosen, [label_of[s] for s in chosen], part
-    subjects, labels, _ = select_subjects(store, cfg.data)
+    subjects, labels, _ = select_subjects(store, cfg.data, unlabeled=True)
+    check_contract(cfg, run_dir, store, subjects)
     return store, subjects, labels, "external"
+
+
+def check_contract(cfg: RunConfig, run_dir: Path, store: str, subjects: list[str]) -> None:
+    """Refuse (ContractError) a store whose geometry differs from the one the run trained on
+    (``store_geometry.json``; for runs older than it, the model's input shapes)."""
+    from masan.data.contract import ContractError, Geometry, mismatches, store_geometry
+    from masan.data.dataset import used_modalities
+    from masan.data.store import CohortStore
+
+    path = RunDir(run_dir).store_geometry
+    trained = (json.loads(path.read_text()) if path.is_file() else
+               Geometry(t1_shape=cfg.model.t1_shape if cfg.data.use_t1 else None,
+                        fmri_shape=cfg.model.fmri_shape if cfg.data.use_fmri else None).to_json())
+    geo = store_geometry(CohortStore(store), subjects, used_modalities(cfg.data))
+    frames = (cfg.data.fmri_frames or cfg.model.fmri_frames) if cfg.data.use_fmri else None
+    problems = mismatches(trained, geo, frames)
+    if problems:
+        raise ContractError(f"{store} does not have the geometry {run_dir} was trained on:\n  - "
+                            + "\n  - ".join(problems))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,8 +113,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     preds = predict_subjects(model, dataset, cfg, torch.device(args.device), names, seed=cfg.seed)
     metrics = write_predictions(preds, args.out, names, cfg.data.positive_class, split=part)
-    print(f"{len(preds)} subjects of {store} predicted with {args.run_dir} ({tag}); accuracy "
-          f"{metrics['accuracy']:.3f}, AD-vs-rest accuracy {metrics['binary_accuracy']:.3f} -> {args.out}")
+    scores = (f"accuracy {metrics['accuracy']:.3f}, AD-vs-rest accuracy {metrics['binary_accuracy']:.3f}"
+              if "accuracy" in metrics else "no diagnoses: probabilities only")
+    unlabeled = f", {metrics['n_unlabeled']} without a diagnosis" if metrics.get("n_unlabeled") else ""
+    print(f"{len(preds)} subjects of {store} predicted with {args.run_dir} ({tag}){unlabeled}; {scores} -> {args.out}")
     return 0
 
 

@@ -55,6 +55,7 @@ class RunDir:
     CONFIG_NAME = "config.yaml"
     SUBMITTED_CONFIG_NAME = "submitted_config.yaml"
     SPLIT_NAME = "split.json"
+    STORE_GEOMETRY_NAME = "store_geometry.json"
     CHECKPOINTS_NAME = "checkpoints"
     TB_NAME = "tb"
     STOP_NAME = "STOP"
@@ -87,6 +88,11 @@ class RunDir:
     @property
     def split(self) -> Path:
         return self.root / self.SPLIT_NAME
+
+    @property
+    def store_geometry(self) -> Path:
+        """The geometry of the store the run trained on (masan/data/contract.py)."""
+        return self.root / self.STORE_GEOMETRY_NAME
 
     @property
     def checkpoints(self) -> Path:

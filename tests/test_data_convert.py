@@ -81,7 +81,9 @@ def test_real_files_read_back_exactly(real_store):
     assert real_store.meta("s1", "fmri")["nifti"]["tr_seconds"] == 2.0
     assert real_store.meta("s4", "t1")["nan_replaced"] == 153
     warnings = real_store.report()["warnings"]
-    assert any("example4d.nii.gz" in w and "TR is 2000 s" in w for w in warnings)  # its header says sec
+    # its header says 2000 sec: a unit error, so no TR is stored rather than a wrong one
+    assert any("example4d.nii.gz" in w and "TR 2000 s" in w and "unit error" in w for w in warnings)
+    assert real_store.row("s2")["fmri"]["tr_seconds"] is None
 
 
 def test_scaled_file_normalisation_uses_conversion_stats(real_store):

@@ -4,20 +4,32 @@ Two tiny real runs trained in this process (the conftest's tiny cohort and confi
 one finished, one stopped after a few steps while its (recorded) local launcher still lives.
 On the local SLURM cluster, a --repeats array shows up as two array tasks of one job and
 ends DONE.
+
+One bad run is one row with its problem, never a traceback or a missing row: copies of the
+finished run with a truncated or invalid config.yaml or a corrupt jobs.json, and runs another
+user may not read (read as a second user when the tests run as root: root reads everything).
+A pending job shows SLURM's reason; submit.py refuses a job its partition can never start.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
+import pwd
+import shutil
+import stat
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
-from launch import status
+from launch import status, submit
 from launch.slurm import jobs
+from launch.slurm.plan import Resources
 
 REPO = Path(__file__).resolve().parents[1]
 LOGGED = ["log.every_steps=1"]  # a loss and a step time at every step: ETA needs two
@@ -45,12 +57,13 @@ assert out.status == "stopped" and out.step == 5, out
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_config) -> Path:
     """A finished run (launch/train_local.py) and one stopped at step 5, trained side by side in
-    their own processes (DeepSpeed keeps process-wide state: one run per process)."""
+    their own processes (DeepSpeed keeps process-wide state: one run per process). The finished
+    run takes 2 of its 7 subjects per step: each epoch ends 6/7 through by the logged fraction."""
     root = tmp_path_factory.mktemp("runs")
     stopped = root / "sweep" / "repeat_1"
+    finished = [f"run_dir={root / 'finished'}", "optim.micro_batch=2", *LOGGED]
     procs = [subprocess.Popen([sys.executable, str(REPO / "launch" / "train_local.py"), "--config", str(tiny_config),
-                               f"run_dir={root / 'finished'}", *LOGGED], cwd=REPO, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True),
+                               *finished], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True),
              subprocess.Popen([sys.executable, "-c", STOPPED_RUN, str(tiny_config), f"run_dir={stopped}",
                                "split.repeat=1", *LOGGED], cwd=REPO, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)]
@@ -71,6 +84,9 @@ def test_finished_and_unfinished_runs(runs):
     assert done.epochs_done == done.epochs_target == 3
     assert done.checkpoint == f"step_{done.step:06d}" and done.step > 5
     assert done.variant == "MASAN" and done.repeat == 0 and done.slurm == "-" and done.loss is not None
+    # whole epochs when done, though the last logged fraction stops short (it used to show 2.857/3)
+    logged = status._scalars(Path(done.path), (status.EPOCH_TAG,))[status.EPOCH_TAG][-1]
+    assert logged.step == done.step and logged.value == pytest.approx(2 + 6 / 7)
 
     assert not going.done and going.phase == "pretrain" and going.step == 5
     assert going.checkpoint == "step_000005" and 0 <= going.checkpoint_age_s < 600
@@ -128,7 +144,7 @@ def test_ended_slurm_jobs_without_an_answering_controller_read_submitit_results(
     assert status.slurm_state({**job, "job_id": "42_1", "log": str(folder / "42_1_0_log.out")}, None) == "FAILED"
     assert status.slurm_state({**job, "job_id": "43", "log": str(folder / "43_0_log.out")}, None) == \
         "UNKNOWN (no SLURM)"
-    assert status.slurm_state(job, {"41": "RUNNING"}) == "RUNNING"  # squeue first
+    assert status.slurm_state(job, {"41": status.Queued("RUNNING")}) == "RUNNING"  # squeue first
 
 
 @pytest.mark.slurm
@@ -158,3 +174,243 @@ def test_repeats_array_on_the_local_slurm_cluster(slurm_cluster, tiny_config, tm
         assert row.repeat == r and row.phase == "done" and row.epochs_done == 3 and row.eta_s == 0
     text = status.format_table(list(final.values()))
     assert f"({array}_0)" in text and f"({array}_1)" in text and text.endswith("2 runs, 2 done")
+
+
+# ====================================================================== one bad run, one row
+
+
+def _copy_finished(runs: Path, dest: Path) -> Path:
+    shutil.copytree(runs / "finished", dest)
+    return dest
+
+
+def test_a_damaged_run_is_one_row_with_its_problem(runs, tmp_path, capsys):
+    base = tmp_path / "sweep"
+    _copy_finished(runs, base / "good")
+    cut = _copy_finished(runs, base / "cut_config")  # cut at a line end: it still parses, defaults fill in
+    text = (cut / "config.yaml").read_text()
+    (cut / "config.yaml").write_text(text[: text.index("\ntrain:") + 1])
+    mid_line = _copy_finished(runs, base / "cut_mid_line")
+    (mid_line / "config.yaml").write_text(text[: len(text) - 7])
+    invalid = _copy_finished(runs, base / "invalid_config")
+    (invalid / "config.yaml").write_text("model: [unclosed\n")
+    corrupt = _copy_finished(runs, base / "corrupt_jobs")
+    jobs.record_job(corrupt, "4242", "slurm", str(corrupt / "slurm" / "4242_0_log.out"))
+    (corrupt / "jobs.json").write_text((corrupt / "jobs.json").read_text()[:40])
+
+    assert status.main([str(base)]) == 0
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err and captured.err == ""
+    lines = captured.out.splitlines()
+    assert lines[-1] == "5 runs, 2 done, 4 with a note"
+    rows = {r.run: r for r in status.collect([base])}
+    assert sorted(rows) == ["corrupt_jobs", "cut_config", "cut_mid_line", "good", "invalid_config"]
+
+    assert rows["good"].done and rows["good"].epochs_done == 3 and not rows["good"].note
+    for name in ("cut_config", "cut_mid_line", "invalid_config"):
+        row = rows[name]
+        # nothing from defaults: no 800-epoch target, pretrain phase or eta; the checkpoint's facts stay
+        assert row.epochs_target is None and row.eta_s is None and row.variant == "?" and not row.done, row
+        assert row.checkpoint == rows["good"].checkpoint and row.phase == "joint"
+        assert "submit again with the --config the run was started with" in row.note
+    assert rows["cut_config"].note.startswith("config.yaml is truncated (it ends before train.")
+    assert rows["cut_mid_line"].note.startswith("config.yaml is truncated (its last line is cut off)")
+    assert rows["invalid_config"].note.startswith("config.yaml is invalid (config file")
+    assert "\n" not in rows["invalid_config"].note  # YAML's multi-line error on the note's one line
+    # a corrupt jobs.json hides only the job: the rest of the row is read and it is DONE
+    assert rows["corrupt_jobs"].done and rows["corrupt_jobs"].job_id is None
+    assert rows["corrupt_jobs"].note.startswith("jobs.json is corrupt (not JSON")
+    assert "move the file aside" in rows["corrupt_jobs"].note
+    notes = [line for line in lines if line.startswith("note ")]
+    assert [n.split(":")[0] for n in notes] == \
+        ["note corrupt_jobs", "note cut_config", "note cut_mid_line", "note invalid_config"]
+
+    (corrupt / "jobs.json").write_text(json.dumps({"jobs": [{"id": 1}], "events": []}))
+    assert status.collect([corrupt])[0].note.startswith("jobs.json is corrupt (not the record launch/submit.py")
+
+
+READER = "masan-reader"
+"""The second user of tests/test_train_reliability.py (created when missing)."""
+
+
+def _reader_uid() -> tuple[int, int]:
+    if subprocess.run(["id", READER], capture_output=True, check=False).returncode != 0:
+        res = subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", READER],
+                             capture_output=True, text=True, check=False)
+        assert res.returncode in (0, 9), res.stderr  # 9: created meanwhile by another test
+    pw = pwd.getpwnam(READER)
+    return pw.pw_uid, pw.pw_gid
+
+
+def status_as_reader(paths: list[Path]) -> tuple[int, str]:
+    """launch/status.py's main as a user the runs' owner did not open them to: as root, in a
+    forked child that drops to a second user (this interpreter lives where that user may not
+    look, so the child keeps the modules this process has already imported); otherwise as this
+    user, for whom the test closed them (mode 0)."""
+    if os.geteuid() != 0:
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+            code = status.main([str(p) for p in paths])
+        return code, out.getvalue()
+    uid, gid = _reader_uid()
+    status.collect(paths)  # imports everything the reading needs, while they can be read
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        code = 99
+        try:
+            os.close(read_end)
+            os.setgroups([])
+            os.setgid(gid)
+            os.setuid(uid)
+            out = io.StringIO()
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+                code = status.main([str(p) for p in paths])
+            os.write(write_end, out.getvalue().encode())
+        except BaseException:  # noqa: BLE001 - report anything to the parent, which fails the test
+            import traceback
+
+            os.write(write_end, traceback.format_exc().encode())
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as f:
+        text = f.read().decode()
+    _, wait = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(wait), text
+
+
+def test_runs_another_user_may_not_read_are_rows_naming_file_and_permission(runs):
+    as_root = os.geteuid() == 0
+    file_mode, dir_mode = (0o600, 0o700) if as_root else (0, 0)  # root's files are closed to the reader
+    base = Path(tempfile.mkdtemp(prefix="masan-status-", dir="/tmp"))  # others may enter it
+    try:
+        base.chmod(0o755)
+        for name in ("good", "files_closed", "folder_closed"):
+            _copy_finished(runs, base / name)
+            for path in [base / name, *(base / name).rglob("*")]:
+                path.chmod(0o755 if path.is_dir() else 0o644)
+        for path in (base / "files_closed").rglob("*"):  # 755 folders, every file closed
+            if path.is_file():
+                path.chmod(file_mode)
+        (base / "folder_closed").chmod(dir_mode)
+
+        code, out = status_as_reader([base])
+        assert code == 0 and "Traceback" not in out, out
+        lines = out.splitlines()
+        assert lines[-1] == "3 runs, 1 done, 2 with a note", out
+        assert [line.split()[0] for line in lines[1:4]] == ["files_closed", "folder_closed", "good"]
+        assert lines[3].rstrip().endswith("DONE")
+        note = {line.split(":")[0][len("note "):]: line for line in lines if line.startswith("note ")}
+        who = pwd.getpwuid(os.geteuid()).pw_name
+        ckpt = status.collect([base / "good"])[0].checkpoint
+        assert f"cannot read config.yaml (mode {file_mode:o}, owner {who})" in note["files_closed"]
+        assert f"checkpoints/{ckpt}/COMPLETE (mode {file_mode:o}" in note["files_closed"]
+        assert "tb/events.out.tfevents" in note["files_closed"] and "permission denied for" in note["files_closed"]
+        assert "chmod -R g+rX" in note["files_closed"]
+        assert f"cannot read this folder (mode {dir_mode:o}, owner {who})" in note["folder_closed"]
+        assert "it may hold runs not listed here" in note["folder_closed"]
+    finally:
+        for path in [base, *base.rglob("*")]:
+            with contextlib.suppress(OSError):
+                path.chmod(stat.S_IRWXU)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_a_resumed_runs_tensorboard_log_is_read_without_noise(tmp_path, caplog):
+    from tensorboard.util import tb_logging
+    from torch.utils.tensorboard import SummaryWriter
+
+    from masan.config import load_config, save_config
+
+    run = tmp_path / "resumed"
+    save_config(load_config(None, [f"run_dir={run}", "train.pretrain_epochs=1", "train.joint_epochs=1"]),
+                run / "config.yaml")
+    with SummaryWriter(str(run / "tb")) as w:  # the first start, killed after step 10
+        for step in range(1, 11):
+            w.add_scalar(status.EPOCH_TAG, step / 10, step, walltime=1000 + step)
+    with SummaryWriter(str(run / "tb"), purge_step=6) as w:  # resumed from its step-5 checkpoint, as TrainLogger does
+        for step in range(6, 9):
+            w.add_scalar(status.EPOCH_TAG, step / 10, step, walltime=2000 + step)
+
+    (row,) = status.collect([run])
+    assert (row.step, row.epochs_done, row.phase) == (8, pytest.approx(0.8), "pretrain")
+    assert not [r for r in caplog.records if "out of order" in r.getMessage()]
+    tb_logging.get_logger().warning("any other TensorBoard warning")  # the filter is that narrow
+    assert [r.getMessage() for r in caplog.records] == ["any other TensorBoard warning"]
+
+
+# ====================================================================== a job that can never start
+
+
+def test_a_pending_job_shows_slurms_reason_and_one_that_never_starts_the_fix(tmp_path):
+    run = tmp_path / "repeat_0"
+    jobs.record_job(run, "77", "slurm", str(run / "slurm" / "77_0_log.out"))
+    waits = status.run_status(tmp_path, run, {"77": status.Queued("PENDING", "Priority")})
+    assert (waits.slurm, waits.reason, waits.note) == ("PENDING", "Priority", "")
+    assert "PENDING (77, Priority)" in status.row_cells(waits)
+    never = status.run_status(tmp_path, run, {"77": status.Queued("PENDING", "PartitionNodeLimit")})
+    assert never.note.startswith("job 77 can never start as submitted (PartitionNodeLimit)")
+    assert "fewer --nodes" in never.note and "scancel 77" in never.note
+    assert status.never_starts("QOSMaxNodePerJobLimit") and not status.never_starts("Resources")
+    running = status.run_status(tmp_path, run, {"77": status.Queued("RUNNING", "None")})
+    assert "RUNNING (77)" in status.row_cells(running) and running.reason is None
+
+
+SINFO = """debug*|2|(null)|infinite|1-infinite|idle
+gpu|3|gpu:a100:4(S:0-1)|1-00:00:00|1-2|mixed
+gpu|1|gpu:a100:4(S:0-1)|1-00:00:00|1-2|down*
+big|4|gpu:8,shard:2|4:00:00|infinite|drained
+"""
+
+
+def test_partition_check_refuses_what_can_never_start_and_warns_what_waits():
+    groups = submit.parse_sinfo(SINFO + "a line sinfo would not write\n")
+    assert [(g.partition, g.default, g.nodes, g.gpus, g.time_limit_min, g.max_job_nodes, g.up) for g in groups] == [
+        ("debug", True, 2, 0, None, None, True), ("gpu", False, 3, 4, 1440, 2, True),
+        ("gpu", False, 1, 4, 1440, 2, False), ("big", False, 4, 8, 240, None, False)]
+
+    def fit(**given):
+        return submit.partition_fit(groups, Resources(**{"time_min": 60, **given}))
+
+    assert fit(nodes=2) == ([], [])  # the default partition
+    assert fit(nodes=4) == (["--nodes 4: partition debug has 2 node(s) in all; use --nodes 2 or less"], [])
+    never, _ = fit(nodes=2, partition="gpu", gpus_per_node=8, time_min=2000)
+    assert never == ["--time 1-09:20:00 is above partition gpu's time limit 1-00:00:00; use --time 1-00:00:00 "
+                     "or less", "--gpus-per-node 8: partition gpu's nodes have at most 4 GPU(s); use "
+                     "--gpus-per-node 4 or less (one rank per GPU) and more --nodes"]
+    assert fit(nodes=3, partition="gpu", gpus_per_node=4)[0] == \
+        ["--nodes 3 is above partition gpu's limit of 2 node(s) per job; use --nodes 2 or less"]
+    never, waits = fit(nodes=2, partition="big", gpus_per_node=8)  # drained nodes may come back
+    assert never == [] and waits[0].startswith("partition big has 4 node(s) with 8 GPU(s) each but only 0 can")
+    assert fit(partition="nope,debug") == ([], [])  # a list fits when one of them does
+    assert fit(partition="nope")[0] == \
+        ["partition 'nope' does not exist (sinfo lists big, debug, gpu); use --partition with one of those"]
+
+
+@pytest.mark.slurm
+def test_on_the_local_cluster_submit_refuses_too_many_nodes_and_status_shows_why_a_job_waits(
+        slurm_cluster, tiny_config, tmp_path):
+    from tests.test_slurm_launch import SUBMIT, wait_until
+
+    run = tmp_path / "too_big"
+    res = subprocess.run([sys.executable, str(SUBMIT), "--nodes", "4", "--time", "10", "--config", str(tiny_config),
+                          "--run-dir", str(run)], capture_output=True, text=True, timeout=120, check=False)
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert "--nodes 4: partition debug has 2 node(s) in all; use --nodes 2 or less" in res.stderr
+    assert not (run / "jobs.json").exists()  # nothing submitted
+
+    # what it used to leave behind: a job SLURM accepts and keeps pending, as sbatch does
+    sb = subprocess.run(["sbatch", "--parsable", "--nodes", "4", "--time", "1", "-o", "/dev/null", "--wrap", "true"],
+                        capture_output=True, text=True, timeout=60, check=True)
+    jid = sb.stdout.strip().split(";")[0]
+    try:
+        jobs.record_job(run, jid, "slurm", "(sbatch)")
+        # the reason is PartitionConfig until the scheduler's first pass over the job
+        wait_until(lambda: status.collect([run])[0].reason == "PartitionNodeLimit", "the scheduler's reason",
+                   timeout=60)
+        (row,) = status.collect([run])
+        assert row.slurm == "PENDING" and f"PENDING ({jid}, PartitionNodeLimit)" in status.format_table([row])
+        assert f"job {jid} can never start as submitted (PartitionNodeLimit)" in row.note
+    finally:
+        subprocess.run(["scancel", jid], capture_output=True, check=False)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import time
@@ -40,6 +41,7 @@ from masan import access
 from masan.data import nifti, nifti_zarr, places, publish, registration, store_access
 from masan.data.sources import (  # noqa: F401  (re-exported: the converter's public API)
     DEFAULT_CLASSES,
+    FMRI_SIDECAR,
     ConvertError,
     Failure,
     Job,
@@ -56,7 +58,7 @@ from masan.files import atomic_write_json
 
 SOURCE_HASH_BLOCK = 1 << 22
 TR_SUSPECT_SECONDS = 20.0
-"""A TR above this is reported as a warning (headers often hold ms with the unit 'sec')."""
+"""A TR above this is a unit error (headers often hold ms with the unit 'sec'): not stored as a TR."""
 
 
 @dataclass
@@ -97,6 +99,9 @@ class ConvertOptions:
     effect), each fMRI through its mean's rigid fit to the T1 onto the grid of ``fmri_shape``."""
     template: str = "mni152"
     """Registration template (``registration.TEMPLATES``)."""
+    allow_unlabeled: bool = False
+    """Store subjects without a diagnosis (label null) for prediction; training leaves them out.
+    Not in the fingerprint: it decides which subjects are converted, not their bytes."""
     threads: int | None = None
     """ITK threads per worker when registering (None: the usable cores over the workers). Not
     in the fingerprint: more than one only makes reruns differ by fractions of a millimetre."""
@@ -136,7 +141,7 @@ class ConvertOptions:
         Without registration it is what it was before registration existed, so such stores
         are not redone."""
         d = asdict(self)
-        for key in ("require", "register", "template", "threads"):
+        for key in ("require", "register", "template", "threads", "allow_unlabeled"):
             d.pop(key)
         if self.register != "none":
             d["registration"] = self.registration_settings()
@@ -328,10 +333,43 @@ def _codec(opts: ConvertOptions) -> BloscCodec:
     return BloscCodec(cname=opts.codec, clevel=opts.clevel, shuffle=opts.shuffle)
 
 
+def repetition_time(info: dict, path: str, sidecar: str | None, warn: list[str]) -> tuple[float | None, str | None]:
+    """(TR in seconds, where it came from: ``sidecar`` or ``header``) of a BOLD run.
+
+    BIDS makes the sidecar's ``RepetitionTime`` (seconds) authoritative; a header that
+    disagrees is a warning. A TR above :data:`TR_SUSPECT_SECONDS` is a unit error (milliseconds
+    written as seconds): in a sidecar it fails the subject, in a header the run is stored
+    without a TR (None) and a warning names the fix, rather than storing a wrong duration."""
+    header = info["tr_seconds"]
+    if sidecar is not None:
+        try:
+            value = json.loads(Path(sidecar).read_text(encoding="utf-8-sig")).get("RepetitionTime")
+        except (OSError, ValueError) as e:
+            raise nifti.NiftiError(f"{sidecar}: cannot read the BOLD sidecar ({e}); fix or remove it") from None
+        if value is not None:
+            if not isinstance(value, (int, float)) or not 0 < value <= TR_SUSPECT_SECONDS:
+                raise nifti.NiftiError(f"{sidecar}: RepetitionTime {value!r} is not a TR in seconds (BIDS: seconds, "
+                                       "e.g. 0.8 for 800 ms); fix the sidecar")
+            if header and not math.isclose(header, value, rel_tol=0.01):
+                warn.append(f"{path}: header TR {header:g} s, sidecar {sidecar} {value:g} s; used the sidecar's "
+                            "(BIDS: the sidecar is authoritative)")
+            return float(value), "sidecar"
+    if header is not None and header > TR_SUSPECT_SECONDS:
+        warn.append(f"{path}: header TR {header:g} s ({info['zooms'][3]:g} {info['time_unit']}) is a unit error "
+                    "(milliseconds?); stored without a TR: give RepetitionTime in seconds in the run's JSON "
+                    "sidecar (BIDS) and convert again")
+        return None, None
+    if header is None:
+        warn.append(f"{path}: no TR in the header or a JSON sidecar; stored without one (add RepetitionTime, in "
+                    "seconds, to the run's sidecar)")
+    return header, None if header is None else "header"
+
+
 def _write_modality(group: Any, modality: str, path: str, opts: ConvertOptions, warn: list[str],
-                    reg: registration.SubjectRegistration | None = None) -> dict:
+                    reg: registration.SubjectRegistration | None = None, sidecar: str | None = None) -> dict:
     """Stream one NIfTI file into the NIfTI-Zarr image ``group[modality]`` (registered onto the
-    template grid when ``reg`` is given); returns its table entry."""
+    template grid when ``reg`` is given); returns its table entry. ``sidecar``: the fMRI run's
+    BIDS JSON (its TR wins over the header's)."""
     img = nifti.open_image(path)
     shape = nifti.data_shape(img, 3 if modality == "t1" else 4, path)
     info = nifti.describe(img)
@@ -354,10 +392,7 @@ def _write_modality(group: Any, modality: str, path: str, opts: ConvertOptions, 
     if modality == "fmri" and frames == 1:
         warn.append(f"{path}: the fMRI run has a single frame (no time course); stored as is, "
                     "check that the right BOLD file is listed")
-    tr = info["tr_seconds"]
-    if tr is not None and tr > TR_SUSPECT_SECONDS:
-        warn.append(f"{path}: header TR is {tr:g} s ({info['zooms'][3]:g} {info['time_unit']}); "
-                    "the unit is probably wrong (ms?), recorded as is")
+    tr, tr_source = repetition_time(info, path, sidecar, warn) if modality == "fmri" else (None, None)
     checksum = image.checksums()
     attrs = {
         "nifti": info,
@@ -367,6 +402,8 @@ def _write_modality(group: Any, modality: str, path: str, opts: ConvertOptions, 
         "checksum": checksum,
         "nan_replaced": source.nans,
     }
+    if modality == "fmri":
+        attrs["tr_seconds"], attrs["tr_source"] = tr, tr_source
     if place.registration is not None:
         attrs["registration"] = place.registration
     image.finish(attrs)
@@ -411,7 +448,10 @@ def convert_subject(job: Job, store: str, opts: ConvertOptions) -> dict:
             if current is None:
                 continue
             sources[modality] = source_record(current)
-            entry = _write_modality(group, modality, current, opts, warn, reg)
+            sidecar = job.sources.get(FMRI_SIDECAR) if modality == "fmri" else None
+            if sidecar is not None:
+                sources[FMRI_SIDECAR] = source_record(sidecar)
+            entry = _write_modality(group, modality, current, opts, warn, reg, sidecar)
             entry["source"], entry["sha256"] = current, sources[modality]["sha256"]
             row[modality] = entry
         current = None
@@ -527,7 +567,7 @@ def convert_cohort(sources: list[SubjectSource], out: str | Path, options: Conve
     _check_places(out)
     _check_store_or_empty(out)  # before the lock files are created in someone else's folder
     start = time.monotonic()
-    jobs, failed = check_sources(sources, mapping, opts.require)
+    jobs, failed = check_sources(sources, mapping, opts.require, opts.allow_unlabeled)
     mode, gid, chosen_by = store_access.target_access(out, [Path(p) for j in jobs for p in j.sources.values()],
                                                          share or StoreAccess())
     with access.creation_umask(mode):

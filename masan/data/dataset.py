@@ -23,20 +23,27 @@ from masan.data.store import CohortStore
 from masan.data.temporal import fluctuations
 
 
-def _modalities(cfg: DataConfig) -> list[str]:
+def used_modalities(cfg: DataConfig) -> list[str]:
+    """The modalities a run reads (``t1``, ``fmri``); refuses a config that switches both off."""
     used = [m for m, on in (("t1", cfg.use_t1), ("fmri", cfg.use_fmri)) if on]
     if not used:
         raise ConfigError("data.use_t1 and data.use_fmri are both false; switch at least one on")
     return used
 
 
-def select_subjects(store: CohortStore | str | os.PathLike, data_cfg: DataConfig
+UNLABELED = -1
+"""Label index of a subject without a diagnosis (``select_subjects(..., unlabeled=True)``)."""
+
+
+def select_subjects(store: CohortStore | str | os.PathLike, data_cfg: DataConfig, unlabeled: bool = False
                     ) -> tuple[list[str], list[int], list[str]]:
     """-> (subjects, labels as indices into class_names, class_names = data_cfg.classes).
 
     A store class maps to ``data_cfg.merge.get(c, c)``; subjects whose mapped class is not
     in ``data_cfg.classes`` are left out silently (that is the selection), subjects lacking
-    a used modality are left out with one warning naming them.
+    a used modality are left out with one warning naming them. Subjects stored without a
+    diagnosis (``to_zarr.py --allow-unlabeled``) are left out with a warning, or with
+    ``unlabeled`` (prediction) kept with label :data:`UNLABELED`.
     """
     store = store if isinstance(store, CohortStore) else CohortStore(store)
     classes = list(data_cfg.classes)
@@ -51,18 +58,25 @@ def select_subjects(store: CohortStore | str | os.PathLike, data_cfg: DataConfig
     if missing:
         raise ConfigError(f"data.classes {missing} are neither classes of {store.path} ({have}) nor targets of "
                           f"data.merge {data_cfg.merge}; fix data.classes or data.merge")
-    used = _modalities(data_cfg)
-    subjects, labels, lacking = [], [], []
+    used = used_modalities(data_cfg)
+    subjects, labels, lacking, unknown_dx = [], [], [], []
     for s in store.subjects:
         cls = data_cfg.merge.get(store.label(s), store.label(s))
-        if cls not in classes:
+        if store.label(s) is None and not unlabeled:
+            unknown_dx.append(s)
+            continue
+        if cls not in classes and store.label(s) is not None:
             continue
         absent = [m for m in used if not store.has(s, m)]
         if absent:
             lacking.append(f"{s} (no {'/'.join(absent)})")
             continue
         subjects.append(s)
-        labels.append(classes.index(cls))
+        labels.append(UNLABELED if cls is None else classes.index(cls))
+    if unknown_dx:
+        warnings.warn(f"{len(unknown_dx)} subject(s) of {store.path} have no diagnosis and are left out of training: "
+                      f"{', '.join(unknown_dx[:5])}{'...' if len(unknown_dx) > 5 else ''} (predict them with "
+                      "python -m masan.predict RUN --store STORE)", stacklevel=2)
     if lacking:
         warnings.warn(f"{len(lacking)} subject(s) of {store.path} left out for lacking a modality this run uses: "
                       f"{', '.join(lacking)}", stacklevel=2)
@@ -92,7 +106,7 @@ class CohortDataset(Dataset):
         self.source = self.store
         """Where samples are read: the store, or a :class:`masan.data.cache.CohortCache` (same values)."""
         self.subjects, self.labels, self.cfg = list(subjects), list(labels), data_cfg
-        self.modalities = _modalities(data_cfg)
+        self.modalities = used_modalities(data_cfg)
         self.transform = None
         """Called as ``transform(item, index, epoch)`` on every item (:meth:`with_transform`)."""
         self.epoch = 0

@@ -47,6 +47,8 @@ class SubjectSource:
     origin: str
     """E.g. ``manifest.csv row 4`` (for error messages)."""
     notes: list[str] = field(default_factory=list)
+    fmri_sidecar: Path | None = None
+    """The BOLD run's JSON sidecar (its ``RepetitionTime``), if there is one."""
 
 
 @dataclass
@@ -63,8 +65,10 @@ class Job:
     absolute path, only the modalities present) and ``notes`` on what was accepted as is."""
 
     subject: str
-    label: str
+    label: str | None
+    """None: a subject without a diagnosis (``allow_unlabeled``), to be predicted."""
     sources: dict[str, str]
+    """Modality (and :data:`FMRI_SIDECAR`) -> absolute path."""
     notes: list[str] = field(default_factory=list)
 
 
@@ -85,8 +89,10 @@ def read_manifest(path: str | Path) -> list[SubjectSource]:
         def p(key: str, r: dict = r) -> Path | None:
             v = (r.get(key) or "").strip()
             return None if not v else (Path(v) if Path(v).is_absolute() else path.parent / v)
+        fmri = p("fmri")
         out.append(SubjectSource((r.get("subject") or "").strip(), (r.get("label") or "").strip() or None,
-                                 p("t1"), p("fmri"), f"{path.name} row {i}"))
+                                 p("t1"), fmri, f"{path.name} row {i}",
+                                 fmri_sidecar=bold_sidecar(fmri) if fmri is not None else None))
     return out
 
 
@@ -111,6 +117,26 @@ def _pick(files: list[Path], kind: str, prefer: str | None = None) -> tuple[Path
     files = sorted(files)
     notes = [f"{len(files)} {kind} files; used {files[0].name}"] if len(files) > 1 else []
     return (files[0] if files else None), notes
+
+
+FMRI_SIDECAR = "fmri_json"
+"""Key of a BOLD run's JSON sidecar in :attr:`Job.sources` (its TR; recorded like the images,
+so an edited sidecar reconverts the subject)."""
+
+
+def bold_sidecar(bold: Path, root: Path | None = None) -> Path | None:
+    """The JSON sidecar of a BOLD file: ``<name>.json`` beside it, else (BIDS inheritance, the
+    common case) ``<root>/task-<label>_bold.json`` at the top of the BIDS folder ``root``."""
+    name = bold.name.removesuffix(".gz").removesuffix(".nii")
+    own = bold.with_name(name + ".json")
+    if own.is_file():
+        return own
+    task = re.search(r"(?:^|_)(task-[A-Za-z0-9]+)", name)
+    if root is not None and task:
+        top = root / f"{task.group(1)}_bold.json"
+        if top.is_file():
+            return top
+    return None
 
 
 def _bids_files(folder: Path) -> tuple[Path | None, Path | None, list[str]]:
@@ -159,7 +185,8 @@ def discover_bids(bids: str | Path, label_column: str = "diagnosis", session: st
         t1, bold, more = _bids_files(folder) if sid else (None, None, [])
         label = (r.get(label_column) or "").strip()
         sources.append(SubjectSource(sid, None if label.lower() in ("", "n/a", "na", "nan") else label,
-                                     t1, bold, f"participants.tsv row {i}", notes + more))
+                                     t1, bold, f"participants.tsv row {i}", notes + more,
+                                     bold_sidecar(bold, bids) if bold else None))
     for folder in sorted(bids.glob("sub-*")):
         if folder.is_dir() and folder.name not in listed:
             t1, bold, _ = _bids_files(folder)
@@ -187,9 +214,11 @@ def parse_label_map(text: str | None, classes: tuple[str, ...] | list[str]) -> d
     return mapping
 
 
-def check_sources(sources: list[SubjectSource], label_map: dict[str, str], require: tuple[str, ...]
-                  ) -> tuple[list[Job], list[Failure]]:
-    """Per-subject checks before any voxel is read; every bad subject becomes a Failure."""
+def check_sources(sources: list[SubjectSource], label_map: dict[str, str], require: tuple[str, ...],
+                  allow_unlabeled: bool = False) -> tuple[list[Job], list[Failure]]:
+    """Per-subject checks before any voxel is read; every bad subject becomes a Failure.
+    ``allow_unlabeled``: a subject without a diagnosis (empty, ``n/a``) becomes a Job with label
+    None (a new patient to predict) instead of a Failure; an unknown label still fails."""
     jobs, failures = [], []
     counts = Counter(s.subject for s in sources)
     shared = _shared_files(sources)
@@ -205,11 +234,12 @@ def check_sources(sources: list[SubjectSource], label_map: dict[str, str], requi
             fail(f"subject id {s.subject!r} is not a safe name; use 1-64 letters, digits, '-' or '_' "
                  "(starting with a letter or digit)")
             continue
-        if s.label is None:
-            fail("has no label; fill in its diagnosis (a row in participants.tsv / the manifest)")
+        if s.label is None and not allow_unlabeled:
+            fail("has no label; fill in its diagnosis (a row in participants.tsv / the manifest), or convert "
+                 "with --allow-unlabeled to store it for prediction only")
             continue
-        cls = label_map.get(s.label.upper())
-        if cls is None:
+        cls = None if s.label is None else label_map.get(s.label.upper())
+        if cls is None and s.label is not None:
             fail(f"label {s.label!r} is not a known class; known labels {sorted(label_map)}; "
                  "map it with --label-map RAW=CLASS or fix the table")
             continue
@@ -231,7 +261,10 @@ def check_sources(sources: list[SubjectSource], label_map: dict[str, str], requi
                  "leak between train and test splits: give each subject its own file", f)
             continue
         # The path as listed (BIDS path), not a symlink's target: provenance names the subject's file.
-        jobs.append(Job(s.subject, cls, {m: os.path.abspath(f) for m, f in files.items() if f is not None}, s.notes))
+        paths = {m: os.path.abspath(f) for m, f in files.items() if f is not None}
+        if s.fmri_sidecar is not None and "fmri" in paths:
+            paths[FMRI_SIDECAR] = os.path.abspath(s.fmri_sidecar)
+        jobs.append(Job(s.subject, cls, paths, s.notes))
     return jobs, failures
 
 

@@ -36,10 +36,23 @@ def prediction_csv_rows(preds: Predictions, split: str, class_names: Sequence[st
     """predictions.csv rows: subject, split, label, pred (class names), prob_<class>."""
     rows = []
     for s, y, p, pr in zip(preds.subjects, preds.labels, preds.preds, preds.probs):
-        row = {"subject": s, "split": split, "label": class_names[y], "pred": class_names[p]}
+        row = {"subject": s, "split": split, "label": class_names[y] if y >= 0 else "", "pred": class_names[p]}
         row.update({f"{PROB_PREFIX}{c}": f"{v:.6g}" for c, v in zip(class_names, pr)})
         rows.append(row)
     return rows
+
+
+def split_metrics(preds: Predictions, class_names: Sequence[str], positive_class: str) -> dict:
+    """:func:`masan.metrics.prediction_metrics` of the subjects with a diagnosis; subjects
+    without one (label -1: new patients) count in ``n_unlabeled`` and in no metric."""
+    labeled = preds.labels >= 0
+    out = {"n_unlabeled": int((~labeled).sum())} if not labeled.all() else {}
+    if labeled.any():
+        keep = np.flatnonzero(labeled)
+        part = Predictions([preds.subjects[i] for i in keep], preds.labels[keep], preds.probs[keep],
+                           preds.region_weights[keep])
+        out.update(prediction_metrics(part, class_names, positive_class))
+    return out
 
 
 def write_predictions(
@@ -71,12 +84,12 @@ def write_predictions(
     names = list(class_names)
     if preds.probs.shape[1:] != (len(names),):
         raise PredictionsError(f"predictions have {preds.probs.shape[1:]} classes, class_names {names}")
-    metrics = {"split": split, **prediction_metrics(preds, names, positive_class)}
+    metrics = {"split": split, **split_metrics(preds, names, positive_class)}
     rows = prediction_csv_rows(preds, split, names)
     if extra:
         metrics["by_split"] = {}
         for name, p in extra.items():
-            metrics["by_split"][name] = prediction_metrics(p, names, positive_class)
+            metrics["by_split"][name] = split_metrics(p, names, positive_class)
             rows += prediction_csv_rows(p, name, names)
 
     with atomic_writer(run.predictions, newline="") as f:
@@ -109,7 +122,7 @@ def load_predictions(run_dir: str | os.PathLike, split: str = "test") -> tuple[P
     rows = [r for r in all_rows if r["split"] == split]
     eval_split = all_rows[0]["split"] if all_rows else split
     try:
-        labels = np.array([names.index(r["label"]) for r in rows], dtype=np.int64)
+        labels = np.array([names.index(r["label"]) if r["label"] else -1 for r in rows], dtype=np.int64)
         probs = np.array([[float(r[PROB_PREFIX + c]) for c in names] for r in rows], dtype=np.float32)
     except ValueError as e:
         raise PredictionsError(f"{path}: a label is not one of {names} or a probability is not a number ({e})"

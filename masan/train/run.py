@@ -29,6 +29,7 @@ import torch
 
 from masan.access import apply_access, creation_umask, describe_mode, restrictive_mode
 from masan.config import ConfigError, RunConfig, config_hash, save_config
+from masan.files import atomic_write_json
 from masan.rundir import RunDir
 from masan.train import distributed as D
 from masan.train.checkpoint import CheckpointManager, ResumeError, set_rng_state
@@ -108,6 +109,8 @@ class Preflight:
     gid: int | None = None
     error: tuple[str, str] | None = None
     """(kind, message) when the start is refused: kind ``config``, ``resume`` or ``other``."""
+    geometry: dict = field(default_factory=dict)
+    """The store's geometry (:class:`masan.data.contract.Geometry` as JSON)."""
 
 
 def preflight(cfg: RunConfig, world_size: int, ckpt: CheckpointManager, chash: str) -> Preflight:
@@ -199,6 +202,49 @@ def run_training(cfg: RunConfig, stop: StopRequest | None = None) -> TrainOutcom
     return outcome
 
 
+def store_contract(cfg: RunConfig):
+    """The geometry of the run's subjects in its store (:mod:`masan.data.contract`), with the
+    model's null input shapes filled from it in ``cfg``; raises ContractError (a ConfigError)
+    when the store or the config breaks the contract. Read-only."""
+    from masan.data.contract import resolve_inputs, store_geometry
+    from masan.data.dataset import select_subjects, used_modalities
+    from masan.data.store import CohortStore
+
+    store = CohortStore(cfg.data.store)
+    subjects, _, _ = select_subjects(store, cfg.data)
+    geo = store_geometry(store, subjects, used_modalities(cfg.data))
+    filled = resolve_inputs(cfg, geo)
+    for note in geo.notes:
+        log.warning(note)
+    if filled:
+        log.info("from the store %s: %s", cfg.data.store, ", ".join(filled))
+    return geo
+
+
+def _agreed_contract(cfg: RunConfig, info: D.DistInfo):
+    """Collective: rank 0's :func:`store_contract` (one pass over the store's metadata), its
+    filled shapes applied on every rank; a refusal raises on every rank."""
+    from masan.data.contract import resolve_inputs
+
+    found = None
+    if info.is_main:
+        try:
+            found = ("ok", store_contract(cfg))
+        except ConfigError as e:
+            found = ("config", str(e))
+        except Exception as e:
+            D.broadcast_object(("other", f"{type(e).__name__}: {e}"))
+            raise
+    kind, value = D.broadcast_object(found)
+    if kind == "config":
+        raise ConfigError(value)
+    if kind != "ok":
+        raise RuntimeError(value)
+    if not info.is_main:
+        resolve_inputs(cfg, value)
+    return value
+
+
 def _run(cfg: RunConfig, stop: StopRequest | None, info: D.DistInfo) -> TrainOutcome:
     from masan.train.engine import check_config
 
@@ -207,10 +253,12 @@ def _run(cfg: RunConfig, stop: StopRequest | None, info: D.DistInfo) -> TrainOut
     if done is not None:
         log.info("%s is finished (DONE at step %d); nothing to do", run_dir, done["step"])
         return TrainOutcome("completed", done["step"], done["epochs_done"], str(run_dir))
+    geometry = _agreed_contract(cfg, info)  # before the hash: null input shapes take the store's
     check_config(cfg, info.device.type)
     ckpt = CheckpointManager(run_dir, cfg.checkpoint.keep, info.rank, info.world_size)
     chash = config_hash(cfg)
     pre = _agreed_preflight(cfg, info, ckpt, chash)  # nothing in run_dir has changed before this
+    pre.geometry = geometry.to_json()
     # every file of the run, on every rank (checkpoint shards too), is created at most this open
     with creation_umask(pre.file_mode):
         return _train(cfg, stop or StopRequest(run_dir), info, ckpt, chash, pre)
@@ -249,6 +297,7 @@ def _train(cfg: RunConfig, stop: StopRequest, info: D.DistInfo, ckpt: Checkpoint
                  cfg.data.store)
         rd.reopen()  # a changed target reopens the run
         save_config(cfg, rd.config)
+        atomic_write_json(rd.store_geometry, pre.geometry)  # the contract masan.predict holds stores to
 
     state = TrainState()
     random.seed(cfg.seed + 1 + info.rank)  # per-rank streams (dropout) after the shared init
