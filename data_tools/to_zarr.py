@@ -4,7 +4,9 @@
 Examples:
   python data_tools/to_zarr.py --bids demo/bids --out runs/cohort.zarr
   python data_tools/to_zarr.py --manifest cohort.csv --out /scratch/cohort.zarr --workers 8 \\
-      --canonical --t1-shape --fmri-shape          # RAS + the paper's 240x256x176 / 60x64x44
+      --t1-shape --fmri-shape                      # RAS, the paper's 240x256x176 / 60x64x44
+  python data_tools/to_zarr.py --bids adni3 --out adni3.zarr --spacing 1 3 --t1-shape --fmri-shape
+                                                   # many scanners: one voxel size (1 mm T1, 3 mm fMRI)
   python data_tools/to_zarr.py --bids bids --out cohort.zarr --workers 8 --register affine --template mni152 \\
       --t1-shape --fmri-shape                      # registered onto MNI152 grids of the paper's shapes
 
@@ -56,7 +58,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="store subjects without a diagnosis (empty or n/a) for `python -m masan.predict`; "
                         "training leaves them out (default: such a subject fails)")
     lay = p.add_argument_group("layout")
-    lay.add_argument("--canonical", action="store_true", help="reorient to RAS+ (affine kept true)")
+    orient = lay.add_mutually_exclusive_group()
+    orient.add_argument("--keep-orientation", action="store_true",
+                        help="store the file's voxel order (default: reoriented to RAS+, affine kept true, so "
+                             "every subject's voxel axes mean the same sides of the head)")
+    orient.add_argument("--canonical", action="store_true", help="reorient to RAS+ (the default; kept for scripts)")
+    lay.add_argument("--spacing", nargs="*", type=float, metavar="MM",
+                     help="resample every image onto an isotropic RAS grid: T1 MM [fMRI MM] (flag alone or 0: the "
+                          "cohort's most common voxel size per modality), trilinear, over each image's field of "
+                          "view, before --t1-shape/--fmri-shape centre it. Needed when scanners' voxel sizes differ "
+                          "(training refuses such a store)")
     lay.add_argument("--t1-shape", nargs="*", type=int, metavar="N",
                      help=f"centre crop/pad T1 to X Y Z (flag alone: {' '.join(map(str, model.t1_shape))})")
     lay.add_argument("--fmri-shape", nargs="*", type=int, metavar="N",
@@ -119,11 +130,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.workers < 1:
         print(f"to_zarr: --workers must be 1 or more, got {args.workers}", file=sys.stderr)
         return 2
+    spacing = None
+    if args.spacing is not None:
+        if len(args.spacing) > 2:
+            print("to_zarr: --spacing takes T1 MM and optionally fMRI MM (or nothing: the cohort's most common)",
+                  file=sys.stderr)
+            return 2
+        spacing = tuple((list(args.spacing) + [0.0, 0.0])[:2])
     try:
         share = StoreAccess(None if args.mode is None else parse_mode(args.mode),
                             None if args.group is None else parse_group(args.group))
         opts = ConvertOptions(
-            canonical=args.canonical, t1_shape=tuple(args.t1_shape) if args.t1_shape else None,
+            canonical=not args.keep_orientation, spacing=spacing,
+            t1_shape=tuple(args.t1_shape) if args.t1_shape else None,
             fmri_shape=tuple(args.fmri_shape) if args.fmri_shape else None, patch_grid=tuple(args.patch_grid),
             fmri_chunk_frames=args.fmri_chunk_frames, fmri_shard_frames=args.fmri_shard_frames, codec=args.codec,
             clevel=args.clevel, shuffle=args.shuffle, levels=args.levels, nan=args.nan, require=tuple(args.require),

@@ -146,6 +146,54 @@ def _geometry(**kw) -> Geometry:
                        "store": "s.zarr", "shortest": "sub-3", **kw})
 
 
+def _blob_subject(bids: Path, sid: str, zoom: float, perm: tuple[int, int, int], flip: bool,
+                  centre_mm: np.ndarray) -> None:
+    """A T1 and BOLD whose voxel axes are world axes ``perm`` (flipped with ``flip``) at ``zoom``
+    mm, holding one bright ball at world ``centre_mm`` (what resampling must keep in place)."""
+    shape = (24, 26, 22)
+    affine = np.zeros((4, 4))
+    for vox_axis, world_axis in enumerate(perm):
+        affine[world_axis, vox_axis] = -zoom if (flip and vox_axis == 0) else zoom
+    affine[3, 3] = 1.0
+    affine[:3, 3] = -affine[:3, :3] @ (np.array(shape) - 1) / 2
+    ijk = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1)
+    world = ijk @ affine[:3, :3].T + affine[:3, 3]
+    ball = (np.linalg.norm(world - centre_mm, axis=-1) < 6).astype(np.int16) * 1000
+    anat, func = bids / sid / "anat", bids / sid / "func"
+    anat.mkdir(parents=True), func.mkdir(parents=True)
+    nib.save(nib.Nifti1Image(ball, affine), anat / f"{sid}_T1w.nii.gz")
+    bold = nib.Nifti1Image(np.repeat(ball[::2, ::2, ::2, None], 3, axis=3), affine @ np.diag([2, 2, 2, 1]))
+    bold.header.set_xyzt_units("mm", "sec")
+    bold.header["pixdim"][4] = 2.0
+    nib.save(bold, func / f"{sid}_task-rest_bold.nii.gz")
+
+
+def test_scanners_with_other_voxel_sizes_and_orientations_resample_onto_one_grid(tmp_path):
+    """RAS at 2 mm, LAS at 2.4 mm and a sagittal PSR-like acquisition at 2 mm: ``--spacing``
+    (0: the cohort's most common) stores all on one RAS grid, the contract holds, and a ball at
+    a world position stays there (the affine is true)."""
+    bids, centre = tmp_path / "bids", np.array([5.0, -4.0, 3.0])
+    _blob_subject(bids, "sub-ras", 2.0, (0, 1, 2), False, centre)
+    _blob_subject(bids, "sub-las", 2.4, (0, 1, 2), True, centre)
+    _blob_subject(bids, "sub-psr", 2.0, (1, 2, 0), False, centre)
+    write_table(bids, {"sub-ras": "NC", "sub-las": "AD", "sub-psr": "AD"})
+    _, report = convert(bids, tmp_path / "asis.zarr", canonical=True, t1_shape=(24, 24, 24), fmri_shape=(12, 12, 12))
+    with pytest.raises(ContractError, match="voxel sizes"):
+        store_geometry(CohortStore(tmp_path / "asis.zarr"), ["sub-ras", "sub-las", "sub-psr"], ["t1", "fmri"])
+
+    store, report = convert(bids, tmp_path / "s.zarr", canonical=True, spacing=(0.0, 0.0), t1_shape=(24, 24, 24),
+                            fmri_shape=(12, 12, 12))
+    assert not report.failed and any("resampled to 2 mm" in w for w in report.warnings), report.warnings
+    geo = store_geometry(store, store.subjects, ["t1", "fmri"])
+    assert geo.orientation == "RAS" and geo.t1_spacing_mm == [2.0, 2.0, 2.0] and geo.fmri_spacing_mm == [4.0] * 3
+    for s in store.subjects:
+        t1 = store.read_t1(s, normalize=False)
+        ijk = np.argwhere(t1 > 500).mean(axis=0)
+        world = store.affine(s, "t1")[:3, :3] @ ijk + store.affine(s, "t1")[:3, 3]
+        assert np.linalg.norm(world - centre) < 1.0, (s, world)
+        assert store.meta(s, "t1")["transform"]["resampled_to_mm"] == 2.0
+
+
 def test_model_input_shapes_come_from_the_store_and_one_frame_count_rules():
     cfg = RunConfig()
     cfg.model.t1_shape = cfg.model.fmri_shape = cfg.model.fmri_frames = None
@@ -165,6 +213,11 @@ def test_model_input_shapes_come_from_the_store_and_one_frame_count_rules():
     cfg.model.fmri_frames = None
     with pytest.raises(ContractError, match="sub-3 of s.zarr has 6 fMRI frames"):
         resolve_inputs(cfg, _geometry())
+    cfg.model.patch_grid = [3, 3, 3]  # 32 voxels do not cut into 3 regions
+    cfg.data.fmri_frames = 6
+    with pytest.raises(ContractError, match=r"model.patch_grid=\[3, 3, 3\] does not fit the t1 images"):
+        resolve_inputs(cfg, _geometry())
+    cfg.model.patch_grid = [4, 4, 4]
     cfg.data.fmri_frames = None  # runs of 6-8 frames and no count: which frames?
     with pytest.raises(ContractError, match="6-8 frames; set data.fmri_frames"):
         resolve_inputs(cfg, _geometry())
@@ -212,7 +265,8 @@ def test_training_takes_its_input_shapes_from_the_store_and_records_them(trained
     assert geo["orientation"] and geo["tr_seconds"] == 2.0 and geo["store"] == str(tiny_store)
 
 
-@pytest.mark.parametrize("override", ["model.t1_shape=[24,24,24]", "data.fmri_frames=9", "model.fmri_frames=4"])
+@pytest.mark.parametrize("override", ["model.t1_shape=[24,24,24]", "data.fmri_frames=9", "model.fmri_frames=4",
+                                      "model.patch_grid=[3,3,3]"])
 def test_a_start_that_breaks_the_contract_exits_2_and_writes_nothing(tmp_path, tiny_config, override):
     run = tmp_path / "run"
     res = _train(tiny_config, run, override)

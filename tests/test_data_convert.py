@@ -53,7 +53,7 @@ def real_manifest(tmp):
 def real_store(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("real")
     rc = to_zarr.main(["--manifest", str(real_manifest(tmp)), "--out", str(tmp / "s.zarr"), "--require", "t1",
-                       "--nan", "zero", "--no-progress"])
+                       "--nan", "zero", "--no-progress", "--keep-orientation"])  # the files' own voxels, exactly
     assert rc == 0
     return CohortStore(tmp / "s.zarr")
 

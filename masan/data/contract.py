@@ -164,6 +164,7 @@ def resolve_inputs(cfg: RunConfig, geo: Geometry) -> list[str]:
         elif list(want) != list(have):
             raise ContractError(f"model.{key}={list(want)} but the {mod} images of {geo.store} are "
                                 f"{'x'.join(map(str, have))}; set model.{key}={list(have)} (or null: the store's)")
+    _check_grid(cfg, geo)
     if geo.frames_min is None:
         return filled
     if d.fmri_frames is not None and m.fmri_frames is not None and d.fmri_frames != m.fmri_frames:
@@ -188,6 +189,22 @@ def resolve_inputs(cfg: RunConfig, geo: Geometry) -> list[str]:
         d.fmri_frames = frames
         filled.append(f"data.fmri_frames={frames}")
     return filled
+
+
+def _check_grid(cfg: RunConfig, geo: Geometry) -> None:
+    """The store's grids cut into ``model.patch_grid``: T1 (and fMRI with ``fmri_layout=patches``)
+    a multiple of it per axis, fMRI at least one voxel per region."""
+    grid = list(cfg.model.patch_grid)
+    for mod, shape, exact in (("t1", geo.t1_shape, True), ("fmri", geo.fmri_shape, cfg.model.fmri_layout == "patches")):
+        if shape is None:
+            continue
+        bad = any(n % g for n, g in zip(shape, grid)) if exact else any(n < g for n, g in zip(shape, grid))
+        if bad:
+            need = "a multiple of" if exact else "at least"
+            flag = "--t1-shape" if mod == "t1" else "--fmri-shape"
+            raise ContractError(f"model.patch_grid={grid} does not fit the {mod} images of {geo.store} "
+                                f"({'x'.join(map(str, shape))}): every axis must be {need} the grid's; change "
+                                f"model.patch_grid or reconvert with data_tools/to_zarr.py {flag} X Y Z")
 
 
 def mismatches(trained: dict, geo: Geometry, frames: int | None) -> list[str]:

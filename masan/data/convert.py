@@ -38,7 +38,7 @@ from zarr.codecs import BloscCodec
 from zarr.storage import LocalStore
 
 from masan import access
-from masan.data import nifti, nifti_zarr, places, publish, registration, store_access
+from masan.data import nifti, nifti_zarr, places, publish, registration, resample, store_access
 from masan.data.sources import (  # noqa: F401  (re-exported: the converter's public API)
     DEFAULT_CLASSES,
     FMRI_SIDECAR,
@@ -66,7 +66,13 @@ class ConvertOptions:
     """How voxels are laid out in the store. Changing any of these reconverts every subject."""
 
     canonical: bool = False
-    """Reorient every image to RAS+ (voxels permuted/flipped, affine adjusted)."""
+    """Reorient every image to RAS+ (voxels permuted/flipped, affine adjusted). The command
+    line does it by default (``--keep-orientation`` opts out)."""
+    spacing: tuple[float, float] | None = None
+    """Resample every image onto an isotropic RAS grid of (T1 mm, fMRI mm) over its field of
+    view (:mod:`masan.data.resample`), then centre it into ``t1_shape``/``fmri_shape``; 0 for a
+    modality: the cohort's most common voxel size (chosen by :func:`convert_cohort`). None:
+    the file's voxels (a cohort of several voxel sizes then breaks the training contract)."""
     t1_shape: tuple[int, int, int] | None = None
     """Centre crop/pad T1 to this (X, Y, Z) (the paper: 240 256 176); None keeps it. With
     ``register``: the shape of the template grid (None: ``registration.DEFAULT_VOXEL_MM``)."""
@@ -126,6 +132,11 @@ class ConvertOptions:
         if self.register != "none" and registration.tool_version() == registration.NOT_INSTALLED:
             raise ConvertError(f"--register {self.register} needs ANTs' Python package: pip install antspyx "
                                "(or convert without --register)")
+        if self.spacing is not None and (len(self.spacing) != 2 or min(self.spacing) < 0):
+            raise ConvertError(f"spacing must be (T1 mm, fMRI mm), 0 for the cohort's most common, got {self.spacing}")
+        if self.spacing is not None and self.register != "none":
+            raise ConvertError("--spacing and --register both set the grid; with --register the template grid "
+                               "decides (drop --spacing)")
         if self.threads is not None and self.threads < 1:
             raise ConvertError(f"threads must be 1 or more, got {self.threads}")
 
@@ -143,6 +154,8 @@ class ConvertOptions:
         d = asdict(self)
         for key in ("require", "register", "template", "threads", "allow_unlabeled"):
             d.pop(key)
+        if self.spacing is None:  # stores from before resampling existed keep their fingerprint
+            d.pop("spacing")
         if self.register != "none":
             d["registration"] = self.registration_settings()
         d["format_version"] = FORMAT_VERSION
@@ -325,8 +338,29 @@ def _registered(img: Any, shape: tuple[int, ...], modality: str, info: dict, sou
     voxel = float(np.sqrt((affine[:3, :3] ** 2).sum(axis=0)).max())
     ome_info = {**info, "zooms": [voxel] * 3 + info["zooms"][3:], "space_unit": "mm"}
     transform = {"registered_to": reg.template, "in_shape": list(shape[:3]), "out_shape": list(space), "pad_value": 0}
-    header = registration.template_header(img, affine, space + tuple(shape[3:]))
+    header = resample.grid_header(img, affine, space + tuple(shape[3:]), "mni")
     return _Placement(space, affine, header, transform, ome_info, slabs, record)
+
+
+def _resampled(img: Any, shape: tuple[int, ...], modality: str, info: dict, source: _Source,
+               opts: ConvertOptions) -> _Placement:
+    """The voxels resampled onto the RAS grid of ``opts.spacing`` over the file's field of view
+    (:mod:`masan.data.resample`), centred into ``t1_shape``/``fmri_shape`` when given."""
+    mm = opts.spacing[0 if modality == "t1" else 1]
+    space, affine = resample.target_grid(img.affine, shape, mm, opts.t1_shape if modality == "t1" else opts.fmri_shape)
+    dtype = img.header.get_data_dtype().newbyteorder("=")
+
+    def slabs(frames: int) -> Iterator[tuple[int, np.ndarray]]:
+        for t0, slab in source.slabs(frames):
+            yield t0, resample.resample(slab, img.affine, space, affine, dtype)
+
+    ome_info = {**info, "zooms": [mm] * 3 + info["zooms"][3:], "space_unit": "mm"}
+    transform = {"resampled_to_mm": mm, "reoriented_to": "RAS", "interpolation": "linear",
+                 "in_shape": list(shape[:3]), "in_voxel_mm": list(resample.voxel_size(img.affine)),
+                 "out_shape": list(space), "pad_value": 0}
+    code = "scanner" if int(img.header["sform_code"] or img.header["qform_code"]) == 1 else "aligned"
+    header = resample.grid_header(img, affine, space + tuple(shape[3:]), code)
+    return _Placement(space, affine, header, transform, ome_info, slabs)
 
 
 def _codec(opts: ConvertOptions) -> BloscCodec:
@@ -374,8 +408,12 @@ def _write_modality(group: Any, modality: str, path: str, opts: ConvertOptions, 
     shape = nifti.data_shape(img, 3 if modality == "t1" else 4, path)
     info = nifti.describe(img)
     source = _Source(img, path, opts.nan)
-    place = (_as_in_file(img, shape, modality, info, source, opts) if reg is None
-             else _registered(img, shape, modality, info, source, opts, reg))
+    if reg is not None:
+        place = _registered(img, shape, modality, info, source, opts, reg)
+    elif opts.spacing is not None:
+        place = _resampled(img, shape, modality, info, source, opts)
+    else:
+        place = _as_in_file(img, shape, modality, info, source, opts)
     frames = 1 if modality == "t1" else shape[3]
     out_shape = place.space if modality == "t1" else (frames,) + place.space
     dtype = img.header.get_data_dtype().newbyteorder("=")
@@ -505,6 +543,28 @@ def _unchanged(job: Job, attrs: dict, opts: ConvertOptions) -> bool:
     return True
 
 
+def _chosen_spacing(opts: ConvertOptions, jobs: list[Job]) -> tuple[ConvertOptions, list[str]]:
+    """``opts`` with a spacing of 0 (a modality's "the cohort's most common") replaced by that
+    voxel size, read from the files' headers; and a note saying what was chosen."""
+    if opts.spacing is None or min(opts.spacing) > 0:
+        return opts, []
+    spacing, notes = list(opts.spacing), []
+    for i, modality in enumerate(("t1", "fmri")):
+        if spacing[i] > 0:
+            continue
+        sizes = []
+        for job in jobs:
+            if modality in job.sources:
+                try:
+                    sizes.append(resample.voxel_size(nifti.open_image(job.sources[modality]).affine))
+                except (OSError, ValueError):  # the subject fails with its own message when converted
+                    continue
+        spacing[i] = resample.common_spacing(sizes) if sizes else 1.0
+        notes.append(f"--spacing: {modality} resampled to {spacing[i]:g} mm, the cohort's most common voxel size "
+                     f"({len(set(sizes))} different sizes among {len(sizes)} files)")
+    return replace(opts, spacing=(spacing[0], spacing[1])), notes
+
+
 def _check_store_or_empty(path: Path) -> None:
     """ConvertError unless ``path`` is absent, empty (but for lock files) or a Zarr group."""
     if (path.is_dir() and not (path / "zarr.json").is_file()
@@ -568,6 +628,7 @@ def convert_cohort(sources: list[SubjectSource], out: str | Path, options: Conve
     _check_store_or_empty(out)  # before the lock files are created in someone else's folder
     start = time.monotonic()
     jobs, failed = check_sources(sources, mapping, opts.require, opts.allow_unlabeled)
+    opts, chosen = _chosen_spacing(opts, jobs)
     mode, gid, chosen_by = store_access.target_access(out, [Path(p) for j in jobs for p in j.sources.values()],
                                                          share or StoreAccess())
     with access.creation_umask(mode):
@@ -575,7 +636,7 @@ def convert_cohort(sources: list[SubjectSource], out: str | Path, options: Conve
         try:
             with publish.StoreLock(out):
                 root = _open_root(out)
-                report = Report(failed=failed)
+                report = Report(failed=failed, warnings=chosen)
                 try:
                     _convert_locked(root, out, jobs, opts, classes, workers, verify, progress, prune, report,
                                     (mode, gid, chosen_by), extra_attrs)

@@ -49,6 +49,7 @@ from typing import Any
 import numpy as np
 
 from masan.data.nifti import NiftiError
+from masan.data.resample import as_stored
 
 TYPES = ("none", "rigid", "affine", "syn")
 """``--register`` choices; ``none`` writes the store exactly as without registration."""
@@ -235,28 +236,6 @@ def _warp_file(files: list[str], inverse: bool) -> str | None:
     return found[0] if found else None
 
 
-def template_header(img: Any, affine: np.ndarray, shape: tuple[int, ...]) -> bytes:
-    """Binary NIfTI header of a registered image: the source's (its byte order, type, TR, the
-    scaling nibabel took out put back) with ``shape`` (X, Y, Z[, T]) and the grid's ``affine``
-    (voxel -> MNI mm) as sform and qform, both coded MNI152; the slice, phase and frequency axes
-    are cleared, since the voxels no longer follow the acquisition's."""
-    hdr = img.header.copy()
-    hdr.set_slope_inter(float(img.dataobj.slope), float(img.dataobj.inter))
-    hdr.set_data_shape(shape)
-    hdr.set_sform(affine, code="mni")
-    hdr.set_qform(affine, code="mni")
-    hdr.set_dim_info(None, None, None)
-    return hdr.binaryblock
-
-
-def _rounded(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """Resampled stored values back in the file's type (integers rounded and kept in range)."""
-    if dtype.kind in "iu":
-        info = np.iinfo(dtype)
-        return np.clip(np.rint(values), info.min, info.max).astype(dtype)
-    return values.astype(dtype)
-
-
 # ============================================================================ one subject
 
 
@@ -328,7 +307,7 @@ class SubjectRegistration:
         sim = {"template_correlation": {"before": correlation(before, tpl, brain), "after": after,
                                         "over": "template brain voxels"}}
         self._worse(path, "correlation with the template", sim["template_correlation"])
-        return _rounded(out, dtype), self._image_record(shape, sim)
+        return as_stored(out, dtype), self._image_record(shape, sim)
 
     def fmri_prepare(self, mean: np.ndarray, affine: np.ndarray, tr: float | None, path: str) -> dict:
         """Register the run's temporal mean ((X, Y, Z), voxel -> RAS mm ``affine``) rigidly to the
@@ -379,7 +358,7 @@ class SubjectRegistration:
         ``dtype`` (one ANTs call per slab)."""
         _, _, affine, tr = self._fmri
         out = self._apply(to_ants(slab, affine, tr=tr), series=True).numpy()
-        return _rounded(out, dtype)
+        return as_stored(out, dtype)
 
     def _image_record(self, shape: tuple[int, ...], similarity: dict) -> dict:
         return {"type": self.kind, "template": self.template, "grid_shape": list(shape),
