@@ -90,6 +90,8 @@ def test_a_task_sidecar_at_the_top_of_the_bids_folder_is_inherited(tmp_path):
     write_table(bids, {"sub-01": "AD"})
     store, report = convert(bids, tmp_path / "s.zarr")
     assert not report.failed and store.row("sub-01")["fmri"]["tr_seconds"] == 1.5
+    store, report = convert(bids, tmp_path / "s.zarr")  # unchanged sources and sidecar: skipped
+    assert report.skipped == ["sub-01"] and store.row("sub-01")["fmri"]["tr_seconds"] == 1.5
 
     (bids / "task-rest_bold.json").write_text(json.dumps({"RepetitionTime": 0.72}))  # edited: reconverted
     store, report = convert(bids, tmp_path / "s.zarr")

@@ -680,8 +680,9 @@ def _convert_locked(root: Any, out: Path, jobs: list[Job], opts: ConvertOptions,
             row = dict(found[1]["row"], label=job.label)
             if rows[job.subject].get("group"):
                 row["group"] = found[0]
-            for modality, path in job.sources.items():  # the same files may have moved
-                row[modality] = dict(row[modality], source=path)
+            for modality in MODALITIES:  # the same files may have moved
+                if modality in job.sources:
+                    row[modality] = dict(row[modality], source=job.sources[modality])
             rows[job.subject] = row
             report.skipped.append(job.subject)
         else:

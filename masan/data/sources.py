@@ -111,12 +111,11 @@ def _read_table(path: Path, delimiter: str) -> tuple[list[str], list[dict]]:
 
 
 def _pick(files: list[Path], kind: str, prefer: str | None = None) -> tuple[Path | None, list[str]]:
-    if prefer:
-        preferred = [f for f in files if prefer in f.name]
-        files = preferred or files
-    files = sorted(files)
-    notes = [f"{len(files)} {kind} files; used {files[0].name}"] if len(files) > 1 else []
-    return (files[0] if files else None), notes
+    """The file to use among ``files`` (those naming ``prefer`` first, then by name), and a
+    note when there was a choice."""
+    preferred = sorted(f for f in files if prefer and prefer in f.name) or sorted(files)
+    notes = [f"{len(files)} {kind} files; used {preferred[0].name}"] if len(files) > 1 else []
+    return (preferred[0] if preferred else None), notes
 
 
 FMRI_SIDECAR = "fmri_json"
