@@ -31,7 +31,7 @@ def summary(store: CohortStore) -> list[str]:
     rows = store.table
     lines = [f"store {store.path}  ({_size(store.path) / 1e6:.1f} MB on disk)",
              f"classes {store.classes}; {len(rows)} subjects: "
-             + ", ".join(f"{c} {n}" for c, n in Counter(r["label"] for r in rows).most_common())]
+             + ", ".join(f"{c} {n}" for c, n in Counter(r["label"] or "no diagnosis" for r in rows).most_common())]
     for m in ("t1", "fmri"):
         shapes = Counter(tuple(r[m]["shape"]) for r in rows if r.get(m))
         lacking = sum(1 for r in rows if not r.get(m))
@@ -60,7 +60,7 @@ def summary(store: CohortStore) -> list[str]:
 
 
 def subject_detail(store: CohortStore, subject: str) -> list[str]:
-    lines = [f"{subject}: label {store.label(subject)}"]
+    lines = [f"{subject}: label {store.label(subject) or 'none (no diagnosis: predicted, not trained on)'}"]
     for m in ("t1", "fmri"):
         if not store.has(subject, m):
             lines.append(f"  {m}: absent")

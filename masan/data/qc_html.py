@@ -49,7 +49,7 @@ def cohort_html(store: CohortStore, results: list[SubjectQC], opts: QCOptions, m
     """The cohort section: labels, shapes, geometry (``geometry``: rows of
     :func:`masan.data.qc_geometry.cohort_geometry`), conversion failures and warnings, flagged subjects."""
     rows = store.table
-    labels = Counter(r["label"] for r in rows)
+    labels = Counter(r["label"] or "no diagnosis" for r in rows)
     parts = ["<section id='cohort'><h2>Cohort</h2>",
              f"<p>{len(rows)} subjects in the store; {len(results)} shown here; runs shorter than "
              f"{min_frames} frames and |robust z| above {opts.z_threshold:g} are flagged.</p>",
@@ -85,7 +85,7 @@ def cohort_html(store: CohortStore, results: list[SubjectQC], opts: QCOptions, m
     flagged = [r for r in results if r.flags]
     parts.append(f"<h3 id='flagged'>Flagged subjects ({len(flagged)} of {len(results)})</h3>")
     parts.append("<table><tr><th>subject</th><th>label</th><th>flags</th></tr>" + "".join(
-        f"<tr><td><a href='#{_e(r.subject)}'>{_e(r.subject)}</a></td><td>{_e(r.label)}</td>"
+        f"<tr><td><a href='#{_e(r.subject)}'>{_e(r.subject)}</a></td><td>{_e(r.label or 'no diagnosis')}</td>"
         f"<td>{_e(', '.join(sorted({f.code for f in r.flags})))}</td></tr>" for r in flagged) + "</table>")
     return "".join(parts) + "</section>"
 
@@ -102,7 +102,7 @@ def subject_html(qc: SubjectQC) -> str:
              "" if f["tr_seconds"] is None else f"{f['tr_seconds']:g}", f["axcodes"], f["source_axcodes"]]
             for m, f in qc.facts.items()]
     parts = [f"<section class='subject {state}' id='{_e(qc.subject)}' data-flags='{_e(codes)}'>",
-             f"<h2>{_e(qc.subject)} <small>({_e(qc.label)})</small> "
+             f"<h2>{_e(qc.subject)} <small>({_e(qc.label or 'no diagnosis')})</small> "
              f"<span class='badge'>{'FLAGGED: ' + _e(codes) if qc.flags else 'OK'}</span></h2>",
              _table(["modality", "stored shape", "source shape", "dtype", "voxel mm", "TR s", "axes (stored)",
                      "axes (source)"], rows)]
