@@ -37,6 +37,16 @@ def summary(store: CohortStore) -> list[str]:
         lacking = sum(1 for r in rows if not r.get(m))
         lines.append(f"{m}: " + ", ".join(f"{list(s)} x{n}" for s, n in shapes.most_common())
                      + (f"; {lacking} subjects without" if lacking else ""))
+        geometry = [("voxel mm", lambda e: "x".join(f"{z:g}" for z in e["voxel_mm"]) if "voxel_mm" in e else None),
+                    ("axes", lambda e: e.get("axcodes"))]
+        if m == "fmri":
+            geometry.append(("TR s", lambda e: f"{e['tr_seconds']:g}" if e.get("tr_seconds") else "none"))
+        for name, of in geometry:
+            seen = Counter(of(r[m]) for r in rows if r.get(m))
+            seen.pop(None, None)  # stores converted before the table recorded it
+            if seen:
+                mixed = "  <- differ: training refuses this store" if len(seen) > 1 else ""
+                lines.append(f"  {name}: " + ", ".join(f"{v} x{n}" for v, n in seen.most_common()) + mixed)
     lines.append(f"options {json.dumps(store.attrs.get('options', {}))}")
     if "planted_effect" in store.attrs:
         pe = store.attrs["planted_effect"]

@@ -3,7 +3,7 @@
 External validation (a finished run on another cohort, as ClinicaDL's ``predict``) and the
 run's own final evaluation use the same function, :func:`masan.inference.predict_subjects`, so
 a run's test predictions can be reproduced from its directory alone: the model is rebuilt from
-``RUN_DIR/config.yaml`` and loaded from the newest complete checkpoint (weights and the fitted
+``RUN_DIR/config.yaml`` and loaded from the run's final checkpoint (weights and the fitted
 cohort standardisers), in the run's precision, on any number of ranks.
 
 Which subjects: with ``--store`` omitted, the run's own store and its ``--split`` part
@@ -11,12 +11,33 @@ Which subjects: with ``--store`` omitted, the run's own store and its ``--split`
 classes (``data.classes``/``data.merge``) that has the modalities the run uses. The store must
 have the run's input shapes. Writes ``DIR/predictions.csv``, ``region_weights.npy`` and
 ``metrics.json`` (the layout of a run directory).
+
+What is refused (exit 2, the message names the file and the fix), all before any inference:
+
+- an ``--out`` that is an existing file, or lies inside a cohort store or a training run
+  directory (it would put files into the store, or overwrite the run's own predictions);
+  checked before the model is loaded;
+- a run without ``DONE``, or whose ``DONE`` records a stop by ``train.max_steps`` before its
+  epochs, unless ``--allow-unfinished`` (which says which step of how many it predicts with);
+- a damaged final checkpoint. The checkpoint used is the newest one the run recorded (the
+  step in ``DONE``, ``checkpoints/latest_complete``, the newest ``COMPLETE`` marker): it must
+  exist, match its manifest's sizes and the SHA-256 of the model-states file (the checks a
+  resume makes, :class:`masan.train.checkpoint.CheckpointManager`), and hold finite weights.
+  A damaged or deleted one is refused rather than replaced by an older checkpoint, because
+  an older one is a different, less trained model: predictions that look normal but are not
+  the run's. The message names the newest intact older checkpoint; ``--checkpoint TAG``
+  predicts with it knowingly.
+
+Output access: files are created under the umask of, and then given, the most restrictive
+mode among the store and the run directory (:mod:`masan.access`; the predictions name each
+subject with a diagnosis), so an owner-only store or run gives owner-only predictions.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -27,10 +48,210 @@ from masan.inference import predict_subjects
 from masan.model.inputs import PRECISION_DTYPES as DTYPES
 from masan.rundir import RunDir
 
+MODEL_STATES = "mp_rank_00_model_states.pt"
+"""DeepSpeed's file of the (whole, unpartitioned) module weights: the only file predict loads."""
 
-def load_trained_model(run_dir: Path, device: torch.device) -> tuple[torch.nn.Module, RunConfig, list[str], str]:
-    """The run's model with the weights of its newest complete checkpoint, in the run's precision.
-    Returns (model in eval mode, config, class names, checkpoint tag)."""
+
+class PredictRefused(ValueError):
+    """predict will not run on these arguments; the message names the file and the fix."""
+
+
+# ---------------------------------------------------------------------- where the output goes
+
+
+def check_out(out: Path, suggestion: Path) -> Path | None:
+    """Refuse (PredictRefused) an ``--out`` predict must not write to; returns the outermost
+    folder of ``out`` that does not exist yet (what predict will create), or None.
+
+    Called before the model is loaded: a refusal costs nothing. Symlinks are resolved, so a
+    link into a store or a run directory is refused like the folder itself."""
+    from masan.data.places import enclosing, is_cohort_store, is_run_dir
+
+    if out.exists() and not out.is_dir():
+        raise PredictRefused(f"--out {out} is an existing file; --out names a folder (new or existing) for "
+                             f"predictions.csv, region_weights.npy and metrics.json: pass e.g. --out {suggestion}")
+    fix = f"pass a folder outside every store and run directory, e.g. --out {suggestion}"
+    real = out.resolve()
+    store = enclosing(real, is_cohort_store)
+    if store is not None:
+        where = "" if store == real else "inside "
+        raise PredictRefused(f"--out {out} is {where}the cohort store {store}: a store holds only what the "
+                             f"converter writes (a later conversion prunes anything else); {fix}")
+    run = enclosing(real, is_run_dir)
+    if run is not None:
+        where = "" if run == real else "inside "
+        raise PredictRefused(f"--out {out} is {where}the training run directory {run}: predict would overwrite "
+                             f"the run's own predictions.csv, region_weights.npy and metrics.json, or mix "
+                             f"files into it; {fix}")
+    created, parent = None, real
+    while not parent.exists():
+        created, parent = parent, parent.parent
+    if not parent.is_dir():
+        raise PredictRefused(f"--out {out} cannot be created: {parent} is a file, not a folder; {fix}")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PredictRefused(f"--out {out} cannot be written: you may not write in {parent}; {fix}")
+    return created
+
+
+def write_access(store: str, run_dir: Path, out: Path, created: Path | None, write):
+    """Run ``write()`` (which writes the prediction files into ``out``) under the umask of the
+    most restrictive mode of the store and the run directory, then give that mode to the
+    folders predict created (or, in an existing ``out``, to the files it wrote). Returns what
+    ``write()`` returns.
+
+    The predictions name each subject with a diagnosis: they may be no more readable than
+    the data they come from (a data-use agreement), whatever the user's umask."""
+    from masan.access import apply_access, creation_umask, restrictive_mode
+
+    mode, gid = restrictive_mode([store, run_dir])
+    with creation_umask(mode):
+        result = write()
+    rd = RunDir(out)
+    for path in [created] if created is not None else [rd.predictions, rd.region_weights, rd.metrics]:
+        apply_access(path, mode, gid)
+    return result
+
+
+# ---------------------------------------------------------------------- which checkpoint
+
+
+def _progress(run_dir: Path, cfg: RunConfig, state: dict) -> str:
+    """``"step S of T"`` for a checkpoint's client state (T from the split and the batch size
+    at the checkpoint's world size; ``"step S"`` alone when the split cannot be read)."""
+    from masan.data.splits import Split
+
+    step = state.get("step", "?")
+    try:
+        n_train = len(Split.load(RunDir(run_dir).split).part("train"))
+    except (OSError, ValueError):
+        return f"step {step}"
+    per_step = cfg.optim.micro_batch * cfg.optim.grad_accum * int(state.get("dp_world_size", 1))
+    total = sum(cfg.epochs.values()) * (n_train // per_step)
+    limit = f", train.max_steps={cfg.train.max_steps}" if cfg.train.max_steps is not None else ""
+    return f"step {step} of {total} ({n_train} training subjects, {per_step} per step{limit})"
+
+
+def unfinished(run_dir: Path, cfg: RunConfig) -> str | None:
+    """Why the run is not finished (None: ``DONE`` for this config and all its epochs)."""
+    rd = RunDir(run_dir)
+    done = rd.finished(cfg)
+    if done is None:
+        why = (f"{rd.done} does not exist" if not rd.done.exists() else
+               f"{rd.done} belongs to another target or config than {rd.config}")
+        return f"the run has not finished ({why}: it stopped or is still training)"
+    epochs = sum(cfg.epochs.values())
+    if done.get("epochs_done", epochs) < epochs:
+        return (f"the run stopped at train.max_steps={cfg.train.max_steps} after {done['epochs_done']} of its "
+                f"{epochs} epochs ({rd.done})")
+    return None
+
+
+def _tag_step(tag: str) -> int:
+    from masan.train.checkpoint import TAG_RE
+
+    return int(TAG_RE.match(tag).group(1))
+
+
+def final_tag(run_dir: Path, cfg: RunConfig) -> tuple[str | None, str]:
+    """The newest checkpoint the run recorded, whether or not it is still intact, and which
+    record names it: the step in ``DONE``, ``checkpoints/latest_complete`` or the newest
+    ``COMPLETE`` marker. Looking at the records, not at what is on disk, is what finds a
+    deleted or truncated newest checkpoint instead of silently taking the one before."""
+    from masan.train.checkpoint import MARKER, POINTER, TAG_RE, CheckpointManager, tag_for
+
+    rd = RunDir(run_dir)
+    named: dict[str, str] = {}
+    done = rd.finished(cfg)
+    if done is not None:
+        named[tag_for(done["step"])] = f"{rd.done} (step {done['step']})"
+    try:
+        pointed = (rd.checkpoints / POINTER).read_text().strip()
+        if TAG_RE.match(pointed):
+            named.setdefault(pointed, str(rd.checkpoints / POINTER))
+    except OSError:
+        pass
+    mgr = CheckpointManager(run_dir, keep=1)
+    marked = next((t for t in mgr.tags() if (mgr.dir / t / MARKER).is_file()), None)
+    if marked is not None:
+        named.setdefault(marked, f"its {MARKER} marker")
+    if not named:
+        return None, ""
+    tag = max(named, key=_tag_step)
+    return tag, named[tag]
+
+
+def checkpoint_problem(run_dir: Path, tag: str) -> str | None:
+    """Why checkpoint ``tag`` cannot be predicted with (None: intact), by the checks a resume
+    makes: marker, every file's size, then the SHA-256 of the files predict loads (the
+    optimizer shards are not loaded, so not hashed: gigabytes for nothing)."""
+    from masan.train.checkpoint import CheckpointManager
+
+    mgr = CheckpointManager(run_dir, keep=1)
+    if not (mgr.dir / tag).is_dir():
+        return "the folder does not exist (deleted or moved)"
+    return mgr.problem(tag) or mgr.damage(tag, shards=False)
+
+
+def _previous_intact(run_dir: Path, tag: str) -> str | None:
+    """The newest checkpoint older than ``tag`` that passes :func:`checkpoint_problem`."""
+    from masan.train.checkpoint import CheckpointManager
+
+    older = [t for t in CheckpointManager(run_dir, keep=1).tags() if _tag_step(t) < _tag_step(tag)]
+    return next((t for t in older if checkpoint_problem(run_dir, t) is None), None)
+
+
+def choose_checkpoint(run_dir: Path, cfg: RunConfig, requested: str | None) -> str:
+    """The checkpoint to predict with: ``requested`` (``--checkpoint``) or the run's final
+    one, verified by :func:`checkpoint_problem`; PredictRefused naming the file and the fix."""
+    from masan.train.checkpoint import TAG_RE
+
+    ckpts = RunDir(run_dir).checkpoints
+    if requested is not None:
+        if not TAG_RE.match(requested):
+            raise PredictRefused(f"--checkpoint {requested!r} is not a checkpoint name; pass a folder name of "
+                                 f"{ckpts} such as step_000123")
+        tag, named_by = requested, "--checkpoint"
+    else:
+        tag, named_by = final_tag(run_dir, cfg)
+        if tag is None:
+            raise PredictRefused(f"{ckpts} holds no complete checkpoint; train the run first")
+    why = checkpoint_problem(run_dir, tag)
+    if why is None:
+        return tag
+    previous = _previous_intact(run_dir, tag)
+    fix = (f"restore {ckpts / tag} from a backup, or predict knowingly with the previous intact checkpoint, "
+           f"a less trained model: --checkpoint {previous}" if previous else
+           f"restore {ckpts / tag} from a backup; no older intact checkpoint is left in {ckpts}")
+    raise PredictRefused(f"checkpoint {ckpts / tag} (named by {named_by}) cannot be used: {why}; {fix}")
+
+
+def load_states(path: Path, run_dir: Path, tag: str) -> dict:
+    """The module weights of a model-states file; PredictRefused for a file torch cannot
+    read or weights that are not all finite (a diverged run: every prediction would be NaN
+    or arbitrary while the exit status said success)."""
+    try:
+        states = torch.load(path, map_location="cpu", weights_only=False)
+        module = states["module"]
+    except Exception as e:  # noqa: BLE001 - whatever the unpickler raises, the file is unusable
+        raise PredictRefused(f"{path} cannot be loaded ({type(e).__name__}: {e}); restore it from a backup, or "
+                             f"predict with another checkpoint of {RunDir(run_dir).checkpoints} "
+                             f"(--checkpoint TAG)") from None
+    bad = [k for k, v in module.items() if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        previous = _previous_intact(run_dir, tag)
+        fix = f"--checkpoint {previous}" if previous else "retrain the run"
+        raise PredictRefused(f"{path} holds non-finite weights (NaN or inf) in {len(bad)} tensor(s): "
+                             f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}; the run diverged or the file "
+                             f"was altered. Predict with an earlier checkpoint ({fix}) or retrain with a lower "
+                             f"optim.lr")
+    return module
+
+
+def load_trained_model(run_dir: Path, device: torch.device, checkpoint: str | None = None,
+                       allow_unfinished: bool = False) -> tuple[torch.nn.Module, RunConfig, list[str], str, str]:
+    """The run's model with the weights of its final checkpoint (or ``checkpoint``), verified,
+    in the run's precision. Returns (model in eval mode, config, class names, checkpoint tag,
+    a note on how trained it is: ``""`` for a finished run's final checkpoint)."""
     from masan.model import build_model
     from masan.train.checkpoint import CheckpointManager
 
@@ -39,15 +260,28 @@ def load_trained_model(run_dir: Path, device: torch.device) -> tuple[torch.nn.Mo
         raise FileNotFoundError(f"{config} does not exist: {run_dir} is not a training run directory "
                                 "(train one with launch/train_local.py or launch/submit.py)")
     cfg = load_config(config)
-    tags = CheckpointManager(run_dir, keep=1).complete_tags()
-    if not tags:
-        raise FileNotFoundError(f"{RunDir(run_dir).checkpoints} holds no complete checkpoint; train the run first")
-    states = torch.load(RunDir(run_dir).checkpoints / tags[0] / "mp_rank_00_model_states.pt", map_location="cpu",
-                        weights_only=False)
+    why_unfinished = unfinished(run_dir, cfg)
+    if why_unfinished and not allow_unfinished:
+        raise PredictRefused(f"{run_dir}: {why_unfinished}. Its predictions would come from a partly trained "
+                             "model; finish the run (start it again: it resumes), or pass --allow-unfinished to "
+                             "predict with its newest checkpoint knowingly")
+    tag = choose_checkpoint(run_dir, cfg, checkpoint)
+    state = CheckpointManager(run_dir, keep=1).manifest(tag).get("state", {})
+    note = ""
+    if why_unfinished:
+        note = f"UNFINISHED run, {_progress(run_dir, cfg, state)}"
+    elif tag != final_tag(run_dir, cfg)[0]:
+        note = f"NOT the final checkpoint: {_progress(run_dir, cfg, state)}"
+    path = RunDir(run_dir).checkpoints / tag / MODEL_STATES
+    module = load_states(path, run_dir, tag)
     class_names = list(cfg.data.classes)
     model = build_model(cfg.model, len(class_names))
-    model.load_state_dict(states["module"])
-    return model.to(device, DTYPES[cfg.train.precision]).eval(), cfg, class_names, tags[0]
+    try:
+        model.load_state_dict(module)
+    except RuntimeError as e:
+        raise PredictRefused(f"{path} does not fit the model {config} describes ({str(e).splitlines()[0]}); "
+                             f"was {config} edited after training? Restore it") from None
+    return model.to(device, DTYPES[cfg.train.precision]).eval(), cfg, class_names, tag, note
 
 
 def _subjects(cfg: RunConfig, run_dir: Path, store: str | None, part: str):
@@ -91,32 +325,45 @@ def check_contract(cfg: RunConfig, run_dir: Path, store: str, subjects: list[str
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m masan.predict", description=__doc__.split("\n\n")[0],
-        epilog="Example: python -m masan.predict runs/demo --store other/cohort.zarr --out runs/demo/external")
+        epilog="Example: python -m masan.predict runs/demo --store other/cohort.zarr --out predictions/demo_other")
     ap.add_argument("run_dir", type=Path, help="a training run directory (config.yaml + checkpoints/)")
     ap.add_argument("--store", help="cohort store to predict (default: the run's own store and --split part)")
     ap.add_argument("--split", default="test", choices=("train", "val", "test"),
                     help="part of the run's own split to predict when --store is omitted (default %(default)s)")
     ap.add_argument("--out", type=Path, required=True,
-                    help="folder for predictions.csv, region_weights.npy, metrics.json")
+                    help="folder for predictions.csv, region_weights.npy, metrics.json (not inside a store or a "
+                         "run directory)")
     ap.add_argument("--device", default="cpu", help="torch device (default %(default)s)")
+    ap.add_argument("--allow-unfinished", action="store_true",
+                    help="predict with a run that has not finished (no DONE), from its newest checkpoint")
+    ap.add_argument("--checkpoint", metavar="TAG",
+                    help="predict with this checkpoint (e.g. step_000123) instead of the run's final one")
     args = ap.parse_args(argv)
 
     from masan.data.dataset import CohortDataset
     from masan.evaluate.predict import write_predictions
 
+    label = Path(args.store).stem if args.store else args.split
+    suggestion = args.run_dir.absolute().parent / f"{args.run_dir.absolute().name}_predictions_{label}"
     try:
-        model, cfg, names, tag = load_trained_model(args.run_dir, torch.device(args.device))
+        created = check_out(args.out, suggestion)  # before the model: a refusal costs nothing
+        model, cfg, names, tag, note = load_trained_model(args.run_dir, torch.device(args.device),
+                                                          args.checkpoint, args.allow_unfinished)
+        if note:
+            print(f"warning: predicting with {RunDir(args.run_dir).checkpoints / tag}: {note}", file=sys.stderr)
         store, subjects, labels, part = _subjects(cfg, args.run_dir, args.store, args.split)
         dataset = CohortDataset(store, subjects, labels, cfg.data)
-    except (FileNotFoundError, ConfigError, ValueError) as e:
+    except (OSError, ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     preds = predict_subjects(model, dataset, cfg, torch.device(args.device), names, seed=cfg.seed)
-    metrics = write_predictions(preds, args.out, names, cfg.data.positive_class, split=part)
+    metrics = write_access(store, args.run_dir, args.out, created,
+                           lambda: write_predictions(preds, args.out, names, cfg.data.positive_class, split=part))
     scores = (f"accuracy {metrics['accuracy']:.3f}, AD-vs-rest accuracy {metrics['binary_accuracy']:.3f}"
               if "accuracy" in metrics else "no diagnoses: probabilities only")
     unlabeled = f", {metrics['n_unlabeled']} without a diagnosis" if metrics.get("n_unlabeled") else ""
-    print(f"{len(preds)} subjects of {store} predicted with {args.run_dir} ({tag}){unlabeled}; {scores} -> {args.out}")
+    used = f"{tag}, {note}" if note else tag
+    print(f"{len(preds)} subjects of {store} predicted with {args.run_dir} ({used}){unlabeled}; {scores} -> {args.out}")
     return 0
 
 

@@ -29,17 +29,20 @@ LEVELS = 2
 def store(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("niizarr")
     rc = to_zarr.main(["--manifest", str(real_manifest(tmp)), "--out", str(tmp / "s.zarr"), "--require", "t1",
-                       "--nan", "zero", "--levels", str(LEVELS), "--no-progress"])
-    assert rc == 0
+                       "--nan", "zero", "--levels", str(LEVELS), "--no-progress", "--keep-orientation"])
+    assert rc == 0  # the files' own voxel order: zarr2nii must give back each file exactly
     return CohortStore(tmp / "s.zarr")
 
 
 def images(store):
-    """(subject, modality, source file, image folder) of every image in the store."""
+    """(subject, modality, source file, image folder) of every image in the store; the folder
+    is the version-free path (``subjects/<id>/current/<modality>``) that other tools open."""
     for s, files in REAL.items():
         for modality, name in zip(("t1", "fmri"), files[:2]):
             if name:
-                yield s, modality, DATA / name, store.path / store.group_path(s) / modality
+                folder = store.image_path(s, modality)
+                assert folder.resolve() == (store.path / store.group_path(s) / modality).resolve()
+                yield s, modality, DATA / name, folder
 
 
 def test_every_real_file_round_trips_through_zarr2nii(store):
@@ -133,7 +136,7 @@ def test_previous_layout_still_reads_and_verifies(store, tmp_path):
     attrs = dict(group.attrs)
     group.update_attributes({"options": {**attrs["options"], "format_version": 1}})
     assert to_zarr.main(["--manifest", str(real_manifest(tmp_path)), "--out", str(old), "--require", "t1",
-                         "--nan", "zero", "--levels", str(LEVELS), "--no-progress"]) == 0
+                         "--nan", "zero", "--levels", str(LEVELS), "--no-progress", "--keep-orientation"]) == 0
     upgraded = CohortStore(old)
     assert upgraded.report()["converted"] == [s]
     image = zarr.open_group(old / upgraded.group_path(s), mode="r")["t1"]

@@ -23,6 +23,7 @@ import nibabel as nib
 import numpy as np
 
 from masan.config import ConfigError, RunConfig
+from masan.data import resample
 from masan.data.store import CohortStore
 
 SPACING_RTOL = 0.01
@@ -72,7 +73,7 @@ def _listing(groups: dict, unit: str = "") -> str:
 
 
 def _spacing(affine: np.ndarray) -> tuple[float, ...]:
-    return tuple(round(float(z), 4) for z in np.sqrt((affine[:3, :3] ** 2).sum(axis=0)))
+    return resample.voxel_size(affine)
 
 
 def _cluster(values: dict[str, tuple[float, ...]], rtol: float) -> dict[tuple[float, ...], list[str]]:
@@ -103,9 +104,13 @@ def store_geometry(store: CohortStore, subjects: list[str], modalities: list[str
         for s in subjects:
             shape = store.shape(s, m)
             shapes[tuple(shape[1:] if m == "fmri" else shape)].append(s)
-            affine = store.affine(s, m)
-            spacing[s] = _spacing(affine)
-            axcodes["".join(nib.aff2axcodes(affine))].append(f"{s} {m}")
+            entry = store.row(s)[m]
+            if "voxel_mm" in entry:  # recorded in the cohort table at conversion
+                spacing[s], codes = tuple(entry["voxel_mm"]), entry["axcodes"]
+            else:  # stores converted before: from the image's attributes
+                affine = store.affine(s, m)
+                spacing[s], codes = _spacing(affine), "".join(nib.aff2axcodes(affine))
+            axcodes[codes].append(f"{s} {m}")
         flag = "--t1-shape" if m == "t1" else "--fmri-shape"
         sizes = _cluster(spacing, SPACING_RTOL)
         if len(sizes) > 1:

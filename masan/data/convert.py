@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
+import nibabel as nib
 import numpy as np
 import zarr
 from tqdm.auto import tqdm
@@ -445,7 +446,9 @@ def _write_modality(group: Any, modality: str, path: str, opts: ConvertOptions, 
     if place.registration is not None:
         attrs["registration"] = place.registration
     image.finish(attrs)
-    return {"shape": list(out_shape), "dtype": dtype.str, "tr_seconds": tr, "checksum": checksum["crc32"]}
+    # the stored geometry in the table too, so the training contract reads one JSON, not every image's
+    return {"shape": list(out_shape), "dtype": dtype.str, "tr_seconds": tr, "checksum": checksum["crc32"],
+            "voxel_mm": list(resample.voxel_size(place.affine)), "axcodes": "".join(nib.aff2axcodes(place.affine))}
 
 
 def verify_group(group: Any, slab_frames: int = ConvertOptions.fmri_shard_frames) -> list[str]:

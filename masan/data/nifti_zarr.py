@@ -1,6 +1,7 @@
 """One image of the cohort store as a NIfTI-Zarr 1.0 group (an OME-Zarr 0.5 image).
 
-Layout of ``<version>/t1`` and ``<version>/fmri`` (docs/data-format.md)::
+Layout of ``<version>/t1`` and ``<version>/fmri`` (docs/data-format.md; other tools open them
+as ``subjects/<id>/current/t1``, ``current`` being a symlink to the subject's version)::
 
     <image>/zarr.json   group attributes: ``ome`` (OME-Zarr 0.5 ``multiscales``), ``masan`` (our facts)
     <image>/0           level 0, the stored values: t1 (X, Y, Z), fmri (T, X, Y, Z); what training reads

@@ -12,6 +12,11 @@
   the root ``zarr.json`` (replaced atomically by zarr's LocalStore) then points at it, and
   only after that are older versions removed (:func:`drop_versions`). A reader sees the
   old version or the new one, never a gap.
+- :func:`point_current`: the subject's own group ``subjects/<id>/zarr.json`` names its
+  current version, and ``subjects/<id>/current`` is a relative symlink to it, so tools open
+  ``subjects/<id>/current/t1`` without knowing the version. Both are replaced atomically
+  (temporary name + ``os.replace``) once the table points at the version and before older
+  versions go, so the link never names a removed or half-written version.
 - :func:`run_pool`: subjects over worker processes; a worker that dies (OOM killer,
   kill -9) fails only the subject it held, the pool is rebuilt and the others go on.
 """
@@ -21,10 +26,13 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import fcntl
+import json
 import os
 import re
+import secrets
 import shutil
 import signal
+import stat
 import threading
 import time
 from collections import deque
@@ -35,13 +43,20 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import IO, Any
 
-from masan.data.store import SUBJECTS
+from masan import access
+from masan.data.store import CURRENT, SUBJECTS
+from masan.files import atomic_writer
 
 LOCK = ".lock"
 WORKERS_LOCK = ".lock.workers"
 LOCK_FILES = (LOCK, WORKERS_LOCK)
 VERSION = re.compile(r"^v\d+$")
 """Name of a subject's version folder (``v`` + nanoseconds since the epoch at publication)."""
+GROUP_FILE = "zarr.json"
+SUBJECT_ATTRS = "masan"
+"""Attribute of a subject's group: ``{"subject": id, "current": "v<ns>" or None}``."""
+_TEMP = re.compile(r"^\.(zarr\.json|current)\..+\.tmp$")
+"""Temporary names of :func:`point_current` (left only by a process killed mid-replace)."""
 ORPHAN_WAIT_S = 10.0
 """How long a new run waits for workers of a killed run to notice and exit (they poll each 0.5 s)."""
 _PR_SET_PDEATHSIG = 1
@@ -168,46 +183,122 @@ def version_group(subject: str, version: str) -> str:
 
 def publish_version(root: Path, subject: str, staging: Path, version: str) -> str:
     """Move a verified staged group to its version folder (one rename; nothing is replaced,
-    so readers of the current version are untouched). Returns the group key."""
+    so readers of the current version are untouched). Returns the group key.
+
+    A new subject's folder gets its group file at once (``current`` None until the table
+    lists it), so a tree walk never meets a subject folder that is not a Zarr group."""
     if not parent_alive():
         os._exit(70)
     key = version_group(subject, version)
-    (root / SUBJECTS / subject).mkdir(parents=True, exist_ok=True)
+    folder = root / SUBJECTS / subject
+    folder.mkdir(parents=True, exist_ok=True)
+    if not (folder / GROUP_FILE).exists():  # an existing one is the subject's group, or a pre-version subject
+        _write_subject_group(root, subject, None)
     os.rename(staging, root / key)
     return key
 
 
+def _store_file_mode(root: Path) -> int:
+    """Permission bits of the store's files (those of the root ``zarr.json``, which every
+    conversion sets from the sources or ``--mode``); 0o600 when it cannot be read."""
+    try:
+        return stat.S_IMODE(os.stat(root / GROUP_FILE).st_mode) & 0o666
+    except OSError:
+        return 0o600
+
+
+def _write_subject_group(root: Path, subject: str, version: str | None) -> None:
+    """Replace ``subjects/<id>/zarr.json`` atomically by the subject's group naming ``version``.
+
+    The temporary file is created under a umask no looser than the store's files and given
+    exactly their mode before any byte is written (a reader may keep a file it opened while
+    it was more open), so it is never readable by more users than the rest of the store."""
+    meta = {"zarr_format": 3, "node_type": "group",
+            "attributes": {SUBJECT_ATTRS: {"subject": subject, "current": version}}}
+    mode = _store_file_mode(root)
+    with access.creation_umask(mode), atomic_writer(root / SUBJECTS / subject / GROUP_FILE) as f:
+        os.fchmod(f.fileno(), mode)
+        json.dump(meta, f, indent=2)
+
+
+def _named_version(folder: Path) -> str | None:
+    """The version a subject's group file names (None: absent, unreadable, or a pre-version
+    subject's own group)."""
+    try:
+        attrs = json.loads((folder / GROUP_FILE).read_text())["attributes"]
+        return attrs[SUBJECT_ATTRS]["current"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def point_current(root: Path, subject: str, version: str) -> None:
+    """Make ``subjects/<id>/current`` a relative symlink to ``version`` and name it in the
+    subject's group attributes; both replaced atomically, the link last.
+
+    Call only for a complete version the table already points at (:func:`drop_versions`
+    does). A real folder at ``current`` is a copy of the store that followed the link
+    (``shutil.copytree``, ``cp -rL``): nothing reads it, so it is removed first."""
+    folder = root / SUBJECTS / subject
+    link = folder / CURRENT
+    if _named_version(folder) != version:  # a rerun that changes nothing rewrites nothing
+        _write_subject_group(root, subject, version)
+    if link.is_symlink() and os.readlink(link) == version:
+        return
+    if link.is_dir() and not link.is_symlink():
+        shutil.rmtree(link)
+    tmp = folder / f".{CURRENT}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    os.symlink(version, tmp)  # relative: the store can be moved or copied with its links (cp -a, rsync -a)
+    try:
+        os.replace(tmp, link)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def drop_versions(root: Path, subject: str, keep: str | None) -> None:
-    """Remove every version of ``subject`` except the group key ``keep`` (None: the subject's
-    folder goes). Call only once the cohort table no longer points at them. A folder of the
-    old, unversioned layout (``subjects/<id>/t1`` directly) counts as one old version."""
+    """Point ``current`` at the group key ``keep`` (:func:`point_current`), then remove every
+    other version of ``subject`` (None: the subject's folder goes). Call only once the cohort
+    table points at ``keep``, so no reader following the table loses its version. A folder of
+    the old, unversioned layout (``subjects/<id>/t1`` directly) counts as one old version;
+    its ``zarr.json`` becomes the subject's group. Reruns call this for every subject, which
+    also gives stores written before subject groups their ``zarr.json`` and ``current``."""
     folder = root / SUBJECTS / subject
     if keep is None:
         shutil.rmtree(folder, ignore_errors=True)
         return
     keep_name = keep.rsplit("/", 1)[-1]
-    for child in folder.iterdir() if folder.is_dir() else ():
-        if child.name == keep_name:
+    if not (folder / keep_name).is_dir():
+        return  # the table names a version that is gone (a damaged store): change nothing, verify reports it
+    point_current(root, subject, keep_name)
+    for child in folder.iterdir():
+        if child.name in (keep_name, GROUP_FILE, CURRENT):
             continue
-        if child.is_dir():
+        if child.is_dir() and not child.is_symlink():
             shutil.rmtree(child, ignore_errors=True)
         else:
             child.unlink(missing_ok=True)
 
 
+def _ours(name: str) -> bool:
+    """A name a versioned subject folder may hold: versions, its group file, the link, temporaries."""
+    return bool(VERSION.match(name) or _TEMP.match(name)) or name in (GROUP_FILE, CURRENT)
+
+
 def is_subject_folder(folder: Path) -> bool:
     """A folder of ``subjects/`` holding only subject data (versions, or the old layout)."""
-    return folder.is_dir() and all(VERSION.match(c.name) or c.name in ("zarr.json", "t1", "fmri")
-                                   for c in folder.iterdir())
+    return folder.is_dir() and all(_ours(c.name) or c.name in ("t1", "fmri") for c in folder.iterdir())
 
 
 def drop_unreferenced(out: Path, rows: dict[str, dict]) -> None:
     """Remove subject versions no table row points at (left by a killed run or worker; no
-    reader can know them). Folders that are not subject data are left alone."""
+    reader can know them), and point each listed subject's ``current`` at its row's version.
+    Folders that are not subject data are left alone."""
     for folder in sorted((out / SUBJECTS).iterdir()) if (out / SUBJECTS).is_dir() else ():
+        if not folder.is_dir() or folder.is_symlink():
+            continue
         row = rows.get(folder.name)
         if row is None:
-            if is_subject_folder(folder) and all(VERSION.match(c.name) for c in folder.iterdir()):
+            if is_subject_folder(folder) and all(_ours(c.name) for c in folder.iterdir()):
                 drop_versions(out, folder.name, keep=None)
         elif row.get("group"):
             drop_versions(out, folder.name, keep=row["group"])

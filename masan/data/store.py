@@ -1,8 +1,11 @@
 """Read API of the cohort store written by ``data_tools/to_zarr.py`` (layout: docs/data-format.md).
 
-A store is a Zarr v3 group::
+A store is one Zarr v3 hierarchy: every folder on the way to an image is a group::
 
     STORE/zarr.json                  root attrs: masan_store (format), classes, cohort (table)
+    STORE/subjects/zarr.json         group of all subjects
+    STORE/subjects/<id>/zarr.json    the subject's group; attrs ``masan.current``: its current version
+    STORE/subjects/<id>/current      relative symlink to ``<v>``: the version-free path for tools
     STORE/subjects/<id>/<v>/t1/      NIfTI-Zarr image: level 0 ``0`` (X, Y, Z), ``nifti`` header
     STORE/subjects/<id>/<v>/fmri/    NIfTI-Zarr image: level 0 ``0`` (T, X, Y, Z), ``nifti`` header
     STORE/conversion_report.json     the last conversion's failures and warnings
@@ -11,7 +14,12 @@ Each image is a NIfTI-Zarr 1.0 / OME-Zarr 0.5 group (:mod:`masan.data.nifti_zarr
 level 0 holds the stored values of the NIfTI file; lower levels (``--levels``) are for
 viewers and are never read here. ``<v>`` is the subject's current version folder, named by
 its cohort-table row (``group``); a reconversion writes a new version, points the table at
-it, then removes the old one. Stores of format 1 hold each modality as a bare array
+it, then ``current`` and the subject's group, then removes the old one. This reader follows
+the table, never ``current``: a read that resolved ``current`` before a reconversion and
+read chunks after it could mix two versions (:meth:`CohortStore.image_path` gives the
+version-free path for other tools). Zarr walks the symlink like a folder, so a tree walk
+(``zarr.open_group(STORE).tree()``) lists each image twice: under ``current`` and under
+``<v>``. Stores of format 1 hold each modality as a bare array
 (``<v>/t1`` with our attributes on it, or ``subjects/<id>/t1`` for rows without ``group``):
 they read the same; rerunning to_zarr on them rewrites every subject as NIfTI-Zarr.
 
@@ -51,6 +59,8 @@ FORMAT = "masan-cohort-store"
 FORMAT_VERSION = 2
 """2: each modality a NIfTI-Zarr image group; 1: a bare array (still read)."""
 SUBJECTS = "subjects"
+CURRENT = "current"
+"""``subjects/<id>/current``: relative symlink to the subject's current version folder."""
 STAGING = ".staging"
 TRASH = ".trash"
 REPORT = "conversion_report.json"
@@ -205,6 +215,18 @@ class CohortStore:
     def group_path(self, subject: str) -> str:
         """Store key of the subject's current version folder (from its cohort-table row)."""
         return self.row(subject).get("group") or f"{SUBJECTS}/{subject}"
+
+    def image_path(self, subject: str, modality: str) -> Path:
+        """Version-free folder of a subject's image for other tools (``niizarr.zarr2nii``,
+        OME-Zarr viewers): ``STORE/subjects/<id>/current/<modality>``, or
+        ``STORE/subjects/<id>/<modality>`` for a subject stored before versions. It always
+        shows the current version; pin one with ``os.path.realpath`` to read it over a
+        reconversion. A store written before ``current`` existed gets it from any rerun of
+        to_zarr (until then the path is absent)."""
+        if not self.has(subject, modality):
+            self._array(subject, modality)  # raises the explanatory KeyError
+        folder = self.path / SUBJECTS / subject
+        return folder / CURRENT / modality if self.row(subject).get("group") else folder / modality
 
     def _array(self, subject: str, modality: str) -> Any:
         self._open()

@@ -1,0 +1,201 @@
+"""What ``python -m masan.predict`` refuses, on one real tiny run: a damaged, deleted or
+non-finite checkpoint, an unfinished run, an ``--out`` inside a store or a run directory or
+naming a file; and the access mode of what it writes (never more open than the store and the
+run it read).
+
+One run trains per module (tests/conftest.py's tiny cohort, 1 pretrain + 1 joint epoch: 14
+steps, checkpoints at steps 7 and 14); each destructive case damages a copy of it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from masan.train.checkpoint import MARKER, POINTER
+
+REPO = Path(__file__).resolve().parents[1]
+STATES = "mp_rank_00_model_states.pt"
+FINAL, EARLIER = "step_000014", "step_000007"
+
+
+def _train(config: Path, run: Path, *overrides: str) -> None:
+    res = subprocess.run([sys.executable, str(REPO / "launch/train_local.py"), "--config", str(config),
+                          f"run_dir={run}", "train.pretrain_epochs=1", "train.joint_epochs=1", *overrides],
+                         capture_output=True, text=True, timeout=600, cwd=REPO, check=False)
+    assert res.returncode == 0, res.stderr[-3000:]
+
+
+def predict(run: Path, out: Path, *args: str) -> subprocess.CompletedProcess:
+    res = subprocess.run([sys.executable, "-m", "masan.predict", str(run), "--out", str(out), *args],
+                         capture_output=True, text=True, timeout=300, cwd=REPO, check=False)
+    assert "Traceback" not in res.stderr, res.stderr[-3000:]
+    return res
+
+
+def refused(res: subprocess.CompletedProcess, out: Path, *texts: str) -> None:
+    """Exit 2, each text in the message, and nothing written."""
+    assert res.returncode == 2, (res.returncode, res.stdout[-2000:], res.stderr[-3000:])
+    for text in texts:
+        assert text in res.stderr, (text, res.stderr)
+    assert not out.exists()
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, tiny_config) -> Path:
+    path = tmp_path_factory.mktemp("predict_safety") / "run"
+    _train(tiny_config, path)
+    assert (path / "DONE").is_file() and (path / "checkpoints" / FINAL / MARKER).is_file()
+    assert (path / "checkpoints" / EARLIER / MARKER).is_file()
+    return path
+
+
+@pytest.fixture
+def copy(tmp_path, run) -> Path:
+    """A copy of the trained run to damage."""
+    return Path(shutil.copytree(run, tmp_path / "run"))
+
+
+# ---------------------------------------------------------------------- the checkpoint
+
+
+def test_same_size_damage_to_the_weights_is_refused_naming_the_file(tmp_path, copy):
+    path = copy / "checkpoints" / FINAL / STATES
+    weights = torch.load(path, map_location="cpu", weights_only=False)["module"]
+    name, tensor = max(weights.items(), key=lambda kv: kv[1].numel())
+    data = path.read_bytes()
+    at = data.find(tensor.contiguous().numpy().tobytes()[:188])
+    assert at > 0, "the tensor's bytes are stored verbatim in the file"
+    path.write_bytes(data[:at] + torch.full((47,), 3.0).numpy().tobytes() + data[at + 188:])
+    # the defect: the file still loads, with other weights, so predictions would be wrong and look fine
+    assert not torch.equal(torch.load(path, map_location="cpu", weights_only=False)["module"][name], tensor)
+
+    res = predict(copy, tmp_path / "out")
+    refused(res, tmp_path / "out", str(copy / "checkpoints" / FINAL), STATES, "sha256", f"--checkpoint {EARLIER}")
+
+
+def test_non_finite_weights_with_a_matching_checksum_are_refused(tmp_path, copy):
+    folder = copy / "checkpoints" / FINAL
+    states = torch.load(folder / STATES, map_location="cpu", weights_only=False)
+    name = next(k for k, v in states["module"].items() if v.is_floating_point())
+    states["module"][name].view(-1)[:2] = float("nan")  # 8 bytes of NaN
+    torch.save(states, folder / STATES)
+    manifest = json.loads((folder / MARKER).read_text())  # as if training itself had saved them
+    manifest["files"][STATES] = {"bytes": (folder / STATES).stat().st_size,
+                                 "sha256": hashlib.sha256((folder / STATES).read_bytes()).hexdigest()}
+    (folder / MARKER).write_text(json.dumps(manifest))
+
+    res = predict(copy, tmp_path / "out")
+    refused(res, tmp_path / "out", str(folder / STATES), "non-finite", name)
+
+
+def test_a_truncated_newest_checkpoint_is_refused_not_replaced_by_an_older_one(tmp_path, copy):
+    path = copy / "checkpoints" / FINAL / STATES
+    os.truncate(path, path.stat().st_size // 2)
+    res = predict(copy, tmp_path / "out")
+    refused(res, tmp_path / "out", str(copy / "checkpoints" / FINAL), STATES, "truncated",
+            f"--checkpoint {EARLIER}")
+
+    res = predict(copy, tmp_path / "out", "--checkpoint", EARLIER)  # the older one, knowingly
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"({EARLIER}, NOT the final checkpoint: step 7 of 14" in res.stdout, res.stdout
+    assert (tmp_path / "out" / "predictions.csv").is_file()
+
+
+def test_a_deleted_newest_checkpoint_is_refused(tmp_path, copy):
+    shutil.rmtree(copy / "checkpoints" / FINAL)
+    res = predict(copy, tmp_path / "out")
+    refused(res, tmp_path / "out", str(copy / "checkpoints" / FINAL), "does not exist", str(copy / "DONE"),
+            f"--checkpoint {EARLIER}")
+    # without DONE the pointer still names the deleted one
+    (copy / "DONE").unlink()
+    res = predict(copy, tmp_path / "out", "--allow-unfinished")
+    refused(res, tmp_path / "out", str(copy / "checkpoints" / FINAL), str(copy / "checkpoints" / POINTER))
+
+
+# ---------------------------------------------------------------------- an unfinished run
+
+
+@pytest.mark.parametrize("how", ["STOP", "max_steps"])
+def test_an_unfinished_run_is_refused_unless_allowed_and_the_step_is_named(tmp_path, tiny_config, how):
+    stopped = tmp_path / "stopped"
+    if how == "STOP":
+        stopped.mkdir()
+        (stopped / "STOP").touch()  # stops after the first step and saves
+        _train(tiny_config, stopped)
+        step = 1
+    else:
+        _train(tiny_config, stopped, "train.max_steps=2")  # writes DONE, but before its epochs
+        step = 2
+    res = predict(stopped, tmp_path / "out")
+    refused(res, tmp_path / "out", str(stopped), "--allow-unfinished")
+
+    res = predict(stopped, tmp_path / "out", "--allow-unfinished")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"UNFINISHED run, step {step} of 14" in res.stderr and f"step_{step:06d}" in res.stdout, res.stderr
+
+
+# ---------------------------------------------------------------------- where and how it writes
+
+
+def _modes(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root.parent)): f"{stat.S_IMODE(p.stat().st_mode) & 0o777:03o}"
+            for p in [root, *sorted(root.rglob("*"))]}
+
+
+@pytest.mark.parametrize("closed, existing, file_mode, dir_mode", [(0o700, False, "600", "700"),
+                                                                    (0o750, True, "640", "750")])
+def test_output_is_no_more_open_than_the_store_and_the_run(tmp_path, copy, tiny_store, closed, existing, file_mode,
+                                                          dir_mode):
+    store = Path(shutil.copytree(tiny_store, tmp_path / "store.zarr"))
+    store.chmod(closed)
+    copy.chmod(closed)
+    out = tmp_path / "results"
+    if existing:
+        out.mkdir()
+        out.chmod(0o755)
+    old = os.umask(0o022)  # a usual umask: without the fix, 755 folders and 644 files
+    try:
+        res = predict(copy, out / "external" if not existing else out, "--store", str(store))
+    finally:
+        os.umask(old)
+    assert res.returncode == 0, res.stderr[-3000:]
+    modes = _modes(out)
+    files = {k: v for k, v in modes.items() if Path(k).suffix}
+    assert sorted(Path(k).name for k in files) == ["metrics.json", "predictions.csv", "region_weights.npy"]
+    assert set(files.values()) == {file_mode}, modes
+    if not existing:  # the folders predict created
+        assert {v for k, v in modes.items() if not Path(k).suffix} == {dir_mode}, modes
+
+
+def test_out_inside_a_store_or_a_run_or_naming_a_file_is_refused_before_loading(tmp_path, run, tiny_store,
+                                                                               monkeypatch, capsys):
+    import masan.predict as P
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before --out was checked")
+
+    monkeypatch.setattr(P, "load_trained_model", no_model)
+    existing = tmp_path / "existing.txt"
+    existing.write_text("keep me\n")
+    store_before = sorted(p.name for p in tiny_store.iterdir())
+    cases = [(tiny_store / "predictions", f"inside the cohort store {tiny_store}"),
+             (tiny_store, f"is the cohort store {tiny_store}"),
+             (run, f"is the training run directory {run}"),
+             (run / "external", f"inside the training run directory {run}"),
+             (existing, "is an existing file")]
+    for out, text in cases:
+        assert P.main([str(run), "--out", str(out)]) == 2, out
+        err = capsys.readouterr().err
+        assert text in err and f"--out {run.parent / 'run_predictions_test'}" in err, err
+    assert existing.read_text() == "keep me\n"
+    assert sorted(p.name for p in tiny_store.iterdir()) == store_before
