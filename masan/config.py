@@ -671,8 +671,20 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
     try:
         return config_from_dict(values, overrides)
     except ConfigError as e:
-        src = f" (in {path})" if path else ""
-        raise ConfigError(f"{e}{src}") from None
+        raise ConfigError(f"{e}{_source_of(e, values, path, overrides)}") from None
+
+
+def _source_of(error: ConfigError, values: dict, path: str | os.PathLike | None, overrides) -> str:
+    """Where a config error comes from, for its message: the file when the file alone gives the
+    same error, else the command-line overrides."""
+    if not overrides:
+        return f" (in {path})" if path else ""
+    try:
+        config_from_dict(values, [])
+    except ConfigError as alone:
+        if str(alone) == str(error):
+            return f" (in {path})" if path else ""
+    return f" (from the overrides {' '.join(overrides)})"
 
 
 def add_config_arguments(parser) -> None:

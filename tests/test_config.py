@@ -80,3 +80,15 @@ def test_shipped_configs_are_valid():
 
     for path in sorted((Path(__file__).resolve().parents[1] / "hpc" / "configs").glob("*.yaml")):
         load_config(path)
+
+
+def test_an_error_names_where_it_comes_from(tmp_path):
+    """A bad override is the command line's, not the file's; a bad file is the file's."""
+    good, bad = tmp_path / "good.yaml", tmp_path / "bad.yaml"
+    good.write_text("optim:\n  lr: 0.001\n")
+    bad.write_text("optim:\n  lr: -1\n")
+    with pytest.raises(ConfigError, match=r"\(from the overrides optim.lr=-2\)$"):
+        load_config(good, ["optim.lr=-2"])
+    with pytest.raises(ConfigError, match=r"\(in .*bad.yaml\)$"):
+        load_config(bad, ["optim.micro_batch=2"])
+    assert load_config(bad, ["optim.lr=0.01"]).optim.lr == 0.01  # the override fixes the file
