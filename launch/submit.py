@@ -53,6 +53,8 @@ from masan.rundir import RunDir
 TRAIN_LOCAL = Path(__file__).resolve().parent / "train_local.py"
 EXIT_REFUSED = jobs.EXIT_REFUSED
 EXIT_FAILED = 1
+EXIT_INTERRUPTED = 130
+"""train_local.py after a second Ctrl-C (128 + SIGINT): stopped by the user, never restarted."""
 UNKNOWN_GRACE_POLLS = 3  # polls a job may be unknown to squeue/scontrol/sacct before it counts as gone
 
 
@@ -302,7 +304,7 @@ def watch(pending: dict[str, RunSpec], res: Resources, folder: Path, args) -> in
 
 def run_locally(specs: list[RunSpec], res: Resources, max_restarts: int) -> int:
     """Train the runs one after the other with launch/train_local.py (nodes x gpus ranks each)."""
-    failed, refused = [], []
+    failed, refused, stopped = [], [], []
     for spec in specs:
         cfg_file = save_config(spec.cfg, RunDir(spec.run_dir).submitted_config)
         cmd = [sys.executable, str(TRAIN_LOCAL), "--config", str(cfg_file), "--nproc", str(res.world_size)]
@@ -312,18 +314,26 @@ def run_locally(specs: list[RunSpec], res: Resources, max_restarts: int) -> int:
             proc = subprocess.Popen(cmd)
             jobs.record_job(spec.run_dir, str(proc.pid), "local", "(this terminal)", world_size=res.world_size)
             code = _wait_child(proc)
-            if code in (0, EXIT_REFUSED) or finished(spec):
-                break  # finished, stopped on request, or a config error that a restart cannot cure
+            if code in (0, EXIT_REFUSED, EXIT_INTERRUPTED) or finished(spec):
+                break  # finished, stopped on request (STOP, Ctrl-C), or a config error a restart cannot cure
             print(f"  local run exited with code {code}", flush=True)
         if code == EXIT_REFUSED:
             refused.append(spec.run_dir)
+        elif code in (0, EXIT_INTERRUPTED) and not finished(spec):
+            stopped.append(spec.run_dir)
+            if code == EXIT_INTERRUPTED:
+                break  # a second Ctrl-C: the user wants the terminal back, not the next run
         elif not finished(spec):
             failed.append(spec.run_dir)
     for d in refused:
         print(f"run REFUSED: {d} (see the error above; fix it and run again)")
+    for d in stopped:
+        print(f"run STOPPED: {d} (on request; run the same command again to resume from its last checkpoint)")
     for d in failed:
         print(f"run NOT finished: {d} (run the same command again to resume)")
-    return EXIT_FAILED if failed else EXIT_REFUSED if refused else 0
+    if failed:
+        return EXIT_FAILED
+    return EXIT_REFUSED if refused else EXIT_INTERRUPTED if code == EXIT_INTERRUPTED else 0
 
 
 def finished(spec: RunSpec) -> bool:

@@ -7,12 +7,18 @@ Examples::
     python launch/train_local.py --config hpc/configs/demo.yaml --nproc 2 run_dir=runs/demo2 optim.lr=3e-4
 
 Run the same command again after a crash, kill or stop: it resumes from the newest complete
-checkpoint in run_dir (a finished run returns at once). ``touch RUN_DIR/STOP`` (or SIGUSR2 /
-SIGTERM to this launcher) makes every rank save a checkpoint and stop.
+checkpoint in run_dir (a finished run returns at once). ``touch RUN_DIR/STOP`` (or Ctrl-C,
+SIGUSR2 or SIGTERM to this launcher) makes every rank save a checkpoint and stop; a second
+Ctrl-C stops at once, losing the steps since the last checkpoint.
+
+One run directory takes one run at a time (``RUN_DIR/run.lock``, :mod:`masan.train.runlock`):
+a second start while a run is live is refused, naming it. The ranks of ``--nproc N`` die with
+this launcher, even when it is killed with kill -9.
 
 Exit status: 0 when the run completed or stopped cleanly (the last line says which), 1 when a
-rank failed, 2 for a bad config or arguments, a run directory that is not writable, or a
-checkpoint that refuses this config (nothing in the run directory changed then).
+rank failed, 2 for a bad config or arguments, a run directory that is not writable or in use
+by another run, or a checkpoint that refuses this config (nothing in the run directory changed
+then), 130 after a second Ctrl-C.
 """
 
 from __future__ import annotations
@@ -24,9 +30,15 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 FORWARDED_SIGNALS = (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
 POLL_S = 0.5
+KILL_AFTER_S = 5.0
+"""After a second Ctrl-C, or after terminating them, ranks still alive this long later (stuck
+in a step or a collective) are killed."""
+END_GRACE_S = 5.0
+"""After one rank failed, how long the others may take to end by themselves before they are terminated."""
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -55,14 +67,20 @@ def setup_logging(rank: int) -> None:
 
 def train_here(args: argparse.Namespace) -> int:
     """One rank: this process (the environment says which rank, or a world of one)."""
+    from masan.train.runlock import LAUNCHER_PID_ENV, die_with_launcher
+    from masan.train.stop import StopRequest
+
+    if LAUNCHER_PID_ENV in os.environ:
+        die_with_launcher(int(os.environ[LAUNCHER_PID_ENV]))
+    stop = StopRequest().install()  # before the slow imports: a Ctrl-C from now on saves and stops
+
     from masan.config import config_from_args
     from masan.train.run import USER_ERRORS, run_training
-    from masan.train.stop import StopRequest
 
     rank = int(os.environ.get("RANK", "0"))
     setup_logging(rank)
     cfg = config_from_args(args)
-    stop = StopRequest(cfg.run_dir).install()
+    stop.run_dir = Path(cfg.run_dir)
     try:
         outcome = run_training(cfg, stop)
     except USER_ERRORS as e:
@@ -70,46 +88,91 @@ def train_here(args: argparse.Namespace) -> int:
         return 2
     if rank == 0:
         hint = "; run the same command again to continue" if outcome.status == "stopped" else ""
-        print(f"status: {outcome.status} at step {outcome.step} (epoch {outcome.epoch}) in {outcome.run_dir}{hint}")
+        print(f"status: {outcome.status} at step {outcome.step} (epoch {outcome.epoch}) in {outcome.run_dir}{hint}",
+              flush=True)
+    stop.settle()  # a Ctrl-C during the interpreter's teardown must not read as work lost
     return 0
 
 
 def spawn(args: argparse.Namespace, argv: list[str]) -> int:
     """Start ``--nproc`` copies of this script as ranks 0..N-1 and wait for all of them.
 
-    If one rank dies, the others are terminated (they would wait forever in a collective).
+    If one rank dies, the others are terminated after a few seconds (they would wait forever in
+    a collective) and killed if that does not end them.
     Signals to this launcher are forwarded to every rank (a stop request reaches all of them).
+    The ranks run in their own process group, so a Ctrl-C in the terminal reaches them once,
+    through this launcher (twice would read as the second Ctrl-C that stops at once), and they
+    die with this launcher (:func:`masan.train.runlock.die_with_launcher`).
     """
     from masan.train.distributed import free_port
+    from masan.train.runlock import LAUNCHER_PID_ENV
+    from masan.train.stop import EXIT_INTERRUPTED
 
     port = args.port or free_port()
     worker_argv = strip_nproc(argv)
-    procs = []
+    procs: list[subprocess.Popen] = []
+    interrupts = {"count": 0, "kill_at": None}
+
+    def forward(signum, frame):  # noqa: ARG001 - signal handler signature
+        if signum == signal.SIGINT:
+            interrupts["count"] += 1
+            if interrupts["count"] == 2:
+                interrupts["kill_at"] = time.monotonic() + KILL_AFTER_S
+        hard = signum == signal.SIGINT and interrupts["count"] > 2  # a third Ctrl-C: no waiting at all
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGKILL if hard else signum)
+
+    def suspend(signum, frame):  # noqa: ARG001 - signal handler signature
+        # Ctrl-Z: the terminal stops only this launcher's process group, the ranks are outside it
+        alive = [p for p in procs if p.poll() is None]
+        for p in alive:
+            p.send_signal(signal.SIGSTOP)
+        os.kill(os.getpid(), signal.SIGSTOP)  # returns at `fg` / `bg`
+        for p in alive:
+            p.send_signal(signal.SIGCONT)
+
+    # before the ranks exist: a rank started after a Ctrl-C learns of it from the others (the
+    # stop flags are agreed over all ranks at each step)
+    for sig in FORWARDED_SIGNALS:
+        signal.signal(sig, forward)
+    signal.signal(signal.SIGTSTP, suspend)
     for rank in range(args.nproc):
         env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(args.nproc), LOCAL_RANK=str(rank),
                    LOCAL_WORLD_SIZE=str(args.nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        env[LAUNCHER_PID_ENV] = str(os.getpid())
         # share the cores instead of every rank starting one thread per core (as torchrun does)
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
-        procs.append(subprocess.Popen([sys.executable, os.path.abspath(__file__), *worker_argv], env=env))
-
-    def forward(signum, frame):  # noqa: ARG001 - signal handler signature
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signum)
-
-    for sig in FORWARDED_SIGNALS:
-        signal.signal(sig, forward)
+        procs.append(subprocess.Popen([sys.executable, os.path.abspath(__file__), *worker_argv], env=env,
+                                      stdin=subprocess.DEVNULL, process_group=0))
     codes: dict[int, int] = {}
+    ended: set[int] = set()  # ranks this launcher terminated: their codes say nothing about the run
+    end_at = None
     while len(codes) < len(procs):
         for rank, p in enumerate(procs):
             if rank not in codes and p.poll() is not None:
                 codes[rank] = p.returncode
-                if p.returncode != 0:
-                    for other in procs:
-                        if other.poll() is None:
-                            other.terminate()
+                if p.returncode != 0 and end_at is None:
+                    # a refused start ends every rank by itself (the refusal is agreed); after a crash
+                    # the others would wait in a collective forever
+                    end_at = time.monotonic() + END_GRACE_S
+        if end_at is not None and time.monotonic() > end_at:
+            for rank, p in enumerate(procs):
+                if p.poll() is None:
+                    ended.add(rank)
+                    p.terminate()
+            end_at = float("inf")
+            interrupts["kill_at"] = min(interrupts["kill_at"] or end_at, time.monotonic() + KILL_AFTER_S)
+        if interrupts["kill_at"] is not None and time.monotonic() > interrupts["kill_at"]:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
         time.sleep(POLL_S)
-    failed = {r: c for r, c in codes.items() if c != 0}
+    failed = {r: c for r, c in codes.items() if c != 0 and r not in ended}
+    if interrupts["count"] >= 2 and failed:
+        print("stopped at once by a second Ctrl-C: the steps since the newest complete checkpoint are lost; "
+              "run the same command again to resume from it", file=sys.stderr)
+        return EXIT_INTERRUPTED
     if failed:
         print(f"error: rank(s) {sorted(failed)} exited with {sorted(set(failed.values()))}; "
               f"the run resumes from its newest complete checkpoint when started again", file=sys.stderr)

@@ -56,6 +56,7 @@ class RunDir:
     SUBMITTED_CONFIG_NAME = "submitted_config.yaml"
     SPLIT_NAME = "split.json"
     STORE_GEOMETRY_NAME = "store_geometry.json"
+    LOCK_NAME = "run.lock"
     CHECKPOINTS_NAME = "checkpoints"
     TB_NAME = "tb"
     STOP_NAME = "STOP"
@@ -88,6 +89,11 @@ class RunDir:
     @property
     def split(self) -> Path:
         return self.root / self.SPLIT_NAME
+
+    @property
+    def lock(self) -> Path:
+        """The run's one-writer lock (masan/train/runlock.py)."""
+        return self.root / self.LOCK_NAME
 
     @property
     def store_geometry(self) -> Path:

@@ -45,7 +45,7 @@ log = logging.getLogger("masan.launch")
 
 DEFAULT_ENTRY = "masan.train.run:run_training"
 REQUEUE_SIGNAL = signal.SIGUSR2  # never SIGUSR1: NCCL uses it
-STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
+STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)  # SIGINT: Ctrl-C through an interactive srun
 # SLURM signals all tasks at about the same time, but a rank may stop because another rank
 # was signalled first; give its own signal this long to arrive before deciding to requeue.
 SIGNAL_GRACE_S = 5.0

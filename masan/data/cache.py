@@ -32,6 +32,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import hashlib
+import logging
 import os
 import queue
 import shutil
@@ -51,6 +52,8 @@ from masan.data.store import NORMALIZE_BLOCK, CohortStore, normalized_float32, s
 from masan.data.temporal import fluctuations
 from masan.hostmem import available_bytes
 from masan.train import distributed as D
+
+log = logging.getLogger(__name__)
 
 GIB = 2**30
 PREFIX = "masan-cache-"
@@ -92,8 +95,19 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _bytes_under(folder: Path) -> int:
+    total = 0
+    for f in folder.rglob("*"):
+        with contextlib.suppress(OSError):  # another run on the node may be sweeping it too
+            total += f.stat().st_size if f.is_file() else 0
+    return total
+
+
 def sweep_stale(cache_dir: Path) -> list[Path]:
-    """Remove cache directories of this host whose owning process is gone (a killed run); -> removed."""
+    """Remove cache directories of this host whose owning process is gone (a killed run); -> removed.
+
+    Each removal is logged with its name and size: shared memory a killed run held until now
+    (its node's RAM), which would otherwise vanish without a trace."""
     removed = []
     host = socket.gethostname()
     for d in cache_dir.glob(PREFIX + "*"):
@@ -102,7 +116,11 @@ def sweep_stale(cache_dir: Path) -> list[Path]:
         except (OSError, ValueError):
             continue  # being created right now, or not ours
         if owner_host == host and not _pid_alive(int(pid)):
+            size = _bytes_under(d)
             shutil.rmtree(d, ignore_errors=True)
+            log.warning("removed %s (%.2f GiB, %d bytes): the host cache of a run that ended without closing it "
+                        "(pid %s on %s, killed or crashed), found at the start of this one", d, size / GIB, size,
+                        pid, host)
             removed.append(d)
     return removed
 

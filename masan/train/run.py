@@ -1,13 +1,17 @@
 """``run_training(cfg, stop)``: one run from its config to predictions, resumable at any point.
 
-Order of a start: process group -> DONE check -> every check (:func:`preflight`: the run
-directory is writable, the cohort, split and batch fit the config, the newest checkpoint
-accepts this config) -> only then the first change to the run directory -> model and
-DeepSpeed engine -> resume from the newest complete, intact checkpoint -> run directory
-access, DONE removed (a changed target reopens the run), config.yaml -> TensorBoard ->
-:func:`masan.train.loop.train` -> predictions, metrics.json and DONE (rank 0). A start that is
-refused (bad config, incompatible checkpoint) therefore leaves the run directory byte for byte
-as it was. Every launcher (local, torchrun, submitit on SLURM) ends here.
+Order of a start: process group -> the run-directory lock when ``run.lock`` exists (a live
+run there refuses this start, :mod:`masan.train.runlock`) -> DONE check -> every check
+(:func:`preflight`: the run directory is writable, the cohort, split and batch fit the
+config, the newest checkpoint accepts this config) -> only then the first change to the run
+directory (``run.lock`` created and locked when it was missing, this run's record written
+into it) -> model and DeepSpeed engine -> resume from the newest complete, intact
+checkpoint -> run directory access, DONE removed (a changed target reopens the run),
+config.yaml -> TensorBoard -> :func:`masan.train.loop.train` -> predictions, metrics.json and
+DONE (rank 0). A start that is refused (bad config, incompatible checkpoint, another run
+holding the lock) therefore leaves the run directory byte for byte as it was. Rank 0 holds
+the lock until the run returns or its process dies. Every launcher (local, torchrun,
+submitit on SLURM) ends here.
 
 Access: the run directory (checkpoints, logs, predictions.csv naming each subject with its
 diagnosis) is never more open than the store it trains on: files are created under a umask
@@ -35,6 +39,7 @@ from masan.train import distributed as D
 from masan.train.checkpoint import CheckpointManager, ResumeError, set_rng_state
 from masan.train.logging import TrainLogger
 from masan.train.loop import LoopParts, TrainState, evaluate, train
+from masan.train.runlock import RunLock, RunLockedError, default_wait_s
 from masan.train.stop import StopRequest
 
 log = logging.getLogger(__name__)
@@ -190,12 +195,16 @@ def run_training(cfg: RunConfig, stop: StopRequest | None = None) -> TrainOutcom
     """
     created_group = not torch.distributed.is_initialized()
     info = D.init_distributed(cfg.train)
+    lock = RunLock(cfg.run_dir, default_wait_s())  # held by rank 0 only
     try:
-        outcome = _run(cfg, stop, info)
+        _agreed_lock(info, lock.take_existing)  # before anything else reads or writes run_dir
+        outcome = _run(cfg, stop, info, lock)
     except BaseException:
+        lock.release()
         if created_group:
             D.shutdown()
         raise
+    lock.release()
     if created_group:
         D.barrier()
         D.shutdown()
@@ -245,7 +254,24 @@ def _agreed_contract(cfg: RunConfig, info: D.DistInfo):
     return value
 
 
-def _run(cfg: RunConfig, stop: StopRequest | None, info: D.DistInfo) -> TrainOutcome:
+def _agreed_lock(info: D.DistInfo, take) -> None:
+    """Collective: rank 0 takes the run-directory lock with ``take``; a refusal (another run
+    holds it) raises RunLockedError on every rank, so no rank waits for one that gave up."""
+    found = None
+    if info.is_main:
+        try:
+            take()
+        except RunLockedError as e:
+            found = ("locked", str(e))
+        except Exception as e:
+            D.broadcast_object(("other", f"{type(e).__name__}: {e}"))
+            raise
+    found = D.broadcast_object(found)
+    if found is not None:
+        raise (RunLockedError if found[0] == "locked" else RuntimeError)(found[1])
+
+
+def _run(cfg: RunConfig, stop: StopRequest | None, info: D.DistInfo, lock: RunLock) -> TrainOutcome:
     from masan.train.engine import check_config
 
     run_dir = Path(cfg.run_dir)
@@ -261,6 +287,7 @@ def _run(cfg: RunConfig, stop: StopRequest | None, info: D.DistInfo) -> TrainOut
     pre.geometry = geometry.to_json()
     # every file of the run, on every rank (checkpoint shards too), is created at most this open
     with creation_umask(pre.file_mode):
+        _agreed_lock(info, lock.take)  # the first change: run.lock created if missing, this run's record
         return _train(cfg, stop or StopRequest(run_dir), info, ckpt, chash, pre)
 
 
@@ -283,6 +310,7 @@ def _train(cfg: RunConfig, stop: StopRequest, info: D.DistInfo, ckpt: Checkpoint
     if cfg.model.compile:
         # torch sets this variable to its /tmp default as it imports: the config decides instead
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = cfg.model.compile_cache or str(rd.compile_cache)
+        keep_inductor_files_in(os.environ["TORCHINDUCTOR_CACHE_DIR"])
         names = compile_modality_modules(model, cfg.model.compile_backend, cfg.model.compile_mode)
         if info.is_main:
             log.info("model.compile: %s compiled with torch.compile (%s, mode %s) on their first step of each "
@@ -333,6 +361,25 @@ def _train(cfg: RunConfig, stop: StopRequest, info: D.DistInfo, ckpt: Checkpoint
         return TrainOutcome("completed", state.step, state.epochs_done, str(run_dir))
     finally:
         logger.close()
+
+
+def keep_inductor_files_in(cache: str) -> None:
+    """Make torch.compile write nothing outside ``cache``. TORCHINDUCTOR_CACHE_DIR moves the
+    kernels, but inductor keeps its precompiled C++ headers (about 150 MB for the CPU) in
+    ``<tmp>/torchinductor_<user>/precompiled_headers`` whatever that variable says: the path is
+    ``torch._inductor.codecache._HEADER_DIR``, fixed from ``default_cache_dir()`` (tempfile's
+    directory, not the variable) as the module is imported, and read again at each use. So it
+    is pointed into ``cache`` here; a torch without that global gets no precompiled headers
+    (a slower first compile) rather than files in /tmp."""
+    import torch._inductor.codecache as codecache
+    import torch._inductor.config as inductor_config
+
+    if hasattr(codecache, "_HEADER_DIR") and hasattr(codecache, "_HEADER_LOCK_DIR"):
+        codecache._HEADER_DIR = os.path.join(cache, "precompiled_headers")
+        codecache._HEADER_LOCK_DIR = os.path.join(codecache._HEADER_DIR, "locks")
+    else:
+        inductor_config.cpp_cache_precompile_headers = False
+        inductor_config.aot_inductor.precompile_headers = False
 
 
 def _final_state(ckpt: CheckpointManager) -> TrainState:

@@ -7,15 +7,26 @@ needs every rank. So nothing is saved inside a signal handler: the handler (or a
 and the training loop all-reduces the flags at each step boundary (:meth:`StopRequest.agreed`)
 so all ranks stop at the same step, save one complete checkpoint together and return
 ``status="stopped"``. The launcher then requeues the job.
+
+Ctrl-C (SIGINT) is a stop request too: the run saves and ends ``stopped``, so nothing since
+the last checkpoint is lost. A second Ctrl-C ends the process at once with exit status
+:data:`EXIT_INTERRUPTED` (130, what a shell reports for Ctrl-C), saying which checkpoint the
+next start resumes from: for a rank stuck in a step, or a user who prefers to lose the steps.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
+import sys
 import threading
 from pathlib import Path
 
 from masan.rundir import RunDir
+
+EXIT_INTERRUPTED = 130
+"""Exit status after a second Ctrl-C: stopped at once, without a checkpoint (128 + SIGINT)."""
 
 
 class StopRequest:
@@ -29,15 +40,60 @@ class StopRequest:
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self._flag = threading.Event()
         self.reason = ""
+        self._interrupts = 0
+        self._settled = False
 
-    def install(self, signals: tuple[int, ...] = (signal.SIGUSR2, signal.SIGTERM)) -> "StopRequest":
-        """Make these signals set the flag (main thread only). Never use SIGUSR1: NCCL owns it."""
+    def install(self, signals: tuple[int, ...] = (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)) -> "StopRequest":
+        """Make these signals set the flag (main thread only). Never use SIGUSR1: NCCL owns it.
+        SIGINT also counts Ctrl-C presses: the second one ends the process at once."""
         for sig in signals:
-            signal.signal(sig, self._on_signal)
+            signal.signal(sig, self._on_interrupt if sig == signal.SIGINT else self._on_signal)
         return self
 
     def _on_signal(self, signum, frame) -> None:  # noqa: ARG002 - signal handler signature
         self.request(f"signal {signal.Signals(signum).name}")
+
+    def _on_interrupt(self, signum, frame) -> None:  # noqa: ARG002 - signal handler signature
+        if self._settled:
+            os._exit(0)  # the outcome is saved and reported: ending now loses nothing
+        self._interrupts += 1
+        if self._interrupts > 1:
+            self._say(f"second Ctrl-C: stopping at once, without a checkpoint: {self.lost()}")
+            os._exit(EXIT_INTERRUPTED)  # no unwinding: the other ranks may never reach a collective again
+        self.request("Ctrl-C (SIGINT)")
+        self._say("Ctrl-C: every rank saves a checkpoint at the end of this step, then stops (press Ctrl-C again "
+                  "to stop at once, losing the steps since the last checkpoint)")
+
+    @staticmethod
+    def _say(message: str) -> None:
+        """One line on stderr, from rank 0 only (every rank receives the launcher's signal). A raw
+        write: the handler may have interrupted a print or a log line, and re-entering Python's
+        buffered streams would raise in the training code."""
+        if os.environ.get("RANK", "0") == "0":
+            with contextlib.suppress(OSError):
+                os.write(2, f"\n{message}\n".encode())
+
+    def lost(self) -> str:
+        """What a stop without a checkpoint loses, and where the next start resumes."""
+        if self.run_dir is None:
+            return "the steps since the last checkpoint are lost"
+        folder = RunDir(self.run_dir).checkpoints
+        # never import in a signal handler: it may interrupt the import of that very module
+        checkpoint = sys.modules.get("masan.train.checkpoint")
+        if checkpoint is None:
+            return f"the steps since the newest complete checkpoint in {folder} are lost; the same command resumes"
+        try:
+            newest = (folder / checkpoint.POINTER).read_text().strip()
+        except OSError:
+            return (f"the steps since the start are lost (no complete checkpoint in {folder} yet); the same "
+                    "command starts the run again from scratch")
+        return (f"the steps since {newest} (the newest complete checkpoint in {folder}) are lost; the same "
+                "command resumes from it")
+
+    def settle(self) -> None:
+        """The run returned and its outcome was reported: a Ctrl-C from now on just ends the
+        process, with exit status 0 (the process is ending anyway)."""
+        self._settled = True
 
     def request(self, reason: str = "requested") -> None:
         """Ask this process to stop at the next step boundary."""
