@@ -364,8 +364,8 @@ def job_record(run: Path) -> tuple[dict, str | None]:
     with the file (OSError is left to the caller: unreadable files get one note per run)."""
     try:
         record = jobs.read_record(run)
-    except ValueError as e:
-        problem = f"not JSON: {e}"
+    except jobs.RecordError as e:
+        problem = e.why
     else:
         if isinstance(record, dict) and isinstance(record.get("jobs"), list) \
                 and isinstance(record.get("events"), list) \

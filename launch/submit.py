@@ -383,6 +383,14 @@ def _select(specs: list[RunSpec]) -> list[RunSpec] | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except jobs.RecordError as e:  # a damaged jobs.json of a run to submit or resume
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_REFUSED
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     if args.status:
         from launch.status import main as show_status

@@ -233,6 +233,18 @@ def test_submit_refuses_nonsensical_resources(tmp_path, capsys, args, fragment):
     assert not (tmp_path / "run").exists()
 
 
+def test_submit_refuses_a_run_whose_job_record_is_damaged(tmp_path, capsys, tiny_config):
+    from launch.submit import main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "jobs.json").write_text('{"jobs": [{"job_id": ')  # cut mid-write by a full disk
+    assert main(["--local", "--run-dir", str(run), "--config", str(tiny_config)]) == 2
+    err = capsys.readouterr().err
+    assert "jobs.json is damaged" in err and ".bad" in err and "Traceback" not in err
+    assert sorted(p.name for p in run.iterdir()) == ["jobs.json"]
+
+
 @pytest.mark.slurm
 @pytest.mark.slow
 def test_wait_reports_a_refused_run_instead_of_resubmitting_it(slurm_cluster, tiny_config, tmp_path):

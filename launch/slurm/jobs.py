@@ -154,10 +154,32 @@ def _locked_record(run_dir: Path):
         atomic_write_json(run.jobs, record)
 
 
+class RecordError(ValueError):
+    """A run's jobs.json is damaged; the message names it and the fix, ``why`` the damage."""
+
+    def __init__(self, path: Path, why: str):
+        self.why = why
+        super().__init__(f"{path} is damaged: {why}; it only lists the run's past jobs: move it aside "
+                         f"(mv {path} {path}.bad), check with `squeue -u $USER` that no job of this run is "
+                         "still running, and submit again")
+
+
 def read_record(run_dir: str | Path) -> dict:
-    """The run directory's jobs.json as a dict (empty lists when absent)."""
+    """The run directory's jobs.json as a dict (empty lists when absent); RecordError when it is
+    not the JSON record this module writes."""
     path = RunDir(run_dir).jobs
-    return json.loads(path.read_text()) if path.exists() else {"jobs": [], "events": []}
+    if not path.exists():
+        return {"jobs": [], "events": []}
+    try:
+        record = json.loads(path.read_text())
+    except ValueError as e:
+        record, why = None, f"not JSON ({e})"
+    else:
+        why = "not the record launch/submit.py writes"
+    if not (isinstance(record, dict) and isinstance(record.get("jobs"), list)
+            and isinstance(record.get("events"), list)):
+        raise RecordError(path, why)
+    return record
 
 
 def record_job(run_dir: str | Path, job_id: str, kind: str, log: str, **extra) -> None:
