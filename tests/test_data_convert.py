@@ -268,7 +268,9 @@ def test_bids_sessions_runs_label_column_and_map(tmp_path):
     assert [store.label(s) for s in store.subjects] == ["NC", "AD", "LMCI"]
     assert "/ses-02/func/sub-001_task-rest_bold" in store.row("sub-001")["fmri"]["source"]
     assert any("2 sessions; used ses-02" in w for w in store.report()["warnings"])
-    assert any("2 BOLD files" in w for w in store.report()["warnings"]) is False  # task-rest preferred
+    # task-rest preferred among the runs, and the choice said (docs/data-format.md, Inputs)
+    assert any("2 BOLD files; used sub-001_task-rest_bold" in w for w in store.report()["warnings"]), \
+        store.report()["warnings"]
     failed = {f["subject"]: f["error"] for f in store.report()["failed"]}
     assert set(failed) == {"sub-004", "sub-900"} and "no label" in failed["sub-900"]
     assert to_zarr.main(["--bids", str(bids), "--out", str(tmp_path / "x.zarr"), "--no-progress"]) == 2  # no dx col
