@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The GPU check of issue 9: one table of full-resolution figures on one CUDA GPU in <= 8 minutes.
+"""The GPU check: one table of full-resolution figures on one CUDA GPU in <= 8 minutes.
 
 Prints one table, a line per result as soon as it is measured (flushed, so a timeout still
 leaves figures), in order of value:
@@ -18,14 +18,14 @@ leaves figures), in order of value:
    ``data.cache=host``, and the data-wait fraction it logs (``train/data_wait_frac``).
 5. ``compile``: the micro-batch-1 rows again with ``model.compile`` (sPM and fPM compiled as
    training compiles them; compile time excluded, as warm-up), last because compiling costs
-   minutes (about 1.5-2.5 on an H100 host).
+   minutes per row.
 
 ``--set model.compile=true`` (any ``key=value``) changes the config of every section, the
 DeepSpeed run's included.
 
 Every row and section is guarded: an out-of-memory or any error prints as that row and the
 check goes on. A global budget (``--budget-s``, default 420 s) skips what would not finish in
-time. Targets (issue 9): <= 60 ms and <= 12 GiB per sample, data wait < 5 % of the step.
+time. Targets (docs/performance.md): <= 60 ms and <= 12 GiB per sample, data wait < 5 % of the step.
 
     python bench/gpu_check.py                 # on the GPU machine (see bench/gpu_check.sh)
     python bench/gpu_check.py --tiny          # CPU-sized shapes, the same code paths (tests)
@@ -101,7 +101,7 @@ MASAN_ROWS = [Row("masan", 1), Row("masan", 1, ckpt=True), Row("masan", 1, ckpt=
               Row("masan", 2, ckpt=True), Row("masan", 4, ckpt=True), Row("masan", 2)]
 HFCN_ROWS = [Row("hfcn", 1), Row("hfcn", 4)]
 COMPILE_ROWS = [Row("masan", 1, compiled=True), Row("masan", 1, channels_last=True, compiled=True)]
-"""Bounded so that the whole check fits 8 minutes on an H100 (compile rows last, skipped when late)."""
+"""Bounded so that the whole check fits 8 minutes on the target GPU (compile rows last, skipped when late)."""
 TINY_ROWS = [Row("masan", 2, ckpt=True, channels_last=True)]
 """--tiny: every model option of the rows above in one row."""
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check of issue 9 (bench/gpu_check.py): one table of full-resolution figures on one
+# The GPU check (bench/gpu_check.py, docs/performance.md): one table of full-resolution figures on one
 # CUDA GPU within 8 minutes; partial results are printed (flushed) as they come.
 #
 # The device machine has python3.12 with torch, numpy, tensorboard, scipy, psutil, tqdm and pyyaml;

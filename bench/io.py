@@ -8,12 +8,12 @@ One synthesized cohort, measured side by side in one run:
     from .nii.gz, both as raw stored values and as float32 z-scored (like for like);
   - a random patch (one cell of the 4x4x4 grid of the T1) and a random block of fMRI frames;
   - the training loader of one rank (batch 1), as the model receives it (z-scored, in the model
-    dtype, on the device), for each cohort cache (``data.cache``) side by side: ``none`` (today's
+    dtype, on the device), for each cohort cache (``data.cache``) side by side: ``none`` (the default
     path: DataLoader workers decode the store), ``host`` (stored integers in shared memory,
     scaled on the device), ``device`` (the cohort in device memory): samples/s, GB/s into the
     model and the ratio to ``none``; building a cache is timed apart.
-Targets (issue 2): store bytes <= .nii.gz bytes; full-sample read >= 5x faster.
-Target (issue 9): the ``host`` cache delivers a full-resolution sample >= 10x faster than ``none``.
+Targets (docs/data-format.md, "Benchmark"): store bytes <= .nii.gz bytes; full-sample read >= 5x faster.
+Target (docs/performance.md): the ``host`` cache delivers a full-resolution sample >= 10x faster than ``none``.
 
   python bench/io.py                 # moderate: 4 subjects, T1 120x128x88, fMRI 60x64x44 x 200
   python bench/io.py --full          # the paper's sizes: T1 240x256x176, fMRI 60x64x44 x 976

@@ -41,7 +41,7 @@ CPU_SHAPES = [
 ]
 """Overrides giving a CPU-sized model with every structural feature of the full one."""
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-H100_TARGET = "target on one H100 (bf16 + checkpointing): <= 60 ms and <= 12 GiB per sample"
+GPU_TARGET = "GPU target (bf16 + checkpointing, docs/performance.md): <= 60 ms and <= 12 GiB per sample"
 
 
 @dataclass
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(_format(results, header))
     if device == "cuda":
-        print(H100_TARGET)
+        print(GPU_TARGET)
     return 0
 
 

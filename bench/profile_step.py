@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Where one full-resolution training step of MASAN spends its time (issue 9, item 5).
+"""Where one full-resolution training step of MASAN spends its time, to find what to speed up next.
 
 Five sections, each line printed (flushed) as soon as it is measured, so a timeout still
 leaves figures:
@@ -71,7 +71,8 @@ off: ``amax`` and autograd's backward), the mean onto unequal bins as matrix pro
 (``regions.SEPARABLE_MEAN``)."""
 BEFORE = {"outconv": "taps", "pointwise": "conv", "fold": False, "reshaped_pool": False, "block_max": False,
           "separable_mean": False}
-"""The fast paths as they were before the H100 slot of 2026-11-26 (docs/performance.md)."""
+"""The fast paths as they were before pooling, the block max, the output-conv fold and the 1x1
+convs got their CUDA paths: the baseline of their A/B (docs/performance.md, "On the target card")."""
 VARIANTS: list[tuple[str, dict, dict, int]] = [
     # name, model overrides, fast paths changed from CURRENT, micro-batch
     ("current", {}, {}, 1),
@@ -84,16 +85,17 @@ VARIANTS: list[tuple[str, dict, dict, int]] = [
     ("current, mb2", {}, {}, 2),
     ("current, checkpointing", {"activation_checkpointing": True}, {}, 1),
     ("current, torch.compile", {"compile": True}, {}, 1),
-    # inductor keeps 3-D convs in NCDHW (12 of 68 ms are cuDNN's layout conversions); fed
+    # inductor keeps 3-D convs in NCDHW (cuDNN then converts the layout around each); fed
     # channels_last_3d, its GroupNorm and elementwise kernels follow that layout
     ("current, torch.compile, channels_last", {"compile": True, "channels_last": True}, {}, 1),
-    # the compiled step is host-bound inside the engine (~83 ms of host work for ~68 ms on the GPU)
+    # the compiled step is host-bound inside the engine (more host work than GPU work per step)
     ("current, torch.compile, CUDA graphs", {"compile": True, "compile_mode": "reduce-overhead"}, {}, 1),
     ("current, torch.compile, CUDA graphs, channels_last",
      {"compile": True, "compile_mode": "reduce-overhead", "channels_last": True}, {}, 1),
 ]
 """Each row changes the step as the config (``--set``) gives it, then one setting; cuDNN
-autotuning (``torch.backends.cudnn.benchmark``) changed nothing on an H200 (docs/performance.md)."""
+autotuning (``torch.backends.cudnn.benchmark``) is not a row: it changed nothing (docs/performance.md,
+"Where the step went")."""
 
 
 class _AmaxOverBlocks:

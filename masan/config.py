@@ -237,31 +237,32 @@ class ModelConfig:
     channels_last: bool = False
     """Lay the patches' and volumes' activations out as ``torch.channels_last_3d`` (NDHWC) from
     the input on: cuDNN runs bf16 3-D convs natively in that layout (NCDHW costs a conversion
-    around each, 12 ms of an 82 ms step on an H100) and the fast paths keep it. Eager CUDA
+    around each, a noticeable share of a CUDA step: docs/performance.md, "the engine's step")
+    and the fast paths keep it. Eager CUDA
     GroupNorm converts back, so it is meant with ``model.compile`` (inductor's norm follows the
     layout); not yet measured on a GPU with the layout kept end to end (docs/performance.md)."""
     compile: bool = field(default=False, metadata=PLUMBING)
     """Training compiles the modality modules (sPM, fPM: the autoencoders and their region
     pooling, nearly all of a step's time; the H-FCN's patch encoder) with ``torch.compile``, in
-    place (checkpoints are unchanged). On an H100 at full resolution (bf16) a DeepSpeed step
-    goes 92.5 -> 81.8 ms per sample, after about 105 s of compiling at the first start
-    (docs/performance.md); restarts read the kernels from ``compile_cache`` (on the CPU the
-    tiny model's first compiled step: 238 s cold, 22 s from the cache)."""
+    place (checkpoints are unchanged). On CUDA at full resolution (bf16) it makes the DeepSpeed
+    step faster, after minutes of compiling at the first start, so it pays off only on long
+    runs (docs/performance.md, "the engine's step"); restarts read the kernels from
+    ``compile_cache`` instead of compiling again (docs/performance.md, "Without a GPU")."""
     compile_backend: str = field(default="inductor", metadata=PLUMBING)
     """The ``torch.compile`` backend of ``compile``: ``inductor`` (generated kernels), or
     ``aot_eager`` (traced, nothing generated: checks that the model compiles, as the tests do)."""
     compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = field(
         default="default", metadata=PLUMBING)
     """inductor's ``torch.compile`` mode: ``reduce-overhead`` replays each compiled forward and
-    backward as CUDA graphs (one launch instead of hundreds; a compiled DeepSpeed step on an
-    H100 held the host ~83 ms for ~68 ms of GPU work, docs/performance.md), at the price of
-    static memory pools; other backends ignore it."""
+    backward as CUDA graphs (one launch instead of hundreds: a compiled DeepSpeed step keeps the
+    host busy longer than the GPU, so it is bound by the host's launches; docs/performance.md,
+    "Without a GPU"), at the price of static memory pools; other backends ignore it."""
     compile_cache: str = field(default="", metadata=PLUMBING)
     """Where inductor keeps what it compiled (``TORCHINDUCTOR_CACHE_DIR``, set by the run; this
     key wins over the variable): empty is ``run_dir/compile_cache``, which every restart
     (preemption, time limit, crash) and every node of the job reads, so only the first start
-    pays the full compile (the tiny model's first compiled step on the CPU: 238 s cold,
-    22 s from the cache). Inductor's default is node-local ``/tmp``."""
+    pays the full compile (minutes cold, seconds from the cache: docs/performance.md,
+    "Without a GPU"). Inductor's default is node-local ``/tmp``."""
 
     def screen_keep(self, total: int) -> int:
         """Region features the screening keeps out of ``total`` (``screen_features`` or

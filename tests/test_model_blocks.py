@@ -169,7 +169,7 @@ def test_encoders_only_gives_the_same_logits_and_region_weights_without_reconstr
 def test_modality_modules_compile_to_one_graph_each(monkeypatch, paths):
     """``model.compile`` pays only if sPM and fPM each trace to one graph: a graph break per
     GroupNorm (torch 2.11 could not trace ``torch.amp.is_autocast_available``) made the compile
-    of the full model outlast the H100 check. Checked on the CPU's paths and on the CUDA fast
+    of the full model outlast a GPU check's time limit. Checked on the CPU's paths and on the CUDA fast
     paths (1x1 convs as bmm, the folded output conv, reshaped pooling with the index max, the
     separable mean), also with channels-last activations, under bf16 autocast as the GPU's
     step runs."""

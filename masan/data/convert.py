@@ -87,8 +87,9 @@ class ConvertOptions:
     fmri_shard_frames: int = 128
     """fMRI shard (one file) = this many frames; also the streaming slab (memory bound)."""
     codec: str = "lz4hc"
-    """Blosc compressor: lz4hc (default: decodes ~1.5x faster than zstd at ~4% more bytes,
-    see bench/io.py), zstd, lz4, blosclz, zlib."""
+    """Blosc compressor: lz4hc (default: decodes faster than zstd for a few percent more bytes,
+    which the read target needs; docs/data-format.md, "Chunks, shards, codec"), zstd, lz4,
+    blosclz, zlib."""
     clevel: int = 5
     """0-9."""
     shuffle: Literal["bitshuffle", "shuffle", "noshuffle"] = "bitshuffle"
@@ -592,8 +593,8 @@ def _open_root(path: Path) -> Any:
 
 
 def _check_places(out: Path) -> None:
-    """Refuse a store inside a training run directory or holding one (item 7 of issue 12):
-    the conversion prunes what it does not know, training writes checkpoints where it runs."""
+    """Refuse a store inside a training run directory or holding one: the conversion prunes
+    what it does not know, and training writes checkpoints where it runs."""
     run = places.enclosing(out, places.is_run_dir)
     if run is not None:
         raise ConvertError(f"--out {out} is inside the training run directory {run} (it has a MASAN "

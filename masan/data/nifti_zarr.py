@@ -12,12 +12,12 @@ The ``nifti`` header describes the stored array (shape, affine after ``--canonic
 crop/pad, ``scl_slope``/``scl_inter``, TR) and wins over the OME metadata on conflict, as
 NIfTI-Zarr says; the OME ``scale`` carries the voxel sizes (and TR on ``t``) for viewers.
 
-Axis order. The NIfTI-Zarr writer stores [t, z, y, x]; we keep today's (X, Y, Z) C order and
+Axis order. The NIfTI-Zarr writer stores [t, z, y, x]; we keep the (X, Y, Z) C order and
 name the axes ``[t,] x, y, z``. OME-Zarr requires only time before space, and readers (the
 ``nifti-zarr`` package's ``zarr2nii``, neuroglancer, napari's ome-zarr plugin) map axes by
 name. The reader then returns contiguous (X, Y, Z) volumes with no transpose: a transposing
-read of the (Z, Y, X) order cost 60-70 ms more per full-resolution T1 and ~45% more per fMRI
-shard than today's read (2-core box). Lower levels halve every space axis exactly (scale
+read of the (Z, Y, X) order would add a transpose to every training read, a large share of
+its time (docs/data-format.md, "Axis order"). Lower levels halve every space axis exactly (scale
 ``2**k * zoom``, translation to the block centre), so even readers that assume [z, y, x]
 when rescaling a level's affine get it right.
 

@@ -2,7 +2,7 @@
 
 A conversion rewrites and prunes its store, and a training run writes checkpoints into its
 run directory; one nested in the other is destroyed or polluted by the other's tool, so
-both tools refuse the nesting (issue 12, item 7). A run directory is recognised by the
+both tools refuse the nesting. A run directory is recognised by the
 file ``masan.train.run`` writes first (``config.yaml``, a MASAN config) or that file beside
 its ``checkpoints/`` folder (:func:`is_run_dir`);
 a cohort store by its root ``zarr.json`` naming the MASAN store format.

@@ -1,7 +1,7 @@
 """Who may read a cohort store: the sources' most restrictive permissions unless shared on purpose.
 
 Cohort data come under data-use agreements, so a store must never be more readable than the
-NIfTI files it was made from, whatever the converting user's umask (issue 12, item 12). The
+NIfTI files it was made from, whatever the converting user's umask. The
 rules themselves (modes, umask, applying to a tree) are in :mod:`masan.access`; this module
 decides the store's target from its sources, ``--mode``/``--group`` and what an earlier
 conversion recorded in the root attributes (``access``).

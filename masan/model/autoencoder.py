@@ -129,7 +129,8 @@ def encoders_only(model: nn.Module) -> Iterator[None]:
     """Within the block every :class:`PatchAutoencoder` of ``model`` skips its decoder: the
     model's outputs have no ``*_recon`` (None), everything else is unchanged. For passes that
     use only the classification path (fitting the standardisers, predictions), where the
-    decoders are ~40 % of the forward."""
+    decoders, which mirror the encoders at every resolution, would be a large share of the
+    forward for outputs nobody reads (docs/validation-cohort.md)."""
     autoencoders = [m for m in model.modules() if isinstance(m, PatchAutoencoder)]
     for m in autoencoders:
         m.decode = False

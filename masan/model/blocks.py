@@ -91,8 +91,8 @@ POINTWISE = {"cuda": "bmm", "cpu": "conv"}
 """How 1x1x1 convolutions (:func:`pointwise`) run per device type: ``bmm``: a matrix product
 in the input's layout (per sample on the ``(C, D*H*W)`` view of NCDHW; on the ``(N*D*H*W, C)``
 rows of channels-last, bias fused); ``conv``: cuDNN/oneDNN, which for bf16 NCDHW converts every
-input, output and gradient to channels-last and back (those conversions were 14 of 90 ms of a
-full-resolution step on an H100, docs/performance.md)."""
+input, output and gradient to channels-last and back, copies of full-resolution maps that cost
+a noticeable share of a CUDA step (docs/performance.md, "On the target card")."""
 
 
 def pointwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -156,10 +156,11 @@ class NarrowConv3d(Conv3d):
     ``64 -> 1``), computed where its kernels are not pathological; same parameters and result
     as :class:`torch.nn.Conv3d`.
 
-    cuDNN's weight gradient for one output channel took 153 ms of a 311 ms full-resolution
-    step on an H200 (599 ms with the weight padded to 8 channels); ``taps`` brought the step
-    to 82 ms, and is 1.3-1.7x faster than oneDNN's plain or channels_last conv on the CPU
-    (docs/performance.md).
+    cuDNN's kernel for the weight gradient of one output channel is pathological: it was the
+    largest single cost of a full-resolution step, and padding the weight to 8 output channels
+    made it slower still. ``taps`` turns that gradient into a matrix product, which is cheap on
+    CUDA and also beats oneDNN's plain or channels_last conv on the CPU (figures: docs/performance.md,
+    "Where the step went").
     ``STRATEGY`` per device type:
 
     * ``taps``: a 1x1x1 conv to one map per (output, kernel tap) (a matrix product, whose
@@ -316,8 +317,8 @@ def separable(x: torch.Tensor, kind: str, size: tuple[int, int, int]) -> torch.T
 def trilinear(x: torch.Tensor, size: tuple[int, int, int]) -> torch.Tensor:
     """Trilinear upsampling (``align_corners=False``) by :func:`separable`: the values of
     ``F.interpolate(x, size, mode="trilinear")`` (to rounding), but a backward of matrix
-    products instead of its scattered atomic adds, which took 46 of 141 ms of a
-    full-resolution step on an H200 (2.5x faster on the CPU too; docs/performance.md).
+    products instead of its scattered atomic adds, which are slow at full resolution on CUDA
+    and on the CPU (docs/performance.md, "Where the step went").
     ``(N, C, d, h, w)`` -> ``(N, C, *size)``, in ``x``'s layout.
     """
     return separable(x, "linear", size)
@@ -375,8 +376,9 @@ class OutputStage(nn.Module):
     resolution, as the encoder has none there (Table 1).
 
     Where the conv runs as per-tap maps (:class:`NarrowConv3d` ``taps``) and ``FOLD`` is on for
-    the device type (CUDA: 87 -> 83 ms and 7.9 -> 6.6 GiB per sample on an H100; the CPU keeps
-    the unfolded stage, whose results the CPU benchmarks were measured with),
+    the device type (CUDA, where it saves time and memory per sample: docs/performance.md,
+    "On the target card"; the CPU keeps the unfolded stage, whose results the CPU benchmarks
+    were measured with),
     the taps' 1x1 conv of the upsampled half is folded into ``UpConcat``'s 1x1 conv and applied
     *before* upsampling (both are linear and channel-wise, and the upsampling weights sum to 1,
     so the bias folds too): the same parameters and result to rounding, but the full-resolution

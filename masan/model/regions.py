@@ -67,14 +67,15 @@ def _adaptive_pool(x: torch.Tensor, size: tuple[int, ...], modes: Sequence[str])
 
 RESHAPED_POOL = {"cuda": True, "cpu": False}
 """Per device type: pool onto equal blocks as a reduction over a reshaped view (the same bins
-as adaptive pooling). Adaptive max pooling loops over a whole block per thread: the reshaped
-max (:class:`_BlockMax`) took a full-resolution step on an H100 from 108 to 83 ms, the reshaped
-mean one on an H200 from 311 to 297 ms; on the CPU the adaptive kernels are the faster
-(docs/performance.md)."""
+as adaptive pooling). Adaptive max pooling loops over a whole block per thread, and onto 2x2x2
+cells that is few threads for a full-resolution map; the reshaped max (:class:`_BlockMax`) and
+mean are plain reductions and run faster there. On the CPU the adaptive kernels are the faster
+(figures: docs/performance.md, "Where the step went" and "On the target card")."""
 SEPARABLE_MEAN = {"cuda": True, "cpu": False}
 """Per device type: average onto unequal bins (where :data:`RESHAPED_POOL` cannot reshape) as
 separable matrix products (:func:`~masan.model.blocks.separable`): adaptive average pooling's
-backward scatters with atomic adds (1.9 ms of a compiled step on an H100)."""
+backward scatters with atomic adds, while the matrix products' backward is more matrix
+products (docs/performance.md, "Without a GPU")."""
 
 
 def _split_axes(dims: Sequence[int], size: Sequence[int]) -> tuple[int, ...]:
@@ -93,7 +94,8 @@ class _BlockMax(torch.autograd.Function):
     """``(N, C, D, H, W)`` -> ``(N, C, *size)``: the max of each equal block, as max pooling gives
     it (one arg-max voxel per block takes the gradient). The backward writes the gradient to
     those voxels by index; differentiating ``amax`` instead splits it over ties with
-    full-resolution mask passes (~5 ms of a 90 ms step on an H100). The gradient has ``x``'s
+    full-resolution mask passes, extra sweeps over the largest maps of the step
+    (docs/performance.md, "On the target card"). The gradient has ``x``'s
     layout (NCDHW or channels-last): the index is a memory offset by ``x``'s strides."""
 
     @staticmethod

@@ -24,12 +24,11 @@ Damage is found in three places, all agreed by every rank before the next step:
 3. every rank, loading: an error DeepSpeed raises (gathered the same way).
 
 Cost of the checksums: each rank hashes only its own files, once when saving (right after
-writing them, while they are in the page cache) and once when resuming. Measured on the
-development machine for a 162 MB file, the paper config's whole checkpoint (11.6 M
-parameters: bf16 weights, fp32 master weights and two Adam moments): SHA-256 (hashlib,
-SHA-NI) took 0.2 s on an idle core (about 1 GB/s) and 0.6 s with both cores busy, against
-1.9 s for ``torch.save`` + sync of the same data; with several ranks each hashes its share
-in parallel. Cheap enough to be always on. Checkpoints written before checksums existed
+writing them, while they are in the page cache) and once when resuming. SHA-256 (hashlib)
+of the paper config's whole checkpoint (bf16 weights, fp32 master weights and two Adam
+moments) takes a fraction of what ``torch.save`` + sync of the same data takes
+(docs/architecture.md, "Checksums"); with several ranks each hashes its share in parallel.
+Cheap enough to be always on. Checkpoints written before checksums existed
 (sizes only in the manifest) are still resumed, checked by size.
 
 The client state saved with DeepSpeed (in rank 0's model-states file) holds the training

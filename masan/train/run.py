@@ -365,7 +365,7 @@ def _train(cfg: RunConfig, stop: StopRequest, info: D.DistInfo, ckpt: Checkpoint
 
 def keep_inductor_files_in(cache: str) -> None:
     """Make torch.compile write nothing outside ``cache``. TORCHINDUCTOR_CACHE_DIR moves the
-    kernels, but inductor keeps its precompiled C++ headers (about 150 MB for the CPU) in
+    kernels, but inductor keeps its precompiled C++ headers (a large folder) in
     ``<tmp>/torchinductor_<user>/precompiled_headers`` whatever that variable says: the path is
     ``torch._inductor.codecache._HEADER_DIR``, fixed from ``default_cache_dir()`` (tempfile's
     directory, not the variable) as the module is imported, and read again at each use. So it
