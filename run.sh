@@ -2,6 +2,7 @@
 # Set up the project in .venv (Python 3.11, CPU torch) and run the demo or the tests.
 #   bash run.sh demo [demo.py args]    synthesize a cohort, convert it, train, evaluate (CPU)
 #   bash run.sh test [pytest args]     the whole test suite (starts a local SLURM cluster as root)
+#   bash run.sh test --quick [args]    the fast tier for everyday work: no slow, no SLURM tests
 #   bash run.sh setup                  only create/update .venv
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -59,6 +60,12 @@ cmd=${1:-}
 case "$cmd" in
     setup) setup ;;
     demo)  setup; exec .venv/bin/python launch/demo.py "$@" ;;
-    test)  setup; install_browser; exec .venv/bin/python -m pytest tests "$@" ;;
+    test)
+        setup; install_browser
+        if [ "${1:-}" = "--quick" ]; then
+            shift; exec .venv/bin/python -m pytest tests -m "not slow and not slurm" "$@"
+        fi
+        # the slowest tests listed, so that the markers of the quick tier stay honest
+        exec .venv/bin/python -m pytest tests --durations=25 "$@" ;;
     *) echo "usage: bash run.sh demo|test|setup [args]" >&2; exit 2 ;;
 esac

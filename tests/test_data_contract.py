@@ -259,6 +259,7 @@ def trained_run(tmp_path_factory, tiny_config) -> Path:
     return run
 
 
+@pytest.mark.slow  # real training starts
 def test_training_takes_its_input_shapes_from_the_store_and_records_them(trained_run, tiny_store):
     cfg = yaml.safe_load((trained_run / "config.yaml").read_text())
     assert cfg["model"]["t1_shape"] == [32, 32, 32] and cfg["model"]["fmri_frames"] == 6
@@ -269,6 +270,7 @@ def test_training_takes_its_input_shapes_from_the_store_and_records_them(trained
 
 @pytest.mark.parametrize("override", ["model.t1_shape=[24,24,24]", "data.fmri_frames=9", "model.fmri_frames=4",
                                       "model.patch_grid=[3,3,3]"])
+@pytest.mark.slow  # real training starts
 def test_a_start_that_breaks_the_contract_exits_2_and_writes_nothing(tmp_path, tiny_config, override):
     run = tmp_path / "run"
     res = _train(tiny_config, run, override)
@@ -278,6 +280,7 @@ def test_a_start_that_breaks_the_contract_exits_2_and_writes_nothing(tmp_path, t
     assert not run.exists(), sorted(p.name for p in run.iterdir())
 
 
+@pytest.mark.slow  # real training starts
 def test_predict_refuses_another_geometry_and_scores_unlabeled_subjects(tmp_path, trained_run, tiny_store):
     from masan.data.synth import synthesize_cohort
 

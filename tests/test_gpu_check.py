@@ -9,6 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # every test runs the bench tools end to end
+
 REPO = Path(__file__).resolve().parents[1]
 ABSENT_ON_GPU_MACHINE = ("matplotlib", "nilearn", "pandas", "PIL")
 """Packages neither installed on the GPU machine nor shipped in .whl/: the check must not import them."""

@@ -190,6 +190,7 @@ def test_modality_modules_compile_to_one_graph_each(monkeypatch, paths):
             assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
 
 
+@pytest.mark.slow  # torch.compile traces the model
 def test_compiled_modality_modules_give_the_eager_values_and_gradients():
     """:func:`masan.model.compile_modality_modules` compiles in place: the same parameters and
     ``state_dict`` keys, the same outputs and gradients (fp64, the aot_eager backend)."""

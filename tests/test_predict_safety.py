@@ -23,6 +23,8 @@ import torch
 
 from masan.train.checkpoint import MARKER, POINTER
 
+pytestmark = pytest.mark.slow  # every test needs a trained run
+
 REPO = Path(__file__).resolve().parents[1]
 STATES = "mp_rank_00_model_states.pt"
 FINAL, EARLIER = "step_000014", "step_000007"

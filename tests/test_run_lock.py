@@ -34,6 +34,8 @@ from masan.train.runlock import LOCK_NAME, RunLock, RunLockedError
 from test_train_reliability import snapshot
 from test_train_run import LAUNCH, REPO, RUN_TIMEOUT_S, TRAIN_CONFIG, launch, manifests
 
+pytestmark = pytest.mark.slow  # every test trains real runs and signals them
+
 LONG = ("train.joint_epochs=100", "checkpoint.every_steps=5")
 """Long enough that the run is still training whenever the test acts on it."""
 STEP_LINE = re.compile(r"rank0 INFO masan\.train\.loop: step (\d+):")

@@ -31,6 +31,8 @@ from masan.data.store import REPORT, STAGING, SUBJECTS, CohortStore, StoreError
 from masan.data.synth import synthesize_cohort
 from test_data_convert import write_manifest
 
+pytestmark = pytest.mark.slow  # every test converts cohorts with killed and racing processes
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"n_per_class": {"NC": 1, "AD": 1}, "t1_shape": (12, 12, 12), "fmri_shape": (8, 8, 8), "frames": 4,
         "compresslevel": 1}

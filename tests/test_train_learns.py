@@ -18,6 +18,8 @@ import yaml
 from masan.evaluate.predict import load_predictions
 from masan.evaluate.region_ranking import rank_regions
 
+pytestmark = pytest.mark.slow  # every test trains until the model learns
+
 REPO = Path(__file__).resolve().parents[1]
 TINY = yaml.safe_load((REPO / "hpc" / "configs" / "tiny.yaml").read_text())
 PER_CLASS = 12

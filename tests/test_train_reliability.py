@@ -112,6 +112,7 @@ def log_time(log: str, fragment: str) -> datetime:
     return datetime.strptime(re.match(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+)", line).group(1), "%Y-%m-%d %H:%M:%S,%f")
 
 
+@pytest.mark.slow  # real training runs
 def test_run_directory_is_no_more_open_than_its_store(two_rank_run):
     reader = other_user()
     open_paths = [p for p in [two_rank_run, *two_rank_run.rglob("*")] if p.lstat().st_mode & 0o077]
@@ -128,6 +129,7 @@ def test_run_directory_is_no_more_open_than_its_store(two_rank_run):
     assert as_other("cat", str(control)).stdout == "shared\n"
 
 
+@pytest.mark.slow  # real training runs
 def test_refused_start_leaves_the_run_directory_as_it_was(tmp_path, shared_dir, config, two_rank_run):
     run = shared_dir / "refused"
     shutil.copytree(two_rank_run, run)  # copy2: contents, modes and mtimes
@@ -151,6 +153,7 @@ def test_refused_start_leaves_the_run_directory_as_it_was(tmp_path, shared_dir, 
     assert not fresh.exists()
 
 
+@pytest.mark.slow  # real training runs
 def test_damage_seen_by_one_rank_makes_both_fall_back_together(shared_dir, config, two_rank_run):
     run = shared_dir / "damaged"
     shutil.copytree(two_rank_run, run)

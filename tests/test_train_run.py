@@ -26,6 +26,8 @@ import yaml
 
 from masan.train.checkpoint import MARKER, POINTER, CheckpointManager
 
+pytestmark = pytest.mark.slow  # every test trains real DeepSpeed runs
+
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch" / "train_local.py"
 RUN_TIMEOUT_S = 420
