@@ -279,7 +279,7 @@ def engine_section(cfg, args, budget: Budget) -> None:
 
 def _engine_rows(cfg, args, name: str) -> None:
     """Rows of :func:`engine_section` for one engine (times and memory per sample)."""
-    from masan.train import distributed as D
+    from masan import distributed as D
     from masan.train.engine import LRSchedule, build_engine
     from masan.train.logging import peak_memory
 

@@ -73,7 +73,7 @@ from bench.baselines import LinearBaseline, Oracle, metric_values  # noqa: E402
 from masan.config import ConfigError, RunConfig, config_hash, load_config  # noqa: E402
 from masan.data import anatomy  # noqa: E402
 from masan.data.presets import PRESETS  # noqa: E402
-from masan.data.synth import add_effect_arguments, add_shape_arguments  # noqa: E402
+from masan.data.synth_options import add_effect_arguments, add_shape_arguments  # noqa: E402
 from masan.files import atomic_write_json  # noqa: E402
 from masan.rundir import RunDir  # noqa: E402
 

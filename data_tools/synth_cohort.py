@@ -42,14 +42,8 @@ import numpy as np
 
 from masan.config import ModelConfig
 from masan.data import anatomy, presets
-from masan.data.synth import (
-    DEFAULT_CLASSES,
-    DEFAULT_SEVERITY,
-    PlantedEffect,
-    add_effect_arguments,
-    add_shape_arguments,
-    synthesize_cohort,
-)
+from masan.data.synth import DEFAULT_CLASSES, DEFAULT_SEVERITY, PlantedEffect, synthesize_cohort
+from masan.data.synth_options import add_effect_arguments, add_shape_arguments
 
 FULL_FRAMES = ModelConfig().fmri_frames
 # Defaults per anatomy: subjects per class, T1 shape, fMRI shape, frames (mni152: its preset's).

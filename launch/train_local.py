@@ -104,7 +104,7 @@ def spawn(args: argparse.Namespace, argv: list[str]) -> int:
     through this launcher (twice would read as the second Ctrl-C that stops at once), and they
     die with this launcher (:func:`masan.train.runlock.die_with_launcher`).
     """
-    from masan.train.distributed import free_port
+    from masan.distributed import free_port
     from masan.train.runlock import LAUNCHER_PID_ENV
     from masan.train.stop import EXIT_INTERRUPTED
 

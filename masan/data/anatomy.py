@@ -45,7 +45,7 @@ fMRI signal, per voxel x and frame t (fractions of the baseline)::
 
 ``base`` is EPI-like (CSF bright, GM > WM) from the tissue maps, ``w_k`` smooth network
 fields shared by the cohort (unit length per voxel), ``c_k``, ``p``, ``u`` orthonormal slow
-time courses (:func:`masan.data.synth._time_courses`, so every voxel's temporal std is its
+time courses (:func:`masan.data.synth.time_courses`, so every voxel's temporal std is its
 amplitude exactly), ``occ_s``/``occ_p`` the planted structures' / partner network's
 occupancy of the voxel. ``planted_effect.json`` records all of it (see
 :func:`synthesize_anatomy_cohort`); :mod:`masan.evaluate.oracle` reads it back.
@@ -82,9 +82,9 @@ from masan.data.synth import (
     DEFAULT_CLASSES,
     DEFAULT_SEVERITY,
     PLANTED_EFFECT_FILE,
-    _smooth_fields,
-    _time_courses,
-    _to_int16,
+    smooth_fields,
+    time_courses,
+    to_int16,
     write_cohort_tables,
 )
 
@@ -476,7 +476,7 @@ def _warp_frame() -> tuple[tuple[np.ndarray, np.ndarray], np.ndarray]:
 def _bias_field(rng: np.random.Generator, shape: tuple[int, int, int], amplitude: float, length: float) -> np.ndarray:
     """1 + amplitude * f, f a smooth field with max |f| = 1, made on a <= 16^3 grid and zoomed up."""
     coarse = tuple(min(n, 16) for n in shape)
-    f = _smooth_fields(rng, 1, coarse, length)[0]
+    f = smooth_fields(rng, 1, coarse, length)[0]
     f /= max(np.abs(f).max(), 1e-9)
     if coarse != shape:
         f = ndimage.zoom(f, [n / c for n, c in zip(shape, coarse)], order=1, mode="nearest", grid_mode=True)
@@ -539,7 +539,7 @@ def _bold_slabs(rng: np.random.Generator, base: np.ndarray, fields: np.ndarray, 
         out *= f32(noise_sd / slope)
         out += offset
         out += gain * fl
-        yield grid.orient(_to_int16(out))
+        yield grid.orient(to_int16(out))
 
 
 def synthesize_anatomy_cohort(
@@ -633,7 +633,7 @@ def synthesize_anatomy_cohort(
                "p": prepared(("occupancy", _key(partner_ells)), vf, lambda: indicator(partner_ells))}
     cohort_rng = np.random.default_rng([seed, 1 << 20])
     k_fields = signal.networks
-    fields = _smooth_fields(cohort_rng, k_fields, fg.shape, signal.network_length) if k_fields else \
+    fields = smooth_fields(cohort_rng, k_fields, fg.shape, signal.network_length) if k_fields else \
         np.zeros((0,) + fg.shape)
     fields /= np.maximum(np.sqrt((fields ** 2).sum(axis=0)), 1e-9)
     fields = fields.astype(np.float32)
@@ -672,7 +672,7 @@ def synthesize_anatomy_cohort(
         anat = out / subject / "anat"
         anat.mkdir(parents=True, exist_ok=True)
         write_nifti_slabs(anat / f"{subject}_T1w.nii.gz", t1g.file_affine, t1g.file_shape, np.int16,
-                          iter([t1g.orient(_to_int16(img)[..., None])]), t1g.zooms, compresslevel)
+                          iter([t1g.orient(to_int16(img)[..., None])]), t1g.zooms, compresslevel)
         del img, bias, inside
 
         # ---- fMRI: EPI baseline from (atrophied) tissue maps, fluctuations, effect, nuisance
@@ -692,7 +692,7 @@ def synthesize_anatomy_cohort(
         occ_p = np.clip(sample(occ_src["p"], fg.shape, fg.affine, motion), 0, 1)
         damp = 1.0 - k_f * s_f * occ_s if "amplitude" in fmri_effect else np.ones_like(occ_s)
         r = signal.coupling * (1.0 - (k_f * s_f if "connectivity" in fmri_effect else 0.0))
-        courses = _time_courses(rng, k_fields + 2, frames)
+        courses = time_courses(rng, k_fields + 2, frames)
         courses = np.pad(courses, ((0, 0), (0, k_fields + 2 - courses.shape[1])))
         noise_sd = nuisance.epi_noise * signal.epi["gm"]
         slope = float((base.max() * 1.5 + 6 * noise_sd) / 32000.0)

@@ -47,11 +47,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from masan import distributed as D
 from masan.config import DataConfig
 from masan.data.store import NORMALIZE_BLOCK, CohortStore, normalized_float32, scaled_float32
 from masan.data.temporal import fluctuations
 from masan.hostmem import available_bytes
-from masan.train import distributed as D
 
 log = logging.getLogger(__name__)
 

@@ -104,37 +104,6 @@ class PlantedEffect:
         return d
 
 
-def add_shape_arguments(parser, defaults: dict[str, str]) -> None:
-    """The ``--t1-shape X Y Z``, ``--fmri-shape X Y Z`` and ``--frames T`` options of the cohort
-    tools (None when not given); ``defaults`` says, per option name, what is taken instead."""
-    parser.add_argument("--t1-shape", nargs=3, type=int, default=None, metavar=("X", "Y", "Z"),
-                        help=f"T1 voxels (default: {defaults['t1-shape']})")
-    parser.add_argument("--fmri-shape", nargs=3, type=int, default=None, metavar=("X", "Y", "Z"),
-                        help=f"fMRI frame voxels (default: {defaults['fmri-shape']})")
-    parser.add_argument("--frames", type=int, default=None, help=f"fMRI frames per run (default: {defaults['frames']})")
-
-
-def add_effect_arguments(parser, anatomy_group=None) -> None:
-    """The planted effect's ``--strength``, ``--structures`` and ``--stages`` options of the cohort
-    tools (None when not given: the generators' defaults); the two MNI152-only ones go into
-    ``anatomy_group`` (default ``parser``)."""
-    from masan.data import anatomy  # here: anatomy imports this module
-
-    group = anatomy_group or parser
-    parser.add_argument("--strength", nargs="+", type=float, default=None, metavar="K",
-                        help="effect at severity 1 (phantom: one value, default %s; mni152: one value for both "
-                             "modalities or T1 and fMRI, default %s %s)" % ((PlantedEffect.strength,)
-                                                                            + anatomy.DEFAULT_STRENGTH))
-    group.add_argument("--structures", nargs="+", default=None, choices=sorted(anatomy.STRUCTURES), metavar="NAME",
-                       help="structures carrying the effect (default: hippocampus amygdala); one of "
-                            + ", ".join(sorted(anatomy.STRUCTURES)))
-    group.add_argument("--stages", nargs=4, type=float, default=None,
-                       metavar=("T1_START", "T1_END", "FMRI_START", "FMRI_END"),
-                       help="severity window over which each modality's effect rises from 0 to full (default "
-                            "0 1 0 1: both alike); e.g. 0.33 1 0 0.67: fMRI changes before atrophy, as in the "
-                            "amyloid-cascade model, so fMRI separates the early classes and T1 the late ones")
-
-
 def _grid(shape: tuple[int, int, int]) -> list[np.ndarray]:
     return np.meshgrid(*[(np.arange(n) + 0.5) / n - 0.5 for n in shape], indexing="ij")
 
@@ -155,7 +124,7 @@ def _phantom(shape: tuple[int, int, int], scale: float, contrast: dict, tissue: 
     return img
 
 
-def _smooth_fields(rng: np.random.Generator, k: int, shape: tuple[int, int, int], length: float) -> np.ndarray:
+def smooth_fields(rng: np.random.Generator, k: int, shape: tuple[int, int, int], length: float) -> np.ndarray:
     """k unit-variance Gaussian random fields (k, X, Y, Z), correlation length in volume fractions."""
     freqs = np.meshgrid(*[np.fft.fftfreq(n) * n for n in shape], indexing="ij")
     kernel = np.exp(-0.5 * sum(f ** 2 for f in freqs) * (2 * np.pi * length) ** 2)
@@ -164,7 +133,7 @@ def _smooth_fields(rng: np.random.Generator, k: int, shape: tuple[int, int, int]
     return fields / fields.std(axis=(1, 2, 3), keepdims=True)
 
 
-def _time_courses(rng: np.random.Generator, k: int, frames: int) -> np.ndarray:
+def time_courses(rng: np.random.Generator, k: int, frames: int) -> np.ndarray:
     """Slow random time courses (frames, k'), zero mean, unit std and mutually orthogonal.
 
     k' = min(k, frames - 1). Orthogonality makes every voxel's temporal std equal to its
@@ -180,7 +149,7 @@ def _time_courses(rng: np.random.Generator, k: int, frames: int) -> np.ndarray:
     return q * np.sqrt(frames)
 
 
-def _to_int16(a: np.ndarray) -> np.ndarray:
+def to_int16(a: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(np.abs(a)), 0, np.iinfo(np.int16).max).astype(np.int16)
 
 
@@ -199,8 +168,8 @@ def _fmri_slabs(rng: np.random.Generator, base: np.ndarray, amplitude: np.ndarra
     length per voxel and orthonormal time courses c: coherent, smooth patterns whose
     temporal std is exactly 1 everywhere.
     """
-    courses = _time_courses(rng, tissue.fluctuation_fields, frames)
-    fields = _smooth_fields(rng, courses.shape[1], base.shape, tissue.smoothness) if courses.shape[1] else \
+    courses = time_courses(rng, tissue.fluctuation_fields, frames)
+    fields = smooth_fields(rng, courses.shape[1], base.shape, tissue.smoothness) if courses.shape[1] else \
         np.zeros((0,) + base.shape)
     fields /= np.maximum(np.sqrt((fields ** 2).sum(axis=0)), 1e-9)
     weighted = base * amplitude
@@ -208,7 +177,7 @@ def _fmri_slabs(rng: np.random.Generator, base: np.ndarray, amplitude: np.ndarra
         fluct = np.tensordot(fields, courses[t0:t0 + slab], axes=([0], [1]))  # (X, Y, Z, n)
         out = base[..., None] + weighted[..., None] * fluct
         out += rng.normal(0.0, tissue.noise["epi"], out.shape)
-        yield _to_int16(out)
+        yield to_int16(out)
 
 
 def synthesize_subject(out_dir: Path, subject: str, cls: str, rng: np.random.Generator,
@@ -226,7 +195,7 @@ def synthesize_subject(out_dir: Path, subject: str, cls: str, rng: np.random.Gen
     aff, zooms = _affine(t1_shape)
     anat = out_dir / subject / "anat"
     anat.mkdir(parents=True, exist_ok=True)
-    write_nifti_slabs(anat / f"{subject}_T1w.nii.gz", aff, t1_shape, np.int16, iter([_to_int16(t1)[..., None]]),
+    write_nifti_slabs(anat / f"{subject}_T1w.nii.gz", aff, t1_shape, np.int16, iter([to_int16(t1)[..., None]]),
                       zooms, compresslevel)
 
     base = _phantom(fmri_shape, scale, tissue.epi, tissue) * gain

@@ -1,10 +1,11 @@
 """Training engine: DeepSpeed on every rank, two phases, complete checkpoints, TensorBoard.
 
-Modules, one idea each: :mod:`~masan.train.distributed` (process group, device),
-:mod:`~masan.train.engine` (derived DeepSpeed config, Adam, LR schedule),
+Modules, one idea each (the process group and device are :mod:`masan.distributed`, a layer
+below, which the data cache uses too): :mod:`~masan.train.engine` (derived DeepSpeed config, Adam, LR schedule),
 :mod:`~masan.train.checkpoint` (complete checkpoints and resume),
 :mod:`~masan.train.logging` (TensorBoard on rank 0), :mod:`~masan.train.loop` (the loop),
-:mod:`~masan.train.run` (``run_training``), :mod:`~masan.train.stop` (stop requests).
+:mod:`~masan.train.run` (``run_training``), :mod:`~masan.train.runlock` (one writer per run
+directory), :mod:`~masan.train.stop` (stop requests).
 
 ``run_training`` and ``TrainOutcome`` are imported lazily, so ``masan.train.stop`` stays
 cheap to import for launchers.

@@ -52,10 +52,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from masan import distributed as D
 from masan.config import RunConfig, config_diff, config_from_dict, config_to_dict
 from masan.files import atomic_write_json, atomic_write_text
 from masan.rundir import RunDir
-from masan.train import distributed as D
 
 log = logging.getLogger(__name__)
 

@@ -147,7 +147,7 @@ class LRSchedule:
 def build_engine(model: torch.nn.Module, cfg: RunConfig, world_size: int, schedule: LRSchedule):
     """``deepspeed.initialize`` with torch Adam and a LambdaLR driven by ``schedule``.
 
-    Call after :func:`masan.train.distributed.init_distributed` (it selects DeepSpeed's
+    Call after :func:`masan.distributed.init_distributed` (it selects DeepSpeed's
     accelerator and the process group). Returns the DeepSpeed engine; its ``lr_scheduler``
     is stepped by DeepSpeed after each optimizer step.
     """

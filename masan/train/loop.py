@@ -35,18 +35,18 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
+from masan import distributed as D
 from masan.config import RunConfig
 from masan.data.cache import open_cache
 from masan.data.transforms import Augment
+from masan.distributed import DistInfo
 from masan.inference import predict_subjects
 from masan.metrics import prediction_metrics
 from masan.model import masan_loss
 from masan.model.inputs import MODALITY_KEYS
 from masan.model.inputs import PRECISION_DTYPES as DTYPES
 from masan.model.loss import PHASES, class_weights
-from masan.train import distributed as D
 from masan.train.checkpoint import CheckpointManager
-from masan.train.distributed import DistInfo
 from masan.train.engine import LRSchedule, current_lr, grad_norm, set_schedule_step
 from masan.train.logging import TrainLogger, interval_stats
 from masan.train.standardize import fit_standardizers

@@ -31,11 +31,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from masan import distributed as D
 from masan.access import apply_access, creation_umask, describe_mode, restrictive_mode
 from masan.config import ConfigError, RunConfig, config_hash, save_config
 from masan.files import atomic_write_json
 from masan.rundir import RunDir
-from masan.train import distributed as D
 from masan.train.checkpoint import CheckpointManager, ResumeError, set_rng_state
 from masan.train.logging import TrainLogger
 from masan.train.loop import LoopParts, TrainState, evaluate, train
