@@ -228,6 +228,11 @@ def test_model_input_shapes_come_from_the_store_and_one_frame_count_rules():
 def test_a_store_is_compared_with_the_geometry_a_run_trained_on():
     trained = _geometry(t1_spacing_mm=[1.0, 1.0, 1.0], orientation="RAS", tr_seconds=2.0).to_json()
     assert mismatches(trained, _geometry(t1_spacing_mm=[1.004, 1.0, 1.0], orientation="RAS", tr_seconds=2.01), 6) == []
+    registered = {"type": "syn", "template": "mni152", "t1_grid": [[48, 56, 48]], "fmri_grid": [[12, 14, 12]]}
+    both = {**trained, "registration": registered}
+    assert mismatches(both, _geometry(orientation="RAS", tr_seconds=2.0, registration=dict(registered)), 6) == []
+    assert len(mismatches(both, _geometry(orientation="RAS", tr_seconds=2.0,
+                                          registration={**registered, "type": "rigid"}), 6)) == 1
     found = mismatches(trained, _geometry(t1_shape=[28, 32, 32], t1_spacing_mm=[1.2, 1.2, 1.2], orientation="LAS",
                                           tr_seconds=0.8, frames_min=4, registration={"type": "syn"}), 6)
     assert len(found) == 6, found

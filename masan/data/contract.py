@@ -20,7 +20,6 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 
 import nibabel as nib
-import numpy as np
 
 from masan.config import ConfigError, RunConfig
 from masan.data import resample
@@ -72,10 +71,6 @@ def _listing(groups: dict, unit: str = "") -> str:
     return "; ".join(parts)
 
 
-def _spacing(affine: np.ndarray) -> tuple[float, ...]:
-    return resample.voxel_size(affine)
-
-
 def _cluster(values: dict[str, tuple[float, ...]], rtol: float) -> dict[tuple[float, ...], list[str]]:
     """Group subjects whose values agree within ``rtol`` (keyed by the group's first value)."""
     groups: dict[tuple[float, ...], list[str]] = {}
@@ -109,7 +104,7 @@ def store_geometry(store: CohortStore, subjects: list[str], modalities: list[str
                 spacing[s], codes = tuple(entry["voxel_mm"]), entry["axcodes"]
             else:  # stores converted before: from the image's attributes
                 affine = store.affine(s, m)
-                spacing[s], codes = _spacing(affine), "".join(nib.aff2axcodes(affine))
+                spacing[s], codes = resample.voxel_size(affine), "".join(nib.aff2axcodes(affine))
             axcodes[codes].append(f"{s} {m}")
         flag = "--t1-shape" if m == "t1" else "--fmri-shape"
         sizes = _cluster(spacing, SPACING_RTOL)
@@ -238,8 +233,7 @@ def mismatches(trained: dict, geo: Geometry, frames: int | None) -> list[str]:
         out.append(f"subject {geo.shortest} of {geo.store} has {geo.frames_min} fMRI frames, the run feeds {frames}; "
                    "leave the short runs out")
     ra, rb = trained.get("registration"), geo.registration
-    if [(r or {}).get(k) for r in (ra, rb) for k in REGISTRATION_KEYS][::2] != \
-            [(r or {}).get(k) for r in (ra, rb) for k in REGISTRATION_KEYS][1::2]:
+    if any((ra or {}).get(k) != (rb or {}).get(k) for k in REGISTRATION_KEYS):
         def show(r: dict | None) -> str:
             return "not registered" if not r else f"registered ({r.get('type')}, {r.get('template')})"
         out.append(f"{geo.store} is {show(rb)}, the run's store was {show(ra)}; {fix} (--register)")
