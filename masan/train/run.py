@@ -112,8 +112,6 @@ class Preflight:
     split_is_new: bool = False
     file_mode: int = 0o600
     gid: int | None = None
-    error: tuple[str, str] | None = None
-    """(kind, message) when the start is refused: kind ``config``, ``resume`` or ``other``."""
     geometry: dict = field(default_factory=dict)
     """The store's geometry (:class:`masan.data.contract.Geometry` as JSON)."""
 
@@ -153,25 +151,28 @@ def preflight(cfg: RunConfig, world_size: int, ckpt: CheckpointManager, chash: s
     return Preflight(subjects, labels, class_names, split, not split_path.is_file(), file_mode, gid)
 
 
-def _agreed_preflight(cfg: RunConfig, info: D.DistInfo, ckpt: CheckpointManager, chash: str) -> Preflight:
-    """Collective: rank 0's :func:`preflight` on every rank; a refusal raises on every rank
-    (the same error type for user errors), so no rank waits for one that gave up."""
-    pre = None
+SHARED_ERRORS = (("locked", RunLockedError), ("resume", ResumeError), ("config", ConfigError))
+"""User errors a collective start step raises with the same type on every rank (most specific first)."""
+
+
+def _on_main(info: D.DistInfo, compute):
+    """Collective: ``compute()`` on rank 0, its value on every rank. A user error
+    (:data:`SHARED_ERRORS`) raises the same type on every rank, so no rank waits for one that
+    gave up; any other error is told to the other ranks as a RuntimeError and raised on rank 0
+    as it is."""
+    found = None
     if info.is_main:
         try:
-            pre = preflight(cfg, info.world_size, ckpt, chash)
-        except ConfigError as e:
-            pre = Preflight(error=("config", str(e)))
-        except ResumeError as e:
-            pre = Preflight(error=("resume", str(e)))
-        except Exception as e:  # told to the other ranks, then raised here as it is
-            D.broadcast_object(Preflight(error=("other", f"{type(e).__name__}: {e}")))
+            found = ("ok", compute())
+        except tuple(t for _, t in SHARED_ERRORS) as e:
+            found = (next(kind for kind, t in SHARED_ERRORS if isinstance(e, t)), str(e))
+        except Exception as e:
+            D.broadcast_object(("other", f"{type(e).__name__}: {e}"))
             raise
-    pre = D.broadcast_object(pre)
-    if pre.error is not None:
-        kind, message = pre.error
-        raise {"config": ConfigError, "resume": ResumeError}.get(kind, RuntimeError)(message)
-    return pre
+    kind, value = D.broadcast_object(found)
+    if kind != "ok":
+        raise dict(SHARED_ERRORS).get(kind, RuntimeError)(value)
+    return value
 
 
 def _datasets(cfg: RunConfig, pre: Preflight):
@@ -197,7 +198,7 @@ def run_training(cfg: RunConfig, stop: StopRequest | None = None) -> TrainOutcom
     info = D.init_distributed(cfg.train)
     lock = RunLock(cfg.run_dir, default_wait_s())  # held by rank 0 only
     try:
-        _agreed_lock(info, lock.take_existing)  # before anything else reads or writes run_dir
+        _on_main(info, lock.take_existing)  # before anything else reads or writes run_dir
         outcome = _run(cfg, stop, info, lock)
     except BaseException:
         lock.release()
@@ -230,48 +231,8 @@ def store_contract(cfg: RunConfig):
     return geo
 
 
-def _agreed_contract(cfg: RunConfig, info: D.DistInfo):
-    """Collective: rank 0's :func:`store_contract` (one pass over the store's metadata), its
-    filled shapes applied on every rank; a refusal raises on every rank."""
-    from masan.data.contract import resolve_inputs
-
-    found = None
-    if info.is_main:
-        try:
-            found = ("ok", store_contract(cfg))
-        except ConfigError as e:
-            found = ("config", str(e))
-        except Exception as e:
-            D.broadcast_object(("other", f"{type(e).__name__}: {e}"))
-            raise
-    kind, value = D.broadcast_object(found)
-    if kind == "config":
-        raise ConfigError(value)
-    if kind != "ok":
-        raise RuntimeError(value)
-    if not info.is_main:
-        resolve_inputs(cfg, value)
-    return value
-
-
-def _agreed_lock(info: D.DistInfo, take) -> None:
-    """Collective: rank 0 takes the run-directory lock with ``take``; a refusal (another run
-    holds it) raises RunLockedError on every rank, so no rank waits for one that gave up."""
-    found = None
-    if info.is_main:
-        try:
-            take()
-        except RunLockedError as e:
-            found = ("locked", str(e))
-        except Exception as e:
-            D.broadcast_object(("other", f"{type(e).__name__}: {e}"))
-            raise
-    found = D.broadcast_object(found)
-    if found is not None:
-        raise (RunLockedError if found[0] == "locked" else RuntimeError)(found[1])
-
-
 def _run(cfg: RunConfig, stop: StopRequest | None, info: D.DistInfo, lock: RunLock) -> TrainOutcome:
+    from masan.data.contract import resolve_inputs
     from masan.train.engine import check_config
 
     run_dir = Path(cfg.run_dir)
@@ -279,15 +240,18 @@ def _run(cfg: RunConfig, stop: StopRequest | None, info: D.DistInfo, lock: RunLo
     if done is not None:
         log.info("%s is finished (DONE at step %d); nothing to do", run_dir, done["step"])
         return TrainOutcome("completed", done["step"], done["epochs_done"], str(run_dir))
-    geometry = _agreed_contract(cfg, info)  # before the hash: null input shapes take the store's
+    # before the hash: null input shapes take the store's (rank 0 reads the store's metadata once)
+    geometry = _on_main(info, lambda: store_contract(cfg))
+    if not info.is_main:
+        resolve_inputs(cfg, geometry)
     check_config(cfg, info.device.type)
     ckpt = CheckpointManager(run_dir, cfg.checkpoint.keep, info.rank, info.world_size)
     chash = config_hash(cfg)
-    pre = _agreed_preflight(cfg, info, ckpt, chash)  # nothing in run_dir has changed before this
+    pre = _on_main(info, lambda: preflight(cfg, info.world_size, ckpt, chash))  # nothing in run_dir changed yet
     pre.geometry = geometry.to_json()
     # every file of the run, on every rank (checkpoint shards too), is created at most this open
     with creation_umask(pre.file_mode):
-        _agreed_lock(info, lock.take)  # the first change: run.lock created if missing, this run's record
+        _on_main(info, lock.take)  # the first change: run.lock created if missing, this run's record
         return _train(cfg, stop or StopRequest(run_dir), info, ckpt, chash, pre)
 
 
