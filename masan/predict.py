@@ -146,18 +146,12 @@ def unfinished(run_dir: Path, cfg: RunConfig) -> str | None:
     return None
 
 
-def _tag_step(tag: str) -> int:
-    from masan.train.checkpoint import TAG_RE
-
-    return int(TAG_RE.match(tag).group(1))
-
-
 def final_tag(run_dir: Path, cfg: RunConfig) -> tuple[str | None, str]:
     """The newest checkpoint the run recorded, whether or not it is still intact, and which
     record names it: the step in ``DONE``, ``checkpoints/latest_complete`` or the newest
     ``COMPLETE`` marker. Looking at the records, not at what is on disk, is what finds a
     deleted or truncated newest checkpoint instead of silently taking the one before."""
-    from masan.train.checkpoint import MARKER, POINTER, TAG_RE, CheckpointManager, tag_for
+    from masan.train.checkpoint import MARKER, POINTER, TAG_RE, CheckpointManager, step_of, tag_for
 
     rd = RunDir(run_dir)
     named: dict[str, str] = {}
@@ -176,7 +170,7 @@ def final_tag(run_dir: Path, cfg: RunConfig) -> tuple[str | None, str]:
         named.setdefault(marked, f"its {MARKER} marker")
     if not named:
         return None, ""
-    tag = max(named, key=_tag_step)
+    tag = max(named, key=step_of)
     return tag, named[tag]
 
 
@@ -194,9 +188,9 @@ def checkpoint_problem(run_dir: Path, tag: str) -> str | None:
 
 def _previous_intact(run_dir: Path, tag: str) -> str | None:
     """The newest checkpoint older than ``tag`` that passes :func:`checkpoint_problem`."""
-    from masan.train.checkpoint import CheckpointManager
+    from masan.train.checkpoint import CheckpointManager, step_of
 
-    older = [t for t in CheckpointManager(run_dir, keep=1).tags() if _tag_step(t) < _tag_step(tag)]
+    older = [t for t in CheckpointManager(run_dir, keep=1).tags() if step_of(t) < step_of(tag)]
     return next((t for t in older if checkpoint_problem(run_dir, t) is None), None)
 
 

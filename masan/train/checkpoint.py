@@ -76,6 +76,11 @@ def tag_for(step: int) -> str:
     return f"step_{step:06d}"
 
 
+def step_of(tag: str) -> int:
+    """The step of a checkpoint folder name (inverse of :func:`tag_for`)."""
+    return int(TAG_RE.match(tag).group(1))
+
+
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -247,9 +252,9 @@ class CheckpointManager:
         if not complete:
             return
         kept = complete[: self.keep]
-        oldest_kept = int(TAG_RE.match(kept[-1]).group(1))
+        oldest_kept = step_of(kept[-1])
         for tag in self.tags():
-            if tag not in kept and int(TAG_RE.match(tag).group(1)) < oldest_kept:
+            if tag not in kept and step_of(tag) < oldest_kept:
                 shutil.rmtree(self.dir / tag, ignore_errors=True)
 
     # ------------------------------------------------------------------ resuming
