@@ -33,6 +33,8 @@ SEED = int(os.environ.get("MASAN_LEARN_SEED", "0"))
 """Training seed: model init, dropout, data order."""
 COHORT_SEED = int(os.environ.get("MASAN_LEARN_COHORT_SEED", "0"))
 """Seed of the synthesized cohorts."""
+LOG = os.environ.get("MASAN_LEARN_LOG")
+"""A JSON-lines file that each learning run appends its test metrics to (tests/learning_grid.py)."""
 
 
 def _train(tmp_path: Path, cfg: dict) -> dict:
@@ -42,7 +44,12 @@ def _train(tmp_path: Path, cfg: dict) -> dict:
     res = subprocess.run([sys.executable, str(REPO / "launch/train_local.py"), "--config", str(path)],
                          capture_output=True, text=True, timeout=900, check=False, cwd=REPO)
     assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
-    return json.loads((Path(cfg["run_dir"]) / "metrics.json").read_text())
+    metrics = json.loads((Path(cfg["run_dir"]) / "metrics.json").read_text())
+    if LOG:  # the grid of tests/learning_grid.py: every point's metrics, passed or not
+        with open(LOG, "a") as f:
+            f.write(json.dumps({"test": os.environ.get("PYTEST_CURRENT_TEST", "").split(" ")[0], "seed": SEED,
+                                "cohort_seed": COHORT_SEED, **metrics}) + "\n")
+    return metrics
 
 
 @pytest.fixture(scope="module")
