@@ -173,9 +173,13 @@ class ModelConfig:
     region; 2: a 2x2x2 sub-grid per region gives spatial attention finer resolution)."""
     connectivity_cells: int = field(default=0, metadata={HASHED_WHEN_SET: True})
     """Functional connectivity features (not in the paper; masan/model/connectivity.py): the
-    Fisher-z correlations between the mean time courses of the fMRI's cells, ``k`` cells per
-    region and axis, join each region's fused features (``k^3 x`` all cells per region), so a
-    coupling change between distant structures is visible to the head. 0: off (the paper)."""
+    Fisher-z correlations between the mean time courses of every pair of the fMRI's cells, ``k``
+    cells per region and axis (``k`` = fMRI voxels per region: one cell per voxel), screened on
+    their own (``connectivity_keep``) and joined to the classifier's input, so a coupling change
+    between distant structures is visible to the head. 0: off (the paper)."""
+    connectivity_keep: int = field(default=0, metadata={HASHED_WHEN_SET: True})
+    """Cell pairs the connectivity screening keeps (ANOVA F on the training subjects, fitted with
+    the region features' statistics); needed when ``connectivity_cells`` is set."""
     attn_dim: int = 64
     """Query/key width of region self-attention (eq. 3-5)."""
     region_norm: Literal["cohort", "layer"] = "cohort"
@@ -597,6 +601,7 @@ _RULES: tuple[tuple[str, typing.Callable[[Any], bool], str], ...] = (
     ("model.screen_features", _non_negative, "0 (no screening) or a number of region features to keep"),
     ("model.screen_fraction", _fraction_right_open, "0 (no screening) or a fraction below 1, e.g. 0.0005"),
     ("model.connectivity_cells", _non_negative, "0 (off) or cells per region and axis, e.g. 2"),
+    ("model.connectivity_keep", _non_negative, "0 (off) or a number of cell pairs to keep, e.g. 10"),
     ("data.num_workers", _non_negative, "0 (load in the training process) or more worker processes"),
     ("data.prefetch_factor", _positive, "at least 1 batch per worker"),
     ("data.fmri_frames", _optional_positive, "null (all frames) or at least 1 frame"),
@@ -651,6 +656,9 @@ def validate_config(cfg: RunConfig) -> None:
             raise ConfigError(f"{key}={value!r} is out of range; use {fix}")
     if not (cfg.data.use_t1 or cfg.data.use_fmri):
         raise ConfigError("data.use_t1 and data.use_fmri are both false; a run needs at least one modality")
+    if bool(cfg.model.connectivity_cells) != bool(cfg.model.connectivity_keep):
+        raise ConfigError(f"model.connectivity_cells={cfg.model.connectivity_cells} and model.connectivity_keep="
+                          f"{cfg.model.connectivity_keep}: set both (connectivity on) or neither")
     if cfg.model.screen_features and cfg.model.screen_fraction:
         raise ConfigError(f"model.screen_features={cfg.model.screen_features} and model.screen_fraction="
                           f"{cfg.model.screen_fraction} are both set; give one of them (the other 0)")

@@ -9,7 +9,7 @@ import torch
 
 from masan.config import ConfigError, LossConfig, load_config
 from masan.model import build_model, masan_loss, small_model_config
-from masan.model.connectivity import RegionConnectivity, cell_time_courses, correlations
+from masan.model.connectivity import PairConnectivity, cell_time_courses, correlations
 from masan.model.loss import class_weights
 
 
@@ -33,39 +33,62 @@ def test_correlations_match_numpy_and_a_constant_row_is_zero():
     assert np.all(got[5] == 0) and np.all(got[:, 5] == 0)
 
 
-def test_connectivity_sees_a_coupling_change_between_distant_regions():
-    """Two regions sharing a signal in one subject and not in another: only the features
-    of that pair change, and they are scale-invariant."""
-    g = torch.Generator().manual_seed(1)
+def _coupled_subjects(n: int, coupled: bool, g: torch.Generator) -> torch.Tensor:
+    """``n`` subjects ``(n, 64, 4, 4, 4)``: regions 0 and 7 (far corners of a 2x2x2 grid) share
+    a signal when ``coupled``; everything else is independent noise."""
     t = 64
-    shared = torch.randn(t, generator=g, dtype=torch.float64)
-
-    def subject(coupled: bool) -> torch.Tensor:
+    out = []
+    for _ in range(n):
+        shared = torch.randn(t, generator=g, dtype=torch.float64)
         x = torch.randn(1, t, 4, 4, 4, generator=g, dtype=torch.float64) * 0.3
         x[0, :, :2, :2, :2] += shared[:, None, None, None]  # region 0
         other = shared if coupled else torch.randn(t, generator=g, dtype=torch.float64)
         x[0, :, 2:, 2:, 2:] += other[:, None, None, None]  # region 7, the far corner
-        return x
-
-    conn = RegionConnectivity((2, 2, 2), 1)
-    a, b = conn(subject(True)), conn(subject(False))
-    assert a.shape == (1, 8, 8)
-    assert a[0, 0, 7] > 2.0 and abs(float(b[0, 0, 7])) < 0.6  # Fisher z: r > 0.96 vs weak
-    torch.testing.assert_close(conn(subject(True) * 40.0 + 7.0)[0, 0, 7], conn(subject(True))[0, 0, 7],
-                               rtol=0.5, atol=0.5)  # another draw, same coupling: same order
+        out.append(x)
+    return torch.cat(out)
 
 
-def test_model_with_connectivity_trains_and_the_features_reach_the_head():
-    cfg = dataclasses.replace(small_model_config(), connectivity_cells=2)
+def test_connectivity_screening_keeps_the_pair_whose_coupling_differs():
+    """Two classes that differ only in whether two distant regions fluctuate together: the
+    fitted screening keeps that pair, its feature separates the classes, and a scaled copy of
+    the input gives the same features (correlations)."""
+    g = torch.Generator().manual_seed(1)
+    conn = PairConnectivity((2, 2, 2), 1, keep=1, num_classes=2).double()
+    coupled, uncoupled = _coupled_subjects(6, True, g), _coupled_subjects(6, False, g)
+    conn.norm.begin_fit()
+    for x, label in ((coupled, 1), (uncoupled, 0)):
+        conn.norm.set_labels(torch.full((x.shape[0],), label))
+        conn(x)
+    conn.norm.end_fit()
+    assert conn.pair_cells(int(conn.kept()[0])) == (0, 7)
+    a, b = conn(coupled), conn(uncoupled)
+    assert a.shape == (6, 1) and a.min() > b.max()
+    torch.testing.assert_close(conn(coupled * 40.0 + 7.0), a)
+
+
+def test_connectivity_needs_a_pair_count():
+    with pytest.raises(ValueError, match="connectivity_keep"):
+        PairConnectivity((2, 2, 2), 1, keep=29, num_classes=2)  # 8 cells have 28 pairs
+    with pytest.raises(ConfigError, match="connectivity_keep"):
+        load_config(None, ["model.connectivity_cells=2"])
+
+
+def test_model_with_connectivity_trains_and_the_pairs_reach_the_classifier():
+    cfg = dataclasses.replace(small_model_config(), connectivity_cells=2, connectivity_keep=5)
     model = build_model(cfg, 4)
     conn = model.connectivity
-    assert conn is not None
-    assert model.attention.norm.mean.shape[-1] > conn.features_per_region
+    assert conn is not None and conn.keep == 5
     t1 = torch.randn(2, 1, *cfg.t1_shape)
     fmri = torch.randn(2, cfg.fmri_frames, *cfg.fmri_shape)
     out = model(t1=t1, fmri=fmri)
     masan_loss(out, {"t1": t1, "fmri": fmri, "label": torch.tensor([0, 3])}, LossConfig())["total"].backward()
     assert model.attention.query.weight.grad is not None
+    regions = int(np.prod(cfg.patch_grid))
+    weight = model.classifier.net[0].weight  # (hidden, regions * value_dim + pairs)
+    assert weight.shape[1] == regions * cfg.value_dim + 5 and weight.grad[:, -5:].abs().sum() > 0
+    model.eval()  # occlusion (the default region weights) with the pairs beside the regions
+    weights = model(t1=t1, fmri=fmri)["region_weights"]
+    assert weights.shape == (2, regions) and torch.allclose(weights.sum(1), torch.ones(2))
     t1_only = build_model(dataclasses.replace(cfg, modalities="t1"), 4)
     assert t1_only.connectivity is None  # no fMRI, no connectivity
 

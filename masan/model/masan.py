@@ -9,8 +9,9 @@ Data flow for one subject at full resolution (defaults, shapes without the batch
     fMRI (976, 60, 64, 44) --fPM (frames as channels)--> recon (976, 60, 64, 44);
         levels 32x60x64x44 .. 128x8x8x6 --adaptive avg+max pool--> the same region maps
     per level: fused = T1 + fMRI * Attention_c(T1) * Attention_s(T1)         (eq. 6)
-    [model.connectivity_cells: + the fMRI cells' correlations per region (masan/model/connectivity.py)]
     concat levels -> regions (64, 704) -> self-attention -> (64, 64) -> flatten -> MLP -> logits
+    [model.connectivity_cells: + the screened correlations of fMRI cell pairs (masan/model/connectivity.py),
+     joined to the MLP's input]
 
 The region head (fusion, attention, classifier) holds well under 1% of the FLOPs; it runs with
 autocast off in the parameters' dtype, so sigmoid gates and attention logits never see fp16.
@@ -25,7 +26,7 @@ from masan.config import ModelConfig
 from masan.model.attention import RegionSelfAttention
 from masan.model.autoencoder import FunctionalModule, ModalityFeatures, PatchAutoencoder, PatchModule, VolumeModule
 from masan.model.blocks import MLPClassifier, TemporalConv, autocast_off, param_dtype, scale_grad
-from masan.model.connectivity import RegionConnectivity
+from masan.model.connectivity import PairConnectivity
 from masan.model.fusion import build_fusion
 from masan.model.regions import num_regions, region_features
 
@@ -85,16 +86,16 @@ class MASAN(nn.Module):
                 build_fusion(cfg.fusion, w, pools * cf, cfg.channel_reduction, cfg.spatial_kernel)
                 for w, cf in zip(widths, cfg.fmri_channels)
             )
-        self.connectivity = (RegionConnectivity(self.grid, cfg.connectivity_cells)
+        self.connectivity = (PairConnectivity(self.grid, cfg.connectivity_cells, cfg.connectivity_keep, num_classes,
+                                              cfg.region_std_floor)
                              if self.use_fmri and cfg.connectivity_cells else None)
         region_dim = sum(widths) * cfg.fusion_cells**3
-        if self.connectivity is not None:
-            region_dim += self.connectivity.features_per_region
         self.attention = RegionSelfAttention(region_dim, cfg.attn_dim, cfg.value_dim, num_regions(self.grid),
                                              cfg.region_norm, cfg.region_std_floor,
                                              cfg.screen_keep(num_regions(self.grid) * region_dim),
                                              num_classes)
-        self.classifier = MLPClassifier(num_regions(self.grid) * cfg.value_dim, cfg.mlp_hidden, num_classes,
+        pairs = self.connectivity.keep if self.connectivity is not None else 0
+        self.classifier = MLPClassifier(num_regions(self.grid) * cfg.value_dim + pairs, cfg.mlp_hidden, num_classes,
                                         cfg.dropout)
 
     def _encode(self, name: str, module: nn.Module | None, x: torch.Tensor | None,
@@ -132,17 +133,15 @@ class MASAN(nn.Module):
         f = self._encode("fmri", self.fpm, fmri, out)
         device = (t1 if s is not None else fmri).device
         with autocast_off(device):
-            parts = [region_features(m, self.grid) for m in self._fuse(s, f)]
-            if self.connectivity is not None:
-                parts.append(self.connectivity(fmri).to(parts[0].dtype))
-            regions = torch.cat(parts, dim=2)  # (B, R, D)
+            regions = torch.cat([region_features(m, self.grid) for m in self._fuse(s, f)], dim=2)  # (B, R, D)
             standardized = self.attention.norm(regions)
             new, weights = self.attention.attend(standardized)
-            out["logits"] = self.classifier(new.flatten(1))
+            pairs = self.connectivity(fmri).to(new.dtype) if self.connectivity is not None else None
+            out["logits"] = self._classify(new, pairs)
             if self.region_weight_source == "occlusion" and not self.training:
                 # an attribution for reports, never a training signal: R extra head passes per
                 # subject were a sixth of a small model's training step on the CPU
-                out["region_weights"] = self._occlusion(standardized.detach(), out["logits"].detach())
+                out["region_weights"] = self._occlusion(standardized.detach(), pairs, out["logits"].detach())
         out["attention"] = weights
         if self.region_weight_source == "embedding":
             norms = regions.float().norm(dim=2)
@@ -151,8 +150,15 @@ class MASAN(nn.Module):
             out["region_weights"] = weights.mean(dim=1)  # attention each region receives; sums to 1
         return out
 
+    def _classify(self, new: torch.Tensor, pairs: torch.Tensor | None) -> torch.Tensor:
+        """Logits ``(B, C)`` from the attended regions ``(B, R, value_dim)`` and the kept
+        connectivity pairs ``(B, keep)`` (None without connectivity)."""
+        joined = new.flatten(1) if pairs is None else torch.cat([new.flatten(1), pairs], dim=1)
+        return self.classifier(joined)
+
     @torch.no_grad()
-    def _occlusion(self, standardized: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    def _occlusion(self, standardized: torch.Tensor, pairs: torch.Tensor | None,
+                   logits: torch.Tensor) -> torch.Tensor:
         """How much each region carries the decision: region ``r``'s standardised features are
         set to 0 (the training cohort's mean), and the change of the class probabilities is
         measured as their total-variation distance ``0.5 * sum_c |p_c - p_c^(r)|``; normalised
@@ -162,10 +168,11 @@ class MASAN(nn.Module):
         passes of the region head (attention + MLP), well under 1 % of the encoders.
         """
         b, r, _ = standardized.shape
-        new = self.attention.attend_occluded(standardized)
+        new = self.attention.attend_occluded(standardized)  # (B * R, R, value_dim)
         was = self.classifier.training
         self.classifier.eval()  # no dropout in an attribution
-        probs = torch.softmax(self.classifier(new.flatten(1)).float(), dim=-1).reshape(b, r, -1)
+        pairs = pairs.detach().repeat_interleave(r, dim=0) if pairs is not None else None  # the same per copy
+        probs = torch.softmax(self._classify(new, pairs).float(), dim=-1).reshape(b, r, -1)
         self.classifier.train(was)
         change = 0.5 * (probs - torch.softmax(logits.float(), dim=-1)[:, None]).abs().sum(-1)  # (B, R)
         return change / change.sum(dim=1, keepdim=True).clamp_min(torch.finfo(change.dtype).tiny)
