@@ -41,9 +41,9 @@ from pathlib import Path
 import numpy as np
 
 from masan.config import ModelConfig
-from masan.data import anatomy, presets
-from masan.data.synth import DEFAULT_CLASSES, DEFAULT_SEVERITY, PlantedEffect, synthesize_cohort
-from masan.data.synth_options import add_effect_arguments, add_shape_arguments
+from masan.synth import anatomy, presets
+from masan.synth.options import add_effect_arguments, add_shape_arguments
+from masan.synth.phantom import DEFAULT_CLASSES, DEFAULT_SEVERITY, PlantedEffect, synthesize_cohort
 
 FULL_FRAMES = ModelConfig().fmri_frames
 # Defaults per anatomy: subjects per class, T1 shape, fMRI shape, frames (mni152: its preset's).

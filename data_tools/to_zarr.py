@@ -26,7 +26,7 @@ from pathlib import Path
 
 from masan.access import AccessError, parse_group, parse_mode
 from masan.config import ModelConfig
-from masan.data.convert import (
+from masan.convert.cohort import (
     DEFAULT_CLASSES,
     ConvertError,
     ConvertOptions,
@@ -36,8 +36,8 @@ from masan.data.convert import (
     planted_effect,
     read_manifest,
 )
-from masan.data.registration import DEFAULT_VOXEL_MM, TEMPLATES, TYPES
-from masan.data.store import REPORT
+from masan.convert.registration import DEFAULT_VOXEL_MM, TEMPLATES, TYPES
+from masan.store.cohort import REPORT
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

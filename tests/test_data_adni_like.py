@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from masan.data import anatomy, deformation, presets
-from masan.data.anatomy import Nuisance, synthesize_anatomy_cohort
-from masan.data.deformation import Geometry, SubjectTransform, Warp, draw_warp, rms_length, transform_from_record
-from masan.data.presets import PAPER_CLASS_COUNTS, PRESETS, class_counts
-from masan.data.store import CohortStore
 from masan.evaluate import oracle
+from masan.store.cohort import CohortStore
+from masan.synth import anatomy, deformation, presets
+from masan.synth.anatomy import Nuisance, synthesize_anatomy_cohort
+from masan.synth.deformation import Geometry, SubjectTransform, Warp, draw_warp, rms_length, transform_from_record
+from masan.synth.presets import PAPER_CLASS_COUNTS, PRESETS, class_counts
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--t1-shape", "16", "20", "16", "--fmri-shape", "6", "7", "6"]

@@ -13,12 +13,12 @@ import pytest
 from scipy import ndimage
 from sklearn.model_selection import StratifiedKFold, cross_val_score
 
-from masan.data import anatomy
-from masan.data.anatomy import Nuisance, synthesize_anatomy_cohort
-from masan.data.store import CohortStore
-from masan.data.synth import PlantedEffect, _affine, synthesize_cohort
 from masan.evaluate import oracle
 from masan.evaluate.oracle import feature_names, oracle_predict, planted_features, planted_masks, planted_region_ranks
+from masan.store.cohort import CohortStore
+from masan.synth import anatomy
+from masan.synth.anatomy import Nuisance, synthesize_anatomy_cohort
+from masan.synth.phantom import PlantedEffect, _affine, synthesize_cohort
 
 ROOT = Path(__file__).resolve().parents[1]
 T1_SHAPE, FMRI_SHAPE, FRAMES = (48, 56, 48), (12, 14, 12), 16

@@ -14,11 +14,11 @@ import torch.multiprocessing as mp
 from torch.utils.data import DataLoader
 
 from masan.config import DataConfig
+from masan.convert.cohort import ConvertOptions, convert_cohort, discover_bids
 from masan.data.cache import CacheError, CohortCache, open_cache
-from masan.data.convert import ConvertOptions, convert_cohort, discover_bids
 from masan.data.dataset import CohortDataset, select_subjects
-from masan.data.store import CohortStore
-from masan.data.synth import synthesize_cohort
+from masan.store.cohort import CohortStore
+from masan.synth.phantom import synthesize_cohort
 from masan.train.loop import to_device
 
 T1, FMRI, FRAMES = (16, 16, 12), (8, 8, 6), 5

@@ -16,7 +16,7 @@ full-resolution sample, the pace-setter of a GPU step. With a cache:
 
 On the CPU both work unchanged ("device" memory is then the process's own memory). Samples are
 numerically identical to ``none``: the same float32 operations in the same order as
-:func:`masan.data.store.normalized_float32` / :func:`masan.data.store.scaled_float32`, then the
+:func:`masan.store.cohort.normalized_float32` / :func:`masan.store.cohort.scaled_float32`, then the
 same cast to the model's dtype. ``data.fmri_temporal`` other than ``none`` is applied on the CPU
 (:func:`masan.data.temporal.fluctuations`) from the cached integers, so only the decode is saved.
 
@@ -49,9 +49,9 @@ import torch
 
 from masan import distributed as D
 from masan.config import DataConfig
-from masan.data.store import NORMALIZE_BLOCK, CohortStore, normalized_float32, scaled_float32
 from masan.data.temporal import fluctuations
 from masan.hostmem import available_bytes
+from masan.store.cohort import NORMALIZE_BLOCK, CohortStore, normalized_float32, scaled_float32
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ class CohortCache:
     """Stored integers of ``subjects`` (the modalities ``data_cfg`` uses) in shared memory, and on
     ``device`` for ``data_cfg.cache == "device"``. Collective: every rank constructs it.
 
-    Reads like :class:`masan.data.store.CohortStore` (``read_t1``/``read_fmri``, float32, same
+    Reads like :class:`masan.store.cohort.CohortStore` (``read_t1``/``read_fmri``, float32, same
     values), so :class:`masan.data.dataset.CohortDataset` can read from it; :meth:`batches`
     yields training batches already on the device.
 

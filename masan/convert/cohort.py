@@ -2,14 +2,14 @@
 
 Steps, each a function:
 
-1. :mod:`masan.data.sources` lists the subjects (:func:`discover_bids` / :func:`read_manifest`)
+1. :mod:`masan.convert.sources` lists the subjects (:func:`discover_bids` / :func:`read_manifest`)
    and checks them (:func:`check_sources`: labels, ids, files), per subject.
 2. :func:`convert_subject` writes one subject into ``STORE/.staging/<id>.<v>``, each modality
-   a NIfTI-Zarr image (:mod:`masan.data.nifti_zarr`; T1 whole, fMRI in frame slabs of one
+   a NIfTI-Zarr image (:mod:`masan.store.nifti_zarr`; T1 whole, fMRI in frame slabs of one
    shard each) as the file has it or, with ``register``, resampled onto the template's grids
-   (:mod:`masan.data.registration`, transforms kept beside), re-reads and checksums it, then
+   (:mod:`masan.convert.registration`, transforms kept beside), re-reads and checksums it, then
    publishes it as a new version folder ``STORE/subjects/<id>/<v>`` with one rename
-   (:mod:`masan.data.publish`).
+   (:mod:`masan.store.publish`).
 3. :func:`convert_cohort` runs 2 over worker processes with a progress bar, skips subjects
    whose sources and options are unchanged, redoes half-written or changed ones, points the
    cohort table (root attributes) at each new version before the old one is removed, and
@@ -39,8 +39,8 @@ from zarr.codecs import BloscCodec
 from zarr.storage import LocalStore
 
 from masan import access
-from masan.data import nifti, nifti_zarr, places, publish, registration, resample, store_access
-from masan.data.sources import (  # noqa: F401  (re-exported: the converter's public API)
+from masan.convert import nifti, registration, resample
+from masan.convert.sources import (  # noqa: F401  (re-exported: the converter's public API)
     DEFAULT_CLASSES,
     FMRI_SIDECAR,
     ConvertError,
@@ -53,9 +53,10 @@ from masan.data.sources import (  # noqa: F401  (re-exported: the converter's pu
     planted_effect,
     read_manifest,
 )
-from masan.data.store import FORMAT, FORMAT_VERSION, MODALITIES, REPORT, STAGING, SUBJECTS, TRASH, StrictLocalStore
-from masan.data.store_access import StoreAccess
 from masan.files import atomic_write_json
+from masan.store import nifti_zarr, permissions, places, publish
+from masan.store.cohort import FORMAT, FORMAT_VERSION, MODALITIES, REPORT, STAGING, SUBJECTS, TRASH, StrictLocalStore
+from masan.store.permissions import StoreAccess
 
 SOURCE_HASH_BLOCK = 1 << 22
 TR_SUSPECT_SECONDS = 20.0
@@ -71,7 +72,7 @@ class ConvertOptions:
     line does it by default (``--keep-orientation`` opts out)."""
     spacing: tuple[float, float] | None = None
     """Resample every image onto an isotropic RAS grid of (T1 mm, fMRI mm) over its field of
-    view (:mod:`masan.data.resample`), then centre it into ``t1_shape``/``fmri_shape``; 0 for a
+    view (:mod:`masan.convert.resample`), then centre it into ``t1_shape``/``fmri_shape``; 0 for a
     modality: the cohort's most common voxel size (chosen by :func:`convert_cohort`). None:
     the file's voxels (a cohort of several voxel sizes then breaks the training contract)."""
     t1_shape: tuple[int, int, int] | None = None
@@ -101,7 +102,7 @@ class ConvertOptions:
     require: tuple[str, ...] = ("t1", "fmri")
     """Modalities every subject must have; a subject missing one fails."""
     register: Literal["none", "rigid", "affine", "syn"] = "none"
-    """Spatial normalisation (:mod:`masan.data.registration`): ``none`` stores the file's voxels;
+    """Spatial normalisation (:mod:`masan.convert.registration`): ``none`` stores the file's voxels;
     otherwise each T1 is registered to ``template`` with ANTs and resampled onto the template
     grid of ``t1_shape`` (then a template-grid shape, not a crop/pad; ``canonical`` has no
     effect), each fMRI through its mean's rigid fit to the T1 onto the grid of ``fmri_shape``."""
@@ -316,7 +317,7 @@ def _as_in_file(img: Any, shape: tuple[int, ...], modality: str, info: dict, sou
 
 def _registered(img: Any, shape: tuple[int, ...], modality: str, info: dict, source: _Source,
                 opts: ConvertOptions, reg: registration.SubjectRegistration) -> _Placement:
-    """The voxels resampled onto the template grid (:mod:`masan.data.registration`). The T1 is
+    """The voxels resampled onto the template grid (:mod:`masan.convert.registration`). The T1 is
     registered here; an fMRI file is read twice: once for its temporal mean (registered to the
     T1), then frame slab by frame slab through the composed transforms."""
     dtype = img.header.get_data_dtype().newbyteorder("=")
@@ -347,7 +348,7 @@ def _registered(img: Any, shape: tuple[int, ...], modality: str, info: dict, sou
 def _resampled(img: Any, shape: tuple[int, ...], modality: str, info: dict, source: _Source,
                opts: ConvertOptions) -> _Placement:
     """The voxels resampled onto the RAS grid of ``opts.spacing`` over the file's field of view
-    (:mod:`masan.data.resample`), centred into ``t1_shape``/``fmri_shape`` when given."""
+    (:mod:`masan.convert.resample`), centred into ``t1_shape``/``fmri_shape`` when given."""
     mm = opts.spacing[0 if modality == "t1" else 1]
     space, affine = resample.target_grid(img.affine, shape, mm, opts.t1_shape if modality == "t1" else opts.fmri_shape)
     dtype = img.header.get_data_dtype().newbyteorder("=")
@@ -633,7 +634,7 @@ def convert_cohort(sources: list[SubjectSource], out: str | Path, options: Conve
     start = time.monotonic()
     jobs, failed = check_sources(sources, mapping, opts.require, opts.allow_unlabeled)
     opts, chosen = _chosen_spacing(opts, jobs)
-    mode, gid, chosen_by = store_access.target_access(out, [Path(p) for j in jobs for p in j.sources.values()],
+    mode, gid, chosen_by = permissions.target_access(out, [Path(p) for j in jobs for p in j.sources.values()],
                                                          share or StoreAccess())
     with access.creation_umask(mode):
         out.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,6 @@
 """Spatial normalisation of one subject onto a template grid with ANTs (``to_zarr.py --register``).
 
-Per subject (:class:`SubjectRegistration`, driven by :mod:`masan.data.convert`):
+Per subject (:class:`SubjectRegistration`, driven by :mod:`masan.convert.cohort`):
 
 1. **T1 -> template.** ``ants.registration(fixed, moving, type_of_transform=Rigid|Affine|SyN)``
    with the template's T1 resampled onto the T1 grid as ``fixed`` (:func:`template_on_grid`)
@@ -17,7 +17,7 @@ Per subject (:class:`SubjectRegistration`, driven by :mod:`masan.data.convert`):
    the ANTs affine parameters (JSON), and for SyN the forward and inverse warp fields as arrays.
    :func:`transform_files` writes them back as ANTs files for ``ants.apply_transforms``.
 
-Grids (:func:`grid`) are the template's brain box in MNI mm (:func:`masan.data.anatomy.grid_affine`):
+Grids (:func:`grid`) are the template's brain box in MNI mm (:func:`masan.synth.anatomy.grid_affine`):
 the given shape, or the box at :data:`DEFAULT_VOXEL_MM` (one shape for a whole cohort,
 whatever its acquisitions, as the loader needs).
 
@@ -48,14 +48,14 @@ from typing import Any
 
 import numpy as np
 
-from masan.data.nifti import NiftiError
-from masan.data.resample import as_stored
+from masan.convert.nifti import NiftiError
+from masan.convert.resample import as_stored
 
 TYPES = ("none", "rigid", "affine", "syn")
 """``--register`` choices; ``none`` writes the store exactly as without registration."""
 _ANTS_TYPES = {"rigid": "Rigid", "affine": "Affine", "syn": "SyN"}
 TEMPLATES = ("mni152",)
-"""``--template`` choices: the MNI152 T1 that :func:`masan.data.anatomy.load_template` loads."""
+"""``--template`` choices: the MNI152 T1 that :func:`masan.synth.anatomy.load_template` loads."""
 GROUP = "registration"
 """The subject version's group holding the transforms."""
 ATTRS = "masan"
@@ -84,7 +84,7 @@ class RegistrationError(NiftiError):
 
 
 def _anatomy() -> Any:
-    from masan.data import anatomy  # scipy and the template files: only registering conversions pay for them
+    from masan.synth import anatomy  # scipy and the template files: only registering conversions pay for them
 
     return anatomy
 

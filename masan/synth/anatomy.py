@@ -1,7 +1,7 @@
 """Validation cohorts on a real brain: the MNI152 template with planted, graded AD-like effects.
 
 :func:`synthesize_anatomy_cohort` writes the same BIDS layout as the phantom generator
-(:mod:`masan.data.synth`) but every subject is the ICBM 2009a nonlinear symmetric MNI152
+(:mod:`masan.synth.phantom`) but every subject is the ICBM 2009a nonlinear symmetric MNI152
 template (1 mm T1 and grey/white-matter probability maps, shipped inside nilearn's wheel:
 nothing is downloaded) resampled onto the requested grids, with
 
@@ -20,11 +20,11 @@ nothing is downloaded) resampled onto the requested grids, with
 - **nuisance** (:class:`Nuisance`): per-subject gain, a smooth multiplicative bias field,
   Gaussian noise, and a rigid misregistration per subject and modality (the header keeps
   the nominal affine, as after an imperfect registration; the same for all frames).
-- **geometry** (optional, :class:`masan.data.deformation.Geometry`): each subject's own shape
+- **geometry** (optional, :class:`masan.synth.deformation.Geometry`): each subject's own shape
   (a smooth warp of the template) and an unregistered head placement (the T1's rigid
   placement, the fMRI run's moved a little from it), applied to every map of the subject's
   anatomy; the header still keeps the nominal affine. Severities may also be drawn per
-  modality, independently (``severity_sd=(t1, fmri)``). :mod:`masan.data.presets` names
+  modality, independently (``severity_sd=(t1, fmri)``). :mod:`masan.synth.presets` names
   the combinations (``easy``, ``adni-like``).
 
 Grids (:func:`grid_affine`): isotropic voxels, the field of view is the template's brain
@@ -45,7 +45,7 @@ fMRI signal, per voxel x and frame t (fractions of the baseline)::
 
 ``base`` is EPI-like (CSF bright, GM > WM) from the tissue maps, ``w_k`` smooth network
 fields shared by the cohort (unit length per voxel), ``c_k``, ``p``, ``u`` orthonormal slow
-time courses (:func:`masan.data.synth.time_courses`, so every voxel's temporal std is its
+time courses (:func:`masan.synth.phantom.time_courses`, so every voxel's temporal std is its
 amplitude exactly), ``occ_s``/``occ_p`` the planted structures' / partner network's
 occupancy of the voxel. ``planted_effect.json`` records all of it (see
 :func:`synthesize_anatomy_cohort`); :mod:`masan.evaluate.oracle` reads it back.
@@ -67,7 +67,8 @@ from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, 
 from scipy import ndimage
 from tqdm.auto import tqdm
 
-from masan.data.deformation import (
+from masan.convert.nifti import write_nifti_slabs
+from masan.synth.deformation import (
     Geometry,
     SubjectTransform,
     draw_rigid,
@@ -77,8 +78,7 @@ from masan.data.deformation import (
     second_placement,
     voxel_centers_mm,
 )
-from masan.data.nifti import write_nifti_slabs
-from masan.data.synth import (
+from masan.synth.phantom import (
     DEFAULT_CLASSES,
     DEFAULT_SEVERITY,
     PLANTED_EFFECT_FILE,
@@ -300,7 +300,7 @@ def prepared(key: tuple, voxel_mm: float, make=None) -> tuple[np.ndarray, np.nda
 
 Motion = np.ndarray | SubjectTransform | None
 """Where a grid position (mm) finds the template (mm): None (nowhere else), a rigid (4, 4)
-mm -> mm, or a :class:`masan.data.deformation.SubjectTransform` (rigid, then a warp)."""
+mm -> mm, or a :class:`masan.synth.deformation.SubjectTransform` (rigid, then a warp)."""
 
 
 def sample(source: tuple[np.ndarray, np.ndarray], shape: Sequence[int], affine: np.ndarray,
@@ -566,7 +566,7 @@ def synthesize_anatomy_cohort(
     the severity window over which its effect rises (:data:`DEFAULT_STAGES`, :func:`stage`);
     the strength multiplies the staged severity. ``partner``: the network the structures
     are coupled to (default: first of :data:`PARTNER_CHOICES` not planted).
-    ``geometry`` (:class:`masan.data.deformation.Geometry`; None: each modality gets its own
+    ``geometry`` (:class:`masan.synth.deformation.Geometry`; None: each modality gets its own
     rigid misregistration and no warp): each subject gets a smooth warp, its T1 the head
     placement drawn from ``nuisance``'s misregistration, its fMRI that placement moved by a
     small offset; every map of the subject's anatomy (T1, tissue, occupancies, effect) is
@@ -710,7 +710,7 @@ def synthesize_anatomy_cohort(
         bar.update()
     bar.close()
 
-    write_cohort_tables(out, rows, "MASAN MNI152 validation cohort", "masan.data.anatomy",
+    write_cohort_tables(out, rows, "MASAN MNI152 validation cohort", "masan.synth.anatomy",
                         f"seed {seed}; template {TEMPLATE_NAME}")
     planted_rec = {n: [e.record() for e in ells] for n, ells in planted.items()}
     ranks = {}
@@ -747,6 +747,6 @@ def synthesize_anatomy_cohort(
             "grid position g (mm, the written grid) shows template position A g + d(A g): A = "
             "subject_nuisance[subject][modality].motion.matrix (head placement), d = subject_nuisance[subject]."
             "warp (cubic interpolating spline through its control displacements); "
-            "masan.data.deformation.transform_from_record")
+            "masan.synth.deformation.transform_from_record")
     (out / PLANTED_EFFECT_FILE).write_text(json.dumps(record, indent=1))
     return out

@@ -12,7 +12,7 @@ shows the template at ``T(g) = W(A g)``:
   truth record holding that grid holds the warp exactly.
 
 :func:`draw_rigid` and :func:`draw_warp` draw them; :func:`transform_from_record` rebuilds a
-subject's transform from the truth record (:mod:`masan.data.anatomy`) for the oracle.
+subject's transform from the truth record (:mod:`masan.synth.anatomy`) for the oracle.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ MATRIX_DECIMALS = 8
 
 @dataclass(frozen=True)
 class Geometry:
-    """How subjects differ in shape and placement beyond :class:`masan.data.anatomy.Nuisance`'s
+    """How subjects differ in shape and placement beyond :class:`masan.synth.anatomy.Nuisance`'s
     misregistration (whose ``misregistration_mm/_deg`` then give the head placement of the T1)."""
 
     warp_rms_mm: float = 2.5

@@ -1,12 +1,12 @@
 """Command-line options shared by the cohort tools (data_tools/synth_cohort.py, bench/science.py):
-the shapes and the planted effect of both generators, the phantom (:mod:`masan.data.synth`) and
-the MNI152 cohort (:mod:`masan.data.anatomy`); kept apart from both so that neither imports the
+the shapes and the planted effect of both generators, the phantom (:mod:`masan.synth.phantom`) and
+the MNI152 cohort (:mod:`masan.synth.anatomy`); kept apart from both so that neither imports the
 other for its options."""
 
 from __future__ import annotations
 
-from masan.data import anatomy
-from masan.data.synth import PlantedEffect
+from masan.synth import anatomy
+from masan.synth.phantom import PlantedEffect
 
 
 def add_shape_arguments(parser, defaults: dict[str, str]) -> None:
