@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from masan.config import ModelConfig
-from masan.synth import anatomy, presets
+from masan.synth import anatomy, presets, structures
 from masan.synth.options import add_effect_arguments, add_shape_arguments
 from masan.synth.phantom import DEFAULT_CLASSES, DEFAULT_SEVERITY, PlantedEffect, synthesize_cohort
 
@@ -134,9 +134,9 @@ def main(argv: list[str] | None = None) -> int:
                          f"{adni.geometry.fmri_offset_deg:g} degrees, default {adni.nuisance.misregistration_mm:g} "
                          f"{adni.nuisance.misregistration_deg:g}); the header keeps the nominal grid, so the brain "
                          "sits elsewhere in each subject's voxels")
-    mn.add_argument("--partner", default=None, choices=sorted(anatomy.STRUCTURES), metavar="NAME",
+    mn.add_argument("--partner", default=None, choices=sorted(structures.STRUCTURES), metavar="NAME",
                     help="partner network for the connectivity effect (default: first of "
-                         f"{', '.join(anatomy.PARTNER_CHOICES)} not planted)")
+                         f"{', '.join(structures.PARTNER_CHOICES)} not planted)")
     mn.add_argument("--orientation", default=None,
                     help="voxel axis codes of the written files, e.g. RAS (default) or LAS")
     args = p.parse_args(argv)

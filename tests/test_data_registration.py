@@ -15,8 +15,9 @@ from scipy.spatial.transform import Rotation
 from masan.convert import nifti, registration
 from masan.convert.cohort import ConvertOptions
 from masan.convert.registration import RegistrationError, ras_matrix, template_on_grid, to_ants
+from masan.convert.template import grid_affine
 from masan.store.cohort import REPORT, CohortStore
-from masan.synth.anatomy import Nuisance, grid_affine, synthesize_anatomy_cohort
+from masan.synth.anatomy import Nuisance, synthesize_anatomy_cohort
 from test_data_convert import to_zarr, write_manifest
 
 T1_SHAPE, FMRI_SHAPE, FRAMES = (48, 56, 48), (12, 14, 12), 8
