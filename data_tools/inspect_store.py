@@ -19,7 +19,7 @@ from pathlib import Path
 
 import zarr
 
-from masan.convert.cohort import verify_group
+from masan.convert.subject import verify_group
 from masan.store.cohort import CohortStore, StoreError, StrictLocalStore
 
 

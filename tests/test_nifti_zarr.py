@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import zarr
 
-from masan.convert.cohort import verify_group
+from masan.convert.subject import verify_group
 from masan.store import nifti_zarr
 from masan.store.cohort import CohortStore
 from test_data_convert import DATA, REAL, real_manifest, to_zarr
