@@ -8,6 +8,7 @@ the contract); the conversion, QC and synthesis tools live in :mod:`masan.conver
 - :mod:`masan.data.splits`     stratified subject-level splits
 - :mod:`masan.data.transforms` train-only augmentation
 - :mod:`masan.data.temporal`   how an fMRI run is presented (z-score or fluctuations)
-- :mod:`masan.data.cache`      the node-wide cohort cache (``data.cache``)
+- :mod:`masan.data.cache`      the node-wide cohort cache (``data.cache``): decode once, share
+- :mod:`masan.data.batches`    the cache's training batches, prepared ahead and scaled on the device
 - :mod:`masan.data.contract`   the geometry contract between a store, a model and a run
 """
