@@ -237,8 +237,8 @@ def prepare_cohort(root: str, cfg_dict: dict, subjects: int, workers: int) -> st
     the loader's and the step's cost do not depend on the voxels. -> the store."""
     import nibabel as nib
 
-    from masan.data.convert import ConvertOptions, convert_cohort, discover_bids
-    from masan.data.synth import synthesize_cohort
+    from masan.convert.cohort import ConvertOptions, convert_cohort, discover_bids
+    from masan.synth.phantom import synthesize_cohort
 
     m = cfg_dict["model"]
     bids = Path(root) / "bids"
@@ -280,7 +280,7 @@ def cache_dir_for(need_bytes: int, preferred: str, fallback: str) -> str:
 
 def loader_section(store: str, args, cfg: RunConfig, work: Path, budget: Budget) -> str:
     from bench.io import CACHES, loader_speeds
-    from masan.data.store import CohortStore
+    from masan.store.cohort import CohortStore
 
     s = CohortStore(store)
     need = sum(np.dtype(s.row(x)[m]["dtype"]).itemsize * int(np.prod(s.shape(x, m))) for x in s.subjects

@@ -41,12 +41,12 @@ import torch
 from torch.utils.data import DataLoader
 
 from masan.config import DataConfig, ModelConfig
+from masan.convert.cohort import ConvertOptions, convert_cohort, discover_bids
 from masan.data.cache import CohortCache
-from masan.data.convert import ConvertOptions, convert_cohort, discover_bids
 from masan.data.dataset import CohortDataset
-from masan.data.store import SUBJECTS, CohortStore
-from masan.data.synth import synthesize_cohort
 from masan.model.inputs import PRECISION_DTYPES
+from masan.store.cohort import SUBJECTS, CohortStore
+from masan.synth.phantom import synthesize_cohort
 from masan.train.loop import to_device
 
 CACHES = ("none", "host", "device")

@@ -71,11 +71,11 @@ if str(REPO) not in sys.path:  # bench.baselines and masan import with the repos
 
 from bench.baselines import LinearBaseline, Oracle, metric_values  # noqa: E402
 from masan.config import ConfigError, RunConfig, config_hash, load_config  # noqa: E402
-from masan.data import anatomy  # noqa: E402
-from masan.data.presets import PRESETS  # noqa: E402
-from masan.data.synth_options import add_effect_arguments, add_shape_arguments  # noqa: E402
 from masan.files import atomic_write_json  # noqa: E402
 from masan.rundir import RunDir  # noqa: E402
+from masan.synth import anatomy  # noqa: E402
+from masan.synth.options import add_effect_arguments, add_shape_arguments  # noqa: E402
+from masan.synth.presets import PRESETS  # noqa: E402
 
 CONFIG = REPO / "hpc/configs/science.yaml"
 PAPER_EXACT = REPO / "hpc/configs/paper-exact.yaml"
@@ -503,7 +503,7 @@ def fitted_rows(args: argparse.Namespace, store, base: RunConfig, run_dirs: dict
 
 
 def main(argv: list[str] | None = None) -> int:
-    from masan.data.store import CohortStore
+    from masan.store.cohort import CohortStore
 
     args = parse_args(argv)
     start = time.perf_counter()

@@ -36,8 +36,8 @@ VARIANTS = (("1 proc fp32", 1, "fp32"), ("2 proc fp32", 2, "fp32"), ("1 proc bf1
 
 
 def make_store(root: Path, cfg: dict) -> Path:
-    from masan.data.convert import ConvertOptions, convert_cohort, discover_bids
-    from masan.data.synth import synthesize_cohort
+    from masan.convert.cohort import ConvertOptions, convert_cohort, discover_bids
+    from masan.synth.phantom import synthesize_cohort
 
     m = cfg["model"]
     classes = tuple(cfg["data"]["classes"])

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import zarr
 
-from masan.data.convert import verify_group
-from masan.data.store import CohortStore, StoreError, StrictLocalStore
+from masan.convert.subject import verify_group
+from masan.store.cohort import CohortStore, StoreError, StrictLocalStore
 
 
 def _size(path: Path) -> int:

@@ -28,7 +28,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from masan.data.qc import QCError, QCOptions, add_option_arguments, write_report
+from masan.qc.report import QCError, QCOptions, add_option_arguments, write_report
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("store", type=Path, help="cohort store written by data_tools/to_zarr.py")
     p.add_argument("--out", type=Path, required=True,
                    help="report folder (new, empty, or an earlier report, which is replaced)")
-    add_option_arguments(p)  # --subjects, --min-frames, the thresholds (masan.data.qc.QCOptions)
+    add_option_arguments(p)  # --subjects, --min-frames, the thresholds (masan.qc.report.QCOptions)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 

@@ -41,9 +41,9 @@ from pathlib import Path
 import numpy as np
 
 from masan.config import ModelConfig
-from masan.data import anatomy, presets
-from masan.data.synth import DEFAULT_CLASSES, DEFAULT_SEVERITY, PlantedEffect, synthesize_cohort
-from masan.data.synth_options import add_effect_arguments, add_shape_arguments
+from masan.synth import anatomy, presets, structures
+from masan.synth.options import add_effect_arguments, add_shape_arguments
+from masan.synth.phantom import DEFAULT_CLASSES, DEFAULT_SEVERITY, PlantedEffect, synthesize_cohort
 
 FULL_FRAMES = ModelConfig().fmri_frames
 # Defaults per anatomy: subjects per class, T1 shape, fMRI shape, frames (mni152: its preset's).
@@ -78,7 +78,8 @@ def _generator_arguments(p: argparse.ArgumentParser, args: argparse.Namespace, p
     return kw
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The tool's options: the shared ones, the phantom's, then the MNI152 cohort's."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True, help="BIDS folder to write")
     p.add_argument("--anatomy", choices=["phantom", "mni152"], default="phantom",
@@ -102,6 +103,11 @@ def main(argv: list[str] | None = None) -> int:
                          "cell 1,1,1 of 4x4x4)")
     ph.add_argument("--radius", type=float, default=None,
                     help=f"ball radius, fraction of each axis (default {PlantedEffect.radius})")
+    _add_mni152_arguments(p)
+    return p
+
+
+def _add_mni152_arguments(p: argparse.ArgumentParser) -> None:
     mn = p.add_argument_group("mni152")
     easy, adni = presets.PRESETS["easy"], presets.PRESETS["adni-like"]
     mn.add_argument("--preset", default=None, choices=list(presets.PRESETS),
@@ -134,18 +140,19 @@ def main(argv: list[str] | None = None) -> int:
                          f"{adni.geometry.fmri_offset_deg:g} degrees, default {adni.nuisance.misregistration_mm:g} "
                          f"{adni.nuisance.misregistration_deg:g}); the header keeps the nominal grid, so the brain "
                          "sits elsewhere in each subject's voxels")
-    mn.add_argument("--partner", default=None, choices=sorted(anatomy.STRUCTURES), metavar="NAME",
+    mn.add_argument("--partner", default=None, choices=sorted(structures.STRUCTURES), metavar="NAME",
                     help="partner network for the connectivity effect (default: first of "
-                         f"{', '.join(anatomy.PARTNER_CHOICES)} not planted)")
+                         f"{', '.join(structures.PARTNER_CHOICES)} not planted)")
     mn.add_argument("--orientation", default=None,
                     help="voxel axis codes of the written files, e.g. RAS (default) or LAS")
-    args = p.parse_args(argv)
 
+
+def _check(p: argparse.ArgumentParser, args: argparse.Namespace, preset: presets.Preset) -> None:
+    """Exit 2 (``p.error``) for an option of the other anatomy or one the preset does not take."""
     for name, owner in ANATOMY_ONLY.items():
         if getattr(args, name) is not None and args.anatomy != owner:
             p.error(f"--{name.replace('_', '-')} applies to --anatomy {owner} only")
     name = args.preset or presets.DEFAULT_PRESET
-    preset = presets.PRESETS[name]
     if args.anatomy == "mni152":
         if args.per_class is not None and preset.proportions is not None:
             p.error(f"--per-class does not apply to --preset {name}, whose classes follow the paper's "
@@ -156,6 +163,11 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--subjects {args.subjects} leaves a class empty; give at least {len(args.classes)}")
         if args.warp_rms is not None and preset.geometry is None:
             p.error(f"--warp-rms applies to --preset adni-like; --preset {name} has no warp")
+
+
+def _sizes(args: argparse.Namespace, preset: presets.Preset) -> tuple[int | None, tuple, tuple, int]:
+    """(subjects per class, T1 shape, fMRI shape, frames): the anatomy's defaults, the preset's
+    frames, the options given, or the paper's sizes with ``--full``."""
     per_class, t1_shape, fmri_shape, frames = DEFAULTS[args.anatomy]
     per_class = args.per_class if args.per_class is not None else per_class
     frames = preset.frames if frames is None else frames
@@ -163,6 +175,11 @@ def main(argv: list[str] | None = None) -> int:
     frames = args.frames if args.frames is not None else frames
     if args.full:
         t1_shape, fmri_shape, frames = ModelConfig().t1_shape, ModelConfig().fmri_shape, FULL_FRAMES
+    return per_class, tuple(t1_shape), tuple(fmri_shape), frames
+
+
+def _severity(p: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, float] | None:
+    """class -> ``--severity`` value, None for the defaults (exit 2 when they do not fit the classes)."""
     severity = None
     if args.severity is not None:
         if len(args.severity) != len(args.classes):
@@ -170,14 +187,23 @@ def main(argv: list[str] | None = None) -> int:
         severity = dict(zip(args.classes, args.severity))
     elif not set(args.classes) <= set(DEFAULT_SEVERITY):
         p.error(f"classes other than {list(DEFAULT_SEVERITY)} need --severity")
+    return severity
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
+    args = p.parse_args(argv)
+    preset = presets.PRESETS[args.preset or presets.DEFAULT_PRESET]
+    _check(p, args, preset)
+    per_class, t1_shape, fmri_shape, frames = _sizes(args, preset)
+    severity = _severity(p, args)
     if args.strength is not None and len(args.strength) > (1 if args.anatomy == "phantom" else 2):
         p.error("--strength takes one value (phantom) or one or two values T1 fMRI (mni152)")
-
     if args.anatomy == "phantom":
         center = tuple(args.center) if args.center is not None else PlantedEffect.center
         radius = args.radius if args.radius is not None else PlantedEffect.radius
         strength = args.strength[0] if args.strength else PlantedEffect.strength
-        out = synthesize_cohort(args.out, per_class, tuple(t1_shape), tuple(fmri_shape), frames,
+        out = synthesize_cohort(args.out, per_class, t1_shape, fmri_shape, frames,
                                 (center, radius), strength, tuple(args.classes), args.seed, severity, args.tr,
                                 progress=True)
         n_subjects = per_class * len(args.classes)
@@ -186,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
             kw = _generator_arguments(p, args, preset)
             counts = preset.counts(args.classes, per_class=args.per_class, subjects=args.subjects)
             out = anatomy.synthesize_anatomy_cohort(
-                args.out, counts, tuple(t1_shape), tuple(fmri_shape), frames=frames,
+                args.out, counts, t1_shape, fmri_shape, frames=frames,
                 structures=tuple(args.structures or ("hippocampus", "amygdala")),
                 seed=args.seed, progress=True, classes=tuple(args.classes), severity=severity,
                 partner=args.partner, tr=args.tr, orientation=args.orientation or "RAS",

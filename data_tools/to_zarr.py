@@ -26,7 +26,7 @@ from pathlib import Path
 
 from masan.access import AccessError, parse_group, parse_mode
 from masan.config import ModelConfig
-from masan.data.convert import (
+from masan.convert.cohort import (
     DEFAULT_CLASSES,
     ConvertError,
     ConvertOptions,
@@ -36,27 +36,12 @@ from masan.data.convert import (
     planted_effect,
     read_manifest,
 )
-from masan.data.registration import DEFAULT_VOXEL_MM, TEMPLATES, TYPES
-from masan.data.store import REPORT
+from masan.convert.registration import DEFAULT_VOXEL_MM, TEMPLATES, TYPES
+from masan.store.cohort import REPORT
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    model = ModelConfig()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--bids", type=Path, help="BIDS folder with participants.tsv and sub-*/[ses-*/]anat|func")
-    src.add_argument("--manifest", type=Path, help="CSV with columns subject,t1,fmri,label (paths relative to it)")
-    p.add_argument("--out", type=Path, required=True, help="store folder (created, or updated in place)")
-    p.add_argument("--label-column", default="diagnosis", help="participants.tsv column holding the diagnosis")
-    p.add_argument("--label-map", default=None,
-                   help="extra RAW=CLASS pairs, e.g. 'Dementia=AD,MCI=LMCI' (CN=NC is built in; case-insensitive)")
-    p.add_argument("--classes", nargs="+", default=list(DEFAULT_CLASSES), help="class names, in order")
-    p.add_argument("--session", default=None, help="BIDS session to use (default: first with T1w and BOLD)")
-    p.add_argument("--require", nargs="+", choices=["t1", "fmri"], default=["t1", "fmri"],
-                   help="modalities every subject must have (others are converted when present)")
-    p.add_argument("--allow-unlabeled", action="store_true",
-                   help="store subjects without a diagnosis (empty or n/a) for `python -m masan.predict`; "
-                        "training leaves them out (default: such a subject fails)")
+def _add_layout_arguments(p: argparse.ArgumentParser, model: ModelConfig) -> None:
+    """How voxels are laid out in the store (ConvertOptions' layout fields)."""
     lay = p.add_argument_group("layout")
     orient = lay.add_mutually_exclusive_group()
     orient.add_argument("--keep-orientation", action="store_true",
@@ -85,6 +70,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     lay.add_argument("--levels", type=int, default=d.levels,
                      help="resolution levels per image (default %(default)s: full resolution only); each further "
                           "level halves X, Y, Z for OME-Zarr viewers (training reads level 0)")
+
+
+def _add_registration_arguments(p: argparse.ArgumentParser) -> None:
+    """Spatial normalisation with ANTs (ConvertOptions' register, template, threads)."""
+    d = ConvertOptions()
     reg = p.add_argument_group("registration (spatial normalisation with ANTs; docs/data-format.md)")
     reg.add_argument("--register", default=d.register, choices=list(TYPES),
                      help="register each T1 to --template (rigid, affine, or affine + SyN warp) and resample it onto "
@@ -100,6 +90,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                      help="ITK threads per worker for the registrations (default: usable cores / workers). With 1 "
                           "a rerun reproduces every byte (use --workers for speed); with more, reruns differ by "
                           "fractions of a millimetre")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    model = ModelConfig()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--bids", type=Path, help="BIDS folder with participants.tsv and sub-*/[ses-*/]anat|func")
+    src.add_argument("--manifest", type=Path, help="CSV with columns subject,t1,fmri,label (paths relative to it)")
+    p.add_argument("--out", type=Path, required=True, help="store folder (created, or updated in place)")
+    p.add_argument("--label-column", default="diagnosis", help="participants.tsv column holding the diagnosis")
+    p.add_argument("--label-map", default=None,
+                   help="extra RAW=CLASS pairs, e.g. 'Dementia=AD,MCI=LMCI' (CN=NC is built in; case-insensitive)")
+    p.add_argument("--classes", nargs="+", default=list(DEFAULT_CLASSES), help="class names, in order")
+    p.add_argument("--session", default=None, help="BIDS session to use (default: first with T1w and BOLD)")
+    p.add_argument("--require", nargs="+", choices=["t1", "fmri"], default=["t1", "fmri"],
+                   help="modalities every subject must have (others are converted when present)")
+    p.add_argument("--allow-unlabeled", action="store_true",
+                   help="store subjects without a diagnosis (empty or n/a) for `python -m masan.predict`; "
+                        "training leaves them out (default: such a subject fails)")
+    _add_layout_arguments(p, model)
+    _add_registration_arguments(p)
+    d = ConvertOptions()
     p.add_argument("--nan", default=d.nan, choices=["error", "zero"],
                    help="NaN voxels: error (default: the subject fails) or zero (stored as 0, count recorded)")
     p.add_argument("--workers", type=int, default=1, help="subjects converted in parallel (processes)")

@@ -28,8 +28,8 @@ import time
 from pathlib import Path
 
 from masan.config import load_config
-from masan.data.anatomy import ANATOMY
 from masan.rundir import RunDir
+from masan.synth.anatomy import ANATOMY
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO / "hpc" / "configs" / "demo.yaml"

@@ -1,7 +1,7 @@
 """MASAN-HPC: multiscale autoencoder with structural-functional attention for AD classification.
 
 The data path, top to bottom:
-NIfTI -> store (masan.data.store) -> dataset (masan.data.dataset) -> model (masan.model)
+NIfTI -> store (masan.store.cohort) -> dataset (masan.data.dataset) -> model (masan.model)
 -> loss (masan.model.loss) -> engine (masan.train) -> checkpoint/logs -> report (masan.evaluate).
 """
 

@@ -65,7 +65,7 @@ def check_out(out: Path, suggestion: Path) -> Path | None:
 
     Called before the model is loaded: a refusal costs nothing. Symlinks are resolved, so a
     link into a store or a run directory is refused like the folder itself."""
-    from masan.data.places import enclosing, is_cohort_store, is_run_dir
+    from masan.store.places import enclosing, is_cohort_store, is_run_dir
 
     if out.exists() and not out.is_dir():
         raise PredictRefused(f"--out {out} is an existing file; --out names a folder (new or existing) for "
@@ -302,7 +302,7 @@ def check_contract(cfg: RunConfig, run_dir: Path, store: str, subjects: list[str
     (``store_geometry.json``; for runs older than it, the model's input shapes)."""
     from masan.data.contract import ContractError, Geometry, mismatches, store_geometry
     from masan.data.dataset import used_modalities
-    from masan.data.store import CohortStore
+    from masan.store.cohort import CohortStore
 
     path = RunDir(run_dir).store_geometry
     trained = (json.loads(path.read_text()) if path.is_file() else

@@ -67,8 +67,8 @@ def slurm_cluster():
 @pytest.fixture(scope="session")
 def tiny_store(tmp_path_factory) -> Path:
     """A converted Zarr cohort: 5 NC + 5 AD phantom subjects (real NIfTI -> real store)."""
-    from masan.data.convert import ConvertOptions, convert_cohort, discover_bids
-    from masan.data.synth import synthesize_cohort
+    from masan.convert.cohort import ConvertOptions, convert_cohort, discover_bids
+    from masan.synth.phantom import synthesize_cohort
 
     root = tmp_path_factory.mktemp("cohort")
     bids = synthesize_cohort(root / "bids", n_per_class=5, classes=("NC", "AD"), frames=6)

@@ -165,8 +165,8 @@ def test_linear_row_is_fitted_on_the_runs_split_from_the_store_alone(tiny_store,
     scored on its test part."""
     from masan.config import config_from_dict
     from masan.data.splits import make_split
-    from masan.data.store import CohortStore
     from masan.rundir import RunDir
+    from masan.store.cohort import CohortStore
 
     baselines = baselines_module()
     store = CohortStore(tiny_store)

@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from masan.data import anatomy, deformation, presets
-from masan.data.anatomy import Nuisance, synthesize_anatomy_cohort
-from masan.data.deformation import Geometry, SubjectTransform, Warp, draw_warp, rms_length, transform_from_record
-from masan.data.presets import PAPER_CLASS_COUNTS, PRESETS, class_counts
-from masan.data.store import CohortStore
+from masan.convert import template
 from masan.evaluate import oracle
+from masan.store.cohort import CohortStore
+from masan.synth import anatomy, deformation, presets
+from masan.synth.anatomy import Nuisance, synthesize_anatomy_cohort
+from masan.synth.deformation import Geometry, SubjectTransform, Warp, draw_warp, rms_length, transform_from_record
+from masan.synth.presets import PAPER_CLASS_COUNTS, PRESETS, class_counts
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--t1-shape", "16", "20", "16", "--fmri-shape", "6", "7", "6"]
@@ -138,15 +139,15 @@ def test_warped_sampling_matches_affine_sampling_without_displacement(monkeypatc
     """The warp path (slabs of X planes, map_coordinates) and the affine path agree when the
     displacement is zero, and a rigid-only transform takes the affine path bit for bit."""
     shape = (20, 24, 20)
-    aff = anatomy.grid_affine(shape)
-    src = anatomy.prepared(("t1",), anatomy.voxel_size(aff))
+    aff = template.grid_affine(shape)
+    src = template.prepared(("t1",), template.voxel_size(aff))
     rigid, _ = deformation.draw_rigid(np.random.default_rng(3), 6.0, 6.0, np.array([0.0, -17.0, 5.0]))
     zero = Warp((0.0, 0.0, 0.0), (10.0, 10.0, 10.0), np.zeros((4, 4, 4, 3)))
     monkeypatch.setattr(deformation, "CACHED_POINTS", 1000)  # several slabs
-    warped = anatomy.sample(src, shape, aff, SubjectTransform(rigid, zero))
-    plain = anatomy.sample(src, shape, aff, rigid)
+    warped = deformation.sample_through(src, shape, aff, SubjectTransform(rigid, zero))
+    plain = deformation.sample_through(src, shape, aff, rigid)
     assert np.abs(warped - plain).max() < 1e-3 * np.abs(plain).max()
-    assert np.array_equal(anatomy.sample(src, shape, aff, SubjectTransform(rigid)), plain)
+    assert np.array_equal(deformation.sample_through(src, shape, aff, SubjectTransform(rigid)), plain)
 
 
 @pytest.fixture(scope="module")
@@ -181,7 +182,7 @@ def test_subject_space_masks_hold_the_effect_of_an_unregistered_subject(planted_
     on, off = planted_pair
     rec = _record(on)
     shape = (40, 48, 40)
-    aff = anatomy.grid_affine(shape)
+    aff = template.grid_affine(shape)
     for subject in ("sub-001", "sub-002"):
         diff = _t1(on, subject) - _t1(off, subject)
         assert diff.min() < -50

@@ -13,12 +13,14 @@ import pytest
 from scipy import ndimage
 from sklearn.model_selection import StratifiedKFold, cross_val_score
 
-from masan.data import anatomy
-from masan.data.anatomy import Nuisance, synthesize_anatomy_cohort
-from masan.data.store import CohortStore
-from masan.data.synth import PlantedEffect, _affine, synthesize_cohort
+from masan.convert import template
 from masan.evaluate import oracle
 from masan.evaluate.oracle import feature_names, oracle_predict, planted_features, planted_masks, planted_region_ranks
+from masan.store.cohort import CohortStore
+from masan.synth import anatomy, structures
+from masan.synth.anatomy import Nuisance, synthesize_anatomy_cohort
+from masan.synth.deformation import voxel_centers_mm
+from masan.synth.phantom import PlantedEffect, _affine, synthesize_cohort
 
 ROOT = Path(__file__).resolve().parents[1]
 T1_SHAPE, FMRI_SHAPE, FRAMES = (48, 56, 48), (12, 14, 12), 16
@@ -59,7 +61,7 @@ def test_cohort_files_and_truth_record(cohort):
     assert bold.header.get_zooms()[3] == 2.0 and bold.header.get_xyzt_units() == ("mm", "sec")
     slope = float(bold.dataobj.slope)  # nibabel moves scl_slope from the header to dataobj
     assert 0 < slope < 1 and store.meta("sub-001", "fmri")["nifti"]["scl_slope"] == slope  # int16 x scl_slope
-    assert np.allclose(t1.affine, anatomy.grid_affine(T1_SHAPE))
+    assert np.allclose(t1.affine, template.grid_affine(T1_SHAPE))
     # one field of view for both modalities (proportional shapes)
     fov = lambda img: np.diag(img.affine)[:3] * np.array(img.shape[:3])  # noqa: E731
     assert np.allclose(fov(t1), fov(bold))
@@ -67,9 +69,10 @@ def test_cohort_files_and_truth_record(cohort):
     effect = store.attrs["planted_effect"]
     assert effect == json.loads((bids / "planted_effect.json").read_text())
     assert effect["anatomy"] == "mni152" and list(effect["structures"]) == ["hippocampus", "amygdala"]
-    assert effect["structures"]["hippocampus"][1]["center_mm"] == list(anatomy.STRUCTURES["hippocampus"][1].center_mm)
+    hippocampus = structures.STRUCTURES["hippocampus"]
+    assert effect["structures"]["hippocampus"][1]["center_mm"] == list(hippocampus[1].center_mm)
     assert effect["fmri_effect"] == ["amplitude", "connectivity"] and effect["partner"] == {
-        "posterior_cingulate": [e.record() for e in anatomy.STRUCTURES["posterior_cingulate"]]}
+        "posterior_cingulate": [e.record() for e in structures.STRUCTURES["posterior_cingulate"]]}
     assert effect["severity"] == {"NC": 0.0, "EMCI": 1 / 3, "LMCI": 2 / 3, "AD": 1.0}
     sev = effect["subject_severity"]
     assert sorted(sev) == store.subjects and all(0 <= v <= 1 for v in sev.values())
@@ -82,8 +85,8 @@ def test_masks_land_in_the_structures_on_the_store_grid(cohort):
     _, store, _, _ = cohort
     effect, s = store.attrs["planted_effect"], store.subjects[0]
     shape, aff = store.shape(s, "t1"), store.affine(s, "t1")
-    gm = anatomy.sample(anatomy.prepared(("gm",), anatomy.voxel_size(aff)), shape, aff)
-    brain = anatomy.sample(anatomy.prepared(("brain",), anatomy.voxel_size(aff)), shape, aff)
+    gm = template.sample(template.prepared(("gm",), template.voxel_size(aff)), shape, aff)
+    brain = template.sample(template.prepared(("brain",), template.voxel_size(aff)), shape, aff)
     masks = planted_masks(effect, shape, aff, "t1")
     assert set(masks) == {"hippocampus", "amygdala"}
     for name, m in masks.items():
@@ -91,7 +94,7 @@ def test_masks_land_in_the_structures_on_the_store_grid(cohort):
         assert gm[m].min() > 0.2 and gm[m].mean() > 0.5, f"{name}: mask must be grey matter"
         assert brain[m].min() > 0.9
     # hippocampus mask voxels are near the hippocampus centres (left and right halves)
-    pts = anatomy.voxel_centers_mm(shape, aff)[masks["hippocampus"]]
+    pts = voxel_centers_mm(shape, aff)[masks["hippocampus"]]
     assert (pts[:, 0] < 0).any() and (pts[:, 0] > 0).any()
     assert np.abs(np.abs(pts[:, 0]) - 26).max() < 12 and np.abs(pts[:, 1] + 22).max() < 20
     fmasks = planted_masks(effect, store.shape(s, "fmri"), store.affine(s, "fmri"), "fmri")
@@ -99,7 +102,7 @@ def test_masks_land_in_the_structures_on_the_store_grid(cohort):
     # region ranks on the store grid: the record's (no transform here), hippocampus cells first
     ranks = planted_region_ranks(effect, shape, aff, (4, 4, 4))
     assert ranks == effect["region_ranks"]["t1"]["4x4x4"] and len(ranks) >= 2
-    counts = anatomy.region_counts(np.logical_or(*masks.values()), (4, 4, 4))
+    counts = structures.region_counts(np.logical_or(*masks.values()), (4, 4, 4))
     assert counts[ranks[0]] == counts.max() and set(np.flatnonzero(counts)) == set(ranks)
 
 
@@ -172,7 +175,7 @@ def test_masks_are_right_in_store_space_after_reorient_and_crop(tmp_path):
         tr = store.meta(nc, mod)["transform"]
         assert tr["reoriented_to"] == "RAS"
         out_shape = tuple(tr["out_shape"])
-        ref = planted_masks(effect, shape, anatomy.grid_affine(shape), mod)  # on the RAS grid as synthesized
+        ref = planted_masks(effect, shape, template.grid_affine(shape), mod)  # on the RAS grid as synthesized
         got = planted_masks(effect, out_shape, store.affine(nc, mod), mod)
         for name in ref:
             want = np.zeros(out_shape, bool)

@@ -14,11 +14,11 @@ import torch.multiprocessing as mp
 from torch.utils.data import DataLoader
 
 from masan.config import DataConfig
+from masan.convert.cohort import ConvertOptions, convert_cohort, discover_bids
 from masan.data.cache import CacheError, CohortCache, open_cache
-from masan.data.convert import ConvertOptions, convert_cohort, discover_bids
 from masan.data.dataset import CohortDataset, select_subjects
-from masan.data.store import CohortStore
-from masan.data.synth import synthesize_cohort
+from masan.store.cohort import CohortStore
+from masan.synth.phantom import synthesize_cohort
 from masan.train.loop import to_device
 
 T1, FMRI, FRAMES = (16, 16, 12), (8, 8, 6), 5
@@ -135,15 +135,15 @@ def test_the_next_epochs_first_batches_are_prepared_ahead(store, tmp_path, monke
     batches once this one's are done: the next iterator starts with them, and every batch of
     both epochs is the store path's, prepared once; if the next epoch asks for another order
     (a resume mid-epoch, a change of phase) they are dropped and its own are prepared."""
-    from masan.data import cache as cache_module
+    from masan.data import batches as batches_module
 
     cfg = _cfg(tmp_path, cache="host")
     ds = _dataset(store, cfg)
     plain = [to_device(b, torch.device("cpu"), torch.float32) for b in DataLoader(ds, batch_size=1)]
     cache = open_cache(ds, cfg, torch.device("cpu"))
     prepared = []
-    original = cache_module._Producer._prepare
-    monkeypatch.setattr(cache_module._Producer, "_prepare",
+    original = batches_module._Producer._prepare
+    monkeypatch.setattr(batches_module._Producer, "_prepare",
                         lambda self, slot, group: prepared.append(list(group)) or original(self, slot, group))
     first, announced = [0, 1, 2, 3, 4, 5], [5, 3, 1, 0, 2, 4]
     second = announced if next_order == "as announced" else [4, 2, 0, 1, 3, 5]

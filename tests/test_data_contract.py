@@ -19,10 +19,10 @@ import pytest
 import yaml
 
 from masan.config import RunConfig
+from masan.convert.cohort import ConvertOptions, convert_cohort, discover_bids
 from masan.data.contract import ContractError, Geometry, mismatches, resolve_inputs, store_geometry
-from masan.data.convert import ConvertOptions, convert_cohort, discover_bids
 from masan.data.dataset import UNLABELED, select_subjects
-from masan.data.store import CohortStore
+from masan.store.cohort import CohortStore
 
 REPO = Path(__file__).resolve().parents[1]
 T1 = (10, 12, 10)
@@ -287,7 +287,7 @@ def test_a_start_that_breaks_the_contract_exits_2_and_writes_nothing(tmp_path, t
 
 @pytest.mark.slow  # real training starts
 def test_predict_refuses_another_geometry_and_scores_unlabeled_subjects(tmp_path, trained_run, tiny_store):
-    from masan.data.synth import synthesize_cohort
+    from masan.synth.phantom import synthesize_cohort
 
     bids = synthesize_cohort(tmp_path / "bids", n_per_class=2, classes=("NC", "AD"), frames=6, seed=5)
     other = convert_cohort(discover_bids(bids), tmp_path / "cropped.zarr",

@@ -16,8 +16,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from masan.data.store import REPORT, STAGING, SUBJECTS, CohortStore
-from masan.data.synth import synthesize_cohort
+from masan.store.cohort import REPORT, STAGING, SUBJECTS, CohortStore
+from masan.synth.phantom import synthesize_cohort
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(nib.__file__).parent / "tests" / "data"
@@ -315,7 +315,7 @@ def test_killed_conversion_resumes_with_complete_subjects(tmp_path):
 
 _PEAK_RSS = """
 import resource, sys
-from masan.data.convert import ConvertOptions, SubjectSource, convert_cohort
+from masan.convert.cohort import ConvertOptions, SubjectSource, convert_cohort
 from pathlib import Path
 src = [SubjectSource("s", "AD", None, Path(sys.argv[1]), "test")]
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -328,7 +328,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
 
 def test_fmri_streams_in_bounded_memory(tmp_path):
     """A run 8x longer must not need 8x the memory: the conversion holds one shard of frames."""
-    from masan.data.nifti import write_nifti_slabs
+    from masan.convert.nifti import write_nifti_slabs
 
     shape, rng = (40, 40, 40), np.random.default_rng(0)
     peaks, sizes = [], []

@@ -9,10 +9,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from masan.config import ConfigError, DataConfig
-from masan.data.convert import ConvertOptions, convert_cohort, discover_bids
+from masan.convert.cohort import ConvertOptions, convert_cohort, discover_bids
 from masan.data.dataset import CohortDataset, select_subjects
-from masan.data.store import CohortStore
-from masan.data.synth import synthesize_cohort
+from masan.store.cohort import CohortStore
+from masan.synth.phantom import synthesize_cohort
 
 T1, FMRI, FRAMES = (16, 16, 8), (8, 8, 4), 6
 

@@ -8,7 +8,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from masan.data import nifti
+from masan.convert import nifti
 
 DATA = os.path.join(os.path.dirname(nib.__file__), "tests", "data")
 FOUR_D = ["functional.nii", "example4d.nii.gz", "example_nifti2.nii.gz"]

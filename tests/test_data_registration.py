@@ -12,11 +12,12 @@ import pytest
 import zarr
 from scipy.spatial.transform import Rotation
 
-from masan.data import nifti, registration
-from masan.data.anatomy import Nuisance, grid_affine, synthesize_anatomy_cohort
-from masan.data.convert import ConvertOptions
-from masan.data.registration import RegistrationError, ras_matrix, template_on_grid, to_ants
-from masan.data.store import REPORT, CohortStore
+from masan.convert import nifti, registration
+from masan.convert.cohort import ConvertOptions
+from masan.convert.registration import RegistrationError, ras_matrix, template_on_grid, to_ants
+from masan.convert.template import grid_affine
+from masan.store.cohort import REPORT, CohortStore
+from masan.synth.anatomy import Nuisance, synthesize_anatomy_cohort
 from test_data_convert import to_zarr, write_manifest
 
 T1_SHAPE, FMRI_SHAPE, FRAMES = (48, 56, 48), (12, 14, 12), 8
@@ -249,7 +250,7 @@ def test_register_none_is_the_store_without_registration(cohort):
 
 
 def test_qc_report_draws_the_template_and_flags_a_poor_fit(registered, tmp_path):
-    from masan.data.qc import QCOptions, write_report
+    from masan.qc.report import QCOptions, write_report
 
     res = write_report(registered.path, tmp_path / "qc", QCOptions(subjects=["moved"], progress=False))
     assert (tmp_path / "qc" / "moved_registration.png").is_file()

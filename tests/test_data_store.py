@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import zarr
 
-from masan.data.convert import ConvertOptions, convert_cohort, discover_bids
-from masan.data.store import CohortStore, StoreError
-from masan.data.synth import synthesize_cohort
+from masan.convert.cohort import ConvertOptions, convert_cohort, discover_bids
+from masan.store.cohort import CohortStore, StoreError
+from masan.synth.phantom import synthesize_cohort
 
 T1, FMRI, FRAMES = (32, 24, 16), (12, 16, 8), 20
 

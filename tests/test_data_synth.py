@@ -13,9 +13,9 @@ from sklearn.feature_selection import f_classif
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import cross_val_score
 
-from masan.data.convert import convert_cohort, discover_bids, planted_effect
-from masan.data.store import CohortStore
-from masan.data.synth import PlantedEffect, synthesize_cohort
+from masan.convert.cohort import convert_cohort, discover_bids, planted_effect
+from masan.store.cohort import CohortStore
+from masan.synth.phantom import PlantedEffect, synthesize_cohort
 
 ROOT = Path(__file__).resolve().parents[1]
 

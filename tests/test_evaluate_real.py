@@ -14,16 +14,16 @@ import torch
 from torch.utils.data import DataLoader
 
 from masan.config import config_from_dict, save_config
-from masan.data.convert import ConvertOptions, convert_cohort, discover_bids
+from masan.convert.cohort import ConvertOptions, convert_cohort, discover_bids
 from masan.data.dataset import CohortDataset, select_subjects
 from masan.data.splits import load_or_make_split
-from masan.data.store import CohortStore
-from masan.data.synth import synthesize_cohort
 from masan.evaluate.__main__ import main
 from masan.evaluate.predict import write_predictions
 from masan.evaluate.region_ranking import atlas_region_names, resample_atlas
 from masan.inference import predict
 from masan.model import build_model, small_model_config
+from masan.store.cohort import CohortStore
+from masan.synth.phantom import synthesize_cohort
 
 HIPPOCAMPUS, CORTEX = 17, 3
 

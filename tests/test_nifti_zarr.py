@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import zarr
 
-from masan.data import nifti_zarr
-from masan.data.convert import verify_group
-from masan.data.store import CohortStore
+from masan.convert.subject import verify_group
+from masan.store import nifti_zarr
+from masan.store.cohort import CohortStore
 from test_data_convert import DATA, REAL, real_manifest, to_zarr
 
 niizarr = pytest.importorskip("niizarr", reason="the nifti-zarr package (pip install '.[test]')")

@@ -1,6 +1,6 @@
 """data_tools/qc_report.py: the QC report of a real converted cohort with planted bad subjects.
 
-The cohort is the demo's phantom (masan.data.synth, 3 NC + 3 AD, T1 32^3, fMRI 16^3 x 8)
+The cohort is the demo's phantom (masan.synth.phantom, 3 NC + 3 AD, T1 32^3, fMRI 16^3 x 8)
 plus subjects made wrong on purpose with nibabel, converted by the real converter (no
 --canonical, so each is stored in its file's voxel order): a constant T1, a clipped T1, an
 fMRI whose affine puts it 2 m away from its T1, an fMRI stored in another voxel orientation,
@@ -68,8 +68,8 @@ def _mirrored(img: nib.Nifti1Image, name: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def qc_store(tmp_path_factory) -> Path:
-    from masan.data.convert import ConvertOptions, convert_cohort, read_manifest
-    from masan.data.synth import synthesize_cohort
+    from masan.convert.cohort import ConvertOptions, convert_cohort, read_manifest
+    from masan.synth.phantom import synthesize_cohort
 
     root = tmp_path_factory.mktemp("qc")
     bids = synthesize_cohort(root / "bids", n_per_class=3, classes=("NC", "AD"), frames=8)
@@ -123,7 +123,7 @@ def qc_store(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def report_dir(qc_store, tmp_path_factory) -> tuple[Path, dict]:
     from masan.access import apply_access
-    from masan.data.qc import QCOptions, write_report
+    from masan.qc.report import QCOptions, write_report
 
     apply_access(qc_store, 0o600)  # a store only its owner reads: so must be its report
     out = tmp_path_factory.mktemp("report") / "qc"
@@ -180,8 +180,8 @@ def test_views_are_three_world_cuts_with_their_directions(qc_store, report_dir):
     world its affine says, not its voxel order."""
     from matplotlib.image import imread
 
-    from masan.data import qc_figures
-    from masan.data.store import CohortStore
+    from masan.qc import figures
+    from masan.store.cohort import CohortStore
 
     out, _ = report_dir
     views, original = imread(out / "sub-mirror_views.png"), imread(out / "sub-001_views.png")
@@ -189,7 +189,7 @@ def test_views_are_three_world_cuts_with_their_directions(qc_store, report_dir):
     assert np.abs(imread(out / "sub-002_views.png") - original).max() > 0.1  # (another subject does differ)
 
     store = CohortStore(qc_store)
-    fig = qc_figures.t1_views_figure(store.read_t1("sub-mirror", normalize=False), store.affine("sub-mirror", "t1"),
+    fig = figures.t1_views_figure(store.read_t1("sub-mirror", normalize=False), store.affine("sub-mirror", "t1"),
                                      None, None)
     cuts = []
     for ax in fig.axes:
@@ -247,7 +247,7 @@ def test_cli_errors_name_the_store_and_the_fix(qc_store, tmp_path, capsys):
 
 def _chunk(store_path: Path, subject: str, modality: str) -> Path:
     """The first chunk (shard) file of a subject's stored array (level 0)."""
-    from masan.data.store import CohortStore
+    from masan.store.cohort import CohortStore
 
     level0 = store_path / CohortStore(store_path).group_path(subject) / modality / "0" / "c"
     return min(p for p in level0.rglob("*") if p.is_file())
@@ -261,7 +261,7 @@ def test_damaged_subjects_are_reported_with_their_cause_and_the_rest_checked(qc_
     _chunk(copy, "sub-003", "t1").unlink()
     rotten = _chunk(copy, "sub-004", "fmri")
     rotten.write_bytes(bytes(rotten.stat().st_size))  # same size, zeros: the checksum no longer matches
-    from masan.data.store import CohortStore
+    from masan.store.cohort import CohortStore
 
     locked = copy / CohortStore(copy).group_path("sub-005")
     can_lock = os.geteuid() != 0  # root reads a mode-000 folder anyway
@@ -295,7 +295,7 @@ def test_damaged_subjects_are_reported_with_their_cause_and_the_rest_checked(qc_
 
 def test_every_option_of_the_tool_sets_its_field():
     """QCOptions owns the tool's options: each flag lands in its field, the rest keep their defaults."""
-    from masan.data.qc import QCOptions
+    from masan.qc.report import QCOptions
 
     spec = importlib.util.spec_from_file_location("qc_report", QC_REPORT)
     mod = importlib.util.module_from_spec(spec)

@@ -17,11 +17,11 @@ import pytest
 import zarr
 
 from masan import access
-from masan.data.convert import ConvertOptions, convert_cohort, discover_bids
-from masan.data.publish import VERSION
-from masan.data.store import CURRENT, SUBJECTS, CohortStore
-from masan.data.store_access import StoreAccess
-from masan.data.synth import synthesize_cohort
+from masan.convert.cohort import ConvertOptions, convert_cohort, discover_bids
+from masan.store.cohort import CURRENT, SUBJECTS, CohortStore
+from masan.store.permissions import StoreAccess
+from masan.store.publish import VERSION
+from masan.synth.phantom import synthesize_cohort
 
 niizarr = pytest.importorskip("niizarr", reason="the nifti-zarr package (pip install '.[test]')")
 

@@ -26,9 +26,9 @@ import numpy as np
 import pytest
 
 from masan import access
-from masan.data import nifti
-from masan.data.store import REPORT, STAGING, SUBJECTS, CohortStore, StoreError
-from masan.data.synth import synthesize_cohort
+from masan.convert import nifti
+from masan.store.cohort import REPORT, STAGING, SUBJECTS, CohortStore, StoreError
+from masan.synth.phantom import synthesize_cohort
 from test_data_convert import write_manifest
 
 pytestmark = pytest.mark.slow  # every test converts cohorts with killed and racing processes

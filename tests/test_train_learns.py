@@ -55,8 +55,8 @@ def _train(tmp_path: Path, cfg: dict) -> dict:
 @pytest.fixture(scope="module")
 def planted_store(tmp_path_factory) -> tuple[Path, int]:
     """(store, planted region index in the 2x2x2 grid) of 12 NC + 12 AD phantom subjects."""
-    from masan.data.convert import ConvertOptions, convert_cohort, discover_bids, planted_effect
-    from masan.data.synth import synthesize_cohort
+    from masan.convert.cohort import ConvertOptions, convert_cohort, discover_bids, planted_effect
+    from masan.synth.phantom import synthesize_cohort
 
     root = tmp_path_factory.mktemp("planted")
     bids = synthesize_cohort(root / "bids", n_per_class=PER_CLASS, classes=("NC", "AD"), frames=6,
@@ -125,10 +125,10 @@ def realistic_store(tmp_path_factory) -> tuple[Path, list[int]]:
     """(store, planted regions of the 4x4x4 grid) of 16 NC + 16 AD subjects of the MNI152
     validation cohort (real anatomy, graded atrophy in hippocampus and amygdala, fMRI effects,
     gain, bias field, noise, misregistration, int16) at a small size."""
-    from masan.data.anatomy import synthesize_anatomy_cohort
-    from masan.data.convert import ConvertOptions, convert_cohort, discover_bids, planted_effect
-    from masan.data.store import CohortStore
+    from masan.convert.cohort import ConvertOptions, convert_cohort, discover_bids, planted_effect
     from masan.evaluate.oracle import planted_region_ranks
+    from masan.store.cohort import CohortStore
+    from masan.synth.anatomy import synthesize_anatomy_cohort
 
     root = tmp_path_factory.mktemp("realistic")
     bids = synthesize_anatomy_cohort(root / "bids", n_per_class=16, t1_shape=(40, 48, 40), fmri_shape=(10, 12, 10),

@@ -1,14 +1,14 @@
-"""Cohort data: NIfTI/BIDS -> Zarr v3 cohort store -> torch samples.
+"""Training-time data: a cohort store's subjects -> torch samples, splits and the node cache.
 
-Modules (imported directly, so that conversion workers need not import torch):
+Imports :mod:`masan.store` (the reader) and :mod:`masan.convert.resample` (voxel sizes, for
+the contract); the conversion, QC and synthesis tools live in :mod:`masan.convert`,
+:mod:`masan.qc` and :mod:`masan.synth`. Modules, imported directly:
 
-- :mod:`masan.data.nifti`   NIfTI header facts, exact voxels, frame-slab streaming
-- :mod:`masan.data.convert` cohort discovery and conversion (``data_tools/to_zarr.py``)
-- :mod:`masan.data.store`   ``CohortStore``, the read API
-- :mod:`masan.data.dataset` ``select_subjects`` and ``CohortDataset``
-- :mod:`masan.data.splits`  stratified subject-level splits
-- :mod:`masan.data.synth`   phantom cohorts with a planted effect (``data_tools/synth_cohort.py``)
-- :mod:`masan.data.anatomy` MNI152 validation cohorts with planted effects (``synth_cohort.py --anatomy mni152``)
-
-Store layout and fidelity choices: docs/data-format.md.
+- :mod:`masan.data.dataset`    ``select_subjects`` and ``CohortDataset``
+- :mod:`masan.data.splits`     stratified subject-level splits
+- :mod:`masan.data.transforms` train-only augmentation
+- :mod:`masan.data.temporal`   how an fMRI run is presented (z-score or fluctuations)
+- :mod:`masan.data.cache`      the node-wide cohort cache (``data.cache``): decode once, share
+- :mod:`masan.data.batches`    the cache's training batches, prepared ahead and scaled on the device
+- :mod:`masan.data.contract`   the geometry contract between a store, a model and a run
 """

@@ -22,8 +22,8 @@ from dataclasses import asdict, dataclass, field
 import nibabel as nib
 
 from masan.config import ConfigError, RunConfig
-from masan.data import resample
-from masan.data.store import CohortStore
+from masan.convert import resample
+from masan.store.cohort import CohortStore
 
 SPACING_RTOL = 0.01
 """Voxel sizes (mm) within 1 % are one size (headers round differently)."""

@@ -19,8 +19,8 @@ import torch
 from torch.utils.data import Dataset
 
 from masan.config import ConfigError, DataConfig
-from masan.data.store import CohortStore
 from masan.data.temporal import fluctuations
+from masan.store.cohort import CohortStore
 
 
 def used_modalities(cfg: DataConfig) -> list[str]:

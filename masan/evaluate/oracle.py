@@ -1,8 +1,8 @@
 """The planted truth of a synthetic cohort, and an oracle that knows where to look.
 
 A synthetic cohort's store carries its truth record in the root attribute
-``planted_effect`` (written by :mod:`masan.data.anatomy` for the MNI152 cohort or by
-:mod:`masan.data.synth` for the phantom, copied by ``data_tools/to_zarr.py``). From it:
+``planted_effect`` (written by :mod:`masan.synth.anatomy` for the MNI152 cohort or by
+:mod:`masan.synth.phantom` for the phantom, copied by ``data_tools/to_zarr.py``). From it:
 
 - :func:`planted_masks`: each planted structure's voxels on any grid, given the grid's
   voxel -> mm affine. Use ``CohortStore.affine(subject, modality)``: that affine is true
@@ -34,9 +34,9 @@ from sklearn.model_selection import StratifiedShuffleSplit
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from masan.data import anatomy
-from masan.data.deformation import transform_from_record
-from masan.data.synth import FIELD_OF_VIEW_MM
+from masan.synth import anatomy, structures
+from masan.synth.deformation import transform_from_record, voxel_centers_mm
+from masan.synth.phantom import FIELD_OF_VIEW_MM
 
 PHANTOM_STRUCTURE = "ball"
 SPACES = ("auto", "subject", "template")
@@ -57,7 +57,7 @@ def _ball_mask(effect: dict, shape: Sequence[int], affine: np.ndarray) -> np.nda
     fraction (i + 0.5) / n, i.e. fraction = (mm + fov / 2 + zoom / 2) / fov per world axis,
     with zoom the voxel size along that world axis (kept by reorientation and crop/pad)."""
     affine = np.asarray(affine, dtype=float)
-    pts = anatomy.voxel_centers_mm(shape, affine)
+    pts = voxel_centers_mm(shape, affine)
     fov = np.asarray(FIELD_OF_VIEW_MM)
     zoom = np.abs(affine[:3, :3]).max(axis=1)
     frac = (pts + fov / 2 + zoom / 2) / fov
@@ -65,7 +65,7 @@ def _ball_mask(effect: dict, shape: Sequence[int], affine: np.ndarray) -> np.nda
 
 
 def is_registered(store) -> bool:
-    """Whether the store's images lie on the template grid (:func:`masan.data.anatomy.grid_affine`
+    """Whether the store's images lie on the template grid (:func:`masan.convert.template.grid_affine`
     in MNI mm): its root attribute ``registration`` is a dict whose ``type`` (``rigid``,
     ``affine``, ``syn``...) is not ``none``. Absent: not registered."""
     reg = store.attrs.get("registration")
@@ -92,12 +92,12 @@ def planted_masks(effect: dict, shape: Sequence[int], affine: np.ndarray, modali
     template's GM probability > ``gm_threshold`` (the voxels whose GM atrophies);
     ``"fmri"`` gives the ellipsoids alone (the voxels whose fluctuations change). On a
     coarse grid a voxel is in when its occupancy is at least half the structure's highest
-    (:func:`masan.data.anatomy.structure_masks`). Phantom records: ``{"ball": mask}``.
+    (:func:`masan.synth.structures.structure_masks`). Phantom records: ``{"ball": mask}``.
 
     ``subject=None``: the template's structures (a registered store, or the written grid
     without each subject's displacement). ``subject``: where that subject's images show them
     before any registration, through its placement and warp in ``subject_nuisance``
-    (:func:`masan.data.deformation.transform_from_record`); phantom records have none.
+    (:func:`masan.synth.deformation.transform_from_record`); phantom records have none.
     """
     shape = tuple(int(n) for n in shape[-3:])
     if _kind(effect) == "phantom":
@@ -107,9 +107,9 @@ def planted_masks(effect: dict, shape: Sequence[int], affine: np.ndarray, modali
 
 def _record_masks(effect: dict, key: str, shape: Sequence[int], affine: np.ndarray, modality: str, motion
                   ) -> dict[str, np.ndarray]:
-    """:func:`masan.data.anatomy.structure_masks` of the record's ``structures`` or ``partner``."""
-    return anatomy.structure_masks(anatomy.ellipsoids_from_record(effect[key]), tuple(shape[-3:]), affine, modality,
-                                   float(effect.get("gm_threshold", anatomy.GM_THRESHOLD)), motion)
+    """:func:`masan.synth.structures.structure_masks` of the record's ``structures`` or ``partner``."""
+    return structures.structure_masks(structures.ellipsoids_from_record(effect[key]), tuple(shape[-3:]), affine,
+                                      modality, float(effect.get("gm_threshold", structures.GM_THRESHOLD)), motion)
 
 
 def partner_mask(effect: dict, shape: Sequence[int], affine: np.ndarray, subject: str | None = None
@@ -133,7 +133,7 @@ def planted_region_ranks(effect: dict, shape: Sequence[int], affine: np.ndarray,
     ``grid`` split of the volume that hold planted voxels (union of :func:`planted_masks`,
     ``subject`` as there), the region with most planted voxels first."""
     masks = planted_masks(effect, shape, affine, modality, subject)
-    return anatomy.region_ranks(np.logical_or.reduce(list(masks.values())), grid)
+    return structures.region_ranks(np.logical_or.reduce(list(masks.values())), grid)
 
 
 def feature_names(effect: dict) -> list[str]:

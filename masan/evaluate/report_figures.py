@@ -48,7 +48,7 @@ def slug(text: str) -> str:
 
 def _read_t1(store_path: str | os.PathLike, subject: str) -> tuple[np.ndarray, np.ndarray] | None:
     """(T1 (X, Y, Z) float32, affine (4, 4)) of a subject from the store, or None with a warning."""
-    from masan.data.store import CohortStore  # zarr only when a map is drawn
+    from masan.store.cohort import CohortStore  # zarr only when a map is drawn
 
     try:
         store = CohortStore(store_path)

@@ -123,7 +123,7 @@ def preflight(cfg: RunConfig, world_size: int, ckpt: CheckpointManager, chash: s
     the run directory: the store's (mode and group)."""
     from masan.data.dataset import select_subjects
     from masan.data.splits import Split, SplitError, make_split
-    from masan.data.store import CohortStore
+    from masan.store.cohort import CohortStore
 
     run_dir = Path(cfg.run_dir)
     check_writable(run_dir)
@@ -218,7 +218,7 @@ def store_contract(cfg: RunConfig):
     when the store or the config breaks the contract. Read-only."""
     from masan.data.contract import resolve_inputs, store_geometry
     from masan.data.dataset import select_subjects, used_modalities
-    from masan.data.store import CohortStore
+    from masan.store.cohort import CohortStore
 
     store = CohortStore(cfg.data.store)
     subjects, _, _ = select_subjects(store, cfg.data)

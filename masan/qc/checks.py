@@ -1,10 +1,10 @@
 """Per-subject checks of the QC report: header facts, value ranges, frames, overlap, registration.
 
-Each check reads what it needs from a :class:`~masan.data.store.CohortStore` and returns
-:class:`Flag` s (codes: :mod:`masan.data.qc`). The fMRI is read one block of frames at a time,
+Each check reads what it needs from a :class:`~masan.store.cohort.CohortStore` and returns
+:class:`Flag` s (codes: :mod:`masan.qc.report`). The fMRI is read one block of frames at a time,
 so memory stays at one block plus a few per-voxel sums, whatever the run's length. Reads go
-through :func:`masan.data.qc_damage.reading`, so a damaged or unreadable subject raises
-:class:`~masan.data.qc_damage.Unreadable` naming the true cause.
+through :func:`masan.qc.damage.reading`, so a damaged or unreadable subject raises
+:class:`~masan.qc.damage.Unreadable` naming the true cause.
 """
 
 from __future__ import annotations
@@ -16,12 +16,12 @@ from typing import TYPE_CHECKING
 import nibabel as nib
 import numpy as np
 
-from masan.data import registration
-from masan.data.qc_damage import Unreadable, reading
-from masan.data.store import CohortStore
+from masan.convert import registration
+from masan.qc.damage import Unreadable, reading
+from masan.store.cohort import CohortStore
 
 if TYPE_CHECKING:
-    from masan.data.qc import QCOptions
+    from masan.qc.report import QCOptions
 
 FRAME_BLOCK = 64
 """fMRI frames read at once (memory: one block of float32 frames)."""
@@ -40,7 +40,7 @@ class Flag:
     """Something that looks wrong with a subject."""
 
     code: str
-    """One of the codes in :mod:`masan.data.qc`'s docstring."""
+    """One of the codes in :mod:`masan.qc.report`'s docstring."""
     modality: str
     """``t1``, ``fmri`` or ``t1+fmri``."""
     message: str
@@ -235,7 +235,7 @@ def check_subject(store: CohortStore, subject: str, facts: dict[str, dict], opts
                   zscores: dict[str, dict[str, float]]) -> tuple[SubjectQC, np.ndarray | None, FmriSummary | None]:
     """Facts and flags of one subject (``facts``: its :func:`read_headers` entry); also returns its
     T1 (X, Y, Z) and fMRI summary (or None) for the figures. Raises
-    :class:`~masan.data.qc_damage.Unreadable` when its voxels cannot be read."""
+    :class:`~masan.qc.damage.Unreadable` when its voxels cannot be read."""
     qc = SubjectQC(subject, store.label(subject), dict(facts))
     t1 = summary = None
     for m in ("t1", "fmri"):

@@ -30,8 +30,8 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from masan.data.nifti import write_nifti_slabs
-from masan.data.sources import PLANTED_EFFECT_FILE
+from masan.convert.nifti import write_nifti_slabs
+from masan.convert.sources import PLANTED_EFFECT_FILE
 
 DEFAULT_CLASSES = ("NC", "EMCI", "LMCI", "AD")
 DEFAULT_SEVERITY = {"NC": 0.0, "EMCI": 1 / 3, "LMCI": 2 / 3, "AD": 1.0}
@@ -253,6 +253,6 @@ def synthesize_cohort(out_dir: str | Path, n_per_class: int | dict[str, int] = 1
         rows.append({"participant_id": subject, "diagnosis": cls})
         bar.update()
     bar.close()
-    write_cohort_tables(out, rows, "MASAN phantom cohort", "masan.data.synth", f"seed {seed}")
+    write_cohort_tables(out, rows, "MASAN phantom cohort", "masan.synth.phantom", f"seed {seed}")
     (out / PLANTED_EFFECT_FILE).write_text(json.dumps(effect.record(), indent=1))
     return out

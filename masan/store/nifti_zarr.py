@@ -74,7 +74,7 @@ def ome_metadata(modality: str, shapes: list[tuple[int, ...]], info: dict) -> di
     """The ``ome`` group attribute: one multiscale image, axes in array order, each level's
     voxel size (mm or the header's space unit) and block-centre translation; TR on ``t``.
 
-    ``info`` is :func:`masan.data.nifti.describe` of the source (zooms, units)."""
+    ``info`` is :func:`masan.convert.nifti.describe` of the source (zooms, units)."""
     names = axes(modality)
     zooms = [z if z > 0 else 1.0 for z in info["zooms"][:3]]
     space_unit = _SPACE_UNITS.get(info["space_unit"])

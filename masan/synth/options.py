@@ -1,12 +1,12 @@
 """Command-line options shared by the cohort tools (data_tools/synth_cohort.py, bench/science.py):
-the shapes and the planted effect of both generators, the phantom (:mod:`masan.data.synth`) and
-the MNI152 cohort (:mod:`masan.data.anatomy`); kept apart from both so that neither imports the
+the shapes and the planted effect of both generators, the phantom (:mod:`masan.synth.phantom`) and
+the MNI152 cohort (:mod:`masan.synth.anatomy`); kept apart from both so that neither imports the
 other for its options."""
 
 from __future__ import annotations
 
-from masan.data import anatomy
-from masan.data.synth import PlantedEffect
+from masan.synth import anatomy, structures
+from masan.synth.phantom import PlantedEffect
 
 
 def add_shape_arguments(parser, defaults: dict[str, str]) -> None:
@@ -28,9 +28,9 @@ def add_effect_arguments(parser, anatomy_group=None) -> None:
                         help="effect at severity 1 (phantom: one value, default %s; mni152: one value for both "
                              "modalities or T1 and fMRI, default %s %s)" % ((PlantedEffect.strength,)
                                                                             + anatomy.DEFAULT_STRENGTH))
-    group.add_argument("--structures", nargs="+", default=None, choices=sorted(anatomy.STRUCTURES), metavar="NAME",
+    group.add_argument("--structures", nargs="+", default=None, choices=sorted(structures.STRUCTURES), metavar="NAME",
                        help="structures carrying the effect (default: hippocampus amygdala); one of "
-                            + ", ".join(sorted(anatomy.STRUCTURES)))
+                            + ", ".join(sorted(structures.STRUCTURES)))
     group.add_argument("--stages", nargs=4, type=float, default=None,
                        metavar=("T1_START", "T1_END", "FMRI_START", "FMRI_END"),
                        help="severity window over which each modality's effect rises from 0 to full (default "

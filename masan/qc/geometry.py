@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
-from masan.data.qc_checks import Flag
+from masan.qc.checks import Flag
 
 TOLERANCE = 0.01
 """Relative difference (per voxel axis, or of the TR) that still counts as the same value:
@@ -91,7 +91,7 @@ def _properties(facts: dict[str, dict[str, dict]]) -> dict[tuple[str, str], dict
 
 def geometry_flags(facts: dict[str, dict[str, dict]]) -> dict[str, list[Flag]]:
     """subject -> its ``voxel_size``, ``tr``, ``mirrored`` and ``axes`` flags (module docstring)
-    against the majority of ``facts`` (:func:`masan.data.qc_checks.read_headers`)."""
+    against the majority of ``facts`` (:func:`masan.qc.checks.read_headers`)."""
     props = _properties(facts)
     ref = {key: majority(values) for key, values in props.items()}
     out: dict[str, list[Flag]] = {}

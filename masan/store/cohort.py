@@ -10,7 +10,7 @@ A store is one Zarr v3 hierarchy: every folder on the way to an image is a group
     STORE/subjects/<id>/<v>/fmri/    NIfTI-Zarr image: level 0 ``0`` (T, X, Y, Z), ``nifti`` header
     STORE/conversion_report.json     the last conversion's failures and warnings
 
-Each image is a NIfTI-Zarr 1.0 / OME-Zarr 0.5 group (:mod:`masan.data.nifti_zarr`) whose
+Each image is a NIfTI-Zarr 1.0 / OME-Zarr 0.5 group (:mod:`masan.store.nifti_zarr`) whose
 level 0 holds the stored values of the NIfTI file; lower levels (``--levels``) are for
 viewers and are never read here. ``<v>`` is the subject's current version folder, named by
 its cohort-table row (``group``); a reconversion writes a new version, points the table at
@@ -24,7 +24,7 @@ version-free path for other tools). Zarr walks the symlink like a folder, so a t
 they read the same; rerunning to_zarr on them rewrites every subject as NIfTI-Zarr.
 
 Each image's ``masan`` attributes hold ``nifti`` (header facts,
-:func:`masan.data.nifti.describe`), ``transform`` (reorientation/crop-pad), ``stats``
+:func:`masan.convert.nifti.describe`), ``transform`` (reorientation/crop-pad), ``stats``
 (mean/std of the scaled values over the nonzero stored voxels, computed at conversion) and
 ``checksum``; :meth:`CohortStore.meta` returns them.
 
@@ -53,7 +53,7 @@ import numpy as np
 import zarr
 from zarr.storage import LocalStore
 
-from masan.data import nifti_zarr
+from masan.store import nifti_zarr
 
 FORMAT = "masan-cohort-store"
 FORMAT_VERSION = 2

@@ -11,8 +11,9 @@ shows the template at ``T(g) = W(A g)``:
   interpolating spline through a coarse grid of control displacements (:class:`Warp`), so a
   truth record holding that grid holds the warp exactly.
 
-:func:`draw_rigid` and :func:`draw_warp` draw them; :func:`transform_from_record` rebuilds a
-subject's transform from the truth record (:mod:`masan.data.anatomy`) for the oracle.
+:func:`draw_rigid` and :func:`draw_warp` draw them; :func:`sample_through` reads a template map
+through them; :func:`transform_from_record` rebuilds a subject's transform from the truth
+record (:mod:`masan.synth.anatomy`) for the oracle.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 from scipy.spatial.transform import Rotation
+
+from masan.convert import template
 
 CACHED_POINTS = 1 << 21
 """A transform keeps its positions on grids of up to this many voxels (a subject's maps are
@@ -35,7 +38,7 @@ MATRIX_DECIMALS = 8
 
 @dataclass(frozen=True)
 class Geometry:
-    """How subjects differ in shape and placement beyond :class:`masan.data.anatomy.Nuisance`'s
+    """How subjects differ in shape and placement beyond :class:`masan.synth.anatomy.Nuisance`'s
     misregistration (whose ``misregistration_mm/_deg`` then give the head placement of the T1)."""
 
     warp_rms_mm: float = 2.5
@@ -234,3 +237,36 @@ def transform_from_record(effect: dict, subject: str, modality: str) -> SubjectT
         return None
     warp = Warp.from_record(nui["warp"]) if nui.get("warp") else None
     return SubjectTransform(rigid_from_record(nui[modality]["motion"]), warp)
+
+
+Motion = np.ndarray | SubjectTransform | None
+"""Where a grid position (mm) finds the template (mm): None (nowhere else), a rigid (4, 4)
+mm -> mm, or a :class:`SubjectTransform` (rigid, then a warp)."""
+
+
+def sample_through(source: tuple[np.ndarray, np.ndarray], shape: Sequence[int], affine: np.ndarray,
+           motion: Motion = None, order: int = 1) -> np.ndarray:
+    """float32 ``shape`` array: ``source`` (volume, affine) read at the grid's voxel centres.
+
+    ``motion`` maps a grid position to the template position shown there (the subject's
+    placement and shape, :data:`Motion`); outside the source: 0.
+    """
+    shape = tuple(int(n) for n in shape)
+    if isinstance(motion, SubjectTransform):
+        if motion.warp is not None:
+            return _sample_warped(source, shape, affine, motion, order)
+        motion = motion.rigid
+    return template.sample(source, shape, affine, motion, order)
+
+
+def _sample_warped(source: tuple[np.ndarray, np.ndarray], shape: tuple[int, int, int], affine: np.ndarray,
+                   motion: SubjectTransform, order: int) -> np.ndarray:
+    """:func:`sample_through` a warp: no affine shortcut, the positions a slab at a time."""
+    vol, src_aff = source
+    inv = np.linalg.inv(src_aff)
+    out = np.empty(shape, dtype=np.float32)
+    for start, stop in motion.slabs(shape):
+        idx = motion.on_grid(shape, affine, start, stop) @ inv[:3, :3].T + inv[:3, 3]
+        ndimage.map_coordinates(vol, np.moveaxis(idx, -1, 0), output=out[start:stop], order=order,
+                                mode="constant", cval=0.0)
+    return out

@@ -1,10 +1,10 @@
-"""How hard the MNI152 validation cohort is: named settings of :func:`masan.data.anatomy.synthesize_anatomy_cohort`.
+"""How hard the MNI152 validation cohort is: named settings of :func:`masan.synth.anatomy.synthesize_anatomy_cohort`.
 
 - ``easy``: balanced classes, one severity for both modalities, a strong effect in amplitude and
   connectivity, small misregistration, no shape differences (the generator's defaults).
 - ``adni-like``: the paper's class proportions, a severity per modality drawn independently,
   effects tuned to ADNI-like oracle accuracies, connectivity-only fMRI effect, 48 frames, a
-  smooth warp per subject and unregistered head placements (:class:`masan.data.deformation.Geometry`).
+  smooth warp per subject and unregistered head placements (:class:`masan.synth.deformation.Geometry`).
 
 docs/validation-cohort.md gives the measured oracle accuracies of each.
 """
@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from masan.data.anatomy import DEFAULT_STRENGTH, FMRI_EFFECTS, Nuisance
-from masan.data.deformation import Geometry
+from masan.synth.anatomy import DEFAULT_STRENGTH, FMRI_EFFECTS, Nuisance
+from masan.synth.deformation import Geometry
 
 PAPER_CLASS_COUNTS = {"NC": 64, "EMCI": 34, "LMCI": 36, "AD": 72}
 """Subjects per class of the paper's ADNI cohort (Zong et al.)."""
@@ -66,7 +66,7 @@ class Preset:
         return class_counts(self.subjects if subjects is None else subjects, self.proportions, classes)
 
     def generator_arguments(self) -> dict:
-        """Keyword arguments of :func:`masan.data.anatomy.synthesize_anatomy_cohort`."""
+        """Keyword arguments of :func:`masan.synth.anatomy.synthesize_anatomy_cohort`."""
         return {"frames": self.frames, "strength": self.strength, "severity_sd": self.severity_sd,
                 "fmri_effect": self.fmri_effect, "nuisance": self.nuisance, "geometry": self.geometry}
 

@@ -2,7 +2,7 @@
 
 Everything here works on the *stored* (unscaled) values of a NIfTI-1/-2 file, in the file's
 own integer or float type made native-endian; ``scl_slope``/``scl_inter`` are recorded and
-applied by the reader (:mod:`masan.data.store`), so no float64 copy of a volume is ever made
+applied by the reader (:mod:`masan.store.cohort`), so no float64 copy of a volume is ever made
 and the stored values are exactly the file's.
 
 - :func:`open_image` loads a header (clear errors for missing, non-NIfTI or corrupt files).

@@ -14,14 +14,14 @@
   spread, a carpet of voxel time series, the temporal std in three views);
 - per subject of a registered store (``to_zarr.py --register``): the T1 in template space with
   the template's brain outline and tissue edge drawn over it, and its similarity to the template
-  before and after registration (:mod:`masan.data.registration`).
+  before and after registration (:mod:`masan.convert.registration`).
 
-The work is split by idea: :mod:`~masan.data.qc_checks` (per-subject checks),
-:mod:`~masan.data.qc_geometry` (the subject against the cohort's geometry),
-:mod:`~masan.data.qc_damage` (why a read failed), :mod:`~masan.data.qc_figures`,
-:mod:`~masan.data.qc_html`.
+The work is split by idea: :mod:`~masan.qc.checks` (per-subject checks),
+:mod:`~masan.qc.geometry` (the subject against the cohort's geometry),
+:mod:`~masan.qc.damage` (why a read failed), :mod:`~masan.qc.figures`,
+:mod:`~masan.qc.page`.
 
-Flags (:class:`~masan.data.qc_checks.Flag`, ``code``) say what looks wrong:
+Flags (:class:`~masan.qc.checks.Flag`, ``code``) say what looks wrong:
 
 ==============  ==========================================================================
 ``orientation`` the T1 and fMRI voxel axes point different ways (``aff2axcodes`` differ):
@@ -48,7 +48,7 @@ Flags (:class:`~masan.data.qc_checks.Flag`, ``code``) say what looks wrong:
                 figures, and the other subjects are still checked
 ==============  ==========================================================================
 
-The geometry flags (:mod:`~masan.data.qc_geometry`) and the cohort statistics for ``outlier``
+The geometry flags (:mod:`~masan.qc.geometry`) and the cohort statistics for ``outlier``
 come from the headers and the statistics the conversion stored with each array (``stats``:
 mean/std over the nonzero voxels), read for every subject of the store, so ``--subjects``
 compares the chosen subjects with the whole cohort without reading its voxels. Values are the
@@ -65,8 +65,9 @@ from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
 from masan.access import apply_access, creation_umask, describe_mode, restrictive_mode
-from masan.data import qc_figures
-from masan.data.qc_checks import (
+from masan.files import atomic_write_text
+from masan.qc import figures
+from masan.qc.checks import (
     Flag,
     SubjectQC,
     check_subject,
@@ -75,11 +76,10 @@ from masan.data.qc_checks import (
     read_headers,
     robust_z,
 )
-from masan.data.qc_damage import Unreadable
-from masan.data.qc_geometry import cohort_geometry, geometry_flags
-from masan.data.qc_html import GENERATOR, page_html
-from masan.data.store import CohortStore, StoreError
-from masan.files import atomic_write_text
+from masan.qc.damage import Unreadable
+from masan.qc.geometry import cohort_geometry, geometry_flags
+from masan.qc.page import GENERATOR, page_html
+from masan.store.cohort import CohortStore, StoreError
 
 INDEX = "index.html"
 FIGURES = ("views", "registration", "fmri")
@@ -166,17 +166,17 @@ def _figures(qc: SubjectQC, t1, summary, out: Path, opts: QCOptions) -> None:
     """Draw the subject's PNGs (``<subject>_<FIGURES>.png``) into ``out`` and list them in ``qc.images``."""
     subject = qc.subject
     if t1 is not None:
-        fig = qc_figures.t1_views_figure(t1, qc.facts["t1"]["affine"], None if summary is None else summary.mean,
+        fig = figures.t1_views_figure(t1, qc.facts["t1"]["affine"], None if summary is None else summary.mean,
                                          qc.facts.get("fmri", {}).get("affine"))
         qc.images["T1 in three views (world space) with the fMRI outline"] = _save(fig, out / f"{subject}_views.png",
                                                                                   opts.dpi)
     registered = qc.facts["t1"]["registration"] if t1 is not None else None
     if registered:
-        fig = qc_figures.registration_figure(t1, qc.facts["t1"]["affine"], registered["template"])
+        fig = figures.registration_figure(t1, qc.facts["t1"]["affine"], registered["template"])
         qc.images[f"T1 registered to {registered['template']} ({registered['type']}) with the template's "
                   "edges"] = _save(fig, out / f"{subject}_registration.png", opts.dpi)
     if summary is not None:
-        fig = qc_figures.fmri_figure(summary, qc.facts["fmri"]["affine"], opts.carpet_voxels)
+        fig = figures.fmri_figure(summary, qc.facts["fmri"]["affine"], opts.carpet_voxels)
         qc.images["fMRI signal, carpet and temporal std"] = _save(fig, out / f"{subject}_fmri.png", opts.dpi)
 
 

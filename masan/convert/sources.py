@@ -7,7 +7,7 @@
   every bad row into a :class:`Failure` naming the row, the file and the fix: duplicate or
   unsafe ids, unknown/missing labels, missing modalities, one file listed for two subjects.
 
-Writing the store from the jobs is :mod:`masan.data.convert`.
+Writing the store from the jobs is :mod:`masan.convert.cohort`.
 """
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from masan.data.store import MODALITIES
+from masan.store.cohort import MODALITIES
 
 PLANTED_EFFECT_FILE = "planted_effect.json"
-"""A synthetic cohort's truth record beside participants.tsv (written by masan.data.synth and
-masan.data.anatomy, copied into the store's root attributes by to_zarr)."""
+"""A synthetic cohort's truth record beside participants.tsv (written by masan.synth.phantom and
+masan.synth.anatomy, copied into the store's root attributes by to_zarr)."""
 
 DEFAULT_CLASSES = ("NC", "EMCI", "LMCI", "AD")
 ADNI_ALIASES = {"CN": "NC"}

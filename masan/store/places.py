@@ -17,7 +17,7 @@ from pathlib import Path
 from masan.rundir import RunDir
 
 STORE_FORMAT = "masan-cohort-store"
-"""``masan_store.format`` in a cohort store's root attributes (masan.data.store.FORMAT)."""
+"""``masan_store.format`` in a cohort store's root attributes (masan.store.cohort.FORMAT)."""
 
 
 MASAN_CONFIG_SECTIONS = ("model:", "data:")

@@ -11,15 +11,15 @@ import html
 from collections import Counter
 from typing import TYPE_CHECKING
 
-from masan.data import registration
-from masan.data.qc_checks import SubjectQC
-from masan.data.qc_geometry import TOLERANCE
-from masan.data.store import CohortStore
+from masan.convert import registration
+from masan.qc.checks import SubjectQC
+from masan.qc.geometry import TOLERANCE
+from masan.store.cohort import CohortStore
 
 if TYPE_CHECKING:
-    from masan.data.qc import QCOptions
+    from masan.qc.report import QCOptions
 
-GENERATOR = "masan.data.qc"
+GENERATOR = "masan.qc.report"
 """``<meta name="generator">`` of our reports: an existing --out folder is reused only if it is one."""
 
 CSS = """
@@ -47,7 +47,7 @@ def _table(header: list[str], rows: list[list]) -> str:
 def cohort_html(store: CohortStore, results: list[SubjectQC], opts: QCOptions, min_frames: int,
                 geometry: list[list[str]]) -> str:
     """The cohort section: labels, shapes, geometry (``geometry``: rows of
-    :func:`masan.data.qc_geometry.cohort_geometry`), conversion failures and warnings, flagged subjects."""
+    :func:`masan.qc.geometry.cohort_geometry`), conversion failures and warnings, flagged subjects."""
     rows = store.table
     labels = Counter(r["label"] or "no diagnosis" for r in rows)
     parts = ["<section id='cohort'><h2>Cohort</h2>",

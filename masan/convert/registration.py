@@ -1,6 +1,6 @@
 """Spatial normalisation of one subject onto a template grid with ANTs (``to_zarr.py --register``).
 
-Per subject (:class:`SubjectRegistration`, driven by :mod:`masan.data.convert`):
+Per subject (:class:`SubjectRegistration`, driven by :mod:`masan.convert.cohort`):
 
 1. **T1 -> template.** ``ants.registration(fixed, moving, type_of_transform=Rigid|Affine|SyN)``
    with the template's T1 resampled onto the T1 grid as ``fixed`` (:func:`template_on_grid`)
@@ -17,7 +17,7 @@ Per subject (:class:`SubjectRegistration`, driven by :mod:`masan.data.convert`):
    the ANTs affine parameters (JSON), and for SyN the forward and inverse warp fields as arrays.
    :func:`transform_files` writes them back as ANTs files for ``ants.apply_transforms``.
 
-Grids (:func:`grid`) are the template's brain box in MNI mm (:func:`masan.data.anatomy.grid_affine`):
+Grids (:func:`grid`) are the template's brain box in MNI mm (:func:`masan.convert.template.grid_affine`):
 the given shape, or the box at :data:`DEFAULT_VOXEL_MM` (one shape for a whole cohort,
 whatever its acquisitions, as the loader needs).
 
@@ -48,14 +48,14 @@ from typing import Any
 
 import numpy as np
 
-from masan.data.nifti import NiftiError
-from masan.data.resample import as_stored
+from masan.convert.nifti import NiftiError
+from masan.convert.resample import as_stored
 
 TYPES = ("none", "rigid", "affine", "syn")
 """``--register`` choices; ``none`` writes the store exactly as without registration."""
 _ANTS_TYPES = {"rigid": "Rigid", "affine": "Affine", "syn": "SyN"}
 TEMPLATES = ("mni152",)
-"""``--template`` choices: the MNI152 T1 that :func:`masan.data.anatomy.load_template` loads."""
+"""``--template`` choices: the MNI152 T1 that :func:`masan.convert.template.load_template` loads."""
 GROUP = "registration"
 """The subject version's group holding the transforms."""
 ATTRS = "masan"
@@ -83,27 +83,27 @@ class RegistrationError(NiftiError):
 # ============================================================================ settings and grids
 
 
-def _anatomy() -> Any:
-    from masan.data import anatomy  # scipy and the template files: only registering conversions pay for them
+def _template() -> Any:
+    from masan.convert import template  # scipy and the template files: only registering conversions pay for them
 
-    return anatomy
+    return template
 
 
 def grid(modality: str, shape: tuple[int, int, int] | None) -> tuple[tuple[int, int, int], np.ndarray]:
     """(shape, (4, 4) voxel -> MNI mm affine) of the template grid of ``modality`` (``t1``/``fmri``):
     ``shape`` when given, else the template's brain box (+ margin) at :data:`DEFAULT_VOXEL_MM`."""
     if shape is None:
-        lo, hi = (np.asarray(c) for c in _anatomy().load_template().bbox_mm)
+        lo, hi = (np.asarray(c) for c in _template().load_template().bbox_mm)
         shape = tuple(int(n) for n in np.ceil((hi - lo + 2 * GRID_MARGIN_MM) / DEFAULT_VOXEL_MM[modality]))
     shape = tuple(int(n) for n in shape)
-    return shape, _anatomy().grid_affine(shape, GRID_MARGIN_MM)
+    return shape, _template().grid_affine(shape, GRID_MARGIN_MM)
 
 
 @lru_cache(maxsize=8)
 def _settings(kind: str, template: str, t1_shape: tuple | None, fmri_shape: tuple | None) -> str:
     grids = {m: grid(m, s) for m, s in (("t1", t1_shape), ("fmri", fmri_shape))}
     return json.dumps({
-        "type": kind, "template": template, "template_name": _anatomy().TEMPLATE_NAME,
+        "type": kind, "template": template, "template_name": _template().TEMPLATE_NAME,
         "t1_grid": {"shape": list(grids["t1"][0]), "affine": grids["t1"][1].tolist()},
         "fmri_grid": {"shape": list(grids["fmri"][0]), "affine": grids["fmri"][1].tolist()},
         "t1": f"ants.registration type_of_transform={_ANTS_TYPES[kind]} to the template T1 on the T1 grid",
@@ -141,10 +141,10 @@ def template_on_grid(template: str, shape: tuple[int, ...], affine: np.ndarray) 
     resampled onto the grid ``affine`` (voxel -> MNI mm) with partial-volume smoothing."""
     if template not in TEMPLATES:
         raise RegistrationError(f"template {template!r} is not one of {list(TEMPLATES)}")
-    anatomy = _anatomy()
-    voxel = anatomy.voxel_size(affine)
-    t1 = anatomy.sample(anatomy.prepared(("t1",), voxel), shape, affine)
-    brain = anatomy.sample(anatomy.prepared(("brain",), voxel), shape, affine) > 0.5
+    tpl = _template()
+    voxel = tpl.voxel_size(affine)
+    t1 = tpl.sample(tpl.prepared(("t1",), voxel), shape, affine)
+    brain = tpl.sample(tpl.prepared(("brain",), voxel), shape, affine) > 0.5
     return t1, brain
 
 

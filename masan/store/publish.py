@@ -44,8 +44,8 @@ from pathlib import Path
 from typing import IO, Any
 
 from masan import access
-from masan.data.store import CURRENT, SUBJECTS
 from masan.files import atomic_writer
+from masan.store.cohort import CURRENT, SUBJECTS
 
 LOCK = ".lock"
 WORKERS_LOCK = ".lock.workers"

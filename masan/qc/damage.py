@@ -1,6 +1,6 @@
 """Why a subject's arrays could not be read, in words a reader can act on.
 
-The store wraps every failed read in :class:`~masan.data.store.StoreError` ("damaged"); the
+The store wraps every failed read in :class:`~masan.store.cohort.StoreError` ("damaged"); the
 true cause sits in its exception chain and needs a different fix: a folder or file this user
 may not read (permissions: run as the owner or fix the modes; the data are fine), a chunk file
 that is gone, or one whose bytes no longer match their checksum (reconvert the subject).
@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from masan.data.store import CohortStore, MissingChunkError, StoreError
+from masan.store.cohort import CohortStore, MissingChunkError, StoreError
 
 RECONVERT = ("rerun data_tools/to_zarr.py with the same inputs and --verify (it reconverts subjects whose "
              "arrays no longer match their checksums)")

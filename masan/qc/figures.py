@@ -4,7 +4,7 @@ The views are drawn by nilearn (``display_mode="ortho"``: sagittal, coronal, axi
 one world point) from a nibabel image made of the stored array and the stored affine, so what
 a reader sees is the world (RAS mm) the affine says, whatever order the voxels are stored in:
 a subject stored mirrored (LAS among RAS) looks like the others here, and its flag
-(:mod:`masan.data.qc_geometry`) says its voxels are not. Each cut carries the letters of the
+(:mod:`masan.qc.geometry`) says its voxels are not. Each cut carries the letters of the
 world directions at its edges (L/R, P/A, I/S), read from the cut's own axis limits, so they stay
 right if the display convention changes (neurological: the subject's left on the left).
 Figures are matplotlib ``Figure`` objects (Agg canvas, no pyplot state).
@@ -19,8 +19,8 @@ import numpy as np
 from matplotlib.figure import Figure
 from scipy import ndimage
 
-from masan.data import registration
-from masan.data.qc_checks import FOREGROUND, FmriSummary, foreground
+from masan.convert import registration
+from masan.qc.checks import FOREGROUND, FmriSummary, foreground
 
 Rect = tuple[float, float, float, float]
 WORLD_AXES = {"x": ("y", "z"), "y": ("x", "z"), "z": ("x", "y")}

@@ -1,0 +1,330 @@
+"""Checked cohort -> Zarr v3 cohort store (the library behind ``data_tools/to_zarr.py``).
+
+Steps, each a function:
+
+1. :mod:`masan.convert.sources` lists the subjects (:func:`discover_bids` / :func:`read_manifest`)
+   and checks them (:func:`check_sources`: labels, ids, files), per subject.
+2. :func:`masan.convert.subject.convert_subject` writes, verifies and publishes one subject
+   (options: :class:`masan.convert.options.ConvertOptions`).
+3. :func:`convert_cohort` runs 2 over worker processes with a progress bar, skips subjects
+   whose sources and options are unchanged, redoes half-written or changed ones, points the
+   cohort table (root attributes) at each new version before the old one is removed, and
+   always writes ``conversion_report.json``. Subjects leave the store only with ``prune``.
+
+Store safety (locking, versions, permissions) and layout: docs/data-format.md.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import zarr
+from tqdm.auto import tqdm
+from zarr.storage import LocalStore
+
+from masan import access
+from masan.convert import nifti, registration, resample
+from masan.convert.options import ConvertOptions
+from masan.convert.sources import (  # noqa: F401  (re-exported: the converter's public API)
+    DEFAULT_CLASSES,
+    FMRI_SIDECAR,
+    ConvertError,
+    Failure,
+    Job,
+    SubjectSource,
+    check_sources,
+    discover_bids,
+    parse_label_map,
+    planted_effect,
+    read_manifest,
+)
+from masan.convert.subject import convert_subject, open_strict, source_record, verify_group
+from masan.files import atomic_write_json
+from masan.store import permissions, places, publish
+from masan.store.cohort import FORMAT, FORMAT_VERSION, MODALITIES, REPORT, STAGING, SUBJECTS, TRASH
+from masan.store.permissions import StoreAccess
+
+
+@dataclass
+class Report:
+    converted: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    """Subjects taken out of the store (only with ``prune``)."""
+    kept: list[str] = field(default_factory=list)
+    """Subjects still in the store from an earlier run although this run did not (re)convert
+    them (unlisted, source missing, or failing now); ``prune`` would remove them."""
+    failed: list[Failure] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    access: str = ""
+    """Permissions the store was given (e.g. ``files 600, folders 700``)."""
+    aborted: str | None = None
+    """Set when the run stopped early (the error); the report is written anyway."""
+    seconds: float = 0.0
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["failed"] = [asdict(f) for f in self.failed]
+        return d
+
+
+def _published(root: Any, subject: str, row: dict | None) -> tuple[str, dict] | None:
+    """(group key, attributes) of the version the table row points at, if complete."""
+    if row is None:
+        return None
+    key = row.get("group") or f"{SUBJECTS}/{subject}"
+    try:
+        attrs = dict(root[key].attrs)
+    except (KeyError, FileNotFoundError):
+        return None
+    return (key, attrs) if attrs.get("complete") else None
+
+
+def _unchanged(job: Job, attrs: dict, opts: ConvertOptions) -> bool:
+    """True when the published subject was made from these very files with these options."""
+    if attrs.get("options") != opts.fingerprint():
+        return False
+    recorded = attrs.get("sources", {})
+    if set(recorded) != set(job.sources):
+        return False
+    for modality, path in job.sources.items():
+        rec = recorded[modality]
+        st = os.stat(path)
+        if (rec["path"], rec["size"], rec["mtime_ns"]) != (path, st.st_size, st.st_mtime_ns):
+            if rec["size"] != st.st_size or source_record(path)["sha256"] != rec["sha256"]:
+                return False
+    return True
+
+
+def _chosen_spacing(opts: ConvertOptions, jobs: list[Job]) -> tuple[ConvertOptions, list[str]]:
+    """``opts`` with a spacing of 0 (a modality's "the cohort's most common") replaced by that
+    voxel size, read from the files' headers; and a note saying what was chosen."""
+    if opts.spacing is None or min(opts.spacing) > 0:
+        return opts, []
+    spacing, notes = list(opts.spacing), []
+    for i, modality in enumerate(("t1", "fmri")):
+        if spacing[i] > 0:
+            continue
+        sizes = []
+        for job in jobs:
+            if modality in job.sources:
+                try:
+                    sizes.append(resample.voxel_size(nifti.open_image(job.sources[modality]).affine))
+                except (OSError, ValueError):  # the subject fails with its own message when converted
+                    continue
+        spacing[i] = resample.common_spacing(sizes) if sizes else 1.0
+        notes.append(f"--spacing: {modality} resampled to {spacing[i]:g} mm, the cohort's most common voxel size "
+                     f"({len(set(sizes))} different sizes among {len(sizes)} files)")
+    return replace(opts, spacing=(spacing[0], spacing[1])), notes
+
+
+def _check_store_or_empty(path: Path) -> None:
+    """ConvertError unless ``path`` is absent, empty (but for lock files) or a Zarr group."""
+    if (path.is_dir() and not (path / "zarr.json").is_file()
+            and any(p.name not in publish.LOCK_FILES for p in path.iterdir())):
+        raise ConvertError(f"{path} exists and is not a cohort store; choose another --out or empty it")
+
+
+def _open_root(path: Path) -> Any:
+    """The store's root group; a new one is created without deleting anything (zarr's
+    ``mode="w"`` would delete the lock file just taken)."""
+    _check_store_or_empty(path)
+    if (path / "zarr.json").is_file():
+        root = zarr.open_group(LocalStore(path), mode="r+")
+        if dict(root.attrs).get("masan_store", {}).get("format") != FORMAT:
+            raise ConvertError(f"{path} is a Zarr group but not a MASAN cohort store; choose another --out")
+    else:
+        root = zarr.create_group(LocalStore(path), overwrite=False,
+                                 attributes={"masan_store": {"format": FORMAT, "version": FORMAT_VERSION}})
+    if SUBJECTS not in root:
+        root.create_group(SUBJECTS)
+    return root
+
+
+def _check_places(out: Path) -> None:
+    """Refuse a store inside a training run directory or holding one: the conversion prunes
+    what it does not know, and training writes checkpoints where it runs."""
+    run = places.enclosing(out, places.is_run_dir)
+    if run is not None:
+        raise ConvertError(f"--out {out} is inside the training run directory {run} (it has a MASAN "
+                           "config.yaml); put the store outside run directories")
+    if out.is_dir():
+        inside = places.nested_inside(out, places.is_run_dir)
+        if inside:
+            raise ConvertError(f"{inside[0]} is a training run directory (config.yaml, checkpoints/) inside the "
+                               f"store {out}; move it out of the store (a conversion may remove it) and rerun")
+
+
+def convert_cohort(sources: list[SubjectSource], out: str | Path, options: ConvertOptions | None = None,
+                   classes: tuple[str, ...] | list[str] = DEFAULT_CLASSES, label_map: str | None = None,
+                   workers: int = 1, verify: bool = False, extra_attrs: dict | None = None,
+                   progress: bool = True, prune: bool = False, share: StoreAccess | None = None) -> Report:
+    """Convert a cohort into the store at ``out`` (created or updated in place).
+
+    Subjects already published from unchanged sources with the same options are skipped
+    (``verify`` re-reads them and redoes any whose checksum differs). Every failure is per
+    subject. Subjects the input no longer lists, whose source is missing or that fail now
+    keep their earlier conversion (reported as ``kept``) unless ``prune``. The store gets
+    the sources' most restrictive permissions unless ``share`` says otherwise. The report
+    is returned, always stored in ``STORE/conversion_report.json`` and summarised in the root
+    attrs. Raises ConvertError (nothing changed) for unusable inputs, a locked store, an
+    input listing no subject, or a store/run-directory nesting.
+    """
+    opts = options or ConvertOptions()
+    classes = tuple(classes)
+    mapping = parse_label_map(label_map, classes)
+    out = Path(out)
+    if not sources:
+        raise ConvertError(f"the input lists no subject; {out} was left as it is (check the manifest rows or "
+                           "participants.tsv; to empty a store, delete it)")
+    _check_places(out)
+    _check_store_or_empty(out)  # before the lock files are created in someone else's folder
+    start = time.monotonic()
+    jobs, failed = check_sources(sources, mapping, opts.require, opts.allow_unlabeled)
+    opts, chosen = _chosen_spacing(opts, jobs)
+    mode, gid, chosen_by = permissions.target_access(out, [Path(p) for j in jobs for p in j.sources.values()],
+                                                         share or StoreAccess())
+    with access.creation_umask(mode):
+        out.mkdir(parents=True, exist_ok=True)
+        try:
+            with publish.StoreLock(out):
+                root = _open_root(out)
+                report = Report(failed=failed, warnings=chosen)
+                try:
+                    _convert_locked(root, out, jobs, opts, classes, workers, verify, progress, prune, report,
+                                    (mode, gid, chosen_by), extra_attrs)
+                except BaseException as e:
+                    report.aborted = f"{type(e).__name__}: {e}"
+                    raise
+                finally:  # the report is written whatever happened (a crash says where it stopped)
+                    report.seconds = time.monotonic() - start
+                    atomic_write_json(out / REPORT, report.to_json())
+        except publish.LockError as e:
+            raise ConvertError(str(e)) from None
+    return report
+
+
+def _convert_locked(root: Any, out: Path, jobs: list[Job], opts: ConvertOptions, classes: tuple[str, ...],
+                    workers: int, verify: bool, progress: bool, prune: bool, report: Report,
+                    perms: tuple[int, int | None, str], extra_attrs: dict | None) -> None:
+    """The conversion proper, under the store lock (see :func:`convert_cohort`)."""
+    mode, gid, chosen_by = perms
+    loose = access.more_open_than(out, mode, gid)
+    if loose:
+        report.warnings.append(
+            f"{out}: {len(loose)} path(s) were more open than the sources allow ({access.describe_mode(mode, gid)}), "
+            f"e.g. {', '.join(map(str, loose[:3]))}; tightened (pass --mode/--group to share on purpose)")
+    mode, gid = access.apply_access(out, mode, gid)
+    report.access = access.describe_mode(mode, gid)
+    extra = {**(extra_attrs or {}), "access": {"file_mode": f"{mode:03o}", "gid": gid, "chosen_by": chosen_by}}
+    for leftover in (STAGING, TRASH):  # half-written subjects of an interrupted run
+        shutil.rmtree(out / leftover, ignore_errors=True)
+    # The table keeps every published subject until a new version replaces it: readers never
+    # see a subject vanish while it is reconverted.
+    rows: dict[str, dict] = {r["subject"]: r for r in dict(root.attrs).get("cohort", [])}
+    publish.drop_unreferenced(out, rows)
+    todo = []
+    for job in jobs:
+        found = _published(root, job.subject, rows.get(job.subject))
+        redo = not found or not _unchanged(job, found[1], opts)
+        if not redo and verify:
+            redo = _verify_published(root, found[0], job.subject, opts, report)
+        if not redo:
+            row = dict(found[1]["row"], label=job.label)
+            if rows[job.subject].get("group"):
+                row["group"] = found[0]
+            for modality in MODALITIES:  # the same files may have moved
+                if modality in job.sources:
+                    row[modality] = dict(row[modality], source=job.sources[modality])
+            rows[job.subject] = row
+            report.skipped.append(job.subject)
+        else:
+            todo.append(job)
+
+    def record(result: dict) -> None:
+        if result["ok"]:
+            subject = result["subject"]
+            rows[subject] = result["row"]
+            report.converted.append(subject)
+            report.warnings.extend(f"{subject}: {w}" for w in result["warnings"])
+            _write_table(root, rows, classes, opts, extra)
+            publish.drop_versions(out, subject, keep=result["row"]["group"])  # only now unreferenced
+        else:
+            report.failed.append(Failure(**result["failure"]))
+
+    def died(job: Job, why: str) -> None:
+        report.failed.append(Failure(job.subject, None, f"{why}; rerun to retry it"))
+
+    _write_table(root, rows, classes, opts, extra)
+    if opts.register != "none" and opts.threads is None:  # N workers x M ITK threads within the cores we may use
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        opts = replace(opts, threads=max(1, cores // max(1, min(workers, len(todo)))))
+    bar = tqdm(total=len(todo), desc=f"to_zarr {out.name}", unit="subject", disable=not progress)
+    if workers <= 1 or len(todo) <= 1:
+        for job in todo:
+            record(convert_subject(job, str(out), opts))
+            bar.update()
+    else:
+        publish.run_pool(todo, convert_subject, (str(out), opts), min(workers, len(todo)), out, record, died,
+                         bar.update)
+    bar.close()
+    _settle_stale(out, root, rows, report, prune, classes, opts, extra)
+    publish.drop_unreferenced(out, rows)
+    for leftover in (STAGING, TRASH):
+        shutil.rmtree(out / leftover, ignore_errors=True)
+    _write_table(root, rows, classes, opts, extra, report)
+    access.apply_access(out, mode, gid)
+
+
+def _settle_stale(out: Path, root: Any, rows: dict[str, dict], report: Report, prune: bool,
+                  classes: tuple[str, ...], opts: ConvertOptions, extra: dict) -> None:
+    """Subjects in the store that this run neither converted nor found unchanged: removed with
+    ``prune`` (table first, then folders), else kept and reported."""
+    stale = sorted(set(rows) - set(report.converted) - set(report.skipped))
+    failing = {f.subject for f in report.failed}
+    if prune:
+        for subject in stale:
+            rows.pop(subject)
+        _write_table(root, rows, classes, opts, extra)
+        for subject in stale:
+            publish.drop_versions(out, subject, keep=None)
+        report.removed = stale
+        return
+    report.kept = stale
+    for subject in stale:
+        why = "it failed now (see failed)" if subject in failing else "the input does not list it"
+        report.warnings.append(f"{subject}: kept its earlier conversion because {why}; --prune removes it")
+
+
+def _verify_published(root: Any, key: str, subject: str, opts: ConvertOptions, report: Report) -> bool:
+    """--verify: True (redo) when a published subject's arrays no longer match their checksums."""
+    bad = verify_group(open_strict(Path(root.store.root) / key), opts.fmri_shard_frames)
+    if bad:
+        report.warnings.append(f"{subject}: stored {bad} did not match the recorded checksum; reconverted")
+    return bool(bad)
+
+
+def _write_table(root: Any, rows: dict[str, dict], classes: tuple[str, ...], opts: ConvertOptions,
+                 extra: dict | None, report: Report | None = None) -> None:
+    attrs: dict[str, Any] = {
+        "masan_store": {"format": FORMAT, "version": FORMAT_VERSION},
+        "classes": list(classes),
+        "cohort": [rows[s] for s in sorted(rows)],
+        "options": opts.fingerprint(),
+        **(extra or {}),
+    }
+    if report is not None:
+        attrs["last_conversion"] = {"converted": len(report.converted), "skipped": len(report.skipped),
+                                    "failed": [asdict(f) for f in report.failed], "report": REPORT}
+    settings = opts.registration_settings()
+    if settings is not None:
+        attrs[registration.GROUP] = {**settings, "antspyx": registration.tool_version()}
+    elif registration.GROUP in root.attrs:  # an earlier run registered, this one does not: one atomic rewrite
+        root.attrs.put({**{k: v for k, v in root.attrs.asdict().items() if k != registration.GROUP}, **attrs})
+        return
+    root.update_attributes(attrs)

@@ -1,0 +1,363 @@
+"""One subject -> a published version folder of the cohort store (a conversion worker's job).
+
+:func:`convert_subject` writes each modality into ``STORE/.staging/<id>.<v>`` as a NIfTI-Zarr
+image (:mod:`masan.store.nifti_zarr`; T1 whole, fMRI in frame slabs of one shard each), as the
+file has it, resampled onto one voxel size (:mod:`masan.convert.resample`) or registered onto
+the template's grids (:mod:`masan.convert.registration`, transforms kept beside), re-reads
+and checksums it, then publishes it as ``STORE/subjects/<id>/<v>`` with one rename
+(:mod:`masan.store.publish`). Runs in worker processes: imports no torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec
+from zarr.storage import LocalStore
+
+from masan.convert import nifti, registration, resample
+from masan.convert.options import ConvertOptions
+from masan.convert.sources import FMRI_SIDECAR, Failure, Job
+from masan.store import nifti_zarr, publish
+from masan.store.cohort import MODALITIES, STAGING, StrictLocalStore
+
+SOURCE_HASH_BLOCK = 1 << 22
+TR_SUSPECT_SECONDS = 20.0
+"""A TR above this is a unit error (headers often hold ms with the unit 'sec'): not stored as a TR."""
+
+
+def source_record(path: str) -> dict:
+    """Path, size, mtime and sha256 of a source file (for skip decisions and provenance)."""
+    st = os.stat(path)
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(SOURCE_HASH_BLOCK):
+            h.update(block)
+    return {"path": path, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": h.hexdigest()}
+
+
+def _chunking(modality: str, shape: tuple[int, ...], opts: ConvertOptions) -> tuple[tuple, tuple]:
+    if modality == "t1":
+        chunks = tuple(max(n // g, 1) for n, g in zip(shape, opts.patch_grid))
+        shards = tuple(-(-n // c) * c for n, c in zip(shape, chunks))
+        return chunks, shards
+    t = shape[0]
+    chunk_t = min(opts.fmri_chunk_frames, t)
+    shard_t = min(opts.fmri_shard_frames, -(-t // chunk_t) * chunk_t)
+    return (chunk_t,) + tuple(shape[1:]), (shard_t,) + tuple(shape[1:])
+
+
+class _Stats:
+    """Streaming count, sum and sum of squares of the nonzero stored values (float64).
+
+    Zeros add nothing to either sum, so no masking is needed. Each block's sums are exact
+    for integer voxels (they stay below 2**53); the running totals are float64.
+    """
+
+    BLOCK = 1 << 20
+
+    def __init__(self) -> None:
+        self.n, self.s1, self.s2 = 0, 0.0, 0.0
+
+    def add(self, values: np.ndarray) -> None:
+        flat = values.reshape(-1)
+        for i in range(0, flat.size, self.BLOCK):
+            part = flat[i:i + self.BLOCK]
+            x = part.astype(np.float64)
+            self.n += int(np.count_nonzero(part))
+            self.s1 += float(x.sum())
+            self.s2 += float(x @ x)
+
+    @property
+    def mean(self) -> float:
+        return self.s1 / self.n if self.n else 0.0
+
+    @property
+    def var(self) -> float:
+        return max(self.s2 / self.n - self.mean ** 2, 0.0) if self.n else 0.0
+
+    def scaled(self, slope: float, inter: float, path: str, warn: list[str]) -> dict:
+        """Mean/std of the scaled values; a blank or constant image (a mask) gets std 1 and a warning."""
+        std = abs(slope) * self.var ** 0.5
+        if std == 0:
+            warn.append(f"{path}: {'every voxel is 0' if not self.n else 'all nonzero voxels have one value'}; "
+                        "normalisation uses std 1 (is it the right file?)")
+        return {"mean": slope * self.mean + inter if self.n else inter, "std": std or 1.0, "count": self.n,
+                "over": "nonzero stored voxels"}
+
+
+def _check_finite(slab: np.ndarray, nan: str, path: str, t0: int) -> tuple[int, np.ndarray]:
+    """Inf is always an error; NaN per policy. Returns the NaN count and the slab (NaN -> 0)."""
+    if slab.dtype.kind != "f":
+        return 0, slab
+    bad = ~np.isfinite(slab)
+    if not bad.any():
+        return 0, slab
+    nans = np.isnan(slab)
+    n_nan, n_inf = int(nans.sum()), int(bad.sum() - nans.sum())
+    where = f" (from frame {t0})" if slab.shape[3] > 1 or t0 else ""
+    if n_inf:
+        raise nifti.NiftiError(f"{path}: {n_inf} voxels are +-Inf{where}; the file is corrupt, re-export it")
+    if nan == "error":
+        raise nifti.NiftiError(f"{path}: {n_nan} of {slab.size} voxels are NaN{where} (usual in the "
+                               "background of resampled images); rerun with --nan zero to store them as 0")
+    slab = slab.copy() if not slab.flags.writeable else slab
+    slab[nans] = 0
+    return n_nan, slab
+
+
+class _Source:
+    """A NIfTI file's stored values as ``(t0, (X, Y, Z, n))`` slabs, NaN/Inf checked per ``--nan``
+    (:func:`_check_finite`); ``nans`` counts the NaN voxels stored as 0 by the counted passes."""
+
+    def __init__(self, img: Any, path: str, nan: str):
+        self.img, self.path, self.nan, self.nans = img, path, nan, 0
+
+    def slabs(self, frames: int, count: bool = True) -> Iterator[tuple[int, np.ndarray]]:
+        for t0, slab in nifti.iter_frame_slabs(self.img, frames, self.path):
+            nans, slab = _check_finite(slab, self.nan, self.path, t0)
+            self.nans += nans if count else 0
+            yield t0, slab
+
+
+@dataclass
+class _Placement:
+    """Where a source's voxels go in the store: the stored (X, Y, Z) ``space``, its voxel -> world
+    (mm) ``affine``, binary NIfTI ``header``, the image's ``transform`` record (and ``registration``
+    record when registered), the header facts for the OME metadata, and ``slabs(n)``: the stored
+    values ``(t0, (X, Y, Z, n))``, n frames at a time."""
+
+    space: tuple[int, int, int]
+    affine: np.ndarray
+    header: bytes
+    transform: dict
+    ome_info: dict
+    slabs: Callable[[int], Iterator[tuple[int, np.ndarray]]]
+    registration: dict | None = None
+
+
+def _as_in_file(img: Any, shape: tuple[int, ...], modality: str, info: dict, source: _Source,
+                opts: ConvertOptions) -> _Placement:
+    """The file's voxels, reoriented (``canonical``) and centre cropped/padded (``t1_shape``/``fmri_shape``)."""
+    plan = nifti.SpatialPlan.make(img.affine, shape, opts.canonical, opts.t1_shape if modality == "t1"
+                                  else opts.fmri_shape)
+
+    def slabs(frames: int) -> Iterator[tuple[int, np.ndarray]]:
+        for t0, slab in source.slabs(frames):
+            yield t0, plan.apply(slab)
+
+    header = nifti.stored_header(img, plan, plan.out_shape + tuple(shape[3:]))
+    return _Placement(plan.out_shape, plan.affine, header, plan.record(), info, slabs)
+
+
+def _registered(img: Any, shape: tuple[int, ...], modality: str, info: dict, source: _Source,
+                opts: ConvertOptions, reg: registration.SubjectRegistration) -> _Placement:
+    """The voxels resampled onto the template grid (:mod:`masan.convert.registration`). The T1 is
+    registered here; an fMRI file is read twice: once for its temporal mean (registered to the
+    T1), then frame slab by frame slab through the composed transforms."""
+    dtype = img.header.get_data_dtype().newbyteorder("=")
+    space, affine = reg.grid(modality)
+    if modality == "t1":
+        (_, volume), = source.slabs(1)
+        volume, record = reg.t1(volume[..., 0].astype(np.float32), img.affine, dtype, source.path)
+
+        def slabs(_frames: int) -> Iterator[tuple[int, np.ndarray]]:
+            yield 0, volume[..., None]
+    else:
+        total = np.zeros(shape[:3], dtype=np.float64)
+        for _, slab in source.slabs(opts.fmri_shard_frames, count=False):
+            total += slab.sum(axis=3, dtype=np.float64)
+        record = reg.fmri_prepare((total / shape[3]).astype(np.float32), img.affine, info["tr_seconds"], source.path)
+
+        def slabs(frames: int) -> Iterator[tuple[int, np.ndarray]]:
+            for t0, slab in source.slabs(frames):
+                yield t0, reg.fmri_frames(slab.astype(np.float32), dtype)
+
+    voxel = float(np.sqrt((affine[:3, :3] ** 2).sum(axis=0)).max())
+    ome_info = {**info, "zooms": [voxel] * 3 + info["zooms"][3:], "space_unit": "mm"}
+    transform = {"registered_to": reg.template, "in_shape": list(shape[:3]), "out_shape": list(space), "pad_value": 0}
+    header = resample.grid_header(img, affine, space + tuple(shape[3:]), "mni")
+    return _Placement(space, affine, header, transform, ome_info, slabs, record)
+
+
+def _resampled(img: Any, shape: tuple[int, ...], modality: str, info: dict, source: _Source,
+               opts: ConvertOptions) -> _Placement:
+    """The voxels resampled onto the RAS grid of ``opts.spacing`` over the file's field of view
+    (:mod:`masan.convert.resample`), centred into ``t1_shape``/``fmri_shape`` when given."""
+    mm = opts.spacing[0 if modality == "t1" else 1]
+    space, affine = resample.target_grid(img.affine, shape, mm, opts.t1_shape if modality == "t1" else opts.fmri_shape)
+    dtype = img.header.get_data_dtype().newbyteorder("=")
+
+    def slabs(frames: int) -> Iterator[tuple[int, np.ndarray]]:
+        for t0, slab in source.slabs(frames):
+            yield t0, resample.resample(slab, img.affine, space, affine, dtype)
+
+    ome_info = {**info, "zooms": [mm] * 3 + info["zooms"][3:], "space_unit": "mm"}
+    transform = {"resampled_to_mm": mm, "reoriented_to": "RAS", "interpolation": "linear",
+                 "in_shape": list(shape[:3]), "in_voxel_mm": list(resample.voxel_size(img.affine)),
+                 "out_shape": list(space), "pad_value": 0}
+    code = "scanner" if int(img.header["sform_code"] or img.header["qform_code"]) == 1 else "aligned"
+    header = resample.grid_header(img, affine, space + tuple(shape[3:]), code)
+    return _Placement(space, affine, header, transform, ome_info, slabs)
+
+
+def _codec(opts: ConvertOptions) -> BloscCodec:
+    return BloscCodec(cname=opts.codec, clevel=opts.clevel, shuffle=opts.shuffle)
+
+
+def repetition_time(info: dict, path: str, sidecar: str | None, warn: list[str]) -> tuple[float | None, str | None]:
+    """(TR in seconds, where it came from: ``sidecar`` or ``header``) of a BOLD run.
+
+    BIDS makes the sidecar's ``RepetitionTime`` (seconds) authoritative; a header that
+    disagrees is a warning. A TR above :data:`TR_SUSPECT_SECONDS` is a unit error (milliseconds
+    written as seconds): in a sidecar it fails the subject, in a header the run is stored
+    without a TR (None) and a warning names the fix, rather than storing a wrong duration."""
+    header = info["tr_seconds"]
+    if sidecar is not None:
+        try:
+            value = json.loads(Path(sidecar).read_text(encoding="utf-8-sig")).get("RepetitionTime")
+        except (OSError, ValueError) as e:
+            raise nifti.NiftiError(f"{sidecar}: cannot read the BOLD sidecar ({e}); fix or remove it") from None
+        if value is not None:
+            if not isinstance(value, (int, float)) or not 0 < value <= TR_SUSPECT_SECONDS:
+                raise nifti.NiftiError(f"{sidecar}: RepetitionTime {value!r} is not a TR in seconds (BIDS: seconds, "
+                                       "e.g. 0.8 for 800 ms); fix the sidecar")
+            if header and not math.isclose(header, value, rel_tol=0.01):
+                warn.append(f"{path}: header TR {header:g} s, sidecar {sidecar} {value:g} s; used the sidecar's "
+                            "(BIDS: the sidecar is authoritative)")
+            return float(value), "sidecar"
+    if header is not None and header > TR_SUSPECT_SECONDS:
+        warn.append(f"{path}: header TR {header:g} s ({info['zooms'][3]:g} {info['time_unit']}) is a unit error "
+                    "(milliseconds?); stored without a TR: give RepetitionTime in seconds in the run's JSON "
+                    "sidecar (BIDS) and convert again")
+        return None, None
+    if header is None:
+        warn.append(f"{path}: no TR in the header or a JSON sidecar; stored without one (add RepetitionTime, in "
+                    "seconds, to the run's sidecar)")
+    return header, None if header is None else "header"
+
+
+def _write_modality(group: Any, modality: str, path: str, opts: ConvertOptions, warn: list[str],
+                    reg: registration.SubjectRegistration | None = None, sidecar: str | None = None) -> dict:
+    """Stream one NIfTI file into the NIfTI-Zarr image ``group[modality]`` (registered onto the
+    template grid when ``reg`` is given); returns its table entry. ``sidecar``: the fMRI run's
+    BIDS JSON (its TR wins over the header's)."""
+    img = nifti.open_image(path)
+    shape = nifti.data_shape(img, 3 if modality == "t1" else 4, path)
+    info = nifti.describe(img)
+    source = _Source(img, path, opts.nan)
+    if reg is not None:
+        place = _registered(img, shape, modality, info, source, opts, reg)
+    elif opts.spacing is not None:
+        place = _resampled(img, shape, modality, info, source, opts)
+    else:
+        place = _as_in_file(img, shape, modality, info, source, opts)
+    frames = 1 if modality == "t1" else shape[3]
+    out_shape = place.space if modality == "t1" else (frames,) + place.space
+    dtype = img.header.get_data_dtype().newbyteorder("=")
+    chunks, shards = _chunking(modality, out_shape, opts)
+    image = nifti_zarr.ImageWriter(group, modality, out_shape, dtype, chunks, shards, _codec(opts), opts.levels,
+                                   place.header, place.ome_info)
+    stats = _Stats()
+    for t0, out in place.slabs(shards[0] if modality == "fmri" else 1):  # (X', Y', Z', n)
+        out = np.ascontiguousarray(out[..., 0] if modality == "t1" else np.moveaxis(out, 3, 0))
+        stats.add(out)
+        image.write(t0, out)
+    if source.nans:
+        warn.append(f"{path}: {source.nans} NaN voxels stored as 0 (--nan zero)")
+    if modality == "fmri" and frames == 1:
+        warn.append(f"{path}: the fMRI run has a single frame (no time course); stored as is, "
+                    "check that the right BOLD file is listed")
+    tr, tr_source = repetition_time(info, path, sidecar, warn) if modality == "fmri" else (None, None)
+    checksum = image.checksums()
+    attrs = {
+        "nifti": info,
+        "affine": place.affine.tolist(),
+        "transform": place.transform,
+        "stats": stats.scaled(info["scl_slope"], info["scl_inter"], path, warn),
+        "checksum": checksum,
+        "nan_replaced": source.nans,
+    }
+    if modality == "fmri":
+        attrs["tr_seconds"], attrs["tr_source"] = tr, tr_source
+    if place.registration is not None:
+        attrs["registration"] = place.registration
+    image.finish(attrs)
+    # the stored geometry in the table too, so the training contract reads one JSON, not every image's
+    return {"shape": list(out_shape), "dtype": dtype.str, "tr_seconds": tr, "checksum": checksum["crc32"],
+            "voxel_mm": list(resample.voxel_size(place.affine)), "axcodes": "".join(nib.aff2axcodes(place.affine))}
+
+
+def verify_group(group: Any, slab_frames: int = ConvertOptions.fmri_shard_frames) -> list[str]:
+    """Re-read every image of a subject group (every level; fMRI ``slab_frames`` at a time);
+    list the modalities (and ``registration``, the stored transforms) whose values differ from
+    the checksums recorded at conversion."""
+    bad = [m for m in MODALITIES if m in group and not nifti_zarr.verify(group[m], slab_frames)]
+    return bad + ([] if registration.verify(group) else [registration.GROUP])
+
+
+def open_strict(folder: Path) -> Any:
+    """A subject group opened read-only so that a missing chunk file raises (verification)."""
+    return zarr.open_group(StrictLocalStore(folder, read_only=True), mode="r")
+
+
+def convert_subject(job: Job, store: str, opts: ConvertOptions) -> dict:
+    """Write, verify and publish one subject. Returns a result dict for :func:`masan.convert.cohort.convert_cohort`:
+    ``{"subject", "ok": True, "row", "warnings"}`` or ``{"subject", "ok": False, "failure"}``."""
+    root = Path(store)
+    version = publish.new_version()
+    staging = root / STAGING / f"{job.subject}.{version}"
+    warn: list[str] = []
+    current = None
+    reg = None
+    try:
+        group = zarr.open_group(LocalStore(staging), mode="w")  # writing: a partial shard write reads absent shards
+        if opts.register != "none":
+            registration.set_threads(opts.threads or 1)
+            # ANTs writes its transforms as files: beside the staged subject, under the store's
+            # permissions, and removed with it
+            reg = registration.SubjectRegistration(opts.register, opts.template, opts.t1_shape, opts.fmri_shape,
+                                                   staging.with_name(staging.name + ".ants"), job.subject)
+        row: dict[str, Any] = {"subject": job.subject, "label": job.label}
+        sources = {}
+        for modality in MODALITIES:
+            current = job.sources.get(modality)
+            row[modality] = None
+            if current is None:
+                continue
+            sources[modality] = source_record(current)
+            sidecar = job.sources.get(FMRI_SIDECAR) if modality == "fmri" else None
+            if sidecar is not None:
+                sources[FMRI_SIDECAR] = source_record(sidecar)
+            entry = _write_modality(group, modality, current, opts, warn, reg, sidecar)
+            entry["source"], entry["sha256"] = current, sources[modality]["sha256"]
+            row[modality] = entry
+        current = None
+        if reg is not None:
+            reg.write(group, _codec(opts))
+            warn.extend(reg.warnings)
+        bad = verify_group(open_strict(staging), opts.fmri_shard_frames)
+        if bad:
+            raise OSError(f"re-read of {bad} after writing did not match (disk full or failing?); rerun")
+        group.update_attributes({"subject": job.subject, "sources": sources, "options": opts.fingerprint(),
+                                 "row": row, "complete": True})
+        row["group"] = publish.publish_version(root, job.subject, staging, version)
+        return {"subject": job.subject, "ok": True, "row": row, "warnings": warn + job.notes}
+    except Exception as e:  # noqa: BLE001 - any failure fails this subject only, reported with its file
+        shutil.rmtree(staging, ignore_errors=True)
+        msg = str(e) if isinstance(e, nifti.NiftiError) else f"{type(e).__name__}: {e}"
+        return {"subject": job.subject, "ok": False, "failure": asdict(Failure(job.subject, current, msg))}
+    finally:
+        if reg is not None:
+            shutil.rmtree(reg.workdir, ignore_errors=True)

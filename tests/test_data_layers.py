@@ -1,0 +1,46 @@
+"""The data packages import one way (store <- convert <- qc, synth; data over store and convert)
+and the conversion side never imports torch (conversion workers and the data tools start
+without it)."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+ALLOWED = {"store": set(), "convert": {"store"}, "qc": {"store", "convert"}, "synth": {"store", "convert"},
+           "data": {"store", "convert"}}
+"""Package -> the data packages it may import (lazy imports inside functions included)."""
+TORCH_FREE = ("store", "convert", "qc", "synth")
+
+
+def _imported_packages(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = [node.module] if isinstance(node, ast.ImportFrom) and node.module else \
+            [a.name for a in node.names] if isinstance(node, ast.Import) else []
+        found |= {n.split(".")[1] for n in names if n.startswith("masan.") and n.split(".")[1] in ALLOWED}
+    return found
+
+
+def test_data_packages_import_one_way():
+    bad = {}
+    for pkg, allowed in ALLOWED.items():
+        for path in sorted((REPO / "masan" / pkg).glob("*.py")):
+            up = _imported_packages(path) - allowed - {pkg}
+            if up:
+                bad[str(path.relative_to(REPO))] = sorted(up)
+    assert not bad, f"imports against the layers (docs/architecture.md): {bad}"
+
+
+def test_conversion_side_imports_no_torch():
+    modules = [f"masan.{pkg}.{p.stem}" for pkg in TORCH_FREE for p in sorted((REPO / "masan" / pkg).glob("*.py"))
+               if p.stem != "__init__"]
+    code = (f"import {', '.join(modules)}\n"
+            "import sys\n"
+            "assert 'torch' not in sys.modules, 'torch imported'\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO,
+                         check=False)
+    assert res.returncode == 0, res.stderr[-3000:]
