@@ -20,10 +20,10 @@ from masan.data.splits import load_or_make_split
 from masan.data.store import CohortStore
 from masan.data.synth import synthesize_cohort
 from masan.evaluate.__main__ import main
-from masan.evaluate.predict import write_predictions
 from masan.evaluate.region_ranking import atlas_region_names, resample_atlas
 from masan.inference import predict
 from masan.model import build_model, small_model_config
+from masan.predictions import write_predictions
 
 HIPPOCAMPUS, CORTEX = 17, 3
 
