@@ -105,13 +105,23 @@ def spawn(args: argparse.Namespace, argv: list[str]) -> int:
     die with this launcher (:func:`masan.train.runlock.die_with_launcher`).
     """
     from masan.distributed import free_port
-    from masan.train.runlock import LAUNCHER_PID_ENV
-    from masan.train.stop import EXIT_INTERRUPTED
 
     port = args.port or free_port()
     worker_argv = strip_nproc(argv)
     procs: list[subprocess.Popen] = []
     interrupts = {"count": 0, "kill_at": None}
+    # before the ranks exist: a rank started after a Ctrl-C learns of it from the others (the
+    # stop flags are agreed over all ranks at each step)
+    _forward_signals(procs, interrupts)
+    _start_ranks(procs, args.nproc, worker_argv, port)
+    codes, ended = _wait_for_ranks(procs, interrupts)
+    return _launcher_exit(codes, ended, interrupts)
+
+
+def _forward_signals(procs: list[subprocess.Popen], interrupts: dict) -> None:
+    """Install this launcher's handlers: :data:`FORWARDED_SIGNALS` go to every live rank of
+    ``procs`` (a list the caller fills later); ``interrupts`` counts Ctrl-Cs and, at the second,
+    sets ``kill_at`` (a time.monotonic() deadline); Ctrl-Z stops and resumes the ranks too."""
 
     def forward(signum, frame):  # noqa: ARG001 - signal handler signature
         if signum == signal.SIGINT:
@@ -132,19 +142,30 @@ def spawn(args: argparse.Namespace, argv: list[str]) -> int:
         for p in alive:
             p.send_signal(signal.SIGCONT)
 
-    # before the ranks exist: a rank started after a Ctrl-C learns of it from the others (the
-    # stop flags are agreed over all ranks at each step)
     for sig in FORWARDED_SIGNALS:
         signal.signal(sig, forward)
     signal.signal(signal.SIGTSTP, suspend)
-    for rank in range(args.nproc):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(args.nproc), LOCAL_RANK=str(rank),
-                   LOCAL_WORLD_SIZE=str(args.nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
+def _start_ranks(procs: list[subprocess.Popen], nproc: int, worker_argv: list[str], port: int) -> None:
+    """Start ranks 0..nproc-1 (this script with ``worker_argv``) into ``procs``, one by one, so
+    the signal handlers reach every rank already started."""
+    from masan.train.runlock import LAUNCHER_PID_ENV
+
+    for rank in range(nproc):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_RANK=str(rank),
+                   LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         env[LAUNCHER_PID_ENV] = str(os.getpid())
         # share the cores instead of every rank starting one thread per core (as torchrun does)
-        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
         procs.append(subprocess.Popen([sys.executable, os.path.abspath(__file__), *worker_argv], env=env,
                                       stdin=subprocess.DEVNULL, process_group=0))
+
+
+def _wait_for_ranks(procs: list[subprocess.Popen], interrupts: dict) -> tuple[dict[int, int], set[int]]:
+    """Wait until every rank has ended; after one fails, terminate the others :data:`END_GRACE_S`
+    later and kill what is left :data:`KILL_AFTER_S` after that (or after a second Ctrl-C).
+    Returns (exit code per rank, the ranks this launcher terminated)."""
     codes: dict[int, int] = {}
     ended: set[int] = set()  # ranks this launcher terminated: their codes say nothing about the run
     end_at = None
@@ -168,6 +189,14 @@ def spawn(args: argparse.Namespace, argv: list[str]) -> int:
                 if p.poll() is None:
                     p.kill()
         time.sleep(POLL_S)
+    return codes, ended
+
+
+def _launcher_exit(codes: dict[int, int], ended: set[int], interrupts: dict) -> int:
+    """This launcher's exit status from its ranks' (the ranks it terminated do not count), with
+    the line that says what to do."""
+    from masan.train.stop import EXIT_INTERRUPTED
+
     failed = {r: c for r, c in codes.items() if c != 0 and r not in ended}
     if interrupts["count"] >= 2 and failed:
         print("stopped at once by a second Ctrl-C: the steps since the newest complete checkpoint are lost; "

@@ -1,9 +1,9 @@
 """Inference: the model over a loader, sharded over the ranks and merged; no files, no plots.
 
 Training (validation monitoring, the final test predictions), ``python -m masan.predict`` and
-the evaluation tools share this module; the files a run directory keeps its predictions in
-(predictions.csv, region_weights.npy, metrics.json) belong to evaluation
-(:mod:`masan.evaluate.predict`). The batch keys the model takes are the model's
+the evaluation tools share this module; the :class:`~masan.predictions.Predictions` it returns
+and the files a run directory keeps them in (predictions.csv, region_weights.npy,
+metrics.json) belong to :mod:`masan.predictions`. The batch keys the model takes are the model's
 (:data:`masan.model.inputs.MODALITY_KEYS`).
 
 Example (every rank; all get the merged predictions)::
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -25,54 +24,7 @@ from tqdm import tqdm
 
 from masan.model.autoencoder import encoders_only
 from masan.model.inputs import MODALITY_KEYS
-
-
-class PredictionsError(ValueError):
-    """Prediction inputs or files are inconsistent; the message names the file or subject."""
-
-
-@dataclass
-class Predictions:
-    """Per-subject model outputs of one split.
-
-    Attributes:
-        subjects: N subject ids, sorted.
-        labels: (N,) int64 true class index.
-        probs: (N, C) float32 softmax probabilities.
-        region_weights: (N, R) float32 region weights (R = 0 when the model gives none).
-    """
-
-    subjects: list[str]
-    labels: np.ndarray
-    probs: np.ndarray
-    region_weights: np.ndarray
-
-    @property
-    def preds(self) -> np.ndarray:
-        """(N,) int64 arg-max class."""
-        return self.probs.argmax(axis=1).astype(np.int64)
-
-    def __len__(self) -> int:
-        return len(self.subjects)
-
-
-def merge_predictions(parts: Iterable[Predictions]) -> Predictions:
-    """Concatenate predictions, keep one row per subject (a DistributedSampler pads with
-    repeats) and sort by subject."""
-    parts = [p for p in parts if len(p)]
-    if not parts:
-        raise PredictionsError("no predictions to merge (every part is empty)")
-    subjects = [s for p in parts for s in p.subjects]
-    first = {}
-    for i, s in enumerate(subjects):
-        first.setdefault(s, i)
-    keep = [first[s] for s in sorted(first)]
-    return Predictions(
-        subjects=sorted(first),
-        labels=np.concatenate([p.labels for p in parts])[keep],
-        probs=np.concatenate([p.probs for p in parts])[keep],
-        region_weights=np.concatenate([p.region_weights for p in parts])[keep],
-    )
+from masan.predictions import Predictions, PredictionsError, merge_predictions
 
 
 def gather_predictions(preds: Predictions) -> Predictions:

@@ -199,6 +199,6 @@ def flat_scalars(metrics: dict) -> dict[str, float]:
 
 
 def prediction_metrics(preds, class_names: Sequence[str], positive_class: str) -> dict:
-    """:func:`classification_metrics` of a :class:`masan.inference.Predictions` (anything with
+    """:func:`classification_metrics` of a :class:`masan.predictions.Predictions` (anything with
     ``labels``, ``preds`` and ``probs``)."""
     return classification_metrics(preds.labels, preds.preds, class_names, positive_class, preds.probs)

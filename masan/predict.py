@@ -5,6 +5,9 @@ run's own final evaluation use the same function, :func:`masan.inference.predict
 a run's test predictions can be reproduced from its directory alone: the model is rebuilt from
 ``RUN_DIR/config.yaml`` and loaded from the run's final checkpoint (weights and the fitted
 cohort standardisers), in the run's precision, on any number of ranks.
+This module is the command only (which run, checkpoint and subjects, where the files go): the
+weights come from :mod:`masan.train.checkpoint`, the predictions from :mod:`masan.inference`,
+their files from :mod:`masan.predictions`.
 
 Which subjects: with ``--store`` omitted, the run's own store and its ``--split`` part
 (default ``test``) from ``RUN_DIR/split.json``; with another store, every subject of the run's
@@ -45,11 +48,9 @@ import torch
 
 from masan.config import ConfigError, RunConfig, load_config
 from masan.inference import predict_subjects
-from masan.model.inputs import PRECISION_DTYPES as DTYPES
+from masan.predictions import write_predictions
 from masan.rundir import RunDir
-
-MODEL_STATES = "mp_rank_00_model_states.pt"
-"""DeepSpeed's file of the (whole, unpartitioned) module weights: the only file predict loads."""
+from masan.train.checkpoint import TAG_RE, CheckpointManager, checkpoint_problem, final_tag, load_model, previous_intact
 
 
 class PredictRefused(ValueError):
@@ -146,59 +147,9 @@ def unfinished(run_dir: Path, cfg: RunConfig) -> str | None:
     return None
 
 
-def final_tag(run_dir: Path, cfg: RunConfig) -> tuple[str | None, str]:
-    """The newest checkpoint the run recorded, whether or not it is still intact, and which
-    record names it: the step in ``DONE``, ``checkpoints/latest_complete`` or the newest
-    ``COMPLETE`` marker. Looking at the records, not at what is on disk, is what finds a
-    deleted or truncated newest checkpoint instead of silently taking the one before."""
-    from masan.train.checkpoint import MARKER, POINTER, TAG_RE, CheckpointManager, step_of, tag_for
-
-    rd = RunDir(run_dir)
-    named: dict[str, str] = {}
-    done = rd.finished(cfg)
-    if done is not None:
-        named[tag_for(done["step"])] = f"{rd.done} (step {done['step']})"
-    try:
-        pointed = (rd.checkpoints / POINTER).read_text().strip()
-        if TAG_RE.match(pointed):
-            named.setdefault(pointed, str(rd.checkpoints / POINTER))
-    except OSError:
-        pass
-    mgr = CheckpointManager(run_dir, keep=1)
-    marked = next((t for t in mgr.tags() if (mgr.dir / t / MARKER).is_file()), None)
-    if marked is not None:
-        named.setdefault(marked, f"its {MARKER} marker")
-    if not named:
-        return None, ""
-    tag = max(named, key=step_of)
-    return tag, named[tag]
-
-
-def checkpoint_problem(run_dir: Path, tag: str) -> str | None:
-    """Why checkpoint ``tag`` cannot be predicted with (None: intact), by the checks a resume
-    makes: marker, every file's size, then the SHA-256 of the files predict loads (the
-    optimizer shards are not loaded, so not hashed: gigabytes for nothing)."""
-    from masan.train.checkpoint import CheckpointManager
-
-    mgr = CheckpointManager(run_dir, keep=1)
-    if not (mgr.dir / tag).is_dir():
-        return "the folder does not exist (deleted or moved)"
-    return mgr.problem(tag) or mgr.damage(tag, shards=False)
-
-
-def _previous_intact(run_dir: Path, tag: str) -> str | None:
-    """The newest checkpoint older than ``tag`` that passes :func:`checkpoint_problem`."""
-    from masan.train.checkpoint import CheckpointManager, step_of
-
-    older = [t for t in CheckpointManager(run_dir, keep=1).tags() if step_of(t) < step_of(tag)]
-    return next((t for t in older if checkpoint_problem(run_dir, t) is None), None)
-
-
 def choose_checkpoint(run_dir: Path, cfg: RunConfig, requested: str | None) -> str:
     """The checkpoint to predict with: ``requested`` (``--checkpoint``) or the run's final
     one, verified by :func:`checkpoint_problem`; PredictRefused naming the file and the fix."""
-    from masan.train.checkpoint import TAG_RE
-
     ckpts = RunDir(run_dir).checkpoints
     if requested is not None:
         if not TAG_RE.match(requested):
@@ -212,33 +163,11 @@ def choose_checkpoint(run_dir: Path, cfg: RunConfig, requested: str | None) -> s
     why = checkpoint_problem(run_dir, tag)
     if why is None:
         return tag
-    previous = _previous_intact(run_dir, tag)
+    previous = previous_intact(run_dir, tag)
     fix = (f"restore {ckpts / tag} from a backup, or predict knowingly with the previous intact checkpoint, "
            f"a less trained model: --checkpoint {previous}" if previous else
            f"restore {ckpts / tag} from a backup; no older intact checkpoint is left in {ckpts}")
     raise PredictRefused(f"checkpoint {ckpts / tag} (named by {named_by}) cannot be used: {why}; {fix}")
-
-
-def load_states(path: Path, run_dir: Path, tag: str) -> dict:
-    """The module weights of a model-states file; PredictRefused for a file torch cannot
-    read or weights that are not all finite (a diverged run: every prediction would be NaN
-    or arbitrary while the exit status said success)."""
-    try:
-        states = torch.load(path, map_location="cpu", weights_only=False)
-        module = states["module"]
-    except Exception as e:  # noqa: BLE001 - whatever the unpickler raises, the file is unusable
-        raise PredictRefused(f"{path} cannot be loaded ({type(e).__name__}: {e}); restore it from a backup, or "
-                             f"predict with another checkpoint of {RunDir(run_dir).checkpoints} "
-                             f"(--checkpoint TAG)") from None
-    bad = [k for k, v in module.items() if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
-    if bad:
-        previous = _previous_intact(run_dir, tag)
-        fix = f"--checkpoint {previous}" if previous else "retrain the run"
-        raise PredictRefused(f"{path} holds non-finite weights (NaN or inf) in {len(bad)} tensor(s): "
-                             f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}; the run diverged or the file "
-                             f"was altered. Predict with an earlier checkpoint ({fix}) or retrain with a lower "
-                             f"optim.lr")
-    return module
 
 
 def load_trained_model(run_dir: Path, device: torch.device, checkpoint: str | None = None,
@@ -246,9 +175,6 @@ def load_trained_model(run_dir: Path, device: torch.device, checkpoint: str | No
     """The run's model with the weights of its final checkpoint (or ``checkpoint``), verified,
     in the run's precision. Returns (model in eval mode, config, class names, checkpoint tag,
     a note on how trained it is: ``""`` for a finished run's final checkpoint)."""
-    from masan.model import build_model
-    from masan.train.checkpoint import CheckpointManager
-
     config = RunDir(run_dir).config
     if not config.is_file():
         raise FileNotFoundError(f"{config} does not exist: {run_dir} is not a training run directory "
@@ -266,16 +192,7 @@ def load_trained_model(run_dir: Path, device: torch.device, checkpoint: str | No
         note = f"UNFINISHED run, {_progress(run_dir, cfg, state)}"
     elif tag != final_tag(run_dir, cfg)[0]:
         note = f"NOT the final checkpoint: {_progress(run_dir, cfg, state)}"
-    path = RunDir(run_dir).checkpoints / tag / MODEL_STATES
-    module = load_states(path, run_dir, tag)
-    class_names = list(cfg.data.classes)
-    model = build_model(cfg.model, len(class_names))
-    try:
-        model.load_state_dict(module)
-    except RuntimeError as e:
-        raise PredictRefused(f"{path} does not fit the model {config} describes ({str(e).splitlines()[0]}); "
-                             f"was {config} edited after training? Restore it") from None
-    return model.to(device, DTYPES[cfg.train.precision]).eval(), cfg, class_names, tag, note
+    return load_model(run_dir, cfg, tag, device), cfg, list(cfg.data.classes), tag, note
 
 
 def _subjects(cfg: RunConfig, run_dir: Path, store: str | None, part: str):
@@ -335,7 +252,6 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from masan.data.dataset import CohortDataset
-    from masan.evaluate.predict import write_predictions
 
     label = Path(args.store).stem if args.store else args.split
     suggestion = args.run_dir.absolute().parent / f"{args.run_dir.absolute().name}_predictions_{label}"

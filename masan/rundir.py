@@ -11,7 +11,7 @@ or added here and nowhere else. Layout (docs/architecture.md explains each file)
     checkpoints/           complete checkpoints (layout: masan.train.checkpoint)
     tb/                    TensorBoard events (rank 0)
     STOP                   created by a user: every rank stops at the next step and saves
-    predictions.csv        test predictions, end of the run (masan.evaluate.predict)
+    predictions.csv        test predictions, end of the run (masan.predictions)
     region_weights.npy     region weights of the test subjects
     metrics.json           test metrics
     DONE                   the run finished this config's epoch target (JSON record)

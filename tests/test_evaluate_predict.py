@@ -13,9 +13,9 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from masan.evaluate.predict import load_predictions, write_predictions
-from masan.inference import Predictions, PredictionsError, gather_predictions, predict
+from masan.inference import gather_predictions, predict
 from masan.metrics import flat_scalars, prediction_metrics
+from masan.predictions import Predictions, PredictionsError, load_predictions, write_predictions
 
 CLASSES = ["NC", "MCI", "AD"]
 GRID = 8  # 2x2x2 regions

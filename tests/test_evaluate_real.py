@@ -18,12 +18,12 @@ from masan.convert.cohort import ConvertOptions, convert_cohort, discover_bids
 from masan.data.dataset import CohortDataset, select_subjects
 from masan.data.splits import load_or_make_split
 from masan.evaluate.__main__ import main
-from masan.evaluate.predict import write_predictions
 from masan.evaluate.region_ranking import atlas_region_names, resample_atlas
 from masan.inference import predict
 from masan.model import build_model, small_model_config
 from masan.store.cohort import CohortStore
 from masan.synth.phantom import synthesize_cohort
+from masan.predictions import write_predictions
 
 HIPPOCAMPUS, CORTEX = 17, 3
 

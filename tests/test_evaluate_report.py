@@ -11,10 +11,9 @@ import pytest
 
 from masan.config import RunConfig, config_from_dict, save_config
 from masan.evaluate.__main__ import main
-from masan.evaluate.predict import write_predictions
 from masan.evaluate.report import collect_runs, format_cell, group_runs, method_name, summary_table
-from masan.inference import Predictions
 from masan.metrics import classification_metrics
+from masan.predictions import Predictions, write_predictions
 
 CLASSES = ["NC", "MCI", "AD"]
 LABELS = np.repeat([0, 1, 2], 4)  # 12 test subjects

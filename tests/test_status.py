@@ -27,8 +27,8 @@ from pathlib import Path
 
 import pytest
 
-from launch import status, submit
-from launch.slurm import jobs
+from launch import run_status, status, submit
+from launch.slurm import jobs, queue
 from launch.slurm.plan import Resources
 
 REPO = Path(__file__).resolve().parents[1]
@@ -76,7 +76,7 @@ def runs(tmp_path_factory, tiny_config) -> Path:
 
 
 def test_finished_and_unfinished_runs(runs):
-    rows = {r.run: r for r in status.collect([runs])}
+    rows = {r.run: r for r in run_status.collect([runs])}
     assert sorted(rows) == ["finished", "sweep/repeat_1"]
     done, going = rows["finished"], rows["sweep/repeat_1"]
 
@@ -85,7 +85,7 @@ def test_finished_and_unfinished_runs(runs):
     assert done.checkpoint == f"step_{done.step:06d}" and done.step > 5
     assert done.variant == "MASAN" and done.repeat == 0 and done.slurm == "-" and done.loss is not None
     # whole epochs when done, though the last logged fraction stops short (it used to show 2.857/3)
-    logged = status._scalars(Path(done.path), (status.EPOCH_TAG,))[status.EPOCH_TAG][-1]
+    logged = run_status._scalars(Path(done.path), (run_status.EPOCH_TAG,))[run_status.EPOCH_TAG][-1]
     assert logged.step == done.step and logged.value == pytest.approx(2 + 6 / 7)
 
     assert not going.done and going.phase == "pretrain" and going.step == 5
@@ -140,11 +140,11 @@ def test_ended_slurm_jobs_without_an_answering_controller_read_submitit_results(
     for jid, result in (("41", ("success", Outcome(7))), ("42_1", ("error", "Traceback ...: ValueError"))):
         (folder / f"{jid}_0_result.pkl").write_bytes(pickle.dumps(result))
     job = {"kind": "slurm", "log": str(folder / "41_0_log.out"), "job_id": "41"}
-    assert status.slurm_state(job, None) == "COMPLETED"
-    assert status.slurm_state({**job, "job_id": "42_1", "log": str(folder / "42_1_0_log.out")}, None) == "FAILED"
-    assert status.slurm_state({**job, "job_id": "43", "log": str(folder / "43_0_log.out")}, None) == \
+    assert queue.slurm_state(job, None) == "COMPLETED"
+    assert queue.slurm_state({**job, "job_id": "42_1", "log": str(folder / "42_1_0_log.out")}, None) == "FAILED"
+    assert queue.slurm_state({**job, "job_id": "43", "log": str(folder / "43_0_log.out")}, None) == \
         "UNKNOWN (no SLURM)"
-    assert status.slurm_state(job, {"41": status.Queued("RUNNING")}) == "RUNNING"  # squeue first
+    assert queue.slurm_state(job, {"41": queue.Queued("RUNNING")}) == "RUNNING"  # squeue first
 
 
 @pytest.mark.slurm
@@ -159,8 +159,8 @@ def test_repeats_array_on_the_local_slurm_cluster(slurm_cluster, tiny_config, tm
     array = ids[0].split("_")[0]
     assert ids == [f"{array}_0", f"{array}_1"]
 
-    def table() -> dict[str, status.RunStatus]:
-        return {r.run: r for r in status.collect([base])}
+    def table() -> dict[str, run_status.RunStatus]:
+        return {r.run: r for r in run_status.collect([base])}
 
     seen = table()  # both tasks listed at once, from squeue, before either has written a config
     assert sorted(seen) == ["repeat_0", "repeat_1"]
@@ -203,7 +203,7 @@ def test_a_damaged_run_is_one_row_with_its_problem(runs, tmp_path, capsys):
     assert "Traceback" not in captured.err and captured.err == ""
     lines = captured.out.splitlines()
     assert lines[-1] == "5 runs, 2 done, 4 with a note"
-    rows = {r.run: r for r in status.collect([base])}
+    rows = {r.run: r for r in run_status.collect([base])}
     assert sorted(rows) == ["corrupt_jobs", "cut_config", "cut_mid_line", "good", "invalid_config"]
 
     assert rows["good"].done and rows["good"].epochs_done == 3 and not rows["good"].note
@@ -226,7 +226,7 @@ def test_a_damaged_run_is_one_row_with_its_problem(runs, tmp_path, capsys):
         ["note corrupt_jobs", "note cut_config", "note cut_mid_line", "note invalid_config"]
 
     (corrupt / "jobs.json").write_text(json.dumps({"jobs": [{"id": 1}], "events": []}))
-    assert status.collect([corrupt])[0].note.startswith("jobs.json is corrupt (not the record launch/submit.py")
+    assert run_status.collect([corrupt])[0].note.startswith("jobs.json is corrupt (not the record launch/submit.py")
 
 
 READER = "masan-reader"
@@ -253,7 +253,7 @@ def status_as_reader(paths: list[Path]) -> tuple[int, str]:
             code = status.main([str(p) for p in paths])
         return code, out.getvalue()
     uid, gid = _reader_uid()
-    status.collect(paths)  # imports everything the reading needs, while they can be read
+    run_status.collect(paths)  # imports everything the reading needs, while they can be read
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: never returns into pytest
@@ -303,7 +303,7 @@ def test_runs_another_user_may_not_read_are_rows_naming_file_and_permission(runs
         assert lines[3].rstrip().endswith("DONE")
         note = {line.split(":")[0][len("note "):]: line for line in lines if line.startswith("note ")}
         who = pwd.getpwuid(os.geteuid()).pw_name
-        ckpt = status.collect([base / "good"])[0].checkpoint
+        ckpt = run_status.collect([base / "good"])[0].checkpoint
         assert f"cannot read config.yaml (mode {file_mode:o}, owner {who})" in note["files_closed"]
         assert f"checkpoints/{ckpt}/COMPLETE (mode {file_mode:o}" in note["files_closed"]
         assert "tb/events.out.tfevents" in note["files_closed"] and "permission denied for" in note["files_closed"]
@@ -328,12 +328,12 @@ def test_a_resumed_runs_tensorboard_log_is_read_without_noise(tmp_path, caplog):
                 run / "config.yaml")
     with SummaryWriter(str(run / "tb")) as w:  # the first start, killed after step 10
         for step in range(1, 11):
-            w.add_scalar(status.EPOCH_TAG, step / 10, step, walltime=1000 + step)
+            w.add_scalar(run_status.EPOCH_TAG, step / 10, step, walltime=1000 + step)
     with SummaryWriter(str(run / "tb"), purge_step=6) as w:  # resumed from its step-5 checkpoint, as TrainLogger does
         for step in range(6, 9):
-            w.add_scalar(status.EPOCH_TAG, step / 10, step, walltime=2000 + step)
+            w.add_scalar(run_status.EPOCH_TAG, step / 10, step, walltime=2000 + step)
 
-    (row,) = status.collect([run])
+    (row,) = run_status.collect([run])
     assert (row.step, row.epochs_done, row.phase) == (8, pytest.approx(0.8), "pretrain")
     assert not [r for r in caplog.records if "out of order" in r.getMessage()]
     tb_logging.get_logger().warning("any other TensorBoard warning")  # the filter is that narrow
@@ -346,14 +346,14 @@ def test_a_resumed_runs_tensorboard_log_is_read_without_noise(tmp_path, caplog):
 def test_a_pending_job_shows_slurms_reason_and_one_that_never_starts_the_fix(tmp_path):
     run = tmp_path / "repeat_0"
     jobs.record_job(run, "77", "slurm", str(run / "slurm" / "77_0_log.out"))
-    waits = status.run_status(tmp_path, run, {"77": status.Queued("PENDING", "Priority")})
+    waits = run_status.run_status(tmp_path, run, {"77": queue.Queued("PENDING", "Priority")})
     assert (waits.slurm, waits.reason, waits.note) == ("PENDING", "Priority", "")
     assert "PENDING (77, Priority)" in status.row_cells(waits)
-    never = status.run_status(tmp_path, run, {"77": status.Queued("PENDING", "PartitionNodeLimit")})
+    never = run_status.run_status(tmp_path, run, {"77": queue.Queued("PENDING", "PartitionNodeLimit")})
     assert never.note.startswith("job 77 can never start as submitted (PartitionNodeLimit)")
     assert "fewer --nodes" in never.note and "scancel 77" in never.note
-    assert status.never_starts("QOSMaxNodePerJobLimit") and not status.never_starts("Resources")
-    running = status.run_status(tmp_path, run, {"77": status.Queued("RUNNING", "None")})
+    assert queue.never_starts("QOSMaxNodePerJobLimit") and not queue.never_starts("Resources")
+    running = run_status.run_status(tmp_path, run, {"77": queue.Queued("RUNNING", "None")})
     assert "RUNNING (77)" in status.row_cells(running) and running.reason is None
 
 
@@ -407,9 +407,9 @@ def test_on_the_local_cluster_submit_refuses_too_many_nodes_and_status_shows_why
     try:
         jobs.record_job(run, jid, "slurm", "(sbatch)")
         # the reason is PartitionConfig until the scheduler's first pass over the job
-        wait_until(lambda: status.collect([run])[0].reason == "PartitionNodeLimit", "the scheduler's reason",
+        wait_until(lambda: run_status.collect([run])[0].reason == "PartitionNodeLimit", "the scheduler's reason",
                    timeout=60)
-        (row,) = status.collect([run])
+        (row,) = run_status.collect([run])
         assert row.slurm == "PENDING" and f"PENDING ({jid}, PartitionNodeLimit)" in status.format_table([row])
         assert f"job {jid} can never start as submitted (PartitionNodeLimit)" in row.note
     finally:

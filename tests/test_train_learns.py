@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from masan.evaluate.predict import load_predictions
 from masan.evaluate.region_ranking import rank_regions
+from masan.predictions import load_predictions
 
 pytestmark = pytest.mark.slow  # every test trains until the model learns
 

@@ -206,7 +206,7 @@ def test_predict_reproduces_the_runs_test_predictions_from_its_directory(tmp_pat
     checkpoint alone)."""
     import numpy as np
 
-    from masan.evaluate.predict import load_predictions
+    from masan.predictions import load_predictions
 
     res = subprocess.run([sys.executable, "-m", "masan.predict", str(reference_run), "--out", str(tmp_path / "p")],
                          capture_output=True, text=True, timeout=300, cwd=REPO, check=False)

@@ -1,12 +1,11 @@
-"""Evaluation: the run directory's prediction files, the paper's Table 2, region rankings and
-figures. The command ``python -m masan.evaluate RUN_DIR [RUN_DIR ...] --out REPORT_DIR``.
+"""Evaluation: the paper's Table 2, region rankings and figures over finished runs.
+The command ``python -m masan.evaluate RUN_DIR [RUN_DIR ...] --out REPORT_DIR``.
 
 Modules, one role each (none is imported by training, except :mod:`~masan.evaluate.plots`
-lazily, when TensorBoard logs images):
+lazily, when TensorBoard logs images). A run's prediction files (predictions.csv,
+region_weights.npy, metrics.json) are :mod:`masan.predictions`, which training writes too;
+the predictions themselves come from :mod:`masan.inference`, the metrics from :mod:`masan.metrics`.
 
-- :mod:`~masan.evaluate.predict`: predictions.csv / region_weights.npy / metrics.json of a run
-  (the predictions themselves come from :mod:`masan.inference`, the metrics from
-  :mod:`masan.metrics`);
 - :mod:`~masan.evaluate.report`: runs grouped per method, Table 2 (mean ± std over repeats);
 - :mod:`~masan.evaluate.region_ranking`: region weights -> named, ranked regions (numbers only;
   the model's own patch grid is :mod:`masan.model.regions`);

@@ -172,6 +172,23 @@ def planted_features(store, subjects: Sequence[str], frame_block: int = 128, spa
     A structure with no voxel on the grid gives NaN.
     """
     effect = store.attrs.get("planted_effect")
+    per_subject = _masks_per_subject(store, effect, space)
+    names = feature_names(effect)
+    conn = any(n.startswith("fmri_conn:") for n in names)
+    masks_for = _mask_source(store, effect, per_subject, conn)
+    rows = []
+    for subject in subjects:
+        t1_masks, _ = masks_for(subject, "t1")
+        t1 = store.read_t1(subject, normalize=True)
+        row = [float(t1[m].mean()) if m.any() else np.nan for m in t1_masks.values()]
+        f_masks, p_mask = masks_for(subject, "fmri")
+        rows.append(row + _fmri_features(store, subject, f_masks, p_mask if conn else None, frame_block))
+    return np.asarray(rows, dtype=np.float64).reshape(len(rows), len(names))
+
+
+def _masks_per_subject(store, effect: dict | None, space: str) -> bool:
+    """Whether :func:`planted_features` takes each subject's own masks (``space``, checked
+    against the store; ValueError naming the fix)."""
     if not effect:
         raise ValueError(f"{store.path} has no 'planted_effect' attribute: not a synthetic cohort "
                          "(convert the BIDS folder written by data_tools/synth_cohort.py with to_zarr.py)")
@@ -180,9 +197,12 @@ def planted_features(store, subjects: Sequence[str], frame_block: int = 128, spa
     if space == "subject" and is_registered(store):
         raise ValueError(f"{store.path} is registered to the template (attribute 'registration'): its images no "
                          "longer show each subject's placement; use space='template' or 'auto'")
-    per_subject = space == "subject" or (space == "auto" and _kind(effect) == "mni152" and not is_registered(store))
-    names = feature_names(effect)
-    conn = any(n.startswith("fmri_conn:") for n in names)
+    return space == "subject" or (space == "auto" and _kind(effect) == "mni152" and not is_registered(store))
+
+
+def _mask_source(store, effect: dict, per_subject: bool, conn: bool):
+    """``masks_for(subject, modality) -> ({structure: (X, Y, Z) bool mask}, partner mask or None)``,
+    cached per grid (shape and affine) and, with ``per_subject``, for one subject at a time."""
     cache: dict[tuple, tuple] = {}
 
     def masks_for(subject: str, modality: str) -> tuple:
@@ -201,38 +221,35 @@ def planted_features(store, subjects: Sequence[str], frame_block: int = 128, spa
                               _partner_union(effect, shape, aff, motion) if modality == "fmri" and conn else None)
         return cache[key]
 
-    rows = []
-    for subject in subjects:
-        t1_masks, _ = masks_for(subject, "t1")
-        t1 = store.read_t1(subject, normalize=True)
-        row = [float(t1[m].mean()) if m.any() else np.nan for m in t1_masks.values()]
+    return masks_for
 
-        f_masks, p_mask = masks_for(subject, "fmri")
-        groups = list(f_masks.values()) + ([p_mask] if p_mask is not None else [])
-        union = np.logical_or.reduce(groups)
-        index = {id(g): np.flatnonzero(g[union]) for g in groups}  # positions within the union voxels
-        frames = store.shape(subject, "fmri")[0]
-        series = np.concatenate([store.read_fmri(subject, slice(t0, min(t0 + frame_block, frames)),
-                                                 normalize=False)[:, union]
-                                 for t0 in range(0, frames, frame_block)], axis=0).astype(np.float64)
-        mean = series.mean(axis=0)
-        pct = np.divide(series, mean, out=np.zeros_like(series), where=mean > 0)
-        std = pct.std(axis=0)
-        ok = mean > 0
-        stds, mean_series = [], []
-        for m in f_masks.values():
-            sel = index[id(m)]
-            sel = sel[ok[sel]]
-            stds.append(float(std[sel].mean()) if sel.size else np.nan)
-            mean_series.append(pct[:, sel].mean(axis=1) if sel.size else None)
-        row += stds
-        if conn:
-            sel = index[id(p_mask)]
-            sel = sel[ok[sel]]
-            partner = pct[:, sel].mean(axis=1) if sel.size else None
-            row += [_corr(s, partner) if s is not None and partner is not None else np.nan for s in mean_series]
-        rows.append(row)
-    return np.asarray(rows, dtype=np.float64).reshape(len(rows), len(names))
+
+def _fmri_features(store, subject: str, f_masks: dict, p_mask: np.ndarray | None, frame_block: int) -> list[float]:
+    """``fmri_std`` of each structure mask and, with a partner mask, ``fmri_conn`` (see
+    :func:`planted_features`), from the run read ``frame_block`` frames at a time, masked voxels only."""
+    groups = list(f_masks.values()) + ([p_mask] if p_mask is not None else [])
+    union = np.logical_or.reduce(groups)
+    index = {id(g): np.flatnonzero(g[union]) for g in groups}  # positions within the union voxels
+    frames = store.shape(subject, "fmri")[0]
+    series = np.concatenate([store.read_fmri(subject, slice(t0, min(t0 + frame_block, frames)),
+                                             normalize=False)[:, union]
+                             for t0 in range(0, frames, frame_block)], axis=0).astype(np.float64)
+    mean = series.mean(axis=0)
+    pct = np.divide(series, mean, out=np.zeros_like(series), where=mean > 0)
+    std = pct.std(axis=0)
+    ok = mean > 0
+    stds, mean_series = [], []
+    for m in f_masks.values():
+        sel = index[id(m)]
+        sel = sel[ok[sel]]
+        stds.append(float(std[sel].mean()) if sel.size else np.nan)
+        mean_series.append(pct[:, sel].mean(axis=1) if sel.size else None)
+    if p_mask is None:
+        return stds
+    sel = index[id(p_mask)]
+    sel = sel[ok[sel]]
+    partner = pct[:, sel].mean(axis=1) if sel.size else None
+    return stds + [_corr(s, partner) if s is not None and partner is not None else np.nan for s in mean_series]
 
 
 def _model():

@@ -28,8 +28,8 @@ from pathlib import Path
 import numpy as np
 
 from masan.config import SAME_METHOD, ConfigError, ModelConfig, RunConfig, config_diff, flagged_keys, load_config
-from masan.evaluate.predict import Predictions, PredictionsError, load_predictions, prediction_csv_rows
 from masan.metrics import METRIC_TITLES, METRICS, PER_CLASS_METRICS, SUMMARY_METRICS, TABLE_METRICS
+from masan.predictions import Predictions, PredictionsError, load_predictions, prediction_csv_rows
 from masan.rundir import RunDir
 
 METHOD_ORDER = ("H-FCN", "MASAN", "MASAN (fusion=add)", "MASAN (T1 only)", "MASAN (fMRI only)")

@@ -35,6 +35,11 @@ The client state saved with DeepSpeed (in rank 0's model-states file) holds the 
 position (phase, epoch, step, samples consumed in the epoch, phase start step), the
 data-parallel world size, the config hash and the RNG states of EVERY rank (gathered to
 rank 0, because DeepSpeed keeps the client state of rank 0 only).
+
+A trained model from a run directory (``python -m masan.predict``): :func:`final_tag` (the
+newest checkpoint the run recorded), :func:`checkpoint_problem` (the checks a resume makes,
+without the optimizer shards), :func:`load_weights` (the model-states file's weights, finite)
+and :func:`load_model` (the config's model with them, in the run's precision).
 """
 
 from __future__ import annotations
@@ -55,6 +60,8 @@ import torch
 from masan import distributed as D
 from masan.config import RunConfig, config_diff, config_from_dict, config_to_dict
 from masan.files import atomic_write_json, atomic_write_text
+from masan.model import build_model
+from masan.model.inputs import PRECISION_DTYPES
 from masan.rundir import RunDir
 
 log = logging.getLogger(__name__)
@@ -64,6 +71,8 @@ POINTER = "latest_complete"
 TAG_RE = re.compile(r"^step_(\d+)$")
 SHARD_RE = re.compile(r"zero_pp_rank_(\d+)_")
 """DeepSpeed's per-rank ZeRO optimizer shard (``[bf16_]zero_pp_rank_R_mp_rank_00_optim_states.pt``)."""
+MODEL_STATES = "mp_rank_00_model_states.pt"
+"""DeepSpeed's file of the (whole, unpartitioned) module weights: the only file a trained model loads."""
 HASH = "sha256"
 ISSUE_ZERO_RESHAPE = "https://github.com/deepspeedai/DeepSpeed/issues/3810"
 
@@ -354,3 +363,91 @@ class CheckpointManager:
             else:
                 note = f"resumed {tag}: weights, Adam state, position, LR schedule and per-rank RNG states"
             return Resumed(tag=tag, state=client, world_changed=world_changed, note=note)
+
+
+# ---------------------------------------------------------------------- a trained model's weights
+
+
+class CheckpointUnusable(ValueError):
+    """A checkpoint cannot give a trained model; the message names the file and the fix."""
+
+
+def final_tag(run_dir: Path, cfg: RunConfig) -> tuple[str | None, str]:
+    """The newest checkpoint the run recorded, whether or not it is still intact, and which
+    record names it: the step in ``DONE``, ``checkpoints/latest_complete`` or the newest
+    ``COMPLETE`` marker. Looking at the records, not at what is on disk, is what finds a
+    deleted or truncated newest checkpoint instead of silently taking the one before."""
+    rd = RunDir(run_dir)
+    named: dict[str, str] = {}
+    done = rd.finished(cfg)
+    if done is not None:
+        named[tag_for(done["step"])] = f"{rd.done} (step {done['step']})"
+    try:
+        pointed = (rd.checkpoints / POINTER).read_text().strip()
+        if TAG_RE.match(pointed):
+            named.setdefault(pointed, str(rd.checkpoints / POINTER))
+    except OSError:
+        pass
+    mgr = CheckpointManager(run_dir, keep=1)
+    marked = next((t for t in mgr.tags() if (mgr.dir / t / MARKER).is_file()), None)
+    if marked is not None:
+        named.setdefault(marked, f"its {MARKER} marker")
+    if not named:
+        return None, ""
+    tag = max(named, key=step_of)
+    return tag, named[tag]
+
+
+def checkpoint_problem(run_dir: Path, tag: str) -> str | None:
+    """Why checkpoint ``tag`` cannot be predicted with (None: intact), by the checks a resume
+    makes: marker, every file's size, then the SHA-256 of the files a trained model loads (the
+    optimizer shards are not loaded, so not hashed: gigabytes for nothing)."""
+    mgr = CheckpointManager(run_dir, keep=1)
+    if not (mgr.dir / tag).is_dir():
+        return "the folder does not exist (deleted or moved)"
+    return mgr.problem(tag) or mgr.damage(tag, shards=False)
+
+
+def previous_intact(run_dir: Path, tag: str) -> str | None:
+    """The newest checkpoint older than ``tag`` that passes :func:`checkpoint_problem`."""
+    older = [t for t in CheckpointManager(run_dir, keep=1).tags() if step_of(t) < step_of(tag)]
+    return next((t for t in older if checkpoint_problem(run_dir, t) is None), None)
+
+
+def load_weights(run_dir: Path, tag: str) -> dict:
+    """The module weights (name -> tensor, on the CPU) of checkpoint ``tag``'s model-states
+    file; CheckpointUnusable for a file torch cannot read or weights that are not all finite
+    (a diverged run: every prediction would be NaN or arbitrary while the exit status said
+    success)."""
+    path = RunDir(run_dir).checkpoints / tag / MODEL_STATES
+    try:
+        states = torch.load(path, map_location="cpu", weights_only=False)
+        module = states["module"]
+    except Exception as e:  # noqa: BLE001 - whatever the unpickler raises, the file is unusable
+        raise CheckpointUnusable(f"{path} cannot be loaded ({type(e).__name__}: {e}); restore it from a backup, or "
+                                 f"predict with another checkpoint of {RunDir(run_dir).checkpoints} "
+                                 f"(--checkpoint TAG)") from None
+    bad = [k for k, v in module.items() if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        previous = previous_intact(run_dir, tag)
+        fix = f"--checkpoint {previous}" if previous else "retrain the run"
+        raise CheckpointUnusable(f"{path} holds non-finite weights (NaN or inf) in {len(bad)} tensor(s): "
+                                 f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}; the run diverged or the file "
+                                 f"was altered. Predict with an earlier checkpoint ({fix}) or retrain with a lower "
+                                 f"optim.lr")
+    return module
+
+
+def load_model(run_dir: Path, cfg: RunConfig, tag: str, device: torch.device) -> torch.nn.Module:
+    """The model ``cfg`` describes with the weights of checkpoint ``tag`` (:func:`load_weights`),
+    in eval mode on ``device``, in the run's precision (``train.precision``); CheckpointUnusable
+    when the weights do not fit that model."""
+    module = load_weights(run_dir, tag)
+    model = build_model(cfg.model, len(cfg.data.classes))
+    try:
+        model.load_state_dict(module)
+    except RuntimeError as e:
+        path, config = RunDir(run_dir).checkpoints / tag / MODEL_STATES, RunDir(run_dir).config
+        raise CheckpointUnusable(f"{path} does not fit the model {config} describes ({str(e).splitlines()[0]}); "
+                                 f"was {config} edited after training? Restore it") from None
+    return model.to(device, PRECISION_DTYPES[cfg.train.precision]).eval()

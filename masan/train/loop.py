@@ -136,101 +136,169 @@ class LoopParts:
 
 def train(p: LoopParts, state: TrainState) -> str:
     """Train from ``state`` to the end; returns ``"completed"``, ``"stopped"`` or ``"max_steps"``."""
-    cfg, engine = p.cfg, p.engine
-    epochs = cfg.epochs  # H-FCN: no pretraining
-    sampler = ResumableSampler(p.train_set, p.info.world_size, p.info.rank, shuffle=True, seed=cfg.seed)
-    per_step = cfg.optim.micro_batch * cfg.optim.grad_accum * p.info.world_size  # samples, all ranks
-    last_save = {"step": state.step, "time": time.monotonic()}
-    cache = open_cache(p.train_set, cfg.data, p.info.device)  # data.cache: None, or decoded once per node
-    augment = Augment.from_config(cfg.data.augment, cfg.seed)  # data.augment: None, or train-only transforms
-    weight = class_weights(p.train_set.labels, len(p.class_names), cfg.loss.class_weights)  # loss.class_weights
-
+    run = _setup(p, state)
+    epochs = p.cfg.epochs  # H-FCN: no pretraining
     for phase in PHASES[PHASES.index(state.phase):]:
-        if state.phase != phase:  # a new phase starts: fresh epoch count and LR curve
-            state = dataclasses.replace(state, phase=phase, epoch=0, consumed=0, phase_start=state.step)
-        p.schedule.set_phase(state.phase_start, phase_steps(p, state, epochs[phase], per_step))
-        set_schedule_step(engine, state.step)
-        if p.info.is_main:
-            n = len(p.train_set)
-            log.info("phase %s: epoch %d/%d, step %d; %d steps per epoch (%d subjects, %d per step over %d ranks; "
-                     "%d subject(s) rotate out of each epoch)", phase, state.epoch, epochs[phase], state.step,
-                     steps_left(n, 0, per_step), n, per_step, p.info.world_size, n % per_step)
-
+        state = _start_phase(p, run, state, phase)
         while state.epoch < epochs[phase]:
-            if phase == "joint" and state.consumed == 0 and refit_due(cfg, state.epoch):
-                fit_norms(p)
-            sampler.set_epoch(state.epochs_done, start=state.consumed)
-            batches = iter(make_loader(p, sampler, state.epochs_done, cache, augment))
-            t_log, samples_log, waited = time.perf_counter(), 0, 0.0
-
-            n_steps = steps_left(len(p.train_set), state.consumed, per_step)
-            bar = tqdm(total=n_steps, desc=f"{phase} epoch {state.epoch}", unit="step", leave=False,
-                       disable=not (p.info.is_main and sys.stderr.isatty()))
-            for i in range(n_steps):
-                terms = {}
-                log_due = (state.step + 1) % cfg.log.every_steps == 0
-                for _ in range(cfg.optim.grad_accum):
-                    t_wait = time.perf_counter()  # blocked on the loader (and the host-to-device copy)
-                    batch = to_device(next(batches), p.info.device, DTYPES[cfg.train.precision])
-                    waited += time.perf_counter() - t_wait
-                    out = engine(**{k: batch.get(k) for k in MODALITY_KEYS})
-                    loss = masan_loss(out, batch, cfg.loss, phase=phase, class_weight=weight)
-                    engine.backward(loss["total"])
-                    engine.step()  # DeepSpeed: optimizer + LR step on the last micro-batch only
-                    for k, v in loss.items():
-                        terms[k] = terms.get(k, 0.0) + float(v.detach()) / cfg.optim.grad_accum
-                    if not torch.isfinite(loss["total"].detach()):
-                        raise FloatingPointError(
-                            f"the {phase} loss is not finite at step {state.step} on rank {p.info.rank} "
-                            f"({ {k: float(v) for k, v in loss.items()} }); lower optim.lr, check the input "
-                            f"data (python data_tools/inspect_store.py --verify) or use train.precision=fp32")
-                norm = check_grad_norm(engine, state.step, phase, p.info.rank)
-                every = cfg.log.grad_norm_every_steps
-                if every and (state.step + 1) % every == 0:
-                    grad_norms = D.mean_over_ranks(term_grad_norms(engine.module, batch, cfg.loss, phase, weight))
-                    p.logger.scalars(grad_norms, state.step + 1)
-                state.step += 1
-                state.consumed += per_step
-                samples_log += per_step
-                bar.update()
-
-                if log_due:
-                    terms = D.mean_over_ranks(terms)
-                    elapsed = time.perf_counter() - t_log
-                    rate = samples_log / elapsed
-                    skipped = skipped_steps(engine)
-                    if skipped and p.info.is_main:
-                        log.warning("%d optimizer step(s) skipped so far for non-finite gradients", skipped)
-                    norm_log = {} if norm is None else {"grad_norm": norm}  # this step's, before clipping
-                    p.logger.scalars({**terms, **norm_log, "lr": current_lr(engine), "samples_per_s": rate,
-                                      "skipped_steps": skipped,
-                                      "epoch": state.epochs_done + state.consumed / len(p.train_set)}, state.step)
-                    line = p.logger.interval(D.all_gather_objects(interval_stats(waited, elapsed, p.info.device)),
-                                             state.step)
-                    if p.info.is_main:
-                        log.info("step %d: loss %.4g, %.2f samples/s, %s", state.step, terms["total"], rate, line)
-                    t_log, samples_log, waited = time.perf_counter(), 0, 0.0
-
-                if p.stop.agreed():
-                    save(p, state, last_save)
-                    return "stopped"
-                if cfg.train.max_steps is not None and state.step >= cfg.train.max_steps:
-                    save(p, state, last_save)
-                    return "max_steps"
-                if i < n_steps - 1 and save_due(cfg, state, last_save):  # the epoch-end save follows
-                    save(p, state, last_save)
-
-            bar.close()
-            state = dataclasses.replace(state, epoch=state.epoch + 1, consumed=0, epochs_done=state.epochs_done + 1)
-            if p.info.is_main:
-                log.info("%s epoch %d/%d done at step %d (loss %.4g)", phase, state.epoch, epochs[phase], state.step,
-                         terms.get("total", float("nan")) if n_steps else float("nan"))
-            if phase == "joint" and cfg.log.eval_every_epochs and state.epoch % cfg.log.eval_every_epochs == 0:
-                monitor_val(p, state.step)
-            # the same decision on every rank: save_due is collective, the rest is config and state
-            if cfg.checkpoint.at_epoch_end or state.epoch == epochs[phase] or save_due(cfg, state, last_save):
-                save(p, state, last_save)  # epoch end (the last epoch's is the phase end)
+            ended, last_loss = _epoch(p, run, state, phase)
+            if ended:
+                return ended
+            state = _end_epoch(p, run, state, phase, last_loss)
     return "completed"
+
+
+# --------------------------------------------------------------------------- the loop's steps
+
+
+@dataclass
+class _Run:
+    """What every epoch of one :func:`train` call shares."""
+
+    sampler: ResumableSampler
+    per_step: int
+    """Samples per optimizer step, over all ranks."""
+    last_save: dict
+    """Step and time.monotonic() of the newest save (:func:`save_due`)."""
+    cache: object | None
+    """data.cache: None, or the cohort decoded once per node."""
+    augment: Augment | None
+    """data.augment: None, or the train-only transforms."""
+    weight: torch.Tensor | None
+    """loss.class_weights: (C,) float32, or None."""
+
+
+@dataclass
+class _Interval:
+    """Since the last logged step: its start (time.perf_counter() s), the samples over all ranks
+    and the seconds this rank waited for its loader."""
+
+    start: float = dataclasses.field(default_factory=time.perf_counter)
+    samples: int = 0
+    waited: float = 0.0
+
+
+def _setup(p: LoopParts, state: TrainState) -> _Run:
+    cfg = p.cfg
+    return _Run(sampler=ResumableSampler(p.train_set, p.info.world_size, p.info.rank, shuffle=True, seed=cfg.seed),
+                per_step=cfg.optim.micro_batch * cfg.optim.grad_accum * p.info.world_size,
+                last_save={"step": state.step, "time": time.monotonic()},
+                cache=open_cache(p.train_set, cfg.data, p.info.device),
+                augment=Augment.from_config(cfg.data.augment, cfg.seed),
+                weight=class_weights(p.train_set.labels, len(p.class_names), cfg.loss.class_weights))
+
+
+def _start_phase(p: LoopParts, run: _Run, state: TrainState, phase: str) -> TrainState:
+    """Enter ``phase`` (a new one: fresh epoch count and LR curve; or the one resumed into)."""
+    if state.phase != phase:
+        state = dataclasses.replace(state, phase=phase, epoch=0, consumed=0, phase_start=state.step)
+    n_epochs = p.cfg.epochs[phase]
+    p.schedule.set_phase(state.phase_start, phase_steps(p, state, n_epochs, run.per_step))
+    set_schedule_step(p.engine, state.step)
+    if p.info.is_main:
+        n, per_step = len(p.train_set), run.per_step
+        log.info("phase %s: epoch %d/%d, step %d; %d steps per epoch (%d subjects, %d per step over %d ranks; "
+                 "%d subject(s) rotate out of each epoch)", phase, state.epoch, n_epochs, state.step,
+                 steps_left(n, 0, per_step), n, per_step, p.info.world_size, n % per_step)
+    return state
+
+
+def _epoch(p: LoopParts, run: _Run, state: TrainState, phase: str) -> tuple[str | None, float]:
+    """The steps left of the current epoch (advancing ``state`` in place). Returns (``"stopped"``
+    or ``"max_steps"`` when the run ends inside it, else None; the last step's loss, nan when
+    the epoch had no step left)."""
+    cfg = p.cfg
+    if phase == "joint" and state.consumed == 0 and refit_due(cfg, state.epoch):
+        fit_norms(p)
+    run.sampler.set_epoch(state.epochs_done, start=state.consumed)
+    batches = iter(make_loader(p, run.sampler, state.epochs_done, run.cache, run.augment))
+    interval = _Interval()
+    n_steps = steps_left(len(p.train_set), state.consumed, run.per_step)
+    bar = tqdm(total=n_steps, desc=f"{phase} epoch {state.epoch}", unit="step", leave=False,
+               disable=not (p.info.is_main and sys.stderr.isatty()))
+    terms: dict[str, float] = {}
+    for i in range(n_steps):
+        log_due = (state.step + 1) % cfg.log.every_steps == 0
+        terms, norm = _step(p, run, state, phase, batches, interval)
+        state.step += 1
+        state.consumed += run.per_step
+        interval.samples += run.per_step
+        bar.update()
+        if log_due:
+            terms = _log_interval(p, state, terms, norm, interval)
+            interval = _Interval()
+        if p.stop.agreed():
+            save(p, state, run.last_save)
+            return "stopped", math.nan
+        if cfg.train.max_steps is not None and state.step >= cfg.train.max_steps:
+            save(p, state, run.last_save)
+            return "max_steps", math.nan
+        if i < n_steps - 1 and save_due(cfg, state, run.last_save):  # the epoch-end save follows
+            save(p, state, run.last_save)
+    bar.close()
+    return None, terms.get("total", float("nan")) if n_steps else float("nan")
+
+
+def _step(p: LoopParts, run: _Run, state: TrainState, phase: str, batches, interval: _Interval):
+    """One optimizer step over ``optim.grad_accum`` micro-batches. Returns (this rank's loss
+    terms, averaged over the micro-batches; the gradient norm before clipping, or None)."""
+    cfg, engine = p.cfg, p.engine
+    terms: dict[str, float] = {}
+    for _ in range(cfg.optim.grad_accum):
+        t_wait = time.perf_counter()  # blocked on the loader (and the host-to-device copy)
+        batch = to_device(next(batches), p.info.device, DTYPES[cfg.train.precision])
+        interval.waited += time.perf_counter() - t_wait
+        out = engine(**{k: batch.get(k) for k in MODALITY_KEYS})
+        loss = masan_loss(out, batch, cfg.loss, phase=phase, class_weight=run.weight)
+        engine.backward(loss["total"])
+        engine.step()  # DeepSpeed: optimizer + LR step on the last micro-batch only
+        for k, v in loss.items():
+            terms[k] = terms.get(k, 0.0) + float(v.detach()) / cfg.optim.grad_accum
+        if not torch.isfinite(loss["total"].detach()):
+            raise FloatingPointError(
+                f"the {phase} loss is not finite at step {state.step} on rank {p.info.rank} "
+                f"({ {k: float(v) for k, v in loss.items()} }); lower optim.lr, check the input "
+                f"data (python data_tools/inspect_store.py --verify) or use train.precision=fp32")
+    norm = check_grad_norm(engine, state.step, phase, p.info.rank)
+    every = cfg.log.grad_norm_every_steps
+    if every and (state.step + 1) % every == 0:
+        grad_norms = D.mean_over_ranks(term_grad_norms(engine.module, batch, cfg.loss, phase, run.weight))
+        p.logger.scalars(grad_norms, state.step + 1)
+    return terms, norm
+
+
+def _log_interval(p: LoopParts, state: TrainState, terms: dict, norm: float | None, interval: _Interval) -> dict:
+    """Log the step just taken (collective): the loss terms averaged over the ranks (returned),
+    the gradient norm, LR, throughput and where the interval's time went."""
+    terms = D.mean_over_ranks(terms)
+    elapsed = time.perf_counter() - interval.start
+    rate = interval.samples / elapsed
+    skipped = skipped_steps(p.engine)
+    if skipped and p.info.is_main:
+        log.warning("%d optimizer step(s) skipped so far for non-finite gradients", skipped)
+    norm_log = {} if norm is None else {"grad_norm": norm}  # this step's, before clipping
+    p.logger.scalars({**terms, **norm_log, "lr": current_lr(p.engine), "samples_per_s": rate,
+                      "skipped_steps": skipped,
+                      "epoch": state.epochs_done + state.consumed / len(p.train_set)}, state.step)
+    line = p.logger.interval(D.all_gather_objects(interval_stats(interval.waited, elapsed, p.info.device)),
+                             state.step)
+    if p.info.is_main:
+        log.info("step %d: loss %.4g, %.2f samples/s, %s", state.step, terms["total"], rate, line)
+    return terms
+
+
+def _end_epoch(p: LoopParts, run: _Run, state: TrainState, phase: str, last_loss: float) -> TrainState:
+    """Count the finished epoch; validation monitoring and the epoch-end save when due."""
+    cfg, n_epochs = p.cfg, p.cfg.epochs[phase]
+    state = dataclasses.replace(state, epoch=state.epoch + 1, consumed=0, epochs_done=state.epochs_done + 1)
+    if p.info.is_main:
+        log.info("%s epoch %d/%d done at step %d (loss %.4g)", phase, state.epoch, n_epochs, state.step, last_loss)
+    if phase == "joint" and cfg.log.eval_every_epochs and state.epoch % cfg.log.eval_every_epochs == 0:
+        monitor_val(p, state.step)
+    # the same decision on every rank: save_due is collective, the rest is config and state
+    if cfg.checkpoint.at_epoch_end or state.epoch == n_epochs or save_due(cfg, state, run.last_save):
+        save(p, state, run.last_save)  # epoch end (the last epoch's is the phase end)
+    return state
 
 
 # --------------------------------------------------------------------------- pieces of the loop

@@ -35,6 +35,7 @@ from masan import distributed as D
 from masan.access import apply_access, creation_umask, describe_mode, restrictive_mode
 from masan.config import ConfigError, RunConfig, config_hash, save_config
 from masan.files import atomic_write_json
+from masan.predictions import write_predictions
 from masan.rundir import RunDir
 from masan.train.checkpoint import CheckpointManager, ResumeError, set_rng_state
 from masan.train.logging import TrainLogger
@@ -353,8 +354,6 @@ def _final_state(ckpt: CheckpointManager) -> TrainState:
 
 def finish(p: LoopParts, state: TrainState, test_set) -> None:
     """Predictions of the test split, metrics.json, and the DONE marker (rank 0 writes)."""
-    from masan.evaluate.predict import write_predictions
-
     preds, _, _ = evaluate(p, test_set)
     if p.info.is_main:
         write_predictions(preds, p.cfg.run_dir, p.class_names, p.cfg.data.positive_class, split="test")

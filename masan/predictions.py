@@ -1,5 +1,10 @@
-"""The run directory's prediction files: written at the end of training and by
-``python -m masan.predict``, read back by the report.
+"""Per-subject predictions: the data class and the run directory's files that keep them.
+
+Owns :class:`Predictions` and its files, so everything that makes or reads predictions
+(training's end of run, ``python -m masan.predict``, the report) imports them from here. The
+predictions themselves are computed by :mod:`masan.inference` (the model over a loader); this
+module needs neither torch nor the model, so the report reads a run's files without them and
+training writes them without importing :mod:`masan.evaluate`.
 
 Files written by :func:`write_predictions` (read back by :func:`load_predictions`)::
 
@@ -10,7 +15,7 @@ Files written by :func:`write_predictions` (read back by :func:`load_predictions
     run_dir/metrics.json        metrics of the evaluated split (masan.metrics), plus
                                 "split" and, for extra splits, "by_split": {name: metrics}
 
-The predictions themselves come from :mod:`masan.inference`. Example (end of training, rank 0)::
+Example (end of training, rank 0)::
 
     preds = predict_subjects(model, test_set, cfg, device, class_names)   # masan.inference
     write_predictions(preds, run_dir, class_names, cfg.data.positive_class)
@@ -20,16 +25,64 @@ from __future__ import annotations
 
 import csv
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
 from masan.files import atomic_write_json, atomic_writer
-from masan.inference import Predictions, PredictionsError
 from masan.metrics import prediction_metrics
 from masan.rundir import RunDir
 
 PROB_PREFIX = "prob_"
+
+
+class PredictionsError(ValueError):
+    """Prediction inputs or files are inconsistent; the message names the file or subject."""
+
+
+@dataclass
+class Predictions:
+    """Per-subject model outputs of one split.
+
+    Attributes:
+        subjects: N subject ids, sorted.
+        labels: (N,) int64 true class index.
+        probs: (N, C) float32 softmax probabilities.
+        region_weights: (N, R) float32 region weights (R = 0 when the model gives none).
+    """
+
+    subjects: list[str]
+    labels: np.ndarray
+    probs: np.ndarray
+    region_weights: np.ndarray
+
+    @property
+    def preds(self) -> np.ndarray:
+        """(N,) int64 arg-max class."""
+        return self.probs.argmax(axis=1).astype(np.int64)
+
+    def __len__(self) -> int:
+        return len(self.subjects)
+
+
+def merge_predictions(parts: Iterable[Predictions]) -> Predictions:
+    """Concatenate predictions, keep one row per subject (a DistributedSampler pads with
+    repeats) and sort by subject."""
+    parts = [p for p in parts if len(p)]
+    if not parts:
+        raise PredictionsError("no predictions to merge (every part is empty)")
+    subjects = [s for p in parts for s in p.subjects]
+    first = {}
+    for i, s in enumerate(subjects):
+        first.setdefault(s, i)
+    keep = [first[s] for s in sorted(first)]
+    return Predictions(
+        subjects=sorted(first),
+        labels=np.concatenate([p.labels for p in parts])[keep],
+        probs=np.concatenate([p.probs for p in parts])[keep],
+        region_weights=np.concatenate([p.region_weights for p in parts])[keep],
+    )
 
 
 def prediction_csv_rows(preds: Predictions, split: str, class_names: Sequence[str]) -> list[dict]:

@@ -1,0 +1,364 @@
+"""One run directory's status, one row of launch/status.py's table (:class:`RunStatus`): which
+folders are runs (:func:`find_runs`), what each run's files say (:func:`run_status`) and all
+of them at once (:func:`collect`).
+
+Sources, all in the run directory, read with the project's own readers: config.yaml
+(masan.config), checkpoints/*/COMPLETE (masan.train.checkpoint), DONE (masan.rundir),
+jobs.json (launch.slurm.jobs), tb/ (TensorBoard's event reader); SLURM's answer from
+launch.slurm.queue. A source that cannot be read leaves its columns unknown and adds a note.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import pwd
+import re
+import stat
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from launch.slurm import jobs
+from launch.slurm.queue import Queued, never_starts, slurm_state, squeue_states
+from masan.rundir import RunDir
+
+RUN_MARKERS = (RunDir.CONFIG_NAME, RunDir.SUBMITTED_CONFIG_NAME, RunDir.JOBS_NAME, RunDir.CHECKPOINTS_NAME)
+"""Any of these marks a run directory (a SLURM run has only jobs.json until its job starts)."""
+REPEAT_RE = re.compile(r"^repeat_(\d+)$")
+ETA_INTERVALS = 10
+"""Logged intervals whose median step time gives the ETA (recent speed, robust to a restart gap)."""
+LOSS_TAG, EPOCH_TAG = "train/total", "train/epoch"
+
+
+@dataclass
+class RunStatus:
+    """One row of the table (None: not known yet). Times in seconds."""
+
+    run: str
+    path: str
+    variant: str = "?"
+    repeat: int | None = None
+    slurm: str = "-"
+    job_id: str | None = None
+    phase: str | None = None
+    epochs_done: float | None = None
+    epochs_target: int | None = None
+    step: int | None = None
+    checkpoint: str | None = None
+    checkpoint_age_s: float | None = None
+    requeues: int = 0
+    restarts: int = 0
+    loss: float | None = None
+    eta_s: float | None = None
+    done: bool = False
+    reason: str | None = None
+    """SLURM's reason a pending job waits (squeue %r), None when not pending."""
+    note: str = ""
+
+    def add_note(self, text: str) -> None:
+        self.note = f"{self.note}; {text}" if self.note else text
+
+
+def find_runs(paths: list[str | os.PathLike]) -> list[tuple[Path, Path, OSError | None]]:
+    """(root given, run directory, None) for every run directory at or below each path, sorted;
+    nothing is searched inside a run directory (its checkpoints, tb, slurm folders). A folder
+    this user may not list or look into is listed too, with the error: it may hold runs, and
+    leaving it out would make the table look complete when it is not."""
+    found: dict[Path, tuple[Path, OSError | None]] = {}
+
+    def unreadable(err: OSError) -> None:
+        found.setdefault(Path(err.filename), (root, err))
+
+    for root in map(Path, paths):
+        for folder, dirs, _ in os.walk(root, onerror=unreadable):
+            here = Path(folder)
+            if not os.access(here, os.X_OK):  # listed, but nothing in it can be looked at
+                found.setdefault(here, (root, PermissionError(errno.EACCES, os.strerror(errno.EACCES), folder)))
+                dirs.clear()
+                continue
+            if any(os.path.lexists(here / m) for m in RUN_MARKERS):
+                found.setdefault(here, (root, None))
+                dirs.clear()
+            dirs.sort()
+    return sorted(((root, run, err) for run, (root, err) in found.items()), key=lambda r: str(r[1]))
+
+
+def _user(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
+
+
+def _denied(run: Path, paths: list[Path], consequence: str = "") -> str:
+    """One note for every path of a run this user may not read: which, their mode and owner,
+    and the fix."""
+    def one(path: Path) -> str:
+        name = "this folder" if path == run else os.path.relpath(path, run) if path.is_relative_to(run) \
+            else str(path)
+        try:
+            st = os.stat(path)
+            return f"{name} (mode {stat.S_IMODE(st.st_mode):o}, owner {_user(st.st_uid)})"
+        except OSError:
+            return f"{name} (its mode cannot be read either)"
+
+    return (f"cannot read {', '.join(one(p) for p in paths)}: permission denied for {_user(os.geteuid())}"
+            f"{consequence}; run status as the owner, or ask them to open it to you (chmod -R g+rX for their "
+            "group, o+rX for everyone)")
+
+
+class _PurgeNotice(logging.Filter):
+    """Drops TensorBoard's "Detected out of order event.step ... Purging expired events" warning.
+
+    Every resumed run logs again from its checkpoint's step (masan.train.logging opens the
+    writer with purge_step), so the reader meets one step going back per resume and warns,
+    while doing the right thing: dropping the points logged past that checkpoint. One
+    warning per resumed run buries the table; any other message of that logger still shows.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Detected out of order event.step")
+
+
+_PURGE_NOTICE = _PurgeNotice()
+
+
+def _rel(root: Path, run: Path) -> str:
+    rel = os.path.relpath(run, root)
+    return str(root) if rel == "." else rel
+
+
+def _scalars(run: Path, tags: tuple[str, ...]) -> dict[str, list]:
+    """TensorBoard scalar events (wall_time, step, value) of ``tags`` in run/tb; {} if none.
+    OSError when an event file cannot be read (its reader logs some read errors and goes on:
+    those are raised here from a readability check first)."""
+    tb = RunDir(run).tb
+    if not tb.is_dir():
+        return {}
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.util import tb_logging
+
+    for event_file in sorted(tb.rglob("*tfevents*")):
+        with open(event_file, "rb"):
+            pass
+    tb_logging.get_logger().addFilter(_PURGE_NOTICE)  # the same object is added once
+    acc = EventAccumulator(str(tb), size_guidance={"scalars": 0})
+    acc.Reload()
+    have = set(acc.Tags().get("scalars", []))
+    return {t: acc.Scalars(t) for t in tags if t in have}
+
+
+def eta_seconds(epoch_events: list, epochs_target: int, max_steps: int | None) -> float | None:
+    """Seconds left from the ``train/epoch`` scalar events (wall_time s, step, epochs as a
+    fraction): steps left (epochs left / epochs per step, capped by max_steps) times the median
+    seconds per step of the last :data:`ETA_INTERVALS` logged intervals."""
+    recent = epoch_events[-(ETA_INTERVALS + 1):]
+    if len(recent) < 2:
+        return None
+    per_step = [(b.wall_time - a.wall_time) / (b.step - a.step) for a, b in zip(recent, recent[1:]) if b.step > a.step]
+    gain = [(b.value - a.value) / (b.step - a.step) for a, b in zip(recent, recent[1:]) if b.step > a.step]
+    if not per_step or statistics.median(gain) <= 0:
+        return None
+    last = epoch_events[-1]
+    steps_left = max(0.0, (epochs_target - last.value) / statistics.median(gain))
+    if max_steps is not None:
+        steps_left = min(steps_left, max(0, max_steps - last.step))
+    return steps_left * statistics.median(per_step)
+
+
+def _leaves(tree: dict, prefix: str = "") -> list[str]:
+    """Dotted keys of a nested mapping, in file order (``log.flush_secs``)."""
+    out = []
+    for key, value in tree.items():
+        out += _leaves(value, f"{prefix}{key}.") if isinstance(value, dict) and value else [f"{prefix}{key}"]
+    return out
+
+
+def cut_short(path: Path, cfg=None) -> str | None:
+    """How the config file ``path`` (written whole by masan.config.save_config: every key of
+    ``cfg``, ending in a newline) was cut short, or None. A cut file may still parse, and the
+    keys it lost take their defaults: a finished run would show another epoch target, phase
+    and eta. Without ``cfg`` only the last line is checked (a file that does not parse)."""
+    import yaml
+
+    from masan.config import config_to_dict
+
+    text = path.read_text()
+    if text and not text.endswith("\n"):
+        return f"{path.name} is truncated (its last line is cut off)"
+    if cfg is None:
+        return None
+    have = set(_leaves(yaml.safe_load(text) or {}))
+    full = _leaves(config_to_dict(cfg))
+    if full and full[-1] not in have:
+        lost = [k for k in full if k not in have]
+        return f"{path.name} is truncated (it ends before {lost[0]}; {len(lost)} key(s) missing)"
+    return None
+
+
+def _read_config(run: Path, st: RunStatus):
+    """The run's config, or None with a note: a config that cannot be trusted would fill the
+    row with default values (another epoch target, phase and eta) instead of the run's."""
+    from masan.config import ConfigError, load_config
+
+    path = RunDir(run).any_config()
+    if path is None:
+        return None
+    cfg = None
+    why = cut_short(path)
+    if why is None:
+        try:
+            cfg = load_config(path)
+            why = cut_short(path, cfg)
+        except ConfigError as e:
+            why = f"{path.name} is invalid ({' '.join(str(e).split())})"  # YAML's errors span lines
+    if why is None:
+        return cfg
+    st.add_note(f"{why}: its variant, epochs, phase, eta and DONE are not shown; fix: submit again with the "
+                f"--config the run was started with (training rewrites {RunDir.CONFIG_NAME} at its start)")
+    return None
+
+
+def job_record(run: Path) -> tuple[dict, str | None]:
+    """The run's jobs.json (launch.slurm.jobs) and None, or an empty record and what is wrong
+    with the file (OSError is left to the caller: unreadable files get one note per run)."""
+    try:
+        record = jobs.read_record(run)
+    except jobs.RecordError as e:
+        problem = e.why
+    else:
+        if isinstance(record, dict) and isinstance(record.get("jobs"), list) \
+                and isinstance(record.get("events"), list) \
+                and all(isinstance(j, dict) and {"job_id", "kind"} <= j.keys() for j in record["jobs"]) \
+                and all(isinstance(e, dict) for e in record["events"]):
+            return record, None
+        problem = "not the record launch/submit.py writes"
+    return {"jobs": [], "events": []}, (
+        f"{RunDir.JOBS_NAME} is corrupt ({problem}): the run's jobs, requeues and restarts are not shown; fix: "
+        f"look for its job with squeue -u $USER, then move the file aside (a new submission starts a new record)")
+
+
+def run_status(root: Path, run: Path, queued: dict[str, Queued] | None, now: float | None = None) -> RunStatus:
+    """Everything the table shows about one run directory. A source that cannot be read leaves
+    its columns unknown and adds a note; the others are still read."""
+    from masan.evaluate.report import method_name
+
+    st = RunStatus(run=_rel(root, run), path=str(run))
+    denied: list[Path] = []
+    cfg = None
+    try:
+        cfg = _read_config(run, st)
+    except PermissionError as e:
+        denied.append(Path(e.filename or run))
+    if cfg is not None:
+        st.variant = method_name(cfg.model)
+        st.repeat = cfg.split.repeat
+        st.epochs_target = sum(cfg.epochs.values())
+    elif repeat_dir := REPEAT_RE.match(run.name):  # submitted, not started: submit.py's layout names the repeat
+        st.repeat = int(repeat_dir.group(1))
+
+    done = None
+    sources = (lambda: _jobs_columns(run, st, queued), lambda: _checkpoint_columns(run, st, now),
+               lambda: _tb_columns(run, st, cfg), lambda: RunDir(run).finished(cfg) if cfg is not None else None)
+    for source in sources:
+        try:
+            done = source() or done
+        except PermissionError as e:
+            denied.append(Path(e.filename or run))
+    if denied:
+        st.add_note(_denied(run, denied))
+    if done is not None:
+        # the DONE record's whole epochs: the last logged fraction of a run whose epochs do not
+        # divide into steps (or that resumed on another rank count) stops short of the target
+        st.done, st.eta_s, st.phase = True, 0.0, "done"
+        st.epochs_done = done.get("epochs_done", st.epochs_done)
+    return st
+
+
+def _jobs_columns(run: Path, st: RunStatus, queued: dict[str, Queued] | None) -> None:
+    record, problem = job_record(run)
+    if problem:
+        st.add_note(problem)
+    if record["jobs"]:
+        job = record["jobs"][-1]
+        st.job_id, st.slurm = job["job_id"], slurm_state(job, queued)
+        waiting = (queued or {}).get(job["job_id"])
+        if st.slurm == "PENDING" and waiting is not None and waiting.reason != "None":
+            st.reason = waiting.reason
+            why = never_starts(waiting.reason)
+            if why:
+                st.add_note(f"job {st.job_id} can never start as submitted ({waiting.reason}): {why}; "
+                            f"scancel {st.job_id} first")
+    st.requeues = sum(1 for e in record["events"] if e.get("event") == "started" and e.get("restarts", 0) > 0)
+    st.restarts = sum(1 for e in record["events"] if e.get("event") == "restarted")
+
+
+def _checkpoint_columns(run: Path, st: RunStatus, now: float | None) -> None:
+    from masan.train.checkpoint import MARKER, CheckpointManager
+
+    ckpt = CheckpointManager(run, keep=1)
+    for tag in ckpt.tags():
+        marker = ckpt.dir / tag / MARKER
+        if marker.exists():
+            with open(marker, "rb"):  # an unreadable marker would count as "incomplete": say so instead
+                pass
+        if ckpt.problem(tag) is None:
+            state = ckpt.manifest(tag)["state"]
+            st.checkpoint, st.step = tag, state["step"]
+            st.phase, st.epochs_done = state["phase"], state["epochs_done"]
+            st.checkpoint_age_s = (time.time() if now is None else now) - marker.stat().st_mtime
+            break
+
+
+def _tb_columns(run: Path, st: RunStatus, cfg) -> None:
+    events = _scalars(run, (LOSS_TAG, EPOCH_TAG))
+    if events.get(LOSS_TAG):
+        st.loss = events[LOSS_TAG][-1].value
+    if events.get(EPOCH_TAG):
+        latest = events[EPOCH_TAG][-1]
+        saved = -1 if st.checkpoint is None else st.step
+        # the live position with the fraction of the epoch done; at the checkpoint's own step
+        # an epoch-end checkpoint (whole epochs) is ahead of the last logged fraction
+        if latest.step > saved or (latest.step == saved and latest.value > st.epochs_done):
+            st.step, st.epochs_done = latest.step, latest.value
+        if cfg is not None:
+            st.eta_s = eta_seconds(events[EPOCH_TAG], st.epochs_target, cfg.train.max_steps)
+    if cfg is not None and st.epochs_done is not None:  # the live phase (a checkpoint's may be older)
+        st.phase = "pretrain" if st.epochs_done < cfg.epochs["pretrain"] else "joint"
+
+
+def _row_for_error(root: Path, run: Path, err: Exception) -> RunStatus:
+    """The row of a run (or unreadable folder) status could not read at all."""
+    st = RunStatus(run=_rel(root, run), path=str(run))
+    if isinstance(err, PermissionError):
+        st.add_note(_denied(run, [Path(err.filename or run)], ", so it may hold runs not listed here"))
+    else:
+        st.add_note(f"could not be read ({type(err).__name__}: {err}); the other runs are unaffected")
+    return st
+
+
+def collect(paths: list[str | os.PathLike]) -> list[RunStatus]:
+    """Status of every run under ``paths`` (one squeue call for all of them, none when no run has
+    a SLURM job: a squeue without a controller takes seconds to give up)."""
+    found = find_runs(paths)
+
+    def slurm_job(run: Path) -> bool:
+        try:
+            return any(j["kind"] == "slurm" for j in job_record(run)[0]["jobs"])
+        except OSError:
+            return False
+
+    queued = squeue_states() if any(slurm_job(run) for _, run, err in found if err is None) else None
+    rows = []
+    for root, run, err in found:
+        if err is None:
+            try:
+                rows.append(run_status(root, run, queued))
+                continue
+            except Exception as e:  # noqa: BLE001 - one run's unforeseen damage must not hide the others
+                err = e
+        rows.append(_row_for_error(root, run, err))
+    return rows

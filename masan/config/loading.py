@@ -1,0 +1,189 @@
+"""Loading a config: a YAML file plus ``section.key=value`` overrides, checked field by field
+against the schema's types, validated; the shared command-line arguments; saving it back."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from masan.config.schema import ConfigError, RunConfig
+from masan.config.validation import validate_config
+from masan.files import atomic_write_text
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """Check/convert a YAML value against a dataclass field type; raise ConfigError."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping of {hint.__name__} fields, got {value!r}")
+        return _build(hint, value, where)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{where}: bad value {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: {value!r} is not one of {list(args)}")
+        return value
+    if origin is list:
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)] if args else value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return {str(k): _coerce(v, args[1], f"{where}.{k}") for k, v in value.items()}
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if hint is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    return value
+
+
+def _build(cls: type, values: dict, where: str = "") -> Any:
+    hints = _hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ConfigError(
+            f"unknown config key(s) {', '.join(prefix + u for u in unknown)}; "
+            f"valid keys here: {', '.join(sorted(names))}"
+        )
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in values.items()}
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted!r}: {k!r} is not a section")
+    node[keys[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"optim.lr=3e-4"`` -> ``("optim.lr", 0.0003)``; the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value (e.g. optim.lr=3e-4)")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({e})") from e
+    return key.strip(), value
+
+
+def config_from_dict(values: dict | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Build a RunConfig from a nested dict plus dotted overrides (validated)."""
+    tree = json.loads(json.dumps(values or {}))  # deep copy, plain types
+    for o in overrides:
+        k, v = parse_override(o)
+        _set_dotted(tree, k, v)
+    cfg = _build(RunConfig, tree)
+    validate_config(cfg)
+    return cfg
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Load a YAML config file (None: defaults) and apply ``key.sub=value`` overrides."""
+    values: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist; pass an existing YAML file (see hpc/configs/)")
+        try:
+            values = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p} is not valid YAML: {e}") from e
+        if not isinstance(values, dict):
+            raise ConfigError(f"config file {p} must hold a mapping of sections (data:, model:, ...)")
+    try:
+        return config_from_dict(values, overrides)
+    except ConfigError as e:
+        raise ConfigError(f"{e}{_source_of(e, values, path, overrides)}") from None
+
+
+def _source_of(error: ConfigError, values: dict, path: str | os.PathLike | None, overrides) -> str:
+    """Where a config error comes from, for its message: the file when the file alone gives the
+    same error, else the command-line overrides."""
+    if not overrides:
+        return f" (in {path})" if path else ""
+    try:
+        config_from_dict(values, [])
+    except ConfigError as alone:
+        if str(alone) == str(error):
+            return f" (in {path})" if path else ""
+    return f" (from the overrides {' '.join(overrides)})"
+
+
+def add_config_arguments(parser) -> None:
+    """Give an argparse parser the config arguments every command shares: --config and KEY=VALUE."""
+    parser.add_argument("--config", metavar="YAML",
+                        help="run config file (see hpc/configs/*.yaml); the built-in defaults when omitted")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="config overrides section.key=value, e.g. optim.lr=3e-4 model.fusion=add")
+
+
+def config_from_args(args, defaults: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """The config named by :func:`add_config_arguments`' arguments; ``defaults`` go before the
+    user's overrides. A bad file or override prints the reason and exits with status 2."""
+    try:
+        return load_config(args.config, [*defaults, *args.overrides])
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def config_to_dict(cfg: RunConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: RunConfig, path: str | os.PathLike) -> Path:
+    """Write the resolved config as YAML atomically (:mod:`masan.files`)."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write_text(p, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
