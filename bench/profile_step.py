@@ -39,20 +39,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from bench.harness import (
-    TINY,
-    Budget,
-    Row,
-    device_name,
-    device_parser,
-    emit,
-    emit_cost,
-    guarded,
-    measure_model,
-    resolve_device,
-    sync,
-    synthetic_batch,
-)
+from bench import harness
 from masan.config import load_config
 from masan.model import FastPaths, blocks, build_model, compile_modality_modules, masan_loss
 from masan.model.inputs import PRECISION_DTYPES
@@ -92,26 +79,28 @@ autotuning (``torch.backends.cudnn.benchmark``) is not a row: it changed nothing
 "Where the step went")."""
 
 
-def _row(cfg, batch: int) -> Row:
+def _row(cfg, batch: int) -> harness.Row:
     m = cfg.model
-    return Row(m.arch, batch, ckpt=m.activation_checkpointing, channels_last=m.channels_last, compiled=m.compile)
+    return harness.Row(m.arch, batch, ckpt=m.activation_checkpointing, channels_last=m.channels_last,
+                       compiled=m.compile)
 
 
-def _timed(cfg, batch: int, args, budget: Budget, section: str, name: str, paths: FastPaths | None = None) -> None:
+def _timed(cfg, batch: int, args, budget: harness.Budget, section: str, name: str,
+           paths: FastPaths | None = None) -> None:
     """One row: :func:`~bench.harness.measure_model` of ``cfg`` at micro-batch ``batch`` on ``paths``
     (None: the device's defaults)."""
 
     def measure() -> None:
         t0 = time.perf_counter()
-        cost = measure_model(cfg, _row(cfg, batch), args.device, args.dtype, args.warmup, args.steps,
+        cost = harness.measure_model(cfg, _row(cfg, batch), args.device, args.dtype, args.warmup, args.steps,
                              args.compile_backend, fast_paths=paths)
         extra = f"with warm-up and compile {time.perf_counter() - t0:.0f} s" if cfg.model.compile else ""
-        emit_cost(section, name, cost, batch, extra)
+        harness.emit_cost(section, name, cost, batch, extra)
 
-    guarded(section, name, budget, args.min_left, args.device, measure, compiled=cfg.model.compile)
+    harness.guarded(section, name, budget, args.min_left, args.device, measure, compiled=cfg.model.compile)
 
 
-def split_section(cfg, args, budget: Budget) -> None:
+def split_section(cfg, args, budget: harness.Budget) -> None:
     for modalities in ("t1", "fmri", "both"):
         c = copy.deepcopy(cfg)
         c.model.modalities = modalities
@@ -123,12 +112,13 @@ def _bare_model(m, device: torch.device, dtype: torch.dtype,
     """The model of ``m`` on ``paths`` cast to ``dtype`` on ``device`` (no engine), in train mode,
     and a sample."""
     torch.manual_seed(0)
-    return build_model(m, 2, paths).to(device=device, dtype=dtype).train(), synthetic_batch(m, 1, device, dtype, 2)
+    model = build_model(m, 2, paths).to(device=device, dtype=dtype).train()
+    return model, harness.synthetic_batch(m, 1, device, dtype, 2)
 
 
-def profile_section(cfg, args, budget: Budget) -> None:
+def profile_section(cfg, args, budget: harness.Budget) -> None:
     """Profile one step after two warm-up steps; print the top operators by self device time."""
-    guarded("profile", "-", budget, args.min_left, args.device, lambda: _profile(cfg, args))
+    harness.guarded("profile", "-", budget, args.min_left, args.device, lambda: _profile(cfg, args))
 
 
 def _profile(cfg, args) -> None:
@@ -166,7 +156,7 @@ def _profile(cfg, args) -> None:
         print(f"profile: chrome trace in {args.trace}", flush=True)
 
 
-def variant_section(cfg, args, budget: Budget) -> None:
+def variant_section(cfg, args, budget: harness.Budget) -> None:
     wanted = args.variants.split(";") if args.variants else None
     for name, overrides, paths, batch in VARIANTS:
         if wanted is not None and name not in wanted:
@@ -199,10 +189,10 @@ class LayoutAudit(TorchDispatchMode):
         return out
 
 
-def layout_section(cfg, args, budget: Budget) -> None:
+def layout_section(cfg, args, budget: harness.Budget) -> None:
     """One eager forward + backward with ``model.channels_last`` on (the fast paths as
     :data:`CURRENT`) under :class:`LayoutAudit`; prints each converting operator, by output shape."""
-    guarded("layout", "-", budget, args.min_left, args.device, lambda: _layout(cfg, args))
+    harness.guarded("layout", "-", budget, args.min_left, args.device, lambda: _layout(cfg, args))
 
 
 def _layout(cfg, args) -> None:
@@ -225,7 +215,7 @@ ENGINE_FLAGS = {"compiled": ("model", "compile", True), "channels_last": ("model
 setting one config field (config section, field, value); the micro-batch is 1 unless set."""
 
 
-def engine_section(cfg, args, budget: Budget) -> None:
+def engine_section(cfg, args, budget: harness.Budget) -> None:
     for kind in args.engines.split(","):
         flags = [] if kind == "eager" else kind.split("+")
         if any(f not in ENGINE_FLAGS for f in flags):
@@ -236,8 +226,8 @@ def engine_section(cfg, args, budget: Budget) -> None:
         for f in flags:
             section, key, value = ENGINE_FLAGS[f]
             setattr(getattr(c, section), key, value)
-        guarded("engine", name, budget, args.min_left, args.device, lambda c=c, name=name: _engine_rows(c, args, name),
-                compiled=c.model.compile)
+        harness.guarded("engine", name, budget, args.min_left, args.device,
+                        lambda c=c, name=name: _engine_rows(c, args, name), compiled=c.model.compile)
 
 
 def _engine_rows(cfg, args, name: str) -> None:
@@ -257,14 +247,14 @@ def _engine_rows(cfg, args, name: str) -> None:
     if m.compile:  # as training compiles it
         compile_modality_modules(model, args.compile_backend, m.compile_mode)
     engine = build_engine(model, cfg, 1, LRSchedule(cfg.optim))
-    data = synthetic_batch(m, b, device, args.dtype, 4)
+    data = harness.synthetic_batch(m, b, device, args.dtype, 4)
     split = {"forward": 0.0, "backward": 0.0, "step": 0.0}
     lap_start = [0.0]
 
     def lap(part: str | None) -> None:
         """With ``part``: synchronise and add the seconds since the last lap to ``split[part]``."""
         if part is not None:
-            sync(device)
+            harness.sync(device)
             split[part] += time.perf_counter() - lap_start[0]
         lap_start[0] = time.perf_counter()
 
@@ -283,46 +273,46 @@ def _engine_rows(cfg, args, name: str) -> None:
     t0 = time.perf_counter()
     for _ in range(args.warmup):
         step(True)
-    sync(device)
+    harness.sync(device)
     warm = time.perf_counter() - t0
     for read_back, label in ((True, "as the loop (loss read back every step)"), (False, "no per-step read-back")):
         t = time.perf_counter()
         for _ in range(args.steps):
             step(read_back)
-        sync(device)
+        harness.sync(device)
         ms = 1e3 * (time.perf_counter() - t) / args.steps / b
         peak = peak_memory(device)
         gib = peak.get("gpu_mem_gib", peak["peak_rss_gib"])
-        emit("engine", f"{name}: {label}", f"{ms:.1f}", f"{gib:.2f}", f"{gib / b:.2f}",
-             f"ZeRO {cfg.train.zero_stage}, {args.precision}, micro-batch {b}"
-             + (f"; warm-up {warm:.0f} s" if read_back else ""))
+        harness.emit("engine", f"{name}: {label}", f"{ms:.1f}", f"{gib:.2f}", f"{gib / b:.2f}",
+                     f"ZeRO {cfg.train.zero_stage}, {args.precision}, micro-batch {b}"
+                     + (f"; warm-up {warm:.0f} s" if read_back else ""))
     for _ in range(args.steps):
         step(True, timed=True)
-    emit("engine", f"{name}: split", "-", "-", "-",
-         ", ".join(f"{k} {1e3 * v / args.steps / b:.1f} ms" for k, v in split.items()) + " per sample")
+    harness.emit("engine", f"{name}: split", "-", "-", "-",
+                 ", ".join(f"{k} {1e3 * v / args.steps / b:.1f} ms" for k, v in split.items()) + " per sample")
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     out = engine(t1=data.get("t1"), fmri=data.get("fmri"))
     engine.backward(masan_loss(out, data, cfg.loss, "joint")["total"])
-    sync(device)
+    harness.sync(device)
     with profile(activities=activities) as prof:
         engine.step()
-        sync(device)
+        harness.sync(device)
     print(f"engine: {name}: the optimizer step's operators by host time", flush=True)
     print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=args.top, max_name_column_width=60),
           flush=True)
     with profile(activities=activities) as prof:
         step(True)
-        sync(device)
+        harness.sync(device)
     key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
     print(f"engine: {name}: one whole step's operators by {key}", flush=True)
     print(prof.key_averages().table(sort_by=key, row_limit=args.top, max_name_column_width=60), flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = device_parser(__doc__, 300.0)
+    ap = harness.device_parser(__doc__, 300.0)
     ap.add_argument("--top", type=int, default=25, help="operators listed by the profile")
     ap.add_argument("--trace", type=Path, default=None, help="also write the profile as a Chrome trace here")
     ap.add_argument("--sections", default="split,variant,profile,layout,engine",
@@ -334,16 +324,16 @@ def main(argv: list[str] | None = None) -> int:
                          "(compiled, channels_last, cudagraphs: compile_mode reduce-overhead, mb2: micro-batch 2), "
                          "e.g. 'compiled,compiled+cudagraphs+channels_last'")
     args = ap.parse_args(argv)
-    resolve_device(args)
+    harness.resolve_device(args)
     args.dtype = PRECISION_DTYPES[args.precision]
     if args.tiny:
         args.warmup, args.steps, args.top = 1, 1, min(args.top, 8)
     args.min_left = 5 if args.tiny else 20
-    budget = Budget(args.budget_s)
-    cfg = load_config(args.config, (TINY if args.tiny else []) + args.set)
-    print(f"profile_step: {device_name(args.device)}, torch {torch.__version__}, {args.dtype}, "
+    budget = harness.Budget(args.budget_s)
+    cfg = load_config(args.config, (harness.TINY if args.tiny else []) + args.set)
+    print(f"profile_step: {harness.device_name(args.device)}, torch {torch.__version__}, {args.dtype}, "
           f"budget {args.budget_s:.0f} s", flush=True)
-    emit("section", "variant", "ms/sample", "peak GiB", "GiB/sample", "note")
+    harness.emit("section", "variant", "ms/sample", "peak GiB", "GiB/sample", "note")
     sections = args.sections.split(",")
     t0 = time.monotonic()
     for name, fn in (("split", split_section), ("variant", variant_section), ("profile", profile_section),
