@@ -7,7 +7,7 @@ leaves figures), in order of value:
 1. ``masan``: forward + loss (eq. 8, joint phase) + backward + Adam step of the paper's model
    (hpc/configs/paper.yaml: T1 240x256x176 in 4x4x4 patches, fMRI 976 x 60x64x44) in bf16
    (weights and activations, as DeepSpeed's bf16 mode runs the module), micro-batch 1/2/4,
-   activation checkpointing on/off, channels_last; ms per sample and peak GiB (max allocated,
+   activation checkpointing on/off, channels_last; ms per sample and peak GiB of the timed steps (max allocated,
    total and per sample); each row 2 warm-up steps, then 3 timed ones (``--warmup``, ``--steps``).
 2. ``hfcn``: the same for the H-FCN baseline (T1 only).
 3. ``loader``: one rank's training loader at full resolution from each cohort cache
@@ -27,76 +27,48 @@ Every row and section is guarded: an out-of-memory or any error prints as that r
 check goes on. A global budget (``--budget-s``, default 420 s) skips what would not finish in
 time. Targets (docs/performance.md): <= 60 ms and <= 12 GiB per sample, data wait < 5 % of the step.
 
-    python bench/gpu_check.py                 # on the GPU machine (see bench/gpu_check.sh)
-    python bench/gpu_check.py --tiny          # CPU-sized shapes, the same code paths (tests)
+    python -m bench.gpu_check                 # on the GPU machine (see bench/gpu_check.sh)
+    python -m bench.gpu_check --tiny          # CPU-sized shapes, the same code paths (tests)
 """
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures as futures
 import copy
-import gc
-import json
 import multiprocessing
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 import traceback
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # bench.io and masan import with the repository as the only path entry
-    sys.path.insert(0, str(REPO))
+from bench.harness import (
+    COLUMNS,
+    REPO,
+    TINY,
+    Budget,
+    Row,
+    device_name,
+    device_parser,
+    emit,
+    emit_cost,
+    guarded,
+    measure_model,
+    note,
+    resolve_device,
+)
+from masan.config import RunConfig, config_to_dict, load_config
+from masan.model.inputs import PRECISION_DTYPES
+from masan.rundir import RunDir
 
-from masan.config import RunConfig, config_to_dict, load_config  # noqa: E402
-from masan.model import build_model, compile_modality_modules, masan_loss  # noqa: E402
-from masan.model.inputs import PRECISION_DTYPES  # noqa: E402
-from masan.rundir import RunDir  # noqa: E402
-from masan.train.logging import peak_memory  # noqa: E402
-
-PAPER = REPO / "hpc/configs/paper.yaml"
-def _overrides(path: Path) -> list[str]:
-    """A config file as ``section.key=value`` overrides (applied on top of ``--config``)."""
-    return [f"{section}.{key}={json.dumps(value)}" for section, keys in yaml.safe_load(path.read_text()).items()
-            for key, value in keys.items()]
-
-
-TINY = _overrides(REPO / "hpc/configs/tiny.yaml")
-"""CPU-sized model and data with every structural feature of the paper's (the tests' tiny config)."""
 CLASSES = ("NC", "AD")
-COLUMNS = (("section", 10), ("variant", 34), ("ms/sample", 10), ("peak GiB", 9), ("GiB/sample", 10), ("note", 0))
-
-
-@dataclass(frozen=True)
-class Row:
-    """One model measurement: architecture, micro-batch, checkpointing, channels_last, torch.compile."""
-
-    arch: str
-    batch: int
-    ckpt: bool = False
-    channels_last: bool = False
-    compiled: bool = False
-
-    @property
-    def name(self) -> str:
-        flags = [f"mb{self.batch}", "ckpt" if self.ckpt else "no-ckpt"]
-        flags += ["channels_last"] if self.channels_last else []
-        flags += ["compile"] if self.compiled else []
-        return " ".join(flags)
-
-
 MASAN_ROWS = [Row("masan", 1), Row("masan", 1, ckpt=True), Row("masan", 1, ckpt=True, channels_last=True),
               Row("masan", 2, ckpt=True), Row("masan", 4, ckpt=True), Row("masan", 2)]
 HFCN_ROWS = [Row("hfcn", 1), Row("hfcn", 4)]
@@ -106,125 +78,15 @@ TINY_ROWS = [Row("masan", 2, ckpt=True, channels_last=True)]
 """--tiny: every model option of the rows above in one row."""
 
 
-class Budget:
-    """The global time budget: ``left()`` seconds remain; ``alarm()`` interrupts a row that overruns."""
-
-    def __init__(self, seconds: float):
-        self.end = time.monotonic() + seconds
-
-    def left(self) -> float:
-        return self.end - time.monotonic()
-
-    def alarm(self) -> None:
-        signal.alarm(max(1, int(self.left())))
-
-
-class OutOfTime(Exception):
-    pass
-
-
-def _on_alarm(signum, frame):  # noqa: ARG001 - signal handler signature
-    raise OutOfTime("the check's time budget ran out during this row")
-
-
-def emit(*cells) -> None:
-    """One table line, flushed at once (a killed check still leaves what it measured)."""
-    line = "  ".join(f"{str(c):<{w}}" if w else str(c) for c, (_, w) in zip(cells, COLUMNS))
-    print(line.rstrip(), flush=True)
-
-
-def note(section: str, variant: str, text: str) -> None:
-    emit(section, variant, "-", "-", "-", text)
-
-
-# --------------------------------------------------------------------------- model rows
-
-
-def measure_model(cfg: RunConfig, row: Row, device: torch.device, dtype: torch.dtype, warmup: int, steps: int,
-                  compile_backend: str) -> tuple[float, float]:
-    """-> (ms per sample, peak GiB) of forward + loss + backward + Adam step (``dtype`` weights and
-    inputs); peak: max allocated on CUDA, the process's peak resident set on the CPU."""
-    m = cfg.model
-    m.arch, m.activation_checkpointing, m.channels_last = row.arch, row.ckpt, row.channels_last
-    torch.manual_seed(0)
-    peak_memory(device)  # reset the peaks
-    model = build_model(m, len(CLASSES)).to(device=device, dtype=dtype).train()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-    if row.compiled:  # as training compiles it (model.compile)
-        compile_modality_modules(model, compile_backend, m.compile_mode)
-    b = row.batch
-    data = {"label": torch.arange(b, device=device) % len(CLASSES)}
-    if row.arch == "hfcn" or m.modalities != "fmri":
-        data["t1"] = torch.randn(b, 1, *m.t1_shape, device=device, dtype=dtype)
-    if row.arch == "masan" and m.modalities != "t1":
-        data["fmri"] = torch.randn(b, m.fmri_frames, *m.fmri_shape, device=device, dtype=dtype)
-    if row.channels_last:
-        data = {k: v.contiguous(memory_format=torch.channels_last_3d) if v.dim() == 5 else v for k, v in data.items()}
-
-    def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        out = model(t1=data.get("t1"), fmri=data.get("fmri"))
-        masan_loss(out, data, cfg.loss, "joint")["total"].backward()
-        opt.step()
-
-    for _ in range(warmup):
-        step()
-    _sync(device)
-    t = time.perf_counter()
-    for _ in range(steps):
-        step()
-    _sync(device)
-    seconds = (time.perf_counter() - t) / steps
-    mem = peak_memory(device)
-    return 1e3 * seconds / b, mem.get("gpu_mem_gib", mem["peak_rss_gib"])  # the caller frees the model
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _free(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-def guarded(section: str, name: str, budget: Budget, min_left: float, device: torch.device,
-            fn: Callable[[], None], compiled: bool = False) -> None:
-    """One row: ``fn()`` (which emits it) under the budget's alarm. A spent budget or a failure
-    becomes one noted row (a failure's traceback after it), so no row ends the check; then the
-    device memory ``fn`` held is freed, and with ``compiled`` dynamo's compiled graphs too."""
-    if budget.left() < min_left:
-        note(section, name, f"skipped: {budget.left():.0f} s left of the budget")
-        return
-    try:
-        budget.alarm()
-        fn()
-    except torch.cuda.OutOfMemoryError:
-        note(section, name, "out of memory")
-    except Exception as e:  # noqa: BLE001 - one failing row must not end the check
-        note(section, name, f"error: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
-        traceback.print_exc()
-    finally:
-        signal.alarm(0)
-        _free(device)  # the model and optimiser went with fn's frame
-        if compiled:
-            torch._dynamo.reset()
-
-
 def model_section(section: str, rows: list[Row], args, cfg: RunConfig, budget: Budget, min_left: float) -> None:
     device, dtype = args.device, PRECISION_DTYPES[args.precision]
     for row in rows:
         def measure(row: Row = row) -> None:
-            ms, peak = measure_model(_copy(cfg), row, device, dtype, args.warmup, args.steps, args.compile_backend)
-            emit(section, row.name, f"{ms:.1f}", f"{peak:.2f}", f"{peak / row.batch:.2f}", "")
+            cost = measure_model(copy.deepcopy(cfg), row, device, dtype, args.warmup, args.steps,  # each row its flags
+                                 args.compile_backend, len(CLASSES))
+            emit_cost(section, row.name, cost, row.batch)
 
         guarded(section, row.name, budget, min_left, device, measure, compiled=row.compiled)
-
-
-def _copy(cfg: RunConfig) -> RunConfig:
-    return copy.deepcopy(cfg)  # each row sets its own model flags
 
 
 # --------------------------------------------------------------------------- the synthetic cohort
@@ -367,34 +229,6 @@ def _report_ds(run_dir: Path, variant: str) -> None:
 # --------------------------------------------------------------------------- main
 
 
-def device_parser(doc: str, budget_s: float) -> argparse.ArgumentParser:
-    """The arguments every GPU bench shares (this check, bench/profile_step.py)."""
-    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=doc)
-    ap.add_argument("--tiny", action="store_true", help="CPU-sized shapes (and --device cpu unless given)")
-    ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when visible)")
-    ap.add_argument("--config", type=Path, default=PAPER, help="model/loss/data settings (default paper.yaml)")
-    ap.add_argument("--precision", choices=sorted(PRECISION_DTYPES), default=None,
-                    help="default bf16 on CUDA, fp32 on the CPU")
-    ap.add_argument("--budget-s", type=float, default=budget_s, help=f"global time budget (default {budget_s:.0f} s)")
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=3, help="timed steps per model row")
-    ap.add_argument("--compile-backend", default="inductor", help="torch.compile backend (--tiny: eager)")
-    ap.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
-                    help="config overrides for every section, e.g. model.compile=true (repeatable)")
-    return ap
-
-
-def resolve_device(args: argparse.Namespace) -> None:
-    """``args.device`` (a torch.device: cuda when visible unless --tiny) and ``args.precision``."""
-    if args.device is None:
-        args.device = "cpu" if args.tiny or not torch.cuda.is_available() else "cuda"
-    args.device = torch.device(args.device)
-    args.precision = args.precision or ("bf16" if args.device.type == "cuda" else "fp32")
-    if args.tiny and args.compile_backend == "inductor":  # the same code paths, no inductor build
-        args.compile_backend = "eager"
-
-
 def parse_args(argv: list[str] | None):
     ap = device_parser(__doc__, 420.0)
     ap.add_argument("--subjects", type=int, default=8,
@@ -418,7 +252,6 @@ def parse_args(argv: list[str] | None):
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     budget = Budget(args.budget_s)
-    signal.signal(signal.SIGALRM, _on_alarm)
     cfg = load_config(args.config, (TINY if args.tiny else []) + args.set)
     sections = set(args.sections.split(","))
     work = args.work or Path(tempfile.mkdtemp(prefix="masan-gpu-check-"))
@@ -428,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     config = work / "config" / "config.yaml"
     config.write_text(yaml.safe_dump(config_to_dict(cfg)))
     m = cfg.model
-    gpu = torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else "CPU"
+    gpu = device_name(args.device)
     # DataLoader workers hand samples over through /dev/shm: a container's is often 64 MB
     sample = 4 * (int(np.prod(m.t1_shape)) + m.fmri_frames * int(np.prod(m.fmri_shape)))
     shm_free = shutil.disk_usage("/dev/shm").free if Path("/dev/shm").is_dir() else 0

@@ -8,8 +8,9 @@
 #
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD && PYTHONUNBUFFERED=1 bash bench/gpu_check.sh 2>&1 | tee $OUT/gpu_check.log
 #
-# Arguments go to bench/gpu_check.py (e.g. --budget-s 300, --sections masan,loader). On a machine
-# without a GPU, `bash bench/gpu_check.sh --tiny` runs the same code paths at CPU-sized shapes.
+# Arguments go to bench/gpu_check.py, run as `python -m bench.gpu_check` (e.g. --budget-s 300,
+# --sections masan,loader). On a machine without a GPU, `bash bench/gpu_check.sh --tiny` runs the
+# same code paths at CPU-sized shapes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD"
@@ -21,4 +22,4 @@ if ! "$PY" -c "import masan, deepspeed, zarr, numcodecs, nibabel, sklearn" 2>/tm
 fi
 "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'GPUs', torch.cuda.device_count())"
 # the hard limit stays under 8 minutes even if a row ignores the budget's alarm
-exec timeout --signal=INT --kill-after=10 470 "$PY" -u bench/gpu_check.py --budget-s 420 "$@"
+exec timeout --signal=INT --kill-after=10 470 "$PY" -u -m bench.gpu_check --budget-s 420 "$@"

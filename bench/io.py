@@ -266,6 +266,31 @@ def _store_reads(store: CohortStore, picks) -> dict:
     return {"sample": sample, "raw": raw, "patch": patch}
 
 
+def _nib_reads(bids: Path, store: CohortStore, picks) -> dict:
+    """The nibabel counterparts of :func:`_store_reads` on the cohort's .nii.gz files: ``z``
+    (float32 z-scored with the store's statistics), ``raw``, ``patch``."""
+    subjects = store.subjects
+    stats = {s: [store.meta(s, m)["stats"] for m in ("t1", "fmri")] for s in subjects}
+
+    def raw() -> None:
+        for s in subjects:
+            for f in _sources(bids, s):
+                np.asarray(nib.load(f).dataobj)
+
+    def z() -> None:
+        for s in subjects:
+            for f, st in zip(_sources(bids, s), stats[s]):
+                _nib_zscored(f, st["mean"], st["std"])
+
+    def patch() -> None:
+        for s, region, fr in picks():
+            t1, bold = _sources(bids, s)
+            np.asarray(nib.load(t1).dataobj[region])
+            np.asarray(nib.load(bold).dataobj[..., fr])
+
+    return {"z": z, "raw": raw, "patch": patch}
+
+
 def run(args: argparse.Namespace, work: Path, out: Path) -> tuple[list[tuple[str, ...]], list[tuple[str, ...]]]:
     """The store-vs-nibabel rows, and with ``--against`` the this-store-vs-other-store rows."""
     rng = np.random.default_rng(args.seed)
@@ -279,19 +304,6 @@ def run(args: argparse.Namespace, work: Path, out: Path) -> tuple[list[tuple[str
     voxel_bytes = sum(np.dtype(r[m]["dtype"]).itemsize * int(np.prod(r[m]["shape"])) for r in store.table
                       for m in ("t1", "fmri"))
     n = len(subjects)
-
-    def nib_raw() -> None:
-        for s in subjects:
-            for f in _sources(bids, s):
-                np.asarray(nib.load(f).dataobj)
-
-    stats = {s: [store.meta(s, m)["stats"] for m in ("t1", "fmri")] for s in subjects}
-
-    def nib_z() -> None:
-        for s in subjects:
-            for f, st in zip(_sources(bids, s), stats[s]):
-                _nib_zscored(f, st["mean"], st["std"])
-
     grid = ConvertOptions().patch_grid
     t1_shape = store.shape(subjects[0], "t1")
     cell = [n_ // g for n_, g in zip(t1_shape, grid)]
@@ -307,15 +319,9 @@ def run(args: argparse.Namespace, work: Path, out: Path) -> tuple[list[tuple[str
             t0 = int(local.integers(0, frames - block + 1))
             yield s, region, slice(t0, t0 + block)
 
-    def nib_patch() -> None:
-        for s, region, fr in picks():
-            t1, bold = _sources(bids, s)
-            np.asarray(nib.load(t1).dataobj[region])
-            np.asarray(nib.load(bold).dataobj[..., fr])
-
-    reads = _store_reads(store, picks)
-    fns = {"store": reads["sample"], "nib_z": nib_z, "store_raw": reads["raw"], "nib_raw": nib_raw,
-           "store_patch": reads["patch"], "nib_patch": nib_patch}
+    reads, nib_reads = _store_reads(store, picks), _nib_reads(bids, store, picks)
+    fns = {"store": reads["sample"], "nib_z": nib_reads["z"], "store_raw": reads["raw"], "nib_raw": nib_reads["raw"],
+           "store_patch": reads["patch"], "nib_patch": nib_reads["patch"]}
     if args.against is not None:
         other = CohortStore(args.against)
         if other.subjects != subjects:

@@ -1,21 +1,22 @@
 """Time and memory of one MASAN training step (forward + loss + backward) per sample.
 
-Runs fp32 / bf16-autocast x activation checkpointing off / on side by side, each in a fresh
-process so that peak-memory figures do not leak between configurations, and prints a table
-with ratios to fp32 without checkpointing.
+Runs fp32 / bf16 autocast (fp32 weights, as torch.amp trains) x activation checkpointing
+off / on side by side, each in a fresh process so that peak-memory figures do not leak between
+configurations, and prints a table with ratios to fp32 without checkpointing. Peak memory is
+what the timed steps add to what they start with (the model; bench/harness.py, ``StepCost``).
 
 * GPU (CUDA available): the configured model at full resolution (paper defaults: T1
   240x256x176 in 4x4x4 patches, fMRI 976 frames of 60x64x44); peak memory from
   ``torch.cuda.max_memory_allocated``.
 * CPU (no GPU): a small model (T1 64^3 in 2x2x2 patches, fMRI 50 frames of 32^3; see
   ``CPU_SHAPES``) unless ``--full``; peak memory is the growth of the process's peak resident
-  set size (``ru_maxrss``) during the steps, which includes allocator caching.
+  set size during the steps, which includes allocator caching.
 
 Examples::
 
-    python bench/model.py                                  # CPU small or GPU full, all four modes
-    python bench/model.py --config hpc/configs/paper.yaml --batch 2 --steps 10
-    python bench/model.py model.fmri_time=temporal_conv --precisions bf16
+    python -m bench.model                                  # CPU small or GPU full, all four modes
+    python -m bench.model --config hpc/configs/paper.yaml --batch 2 --steps 10
+    python -m bench.model model.fmri_time=temporal_conv --precisions bf16
 """
 
 from __future__ import annotations
@@ -25,15 +26,14 @@ import concurrent.futures as futures
 import multiprocessing
 import platform
 import sys
-import time
 from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
 
-from masan.config import ModelConfig, RunConfig, add_config_arguments, config_from_args
-from masan.hostmem import peak_rss_bytes, rss_bytes
-from masan.model import build_model, masan_loss
+from bench.harness import synthetic_batch, time_training_step
+from masan.config import RunConfig, add_config_arguments, config_from_args
+from masan.model import build_model
 
 CPU_SHAPES = [
     "model.t1_shape=[64,64,64]", "model.patch_grid=[2,2,2]", "model.channels=[8,16,32,32]",
@@ -41,6 +41,7 @@ CPU_SHAPES = [
 ]
 """Overrides giving a CPU-sized model with every structural feature of the full one."""
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+"""``--precisions``: the dtype autocast runs the fp32 model in (None: no autocast)."""
 GPU_TARGET = "GPU target (bf16 + checkpointing, docs/performance.md): <= 60 ms and <= 12 GiB per sample"
 
 
@@ -54,53 +55,26 @@ class Result:
 
 def measure(cfg: RunConfig, device: str, precision: str, checkpointing: bool, batch: int, warmup: int,
             steps: int) -> Result:
-    """One configuration in this process: ``warmup`` untimed steps, then ``steps`` timed ones."""
+    """One configuration in this process: ``warmup`` untimed steps, then ``steps`` timed ones of
+    forward + loss + backward (no optimizer step) of the fp32 model under ``precision``'s autocast."""
     torch.manual_seed(0)
-    model_cfg: ModelConfig = cfg.model
-    model_cfg.activation_checkpointing = checkpointing
+    m = cfg.model
+    m.activation_checkpointing = checkpointing
     classes = len(cfg.data.classes)
-    model = build_model(model_cfg, classes).to(device).train()
-    data = {"label": torch.arange(batch, device=device) % classes}
-    if model_cfg.arch == "hfcn" or model_cfg.modalities != "fmri":
-        data["t1"] = torch.randn(batch, 1, *model_cfg.t1_shape, device=device)
-    if model_cfg.arch == "masan" and model_cfg.modalities != "t1":
-        data["fmri"] = torch.randn(batch, model_cfg.fmri_frames, *model_cfg.fmri_shape, device=device)
-    dtype = PRECISIONS[precision]
-    cuda = device.startswith("cuda")
-    device_type = torch.device(device).type
-
-    def step() -> None:
-        model.zero_grad(set_to_none=True)
-        with torch.autocast(device_type=device_type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            out = model(t1=data.get("t1"), fmri=data.get("fmri"))
-            terms = masan_loss(out, data, cfg.loss, "joint")
-        terms["total"].backward()
-
-    for _ in range(warmup):
-        step()
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        model.zero_grad(set_to_none=True)
-        base = rss_bytes()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if cuda:
-        torch.cuda.synchronize()
-    seconds = (time.perf_counter() - start) / steps
-    peak = (torch.cuda.max_memory_allocated() - base) if cuda else peak_rss_bytes() - base
-    return Result(precision, checkpointing, 1000 * seconds / batch, max(peak, 0) / 2**20 / batch)
+    model = build_model(m, classes).to(device).train()
+    data = synthetic_batch(m, batch, torch.device(device), torch.float32, classes)
+    cost = time_training_step(model, data, cfg.loss, torch.device(device), warmup, steps,
+                              autocast=PRECISIONS[precision])
+    return Result(precision, checkpointing, cost.ms_per_sample, cost.step_gib * 1024 / batch)
 
 
 def _format(results: list[Result], header: str) -> str:
     ref = next((r for r in results if r.precision == "fp32" and not r.checkpointing), results[0])
-    columns = f"{'precision':<9} {'ckpt':<4} {'ms/sample':>10} {'x time':>7} {'peak MiB/sample':>16} {'x mem':>6}"
+    columns = f"{'precision':<13} {'ckpt':<4} {'ms/sample':>10} {'x time':>7} {'peak MiB/sample':>16} {'x mem':>6}"
     lines = [header, columns]
     for r in results:
-        lines.append(f"{r.precision:<9} {'on' if r.checkpointing else 'off':<4} {r.ms_per_sample:>10.1f} "
+        label = r.precision if PRECISIONS[r.precision] is None else f"{r.precision} autocast"
+        lines.append(f"{label:<13} {'on' if r.checkpointing else 'off':<4} {r.ms_per_sample:>10.1f} "
                      f"{r.ms_per_sample / ref.ms_per_sample:>7.2f} {r.peak_mib_per_sample:>16.1f} "
                      f"{r.peak_mib_per_sample / max(ref.peak_mib_per_sample, 1e-9):>6.2f}")
     return "\n".join(lines)

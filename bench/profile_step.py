@@ -22,57 +22,38 @@ leaves figures:
    (synchronised between them); then the optimizer step's operators by host time. ``--engines``
    picks the rows (``compiled+channels_last``: both settings on).
 
-    python bench/profile_step.py              # on the GPU machine, paper.yaml, bf16 (see bench/gpu_check.sh)
-    python bench/profile_step.py --tiny       # CPU-sized shapes, the same code paths (tests)
+    python -m bench.profile_step              # on the GPU machine, paper.yaml, bf16 (see bench/gpu_check.sh)
+    python -m bench.profile_step --tiny       # CPU-sized shapes, the same code paths (tests)
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
+import dataclasses
 import math
-import signal
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # bench.gpu_check and masan import with the repository as the only path entry
-    sys.path.insert(0, str(REPO))
+from bench import harness
+from masan.config import load_config
+from masan.model import FastPaths, blocks, build_model, compile_modality_modules, masan_loss
+from masan.model.inputs import PRECISION_DTYPES
 
-from bench.gpu_check import (  # noqa: E402
-    TINY,
-    Budget,
-    Row,
-    _on_alarm,
-    device_parser,
-    emit,
-    guarded,
-    measure_model,
-    resolve_device,
-)
-from masan.config import load_config  # noqa: E402
-from masan.model import blocks, build_model, compile_modality_modules, masan_loss, regions  # noqa: E402
-from masan.model.blocks import NarrowConv3d, OutputStage  # noqa: E402
-from masan.model.inputs import PRECISION_DTYPES  # noqa: E402
-
-CURRENT = {"outconv": "taps", "pointwise": "bmm", "fold": True, "reshaped_pool": True, "block_max": True,
-           "separable_mean": True}
-"""The fast paths as the model takes them on CUDA: the T1 output conv as per-tap maps
-(``NarrowConv3d.STRATEGY``), 1x1x1 convs as batched matrix products (``blocks.POINTWISE``),
-the output conv folded before upsampling (``OutputStage.FOLD``), region pooling over reshaped
-blocks (``regions.RESHAPED_POOL``) with an index backward for the max (``regions._BlockMax``;
-off: ``amax`` and autograd's backward), the mean onto unequal bins as matrix products
-(``regions.SEPARABLE_MEAN``)."""
-BEFORE = {"outconv": "taps", "pointwise": "conv", "fold": False, "reshaped_pool": False, "block_max": False,
-          "separable_mean": False}
+CURRENT = FastPaths.for_device("cuda")
+"""The fast paths as the model takes them on CUDA (:class:`~masan.model.fastpaths.FastPaths`), on
+whichever device the bench runs: the T1 output conv as per-tap maps, 1x1x1 convs as batched
+matrix products, the output conv folded before upsampling, region pooling over reshaped blocks
+with an index backward for the max (off: ``amax`` and autograd's backward), the mean onto
+unequal bins as matrix products."""
+BEFORE = {"pointwise": "conv", "fold": False, "reshaped_pool": False, "block_max": False, "separable_mean": False}
 """The fast paths as they were before pooling, the block max, the output-conv fold and the 1x1
-convs got their CUDA paths: the baseline of their A/B (docs/performance.md, "On the target card")."""
+convs got their CUDA paths (changes to :data:`CURRENT`): the baseline of their A/B
+(docs/performance.md, "On the target card")."""
 VARIANTS: list[tuple[str, dict, dict, int]] = [
     # name, model overrides, fast paths changed from CURRENT, micro-batch
     ("current", {}, {}, 1),
@@ -98,72 +79,46 @@ autotuning (``torch.backends.cudnn.benchmark``) is not a row: it changed nothing
 "Where the step went")."""
 
 
-class _AmaxOverBlocks:
-    """``regions._BlockMax`` as ``amax`` (autograd's backward splits the gradient over ties)."""
-
-    @staticmethod
-    def apply(x: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
-        return regions.block_view(x, size).amax(dim=(3, 5, 7))
-
-
-@contextlib.contextmanager
-def fast_paths(device: torch.device, outconv: str, pointwise: str, fold: bool, reshaped_pool: bool,
-               block_max: bool, separable_mean: bool) -> Iterator[None]:
-    """Within the block the model's fast paths on ``device`` are as given (see :data:`CURRENT`)."""
-    tables = [(NarrowConv3d.STRATEGY, outconv), (blocks.POINTWISE, pointwise), (OutputStage.FOLD, fold),
-              (regions.RESHAPED_POOL, reshaped_pool), (regions.SEPARABLE_MEAN, separable_mean)]
-    saved = [dict(table) for table, _ in tables], regions._BlockMax
-    for table, value in tables:
-        table[device.type] = value
-    regions._BlockMax = saved[1] if block_max else _AmaxOverBlocks
-    try:
-        yield
-    finally:
-        for (table, _), old in zip(tables, saved[0]):
-            table.clear()
-            table.update(old)
-        regions._BlockMax = saved[1]
-
-
-def _row(cfg, batch: int) -> Row:
+def _row(cfg, batch: int) -> harness.Row:
     m = cfg.model
-    return Row(m.arch, batch, ckpt=m.activation_checkpointing, channels_last=m.channels_last, compiled=m.compile)
+    return harness.Row(m.arch, batch, ckpt=m.activation_checkpointing, channels_last=m.channels_last,
+                       compiled=m.compile)
 
 
-def _timed(cfg, batch: int, args, budget: Budget, section: str, name: str) -> None:
+def _timed(cfg, batch: int, args, budget: harness.Budget, section: str, name: str,
+           paths: FastPaths | None = None) -> None:
+    """One row: :func:`~bench.harness.measure_model` of ``cfg`` at micro-batch ``batch`` on ``paths``
+    (None: the device's defaults)."""
+
     def measure() -> None:
         t0 = time.perf_counter()
-        ms, peak = measure_model(cfg, _row(cfg, batch), args.device, args.dtype, args.warmup, args.steps,
-                                 args.compile_backend)
+        cost = harness.measure_model(cfg, _row(cfg, batch), args.device, args.dtype, args.warmup, args.steps,
+                             args.compile_backend, fast_paths=paths)
         extra = f"with warm-up and compile {time.perf_counter() - t0:.0f} s" if cfg.model.compile else ""
-        emit(section, name, f"{ms:.1f}", f"{peak:.2f}", f"{peak / batch:.2f}", extra)
+        harness.emit_cost(section, name, cost, batch, extra)
 
-    guarded(section, name, budget, args.min_left, args.device, measure, compiled=cfg.model.compile)
+    harness.guarded(section, name, budget, args.min_left, args.device, measure, compiled=cfg.model.compile)
 
 
-def split_section(cfg, args, budget: Budget) -> None:
+def split_section(cfg, args, budget: harness.Budget) -> None:
     for modalities in ("t1", "fmri", "both"):
         c = copy.deepcopy(cfg)
         c.model.modalities = modalities
         _timed(c, 1, args, budget, "split", f"modalities={modalities}")
 
 
-def _sample(m, device: torch.device, dtype: torch.dtype, batch: int = 1) -> dict[str, torch.Tensor]:
-    """``batch`` synthetic full-size samples of model config ``m`` (class 0) on ``device``."""
-    return {"label": torch.zeros(batch, dtype=torch.long, device=device),
-            "t1": torch.randn(batch, 1, *m.t1_shape, device=device, dtype=dtype),
-            "fmri": torch.randn(batch, m.fmri_frames, *m.fmri_shape, device=device, dtype=dtype)}
-
-
-def _bare_model(m, device: torch.device, dtype: torch.dtype) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
-    """The model of ``m`` cast to ``dtype`` on ``device`` (no engine), in train mode, and a sample."""
+def _bare_model(m, device: torch.device, dtype: torch.dtype,
+                paths: FastPaths | None = None) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    """The model of ``m`` on ``paths`` cast to ``dtype`` on ``device`` (no engine), in train mode,
+    and a sample."""
     torch.manual_seed(0)
-    return build_model(m, 2).to(device=device, dtype=dtype).train(), _sample(m, device, dtype)
+    model = build_model(m, 2, paths).to(device=device, dtype=dtype).train()
+    return model, harness.synthetic_batch(m, 1, device, dtype, 2)
 
 
-def profile_section(cfg, args, budget: Budget) -> None:
+def profile_section(cfg, args, budget: harness.Budget) -> None:
     """Profile one step after two warm-up steps; print the top operators by self device time."""
-    guarded("profile", "-", budget, args.min_left, args.device, lambda: _profile(cfg, args))
+    harness.guarded("profile", "-", budget, args.min_left, args.device, lambda: _profile(cfg, args))
 
 
 def _profile(cfg, args) -> None:
@@ -175,7 +130,7 @@ def _profile(cfg, args) -> None:
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
-        out = model(t1=data["t1"], fmri=data["fmri"])
+        out = model(t1=data.get("t1"), fmri=data.get("fmri"))
         masan_loss(out, data, cfg.loss, "joint")["total"].backward()
         opt.step()
 
@@ -201,7 +156,7 @@ def _profile(cfg, args) -> None:
         print(f"profile: chrome trace in {args.trace}", flush=True)
 
 
-def variant_section(cfg, args, budget: Budget) -> None:
+def variant_section(cfg, args, budget: harness.Budget) -> None:
     wanted = args.variants.split(";") if args.variants else None
     for name, overrides, paths, batch in VARIANTS:
         if wanted is not None and name not in wanted:
@@ -209,8 +164,7 @@ def variant_section(cfg, args, budget: Budget) -> None:
         c = copy.deepcopy(cfg)
         for k, v in overrides.items():
             setattr(c.model, k, v)
-        with fast_paths(args.device, **{**CURRENT, **paths}):
-            _timed(c, batch, args, budget, "variant", name)
+        _timed(c, batch, args, budget, "variant", name, dataclasses.replace(CURRENT, **paths))
 
 
 class LayoutAudit(TorchDispatchMode):
@@ -235,19 +189,18 @@ class LayoutAudit(TorchDispatchMode):
         return out
 
 
-def layout_section(cfg, args, budget: Budget) -> None:
+def layout_section(cfg, args, budget: harness.Budget) -> None:
     """One eager forward + backward with ``model.channels_last`` on (the fast paths as
     :data:`CURRENT`) under :class:`LayoutAudit`; prints each converting operator, by output shape."""
-    guarded("layout", "-", budget, args.min_left, args.device, lambda: _layout(cfg, args))
+    harness.guarded("layout", "-", budget, args.min_left, args.device, lambda: _layout(cfg, args))
 
 
 def _layout(cfg, args) -> None:
     device, dtype, m = args.device, args.dtype, copy.deepcopy(cfg.model)
     m.channels_last, m.compile = True, False
-    model, data = _bare_model(m, device, dtype)
-    audit = LayoutAudit()
-    with fast_paths(device, **CURRENT), audit:
-        masan_loss(model(t1=data["t1"], fmri=data["fmri"]), data, cfg.loss, "joint")["total"].backward()
+    model, data = _bare_model(m, device, dtype, CURRENT)
+    with LayoutAudit() as audit:
+        masan_loss(model(t1=data.get("t1"), fmri=data.get("fmri")), data, cfg.loss, "joint")["total"].backward()
     rows = sorted(audit.found.items(), key=lambda kv: -kv[1] * math.prod(kv[0][1]))
     total = sum(n * math.prod(shape) for (_, shape), n in rows) * torch.finfo(dtype).bits / 8 / 2**30
     print(f"layout: {len(rows)} operator/shape pairs write NCDHW from channels-last, "
@@ -262,7 +215,7 @@ ENGINE_FLAGS = {"compiled": ("model", "compile", True), "channels_last": ("model
 setting one config field (config section, field, value); the micro-batch is 1 unless set."""
 
 
-def engine_section(cfg, args, budget: Budget) -> None:
+def engine_section(cfg, args, budget: harness.Budget) -> None:
     for kind in args.engines.split(","):
         flags = [] if kind == "eager" else kind.split("+")
         if any(f not in ENGINE_FLAGS for f in flags):
@@ -273,8 +226,8 @@ def engine_section(cfg, args, budget: Budget) -> None:
         for f in flags:
             section, key, value = ENGINE_FLAGS[f]
             setattr(getattr(c, section), key, value)
-        guarded("engine", name, budget, args.min_left, args.device, lambda c=c, name=name: _engine_rows(c, args, name),
-                compiled=c.model.compile)
+        harness.guarded("engine", name, budget, args.min_left, args.device,
+                        lambda c=c, name=name: _engine_rows(c, args, name), compiled=c.model.compile)
 
 
 def _engine_rows(cfg, args, name: str) -> None:
@@ -294,21 +247,20 @@ def _engine_rows(cfg, args, name: str) -> None:
     if m.compile:  # as training compiles it
         compile_modality_modules(model, args.compile_backend, m.compile_mode)
     engine = build_engine(model, cfg, 1, LRSchedule(cfg.optim))
-    data = _sample(m, device, args.dtype, b)
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    data = harness.synthetic_batch(m, b, device, args.dtype, 4)
     split = {"forward": 0.0, "backward": 0.0, "step": 0.0}
     lap_start = [0.0]
 
     def lap(part: str | None) -> None:
         """With ``part``: synchronise and add the seconds since the last lap to ``split[part]``."""
         if part is not None:
-            sync()
+            harness.sync(device)
             split[part] += time.perf_counter() - lap_start[0]
         lap_start[0] = time.perf_counter()
 
     def step(read_back: bool, timed: bool = False) -> None:
         lap(None)
-        out = engine(t1=data["t1"], fmri=data["fmri"])
+        out = engine(t1=data.get("t1"), fmri=data.get("fmri"))
         loss = masan_loss(out, data, cfg.loss, "joint")
         lap("forward" if timed else None)
         engine.backward(loss["total"])
@@ -321,46 +273,46 @@ def _engine_rows(cfg, args, name: str) -> None:
     t0 = time.perf_counter()
     for _ in range(args.warmup):
         step(True)
-    sync()
+    harness.sync(device)
     warm = time.perf_counter() - t0
     for read_back, label in ((True, "as the loop (loss read back every step)"), (False, "no per-step read-back")):
         t = time.perf_counter()
         for _ in range(args.steps):
             step(read_back)
-        sync()
+        harness.sync(device)
         ms = 1e3 * (time.perf_counter() - t) / args.steps / b
         peak = peak_memory(device)
         gib = peak.get("gpu_mem_gib", peak["peak_rss_gib"])
-        emit("engine", f"{name}: {label}", f"{ms:.1f}", f"{gib:.2f}", f"{gib / b:.2f}",
-             f"ZeRO {cfg.train.zero_stage}, {args.precision}, micro-batch {b}"
-             + (f"; warm-up {warm:.0f} s" if read_back else ""))
+        harness.emit("engine", f"{name}: {label}", f"{ms:.1f}", f"{gib:.2f}", f"{gib / b:.2f}",
+                     f"ZeRO {cfg.train.zero_stage}, {args.precision}, micro-batch {b}"
+                     + (f"; warm-up {warm:.0f} s" if read_back else ""))
     for _ in range(args.steps):
         step(True, timed=True)
-    emit("engine", f"{name}: split", "-", "-", "-",
-         ", ".join(f"{k} {1e3 * v / args.steps / b:.1f} ms" for k, v in split.items()) + " per sample")
+    harness.emit("engine", f"{name}: split", "-", "-", "-",
+                 ", ".join(f"{k} {1e3 * v / args.steps / b:.1f} ms" for k, v in split.items()) + " per sample")
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    out = engine(t1=data["t1"], fmri=data["fmri"])
+    out = engine(t1=data.get("t1"), fmri=data.get("fmri"))
     engine.backward(masan_loss(out, data, cfg.loss, "joint")["total"])
-    sync()
+    harness.sync(device)
     with profile(activities=activities) as prof:
         engine.step()
-        sync()
+        harness.sync(device)
     print(f"engine: {name}: the optimizer step's operators by host time", flush=True)
     print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=args.top, max_name_column_width=60),
           flush=True)
     with profile(activities=activities) as prof:
         step(True)
-        sync()
+        harness.sync(device)
     key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
     print(f"engine: {name}: one whole step's operators by {key}", flush=True)
     print(prof.key_averages().table(sort_by=key, row_limit=args.top, max_name_column_width=60), flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = device_parser(__doc__, 300.0)
+    ap = harness.device_parser(__doc__, 300.0)
     ap.add_argument("--top", type=int, default=25, help="operators listed by the profile")
     ap.add_argument("--trace", type=Path, default=None, help="also write the profile as a Chrome trace here")
     ap.add_argument("--sections", default="split,variant,profile,layout,engine",
@@ -372,17 +324,16 @@ def main(argv: list[str] | None = None) -> int:
                          "(compiled, channels_last, cudagraphs: compile_mode reduce-overhead, mb2: micro-batch 2), "
                          "e.g. 'compiled,compiled+cudagraphs+channels_last'")
     args = ap.parse_args(argv)
-    resolve_device(args)
+    harness.resolve_device(args)
     args.dtype = PRECISION_DTYPES[args.precision]
     if args.tiny:
         args.warmup, args.steps, args.top = 1, 1, min(args.top, 8)
     args.min_left = 5 if args.tiny else 20
-    budget = Budget(args.budget_s)
-    signal.signal(signal.SIGALRM, _on_alarm)
-    cfg = load_config(args.config, (TINY if args.tiny else []) + args.set)
-    gpu = torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else "CPU"
-    print(f"profile_step: {gpu}, torch {torch.__version__}, {args.dtype}, budget {args.budget_s:.0f} s", flush=True)
-    emit("section", "variant", "ms/sample", "peak GiB", "GiB/sample", "note")
+    budget = harness.Budget(args.budget_s)
+    cfg = load_config(args.config, (harness.TINY if args.tiny else []) + args.set)
+    print(f"profile_step: {harness.device_name(args.device)}, torch {torch.__version__}, {args.dtype}, "
+          f"budget {args.budget_s:.0f} s", flush=True)
+    harness.emit("section", "variant", "ms/sample", "peak GiB", "GiB/sample", "note")
     sections = args.sections.split(",")
     t0 = time.monotonic()
     for name, fn in (("split", split_section), ("variant", variant_section), ("profile", profile_section),

@@ -57,13 +57,13 @@ def test_tiny_check_prints_every_section(tmp_path):
 
 
 def test_tiny_profile_prints_every_variant_and_the_top_operators(tmp_path):
-    """bench/profile_step.py (issue 9's profile of one step) runs through on the CPU, with only
+    """``python -m bench.profile_step`` (issue 9's profile of one step) runs through on the CPU, with only
     what the GPU machine has: a time per modality and per variant, then the operator tables."""
     site = tmp_path / "site"
     site.mkdir()
     (site / "sitecustomize.py").write_text(BLOCKER.format(absent=set(ABSENT_ON_GPU_MACHINE)))
     env = dict(os.environ, PYTHONPATH=f"{site}{os.pathsep}{REPO}", PYTHONUNBUFFERED="1")
-    res = subprocess.run([sys.executable, str(REPO / "bench/profile_step.py"), "--tiny",
+    res = subprocess.run([sys.executable, "-m", "bench.profile_step", "--tiny",
                           "--engines", "eager,compiled+channels_last"], env=env, cwd=tmp_path,
                          capture_output=True, text=True, timeout=600, check=False)
     out = res.stdout

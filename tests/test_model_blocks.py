@@ -12,15 +12,18 @@ import torch.nn.functional as F
 from masan.model import blocks
 from masan.model.attention import RegionSelfAttention
 from masan.model.blocks import Conv3d, NarrowConv3d, OutputStage, PointwiseConv3d, trilinear
+from masan.model.fastpaths import FastPaths, use_fast_paths
 from masan.model.regions import _pool, pool_volume
+
+CUDA_PATHS = FastPaths.for_device("cuda")
+"""Every fast path on: taken on the CPU, the tests check what CUDA runs."""
 
 
 @pytest.mark.parametrize("strategy", ["taps", "channels_last", "plain"])
 @pytest.mark.parametrize("out_channels", [1, 2])
-def test_narrow_conv_matches_conv3d_with_gradients(strategy, out_channels, monkeypatch):
+def test_narrow_conv_matches_conv3d_with_gradients(strategy, out_channels):
     torch.manual_seed(0)
-    conv = NarrowConv3d(6, out_channels).double()
-    monkeypatch.setattr(NarrowConv3d, "STRATEGY", {"cpu": strategy})
+    conv = use_fast_paths(NarrowConv3d(6, out_channels).double(), FastPaths(outconv=strategy))
     x = torch.randn(2, 6, 5, 6, 7, dtype=torch.float64, requires_grad=True)
     ref = F.conv3d(x, conv.weight, conv.bias, padding=1)
     grad = torch.randn_like(ref)
@@ -73,11 +76,11 @@ def test_trilinear_matches_interpolate(size_in, size_out):
                                                    ((2, 2, 2), (8, 8, 8)), ((7, 5, 3), (3, 2, 3))])
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last_3d])
 def test_unequal_bins_are_averaged_as_adaptive_average_pooling_does(size_in, size_out, layout):
-    """On CUDA (``SEPARABLE_MEAN``) a mean onto unequal bins is three matrix products: the values
+    """On CUDA (``FastPaths.separable_mean``) a mean onto unequal bins is three matrix products: the values
     and gradients of ``adaptive_avg_pool3d`` (whose backward scatters with atomic adds)."""
     x = torch.randn(2, 3, *size_in, dtype=torch.float64).contiguous(memory_format=layout).requires_grad_()
     ref = F.adaptive_avg_pool3d(x, size_out)
-    out = _pool(x, size_out, "avg", reshaped=False, separable_mean=True)
+    out = _pool(x, size_out, "avg", FastPaths(separable_mean=True))
     grad = torch.randn_like(ref)
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
     torch.testing.assert_close(torch.autograd.grad(out, x, grad)[0], torch.autograd.grad(ref, x, grad)[0],
@@ -89,23 +92,47 @@ def test_region_pooling_bins_are_those_of_adaptive_pooling():
     pooled = pool_volume(x, (2, 2, 2), 2, ["avg", "max"])
     ref = torch.cat([F.adaptive_avg_pool3d(x, (4, 4, 4)), F.adaptive_max_pool3d(x, (4, 4, 4))], dim=1)
     assert torch.allclose(pooled, ref, atol=1e-6)
-    assert torch.allclose(_pool(x, (4, 4, 4), "avg", reshaped=True), ref[:, :3], atol=1e-6)  # the CUDA path
+    assert torch.allclose(_pool(x, (4, 4, 4), "avg", CUDA_PATHS), ref[:, :3], atol=1e-6)  # the CUDA path
     x.requires_grad_(True)
-    got, want = _pool(x, (4, 4, 4), "max", reshaped=True), F.adaptive_max_pool3d(x, (4, 4, 4))
+    got, want = _pool(x, (4, 4, 4), "max", CUDA_PATHS), F.adaptive_max_pool3d(x, (4, 4, 4))
     grad = torch.randn_like(want)
     assert torch.equal(got, want)  # and the gradient goes to the same arg-max voxel of each block
     assert torch.equal(torch.autograd.grad(got, x, grad)[0], torch.autograd.grad(want, x, grad)[0])
 
 
-def test_pointwise_conv_as_a_matrix_product_matches_conv3d(monkeypatch):
+def test_block_max_by_amax_gives_the_index_max_values_and_gradients_without_ties():
+    """``FastPaths.block_max=False`` (the profile's A/B of the index backward) is ``amax``: the
+    same maxima, and without ties the same gradient."""
+    x = torch.randn(2, 3, 8, 12, 4, dtype=torch.float64, requires_grad=True)
+    got = _pool(x, (4, 4, 4), "max", FastPaths(reshaped_pool=True, block_max=False))
+    want = _pool(x, (4, 4, 4), "max", CUDA_PATHS)
+    grad = torch.randn_like(want)
+    assert torch.equal(got, want)
+    assert torch.equal(torch.autograd.grad(got, x, grad)[0], torch.autograd.grad(want, x, grad)[0])
+
+
+def test_a_model_without_fast_paths_takes_each_inputs_device_default():
+    from masan.model import build_model, small_model_config
+    from masan.model.fastpaths import TakesFastPaths, resolve
+
+    model = build_model(small_model_config(), 2)
+    choosers = [m for m in model.modules() if isinstance(m, TakesFastPaths)]
+    assert choosers and all(m.fast_paths is None for m in choosers)
+    assert resolve(None, torch.zeros(1)) == FastPaths(outconv="taps")  # the CPU: only the output conv's taps
+    assert resolve(None, torch.zeros(1, device="meta")) == FastPaths()
+    assert CUDA_PATHS == FastPaths("taps", "bmm", fold=True, reshaped_pool=True, separable_mean=True)
+    with pytest.raises(ValueError, match="pointwise"):
+        FastPaths(pointwise="matmul")
+
+
+def test_pointwise_conv_as_a_matrix_product_matches_conv3d():
     torch.manual_seed(0)
     conv = PointwiseConv3d(5, 3).double()
     x = torch.randn(2, 5, 3, 4, 6, dtype=torch.float64, requires_grad=True)
     grad = torch.randn(2, 3, 3, 4, 6, dtype=torch.float64)
     results = []
     for mode in ("conv", "bmm"):
-        monkeypatch.setitem(blocks.POINTWISE, "cpu", mode)
-        out = conv(x)
+        out = use_fast_paths(conv, FastPaths(pointwise=mode))(x)
         results.append((out, torch.autograd.grad(out, [x, conv.weight, conv.bias], grad)))
     (ref, ref_grads), (got, got_grads) = results
     assert torch.allclose(got, ref, atol=1e-12)
@@ -117,16 +144,15 @@ def test_pointwise_conv_as_a_matrix_product_matches_conv3d(monkeypatch):
 @pytest.mark.parametrize("pointwise", ["conv", "bmm"])
 @pytest.mark.parametrize("mode", ["trilinear", "nearest"])
 @pytest.mark.parametrize("out_channels", [1, 3])
-def test_output_stage_folded_before_upsampling_matches_the_plain_stage(mode, out_channels, pointwise, monkeypatch):
+def test_output_stage_folded_before_upsampling_matches_the_plain_stage(mode, out_channels, pointwise):
     torch.manual_seed(0)
-    monkeypatch.setitem(blocks.POINTWISE, "cpu", pointwise)
     stage = OutputStage(5, 4, out_channels, mode=mode).double()
     x = torch.randn(2, 5, 3, 4, 3, dtype=torch.float64, requires_grad=True)
     skip = torch.randn(2, 4, 5, 8, 6, dtype=torch.float64, requires_grad=True)
     params = [x, skip, *stage.parameters()]
     results = {}
     for fold in (False, True):
-        monkeypatch.setitem(OutputStage.FOLD, "cpu", fold)
+        use_fast_paths(stage, FastPaths(outconv="taps", pointwise=pointwise, fold=fold))
         out = stage(x, skip)
         grad = torch.linspace(-1, 1, out.numel(), dtype=torch.float64).view_as(out)
         results[fold] = (out, torch.autograd.grad(out, params, grad))
@@ -166,21 +192,17 @@ def test_encoders_only_gives_the_same_logits_and_region_weights_without_reconstr
 
 
 @pytest.mark.parametrize("paths", ["cpu", "cuda", "cuda channels_last"])
-def test_modality_modules_compile_to_one_graph_each(monkeypatch, paths):
+def test_modality_modules_compile_to_one_graph_each(paths):
     """``model.compile`` pays only if sPM and fPM each trace to one graph: a graph break per
     GroupNorm (torch 2.11 could not trace ``torch.amp.is_autocast_available``) made the compile
     of the full model outlast a GPU check's time limit. Checked on the CPU's paths and on the CUDA fast
     paths (1x1 convs as bmm, the folded output conv, reshaped pooling with the index max, the
     separable mean), also with channels-last activations, under bf16 autocast as the GPU's
     step runs."""
-    from masan.model import build_model, regions, small_model_config
+    from masan.model import build_model, small_model_config
 
-    if paths.startswith("cuda"):  # each fast-path table's CUDA entry taken for the CPU
-        for table in (blocks.NarrowConv3d.STRATEGY, blocks.POINTWISE, blocks.OutputStage.FOLD, regions.RESHAPED_POOL,
-                      regions.SEPARABLE_MEAN):
-            monkeypatch.setitem(table, "cpu", table["cuda"])
     cfg = small_model_config(fusion_cells=2, channels_last=paths.endswith("channels_last"))
-    model = build_model(cfg, 2).train()
+    model = build_model(cfg, 2, CUDA_PATHS if paths.startswith("cuda") else None).train()
     t1 = torch.randn(1, 1, *cfg.t1_shape)
     fmri = torch.randn(1, cfg.fmri_frames, *cfg.fmri_shape)
     torch._dynamo.reset()
@@ -224,26 +246,26 @@ def _layout_cases():
     torch.manual_seed(0)
     conv, narrow = PointwiseConv3d(6, 5).double(), NarrowConv3d(6, 1).double()
     folded = OutputStage(6, 6, 3).double()
+    for module in (conv, narrow, folded):
+        use_fast_paths(module, CUDA_PATHS)
     return [
         ("pointwise", lambda x, skip: conv(x), True),
         ("trilinear", lambda x, skip: trilinear(x, (7, 10, 12)), True),
-        ("block mean", lambda x, skip: _pool(x, (2, 2, 2), "avg", reshaped=True), False),
-        ("block max", lambda x, skip: _pool(x, (2, 2, 2), "max", reshaped=True), False),
-        ("unequal bins mean", lambda x, skip: _pool(x, (3, 4, 3), "avg", separable_mean=True), False),
+        ("block mean", lambda x, skip: _pool(x, (2, 2, 2), "avg", CUDA_PATHS), False),
+        ("block max", lambda x, skip: _pool(x, (2, 2, 2), "max", CUDA_PATHS), False),
+        ("unequal bins mean", lambda x, skip: _pool(x, (3, 4, 3), "avg", CUDA_PATHS), False),
         ("narrow conv taps", lambda x, skip: narrow(x), False),
         ("folded output stage", lambda x, skip: folded(x, skip), False),
     ]
 
 
 @pytest.mark.parametrize("case", range(7))
-def test_fast_paths_keep_a_channels_last_input_channels_last(case, monkeypatch):
+def test_fast_paths_keep_a_channels_last_input_channels_last(case):
     """With ``model.channels_last`` the step pays only if nothing converts back to NCDHW between
     the 3x3x3 convs (cuDNN runs those natively in channels-last; inductor's GroupNorm follows
     the layout): each fast path, on the CUDA settings, gives the NCDHW values and gradients,
     its output feature map channels-last (where it has several channels) and its input
     gradient too."""
-    for table, value in ((blocks.POINTWISE, "bmm"), (NarrowConv3d.STRATEGY, "taps"), (OutputStage.FOLD, True)):
-        monkeypatch.setitem(table, "cpu", value)
     name, fn, feature_map = _layout_cases()[case]
     results = {}
     for layout in (torch.contiguous_format, torch.channels_last_3d):

@@ -1,6 +1,7 @@
 """MASAN and its H-FCN baseline: ``build_model(model_cfg, num_classes)``.
 
-Modules, one idea each: :mod:`~masan.model.blocks` (3D conv blocks), :mod:`~masan.model.regions`
+Modules, one idea each: :mod:`~masan.model.blocks` (3D conv blocks), :mod:`~masan.model.fastpaths`
+(which fast path the blocks take, per model and device), :mod:`~masan.model.regions`
 (patch grid helpers), :mod:`~masan.model.autoencoder` (Table 1 autoencoder, sPM, fPM),
 :mod:`~masan.model.fusion` (eq. 6), :mod:`~masan.model.attention` (eq. 3-5),
 :mod:`~masan.model.masan` (Fig. 1), :mod:`~masan.model.hfcn` (baseline),
@@ -16,11 +17,13 @@ from pathlib import Path
 from torch import nn
 
 from masan.config import ModelConfig, load_config
+from masan.model.fastpaths import FastPaths, use_fast_paths
 from masan.model.hfcn import HFCN
 from masan.model.loss import masan_loss
 from masan.model.masan import MASAN
 
-__all__ = ["build_model", "compile_modality_modules", "masan_loss", "small_model_config", "MASAN", "HFCN"]
+__all__ = ["build_model", "compile_modality_modules", "masan_loss", "small_model_config", "FastPaths", "MASAN",
+           "HFCN"]
 
 TINY_CONFIG = Path(__file__).resolve().parents[2] / "hpc" / "configs" / "tiny.yaml"
 """The smallest MASAN that keeps every structural feature (4 levels, odd sizes excepted): the
@@ -33,13 +36,15 @@ def small_model_config(**changes) -> ModelConfig:
     return dataclasses.replace(load_config(TINY_CONFIG).model, **changes)
 
 
-def build_model(model_cfg: ModelConfig, num_classes: int) -> nn.Module:
+def build_model(model_cfg: ModelConfig, num_classes: int, fast_paths: FastPaths | None = None) -> nn.Module:
     """The model ``model_cfg.arch`` names (``masan`` or ``hfcn``) for ``num_classes`` classes.
 
     ``forward(t1=(B, 1, X, Y, Z) | None, fmri=(B, T, x, y, z) | None) -> dict`` as described in
     docs/architecture.md (section Model). Parameters are fp32 and contiguous, also with
     ``channels_last`` (which lays out the activations: a conv follows its input's layout, and
     DeepSpeed refuses channels-last parameters: it broadcasts each one viewed as bytes).
+    ``fast_paths`` (:mod:`masan.model.fastpaths`): which fast path every block takes; None (training):
+    each input's device default.
     """
     if num_classes < 2:
         raise ValueError(f"num_classes={num_classes}: a classifier needs at least 2 classes (see data.classes)")
@@ -49,7 +54,7 @@ def build_model(model_cfg: ModelConfig, num_classes: int) -> nn.Module:
         model = MASAN(model_cfg, num_classes)
     else:
         raise ValueError(f"model.arch={model_cfg.arch!r}: use 'masan' or 'hfcn'")
-    return model
+    return use_fast_paths(model, fast_paths)
 
 
 COMPILED_MODULES = ("spm", "fpm", "patches")

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from masan.model.blocks import DownStage, OutputStage, TemporalConv, UpStage, conv3d, param_dtype, run_block
+from masan.model.fastpaths import TakesFastPaths
 from masan.model.regions import merge_patches, num_regions, pool_cells, pool_volume, split_patches
 
 
@@ -145,7 +146,7 @@ def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
-class PatchModule(nn.Module):
+class PatchModule(TakesFastPaths, nn.Module):
     """One shared :class:`PatchAutoencoder` over every patch of the grid (the paper's sPM).
 
     Input ``(B, C, X, Y, Z)`` with each axis a multiple of the grid. The ``B*R`` patches go
@@ -174,7 +175,7 @@ class PatchModule(nn.Module):
             if recon is not None:
                 recons.append(recon)
             codes.append(feats[-1])
-            pooled.append([pool_cells(f, self.cells, self.modes) for f in feats])
+            pooled.append([pool_cells(f, self.cells, self.modes, self.fast_paths) for f in feats])
         maps = [merge_patches(_cat(list(level)), self.grid) for level in zip(*pooled)]
         code = _cat(codes)
         return ModalityFeatures(
@@ -184,7 +185,7 @@ class PatchModule(nn.Module):
         )
 
 
-class VolumeModule(nn.Module):
+class VolumeModule(TakesFastPaths, nn.Module):
     """A :class:`PatchAutoencoder` over the whole volume; level features pooled onto the grid.
 
     Input ``(B, C, X, Y, Z)`` of any size; see :func:`~masan.model.regions.pool_volume` for
@@ -203,7 +204,7 @@ class VolumeModule(nn.Module):
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last_3d)
         recon, feats = self.autoencoder(x)
-        maps = [pool_volume(f, self.grid, self.cells, self.modes) for f in feats]
+        maps = [pool_volume(f, self.grid, self.cells, self.modes, self.fast_paths) for f in feats]
         return ModalityFeatures(recon=recon, code=feats[-1], region_maps=maps)
 
 

@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from masan.model.fastpaths import FastPaths, TakesFastPaths, resolve
+
 AUTOCAST_DEVICE_TYPES = frozenset(t for t in ("cpu", "cuda", "xpu", "mps", "hpu") if torch.amp.is_autocast_available(t))
 """Device types with autocast, read once: ``torch.amp.is_autocast_available`` inside a forward
 is a graph break for ``torch.compile`` on torch 2.11 (one per GroupNorm)."""
@@ -87,19 +89,17 @@ def channels_first(y: torch.Tensor) -> torch.Tensor:
     return y.permute(0, 4, 1, 2, 3)
 
 
-POINTWISE = {"cuda": "bmm", "cpu": "conv"}
-"""How 1x1x1 convolutions (:func:`pointwise`) run per device type: ``bmm``: a matrix product
-in the input's layout (per sample on the ``(C, D*H*W)`` view of NCDHW; on the ``(N*D*H*W, C)``
-rows of channels-last, bias fused); ``conv``: cuDNN/oneDNN, which for bf16 NCDHW converts every
-input, output and gradient to channels-last and back, copies of full-resolution maps that cost
-a noticeable share of a CUDA step (docs/performance.md, "On the target card")."""
-
-
-def pointwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def pointwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+              mode: str | None = None) -> torch.Tensor:
     """A 1x1x1 convolution: ``x (N, C_in, D, H, W)``, ``weight (C_out, C_in)``, ``bias (C_out,)``
-    -> ``(N, C_out, D, H, W)`` in ``x``'s layout, by :data:`POINTWISE` for ``x``'s device
-    (``bmm`` on a contiguous or channels-last ``x``, else the conv)."""
-    mode = POINTWISE.get(x.device.type, "conv")
+    -> ``(N, C_out, D, H, W)`` in ``x``'s layout, by ``mode`` (:attr:`FastPaths.pointwise`;
+    None: the default for ``x``'s device). ``bmm``: a matrix product in the input's layout (per
+    sample on the ``(C, D*H*W)`` view of NCDHW; on the ``(N*D*H*W, C)`` rows of channels-last,
+    bias fused), on a contiguous or channels-last ``x``, else the conv. cuDNN/oneDNN's conv
+    converts every bf16 NCDHW input, output and gradient to channels-last and back, copies of
+    full-resolution maps that cost a noticeable share of a CUDA step (docs/performance.md,
+    "On the target card")."""
+    mode = resolve(None, x).pointwise if mode is None else mode
     if mode == "bmm" and is_channels_last(x):
         return channels_first(F.linear(voxels_last(x), weight, bias))
     if mode != "bmm" or not x.is_contiguous():
@@ -112,15 +112,15 @@ def pointwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
     return y.reshape(n, -1, *spatial)
 
 
-class PointwiseConv3d(nn.Conv3d):
-    """A 1x1x1 :class:`torch.nn.Conv3d` computed by :func:`pointwise`: the same parameters.
-    Input ``(N, C_in, D, H, W)`` -> ``(N, C_out, D, H, W)``."""
+class PointwiseConv3d(TakesFastPaths, nn.Conv3d):
+    """A 1x1x1 :class:`torch.nn.Conv3d` computed by :func:`pointwise` (``fast_paths.pointwise``):
+    the same parameters. Input ``(N, C_in, D, H, W)`` -> ``(N, C_out, D, H, W)``."""
 
     def __init__(self, in_channels: int, out_channels: int):
         super().__init__(in_channels, out_channels, kernel_size=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return pointwise(x, self.weight.flatten(1), self.bias)
+        return pointwise(x, self.weight.flatten(1), self.bias, resolve(self.fast_paths, x).pointwise)
 
 
 class _ShiftSum(torch.autograd.Function):
@@ -151,7 +151,7 @@ class _ShiftSum(torch.autograd.Function):
         return torch.stack(parts, dim=1), None, None
 
 
-class NarrowConv3d(Conv3d):
+class NarrowConv3d(TakesFastPaths, Conv3d):
     """A "same"-padded 3D convolution to very few output channels (the T1 reconstruction,
     ``64 -> 1``), computed where its kernels are not pathological; same parameters and result
     as :class:`torch.nn.Conv3d`.
@@ -161,7 +161,7 @@ class NarrowConv3d(Conv3d):
     made it slower still. ``taps`` turns that gradient into a matrix product, which is cheap on
     CUDA and also beats oneDNN's plain or channels_last conv on the CPU (figures: docs/performance.md,
     "Where the step went").
-    ``STRATEGY`` per device type:
+    ``fast_paths.outconv`` (:class:`~masan.model.fastpaths.FastPaths`):
 
     * ``taps``: a 1x1x1 conv to one map per (output, kernel tap) (a matrix product, whose
       weight gradient is cheap), then each map shifted to its offset and summed (:class:`_ShiftSum`);
@@ -171,16 +171,15 @@ class NarrowConv3d(Conv3d):
     Input ``(N, C_in, D, H, W)`` -> ``(N, C_out, D, H, W)``.
     """
 
-    STRATEGY = {"cuda": "taps", "cpu": "taps"}
     MAX_OUT = 4
     """Wider convolutions always run plain."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3):
         super().__init__(in_channels, out_channels, kernel_size, padding=kernel_size // 2)
 
-    def strategy(self, device: torch.device) -> str:
-        """How this conv runs on ``device`` (``STRATEGY``; wider convolutions always ``plain``)."""
-        return self.STRATEGY.get(device.type, "plain") if self.out_channels <= self.MAX_OUT else "plain"
+    def strategy(self, paths: FastPaths) -> str:
+        """How this conv runs with ``paths`` (``paths.outconv``; wider convolutions always ``plain``)."""
+        return paths.outconv if self.out_channels <= self.MAX_OUT else "plain"
 
     def pointwise_taps(self) -> torch.Tensor:
         """The weight as one 1x1x1 map per (output, kernel tap): ``(C_out * k^3, C_in)``, map
@@ -197,9 +196,10 @@ class NarrowConv3d(Conv3d):
         return y if self.bias is None else y + self.bias.to(y.dtype).view(1, -1, 1, 1, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        strategy = self.strategy(x.device)
+        paths = resolve(self.fast_paths, x)
+        strategy = self.strategy(paths)
         if strategy == "taps":
-            return self.sum_taps(pointwise(x, self.pointwise_taps()))
+            return self.sum_taps(pointwise(x, self.pointwise_taps(), mode=paths.pointwise))
         if strategy == "channels_last":
             x = x.contiguous(memory_format=torch.channels_last_3d)
         return super().forward(x)
@@ -370,13 +370,13 @@ class UpStage(nn.Module):
         return self.block(self.merge(self.up(x, skip)))
 
 
-class OutputStage(nn.Module):
+class OutputStage(TakesFastPaths, nn.Module):
     """Last decoder level, mirror of InitConv: :class:`UpConcat` then a 3x3 conv to the
     reconstructed channels (1 for T1, T frames for fMRI). No residual block at full
     resolution, as the encoder has none there (Table 1).
 
-    Where the conv runs as per-tap maps (:class:`NarrowConv3d` ``taps``) and ``FOLD`` is on for
-    the device type (CUDA, where it saves time and memory per sample: docs/performance.md,
+    Where the conv runs as per-tap maps (:class:`NarrowConv3d` ``taps``) and ``fast_paths.fold``
+    is on (by default on CUDA, where it saves time and memory per sample: docs/performance.md,
     "On the target card"; the CPU keeps the unfolded stage, whose results the CPU benchmarks
     were measured with),
     the taps' 1x1 conv of the upsampled half is folded into ``UpConcat``'s 1x1 conv and applied
@@ -388,8 +388,6 @@ class OutputStage(nn.Module):
     Inputs ``x (N, C_in, d, h, w)``, ``skip (N, C_skip, D, H, W)`` -> ``(N, C_out, D, H, W)``.
     """
 
-    FOLD = {"cuda": True, "cpu": False}
-
     def __init__(self, in_channels: int, skip_channels: int, out_channels: int, use_skip: bool = True,
                  mode: str = "trilinear"):
         super().__init__()
@@ -397,18 +395,19 @@ class OutputStage(nn.Module):
         self.conv = NarrowConv3d(2 * skip_channels, out_channels)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-        if self.FOLD.get(x.device.type, False) and self.up.use_skip and self.conv.strategy(x.device) == "taps":
-            return self._folded(x, skip)
+        paths = resolve(self.fast_paths, x)
+        if paths.fold and self.up.use_skip and self.conv.strategy(paths) == "taps":
+            return self._folded(x, skip, paths.pointwise)
         return self.conv(self.up(x, skip))
 
-    def _folded(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+    def _folded(self, x: torch.Tensor, skip: torch.Tensor, mode: str) -> torch.Tensor:
         taps = self.conv.pointwise_taps()  # (C_out * k^3, 2 * C_skip): [upsampled | skip] channels
         c_skip = skip.shape[1]
         proj = self.up.proj
         w_up = taps[:, :c_skip] @ proj.weight.flatten(1).to(taps.dtype)  # (C_out * k^3, C_in)
         b_up = taps[:, :c_skip] @ proj.bias.to(taps.dtype)
-        per_tap = self.up.upsample(pointwise(x, w_up, b_up), tuple(skip.shape[2:]))
-        per_tap = per_tap + pointwise(skip.to(per_tap.dtype), taps[:, c_skip:].to(per_tap.dtype))
+        per_tap = self.up.upsample(pointwise(x, w_up, b_up, mode), tuple(skip.shape[2:]))
+        per_tap = per_tap + pointwise(skip.to(per_tap.dtype), taps[:, c_skip:].to(per_tap.dtype), mode=mode)
         return self.conv.sum_taps(per_tap)
 
 

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from masan.model.blocks import channels_first, is_channels_last, separable, voxels_last
+from masan.model.fastpaths import FastPaths, resolve
 
 POOL_MODES = ("avg", "max")
 
@@ -60,22 +61,10 @@ def _check_modes(modes: Sequence[str]) -> None:
         raise ValueError(f"model.region_pool={list(modes)!r}: use a non-empty list of {list(POOL_MODES)}")
 
 
-def _adaptive_pool(x: torch.Tensor, size: tuple[int, ...], modes: Sequence[str]) -> torch.Tensor:
+def _adaptive_pool(x: torch.Tensor, size: tuple[int, ...], modes: Sequence[str],
+                   paths: FastPaths | None = None) -> torch.Tensor:
     _check_modes(modes)
-    return torch.cat([_pool(x, size, m) for m in modes], dim=1)
-
-
-RESHAPED_POOL = {"cuda": True, "cpu": False}
-"""Per device type: pool onto equal blocks as a reduction over a reshaped view (the same bins
-as adaptive pooling). Adaptive max pooling loops over a whole block per thread, and onto 2x2x2
-cells that is few threads for a full-resolution map; the reshaped max (:class:`_BlockMax`) and
-mean are plain reductions and run faster there. On the CPU the adaptive kernels are the faster
-(figures: docs/performance.md, "Where the step went" and "On the target card")."""
-SEPARABLE_MEAN = {"cuda": True, "cpu": False}
-"""Per device type: average onto unequal bins (where :data:`RESHAPED_POOL` cannot reshape) as
-separable matrix products (:func:`~masan.model.blocks.separable`): adaptive average pooling's
-backward scatters with atomic adds, while the matrix products' backward is more matrix
-products (docs/performance.md, "Without a GPU")."""
+    return torch.cat([_pool(x, size, m, paths) for m in modes], dim=1)
 
 
 def _split_axes(dims: Sequence[int], size: Sequence[int]) -> tuple[int, ...]:
@@ -135,38 +124,49 @@ def _block_mean(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     return channels_first(cells.mean(dim=(2, 4, 6)))
 
 
-def _pool(x: torch.Tensor, size: tuple[int, ...], mode: str, reshaped: bool | None = None,
-          separable_mean: bool | None = None) -> torch.Tensor:
-    """One pooling mode onto ``size`` bins; ``reshaped`` (default: :data:`RESHAPED_POOL`) takes
-    a mean/max over a reshaped view where the bins are equal blocks, ``separable_mean``
-    (default: :data:`SEPARABLE_MEAN`) a mean onto unequal bins as matrix products."""
-    device = x.device.type
-    reshaped = RESHAPED_POOL.get(device, False) if reshaped is None else reshaped
-    separable_mean = SEPARABLE_MEAN.get(device, False) if separable_mean is None else separable_mean
-    if reshaped and all(d % s == 0 for d, s in zip(x.shape[2:], size)):
-        return _block_mean(x, size) if mode == "avg" else _BlockMax.apply(x, tuple(size))
-    if separable_mean and mode == "avg":
+def _pool(x: torch.Tensor, size: tuple[int, ...], mode: str, paths: FastPaths | None = None) -> torch.Tensor:
+    """One pooling mode onto ``size`` bins, by ``paths`` (None: the default for ``x``'s device).
+
+    ``paths.reshaped_pool``: where the bins are equal blocks, a mean/max over a reshaped view
+    (the same bins as adaptive pooling). Adaptive max pooling loops over a whole block per
+    thread, and onto 2x2x2 cells that is few threads for a full-resolution map; the reshaped
+    max (:class:`_BlockMax`, or ``amax`` without ``paths.block_max``) and mean are plain
+    reductions and run faster there. On the CPU the adaptive kernels are the faster (figures:
+    docs/performance.md, "Where the step went" and "On the target card").
+    ``paths.separable_mean``: a mean onto unequal bins as separable matrix products
+    (:func:`~masan.model.blocks.separable`): adaptive average pooling's backward scatters with
+    atomic adds, while the matrix products' backward is more matrix products
+    (docs/performance.md, "Without a GPU")."""
+    paths = resolve(paths, x)
+    if paths.reshaped_pool and all(d % s == 0 for d, s in zip(x.shape[2:], size)):
+        if mode == "avg":
+            return _block_mean(x, size)
+        return _BlockMax.apply(x, tuple(size)) if paths.block_max else block_view(x, size).amax(dim=(3, 5, 7))
+    if paths.separable_mean and mode == "avg":
         return separable(x, "mean", tuple(size))
     return F.adaptive_avg_pool3d(x, size) if mode == "avg" else F.adaptive_max_pool3d(x, size)
 
 
-def pool_cells(p: torch.Tensor, cells: int, modes: Sequence[str]) -> torch.Tensor:
+def pool_cells(p: torch.Tensor, cells: int, modes: Sequence[str], paths: FastPaths | None = None) -> torch.Tensor:
     """Pool each patch's feature map to ``cells^3`` cells: ``(N, C, d, h, w)`` -> ``(N, M*C, k, k, k)``
-    with ``M = len(modes)``, ``k = cells``; channels are ``[mode0 channels..., mode1 channels...]``."""
+    with ``M = len(modes)``, ``k = cells``; channels are ``[mode0 channels..., mode1 channels...]``;
+    ``paths`` as :func:`_pool` takes them."""
     if cells == 1:  # plain reductions: GPU adaptive pooling to 1x1x1 loops over a whole patch per thread
         _check_modes(modes)
         reduce = {"avg": torch.mean, "max": torch.amax}
         return torch.cat([reduce[m](p, dim=(2, 3, 4), keepdim=True) for m in modes], dim=1)
-    return _adaptive_pool(p, (cells,) * 3, modes)
+    return _adaptive_pool(p, (cells,) * 3, modes, paths)
 
 
-def pool_patches(p: torch.Tensor, grid: Sequence[int], cells: int, modes: Sequence[str]) -> torch.Tensor:
+def pool_patches(p: torch.Tensor, grid: Sequence[int], cells: int, modes: Sequence[str],
+                 paths: FastPaths | None = None) -> torch.Tensor:
     """Pool each patch's feature map (:func:`pool_cells`) and lay the patches out as the grid:
     ``(B*R, C, d, h, w)`` -> region map ``(B, M*C, Gx*k, Gy*k, Gz*k)``."""
-    return merge_patches(pool_cells(p, cells, modes), grid)
+    return merge_patches(pool_cells(p, cells, modes, paths), grid)
 
 
-def pool_volume(v: torch.Tensor, grid: Sequence[int], cells: int, modes: Sequence[str]) -> torch.Tensor:
+def pool_volume(v: torch.Tensor, grid: Sequence[int], cells: int, modes: Sequence[str],
+                paths: FastPaths | None = None) -> torch.Tensor:
     """Pool a whole-volume feature map onto the grid's cells: ``(B, C, D, H, W)`` ->
     ``(B, M*C, Gx*k, Gy*k, Gz*k)``.
 
@@ -175,7 +175,7 @@ def pool_volume(v: torch.Tensor, grid: Sequence[int], cells: int, modes: Sequenc
     (e.g. 30 voxels onto 4 regions at fMRI level 1). A map coarser than the cells (a 2x2x2
     bottleneck onto 4x4x4 regions) gives each of its voxels to every cell it overlaps.
     """
-    return _adaptive_pool(v, tuple(g * cells for g in grid), modes)
+    return _adaptive_pool(v, tuple(g * cells for g in grid), modes, paths)
 
 
 def region_features(region_map: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:

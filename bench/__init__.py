@@ -1,0 +1,7 @@
+"""The benchmarks: model step, GPU check, step profile, I/O, training throughput, science.
+
+Run each from the repository root as a module, e.g. ``python -m bench.gpu_check --tiny``:
+``bench`` and ``masan`` then import with the repository as the only path entry (the working
+directory), and no script edits ``sys.path``. :mod:`bench.harness` holds what the model
+benches share.
+"""
