@@ -273,11 +273,12 @@ def planted_regions(store, grid: list[int]) -> dict:
     """The regions holding planted T1 voxels on ``grid``: all of them (most planted voxels
     first) and per structure."""
     from masan.evaluate.oracle import planted_masks, planted_region_ranks
+    from masan.synth.structures import region_ranks
 
     effect = store.attrs["planted_effect"]
     subject = store.subjects[0]
     shape, affine = store.shape(subject, "t1"), store.affine(subject, "t1")
-    per = {name: anatomy.region_ranks(mask, grid) for name, mask in planted_masks(effect, shape, affine).items()}
+    per = {name: region_ranks(mask, grid) for name, mask in planted_masks(effect, shape, affine).items()}
     return {"all": planted_region_ranks(effect, shape, affine, grid), "by_structure": per}
 
 
@@ -296,7 +297,7 @@ def region_result(region_weights: np.ndarray, labels: np.ndarray, planted: dict)
 
 
 def score_run(run_dir: Path, planted: dict) -> dict:
-    from masan.evaluate.predict import load_predictions
+    from masan.predictions import load_predictions
 
     cfg = load_config(RunDir(run_dir).config)
     preds, names = load_predictions(run_dir, "test")

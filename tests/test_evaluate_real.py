@@ -21,9 +21,9 @@ from masan.evaluate.__main__ import main
 from masan.evaluate.region_ranking import atlas_region_names, resample_atlas
 from masan.inference import predict
 from masan.model import build_model, small_model_config
+from masan.predictions import write_predictions
 from masan.store.cohort import CohortStore
 from masan.synth.phantom import synthesize_cohort
-from masan.predictions import write_predictions
 
 HIPPOCAMPUS, CORTEX = 17, 3
 
