@@ -28,7 +28,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from masan.qc.report import QCError, QCOptions, add_option_arguments, write_report
+from masan.qc.options import QCError, QCOptions, add_option_arguments
+from masan.qc.report import write_report
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,6 +1,6 @@
-"""The data packages import one way (store <- convert <- qc, synth; data over store and convert)
-and the conversion side never imports torch (conversion workers and the data tools start
-without it)."""
+"""The data packages import one way (store <- convert <- qc, synth; data over store and convert),
+the conversion side never imports torch (conversion workers and the data tools start
+without it), and no masan module imports itself through others."""
 
 from __future__ import annotations
 
@@ -44,3 +44,45 @@ def test_conversion_side_imports_no_torch():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO,
                          check=False)
     assert res.returncode == 0, res.stderr[-3000:]
+
+
+def _module_graph() -> dict[str, set[str]]:
+    """masan module -> the masan modules it imports (any import: lazy, type-only, re-export)."""
+    modules = {}
+    for path in (REPO / "masan").rglob("*.py"):
+        name = ".".join(path.relative_to(REPO).with_suffix("").parts)
+        modules[name.removesuffix(".__init__")] = path
+
+    def owner(name: str) -> str | None:
+        while name and name not in modules:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph = {}
+    for name, path in modules.items():
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets |= {owner(a.name) for a in node.names if a.name.startswith("masan")}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("masan"):
+                targets |= {owner(f"{node.module}.{a.name}") for a in node.names}
+        graph[name] = targets - {None, name}
+    return graph
+
+
+def test_no_import_circle_in_masan():
+    """No module reaches itself through imports, type-only ones included: a circle is two ideas
+    that should be one module, or one that should be split (docs/architecture.md)."""
+    graph = _module_graph()
+    circles = []
+    for start in graph:
+        stack, seen = [(start, [start])], set()
+        while stack:
+            node, path = stack.pop()
+            for nxt in graph.get(node, ()):
+                if nxt == start:
+                    circles.append(" -> ".join(path + [start]))
+                elif nxt not in seen:
+                    seen.add(nxt)
+                    stack.append((nxt, path + [nxt]))
+    assert not circles, "import circles:\n" + "\n".join(sorted(circles)[:10])

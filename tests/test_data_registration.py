@@ -250,7 +250,8 @@ def test_register_none_is_the_store_without_registration(cohort):
 
 
 def test_qc_report_draws_the_template_and_flags_a_poor_fit(registered, tmp_path):
-    from masan.qc.report import QCOptions, write_report
+    from masan.qc.options import QCOptions
+    from masan.qc.report import write_report
 
     res = write_report(registered.path, tmp_path / "qc", QCOptions(subjects=["moved"], progress=False))
     assert (tmp_path / "qc" / "moved_registration.png").is_file()

@@ -123,7 +123,8 @@ def qc_store(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def report_dir(qc_store, tmp_path_factory) -> tuple[Path, dict]:
     from masan.access import apply_access
-    from masan.qc.report import QCOptions, write_report
+    from masan.qc.options import QCOptions
+    from masan.qc.report import write_report
 
     apply_access(qc_store, 0o600)  # a store only its owner reads: so must be its report
     out = tmp_path_factory.mktemp("report") / "qc"
@@ -295,7 +296,7 @@ def test_damaged_subjects_are_reported_with_their_cause_and_the_rest_checked(qc_
 
 def test_every_option_of_the_tool_sets_its_field():
     """QCOptions owns the tool's options: each flag lands in its field, the rest keep their defaults."""
-    from masan.qc.report import QCOptions
+    from masan.qc.options import QCOptions
 
     spec = importlib.util.spec_from_file_location("qc_report", QC_REPORT)
     mod = importlib.util.module_from_spec(spec)

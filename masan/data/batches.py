@@ -17,7 +17,7 @@ import threading
 import weakref
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
@@ -26,7 +26,23 @@ from masan.data.temporal import fluctuations
 from masan.store.cohort import NORMALIZE_BLOCK, normalized_float32, scaled_float32
 
 if TYPE_CHECKING:
-    from masan.data.cache import CohortCache
+    from masan.config import DataConfig
+
+
+class BatchSource(Protocol):
+    """What a batch is gathered from (:class:`masan.data.cache.CohortCache`): the training subjects,
+    their labels and cached arrays, and the device the batches go to."""
+
+    subjects: list[str]
+    labels: list[int]
+    modalities: list[str]
+    scales: dict[tuple[str, str], Scale]
+    cfg: DataConfig
+    device: torch.device
+
+    def raw(self, subject: str, modality: str) -> torch.Tensor: ...
+
+    def read_fmri(self, subject: str, frames: slice | None = None, normalize: bool = True) -> np.ndarray: ...
 
 
 @dataclass(frozen=True)
@@ -89,7 +105,7 @@ def _in_parts(convert, raw: torch.Tensor, out: torch.Tensor) -> None:
 
 
 class Batches:
-    """Iterator of training batches from a :class:`CohortCache`:
+    """Iterator of training batches from a :class:`BatchSource` (the cohort cache):
     ``{"t1": (B, 1, X, Y, Z), "fmri": (B, T, X, Y, Z)`` in ``dtype`` on the cache's device,
     ``"label": int64 (B,), "index": int64 (B,)}``, as ``DataLoader(CohortDataset)`` followed by
     ``masan.train.loop.to_device`` would give.
@@ -105,7 +121,7 @@ class Batches:
     one at a time; clone a batch to keep it longer.
     """
 
-    def __init__(self, cache: CohortCache, indices: Iterable[int], batch_size: int, dtype: torch.dtype, depth: int,
+    def __init__(self, cache: BatchSource, indices: Iterable[int], batch_size: int, dtype: torch.dtype, depth: int,
                  handover: "Handover | None" = None, then: Iterable[int] | None = None):
         self.device = cache.device
         lookahead = _groups(then, batch_size)[:depth] if then is not None else []
@@ -163,7 +179,7 @@ class _Producer:
     copied on a side stream and scaled there. After its own batches it prepares the ``lookahead``
     groups (at most ``depth``) for the next producer (:meth:`handover`)."""
 
-    def __init__(self, cache: CohortCache, groups: list[list[int]], dtype: torch.dtype, depth: int,
+    def __init__(self, cache: BatchSource, groups: list[list[int]], dtype: torch.dtype, depth: int,
                  handover: Handover | None = None, lookahead: list[list[int]] | None = None):
         self.cache, self.groups, self.dtype = cache, groups, dtype
         self.cuda = cache.device.type == "cuda"

@@ -21,7 +21,7 @@ from masan.qc.damage import Unreadable, reading
 from masan.store.cohort import CohortStore
 
 if TYPE_CHECKING:
-    from masan.qc.report import QCOptions
+    from masan.qc.options import QCOptions
 
 FRAME_BLOCK = 64
 """fMRI frames read at once (memory: one block of float32 frames)."""

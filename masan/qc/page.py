@@ -17,7 +17,7 @@ from masan.qc.geometry import TOLERANCE
 from masan.store.cohort import CohortStore
 
 if TYPE_CHECKING:
-    from masan.qc.report import QCOptions
+    from masan.qc.options import QCOptions
 
 GENERATOR = "masan.qc.report"
 """``<meta name="generator">`` of our reports: an existing --out folder is reused only if it is one."""
