@@ -1,4 +1,5 @@
-"""The benchmarks: model step, GPU check, step profile, I/O, training throughput, science.
+"""The benchmarks: model step, GPU check, step profile, I/O, training throughput: how fast the
+code runs (whether the model learns what it should is experiments/'s question).
 
 Run each from the repository root as a module, e.g. ``python -m bench.gpu_check --tiny``:
 ``bench`` and ``masan`` then import with the repository as the only path entry (the working

@@ -17,7 +17,7 @@ or added here and nowhere else. Layout (docs/architecture.md explains each file)
     DONE                   the run finished this config's epoch target (JSON record)
     jobs.json (+ .lock)    SLURM jobs and events of this run (launch.slurm.jobs)
     slurm/                 submitit's job scripts and logs
-    train.log, bench_run.json   output and stamp of a bench/science.py run
+    train.log, bench_run.json   output and stamp of a run of python -m experiments.science
 
 :meth:`RunDir.finished` imports neither torch nor DeepSpeed: ``launch/submit.py`` and
 ``launch/status.py`` ask it on a login node.

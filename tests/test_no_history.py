@@ -4,14 +4,15 @@ A figure measured on one machine (``12 of 90 ms``, ``108 -> 83 ms``), a GPU or C
 date, a session or an issue number goes stale the day the code changes, and nobody reruns the
 measurement to fix the comment. Those belong in docs/ (under a dated heading) and in commit
 messages; the code states the reason and points there, e.g. ``(docs/performance.md, "Where
-the step went")``. This test scans every Python file of masan/, launch/ and data_tools/.
+the step went")``. This test scans every Python file of masan/, launch/, data_tools/, bench/ and
+experiments/.
 """
 
 import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SCANNED = ("masan", "launch", "data_tools", "bench")
+SCANNED = ("masan", "launch", "data_tools", "bench", "experiments")
 
 _NUM = r"\d+(?:\.\d+)?"
 HISTORY = {

@@ -1,4 +1,4 @@
-"""Command-line options shared by the cohort tools (data_tools/synth_cohort.py, bench/science.py):
+"""Command-line options shared by the cohort tools (data_tools/synth_cohort.py, experiments/science.py):
 the shapes and the planted effect of both generators, the phantom (:mod:`masan.synth.phantom`) and
 the MNI152 cohort (:mod:`masan.synth.anatomy`); kept apart from both so that neither imports the
 other for its options."""

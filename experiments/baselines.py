@@ -1,5 +1,6 @@
-"""The rows of bench/science.py that train no network, each fitted on a repeat's training part
-and scored on its test part, the split the repeat's runs used (their split.json):
+"""The rows of the science experiment (experiments/science.py) that train no network, each
+fitted on a repeat's training part and scored on its test part, the split the repeat's runs used
+(their split.json):
 
 - :class:`Oracle`: a logistic regression on the planted features (masan.evaluate.oracle): it
   knows where the effect was planted, so it says what finding it is worth;

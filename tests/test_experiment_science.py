@@ -1,11 +1,9 @@
-"""bench/science.py: its cohort commands, the paper-exact variant, the rows fitted without training
+"""experiments.science: its cohort commands, the paper-exact variant, the rows fitted without training
 (oracle, linear baseline) on the runs' split, and end to end at a tiny size: cohort, two trained
 variants, the oracle and the linear row, table, raw numbers."""
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import json
 import os
 import re
@@ -16,8 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-SCRIPT = REPO / "bench" / "science.py"
+from experiments import REPO, baselines, cohort, science, scoring, training
+from masan.config import load_config
+from masan.synth.presets import PRESETS
+
 # 4 subjects per class on a 32^3 MNI152 grid, one epoch per phase, fp32 (bf16 is far slower on CPUs)
 TINY = ["--per-class", "4", "--t1-shape", "32", "32", "32", "--fmri-shape", "8", "8", "8", "--frames", "8",
         "--repeats", "1", "--variants", "masan", "t1_only", "linear",
@@ -25,64 +25,49 @@ TINY = ["--per-class", "4", "--t1-shape", "32", "32", "32", "--fmri-shape", "8",
 NUMBER = r"\d+\.\d+(?: ± \d+\.\d+)?"
 
 
-def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_science", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def baselines_module():
-    load_bench()  # puts the repository on sys.path, as running the script does
-    return importlib.import_module("bench.baselines")
-
-
 def test_overrides_may_follow_the_variant_list():
-    args = load_bench().parse_args(["--variants", "masan", "hfcn", "train.joint_epochs=2", "--repeats", "2"])
+    args = science.parse_args(["--variants", "masan", "hfcn", "train.joint_epochs=2", "--repeats", "2"])
     assert args.variants == ["masan", "hfcn"] and args.overrides == ["train.joint_epochs=2"] and args.repeats == 2
 
 
 def test_cells_are_mean_and_sample_std_over_repeats():
-    cell = load_bench().cell
+    cell = scoring.cell
     assert cell([0.5, 0.7]) == "0.60 ± 0.14"
     assert cell([3, None], 1) == "3.0"
     assert cell([None]) == "-"
 
 
-def test_one_benchmark_per_work_dir(tmp_path, capsys):
-    bench = load_bench()
-    held = bench.lock_work(tmp_path)
-    assert held is not None and bench.lock_work(tmp_path) is None
+def test_one_experiment_per_work_dir(tmp_path, capsys):
+    held = science.lock_work(tmp_path)
+    assert held is not None and science.lock_work(tmp_path) is None
     assert f"pid {os.getpid()}" in capsys.readouterr().err
     held.close()
-    assert bench.lock_work(tmp_path) is not None
+    assert science.lock_work(tmp_path) is not None
 
 
 def test_a_change_of_the_training_code_is_not_scored_with_old_runs(tmp_path, monkeypatch):
     """The run stamp holds a fingerprint of masan/ and launch/: a fix that leaves the config as it
     was (e.g. which parameters a gradient reaches) retrains; documentation does not."""
-    bench = load_bench()
     (tmp_path / "masan" / "model").mkdir(parents=True)
     (tmp_path / "docs").mkdir()
     code = tmp_path / "masan" / "model" / "fusion.py"
     code.write_text("scale_after_fusion = True\n")
-    monkeypatch.setattr(bench, "REPO", tmp_path)
-    before = bench.code_fingerprint()
+    monkeypatch.setattr(training, "REPO", tmp_path)
+    before = training.code_fingerprint()
     (tmp_path / "docs" / "notes.md").write_text("measured\n")
-    assert bench.code_fingerprint() == before
+    assert training.code_fingerprint() == before
     code.write_text("scale_after_fusion = False\n")
-    assert bench.code_fingerprint() != before
+    assert training.code_fingerprint() != before
 
 
-def cohort(argv: list[str]) -> tuple[object, dict, list[list[str]]]:
+def cohort_of(argv: list[str]) -> tuple[object, dict, list[list[str]]]:
     """(args, stamp, [synth_cohort, to_zarr] command) as main() makes them at the science.yaml sizes."""
-    bench = load_bench()
-    args = bench.parse_args(argv)
-    args.per_class = args.per_class or bench.PRESETS[args.preset].per_class
+    args = science.parse_args(argv)
+    args.per_class = args.per_class or PRESETS[args.preset].per_class
     args.t1_shape, args.fmri_shape = [48, 56, 48], [12, 14, 12]
-    args.frames = args.frames or bench.PRESETS[args.preset].frames
-    stamp = bench.cohort_args(args, [4, 4, 4])
-    return args, stamp, bench.cohort_commands(stamp, Path("bids"), Path("cohort.zarr"))
+    args.frames = args.frames or PRESETS[args.preset].frames
+    stamp = cohort.cohort_args(args, [4, 4, 4])
+    return args, stamp, cohort.cohort_commands(stamp, Path("bids"), Path("cohort.zarr"))
 
 
 def flag(cmd: list[str], name: str) -> str:
@@ -90,13 +75,13 @@ def flag(cmd: list[str], name: str) -> str:
 
 
 def test_cohort_flags_reach_the_cohort_commands():
-    args, easy, (synth, convert) = cohort([])
+    args, easy, (synth, convert) = cohort_of([])
     assert args.work == REPO / "runs/science"
     assert flag(synth, "--preset") == "easy" and flag(synth, "--per-class") == "16" and "--subjects" not in synth
     assert flag(convert, "--register") == "none" and flag(convert, "--template") == "mni152"
     assert "--t1-shape" not in convert  # the synthetic volumes are stored as written
 
-    args, adni, (synth, convert) = cohort(["--preset", "adni-like"])
+    args, adni, (synth, convert) = cohort_of(["--preset", "adni-like"])
     assert args.work == REPO / "runs/science-adni-like"  # two cohorts do not overwrite each other
     assert flag(synth, "--preset") == "adni-like" and flag(synth, "--subjects") == "96" and "--per-class" not in synth
     assert flag(synth, "--frames") == "48"  # the preset's frames, and the model's (main's shape overrides)
@@ -104,20 +89,18 @@ def test_cohort_flags_reach_the_cohort_commands():
     assert convert[convert.index("--t1-shape") + 1:][:3] == ["48", "56", "48"]  # the template grid is the model's
     assert convert[convert.index("--fmri-shape") + 1:][:3] == ["12", "14", "12"]
 
-    _, other, (synth, convert) = cohort(["--preset", "adni-like", "--subjects", "40", "--register", "affine",
+    _, other, (synth, convert) = cohort_of(["--preset", "adni-like", "--subjects", "40", "--register", "affine",
                                          "--structures", "hippocampus"])
     assert flag(synth, "--subjects") == "40" and flag(convert, "--register") == "affine"
     assert flag(synth, "--structures") == "hippocampus"
     assert len({json.dumps(s, sort_keys=True) for s in (easy, adni, other)}) == 3  # each its own stamp
 
-    bench = load_bench()
     for argv in (["--subjects", "40"], ["--preset", "adni-like", "--per-class", "8"]):
         with pytest.raises(SystemExit):
-            bench.parse_args(argv)
+            science.parse_args(argv)
 
 
 def test_a_changed_cohort_is_remade(tmp_path, monkeypatch):
-    bench = load_bench()
     made = []
 
     def run_step(cmd):
@@ -125,33 +108,32 @@ def test_a_changed_cohort_is_remade(tmp_path, monkeypatch):
         if "data_tools/to_zarr.py" in cmd:
             Path(flag(cmd, "--out")).mkdir(parents=True)
 
-    monkeypatch.setattr(bench, "run_step", run_step)
-    _, stamp, _ = cohort([])
-    bench.make_cohort(tmp_path, stamp)
-    bench.make_cohort(tmp_path, stamp)
+    monkeypatch.setattr(cohort, "run_step", run_step)
+    _, stamp, _ = cohort_of([])
+    cohort.make_cohort(tmp_path, stamp)
+    cohort.make_cohort(tmp_path, stamp)
     assert len(made) == 2  # the second call reused it
-    bench.make_cohort(tmp_path, {**stamp, "register": "rigid"})
+    cohort.make_cohort(tmp_path, {**stamp, "register": "rigid"})
     assert len(made) == 4 and flag(made[-1], "--register") == "rigid"
 
 
 def test_paper_exact_config_loads_and_trains_at_the_bench_scale(tmp_path):
     """paper-exact.yaml holds the paper's method; the bench's paper_exact run takes only sizes,
     budgets and plumbing from science.yaml (BENCH_SCALE), so it differs from masan in method only."""
-    bench = load_bench()
-    paper = bench.load_config(bench.PAPER_EXACT)
+    paper = load_config(training.PAPER_EXACT)
     assert (paper.model.fusion_cells, paper.model.screen_features, paper.model.head_grad_to_encoders) == (1, 0, 1.0)
     assert paper.model.region_weights == "embedding" and paper.split.val_fraction == 0
     assert paper.model.t1_shape == [240, 256, 176] and paper.data.fmri_frames == 976
 
-    args = bench.parse_args(["--work", str(tmp_path)])
-    science = bench.load_config(bench.CONFIG)
-    cfg = {v: bench.command_config(bench.train_command(args, tmp_path / v, tmp_path / "c.zarr", v, 1,
-                                                       ["model.t1_shape=[32,40,32]"], science))
+    args = science.parse_args(["--work", str(tmp_path)])
+    science_cfg = load_config(science.CONFIG)
+    cfg = {v: training.command_config(training.train_command(args, tmp_path / v, tmp_path / "c.zarr", v, 1,
+                                                             ["model.t1_shape=[32,40,32]"], science_cfg))
            for v in ("masan", "paper_exact")}
     exact, ours = cfg["paper_exact"], cfg["masan"]
     assert exact.model.fusion_cells == 1 and exact.model.head_grad_to_encoders == 1.0
     assert exact.model.t1_shape == ours.model.t1_shape == [32, 40, 32]  # the bench's shape overrides too
-    for key in bench.BENCH_SCALE:
+    for key in training.BENCH_SCALE:
         section, _, name = key.partition(".")
         here = getattr(exact, section) if not name else getattr(getattr(exact, section), name)
         there = getattr(ours, section) if not name else getattr(getattr(ours, section), name)
@@ -168,7 +150,6 @@ def test_linear_row_is_fitted_on_the_runs_split_from_the_store_alone(tiny_store,
     from masan.rundir import RunDir
     from masan.store.cohort import CohortStore
 
-    baselines = baselines_module()
     store = CohortStore(tiny_store)
     cfg = config_from_dict({"data": {"classes": ["NC", "AD"], "fmri_frames": 6}})
     row = baselines.LinearBaseline(store, cfg.data, cfg.split, [2, 2, 2], fmri=False)
@@ -209,7 +190,6 @@ def test_linear_row_is_fitted_on_the_runs_split_from_the_store_alone(tiny_store,
 
 
 def test_linear_settings_come_from_cross_validation_on_the_training_part():
-    baselines = baselines_module()
     rng = np.random.default_rng(0)
     y = np.repeat([0, 1, 2], 10)
     X = rng.normal(size=(30, 2500))
@@ -230,22 +210,21 @@ def test_linear_settings_come_from_cross_validation_on_the_training_part():
 
 
 def test_ablations_may_run_fewer_repeats_and_the_table_says_so():
-    bench = load_bench()
-    args = bench.parse_args(["--repeats", "3", "--ablation-repeats", "5"])
+    args = science.parse_args(["--repeats", "3", "--ablation-repeats", "5"])
     assert args.ablation_repeats == 3  # never more than MASAN's
     with pytest.raises(SystemExit):
-        bench.parse_args(["--ablation-repeats", "0"])
+        science.parse_args(["--ablation-repeats", "0"])
     run = {"accuracy": 0.5, "binary_accuracy": 0.75, "precision": 0.5, "recall": 0.5, "auc": 0.6, "best_rank": 1,
            "top3": True, "minutes": 1.0}
-    text = bench.table({"masan": [run] * 3, "hfcn": [run], "masan (first 1)": [run]}, [], 3.0, "header")
+    text = scoring.table({"masan": [run] * 3, "hfcn": [run], "masan (first 1)": [run]}, [], 3.0, "header")
     assert "| masan | 0.50 ± 0.00 |" in text and "| 3/3 | 1.0 ± 0.0 |" in text
     assert "| hfcn | 0.50 |" in text and "| masan (first 1) |" in text and text.count("| 1/1 |") == 2
 
 
 @pytest.mark.slow
-def test_science_bench_end_to_end(tmp_path):
+def test_science_experiment_end_to_end(tmp_path):
     work = tmp_path / "science"
-    cmd = [sys.executable, str(SCRIPT), "--work", str(work), *TINY]
+    cmd = [sys.executable, "-m", "experiments.science", "--work", str(work), *TINY]
     res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
     assert "synth_cohort.py --anatomy mni152" in res.stdout and "to_zarr.py" in res.stdout

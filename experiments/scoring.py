@@ -1,0 +1,104 @@
+"""The science experiment's scores: where a run (or a fitted row) puts the planted regions, a
+run's test metrics, and how they are printed: a line per run, one markdown table over repeats."""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+import numpy as np
+
+from experiments.baselines import metric_values
+from masan.config import load_config
+from masan.rundir import RunDir
+
+TOP_K = 3
+COLUMNS = (("4-class acc", "accuracy", 2), ("AD acc", "binary_accuracy", 2), ("AD precision", "precision", 2),
+           ("AD recall", "recall", 2), ("AD AUC", "auc", 2), ("planted rank", "best_rank", 1))
+"""Table columns: header, result key, decimals."""
+
+
+def planted_regions(store, grid: list[int]) -> dict:
+    """The regions holding planted T1 voxels on ``grid``: all of them (most planted voxels
+    first) and per structure."""
+    from masan.evaluate.oracle import planted_masks, planted_region_ranks
+    from masan.synth.structures import region_ranks
+
+    effect = store.attrs["planted_effect"]
+    subject = store.subjects[0]
+    shape, affine = store.shape(subject, "t1"), store.affine(subject, "t1")
+    per = {name: region_ranks(mask, grid) for name, mask in planted_masks(effect, shape, affine).items()}
+    return {"all": planted_region_ranks(effect, shape, affine, grid), "by_structure": per}
+
+
+def region_result(region_weights: np.ndarray, labels: np.ndarray, planted: dict) -> dict:
+    """Where the planted regions sit in the model's ranking (mean weight over the test subjects)."""
+    from masan.evaluate.region_ranking import rank_regions
+
+    if region_weights.size == 0 or not planted["all"]:
+        return {"best_rank": None, "top3": None}
+    order = [r for r, _ in rank_regions(region_weights, labels)]
+    rank = {r: i + 1 for i, r in enumerate(order)}
+    by_structure = {s: min((rank[r] for r in regions), default=None) for s, regions in planted["by_structure"].items()}
+    best = min(rank[r] for r in planted["all"])
+    return {"best_rank": best, "top3": best <= TOP_K, "rank_by_structure": by_structure,
+            "model_top": order[:TOP_K]}
+
+
+def score_run(run_dir: Path, planted: dict) -> dict:
+    from masan.predictions import load_predictions
+
+    cfg = load_config(RunDir(run_dir).config)
+    preds, names = load_predictions(run_dir, "test")
+    out = metric_values(preds.labels, preds.probs, names, cfg.data.positive_class)
+    return {**out, **region_result(preds.region_weights, preds.labels, planted)}
+
+
+def cell(values: list, digits: int = 2) -> str:
+    """"mean ± std" (sample std) of the values that are not None; one value alone; "-" for none."""
+    v = [float(x) for x in values if x is not None]
+    if not v:
+        return "-"
+    if len(v) == 1:
+        return f"{v[0]:.{digits}f}"
+    return f"{statistics.mean(v):.{digits}f} ± {statistics.stdev(v):.{digits}f}"
+
+
+def run_line(name: str, repeat: int, r: dict) -> str:
+    if r.get("status") == "failed":
+        where = f" after {r['minutes']:.1f} min (see {r['log']})" if "log" in r else ""
+        return f"{name:<11} r{repeat}: FAILED{where}"
+    auc = "-" if r["auc"] is None else f"{r['auc']:.2f}"
+    where = ""
+    if r.get("best_rank") is not None:
+        ranks = ", ".join(f"{s} {k}" for s, k in r["rank_by_structure"].items())
+        where = f"  planted best rank {r['best_rank']} (top{TOP_K}: {'yes' if r['top3'] else 'no'}; {ranks})"
+    chosen = ""
+    if "chosen" in r:
+        ks = ", ".join(f"{block} {k}" for block, k in r["chosen"]["k"].items())
+        chosen = f"  (k {ks}; C {r['chosen']['C']})"
+    mins = f"  {r['minutes']:.1f} min" + (" (cached)" if r.get("status") == "cached" else "") if "minutes" in r else ""
+    return (f"{name:<11} r{repeat}: acc {r['accuracy']:.2f}  AD acc {r['binary_accuracy']:.2f}  "
+            f"P {r['precision']:.2f}  R {r['recall']:.2f}  AUC {auc}{where}{chosen}{mins}")
+
+
+def table(rows: dict[str, list[dict]], baselines: list[dict], minutes: float, header: str) -> str:
+    """The markdown table: one line per row of ``rows`` (name -> its repeats' results, repeat
+    0 first), the chance baselines under it."""
+    head = ["model", *(c for c, _, _ in COLUMNS), f"top-{TOP_K} hits", "runs ok", "min/run"]
+    out = [header, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, runs in rows.items():
+        ok = [r for r in runs if r.get("status") != "failed"]
+        cells = [cell([r.get(k) for r in ok], d) for _, k, d in COLUMNS]
+        hits = [r["top3"] for r in ok if r.get("top3") is not None]
+        top = f"{sum(hits)}/{len(hits)}" if hits else "-"
+        mins = cell([r["minutes"] for r in runs if "minutes" in r], 1)
+        out.append("| " + " | ".join([name, *cells, top, f"{len(ok)}/{len(runs)}", mins]) + " |")
+    if baselines:
+        maj, pos = baselines[0]["majority_class"], baselines[0]["positive_class"]
+        out += ["", f"Chance: always-{maj} 4-class acc {cell([b['majority_accuracy'] for b in baselines])}; "
+                    f"never-{pos} {pos}-vs-rest acc {cell([b['never_positive_accuracy'] for b in baselines])} "
+                    "(precision 0, recall 0, AUC 0.5)."]
+    out += [f"Took {minutes:.1f} min."]
+    return "\n".join(out) + "\n"
+

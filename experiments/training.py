@@ -1,0 +1,129 @@
+"""The science experiment's training runs: the trained variants, one run's ``launch/train_local.py``
+command line, and training it once. A run's stamp (its arguments, resolved config, training code
+and cohort: RunDir.bench_stamp) says whether a finished run is reused, an interrupted one resumed
+or a changed one started afresh."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import hashlib
+import json
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from experiments import REPO
+from masan.config import RunConfig, load_config
+from masan.files import atomic_write_json
+from masan.rundir import RunDir
+
+PAPER_EXACT = REPO / "hpc/configs/paper-exact.yaml"
+MAIN = "masan"
+"""The variant every repeat trains (--ablation-repeats may train the others on fewer)."""
+VARIANTS = {
+    MAIN: [],
+    "masan_add": ["model.fusion=add"],
+    "t1_only": ["model.modalities=t1", "data.use_fmri=false"],
+    "fmri_only": ["model.modalities=fmri", "data.use_t1=false"],
+    "hfcn": ["model.arch=hfcn", "data.use_fmri=false"],
+    "paper_exact": [],
+}
+"""Trained variants: their overrides of the run config."""
+OWN_CONFIG = {"paper_exact": PAPER_EXACT}
+"""Variants trained from their own config instead of --config, at the bench's scale (:data:`BENCH_SCALE`)."""
+BENCH_SCALE = ("model.t1_shape", "model.fmri_shape", "model.fmri_frames", "model.patch_grid", "model.channels",
+               "model.fmri_channels", "model.groups", "model.attn_dim", "model.value_dim", "model.mlp_hidden",
+               "data.fmri_frames", "data.num_workers", "data.cache", "data.cache_reserve_gib", "optim.micro_batch",
+               "train.pretrain_epochs", "train.joint_epochs", "train.norm_refresh_epochs", "train.precision",
+               "train.device", "checkpoint", "log")
+"""What a variant of :data:`OWN_CONFIG` takes from the bench's config: input sizes, widths, epochs,
+batch and how a run runs, so it costs what the other variants cost. The paper's widths (Table 1's
+32/64/128/128) shrink with its inputs as the bench's MASAN's do; nothing of the method changes."""
+CACHE_DIR = "cache"
+"""WORK/cache: ``data.cache`` files of the running trainings (science.yaml: ``host``), on the work
+dir's disk rather than /dev/shm, which containers often keep small; each run removes its own."""
+TAIL_LINES = 25
+
+
+def scale_overrides(base: RunConfig) -> list[str]:
+    """``KEY=VALUE`` of every :data:`BENCH_SCALE` key as the bench's config ``base`` has it (values
+    as JSON, which the config's YAML parser reads; a section as a mapping)."""
+    out = []
+    for key in BENCH_SCALE:
+        value = functools.reduce(getattr, key.split("."), base)
+        value = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+        out.append(f"{key}={json.dumps(value, separators=(',', ':'))}")
+    return out
+
+
+def train_command(args: argparse.Namespace, run_dir: Path, store: Path, variant: str, repeat: int,
+                  shape_overrides: list[str], base: RunConfig) -> list[str]:
+    """``launch/train_local.py`` for one run: --config (or the variant's own config at the bench's
+    scale), the run's place and split, the cohort's shapes, the variant's and the user's overrides."""
+    config, scale = args.config, []
+    if variant in OWN_CONFIG:
+        config, scale = OWN_CONFIG[variant], scale_overrides(base)
+    return [sys.executable, "launch/train_local.py", "--config", str(config), f"run_dir={run_dir}",
+            f"data.store={store}", f"data.cache_dir={args.work / CACHE_DIR}", f"split.repeat={repeat}",
+            f"seed={repeat}", *scale, *shape_overrides, *VARIANTS[variant], *args.overrides]
+
+
+def command_config(cmd: list[str]) -> RunConfig:
+    """The resolved config a :func:`train_command` trains with (raises ConfigError)."""
+    at = cmd.index("--config")
+    return load_config(cmd[at + 1], cmd[at + 2:])
+
+
+TRAINING_CODE = ("masan/**/*.py", "launch/*.py")
+"""The sources a run's result depends on beyond its config (:func:`code_fingerprint`)."""
+
+
+def code_fingerprint() -> str:
+    """SHA-256 of the training code (:data:`TRAINING_CODE`): a fix that leaves the config as it
+    was (a gradient path, a kernel) must not be scored with runs made before it."""
+    digest = hashlib.sha256()
+    for path in sorted(p for pattern in TRAINING_CODE for p in REPO.glob(pattern)):
+        digest.update(str(path.relative_to(REPO)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def train(cmd: list[str], run_dir: Path, cohort: dict, env: dict, cfg_hash: str, code: str) -> dict:
+    """Train one run: skipped when it finished before with the same command, resolved config
+    (``cfg_hash``: :func:`masan.config.config_hash`, so the config file and the code's defaults
+    count), training code (``code``: :func:`code_fingerprint`) and cohort; resumed when it was
+    interrupted; started afresh when one of them changed (or the run dir was not made by this
+    benchmark: its checkpoints would refuse the config).
+
+    Returns {"status": "trained" | "cached" | "failed", "minutes": training minutes so far}."""
+    stamp = {"command": cmd[1:], "config_hash": cfg_hash, "code": code, "cohort": cohort}
+    run = RunDir(run_dir)
+    stamp_file = run.bench_stamp
+    old = json.loads(stamp_file.read_text()) if stamp_file.is_file() else None
+    if run_dir.exists() and (old is None or {k: old.get(k) for k in stamp} != stamp):
+        print(f"{run_dir}: made with other arguments, code or cohort: starting it afresh", flush=True)
+        shutil.rmtree(run_dir)
+        old = None
+    if old is not None and old.get("done") and run.predictions.is_file():
+        return {"status": "cached", "minutes": old["minutes"]}
+    minutes = old.get("minutes", 0.0) if old else 0.0  # an interrupted run resumes: its time adds up
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(stamp_file, {**stamp, "done": False, "minutes": minutes})
+    log = run.train_log
+    print("$", shlex.join(cmd), ">", shlex.quote(str(log)), flush=True)
+    t = time.perf_counter()
+    with log.open("a") as f:
+        rc = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, env=env, check=False).returncode
+    minutes += (time.perf_counter() - t) / 60
+    done = rc == 0 and run.predictions.is_file()
+    atomic_write_json(stamp_file, {**stamp, "done": done, "minutes": minutes})
+    if not done:
+        tail = log.read_text(errors="replace").splitlines()[-TAIL_LINES:]
+        why = f"exit status {rc}" if rc else "no predictions.csv written (stopped before the end?)"
+        print(f"FAILED ({why}): {shlex.join(cmd)}\n--- last lines of {log}:\n" + "\n".join(tail) + "\n---",
+              flush=True)
+    return {"status": "trained" if done else "failed", "minutes": minutes}
