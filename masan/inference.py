@@ -4,7 +4,7 @@ Training (validation monitoring, the final test predictions), ``python -m masan.
 the evaluation tools share this module; the :class:`~masan.predictions.Predictions` it returns
 and the files a run directory keeps them in (predictions.csv, region_weights.npy,
 metrics.json) belong to :mod:`masan.predictions`. The batch keys the model takes are the model's
-(:data:`masan.model.inputs.MODALITY_KEYS`).
+(:data:`masan.batch.MODALITY_KEYS`).
 
 Example (every rank; all get the merged predictions)::
 
@@ -22,8 +22,8 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
+from masan.batch import MODALITY_KEYS
 from masan.model.autoencoder import encoders_only
-from masan.model.inputs import MODALITY_KEYS
 from masan.predictions import Predictions, PredictionsError, merge_predictions
 
 

@@ -86,3 +86,14 @@ def test_no_import_circle_in_masan():
                     seen.add(nxt)
                     stack.append((nxt, path + [nxt]))
     assert not circles, "import circles:\n" + "\n".join(sorted(circles)[:10])
+
+
+def test_the_data_side_imports_nothing_above_it():
+    """Data comes before the model in the data path: store, convert, qc, synth and data import
+    none of model, train, inference, predict or evaluate (the batch keys live in masan.batch)."""
+    above = {"model", "train", "inference", "predict", "predictions", "evaluate"}
+    graph = _module_graph()
+    bad = {m: sorted(t for t in targets if t.split(".")[1] in above)
+           for m, targets in graph.items() if m.split(".")[1:2] and m.split(".")[1] in ALLOWED}
+    bad = {m: t for m, t in bad.items() if t}
+    assert not bad, f"imports up a layer (docs/architecture.md): {bad}"

@@ -41,8 +41,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from masan.batch import MODALITY_KEYS
 from masan.config import AugmentConfig
-from masan.model.inputs import MODALITY_KEYS
 
 STREAM = 0x61756720
 """First word of every augmentation seed: keeps its draws apart from other generators seeded

@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
 from masan import distributed as D
+from masan.batch import MODALITY_KEYS
 from masan.config import RunConfig
 from masan.data.cache import open_cache
 from masan.data.transforms import Augment
@@ -43,7 +44,6 @@ from masan.distributed import DistInfo
 from masan.inference import predict_subjects
 from masan.metrics import prediction_metrics
 from masan.model import masan_loss
-from masan.model.inputs import MODALITY_KEYS
 from masan.model.inputs import PRECISION_DTYPES as DTYPES
 from masan.model.loss import PHASES, class_weights
 from masan.train.checkpoint import CheckpointManager

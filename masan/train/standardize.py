@@ -15,8 +15,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 
+from masan.batch import MODALITY_KEYS
 from masan.model.autoencoder import encoders_only
-from masan.model.inputs import MODALITY_KEYS
 from masan.model.standardize import standardizers
 
 log = logging.getLogger(__name__)
