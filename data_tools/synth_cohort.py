@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--severity", nargs="+", type=float, default=None, metavar="S",
                    help="one severity in [0, 1] per class (default: NC 0, EMCI 1/3, LMCI 2/3, AD 1)")
     add_shape_arguments(p, {"t1-shape": "phantom 32 32 32, mni152 48 56 48",
-                            "fmri-shape": "phantom 16 16 16, mni152 12 14 12",
+                            "fmri-shape": "phantom 16 16 16, mni152 12 14 12 (adni-like 24 28 24)",
                             "frames": "phantom 8, mni152 easy 16, adni-like 48"})
     p.add_argument("--full", action="store_true",
                    help=f"the paper's sizes: T1 {ModelConfig().t1_shape}, "
@@ -167,11 +167,11 @@ def _check(p: argparse.ArgumentParser, args: argparse.Namespace, preset: presets
 
 def _sizes(args: argparse.Namespace, preset: presets.Preset) -> tuple[int | None, tuple, tuple, int]:
     """(subjects per class, T1 shape, fMRI shape, frames): the anatomy's defaults, the preset's
-    frames, the options given, or the paper's sizes with ``--full``."""
+    frames and fMRI shape, the options given, or the paper's sizes with ``--full``."""
     per_class, t1_shape, fmri_shape, frames = DEFAULTS[args.anatomy]
     per_class = args.per_class if args.per_class is not None else per_class
     frames = preset.frames if frames is None else frames
-    t1_shape, fmri_shape = args.t1_shape or t1_shape, args.fmri_shape or fmri_shape
+    t1_shape, fmri_shape = args.t1_shape or t1_shape, args.fmri_shape or preset.fmri_shape or fmri_shape
     frames = args.frames if args.frames is not None else frames
     if args.full:
         t1_shape, fmri_shape, frames = ModelConfig().t1_shape, ModelConfig().fmri_shape, FULL_FRAMES

@@ -16,6 +16,8 @@ with planted effects, side by side in one run.
 
        masan        our MASAN (T1 + fMRI, T1-guided attention fusion; science.yaml)
        masan_add    fusion by element-wise addition (model.fusion=add)
+       no_conn      MASAN without the connectivity pairs (model.connectivity_cells=0; the same as
+                    masan where the preset does not turn them on: experiments/training.py PRESET_MODEL)
        t1_only      MASAN on T1 alone;  fmri_only: on fMRI alone
        hfcn         the T1-only H-FCN baseline (model.arch=hfcn: sPM's patch features, MASAN's
                     region options, a patch -> region -> subject head)
@@ -79,7 +81,8 @@ from masan.synth.presets import PRESETS
 CONFIG = REPO / "hpc/configs/science.yaml"
 LINEAR = {"linear": False, "linear_both": True}
 """Rows fitted without training (experiments/baselines.py): name -> with fMRI features."""
-MINUTES = {"t1_only": 8.2, "hfcn": 8.2, "masan": 7.6, "paper_exact": 7.6, "masan_add": 5.4, "fmri_only": 0.7}
+MINUTES = {"t1_only": 8.2, "hfcn": 8.2, "masan": 7.6, "paper_exact": 7.6, "masan_add": 5.4, "no_conn": 7.6,
+           "fmri_only": 0.7}
 """Minutes per run at the default size on 2 CPU cores (one thread each; the mean of the five
 repeats of docs/results/science_cpu_5repeats_final.md; hfcn and paper_exact not yet measured:
 those of t1_only and masan, whose autoencoders they train): runs are started longest first, so
@@ -248,7 +251,8 @@ def cohort_sizes(args: argparse.Namespace, base: RunConfig) -> list[str]:
     full = FULL if args.full else {}
     args.per_class = args.per_class or full.get("per_class", PRESETS[args.preset].per_class)
     args.t1_shape = args.t1_shape or full.get("t1_shape", base.model.t1_shape)
-    args.fmri_shape = args.fmri_shape or full.get("fmri_shape", base.model.fmri_shape)
+    preset_fmri = PRESETS[args.preset].fmri_shape or base.model.fmri_shape
+    args.fmri_shape = args.fmri_shape or full.get("fmri_shape", preset_fmri)
     args.frames = args.frames or full.get("frames", PRESETS[args.preset].frames)
     shape_overrides = [f"{k}={v}" for k, v, now in (
         ("model.t1_shape", list(args.t1_shape), base.model.t1_shape),

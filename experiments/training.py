@@ -28,12 +28,18 @@ MAIN = "masan"
 VARIANTS = {
     MAIN: [],
     "masan_add": ["model.fusion=add"],
+    "no_conn": ["model.connectivity_cells=0", "model.connectivity_keep=0"],
     "t1_only": ["model.modalities=t1", "data.use_fmri=false"],
     "fmri_only": ["model.modalities=fmri", "data.use_t1=false"],
     "hfcn": ["model.arch=hfcn", "data.use_fmri=false"],
     "paper_exact": [],
 }
 """Trained variants: their overrides of the run config."""
+PRESET_MODEL = {"easy": [], "adni-like": ["model.connectivity_cells=3", "model.connectivity_keep=10"]}
+"""The model's settings for each cohort preset, given to every variant trained from --config
+(before the variant's own overrides; not to :data:`OWN_CONFIG`'s): adni-like's fMRI effect is a
+coupling change, which the connectivity pairs see (masan/model/connectivity.py); their cells and
+count were chosen by cross-validation inside split 0's training part (docs/validation-cohort.md)."""
 OWN_CONFIG = {"paper_exact": PAPER_EXACT}
 """Variants trained from their own config instead of --config, at the bench's scale (:data:`BENCH_SCALE`)."""
 BENCH_SCALE = ("model.t1_shape", "model.fmri_shape", "model.fmri_frames", "model.patch_grid", "model.channels",
@@ -63,9 +69,10 @@ def scale_overrides(base: RunConfig) -> list[str]:
 
 def train_command(args: argparse.Namespace, run_dir: Path, store: Path, variant: str, repeat: int,
                   shape_overrides: list[str], base: RunConfig) -> list[str]:
-    """``launch/train_local.py`` for one run: --config (or the variant's own config at the bench's
-    scale), the run's place and split, the cohort's shapes, the variant's and the user's overrides."""
-    config, scale = args.config, []
+    """``launch/train_local.py`` for one run: --config with the preset's model settings (or the
+    variant's own config at the bench's scale), the run's place and split, the cohort's shapes, the
+    variant's and the user's overrides."""
+    config, scale = args.config, PRESET_MODEL[args.preset]
     if variant in OWN_CONFIG:
         config, scale = OWN_CONFIG[variant], scale_overrides(base)
     return [sys.executable, "launch/train_local.py", "--config", str(config), f"run_dir={run_dir}",

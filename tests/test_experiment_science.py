@@ -247,3 +247,19 @@ def test_science_experiment_end_to_end(tmp_path):
     assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-4000:]
     assert "reusing the cohort" in again.stdout and again.stdout.count("(cached)") == 2
     assert json.loads((work / "science.json").read_text())["runs"]["masan"][0]["accuracy"] == masan["accuracy"]
+
+
+def test_preset_model_settings_reach_the_variants_trained_from_the_bench_config(tmp_path):
+    """adni-like turns the connectivity pairs on for every variant trained from science.yaml (no_conn
+    turns them off again); the paper's exact MASAN never gets them; the easy preset adds nothing."""
+    science_cfg = load_config(science.CONFIG)
+
+    def config(preset: str, variant: str):
+        args = science.parse_args(["--work", str(tmp_path), "--preset", preset])
+        return training.command_config(training.train_command(args, tmp_path / variant, tmp_path / "c.zarr",
+                                                              variant, 0, [], science_cfg))
+
+    cells = {v: config("adni-like", v).model.connectivity_cells for v in training.VARIANTS}
+    assert cells["masan"] > 0 and cells["fmri_only"] == cells["masan"]
+    assert cells["no_conn"] == 0 and cells["paper_exact"] == 0
+    assert config("easy", "masan").model.connectivity_cells == 0

@@ -9,7 +9,7 @@ import torch
 
 from masan.config import ConfigError, LossConfig, load_config
 from masan.model import build_model, masan_loss, small_model_config
-from masan.model.connectivity import PairConnectivity, cell_time_courses, correlations
+from masan.model.connectivity import PairConnectivity, cell_time_courses, correlations, pair_cells
 from masan.model.loss import class_weights
 
 
@@ -31,6 +31,13 @@ def test_correlations_match_numpy_and_a_constant_row_is_zero():
     want = np.corrcoef(x[0, :5])
     np.testing.assert_allclose(got[:5, :5], want, atol=1e-10)
     assert np.all(got[5] == 0) and np.all(got[:, 5] == 0)
+
+
+@pytest.mark.parametrize("n", [2, 3, 8, 97, 2000])
+def test_pair_cells_inverts_the_upper_triangle_order(n):
+    want = torch.triu_indices(n, n, offset=1)
+    i, j = pair_cells(torch.arange(want.shape[1]), n)
+    assert torch.equal(i, want[0]) and torch.equal(j, want[1])
 
 
 def _coupled_subjects(n: int, coupled: bool, g: torch.Generator) -> torch.Tensor:
@@ -55,12 +62,15 @@ def test_connectivity_screening_keeps_the_pair_whose_coupling_differs():
     g = torch.Generator().manual_seed(1)
     conn = PairConnectivity((2, 2, 2), 1, keep=1, num_classes=2).double()
     coupled, uncoupled = _coupled_subjects(6, True, g), _coupled_subjects(6, False, g)
-    conn.norm.begin_fit()
+    conn.screen.begin_fit()
     for x, label in ((coupled, 1), (uncoupled, 0)):
-        conn.norm.set_labels(torch.full((x.shape[0],), label))
+        conn.screen.set_labels(torch.full((x.shape[0],), label))
         conn(x)
-    conn.norm.end_fit()
-    assert conn.pair_cells(int(conn.kept()[0])) == (0, 7)
+    conn.screen.end_fit()
+    assert conn.kept_cells()[:, 0].tolist() == [0, 7]
+    # the model keeps the chosen pair's statistics only, not the candidates'
+    assert {k: tuple(v.shape) for k, v in conn.state_dict().items()} == {
+        "screen.kept": (1,), "screen.mean": (1,), "screen.std": (1,), "screen.fitted_samples": ()}
     a, b = conn(coupled), conn(uncoupled)
     assert a.shape == (6, 1) and a.min() > b.max()
     torch.testing.assert_close(conn(coupled * 40.0 + 7.0), a)

@@ -15,9 +15,11 @@ is visible only where a cell is about a structure's size: larger cells average i
 neighbours' network fluctuations (docs/validation-cohort.md measures it). Among the ~10^6 pairs
 of such a grid a cohort of tens of subjects cannot fit a classifier, so the pairs have their own
 cohort standardisation and ANOVA screening (``model.connectivity_keep`` pairs, fitted with the
-region features' statistics, on the training subjects), and the kept pairs join the classifier's
-input beside the attended regions: screened together with the region features they would crowd
-them out (docs/paper-mapping.md: not in the paper).
+region features' statistics, on the training subjects: :class:`PairScreen`), and the kept pairs
+join the classifier's input beside the attended regions: screened together with the region
+features they would crowd them out (docs/paper-mapping.md: not in the paper). Only the fit sees
+all pairs; the model then holds and computes the kept ones, so its state and step stay small
+however fine the cells.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import torch
 from torch import nn
 
 from masan.model.regions import num_regions, pool_volume, split_patches
-from masan.model.standardize import FittedStandardize
+from masan.model.standardize import FittedStatistics, anova_f
 
 MAX_CORRELATION = 0.999
 """|r| is clipped here before Fisher's z: a cell correlated with itself (r = 1) stays finite."""
@@ -45,24 +47,111 @@ def cell_time_courses(fmri: torch.Tensor, grid: Sequence[int], cells: int) -> to
     return per_region.reshape(b, r, t, cells**3).permute(0, 1, 3, 2).reshape(b, r * cells**3, t)
 
 
-def correlations(series: torch.Tensor) -> torch.Tensor:
-    """Pearson correlation between the rows of ``(B, N, T)`` -> ``(B, N, N)``; a constant row
-    (background) correlates 0 with everything, itself included."""
+def unit_rows(series: torch.Tensor) -> torch.Tensor:
+    """``(B, N, T)`` rows centred and scaled to unit length, so a dot product of two rows is
+    their Pearson correlation; a constant row (background) becomes 0."""
     centred = series - series.mean(dim=-1, keepdim=True)
     norm = centred.norm(dim=-1, keepdim=True)
     unit = centred / norm.clamp_min(torch.finfo(series.dtype).tiny ** 0.25)
-    unit = torch.where(norm > 0, unit, torch.zeros_like(unit))
+    return torch.where(norm > 0, unit, torch.zeros_like(unit))
+
+
+def correlations(series: torch.Tensor) -> torch.Tensor:
+    """Pearson correlation between the rows of ``(B, N, T)`` -> ``(B, N, N)``; a constant row
+    (background) correlates 0 with everything, itself included."""
+    unit = unit_rows(series)
     return unit @ unit.transpose(1, 2)
+
+
+def fisher_z(r: torch.Tensor) -> torch.Tensor:
+    """Fisher's z of correlations, ``|r|`` clipped at :data:`MAX_CORRELATION`."""
+    return torch.atanh(r.clamp(-MAX_CORRELATION, MAX_CORRELATION))
+
+
+def pair_cells(index: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cells ``(i, j)``, ``i < j``, of pair ``index`` (int64, any shape) in the row-major upper
+    triangle of an ``n x n`` matrix (the order of ``torch.triu_indices(n, n, 1)``), in closed
+    form: no ``n^2`` table."""
+    k = index.to(torch.float64)
+    m = n * (n - 1) / 2
+    i = n - 2 - torch.floor(torch.sqrt(-8 * k + 4 * n * (n - 1) - 7) / 2 - 0.5)
+    j = k + i + 1 - m + (n - i) * (n - i - 1) / 2
+    return i.long(), j.long()
+
+
+class PairScreen(FittedStatistics):
+    """Screening of many candidate features that keeps only the chosen ones in the model.
+
+    During a fit, forwards of ``(B, P)`` candidates accumulate per-class sums (fp32: at ~10^7
+    candidates fp64 sums would double a fit's memory, and a few hundred subjects' sums of
+    values of order 1 lose nothing that ranks an F statistic); :meth:`end_fit` keeps the ``keep``
+    of largest ANOVA F (as :class:`~masan.model.standardize.FittedStandardize` screens) and their
+    mean and std (floored at ``std_floor`` x the median std of all candidates). Outside a fit,
+    :meth:`forward` standardises the ``(B, keep)`` kept ones. The model's state holds only
+    ``kept`` ``(keep,)`` int64 (ascending; the first ``keep`` until the first fit), ``mean`` and
+    ``std`` ``(keep,)`` fp32: its size does not grow with the candidates.
+    """
+
+    FP32_BUFFERS = ("mean", "std")
+
+    def __init__(self, candidates: int, keep: int, num_classes: int, std_floor: float = 0.1, eps: float = 1e-6):
+        if num_classes < 2:
+            raise ValueError("the connectivity screening (model.connectivity_keep) needs at least 2 classes")
+        super().__init__(num_classes)
+        self.candidates, self.keep, self.std_floor, self.eps = int(candidates), int(keep), std_floor, eps
+        self.register_buffer("kept", torch.arange(keep, dtype=torch.long))
+        self.register_buffer("mean", torch.zeros(keep))
+        self.register_buffer("std", torch.ones(keep))
+        self.register_buffer("fitted_samples", torch.zeros((), dtype=torch.long))
+
+    def begin_fit(self) -> None:
+        """Start accumulating: ``[count (C,) fp64, sum (C, P) fp32, sum of squares (C, P) fp32]``."""
+        dev, c, p = self.mean.device, self.num_classes, self.candidates
+        self._sums = [torch.zeros(c, dtype=torch.float64, device=dev),
+                      torch.zeros(c, p, dtype=torch.float32, device=dev),
+                      torch.zeros(c, p, dtype=torch.float32, device=dev)]
+
+    def accumulate(self, candidates: torch.Tensor) -> None:
+        """Add ``(B, P)`` candidates of the samples labelled by the last :meth:`set_labels`."""
+        x = candidates.detach().float()
+        onehot = self._class_onehot(x.shape[0], torch.float32, x.device)
+        self._sums[0] += onehot.sum(0).double()
+        self._sums[1] += onehot.T @ x
+        self._sums[2] += onehot.T @ (x * x)
+
+    @torch.no_grad()
+    def end_fit(self, rescreen: bool = True) -> None:
+        """Choose the kept candidates (unless ``rescreen=False`` after an earlier fit) and set
+        their mean and std from the (all-reduced) sums; stop accumulating."""
+        counts, s, sq = self.sums()
+        self._sums, self._labels = None, None
+        n = float(counts.sum())
+        if n < 2:
+            raise ValueError(
+                f"cannot fit connectivity statistics on {int(n)} sample(s); the training split needs at least 2")
+        mean = s.sum(0) / n
+        std = ((sq.sum(0) / n - mean * mean).clamp_min(0.0) * (n / (n - 1))).add(self.eps).sqrt()
+        floor = max(float(self.std_floor * std.median()), self.eps)
+        if rescreen or int(self.fitted_samples) == 0:
+            f_stat = anova_f(counts, s, sq, floor**2)
+            self.kept.copy_(torch.topk(f_stat, self.keep).indices.sort().values)
+        self.mean.copy_(mean[self.kept])
+        self.std.copy_(std[self.kept].clamp_min(floor))
+        self.fitted_samples.fill_(int(n))
+
+    def forward(self, kept: torch.Tensor) -> torch.Tensor:
+        return (kept.float() - self.mean) / self.std
 
 
 class PairConnectivity(nn.Module):
     """fMRI ``(B, T, X, Y, Z)`` -> the ``keep`` screened cell-pair correlations ``(B, keep)``, fp32.
 
-    Features: the Fisher-z correlation of every pair of cells (upper triangle of the cell x cell
-    matrix, cells ordered as :func:`cell_time_courses`), standardised by the training cohort and
-    screened (:class:`~masan.model.standardize.FittedStandardize` with ``keep``); the kept pairs in
-    index order. Before the first fit the first ``keep`` pairs pass. Any intensity scaling per voxel
-    or subject leaves them unchanged (correlations); ``T >= 2`` frames.
+    Candidates: the Fisher-z correlation of every pair of cells (upper triangle of the cell x cell
+    matrix, cells ordered as :func:`cell_time_courses`), screened on the training cohort by
+    :class:`PairScreen`. Only a fit computes all ``N (N - 1) / 2`` of them (an ``(B, N, N)``
+    matrix); training and inference correlate the ``keep`` kept pairs only, so the cost after the
+    fit is ``keep`` dot products of time courses. Any intensity scaling per voxel or subject
+    leaves them unchanged (correlations); ``T >= 2`` frames.
 
     Args:
         grid: regions per axis (``model.patch_grid``).
@@ -82,26 +171,24 @@ class PairConnectivity(nn.Module):
             raise ValueError(f"model.connectivity_keep={keep}: keep between 1 and the {n * (n - 1) // 2} cell pairs "
                              f"of model.connectivity_cells={cells}")
         self.keep = int(keep)
-        self.norm = FittedStandardize((n * (n - 1) // 2,), std_floor, keep=keep, num_classes=num_classes)
-        self.register_buffer("pairs", torch.triu_indices(n, n, offset=1), persistent=False)
+        self.screen = PairScreen(n * (n - 1) // 2, keep, num_classes, std_floor)
 
     @property
     def num_cells(self) -> int:
         return num_regions(self.grid) * self.cells**3
 
-    def pair_cells(self, pair: int) -> tuple[int, int]:
-        """The two cells (indices of :func:`cell_time_courses`) of feature ``pair``."""
-        return int(self.pairs[0, pair]), int(self.pairs[1, pair])
-
-    def kept(self) -> torch.Tensor:
-        """Indices ``(keep,)`` of the pairs that pass the screening, ascending."""
-        return self.norm.keep_mask.nonzero().flatten()[: self.keep]
+    def kept_cells(self) -> torch.Tensor:
+        """``(2, keep)`` int64: the two cells (indices of :func:`cell_time_courses`) of each kept pair."""
+        return torch.stack(pair_cells(self.screen.kept, self.num_cells))
 
     def forward(self, fmri: torch.Tensor) -> torch.Tensor:
         if fmri.shape[1] < 2:
             raise ValueError(f"connectivity needs at least 2 fMRI frames; got {fmri.shape[1]} "
                              "(model.fmri_frames, or set model.connectivity_cells=0)")
-        series = cell_time_courses(fmri.float(), self.grid, self.cells)
-        r = correlations(series)[:, self.pairs[0], self.pairs[1]]
-        z = torch.atanh(r.clamp(-MAX_CORRELATION, MAX_CORRELATION))
-        return self.norm(z)[:, self.kept()]
+        unit = unit_rows(cell_time_courses(fmri.float(), self.grid, self.cells))  # (B, N, T)
+        if self.screen.collecting:
+            n = self.num_cells
+            upper = torch.ones(n, n, dtype=torch.bool, device=unit.device).triu(1)
+            self.screen.accumulate(fisher_z(unit @ unit.transpose(1, 2))[:, upper])
+        i, j = pair_cells(self.screen.kept, self.num_cells)
+        return self.screen(fisher_z((unit[:, i] * unit[:, j]).sum(-1)))

@@ -38,7 +38,92 @@ import torch
 from torch import nn
 
 
-class FittedStandardize(nn.Module):
+def anova_f(counts: torch.Tensor, s: torch.Tensor, sq: torch.Tensor, floor_var: float) -> torch.Tensor:
+    """One-way ANOVA F per feature over the classes present: ``counts`` ``(C,)``, per-class sums
+    ``s`` and sums of squares ``sq`` ``(C, *shape)`` -> ``(*shape)`` in their dtype.
+
+    ``F = [sum_c n_c (m_c - m)^2 / (k - 1)] / [sum_c (sq_c - n_c m_c^2) / (n - k)]``; the
+    within-class variance is at least ``floor_var``, so a nearly constant feature cannot win
+    on rounding noise."""
+    present = counts > 0
+    k, n = int(present.sum()), float(counts.sum())
+    if k < 2 or n <= k:
+        raise ValueError(
+            f"screening (model.screen_features, model.connectivity_keep) needs at least 2 classes and more "
+            f"subjects than classes in the training split; got {k} class(es), {int(n)} subject(s)"
+        )
+    counts, s, sq = counts[present].to(s.dtype), s[present], sq[present]
+    shape = (-1,) + (1,) * (s.dim() - 1)
+    class_mean = s / counts.view(shape)
+    grand = s.sum(0) / n
+    between = (counts.view(shape) * (class_mean - grand) ** 2).sum(0) / (k - 1)
+    within = ((sq - counts.view(shape) * class_mean**2).sum(0) / (n - k)).clamp_min(0.0)
+    return between / within.clamp_min(floor_var)
+
+
+class FittedStatistics(nn.Module):
+    """A module whose statistics are fitted on the training subjects by
+    :func:`masan.train.standardize.fit_standardizers`: :meth:`begin_fit`, then forwards (each
+    after :meth:`set_labels`), :meth:`sums` all-reduced over ranks, then :meth:`end_fit`
+    (or :meth:`cancel_fit`). The buffers named in ``FP32_BUFFERS`` stay fp32 when an engine
+    casts the model to bf16."""
+
+    FP32_BUFFERS: tuple[str, ...] = ()
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        self.num_classes = num_classes
+        self._sums: list[torch.Tensor] | None = None
+        self._labels: torch.Tensor | None = None
+
+    def _apply(self, fn, recurse=True):
+        # engines cast models with module.to(bf16): keep the statistics fp32, follow the device only
+        saved = {name: self._buffers[name] for name in self.FP32_BUFFERS}
+        super()._apply(fn, recurse)
+        for name, old in saved.items():
+            self._buffers[name] = old.to(device=self._buffers[name].device)
+        return self
+
+    @property
+    def collecting(self) -> bool:
+        return self._sums is not None
+
+    def begin_fit(self) -> None:
+        raise NotImplementedError
+
+    def end_fit(self, rescreen: bool = True) -> None:
+        raise NotImplementedError
+
+    def set_labels(self, labels: torch.Tensor | None) -> None:
+        """Classes ``(B,)`` (int64 in ``[0, num_classes)``) of the samples of the next forward
+        during a fit; ignored without screening."""
+        self._labels = labels
+
+    def sums(self) -> list[torch.Tensor]:
+        """The sums accumulated since :meth:`begin_fit` (leading axis = class), for an
+        all-reduce over ranks before :meth:`end_fit`."""
+        if self._sums is None:
+            raise RuntimeError(f"{type(self).__name__}.sums() outside begin_fit()/end_fit()")
+        return self._sums
+
+    def cancel_fit(self) -> None:
+        """Stop accumulating without changing the statistics (a fit that failed part way)."""
+        self._sums, self._labels = None, None
+
+    def _class_onehot(self, batch: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """``(batch, num_classes)`` one-hot rows of the labels given by :meth:`set_labels` (one
+        column of ones with a single class); the labels are used once."""
+        if self.num_classes == 1:
+            return torch.ones(batch, 1, dtype=dtype, device=device)
+        if self._labels is None or self._labels.shape[0] != batch:
+            raise RuntimeError(f"{type(self).__name__} with screening: call set_labels(labels) before each "
+                               "forward of a fit (masan.train.standardize.fit_standardizers does)")
+        onehot = torch.nn.functional.one_hot(self._labels.to(device).long(), self.num_classes).to(dtype)
+        self._labels = None
+        return onehot
+
+
+class FittedStandardize(FittedStatistics):
     """``(B, *shape)`` -> ``keep_mask * (x - mean) / std`` per element of ``shape``; fp32 statistics.
 
     Until the first fit the statistics are the identity (mean 0, std 1, every feature kept).
@@ -54,60 +139,32 @@ class FittedStandardize(nn.Module):
         num_classes: classes of the labels given to :meth:`set_labels` (needed when ``keep``).
     """
 
+    FP32_BUFFERS = ("mean", "std", "keep_mask")
+
     def __init__(self, shape: tuple[int, ...], std_floor: float = 0.1, eps: float = 1e-6, keep: int = 0,
                  num_classes: int = 1):
-        super().__init__()
         if keep < 0:
             raise ValueError(f"model.screen_features={keep} must be >= 0 (0: no screening)")
         if keep and num_classes < 2:
             raise ValueError("screening (model.screen_features > 0) needs at least 2 classes")
+        super().__init__(num_classes if keep else 1)
         self.std_floor, self.eps, self.keep = std_floor, eps, int(keep)
-        self.num_classes = num_classes if keep else 1
         self.register_buffer("mean", torch.zeros(shape))
         self.register_buffer("std", torch.ones(shape))
         self.register_buffer("keep_mask", torch.ones(shape))
         self.register_buffer("fitted_samples", torch.zeros((), dtype=torch.long))
-        self._sums: list[torch.Tensor] | None = None
-        self._labels: torch.Tensor | None = None
-
-    def _apply(self, fn, recurse=True):
-        # engines cast models with module.to(bf16): keep the statistics fp32, follow the device only
-        saved = {name: self._buffers[name] for name in ("mean", "std", "keep_mask")}
-        super()._apply(fn, recurse)
-        for name, old in saved.items():
-            self._buffers[name] = old.to(device=self._buffers[name].device)
-        return self
-
-    @property
-    def collecting(self) -> bool:
-        return self._sums is not None
 
     @property
     def screening(self) -> bool:
         return self.keep > 0
 
     def begin_fit(self) -> None:
-        """Start accumulating the inputs of the following forwards."""
+        """Start accumulating the inputs of the following forwards: ``[count, sum, sum of
+        squares]`` per class, fp64."""
         dev, c = self.mean.device, self.num_classes
         self._sums = [torch.zeros(c, dtype=torch.float64, device=dev),
                       torch.zeros((c, *self.mean.shape), dtype=torch.float64, device=dev),
                       torch.zeros((c, *self.mean.shape), dtype=torch.float64, device=dev)]
-
-    def set_labels(self, labels: torch.Tensor | None) -> None:
-        """Classes ``(B,)`` (int64 in ``[0, num_classes)``) of the samples of the next forward
-        during a fit; ignored without screening."""
-        self._labels = labels
-
-    def sums(self) -> list[torch.Tensor]:
-        """``[count, sum, sum of squares]`` per class (fp64, leading axis = class) accumulated
-        since :meth:`begin_fit`, for an all-reduce over ranks before :meth:`end_fit`."""
-        if self._sums is None:
-            raise RuntimeError("FittedStandardize.sums() outside begin_fit()/end_fit()")
-        return self._sums
-
-    def cancel_fit(self) -> None:
-        """Stop accumulating without changing the statistics (a fit that failed part way)."""
-        self._sums, self._labels = None, None
 
     @torch.no_grad()
     def end_fit(self, rescreen: bool = True) -> None:
@@ -131,33 +188,12 @@ class FittedStandardize(nn.Module):
         if not self.screening:
             self.keep_mask.fill_(1.0)
         elif rescreen or int(self.fitted_samples) == 0:
-            self.keep_mask.copy_(self._screen(counts, s, sq, std))
+            floor = (std.median() * self.std_floor) ** 2 if self.std_floor > 0 else self.eps
+            f_stat = anova_f(counts, s, sq, max(float(floor), self.eps))
+            mask = torch.zeros(f_stat.numel(), dtype=self.keep_mask.dtype, device=f_stat.device)
+            mask[torch.topk(f_stat.flatten(), min(self.keep, f_stat.numel())).indices] = 1.0
+            self.keep_mask.copy_(mask.view(f_stat.shape))
         self.fitted_samples.fill_(int(n))
-
-    def _screen(self, counts: torch.Tensor, s: torch.Tensor, sq: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-        """1 for the ``keep`` features of largest ANOVA F over the classes present, else 0.
-
-        ``F = [sum_c n_c (m_c - m)^2 / (k - 1)] / [sum_c (sq_c - n_c m_c^2) / (n - k)]``; the
-        within-class variance is floored like ``std`` so a nearly constant feature cannot win
-        on rounding noise."""
-        present = counts > 0
-        k, n = int(present.sum()), float(counts.sum())
-        if k < 2 or n <= k:
-            raise ValueError(
-                f"screening (model.screen_features) needs at least 2 classes and more subjects than classes "
-                f"in the training split; got {k} class(es), {int(n)} subject(s)"
-            )
-        counts, s, sq = counts[present], s[present], sq[present]
-        shape = (-1,) + (1,) * (s.dim() - 1)
-        class_mean = s / counts.view(shape)
-        grand = s.sum(0) / n
-        between = (counts.view(shape) * (class_mean - grand) ** 2).sum(0) / (k - 1)
-        within = ((sq - counts.view(shape) * class_mean**2).sum(0) / (n - k)).clamp_min(0.0)
-        floor = (std.median() * self.std_floor) ** 2 if self.std_floor > 0 else self.eps
-        f_stat = between / within.clamp_min(max(float(floor), self.eps))
-        mask = torch.zeros(f_stat.numel(), dtype=self.keep_mask.dtype, device=f_stat.device)
-        mask[torch.topk(f_stat.flatten(), min(self.keep, f_stat.numel())).indices] = 1.0
-        return mask.view(f_stat.shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._sums is not None:
@@ -166,20 +202,14 @@ class FittedStandardize(nn.Module):
         return ((x.float() - self.mean) / self.std * self.keep_mask).to(x.dtype)
 
     def _accumulate(self, xd: torch.Tensor) -> None:
-        if self.screening:
-            if self._labels is None or self._labels.shape[0] != xd.shape[0]:
-                raise RuntimeError("FittedStandardize with screening: call set_labels(labels) before each "
-                                   "forward of a fit (masan.train.standardize.fit_standardizers does)")
-            onehot = torch.nn.functional.one_hot(self._labels.to(xd.device).long(), self.num_classes).double()
-        else:
-            onehot = torch.ones(xd.shape[0], 1, dtype=torch.float64, device=xd.device)
+        onehot = self._class_onehot(xd.shape[0], torch.float64, xd.device)
         flat = xd.reshape(xd.shape[0], -1)
         self._sums[0] += onehot.sum(0)
         self._sums[1] += (onehot.T @ flat).view_as(self._sums[1])
         self._sums[2] += (onehot.T @ (flat * flat)).view_as(self._sums[2])
-        self._labels = None
 
 
-def standardizers(model: nn.Module) -> Iterator[FittedStandardize]:
-    """Every :class:`FittedStandardize` inside ``model``, in module order (the same on all ranks)."""
-    return (m for m in model.modules() if isinstance(m, FittedStandardize))
+def standardizers(model: nn.Module) -> Iterator[FittedStatistics]:
+    """Every :class:`FittedStatistics` inside ``model`` (standardisers, connectivity screens), in
+    module order (the same on all ranks)."""
+    return (m for m in model.modules() if isinstance(m, FittedStatistics))

@@ -3,8 +3,10 @@
 - ``easy``: balanced classes, one severity for both modalities, a strong effect in amplitude and
   connectivity, small misregistration, no shape differences (the generator's defaults).
 - ``adni-like``: the paper's class proportions, a severity per modality drawn independently,
-  effects tuned to ADNI-like oracle accuracies, connectivity-only fMRI effect, 48 frames, a
-  smooth warp per subject and unregistered head placements (:class:`masan.synth.deformation.Geometry`).
+  effects tuned to ADNI-like oracle accuracies (each modality alone about 0.6-0.7 on 4 classes,
+  both together above either), connectivity-only fMRI effect, 48 frames at 6.8 mm (a coarser
+  fMRI voxel averages the hippocampus with its neighbours and hides the coupling), a smooth warp
+  per subject and unregistered head placements (:class:`masan.synth.deformation.Geometry`).
 
 docs/validation-cohort.md gives the measured oracle accuracies of each.
 """
@@ -56,6 +58,9 @@ class Preset:
     fmri_effect: tuple[str, ...]
     nuisance: Nuisance = field(default_factory=Nuisance)
     geometry: Geometry | None = None
+    fmri_shape: tuple[int, int, int] | None = None
+    """fMRI grid (voxels) the cohort is written at, or None: the tool's default. The voxel bounds
+    what a connectivity effect in small structures can show (docs/validation-cohort.md)."""
 
     def counts(self, classes: Sequence[str], per_class: int | None = None, subjects: int | None = None
                ) -> dict[str, int]:
@@ -75,8 +80,9 @@ PRESETS: dict[str, Preset] = {
     "easy": Preset(per_class=16, subjects=None, proportions=None, frames=16, strength=DEFAULT_STRENGTH,
                    severity_sd=0.15, fmri_effect=FMRI_EFFECTS),
     "adni-like": Preset(per_class=None, subjects=96, proportions=PAPER_CLASS_COUNTS, frames=48,
-                        strength=(0.3, 0.9), severity_sd=(0.3, 0.1), fmri_effect=("connectivity",),
-                        nuisance=Nuisance(misregistration_mm=6.0, misregistration_deg=6.0), geometry=Geometry()),
+                        strength=(0.2, 0.9), severity_sd=(0.2, 0.2), fmri_effect=("connectivity",),
+                        nuisance=Nuisance(misregistration_mm=6.0, misregistration_deg=6.0), geometry=Geometry(),
+                        fmri_shape=(24, 28, 24)),
 }
 """``synth_cohort.py --preset``: ``easy`` (default) and ``adni-like``."""
 DEFAULT_PRESET = "easy"
