@@ -252,7 +252,7 @@ def cohort_sizes(args: argparse.Namespace, base: RunConfig) -> list[str]:
     args.per_class = args.per_class or full.get("per_class", PRESETS[args.preset].per_class)
     args.t1_shape = args.t1_shape or full.get("t1_shape", base.model.t1_shape)
     preset_fmri = PRESETS[args.preset].fmri_shape or base.model.fmri_shape
-    args.fmri_shape = args.fmri_shape or full.get("fmri_shape", preset_fmri)
+    args.fmri_shape = list(args.fmri_shape or full.get("fmri_shape", preset_fmri))  # the stamp compares as JSON
     args.frames = args.frames or full.get("frames", PRESETS[args.preset].frames)
     shape_overrides = [f"{k}={v}" for k, v, now in (
         ("model.t1_shape", list(args.t1_shape), base.model.t1_shape),

@@ -35,7 +35,7 @@ VARIANTS = {
     "paper_exact": [],
 }
 """Trained variants: their overrides of the run config."""
-PRESET_MODEL = {"easy": [], "adni-like": ["model.connectivity_cells=3", "model.connectivity_keep=10"]}
+PRESET_MODEL = {"easy": [], "adni-like": ["model.connectivity_cells=3", "model.connectivity_keep=5"]}
 """The model's settings for each cohort preset, given to every variant trained from --config
 (before the variant's own overrides; not to :data:`OWN_CONFIG`'s): adni-like's fMRI effect is a
 coupling change, which the connectivity pairs see (masan/model/connectivity.py); their cells and

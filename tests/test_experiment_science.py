@@ -263,3 +263,13 @@ def test_preset_model_settings_reach_the_variants_trained_from_the_bench_config(
     assert cells["masan"] > 0 and cells["fmri_only"] == cells["masan"]
     assert cells["no_conn"] == 0 and cells["paper_exact"] == 0
     assert config("easy", "masan").model.connectivity_cells == 0
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_the_cohort_stamp_reads_back_equal_so_the_cohort_is_reused(tmp_path, preset):
+    """The stamp is compared with its JSON copy on disk: a tuple in it (a preset's shape) would never
+    compare equal, and every run of the experiment would make its cohort afresh."""
+    args = science.parse_args(["--work", str(tmp_path), "--preset", preset])
+    science.cohort_sizes(args, load_config(science.CONFIG))
+    stamp = cohort.cohort_args(args, [4, 4, 4])
+    assert json.loads(json.dumps(stamp)) == stamp
