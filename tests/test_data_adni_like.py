@@ -232,3 +232,17 @@ def test_presets_name_every_generator_argument():
     assert set(args) == {"frames", "strength", "severity_sd", "fmri_effect", "nuisance", "geometry"}
     assert args["frames"] >= 48 and args["fmri_effect"] == ("connectivity",)
     assert presets.DEFAULT_PRESET == "easy" and PRESETS["easy"].geometry is None
+
+
+def test_adni_like_writes_its_fmri_at_the_preset_voxel_unless_told():
+    """The preset's 6.8 mm fMRI grid (a coupling change in the hippocampus is lost in 13.6 mm voxels)
+    is the default of --preset adni-like only; --fmri-shape still wins."""
+    cli = _tool("synth_cohort")
+    p = cli.build_parser()
+    adni = PRESETS["adni-like"]
+    sizes = {extra: cli._sizes(p.parse_args(["--anatomy", "mni152", "--out", "x", *extra]),
+                               PRESETS["adni-like" if "adni-like" in extra else "easy"])[2]
+             for extra in (("--preset", "adni-like"), ("--preset", "adni-like", "--fmri-shape", "6", "7", "6"), ())}
+    assert sizes[("--preset", "adni-like")] == adni.fmri_shape == (24, 28, 24)
+    assert sizes[("--preset", "adni-like", "--fmri-shape", "6", "7", "6")] == (6, 7, 6)
+    assert sizes[()] == (12, 14, 12)
