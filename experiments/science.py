@@ -293,7 +293,7 @@ def table_header(args: argparse.Namespace, planted: dict, repeats: dict[str, int
     size = (f"{args.per_class} per class" if balanced(args.preset) else f"{args.subjects} subjects") + \
         f" ({args.preset}, registration {args.register})"
     fewer = fewer_repeats(args, repeats)
-    return (f"Science benchmark: MNI152 cohort, {size}, T1 {'x'.join(map(str, args.t1_shape))}, "
+    return (f"Science experiment: MNI152 cohort, {size}, T1 {'x'.join(map(str, args.t1_shape))}, "
             f"fMRI {'x'.join(map(str, args.fmri_shape))} x {args.frames}, planted "
             f"{', '.join(planted['by_structure'])}; {args.repeats} repeat(s)"
             + (f" ({', '.join(v for v, n in repeats.items() if n < args.repeats)}: the first "
