@@ -123,14 +123,7 @@ class PairScreen(FittedStatistics):
     def end_fit(self, rescreen: bool = True) -> None:
         """Choose the kept candidates (unless ``rescreen=False`` after an earlier fit) and set
         their mean and std from the (all-reduced) sums; stop accumulating."""
-        counts, s, sq = self.sums()
-        self._sums, self._labels = None, None
-        n = float(counts.sum())
-        if n < 2:
-            raise ValueError(
-                f"cannot fit connectivity statistics on {int(n)} sample(s); the training split needs at least 2")
-        mean = s.sum(0) / n
-        std = ((sq.sum(0) / n - mean * mean).clamp_min(0.0) * (n / (n - 1))).add(self.eps).sqrt()
+        counts, s, sq, n, mean, std = self._finish("connectivity")
         floor = max(float(self.std_floor * std.median()), self.eps)
         if rescreen or int(self.fitted_samples) == 0:
             f_stat = anova_f(counts, s, sq, floor**2)

@@ -110,6 +110,19 @@ class FittedStatistics(nn.Module):
         """Stop accumulating without changing the statistics (a fit that failed part way)."""
         self._sums, self._labels = None, None
 
+    def _finish(self, what: str) -> tuple[torch.Tensor, ...]:
+        """Stop accumulating; from the (all-reduced) sums: ``(counts, sums, sums of squares, n,
+        mean, std)`` over all classes, std with the ``n - 1`` correction and ``self.eps`` added to
+        the variance (ValueError naming ``what`` below 2 samples)."""
+        counts, s, sq = self.sums()
+        self._sums, self._labels = None, None
+        n = float(counts.sum())
+        if n < 2:
+            raise ValueError(f"cannot fit {what} statistics on {int(n)} sample(s); the training split needs at least 2")
+        mean = s.sum(0) / n
+        std = ((sq.sum(0) / n - mean * mean).clamp_min(0.0) * (n / (n - 1))).add(self.eps).sqrt()
+        return counts, s, sq, n, mean, std
+
     def _class_onehot(self, batch: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """``(batch, num_classes)`` one-hot rows of the labels given by :meth:`set_labels` (one
         column of ones with a single class); the labels are used once."""
@@ -172,15 +185,7 @@ class FittedStandardize(FittedStatistics):
 
         ``rescreen=False`` keeps the screening mask of an earlier fit (the first fit always
         screens): the head keeps seeing the same features, only re-centred and re-scaled."""
-        counts, s, sq = self.sums()
-        self._sums, self._labels = None, None
-        n = float(counts.sum())
-        if n < 2:
-            raise ValueError(
-                f"cannot fit feature statistics on {int(n)} sample(s); the training split needs at least 2")
-        mean = s.sum(0) / n
-        var = (sq.sum(0) / n - mean * mean).clamp_min(0.0) * (n / (n - 1))
-        std = var.add(self.eps).sqrt()
+        counts, s, sq, n, mean, std = self._finish("feature")
         if self.std_floor > 0:
             std = std.clamp_min(self.std_floor * std.median())
         self.mean.copy_(mean.to(self.mean.dtype))
