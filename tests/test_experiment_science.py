@@ -263,6 +263,7 @@ def test_preset_model_settings_reach_the_variants_trained_from_the_bench_config(
     assert cells["masan"] > 0 and cells["fmri_only"] == cells["masan"]
     assert cells["no_conn"] == 0 and cells["paper_exact"] == 0
     assert config("easy", "masan").model.connectivity_cells == 0
+    assert config("adni-like", "masan").train.joint_epochs > config("easy", "masan").train.joint_epochs
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
