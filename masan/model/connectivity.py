@@ -113,11 +113,8 @@ class PairScreen(FittedStatistics):
 
     def accumulate(self, candidates: torch.Tensor) -> None:
         """Add ``(B, P)`` candidates of the samples labelled by the last :meth:`set_labels`."""
-        x = candidates.detach().float()
-        onehot = self._class_onehot(x.shape[0], torch.float32, x.device)
-        self._sums[0] += onehot.sum(0).double()
-        self._sums[1] += onehot.T @ x
-        self._sums[2] += onehot.T @ (x * x)
+        with torch.no_grad():
+            self._accumulate_rows(candidates)
 
     @torch.no_grad()
     def end_fit(self, rescreen: bool = True) -> None:

@@ -123,6 +123,15 @@ class FittedStatistics(nn.Module):
         std = ((sq.sum(0) / n - mean * mean).clamp_min(0.0) * (n / (n - 1))).add(self.eps).sqrt()
         return counts, s, sq, n, mean, std
 
+    def _accumulate_rows(self, rows: torch.Tensor) -> None:
+        """Add ``(B, F)`` rows (no gradient) to the per-class count, sum and sum of squares, in
+        the sums' own dtype."""
+        x = rows.detach().to(self._sums[1].dtype)
+        onehot = self._class_onehot(x.shape[0], x.dtype, x.device)
+        self._sums[0] += onehot.sum(0).to(self._sums[0].dtype)
+        self._sums[1] += (onehot.T @ x).view_as(self._sums[1])
+        self._sums[2] += (onehot.T @ (x * x)).view_as(self._sums[2])
+
     def _class_onehot(self, batch: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """``(batch, num_classes)`` one-hot rows of the labels given by :meth:`set_labels` (one
         column of ones with a single class); the labels are used once."""
@@ -203,15 +212,8 @@ class FittedStandardize(FittedStatistics):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._sums is not None:
             with torch.no_grad():
-                self._accumulate(x.detach().double())
+                self._accumulate_rows(x.reshape(x.shape[0], -1))
         return ((x.float() - self.mean) / self.std * self.keep_mask).to(x.dtype)
-
-    def _accumulate(self, xd: torch.Tensor) -> None:
-        onehot = self._class_onehot(xd.shape[0], torch.float64, xd.device)
-        flat = xd.reshape(xd.shape[0], -1)
-        self._sums[0] += onehot.sum(0)
-        self._sums[1] += (onehot.T @ flat).view_as(self._sums[1])
-        self._sums[2] += (onehot.T @ (flat * flat)).view_as(self._sums[2])
 
 
 def standardizers(model: nn.Module) -> Iterator[FittedStatistics]:
