@@ -24,12 +24,11 @@ from pathlib import Path
 from launch.slurm import jobs
 from launch.slurm.queue import Queued, never_starts, slurm_state, squeue_states
 from masan.rundir import RunDir
+from masan.train.eta import ETA_INTERVALS, eta_seconds
 
 RUN_MARKERS = (RunDir.CONFIG_NAME, RunDir.SUBMITTED_CONFIG_NAME, RunDir.JOBS_NAME, RunDir.CHECKPOINTS_NAME)
 """Any of these marks a run directory (a SLURM run has only jobs.json until its job starts)."""
 REPEAT_RE = re.compile(r"^repeat_(\d+)$")
-ETA_INTERVALS = 10
-"""Logged intervals whose median step time gives the ETA (recent speed, robust to a restart gap)."""
 LOSS_TAG, EPOCH_TAG = "train/total", "train/epoch"
 
 
@@ -151,22 +150,23 @@ def _scalars(run: Path, tags: tuple[str, ...]) -> dict[str, list]:
     return {t: acc.Scalars(t) for t in tags if t in have}
 
 
-def eta_seconds(epoch_events: list, epochs_target: int, max_steps: int | None) -> float | None:
+def eta_from_epochs(epoch_events: list, epochs_target: int, max_steps: int | None) -> float | None:
     """Seconds left from the ``train/epoch`` scalar events (wall_time s, step, epochs as a
-    fraction): steps left (epochs left / epochs per step, capped by max_steps) times the median
-    seconds per step of the last :data:`ETA_INTERVALS` logged intervals."""
+    fraction): steps left (epochs left / the median epochs per step, capped by max_steps) by
+    :func:`masan.train.eta.eta_seconds` over the last :data:`ETA_INTERVALS` logged intervals."""
     recent = epoch_events[-(ETA_INTERVALS + 1):]
-    if len(recent) < 2:
+    pairs = [(a, b) for a, b in zip(recent, recent[1:]) if b.step > a.step]
+    if not pairs:
         return None
-    per_step = [(b.wall_time - a.wall_time) / (b.step - a.step) for a, b in zip(recent, recent[1:]) if b.step > a.step]
-    gain = [(b.value - a.value) / (b.step - a.step) for a, b in zip(recent, recent[1:]) if b.step > a.step]
-    if not per_step or statistics.median(gain) <= 0:
+    per_step = [(b.wall_time - a.wall_time) / (b.step - a.step) for a, b in pairs]
+    gain = statistics.median((b.value - a.value) / (b.step - a.step) for a, b in pairs)
+    if gain <= 0:
         return None
     last = epoch_events[-1]
-    steps_left = max(0.0, (epochs_target - last.value) / statistics.median(gain))
+    steps_left = max(0.0, (epochs_target - last.value) / gain)
     if max_steps is not None:
         steps_left = min(steps_left, max(0, max_steps - last.step))
-    return steps_left * statistics.median(per_step)
+    return eta_seconds(per_step, steps_left)
 
 
 def _leaves(tree: dict, prefix: str = "") -> list[str]:
@@ -325,7 +325,7 @@ def _tb_columns(run: Path, st: RunStatus, cfg) -> None:
         if latest.step > saved or (latest.step == saved and latest.value > st.epochs_done):
             st.step, st.epochs_done = latest.step, latest.value
         if cfg is not None:
-            st.eta_s = eta_seconds(events[EPOCH_TAG], st.epochs_target, cfg.train.max_steps)
+            st.eta_s = eta_from_epochs(events[EPOCH_TAG], st.epochs_target, cfg.train.max_steps)
     if cfg is not None and st.epochs_done is not None:  # the live phase (a checkpoint's may be older)
         st.phase = "pretrain" if st.epochs_done < cfg.epochs["pretrain"] else "joint"
 

@@ -40,22 +40,10 @@ from dataclasses import asdict
 from pathlib import Path
 
 from launch.run_status import RunStatus, collect
+from masan.train.eta import duration_text
 
 COLUMNS = ("run", "variant", "repeat", "slurm", "phase", "epoch", "step", "checkpoint", "age", "requeues",
            "restarts", "loss", "eta", "done")
-
-
-def _duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    s = int(round(seconds))
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    if s < 86400:
-        return f"{s // 3600}h{s % 3600 // 60:02d}m"
-    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
 
 
 def row_cells(st: RunStatus) -> list[str]:
@@ -65,9 +53,9 @@ def row_cells(st: RunStatus) -> list[str]:
     slurm = st.slurm if st.job_id is None or "local" in st.slurm else \
         f"{st.slurm} ({st.job_id}{'' if st.reason is None else f', {st.reason}'})"
     return [st.run, st.variant, "-" if st.repeat is None else str(st.repeat), slurm, st.phase or "-", epoch,
-            "-" if st.step is None else str(st.step), st.checkpoint or "-", _duration(st.checkpoint_age_s),
+            "-" if st.step is None else str(st.step), st.checkpoint or "-", duration_text(st.checkpoint_age_s),
             str(st.requeues), str(st.restarts), "-" if st.loss is None else f"{st.loss:.4g}",
-            _duration(st.eta_s), "DONE" if st.done else "-"]
+            duration_text(st.eta_s), "DONE" if st.done else "-"]
 
 
 def format_table(rows: list[RunStatus]) -> str:

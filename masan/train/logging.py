@@ -6,7 +6,8 @@ checkpoint are dropped (those up to its step were logged before it was saved), s
 tag's steps increase without duplicates or rewinds. The writer is flushed at each checkpoint
 and closed before the run returns.
 
-Tags: ``train/<loss term>``, ``train/lr``, ``train/samples_per_s``, ``train/epoch``,
+Tags: ``train/<loss term>``, ``train/lr``, ``train/samples_per_s``, ``train/eta_s`` (seconds left
+of the whole run, :mod:`masan.train.eta`), ``train/epoch``,
 per logging interval ``train/data_wait_frac`` (the largest share of the interval any rank spent
 waiting for its next batch), ``train/data_wait_s`` and ``train/compute_s`` (seconds, mean over
 ranks) and the peak memory of the interval, largest over ranks (:func:`interval_stats`):

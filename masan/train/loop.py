@@ -17,7 +17,7 @@ At the start of the joint phase, and every ``train.norm_refresh_epochs`` joint e
 model's cohort standardisers are fitted on all training subjects
 (:func:`masan.train.standardize.fit_standardizers`). Every ``log.every_steps`` steps the loss
 terms, the optimizer steps DeepSpeed skipped for non-finite gradients, the LR, the
-throughput, each rank's data wait and the peak memory are logged; every
+throughput, the ETA of the whole run, each rank's data wait and the peak memory are logged; every
 ``log.grad_norm_every_steps`` steps the gradient norm of each term.
 """
 
@@ -48,6 +48,7 @@ from masan.model.inputs import PRECISION_DTYPES as DTYPES
 from masan.model.loss import PHASES, class_weights
 from masan.train.checkpoint import CheckpointManager
 from masan.train.engine import LRSchedule, current_lr, grad_norm, set_schedule_step
+from masan.train.eta import ETA_INTERVALS, duration_text, eta_seconds
 from masan.train.logging import TrainLogger, interval_stats
 from masan.train.standardize import fit_standardizers
 from masan.train.stop import StopRequest
@@ -166,6 +167,8 @@ class _Run:
     """data.augment: None, or the train-only transforms."""
     weight: torch.Tensor | None
     """loss.class_weights: (C,) float32, or None."""
+    step_seconds: list[float] = dataclasses.field(default_factory=list)
+    """Seconds per optimizer step of the recent logged intervals, oldest first (for the ETA)."""
 
 
 @dataclass
@@ -225,7 +228,7 @@ def _epoch(p: LoopParts, run: _Run, state: TrainState, phase: str) -> tuple[str 
         interval.samples += run.per_step
         bar.update()
         if log_due:
-            terms = _log_interval(p, state, terms, norm, interval)
+            terms = _log_interval(p, run, state, terms, norm, interval)
             interval = _Interval()
         if p.stop.agreed():
             save(p, state, run.last_save)
@@ -267,23 +270,26 @@ def _step(p: LoopParts, run: _Run, state: TrainState, phase: str, batches, inter
     return terms, norm
 
 
-def _log_interval(p: LoopParts, state: TrainState, terms: dict, norm: float | None, interval: _Interval) -> dict:
-    """Log the step just taken (collective): the loss terms averaged over the ranks (returned),
-    the gradient norm, LR, throughput and where the interval's time went."""
+def _log_interval(p: LoopParts, run: _Run, state: TrainState, terms: dict, norm, interval: _Interval) -> dict:
+    """Log the step just taken (collective): the loss terms averaged over the ranks (returned), the
+    gradient norm, LR, throughput, the whole run's ETA and where the interval's time went."""
     terms = D.mean_over_ranks(terms)
     elapsed = time.perf_counter() - interval.start
     rate = interval.samples / elapsed
+    run.step_seconds = [*run.step_seconds[1 - ETA_INTERVALS:], elapsed * run.per_step / interval.samples]
+    eta = eta_seconds(run.step_seconds, run_steps_left(p.cfg, state, len(p.train_set), run.per_step))
     skipped = skipped_steps(p.engine)
     if skipped and p.info.is_main:
         log.warning("%d optimizer step(s) skipped so far for non-finite gradients", skipped)
     norm_log = {} if norm is None else {"grad_norm": norm}  # this step's, before clipping
-    p.logger.scalars({**terms, **norm_log, "lr": current_lr(p.engine), "samples_per_s": rate,
+    p.logger.scalars({**terms, **norm_log, "lr": current_lr(p.engine), "samples_per_s": rate, "eta_s": eta,
                       "skipped_steps": skipped,
                       "epoch": state.epochs_done + state.consumed / len(p.train_set)}, state.step)
     line = p.logger.interval(D.all_gather_objects(interval_stats(interval.waited, elapsed, p.info.device)),
                              state.step)
     if p.info.is_main:
-        log.info("step %d: loss %.4g, %.2f samples/s, %s", state.step, terms["total"], rate, line)
+        log.info("step %d: loss %.4g, %.2f samples/s, ETA %s, %s", state.step, terms["total"], rate,
+                 duration_text(eta), line)
     return terms
 
 
@@ -313,15 +319,26 @@ def steps_left(n: int, consumed: int, per_step: int) -> int:
 def phase_steps(p: LoopParts, state: TrainState, n_epochs: int, per_step: int) -> int:
     """Total optimizer steps of the current phase: steps done + steps left (at this world size)."""
     n, world = len(p.train_set), p.info.world_size
-    full = steps_left(n, 0, per_step)
-    if full == 0:
+    if steps_left(n, 0, per_step) == 0:
         raise ValueError(
             f"an optimizer step needs {per_step} samples (optim.micro_batch * optim.grad_accum * {world} ranks) "
             f"but the training split has only {n} subjects; lower optim.micro_batch/grad_accum or use fewer ranks")
-    left = 0
-    if state.epoch < n_epochs:
-        left = steps_left(n, state.consumed, per_step) + (n_epochs - state.epoch - 1) * full
-    return (state.step - state.phase_start) + left
+    return (state.step - state.phase_start) + _epochs_steps_left(n, state, n_epochs, per_step)
+
+
+def _epochs_steps_left(n: int, state: TrainState, n_epochs: int, per_step: int) -> int:
+    """Optimizer steps left in a phase of ``n_epochs`` epochs from ``state``'s epoch and position."""
+    left = steps_left(n, state.consumed, per_step) + (n_epochs - state.epoch - 1) * steps_left(n, 0, per_step)
+    return left if state.epoch < n_epochs else 0
+
+
+def run_steps_left(cfg: RunConfig, state: TrainState, n: int, per_step: int) -> int:
+    """Optimizer steps left in the whole run from ``state`` (a resumed run: only those), capped by max_steps."""
+    later = sum(cfg.epochs[phase] for phase in PHASES[PHASES.index(state.phase) + 1:])
+    left = _epochs_steps_left(n, state, cfg.epochs[state.phase], per_step) + later * steps_left(n, 0, per_step)
+    if cfg.train.max_steps is not None:
+        left = min(left, max(0, cfg.train.max_steps - state.step))
+    return left
 
 
 def make_loader(p: LoopParts, sampler, epoch: int, cache=None, augment: Augment | None = None):
