@@ -11,8 +11,9 @@ leaves figures), in order of value:
    total and per sample); each row 2 warm-up steps, then 3 timed ones (``--warmup``, ``--steps``).
 2. ``hfcn``: the same for the H-FCN baseline (T1 only).
 3. ``loader``: one rank's training loader at full resolution from each cohort cache
-   (``data.cache`` none/host/device; bench/io.py :func:`loader_speeds`), on a synthetic
-   full-size cohort prepared in a background process while sections 1-2 run.
+   (``data.cache`` none/host/device; bench/io.py :func:`loader_speeds`: the first epoch is
+   warm-up, not counted), on a synthetic full-size cohort prepared in a background process
+   while sections 1-2 run.
 4. ``deepspeed``: 30 optimizer steps of the real training entry point (launch/train_local.py,
    DeepSpeed with torch.optim Adam: nothing is JIT-compiled) on that cohort with
    ``data.cache=host``, and the data-wait fraction it logs (``train/data_wait_frac``).
@@ -234,7 +235,8 @@ def parse_args(argv: list[str] | None):
     ap.add_argument("--subjects", type=int, default=8,
                     help="subjects of the synthetic cohort (half NC, half AD; a quarter of each class is the "
                          "test part)")
-    ap.add_argument("--loader-passes", type=int, default=2)
+    ap.add_argument("--loader-passes", type=int, default=2,
+                    help="epochs per loader: the first is warm-up, the median of the rest counts (bench/io.py)")
     ap.add_argument("--ds-steps", type=int, default=30)
     ap.add_argument("--sections", default="masan,hfcn,loader,deepspeed,compile",
                     help="comma-separated sections to run")

@@ -11,7 +11,10 @@ One synthesized cohort, measured side by side in one run:
     dtype, on the device), for each cohort cache (``data.cache``) side by side: ``none`` (the default
     path: DataLoader workers decode the store), ``host`` (stored integers in shared memory,
     scaled on the device), ``device`` (the cohort in device memory): samples/s, GB/s into the
-    model and the ratio to ``none``; building a cache is timed apart.
+    model and the ratio to ``none``, in the steady state a training run sees: the first pass
+    of each loader is warm-up (the DataLoader's worker start-up and the page cache; a cache's
+    first touch of its memory) and not counted, the figure is the median of the passes after
+    it (``--loader-passes`` 4, ``--loader-warmup`` 1); building a cache is timed apart.
 Targets (docs/data-format.md, "Benchmark"): store bytes <= .nii.gz bytes; full-sample read >= 5x faster.
 Target (docs/performance.md): the ``host`` cache delivers a full-resolution sample >= 10x faster than ``none``.
 
@@ -20,8 +23,9 @@ Target (docs/performance.md): the ``host`` cache delivers a full-resolution samp
   python bench/io.py --codec lz4 --clevel 5 --keep /tmp/bench   # try another codec, keep the files
   python bench/io.py --full --loader-only --subjects 2 --frames 488   # only the loader table, fewer frames
   python bench/io.py --keep /tmp/b --against /tmp/old/store.zarr   # this layout vs a store of the same cohort
-Timings are the best of --repeats passes over all subjects (contenders interleaved), with every
-file in the page cache; CPU time counts all threads, a steadier figure on a shared machine.
+The store-vs-nibabel timings are the best of --repeats passes over all subjects (contenders
+interleaved), with every file in the page cache; CPU time counts all threads, a steadier figure
+on a shared machine. The loader table's are the median of the passes after the warm-up ones.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import dataclasses
 import gc
 import os
 import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -108,11 +113,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--loader-only", action="store_true", help="only the loader table (no nibabel comparison)")
     p.add_argument("--loader-workers", type=int, default=data.num_workers,
                    help="DataLoader workers of the 'none' loader (default: data.num_workers)")
-    p.add_argument("--loader-passes", type=int, default=2, help="epochs over the cohort per cache (best one counts)")
+    p.add_argument("--loader-passes", type=int, default=4,
+                   help="epochs over the cohort per loader, warm-up included (the median of those after the "
+                        "warm-up counts)")
+    p.add_argument("--loader-warmup", type=int, default=1,
+                   help="first epochs per loader not counted: worker start-up, page cache, a cache's first touch "
+                        "of its memory (at most --loader-passes - 1)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--precision", choices=sorted(PRECISION_DTYPES), default="fp32", help="dtype the model receives")
     p.add_argument("--cache-dir", default=data.cache_dir, help="shared memory of the host cache")
     args = p.parse_args(argv)
+    if args.loader_passes < 1 or args.loader_warmup < 0:
+        p.error("--loader-passes must be >= 1 and --loader-warmup >= 0")
     if args.full:
         args.t1_shape, args.fmri_shape = model.t1_shape, model.fmri_shape
     args.frames = args.frames or (model.fmri_frames if args.full else 200)
@@ -122,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         store = prepare(args, work)
         table, against = ([], []) if args.loader_only else run(args, work, store)
         loader = loader_table(store, torch.device(args.device), args.precision, args.frames, args.loader_workers,
-                              args.loader_passes, args.cache_dir)
+                              args.loader_passes, args.cache_dir, warmup=args.loader_warmup)
     finally:
         if args.keep is None:
             shutil.rmtree(work, ignore_errors=True)
@@ -134,8 +146,10 @@ def main(argv: list[str] | None = None) -> int:
     if against:
         print(f"\nthis store ({store_format(store)}) vs --against {args.against} ({store_format(args.against)}):")
         print_table(["", "this", "against", "against / this"], against)
+    warm = counted_warmup(args.loader_passes, args.loader_warmup)
     print(f"\nloader of one rank, batch 1, {args.precision} on {args.device} (none: {args.loader_workers} "
-          f"DataLoader workers; best of {args.loader_passes} epochs):")
+          f"DataLoader workers; median of epochs {warm + 1}-{args.loader_passes} of {args.loader_passes} per "
+          f"loader, {f'the first {warm} warm-up, not counted' if warm else 'no warm-up epoch'}):")
     print_table(["", *CACHES], loader)
     return 0
 
@@ -168,27 +182,38 @@ def prepare(args: argparse.Namespace, work: Path) -> Path:
     return out
 
 
+def counted_warmup(passes: int, warmup: int) -> int:
+    """Warm-up passes actually discarded: ``warmup``, but at least one of ``passes`` counts."""
+    return max(0, min(warmup, passes - 1))
+
+
 def loader_table(store_path: Path, device: torch.device, precision: str, frames: int, workers: int, passes: int,
-                 cache_dir: str, classes: tuple[str, ...] = ("NC",)) -> list[tuple[str, ...]]:
+                 cache_dir: str, classes: tuple[str, ...] = ("NC",), warmup: int = 1) -> list[tuple[str, ...]]:
     """Samples/s and GB/s into the model of one rank's training loader for each cache (see module
     doc and :func:`loader_speeds`). -> rows (name, none, host, device)."""
-    r = loader_speeds(store_path, device, precision, frames, workers, passes, cache_dir, classes)
+    r = loader_speeds(store_path, device, precision, frames, workers, passes, cache_dir, classes, warmup)
     base = r["none"]["seconds"]
     return [
         ("samples/s", *(f"{r[k]['samples'] / r[k]['seconds']:.2f}" for k in CACHES)),
         ("GB/s into the model", *(f"{r[k]['bytes'] / r[k]['seconds'] / 1e9:.2f}" for k in CACHES)),
         ("ms per sample", *(f"{r[k]['seconds'] / r[k]['samples'] * 1e3:.0f}" for k in CACHES)),
         ("x none (speed)", *(f"{base / r[k]['seconds']:.1f}x" for k in CACHES)),
+        ("warm-up ms per sample (not counted)",
+         *(f"{r[k]['warmup_s'] / r[k]['samples'] * 1e3:.0f}" if r[k]["warmup_s"] else "-" for k in CACHES)),
         ("cache build (s, once)", "", *(f"{r[k]['build_s']:.1f}" for k in CACHES[1:])),
     ]
 
 
 def loader_speeds(store_path: Path, device: torch.device, precision: str, frames: int, workers: int, passes: int,
-                  cache_dir: str, classes: tuple[str, ...] = ("NC",)) -> dict[str, dict[str, float]]:
+                  cache_dir: str, classes: tuple[str, ...] = ("NC",), warmup: int = 1) -> dict[str, dict[str, float]]:
     """One rank's training loader for each cache: ``passes`` epochs over the store's subjects at
     batch 1, each batch as the model receives it (``precision``, on ``device``); ``none`` uses
-    ``workers`` DataLoader workers. -> cache -> {seconds (best epoch), samples, bytes (t1 + fmri
-    delivered in that epoch), build_s (building the cache, 0 for none)}."""
+    ``workers`` DataLoader workers. The first ``warmup`` epochs of each loader
+    (:func:`counted_warmup`: at least one epoch counts) are not counted: they start the workers,
+    fill the page cache and touch a new cache's memory for the first time, which a training run
+    pays once. -> cache -> {seconds (median of the counted epochs), samples, bytes (t1 + fmri
+    delivered in an epoch), build_s (building the cache, 0 for none), warmup_s (mean of the
+    warm-up epochs, 0 when none)}."""
     dtype = PRECISION_DTYPES[precision]
     store = CohortStore(store_path)
     subjects = store.subjects
@@ -206,7 +231,8 @@ def loader_speeds(store_path: Path, device: torch.device, precision: str, frames
                                pin_memory=device.type == "cuda"))
         return caches[kind].batches(range(len(subjects)), 1, dtype, cfg.prefetch_factor)
 
-    best, moved = {k: float("inf") for k in CACHES}, {}
+    times: dict[str, list[float]] = {k: [] for k in CACHES}
+    moved: dict[str, int] = {}
 
     def timed(kind: str) -> None:
         gc.collect()  # the previous contender's buffers are gone before the clock starts
@@ -215,7 +241,7 @@ def loader_speeds(store_path: Path, device: torch.device, precision: str, frames
             nbytes += sum(b[k].nbytes for k in ("t1", "fmri"))
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        best[kind] = min(best[kind], time.perf_counter() - t)
+        times[kind].append(time.perf_counter() - t)
         moved[kind] = nbytes
 
     # `none` first, before the caches exist: its DataLoader forks workers each epoch, and a fork
@@ -234,7 +260,9 @@ def loader_speeds(store_path: Path, device: torch.device, precision: str, frames
     finally:
         for cache in caches.values():
             cache.close()
-    return {k: {"seconds": best[k], "samples": len(subjects), "bytes": moved[k], "build_s": build.get(k, 0.0)}
+    warm = counted_warmup(passes, warmup)
+    return {k: {"seconds": statistics.median(times[k][warm:]), "samples": len(subjects), "bytes": moved[k],
+                "build_s": build.get(k, 0.0), "warmup_s": statistics.mean(times[k][:warm]) if warm else 0.0}
             for k in CACHES}
 
 
