@@ -1,0 +1,122 @@
+"""How finely to cut each region, and how many region features to keep, chosen without a test
+subject: a linear proxy on a pretrained MASAN's region features, cross-validated inside one
+split's training part.
+
+MASAN screens its region features once, at the start of the joint phase, from the encoders the
+pretraining left (``model.screen_fraction``, masan/model/standardize.py). This tool takes a run's
+checkpoint of that moment, pools the encoders' levels at each ``--cells`` (``model.fusion_cells``),
+fuses the modalities as the model does (eq. 6, the gates as they are then) and scores, for each
+``--keep``, ANOVA screening + standardising + a balanced logistic regression by repeated stratified
+K-fold inside the run's training part (split.json ``train`` + ``val``). The test part is never
+read. Example (a run of ``python -m experiments.science``; step 99 ends its pretraining)::
+
+    python -m experiments.region_cells runs/science-adni-like/runs/masan/r0 --checkpoint step_000099 \\
+        --cells 3 4 5 --keep 40 68 100 160 300
+
+It prints one markdown row per cells value: 4-class / AD-vs-rest accuracy per kept count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.feature_selection import SelectKBest, f_classif
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import RepeatedStratifiedKFold
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+PROXY_C = 0.01
+"""Inverse L2 strength of the proxy's logistic regression (strong: a few dozen subjects)."""
+
+
+def proxy_scores(features: np.ndarray, labels: np.ndarray, keeps: list[int], positive: int, folds: int = 5,
+                 repeats: int = 3, seed: int = 0) -> dict[int, tuple[float, float]]:
+    """Cross-validated (4-class accuracy, positive-vs-rest accuracy of the arg-max) of the proxy
+    keeping each of ``keeps`` features.
+
+    Args:
+        features: ``(N, F)`` float, one row per training-part subject.
+        labels: ``(N,)`` int class indices.
+        keeps: counts of features the ANOVA screening keeps (each <= F).
+        positive: index of the positive class (AD).
+    """
+    cv = list(RepeatedStratifiedKFold(n_splits=folds, n_repeats=repeats, random_state=seed).split(features, labels))
+    out = {}
+    for k in keeps:
+        scores = []
+        for train, test in cv:
+            proxy = make_pipeline(SelectKBest(f_classif, k=k), StandardScaler(),
+                                  LogisticRegression(C=PROXY_C, class_weight="balanced", max_iter=3000))
+            pred = proxy.fit(features[train], labels[train]).predict(features[test])
+            truth = labels[test]
+            scores.append(((pred == truth).mean(), ((pred == positive) == (truth == positive)).mean()))
+        out[k] = tuple(float(v) for v in np.mean(scores, axis=0))
+    return out
+
+
+@torch.no_grad()
+def region_feature_rows(model, samples: list[dict], cells: int) -> np.ndarray:
+    """``(N, R * D)`` the region features the head of ``model`` would screen, with the encoders'
+    levels pooled at ``cells`` cells per region and axis (the model is changed in place)."""
+    from masan.model.regions import region_features
+
+    for module in (model.spm, model.fpm.spatial if model.fpm is not None else None):
+        if module is not None:
+            module.cells = cells  # pooling only: the encoders and the fusion gates are size-agnostic
+    rows = []
+    for sample in samples:
+        t1 = model._encode("t1", model.spm, sample.get("t1", None), {})
+        fmri = model._encode("fmri", model.fpm, sample.get("fmri", None), {})
+        rows.append(torch.cat([region_features(m, model.grid) for m in model._fuse(t1, fmri)], dim=2).flatten())
+    return torch.stack(rows).float().numpy()
+
+
+def training_part(run_dir: Path, checkpoint: str):
+    """(model, training-part samples as batches of one, their labels, the positive class index)."""
+    from masan.data.dataset import CohortDataset, select_subjects
+    from masan.data.splits import Split
+    from masan.predict import load_trained_model
+    from masan.rundir import RunDir
+
+    model, cfg, classes, _, _ = load_trained_model(run_dir, torch.device("cpu"), checkpoint, allow_unfinished=True)
+    split = Split.load(RunDir(run_dir).split)
+    subjects = list(split.part("train")) + list(split.part("val"))
+    label = dict(zip(*select_subjects(cfg.data.store, cfg.data)[:2]))
+    labels = np.array([label[s] for s in subjects])
+    data = CohortDataset(cfg.data.store, subjects, list(labels), cfg.data)
+    samples = [{k: v[None].float() for k, v in data[i].items() if k in ("t1", "fmri")} for i in range(len(data))]
+    return model, samples, labels, classes.index(cfg.data.positive_class)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run_dir", type=Path, help="a MASAN training run (its split.json and checkpoints)")
+    ap.add_argument("--checkpoint", required=True, help="the checkpoint tag at the end of pretraining (step_N)")
+    ap.add_argument("--cells", type=int, nargs="+", default=[3, 4, 5], help="model.fusion_cells values to compare")
+    ap.add_argument("--keep", type=int, nargs="+", default=[40, 68, 100, 160, 300],
+                    help="region features the screening keeps")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    model, samples, labels, positive = training_part(args.run_dir, args.checkpoint)
+    print(f"{args.run_dir}: {len(labels)} training-part subjects, checkpoint {args.checkpoint}; proxy: ANOVA top-k, "
+          f"logistic regression C {PROXY_C}, 5-fold x 3; 4-class / AD-vs-rest accuracy\n")
+    print("| cells | features | " + " | ".join(f"keep {k}" for k in args.keep) + " |")
+    print("|---|---|" + "---|" * len(args.keep))
+    for cells in args.cells:
+        start = time.perf_counter()
+        rows = region_feature_rows(model, samples, cells)
+        scores = proxy_scores(rows, labels, args.keep, positive)
+        print(f"| {cells} | {rows.shape[1]:,} | " + " | ".join(f"{a:.3f} / {b:.3f}" for a, b in scores.values())
+              + f" |  ({time.perf_counter() - start:.0f} s)", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,44 @@
+"""The region-cells proxy (experiments/region_cells.py): the model's features at other cell counts,
+and a cross-validated score that finds a planted feature."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+
+from experiments.region_cells import proxy_scores, region_feature_rows
+from masan.model import build_model, small_model_config
+from masan.model.regions import num_regions, region_features
+
+
+def test_region_features_at_other_cells_are_what_the_model_would_pool():
+    cfg = small_model_config()
+    model = build_model(cfg, 4).eval()
+    samples = [{"t1": torch.randn(1, 1, *cfg.t1_shape), "fmri": torch.randn(1, cfg.fmri_frames, *cfg.fmri_shape)}
+               for _ in range(2)]
+    width = sum(2 * c for c in cfg.channels)  # avg + max per level
+    for cells in (1, 2):
+        rows = region_feature_rows(model, samples, cells)
+        assert rows.shape == (2, num_regions(cfg.patch_grid) * width * cells**3)
+    # at the model's own cell count: exactly the regions its forward pass standardises
+    built = build_model(dataclasses.replace(cfg, fusion_cells=2), 4).eval()
+    built.load_state_dict({k: v for k, v in model.state_dict().items()
+                           if not k.startswith(("attention", "classifier"))}, strict=False)
+    with torch.no_grad():
+        s = built._encode("t1", built.spm, samples[0]["t1"], {})
+        f = built._encode("fmri", built.fpm, samples[0]["fmri"], {})
+        own = torch.cat([region_features(m, built.grid) for m in built._fuse(s, f)], dim=2).flatten()
+    assert np.allclose(region_feature_rows(model, samples[:1], 2)[0], own.numpy(), atol=1e-5)
+
+
+def test_proxy_scores_find_a_planted_feature_and_keep_counts_matter():
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(4), 15)
+    features = rng.normal(size=(60, 400))
+    features[np.arange(60), 7 + labels] += 3.0  # four informative features among 400, one per class
+    scores = proxy_scores(features, labels, [4, 400], positive=3)
+    assert set(scores) == {4, 400}
+    assert scores[4][0] > 0.8 and scores[4][1] > 0.9  # screening finds them
+    assert scores[4][0] > scores[400][0] + 0.1  # keeping every feature drowns them
