@@ -81,12 +81,13 @@ from masan.synth.presets import PRESETS
 CONFIG = REPO / "hpc/configs/science.yaml"
 LINEAR = {"linear": False, "linear_both": True}
 """Rows fitted without training (experiments/baselines.py): name -> with fMRI features."""
-MINUTES = {"t1_only": 8.2, "hfcn": 8.2, "masan": 7.6, "paper_exact": 7.6, "masan_add": 5.4, "no_conn": 7.6,
-           "fmri_only": 0.7}
-"""Minutes per run at the default size on 2 CPU cores (one thread each; the mean of the five
-repeats of docs/results/science_cpu_5repeats_final.md; hfcn and paper_exact not yet measured:
-those of t1_only and masan, whose autoencoders they train): runs are started longest first, so
-the short ones fill the end and neither core idles at the tail."""
+MINUTES = {"easy": {"t1_only": 8.2, "hfcn": 8.2, "masan": 7.6, "paper_exact": 7.6, "masan_add": 5.4, "no_conn": 7.6,
+                    "fmri_only": 0.7},
+           "adni-like": {"masan": 9.0, "no_conn": 8.5, "masan_add": 8.2, "t1_only": 6.0, "hfcn": 6.0,
+                         "fmri_only": 3.5, "paper_exact": 3.3}}
+"""Minutes per run of each preset at the default size on 2 CPU cores (one thread each; measured:
+docs/validation-cohort.md): runs are started longest first, so the short ones fill the end and
+neither core idles at the tail."""
 ABLATION_REPEATS = 1
 """Repeats of the variants other than :data:`MAIN` by default: the ablations and baselines of the
 adni-like cohort on every split were about 65 min on 2 cores; MASAN keeps every repeat."""
@@ -272,7 +273,8 @@ def plan_runs(args: argparse.Namespace) -> tuple[list[str], dict[str, int], list
     jobs longest first, and each job's run dir WORK/runs/<variant>/r<repeat>."""
     trained = [v for v in args.variants if v in VARIANTS]
     repeats = {v: args.repeats if v == MAIN else args.ablation_repeats for v in trained}
-    jobs = sorted(((r, v) for v in trained for r in range(repeats[v])), key=lambda j: -MINUTES.get(j[1], 0))
+    minutes = MINUTES[args.preset]
+    jobs = sorted(((r, v) for v in trained for r in range(repeats[v])), key=lambda j: -minutes.get(j[1], 0))
     run_dirs = {(r, v): args.work / "runs" / v / f"r{r}" for r, v in jobs}
     return trained, repeats, jobs, run_dirs
 

@@ -211,6 +211,7 @@ def test_linear_settings_come_from_cross_validation_on_the_training_part():
 
 def test_ablations_may_run_fewer_repeats_and_the_table_says_so():
     default = science.parse_args([])
+    assert all(set(science.MINUTES[p]) == set(science.VARIANTS) for p in PRESETS)  # every run ordered by its cost
     assert (default.repeats, default.ablation_repeats) == (3, 1)  # the default command's size: MASAN on every split
     args = science.parse_args(["--repeats", "3", "--ablation-repeats", "5"])
     assert args.ablation_repeats == 3  # never more than MASAN's
