@@ -69,6 +69,7 @@ def run_step(cmd: list[str]) -> None:
 def make_cohort(work: Path, stamp: dict) -> Path:
     """WORK/cohort.zarr made by synth_cohort + to_zarr, or reused when its stamp matches."""
     store, bids, stamp_file = work / "cohort.zarr", work / "bids", work / COHORT_STAMP
+    stamp = json.loads(json.dumps(stamp))  # as it reads back: a tuple in it would never equal its JSON list
     if stamp_file.is_file() and store.is_dir() and json.loads(stamp_file.read_text()) == stamp:
         print(f"reusing the cohort {store} (same arguments: {stamp_file})")
         return store

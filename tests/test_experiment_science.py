@@ -113,6 +113,8 @@ def test_a_changed_cohort_is_remade(tmp_path, monkeypatch):
     cohort.make_cohort(tmp_path, stamp)
     cohort.make_cohort(tmp_path, stamp)
     assert len(made) == 2  # the second call reused it
+    cohort.make_cohort(tmp_path, {**stamp, "t1_shape": tuple(stamp["t1_shape"])})
+    assert len(made) == 2  # a tuple where the stamp on disk has a list is the same cohort
     cohort.make_cohort(tmp_path, {**stamp, "register": "rigid"})
     assert len(made) == 4 and flag(made[-1], "--register") == "rigid"
 
