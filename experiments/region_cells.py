@@ -64,16 +64,12 @@ def proxy_scores(features: np.ndarray, labels: np.ndarray, keeps: list[int], pos
 def region_feature_rows(model, samples: list[dict], cells: int) -> np.ndarray:
     """``(N, R * D)`` the region features the head of ``model`` would screen, with the encoders'
     levels pooled at ``cells`` cells per region and axis (the model is changed in place)."""
-    from masan.model.regions import region_features
-
     for module in (model.spm, model.fpm.spatial if model.fpm is not None else None):
         if module is not None:
             module.cells = cells  # pooling only: the encoders and the fusion gates are size-agnostic
     rows = []
     for sample in samples:
-        t1 = model._encode("t1", model.spm, sample.get("t1", None), {})
-        fmri = model._encode("fmri", model.fpm, sample.get("fmri", None), {})
-        rows.append(torch.cat([region_features(m, model.grid) for m in model._fuse(t1, fmri)], dim=2).flatten())
+        rows.append(model.region_inputs(sample.get("t1"), sample.get("fmri")).flatten())
     return torch.stack(rows).float().numpy()
 
 

@@ -10,7 +10,7 @@ import torch
 
 from experiments.region_cells import proxy_scores, region_feature_rows
 from masan.model import build_model, small_model_config
-from masan.model.regions import num_regions, region_features
+from masan.model.regions import num_regions
 
 
 def test_region_features_at_other_cells_are_what_the_model_would_pool():
@@ -27,9 +27,7 @@ def test_region_features_at_other_cells_are_what_the_model_would_pool():
     built.load_state_dict({k: v for k, v in model.state_dict().items()
                            if not k.startswith(("attention", "classifier"))}, strict=False)
     with torch.no_grad():
-        s = built._encode("t1", built.spm, samples[0]["t1"], {})
-        f = built._encode("fmri", built.fpm, samples[0]["fmri"], {})
-        own = torch.cat([region_features(m, built.grid) for m in built._fuse(s, f)], dim=2).flatten()
+        own = built.region_inputs(samples[0]["t1"], samples[0]["fmri"]).flatten()
     assert np.allclose(region_feature_rows(model, samples[:1], 2)[0], own.numpy(), atol=1e-5)
 
 

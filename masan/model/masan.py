@@ -127,13 +127,21 @@ class MASAN(nn.Module):
             return head_input((t1 or fmri).region_maps)
         return [f(a, b) for f, a, b in zip(self.fusion, head_input(t1.region_maps), head_input(fmri.region_maps))]
 
-    def forward(self, t1: torch.Tensor | None = None, fmri: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        out: dict[str, torch.Tensor] = {}
+    def region_inputs(self, t1: torch.Tensor | None = None, fmri: torch.Tensor | None = None,
+                      out: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """The fused region features the head standardises and screens, ``(B, R, D)`` with
+        ``D = sum_l M * c_l * fusion_cells^3``; ``out`` (when given) receives the encoders' outputs
+        (reconstructions, codes) as :meth:`forward` returns them."""
+        out = {} if out is None else out
         s = self._encode("t1", self.spm, t1, out)
         f = self._encode("fmri", self.fpm, fmri, out)
-        device = (t1 if s is not None else fmri).device
-        with autocast_off(device):
-            regions = torch.cat([region_features(m, self.grid) for m in self._fuse(s, f)], dim=2)  # (B, R, D)
+        with autocast_off((t1 if s is not None else fmri).device):
+            return torch.cat([region_features(m, self.grid) for m in self._fuse(s, f)], dim=2)
+
+    def forward(self, t1: torch.Tensor | None = None, fmri: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        regions = self.region_inputs(t1, fmri, out)  # (B, R, D)
+        with autocast_off(regions.device):
             standardized = self.attention.norm(regions)
             new, weights = self.attention.attend(standardized)
             pairs = self.connectivity(fmri).to(new.dtype) if self.connectivity is not None else None
