@@ -8,10 +8,11 @@ checkpoint of that moment, pools the encoders' levels at each ``--cells`` (``mod
 fuses the modalities as the model does (eq. 6, the gates as they are then) and scores, for each
 ``--keep``, ANOVA screening + standardising + a balanced logistic regression by repeated stratified
 K-fold inside the run's training part (split.json ``train`` + ``val``). The test part is never
-read. Example (a run of ``python -m experiments.science``; step 99 ends its pretraining)::
+read. Example (a run of ``python -m experiments.science``; its last checkpoint of the pretraining
+phase unless ``--checkpoint`` names another)::
 
-    python -m experiments.region_cells runs/science-adni-like/runs/masan/r0 --checkpoint step_000099 \\
-        --cells 3 4 5 --keep 40 68 100 160 300
+    python -m experiments.region_cells runs/science-adni-like/runs/masan/r0 --cells 3 4 5 \\
+        --keep 40 68 100 160 300
 
 It prints one markdown row per cells value: 4-class / AD-vs-rest accuracy per kept count.
 """
@@ -73,6 +74,20 @@ def region_feature_rows(model, samples: list[dict], cells: int) -> np.ndarray:
     return torch.stack(rows).float().numpy()
 
 
+def pretraining_end(run_dir: Path) -> str:
+    """The tag of ``run_dir``'s newest complete checkpoint saved in the pretraining phase: the
+    encoders the screening is fitted on (ValueError when the run kept none)."""
+    from masan.model.loss import PHASES
+    from masan.train.checkpoint import CheckpointManager
+
+    manager = CheckpointManager(run_dir, keep=1)
+    for tag in manager.complete_tags():  # newest first
+        if manager.manifest(tag).get("state", {}).get("phase") == PHASES[0]:
+            return tag
+    raise ValueError(f"{run_dir} keeps no complete checkpoint of its pretraining phase; pass --checkpoint TAG "
+                     "(a checkpoint's folder name, step_N) or train the run again")
+
+
 def training_part(run_dir: Path, checkpoint: str):
     """(model, training-part samples as batches of one, their labels, the positive class index)."""
     from masan.data.dataset import CohortDataset, select_subjects
@@ -93,13 +108,15 @@ def training_part(run_dir: Path, checkpoint: str):
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run_dir", type=Path, help="a MASAN training run (its split.json and checkpoints)")
-    ap.add_argument("--checkpoint", required=True, help="the checkpoint tag at the end of pretraining (step_N)")
+    ap.add_argument("--checkpoint", default=None,
+                    help="checkpoint tag (step_N; default: the run's last checkpoint of its pretraining phase)")
     ap.add_argument("--cells", type=int, nargs="+", default=[3, 4, 5], help="model.fusion_cells values to compare")
     ap.add_argument("--keep", type=int, nargs="+", default=[40, 68, 100, 160, 300],
                     help="region features the screening keeps")
     ap.add_argument("--threads", type=int, default=2, help="torch threads")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    args.checkpoint = args.checkpoint or pretraining_end(args.run_dir)
     model, samples, labels, positive = training_part(args.run_dir, args.checkpoint)
     print(f"{args.run_dir}: {len(labels)} training-part subjects, checkpoint {args.checkpoint}; proxy: ANOVA top-k, "
           f"logistic regression C {PROXY_C}, 5-fold x 3; 4-class / AD-vs-rest accuracy\n")

@@ -4,13 +4,17 @@ and a cross-validated score that finds a planted feature."""
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
+import pytest
 import torch
 
-from experiments.region_cells import proxy_scores, region_feature_rows
+from experiments.region_cells import pretraining_end, proxy_scores, region_feature_rows
 from masan.model import build_model, small_model_config
 from masan.model.regions import num_regions
+from masan.rundir import RunDir
+from masan.train.checkpoint import MARKER
 
 
 def test_region_features_at_other_cells_are_what_the_model_would_pool():
@@ -40,3 +44,19 @@ def test_proxy_scores_find_a_planted_feature_and_keep_counts_matter():
     assert set(scores) == {4, 400}
     assert scores[4][0] > 0.8 and scores[4][1] > 0.9  # screening finds them
     assert scores[4][0] > scores[400][0] + 0.1  # keeping every feature drowns them
+
+
+def test_the_default_checkpoint_is_the_last_complete_one_of_pretraining(tmp_path):
+    def checkpoint(tag, phase, complete=True):
+        folder = RunDir(tmp_path).checkpoints / tag
+        folder.mkdir(parents=True)
+        if complete:
+            (folder / MARKER).write_text(json.dumps({"files": {}, "state": {"phase": phase}}))
+
+    checkpoint("step_000010", "pretrain")
+    with pytest.raises(ValueError, match="--checkpoint"):
+        pretraining_end(tmp_path / "no-run")
+    checkpoint("step_000020", "pretrain")
+    checkpoint("step_000025", "pretrain", complete=False)  # an interrupted save is never the answer
+    checkpoint("step_000090", "joint")
+    assert pretraining_end(tmp_path) == "step_000020"
