@@ -113,8 +113,7 @@ class PairScreen(FittedStatistics):
 
     def accumulate(self, candidates: torch.Tensor) -> None:
         """Add ``(B, P)`` candidates of the samples labelled by the last :meth:`set_labels`."""
-        with torch.no_grad():
-            self._accumulate_rows(candidates)
+        self._accumulate_rows(candidates)
 
     @torch.no_grad()
     def end_fit(self, rescreen: bool = True) -> None:

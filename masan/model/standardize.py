@@ -123,10 +123,11 @@ class FittedStatistics(nn.Module):
         std = ((sq.sum(0) / n - mean * mean).clamp_min(0.0) * (n / (n - 1))).add(self.eps).sqrt()
         return counts, s, sq, n, mean, std
 
+    @torch.no_grad()
     def _accumulate_rows(self, rows: torch.Tensor) -> None:
         """Add ``(B, F)`` rows (no gradient) to the per-class count, sum and sum of squares, in
         the sums' own dtype."""
-        x = rows.detach().to(self._sums[1].dtype)
+        x = rows.to(self._sums[1].dtype)
         onehot = self._class_onehot(x.shape[0], x.dtype, x.device)
         self._sums[0] += onehot.sum(0).to(self._sums[0].dtype)
         self._sums[1] += (onehot.T @ x).view_as(self._sums[1])
@@ -211,8 +212,7 @@ class FittedStandardize(FittedStatistics):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._sums is not None:
-            with torch.no_grad():
-                self._accumulate_rows(x.reshape(x.shape[0], -1))
+            self._accumulate_rows(x.reshape(x.shape[0], -1))
         return ((x.float() - self.mean) / self.std * self.keep_mask).to(x.dtype)
 
 
