@@ -89,8 +89,9 @@ MINUTES = {"easy": {"t1_only": 8.2, "hfcn": 8.2, "masan": 7.6, "paper_exact": 7.
 docs/validation-cohort.md): runs are started longest first, so the short ones fill the end and
 neither core idles at the tail."""
 ABLATION_REPEATS = 1
-"""Repeats of the variants other than :data:`MAIN` by default: the ablations and baselines of the
-adni-like cohort on every split were about 65 min on 2 cores; MASAN keeps every repeat."""
+"""Repeats of the variants other than :data:`MAIN` by default: every variant on every split
+outgrew the default command's time budget on 2 CPU cores (docs/validation-cohort.md); MASAN keeps
+every repeat."""
 ORACLE = "oracle"
 LOCK_FILE = "science.lock"
 
@@ -110,7 +111,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--repeats", type=int, default=3, help="splits (split.repeat = seed = 0..N-1)")
     ap.add_argument("--ablation-repeats", type=int, default=ABLATION_REPEATS, metavar="K",
                     help=f"train the variants other than {MAIN} on the first K repeats only (default "
-                         f"{ABLATION_REPEATS}, so the default command stays within about 40 min on 2 CPU cores; "
+                         f"{ABLATION_REPEATS}, so the default command stays within its time budget on 2 CPU cores; "
                          "--ablation-repeats N with N = --repeats trains every variant on every split)")
     rows = [*VARIANTS, *LINEAR]
     ap.add_argument("--variants", nargs="+", default=rows, choices=rows, metavar="NAME",
