@@ -24,7 +24,7 @@ with planted effects, side by side in one run.
        paper_exact  MASAN as the paper states it (hpc/configs/paper-exact.yaml), at the bench's
                     sizes and budget (:data:`BENCH_SCALE` taken from the bench's config)
 
-   ``--ablation-repeats K`` trains the variants other than masan on the first K repeats only.
+   ``--ablation-repeats K`` (default 1) trains the variants other than masan on the first K repeats only.
 3. Scores each run's test predictions: 4-class accuracy; AD vs rest accuracy, precision, recall
    (AD positive: arg-max class AD) and AUC of prob_AD; and where the model looks: the rank of
    the best-ranked planted region in its region ranking (mean region weight over the test
