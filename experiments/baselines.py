@@ -9,7 +9,10 @@ fitted on a repeat's training part and scored on its test part, the split the re
   that does not beat it has learnt nothing a voxelwise ANOVA and a logistic regression would
   not find.
 
-Both read only the cohort store; the oracle also its truth record (``planted_effect``).
+Both read only the cohort store; the oracle also its truth record (``planted_effect``). Each
+calls a subject's class by the decision rule (arg-max or expected stage) that is more accurate in
+cross-validation inside the repeat's training part (:func:`nested_decision`), the trained runs'
+``data.decision`` on a tie.
 """
 
 from __future__ import annotations
@@ -20,10 +23,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+from sklearn.base import clone
 from sklearn.compose import ColumnTransformer
 from sklearn.feature_selection import SelectKBest, VarianceThreshold, f_classif
 from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import GridSearchCV, StratifiedKFold
+from sklearn.model_selection import GridSearchCV, StratifiedKFold, cross_val_predict
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
@@ -39,19 +43,51 @@ CV_FOLDS = 5
 """Stratified folds of the training part (fewer when a class has fewer subjects)."""
 
 
-def metric_values(labels: np.ndarray, probs: np.ndarray, names: list[str], positive: str) -> dict:
-    """The table's numbers for test ``labels`` (N,) and class ``probs`` (N, C): 4-class accuracy,
-    and AD vs rest (arg-max AD) accuracy, precision, recall and the AUC of P(AD)."""
-    from masan.metrics import classification_metrics
+def cv_folds(y: np.ndarray) -> int:
+    """Stratified folds a training part's labels ``y`` allow: :data:`CV_FOLDS`, fewer when a class
+    has fewer subjects (below 2: no cross-validation)."""
+    counts = np.bincount(y)
+    return min(CV_FOLDS, int(counts[counts > 0].min()))
 
-    m = classification_metrics(labels, probs.argmax(axis=1), names, positive, probs)
+
+def nested_decision(model, X: np.ndarray, y: np.ndarray, seed: int, preferred: str) -> str:
+    """The decision rule (masan.predictions.DECISIONS) whose calls are the most accurate over the
+    classes in stratified cross-validation of the unfitted sklearn ``model`` on a training part
+    (``X`` (N, F), ``y`` (N,)) alone: a row's probabilities need not be ordered by stage as the
+    expected stage assumes (a multinomial model may split a subject between NC and AD), so each
+    fitted row picks its own. Ties, and a class too small to fold, keep ``preferred``."""
+    from masan.predictions import DECISIONS, decide
+
+    folds = cv_folds(y)
+    if folds < 2:
+        return preferred
+    with np.errstate(invalid="ignore", divide="ignore"):  # f_classif: a feature constant within every class
+        prob = cross_val_predict(model, X, y, method="predict_proba",
+                                 cv=StratifiedKFold(folds, shuffle=True, random_state=seed))
+    classes = np.unique(y)
+    accuracy = {rule: float((classes[decide(prob, rule)] == y).mean()) for rule in DECISIONS}
+    best = max(accuracy.values())
+    return preferred if accuracy[preferred] == best else max(accuracy, key=accuracy.get)
+
+
+def metric_values(labels: np.ndarray, probs: np.ndarray, names: list[str], positive: str,
+                  decision: str = "argmax") -> dict:
+    """The table's numbers for test ``labels`` (N,) and class ``probs`` (N, C), each subject's
+    class called by the rule ``decision`` (masan.predictions.decide): 4-class accuracy, and AD vs
+    rest (called AD) accuracy, precision, recall and the AUC of P(AD)."""
+    from masan.metrics import classification_metrics
+    from masan.predictions import decide
+
+    m = classification_metrics(labels, decide(probs, decision), names, positive, probs)
     return {k: m[k] for k in ("n", "accuracy", "binary_accuracy", "precision", "recall", "auc")}
 
 
 class SplitRow:
     """A row fitted on a repeat's split of the subjects the benchmark's config selects
-    (``data_cfg``: classes, modalities). Subclasses give :meth:`measure`, one feature vector
-    per subject, measured once per store for all subjects."""
+    (``data_cfg``: classes, modalities; its ``decision`` is the rule a row keeps unless
+    :func:`nested_decision` finds the other more accurate inside the training part). Subclasses
+    give :meth:`measure`, one feature vector per subject, measured once per store for all
+    subjects."""
 
     def __init__(self, store, data_cfg, split_cfg):
         from masan.data.dataset import select_subjects
@@ -59,7 +95,7 @@ class SplitRow:
         self.store, self.split_cfg = store, split_cfg
         subjects, labels, self.names = select_subjects(store, data_cfg)
         self.label = dict(zip(subjects, labels))
-        self.positive = data_cfg.positive_class
+        self.positive, self.preferred = data_cfg.positive_class, data_cfg.decision
         self._features: dict[str, np.ndarray] | None = None
 
     def measure(self, subjects: list[str]) -> np.ndarray:
@@ -87,11 +123,12 @@ class SplitRow:
         subjects = sorted(self.label)
         return make_split(subjects, [self.label[s] for s in subjects], cfg)
 
-    def metrics(self, train_y: np.ndarray, test_y: np.ndarray, prob: np.ndarray) -> dict:
-        """:func:`metric_values` of ``prob`` (n_test, training classes in sorted order)."""
+    def metrics(self, train_y: np.ndarray, test_y: np.ndarray, prob: np.ndarray, decision: str) -> dict:
+        """:func:`metric_values` of ``prob`` (n_test, training classes in sorted order), classes
+        called by ``decision``, which the result keeps."""
         probs = np.zeros((len(test_y), len(self.names)))
         probs[:, np.unique(train_y)] = prob
-        return metric_values(test_y, probs, self.names, self.positive)
+        return {**metric_values(test_y, probs, self.names, self.positive, decision), "decision": decision}
 
 
 class Oracle(SplitRow):
@@ -104,11 +141,12 @@ class Oracle(SplitRow):
         return planted_features(self.store, subjects)
 
     def score(self, split) -> dict:
-        from masan.evaluate.oracle import oracle_predict
+        from masan.evaluate.oracle import oracle_model, oracle_predict
 
         train_y, test_y = self.labels(split.train), self.labels(split.test)
-        out = self.metrics(train_y, test_y, oracle_predict(self.features(split.train), train_y,
-                                                          self.features(split.test)))
+        train_X = self.features(split.train)
+        decision = nested_decision(oracle_model(), train_X, train_y, split.random_state, self.preferred)
+        out = self.metrics(train_y, test_y, oracle_predict(train_X, train_y, self.features(split.test)), decision)
         majority = int(np.bincount(train_y, minlength=len(self.names)).argmax())
         pos = self.names.index(self.positive)
         baseline = {"majority_class": self.names[majority], "majority_accuracy": float((test_y == majority).mean()),
@@ -161,8 +199,7 @@ def fit_linear(X: np.ndarray, y: np.ndarray, seed: int, blocks: dict[str, np.nda
     then refitted on all of them; the defaults when a class has a single subject.
     Returns (pipeline, chosen: {"k": {block: k}, "C": C, "cv_folds": folds})."""
     blocks = blocks if blocks is not None else {"all": np.arange(X.shape[1])}
-    counts = np.bincount(y)
-    folds = min(CV_FOLDS, int(counts[counts > 0].min()))
+    folds = cv_folds(y)
     informative = {n: int(VarianceThreshold().fit(X[:, cols]).get_support().sum()) for n, cols in blocks.items()}
 
     def ks(k: int) -> dict[str, int]:
@@ -240,7 +277,8 @@ class LinearBaseline(SplitRow):
         train_y, test_y = self.labels(split.train), self.labels(split.test)
         train_X = self.features(split.train)  # measures every subject once: blocks and regions set
         pipe, chosen = fit_linear(train_X, train_y, split.random_state, self.blocks)
-        out = self.metrics(train_y, test_y, pipe.predict_proba(self.features(split.test)))
+        decision = nested_decision(clone(pipe), train_X, train_y, split.random_state, self.preferred)
+        out = self.metrics(train_y, test_y, pipe.predict_proba(self.features(split.test)), decision)
         weights = region_weights(pipe, self.blocks, self.feature_region, math.prod(self.grid))
         return {**out, "chosen": chosen, "region_weights": np.tile(weights, (len(test_y), 1)),
                 "minutes": (time.perf_counter() - t) / 60}

@@ -26,7 +26,8 @@ with planted effects, side by side in one run.
 
    ``--ablation-repeats K`` (default 1) trains the variants other than masan on the first K repeats only.
 3. Scores each run's test predictions: 4-class accuracy; AD vs rest accuracy, precision, recall
-   (AD positive: arg-max class AD) and AUC of prob_AD; and where the model looks: the rank of
+   (AD positive: called AD by the run's ``data.decision``, arg-max unless the preset or an override
+   says ``expected_stage``) and AUC of prob_AD; and where the model looks: the rank of
    the best-ranked planted region in its region ranking (mean region weight over the test
    subjects, 1 = top) and whether a planted region is in its top 3.
 4. Rows that train no network (experiments/baselines.py), on the split the repeat's runs used, every
@@ -67,6 +68,7 @@ from experiments.training import (
     CACHE_DIR,
     MAIN,
     PAPER_EXACT,
+    PRESET_MODEL,
     VARIANTS,
     code_fingerprint,
     command_config,
@@ -295,8 +297,9 @@ def table_rows(args: argparse.Namespace, fitted: dict[str, list[dict]], results:
     return rows
 
 
-def table_header(args: argparse.Namespace, planted: dict, repeats: dict[str, int]) -> str:
-    """The line above the table: the cohort, the repeats, the config and what a cell holds."""
+def table_header(args: argparse.Namespace, planted: dict, repeats: dict[str, int], decision: str) -> str:
+    """The line above the table: the cohort, the repeats, the config, how classes are called
+    (``decision``: data.decision) and what a cell holds."""
     size = (f"{args.per_class} per class" if balanced(args.preset) else f"{args.subjects} subjects") + \
         f" ({args.preset}, registration {args.register})"
     fewer = fewer_repeats(args, repeats)
@@ -307,6 +310,8 @@ def table_header(args: argparse.Namespace, planted: dict, repeats: dict[str, int
                f"{args.ablation_repeats}, --ablation-repeats)" if fewer else "")
             + f"; config {args.config.name}" + (f" + {' '.join(args.overrides)}" if args.overrides else "")
             + (f"; paper_exact: {PAPER_EXACT.name} at the bench's sizes" if "paper_exact" in repeats else "")
+            + f"; classes called by {decision.replace('_', ' ')}"
+            + (" (paper_exact: arg-max)" if "paper_exact" in repeats and decision != "argmax" else "")
             + ". Cells: mean ± std over repeats; planted rank: best rank of a planted region in the model's "
               "region ranking (1 = top).")
 
@@ -330,8 +335,8 @@ def main(argv: list[str] | None = None) -> int:
     lock = lock_work(args.work)  # held until the process ends
     if lock is None:
         return 2
-    try:
-        base = load_config(args.config, args.overrides)
+    try:  # the preset's settings too: the fitted rows call classes as the trained runs do
+        base = load_config(args.config, [*PRESET_MODEL[args.preset], *args.overrides])
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -362,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
 
     minutes = (time.perf_counter() - start) / 60
     rows = table_rows(args, fitted, results, repeats)
-    text = table(rows, baselines, minutes, table_header(args, planted, repeats))
+    text = table(rows, baselines, minutes, table_header(args, planted, repeats, base.data.decision))
     write_results(args, text, {
         "cohort": stamp, "config": str(args.config), "overrides": args.overrides, "planted_regions": planted,
         "repeats": args.repeats, "ablation_repeats": args.ablation_repeats,

@@ -16,6 +16,8 @@ TOP_K = 3
 COLUMNS = (("4-class acc", "accuracy", 2), ("AD acc", "binary_accuracy", 2), ("AD precision", "precision", 2),
            ("AD recall", "recall", 2), ("AD AUC", "auc", 2), ("planted rank", "best_rank", 1))
 """Table columns: header, result key, decimals."""
+RULES = {"argmax": "arg-max", "expected_stage": "stage"}
+"""How the table names each decision rule (masan.predictions.decide)."""
 
 
 def planted_regions(store, grid: list[int]) -> dict:
@@ -50,8 +52,8 @@ def score_run(run_dir: Path, planted: dict) -> dict:
 
     cfg = load_config(RunDir(run_dir).config)
     preds, names = load_predictions(run_dir, "test")
-    out = metric_values(preds.labels, preds.probs, names, cfg.data.positive_class)
-    return {**out, **region_result(preds.region_weights, preds.labels, planted)}
+    out = metric_values(preds.labels, preds.probs, names, cfg.data.positive_class, preds.decision)
+    return {**out, "decision": preds.decision, **region_result(preds.region_weights, preds.labels, planted)}
 
 
 def cell(values: list, digits: int = 2) -> str:
@@ -78,14 +80,24 @@ def run_line(name: str, repeat: int, r: dict) -> str:
         ks = ", ".join(f"{block} {k}" for block, k in r["chosen"]["k"].items())
         chosen = f"  (k {ks}; C {r['chosen']['C']})"
     mins = f"  {r['minutes']:.1f} min" + (" (cached)" if r.get("status") == "cached" else "") if "minutes" in r else ""
+    rule = f"  ({RULES[r['decision']]})" if "decision" in r else ""
     return (f"{name:<11} r{repeat}: acc {r['accuracy']:.2f}  AD acc {r['binary_accuracy']:.2f}  "
-            f"P {r['precision']:.2f}  R {r['recall']:.2f}  AUC {auc}{where}{chosen}{mins}")
+            f"P {r['precision']:.2f}  R {r['recall']:.2f}  AUC {auc}{rule}{where}{chosen}{mins}")
+
+
+def rules(runs: list[dict]) -> str:
+    """The decision rules of ``runs``: "stage" when all used it, "arg-max 2, stage 1" when they differ."""
+    used = [RULES[r["decision"]] for r in runs if "decision" in r]
+    if len(set(used)) <= 1:
+        return used[0] if used else "-"
+    return ", ".join(f"{name} {used.count(name)}" for name in RULES.values() if name in used)
 
 
 def table(rows: dict[str, list[dict]], baselines: list[dict], minutes: float, header: str) -> str:
     """The markdown table: one line per row of ``rows`` (name -> its repeats' results, repeat
-    0 first), the chance baselines under it."""
-    head = ["model", *(c for c, _, _ in COLUMNS), f"top-{TOP_K} hits", "runs ok", "min/run"]
+    0 first; "called by": each run's decision rule, the fitted rows' chosen inside their training
+    parts), the chance baselines under it."""
+    head = ["model", *(c for c, _, _ in COLUMNS), f"top-{TOP_K} hits", "called by", "runs ok", "min/run"]
     out = [header, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, runs in rows.items():
         ok = [r for r in runs if r.get("status") != "failed"]
@@ -93,7 +105,7 @@ def table(rows: dict[str, list[dict]], baselines: list[dict], minutes: float, he
         hits = [r["top3"] for r in ok if r.get("top3") is not None]
         top = f"{sum(hits)}/{len(hits)}" if hits else "-"
         mins = cell([r["minutes"] for r in runs if "minutes" in r], 1)
-        out.append("| " + " | ".join([name, *cells, top, f"{len(ok)}/{len(runs)}", mins]) + " |")
+        out.append("| " + " | ".join([name, *cells, top, rules(ok), f"{len(ok)}/{len(runs)}", mins]) + " |")
     if baselines:
         maj, pos = baselines[0]["majority_class"], baselines[0]["positive_class"]
         out += ["", f"Chance: always-{maj} 4-class acc {cell([b['majority_accuracy'] for b in baselines])}; "

@@ -121,9 +121,11 @@ def predict_subjects(model: torch.nn.Module, dataset, cfg, device: torch.device,
                      rank: int = 0, world_size: int = 1, seed: int = 0) -> Predictions:
     """Collective when ``world_size > 1``: predictions of every subject of ``dataset`` (its
     ``subjects``), sharded over the ranks and merged on every rank. ``cfg`` (a RunConfig) gives
-    ``optim.micro_batch`` and ``data.num_workers``; ``seed`` seeds the loader's own generator, so
-    the caller's RNG is untouched."""
+    ``optim.micro_batch``, ``data.num_workers`` and ``data.decision`` (how a class is called);
+    ``seed`` seeds the loader's own generator, so the caller's RNG is untouched."""
     sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=False)
     loader = DataLoader(dataset, batch_size=cfg.optim.micro_batch, sampler=sampler, num_workers=cfg.data.num_workers,
                         generator=torch.Generator().manual_seed(seed))
-    return gather_predictions(predict(model, loader, device, class_names=class_names))
+    preds = gather_predictions(predict(model, loader, device, class_names=class_names))
+    preds.decision = cfg.data.decision
+    return preds

@@ -13,7 +13,8 @@ Files written by :func:`write_predictions` (read back by :func:`load_predictions
                                 evaluated split first, sorted by subject)
     run_dir/region_weights.npy  (N_eval, R) float32, row i = i-th evaluated-split row of the CSV
     run_dir/metrics.json        metrics of the evaluated split (masan.metrics), plus
-                                "split" and, for extra splits, "by_split": {name: metrics}
+                                "split", "decision" (:func:`decide`'s rule that made the
+                                pred column) and, for extra splits, "by_split": {name: metrics}
 
 Example (end of training, rank 0)::
 
@@ -24,6 +25,7 @@ Example (end of training, rank 0)::
 from __future__ import annotations
 
 import csv
+import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -35,10 +37,28 @@ from masan.metrics import prediction_metrics
 from masan.rundir import RunDir
 
 PROB_PREFIX = "prob_"
+DECISIONS = ("argmax", "expected_stage")
+"""The rules of :func:`decide` (``data.decision``)."""
 
 
 class PredictionsError(ValueError):
     """Prediction inputs or files are inconsistent; the message names the file or subject."""
+
+
+def decide(probs: np.ndarray, rule: str = "argmax") -> np.ndarray:
+    """(N,) int64 class called for each row of ``probs`` (N, C), classes in their order.
+
+    ``argmax``: the most probable class. ``expected_stage``: the classes are ordered stages 0..C-1
+    and the call is the stage nearest sum_k k p_k (halves round up, towards the later stage), so
+    probability split between neighbouring stages calls the stage between them. Both call the
+    same class when C = 2 (but at exactly 0.5 / 0.5, where arg-max takes the first)."""
+    probs = np.asarray(probs)
+    if rule == "argmax":
+        return probs.argmax(axis=1).astype(np.int64)
+    if rule == "expected_stage":
+        stage = probs @ np.arange(probs.shape[1], dtype=np.float64) / np.maximum(probs.sum(axis=1), 1e-12)
+        return np.clip(np.floor(stage + 0.5), 0, probs.shape[1] - 1).astype(np.int64)
+    raise PredictionsError(f"decision rule {rule!r} is not one of {list(DECISIONS)}; set data.decision to one")
 
 
 @dataclass
@@ -50,17 +70,19 @@ class Predictions:
         labels: (N,) int64 true class index.
         probs: (N, C) float32 softmax probabilities.
         region_weights: (N, R) float32 region weights (R = 0 when the model gives none).
+        decision: how :attr:`preds` calls a class from ``probs`` (:func:`decide`).
     """
 
     subjects: list[str]
     labels: np.ndarray
     probs: np.ndarray
     region_weights: np.ndarray
+    decision: str = "argmax"
 
     @property
     def preds(self) -> np.ndarray:
-        """(N,) int64 arg-max class."""
-        return self.probs.argmax(axis=1).astype(np.int64)
+        """(N,) int64 class called by :attr:`decision`."""
+        return decide(self.probs, self.decision)
 
     def __len__(self) -> int:
         return len(self.subjects)
@@ -82,6 +104,7 @@ def merge_predictions(parts: Iterable[Predictions]) -> Predictions:
         labels=np.concatenate([p.labels for p in parts])[keep],
         probs=np.concatenate([p.probs for p in parts])[keep],
         region_weights=np.concatenate([p.region_weights for p in parts])[keep],
+        decision=parts[0].decision,
     )
 
 
@@ -103,7 +126,7 @@ def split_metrics(preds: Predictions, class_names: Sequence[str], positive_class
     if labeled.any():
         keep = np.flatnonzero(labeled)
         part = Predictions([preds.subjects[i] for i in keep], preds.labels[keep], preds.probs[keep],
-                           preds.region_weights[keep])
+                           preds.region_weights[keep], preds.decision)
         out.update(prediction_metrics(part, class_names, positive_class))
     return out
 
@@ -137,7 +160,7 @@ def write_predictions(
     names = list(class_names)
     if preds.probs.shape[1:] != (len(names),):
         raise PredictionsError(f"predictions have {preds.probs.shape[1:]} classes, class_names {names}")
-    metrics = {"split": split, **split_metrics(preds, names, positive_class)}
+    metrics = {"split": split, "decision": preds.decision, **split_metrics(preds, names, positive_class)}
     rows = prediction_csv_rows(preds, split, names)
     if extra:
         metrics["by_split"] = {}
@@ -157,7 +180,9 @@ def write_predictions(
 
 def load_predictions(run_dir: str | os.PathLike, split: str = "test") -> tuple[Predictions, list[str]]:
     """Read back one split of a run's predictions.csv (+ region_weights.npy for the evaluated
-    split; an empty (N, 0) array when the file is absent or belongs to another split).
+    split; an empty (N, 0) array when the file is absent or belongs to another split), deciding
+    classes by the rule its metrics.json records (arg-max when it records none, as runs made
+    before the rule was configurable).
 
     Returns:
         (predictions, class_names)
@@ -189,4 +214,5 @@ def load_predictions(run_dir: str | os.PathLike, split: str = "test") -> tuple[P
                 f"the files come from different runs: rerun the evaluation of this run"
             )
     probs = probs.reshape(len(rows), len(names))
-    return Predictions([r["subject"] for r in rows], labels, probs, rw), names
+    decision = json.loads(run.metrics.read_text()).get("decision", "argmax") if run.metrics.is_file() else "argmax"
+    return Predictions([r["subject"] for r in rows], labels, probs, rw, decision), names

@@ -122,8 +122,8 @@ def test_planted_features_separate_nc_from_ad_but_not_all_classes(cohort):
             assert d[j] > 0.3, f"{n}: coupling must drop in AD (got {d[j]:.2f})"
     m = np.isin(y, ["NC", "AD"])
     cv = StratifiedKFold(4, shuffle=True, random_state=0)
-    acc2 = cross_val_score(oracle._model(), X[m], y[m], cv=cv).mean()
-    acc4 = cross_val_score(oracle._model(), X, y, cv=cv).mean()
+    acc2 = cross_val_score(oracle.oracle_model(), X[m], y[m], cv=cv).mean()
+    acc4 = cross_val_score(oracle.oracle_model(), X, y, cv=cv).mean()
     assert acc2 > 0.9, f"oracle NC vs AD accuracy {acc2:.2f}"
     assert 0.35 < acc4 < 0.9, f"4-class accuracy {acc4:.2f}: neighbouring classes must overlap"
     prob = oracle_predict(X[:16], y[:16], X[16:])

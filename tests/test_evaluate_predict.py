@@ -15,7 +15,14 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from masan.inference import gather_predictions, predict
 from masan.metrics import flat_scalars, prediction_metrics
-from masan.predictions import Predictions, PredictionsError, load_predictions, write_predictions
+from masan.predictions import (
+    Predictions,
+    PredictionsError,
+    decide,
+    load_predictions,
+    merge_predictions,
+    write_predictions,
+)
 
 CLASSES = ["NC", "MCI", "AD"]
 GRID = 8  # 2x2x2 regions
@@ -144,3 +151,35 @@ def test_gather_predictions_over_two_gloo_ranks(tmp_path):
 def test_predictions_are_a_plain_dataclass():
     p = Predictions(["a"], np.zeros(1, np.int64), np.array([[0.2, 0.8]], np.float32), np.zeros((1, 0), np.float32))
     assert len(p) == 1 and p.preds.tolist() == [1]
+
+
+def test_expected_stage_calls_the_stage_between_split_neighbours():
+    """NC < EMCI < LMCI < AD: probability split between two stages calls the stage between them,
+    where arg-max calls the larger side by a hair and never the middle stages."""
+    probs = np.array([[0.40, 0.05, 0.15, 0.40],   # torn between NC and AD: expected stage 1.5 -> LMCI
+                      [0.51, 0.00, 0.00, 0.49],   # arg-max NC, expected stage 1.47 -> EMCI
+                      [0.00, 0.30, 0.00, 0.70],   # expected 2.4 -> LMCI
+                      [0.90, 0.10, 0.00, 0.00],
+                      [0.00, 0.00, 0.10, 0.90]])
+    assert decide(probs, "argmax").tolist() == [0, 0, 3, 0, 3]
+    assert decide(probs, "expected_stage").tolist() == [2, 1, 2, 0, 3]
+    two = np.array([[0.7, 0.3], [0.2, 0.8], [0.45, 0.55]])
+    assert (decide(two, "expected_stage") == decide(two, "argmax")).all()  # two classes: the same call
+    with pytest.raises(PredictionsError, match="data.decision"):
+        decide(probs, "median")
+
+
+def test_the_decision_rule_travels_with_the_predictions(tmp_path):
+    """A run that calls by expected stage writes its rule into metrics.json; reading the run back
+    calls the same classes, and a run written before the rule existed reads as arg-max."""
+    probs = np.array([[0.5, 0.1, 0.4], [0.1, 0.8, 0.1], [0.2, 0.0, 0.8]], np.float32)
+    preds = Predictions(["a", "b", "c"], np.array([1, 1, 2]), probs, np.zeros((3, 0), np.float32), "expected_stage")
+    metrics = write_predictions(preds, tmp_path, CLASSES, "AD")
+    assert metrics["decision"] == "expected_stage" and metrics["accuracy"] == 1.0  # arg-max: 2 of 3
+    back, _ = load_predictions(tmp_path)
+    assert back.decision == "expected_stage" and back.preds.tolist() == [1, 1, 2]
+    assert merge_predictions([back]).decision == "expected_stage"
+    on_disk = json.loads((tmp_path / "metrics.json").read_text())
+    del on_disk["decision"]
+    (tmp_path / "metrics.json").write_text(json.dumps(on_disk))
+    assert load_predictions(tmp_path)[0].preds.tolist() == [0, 1, 2]

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from sklearn.base import BaseEstimator, ClassifierMixin
 
 from experiments import REPO, baselines, cohort, science, scoring, training
 from masan.config import load_config
@@ -211,6 +212,43 @@ def test_linear_settings_come_from_cross_validation_on_the_training_part():
     assert weights.argmax() == 7  # found in its own block
 
 
+class GivenProbabilities(ClassifierMixin, BaseEstimator):
+    """A classifier whose class probabilities are its first features: what a rule makes of them."""
+
+    def fit(self, X, y):
+        self.classes_ = np.unique(y)
+        return self
+
+    def predict_proba(self, X):
+        return X[:, :len(self.classes_)]
+
+    def predict(self, X):
+        return self.predict_proba(X).argmax(axis=1)
+
+
+def test_each_fitted_row_picks_its_decision_rule_inside_the_training_part():
+    """Probabilities ordered by stage (split between neighbours) are called better by the expected
+    stage; a model that splits subjects between NC and AD is called better by arg-max; a tie keeps
+    the rule the trained runs use."""
+    y = np.repeat([0, 1, 2, 3], 10)
+    ordered = np.zeros((40, 4))
+    for i, stage in enumerate(y):  # 0.3 on the truth, 0.35 on each neighbour (the edges keep theirs)
+        ordered[i, stage] = 0.3
+        for near in (stage - 1, stage + 1):
+            ordered[i, min(max(near, 0), 3)] += 0.35
+    bimodal = np.eye(4)[y] * 0.4 + 0.6 * np.eye(4)[np.where(y < 2, 3, 0)]
+    bimodal[y == 3] = np.eye(4)[3]
+    bimodal[y == 0] = np.eye(4)[0]
+    bimodal[y == 1] = [0.1, 0.5, 0.0, 0.4]  # a stage-1 subject with weight on AD: expected stage 2.3
+    bimodal[y == 2] = [0.4, 0.0, 0.5, 0.1]
+    for probs, expected in [(ordered, "expected_stage"), (bimodal, "argmax")]:
+        for preferred in ("argmax", "expected_stage"):
+            assert baselines.nested_decision(GivenProbabilities(), probs, y, 0, preferred) == expected
+    exact = np.eye(4)[y]
+    assert baselines.nested_decision(GivenProbabilities(), exact, y, 0, "expected_stage") == "expected_stage"
+    assert baselines.nested_decision(GivenProbabilities(), exact, y, 0, "argmax") == "argmax"
+
+
 def test_ablations_may_run_fewer_repeats_and_the_table_says_so():
     default = science.parse_args([])
     assert all(set(science.MINUTES[p]) == set(science.VARIANTS) for p in PRESETS)  # every run ordered by its cost
@@ -220,10 +258,13 @@ def test_ablations_may_run_fewer_repeats_and_the_table_says_so():
     with pytest.raises(SystemExit):
         science.parse_args(["--ablation-repeats", "0"])
     run = {"accuracy": 0.5, "binary_accuracy": 0.75, "precision": 0.5, "recall": 0.5, "auc": 0.6, "best_rank": 1,
-           "top3": True, "minutes": 1.0}
-    text = scoring.table({"masan": [run] * 3, "hfcn": [run], "masan (first 1)": [run]}, [], 3.0, "header")
-    assert "| masan | 0.50 ± 0.00 |" in text and "| 3/3 | 1.0 ± 0.0 |" in text
-    assert "| hfcn | 0.50 |" in text and "| masan (first 1) |" in text and text.count("| 1/1 |") == 2
+           "top3": True, "minutes": 1.0, "decision": "expected_stage"}
+    other = {**run, "decision": "argmax"}
+    text = scoring.table({"masan": [run] * 3, "hfcn": [run], "masan (first 1)": [run], "linear": [run, other, other]},
+                         [], 3.0, "header")
+    assert "| masan | 0.50 ± 0.00 |" in text and "| 3/3 | stage | 3/3 | 1.0 ± 0.0 |" in text
+    assert "| arg-max 2, stage 1 |" in text  # each row says how it called the classes
+    assert "| hfcn | 0.50 |" in text and "| masan (first 1) |" in text and text.count("| 1/1 | stage | 1/1 |") == 2
 
 
 @pytest.mark.slow
@@ -239,7 +280,7 @@ def test_science_experiment_end_to_end(tmp_path):
         assert line is not None, table
         cells = [c.strip() for c in line.strip("|").split("|")]
         assert all(re.fullmatch(NUMBER, c) for c in cells[1:5]), line  # 4-class acc, AD acc, precision, recall
-        assert cells[8] == "1/1", line  # runs ok
+        assert cells[9] == "1/1", line  # runs ok
     assert "| masan_add |" not in table and "Chance: always-" in table
     raw = json.loads((work / "science.json").read_text())
     assert set(raw["runs"]) == {"oracle", "linear", "masan", "t1_only"}
@@ -269,6 +310,8 @@ def test_preset_model_settings_reach_the_variants_trained_from_the_bench_config(
     assert cells["no_conn"] == 0 and cells["paper_exact"] == 0
     assert config("easy", "masan").model.connectivity_cells == 0
     assert config("adni-like", "masan").train.joint_epochs > config("easy", "masan").train.joint_epochs
+    assert config("adni-like", "t1_only").data.decision == "expected_stage"  # its stages called in order
+    assert config("easy", "masan").data.decision == config("adni-like", "paper_exact").data.decision == "argmax"
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))

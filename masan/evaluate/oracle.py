@@ -252,14 +252,15 @@ def _fmri_features(store, subject: str, f_masks: dict, p_mask: np.ndarray | None
     return stds + [_corr(s, partner) if s is not None and partner is not None else np.nan for s in mean_series]
 
 
-def _model():
+def oracle_model():
+    """The oracle's classifier, unfitted: a standardised logistic regression."""
     return make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000))
 
 
 def oracle_predict(train_X: np.ndarray, train_y: Sequence, test_X: np.ndarray) -> np.ndarray:
     """(n_test, n_classes) probabilities of a standardised logistic regression fitted on
     (``train_X``, ``train_y``); columns in sorted order of the training labels."""
-    return _model().fit(np.asarray(train_X), np.asarray(train_y)).predict_proba(np.asarray(test_X))
+    return oracle_model().fit(np.asarray(train_X), np.asarray(train_y)).predict_proba(np.asarray(test_X))
 
 
 def oracle_accuracy(X: np.ndarray, y: Sequence, test_size: float = 0.3, seeds: Sequence[int] = (0, 1, 2, 3, 4)
