@@ -23,6 +23,7 @@ CONFIGS = {
     "channels_last": {"channels_last": True},
     "fmri_widths_differ": {"fmri_channels": [4, 8, 16, 8]},
     "three_levels": {"channels": [4, 8, 8], "fmri_channels": [4, 8, 8]},
+    "ordinal_head": {"head": "ordinal"},
 }
 RECON_KEYS = {"t1": {"t1_recon", "t1_code"}, "fmri": {"fmri_recon", "fmri_code"}}
 

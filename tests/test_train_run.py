@@ -104,17 +104,19 @@ def test_without_epoch_end_saves_only_cadence_and_phase_ends_are_saved(tmp_path,
 
 
 def test_two_ranks_stop_resume_and_resize(tmp_path, train_config):
+    """With the ordinal head and the expected-stage decision, so both meet a 2-rank engine."""
     run = tmp_path / "run"
     run.mkdir()
     (run / "STOP").touch()  # every rank must stop after the first step, and save together
-    log = ok(launch(train_config, run, nproc=2), "stopped at step 1")
+    ordinal = ("model.head=ordinal", "data.decision=expected_stage")
+    log = ok(launch(train_config, run, *ordinal, nproc=2), "stopped at step 1")
     assert not (run / "STOP").exists(), "the consumed STOP file must be removed"
     [first] = manifests(run)
     assert first["step"] == 1 and first["state"]["dp_world_size"] == 2
     assert (run / "checkpoints" / POINTER).read_text().strip() == first["tag"]
     assert any("zero_pp_rank_1" in f for f in first["files"]), "rank 1 wrote no optimizer shard"
 
-    log = ok(launch(train_config, run, nproc=2), "completed")
+    log = ok(launch(train_config, run, *ordinal, nproc=2), "completed")
     assert "resumed step_000001" in log
     for f in ("DONE", "predictions.csv", "metrics.json", "region_weights.npy", "config.yaml", "split.json"):
         assert (run / f).is_file(), f
@@ -123,10 +125,11 @@ def test_two_ranks_stop_resume_and_resize(tmp_path, train_config):
     steps = assert_monotonic(run)
     assert steps["train/recon_t1"][0] == 1 and steps["train/ce"][-1] == 9
     assert not any(t.startswith("monitor_test") for t in steps)  # the test part is only for the final evaluation
-    assert json.loads((run / "metrics.json").read_text())["n"] == 3
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["n"] == 3 and metrics["decision"] == "expected_stage"
 
     # one more joint epoch on ONE rank: weights and position carry over, Adam moments restart
-    log = ok(launch(train_config, run, "train.joint_epochs=3", nproc=1), "completed")
+    log = ok(launch(train_config, run, "train.joint_epochs=3", *ordinal, nproc=1), "completed")
     assert "written by 2 data-parallel ranks on 1" in log and "RESET Adam" in log, log[-3000:]
     last = manifests(run)[-1]["state"]
     assert last["step"] == 9 + 7 and last["epochs_done"] == 4 and last["dp_world_size"] == 1

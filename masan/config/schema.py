@@ -215,6 +215,12 @@ class ModelConfig:
     setting: its patch autoencoder learns from reconstruction like sPM."""
     mlp_hidden: int = 256
     dropout: float = 0.2
+    head: Literal["softmax", "ordinal"] = field(default="softmax", metadata={HASHED_WHEN_SET: True})
+    """The classifier head (masan/model/heads.py): ``softmax``, one logit per class (the paper);
+    ``ordinal``, the classes as ordered stages in ``data.classes`` order (NC < EMCI < LMCI < AD):
+    one disease score per subject and learnt cut-points between the stages (cumulative link), so
+    every stage trains the direction that separates AD from the rest. Its logits are
+    log-probabilities: the loss, class weights and predictions are unchanged."""
     hfcn_region_group: int = 2
     """H-FCN baseline: neighbouring patches per axis merged into one region-level unit."""
     hfcn_features: int = 64

@@ -448,19 +448,6 @@ class TemporalConv(nn.Module):
         return feats.reshape(b, -1, feats.shape[1]).transpose(1, 2).reshape(b, -1, *spatial)
 
 
-class MLPClassifier(nn.Module):
-    """``Linear -> ReLU -> Dropout -> Linear``: features ``(B, F)`` -> logits ``(B, C)``."""
-
-    def __init__(self, in_features: int, hidden: int, num_classes: int, dropout: float):
-        super().__init__()
-        self.net = nn.Sequential(
-            nn.Linear(in_features, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, num_classes)
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-
 def run_block(fn: Callable[..., torch.Tensor], *args: torch.Tensor, checkpointed: bool) -> torch.Tensor:
     """Call ``fn(*args)``; with ``checkpointed`` (and gradients on) keep only the inputs and
     recompute the block in backward (non-reentrant, RNG state preserved)."""

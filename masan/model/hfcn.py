@@ -43,7 +43,8 @@ import torch
 from torch import nn
 
 from masan.config import ModelConfig
-from masan.model.blocks import Conv3d, MLPClassifier, autocast_off, param_dtype, scale_grad
+from masan.model.blocks import Conv3d, autocast_off, param_dtype, scale_grad
+from masan.model.heads import build_classifier
 from masan.model.masan import build_spm
 from masan.model.regions import num_regions, region_features
 from masan.model.standardize import FittedStandardize
@@ -82,7 +83,7 @@ class HFCN(nn.Module):
         self.patch_gate = nn.Sequential(nn.Conv3d(feats, 1, 1), nn.Sigmoid())
         self.region_level = nn.Sequential(Conv3d(feats, feats, group, stride=group), nn.ReLU())
         regions = math.prod(g // group for g in cfg.patch_grid)
-        self.subject_level = MLPClassifier(regions * feats, cfg.mlp_hidden, num_classes, cfg.dropout)
+        self.subject_level = build_classifier(cfg.head, regions * feats, cfg.mlp_hidden, num_classes, cfg.dropout)
 
     def forward(self, t1: torch.Tensor | None = None, fmri: torch.Tensor | None = None  # noqa: ARG002 - MASAN's signature
                 ) -> dict[str, torch.Tensor]:

@@ -25,9 +25,10 @@ from torch import nn
 from masan.config import ModelConfig
 from masan.model.attention import RegionSelfAttention
 from masan.model.autoencoder import FunctionalModule, ModalityFeatures, PatchAutoencoder, PatchModule, VolumeModule
-from masan.model.blocks import MLPClassifier, TemporalConv, autocast_off, param_dtype, scale_grad
+from masan.model.blocks import TemporalConv, autocast_off, param_dtype, scale_grad
 from masan.model.connectivity import PairConnectivity
 from masan.model.fusion import build_fusion
+from masan.model.heads import build_classifier
 from masan.model.regions import num_regions, region_features
 
 
@@ -95,8 +96,8 @@ class MASAN(nn.Module):
                                              cfg.screen_keep(num_regions(self.grid) * region_dim),
                                              num_classes)
         pairs = self.connectivity.keep if self.connectivity is not None else 0
-        self.classifier = MLPClassifier(num_regions(self.grid) * cfg.value_dim + pairs, cfg.mlp_hidden, num_classes,
-                                        cfg.dropout)
+        self.classifier = build_classifier(cfg.head, num_regions(self.grid) * cfg.value_dim + pairs, cfg.mlp_hidden,
+                                           num_classes, cfg.dropout)
 
     def _encode(self, name: str, module: nn.Module | None, x: torch.Tensor | None,
                 out: dict[str, torch.Tensor]) -> ModalityFeatures | None:

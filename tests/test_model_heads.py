@@ -1,0 +1,63 @@
+"""masan/model/heads.py: the ordinal head is a proper distribution over ordered stages, learns an
+ordered task with the unchanged cross-entropy, and both heads are selected by model.head."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from masan.model import build_model, small_model_config
+from masan.model.heads import MLPClassifier, OrdinalClassifier, build_classifier
+
+
+@pytest.mark.parametrize("classes", [2, 4])
+def test_ordinal_logits_are_log_probabilities_ordered_by_the_score(classes):
+    torch.manual_seed(0)
+    head = OrdinalClassifier(6, 8, classes, dropout=0.0)
+    logits = head(torch.randn(16, 6))
+    assert logits.shape == (16, classes) and logits.dtype == torch.float32
+    probs = logits.exp()
+    assert torch.allclose(probs.sum(1), torch.ones(16), atol=1e-6)
+    assert torch.allclose(torch.softmax(logits, 1), probs, atol=1e-6)  # every reader's softmax gives them back
+    cuts = head.cut_points()
+    assert (cuts.diff() > 0).all() and cuts.shape == (classes - 1,)
+    x = torch.randn(16, 6)
+    before = head(x).exp()
+    with torch.no_grad():  # a higher score moves probability to later stages: P(y > k) rises for every k
+        head.net[-1].bias += 2.0
+    after = head(x).exp()
+
+    def above(p):
+        return p.flip(1).cumsum(1).flip(1)[:, 1:]  # P(y >= k + 1), k = 0..C-2
+
+    assert (above(after) > above(before)).all()
+    with pytest.raises(ValueError, match="at least 2"):
+        OrdinalClassifier(6, 8, 1, dropout=0.0)
+
+
+def test_ordinal_head_learns_ordered_stages_with_the_cross_entropy():
+    """Four stages along one hidden direction: the head, trained by F.cross_entropy on its logits
+    (the training loss unchanged), calls the stages and keeps its cut-points in order."""
+    torch.manual_seed(0)
+    stage = torch.arange(4).repeat(64)
+    x = torch.randn(256, 10) * 0.3
+    x[:, 0] += stage.float()
+    head = OrdinalClassifier(10, 16, 4, dropout=0.0)
+    opt = torch.optim.Adam(head.parameters(), lr=0.02)
+    for _ in range(300):
+        opt.zero_grad()
+        F.cross_entropy(head(x), stage).backward()
+        opt.step()
+    assert (head(x).argmax(1) == stage).float().mean() > 0.9
+    assert (head.cut_points().diff() > 0).all()
+
+
+def test_model_head_selects_the_head_of_both_architectures():
+    assert isinstance(build_classifier("softmax", 4, 8, 3, 0.1), MLPClassifier)
+    with pytest.raises(ValueError, match="model.head"):
+        build_classifier("coral", 4, 8, 3, 0.1)
+    for arch, attr in (("masan", "classifier"), ("hfcn", "subject_level")):
+        model = build_model(small_model_config(arch=arch, head="ordinal"), 4)
+        assert isinstance(getattr(model, attr), OrdinalClassifier)
+        t1 = torch.randn(2, 1, 32, 32, 32)
+        out = model.eval()(t1=t1, fmri=torch.randn(2, 6, 16, 16, 16))
+        assert torch.allclose(out["logits"].exp().sum(1), torch.ones(2), atol=1e-5)
