@@ -310,8 +310,10 @@ def test_preset_model_settings_reach_the_variants_trained_from_the_bench_config(
     assert cells["no_conn"] == 0 and cells["paper_exact"] == 0
     assert config("easy", "masan").model.connectivity_cells == 0
     assert config("adni-like", "masan").train.joint_epochs > config("easy", "masan").train.joint_epochs
-    assert config("adni-like", "t1_only").data.decision == "expected_stage"  # its stages called in order
-    assert config("easy", "masan").data.decision == config("adni-like", "paper_exact").data.decision == "argmax"
+    ordered = config("adni-like", "t1_only")  # its stages learnt and called in order
+    assert (ordered.model.head, ordered.data.decision) == ("ordinal", "expected_stage")
+    for paper in (config("easy", "masan"), config("adni-like", "paper_exact")):
+        assert (paper.model.head, paper.data.decision) == ("softmax", "argmax")
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
