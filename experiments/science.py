@@ -50,6 +50,7 @@ Prints a line per finished run and one markdown table (mean +- std over repeats)
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import fcntl
 import json
 import os
@@ -335,8 +336,9 @@ def main(argv: list[str] | None = None) -> int:
     lock = lock_work(args.work)  # held until the process ends
     if lock is None:
         return 2
-    try:  # the preset's settings too: the fitted rows call classes as the trained runs do
-        base = load_config(args.config, [*PRESET_MODEL[args.preset], *args.overrides])
+    try:
+        base = load_config(args.config, args.overrides)
+        preset = load_config(args.config, [*PRESET_MODEL[args.preset], *args.overrides])
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -363,11 +365,12 @@ def main(argv: list[str] | None = None) -> int:
     results = train_runs(args, jobs, run_dirs, commands, stamp, planted)
     if results is None:
         return 2
-    fitted, baselines = fitted_rows(args, store, base, run_dirs, planted)
+    # the fitted rows prefer the rule the trained runs call classes by (the preset's)
+    fitted, baselines = fitted_rows(args, store, dataclasses.replace(base, data=preset.data), run_dirs, planted)
 
     minutes = (time.perf_counter() - start) / 60
     rows = table_rows(args, fitted, results, repeats)
-    text = table(rows, baselines, minutes, table_header(args, planted, repeats, base.data.decision))
+    text = table(rows, baselines, minutes, table_header(args, planted, repeats, preset.data.decision))
     write_results(args, text, {
         "cohort": stamp, "config": str(args.config), "overrides": args.overrides, "planted_regions": planted,
         "repeats": args.repeats, "ablation_repeats": args.ablation_repeats,

@@ -54,7 +54,9 @@ BENCH_SCALE = ("model.t1_shape", "model.fmri_shape", "model.fmri_frames", "model
                "train.pretrain_epochs", "train.joint_epochs", "train.norm_refresh_epochs", "train.precision",
                "train.device", "checkpoint", "log")
 """What a variant of :data:`OWN_CONFIG` takes from the bench's config: input sizes, widths, epochs,
-batch and how a run runs, so it costs what the other variants cost. The paper's widths (Table 1's
+batch and how a run runs, so it costs what the other variants cost (the config's own epochs, not a
+preset's longer joint phase: the paper's exact model called everyone one class with either,
+docs/validation-cohort.md). The paper's widths (Table 1's
 32/64/128/128) shrink with its inputs as the bench's MASAN's do; nothing of the method changes."""
 CACHE_DIR = "cache"
 """WORK/cache: ``data.cache`` files of the running trainings (science.yaml: ``host``), on the work
