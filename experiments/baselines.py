@@ -74,12 +74,13 @@ def metric_values(labels: np.ndarray, probs: np.ndarray, names: list[str], posit
                   decision: str = "argmax") -> dict:
     """The table's numbers for test ``labels`` (N,) and class ``probs`` (N, C), each subject's
     class called by the rule ``decision`` (masan.predictions.decide): 4-class accuracy, and AD vs
-    rest (called AD) accuracy, precision, recall and the AUC of P(AD)."""
+    rest (called AD) accuracy, precision, recall and the AUC of P(AD); and the rule itself."""
     from masan.metrics import classification_metrics
     from masan.predictions import decide
 
     m = classification_metrics(labels, decide(probs, decision), names, positive, probs)
-    return {k: m[k] for k in ("n", "accuracy", "binary_accuracy", "precision", "recall", "auc")}
+    return {**{k: m[k] for k in ("n", "accuracy", "binary_accuracy", "precision", "recall", "auc")},
+            "decision": decision}
 
 
 class SplitRow:
@@ -125,10 +126,10 @@ class SplitRow:
 
     def metrics(self, train_y: np.ndarray, test_y: np.ndarray, prob: np.ndarray, decision: str) -> dict:
         """:func:`metric_values` of ``prob`` (n_test, training classes in sorted order), classes
-        called by ``decision``, which the result keeps."""
+        called by ``decision``."""
         probs = np.zeros((len(test_y), len(self.names)))
         probs[:, np.unique(train_y)] = prob
-        return {**metric_values(test_y, probs, self.names, self.positive, decision), "decision": decision}
+        return metric_values(test_y, probs, self.names, self.positive, decision)
 
 
 class Oracle(SplitRow):

@@ -53,7 +53,7 @@ def score_run(run_dir: Path, planted: dict) -> dict:
     cfg = load_config(RunDir(run_dir).config)
     preds, names = load_predictions(run_dir, "test")
     out = metric_values(preds.labels, preds.probs, names, cfg.data.positive_class, preds.decision)
-    return {**out, "decision": preds.decision, **region_result(preds.region_weights, preds.labels, planted)}
+    return {**out, **region_result(preds.region_weights, preds.labels, planted)}
 
 
 def cell(values: list, digits: int = 2) -> str:

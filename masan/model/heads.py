@@ -14,6 +14,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -51,7 +53,7 @@ class OrdinalClassifier(nn.Module):
         self.net = mlp(in_features, hidden, 1, dropout)
         self.first_cut = nn.Parameter(torch.full((1,), -(num_classes - 2) / 2))  # (1,): engines broadcast no 0-d
         # softplus(log(e - 1)) = 1: unit gaps at the start
-        self.cut_gaps = nn.Parameter(torch.full((num_classes - 2,), float(torch.log(torch.expm1(torch.tensor(1.0))))))
+        self.cut_gaps = nn.Parameter(torch.full((num_classes - 2,), math.log(math.expm1(1.0))))
 
     def cut_points(self) -> torch.Tensor:
         """fp32 ``(C - 1,)`` increasing cut-points ``b_k`` of the disease axis."""
