@@ -38,14 +38,15 @@ VARIANTS = {
 PRESET_MODEL = {"easy": [], "adni-like": ["model.connectivity_cells=3", "model.connectivity_keep=5",
                                          "model.fusion_cells=5", "model.screen_fraction=0.0001",
                                          "train.joint_epochs=24", "model.head=ordinal",
-                                         "data.decision=expected_stage"]}
+                                         "data.decision=expected_stage", "loss.label_smoothing=0.1"]}
 """The run settings for each cohort preset, given to every variant trained from --config (before
 the variant's own overrides; not to :data:`OWN_CONFIG`'s): adni-like's fMRI effect is a coupling
 change, which the connectivity pairs see (masan/model/connectivity.py), and its T1 effect is of
 realistic size in small structures, which finer region cells keep; the pairs' cells and count, the
 region cells and the screened fraction were chosen by cross-validation inside the training parts
-of splits 0 and 1, the longer joint phase, the ordinal head and the expected-stage decision (the classes are ordered
-stages) on a development cohort of another seed (docs/validation-cohort.md): never on a test split."""
+of splits 0 and 1, the longer joint phase, the ordinal head, the expected-stage decision (the classes are ordered
+stages) and the label smoothing on a development cohort of another seed (docs/validation-cohort.md): never on a
+test split."""
 OWN_CONFIG = {"paper_exact": PAPER_EXACT}
 """Variants trained from their own config instead of --config, at the bench's scale (:data:`BENCH_SCALE`)."""
 BENCH_SCALE = ("model.t1_shape", "model.fmri_shape", "model.fmri_frames", "model.patch_grid", "model.channels",

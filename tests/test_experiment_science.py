@@ -312,8 +312,9 @@ def test_preset_model_settings_reach_the_variants_trained_from_the_bench_config(
     assert config("adni-like", "masan").train.joint_epochs > config("easy", "masan").train.joint_epochs
     ordered = config("adni-like", "t1_only")  # its stages learnt and called in order
     assert (ordered.model.head, ordered.data.decision) == ("ordinal", "expected_stage")
+    assert ordered.loss.label_smoothing > 0
     for paper in (config("easy", "masan"), config("adni-like", "paper_exact")):
-        assert (paper.model.head, paper.data.decision) == ("softmax", "argmax")
+        assert (paper.model.head, paper.data.decision, paper.loss.label_smoothing) == ("softmax", "argmax", 0.0)
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))

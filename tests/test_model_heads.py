@@ -61,3 +61,23 @@ def test_model_head_selects_the_head_of_both_architectures():
         t1 = torch.randn(2, 1, 32, 32, 32)
         out = model.eval()(t1=t1, fmri=torch.randn(2, 6, 16, 16, 16))
         assert torch.allclose(out["logits"].exp().sum(1), torch.ones(2), atol=1e-5)
+
+
+def test_label_smoothing_keeps_a_confident_head_off_zero_loss_with_either_head():
+    from masan.config import ConfigError, LossConfig, load_config
+    from masan.model import masan_loss
+
+    batch = {"label": torch.tensor([0, 3])}
+    confident = torch.log(torch.tensor([[0.999, 0.0005, 0.0003, 0.0002], [0.0002, 0.0003, 0.0005, 0.999]]))
+    plain = masan_loss({"logits": confident}, batch, LossConfig())["ce"]
+    smoothed = masan_loss({"logits": confident}, batch, LossConfig(label_smoothing=0.1))["ce"]
+    assert plain < 0.01 and smoothed > 0.5  # an over-confident call still costs something
+    torch.manual_seed(0)
+    head = OrdinalClassifier(6, 8, 4, dropout=0.0)
+    logits = head(torch.randn(2, 6))  # log-probabilities: the smoothing sees the head's own distribution
+    ce = masan_loss({"logits": logits}, batch, LossConfig(label_smoothing=0.2))["ce"]
+    p = logits.exp()
+    target = torch.full((2, 4), 0.05) + 0.8 * F.one_hot(batch["label"], 4)
+    assert torch.isclose(ce, -(target * p.log()).sum(1).mean(), rtol=1e-5)
+    with pytest.raises(ConfigError, match="label_smoothing"):
+        load_config(None, ["loss.label_smoothing=1.0"])

@@ -282,6 +282,12 @@ class LossConfig:
     class c by ``n / (k * n_c)`` over the training subjects (scikit-learn's convention), so a
     cohort with ADNI's proportions (AD the largest class) is not learnt as "call everyone the
     largest class"; ``none``: every subject counts once, as in the paper."""
+    label_smoothing: float = field(default=0.0, metadata={HASHED_WHEN_SET: True})
+    """Label smoothing of the cross-entropy (``F.cross_entropy``'s: the target keeps ``1 - eps``
+    and spreads ``eps`` evenly over all classes). 0 (the paper): one-hot targets, which a small
+    cohort lets the head fit to zero loss, so its training scores separate the classes further
+    than unseen subjects' do and the cut between neighbouring stages lands at the training
+    classes' edge."""
 
 
 @dataclass

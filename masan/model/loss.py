@@ -57,6 +57,8 @@ def masan_loss(out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], los
     ``out``: the model's output dict; a modality the model does not reconstruct (switched
     off) gives zero terms. ``batch``: the dataset dict with
     ``"label" (B,) int64`` and ``"t1"``/``"fmri"`` for the modalities reconstructed.
+    ``loss_cfg.label_smoothing`` smooths the cross-entropy's targets (an ordinal head's
+    log-probabilities pass ``log_softmax`` unchanged, so it applies to both heads alike).
     ``class_weight``: ``(C,)`` weights of the cross-entropy (:func:`class_weights`); each
     batch's loss is the weighted sum over the weighted count, as ``F.cross_entropy`` does.
     """
@@ -65,7 +67,8 @@ def masan_loss(out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], los
     logits = out["logits"]
     zero = logits.new_zeros((), dtype=torch.float32)
     weight = None if class_weight is None else class_weight.to(logits.device, torch.float32)
-    terms = {"ce": F.cross_entropy(logits.float(), batch["label"].to(logits.device), weight=weight)}
+    terms = {"ce": F.cross_entropy(logits.float(), batch["label"].to(logits.device), weight=weight,
+                                   label_smoothing=loss_cfg.label_smoothing)}
     modality = {}
     for name in ("t1", "fmri"):
         if f"{name}_recon" in out:
