@@ -61,6 +61,23 @@ def decide(probs: np.ndarray, rule: str = "argmax") -> np.ndarray:
     raise PredictionsError(f"decision rule {rule!r} is not one of {list(DECISIONS)}; set data.decision to one")
 
 
+def unsmoothed(probs: np.ndarray, smoothing: float) -> np.ndarray:
+    """float32 (N, C) class probabilities with the training's label smoothing undone.
+
+    A head trained on targets smoothed by ``smoothing`` (eps, ``loss.label_smoothing``) estimates
+    ``q = (1 - eps) p + eps / C``, not ``p``: every class keeps at least ``eps / C``, and under the
+    expected stage every call is pulled towards the middle stage by about eps of a stage. The
+    smoothing is a training device, so predictions report ``p = (q - eps / C) / (1 - eps)``,
+    clipped at 0 and renormalised. Rank order within a class, and so the arg-max and the AUC,
+    are unchanged (but classes below ``eps / C`` tie at 0); ``smoothing`` 0 returns ``probs``."""
+    probs = np.asarray(probs, dtype=np.float32)
+    if smoothing == 0 or probs.size == 0:
+        return probs
+    # a row of q sums to 1, so its excesses over eps / C sum to 1 - eps > 0: never all clipped
+    p = np.clip((probs - smoothing / probs.shape[1]) / (1.0 - smoothing), 0.0, None)
+    return (p / p.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
 @dataclass
 class Predictions:
     """Per-subject model outputs of one split.
@@ -68,7 +85,7 @@ class Predictions:
     Attributes:
         subjects: N subject ids, sorted.
         labels: (N,) int64 true class index.
-        probs: (N, C) float32 softmax probabilities.
+        probs: (N, C) float32 class probabilities (the softmax, label smoothing undone: :func:`unsmoothed`).
         region_weights: (N, R) float32 region weights (R = 0 when the model gives none).
         decision: how :attr:`preds` calls a class from ``probs`` (:func:`decide`).
     """

@@ -13,7 +13,8 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from masan.inference import gather_predictions, predict
+from masan.config import load_config
+from masan.inference import gather_predictions, predict, predict_subjects
 from masan.metrics import flat_scalars, prediction_metrics
 from masan.predictions import (
     Predictions,
@@ -21,6 +22,7 @@ from masan.predictions import (
     decide,
     load_predictions,
     merge_predictions,
+    unsmoothed,
     write_predictions,
 )
 
@@ -183,3 +185,30 @@ def test_the_decision_rule_travels_with_the_predictions(tmp_path):
     del on_disk["decision"]
     (tmp_path / "metrics.json").write_text(json.dumps(on_disk))
     assert load_predictions(tmp_path)[0].preds.tolist() == [0, 1, 2]
+
+
+def test_label_smoothing_is_undone_on_the_reported_probabilities():
+    """A head fitted to targets smoothed by eps estimates (1 - eps) p + eps / C: undone, the
+    probabilities are p again, the arg-max and each class's ranking unchanged, and the expected
+    stage no longer pulls a confident AD or NC call towards the middle."""
+    eps, p = 0.2, np.array([[0.0, 0.0, 0.45, 0.55], [0.9, 0.1, 0.0, 0.0], [0.1, 0.2, 0.3, 0.4]])
+    q = (1 - eps) * p + eps / 4
+    np.testing.assert_allclose(unsmoothed(q, eps), p, atol=1e-6)
+    assert (decide(unsmoothed(q, eps), "argmax") == decide(q, "argmax")).all()
+    assert decide(q, "expected_stage").tolist() == [2, 0, 2]  # 2.34: a 55 % AD call pulled to LMCI
+    assert decide(unsmoothed(q, eps), "expected_stage").tolist() == [3, 0, 2]
+    below = unsmoothed(np.array([[0.02, 0.08, 0.2, 0.7]]), eps)  # NC below eps / C: clipped, the rest renormalised
+    assert below[0, 0] == 0 and np.isclose(below.sum(), 1) and (np.diff(below[0]) > 0).all()
+    np.testing.assert_array_equal(unsmoothed(q, 0.0), q.astype(np.float32))
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_predict_subjects_reports_the_probabilities_with_the_runs_smoothing_undone(smoothing):
+    cfg = load_config(None, ["optim.micro_batch=2", f"loss.label_smoothing={smoothing}",
+                             "data.decision=expected_stage"])
+    torch.manual_seed(0)
+    model, data = ToyModel(), ToyCohort(6)
+    preds = predict_subjects(model, data, cfg, torch.device("cpu"), CLASSES)
+    raw = predict(model, DataLoader(data, batch_size=2), torch.device("cpu"), class_names=CLASSES)
+    np.testing.assert_allclose(preds.probs, unsmoothed(raw.probs, smoothing), atol=1e-6)
+    assert preds.decision == "expected_stage" and np.allclose(preds.probs.sum(1), 1)
