@@ -86,8 +86,8 @@ LINEAR = {"linear": False, "linear_both": True}
 """Rows fitted without training (experiments/baselines.py): name -> with fMRI features."""
 MINUTES = {"easy": {"t1_only": 8.2, "hfcn": 8.2, "masan": 7.6, "paper_exact": 7.6, "masan_add": 5.4, "no_conn": 7.6,
                     "fmri_only": 0.7},
-           "adni-like": {"masan": 9.8, "no_conn": 9.0, "masan_add": 8.6, "t1_only": 6.2, "hfcn": 6.3,
-                         "fmri_only": 3.7, "paper_exact": 3.3}}
+           "adni-like": {"masan": 8.9, "masan_add": 8.8, "no_conn": 8.4, "t1_only": 6.8, "hfcn": 6.3,
+                         "fmri_only": 4.2, "paper_exact": 3.5}}
 """Minutes per run of each preset at the default size on 2 CPU cores (one thread each; measured:
 docs/validation-cohort.md): runs are started longest first, so the short ones fill the end and
 neither core idles at the tail."""
