@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from masan.model import build_model, small_model_config
+from masan.config import ConfigError, LossConfig, load_config
+from masan.model import build_model, masan_loss, small_model_config
 from masan.model.heads import MLPClassifier, OrdinalClassifier, build_classifier
 
 
@@ -64,9 +65,6 @@ def test_model_head_selects_the_head_of_both_architectures():
 
 
 def test_label_smoothing_keeps_a_confident_head_off_zero_loss_with_either_head():
-    from masan.config import ConfigError, LossConfig, load_config
-    from masan.model import masan_loss
-
     batch = {"label": torch.tensor([0, 3])}
     confident = torch.log(torch.tensor([[0.999, 0.0005, 0.0003, 0.0002], [0.0002, 0.0003, 0.0005, 0.999]]))
     plain = masan_loss({"logits": confident}, batch, LossConfig())["ce"]

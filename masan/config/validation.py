@@ -73,7 +73,7 @@ _RULES: tuple[tuple[str, typing.Callable[[Any], bool], str], ...] = (
     ("loss.alpha", _non_negative, "a weight of 0 or more (the paper: 0.5)"),
     ("loss.beta", _non_negative, "a weight of 0 or more (the paper: 0.5)"),
     ("loss.sparsity", _non_negative, "a weight of 0 or more (the paper: 1e-4)"),
-    ("loss.label_smoothing", lambda v: 0 <= v < 1, "0 (off, the paper) or a fraction below 1, e.g. 0.1"),
+    ("loss.label_smoothing", _fraction_right_open, "0 (off, the paper) or a fraction below 1, e.g. 0.1"),
     ("model.screen_features", _non_negative, "0 (no screening) or a number of region features to keep"),
     ("model.screen_fraction", _fraction_right_open, "0 (no screening) or a fraction below 1, e.g. 0.0005"),
     ("model.connectivity_cells", _non_negative, "0 (off) or cells per region and axis, e.g. 2"),
