@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from experiments import REPO
+from masan.convert.cohort import usable_cores
 from masan.files import atomic_write_json
 from masan.synth import anatomy
 from masan.synth.presets import PRESETS
@@ -25,6 +26,10 @@ DEFAULT_REGISTER = {"easy": "none", "adni-like": "syn"}
 TEMPLATE = "mni152"
 """to_zarr.py --template: the space subjects are registered to (the cohort's own anatomy)."""
 COHORT_STAMP = "cohort.json"
+REGISTRATION_THREADS = 1
+"""to_zarr.py --threads when registering: one ITK thread per worker, so the same command makes the
+same store byte for byte (with two, SyN's per-thread sums add up in another order, and two copies of
+one seed's cohort moved the linear baseline by 0.05); one worker per usable core keeps it as fast."""
 
 
 def balanced(preset: str) -> bool:
@@ -37,6 +42,7 @@ def cohort_args(args: argparse.Namespace, grid: list[int]) -> dict:
     or ``subjects``, the other None."""
     per_class = balanced(args.preset)
     return {"anatomy": anatomy.ANATOMY, "preset": args.preset, "register": args.register, "template": TEMPLATE,
+            "registration_threads": REGISTRATION_THREADS,
             "per_class": args.per_class if per_class else None, "subjects": None if per_class else args.subjects,
             "structures": args.structures, "strength": args.strength, "seed": args.seed, "t1_shape": args.t1_shape,
             "fmri_shape": args.fmri_shape, "frames": args.frames, "stages": args.stages, "patch_grid": grid}
@@ -57,7 +63,8 @@ def cohort_commands(stamp: dict, bids: Path, store: Path) -> list[list[str]]:
                "--patch-grid", *map(str, stamp["patch_grid"]), "--register", stamp["register"],
                "--template", stamp["template"], "--no-progress"]
     if stamp["register"] != "none":  # registration resamples onto the template's grid: the model's shapes
-        convert += ["--t1-shape", *map(str, stamp["t1_shape"]), "--fmri-shape", *map(str, stamp["fmri_shape"])]
+        convert += ["--t1-shape", *map(str, stamp["t1_shape"]), "--fmri-shape", *map(str, stamp["fmri_shape"]),
+                    "--threads", str(stamp["registration_threads"]), "--workers", str(usable_cores())]
     return [synth, convert]
 
 

@@ -77,6 +77,7 @@ from experiments.training import (
     train_command,
 )
 from masan.config import ConfigError, RunConfig, config_hash, load_config
+from masan.convert.cohort import usable_cores
 from masan.rundir import RunDir
 from masan.synth.options import add_effect_arguments, add_shape_arguments
 from masan.synth.presets import PRESETS
@@ -140,7 +141,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help=f"GPU-sized cohort: T1 {FULL['t1_shape']}, fMRI {FULL['fmri_shape']} x {FULL['frames']}, "
                          f"{FULL['per_class']} per class; runs with train.device=auto")
     ap.add_argument("--jobs", type=int, default=2,
-                    help="runs trained in parallel, each on cpu_count/jobs threads (default 2: on 2 CPU cores two "
+                    help="runs trained in parallel, each on usable cores / jobs threads (default 2: on 2 CPU cores two "
                          "one-thread runs finish sooner than one run on both; 1 for one GPU)")
     ap.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides for every run")
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -196,7 +197,7 @@ def train_runs(args: argparse.Namespace, jobs: list[tuple[int, str]], run_dirs: 
         return None
     env = dict(os.environ)
     if args.jobs > 1:
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.jobs))
+        env["OMP_NUM_THREADS"] = str(max(1, usable_cores() // args.jobs))
     code = code_fingerprint()
     results: dict[tuple[int, str], dict] = {}
     with ThreadPoolExecutor(args.jobs) as pool:

@@ -1,10 +1,14 @@
 """to_zarr --register: heads moved away from the template land on its grid (T1 and fMRI alike), the
 transforms are stored and re-apply, a known shift is recovered in the right direction, the options
-fingerprint follows the registration, failures are per subject, and --register none is today's store."""
+fingerprint follows the registration, failures are per subject, --register none is today's store, and
+SyN with one ITK thread per worker repeats every byte."""
 
 import json
 import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -20,6 +24,7 @@ from masan.store.cohort import REPORT, CohortStore
 from masan.synth.anatomy import Nuisance, synthesize_anatomy_cohort
 from test_data_convert import to_zarr, write_manifest
 
+REPO = Path(__file__).resolve().parents[1]
 T1_SHAPE, FMRI_SHAPE, FRAMES = (48, 56, 48), (12, 14, 12), 8
 GRID_ARGS = ["--t1-shape", *map(str, T1_SHAPE), "--fmri-shape", *map(str, FMRI_SHAPE)]
 CENTER = np.array([0.0, -17.0, 5.0])  # about the brain's centre, mm
@@ -263,3 +268,30 @@ def test_qc_report_draws_the_template_and_flags_a_poor_fit(registered, tmp_path)
     assert "registration" in strict["flagged"]["moved"]
     page = (tmp_path / "qc" / "index.html").read_text()
     assert "t1 correlation with the template is 0.98 after registration, under 0.999" in page
+
+
+def _chunk_bytes(store_path):
+    """{path under subjects/<s>/current: bytes} of every array chunk (metadata, which names the
+    version folders and times, left out)."""
+    out = {}
+    for current in sorted(store_path.glob("subjects/*/current")):
+        for f in sorted(current.rglob("*")):
+            if f.is_file() and f.name != "zarr.json":
+                out[str(f.relative_to(store_path))] = f.read_bytes()
+    return out
+
+
+def test_syn_with_one_itk_thread_per_worker_repeats_every_byte(cohort):
+    """What experiments.science relies on for a repeatable cohort: SyN with --threads 1 and parallel
+    workers, run twice in fresh processes (ITK reads its thread count once per process)."""
+    tmp, rows, _, _ = cohort
+    manifest = write_manifest(tmp / "two.csv", rows[:2])
+    chunks = []
+    for copy in ("syn_a.zarr", "syn_b.zarr"):
+        subprocess.run([sys.executable, str(REPO / "data_tools/to_zarr.py"), "--manifest", str(manifest),
+                        "--out", str(tmp / copy), "--register", "syn", "--template", "mni152", *GRID_ARGS,
+                        "--threads", "1", "--workers", "2", "--no-progress"], check=True, cwd=REPO)
+        chunks.append(_chunk_bytes(tmp / copy))
+    assert len(chunks[0]) > 0 and chunks[0].keys() == chunks[1].keys()
+    assert any("registration" in k for k in chunks[0])  # the transforms are compared too
+    assert [k for k in chunks[0] if chunks[0][k] != chunks[1][k]] == []

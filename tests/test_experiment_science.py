@@ -81,6 +81,7 @@ def test_cohort_flags_reach_the_cohort_commands():
     assert flag(synth, "--preset") == "easy" and flag(synth, "--per-class") == "16" and "--subjects" not in synth
     assert flag(convert, "--register") == "none" and flag(convert, "--template") == "mni152"
     assert "--t1-shape" not in convert  # the synthetic volumes are stored as written
+    assert "--threads" not in convert  # nothing registered: nothing to thread
 
     args, adni, (synth, convert) = cohort_of(["--preset", "adni-like"])
     assert args.work == REPO / "runs/science-adni-like"  # two cohorts do not overwrite each other
@@ -89,6 +90,7 @@ def test_cohort_flags_reach_the_cohort_commands():
     assert flag(convert, "--register") == "syn" and flag(convert, "--template") == "mni152"
     assert convert[convert.index("--t1-shape") + 1:][:3] == ["48", "56", "48"]  # the template grid is the model's
     assert convert[convert.index("--fmri-shape") + 1:][:3] == ["12", "14", "12"]
+    assert flag(convert, "--threads") == "1" and int(flag(convert, "--workers")) >= 1  # a repeatable store
 
     _, other, (synth, convert) = cohort_of(["--preset", "adni-like", "--subjects", "40", "--register", "affine",
                                          "--structures", "hippocampus"])

@@ -73,6 +73,11 @@ class Report:
         return d
 
 
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask: a SLURM job's share, not the node's)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def _published(root: Any, subject: str, row: dict | None) -> tuple[str, dict] | None:
     """(group key, attributes) of the version the table row points at, if complete."""
     if row is None:
@@ -262,8 +267,7 @@ def _convert_locked(root: Any, out: Path, jobs: list[Job], opts: ConvertOptions,
 
     _write_table(root, rows, classes, opts, extra)
     if opts.register != "none" and opts.threads is None:  # N workers x M ITK threads within the cores we may use
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        opts = replace(opts, threads=max(1, cores // max(1, min(workers, len(todo)))))
+        opts = replace(opts, threads=max(1, usable_cores() // max(1, min(workers, len(todo)))))
     bar = tqdm(total=len(todo), desc=f"to_zarr {out.name}", unit="subject", disable=not progress)
     if workers <= 1 or len(todo) <= 1:
         for job in todo:
