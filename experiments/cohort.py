@@ -28,8 +28,8 @@ TEMPLATE = "mni152"
 COHORT_STAMP = "cohort.json"
 REGISTRATION_THREADS = 1
 """to_zarr.py --threads when registering: one ITK thread per worker, so the same command makes the
-same store byte for byte (with two, SyN's per-thread sums add up in another order, and two copies of
-one seed's cohort moved the linear baseline by 0.05); one worker per usable core keeps it as fast."""
+same store byte for byte (with more, SyN's per-thread sums add up in another order and two copies of
+one seed's cohort score differently: docs/validation-cohort.md); a worker per usable core keeps it fast."""
 
 
 def balanced(preset: str) -> bool:
@@ -41,11 +41,13 @@ def cohort_args(args: argparse.Namespace, grid: list[int]) -> dict:
     """Everything the cohort depends on (its stamp); its size is ``per_class`` (a balanced preset)
     or ``subjects``, the other None."""
     per_class = balanced(args.preset)
-    return {"anatomy": anatomy.ANATOMY, "preset": args.preset, "register": args.register, "template": TEMPLATE,
-            "registration_threads": REGISTRATION_THREADS,
-            "per_class": args.per_class if per_class else None, "subjects": None if per_class else args.subjects,
-            "structures": args.structures, "strength": args.strength, "seed": args.seed, "t1_shape": args.t1_shape,
-            "fmri_shape": args.fmri_shape, "frames": args.frames, "stages": args.stages, "patch_grid": grid}
+    stamp = {"anatomy": anatomy.ANATOMY, "preset": args.preset, "register": args.register, "template": TEMPLATE,
+             "per_class": args.per_class if per_class else None, "subjects": None if per_class else args.subjects,
+             "structures": args.structures, "strength": args.strength, "seed": args.seed, "t1_shape": args.t1_shape,
+             "fmri_shape": args.fmri_shape, "frames": args.frames, "stages": args.stages, "patch_grid": grid}
+    if args.register != "none":  # copies registered with several threads differ: remade; unregistered ones kept
+        stamp["registration_threads"] = REGISTRATION_THREADS
+    return stamp
 
 
 def cohort_commands(stamp: dict, bids: Path, store: Path) -> list[list[str]]:
@@ -64,7 +66,8 @@ def cohort_commands(stamp: dict, bids: Path, store: Path) -> list[list[str]]:
                "--template", stamp["template"], "--no-progress"]
     if stamp["register"] != "none":  # registration resamples onto the template's grid: the model's shapes
         convert += ["--t1-shape", *map(str, stamp["t1_shape"]), "--fmri-shape", *map(str, stamp["fmri_shape"]),
-                    "--threads", str(stamp["registration_threads"]), "--workers", str(usable_cores())]
+                    "--threads", str(stamp.get("registration_threads", REGISTRATION_THREADS)),
+                    "--workers", str(usable_cores())]
     return [synth, convert]
 
 

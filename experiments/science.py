@@ -7,7 +7,8 @@ with planted effects, side by side in one run.
    then ``data_tools/to_zarr.py --register R --template mni152``. ``--preset easy`` (default,
    WORK runs/science): 4 classes x ``--per-class``, no registration; ``--preset adni-like``
    (WORK runs/science-adni-like): ``--subjects`` in ADNI-like proportions, registered to the
-   template with ``--register`` (default syn).
+   template with ``--register`` (default syn), one ITK thread per worker, so the same arguments
+   make the same store byte for byte.
 2. Trains every variant on every repeat's split with ``launch/train_local.py --config
    hpc/configs/science.yaml`` (run dirs WORK/runs/<variant>/r<repeat>, log in train.log there;
    a run finished with the same arguments, resolved config and cohort is not trained again, an

@@ -91,6 +91,7 @@ def test_cohort_flags_reach_the_cohort_commands():
     assert convert[convert.index("--t1-shape") + 1:][:3] == ["48", "56", "48"]  # the template grid is the model's
     assert convert[convert.index("--fmri-shape") + 1:][:3] == ["12", "14", "12"]
     assert flag(convert, "--threads") == "1" and int(flag(convert, "--workers")) >= 1  # a repeatable store
+    assert adni["registration_threads"] == 1 and "registration_threads" not in easy  # unregistered copies kept
 
     _, other, (synth, convert) = cohort_of(["--preset", "adni-like", "--subjects", "40", "--register", "affine",
                                          "--structures", "hippocampus"])
