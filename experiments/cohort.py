@@ -66,7 +66,7 @@ def cohort_commands(stamp: dict, bids: Path, store: Path) -> list[list[str]]:
                "--template", stamp["template"], "--no-progress"]
     if stamp["register"] != "none":  # registration resamples onto the template's grid: the model's shapes
         convert += ["--t1-shape", *map(str, stamp["t1_shape"]), "--fmri-shape", *map(str, stamp["fmri_shape"]),
-                    "--threads", str(stamp.get("registration_threads", REGISTRATION_THREADS)),
+                    "--threads", str(REGISTRATION_THREADS),
                     "--workers", str(usable_cores())]
     return [synth, convert]
 
