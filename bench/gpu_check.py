@@ -66,6 +66,7 @@ from bench.harness import (
     resolve_device,
 )
 from masan.config import RunConfig, config_to_dict, load_config
+from masan.host import usable_cores
 from masan.model.inputs import PRECISION_DTYPES
 from masan.rundir import RunDir
 
@@ -280,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         if sections & {"loader", "deepspeed"}:  # synthesized and converted while the GPU measures models
             pool = futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
             cohort = pool.submit(prepare_cohort, str(work / "cohort"), config_to_dict(cfg), args.subjects,
-                                 min(8, os.cpu_count() or 1))
+                                 min(8, usable_cores()))
         if "masan" in sections:
             model_section("masan", TINY_ROWS if args.tiny else MASAN_ROWS, args, cfg, budget,
                           args.min_left_model)

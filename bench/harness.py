@@ -23,7 +23,7 @@ import torch
 import yaml
 
 from masan.config import LossConfig, ModelConfig, RunConfig
-from masan.hostmem import rss_bytes
+from masan.host import rss_bytes
 from masan.model import FastPaths, build_model, compile_modality_modules, masan_loss
 from masan.model.inputs import PRECISION_DTYPES
 from masan.train.logging import peak_memory

@@ -18,11 +18,11 @@ One synthesized cohort, measured side by side in one run:
 Targets (docs/data-format.md, "Benchmark"): store bytes <= .nii.gz bytes; full-sample read >= 5x faster.
 Target (docs/performance.md): the ``host`` cache delivers a full-resolution sample >= 10x faster than ``none``.
 
-  python bench/io.py                 # moderate: 4 subjects, T1 120x128x88, fMRI 60x64x44 x 200
-  python bench/io.py --full          # the paper's sizes: T1 240x256x176, fMRI 60x64x44 x 976
-  python bench/io.py --codec lz4 --clevel 5 --keep /tmp/bench   # try another codec, keep the files
-  python bench/io.py --full --loader-only --subjects 2 --frames 488   # only the loader table, fewer frames
-  python bench/io.py --keep /tmp/b --against /tmp/old/store.zarr   # this layout vs a store of the same cohort
+  python -m bench.io                 # moderate: 4 subjects, T1 120x128x88, fMRI 60x64x44 x 200
+  python -m bench.io --full          # the paper's sizes: T1 240x256x176, fMRI 60x64x44 x 976
+  python -m bench.io --codec lz4 --clevel 5 --keep /tmp/bench   # try another codec, keep the files
+  python -m bench.io --full --loader-only --subjects 2 --frames 488   # only the loader table, fewer frames
+  python -m bench.io --keep /tmp/b --against /tmp/old/store.zarr   # this layout vs a store of the same cohort
 The store-vs-nibabel timings are the best of --repeats passes over all subjects (contenders
 interleaved), with every file in the page cache; CPU time counts all threads, a steadier figure
 on a shared machine. The loader table's are the median of the passes after the warm-up ones.
@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
-import os
 import shutil
 import statistics
 import tempfile
@@ -49,6 +48,7 @@ from masan.config import DataConfig, ModelConfig
 from masan.convert.cohort import ConvertOptions, convert_cohort, discover_bids
 from masan.data.cache import CohortCache
 from masan.data.dataset import CohortDataset
+from masan.host import usable_cores
 from masan.model.inputs import PRECISION_DTYPES
 from masan.store.cohort import SUBJECTS, CohortStore
 from masan.synth.phantom import synthesize_cohort
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(work, ignore_errors=True)
     print(f"\ncohort: {args.subjects} subjects, T1 {args.t1_shape}, fMRI {args.fmri_shape} x {args.frames}; "
           f"store {args.codec}-{args.clevel} {args.shuffle}, fMRI chunk {args.chunk_frames} frames, "
-          f"shard {args.shard_frames}; gzip level {args.gzip_level}; {os.cpu_count()} CPUs")
+          f"shard {args.shard_frames}; gzip level {args.gzip_level}; {usable_cores()} usable CPU cores")
     if table:
         print_table(["", "store", "nii.gz", "ratio"], table)
     if against:

@@ -12,7 +12,7 @@ cohort synthesized and converted once, and prints a table:
 Peak RSS is the largest maximum resident set of any rank process (getrusage of the waited-for
 children). Example::
 
-    python bench/train.py --steps 30
+    python -m bench.train --steps 30
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ fitted on a repeat's training part and scored on its test part, the split the re
 Both read only the cohort store; the oracle also its truth record (``planted_effect``). Each
 calls a subject's class by the decision rule (arg-max or expected stage) that is more accurate in
 cross-validation inside the repeat's training part (:func:`nested_decision`), the trained runs'
-``data.decision`` on a tie.
+``data.decision`` on a tie; or, given one (``rule``), by that rule.
 """
 
 from __future__ import annotations
@@ -86,14 +86,15 @@ def metric_values(labels: np.ndarray, probs: np.ndarray, names: list[str], posit
 class SplitRow:
     """A row fitted on a repeat's split of the subjects the benchmark's config selects
     (``data_cfg``: classes, modalities; its ``decision`` is the rule a row keeps unless
-    :func:`nested_decision` finds the other more accurate inside the training part). Subclasses
+    :func:`nested_decision` finds the other more accurate inside the training part; ``rule``, one
+    of masan.predictions.DECISIONS, calls every split by that rule instead). Subclasses
     give :meth:`measure`, one feature vector per subject, measured once per store for all
     subjects."""
 
-    def __init__(self, store, data_cfg, split_cfg):
+    def __init__(self, store, data_cfg, split_cfg, rule: str | None = None):
         from masan.data.dataset import select_subjects
 
-        self.store, self.split_cfg = store, split_cfg
+        self.store, self.split_cfg, self.rule = store, split_cfg, rule
         subjects, labels, self.names = select_subjects(store, data_cfg)
         self.label = dict(zip(subjects, labels))
         self.positive, self.preferred = data_cfg.positive_class, data_cfg.decision
@@ -124,6 +125,11 @@ class SplitRow:
         subjects = sorted(self.label)
         return make_split(subjects, [self.label[s] for s in subjects], cfg)
 
+    def decision(self, model, X: np.ndarray, y: np.ndarray, seed: int) -> str:
+        """The rule this row calls a split's test subjects by: its fixed ``rule``, else the one
+        :func:`nested_decision` picks for the unfitted ``model`` on the training part ``X``, ``y``."""
+        return self.rule or nested_decision(model, X, y, seed, self.preferred)
+
     def metrics(self, train_y: np.ndarray, test_y: np.ndarray, prob: np.ndarray, decision: str) -> dict:
         """:func:`metric_values` of ``prob`` (n_test, training classes in sorted order), classes
         called by ``decision``."""
@@ -146,7 +152,7 @@ class Oracle(SplitRow):
 
         train_y, test_y = self.labels(split.train), self.labels(split.test)
         train_X = self.features(split.train)
-        decision = nested_decision(oracle_model(), train_X, train_y, split.random_state, self.preferred)
+        decision = self.decision(oracle_model(), train_X, train_y, split.random_state)
         out = self.metrics(train_y, test_y, oracle_predict(train_X, train_y, self.features(split.test)), decision)
         majority = int(np.bincount(train_y, minlength=len(self.names)).argmax())
         pos = self.names.index(self.positive)
@@ -243,8 +249,8 @@ class LinearBaseline(SplitRow):
     training part; ``region_weights`` in its result, one row per test subject, for the region
     ranking of the other rows."""
 
-    def __init__(self, store, data_cfg, split_cfg, grid: list[int], fmri: bool):
-        super().__init__(store, data_cfg, split_cfg)
+    def __init__(self, store, data_cfg, split_cfg, grid: list[int], fmri: bool, rule: str | None = None):
+        super().__init__(store, data_cfg, split_cfg, rule)
         self.grid, self.fmri = list(grid), fmri
         self.blocks: dict[str, np.ndarray] = {}
         """Modality -> its feature columns (set by :meth:`measure`)."""
@@ -278,7 +284,7 @@ class LinearBaseline(SplitRow):
         train_y, test_y = self.labels(split.train), self.labels(split.test)
         train_X = self.features(split.train)  # measures every subject once: blocks and regions set
         pipe, chosen = fit_linear(train_X, train_y, split.random_state, self.blocks)
-        decision = nested_decision(clone(pipe), train_X, train_y, split.random_state, self.preferred)
+        decision = self.decision(clone(pipe), train_X, train_y, split.random_state)
         out = self.metrics(train_y, test_y, pipe.predict_proba(self.features(split.test)), decision)
         weights = region_weights(pipe, self.blocks, self.feature_region, math.prod(self.grid))
         return {**out, "chosen": chosen, "region_weights": np.tile(weights, (len(test_y), 1)),

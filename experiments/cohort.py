@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 
 from experiments import REPO
-from masan.convert.cohort import usable_cores
 from masan.files import atomic_write_json
+from masan.host import usable_cores
 from masan.synth import anatomy
 from masan.synth.presets import PRESETS
 

@@ -64,13 +64,16 @@ def proxy_scores(features: np.ndarray, labels: np.ndarray, keeps: list[int], pos
 @torch.no_grad()
 def region_feature_rows(model, samples: list[dict], cells: int) -> np.ndarray:
     """``(N, R * D)`` the region features the head of ``model`` would screen, with the encoders'
-    levels pooled at ``cells`` cells per region and axis (the model is changed in place)."""
-    for module in (model.spm, model.fpm.spatial if model.fpm is not None else None):
-        if module is not None:
+    levels pooled at ``cells`` cells per region and axis (the model's own cells are restored after)."""
+    pooled = [m for m in (model.spm, model.fpm.spatial if model.fpm is not None else None) if m is not None]
+    own = [m.cells for m in pooled]
+    try:
+        for module in pooled:
             module.cells = cells  # pooling only: the encoders and the fusion gates are size-agnostic
-    rows = []
-    for sample in samples:
-        rows.append(model.region_inputs(sample.get("t1"), sample.get("fmri")).flatten())
+        rows = [model.region_inputs(sample.get("t1"), sample.get("fmri")).flatten() for sample in samples]
+    finally:
+        for module, kept in zip(pooled, own):
+            module.cells = kept
     return torch.stack(rows).float().numpy()
 
 

@@ -150,16 +150,25 @@ def _forward_signals(procs: list[subprocess.Popen], interrupts: dict) -> None:
 def _start_ranks(procs: list[subprocess.Popen], nproc: int, worker_argv: list[str], port: int) -> None:
     """Start ranks 0..nproc-1 (this script with ``worker_argv``) into ``procs``, one by one, so
     the signal handlers reach every rank already started."""
+    for rank in range(nproc):
+        procs.append(subprocess.Popen([sys.executable, os.path.abspath(__file__), *worker_argv],
+                                      env=rank_environment(rank, nproc, port), stdin=subprocess.DEVNULL,
+                                      process_group=0))
+
+
+def rank_environment(rank: int, nproc: int, port: int) -> dict[str, str]:
+    """The environment of rank ``rank`` of ``nproc`` on this host: torch.distributed's variables
+    on loopback, this launcher's pid, and OMP_NUM_THREADS (unless set) = the cores this launcher
+    may use (its affinity mask: a SLURM job's share, not the node's) split over the ranks."""
+    from masan.host import usable_cores
     from masan.train.runlock import LAUNCHER_PID_ENV
 
-    for rank in range(nproc):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_RANK=str(rank),
-                   LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        env[LAUNCHER_PID_ENV] = str(os.getpid())
-        # share the cores instead of every rank starting one thread per core (as torchrun does)
-        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-        procs.append(subprocess.Popen([sys.executable, os.path.abspath(__file__), *worker_argv], env=env,
-                                      stdin=subprocess.DEVNULL, process_group=0))
+    env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_RANK=str(rank),
+               LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    env[LAUNCHER_PID_ENV] = str(os.getpid())
+    # share the cores instead of every rank starting one thread per core (as torchrun does)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, usable_cores() // nproc)))
+    return env
 
 
 def _wait_for_ranks(procs: list[subprocess.Popen], interrupts: dict) -> tuple[dict[int, int], set[int]]:

@@ -23,9 +23,11 @@ def test_region_features_at_other_cells_are_what_the_model_would_pool():
     samples = [{"t1": torch.randn(1, 1, *cfg.t1_shape), "fmri": torch.randn(1, cfg.fmri_frames, *cfg.fmri_shape)}
                for _ in range(2)]
     width = sum(2 * c for c in cfg.channels)  # avg + max per level
+    own_cells = model.spm.cells
     for cells in (1, 2):
         rows = region_feature_rows(model, samples, cells)
         assert rows.shape == (2, num_regions(cfg.patch_grid) * width * cells**3)
+        assert model.spm.cells == model.fpm.spatial.cells == own_cells  # the model is handed back as it came
     # at the model's own cell count: exactly the regions its forward pass standardises
     built = build_model(dataclasses.replace(cfg, fusion_cells=2), 4).eval()
     built.load_state_dict({k: v for k, v in model.state_dict().items()

@@ -193,6 +193,11 @@ def test_linear_row_is_fitted_on_the_runs_split_from_the_store_alone(tiny_store,
     assert both.blocks["t1"].size == np.prod(t1) and both.blocks["fmri"][0] == np.prod(t1)  # one block per modality
     res = both.score(split)
     assert set(res["chosen"]["k"]) == {"t1", "fmri"} and res["n"] == len(split.test)
+    for rule in ("argmax", "expected_stage"):  # --fitted-rule: every split called by the rule given
+        fixed = baselines.LinearBaseline(store, cfg.data, cfg.split, [2, 2, 2], fmri=False, rule=rule)
+        assert fixed.score(split)["decision"] == rule
+    assert science.parse_args(["--fitted-rule", "argmax"]).fitted_rule == "argmax"
+    assert science.parse_args([]).fitted_rule == "nested"
 
 
 def test_linear_settings_come_from_cross_validation_on_the_training_part():

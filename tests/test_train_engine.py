@@ -20,7 +20,8 @@ from masan.train.engine import (
     main,
     readme_markdown,
 )
-from masan.train.loop import ResumableSampler, check_grad_norm, steps_left
+from masan.train.gradients import check_grad_norm
+from masan.train.loop import ResumableSampler, steps_left
 
 REPO = Path(__file__).resolve().parents[1]
 

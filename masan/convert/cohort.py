@@ -45,6 +45,7 @@ from masan.convert.sources import (  # noqa: F401  (re-exported: the converter's
 )
 from masan.convert.subject import convert_subject, open_strict, source_record, verify_group
 from masan.files import atomic_write_json
+from masan.host import usable_cores
 from masan.store import permissions, places, publish
 from masan.store.cohort import FORMAT, FORMAT_VERSION, MODALITIES, REPORT, STAGING, SUBJECTS, TRASH
 from masan.store.permissions import StoreAccess
@@ -71,11 +72,6 @@ class Report:
         d = asdict(self)
         d["failed"] = [asdict(f) for f in self.failed]
         return d
-
-
-def usable_cores() -> int:
-    """CPU cores this process may run on (its affinity mask: a SLURM job's share, not the node's)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _published(root: Any, subject: str, row: dict | None) -> tuple[str, dict] | None:

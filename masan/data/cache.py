@@ -46,7 +46,7 @@ import torch
 from masan import distributed as D
 from masan.config import DataConfig
 from masan.data.batches import Batches, Scale
-from masan.hostmem import available_bytes
+from masan.host import available_bytes
 from masan.store.cohort import CohortStore, normalized_float32, scaled_float32
 
 log = logging.getLogger(__name__)

@@ -28,7 +28,7 @@ import torch
 import yaml
 
 from masan.config import LogConfig, RunConfig, config_to_dict
-from masan.hostmem import peak_rss_bytes
+from masan.host import peak_rss_bytes
 from masan.metrics import HPARAM_METRICS, flat_scalars
 from masan.rundir import RunDir
 
@@ -42,7 +42,7 @@ MEMORY_TAGS = ("peak_rss_gib", "gpu_mem_gib", "gpu_reserved_gib")
 
 def peak_memory(device: torch.device) -> dict[str, float]:
     """This process's peak memory since the last call, GiB, and reset: ``peak_rss_gib``
-    (:func:`masan.hostmem.peak_rss_bytes`; where it cannot be reset, the peak since the process
+    (:func:`masan.host.peak_rss_bytes`; where it cannot be reset, the peak since the process
     started), and on CUDA ``gpu_mem_gib`` / ``gpu_reserved_gib`` (max allocated / reserved)."""
     out = {"peak_rss_gib": peak_rss_bytes(reset=True) / 2**30}
     if device.type == "cuda":

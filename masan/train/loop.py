@@ -47,8 +47,9 @@ from masan.model import masan_loss
 from masan.model.inputs import PRECISION_DTYPES as DTYPES
 from masan.model.loss import PHASES, class_weights
 from masan.train.checkpoint import CheckpointManager
-from masan.train.engine import LRSchedule, current_lr, grad_norm, set_schedule_step
+from masan.train.engine import LRSchedule, current_lr, set_schedule_step
 from masan.train.eta import ETA_INTERVALS, duration_text, eta_seconds
+from masan.train.gradients import check_grad_norm, skipped_steps, term_grad_norms
 from masan.train.logging import TrainLogger, interval_stats
 from masan.train.standardize import fit_standardizers
 from masan.train.stop import StopRequest
@@ -404,58 +405,6 @@ def fit_norms(p: LoopParts) -> None:
     if n and p.info.is_main:
         log.info("fitted %d feature standardiser(s) on %d training subjects in %.1f s", n, len(p.train_set),
                  time.perf_counter() - t0)
-
-
-def check_grad_norm(engine, step: int, phase: str, rank: int) -> float | None:
-    """The optimizer step's global gradient norm (the same on every rank); a non-finite one that
-    was applied stops the run before anything is saved, so the last checkpoint holds the last
-    finite weights. (In bf16 DeepSpeed does not scan for overflow: ``bf16.check_grad_overflow``
-    is off, masan.train.engine.)"""
-    norm = grad_norm(engine)
-    # an fp16 step skipped by the loss scaler (norm inf, weights untouched) is not an error
-    if norm is not None and not math.isfinite(norm) and engine.was_step_applied():
-        raise FloatingPointError(
-            f"the {phase} gradient norm is {norm} at step {step + 1} on rank {rank}: the weights of this step are "
-            f"not finite and were not saved; resume from the last checkpoint with a lower optim.lr or "
-            f"optim.grad_clip, check the input data (python data_tools/inspect_store.py --verify) or use "
-            f"train.precision=fp32")
-    return norm
-
-
-def skipped_steps(engine) -> int:
-    """Optimizer steps DeepSpeed skipped so far for non-finite gradients (overflow)."""
-    return int(getattr(engine, "skipped_steps", 0) or 0)
-
-
-def term_grad_norms(model: torch.nn.Module, batch: dict, loss_cfg, phase: str,
-                    class_weight: torch.Tensor | None = None) -> dict[str, float]:
-    """Norm of each loss term's gradient over all parameters on ``batch``, as weighted in eq. 8
-    (``grad_norm_<term>``: alpha * recon_t1, beta * recon_fmri, ce), so the balance of eq. 8 is
-    visible.
-
-    A side pass on detached copies of the weights (``torch.func.functional_call``): the
-    engine's gradient hooks (ZeRO buckets) never see it, and the step's gradients are untouched.
-    Costs one forward and one backward per term, every ``log.grad_norm_every_steps`` steps.
-    Eager also where ``model.compile`` compiled the modality modules: swapped-in weights would
-    fail the compiled graphs' guards (a recompile each time), and one forward with a backward
-    per term is not what CUDA graphs (``model.compile_mode: reduce-overhead``) replay.
-    """
-    params = {n: q.detach().requires_grad_(q.requires_grad) for n, q in model.named_parameters()}
-    leaves = [q for q in params.values() if q.requires_grad]
-    weights = {"recon_t1": loss_cfg.alpha, "recon_fmri": loss_cfg.beta, "ce": 1.0 if phase == "joint" else 0.0}
-    with torch.compiler.set_stance("force_eager"):
-        out = torch.func.functional_call(model, params, kwargs={k: batch.get(k) for k in MODALITY_KEYS},
-                                         strict=False)
-    loss = masan_loss(out, batch, loss_cfg, phase=phase, class_weight=class_weight)
-    norms = {}
-    for name, weight in weights.items():
-        term = loss[name]
-        if not term.requires_grad or weight == 0.0:
-            continue
-        grads = torch.autograd.grad(term, leaves, retain_graph=True, allow_unused=True)
-        sq = sum(float(g.float().pow(2).sum()) for g in grads if g is not None)
-        norms[f"grad_norm_{name}"] = weight * math.sqrt(sq)
-    return norms
 
 
 def monitor_val(p: LoopParts, step: int) -> None:

@@ -1,12 +1,20 @@
-"""This host's memory, as Linux reports it: what the kernel can still give, and what this
-process holds now and at its peak (bytes). One owner for the /proc reads that the cohort cache
-(is there room?), the training log (peak per interval) and the benchmarks (growth per step)
-all need; off Linux each falls back to what :mod:`resource` knows."""
+"""This host as Linux reports it to this process: the cores it may run on, the memory the kernel
+can still give, and what this process holds now and at its peak (bytes). One owner for the
+reads that the converter and the launchers (how many threads?), the cohort cache (is there
+room?), the training log (peak per interval) and the benchmarks (growth per step) all need;
+off Linux each falls back to what :mod:`os` and :mod:`resource` know."""
 
 from __future__ import annotations
 
 import os
 import resource
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on: its affinity mask (a SLURM job's or ``taskset``'s
+    share), not the node's count that :func:`os.cpu_count` gives."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
 
 CLEAR_REFS = "/proc/self/clear_refs"
 """Writing ``5`` here resets the process's peak resident set (VmHWM; Linux >= 4.0)."""
