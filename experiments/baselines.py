@@ -7,7 +7,8 @@ fitted on a repeat's training part and scored on its test part, the split the re
 - :class:`LinearBaseline`: a linear model that knows nothing of the planted effect, on the
   stored voxels: ``linear`` on the T1, ``linear_both`` on the T1 plus fMRI features. A network
   that does not beat it has learnt nothing a voxelwise ANOVA and a logistic regression would
-  not find.
+  not find. ``linear_ordinal``: ``linear`` with the ordinal head MASAN has (one disease axis and
+  cut-points, experiments/ordinal.py), so MASAN's margin over it is not its head's.
 
 Both read only the cohort store; the oracle also its truth record (``planted_effect``). Each
 calls a subject's class by the decision rule (arg-max or expected stage) that is more accurate in
@@ -31,6 +32,7 @@ from sklearn.model_selection import GridSearchCV, StratifiedKFold, cross_val_pre
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
+from experiments.ordinal import OrdinalLogistic
 from masan.rundir import RunDir
 
 K_CHOICES = (20, 200, 2000)
@@ -186,24 +188,26 @@ def fmri_features(series: np.ndarray, grid: list[int]) -> np.ndarray:
     return np.concatenate([amplitude, corr[np.triu_indices(corr.shape[0], 1)]]).astype(np.float32)
 
 
-def linear_pipeline(blocks: dict[str, np.ndarray]) -> Pipeline:
+def linear_pipeline(blocks: dict[str, np.ndarray], ordinal: bool = False) -> Pipeline:
     """Features (N, F) -> class probabilities. In each block (name -> its column indices: one per
     modality, so the T1's many voxels do not crowd the fMRI's features out): constant features
     dropped, each feature standardised, the ``k`` of largest ANOVA F kept; then an L2 logistic
-    regression on the kept features of all blocks."""
+    regression on the kept features of all blocks: multinomial, or with ``ordinal`` the
+    proportional-odds model of :class:`experiments.ordinal.OrdinalLogistic`."""
     per_block = [(name, Pipeline([("informative", VarianceThreshold()), ("scale", StandardScaler()),
                                   ("select", SelectKBest(f_classif, k=DEFAULT_K))]), cols)
                  for name, cols in blocks.items()]
-    return Pipeline([("blocks", ColumnTransformer(per_block)),
-                     ("classify", LogisticRegression(C=DEFAULT_C, max_iter=5000))])
+    head = OrdinalLogistic if ordinal else LogisticRegression
+    return Pipeline([("blocks", ColumnTransformer(per_block)), ("classify", head(C=DEFAULT_C, max_iter=5000))])
 
 
-def fit_linear(X: np.ndarray, y: np.ndarray, seed: int, blocks: dict[str, np.ndarray] | None = None
-               ) -> tuple[Pipeline, dict]:
-    """:func:`linear_pipeline` fitted on (``X`` (N, F), ``y`` (N,)), ``blocks`` default one of all
-    columns, with k (the same in every block, at most the block's non-constant features) and C
-    chosen by stratified ``CV_FOLDS``-fold cross-validation (log loss) on these subjects alone,
-    then refitted on all of them; the defaults when a class has a single subject.
+def fit_linear(X: np.ndarray, y: np.ndarray, seed: int, blocks: dict[str, np.ndarray] | None = None,
+               ordinal: bool = False) -> tuple[Pipeline, dict]:
+    """:func:`linear_pipeline` (``ordinal``: its ordinal head) fitted on (``X`` (N, F), ``y``
+    (N,)), ``blocks`` default one of all columns, with k (the same in every block, at most the
+    block's non-constant features) and C chosen by stratified ``CV_FOLDS``-fold cross-validation
+    (log loss) on these subjects alone, then refitted on all of them; the defaults when a class
+    has a single subject.
     Returns (pipeline, chosen: {"k": {block: k}, "C": C, "cv_folds": folds})."""
     blocks = blocks if blocks is not None else {"all": np.arange(X.shape[1])}
     folds = cv_folds(y)
@@ -212,7 +216,7 @@ def fit_linear(X: np.ndarray, y: np.ndarray, seed: int, blocks: dict[str, np.nda
     def ks(k: int) -> dict[str, int]:
         return {f"blocks__{n}__select__k": min(k, informative[n]) for n in blocks}
 
-    pipe = linear_pipeline(blocks)
+    pipe = linear_pipeline(blocks, ordinal)
     if folds < 2:
         c = DEFAULT_C
         pipe.set_params(**ks(DEFAULT_K), classify__C=c).fit(X, y)
@@ -245,13 +249,15 @@ def region_weights(pipe: Pipeline, blocks: dict[str, np.ndarray], feature_region
 class LinearBaseline(SplitRow):
     """``linear`` (``fmri=False``): the z-scored T1 voxels of the store (``read_t1``, flattened,
     X*Y*Z features); ``linear_both`` (``fmri=True``): those plus :func:`fmri_features` of the
-    stored run, screened as a block of their own. Fitted by :func:`fit_linear` on the split's
-    training part; ``region_weights`` in its result, one row per test subject, for the region
-    ranking of the other rows."""
+    stored run, screened as a block of their own; ``ordinal``: the ordinal head
+    (``linear_ordinal``). Fitted by :func:`fit_linear` on the split's training part;
+    ``region_weights`` in its result, one row per test subject, for the region ranking of the
+    other rows."""
 
-    def __init__(self, store, data_cfg, split_cfg, grid: list[int], fmri: bool, rule: str | None = None):
+    def __init__(self, store, data_cfg, split_cfg, grid: list[int], fmri: bool, rule: str | None = None,
+                 ordinal: bool = False):
         super().__init__(store, data_cfg, split_cfg, rule)
-        self.grid, self.fmri = list(grid), fmri
+        self.grid, self.fmri, self.ordinal = list(grid), fmri, ordinal
         self.blocks: dict[str, np.ndarray] = {}
         """Modality -> its feature columns (set by :meth:`measure`)."""
         self.feature_region: np.ndarray | None = None
@@ -283,7 +289,7 @@ class LinearBaseline(SplitRow):
         t = time.perf_counter()
         train_y, test_y = self.labels(split.train), self.labels(split.test)
         train_X = self.features(split.train)  # measures every subject once: blocks and regions set
-        pipe, chosen = fit_linear(train_X, train_y, split.random_state, self.blocks)
+        pipe, chosen = fit_linear(train_X, train_y, split.random_state, self.blocks, self.ordinal)
         decision = self.decision(clone(pipe), train_X, train_y, split.random_state)
         out = self.metrics(train_y, test_y, pipe.predict_proba(self.features(split.test)), decision)
         weights = region_weights(pipe, self.blocks, self.feature_region, math.prod(self.grid))

@@ -33,9 +33,9 @@ with planted effects, side by side in one run.
    subjects, 1 = top) and whether a planted region is in its top 3.
 4. Rows that train no network (experiments/baselines.py), on the split the repeat's runs used, every
    repeat: the oracle, a logistic regression on the planted features (what finding the planted
-   effect is worth); ``linear`` and ``linear_both``, which know nothing of it: ANOVA screening and
-   a logistic regression on the stored T1 voxels (and fMRI features), k and C chosen by
-   cross-validation on the training part.
+   effect is worth); ``linear``, ``linear_both`` and ``linear_ordinal``, which know nothing of it:
+   ANOVA screening and a logistic regression on the stored T1 voxels (and fMRI features; or with
+   MASAN's ordinal head), k and C chosen by cross-validation on the training part.
 
 Prints a line per finished run and one markdown table (mean +- std over repeats), written to
 --out (default WORK/science.md), raw numbers to WORK/science.json.
@@ -85,8 +85,9 @@ from masan.synth.options import add_effect_arguments, add_shape_arguments
 from masan.synth.presets import PRESETS
 
 CONFIG = REPO / "hpc/configs/science.yaml"
-LINEAR = {"linear": False, "linear_both": True}
-"""Rows fitted without training (experiments/baselines.py): name -> with fMRI features."""
+LINEAR = {"linear": {"fmri": False}, "linear_both": {"fmri": True}, "linear_ordinal": {"fmri": False, "ordinal": True}}
+"""Rows fitted without training (experiments/baselines.py): name -> its LinearBaseline options
+(with the fMRI features; with the ordinal head)."""
 MINUTES = {"easy": {"t1_only": 8.2, "hfcn": 8.2, "masan": 7.6, "paper_exact": 7.6, "masan_add": 5.4, "no_conn": 7.6,
                     "fmri_only": 0.7},
            "adni-like": {"masan": 5.9, "masan_add": 5.7, "no_conn": 5.6, "t1_only": 4.1, "hfcn": 4.0,
@@ -143,9 +144,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help=f"GPU-sized cohort: T1 {FULL['t1_shape']}, fMRI {FULL['fmri_shape']} x {FULL['frames']}, "
                          f"{FULL['per_class']} per class; runs with train.device=auto")
     ap.add_argument("--fitted-rule", choices=["nested", *DECISIONS], default="nested",
-                    help="how the rows fitted without training (oracle, linear, linear_both) call a class: nested "
-                         "(default) takes the rule that is more accurate in cross-validation inside each training "
-                         "part; argmax or expected_stage calls every split by that rule")
+                    help="how the rows fitted without training (oracle, " + ", ".join(LINEAR) + ") call a "
+                         "class: nested (default) takes the rule that is more accurate in cross-validation inside "
+                         "each training part; argmax or expected_stage calls every split by that rule")
     ap.add_argument("--jobs", type=int, default=2,
                     help="runs trained in parallel, each on usable cores / jobs threads (default 2: on 2 CPU cores two "
                          "one-thread runs finish sooner than one run on both; 1 for one GPU)")
@@ -230,8 +231,8 @@ def fitted_rows(args: argparse.Namespace, store, base: RunConfig, run_dirs: dict
     runs used, MASAN's first): {row: results per repeat}, and the chance baselines per repeat."""
     rule = None if args.fitted_rule == "nested" else args.fitted_rule
     oracle = Oracle(store, base.data, base.split, rule)
-    linear = {name: LinearBaseline(store, base.data, base.split, base.model.patch_grid, fmri, rule)
-              for name, fmri in LINEAR.items() if name in args.variants}
+    linear = {name: LinearBaseline(store, base.data, base.split, base.model.patch_grid, rule=rule, **options)
+              for name, options in LINEAR.items() if name in args.variants}
     rows: dict[str, list[dict]] = {ORACLE: [], **{name: [] for name in linear}}
     baselines = []
     for r in range(args.repeats):

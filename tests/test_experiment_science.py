@@ -170,9 +170,9 @@ def test_linear_row_is_fitted_on_the_runs_split_from_the_store_alone(tiny_store,
 
     fitted, fit_linear = {}, baselines.fit_linear
 
-    def fit(X, y, seed, blocks):
-        fitted.update(X=X, y=y)
-        return fit_linear(X, y, seed, blocks)
+    def fit(X, y, seed, blocks, ordinal=False):
+        fitted.update(X=X, y=y, ordinal=ordinal)
+        return fit_linear(X, y, seed, blocks, ordinal)
 
     monkeypatch.setattr(baselines, "fit_linear", fit)
     res = row.score(split)
@@ -193,6 +193,9 @@ def test_linear_row_is_fitted_on_the_runs_split_from_the_store_alone(tiny_store,
     assert both.blocks["t1"].size == np.prod(t1) and both.blocks["fmri"][0] == np.prod(t1)  # one block per modality
     res = both.score(split)
     assert set(res["chosen"]["k"]) == {"t1", "fmri"} and res["n"] == len(split.test)
+    ordinal = baselines.LinearBaseline(store, cfg.data, cfg.split, [2, 2, 2], fmri=False, ordinal=True).score(split)
+    assert fitted["ordinal"] and ordinal["n"] == len(split.test)
+    assert ordinal["region_weights"].shape == (len(split.test), 8)
     for rule in ("argmax", "expected_stage"):  # --fitted-rule: every split called by the rule given
         fixed = baselines.LinearBaseline(store, cfg.data, cfg.split, [2, 2, 2], fmri=False, rule=rule)
         assert fixed.score(split)["decision"] == rule
