@@ -13,6 +13,7 @@ cut-points are the intercept plus the one-hot columns' weights.
 from __future__ import annotations
 
 import numpy as np
+from scipy.special import expit
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.linear_model import LogisticRegression
 
@@ -38,7 +39,7 @@ class OrdinalLogistic(ClassifierMixin, BaseEstimator):
         cuts = len(self.classes_) - 1
         if cuts < 1:
             raise ValueError("an ordinal model needs at least two classes in the training part")
-        onehot = np.kron(np.eye(cuts), np.ones((len(X), 1))) * CUT_SCALE  # rows of copy k: 1 in column k
+        onehot = np.kron(np.eye(cuts), np.ones((len(X), 1))) * CUT_SCALE  # copy k: CUT_SCALE in column k
         replicated = np.hstack([np.tile(X, (cuts, 1)), onehot[:, 1:]])  # the first cut is the intercept
         target = np.concatenate([stage > k for k in range(cuts)])
         lr = LogisticRegression(C=self.C / cuts, max_iter=self.max_iter).fit(replicated, target)
@@ -54,7 +55,7 @@ class OrdinalLogistic(ClassifierMixin, BaseEstimator):
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
         """(N, K) class probabilities: differences of the cumulative ``P(y > k)``, made
         non-increasing in ``k`` where unordered cut-points would cross."""
-        above = 1.0 / (1.0 + np.exp(-(self.decision_function(X)[:, None] - self.cuts_[None])))
+        above = expit(self.decision_function(X)[:, None] - self.cuts_[None])
         above = np.minimum.accumulate(above, axis=1)
         bounds = np.hstack([np.ones((len(above), 1)), above, np.zeros((len(above), 1))])
         return bounds[:, :-1] - bounds[:, 1:]
