@@ -149,7 +149,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                          "each training part; argmax or expected_stage calls every split by that rule")
     ap.add_argument("--jobs", type=int, default=2,
                     help="runs trained in parallel, each on usable cores / jobs threads (default 2: on 2 CPU cores two "
-                         "one-thread runs finish sooner than one run on both; 1 for one GPU)")
+                         "one-thread runs finish sooner than one run on both; 1 for one GPU); also the processes that "
+                         "fit the linear rows' cross-validation grids")
     ap.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides for every run")
     argv = sys.argv[1:] if argv is None else list(argv)
     # KEY=VALUE may follow --variants/--structures (nargs="+"): take them out before parsing
@@ -231,7 +232,8 @@ def fitted_rows(args: argparse.Namespace, store, base: RunConfig, run_dirs: dict
     runs used, MASAN's first): {row: results per repeat}, and the chance baselines per repeat."""
     rule = None if args.fitted_rule == "nested" else args.fitted_rule
     oracle = Oracle(store, base.data, base.split, rule)
-    linear = {name: LinearBaseline(store, base.data, base.split, base.model.patch_grid, rule=rule, **options)
+    linear = {name: LinearBaseline(store, base.data, base.split, base.model.patch_grid, rule=rule, jobs=args.jobs,
+                                   **options)
               for name, options in LINEAR.items() if name in args.variants}
     rows: dict[str, list[dict]] = {ORACLE: [], **{name: [] for name in linear}}
     baselines = []

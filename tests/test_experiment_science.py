@@ -170,9 +170,9 @@ def test_linear_row_is_fitted_on_the_runs_split_from_the_store_alone(tiny_store,
 
     fitted, fit_linear = {}, baselines.fit_linear
 
-    def fit(X, y, seed, blocks, ordinal=False):
+    def fit(X, y, seed, blocks, ordinal=False, jobs=1):
         fitted.update(X=X, y=y, ordinal=ordinal)
-        return fit_linear(X, y, seed, blocks, ordinal)
+        return fit_linear(X, y, seed, blocks, ordinal, jobs)
 
     monkeypatch.setattr(baselines, "fit_linear", fit)
     res = row.score(split)
@@ -210,7 +210,10 @@ def test_linear_settings_come_from_cross_validation_on_the_training_part():
     X[:, 7] += 3 * y  # one informative feature among noise
     pipe, chosen = baselines.fit_linear(X, y, seed=0)
     assert chosen["cv_folds"] == 5 and chosen["k"]["all"] in baselines.K_CHOICES
+    assert chosen["k"]["all"] <= 10  # one informative feature: the grid reaches down to a few
     assert chosen["C"] in baselines.C_CHOICES and (pipe.predict(X) == y).mean() > 0.9
+    parallel, same = baselines.fit_linear(X, y, seed=0, jobs=2)  # the grid on two processes: the same fit
+    assert same == chosen and np.allclose(parallel.predict_proba(X), pipe.predict_proba(X))
     everything = {"all": np.arange(2500)}
     weights = baselines.region_weights(pipe, everything, np.arange(2500), 2500)  # each feature its own region
     assert weights.argmax() == 7 and np.isclose(weights.sum(), 1)
