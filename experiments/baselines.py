@@ -256,9 +256,8 @@ class LinearBaseline(SplitRow):
     X*Y*Z features); ``linear_both`` (``fmri=True``): those plus :func:`fmri_features` of the
     stored run, screened as a block of their own; ``ordinal``: the ordinal head
     (``linear_ordinal``). Fitted by :func:`fit_linear` on the split's training part (its grid
-    on ``jobs`` processes);
-    ``region_weights`` in its result, one row per test subject, for the region ranking of the
-    other rows."""
+    on ``jobs`` processes); ``region_weights`` in its result, one row per test subject, for the
+    region ranking of the other rows."""
 
     def __init__(self, store, data_cfg, split_cfg, grid: list[int], fmri: bool, rule: str | None = None,
                  ordinal: bool = False, jobs: int = 1):
