@@ -109,8 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         lines = summary(store)
         if args.subject:
             lines += subject_detail(store, args.subject)
-    except (StoreError, KeyError) as e:
-        print(f"inspect_store: {e}", file=sys.stderr)
+    except (StoreError, KeyError) as e:  # a KeyError's str() is its message quoted: print the message
+        print(f"inspect_store: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr)
         return 2
     print("\n".join(lines))
     if args.verify:

@@ -37,7 +37,8 @@ from masan.convert.cohort import (
     read_manifest,
 )
 from masan.convert.registration import DEFAULT_VOXEL_MM, TEMPLATES, TYPES
-from masan.store.cohort import REPORT
+from masan.data.contract import ContractError, store_geometry
+from masan.store.cohort import MODALITIES, REPORT, CohortStore
 
 
 def _add_layout_arguments(p: argparse.ArgumentParser, model: ModelConfig) -> None:
@@ -90,6 +91,26 @@ def _add_registration_arguments(p: argparse.ArgumentParser) -> None:
                      help="ITK threads per worker for the registrations (default: usable cores / workers). With 1 "
                           "a rerun reproduces every byte (use --workers for speed); with more, reruns differ by "
                           "fractions of a millimetre")
+
+
+def contract_warnings(out: Path) -> list[str]:
+    """What training would refuse in the store as converted (the training contract,
+    :func:`masan.data.contract.store_geometry`, per modality over the stored subjects that
+    have it: voxel sizes, shapes, orientations, TRs), said now rather than when a run starts."""
+    store = CohortStore(out)
+    warnings = []
+    for m in MODALITIES:
+        subjects = [s for s in store.subjects if store.has(s, m)]
+        if not subjects:
+            continue
+        try:
+            store_geometry(store, subjects, [m])
+        except ContractError as e:
+            sizes = {tuple(store.row(s)[m].get("voxel_mm", ())) for s in subjects}
+            hint = (" (--spacing with no value resamples every image to the cohort's most common voxel size)"
+                    if len(sizes) > 1 else "")
+            warnings.append(f"training will refuse this store as it is: {e}{hint}")
+    return warnings
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -168,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
             sources, extra = read_manifest(args.manifest), None
         report = convert_cohort(sources, args.out, opts, args.classes, args.label_map, args.workers, args.verify,
                                 extra, progress=not args.no_progress, prune=args.prune, share=share)
+        report.warnings.extend(contract_warnings(args.out))
     except (ConvertError, AccessError) as e:
         print(f"to_zarr: {e}", file=sys.stderr)
         return 2

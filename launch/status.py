@@ -88,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     missing = [d for d in args.run_dirs if not Path(d).is_dir()]
     if missing:
-        print(f"status: {missing} not found; give run directories (or folders holding them), e.g. the "
+        what = "; ".join(f"{d} {'is a file' if Path(d).exists() else 'not found'}" for d in missing)
+        print(f"status: {what}; give run directories (or folders holding them), e.g. the "
               "--run-dir of launch/submit.py", file=sys.stderr)
         return 2
     try:

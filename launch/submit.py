@@ -391,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)  # overrides before, between or after the options
     if args.status:
         from launch.status import main as show_status
 
@@ -399,6 +399,8 @@ def _main(argv: list[str] | None) -> int:
     try:
         specs = plan_runs(args.run_dir, args.config, args.overrides, args.repeats, args.ablation,
                           baseline=not args.no_baseline)
+        for s in specs:
+            RunDir(s.run_dir).require_folder()
         res = _resources(args)
     except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

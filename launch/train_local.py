@@ -52,7 +52,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--nproc", type=int, default=1, help="processes (data-parallel ranks) on this machine")
     ap.add_argument("--port", type=int, default=None, help="rendezvous port for --nproc > 1 (default: a free one)")
     add_config_arguments(ap)
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)  # overrides may come before, between or after the options
     if args.nproc < 1:
         ap.error("--nproc must be at least 1")
     return args

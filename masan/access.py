@@ -11,6 +11,8 @@ readable than the NIfTI files it came from, whatever the user's umask. The polic
 - :func:`apply_access` sets the mode (directories get ``x`` where they have ``r``) and the
   group on a whole tree; directories get set-gid so files created later inherit the group.
 - :func:`more_open_than` lists the paths of an existing tree that are more open (warnings).
+- :func:`write_restricted` does all three for a tool writing into an output folder: the
+  folders it creates get the mode, an existing folder only the files it wrote.
 
 Modes are "file modes": permission bits for regular files (``0o640``); :func:`dir_mode`
 derives the directory mode. The owner always keeps read and write (the writer is the owner).
@@ -22,13 +24,15 @@ import contextlib
 import grp
 import os
 import stat
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 OWNER_RW = 0o600
 """The writer owns what it writes and must read/write it whatever the sources say."""
 _CLASSES = ((0o400, 0o200, 0o100), (0o040, 0o020, 0o010), (0o004, 0o002, 0o001))
 """(r, w, x) bits of owner, group, other."""
+T = TypeVar("T")
 
 
 class AccessError(ValueError):
@@ -176,6 +180,45 @@ def more_open_than(path: str | os.PathLike, file_mode: int, gid: int | None = No
         if bits & ~allowed or (gid is not None and bits & 0o070 and st.st_gid != gid):
             out.append(p)
     return sorted(out)
+
+
+def outermost_missing(path: str | os.PathLike) -> Path | None:
+    """The outermost folder of ``path`` (resolved: absolute, symlinks followed) that does not
+    exist yet, i.e. what ``mkdir(parents=True)`` would create; None when ``path`` exists."""
+    created, parent = None, Path(path).resolve()
+    while not parent.exists():
+        created, parent = parent, parent.parent
+    return created
+
+
+def write_restricted(
+    sources: Iterable[str | os.PathLike],
+    out: str | os.PathLike,
+    written: Iterable[str | os.PathLike],
+    write: Callable[[], T],
+) -> tuple[T, tuple[int, int | None]]:
+    """Run ``write()``, which creates the folder ``out`` when needed and writes ``written``
+    (files or folders) into it, so that nothing it writes is more open than ``sources``.
+
+    Files are created under :func:`creation_umask` of :func:`restrictive_mode` of the sources;
+    then :func:`apply_access` gives that mode and group to the outermost folder ``write()``
+    created, or, when ``out`` existed (a user's folder that may hold files not ours to
+    change), to each of ``written`` that exists: a file overwritten there keeps its old mode
+    otherwise. The mode is given also when ``write()`` raises, to what it wrote so far.
+
+    Returns (what ``write()`` returned, (file mode, gid) applied: see :func:`apply_access`).
+    """
+    mode, gid = restrictive_mode(sources)
+    created = outermost_missing(out)
+    applied = (mode, gid)
+    with creation_umask(mode):
+        try:
+            result = write()
+        finally:
+            for p in [created] if created is not None else written:
+                if os.path.lexists(p):
+                    applied = apply_access(p, mode, gid)
+    return result, applied
 
 
 def describe_mode(file_mode: int, gid: int | None) -> str:

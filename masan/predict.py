@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -60,56 +59,30 @@ class PredictRefused(ValueError):
 # ---------------------------------------------------------------------- where the output goes
 
 
-def check_out(out: Path, suggestion: Path) -> Path | None:
-    """Refuse (PredictRefused) an ``--out`` predict must not write to; returns the outermost
-    folder of ``out`` that does not exist yet (what predict will create), or None.
+def check_out(out: Path, suggestion: Path) -> None:
+    """Refuse (PredictRefused) an ``--out`` predict must not write to
+    (:func:`masan.store.places.output_folder_problem`). Called before the model is loaded: a
+    refusal costs nothing."""
+    from masan.store.places import output_folder_problem
 
-    Called before the model is loaded: a refusal costs nothing. Symlinks are resolved, so a
-    link into a store or a run directory is refused like the folder itself."""
-    from masan.store.places import enclosing, is_cohort_store, is_run_dir
-
-    if out.exists() and not out.is_dir():
-        raise PredictRefused(f"--out {out} is an existing file; --out names a folder (new or existing) for "
-                             f"predictions.csv, region_weights.npy and metrics.json: pass e.g. --out {suggestion}")
-    fix = f"pass a folder outside every store and run directory, e.g. --out {suggestion}"
-    real = out.resolve()
-    store = enclosing(real, is_cohort_store)
-    if store is not None:
-        where = "" if store == real else "inside "
-        raise PredictRefused(f"--out {out} is {where}the cohort store {store}: a store holds only what the "
-                             f"converter writes (a later conversion prunes anything else); {fix}")
-    run = enclosing(real, is_run_dir)
-    if run is not None:
-        where = "" if run == real else "inside "
-        raise PredictRefused(f"--out {out} is {where}the training run directory {run}: predict would overwrite "
-                             f"the run's own predictions.csv, region_weights.npy and metrics.json, or mix "
-                             f"files into it; {fix}")
-    created, parent = None, real
-    while not parent.exists():
-        created, parent = parent, parent.parent
-    if not parent.is_dir():
-        raise PredictRefused(f"--out {out} cannot be created: {parent} is a file, not a folder; {fix}")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise PredictRefused(f"--out {out} cannot be written: you may not write in {parent}; {fix}")
-    return created
+    problem = output_folder_problem(out, suggestion, "predictions.csv, region_weights.npy and metrics.json")
+    if problem:
+        raise PredictRefused(problem)
 
 
-def write_access(store: str, run_dir: Path, out: Path, created: Path | None, write):
-    """Run ``write()`` (which writes the prediction files into ``out``) under the umask of the
-    most restrictive mode of the store and the run directory, then give that mode to the
-    folders predict created (or, in an existing ``out``, to the files it wrote). Returns what
-    ``write()`` returns.
+def write_access(store: str, run_dir: Path, out: Path, write):
+    """Run ``write()`` (which writes the prediction files into ``out``) so that nothing it
+    writes is more readable than the store and the run directory
+    (:func:`masan.access.write_restricted`: the folders predict created get their most
+    restrictive mode, or, in an existing ``out``, the files it wrote). Returns what ``write()``
+    returns.
 
     The predictions name each subject with a diagnosis: they may be no more readable than
     the data they come from (a data-use agreement), whatever the user's umask."""
-    from masan.access import apply_access, creation_umask, restrictive_mode
+    from masan.access import write_restricted
 
-    mode, gid = restrictive_mode([store, run_dir])
-    with creation_umask(mode):
-        result = write()
     rd = RunDir(out)
-    for path in [created] if created is not None else [rd.predictions, rd.region_weights, rd.metrics]:
-        apply_access(path, mode, gid)
+    result, _ = write_restricted([store, run_dir], out, [rd.predictions, rd.region_weights, rd.metrics], write)
     return result
 
 
@@ -233,6 +206,19 @@ def check_contract(cfg: RunConfig, run_dir: Path, store: str, subjects: list[str
                             + "\n  - ".join(problems))
 
 
+def device_arg(text: str) -> torch.device:
+    """``--device``: a torch device this machine has; anything else is a usage error (exit 2)
+    rather than a traceback from the first tensor moved there."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a torch device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text}: this machine has {torch.cuda.device_count()} usable CUDA "
+                                         "device(s); use cpu or one it has (nvidia-smi lists them)")
+    return device
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m masan.predict", description=__doc__.split("\n\n")[0],
@@ -244,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, required=True,
                     help="folder for predictions.csv, region_weights.npy, metrics.json (not inside a store or a "
                          "run directory)")
-    ap.add_argument("--device", default="cpu", help="torch device (default %(default)s)")
+    ap.add_argument("--device", default="cpu", type=device_arg,
+                    help="torch device: cpu, cuda, cuda:N (default %(default)s)")
     ap.add_argument("--allow-unfinished", action="store_true",
                     help="predict with a run that has not finished (no DONE), from its newest checkpoint")
     ap.add_argument("--checkpoint", metavar="TAG",
@@ -252,22 +239,23 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from masan.data.dataset import CohortDataset
+    from masan.store.cohort import StoreError
 
     label = Path(args.store).stem if args.store else args.split
     suggestion = args.run_dir.absolute().parent / f"{args.run_dir.absolute().name}_predictions_{label}"
     try:
-        created = check_out(args.out, suggestion)  # before the model: a refusal costs nothing
-        model, cfg, names, tag, note = load_trained_model(args.run_dir, torch.device(args.device),
+        check_out(args.out, suggestion)  # before the model: a refusal costs nothing
+        model, cfg, names, tag, note = load_trained_model(args.run_dir, args.device,
                                                           args.checkpoint, args.allow_unfinished)
         if note:
             print(f"warning: predicting with {RunDir(args.run_dir).checkpoints / tag}: {note}", file=sys.stderr)
         store, subjects, labels, part = _subjects(cfg, args.run_dir, args.store, args.split)
         dataset = CohortDataset(store, subjects, labels, cfg.data)
-    except (OSError, ConfigError, ValueError) as e:
+    except (OSError, ConfigError, ValueError, StoreError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    preds = predict_subjects(model, dataset, cfg, torch.device(args.device), names, seed=cfg.seed)
-    metrics = write_access(store, args.run_dir, args.out, created,
+    preds = predict_subjects(model, dataset, cfg, args.device, names, seed=cfg.seed)
+    metrics = write_access(store, args.run_dir, args.out,
                            lambda: write_predictions(preds, args.out, names, cfg.data.positive_class, split=part))
     scores = (f"accuracy {metrics['accuracy']:.3f}, AD-vs-rest accuracy {metrics['binary_accuracy']:.3f}"
               if "accuracy" in metrics else "no diagnoses: probabilities only")

@@ -30,7 +30,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from masan.config import RunConfig, config_hash
+from masan.config import ConfigError, RunConfig, config_hash
 from masan.files import atomic_write_json
 
 
@@ -158,6 +158,16 @@ class RunDir:
         return next((p for p in (self.config, self.submitted_config) if p.is_file()), None)
 
     # ------------------------------------------------------------------ DONE
+
+    def require_folder(self) -> None:
+        """Refuse (ConfigError) a run directory that is, or lies below, something else than a
+        folder, before anything looks for its files: a file there would surface as
+        NotADirectoryError from whichever file is read first."""
+        existing = next(p for p in (self.root, *self.root.parents) if p.exists())
+        if not existing.is_dir():
+            where = "is" if existing == self.root else f"lies below {existing}, which is"
+            raise ConfigError(f"run_dir {self.root} {where} a file, not a folder; choose another run_dir=... "
+                              "(--run-dir for launch/submit.py) or move the file away")
 
     def finished(self, cfg: RunConfig) -> dict | None:
         """The DONE record (``step``, ``epochs_done``, ``target``) when the run finished this

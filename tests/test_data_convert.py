@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -16,6 +17,14 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from masan.convert.sources import (
+    DEFAULT_CLASSES,
+    ConvertError,
+    check_sources,
+    discover_bids,
+    parse_label_map,
+    read_manifest,
+)
 from masan.store.cohort import REPORT, STAGING, SUBJECTS, CohortStore
 from masan.synth.phantom import synthesize_cohort
 
@@ -341,3 +350,153 @@ def test_fmri_streams_in_bounded_memory(tmp_path):
         peaks.append(int(out.stdout.split()[-1]) * 1024)  # ru_maxrss is in KiB on Linux
         sizes.append(np.prod(shape) * frames * 2)
     assert peaks[1] - peaks[0] < 0.25 * (sizes[1] - sizes[0]), (peaks, sizes)
+
+
+def _open_to_all(tree):
+    """Sources readable by everyone (644 files, 755 folders), the usual download."""
+    for p in [tree, *tree.rglob("*")]:
+        os.chmod(p, 0o755 if p.is_dir() else 0o644)
+
+
+def _store_mode(out):
+    """(file modes, folder modes) found in a store."""
+    paths = [p for p in out.rglob("*")] + [out]
+    return ({stat.S_IMODE(p.stat().st_mode) & 0o777 for p in paths if p.is_file()},
+            {stat.S_IMODE(p.stat().st_mode) & 0o777 for p in paths if p.is_dir()})
+
+
+def test_label_table_counts_among_the_sources_for_the_store_access(tmp_path):
+    """A private participants.tsv / manifest with public images: the store (which holds every
+    diagnosis) is private too."""
+    os.chmod(tmp_path, 0o755)  # pytest's 700 would close everything below it: the table must decide
+    bids = _synth(tmp_path, n=1)
+    _open_to_all(bids)
+    man = write_manifest(tmp_path / "m.csv", [
+        (s, bids / s / "anat" / f"{s}_T1w.nii.gz", bids / s / "func" / f"{s}_task-rest_bold.nii.gz", "AD")
+        for s in ("sub-001", "sub-002")])
+    os.chmod(man, 0o644)
+    old = os.umask(0o022)
+    try:
+        assert to_zarr.main(["--bids", str(bids), "--out", str(tmp_path / "open.zarr"), "--no-progress"]) == 0
+        assert _store_mode(tmp_path / "open.zarr") == ({0o644}, {0o755})  # the control: all sources open
+        os.chmod(bids / "participants.tsv", 0o600)
+        assert to_zarr.main(["--bids", str(bids), "--out", str(tmp_path / "b.zarr"), "--no-progress"]) == 0
+        assert _store_mode(tmp_path / "b.zarr") == ({0o600}, {0o700})
+        os.chmod(bids / "participants.tsv", 0o644)
+        os.chmod(man, 0o600)
+        assert to_zarr.main(["--manifest", str(man), "--out", str(tmp_path / "m.zarr"), "--no-progress"]) == 0
+        assert _store_mode(tmp_path / "m.zarr") == ({0o600}, {0o700})
+        os.chmod(man, 0o644)  # an open manifest in a folder only its owner may enter: private too
+        (tmp_path / "home").mkdir(mode=0o700)
+        moved = Path(shutil.copy(man, tmp_path / "home" / "m.csv"))  # absolute image paths: still valid
+        assert to_zarr.main(["--manifest", str(moved), "--out", str(tmp_path / "h.zarr"), "--no-progress"]) == 0
+        assert _store_mode(tmp_path / "h.zarr") == ({0o600}, {0o700})
+    finally:
+        os.umask(old)
+
+
+def test_subject_without_any_image_is_not_sent_round_the_require_flags(tmp_path):
+    man = write_manifest(tmp_path / "m.csv", [("empty", "", "", "AD"),
+                                              ("anat_only", DATA / "anatomical.nii", "", "AD")])
+    sources = read_manifest(man)
+    for require in (("t1", "fmri"), ("t1",), ("fmri",)):
+        _, failed = check_sources(sources, parse_label_map(None, DEFAULT_CLASSES), require)
+        errors = {f.subject: f.error for f in failed}
+        assert "--require" not in errors["empty"], errors
+        assert "add its images" in errors["empty"] and "remove its row from m.csv" in errors["empty"]
+        if "fmri" in require:
+            assert "--require t1" in errors["anat_only"]
+        else:
+            assert "anat_only" not in errors
+
+
+def test_participant_ids_without_the_sub_prefix_are_refused_with_the_fix(tmp_path, capsys):
+    bids = _synth(tmp_path, n=1)
+    table = bids / "participants.tsv"
+    table.write_text(table.read_text().replace("sub-", ""))
+    out = tmp_path / "s.zarr"
+    assert to_zarr.main(["--bids", str(bids), "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    for frag in (str(table), "row 2 '001' (folder sub-001)", "'sub-' prefix", "write e.g. sub-001"):
+        assert frag in err, (frag, err)
+    assert not out.exists()  # refused before anything was written
+
+
+def test_session_matching_no_folder_is_refused(tmp_path):
+    bids = _synth(tmp_path, n=1)
+    with pytest.raises(ConvertError, match="no session folders"):  # a cohort without sessions
+        discover_bids(bids, session="nosuch")
+    for s, sessions in (("sub-001", ("ses-01", "ses-02")), ("sub-002", ("ses-01",))):
+        for ses in sessions:
+            shutil.copytree(bids / s / "anat", bids / s / ses / "anat")
+            shutil.copytree(bids / s / "func", bids / s / ses / "func")
+    with pytest.raises(ConvertError, match="its sessions are ses-01, ses-02: pass one of those"):
+        discover_bids(bids, session="03")
+    # in some subjects only: they fail and say why, the others are converted from it
+    jobs, failed = check_sources(discover_bids(bids, session="02"), parse_label_map(None, DEFAULT_CLASSES),
+                                 ("t1", "fmri"))
+    errors = {f.subject: f.error for f in failed}
+    assert "/ses-02/anat/" in next(j for j in jobs if j.subject == "sub-001").sources["t1"]
+    assert set(errors) == {"sub-002"} and "no ses-02 folder; its sessions: ses-01" in errors["sub-002"]
+    assert any("--session 02 not applied" in n for j in jobs if j.subject == "sub-003" for n in j.notes)
+
+
+def test_out_that_is_a_file_or_read_only_exits_2(tmp_path, capsys):
+    man = real_manifest(tmp_path)
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for out, frag in ((afile, "is a file, not a folder"), (afile / "s.zarr", f"{afile} is a file")):
+        assert to_zarr.main(["--manifest", str(man), "--out", str(out), "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert f"--out {out}" in err and frag in err, err
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    if os.geteuid() == 0:  # root writes in a 555 folder: only a read-only mount refuses it
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro", "tmpfs", str(ro)], capture_output=True).returncode:
+            pytest.skip("cannot mount a read-only file system here")
+        want = "read-only file system"
+    else:
+        os.chmod(ro, 0o555)
+        want = "you may not write in"
+    try:
+        assert to_zarr.main(["--manifest", str(man), "--out", str(ro / "s.zarr"), "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert f"--out {ro / 's.zarr'}" in err and want in err and "Traceback" not in err, err
+    finally:
+        if os.geteuid() == 0:
+            subprocess.run(["umount", str(ro)], check=True)
+        os.chmod(ro, 0o755)
+
+
+def test_singular_affine_fails_the_subject_naming_the_file_and_fix(tmp_path):
+    affine = np.diag([1.0, 1.0, 0.0, 1.0])  # the sform's third row is zero: no z axis
+    img = nib.Nifti1Image(np.ones((6, 6, 6), np.int16), None)
+    img.header.set_sform(affine, code=1)
+    img.header.set_qform(None, code=0)
+    bad = tmp_path / "flat_T1w.nii.gz"
+    nib.save(img, bad)
+    man = write_manifest(tmp_path / "m.csv", [("flat", bad, "", "AD"), ("good", DATA / "anatomical.nii", "", "NC")])
+    out = tmp_path / "s.zarr"
+    assert to_zarr.main(["--manifest", str(man), "--out", str(out), "--require", "t1", "--no-progress"]) == 1
+    store = CohortStore(out)
+    assert store.subjects == ["good"]
+    (failure,) = store.report()["failed"]
+    for frag in (str(bad), "affine (from its sform) is singular", "fix the header's sform/qform"):
+        assert frag in failure["error"], (frag, failure["error"])
+
+
+def test_mixed_voxel_sizes_are_warned_at_conversion(tmp_path, capsys):
+    bids = _synth(tmp_path, n=1)
+    t1 = bids / "sub-001" / "anat" / "sub-001_T1w.nii.gz"
+    img = nib.load(t1)
+    affine = img.affine.copy()
+    affine[:3, 2] *= 3  # one scanner's thicker slices
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj), affine), t1)
+    args = ["--bids", str(bids), "--no-progress"]
+    assert to_zarr.main(args + ["--out", str(tmp_path / "s.zarr")]) == 0
+    warning = next(line for line in capsys.readouterr().out.splitlines() if "training will refuse" in line)
+    for frag in ("t1 voxel sizes", "sub-001", "--spacing", "most common voxel size"):
+        assert frag in warning, (frag, warning)
+    assert to_zarr.main(args + ["--out", str(tmp_path / "r.zarr"), "--spacing", "--t1-shape", "16", "16", "16",
+                                "--fmri-shape", "8", "8", "8"]) == 0
+    assert "training will refuse" not in capsys.readouterr().out

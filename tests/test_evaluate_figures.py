@@ -127,6 +127,9 @@ def test_atlas_label_tables(tmp_path):
     (tmp_path / "bad.tsv").write_text("1\tA\nB\tC\n")
     with pytest.raises(RegionError, match="integer"):
         load_atlas_labels(tmp_path / "bad.tsv")
+    (tmp_path / "atlas.nii.gz").write_bytes(b"\x1f\x8b\x08\x00\xff\xfe")  # the volume passed by mistake
+    with pytest.raises(RegionError, match="as text.*TSV/CSV"):
+        load_atlas_labels(tmp_path / "atlas.nii.gz")
 
 
 def test_atlas_that_is_not_nifti_is_a_clear_error(tmp_path):

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import stat
 
+import nibabel as nib
 import numpy as np
 import pytest
 
@@ -134,3 +137,70 @@ def test_no_finished_run_exits_non_zero(tmp_path, capsys):
 def test_single_run_has_no_std():
     assert format_cell(67.5, None) == "67.50 ± n/a"
     assert format_cell(None, None) == "n/a"
+
+
+def _modes(root):
+    """{path relative to root: permission bits (set-gid left out)} of everything below root."""
+    return {p.relative_to(root).as_posix(): stat.S_IMODE(p.stat().st_mode) & 0o777 for p in root.rglob("*")}
+
+
+@pytest.fixture
+def umask_022():
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+def test_report_is_no_more_readable_than_its_runs(runs, tmp_path, umask_022):
+    root, _ = runs
+    for p in [root, *root.rglob("*")]:
+        p.chmod(0o700 if p.is_dir() else 0o600)
+    new = tmp_path / "new" / "report"  # both folders created by evaluate: they get the mode
+    assert main([str(root), "--out", str(new), "--top-k", "3"]) == 0
+    modes = _modes(tmp_path / "new")
+    assert {"report/predictions.csv", "report/runs.csv", "report/figures/masan_region_ranking.png"} <= set(modes)
+    assert {k: v for k, v in modes.items() if v != (0o700 if (tmp_path / "new" / k).is_dir() else 0o600)} == {}
+    assert stat.S_IMODE((tmp_path / "new").stat().st_mode) & 0o777 == 0o700
+
+    mine = tmp_path / "mine"  # the user's folder: only what evaluate wrote gets the mode
+    mine.mkdir(mode=0o755)
+    (mine / "notes.txt").write_text("mine")
+    (mine / "predictions.csv").write_text("a report of before, written with the umask")
+    assert main([str(root), "--out", str(mine), "--top-k", "3"]) == 0
+    modes = _modes(mine)
+    assert modes.pop("notes.txt") == 0o644 and stat.S_IMODE(mine.stat().st_mode) == 0o755
+    assert modes["figures"] == 0o700 and modes["predictions.csv"] == 0o600
+    assert {k: v for k, v in modes.items() if v != (0o700 if (mine / k).is_dir() else 0o600)} == {}
+
+
+def test_bad_atlas_is_refused_before_anything_is_written(runs, tmp_path, capsys):
+    root, _ = runs
+    (tmp_path / "atlas.nii").write_text("not an image")
+    good = tmp_path / "good.nii"
+    nib.save(nib.Nifti1Image(np.ones((4, 4, 4), np.int16), np.eye(4)), good)
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    for out in (tmp_path / "rep", existing):
+        assert main([str(root), "--out", str(out), "--atlas", str(tmp_path / "atlas.nii")]) == 2
+        assert "cannot read atlas" in capsys.readouterr().err
+        assert main([str(root), "--out", str(out), "--atlas", str(good),
+                     "--atlas-labels", str(tmp_path / "labels.tsv")]) == 2
+        assert f"{tmp_path / 'labels.tsv'} does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "rep").exists() and list(existing.iterdir()) == []
+
+
+def test_out_that_is_a_file_or_a_run_and_missing_runs_are_clear_errors(runs, tmp_path, capsys):
+    root, _ = runs
+    (tmp_path / "afile").write_text("keep")
+    assert main([str(root), "--out", str(tmp_path / "afile")]) == 2
+    assert f"--out {tmp_path / 'afile'} is an existing file" in capsys.readouterr().err
+    assert main([str(root), "--out", str(tmp_path / "afile" / "rep")]) == 2
+    assert f"{tmp_path / 'afile'} is a file" in capsys.readouterr().err
+    assert (tmp_path / "afile").read_text() == "keep"
+    run = root / "MASAN_r0"  # a run's own folder: its predictions.csv would be overwritten
+    before = (run / "predictions.csv").read_bytes()
+    assert main([str(root), "--out", str(run / "report")]) == 2
+    assert f"inside the training run directory {run}" in capsys.readouterr().err
+    assert (run / "predictions.csv").read_bytes() == before and not (run / "report").exists()
+    assert main([str(tmp_path / "nowhere"), "--out", str(tmp_path / "rep")]) == 1
+    assert "nowhere: does not exist" in capsys.readouterr().err and not (tmp_path / "rep").exists()

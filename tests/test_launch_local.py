@@ -90,6 +90,13 @@ def test_bad_inputs_say_what_to_fix(tiny_config, tmp_path):
                           str(tiny_config), "--run-dir", str(tmp_path / "x"), "model.fusoin=add"],
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and "fusoin" in res.stderr
+    # a start its input refuses is not restarted (--max-restarts is for crashes); overrides may come first
+    res = subprocess.run([sys.executable, str(REPO / "launch" / "submit.py"), f"data.store={tmp_path / 'nope.zarr'}",
+                          "--local", "--config", str(tiny_config), "--run-dir", str(tmp_path / "y")],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2, res.stdout[-2000:] + res.stderr[-3000:]
+    assert "nope.zarr does not exist" in res.stderr and "restart 1" not in res.stdout, res.stdout + res.stderr
+    assert "Traceback" not in res.stderr, res.stderr[-3000:]
 
 
 def test_a_live_local_run_blocks_a_second_submission(tmp_path):

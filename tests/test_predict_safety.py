@@ -201,3 +201,16 @@ def test_out_inside_a_store_or_a_run_or_naming_a_file_is_refused_before_loading(
         assert text in err and f"--out {run.parent / 'run_predictions_test'}" in err, err
     assert existing.read_text() == "keep me\n"
     assert sorted(p.name for p in tiny_store.iterdir()) == store_before
+
+
+@pytest.mark.parametrize("device, text", [
+    ("banana", "argument --device: 'banana' is not a torch device; use cpu, cuda or cuda:N"),
+    (f"cuda:{torch.cuda.device_count()}", f"this machine has {torch.cuda.device_count()} usable CUDA device(s)"),
+])
+def test_a_device_this_machine_lacks_is_a_usage_error(tmp_path, run, device, text, capsys):
+    import masan.predict as P
+
+    with pytest.raises(SystemExit) as exit_:
+        P.main([str(run), "--out", str(tmp_path / "out"), "--device", device])
+    assert exit_.value.code == 2 and text in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

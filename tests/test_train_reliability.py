@@ -218,6 +218,28 @@ def test_a_bad_value_exits_2_naming_the_key(tmp_path, config):
     assert "Traceback" not in res.stderr and not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("override, fragment", [
+    ("data.store={tmp}/nope.zarr", "data.store={tmp}/nope.zarr: cohort store {tmp}/nope.zarr does not exist; run "),
+    ("data.store={tmp}/plain", "data.store={tmp}/plain: {tmp}/plain is not a Zarr v3 cohort store"),
+    ("run_dir={tmp}/afile", "run_dir {tmp}/afile is a file, not a folder; choose another run_dir="),
+    ("run_dir={tmp}/afile/run", "run_dir {tmp}/afile/run lies below {tmp}/afile, which is a file"),
+])
+def test_a_start_without_a_store_or_a_run_folder_exits_2_with_the_fix(tmp_path, config, override, fragment):
+    """Inputs a restart cannot cure (exit 2: never restarted), refused before anything is written;
+    the override given before --config as users type it too."""
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "afile").write_text("x")
+    fill = {"tmp": tmp_path}
+    args = [override.format(**fill), "--config", str(config)]
+    if not override.startswith("run_dir"):
+        args.append(f"run_dir={tmp_path / 'run'}")
+    res = subprocess.run([sys.executable, str(LAUNCH), *args], capture_output=True, text=True, timeout=120,
+                         cwd=REPO, check=False)
+    assert res.returncode == 2, res.stdout[-2000:] + res.stderr[-3000:]
+    assert fragment.format(**fill) in res.stderr and "Traceback" not in res.stderr, res.stderr[-3000:]
+    assert not (tmp_path / "run").exists() and (tmp_path / "afile").read_text() == "x"
+
+
 @pytest.mark.parametrize("args, fragment", [
     (["--nodes", "0"], "argument --nodes: must be at least 1, got 0"),
     (["--gpus-per-node", "-1"], "argument --gpus-per-node: must be at least 0"),

@@ -16,6 +16,7 @@ Store safety (locking, versions, permissions) and layout: docs/data-format.md.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import time
@@ -126,9 +127,32 @@ def _chosen_spacing(opts: ConvertOptions, jobs: list[Job]) -> tuple[ConvertOptio
 
 def _check_store_or_empty(path: Path) -> None:
     """ConvertError unless ``path`` is absent, empty (but for lock files) or a Zarr group."""
+    if path.exists() and not path.is_dir():
+        raise ConvertError(f"--out {path} is a file, not a folder; give --out a new folder (or an existing "
+                           "cohort store) to write the store in")
     if (path.is_dir() and not (path / "zarr.json").is_file()
             and any(p.name not in publish.LOCK_FILES for p in path.iterdir())):
         raise ConvertError(f"{path} exists and is not a cohort store; choose another --out or empty it")
+
+
+def _out_error(out: Path, why: str) -> ConvertError:
+    """The error for an --out the store cannot be written to, with the fix."""
+    return ConvertError(f"--out {out}: {why}; choose an --out on a disk you may write to (e.g. "
+                        "/scratch/$USER/NAME.zarr)")
+
+
+def _check_writable(out: Path) -> None:
+    """ConvertError unless the store can be written at ``out``: the store's folder, or for a
+    new store the nearest existing folder above it, is a folder the user may write on a
+    writable file system. Checked before anything is created; ``os.access`` reports a
+    read-only mount (EROFS) even to root."""
+    where = out if out.exists() else next(p for p in out.absolute().parents if p.exists())
+    if not where.is_dir():
+        raise ConvertError(f"--out {out}: {where} is a file, not a folder; give --out a path inside a folder")
+    if os.statvfs(where).f_flag & os.ST_RDONLY:
+        raise _out_error(out, f"{where} is on a read-only file system")
+    if not os.access(where, os.W_OK | os.X_OK):
+        raise _out_error(out, f"you may not write in {where}")
 
 
 def _open_root(path: Path) -> Any:
@@ -171,10 +195,12 @@ def convert_cohort(sources: list[SubjectSource], out: str | Path, options: Conve
     (``verify`` re-reads them and redoes any whose checksum differs). Every failure is per
     subject. Subjects the input no longer lists, whose source is missing or that fail now
     keep their earlier conversion (reported as ``kept``) unless ``prune``. The store gets
-    the sources' most restrictive permissions unless ``share`` says otherwise. The report
+    the most restrictive permissions among its sources (images, sidecars, and the label
+    tables: :attr:`SubjectSource.table`) unless ``share`` says otherwise. The report
     is returned, always stored in ``STORE/conversion_report.json`` and summarised in the root
     attrs. Raises ConvertError (nothing changed) for unusable inputs, a locked store, an
-    input listing no subject, or a store/run-directory nesting.
+    input listing no subject, an ``out`` that is a file or cannot be written, or a
+    store/run-directory nesting.
     """
     opts = options or ConvertOptions()
     classes = tuple(classes)
@@ -185,28 +211,33 @@ def convert_cohort(sources: list[SubjectSource], out: str | Path, options: Conve
                            "participants.tsv; to empty a store, delete it)")
     _check_places(out)
     _check_store_or_empty(out)  # before the lock files are created in someone else's folder
+    _check_writable(out)
     start = time.monotonic()
     jobs, failed = check_sources(sources, mapping, opts.require, opts.allow_unlabeled)
     opts, chosen = _chosen_spacing(opts, jobs)
-    mode, gid, chosen_by = permissions.target_access(out, [Path(p) for j in jobs for p in j.sources.values()],
-                                                         share or StoreAccess())
-    with access.creation_umask(mode):
-        out.mkdir(parents=True, exist_ok=True)
+    # The store holds every subject's label: the tables they were read from count as sources.
+    tables = sorted({Path(os.path.abspath(s.table)) for s in sources if s.table is not None})
+    mode, gid, chosen_by = permissions.target_access(
+        out, [Path(p) for j in jobs for p in j.sources.values()], share or StoreAccess(), tables)
+    with access.creation_umask(mode), contextlib.ExitStack() as held:
         try:
-            with publish.StoreLock(out):
-                root = _open_root(out)
-                report = Report(failed=failed, warnings=chosen)
-                try:
-                    _convert_locked(root, out, jobs, opts, classes, workers, verify, progress, prune, report,
-                                    (mode, gid, chosen_by), extra_attrs)
-                except BaseException as e:
-                    report.aborted = f"{type(e).__name__}: {e}"
-                    raise
-                finally:  # the report is written whatever happened (a crash says where it stopped)
-                    report.seconds = time.monotonic() - start
-                    atomic_write_json(out / REPORT, report.to_json())
+            out.mkdir(parents=True, exist_ok=True)
+            held.enter_context(publish.StoreLock(out))
         except publish.LockError as e:
             raise ConvertError(str(e)) from None
+        except OSError as e:  # passed _check_writable, yet the file system refused (e.g. a lock file not ours)
+            raise _out_error(out, f"cannot create the store or its lock file ({e.strerror})") from None
+        root = _open_root(out)
+        report = Report(failed=failed, warnings=chosen)
+        try:
+            _convert_locked(root, out, jobs, opts, classes, workers, verify, progress, prune, report,
+                            (mode, gid, chosen_by), extra_attrs)
+        except BaseException as e:
+            report.aborted = f"{type(e).__name__}: {e}"
+            raise
+        finally:  # the report is written whatever happened (a crash says where it stopped)
+            report.seconds = time.monotonic() - start
+            atomic_write_json(out / REPORT, report.to_json())
     return report
 
 

@@ -5,7 +5,8 @@ own integer or float type made native-endian; ``scl_slope``/``scl_inter`` are re
 applied by the reader (:mod:`masan.store.cohort`), so no float64 copy of a volume is ever made
 and the stored values are exactly the file's.
 
-- :func:`open_image` loads a header (clear errors for missing, non-NIfTI or corrupt files).
+- :func:`open_image` loads a header (clear errors for missing, non-NIfTI or corrupt files, or
+  a singular affine).
 - :func:`describe` gives the NIfTI-Zarr-like attribute block (affine, sform/qform and codes,
   zooms, units, TR in seconds, orientation, scaling, the raw header bytes).
 - :class:`SpatialPlan` is the optional reorientation to RAS (``--canonical``) followed by a
@@ -56,7 +57,27 @@ def open_image(path: str | Path) -> nib.Nifti1Pair:
     if dtype.kind not in SUPPORTED_KINDS or dtype.fields is not None:
         raise NiftiError(f"{p}: voxel type {dtype} is not supported (need integer or float voxels); "
                          "convert it to int16 or float32")
+    _check_affine(img, p)
     return img
+
+
+def _check_affine(img: nib.Nifti1Pair, path: Path) -> None:
+    """NiftiError when the voxel -> world affine nibabel takes from the header (sform, else
+    qform, else the voxel sizes) cannot be inverted: such an image has no orientation and no
+    voxel size, and nibabel's own error ("cannot invert orientation transform") names neither
+    the file nor the fix."""
+    linear = np.asarray(img.affine, dtype=float)[:3, :3]
+    if np.all(np.isfinite(linear)) and np.linalg.matrix_rank(linear) == 3:
+        return
+    hdr = img.header
+    used = ("sform" if int(hdr["sform_code"]) else "qform" if int(hdr["qform_code"]) else
+            "pixdim (no sform/qform code)")
+    rows = "; ".join(" ".join(f"{v:g}" for v in row) for row in linear)
+    raise NiftiError(f"{path}: the header's affine (from its {used}) is singular or not finite ([{rows}]): its voxel "
+                     "axes do not span 3D space, so the image has no orientation or voxel size; fix the header's "
+                     "sform/qform (e.g. `fslorient -copyqform2sform` if the qform is right, or set it with nibabel: "
+                     "img.set_sform(affine, code=1); nib.save(img, path)) or re-export it from the scanner data "
+                     "(dcm2niix)")
 
 
 def data_shape(img: nib.Nifti1Pair, rank: int, path: str | Path) -> tuple[int, ...]:

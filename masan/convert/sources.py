@@ -49,6 +49,9 @@ class SubjectSource:
     notes: list[str] = field(default_factory=list)
     fmri_sidecar: Path | None = None
     """The BOLD run's JSON sidecar (its ``RepetitionTime``), if there is one."""
+    table: Path | None = None
+    """The table its label was read from (participants.tsv, the manifest): the store holds the
+    labels, so the table counts among the sources for the store's permissions."""
 
 
 @dataclass
@@ -92,7 +95,7 @@ def read_manifest(path: str | Path) -> list[SubjectSource]:
         fmri = p("fmri")
         out.append(SubjectSource((r.get("subject") or "").strip(), (r.get("label") or "").strip() or None,
                                  p("t1"), fmri, f"{path.name} row {i}",
-                                 fmri_sidecar=bold_sidecar(fmri) if fmri is not None else None))
+                                 fmri_sidecar=bold_sidecar(fmri) if fmri is not None else None, table=path))
     return out
 
 
@@ -162,35 +165,59 @@ def discover_bids(bids: str | Path, label_column: str = "diagnosis", session: st
     if "participant_id" not in cols or label_column not in cols:
         raise ConvertError(f"{table} has columns {cols}; it needs participant_id and {label_column!r} "
                            "(pick the label column with --label-column)")
+    _check_participant_ids(bids, table, rows)
+    want = None if not session else session if session.startswith("ses-") else f"ses-{session}"
     sources = []
     listed = set()
+    found_sessions: set[str] = set()
     for i, r in enumerate(rows, start=2):
         sid = (r["participant_id"] or "").strip()
         listed.add(sid)
         folder = bids / sid
         notes: list[str] = []
         sessions = sorted(p for p in folder.glob("ses-*") if p.is_dir()) if sid else []
-        if sessions:
-            if session:
-                want = session if session.startswith("ses-") else f"ses-{session}"
-                sessions = [p for p in sessions if p.name == want]
-                folder = sessions[0] if sessions else folder / want
-            else:
-                found = [(p, _bids_files(p)) for p in sessions]
-                full = [p for p, (a, b, _) in found if a and b]
-                folder = (full or sessions)[0]
-                if len(sessions) > 1:
-                    notes.append(f"{len(sessions)} sessions; used {folder.name} (choose with --session)")
+        found_sessions.update(p.name for p in sessions)
+        if sessions and want:
+            if not (folder / want).is_dir():  # fails in check_sources as a subject without images
+                notes.append(f"no {want} folder; its sessions: {', '.join(p.name for p in sessions)}")
+            folder = folder / want
+        elif sessions:
+            found = [(p, _bids_files(p)) for p in sessions]
+            full = [p for p, (a, b, _) in found if a and b]
+            folder = (full or sessions)[0]
+            if len(sessions) > 1:
+                notes.append(f"{len(sessions)} sessions; used {folder.name} (choose with --session)")
+        elif want and sid and folder.is_dir():
+            notes.append(f"no session folders; used its files outside sessions (--session {session} not applied)")
         t1, bold, more = _bids_files(folder) if sid else (None, None, [])
         label = (r.get(label_column) or "").strip()
         sources.append(SubjectSource(sid, None if label.lower() in ("", "n/a", "na", "nan") else label,
                                      t1, bold, f"participants.tsv row {i}", notes + more,
-                                     bold_sidecar(bold, bids) if bold else None))
+                                     bold_sidecar(bold, bids) if bold else None, table=table))
     for folder in sorted(bids.glob("sub-*")):
         if folder.is_dir() and folder.name not in listed:
+            found_sessions.update(p.name for p in folder.glob("ses-*") if p.is_dir())
             t1, bold, _ = _bids_files(folder)
             sources.append(SubjectSource(folder.name, None, t1, bold, f"folder {folder} (not in participants.tsv)"))
+    if want and want not in found_sessions:
+        fix = (f"its sessions are {', '.join(sorted(found_sessions))}: pass one of those" if found_sessions else
+               "the cohort has no session folders (sub-*/ses-*): leave --session out")
+        raise ConvertError(f"--session {session}: no subject in {bids} has a {want} folder; {fix}")
     return sources
+
+
+def _check_participant_ids(bids: Path, table: Path, rows: list[dict]) -> None:
+    """ConvertError when participant_id values lack BIDS's ``sub-`` prefix although the
+    ``sub-<id>`` folders exist: otherwise every such subject would fail twice (no images for
+    the row, no label for the folder) with advice that fixes neither."""
+    bare = [(i, sid) for i, sid in ((i, (r["participant_id"] or "").strip()) for i, r in enumerate(rows, start=2))
+            if sid and not (bids / sid).is_dir() and (bids / f"sub-{sid}").is_dir()]
+    if bare:
+        shown = ", ".join(f"row {i} {sid!r} (folder sub-{sid})" for i, sid in bare[:3])
+        more = f" and {len(bare) - 3} more" if len(bare) > 3 else ""
+        raise ConvertError(f"{table}: {len(bare)} participant_id value(s) lack the 'sub-' prefix ({shown}{more}); "
+                           "BIDS participant_id values are sub-<label>, the subject's folder name: write e.g. "
+                           f"sub-{bare[0][1]} in the participant_id column and rerun")
 
 
 def planted_effect(bids: str | Path) -> dict | None:
@@ -245,9 +272,15 @@ def check_sources(sources: list[SubjectSource], label_map: dict[str, str], requi
         files = {"t1": s.t1, "fmri": s.fmri}
         missing = [m for m in require if files[m] is None]
         absent = [(m, f) for m, f in files.items() if f is not None and not f.is_file()]
+        if not any(files.values()):  # no --require value accepts it: say what can work
+            why = f" ({'; '.join(s.notes)})" if s.notes else ""
+            where = f"its row from {s.table.name}" if s.table is not None else "it from the input"
+            fail(f"has no t1 and no fmri file{why}; a subject needs at least one image: add its images, "
+                 f"or remove {where}")
+            continue
         if missing:
             fail(f"has no {' and no '.join(missing)} file; add it, or convert with --require "
-                 f"{' '.join(m for m in MODALITIES if m not in missing) or 't1'} to allow this")
+                 f"{' '.join(m for m in MODALITIES if m not in missing)} to allow this")
             continue
         if absent:
             m, f = absent[0]

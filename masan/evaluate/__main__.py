@@ -5,16 +5,20 @@ region figures (Fig. 4 style map over a T1 slice, region ranking)."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 
 from tqdm import tqdm
 
+from masan.access import describe_mode, write_restricted
 from masan.evaluate.plots import VIEWS
-from masan.evaluate.region_ranking import RegionError
-from masan.evaluate.report import collect_runs, markdown_table, write_report
+from masan.evaluate.region_ranking import RegionError, load_atlas_labels, open_atlas
+from masan.evaluate.report import FIGURES_DIR, REPORT_FILES, collect_runs, markdown_table, write_report
 from masan.metrics import TABLE_METRICS, MetricsError
+from masan.store.places import output_folder_problem
 
 EXIT_NO_RUNS = 1
 EXIT_BAD_INPUT = 2
@@ -36,7 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
                    help="run directories; a folder without config.yaml is searched below "
                         "(e.g. runs/<variant>/repeat_R)")
-    p.add_argument("--out", required=True, help="report directory (created)")
+    p.add_argument("--out", required=True,
+                   help="report directory (created; in an existing one, the report's files are replaced and "
+                        "others left alone); no more readable than the run directories and store it reads")
     p.add_argument("--store", default=None,
                    help="cohort store for the T1 under the region map (default: each run's data.store)")
     p.add_argument("--atlas", default=None,
@@ -63,6 +69,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from masan.evaluate.report_figures import method_figures  # matplotlib/zarr only when needed
 
+    # every flag is checked before the first file is written: a refusal leaves no half report
+    out = Path(args.out)
+    problem = output_folder_problem(out, out.parent / f"{out.name}_report", "the report's tables and figures")
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    try:
+        if args.atlas is not None:
+            open_atlas(args.atlas)
+        if args.atlas_labels is not None:
+            load_atlas_labels(args.atlas_labels)
+    except RegionError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         runs, skipped = collect_runs(args.run_dirs, require_done=not args.allow_unfinished)
@@ -71,17 +92,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not runs:
             print(f"no finished run among {len(skipped)} director(ies); nothing to report", file=sys.stderr)
             return EXIT_NO_RUNS
-        report = write_report(runs, skipped, args.out)
-        figures = []
-        if not args.no_figures:
-            try:
+        # the report names subjects with their diagnoses and shows their T1 slices: it may be no
+        # more readable than the run directories it reads or the stores the figures read
+        stores = [] if args.no_figures else [args.store] if args.store else [r.config.data.store for r in runs]
+        sources = [r.run_dir for r in runs] + [s for s in dict.fromkeys(stores) if os.path.exists(s)]
+        written = [out / name for name in REPORT_FILES.values()] + ([] if args.no_figures else [out / FIGURES_DIR])
+
+        def write() -> tuple[dict, list[Path]]:
+            report = write_report(runs, skipped, out)
+            figures = []
+            if not args.no_figures:
                 for members in tqdm(report["groups"].values(), desc="figures", unit="method"):
-                    figures += method_figures(members, report["files"]["table_md"].parent / "figures", args.store,
-                                              args.atlas, args.atlas_labels, args.subject, args.rank_method,
-                                              args.top_k, args.views)
-            except (RegionError, MetricsError) as e:
-                print(f"error: {e}", file=sys.stderr)
-                return EXIT_BAD_INPUT
+                    figures += method_figures(members, out / FIGURES_DIR, args.store, args.atlas,
+                                              args.atlas_labels, args.subject, args.rank_method, args.top_k,
+                                              args.views)
+            return report, figures
+
+        try:
+            (report, figures), access = write_restricted(sources, out, written, write)
+        except (RegionError, MetricsError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return EXIT_BAD_INPUT
     for message in dict.fromkeys(str(w.message) for w in caught):
         if not message.startswith("skipping run"):  # already listed above
             print(f"warning: {message}", file=sys.stderr)
@@ -89,7 +120,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"Table 2: accuracy, precision and recall of {positive} vs the rest "
           f"({', '.join(TABLE_METRICS)} in metrics.json); values in %, mean ± std over repeats\n")
     print(markdown_table(report["rows"]))
-    print(f"{len(runs)} run(s) reported, {len(skipped)} skipped. Files:")
+    print(f"{len(runs)} run(s) reported, {len(skipped)} skipped. Files ({describe_mode(*access)}: no more "
+          f"readable than the runs and store they come from):")
     for path in list(report["files"].values()) + figures:
         print(f"  {path}")
     return 0

@@ -135,8 +135,14 @@ def load_atlas_labels(path: str | os.PathLike) -> dict[int, str]:
     """
     p = Path(path)
     if not p.is_file():
-        raise RegionError(f"atlas label table {p} does not exist")
-    lines = [ln for ln in p.read_text().splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+        raise RegionError(f"atlas label table {p} does not exist{'' if not p.exists() else ' as a file'}; "
+                          f"pass a TSV/CSV of 'index name' rows, or none to name regions 'label <index>'")
+    try:
+        text = p.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise RegionError(f"cannot read atlas label table {p} as text ({e}); pass a TSV/CSV of "
+                          f"'index name' rows") from None
+    lines = [ln for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
     sep = "\t" if lines and "\t" in lines[0] else "," if lines and "," in lines[0] else None
     names: dict[int, str] = {}
     for n, line in enumerate(lines):
@@ -153,6 +159,21 @@ def load_atlas_labels(path: str | os.PathLike) -> dict[int, str]:
     if not names:
         raise RegionError(f"atlas label table {p} holds no 'index, name' rows")
     return names
+
+
+def open_atlas(path: str | os.PathLike) -> nib.spatialimages.SpatialImage:
+    """The atlas image with its header read (voxels not yet), checked to be a 3-D label volume
+    (X, Y, Z), or 4-D with one volume; raises :class:`RegionError` naming the fix otherwise.
+    Cheap: callers check the atlas with it before writing anything."""
+    p = Path(path)
+    try:
+        img = nib.load(p)
+    except Exception as e:  # noqa: BLE001 - nibabel raises several types for unreadable files
+        raise RegionError(f"cannot read atlas {p} as NIfTI: {e}; pass a NIfTI label volume "
+                          f"(.nii or .nii.gz), or no atlas to name regions by grid cell") from None
+    if not (len(img.shape) == 3 or (len(img.shape) == 4 and img.shape[3] == 1)):
+        raise RegionError(f"atlas {p} has shape {img.shape}; expected a 3-D label volume (X, Y, Z)")
+    return img
 
 
 def resample_atlas(
@@ -172,16 +193,13 @@ def resample_atlas(
     Returns:
         (X, Y, Z) int64 labels.
     """
-    p = Path(atlas_path)
+    img = open_atlas(atlas_path)
     try:
-        img = nib.load(p)
-    except Exception as e:  # noqa: BLE001 - nibabel raises several types for unreadable files
-        raise RegionError(f"cannot read atlas {p} as NIfTI: {e}") from None
-    data = np.asanyarray(img.dataobj)
-    if data.ndim == 4 and data.shape[3] == 1:
+        data = np.asanyarray(img.dataobj)
+    except Exception as e:  # noqa: BLE001 - nibabel/gzip raise several types for a truncated file
+        raise RegionError(f"cannot read the label volume of atlas {atlas_path}: {e}") from None
+    if data.ndim == 4:
         data = data[..., 0]
-    if data.ndim != 3:
-        raise RegionError(f"atlas {p} has shape {data.shape}; expected a 3-D label volume")
     vox_map = np.linalg.inv(img.affine) @ np.asarray(target_affine, dtype=np.float64)  # T1 voxel -> atlas voxel
     # grid-constant: a T1 voxel whose nearest atlas voxel exists keeps it, even within half a
     # voxel of the edge ("constant" would zero those)

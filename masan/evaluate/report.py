@@ -39,6 +39,13 @@ SAME_METHOD_MAY_DIFFER = flagged_keys(SAME_METHOD)
 the fields marked :data:`masan.config.SAME_METHOD`."""
 
 
+REPORT_FILES = {"table_csv": "table.csv", "table_md": "table.md", "table_json": "table.json",
+                "runs_csv": "runs.csv", "predictions_csv": "predictions.csv"}
+"""The files :func:`write_report` writes into the report folder (key -> name)."""
+FIGURES_DIR = "figures"
+"""The report folder's subfolder of region figures (``python -m masan.evaluate``)."""
+
+
 class RunNotReady(Exception):
     """A run directory cannot be reported yet (unfinished or incomplete); str() says why."""
 
@@ -74,8 +81,10 @@ def method_name(model_cfg: ModelConfig) -> str:
 def load_run(run_dir: str | os.PathLike, require_done: bool = True) -> RunResult:
     """Read a run directory; raises :class:`RunNotReady` naming what is missing or broken."""
     run = Path(run_dir)
+    if not run.exists():
+        raise RunNotReady("does not exist; check the path (a run directory holds config.yaml)")
     if not run.is_dir():
-        raise RunNotReady("not a directory")
+        raise RunNotReady("not a directory; pass a run directory (it holds config.yaml) or a folder above runs")
     needed = [RunDir.CONFIG_NAME, RunDir.METRICS_NAME, RunDir.PREDICTIONS_NAME] + (
         [RunDir.DONE_NAME] if require_done else [])
     missing = [n for n in needed if not (run / n).is_file()]
@@ -238,8 +247,7 @@ def write_report(runs: Sequence[RunResult], skipped: Sequence[tuple[Path, str]],
     out.mkdir(parents=True, exist_ok=True)
     groups = group_runs(runs)
     rows = summary_table(groups)
-    files = {k: out / n for k, n in (("table_csv", "table.csv"), ("table_md", "table.md"), ("table_json", "table.json"),
-                                      ("runs_csv", "runs.csv"), ("predictions_csv", "predictions.csv"))}
+    files = {k: out / n for k, n in REPORT_FILES.items()}
     _write_csv(files["table_csv"], [{**r, "repeats": " ".join(map(str, r["repeats"])),
                                      "classes": " ".join(r["classes"]),
                                      "positive_class": " ".join(r["positive_class"])} for r in rows])

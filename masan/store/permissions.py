@@ -1,7 +1,8 @@
 """Who may read a cohort store: the sources' most restrictive permissions unless shared on purpose.
 
 Cohort data come under data-use agreements, so a store must never be more readable than the
-NIfTI files it was made from, whatever the converting user's umask. The
+files it was made from (the NIfTI files, their sidecars and the table of labels: the store
+holds every subject's diagnosis), whatever the converting user's umask. The
 rules themselves (modes, umask, applying to a tree) are in :mod:`masan.access`; this module
 decides the store's target from its sources, ``--mode``/``--group`` and what an earlier
 conversion recorded in the root attributes (``access``).
@@ -43,12 +44,16 @@ def source_paths(files: list[Path]) -> list[Path]:
     return files + sorted(folders)
 
 
-def target_access(out: Path, sources: list[Path], wanted: StoreAccess) -> tuple[int, int | None, str]:
-    """(file mode, gid, how chosen) for the store; a store made from restricted sources in an
-    earlier run stays at least as closed unless ``--mode`` says otherwise."""
+def target_access(out: Path, sources: list[Path], wanted: StoreAccess, tables: list[Path] = ()
+                  ) -> tuple[int, int | None, str]:
+    """(file mode, gid, how chosen) for the store from its image ``sources`` and the label
+    ``tables`` (participants.tsv, a manifest; each with its own folder, wherever it lies: the
+    folders between a manifest in a home folder and the images are none of theirs); a store
+    made from restricted sources in an earlier run stays at least as closed unless ``--mode``
+    says otherwise."""
     if wanted.mode is not None:
         return wanted.mode, wanted.group, "--mode"
-    mode, gid = access.restrictive_mode(source_paths(sources))
+    mode, gid = access.restrictive_mode(source_paths(sources) + [p for t in tables for p in source_paths([t])])
     try:
         before = json.loads((out / "zarr.json").read_text())["attributes"].get("access", {})
     except (OSError, ValueError, KeyError):

@@ -5,7 +5,8 @@ run directory; one nested in the other is destroyed or polluted by the other's t
 both tools refuse the nesting. A run directory is recognised by the
 file ``masan.train.run`` writes first (``config.yaml``, a MASAN config) or that file beside
 its ``checkpoints/`` folder (:func:`is_run_dir`);
-a cohort store by its root ``zarr.json`` naming the MASAN store format.
+a cohort store by its root ``zarr.json`` naming the MASAN store format. The tools that write
+elsewhere (predictions, reports) keep out of both (:func:`output_folder_problem`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import json
 import os
 from pathlib import Path
 
+from masan.access import outermost_missing
 from masan.rundir import RunDir
 
 STORE_FORMAT = "masan-cohort-store"
@@ -75,3 +77,32 @@ def nested_inside(root: str | os.PathLike, test, depth: int = 3) -> list[Path]:
                 (found if test(c) else nxt).append(c)
         level = nxt
     return sorted(found)
+
+
+def output_folder_problem(out: str | os.PathLike, suggestion: str | os.PathLike, files: str) -> str | None:
+    """Why ``out`` cannot be the output folder of a tool that writes ``files`` (e.g.
+    ``"predictions.csv, region_weights.npy and metrics.json"``) into it, or None: an existing
+    file, a folder in or of a cohort store or a training run (their own tools rewrite and prune
+    them, and the run's own predictions.csv and metrics.json would be overwritten), a path
+    below a file, a folder this user may not write. The message names ``--out`` and the fix,
+    ``--out suggestion``. Symlinks are resolved, so a link into a store is refused like it."""
+    out = Path(out)
+    fix = f"pass a folder outside every store and run directory, e.g. --out {suggestion}"
+    if out.exists() and not out.is_dir():
+        return (f"--out {out} is an existing file; --out names a folder (new or existing) for {files}: "
+                f"pass e.g. --out {suggestion}")
+    real = out.resolve()
+    for test, what, why in ((is_cohort_store, "the cohort store", "a store holds only what the converter writes "
+                             "(a later conversion prunes anything else)"),
+                            (is_run_dir, "the training run directory", f"writing {files} there would overwrite "
+                             "the run's own files or mix files into it")):
+        found = enclosing(real, test)
+        if found is not None:
+            return f"--out {out} is {'' if found == real else 'inside '}{what} {found}: {why}; {fix}"
+    missing = outermost_missing(real)
+    parent = real if missing is None else missing.parent
+    if not parent.is_dir():
+        return f"--out {out} cannot be created: {parent} is a file, not a folder; {fix}"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"--out {out} cannot be written: you may not write in {parent}; {fix}"
+    return None

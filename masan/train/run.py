@@ -124,11 +124,10 @@ def preflight(cfg: RunConfig, world_size: int, ckpt: CheckpointManager, chash: s
     the run directory: the store's (mode and group)."""
     from masan.data.dataset import select_subjects
     from masan.data.splits import Split, SplitError, make_split
-    from masan.store.cohort import CohortStore
 
     run_dir = Path(cfg.run_dir)
     check_writable(run_dir)
-    subjects, labels, class_names = select_subjects(CohortStore(cfg.data.store), cfg.data)
+    subjects, labels, class_names = select_subjects(open_store(cfg), cfg.data)
     split_path = RunDir(run_dir).split
     try:
         split = Split.load(split_path) if split_path.is_file() else make_split(subjects, labels, cfg.split)
@@ -199,7 +198,8 @@ def run_training(cfg: RunConfig, stop: StopRequest | None = None) -> TrainOutcom
     info = D.init_distributed(cfg.train)
     lock = RunLock(cfg.run_dir, default_wait_s())  # held by rank 0 only
     try:
-        _on_main(info, lock.take_existing)  # before anything else reads or writes run_dir
+        _on_main(info, lambda: (RunDir(cfg.run_dir).require_folder(), lock.take_existing()))  # before
+        # anything else reads or writes run_dir
         outcome = _run(cfg, stop, info, lock)
     except BaseException:
         lock.release()
@@ -213,15 +213,28 @@ def run_training(cfg: RunConfig, stop: StopRequest | None = None) -> TrainOutcom
     return outcome
 
 
+def open_store(cfg: RunConfig):
+    """The run's cohort store (:class:`masan.store.cohort.CohortStore`), its root read. A path
+    that is no cohort store is the user's input, not the machine's: a ConfigError (exit 2, never
+    restarted) that names ``data.store``."""
+    from masan.store.cohort import CohortStore, StoreError
+
+    try:
+        store = CohortStore(cfg.data.store)
+        _ = store.attrs  # opens the root: a Zarr group that is not a cohort store fails here, not mid-start
+    except StoreError as e:
+        raise ConfigError(f"data.store={cfg.data.store}: {e}") from None
+    return store
+
+
 def store_contract(cfg: RunConfig):
     """The geometry of the run's subjects in its store (:mod:`masan.data.contract`), with the
     model's null input shapes filled from it in ``cfg``; raises ContractError (a ConfigError)
     when the store or the config breaks the contract. Read-only."""
     from masan.data.contract import resolve_inputs, store_geometry
     from masan.data.dataset import select_subjects, used_modalities
-    from masan.store.cohort import CohortStore
 
-    store = CohortStore(cfg.data.store)
+    store = open_store(cfg)
     subjects, _, _ = select_subjects(store, cfg.data)
     geo = store_geometry(store, subjects, used_modalities(cfg.data))
     filled = resolve_inputs(cfg, geo)
