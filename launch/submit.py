@@ -47,6 +47,7 @@ from pathlib import Path
 from launch.slurm import jobs
 from launch.slurm.plan import Resources, RunSpec, parse_time_min, plan_runs, slurm_time
 from launch.slurm.submission import log_path, submit_slurm
+from masan.argtypes import number
 from masan.config import ConfigError, save_config
 from masan.rundir import RunDir
 
@@ -56,27 +57,6 @@ EXIT_FAILED = 1
 EXIT_INTERRUPTED = 130
 """train_local.py after a second Ctrl-C (128 + SIGINT): stopped by the user, never restarted."""
 UNKNOWN_GRACE_POLLS = 3  # polls a job may be unknown to squeue/scontrol/sacct before it counts as gone
-
-
-def _at_least(low: float, kind=int):
-    """argparse type: a number of ``kind`` not below ``low`` (argparse then exits 2 naming the flag)."""
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
-        if not value >= low:  # also refuses nan
-            raise argparse.ArgumentTypeError(f"must be at least {low}, got {text}")
-        return value
-    return parse
-
-
-def _positive_float(text: str) -> float:
-    """argparse type: a finite number above 0 (seconds between polls)."""
-    value = _at_least(0.0, float)(text)
-    if value == 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,16 +69,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--run-dir", default="runs/masan", help="run directory (default: %(default)s)")
     g.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="config overrides, e.g. optim.lr=3e-4 model.fusion=add")
-    g.add_argument("--repeats", type=_at_least(1), default=1, help="repeats (different splits) per variant")
+    g.add_argument("--repeats", type=number(int, 1), default=1, help="repeats (different splits) per variant")
     g.add_argument("--ablation", action="append", default=[], metavar="KEY=VALUE",
                    help="one ablation variant (repeatable); submitted with the baseline as one array")
     g.add_argument("--no-baseline", action="store_true", help="with --ablation: leave out the baseline")
     r = p.add_argument_group("SLURM resources")
-    r.add_argument("--nodes", type=_at_least(1), default=1)
-    r.add_argument("--gpus-per-node", type=_at_least(0), default=None,
+    r.add_argument("--nodes", type=number(int, 1), default=1)
+    r.add_argument("--gpus-per-node", type=number(int, 0), default=None,
                    help="GPUs (= ranks) per node; default: the GPUs the partition's nodes have (sinfo), "
                    "0 on CPU nodes (then one rank per node)")
-    r.add_argument("--cpus-per-task", type=_at_least(1), default=None, help="CPU cores per rank (data workers + 1)")
+    r.add_argument("--cpus-per-task", type=number(int, 1), default=None, help="CPU cores per rank (data workers + 1)")
     r.add_argument("--mem", default=None, help="memory per node, SLURM syntax (e.g. 64G)")
     r.add_argument("--time", dest="time_min", type=slurm_time, default="4:00:00",
                    help="time limit per job, SLURM syntax (default: %(default)s)")
@@ -109,17 +89,17 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--exclude", help="nodes to avoid, e.g. node[3-4]")
     r.add_argument("--job-name", default="masan")
     f = p.add_argument_group("time limits, preemption, crashes")
-    f.add_argument("--signal-delay", dest="signal_delay_s", type=_at_least(0), default=120,
+    f.add_argument("--signal-delay", dest="signal_delay_s", type=number(int, 0), default=120,
                    help="seconds before the time limit at which SLURM sends USR2 (default: %(default)s); "
                    "must cover one training step plus a checkpoint save")
-    f.add_argument("--max-requeues", type=_at_least(0), default=10,
+    f.add_argument("--max-requeues", type=number(int, 0), default=10,
                    help="requeues per job after USR2 (time limit or preemption) (default: %(default)s)")
-    f.add_argument("--max-restarts", type=_at_least(0), default=1,
+    f.add_argument("--max-restarts", type=number(int, 0), default=1,
                    help="resubmissions of a crashed job per run, with --wait or --local (default: %(default)s)")
     m = p.add_argument_group("mode")
     m.add_argument("--local", action="store_true", help="train on this machine even if SLURM is available")
     m.add_argument("--wait", action="store_true", help="follow the job(s) until they end; exit 0 if all runs finished")
-    m.add_argument("--poll", type=_positive_float, default=10.0, help="seconds between state checks with --wait")
+    m.add_argument("--poll", type=number(float, above=0), default=10.0, help="seconds between state checks with --wait")
     m.add_argument("--status", nargs="+", metavar="RUN_DIR",
                    help="only print the table of every run under these directories (launch/status.py) and exit")
     return p

@@ -307,6 +307,13 @@ def test_every_option_of_the_tool_sets_its_field():
     assert opts == QCOptions(subjects=["a", "b"], min_frames=7, z_threshold=5.0, clip_fraction=0.2, fov_overlap=0.3,
                              progress=False)
     assert QCOptions.from_args(mod.build_parser().parse_args(["s.zarr", "--out", "o"])) == QCOptions()
+    for flag, value, fragment in (("--clip-fraction", "5", "must be between 0 and 1, got 5"),
+                                  ("--min-frames", "-3", "must be at least 1, got -3"),
+                                  ("--z-threshold", "nan", "must be a finite number above 0, got nan"),
+                                  ("--min-template-corr", "2", "must be between -1 and 1, got 2")):
+        res = subprocess.run([sys.executable, str(QC_REPORT), "s.zarr", "--out", "o", flag, value],
+                             capture_output=True, text=True, check=False)
+        assert res.returncode == 2 and f"argument {flag}: {fragment}" in res.stderr, res.stderr
 
 
 def test_cli_help_runs_as_a_script():

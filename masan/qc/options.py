@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
+from masan.argtypes import number
+
 
 class QCError(ValueError):
     """The report cannot be made (bad store, subject or output folder); the message names the fix."""
@@ -24,17 +26,17 @@ class QCOptions:
     subjects: list[str] | None = _flag(None, "--subjects", "only these subjects (default: all); the cohort "
                                        "section still covers the whole store", nargs="+", metavar="ID")
     min_frames: int | None = _flag(None, "--min-frames", "flag fMRI runs with fewer frames (default: the "
-                                   "cohort's most common run length, at least 2)", type=int)
+                                   "cohort's most common run length, at least 2)", type=number(int, 1))
     z_threshold: float = _flag(3.5, "--z-threshold", "flag a modality whose mean or std is this many robust SD "
-                               "(median / MAD) from the cohort median", type=float)
+                               "(median / MAD) from the cohort median", type=number(float, above=0))
     clip_fraction: float = _flag(0.01, "--clip-fraction", "flag a volume with more than this share of its "
-                                 "nonzero voxels at the maximum", type=float)
+                                 "nonzero voxels at the maximum", type=number(float, 0, 1))
     fov_overlap: float = _flag(0.5, "--fov-overlap", "flag a subject with less than this share of the fMRI "
-                               "foreground inside the T1 volume", type=float)
+                               "foreground inside the T1 volume", type=number(float, 0, 1))
     min_template_corr: float = _flag(0.7, "--min-template-corr", "registered stores: flag a T1 whose correlation "
-                                     "with the template over its brain voxels is below this", type=float)
+                                     "with the template over its brain voxels is below this", type=number(float, -1, 1))
     min_brain_dice: float = _flag(0.8, "--min-brain-dice", "registered stores: flag an fMRI whose mean's brain "
-                                  "mask overlaps the template's brain less (Dice)", type=float)
+                                  "mask overlaps the template's brain less (Dice)", type=number(float, 0, 1))
     carpet_voxels: int = _flag(1500, None, "voxel time series in the carpet (an evenly spaced sample of the "
                                "fMRI foreground)")
     dpi: int = _flag(80, None, "resolution of the figures")
