@@ -197,9 +197,13 @@ def run_training(cfg: RunConfig, stop: StopRequest | None = None) -> TrainOutcom
     created_group = not torch.distributed.is_initialized()
     info = D.init_distributed(cfg.train)
     lock = RunLock(cfg.run_dir, default_wait_s())  # held by rank 0 only
+
+    def take_existing_folder() -> None:  # before anything else reads or writes run_dir
+        RunDir(cfg.run_dir).require_folder()
+        lock.take_existing()
+
     try:
-        _on_main(info, lambda: (RunDir(cfg.run_dir).require_folder(), lock.take_existing()))  # before
-        # anything else reads or writes run_dir
+        _on_main(info, take_existing_folder)
         outcome = _run(cfg, stop, info, lock)
     except BaseException:
         lock.release()
