@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The whole pipeline on this machine in a few minutes (CPU): the README's main command.
 
-    python launch/demo.py                 # writes demo/ and runs/demo/ under the current folder
+    python launch/demo.py                 # writes demo/, runs/demo/ and reports/demo/ under the current folder
     python launch/demo.py --root /tmp/x   # everything under /tmp/x
 
 Steps, each printed as the command it runs, so you can run them yourself:
@@ -27,6 +27,7 @@ import sys
 import time
 from pathlib import Path
 
+from masan.argtypes import number
 from masan.config import load_config
 from masan.rundir import RunDir
 from masan.synth.anatomy import ANATOMY
@@ -47,13 +48,16 @@ def run(cmd: list[str], what: str) -> float:
     return time.monotonic() - start
 
 
-def _stale_cohort(bids: Path, model) -> str | None:
-    """What is wrong with an existing demo cohort for ``model`` (None: fine or absent)."""
+def _stale_cohort(bids: Path, cfg, per_class: int) -> str | None:
+    """What is wrong with an existing demo cohort for the demo config ``cfg`` and ``per_class``
+    (None: fine or absent); a cohort the demo did not make ends the demo (it is never deleted)."""
+    model, n_classes = cfg.model, len(cfg.data.classes)
     record = bids / "planted_effect.json"
     if not (bids / "participants.tsv").is_file():
         return None
     if not record.is_file():
-        return "a cohort without planted_effect.json"
+        raise SystemExit(f"demo: {bids} holds a cohort the demo did not make (no planted_effect.json); the demo "
+                         "replaces only its own: pass another --root, or move that folder away")
     effect = json.loads(record.read_text())
     if effect.get("anatomy") != ANATOMY:
         return "a phantom cohort (an earlier demo)"
@@ -61,6 +65,10 @@ def _stale_cohort(bids: Path, model) -> str | None:
     got = {m: effect.get("grids", {}).get(m, {}).get("shape") for m in want}
     if got != want:
         return f"a cohort of other shapes ({got}; the demo needs {want})"
+    with (bids / "participants.tsv").open() as f:
+        subjects = sum(1 for _ in f) - 1
+    if subjects != per_class * n_classes:
+        return f"a cohort of {subjects} subjects (--per-class {per_class} makes {per_class * n_classes})"
     return None
 
 
@@ -68,27 +76,32 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--root", type=Path, default=Path.cwd(),
-                   help="folder for demo/ (cohort) and runs/demo/ (training); default: the current folder")
-    p.add_argument("--per-class", type=int, default=PER_CLASS, help="subjects per class (default %(default)s)")
-    p.add_argument("--ranks", type=int, default=1, help="local gloo ranks for training (default %(default)s)")
+                   help="folder for demo/ (cohort), runs/demo/ (training) and reports/demo/ (evaluation); "
+                        "default: the current folder")
+    p.add_argument("--per-class", type=number(int, 4), default=PER_CLASS,
+                   help="subjects per class, at least 4 for a 70/30 split with validation (default %(default)s)")
+    p.add_argument("--ranks", type=number(int, 1), default=1,
+                   help="local gloo ranks for training (default %(default)s)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="config overrides for training, e.g. train.joint_epochs=5")
     args = p.parse_args(argv)
 
     root = args.root.resolve()
     bids, store, run_dir = root / "demo" / "bids", root / "demo" / "cohort.zarr", root / "runs" / "demo"
-    report = run_dir / "report"
+    report = root / "reports" / "demo"  # beside the run, not in it: the run's folder is the run's own
     py = sys.executable
     timings = {}
-    model = load_config(DEMO_CONFIG).model  # the cohort is made at the shapes the model expects
-    stale = _stale_cohort(bids, model)
+    cfg = load_config(DEMO_CONFIG)
+    model = cfg.model  # the cohort is made at the shapes the model expects
+    stale = _stale_cohort(bids, cfg, args.per_class)
     if stale:  # e.g. the phantom cohort of an earlier version: its run is stale too
-        print(f"\n== {bids} holds {stale}; replacing it, {store} and {run_dir} (all made by this demo)")
-        for old in (bids, store, run_dir):
+        print(f"\n== {bids} holds {stale}; replacing it, {store}, {run_dir} and {report} (all made by this demo)")
+        for old in (bids, store, run_dir, report):
             shutil.rmtree(old, ignore_errors=True)
     if not (bids / "participants.tsv").is_file():
         timings["synthesize"] = run([py, "data_tools/synth_cohort.py", "--anatomy", ANATOMY, "--out", str(bids),
-                                     "--per-class", str(args.per_class), "--t1-shape", *map(str, model.t1_shape),
+                                     "--per-class", str(args.per_class), "--classes", *cfg.data.classes,
+                                     "--t1-shape", *map(str, model.t1_shape),
                                      "--fmri-shape", *map(str, model.fmri_shape), "--frames", str(model.fmri_frames)],
                                     "1. synthesize a cohort on the MNI152 brain")
     else:

@@ -105,3 +105,27 @@ def test_a_live_local_run_blocks_a_second_submission(tmp_path):
     res = subprocess.run([sys.executable, str(REPO / "launch" / "submit.py"), "--local",
                           "--run-dir", str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and "refused" in res.stderr
+
+
+@pytest.mark.slow
+def test_the_demo_runs_end_to_end_and_replaces_only_its_own_cohort(tmp_path):
+    """The README's main command, at a small size: every step, the report beside the run (not in
+    it), a changed --per-class remade, a cohort it did not make left alone."""
+    def demo(*args):
+        return subprocess.run([sys.executable, str(REPO / "launch" / "demo.py"), "--root", str(tmp_path), *args,
+                               "train.pretrain_epochs=1", "train.joint_epochs=1"],
+                              capture_output=True, text=True, timeout=600, check=False)
+
+    res = demo("--per-class", "4")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert (tmp_path / "reports" / "demo" / "table.md").is_file() and (tmp_path / "runs" / "demo" / "DONE").is_file()
+    assert len((tmp_path / "demo" / "bids" / "participants.tsv").read_text().splitlines()) == 1 + 4 * 4
+
+    res = demo("--per-class", "5")
+    assert res.returncode == 0 and "a cohort of 16 subjects (--per-class 5 makes 20)" in res.stdout, res.stdout[-3000:]
+    assert len((tmp_path / "demo" / "bids" / "participants.tsv").read_text().splitlines()) == 1 + 5 * 4
+
+    (tmp_path / "demo" / "bids" / "planted_effect.json").unlink()  # now a cohort the demo did not make
+    res = demo("--per-class", "4")
+    assert res.returncode != 0 and "holds a cohort the demo did not make" in res.stderr, res.stderr[-3000:]
+    assert (tmp_path / "demo" / "bids" / "participants.tsv").is_file() and (tmp_path / "runs" / "demo").is_dir()

@@ -13,6 +13,8 @@ so they wait for the resume, not for the scheduler.
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import subprocess
 import sys
 import time
@@ -164,12 +166,17 @@ def test_repeats_run_as_one_array_with_one_run_dir_each(slurm_cluster, tiny_conf
     assert splits[0]["test"] != splits[1]["test"]
 
 
-def test_a_crashed_job_is_resubmitted_up_to_max_restarts(slurm_cluster, tiny_config, tmp_path):
+def test_a_crashed_job_is_resubmitted_up_to_max_restarts(slurm_cluster, tiny_config, tiny_store, tmp_path):
+    """A crash (here: a store whose T1 chunks vanished after the start's checks, which read only
+    metadata) is resubmitted; a refused start is not (test_wait_reports_a_refused_run...)."""
+    damaged = Path(shutil.copytree(tiny_store, tmp_path / "damaged.zarr"))
+    for chunks in damaged.glob("subjects/*/*/t1/0/c"):
+        shutil.rmtree(chunks)
     run_dir = tmp_path / "crash"
     res = submit("--nodes", 1, "--time", 5, "--config", tiny_config, "--run-dir", run_dir, "--max-restarts", 1,
-                 f"data.store={tmp_path / 'missing.zarr'}", wait_job=True)  # every start crashes
+                 f"data.store={damaged}", wait_job=True)  # every start crashes at its first batch
     assert res.returncode == 1 and "NOT finished" in res.stdout, res.stdout
     first, second = job_ids(run_dir)
     (restart,) = events(run_dir, "restarted")
     assert (restart["after"], restart["job_id"], restart["state"]) == (first, second, "FAILED")
-    assert "missing.zarr" in rank0_log(run_dir, second)
+    assert re.search(r"damaged\.zarr.*chunk file .* is missing", rank0_log(run_dir, second))
