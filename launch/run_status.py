@@ -25,6 +25,7 @@ from launch.slurm import jobs
 from launch.slurm.queue import Queued, never_starts, slurm_state, squeue_states
 from masan.rundir import RunDir
 from masan.train.eta import ETA_INTERVALS, eta_seconds
+from masan.train.runlock import local_holders
 
 RUN_MARKERS = (RunDir.CONFIG_NAME, RunDir.SUBMITTED_CONFIG_NAME, RunDir.JOBS_NAME, RunDir.CHECKPOINTS_NAME)
 """Any of these marks a run directory (a SLURM run has only jobs.json until its job starts)."""
@@ -292,6 +293,8 @@ def _jobs_columns(run: Path, st: RunStatus, queued: dict[str, Queued] | None) ->
             if why:
                 st.add_note(f"job {st.job_id} can never start as submitted ({waiting.reason}): {why}; "
                             f"scancel {st.job_id} first")
+    elif local_holders(RunDir(run).lock):  # launch/train_local.py keeps no job record: its lock says it lives
+        st.slurm = "RUNNING (local)"
     st.requeues = sum(1 for e in record["events"] if e.get("event") == "started" and e.get("restarts", 0) > 0)
     st.restarts = sum(1 for e in record["events"] if e.get("event") == "restarted")
 

@@ -32,6 +32,8 @@ import sys
 import time
 from pathlib import Path
 
+from masan.argtypes import number
+
 FORWARDED_SIGNALS = (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
 POLL_S = 0.5
 KILL_AFTER_S = 5.0
@@ -49,13 +51,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     "torch.distributed gloo on the CPU (nccl when GPUs are visible). Resumes automatically "
                     "from RUN_DIR/checkpoints; `touch RUN_DIR/STOP` saves and stops every rank.",
         epilog="Overrides are section.key=value, e.g. run_dir=runs/x train.max_steps=20 optim.lr=3e-4.")
-    ap.add_argument("--nproc", type=int, default=1, help="processes (data-parallel ranks) on this machine")
-    ap.add_argument("--port", type=int, default=None, help="rendezvous port for --nproc > 1 (default: a free one)")
+    ap.add_argument("--nproc", type=number(int, 1), default=1, help="processes (data-parallel ranks) on this machine")
+    ap.add_argument("--port", type=number(int, 1, 65535), default=None,
+                    help="rendezvous port for --nproc > 1 (default: a free one)")
     add_config_arguments(ap)
-    args = ap.parse_intermixed_args(argv)  # overrides may come before, between or after the options
-    if args.nproc < 1:
-        ap.error("--nproc must be at least 1")
-    return args
+    return ap.parse_intermixed_args(argv)  # overrides may come before, between or after the options
 
 
 def setup_logging(rank: int) -> None:
@@ -238,6 +238,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     if args.nproc > 1 and "RANK" not in os.environ:
+        from masan.distributed import port_taken
+
+        if args.port is not None and port_taken(args.port):
+            print(f"error: --port {args.port} is in use on this machine (another run or program listens there); "
+                  "pass another port, or leave --port out to use a free one", file=sys.stderr)
+            return 2
         return spawn(args, argv)
     return train_here(args)
 

@@ -50,6 +50,17 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def port_taken(port: int) -> bool:
+    """True when TCP ``port`` cannot be bound on every interface now, as the rendezvous server
+    (rank 0's TCPStore) will bind it: another program or run listens there."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("", port))
+        except OSError:
+            return True
+    return False
+
+
 def pick_device(train_cfg: TrainConfig, local_rank: int = 0) -> torch.device:
     """``cuda:LOCAL_RANK`` or ``cpu`` following ``train.device`` (auto: CUDA when visible)."""
     want = train_cfg.device

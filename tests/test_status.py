@@ -357,6 +357,26 @@ def test_a_pending_job_shows_slurms_reason_and_one_that_never_starts_the_fix(tmp
     assert "RUNNING (77)" in status.row_cells(running) and running.reason is None
 
 
+def test_a_live_train_local_run_shows_running_and_a_killed_one_does_not(tmp_path):
+    """launch/train_local.py keeps no job record; its rank 0 holds run.lock while it lives."""
+    from masan.train.runlock import RunLock
+
+    run = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from masan.train.runlock import RunLock; "
+                               f"RunLock({str(run)!r}).take(); print('held', flush=True); time.sleep(120)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert run_status.run_status(tmp_path, run, {}).slurm == "RUNNING (local)"
+    finally:
+        holder.kill()
+        holder.wait()
+    assert run_status.run_status(tmp_path, run, {}).slurm == "-"  # killed: the kernel dropped its lock
+    lock = RunLock(run)
+    assert lock.take_existing()  # and the next start takes it
+    lock.release()
+
+
 SINFO = """debug*|2|(null)|infinite|1-infinite|idle
 gpu|3|gpu:a100:4(S:0-1)|1-00:00:00|1-2|mixed
 gpu|1|gpu:a100:4(S:0-1)|1-00:00:00|1-2|down*

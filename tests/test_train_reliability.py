@@ -21,6 +21,7 @@ import hashlib
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -238,6 +239,18 @@ def test_a_start_without_a_store_or_a_run_folder_exits_2_with_the_fix(tmp_path, 
     assert res.returncode == 2, res.stdout[-2000:] + res.stderr[-3000:]
     assert fragment.format(**fill) in res.stderr and "Traceback" not in res.stderr, res.stderr[-3000:]
     assert not (tmp_path / "run").exists() and (tmp_path / "afile").read_text() == "x"
+
+
+def test_a_rendezvous_port_in_use_is_refused_before_any_rank_starts(tmp_path, config):
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        res = subprocess.run([sys.executable, str(LAUNCH), "--nproc", "2", "--port", str(port), "--config", str(config),
+                              f"run_dir={tmp_path / 'run'}"], capture_output=True, text=True, timeout=120, cwd=REPO,
+                             check=False)
+    assert res.returncode == 2 and f"--port {port} is in use on this machine" in res.stderr, res.stderr[-3000:]
+    assert "Traceback" not in res.stderr and not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("args, fragment", [

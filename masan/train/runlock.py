@@ -186,7 +186,7 @@ def describe_holder(path: Path) -> str:
         record = json.loads(path.read_text() or "{}")
     except (OSError, ValueError):
         record = {}
-    locally = _local_holders(path)
+    locally = local_holders(path)
     if record.get("host") == socket.gethostname() and locally and record.get("pid") not in locally:
         # a start still checking its config holds it, before it writes its own record
         return (f"pid {', '.join(map(str, sorted(locally)))} on this host (a start not yet past its checks; "
@@ -203,8 +203,9 @@ def describe_holder(path: Path) -> str:
     return text
 
 
-def _local_holders(path: Path) -> set[int]:
-    """Pids holding a lock on ``path`` according to Linux's /proc/locks (this host only)."""
+def local_holders(path: Path) -> set[int]:
+    """Pids holding a lock on ``path`` according to Linux's /proc/locks (this host only; read
+    only, so ``launch/status.py`` can tell a live local run from a killed one)."""
     try:
         st = path.stat()
         table = Path("/proc/locks").read_text()
