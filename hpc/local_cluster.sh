@@ -31,17 +31,25 @@ START_TIMEOUT_S=90
 MARK="# written by masan hpc/local_cluster.sh"
 
 usage() { sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; }
+bad_usage() { echo "local_cluster.sh: $* (see --help)" >&2; exit 2; }
 
+[[ "$ACTION" == "-h" || "$ACTION" == "--help" ]] && { usage; exit 0; }
 while [[ $# -gt 0 ]]; do
   case "$1" in
+    --dir|--nodes|--cpus|--port) [[ $# -ge 2 ]] || bad_usage "$1 needs a value" ;;&
     --dir) DIR="$2"; shift 2 ;;
     --nodes) NODES="$2"; shift 2 ;;
     --cpus) CPUS="$2"; shift 2 ;;
     --port) CTLD_PORT="$2"; shift 2 ;;
     -h|--help) usage; exit 0 ;;
-    *) echo "local_cluster.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
+    *) bad_usage "unknown argument '$1'" ;;
   esac
 done
+# checked before anything is installed or started (flags and MASAN_SLURM_* alike)
+for pair in "--nodes:$NODES" "--cpus:$CPUS" "--port:$CTLD_PORT"; do
+  [[ "${pair#*:}" =~ ^[1-9][0-9]*$ ]] || bad_usage "${pair%%:*} must be a whole number of at least 1, got '${pair#*:}'"
+done
+(( CTLD_PORT + NODES <= 65535 )) || bad_usage "--port $CTLD_PORT: slurmd ports $CTLD_PORT+1..+$NODES would pass 65535"
 
 CONF="$DIR/slurm.conf"
 LOG="$DIR/log"

@@ -129,3 +129,18 @@ def test_the_demo_runs_end_to_end_and_replaces_only_its_own_cohort(tmp_path):
     res = demo("--per-class", "4")
     assert res.returncode != 0 and "holds a cohort the demo did not make" in res.stderr, res.stderr[-3000:]
     assert (tmp_path / "demo" / "bids" / "participants.tsv").is_file() and (tmp_path / "runs" / "demo").is_dir()
+
+
+@pytest.mark.parametrize("args, code, text", [
+    (["--help"], 0, "A real SLURM cluster on this one machine"),
+    (["status", "--dir"], 2, "--dir needs a value"),
+    (["start", "--nodes", "0"], 2, "--nodes must be a whole number of at least 1, got '0'"),
+    (["start", "--cpus", "abc"], 2, "--cpus must be a whole number of at least 1, got 'abc'"),
+    (["start", "--port", "65535"], 2, "would pass 65535"),
+])
+def test_the_local_cluster_script_checks_its_arguments_before_doing_anything(args, code, text, tmp_path):
+    res = subprocess.run(["bash", str(REPO / "hpc" / "local_cluster.sh"), *args, *(
+        ["--dir", str(tmp_path / "c")] if args[0] == "start" else [])], capture_output=True, text=True, timeout=60,
+        check=False)
+    assert res.returncode == code and text in res.stdout + res.stderr, res.stdout + res.stderr
+    assert not (tmp_path / "c").exists()  # nothing installed, written or started
