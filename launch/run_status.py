@@ -205,8 +205,13 @@ def _read_config(run: Path, st: RunStatus):
     row with default values (another epoch target, phase and eta) instead of the run's."""
     from masan.config import ConfigError, load_config
 
-    path = RunDir(run).any_config()
+    rd = RunDir(run)
+    path = rd.any_config()
     if path is None:
+        if rd.checkpoints.is_dir() or rd.done.exists():  # a run that trained: its config was there
+            st.add_note(f"{RunDir.CONFIG_NAME} is missing: its variant, epochs, eta and DONE are not shown (the "
+                        "phase is its newest checkpoint's); fix: submit again with the --config the run was "
+                        f"started with (training rewrites {RunDir.CONFIG_NAME} at its start)")
         return None
     cfg = None
     why = cut_short(path)
@@ -218,7 +223,8 @@ def _read_config(run: Path, st: RunStatus):
             why = f"{path.name} is invalid ({' '.join(str(e).split())})"  # YAML's errors span lines
     if why is None:
         return cfg
-    st.add_note(f"{why}: its variant, epochs, phase, eta and DONE are not shown; fix: submit again with the "
+    st.add_note(f"{why}: its variant, epochs, eta and DONE are not shown (the phase is its newest checkpoint's); "
+                "fix: submit again with the "
                 f"--config the run was started with (training rewrites {RunDir.CONFIG_NAME} at its start)")
     return None
 

@@ -194,6 +194,7 @@ def test_a_damaged_run_is_one_row_with_its_problem(runs, tmp_path, capsys):
     (mid_line / "config.yaml").write_text(text[: len(text) - 7])
     invalid = _copy_finished(runs, base / "invalid_config")
     (invalid / "config.yaml").write_text("model: [unclosed\n")
+    (_copy_finished(runs, base / "no_config") / "config.yaml").unlink()
     corrupt = _copy_finished(runs, base / "corrupt_jobs")
     jobs.record_job(corrupt, "4242", "slurm", str(corrupt / "slurm" / "4242_0_log.out"))
     (corrupt / "jobs.json").write_text((corrupt / "jobs.json").read_text()[:40])
@@ -202,12 +203,13 @@ def test_a_damaged_run_is_one_row_with_its_problem(runs, tmp_path, capsys):
     captured = capsys.readouterr()
     assert "Traceback" not in captured.err and captured.err == ""
     lines = captured.out.splitlines()
-    assert lines[-1] == "5 runs, 2 done, 4 with a note"
+    assert lines[-1] == "6 runs, 2 done, 5 with a note"
     rows = {r.run: r for r in run_status.collect([base])}
-    assert sorted(rows) == ["corrupt_jobs", "cut_config", "cut_mid_line", "good", "invalid_config"]
+    assert sorted(rows) == ["corrupt_jobs", "cut_config", "cut_mid_line", "good", "invalid_config", "no_config"]
 
     assert rows["good"].done and rows["good"].epochs_done == 3 and not rows["good"].note
-    for name in ("cut_config", "cut_mid_line", "invalid_config"):
+    assert rows["no_config"].note.startswith("config.yaml is missing: its variant, epochs, eta and DONE are not shown")
+    for name in ("cut_config", "cut_mid_line", "invalid_config", "no_config"):
         row = rows[name]
         # nothing from defaults: no 800-epoch target, pretrain phase or eta; the checkpoint's facts stay
         assert row.epochs_target is None and row.eta_s is None and row.variant == "?" and not row.done, row
@@ -223,7 +225,7 @@ def test_a_damaged_run_is_one_row_with_its_problem(runs, tmp_path, capsys):
     assert "move the file aside" in rows["corrupt_jobs"].note
     notes = [line for line in lines if line.startswith("note ")]
     assert [n.split(":")[0] for n in notes] == \
-        ["note corrupt_jobs", "note cut_config", "note cut_mid_line", "note invalid_config"]
+        ["note corrupt_jobs", "note cut_config", "note cut_mid_line", "note invalid_config", "note no_config"]
 
     (corrupt / "jobs.json").write_text(json.dumps({"jobs": [{"id": 1}], "events": []}))
     assert run_status.collect([corrupt])[0].note.startswith("jobs.json is corrupt (not the record launch/submit.py")
