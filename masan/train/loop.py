@@ -232,6 +232,8 @@ def _epoch(p: LoopParts, run: _Run, state: TrainState, phase: str) -> tuple[str 
             terms = _log_interval(p, run, state, terms, norm, interval)
             interval = _Interval()
         if p.stop.agreed():
+            if p.info.is_main:  # e.g. a STOP file left from before the start: the log says what stopped it
+                log.warning("stopping at step %d: asked by %s; saving a checkpoint", state.step, p.stop.reason)
             save(p, state, run.last_save)
             return "stopped", math.nan
         if cfg.train.max_steps is not None and state.step >= cfg.train.max_steps:
