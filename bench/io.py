@@ -34,27 +34,34 @@ import argparse
 import dataclasses
 import gc
 import shutil
+import signal
 import statistics
 import tempfile
 import time
+import typing
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import torch
+from numcodecs.blosc import list_compressors
 from torch.utils.data import DataLoader
 
+from masan.argtypes import number
 from masan.config import DataConfig, ModelConfig
-from masan.convert.cohort import ConvertOptions, convert_cohort, discover_bids
+from masan.convert.cohort import ConvertError, ConvertOptions, convert_cohort, discover_bids
 from masan.data.cache import CohortCache
 from masan.data.dataset import CohortDataset
 from masan.host import usable_cores
 from masan.model.inputs import PRECISION_DTYPES
-from masan.store.cohort import SUBJECTS, CohortStore
+from masan.store.cohort import SUBJECTS, CohortStore, StoreError
 from masan.synth.phantom import synthesize_cohort
 from masan.train.loop import to_device
 
 CACHES = ("none", "host", "device")
+CODECS = tuple(sorted(list_compressors()))
+"""``--codec``: the compressors of the Blosc the store is written with."""
+SHUFFLES = typing.get_args(typing.get_type_hints(ConvertOptions)["shuffle"])
 
 
 def _bytes(paths) -> int:
@@ -89,48 +96,50 @@ def _nib_zscored(path: Path, mean: float, std: float) -> np.ndarray:
 def main(argv: list[str] | None = None) -> int:
     model = ModelConfig()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--subjects", type=int, default=4, help="subjects in the cohort")
+    grid = max(ConvertOptions().patch_grid)
+    p.add_argument("--subjects", type=number(int, 1), default=4, help="subjects in the cohort")
     p.add_argument("--full", action="store_true", help="paper sizes (T1 240x256x176, fMRI 60x64x44 x 976)")
-    p.add_argument("--t1-shape", nargs=3, type=int, default=[120, 128, 88])
-    p.add_argument("--fmri-shape", nargs=3, type=int, default=list(model.fmri_shape))
-    p.add_argument("--frames", type=int, default=None, help="fMRI frames (default 200; --full: 976)")
-    p.add_argument("--gzip-level", type=int, default=6, help=".nii.gz compression level (6: gzip/dcm2niix default)")
+    p.add_argument("--t1-shape", nargs=3, type=number(int, grid), default=[120, 128, 88],
+                   help=f"T1 voxels (each axis at least {grid}: a patch is one cell of the patch grid)")
+    p.add_argument("--fmri-shape", nargs=3, type=number(int, 2), default=list(model.fmri_shape),
+                   help="fMRI frame voxels (each axis at least 2: a 3D image)")
+    p.add_argument("--frames", type=number(int, 1), default=None, help="fMRI frames (default 200; --full: 976)")
+    p.add_argument("--gzip-level", type=number(int, 0, 9), default=6,
+                   help=".nii.gz compression level 0-9 (6: gzip/dcm2niix default)")
     d = ConvertOptions()
-    p.add_argument("--codec", default=d.codec)
+    p.add_argument("--codec", default=d.codec, choices=CODECS)
     p.add_argument("--clevel", type=int, default=d.clevel, choices=range(10), metavar="0-9")
-    p.add_argument("--shuffle", default=d.shuffle)
-    p.add_argument("--chunk-frames", type=int, default=d.fmri_chunk_frames)
-    p.add_argument("--shard-frames", type=int, default=d.fmri_shard_frames)
-    p.add_argument("--workers", type=int, default=1, help="conversion worker processes")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--patches", type=int, default=20, help="random patch reads per repeat")
+    p.add_argument("--shuffle", default=d.shuffle, choices=SHUFFLES)
+    p.add_argument("--chunk-frames", type=number(int, 1), default=d.fmri_chunk_frames)
+    p.add_argument("--shard-frames", type=number(int, 1), default=d.fmri_shard_frames,
+                   help="a multiple of --chunk-frames")
+    p.add_argument("--workers", type=number(int, 1), default=1, help="conversion worker processes")
+    p.add_argument("--repeats", type=number(int, 1), default=3)
+    p.add_argument("--patches", type=number(int, 1), default=20, help="random patch reads per repeat")
     p.add_argument("--keep", type=Path, default=None, help="write here and keep the files (default: a temp dir)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=number(int, 0), default=0)
     p.add_argument("--against", type=Path, default=None, metavar="STORE",
                    help="another store of the same cohort (e.g. written by the previous layout, kept with --keep): "
                         "its reads are timed interleaved with this one's, same reader, in a second table")
     data = DataConfig()
     p.add_argument("--loader-only", action="store_true", help="only the loader table (no nibabel comparison)")
-    p.add_argument("--loader-workers", type=int, default=data.num_workers,
+    p.add_argument("--loader-workers", type=number(int, 0), default=data.num_workers,
                    help="DataLoader workers of the 'none' loader (default: data.num_workers)")
-    p.add_argument("--loader-passes", type=int, default=4,
+    p.add_argument("--loader-passes", type=number(int, 1), default=4,
                    help="epochs over the cohort per loader, warm-up included (the median of those after the "
                         "warm-up counts)")
-    p.add_argument("--loader-warmup", type=int, default=1,
+    p.add_argument("--loader-warmup", type=number(int, 0), default=1,
                    help="first epochs per loader not counted: worker start-up, page cache, a cache's first touch "
                         "of its memory (at most --loader-passes - 1)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--precision", choices=sorted(PRECISION_DTYPES), default="fp32", help="dtype the model receives")
     p.add_argument("--cache-dir", default=data.cache_dir, help="shared memory of the host cache")
     args = p.parse_args(argv)
-    if args.loader_passes < 1 or args.loader_warmup < 0:
-        p.error("--loader-passes must be >= 1 and --loader-warmup >= 0")
-    if args.full:
-        args.t1_shape, args.fmri_shape = model.t1_shape, model.fmri_shape
-    args.frames = args.frames or (model.fmri_frames if args.full else 200)
+    check_args(p, args, model)
+    previous = signal.signal(signal.SIGTERM, _terminated)  # a terminated run removes its temp dir too
     work = args.keep or Path(tempfile.mkdtemp(prefix="masan-bench-io-"))
-    work.mkdir(parents=True, exist_ok=True)
     try:
+        work.mkdir(parents=True, exist_ok=True)
         store = prepare(args, work)
         table, against = ([], []) if args.loader_only else run(args, work, store)
         loader = loader_table(store, torch.device(args.device), args.precision, args.frames, args.loader_workers,
@@ -138,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if args.keep is None:
             shutil.rmtree(work, ignore_errors=True)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     print(f"\ncohort: {args.subjects} subjects, T1 {args.t1_shape}, fMRI {args.fmri_shape} x {args.frames}; "
           f"store {args.codec}-{args.clevel} {args.shuffle}, fMRI chunk {args.chunk_frames} frames, "
           f"shard {args.shard_frames}; gzip level {args.gzip_level}; {usable_cores()} usable CPU cores")
@@ -152,6 +163,35 @@ def main(argv: list[str] | None = None) -> int:
           f"loader, {f'the first {warm} warm-up, not counted' if warm else 'no warm-up epoch'}):")
     print_table(["", *CACHES], loader)
     return 0
+
+
+def check_args(p: argparse.ArgumentParser, args: argparse.Namespace, model: ModelConfig) -> None:
+    """What the argument types cannot see alone, checked before any work (``p.error``: exit 2);
+    settles ``--full``'s shapes and the default ``--frames``."""
+    try:  # the layout's own checks (a shard of whole chunks), before the cohort is made
+        convert_options(args)
+    except ConvertError as e:
+        p.error(str(e))
+    if args.keep is not None and args.keep.exists() and not args.keep.is_dir():
+        p.error(f"--keep {args.keep} is not a folder (a file of that name exists)")
+    if args.against is not None and not args.loader_only:
+        try:
+            CohortStore(args.against)
+        except StoreError as e:
+            p.error(f"--against: {e}")
+    try:
+        torch.device(args.device)
+    except RuntimeError as e:
+        p.error(f"--device {args.device}: {e}")
+    if args.full:
+        args.t1_shape, args.fmri_shape = model.t1_shape, model.fmri_shape
+    if args.frames is None:
+        args.frames = model.fmri_frames if args.full else 200
+
+
+def _terminated(signum, frame):  # noqa: ARG001 - signal handler signature
+    """SIGTERM as an exit, so that the ``finally`` clauses (the temp dir, the caches) still run."""
+    raise SystemExit(128 + signum)
 
 
 def print_table(header: list[str], rows: list[tuple]) -> None:
@@ -173,13 +213,18 @@ def prepare(args: argparse.Namespace, work: Path) -> Path:
     if args.loader_only and args.keep is not None and (out / "zarr.json").is_file():
         return out  # the loader table does not time the conversion: reuse the kept store
     shutil.rmtree(out, ignore_errors=True)
-    opts = ConvertOptions(codec=args.codec, clevel=args.clevel, shuffle=args.shuffle,
-                          fmri_chunk_frames=args.chunk_frames, fmri_shard_frames=args.shard_frames)
     t = time.perf_counter()
-    report = convert_cohort(discover_bids(bids), out, opts, classes=("NC",), workers=args.workers)
+    report = convert_cohort(discover_bids(bids), out, convert_options(args), classes=("NC",), workers=args.workers)
     args.convert_s = time.perf_counter() - t
-    assert not report.failed, report.failed
+    if report.failed:
+        raise SystemExit("the conversion failed: " + "; ".join(f.error for f in report.failed))
     return out
+
+
+def convert_options(args: argparse.Namespace) -> ConvertOptions:
+    """The store layout of the command line (raises ConvertError)."""
+    return ConvertOptions(codec=args.codec, clevel=args.clevel, shuffle=args.shuffle,
+                          fmri_chunk_frames=args.chunk_frames, fmri_shard_frames=args.shard_frames)
 
 
 def counted_warmup(passes: int, warmup: int) -> int:

@@ -31,8 +31,9 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from bench.harness import synthetic_batch, time_training_step
-from masan.config import RunConfig, add_config_arguments, config_from_args
+from bench.harness import bench_config, synthetic_batch, time_training_step
+from masan.argtypes import number
+from masan.config import RunConfig, add_config_arguments
 from masan.model import build_model
 
 CPU_SHAPES = [
@@ -86,9 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     add_config_arguments(parser)
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--full", action="store_true", help="on CPU too, use the configured (full) resolution")
-    parser.add_argument("--batch", type=int, default=1, help="samples per step (default 1)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps (default: 10 on GPU, 3 on CPU)")
+    parser.add_argument("--batch", type=number(int, 1), default=1, help="samples per step (default 1)")
+    parser.add_argument("--warmup", type=number(int, 0), default=2, help="untimed steps first (default 2)")
+    parser.add_argument("--steps", type=number(int, 1), default=None, help="timed steps (default: 10 on GPU, 3 on CPU)")
     parser.add_argument("--precisions", nargs="+", choices=sorted(PRECISIONS), default=["fp32", "bf16"])
     parser.add_argument("--checkpointing", nargs="+", choices=["off", "on"], default=["off", "on"])
     args = parser.parse_args(argv)
@@ -99,8 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     if device == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but no CUDA GPU is visible", file=sys.stderr)
         return 2
-    cfg = config_from_args(args, defaults=() if device == "cuda" or args.full else CPU_SHAPES)
-    steps = args.steps or (10 if device == "cuda" else 3)
+    cfg = bench_config(args.config, args.overrides, () if device == "cuda" or args.full else CPU_SHAPES,
+                       "the bench's CPU-sized model (--full: the configured resolution)")
+    steps = args.steps if args.steps is not None else (10 if device == "cuda" else 3)
     m = cfg.model
     if device == "cuda":
         name = torch.cuda.get_device_name()

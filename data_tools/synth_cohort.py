@@ -35,12 +35,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import shutil
 import sys
 from pathlib import Path
 
 import numpy as np
 
+from masan.argtypes import number
 from masan.config import ModelConfig
+from masan.convert.sources import PLANTED_EFFECT_FILE
 from masan.synth import anatomy, presets, structures
 from masan.synth.options import add_effect_arguments, add_shape_arguments
 from masan.synth.phantom import DEFAULT_CLASSES, DEFAULT_SEVERITY, PlantedEffect, synthesize_cohort
@@ -54,6 +57,10 @@ ANATOMY_ONLY = {"center": "phantom", "radius": "phantom", "structures": "mni152"
                 "severity_sd": "mni152", "partner": "mni152", "orientation": "mni152",
                 "stages": "mni152", "preset": "mni152", "subjects": "mni152", "warp_rms": "mni152",
                 "motion": "mni152"}
+STAGING = ".synth-partial"
+"""The folder inside --out the cohort is written to before it moves in (a failure leaves --out as it was)."""
+WRITTEN = ("participants.tsv", "dataset_description.json", PLANTED_EFFECT_FILE)
+"""The tables this tool writes beside the sub-* folders (the truth record marks a cohort it wrote)."""
 
 
 def _generator_arguments(p: argparse.ArgumentParser, args: argparse.Namespace, preset: presets.Preset) -> dict:
@@ -81,13 +88,19 @@ def _generator_arguments(p: argparse.ArgumentParser, args: argparse.Namespace, p
 def build_parser() -> argparse.ArgumentParser:
     """The tool's options: the shared ones, the phantom's, then the MNI152 cohort's."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, required=True, help="BIDS folder to write")
+    p.add_argument("--out", type=Path, required=True,
+                   help=f"BIDS folder to write: new, empty, or a cohort this tool wrote earlier (it has "
+                        f"{PLANTED_EFFECT_FILE}), which is replaced whole (its sub-* folders and tables: rerunning "
+                        "with other options is how a cohort is remade), so no subject of the old cohort stays "
+                        "beside the new ones; any other folder is refused (it may hold data this tool did not "
+                        f"write). The new cohort is written in OUT/{STAGING} first: a failure leaves OUT as it was")
     p.add_argument("--anatomy", choices=["phantom", "mni152"], default="phantom",
                    help="phantom heads (default) or the MNI152 validation cohort")
-    p.add_argument("--per-class", type=int, default=None,
+    p.add_argument("--per-class", type=number(int, 1), default=None,
                    help="subjects per class (default: phantom 12, mni152 --preset easy 16)")
-    p.add_argument("--classes", nargs="+", default=list(DEFAULT_CLASSES))
-    p.add_argument("--severity", nargs="+", type=float, default=None, metavar="S",
+    p.add_argument("--classes", nargs="+", default=list(DEFAULT_CLASSES),
+                   help=f"class names, each once (default {' '.join(DEFAULT_CLASSES)})")
+    p.add_argument("--severity", nargs="+", type=number(float, 0, 1), default=None, metavar="S",
                    help="one severity in [0, 1] per class (default: NC 0, EMCI 1/3, LMCI 2/3, AD 1)")
     add_shape_arguments(p, {"t1-shape": "phantom 32 32 32, mni152 48 56 48",
                             "fmri-shape": "phantom 16 16 16, mni152 12 14 12 (adni-like 24 28 24)",
@@ -95,13 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--full", action="store_true",
                    help=f"the paper's sizes: T1 {ModelConfig().t1_shape}, "
                    f"fMRI {ModelConfig().fmri_shape} x {FULL_FRAMES}")
-    p.add_argument("--tr", type=float, default=2.0, help="repetition time in seconds (header)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tr", type=number(float, above=0), default=2.0, help="repetition time in seconds (header)")
+    p.add_argument("--seed", type=number(int, 0), default=0)
     ph = p.add_argument_group("phantom")
-    ph.add_argument("--center", nargs=3, type=float, default=None,
+    ph.add_argument("--center", nargs=3, type=number(float, 0, 1), default=None,
                     help=f"planted ball centre, fractions of X Y Z (default {list(PlantedEffect.center)}: "
                          "cell 1,1,1 of 4x4x4)")
-    ph.add_argument("--radius", type=float, default=None,
+    ph.add_argument("--radius", type=number(float, above=0), default=None,
                     help=f"ball radius, fraction of each axis (default {PlantedEffect.radius})")
     _add_mni152_arguments(p)
     return p
@@ -115,7 +128,7 @@ def _add_mni152_arguments(p: argparse.ArgumentParser) -> None:
                          f"adni-like sets --strength {adni.strength[0]} {adni.strength[1]}, --fmri-effect "
                          f"{' '.join(adni.fmri_effect)}, --frames {adni.frames}, --severity-sd {adni.severity_sd[0]} "
                          f"{adni.severity_sd[1]}; the options below override the preset's values")
-    mn.add_argument("--subjects", type=int, default=None, metavar="N",
+    mn.add_argument("--subjects", type=number(int, 1), default=None, metavar="N",
                     help="adni-like: subjects in all, split over the classes in the paper's proportions "
                          f"{'/'.join(map(str, presets.PAPER_CLASS_COUNTS.values()))} "
                          f"(default {adni.subjects})")
@@ -153,6 +166,9 @@ def _check(p: argparse.ArgumentParser, args: argparse.Namespace, preset: presets
         if getattr(args, name) is not None and args.anatomy != owner:
             p.error(f"--{name.replace('_', '-')} applies to --anatomy {owner} only")
     name = args.preset or presets.DEFAULT_PRESET
+    twice = sorted({c for c in args.classes if args.classes.count(c) > 1})
+    if twice:
+        p.error(f"--classes names {', '.join(twice)} more than once; give each class once")
     if args.anatomy == "mni152":
         if args.per_class is not None and preset.proportions is not None:
             p.error(f"--per-class does not apply to --preset {name}, whose classes follow the paper's "
@@ -190,11 +206,68 @@ def _severity(p: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str,
     return severity
 
 
+def _check_out(p: argparse.ArgumentParser, out: Path) -> None:
+    """Exit 2 unless ``out`` may take the cohort: a new or empty folder, or a cohort this tool wrote
+    (with :data:`PLANTED_EFFECT_FILE`, or only the :data:`STAGING` folder a failed first run left)."""
+    if out.exists() and not out.is_dir():
+        p.error(f"--out {out} is a file, not a folder; give a folder for the BIDS cohort")
+    above = next((a for a in out.parents if a.exists()), None)
+    if above is not None and not above.is_dir():
+        p.error(f"--out {out} lies below {above}, which is a file, not a folder; give another --out")
+    if not out.is_dir() or (out / PLANTED_EFFECT_FILE).is_file():
+        return
+    try:
+        others = [e.name for e in out.iterdir() if e.name != STAGING]
+    except OSError as e:
+        p.error(f"--out {out} cannot be read ({e.strerror}); give another folder")
+    if others:
+        p.error(f"--out {out} is a folder that is not empty and holds no {PLANTED_EFFECT_FILE}, so it is no cohort "
+                "this tool wrote and would be overwritten; give a new or empty folder, or delete it first")
+
+
+def _move_in(staging: Path, out: Path) -> None:
+    """Replace the cohort in ``out`` by the one written in ``staging``: the old participants.tsv goes
+    first and the new one comes last, so a cohort half moved in has none and reads as incomplete;
+    the truth record is replaced in one step, so ``out`` never loses the mark of a cohort this tool wrote."""
+    (out / "participants.tsv").unlink(missing_ok=True)
+    for old in out.glob("sub-*"):
+        shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
+    (out / "dataset_description.json").unlink(missing_ok=True)
+    for new in sorted(staging.glob("sub-*")):
+        new.replace(out / new.name)
+    for name in WRITTEN[::-1]:  # planted_effect.json, dataset_description.json, then participants.tsv
+        (staging / name).replace(out / name)
+    staging.rmdir()
+
+
+def _write(p: argparse.ArgumentParser, out: Path, synthesize, usage_errors: tuple = ()) -> None:
+    """Run ``synthesize(folder)`` into ``out``'s staging folder, then move the cohort into ``out``;
+    on any failure remove what it wrote, leaving ``out`` as it was (exit 2 for ``usage_errors``)."""
+    made = not out.exists()
+    staging = out / STAGING
+    try:
+        shutil.rmtree(staging, ignore_errors=True)  # what a failed run left
+        staging.mkdir(parents=True)
+    except OSError as e:
+        p.error(f"--out {out}: cannot write there ({e.strerror or e}); give another folder")
+    try:
+        synthesize(staging)
+    except BaseException as e:
+        shutil.rmtree(staging, ignore_errors=True)
+        if made:
+            shutil.rmtree(out, ignore_errors=True)
+        if isinstance(e, usage_errors):
+            p.error(str(e))
+        raise
+    _move_in(staging, out)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = build_parser()
     args = p.parse_args(argv)
     preset = presets.PRESETS[args.preset or presets.DEFAULT_PRESET]
     _check(p, args, preset)
+    _check_out(p, args.out)
     per_class, t1_shape, fmri_shape, frames = _sizes(args, preset)
     severity = _severity(p, args)
     if args.strength is not None and len(args.strength) > (1 if args.anatomy == "phantom" else 2):
@@ -203,25 +276,26 @@ def main(argv: list[str] | None = None) -> int:
         center = tuple(args.center) if args.center is not None else PlantedEffect.center
         radius = args.radius if args.radius is not None else PlantedEffect.radius
         strength = args.strength[0] if args.strength else PlantedEffect.strength
-        out = synthesize_cohort(args.out, per_class, t1_shape, fmri_shape, frames,
-                                (center, radius), strength, tuple(args.classes), args.seed, severity, args.tr,
-                                progress=True)
+        _write(p, args.out, lambda folder: synthesize_cohort(
+            folder, per_class, t1_shape, fmri_shape, frames, (center, radius), strength, tuple(args.classes),
+            args.seed, severity, args.tr, progress=True))
         n_subjects = per_class * len(args.classes)
     else:
         try:
             kw = _generator_arguments(p, args, preset)
             counts = preset.counts(args.classes, per_class=args.per_class, subjects=args.subjects)
-            out = anatomy.synthesize_anatomy_cohort(
-                args.out, counts, t1_shape, fmri_shape, frames=frames,
-                structures=tuple(args.structures or ("hippocampus", "amygdala")),
-                seed=args.seed, progress=True, classes=tuple(args.classes), severity=severity,
-                partner=args.partner, tr=args.tr, orientation=args.orientation or "RAS",
-                stages=None if args.stages is None else {"t1": args.stages[:2], "fmri": args.stages[2:]}, **kw)
         except (ValueError, RuntimeError) as e:
             p.error(str(e))
+        _write(p, args.out, lambda folder: anatomy.synthesize_anatomy_cohort(
+            folder, counts, t1_shape, fmri_shape, frames=frames,
+            structures=tuple(args.structures or ("hippocampus", "amygdala")),
+            seed=args.seed, progress=True, classes=tuple(args.classes), severity=severity,
+            partner=args.partner, tr=args.tr, orientation=args.orientation or "RAS",
+            stages=None if args.stages is None else {"t1": args.stages[:2], "fmri": args.stages[2:]}, **kw),
+            (ValueError, RuntimeError))
         n_subjects = sum(counts.values())
-    print(f"wrote {n_subjects} subjects to {out}; convert with: "
-          f"python data_tools/to_zarr.py --bids {out} --out STORE")
+    print(f"wrote {n_subjects} subjects to {args.out}; convert with: "
+          f"python data_tools/to_zarr.py --bids {args.out} --out STORE")
     return 0
 
 

@@ -77,12 +77,13 @@ from experiments.training import (
     train,
     train_command,
 )
+from masan.argtypes import number
 from masan.config import ConfigError, RunConfig, config_hash, load_config
 from masan.host import usable_cores
 from masan.predictions import DECISIONS
 from masan.rundir import RunDir
 from masan.synth.options import add_effect_arguments, add_shape_arguments
-from masan.synth.presets import PRESETS
+from masan.synth.presets import PAPER_CLASS_COUNTS, PRESETS
 
 CONFIG = REPO / "hpc/configs/science.yaml"
 LINEAR = {"linear": {"fmri": False}, "linear_both": {"fmri": True}, "linear_ordinal": {"fmri": False, "ordinal": True}}
@@ -113,10 +114,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                         "(e.g. train.joint_epochs=40 optim.lr=3e-4).")
     ap.add_argument("--work", type=Path, default=None,
                     help="work dir (default runs/science; runs/science-adni-like for --preset adni-like)")
-    ap.add_argument("--out", type=Path, default=None, help="markdown table (default WORK/science.md)")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="the markdown table's file (default WORK/science.md; checked before any work starts)")
     ap.add_argument("--config", type=Path, default=CONFIG, help="run config (default hpc/configs/science.yaml)")
-    ap.add_argument("--repeats", type=int, default=3, help="splits (split.repeat = seed = 0..N-1)")
-    ap.add_argument("--ablation-repeats", type=int, default=ABLATION_REPEATS, metavar="K",
+    ap.add_argument("--repeats", type=number(int, 1), default=3, help="splits (split.repeat = seed = 0..N-1)")
+    ap.add_argument("--ablation-repeats", type=number(int, 1), default=ABLATION_REPEATS, metavar="K",
                     help=f"train the variants other than {MAIN} on the first K repeats only (default "
                          f"{ABLATION_REPEATS}, so the default command stays within its time budget on 2 CPU cores; "
                          "--ablation-repeats N with N = --repeats trains every variant on every split)")
@@ -130,13 +132,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--register", choices=REGISTRATIONS, default=None,
                     help=f"to_zarr.py --register, to the {TEMPLATE} template (default: "
                          + ", ".join(f"{r} for {p}" for p, r in DEFAULT_REGISTER.items()) + ")")
-    ap.add_argument("--per-class", type=int, default=None,
+    ap.add_argument("--per-class", type=number(int, 1), default=None,
                     help=f"--preset easy: subjects per class (default {PRESETS['easy'].per_class}; "
                          f"--full {FULL['per_class']})")
-    ap.add_argument("--subjects", type=int, default=None,
-                    help=f"--preset adni-like: subjects in all (default {PRESETS['adni-like'].subjects})")
+    ap.add_argument("--subjects", type=number(int, len(PAPER_CLASS_COUNTS)), default=None,
+                    help=f"--preset adni-like: subjects in all, at least one per class ({len(PAPER_CLASS_COUNTS)}; "
+                         f"default {PRESETS['adni-like'].subjects})")
     add_effect_arguments(ap)  # the cohort's planted effect, as data_tools/synth_cohort.py takes it
-    ap.add_argument("--seed", type=int, default=0, help="cohort seed")
+    ap.add_argument("--seed", type=number(int, 0), default=0, help="cohort seed")
     add_shape_arguments(ap, {**{k: f"the config's model.{v}, for the cohort and the model" for k, v in
                                 (("t1-shape", "t1_shape"), ("fmri-shape", "fmri_shape"))},
                              "frames": "the preset's (easy 16, adni-like 48), for the cohort and the model"})
@@ -147,7 +150,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="how the rows fitted without training (oracle, " + ", ".join(LINEAR) + ") call a "
                          "class: nested (default) takes the rule that is more accurate in cross-validation inside "
                          "each training part; argmax or expected_stage calls every split by that rule")
-    ap.add_argument("--jobs", type=int, default=2,
+    ap.add_argument("--jobs", type=number(int, 1), default=2,
                     help="runs trained in parallel, each on usable cores / jobs threads (default 2: on 2 CPU cores two "
                          "one-thread runs finish sooner than one run on both; 1 for one GPU); also the processes that "
                          "fit the linear rows' cross-validation grids")
@@ -157,17 +160,32 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     overrides = [a for a in argv if "=" in a and not a.startswith("-")]
     args = ap.parse_args([a for a in argv if a not in overrides])
     args.overrides = overrides
-    if min(args.repeats, args.jobs, args.ablation_repeats) < 1:
-        ap.error("--repeats, --ablation-repeats and --jobs must be at least 1")
     args.ablation_repeats = min(args.ablation_repeats, args.repeats)
     size, other = ("--per-class", "--subjects") if balanced(args.preset) else ("--subjects", "--per-class")
     if getattr(args, other[2:].replace("-", "_")) is not None:
         ap.error(f"{other} does not apply to --preset {args.preset}: {size} sizes that cohort")
     args.register = args.register or DEFAULT_REGISTER[args.preset]
-    args.subjects = args.subjects or PRESETS[args.preset].subjects
-    args.work = args.work or REPO / ("runs/science" if args.preset == "easy" else f"runs/science-{args.preset}")
+    if args.subjects is None:
+        args.subjects = PRESETS[args.preset].subjects
+    if args.work is None:
+        args.work = REPO / ("runs/science" if args.preset == "easy" else f"runs/science-{args.preset}")
+    check_paths(ap, args)
     args.variants = list(dict.fromkeys(args.variants))
     return args
+
+
+def check_paths(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Exit 2 (``ap.error``) now, not after the experiment, for a --work that cannot be a folder or
+    an --out (default WORK/science.md) that cannot be a file."""
+    if args.work.exists() and not args.work.is_dir():
+        ap.error(f"--work {args.work} is a file, not a folder; give a folder for the cohort and the runs")
+    out = args.out or args.work / "science.md"
+    for flag, path in (("--work", args.work), ("--out", out)):
+        above = next((a for a in path.parents if a.exists()), None)
+        if above is not None and not above.is_dir():
+            ap.error(f"{flag} {path} lies below {above}, which is a file, not a folder; give another {flag}")
+    if out.is_dir():
+        ap.error(f"--out {out} is a folder; --out is the markdown table's file, e.g. --out {out / 'science.md'}")
 
 
 def lock_work(work: Path):
@@ -269,11 +287,14 @@ def cohort_sizes(args: argparse.Namespace, base: RunConfig) -> list[str]:
     and the config's); return the overrides that give the model those shapes (and
     train.device=auto for --full), each ``KEY=VALUE`` one shell word."""
     full = FULL if args.full else {}
-    args.per_class = args.per_class or full.get("per_class", PRESETS[args.preset].per_class)
-    args.t1_shape = args.t1_shape or full.get("t1_shape", base.model.t1_shape)
+    def given(value, default):
+        return default if value is None else value
+
+    args.per_class = given(args.per_class, full.get("per_class", PRESETS[args.preset].per_class))
+    args.t1_shape = given(args.t1_shape, full.get("t1_shape", base.model.t1_shape))
     preset_fmri = PRESETS[args.preset].fmri_shape or base.model.fmri_shape
-    args.fmri_shape = list(args.fmri_shape or full.get("fmri_shape", preset_fmri))  # the stamp compares as JSON
-    args.frames = args.frames or full.get("frames", PRESETS[args.preset].frames)
+    args.fmri_shape = list(given(args.fmri_shape, full.get("fmri_shape", preset_fmri)))  # the stamp compares as JSON
+    args.frames = given(args.frames, full.get("frames", PRESETS[args.preset].frames))
     shape_overrides = [f"{k}={v}" for k, v, now in (
         ("model.t1_shape", list(args.t1_shape), base.model.t1_shape),
         ("model.fmri_shape", list(args.fmri_shape), base.model.fmri_shape),

@@ -93,12 +93,92 @@ def test_effect_is_graded_located_and_learnable(demo):
     assert acc > 0.6, f"4-class accuracy {acc:.2f} should be well above chance (0.25)"
 
 
-def test_cli_writes_a_cohort(tmp_path):
+def _cli():
     spec = importlib.util.spec_from_file_location("synth_cohort", ROOT / "data_tools" / "synth_cohort.py")
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)
-    assert cli.main(["--out", str(tmp_path / "b"), "--per-class", "1", "--classes", "NC", "AD",
-                     "--t1-shape", "8", "8", "8", "--fmri-shape", "4", "4", "4", "--frames", "3"]) == 0
+    return cli
+
+
+TINY = ["--classes", "NC", "AD", "--t1-shape", "8", "8", "8", "--fmri-shape", "4", "4", "4", "--frames", "3"]
+
+
+def test_cli_writes_a_cohort(tmp_path):
+    cli = _cli()
+    assert cli.main(["--out", str(tmp_path / "b"), "--per-class", "1", *TINY]) == 0
     effect = json.loads((tmp_path / "b" / "planted_effect.json").read_text())
     assert effect["severity"] == {"NC": 0.0, "AD": 1.0}
     assert sorted(p.name for p in (tmp_path / "b").glob("sub-*")) == ["sub-001", "sub-002"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--per-class", "0"], "argument --per-class: must be at least 1, got 0"),
+    (["--per-class", "-2"], "argument --per-class: must be at least 1, got -2"),
+    (["--frames", "0"], "argument --frames: must be at least 1, got 0"),
+    (["--frames", "-3"], "argument --frames: must be at least 1, got -3"),
+    (["--t1-shape", "0", "16", "16"], "argument --t1-shape: must be at least 1, got 0"),
+    (["--t1-shape", "-16", "16", "16"], "argument --t1-shape: must be at least 1, got -16"),
+    (["--tr", "0"], "argument --tr: must be a finite number above 0, got 0"),
+    (["--tr", "-2"], "argument --tr: must be a finite number above 0, got -2"),
+    (["--radius", "-1"], "argument --radius: must be a finite number above 0, got -1"),
+    (["--center", "5", "5", "5"], "argument --center: must be between 0 and 1, got 5"),
+    (["--seed", "-1"], "argument --seed: must be at least 0, got -1"),
+    (["--strength", "3"], "argument --strength: must be between 0 and 1, got 3"),
+    (["--classes", "NC", "NC"], "--classes names NC more than once"),
+    (["--anatomy", "mni152", "--per-class", "0"], "argument --per-class: must be at least 1, got 0"),
+])
+def test_cli_refuses_bad_numbers_before_writing(tmp_path, capsys, argv, message):
+    cli = _cli()
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--out", str(tmp_path / "b"), *TINY, "--per-class", "2", *argv])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
+
+
+def test_cli_refuses_an_out_that_is_a_file_or_someone_elses_folder(tmp_path, capsys):
+    cli = _cli()
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    for out, message in ((tmp_path / "file", "is a file, not a folder"),
+                         (tmp_path / "file" / "b", f"lies below {tmp_path / 'file'}, which is a file"),
+                         (tmp_path / "mine", "holds no planted_effect.json")):
+        with pytest.raises(SystemExit) as e:
+            cli.main(["--out", str(out), "--per-class", "1", *TINY])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and f"--out {out}" in err and message in err
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
+    assert (tmp_path / "file").read_text() == "x"
+
+
+def test_cli_replaces_its_earlier_cohort_whole_and_a_failure_leaves_it_as_it_was(tmp_path, monkeypatch):
+    cli, out = _cli(), tmp_path / "b"
+    subjects = lambda: sorted(p.name for p in out.glob("sub-*"))  # noqa: E731
+    assert cli.main(["--out", str(out), "--per-class", "3", *TINY]) == 0 and len(subjects()) == 6
+    assert cli.main(["--out", str(out), "--per-class", "1", *TINY]) == 0
+    assert subjects() == ["sub-001", "sub-002"]  # no subject of the 3-per-class cohort left
+    rows = list(csv.DictReader(open(out / "participants.tsv"), delimiter="\t"))
+    assert [r["participant_id"] for r in rows] == subjects() and not (out / cli.STAGING).exists()
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+    real = cli.synthesize_cohort
+
+    def interrupted(folder, *a, **kw):
+        real(folder, 1, (8, 8, 8), (4, 4, 4), 3, classes=("NC",))  # half a cohort written, then stopped
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "synthesize_cohort", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(["--out", str(out), "--per-class", "2", *TINY])
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(["--out", str(tmp_path / "new"), "--per-class", "2", *TINY])
+    assert not (tmp_path / "new").exists()  # nothing that looks like a cohort
+
+
+def test_cli_takes_the_folder_a_killed_first_run_left(tmp_path):
+    cli, out = _cli(), tmp_path / "b"
+    (out / cli.STAGING / "sub-001" / "anat").mkdir(parents=True)
+    assert cli.main(["--out", str(out), "--per-class", "1", *TINY]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["dataset_description.json", "participants.tsv",
+                                                      "planted_effect.json", "sub-001", "sub-002"]

@@ -104,6 +104,38 @@ def test_cohort_flags_reach_the_cohort_commands():
             science.parse_args(argv)
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--per-class", "0"], "argument --per-class: must be at least 1, got 0"),
+    (["--frames", "0"], "argument --frames: must be at least 1, got 0"),
+    (["--t1-shape", "0", "8", "8"], "argument --t1-shape: must be at least 1, got 0"),
+    (["--preset", "adni-like", "--subjects", "3"], "argument --subjects: must be at least 4, got 3"),
+    (["--jobs", "0"], "argument --jobs: must be at least 1, got 0"),
+])
+def test_bad_cohort_numbers_are_usage_errors(capsys, argv, message):
+    with pytest.raises(SystemExit) as e:
+        science.parse_args(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_work_and_out_are_checked_before_any_work(tmp_path, capsys):
+    """A --work or --out that cannot be written is refused up front, not after the whole experiment."""
+    afile, folder = tmp_path / "file", tmp_path / "folder"
+    afile.write_text("x")
+    folder.mkdir()
+    for argv, message in ((["--work", str(afile)], f"--work {afile} is a file, not a folder"),
+                          (["--work", str(afile / "w")], f"--work {afile / 'w'} lies below {afile}"),
+                          (["--work", str(folder), "--out", str(afile / "t.md")], f"--out {afile / 't.md'} lies below"),
+                          (["--work", str(folder), "--out", str(folder)], f"--out {folder} is a folder")):
+        with pytest.raises(SystemExit) as e:
+            science.parse_args(argv)
+        assert e.value.code == 2 and message in capsys.readouterr().err
+    assert afile.read_text() == "x" and list(folder.iterdir()) == []
+    args = science.parse_args(["--work", str(folder), "--out", str(folder / "t.md"), "--per-class", "3",
+                               "--frames", "5"])
+    science.cohort_sizes(args, load_config(science.CONFIG))
+    assert (args.per_class, args.frames) == (3, 5)  # as given, never a default in their place
+
+
 def test_a_changed_cohort_is_remade(tmp_path, monkeypatch):
     made = []
 

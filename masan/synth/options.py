@@ -5,6 +5,7 @@ other for its options."""
 
 from __future__ import annotations
 
+from masan.argtypes import number
 from masan.synth import anatomy, structures
 from masan.synth.phantom import PlantedEffect
 
@@ -12,11 +13,12 @@ from masan.synth.phantom import PlantedEffect
 def add_shape_arguments(parser, defaults: dict[str, str]) -> None:
     """The ``--t1-shape X Y Z``, ``--fmri-shape X Y Z`` and ``--frames T`` options of the cohort
     tools (None when not given); ``defaults`` says, per option name, what is taken instead."""
-    parser.add_argument("--t1-shape", nargs=3, type=int, default=None, metavar=("X", "Y", "Z"),
+    parser.add_argument("--t1-shape", nargs=3, type=number(int, 1), default=None, metavar=("X", "Y", "Z"),
                         help=f"T1 voxels (default: {defaults['t1-shape']})")
-    parser.add_argument("--fmri-shape", nargs=3, type=int, default=None, metavar=("X", "Y", "Z"),
+    parser.add_argument("--fmri-shape", nargs=3, type=number(int, 1), default=None, metavar=("X", "Y", "Z"),
                         help=f"fMRI frame voxels (default: {defaults['fmri-shape']})")
-    parser.add_argument("--frames", type=int, default=None, help=f"fMRI frames per run (default: {defaults['frames']})")
+    parser.add_argument("--frames", type=number(int, 1), default=None,
+                        help=f"fMRI frames per run (default: {defaults['frames']})")
 
 
 def add_effect_arguments(parser, anatomy_group=None) -> None:
@@ -24,14 +26,14 @@ def add_effect_arguments(parser, anatomy_group=None) -> None:
     tools (None when not given: the generators' defaults); the two MNI152-only ones go into
     ``anatomy_group`` (default ``parser``)."""
     group = anatomy_group or parser
-    parser.add_argument("--strength", nargs="+", type=float, default=None, metavar="K",
-                        help="effect at severity 1 (phantom: one value, default %s; mni152: one value for both "
-                             "modalities or T1 and fMRI, default %s %s)" % ((PlantedEffect.strength,)
+    parser.add_argument("--strength", nargs="+", type=number(float, 0, 1), default=None, metavar="K",
+                        help="effect at severity 1, in [0, 1] (phantom: one value, default %s; mni152: one "
+                             "value for both modalities or T1 and fMRI, default %s %s)" % ((PlantedEffect.strength,)
                                                                             + anatomy.DEFAULT_STRENGTH))
     group.add_argument("--structures", nargs="+", default=None, choices=sorted(structures.STRUCTURES), metavar="NAME",
                        help="structures carrying the effect (default: hippocampus amygdala); one of "
                             + ", ".join(sorted(structures.STRUCTURES)))
-    group.add_argument("--stages", nargs=4, type=float, default=None,
+    group.add_argument("--stages", nargs=4, type=number(float, 0, 1), default=None,
                        metavar=("T1_START", "T1_END", "FMRI_START", "FMRI_END"),
                        help="severity window over which each modality's effect rises from 0 to full (default "
                             "0 1 0 1: both alike); e.g. 0.33 1 0 0.67: fMRI changes before atrophy, as in the "
