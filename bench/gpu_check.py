@@ -56,6 +56,7 @@ from bench.harness import (
     TINY,
     Budget,
     Row,
+    bench_config,
     device_name,
     device_parser,
     emit,
@@ -65,7 +66,8 @@ from bench.harness import (
     note,
     resolve_device,
 )
-from masan.config import RunConfig, config_to_dict, load_config
+from masan.argtypes import number
+from masan.config import RunConfig, config_to_dict
 from masan.host import usable_cores
 from masan.model.inputs import PRECISION_DTYPES
 from masan.rundir import RunDir
@@ -233,12 +235,12 @@ def _report_ds(run_dir: Path, variant: str) -> None:
 
 def parse_args(argv: list[str] | None):
     ap = device_parser(__doc__, 420.0)
-    ap.add_argument("--subjects", type=int, default=8,
+    ap.add_argument("--subjects", type=number(int, 1), default=8,
                     help="subjects of the synthetic cohort (half NC, half AD; a quarter of each class is the "
                          "test part)")
-    ap.add_argument("--loader-passes", type=int, default=2,
+    ap.add_argument("--loader-passes", type=number(int, 1), default=2,
                     help="epochs per loader: the first is warm-up, the median of the rest counts (bench/io.py)")
-    ap.add_argument("--ds-steps", type=int, default=30)
+    ap.add_argument("--ds-steps", type=number(int, 1), default=30)
     ap.add_argument("--sections", default="masan,hfcn,loader,deepspeed,compile",
                     help="comma-separated sections to run")
     ap.add_argument("--work", type=Path, default=None, help="scratch directory (default: a temp dir, removed)")
@@ -255,7 +257,7 @@ def parse_args(argv: list[str] | None):
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     budget = Budget(args.budget_s)
-    cfg = load_config(args.config, (TINY if args.tiny else []) + args.set)
+    cfg = bench_config(args.config, args.set, TINY if args.tiny else (), "the --tiny settings")
     sections = set(args.sections.split(","))
     work = args.work or Path(tempfile.mkdtemp(prefix="masan-gpu-check-"))
     work.mkdir(parents=True, exist_ok=True)

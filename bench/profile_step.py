@@ -40,7 +40,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from bench import harness
-from masan.config import load_config
+from masan.argtypes import number
 from masan.model import FastPaths, blocks, build_model, compile_modality_modules, masan_loss
 from masan.model.inputs import PRECISION_DTYPES
 
@@ -313,7 +313,7 @@ def _engine_rows(cfg, args, name: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = harness.device_parser(__doc__, 300.0)
-    ap.add_argument("--top", type=int, default=25, help="operators listed by the profile")
+    ap.add_argument("--top", type=number(int, 1), default=25, help="operators listed by the profile")
     ap.add_argument("--trace", type=Path, default=None, help="also write the profile as a Chrome trace here")
     ap.add_argument("--sections", default="split,variant,profile,layout,engine",
                     help="comma-separated sections to run")
@@ -330,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         args.warmup, args.steps, args.top = 1, 1, min(args.top, 8)
     args.min_left = 5 if args.tiny else 20
     budget = harness.Budget(args.budget_s)
-    cfg = load_config(args.config, (harness.TINY if args.tiny else []) + args.set)
+    cfg = harness.bench_config(args.config, args.set, harness.TINY if args.tiny else (), "the --tiny settings")
     print(f"profile_step: {harness.device_name(args.device)}, torch {torch.__version__}, {args.dtype}, "
           f"budget {args.budget_s:.0f} s", flush=True)
     harness.emit("section", "variant", "ms/sample", "peak GiB", "GiB/sample", "note")

@@ -152,3 +152,20 @@ def test_train_logs_two_intervals_for_any_steps():
 def test_device_parser_bad_arguments(argv, message, capsys):
     ap = harness.device_parser("doc", 60.0)
     assert message in usage_error(ap.parse_args, argv, capsys)
+
+
+@pytest.mark.parametrize(("module", "argv", "message"), [
+    ("gpu_check", ["--ds-steps", "0"], "argument --ds-steps: must be at least 1, got 0"),
+    ("gpu_check", ["--subjects", "-2"], "argument --subjects: must be at least 1, got -2"),
+    ("gpu_check", ["--set", "nosuch.x=1"], "unknown config key(s) nosuch"),
+    ("profile_step", ["--top", "0"], "argument --top: must be at least 1, got 0"),
+    ("profile_step", ["--set", "model.fusion=bogus"], "'bogus' is not one of"),
+])
+def test_the_gpu_slot_scripts_refuse_bad_arguments_before_any_work(module, argv, message, capsys):
+    """The GPU slot's scripts: a slip costs a usage error, not minutes of device time."""
+    import importlib
+
+    main = importlib.import_module(f"bench.{module}").main
+    err = usage_error(main, ["--tiny", *argv], capsys)
+    assert message in err and "Traceback" not in err, err
+    assert "model.t1_shape" not in err  # the --tiny settings are not shown as if the user had typed them
