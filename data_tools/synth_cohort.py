@@ -41,6 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
+from masan.access import not_a_folder
 from masan.argtypes import number
 from masan.config import ModelConfig
 from masan.convert.sources import PLANTED_EFFECT_FILE
@@ -209,11 +210,9 @@ def _severity(p: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str,
 def _check_out(p: argparse.ArgumentParser, out: Path) -> None:
     """Exit 2 unless ``out`` may take the cohort: a new or empty folder, or a cohort this tool wrote
     (with :data:`PLANTED_EFFECT_FILE`, or only the :data:`STAGING` folder a failed first run left)."""
-    if out.exists() and not out.is_dir():
-        p.error(f"--out {out} is a file, not a folder; give a folder for the BIDS cohort")
-    above = next((a for a in out.parents if a.exists()), None)
-    if above is not None and not above.is_dir():
-        p.error(f"--out {out} lies below {above}, which is a file, not a folder; give another --out")
+    why = not_a_folder(out)
+    if why:
+        p.error(f"--out {out} {why}; give a folder for the BIDS cohort")
     if not out.is_dir() or (out / PLANTED_EFFECT_FILE).is_file():
         return
     try:

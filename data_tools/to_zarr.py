@@ -106,10 +106,7 @@ def contract_warnings(out: Path) -> list[str]:
         try:
             store_geometry(store, subjects, [m])
         except ContractError as e:
-            sizes = {tuple(store.row(s)[m].get("voxel_mm", ())) for s in subjects}
-            hint = (" (--spacing with no value resamples every image to the cohort's most common voxel size)"
-                    if len(sizes) > 1 else "")
-            warnings.append(f"training will refuse this store as it is: {e}{hint}")
+            warnings.append(f"training will refuse this store as it is: {e}")
     return warnings
 
 

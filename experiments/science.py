@@ -77,6 +77,7 @@ from experiments.training import (
     train,
     train_command,
 )
+from masan.access import nearest_existing, not_a_folder
 from masan.argtypes import number
 from masan.config import ConfigError, RunConfig, config_hash, load_config
 from masan.host import usable_cores
@@ -177,13 +178,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def check_paths(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Exit 2 (``ap.error``) now, not after the experiment, for a --work that cannot be a folder or
     an --out (default WORK/science.md) that cannot be a file."""
-    if args.work.exists() and not args.work.is_dir():
-        ap.error(f"--work {args.work} is a file, not a folder; give a folder for the cohort and the runs")
+    why = not_a_folder(args.work)
+    if why:
+        ap.error(f"--work {args.work} {why}; give a folder for the cohort and the runs")
     out = args.out or args.work / "science.md"
-    for flag, path in (("--work", args.work), ("--out", out)):
-        above = next((a for a in path.parents if a.exists()), None)
-        if above is not None and not above.is_dir():
-            ap.error(f"{flag} {path} lies below {above}, which is a file, not a folder; give another {flag}")
+    above = nearest_existing(out.parent)
+    if not above.is_dir():
+        ap.error(f"--out {out} lies below {above}, which is a file, not a folder; give another --out")
     if out.is_dir():
         ap.error(f"--out {out} is a folder; --out is the markdown table's file, e.g. --out {out / 'science.md'}")
 

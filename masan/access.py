@@ -14,6 +14,10 @@ readable than the NIfTI files it came from, whatever the user's umask. The polic
 - :func:`write_restricted` does all three for a tool writing into an output folder: the
   folders it creates get the mode, an existing folder only the files it wrote.
 
+Where a tool may write at all, asked before it writes anything: :func:`nearest_existing`,
+:func:`not_a_folder` (a file in the way of a folder to be) and :func:`write_refusal` (a folder
+this user may not write in, or on a read-only file system).
+
 Modes are "file modes": permission bits for regular files (``0o640``); :func:`dir_mode`
 derives the directory mode. The owner always keeps read and write (the writer is the owner).
 """
@@ -189,6 +193,36 @@ def outermost_missing(path: str | os.PathLike) -> Path | None:
     while not parent.exists():
         created, parent = parent, parent.parent
     return created
+
+
+def nearest_existing(path: str | os.PathLike) -> Path:
+    """``path`` (made absolute) or its nearest ancestor that exists: the folder a new ``path``
+    would be created in, or the file in the way of it."""
+    p = Path(os.path.abspath(path))
+    return next(q for q in (p, *p.parents) if q.exists())
+
+
+def not_a_folder(path: str | os.PathLike) -> str | None:
+    """Why ``path`` cannot be a folder (``"is a file, not a folder"``, ``"lies below F, which is
+    a file, not a folder"``), or None when it is one or can be created as one."""
+    found = nearest_existing(path)
+    if found.is_dir():
+        return None
+    return ("is a file, not a folder" if found == Path(os.path.abspath(path)) else
+            f"lies below {found}, which is a file, not a folder")
+
+
+def write_refusal(folder: str | os.PathLike) -> str | None:
+    """Why this user cannot create files in the existing ``folder`` now, or None. Asks the
+    kernel (``os.access``: mode bits, ACLs; a read-only mount refuses even root) and writes
+    nothing."""
+    if not Path(folder).is_dir():
+        return f"{folder} is a file, not a folder"
+    if os.statvfs(folder).f_flag & os.ST_RDONLY:
+        return f"{folder} is on a read-only file system"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"you may not write in {folder}"
+    return None
 
 
 def write_restricted(

@@ -30,6 +30,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from masan.access import not_a_folder
 from masan.config import ConfigError, RunConfig, config_hash
 from masan.files import atomic_write_json
 
@@ -163,11 +164,10 @@ class RunDir:
         """Refuse (ConfigError) a run directory that is, or lies below, something else than a
         folder, before anything looks for its files: a file there would surface as
         NotADirectoryError from whichever file is read first."""
-        existing = next(p for p in (self.root, *self.root.parents) if p.exists())
-        if not existing.is_dir():
-            where = "is" if existing == self.root else f"lies below {existing}, which is"
-            raise ConfigError(f"run_dir {self.root} {where} a file, not a folder; choose another run_dir=... "
-                              "(--run-dir for launch/submit.py) or move the file away")
+        why = not_a_folder(self.root)
+        if why:
+            raise ConfigError(f"run_dir {self.root} {why}; choose another run_dir=... (--run-dir for "
+                              "launch/submit.py) or move the file away")
 
     def finished(self, cfg: RunConfig) -> dict | None:
         """The DONE record (``step``, ``epochs_done``, ``target``) when the run finished this

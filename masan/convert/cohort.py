@@ -146,13 +146,12 @@ def _check_writable(out: Path) -> None:
     new store the nearest existing folder above it, is a folder the user may write on a
     writable file system. Checked before anything is created; ``os.access`` reports a
     read-only mount (EROFS) even to root."""
-    where = out if out.exists() else next(p for p in out.absolute().parents if p.exists())
+    where = access.nearest_existing(out)
     if not where.is_dir():
         raise ConvertError(f"--out {out}: {where} is a file, not a folder; give --out a path inside a folder")
-    if os.statvfs(where).f_flag & os.ST_RDONLY:
-        raise _out_error(out, f"{where} is on a read-only file system")
-    if not os.access(where, os.W_OK | os.X_OK):
-        raise _out_error(out, f"you may not write in {where}")
+    why = access.write_refusal(where)
+    if why:
+        raise _out_error(out, why)
 
 
 def _open_root(path: Path) -> Any:

@@ -111,7 +111,8 @@ def store_geometry(store: CohortStore, subjects: list[str], modalities: list[str
         if len(sizes) > 1:
             raise ContractError(f"{m} voxel sizes in {store.path} differ ({_listing(sizes, ' mm')}): the same "
                                 "voxel holds different anatomy per scanner; reconvert with data_tools/to_zarr.py "
-                                f"--spacing MM (every image resampled to one voxel size) and {flag} X Y Z")
+                                f"--spacing MM (every image resampled to one voxel size; --spacing alone: the "
+                                f"cohort's most common voxel size) and {flag} X Y Z")
         if len(shapes) > 1:
             raise ContractError(f"{m} images in {store.path} differ in shape ({_listing(shapes)}); a model takes "
                                 f"one shape: reconvert with data_tools/to_zarr.py {flag} X Y Z")

@@ -15,7 +15,7 @@ import json
 import os
 from pathlib import Path
 
-from masan.access import outermost_missing
+from masan.access import nearest_existing, write_refusal
 from masan.rundir import RunDir
 
 STORE_FORMAT = "masan-cohort-store"
@@ -99,10 +99,8 @@ def output_folder_problem(out: str | os.PathLike, suggestion: str | os.PathLike,
         found = enclosing(real, test)
         if found is not None:
             return f"--out {out} is {'' if found == real else 'inside '}{what} {found}: {why}; {fix}"
-    missing = outermost_missing(real)
-    parent = real if missing is None else missing.parent
-    if not parent.is_dir():
-        return f"--out {out} cannot be created: {parent} is a file, not a folder; {fix}"
-    if not os.access(parent, os.W_OK | os.X_OK):
-        return f"--out {out} cannot be written: you may not write in {parent}; {fix}"
+    parent = nearest_existing(real)
+    why = write_refusal(parent)
+    if why:
+        return f"--out {out} cannot be {'written' if parent.is_dir() else 'created'}: {why}; {fix}"
     return None

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from masan import distributed as D
-from masan.access import apply_access, creation_umask, describe_mode, restrictive_mode
+from masan.access import apply_access, creation_umask, describe_mode, nearest_existing, restrictive_mode
 from masan.config import ConfigError, RunConfig, config_hash, save_config
 from masan.files import atomic_write_json
 from masan.predictions import write_predictions
@@ -86,12 +86,9 @@ def check_writable(run_dir: Path) -> None:
     new one), and its checkpoint and TensorBoard folders, now rather than at the first save
     hours in. ``os.access`` asks the kernel (mode bits, ACLs, read-only mounts) and writes
     nothing, so a refused start changes nothing."""
-    existing = run_dir
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
     rd = RunDir(run_dir)
-    folders = [existing] if existing != run_dir else [run_dir, *(
-        d for d in (rd.checkpoints, rd.tb) if d.is_dir())]
+    folders = [run_dir, *(d for d in (rd.checkpoints, rd.tb) if d.is_dir())] if run_dir.exists() else [
+        nearest_existing(run_dir)]
     for d in folders:
         if not os.access(d, os.W_OK | os.X_OK):
             fix = ("it is on a read-only file system: choose a run_dir=... on a writable one"
