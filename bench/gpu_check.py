@@ -56,7 +56,6 @@ from bench.harness import (
     TINY,
     Budget,
     Row,
-    bench_config,
     device_name,
     device_parser,
     emit,
@@ -67,7 +66,7 @@ from bench.harness import (
     resolve_device,
 )
 from masan.argtypes import number
-from masan.config import RunConfig, config_to_dict
+from masan.config import RunConfig, config_or_exit, config_to_dict
 from masan.host import usable_cores
 from masan.model.inputs import PRECISION_DTYPES
 from masan.rundir import RunDir
@@ -257,7 +256,7 @@ def parse_args(argv: list[str] | None):
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     budget = Budget(args.budget_s)
-    cfg = bench_config(args.config, args.set, TINY if args.tiny else (), "the --tiny settings")
+    cfg = config_or_exit(args.config, args.set, TINY if args.tiny else (), "the --tiny settings")
     sections = set(args.sections.split(","))
     work = args.work or Path(tempfile.mkdtemp(prefix="masan-gpu-check-"))
     work.mkdir(parents=True, exist_ok=True)

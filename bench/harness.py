@@ -13,7 +13,6 @@ import contextlib
 import gc
 import json
 import signal
-import sys
 import time
 import traceback
 from collections.abc import Callable
@@ -24,7 +23,7 @@ import torch
 import yaml
 
 from masan.argtypes import number
-from masan.config import ConfigError, LossConfig, ModelConfig, RunConfig, config_from_dict, config_to_dict, load_config
+from masan.config import LossConfig, ModelConfig, RunConfig
 from masan.host import rss_bytes
 from masan.model import FastPaths, build_model, compile_modality_modules, masan_loss
 from masan.model.inputs import PRECISION_DTYPES
@@ -38,28 +37,6 @@ def config_overrides(path: Path) -> list[str]:
     """A config file as ``section.key=value`` overrides (applied on top of ``--config``)."""
     return [f"{section}.{key}={json.dumps(value)}" for section, keys in yaml.safe_load(path.read_text()).items()
             for key, value in keys.items()]
-
-
-def bench_config(path: str | Path | None, overrides: list[str], defaults: list[str] | tuple[str, ...] = (),
-                 defaults_name: str = "the bench's own settings") -> RunConfig:
-    """The config file ``path`` (None: the built-in defaults) with the user's ``overrides``, on
-    top of the bench's own ``defaults`` (the user's overrides win). A bad file or override
-    prints the reason, naming only what the user gave, and exits with status 2 (as
-    :func:`masan.config.config_from_args`); ``defaults_name`` says what ``defaults`` are when
-    the user's config is valid alone but not with them."""
-    try:
-        cfg = load_config(path, overrides)
-        if not defaults:
-            return cfg
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    try:
-        return config_from_dict(config_to_dict(cfg), [*defaults, *overrides])
-    except ConfigError as e:
-        given = " ".join([*([f"--config {path}"] if path else []), *overrides]) or "the built-in config"
-        print(f"error: {e} ({given}, on {defaults_name})", file=sys.stderr)
-        raise SystemExit(2) from None
 
 
 TINY = config_overrides(REPO / "hpc/configs/tiny.yaml")

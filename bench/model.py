@@ -31,9 +31,9 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from bench.harness import bench_config, synthetic_batch, time_training_step
+from bench.harness import synthetic_batch, time_training_step
 from masan.argtypes import number
-from masan.config import RunConfig, add_config_arguments
+from masan.config import RunConfig, add_config_arguments, config_or_exit
 from masan.model import build_model
 
 CPU_SHAPES = [
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     if device == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but no CUDA GPU is visible", file=sys.stderr)
         return 2
-    cfg = bench_config(args.config, args.overrides, () if device == "cuda" or args.full else CPU_SHAPES,
+    cfg = config_or_exit(args.config, args.overrides, () if device == "cuda" or args.full else CPU_SHAPES,
                        "the bench's CPU-sized model (--full: the configured resolution)")
     steps = args.steps if args.steps is not None else (10 if device == "cuda" else 3)
     m = cfg.model

@@ -41,6 +41,7 @@ from torch.utils._pytree import tree_flatten
 
 from bench import harness
 from masan.argtypes import number
+from masan.config import config_or_exit
 from masan.model import FastPaths, blocks, build_model, compile_modality_modules, masan_loss
 from masan.model.inputs import PRECISION_DTYPES
 
@@ -330,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
         args.warmup, args.steps, args.top = 1, 1, min(args.top, 8)
     args.min_left = 5 if args.tiny else 20
     budget = harness.Budget(args.budget_s)
-    cfg = harness.bench_config(args.config, args.set, harness.TINY if args.tiny else (), "the --tiny settings")
+    cfg = config_or_exit(args.config, args.set, harness.TINY if args.tiny else (), "the --tiny settings")
     print(f"profile_step: {harness.device_name(args.device)}, torch {torch.__version__}, {args.dtype}, "
           f"budget {args.budget_s:.0f} s", flush=True)
     harness.emit("section", "variant", "ms/sample", "peak GiB", "GiB/sample", "note")

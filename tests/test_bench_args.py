@@ -17,6 +17,7 @@ from bench import harness
 from bench import io as bench_io
 from bench import model as bench_model
 from bench import train as bench_train
+from masan.config import config_or_exit
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "hpc/configs/tiny.yaml")
@@ -105,11 +106,11 @@ def test_model_config_error_names_only_the_users_overrides(capsys):
     assert "does not exist" in err
 
 
-def test_bench_config(capsys):
-    cfg = harness.bench_config(TINY, ["model.dropout=0.5"], ["model.dropout=0.1", "model.groups=2"])
+def test_config_or_exit(capsys):
+    cfg = config_or_exit(TINY, ["model.dropout=0.5"], ["model.dropout=0.1", "model.groups=2"])
     assert (cfg.model.dropout, cfg.model.groups) == (0.5, 2)  # the user's overrides win over the bench's
     with pytest.raises(SystemExit) as e:  # valid alone, not with the bench's settings
-        harness.bench_config(TINY, ["optim.lr=0.1"], ["model.nosuch=1"], "the CPU shapes")
+        config_or_exit(TINY, ["optim.lr=0.1"], ["model.nosuch=1"], "the CPU shapes")
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert f"(--config {TINY} optim.lr=0.1, on the CPU shapes)" in err

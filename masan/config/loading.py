@@ -168,14 +168,32 @@ def add_config_arguments(parser) -> None:
                         help="config overrides section.key=value, e.g. optim.lr=3e-4 model.fusion=add")
 
 
-def config_from_args(args, defaults: list[str] | tuple[str, ...] = ()) -> RunConfig:
-    """The config named by :func:`add_config_arguments`' arguments; ``defaults`` go before the
-    user's overrides. A bad file or override prints the reason and exits with status 2."""
+def config_or_exit(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = (),
+                   defaults: list[str] | tuple[str, ...] = (), defaults_name: str = "the tool's own settings"
+                   ) -> RunConfig:
+    """The config file ``path`` (None: the built-in defaults) with the user's ``overrides``, on
+    top of a tool's own ``defaults`` (the user's overrides win), for a command line. A bad file
+    or override prints the reason, naming only what the user gave, and exits with status 2;
+    ``defaults_name`` says what ``defaults`` are when the user's config is valid alone but not
+    with them."""
     try:
-        return load_config(args.config, [*defaults, *args.overrides])
+        cfg = load_config(path, overrides)
+        if not defaults:
+            return cfg
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    try:
+        return config_from_dict(config_to_dict(cfg), [*defaults, *overrides])
+    except ConfigError as e:
+        given = " ".join([*([f"--config {path}"] if path else []), *overrides]) or "the built-in config"
+        print(f"error: {e} ({given}, on {defaults_name})", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def config_from_args(args) -> RunConfig:
+    """The config named by :func:`add_config_arguments`' arguments (:func:`config_or_exit`)."""
+    return config_or_exit(args.config, args.overrides)
 
 
 def config_to_dict(cfg: RunConfig) -> dict:
