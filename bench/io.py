@@ -45,13 +45,13 @@ import nibabel as nib
 import numpy as np
 import torch
 from numcodecs.blosc import list_compressors
-from torch.utils.data import DataLoader
 
 from masan.argtypes import number
 from masan.config import DataConfig, ModelConfig
 from masan.convert.cohort import ConvertError, ConvertOptions, convert_cohort, discover_bids
 from masan.data.cache import CohortCache
 from masan.data.dataset import CohortDataset
+from masan.data.workers import data_loader
 from masan.host import usable_cores
 from masan.model.inputs import PRECISION_DTYPES
 from masan.store.cohort import SUBJECTS, CohortStore, StoreError
@@ -271,9 +271,7 @@ def loader_speeds(store_path: Path, device: torch.device, precision: str, frames
     def epoch(kind: str):
         if kind == "none":
             return (to_device(b, device, dtype) for b in
-                    DataLoader(dataset, batch_size=1, num_workers=cfg.num_workers,
-                               prefetch_factor=cfg.prefetch_factor if cfg.num_workers else None,
-                               pin_memory=device.type == "cuda"))
+                    data_loader(dataset, cfg, batch_size=1, pin_memory=device.type == "cuda"))
         return caches[kind].batches(range(len(subjects)), 1, dtype, cfg.prefetch_factor)
 
     times: dict[str, list[float]] = {k: [] for k in CACHES}
@@ -289,9 +287,9 @@ def loader_speeds(store_path: Path, device: torch.device, precision: str, frames
         times[kind].append(time.perf_counter() - t)
         moved[kind] = nbytes
 
-    # `none` first, before the caches exist: its DataLoader forks workers each epoch, and a fork
-    # makes every private page of this process copy-on-write, which would charge the caches'
-    # reused buffers a page fault per 4 KiB afterwards (a training rank uses one or the other)
+    # `none` first, before the caches exist: with data.worker_start=fork its workers fork this
+    # process each epoch, which makes every private page copy-on-write and would charge the
+    # caches' reused buffers a page fault per 4 KiB afterwards (a rank uses one or the other)
     for _ in range(passes):
         timed("none")
     try:

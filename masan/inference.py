@@ -19,10 +19,11 @@ from collections.abc import Iterable, Mapping, Sequence
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
 from masan.batch import MODALITY_KEYS
+from masan.data.workers import data_loader
 from masan.model.autoencoder import encoders_only
 from masan.predictions import Predictions, PredictionsError, merge_predictions, unsmoothed
 
@@ -121,12 +122,13 @@ def predict_subjects(model: torch.nn.Module, dataset, cfg, device: torch.device,
                      rank: int = 0, world_size: int = 1, seed: int = 0) -> Predictions:
     """Collective when ``world_size > 1``: predictions of every subject of ``dataset`` (its
     ``subjects``), sharded over the ranks and merged on every rank. ``cfg`` (a RunConfig) gives
-    ``optim.micro_batch``, ``data.num_workers``, ``data.decision`` (how a class is called) and
-    ``loss.label_smoothing`` (undone on the probabilities: :func:`masan.predictions.unsmoothed`);
+    ``optim.micro_batch``, the loader's ``data`` fields (:func:`~masan.data.workers.data_loader`),
+    ``data.decision`` (how a class is called) and ``loss.label_smoothing`` (undone on the
+    probabilities: :func:`masan.predictions.unsmoothed`);
     ``seed`` seeds the loader's own generator, so the caller's RNG is untouched."""
     sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=False)
-    loader = DataLoader(dataset, batch_size=cfg.optim.micro_batch, sampler=sampler, num_workers=cfg.data.num_workers,
-                        generator=torch.Generator().manual_seed(seed))
+    loader = data_loader(dataset, cfg.data, batch_size=cfg.optim.micro_batch, sampler=sampler,
+                         generator=torch.Generator().manual_seed(seed))
     preds = gather_predictions(predict(model, loader, device, class_names=class_names))
     preds.probs = unsmoothed(preds.probs, cfg.loss.label_smoothing)
     preds.decision = cfg.data.decision

@@ -6,11 +6,11 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import DataLoader
 
 from masan.config import ConfigError, DataConfig
 from masan.convert.cohort import ConvertOptions, convert_cohort, discover_bids
 from masan.data.dataset import CohortDataset, select_subjects
+from masan.data.workers import data_loader
 from masan.store.cohort import CohortStore
 from masan.synth.phantom import synthesize_cohort
 
@@ -80,14 +80,14 @@ def test_short_runs_and_missing_modalities_fail_naming_the_subject(store):
         CohortDataset(store.path, ["sub-008"], [3], DataConfig())
 
 
-@pytest.mark.parametrize("method", ["fork", "spawn"])
-def test_dataloader_workers(store, method):
-    cfg = DataConfig(fmri_frames=FRAMES)
+@pytest.mark.parametrize("start", ["forkserver", "fork", "spawn"])
+def test_dataloader_workers(store, start):
+    cfg = DataConfig(fmri_frames=FRAMES, num_workers=2, worker_start=start)
     with pytest.warns(UserWarning):
         subjects, labels, _ = select_subjects(store, cfg)
     ds = CohortDataset(store.path, subjects, labels, cfg)
     ds[0]  # handles opened in the parent must not leak into workers
-    loader = DataLoader(ds, batch_size=3, num_workers=2, multiprocessing_context=method)
+    loader = data_loader(ds, cfg, batch_size=3)
     batches = list(loader)
     assert [b["t1"].shape[0] for b in batches] == [3, 3, 1]
     index = torch.cat([b["index"] for b in batches])

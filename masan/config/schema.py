@@ -86,6 +86,11 @@ class DataConfig:
     ``zscore``: each voxel's series standardised (correlations only)."""
     num_workers: int = field(default=2, metadata=PLUMBING)
     """DataLoader worker processes per rank."""
+    worker_start: Literal["forkserver", "spawn", "fork"] = field(default="forkserver", metadata=PLUMBING)
+    """How the workers start (masan/data/workers.py): ``forkserver``: forked from a clean helper
+    process started once per rank; ``fork``: forked from the rank itself, which can hang a worker
+    on Python 3.11 when another thread of the rank holds a lock at that instant; ``spawn``: a new
+    interpreter per worker and epoch (slow start). Samples are identical either way."""
     prefetch_factor: int = field(default=2, metadata=PLUMBING)
     """Batches each worker (or, with a cache, the copy thread) prepares ahead of the step."""
     cache: Literal["none", "host", "device"] = field(default="none", metadata=PLUMBING)

@@ -3,9 +3,10 @@
 ``select_subjects`` turns the store's classes into the model's (``data.classes`` picks and
 orders them, ``data.merge`` pools store classes first) and leaves out subjects lacking a
 modality the run uses. ``CohortDataset`` reads one subject per item from the store; it
-holds only the store path until first use in each process, so DataLoader workers started
-by fork or spawn each open their own Zarr handles. Train-only transforms (augmentation,
-:mod:`masan.data.transforms`) hook in through :meth:`CohortDataset.with_transform`.
+holds only the store path until first use in each process, so DataLoader workers, however
+they start (:mod:`masan.data.workers`), each open their own Zarr handles. Train-only
+transforms (augmentation, :mod:`masan.data.transforms`) hook in through
+:meth:`CohortDataset.with_transform`.
 """
 
 from __future__ import annotations

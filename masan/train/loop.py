@@ -32,7 +32,7 @@ import time
 from dataclasses import dataclass
 
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import Dataset, DistributedSampler
 from tqdm import tqdm
 
 from masan import distributed as D
@@ -40,6 +40,7 @@ from masan.batch import MODALITY_KEYS
 from masan.config import RunConfig
 from masan.data.cache import open_cache
 from masan.data.transforms import Augment
+from masan.data.workers import data_loader
 from masan.distributed import DistInfo
 from masan.inference import predict_subjects
 from masan.metrics import prediction_metrics
@@ -360,9 +361,8 @@ def make_loader(p: LoopParts, sampler, epoch: int, cache=None, augment: Augment 
     g = torch.Generator()
     g.manual_seed(p.cfg.seed + epoch)
     dataset = p.train_set if augment is None else p.train_set.with_transform(augment, epoch)
-    return DataLoader(dataset, batch_size=p.cfg.optim.micro_batch, sampler=sampler, drop_last=True,
-                      num_workers=d.num_workers, prefetch_factor=d.prefetch_factor if d.num_workers else None,
-                      pin_memory=p.info.device.type == "cuda", generator=g)
+    return data_loader(dataset, d, batch_size=p.cfg.optim.micro_batch, sampler=sampler, drop_last=True,
+                       pin_memory=p.info.device.type == "cuda", generator=g)
 
 
 def to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
@@ -402,7 +402,7 @@ def fit_norms(p: LoopParts) -> None:
     """Collective: fit the model's cohort standardisers on every training subject."""
     t0 = time.perf_counter()
     n = fit_standardizers(p.engine.module, p.train_set, p.info.rank, p.info.world_size, p.info.device,
-                          DTYPES[p.cfg.train.precision], p.cfg.optim.micro_batch, p.cfg.data.num_workers,
+                          DTYPES[p.cfg.train.precision], p.cfg.optim.micro_batch, p.cfg.data,
                           rescreen=p.cfg.train.rescreen_on_refresh)
     if n and p.info.is_main:
         log.info("fitted %d feature standardiser(s) on %d training subjects in %.1f s", n, len(p.train_set),

@@ -13,9 +13,11 @@ import logging
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from masan.batch import MODALITY_KEYS
+from masan.config import DataConfig
+from masan.data.workers import data_loader
 from masan.model.autoencoder import encoders_only
 from masan.model.standardize import standardizers
 
@@ -31,7 +33,7 @@ def _all_reduce(tensors: list[torch.Tensor]) -> None:
 
 @torch.no_grad()
 def fit_standardizers(model: torch.nn.Module, dataset: Dataset, rank: int, world_size: int,
-                      device: torch.device, dtype: torch.dtype, micro_batch: int, num_workers: int = 0,
+                      device: torch.device, dtype: torch.dtype, micro_batch: int, loading: DataConfig | None = None,
                       rescreen: bool = True) -> int:
     """Collective: fit every standardiser of ``model`` on ``dataset``; returns how many there are.
 
@@ -39,13 +41,15 @@ def fit_standardizers(model: torch.nn.Module, dataset: Dataset, rank: int, world
     :meth:`~masan.model.standardize.FittedStandardize.end_fit`).
 
     ``model`` is the plain module (``engine.module``); inputs are cast to ``dtype`` as in
-    training. The model is in eval mode during the pass (no dropout) and restored afterwards.
+    training; ``loading`` says how items are read (its worker fields, :func:`~masan.data.workers.data_loader`;
+    None: in this process). The model is in eval mode during the pass (no dropout) and restored afterwards.
     """
     norms = list(standardizers(model))
     if not norms:
         return 0
     share = list(range(rank, len(dataset), world_size))
-    loader = DataLoader(torch.utils.data.Subset(dataset, share), batch_size=micro_batch, num_workers=num_workers)
+    loader = data_loader(torch.utils.data.Subset(dataset, share), loading or DataConfig(num_workers=0),
+                         batch_size=micro_batch)
     was = model.training
     model.eval()
     for n in norms:

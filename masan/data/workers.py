@@ -1,0 +1,48 @@
+"""How DataLoader workers start (``data.worker_start``): from a fork server by default, never
+by forking a training rank.
+
+A rank has threads by the time an epoch's loader starts its workers (gloo and NCCL, the
+launcher's watchdog, TensorBoard's writer). ``fork`` copies the rank as it is at that instant,
+including any lock one of those threads holds: Python 3.11's interpreter can then hang the new
+worker inside its own start-up, and the whole run waits until its time limit (see
+docs/architecture.md, "DataLoader workers"). A fork server is a small process started once per
+rank, before any of that, with the modules a worker needs already imported; each worker is
+forked from it: clean, and as quick as ``fork`` after the server's first start (seconds, once).
+``spawn`` starts each worker as a new interpreter (imports everything, every epoch).
+
+The dataset travels to a worker pickled: :class:`~masan.data.dataset.CohortDataset` holds only
+its store path and a cache only its paths, so this is cheap.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+from multiprocessing.context import BaseContext
+
+from torch.utils.data import DataLoader, Dataset
+
+from masan.config import DataConfig
+
+WORKER_IMPORTS = ("torch", "masan.data.dataset")
+"""Modules the fork server imports once, so that workers forked from it start without importing
+them (the dataset's module brings torch, numpy, zarr and the store)."""
+
+
+def worker_context(start: str) -> BaseContext:
+    """The multiprocessing context that starts workers the ``start`` way (``forkserver``,
+    ``spawn`` or ``fork``); a fork server is told to import :data:`WORKER_IMPORTS` (effective
+    when it starts, i.e. for the first loader of a process)."""
+    context = multiprocessing.get_context(start)
+    if start == "forkserver":
+        context.set_forkserver_preload(list(WORKER_IMPORTS))
+    return context
+
+
+def data_loader(dataset: Dataset, data: DataConfig, **kwargs) -> DataLoader:
+    """``DataLoader(dataset, **kwargs)`` with ``data.num_workers`` worker processes (0: items are
+    read in this process), each preparing ``data.prefetch_factor`` batches ahead, started the
+    ``data.worker_start`` way."""
+    if data.num_workers == 0:
+        return DataLoader(dataset, num_workers=0, **kwargs)
+    return DataLoader(dataset, num_workers=data.num_workers, prefetch_factor=data.prefetch_factor,
+                      multiprocessing_context=worker_context(data.worker_start), **kwargs)
