@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from masan.argtypes import number
+from masan.argtypes import number, torch_device
 from masan.config import LossConfig, ModelConfig, RunConfig
 from masan.host import rss_bytes
 from masan.model import FastPaths, build_model, compile_modality_modules, masan_loss
@@ -231,7 +231,8 @@ def device_parser(doc: str, budget_s: float) -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=doc.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=doc)
     ap.add_argument("--tiny", action="store_true", help="CPU-sized shapes (and --device cpu unless given)")
-    ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when visible)")
+    ap.add_argument("--device", type=torch_device, default=None,
+                    help="cpu, cuda or cuda:N (default: cuda when visible)")
     ap.add_argument("--config", type=Path, default=PAPER, help="model/loss/data settings (default paper.yaml)")
     ap.add_argument("--precision", choices=sorted(PRECISION_DTYPES), default=None,
                     help="default bf16 on CUDA, fp32 on the CPU")

@@ -46,7 +46,7 @@ import numpy as np
 import torch
 from numcodecs.blosc import list_compressors
 
-from masan.argtypes import number
+from masan.argtypes import number, torch_device
 from masan.config import DataConfig, ModelConfig
 from masan.convert.cohort import ConvertError, ConvertOptions, convert_cohort, discover_bids
 from masan.data.cache import CohortCache
@@ -131,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--loader-warmup", type=number(int, 0), default=1,
                    help="first epochs per loader not counted: worker start-up, page cache, a cache's first touch "
                         "of its memory (at most --loader-passes - 1)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=torch_device, default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device: cpu, cuda, cuda:N (default: cuda when visible)")
     p.add_argument("--precision", choices=sorted(PRECISION_DTYPES), default="fp32", help="dtype the model receives")
     p.add_argument("--cache-dir", default=data.cache_dir, help="shared memory of the host cache")
     args = p.parse_args(argv)
@@ -142,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         work.mkdir(parents=True, exist_ok=True)
         store = prepare(args, work)
         table, against = ([], []) if args.loader_only else run(args, work, store)
-        loader = loader_table(store, torch.device(args.device), args.precision, args.frames, args.loader_workers,
+        loader = loader_table(store, args.device, args.precision, args.frames, args.loader_workers,
                               args.loader_passes, args.cache_dir, warmup=args.loader_warmup)
     finally:
         if args.keep is None:
@@ -179,10 +180,6 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace, model: Mode
             CohortStore(args.against)
         except StoreError as e:
             p.error(f"--against: {e}")
-    try:
-        torch.device(args.device)
-    except RuntimeError as e:
-        p.error(f"--device {args.device}: {e}")
     if args.full:
         args.t1_shape, args.fmri_shape = model.t1_shape, model.fmri_shape
     if args.frames is None:

@@ -138,15 +138,15 @@ def _add_mni152_arguments(p: argparse.ArgumentParser) -> None:
                     help="planted fMRI effects: amplitude (fluctuations damped in the structures) and/or "
                          "connectivity (structures decoupled from the partner network); default both (adni-like: "
                          "connectivity), none given: T1 effect only")
-    mn.add_argument("--severity-sd", nargs="+", type=float, default=None, metavar="SD",
+    mn.add_argument("--severity-sd", nargs="+", type=number(float, 0), default=None, metavar="SD",
                     help="per-subject severity jitter, N(0, SD) clipped to [0, 1]: one SD (easy: one severity "
                          "for both modalities, default 0.15) or T1 and fMRI SDs (a severity per modality, drawn "
                          f"independently; adni-like always draws them so, default {adni.severity_sd[0]} "
                          f"{adni.severity_sd[1]})")
-    mn.add_argument("--warp-rms", type=float, default=None, metavar="MM",
+    mn.add_argument("--warp-rms", type=number(float, 0), default=None, metavar="MM",
                     help="adni-like: RMS length of each subject's smooth nonlinear warp over the brain "
                          f"(default {adni.geometry.warp_rms_mm}; 0: none)")
-    mn.add_argument("--motion", nargs=2, type=float, default=None, metavar=("MM", "DEG"),
+    mn.add_argument("--motion", nargs=2, type=number(float, 0), default=None, metavar=("MM", "DEG"),
                     help="head placement per subject: translation of length U(0, MM) and rotation of U(0, DEG) "
                          "degrees (easy: misregistration per modality, default "
                          f"{easy.nuisance.misregistration_mm:g} {easy.nuisance.misregistration_deg:g}; adni-like: "

@@ -185,8 +185,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             sources, extra = read_manifest(args.manifest), None
         report = convert_cohort(sources, args.out, opts, args.classes, args.label_map, args.workers, args.verify,
-                                extra, progress=not args.no_progress, prune=args.prune, share=share)
-        report.warnings.extend(contract_warnings(args.out))
+                                extra, progress=not args.no_progress, prune=args.prune, share=share,
+                                review=contract_warnings)
     except (ConvertError, AccessError) as e:
         print(f"to_zarr: {e}", file=sys.stderr)
         return 2

@@ -1,5 +1,6 @@
-"""argparse types for the tools' numeric options: a value out of its range is a usage error
-(argparse exits 2 naming the flag, the range and the value given), never a silent nonsense run."""
+"""argparse types for the tools' numeric and device options: a value out of its range, or a
+device this machine lacks, is a usage error (argparse exits 2 naming the flag, what it takes and
+the value given), never a silent nonsense run or a traceback from the first tensor moved."""
 
 from __future__ import annotations
 
@@ -34,3 +35,18 @@ def number(kind: type = int, low: float | None = None, high: float | None = None
         return value
 
     return parse
+
+
+def torch_device(text: str):
+    """An argparse ``type`` for ``--device``: a ``torch.device`` this machine has (cpu, cuda,
+    cuda:N). torch is imported only when the option is parsed: the data tools start without it."""
+    import torch
+
+    try:
+        dev = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a torch device; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text}: this machine has {torch.cuda.device_count()} usable CUDA "
+                                         "device(s); use cpu or one it has (nvidia-smi lists them)")
+    return dev

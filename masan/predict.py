@@ -45,6 +45,7 @@ from pathlib import Path
 
 import torch
 
+from masan import argtypes
 from masan.config import ConfigError, RunConfig, load_config
 from masan.inference import predict_subjects
 from masan.predictions import write_predictions
@@ -206,19 +207,6 @@ def check_contract(cfg: RunConfig, run_dir: Path, store: str, subjects: list[str
                             + "\n  - ".join(problems))
 
 
-def device_arg(text: str) -> torch.device:
-    """``--device``: a torch device this machine has; anything else is a usage error (exit 2)
-    rather than a traceback from the first tensor moved there."""
-    try:
-        device = torch.device(text)
-    except RuntimeError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a torch device; use cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise argparse.ArgumentTypeError(f"{text}: this machine has {torch.cuda.device_count()} usable CUDA "
-                                         "device(s); use cpu or one it has (nvidia-smi lists them)")
-    return device
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m masan.predict", description=__doc__.split("\n\n")[0],
@@ -230,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, required=True,
                     help="folder for predictions.csv, region_weights.npy, metrics.json (not inside a store or a "
                          "run directory)")
-    ap.add_argument("--device", default="cpu", type=device_arg,
+    ap.add_argument("--device", default="cpu", type=argtypes.torch_device,
                     help="torch device: cpu, cuda, cuda:N (default %(default)s)")
     ap.add_argument("--allow-unfinished", action="store_true",
                     help="predict with a run that has not finished (no DONE), from its newest checkpoint")

@@ -46,7 +46,7 @@ def usage_error(main, argv: list[str], capsys) -> str:
     (["--fmri-shape", "8", "1", "8"], "argument --fmri-shape: must be at least 2, got 1"),
     (["--codec", "nosuch"], "argument --codec: invalid choice: 'nosuch'"),
     (["--shuffle", "nosuch"], "argument --shuffle: invalid choice: 'nosuch'"),
-    (["--device", "nosuch"], "--device nosuch"),
+    (["--device", "nosuch"], "argument --device: 'nosuch' is not a torch device"),
 ])
 def test_io_bad_arguments(argv, message, capsys):
     assert message in usage_error(bench_io.main, argv, capsys)
@@ -149,6 +149,7 @@ def test_train_logs_two_intervals_for_any_steps():
     (["--steps", "0"], "argument --steps: must be at least 1, got 0"),
     (["--warmup", "-1"], "argument --warmup: must be at least 0, got -1"),
     (["--budget-s", "0"], "argument --budget-s: must be a finite number above 0, got 0"),
+    (["--device", "cuda:7"], "argument --device: cuda:7: this machine has"),
 ])
 def test_device_parser_bad_arguments(argv, message, capsys):
     ap = harness.device_parser("doc", 60.0)

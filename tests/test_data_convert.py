@@ -497,6 +497,9 @@ def test_mixed_voxel_sizes_are_warned_at_conversion(tmp_path, capsys):
     warning = next(line for line in capsys.readouterr().out.splitlines() if "training will refuse" in line)
     for frag in ("t1 voxel sizes", "sub-001", "--spacing", "most common voxel size"):
         assert frag in warning, (frag, warning)
+    # also kept in the store's report, for whoever opens the store later
+    assert warning.removeprefix("  warning: ") in CohortStore(tmp_path / "s.zarr").report()["warnings"]
     assert to_zarr.main(args + ["--out", str(tmp_path / "r.zarr"), "--spacing", "--t1-shape", "16", "16", "16",
                                 "--fmri-shape", "8", "8", "8"]) == 0
     assert "training will refuse" not in capsys.readouterr().out
+    assert not any("training will refuse" in w for w in CohortStore(tmp_path / "r.zarr").report()["warnings"])

@@ -126,6 +126,9 @@ def test_cli_writes_a_cohort(tmp_path):
     (["--strength", "3"], "argument --strength: must be between 0 and 1, got 3"),
     (["--classes", "NC", "NC"], "--classes names NC more than once"),
     (["--anatomy", "mni152", "--per-class", "0"], "argument --per-class: must be at least 1, got 0"),
+    (["--anatomy", "mni152", "--severity-sd", "-0.1"], "argument --severity-sd: must be at least 0, got -0.1"),
+    (["--anatomy", "mni152", "--warp-rms", "-1"], "argument --warp-rms: must be at least 0, got -1"),
+    (["--anatomy", "mni152", "--motion", "1", "-2"], "argument --motion: must be at least 0, got -2"),
 ])
 def test_cli_refuses_bad_numbers_before_writing(tmp_path, capsys, argv, message):
     cli = _cli()

@@ -20,6 +20,7 @@ import contextlib
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -187,7 +188,8 @@ def _check_places(out: Path) -> None:
 def convert_cohort(sources: list[SubjectSource], out: str | Path, options: ConvertOptions | None = None,
                    classes: tuple[str, ...] | list[str] = DEFAULT_CLASSES, label_map: str | None = None,
                    workers: int = 1, verify: bool = False, extra_attrs: dict | None = None,
-                   progress: bool = True, prune: bool = False, share: StoreAccess | None = None) -> Report:
+                   progress: bool = True, prune: bool = False, share: StoreAccess | None = None,
+                   review: Callable[[Path], list[str]] | None = None) -> Report:
     """Convert a cohort into the store at ``out`` (created or updated in place).
 
     Subjects already published from unchanged sources with the same options are skipped
@@ -197,9 +199,10 @@ def convert_cohort(sources: list[SubjectSource], out: str | Path, options: Conve
     the most restrictive permissions among its sources (images, sidecars, and the label
     tables: :attr:`SubjectSource.table`) unless ``share`` says otherwise. The report
     is returned, always stored in ``STORE/conversion_report.json`` and summarised in the root
-    attrs. Raises ConvertError (nothing changed) for unusable inputs, a locked store, an
-    input listing no subject, an ``out`` that is a file or cannot be written, or a
-    store/run-directory nesting.
+    attrs. ``review(out)``, when given, looks at the store as published (still under the lock)
+    and its warnings join the report's (to_zarr.py: what training would refuse). Raises
+    ConvertError (nothing changed) for unusable inputs, a locked store, an input listing no
+    subject, an ``out`` that is a file or cannot be written, or a store/run-directory nesting.
     """
     opts = options or ConvertOptions()
     classes = tuple(classes)
@@ -231,6 +234,8 @@ def convert_cohort(sources: list[SubjectSource], out: str | Path, options: Conve
         try:
             _convert_locked(root, out, jobs, opts, classes, workers, verify, progress, prune, report,
                             (mode, gid, chosen_by), extra_attrs)
+            if review is not None:
+                report.warnings.extend(review(out))
         except BaseException as e:
             report.aborted = f"{type(e).__name__}: {e}"
             raise

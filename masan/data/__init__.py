@@ -11,4 +11,5 @@ the contract); the conversion, QC and synthesis tools live in :mod:`masan.conver
 - :mod:`masan.data.cache`      the node-wide cohort cache (``data.cache``): decode once, share
 - :mod:`masan.data.batches`    the cache's training batches, prepared ahead and scaled on the device
 - :mod:`masan.data.contract`   the geometry contract between a store, a model and a run
+- :mod:`masan.data.workers`    how DataLoader workers start (a fork server by default)
 """
