@@ -131,3 +131,20 @@ def test_training_dataset_view_only(tiny_store):
     assert augmented["t1"].shape == plain["t1"].shape and augmented["fmri"].shape == plain["fmri"].shape
     assert not torch.equal(augmented["t1"], plain["t1"])
     assert torch.equal(view[0]["t1"], augmented["t1"])  # the same draw on every read
+
+
+def test_augmented_items_read_by_workers_are_the_items_read_here(tiny_store):
+    """Workers get the augmented view pickled (they start from a fork server, not from this
+    process) and draw exactly what a read in this process draws."""
+    from masan.data.dataset import CohortDataset, select_subjects
+    from masan.data.workers import data_loader
+
+    cfg = dataclasses.replace(RunConfig().data, store=str(tiny_store), classes=["NC", "AD"], fmri_frames=6,
+                              num_workers=2)
+    subjects, labels, _ = select_subjects(tiny_store, cfg)
+    view = CohortDataset(tiny_store, subjects, labels, cfg).with_transform(Augment(ALL_ON, seed=0), epoch=3)
+    read = list(data_loader(view, cfg, batch_size=2))
+    t1, fmri = torch.cat([b["t1"] for b in read]), torch.cat([b["fmri"] for b in read])
+    assert len(t1) == len(view)
+    for i in range(len(view)):
+        assert torch.equal(t1[i], view[i]["t1"]) and torch.equal(fmri[i], view[i]["fmri"])
