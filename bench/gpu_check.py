@@ -67,11 +67,15 @@ from bench.harness import (
 )
 from masan.argtypes import number
 from masan.config import RunConfig, config_or_exit, config_to_dict
+from masan.data.splits import min_per_class
 from masan.host import usable_cores
 from masan.model.inputs import PRECISION_DTYPES
 from masan.rundir import RunDir
 
 CLASSES = ("NC", "AD")
+TEST_FRACTION = 0.25
+"""The DeepSpeed run's test part (the run needs a split; its subjects are never scored here)."""
+MIN_SUBJECTS = len(CLASSES) * min_per_class(TEST_FRACTION)
 MASAN_ROWS = [Row("masan", 1), Row("masan", 1, ckpt=True), Row("masan", 1, ckpt=True, channels_last=True),
               Row("masan", 2, ckpt=True), Row("masan", 4, ckpt=True), Row("masan", 2)]
 HFCN_ROWS = [Row("hfcn", 1), Row("hfcn", 4)]
@@ -185,7 +189,7 @@ def deepspeed_section(store: str, cache_dir: str, args, config: Path, work: Path
            f"train.precision={args.precision}", f"train.device={args.device.type}", f"log.every_steps={every}",
            "log.eval_every_epochs=0", "log.grad_norm_every_steps=0", "checkpoint.every_steps=0",
            "checkpoint.every_minutes=0", "checkpoint.at_epoch_end=false", "split.val_fraction=0",
-           "split.test_fraction=0.25", "optim.micro_batch=1", "optim.grad_accum=1", "optim.warmup_steps=0"]
+           f"split.test_fraction={TEST_FRACTION}", "optim.micro_batch=1", "optim.grad_accum=1", "optim.warmup_steps=0"]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
     try:
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=max(10.0, budget.left() - 5), env=env,
@@ -234,9 +238,9 @@ def _report_ds(run_dir: Path, variant: str) -> None:
 
 def parse_args(argv: list[str] | None):
     ap = device_parser(__doc__, 420.0)
-    ap.add_argument("--subjects", type=number(int, 1), default=8,
-                    help="subjects of the synthetic cohort (half NC, half AD; a quarter of each class is the "
-                         "test part)")
+    ap.add_argument("--subjects", type=number(int, MIN_SUBJECTS), default=MIN_SUBJECTS,
+                    help=f"subjects of the synthetic cohort (half NC, half AD; {TEST_FRACTION:g} of each class is "
+                         f"the test part, so at least {MIN_SUBJECTS}; default %(default)s)")
     ap.add_argument("--loader-passes", type=number(int, 1), default=2,
                     help="epochs per loader: the first is warm-up, the median of the rest counts (bench/io.py)")
     ap.add_argument("--ds-steps", type=number(int, 1), default=30)

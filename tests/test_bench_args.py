@@ -158,7 +158,7 @@ def test_device_parser_bad_arguments(argv, message, capsys):
 
 @pytest.mark.parametrize(("module", "argv", "message"), [
     ("gpu_check", ["--ds-steps", "0"], "argument --ds-steps: must be at least 1, got 0"),
-    ("gpu_check", ["--subjects", "-2"], "argument --subjects: must be at least 1, got -2"),
+    ("gpu_check", ["--subjects", "7"], "argument --subjects: must be at least 8, got 7"),
     ("gpu_check", ["--set", "nosuch.x=1"], "unknown config key(s) nosuch"),
     ("profile_step", ["--top", "0"], "argument --top: must be at least 1, got 0"),
     ("profile_step", ["--set", "model.fusion=bogus"], "'bogus' is not one of"),

@@ -104,13 +104,18 @@ class Split:
         return cls(**d)
 
 
+def min_per_class(test_fraction: float) -> int:
+    """Subjects a class needs so that a ``test_fraction`` split leaves some of it in both parts."""
+    return math.ceil(max(2, 1 / test_fraction, 1 / (1 - test_fraction)) - 1e-9)
+
+
 def _check_class_sizes(counts: Counter, test_fraction: float) -> None:
     """Refuse splits that would leave a class out of the train or the test part."""
     too_small = {
         c: n for c, n in counts.items() if n < 2 or n * test_fraction < 1 or n * (1 - test_fraction) < 1
     }
     if too_small:
-        need = math.ceil(max(2, 1 / test_fraction, 1 / (1 - test_fraction)) - 1e-9)
+        need = min_per_class(test_fraction)
         detail = ", ".join(f"{c!r}: {n}" for c, n in sorted(too_small.items(), key=str))
         raise SplitError(
             f"too few subjects for a stratified split with test_fraction={test_fraction}: "
