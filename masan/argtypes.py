@@ -7,6 +7,10 @@ from __future__ import annotations
 import argparse
 import math
 from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 
 def number(kind: type = int, low: float | None = None, high: float | None = None, *,
@@ -37,7 +41,7 @@ def number(kind: type = int, low: float | None = None, high: float | None = None
     return parse
 
 
-def torch_device(text: str):
+def torch_device(text: str) -> torch.device:
     """An argparse ``type`` for ``--device``: a ``torch.device`` this machine has (cpu, cuda,
     cuda:N). torch is imported only when the option is parsed: the data tools start without it."""
     import torch

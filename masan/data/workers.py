@@ -5,10 +5,11 @@ A rank has threads by the time an epoch's loader starts its workers (gloo and NC
 launcher's watchdog, TensorBoard's writer). ``fork`` copies the rank as it is at that instant,
 including any lock one of those threads holds: Python 3.11's interpreter can then hang the new
 worker inside its own start-up, and the whole run waits until its time limit (see
-docs/architecture.md, "DataLoader workers"). A fork server is a small process started once per
-rank, before any of that, with the modules a worker needs already imported; each worker is
-forked from it: clean, and as quick as ``fork`` after the server's first start (seconds, once).
-``spawn`` starts each worker as a new interpreter (imports everything, every epoch).
+docs/architecture.md, "DataLoader workers"). A fork server is a new interpreter (exec'd, so it
+inherits no lock), started once per rank by its first loader, that imports the modules a worker
+needs and has no other thread; each worker is forked from it: clean, and after the server's own
+start (about a second, once) nearly as quick as ``fork``. ``spawn`` starts each worker as a new
+interpreter (imports everything, every epoch).
 
 The dataset travels to a worker pickled: :class:`~masan.data.dataset.CohortDataset` holds only
 its store path and a cache only its paths, so this is cheap.
