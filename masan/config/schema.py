@@ -91,6 +91,10 @@ class DataConfig:
     process started once per rank; ``fork``: forked from the rank itself, which can hang a worker
     on Python 3.11 when another thread of the rank holds a lock at that instant; ``spawn``: a new
     interpreter per worker and epoch (slow start). Samples are identical either way."""
+    worker_timeout_minutes: float = field(default=30.0, metadata=PLUMBING)
+    """Longest wait for one batch from the workers: past it the rank stops with an error saying
+    so (a worker stuck, e.g. on a stalled file system), and the launcher restarts the run from its
+    last checkpoint instead of the job idling until its time limit. 0: wait forever."""
     prefetch_factor: int = field(default=2, metadata=PLUMBING)
     """Batches each worker (or, with a cache, the copy thread) prepares ahead of the step."""
     cache: Literal["none", "host", "device"] = field(default="none", metadata=PLUMBING)

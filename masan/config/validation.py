@@ -80,6 +80,7 @@ _RULES: tuple[tuple[str, typing.Callable[[Any], bool], str], ...] = (
     ("model.connectivity_keep", _non_negative, "0 (off) or a number of cell pairs to keep, e.g. 10"),
     ("data.num_workers", _non_negative, "0 (load in the training process) or more worker processes"),
     ("data.prefetch_factor", _positive, "at least 1 batch per worker"),
+    ("data.worker_timeout_minutes", _non_negative, "0 (wait forever) or minutes, e.g. 30"),
     ("data.fmri_frames", _optional_positive, "null (all frames) or at least 1 frame"),
     ("data.classes", lambda v: len(v) >= 2, "at least two classes, e.g. [NC, AD]"),
     ("data.augment.rotate_deg", lambda v: 0 <= v <= 180, "0 (off) or a small angle in degrees, e.g. 5"),

@@ -13,6 +13,11 @@ interpreter (imports everything, every epoch).
 
 The dataset travels to a worker pickled: :class:`~masan.data.dataset.CohortDataset` holds only
 its store path and a cache only its paths, so this is cheap.
+
+A worker that never delivers its batch (stuck on a stalled file system, or hung however it
+started) would leave the rank, and every rank waiting for it, idle until the job's time limit:
+past ``data.worker_timeout_minutes`` the loader raises :class:`WorkerTimeout` instead, so the
+run stops and its launcher restarts it from the last checkpoint.
 """
 
 from __future__ import annotations
@@ -23,6 +28,9 @@ from multiprocessing.context import BaseContext
 from torch.utils.data import DataLoader, Dataset
 
 from masan.config import DataConfig
+
+TORCH_TIMEOUT = "DataLoader timed out"
+"""How torch's own timeout error begins (the one the loader's ``timeout`` raises)."""
 
 WORKER_IMPORTS = ("torch", "masan.data.dataset")
 """Modules the fork server imports once, so that workers forked from it start without importing
@@ -39,11 +47,45 @@ def worker_context(start: str) -> BaseContext:
     return context
 
 
+class WorkerTimeout(RuntimeError):
+    """No batch came from the DataLoader workers within ``data.worker_timeout_minutes``."""
+
+
+class WatchedLoader(DataLoader):
+    """A DataLoader whose wait for a worker's batch ends in a :class:`WorkerTimeout` that says
+    what happened and what the run does about it (torch's own error names neither). Its
+    iterator starts the workers at once, as a DataLoader's does."""
+
+    def __iter__(self):
+        return _Watched(super().__iter__(), self)
+
+
+class _Watched:
+    def __init__(self, batches, loader: DataLoader):
+        self.batches, self.loader = batches, loader
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        try:
+            return next(self.batches)
+        except RuntimeError as e:
+            if not str(e).startswith(TORCH_TIMEOUT):
+                raise
+            raise WorkerTimeout(
+                f"no batch came from the {self.loader.num_workers} DataLoader worker(s) in "
+                f"{self.loader.timeout / 60:g} min (data.worker_timeout_minutes): a worker is stuck, e.g. reading "
+                "from a stalled file system (check the store's mount); this rank stops so that the launcher "
+                "restarts the run from its last checkpoint") from None
+
+
 def data_loader(dataset: Dataset, data: DataConfig, **kwargs) -> DataLoader:
     """``DataLoader(dataset, **kwargs)`` with ``data.num_workers`` worker processes (0: items are
     read in this process), each preparing ``data.prefetch_factor`` batches ahead, started the
-    ``data.worker_start`` way."""
+    ``data.worker_start`` way, a batch awaited at most ``data.worker_timeout_minutes``."""
     if data.num_workers == 0:
         return DataLoader(dataset, num_workers=0, **kwargs)
-    return DataLoader(dataset, num_workers=data.num_workers, prefetch_factor=data.prefetch_factor,
-                      multiprocessing_context=worker_context(data.worker_start), **kwargs)
+    return WatchedLoader(dataset, num_workers=data.num_workers, prefetch_factor=data.prefetch_factor,
+                         multiprocessing_context=worker_context(data.worker_start),
+                         timeout=60 * data.worker_timeout_minutes, **kwargs)
