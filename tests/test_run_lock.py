@@ -174,6 +174,29 @@ def test_one_run_per_directory_and_ranks_die_with_their_launcher(tmp_path, confi
     assert resumed.wait() == 0 and "status: stopped" in resumed.log(), resumed.log()[-4000:]
 
 
+def test_a_frozen_rank_fails_the_run_within_the_collective_timeout(tmp_path, config):
+    """A rank that stops answering (a frozen node, a hung process: here SIGSTOP) ends the run
+    within train.dist_timeout_minutes, also when the others wait in DeepSpeed's own step
+    collectives, so that the launcher restarts it instead of the job idling until its limit."""
+    run = tmp_path / "run"
+    timeout_s = 15
+    started = Started(config, run, *LONG, f"train.dist_timeout_minutes={timeout_s / 60}")
+    started.wait_for(lambda: len(started.steps()) >= 2)
+    rank1 = next(p for p in children(started.proc.pid)
+                 if b"RANK=1" in Path(f"/proc/{p}/environ").read_bytes().split(b"\0"))
+    os.kill(rank1, signal.SIGSTOP)
+    frozen = time.monotonic()
+    try:
+        code = started.wait(timeout_s=20 * timeout_s)
+    finally:
+        if alive(rank1):
+            os.kill(rank1, signal.SIGKILL)
+    took = time.monotonic() - frozen
+    assert code != 0, started.log()[-4000:]
+    assert took < 5 * timeout_s, (took, started.log()[-4000:])
+    assert f"Timed out waiting {timeout_s * 1000}ms" in started.log(), started.log()[-4000:]
+
+
 def test_the_lock_protocol(tmp_path):
     run = tmp_path / "run"
     lock = RunLock(run)

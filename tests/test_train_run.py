@@ -252,3 +252,43 @@ def test_a_run_from_the_host_cache_ends_with_the_store_runs_weights(tmp_path, tr
     cached, eager = final_weights(run), final_weights(reference_run)
     for k, v in eager.items():
         assert torch.equal(cached[k], v), k
+
+
+def _stalling_rank(rank: int, world: int, port: int, out: str, timeout_s: float) -> None:
+    """Rank 1 stops answering before the step; rank 0 steps and waits in DeepSpeed's collective."""
+    from masan.config import load_config
+    from masan.distributed import init_distributed
+    from masan.train.engine import LRSchedule, build_engine
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    cfg = load_config(None, [f"train.dist_timeout_minutes={timeout_s / 60}", "train.device=cpu",
+                             "train.precision=fp32"])
+    init_distributed(cfg.train)
+    model = torch.nn.Linear(4, 2)
+    engine = build_engine(model, cfg, world, LRSchedule(cfg.optim))
+    if rank == 1:
+        time.sleep(4 * timeout_s)
+    start = time.monotonic()
+    try:
+        engine.backward(engine(torch.ones(1, 4)).sum())
+        engine.step()
+        outcome = "stepped"
+    except RuntimeError as e:
+        outcome = f"raised {e}"
+    Path(f"{out}{rank}").write_text(f"{time.monotonic() - start:.1f} {outcome}")
+    torch.distributed.destroy_process_group()
+
+
+def test_deepspeeds_own_collectives_time_out_at_the_runs_timeout(tmp_path):
+    """DeepSpeed reduces gradients on a process group of its own, which torch gives its default
+    timeout (30 min on gloo); the engine must hold it to train.dist_timeout_minutes, or a rank
+    that stops answering keeps the others in their step that long."""
+    import torch.multiprocessing as mp
+
+    timeout_s = 5.0
+    from masan.distributed import free_port
+
+    mp.spawn(_stalling_rank, args=(2, free_port(), str(tmp_path / "rank"), timeout_s), nprocs=2)
+    took, outcome = (tmp_path / "rank0").read_text().split(" ", 1)
+    assert outcome.startswith("raised") and float(took) < 2 * timeout_s, (took, outcome)

@@ -21,6 +21,7 @@ classifier's cross-entropy) on top of the pretrained encoders.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import math
 import os
@@ -167,7 +168,32 @@ def build_engine(model: torch.nn.Module, cfg: RunConfig, world_size: int, schedu
     ds_config = deepspeed_config(cfg, world_size, sum(p.numel() for p in model.parameters()))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config, dist_init_required=False)
+    hold_to_run_timeout(engine, cfg.train.dist_timeout_minutes)
     return engine
+
+
+ENGINE_GROUPS = ("data_parallel_group", "seq_data_parallel_group")
+"""Attributes of a DeepSpeed engine that hold the process groups of its own collectives."""
+
+
+def hold_to_run_timeout(engine, minutes: float) -> None:
+    """Give the engine's process groups the run's collective timeout (``train.dist_timeout_minutes``).
+
+    DeepSpeed runs its gradient collectives on groups it makes itself (a copy of the world
+    group), and torch gives a new group its default timeout (30 min on gloo, 10 on NCCL), not
+    the run's: a rank that stopped answering held the others in their optimizer step that long,
+    whatever the config said, before any of them failed and the launcher could restart the run.
+    """
+    from torch.distributed import distributed_c10d
+
+    set_timeout = getattr(distributed_c10d, "_set_pg_timeout", None)  # torch's own setter, not public API
+    if set_timeout is None:
+        warnings.warn("this torch cannot set a process group's timeout: DeepSpeed's collectives keep torch's "
+                      "default timeout rather than train.dist_timeout_minutes", stacklevel=2)
+        return
+    groups = {id(g): g for g in (getattr(engine, a, None) for a in ENGINE_GROUPS) if g is not None}
+    for group in groups.values():
+        set_timeout(datetime.timedelta(minutes=minutes), group)
 
 
 def grad_norm(engine) -> float | None:
