@@ -9,6 +9,7 @@ cohort:
 - a second start on a live run directory is refused (exit 2) naming the holder, before it
   changes a byte there; kill -9 of a ``--nproc 2`` launcher takes both ranks with it; the
   next start takes the lock and resumes;
+- a rank frozen with SIGSTOP ends the run within ``train.dist_timeout_minutes``;
 - the lock itself (forked children do not keep it), the host cache sweep's message, and
   torch.compile's precompiled headers kept in the run's compile cache.
 """

@@ -1,7 +1,8 @@
 """Real training runs (DeepSpeed on the CPU, gloo, the real store/dataset/model) through
 launch/train_local.py: two ranks and both phases, stop and resume, a different number of
 ranks, kill -9 and a bit-identical deterministic resume, damaged checkpoints, a refused
-config, TensorBoard steps after a resume.
+config, TensorBoard steps after a resume; DeepSpeed's own collectives held to the run's
+timeout.
 
 Uses the session's tiny converted cohort (tests/conftest.py: 5 NC + 5 AD phantom subjects,
 T1 32^3, fMRI 16^3 x 6 frames, patch grid 2x2x2). The first DeepSpeed engine on a machine
