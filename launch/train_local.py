@@ -212,7 +212,9 @@ def _launcher_exit(codes: dict[int, int], ended: set[int], interrupts: dict) -> 
               "run the same command again to resume from it", file=sys.stderr)
         return EXIT_INTERRUPTED
     if failed:
-        print(f"error: rank(s) {sorted(failed)} exited with {sorted(set(failed.values()))}; "
+        stopped = (f"; rank(s) {sorted(ended)}, still running then, were stopped (a collective timeout above "
+                   "means one of them had stopped answering)" if ended else "")
+        print(f"error: rank(s) {sorted(failed)} exited with {sorted(set(failed.values()))}{stopped}; "
               f"the run resumes from its newest complete checkpoint when started again", file=sys.stderr)
         return 2 if set(failed.values()) == {2} else 1
     return 0

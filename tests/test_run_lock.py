@@ -195,7 +195,9 @@ def test_a_frozen_rank_fails_the_run_within_the_collective_timeout(tmp_path, con
     took = time.monotonic() - frozen
     assert code != 0, started.log()[-4000:]
     assert took < 5 * timeout_s, (took, started.log()[-4000:])
-    assert f"Timed out waiting {timeout_s * 1000}ms" in started.log(), started.log()[-4000:]
+    log = started.log()
+    assert f"Timed out waiting {timeout_s * 1000}ms" in log, log[-4000:]
+    assert "error: rank(s) [0] exited with [1]; rank(s) [1], still running then, were stopped" in log, log[-4000:]
 
 
 def test_the_lock_protocol(tmp_path):
