@@ -184,9 +184,10 @@ def hold_to_run_timeout(engine, minutes: float) -> None:
     the run's: a rank that stopped answering held the others in their optimizer step that long,
     whatever the config said, before any of them failed and the launcher could restart the run.
     """
-    from torch.distributed import distributed_c10d
+    import torch.distributed as dist
 
-    set_timeout = getattr(distributed_c10d, "_set_pg_timeout", None)  # torch's own setter, not public API
+    # public in newer torch; before that the private helper torchtitan also uses
+    set_timeout = getattr(dist, "set_timeout", None) or getattr(dist.distributed_c10d, "_set_pg_timeout", None)
     if set_timeout is None:
         warnings.warn("this torch cannot set a process group's timeout: DeepSpeed's collectives keep torch's "
                       "default timeout rather than train.dist_timeout_minutes", stacklevel=2)
