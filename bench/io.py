@@ -46,6 +46,7 @@ import numpy as np
 import torch
 from numcodecs.blosc import list_compressors
 
+from masan.access import not_a_folder
 from masan.argtypes import number, torch_device
 from masan.config import DataConfig, ModelConfig
 from masan.convert.cohort import ConvertError, ConvertOptions, convert_cohort, discover_bids
@@ -173,8 +174,9 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace, model: Mode
         convert_options(args)
     except ConvertError as e:
         p.error(str(e))
-    if args.keep is not None and args.keep.exists() and not args.keep.is_dir():
-        p.error(f"--keep {args.keep} is not a folder (a file of that name exists)")
+    why = None if args.keep is None else not_a_folder(args.keep)
+    if why:
+        p.error(f"--keep {args.keep} is not a folder: it {why}")
     if args.against is not None and not args.loader_only:
         try:
             CohortStore(args.against)
