@@ -12,9 +12,12 @@ so they wait for the resume, not for the scheduler.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -150,6 +153,53 @@ def test_time_limit_stops_saves_requeues_and_finishes(slurm_cluster, tiny_config
     assert [e["restarts"] for e in events(run_dir, "started")][:2] == [0, 1]
     after = rank0_log(run_dir, jid).split("restart 1")[1]
     assert f"resumed step_{requeued[0]['step']:06d}" in after  # the stop checkpoint itself
+
+
+def task_pid(job_id: str, rank: int) -> int:
+    """The pid of a job's training task of this rank (every node of the test cluster is this host)."""
+    for proc in Path("/proc").iterdir():
+        try:
+            env = dict(v.split("=", 1) for v in (proc / "environ").read_text().split("\0") if "=" in v)
+            cmdline = (proc / "cmdline").read_text()
+        except (OSError, ValueError):
+            continue  # not a process, or one that ended meanwhile
+        if (env.get("SLURM_JOB_ID"), env.get("SLURM_PROCID")) == (job_id, str(rank)) and "submitit" in cmdline:
+            return int(proc.name)
+    pytest.fail(f"no task of rank {rank} of job {job_id} on this host")
+
+
+def test_a_frozen_node_fails_its_job_within_the_collective_timeout_and_a_resubmit_resumes(
+        slurm_cluster, tiny_config, tmp_path):
+    """A node that stops answering (here: rank 1 SIGSTOPped) must cost the job the run's
+    collective timeout, not the rest of its time limit: rank 0 times out and fails, and
+    ``srun --kill-on-bad-exit`` ends the frozen task with it. Submitting again resumes."""
+    run_dir = tmp_path / "frozen"
+    timeout_min = 0.25
+    res = submit("--nodes", 2, "--time", 10, "--config", tiny_config, "--run-dir", run_dir, *LONG_RUN,
+                 f"train.dist_timeout_minutes={timeout_min}")
+    assert res.returncode == 0, res.stdout
+    (jid,) = job_ids(run_dir)
+    wait_until(lambda: (run_dir / "checkpoints" / "latest_complete").exists(), "a first checkpoint")
+    frozen = task_pid(jid, rank=1)
+    os.kill(frozen, signal.SIGSTOP)
+    try:
+        frozen_at = time.monotonic()
+        # the timeout, then SLURM's KillWait (30 s on the test cluster) at most, and slack for 2 busy cores
+        wait_until(lambda: jobs.job_state(jid) not in jobs.ACTIVE_STATES, f"job {jid} to end", timeout=150)
+        ended_after = time.monotonic() - frozen_at
+    finally:
+        subprocess.run(["scancel", jid], capture_output=True, check=False)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(frozen, signal.SIGKILL)
+    assert jobs.job_state(jid) == "FAILED", (jobs.job_state(jid), ended_after)
+    assert "Timed out" in rank0_log(run_dir, jid) or "timed out" in rank0_log(run_dir, jid).lower()
+
+    again = submit("--nodes", 2, "--time", 10, "--run-dir", run_dir, wait_job=True)
+    assert again.returncode == 0, again.stdout
+    first, second = job_ids(run_dir)
+    assert first == jid
+    assert_finished(run_dir, epochs=15)
+    assert "resumed step_" in rank0_log(run_dir, second)
 
 
 def test_repeats_run_as_one_array_with_one_run_dir_each(slurm_cluster, tiny_config, tmp_path):

@@ -287,11 +287,12 @@ def test_submit_refuses_a_run_whose_job_record_is_damaged(tmp_path, capsys, tiny
 @pytest.mark.slow
 def test_wait_reports_a_refused_run_instead_of_resubmitting_it(slurm_cluster, tiny_config, tmp_path):
     """A batch larger than the cohort's training part is refused inside the job (it needs the
-    store); --wait must tell it from a crash: one job, no restart, exit 2 with the reason."""
+    store); --wait must tell it from a crash: one job, no restart, exit 2 with the reason. Two
+    nodes: every rank refuses, and a rank ending first must not stop rank 0 recording why."""
     from test_slurm_launch import events, job_ids, submit
 
     run_dir = tmp_path / "refused"
-    res = submit("--nodes", 1, "--time", 5, "--config", tiny_config, "--run-dir", run_dir, "--max-restarts", 1,
+    res = submit("--nodes", 2, "--time", 5, "--config", tiny_config, "--run-dir", run_dir, "--max-restarts", 1,
                  "optim.micro_batch=64", wait_job=True)
     assert res.returncode == 2 and "run REFUSED" in res.stdout and "optim.micro_batch=64" in res.stdout, res.stdout
     [jid] = job_ids(run_dir)

@@ -3,10 +3,13 @@
 The executor's parameters come from :meth:`launch.slurm.plan.Resources.executor_parameters`
 (one per resource field) plus what every MASAN job needs whatever the resources: rank 0's
 stderr in its log, ``hpc/env/cluster_env.sh`` sourced before ``srun`` (threads, NCCL,
-signals), and ``--requeue`` so that :class:`launch.slurm.task.TrainTask` can requeue the job
-after a stop checkpoint. Submitted jobs are recorded in each run directory's ``jobs.json``.
-The tasks unpickle ``launch.slurm.task`` on the compute nodes with the submitting Python,
-where the project is installed (``pip install -e .``), so no ``PYTHONPATH`` is set.
+signals), ``--requeue`` so that :class:`launch.slurm.task.TrainTask` can requeue the job
+after a stop checkpoint, and ``srun --kill-on-bad-exit=1``: when one task fails (a crash, or a
+collective timeout because a peer stopped answering), SLURM ends the others, so a frozen node
+costs the job ``train.dist_timeout_minutes`` and a restart, not the rest of its time limit.
+Submitted jobs are recorded in each run directory's ``jobs.json``. The tasks unpickle
+``launch.slurm.task`` on the compute nodes with the submitting Python, where the project is
+installed (``pip install -e .``), so no ``PYTHONPATH`` is set.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from launch.slurm import jobs
 from launch.slurm.plan import Resources, RunSpec
 
 ENV_SCRIPT = Path(__file__).resolve().parents[2] / "hpc" / "env" / "cluster_env.sh"
+# A task that exits non-zero ends the whole step (the cluster's KillOnBadExit may be 0).
+SRUN_ARGS = ("--kill-on-bad-exit=1",)
 
 
 def make_executor(folder: Path, res: Resources, max_requeues: int):
@@ -25,7 +30,7 @@ def make_executor(folder: Path, res: Resources, max_requeues: int):
 
     ex = submitit.SlurmExecutor(folder=folder, max_num_timeout=max_requeues)
     ex.update_parameters(**res.executor_parameters(), stderr_to_stdout=True, setup=[f"source {ENV_SCRIPT}"],
-                         additional_parameters={"requeue": True})
+                         additional_parameters={"requeue": True}, srun_args=list(SRUN_ARGS))
     return ex
 
 

@@ -22,8 +22,10 @@ Before step 1 (while the task is still importing) submitit's own handler is in c
 is nothing to save then, so :meth:`TrainTask.checkpoint` just resubmits the unchanged task.
 
 A run that refuses to start (a config or resume error, raised on every rank alike) is not a
-crash: rank 0 records a ``refused`` event with the reason in ``run_dir/jobs.json`` and every
-task exits with status 2, so ``submit.py --wait`` reports it instead of resubmitting it.
+crash: rank 0 records a ``refused`` event with the reason in ``run_dir/jobs.json`` and exits
+with status 2, so ``submit.py --wait`` reports it instead of resubmitting it. The other ranks
+log the reason and exit 0: the job is run with ``srun --kill-on-bad-exit=1``, and a rank
+exiting 2 first would have SLURM kill rank 0 before it recorded why.
 """
 
 from __future__ import annotations
@@ -130,7 +132,7 @@ class TrainTask:
             if rank == 0:
                 jobs.record_event(self.cfg.run_dir, env.job_id, jobs.REFUSED, error=str(e))
             log.error("rank %d: refused: %s", rank, e)
-            sys.exit(jobs.EXIT_REFUSED)
+            sys.exit(jobs.EXIT_REFUSED if rank == 0 else 0)
         log.info("rank %d: run_training returned %s", rank, outcome)
         if outcome.status != "stopped":
             return outcome
