@@ -187,6 +187,7 @@ def test_a_frozen_node_fails_its_job_within_the_collective_timeout_and_a_resubmi
         # the timeout, then SLURM's KillWait (30 s on the test cluster) at most, and slack for 2 busy cores
         wait_until(lambda: jobs.job_state(jid) not in jobs.ACTIVE_STATES, f"job {jid} to end", timeout=150)
         ended_after = time.monotonic() - frozen_at
+        print(f"job {jid} ended {ended_after:.0f} s after rank 1 froze")
     finally:
         subprocess.run(["scancel", jid], capture_output=True, check=False)
         with contextlib.suppress(ProcessLookupError):

@@ -21,7 +21,6 @@ to the same mode (and the store's group) once the start is accepted.
 
 from __future__ import annotations
 
-import getpass
 import logging
 import os
 import random
@@ -32,7 +31,7 @@ import numpy as np
 import torch
 
 from masan import distributed as D
-from masan.access import apply_access, creation_umask, describe_mode, nearest_existing, restrictive_mode
+from masan.access import apply_access, creation_umask, describe_mode, nearest_existing, restrictive_mode, write_refusal
 from masan.config import ConfigError, RunConfig, config_hash, save_config
 from masan.files import atomic_write_json
 from masan.predictions import write_predictions
@@ -73,29 +72,20 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.backends.cudnn.deterministic = True
 
 
-def _user() -> str:
-    """This process's user name for messages (its uid where no name is known, e.g. in containers)."""
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):
-        return f"uid {os.geteuid()}"
-
-
 def check_writable(run_dir: Path) -> None:
     """Refuse a run directory this user cannot write (or its nearest existing parent, for a
     new one), and its checkpoint and TensorBoard folders, now rather than at the first save
-    hours in. ``os.access`` asks the kernel (mode bits, ACLs, read-only mounts) and writes
-    nothing, so a refused start changes nothing."""
+    hours in (:func:`masan.access.write_refusal`: asks the kernel, writes nothing, so a refused
+    start changes nothing)."""
     rd = RunDir(run_dir)
     folders = [run_dir, *(d for d in (rd.checkpoints, rd.tb) if d.is_dir())] if run_dir.exists() else [
         nearest_existing(run_dir)]
     for d in folders:
-        if not os.access(d, os.W_OK | os.X_OK):
-            fix = ("it is on a read-only file system: choose a run_dir=... on a writable one"
-                   if os.statvfs(d).f_flag & os.ST_RDONLY else
+        why = write_refusal(d)
+        if why is not None:
+            fix = ("choose a run_dir=... on a writable one" if os.statvfs(d).f_flag & os.ST_RDONLY else
                    f"make it writable (chmod u+wx {d}) or choose another run_dir=...")
-            raise ConfigError(f"{d} is not writable by user {_user()}: checkpoints and results of "
-                              f"run_dir={run_dir} could not be saved there; {fix}")
+            raise ConfigError(f"{why}: checkpoints and results of run_dir={run_dir} could not be saved there; {fix}")
 
 
 @dataclass
