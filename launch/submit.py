@@ -46,7 +46,7 @@ from pathlib import Path
 
 from launch.slurm import jobs
 from launch.slurm.plan import Resources, RunSpec, parse_time_min, plan_runs, slurm_time
-from launch.slurm.submission import log_path, submit_slurm
+from launch.slurm.submission import failure_logs, log_path, submit_slurm
 from masan.argtypes import number
 from masan.config import ConfigError, save_config
 from masan.rundir import RunDir
@@ -264,17 +264,18 @@ def watch(pending: dict[str, RunSpec], res: Resources, folder: Path, args) -> in
                 print(f"  run REFUSED: {spec.run_dir} (job {jid}, not resubmitted): {why}", flush=True)
                 refused.append(key)
                 continue
+            logs = ", ".join(map(str, failure_logs(folder, jid)))
             if state in jobs.RESTARTABLE_STATES and restarts[key] < args.max_restarts:
                 restarts[key] += 1
                 (new_id,) = submit_slurm([spec], res, folder, args.max_requeues)
                 jobs.record_event(spec.run_dir, new_id, "restarted", after=jid, state=state,
                                   restart=restarts[key])
-                print(f"  job {jid} ended {state}: resubmitted as job {new_id} "
+                print(f"  job {jid} ended {state} (see {logs}): resubmitted as job {new_id} "
                       f"(restart {restarts[key]}/{args.max_restarts}); log {log_path(folder, new_id)}", flush=True)
                 pending[new_id] = spec
                 continue
             print(f"  run NOT finished: {spec.run_dir} (job {jid} ended {state}; "
-                  f"see {log_path(folder, jid)}; submit again to resume)", flush=True)
+                  f"see {logs}; submit again to resume)", flush=True)
             failed.append(key)
     return EXIT_REFUSED if refused and not failed else EXIT_FAILED if failed else 0
 

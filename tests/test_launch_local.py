@@ -72,6 +72,24 @@ def test_resubmission_reuses_the_run_dirs_config(tiny_config, tmp_path):
     assert spec.cfg.optim.lr == 0.02 and spec.cfg.data.store == load_config(str(tiny_config)).data.store
 
 
+def test_a_failed_jobs_message_names_the_logs_that_hold_its_error(tmp_path):
+    """With a frozen node the traceback (a collective timeout) is in the waiting ranks' logs,
+    not always in rank 0's, which is all the message named before."""
+    from launch.slurm.submission import failure_logs
+
+    def log(name: str, text: str) -> Path:
+        (tmp_path / name).write_text(text)
+        return tmp_path / name
+
+    log("12_0_log.out", "step 40: loss 0.3\n")  # rank 0 froze: no error of its own
+    r1 = log("12_1_log.out", "Traceback (most recent call last):\n  ...\nTimed out waiting 60000ms\n")
+    r10 = log("12_10_log.out", "Traceback (most recent call last):\n")
+    log("12_3_0_log.out", "Traceback (most recent call last):\n")  # array job 12_3's rank 0
+    assert failure_logs(tmp_path, "12") == [r1, r10]
+    assert failure_logs(tmp_path, "12_3") == [tmp_path / "12_3_0_log.out"]
+    assert failure_logs(tmp_path, "99") == [tmp_path / "99_0_log.out"]  # no logs (yet): rank 0's path
+
+
 def test_one_rank_per_gpu_or_one_per_cpu_node():
     assert Resources(nodes=4, gpus_per_node=8).world_size == 32
     assert Resources(nodes=2, gpus_per_node=0).tasks_per_node == 1

@@ -22,6 +22,7 @@ from launch.slurm.plan import Resources, RunSpec
 ENV_SCRIPT = Path(__file__).resolve().parents[2] / "hpc" / "env" / "cluster_env.sh"
 # A task that exits non-zero ends the whole step (the cluster's KillOnBadExit may be 0).
 SRUN_ARGS = ("--kill-on-bad-exit=1",)
+TRACEBACK = "Traceback (most recent call last)"
 
 
 def make_executor(folder: Path, res: Resources, max_requeues: int):
@@ -37,6 +38,21 @@ def make_executor(folder: Path, res: Resources, max_requeues: int):
 def log_path(folder: Path, job_id: str) -> Path:
     """Where submitit writes rank 0's output of a job (``%j_0_log.out``)."""
     return folder / f"{job_id}_0_log.out"
+
+
+def failure_logs(folder: Path, job_id: str) -> list[Path]:
+    """The task logs of an ended job that hold a Python traceback, in rank order (rank 0's log
+    when none does): where to read why it failed. The error is not always rank 0's: when a node
+    stops answering, the traceback (a collective timeout) is in the logs of the ranks that
+    waited for it."""
+    ranks = {}
+    for path in folder.glob(f"{job_id}_*_log.out"):
+        rank = path.name[len(job_id) + 1:-len("_log.out")]
+        if rank.isdigit():  # not another array task's log (job 12's glob also matches 12_3_0_log.out)
+            ranks[int(rank)] = path
+    with_error = [p for _, p in sorted(ranks.items())
+                  if TRACEBACK in p.read_text(errors="replace")]
+    return with_error or [log_path(folder, job_id)]
 
 
 def submit_slurm(specs: list[RunSpec], res: Resources, folder: Path, max_requeues: int) -> list[str]:
