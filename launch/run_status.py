@@ -23,6 +23,7 @@ from pathlib import Path
 
 from launch.slurm import jobs
 from launch.slurm.queue import Queued, never_starts, slurm_state, squeue_states
+from launch.slurm.submission import failure_logs
 from masan.rundir import RunDir
 from masan.train.eta import ETA_INTERVALS, eta_seconds
 from masan.train.runlock import local_holders
@@ -299,6 +300,9 @@ def _jobs_columns(run: Path, st: RunStatus, queued: dict[str, Queued] | None) ->
             if why:
                 st.add_note(f"job {st.job_id} can never start as submitted ({waiting.reason}): {why}; "
                             f"scancel {st.job_id} first")
+        if st.slurm in jobs.RESTARTABLE_STATES and job.get("log"):
+            logs = ", ".join(map(str, failure_logs(Path(job["log"]).parent, st.job_id)))
+            st.add_note(f"job {st.job_id} ended {st.slurm}: see {logs}")
     elif local_holders(RunDir(run).lock):  # launch/train_local.py keeps no job record: its lock says it lives
         st.slurm = "RUNNING (local)"
     st.requeues = sum(1 for e in record["events"] if e.get("event") == "started" and e.get("restarts", 0) > 0)

@@ -23,9 +23,11 @@ jobs.json (launch.slurm.jobs), tb/ (TensorBoard's event reader). Works without S
 
 A pending job shows SLURM's reason (squeue's %r), e.g. ``PENDING (123, Priority)``; one that
 can never start as submitted (``PartitionNodeLimit``, ``PartitionTimeLimit``, ...) also gets a
-note with the fix. A run that cannot be read whole (a file or folder this user may not read, a
-corrupt jobs.json, a truncated or invalid config.yaml) is still one row, with what could be
-read and a note below the table naming the file and the problem; the other runs are unaffected.
+note with the fix. A job that ended FAILED (or NODE_FAIL, TIMEOUT, ...) gets a note naming the
+task logs that hold a traceback (with a frozen node: the ranks that waited for it). A run
+that cannot be read whole (a file or folder this user may not read, a corrupt jobs.json, a
+truncated or invalid config.yaml) is still one row, with what could be read and a note below
+the table naming the file and the problem; the other runs are unaffected.
 Exit status: 0, or 2 when no run directory was found under the paths given.
 """
 

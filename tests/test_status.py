@@ -359,6 +359,21 @@ def test_a_pending_job_shows_slurms_reason_and_one_that_never_starts_the_fix(tmp
     assert "RUNNING (77)" in status.row_cells(running) and running.reason is None
 
 
+def test_a_failed_job_names_the_logs_that_hold_its_error(tmp_path):
+    """A frozen rank 0 leaves no error in its own log: the collective timeout is in rank 1's."""
+    import pickle
+
+    run = tmp_path / "repeat_0"
+    folder = run / "slurm"
+    jobs.record_job(run, "78", "slurm", str(folder / "78_0_log.out"))
+    folder.mkdir()
+    (folder / "78_0_result.pkl").write_bytes(pickle.dumps(("error", "Traceback ...: DistBackendError")))
+    (folder / "78_0_log.out").write_text("step 40: loss 0.3\n")
+    (folder / "78_1_log.out").write_text("Traceback (most recent call last):\n...Timed out waiting 60000ms\n")
+    failed = run_status.run_status(tmp_path, run, None)
+    assert failed.slurm == "FAILED" and failed.note == f"job 78 ended FAILED: see {folder / '78_1_log.out'}"
+
+
 def test_a_live_train_local_run_shows_running_and_a_killed_one_does_not(tmp_path):
     """launch/train_local.py keeps no job record; its rank 0 holds run.lock while it lives."""
     from masan.train.runlock import RunLock
