@@ -212,13 +212,18 @@ def not_a_folder(path: str | os.PathLike) -> str | None:
             f"lies below {found}, which is a file, not a folder")
 
 
+def on_read_only_mount(path: str | os.PathLike) -> bool:
+    """Whether the existing ``path`` lies on a file system mounted read-only (no mode change helps)."""
+    return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+
+
 def write_refusal(folder: str | os.PathLike) -> str | None:
     """Why this user cannot create files in the existing ``folder`` now, or None. Asks the
     kernel (``os.access``: mode bits, ACLs; a read-only mount refuses even root) and writes
     nothing."""
     if not Path(folder).is_dir():
         return f"{folder} is a file, not a folder"
-    if os.statvfs(folder).f_flag & os.ST_RDONLY:
+    if on_read_only_mount(folder):
         return f"{folder} is on a read-only file system"
     if not os.access(folder, os.W_OK | os.X_OK):
         return f"you may not write in {folder}"

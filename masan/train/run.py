@@ -31,7 +31,15 @@ import numpy as np
 import torch
 
 from masan import distributed as D
-from masan.access import apply_access, creation_umask, describe_mode, nearest_existing, restrictive_mode, write_refusal
+from masan.access import (
+    apply_access,
+    creation_umask,
+    describe_mode,
+    nearest_existing,
+    on_read_only_mount,
+    restrictive_mode,
+    write_refusal,
+)
 from masan.config import ConfigError, RunConfig, config_hash, save_config
 from masan.files import atomic_write_json
 from masan.predictions import write_predictions
@@ -83,7 +91,7 @@ def check_writable(run_dir: Path) -> None:
     for d in folders:
         why = write_refusal(d)
         if why is not None:
-            fix = ("choose a run_dir=... on a writable one" if os.statvfs(d).f_flag & os.ST_RDONLY else
+            fix = ("choose a run_dir=... on a writable one" if on_read_only_mount(d) else
                    f"make it writable (chmod u+wx {d}) or choose another run_dir=...")
             raise ConfigError(f"{why}: checkpoints and results of run_dir={run_dir} could not be saved there; {fix}")
 
