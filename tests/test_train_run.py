@@ -258,8 +258,9 @@ def test_a_run_from_the_host_cache_ends_with_the_store_runs_weights(tmp_path, tr
 def _stalling_rank(rank: int, world: int, port: int, out: str, timeout_s: float) -> None:
     """Rank 1 stops answering before the step; rank 0 steps and waits in DeepSpeed's collective.
 
-    Both leave by ``os._exit``: after a collective failed, gloo's teardown at interpreter exit
-    may abort the process, which is not what this test is about.
+    Both leave by ``os._exit``: after a failed collective, a process whose DeepSpeed groups
+    outlive ``destroy_process_group`` (the engine still referenced) may abort in gloo's
+    teardown (SIGABRT), which is not what this test is about.
     """
     from masan.config import load_config
     from masan.distributed import init_distributed
