@@ -82,12 +82,15 @@ class Started:
 
 
 def alive(pid: int) -> bool:
-    """The process exists and is not a zombie (a killed orphan may wait to be reaped by init)."""
+    """Some thread of the process still runs: a killed orphan may wait as a zombie to be reaped
+    by init, and its main thread is a zombie while its other threads still exit (holding its
+    files, and so its run-directory lock)."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        states = [(t / "stat").read_text().rsplit(")", 1)[1].split()[0]
+                  for t in Path(f"/proc/{pid}/task").iterdir()]
     except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+        return False  # gone, or went while being read
+    return any(state != "Z" for state in states)
 
 
 def children(pid: int) -> list[int]:
