@@ -176,7 +176,7 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace, model: Mode
         p.error(str(e))
     why = None if args.keep is None else not_a_folder(args.keep)
     if why:
-        p.error(f"--keep {args.keep} is not a folder: it {why}")
+        p.error(f"--keep {args.keep} {why}; give --keep a folder (new or existing)")
     if args.against is not None and not args.loader_only:
         try:
             CohortStore(args.against)

@@ -77,7 +77,7 @@ from experiments.training import (
     train,
     train_command,
 )
-from masan.access import nearest_existing, not_a_folder
+from masan.access import not_a_folder
 from masan.argtypes import number
 from masan.config import ConfigError, RunConfig, config_hash, load_config
 from masan.host import usable_cores
@@ -182,9 +182,9 @@ def check_paths(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if why:
         ap.error(f"--work {args.work} {why}; give a folder for the cohort and the runs")
     out = args.out or args.work / "science.md"
-    above = nearest_existing(out.parent)
-    if not above.is_dir():
-        ap.error(f"--out {out} lies below {above}, which is a file, not a folder; give another --out")
+    why = not_a_folder(out.parent)
+    if why:
+        ap.error(f"--out {out}: its folder {out.parent} {why}; give another --out")
     if out.is_dir():
         ap.error(f"--out {out} is a folder; --out is the markdown table's file, e.g. --out {out / 'science.md'}")
 

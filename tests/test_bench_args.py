@@ -60,9 +60,10 @@ def test_io_codecs_are_the_stores():
 def test_io_keep_and_against_a_file(tmp_path, capsys):
     f = tmp_path / "file"
     f.write_text("x")
-    assert f"--keep {f} is not a folder" in usage_error(bench_io.main, ["--keep", str(f)], capsys)
+    err = usage_error(bench_io.main, ["--keep", str(f)], capsys)
+    assert f"--keep {f} is a file, not a folder; give --keep a folder" in err
     below = usage_error(bench_io.main, ["--keep", str(f / "b")], capsys)  # was a NotADirectoryError at mkdir
-    assert f"--keep {f / 'b'} is not a folder: it lies below {f}, which is a file" in below
+    assert f"--keep {f / 'b'} lies below {f}, which is a file, not a folder; give --keep" in below
     err = usage_error(bench_io.main, ["--against", str(f)], capsys)
     assert f"--against: {f} is not a Zarr v3 cohort store" in err and "Traceback" not in err
     assert list(tmp_path.iterdir()) == [f]

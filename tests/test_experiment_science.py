@@ -124,7 +124,8 @@ def test_work_and_out_are_checked_before_any_work(tmp_path, capsys):
     folder.mkdir()
     for argv, message in ((["--work", str(afile)], f"--work {afile} is a file, not a folder"),
                           (["--work", str(afile / "w")], f"--work {afile / 'w'} lies below {afile}"),
-                          (["--work", str(folder), "--out", str(afile / "t.md")], f"--out {afile / 't.md'} lies below"),
+                          (["--work", str(folder), "--out", str(afile / "t.md")],
+                           f"--out {afile / 't.md'}: its folder {afile} is a file"),
                           (["--work", str(folder), "--out", str(folder)], f"--out {folder} is a folder")):
         with pytest.raises(SystemExit) as e:
             science.parse_args(argv)

@@ -88,6 +88,10 @@ def test_a_failed_jobs_message_names_the_logs_that_hold_its_error(tmp_path):
     assert failure_logs(tmp_path, "12") == [r1, r10]
     assert failure_logs(tmp_path, "12_3") == [tmp_path / "12_3_0_log.out"]
     assert failure_logs(tmp_path, "99") == [tmp_path / "99_0_log.out"]  # no logs (yet): rank 0's path
+    # asked again (status --watch) after rank 0's log changed: read again, not the answer kept from before
+    with open(tmp_path / "12_0_log.out", "a") as f:
+        f.write("Traceback (most recent call last):\n")
+    assert failure_logs(tmp_path, "12") == [tmp_path / "12_0_log.out", r1, r10]
 
 
 def test_one_rank_per_gpu_or_one_per_cpu_node():

@@ -14,6 +14,7 @@ installed (``pip install -e .``), so no ``PYTHONPATH`` is set.
 
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
 
 from launch.slurm import jobs
@@ -50,9 +51,25 @@ def failure_logs(folder: Path, job_id: str) -> list[Path]:
         rank = path.name[len(job_id) + 1:-len("_log.out")]
         if rank.isdigit():  # not another array task's log (job 12's glob also matches 12_3_0_log.out)
             ranks[int(rank)] = path
-    with_error = [p for _, p in sorted(ranks.items())
-                  if TRACEBACK in p.read_text(errors="replace")]
+    with_error = [p for _, p in sorted(ranks.items()) if _holds_traceback(p)]
     return with_error or [log_path(folder, job_id)]
+
+
+def _holds_traceback(path: Path) -> bool:
+    """Whether the log at ``path`` holds a traceback; a log is read again only once it changed
+    (``launch/status.py --watch`` asks every few seconds, and a long run's logs are large)."""
+    try:
+        st = path.stat()
+    except OSError:  # removed since the listing
+        return False
+    return _scan_for_traceback((str(path), st.st_size, st.st_mtime_ns))
+
+
+@lru_cache(maxsize=1024)
+def _scan_for_traceback(version: tuple[str, int, int]) -> bool:
+    """``version``: (path, size, mtime in ns), the cache key of one state of a log."""
+    with open(version[0], errors="replace") as f:
+        return any(TRACEBACK in line for line in f)
 
 
 def submit_slurm(specs: list[RunSpec], res: Resources, folder: Path, max_requeues: int) -> list[str]:
