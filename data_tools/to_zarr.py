@@ -132,6 +132,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     d = ConvertOptions()
     p.add_argument("--nan", default=d.nan, choices=["error", "zero"],
                    help="NaN voxels: error (default: the subject fails) or zero (stored as 0, count recorded)")
+    p.add_argument("--unoriented", default=d.unoriented, choices=["refuse", "assume-las"],
+                   help="a file whose header states no orientation (sform and qform codes 0: left and right are "
+                        "a guess): refuse (default: its subject fails, the message says how to fix the header) "
+                        "or assume-las (nibabel's and FSL's assumption, with a warning)")
     p.add_argument("--workers", type=int, default=1, help="subjects converted in parallel (processes)")
     p.add_argument("--verify", action="store_true",
                    help="re-read already converted subjects and reconvert any whose checksum differs")
@@ -176,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
             fmri_shape=tuple(args.fmri_shape) if args.fmri_shape else None, patch_grid=tuple(args.patch_grid),
             fmri_chunk_frames=args.fmri_chunk_frames, fmri_shard_frames=args.fmri_shard_frames, codec=args.codec,
             clevel=args.clevel, shuffle=args.shuffle, levels=args.levels, nan=args.nan, require=tuple(args.require),
-            register=args.register, template=args.template, threads=args.threads,
+            unoriented=args.unoriented, register=args.register, template=args.template, threads=args.threads,
             allow_unlabeled=args.allow_unlabeled)
         if args.bids:
             sources = discover_bids(args.bids, args.label_column, args.session)

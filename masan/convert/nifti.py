@@ -61,6 +61,24 @@ def open_image(path: str | Path) -> nib.Nifti1Pair:
     return img
 
 
+def unoriented(img: nib.Nifti1Pair) -> bool:
+    """Whether the header states no orientation: sform_code and qform_code both 0. nibabel then
+    builds the affine from the voxel sizes alone with x flipped (LAS, ANALYZE's radiological
+    convention, as FSL assumes too), while other tools assume other orders: left and right are
+    a guess."""
+    hdr = img.header
+    return not int(hdr["sform_code"]) and not int(hdr["qform_code"])
+
+
+def unoriented_refusal(path: str | Path) -> str:
+    """Why a file without orientation is refused, and the two ways on."""
+    return (f"{path}: the header states no orientation (sform_code and qform_code are 0), so which side of the "
+            "image is the head's left is a guess (nibabel and FSL assume LAS, other tools other orders); set the "
+            "right affine in the header if you know it (nibabel: img.set_sform(affine, code=1); nib.save(img, "
+            "path)) or re-export from the scanner data (dcm2niix), or pass --unoriented assume-las to accept LAS "
+            "for such files")
+
+
 def _check_affine(img: nib.Nifti1Pair, path: Path) -> None:
     """NiftiError when the voxel -> world affine nibabel takes from the header (sform, else
     qform, else the voxel sizes) cannot be inverted: such an image has no orientation and no

@@ -52,6 +52,11 @@ class ConvertOptions:
     level halves X, Y, Z (2x2x2 means, per frame) for OME-Zarr viewers."""
     nan: Literal["error", "zero"] = "error"
     """NaN voxels: ``error`` rejects the subject, ``zero`` stores 0 and records the count."""
+    unoriented: Literal["refuse", "assume-las"] = "refuse"
+    """A file whose header states no orientation (sform and qform codes 0,
+    :func:`masan.convert.nifti.unoriented`): ``refuse`` fails its subject, ``assume-las`` takes
+    nibabel's affine (LAS) with a warning. Not in the fingerprint: it decides which subjects
+    are converted, not the bytes of the others."""
     require: tuple[str, ...] = ("t1", "fmri")
     """Modalities every subject must have; a subject missing one fails."""
     register: Literal["none", "rigid", "affine", "syn"] = "none"
@@ -108,7 +113,7 @@ class ConvertOptions:
         Without registration it is what it was before registration existed, so such stores
         are not redone."""
         d = asdict(self)
-        for key in ("require", "register", "template", "threads", "allow_unlabeled"):
+        for key in ("require", "register", "template", "threads", "allow_unlabeled", "unoriented"):
             d.pop(key)
         if self.spacing is None:  # stores from before resampling existed keep their fingerprint
             d.pop("spacing")

@@ -106,11 +106,17 @@ def _check_finite(slab: np.ndarray, nan: str, path: str, t0: int) -> tuple[int, 
         return 0, slab
     nans = np.isnan(slab)
     n_nan, n_inf = int(nans.sum()), int(bad.sum() - nans.sum())
-    where = f" (from frame {t0})" if slab.shape[3] > 1 or t0 else ""
+
+    def where(mask: np.ndarray) -> str:  # a 4D file: the first frame (from 0) that holds one; slabs go in order
+        if slab.shape[3] == 1 and not t0:
+            return ""
+        return f" (the first in frame {t0 + int(np.flatnonzero(mask.reshape(-1, slab.shape[3]).any(axis=0))[0])})"
+
     if n_inf:
-        raise nifti.NiftiError(f"{path}: {n_inf} voxels are +-Inf{where}; the file is corrupt, re-export it")
+        raise nifti.NiftiError(f"{path}: {n_inf} voxels are +-Inf{where(bad & ~nans)}; the file is corrupt, "
+                               "re-export it")
     if nan == "error":
-        raise nifti.NiftiError(f"{path}: {n_nan} of {slab.size} voxels are NaN{where} (usual in the "
+        raise nifti.NiftiError(f"{path}: {n_nan} of {slab.size} voxels are NaN{where(nans)} (usual in the "
                                "background of resampled images); rerun with --nan zero to store them as 0")
     slab = slab.copy() if not slab.flags.writeable else slab
     slab[nans] = 0
@@ -254,6 +260,11 @@ def _write_modality(group: Any, modality: str, path: str, opts: ConvertOptions, 
     template grid when ``reg`` is given); returns its table entry. ``sidecar``: the fMRI run's
     BIDS JSON (its TR wins over the header's)."""
     img = nifti.open_image(path)
+    if nifti.unoriented(img):
+        if opts.unoriented == "refuse":
+            raise nifti.NiftiError(nifti.unoriented_refusal(path))
+        warn.append(f"{path}: the header states no orientation (sform/qform codes 0); assumed LAS "
+                    "(--unoriented assume-las): check left and right")
     shape = nifti.data_shape(img, 3 if modality == "t1" else 4, path)
     info = nifti.describe(img)
     source = _Source(img, path, opts.nan)
