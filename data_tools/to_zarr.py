@@ -25,6 +25,7 @@ import sys
 from pathlib import Path
 
 from masan.access import AccessError, parse_group, parse_mode
+from masan.argtypes import number
 from masan.config import ModelConfig
 from masan.convert.cohort import (
     DEFAULT_CLASSES,
@@ -49,26 +50,29 @@ def _add_layout_arguments(p: argparse.ArgumentParser, model: ModelConfig) -> Non
                         help="store the file's voxel order (default: reoriented to RAS+, affine kept true, so "
                              "every subject's voxel axes mean the same sides of the head)")
     orient.add_argument("--canonical", action="store_true", help="reorient to RAS+ (the default; kept for scripts)")
-    lay.add_argument("--spacing", nargs="*", type=float, metavar="MM",
+    lay.add_argument("--spacing", nargs="*", type=number(float, 0), metavar="MM",
                      help="resample every image onto an isotropic RAS grid: T1 MM [fMRI MM] (flag alone or 0: the "
                           "cohort's most common voxel size per modality), trilinear, over each image's field of "
                           "view, before --t1-shape/--fmri-shape centre it. Needed when scanners' voxel sizes differ "
                           "(training refuses such a store)")
-    lay.add_argument("--t1-shape", nargs="*", type=int, metavar="N",
+    lay.add_argument("--t1-shape", nargs="*", type=number(int, 1), metavar="N",
                      help=f"centre crop/pad T1 to X Y Z (flag alone: {' '.join(map(str, model.t1_shape))})")
-    lay.add_argument("--fmri-shape", nargs="*", type=int, metavar="N",
+    lay.add_argument("--fmri-shape", nargs="*", type=number(int, 1), metavar="N",
                      help=f"centre crop/pad fMRI frames to X Y Z (flag alone: {' '.join(map(str, model.fmri_shape))})")
     d = ConvertOptions()
-    lay.add_argument("--patch-grid", nargs=3, type=int, default=list(d.patch_grid), metavar=("GX", "GY", "GZ"),
+    lay.add_argument("--patch-grid", nargs=3, type=number(int, 1), default=list(d.patch_grid),
+                     metavar=("GX", "GY", "GZ"),
                      help="T1 chunk = one cell of this grid (default %(default)s)")
-    lay.add_argument("--fmri-chunk-frames", type=int, default=d.fmri_chunk_frames, help="frames per fMRI chunk")
-    lay.add_argument("--fmri-shard-frames", type=int, default=d.fmri_shard_frames,
-                     help="frames per fMRI shard file; also the streaming slab (memory per worker)")
+    lay.add_argument("--fmri-chunk-frames", type=number(int, 1), default=d.fmri_chunk_frames,
+                     help="frames per fMRI chunk (default %(default)s)")
+    lay.add_argument("--fmri-shard-frames", type=number(int, 1), default=d.fmri_shard_frames,
+                     help="frames per fMRI shard file, a multiple of --fmri-chunk-frames (default %(default)s); "
+                          "also the streaming slab (memory per worker)")
     lay.add_argument("--codec", default=d.codec, choices=["zstd", "lz4", "lz4hc", "blosclz", "zlib"])
     lay.add_argument("--clevel", type=int, default=d.clevel, choices=range(10), metavar="0-9",
                      help="compression level (default %(default)s)")
     lay.add_argument("--shuffle", default=d.shuffle, choices=["bitshuffle", "shuffle", "noshuffle"])
-    lay.add_argument("--levels", type=int, default=d.levels,
+    lay.add_argument("--levels", type=number(int, 1), default=d.levels,
                      help="resolution levels per image (default %(default)s: full resolution only); each further "
                           "level halves X, Y, Z for OME-Zarr viewers (training reads level 0)")
 
@@ -87,7 +91,7 @@ def _add_registration_arguments(p: argparse.ArgumentParser) -> None:
     reg.add_argument("--template", default=d.template, choices=list(TEMPLATES),
                      help="mni152: the ICBM 2009a nonlinear symmetric MNI152 T1 (brain only) bundled with nilearn "
                           "(default)")
-    reg.add_argument("--threads", type=int, default=None,
+    reg.add_argument("--threads", type=number(int, 1), default=None,
                      help="ITK threads per worker for the registrations (default: usable cores / workers). With 1 "
                           "a rerun reproduces every byte (use --workers for speed); with more, reruns differ by "
                           "fractions of a millimetre")
@@ -117,10 +121,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     src.add_argument("--bids", type=Path, help="BIDS folder with participants.tsv and sub-*/[ses-*/]anat|func")
     src.add_argument("--manifest", type=Path, help="CSV with columns subject,t1,fmri,label (paths relative to it)")
     p.add_argument("--out", type=Path, required=True, help="store folder (created, or updated in place)")
-    p.add_argument("--label-column", default="diagnosis", help="participants.tsv column holding the diagnosis")
+    p.add_argument("--label-column", default="diagnosis",
+                   help="participants.tsv column holding the diagnosis (default %(default)s)")
     p.add_argument("--label-map", default=None,
                    help="extra RAW=CLASS pairs, e.g. 'Dementia=AD,MCI=LMCI' (CN=NC is built in; case-insensitive)")
-    p.add_argument("--classes", nargs="+", default=list(DEFAULT_CLASSES), help="class names, in order")
+    p.add_argument("--classes", nargs="+", default=list(DEFAULT_CLASSES),
+                   help=f"class names, in order, each once (default {' '.join(DEFAULT_CLASSES)})")
     p.add_argument("--session", default=None, help="BIDS session to use (default: first with T1w and BOLD)")
     p.add_argument("--require", nargs="+", choices=["t1", "fmri"], default=["t1", "fmri"],
                    help="modalities every subject must have (others are converted when present)")
@@ -136,7 +142,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="a file whose header states no orientation (sform and qform codes 0: left and right are "
                         "a guess): refuse (default: its subject fails, the message says how to fix the header) "
                         "or assume-las (nibabel's and FSL's assumption, with a warning)")
-    p.add_argument("--workers", type=int, default=1, help="subjects converted in parallel (processes)")
+    p.add_argument("--workers", type=number(int, 1), default=1, help="subjects converted in parallel (processes)")
     p.add_argument("--verify", action="store_true",
                    help="re-read already converted subjects and reconvert any whose checksum differs")
     p.add_argument("--prune", action="store_true",

@@ -503,3 +503,111 @@ def test_mixed_voxel_sizes_are_warned_at_conversion(tmp_path, capsys):
                                 "--fmri-shape", "8", "8", "8"]) == 0
     assert "training will refuse" not in capsys.readouterr().out
     assert not any("training will refuse" in w for w in CohortStore(tmp_path / "r.zarr").report()["warnings"])
+
+
+def _run(bids, old, new):
+    """Rename a subject's BOLD run (another session or entity): (old relative path, new)."""
+    (bids / new).parent.mkdir(parents=True, exist_ok=True)
+    (bids / old).rename(bids / new)
+
+
+def test_the_tr_follows_bids_inheritance_nearest_sidecar_first(tmp_path, capsys):
+    bids = _synth(tmp_path, n=1)  # sub-001..004, header TR 2 s
+    (bids / "task-rest_bold.json").write_text(json.dumps({"RepetitionTime": 3.0}))
+    (bids / "task-rest_acq-fast_bold.json").write_text(json.dumps({"RepetitionTime": 0.8}))  # acq-fast runs only
+    (bids / "sub-001" / "sub-001_task-rest_bold.json").write_text(json.dumps({"RepetitionTime": 1.5}))
+    (bids / "sub-002/func/sub-002_task-rest_bold.json").write_text(json.dumps({"EchoTime": 0.03}))  # no TR here
+    for modality, suffix in (("anat", "T1w.nii.gz"), ("func", "task-rest_bold.nii.gz")):
+        _run(bids, f"sub-003/{modality}/sub-003_{suffix}", f"sub-003/ses-01/{modality}/sub-003_ses-01_{suffix}")
+    (bids / "sub-003/ses-01/sub-003_ses-01_task-rest_bold.json").write_text(json.dumps({"RepetitionTime": 2.5}))
+    _run(bids, "sub-004/func/sub-004_task-rest_bold.nii.gz", "sub-004/func/sub-004_task-rest_acq-fast_bold.nii.gz")
+    out = tmp_path / "s.zarr"
+    assert to_zarr.main(["--bids", str(bids), "--out", str(out), "--no-progress"]) == 0
+    store = CohortStore(out)
+    assert {s: store.row(s)["fmri"]["tr_seconds"] for s in store.subjects} == {
+        "sub-001": 1.5, "sub-002": 3.0, "sub-003": 2.5, "sub-004": 0.8}
+    assert {store.meta(s, "fmri")["tr_source"] for s in store.subjects} == {"sidecar"}
+    # the message names the file the TR came from, not the run's own sidecar that lacks it
+    warning = next(w for w in store.report()["warnings"] if w.startswith("sub-002:"))
+    assert f"sidecar {bids / 'task-rest_bold.json'} 3 s" in warning, warning
+    # a manifest listing the BIDS files inherits alike, from the dataset (dataset_description.json) up
+    run = bids / "sub-002/func/sub-002_task-rest_bold.nii.gz"
+    man = write_manifest(tmp_path / "m.csv", [("sub-002", "", run, "AD")])
+    assert read_manifest(man)[0].fmri_sidecar == bids / "task-rest_bold.json"
+
+
+def test_manifest_reads_the_same_missing_label_spellings_as_bids(tmp_path):
+    rows = [(f"s{i}", shutil.copy(DATA / "anatomical.nii", tmp_path / f"s{i}.nii"), "", label)
+            for i, label in enumerate(("NA", "nan", "n/a"))]
+    sources = read_manifest(write_manifest(tmp_path / "m.csv", rows))
+    jobs, failed = check_sources(sources, parse_label_map(None, DEFAULT_CLASSES), ("t1",), allow_unlabeled=True)
+    assert not failed and [(j.subject, j.label) for j in jobs] == [("s0", None), ("s1", None), ("s2", None)]
+    _, failed = check_sources(sources, parse_label_map(None, DEFAULT_CLASSES), ("t1",))
+    assert all("has no label" in f.error for f in failed) and len(failed) == 3
+
+
+def test_rows_with_every_field_empty_are_not_subjects(tmp_path):
+    t1, t1b = (shutil.copy(DATA / "anatomical.nii", tmp_path / f"{s}.nii") for s in ("solo", "bad"))
+    man = tmp_path / "m.csv"
+    man.write_text(f"subject,t1,fmri,label\n,,,\nsolo,{t1},,NC\n\n , ,,\nbad,{t1b},,MCI\n,,,,,\n")
+    sources = read_manifest(man)
+    assert [(s.subject, s.origin) for s in sources] == [("solo", "m.csv row 3"), ("bad", "m.csv row 6")]
+    jobs, failed = check_sources(sources, parse_label_map(None, DEFAULT_CLASSES), ("t1",))
+    assert [j.subject for j in jobs] == ["solo"] and [f.subject for f in failed] == ["bad"]
+    assert failed[0].error.startswith("m.csv row 6:")  # the row the user sees in the file
+
+    bids = _synth(tmp_path, n=1)
+    table = bids / "participants.tsv"
+    table.write_text(table.read_text() + "\t\n\t\n")
+    jobs, failed = check_sources(discover_bids(bids), parse_label_map(None, DEFAULT_CLASSES), ("t1", "fmri"))
+    assert len(jobs) == 4 and not failed
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--fmri-chunk-frames", "0"], "argument --fmri-chunk-frames: must be at least 1, got 0"),
+    (["--fmri-chunk-frames", "-16"], "argument --fmri-chunk-frames: must be at least 1, got -16"),
+    (["--fmri-shard-frames", "0"], "argument --fmri-shard-frames: must be at least 1, got 0"),
+    (["--patch-grid", "4", "0", "4"], "argument --patch-grid: must be at least 1, got 0"),
+    (["--levels", "0"], "argument --levels: must be at least 1, got 0"),
+    (["--t1-shape", "16", "-1", "16"], "argument --t1-shape: must be at least 1, got -1"),
+    (["--spacing", "nan"], "argument --spacing: must be at least 0, got nan"),
+])
+def test_bad_layout_numbers_exit_2_naming_the_option_before_anything_is_written(tmp_path, capsys, argv, message):
+    out = tmp_path / "s.zarr"
+    try:
+        code = to_zarr.main(["--manifest", str(real_manifest(tmp_path)), "--out", str(out), "--no-progress"] + argv)
+    except SystemExit as e:  # argparse's usage error
+        code = e.code
+    assert code == 2 and message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_layout_and_classes_refused_by_the_options_exit_2(tmp_path, capsys):
+    out = tmp_path / "s.zarr"
+    base = ["--manifest", str(real_manifest(tmp_path)), "--out", str(out), "--no-progress"]
+    for argv, message in ((["--fmri-shard-frames", "24"], "must be a multiple of fmri_chunk_frames (16)"),
+                          (["--classes", "NC", "nc", "AD"], "name NC more than once")):
+        assert to_zarr.main(base + argv) == 2
+        assert message in capsys.readouterr().err
+        assert not out.exists()
+    for bad in ({"fmri_chunk_frames": 0}, {"fmri_shard_frames": -128}):  # not a ZeroDivisionError
+        with pytest.raises(ConvertError, match=f"{next(iter(bad))} must be 1 or more frames"):
+            to_zarr.ConvertOptions(**bad)
+
+
+def test_a_modality_missing_in_the_chosen_session_names_the_session(tmp_path):
+    bids = _synth(tmp_path, n=1)
+    for s in ("sub-001", "sub-002"):
+        _run(bids, f"{s}/anat/{s}_T1w.nii.gz", f"{s}/ses-01/anat/{s}_ses-01_T1w.nii.gz")
+    _run(bids, "sub-001/func/sub-001_task-rest_bold.nii.gz", "sub-001/ses-01/func/sub-001_ses-01_task-rest_bold.nii.gz")
+    _, failed = check_sources(discover_bids(bids, session="01"), parse_label_map(None, DEFAULT_CLASSES),
+                              ("t1", "fmri"))
+    assert [f.subject for f in failed] == ["sub-002"]
+    assert "has no fmri file in ses-01; add it, or convert with --require t1" in failed[0].error
+
+
+def test_help_shows_the_label_column_and_classes_defaults(capsys):
+    with pytest.raises(SystemExit):
+        to_zarr.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "the diagnosis (default diagnosis)" in text and "(default NC EMCI LMCI AD)" in text

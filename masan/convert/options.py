@@ -8,6 +8,7 @@ what decides a subject's stored bytes (a subject converted under another is redo
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -74,9 +75,14 @@ class ConvertOptions:
     in the fingerprint: more than one only makes reruns differ by fractions of a millimetre."""
 
     def __post_init__(self) -> None:
+        for name in ("fmri_chunk_frames", "fmri_shard_frames"):
+            if getattr(self, name) < 1:
+                raise ConvertError(f"{name} must be 1 or more frames, got {getattr(self, name)}")
         if self.fmri_shard_frames % self.fmri_chunk_frames:
             raise ConvertError(f"fmri_shard_frames ({self.fmri_shard_frames}) must be a multiple of "
                                f"fmri_chunk_frames ({self.fmri_chunk_frames})")
+        if not 0 <= self.clevel <= 9:
+            raise ConvertError(f"clevel must be 0-9, got {self.clevel}")
         if self.levels < 1:
             raise ConvertError(f"levels must be 1 or more (1: full resolution only), got {self.levels}")
         bad = set(self.require) - set(MODALITIES)
@@ -93,7 +99,7 @@ class ConvertOptions:
         if self.register != "none" and registration.tool_version() == registration.NOT_INSTALLED:
             raise ConvertError(f"--register {self.register} needs ANTs' Python package: pip install antspyx "
                                "(or convert without --register)")
-        if self.spacing is not None and (len(self.spacing) != 2 or min(self.spacing) < 0):
+        if self.spacing is not None and (len(self.spacing) != 2 or not all(0 <= v < math.inf for v in self.spacing)):
             raise ConvertError(f"spacing must be (T1 mm, fMRI mm), 0 for the cohort's most common, got {self.spacing}")
         if self.spacing is not None and self.register != "none":
             raise ConvertError("--spacing and --register both set the grid; with --register the template grid "

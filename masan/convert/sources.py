@@ -30,6 +30,9 @@ DEFAULT_CLASSES = ("NC", "EMCI", "LMCI", "AD")
 ADNI_ALIASES = {"CN": "NC"}
 """Diagnosis spellings of ADNI tables mapped to the class names by default."""
 SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+MISSING_LABEL = frozenset({"", "n/a", "na", "nan"})
+"""Label cells that mean "no diagnosis" (lower-cased, stripped), in participants.tsv and a
+manifest alike: BIDS writes ``n/a``, R ``NA``, pandas ``nan``."""
 
 
 class ConvertError(ValueError):
@@ -48,10 +51,12 @@ class SubjectSource:
     """E.g. ``manifest.csv row 4`` (for error messages)."""
     notes: list[str] = field(default_factory=list)
     fmri_sidecar: Path | None = None
-    """The BOLD run's JSON sidecar (its ``RepetitionTime``), if there is one."""
+    """The JSON sidecar the BOLD run's ``RepetitionTime`` comes from (:func:`bold_sidecar`), if any."""
     table: Path | None = None
     """The table its label was read from (participants.tsv, the manifest): the store holds the
     labels, so the table counts among the sources for the store's permissions."""
+    session: str | None = None
+    """The BIDS session folder its files were taken from (``ses-01``), None without sessions."""
 
 
 @dataclass
@@ -88,29 +93,45 @@ def read_manifest(path: str | Path) -> list[SubjectSource]:
         raise ConvertError(f"manifest {path} lacks column(s) {sorted(missing)} "
                            f"(has {cols}); it needs subject,t1,fmri,label")
     out = []
-    for i, r in enumerate(rows, start=2):  # row 1 is the header
+    for i, r in rows:
         def p(key: str, r: dict = r) -> Path | None:
             v = (r.get(key) or "").strip()
             return None if not v else (Path(v) if Path(v).is_absolute() else path.parent / v)
         fmri = p("fmri")
-        out.append(SubjectSource((r.get("subject") or "").strip(), (r.get("label") or "").strip() or None,
-                                 p("t1"), fmri, f"{path.name} row {i}",
-                                 fmri_sidecar=bold_sidecar(fmri) if fmri is not None else None, table=path))
+        sidecar, notes = bold_sidecar(fmri) if fmri is not None else (None, [])
+        out.append(SubjectSource((r.get("subject") or "").strip(), _label(r.get("label")), p("t1"), fmri,
+                                 f"{path.name} row {i}", notes, sidecar, table=path))
     return out
 
 
-def _read_table(path: Path, delimiter: str) -> tuple[list[str], list[dict]]:
-    """Header and rows of a UTF-8 CSV/TSV. A byte-order mark (Excel's "UTF-8 CSV") is dropped,
-    otherwise it would glue itself to the first column's name; another encoding is refused
-    with the fix, not guessed (a Latin-1 'é' read wrongly would change a subject id)."""
+def _label(cell: str | None) -> str | None:
+    """A table's label cell, None when it says "no diagnosis" (:data:`MISSING_LABEL`)."""
+    label = (cell or "").strip()
+    return None if label.lower() in MISSING_LABEL else label
+
+
+def _read_table(path: Path, delimiter: str) -> tuple[list[str], list[tuple[int, dict]]]:
+    """Header and (row number, row) pairs of a UTF-8 CSV/TSV. A byte-order mark (Excel's "UTF-8
+    CSV") is dropped, otherwise it would glue itself to the first column's name; another
+    encoding is refused with the fix, not guessed (a Latin-1 'é' read wrongly would change a
+    subject id). Rows with every field empty (spreadsheets export trailing ``,,,`` rows) are
+    left out, not failed as subjects; row numbers are the file's lines, so messages still
+    point at the right row after such rows."""
     try:
         with path.open(newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f, delimiter=delimiter)
-            return list(reader.fieldnames or []), list(reader)
+            cols = list(reader.fieldnames or [])
+            return cols, [(reader.line_num, r) for r in reader if not _blank(r)]
     except UnicodeDecodeError as e:
         raise ConvertError(f"{path} is not UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 1]!r}); "
                            f"save it as UTF-8, e.g. `iconv -f latin1 -t utf-8 {path.name} > fixed` "
                            "and use the fixed file") from None
+
+
+def _blank(row: dict) -> bool:
+    """Every field of a csv.DictReader row is empty (extra fields sit in a list under None)."""
+    values = [v for k, v in row.items() if k is not None] + list(row.get(None) or [])
+    return not any((v or "").strip() for v in values)
 
 
 def _pick(files: list[Path], kind: str, prefer: str | None = None) -> tuple[Path | None, list[str]]:
@@ -122,23 +143,78 @@ def _pick(files: list[Path], kind: str, prefer: str | None = None) -> tuple[Path
 
 
 FMRI_SIDECAR = "fmri_json"
-"""Key of a BOLD run's JSON sidecar in :attr:`Job.sources` (its TR; recorded like the images,
-so an edited sidecar reconverts the subject)."""
+"""Key of a BOLD run's JSON sidecar in :attr:`Job.sources` (the one its TR comes from;
+recorded like the images, so an edited sidecar reconverts the subject)."""
+
+_ENTITY = re.compile(r"^([A-Za-z0-9]+)-([A-Za-z0-9]+)$")
 
 
-def bold_sidecar(bold: Path, root: Path | None = None) -> Path | None:
-    """The JSON sidecar of a BOLD file: ``<name>.json`` beside it, else (BIDS inheritance, the
-    common case) ``<root>/task-<label>_bold.json`` at the top of the BIDS folder ``root``."""
-    name = bold.name.removesuffix(".gz").removesuffix(".nii")
-    own = bold.with_name(name + ".json")
-    if own.is_file():
-        return own
-    task = re.search(r"(?:^|_)(task-[A-Za-z0-9]+)", name)
-    if root is not None and task:
-        top = root / f"{task.group(1)}_bold.json"
-        if top.is_file():
-            return top
-    return None
+def _bids_name(name: str) -> tuple[dict[str, str], str] | None:
+    """(entities, suffix) of a BIDS file name (``sub-01_task-rest_bold.nii.gz`` ->
+    ``({"sub": "01", "task": "rest"}, "bold")``), None for a name that is not one (``run1.nii``:
+    a manifest's file, whose ``run1.json`` beside it is its only sidecar)."""
+    *pairs, suffix = name.split(".", 1)[0].split("_")
+    found = [_ENTITY.match(pair) for pair in pairs]
+    if not pairs or not suffix.isalnum() or not all(found):
+        return None
+    entities = dict(m.groups() for m in found if m)
+    return (entities, suffix) if len(entities) == len(pairs) else None
+
+
+def _dataset_root(path: Path) -> Path:
+    """The BIDS dataset holding ``path`` (the nearest folder above it with
+    dataset_description.json), else the folder ``path`` is in."""
+    return next((d for d in path.parents if (d / "dataset_description.json").is_file()), path.parent)
+
+
+def _sets_repetition_time(sidecar: Path) -> bool:
+    """Whether a sidecar decides the TR: it sets ``RepetitionTime``, or it cannot be read (then
+    the subject fails naming it, rather than silently taking a farther file's TR)."""
+    try:
+        meta = json.loads(sidecar.read_text(encoding="utf-8-sig"))
+    except (OSError, ValueError):
+        return True
+    return not isinstance(meta, dict) or meta.get("RepetitionTime") is not None
+
+
+def bold_sidecar(bold: Path, root: Path | None = None) -> tuple[Path | None, list[str]]:
+    """The JSON sidecar a BOLD run's ``RepetitionTime`` comes from, and notes on a choice BIDS
+    leaves open.
+
+    BIDS inheritance: a ``*_bold.json`` applies when its entities are a subset of the run's,
+    and it lies in the run's folder or any folder above it up to the dataset ``root`` (None: the
+    folder above the file holding dataset_description.json, else the file's own folder); a
+    nearer file's keys override a farther one's, key by key. So the TR is the nearest
+    ``RepetitionTime``: e.g. ``sub-01/ses-1/func/sub-01_ses-1_task-rest_bold.json``, else
+    ``sub-01/ses-1/sub-01_ses-1_task-rest_bold.json``, ``sub-01/sub-01_task-rest_bold.json``,
+    ``task-rest_bold.json``. BIDS allows one applicable file per folder; datasets that keep a
+    general and a specific one side by side mean the specific one, so within a folder the file
+    naming more entities (``task-rest_acq-fast_bold.json``) is taken as the nearer. A run whose
+    name is not a BIDS name has only its own ``<name>.json``.
+    """
+    bold = Path(os.path.abspath(bold))
+    name = _bids_name(bold.name)
+    if name is None:
+        own = bold.with_name(bold.name.removesuffix(".gz").removesuffix(".nii") + ".json")
+        return (own if own.is_file() else None), []
+    entities, suffix = name
+    top = Path(os.path.abspath(root)) if root is not None else _dataset_root(bold)
+    inside = bold.parent.relative_to(top).parts if bold.parent.is_relative_to(top) else None
+    folders = [bold.parent] if inside is None else [top.joinpath(*inside[:i]) for i in range(len(inside) + 1)]
+    for folder in reversed(folders):  # nearest first
+        applies = []
+        for f in folder.glob(f"*_{suffix}.json"):
+            meta_name = _bids_name(f.name)
+            if meta_name is not None and meta_name[1] == suffix and meta_name[0].items() <= entities.items():
+                applies.append((len(meta_name[0]), f.name, f))
+        deciding = sorted(a for a in applies if _sets_repetition_time(a[2]))
+        if deciding:
+            n, _, used = deciding[-1]
+            rivals = [f.name for m, _, f in deciding[:-1] if m == n]
+            notes = [f"{', '.join(rivals)} and {used.name} in {folder} apply to {bold.name}; used "
+                     f"{used.name}'s RepetitionTime (BIDS allows one per folder: merge them)"] if rivals else []
+            return used, notes
+    return None, []
 
 
 def _bids_files(folder: Path) -> tuple[Path | None, Path | None, list[str]]:
@@ -168,37 +244,16 @@ def discover_bids(bids: str | Path, label_column: str = "diagnosis", session: st
     _check_participant_ids(bids, table, rows)
     want = None if not session else session if session.startswith("ses-") else f"ses-{session}"
     sources = []
-    listed = set()
     found_sessions: set[str] = set()
-    for i, r in enumerate(rows, start=2):
+    for i, r in rows:
         sid = (r["participant_id"] or "").strip()
-        listed.add(sid)
-        folder = bids / sid
-        notes: list[str] = []
-        sessions = sorted(p for p in folder.glob("ses-*") if p.is_dir()) if sid else []
-        found_sessions.update(p.name for p in sessions)
-        if sessions and want:
-            if not (folder / want).is_dir():  # fails in check_sources as a subject without images
-                notes.append(f"no {want} folder; its sessions: {', '.join(p.name for p in sessions)}")
-            folder = folder / want
-        elif sessions:
-            found = [(p, _bids_files(p)) for p in sessions]
-            full = [p for p, (a, b, _) in found if a and b]
-            folder = (full or sessions)[0]
-            if len(sessions) > 1:
-                notes.append(f"{len(sessions)} sessions; used {folder.name} (choose with --session)")
-        elif want and sid and folder.is_dir():
-            notes.append(f"no session folders; used its files outside sessions (--session {session} not applied)")
-        t1, bold, more = _bids_files(folder) if sid else (None, None, [])
-        label = (r.get(label_column) or "").strip()
-        sources.append(SubjectSource(sid, None if label.lower() in ("", "n/a", "na", "nan") else label,
-                                     t1, bold, f"participants.tsv row {i}", notes + more,
-                                     bold_sidecar(bold, bids) if bold else None, table=table))
+        sources.append(_bids_subject(bids, sid, want, session, found_sessions, _label(r.get(label_column)),
+                                     f"participants.tsv row {i}", table))
+    listed = {s.subject for s in sources}
     for folder in sorted(bids.glob("sub-*")):
         if folder.is_dir() and folder.name not in listed:
-            found_sessions.update(p.name for p in folder.glob("ses-*") if p.is_dir())
-            t1, bold, _ = _bids_files(folder)
-            sources.append(SubjectSource(folder.name, None, t1, bold, f"folder {folder} (not in participants.tsv)"))
+            sources.append(_bids_subject(bids, folder.name, want, session, found_sessions, None,
+                                         f"folder {folder} (not in participants.tsv)", None))
     if want and want not in found_sessions:
         fix = (f"its sessions are {', '.join(sorted(found_sessions))}: pass one of those" if found_sessions else
                "the cohort has no session folders (sub-*/ses-*): leave --session out")
@@ -206,11 +261,39 @@ def discover_bids(bids: str | Path, label_column: str = "diagnosis", session: st
     return sources
 
 
-def _check_participant_ids(bids: Path, table: Path, rows: list[dict]) -> None:
+def _bids_subject(bids: Path, sid: str, want: str | None, session: str | None, found_sessions: set[str],
+                  label: str | None, origin: str, table: Path | None) -> SubjectSource:
+    """One subject's files in the BIDS folder (the session ``want``, else the first holding both
+    modalities); the sessions it has join ``found_sessions``."""
+    if not sid:  # an empty participant_id: fails in check_sources as an unsafe id, naming the row
+        return SubjectSource(sid, label, None, None, origin, table=table)
+    folder = bids / sid
+    notes: list[str] = []
+    sessions = sorted(p for p in folder.glob("ses-*") if p.is_dir())
+    found_sessions.update(p.name for p in sessions)
+    if sessions and want:
+        if not (folder / want).is_dir():  # fails in check_sources as a subject without images
+            notes.append(f"no {want} folder; its sessions: {', '.join(p.name for p in sessions)}")
+        folder = folder / want
+    elif sessions:
+        found = [(p, _bids_files(p)) for p in sessions]
+        full = [p for p, (a, b, _) in found if a and b]
+        folder = (full or sessions)[0]
+        if len(sessions) > 1:
+            notes.append(f"{len(sessions)} sessions; used {folder.name} (choose with --session)")
+    elif want and folder.is_dir():
+        notes.append(f"no session folders; used its files outside sessions (--session {session} not applied)")
+    t1, bold, more = _bids_files(folder)
+    sidecar, tr_notes = bold_sidecar(bold, bids) if bold else (None, [])
+    return SubjectSource(sid, label, t1, bold, origin, notes + more + tr_notes, sidecar, table,
+                         folder.name if sessions else None)
+
+
+def _check_participant_ids(bids: Path, table: Path, rows: list[tuple[int, dict]]) -> None:
     """ConvertError when participant_id values lack BIDS's ``sub-`` prefix although the
     ``sub-<id>`` folders exist: otherwise every such subject would fail twice (no images for
     the row, no label for the folder) with advice that fixes neither."""
-    bare = [(i, sid) for i, sid in ((i, (r["participant_id"] or "").strip()) for i, r in enumerate(rows, start=2))
+    bare = [(i, sid) for i, sid in ((i, (r["participant_id"] or "").strip()) for i, r in rows)
             if sid and not (bids / sid).is_dir() and (bids / f"sub-{sid}").is_dir()]
     if bare:
         shown = ", ".join(f"row {i} {sid!r} (folder sub-{sid})" for i, sid in bare[:3])
@@ -227,13 +310,23 @@ def planted_effect(bids: str | Path) -> dict | None:
 
 
 def parse_label_map(text: str | None, classes: tuple[str, ...] | list[str]) -> dict[str, str]:
-    """``"CN=NC,Dementia=AD"`` -> mapping (upper-cased keys); classes and ADNI aliases included."""
+    """``"CN=NC,Dementia=AD"`` -> mapping (upper-cased keys); classes and ADNI aliases included.
+    ConvertError for a class named twice (labels match case-insensitively, and the store's class
+    list would hold it twice) or a label the tables read as "no diagnosis"."""
+    twice = sorted(c for c, n in Counter(c.upper() for c in classes).items() if n > 1)
+    if twice:
+        raise ConvertError(f"classes {list(classes)} name {', '.join(twice)} more than once (case-insensitively); "
+                           "give each class once, in order")
     mapping = {c.upper(): c for c in classes}
     mapping.update({k: v for k, v in ADNI_ALIASES.items() if v in classes})
     for item in filter(None, (s.strip() for s in (text or "").split(","))):
         if "=" not in item:
             raise ConvertError(f"label map entry {item!r} must look like RAW=CLASS (e.g. CN=NC)")
         raw, cls = (s.strip() for s in item.split("=", 1))
+        if raw.lower() in MISSING_LABEL:
+            raise ConvertError(f"label map {item!r}: {raw!r} means no diagnosis in participants.tsv and manifests "
+                               "(left empty, or stored unlabeled with --allow-unlabeled); write the diagnosis "
+                               "in the table instead")
         if cls not in classes:
             raise ConvertError(f"label map {item!r}: {cls!r} is not one of the classes {list(classes)}")
         mapping[raw.upper()] = cls
@@ -243,7 +336,7 @@ def parse_label_map(text: str | None, classes: tuple[str, ...] | list[str]) -> d
 def check_sources(sources: list[SubjectSource], label_map: dict[str, str], require: tuple[str, ...],
                   allow_unlabeled: bool = False) -> tuple[list[Job], list[Failure]]:
     """Per-subject checks before any voxel is read; every bad subject becomes a Failure.
-    ``allow_unlabeled``: a subject without a diagnosis (empty, ``n/a``) becomes a Job with label
+    ``allow_unlabeled``: a subject without a diagnosis (:data:`MISSING_LABEL`) becomes a Job with label
     None (a new patient to predict) instead of a Failure; an unknown label still fails."""
     jobs, failures = [], []
     counts = Counter(s.subject for s in sources)
@@ -279,7 +372,8 @@ def check_sources(sources: list[SubjectSource], label_map: dict[str, str], requi
                  f"or remove {where}")
             continue
         if missing:
-            fail(f"has no {' and no '.join(missing)} file; add it, or convert with --require "
+            where = f" in {s.session}" if s.session else ""
+            fail(f"has no {' and no '.join(missing)} file{where}; add it, or convert with --require "
                  f"{' '.join(m for m in MODALITIES if m not in missing)} to allow this")
             continue
         if absent:
