@@ -160,14 +160,32 @@ class RunDir:
 
     # ------------------------------------------------------------------ DONE
 
+    def own_names(self) -> set[str]:
+        """The names a run (or its launcher) writes into its folder: the ``*_NAME``s, and the
+        jobs.json lock."""
+        names = {v for k, v in vars(type(self)).items() if k.endswith("_NAME")}
+        return names | {self.jobs_lock.name}
+
     def require_folder(self) -> None:
         """Refuse (ConfigError) a run directory that is, or lies below, something else than a
-        folder, before anything looks for its files: a file there would surface as
-        NotADirectoryError from whichever file is read first."""
+        folder (a file there would surface as NotADirectoryError from whichever file is read
+        first), or an existing folder that holds files and none of a run's: an accepted start
+        closes its whole run directory to the store's access mode (mode bits and group of every
+        file, :func:`masan.access.apply_access`), which must never reach a user's other files
+        (a home or project folder given as run_dir, or an empty run_dir: the current folder)."""
         why = not_a_folder(self.root)
         if why:
             raise ConfigError(f"run_dir {self.root} {why}; choose another run_dir=... (--run-dir for "
                               "launch/submit.py) or move the file away")
+        try:
+            present = sorted(p.name for p in self.root.iterdir() if not p.name.startswith(".nfs"))
+        except FileNotFoundError:
+            return
+        if present and not set(present) & self.own_names():
+            shown = ", ".join(present[:5]) + (f" and {len(present) - 5} more" if len(present) > 5 else "")
+            raise ConfigError(f"run_dir {self.root} is a folder of other files ({shown}), not a training run: a run "
+                              "writes its checkpoints into its run directory and gives every file there the store's "
+                              f"access mode; choose a new or empty folder, e.g. run_dir={self.root / 'run'}")
 
     def finished(self, cfg: RunConfig) -> dict | None:
         """The DONE record (``step``, ``epochs_done``, ``target``) when the run finished this

@@ -13,9 +13,9 @@ import torch
 import torch.multiprocessing as mp
 from torch.utils.data import DataLoader
 
-from masan.config import DataConfig
+from masan.config import ConfigError, DataConfig
 from masan.convert.cohort import ConvertOptions, convert_cohort, discover_bids
-from masan.data.cache import CacheError, CohortCache, open_cache
+from masan.data.cache import CohortCache, open_cache
 from masan.data.dataset import CohortDataset, select_subjects
 from masan.store.cohort import CohortStore
 from masan.synth.phantom import synthesize_cohort
@@ -101,14 +101,15 @@ def test_stored_integers_are_what_is_cached(store, tmp_path):
 
 
 def test_too_little_memory_is_refused_with_numbers_and_fix(store, tmp_path, monkeypatch):
+    """A ConfigError too: launchers exit 2 and never restart a run the node cannot hold."""
     cfg = _cfg(tmp_path, cache="host")
     cfg.cache_reserve_gib = 1e6
-    with pytest.raises(CacheError,
+    with pytest.raises(ConfigError,
                        match=r"needs 0\.\d+ GiB .*bytes.*data.cache_reserve_gib=1000000.0.*data.cache=none"):
         open_cache(_dataset(store, cfg), cfg, torch.device("cpu"))
     cfg.cache = "device"
     monkeypatch.setattr(CohortCache, "_check_host", lambda self: None)  # shared memory fits, the device does not
-    with pytest.raises(CacheError, match="data.cache=device needs .*data.cache=host"):
+    with pytest.raises(ConfigError, match="data.cache=device needs .*data.cache=host"):
         open_cache(_dataset(store, cfg), cfg, torch.device("cpu"))
     assert not any(tmp_path.iterdir())
 
@@ -204,3 +205,33 @@ def test_cache_is_built_only_when_asked(store, tmp_path):
     assert open_cache(ds, cfg, torch.device("cpu")) is None and ds.source is ds.store
     with pytest.raises(ValueError, match="data.cache=host or device"):
         CohortCache(store, ds.subjects, ds.labels, cfg, torch.device("cpu"))
+
+
+def _agreeing_rank(rank: int, port: int, out: str) -> None:
+    from masan.data.cache import CacheConfigError, _agree
+
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+
+    def fails():
+        raise CacheConfigError("data.cache_dir=/nope does not exist")
+
+    try:
+        _agree(fails if rank == 1 else None)
+        seen = "nothing"
+    except ConfigError as e:
+        seen = f"ConfigError: {e}"
+    except Exception as e:  # noqa: BLE001 - what the test reports
+        seen = f"{type(e).__name__}: {e}"
+    Path(f"{out}{rank}").write_text(seen)
+    torch.distributed.destroy_process_group()
+
+
+def test_a_ranks_config_error_is_a_config_error_on_every_rank(tmp_path):
+    """A launcher exits 2 (never restarted) on a ConfigError; on SLURM only rank 0 records why and
+    the others exit 0, so every rank must see the same kind, not only the node lead that failed."""
+    from masan.distributed import free_port
+
+    mp.spawn(_agreeing_rank, args=(free_port(), str(tmp_path / "rank")), nprocs=2)
+    assert (tmp_path / "rank1").read_text() == "ConfigError: data.cache_dir=/nope does not exist"
+    assert (tmp_path / "rank0").read_text() == ("ConfigError: another rank failed to build the cohort cache: "
+                                                "CacheConfigError: data.cache_dir=/nope does not exist")

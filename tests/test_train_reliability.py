@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -224,12 +225,20 @@ def test_a_bad_value_exits_2_naming_the_key(tmp_path, config):
     ("data.store={tmp}/plain", "data.store={tmp}/plain: {tmp}/plain is not a Zarr v3 cohort store"),
     ("run_dir={tmp}/afile", "run_dir {tmp}/afile is a file, not a folder; choose another run_dir="),
     ("run_dir={tmp}/afile/run", "run_dir {tmp}/afile/run lies below {tmp}/afile, which is a file"),
+    ("run_dir=", "run_dir='' is out of range; use a folder for the run, e.g. runs/my_run (empty would be the current"),
+    # a start would give every file there the store's mode: a home or project folder loses its x bits
+    ("run_dir={tmp}/project", "run_dir {tmp}/project is a folder of other files (tool.sh), not a training run"),
+    ("run_dir={tmp}/other.zarr/run", "run_dir={tmp}/other.zarr/run is inside the cohort store {tmp}/other.zarr: "),
 ])
 def test_a_start_without_a_store_or_a_run_folder_exits_2_with_the_fix(tmp_path, config, override, fragment):
     """Inputs a restart cannot cure (exit 2: never restarted), refused before anything is written;
     the override given before --config as users type it too."""
     (tmp_path / "plain").mkdir()
     (tmp_path / "afile").write_text("x")
+    (tmp_path / "project").mkdir()
+    (tmp_path / "project" / "tool.sh").write_text("#!/bin/sh\n")
+    (tmp_path / "project" / "tool.sh").chmod(0o755)
+    fake_store(tmp_path / "other.zarr")
     fill = {"tmp": tmp_path}
     args = [override.format(**fill), "--config", str(config)]
     if not override.startswith("run_dir"):
@@ -239,6 +248,39 @@ def test_a_start_without_a_store_or_a_run_folder_exits_2_with_the_fix(tmp_path, 
     assert res.returncode == 2, res.stdout[-2000:] + res.stderr[-3000:]
     assert fragment.format(**fill) in res.stderr and "Traceback" not in res.stderr, res.stderr[-3000:]
     assert not (tmp_path / "run").exists() and (tmp_path / "afile").read_text() == "x"
+    tool = tmp_path / "project" / "tool.sh"
+    assert sorted(os.listdir(tool.parent)) == ["tool.sh"] and os.access(tool, os.X_OK)
+    assert sorted(os.listdir(tmp_path / "other.zarr")) == ["zarr.json"]
+
+
+def test_a_missing_cache_folder_exits_2_before_the_run_folder_is_made(tmp_path, config):
+    res = subprocess.run([sys.executable, str(LAUNCH), "--config", str(config), f"run_dir={tmp_path / 'run'}",
+                          "data.cache=host", f"data.cache_dir={tmp_path / 'shm'}"], capture_output=True, text=True,
+                         timeout=120, cwd=REPO, check=False)
+    assert res.returncode == 2, res.stdout[-2000:] + res.stderr[-3000:]
+    assert f"data.cache=host needs data.cache_dir={tmp_path / 'shm'}, which is not a folder" in res.stderr
+    assert "Traceback" not in res.stderr and not (tmp_path / "run").exists()
+
+
+def fake_store(path: Path) -> Path:
+    """A folder the tools take for a cohort store (its root zarr.json names the format)."""
+    from masan.store.places import STORE_FORMAT
+
+    path.mkdir()
+    (path / "zarr.json").write_text(json.dumps({"attributes": {"masan_store": {"format": STORE_FORMAT}}}))
+    return path
+
+
+def test_a_run_folder_that_holds_its_store_is_refused(tmp_path):
+    """to_zarr.py refuses to update a store inside a run directory, so a run_dir above its own
+    store would lock the store against its converter."""
+    from masan.config import ConfigError, load_config
+    from masan.train.run import check_place
+
+    store = fake_store(tmp_path / "cohort.zarr")
+    with pytest.raises(ConfigError, match=f"run_dir={tmp_path} holds the run's store data.store={store}"):
+        check_place(load_config(None, [f"run_dir={tmp_path}", f"data.store={store}"]))
+    check_place(load_config(None, [f"run_dir={tmp_path / 'runs' / 'a'}", f"data.store={store}"]))  # beside it: fine
 
 
 def test_a_rendezvous_port_in_use_is_refused_before_any_rank_starts(tmp_path, config):

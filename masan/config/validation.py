@@ -57,6 +57,8 @@ _RULES: tuple[tuple[str, typing.Callable[[Any], bool], str], ...] = (
     ("train.pretrain_epochs", _non_negative, "0 (no pretraining) or more epochs"),
     ("train.joint_epochs", _positive, "at least 1 epoch (0 would end with an untrained classifier)"),
     ("train.max_steps", _optional_positive, "null (all epochs) or at least 1 step"),
+    ("run_dir", lambda v: bool(str(v).strip()), "a folder for the run, e.g. runs/my_run (empty would be the "
+     "current folder)"),
     ("train.norm_refresh_epochs", _non_negative, "0 (refit only when the joint phase starts) or more epochs"),
     ("train.dist_timeout_minutes", _positive, "a positive number of minutes, e.g. 30"),
     ("train.zero_bucket_elements", _positive, "a positive number of elements, e.g. 200000000"),

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from masan import distributed as D
-from masan.config import DataConfig
+from masan.config import ConfigError, DataConfig
 from masan.data.batches import Batches, Scale
 from masan.host import available_bytes
 from masan.store.cohort import CohortStore, normalized_float32, scaled_float32
@@ -60,7 +60,13 @@ FIX = ("use data.cache=none, cache fewer frames (data.fmri_frames) or subjects, 
 
 
 class CacheError(RuntimeError):
-    """The cohort does not fit the memory asked for; the message names bytes needed/available and the fix."""
+    """The cohort cache could not be built; the message says why and what to do."""
+
+
+class CacheConfigError(CacheError, ConfigError):
+    """The cache the config asks for cannot be made on this node (no ``data.cache_dir``, the
+    cohort does not fit the memory allowed): a restart cannot cure it, so launchers exit 2
+    (a :class:`~masan.config.ConfigError`); the message names bytes needed/available and the fix."""
 
 
 def node_peers() -> tuple[int, int]:
@@ -214,11 +220,11 @@ class CohortCache:
         need = self.nbytes()
         root = Path(self.cfg.cache_dir)
         if not root.is_dir():
-            raise CacheError(f"data.cache_dir={root} does not exist; point it at a tmpfs such as /dev/shm")
+            raise CacheConfigError(f"data.cache_dir={root} does not exist; point it at a tmpfs such as /dev/shm")
         free, avail = shutil.disk_usage(root).free, available_bytes()
         have = min(free, avail) - int(self.cfg.cache_reserve_gib * GIB)
         if need > have:
-            raise CacheError(
+            raise CacheConfigError(
                 f"data.cache={self.cfg.cache} needs {need / GIB:.2f} GiB ({need} bytes) of shared memory in {root} for "
                 f"{len(self.subjects)} subjects of {self.store.path}, but only {max(have, 0) / GIB:.2f} GiB may be "
                 f"used ({root} has {free / GIB:.2f} GiB free, the node {avail / GIB:.2f} GiB available, "
@@ -235,7 +241,7 @@ class CohortCache:
             where = f"this node's RAM ({free / GIB:.2f} GiB available, {self.local_world} ranks each with a copy)"
         have = free - int(self.cfg.cache_reserve_gib * GIB)
         if need > have:
-            raise CacheError(
+            raise CacheConfigError(
                 f"data.cache=device needs {need / GIB:.2f} GiB ({need} bytes) for {len(self.subjects)} subjects of "
                 f"{self.store.path} on {where}, leaving data.cache_reserve_gib={self.cfg.cache_reserve_gib} GiB "
                 "for the "
@@ -340,12 +346,14 @@ def _agree(step) -> None:
             step()
         except Exception as e:  # noqa: BLE001 - re-raised below, on every rank
             error = e
-    errors = D.all_gather_objects(None if error is None else f"{type(error).__name__}: {error}")
+    errors = D.all_gather_objects(None if error is None else
+                                  (isinstance(error, ConfigError), f"{type(error).__name__}: {error}"))
     if error is not None:
         raise error
     first = next((e for e in errors if e is not None), None)
-    if first is not None:
-        raise CacheError(f"another rank failed to build the cohort cache: {first}")
+    if first is not None:  # of the same kind on every rank: a launcher exits 2 for all of them or for none
+        config, text = first
+        raise (CacheConfigError if config else CacheError)(f"another rank failed to build the cohort cache: {text}")
 
 
 def open_cache(dataset, data_cfg: DataConfig, device: torch.device) -> CohortCache | None:

@@ -96,6 +96,26 @@ def check_writable(run_dir: Path) -> None:
             raise ConfigError(f"{why}: checkpoints and results of run_dir={run_dir} could not be saved there; {fix}")
 
 
+def check_place(cfg: RunConfig) -> None:
+    """Refuse a run_dir that is or lies in a cohort store, or that holds the run's own store:
+    a conversion prunes what it did not write into its store, and to_zarr.py refuses to update
+    a store inside a run directory, so either nesting breaks the other tool
+    (:mod:`masan.store.places`)."""
+    from masan.store.places import enclosing, is_cohort_store
+
+    run = Path(cfg.run_dir).resolve()
+    store = enclosing(run, is_cohort_store)
+    if store is not None:
+        raise ConfigError(f"run_dir={cfg.run_dir} is {'' if store == run else 'inside '}the cohort store {store}: "
+                          "a later conversion would prune the run's files from it; choose a run_dir outside every "
+                          f"store, e.g. run_dir={store.parent / 'runs' / run.name}")
+    own = Path(cfg.data.store).resolve()
+    if run == own or run in own.parents:
+        raise ConfigError(f"run_dir={cfg.run_dir} holds the run's store data.store={cfg.data.store}: to_zarr.py "
+                          "would then refuse to update the store (it lies in a run directory); choose a run_dir "
+                          f"beside the store, e.g. run_dir={own.parent / 'runs' / 'run'}")
+
+
 @dataclass
 class Preflight:
     """What rank 0 found before any change to the run directory (sent to every rank)."""
@@ -121,7 +141,11 @@ def preflight(cfg: RunConfig, world_size: int, ckpt: CheckpointManager, chash: s
     from masan.data.splits import Split, SplitError, make_split
 
     run_dir = Path(cfg.run_dir)
+    check_place(cfg)
     check_writable(run_dir)
+    if cfg.data.cache != "none" and not Path(cfg.data.cache_dir).is_dir():  # (each node checks its own again)
+        raise ConfigError(f"data.cache={cfg.data.cache} needs data.cache_dir={cfg.data.cache_dir}, which is not a "
+                          "folder; point it at a tmpfs such as /dev/shm, or use data.cache=none")
     subjects, labels, class_names = select_subjects(open_store(cfg), cfg.data)
     split_path = RunDir(run_dir).split
     try:
