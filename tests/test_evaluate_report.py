@@ -200,7 +200,9 @@ def test_out_that_is_a_file_or_a_run_and_missing_runs_are_clear_errors(runs, tmp
     run = root / "MASAN_r0"  # a run's own folder: its predictions.csv would be overwritten
     before = (run / "predictions.csv").read_bytes()
     assert main([str(root), "--out", str(run / "report")]) == 2
-    assert f"inside the training run directory {run}" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"inside the training run directory {run}" in err
+    assert f"e.g. --out {root / 'MASAN_r0_report'}" in err  # outside the run: not refused in turn
     assert (run / "predictions.csv").read_bytes() == before and not (run / "report").exists()
     assert main([str(tmp_path / "nowhere"), "--out", str(tmp_path / "rep")]) == 1
     assert "nowhere: does not exist" in capsys.readouterr().err and not (tmp_path / "rep").exists()

@@ -87,7 +87,11 @@ def output_folder_problem(out: str | os.PathLike, suggestion: str | os.PathLike,
     below a file, a folder this user may not write. The message names ``--out`` and the fix,
     ``--out suggestion``. Symlinks are resolved, so a link into a store is refused like it."""
     out = Path(out)
-    fix = f"pass a folder outside every store and run directory, e.g. --out {suggestion}"
+
+    def outside(example) -> str:
+        return f"pass a folder outside every store and run directory, e.g. --out {example}"
+
+    fix = outside(suggestion)
     if out.exists() and not out.is_dir():
         return (f"--out {out} is an existing file; --out names a folder (new or existing) for {files}: "
                 f"pass e.g. --out {suggestion}")
@@ -98,6 +102,8 @@ def output_folder_problem(out: str | os.PathLike, suggestion: str | os.PathLike,
                              "the run's own files or mix files into it")):
         found = enclosing(real, test)
         if found is not None:
+            if enclosing(Path(suggestion).resolve(), test) == found:  # a suggestion must not be refused again
+                fix = outside(found.parent / f"{found.name}_{(out if real != found else Path(suggestion)).name}")
             return f"--out {out} is {'' if found == real else 'inside '}{what} {found}: {why}; {fix}"
     parent = nearest_existing(real)
     why = write_refusal(parent)
