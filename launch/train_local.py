@@ -50,7 +50,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description="Train a MASAN run locally: in this process (--nproc 1) or as N processes with "
                     "torch.distributed gloo on the CPU (nccl when GPUs are visible). Resumes automatically "
                     "from RUN_DIR/checkpoints; `touch RUN_DIR/STOP` saves and stops every rank.",
-        epilog="Overrides are section.key=value, e.g. run_dir=runs/x train.max_steps=20 optim.lr=3e-4.")
+        epilog="Overrides are section.key=value, e.g. run_dir=runs/x train.max_steps=20 optim.lr=3e-4. Without "
+               "--config, a run directory that has a config.yaml continues with it (as launch/submit.py does).")
     ap.add_argument("--nproc", type=number(int, 1), default=1, help="processes (data-parallel ranks) on this machine")
     ap.add_argument("--port", type=number(int, 1, 65535), default=None,
                     help="rendezvous port for --nproc > 1 (default: a free one)")
@@ -63,6 +64,22 @@ def setup_logging(rank: int) -> None:
                         format=f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s")
     for noisy in ("DeepSpeed", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def resume_with_run_config(args: argparse.Namespace) -> None:
+    """Without --config, continue a run with its own config.yaml (the overrides still apply):
+    the built-in defaults would be refused by its checkpoints, one differing key at a time."""
+    from masan.config import RunConfig
+    from masan.rundir import RunDir
+
+    if args.config is not None:
+        return
+    given = [o.split("=", 1)[1] for o in args.overrides if o.startswith("run_dir=")]
+    own = RunDir(given[-1] if given else RunConfig().run_dir).config
+    if own.is_file():
+        args.config = str(own)
+        if int(os.environ.get("RANK", "0")) == 0:
+            logging.getLogger(__name__).info("no --config: continuing with the run's own %s", own)
 
 
 def train_here(args: argparse.Namespace) -> int:
@@ -79,6 +96,7 @@ def train_here(args: argparse.Namespace) -> int:
 
     rank = int(os.environ.get("RANK", "0"))
     setup_logging(rank)
+    resume_with_run_config(args)
     cfg = config_from_args(args)
     stop.run_dir = Path(cfg.run_dir)
     try:

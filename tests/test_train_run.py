@@ -302,3 +302,16 @@ def test_deepspeeds_own_collectives_time_out_at_the_runs_timeout(tmp_path):
     mp.spawn(_stalling_rank, args=(2, free_port(), str(tmp_path / "rank"), timeout_s), nprocs=2)
     took, outcome = (tmp_path / "rank0").read_text().split(" ", 1)
     assert outcome.startswith("raised") and float(took) < 2 * timeout_s, (took, outcome)
+
+
+def test_a_run_continues_with_its_own_config_when_no_config_is_given(tmp_path, reference_run):
+    """`train_local.py run_dir=R train.joint_epochs=N` extends a run: without --config the run's
+    own config.yaml applies (the built-in defaults would name another store and model)."""
+    run = tmp_path / "run"
+    shutil.copytree(reference_run, run)
+    res = subprocess.run([sys.executable, str(LAUNCH), f"run_dir={run}", "train.joint_epochs=3"], capture_output=True,
+                         text=True, timeout=RUN_TIMEOUT_S, check=False, cwd=REPO)
+    res.log = res.stdout + res.stderr
+    log = ok(res, "completed")
+    assert f"no --config: continuing with the run's own {run / 'config.yaml'}" in log
+    assert "resumed step_000021" in log and manifests(run)[-1]["step"] == 28  # one more epoch of 7 steps
