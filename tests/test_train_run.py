@@ -315,3 +315,22 @@ def test_a_run_continues_with_its_own_config_when_no_config_is_given(tmp_path, r
     log = ok(res, "completed")
     assert f"no --config: continuing with the run's own {run / 'config.yaml'}" in log
     assert "resumed step_000021" in log and manifests(run)[-1]["step"] == 28  # one more epoch of 7 steps
+    assert "holds other data" not in log
+
+
+def test_resuming_on_other_data_under_the_same_subject_ids_is_warned(tmp_path, reference_run, train_config):
+    """A store reconverted, relabelled or swapped for another cohort with the same ids passes the
+    split's checks; the run goes on, but says its model has now seen both."""
+    from masan.convert.cohort import ConvertOptions, convert_cohort, discover_bids
+    from masan.synth.phantom import synthesize_cohort
+
+    bids = synthesize_cohort(tmp_path / "bids", n_per_class=5, classes=("NC", "AD"), frames=6, seed=1)
+    other = tmp_path / "other.zarr"
+    assert not convert_cohort(discover_bids(bids), other, ConvertOptions(patch_grid=(2, 2, 2)),
+                              classes=("NC", "AD"), progress=False).failed
+    run = tmp_path / "run"
+    shutil.copytree(reference_run, run)
+    log = ok(launch(train_config, run, f"data.store={other}", "train.joint_epochs=3", "deterministic=true"),
+             "completed")
+    assert f"the store data.store={other} holds other data than step_000021 was trained on for 10 of 10 " \
+           "subjects (sub-" in log, log[-3000:]

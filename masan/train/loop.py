@@ -135,6 +135,8 @@ class LoopParts:
     logger: TrainLogger
     stop: StopRequest
     config_hash: str
+    data: dict[str, str] = dataclasses.field(default_factory=dict)
+    """Subject -> digest of its data (:func:`masan.train.run.data_fingerprint`), saved with each checkpoint."""
 
 
 def train(p: LoopParts, state: TrainState) -> str:
@@ -384,7 +386,7 @@ def save(p: LoopParts, state: TrainState, last_save: dict) -> None:
     """One complete checkpoint on all ranks (skipped if this step is already saved)."""
     if last_save.get("saved") == state.step:
         return
-    client = {**state.to_dict(), "dp_world_size": p.info.world_size, "config_hash": p.config_hash}
+    client = {**state.to_dict(), "dp_world_size": p.info.world_size, "config_hash": p.config_hash, "data": p.data}
     tag = p.ckpt.save(p.engine, state.step, client, p.cfg)
     if p.info.is_main:
         log.info("saved complete checkpoint %s", tag)

@@ -21,6 +21,8 @@ to the same mode (and the store's group) once the start is accepted.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import random
@@ -130,6 +132,34 @@ class Preflight:
     gid: int | None = None
     geometry: dict = field(default_factory=dict)
     """The store's geometry (:class:`masan.data.contract.Geometry` as JSON)."""
+    data: dict[str, str] = field(default_factory=dict)
+    """:func:`data_fingerprint` of the split's subjects, saved in every checkpoint."""
+
+
+def data_fingerprint(store, subjects: list[str]) -> dict[str, str]:
+    """Subject -> a short digest of what training reads of it from ``store``: its label and
+    each stored image's checksum, shape and TR (the cohort table's row). A reconverted or
+    relabelled subject, or another cohort under the same ids, digests differently."""
+    out = {}
+    for s in subjects:
+        row = store.row(s)
+        images = {m: [row[m].get(k) for k in ("checksum", "shape", "tr_seconds")] for m in ("t1", "fmri") if row.get(m)}
+        out[s] = hashlib.sha256(json.dumps([row.get("label"), images], sort_keys=True).encode()).hexdigest()[:12]
+    return out
+
+
+def changed_data_note(saved: dict[str, str] | None, now: dict[str, str], tag: str, store: str) -> str | None:
+    """A warning when the subjects' data differ from what checkpoint ``tag`` was trained on
+    (None: the same, or a checkpoint from before fingerprints were saved)."""
+    if not saved:
+        return None
+    changed = sorted(s for s in now if saved.get(s, now[s]) != now[s])
+    if not changed:
+        return None
+    shown = ", ".join(changed[:5]) + (" ..." if len(changed) > 5 else "")
+    return (f"the store data.store={store} holds other data than {tag} was trained on for {len(changed)} of "
+            f"{len(now)} subjects ({shown}): reconverted, relabelled or another cohort under the same ids; the run "
+            "goes on with this data, so its model has seen both; start a new run_dir to train on this store alone")
 
 
 def preflight(cfg: RunConfig, world_size: int, ckpt: CheckpointManager, chash: str) -> Preflight:
@@ -146,7 +176,8 @@ def preflight(cfg: RunConfig, world_size: int, ckpt: CheckpointManager, chash: s
     if cfg.data.cache != "none" and not Path(cfg.data.cache_dir).is_dir():  # (each node checks its own again)
         raise ConfigError(f"data.cache={cfg.data.cache} needs data.cache_dir={cfg.data.cache_dir}, which is not a "
                           "folder; point it at a tmpfs such as /dev/shm, or use data.cache=none")
-    subjects, labels, class_names = select_subjects(open_store(cfg), cfg.data)
+    store = open_store(cfg)
+    subjects, labels, class_names = select_subjects(store, cfg.data)
     split_path = RunDir(run_dir).split
     try:
         split = Split.load(split_path) if split_path.is_file() else make_split(subjects, labels, cfg.split)
@@ -167,7 +198,8 @@ def preflight(cfg: RunConfig, world_size: int, ckpt: CheckpointManager, chash: s
     if refusal:
         raise ResumeError(refusal)
     file_mode, gid = restrictive_mode([cfg.data.store])
-    return Preflight(subjects, labels, class_names, split, not split_path.is_file(), file_mode, gid)
+    return Preflight(subjects, labels, class_names, split, not split_path.is_file(), file_mode, gid,
+                     data=data_fingerprint(store, split.train + split.val + split.test))
 
 
 SHARED_ERRORS = (("locked", RunLockedError), ("resume", ResumeError), ("config", ConfigError))
@@ -340,6 +372,9 @@ def _train(cfg: RunConfig, stop: StopRequest, info: D.DistInfo, ckpt: Checkpoint
             torch.manual_seed(cfg.seed + 1 + info.rank + state.step)
         if info.is_main:
             log.warning(resumed.note)
+            changed = changed_data_note(resumed.state.get("data"), pre.data, resumed.tag, cfg.data.store)
+            if changed:
+                log.warning(changed)
     elif info.is_main:
         log.info("no complete checkpoint in %s: starting from scratch", rd.checkpoints)
 
@@ -350,7 +385,7 @@ def _train(cfg: RunConfig, stop: StopRequest, info: D.DistInfo, ckpt: Checkpoint
         logger.hparams(cfg)
     parts = LoopParts(cfg=cfg, info=info, engine=engine, schedule=schedule, train_set=train_set,
                       val_set=val_set, class_names=class_names, ckpt=ckpt, logger=logger, stop=stop,
-                      config_hash=chash)
+                      config_hash=chash, data=pre.data)
     try:
         status = train(parts, state)
         state = _final_state(ckpt)
