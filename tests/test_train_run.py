@@ -334,3 +334,10 @@ def test_resuming_on_other_data_under_the_same_subject_ids_is_warned(tmp_path, r
              "completed")
     assert f"the store data.store={other} holds other data than step_000021 was trained on for 10 of 10 " \
            "subjects (sub-" in log, log[-3000:]
+
+
+def test_a_resume_past_train_max_steps_takes_no_step(tmp_path, reference_run, train_config):
+    run = tmp_path / "run"
+    shutil.copytree(reference_run, run)
+    log = ok(launch(train_config, run, "train.max_steps=5", "deterministic=true"), "completed")
+    assert "status: completed at step 21" in log and manifests(run)[-1]["step"] == 21, log[-3000:]

@@ -215,6 +215,8 @@ def _epoch(p: LoopParts, run: _Run, state: TrainState, phase: str) -> tuple[str 
     or ``"max_steps"`` when the run ends inside it, else None; the last step's loss, nan when
     the epoch had no step left)."""
     cfg = p.cfg
+    if cfg.train.max_steps is not None and state.step >= cfg.train.max_steps:
+        return "max_steps", math.nan  # resumed at or past the cap: not one step more (that step's checkpoint exists)
     if phase == "joint" and state.consumed == 0 and refit_due(cfg, state.epoch):
         fit_norms(p)
     run.sampler.set_epoch(state.epochs_done, start=state.consumed)
