@@ -130,6 +130,11 @@ def choose_checkpoint(run_dir: Path, cfg: RunConfig, requested: str | None) -> s
             raise PredictRefused(f"--checkpoint {requested!r} is not a checkpoint name; pass a folder name of "
                                  f"{ckpts} such as step_000123")
         tag, named_by = requested, "--checkpoint"
+        if not (ckpts / tag).is_dir():
+            complete = CheckpointManager(run_dir, keep=1).complete_tags()  # newest first
+            have = (f"its complete ones: {', '.join(reversed(complete))} (the newest: {complete[0]})" if complete else
+                    "it holds no complete checkpoint")
+            raise PredictRefused(f"--checkpoint {tag}: {ckpts} has no checkpoint of that name; {have}")
     else:
         tag, named_by = final_tag(run_dir, cfg)
         if tag is None:

@@ -35,6 +35,8 @@ def test_bad_overrides_name_the_key(override, fragment):
 def test_missing_file_says_so(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match=f"config file {tmp_path} is a folder, not a config file; pass an existing"):
+        load_config(tmp_path)  # e.g. the run directory instead of its config.yaml
 
 
 def test_saved_config_round_trips(tmp_path):

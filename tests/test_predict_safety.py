@@ -214,3 +214,11 @@ def test_a_device_this_machine_lacks_is_a_usage_error(tmp_path, run, device, tex
         P.main([str(run), "--out", str(tmp_path / "out"), "--device", device])
     assert exit_.value.code == 2 and text in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_checkpoint_name_that_is_not_there_lists_the_ones_that_are(tmp_path, run):
+    """Not "the previous intact checkpoint, a less trained model": a mistyped name is newer than
+    the final one as often as older."""
+    res = predict(run, tmp_path / "out", "--checkpoint", "step_000999")
+    refused(res, tmp_path / "out", f"--checkpoint step_000999: {run / 'checkpoints'} has no checkpoint of that name; "
+            f"its complete ones: {EARLIER}, {FINAL} (the newest: {FINAL})")

@@ -134,7 +134,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
     if path is not None:
         p = Path(path)
         if not p.is_file():
-            raise ConfigError(f"config file {p} does not exist; pass an existing YAML file (see hpc/configs/)")
+            what = "is a folder, not a config file" if p.is_dir() else "does not exist"
+            raise ConfigError(f"config file {p} {what}; pass an existing YAML file (see hpc/configs/)")
         try:
             values = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:
