@@ -12,6 +12,11 @@ from masan.batch import MODALITY_KEYS
 from masan.model import masan_loss
 from masan.train.engine import grad_norm
 
+DIVERGED_FIX = ("check the input data (python data_tools/inspect_store.py --verify), then train in a new run_dir "
+                "with a lower optim.lr, an optim.grad_clip or train.precision=fp32 (a resume keeps the run's settings, "
+                "and its steps would diverge again)")
+"""What to do when training diverged (a non-finite loss or gradient norm)."""
+
 
 def check_grad_norm(engine, step: int, phase: str, rank: int) -> float | None:
     """The optimizer step's global gradient norm (the same on every rank); a non-finite one that
@@ -23,9 +28,7 @@ def check_grad_norm(engine, step: int, phase: str, rank: int) -> float | None:
     if norm is not None and not math.isfinite(norm) and engine.was_step_applied():
         raise FloatingPointError(
             f"the {phase} gradient norm is {norm} at step {step + 1} on rank {rank}: the weights of this step are "
-            f"not finite and were not saved; resume from the last checkpoint with a lower optim.lr or "
-            f"optim.grad_clip, check the input data (python data_tools/inspect_store.py --verify) or use "
-            f"train.precision=fp32")
+            f"not finite and were not saved; {DIVERGED_FIX}")
     return norm
 
 

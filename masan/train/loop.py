@@ -50,7 +50,7 @@ from masan.model.loss import PHASES, class_weights
 from masan.train.checkpoint import CheckpointManager
 from masan.train.engine import LRSchedule, current_lr, set_schedule_step
 from masan.train.eta import ETA_INTERVALS, duration_text, eta_seconds
-from masan.train.gradients import check_grad_norm, skipped_steps, term_grad_norms
+from masan.train.gradients import DIVERGED_FIX, check_grad_norm, skipped_steps, term_grad_norms
 from masan.train.logging import TrainLogger, interval_stats
 from masan.train.standardize import fit_standardizers
 from masan.train.stop import StopRequest
@@ -268,8 +268,7 @@ def _step(p: LoopParts, run: _Run, state: TrainState, phase: str, batches, inter
         if not torch.isfinite(loss["total"].detach()):
             raise FloatingPointError(
                 f"the {phase} loss is not finite at step {state.step} on rank {p.info.rank} "
-                f"({ {k: float(v) for k, v in loss.items()} }); lower optim.lr, check the input "
-                f"data (python data_tools/inspect_store.py --verify) or use train.precision=fp32")
+                f"({ {k: float(v) for k, v in loss.items()} }); {DIVERGED_FIX}")
     norm = check_grad_norm(engine, state.step, phase, p.info.rank)
     every = cfg.log.grad_norm_every_steps
     if every and (state.step + 1) % every == 0:
