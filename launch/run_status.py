@@ -11,6 +11,7 @@ launch.slurm.queue. A source that cannot be read leaves its columns unknown and 
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import pwd
@@ -27,7 +28,10 @@ from launch.slurm.submission import failure_logs
 from masan.rundir import RunDir
 from masan.train.eta import ETA_INTERVALS, eta_seconds
 from masan.train.runlock import local_holders
+from masan.train.stop import EXIT_INTERRUPTED
 
+LOCAL_RUNNING, LOCAL_ENDED = "RUNNING (local)", "ended (local)"
+"""The slurm column of a local run (launch.slurm.queue.slurm_state's words)."""
 RUN_MARKERS = (RunDir.CONFIG_NAME, RunDir.SUBMITTED_CONFIG_NAME, RunDir.JOBS_NAME, RunDir.CHECKPOINTS_NAME)
 """Any of these marks a run directory (a SLURM run has only jobs.json until its job starts)."""
 REPEAT_RE = re.compile(r"^repeat_(\d+)$")
@@ -303,10 +307,49 @@ def _jobs_columns(run: Path, st: RunStatus, queued: dict[str, Queued] | None) ->
         if st.slurm in jobs.RESTARTABLE_STATES and job.get("log"):
             logs = ", ".join(map(str, failure_logs(Path(job["log"]).parent, st.job_id)))
             st.add_note(f"job {st.job_id} ended {st.slurm}: see {logs}")
-    elif local_holders(RunDir(run).lock):  # launch/train_local.py keeps no job record: its lock says it lives
-        st.slurm = "RUNNING (local)"
+    holder = _local_holder(run)
+    if holder is not None:
+        # the lock is the truth about a live local run: launch/train_local.py started by hand keeps
+        # no job record, and a newer record may be a start that was refused or never began
+        st.job_id, st.slurm, st.reason = holder, LOCAL_RUNNING, None
+    elif record["jobs"] and record["jobs"][-1]["kind"] == "local":
+        _local_failure(record, st)
     st.requeues = sum(1 for e in record["events"] if e.get("event") == "started" and e.get("restarts", 0) > 0)
     st.restarts = sum(1 for e in record["events"] if e.get("event") == "restarted")
+
+
+def _local_holder(run: Path) -> str | None:
+    """The pid of the local run that holds ``run``'s run.lock on this host (its launcher's when
+    it has one; "?" when its record is not written yet), or None: no live holder here, or the
+    holder is a rank of a SLURM job (that job's row shows SLURM's state)."""
+    path = RunDir(run).lock
+    pids = local_holders(path)
+    if not pids:
+        return None
+    try:
+        record = json.loads(path.read_text() or "{}")
+    except (OSError, ValueError):
+        record = {}
+    if not isinstance(record, dict) or record.get("pid") not in pids:
+        return "?"  # a start still before its checks: the record names the previous holder
+    if record.get("slurm_job"):
+        return None
+    return str(record.get("launcher_pid") or record["pid"])
+
+
+def _local_failure(record: dict, st: RunStatus) -> None:
+    """A note for a local run that ended in failure, from the exit status submit.py recorded."""
+    if st.slurm != LOCAL_ENDED:
+        return
+    code = jobs.local_exit(record, st.job_id)
+    if code is None or code in (0, EXIT_INTERRUPTED):  # done, stopped (a second Ctrl-C too), or unknown
+        return
+    if code == jobs.EXIT_REFUSED:
+        st.add_note(f"local run {st.job_id} was refused at its start (exit {code}: a config, resume or run-directory "
+                    "error, printed by the command that started it); fix it and run that command again")
+    else:
+        st.add_note(f"local run {st.job_id} {jobs.exit_text(code)}: its error is in the output of the command that "
+                    "started it; run that command again to resume from the newest complete checkpoint")
 
 
 def _checkpoint_columns(run: Path, st: RunStatus, now: float | None) -> None:

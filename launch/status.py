@@ -10,10 +10,11 @@ and repeat, e.g. model.fusion-add/repeat_3), variant (the method, from the run's
 repeat (split.repeat), slurm (state of
 the run's newest job: squeue while queued or running, then ``scontrol show job``, then the
 result file submitit writes when a job ends; never sacct, which many clusters lack; local runs
-show RUNNING (local) while their process lives), phase, epoch (finished / target over both
-phases), step (newest logged or saved), checkpoint (newest complete one) and its age,
-requeues (starts after a requeue: time limit, preemption or by hand) and restarts
-(resubmissions after a crash, jobs.json), loss (last logged train/total), eta (steps left x
+show RUNNING (local) while a process holds their run.lock, whatever jobs.json says), phase,
+epoch (done / target over both phases, one decimal, rounded down), step (newest logged or
+saved), checkpoint (newest complete one) and its age, requeues (starts after a requeue: time
+limit, preemption or by hand) and restarts (resubmissions after a crash, or local runs that
+launch/submit.py started again, jobs.json), loss (last logged train/total), eta (steps left x
 the median seconds per step of the last logged intervals) and done (DONE for this config's
 target).
 
@@ -24,7 +25,8 @@ jobs.json (launch.slurm.jobs), tb/ (TensorBoard's event reader). Works without S
 A pending job shows SLURM's reason (squeue's %r), e.g. ``PENDING (123, Priority)``; one that
 can never start as submitted (``PartitionNodeLimit``, ``PartitionTimeLimit``, ...) also gets a
 note with the fix. A job that ended FAILED (or NODE_FAIL, TIMEOUT, ...) gets a note naming the
-task logs that hold a traceback (with a frozen node: the ranks that waited for it). A run
+task logs that hold a traceback (with a frozen node: the ranks that waited for it); a local run
+of launch/submit.py that crashed or was refused gets one with its exit status. A run
 that cannot be read whole (a file or folder this user may not read, a corrupt jobs.json, a
 truncated or invalid config.yaml) is still one row, with what could be read and a note below
 the table naming the file and the problem; the other runs are unaffected.
@@ -36,6 +38,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import sys
 import time
 from dataclasses import asdict
@@ -48,10 +51,16 @@ COLUMNS = ("run", "variant", "repeat", "slurm", "phase", "epoch", "step", "check
            "restarts", "loss", "eta", "done")
 
 
+def epochs_text(epochs: float) -> str:
+    """Epochs done with one decimal, rounded down: a run stopped 31.57 epochs in shows 31.5, and
+    no unfinished run shows its target (2.96 of 3 would round to 3.0)."""
+    return f"{math.floor(epochs * 10 + 1e-9) / 10:.1f}"  # the epsilon: 0.3 stored as 0.29999...
+
+
 def row_cells(st: RunStatus) -> list[str]:
     """The table's cells of one run, in :data:`COLUMNS` order."""
     epoch = "-" if st.epochs_done is None and st.epochs_target is None else \
-        f"{'-' if st.epochs_done is None else f'{st.epochs_done:.4g}'}/{st.epochs_target or '?'}"
+        f"{'-' if st.epochs_done is None else epochs_text(st.epochs_done)}/{st.epochs_target or '?'}"
     slurm = st.slurm if st.job_id is None or "local" in st.slurm else \
         f"{st.slurm} ({st.job_id}{'' if st.reason is None else f', {st.reason}'})"
     return [st.run, st.variant, "-" if st.repeat is None else str(st.repeat), slurm, st.phase or "-", epoch,

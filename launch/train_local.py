@@ -123,7 +123,10 @@ def spawn(args: argparse.Namespace, argv: list[str]) -> int:
     die with this launcher (:func:`masan.train.runlock.die_with_launcher`).
     """
     from masan.distributed import free_port
+    from masan.train.runlock import LAUNCHER_PID_ENV, die_with_launcher
 
+    if LAUNCHER_PID_ENV in os.environ:  # started by launch/submit.py --local: end with it, and the ranks with this
+        die_with_launcher(int(os.environ[LAUNCHER_PID_ENV]))
     port = args.port or free_port()
     worker_argv = strip_nproc(argv)
     procs: list[subprocess.Popen] = []

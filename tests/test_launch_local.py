@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
+from launch import run_status
 from launch.slurm import jobs
 from launch.slurm.plan import Resources, parse_time_min, plan_runs
 
@@ -166,3 +171,149 @@ def test_the_local_cluster_script_checks_its_arguments_before_doing_anything(arg
         check=False)
     assert res.returncode == code and text in res.stdout + res.stderr, res.stdout + res.stderr
     assert not (tmp_path / "c").exists()  # nothing installed, written or started
+
+
+# ====================================================================== signals, the run lock, crashes
+
+SUBMIT = REPO / "launch" / "submit.py"
+LONG_RUN = ("train.joint_epochs=2000", "log.every_steps=1")
+"""Far more epochs than a test waits for: the run is still training whenever the test acts."""
+
+
+class LocalSubmit:
+    """``launch/submit.py --local`` in the background, in a session of its own (as a terminal's
+    job: a closed terminal signals that whole process group), its output in a file."""
+
+    def __init__(self, config: Path, run_dir: Path, *overrides: str):
+        from test_run_lock import STEP_LINE
+
+        self.run_dir, self.step_line = run_dir, STEP_LINE
+        self.out = run_dir.parent / f"{run_dir.name}.submit.log"
+        with open(self.out, "w") as f:
+            self.proc = subprocess.Popen([sys.executable, str(SUBMIT), "--local", "--config", str(config),
+                                          "--run-dir", str(run_dir), *overrides], stdout=f,
+                                         stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
+
+    def log(self) -> str:
+        return self.out.read_text()
+
+    def wait_for_steps(self, timeout_s: float = 300) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not self.step_line.search(self.log()):
+            assert self.proc.poll() is None, f"ended early ({self.proc.returncode}):\n{self.log()[-4000:]}"
+            assert time.monotonic() < deadline, f"no training step yet:\n{self.log()[-4000:]}"
+            time.sleep(0.05)
+
+    def child(self) -> int:
+        """The pid of the local run (train_local.py), as jobs.json records it."""
+        (job,) = jobs.read_record(self.run_dir)["jobs"]
+        return int(job["job_id"])
+
+
+def _gone(pid: int, timeout_s: float = 30) -> bool:
+    """Whether process ``pid`` ended within ``timeout_s`` (a busy disk can hold a killed process
+    in its exit for seconds)."""
+    from test_run_lock import alive
+
+    deadline = time.monotonic() + timeout_s
+    while alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return not alive(pid)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum, to_group", [(signal.SIGTERM, False), (signal.SIGHUP, True)],
+                         ids=["SIGTERM", "SIGHUP-of-a-closed-terminal"])
+def test_a_signal_to_submit_local_stops_the_run_with_a_checkpoint_and_the_same_command_resumes(
+        tiny_config, tmp_path, signum, to_group):
+    """SIGTERM to submit.py used to end it at once, its run training on with no parent; SIGHUP
+    (a closed terminal signals the whole process group) killed the run without a checkpoint."""
+    from masan.train.checkpoint import POINTER
+
+    run = tmp_path / "run"
+    started = LocalSubmit(tiny_config, run, *LONG_RUN)
+    started.wait_for_steps()
+    child = started.child()
+    (os.killpg if to_group else os.kill)(started.proc.pid, signum)
+    code = started.proc.wait(timeout=180)
+    log = started.log()
+    assert code == 128 + signum, log[-4000:]
+    assert _gone(child), "the run outlived submit.py"
+    stopped = re.search(r"status: stopped at step (\d+)", log)
+    assert stopped and f"run STOPPED: {run}" in log, log[-4000:]
+    step = int(stopped[1])
+    assert (run / "checkpoints" / POINTER).read_text().strip() == f"step_{step:06d}"  # saved at the stop
+    assert "restart 1" not in log  # a stop on request is never restarted
+
+    res = subprocess.run([sys.executable, str(SUBMIT), "--local", "--config", str(tiny_config), "--run-dir", str(run),
+                          *LONG_RUN, f"train.max_steps={step + 2}"], capture_output=True, text=True, timeout=300,
+                         cwd=REPO)
+    assert res.returncode == 0 and f"resumed step_{step:06d}" in res.stderr + res.stdout, res.stderr[-4000:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nodes", [1, 2])
+def test_kill_9_of_submit_local_takes_its_run_with_it(tiny_config, tmp_path, nodes):
+    """With one rank the run is train_local.py itself; with two, its launcher and their ranks."""
+    from masan.train.runlock import RunLock
+    from test_run_lock import children
+
+    run = tmp_path / "run"
+    started = LocalSubmit(tiny_config, run, "--nodes", str(nodes), *LONG_RUN)
+    started.wait_for_steps()
+    child = started.child()
+    ranks = children(child)
+    assert nodes == 1 or len(ranks) >= nodes, ranks
+    started.proc.kill()
+    started.proc.wait()
+    for pid in [child, *ranks]:
+        assert _gone(pid), "the run trains on after kill -9 of submit.py, with nobody to stop it"
+    lock = RunLock(run)
+    assert lock.take_existing()  # the run directory is free for the next start
+    lock.release()
+
+
+def test_a_refused_local_start_writes_nothing_into_the_live_runs_folder(tiny_config, tmp_path):
+    """A run started with train_local.py by hand has no jobs.json; submit.py used to write its
+    job and config there before its run was refused, and status then called the live run ended."""
+    from test_train_reliability import snapshot
+
+    run = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from masan.train.runlock import RunLock; "
+                               f"RunLock({str(run)!r}).take(); print('held', flush=True); time.sleep(120)"],
+                              stdout=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        before = snapshot(run)
+        res = subprocess.run([sys.executable, str(SUBMIT), "--local", "--config", str(tiny_config), "--run-dir",
+                              str(run)], capture_output=True, text=True, timeout=120, cwd=REPO)
+        assert res.returncode == 2, res.stdout + res.stderr
+        assert f"in use by another run: pid {holder.pid} on host" in res.stderr and "run REFUSED" in res.stdout
+        assert "Traceback" not in res.stderr and "local run" not in res.stdout  # nothing was started
+        assert snapshot(run) == before
+        assert run_status.run_status(tmp_path, run, {}).slurm == "RUNNING (local)"
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+@pytest.mark.slow
+def test_a_crashed_local_run_is_restarted_and_status_counts_the_restart_and_says_it_failed(
+        tiny_config, tiny_store, tmp_path):
+    """A store whose T1 chunks vanished after the start's checks (which read only metadata):
+    every start crashes at its first batch."""
+    damaged = Path(shutil.copytree(tiny_store, tmp_path / "damaged.zarr"))
+    for chunks in damaged.glob("subjects/*/*/t1/0/c"):
+        shutil.rmtree(chunks)
+    run = tmp_path / "crash"
+    res = subprocess.run([sys.executable, str(SUBMIT), "--local", "--config", str(tiny_config), "--run-dir", str(run),
+                          "--max-restarts", "1", f"data.store={damaged}"], capture_output=True, text=True,
+                         timeout=600, cwd=REPO)
+    assert res.returncode == 1 and "restart 1" in res.stdout and f"run NOT finished: {run}" in res.stdout, res.stdout
+    first, second = (j["job_id"] for j in jobs.read_record(run)["jobs"])
+    (row,) = run_status.collect([run])
+    assert (row.slurm, row.job_id, row.restarts) == ("ended (local)", second, 1)
+    assert row.note == (f"local run {second} exited with code 1: its error is in the output of the command that "
+                        "started it; run that command again to resume from the newest complete checkpoint")
+    restarted = [e for e in jobs.read_record(run)["events"] if e["event"] == "restarted"]
+    assert [(e["job_id"], e["after"], e["code"]) for e in restarted] == [(second, first, 1)]

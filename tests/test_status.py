@@ -451,3 +451,76 @@ def test_on_the_local_cluster_submit_refuses_too_many_nodes_and_status_shows_why
         assert f"job {jid} can never start as submitted (PartitionNodeLimit)" in row.note
     finally:
         subprocess.run(["scancel", jid], capture_output=True, check=False)
+
+
+# ====================================================================== local runs: the lock, ends, epochs
+
+
+def _hold_lock(run: Path, **env: str) -> subprocess.Popen:
+    """A process holding ``run``'s run.lock, as a live run's rank 0 does (``env``: e.g. a SLURM job's)."""
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from masan.train.runlock import RunLock; "
+                               f"RunLock({str(run)!r}).take(); print('held', flush=True); time.sleep(120)"],
+                              stdout=subprocess.PIPE, text=True, env={**os.environ, **env})
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def _ended_pid() -> str:
+    """The pid of a local run that has ended."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return str(proc.pid)
+
+
+def test_a_live_run_lock_holder_shows_running_whatever_jobs_json_says(tmp_path):
+    """A refused submit.py used to leave the newest jobs.json entry in a live run's folder, and
+    the table then called the live run ended."""
+    run = tmp_path / "run"
+    refused = _ended_pid()
+    jobs.record_job(run, refused, "local", "(this terminal)")
+    jobs.record_event(run, refused, jobs.EXITED, code=jobs.EXIT_REFUSED)
+    holder = _hold_lock(run)
+    try:
+        row = run_status.run_status(tmp_path, run, {})
+        assert (row.slurm, row.job_id, row.note) == ("RUNNING (local)", str(holder.pid), "")
+    finally:
+        holder.kill()
+        holder.wait()
+    row = run_status.run_status(tmp_path, run, {})
+    assert row.slurm == "ended (local)" and row.note.startswith(f"local run {refused} was refused at its start")
+
+    # a SLURM job's rank 0 on this host holds the lock too: its row keeps SLURM's state and job
+    jobs.record_job(run, "77", "slurm", str(run / "slurm" / "77_0_log.out"))
+    holder = _hold_lock(run, SLURM_JOB_ID="77")
+    try:
+        row = run_status.run_status(tmp_path, run, {"77": queue.Queued("RUNNING", "None")})
+        assert (row.slurm, row.job_id) == ("RUNNING", "77")
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_local_run_that_ended_in_failure_gets_a_note_and_its_restarts_count(tmp_path):
+    run = tmp_path / "run"
+    crashed, again = _ended_pid(), _ended_pid()
+    jobs.record_job(run, crashed, "local", "(this terminal)")
+    jobs.record_event(run, crashed, jobs.EXITED, code=1)
+    jobs.record_job(run, again, "local", "(this terminal)")
+    jobs.record_restart(run, again, after=crashed, restart=1, code=1)
+    jobs.record_event(run, again, jobs.EXITED, code=-9)
+    row = run_status.run_status(tmp_path, run, {})
+    assert (row.slurm, row.restarts) == ("ended (local)", 1)
+    assert row.note == (f"local run {again} was killed by SIGKILL: its error is in the output of the command that "
+                        "started it; run that command again to resume from the newest complete checkpoint")
+    jobs.record_event(run, again, jobs.EXITED, code=0)  # stopped on request, or finished: nothing to say
+    assert run_status.run_status(tmp_path, run, {}).note == ""
+
+
+def test_epochs_show_one_decimal_rounded_down():
+    """A stop mid-epoch used to show 31.57/201 beside 3/3; and no unfinished run may look done."""
+    def cell(done, target):
+        st = run_status.RunStatus(run="r", path="r", epochs_done=done, epochs_target=target)
+        return status.row_cells(st)[status.COLUMNS.index("epoch")]
+
+    assert [cell(31.571428, 201), cell(2.96, 3), cell(3, 3), cell(0.3, 3), cell(None, 3)] == \
+        ["31.5/201", "2.9/3", "3.0/3", "0.3/3", "-/3"]

@@ -7,8 +7,9 @@ then from ``sacct`` when it exists, and is ``UNKNOWN`` otherwise: callers then l
 run directory (``DONE``) to tell how the run ended.
 
 ``run_dir/jobs.json`` lists every job submitted for a run directory (SLURM job ids, or the pid
-of a local run) and the events of those jobs (requeues, restarts). It is what stops a second
-submission while a job for the same run directory is still pending or running.
+of a local run) and the events of those jobs (requeues, restarts; a local run's exit status,
+which no scheduler keeps). It is what stops a second submission while a job for the same run
+directory is still pending or running.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import fcntl
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 from pathlib import Path
@@ -40,6 +42,9 @@ RESTARTABLE_STATES = frozenset({
 UNKNOWN = "UNKNOWN"
 REFUSED = "refused"
 """jobs.json event of a job whose training refused to start (see :func:`refusal`)."""
+EXITED = "exited"
+"""jobs.json event of a local run that ended, with its exit status ``code`` (negative: killed by
+that signal); launch/status.py reads it back, as SLURM's state says how a SLURM job ended."""
 EXIT_REFUSED = 2
 """Exit status of bad input (arguments, config, a refused resume), never restarted: the
 submitting command's, and a training task's whose run refused to start."""
@@ -193,6 +198,31 @@ def record_event(run_dir: str | Path, job_id: str, event: str, **extra) -> None:
     """Append an event (``started``, ``requeued``, ``restarted``, ...) to jobs.json."""
     with _locked_record(Path(run_dir)) as rec:
         rec["events"].append({"time": _now(), "job_id": str(job_id), "event": event, **extra})
+
+
+def record_restart(run_dir: str | Path, job_id: str, after: str, restart: int, **why) -> None:
+    """Record that job ``job_id`` (a resubmission, or a local run started again) restarts the
+    crashed job ``after``, the ``restart``-th time; launch/status.py counts these."""
+    record_event(run_dir, job_id, "restarted", after=str(after), restart=restart, **why)
+
+
+def local_exit(record: dict, job_id: str) -> int | None:
+    """The exit status that ``record`` (:func:`read_record`) holds for local run ``job_id``
+    (see :data:`EXITED`), or None."""
+    for event in reversed(record["events"]):
+        if event.get("job_id") == str(job_id) and event.get("event") == EXITED:
+            return event.get("code")
+    return None
+
+
+def exit_text(code: int) -> str:
+    """How a local run ended, from its exit status (negative: the signal that killed it)."""
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"
 
 
 def refusal(run_dir: str | Path, job_id: str) -> str | None:
