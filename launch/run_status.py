@@ -285,8 +285,15 @@ def run_status(root: Path, run: Path, queued: dict[str, Queued] | None, now: flo
     if done is not None:
         # the DONE record's whole epochs: the last logged fraction of a run whose epochs do not
         # divide into steps (or that resumed on another rank count) stops short of the target
-        st.done, st.eta_s, st.phase = True, 0.0, "done"
+        st.eta_s = 0.0
         st.epochs_done = done.get("epochs_done", st.epochs_done)
+        if st.epochs_done is not None and st.epochs_done < sum(cfg.epochs.values()):  # as masan.predict judges
+            st.phase = "max_steps"
+            st.add_note(f"ended at train.max_steps={cfg.train.max_steps} after {st.epochs_done} of "
+                        f"{sum(cfg.epochs.values())} epochs: predict and evaluate take it as unfinished; start it "
+                        "again with a larger train.max_steps (or none) to finish it")
+        else:
+            st.done, st.phase = True, "done"
     return st
 
 

@@ -524,3 +524,19 @@ def test_epochs_show_one_decimal_rounded_down():
 
     assert [cell(31.571428, 201), cell(2.96, 3), cell(3, 3), cell(0.3, 3), cell(None, 3)] == \
         ["31.5/201", "2.9/3", "3.0/3", "0.3/3", "-/3"]
+
+
+def test_a_run_ended_by_max_steps_is_not_shown_done(runs, tmp_path):
+    """DONE also records a run that train.max_steps ended early; predict and evaluate call it
+    unfinished, so status must not count it done."""
+    from masan.config import load_config, save_config
+    from masan.rundir import RunDir
+
+    run = _copy_finished(runs, tmp_path / "capped")
+    cfg = load_config(run / "config.yaml", ["train.max_steps=4"])
+    save_config(cfg, run / "config.yaml")
+    RunDir(run).mark_done(cfg, step=4, epochs_done=1)
+    (row,) = run_status.collect([run])
+    assert not row.done and row.phase == "max_steps" and row.eta_s == 0 and row.epochs_done == 1
+    assert row.note.startswith("ended at train.max_steps=4 after 1 of 3 epochs: predict and evaluate take it as "
+                               "unfinished"), row.note
