@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """Print what a MASAN cohort store holds: classes, subjects per class, shapes, codecs, size,
-the last conversion's failures; optionally one subject's arrays in detail or a checksum check.
+the last conversion's failures (and whether it finished); optionally one subject's arrays in
+detail or a check of every subject (checksums, readable metadata).
 
 Examples:
   python data_tools/inspect_store.py runs/cohort.zarr
@@ -17,10 +18,8 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-import zarr
-
-from masan.convert.subject import verify_group
-from masan.store.cohort import CohortStore, StoreError, StrictLocalStore
+from masan.convert.cohort import verify_published
+from masan.store.cohort import LAST_CONVERSION, CohortStore, StoreError
 
 
 def _size(path: Path) -> int:
@@ -63,9 +62,12 @@ def summary(store: CohortStore) -> list[str]:
     if acc:
         group = "" if acc.get("gid") is None else f", group id {acc['gid']}"
         lines.append(f"access: files {acc['file_mode']}{group} (chosen by {acc['chosen_by']})")
-    failed = store.attrs.get("last_conversion", {}).get("failed", [])
+    failed = store.attrs.get(LAST_CONVERSION, {}).get("failed", [])
     lines.append(f"last conversion: {len(failed)} failed"
                  + "".join(f"\n  {f['subject']}: {f['error']}" for f in failed))
+    unfinished = store.unfinished_conversion()
+    if unfinished:
+        lines.append(f"  NOT FINISHED: {unfinished}")
     return lines
 
 
@@ -89,15 +91,6 @@ def subject_detail(store: CohortStore, subject: str) -> list[str]:
     return lines
 
 
-def _verify(path: Path, group: str) -> list[str]:
-    """Arrays of one subject version that are unreadable, incomplete or differ from their checksum
-    (a missing chunk file is damage: StrictLocalStore raises instead of reading zeros)."""
-    try:
-        return verify_group(zarr.open_group(StrictLocalStore(path, read_only=True), path=group, mode="r"))
-    except Exception as e:  # noqa: BLE001 - any failure to open the version folder is damage to report
-        return [f"{group} ({type(e).__name__})"]
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("store", type=Path)
@@ -114,9 +107,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print("\n".join(lines))
     if args.verify:
-        damaged = {s: bad for s in store.subjects if (bad := _verify(args.store, store.group_path(s)))}
+        damaged = {s: bad for s in store.subjects if (bad := verify_published(args.store, store.group_path(s)))}
         for s, bad in damaged.items():
-            print(f"DAMAGED {s}: {bad} do not match their checksums; rerun to_zarr.py with --verify", file=sys.stderr)
+            print(f"DAMAGED {s}: {'; '.join(bad)}; rerun data_tools/to_zarr.py with the same inputs and --verify "
+                  "to reconvert it", file=sys.stderr)
         print(f"verified {len(store.subjects)} subjects: {len(damaged)} damaged")
         return 1 if damaged else 0
     return 0

@@ -15,12 +15,14 @@ are skipped, half-written ones are redone. Subjects leave the store only with --
 The store is as closed as its most restricted source (e.g. sources 600 -> store 600/700)
 unless --mode/--group share it on purpose. Layout and safety: docs/data-format.md.
 Exit status: 0 all converted, 1 some subjects failed (see STORE/conversion_report.json;
-0 with --allow-failures), 2 the inputs or options are unusable (nothing changed).
+0 with --allow-failures), 2 the inputs or options are unusable (nothing changed), 130/143
+stopped by Ctrl-C/SIGTERM (what was converted is kept: rerun the same command to resume).
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -31,11 +33,13 @@ from masan.convert.cohort import (
     DEFAULT_CLASSES,
     ConvertError,
     ConvertOptions,
+    Interrupted,
     StoreAccess,
     convert_cohort,
     discover_bids,
     planted_effect,
     read_manifest,
+    stop_signals,
 )
 from masan.convert.registration import DEFAULT_VOXEL_MM, TEMPLATES, TYPES
 from masan.data.contract import ContractError, store_geometry
@@ -194,12 +198,24 @@ def main(argv: list[str] | None = None) -> int:
             extra = {"planted_effect": effect} if effect else None
         else:
             sources, extra = read_manifest(args.manifest), None
-        report = convert_cohort(sources, args.out, opts, args.classes, args.label_map, args.workers, args.verify,
-                                extra, progress=not args.no_progress, prune=args.prune, share=share,
-                                review=contract_warnings)
+        with stop_signals():  # SIGINT, SIGTERM: workers stopped, report written, what was published kept
+            report = convert_cohort(sources, args.out, opts, args.classes, args.label_map, args.workers,
+                                    args.verify, extra, progress=not args.no_progress, prune=args.prune,
+                                    share=share, review=contract_warnings)
     except (ConvertError, AccessError) as e:
         print(f"to_zarr: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:  # an Interrupted from stop_signals, or Ctrl-C while the inputs were read
+        signum, done = (e.signum, e.report) if isinstance(e, Interrupted) else (signal.SIGINT, None)
+        name = signal.Signals(signum).name
+        if done is None:
+            print(f"to_zarr: interrupted by {name} before any subject was converted", file=sys.stderr)
+        else:
+            failed = f", {len(done.failed)} failed" if done.failed else ""
+            print(f"to_zarr: interrupted by {name}: {len(done.converted)} of {done.to_convert} subjects were "
+                  f"converted{failed}; the store is consistent: rerun the same command to resume "
+                  f"(details: {args.out / REPORT})", file=sys.stderr)
+        return 128 + signum
     print(f"{args.out}: {len(report.converted)} converted, {len(report.skipped)} unchanged (skipped), "
           f"{len(report.kept)} kept from earlier, {len(report.removed)} removed, {len(report.failed)} failed "
           f"in {report.seconds:.1f} s; access {report.access}")

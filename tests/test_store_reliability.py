@@ -8,6 +8,7 @@ whole file within a few minutes on two cores).
 import gzip
 import importlib.util
 import json
+import logging
 import multiprocessing as mp
 import os
 import pwd
@@ -26,9 +27,11 @@ import numpy as np
 import pytest
 
 from masan import access
+from masan.config import load_config
 from masan.convert import nifti
 from masan.store.cohort import REPORT, STAGING, SUBJECTS, CohortStore, StoreError
 from masan.synth.phantom import synthesize_cohort
+from masan.train.run import store_contract
 from test_data_convert import write_manifest
 
 pytestmark = pytest.mark.slow  # every test converts cohorts with killed and racing processes
@@ -474,3 +477,112 @@ def test_small_input_cases(tmp_path, capsys):
     t1("sub-002").symlink_to(elsewhere)
     assert to_zarr.main(_args(bids, tmp_path / "link.zarr")) == 0
     assert CohortStore(tmp_path / "link.zarr").row("sub-002")["t1"]["source"] == str(t1("sub-002"))
+
+
+# ====================================================================== 14. damaged metadata
+
+
+def _damage(path):
+    """Overwrite a few bytes inside a metadata file, as a failing disk or a stray write would."""
+    with open(path, "r+b") as f:
+        f.seek(20)
+        f.write(b"XXXX")
+
+
+def test_damaged_subject_metadata_is_found_and_reconverted_by_verify(tmp_path, capsys):
+    bids = _tiny(tmp_path / "bids")
+    out = tmp_path / "s.zarr"
+    assert to_zarr.main(_args(bids, out)) == 0
+    for where in ("{v}/t1/0/zarr.json", "{v}/fmri/zarr.json", "{v}/zarr.json"):  # an array, an image, the version
+        rel = where.format(v=CohortStore(out).group_path("sub-002"))
+        _damage(out / rel)
+        capsys.readouterr()
+        assert inspect_store.main([str(out), "--verify"]) == 1
+        assert f"DAMAGED sub-002: {rel} is damaged (not JSON)" in capsys.readouterr().err
+        assert to_zarr.main(_args(bids, out, "--verify")) == 0
+        assert f"warning: sub-002: {rel} is damaged (not JSON); reconverted" in capsys.readouterr().out
+        assert CohortStore(out).report()["converted"] == ["sub-002"]
+        _exact(bids, out)
+    # the subject's own group file holds only the name of its version: any rerun rewrites it
+    _damage(out / SUBJECTS / "sub-002" / "zarr.json")
+    assert inspect_store.main([str(out), "--verify"]) == 1
+    assert f"DAMAGED sub-002: {SUBJECTS}/sub-002/zarr.json is damaged" in capsys.readouterr().err
+    assert to_zarr.main(_args(bids, out)) == 0
+    _exact(bids, out)
+    # a rerun without --verify cannot read a damaged version's own group either: it reconverts it, and says so
+    rel = f"{CohortStore(out).group_path('sub-001')}/zarr.json"
+    _damage(out / rel)
+    assert to_zarr.main(_args(bids, out)) == 0
+    assert f"warning: sub-001: {rel} is damaged (not JSON); reconverted" in capsys.readouterr().out
+    assert CohortStore(out).report()["converted"] == ["sub-001"]
+    _exact(bids, out)
+
+
+def test_damaged_root_metadata_is_refused_naming_the_file_and_the_fix_works(tmp_path, capsys):
+    bids = _tiny(tmp_path / "bids")
+    out = tmp_path / "s.zarr"
+    assert to_zarr.main(_args(bids, out)) == 0
+    os.truncate(out / "zarr.json", 100)
+    data = lambda: {k: v for k, v in _snapshot(out).items() if not k.startswith(".lock")}  # noqa: E731
+    before = data()
+    assert to_zarr.main(_args(bids, out)) == 2
+    err = capsys.readouterr().err
+    assert f"{out / 'zarr.json'} cannot be read" in err and "root metadata" in err and "damaged" in err
+    assert f"mv {out} {out}.damaged" in err and "Traceback" not in err
+    assert data() == before  # refused before anything was written (but its lock file: the holder's pid)
+    assert inspect_store.main([str(out)]) == 2
+    assert f"mv {out} {out}.damaged" in capsys.readouterr().err  # the tools give the same advice
+    with pytest.raises(StoreError, match=f"{out / 'zarr.json'} cannot be read.*root metadata"):
+        _ = CohortStore(out).subjects  # what training's start sees
+    out.rename(f"{out}.damaged")  # the advice, followed
+    assert to_zarr.main(_args(bids, out)) == 0
+    _exact(bids, out)
+
+
+# ====================================================================== 15. Ctrl-C and SIGTERM
+
+
+@pytest.fixture(scope="module")
+def many_bids(tmp_path_factory):
+    """Enough subjects that a run is still converting when the first one is published."""
+    return synthesize_cohort(tmp_path_factory.mktemp("many") / "bids", {"NC": 6, "AD": 6}, t1_shape=(24, 24, 24),
+                             fmri_shape=(16, 16, 16), frames=48, compresslevel=1)
+
+
+@pytest.mark.parametrize("sig,to_group,workers", [(signal.SIGINT, True, 2), (signal.SIGTERM, False, 2),
+                                                  (signal.SIGTERM, True, 1)],
+                         ids=["ctrl-c-workers", "kill-workers", "slurm-in-process"])
+def test_a_stop_signal_ends_the_conversion_cleanly_and_a_rerun_resumes(many_bids, tmp_path, capsys, caplog, sig,
+                                                                       to_group, workers):
+    """Ctrl-C signals the whole process group, ``kill`` the converter alone, SLURM every process
+    of the job: each time one line says how far it got, the exit status is 128 + the signal,
+    the report is written, the workers are gone and the store reads; a rerun finishes it."""
+    out = tmp_path / "s.zarr"
+    cmd = [sys.executable, str(ROOT / "data_tools" / "to_zarr.py"), *_args(many_bids, out, "--workers", str(workers))]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 60
+    while not list((out / SUBJECTS).glob("*/current")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    pool = _children(proc.pid)
+    (os.killpg if to_group else os.kill)(proc.pid, sig)
+    _, err = proc.communicate(timeout=60)
+    report = json.loads((out / REPORT).read_text())
+    done, total = len(report["converted"]), len(list(many_bids.glob("sub-*")))
+    assert proc.returncode == 128 + sig, err
+    assert err.strip() == (f"to_zarr: interrupted by {sig.name}: {done} of {total} subjects were converted; the "
+                           f"store is consistent: rerun the same command to resume (details: {out / REPORT})")
+    assert 0 < done < total and report["aborted"] == f"interrupted by {sig.name}" and not report["failed"]
+    assert not any(map(_alive, pool))
+    store = CohortStore(out)
+    assert len(store.subjects) == done and inspect_store.main([str(out), "--verify"]) == 0
+    assert f"NOT FINISHED: the last conversion of {out} did not finish (interrupted by {sig.name}) after " \
+           f"converting {done} of {total} subjects" in capsys.readouterr().out
+    if sig == signal.SIGINT:  # a training start on it says so too (once, from rank 0's store check)
+        with caplog.at_level(logging.WARNING, logger="masan.train.run"):
+            store_contract(load_config(None, [f"data.store={out}", "data.classes=[NC, AD]", "data.fmri_frames=48",
+                                              "model.t1_shape=null", "model.fmri_shape=null",
+                                              "model.fmri_frames=null"]))
+        assert f"the last conversion of {out} did not finish" in caplog.text
+    assert to_zarr.main(_args(many_bids, out, "--workers", str(workers))) == 0
+    assert CohortStore(out).report()["skipped"] == sorted(report["converted"])  # nothing redone
+    assert _exact(many_bids, out).unfinished_conversion() is None

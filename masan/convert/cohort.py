@@ -10,6 +10,8 @@ Steps, each a function:
    whose sources and options are unchanged, redoes half-written or changed ones, points the
    cohort table (root attributes) at each new version before the old one is removed, and
    always writes ``conversion_report.json``. Subjects leave the store only with ``prune``.
+   Inside :func:`stop_signals` (to_zarr.py), SIGINT and SIGTERM stop it as
+   :class:`Interrupted`, carrying the report of what was done.
 
 Store safety (locking, versions, permissions) and layout: docs/data-format.md.
 """
@@ -17,6 +19,7 @@ Store safety (locking, versions, permissions) and layout: docs/data-format.md.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import time
@@ -49,8 +52,20 @@ from masan.convert.subject import convert_subject, open_strict, source_record, v
 from masan.files import atomic_write_json
 from masan.host import usable_cores
 from masan.store import permissions, places, publish
-from masan.store.cohort import FORMAT, FORMAT_VERSION, MODALITIES, REPORT, STAGING, SUBJECTS, TRASH
+from masan.store.cohort import (
+    FORMAT,
+    FORMAT_VERSION,
+    LAST_CONVERSION,
+    MODALITIES,
+    REPORT,
+    ROOT_META,
+    STAGING,
+    SUBJECTS,
+    TRASH,
+    damaged_root,
+)
 from masan.store.permissions import StoreAccess
+from masan.store.publish import Interrupted, stop_signals  # noqa: F401  (re-exported for to_zarr.py)
 
 
 @dataclass
@@ -64,6 +79,8 @@ class Report:
     them (unlisted, source missing, or failing now); ``prune`` would remove them."""
     failed: list[Failure] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    to_convert: int = 0
+    """Subjects this run set out to (re)convert: the listed ones neither skipped nor failing their checks."""
     access: str = ""
     """Permissions the store was given (e.g. ``files 600, folders 700``)."""
     aborted: str | None = None
@@ -76,14 +93,19 @@ class Report:
         return d
 
 
-def _published(root: Any, subject: str, row: dict | None) -> tuple[str, dict] | None:
-    """(group key, attributes) of the version the table row points at, if complete."""
+def _published(root: Any, subject: str, row: dict | None, report: Report) -> tuple[str, dict] | None:
+    """(group key, attributes) of the version the table row points at, if complete and readable
+    (a version whose metadata is damaged is reconverted, and the report says so)."""
     if row is None:
         return None
     key = row.get("group") or f"{SUBJECTS}/{subject}"
     try:
         attrs = dict(root[key].attrs)
     except (KeyError, FileNotFoundError):
+        return None
+    except Exception as e:  # noqa: BLE001 - whatever zarr makes of damaged metadata
+        bad = _unreadable(Path(root.store.root), key, f"{key} cannot be read ({type(e).__name__}: {e})")
+        report.warnings.append(f"{subject}: {'; '.join(bad)}; reconverted")
         return None
     return (key, attrs) if attrs.get("complete") else None
 
@@ -155,20 +177,66 @@ def _check_writable(out: Path) -> None:
         raise _out_error(out, why)
 
 
-def _open_root(path: Path) -> Any:
-    """The store's root group; a new one is created without deleting anything (zarr's
-    ``mode="w"`` would delete the lock file just taken)."""
+def _open_root(path: Path) -> tuple[Any, list[str]]:
+    """The store's root group, and notes for the report; a new one is created without deleting
+    anything (zarr's ``mode="w"`` would delete the lock file just taken). Unreadable root
+    metadata is a ConvertError (:func:`masan.store.cohort.damaged_root`); the group of the
+    subjects holds no attributes, so unreadable metadata of its own is rewritten."""
     _check_store_or_empty(path)
-    if (path / "zarr.json").is_file():
-        root = zarr.open_group(LocalStore(path), mode="r+")
-        if dict(root.attrs).get("masan_store", {}).get("format") != FORMAT:
+    if (path / ROOT_META).is_file():
+        try:
+            root = zarr.open_group(LocalStore(path), mode="r+")
+            attrs = dict(root.attrs)
+        except OSError:
+            raise
+        except Exception as e:  # noqa: BLE001 - whatever zarr makes of damaged metadata
+            raise ConvertError(damaged_root(path, e)) from None
+        if attrs.get("masan_store", {}).get("format") != FORMAT:
             raise ConvertError(f"{path} is a Zarr group but not a MASAN cohort store; choose another --out")
     else:
         root = zarr.create_group(LocalStore(path), overwrite=False,
                                  attributes={"masan_store": {"format": FORMAT, "version": FORMAT_VERSION}})
+    meta = path / SUBJECTS / publish.GROUP_FILE
+    if meta.is_file() and not _reads_as_json(meta):
+        atomic_write_json(meta, {"zarr_format": 3, "node_type": "group", "attributes": {}})
+        return root, [f"{meta} (the group of the subjects, no data) could not be read; rewritten"]
     if SUBJECTS not in root:
         root.create_group(SUBJECTS)
-    return root
+    return root, []
+
+
+def _reads_as_json(path: Path) -> bool:
+    try:
+        json.loads(path.read_bytes())
+        return True
+    except ValueError:
+        return False
+
+
+def _unreadable(store: Path, key: str, otherwise: str) -> list[str]:
+    """The metadata files under ``key`` that are not JSON, named; else ``[otherwise]``."""
+    broken = [meta for meta in sorted((store / key).rglob(publish.GROUP_FILE)) if not _reads_as_json(meta)]
+    return [f"{meta.relative_to(store)} is damaged (not JSON)" for meta in broken] or [otherwise]
+
+
+def verify_published(store: Path, key: str, slab_frames: int = ConvertOptions.fmri_shard_frames) -> list[str]:
+    """What is damaged in the published subject version at ``key`` (``CohortStore.group_path``),
+    one line each; [] when it reads back as recorded. Values that differ from their checksums
+    (a missing chunk file included) and metadata that cannot be read are both damage: either
+    way the version cannot be trusted, and a conversion with ``verify`` redoes the subject.
+    So is its subject's group file (``subjects/<id>/zarr.json``), which any conversion rewrites."""
+    folder = store / key
+    group_file = folder.parent / publish.GROUP_FILE
+    bad = ([f"{group_file.relative_to(store)} is damaged (not JSON)"]
+           if publish.VERSION.match(folder.name) and group_file.is_file() and not _reads_as_json(group_file) else [])
+    try:
+        mismatched = verify_group(open_strict(folder), slab_frames)
+    except Exception as e:  # noqa: BLE001 - whatever keeps the version from being read is damage
+        return bad + _unreadable(store, key, f"{key} cannot be read ({type(e).__name__}: {e})")
+    for name in mismatched:  # an image's own metadata that does not read fails its check too: name it
+        bad += _unreadable(store, f"{key}/{name}", f"{name} does not match its recorded checksum (or a chunk file "
+                                                   "is missing)")
+    return bad
 
 
 def _check_places(out: Path) -> None:
@@ -229,8 +297,8 @@ def convert_cohort(sources: list[SubjectSource], out: str | Path, options: Conve
             raise ConvertError(str(e)) from None
         except OSError as e:  # passed _check_writable, yet the file system refused (e.g. a lock file not ours)
             raise _out_error(out, f"cannot create the store or its lock file ({e.strerror})") from None
-        root = _open_root(out)
-        report = Report(failed=failed, warnings=chosen)
+        root, notes = _open_root(out)
+        report = Report(failed=failed, warnings=chosen + notes)
         try:
             _convert_locked(root, out, jobs, opts, classes, workers, verify, progress, prune, report,
                             (mode, gid, chosen_by), extra_attrs)
@@ -238,6 +306,10 @@ def convert_cohort(sources: list[SubjectSource], out: str | Path, options: Conve
                 report.warnings.extend(review(out))
         except BaseException as e:
             report.aborted = f"{type(e).__name__}: {e}"
+            if isinstance(e, Interrupted):
+                report.aborted, e.report = str(e), report
+            with contextlib.suppress(Exception):  # the store's own record of it; the error itself goes on
+                root.update_attributes({LAST_CONVERSION: _last_conversion(report, finished=False)})
             raise
         finally:  # the report is written whatever happened (a crash says where it stopped)
             report.seconds = time.monotonic() - start
@@ -266,7 +338,7 @@ def _convert_locked(root: Any, out: Path, jobs: list[Job], opts: ConvertOptions,
     publish.drop_unreferenced(out, rows)
     todo = []
     for job in jobs:
-        found = _published(root, job.subject, rows.get(job.subject))
+        found = _published(root, job.subject, rows.get(job.subject), report)
         redo = not found or not _unchanged(job, found[1], opts)
         if not redo and verify:
             redo = _verify_published(root, found[0], job.subject, opts, report)
@@ -288,7 +360,7 @@ def _convert_locked(root: Any, out: Path, jobs: list[Job], opts: ConvertOptions,
             rows[subject] = result["row"]
             report.converted.append(subject)
             report.warnings.extend(f"{subject}: {w}" for w in result["warnings"])
-            _write_table(root, rows, classes, opts, extra)
+            _write_table(root, rows, classes, opts, extra, report)
             publish.drop_versions(out, subject, keep=result["row"]["group"])  # only now unreferenced
         else:
             report.failed.append(Failure(**result["failure"]))
@@ -296,23 +368,24 @@ def _convert_locked(root: Any, out: Path, jobs: list[Job], opts: ConvertOptions,
     def died(job: Job, why: str) -> None:
         report.failed.append(Failure(job.subject, None, f"{why}; rerun to retry it"))
 
-    _write_table(root, rows, classes, opts, extra)
+    report.to_convert = len(todo)
+    _write_table(root, rows, classes, opts, extra, report)
     if opts.register != "none" and opts.threads is None:  # N workers x M ITK threads within the cores we may use
         opts = replace(opts, threads=max(1, usable_cores() // max(1, min(workers, len(todo)))))
-    bar = tqdm(total=len(todo), desc=f"to_zarr {out.name}", unit="subject", disable=not progress)
-    if workers <= 1 or len(todo) <= 1:
-        for job in todo:
-            record(convert_subject(job, str(out), opts))
-            bar.update()
-    else:
-        publish.run_pool(todo, convert_subject, (str(out), opts), min(workers, len(todo)), out, record, died,
-                         bar.update)
-    bar.close()
+    # closed however it ends, so that an interruption's message starts on a line of its own
+    with tqdm(total=len(todo), desc=f"to_zarr {out.name}", unit="subject", disable=not progress) as bar:
+        if workers <= 1 or len(todo) <= 1:
+            for job in todo:
+                record(convert_subject(job, str(out), opts))
+                bar.update()
+        else:
+            publish.run_pool(todo, convert_subject, (str(out), opts), min(workers, len(todo)), out, record, died,
+                             bar.update)
     _settle_stale(out, root, rows, report, prune, classes, opts, extra)
     publish.drop_unreferenced(out, rows)
     for leftover in (STAGING, TRASH):
         shutil.rmtree(out / leftover, ignore_errors=True)
-    _write_table(root, rows, classes, opts, extra, report)
+    _write_table(root, rows, classes, opts, extra, report, finished=True)
     access.apply_access(out, mode, gid)
 
 
@@ -325,7 +398,7 @@ def _settle_stale(out: Path, root: Any, rows: dict[str, dict], report: Report, p
     if prune:
         for subject in stale:
             rows.pop(subject)
-        _write_table(root, rows, classes, opts, extra)
+        _write_table(root, rows, classes, opts, extra, report)
         for subject in stale:
             publish.drop_versions(out, subject, keep=None)
         report.removed = stale
@@ -337,25 +410,32 @@ def _settle_stale(out: Path, root: Any, rows: dict[str, dict], report: Report, p
 
 
 def _verify_published(root: Any, key: str, subject: str, opts: ConvertOptions, report: Report) -> bool:
-    """--verify: True (redo) when a published subject's arrays no longer match their checksums."""
-    bad = verify_group(open_strict(Path(root.store.root) / key), opts.fmri_shard_frames)
+    """--verify: True (redo) when a published subject is damaged (:func:`verify_published`)."""
+    bad = verify_published(Path(root.store.root), key, opts.fmri_shard_frames)
     if bad:
-        report.warnings.append(f"{subject}: stored {bad} did not match the recorded checksum; reconverted")
+        report.warnings.append(f"{subject}: {'; '.join(bad)}; reconverted")
     return bool(bad)
 
 
+def _last_conversion(report: Report, finished: bool) -> dict:
+    """The root attribute :data:`LAST_CONVERSION` (``CohortStore.unfinished_conversion`` reads it)."""
+    return {"converted": len(report.converted), "to_convert": report.to_convert, "skipped": len(report.skipped),
+            "failed": [asdict(f) for f in report.failed], "finished": finished, "aborted": report.aborted,
+            "report": REPORT}
+
+
 def _write_table(root: Any, rows: dict[str, dict], classes: tuple[str, ...], opts: ConvertOptions,
-                 extra: dict | None, report: Report | None = None) -> None:
+                 extra: dict | None, report: Report, finished: bool = False) -> None:
+    """Point the cohort table at ``rows``, with the conversion's progress: ``finished`` only
+    once it is done, so a run that stops before leaves the store saying so."""
     attrs: dict[str, Any] = {
         "masan_store": {"format": FORMAT, "version": FORMAT_VERSION},
         "classes": list(classes),
         "cohort": [rows[s] for s in sorted(rows)],
         "options": opts.fingerprint(),
         **(extra or {}),
+        LAST_CONVERSION: _last_conversion(report, finished),
     }
-    if report is not None:
-        attrs["last_conversion"] = {"converted": len(report.converted), "skipped": len(report.skipped),
-                                    "failed": [asdict(f) for f in report.failed], "report": REPORT}
     settings = opts.registration_settings()
     if settings is not None:
         attrs[registration.GROUP] = {**settings, "antspyx": registration.tool_version()}

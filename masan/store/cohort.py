@@ -68,12 +68,27 @@ MODALITIES = ("t1", "fmri")
 CHUNK_DIR = "c"
 """Zarr v3 default chunk-key prefix: ``<array>/c/0/0/0``."""
 FIX = "run `python data_tools/to_zarr.py --bids DIR --out STORE` (or --manifest CSV) to (re)build it"
+ROOT_META = "zarr.json"
+LAST_CONVERSION = "last_conversion"
+"""Root attribute: the latest conversion's counts and failures, and whether it finished
+(rewritten with the table as it goes, so a killed or interrupted run leaves ``finished`` false)."""
 
 Region = tuple[slice, slice, slice]
 
 
 class StoreError(RuntimeError):
     """The store is missing, not a cohort store, or damaged; the message names path and fix."""
+
+
+def damaged_root(path: str | os.PathLike, error: BaseException) -> str:
+    """What to do when a store's root ``zarr.json`` cannot be read: it holds the cohort table,
+    the only record of which version of each subject is current, so no tool can rebuild it
+    from what is left (a rerun into the same store would have to guess)."""
+    path = Path(path)
+    return (f"{path / ROOT_META} cannot be read ({type(error).__name__}: {error}): the root metadata of the cohort "
+            f"store {path}, which holds its cohort table, is damaged. The subjects' data may be intact, but no tool "
+            f"can tell which of their versions are current: restore that file from a backup, or move the store "
+            f"aside (mv {path} {path}.damaged) and convert again with data_tools/to_zarr.py and the same inputs")
 
 
 class MissingChunkError(FileNotFoundError):
@@ -170,17 +185,18 @@ class CohortStore:
     def _check_exists(self) -> None:
         if not self.path.exists():
             raise StoreError(f"cohort store {self.path} does not exist; {FIX}")
-        if not (self.path / "zarr.json").is_file():
-            raise StoreError(f"{self.path} is not a Zarr v3 cohort store (no zarr.json); {FIX}")
+        if not (self.path / ROOT_META).is_file():
+            raise StoreError(f"{self.path} is not a Zarr v3 cohort store (no {ROOT_META}); {FIX}")
 
     def _open(self) -> Any:
         if self._root is None or self._pid != os.getpid():
             try:
                 root = zarr.open_group(StrictLocalStore(self.path, read_only=True), mode="r")
                 attrs = dict(root.attrs)
-            except Exception as e:
-                raise StoreError(f"cannot open cohort store {self.path} ({type(e).__name__}: {e}); "
-                                 f"it is damaged; {FIX}") from e
+            except OSError as e:  # e.g. permissions: the file may be fine
+                raise StoreError(f"cannot open cohort store {self.path} ({type(e).__name__}: {e})") from e
+            except Exception as e:  # whatever zarr makes of unreadable metadata
+                raise StoreError(damaged_root(self.path, e)) from e
             if attrs.get("masan_store", {}).get("format") != FORMAT:
                 raise StoreError(f"{self.path} is a Zarr group but not a MASAN cohort store; {FIX}")
             self._root, self._attrs, self._arrays, self._pid = root, attrs, {}, os.getpid()
@@ -357,6 +373,18 @@ class CohortStore:
         return self._read(subject, "fmri", frames, region, normalize)
 
     # ------------------------------------------------------------------ conversion record
+    def unfinished_conversion(self) -> str | None:
+        """A warning when the store's last conversion did not finish (interrupted, killed, or
+        running now), else None. Such a store is consistent but may hold only part of the
+        cohort, and the subjects it lacks are not reported as failures."""
+        last = self.attrs.get(LAST_CONVERSION) or {}
+        if last.get("finished", True):  # stores converted before it was recorded finished or said nothing
+            return None
+        why = last.get("aborted") or "killed, or running now"
+        return (f"the last conversion of {self.path} did not finish ({why}) after converting "
+                f"{last.get('converted', 0)} of {last.get('to_convert', '?')} subjects, so it may hold only part of "
+                "the cohort; rerun data_tools/to_zarr.py with the same inputs and --out to finish it")
+
     def report(self) -> dict:
         """The last conversion's report (failures, warnings); {} when none was written."""
         p = self.path / REPORT

@@ -19,6 +19,9 @@
   versions go, so the link never names a removed or half-written version.
 - :func:`run_pool`: subjects over worker processes; a worker that dies (OOM killer,
   kill -9) fails only the subject it held, the pool is rebuilt and the others go on.
+- :func:`stop_signals`: SIGINT and SIGTERM stop a conversion as an :class:`Interrupted`
+  exception in the converting process, which stops its workers (they ignore both signals) and
+  writes its report; what was published stays, and a rerun resumes.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import contextlib
 import ctypes
 import fcntl
 import json
+import multiprocessing.util
 import os
 import re
 import secrets
@@ -36,7 +40,7 @@ import stat
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import get_context
@@ -132,6 +136,53 @@ class StoreLock:
             self.file = None
 
 
+# ====================================================================== stopping
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+"""Ctrl-C, and what ``kill``, SLURM's time limit and preemption send."""
+LEAVE = signal.SIGUSR1
+"""What a stopping converter sends its own workers: leave now (:func:`_leave`)."""
+LEAVE_WAIT_S = 5.0
+"""How long stopped workers get to leave before they are killed: one inside a long C call
+(an ANTs registration) notices the signal only when the call returns."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """A stop signal ended the conversion (:func:`stop_signals`). Not an ``Exception``: the
+    per-subject ``except Exception`` must not record it as that subject's failure."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+        self.signum = signum
+        self.report: Any = None
+        """The conversion's report (:class:`masan.convert.cohort.Report`), set when the
+        signal came during :func:`masan.convert.cohort.convert_cohort`."""
+
+
+@contextlib.contextmanager
+def stop_signals() -> Iterator[None]:
+    """While inside, SIGINT and SIGTERM raise :class:`Interrupted` in the main thread, so a
+    conversion stops as on an error: workers killed, report written, what was published kept.
+    The first signal gives both back their default action, so a second one ends the process at
+    once (as safe for the store as kill -9). Python sets handlers only in the main thread:
+    elsewhere nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, _frame: Any) -> None:
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_DFL)
+        raise Interrupted(signum)
+
+    before = {sig: signal.signal(sig, stop) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+
+
 # ====================================================================== workers
 
 _PARENT: int | None = None
@@ -156,12 +207,27 @@ def _die_with_parent(parent: int) -> None:
 
 
 def worker_init(parent: int, store: str) -> None:
-    """Initializer of every conversion worker: die with the parent, hold the workers' lock."""
+    """Initializer of every conversion worker: die with the parent, hold the workers' lock,
+    and leave SIGINT and SIGTERM to the parent, which kills its workers when it stops
+    (:func:`stop_signals`): Ctrl-C reaches the whole process group and SLURM signals every
+    process of the job, and a worker dying of it would look like a subject that killed it."""
     global _PARENT, _WORKER_LOCK
     _PARENT = parent
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.signal(LEAVE, _leave)
     _die_with_parent(parent)
     _WORKER_LOCK = open(Path(store) / WORKERS_LOCK, "a+")
     fcntl.flock(_WORKER_LOCK, fcntl.LOCK_SH)  # granted at once: the parent released its check
+
+
+def _leave(_signum: int, _frame: Any) -> None:
+    """A worker's exit on :data:`LEAVE`. It first releases the process-shared locks it made
+    (blosc makes one): a killed worker leaves them to multiprocessing's resource tracker, which
+    warns of leaked semaphores. Not through the interpreter's own exit, which would report
+    every zarr write it cut short."""
+    multiprocessing.util._run_finalizers(0)  # what a normal exit runs first
+    os._exit(0)
 
 
 def parent_alive() -> bool:
@@ -337,27 +403,47 @@ def _drain(queue: deque, solo: deque, n: int, fn: Callable, args: tuple, store: 
     with ProcessPoolExecutor(n, mp_context=ctx, initializer=worker_init, initargs=(os.getpid(), str(store))) as pool:
         inflight: dict = {}
         suspects: set = set()  # futures of solo jobs: nothing else runs beside them
-        while queue or solo or inflight:
-            while not suspects:
-                if solo:
-                    if inflight:
-                        break  # let the others finish, then the suspect runs alone
-                    fut = pool.submit(fn, solo[0], *args)
-                    inflight[fut] = solo.popleft()
-                    suspects.add(fut)
-                elif queue and len(inflight) < n:
-                    job = queue.popleft()
-                    inflight[pool.submit(fn, job, *args)] = job
-                else:
-                    break
-            done, _ = wait(inflight, return_when=FIRST_COMPLETED)
-            for fut in done:
-                try:
-                    result = fut.result()
-                except BrokenProcessPool:
-                    return list(inflight.values())
-                inflight.pop(fut)
-                suspects.discard(fut)
-                record(result)
-                tick()
+        try:
+            while queue or solo or inflight:
+                while not suspects:
+                    if solo:
+                        if inflight:
+                            break  # let the others finish, then the suspect runs alone
+                        fut = pool.submit(fn, solo[0], *args)
+                        inflight[fut] = solo.popleft()
+                        suspects.add(fut)
+                    elif queue and len(inflight) < n:
+                        job = queue.popleft()
+                        inflight[pool.submit(fn, job, *args)] = job
+                    else:
+                        break
+                done, _ = wait(inflight, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    try:
+                        result = fut.result()
+                    except BrokenProcessPool:
+                        return list(inflight.values())
+                    inflight.pop(fut)
+                    suspects.discard(fut)
+                    record(result)
+                    tick()
+        except BaseException:
+            _stop_workers(pool)
+            raise
     return []
+
+
+def _stop_workers(pool: ProcessPoolExecutor) -> None:
+    """End the pool now, its workers' subjects unfinished: leaving the pool would wait for them
+    (minutes each under registration), and a stopped run records none of them. What they leave
+    is staging or a version no table names, which the next run removes."""
+    workers = list((pool._processes or {}).values())  # the executor has no public way to reach them
+    for proc in workers:
+        with contextlib.suppress(OSError):
+            os.kill(proc.pid, LEAVE)
+    deadline = time.monotonic() + LEAVE_WAIT_S
+    for proc in workers:
+        proc.join(max(0.0, deadline - time.monotonic()))
+        if proc.is_alive():
+            proc.kill()
+    pool.shutdown(wait=True, cancel_futures=True)

@@ -293,8 +293,9 @@ def store_contract(cfg: RunConfig):
     subjects, _, _ = select_subjects(store, cfg.data)
     geo = store_geometry(store, subjects, used_modalities(cfg.data))
     filled = resolve_inputs(cfg, geo)
-    for note in geo.notes:
-        log.warning(note)
+    for note in [*geo.notes, store.unfinished_conversion()]:
+        if note:
+            log.warning(note)
     if filled:
         log.info("from the store %s: %s", cfg.data.store, ", ".join(filled))
     return geo
