@@ -104,7 +104,8 @@ def _add_registration_arguments(p: argparse.ArgumentParser) -> None:
 def contract_warnings(out: Path) -> list[str]:
     """What training would refuse in the store as converted (the training contract,
     :func:`masan.data.contract.store_geometry`, per modality over the stored subjects that
-    have it: voxel sizes, shapes, orientations, TRs), said now rather than when a run starts."""
+    have it: voxel sizes, shapes, orientations, TRs), said now rather than when a run starts; and
+    its notes (e.g. one scan stored under two subject ids)."""
     store = CohortStore(out)
     warnings = []
     for m in MODALITIES:
@@ -112,7 +113,7 @@ def contract_warnings(out: Path) -> list[str]:
         if not subjects:
             continue
         try:
-            store_geometry(store, subjects, [m])
+            warnings.extend(store_geometry(store, subjects, [m]).notes)
         except ContractError as e:
             warnings.append(f"training will refuse this store as it is: {e}")
     return warnings

@@ -611,3 +611,21 @@ def test_help_shows_the_label_column_and_classes_defaults(capsys):
         to_zarr.parse_args(["--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "the diagnosis (default diagnosis)" in text and "(default NC EMCI LMCI AD)" in text
+
+
+def test_one_scan_under_two_subject_ids_is_warned_at_conversion_and_training(tmp_path):
+    """The same file listed twice is refused (a split would put it in train and test); a copy of
+    it under another id is the same leak, seen from the checksums the table records."""
+    from masan.data.contract import store_geometry
+
+    rows = []
+    for subject, label in (("a", "AD"), ("b", "NC")):
+        (tmp_path / subject).mkdir()
+        rows.append((subject, shutil.copy(DATA / "anatomical.nii", tmp_path / subject / "t1.nii"), "", label))
+    man = write_manifest(tmp_path / "m.csv", rows)
+    out = tmp_path / "s.zarr"
+    assert to_zarr.main(["--manifest", str(man), "--out", str(out), "--require", "t1", "--no-progress"]) == 0
+    note = "a, b have byte-identical t1 source files (sha256 "
+    assert any(note in w and "--prune" in w for w in CohortStore(out).report()["warnings"])
+    # a run's start logs the geometry's notes
+    assert any(note in n for n in store_geometry(CohortStore(out), ["a", "b"], ["t1"]).notes)

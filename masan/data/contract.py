@@ -93,6 +93,7 @@ def store_geometry(store: CohortStore, subjects: list[str], modalities: list[str
     """
     geo = Geometry(store=str(store.path), registration=store.attrs.get("registration"))
     axcodes: dict[str, list[str]] = defaultdict(list)
+    copies: dict[tuple[str, str], list[str]] = defaultdict(list)
     for m in modalities:
         shapes: dict[tuple, list[str]] = defaultdict(list)
         spacing: dict[str, tuple[float, ...]] = {}
@@ -106,6 +107,8 @@ def store_geometry(store: CohortStore, subjects: list[str], modalities: list[str
                 affine = store.affine(s, m)
                 spacing[s], codes = resample.voxel_size(affine), "".join(nib.aff2axcodes(affine))
             axcodes[codes].append(f"{s} {m}")
+            if entry.get("sha256"):  # the source file's, recorded at conversion
+                copies[(m, entry["sha256"])].append(s)
         flag = "--t1-shape" if m == "t1" else "--fmri-shape"
         sizes = _cluster(spacing, SPACING_RTOL)
         if len(sizes) > 1:
@@ -123,6 +126,12 @@ def store_geometry(store: CohortStore, subjects: list[str], modalities: list[str
                             "the same voxel index is another side of the head per subject; reconvert with "
                             "data_tools/to_zarr.py --canonical (every image stored RAS)")
     geo.orientation = next(iter(axcodes), None)
+    for (m, digest), same in copies.items():
+        if len(same) > 1:
+            geo.notes.append(f"{', '.join(same)} have byte-identical {m} source files (sha256 {digest[:12]}...): one "
+                             "scan under several subject ids can land in both the training and the test part of a "
+                             "split and inflate the test scores; keep one (fix the BIDS folder or manifest, then "
+                             "convert again with --prune)")
     if "fmri" in modalities:
         frames = {s: store.shape(s, "fmri")[0] for s in subjects}
         geo.shortest = min(frames, key=frames.get)
