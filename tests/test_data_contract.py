@@ -70,7 +70,9 @@ def test_the_tr_comes_from_the_sidecar_or_the_header_and_a_unit_error_fails_the_
     write_subject(bids, "sub-both", tr=3.0, sidecar={"RepetitionTime": 2.5})
     write_subject(bids, "sub-badjson", sidecar={"RepetitionTime": 800})
     write_subject(bids, "sub-badhdr", tr=3000.0)  # milliseconds labelled seconds: the TR is unknown
-    write_table(bids, {s: "NC" for s in ("sub-hdr", "sub-ms", "sub-json", "sub-both", "sub-badjson", "sub-badhdr")})
+    write_subject(bids, "sub-listjson", sidecar=[{"RepetitionTime": 2.0}])  # valid JSON, not BIDS's object
+    write_table(bids, {s: "NC" for s in ("sub-hdr", "sub-ms", "sub-json", "sub-both", "sub-badjson", "sub-badhdr",
+                                         "sub-listjson")})
     store, report = convert(bids, tmp_path / "s.zarr")
 
     tr = {s: (store.row(s)["fmri"]["tr_seconds"], store.meta(s, "fmri")["tr_source"]) for s in store.subjects}
@@ -79,8 +81,9 @@ def test_the_tr_comes_from_the_sidecar_or_the_header_and_a_unit_error_fails_the_
     assert any("sub-both" in w and "used the sidecar" in w for w in report.warnings), report.warnings
     assert any("sub-badhdr" in w and "unit error" in w and "sidecar" in w for w in report.warnings)
     failed = {f.subject: f.error for f in report.failed}
-    assert list(failed) == ["sub-badjson"]
+    assert sorted(failed) == ["sub-badjson", "sub-listjson"]
     assert "sub-badjson_task-rest_bold.json" in failed["sub-badjson"] and "seconds" in failed["sub-badjson"]
+    assert "sub-listjson_task-rest_bold.json: the BOLD sidecar is a JSON list, not an object" in failed["sub-listjson"]
 
 
 def test_a_task_sidecar_at_the_top_of_the_bids_folder_is_inherited(tmp_path):

@@ -232,9 +232,13 @@ def repetition_time(info: dict, path: str, sidecar: str | None, warn: list[str])
     header = info["tr_seconds"]
     if sidecar is not None:
         try:
-            value = json.loads(Path(sidecar).read_text(encoding="utf-8-sig")).get("RepetitionTime")
+            meta = json.loads(Path(sidecar).read_text(encoding="utf-8-sig"))
         except (OSError, ValueError) as e:
             raise nifti.NiftiError(f"{sidecar}: cannot read the BOLD sidecar ({e}); fix or remove it") from None
+        if not isinstance(meta, dict):
+            raise nifti.NiftiError(f"{sidecar}: the BOLD sidecar is a JSON {type(meta).__name__}, not an object of "
+                                   'keys (BIDS: {"RepetitionTime": 2.0, ...}); fix or remove it')
+        value = meta.get("RepetitionTime")
         if value is not None:
             if not isinstance(value, (int, float)) or not 0 < value <= TR_SUSPECT_SECONDS:
                 raise nifti.NiftiError(f"{sidecar}: RepetitionTime {value!r} is not a TR in seconds (BIDS: seconds, "
