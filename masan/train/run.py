@@ -163,7 +163,8 @@ def changed_data_note(saved: dict[str, str] | None, now: dict[str, str], tag: st
 
 
 def preflight(cfg: RunConfig, world_size: int, ckpt: CheckpointManager, chash: str) -> Preflight:
-    """Every check of a start, read-only (rank 0): the run directory is writable, the cohort
+    """Every check of a start, read-only (rank 0): the run directory is the run's own
+    (:func:`check_place`, :meth:`masan.rundir.RunDir.require_folder` before) and writable, the cohort
     has the classes, the split exists or can be made, an optimizer step's batch fits the
     training part, the newest complete checkpoint accepts this config; and the access mode of
     the run directory: the store's (mode and group)."""
