@@ -69,6 +69,14 @@ class CacheConfigError(CacheError, ConfigError):
     (a :class:`~masan.config.ConfigError`); the message names bytes needed/available and the fix."""
 
 
+def check_cache_dir(data_cfg: DataConfig) -> None:
+    """Refuse (CacheConfigError) a cache whose ``data.cache_dir`` is not a folder on this node:
+    a start checks it on rank 0's node before the run folder is made, each node lead again."""
+    if data_cfg.cache != "none" and not Path(data_cfg.cache_dir).is_dir():
+        raise CacheConfigError(f"data.cache={data_cfg.cache} needs data.cache_dir={data_cfg.cache_dir}, which is not "
+                               "a folder; point it at a tmpfs such as /dev/shm, or use data.cache=none")
+
+
 def node_peers() -> tuple[int, int]:
     """Collective: (this rank's index among the ranks of its node, ranks on the node), by host name."""
     hosts = D.all_gather_objects(socket.gethostname())
@@ -219,8 +227,7 @@ class CohortCache:
     def _check_host(self) -> None:
         need = self.nbytes()
         root = Path(self.cfg.cache_dir)
-        if not root.is_dir():
-            raise CacheConfigError(f"data.cache_dir={root} does not exist; point it at a tmpfs such as /dev/shm")
+        check_cache_dir(self.cfg)
         free, avail = shutil.disk_usage(root).free, available_bytes()
         have = min(free, avail) - int(self.cfg.cache_reserve_gib * GIB)
         if need > have:

@@ -168,15 +168,14 @@ def preflight(cfg: RunConfig, world_size: int, ckpt: CheckpointManager, chash: s
     has the classes, the split exists or can be made, an optimizer step's batch fits the
     training part, the newest complete checkpoint accepts this config; and the access mode of
     the run directory: the store's (mode and group)."""
+    from masan.data.cache import check_cache_dir
     from masan.data.dataset import select_subjects
     from masan.data.splits import Split, SplitError, make_split
 
     run_dir = Path(cfg.run_dir)
     check_place(cfg)
     check_writable(run_dir)
-    if cfg.data.cache != "none" and not Path(cfg.data.cache_dir).is_dir():  # (each node checks its own again)
-        raise ConfigError(f"data.cache={cfg.data.cache} needs data.cache_dir={cfg.data.cache_dir}, which is not a "
-                          "folder; point it at a tmpfs such as /dev/shm, or use data.cache=none")
+    check_cache_dir(cfg.data)
     store = open_store(cfg)
     subjects, labels, class_names = select_subjects(store, cfg.data)
     split_path = RunDir(run_dir).split
