@@ -25,7 +25,7 @@ from pathlib import Path
 from launch.slurm import jobs
 from launch.slurm.queue import Queued, never_starts, slurm_state, squeue_states
 from launch.slurm.submission import failure_logs
-from masan.rundir import RunDir
+from masan.rundir import RunDir, ended_early
 from masan.train.eta import ETA_INTERVALS, eta_seconds
 from masan.train.runlock import local_holders
 from masan.train.stop import EXIT_INTERRUPTED
@@ -287,10 +287,10 @@ def run_status(root: Path, run: Path, queued: dict[str, Queued] | None, now: flo
         # divide into steps (or that resumed on another rank count) stops short of the target
         st.eta_s = 0.0
         st.epochs_done = done.get("epochs_done", st.epochs_done)
-        if st.epochs_done is not None and st.epochs_done < sum(cfg.epochs.values()):  # as masan.predict judges
+        if ended_early(done, cfg):
             st.phase = "max_steps"
             st.add_note(f"ended at train.max_steps={cfg.train.max_steps} after {st.epochs_done} of "
-                        f"{sum(cfg.epochs.values())} epochs: predict and evaluate take it as unfinished; start it "
+                        f"{st.epochs_target} epochs: predict and evaluate take it as unfinished; start it "
                         "again with a larger train.max_steps (or none) to finish it")
         else:
             st.done, st.phase = True, "done"

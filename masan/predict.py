@@ -49,7 +49,7 @@ from masan import argtypes
 from masan.config import ConfigError, RunConfig, load_config
 from masan.inference import predict_subjects
 from masan.predictions import write_predictions
-from masan.rundir import RunDir
+from masan.rundir import RunDir, ended_early
 from masan.train.checkpoint import TAG_RE, CheckpointManager, checkpoint_problem, final_tag, load_model, previous_intact
 
 
@@ -114,10 +114,9 @@ def unfinished(run_dir: Path, cfg: RunConfig) -> str | None:
         why = (f"{rd.done} does not exist" if not rd.done.exists() else
                f"{rd.done} belongs to another target or config than {rd.config}")
         return f"the run has not finished ({why}: it stopped or is still training)"
-    epochs = sum(cfg.epochs.values())
-    if done.get("epochs_done", epochs) < epochs:
+    if ended_early(done, cfg):
         return (f"the run stopped at train.max_steps={cfg.train.max_steps} after {done['epochs_done']} of its "
-                f"{epochs} epochs ({rd.done})")
+                f"{sum(cfg.epochs.values())} epochs ({rd.done})")
     return None
 
 

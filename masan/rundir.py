@@ -43,6 +43,13 @@ def done_target(cfg: RunConfig) -> dict:
             "max_steps": cfg.train.max_steps, "config_hash": config_hash(cfg)}
 
 
+def ended_early(done: dict, cfg: RunConfig) -> bool:
+    """Whether a DONE record (:meth:`RunDir.finished`) ends the run before all its epochs:
+    ``train.max_steps`` stopped it (predict and evaluate then call the run unfinished)."""
+    epochs = sum(cfg.epochs.values())
+    return done.get("epochs_done", epochs) < epochs
+
+
 @dataclass(frozen=True)
 class RunDir:
     """Paths of one run directory (nothing is created until something is written).

@@ -215,7 +215,7 @@ def _epoch(p: LoopParts, run: _Run, state: TrainState, phase: str) -> tuple[str 
     or ``"max_steps"`` when the run ends inside it, else None; the last step's loss, nan when
     the epoch had no step left)."""
     cfg = p.cfg
-    if cfg.train.max_steps is not None and state.step >= cfg.train.max_steps:
+    if at_max_steps(cfg, state):
         return "max_steps", math.nan  # resumed at or past the cap: not one step more (that step's checkpoint exists)
     if phase == "joint" and state.consumed == 0 and refit_due(cfg, state.epoch):
         fit_norms(p)
@@ -241,7 +241,7 @@ def _epoch(p: LoopParts, run: _Run, state: TrainState, phase: str) -> tuple[str 
                 log.warning("stopping at step %d: asked by %s; saving a checkpoint", state.step, p.stop.reason)
             save(p, state, run.last_save)
             return "stopped", math.nan
-        if cfg.train.max_steps is not None and state.step >= cfg.train.max_steps:
+        if at_max_steps(cfg, state):
             save(p, state, run.last_save)
             return "max_steps", math.nan
         if i < n_steps - 1 and save_due(cfg, state, run.last_save):  # the epoch-end save follows
@@ -337,6 +337,11 @@ def _epochs_steps_left(n: int, state: TrainState, n_epochs: int, per_step: int) 
     """Optimizer steps left in a phase of ``n_epochs`` epochs from ``state``'s epoch and position."""
     left = steps_left(n, state.consumed, per_step) + (n_epochs - state.epoch - 1) * steps_left(n, 0, per_step)
     return left if state.epoch < n_epochs else 0
+
+
+def at_max_steps(cfg: RunConfig, state: TrainState) -> bool:
+    """Whether ``state`` has reached ``train.max_steps`` (None: never)."""
+    return cfg.train.max_steps is not None and state.step >= cfg.train.max_steps
 
 
 def run_steps_left(cfg: RunConfig, state: TrainState, n: int, per_step: int) -> int:
