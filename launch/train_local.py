@@ -75,11 +75,9 @@ def resume_with_run_config(args: argparse.Namespace) -> None:
     if args.config is not None:
         return
     given = [o.split("=", 1)[1] for o in args.overrides if o.startswith("run_dir=")]
-    own = RunDir(given[-1] if given else RunConfig().run_dir).config
-    if own.is_file():
-        args.config = str(own)
-        if int(os.environ.get("RANK", "0")) == 0:
-            logging.getLogger(__name__).info("no --config: continuing with the run's own %s", own)
+    args.config = RunDir(given[-1] if given else RunConfig().run_dir).start_config(None)
+    if args.config is not None and int(os.environ.get("RANK", "0")) == 0:
+        logging.getLogger(__name__).info("no --config: continuing with the run's own %s", args.config)
 
 
 def train_here(args: argparse.Namespace) -> int:

@@ -160,6 +160,13 @@ class RunDir:
     def compile_cache(self) -> Path:
         return self.root / self.COMPILE_CACHE_NAME
 
+    def start_config(self, given: str | os.PathLike | None) -> str | None:
+        """The config file a start uses: ``given`` (--config), else this run's own config.yaml
+        when it has one (its checkpoints refuse the built-in defaults), else None (the defaults)."""
+        if given is not None:
+            return str(given)
+        return str(self.config) if self.config.is_file() else None
+
     def any_config(self) -> Path | None:
         """The config a run was started with (``config.yaml``), else the one it was submitted
         with (a local run that has not started), else None."""

@@ -134,10 +134,7 @@ def variant_dir_name(variant: str) -> str:
 
 
 def _resolve(run_dir: Path, config: str | None, overrides: list[str]) -> RunConfig:
-    source = config
-    if source is None and RunDir(run_dir).config.is_file():
-        source = str(RunDir(run_dir).config)
-    return load_config(source, [*overrides, f"run_dir={run_dir}"])
+    return load_config(RunDir(run_dir).start_config(config), [*overrides, f"run_dir={run_dir}"])
 
 
 def plan_runs(run_dir: str | Path, config: str | None, overrides: list[str],
