@@ -11,7 +11,6 @@ launch.slurm.queue. A source that cannot be read leaves its columns unknown and 
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import os
 import pwd
@@ -27,7 +26,7 @@ from launch.slurm.queue import Queued, never_starts, slurm_state, squeue_states
 from launch.slurm.submission import failure_logs
 from masan.rundir import RunDir, ended_early
 from masan.train.eta import ETA_INTERVALS, eta_seconds
-from masan.train.runlock import local_holders
+from masan.train.runlock import holder_record, local_holders
 from masan.train.stop import EXIT_INTERRUPTED
 
 LOCAL_RUNNING, LOCAL_ENDED = "RUNNING (local)", "ended (local)"
@@ -333,11 +332,8 @@ def _local_holder(run: Path) -> str | None:
     pids = local_holders(path)
     if not pids:
         return None
-    try:
-        record = json.loads(path.read_text() or "{}")
-    except (OSError, ValueError):
-        record = {}
-    if not isinstance(record, dict) or record.get("pid") not in pids:
+    record = holder_record(path)
+    if record.get("pid") not in pids:
         return "?"  # a start still before its checks: the record names the previous holder
     if record.get("slurm_job"):
         return None

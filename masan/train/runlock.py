@@ -180,12 +180,20 @@ class RunLock:
             self.fd = None
 
 
-def describe_holder(path: Path) -> str:
-    """Who holds ``path``, from the record in it, checked against this host's lock table."""
+def holder_record(path: Path) -> dict:
+    """The record its holder wrote into the lock file ``path`` ({} when none can be read): pid,
+    host, since, and launcher_pid or slurm_job. It may name the previous holder while a start
+    is still before its checks: compare its pid with :func:`local_holders`."""
     try:
         record = json.loads(path.read_text() or "{}")
     except (OSError, ValueError):
-        record = {}
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def describe_holder(path: Path) -> str:
+    """Who holds ``path``, from the record in it, checked against this host's lock table."""
+    record = holder_record(path)
     locally = local_holders(path)
     if record.get("host") == socket.gethostname() and locally and record.get("pid") not in locally:
         # a start still checking its config holds it, before it writes its own record
