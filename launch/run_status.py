@@ -29,8 +29,6 @@ from masan.train.eta import ETA_INTERVALS, eta_seconds
 from masan.train.runlock import holder_record, local_holders
 from masan.train.stop import EXIT_INTERRUPTED
 
-LOCAL_RUNNING, LOCAL_ENDED = "RUNNING (local)", "ended (local)"
-"""The slurm column of a local run (launch.slurm.queue.slurm_state's words)."""
 RUN_MARKERS = (RunDir.CONFIG_NAME, RunDir.SUBMITTED_CONFIG_NAME, RunDir.JOBS_NAME, RunDir.CHECKPOINTS_NAME)
 """Any of these marks a run directory (a SLURM run has only jobs.json until its job starts)."""
 REPEAT_RE = re.compile(r"^repeat_(\d+)$")
@@ -317,7 +315,7 @@ def _jobs_columns(run: Path, st: RunStatus, queued: dict[str, Queued] | None) ->
     if holder is not None:
         # the lock is the truth about a live local run: launch/train_local.py started by hand keeps
         # no job record, and a newer record may be a start that was refused or never began
-        st.job_id, st.slurm, st.reason = holder, LOCAL_RUNNING, None
+        st.job_id, st.slurm, st.reason = holder, jobs.LOCAL_RUNNING, None
     elif record["jobs"] and record["jobs"][-1]["kind"] == "local":
         _local_failure(record, st)
     st.requeues = sum(1 for e in record["events"] if e.get("event") == "started" and e.get("restarts", 0) > 0)
@@ -342,7 +340,7 @@ def _local_holder(run: Path) -> str | None:
 
 def _local_failure(record: dict, st: RunStatus) -> None:
     """A note for a local run that ended in failure, from the exit status submit.py recorded."""
-    if st.slurm != LOCAL_ENDED:
+    if st.slurm != jobs.LOCAL_ENDED:
         return
     code = jobs.local_exit(record, st.job_id)
     if code is None or code in (0, EXIT_INTERRUPTED):  # done, stopped (a second Ctrl-C too), or unknown

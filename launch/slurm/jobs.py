@@ -42,6 +42,8 @@ RESTARTABLE_STATES = frozenset({
 UNKNOWN = "UNKNOWN"
 REFUSED = "refused"
 """jobs.json event of a job whose training refused to start (see :func:`refusal`)."""
+LOCAL_RUNNING, LOCAL_ENDED = "RUNNING (local)", "ended (local)"
+"""The state of a local run's job: its process lives, or not."""
 EXITED = "exited"
 """jobs.json event of a local run that ended, with its exit status ``code`` (negative: killed by
 that signal); launch/status.py reads it back, as SLURM's state says how a SLURM job ended."""
@@ -250,7 +252,7 @@ def active_jobs(run_dir: str | Path) -> list[tuple[str, str]]:
     for job in read_record(run_dir)["jobs"]:
         if job["kind"] == "local":
             if _local_alive(job):
-                out.append((job["job_id"], "RUNNING (local)"))
+                out.append((job["job_id"], LOCAL_RUNNING))
             continue
         state = job_state(job["job_id"])
         if state in ACTIVE_STATES:

@@ -106,7 +106,7 @@ def slurm_state(job: dict, queued: dict[str, Queued] | None) -> str:
     runs by their process."""
     if job["kind"] == "local":
         # the same liveness test submit.py's refusal uses (its pid on this host)
-        return "RUNNING (local)" if jobs._local_alive(job) else "ended (local)"
+        return jobs.LOCAL_RUNNING if jobs._local_alive(job) else jobs.LOCAL_ENDED
     jid = job["job_id"]
     if queued is not None and jid in queued:
         return queued[jid].state
