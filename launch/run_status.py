@@ -15,6 +15,7 @@ import logging
 import os
 import pwd
 import re
+import socket
 import stat
 import statistics
 import time
@@ -35,6 +36,10 @@ REPEAT_RE = re.compile(r"^repeat_(\d+)$")
 LOSS_TAG, EPOCH_TAG = "train/total", "train/epoch"
 
 
+NO_JOB = "-"
+"""The job column of a run with no job record and no live holder (launch/train_local.py by hand)."""
+
+
 @dataclass
 class RunStatus:
     """One row of the table (None: not known yet). Times in seconds."""
@@ -43,7 +48,7 @@ class RunStatus:
     path: str
     variant: str = "?"
     repeat: int | None = None
-    slurm: str = "-"
+    slurm: str = NO_JOB
     job_id: str | None = None
     phase: str | None = None
     epochs_done: float | None = None
@@ -279,6 +284,8 @@ def run_status(root: Path, run: Path, queued: dict[str, Queued] | None, now: flo
             denied.append(Path(e.filename or run))
     if denied:
         st.add_note(_denied(run, denied))
+    if done is None and not _may_be_live(run, st):
+        st.eta_s = None  # a stopped run has no end time to promise: it ends when it is started again
     if done is not None:
         # the DONE record's whole epochs: the last logged fraction of a run whose epochs do not
         # divide into steps (or that resumed on another rank count) stops short of the target
@@ -320,6 +327,16 @@ def _jobs_columns(run: Path, st: RunStatus, queued: dict[str, Queued] | None) ->
         _local_failure(record, st)
     st.requeues = sum(1 for e in record["events"] if e.get("event") == "started" and e.get("restarts", 0) > 0)
     st.restarts = sum(1 for e in record["events"] if e.get("event") == "restarted")
+
+
+def _may_be_live(run: Path, st: RunStatus) -> bool:
+    """False when ``run`` is known to be stopped: its last job ended (SLURM's state or a local
+    run's exit), or nothing holds its lock on this host, where its last holder ran."""
+    if st.slurm in (jobs.LOCAL_RUNNING, jobs.UNKNOWN) or st.slurm in jobs.ACTIVE_STATES:
+        return True
+    if st.slurm != NO_JOB:
+        return False
+    return holder_record(RunDir(run).lock).get("host") not in (None, socket.gethostname())
 
 
 def _local_holder(run: Path) -> str | None:

@@ -97,6 +97,21 @@ def test_finished_and_unfinished_runs(runs):
     assert (going.requeues, going.restarts) == (0, 0)
 
 
+def test_a_stopped_run_shows_no_eta(runs, tmp_path):
+    """An ETA is a promise about a live run: a run whose local job ended, or that nothing runs
+    any more on the host that ran it, ends only when it is started again."""
+    ended, unowned = tmp_path / "ended", tmp_path / "unowned"
+    for run in (ended, unowned):
+        shutil.copytree(runs / "sweep" / "repeat_1", run)
+        (run / "jobs.json").unlink()
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    jobs.record_job(ended, gone.stdout.strip(), "local", "(this terminal)")
+    rows = {Path(r.path).name: r for r in run_status.collect([ended, unowned])}
+    assert rows["ended"].slurm == jobs.LOCAL_ENDED and rows["unowned"].slurm == run_status.NO_JOB
+    for row in rows.values():
+        assert not row.done and row.eta_s is None and row.step == 5, row
+
+
 def test_table_and_cli(runs, capsys):
     assert status.main([str(runs)]) == 0
     out = capsys.readouterr().out.splitlines()
