@@ -147,7 +147,7 @@ def test_one_run_per_directory_and_ranks_die_with_their_launcher(tmp_path, confi
 
     again = launch(config, run, *LONG, nproc=2)  # the same command while the run is live
     assert again.returncode == 2, again.log[-4000:]
-    assert re.search(rf"{run} is in use by another run: pid (\d+) \(rank 0, started by launch/train_local.py pid "
+    assert re.search(rf"{run} is in use by another run: pid (\d+) \(rank 0 of a local run whose launcher is pid "
                      rf"{holder.proc.pid}\) on host {re.escape(socket.gethostname())} since \S+", again.stderr), \
         again.log[-4000:]
     assert "Traceback" not in again.stderr

@@ -204,7 +204,8 @@ def describe_holder(path: Path) -> str:
         return f"{where} ({path} holds no record yet)"
     text = f"pid {record['pid']}"
     if record.get("launcher_pid"):
-        text += f" (rank 0, started by launch/train_local.py pid {record['launcher_pid']})"
+        # submit.py --local or train_local.py: its launcher is the process to stop, the ranks die with it
+        text += f" (rank 0 of a local run whose launcher is pid {record['launcher_pid']})"
     text += f" on host {record.get('host', '?')} since {record.get('since', '?')}"
     if record.get("slurm_job"):
         text += f", SLURM job {record['slurm_job']} (scancel {record['slurm_job']})"
