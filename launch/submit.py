@@ -48,7 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from launch.slurm import jobs
-from launch.slurm.plan import Resources, RunSpec, parse_time_min, plan_runs, slurm_time
+from launch.slurm.plan import DEFAULT_RUN_DIR, Resources, RunSpec, base_run_dir, parse_time_min, plan_runs, slurm_time
 from launch.slurm.submission import failure_logs, log_path, submit_slurm
 from masan.argtypes import number
 from masan.config import ConfigError, save_config
@@ -71,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("what to train")
     g.add_argument("--config", help="YAML run config (see hpc/configs/); default: the run directory's "
                    "config.yaml when resuming, else the built-in defaults")
-    g.add_argument("--run-dir", default="runs/masan", help="run directory (default: %(default)s)")
+    g.add_argument("--run-dir", help="run directory (default: a run_dir=... override, else the --config file's "
+                   f"run_dir, else {DEFAULT_RUN_DIR})")
     g.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="config overrides, e.g. optim.lr=3e-4 model.fusion=add")
     g.add_argument("--repeats", type=number(int, 1), default=1, help="repeats (different splits) per variant")
@@ -264,10 +265,11 @@ def watch(pending: dict[str, RunSpec], res: Resources, folder: Path, args) -> in
                 print(f"  run finished: {spec.run_dir}", flush=True)
                 continue
             key = str(spec.run_dir)
-            why = jobs.refusal(spec.run_dir, jid)
-            if why is not None:  # a config or resume error: the same job would be refused again
-                print(f"  run REFUSED: {spec.run_dir} (job {jid}, not resubmitted): {why}", flush=True)
-                refused.append(key)
+            end = jobs.final_end(spec.run_dir, jid)
+            if end is not None:  # a config or resume error, or a divergence: the same job would meet it again
+                event, why = end
+                print(f"  run {event.upper()}: {spec.run_dir} (job {jid}, not resubmitted): {why}", flush=True)
+                (refused if event == jobs.REFUSED else failed).append(key)
                 continue
             logs = ", ".join(map(str, failure_logs(folder, jid)))
             if state in jobs.RESTARTABLE_STATES and restarts[key] < args.max_restarts:
@@ -298,7 +300,7 @@ def run_locally(specs: list[RunSpec], res: Resources, max_restarts: int) -> int:
 
 
 def _run_locally(specs: list[RunSpec], res: Resources, max_restarts: int, stop: LocalStop) -> int:
-    failed, refused, stopped = [], [], []
+    failed, refused, stopped, diverged = [], [], [], []
     code = 0
     for spec in specs:
         if stop.signum is not None:
@@ -321,12 +323,15 @@ def _run_locally(specs: list[RunSpec], res: Resources, max_restarts: int, stop: 
                                     code=previous.returncode)
             code = _wait_child(proc)
             jobs.record_event(spec.run_dir, str(proc.pid), jobs.EXITED, code=code)
-            if code in (0, EXIT_REFUSED, EXIT_INTERRUPTED) or stop.signum is not None or finished(spec):
-                break  # finished, stopped on request (STOP, Ctrl-C, a signal), or an error a restart cannot cure
+            if code in (0, EXIT_REFUSED, jobs.EXIT_DIVERGED, EXIT_INTERRUPTED) or stop.signum is not None \
+                    or finished(spec):
+                break  # finished, stopped on request (STOP, Ctrl-C, a signal), or an end a restart cannot cure
             print(f"  local run {jobs.exit_text(code)}", flush=True)
             previous = proc
         if code == EXIT_REFUSED:
             refused.append(spec.run_dir)
+        elif code == jobs.EXIT_DIVERGED:
+            diverged.append(spec.run_dir)
         elif code in (0, EXIT_INTERRUPTED) and not finished(spec):
             stopped.append(spec.run_dir)
             if code == EXIT_INTERRUPTED:
@@ -339,9 +344,11 @@ def _run_locally(specs: list[RunSpec], res: Resources, max_restarts: int, stop: 
         _say(f"run STOPPED: {d} (on request; run the same command again to resume from its last checkpoint)")
     for d in failed:
         _say(f"run NOT finished: {d} (run the same command again to resume)")
+    for d in diverged:
+        _say(f"run DIVERGED: {d} (see the error above; resumed, it would diverge again)")
     if stop.signum is not None:
         return 128 + stop.signum  # what a shell reports for a command that a signal ended
-    if failed:
+    if failed or diverged:
         return EXIT_FAILED
     return EXIT_REFUSED if refused else EXIT_INTERRUPTED if code == EXIT_INTERRUPTED else 0
 
@@ -481,6 +488,7 @@ def _main(argv: list[str] | None) -> int:
 
         return show_status(args.status)
     try:
+        args.run_dir = base_run_dir(args.run_dir, args.config, args.overrides)
         specs = plan_runs(args.run_dir, args.config, args.overrides, args.repeats, args.ablation,
                           baseline=not args.no_baseline)
         for s in specs:

@@ -16,7 +16,7 @@ import pytest
 
 from launch import run_status
 from launch.slurm import jobs
-from launch.slurm.plan import Resources, parse_time_min, plan_runs
+from launch.slurm.plan import DEFAULT_RUN_DIR, Resources, base_run_dir, parse_time_min, plan_runs
 
 REPO = Path(__file__).resolve().parents[1]
 SLURM_COMMANDS = {"sbatch", "srun", "squeue", "sinfo", "scontrol", "scancel", "sacct"}
@@ -66,6 +66,21 @@ def test_repeats_and_ablations_expand_to_one_run_dir_each(tiny_config, tmp_path)
     assert all(s.cfg.optim.lr == 3e-4 and s.cfg.run_dir == str(s.run_dir) for s in specs)
     single = plan_runs(tmp_path / "one", str(tiny_config), ["split.repeat=3"])
     assert [(s.run_dir, s.cfg.split.repeat) for s in single] == [((tmp_path / "one").resolve(), 3)]
+
+
+def test_the_run_directory_is_the_one_the_command_or_its_config_names(tiny_config, tmp_path):
+    """submit.py trains where train_local.py would: --run-dir, else a run_dir= override, else the
+    config file's run_dir (it used to train into runs/masan, ignoring both)."""
+    from masan.config import ConfigError
+
+    named = tmp_path / "named.yaml"
+    named.write_text(tiny_config.read_text() + f"run_dir: {tmp_path / 'from_file'}\n")
+    assert base_run_dir(None, str(named), []) == str(tmp_path / "from_file")
+    assert base_run_dir(None, str(named), [f"run_dir={tmp_path / 'over'}"]) == str(tmp_path / "over")
+    assert base_run_dir("flag", str(named), ["run_dir=flag"]) == "flag"
+    assert base_run_dir(None, str(tiny_config), []) == base_run_dir(None, None, []) == DEFAULT_RUN_DIR
+    with pytest.raises(ConfigError, match="--run-dir a and the override run_dir=b name different"):
+        base_run_dir("a", None, ["run_dir=b"])
 
 
 def test_resubmission_reuses_the_run_dirs_config(tiny_config, tmp_path):

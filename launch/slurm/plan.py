@@ -18,7 +18,9 @@ import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from masan.config import RunConfig, load_config
+import yaml
+
+from masan.config import ConfigError, RunConfig, load_config
 from masan.rundir import RunDir
 
 BASELINE = "baseline"
@@ -131,6 +133,31 @@ def parse_time_min(text: str) -> int:
 def variant_dir_name(variant: str) -> str:
     """``model.fusion=add`` -> ``model.fusion-add`` (safe as one path component)."""
     return re.sub(r"[^A-Za-z0-9._-]+", "-", variant.replace("=", "-")).strip("-")
+
+
+DEFAULT_RUN_DIR = "runs/masan"
+"""submit.py's run directory when neither --run-dir, a ``run_dir=`` override nor --config names one."""
+
+
+def base_run_dir(flag: str | None, config: str | None, overrides: list[str]) -> str:
+    """The run directory a submission trains in (or under, with repeats and ablations): --run-dir,
+    else a ``run_dir=`` override, else the --config file's ``run_dir``, else :data:`DEFAULT_RUN_DIR`.
+    launch/train_local.py takes the same override and file key, so both commands train in one place.
+    Raises ConfigError when --run-dir and an override name different folders."""
+    named = [value for key, sep, value in (o.partition("=") for o in overrides) if sep and key.strip() == "run_dir"]
+    if flag is not None and named and Path(named[-1]).resolve() != Path(flag).resolve():
+        raise ConfigError(f"--run-dir {flag} and the override run_dir={named[-1]} name different run directories; "
+                          "give one of them")
+    if flag is not None:
+        return flag
+    if named:
+        return named[-1]
+    if config is not None:
+        load_config(config)  # a missing, invalid or misspelled file is refused by its own message
+        in_file = (yaml.safe_load(Path(config).read_text()) or {}).get("run_dir")
+        if in_file:
+            return str(in_file)
+    return DEFAULT_RUN_DIR
 
 
 def _resolve(run_dir: Path, config: str | None, overrides: list[str]) -> RunConfig:
