@@ -315,7 +315,10 @@ def _jobs_columns(run: Path, st: RunStatus, queued: dict[str, Queued] | None) ->
             if why:
                 st.add_note(f"job {st.job_id} can never start as submitted ({waiting.reason}): {why}; "
                             f"scancel {st.job_id} first")
-        if st.slurm in jobs.RESTARTABLE_STATES and job.get("log"):
+        end = jobs.final_end(run, st.job_id) if st.slurm not in jobs.ACTIVE_STATES else None
+        if end is not None:
+            st.add_note(f"job {st.job_id} {end[0]}: {end[1]}")
+        elif st.slurm in jobs.RESTARTABLE_STATES and job.get("log"):
             logs = ", ".join(map(str, failure_logs(Path(job["log"]).parent, st.job_id)))
             st.add_note(f"job {st.job_id} ended {st.slurm}: see {logs}")
     holder = _local_holder(run)
@@ -365,6 +368,9 @@ def _local_failure(record: dict, st: RunStatus) -> None:
     if code == jobs.EXIT_REFUSED:
         st.add_note(f"local run {st.job_id} was refused at its start (exit {code}: a config, resume or run-directory "
                     "error, printed by the command that started it); fix it and run that command again")
+    elif code == jobs.EXIT_DIVERGED:
+        st.add_note(f"local run {st.job_id} diverged (exit {code}; its error, in the output of the command that "
+                    "started it, says what to change): resumed, it would diverge again, so train in a new run_dir")
     else:
         st.add_note(f"local run {st.job_id} {jobs.exit_text(code)}: its error is in the output of the command that "
                     "started it; run that command again to resume from the newest complete checkpoint")

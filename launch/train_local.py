@@ -89,7 +89,9 @@ def train_here(args: argparse.Namespace) -> int:
         die_with_launcher(int(os.environ[LAUNCHER_PID_ENV]))
     stop = StopRequest().install()  # before the slow imports: a Ctrl-C from now on saves and stops
 
+    from launch.slurm.jobs import EXIT_DIVERGED, EXIT_REFUSED
     from masan.config import config_from_args
+    from masan.train.gradients import Diverged
     from masan.train.run import USER_ERRORS, run_training
 
     rank = int(os.environ.get("RANK", "0"))
@@ -101,7 +103,10 @@ def train_here(args: argparse.Namespace) -> int:
         outcome = run_training(cfg, stop)
     except USER_ERRORS as e:
         print(f"error (rank {rank}): {e}", file=sys.stderr)
-        return 2
+        return EXIT_REFUSED
+    except Diverged as e:  # every rank at the same step: a restart would diverge again
+        print(f"diverged (rank {rank}): {e}", file=sys.stderr)
+        return EXIT_DIVERGED
     if rank == 0:
         hint = "; run the same command again to continue" if outcome.status == "stopped" else ""
         print(f"status: {outcome.status} at step {outcome.step} (epoch {outcome.epoch}) in {outcome.run_dir}{hint}",
@@ -223,6 +228,7 @@ def _wait_for_ranks(procs: list[subprocess.Popen], interrupts: dict) -> tuple[di
 def _launcher_exit(codes: dict[int, int], ended: set[int], interrupts: dict) -> int:
     """This launcher's exit status from its ranks' (the ranks it terminated do not count), with
     the line that says what to do."""
+    from launch.slurm.jobs import EXIT_DIVERGED, EXIT_REFUSED
     from masan.train.stop import EXIT_INTERRUPTED
 
     failed = {r: c for r, c in codes.items() if c != 0 and r not in ended}
@@ -230,13 +236,18 @@ def _launcher_exit(codes: dict[int, int], ended: set[int], interrupts: dict) -> 
         print("stopped at once by a second Ctrl-C: the steps since the newest complete checkpoint are lost; "
               "run the same command again to resume from it", file=sys.stderr)
         return EXIT_INTERRUPTED
-    if failed:
-        stopped = (f"; rank(s) {sorted(ended)}, still running then, were stopped (a collective timeout above "
-                   "means one of them had stopped answering)" if ended else "")
-        print(f"error: rank(s) {sorted(failed)} exited with {sorted(set(failed.values()))}{stopped}; "
-              f"the run resumes from its newest complete checkpoint when started again", file=sys.stderr)
-        return 2 if set(failed.values()) == {2} else 1
-    return 0
+    if not failed:
+        return 0
+    codes_seen = set(failed.values())
+    if codes_seen == {EXIT_DIVERGED}:  # every rank at the same step, its error above
+        print("error: training diverged; a restart from its newest complete checkpoint would diverge again",
+              file=sys.stderr)
+        return EXIT_DIVERGED
+    stopped = (f"; rank(s) {sorted(ended)}, still running then, were stopped (a collective timeout above "
+               "means one of them had stopped answering)" if ended else "")
+    print(f"error: rank(s) {sorted(failed)} exited with {sorted(codes_seen)}{stopped}; "
+          f"the run resumes from its newest complete checkpoint when started again", file=sys.stderr)
+    return EXIT_REFUSED if codes_seen == {EXIT_REFUSED} else 1
 
 
 def strip_nproc(argv: list[str]) -> list[str]:

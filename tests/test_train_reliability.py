@@ -341,3 +341,44 @@ def test_wait_reports_a_refused_run_instead_of_resubmitting_it(slurm_cluster, ti
     [refused] = events(run_dir, "refused")
     assert refused["job_id"] == jid and "lower optim.micro_batch" in refused["error"]
     assert not events(run_dir, "restarted")
+
+
+DIVERGING = "optim.lr=1e30"  # Adam's first steps take every weight to ~1e30: the loss is NaN within two steps
+
+
+@pytest.mark.slow
+def test_a_diverged_local_run_ends_on_every_rank_without_a_restart(tiny_config, tmp_path):
+    """A divergence is not a crash: resumed from its last checkpoint the run would take the
+    same steps and diverge again, so submit.py --local does not restart it, both ranks end at
+    the same step with the error and its fix, and status says what happened."""
+    from launch import run_status
+    from launch.slurm import jobs
+
+    run_dir = tmp_path / "diverged"
+    res = subprocess.run([sys.executable, str(REPO / "launch" / "submit.py"), "--local", "--nodes", "1",
+                          "--gpus-per-node", "2", "--config", str(tiny_config), "--max-restarts", "1",
+                          f"run_dir={run_dir}", DIVERGING], capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert res.returncode == 1 and f"run DIVERGED: {run_dir}" in res.stdout, res.stdout + res.stderr
+    for rank in (0, 1):
+        assert re.search(rf"diverged \(rank {rank}\): the pretrain loss is not finite at step \d+ on rank", res.stderr)
+    assert "a lower optim.lr" in res.stderr and "were stopped" not in res.stderr and "Traceback" not in res.stderr
+    [job] = jobs.read_record(run_dir)["jobs"]
+    assert [e["code"] for e in jobs.read_record(run_dir)["events"] if e["event"] == jobs.EXITED] == [3]
+    (row,) = run_status.collect([run_dir])
+    assert row.job_id == job["job_id"] and row.eta_s is None and "diverged (exit 3" in row.note, row
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_wait_reports_a_diverged_run_instead_of_resubmitting_it(slurm_cluster, tiny_config, tmp_path):
+    """On SLURM too: one job, no restart, the reason in jobs.json and in --wait's report."""
+    from test_slurm_launch import events, job_ids, submit
+
+    run_dir = tmp_path / "diverged"
+    res = submit("--nodes", 2, "--time", 5, "--config", tiny_config, "--run-dir", run_dir, "--max-restarts", 1,
+                 DIVERGING, wait_job=True)
+    assert res.returncode == 1 and "run DIVERGED" in res.stdout and "a lower optim.lr" in res.stdout, res.stdout
+    [jid] = job_ids(run_dir)
+    [diverged] = events(run_dir, "diverged")
+    assert diverged["job_id"] == jid and "loss is not finite" in diverged["error"]
+    assert not events(run_dir, "restarted")

@@ -50,6 +50,11 @@ that signal); launch/status.py reads it back, as SLURM's state says how a SLURM 
 EXIT_REFUSED = 2
 """Exit status of bad input (arguments, config, a refused resume), never restarted: the
 submitting command's, and a training task's whose run refused to start."""
+DIVERGED = "diverged"
+"""jobs.json event of a job whose training diverged (:class:`masan.train.gradients.Diverged`)."""
+EXIT_DIVERGED = 3
+"""Exit status of a training that diverged, never restarted: resumed from its last checkpoint,
+it would take the same steps and diverge again."""
 
 
 class SlurmUnavailable(RuntimeError):
@@ -227,12 +232,12 @@ def exit_text(code: int) -> str:
     return f"exited with code {code}"
 
 
-def refusal(run_dir: str | Path, job_id: str) -> str | None:
-    """Why job ``job_id`` refused to train (the ``refused`` event its rank 0 recorded: a config
-    or resume error that a resubmission would meet again), or None."""
+def final_end(run_dir: str | Path, job_id: str) -> tuple[str, str] | None:
+    """(event, error) when job ``job_id`` ended in a way a resubmission would meet again, as its
+    rank 0 recorded it: ``refused`` (a config or resume error) or ``diverged``; else None."""
     for event in reversed(read_record(run_dir)["events"]):
-        if event["job_id"] == str(job_id) and event["event"] == REFUSED:
-            return event.get("error", "(no reason recorded)")
+        if event["job_id"] == str(job_id) and event["event"] in (REFUSED, DIVERGED):
+            return event["event"], event.get("error", "(no reason recorded)")
     return None
 
 

@@ -124,6 +124,7 @@ class TrainTask:
                               nodes=env.num_nodes, world_size=env.num_tasks)
         log.info("rank %d/%d on node %s (job %s, restart %d): training %s", rank, env.num_tasks,
                  os.environ.get("SLURMD_NODENAME", env.hostname), env.job_id, restarts, self.cfg.run_dir)
+        from masan.train.gradients import Diverged
         from masan.train.run import USER_ERRORS
 
         try:
@@ -133,6 +134,11 @@ class TrainTask:
                 jobs.record_event(self.cfg.run_dir, env.job_id, jobs.REFUSED, error=str(e))
             log.error("rank %d: refused: %s", rank, e)
             sys.exit(jobs.EXIT_REFUSED if rank == 0 else 0)
+        except Diverged as e:  # raised on every rank at the same step
+            if rank == 0:
+                jobs.record_event(self.cfg.run_dir, env.job_id, jobs.DIVERGED, error=str(e))
+            log.error("rank %d: diverged: %s", rank, e)
+            sys.exit(jobs.EXIT_DIVERGED if rank == 0 else 0)
         log.info("rank %d: run_training returned %s", rank, outcome)
         if outcome.status != "stopped":
             return outcome

@@ -18,6 +18,13 @@ DIVERGED_FIX = ("check the input data (python data_tools/inspect_store.py --veri
 """What to do when training diverged (a non-finite loss or gradient norm)."""
 
 
+class Diverged(FloatingPointError):
+    """Training diverged: a non-finite loss or gradient norm, raised on every rank at the same step.
+
+    Not a crash that a restart cures: resumed from its last checkpoint, the run takes the same
+    steps and diverges again, so launchers end it (:data:`masan.train.run.FINAL_ERRORS`)."""
+
+
 def check_grad_norm(engine, step: int, phase: str, rank: int) -> float | None:
     """The optimizer step's global gradient norm (the same on every rank); a non-finite one that
     was applied stops the run before anything is saved, so the last checkpoint holds the last
@@ -26,7 +33,7 @@ def check_grad_norm(engine, step: int, phase: str, rank: int) -> float | None:
     norm = grad_norm(engine)
     # an fp16 step skipped by the loss scaler (norm inf, weights untouched) is not an error
     if norm is not None and not math.isfinite(norm) and engine.was_step_applied():
-        raise FloatingPointError(
+        raise Diverged(
             f"the {phase} gradient norm is {norm} at step {step + 1} on rank {rank}: the weights of this step are "
             f"not finite and were not saved; {DIVERGED_FIX}")
     return norm

@@ -50,7 +50,7 @@ from masan.model.loss import PHASES, class_weights
 from masan.train.checkpoint import CheckpointManager
 from masan.train.engine import LRSchedule, current_lr, set_schedule_step
 from masan.train.eta import ETA_INTERVALS, duration_text, eta_seconds
-from masan.train.gradients import DIVERGED_FIX, check_grad_norm, skipped_steps, term_grad_norms
+from masan.train.gradients import DIVERGED_FIX, Diverged, check_grad_norm, skipped_steps, term_grad_norms
 from masan.train.logging import TrainLogger, interval_stats
 from masan.train.standardize import fit_standardizers
 from masan.train.stop import StopRequest
@@ -255,6 +255,7 @@ def _step(p: LoopParts, run: _Run, state: TrainState, phase: str, batches, inter
     terms, averaged over the micro-batches; the gradient norm before clipping, or None)."""
     cfg, engine = p.cfg, p.engine
     terms: dict[str, float] = {}
+    bad = None  # this rank's first non-finite loss: every rank stops together (a restart would diverge again)
     for _ in range(cfg.optim.grad_accum):
         t_wait = time.perf_counter()  # blocked on the loader (and the host-to-device copy)
         batch = to_device(next(batches), p.info.device, DTYPES[cfg.train.precision])
@@ -265,10 +266,11 @@ def _step(p: LoopParts, run: _Run, state: TrainState, phase: str, batches, inter
         engine.step()  # DeepSpeed: optimizer + LR step on the last micro-batch only
         for k, v in loss.items():
             terms[k] = terms.get(k, 0.0) + float(v.detach()) / cfg.optim.grad_accum
-        if not torch.isfinite(loss["total"].detach()):
-            raise FloatingPointError(
-                f"the {phase} loss is not finite at step {state.step} on rank {p.info.rank} "
-                f"({ {k: float(v) for k, v in loss.items()} }); {DIVERGED_FIX}")
+        if bad is None and not torch.isfinite(loss["total"].detach()):
+            bad = f"rank {p.info.rank} ({ {k: float(v.detach()) for k, v in loss.items()} })"
+    if D.any_rank(bad is not None):
+        raise Diverged(f"the {phase} loss is not finite at step {state.step} on "
+                       f"{bad or 'another rank (its log names it)'}; {DIVERGED_FIX}")
     norm = check_grad_norm(engine, state.step, phase, p.info.rank)
     every = cfg.log.grad_norm_every_steps
     if every and (state.step + 1) % every == 0:
