@@ -16,7 +16,12 @@ resubmits a job that crashed (FAILED, NODE_FAIL, OUT_OF_MEMORY, TIMEOUT...) up t
 --max-restarts times. A run refused at its start (a config value its cohort cannot serve, a
 checkpoint written with another config, a run directory it cannot write) is never
 resubmitted: the job's rank 0 records the reason in run_dir/jobs.json (event "refused"),
---wait prints it and exits 2, as it does for bad arguments (--nodes 0, ...).
+--wait prints it and exits 2, as it does for bad arguments (--nodes 0, ...). Nor is a run whose
+training diverged (a non-finite loss or gradient norm; event "diverged"): resumed, it would
+diverge again.
+
+The run directory is --run-dir, else a run_dir=... override, else the --config file's run_dir
+(as launch/train_local.py takes it), else runs/masan.
 
 Before submitting, the request is checked against the partition (sinfo: its nodes, GPUs per
 node, time limit and job size limit): a job that could never start (SLURM would accept it and
