@@ -2,7 +2,7 @@
 
 import pytest
 
-from masan.config import ConfigError, config_diff, config_hash, load_config, save_config
+from masan.config import ConfigError, config_diff, config_hash, config_to_dict, load_config, save_config
 
 
 def test_yaml_and_overrides(tmp_path):
@@ -14,6 +14,28 @@ def test_yaml_and_overrides(tmp_path):
     assert cfg.data.classes == ["NC", "AD"]
     assert cfg.train.max_steps == 5
     assert cfg.loss.alpha == 0.5 and cfg.loss.beta == 0.5  # the paper's defaults
+
+
+def test_a_checkpoint_resumes_under_settings_made_resumable_since_it_was_written(tmp_path):
+    """data.positive_class changes only the reported metrics: a resume may change it, also for a
+    checkpoint whose fingerprint was taken when it still counted (the saved config is
+    fingerprinted again under today's rules); a setting that still counts is refused."""
+    import json
+
+    from masan.train.checkpoint import MARKER, CheckpointManager, ResumeError
+
+    binary = ["data.classes=[NC,AD]"]
+    saved = load_config(None, binary)
+    assert config_hash(saved) == config_hash(load_config(None, [*binary, "data.positive_class=NC"]))
+    ckpt = CheckpointManager(tmp_path, keep=1)
+    (ckpt.dir / "step_000001").mkdir(parents=True)
+    manifest = {"state": {"config_hash": "written-before"}, "config": json.loads(json.dumps(config_to_dict(saved)))}
+    (ckpt.dir / "step_000001" / MARKER).write_text(json.dumps(manifest))
+    now = load_config(None, [*binary, "data.positive_class=NC"])
+    ckpt.check_compatible("step_000001", now, config_hash(now))
+    other = load_config(None, [*binary, "optim.lr=0.5"])
+    with pytest.raises(ResumeError, match="optim.lr: 0.001 -> 0.5"):
+        ckpt.check_compatible("step_000001", other, config_hash(other))
 
 
 @pytest.mark.parametrize(
@@ -69,6 +91,7 @@ def test_hash_ignores_paths_and_cadence_but_not_science():
         ("train.dist_timeout_minutes=.inf", "train.dist_timeout_minutes=inf is not a finite number"),
         ("model.dropout=1", "model.dropout=1.0 is out of range"),
         ("data.classes=[AD]", "data.classes=['AD'] is out of range; use at least two classes"),
+        ("data.classes=[CN,Dementia]", "data.positive_class='AD' is not one of data.classes=['CN', 'Dementia']"),
     ],
 )
 def test_wrong_values_are_refused_when_the_config_loads(override, fragment):

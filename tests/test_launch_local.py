@@ -17,6 +17,7 @@ import pytest
 from launch import run_status
 from launch.slurm import jobs
 from launch.slurm.plan import DEFAULT_RUN_DIR, Resources, base_run_dir, parse_time_min, plan_runs
+from masan.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 SLURM_COMMANDS = {"sbatch", "srun", "squeue", "sinfo", "scontrol", "scancel", "sacct"}
@@ -34,20 +35,23 @@ def path_without_slurm(tmp_path: Path) -> str:
 
 
 @pytest.mark.slow
-def test_without_slurm_the_same_command_trains_locally(tiny_config, tmp_path):
+def test_without_slurm_the_same_command_trains_locally(tiny_config, tiny_store, tmp_path):
+    """... with the store named relative to the folder it is started in: the run's config.yaml
+    records where that is, so predict and evaluate find the store from any folder."""
     run_dir = tmp_path / "run"
     env = dict(os.environ, PATH=path_without_slurm(tmp_path))
     cmd = [sys.executable, str(REPO / "launch" / "submit.py"), "--nodes", "1", "--config", str(tiny_config),
-           "--run-dir", str(run_dir)]
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+           "--run-dir", str(run_dir), f"data.store={tiny_store.name}"]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tiny_store.parent)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "sbatch was not found" in res.stdout and "running locally" in res.stdout
     assert f"tensorboard --logdir {run_dir}" in res.stdout
     done = json.loads((run_dir / "DONE").read_text())
     assert done["epochs_done"] == 3
     assert [j["kind"] for j in jobs.read_record(run_dir)["jobs"]] == ["local"]
+    assert load_config(run_dir / "config.yaml").data.store == str(tiny_store)
 
-    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tiny_store.parent)
     assert again.returncode == 0 and "already finished" in again.stdout
     assert json.loads((run_dir / "DONE").read_text()) == done
     assert len(jobs.read_record(run_dir)["jobs"]) == 1

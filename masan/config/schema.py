@@ -62,8 +62,9 @@ class DataConfig:
     Use ``merge`` to pool classes instead."""
     merge: dict[str, str] = field(default_factory=dict)
     """Store class -> model class, e.g. ``{EMCI: MCI, LMCI: MCI}`` for NC/MCI/AD."""
-    positive_class: str = "AD"
-    """Positive class for precision/recall (the paper: AD vs the rest)."""
+    positive_class: str = field(default="AD", metadata={RESUMABLE: True})
+    """Positive class for precision/recall (the paper: AD vs the rest), one of ``classes``. It
+    changes only the reported metrics, so a resume may change it."""
     decision: Literal["argmax", "expected_stage"] = field(default="argmax", metadata={HASHED_WHEN_SET: True})
     """How a subject's class is called from its class probabilities p (masan.predictions.decide):
     ``argmax`` (the paper); ``expected_stage``: ``classes`` are ordered stages (NC < EMCI < LMCI <

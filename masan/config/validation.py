@@ -127,6 +127,10 @@ def validate_config(cfg: RunConfig) -> None:
         value = get_dotted(cfg, key)
         if not ok(value):
             raise ConfigError(f"{key}={value!r} is out of range; use {fix}")
+    if cfg.data.positive_class not in cfg.data.classes:  # else found only when the trained run is scored
+        raise ConfigError(f"data.positive_class={cfg.data.positive_class!r} is not one of data.classes="
+                          f"{cfg.data.classes}; set data.positive_class to the class that precision and recall "
+                          "count as positive (the paper: AD)")
     if not (cfg.data.use_t1 or cfg.data.use_fmri):
         raise ConfigError("data.use_t1 and data.use_fmri are both false; a run needs at least one modality")
     if bool(cfg.model.connectivity_cells) != bool(cfg.model.connectivity_keep):

@@ -59,6 +59,7 @@ import torch
 
 from masan import distributed as D
 from masan.config import RunConfig, config_diff, config_from_dict, config_to_dict
+from masan.config import config_hash as fingerprint
 from masan.files import atomic_write_json, atomic_write_text
 from masan.model import build_model
 from masan.model.inputs import PRECISION_DTYPES
@@ -305,7 +306,10 @@ class CheckpointManager:
         if saved["state"]["config_hash"] == config_hash:
             return
         try:
-            diffs = config_diff(config_from_dict(saved["config"]), cfg)
+            before = config_from_dict(saved["config"])
+            if fingerprint(before) == config_hash:
+                return  # the settings that differ have since become resumable (e.g. data.positive_class)
+            diffs = config_diff(before, cfg)
         except Exception as e:  # noqa: BLE001 - an older config layout: the hash alone must do
             diffs = [f"(saved config unreadable with this code: {e})"]
         raise ResumeError(

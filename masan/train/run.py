@@ -305,6 +305,8 @@ def _run(cfg: RunConfig, stop: StopRequest | None, info: D.DistInfo, lock: RunLo
     from masan.data.contract import resolve_inputs
     from masan.train.engine import check_config
 
+    # the saved config.yaml must lead predict and evaluate to the store from any folder
+    cfg.data.store = os.path.abspath(cfg.data.store)
     run_dir = Path(cfg.run_dir)
     done = RunDir(run_dir).finished(cfg)
     if done is not None:
