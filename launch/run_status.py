@@ -286,6 +286,9 @@ def run_status(root: Path, run: Path, queued: dict[str, Queued] | None, now: flo
         st.add_note(_denied(run, denied))
     if done is None and not _may_be_live(run, st):
         st.eta_s = None  # a stopped run has no end time to promise: it ends when it is started again
+        if st.slurm == NO_JOB and st.step is not None:  # started by hand: no exit status was recorded
+            st.add_note("not running (no process on this host holds its run.lock) and not finished: it stopped or "
+                        "failed; run the command that started it again to resume from its newest complete checkpoint")
     if done is not None:
         # the DONE record's whole epochs: the last logged fraction of a run whose epochs do not
         # divide into steps (or that resumed on another rank count) stops short of the target

@@ -110,6 +110,7 @@ def test_a_stopped_run_shows_no_eta(runs, tmp_path):
     assert rows["ended"].slurm == jobs.LOCAL_ENDED and rows["unowned"].slurm == run_status.NO_JOB
     for row in rows.values():
         assert not row.done and row.eta_s is None and row.step == 5, row
+    assert rows["unowned"].note.startswith("not running (no process on this host holds its run.lock)")
 
 
 def test_table_and_cli(runs, capsys):
