@@ -12,11 +12,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from masan.config import RunConfig, config_from_dict, save_config
+from masan.config import RunConfig, config_from_dict, load_config, save_config
 from masan.evaluate.__main__ import main
 from masan.evaluate.report import collect_runs, format_cell, group_runs, method_name, summary_table
 from masan.metrics import classification_metrics
 from masan.predictions import Predictions, write_predictions
+from masan.rundir import RunDir
 
 CLASSES = ["NC", "MCI", "AD"]
 LABELS = np.repeat([0, 1, 2], 4)  # 12 test subjects
@@ -24,8 +25,9 @@ GRID = [2, 2, 2]
 PLANTED = 5  # region whose weight is raised in AD subjects
 
 
-def fake_predictions(errors: int, seed: int) -> Predictions:
-    """Right on all but ``errors`` subjects (their prediction moved to the next class)."""
+def fake_predictions(errors: int, seed: int, repeat: int = 0) -> Predictions:
+    """Right on all but ``errors`` subjects (their prediction moved to the next class); each
+    repeat tests other subjects, as repeats of a real cohort's splits do."""
     rng = np.random.default_rng(seed)
     preds = LABELS.copy()
     wrong = rng.choice(len(LABELS), errors, replace=False)
@@ -34,18 +36,23 @@ def fake_predictions(errors: int, seed: int) -> Predictions:
     probs[np.arange(len(LABELS)), preds] = 0.8
     weights = rng.random((len(LABELS), 8)).astype(np.float32) * 0.5
     weights[LABELS == 2, PLANTED] += 1.0
-    return Predictions([f"sub-{i:02d}" for i in range(len(LABELS))], LABELS.copy(), probs, weights)
+    first = len(LABELS) * repeat
+    return Predictions([f"sub-{first + i:03d}" for i in range(len(LABELS))], LABELS.copy(), probs, weights)
 
 
-def make_run(root, name: str, overrides: list[str], repeat: int, errors: int, done: bool = True):
+def make_run(root, name: str, overrides: list[str], repeat: int, errors: int, done: bool = True,
+             epochs_done: int | None = None):
+    """A run directory as training leaves it; DONE records ``epochs_done`` (default: all)."""
     run = root / name
     cfg = config_from_dict({}, [f"run_dir={run}", f"split.repeat={repeat}", "data.classes=[NC, MCI, AD]",
                                 f"model.patch_grid={GRID}", f"data.store={root / 'missing.zarr'}"] + overrides)
     save_config(cfg, run / "config.yaml")
-    preds = fake_predictions(errors, seed=repeat + 10 * len(overrides))
+    preds = fake_predictions(errors, seed=repeat + 10 * len(overrides), repeat=repeat)
     write_predictions(preds, run, CLASSES, "AD")
     if done:
-        (run / "DONE").write_text("")
+        cfg = load_config(run / "config.yaml")  # DONE's target is the saved config's, as training reads it
+        RunDir(run).mark_done(cfg, step=100, epochs_done=sum(cfg.epochs.values()) if epochs_done is None
+                              else epochs_done)
     return run, preds
 
 

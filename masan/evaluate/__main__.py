@@ -32,7 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
             "H-FCN, MASAN, MASAN (fusion=add), ...; accuracy, precision, recall with the positive class "
             "(data.positive_class, e.g. AD) vs the rest, in %, mean ± std over repeats), runs.csv (metrics "
             "per run), predictions.csv (every test subject of every run) and figures/ (region ranking "
-            "PNG+CSV and region-weight maps over a T1 slice). Unfinished runs are listed and skipped."
+            "PNG+CSV and region-weight maps over a T1 slice). Unfinished runs (no DONE, or stopped early by "
+            "train.max_steps) are listed and skipped. Runs of one method that differ in data.classes, the "
+            "positive class or data.store are reported in separate rows."
         ),
         epilog="Example: python -m masan.evaluate runs/masan runs/hfcn --out reports/table2 "
                "--store runs/cohort.zarr",
@@ -44,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="report directory (created; in an existing one, the report's files are replaced and "
                         "others left alone); no more readable than the run directories and store it reads")
     p.add_argument("--store", default=None,
-                   help="cohort store for the T1 under the region map (default: each run's data.store)")
+                   help="cohort store for the T1 under the region map (default: each run's data.store); it must "
+                        "hold every run's test subjects, in the geometry the run trained on")
     p.add_argument("--atlas", default=None,
                    help="NIfTI label volume naming the regions by majority label; it must be in the same "
                         "world space as the stored T1s (e.g. both in MNI152), it is resampled onto the T1 grid "
@@ -60,20 +63,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--views", nargs="+", choices=VIEWS, default=list(VIEWS),
                    help="slice orientations of the region map (default: all three)")
     p.add_argument("--allow-unfinished", action="store_true",
-                   help="also report runs that wrote metrics but no DONE marker (e.g. stopped by train.max_steps)")
+                   help="also report runs that wrote metrics but did not finish (no DONE marker, or stopped by "
+                        "train.max_steps before all their epochs)")
     p.add_argument("--no-figures", action="store_true", help="tables only")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from masan.evaluate.report_figures import method_figures  # matplotlib/zarr only when needed
+    from masan.evaluate.report_figures import method_figures, store_problem  # matplotlib/zarr only when needed
 
     # every flag is checked before the first file is written: a refusal leaves no half report
     out = Path(args.out)
     problem = output_folder_problem(out, out.parent / f"{out.name}_report", "the report's tables and figures")
     if problem:
         print(f"error: {problem}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if args.atlas_labels is not None and args.atlas is None:
+        print(f"error: --atlas-labels {args.atlas_labels} names the labels of an --atlas volume; pass --atlas too, "
+              "or leave --atlas-labels out (regions are then named by grid cell)", file=sys.stderr)
         return EXIT_BAD_INPUT
     try:
         if args.atlas is not None:
@@ -92,6 +100,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not runs:
             print(f"no finished run among {len(skipped)} director(ies); nothing to report", file=sys.stderr)
             return EXIT_NO_RUNS
+        if args.store and not args.no_figures:
+            # checked now, not when its map is drawn: a refusal leaves no half report
+            problem = next(filter(None, (store_problem(r, args.store) for r in runs)), None)
+            if problem:
+                print(f"error: --store: {problem}; or leave --store out (each run's own store)", file=sys.stderr)
+                return EXIT_BAD_INPUT
         # the report names subjects with their diagnoses and shows their T1 slices: it may be no
         # more readable than the run directories it reads or the stores the figures read
         stores = [] if args.no_figures else [args.store] if args.store else [r.config.data.store for r in runs]
@@ -102,16 +116,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             report = write_report(runs, skipped, out)
             figures = []
             if not args.no_figures:
-                for members in tqdm(report["groups"].values(), desc="figures", unit="method"):
+                for name, members in tqdm(report["groups"].items(), desc="figures", unit="method"):
                     figures += method_figures(members, out / FIGURES_DIR, args.store, args.atlas,
                                               args.atlas_labels, args.subject, args.rank_method, args.top_k,
-                                              args.views)
+                                              args.views, name=name)
             return report, figures
 
         try:
             (report, figures), access = write_restricted(sources, out, written, write)
         except (RegionError, MetricsError) as e:
             print(f"error: {e}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        except OSError as e:  # e.g. a folder the system does not let anyone create (/proc/...)
+            print(f"error: cannot write the report into {out}: {e.strerror or e}"
+                  f"{f' ({e.filename})' if e.filename and str(e.filename) != str(out) else ''}; choose another --out",
+                  file=sys.stderr)
             return EXIT_BAD_INPUT
     for message in dict.fromkeys(str(w.message) for w in caught):
         if not message.startswith("skipping run"):  # already listed above

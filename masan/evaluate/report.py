@@ -1,8 +1,10 @@
 """Aggregate finished runs into the paper's Table 2: mean ± std over repeats, per method.
 
 A run directory counts when it holds ``config.yaml``, ``metrics.json``, ``predictions.csv``
-and the ``DONE`` marker (see docs/architecture.md, run directory layout); other runs are
-listed as skipped with the reason, never crashed on. Runs are grouped by method:
+and the ``DONE`` marker of a run that trained all its epochs (one that ``train.max_steps``
+stopped early is unfinished: :func:`masan.rundir.ended_early`), and its prediction files agree
+with each other; other runs are listed as skipped with the reason, never crashed on. Runs are
+grouped by method:
 
     H-FCN                  model.arch=hfcn
     MASAN                  model.arch=masan, modalities=both, fusion=attention
@@ -13,15 +15,20 @@ Table metrics are the paper's: accuracy, precision and recall with the positive 
 vs the rest (``binary_accuracy``, ``precision``, ``recall`` of metrics.json), in %, mean ±
 sample standard deviation (ddof=1; undefined for a single run) over the runs of a method,
 plus the multi-class accuracy, F1 and AUC as extra columns.
+
+Only comparable runs share a row: runs of one method that differ in ``data.classes``, the
+positive class or the cohort store (``data.store``, resolved) measure different things, so
+each such variant is its own row, named by what differs, e.g. ``MASAN [classes NC/AD]``.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +37,7 @@ import numpy as np
 from masan.config import SAME_METHOD, ConfigError, ModelConfig, RunConfig, config_diff, flagged_keys, load_config
 from masan.metrics import METRIC_TITLES, METRICS, PER_CLASS_METRICS, SUMMARY_METRICS, TABLE_METRICS
 from masan.predictions import Predictions, PredictionsError, load_predictions, prediction_csv_rows
-from masan.rundir import RunDir
+from masan.rundir import RunDir, ended_early
 
 METHOD_ORDER = ("H-FCN", "MASAN", "MASAN (fusion=add)", "MASAN (T1 only)", "MASAN (fMRI only)")
 """Table row order: the baseline first, then the paper's model and its ablation."""
@@ -78,8 +85,49 @@ def method_name(model_cfg: ModelConfig) -> str:
     return "MASAN" if model_cfg.fusion == "attention" else f"MASAN (fusion={model_cfg.fusion})"
 
 
+def _recreate(run: Path, split: str) -> str:
+    """How to rewrite a run's prediction files: they are reproducible from its final checkpoint."""
+    part = "" if split == "test" else f" --split {split}"
+    out = run.parent / f"{run.name}_predictions_{split}"
+    return (f"recreate them from the run's final checkpoint: python -m masan.predict {run}{part} --out {out}, then "
+            f"copy {RunDir.PREDICTIONS_NAME}, {RunDir.REGION_WEIGHTS_NAME} and {RunDir.METRICS_NAME} from {out} "
+            f"into {run}")
+
+
+def _prediction_files_problem(rd: RunDir, metrics: dict) -> str | None:
+    """Why predictions.csv or region_weights.npy cannot be the whole output of the evaluation
+    metrics.json records (None: they can). A copy or write that stopped part way leaves a cut
+    last line or fewer rows; :func:`load_predictions` would call that a mix of two runs, or
+    fail on the cut row."""
+    split = metrics.get("split", "test")
+    expected = int(metrics.get("n", 0)) + int(metrics.get("n_unlabeled", 0))
+    raw = rd.predictions.read_bytes()
+    if raw and not raw.endswith(b"\n"):
+        return f"{rd.predictions} is truncated (its last line is cut off)"
+    try:
+        rows = sum(r.get("split") == split for r in csv.DictReader(io.StringIO(raw.decode())))
+    except (UnicodeDecodeError, csv.Error) as e:
+        return f"{rd.predictions} is damaged ({e})"
+    if rows != expected:
+        return (f"{rd.predictions} is truncated or damaged: it holds {rows} '{split}' subjects, "
+                f"{rd.metrics.name} counts {expected}")
+    if not rd.region_weights.is_file():
+        return None  # a model without region weights; the figures say when a file is missing
+    try:
+        weights = np.load(rd.region_weights, mmap_mode="r")  # the header only: the row count
+    except (ValueError, OSError) as e:
+        return f"{rd.region_weights} is damaged ({e})"
+    if weights.shape[0] != expected:
+        return (f"{rd.region_weights} is truncated or damaged: it holds {weights.shape[0]} rows, "
+                f"{rd.predictions.name} and {rd.metrics.name} count {expected} subjects")
+    return None
+
+
 def load_run(run_dir: str | os.PathLike, require_done: bool = True) -> RunResult:
-    """Read a run directory; raises :class:`RunNotReady` naming what is missing or broken."""
+    """Read a run directory; raises :class:`RunNotReady` naming what is missing or broken.
+
+    With ``require_done``, a run whose DONE records a stop by ``train.max_steps`` before all
+    its epochs is unfinished too: its scores are those of a partly trained model."""
     run = Path(run_dir)
     if not run.exists():
         raise RunNotReady("does not exist; check the path (a run directory holds config.yaml)")
@@ -90,19 +138,29 @@ def load_run(run_dir: str | os.PathLike, require_done: bool = True) -> RunResult
     missing = [n for n in needed if not (run / n).is_file()]
     if missing:
         raise RunNotReady(f"unfinished: no {', '.join(missing)}")
+    rd = RunDir(run)
     try:
-        cfg = load_config(RunDir(run).config)
+        cfg = load_config(rd.config)
     except ConfigError as e:
         raise RunNotReady(f"unreadable {RunDir.CONFIG_NAME}: {e}") from None
+    done = rd.finished(cfg) if require_done else None
+    if done is not None and ended_early(done, cfg):
+        raise RunNotReady(f"unfinished: train.max_steps={cfg.train.max_steps} stopped it after "
+                          f"{done.get('epochs_done')} of its {sum(cfg.epochs.values())} epochs ({rd.done}); "
+                          "resume it with a larger train.max_steps, or pass --allow-unfinished to report it")
     try:
-        metrics = json.loads(RunDir(run).metrics.read_text())
+        metrics = json.loads(rd.metrics.read_text())
     except json.JSONDecodeError as e:
         raise RunNotReady(f"{RunDir.METRICS_NAME} is not valid JSON ({e})") from None
     absent = [m for m in TABLE_METRICS if m not in metrics]
     if absent:
         raise RunNotReady(f"{RunDir.METRICS_NAME} lacks {absent}: not written by masan.evaluate.write_predictions")
+    split = metrics.get("split", "test")
+    problem = _prediction_files_problem(rd, metrics)
+    if problem:
+        raise RunNotReady(f"{problem}; {_recreate(run, split)}")
     try:
-        preds, names = load_predictions(run, metrics.get("split", "test"))
+        preds, names = load_predictions(run, split)
     except PredictionsError as e:
         raise RunNotReady(str(e)) from None
     return RunResult(run, cfg, metrics, preds, names)
@@ -143,24 +201,71 @@ def _ignored(key: str) -> bool:
     return any(key == k or key.startswith(k + ".") for k in SAME_METHOD_MAY_DIFFER)
 
 
+COMPARABLE = {"classes": "data.classes", "positive": "positive class", "store": "data.store"}
+"""What runs pooled into one table row must share (key -> what the messages call it): other
+classes or another positive class make precision and recall other quantities, another cohort
+store other subjects. Runs that differ in one are reported as separate rows."""
+
+
+def _comparable(r: RunResult) -> dict[str, str]:
+    """The values of :data:`COMPARABLE` of a run, as shown in a row name."""
+    return {"classes": "/".join(r.class_names),
+            "positive": str(r.metrics.get("positive_class", r.config.data.positive_class)),
+            "store": os.path.realpath(r.config.data.store)}
+
+
+def _split_incomparable(method: str, members: list[RunResult]) -> dict[str, list[RunResult]]:
+    """``{row name: runs}``: one row when the runs share :data:`COMPARABLE`, else one per variant,
+    named ``"<method> [<key> <value>, ...]"`` by the keys that differ (with a warning)."""
+    variants: dict[tuple, list[RunResult]] = {}
+    for r in members:
+        variants.setdefault(tuple(_comparable(r).items()), []).append(r)
+    if len(variants) == 1:
+        return {method: members}
+    differing = [k for k in COMPARABLE if len({dict(v)[k] for v in variants}) > 1]
+    rows = {f"{method} [{', '.join(f'{k} {dict(v)[k]}' for k in differing)}]": runs for v, runs in variants.items()}
+    shown = "; ".join(f"{name}: {', '.join(str(r.run_dir) for r in runs)}" for name, runs in rows.items())
+    warnings.warn(f"{method}: runs differ in {', '.join(COMPARABLE[k] for k in differing)}, so their scores are "
+                  f"not comparable: reported as separate rows ({shown})", stacklevel=3)
+    return rows
+
+
+def _warn_shared_test_sets(name: str, members: Sequence[RunResult]) -> None:
+    """Warn when repeats of a row tested the same subjects (tiny cohorts can split alike): their
+    scores are one measurement, not independent ones, and the std understates the spread."""
+    by_test: dict[frozenset, list[RunResult]] = {}
+    for r in members:
+        by_test.setdefault(frozenset(r.predictions.subjects), []).append(r)
+    for same in by_test.values():
+        repeats = sorted({r.repeat for r in same})
+        if len(repeats) > 1:  # one repeat twice is warned about in group_runs
+            warnings.warn(f"{name}: repeats {repeats} ({', '.join(str(r.run_dir) for r in same)}) "
+                          "have the same test subjects: their scores are not independent and the std over repeats "
+                          "understates the spread; keep one of them or use a larger cohort", stacklevel=3)
+
+
 def group_runs(runs: Sequence[RunResult]) -> dict[str, list[RunResult]]:
-    """Runs per method in table order, each group sorted by repeat. Warns when runs of one
-    method differ in more than the repeat (e.g. another lr) or repeat a split."""
-    groups: dict[str, list[RunResult]] = {}
+    """Runs per table row (a method, split further by :data:`COMPARABLE`) in table order, each
+    row sorted by repeat. Warns when runs of one row differ in more than the repeat (e.g.
+    another lr), repeat a split, or share a test set."""
+    by_method: dict[str, list[RunResult]] = {}
     for r in runs:
-        groups.setdefault(r.method, []).append(r)
+        by_method.setdefault(r.method, []).append(r)
     rank = {m: i for i, m in enumerate(METHOD_ORDER)}
-    ordered = dict(sorted(groups.items(), key=lambda kv: (rank.get(kv[0], len(rank)), kv[0])))
-    for method, members in ordered.items():
+    ordered: dict[str, list[RunResult]] = {}
+    for method, members in sorted(by_method.items(), key=lambda kv: (rank.get(kv[0], len(rank)), kv[0])):
+        ordered.update(sorted(_split_incomparable(method, members).items()))
+    for name, members in ordered.items():
         members.sort(key=lambda r: (r.repeat, str(r.run_dir)))
         for r in members[1:]:
             diff = [d for d in config_diff(members[0].config, r.config) if not _ignored(d.split(":")[0])]
             if diff:
-                warnings.warn(f"{method}: {r.run_dir} differs from {members[0].run_dir} in {diff[:5]}", stacklevel=2)
+                warnings.warn(f"{name}: {r.run_dir} differs from {members[0].run_dir} in {diff[:5]}", stacklevel=2)
         reps = [r.repeat for r in members]
         dup = sorted({x for x in reps if reps.count(x) > 1})
         if dup:
-            warnings.warn(f"{method}: repeat(s) {dup} appear more than once; their splits are the same", stacklevel=2)
+            warnings.warn(f"{name}: repeat(s) {dup} appear more than once; their splits are the same", stacklevel=2)
+        _warn_shared_test_sets(name, members)
     return ordered
 
 
@@ -214,12 +319,13 @@ def _write_csv(path: Path, rows: Sequence[dict]) -> None:
         w.writerows(rows)
 
 
-def run_rows(runs: Sequence[RunResult]) -> list[dict]:
-    """Per-run metrics: run_dir, method, repeat, n, the scalar metrics and per-class ones."""
+def run_rows(groups: Mapping[str, Sequence[RunResult]]) -> list[dict]:
+    """Per-run metrics: run_dir, method (the table row, :func:`group_runs`), repeat, n, the
+    scalar metrics and per-class ones."""
     rows = []
-    for r in runs:
+    for method, r in ((method, r) for method, members in groups.items() for r in members):
         m = r.metrics
-        row = {"run_dir": str(r.run_dir), "method": r.method, "repeat": r.repeat, "n_test": m.get("n")}
+        row = {"run_dir": str(r.run_dir), "method": method, "repeat": r.repeat, "n_test": m.get("n")}
         row.update({k.name: m.get(k.name) for k in METRICS})
         for c, pc in m.get("per_class", {}).items():
             row.update({f"{k}/{c}": pc[k] for k in (*PER_CLASS_METRICS, "support")})
@@ -227,18 +333,20 @@ def run_rows(runs: Sequence[RunResult]) -> list[dict]:
     return rows
 
 
-def prediction_rows(runs: Sequence[RunResult]) -> list[dict]:
-    """Every evaluated subject of every run: run_dir, method, repeat, then the predictions.csv columns."""
+def prediction_rows(groups: Mapping[str, Sequence[RunResult]]) -> list[dict]:
+    """Every evaluated subject of every run: run_dir, method (the table row), repeat, then the
+    predictions.csv columns."""
     rows = []
-    for r in runs:
-        head = {"run_dir": str(r.run_dir), "method": r.method, "repeat": r.repeat}
+    for method, r in ((method, r) for method, members in groups.items() for r in members):
+        head = {"run_dir": str(r.run_dir), "method": method, "repeat": r.repeat}
         split = r.metrics.get("split", "test")
         rows += [{**head, **row} for row in prediction_csv_rows(r.predictions, split, r.class_names)]
     return rows
 
 
 def write_report(runs: Sequence[RunResult], skipped: Sequence[tuple[Path, str]], out_dir: str | os.PathLike) -> dict:
-    """Write the tables into ``out_dir``; returns ``{"rows": summary rows, "files": {name: path}}``.
+    """Write the tables into ``out_dir``; returns ``{"rows": summary rows, "groups": {row name:
+    runs} (:func:`group_runs`), "files": {name: path}}``.
 
     Files: ``table.csv``/``table.md``/``table.json`` (summary per method; the JSON also lists
     runs and skipped runs), ``runs.csv`` (metrics per run), ``predictions.csv`` (all subjects).
@@ -256,9 +364,10 @@ def write_report(runs: Sequence[RunResult], skipped: Sequence[tuple[Path, str]],
     files["table_md"].write_text(md + markdown_table(rows))
     files["table_json"].write_text(json.dumps({
         "methods": rows,
-        "runs": [{"run_dir": str(r.run_dir), "method": r.method, "repeat": r.repeat} for r in runs],
+        "runs": [{"run_dir": str(r.run_dir), "method": method, "repeat": r.repeat}
+                 for method, members in groups.items() for r in members],
         "skipped": [{"run_dir": str(d), "reason": why} for d, why in skipped],
     }, indent=1))
-    _write_csv(files["runs_csv"], run_rows([r for g in groups.values() for r in g]))
-    _write_csv(files["predictions_csv"], prediction_rows([r for g in groups.values() for r in g]))
+    _write_csv(files["runs_csv"], run_rows(groups))
+    _write_csv(files["predictions_csv"], prediction_rows(groups))
     return {"rows": rows, "groups": groups, "files": files}

@@ -15,6 +15,9 @@ Per method (a group of runs, see :mod:`masan.evaluate.report`), from the test su
 
 Regions are named by grid cell, or with ``atlas`` by the majority atlas label of each cell
 (atlas resampled onto the displayed subject's T1 grid: see :func:`masan.evaluate.region_ranking.resample_atlas`).
+
+A T1 is drawn only from a store that can show the run's test subjects (:func:`store_problem`):
+one that holds them with the run's diagnoses, in the geometry the run trained on.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from masan.config import ConfigError
 from masan.evaluate.plots import VIEWS, ranking_figure, region_map_figure, save_figure
 from masan.evaluate.region_ranking import (
     RankMethod,
@@ -39,6 +43,7 @@ from masan.evaluate.region_ranking import (
 )
 from masan.evaluate.report import RunResult
 from masan.metrics import positive_index
+from masan.rundir import RunDir
 
 
 def slug(text: str) -> str:
@@ -59,15 +64,60 @@ def _read_t1(store_path: str | os.PathLike, subject: str) -> tuple[np.ndarray, n
         return None
 
 
-def _pooled(members: Sequence[RunResult]) -> tuple[np.ndarray, np.ndarray, list[str], list[RunResult]]:
+def store_problem(run: RunResult, store: str | os.PathLike) -> str | None:
+    """Why ``store`` cannot show ``run``'s test subjects (one line), or None when it can.
+
+    A store of another cohort that lacks them, or holds them under other diagnoses, would draw
+    another person's T1 under a subject's name; one in another geometry than the run trained on
+    (orientation, grid, voxel size: :func:`masan.predict.check_contract`, the check predict
+    makes) would draw the map mirrored or shifted under its L/R labels.
+    """
+    from masan.data.dataset import select_subjects  # torch and zarr only when a map is drawn
+    from masan.predict import check_contract
+    from masan.store.cohort import StoreError
+
+    cfg, preds = run.config, run.predictions
+    fix = f"pass the store {run.run_dir} was trained on (its data.store: {cfg.data.store})"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the subjects it leaves out are named below
+            subjects, labels, _ = select_subjects(store, cfg.data, unlabeled=True)
+        have = dict(zip(subjects, labels))
+        absent = [s for s in preds.subjects if s not in have]
+        if absent:
+            return (f"store {store} lacks {len(absent)} of the {len(preds)} test subjects of {run.run_dir} "
+                    f"({', '.join(absent[:3])}{', ...' if len(absent) > 3 else ''}): another cohort; {fix}")
+        other = [(s, y) for s, y in zip(preds.subjects, preds.labels) if y >= 0 and have[s] >= 0 and have[s] != y]
+        if other:
+            s, y = other[0]
+            return (f"store {store} gives {len(other)} test subject(s) of {run.run_dir} another diagnosis (e.g. {s}: "
+                    f"{run.class_names[have[s]]} there, {run.class_names[y]} in the run): another cohort under the "
+                    f"same subject ids; {fix}")
+        check_contract(cfg, run.run_dir, store, list(preds.subjects))
+    except (ConfigError, StoreError, OSError, ValueError) as e:
+        return f"store {store} cannot show the test subjects of {run.run_dir}: " + str(e).replace("\n  - ", "; ")
+    return None
+
+
+def _pooled(name: str, members: Sequence[RunResult]) -> tuple[np.ndarray, np.ndarray, list[str], list[RunResult]]:
     """Region weights (N, R) and labels (N,) of the test subjects of all runs sharing the first
-    run's classes and region count."""
-    ref = members[0]
-    same = [r for r in members if r.class_names == ref.class_names
+    run's classes and region count, among the runs that have region weights."""
+    def runs(rs: Sequence[RunResult]) -> str:
+        return ", ".join(str(r.run_dir) for r in rs)
+
+    # an absent file reads as zero regions, like a model that gives none: tell the two apart
+    lost = [r for r in members if not RunDir(r.run_dir).region_weights.is_file()]
+    if lost:
+        warnings.warn(f"{name}: {RunDir.REGION_WEIGHTS_NAME} is missing in {runs(lost)}; left out of the region "
+                      "figures", stacklevel=3)
+    have = [r for r in members if r not in lost] or list(members)
+    ref = have[0]
+    same = [r for r in have if r.class_names == ref.class_names
             and r.predictions.region_weights.shape[1] == ref.predictions.region_weights.shape[1]]
-    if len(same) < len(members):
-        warnings.warn(f"{ref.method}: {len(members) - len(same)} run(s) with other classes or region counts "
-                      f"left out of the region figures", stacklevel=2)
+    other = [r for r in have if r not in same]
+    if other:
+        warnings.warn(f"{name}: {runs(other)} have other classes or region counts than {ref.run_dir}; left out of "
+                      f"the region figures", stacklevel=3)
     w = np.concatenate([r.predictions.region_weights for r in same])
     y = np.concatenate([r.predictions.labels for r in same])
     return w, y, ref.class_names, same
@@ -103,22 +153,25 @@ def method_figures(
     rank_method: RankMethod = "mean",
     top_k: int = 15,
     views: Sequence[str] = VIEWS,
+    name: str | None = None,
 ) -> list[Path]:
     """Draw the region figures of one method's runs into ``out_dir``; returns the files.
 
     Args:
         members: runs of one method (sorted by repeat).
-        store: cohort store with the T1s; default the first run's ``data.store``.
+        store: cohort store with the T1s; default the first run's ``data.store``. A store
+            that cannot show the chosen run's test subjects (:func:`store_problem`) gives no map.
         atlas, atlas_labels: label volume (NIfTI) and optional index->name table.
         subject: test subject for the map (default: first positive-class test subject).
         rank_method: ``"mean"`` or ``"difference"`` (see ``region_scores``).
         top_k: regions in the bar chart.
         views: slice orientations of the map.
+        name: the table row (file names and titles); default the runs' method.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    method = members[0].method
-    w, y, class_names, runs = _pooled(members)
+    method = name or members[0].method
+    w, y, class_names, runs = _pooled(method, members)
     if w.shape[1] == 0:
         warnings.warn(f"{method}: no region weights in the runs; no region figures", stacklevel=2)
         return []
@@ -133,6 +186,10 @@ def method_figures(
         warnings.warn(f"{method}: subject {subject or class_names[pos]!r} is in no run's test part; no region map",
                       stacklevel=2)
     t1 = _read_t1(store or cfg.data.store, picked[0].predictions.subjects[picked[1]]) if picked else None
+    problem = store_problem(picked[0], store or cfg.data.store) if t1 is not None else None
+    if problem:
+        warnings.warn(f"{method}: no region map: {problem}", stacklevel=2)
+        t1 = None
     if atlas is not None:
         if t1 is None:
             warnings.warn("--atlas needs a T1 grid from the store; regions are named by grid cell", stacklevel=2)
