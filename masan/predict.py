@@ -13,13 +13,19 @@ Which subjects: with ``--store`` omitted, the run's own store and its ``--split`
 (default ``test``) from ``RUN_DIR/split.json``; with another store, every subject of the run's
 classes (``data.classes``/``data.merge``) that has the modalities the run uses. The store must
 have the run's input shapes. Writes ``DIR/predictions.csv``, ``region_weights.npy`` and
-``metrics.json`` (the layout of a run directory).
+``metrics.json`` (the layout of a run directory). Warned about (one line each, before the
+model is loaded): subjects of another store left out for a class the run does not predict,
+and subjects of the run's own training or validation part in it (the same scans: their
+accuracy is no test accuracy; :func:`seen_in_training`).
 
 What is refused (exit 2, the message names the file and the fix), all before any inference:
 
-- an ``--out`` that is an existing file, or lies inside a cohort store or a training run
-  directory (it would put files into the store, or overwrite the run's own predictions);
-  checked before the model is loaded;
+- an ``--out`` that is an existing file, lies inside a cohort store or a training run
+  directory (it would put files into the store, or overwrite the run's own predictions), or
+  cannot be created; checked before the model is loaded;
+- an empty ``--split`` part (``val`` of a run trained with ``split.val_fraction=0``), or a
+  store without the class names the run was trained on (the fix is a store converted under
+  them: a trained run's classes cannot change);
 - a run without ``DONE``, or whose ``DONE`` records a stop by ``train.max_steps`` before its
   epochs, unless ``--allow-unfinished`` (which says which step of how many it predicts with);
 - a damaged final checkpoint. The checkpoint used is the newest one the run recorded (the
@@ -41,7 +47,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections import Counter
 from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
@@ -52,6 +60,9 @@ from masan.predictions import write_predictions
 from masan.rundir import RunDir, ended_early
 from masan.train.checkpoint import TAG_RE, CheckpointManager, checkpoint_problem, final_tag, load_model, previous_intact
 
+if TYPE_CHECKING:
+    from masan.store.cohort import CohortStore
+
 
 class PredictRefused(ValueError):
     """predict will not run on these arguments; the message names the file and the fix."""
@@ -61,14 +72,29 @@ class PredictRefused(ValueError):
 
 
 def check_out(out: Path, suggestion: Path) -> None:
-    """Refuse (PredictRefused) an ``--out`` predict must not write to
-    (:func:`masan.store.places.output_folder_problem`). Called before the model is loaded: a
-    refusal costs nothing."""
+    """Refuse (PredictRefused) an ``--out`` predict must not or cannot write to
+    (:func:`masan.store.places.output_folder_problem`, then a trial ``mkdir``). Called before
+    the model is loaded: a refusal costs nothing."""
+    from masan.access import outermost_missing
     from masan.store.places import output_folder_problem
 
     problem = output_folder_problem(out, suggestion, "predictions.csv, region_weights.npy and metrics.json")
     if problem:
         raise PredictRefused(problem)
+    # os.access says yes to places no folder can be made in (/proc, some network mounts), so
+    # make it; and remove it again: write_access creates it with the store's and run's access
+    created = outermost_missing(out)
+    if created is None:
+        return
+    try:
+        out.mkdir(parents=True)
+    except OSError as e:
+        raise PredictRefused(f"--out {out} cannot be created ({e.strerror}: {e.filename}); pass a folder you may "
+                             f"write, e.g. --out {suggestion}") from None
+    for folder in (out.resolve(), *out.resolve().parents):
+        folder.rmdir()
+        if folder == created:
+            break
 
 
 def write_access(store: str, run_dir: Path, out: Path, write):
@@ -148,16 +174,24 @@ def choose_checkpoint(run_dir: Path, cfg: RunConfig, requested: str | None) -> s
     raise PredictRefused(f"checkpoint {ckpts / tag} (named by {named_by}) cannot be used: {why}; {fix}")
 
 
-def load_trained_model(run_dir: Path, device: torch.device, checkpoint: str | None = None,
-                       allow_unfinished: bool = False) -> tuple[torch.nn.Module, RunConfig, list[str], str, str]:
-    """The run's model with the weights of its final checkpoint (or ``checkpoint``), verified,
-    in the run's precision. Returns (model in eval mode, config, class names, checkpoint tag,
-    a note on how trained it is: ``""`` for a finished run's final checkpoint)."""
+def run_config(run_dir: Path) -> RunConfig:
+    """The run's config (``RUN_DIR/config.yaml``); FileNotFoundError naming the fix when
+    ``run_dir`` is not a training run directory."""
     config = RunDir(run_dir).config
     if not config.is_file():
         raise FileNotFoundError(f"{config} does not exist: {run_dir} is not a training run directory "
                                 "(train one with launch/train_local.py or launch/submit.py)")
-    cfg = load_config(config)
+    return load_config(config)
+
+
+def load_trained_model(run_dir: Path, device: torch.device, checkpoint: str | None = None,
+                       allow_unfinished: bool = False, cfg: RunConfig | None = None
+                       ) -> tuple[torch.nn.Module, RunConfig, list[str], str, str]:
+    """The run's model with the weights of its final checkpoint (or ``checkpoint``), verified,
+    in the run's precision. Returns (model in eval mode, config, class names, checkpoint tag,
+    a note on how trained it is: ``""`` for a finished run's final checkpoint). ``cfg``: the
+    run's config when the caller has read it already (:func:`run_config`)."""
+    cfg = cfg if cfg is not None else run_config(run_dir)
     why_unfinished = unfinished(run_dir, cfg)
     if why_unfinished and not allow_unfinished:
         raise PredictRefused(f"{run_dir}: {why_unfinished}. Its predictions would come from a partly trained "
@@ -173,23 +207,132 @@ def load_trained_model(run_dir: Path, device: torch.device, checkpoint: str | No
     return load_model(run_dir, cfg, tag, device), cfg, list(cfg.data.classes), tag, note
 
 
-def _subjects(cfg: RunConfig, run_dir: Path, store: str | None, part: str):
+class Selection(NamedTuple):
+    """What predict reads: ``subjects`` of ``store`` with ``labels``, written as split ``part``."""
+
+    store: str
+    subjects: list[str]
+    labels: list[int]
+    part: str
+    warnings: list[str] = []
+    """One line each, printed before the model is loaded."""
+    not_test: bool = False
+    """Some subjects are in the run's training or validation part (:func:`seen_in_training`)."""
+
+
+def _subjects(cfg: RunConfig, run_dir: Path, store: str | None, part: str) -> Selection:
+    """The subjects to predict; raises, before any model is loaded, for a part or a store that
+    has none the run can predict."""
     from masan.data.dataset import select_subjects
     from masan.data.splits import Split
+    from masan.store.cohort import CohortStore
 
     if store is None:
         store = cfg.data.store
+        split_file = RunDir(run_dir).split
+        split = Split.load(split_file)
+        chosen = split.part(part)
+        if not chosen:
+            why = f"split.val_fraction={split.val_fraction:g}" if part == "val" else f"{split_file} lists none"
+            have = [p for p in ("test", "val", "train") if split.part(p)]
+            others = f" (or {', '.join(have[1:])})" if len(have) > 1 else ""
+            use = f"use --split {have[0]}{others}, or " if have else ""
+            raise PredictRefused(f"{run_dir} has no {part} part ({why}): {use}predict another store with "
+                                 "--store STORE")
         subjects, labels, _ = select_subjects(store, cfg.data)
         label_of = dict(zip(subjects, labels))
-        chosen = Split.load(RunDir(run_dir).split).part(part)
         missing = [s for s in chosen if s not in label_of]
         if missing:
-            raise ConfigError(f"{RunDir(run_dir).split} names subjects not in {store}: {missing[:5]}; "
+            raise ConfigError(f"{split_file} names subjects not in {store}: {missing[:5]}; "
                               "pass the store the run was trained on with --store")
-        return store, chosen, [label_of[s] for s in chosen], part
-    subjects, labels, _ = select_subjects(store, cfg.data, unlabeled=True)
+        return Selection(store, chosen, [label_of[s] for s in chosen], part)
+    cohort = CohortStore(store)
+    check_classes(cfg, run_dir, cohort)
+    subjects, labels, _ = select_subjects(cohort, cfg.data, unlabeled=True)
     check_contract(cfg, run_dir, store, subjects)
-    return store, subjects, labels, "external"
+    seen = seen_in_training(cfg, run_dir, cohort, subjects)
+    notes = [n for n in (left_out_classes(cfg, run_dir, cohort), seen) if n]
+    return Selection(store, subjects, labels, "external", notes, seen is not None)
+
+
+def _store_classes(cfg: RunConfig) -> list[str]:
+    """The store classes the run reads: the keys of ``data.merge`` and the classes not merged into."""
+    merged_into = set(cfg.data.merge.values())
+    return list(dict.fromkeys([*cfg.data.merge, *(c for c in cfg.data.classes if c not in merged_into)]))
+
+
+def check_classes(cfg: RunConfig, run_dir: Path, store: CohortStore) -> None:
+    """Refuse (PredictRefused) a store whose class names are not the ones the run reads.
+
+    :func:`~masan.data.dataset.select_subjects` would advise changing ``data.classes`` or
+    ``data.merge``, which a trained run cannot take: the fix is a store under the run's names."""
+    data, have = cfg.data, store.classes
+    reachable = {data.merge.get(c, c) for c in have}
+    lacking = [c for c in data.classes if c not in reachable] + [c for c in data.merge if c not in have]
+    if not lacking:
+        return
+    wanted = _store_classes(cfg)
+    extra, absent = [c for c in have if c not in wanted], [c for c in wanted if c not in have]
+    pairs = (",".join(f"{a}={b}" for a, b in zip(extra, absent)) if extra and len(extra) == len(absent) else
+             "STORE_LABEL=RUN_CLASS,...")
+    merge = f" (data.merge {data.merge})" if data.merge else ""
+    raise PredictRefused(
+        f"{store.path} has the classes {have}, but {run_dir} was trained on {list(data.classes)}{merge}: "
+        f"{', '.join(lacking)} missing. A trained run keeps its classes, so convert the cohort again under its "
+        f"names: python data_tools/to_zarr.py --bids BIDS (or --manifest CSV) --out NEW.zarr --classes "
+        f"{' '.join(wanted)} --label-map {pairs}, then predict with --store NEW.zarr")
+
+
+def left_out_classes(cfg: RunConfig, run_dir: Path, store: CohortStore) -> str | None:
+    """A warning naming how many subjects of ``store`` are left out because their class is not
+    one the run predicts (None: none is)."""
+    merge, classes = cfg.data.merge, cfg.data.classes
+    out = Counter(label for s in store.subjects
+                  if (label := store.label(s)) is not None and merge.get(label, label) not in classes)
+    if not out:
+        return None
+    counts = ", ".join(f"{c} {n}" for c, n in sorted(out.items()))
+    return (f"{sum(out.values())} subject(s) of {store.path} left out, of classes {run_dir} does not predict "
+            f"({counts}; it predicts {list(classes)})")
+
+
+def seen_in_training(cfg: RunConfig, run_dir: Path, store: CohortStore, subjects: list[str]) -> str | None:
+    """A warning when some of ``subjects`` (of ``store``) are in the run's training or
+    validation part (None: none is): their accuracy is no test accuracy.
+
+    A subject counts when its id is in ``split.json`` and its scans are the ones the run read
+    (the SHA-256 of the source NIfTI files in both stores' tables), so another cohort's
+    ``sub-001`` does not count while a copy or a reconversion of the run's store does. When the
+    run's store cannot be read (or its table holds no checksums), the id alone counts."""
+    from masan.data.dataset import used_modalities
+    from masan.data.splits import Split
+    from masan.store.cohort import CohortStore, StoreError
+
+    try:
+        split = Split.load(RunDir(run_dir).split)
+    except ValueError:  # no split to compare with
+        return None
+    parts = {name: set(split.part(name)) for name in ("train", "val")}
+    trained_on = parts["train"] | parts["val"]
+    seen = [s for s in subjects if s in trained_on]
+    modalities = used_modalities(cfg.data)
+
+    def scans(of, s: str) -> list:
+        return [(of.row(s)[m] or {}).get("sha256") for m in modalities]
+
+    basis = ""
+    try:
+        own = CohortStore(cfg.data.store)
+        in_own = set(own.subjects)
+        seen = [s for s in seen if s in in_own and scans(own, s) == scans(store, s)]
+    except (StoreError, OSError):
+        basis = f" (by id: the run's store {cfg.data.store} cannot be read to compare the scans)"
+    if not seen:
+        return None
+    n = {name: sum(s in part for s in seen) for name, part in parts.items()}
+    return (f"{len(seen)} of the {len(subjects)} subjects of {store.path} are in {run_dir}'s training ({n['train']}) "
+            f"or validation ({n['val']}) part{basis}, so the accuracy is not a test accuracy; for that, predict "
+            f"its test part: python -m masan.predict {run_dir} --out DIR (no --store)")
 
 
 def check_contract(cfg: RunConfig, run_dir: Path, store: str, subjects: list[str]) -> None:
@@ -237,25 +380,36 @@ def main(argv: list[str] | None = None) -> int:
     suggestion = args.run_dir.absolute().parent / f"{args.run_dir.absolute().name}_predictions_{label}"
     try:
         check_out(args.out, suggestion)  # before the model: a refusal costs nothing
-        model, cfg, names, tag, note = load_trained_model(args.run_dir, args.device,
-                                                          args.checkpoint, args.allow_unfinished)
+        cfg = run_config(args.run_dir)
+        chosen = _subjects(cfg, args.run_dir, args.store, args.split)
+        for warning in chosen.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
+        model, cfg, names, tag, note = load_trained_model(args.run_dir, args.device, args.checkpoint,
+                                                          args.allow_unfinished, cfg)
         if note:
             print(f"warning: predicting with {RunDir(args.run_dir).checkpoints / tag}: {note}", file=sys.stderr)
-        store, subjects, labels, part = _subjects(cfg, args.run_dir, args.store, args.split)
-        dataset = CohortDataset(store, subjects, labels, cfg.data)
+        dataset = CohortDataset(chosen.store, chosen.subjects, chosen.labels, cfg.data)
     except (OSError, ConfigError, ValueError, StoreError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     preds = predict_subjects(model, dataset, cfg, args.device, names, seed=cfg.seed)
-    metrics = write_access(store, args.run_dir, args.out,
-                           lambda: write_predictions(preds, args.out, names, cfg.data.positive_class, split=part))
-    scores = (f"accuracy {metrics['accuracy']:.3f}, AD-vs-rest accuracy {metrics['binary_accuracy']:.3f}"
+    positive = cfg.data.positive_class
+    try:
+        metrics = write_access(chosen.store, args.run_dir, args.out,
+                               lambda: write_predictions(preds, args.out, names, positive, split=chosen.part))
+    except OSError as e:
+        print(f"error: could not write the predictions into --out {args.out} ({e.strerror}: {e.filename}); "
+              "pass a folder you may write, with space, as --out", file=sys.stderr)
+        return 2
+    scores = (f"accuracy {metrics['accuracy']:.3f}, {positive}-vs-rest accuracy {metrics['binary_accuracy']:.3f}"
               if "accuracy" in metrics else "no diagnoses: probabilities only")
+    if chosen.not_test and "accuracy" in metrics:
+        scores += " (not a test accuracy: training subjects included)"
     unlabeled = f", {metrics['n_unlabeled']} without a diagnosis" if metrics.get("n_unlabeled") else ""
     used = f"{tag}, {note}" if note else tag
-    print(f"{len(preds)} subjects of {store} predicted with {args.run_dir} ({used}){unlabeled}; {scores} -> {args.out}")
+    print(f"{len(preds)} subjects of {chosen.store} predicted with {args.run_dir} ({used}){unlabeled}; {scores} "
+          f"-> {args.out}")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

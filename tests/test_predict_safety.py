@@ -1,6 +1,8 @@
 """What ``python -m masan.predict`` refuses, on one real tiny run: a damaged, deleted or
-non-finite checkpoint, an unfinished run, an ``--out`` inside a store or a run directory or
-naming a file; and the access mode of what it writes (never more open than the store and the
+non-finite checkpoint, an unfinished run, an ``--out`` inside a store or a run directory,
+naming a file or that cannot be made, an empty ``--split`` part, a store under other class
+names; what it warns about (subjects left out for their class, the run's own training
+subjects); and the access mode of what it writes (never more open than the store and the
 run it read).
 
 One run trains per module (tests/conftest.py's tiny cohort, 1 pretrain + 1 joint epoch: 14
@@ -179,14 +181,21 @@ def test_output_is_no_more_open_than_the_store_and_the_run(tmp_path, copy, tiny_
         assert {v for k, v in modes.items() if not Path(k).suffix} == {dir_mode}, modes
 
 
-def test_out_inside_a_store_or_a_run_or_naming_a_file_is_refused_before_loading(tmp_path, run, tiny_store,
-                                                                               monkeypatch, capsys):
+@pytest.fixture
+def no_model(monkeypatch):
+    """masan.predict with a model load that fails the test: what is refused is refused before it."""
     import masan.predict as P
 
-    def no_model(*args, **kwargs):
-        raise AssertionError("the model was loaded before --out was checked")
+    def load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the arguments were checked")
 
-    monkeypatch.setattr(P, "load_trained_model", no_model)
+    monkeypatch.setattr(P, "load_trained_model", load)
+    return P
+
+
+def test_out_inside_a_store_or_a_run_or_naming_a_file_is_refused_before_loading(tmp_path, run, tiny_store,
+                                                                               no_model, capsys):
+    P = no_model
     existing = tmp_path / "existing.txt"
     existing.write_text("keep me\n")
     store_before = sorted(p.name for p in tiny_store.iterdir())
@@ -222,3 +231,93 @@ def test_a_checkpoint_name_that_is_not_there_lists_the_ones_that_are(tmp_path, r
     res = predict(run, tmp_path / "out", "--checkpoint", "step_000999")
     refused(res, tmp_path / "out", f"--checkpoint step_000999: {run / 'checkpoints'} has no checkpoint of that name; "
             f"its complete ones: {EARLIER}, {FINAL} (the newest: {FINAL})")
+
+
+def test_an_out_that_cannot_be_made_is_refused_before_loading(tmp_path, run, no_model, capsys):
+    """/proc passes the os.access check (as root) but no folder can be made in it."""
+    if not Path("/proc/self").exists():
+        pytest.skip("no /proc here")
+    assert no_model.main([str(run), "--out", "/proc/masan_predictions"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--out /proc/masan_predictions" in err, err
+
+
+def test_a_failed_write_after_inference_is_one_line_naming_the_folder(tmp_path, run, monkeypatch, capsys):
+    import errno
+
+    import masan.predict as P
+
+    def full(preds, out, *args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(Path(out) / "predictions.csv"))
+
+    monkeypatch.setattr(P, "write_predictions", full)
+    assert P.main([str(run), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--out {tmp_path / 'out'}" in err and "No space left" in err, err
+
+
+# ---------------------------------------------------------------------- which subjects
+
+
+def test_an_empty_part_is_refused_before_loading(tmp_path, run, no_model, capsys):
+    """tiny.yaml trains without a validation part (split.val_fraction 0)."""
+    assert no_model.main([str(run), "--split", "val", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"{run} has no val part (split.val_fraction=0): use --split test (or train)" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def _cohort(root: Path, classes: tuple[str, ...], n_per_class: int) -> Path:
+    """A phantom cohort of the tiny store's geometry (tests/conftest.py), other scans (seed)."""
+    from masan.convert.cohort import ConvertOptions, convert_cohort, discover_bids
+    from masan.synth.phantom import synthesize_cohort
+
+    bids = synthesize_cohort(root / "bids", n_per_class=n_per_class, classes=classes, frames=6, seed=9)
+    report = convert_cohort(discover_bids(bids), root / "other.zarr", ConvertOptions(patch_grid=(2, 2, 2)),
+                            classes=classes, progress=False)
+    assert not report.failed, report.failed
+    return root / "other.zarr"
+
+
+def test_a_store_under_other_class_names_gets_a_fix_predict_can_use(tmp_path, run, no_model, capsys):
+    store = _cohort(tmp_path, ("CN", "Dementia"), 1)
+    assert no_model.main([str(run), "--store", str(store), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "data_tools/to_zarr.py" in err and "--classes NC AD --label-map CN=NC,Dementia=AD" in err, err
+    assert "data.classes" not in err and err.count("\n") == 1, err  # a trained run's config is not to be fixed
+
+
+def test_the_runs_own_training_subjects_are_named_and_not_a_test_accuracy(tmp_path, run, tiny_store, capsys):
+    import masan.predict as P
+
+    train = json.loads((run / "split.json").read_text())["train"]
+    assert P.main([str(run), "--store", str(tiny_store), "--out", str(tmp_path / "out")]) == 0
+    out, err = capsys.readouterr()
+    assert (f"warning: {len(train)} of the 10 subjects of {tiny_store} are in {run}'s training ({len(train)}) or "
+            "validation (0) part") in err, err
+    assert "not a test accuracy" in out, out
+
+
+def test_another_cohort_names_the_classes_left_out_and_not_its_own_ids(tmp_path, run, capsys):
+    """Its sub-00N are other scans than the run's sub-00N: not training subjects."""
+    import masan.predict as P
+
+    store = _cohort(tmp_path, ("NC", "EMCI", "AD"), 2)
+    train = json.loads((run / "split.json").read_text())["train"]
+    assert {"sub-001", "sub-003", "sub-004", "sub-006"} & set(train)  # the ids the predicted subjects have
+    assert P.main([str(run), "--store", str(store), "--out", str(tmp_path / "out")]) == 0
+    out, err = capsys.readouterr()
+    assert f"warning: 2 subject(s) of {store} left out, of classes {run} does not predict (EMCI 2; " in err, err
+    assert "training" not in err and "not a test accuracy" not in out, (out, err)
+    assert "4 subjects of" in out, out
+
+
+def test_the_summary_names_the_runs_positive_class(tmp_path, copy, capsys):
+    import masan.predict as P
+
+    config = copy / "config.yaml"
+    config.write_text(config.read_text().replace("positive_class: AD", "positive_class: NC"))
+    assert "positive_class: NC" in config.read_text()
+    assert P.main([str(copy), "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "NC-vs-rest accuracy" in out and "AD-vs-rest" not in out, out
