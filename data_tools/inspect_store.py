@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections import Counter
 from pathlib import Path
 
+from masan.access import describe_mode, restrictive_mode
 from masan.convert.cohort import verify_published
 from masan.store.cohort import LAST_CONVERSION, CohortStore, StoreError
 
@@ -58,10 +60,7 @@ def summary(store: CohortStore) -> list[str]:
     if "registration" in store.attrs:
         reg = store.attrs["registration"]
         lines.append(f"registered: {reg.get('type')} to {reg.get('template')}")
-    acc = store.attrs.get("access")
-    if acc:
-        group = "" if acc.get("gid") is None else f", group id {acc['gid']}"
-        lines.append(f"access: files {acc['file_mode']}{group} (chosen by {acc['chosen_by']})")
+    lines.append(access_line(store))
     failed = store.attrs.get(LAST_CONVERSION, {}).get("failed", [])
     lines.append(f"last conversion: {len(failed)} failed"
                  + "".join(f"\n  {f['subject']}: {f['error']}" for f in failed))
@@ -69,6 +68,22 @@ def summary(store: CohortStore) -> list[str]:
     if unfinished:
         lines.append(f"  NOT FINISHED: {unfinished}")
     return lines
+
+
+def access_line(store: CohortStore) -> str:
+    """Who may read the store now (its root's mode and group, as :mod:`masan.access` reads it for
+    the predictions and reports made from it), and the access the conversion recorded when a
+    chmod or chgrp has changed it since."""
+    mode, gid = restrictive_mode([store.path])
+    now = f"access: {describe_mode(mode, gid)}"
+    acc = store.attrs.get("access")
+    if not acc:
+        return now
+    recorded = int(acc["file_mode"], 8)
+    if recorded == mode and acc.get("gid") in (None, gid):
+        return f"{now} (as recorded at conversion, chosen by {acc['chosen_by']})"
+    return (f"{now} now; the conversion recorded {describe_mode(recorded, acc.get('gid'))} (chosen by "
+            f"{acc['chosen_by']}): changed since by chmod or chgrp")
 
 
 def subject_detail(store: CohortStore, subject: str) -> list[str]:
@@ -98,9 +113,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--verify", action="store_true", help="re-read every array and compare its checksum")
     args = p.parse_args(argv)
     try:
+        code = _inspect(args)
+        sys.stdout.flush()  # a closed pipe raises here rather than in the interpreter's exit
+        return code
+    except BrokenPipeError:
+        # the reader stopped early (`| head`): stop too, without a traceback, and point stdout at
+        # /dev/null so that the interpreter's last flush does not fail on the closed pipe again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    try:
         store = CohortStore(args.store)
         lines = summary(store)
         if args.subject:
+            if args.subject not in store.subjects:
+                shown = ", ".join(store.subjects[:10]) + (" ..." if len(store.subjects) > 10 else "")
+                print(f"inspect_store: --subject {args.subject} is not in {store.path} ({len(store.subjects)} "
+                      f"subjects: {shown})", file=sys.stderr)
+                return 2
             lines += subject_detail(store, args.subject)
     except (StoreError, KeyError) as e:  # a KeyError's str() is its message quoted: print the message
         print(f"inspect_store: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr)

@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("store", type=Path, help="cohort store written by data_tools/to_zarr.py")
     p.add_argument("--out", type=Path, required=True,
-                   help="report folder (new, empty, or an earlier report, which is replaced)")
+                   help="report folder (new, empty, or an earlier report, which is replaced), outside every store "
+                        "and run directory")
     add_option_arguments(p)  # --subjects, --min-frames, the thresholds (masan.qc.report.QCOptions)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p

@@ -246,6 +246,22 @@ def test_cli_errors_name_the_store_and_the_fix(qc_store, tmp_path, capsys):
         "index.html", "sub-001_fmri.png", "sub-001_views.png"]
 
 
+def test_an_out_predict_would_refuse_is_refused_in_one_line(qc_store, tmp_path, capsys):
+    """An existing file, and a folder inside a training run directory (the place check of
+    predict and evaluate, masan.store.places)."""
+    afile = tmp_path / "notes.txt"
+    afile.write_text("mine")
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text("model: {}\ndata: {}\n")
+    for out, text in ((afile, f"--out {afile} is an existing file"),
+                      (run / "qc", f"--out {run / 'qc'} is inside the training run directory {run}")):
+        assert _cli()([str(qc_store), "--out", str(out), "--no-progress"]) == 2, out
+        err = capsys.readouterr().err
+        assert text in err and err.count("\n") == 1, err
+    assert afile.read_text() == "mine" and sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.yaml"]
+
+
 def _chunk(store_path: Path, subject: str, modality: str) -> Path:
     """The first chunk (shard) file of a subject's stored array (level 0)."""
     from masan.store.cohort import CohortStore

@@ -80,6 +80,7 @@ from masan.qc.geometry import cohort_geometry, geometry_flags
 from masan.qc.options import QCError, QCOptions
 from masan.qc.page import GENERATOR, page_html
 from masan.store.cohort import CohortStore, StoreError
+from masan.store.places import output_folder_problem
 
 INDEX = "index.html"
 FIGURES = ("views", "registration", "fmri")
@@ -87,12 +88,14 @@ FIGURES = ("views", "registration", "fmri")
 
 
 def _prepare_out(out: Path, store: CohortStore) -> None:
-    """Refuse an --out that is inside the store or a folder other than an earlier QC report
-    (its files get the store's permissions); clear an earlier report's files."""
-    out_abs, store_abs = out.resolve(), store.path.resolve()
-    if out_abs == store_abs or store_abs in out_abs.parents:
-        raise QCError(f"--out {out} is inside the cohort store {store.path}; write the report elsewhere, "
-                      f"e.g. --out {store.path.parent / (store.path.name + '_qc')}")
+    """Refuse an --out that predict and evaluate would refuse too (a file, a folder in a store
+    or a run directory, one this user may not write:
+    :func:`masan.store.places.output_folder_problem`) or a folder other than an earlier QC
+    report (its files get the store's permissions); clear an earlier report's files."""
+    problem = output_folder_problem(out, store.path.parent / (store.path.name + "_qc"),
+                                    f"{INDEX} and the subjects' PNGs")
+    if problem:
+        raise QCError(problem)
     if out.exists() and any(out.iterdir()):
         index = out / INDEX
         if not (index.is_file() and f"content='{GENERATOR}'" in index.read_text(errors="replace")[:2000]):
