@@ -4,13 +4,13 @@ that stops early (``| head``) ends it without a traceback."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+from data_tool import load_tool
 from masan.store.cohort import CohortStore
 
 REPO = Path(__file__).resolve().parents[1]
@@ -18,10 +18,7 @@ TOOL = REPO / "data_tools" / "inspect_store.py"
 
 
 def _main():
-    spec = importlib.util.spec_from_file_location("inspect_store", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    return load_tool("inspect_store").main
 
 
 def test_access_is_the_stores_now_and_a_change_since_conversion_is_said(tmp_path, tiny_store, capsys):

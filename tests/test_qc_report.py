@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import csv
 import html
-import importlib.util
 import os
 import shutil
 import stat
@@ -28,6 +27,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+
+from data_tool import load_tool
 
 REPO = Path(__file__).resolve().parents[1]
 QC_REPORT = REPO / "data_tools" / "qc_report.py"
@@ -213,10 +214,7 @@ def test_report_is_no_more_readable_than_the_store(report_dir):
 
 def _cli():
     """data_tools/qc_report.py as a module (in-process: each interpreter start costs seconds here)."""
-    spec = importlib.util.spec_from_file_location("qc_report", QC_REPORT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    return load_tool("qc_report").main
 
 
 def test_cli_errors_name_the_store_and_the_fix(qc_store, tmp_path, capsys):
@@ -314,15 +312,13 @@ def test_every_option_of_the_tool_sets_its_field():
     """QCOptions owns the tool's options: each flag lands in its field, the rest keep their defaults."""
     from masan.qc.options import QCOptions
 
-    spec = importlib.util.spec_from_file_location("qc_report", QC_REPORT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    args = mod.build_parser().parse_args(["s.zarr", "--out", "o", "--subjects", "a", "b", "--min-frames", "7",
-                                          "--z-threshold", "5", "--clip-fraction", "0.2", "--fov-overlap", "0.3"])
+    parser = load_tool("qc_report").build_parser()
+    args = parser.parse_args(["s.zarr", "--out", "o", "--subjects", "a", "b", "--min-frames", "7",
+                              "--z-threshold", "5", "--clip-fraction", "0.2", "--fov-overlap", "0.3"])
     opts = QCOptions.from_args(args, progress=False)
     assert opts == QCOptions(subjects=["a", "b"], min_frames=7, z_threshold=5.0, clip_fraction=0.2, fov_overlap=0.3,
                              progress=False)
-    assert QCOptions.from_args(mod.build_parser().parse_args(["s.zarr", "--out", "o"])) == QCOptions()
+    assert QCOptions.from_args(parser.parse_args(["s.zarr", "--out", "o"])) == QCOptions()
     for flag, value, fragment in (("--clip-fraction", "5", "must be between 0 and 1, got 5"),
                                   ("--min-frames", "-3", "must be at least 1, got -3"),
                                   ("--z-threshold", "nan", "must be a finite number above 0, got nan"),

@@ -6,7 +6,6 @@ whole file within a few minutes on two cores).
 """
 
 import gzip
-import importlib.util
 import json
 import logging
 import multiprocessing as mp
@@ -26,6 +25,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from data_tool import load_tool
 from masan import access
 from masan.config import load_config
 from masan.convert import nifti
@@ -46,11 +46,7 @@ BUSY = ("--fmri-shard-frames", "8", "--fmri-chunk-frames", "4")
 """Small shards: a busy run writes many slabs, so a kill lands mid-subject."""
 
 
-def _load(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "data_tools" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+_load = load_tool
 
 
 to_zarr = _load("to_zarr")
