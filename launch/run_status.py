@@ -284,6 +284,13 @@ def run_status(root: Path, run: Path, queued: dict[str, Queued] | None, now: flo
             denied.append(Path(e.filename or run))
     if denied:
         st.add_note(_denied(run, denied))
+    if done is None and st.slurm == "COMPLETED":  # SLURM's word for a job that exited 0, also one that stopped
+        spent = any(e.get("event") == jobs.REQUEUES_SPENT and e.get("job_id") == st.job_id
+                    for e in job_record(run)[0]["events"])
+        why = ("its --max-requeues were used up at a time limit or preemption" if spent else
+               "it stopped on request (a STOP file) with a checkpoint")
+        st.add_note(f"job {st.job_id} ended before the run finished: {why}; submit the same run directory again to "
+                    "resume")
     if done is None and not _may_be_live(run, st):
         st.eta_s = None  # a stopped run has no end time to promise: it ends when it is started again
         if st.slurm == NO_JOB and st.step is not None:  # started by hand: no exit status was recorded

@@ -20,6 +20,11 @@ resubmitted: the job's rank 0 records the reason in run_dir/jobs.json (event "re
 training diverged (a non-finite loss or gradient norm; event "diverged"): resumed, it would
 diverge again.
 
+Where sbatch exists but the SLURM controller does not answer, nothing is started (exit 1; pass
+--local to train here). What the job would refuse at its start (the store, its classes, the
+split, the batch, the checkpoint against the config) is refused here before submitting, and a
+job sbatch refuses is reported in one line (exit 2).
+
 The run directory is --run-dir, else a run_dir=... override, else the --config file's run_dir
 (as launch/train_local.py takes it), else runs/masan.
 
@@ -45,6 +50,7 @@ import argparse
 import contextlib
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -54,7 +60,7 @@ from pathlib import Path
 
 from launch.slurm import jobs
 from launch.slurm.plan import DEFAULT_RUN_DIR, Resources, RunSpec, base_run_dir, parse_time_min, plan_runs, slurm_time
-from launch.slurm.submission import failure_logs, log_path, submit_slurm
+from launch.slurm.submission import SubmitError, failure_logs, log_path, submit_slurm
 from masan.argtypes import number
 from masan.config import ConfigError, save_config
 from masan.rundir import RunDir
@@ -279,7 +285,13 @@ def watch(pending: dict[str, RunSpec], res: Resources, folder: Path, args) -> in
             logs = ", ".join(map(str, failure_logs(folder, jid)))
             if state in jobs.RESTARTABLE_STATES and restarts[key] < args.max_restarts:
                 restarts[key] += 1
-                (new_id,) = submit_slurm([spec], res, folder, args.max_requeues)
+                try:
+                    (new_id,) = submit_slurm([spec], res, folder, args.max_requeues)
+                except SubmitError as e:
+                    print(f"  run NOT finished: {spec.run_dir} (job {jid} ended {state}, see {logs}; sbatch refused "
+                          f"its resubmission: {e}; submit again to resume)", flush=True)
+                    failed.append(key)
+                    continue
                 jobs.record_restart(spec.run_dir, new_id, after=jid, restart=restarts[key], state=state)
                 print(f"  job {jid} ended {state} (see {logs}): resubmitted as job {new_id} "
                       f"(restart {restarts[key]}/{args.max_restarts}); log {log_path(folder, new_id)}", flush=True)
@@ -450,23 +462,39 @@ def _wait_child(proc: subprocess.Popen) -> int:
 # --------------------------------------------------------------------------- main
 
 
-def _resources(args) -> Resources:
+def _resources(args, local: bool) -> Resources:
     """The job's resources; ``--gpus-per-node`` omitted: the partition's GPUs (none locally)."""
     gpus = args.gpus_per_node
     if gpus is None:
-        gpus = jobs.detect_gpus_per_node(args.partition) if not args.local else 0
+        gpus = jobs.detect_gpus_per_node(args.partition) if not local else 0
     return Resources.from_args(args, gpus_per_node=gpus)
 
 
-def _select(specs: list[RunSpec]) -> list[RunSpec] | None:
-    """Drop finished runs; None (refuse) if a run directory still has a live job."""
+def _start_refusal(spec: RunSpec, res: Resources) -> str | None:
+    """Why the job of ``spec`` would refuse to start (:func:`masan.train.run.check_start`), or None."""
+    from masan.train.run import USER_ERRORS, check_start
+
+    try:
+        check_start(spec.cfg, res.world_size)
+    except USER_ERRORS as e:
+        return str(e)
+    return None
+
+
+def _busy(specs: list[RunSpec]) -> bool:
+    """True (with a line each) when a run directory of ``specs`` still has a live job."""
     busy = [(s, jobs.active_jobs(s.run_dir)) for s in specs]
     busy = [(s, a) for s, a in busy if a]
     for s, active in busy:
         listing = ", ".join(f"{jid} {state}" for jid, state in active)
         print(f"refused: {s.run_dir} already has a live job ({listing}); wait for it to end, "
               f"or cancel it (scancel JOBID) and submit again to resume", file=sys.stderr)
-    if busy:
+    return bool(busy)
+
+
+def _select(specs: list[RunSpec]) -> list[RunSpec] | None:
+    """Drop finished runs; None (refuse) if a run directory still has a live job."""
+    if _busy(specs):
         return None
     todo = []
     for s in specs:
@@ -498,10 +526,28 @@ def _main(argv: list[str] | None) -> int:
                           baseline=not args.no_baseline)
         for s in specs:
             RunDir(s.run_dir).require_folder()
-        res = _resources(args)
     except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_REFUSED
+    # before the job states are asked for: with the controller down each query waits for its timeout
+    local = args.local
+    if not local:
+        ok, why = jobs.slurm_available()
+        if not ok and shutil.which("sbatch") is not None:
+            # a cluster whose controller is down or unreachable: training on this (login) node instead
+            # would take its cores and the run's GPU budget; the user decides
+            print(f"error: {why}; nothing was submitted. Submit again when `sinfo` answers, or pass --local to "
+                  "train on this machine", file=sys.stderr)
+            return EXIT_FAILED
+        local = not ok
+    try:
+        res = _resources(args, local)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_REFUSED
+    if local and not args.local:
+        print(f"note: {why}: running locally instead ({res.world_size} rank(s) per run, CPU/gloo unless "
+              f"a GPU is visible). Use a login node with SLURM to submit.", flush=True)
     todo = _select(specs)
     if todo is None:
         return EXIT_REFUSED
@@ -509,17 +555,15 @@ def _main(argv: list[str] | None) -> int:
     if not todo:
         print(f"all runs finished; TensorBoard: tensorboard --logdir {base}")
         return 0
-    local = args.local
-    if not local:
-        ok, why = jobs.slurm_available()
-        if not ok:
-            print(f"note: {why}: running locally instead ({res.world_size} rank(s) per run, CPU/gloo unless "
-                  f"a GPU is visible). Use a login node with SLURM to submit.", flush=True)
-            local = True
     if local:
         print(f"TensorBoard: tensorboard --logdir {base}", flush=True)
         return run_locally(todo, res, args.max_restarts)
 
+    for spec in todo:  # what the job would refuse at its start, refused before it waits in the queue
+        why = _start_refusal(spec, res)
+        if why:
+            print(f"refused: {spec.run_dir}: {why}; nothing was submitted", file=sys.stderr)
+            return EXIT_REFUSED
     never, waits = check_partition(res)
     if never:
         print("refused: the job could never start on this cluster; nothing was submitted:", file=sys.stderr)
@@ -529,7 +573,15 @@ def _main(argv: list[str] | None) -> int:
     for why in waits:
         print(f"warning: {why}", file=sys.stderr, flush=True)
     folder = RunDir(base).slurm
-    ids = submit_slurm(todo, res, folder, args.max_requeues)
+    try:
+        with jobs.submitting([s.run_dir for s in todo]):
+            if _busy(todo):  # another submission got there since the check above
+                return EXIT_REFUSED
+            ids = submit_slurm(todo, res, folder, args.max_requeues)
+    except SubmitError as e:
+        print(f"refused by sbatch: {e}; nothing was submitted (check --partition, --account, --qos, --constraint, "
+              "--exclude and --mem against the cluster: sinfo, sacctmgr show assoc user=$USER)", file=sys.stderr)
+        return EXIT_REFUSED
     print(f"submitted {len(ids)} run(s), {res.nodes} node(s) x {res.tasks_per_node} rank(s) each:")
     for spec, jid in zip(todo, ids):
         print(f"  job {jid}: {spec.run_dir}\n    log: {log_path(folder, jid)}")

@@ -238,3 +238,50 @@ def test_a_crashed_job_is_resubmitted_up_to_max_restarts(slurm_cluster, tiny_con
     (restart,) = events(run_dir, "restarted")
     assert (restart["after"], restart["job_id"], restart["state"]) == (first, second, "FAILED")
     assert re.search(r"damaged\.zarr.*chunk file .* is missing", rank0_log(run_dir, second))
+
+
+def test_what_sbatch_or_the_jobs_start_would_refuse_is_refused_before_anything_is_queued(
+        slurm_cluster, tiny_config, tmp_path):
+    """A job that would wait in the queue only to be refused, or that sbatch refuses, is refused
+    here in one line (exit 2), with nothing submitted and nothing left in the run directory."""
+    no_store = submit("--nodes", 1, "--config", tiny_config, "--run-dir", tmp_path / "no_store",
+                      f"data.store={tmp_path / 'nope.zarr'}")
+    assert no_store.returncode == 2 and "nope.zarr does not exist" in no_store.stdout, no_store.stdout
+    assert "nothing was submitted" in no_store.stdout and not (tmp_path / "no_store" / "jobs.json").exists()
+
+    feature = submit("--nodes", 1, "--config", tiny_config, "--run-dir", tmp_path / "feature", "--constraint", "bigmem")
+    assert feature.returncode == 2 and "refused by sbatch: sbatch: error:" in feature.stdout, feature.stdout
+    assert "Traceback" not in feature.stdout and "--constraint" in feature.stdout
+    assert not (tmp_path / "feature" / "jobs.json").exists()
+    # no submission script or pickle of a job that never was: only the lock of the run's jobs.json
+    assert [p.name for p in (tmp_path / "feature").rglob("*")] == ["jobs.json.lock"]
+
+
+def test_two_submissions_into_one_run_directory_at_once_queue_one_job(slurm_cluster, tiny_config, tmp_path):
+    run_dir = tmp_path / "race"
+    cmd = [sys.executable, str(SUBMIT), "--nodes", "1", "--time", "5", "--config", str(tiny_config),
+           "--run-dir", str(run_dir), *LONG_RUN]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    try:
+        assert sorted(p.returncode for p in procs) == [0, 2], outs
+        assert any("already has a live job" in out for out in outs), outs
+        assert len(job_ids(run_dir)) == 1
+    finally:
+        for jid in job_ids(run_dir):
+            subprocess.run(["scancel", jid], check=False)
+
+
+def test_a_cluster_whose_controller_does_not_answer_is_not_trained_on_here(slurm_cluster, tiny_config, tmp_path):
+    """sbatch is there but slurmctld does not answer (down, or unreachable from this node):
+    training on a login node instead would take its cores; nothing is started."""
+    from masan.distributed import free_port
+
+    conf = Path(os.environ.get("SLURM_CONF", "/etc/slurm/slurm.conf")).read_text()
+    dead = tmp_path / "slurm.conf"
+    dead.write_text(re.sub(r"(?m)^SlurmctldPort=.*$", f"SlurmctldPort={free_port()}", conf))
+    res = subprocess.run([sys.executable, str(SUBMIT), "--nodes", "1", "--config", str(tiny_config), "--run-dir",
+                          str(tmp_path / "run")], env=dict(os.environ, SLURM_CONF=str(dead)),
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 1 and "did not answer sinfo" in res.stderr and "--local" in res.stderr, res.stderr
+    assert "running locally" not in res.stdout and not (tmp_path / "run").exists()

@@ -375,6 +375,31 @@ def test_a_pending_job_shows_slurms_reason_and_one_that_never_starts_the_fix(tmp
     assert "RUNNING (77)" in status.row_cells(running) and running.reason is None
 
 
+def test_a_slurm_job_that_ended_before_its_run_says_why_and_how_to_resume(tmp_path):
+    """SLURM calls a job that exited 0 COMPLETED, also one that stopped with a checkpoint; and a
+    refused or diverged job FAILED, which a resubmission cannot cure."""
+    run = tmp_path / "run"
+    for jid in ("81", "82", "83", "84"):
+        jobs.record_job(run, jid, "slurm", str(run / "slurm" / f"{jid}_0_log.out"))
+        if jid == "82":
+            jobs.record_event(run, jid, jobs.REQUEUES_SPENT, step=40, restarts=3)
+        if jid == "83":
+            jobs.record_event(run, jid, jobs.DIVERGED, error="the joint loss is not finite at step 12 on rank 0")
+        if jid == "84":
+            jobs.record_event(run, jid, jobs.REFUSED, error="optim.micro_batch=64 is larger than the training part")
+        done = {"81": "COMPLETED", "82": "COMPLETED", "83": "FAILED", "84": "FAILED"}[jid]
+        row = run_status.run_status(tmp_path, run, {jid: queue.Queued(done)})
+        assert row.eta_s is None, row
+        if jid == "81":
+            assert row.note.startswith("job 81 ended before the run finished: it stopped on request (a STOP file)")
+        if jid == "82":
+            assert row.note.startswith("job 82 ended before the run finished: its --max-requeues were used up")
+        if jid == "83":
+            assert row.note == "job 83 diverged: the joint loss is not finite at step 12 on rank 0"
+        if jid == "84":
+            assert row.note == "job 84 refused: optim.micro_batch=64 is larger than the training part"
+
+
 def test_a_failed_job_names_the_logs_that_hold_its_error(tmp_path):
     """A frozen rank 0 leaves no error in its own log: the collective timeout is in rank 1's."""
     import pickle

@@ -328,18 +328,24 @@ def test_submit_refuses_a_run_whose_job_record_is_damaged(tmp_path, capsys, tiny
 @pytest.mark.slurm
 @pytest.mark.slow
 def test_wait_reports_a_refused_run_instead_of_resubmitting_it(slurm_cluster, tiny_config, tmp_path):
-    """A batch larger than the cohort's training part is refused inside the job (it needs the
-    store); --wait must tell it from a crash: one job, no restart, exit 2 with the reason. Two
-    nodes: every rank refuses, and a rank ending first must not stop rank 0 recording why."""
+    """What only the training node can tell is refused inside the job (here: fp16 on nodes
+    without CUDA; what the login node can check, e.g. a batch larger than the training part, is
+    refused before submitting: test_slurm_launch). --wait must tell it from a crash: one job,
+    no restart, exit 2 with the reason. Two nodes: every rank refuses, and a rank ending first
+    must not stop rank 0 recording why."""
     from test_slurm_launch import events, job_ids, submit
+
+    too_big = submit("--nodes", 2, "--config", tiny_config, "--run-dir", tmp_path / "too_big", "optim.micro_batch=64")
+    assert too_big.returncode == 2 and "lower optim.micro_batch" in too_big.stdout, too_big.stdout
+    assert not job_ids(tmp_path / "too_big")
 
     run_dir = tmp_path / "refused"
     res = submit("--nodes", 2, "--time", 5, "--config", tiny_config, "--run-dir", run_dir, "--max-restarts", 1,
-                 "optim.micro_batch=64", wait_job=True)
-    assert res.returncode == 2 and "run REFUSED" in res.stdout and "optim.micro_batch=64" in res.stdout, res.stdout
+                 "train.precision=fp16", wait_job=True)
+    assert res.returncode == 2 and "run REFUSED" in res.stdout and "needs CUDA" in res.stdout, res.stdout
     [jid] = job_ids(run_dir)
     [refused] = events(run_dir, "refused")
-    assert refused["job_id"] == jid and "lower optim.micro_batch" in refused["error"]
+    assert refused["job_id"] == jid and "train.precision=fp16" in refused["error"]
     assert not events(run_dir, "restarted")
 
 

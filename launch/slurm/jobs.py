@@ -50,6 +50,9 @@ that signal); launch/status.py reads it back, as SLURM's state says how a SLURM 
 EXIT_REFUSED = 2
 """Exit status of bad input (arguments, config, a refused resume), never restarted: the
 submitting command's, and a training task's whose run refused to start."""
+REQUEUES_SPENT = "requeue_budget_exhausted"
+"""jobs.json event of a job that stopped with a checkpoint at a time limit or preemption and was
+not requeued: its --max-requeues were used up (SLURM then shows it COMPLETED)."""
 DIVERGED = "diverged"
 """jobs.json event of a job whose training diverged (:class:`masan.train.gradients.Diverged`)."""
 EXIT_DIVERGED = 3
@@ -154,16 +157,46 @@ def _now() -> str:
     return datetime.datetime.now().isoformat(timespec="seconds")
 
 
+_HELD: set[Path] = set()
+"""jobs.json locks this process holds: taken again inside, they are not waited for (a flock on a
+second open file would wait for the first forever)."""
+
+
+@contextlib.contextmanager
+def _record_lock(run_dir: Path):
+    """The exclusive lock of run_dir/jobs.json (run_dir created if missing); reentrant."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = RunDir(run_dir).jobs_lock.resolve()
+    if path in _HELD:
+        yield
+        return
+    with open(path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        _HELD.add(path)
+        try:
+            yield
+        finally:
+            _HELD.discard(path)
+
+
+@contextlib.contextmanager
+def submitting(run_dirs):
+    """Hold the jobs.json locks of ``run_dirs`` while a submission checks that none has a live
+    job, submits and records its jobs: two submissions into one run directory at once cannot
+    both pass the check. Taken in sorted order, so two submissions never wait on each other."""
+    with contextlib.ExitStack() as held:
+        for run_dir in sorted({Path(d).resolve() for d in run_dirs}):
+            held.enter_context(_record_lock(run_dir))
+        yield
+
+
 @contextlib.contextmanager
 def _locked_record(run_dir: Path):
     """Read-modify-write of run_dir/jobs.json under an exclusive file lock."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    run = RunDir(run_dir)
-    with open(run.jobs_lock, "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with _record_lock(run_dir):
         record = read_record(run_dir)
         yield record
-        atomic_write_json(run.jobs, record)
+        atomic_write_json(RunDir(run_dir).jobs, record)
 
 
 class RecordError(ValueError):

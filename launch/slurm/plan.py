@@ -14,6 +14,7 @@ resumed with that config unless ``--config`` is given, so resubmitting needs no 
 from __future__ import annotations
 
 import argparse
+import os
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -161,7 +162,11 @@ def base_run_dir(flag: str | None, config: str | None, overrides: list[str]) -> 
 
 
 def _resolve(run_dir: Path, config: str | None, overrides: list[str]) -> RunConfig:
-    return load_config(RunDir(run_dir).start_config(config), [*overrides, f"run_dir={run_dir}"])
+    """The run's config: set by the planner, not as an override (an error names only the user's)."""
+    cfg = load_config(RunDir(run_dir).start_config(config), overrides)
+    cfg.run_dir = str(run_dir)
+    cfg.data.store = os.path.abspath(cfg.data.store)  # the job and later commands may start elsewhere
+    return cfg
 
 
 def plan_runs(run_dir: str | Path, config: str | None, overrides: list[str],

@@ -14,6 +14,9 @@ installed (``pip install -e .``), so no ``PYTHONPATH`` is set.
 
 from __future__ import annotations
 
+import contextlib
+import io
+import shutil
 from functools import lru_cache
 from pathlib import Path
 
@@ -72,17 +75,36 @@ def _scan_for_traceback(version: tuple[str, int, int]) -> bool:
         return any(TRACEBACK in line for line in f)
 
 
+class SubmitError(RuntimeError):
+    """sbatch refused the job (an unknown feature, node, account or QOS, too much memory, ...):
+    nothing was submitted; the message is sbatch's."""
+
+
 def submit_slurm(specs: list[RunSpec], res: Resources, folder: Path, max_requeues: int) -> list[str]:
-    """Submit the runs (one job, or one array for several) and record them; returns job ids."""
+    """Submit the runs (one job, or one array for several) and record them; returns job ids.
+    Raises :class:`SubmitError` when sbatch refuses, leaving ``folder`` as it was."""
+    from submitit.core.utils import FailedJobError
+
     from launch.slurm.task import TrainTask
 
+    existed = folder.is_dir()
     ex = make_executor(folder, res, max_requeues)
     tasks = [TrainTask(s.cfg, max_requeues=max_requeues) for s in specs]
-    if len(tasks) == 1:
-        submitted = [ex.submit(tasks[0])]
-    else:
-        with ex.batch():
-            submitted = [ex.submit(t) for t in tasks]
+    before = set(folder.iterdir()) if existed else set()
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):  # submitit prints sbatch's error, then raises it
+            if len(tasks) == 1:
+                submitted = [ex.submit(tasks[0])]
+            else:
+                with ex.batch():
+                    submitted = [ex.submit(t) for t in tasks]
+    except FailedJobError as e:
+        for left in set(folder.iterdir()) - before:  # the submission script and pickles of a job that never was
+            shutil.rmtree(left) if left.is_dir() and not left.is_symlink() else left.unlink()
+        if not existed:
+            folder.rmdir()
+        said = [line.strip() for line in str(e).splitlines() if line.strip()]
+        raise SubmitError("; ".join(said) or "sbatch failed without a message") from None
     ids = [str(j.job_id) for j in submitted]
     for spec, jid in zip(specs, ids):
         jobs.record_job(spec.run_dir, jid, "slurm", str(log_path(folder, jid)),

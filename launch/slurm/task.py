@@ -150,7 +150,7 @@ class TrainTask:
             return outcome  # a STOP file: the run ends here, stopped; submit again to resume
         if restarts >= self.max_requeues:
             if rank == 0:
-                jobs.record_event(self.cfg.run_dir, env.job_id, "requeue_budget_exhausted",
+                jobs.record_event(self.cfg.run_dir, env.job_id, jobs.REQUEUES_SPENT,
                                   step=outcome.step, restarts=restarts)
             log.warning("rank %d: not requeued: %d requeues already (max %d); resubmit to resume",
                         rank, restarts, self.max_requeues)

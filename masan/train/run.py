@@ -21,6 +21,7 @@ to the same mode (and the store's group) once the start is accepted.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -162,12 +163,14 @@ def changed_data_note(saved: dict[str, str] | None, now: dict[str, str], tag: st
             "goes on with this data, so its model has seen both; start a new run_dir to train on this store alone")
 
 
-def preflight(cfg: RunConfig, world_size: int, ckpt: CheckpointManager, chash: str) -> Preflight:
+def preflight(cfg: RunConfig, world_size: int, ckpt: CheckpointManager, chash: str,
+              node_local: bool = True) -> Preflight:
     """Every check of a start, read-only (rank 0): the run directory is the run's own
     (:func:`check_place`, :meth:`masan.rundir.RunDir.require_folder` before) and writable, the cohort
     has the classes, the split exists or can be made, an optimizer step's batch fits the
     training part, the newest complete checkpoint accepts this config; and the access mode of
-    the run directory: the store's (mode and group)."""
+    the run directory: the store's (mode and group). ``node_local=False`` leaves out what only
+    the training node can tell (``data.cache_dir``, often a node's own disk)."""
     from masan.data.cache import check_cache_dir
     from masan.data.dataset import select_subjects
     from masan.data.splits import Split, SplitError, make_split
@@ -175,7 +178,8 @@ def preflight(cfg: RunConfig, world_size: int, ckpt: CheckpointManager, chash: s
     run_dir = Path(cfg.run_dir)
     check_place(cfg)
     check_writable(run_dir)
-    check_cache_dir(cfg.data)
+    if node_local:
+        check_cache_dir(cfg.data)
     store = open_store(cfg)
     subjects, labels, class_names = select_subjects(store, cfg.data)
     split_path = RunDir(run_dir).split
@@ -299,6 +303,18 @@ def store_contract(cfg: RunConfig):
     if filled:
         log.info("from the store %s: %s", cfg.data.store, ", ".join(filled))
     return geo
+
+
+def check_start(cfg: RunConfig, world_size: int) -> None:
+    """The read-only checks of a start (:func:`store_contract`, :func:`preflight`) on a login
+    node, before a job waits in the queue to meet them: raises ConfigError or ResumeError as the
+    job would. What only the training node can tell (its device, ``data.cache_dir``) is left to
+    the job; ``cfg`` is not changed."""
+    cfg = copy.deepcopy(cfg)
+    cfg.data.store = os.path.abspath(cfg.data.store)
+    store_contract(cfg)
+    ckpt = CheckpointManager(cfg.run_dir, cfg.checkpoint.keep)
+    preflight(cfg, world_size, ckpt, config_hash(cfg), node_local=False)
 
 
 def _run(cfg: RunConfig, stop: StopRequest | None, info: D.DistInfo, lock: RunLock) -> TrainOutcome:
