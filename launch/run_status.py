@@ -345,8 +345,8 @@ def _jobs_columns(run: Path, st: RunStatus, queued: dict[str, Queued] | None) ->
 def _may_be_live(run: Path, st: RunStatus) -> bool:
     """False when ``run`` is known to be stopped: its last job ended (SLURM's state or a local
     run's exit), or nothing holds its lock on this host, where its last holder ran."""
-    if st.slurm in (jobs.LOCAL_RUNNING, jobs.UNKNOWN) or st.slurm in jobs.ACTIVE_STATES:
-        return True
+    if st.slurm == jobs.LOCAL_RUNNING or st.slurm.startswith(jobs.UNKNOWN) or st.slurm in jobs.ACTIVE_STATES:
+        return True  # (UNKNOWN: SLURM does not answer here, or no longer knows the job)
     if st.slurm != NO_JOB:
         return False
     return holder_record(RunDir(run).lock).get("host") not in (None, socket.gethostname())

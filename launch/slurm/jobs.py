@@ -183,7 +183,8 @@ def _record_lock(run_dir: Path):
 def submitting(run_dirs):
     """Hold the jobs.json locks of ``run_dirs`` while a submission checks that none has a live
     job, submits and records its jobs: two submissions into one run directory at once cannot
-    both pass the check. Taken in sorted order, so two submissions never wait on each other."""
+    both pass the check. Taken in sorted order: two submissions never each hold a lock the other
+    waits for."""
     with contextlib.ExitStack() as held:
         for run_dir in sorted({Path(d).resolve() for d in run_dirs}):
             held.enter_context(_record_lock(run_dir))

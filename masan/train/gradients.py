@@ -22,7 +22,8 @@ class Diverged(FloatingPointError):
     """Training diverged: a non-finite loss or gradient norm, raised on every rank at the same step.
 
     Not a crash that a restart cures: resumed from its last checkpoint, the run takes the same
-    steps and diverges again, so launchers end it (:data:`masan.train.run.FINAL_ERRORS`)."""
+    steps and diverges again, so launchers end it without a restart (exit 3:
+    ``launch.slurm.jobs.EXIT_DIVERGED``)."""
 
 
 def check_grad_norm(engine, step: int, phase: str, rank: int) -> float | None:
