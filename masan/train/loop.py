@@ -307,7 +307,10 @@ def _end_epoch(p: LoopParts, run: _Run, state: TrainState, phase: str, last_loss
     cfg, n_epochs = p.cfg, p.cfg.epochs[phase]
     state = dataclasses.replace(state, epoch=state.epoch + 1, consumed=0, epochs_done=state.epochs_done + 1)
     if p.info.is_main:
-        log.info("%s epoch %d/%d done at step %d (loss %.4g)", phase, state.epoch, n_epochs, state.step, last_loss)
+        # nan: no step of it was left (resumed from a checkpoint saved at its last step); a loss that
+        # is not finite stops the run (Diverged) before an epoch can end
+        loss = f"loss {last_loss:.4g}" if math.isfinite(last_loss) else "resumed at its end: no step left"
+        log.info("%s epoch %d/%d done at step %d (%s)", phase, state.epoch, n_epochs, state.step, loss)
     if phase == "joint" and cfg.log.eval_every_epochs and state.epoch % cfg.log.eval_every_epochs == 0:
         monitor_val(p, state.step)
     # the same decision on every rank: save_due is collective, the rest is config and state
