@@ -115,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="resubmissions of a crashed job per run, with --wait or --local (default: %(default)s)")
     m = p.add_argument_group("mode")
     m.add_argument("--local", action="store_true", help="train on this machine even if SLURM is available")
+    m.add_argument("--dry-run", action="store_true",
+                   help="run every check a submission makes (the runs' starts, the partition) and print what would "
+                        "be trained where, then stop: nothing is written or submitted")
     m.add_argument("--wait", action="store_true", help="follow the job(s) until they end; exit 0 if all runs finished")
     m.add_argument("--poll", type=number(float, above=0), default=10.0, help="seconds between state checks with --wait")
     m.add_argument("--status", nargs="+", metavar="RUN_DIR",
@@ -470,6 +473,39 @@ def _resources(args, local: bool) -> Resources:
     return Resources.from_args(args, gpus_per_node=gpus)
 
 
+def _refused_before_submitting(todo: list[RunSpec], res: Resources, local: bool) -> int | None:
+    """EXIT_REFUSED (with the reasons) when a run's start would refuse it, or the job could
+    never start on the partition; None when it may go (a wait for down nodes is warned about)."""
+    for spec in todo:  # what the job would refuse at its start, refused before it waits in the queue
+        why = _start_refusal(spec, res)
+        if why:
+            print(f"refused: {spec.run_dir}: {why}; nothing was submitted", file=sys.stderr)
+            return EXIT_REFUSED
+    if local:
+        return None
+    never, waits = check_partition(res)
+    if never:
+        print("refused: the job could never start on this cluster; nothing was submitted:", file=sys.stderr)
+        for why in never:
+            print(f"  {why}", file=sys.stderr)
+        return EXIT_REFUSED
+    for why in waits:
+        print(f"warning: {why}", file=sys.stderr, flush=True)
+    return None
+
+
+def _print_plan(todo: list[RunSpec], res: Resources, local: bool) -> None:
+    """--dry-run: what would be trained where, after every check a submission makes."""
+    where = (f"train here, one run after the other, {res.world_size} rank(s) each (launch/train_local.py)" if local
+             else f"submit {'one job' if len(todo) == 1 else f'one array of {len(todo)} jobs'} to SLURM: "
+                  + ", ".join(f"{k}={v}" for k, v in res.executor_parameters().items()))
+    print(f"dry run: the checks passed; nothing was written or submitted. It would {where}:")
+    for spec in todo:
+        cfg = spec.cfg
+        print(f"  {spec.run_dir}: {spec.variant}, split.repeat={cfg.split.repeat}, "
+              f"{sum(cfg.epochs.values())} epochs, data.store={cfg.data.store}")
+
+
 def _start_refusal(spec: RunSpec, res: Resources) -> str | None:
     """Why the job of ``spec`` would refuse to start (:func:`masan.train.run.check_start`), or None."""
     from masan.train.run import USER_ERRORS, check_start
@@ -555,23 +591,16 @@ def _main(argv: list[str] | None) -> int:
     if not todo:
         print(f"all runs finished; TensorBoard: tensorboard --logdir {base}")
         return 0
+    if args.dry_run or not local:
+        refused = _refused_before_submitting(todo, res, local)
+        if refused is not None:
+            return refused
+    if args.dry_run:
+        _print_plan(todo, res, local)
+        return 0
     if local:
         print(f"TensorBoard: tensorboard --logdir {base}", flush=True)
         return run_locally(todo, res, args.max_restarts)
-
-    for spec in todo:  # what the job would refuse at its start, refused before it waits in the queue
-        why = _start_refusal(spec, res)
-        if why:
-            print(f"refused: {spec.run_dir}: {why}; nothing was submitted", file=sys.stderr)
-            return EXIT_REFUSED
-    never, waits = check_partition(res)
-    if never:
-        print("refused: the job could never start on this cluster; nothing was submitted:", file=sys.stderr)
-        for why in never:
-            print(f"  {why}", file=sys.stderr)
-        return EXIT_REFUSED
-    for why in waits:
-        print(f"warning: {why}", file=sys.stderr, flush=True)
     folder = RunDir(base).slurm
     try:
         with jobs.submitting([s.run_dir for s in todo]):

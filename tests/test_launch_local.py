@@ -87,6 +87,18 @@ def test_the_run_directory_is_the_one_the_command_or_its_config_names(tiny_confi
         base_run_dir("a", None, ["run_dir=b"])
 
 
+def test_a_dry_run_checks_everything_and_writes_nothing(tiny_config, tmp_path):
+    cmd = [sys.executable, str(REPO / "launch" / "submit.py"), "--local", "--dry-run", "--config", str(tiny_config),
+           "--repeats", "2", "--run-dir", str(tmp_path / "runs")]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert res.stdout.startswith("dry run: the checks passed; nothing was written or submitted")
+    assert f"{tmp_path / 'runs' / 'repeat_1'}: baseline, split.repeat=1, 3 epochs" in res.stdout
+    too_big = subprocess.run([*cmd, "optim.micro_batch=64"], capture_output=True, text=True, timeout=300)
+    assert too_big.returncode == 2 and "lower optim.micro_batch" in too_big.stderr, too_big.stderr
+    assert not (tmp_path / "runs").exists()
+
+
 def test_resubmission_reuses_the_run_dirs_config(tiny_config, tmp_path):
     from masan.config import load_config, save_config
 

@@ -249,6 +249,11 @@ def test_what_sbatch_or_the_jobs_start_would_refuse_is_refused_before_anything_i
     assert no_store.returncode == 2 and "nope.zarr does not exist" in no_store.stdout, no_store.stdout
     assert "nothing was submitted" in no_store.stdout and not (tmp_path / "no_store" / "jobs.json").exists()
 
+    dry = submit("--nodes", 2, "--time", 7, "--config", tiny_config, "--run-dir", tmp_path / "dry", "--dry-run")
+    assert dry.returncode == 0 and "submit one job to SLURM: nodes=2" in dry.stdout, dry.stdout
+    assert "time=7" in dry.stdout
+    assert not (tmp_path / "dry").exists()
+
     feature = submit("--nodes", 1, "--config", tiny_config, "--run-dir", tmp_path / "feature", "--constraint", "bigmem")
     assert feature.returncode == 2 and "refused by sbatch: sbatch: error:" in feature.stdout, feature.stdout
     assert "Traceback" not in feature.stdout and "--constraint" in feature.stdout
