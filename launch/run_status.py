@@ -338,7 +338,11 @@ def _jobs_columns(run: Path, st: RunStatus, queued: dict[str, Queued] | None) ->
         st.job_id, st.slurm, st.reason = holder, jobs.LOCAL_RUNNING, None
     elif record["jobs"] and record["jobs"][-1]["kind"] == "local":
         _local_failure(record, st)
-    st.requeues = sum(1 for e in record["events"] if e.get("event") == "started" and e.get("restarts", 0) > 0)
+    # a requeue shows when it is asked for (rank 0's event, while the job waits to start again) or,
+    # for one SLURM made itself (preemption, scontrol requeue), when the job starts again
+    asked = sum(1 for e in record["events"] if e.get("event") == "requeued")
+    started_again = sum(1 for e in record["events"] if e.get("event") == "started" and e.get("restarts", 0) > 0)
+    st.requeues = max(asked, started_again)
     st.restarts = sum(1 for e in record["events"] if e.get("event") == "restarted")
 
 

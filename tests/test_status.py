@@ -381,6 +381,8 @@ def test_a_slurm_job_that_ended_before_its_run_says_why_and_how_to_resume(tmp_pa
     run = tmp_path / "run"
     for jid in ("81", "82", "83", "84"):
         jobs.record_job(run, jid, "slurm", str(run / "slurm" / f"{jid}_0_log.out"))
+        if jid == "81":  # asked for at a time limit: counted while the job waits to start again
+            jobs.record_event(run, jid, "requeued", step=20, restarts=1)
         if jid == "82":
             jobs.record_event(run, jid, jobs.REQUEUES_SPENT, step=40, restarts=3)
         if jid == "83":
@@ -389,6 +391,7 @@ def test_a_slurm_job_that_ended_before_its_run_says_why_and_how_to_resume(tmp_pa
             jobs.record_event(run, jid, jobs.REFUSED, error="optim.micro_batch=64 is larger than the training part")
         done = {"81": "COMPLETED", "82": "COMPLETED", "83": "FAILED", "84": "FAILED"}[jid]
         row = run_status.run_status(tmp_path, run, {jid: queue.Queued(done)})
+        assert row.requeues == 1, row  # the run's requeues so far, job 81's among them
         assert row.eta_s is None, row
         if jid == "81":
             assert row.note.startswith("job 81 ended before the run finished: it stopped on request (a STOP file)")
