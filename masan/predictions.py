@@ -25,6 +25,7 @@ Example (end of training, rank 0)::
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -201,6 +202,9 @@ def load_predictions(run_dir: str | os.PathLike, split: str = "test") -> tuple[P
     classes by the rule its metrics.json records (arg-max when it records none, as runs made
     before the rule was configurable).
 
+    A file that a copy or write left part way (a cut last line, fewer rows than metrics.json
+    counts, a region_weights.npy that does not load) is named as truncated or damaged.
+
     Returns:
         (predictions, class_names)
     """
@@ -208,14 +212,25 @@ def load_predictions(run_dir: str | os.PathLike, split: str = "test") -> tuple[P
     path = run.predictions
     if not path.is_file():
         raise PredictionsError(f"{path} does not exist: the run has not written its predictions yet")
-    with path.open(newline="") as f:
-        reader = csv.DictReader(f)
+    raw = path.read_bytes()
+    if raw and not raw.endswith(b"\n"):
+        raise PredictionsError(f"{path} is truncated (its last line is cut off)")
+    try:
+        reader = csv.DictReader(io.StringIO(raw.decode(), newline=""))
         names = [c[len(PROB_PREFIX):] for c in reader.fieldnames or [] if c.startswith(PROB_PREFIX)]
         all_rows = list(reader)
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise PredictionsError(f"{path} is damaged ({e})") from None
     if not names or not {"subject", "split", "label", "pred"} <= set(reader.fieldnames or ()):
         raise PredictionsError(f"{path} lacks the columns subject, split, label, pred, prob_<class>")
     rows = [r for r in all_rows if r["split"] == split]
     eval_split = all_rows[0]["split"] if all_rows else split
+    metrics = json.loads(run.metrics.read_text()) if run.metrics.is_file() else {}
+    if metrics.get("split", "test") == split and ("n" in metrics or "n_unlabeled" in metrics):
+        expected = int(metrics.get("n", 0)) + int(metrics.get("n_unlabeled", 0))
+        if len(rows) != expected:
+            raise PredictionsError(f"{path} is truncated or damaged: it holds {len(rows)} '{split}' subjects, "
+                                   f"{run.metrics.name} counts {expected}")
     try:
         labels = np.array([names.index(r["label"]) if r["label"] else -1 for r in rows], dtype=np.int64)
         probs = np.array([[float(r[PROB_PREFIX + c]) for c in names] for r in rows], dtype=np.float32)
@@ -224,12 +239,14 @@ def load_predictions(run_dir: str | os.PathLike, split: str = "test") -> tuple[P
                                ) from None
     rw = np.zeros((len(rows), 0), np.float32)
     if split == eval_split and run.region_weights.is_file():
-        rw = np.load(run.region_weights)
+        try:
+            rw = np.load(run.region_weights)
+        except (ValueError, OSError) as e:
+            raise PredictionsError(f"{run.region_weights} is damaged ({e})") from None
         if rw.shape[0] != len(rows):
             raise PredictionsError(
                 f"{run.region_weights} has {rw.shape[0]} rows but {path} has {len(rows)} '{split}' rows; "
                 f"the files come from different runs: rerun the evaluation of this run"
             )
     probs = probs.reshape(len(rows), len(names))
-    decision = json.loads(run.metrics.read_text()).get("decision", "argmax") if run.metrics.is_file() else "argmax"
-    return Predictions([r["subject"] for r in rows], labels, probs, rw, decision), names
+    return Predictions([r["subject"] for r in rows], labels, probs, rw, metrics.get("decision", "argmax")), names

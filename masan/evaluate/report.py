@@ -24,7 +24,6 @@ each such variant is its own row, named by what differs, e.g. ``MASAN [classes N
 from __future__ import annotations
 
 import csv
-import io
 import json
 import os
 import warnings
@@ -94,35 +93,6 @@ def _recreate(run: Path, split: str) -> str:
             f"into {run}")
 
 
-def _prediction_files_problem(rd: RunDir, metrics: dict) -> str | None:
-    """Why predictions.csv or region_weights.npy cannot be the whole output of the evaluation
-    metrics.json records (None: they can). A copy or write that stopped part way leaves a cut
-    last line or fewer rows; :func:`load_predictions` would call that a mix of two runs, or
-    fail on the cut row."""
-    split = metrics.get("split", "test")
-    expected = int(metrics.get("n", 0)) + int(metrics.get("n_unlabeled", 0))
-    raw = rd.predictions.read_bytes()
-    if raw and not raw.endswith(b"\n"):
-        return f"{rd.predictions} is truncated (its last line is cut off)"
-    try:
-        rows = sum(r.get("split") == split for r in csv.DictReader(io.StringIO(raw.decode())))
-    except (UnicodeDecodeError, csv.Error) as e:
-        return f"{rd.predictions} is damaged ({e})"
-    if rows != expected:
-        return (f"{rd.predictions} is truncated or damaged: it holds {rows} '{split}' subjects, "
-                f"{rd.metrics.name} counts {expected}")
-    if not rd.region_weights.is_file():
-        return None  # a model without region weights; the figures say when a file is missing
-    try:
-        weights = np.load(rd.region_weights, mmap_mode="r")  # the header only: the row count
-    except (ValueError, OSError) as e:
-        return f"{rd.region_weights} is damaged ({e})"
-    if weights.shape[0] != expected:
-        return (f"{rd.region_weights} is truncated or damaged: it holds {weights.shape[0]} rows, "
-                f"{rd.predictions.name} and {rd.metrics.name} count {expected} subjects")
-    return None
-
-
 def load_run(run_dir: str | os.PathLike, require_done: bool = True) -> RunResult:
     """Read a run directory; raises :class:`RunNotReady` naming what is missing or broken.
 
@@ -156,13 +126,10 @@ def load_run(run_dir: str | os.PathLike, require_done: bool = True) -> RunResult
     if absent:
         raise RunNotReady(f"{RunDir.METRICS_NAME} lacks {absent}: not written by masan.evaluate.write_predictions")
     split = metrics.get("split", "test")
-    problem = _prediction_files_problem(rd, metrics)
-    if problem:
-        raise RunNotReady(f"{problem}; {_recreate(run, split)}")
     try:
         preds, names = load_predictions(run, split)
     except PredictionsError as e:
-        raise RunNotReady(str(e)) from None
+        raise RunNotReady(f"{e}; {_recreate(run, split)}") from None
     return RunResult(run, cfg, metrics, preds, names)
 
 
