@@ -325,7 +325,7 @@ def _jobs_columns(run: Path, st: RunStatus, queued: dict[str, Queued] | None) ->
             if why:
                 st.add_note(f"job {st.job_id} can never start as submitted ({waiting.reason}): {why}; "
                             f"scancel {st.job_id} first")
-        end = jobs.final_end(run, st.job_id) if st.slurm not in jobs.ACTIVE_STATES else None
+        end = jobs.final_end(record, st.job_id) if st.slurm not in jobs.ACTIVE_STATES else None
         if end is not None:
             st.add_note(f"job {st.job_id} {end[0]}: {end[1]}")
         elif st.slurm in jobs.RESTARTABLE_STATES and job.get("log"):

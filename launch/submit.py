@@ -279,7 +279,7 @@ def watch(pending: dict[str, RunSpec], res: Resources, folder: Path, args) -> in
                 print(f"  run finished: {spec.run_dir}", flush=True)
                 continue
             key = str(spec.run_dir)
-            end = jobs.final_end(spec.run_dir, jid)
+            end = jobs.final_end(jobs.read_record(spec.run_dir), jid)
             if end is not None:  # a config or resume error, or a divergence: the same job would meet it again
                 event, why = end
                 print(f"  run {event.upper()}: {spec.run_dir} (job {jid}, not resubmitted): {why}", flush=True)

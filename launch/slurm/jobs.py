@@ -266,11 +266,12 @@ def exit_text(code: int) -> str:
     return f"exited with code {code}"
 
 
-def final_end(run_dir: str | Path, job_id: str) -> tuple[str, str] | None:
-    """(event, error) when job ``job_id`` ended in a way a resubmission would meet again, as its
-    rank 0 recorded it: ``refused`` (a config or resume error) or ``diverged``; else None."""
-    for event in reversed(read_record(run_dir)["events"]):
-        if event["job_id"] == str(job_id) and event["event"] in (REFUSED, DIVERGED):
+def final_end(record: dict, job_id: str) -> tuple[str, str] | None:
+    """(event, error) when ``record`` (:func:`read_record`) says job ``job_id`` ended in a way a
+    resubmission would meet again, as its rank 0 recorded it: ``refused`` (a config or resume
+    error) or ``diverged``; else None."""
+    for event in reversed(record["events"]):
+        if event.get("job_id") == str(job_id) and event.get("event") in (REFUSED, DIVERGED):
             return event["event"], event.get("error", "(no reason recorded)")
     return None
 
