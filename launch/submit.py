@@ -38,7 +38,7 @@ warning. launch/status.py shows a pending job's reason.
 (variant, repeat): run_dir/repeat_R or run_dir/<variant>/repeat_R (variant "baseline" plus
 one per --ablation); repeat R uses split.repeat=R.
 
-Without SLURM (no sbatch on PATH, or the controller does not answer) or with --local, the
+Without SLURM (no sbatch on PATH) or with --local, the
 same runs train on this machine, one after the other, with nodes x gpus-per-node gloo ranks
 each (at least one), and die with this command. SIGTERM or SIGHUP (a closed terminal) stops
 the run in progress as Ctrl-C does (a checkpoint, then exit 128 + the signal).
