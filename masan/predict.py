@@ -266,9 +266,11 @@ def check_classes(cfg: RunConfig, run_dir: Path, store: CohortStore) -> None:
 
     :func:`~masan.data.dataset.select_subjects` would advise changing ``data.classes`` or
     ``data.merge``, which a trained run cannot take: the fix is a store under the run's names."""
+    from masan.data.dataset import unserved_classes
+
     data, have = cfg.data, store.classes
-    reachable = {data.merge.get(c, c) for c in have}
-    lacking = [c for c in data.classes if c not in reachable] + [c for c in data.merge if c not in have]
+    unknown, missing = unserved_classes(have, data)
+    lacking = missing + unknown
     if not lacking:
         return
     wanted = _store_classes(cfg)

@@ -15,6 +15,7 @@ import copy
 import os
 import warnings
 from collections import defaultdict
+from collections.abc import Sequence
 
 import torch
 from torch.utils.data import Dataset
@@ -36,6 +37,14 @@ UNLABELED = -1
 """Label index of a subject without a diagnosis (``select_subjects(..., unlabeled=True)``)."""
 
 
+def unserved_classes(have: Sequence[str], data_cfg: DataConfig) -> tuple[list[str], list[str]]:
+    """What a store with the classes ``have`` cannot serve of ``data_cfg``: (``data.merge`` keys
+    it lacks, in merge order; ``data.classes`` that are neither its classes nor merge targets)."""
+    unknown = [c for c in data_cfg.merge if c not in have]
+    reachable = {data_cfg.merge.get(c, c) for c in have}
+    return unknown, [c for c in data_cfg.classes if c not in reachable]
+
+
 def select_subjects(store: CohortStore | str | os.PathLike, data_cfg: DataConfig, unlabeled: bool = False
                     ) -> tuple[list[str], list[int], list[str]]:
     """-> (subjects, labels as indices into class_names, class_names = data_cfg.classes).
@@ -51,11 +60,9 @@ def select_subjects(store: CohortStore | str | os.PathLike, data_cfg: DataConfig
     have = store.classes
     if len(set(classes)) != len(classes):
         raise ConfigError(f"data.classes {classes} names a class twice")
-    unknown = sorted(set(data_cfg.merge) - set(have))
+    unknown, missing = unserved_classes(have, data_cfg)
     if unknown:
-        raise ConfigError(f"data.merge maps {unknown}, which are not classes of {store.path} (it has {have})")
-    reachable = {data_cfg.merge.get(c, c) for c in have}
-    missing = [c for c in classes if c not in reachable]
+        raise ConfigError(f"data.merge maps {sorted(unknown)}, which are not classes of {store.path} (it has {have})")
     if missing:
         raise ConfigError(f"data.classes {missing} are neither classes of {store.path} ({have}) nor targets of "
                           f"data.merge {data_cfg.merge}; fix data.classes or data.merge")
