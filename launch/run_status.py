@@ -26,7 +26,7 @@ from launch.slurm import jobs
 from launch.slurm.queue import Queued, never_starts, slurm_state, squeue_states
 from launch.slurm.submission import failure_logs
 from masan.rundir import RunDir, ended_early
-from masan.train.eta import ETA_INTERVALS, eta_seconds
+from masan.train.eta import ETA_INTERVALS, duration_text, eta_seconds
 from masan.train.runlock import holder_record, local_holders
 from masan.train.stop import EXIT_INTERRUPTED
 
@@ -38,6 +38,11 @@ LOSS_TAG, EPOCH_TAG = "train/total", "train/epoch"
 
 NO_JOB = "-"
 """The job column of a run with no job record and no live holder (launch/train_local.py by hand)."""
+STALL_INTERVALS = 10
+"""A live run that has logged nothing for this many of its recent logging intervals (and for
+longer than its collective timeout, which ends ranks waiting in a collective) gets a note: a
+rank stuck outside a collective (a dead file system, a hung data read) holds its allocation
+until the time limit otherwise."""
 
 
 @dataclass
@@ -60,6 +65,9 @@ class RunStatus:
     restarts: int = 0
     loss: float | None = None
     eta_s: float | None = None
+    """Seconds of training left; for a pending job, after it starts (its wait is not known)."""
+    logged_age_s: float | None = None
+    """Seconds since the newest logged step (TensorBoard's wall time)."""
     done: bool = False
     reason: str | None = None
     """SLURM's reason a pending job waits (squeue %r), None when not pending."""
@@ -276,7 +284,7 @@ def run_status(root: Path, run: Path, queued: dict[str, Queued] | None, now: flo
 
     done = None
     sources = (lambda: _jobs_columns(run, st, queued), lambda: _checkpoint_columns(run, st, now),
-               lambda: _tb_columns(run, st, cfg), lambda: RunDir(run).finished(cfg) if cfg is not None else None)
+               lambda: _tb_columns(run, st, cfg, now), lambda: RunDir(run).finished(cfg) if cfg is not None else None)
     for source in sources:
         try:
             done = source() or done
@@ -407,12 +415,13 @@ def _checkpoint_columns(run: Path, st: RunStatus, now: float | None) -> None:
             break
 
 
-def _tb_columns(run: Path, st: RunStatus, cfg) -> None:
+def _tb_columns(run: Path, st: RunStatus, cfg, now: float | None) -> None:
     events = _scalars(run, (LOSS_TAG, EPOCH_TAG))
     if events.get(LOSS_TAG):
         st.loss = events[LOSS_TAG][-1].value
     if events.get(EPOCH_TAG):
         latest = events[EPOCH_TAG][-1]
+        st.logged_age_s = (time.time() if now is None else now) - latest.wall_time
         saved = -1 if st.checkpoint is None else st.step
         # the live position with the fraction of the epoch done; at the checkpoint's own step
         # an epoch-end checkpoint (whole epochs) is ahead of the last logged fraction
@@ -420,8 +429,31 @@ def _tb_columns(run: Path, st: RunStatus, cfg) -> None:
             st.step, st.epochs_done = latest.step, latest.value
         if cfg is not None:
             st.eta_s = eta_from_epochs(events[EPOCH_TAG], st.epochs_target, cfg.train.max_steps)
+            _stall_note(run, st, cfg, events[EPOCH_TAG])
     if cfg is not None and st.epochs_done is not None:  # the live phase (a checkpoint's may be older)
         st.phase = "pretrain" if st.epochs_done < cfg.epochs["pretrain"] else "joint"
+
+
+def _stall_note(run: Path, st: RunStatus, cfg, epoch_events: list) -> None:
+    """A note for a running job that stopped logging: silent for :data:`STALL_INTERVALS` of its
+    recent logging intervals and longer than its collective timeout (plus the writer's flush
+    delay). Only once it has logged since its start (the run.lock's record, rewritten by each
+    start): before that it may still be loading its data or compiling."""
+    if st.slurm not in ("RUNNING", jobs.LOCAL_RUNNING) or len(epoch_events) < 2 or st.logged_age_s is None:
+        return
+    lock = RunDir(run).lock
+    if lock.exists() and epoch_events[-1].wall_time < lock.stat().st_mtime:
+        return
+    recent = epoch_events[-(ETA_INTERVALS + 1):]
+    interval = statistics.median(b.wall_time - a.wall_time for a, b in zip(recent, recent[1:]))
+    allowed = max(STALL_INTERVALS * interval, 60 * cfg.train.dist_timeout_minutes) + cfg.log.flush_secs
+    if st.logged_age_s <= allowed:
+        return
+    stop = f"scancel {st.job_id}" if st.slurm == "RUNNING" else f"stop it (kill {st.job_id})"
+    st.add_note(f"no step logged for {duration_text(st.logged_age_s)} (it logged every {duration_text(interval)} "
+                f"before; newest checkpoint {duration_text(st.checkpoint_age_s)} old): a rank may be stuck outside a "
+                f"collective (a hung file system or data read). If its log shows no progress either, {stop} and "
+                "submit the same run directory again to resume from its newest complete checkpoint")
 
 
 def _row_for_error(root: Path, run: Path, err: Exception) -> RunStatus:

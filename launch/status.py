@@ -15,8 +15,10 @@ epoch (done / target over both phases, one decimal, rounded down), step (newest 
 saved), checkpoint (newest complete one) and its age, requeues (starts after a requeue: time
 limit, preemption or by hand) and restarts (resubmissions after a crash, or local runs that
 launch/submit.py started again, jobs.json), loss (last logged train/total), eta (steps left x
-the median seconds per step of the last logged intervals) and done (DONE for this config's
-target).
+the median seconds per step of the last logged intervals; ``+wait`` while the job is pending:
+its time in the queue comes on top) and done (DONE for this config's target). A running job
+that has logged no step for many of its logging intervals, and for longer than its collective
+timeout, gets a note: a rank may be stuck.
 
 Sources, all in the run directory, read with the project's own readers: config.yaml
 (masan.config), checkpoints/*/COMPLETE (masan.train.checkpoint), DONE (masan.rundir),
@@ -66,7 +68,14 @@ def row_cells(st: RunStatus) -> list[str]:
     return [st.run, st.variant, "-" if st.repeat is None else str(st.repeat), slurm, st.phase or "-", epoch,
             "-" if st.step is None else str(st.step), st.checkpoint or "-", duration_text(st.checkpoint_age_s),
             str(st.requeues), str(st.restarts), "-" if st.loss is None else f"{st.loss:.4g}",
-            duration_text(st.eta_s), "DONE" if st.done else "-"]
+            eta_text(st), "DONE" if st.done else "-"]
+
+
+def eta_text(st: RunStatus) -> str:
+    """The eta cell: a pending job's time in the queue is not known, so its eta is the training
+    left once it starts (``2h05m+wait``)."""
+    text = duration_text(st.eta_s)
+    return f"{text}+wait" if st.eta_s and st.slurm == "PENDING" else text
 
 
 def format_table(rows: list[RunStatus]) -> str:

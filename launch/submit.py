@@ -62,7 +62,7 @@ from launch.slurm import jobs
 from launch.slurm.plan import DEFAULT_RUN_DIR, Resources, RunSpec, base_run_dir, parse_time_min, plan_runs, slurm_time
 from launch.slurm.submission import SubmitError, failure_logs, log_path, submit_slurm
 from masan.argtypes import number
-from masan.config import ConfigError, save_config
+from masan.config import ConfigError, add_override_arguments, save_config
 from masan.rundir import RunDir
 from masan.train.runlock import LAUNCHER_PID_ENV, RunLock, RunLockedError
 from masan.train.stop import EXIT_INTERRUPTED
@@ -84,8 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "config.yaml when resuming, else the built-in defaults")
     g.add_argument("--run-dir", help="run directory (default: a run_dir=... override, else the --config file's "
                    f"run_dir, else {DEFAULT_RUN_DIR})")
-    g.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                   help="config overrides, e.g. optim.lr=3e-4 model.fusion=add")
+    add_override_arguments(g, "config overrides, e.g. optim.lr=3e-4 model.fusion=add")
     g.add_argument("--repeats", type=number(int, 1), default=1, help="repeats (different splits) per variant")
     g.add_argument("--ablation", action="append", default=[], metavar="KEY=VALUE",
                    help="one ablation variant (repeatable); submitted with the baseline as one array")

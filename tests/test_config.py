@@ -117,3 +117,23 @@ def test_an_error_names_where_it_comes_from(tmp_path):
     with pytest.raises(ConfigError, match=r"\(in .*bad.yaml\)$"):
         load_config(bad, ["optim.micro_batch=2"])
     assert load_config(bad, ["optim.lr=0.01"]).optim.lr == 0.01  # the override fixes the file
+
+
+def test_overrides_come_bare_or_after_set_in_every_launcher():
+    """``--set KEY=VALUE`` (the bench tools' spelling) and bare ``KEY=VALUE`` words give one list
+    of overrides, in the order given, in every command that takes a config."""
+    import argparse
+
+    from launch import submit, train_local
+    from masan.config import add_config_arguments
+
+    shared = argparse.ArgumentParser()
+    add_config_arguments(shared)
+    argv = ["--set", "optim.lr=1e-3", "seed=3", "--config", "c.yaml", "train.max_steps=4"]
+    assert shared.parse_args(argv).overrides == ["optim.lr=1e-3", "seed=3", "train.max_steps=4"]
+    assert shared.parse_args([]).overrides == []
+    assert train_local.parse_args([*argv, "--nproc", "2", "--set", "log.every_steps=1"]).overrides == \
+        ["optim.lr=1e-3", "seed=3", "log.every_steps=1", "train.max_steps=4"]
+    assert submit.build_parser().parse_intermixed_args(["--local", *argv]).overrides == \
+        ["optim.lr=1e-3", "seed=3", "train.max_steps=4"]
+    assert load_config(None, shared.parse_args(argv[:3]).overrides).optim.lr == 1e-3

@@ -403,6 +403,28 @@ def test_a_slurm_job_that_ended_before_its_run_says_why_and_how_to_resume(tmp_pa
             assert row.note == "job 84 refused: optim.micro_batch=64 is larger than the training part"
 
 
+def test_a_running_job_that_stopped_logging_gets_a_note_and_a_pending_ones_eta_waits(runs, tmp_path):
+    """A rank stuck outside a collective (a hung file system) holds its allocation until the time
+    limit: status says so once the run has been silent far longer than its logging interval and
+    its collective timeout. A pending job's eta is the training left once it starts."""
+    run = tmp_path / "repeat_1"
+    shutil.copytree(runs / "sweep" / "repeat_1", run)
+    (run / "jobs.json").unlink()
+    jobs.record_job(run, "91", "slurm", str(run / "slurm" / "91_0_log.out"))
+    last = run_status._scalars(run, (run_status.EPOCH_TAG,))[run_status.EPOCH_TAG][-1].wall_time
+    running = {"91": queue.Queued("RUNNING", "None")}
+    live = run_status.run_status(tmp_path, run, running, now=last + 60)
+    assert live.note == "" and live.logged_age_s == pytest.approx(60)
+    hung = run_status.run_status(tmp_path, run, running, now=last + 3 * 3600)
+    assert hung.note.startswith("no step logged for 3h00m (it logged every ") and "scancel 91" in hung.note
+    pending = run_status.run_status(tmp_path, run, {"91": queue.Queued("PENDING", "Priority")}, now=last + 3 * 3600)
+    assert pending.note == "" and pending.eta_s > 0 and status.eta_text(pending).endswith("+wait")
+    assert not status.eta_text(hung).endswith("+wait")
+    # started again (its lock rewritten) and not logged yet: it may still be loading its data
+    os.utime(run / "run.lock", (last + 100, last + 100))
+    assert run_status.run_status(tmp_path, run, running, now=last + 3 * 3600).note == ""
+
+
 def test_a_failed_job_names_the_logs_that_hold_its_error(tmp_path):
     """A frozen rank 0 leaves no error in its own log: the collective timeout is in rank 1's."""
     import pickle

@@ -3,6 +3,8 @@ against the schema's types, validated; the shared command-line arguments; saving
 
 from __future__ import annotations
 
+import argparse
+
 import dataclasses
 import json
 import os
@@ -161,12 +163,29 @@ def _source_of(error: ConfigError, values: dict, path: str | os.PathLike | None,
     return f" (from the overrides {' '.join(overrides)})"
 
 
+class OverrideList(argparse.Action):
+    """Collects config overrides into one list, from bare ``KEY=VALUE`` words and from ``--set
+    KEY=VALUE`` (the bench tools' spelling), in the order given; a positional ``nargs="*"``
+    would otherwise replace what ``--set`` collected."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, [*(getattr(namespace, self.dest, None) or []), *values])
+
+
+def add_override_arguments(parser, help_text: str = "config overrides section.key=value, e.g. optim.lr=3e-4 "
+                           "model.fusion=add") -> None:
+    """Give an argparse parser the config overrides: bare ``KEY=VALUE`` words and ``--set KEY=VALUE``
+    (repeatable), both into ``args.overrides``."""
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", action=OverrideList, default=[], help=help_text)
+    parser.add_argument("--set", dest="overrides", nargs="+", metavar="KEY=VALUE", action=OverrideList,
+                        default=argparse.SUPPRESS, help="the same overrides, spelled as the bench tools take them")
+
+
 def add_config_arguments(parser) -> None:
     """Give an argparse parser the config arguments every command shares: --config and KEY=VALUE."""
     parser.add_argument("--config", metavar="YAML",
                         help="run config file (see hpc/configs/*.yaml); the built-in defaults when omitted")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                        help="config overrides section.key=value, e.g. optim.lr=3e-4 model.fusion=add")
+    add_override_arguments(parser)
 
 
 def config_or_exit(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = (),
