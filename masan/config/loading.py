@@ -4,7 +4,6 @@ against the schema's types, validated; the shared command-line arguments; saving
 from __future__ import annotations
 
 import argparse
-
 import dataclasses
 import json
 import os
@@ -168,7 +167,7 @@ class OverrideList(argparse.Action):
     KEY=VALUE`` (the bench tools' spelling), in the order given; a positional ``nargs="*"``
     would otherwise replace what ``--set`` collected."""
 
-    def __call__(self, parser, namespace, values, option_string=None):
+    def __call__(self, _parser, namespace, values, _option_string=None):
         setattr(namespace, self.dest, [*(getattr(namespace, self.dest, None) or []), *values])
 
 
