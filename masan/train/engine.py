@@ -161,6 +161,10 @@ def build_engine(model: torch.nn.Module, cfg: RunConfig, world_size: int, schedu
         # group just as well; MASAN_DS_SHM_COMM=1 brings the op back. No effect on CUDA.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
+    # DeepSpeed's ZeRO all-gathers through a torch call that newer torch marks deprecated; every
+    # rank would print the same warning, about code no user of this suite can change
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
+                            category=FutureWarning)
     o = cfg.optim
     optimizer = torch.optim.Adam(model.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
     # a closure, so LambdaLR.state_dict() keeps no copy of the schedule in checkpoints
