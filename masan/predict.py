@@ -57,7 +57,7 @@ from masan import argtypes
 from masan.config import ConfigError, RunConfig, load_config
 from masan.inference import predict_subjects
 from masan.predictions import write_predictions
-from masan.rundir import RunDir, ended_early
+from masan.rundir import RunDir
 from masan.train.checkpoint import TAG_RE, CheckpointManager, checkpoint_problem, final_tag, load_model, previous_intact
 
 if TYPE_CHECKING:
@@ -132,20 +132,6 @@ def _progress(run_dir: Path, cfg: RunConfig, state: dict) -> str:
     return f"step {step} of {total} ({n_train} training subjects, {per_step} per step{limit})"
 
 
-def unfinished(run_dir: Path, cfg: RunConfig) -> str | None:
-    """Why the run is not finished (None: ``DONE`` for this config and all its epochs)."""
-    rd = RunDir(run_dir)
-    done = rd.finished(cfg)
-    if done is None:
-        why = (f"{rd.done} does not exist" if not rd.done.exists() else
-               f"{rd.done} belongs to another target or config than {rd.config}")
-        return f"the run has not finished ({why}: it stopped or is still training)"
-    if ended_early(done, cfg):
-        return (f"the run stopped at train.max_steps={cfg.train.max_steps} after {done['epochs_done']} of its "
-                f"{sum(cfg.epochs.values())} epochs ({rd.done})")
-    return None
-
-
 def choose_checkpoint(run_dir: Path, cfg: RunConfig, requested: str | None) -> str:
     """The checkpoint to predict with: ``requested`` (``--checkpoint``) or the run's final
     one, verified by :func:`checkpoint_problem`; PredictRefused naming the file and the fix."""
@@ -192,7 +178,7 @@ def load_trained_model(run_dir: Path, device: torch.device, checkpoint: str | No
     a note on how trained it is: ``""`` for a finished run's final checkpoint). ``cfg``: the
     run's config when the caller has read it already (:func:`run_config`)."""
     cfg = cfg if cfg is not None else run_config(run_dir)
-    why_unfinished = unfinished(run_dir, cfg)
+    why_unfinished = RunDir(run_dir).unfinished(cfg)
     if why_unfinished and not allow_unfinished:
         raise PredictRefused(f"{run_dir}: {why_unfinished}. Its predictions would come from a partly trained "
                              "model; finish the run (start it again: it resumes), or pass --allow-unfinished to "

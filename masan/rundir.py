@@ -211,6 +211,21 @@ class RunDir:
             return None
         return record if isinstance(record, dict) and record.get("target") == done_target(cfg) else None
 
+    def unfinished(self, cfg: RunConfig) -> str | None:
+        """Why the run has not finished this config's target, in words that name the file (None:
+        DONE records this target and all its epochs). Predict and evaluate refuse such a run
+        unless asked: its scores would be those of a partly trained model."""
+        done = self.finished(cfg)
+        if done is None:
+            why = (f"{self.done} does not exist" if not self.done.exists() else
+                   f"{self.done} is not a record of this config's target (empty, damaged, or written for another "
+                   f"target or config than {self.config})")
+            return f"the run has not finished ({why}: it stopped or is still training)"
+        if ended_early(done, cfg):
+            return (f"the run stopped at train.max_steps={cfg.train.max_steps} after {done.get('epochs_done')} of its "
+                    f"{sum(cfg.epochs.values())} epochs ({self.done})")
+        return None
+
     def mark_done(self, cfg: RunConfig, step: int, epochs_done: int) -> Path:
         """Write DONE (atomically: a reader never sees half a record) for this config's target."""
         return atomic_write_json(self.done, {"step": step, "epochs_done": epochs_done,

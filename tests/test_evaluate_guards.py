@@ -31,9 +31,16 @@ def test_a_run_stopped_by_max_steps_is_unfinished(tmp_path, capsys):
     assert main([str(tmp_path / "runs"), "--out", str(tmp_path / "rep"), "--no-figures"]) == 0
     err = capsys.readouterr().err
     assert table(tmp_path / "rep")["MASAN"]["runs"] == 1
-    assert f"skipped {tmp_path / 'runs' / 'r1'}: unfinished: train.max_steps=5 stopped it after 1 of its 800" in err
+    assert f"skipped {tmp_path / 'runs' / 'r1'}: unfinished: the run stopped at train.max_steps=5 after 1 of its 800" \
+        in err
     assert main([str(tmp_path / "runs"), "--out", str(tmp_path / "rep2"), "--no-figures", "--allow-unfinished"]) == 0
     assert table(tmp_path / "rep2")["MASAN"]["runs"] == 2
+    # a DONE left empty (a copy cut short, a hand-made marker) records no target: not finished
+    (tmp_path / "runs" / "r0" / "DONE").write_text("")
+    assert main([str(tmp_path / "runs"), "--out", str(tmp_path / "rep3"), "--no-figures"]) == 1  # none left
+    err = capsys.readouterr().err
+    assert f"skipped {tmp_path / 'runs' / 'r0'}: unfinished: the run has not finished ({tmp_path / 'runs' / 'r0'}/DONE " \
+        "is not a record of this config's target (empty, damaged" in err
 
 
 def test_runs_of_other_classes_or_stores_are_separate_rows(tmp_path, capsys):

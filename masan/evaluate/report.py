@@ -36,7 +36,7 @@ import numpy as np
 from masan.config import SAME_METHOD, ConfigError, ModelConfig, RunConfig, config_diff, flagged_keys, load_config
 from masan.metrics import METRIC_TITLES, METRICS, PER_CLASS_METRICS, SUMMARY_METRICS, TABLE_METRICS
 from masan.predictions import Predictions, PredictionsError, load_predictions, prediction_csv_rows
-from masan.rundir import RunDir, ended_early
+from masan.rundir import RunDir
 
 METHOD_ORDER = ("H-FCN", "MASAN", "MASAN (fusion=add)", "MASAN (T1 only)", "MASAN (fMRI only)")
 """Table row order: the baseline first, then the paper's model and its ablation."""
@@ -113,11 +113,10 @@ def load_run(run_dir: str | os.PathLike, require_done: bool = True) -> RunResult
         cfg = load_config(rd.config)
     except ConfigError as e:
         raise RunNotReady(f"unreadable {RunDir.CONFIG_NAME}: {e}") from None
-    done = rd.finished(cfg) if require_done else None
-    if done is not None and ended_early(done, cfg):
-        raise RunNotReady(f"unfinished: train.max_steps={cfg.train.max_steps} stopped it after "
-                          f"{done.get('epochs_done')} of its {sum(cfg.epochs.values())} epochs ({rd.done}); "
-                          "resume it with a larger train.max_steps, or pass --allow-unfinished to report it")
+    why = rd.unfinished(cfg) if require_done else None
+    if why is not None:
+        raise RunNotReady(f"unfinished: {why}; finish it (start it again: it resumes, with a larger "
+                          "train.max_steps if that stopped it), or pass --allow-unfinished to report it")
     try:
         metrics = json.loads(rd.metrics.read_text())
     except json.JSONDecodeError as e:
