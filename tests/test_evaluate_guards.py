@@ -39,8 +39,9 @@ def test_a_run_stopped_by_max_steps_is_unfinished(tmp_path, capsys):
     (tmp_path / "runs" / "r0" / "DONE").write_text("")
     assert main([str(tmp_path / "runs"), "--out", str(tmp_path / "rep3"), "--no-figures"]) == 1  # none left
     err = capsys.readouterr().err
-    assert f"skipped {tmp_path / 'runs' / 'r0'}: unfinished: the run has not finished ({tmp_path / 'runs' / 'r0'}/DONE " \
-        "is not a record of this config's target (empty, damaged" in err
+    r0 = tmp_path / "runs" / "r0"
+    assert f"skipped {r0}: unfinished: the run has not finished ({r0}/DONE is not a record of this config's target " \
+        "(empty, damaged" in err
 
 
 def test_runs_of_other_classes_or_stores_are_separate_rows(tmp_path, capsys):
