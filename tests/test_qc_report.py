@@ -29,6 +29,7 @@ import numpy as np
 import pytest
 
 from data_tool import load_tool
+from masan.qc.report import MARKER
 
 REPO = Path(__file__).resolve().parents[1]
 QC_REPORT = REPO / "data_tools" / "qc_report.py"
@@ -241,7 +242,7 @@ def test_cli_errors_name_the_store_and_the_fix(qc_store, tmp_path, capsys):
     assert "FLAGGED sub-short: frames" in out and "1 flagged" in out
     code, _, _ = run(qc_store, "--out", tmp_path / "o3", "--subjects", "sub-001")  # replaces the earlier report
     assert code == 0 and sorted(p.name for p in (tmp_path / "o3").iterdir()) == [
-        "index.html", "sub-001_fmri.png", "sub-001_views.png"]
+        MARKER, "index.html", "sub-001_fmri.png", "sub-001_views.png"]
 
 
 def test_an_out_predict_would_refuse_is_refused_in_one_line(qc_store, tmp_path, capsys):

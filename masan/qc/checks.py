@@ -4,7 +4,9 @@ Each check reads what it needs from a :class:`~masan.store.cohort.CohortStore` a
 :class:`Flag` s (codes: :mod:`masan.qc.report`). The fMRI is read one block of frames at a time,
 so memory stays at one block plus a few per-voxel sums, whatever the run's length. Reads go
 through :func:`masan.qc.damage.reading`, so a damaged or unreadable subject raises
-:class:`~masan.qc.damage.Unreadable` naming the true cause.
+:class:`~masan.qc.damage.Unreadable` naming the true cause; the stored values are read as
+they are and checked against their recorded checksum (:func:`masan.qc.damage.check_values`)
+before they are scaled, so a chunk that decodes to wrong values is caught too.
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ import nibabel as nib
 import numpy as np
 
 from masan.convert import registration
-from masan.qc.damage import Unreadable, reading
-from masan.store.cohort import CohortStore
+from masan.qc.damage import Unreadable, check_values, crc32, reading
+from masan.store.cohort import CohortStore, scaled_float32
 
 if TYPE_CHECKING:
     from masan.qc.options import QCOptions
@@ -168,7 +170,8 @@ class FmriSummary:
     ``mean``/``tsd``: (X, Y, Z) temporal mean and std; ``frame_mean``/``frame_std``: (T,) mean
     and spread over the voxels of each frame; ``carpet``: (T, K) values of K voxels on a
     regular sample grid; ``carpet_index``: their flat voxel indices; ``vmin``/``vmax``,
-    ``at_max``, ``nonzero``: range facts of the whole run.
+    ``at_max``, ``nonzero``: range facts of the whole run; ``crc``: CRC-32 of its stored values
+    (:func:`masan.qc.damage.crc32`).
     """
 
     mean: np.ndarray
@@ -181,21 +184,24 @@ class FmriSummary:
     vmax: float
     at_max: int
     nonzero: int
+    crc: int
 
 
 def summarize_fmri(store: CohortStore, subject: str, carpet_voxels: int) -> FmriSummary:
     """Read the run in blocks of :data:`FRAME_BLOCK` frames and summarise it (float64 sums)."""
     t, *spatial = store.shape(subject, "fmri")
+    slope, inter, _, _ = store.scaling(subject, "fmri")
     n = int(np.prod(spatial))
     # a few times more sample voxels than shown: the carpet keeps those in the foreground
     stride = max(1, n // (4 * carpet_voxels))
     index = np.arange(0, n, stride)
     s1, s2 = np.zeros(n), np.zeros(n)
     frame_mean, frame_std, carpet = np.empty(t), np.empty(t), np.empty((t, index.size), np.float32)
-    vmin, vmax, at_max, nonzero = np.inf, -np.inf, 0, 0
+    vmin, vmax, at_max, nonzero, crc = np.inf, -np.inf, 0, 0, 0
     for t0 in range(0, t, FRAME_BLOCK):
-        block = store.read_fmri(subject, frames=slice(t0, min(t0 + FRAME_BLOCK, t)), normalize=False)
-        flat = block.reshape(block.shape[0], n).astype(np.float64)
+        raw = store.read_raw(subject, "fmri", frames=slice(t0, min(t0 + FRAME_BLOCK, t)))
+        crc = crc32(raw, crc)
+        flat = scaled_float32(raw, slope, inter).reshape(raw.shape[0], n).astype(np.float64)
         s1 += flat.sum(axis=0)
         s2 += (flat ** 2).sum(axis=0)
         frame_mean[t0:t0 + len(flat)] = flat.mean(axis=1)
@@ -210,7 +216,7 @@ def summarize_fmri(store: CohortStore, subject: str, carpet_voxels: int) -> Fmri
     mean = s1 / t
     tsd = np.sqrt(np.maximum(s2 / t - mean ** 2, 0.0))
     return FmriSummary(mean.reshape(spatial), tsd.reshape(spatial), frame_mean, frame_std, carpet, index,
-                       vmin, vmax, at_max, nonzero)
+                       vmin, vmax, at_max, nonzero, crc)
 
 
 def foreground(volume: np.ndarray) -> np.ndarray:
@@ -231,11 +237,19 @@ def fov_overlap(fmri_mean: np.ndarray, fmri_affine: np.ndarray, t1_shape: tuple[
     return float(inside.mean())
 
 
+def _recorded_crc(store: CohortStore, subject: str, modality: str) -> str | None:
+    """The CRC-32 the conversion recorded for the stored level 0 (None in stores without one).
+    Asked after the read, not taken from the headers read before: a conversion running now may
+    have republished the subject in between, and the read followed it."""
+    with reading(store, subject, modality):
+        return store.meta(subject, modality).get("checksum", {}).get("crc32")
+
+
 def check_subject(store: CohortStore, subject: str, facts: dict[str, dict], opts: QCOptions, min_frames: int,
                   zscores: dict[str, dict[str, float]]) -> tuple[SubjectQC, np.ndarray | None, FmriSummary | None]:
     """Facts and flags of one subject (``facts``: its :func:`read_headers` entry); also returns its
     T1 (X, Y, Z) and fMRI summary (or None) for the figures. Raises
-    :class:`~masan.qc.damage.Unreadable` when its voxels cannot be read."""
+    :class:`~masan.qc.damage.Unreadable` when its voxels cannot be read or differ from their checksum."""
     qc = SubjectQC(subject, store.label(subject), dict(facts))
     t1 = summary = None
     for m in ("t1", "fmri"):
@@ -243,12 +257,17 @@ def check_subject(store: CohortStore, subject: str, facts: dict[str, dict], opts
             qc.flags.append(Flag("missing", m, f"no {m} in the store (converted with --require t1?)"))
     if "t1" in qc.facts:
         with reading(store, subject, "t1"):
-            t1 = store.read_t1(subject, normalize=False)
+            raw = store.read_raw(subject, "t1")
+            slope, inter, _, _ = store.scaling(subject, "t1")
+        check_values(store, subject, "t1", _recorded_crc(store, subject, "t1"), crc32(raw))
+        t1 = scaled_float32(raw, slope, inter)
+        del raw  # scaled, the stored copy only costs memory: one full-size T1 at a time
         vmax = float(t1.max())
         qc.flags += range_flags("t1", float(t1.min()), vmax, int((t1 == vmax).sum()), int(np.count_nonzero(t1)), opts)
     if "fmri" in qc.facts:
         with reading(store, subject, "fmri"):
             summary = summarize_fmri(store, subject, opts.carpet_voxels)
+        check_values(store, subject, "fmri", _recorded_crc(store, subject, "fmri"), summary.crc)
         frames = qc.facts["fmri"]["shape"][0]
         qc.flags += range_flags("fmri", summary.vmin, summary.vmax, summary.at_max, summary.nonzero, opts)
         flat = int((summary.frame_std == 0).sum())

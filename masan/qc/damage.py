@@ -6,6 +6,11 @@ may not read (permissions: run as the owner or fix the modes; the data are fine)
 that is gone, or one whose bytes no longer match their checksum (reconvert the subject).
 :func:`reading` turns any of them into :class:`Unreadable`, which ``qc_report.py`` shows as
 one flagged subject instead of stopping.
+
+A corrupt chunk can also still decode, to other values: the codec's own check misses it when
+the chunk has none or the damage keeps it valid. The checks read every stored value of level
+0 anyway, so they take its CRC-32 on the way (:func:`crc32`) and :func:`check_values` compares
+it with the one the conversion recorded (``checksum.crc32``, :mod:`masan.store.nifti_zarr`).
 """
 
 from __future__ import annotations
@@ -13,9 +18,12 @@ from __future__ import annotations
 import os
 import pwd
 import stat
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+import numpy as np
 
 from masan.store.cohort import CohortStore, MissingChunkError, StoreError
 
@@ -92,6 +100,23 @@ def cause(exc: BaseException, store: CohortStore, subject: str, modality: str) -
     where = f"{store.path / store.group_path(subject) / modality}"
     return (f"cannot read the {modality} under {where} ({type(root).__name__}: {root}): a chunk is corrupt "
             f"or the store damaged; {RECONVERT}")
+
+
+def crc32(raw: np.ndarray, crc: int = 0) -> int:
+    """``crc`` continued over the stored values ``raw``, the way the conversion recorded them
+    (:func:`masan.store.nifti_zarr.array_checksum`: C order, native dtype): the blocks of a run,
+    first frames first, give the whole array's."""
+    return zlib.crc32(memoryview(np.ascontiguousarray(raw)).cast("B"), crc)
+
+
+def check_values(store: CohortStore, subject: str, modality: str, recorded: str | None, crc: int) -> None:
+    """Raise :class:`Unreadable` when ``crc`` (:func:`crc32` of every stored value of the
+    ``modality``'s level 0) differs from the ``recorded`` one; stores without one pass."""
+    if recorded is not None and f"{crc:08x}" != recorded:
+        where = store.path / store.group_path(subject) / modality
+        raise Unreadable(modality, f"{subject}: the {modality} under {where} does not match the checksum recorded "
+                                   f"at conversion (CRC-32 {crc:08x}, recorded {recorded}): a chunk is corrupt but "
+                                   f"still decodes, to other values; {RECONVERT}")
 
 
 @contextmanager

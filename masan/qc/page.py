@@ -1,5 +1,8 @@
 """The QC report's HTML: one static page (no JavaScript) of a cohort section and one section per subject.
 
+A store whose last conversion did not finish gets a ``p.unfinished`` banner above everything
+else: the counts below it are of part of the cohort.
+
 Flagged subjects' sections carry ``class="subject flagged"`` and ``data-flags`` (their codes),
 each flag a ``li[data-flag]``, so a browser test (or a reader's search) finds them.
 """
@@ -20,7 +23,8 @@ if TYPE_CHECKING:
     from masan.qc.options import QCOptions
 
 GENERATOR = "masan.qc.report"
-"""``<meta name="generator">`` of our reports: an existing --out folder is reused only if it is one."""
+"""``<meta name="generator">`` of our reports: an --out folder holding one (a report written before
+:data:`masan.qc.report.MARKER` existed) is reused."""
 
 CSS = """
 body{font-family:system-ui,sans-serif;margin:1.5em;max-width:1300px;color:#222}
@@ -31,6 +35,7 @@ section.subject.flagged{border-left-color:#c22;background:#fff6f6}
 .flagged .badge{background:#c22}
 ul.flags li{color:#a11}img{max-width:100%;display:block;margin:.4em 0}
 code{font-size:12px}
+p.unfinished{border:3px solid #c22;background:#fff0f0;padding:.6em 1em;font-size:16px}
 """
 
 
@@ -123,15 +128,17 @@ def subject_html(qc: SubjectQC) -> str:
 
 
 def page_html(store: CohortStore, results: list[SubjectQC], opts: QCOptions, min_frames: int,
-              geometry: list[list[str]]) -> str:
-    """The whole page (see :func:`cohort_html`, :func:`subject_html`)."""
+              geometry: list[list[str]], unfinished: str | None = None) -> str:
+    """The whole page (see :func:`cohort_html`, :func:`subject_html`), under a banner saying
+    ``unfinished`` (why the store may hold only part of the cohort, and the fix) when given."""
     when = datetime.datetime.now().isoformat(timespec="seconds")
     flagged = sum(1 for r in results if r.flags)
     unreadable = sum(1 for r in results if any(f.code == "unreadable" for f in r.flags))
     return (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
             f"<meta name='generator' content='{GENERATOR}'><title>QC {_e(store.path.name)}</title>"
             f"<style>{CSS}</style></head><body><h1>QC report of <code>{_e(store.path)}</code></h1>"
-            f"<p>written {when}; {len(results)} subjects, <b>{flagged} flagged</b>"
+            + (f"<p class='unfinished' role='alert'><b>PARTIAL STORE:</b> {_e(unfinished)}</p>" if unfinished else "")
+            + f"<p>written {when}; {len(results)} subjects, <b>{flagged} flagged</b>"
             f"{f', <b>{unreadable} unreadable</b>' if unreadable else ''} (<a href='#flagged'>list</a>)</p>"
             + cohort_html(store, results, opts, min_frames, geometry) + "".join(subject_html(r) for r in results)
             + "</body></html>\n")

@@ -44,9 +44,24 @@ Flags (:class:`~masan.qc.checks.Flag`, ``code``) say what looks wrong:
 ``mirrored``    the stored voxel axes are mirrored against the cohort majority's (LAS among RAS)
 ``axes``        the stored axis codes differ from the cohort's most common ones (not mirrored)
 ``unreadable``  the subject's arrays could not be read: permission denied (the folder or file
-                named, its mode and owner), a missing chunk, or a corrupt one; it gets no
-                figures, and the other subjects are still checked
+                named, its mode and owner), a missing chunk, or a corrupt one (one that does
+                not decode, or decodes to values whose CRC-32 differs from the one recorded at
+                conversion: :mod:`~masan.qc.damage`); it gets no figures, and the other
+                subjects are still checked
 ==============  ==========================================================================
+
+Every stored value of each full-resolution T1 and fMRI is read and compared with its
+checksum; the lower-resolution levels, the stored NIfTI headers and a registered store's
+transforms are not read, so not checked: ``inspect_store.py --verify`` checks all of them.
+
+A store whose last conversion did not finish (stopped, killed, or running now:
+:meth:`~masan.store.cohort.CohortStore.unfinished_conversion`) may hold only part of the
+cohort, and the subjects it lacks are not failures: the page says so above everything else,
+and :func:`write_report` returns it (``unfinished``).
+
+The report folder is marked as this tool's (:data:`MARKER`) before anything else is written
+in it, so a report interrupted half-way (PNGs without ``index.html``) is replaced by the next
+run like a finished one; :func:`left_behind` says what an interrupted run left.
 
 The geometry flags (:mod:`~masan.qc.geometry`) and the cohort statistics for ``outlier``
 come from the headers and the statistics the conversion stored with each array (``stats``:
@@ -83,27 +98,63 @@ from masan.store.cohort import CohortStore, StoreError
 from masan.store.places import output_folder_problem
 
 INDEX = "index.html"
+MARKER = ".qc_report"
+"""Written first into the report folder: an existing --out is replaced only if it holds it (or,
+written before the marker existed, an ``index.html`` of ours)."""
+MARKER_TEXT = ("This folder is a QC report of data_tools/qc_report.py (masan.qc.report); rerunning it with this "
+               "--out replaces its index.html and PNGs.\n")
 FIGURES = ("views", "registration", "fmri")
 """The PNGs of a subject: ``<subject>_<kind>.png``."""
 
 
-def _prepare_out(out: Path, store: CohortStore) -> None:
+def _is_report(out: Path) -> bool:
+    """``out`` holds a report of ours, finished or not (its :data:`MARKER`, or an ``index.html``
+    written before the marker existed)."""
+    index = out / INDEX
+    return (out / MARKER).is_file() or (
+        index.is_file() and f"content='{GENERATOR}'" in index.read_text(errors="replace")[:2000])
+
+
+def _check_out(out: Path, store: CohortStore) -> None:
     """Refuse an --out that predict and evaluate would refuse too (a file, a folder in a store
     or a run directory, one this user may not write:
     :func:`masan.store.places.output_folder_problem`) or a folder other than an earlier QC
-    report (its files get the store's permissions); clear an earlier report's files."""
+    report (its files get the store's permissions)."""
     problem = output_folder_problem(out, store.path.parent / (store.path.name + "_qc"),
                                     f"{INDEX} and the subjects' PNGs")
     if problem:
         raise QCError(problem)
-    if out.exists() and any(out.iterdir()):
-        index = out / INDEX
-        if not (index.is_file() and f"content='{GENERATOR}'" in index.read_text(errors="replace")[:2000]):
-            raise QCError(f"--out {out} exists and is not an earlier QC report (its files would be given the "
-                          "store's permissions); choose a new or empty folder")
-        for p in out.iterdir():
-            if p.name == INDEX or p.suffix == ".png":
-                p.unlink()
+    if out.exists() and any(out.iterdir()) and not _is_report(out):
+        raise QCError(f"--out {out} exists and is not an earlier QC report (its files would be given the "
+                      "store's permissions); choose a new or empty folder")
+
+
+def _start_out(out: Path, mode: int, gid: int | None) -> None:
+    """Create ``out`` (inside :func:`~masan.access.creation_umask`) with the store's mode and
+    group before anything is written in it, so that even an interrupted report is no more
+    readable than the store; mark it (:data:`MARKER`), then clear an earlier report's files."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise QCError(f"cannot create --out {out} ({e.strerror}: {e.filename}); choose a folder you may "
+                      "write") from None
+    apply_access(out, mode, gid)  # set-gid folder: the files made in it take the store's group
+    atomic_write_text(out / MARKER, MARKER_TEXT)
+    for p in out.iterdir():
+        if p.name == INDEX or p.suffix == ".png":
+            p.unlink()
+
+
+def left_behind(out: str | os.PathLike) -> str:
+    """What a :func:`write_report` stopped part-way (Ctrl-C, SIGTERM) left in ``out`` and what
+    to do, for the one line the tool prints."""
+    out = Path(out)
+    if not (out / MARKER).is_file():
+        return f"nothing was written to {out}; rerun the same command"
+    if (out / INDEX).is_file():
+        return f"{out} still holds a complete report ({INDEX} and its PNGs); rerunning the same command replaces it"
+    return (f"{out} holds a partial report ({len(list(out.glob('*.png')))} PNGs, no {INDEX}); rerunning the "
+            "same command (the same --out) replaces it")
 
 
 def _save(fig: Figure, path: Path, dpi: int) -> str:
@@ -161,8 +212,9 @@ def write_report(store_path: str | os.PathLike, out: str | os.PathLike, opts: QC
     never more readable than the store (it shows subjects' images and labels): files are created
     under a umask from the store's mode, then the folder gets the store's mode and group
     (:mod:`masan.access`). Returns ``{"index", "subjects", "flagged" (subject -> flag codes),
-    "unreadable" (subject -> the cause), "access"}``. Raises :class:`QCError` naming the fix for
-    a bad store, subject or output folder.
+    "unreadable" (subject -> the cause), "unfinished" (why the store may be partial, and what to
+    do; None when its last conversion finished), "access"}``. Raises :class:`QCError` naming the
+    fix for a bad store, subject or output folder.
     """
     opts = opts or QCOptions()
     out = Path(out)
@@ -179,7 +231,10 @@ def write_report(store_path: str | os.PathLike, out: str | os.PathLike, opts: QC
                       f"python data_tools/inspect_store.py {store.path}")
     if not chosen:
         raise QCError(f"the store {store.path} has no subjects; convert some with data_tools/to_zarr.py")
-    _prepare_out(out, store)
+    _check_out(out, store)
+    unfinished = store.unfinished_conversion()
+    if unfinished:
+        unfinished += " (it resumes where it stopped), then this report"
     min_frames = opts.min_frames if opts.min_frames is not None else default_min_frames(store)
     facts, broken = read_headers(store, everyone)
     zscores = {k: robust_z(v) for k, v in cohort_numbers(facts).items()}
@@ -187,17 +242,14 @@ def write_report(store_path: str | os.PathLike, out: str | os.PathLike, opts: QC
     mode, gid = restrictive_mode([store.path])
     results = []
     with creation_umask(mode):
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise QCError(f"cannot create --out {out} ({e.strerror}: {e.filename}); choose a folder you may "
-                          "write") from None
+        _start_out(out, mode, gid)
         for subject in tqdm(chosen, desc="qc", unit="subject", disable=not opts.progress):
             results.append(_subject(store, subject, facts[subject], broken.get(subject), out, opts, min_frames,
                                     zscores, geometry))
-        atomic_write_text(out / INDEX, page_html(store, results, opts, min_frames, cohort_geometry(facts)))
+        atomic_write_text(out / INDEX, page_html(store, results, opts, min_frames, cohort_geometry(facts),
+                                                 unfinished))
     applied = apply_access(out, mode, gid)
     return {"index": out / INDEX, "subjects": len(results),
             "flagged": {r.subject: sorted({f.code for f in r.flags}) for r in results if r.flags},
             "unreadable": {r.subject: f.message for r in results for f in r.flags if f.code == "unreadable"},
-            "access": describe_mode(*applied)}
+            "unfinished": unfinished, "access": describe_mode(*applied)}
