@@ -5,7 +5,9 @@ store, or a run directory naming each subject with its diagnosis, must therefore
 readable than the NIfTI files it came from, whatever the user's umask. The policy:
 
 - :func:`restrictive_mode` gives the most restrictive file mode among the sources (and the
-  group they share, if any); a directory's bits count only where it can also be entered.
+  group they share, if any); a directory's bits count only where it can also be entered, and
+  a folder on the way to a source (up to /, and to a symbolic link's target) closes what it
+  does not let through.
 - :func:`creation_umask` keeps every file created while writing at most that open, so no
   file is ever briefly world-readable.
 - :func:`apply_access` sets the mode (directories get ``x`` where they have ``r``) and the
@@ -65,22 +67,45 @@ def _effective_file_bits(st: os.stat_result) -> int:
     return out
 
 
+def _reach_file_bits(st: os.stat_result) -> int:
+    """What a folder on the way to a path lets through, as file bits: a class reaches what lies
+    below only where it may enter (x) the folder; listing it (r) is not needed to open a name
+    that is known (BIDS names are)."""
+    bits = stat.S_IMODE(st.st_mode)
+    return sum(r | w for r, w, x in _CLASSES if bits & x)
+
+
+def folders_on_the_way(path: str | os.PathLike) -> set[Path]:
+    """Every folder a reader passes through to reach ``path``: those above it up to /, and,
+    where a symbolic link lies on the way, those above the file it leads to."""
+    return set(Path(os.path.abspath(path)).parents) | set(Path(os.path.realpath(path)).parents)
+
+
 def restrictive_mode(paths: Iterable[str | os.PathLike]) -> tuple[int, int | None]:
     """The most restrictive file mode among ``paths`` (files or directories) and their shared
     group id (None when they do not all share one).
 
-    The mode is the intersection of what every path grants (see :func:`_effective_file_bits`),
-    plus owner read/write. When the paths' groups differ, group bits are dropped: no single
-    group may be given what each source gave only its own group. No paths: ``(0o600, None)``.
+    The mode is the intersection of what every path grants (see :func:`_effective_file_bits`)
+    and of what every folder on the way to it lets through (:func:`folders_on_the_way`: a file
+    readable by all in a home folder only its owner may enter is its owner's alone), plus owner
+    read/write. When the groups that may read differ, group bits are dropped: no single group
+    may be given what each source gave only its own group. A folder on the way counts its group
+    only when it lets its group through but not the others. No paths: ``(0o600, None)``.
     """
-    mode, gids, seen = 0o666, set(), False
+    mode, gids, seen, on_the_way = 0o666, set(), False, set()
     for p in paths:
         st = os.stat(p)
         mode &= _effective_file_bits(st)
         gids.add(st.st_gid)
+        on_the_way |= folders_on_the_way(p)
         seen = True
     if not seen:
         return OWNER_RW, None
+    for folder in on_the_way:
+        st = os.stat(folder)
+        mode &= _reach_file_bits(st)
+        if st.st_mode & 0o011 == 0o010:
+            gids.add(st.st_gid)
     gid = gids.pop() if len(gids) == 1 else None
     if gid is None:
         mode &= ~0o070

@@ -21,6 +21,8 @@ REPO = Path(__file__).resolve().parents[1]
 CLUSTER_SCRIPT = REPO / "hpc" / "local_cluster.sh"
 LOCAL_CLUSTER_NAME = "masan-local"
 CLUSTER_START_TIMEOUT_S = 900  # includes the one-time apt-get install
+PASSAGE = 0o011
+"""Group and other may enter (not list) the tests' temporary folders."""
 
 # The smallest model and data the real training path accepts (hpc/configs/tiny.yaml: T1 32^3 in
 # 2x2x2 patches, fMRI 6 frames of 16^3), two classes, five subjects each: a few seconds per epoch
@@ -32,6 +34,25 @@ TINY_CONFIG = {
     "checkpoint": {"every_steps": 20, "every_minutes": 0},
     "log": {"every_steps": 5, "eval_every_epochs": 100},
 }
+
+
+@pytest.fixture(scope="session", autouse=True)
+def reachable_tmp(tmp_path_factory) -> None:
+    """Let everyone pass through (x, not list) pytest's temporary folders, which it makes 0700:
+    every folder on the way to a source limits who may read what the tools write from it
+    (masan.access), so each test's data would count as its owner's alone. Tests that close a
+    folder on the way do so themselves; pytest closes its root folder again at its next start."""
+    base = tmp_path_factory.getbasetemp()
+    for folder in (base, base.parent):
+        folder.chmod(folder.stat().st_mode | PASSAGE)
+    made = tmp_path_factory.mktemp
+
+    def mktemp(basename: str, numbered: bool = True) -> Path:  # also tmp_path's maker
+        path = made(basename, numbered)
+        path.chmod(path.stat().st_mode | PASSAGE)
+        return path
+
+    tmp_path_factory.mktemp = mktemp
 
 
 def _cluster_name() -> str | None:

@@ -415,6 +415,41 @@ def test_store_is_no_more_open_than_owner_only_sources(tmp_path):
         shutil.rmtree(base)
 
 
+def test_sources_in_a_closed_folder_or_linked_from_one_make_an_owner_only_store():
+    """A BIDS folder of 644 files in a 0700 home, converted onto open scratch, or T1s that are
+    symbolic links into a 0700 folder: nobody else could read the sources, so nobody else may
+    read the store (the folders above the sources' common folder used to be ignored)."""
+    user = _probe_user()
+    base = Path(tempfile.mkdtemp(prefix="masan-access-", dir="/tmp"))
+    try:
+        os.chmod(base, 0o755)
+        home = base / "home"
+        bids = _tiny(home / "bids")
+        for p in [bids, *bids.rglob("*")]:
+            os.chmod(p, 0o755 if p.is_dir() else 0o644)
+        os.chmod(home, 0o700)
+        linked = base / "linked"  # an open copy whose T1s lead into the closed home
+        shutil.copytree(bids, linked, symlinks=True)
+        for t1 in linked.rglob("*_T1w.nii*"):
+            t1.unlink()
+            t1.symlink_to(bids / t1.relative_to(linked))
+        old = os.umask(0o022)
+        try:
+            for source, out in ((bids, base / "home.zarr"), (linked, base / "linked.zarr")):
+                assert to_zarr.main(_args(source, out)) == 0
+                files = [p for p in out.rglob("*") if p.is_file()]
+                assert files and access.more_open_than(out, 0o600) == [], source
+                assert not any(_can_read(user, f) for f in files), source
+            os.chmod(home, 0o711)  # others may pass through the home (not list it): the store opens again
+            assert to_zarr.main(_args(bids, base / "open.zarr")) == 0
+            chunk = next(f for f in (base / "open.zarr").rglob("*") if f.is_file() and "/c/" in str(f))
+            assert _can_read(user, chunk)
+        finally:
+            os.umask(old)
+    finally:
+        shutil.rmtree(base)
+
+
 def test_access_helpers(tmp_path):
     d = tmp_path / "src"
     d.mkdir()
@@ -427,6 +462,15 @@ def test_access_helpers(tmp_path):
     assert access.restrictive_mode([f, d])[0] == 0o600
     os.chmod(d, 0o700)  # nobody else may enter: f's 644 shares nothing
     assert access.restrictive_mode([f, d]) == (0o600, os.stat(d).st_gid)
+    assert access.restrictive_mode([f]) == (0o600, os.stat(d).st_gid)  # d, on the way to f, counts alone too
+    os.chmod(d, 0o710)  # only d's group may pass: f's readers are that group's members
+    assert access.restrictive_mode([f]) == (0o640, os.stat(d).st_gid)
+    os.chmod(d, 0o711)  # everyone may pass (not list): f's own bits decide
+    assert access.restrictive_mode([f])[0] == 0o644
+    link = tmp_path / "link.nii"
+    link.symlink_to(f)
+    os.chmod(d, 0o700)  # the link's target lies in a closed folder
+    assert access.restrictive_mode([link])[0] == 0o600
     assert access.dir_mode(0o640) == 0o750
     with access.creation_umask(0o600):
         (tmp_path / "new").write_text("x")

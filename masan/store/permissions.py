@@ -31,7 +31,9 @@ class StoreAccess:
 
 def source_paths(files: list[Path]) -> list[Path]:
     """Every source file and the folders from it up to the sources' common folder: a file
-    readable by all inside a folder only its owner can enter is readable by its owner only."""
+    readable by all inside a folder only its owner can enter or list is readable by its owner
+    only. (The folders above, and those on the way to a symbolic link's target, count too:
+    :func:`masan.access.restrictive_mode` looks at every folder on the way.)"""
     if not files:
         return []
     top = Path(os.path.commonpath([f.parent for f in files]))
@@ -48,7 +50,8 @@ def target_access(out: Path, sources: list[Path], wanted: StoreAccess, tables: l
                   ) -> tuple[int, int | None, str]:
     """(file mode, gid, how chosen) for the store from its image ``sources`` and the label
     ``tables`` (participants.tsv, a manifest; each with its own folder, wherever it lies: the
-    folders between a manifest in a home folder and the images are none of theirs); a store
+    folders between a manifest in a home folder and the images are none of theirs, though the
+    folders on the way to the manifest are: labels only its owner may reach are the owner's); a store
     made from restricted sources in an earlier run stays at least as closed unless ``--mode``
     says otherwise."""
     if wanted.mode is not None:
