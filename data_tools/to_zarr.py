@@ -22,6 +22,7 @@ stopped by Ctrl-C/SIGTERM (what was converted is kept: rerun the same command to
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 from pathlib import Path
@@ -133,6 +134,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--classes", nargs="+", default=list(DEFAULT_CLASSES),
                    help=f"class names, in order, each once (default {' '.join(DEFAULT_CLASSES)})")
     p.add_argument("--session", default=None, help="BIDS session to use (default: first with T1w and BOLD)")
+    p.add_argument("--bold-task", default=None, metavar="LABEL",
+                   help="use the BOLD runs of this BIDS task (func/*_task-LABEL_*bold.nii[.gz]; e.g. nback) as the "
+                        "fMRI (default: resting-state runs, a task label containing 'rest': MASAN models resting-"
+                        "state fMRI, so a subject with only other tasks' runs fails naming them)")
     p.add_argument("--require", nargs="+", choices=["t1", "fmri"], default=["t1", "fmri"],
                    help="modalities every subject must have (others are converted when present)")
     p.add_argument("--allow-unlabeled", action="store_true",
@@ -153,6 +158,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--prune", action="store_true",
                    help="remove subjects the input no longer lists, whose sources are missing or that fail now "
                         "(default: keep their earlier conversion and report them)")
+    p.add_argument("--new-input", action="store_true",
+                   help="convert into a store made from another participants.tsv or manifest (the same cohort moved "
+                        "or listed anew); without it such a store is refused, as two cohorts would mix in it")
     acc = p.add_argument_group("access (default: no more open than the most restricted source)")
     acc.add_argument("--mode", default=None, metavar="OCTAL",
                      help="file mode for the whole store, e.g. 640 to let the group read on purpose "
@@ -192,17 +200,17 @@ def main(argv: list[str] | None = None) -> int:
             fmri_chunk_frames=args.fmri_chunk_frames, fmri_shard_frames=args.fmri_shard_frames, codec=args.codec,
             clevel=args.clevel, shuffle=args.shuffle, levels=args.levels, nan=args.nan, require=tuple(args.require),
             unoriented=args.unoriented, register=args.register, template=args.template, threads=args.threads,
-            allow_unlabeled=args.allow_unlabeled)
+            allow_unlabeled=args.allow_unlabeled, bold_task=args.bold_task)
         if args.bids:
-            sources = discover_bids(args.bids, args.label_column, args.session)
+            sources = discover_bids(args.bids, args.label_column, args.session, opts.bold_task)
             effect = planted_effect(args.bids)
             extra = {"planted_effect": effect} if effect else None
         else:
-            sources, extra = read_manifest(args.manifest), None
+            sources, extra = read_manifest(args.manifest, opts.bold_task), None
         with stop_signals():  # SIGINT, SIGTERM: workers stopped, report written, what was published kept
             report = convert_cohort(sources, args.out, opts, args.classes, args.label_map, args.workers,
                                     args.verify, extra, progress=not args.no_progress, prune=args.prune,
-                                    share=share, review=contract_warnings)
+                                    share=share, review=contract_warnings, new_input=args.new_input)
     except (ConvertError, AccessError) as e:
         print(f"to_zarr: {e}", file=sys.stderr)
         return 2
@@ -217,11 +225,18 @@ def main(argv: list[str] | None = None) -> int:
                   f"converted{failed}; the store is consistent: rerun the same command to resume "
                   f"(details: {args.out / REPORT})", file=sys.stderr)
         return 128 + signum
-    print(f"{args.out}: {len(report.converted)} converted, {len(report.skipped)} unchanged (skipped), "
-          f"{len(report.kept)} kept from earlier, {len(report.removed)} removed, {len(report.failed)} failed "
-          f"in {report.seconds:.1f} s; access {report.access}")
-    for w in report.warnings:
-        print(f"  warning: {w}")
+    try:
+        print(f"{args.out}: {len(report.converted)} converted, {len(report.skipped)} unchanged (skipped), "
+              f"{len(report.kept)} kept from earlier, {len(report.removed)} removed, {len(report.failed)} failed "
+              f"in {report.seconds:.1f} s; access {report.access}")
+        for w in report.warnings:
+            print(f"  warning: {w}")
+        sys.stdout.flush()  # a closed pipe raises here rather than in the interpreter's exit
+    except BrokenPipeError:
+        # the reader stopped early (`| head`): the store and its report are complete, so the
+        # exit status stays the conversion's; stdout goes to /dev/null so that the
+        # interpreter's last flush does not fail on the closed pipe again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     for f in report.failed:
         print(f"  FAILED {f.subject}: {f.error}", file=sys.stderr)
     if report.failed:

@@ -55,6 +55,7 @@ from masan.store import permissions, places, publish
 from masan.store.cohort import (
     FORMAT,
     FORMAT_VERSION,
+    INPUTS,
     LAST_CONVERSION,
     MODALITIES,
     REPORT,
@@ -144,7 +145,8 @@ def _chosen_spacing(opts: ConvertOptions, jobs: list[Job]) -> tuple[ConvertOptio
                     continue
         spacing[i] = resample.common_spacing(sizes) if sizes else 1.0
         notes.append(f"--spacing: {modality} resampled to {spacing[i]:g} mm, the cohort's most common voxel size "
-                     f"({len(set(sizes))} different sizes among {len(sizes)} files)")
+                     f"({len(set(sizes))} different size{'s' if len(set(sizes)) != 1 else ''} among "
+                     f"{len(sizes)} files)")
     return replace(opts, spacing=(spacing[0], spacing[1])), notes
 
 
@@ -257,7 +259,7 @@ def convert_cohort(sources: list[SubjectSource], out: str | Path, options: Conve
                    classes: tuple[str, ...] | list[str] = DEFAULT_CLASSES, label_map: str | None = None,
                    workers: int = 1, verify: bool = False, extra_attrs: dict | None = None,
                    progress: bool = True, prune: bool = False, share: StoreAccess | None = None,
-                   review: Callable[[Path], list[str]] | None = None) -> Report:
+                   review: Callable[[Path], list[str]] | None = None, new_input: bool = False) -> Report:
     """Convert a cohort into the store at ``out`` (created or updated in place).
 
     Subjects already published from unchanged sources with the same options are skipped
@@ -267,8 +269,11 @@ def convert_cohort(sources: list[SubjectSource], out: str | Path, options: Conve
     the most restrictive permissions among its sources (images, sidecars, and the label
     tables: :attr:`SubjectSource.table`) unless ``share`` says otherwise. The report
     is returned, always stored in ``STORE/conversion_report.json`` and summarised in the root
-    attrs. ``review(out)``, when given, looks at the store as published (still under the lock)
-    and its warnings join the report's (to_zarr.py: what training would refuse). Raises
+    attrs. A store converted from other label tables (:data:`INPUTS`) is refused unless
+    ``new_input`` (the same cohort, moved or listed anew): its subjects and this input's would
+    mix, those with the same id replaced. ``review(out)``, when given, looks at the store as
+    published (still under the lock) and its warnings join the report's (to_zarr.py: what
+    training would refuse). Raises
     ConvertError (nothing changed) for unusable inputs, a locked store, an input listing no
     subject, an ``out`` that is a file or cannot be written, or a store/run-directory nesting.
     """
@@ -298,6 +303,10 @@ def convert_cohort(sources: list[SubjectSource], out: str | Path, options: Conve
         except OSError as e:  # passed _check_writable, yet the file system refused (e.g. a lock file not ours)
             raise _out_error(out, f"cannot create the store or its lock file ({e.strerror})") from None
         root, notes = _open_root(out)
+        inputs = [str(t) for t in tables]
+        if not new_input:
+            _check_same_input(out, root, inputs)
+        extra_attrs = {**(extra_attrs or {}), INPUTS: inputs}
         report = Report(failed=failed, warnings=chosen + notes)
         try:
             _convert_locked(root, out, jobs, opts, classes, workers, verify, progress, prune, report,
@@ -315,6 +324,17 @@ def convert_cohort(sources: list[SubjectSource], out: str | Path, options: Conve
             report.seconds = time.monotonic() - start
             atomic_write_json(out / REPORT, report.to_json())
     return report
+
+
+def _check_same_input(out: Path, root: Any, inputs: list[str]) -> None:
+    """ConvertError when the store holds subjects converted from other label tables."""
+    attrs = dict(root.attrs)
+    before = attrs.get(INPUTS) or []
+    if before and attrs.get("cohort") and sorted(before) != sorted(inputs):
+        raise ConvertError(f"{out} was converted from {', '.join(before)}, and this run reads "
+                           f"{', '.join(inputs) or 'no label table'}: converting into it would mix two cohorts (a "
+                           "subject id in both would be replaced, the others kept). Choose a new --out; or, if this "
+                           "is the same cohort moved or listed anew, pass --new-input; nothing was changed")
 
 
 def _convert_locked(root: Any, out: Path, jobs: list[Job], opts: ConvertOptions, classes: tuple[str, ...],
@@ -351,6 +371,8 @@ def _convert_locked(root: Any, out: Path, jobs: list[Job], opts: ConvertOptions,
                     row[modality] = dict(row[modality], source=job.sources[modality])
             rows[job.subject] = row
             report.skipped.append(job.subject)
+            # its conversion's warnings still hold (the report is rewritten by every run)
+            report.warnings.extend(f"{job.subject}: {w}" for w in [*found[1].get("warnings", []), *job.notes])
         else:
             todo.append(job)
 

@@ -6,7 +6,8 @@ applied by the reader (:mod:`masan.store.cohort`), so no float64 copy of a volum
 and the stored values are exactly the file's.
 
 - :func:`open_image` loads a header (clear errors for missing, non-NIfTI or corrupt files, or
-  a singular affine).
+  a singular affine); :func:`check_data_size` refuses a header promising more voxels than the
+  file can hold; :func:`form_disagreement` warns when sform and qform say different things.
 - :func:`describe` gives the NIfTI-Zarr-like attribute block (affine, sform/qform and codes,
   zooms, units, TR in seconds, orientation, scaling, the raw header bytes).
 - :class:`SpatialPlan` is the optional reorientation to RAS (``--canonical``) followed by a
@@ -21,6 +22,8 @@ from __future__ import annotations
 
 import base64
 import gzip
+import math
+import os
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -35,6 +38,15 @@ from nibabel.orientations import aff2axcodes, apply_orientation, inv_ornt_aff, i
 # Voxel types a model can consume; NIfTI's complex and RGB types are refused.
 SUPPORTED_KINDS = "iuf"
 _TIME_UNIT_SECONDS = {"sec": 1.0, "msec": 1e-3, "usec": 1e-6}
+FORM_TOLERANCE_MM = 0.01
+"""Largest entry-wise difference (mm, or mm per voxel for the axes) between a header's sform
+and qform still taken as one affine: the qform's float32 quaternion rounds the sform's matrix
+by about 1e-5 mm; more is another placement of the head (or a shear, which a qform cannot hold)."""
+MAX_DEFLATE_RATIO = 1032
+"""Deflate's largest expansion (zlib's technical notes: about 1032:1, long runs of one byte): a
+gzip stream of C bytes decompresses to at most C times this."""
+CORRUPT_FIX = "the file is truncated or corrupt: re-export or re-download it"
+"""What to do about a file whose voxel data cannot be read (every such message ends with it)."""
 
 
 class NiftiError(ValueError):
@@ -96,6 +108,88 @@ def _check_affine(img: nib.Nifti1Pair, path: Path) -> None:
                      "sform/qform (e.g. `fslorient -copyqform2sform` if the qform is right, or set it with nibabel: "
                      "img.set_sform(affine, code=1); nib.save(img, path)) or re-export it from the scanner data "
                      "(dcm2niix)")
+
+
+def form_disagreement(img: nib.Nifti1Pair, path: str | Path) -> list[str]:
+    """A warning (empty list: none) when the header sets both sform and qform (codes > 0) and
+    they disagree: other orientations (``aff2axcodes``, e.g. RAS and LAS: left and right
+    swapped) or entries more than :data:`FORM_TOLERANCE_MM` apart. The sform is used (nibabel's
+    ``img.affine``, as the NIfTI standard's readers), but FSL and ITK-based tools may read the
+    qform, so the same file would mean another head position (or side) there."""
+    hdr = img.header
+    sform, sform_code = hdr.get_sform(coded=True)
+    qform, qform_code = hdr.get_qform(coded=True)
+    if not sform_code or not qform_code:
+        return []
+    axes = ["".join(c or "?" for c in aff2axcodes(a)) for a in (sform, qform)]
+    apart = float(np.abs(np.asarray(sform, dtype=float) - np.asarray(qform, dtype=float)).max())
+    if axes[0] == axes[1] and apart <= FORM_TOLERANCE_MM:
+        return []
+    how = (f"orientation {axes[0]} in the sform, {axes[1]} in the qform" if axes[0] != axes[1] else
+           f"their affines differ by up to {apart:.3g} mm")
+    name = Path(path).name
+    return [f"{path}: the header's sform (code {int(sform_code)}) and qform (code {int(qform_code)}) disagree ({how}); "
+            "used the sform, as nibabel does, but FSL and ITK-based tools may read the qform: make them agree, "
+            f"e.g. `fslorient -copysform2qform {name}` if the sform is right (`-copyqform2sform` if the qform is), "
+            f"or with nibabel: img.set_qform(img.get_sform(), code={int(sform_code)}); nib.save(img, path)"]
+
+
+def check_data_size(img: nib.Nifti1Pair, path: str | Path | None = None) -> None:
+    """NiftiError (naming the file, :data:`CORRUPT_FIX`) when the file cannot hold the voxel
+    data its header promises, checked before any read asks for that many bytes (a corrupt
+    header, e.g. dims of 30000^3 in a 300 KB file, would otherwise end in a bare MemoryError).
+
+    An uncompressed file must hold the header's offset plus shape x voxel bytes. A gzip
+    stream's trailer holds its uncompressed size modulo 2**32 (ISIZE); the smallest size
+    congruent to it that holds the data must fit :data:`MAX_DEFLATE_RATIO` times the file.
+    Otherwise (a corrupt header, a cut file, or a file of several gzip members, whose trailer
+    is the last member's) the stream is decompressed and counted, memory one block: the
+    verdict is exact.
+    """
+    path = path if path is not None else img.get_filename()
+    data = img.dataobj.file_like
+    offset = int(img.dataobj.offset)
+    shape = tuple(int(n) for n in img.shape)
+    dtype = img.header.get_data_dtype()
+    need = offset + math.prod(shape) * dtype.itemsize  # Python ints: NIfTI-2 dims overflow int64 products
+    size = os.path.getsize(data)
+    isize = 0
+    with open(data, "rb") as f:
+        gzipped = f.read(2) == GZIP_MAGIC
+        if gzipped and size >= 4:
+            f.seek(-4, os.SEEK_END)
+            isize = int.from_bytes(f.read(4), "little")
+    # with a gzip file: the smallest uncompressed size its trailer allows that holds the data
+    fits = isize + -(-max(need - isize, 0) // 2**32) * 2**32
+    if not gzipped:
+        has = size
+    elif size >= 4 and fits <= size * MAX_DEFLATE_RATIO:
+        return
+    else:
+        has = _stream_length(data, path)
+    if has < need:
+        raise _data_end(path, max(has - offset, 0), shape, dtype)
+
+
+def _stream_length(data: str | Path, path: str | Path) -> int:
+    """Bytes of a (gzip) file once decompressed, counted a block at a time."""
+    n = 0
+    try:
+        with _open_stream(data) as f:
+            while block := f.read(_DRAIN_BLOCK):
+                n += len(block)
+    except (EOFError, zlib.error, gzip.BadGzipFile, OSError) as e:
+        raise NiftiError(f"{path}: cannot read voxel data ({type(e).__name__}: {e}); {CORRUPT_FIX}") from e
+    return n
+
+
+def _data_end(path: str | Path, got: int, shape: tuple[int, ...], dtype: np.dtype) -> NiftiError:
+    """The error for voxel data that end after ``got`` bytes, short of what ``shape`` needs."""
+    frames = math.prod(shape[3:])
+    frame_bytes = math.prod(shape[:3]) * dtype.itemsize
+    return NiftiError(f"{path}: voxel data end after {got} of the {frames * frame_bytes} bytes its header's shape "
+                      f"{shape} of {dtype} needs (frame {got // frame_bytes if frame_bytes else 0} of {frames}); "
+                      f"{CORRUPT_FIX}")
 
 
 def data_shape(img: nib.Nifti1Pair, rank: int, path: str | Path) -> tuple[int, ...]:
@@ -253,16 +347,17 @@ def iter_frame_slabs(img: nib.Nifti1Pair, frames_per_slab: int, path: str | Path
     front to back (NIfTI keeps time as the slowest axis), so a .nii.gz is decompressed in
     one pass and memory is one slab. A gzip stream is read to its end, and its CRC-32 and
     length checked, before the last slab is yielded. Raises NiftiError naming the file when
-    it is truncated or its compressed stream is corrupt (a caller must not publish the
-    slabs before the iteration ends).
+    it is truncated or its compressed stream is corrupt, or its header promises more data
+    than it can hold (:func:`check_data_size`, before the first read; a caller must not
+    publish the slabs before the iteration ends).
     """
     path = path if path is not None else img.get_filename()
+    check_data_size(img, path)
     shape = tuple(int(n) for n in img.shape)
     spatial = shape[:3]
-    frames = int(np.prod(shape[3:], dtype=np.int64)) if len(shape) > 3 else 1
+    frames = math.prod(shape[3:])
     dtype = img.header.get_data_dtype()
-    frame_bytes = int(np.prod(spatial, dtype=np.int64)) * dtype.itemsize
-    fix = "the file is truncated or corrupt: re-export or re-download it"
+    frame_bytes = math.prod(spatial) * dtype.itemsize
     try:
         with _open_stream(img.dataobj.file_like) as f:
             f.seek(img.dataobj.offset)
@@ -270,15 +365,13 @@ def iter_frame_slabs(img: nib.Nifti1Pair, frames_per_slab: int, path: str | Path
                 n = min(frames_per_slab, frames - t0)
                 buf = f.read(frame_bytes * n)
                 if len(buf) < frame_bytes * n:
-                    got = t0 * frame_bytes + len(buf)
-                    raise NiftiError(f"{path}: voxel data end after {got} of {frames * frame_bytes} bytes "
-                                     f"(frame {t0 + len(buf) // frame_bytes} of {frames}); {fix}")
+                    raise _data_end(path, t0 * frame_bytes + len(buf), shape, dtype)
                 if t0 + n >= frames:
                     _check_stream_end(f)  # before the last slab leaves: nothing is trusted unchecked
                 slab = np.frombuffer(buf, dtype=dtype).reshape(spatial + (n,), order="F")
                 yield t0, slab.astype(_native(dtype), copy=not dtype.isnative)
     except (EOFError, zlib.error, gzip.BadGzipFile, OSError) as e:
-        raise NiftiError(f"{path}: cannot read voxel data ({type(e).__name__}: {e}); {fix}") from e
+        raise NiftiError(f"{path}: cannot read voxel data ({type(e).__name__}: {e}); {CORRUPT_FIX}") from e
 
 
 GZIP_MAGIC = b"\x1f\x8b"

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import asdict, dataclass
 from typing import Literal
 
 from masan.convert import registration
-from masan.convert.sources import ConvertError
+from masan.convert.sources import BIDS_LABEL, REST_TASK, ConvertError
 from masan.store.cohort import FORMAT_VERSION, MODALITIES
 
 
@@ -58,6 +59,12 @@ class ConvertOptions:
     :func:`masan.convert.nifti.unoriented`): ``refuse`` fails its subject, ``assume-las`` takes
     nibabel's affine (LAS) with a warning. Not in the fingerprint: it decides which subjects
     are converted, not the bytes of the others."""
+    bold_task: str | None = None
+    """The BIDS task label of the BOLD runs to use (``func/*_task-<label>_*bold.nii[.gz]``, any
+    case); None: resting-state runs, whose task label contains ``"rest"`` (``REST_TASK``). A
+    subject with BOLD runs but none of that task fails naming the tasks it has. Not in the
+    fingerprint: it decides which file is a subject's source (recorded with its checksum), not
+    how voxels are stored."""
     require: tuple[str, ...] = ("t1", "fmri")
     """Modalities every subject must have; a subject missing one fails."""
     register: Literal["none", "rigid", "affine", "syn"] = "none"
@@ -104,6 +111,9 @@ class ConvertOptions:
         if self.spacing is not None and self.register != "none":
             raise ConvertError("--spacing and --register both set the grid; with --register the template grid "
                                "decides (drop --spacing)")
+        if self.bold_task is not None and not re.fullmatch(BIDS_LABEL, self.bold_task):
+            raise ConvertError(f"bold_task (--bold-task) must be a BIDS task label, letters and digits only "
+                               f"(the {REST_TASK!r} of task-{REST_TASK}), got {self.bold_task!r}")
         if self.threads is not None and self.threads < 1:
             raise ConvertError(f"threads must be 1 or more, got {self.threads}")
 
@@ -119,7 +129,7 @@ class ConvertOptions:
         Without registration it is what it was before registration existed, so such stores
         are not redone."""
         d = asdict(self)
-        for key in ("require", "register", "template", "threads", "allow_unlabeled", "unoriented"):
+        for key in ("require", "register", "template", "threads", "allow_unlabeled", "unoriented", "bold_task"):
             d.pop(key)
         if self.spacing is None:  # stores from before resampling existed keep their fingerprint
             d.pop("spacing")

@@ -19,6 +19,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from masan.store.cohort import MODALITIES
 
@@ -33,6 +34,14 @@ SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 MISSING_LABEL = frozenset({"", "n/a", "na", "nan"})
 """Label cells that mean "no diagnosis" (lower-cased, stripped), in participants.tsv and a
 manifest alike: BIDS writes ``n/a``, R ``NA``, pandas ``nan``."""
+IMAGE_ENDINGS = (".nii", ".nii.gz")
+"""How a BIDS image's name ends, right after its suffix (``sub-01_T1w.nii.gz``): backups and
+checksums beside it (``sub-01_T1w.nii.gz.bak``, ``.md5``, ``sub-01_T1w.nii.bak.nii.gz``) are not
+images of the subject."""
+REST_TASK = "rest"
+"""A BOLD run is resting-state when its BIDS task label contains this, in any case (``task-rest``,
+``task-resting``, ``task-RestingState``): MASAN models resting-state fMRI, so other tasks' runs
+are used only when named (``--bold-task``)."""
 
 
 class ConvertError(ValueError):
@@ -57,6 +66,9 @@ class SubjectSource:
     labels, so the table counts among the sources for the store's permissions."""
     session: str | None = None
     """The BIDS session folder its files were taken from (``ses-01``), None without sessions."""
+    fmri_refused: str | None = None
+    """Why its BOLD runs were not taken (none is of the task wanted: :func:`bold_refusal`); the
+    subject fails with it when fMRI is required or it has no T1, else it is stored without fMRI."""
 
 
 @dataclass
@@ -81,27 +93,53 @@ class Job:
 
 
 
-def read_manifest(path: str | Path) -> list[SubjectSource]:
+def read_manifest(path: str | Path, bold_task: str | None = None) -> list[SubjectSource]:
     """CSV with columns subject, t1, fmri, label (paths relative to the CSV's folder; t1 or
-    fmri may be empty)."""
+    fmri may be empty). An fMRI file with a BIDS name of another task than ``bold_task`` (None:
+    a resting-state task, :data:`REST_TASK`) is not taken (:attr:`SubjectSource.fmri_refused`);
+    a file whose name states no task is taken as listed."""
     path = Path(path)
+    if path.is_dir():
+        bids = (" (it holds participants.tsv: for a BIDS folder use --bids)"
+                if (path / "participants.tsv").is_file() else "")
+        raise ConvertError(f"manifest {path} is a folder{bids}; --manifest takes a CSV file with columns "
+                           "subject,t1,fmri,label")
     if not path.is_file():
         raise ConvertError(f"manifest {path} not found; pass a CSV with columns subject,t1,fmri,label")
     cols, rows = _read_table(path, ",")
     missing = {"subject", "t1", "fmri", "label"} - set(cols)
     if missing:
         raise ConvertError(f"manifest {path} lacks column(s) {sorted(missing)} "
-                           f"(has {cols}); it needs subject,t1,fmri,label")
+                           f"(has {cols}{_delimiter_hint(cols, ',')}); it needs subject,t1,fmri,label")
     out = []
     for i, r in rows:
         def p(key: str, r: dict = r) -> Path | None:
             v = (r.get(key) or "").strip()
             return None if not v else (Path(v) if Path(v).is_absolute() else path.parent / v)
         fmri = p("fmri")
+        refused = None if fmri is None or _task(fmri) is None else bold_refusal([fmri], bold_task)
+        fmri = None if refused else fmri
         sidecar, notes = bold_sidecar(fmri) if fmri is not None else (None, [])
         out.append(SubjectSource((r.get("subject") or "").strip(), _label(r.get("label")), p("t1"), fmri,
-                                 f"{path.name} row {i}", notes, sidecar, table=path))
+                                 f"{path.name} row {i}", notes, sidecar, table=path, fmri_refused=refused))
     return out
+
+
+_DELIMITERS = {",": "comma", "\t": "tab", ";": "semicolon"}
+"""Column separators a table is saved with by mistake (spreadsheets' CSV/TSV exports), by name."""
+
+
+def _delimiter_hint(cols: list[str], delimiter: str) -> str:
+    """A hint when a table's header is one column holding another delimiter (a comma-separated
+    participants.tsv, a tab- or semicolon-separated manifest): the columns are there, the
+    separator is wrong. Empty otherwise."""
+    if len(cols) != 1:
+        return ""
+    other = next((d for d in _DELIMITERS if d != delimiter and d in cols[0]), None)
+    if other is None:
+        return ""
+    return (f": it looks {_DELIMITERS[other]}-separated, but this file must be {_DELIMITERS[delimiter]}-separated; "
+            f"save it with {_DELIMITERS[delimiter]}s between the columns")
 
 
 def _label(cell: str | None) -> str | None:
@@ -134,19 +172,21 @@ def _blank(row: dict) -> bool:
     return not any((v or "").strip() for v in values)
 
 
-def _pick(files: list[Path], kind: str, prefer: str | None = None) -> tuple[Path | None, list[str]]:
-    """The file to use among ``files`` (those naming ``prefer`` first, then by name), and a
-    note when there was a choice."""
-    preferred = sorted(f for f in files if prefer and prefer in f.name) or sorted(files)
-    notes = [f"{len(files)} {kind} files; used {preferred[0].name}"] if len(files) > 1 else []
-    return (preferred[0] if preferred else None), notes
+def _pick(files: list[Path], kind: str, usable: list[Path] | None = None) -> tuple[Path | None, list[str]]:
+    """The file to use: the first by name among ``usable`` (default: all ``files``), and a note
+    when ``files`` held a choice."""
+    usable = sorted(files if usable is None else usable)
+    notes = [f"{len(files)} {kind} files; used {usable[0].name}"] if len(files) > 1 and usable else []
+    return (usable[0] if usable else None), notes
 
 
 FMRI_SIDECAR = "fmri_json"
 """Key of a BOLD run's JSON sidecar in :attr:`Job.sources` (the one its TR comes from;
 recorded like the images, so an edited sidecar reconverts the subject)."""
 
-_ENTITY = re.compile(r"^([A-Za-z0-9]+)-([A-Za-z0-9]+)$")
+BIDS_LABEL = "[A-Za-z0-9]+"
+"""A BIDS entity's label (the ``rest`` of ``task-rest``): letters and digits only."""
+_ENTITY = re.compile(f"^({BIDS_LABEL})-({BIDS_LABEL})$")
 
 
 def _bids_name(name: str) -> tuple[dict[str, str], str] | None:
@@ -217,30 +257,117 @@ def bold_sidecar(bold: Path, root: Path | None = None) -> tuple[Path | None, lis
     return None, []
 
 
-def _bids_files(folder: Path) -> tuple[Path | None, Path | None, list[str]]:
-    t1, n1 = _pick(list(folder.glob("anat/*_T1w.nii*")), "T1w")
-    bold, n2 = _pick(list(folder.glob("func/*_bold.nii*")), "BOLD", prefer="task-rest")
-    return t1, bold, n1 + n2
+def _bids_images(folder: Path, suffix: str) -> tuple[list[Path], list[str]]:
+    """The BIDS images ``folder/*_<suffix>.nii[.gz]``, and the names of the files that only look
+    like one (:data:`IMAGE_ENDINGS`; also macOS's ``._`` resource copies): never taken, since a
+    backup picked as the scan would convert the wrong data or fail with wrong advice."""
+    endings = tuple(f"_{suffix}{end}" for end in IMAGE_ENDINGS)
+    images, others = [], []
+    for f in sorted(folder.glob(f"*_{suffix}.nii*")):
+        if f.name.endswith(endings) and not f.name.startswith("."):
+            images.append(f)
+        else:
+            others.append(f.name)
+    return images, others
 
 
-def discover_bids(bids: str | Path, label_column: str = "diagnosis", session: str | None = None
-                  ) -> list[SubjectSource]:
+def _task(run: Path) -> str | None:
+    """The BIDS task label of a BOLD run's file name (``sub-01_task-rest_bold.nii.gz`` -> ``rest``),
+    None when the name states none."""
+    name = _bids_name(run.name)
+    return None if name is None else name[0].get("task")
+
+
+def _wanted(task: str | None, bold_task: str | None) -> bool:
+    """Whether runs of ``task`` are the ones to use: ``bold_task`` (any case) when given, else a
+    resting-state task (:data:`REST_TASK`)."""
+    if task is None:
+        return False
+    return task.lower() == bold_task.lower() if bold_task else REST_TASK in task.lower()
+
+
+SHOWN_NAMES = 3
+"""File names listed in one message before "and N more"."""
+
+
+def _names(files: list[Path] | list[str]) -> str:
+    """File names for a message: the first :data:`SHOWN_NAMES`, then how many more."""
+    names = [f if isinstance(f, str) else f.name for f in files]
+    more = f" and {len(names) - SHOWN_NAMES} more" if len(names) > SHOWN_NAMES else ""
+    return ", ".join(names[:SHOWN_NAMES]) + more
+
+
+def bold_refusal(runs: list[Path], bold_task: str | None) -> str | None:
+    """Why none of a subject's BOLD ``runs`` is taken (what was found and how to take one), None
+    when one is of the task wanted (:func:`_wanted`) or ``runs`` is empty."""
+    if not runs or any(_wanted(_task(r), bold_task) for r in runs):
+        return None
+    tasks = sorted({t for t in map(_task, runs) if t is not None})
+    found = f"{_names(runs)} ({'task ' + ', '.join(tasks) if tasks else 'no task label'})"
+    if bold_task:
+        return (f"no BOLD run of task {bold_task!r} (--bold-task); its runs: {found}; pass the task label of the "
+                "runs to use, or leave --bold-task out to use resting-state runs")
+    take = f"convert with --bold-task {tasks[0]} to use that task's runs, or " if tasks else ""
+    return (f"its BOLD runs are not resting-state: {found}; MASAN models resting-state fMRI, a run whose task "
+            f"label contains {REST_TASK!r} (task-rest, task-resting): if one of them is a resting-state run, "
+            f"{take}rename it (and its JSON sidecar) to task-rest")
+
+
+class _Found(NamedTuple):
+    """A (session) folder's images as :func:`_bids_files` chose them."""
+
+    t1: Path | None
+    bold: Path | None
+    notes: list[str]
+    bold_refused: str | None
+    """:func:`bold_refusal` of its BOLD runs."""
+
+
+def _bids_files(folder: Path, bold_task: str | None = None) -> _Found:
+    """The T1w image and the BOLD run of ``bold_task`` (None: resting-state; a run whose name
+    states no task only when no run does) in ``folder/anat`` and ``folder/func``, the first by
+    name when several; notes on each choice and on look-alike files left out."""
+    t1s, odd = _bids_images(folder / "anat", "T1w")
+    runs, odd_runs = _bids_images(folder / "func", "bold")
+    t1, notes = _pick(t1s, "T1w")
+    usable = [r for r in runs if _wanted(_task(r), bold_task)]
+    if not usable and not bold_task:  # not a BIDS name (BIDS requires the task): cannot tell, take it
+        usable = [r for r in runs if _task(r) is None]
+        notes += [f"{_names(usable)}: no task label in the name; used as resting-state"] if usable else []
+    bold, more = _pick(runs, "BOLD", usable)
+    left = sorted({t for r in runs if r not in usable and (t := _task(r)) is not None})
+    if bold is not None and left:
+        more = [f"{note} (task {', '.join(left)} left out: not {'the --bold-task' if bold_task else 'resting-state'})"
+                for note in more]
+    if odd or odd_runs:
+        n = len(odd + odd_runs)
+        notes.append(f"ignored {n} file{'s' if n > 1 else ''} in {folder.name} that only look like images "
+                     f"({_names(odd + odd_runs)}): BIDS images are named *_T1w.nii[.gz], *_bold.nii[.gz]")
+    return _Found(t1, bold, notes + more, bold_refusal(runs, bold_task))
+
+
+def discover_bids(bids: str | Path, label_column: str = "diagnosis", session: str | None = None,
+                  bold_task: str | None = None) -> list[SubjectSource]:
     """Subjects of a BIDS folder: participants.tsv (participant_id + ``label_column``) and
-    ``sub-*/[ses-*/]anat/*_T1w.nii[.gz]``, ``func/*_bold.nii[.gz]``.
+    ``sub-*/[ses-*/]anat/*_T1w.nii[.gz]``, ``func/*_bold.nii[.gz]`` (other files, such as
+    ``*_T1w.nii.gz.bak``, are left out with a note).
 
     With sessions, ``session`` (e.g. ``bl`` or ``ses-bl``) picks one; otherwise the first
-    session (sorted) holding both modalities is used, else the first session. With several
-    runs, a ``task-rest`` BOLD is preferred, then the first by name; the choice is noted.
+    session (sorted) holding both modalities is used, else the first session. BOLD runs are
+    the resting-state ones (:data:`REST_TASK`), or those of ``bold_task`` when given; a subject
+    with BOLD runs but none of those gets :attr:`SubjectSource.fmri_refused`. With several
+    runs, the first by name; the choice is noted.
     """
     bids = Path(bids)
     table = bids / "participants.tsv"
     if not table.is_file():
         raise ConvertError(f"{table} not found; a BIDS folder needs participants.tsv with "
                            f"participant_id and a {label_column!r} column")
-    cols, rows = _read_table(table, "\t")
+    sep = "\t"
+    cols, rows = _read_table(table, sep)
     if "participant_id" not in cols or label_column not in cols:
-        raise ConvertError(f"{table} has columns {cols}; it needs participant_id and {label_column!r} "
-                           "(pick the label column with --label-column)")
+        raise ConvertError(f"{table} has columns {cols}{_delimiter_hint(cols, sep)}; it needs participant_id "
+                           f"and {label_column!r} (pick the label column with --label-column)")
     _check_participant_ids(bids, table, rows)
     want = None if not session else session if session.startswith("ses-") else f"ses-{session}"
     sources = []
@@ -248,12 +375,12 @@ def discover_bids(bids: str | Path, label_column: str = "diagnosis", session: st
     for i, r in rows:
         sid = (r["participant_id"] or "").strip()
         sources.append(_bids_subject(bids, sid, want, session, found_sessions, _label(r.get(label_column)),
-                                     f"participants.tsv row {i}", table))
+                                     f"participants.tsv row {i}", table, bold_task))
     listed = {s.subject for s in sources}
     for folder in sorted(bids.glob("sub-*")):
         if folder.is_dir() and folder.name not in listed:
             sources.append(_bids_subject(bids, folder.name, want, session, found_sessions, None,
-                                         f"folder {folder} (not in participants.tsv)", None))
+                                         f"folder {folder} (not in participants.tsv)", None, bold_task))
     if want and want not in found_sessions:
         fix = (f"its sessions are {', '.join(sorted(found_sessions))}: pass one of those" if found_sessions else
                "the cohort has no session folders (sub-*/ses-*): leave --session out")
@@ -262,7 +389,7 @@ def discover_bids(bids: str | Path, label_column: str = "diagnosis", session: st
 
 
 def _bids_subject(bids: Path, sid: str, want: str | None, session: str | None, found_sessions: set[str],
-                  label: str | None, origin: str, table: Path | None) -> SubjectSource:
+                  label: str | None, origin: str, table: Path | None, bold_task: str | None) -> SubjectSource:
     """One subject's files in the BIDS folder (the session ``want``, else the first holding both
     modalities); the sessions it has join ``found_sessions``."""
     if not sid:  # an empty participant_id: fails in check_sources as an unsafe id, naming the row
@@ -276,31 +403,43 @@ def _bids_subject(bids: Path, sid: str, want: str | None, session: str | None, f
             notes.append(f"no {want} folder; its sessions: {', '.join(p.name for p in sessions)}")
         folder = folder / want
     elif sessions:
-        found = [(p, _bids_files(p)) for p in sessions]
-        full = [p for p, (a, b, _) in found if a and b]
+        found = [(p, _bids_files(p, bold_task)) for p in sessions]
+        full = [p for p, f in found if f.t1 and f.bold]
         folder = (full or sessions)[0]
         if len(sessions) > 1:
             notes.append(f"{len(sessions)} sessions; used {folder.name} (choose with --session)")
     elif want and folder.is_dir():
         notes.append(f"no session folders; used its files outside sessions (--session {session} not applied)")
-    t1, bold, more = _bids_files(folder)
-    sidecar, tr_notes = bold_sidecar(bold, bids) if bold else (None, [])
-    return SubjectSource(sid, label, t1, bold, origin, notes + more + tr_notes, sidecar, table,
-                         folder.name if sessions else None)
+    found = _bids_files(folder, bold_task)
+    sidecar, tr_notes = bold_sidecar(found.bold, bids) if found.bold else (None, [])
+    return SubjectSource(sid, label, found.t1, found.bold, origin, notes + found.notes + tr_notes, sidecar, table,
+                         folder.name if sessions else None, found.bold_refused)
 
 
 def _check_participant_ids(bids: Path, table: Path, rows: list[tuple[int, dict]]) -> None:
-    """ConvertError when participant_id values lack BIDS's ``sub-`` prefix although the
-    ``sub-<id>`` folders exist: otherwise every such subject would fail twice (no images for
-    the row, no label for the folder) with advice that fixes neither."""
-    bare = [(i, sid) for i, sid in ((i, (r["participant_id"] or "").strip()) for i, r in rows)
-            if sid and not (bids / sid).is_dir() and (bids / f"sub-{sid}").is_dir()]
-    if bare:
-        shown = ", ".join(f"row {i} {sid!r} (folder sub-{sid})" for i, sid in bare[:3])
-        more = f" and {len(bare) - 3} more" if len(bare) > 3 else ""
-        raise ConvertError(f"{table}: {len(bare)} participant_id value(s) lack the 'sub-' prefix ({shown}{more}); "
-                           "BIDS participant_id values are sub-<label>, the subject's folder name: write e.g. "
-                           f"sub-{bare[0][1]} in the participant_id column and rerun")
+    """ConvertError when participant_id values lack BIDS's ``sub-`` prefix, or differ from their
+    folder's name only in case (``SUB-01``, folder ``sub-01``): otherwise every such subject
+    would fail twice (no images for the row, no label for the folder) with advice that fixes
+    neither."""
+    folders = {p.name.casefold(): p.name for p in bids.glob("*") if p.is_dir()}
+    bare, cased = [], []
+    for i, r in rows:
+        sid = (r["participant_id"] or "").strip()
+        if not sid or (bids / sid).is_dir():
+            continue
+        if (bids / f"sub-{sid}").is_dir():
+            bare.append((i, sid, f"sub-{sid}"))
+        elif sid.casefold() in folders:
+            cased.append((i, sid, folders[sid.casefold()]))
+    for found, what, fix in (
+            (bare, "lack the 'sub-' prefix", "BIDS participant_id values are sub-<label>, the subject's folder name"),
+            (cased, "differ from their folder's name in upper/lower case",
+             "BIDS names are case-sensitive: participant_id must be the subject's folder name exactly")):
+        if found:
+            shown = ", ".join(f"row {i} {sid!r} (folder {name})" for i, sid, name in found[:SHOWN_NAMES])
+            more = f" and {len(found) - SHOWN_NAMES} more" if len(found) > SHOWN_NAMES else ""
+            raise ConvertError(f"{table}: {len(found)} participant_id value(s) {what} ({shown}{more}); {fix}: "
+                               f"write e.g. {found[0][2]} in the participant_id column and rerun")
 
 
 def planted_effect(bids: str | Path) -> dict | None:
@@ -362,6 +501,13 @@ def check_sources(sources: list[SubjectSource], label_map: dict[str, str], requi
             fail(f"label {s.label!r} is not a known class; known labels {sorted(label_map)}; "
                  "map it with --label-map RAW=CLASS or fix the table")
             continue
+        notes = s.notes
+        if s.fmri_refused is not None:
+            if "fmri" in require or s.t1 is None:
+                t1_only = "; or convert with --require t1 to store its T1 without fMRI" if s.t1 is not None else ""
+                fail(s.fmri_refused + t1_only)
+                continue
+            notes = notes + [f"stored without fMRI: {s.fmri_refused}"]
         files = {"t1": s.t1, "fmri": s.fmri}
         missing = [m for m in require if files[m] is None]
         absent = [(m, f) for m, f in files.items() if f is not None and not f.is_file()]
@@ -390,7 +536,7 @@ def check_sources(sources: list[SubjectSource], label_map: dict[str, str], requi
         paths = {m: os.path.abspath(f) for m, f in files.items() if f is not None}
         if s.fmri_sidecar is not None and "fmri" in paths:
             paths[FMRI_SIDECAR] = os.path.abspath(s.fmri_sidecar)
-        jobs.append(Job(s.subject, cls, paths, s.notes))
+        jobs.append(Job(s.subject, cls, paths, notes))
     return jobs, failures
 
 

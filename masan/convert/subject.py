@@ -35,6 +35,9 @@ from masan.store.cohort import MODALITIES, STAGING, StrictLocalStore
 SOURCE_HASH_BLOCK = 1 << 22
 TR_SUSPECT_SECONDS = 20.0
 """A TR above this is a unit error (headers often hold ms with the unit 'sec'): not stored as a TR."""
+TR_MIN_SECONDS = 0.1
+"""A TR below this is faster than any fMRI protocol (multiband EPI reaches about 0.3 s, MREG and
+inverse imaging 0.1 s): a unit error too (seconds with the unit 'msec'), not stored as a TR."""
 
 
 def source_record(path: str) -> dict:
@@ -222,13 +225,20 @@ def _codec(opts: ConvertOptions) -> BloscCodec:
     return BloscCodec(cname=opts.codec, clevel=opts.clevel, shuffle=opts.shuffle)
 
 
+def _plausible_tr(seconds: float) -> bool:
+    """Whether a TR in seconds lies in [:data:`TR_MIN_SECONDS`, :data:`TR_SUSPECT_SECONDS`]."""
+    return TR_MIN_SECONDS <= seconds <= TR_SUSPECT_SECONDS
+
+
 def repetition_time(info: dict, path: str, sidecar: str | None, warn: list[str]) -> tuple[float | None, str | None]:
     """(TR in seconds, where it came from: ``sidecar`` or ``header``) of a BOLD run.
 
     BIDS makes the sidecar's ``RepetitionTime`` (seconds) authoritative; a header that
-    disagrees is a warning. A TR above :data:`TR_SUSPECT_SECONDS` is a unit error (milliseconds
-    written as seconds): in a sidecar it fails the subject, in a header the run is stored
-    without a TR (None) and a warning names the fix, rather than storing a wrong duration."""
+    disagrees is a warning. A TR outside [:data:`TR_MIN_SECONDS`, :data:`TR_SUSPECT_SECONDS`]
+    is a unit error (milliseconds written as seconds, or seconds with the unit 'msec'): in a
+    sidecar it fails the subject (so does a value that is not a number, e.g. ``true``), in a
+    header the run is stored without a TR (None) and a warning names the fix, rather than
+    storing a wrong duration."""
     header = info["tr_seconds"]
     if sidecar is not None:
         try:
@@ -240,16 +250,20 @@ def repetition_time(info: dict, path: str, sidecar: str | None, warn: list[str])
                                    'keys (BIDS: {"RepetitionTime": 2.0, ...}); fix or remove it')
         value = meta.get("RepetitionTime")
         if value is not None:
-            if not isinstance(value, (int, float)) or not 0 < value <= TR_SUSPECT_SECONDS:
-                raise nifti.NiftiError(f"{sidecar}: RepetitionTime {value!r} is not a TR in seconds (BIDS: seconds, "
-                                       "e.g. 0.8 for 800 ms); fix the sidecar")
+            # bool is an int in Python: JSON's true would pass as 1 s
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not _plausible_tr(value):
+                raise nifti.NiftiError(f"{sidecar}: RepetitionTime {json.dumps(value)} is not a TR in seconds (BIDS: "
+                                       f"a number of seconds, {TR_MIN_SECONDS:g} to {TR_SUSPECT_SECONDS:g}, e.g. 0.8 "
+                                       "for 800 ms); fix the sidecar")
             if header and not math.isclose(header, value, rel_tol=0.01):
                 warn.append(f"{path}: header TR {header:g} s, sidecar {sidecar} {value:g} s; used the sidecar's "
                             "(BIDS: the sidecar is authoritative)")
             return float(value), "sidecar"
-    if header is not None and header > TR_SUSPECT_SECONDS:
+    if header is not None and not _plausible_tr(header):
+        unit = ("milliseconds?" if header > TR_SUSPECT_SECONDS else
+                f"under {TR_MIN_SECONDS:g} s, faster than any fMRI protocol: seconds, not {info['time_unit']}?")
         warn.append(f"{path}: header TR {header:g} s ({info['zooms'][3]:g} {info['time_unit']}) is a unit error "
-                    "(milliseconds?); stored without a TR: give RepetitionTime in seconds in the run's JSON "
+                    f"({unit}); stored without a TR: give RepetitionTime in seconds in the run's JSON "
                     "sidecar (BIDS) and convert again")
         return None, None
     if header is None:
@@ -269,7 +283,9 @@ def _write_modality(group: Any, modality: str, path: str, opts: ConvertOptions, 
             raise nifti.NiftiError(nifti.unoriented_refusal(path))
         warn.append(f"{path}: the header states no orientation (sform/qform codes 0); assumed LAS "
                     "(--unoriented assume-las): check left and right")
+    warn.extend(nifti.form_disagreement(img, path))
     shape = nifti.data_shape(img, 3 if modality == "t1" else 4, path)
+    nifti.check_data_size(img, path)  # before any array of that shape is made (a registered run's mean)
     info = nifti.describe(img)
     source = _Source(img, path, opts.nan)
     if reg is not None:
@@ -365,8 +381,9 @@ def convert_subject(job: Job, store: str, opts: ConvertOptions) -> dict:
         bad = verify_group(open_strict(staging), opts.fmri_shard_frames)
         if bad:
             raise OSError(f"re-read of {bad} after writing did not match (disk full or failing?); rerun")
+        # its warnings too: a rerun that skips the subject reports them again
         group.update_attributes({"subject": job.subject, "sources": sources, "options": opts.fingerprint(),
-                                 "row": row, "complete": True})
+                                 "row": row, "warnings": warn, "complete": True})
         row["group"] = publish.publish_version(root, job.subject, staging, version)
         return {"subject": job.subject, "ok": True, "row": row, "warnings": warn + job.notes}
     except Exception as e:  # noqa: BLE001 - any failure fails this subject only, reported with its file

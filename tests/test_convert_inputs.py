@@ -1,0 +1,295 @@
+"""What to_zarr takes from a cohort's folders and headers when they hold more, or other, than
+the scans it needs: look-alike files beside a scan, task runs, impossible TRs, sform and qform
+that disagree, a header promising more voxels than its file holds; and the messages that say
+what was wrong with a table or an argument."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from masan.convert.sources import DEFAULT_CLASSES, ConvertError, check_sources, discover_bids, parse_label_map
+from masan.store.cohort import CohortStore
+from masan.store.publish import LOCK_FILES
+from test_data_convert import DATA, ROOT, _synth, to_zarr, write_manifest
+
+LABELS = parse_label_map(None, DEFAULT_CLASSES)
+
+
+def _check(bids: Path, require: tuple[str, ...] = ("t1", "fmri"), **kw):
+    """(subject -> Job, subject -> failure message) of a BIDS folder as to_zarr would check it."""
+    jobs, failed = check_sources(discover_bids(bids, **kw), LABELS, require)
+    return {j.subject: j for j in jobs}, {f.subject: f.error for f in failed}
+
+
+def test_look_alike_files_beside_a_scan_are_never_taken(tmp_path):
+    """Backups, checksums and macOS's ._ copies sort before the scan (``.nii.bak`` < ``.nii.gz``):
+    taken, they converted the wrong data or failed the subject with wrong advice."""
+    bids = _synth(tmp_path, n=1)
+    anat, func = bids / "sub-001" / "anat", bids / "sub-001" / "func"
+    other = nib.load(bids / "sub-002" / "anat" / "sub-002_T1w.nii.gz")
+    nib.save(other, anat / "sub-001_T1w.nii.bak.nii.gz")  # a readable NIfTI, but not named *_T1w.nii.gz
+    for name in ("sub-001_T1w.nii.bak", "sub-001_T1w.nii.gz.bak", "sub-001_T1w.nii.gz.md5", "._sub-001_T1w.nii.gz"):
+        (anat / name).write_bytes(b"not the scan")
+    (func / "sub-001_task-rest_bold.nii.gz.bak").write_bytes(b"not the run")
+    shutil.copy(bids / "sub-002/anat/sub-002_T1w.nii.gz", bids / "sub-002/anat/sub-002_T1w.nii.bak")
+
+    jobs, failed = _check(bids)
+    assert not failed, failed
+    for s in ("sub-001", "sub-002"):
+        assert Path(jobs[s].sources["t1"]).name == f"{s}_T1w.nii.gz"
+    assert Path(jobs["sub-001"].sources["fmri"]).name == "sub-001_task-rest_bold.nii.gz"
+    assert not any("T1w files" in n or "BOLD files" in n for n in jobs["sub-001"].notes), jobs["sub-001"].notes
+    (note,) = [n for n in jobs["sub-001"].notes if n.startswith("ignored")]  # one note names them
+    assert note.startswith("ignored 6 files in sub-001 that only look like images (._sub-001_T1w.nii.gz, "
+                           "sub-001_T1w.nii.bak, sub-001_T1w.nii.bak.nii.gz and 3 more)"), note
+
+
+def test_task_runs_are_not_taken_as_resting_state(tmp_path):
+    """MASAN models resting-state fMRI: a task label containing 'rest' (any case) is one; a subject
+    whose runs are all another task fails naming them and the ways on, unless --bold-task names
+    that task, or fMRI is optional (then it is stored without fMRI, with a note)."""
+    bids = _synth(tmp_path, n=1)
+
+    def rename(subject: str, task: str, keep: bool = False) -> None:
+        run = bids / subject / "func" / f"{subject}_task-rest_bold.nii.gz"
+        (shutil.copy if keep else os.rename)(run, run.with_name(f"{subject}_task-{task}_bold.nii.gz"))
+
+    rename("sub-001", "nback")  # only a task run
+    rename("sub-002", "RestingState")
+    rename("sub-003", "nback", keep=True)  # rest and nback
+    jobs, failed = _check(bids)
+    assert set(failed) == {"sub-001"}, failed
+    for frag in ("sub-001_task-nback_bold.nii.gz", "task nback", "not resting-state", "--bold-task nback",
+                 "rename it (and its JSON sidecar) to task-rest", "--require t1"):
+        assert frag in failed["sub-001"], (frag, failed["sub-001"])
+    assert Path(jobs["sub-002"].sources["fmri"]).name == "sub-002_task-RestingState_bold.nii.gz"
+    assert Path(jobs["sub-003"].sources["fmri"]).name == "sub-003_task-rest_bold.nii.gz"
+    assert any("task nback left out: not resting-state" in n for n in jobs["sub-003"].notes), jobs["sub-003"].notes
+
+    jobs, failed = _check(bids, require=("t1",))  # fMRI optional: its T1 alone, said
+    assert not failed and "fmri" not in jobs["sub-001"].sources
+    assert any(n.startswith("stored without fMRI: its BOLD runs are not resting-state") for n in jobs["sub-001"].notes)
+
+    jobs, failed = _check(bids, bold_task="NBack")  # a named task, any case
+    assert {s: Path(j.sources["fmri"]).name for s, j in jobs.items()} == {
+        "sub-001": "sub-001_task-nback_bold.nii.gz", "sub-003": "sub-003_task-nback_bold.nii.gz"}
+    assert "no BOLD run of task 'NBack' (--bold-task); its runs: sub-002_task-RestingState_bold.nii.gz " \
+           "(task RestingState)" in failed["sub-002"], failed["sub-002"]
+
+
+def test_bold_task_reaches_the_conversion_and_is_checked(tmp_path, capsys):
+    """--bold-task is an option of to_zarr (help, a BIDS label only), and applies to a manifest's
+    BIDS-named runs too."""
+    bids = _synth(tmp_path, n=1)
+    run = bids / "sub-001" / "func" / "sub-001_task-nback_bold.nii.gz"
+    os.rename(bids / "sub-001" / "func" / "sub-001_task-rest_bold.nii.gz", run)
+    man = write_manifest(tmp_path / "m.csv", [("a", bids / "sub-001" / "anat" / "sub-001_T1w.nii.gz", run, "AD")])
+    base = ["--manifest", str(man), "--no-progress"]
+    assert to_zarr.main(base + ["--out", str(tmp_path / "rest.zarr")]) == 1
+    (failure,) = CohortStore(tmp_path / "rest.zarr").report()["failed"]
+    assert "not resting-state" in failure["error"] and "--bold-task nback" in failure["error"], failure
+    assert to_zarr.main(base + ["--out", str(tmp_path / "nback.zarr"), "--bold-task", "nback"]) == 0
+    assert CohortStore(tmp_path / "nback.zarr").row("a")["fmri"]["source"] == str(run)
+
+    assert to_zarr.main(base + ["--out", str(tmp_path / "x.zarr"), "--bold-task", "n-back"]) == 2
+    assert "BIDS task label, letters and digits only" in capsys.readouterr().err
+    assert not (tmp_path / "x.zarr").exists()
+    with pytest.raises(SystemExit):
+        to_zarr.parse_args(["--help"])
+    assert "--bold-task LABEL" in capsys.readouterr().out
+
+
+# ---- one small conversion: each subject's files carry one header problem ----------------------
+
+BOLD_SHAPE = (4, 4, 4, 3)
+T1_SHAPE = (6, 6, 6)
+HUGE_SHAPE = (30000, 30000, 30000)
+
+
+def _image(path: Path, shape: tuple[int, ...], sform: np.ndarray | None = None, qform: np.ndarray | None = None,
+           tr: float = 2.0, time_unit: str = "sec") -> Path:
+    """A small int16 NIfTI with sform and qform set (code 1; the same 2 mm RAS affine unless given)."""
+    rng = np.random.default_rng(len(path.name))
+    img = nib.Nifti1Image(rng.integers(1, 100, shape).astype(np.int16), None)
+    default = np.diag([2.0, 2.0, 2.0, 1.0])
+    img.set_sform(default if sform is None else sform, code=1)
+    img.set_qform(default if qform is None else qform, code=1)
+    img.header.set_xyzt_units("mm", time_unit)
+    if len(shape) == 4:
+        img.header["pixdim"][4] = tr
+    nib.save(img, path)
+    return path
+
+
+def _huge(path: Path) -> Path:
+    """A NIfTI whose header promises HUGE_SHAPE int16 voxels (54 TB) over 300 KB of zeros."""
+    hdr = nib.Nifti1Header()
+    hdr.set_data_dtype(np.int16)
+    hdr.set_data_shape(HUGE_SHAPE)
+    hdr.set_sform(np.eye(4), code=1)
+    hdr.set_data_offset(352)
+    opener = gzip.open if path.name.endswith(".gz") else open
+    with opener(path, "wb") as f:
+        hdr.write_to(f)  # 348 header bytes + 4 extension bytes = vox_offset 352
+        f.write(b"\0" * 300_000)
+    return path
+
+
+@pytest.fixture(scope="module")
+def header_cases(tmp_path_factory):
+    """(store, files) after one conversion of a manifest whose subjects each have one header case."""
+    tmp = tmp_path_factory.mktemp("headers")
+    t1 = lambda s: _image(tmp / f"{s}_t1.nii.gz", T1_SHAPE)  # noqa: E731
+    bold = lambda s, **kw: _image(tmp / f"{s}_bold.nii.gz", BOLD_SHAPE, **kw)  # noqa: E731
+    las = np.diag([-2.0, 2.0, 2.0, 1.0])
+    las[0, 3] = 10.0  # the same voxels as the sform's RAS, seen from the other side
+    shifted = np.diag([2.0, 2.0, 2.0, 1.0])
+    shifted[:3, 3] = [0.0, 5.0, 0.0]
+    files = {
+        "ok": (t1("ok"), bold("ok")),
+        "short_tr": (t1("short_tr"), bold("short_tr", time_unit="msec")),  # pixdim[4] 2 in msec: 0.002 s
+        "bool_tr": (t1("bool_tr"), bold("bool_tr")),
+        "fast_sidecar": (t1("fast_sidecar"), bold("fast_sidecar")),
+        "left_right": (_image(tmp / "left_right_t1.nii.gz", T1_SHAPE, qform=las), ""),
+        "shifted": (_image(tmp / "shifted_t1.nii.gz", T1_SHAPE, qform=shifted), ""),
+        "huge_gz": (_huge(tmp / "huge_t1.nii.gz"), ""),
+        "huge_raw": (_huge(tmp / "huge_t1.nii"), ""),
+    }
+    (tmp / "bool_tr_bold.json").write_text(json.dumps({"RepetitionTime": True}))
+    (tmp / "fast_sidecar_bold.json").write_text(json.dumps({"RepetitionTime": 0.05}))
+    man = write_manifest(tmp / "m.csv", [(s, t, b, "AD") for s, (t, b) in files.items()])
+    out = tmp / "s.zarr"
+    assert to_zarr.main(["--manifest", str(man), "--out", str(out), "--require", "t1", "--no-progress"]) == 1
+    return CohortStore(out), {s: (str(t), str(b)) for s, (t, b) in files.items()}
+
+
+def _warnings(store: CohortStore, subject: str) -> list[str]:
+    return [w for w in store.report()["warnings"] if w.startswith(f"{subject}: ")]
+
+
+def _failures(store: CohortStore) -> dict[str, str]:
+    return {f["subject"]: f["error"] for f in store.report()["failed"]}
+
+
+def test_a_header_tr_faster_than_any_protocol_is_not_stored(header_cases):
+    store, files = header_cases
+    assert store.row("ok")["fmri"]["tr_seconds"] == 2.0 and not _warnings(store, "ok")
+    assert store.row("short_tr")["fmri"]["tr_seconds"] is None
+    (warning,) = _warnings(store, "short_tr")
+    for frag in (files["short_tr"][1], "header TR 0.002 s (2 msec) is a unit error", "under 0.1 s",
+                 "stored without a TR", "RepetitionTime in seconds"):
+        assert frag in warning, (frag, warning)
+
+
+def test_a_sidecar_tr_that_is_not_a_number_of_seconds_fails_naming_the_sidecar(header_cases):
+    store, files = header_cases
+    failed = _failures(store)
+    assert f"{files['bool_tr'][1].replace('.nii.gz', '.json')}: RepetitionTime true is not a TR" in failed["bool_tr"]
+    assert "RepetitionTime 0.05 is not a TR in seconds" in failed["fast_sidecar"], failed["fast_sidecar"]
+    assert not {"bool_tr", "fast_sidecar"} & set(store.subjects)
+
+
+def test_sform_and_qform_that_disagree_are_warned_naming_the_one_used(header_cases):
+    store, files = header_cases
+    (warning,) = _warnings(store, "left_right")
+    for frag in (files["left_right"][0], "sform (code 1) and qform (code 1) disagree",
+                 "orientation RAS in the sform, LAS in the qform", "used the sform", "fslorient -copysform2qform",
+                 "img.set_qform(img.get_sform(), code=1)"):
+        assert frag in warning, (frag, warning)
+    assert store.meta("left_right", "t1")["nifti"]["axcodes"] == ["R", "A", "S"]  # the sform's
+    (warning,) = _warnings(store, "shifted")
+    assert "their affines differ by up to 5 mm" in warning, warning
+
+
+@pytest.mark.parametrize("subject", ["huge_gz", "huge_raw"])
+def test_a_header_promising_more_voxels_than_the_file_holds_fails_before_reading(header_cases, subject):
+    store, files = header_cases
+    error = _failures(store)[subject]
+    for frag in (files[subject][0], "voxel data end after 300000 of the 54000000000000 bytes",
+                 "shape (30000, 30000, 30000) of int16", "truncated or corrupt: re-export or re-download it"):
+        assert frag in error, (frag, error)
+    assert "MemoryError" not in error
+
+
+# ---- messages ------------------------------------------------------------------------------------
+
+
+def test_a_table_saved_with_the_wrong_separator_says_so(tmp_path):
+    (tmp_path / "participants.tsv").write_text("participant_id,diagnosis\nsub-01,AD\n")
+    with pytest.raises(ConvertError, match="it looks comma-separated, but this file must be tab-separated"):
+        discover_bids(tmp_path)
+    man = tmp_path / "m.csv"
+    man.write_text("subject\tt1\tfmri\tlabel\na\tx.nii\t\tAD\n")
+    with pytest.raises(ConvertError, match="it looks tab-separated, but this file must be comma-separated"):
+        to_zarr.read_manifest(man)
+
+
+def test_participant_ids_in_another_case_than_their_folders_are_refused_with_the_fix(tmp_path):
+    (tmp_path / "sub-01").mkdir()
+    (tmp_path / "participants.tsv").write_text("participant_id\tdiagnosis\nSUB-01\tAD\n")
+    with pytest.raises(ConvertError) as e:
+        discover_bids(tmp_path)
+    for frag in ("row 2 'SUB-01' (folder sub-01)", "upper/lower case", "write e.g. sub-01"):
+        assert frag in str(e.value), (frag, str(e.value))
+
+
+def test_a_manifest_that_is_a_folder_says_a_csv_file_is_expected(tmp_path, capsys):
+    bids = tmp_path / "bids"
+    bids.mkdir()
+    (bids / "participants.tsv").write_text("participant_id\tdiagnosis\n")
+    for folder, frag in ((tmp_path, "CSV file with columns"), (bids, "for a BIDS folder use --bids")):
+        assert to_zarr.main(["--manifest", str(folder), "--out", str(tmp_path / "s.zarr")]) == 2
+        err = capsys.readouterr().err
+        assert f"manifest {folder} is a folder" in err and frag in err and "does not exist" not in err, err
+
+
+def test_a_reader_that_stops_early_gets_no_traceback(tmp_path):
+    """As ``to_zarr.py ... | head -1`` once head has exited: the conversion finishes, quietly."""
+    man = write_manifest(tmp_path / "m.csv", [("a", DATA / "anatomical.nii", "", "AD")])
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        res = subprocess.run([sys.executable, str(ROOT / "data_tools" / "to_zarr.py"), "--manifest", str(man),
+                              "--out", str(tmp_path / "s.zarr"), "--require", "t1", "--no-progress"],
+                             stdout=write, stderr=subprocess.PIPE, text=True, timeout=120, cwd=ROOT, check=False)
+    finally:
+        os.close(write)
+    assert "Traceback" not in res.stderr and "BrokenPipe" not in res.stderr, res.stderr
+    assert res.returncode == 0 and CohortStore(tmp_path / "s.zarr").subjects == ["a"]
+
+
+def test_a_rerun_keeps_its_warnings_and_a_store_of_another_cohort_is_refused(header_cases, tmp_path, capsys):
+    """Subjects a rerun skips still carry their conversion's warnings in the report; a store made
+    from another participants.tsv or manifest is not merged into (same ids would be replaced)
+    unless --new-input says it is the same cohort."""
+    store, files = header_cases
+    out = tmp_path / "copy.zarr"
+    shutil.copytree(store.path, out)
+    man = str(Path(files["ok"][0]).parent / "m.csv")
+    before = _warnings(store, "shifted")
+    assert before and to_zarr.main(["--manifest", man, "--out", str(out), "--require", "t1", "--no-progress"]) == 1
+    again = CohortStore(out)
+    assert "shifted" in again.report()["skipped"] and _warnings(again, "shifted") == before
+
+    bids = _synth(tmp_path, n=1)
+    def snapshot() -> list:  # but the lock files, which every run takes
+        return sorted((str(p), p.stat().st_mtime_ns) for p in out.rglob("*") if p.name not in LOCK_FILES)
+
+    before_refusal = snapshot()
+    assert to_zarr.main(["--bids", str(bids), "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"{out} was converted from {man}, and this run reads {bids / 'participants.tsv'}" in err
+    assert "pass --new-input; nothing was changed" in err
+    assert snapshot() == before_refusal
+    assert to_zarr.main(["--bids", str(bids), "--out", str(out), "--no-progress", "--new-input"]) == 0
+    assert {"sub-001", "sub-002", "ok"} <= set(CohortStore(out).subjects)
