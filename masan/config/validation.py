@@ -8,7 +8,23 @@ import math
 import typing
 from typing import Any
 
-from masan.config.schema import ConfigError, RunConfig, get_dotted
+from masan.config.schema import ConfigError, ModelConfig, RunConfig, SplitConfig, get_dotted
+
+REGION_POOL_MODES = ("avg", "max")
+"""The pooling modes ``model.region_pool`` may list (:data:`masan.model.regions.POOL_MODES`, which
+the config cannot import without importing torch; tests/test_config_rules.py keeps them equal)."""
+ZERO_STAGES = (0, 1, 2)
+"""The ZeRO stages the engine runs: 3 shards the weights, but rank 0 evaluates the whole model alone."""
+ZERO_BUCKET_ALIGN = 2
+"""DeepSpeed's ZeRO 1/2 optimizer asserts that its all-gather bucket is a multiple of this
+(``nccl_start_alignment_factor``: 4 bytes of fp16), while it is built, after the run started."""
+MIN_TRAIN_SHARE = 0.25
+"""Smallest share of the cohort the training part may keep, ``(1 - split.test_fraction) x (1 -
+split.val_fraction)`` (the validation part is carved from the training part). The paper trains
+on 0.7 of it, the shipped configs on 0.63 to 0.7; below a quarter the held-out parts outnumber
+the training subjects three to one: a misread fraction (``val_fraction`` taken as a share of the
+whole cohort), not a protocol. Whether a given cohort splits at all is checked at training start
+(:func:`masan.data.splits.make_split`)."""
 
 
 def _positive(v) -> bool:
@@ -41,6 +57,14 @@ def _positive_list(n: int):
     return lambda v: len(v) == n and all(x > 0 for x in v)
 
 
+def _odd_positive(v) -> bool:
+    return v > 0 and v % 2 == 1
+
+
+def _pool_modes(v) -> bool:
+    return bool(v) and set(v) <= set(REGION_POOL_MODES) and len(set(v)) == len(v)
+
+
 # (dotted key, test, what to use instead). Checked when a config loads, so a wrong value is
 # refused before a job is submitted or a run directory touched; checks against the cohort
 # (batch vs training subjects, class sizes vs fractions) need the store and run at training
@@ -61,7 +85,10 @@ _RULES: tuple[tuple[str, typing.Callable[[Any], bool], str], ...] = (
      "current folder)"),
     ("train.norm_refresh_epochs", _non_negative, "0 (refit only when the joint phase starts) or more epochs"),
     ("train.dist_timeout_minutes", _positive, "a positive number of minutes, e.g. 30"),
-    ("train.zero_bucket_elements", _positive, "a positive number of elements, e.g. 200000000"),
+    ("train.zero_bucket_elements", lambda v: v > 0 and v % ZERO_BUCKET_ALIGN == 0,
+     f"a positive multiple of {ZERO_BUCKET_ALIGN} elements (DeepSpeed's alignment), e.g. 200000000"),
+    ("train.zero_stage", lambda v: v in ZERO_STAGES, "ZeRO stage 0, 1 or 2 (3 shards the weights, but rank 0 "
+     "evaluates the whole model alone; a conv autoencoder fits without it)"),
     ("split.test_fraction", _fraction_open, "a fraction strictly between 0 and 1 (the paper: 0.3)"),
     ("split.val_fraction", _fraction_right_open, "0 (no validation part) or a fraction below 1, e.g. 0.1"),
     ("split.repeat", _non_negative, "a repeat index of 0 or more"),
@@ -96,6 +123,22 @@ _RULES: tuple[tuple[str, typing.Callable[[Any], bool], str], ...] = (
     ("model.fmri_channels", _positive_list(4), "four positive widths, e.g. [32, 64, 128, 128]"),
     ("model.fmri_frames", _optional_positive, "at least 1 frame, or null (data.fmri_frames, or the store's)"),
     ("model.groups", _positive, "at least 1 GroupNorm group"),
+    ("model.attn_dim", _positive, "a positive query/key width, e.g. 64"),
+    ("model.value_dim", _positive, "a positive value width, e.g. 64 (0 would leave the classifier no input)"),
+    ("model.mlp_hidden", _positive, "a positive hidden width, e.g. 256 (0 predicts one constant for everyone)"),
+    ("model.temporal_features", _positive, "a positive number of temporal-conv features, e.g. 32"),
+    ("model.temporal_kernel", _positive, "a positive kernel length in frames, e.g. 8"),
+    ("model.temporal_stride", _positive, "a positive stride in frames, e.g. 4"),
+    ("model.temporal_chunk", _non_negative, "0 (all voxels at once) or a number of voxels, e.g. 16384"),
+    ("model.channel_reduction", _positive, "a positive divisor of the channel-attention width, e.g. 4"),
+    ("model.spatial_kernel", _odd_positive, "an odd kernel size, e.g. 3 (the conv pads kernel // 2 voxels on "
+     "each side, which keeps the region map's size only for an odd kernel)"),
+    ("model.fusion_cells", _positive, "at least 1 cell per region and axis, e.g. 1"),
+    ("model.region_pool", _pool_modes, f"a non-empty list of distinct modes out of {list(REGION_POOL_MODES)}, "
+     "e.g. [avg, max]"),
+    ("model.hfcn_features", _positive, "a positive feature width, e.g. 64"),
+    ("model.hfcn_region_group", _positive, "at least 1 patch per axis, e.g. 2"),
+    ("model.patch_chunk", _non_negative, "0 (all patches at once) or a number of patches per pass, e.g. 16"),
     ("model.dropout", _fraction_right_open, "a probability in [0, 1), e.g. 0.2"),
     ("model.region_std_floor", _non_negative, "0 or more, e.g. 0.1"),
     ("model.head_grad_to_encoders", _non_negative, "0 (default) or a positive scale, e.g. 1"),
@@ -139,3 +182,61 @@ def validate_config(cfg: RunConfig) -> None:
     if cfg.model.screen_features and cfg.model.screen_fraction:
         raise ConfigError(f"model.screen_features={cfg.model.screen_features} and model.screen_fraction="
                           f"{cfg.model.screen_fraction} are both set; give one of them (the other 0)")
+    _check_groups(cfg.model)
+    _check_encoders_learn(cfg)
+    _check_train_share(cfg.split)
+
+
+def _autoencoders(model: ModelConfig) -> dict[str, tuple[str, list[int]]]:
+    """Modality -> (key, widths) of each autoencoder the model builds and reconstructs with: sPM's
+    ``model.channels`` (MASAN with T1, and the H-FCN, which is T1 only), fPM's ``model.fmri_channels``."""
+    out = {}
+    if model.arch == "hfcn" or model.modalities in ("both", "t1"):
+        out["t1"] = ("model.channels", model.channels)
+    if model.arch == "masan" and model.modalities in ("both", "fmri"):
+        out["fmri"] = ("model.fmri_channels", model.fmri_channels)
+    return out
+
+
+def _check_groups(model: ModelConfig) -> None:
+    """GroupNorm splits the channels of every autoencoder level after InitConv (which has no norm)
+    into ``model.groups`` equal groups, so the model cannot be built unless it divides them."""
+    g = model.groups
+    for key, widths in _autoencoders(model).values():
+        bad = [w for w in widths[1:] if w % g]
+        if bad:
+            common = math.gcd(*widths[1:])
+            fix = max(d for d in range(1, min(g, common) + 1) if common % d == 0)
+            raise ConfigError(f"model.groups={g} does not divide the width(s) {bad} of {key}={widths}: GroupNorm "
+                              "splits each level's channels after the first into equal groups; use a divisor of "
+                              f"{widths[1:]}, e.g. model.groups={fix}")
+
+
+def _check_encoders_learn(cfg: RunConfig) -> None:
+    """The encoders learn from their reconstruction terms, weighted by ``loss.alpha`` (T1) and
+    ``loss.beta`` (fMRI), in both phases, and from the classifier only through
+    ``model.head_grad_to_encoders``; ``loss.sparsity`` lies inside those terms. With no weighted term
+    the pretrain phase optimises a loss that is identically 0."""
+    weights = {"t1": cfg.loss.alpha, "fmri": cfg.loss.beta}
+    if any(weights[m] for m in _autoencoders(cfg.model)):
+        return
+    harm = []
+    if cfg.train.pretrain_epochs:
+        harm.append(f"the train.pretrain_epochs={cfg.train.pretrain_epochs} pretraining epochs minimise a loss that "
+                    "is identically 0")
+    if not cfg.model.head_grad_to_encoders:
+        harm.append("with model.head_grad_to_encoders=0 the encoders never learn (the classifier trains on random "
+                    "features)")
+    if harm:
+        raise ConfigError(f"loss.alpha={cfg.loss.alpha} and loss.beta={cfg.loss.beta} weigh no reconstruction term of "
+                          f"the model's autoencoders, so {' and '.join(harm)}; give loss.alpha (T1) or loss.beta "
+                          "(fMRI) a positive weight (the paper: 0.5 each)")
+
+
+def _check_train_share(split: SplitConfig) -> None:
+    share = (1 - split.test_fraction) * (1 - split.val_fraction)
+    if share < MIN_TRAIN_SHARE:
+        raise ConfigError(f"split.test_fraction={split.test_fraction} and split.val_fraction={split.val_fraction} "
+                          f"leave {share:.0%} of the subjects for training (the validation part is a share of the "
+                          f"training part: (1 - test) x (1 - val)); keep at least {MIN_TRAIN_SHARE:.0%}: lower "
+                          "them (the paper: 0.3 and 0)")

@@ -109,35 +109,72 @@ def min_per_class(test_fraction: float) -> int:
     return math.ceil(max(2, 1 / test_fraction, 1 / (1 - test_fraction)) - 1e-9)
 
 
-def _check_class_sizes(counts: Counter, test_fraction: float) -> None:
+def _describe(counts: Counter, names: Sequence[str] | None) -> str:
+    """``'NC': 5, 'AD': 2``: subjects per class, a class index shown as its name when ``names`` holds it."""
+    def name(c: Hashable) -> Hashable:
+        return names[c] if names is not None and isinstance(c, int) and 0 <= c < len(names) else c
+
+    return ", ".join(f"{name(c)!r}: {n}" for c, n in sorted(counts.items(), key=lambda cn: str(name(cn[0]))))
+
+
+def _check_class_sizes(counts: Counter, test_fraction: float, names: Sequence[str] | None) -> None:
     """Refuse splits that would leave a class out of the train or the test part."""
-    too_small = {
+    too_small = Counter({
         c: n for c, n in counts.items() if n < 2 or n * test_fraction < 1 or n * (1 - test_fraction) < 1
-    }
+    })
     if too_small:
         need = min_per_class(test_fraction)
-        detail = ", ".join(f"{c!r}: {n}" for c, n in sorted(too_small.items(), key=str))
         raise SplitError(
             f"too few subjects for a stratified split with test_fraction={test_fraction}: "
-            f"class(es) {detail} subject(s); each class needs at least {need} so that both the "
+            f"class(es) {_describe(too_small, names)} subject(s); each class needs at least {need} so that both the "
             f"train and the test part get one. Add subjects, leave the class out or pool it "
             f"(data.classes / data.merge), or change split.test_fraction"
         )
 
 
-def make_split(subjects: Sequence[str], labels: Sequence[Hashable], split_cfg: SplitConfig) -> Split:
+def _stratified(subjects: list[str], label_of: dict, held: int | float, key: str, value: float, whole: str,
+                parts: tuple[str, str], random_state: int, names: Sequence[str] | None) -> tuple[list[str], list[str]]:
+    """``subjects`` (``whole``'s) -> (kept, held out), each sorted, stratified by label, as
+    scikit-learn's ``train_test_split(test_size=held)`` splits them (a fraction, or a count) for
+    the setting ``key=value``; ``parts`` names the two parts. One that would get fewer subjects
+    than there are classes (each part needs one of every class) is refused here, with the
+    subjects per class, instead of in scikit-learn's words."""
+    labels = [label_of[s] for s in subjects]
+    counts = Counter(labels)
+    n, k = len(subjects), len(counts)
+    n_held = math.ceil(held * n) if isinstance(held, float) else held  # scikit-learn's count
+    also = "" if key == "split.test_fraction" else " (or split.test_fraction, which sets the training part)"
+    short = [(part, size) for part, size in zip(parts, (n - n_held, n_held)) if size < k]
+    if short:
+        part, size = short[0]
+        verb = "lower" if part == parts[0] else "raise"
+        raise SplitError(f"{key}={value} leaves {size} of {whole} {n} subjects ({_describe(counts, names)}) for the "
+                         f"{part} part, fewer than the {k} classes: every part needs a subject of each class. Add "
+                         f"subjects, pool classes (data.merge) or {verb} {key}{also}")
+    try:
+        kept, out = train_test_split(subjects, test_size=held, stratify=labels, random_state=random_state)
+    except ValueError as e:  # scikit-learn's other refusals, in its words
+        raise SplitError(f"{key}={value} cannot split {whole} {n} subjects ({_describe(counts, names)}) stratified "
+                         f"by class: {e}. Add subjects, pool classes (data.merge) or change {key}{also}") from None
+    return sorted(kept), sorted(out)
+
+
+def make_split(subjects: Sequence[str], labels: Sequence[Hashable], split_cfg: SplitConfig,
+               class_names: Sequence[str] | None = None) -> Split:
     """Stratified subject-level split for repeat ``split_cfg.repeat``.
 
     Args:
         subjects: subject ids, unique.
         labels: one label per subject (class index or class name), same order.
         split_cfg: test fraction, repeat index and base seed.
+        class_names: the name of each class index, for the messages (labels stay as given).
 
     Returns:
         A :class:`Split` with sorted ``train``/``test`` lists; every class appears in both.
 
     Raises:
-        SplitError: duplicate subjects, length mismatch, a bad fraction, or a class too small.
+        SplitError: duplicate subjects, length mismatch, a bad fraction, or a class too small
+            for the fractions; the message gives the subjects per class and what to change.
     """
     subjects = [str(s) for s in subjects]
     labels = [lab.item() if hasattr(lab, "item") else lab for lab in labels]  # numpy scalars -> JSON-able
@@ -152,36 +189,29 @@ def make_split(subjects: Sequence[str], labels: Sequence[Hashable], split_cfg: S
     if split_cfg.repeat < 0:
         raise SplitError(f"split.repeat={split_cfg.repeat} must be >= 0")
     counts = Counter(labels)
-    _check_class_sizes(counts, f)
+    _check_class_sizes(counts, f, class_names)
 
-    order = sorted(range(len(subjects)), key=lambda i: subjects[i])
-    subj_sorted = [subjects[i] for i in order]
-    lab_sorted = [labels[i] for i in order]
-    try:
-        train, test = train_test_split(
-            subj_sorted, test_size=f, stratify=lab_sorted, random_state=split_cfg.seed + split_cfg.repeat
-        )
-    except ValueError as e:  # sklearn: e.g. fewer test subjects than classes
-        raise SplitError(
-            f"cannot split {len(subjects)} subjects of {len(counts)} classes with test_fraction={f}: {e}. "
-            f"Add subjects, pool classes (data.merge) or change split.test_fraction"
-        ) from None
-    label_of = dict(zip(subj_sorted, lab_sorted))
-    train, val = _carve_val(sorted(train), label_of, split_cfg)
+    label_of = dict(sorted(zip(subjects, labels)))  # sorted by subject: the caller's order does not matter
+    seed = split_cfg.seed + split_cfg.repeat
+    train, test = _stratified(list(label_of), label_of, f, "split.test_fraction", f, "the cohort's",
+                              ("training", "test"), seed, class_names)
+    train, val = _carve_val(train, label_of, split_cfg, class_names)
     for part_name, part in (("train", train), ("test", test)) + ((("val", val),) if val else ()):
-        absent = set(counts) - {label_of[s] for s in part}
-        if absent:  # guarded by _check_class_sizes; kept so a silent sklearn change cannot slip through
+        absent = Counter({c: n for c, n in counts.items() if c not in {label_of[s] for s in part}})
+        if absent:  # guarded above; kept so a silent sklearn change cannot slip through
             raise SplitError(
-                f"the {part_name} part of repeat {split_cfg.repeat} has no subject of class(es) "
-                f"{sorted(absent, key=str)}; add subjects or change split.test_fraction"
+                f"the {part_name} part of repeat {split_cfg.repeat} has none of the cohort's "
+                f"{_describe(absent, class_names)} subjects; add subjects or change split.test_fraction / "
+                "split.val_fraction"
             )
     return Split(
-        train=sorted(train), test=sorted(test), repeat=split_cfg.repeat, seed=split_cfg.seed,
-        test_fraction=f, labels=label_of, val=sorted(val), val_fraction=split_cfg.val_fraction,
+        train=train, test=test, repeat=split_cfg.repeat, seed=split_cfg.seed,
+        test_fraction=f, labels=label_of, val=val, val_fraction=split_cfg.val_fraction,
     )
 
 
-def _carve_val(train: list[str], label_of: dict, split_cfg: SplitConfig) -> tuple[list[str], list[str]]:
+def _carve_val(train: list[str], label_of: dict, split_cfg: SplitConfig,
+               names: Sequence[str] | None) -> tuple[list[str], list[str]]:
     """Stratified ``split.val_fraction`` of the training subjects -> (train, val): ``ceil(v * n)``
     subjects, and at least one of every class."""
     v = split_cfg.val_fraction
@@ -190,31 +220,31 @@ def _carve_val(train: list[str], label_of: dict, split_cfg: SplitConfig) -> tupl
     if not 0 < v < 1:
         raise SplitError(f"split.val_fraction={v} must lie in [0, 1) (0: no validation part)")
     counts = Counter(label_of[s] for s in train)
-    small = {c: n for c, n in counts.items() if n < 2}
+    small = Counter({c: n for c, n in counts.items() if n < 2})
     if small:
-        detail = ", ".join(f"{c!r}: {n}" for c, n in sorted(small.items(), key=str))
         raise SplitError(
             f"split.val_fraction={v} needs at least 2 training subjects of every class (one for validation), "
-            f"but the training part has {detail}. Add subjects or set split.val_fraction=0"
+            f"but the training part has {_describe(small, names)}. Add subjects or set split.val_fraction=0"
         )
     n_val = max(math.ceil(v * len(train) - 1e-9), len(counts))
-    rest, val = train_test_split(train, test_size=n_val, stratify=[label_of[s] for s in train],
-                                 random_state=split_cfg.seed + split_cfg.repeat)
-    return sorted(rest), sorted(val)
+    return _stratified(train, label_of, n_val, "split.val_fraction", v, "the training part's",
+                       ("training", "validation"), split_cfg.seed + split_cfg.repeat, names)
 
 
 def load_or_make_split(
-    run_dir: str | os.PathLike, subjects: Sequence[str], labels: Sequence[Hashable], split_cfg: SplitConfig
+    run_dir: str | os.PathLike, subjects: Sequence[str], labels: Sequence[Hashable], split_cfg: SplitConfig,
+    class_names: Sequence[str] | None = None,
 ) -> Split:
     """The split of a run: made and saved as ``run_dir/split.json`` on the first start,
-    then reloaded on every resume and checked against what the config gives now.
+    then reloaded on every resume and checked against what the config gives now
+    (``class_names`` as :func:`make_split` takes them).
 
     Raises:
         SplitError: the saved split differs (subjects or labels changed since the run began,
             or the split section was edited); the message names the difference.
     """
     path = RunDir(run_dir).split
-    fresh = make_split(subjects, labels, split_cfg)
+    fresh = make_split(subjects, labels, split_cfg, class_names)
     if not path.exists():
         fresh.save(path)
         return fresh

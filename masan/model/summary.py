@@ -1,7 +1,8 @@
 """Parameter count and activation size per level of the configured model, at full resolution.
 
 Nothing is computed on real data: the model is built on PyTorch's ``meta`` device (shapes and
-dtypes only, no memory, no FLOPs) and one training step (forward, loss, backward) is traced:
+dtypes only, no memory, no FLOPs; :func:`masan.model.checks.meta_model`, so a size the model cannot
+take is one line, as at a run's start) and one training step (forward, loss, backward) is traced:
 ``torch.autograd.graph.saved_tensors_hooks`` adds up the tensors autograd keeps for the
 backward pass, per branch (T1 / fMRI / region head) and per encoder level, and
 ``torch.utils.flop_counter.FlopCounterMode`` counts the FLOPs, with activation checkpointing
@@ -25,7 +26,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from masan.config import LossConfig, ModelConfig, add_config_arguments, config_from_args
-from masan.model import build_model, masan_loss
+from masan.model import masan_loss
+from masan.model.checks import meta_model
 from masan.model.inputs import PRECISION_DTYPES as DTYPES
 from masan.model.regions import patch_shape
 
@@ -91,8 +93,7 @@ def trace_step(cfg: ModelConfig, num_classes: int, dtype: torch.dtype, batch: in
     level is the encoder level whose spatial shape the tensor has (``other`` for anything
     else in that branch).
     """
-    with torch.device("meta"):
-        model = build_model(cfg, num_classes).to(dtype)
+    model = meta_model(cfg, num_classes).to(dtype)
     params = {p.untyped_storage()._cdata for p in model.parameters()}
     shapes = branch_levels(cfg)
     modules = {"spm": "T1", "patches": "T1", "fpm": "fMRI"}
@@ -136,8 +137,7 @@ def summarize(cfg: ModelConfig, num_classes: int, dtype_name: str = "bf16") -> s
     """The report printed by the command line (one sample, full resolution from ``cfg``)."""
     dtype = DTYPES[dtype_name]
     item = torch.empty((), dtype=dtype).element_size()
-    with torch.device("meta"):
-        counts = parameter_counts(build_model(cfg, num_classes))
+    counts = parameter_counts(meta_model(cfg, num_classes))
     regions = math.prod(cfg.patch_grid)
     lines = [
         f"{cfg.arch} model, {num_classes} classes, one sample; T1 {_fmt_shape(cfg.t1_shape)} as "
