@@ -61,6 +61,7 @@ from pathlib import Path
 from launch.slurm import jobs
 from launch.slurm.plan import DEFAULT_RUN_DIR, Resources, RunSpec, base_run_dir, parse_time_min, plan_runs, slurm_time
 from launch.slurm.submission import SubmitError, failure_logs, log_path, submit_slurm
+from masan.access import creation_umask, restrictive_mode
 from masan.argtypes import number
 from masan.config import ConfigError, add_override_arguments, save_config
 from masan.rundir import RunDir
@@ -476,7 +477,7 @@ def _refused_before_submitting(todo: list[RunSpec], res: Resources, local: bool)
     """EXIT_REFUSED (with the reasons) when a run's start would refuse it, or the job could
     never start on the partition; None when it may go (a wait for down nodes is warned about)."""
     for spec in todo:  # what the job would refuse at its start, refused before it waits in the queue
-        why = _start_refusal(spec, res)
+        why = _start_refusal(spec, res, local)
         if why:
             print(f"refused: {spec.run_dir}: {why}; nothing was submitted", file=sys.stderr)
             return EXIT_REFUSED
@@ -505,12 +506,17 @@ def _print_plan(todo: list[RunSpec], res: Resources, local: bool) -> None:
               f"{sum(cfg.epochs.values())} epochs, data.store={cfg.data.store}")
 
 
-def _start_refusal(spec: RunSpec, res: Resources) -> str | None:
-    """Why the job of ``spec`` would refuse to start (:func:`masan.train.run.check_start`), or None."""
+def _start_refusal(spec: RunSpec, res: Resources, local: bool) -> str | None:
+    """Why the job of ``spec`` would refuse to start (:func:`masan.train.run.check_start`), or
+    None. Its device: the config's, else a SLURM job's GPUs or none (a local run's device is
+    this machine's, which its own start checks)."""
     from masan.train.run import USER_ERRORS, check_start
 
+    device = spec.cfg.train.device
+    if device == "auto":
+        device = None if local else "cuda" if res.gpus_per_node else "cpu"
     try:
-        check_start(spec.cfg, res.world_size)
+        check_start(spec.cfg, res.world_size, device)
     except USER_ERRORS as e:
         return str(e)
     return None
@@ -597,6 +603,15 @@ def _main(argv: list[str] | None) -> int:
     if args.dry_run:
         _print_plan(todo, res, local)
         return 0
+    # what this command and its jobs write (jobs.json, submitit's pickles, SLURM's logs: sbatch
+    # passes the umask on) is never more open than the stores the runs read
+    stores = sorted({s.cfg.data.store for s in todo if Path(s.cfg.data.store).exists()})
+    with creation_umask(restrictive_mode(stores)[0]):
+        return _launch(todo, res, local, base, args)
+
+
+def _launch(todo: list[RunSpec], res: Resources, local: bool, base: Path, args: argparse.Namespace) -> int:
+    """Run ``todo`` here (``local``) or submit it to SLURM, then report (and with --wait, follow)."""
     if local:
         print(f"TensorBoard: tensorboard --logdir {base}", flush=True)
         return run_locally(todo, res, args.max_restarts)

@@ -55,8 +55,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--nproc", type=number(int, 1), default=1, help="processes (data-parallel ranks) on this machine")
     ap.add_argument("--port", type=number(int, 1, 65535), default=None,
                     help="rendezvous port for --nproc > 1 (default: a free one)")
+    ap.add_argument("--run-dir", help="run directory, as launch/submit.py takes it (the same as run_dir=...; "
+                    "default: the --config file's run_dir, else the built-in one)")
     add_config_arguments(ap)
-    return ap.parse_intermixed_args(argv)  # overrides may come before, between or after the options
+    args = ap.parse_intermixed_args(argv)  # overrides may come before, between or after the options
+    if args.run_dir is not None:
+        from launch.slurm.plan import base_run_dir
+        from masan.config import ConfigError
+
+        try:
+            base_run_dir(args.run_dir, None, args.overrides)
+        except ConfigError as e:
+            ap.error(str(e))
+        args.overrides.append(f"run_dir={args.run_dir}")
+    return args
 
 
 def setup_logging(rank: int) -> None:

@@ -29,7 +29,8 @@ def test_a_checkpoint_resumes_under_settings_made_resumable_since_it_was_written
     assert config_hash(saved) == config_hash(load_config(None, [*binary, "data.positive_class=NC"]))
     ckpt = CheckpointManager(tmp_path, keep=1)
     (ckpt.dir / "step_000001").mkdir(parents=True)
-    manifest = {"state": {"config_hash": "written-before"}, "config": json.loads(json.dumps(config_to_dict(saved)))}
+    state = {"config_hash": "written-before", "phase": "pretrain", "epoch": 0, "consumed": 1}
+    manifest = {"state": state, "config": json.loads(json.dumps(config_to_dict(saved)))}
     (ckpt.dir / "step_000001" / MARKER).write_text(json.dumps(manifest))
     now = load_config(None, [*binary, "data.positive_class=NC"])
     ckpt.check_compatible("step_000001", now, config_hash(now))

@@ -131,6 +131,21 @@ def test_run_directory_is_no_more_open_than_its_store(two_rank_run):
     assert as_other("cat", str(control)).stdout == "shared\n"
 
 
+@pytest.mark.slow  # a real training run
+def test_what_submit_writes_is_no_more_open_than_the_store(shared_dir, config):
+    """launch/submit.py's own files (jobs.json, the sweep folders it creates) under the usual
+    umask 022: as closed as the store, like the run's (they used to be 644/755)."""
+    base = shared_dir / "submitted"
+    res = subprocess.run([sys.executable, str(REPO / "launch" / "submit.py"), "--local", "--config", str(config),
+                          "--run-dir", str(base / "sweep"), "--repeats", "2", "train.max_steps=1"],
+                         capture_output=True, text=True, timeout=600, check=False, cwd=REPO,
+                         preexec_fn=lambda: os.umask(0o022))
+    assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
+    assert (base / "sweep" / "repeat_1" / "jobs.json").is_file()
+    open_paths = [p for p in (base / "sweep", *(base / "sweep").rglob("*")) if p.lstat().st_mode & 0o077]
+    assert not open_paths, f"readable by group/others: {open_paths[:5]}"
+
+
 @pytest.mark.slow  # real training runs
 def test_refused_start_leaves_the_run_directory_as_it_was(tmp_path, shared_dir, config, two_rank_run):
     run = shared_dir / "refused"

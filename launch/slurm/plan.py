@@ -136,8 +136,9 @@ def variant_dir_name(variant: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", variant.replace("=", "-")).strip("-")
 
 
-DEFAULT_RUN_DIR = "runs/masan"
-"""submit.py's run directory when neither --run-dir, a ``run_dir=`` override nor --config names one."""
+DEFAULT_RUN_DIR = RunConfig().run_dir
+"""submit.py's run directory when neither --run-dir, a ``run_dir=`` override nor --config names
+one: the config's own default, which launch/train_local.py trains in too."""
 
 
 def base_run_dir(flag: str | None, config: str | None, overrides: list[str]) -> str:

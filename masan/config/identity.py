@@ -54,15 +54,17 @@ def config_hash(cfg: RunConfig) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def config_diff(a: RunConfig, b: RunConfig) -> list[str]:
-    """Human-readable list of ``key: old -> new`` differences (for resume errors)."""
+def config_diff(a: RunConfig, b: RunConfig, resumable: bool = True) -> list[str]:
+    """Human-readable list of ``key: old -> new`` differences (for resume errors); without
+    ``resumable``, only the keys a resume may not change (not :data:`RESUMABLE`)."""
     out: list[str] = []
+    free = () if resumable else flagged_keys(RESUMABLE)
 
     def walk(x: Any, y: Any, prefix: str) -> None:
         if isinstance(x, dict) and isinstance(y, dict):
             for k in sorted(set(x) | set(y)):
                 walk(x.get(k), y.get(k), f"{prefix}.{k}" if prefix else k)
-        elif x != y:
+        elif x != y and not any(prefix == k or prefix.startswith(f"{k}.") for k in free):
             out.append(f"{prefix}: {x!r} -> {y!r}")
 
     walk(config_to_dict(a), config_to_dict(b), "")

@@ -407,7 +407,7 @@ class LogConfig:
 class RunConfig:
     """Everything one training run needs; saved as ``run_dir/config.yaml`` at every start."""
 
-    run_dir: str = field(default="runs/default", metadata=PLUMBING)
+    run_dir: str = field(default="runs/masan", metadata=PLUMBING)
     """Checkpoints, TensorBoard events, split, predictions. A new run_dir starts fresh."""
     seed: int = 0
     """Seeds model init, dropout and data order (per epoch: seed + epoch)."""

@@ -147,6 +147,21 @@ class Resumed:
     """Human-readable summary of what was restored and what was reset."""
 
 
+def past_target(state: dict, before: RunConfig | None, cfg: RunConfig) -> str | None:
+    """Why a checkpoint at training position ``state`` (its TrainState) cannot go on under
+    ``cfg``'s epoch targets, or None. Epoch budgets may grow between starts, but a run already
+    past a lowered target would be marked finished under a config that does not say how long
+    it trained, and a run in its joint phase has its pretraining behind it at ``before``'s length."""
+    phase, target = state["phase"], cfg.epochs[state["phase"]]
+    started = state["epoch"] + (1 if state.get("consumed") else 0)  # a begun epoch counts: it cannot be undone
+    if started > target:
+        return (f"has trained {started} {phase} epoch(s), more than train.{phase}_epochs={target} now asks for")
+    if phase == "joint" and before is not None and before.epochs["pretrain"] != cfg.epochs["pretrain"]:
+        return (f"is in the joint phase after {before.epochs['pretrain']} pretrain epochs, and "
+                f"train.pretrain_epochs={cfg.epochs['pretrain']} now would rewrite that record")
+    return None
+
+
 class CheckpointManager:
     """Save and find complete checkpoints of one run directory.
 
@@ -303,15 +318,20 @@ class CheckpointManager:
 
     def check_compatible(self, tag: str, cfg: RunConfig, config_hash: str) -> None:
         saved = self.manifest(tag)
-        if saved["state"]["config_hash"] == config_hash:
-            return
         try:
             before = config_from_dict(saved["config"])
-            if fingerprint(before) == config_hash:
-                return  # the settings that differ have since become resumable (e.g. data.positive_class)
-            diffs = config_diff(before, cfg)
         except Exception as e:  # noqa: BLE001 - an older config layout: the hash alone must do
-            diffs = [f"(saved config unreadable with this code: {e})"]
+            before, unreadable = None, f"(saved config unreadable with this code: {e})"
+        past = past_target(saved["state"], before, cfg)
+        if past:
+            raise ResumeError(f"checkpoint {self.dir / tag} {past}; start it again with at least those epochs, or "
+                              f"train the shorter schedule in a new run directory (run_dir=...), leaving "
+                              f"{self.dir.parent} as it is")
+        if saved["state"]["config_hash"] == config_hash:
+            return
+        if before is not None and fingerprint(before) == config_hash:
+            return  # the settings that differ have since become resumable (e.g. data.positive_class)
+        diffs = [unreadable] if before is None else config_diff(before, cfg, resumable=False)
         raise ResumeError(
             f"checkpoint {self.dir / tag} was written with a different config "
             f"(hash {saved['state']['config_hash']}, now {config_hash}); these settings differ:\n  "

@@ -90,13 +90,14 @@ def _rows(cfg: RunConfig, world_size: int, num_params: int | None = None) -> lis
     return rows
 
 
-def check_config(cfg: RunConfig, device_type: str) -> None:
-    """Refuse settings the engine cannot run, with what to change."""
+def check_config(cfg: RunConfig, device_type: str | None) -> None:
+    """Refuse settings the engine cannot run, with what to change (``device_type`` None: not
+    known yet, e.g. on a login node, so only what holds on every device)."""
     t = cfg.train
     if t.zero_stage not in (0, 1, 2):
         raise ConfigError(f"train.zero_stage={t.zero_stage}: use 0, 1 or 2 (ZeRO-3 shards the weights, "
                           "but rank 0 evaluates the whole model alone; a conv autoencoder fits without it)")
-    if t.precision == "fp16" and device_type != "cuda":
+    if t.precision == "fp16" and device_type not in ("cuda", None):
         raise ConfigError("train.precision=fp16 needs CUDA (DeepSpeed's loss scaler); use bf16 or fp32 on the CPU")
     if cfg.optim.micro_batch < 1 or cfg.optim.grad_accum < 1:
         raise ConfigError("optim.micro_batch and optim.grad_accum must be at least 1")

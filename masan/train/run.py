@@ -55,6 +55,8 @@ from masan.train.stop import StopRequest
 
 log = logging.getLogger(__name__)
 
+SPLIT_KEYS = ("repeat", "seed", "test_fraction", "val_fraction")
+"""The split settings a saved split.json records (:class:`masan.data.splits.Split`)."""
 USER_ERRORS = (ConfigError, ResumeError)
 """Errors of the input, not of the machine: launchers exit 2 and never restart them."""
 
@@ -183,10 +185,18 @@ def preflight(cfg: RunConfig, world_size: int, ckpt: CheckpointManager, chash: s
     store = open_store(cfg)
     subjects, labels, class_names = select_subjects(store, cfg.data)
     split_path = RunDir(run_dir).split
+    # a split.json without a complete checkpoint is from a start that never trained: the config decides
+    trained = split_path.is_file() and bool(ckpt.complete_tags())
     try:
-        split = Split.load(split_path) if split_path.is_file() else make_split(subjects, labels, cfg.split)
+        split = Split.load(split_path) if trained else make_split(subjects, labels, cfg.split, class_names)
     except SplitError as e:
         raise ConfigError(str(e)) from None
+    moved = [f"split.{k}: {getattr(split, k)!r} -> {getattr(cfg.split, k)!r}" for k in SPLIT_KEYS
+             if getattr(split, k) != getattr(cfg.split, k)]
+    if moved:
+        raise ConfigError(f"{split_path} was made with other split settings than this config's ({'; '.join(moved)}), "
+                          "and the run has trained on it: restore those settings, or start a new run_dir for the "
+                          "new split")
     missing = sorted(set(split.train + split.val + split.test) - set(subjects))
     if missing:
         raise ConfigError(f"{split_path} names subjects not in the store {cfg.data.store} with data.classes "
@@ -202,7 +212,7 @@ def preflight(cfg: RunConfig, world_size: int, ckpt: CheckpointManager, chash: s
     if refusal:
         raise ResumeError(refusal)
     file_mode, gid = restrictive_mode([cfg.data.store])
-    return Preflight(subjects, labels, class_names, split, not split_path.is_file(), file_mode, gid,
+    return Preflight(subjects, labels, class_names, split, not trained, file_mode, gid,
                      data=data_fingerprint(store, split.train + split.val + split.test))
 
 
@@ -305,24 +315,31 @@ def store_contract(cfg: RunConfig):
     return geo
 
 
-def check_start(cfg: RunConfig, world_size: int) -> None:
-    """The read-only checks of a start (:func:`store_contract`, :func:`preflight`) on a login
+def check_start(cfg: RunConfig, world_size: int, device_type: str | None = None) -> None:
+    """The read-only checks of a start (:func:`store_contract`, the engine's settings for
+    ``device_type`` (None: those that hold on every device), :func:`preflight`) on a login
     node, before a job waits in the queue to meet them: raises ConfigError or ResumeError as the
-    job would. What only the training node can tell (its device, ``data.cache_dir``) is left to
-    the job; ``cfg`` is not changed."""
+    job would. What only the training node can tell (``data.cache_dir``) is left to the job;
+    ``cfg`` is not changed."""
+    from masan.model.checks import check_model
+    from masan.train.engine import check_config
+
     cfg = copy.deepcopy(cfg)
     cfg.data.store = os.path.abspath(cfg.data.store)
     store_contract(cfg)
+    check_config(cfg, device_type)
+    check_model(cfg)
     ckpt = CheckpointManager(cfg.run_dir, cfg.checkpoint.keep)
     preflight(cfg, world_size, ckpt, config_hash(cfg), node_local=False)
 
 
 def _run(cfg: RunConfig, stop: StopRequest | None, info: D.DistInfo, lock: RunLock) -> TrainOutcome:
     from masan.data.contract import resolve_inputs
+    from masan.model.checks import check_model
     from masan.train.engine import check_config
 
-    # the saved config.yaml must lead predict and evaluate to the store from any folder
-    cfg.data.store = os.path.abspath(cfg.data.store)
+    # the saved config.yaml must lead predict, evaluate and a later start to the same places from any folder
+    cfg.data.store, cfg.run_dir = os.path.abspath(cfg.data.store), os.path.abspath(cfg.run_dir)
     run_dir = Path(cfg.run_dir)
     done = RunDir(run_dir).finished(cfg)
     if done is not None:
@@ -333,6 +350,7 @@ def _run(cfg: RunConfig, stop: StopRequest | None, info: D.DistInfo, lock: RunLo
     if not info.is_main:
         resolve_inputs(cfg, geometry)
     check_config(cfg, info.device.type)
+    check_model(cfg)  # a model that cannot be built or evaluated: refused now, not after training
     ckpt = CheckpointManager(run_dir, cfg.checkpoint.keep, info.rank, info.world_size)
     chash = config_hash(cfg)
     pre = _on_main(info, lambda: preflight(cfg, info.world_size, ckpt, chash))  # nothing in run_dir changed yet
