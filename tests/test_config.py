@@ -1,5 +1,7 @@
 """The typed run config: YAML + overrides, validation users see, round trip, resume hash."""
 
+import re
+
 import pytest
 
 from masan.config import ConfigError, config_diff, config_hash, config_to_dict, load_config, save_config
@@ -138,3 +140,18 @@ def test_overrides_come_bare_or_after_set_in_every_launcher():
     assert submit.build_parser().parse_intermixed_args(["--local", *argv]).overrides == \
         ["optim.lr=1e-3", "seed=3", "train.max_steps=4"]
     assert load_config(None, shared.parse_args(argv[:3]).overrides).optim.lr == 1e-3
+
+
+@pytest.mark.parametrize(("text", "fragment"), [
+    ("optim:\n  lr: 0.1\nmodel:\n  dropout: 0.2\noptim:\n  lr: 0.3\n", "the key 'optim' is given twice in one section"),
+    ("optim:\n  lr: 0.1\n  lr: 0.3\n", "the key 'lr' is given twice"),
+    ("# nothing set\n", "holds no settings (it is empty, or comments only); leave --config out"),
+    ("optim:\n  lr: [1\n", 'in "{path}", line'),
+])
+def test_a_config_file_that_would_be_read_otherwise_than_written_is_refused(tmp_path, text, fragment):
+    """YAML keeps the last of two equal keys, and an empty file is the defaults: both silently.
+    A syntax error names the file, not "<unicode string>"."""
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=re.escape(fragment.format(path=path))):
+        load_config(path)

@@ -129,6 +129,21 @@ def config_from_dict(values: dict | None, overrides: list[str] | tuple[str, ...]
     return cfg
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping: YAML keeps the last one
+    silently, so a setting changed in one place and left in another would be ignored."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen and key != "<<":  # merge keys may repeat
+                raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} is given twice in one "
+                                                        "section; keep one", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """Load a YAML config file (None: defaults) and apply ``key.sub=value`` overrides."""
     values: dict = {}
@@ -138,9 +153,13 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
             what = "is a folder, not a config file" if p.is_dir() else "does not exist"
             raise ConfigError(f"config file {p} {what}; pass an existing YAML file (see hpc/configs/)")
         try:
-            values = yaml.safe_load(p.read_text()) or {}
+            with open(p) as f:  # from the file: YAML's errors then name it
+                values = yaml.load(f, Loader=UniqueKeyLoader)  # a SafeLoader
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {p} is not valid YAML: {e}") from e
+        if values is None:
+            raise ConfigError(f"config file {p} holds no settings (it is empty, or comments only); leave --config "
+                              "out to use the built-in defaults, or write the settings to change into it")
         if not isinstance(values, dict):
             raise ConfigError(f"config file {p} must hold a mapping of sections (data:, model:, ...)")
     try:
