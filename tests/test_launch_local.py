@@ -17,7 +17,7 @@ import pytest
 from launch import run_status
 from launch.slurm import jobs
 from launch.slurm.plan import DEFAULT_RUN_DIR, Resources, base_run_dir, parse_time_min, plan_runs
-from masan.config import load_config
+from masan.config import ConfigError, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 SLURM_COMMANDS = {"sbatch", "srun", "squeue", "sinfo", "scontrol", "scancel", "sacct"}
@@ -70,6 +70,9 @@ def test_repeats_and_ablations_expand_to_one_run_dir_each(tiny_config, tmp_path)
     assert all(s.cfg.optim.lr == 3e-4 and s.cfg.run_dir == str(s.run_dir) for s in specs)
     single = plan_runs(tmp_path / "one", str(tiny_config), ["split.repeat=3"])
     assert [(s.run_dir, s.cfg.split.repeat) for s in single] == [((tmp_path / "one").resolve(), 3)]
+    with pytest.raises(ConfigError) as refused:  # the error names what the user gave, not the planner's repeat
+        plan_runs(tmp_path / "abl", str(tiny_config), [], repeats=2, ablations=["model.fusoin=add"])
+    assert str(refused.value).endswith("(from the overrides model.fusoin=add)")
 
 
 def test_the_run_directory_is_the_one_the_command_or_its_config_names(tiny_config, tmp_path):

@@ -162,10 +162,13 @@ def base_run_dir(flag: str | None, config: str | None, overrides: list[str]) -> 
     return DEFAULT_RUN_DIR
 
 
-def _resolve(run_dir: Path, config: str | None, overrides: list[str]) -> RunConfig:
-    """The run's config: set by the planner, not as an override (an error names only the user's)."""
+def _resolve(run_dir: Path, config: str | None, overrides: list[str], repeat: int | None) -> RunConfig:
+    """The run's config: run_dir and the repeat set by the planner, not as overrides (an error
+    names only the user's)."""
     cfg = load_config(RunDir(run_dir).start_config(config), overrides)
     cfg.run_dir = str(run_dir)
+    if repeat is not None:
+        cfg.split.repeat = repeat
     cfg.data.store = os.path.abspath(cfg.data.store)  # the job and later commands may start elsewhere
     return cfg
 
@@ -186,6 +189,6 @@ def plan_runs(run_dir: str | Path, config: str | None, overrides: list[str],
                 d = base if repeats == 1 else base / f"repeat_{r}"
             else:
                 d = base / variant_dir_name(variant) / f"repeat_{r}"
-            rep = [] if repeats == 1 and not ablations else [f"split.repeat={r}"]
-            specs.append(RunSpec(d, variant, r, _resolve(d, config, [*overrides, *extra, *rep])))
+            rep = None if repeats == 1 and not ablations else r
+            specs.append(RunSpec(d, variant, r, _resolve(d, config, [*overrides, *extra], rep)))
     return specs

@@ -111,7 +111,7 @@ _RULES: tuple[tuple[str, typing.Callable[[Any], bool], str], ...] = (
     ("data.prefetch_factor", _positive, "at least 1 batch per worker"),
     ("data.worker_timeout_minutes", _non_negative, "0 (wait forever) or minutes, e.g. 30"),
     ("data.fmri_frames", _optional_positive, "null (all frames) or at least 1 frame"),
-    ("data.classes", lambda v: len(v) >= 2, "at least two classes, e.g. [NC, AD]"),
+    ("data.classes", lambda v: len(v) >= 2 and len(set(v)) == len(v), "at least two distinct classes, e.g. [NC, AD]"),
     ("data.augment.rotate_deg", lambda v: 0 <= v <= 180, "0 (off) or a small angle in degrees, e.g. 5"),
     ("data.augment.shift", _fraction_right_open, "0 (off) or a small fraction of the field of view, e.g. 0.02"),
     ("data.augment.scale", _fraction_right_open, "0 (off) or a small fraction, e.g. 0.05"),
