@@ -93,7 +93,8 @@ def test_hash_ignores_paths_and_cadence_but_not_science():
         ("checkpoint.keep=0", "checkpoint.keep=0 is out of range"),
         ("train.dist_timeout_minutes=.inf", "train.dist_timeout_minutes=inf is not a finite number"),
         ("model.dropout=1", "model.dropout=1.0 is out of range"),
-        ("data.classes=[AD]", "data.classes=['AD'] is out of range; use at least two classes"),
+        ("data.classes=[AD]", "data.classes=['AD'] is out of range; use at least two distinct classes"),
+        ("data.classes=[NC, NC]", "data.classes=['NC', 'NC'] is out of range; use at least two distinct"),
         ("data.classes=[CN,Dementia]", "data.positive_class='AD' is not one of data.classes=['CN', 'Dementia']"),
     ],
 )
