@@ -138,8 +138,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="use the BOLD runs of this BIDS task (func/*_task-LABEL_*bold.nii[.gz]; e.g. nback) as the "
                         "fMRI (default: resting-state runs, a task label containing 'rest': MASAN models resting-"
                         "state fMRI, so a subject with only other tasks' runs fails naming them)")
-    p.add_argument("--require", nargs="+", choices=["t1", "fmri"], default=["t1", "fmri"],
-                   help="modalities every subject must have (others are converted when present)")
+    p.add_argument("--require", nargs="+", choices=["t1", "fmri", "none"], default=["t1", "fmri"],
+                   help="modalities every subject must have (others are converted when present); none: each "
+                        "subject with the images it has (at least one)")
     p.add_argument("--allow-unlabeled", action="store_true",
                    help="store subjects without a diagnosis (empty or n/a) for `python -m masan.predict`; "
                         "training leaves them out (default: such a subject fails)")
@@ -183,6 +184,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.workers < 1:
         print(f"to_zarr: --workers must be 1 or more, got {args.workers}", file=sys.stderr)
         return 2
+    if "none" in args.require and len(args.require) > 1:
+        print(f"to_zarr: --require {' '.join(args.require)}: none stands alone (every subject with the images it "
+              "has); or name the modalities every subject must have", file=sys.stderr)
+        return 2
     spacing = None
     if args.spacing is not None:
         if len(args.spacing) > 2:
@@ -198,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
             t1_shape=tuple(args.t1_shape) if args.t1_shape else None,
             fmri_shape=tuple(args.fmri_shape) if args.fmri_shape else None, patch_grid=tuple(args.patch_grid),
             fmri_chunk_frames=args.fmri_chunk_frames, fmri_shard_frames=args.fmri_shard_frames, codec=args.codec,
-            clevel=args.clevel, shuffle=args.shuffle, levels=args.levels, nan=args.nan, require=tuple(args.require),
+            clevel=args.clevel, shuffle=args.shuffle, levels=args.levels, nan=args.nan,
+            require=tuple(m for m in args.require if m != "none"),
             unoriented=args.unoriented, register=args.register, template=args.template, threads=args.threads,
             allow_unlabeled=args.allow_unlabeled, bold_task=args.bold_task)
         if args.bids:

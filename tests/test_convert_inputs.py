@@ -293,3 +293,20 @@ def test_a_rerun_keeps_its_warnings_and_a_store_of_another_cohort_is_refused(hea
     assert snapshot() == before_refusal
     assert to_zarr.main(["--bids", str(bids), "--out", str(out), "--no-progress", "--new-input"]) == 0
     assert {"sub-001", "sub-002", "ok"} <= set(CohortStore(out).subjects)
+
+
+def test_a_cohort_of_t1_only_and_fmri_only_subjects_converts_with_require_none(tmp_path, capsys):
+    """Each subject's failure named another --require than the other's; --require none takes
+    every subject with the images it has."""
+    bids = _synth(tmp_path, n=2)
+    shutil.rmtree(bids / "sub-001" / "func")
+    shutil.rmtree(bids / "sub-002" / "anat")
+    out = tmp_path / "s.zarr"
+    assert to_zarr.main(["--bids", str(bids), "--out", str(out), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "--require t1 to allow this (--require none: every subject with the images it has)" in err
+    assert to_zarr.main(["--bids", str(bids), "--out", str(out), "--no-progress", "--require", "none"]) == 0
+    store = CohortStore(out)
+    assert store.row("sub-001")["fmri"] is None and store.row("sub-002")["t1"] is None
+    assert to_zarr.main(["--bids", str(bids), "--out", str(out), "--require", "none", "t1"]) == 2
+    assert "none stands alone" in capsys.readouterr().err

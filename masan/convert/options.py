@@ -66,7 +66,8 @@ class ConvertOptions:
     fingerprint: it decides which file is a subject's source (recorded with its checksum), not
     how voxels are stored."""
     require: tuple[str, ...] = ("t1", "fmri")
-    """Modalities every subject must have; a subject missing one fails."""
+    """Modalities every subject must have; a subject missing one fails. Empty: every subject
+    with the images it has (at least one)."""
     register: Literal["none", "rigid", "affine", "syn"] = "none"
     """Spatial normalisation (:mod:`masan.convert.registration`): ``none`` stores the file's voxels;
     otherwise each T1 is registered to ``template`` with ANTs and resampled onto the template
@@ -93,8 +94,8 @@ class ConvertOptions:
         if self.levels < 1:
             raise ConvertError(f"levels must be 1 or more (1: full resolution only), got {self.levels}")
         bad = set(self.require) - set(MODALITIES)
-        if bad or not self.require:
-            raise ConvertError(f"require must name some of {MODALITIES}, got {self.require}")
+        if bad:  # empty: every subject with the images it has (at least one)
+            raise ConvertError(f"require must name some of {MODALITIES} (or none), got {self.require}")
         for name in ("t1_shape", "fmri_shape", "patch_grid"):
             v = getattr(self, name)
             if v is not None and (len(v) != 3 or min(v) < 1):

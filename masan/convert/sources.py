@@ -520,7 +520,8 @@ def check_sources(sources: list[SubjectSource], label_map: dict[str, str], requi
         if missing:
             where = f" in {s.session}" if s.session else ""
             fail(f"has no {' and no '.join(missing)} file{where}; add it, or convert with --require "
-                 f"{' '.join(m for m in MODALITIES if m not in missing)} to allow this")
+                 f"{' '.join(m for m in MODALITIES if m not in missing)} to allow this (--require none: every "
+                 "subject with the images it has)")
             continue
         if absent:
             m, f = absent[0]
