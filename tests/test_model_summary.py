@@ -26,3 +26,17 @@ def test_summary_command_line_accepts_overrides_and_rejects_bad_keys(capsys):
     bad = subprocess.run([sys.executable, "-m", "masan.model.summary", "model.no_such_key=1"],
                          capture_output=True, text=True, check=False)
     assert bad.returncode == 2 and "no_such_key" in bad.stderr
+
+
+def test_summary_takes_the_configs_precision_and_says_where_null_shapes_come_from(capsys, tiny_store):
+    """The activation dtype is the config's unless --dtype says otherwise; null input shapes are
+    read from data.store as a training start reads them, or named when there is no store."""
+    assert main(["train.precision=fp32"]) == 0
+    assert "feature map per level (fp32;" in capsys.readouterr().out
+    assert main(["train.precision=fp32", "--dtype", "bf16"]) == 0
+    assert "feature map per level (bf16;" in capsys.readouterr().out
+    assert main(["model.t1_shape=null", "data.store=/nonexistent.zarr"]) == 2
+    assert "model.t1_shape null: taken from the store" in capsys.readouterr().err
+    assert main(["model.t1_shape=null", "model.fmri_shape=null", "model.fmri_frames=null", "model.patch_grid=[2,2,2]",
+                 f"data.store={tiny_store}", "data.classes=[NC,AD]"]) == 0
+    assert "T1 = all 8 patches" in capsys.readouterr().out

@@ -20,6 +20,7 @@ import math
 import sys
 from collections import defaultdict
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -187,16 +188,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_config_arguments(parser)
     parser.add_argument("--classes", type=int, default=None,
                         help="number of classes (default: the length of data.classes in the config)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="activation dtype (default bf16)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                        help="activation dtype (default: the config's train.precision)")
     args = parser.parse_args(argv)
     cfg = config_from_args(args)
     classes = args.classes or len(cfg.data.classes)
     try:
-        print(summarize(cfg.model, classes, args.dtype))
-    except ValueError as e:
+        _resolve_shapes(cfg)
+        print(summarize(cfg.model, classes, args.dtype or cfg.train.precision))
+    except ValueError as e:  # ConfigError too
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def _resolve_shapes(cfg) -> None:
+    """Fill the model's null input shapes from ``data.store`` as a training start does; a
+    ValueError naming the keys when there is no store to read them from."""
+    m = cfg.model
+    null = [k for k in ("t1_shape", "fmri_shape", "fmri_frames") if getattr(m, k) is None]
+    if not null:
+        return
+    if not Path(cfg.data.store).exists():
+        raise ValueError(f"model.{', model.'.join(null)} null: taken from the store at a training start, but "
+                         f"data.store={cfg.data.store} does not exist; give data.store=... or the shapes, e.g. "
+                         "model.t1_shape=[240,256,176]")
+    from masan.train.run import store_contract
+
+    store_contract(cfg)
 
 
 if __name__ == "__main__":
