@@ -22,6 +22,7 @@ from masan.evaluate.region_ranking import atlas_region_names, resample_atlas
 from masan.inference import predict
 from masan.model import build_model, small_model_config
 from masan.predictions import write_predictions
+from masan.rundir import RunDir
 from masan.store.cohort import CohortStore
 from masan.synth.phantom import synthesize_cohort
 
@@ -51,7 +52,7 @@ def train_free_run(run_dir, store, repeat: int, arch: str = "masan"):
     torch.manual_seed(repeat)
     preds = predict(build_model(cfg.model, len(classes)), loader, "cpu", class_names=classes)
     write_predictions(preds, run_dir, classes, cfg.data.positive_class)
-    (run_dir / "DONE").write_text("")
+    RunDir(run_dir).mark_done(cfg, step=1, epochs_done=sum(cfg.epochs.values()))
     return preds, split
 
 
