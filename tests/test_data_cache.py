@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 
 from masan.config import ConfigError, DataConfig
 from masan.convert.cohort import ConvertOptions, convert_cohort, discover_bids
+from masan.data import cache as cache_module
 from masan.data.cache import CohortCache, open_cache
 from masan.data.dataset import CohortDataset, select_subjects
 from masan.store.cohort import CohortStore
@@ -108,7 +109,7 @@ def test_too_little_memory_is_refused_with_numbers_and_fix(store, tmp_path, monk
                        match=r"needs 0\.\d+ GiB .*bytes.*data.cache_reserve_gib=1000000.0.*data.cache=none"):
         open_cache(_dataset(store, cfg), cfg, torch.device("cpu"))
     cfg.cache = "device"
-    monkeypatch.setattr(CohortCache, "_check_host", lambda self: None)  # shared memory fits, the device does not
+    monkeypatch.setattr(cache_module, "check_host_fits", lambda *_: None)  # shared memory fits, the device does not
     with pytest.raises(ConfigError, match="data.cache=device needs .*data.cache=host"):
         open_cache(_dataset(store, cfg), cfg, torch.device("cpu"))
     assert not any(tmp_path.iterdir())

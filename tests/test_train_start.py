@@ -87,3 +87,15 @@ def test_the_login_node_refuses_a_model_that_cannot_be_built(tiny_config, tmp_pa
     with pytest.raises(ConfigError, match="temporal_kernel"):
         check_start(cfg, 1, None)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_cache_the_node_cannot_hold_is_refused_before_the_run_directory_is_touched(tiny_config, tmp_path):
+    """Found as the cache was built, after the start had written its first files, it broke the
+    promise that a refused start leaves the run directory as it was."""
+    from masan.data.cache import CacheConfigError
+
+    run = tmp_path / "run"
+    with pytest.raises(CacheConfigError, match=r"data.cache=host needs .* data.cache_reserve_gib=1000000.0"):
+        _start(tiny_config, run, "data.cache=host", "data.cache_reserve_gib=1e6")
+    assert not run.exists()
+    _start(tiny_config, run, "data.cache=host", "data.cache_reserve_gib=0")

@@ -125,6 +125,40 @@ def sweep_stale(cache_dir: Path) -> list[Path]:
     return removed
 
 
+def cached_shape(store: CohortStore, subject: str, modality: str, data_cfg: DataConfig) -> tuple[int, ...]:
+    """Shape of what a cache holds of one image: the stored shape, an fMRI cut to
+    ``data.fmri_frames`` frames."""
+    shape = store.shape(subject, modality)
+    if modality != "fmri" or not data_cfg.fmri_frames:
+        return shape
+    return (min(shape[0], data_cfg.fmri_frames),) + shape[1:]
+
+
+def cached_bytes(store: CohortStore, subjects: list[str], data_cfg: DataConfig) -> int:
+    """Bytes of the stored integers a cache of ``subjects`` holds (one copy; the modalities
+    ``data_cfg`` uses)."""
+    used = [m for m, on in (("t1", data_cfg.use_t1), ("fmri", data_cfg.use_fmri)) if on]
+    return sum(np.dtype(store.row(s)[m]["dtype"]).itemsize * int(np.prod(cached_shape(store, s, m, data_cfg)))
+               for s in subjects for m in used)
+
+
+def check_host_fits(store: CohortStore, subjects: list[str], data_cfg: DataConfig) -> None:
+    """Refuse (:class:`CacheConfigError`) a host cache of ``subjects`` that this node's shared
+    memory cannot hold, leaving ``data.cache_reserve_gib`` free. Read-only: a training start
+    asks it before it writes anything (and the cache again as it is built)."""
+    need = cached_bytes(store, subjects, data_cfg)
+    root = Path(data_cfg.cache_dir)
+    check_cache_dir(data_cfg)
+    free, avail = shutil.disk_usage(root).free, available_bytes()
+    have = min(free, avail) - int(data_cfg.cache_reserve_gib * GIB)
+    if need > have:
+        raise CacheConfigError(
+            f"data.cache={data_cfg.cache} needs {need / GIB:.2f} GiB ({need} bytes) of shared memory in {root} for "
+            f"{len(subjects)} subjects of {store.path}, but only {max(have, 0) / GIB:.2f} GiB may be "
+            f"used ({root} has {free / GIB:.2f} GiB free, the node {avail / GIB:.2f} GiB available, "
+            f"data.cache_reserve_gib={data_cfg.cache_reserve_gib} kept free); {FIX}")
+
+
 class CohortCache:
     """Stored integers of ``subjects`` (the modalities ``data_cfg`` uses) in shared memory, and on
     ``device`` for ``data_cfg.cache == "device"``. Collective: every rank constructs it.
@@ -193,49 +227,26 @@ class CohortCache:
         key = f"{self.store.path.resolve()}|{self.cfg.fmri_frames}|{','.join(self.subjects)}|{time.time_ns()}"
         return f"{os.getpid()}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
-    def _frames(self, subject: str) -> int:
-        total = self.store.shape(subject, "fmri")[0]
-        return min(total, self.cfg.fmri_frames) if self.cfg.fmri_frames else total
-
     def _shape(self, subject: str, modality: str) -> tuple[int, ...]:
-        shape = self.store.shape(subject, modality)
-        return (self._frames(subject),) + shape[1:] if modality == "fmri" else shape
+        return cached_shape(self.store, subject, modality, self.cfg)
 
     def _scale(self, subject: str, modality: str) -> Scale:
         return Scale(*self.store.scaling(subject, modality))
 
     def nbytes(self) -> int:
         """Bytes of the cached stored integers (one copy)."""
-        total = 0
-        for s in self.subjects:
-            for m in self.modalities:
-                dtype = np.dtype(self.store.row(s)[m]["dtype"])
-                total += dtype.itemsize * int(np.prod(self._shape(s, m)))
-        return total
+        return cached_bytes(self.store, self.subjects, self.cfg)
 
     def _file(self, subject: str, modality: str) -> Path:
         return self.dir / f"{self.index[subject]}-{modality}.npy"
 
     def _create(self) -> None:
         """Node lead: check the memory, remove stale caches, make this cache's directory (deleted at close/exit)."""
-        self._check_host()
+        check_host_fits(self.store, self.subjects, self.cfg)
         sweep_stale(Path(self.cfg.cache_dir))
         self.dir.mkdir(parents=True)
         (self.dir / OWNER).write_text(f"{socket.gethostname()} {os.getpid()}")
         self._finalizer = weakref.finalize(self, shutil.rmtree, str(self.dir), True)
-
-    def _check_host(self) -> None:
-        need = self.nbytes()
-        root = Path(self.cfg.cache_dir)
-        check_cache_dir(self.cfg)
-        free, avail = shutil.disk_usage(root).free, available_bytes()
-        have = min(free, avail) - int(self.cfg.cache_reserve_gib * GIB)
-        if need > have:
-            raise CacheConfigError(
-                f"data.cache={self.cfg.cache} needs {need / GIB:.2f} GiB ({need} bytes) of shared memory in {root} for "
-                f"{len(self.subjects)} subjects of {self.store.path}, but only {max(have, 0) / GIB:.2f} GiB may be "
-                f"used ({root} has {free / GIB:.2f} GiB free, the node {avail / GIB:.2f} GiB available, "
-                f"data.cache_reserve_gib={self.cfg.cache_reserve_gib} kept free); {FIX}")
 
     def _check_device(self) -> None:
         need = self.nbytes()

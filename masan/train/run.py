@@ -173,7 +173,7 @@ def preflight(cfg: RunConfig, world_size: int, ckpt: CheckpointManager, chash: s
     training part, the newest complete checkpoint accepts this config; and the access mode of
     the run directory: the store's (mode and group). ``node_local=False`` leaves out what only
     the training node can tell (``data.cache_dir``, often a node's own disk)."""
-    from masan.data.cache import check_cache_dir
+    from masan.data.cache import check_cache_dir, check_host_fits
     from masan.data.dataset import select_subjects
     from masan.data.splits import Split, SplitError, make_split
 
@@ -211,6 +211,8 @@ def preflight(cfg: RunConfig, world_size: int, ckpt: CheckpointManager, chash: s
     refusal = ckpt.refusal(cfg, chash)
     if refusal:
         raise ResumeError(refusal)
+    if node_local and cfg.data.cache != "none":  # the cache holds the training part (this node's memory)
+        check_host_fits(store, split.train, cfg.data)
     file_mode, gid = restrictive_mode([cfg.data.store])
     return Preflight(subjects, labels, class_names, split, not trained, file_mode, gid,
                      data=data_fingerprint(store, split.train + split.val + split.test))
