@@ -8,13 +8,15 @@
 # start: installs Debian's slurm-wlm + munge with apt-get when they are missing (needs root),
 # writes slurm.conf and cgroup.conf into DIR (default /tmp/masan-slurm), starts munged,
 # slurmctld and N slurmd daemons (`slurmd -N nodeX`, each on 127.0.0.1 with its own Port=
-# and SlurmdSpoolDir=/var/spool/slurmd/%n: without %n the step launch of a second node fails
+# and SlurmdSpoolDir=DIR/spool/%n: without %n the step launch of a second node fails
 # with "Communication connection failure"), and waits until sinfo shows the N nodes idle.
 # It is idempotent: daemons already running are kept; a config that changed restarts them.
+# Everything a cluster keeps (pid files, spool, state, logs) is under its DIR, so clusters
+# with another --dir (and --port) run side by side; stop ends only DIR's daemons.
 #
 # Client commands (sbatch, squeue, scontrol) find the cluster through /etc/slurm/slurm.conf,
-# which start links to DIR/slurm.conf unless that file is someone else's; otherwise it
-# prints the `export SLURM_CONF=...` to use. There is no slurmdbd: sacct does not work here,
+# which start links to DIR/slurm.conf unless that file is someone else's or another running
+# cluster's; otherwise it prints the `export SLURM_CONF=...` to use. There is no slurmdbd: sacct does not work here,
 # and MinJobAge keeps finished jobs visible to `scontrol show job` for an hour instead.
 #
 # Environment overrides (same as the flags): MASAN_SLURM_DIR, MASAN_SLURM_NODES,
@@ -89,9 +91,9 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 StateSaveLocation=$DIR/state
-SlurmdSpoolDir=/var/spool/slurmd/%n
+SlurmdSpoolDir=$DIR/spool/%n
 SlurmctldPidFile=$DIR/slurmctld.pid
-SlurmdPidFile=/run/slurmd-%n.pid
+SlurmdPidFile=$DIR/slurmd-%n.pid
 SlurmctldLogFile=$LOG/slurmctld.log
 SlurmdLogFile=$LOG/slurmd-%n.log
 # No cgroups: several slurmd on one host cannot each own the cgroup tree.
@@ -132,8 +134,11 @@ EOF
 }
 
 link_etc_conf() {
-  local etc=/etc/slurm/slurm.conf
-  if [[ -L "$etc" || ! -e "$etc" ]] || grep -qF "$MARK" "$etc" 2>/dev/null; then
+  local etc=/etc/slurm/slurm.conf other
+  other="$(readlink -f "$etc" 2>/dev/null || true)"
+  if [[ -n "$other" && "$other" != "$(readlink -f "$CONF")" ]] && pid_alive "$(dirname "$other")/slurmctld.pid"; then
+    echo "note: $etc is the running cluster of $(dirname "$other"); for this one use: export SLURM_CONF=$CONF"
+  elif [[ -L "$etc" || ! -e "$etc" ]] || grep -qF "$MARK" "$etc" 2>/dev/null; then
     mkdir -p /etc/slurm && ln -sfn "$CONF" "$etc"
   else
     echo "note: $etc belongs to another cluster; use: export SLURM_CONF=$CONF"
@@ -150,7 +155,7 @@ start_munge() {
 
 stop_daemons() {
   local pidfile pid
-  for pidfile in "$DIR/slurmctld.pid" /run/slurmd-node*.pid; do
+  for pidfile in "$DIR/slurmctld.pid" "$DIR"/slurmd-node*.pid; do
     [[ -f "$pidfile" ]] || continue
     pid="$(cat "$pidfile")"
     if kill -0 "$pid" 2>/dev/null; then kill "$pid"; fi
@@ -160,15 +165,18 @@ stop_daemons() {
   done
 }
 
+port_taken() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
 start_daemons() {
   mkdir -p "$DIR/state" "$LOG"
   if ! pid_alive "$DIR/slurmctld.pid"; then
+    ! port_taken "$CTLD_PORT" || die "port $CTLD_PORT is in use (another cluster's slurmctld, or another program); start this one with another --port, e.g. --port $((CTLD_PORT + 100))"
     slurmctld -f "$CONF" || die "slurmctld did not start; see $LOG/slurmctld.log"
   fi
   local n
   for n in "${NODE_NAMES[@]}"; do
-    mkdir -p "/var/spool/slurmd/$n"
-    if ! pid_alive "/run/slurmd-$n.pid"; then
+    mkdir -p "$DIR/spool/$n"
+    if ! pid_alive "$DIR/slurmd-$n.pid"; then
       slurmd -f "$CONF" -N "$n" || die "slurmd -N $n did not start; see $LOG/slurmd-$n.log"
     fi
   done
