@@ -160,8 +160,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="remove subjects the input no longer lists, whose sources are missing or that fail now "
                         "(default: keep their earlier conversion and report them)")
     p.add_argument("--new-input", action="store_true",
-                   help="convert into a store made from another participants.tsv or manifest (the same cohort moved "
-                        "or listed anew); without it such a store is refused, as two cohorts would mix in it")
+                   help="convert into a store made from another participants.tsv or manifest (the same cohort "
+                        "listed anew); without it, a table at another path and with other content than the store "
+                        "recorded is refused, as two cohorts would mix in it")
     acc = p.add_argument_group("access (default: no more open than the most restricted source)")
     acc.add_argument("--mode", default=None, metavar="OCTAL",
                      help="file mode for the whole store, e.g. 640 to let the group read on purpose "

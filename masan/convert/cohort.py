@@ -303,7 +303,7 @@ def convert_cohort(sources: list[SubjectSource], out: str | Path, options: Conve
         except OSError as e:  # passed _check_writable, yet the file system refused (e.g. a lock file not ours)
             raise _out_error(out, f"cannot create the store or its lock file ({e.strerror})") from None
         root, notes = _open_root(out)
-        inputs = [str(t) for t in tables]
+        inputs = [{"path": str(t), "sha256": source_record(str(t))["sha256"]} for t in tables]
         if not new_input:
             _check_same_input(out, root, inputs)
         extra_attrs = {**(extra_attrs or {}), INPUTS: inputs}
@@ -326,15 +326,19 @@ def convert_cohort(sources: list[SubjectSource], out: str | Path, options: Conve
     return report
 
 
-def _check_same_input(out: Path, root: Any, inputs: list[str]) -> None:
-    """ConvertError when the store holds subjects converted from other label tables."""
+def _check_same_input(out: Path, root: Any, inputs: list[dict]) -> None:
+    """ConvertError when the store holds subjects converted from other label tables: none of
+    this run's is one of those the store recorded, by path (edited labels are picked up) or by
+    content (the same table moved)."""
     attrs = dict(root.attrs)
-    before = attrs.get(INPUTS) or []
-    if before and attrs.get("cohort") and sorted(before) != sorted(inputs):
-        raise ConvertError(f"{out} was converted from {', '.join(before)}, and this run reads "
-                           f"{', '.join(inputs) or 'no label table'}: converting into it would mix two cohorts (a "
-                           "subject id in both would be replaced, the others kept). Choose a new --out; or, if this "
-                           "is the same cohort moved or listed anew, pass --new-input; nothing was changed")
+    before = [b for b in attrs.get(INPUTS) or [] if isinstance(b, dict)]
+    same = any(b.get("path") == t["path"] or b.get("sha256") == t["sha256"] for b in before for t in inputs)
+    if before and attrs.get("cohort") and not same:
+        raise ConvertError(f"{out} was converted from {', '.join(b.get('path', '?') for b in before)}, and this run "
+                           f"reads {', '.join(t['path'] for t in inputs) or 'no label table'} (other content): "
+                           "converting into it would mix two cohorts (a subject id in both would be replaced, the "
+                           "others kept). Choose a new --out; or, if this is the same cohort moved or listed anew, "
+                           "pass --new-input; nothing was changed")
 
 
 def _convert_locked(root: Any, out: Path, jobs: list[Job], opts: ConvertOptions, classes: tuple[str, ...],

@@ -70,8 +70,8 @@ CHUNK_DIR = "c"
 FIX = "run `python data_tools/to_zarr.py --bids DIR --out STORE` (or --manifest CSV) to (re)build it"
 ROOT_META = "zarr.json"
 INPUTS = "inputs"
-"""Root attribute: the label tables (participants.tsv, manifests; absolute paths) the store was
-converted from: a conversion from other tables would mix two cohorts in one store."""
+"""Root attribute: the label tables (participants.tsv, manifests) the store was converted from,
+each ``{"path", "sha256"}``: a conversion from other tables would mix two cohorts in one store."""
 LAST_CONVERSION = "last_conversion"
 """Root attribute: the latest conversion's counts and failures, and whether it finished
 (rewritten with the table as it goes, so a killed or interrupted run leaves ``finished`` false)."""
