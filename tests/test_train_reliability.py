@@ -340,14 +340,18 @@ def test_submit_refuses_a_run_whose_job_record_is_damaged(tmp_path, capsys, tiny
     assert sorted(p.name for p in run.iterdir()) == ["jobs.json"]
 
 
+NOT_ON_THE_NODES = "/nonexistent/node-tmpfs"
+"""A data.cache_dir only a node can check: the login node leaves it to the job."""
+
+
 @pytest.mark.slurm
 @pytest.mark.slow
 def test_wait_reports_a_refused_run_instead_of_resubmitting_it(slurm_cluster, tiny_config, tmp_path):
-    """What only the training node can tell is refused inside the job (here: fp16 on nodes
-    without CUDA; what the login node can check, e.g. a batch larger than the training part, is
-    refused before submitting: test_slurm_launch). --wait must tell it from a crash: one job,
-    no restart, exit 2 with the reason. Two nodes: every rank refuses, and a rank ending first
-    must not stop rank 0 recording why."""
+    """What only the training node can tell is refused inside the job (here: a data.cache_dir
+    that is no folder on the nodes; what the login node can check, e.g. a batch larger than the
+    training part or fp16 on nodes without GPUs, is refused before submitting: test_slurm_launch).
+    --wait must tell it from a crash: one job, no restart, exit 2 with the reason. Two nodes:
+    every rank refuses, and a rank ending first must not stop rank 0 recording why."""
     from test_slurm_launch import events, job_ids, submit
 
     too_big = submit("--nodes", 2, "--config", tiny_config, "--run-dir", tmp_path / "too_big", "optim.micro_batch=64")
@@ -356,11 +360,13 @@ def test_wait_reports_a_refused_run_instead_of_resubmitting_it(slurm_cluster, ti
 
     run_dir = tmp_path / "refused"
     res = submit("--nodes", 2, "--time", 5, "--config", tiny_config, "--run-dir", run_dir, "--max-restarts", 1,
-                 "train.precision=fp16", wait_job=True)
-    assert res.returncode == 2 and "run REFUSED" in res.stdout and "needs CUDA" in res.stdout, res.stdout
+                 "data.cache=host", f"data.cache_dir={NOT_ON_THE_NODES}", wait_job=True)
+    assert res.returncode == 2 and "run REFUSED" in res.stdout and "is not a folder" in res.stdout, res.stdout
     [jid] = job_ids(run_dir)
     [refused] = events(run_dir, "refused")
-    assert refused["job_id"] == jid and "train.precision=fp16" in refused["error"]
+    assert refused["job_id"] == jid and f"data.cache_dir={NOT_ON_THE_NODES}" in refused["error"]
+    fp16 = submit("--nodes", 2, "--config", tiny_config, "--run-dir", tmp_path / "fp16", "train.precision=fp16")
+    assert fp16.returncode == 2 and "needs CUDA" in fp16.stdout and not job_ids(tmp_path / "fp16"), fp16.stdout
     assert not events(run_dir, "restarted")
 
 
