@@ -49,6 +49,8 @@ REFUSED = [  # (overrides, what the message must name)
      ["split.test_fraction=0.8", "split.val_fraction=0.5", "10%"]),
     (["loss.alpha=0", "loss.beta=0", "loss.sparsity=0"], ["loss.alpha=0.0", "loss.beta=0.0", "identically 0"]),
     (["loss.alpha=0", "loss.beta=0", "train.pretrain_epochs=0"], ["loss.alpha=0.0", "never learn"]),
+    (["loss.alpha=0"], ["loss.alpha=0.0 weighs the t1 autoencoder", "never learn"]),  # sPM would stay random
+    (["loss.beta=0"], ["loss.beta=0.0 weighs the fmri autoencoder", "never learn"]),
     (["model.modalities=t1", "loss.alpha=0"], ["loss.alpha=0.0", "identically 0"]),  # fMRI's beta weighs nothing
     (["model.arch=hfcn", "loss.alpha=0"], ["loss.alpha=0.0", "identically 0"]),  # the H-FCN reconstructs T1 only
 ]
@@ -69,7 +71,7 @@ def test_a_value_no_run_can_use_is_refused_when_the_config_loads_naming_the_key(
     ["model.spatial_kernel=5", "model.region_pool=[max]", "train.zero_stage=0", "train.zero_bucket_elements=1024"],
     ["model.channels=[4, 16, 16, 16]", "model.fmri_channels=[12, 16, 32, 32]", "model.groups=16"],  # InitConv: no norm
     ["model.modalities=t1", "model.fmri_channels=[8, 12, 24, 24]"],  # fPM is not built
-    ["loss.alpha=0"],  # fPM still learns from its reconstruction
+    ["loss.alpha=0", "model.head_grad_to_encoders=1"],  # sPM learns from the classifier
     ["model.modalities=t1", "loss.beta=0"],
     ["loss.alpha=0", "loss.beta=0", "train.pretrain_epochs=0", "model.head_grad_to_encoders=1"],  # end to end
     ["split.test_fraction=0.5", "split.val_fraction=0.5"],  # a quarter trains

@@ -216,21 +216,25 @@ def _check_encoders_learn(cfg: RunConfig) -> None:
     """The encoders learn from their reconstruction terms, weighted by ``loss.alpha`` (T1) and
     ``loss.beta`` (fMRI), in both phases, and from the classifier only through
     ``model.head_grad_to_encoders``; ``loss.sparsity`` lies inside those terms. With no weighted term
-    the pretrain phase optimises a loss that is identically 0."""
-    weights = {"t1": cfg.loss.alpha, "fmri": cfg.loss.beta}
-    if any(weights[m] for m in _autoencoders(cfg.model)):
-        return
-    harm = []
-    if cfg.train.pretrain_epochs:
-        harm.append(f"the train.pretrain_epochs={cfg.train.pretrain_epochs} pretraining epochs minimise a loss that "
-                    "is identically 0")
-    if not cfg.model.head_grad_to_encoders:
-        harm.append("with model.head_grad_to_encoders=0 the encoders never learn (the classifier trains on random "
-                    "features)")
-    if harm:
+    the pretrain phase optimises a loss that is identically 0; an autoencoder whose term weighs 0,
+    cut off from the classifier, keeps its random weights (the classifier trains on noise features)."""
+    weights = {"t1": ("loss.alpha", cfg.loss.alpha), "fmri": ("loss.beta", cfg.loss.beta)}
+    models = _autoencoders(cfg.model)
+    if cfg.train.pretrain_epochs and not any(weights[m][1] for m in models):
         raise ConfigError(f"loss.alpha={cfg.loss.alpha} and loss.beta={cfg.loss.beta} weigh no reconstruction term of "
-                          f"the model's autoencoders, so {' and '.join(harm)}; give loss.alpha (T1) or loss.beta "
-                          "(fMRI) a positive weight (the paper: 0.5 each)")
+                          f"the model's autoencoders, so the train.pretrain_epochs={cfg.train.pretrain_epochs} "
+                          "pretraining epochs minimise a loss that is identically 0; give loss.alpha (T1) or "
+                          "loss.beta (fMRI) a positive weight (the paper: 0.5 each)")
+    if cfg.model.head_grad_to_encoders:
+        return
+    for m, (key, _) in models.items():
+        name, weight = weights[m]
+        if not weight:
+            raise ConfigError(f"{name}={weight} weighs the {m} autoencoder's reconstruction ({key}) at 0, and "
+                              "model.head_grad_to_encoders=0 keeps the classifier's gradient from it: it would never "
+                              f"learn (the classifier would train on its random features); give {name} a positive "
+                              "weight (the paper: 0.5), set model.head_grad_to_encoders above 0, or leave the "
+                              "modality out (model.modalities)")
 
 
 def _check_train_share(split: SplitConfig) -> None:
