@@ -187,3 +187,11 @@ def test_split_errors_name_classes_by_name_when_the_names_are_given():
         make_split(subjects, labels, SplitConfig(), class_names=["NC", "AD", "MCI"])
     with pytest.raises(SplitError, match=r"class\(es\) 2: 2 subject"):  # indices without names
         make_split(subjects, labels, SplitConfig())
+
+
+@pytest.mark.parametrize("arch", ["masan", "hfcn"])
+def test_check_model_refuses_a_screening_that_keeps_every_feature(arch):
+    """More features kept than the region features there are: silently no screening."""
+    with pytest.raises(ConfigError, match=r"model.screen_features=100000 keeps all \d+ region features there are"):
+        check_model(_tiny(arch=arch, region_norm="cohort", screen_features=100000))
+    check_model(_tiny(arch=arch, region_norm="cohort", screen_features=4))

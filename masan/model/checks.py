@@ -71,7 +71,7 @@ def check_model(cfg: RunConfig) -> None:
     if fmri and m.fmri_frames is None:
         raise ValueError("check_model needs the resolved config, but model.fmri_frames is null: fill it from the "
                          "store first (masan.data.contract.resolve_inputs)")
-    meta_model(m, len(cfg.data.classes))
+    _check_screening(m, meta_model(m, len(cfg.data.classes)))
     if fmri and m.fmri_time == "temporal_conv" and m.fmri_frames < m.temporal_kernel:
         raise ConfigError(f"model.temporal_kernel={m.temporal_kernel} is longer than the model.fmri_frames="
                           f"{m.fmri_frames} frames of each fMRI run; use a kernel of at most {m.fmri_frames} frames "
@@ -79,6 +79,19 @@ def check_model(cfg: RunConfig) -> None:
     _check_occlusion(cfg)
     if m.compile:
         _check_compile_backend(m.compile_backend)
+
+
+def _check_screening(m: ModelConfig, model: nn.Module) -> None:
+    """Refuse a ``model.screen_features`` that keeps every region feature there is (or more): the
+    screening would pass them all, silently no screening."""
+    from masan.model.standardize import FittedStandardize
+
+    for module in model.modules():
+        if isinstance(module, FittedStandardize) and m.screen_features and module.keep >= module.mean.numel():
+            total = module.mean.numel()
+            raise ConfigError(f"model.screen_features={m.screen_features} keeps all {total} region features there "
+                              f"are (or more), so the screening would pass every one; give fewer than {total}, a "
+                              "model.screen_fraction instead, or 0 (no screening)")
 
 
 def occlusion_bytes(model_cfg: ModelConfig, batch: int) -> int:
