@@ -99,3 +99,10 @@ def test_a_cache_the_node_cannot_hold_is_refused_before_the_run_directory_is_tou
         _start(tiny_config, run, "data.cache=host", "data.cache_reserve_gib=1e6")
     assert not run.exists()
     _start(tiny_config, run, "data.cache=host", "data.cache_reserve_gib=0")
+
+
+def test_a_config_no_training_should_start_with_is_refused_at_the_start_not_when_read(tiny_config, tmp_path):
+    cfg = load_config(tiny_config, [f"run_dir={tmp_path / 'run'}", "loss.alpha=0"])  # a finished run may hold it
+    with pytest.raises(ConfigError, match="loss.alpha=0.0 weighs the t1 autoencoder"):
+        check_start(cfg, 1, None)
+    assert not (tmp_path / "run").exists()

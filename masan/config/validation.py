@@ -131,8 +131,7 @@ _RULES: tuple[tuple[str, typing.Callable[[Any], bool], str], ...] = (
     ("model.temporal_stride", _positive, "a positive stride in frames, e.g. 4"),
     ("model.temporal_chunk", _non_negative, "0 (all voxels at once) or a number of voxels, e.g. 16384"),
     ("model.channel_reduction", _positive, "a positive divisor of the channel-attention width, e.g. 4"),
-    ("model.spatial_kernel", _odd_positive, "an odd kernel size, e.g. 3 (the conv pads kernel // 2 voxels on "
-     "each side, which keeps the region map's size only for an odd kernel)"),
+    ("model.spatial_kernel", _positive, "a positive kernel size, e.g. 3"),
     ("model.fusion_cells", _positive, "at least 1 cell per region and axis, e.g. 1"),
     ("model.region_pool", _pool_modes, f"a non-empty list of distinct modes out of {list(REGION_POOL_MODES)}, "
      "e.g. [avg, max]"),
@@ -183,6 +182,19 @@ def validate_config(cfg: RunConfig) -> None:
         raise ConfigError(f"model.screen_features={cfg.model.screen_features} and model.screen_fraction="
                           f"{cfg.model.screen_fraction} are both set; give one of them (the other 0)")
     _check_groups(cfg.model)
+
+
+def validate_for_training(cfg: RunConfig) -> None:
+    """Refuse what a config may hold but no new training should start with (ConfigError, naming
+    the keys and the fix): an even spatial kernel, loss weights that leave an autoencoder or the
+    pretraining nothing to learn, a training share under :data:`MIN_TRAIN_SHARE`. Checked at
+    every start (and on the login node before a job is queued), not when a config loads: a
+    finished run's config.yaml holding one of them must still be read by evaluate, predict and
+    status."""
+    if not _odd_positive(cfg.model.spatial_kernel):
+        raise ConfigError(f"model.spatial_kernel={cfg.model.spatial_kernel}: use an odd kernel size, e.g. 3 (the conv "
+                          "pads kernel // 2 voxels on each side, which keeps the region map's size only for an odd "
+                          "kernel)")
     _check_encoders_learn(cfg)
     _check_train_share(cfg.split)
 

@@ -43,7 +43,7 @@ from masan.access import (
     restrictive_mode,
     write_refusal,
 )
-from masan.config import ConfigError, RunConfig, config_hash, save_config
+from masan.config import ConfigError, RunConfig, config_hash, save_config, validate_for_training
 from masan.files import atomic_write_json
 from masan.predictions import write_predictions
 from masan.rundir import RunDir
@@ -330,6 +330,7 @@ def check_start(cfg: RunConfig, world_size: int, device_type: str | None = None)
     cfg.data.store = os.path.abspath(cfg.data.store)
     store_contract(cfg)
     check_config(cfg, device_type)
+    validate_for_training(cfg)
     check_model(cfg)
     ckpt = CheckpointManager(cfg.run_dir, cfg.checkpoint.keep)
     preflight(cfg, world_size, ckpt, config_hash(cfg), node_local=False)
@@ -352,6 +353,7 @@ def _run(cfg: RunConfig, stop: StopRequest | None, info: D.DistInfo, lock: RunLo
     if not info.is_main:
         resolve_inputs(cfg, geometry)
     check_config(cfg, info.device.type)
+    validate_for_training(cfg)
     check_model(cfg)  # a model that cannot be built or evaluated: refused now, not after training
     ckpt = CheckpointManager(run_dir, cfg.checkpoint.keep, info.rank, info.world_size)
     chash = config_hash(cfg)
