@@ -78,6 +78,27 @@ def setup_logging(rank: int) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+FORMER_DEFAULT_RUN_DIR = "runs/default"
+"""The built-in run directory of earlier versions (now launch/submit.py's, the config's default)."""
+
+
+def former_default_refusal(args: argparse.Namespace) -> str | None:
+    """Why a start that names no run directory must not train in the built-in one: a run of an
+    earlier version waits in :data:`FORMER_DEFAULT_RUN_DIR` and the new default holds none
+    (it would start fresh beside it, silently). None otherwise."""
+    from launch.slurm.plan import DEFAULT_RUN_DIR, base_run_dir
+    from masan.rundir import RunDir
+
+    named = any(o.split("=", 1)[0].strip() == "run_dir" for o in args.overrides)
+    if named or base_run_dir(None, args.config, args.overrides) != DEFAULT_RUN_DIR:
+        return None
+    if RunDir(FORMER_DEFAULT_RUN_DIR).config.is_file() and not RunDir(DEFAULT_RUN_DIR).config.is_file():
+        return (f"no run directory given, and the built-in one is now {DEFAULT_RUN_DIR} (launch/submit.py's), while "
+                f"an earlier run waits in {FORMER_DEFAULT_RUN_DIR}: pass --run-dir {FORMER_DEFAULT_RUN_DIR} to resume "
+                f"it, or --run-dir {DEFAULT_RUN_DIR} to start a new run there")
+    return None
+
+
 def resume_with_run_config(args: argparse.Namespace) -> None:
     """Without --config, continue a run with its own config.yaml (the overrides still apply):
     the built-in defaults would be refused by its checkpoints, one differing key at a time."""
@@ -108,6 +129,13 @@ def train_here(args: argparse.Namespace) -> int:
 
     rank = int(os.environ.get("RANK", "0"))
     setup_logging(rank)
+    try:
+        former = former_default_refusal(args)
+    except USER_ERRORS as e:
+        former = str(e)
+    if former:
+        print(f"error (rank {rank}): {former}", file=sys.stderr)
+        return EXIT_REFUSED
     resume_with_run_config(args)
     cfg = config_from_args(args)
     stop.run_dir = Path(cfg.run_dir)

@@ -77,8 +77,10 @@ def _reach_file_bits(st: os.stat_result) -> int:
 
 def folders_on_the_way(path: str | os.PathLike) -> set[Path]:
     """Every folder a reader passes through to reach ``path``: those above it up to /, and,
-    where a symbolic link lies on the way, those above the file it leads to."""
-    return set(Path(os.path.abspath(path)).parents) | set(Path(os.path.realpath(path)).parents)
+    where a symbolic link lies on the way, those above the file it leads to. (A ``..`` after a
+    link names, as text, folders that need not exist: only existing ones count.)"""
+    written = {p for p in Path(os.path.abspath(path)).parents if p.is_dir()}
+    return written | set(Path(os.path.realpath(path)).parents)
 
 
 def restrictive_mode(paths: Iterable[str | os.PathLike]) -> tuple[int, int | None]:

@@ -156,3 +156,13 @@ def test_a_config_file_that_would_be_read_otherwise_than_written_is_refused(tmp_
     path.write_text(text)
     with pytest.raises(ConfigError, match=re.escape(fragment.format(path=path))):
         load_config(path)
+
+
+def test_yaml_merge_keys_still_work_and_explicit_keys_beside_them_win(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  <<: {groups: 4, dropout: 0.1}\n  dropout: 0.2\n  channels: [8, 16, 32, 32]\n")
+    cfg = load_config(path)
+    assert (cfg.model.groups, cfg.model.dropout) == (4, 0.2)
+    path.write_text("? [a, b]\n: 1\n")
+    with pytest.raises(ConfigError, match="unhashable key"):
+        load_config(path)

@@ -67,8 +67,10 @@ def test_task_runs_are_not_taken_as_resting_state(tmp_path):
     rename("sub-001", "nback")  # only a task run
     rename("sub-002", "RestingState")
     rename("sub-003", "nback", keep=True)  # rest and nback
+    rename("sub-004", "rs")  # a common abbreviation of resting state
     jobs, failed = _check(bids)
     assert set(failed) == {"sub-001"}, failed
+    assert Path(jobs["sub-004"].sources["fmri"]).name == "sub-004_task-rs_bold.nii.gz"
     for frag in ("sub-001_task-nback_bold.nii.gz", "task nback", "not resting-state", "--bold-task nback",
                  "rename it (and its JSON sidecar) to task-rest", "--require t1"):
         assert frag in failed["sub-001"], (frag, failed["sub-001"])

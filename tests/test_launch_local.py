@@ -357,3 +357,14 @@ def test_a_crashed_local_run_is_restarted_and_status_counts_the_restart_and_says
                         "started it; run that command again to resume from the newest complete checkpoint")
     restarted = [e for e in jobs.read_record(run)["events"] if e["event"] == "restarted"]
     assert [(e["job_id"], e["after"], e["code"]) for e in restarted] == [(second, first, 1)]
+
+
+def test_train_local_does_not_start_fresh_beside_a_run_in_the_former_default_folder(tiny_config, tmp_path):
+    """The built-in run directory moved (runs/default -> runs/masan, submit.py's): a bare start
+    in a folder whose runs/default holds a run says how to resume it instead of training anew."""
+    (tmp_path / "runs" / "default").mkdir(parents=True)
+    (tmp_path / "runs" / "default" / "config.yaml").write_text(tiny_config.read_text())
+    res = subprocess.run([sys.executable, str(REPO / "launch" / "train_local.py")], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert res.returncode == 2 and "pass --run-dir runs/default to resume it" in res.stderr, res.stderr[-2000:]
+    assert not (tmp_path / "runs" / "masan").exists()

@@ -129,6 +129,10 @@ def config_from_dict(values: dict | None, overrides: list[str] | tuple[str, ...]
     return cfg
 
 
+MERGE_TAG = "tag:yaml.org,2002:merge"
+"""YAML's merge key ``<<``."""
+
+
 class UniqueKeyLoader(yaml.SafeLoader):
     """YAML's safe loader, refusing a key given twice in one mapping: YAML keeps the last one
     silently, so a setting changed in one place and left in another would be ignored."""
@@ -136,11 +140,17 @@ class UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == MERGE_TAG:  # `<<: *anchor` may repeat; the explicit keys beside it win
+                continue
             key = self.construct_object(key_node, deep=deep)
-            if key in seen and key != "<<":  # merge keys may repeat
+            try:
+                twice = key in seen
+                seen.add(key)
+            except TypeError:  # an unhashable key: YAML's own constructor says so
+                break
+            if twice:
                 raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} is given twice in one "
                                                         "section; keep one", key_node.start_mark)
-            seen.add(key)
         return super().construct_mapping(node, deep)
 
 
@@ -183,8 +193,9 @@ def _source_of(error: ConfigError, values: dict, path: str | os.PathLike | None,
 
 class OverrideList(argparse.Action):
     """Collects config overrides into one list, from bare ``KEY=VALUE`` words and from ``--set
-    KEY=VALUE`` (the bench tools' spelling), in the order given; a positional ``nargs="*"``
-    would otherwise replace what ``--set`` collected."""
+    KEY=VALUE`` (the bench tools' spelling); a positional ``nargs="*"`` would otherwise replace
+    what ``--set`` collected. Each spelling keeps its order; the launchers parse options first
+    (``parse_intermixed_args``), so for a key given both ways the bare word wins."""
 
     def __call__(self, _parser, namespace, values, _option_string=None):
         setattr(namespace, self.dest, [*(getattr(namespace, self.dest, None) or []), *values])

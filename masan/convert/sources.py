@@ -40,8 +40,10 @@ checksums beside it (``sub-01_T1w.nii.gz.bak``, ``.md5``, ``sub-01_T1w.nii.bak.n
 images of the subject."""
 REST_TASK = "rest"
 """A BOLD run is resting-state when its BIDS task label contains this, in any case (``task-rest``,
-``task-resting``, ``task-RestingState``): MASAN models resting-state fMRI, so other tasks' runs
-are used only when named (``--bold-task``)."""
+``task-resting``, ``task-RestingState``), or is one of :data:`REST_ABBREVIATIONS`: MASAN models
+resting-state fMRI, so other tasks' runs are used only when named (``--bold-task``)."""
+REST_ABBREVIATIONS = ("rs", "rsfmri", "rsbold", "rsfc")
+"""Resting-state task labels without "rest" in them that cohorts use (lower case)."""
 
 
 class ConvertError(ValueError):
@@ -283,7 +285,9 @@ def _wanted(task: str | None, bold_task: str | None) -> bool:
     resting-state task (:data:`REST_TASK`)."""
     if task is None:
         return False
-    return task.lower() == bold_task.lower() if bold_task else REST_TASK in task.lower()
+    if bold_task:
+        return task.lower() == bold_task.lower()
+    return REST_TASK in task.lower() or task.lower() in REST_ABBREVIATIONS
 
 
 SHOWN_NAMES = 3
