@@ -94,15 +94,19 @@ def restrictive_mode(paths: Iterable[str | os.PathLike]) -> tuple[int, int | Non
     may be given what each source gave only its own group. A folder on the way counts its group
     only when it lets its group through but not the others. No paths: ``(0o600, None)``.
     """
-    mode, gids, seen, on_the_way = 0o666, set(), False, set()
+    paths = list(paths)
+    return _combine(paths, set().union(*map(folders_on_the_way, paths)) if paths else set())
+
+
+def _combine(paths: list, on_the_way: set[Path]) -> tuple[int, int | None]:
+    """:func:`restrictive_mode` of ``paths`` with the folders ``on_the_way`` to them."""
+    if not paths:
+        return OWNER_RW, None
+    mode, gids = 0o666, set()
     for p in paths:
         st = os.stat(p)
         mode &= _effective_file_bits(st)
         gids.add(st.st_gid)
-        on_the_way |= folders_on_the_way(p)
-        seen = True
-    if not seen:
-        return OWNER_RW, None
     for folder in on_the_way:
         st = os.stat(folder)
         mode &= _reach_file_bits(st)
@@ -112,6 +116,29 @@ def restrictive_mode(paths: Iterable[str | os.PathLike]) -> tuple[int, int | Non
     if gid is None:
         mode &= ~0o070
     return mode | OWNER_RW, gid
+
+
+def narrowed_by(paths: Iterable[str | os.PathLike]) -> list[str]:
+    """The folders on the way to ``paths`` that make :func:`restrictive_mode` more closed than
+    the paths alone would be, each as ``FOLDER (mode M, group G)``: why a store of 644 files in
+    a 0700 home, or in a folder only another group may pass, is its owner's alone."""
+    paths = list(paths)
+    alone = _combine(paths, set())
+    if not paths or restrictive_mode(paths) == alone:
+        return []
+    out = []
+    for folder in sorted(set().union(*map(folders_on_the_way, paths))):
+        if _combine(paths, {folder}) != alone:
+            st = os.stat(folder)
+            out.append(f"{folder} (mode {stat.S_IMODE(st.st_mode):o}, group {_group_name(st.st_gid)})")
+    return out
+
+
+def _group_name(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
 
 
 def parse_mode(text: str) -> int:

@@ -440,6 +440,8 @@ def test_sources_in_a_closed_folder_or_linked_from_one_make_an_owner_only_store(
                 files = [p for p in out.rglob("*") if p.is_file()]
                 assert files and access.more_open_than(out, 0o600) == [], source
                 assert not any(_can_read(user, f) for f in files), source
+                why = " ".join(CohortStore(out).report()["warnings"])  # and the report says why
+                assert f"because of the folders on the way to them: {home} (mode 700" in why, why
             os.chmod(home, 0o711)  # others may pass through the home (not list it): the store opens again
             assert to_zarr.main(_args(bids, base / "open.zarr")) == 0
             chunk = next(f for f in (base / "open.zarr").rglob("*") if f.is_file() and "/c/" in str(f))

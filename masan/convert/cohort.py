@@ -292,8 +292,13 @@ def convert_cohort(sources: list[SubjectSource], out: str | Path, options: Conve
     opts, chosen = _chosen_spacing(opts, jobs)
     # The store holds every subject's label: the tables they were read from count as sources.
     tables = sorted({Path(os.path.abspath(s.table)) for s in sources if s.table is not None})
-    mode, gid, chosen_by = permissions.target_access(
-        out, [Path(p) for j in jobs for p in j.sources.values()], share or StoreAccess(), tables)
+    images = [Path(p) for j in jobs for p in j.sources.values()]
+    mode, gid, chosen_by = permissions.target_access(out, images, share or StoreAccess(), tables)
+    narrow = access.narrowed_by(images + tables) if chosen_by == "sources" else []
+    if narrow:  # say why a store of readable files is closed, and that it stays so until asked
+        chosen = [*chosen, f"{out}: access {access.describe_mode(mode, gid)}, closer than the source files themselves, "
+                           f"because of the folders on the way to them: {', '.join(narrow[:3])}; a later conversion "
+                           "keeps it so; pass --mode/--group to share on purpose"]
     with access.creation_umask(mode), contextlib.ExitStack() as held:
         try:
             out.mkdir(parents=True, exist_ok=True)
