@@ -124,8 +124,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"metrics:           {rd.metrics}  and the table {report / 'table.md'}")
     print(f"predictions:       {rd.predictions}")
     print(f"figures:           {report / 'figures'}")
-    print(f"TensorBoard logs:  {rd.tb}   (tensorboard --logdir {run_dir})")
-    print("on a cluster:      python launch/submit.py --nodes 4 --gpus-per-node 8 --config hpc/configs/paper.yaml")
+    board = Path(sys.executable).parent / "tensorboard"  # the venv's, active or not
+    print(f"TensorBoard logs:  {rd.tb}   ({board if board.exists() else 'tensorboard'} --logdir {run_dir})")
+    print("on a cluster:      python launch/submit.py --nodes 4 --gpus-per-node 8 --config hpc/configs/paper.yaml "
+          "data.store=/scratch/$USER/adni.zarr")
     return 0
 
 

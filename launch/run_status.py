@@ -11,6 +11,7 @@ launch.slurm.queue. A source that cannot be read leaves its columns unknown and 
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import pwd
@@ -301,7 +302,8 @@ def run_status(root: Path, run: Path, queued: dict[str, Queued] | None, now: flo
                     "resume")
     if done is None and not _may_be_live(run, st):
         st.eta_s = None  # a stopped run has no end time to promise: it ends when it is started again
-        if st.slurm == NO_JOB and st.step is not None:  # started by hand: no exit status was recorded
+        started = st.step is not None or RunDir(run).lock.exists()  # a start takes the lock after its checks
+        if st.slurm == NO_JOB and started:  # started by hand: no exit status was recorded
             st.add_note("not running (no process on this host holds its run.lock) and not finished: it stopped or "
                         "failed; run the command that started it again to resume from its newest complete checkpoint")
     if done is not None:
@@ -410,9 +412,23 @@ def _checkpoint_columns(run: Path, st: RunStatus, now: float | None) -> None:
         if ckpt.problem(tag) is None:
             state = ckpt.manifest(tag)["state"]
             st.checkpoint, st.step = tag, state["step"]
-            st.phase, st.epochs_done = state["phase"], state["epochs_done"]
+            st.phase, st.epochs_done = state["phase"], state["epochs_done"] + _epoch_fraction(run, state)
             st.checkpoint_age_s = (time.time() if now is None else now) - marker.stat().st_mtime
             break
+
+
+def _epoch_fraction(run: Path, state: dict) -> float:
+    """The part of its current epoch a checkpoint saved mid-epoch had done (its ``consumed``
+    samples of the training part in split.json; 0 when either is unknown): a stopped run's epoch
+    column then stays where the live run's was."""
+    consumed = state.get("consumed") or 0
+    if not consumed:
+        return 0.0
+    try:
+        train = json.loads(RunDir(run).split.read_text())["train"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0.0
+    return min(consumed / len(train), 1.0) if train else 0.0
 
 
 def _tb_columns(run: Path, st: RunStatus, cfg, now: float | None) -> None:

@@ -112,6 +112,17 @@ def test_a_stopped_run_shows_no_eta(runs, tmp_path):
         assert not row.done and row.eta_s is None and row.step == 5, row
     assert rows["unowned"].note.startswith("not running (no process on this host holds its run.lock)")
 
+    # without its TensorBoard log, the checkpoint's own position: 5 of the 7 training subjects of epoch 0
+    shutil.rmtree(unowned / "tb")
+    assert run_status.run_status(tmp_path, unowned, {}).epochs_done == pytest.approx(5 / 7)
+    # killed before its first step: no checkpoint, no log, but its start took the lock
+    early = tmp_path / "early"
+    early.mkdir()
+    for name in ("config.yaml", "run.lock"):
+        shutil.copy(unowned / name, early / name)
+    row = run_status.run_status(tmp_path, early, {})
+    assert row.step is None and row.note.startswith("not running (no process on this host holds its run.lock)"), row
+
 
 def test_table_and_cli(runs, capsys):
     assert status.main([str(runs)]) == 0

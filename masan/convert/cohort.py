@@ -145,8 +145,8 @@ def _chosen_spacing(opts: ConvertOptions, jobs: list[Job]) -> tuple[ConvertOptio
                     continue
         spacing[i] = resample.common_spacing(sizes) if sizes else 1.0
         notes.append(f"--spacing: {modality} resampled to {spacing[i]:g} mm, the cohort's most common voxel size "
-                     f"({len(set(sizes))} different size{'s' if len(set(sizes)) != 1 else ''} among "
-                     f"{len(sizes)} files)")
+                     + (f"(all {len(sizes)} files have it)" if len(set(sizes)) == 1 else
+                        f"({len(set(sizes))} different sizes among {len(sizes)} files)"))
     return replace(opts, spacing=(spacing[0], spacing[1])), notes
 
 
