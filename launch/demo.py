@@ -48,6 +48,12 @@ def run(cmd: list[str], what: str) -> float:
     return time.monotonic() - start
 
 
+DEMO_MARK = ".made-by-masan-demo"
+"""Written into the demo's cohort folder once it synthesized it: the demo replaces (with the run
+and report made from it) only a cohort that carries it, never one a user made there (e.g. with
+data_tools/synth_cohort.py, which writes planted_effect.json too)."""
+
+
 def _stale_cohort(bids: Path, cfg, per_class: int) -> str | None:
     """What is wrong with an existing demo cohort for the demo config ``cfg`` and ``per_class``
     (None: fine or absent); a cohort the demo did not make ends the demo (it is never deleted)."""
@@ -58,9 +64,19 @@ def _stale_cohort(bids: Path, cfg, per_class: int) -> str | None:
     if not record.is_file():
         raise SystemExit(f"demo: {bids} holds a cohort the demo did not make (no planted_effect.json); the demo "
                          "replaces only its own: pass another --root, or move that folder away")
-    effect = json.loads(record.read_text())
+    why = _mismatch(json.loads(record.read_text()), bids, model, n_classes, per_class)
+    if why and not (bids / DEMO_MARK).is_file():
+        raise SystemExit(f"demo: {bids} holds {why}, not made by the demo (no {DEMO_MARK}: e.g. by "
+                         "data_tools/synth_cohort.py, or an older demo); the demo replaces only its own cohort, with "
+                         "the run and report made from it: pass another --root, or move that folder away")
+    return why
+
+
+def _mismatch(effect: dict, bids: Path, model, n_classes: int, per_class: int) -> str | None:
+    """How a synthetic cohort (its planted_effect.json record ``effect``) differs from the one the
+    demo makes, or None."""
     if effect.get("anatomy") != ANATOMY:
-        return "a phantom cohort (an earlier demo)"
+        return "a phantom cohort"
     want = {"t1": list(model.t1_shape), "fmri": list(model.fmri_shape)}
     got = {m: effect.get("grids", {}).get(m, {}).get("shape") for m in want}
     if got != want:
@@ -104,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
                                      "--t1-shape", *map(str, model.t1_shape),
                                      "--fmri-shape", *map(str, model.fmri_shape), "--frames", str(model.fmri_frames)],
                                     "1. synthesize a cohort on the MNI152 brain")
+        (bids / DEMO_MARK).write_text("this cohort was made by launch/demo.py, which may replace it\n")
     else:
         print(f"\n== 1. cohort already there: {bids}")
     timings["convert"] = run([py, "data_tools/to_zarr.py", "--bids", str(bids), "--out", str(store),

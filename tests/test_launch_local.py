@@ -186,6 +186,13 @@ def test_the_demo_runs_end_to_end_and_replaces_only_its_own_cohort(tmp_path):
     assert res.returncode == 0 and "a cohort of 16 subjects (--per-class 5 makes 20)" in res.stdout, res.stdout[-3000:]
     assert len((tmp_path / "demo" / "bids" / "participants.tsv").read_text().splitlines()) == 1 + 5 * 4
 
+    (tmp_path / "demo" / "bids" / ".made-by-masan-demo").unlink()  # as data_tools/synth_cohort.py leaves one
+    res = demo("--per-class", "4")
+    assert res.returncode != 0 and "a cohort of 20 subjects (--per-class 4 makes 16), not made by the demo" \
+        in res.stderr, res.stderr[-3000:]
+    assert len((tmp_path / "demo" / "bids" / "participants.tsv").read_text().splitlines()) == 1 + 5 * 4
+    assert (tmp_path / "runs" / "demo" / "DONE").is_file()  # its run kept too
+
     (tmp_path / "demo" / "bids" / "planted_effect.json").unlink()  # now a cohort the demo did not make
     res = demo("--per-class", "4")
     assert res.returncode != 0 and "holds a cohort the demo did not make" in res.stderr, res.stderr[-3000:]
