@@ -86,11 +86,11 @@ def former_default_refusal(args: argparse.Namespace) -> str | None:
     """Why a start that names no run directory must not train in the built-in one: a run of an
     earlier version waits in :data:`FORMER_DEFAULT_RUN_DIR` and the new default holds none
     (it would start fresh beside it, silently). None otherwise."""
-    from launch.slurm.plan import DEFAULT_RUN_DIR, base_run_dir
+    from launch.slurm.plan import DEFAULT_RUN_DIR, base_run_dir, run_dir_override
     from masan.rundir import RunDir
 
-    named = any(o.split("=", 1)[0].strip() == "run_dir" for o in args.overrides)
-    if named or base_run_dir(None, args.config, args.overrides) != DEFAULT_RUN_DIR:
+    if run_dir_override(args.overrides) is not None or \
+            base_run_dir(None, args.config, args.overrides) != DEFAULT_RUN_DIR:
         return None
     if RunDir(FORMER_DEFAULT_RUN_DIR).config.is_file() and not RunDir(DEFAULT_RUN_DIR).config.is_file():
         return (f"no run directory given, and the built-in one is now {DEFAULT_RUN_DIR} (launch/submit.py's), while "
@@ -102,13 +102,12 @@ def former_default_refusal(args: argparse.Namespace) -> str | None:
 def resume_with_run_config(args: argparse.Namespace) -> None:
     """Without --config, continue a run with its own config.yaml (the overrides still apply):
     the built-in defaults would be refused by its checkpoints, one differing key at a time."""
-    from masan.config import RunConfig
+    from launch.slurm.plan import DEFAULT_RUN_DIR, run_dir_override
     from masan.rundir import RunDir
 
     if args.config is not None:
         return
-    given = [o.split("=", 1)[1] for o in args.overrides if o.startswith("run_dir=")]
-    args.config = RunDir(given[-1] if given else RunConfig().run_dir).start_config(None)
+    args.config = RunDir(run_dir_override(args.overrides) or DEFAULT_RUN_DIR).start_config(None)
     if args.config is not None and int(os.environ.get("RANK", "0")) == 0:
         logging.getLogger(__name__).info("no --config: continuing with the run's own %s", args.config)
 

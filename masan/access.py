@@ -95,20 +95,23 @@ def restrictive_mode(paths: Iterable[str | os.PathLike]) -> tuple[int, int | Non
     only when it lets its group through but not the others. No paths: ``(0o600, None)``.
     """
     paths = list(paths)
-    return _combine(paths, set().union(*map(folders_on_the_way, paths)) if paths else set())
+    return _combine([os.stat(p) for p in paths], [os.stat(f) for f in _on_the_way(paths)])
 
 
-def _combine(paths: list, on_the_way: set[Path]) -> tuple[int, int | None]:
-    """:func:`restrictive_mode` of ``paths`` with the folders ``on_the_way`` to them."""
-    if not paths:
+def _on_the_way(paths: list) -> set[Path]:
+    """The folders on the way to any of ``paths`` (:func:`folders_on_the_way`)."""
+    return set().union(*map(folders_on_the_way, paths))
+
+
+def _combine(path_stats: list[os.stat_result], folder_stats: list[os.stat_result]) -> tuple[int, int | None]:
+    """:func:`restrictive_mode` from the stats of the paths and of the folders on the way to them."""
+    if not path_stats:
         return OWNER_RW, None
     mode, gids = 0o666, set()
-    for p in paths:
-        st = os.stat(p)
+    for st in path_stats:
         mode &= _effective_file_bits(st)
         gids.add(st.st_gid)
-    for folder in on_the_way:
-        st = os.stat(folder)
+    for st in folder_stats:
         mode &= _reach_file_bits(st)
         if st.st_mode & 0o011 == 0o010:
             gids.add(st.st_gid)
@@ -123,15 +126,13 @@ def narrowed_by(paths: Iterable[str | os.PathLike]) -> list[str]:
     the paths alone would be, each as ``FOLDER (mode M, group G)``: why a store of 644 files in
     a 0700 home, or in a folder only another group may pass, is its owner's alone."""
     paths = list(paths)
-    alone = _combine(paths, set())
-    if not paths or restrictive_mode(paths) == alone:
+    path_stats = [os.stat(p) for p in paths]
+    folders = {f: os.stat(f) for f in sorted(_on_the_way(paths))}
+    alone = _combine(path_stats, [])
+    if _combine(path_stats, list(folders.values())) == alone:
         return []
-    out = []
-    for folder in sorted(set().union(*map(folders_on_the_way, paths))):
-        if _combine(paths, {folder}) != alone:
-            st = os.stat(folder)
-            out.append(f"{folder} (mode {stat.S_IMODE(st.st_mode):o}, group {_group_name(st.st_gid)})")
-    return out
+    return [f"{folder} (mode {stat.S_IMODE(st.st_mode):o}, group {_group_name(st.st_gid)})"
+            for folder, st in folders.items() if _combine(path_stats, [st]) != alone]
 
 
 def _group_name(gid: int) -> str:

@@ -141,19 +141,25 @@ DEFAULT_RUN_DIR = RunConfig().run_dir
 one: the config's own default, which launch/train_local.py trains in too."""
 
 
+def run_dir_override(overrides: list[str]) -> str | None:
+    """The run directory a ``run_dir=...`` override names (the last one), or None."""
+    named = [value for key, sep, value in (o.partition("=") for o in overrides) if sep and key.strip() == "run_dir"]
+    return named[-1] if named else None
+
+
 def base_run_dir(flag: str | None, config: str | None, overrides: list[str]) -> str:
     """The run directory a submission trains in (or under, with repeats and ablations): --run-dir,
     else a ``run_dir=`` override, else the --config file's ``run_dir``, else :data:`DEFAULT_RUN_DIR`.
     launch/train_local.py takes the same override and file key, so both commands train in one place.
     Raises ConfigError when --run-dir and an override name different folders."""
-    named = [value for key, sep, value in (o.partition("=") for o in overrides) if sep and key.strip() == "run_dir"]
-    if flag is not None and named and Path(named[-1]).resolve() != Path(flag).resolve():
-        raise ConfigError(f"--run-dir {flag} and the override run_dir={named[-1]} name different run directories; "
+    named = run_dir_override(overrides)
+    if flag is not None and named is not None and Path(named).resolve() != Path(flag).resolve():
+        raise ConfigError(f"--run-dir {flag} and the override run_dir={named} name different run directories; "
                           "give one of them")
     if flag is not None:
         return flag
-    if named:
-        return named[-1]
+    if named is not None:
+        return named
     if config is not None:
         load_config(config)  # a missing, invalid or misspelled file is refused by its own message
         in_file = (yaml.safe_load(Path(config).read_text()) or {}).get("run_dir")

@@ -173,15 +173,13 @@ def preflight(cfg: RunConfig, world_size: int, ckpt: CheckpointManager, chash: s
     training part, the newest complete checkpoint accepts this config; and the access mode of
     the run directory: the store's (mode and group). ``node_local=False`` leaves out what only
     the training node can tell (``data.cache_dir``, often a node's own disk)."""
-    from masan.data.cache import check_cache_dir, check_host_fits
+    from masan.data.cache import check_host_fits
     from masan.data.dataset import select_subjects
     from masan.data.splits import Split, SplitError, make_split
 
     run_dir = Path(cfg.run_dir)
     check_place(cfg)
     check_writable(run_dir)
-    if node_local:
-        check_cache_dir(cfg.data)
     store = open_store(cfg)
     subjects, labels, class_names = select_subjects(store, cfg.data)
     split_path = RunDir(run_dir).split
@@ -211,7 +209,7 @@ def preflight(cfg: RunConfig, world_size: int, ckpt: CheckpointManager, chash: s
     refusal = ckpt.refusal(cfg, chash)
     if refusal:
         raise ResumeError(refusal)
-    if node_local and cfg.data.cache != "none":  # the cache holds the training part (this node's memory)
+    if node_local and cfg.data.cache != "none":  # its folder, and room for the training part on this node
         check_host_fits(store, split.train, cfg.data)
     file_mode, gid = restrictive_mode([cfg.data.store])
     return Preflight(subjects, labels, class_names, split, not trained, file_mode, gid,
@@ -317,29 +315,33 @@ def store_contract(cfg: RunConfig):
     return geo
 
 
-def check_start(cfg: RunConfig, world_size: int, device_type: str | None = None) -> None:
-    """The read-only checks of a start (:func:`store_contract`, the engine's settings for
-    ``device_type`` (None: those that hold on every device), :func:`preflight`) on a login
-    node, before a job waits in the queue to meet them: raises ConfigError or ResumeError as the
-    job would. What only the training node can tell (``data.cache_dir``) is left to the job;
-    ``cfg`` is not changed."""
+def check_settings(cfg: RunConfig, device_type: str | None) -> None:
+    """The settings of a resolved config (input shapes from the store) that every start checks
+    before it reads the run directory: the engine's for ``device_type`` (None: those that hold
+    on every device), what no training should start with, and the model's build."""
     from masan.model.checks import check_model
     from masan.train.engine import check_config
 
+    check_config(cfg, device_type)
+    validate_for_training(cfg)
+    check_model(cfg)  # a model that cannot be built or evaluated: refused now, not after training
+
+
+def check_start(cfg: RunConfig, world_size: int, device_type: str | None = None) -> None:
+    """The read-only checks of a start (:func:`store_contract`, :func:`check_settings` for
+    ``device_type``, :func:`preflight`) on a login node, before a job waits in the queue to meet
+    them: raises ConfigError or ResumeError as the job would. What only the training node can
+    tell (``data.cache_dir``) is left to the job; ``cfg`` is not changed."""
     cfg = copy.deepcopy(cfg)
     cfg.data.store = os.path.abspath(cfg.data.store)
     store_contract(cfg)
-    check_config(cfg, device_type)
-    validate_for_training(cfg)
-    check_model(cfg)
+    check_settings(cfg, device_type)
     ckpt = CheckpointManager(cfg.run_dir, cfg.checkpoint.keep)
     preflight(cfg, world_size, ckpt, config_hash(cfg), node_local=False)
 
 
 def _run(cfg: RunConfig, stop: StopRequest | None, info: D.DistInfo, lock: RunLock) -> TrainOutcome:
     from masan.data.contract import resolve_inputs
-    from masan.model.checks import check_model
-    from masan.train.engine import check_config
 
     # the saved config.yaml must lead predict, evaluate and a later start to the same places from any folder
     cfg.data.store, cfg.run_dir = os.path.abspath(cfg.data.store), os.path.abspath(cfg.run_dir)
@@ -352,9 +354,7 @@ def _run(cfg: RunConfig, stop: StopRequest | None, info: D.DistInfo, lock: RunLo
     geometry = _on_main(info, lambda: store_contract(cfg))
     if not info.is_main:
         resolve_inputs(cfg, geometry)
-    check_config(cfg, info.device.type)
-    validate_for_training(cfg)
-    check_model(cfg)  # a model that cannot be built or evaluated: refused now, not after training
+    check_settings(cfg, info.device.type)
     ckpt = CheckpointManager(run_dir, cfg.checkpoint.keep, info.rank, info.world_size)
     chash = config_hash(cfg)
     pre = _on_main(info, lambda: preflight(cfg, info.world_size, ckpt, chash))  # nothing in run_dir changed yet
