@@ -37,7 +37,8 @@ with planted effects, side by side in one run.
    ANOVA screening and a logistic regression on the stored T1 voxels (and fMRI features; or with
    MASAN's ordinal head), k and C chosen by cross-validation on the training part.
 
-Prints a line per finished run and one markdown table (mean +- std over repeats), written to
+Prints a line per finished run, one markdown table (mean +- std over repeats) and one of MASAN's
+differences from every row split by split (mean +- std, splits higher / same / lower), written to
 --out (default WORK/science.md), raw numbers to WORK/science.json.
 
   python -m experiments.science                             # 3 repeats x every variant (min/run: see the table)
@@ -65,7 +66,7 @@ from pathlib import Path
 from experiments import REPO
 from experiments.baselines import LinearBaseline, Oracle
 from experiments.cohort import DEFAULT_REGISTER, FULL, REGISTRATIONS, TEMPLATE, balanced, cohort_args, make_cohort
-from experiments.scoring import planted_regions, region_result, run_line, score_run, table
+from experiments.scoring import paired, planted_regions, region_result, run_line, score_run, table
 from experiments.training import (
     CACHE_DIR,
     MAIN,
@@ -406,6 +407,8 @@ def main(argv: list[str] | None = None) -> int:
     minutes = (time.perf_counter() - start) / 60
     rows = table_rows(args, fitted, results, repeats)
     text = table(rows, baselines, minutes, table_header(args, planted, repeats, preset.data.decision))
+    if MAIN in rows:
+        text += "\n" + paired(rows, MAIN)
     write_results(args, text, {
         "cohort": stamp, "config": str(args.config), "overrides": args.overrides, "planted_regions": planted,
         "repeats": args.repeats, "ablation_repeats": args.ablation_repeats,

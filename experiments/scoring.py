@@ -18,6 +18,8 @@ COLUMNS = (("4-class acc", "accuracy", 2), ("AD acc", "binary_accuracy", 2), ("A
 """Table columns: header, result key, decimals."""
 RULES = {"argmax": "arg-max", "expected_stage": "stage"}
 """How the table names each decision rule (masan.predictions.decide)."""
+PAIRED = (("4-class acc", "accuracy"), ("AD acc", "binary_accuracy"), ("AD AUC", "auc"))
+"""Columns of the paired comparison: header, result key."""
 
 
 def planted_regions(store, grid: list[int]) -> dict:
@@ -64,6 +66,13 @@ def cell(values: list, digits: int = 2) -> str:
     if len(v) == 1:
         return f"{v[0]:.{digits}f}"
     return f"{statistics.mean(v):.{digits}f} ± {statistics.stdev(v):.{digits}f}"
+
+
+def signed(values: list[float], digits: int = 2) -> str:
+    """A difference's cell: "+mean ± std" (sample std), one value alone with its sign."""
+    if len(values) == 1:
+        return f"{values[0]:+.{digits}f}"
+    return f"{statistics.mean(values):+.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
 def run_line(name: str, repeat: int, r: dict) -> str:
@@ -114,3 +123,27 @@ def table(rows: dict[str, list[dict]], baselines: list[dict], minutes: float, he
     out += [f"Took {minutes:.1f} min."]
     return "\n".join(out) + "\n"
 
+
+
+def paired(rows: dict[str, list[dict]], main: str) -> str:
+    """``main`` against every other row, split by split (the same training and test subjects):
+    the mean ± std of main's score minus the row's, and on how many splits main scored higher /
+    the same / lower. Differences of one split cancel what the split itself makes easy or hard,
+    which the table's spreads over splits do not; rows that are a subset of main's own runs
+    (``"<main> (first k)"``) are left out."""
+    ours = rows.get(main, [])
+    lines = [f"Paired by split (the same test subjects): {main} minus each row, mean ± std over the splits both "
+             f"ran, and splits {main} higher / same / lower.", "",
+             "| row | splits | " + " | ".join(h for h, _ in PAIRED) + " |", "|" + "---|" * (2 + len(PAIRED))]
+    for name, runs in rows.items():
+        if name == main or name.startswith(f"{main} ("):
+            continue
+        cells, splits = [], 0
+        for _, key in PAIRED:
+            diffs = [a[key] - b[key] for a, b in zip(ours, runs)
+                     if "failed" not in (a.get("status"), b.get("status")) and None not in (a.get(key), b.get(key))]
+            splits = max(splits, len(diffs))
+            wins = (sum(d > 1e-9 for d in diffs), sum(abs(d) <= 1e-9 for d in diffs), sum(d < -1e-9 for d in diffs))
+            cells.append(f"{signed(diffs)} ({'/'.join(map(str, wins))})" if diffs else "-")
+        lines.append(f"| {name} | {splits} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

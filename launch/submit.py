@@ -596,10 +596,11 @@ def _main(argv: list[str] | None) -> int:
     if not todo:
         print(f"all runs finished; TensorBoard: tensorboard --logdir {base}")
         return 0
-    if args.dry_run or not local:
-        refused = _refused_before_submitting(todo, res, local)
-        if refused is not None:
-            return refused
+    # every run checked before the first one trains (or waits in the queue): a sweep's bad run is
+    # refused now, not hours later, and nothing (not even the TensorBoard line) is printed first
+    refused = _refused_before_submitting(todo, res, local)
+    if refused is not None:
+        return refused
     if args.dry_run:
         _print_plan(todo, res, local)
         return 0

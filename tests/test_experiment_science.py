@@ -314,6 +314,20 @@ def test_ablations_may_run_fewer_repeats_and_the_table_says_so():
     assert "| hfcn | 0.50 |" in text and "| masan (first 1) |" in text and text.count("| 1/1 | stage | 1/1 |") == 2
 
 
+def test_rows_are_compared_with_masan_split_by_split():
+    def r(acc, auc):
+        return {"accuracy": acc, "binary_accuracy": acc, "auc": auc}
+
+    rows = {"linear": [r(0.6, 0.9), r(0.7, None), r(0.5, 0.8)], "masan": [r(0.7, 0.92), r(0.7, 0.93), r(0.6, 0.9)],
+            "masan (first 1)": [r(0.7, 0.92)], "hfcn": [r(0.8, 0.9)], "t1_only": [{"status": "failed"}]}
+    lines = {ln.split(" | ")[0].strip("| "): ln for ln in scoring.paired(rows, "masan").splitlines()}
+    # per split 0.1, 0.0, 0.1: higher on two, the same on one; AUC only where both have one
+    assert lines["linear"] == "| linear | 3 | +0.07 ± 0.06 (2/1/0) | +0.07 ± 0.06 (2/1/0) | +0.06 ± 0.06 (2/0/0) |"
+    assert lines["hfcn"] == "| hfcn | 1 | -0.10 (0/0/1) | -0.10 (0/0/1) | +0.02 (1/0/0) |"  # only the splits both ran
+    assert lines["t1_only"] == "| t1_only | 0 | - | - | - |"  # a failed run compares with nothing
+    assert "masan" not in lines and "masan (first 1)" not in lines
+
+
 @pytest.mark.slow
 def test_science_experiment_end_to_end(tmp_path):
     work = tmp_path / "science"
@@ -329,6 +343,7 @@ def test_science_experiment_end_to_end(tmp_path):
         assert all(re.fullmatch(NUMBER, c) for c in cells[1:5]), line  # 4-class acc, AD acc, precision, recall
         assert cells[9] == "1/1", line  # runs ok
     assert "| masan_add |" not in table and "Chance: always-" in table
+    assert re.search(r"^\| t1_only \| 1 \| [+-]\d", table.split("Paired by split")[1], re.M), table
     raw = json.loads((work / "science.json").read_text())
     assert set(raw["runs"]) == {"oracle", "linear", "masan", "t1_only"}
     assert raw["runs"]["linear"][0]["n"] == raw["runs"]["masan"][0]["n"]  # the same test part

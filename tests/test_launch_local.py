@@ -157,6 +157,9 @@ def test_bad_inputs_say_what_to_fix(tiny_config, tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 2, res.stdout[-2000:] + res.stderr[-3000:]
     assert "nope.zarr does not exist" in res.stderr and "restart 1" not in res.stdout, res.stdout + res.stderr
+    # refused before anything started or was written: no run begun, no TensorBoard line, no run folder
+    assert "local run" not in res.stdout and "TensorBoard" not in res.stdout, res.stdout
+    assert not (tmp_path / "y").exists()
     assert "Traceback" not in res.stderr, res.stderr[-3000:]
 
 

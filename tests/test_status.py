@@ -369,6 +369,22 @@ def test_a_resumed_runs_tensorboard_log_is_read_without_noise(tmp_path, caplog):
     assert [r.getMessage() for r in caplog.records] == ["any other TensorBoard warning"]
 
 
+def test_a_start_that_logs_nothing_leaves_no_events_file(tmp_path):
+    """A resumed run with no step left opens no events file (status would read an empty one);
+    the first event opens it."""
+    from masan.config import load_config
+    from masan.train.logging import TrainLogger
+
+    cfg = load_config(None, [])
+    quiet = TrainLogger(tmp_path, cfg.log, enabled=True, purge_step=6)
+    quiet.close()
+    assert not (tmp_path / "tb").exists()
+    logger = TrainLogger(tmp_path, cfg.log, enabled=True)
+    logger.scalars({"loss": 1.0}, step=1)
+    logger.close()
+    assert [p.name.startswith("events.out.tfevents") for p in (tmp_path / "tb").iterdir()] == [True]
+
+
 # ====================================================================== a job that can never start
 
 

@@ -70,17 +70,26 @@ class TrainLogger:
 
     def __init__(self, run_dir: str | Path, log_cfg: LogConfig, enabled: bool, purge_step: int | None = None):
         self.writer = None
+        self._open = None
         if enabled and log_cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(RunDir(run_dir).tb), purge_step=purge_step,
-                                        flush_secs=log_cfg.flush_secs)
+            # opened on the first event: a start with nothing left to do leaves no empty events file
+            self._open = lambda: SummaryWriter(str(RunDir(run_dir).tb), purge_step=purge_step,
+                                               flush_secs=log_cfg.flush_secs)
+
+    def _writer(self):
+        """The SummaryWriter, opened on first use; None when this logger is silent."""
+        if self.writer is None and self._open is not None:
+            self.writer, self._open = self._open(), None
+        return self.writer
 
     def scalars(self, values: dict[str, float], step: int, prefix: str = "train") -> None:
-        if self.writer is None:
+        writer = self._writer()
+        if writer is None:
             return
         for name, v in values.items():
-            self.writer.add_scalar(f"{prefix}/{name}", float(v), step)
+            writer.add_scalar(f"{prefix}/{name}", float(v), step)
 
     def interval(self, per_rank: list[dict[str, float]], step: int) -> str:
         """Data wait, compute and peak memory of one logging interval (one :func:`interval_stats`
@@ -101,7 +110,8 @@ class TrainLogger:
 
     def hparams(self, cfg: RunConfig) -> None:
         """The resolved config as text and as TensorBoard hparams (flattened scalars/strings)."""
-        if self.writer is None:
+        writer = self._writer()
+        if writer is None:
             return
         from torch.utils.tensorboard.summary import hparams
 
@@ -120,17 +130,18 @@ class TrainLogger:
         metrics = {f"{MONITOR_PREFIX}/{m}": 0.0 for m in HPARAM_METRICS}
         # written into this writer's own file (add_hparams would open a second event folder)
         for summary in hparams(flat, metrics):
-            self.writer.file_writer.add_summary(summary)
-        self.writer.add_text("config", "```\n" + yaml.safe_dump(d, sort_keys=False) + "\n```", 0)
+            writer.file_writer.add_summary(summary)
+        writer.add_text("config", "```\n" + yaml.safe_dump(d, sort_keys=False) + "\n```", 0)
 
     def monitor_metrics(self, metrics: dict, step: int) -> None:
         """Validation metrics (:func:`masan.metrics.classification_metrics`) + confusion figure."""
-        if self.writer is None:
+        writer = self._writer()
+        if writer is None:
             return
         from masan.evaluate.plots import confusion_figure  # matplotlib: only when images are logged
 
         self.scalars(flat_scalars(metrics), step, prefix=MONITOR_PREFIX)
-        self.writer.add_figure(f"{MONITOR_PREFIX}/confusion_matrix",
+        writer.add_figure(f"{MONITOR_PREFIX}/confusion_matrix",
                                confusion_figure(metrics["confusion_matrix"], metrics["class_names"],
                                                 title="validation part"), step)
 
@@ -143,19 +154,20 @@ class TrainLogger:
             region_weights: (N, R) region weights of the validation subjects.
             attention: (N, R, R) attention matrices, or None.
         """
-        if self.writer is None:
+        writer = self._writer()
+        if writer is None:
             return
         from masan.evaluate.plots import region_map_figure  # matplotlib: only when images are logged
 
         w = np.asarray(region_weights, dtype=np.float32)
         if t1 is not None and w.size:
-            self.writer.add_figure(f"{MONITOR_PREFIX}/region_weights",
+            writer.add_figure(f"{MONITOR_PREFIX}/region_weights",
                                    region_map_figure(t1, w.mean(axis=0), patch_grid,
                                                      title="mean region weight, validation part"), step)
         if attention is not None:
             a = np.asarray(attention, dtype=np.float32).mean(axis=0)
             a = (a - a.min()) / max(float(a.max() - a.min()), 1e-12)
-            self.writer.add_image(f"{MONITOR_PREFIX}/attention", a, step, dataformats="HW")
+            writer.add_image(f"{MONITOR_PREFIX}/attention", a, step, dataformats="HW")
 
     def flush(self) -> None:
         if self.writer is not None:
