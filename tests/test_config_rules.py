@@ -25,7 +25,7 @@ TINY = REPO / "hpc" / "configs" / "tiny.yaml"
 REFUSED = [  # (overrides, what the message must name)
     (["model.attn_dim=0"], ["model.attn_dim=0"]),
     (["model.value_dim=-1"], ["model.value_dim=-1"]),
-    (["model.mlp_hidden=0"], ["model.mlp_hidden=0"]),
+    (["model.mlp_hidden=-1"], ["model.mlp_hidden=-1"]),
     (["model.temporal_features=0"], ["model.temporal_features=0"]),
     (["model.temporal_kernel=0"], ["model.temporal_kernel=0"]),
     (["model.temporal_stride=0"], ["model.temporal_stride=0"]),

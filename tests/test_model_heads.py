@@ -64,6 +64,19 @@ def test_model_head_selects_the_head_of_both_architectures():
         assert torch.allclose(out["logits"].exp().sum(1), torch.ones(2), atol=1e-5)
 
 
+def test_mlp_hidden_0_is_one_fully_connected_layer():
+    """Sec. 3.2's "a fully connected layer" (Sec. 2.3's MLP is the default): one Linear after the
+    dropout, for either head and either architecture."""
+    head = build_classifier("softmax", 12, 0, 4, 0.2)
+    assert [type(m) for m in head.net] == [torch.nn.Dropout, torch.nn.Linear] and head.net[1].in_features == 12
+    assert head.eval()(torch.randn(3, 12)).shape == (3, 4)
+    for arch in ("masan", "hfcn"):
+        model = build_model(small_model_config(arch=arch, head="ordinal", mlp_hidden=0), 4)
+        out = model.eval()(t1=torch.randn(2, 1, 32, 32, 32), fmri=torch.randn(2, 6, 16, 16, 16))
+        assert torch.allclose(out["logits"].exp().sum(1), torch.ones(2), atol=1e-5)
+    load_config(None, ["model.mlp_hidden=0"])  # a config may ask for it
+
+
 def test_label_smoothing_keeps_a_confident_head_off_zero_loss_with_either_head():
     batch = {"label": torch.tensor([0, 3])}
     confident = torch.log(torch.tensor([[0.999, 0.0005, 0.0003, 0.0002], [0.0002, 0.0003, 0.0005, 0.999]]))

@@ -224,6 +224,8 @@ class ModelConfig:
     collapses to one class (docs/paper-mapping.md). H-FCN (``arch=hfcn``) takes the same
     setting: its patch autoencoder learns from reconstruction like sPM."""
     mlp_hidden: int = 256
+    """Hidden width of the classifier MLP (Sec. 2.3: Linear -> ReLU -> Dropout -> Linear); 0: one
+    fully connected layer after the dropout (Sec. 3.2's "a fully connected layer")."""
     dropout: float = 0.2
     head: Literal["softmax", "ordinal"] = field(default="softmax", metadata={HASHED_WHEN_SET: True})
     """The classifier head (masan/model/heads.py): ``softmax``, one logit per class (the paper);

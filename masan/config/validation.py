@@ -125,7 +125,7 @@ _RULES: tuple[tuple[str, typing.Callable[[Any], bool], str], ...] = (
     ("model.groups", _positive, "at least 1 GroupNorm group"),
     ("model.attn_dim", _positive, "a positive query/key width, e.g. 64"),
     ("model.value_dim", _positive, "a positive value width, e.g. 64 (0 would leave the classifier no input)"),
-    ("model.mlp_hidden", _positive, "a positive hidden width, e.g. 256 (0 predicts one constant for everyone)"),
+    ("model.mlp_hidden", _non_negative, "a hidden width, e.g. 256, or 0 for one fully connected layer"),
     ("model.temporal_features", _positive, "a positive number of temporal-conv features, e.g. 32"),
     ("model.temporal_kernel", _positive, "a positive kernel length in frames, e.g. 8"),
     ("model.temporal_stride", _positive, "a positive stride in frames, e.g. 4"),

@@ -50,7 +50,7 @@ class Split:
         test_fraction: requested fraction of subjects in ``test``.
         labels: subject -> label (class index or name) the split was stratified on.
         val: validation subjects carved from the training part (stratified), sorted;
-            for monitoring and optional best-checkpoint selection, never trained on.
+            for monitoring only (the final model is the last one), never trained on.
         val_fraction: requested fraction of the training part held out as ``val``.
     """
 

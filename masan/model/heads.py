@@ -25,13 +25,17 @@ PROB_FLOOR = 1e-12
 
 
 def mlp(in_features: int, hidden: int, out_features: int, dropout: float) -> nn.Sequential:
-    """``Linear -> ReLU -> Dropout -> Linear``: ``(B, in_features)`` -> ``(B, out_features)``."""
+    """``Linear -> ReLU -> Dropout -> Linear``: ``(B, in_features)`` -> ``(B, out_features)``;
+    ``hidden`` 0: ``Dropout -> Linear``, one fully connected layer (the paper's Sec. 3.2 wording)."""
+    if hidden == 0:
+        return nn.Sequential(nn.Dropout(dropout), nn.Linear(in_features, out_features))
     return nn.Sequential(nn.Linear(in_features, hidden), nn.ReLU(), nn.Dropout(dropout),
                          nn.Linear(hidden, out_features))
 
 
 class MLPClassifier(nn.Module):
-    """``Linear -> ReLU -> Dropout -> Linear``: features ``(B, F)`` -> logits ``(B, C)``."""
+    """``Linear -> ReLU -> Dropout -> Linear`` (or one layer, :func:`mlp`): features ``(B, F)`` ->
+    logits ``(B, C)``."""
 
     def __init__(self, in_features: int, hidden: int, num_classes: int, dropout: float):
         super().__init__()
