@@ -79,7 +79,6 @@ def run_line(name: str, repeat: int, r: dict) -> str:
     if r.get("status") == "failed":
         where = f" after {r['minutes']:.1f} min (see {r['log']})" if "log" in r else ""
         return f"{name:<11} r{repeat}: FAILED{where}"
-    auc = "-" if r["auc"] is None else f"{r['auc']:.2f}"
     where = ""
     if r.get("best_rank") is not None:
         ranks = ", ".join(f"{s} {k}" for s, k in r["rank_by_structure"].items())
@@ -90,8 +89,10 @@ def run_line(name: str, repeat: int, r: dict) -> str:
         chosen = f"  (k {ks}; C {r['chosen']['C']})"
     mins = f"  {r['minutes']:.1f} min" + (" (cached)" if r.get("status") == "cached" else "") if "minutes" in r else ""
     rule = f"  ({RULES[r['decision']]})" if "decision" in r else ""
+    # None: undefined (masan.metrics), e.g. an AUC with one class in the test part
+    p, rec, auc = ("-" if r[k] is None else f"{r[k]:.2f}" for k in ("precision", "recall", "auc"))
     return (f"{name:<11} r{repeat}: acc {r['accuracy']:.2f}  AD acc {r['binary_accuracy']:.2f}  "
-            f"P {r['precision']:.2f}  R {r['recall']:.2f}  AUC {auc}{rule}{where}{chosen}{mins}")
+            f"P {p}  R {rec}  AUC {auc}{rule}{where}{chosen}{mins}")
 
 
 def rules(runs: list[dict]) -> str:

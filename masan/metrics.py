@@ -1,11 +1,18 @@
 """Classification metrics with the paper's protocol: AD is the positive class (AD vs the rest).
 
 The paper (Table 2) reports accuracy, precision and recall "calculated by treating AD as the
-positive class (AD vs. NC and MCI)". A subject is predicted positive when the arg-max class
-is the positive class, so precision and recall equal the one-vs-rest precision and recall of
-that class. ``binary_accuracy`` is the accuracy of that positive-vs-rest decision (the
-paper's accuracy); ``accuracy`` is the plain multi-class accuracy (the same for two classes).
-Precision is 0 when nothing is predicted positive (scikit-learn ``zero_division=0``).
+positive class (AD vs. NC and MCI)". A subject is predicted positive when the class called
+for it is the positive class (the call follows ``data.decision``: arg-max, or the expected
+stage of ordered classes, :func:`masan.predictions.decide`), so precision and recall equal the
+one-vs-rest precision and recall of that class. ``binary_accuracy`` is the accuracy of that
+positive-vs-rest decision (the paper's accuracy); ``accuracy`` is the plain multi-class
+accuracy (the same for two classes).
+
+Undefined values are None (``null`` in metrics.json, "n/a" in tables, left out of means), never
+a number that reads as a result: recall and F1 of a class no true subject has (a cohort without
+AD: every AD subject was found, and none missed), and precision when that class is also never
+called. Precision is 0 when subjects of the class exist but none is called it: Table 2 must
+punish a model that never calls AD. The same rule holds for ``per_class``.
 
 :data:`METRICS` is the one registry of the scalar metrics: each entry says how the metric is
 computed, its title in report tables, and whether it is a column of the paper's Table 2, of the
@@ -54,11 +61,21 @@ class Scored:
     def p_pos(self) -> np.ndarray:
         return self.p == self.pos
 
-    def binary_prf(self) -> tuple[float, float, float]:
-        """(precision, recall, F1) of the positive class vs the rest."""
+    def binary_prf(self) -> tuple[float | None, float | None, float | None]:
+        """(precision, recall, F1) of the positive class vs the rest (None where undefined: see
+        the module docstring)."""
         prec, rec, f1, _ = precision_recall_fscore_support(
             self.y_pos, self.p_pos, average="binary", pos_label=True, zero_division=0)
-        return float(prec), float(rec), float(f1)
+        return defined_prf(float(prec), float(rec), float(f1), int(self.y_pos.sum()), int(self.p_pos.sum()))
+
+
+def defined_prf(precision: float, recall: float, f1: float, support: int, called: int
+                ) -> tuple[float | None, float | None, float | None]:
+    """(precision, recall, F1) of one class with None for the values that ``support`` true and
+    ``called`` predicted subjects of it leave undefined (scikit-learn gives them 0)."""
+    if support == 0:
+        return (None if called == 0 else precision), None, None
+    return precision, recall, f1
 
 
 def _nll(s: Scored) -> float | None:
@@ -150,10 +167,12 @@ def classification_metrics(
     Returns:
         dict with ``n``, ``class_names``, ``positive_class``, ``accuracy`` (multi-class),
         ``binary_accuracy``/``precision``/``recall``/``f1`` (positive vs rest, fractions in
-        [0, 1]), ``auc`` (positive-class ROC AUC, None when the test part has one side only or
-        no probs), ``nll`` (mean negative log-likelihood, None without probs), ``per_class``
-        {name: {precision, recall, f1, support}} and ``confusion_matrix`` (C x C list, rows
-        true class, columns predicted class).
+        [0, 1]; recall and F1 None without a true positive-class subject, precision None when
+        there is none and none is called positive either), ``auc`` (positive-class ROC AUC,
+        None when the test part has one side only or no probs), ``nll`` (mean negative
+        log-likelihood, None without probs), ``per_class`` {name: {precision, recall, f1,
+        support}} (None by the same rule) and ``confusion_matrix`` (C x C list, rows true
+        class, columns predicted class).
     """
     names = list(class_names)
     y = np.asarray(labels, dtype=np.int64).reshape(-1)
@@ -174,14 +193,16 @@ def classification_metrics(
             raise MetricsError(f"probs have shape {pr.shape}; expected ({y.size}, {len(names)})")
     scored = Scored(y, p, pos, pr)
     cls_p, cls_r, cls_f, cls_n = precision_recall_fscore_support(y, p, labels=ind, zero_division=0)
+    called = np.bincount(p, minlength=len(names))
     return {
         "n": int(y.size),
         "class_names": names,
         "positive_class": positive_class,
         **{m.name: m.compute(scored) for m in METRICS},
         "per_class": {
-            n: {"precision": float(a), "recall": float(b), "f1": float(c), "support": int(d)}
-            for n, a, b, c, d in zip(names, cls_p, cls_r, cls_f, cls_n)
+            n: {**dict(zip(PER_CLASS_METRICS, defined_prf(float(a), float(b), float(c), int(d), int(k)))),
+                "support": int(d)}
+            for n, a, b, c, d, k in zip(names, cls_p, cls_r, cls_f, cls_n, called)
         },
         "confusion_matrix": confusion_matrix(y, p, labels=ind).tolist(),
     }
@@ -190,11 +211,12 @@ def classification_metrics(
 def flat_scalars(metrics: dict) -> dict[str, float]:
     """The scalar metrics of :func:`classification_metrics` as a flat ``name -> float`` dict,
     per-class ones as ``precision/<class>``, ``recall/<class>``, ``f1/<class>`` (TensorBoard tags,
-    CSV columns). None values (no AUC) are left out."""
+    CSV columns). Undefined (None) values, e.g. no AUC, are left out."""
     out = {m.name: float(metrics[m.name]) for m in METRICS if metrics.get(m.name) is not None}
     for name, m in metrics["per_class"].items():
         for k in PER_CLASS_METRICS:
-            out[f"{k}/{name}"] = float(m[k])
+            if m[k] is not None:
+                out[f"{k}/{name}"] = float(m[k])
     return out
 
 
@@ -202,3 +224,15 @@ def prediction_metrics(preds, class_names: Sequence[str], positive_class: str) -
     """:func:`classification_metrics` of a :class:`masan.predictions.Predictions` (anything with
     ``labels``, ``preds`` and ``probs``)."""
     return classification_metrics(preds.labels, preds.preds, class_names, positive_class, preds.probs)
+
+
+def undefined_note(metrics: dict) -> str | None:
+    """One line naming the positive-class metrics of :func:`classification_metrics` that its
+    subjects leave undefined (no true subject of that class), or None when all are defined."""
+    undefined = [k for k in ("precision", "recall", "f1") if k in metrics and metrics[k] is None]
+    if not undefined:
+        return None
+    pos = metrics["positive_class"]
+    called = "" if "precision" in undefined else f" (precision stays defined: {pos} was called for some)"
+    return (f"no {pos} subject among the {metrics['n']} with a diagnosis, so {', '.join(undefined)} of {pos} vs "
+            f"the rest {'is' if len(undefined) == 1 else 'are'} undefined: null in metrics.json, not 0{called}")

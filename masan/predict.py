@@ -13,10 +13,11 @@ Which subjects: with ``--store`` omitted, the run's own store and its ``--split`
 (default ``test``) from ``RUN_DIR/split.json``; with another store, every subject of the run's
 classes (``data.classes``/``data.merge``) that has the modalities the run uses. The store must
 have the run's input shapes. Writes ``DIR/predictions.csv``, ``region_weights.npy`` and
-``metrics.json`` (the layout of a run directory). Warned about (one line each, before the
-model is loaded): subjects of another store left out for a class the run does not predict,
-and subjects of the run's own training or validation part in it (the same scans: their
-accuracy is no test accuracy; :func:`seen_in_training`).
+``metrics.json`` (the layout of a run directory); a cohort without a subject of the positive
+class gets recall and F1 null (undefined, as the AUC; :mod:`masan.metrics`) and a note.
+Warned about (one line each, before the model is loaded): subjects of another store left out
+for a class the run does not predict, and subjects of the run's own training or validation
+part in it (the same scans: their accuracy is no test accuracy; :func:`seen_in_training`).
 
 What is refused (exit 2, the message names the file and the fix), all before any inference:
 
@@ -56,6 +57,7 @@ import torch
 from masan import argtypes
 from masan.config import ConfigError, RunConfig, load_config
 from masan.inference import predict_subjects
+from masan.metrics import undefined_note
 from masan.predictions import write_predictions
 from masan.rundir import RunDir
 from masan.train.checkpoint import TAG_RE, CheckpointManager, checkpoint_problem, final_tag, load_model, previous_intact
@@ -393,6 +395,9 @@ def main(argv: list[str] | None = None) -> int:
               if "accuracy" in metrics else "no diagnoses: probabilities only")
     if chosen.not_test and "accuracy" in metrics:
         scores += " (not a test accuracy: training subjects included)"
+    undefined = undefined_note(metrics) if "accuracy" in metrics else None
+    if undefined:
+        print(f"note: {undefined}", file=sys.stderr)
     unlabeled = f", {metrics['n_unlabeled']} without a diagnosis" if metrics.get("n_unlabeled") else ""
     used = f"{tag}, {note}" if note else tag
     print(f"{len(preds)} subjects of {chosen.store} predicted with {args.run_dir} ({used}){unlabeled}; {scores} "

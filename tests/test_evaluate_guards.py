@@ -9,12 +9,15 @@ import csv
 import json
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 
 from masan.config import config_from_dict, load_config, save_config
 from masan.data.contract import store_geometry
 from masan.evaluate.__main__ import main
+from masan.evaluate.report import format_cell
+from masan.metrics import classification_metrics
 from masan.predictions import Predictions, write_predictions
 from masan.rundir import RunDir
 from masan.store.cohort import CohortStore
@@ -185,3 +188,166 @@ def test_store_that_holds_the_runs_subjects_draws_the_map(tiny_store, tmp_path, 
     assert main([str(run), "--out", str(out), "--store", str(tiny_store), "--views", "axial"]) == 0, \
         capsys.readouterr().err
     assert len(list((out / "figures").glob("masan_region_map_*.png"))) == 2
+
+
+# ---------------------------------------------------------------------- what the table pools and how
+
+
+def test_a_run_given_by_two_paths_counts_once(tmp_path, capsys, monkeypatch):
+    root = tmp_path / "runs"
+    make_run(root, "r0", [], 0, 2)
+    make_run(root, "r1", [], 1, 4)
+    (tmp_path / "link").symlink_to(root)  # a symlinked parent
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "rep"
+    assert main(["runs/r0", str(root / "r0"), str(tmp_path / "link" / "r0"), "runs", "--out", str(out),
+                 "--no-figures"]) == 0
+    err = capsys.readouterr().err
+    assert table(out)["MASAN"]["runs"] == 2 and table(out)["MASAN"]["repeats"] == [0, 1]
+    assert err.count("given more than once") == 1, err
+    assert f"run runs/r0 is given more than once (also as {root / 'r0'}, {tmp_path / 'link' / 'r0'}, runs/r0)" in err
+    assert "repeat(s) [0] appear more than once" not in err
+
+
+def test_unfinished_runs_are_named_and_marked_in_every_output(tmp_path, capsys):
+    root = tmp_path / "runs"
+    make_run(root, "r0", [], 0, 2)
+    late, _ = make_run(root, "r1", [], 1, 3, done=False)
+    out = tmp_path / "rep"
+    assert main([str(root), "--out", str(out), "--no-figures", "--allow-unfinished"]) == 0
+    printed = capsys.readouterr()
+    assert f"warning: UNFINISHED run {late} reported (--allow-unfinished), marked unfinished in the tables: the run " \
+           f"has not finished ({late / 'DONE'} does not exist" in printed.err
+    with (out / "runs.csv").open() as f:
+        assert {Path(r["run_dir"]).name: r["finished"] for r in csv.DictReader(f)} == {"r0": "True", "r1": "False"}
+    runs = {Path(r["run_dir"]).name: r for r in json.loads((out / "table.json").read_text())["runs"]}
+    assert runs["r0"]["finished"] is True and "unfinished" not in runs["r0"]
+    assert runs["r1"]["finished"] is False and "DONE does not exist" in runs["r1"]["unfinished"]
+    assert table(out)["MASAN"]["unfinished"] == 1
+    md = (out / "table.md").read_text()
+    assert "| MASAN (1 of 2 runs unfinished) | 2 |" in md and f"- {late}: the run has not finished" in md
+    assert "| MASAN (1 of 2 runs unfinished) | 2 |" in printed.out
+
+
+def _binary(run: Path, repeat: int) -> None:
+    """Rewrite a run's predictions as NC/AD ones (its MCI subjects dropped)."""
+    p = fake_predictions(1, seed=repeat, repeat=repeat)
+    keep = p.labels != 1
+    probs = p.probs[keep][:, [0, 2]]
+    write_predictions(Predictions([s for s, k in zip(p.subjects, keep) if k], np.where(p.labels[keep] == 2, 1, 0),
+                                  probs / probs.sum(1, keepdims=True), p.region_weights[keep]), run, ["NC", "AD"], "AD")
+
+
+def test_rows_of_other_tasks_are_warned_about_and_show_their_classes(tmp_path, capsys):
+    root = tmp_path / "runs"
+    make_run(root, "four", [], 0, 2)
+    _binary(make_run(root, "add", ["model.fusion=add", "data.classes=[NC, AD]"], 0, 0)[0], 0)
+    out = tmp_path / "rep"
+    assert main([str(root), "--out", str(out), "--no-figures"]) == 0
+    printed = capsys.readouterr()
+    assert ("warning: the table's rows differ in data.classes (MASAN: NC/MCI/AD; MASAN (fusion=add): NC/AD): their "
+            "scores measure different tasks") in printed.err
+    md = (out / "table.md").read_text()
+    assert "| Method | Runs | Classes | Accuracy |" in md and "| MASAN (fusion=add) | 1 | NC/AD |" in md
+    # rows of one task: no warning, no column
+    assert main([str(root / "four"), "--out", str(tmp_path / "rep2"), "--no-figures"]) == 0
+    assert "rows differ" not in capsys.readouterr().err
+    assert "Classes" not in (tmp_path / "rep2" / "table.md").read_text()
+
+
+def test_an_undefined_recall_is_missing_not_zero_in_the_table(tmp_path, capsys):
+    root = tmp_path / "runs"
+    made = [make_run(root, f"r{r}", [], r, 2 + r)[1] for r in (0, 1)]
+    run, _ = make_run(root, "r2", [], 2, 0)
+    p = fake_predictions(0, seed=2, repeat=2)
+    keep = p.labels != 2  # a test part without AD: recall undefined
+    write_predictions(Predictions([s for s, k in zip(p.subjects, keep) if k], p.labels[keep], p.probs[keep],
+                                  p.region_weights[keep]), run, CLASSES, "AD")
+    assert json.loads((run / "metrics.json").read_text())["recall"] is None
+    out = tmp_path / "rep"
+    assert main([str(root), "--out", str(out), "--no-figures"]) == 0
+    row = table(out)["MASAN"]
+    recalls = [classification_metrics(q.labels, q.preds, CLASSES, "AD")["recall"] * 100 for q in made]
+    assert row["recall_n"] == 2 and row["recall_mean"] == pytest.approx(np.mean(recalls))
+    assert row["binary_accuracy_n"] == 3
+    md = (out / "table.md").read_text()
+    assert f"{format_cell(row['recall_mean'], row['recall_std'])} (n=2)" in md and "undefined, not 0" in md
+    with (out / "runs.csv").open() as f:
+        assert [r["recall"] for r in csv.DictReader(f)][2] == ""
+
+
+def test_metrics_json_that_disagrees_with_the_predictions_is_named_and_not_used(tmp_path, capsys):
+    root = tmp_path / "runs"
+    run, preds = make_run(root, "r0", [], 0, 3)
+    metrics = json.loads((run / "metrics.json").read_text())
+    truth = metrics["precision"]
+    (run / "metrics.json").write_text(json.dumps({**metrics, "precision": 0.99, "recall": None}))
+    out = tmp_path / "rep"
+    assert main([str(run), "--out", str(out), "--no-figures"]) == 0
+    err = capsys.readouterr().err
+    assert f"warning: {run / 'metrics.json'} disagrees with {run / 'predictions.csv'} in precision 0.99 " \
+           f"(predictions.csv: {truth!r}), recall None (predictions.csv: {metrics['recall']!r}): the table uses the " \
+           "values recomputed from predictions.csv" in err
+    assert table(out)["MASAN"]["precision_mean"] == pytest.approx(truth * 100)
+
+
+def test_a_folder_without_runs_and_a_null_metrics_json_are_named(tmp_path, capsys):
+    (tmp_path / "reports").mkdir()
+    (tmp_path / "reports" / "table.md").write_text("an old report")
+    run, _ = make_run(tmp_path / "runs", "null", [], 0, 2)
+    (run / "metrics.json").write_text("null")
+    make_run(tmp_path / "runs", "ok", [], 1, 2)
+    assert main([str(tmp_path / "reports"), str(tmp_path / "runs"), "--out", str(tmp_path / "rep"),
+                 "--no-figures"]) == 0
+    err = capsys.readouterr().err
+    assert f"skipped {tmp_path / 'reports'}: not a run directory: no config.yaml in it or in any folder below" in err
+    assert f"skipped {run}: {run / 'metrics.json'} holds null, not the metrics of a run" in err
+    assert f"python -m masan.predict {run} --out" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "two"])
+def test_top_k_must_be_a_positive_integer(tmp_path, capsys, value):
+    with pytest.raises(SystemExit) as e:
+        main([str(tmp_path), "--out", str(tmp_path / "rep"), "--top-k", value])
+    assert e.value.code == 2 and "argument --top-k" in capsys.readouterr().err
+
+
+def test_a_subject_in_no_test_part_keeps_the_class_mean_map(tiny_store, tmp_path, capsys):
+    run = store_run(tmp_path / "runs", "good", tiny_store)
+    out = tmp_path / "rep"
+    assert main([str(run), "--out", str(out), "--views", "axial", "--subject", "sub-999"]) == 0
+    err = capsys.readouterr().err
+    assert "subject 'sub-999' is in no run's test part; no map of it (the class-mean map is drawn over the T1" in err
+    assert [p.name for p in (out / "figures").glob("*_region_map_*")] == ["masan_region_map_mean_ad.png"]
+
+
+def _atlas(path: Path, store: Path, shift_mm: float, cells: int) -> Path:
+    """A label volume on the store's T1 grid, moved by ``shift_mm`` along x, labelling the first
+    ``cells`` of each axis's 4 quarters."""
+    s = CohortStore(store)
+    subject = s.subjects[0]
+    shape, affine = s.read_t1(subject).shape, s.affine(subject, "t1").copy()
+    labels = np.zeros(shape, np.int16)
+    labels[tuple(slice(0, n * cells // 4) for n in shape)] = 7
+    affine[0, 3] += shift_mm
+    nib.save(nib.Nifti1Image(labels, affine), path)
+    return path
+
+
+def test_an_atlas_that_misses_the_t1_is_refused_or_warned_about(tiny_store, tmp_path, capsys):
+    run = store_run(tmp_path / "runs", "good", tiny_store)
+    far = _atlas(tmp_path / "far.nii.gz", tiny_store, 10_000.0, 4)
+    out = tmp_path / "rep"
+    assert main([str(run), "--out", str(out), "--views", "axial", "--atlas", str(far)]) == 2
+    err = capsys.readouterr().err
+    assert f"error: atlas {far} gives no region of the T1 of sub-" in err
+    assert "one world space (e.g. both MNI152)" in err
+    assert not out.exists()
+    corner = _atlas(tmp_path / "corner.nii.gz", tiny_store, 0.0, 1)  # 1/64 of the grid: one region of 8
+    assert main([str(run), "--out", str(out), "--views", "axial", "--atlas", str(corner)]) == 0
+    err = capsys.readouterr().err
+    assert f"warning: atlas {corner} covers 100% of the T1 grid of sub-" in err
+    assert "leaves 7 of its 8 regions without a label ('background')" in err and "MNI152" in err
+    whole = _atlas(tmp_path / "whole.nii.gz", tiny_store, 0.0, 4)
+    assert main([str(run), "--out", str(tmp_path / "rep2"), "--views", "axial", "--atlas", str(whole)]) == 0
+    assert "atlas" not in capsys.readouterr().err

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from masan.metrics import MetricsError, classification_metrics, flat_scalars
+from masan.metrics import MetricsError, classification_metrics, flat_scalars, undefined_note
 
 CLASSES = ["NC", "MCI", "AD"]
 #                 NC NC NC MCI MCI MCI AD AD AD AD
@@ -59,3 +59,21 @@ def test_errors_name_the_problem():
         classification_metrics([0, 5], [0, 1], CLASSES, "AD")
     with pytest.raises(MetricsError, match="shape"):
         classification_metrics(LABELS, PREDS, CLASSES, "AD", np.zeros((10, 2)))
+
+
+def test_without_a_true_positive_recall_and_f1_are_undefined_not_zero():
+    called = classification_metrics([0, 1, 1], [0, 2, 1], CLASSES, "AD")  # no AD subject, one called AD
+    assert called["recall"] is None and called["f1"] is None and called["precision"] == 0.0
+    assert called["binary_accuracy"] == pytest.approx(2 / 3)
+    perfect = classification_metrics([0, 1, 1], [0, 1, 1], CLASSES, "AD")  # a perfect result is no zero
+    assert perfect["precision"] is None and perfect["recall"] is None and perfect["f1"] is None
+    assert perfect["per_class"]["AD"] == {"precision": None, "recall": None, "f1": None, "support": 0}
+    assert perfect["per_class"]["NC"]["recall"] == 1.0
+    flat = flat_scalars(perfect)
+    assert "recall" not in flat and "recall/AD" not in flat and flat["recall/NC"] == 1.0
+    assert undefined_note(perfect) == ("no AD subject among the 3 with a diagnosis, so precision, recall, f1 of AD "
+                                       "vs the rest are undefined: null in metrics.json, not 0")
+    assert "precision stays defined" in undefined_note(called)
+    # AD subjects that are never called AD: precision 0 (Table 2 punishes a model that never calls AD)
+    never = classification_metrics([0, 2], [0, 0], CLASSES, "AD")
+    assert never["precision"] == 0.0 and never["recall"] == 0.0 and undefined_note(never) is None

@@ -267,7 +267,7 @@ def test_an_empty_part_is_refused_before_loading(tmp_path, run, no_model, capsys
     assert not (tmp_path / "out").exists()
 
 
-def _cohort(root: Path, classes: tuple[str, ...], n_per_class: int) -> Path:
+def _cohort(root: Path, classes: tuple[str, ...], n_per_class: int | dict[str, int]) -> Path:
     """A phantom cohort of the tiny store's geometry (tests/conftest.py), other scans (seed)."""
     from masan.convert.cohort import ConvertOptions, convert_cohort, discover_bids
     from masan.synth.phantom import synthesize_cohort
@@ -321,3 +321,18 @@ def test_the_summary_names_the_runs_positive_class(tmp_path, copy, capsys):
     assert P.main([str(copy), "--out", str(tmp_path / "out")]) == 0
     out = capsys.readouterr().out
     assert "NC-vs-rest accuracy" in out and "AD-vs-rest" not in out, out
+
+
+def test_a_cohort_without_the_positive_class_gets_null_recall_and_a_note(tmp_path, run, capsys):
+    """Every AD subject found and none missed is no recall of 0: undefined, null (as the AUC)."""
+    import masan.predict as P
+
+    store = _cohort(tmp_path, ("NC", "AD"), {"NC": 3, "AD": 0})
+    assert P.main([str(run), "--store", str(store), "--out", str(tmp_path / "out")]) == 0
+    err = capsys.readouterr().err
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["recall"] is None and metrics["f1"] is None and metrics["auc"] is None
+    assert metrics["per_class"]["AD"]["recall"] is None and metrics["per_class"]["AD"]["support"] == 0
+    called = metrics["confusion_matrix"][0][1]
+    assert metrics["precision"] == (0.0 if called else None)
+    assert "note: no AD subject among the 3 with a diagnosis, so " in err and "null in metrics.json, not 0" in err

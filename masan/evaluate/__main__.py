@@ -1,11 +1,16 @@
 """``python -m masan.evaluate RUN_DIR [RUN_DIR ...] --out REPORT_DIR``: the paper's Table 2
 (mean ± std over repeats, per method), metrics per run, all per-subject predictions, and the
-region figures (Fig. 4 style map over a T1 slice, region ranking)."""
+region figures (Fig. 4 style map over a T1 slice, region ranking).
+
+Exit status: 0 report written, 1 no run to report, 2 a refused flag, run set or --out (nothing
+written), 128 + the signal (130 Ctrl-C, 143 SIGTERM) stopped part way (the report is incomplete).
+"""
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import warnings
 from collections.abc import Sequence
@@ -13,12 +18,23 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from masan import argtypes
 from masan.access import describe_mode, write_restricted
 from masan.evaluate.plots import VIEWS
 from masan.evaluate.region_ranking import RegionError, load_atlas_labels, open_atlas
-from masan.evaluate.report import FIGURES_DIR, REPORT_FILES, collect_runs, markdown_table, write_report
+from masan.evaluate.report import (
+    FIGURES_DIR,
+    REPORT_FILES,
+    collect_runs,
+    group_runs,
+    markdown_table,
+    table_notes,
+    write_report,
+)
+from masan.evaluate.report_folder import INCOMPLETE_NAME, MANIFEST_NAME, ReportFolder
 from masan.metrics import TABLE_METRICS, MetricsError
 from masan.store.places import output_folder_problem
+from masan.store.publish import Interrupted, stop_signals
 
 EXIT_NO_RUNS = 1
 EXIT_BAD_INPUT = 2
@@ -34,9 +50,17 @@ def build_parser() -> argparse.ArgumentParser:
             "per run), predictions.csv (every test subject of every run) and figures/ (region ranking "
             "PNG+CSV and region-weight maps over a T1 slice). Unfinished runs (no DONE, or stopped early by "
             "train.max_steps) are listed and skipped. Runs of one method that differ in data.classes, the "
-            "positive class or data.store are reported in separate rows."
+            "positive class or data.store are reported in separate rows; rows of different methods that differ "
+            "in them are warned about. Scores are recomputed from each run's predictions.csv (a metrics.json "
+            "that disagrees is warned about); an undefined score (recall without an AD test subject) is "
+            "missing, not 0."
         ),
-        epilog="Example: python -m masan.evaluate runs/masan runs/hfcn --out reports/table2 "
+        epilog=f"While the report is written, --out holds a file {INCOMPLETE_NAME}: it remains when the tool "
+               "was stopped part way (Ctrl-C, exit 130), and then the files in --out may mix this report with "
+               "an earlier one; rerun the same command to complete it. Files of an earlier report into the same "
+               f"--out that this one does not write again (figures of runs no longer reported) are removed; "
+               f"{MANIFEST_NAME} in --out lists the report's files, and no other file is ever removed. "
+               "Example: python -m masan.evaluate runs/masan runs/hfcn --out reports/table2 "
                "--store runs/cohort.zarr",
     )
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
@@ -59,22 +83,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rank-method", choices=("mean", "difference"), default="mean",
                    help="region ranking: mean weight over the positive class, or positive minus rest "
                         "(default: %(default)s)")
-    p.add_argument("--top-k", type=int, default=15, help="regions in the ranking chart (default: %(default)s)")
+    p.add_argument("--top-k", type=argtypes.number(int, 1), default=15,
+                   help="regions in the ranking chart, at least 1 (default: %(default)s)")
     p.add_argument("--views", nargs="+", choices=VIEWS, default=list(VIEWS),
                    help="slice orientations of the region map (default: all three)")
     p.add_argument("--allow-unfinished", action="store_true",
                    help="also report runs that wrote metrics but did not finish (no DONE marker, or stopped by "
-                        "train.max_steps before all their epochs)")
+                        "train.max_steps before all their epochs): each is named in a warning and marked unfinished "
+                        "in the tables (finished false in runs.csv and table.json)")
     p.add_argument("--no-figures", action="store_true", help="tables only")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from masan.evaluate.report_figures import method_figures, store_problem  # matplotlib/zarr only when needed
+    folder = ReportFolder(args.out)
+    try:
+        with stop_signals():  # SIGTERM too (kill, a job's time limit) ends as Ctrl-C does: in one line
+            return evaluate(args, folder)
+    except KeyboardInterrupt as e:  # an Interrupted from stop_signals, or Ctrl-C before they were set
+        signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
+        print(f"error: interrupted by {signal.Signals(signum).name}: {folder.left_behind()}", file=sys.stderr)
+        return 128 + signum
+
+
+def evaluate(args: argparse.Namespace, folder: ReportFolder) -> int:
+    """The report of ``args`` (:func:`build_parser`) into ``folder``; returns the exit status."""
+    from masan.evaluate.report_figures import draw_figures, plan_figures, store_problem  # matplotlib/zarr when needed
 
     # every flag is checked before the first file is written: a refusal leaves no half report
-    out = Path(args.out)
+    out = folder.root
     problem = output_folder_problem(out, out.parent / f"{out.name}_report", "the report's tables and figures")
     if problem:
         print(f"error: {problem}", file=sys.stderr)
@@ -106,26 +144,34 @@ def main(argv: Sequence[str] | None = None) -> int:
             if problem:
                 print(f"error: --store: {problem}; or leave --store out (each run's own store)", file=sys.stderr)
                 return EXIT_BAD_INPUT
+        groups = group_runs(runs)
+        try:  # the figures' subjects, T1s and atlas are read (and refused) before anything is written
+            plans = {} if args.no_figures else {
+                name: plan_figures(members, args.store, args.atlas, args.atlas_labels, args.subject,
+                                   args.rank_method, name) for name, members in groups.items()}
+        except (RegionError, MetricsError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return EXIT_BAD_INPUT
         # the report names subjects with their diagnoses and shows their T1 slices: it may be no
         # more readable than the run directories it reads or the stores the figures read
         stores = [] if args.no_figures else [args.store] if args.store else [r.config.data.store for r in runs]
         sources = [r.run_dir for r in runs] + [s for s in dict.fromkeys(stores) if os.path.exists(s)]
-        written = [out / name for name in REPORT_FILES.values()] + ([] if args.no_figures else [out / FIGURES_DIR])
+        written = ([out / name for name in REPORT_FILES.values()] + folder.own_files()
+                   + ([] if args.no_figures else [out / FIGURES_DIR]))
 
-        def write() -> tuple[dict, list[Path]]:
-            report = write_report(runs, skipped, out)
+        def write() -> tuple[dict, list[Path], list[Path]]:
+            folder.begin()
+            report = write_report(runs, skipped, out, folder.record, groups=groups)
             figures = []
-            if not args.no_figures:
-                for name, members in tqdm(report["groups"].items(), desc="figures", unit="method"):
-                    figures += method_figures(members, out / FIGURES_DIR, args.store, args.atlas,
-                                              args.atlas_labels, args.subject, args.rank_method, args.top_k,
-                                              args.views, name=name)
-            return report, figures
+            drawn = [p for p in plans.values() if p is not None]
+            for plan in tqdm(drawn, desc="figures", unit="method", disable=not drawn):
+                figures += draw_figures(plan, out / FIGURES_DIR, args.top_k, args.views, folder.record)
+            return report, figures, folder.finish()
 
         try:
-            (report, figures), access = write_restricted(sources, out, written, write)
+            (report, figures, removed), access = write_restricted(sources, out, written, write)
         except (RegionError, MetricsError) as e:
-            print(f"error: {e}", file=sys.stderr)
+            print(f"error: {e}; {folder.left_behind()}", file=sys.stderr)
             return EXIT_BAD_INPUT
         except OSError as e:  # e.g. a folder the system does not let anyone create (/proc/...)
             print(f"error: cannot write the report into {out}: {e.strerror or e}"
@@ -137,12 +183,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"warning: {message}", file=sys.stderr)
     positive = " / ".join(sorted({p for r in report["rows"] for p in r["positive_class"]}))
     print(f"Table 2: accuracy, precision and recall of {positive} vs the rest "
-          f"({', '.join(TABLE_METRICS)} in metrics.json); values in %, mean ± std over repeats\n")
-    print(markdown_table(report["rows"]))
+          f"({', '.join(TABLE_METRICS)} recomputed from predictions.csv); values in %, mean ± std over repeats\n")
+    print(markdown_table(report["rows"]) + table_notes(report["rows"], report["groups"]))
     print(f"{len(runs)} run(s) reported, {len(skipped)} skipped. Files ({describe_mode(*access)}: no more "
           f"readable than the runs and store they come from):")
     for path in list(report["files"].values()) + figures:
         print(f"  {path}")
+    if removed:
+        print(f"Removed {len(removed)} file(s) of the earlier report in {out} that this one does not write again "
+              f"(e.g. {removed[0]})")
     return 0
 
 

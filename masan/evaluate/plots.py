@@ -23,6 +23,7 @@ from matplotlib.figure import Figure
 from sklearn.metrics import ConfusionMatrixDisplay
 
 from masan.evaluate.region_ranking import RankMethod, paint_regions, region_centre, region_scores
+from masan.files import atomic_writer
 
 VIEWS = ("axial", "coronal", "sagittal")
 _VIEW_AXIS = {"sagittal": 0, "coronal": 1, "axial": 2}
@@ -33,10 +34,12 @@ _OPPOSITE = {"R": "L", "A": "P", "S": "I"}
 
 
 def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 120) -> Path:
-    """Write ``fig`` as PNG (parent folders created)."""
+    """Write ``fig`` as PNG (parent folders created), atomically (:func:`masan.files.atomic_writer`):
+    a reader, or a run stopped while drawing, never leaves half a PNG under the final name."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(p, dpi=dpi, bbox_inches="tight")
+    with atomic_writer(p, "wb") as f:
+        fig.savefig(f, format="png", dpi=dpi, bbox_inches="tight")
     return p
 
 

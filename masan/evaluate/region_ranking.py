@@ -193,6 +193,14 @@ def resample_atlas(
     Returns:
         (X, Y, Z) int64 labels.
     """
+    return atlas_on_grid(atlas_path, target_shape, target_affine)[0]
+
+
+def atlas_on_grid(
+    atlas_path: str | os.PathLike, target_shape: Sequence[int], target_affine: np.ndarray
+) -> tuple[np.ndarray, float]:
+    """:func:`resample_atlas`, and the fraction (0..1) of the T1 grid's voxels that fall inside
+    the atlas volume (a small one: atlas and T1 are probably not in one world space)."""
     img = open_atlas(atlas_path)
     try:
         data = np.asanyarray(img.dataobj)
@@ -203,8 +211,36 @@ def resample_atlas(
     vox_map = np.linalg.inv(img.affine) @ np.asarray(target_affine, dtype=np.float64)  # T1 voxel -> atlas voxel
     # grid-constant: a T1 voxel whose nearest atlas voxel exists keeps it, even within half a
     # voxel of the edge ("constant" would zero those)
-    return ndimage.affine_transform(np.rint(data).astype(np.int64), vox_map, output_shape=tuple(target_shape),
-                                    order=0, mode="grid-constant", cval=0)
+    def onto_t1(volume: np.ndarray) -> np.ndarray:
+        return ndimage.affine_transform(volume, vox_map, output_shape=tuple(target_shape), order=0,
+                                        mode="grid-constant", cval=0)
+
+    inside = onto_t1(np.ones(data.shape, np.uint8))
+    return onto_t1(np.rint(data).astype(np.int64)), float(inside.mean())
+
+
+MIN_ATLAS_COVER = 0.5
+"""Below this fraction of the T1 grid inside the atlas, or of regions given a label, the atlas
+and the T1 are probably in different world spaces: warned about."""
+
+
+def atlas_overlap(labels: np.ndarray, inside: float, patch_grid: Sequence[int], atlas_path: str | os.PathLike,
+                  t1: str, background: int = 0) -> str | None:
+    """A warning when the atlas (resampled: :func:`atlas_on_grid`) hardly overlaps the T1
+    ``t1`` (a description: subject and store), None when it fits; raises :class:`RegionError`
+    when it gives no region any label (every region would read "background")."""
+    names = atlas_region_names(labels, patch_grid, background=background)
+    blank = sum(n.startswith("background (") for n in names)
+    space = ("the atlas and the stored T1s must be in one world space (e.g. both MNI152): pass an atlas in the "
+             "space of the store's T1s, or a store registered to the atlas's template (data_tools/to_zarr.py "
+             "--register), or no --atlas (regions named by grid cell)")
+    if blank == len(names):
+        raise RegionError(f"atlas {atlas_path} gives no region of the T1 of {t1} a label (it covers "
+                          f"{inside:.0%} of that T1's grid): {space}")
+    if inside < MIN_ATLAS_COVER or blank > len(names) * (1 - MIN_ATLAS_COVER):
+        return (f"atlas {atlas_path} covers {inside:.0%} of the T1 grid of {t1} and leaves {blank} of its "
+                f"{len(names)} regions without a label ('background'): {space}")
+    return None
 
 
 def atlas_region_names(

@@ -3,8 +3,15 @@
 A run directory counts when it holds ``config.yaml``, ``metrics.json``, ``predictions.csv``
 and the ``DONE`` marker of a run that trained all its epochs (one that ``train.max_steps``
 stopped early is unfinished: :func:`masan.rundir.ended_early`), and its prediction files agree
-with each other; other runs are listed as skipped with the reason, never crashed on. Runs are
-grouped by method:
+with each other; other runs are listed as skipped with the reason, never crashed on. Unfinished
+runs reported on request (``require_done=False``) are named in a warning and marked in every
+output (``finished`` false, "unfinished" in the table's row name). A run reached by two paths
+(``runs/demo`` and its absolute path, a symlinked parent) counts once.
+
+The scores are recomputed from each run's ``predictions.csv`` (:func:`masan.predictions.split_metrics`,
+what training wrote metrics.json with); a metrics.json that disagrees (edited, or from other
+predictions) is warned about, naming the run and the metric, and the recomputed values are used.
+Runs are grouped by method:
 
     H-FCN                  model.arch=hfcn
     MASAN                  model.arch=masan, modalities=both, fusion=attention
@@ -14,28 +21,34 @@ grouped by method:
 Table metrics are the paper's: accuracy, precision and recall with the positive class (AD)
 vs the rest (``binary_accuracy``, ``precision``, ``recall`` of metrics.json), in %, mean ±
 sample standard deviation (ddof=1; undefined for a single run) over the runs of a method,
-plus the multi-class accuracy, F1 and AUC as extra columns.
+plus the multi-class accuracy, F1 and AUC as extra columns. An undefined value (None: recall of
+a test part without AD, :mod:`masan.metrics`) is missing, not 0: a cell is the mean of the runs
+that define it, and says how many when that is fewer than its row's runs.
 
 Only comparable runs share a row: runs of one method that differ in ``data.classes``, the
 positive class or the cohort store (``data.store``, resolved) measure different things, so
 each such variant is its own row, named by what differs, e.g. ``MASAN [classes NC/AD]``.
+Rows of different methods that differ in them (a binary NC/AD run beside a 4-class one) are
+warned about, and table.md shows each row's classes (and positive class) when they differ.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from masan.config import SAME_METHOD, ConfigError, ModelConfig, RunConfig, config_diff, flagged_keys, load_config
-from masan.metrics import METRIC_TITLES, METRICS, PER_CLASS_METRICS, SUMMARY_METRICS, TABLE_METRICS
-from masan.predictions import Predictions, PredictionsError, load_predictions, prediction_csv_rows
+from masan.files import atomic_write_json, atomic_write_text, atomic_writer
+from masan.metrics import METRIC_TITLES, METRICS, PER_CLASS_METRICS, SUMMARY_METRICS, TABLE_METRICS, MetricsError
+from masan.predictions import Predictions, PredictionsError, load_predictions, prediction_csv_rows, split_metrics
 from masan.rundir import RunDir
 
 METHOD_ORDER = ("H-FCN", "MASAN", "MASAN (fusion=add)", "MASAN (T1 only)", "MASAN (fMRI only)")
@@ -65,6 +78,8 @@ class RunResult:
     metrics: dict
     predictions: Predictions
     class_names: list[str]
+    unfinished: str | None = None
+    """Why the run has not finished (:meth:`masan.rundir.RunDir.unfinished`), None when it has."""
 
     @property
     def method(self) -> str:
@@ -93,49 +108,88 @@ def _recreate(run: Path, split: str) -> str:
             f"into {run}")
 
 
+METRIC_TOLERANCE = 1e-4
+"""How far a metrics.json value may lie from the one recomputed from predictions.csv (whose
+probabilities are rounded to 6 digits) before it counts as disagreeing."""
+
+
+def _disagree(stored: object, fresh: float | None) -> bool:
+    if stored is None or fresh is None:
+        return stored is not fresh
+    return not (isinstance(stored, (int, float)) and math.isclose(stored, fresh, abs_tol=METRIC_TOLERANCE))
+
+
+def checked_metrics(run: Path, stored: dict, preds: Predictions, class_names: list[str], positive: str) -> dict:
+    """``stored`` (the run's metrics.json) with every metric recomputed from its predictions
+    (:func:`masan.predictions.split_metrics`); warns naming each metric metrics.json disagrees on."""
+    fresh = split_metrics(preds, class_names, positive)
+    differ = [f"{m.name} {stored.get(m.name)!r} (predictions.csv: {fresh.get(m.name)!r})"
+              for m in METRICS if _disagree(stored.get(m.name), fresh.get(m.name))]
+    if differ:
+        warnings.warn(f"{RunDir(run).metrics} disagrees with {RunDir(run).predictions} in {', '.join(differ)}: "
+                      "the table uses the values recomputed from predictions.csv; metrics.json was edited or "
+                      f"written for other predictions ({_recreate(run, stored.get('split', 'test'))})", stacklevel=2)
+    return {**stored, **fresh}
+
+
 def load_run(run_dir: str | os.PathLike, require_done: bool = True) -> RunResult:
     """Read a run directory; raises :class:`RunNotReady` naming what is missing or broken.
 
     With ``require_done``, a run whose DONE records a stop by ``train.max_steps`` before all
-    its epochs is unfinished too: its scores are those of a partly trained model."""
+    its epochs is unfinished too: its scores are those of a partly trained model. Without it,
+    such a run is read with ``unfinished`` saying why. The metrics are :func:`checked_metrics`."""
     run = Path(run_dir)
     if not run.exists():
         raise RunNotReady("does not exist; check the path (a run directory holds config.yaml)")
     if not run.is_dir():
         raise RunNotReady("not a directory; pass a run directory (it holds config.yaml) or a folder above runs")
+    rd = RunDir(run)
+    # a run submitted but not started has its submitted config or job records; a report or a
+    # predict --out (predictions.csv and metrics.json alone) is no run at all
+    if rd.any_config() is None and not rd.jobs.is_file() and not rd.checkpoints.is_dir():
+        raise RunNotReady(f"not a run directory: no {RunDir.CONFIG_NAME} in it or in any folder below it; pass "
+                          "training run directories, or a folder above them (e.g. runs/)")
     needed = [RunDir.CONFIG_NAME, RunDir.METRICS_NAME, RunDir.PREDICTIONS_NAME] + (
         [RunDir.DONE_NAME] if require_done else [])
     missing = [n for n in needed if not (run / n).is_file()]
     if missing:
         raise RunNotReady(f"unfinished: no {', '.join(missing)}")
-    rd = RunDir(run)
     try:
         cfg = load_config(rd.config)
     except ConfigError as e:
         raise RunNotReady(f"unreadable {RunDir.CONFIG_NAME}: {e}") from None
-    why = rd.unfinished(cfg) if require_done else None
-    if why is not None:
+    why = rd.unfinished(cfg)
+    if why is not None and require_done:
         raise RunNotReady(f"unfinished: {why}; finish it (start it again: it resumes, with a larger "
                           "train.max_steps if that stopped it), or pass --allow-unfinished to report it")
     try:
         metrics = json.loads(rd.metrics.read_text())
-    except json.JSONDecodeError as e:
-        raise RunNotReady(f"{RunDir.METRICS_NAME} is not valid JSON ({e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RunNotReady(f"{rd.metrics} is not valid JSON ({e}); {_recreate(run, 'test')}") from None
+    if not isinstance(metrics, dict):
+        raise RunNotReady(f"{rd.metrics} holds {json.dumps(metrics)[:40]}, not the metrics of a run (a JSON object); "
+                          f"{_recreate(run, 'test')}")
     absent = [m for m in TABLE_METRICS if m not in metrics]
     if absent:
-        raise RunNotReady(f"{RunDir.METRICS_NAME} lacks {absent}: not written by masan.evaluate.write_predictions")
+        raise RunNotReady(f"{rd.metrics} lacks {absent}: not written by masan.predictions.write_predictions; "
+                          f"{_recreate(run, 'test')}")
     split = metrics.get("split", "test")
     try:
         preds, names = load_predictions(run, split)
-    except PredictionsError as e:
+        positive = metrics.get("positive_class")
+        metrics = checked_metrics(run, metrics, preds, names,
+                                  positive if isinstance(positive, str) else cfg.data.positive_class)
+    except (PredictionsError, MetricsError) as e:
         raise RunNotReady(f"{e}; {_recreate(run, split)}") from None
-    return RunResult(run, cfg, metrics, preds, names)
+    return RunResult(run, cfg, metrics, preds, names, why)
 
 
 def expand_run_dirs(paths: Iterable[str | os.PathLike]) -> list[Path]:
     """Each path that holds a config.yaml is a run; otherwise the folders below it that hold
     one are (so ``runs/`` finds ``runs/<variant>/repeat_R``; no search inside a run). A path
-    with neither is kept, to be reported as skipped."""
+    with neither is kept, to be reported as skipped. A run reached by several paths (relative
+    and absolute, through a symlink) is kept once, as first spelled, with a warning: counted
+    twice, it would weigh twice in its row's mean and shrink the std."""
     out: list[Path] = []
     for p in map(Path, paths):
         found = []
@@ -146,13 +200,25 @@ def expand_run_dirs(paths: Iterable[str | os.PathLike]) -> list[Path]:
                     dirs.clear()
                 dirs.sort()
         out.extend(found or [p])
-    return list(dict.fromkeys(out))
+    first: dict[str, Path] = {}
+    again: dict[str, list[Path]] = {}
+    for p in out:
+        key = os.path.realpath(p)
+        if key not in first:
+            first[key] = p
+        else:
+            again.setdefault(key, []).append(p)
+    for key, paths in again.items():
+        others = ", ".join(str(p) for p in dict.fromkeys(paths))
+        warnings.warn(f"run {first[key]} is given more than once (also as {others}); counted once", stacklevel=2)
+    return list(first.values())
 
 
 def collect_runs(
     run_dirs: Iterable[str | os.PathLike], require_done: bool = True
 ) -> tuple[list[RunResult], list[tuple[Path, str]]]:
-    """Load every run; returns (finished runs, [(run_dir, why skipped)]), warning per skip."""
+    """Load every run; returns (runs, [(run_dir, why skipped)]), warning per skip and, without
+    ``require_done``, per unfinished run reported."""
     runs, skipped = [], []
     for d in expand_run_dirs(run_dirs):
         try:
@@ -160,6 +226,10 @@ def collect_runs(
         except RunNotReady as e:
             skipped.append((d, str(e)))
             warnings.warn(f"skipping run {d}: {e}", stacklevel=2)
+            continue
+        if runs[-1].unfinished:
+            warnings.warn(f"UNFINISHED run {d} reported (--allow-unfinished), marked unfinished in the tables: "
+                          f"{runs[-1].unfinished}", stacklevel=2)
     return runs, skipped
 
 
@@ -232,10 +302,27 @@ def group_runs(runs: Sequence[RunResult]) -> dict[str, list[RunResult]]:
         if dup:
             warnings.warn(f"{name}: repeat(s) {dup} appear more than once; their splits are the same", stacklevel=2)
         _warn_shared_test_sets(name, members)
+    _warn_rows_differ(ordered)
     return ordered
 
 
+def _warn_rows_differ(rows: Mapping[str, Sequence[RunResult]]) -> None:
+    """Warn when rows of different methods differ in :data:`COMPARABLE` (rows of one method that
+    do were split and warned about by :func:`_split_incomparable`): e.g. a binary NC/AD row beside
+    a 4-class one, whose accuracies, precisions and recalls are other quantities."""
+    values = {name: _comparable(members[0]) for name, members in rows.items()}
+    method = {name: members[0].method for name, members in rows.items()}
+    differing = [k for k in COMPARABLE
+                 if any(values[a][k] != values[b][k] and method[a] != method[b] for a in rows for b in rows)]
+    if differing:
+        shown = "; ".join(f"{name}: {', '.join(values[name][k] for k in differing)}" for name in rows)
+        warnings.warn(f"the table's rows differ in {', '.join(COMPARABLE[k] for k in differing)} ({shown}): their "
+                      "scores measure different tasks or cohorts and are not comparable across those rows; report "
+                      "runs of one task and cohort together", stacklevel=3)
+
+
 def _mean_std(values: Sequence[float | None]) -> tuple[float | None, float | None, int]:
+    """(mean, sample std, count) in % of the defined values (None is missing, never 0)."""
     v = np.array([x for x in values if x is not None], dtype=np.float64) * 100.0
     if v.size == 0:
         return None, None, 0
@@ -243,55 +330,88 @@ def _mean_std(values: Sequence[float | None]) -> tuple[float | None, float | Non
 
 
 def summary_table(groups: dict[str, list[RunResult]]) -> list[dict]:
-    """One row per method: ``method, runs, repeats, classes, positive_class`` and, per metric
-    of SUMMARY_METRICS, ``<metric>_mean``/``<metric>_std`` in % (None when undefined)."""
+    """One row per method: ``method, runs, unfinished`` (how many of them), ``repeats, classes,
+    positive_class`` and, per metric of SUMMARY_METRICS, ``<metric>_mean``/``<metric>_std`` in %
+    (None when undefined) and ``<metric>_n``, the runs that define it (undefined ones are missing)."""
     rows = []
     for method, members in groups.items():
         row = {
             "method": method,
             "runs": len(members),
+            "unfinished": sum(r.unfinished is not None for r in members),
             "repeats": [r.repeat for r in members],
             "classes": sorted({"/".join(r.class_names) for r in members}),
             "positive_class": sorted({r.metrics.get("positive_class", "") for r in members}),
         }
         for m in SUMMARY_METRICS:
-            row[f"{m}_mean"], row[f"{m}_std"], _ = _mean_std([r.metrics.get(m) for r in members])
+            row[f"{m}_mean"], row[f"{m}_std"], row[f"{m}_n"] = _mean_std([r.metrics.get(m) for r in members])
         rows.append(row)
     return rows
 
 
-def format_cell(mean: float | None, std: float | None) -> str:
-    """``"67.55 ± 4.26"``; ``"67.55 ± n/a"`` for a single run; ``"n/a"`` without values."""
+def format_cell(mean: float | None, std: float | None, n: int | None = None, runs: int | None = None) -> str:
+    """``"67.55 ± 4.26"``; ``"67.55 ± n/a"`` for a single run; ``"n/a"`` without values;
+    ``" (n=2)"`` added when only ``n`` of the row's ``runs`` define the value."""
     if mean is None:
         return "n/a"
-    return f"{mean:.2f} ± {std:.2f}" if std is not None else f"{mean:.2f} ± n/a"
+    cell = f"{mean:.2f} ± {std:.2f}" if std is not None else f"{mean:.2f} ± n/a"
+    return cell + (f" (n={n})" if n is not None and runs is not None and n < runs else "")
+
+
+def row_label(row: dict) -> str:
+    """A summary row's name in tables, ``"MASAN (1 of 3 runs unfinished)"`` when it pools
+    unfinished runs (``--allow-unfinished``)."""
+    if not row.get("unfinished"):
+        return row["method"]
+    return f"{row['method']} ({row['unfinished']} of {row['runs']} runs unfinished)"
 
 
 def markdown_table(rows: Sequence[dict], metrics: Sequence[str] = SUMMARY_METRICS) -> str:
-    """The summary as a Markdown table (values in %, mean ± std over repeats)."""
-    head = ["Method", "Runs"] + [METRIC_TITLES[m] for m in metrics]
+    """The summary as a Markdown table (values in %, mean ± std over repeats), with the classes
+    (and positive class) of each row when they differ between rows."""
+    shown = [(title, key) for title, key in (("Classes", "classes"), ("Positive class", "positive_class"))
+             if len({tuple(r[key]) for r in rows}) > 1]
+    head = ["Method", "Runs"] + [title for title, _ in shown] + [METRIC_TITLES[m] for m in metrics]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["method"], str(r["runs"])] + [format_cell(r[f"{m}_mean"], r[f"{m}_std"]) for m in metrics]
+        cells = ([row_label(r), str(r["runs"])] + [", ".join(r[key]) for _, key in shown]
+                 + [format_cell(r[f"{m}_mean"], r[f"{m}_std"], r.get(f"{m}_n"), r["runs"]) for m in metrics])
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
+def table_notes(rows: Sequence[dict], groups: Mapping[str, Sequence[RunResult]],
+                metrics: Sequence[str] = SUMMARY_METRICS) -> str:
+    """The lines under table.md that explain its marks: cells over fewer runs, unfinished runs."""
+    notes = []
+    if any(r[f"{m}_n"] < r["runs"] for r in rows for m in metrics):
+        notes.append("n/a: undefined in every run of the row; (n=K): the mean ± std of the K runs that define it. "
+                     "A value is undefined, not 0, e.g. recall and F1 of a test part without a positive-class "
+                     "subject, or AUC with one class only.")
+    late = [r for members in groups.values() for r in members if r.unfinished]
+    if late:
+        notes.append("Unfinished runs (reported with --allow-unfinished: scores of partly trained models):")
+        notes += [f"- {r.run_dir}: {r.unfinished}" for r in late]
+    return "".join(f"\n{n}" for n in notes) + ("\n" if notes else "")
+
+
 def _write_csv(path: Path, rows: Sequence[dict]) -> None:
     fields = list(dict.fromkeys(k for r in rows for k in r))
-    with path.open("w", newline="") as f:
+    with atomic_writer(path, newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields, restval="")
         w.writeheader()
         w.writerows(rows)
 
 
 def run_rows(groups: Mapping[str, Sequence[RunResult]]) -> list[dict]:
-    """Per-run metrics: run_dir, method (the table row, :func:`group_runs`), repeat, n, the
-    scalar metrics and per-class ones."""
+    """Per-run metrics: run_dir, method (the table row, :func:`group_runs`), repeat, finished
+    (false: reported with --allow-unfinished), n, the scalar metrics and per-class ones (empty
+    where undefined)."""
     rows = []
     for method, r in ((method, r) for method, members in groups.items() for r in members):
         m = r.metrics
-        row = {"run_dir": str(r.run_dir), "method": method, "repeat": r.repeat, "n_test": m.get("n")}
+        row = {"run_dir": str(r.run_dir), "method": method, "repeat": r.repeat, "finished": r.unfinished is None,
+               "n_test": m.get("n")}
         row.update({k.name: m.get(k.name) for k in METRICS})
         for c, pc in m.get("per_class", {}).items():
             row.update({f"{k}/{c}": pc[k] for k in (*PER_CLASS_METRICS, "support")})
@@ -310,30 +430,41 @@ def prediction_rows(groups: Mapping[str, Sequence[RunResult]]) -> list[dict]:
     return rows
 
 
-def write_report(runs: Sequence[RunResult], skipped: Sequence[tuple[Path, str]], out_dir: str | os.PathLike) -> dict:
-    """Write the tables into ``out_dir``; returns ``{"rows": summary rows, "groups": {row name:
-    runs} (:func:`group_runs`), "files": {name: path}}``.
+def write_report(runs: Sequence[RunResult], skipped: Sequence[tuple[Path, str]], out_dir: str | os.PathLike,
+                 record: Callable[[Path], object] = lambda path: path,
+                 groups: Mapping[str, list[RunResult]] | None = None) -> dict:
+    """Write the tables into ``out_dir``, each atomically, calling ``record(path)`` after each
+    (:meth:`masan.evaluate.report_folder.ReportFolder.record`); returns ``{"rows": summary rows,
+    "groups": {row name: runs} (:func:`group_runs`, or ``groups`` when the caller grouped
+    ``runs`` already), "files": {name: path}}``.
 
     Files: ``table.csv``/``table.md``/``table.json`` (summary per method; the JSON also lists
-    runs and skipped runs), ``runs.csv`` (metrics per run), ``predictions.csv`` (all subjects).
+    runs, with ``finished`` and why not, and skipped runs), ``runs.csv`` (metrics per run),
+    ``predictions.csv`` (all subjects).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    groups = group_runs(runs)
+    groups = dict(groups) if groups is not None else group_runs(runs)
     rows = summary_table(groups)
     files = {k: out / n for k, n in REPORT_FILES.items()}
     _write_csv(files["table_csv"], [{**r, "repeats": " ".join(map(str, r["repeats"])),
                                      "classes": " ".join(r["classes"]),
                                      "positive_class": " ".join(r["positive_class"])} for r in rows])
+    record(files["table_csv"])
     md = ("Values in %, mean ± std over repeats; accuracy, precision and recall with the positive class "
           "vs the rest.\n\n")
-    files["table_md"].write_text(md + markdown_table(rows))
-    files["table_json"].write_text(json.dumps({
+    atomic_write_text(files["table_md"], md + markdown_table(rows) + table_notes(rows, groups))
+    record(files["table_md"])
+    atomic_write_json(files["table_json"], {
         "methods": rows,
-        "runs": [{"run_dir": str(r.run_dir), "method": method, "repeat": r.repeat}
+        "runs": [{"run_dir": str(r.run_dir), "method": method, "repeat": r.repeat, "finished": r.unfinished is None,
+                  **({"unfinished": r.unfinished} if r.unfinished else {})}
                  for method, members in groups.items() for r in members],
         "skipped": [{"run_dir": str(d), "reason": why} for d, why in skipped],
-    }, indent=1))
+    })
+    record(files["table_json"])
     _write_csv(files["runs_csv"], run_rows(groups))
+    record(files["runs_csv"])
     _write_csv(files["predictions_csv"], prediction_rows(groups))
+    record(files["predictions_csv"])
     return {"rows": rows, "groups": groups, "files": files}

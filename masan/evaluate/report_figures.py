@@ -11,10 +11,17 @@ Per method (a group of runs, see :mod:`masan.evaluate.report`), from the test su
 - ``<method>_region_map_<subject>.png``: one test subject's region weights over its own T1
   (the paper's Fig. 4), read from the cohort store; default subject: the first
   positive-class test subject of the lowest repeat;
-- ``<method>_region_map_mean_<class>.png``: the positive class's mean weights over that T1.
+- ``<method>_region_map_mean_<class>.png``: the positive class's mean weights over that T1
+  (over the default subject's T1 when ``subject`` is in no run's test part: that map does not
+  need it).
 
 Regions are named by grid cell, or with ``atlas`` by the majority atlas label of each cell
 (atlas resampled onto the displayed subject's T1 grid: see :func:`masan.evaluate.region_ranking.resample_atlas`).
+An atlas that gives no region a label is refused, one that hardly overlaps the T1 warned about
+(:func:`masan.evaluate.region_ranking.atlas_overlap`): both say that atlas and T1 are in other spaces.
+
+:func:`plan_figures` does everything that may refuse or read (subject, T1, atlas) before
+:func:`draw_figures` writes a file, so a report is refused before its first file.
 
 A T1 is drawn only from a store that can show the run's test subjects (:func:`store_problem`):
 one that holds them with the run's diagnoses, in the geometry the run trained on.
@@ -26,7 +33,8 @@ import csv
 import os
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -35,13 +43,15 @@ from masan.config import ConfigError
 from masan.evaluate.plots import VIEWS, ranking_figure, region_map_figure, save_figure
 from masan.evaluate.region_ranking import (
     RankMethod,
+    atlas_on_grid,
+    atlas_overlap,
     atlas_region_names,
     grid_names,
     load_atlas_labels,
     region_scores,
-    resample_atlas,
 )
 from masan.evaluate.report import RunResult
+from masan.files import atomic_writer
 from masan.metrics import positive_index
 from masan.rundir import RunDir
 
@@ -136,11 +146,135 @@ def _write_ranking_csv(path: Path, scores: np.ndarray, names: Sequence[str], w: 
                        class_names: Sequence[str]) -> None:
     order = np.argsort(-scores, kind="stable")
     present = [c for c in range(len(class_names)) if (y == c).any()]
-    with path.open("w", newline="") as f:
+    with atomic_writer(path, newline="") as f:
         out = csv.writer(f)
         out.writerow(["rank", "region", "name", "score"] + [f"mean_{class_names[c]}" for c in present])
         for rank, r in enumerate(order, 1):
             out.writerow([rank, int(r), names[r], f"{scores[r]:.6g}"] + [f"{w[y == c, r].mean():.6g}" for c in present])
+
+
+@dataclass
+class FigurePlan:
+    """What the region figures of one table row show, read and checked before anything is drawn."""
+
+    name: str
+    """The table row (file names and titles)."""
+    weights: np.ndarray
+    """(N, R) region weights of the pooled test predictions."""
+    labels: np.ndarray
+    """(N,) their true class indices."""
+    class_names: list[str]
+    runs: list[RunResult]
+    """The runs pooled (same classes and region count)."""
+    pos: int
+    """Index of the positive class."""
+    region_names: list[str]
+    """R names: grid cells, or atlas labels."""
+    rank_method: RankMethod
+    scores: np.ndarray
+    """(R,) the ranking's scores (:func:`masan.evaluate.region_ranking.region_scores`)."""
+    subject: tuple[RunResult, int] | None
+    """(run, row) of the subject whose own map is drawn; None: no subject map."""
+    t1: tuple[np.ndarray, np.ndarray, str] | None
+    """(T1 (X, Y, Z), affine (4, 4), subject id) under the maps; None: no maps."""
+
+
+def plan_figures(
+    members: Sequence[RunResult],
+    store: str | os.PathLike | None = None,
+    atlas: str | os.PathLike | None = None,
+    atlas_labels: str | os.PathLike | None = None,
+    subject: str | None = None,
+    rank_method: RankMethod = "mean",
+    name: str | None = None,
+) -> FigurePlan | None:
+    """Choose and read what :func:`draw_figures` draws for one row's runs (see :func:`method_figures`
+    for the arguments); None when the runs have no region weights. Raises
+    :class:`masan.evaluate.region_ranking.RegionError` for an atlas that labels no region."""
+    method = name or members[0].method
+    w, y, class_names, runs = _pooled(method, members)
+    if w.shape[1] == 0:
+        warnings.warn(f"{method}: no region weights in the runs; no region figures", stacklevel=2)
+        return None
+    cfg = runs[0].config
+    grid = list(cfg.model.patch_grid)
+    pos = positive_index(class_names, runs[0].metrics.get("positive_class", cfg.data.positive_class))
+    names = grid_names(grid)
+
+    picked = _pick_subject(runs, pos, subject)
+    shown = picked
+    if picked is None and subject is not None:
+        shown = _pick_subject(runs, pos, None)  # the class-mean map needs a T1, not that subject
+        warnings.warn(f"{method}: subject {subject!r} is in no run's test part; no map of it"
+                      + (f" (the class-mean map is drawn over the T1 of {shown[0].predictions.subjects[shown[1]]})"
+                         if shown else ""), stacklevel=2)
+    elif picked is None:
+        warnings.warn(f"{method}: no {class_names[pos]} subject in any run's test part; no region map", stacklevel=2)
+    where = store or cfg.data.store
+    t1 = None
+    if shown is not None:
+        s = shown[0].predictions.subjects[shown[1]]
+        read = _read_t1(where, s)
+        problem = store_problem(shown[0], where) if read is not None else None
+        if problem:
+            warnings.warn(f"{method}: no region map: {problem}", stacklevel=2)
+        elif read is not None:
+            t1 = (*read, s)
+    if atlas is not None:
+        if t1 is None:
+            warnings.warn("--atlas needs a T1 grid from the store; regions are named by grid cell", stacklevel=2)
+        else:
+            labels, inside = atlas_on_grid(atlas, t1[0].shape, t1[1])
+            far = atlas_overlap(labels, inside, grid, atlas, f"{t1[2]} (store {where})")
+            if far:
+                warnings.warn(far, stacklevel=2)
+            names = atlas_region_names(labels, grid, load_atlas_labels(atlas_labels) if atlas_labels else None)
+    scores = region_scores(w, y, pos, rank_method)
+    return FigurePlan(method, w, y, class_names, runs, pos, names, rank_method, scores,
+                      picked if t1 is not None else None, t1)
+
+
+def draw_figures(plan: FigurePlan, out_dir: str | os.PathLike, top_k: int = 15, views: Sequence[str] = VIEWS,
+                 record: Callable[[Path], object] = lambda path: path) -> list[Path]:
+    """Write the figures of ``plan`` into ``out_dir``, each atomically, calling ``record(path)``
+    after each (:meth:`masan.evaluate.report_folder.ReportFolder.record`); returns the files."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    method, w, y, class_names, pos = plan.name, plan.weights, plan.labels, plan.class_names, plan.pos
+    rank_method = plan.rank_method
+    grid = list(plan.runs[0].config.model.patch_grid)
+    stem = slug(method)
+    files: list[Path] = []
+
+    def saved(path: Path) -> None:
+        record(path)
+        files.append(path)
+
+    _write_ranking_csv(out / f"{stem}_region_ranking.csv", plan.scores, plan.region_names, w, y, class_names)
+    saved(out / f"{stem}_region_ranking.csv")
+    fig = ranking_figure(w, y, class_names, plan.region_names, pos, rank_method, top_k,
+                         title=f"{method}: regions ranked by " + (
+                             f"mean weight over {class_names[pos]}" if rank_method == "mean"
+                             else f"{class_names[pos]} minus rest")
+                         + f" ({len(y)} test predictions, {len(plan.runs)} runs)")
+    saved(save_figure(fig, out / f"{stem}_region_ranking.png"))
+
+    if plan.t1 is None:
+        return files
+    t1, affine, under = plan.t1
+    if plan.subject is not None:
+        run, row = plan.subject
+        s = run.predictions.subjects[row]
+        label = class_names[run.predictions.labels[row]]
+        pred = class_names[run.predictions.preds[row]]
+        fig = region_map_figure(t1, run.predictions.region_weights[row], grid, affine, views=views,
+                                title=f"{method}, {s} ({label}, predicted {pred}, repeat {run.repeat})")
+        saved(save_figure(fig, out / f"{stem}_region_map_{slug(s)}.png"))
+    fig = region_map_figure(t1, w[y == pos].mean(axis=0), grid, affine, views=views,
+                            title=f"{method}: mean weights of {(y == pos).sum()} {class_names[pos]} "
+                                  f"test prediction(s) over the T1 of {under}")
+    saved(save_figure(fig, out / f"{stem}_region_map_mean_{slug(class_names[pos])}.png"))
+    return files
 
 
 def method_figures(
@@ -155,7 +289,8 @@ def method_figures(
     views: Sequence[str] = VIEWS,
     name: str | None = None,
 ) -> list[Path]:
-    """Draw the region figures of one method's runs into ``out_dir``; returns the files.
+    """Draw the region figures of one method's runs into ``out_dir``; returns the files
+    (:func:`plan_figures`, then :func:`draw_figures`).
 
     Args:
         members: runs of one method (sorted by repeat).
@@ -168,55 +303,5 @@ def method_figures(
         views: slice orientations of the map.
         name: the table row (file names and titles); default the runs' method.
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    method = name or members[0].method
-    w, y, class_names, runs = _pooled(method, members)
-    if w.shape[1] == 0:
-        warnings.warn(f"{method}: no region weights in the runs; no region figures", stacklevel=2)
-        return []
-    cfg = runs[0].config
-    grid = list(cfg.model.patch_grid)
-    pos = positive_index(class_names, runs[0].metrics.get("positive_class", cfg.data.positive_class))
-    names = grid_names(grid)
-    files: list[Path] = []
-
-    picked = _pick_subject(runs, pos, subject)
-    if picked is None:
-        warnings.warn(f"{method}: subject {subject or class_names[pos]!r} is in no run's test part; no region map",
-                      stacklevel=2)
-    t1 = _read_t1(store or cfg.data.store, picked[0].predictions.subjects[picked[1]]) if picked else None
-    problem = store_problem(picked[0], store or cfg.data.store) if t1 is not None else None
-    if problem:
-        warnings.warn(f"{method}: no region map: {problem}", stacklevel=2)
-        t1 = None
-    if atlas is not None:
-        if t1 is None:
-            warnings.warn("--atlas needs a T1 grid from the store; regions are named by grid cell", stacklevel=2)
-        else:
-            label_names = load_atlas_labels(atlas_labels) if atlas_labels else None
-            names = atlas_region_names(resample_atlas(atlas, t1[0].shape, t1[1]), grid, label_names)
-
-    stem = slug(method)
-    scores = region_scores(w, y, pos, rank_method)
-    _write_ranking_csv(out / f"{stem}_region_ranking.csv", scores, names, w, y, class_names)
-    files.append(out / f"{stem}_region_ranking.csv")
-    fig = ranking_figure(w, y, class_names, names, pos, rank_method, top_k,
-                         title=f"{method}: regions ranked by " + (
-                             f"mean weight over {class_names[pos]}" if rank_method == "mean"
-                             else f"{class_names[pos]} minus rest") + f" ({len(y)} test predictions, {len(runs)} runs)")
-    files.append(save_figure(fig, out / f"{stem}_region_ranking.png"))
-
-    if t1 is not None:
-        run, row = picked
-        s = run.predictions.subjects[row]
-        label = class_names[run.predictions.labels[row]]
-        pred = class_names[run.predictions.preds[row]]
-        fig = region_map_figure(t1[0], run.predictions.region_weights[row], grid, t1[1], views=views,
-                                title=f"{method}, {s} ({label}, predicted {pred}, repeat {run.repeat})")
-        files.append(save_figure(fig, out / f"{stem}_region_map_{slug(s)}.png"))
-        fig = region_map_figure(t1[0], w[y == pos].mean(axis=0), grid, t1[1], views=views,
-                                title=f"{method}: mean weights of {(y == pos).sum()} {class_names[pos]} "
-                                      f"test prediction(s) over the T1 of {s}")
-        files.append(save_figure(fig, out / f"{stem}_region_map_mean_{slug(class_names[pos])}.png"))
-    return files
+    plan = plan_figures(members, store, atlas, atlas_labels, subject, rank_method, name)
+    return [] if plan is None else draw_figures(plan, out_dir, top_k, views)
