@@ -225,7 +225,12 @@ def load_predictions(run_dir: str | os.PathLike, split: str = "test") -> tuple[P
         raise PredictionsError(f"{path} lacks the columns subject, split, label, pred, prob_<class>")
     rows = [r for r in all_rows if r["split"] == split]
     eval_split = all_rows[0]["split"] if all_rows else split
-    metrics = json.loads(run.metrics.read_text()) if run.metrics.is_file() else {}
+    try:
+        metrics = json.loads(run.metrics.read_text()) if run.metrics.is_file() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PredictionsError(f"{run.metrics} is damaged ({e})") from None
+    if not isinstance(metrics, dict):
+        raise PredictionsError(f"{run.metrics} is damaged (it holds no JSON object)")
     if metrics.get("split", "test") == split and ("n" in metrics or "n_unlabeled" in metrics):
         expected = int(metrics.get("n", 0)) + int(metrics.get("n_unlabeled", 0))
         if len(rows) != expected:

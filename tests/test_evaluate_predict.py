@@ -185,6 +185,10 @@ def test_the_decision_rule_travels_with_the_predictions(tmp_path):
     del on_disk["decision"]
     (tmp_path / "metrics.json").write_text(json.dumps(on_disk))
     assert load_predictions(tmp_path)[0].preds.tolist() == [0, 1, 2]
+    for damaged in ("null", '{"n": 3', "\xff"):  # named as damaged, never a TypeError or a traceback
+        (tmp_path / "metrics.json").write_text(damaged, encoding="latin-1")
+        with pytest.raises(PredictionsError, match="metrics.json is damaged"):
+            load_predictions(tmp_path)
 
 
 def test_label_smoothing_is_undone_on_the_reported_probabilities():
