@@ -90,23 +90,24 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ablation", action="append", default=[], metavar="KEY=VALUE",
                    help="one ablation variant (repeatable); submitted with the baseline as one array")
     g.add_argument("--no-baseline", action="store_true", help="with --ablation: leave out the baseline")
+    base = Resources()  # the SLURM defaults live in one place: the dataclass
     r = p.add_argument_group("SLURM resources")
-    r.add_argument("--nodes", type=number(int, 1), default=1)
+    r.add_argument("--nodes", type=number(int, 1), default=base.nodes)
     r.add_argument("--gpus-per-node", type=number(int, 0), default=None,
                    help="GPUs (= ranks) per node; default: the GPUs the partition's nodes have (sinfo), "
                    "0 on CPU nodes (then one rank per node)")
     r.add_argument("--cpus-per-task", type=number(int, 1), default=None, help="CPU cores per rank (data workers + 1)")
     r.add_argument("--mem", default=None, help="memory per node, SLURM syntax (e.g. 64G)")
-    r.add_argument("--time", dest="time_min", type=slurm_time, default="4:00:00",
-                   help="time limit per job, SLURM syntax (default: %(default)s)")
+    r.add_argument("--time", dest="time_min", type=slurm_time, default=base.time_min,
+                   help=f"time limit per job, SLURM syntax (default: {_duration(base.time_min)})")
     r.add_argument("--partition")
     r.add_argument("--account")
     r.add_argument("--qos")
     r.add_argument("--constraint")
     r.add_argument("--exclude", help="nodes to avoid, e.g. node[3-4]")
-    r.add_argument("--job-name", default="masan")
+    r.add_argument("--job-name", default=base.job_name)
     f = p.add_argument_group("time limits, preemption, crashes")
-    f.add_argument("--signal-delay", dest="signal_delay_s", type=number(int, 0), default=120,
+    f.add_argument("--signal-delay", dest="signal_delay_s", type=number(int, 0), default=base.signal_delay_s,
                    help="seconds before the time limit at which SLURM sends USR2 (default: %(default)s); "
                    "must cover one training step plus a checkpoint save")
     f.add_argument("--max-requeues", type=number(int, 0), default=10,
@@ -152,15 +153,6 @@ class NodeGroup:
     up: bool
 
 
-def _gres_gpus(gres: str) -> int:
-    """GPUs per node in a GRES list: ``gpu:8``, ``gpu:a100:4(S:0-1)``, ``(null)`` -> 8, 4, 0."""
-    for item in re.split(r",(?![^(]*\))", gres):
-        parts = item.split("(")[0].split(":")
-        if parts[0] == "gpu" and len(parts) > 1 and parts[-1].isdigit():
-            return int(parts[-1])
-    return 0
-
-
 def _limit(text: str, parse) -> int | None:
     text = text.strip().lower()
     return None if text in ("infinite", "unlimited", "n/a", "") else parse(text)
@@ -179,7 +171,7 @@ def parse_sinfo(text: str) -> list[NodeGroup]:
             max_nodes = _limit(size.rpartition("-")[2], int)
         except ValueError:
             continue
-        groups.append(NodeGroup(part.rstrip("*"), part.endswith("*"), int(count), _gres_gpus(gres), limit_min,
+        groups.append(NodeGroup(part.rstrip("*"), part.endswith("*"), int(count), jobs.gres_gpus(gres), limit_min,
                                 max_nodes, re.split(r"[^a-z_]", state.lower())[0] in UP_STATES))
     return groups
 
@@ -246,7 +238,7 @@ def _fit(name: str, groups: list[NodeGroup], res: Resources) -> tuple[list[str],
 
 def check_partition(res: Resources) -> tuple[list[str], list[str]]:
     """:func:`partition_fit` on this cluster's sinfo; nothing to say when sinfo does not answer."""
-    out = jobs._run(["sinfo", "-h", "-a", "-o", SINFO_FORMAT])
+    out = jobs.query(["sinfo", "-h", "-a", "-o", SINFO_FORMAT])
     if out is None or out.returncode != 0:
         return [], []
     return partition_fit(parse_sinfo(out.stdout), res)

@@ -71,13 +71,6 @@ def atomic_writer(path: str | os.PathLike, mode: str = "w", **open_kwargs: Any) 
     _fsync_dir(final.parent)
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Replace ``path`` with ``data`` atomically (see the module docstring); returns the path."""
-    with atomic_writer(path, "wb") as f:
-        f.write(data)
-    return Path(path)
-
-
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """Replace ``path`` with ``text`` (UTF-8) atomically; returns the path."""
     with atomic_writer(path, "w", encoding="utf-8") as f:

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 from masan.config import config_from_dict, save_config
 from masan.convert.cohort import ConvertOptions, convert_cohort, discover_bids
 from masan.data.dataset import CohortDataset, select_subjects
-from masan.data.splits import load_or_make_split
+from masan.data.splits import make_split
 from masan.evaluate.__main__ import main
 from masan.evaluate.region_ranking import atlas_region_names, resample_atlas
 from masan.inference import predict
@@ -46,7 +46,8 @@ def train_free_run(run_dir, store, repeat: int, arch: str = "masan"):
         f"split.repeat={repeat}", "data.num_workers=0"])
     save_config(cfg, run_dir / "config.yaml")
     subjects, labels, classes = select_subjects(store, cfg.data)
-    split = load_or_make_split(run_dir, subjects, labels, cfg.split)
+    split = make_split(subjects, labels, cfg.split)
+    split.save(RunDir(run_dir).split)
     test_labels = [split.labels[s] for s in split.test]
     loader = DataLoader(CohortDataset(store, split.test, test_labels, cfg.data), batch_size=2)
     torch.manual_seed(repeat)

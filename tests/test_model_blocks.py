@@ -164,7 +164,7 @@ def test_output_stage_folded_before_upsampling_matches_the_plain_stage(mode, out
 
 def test_occlusion_from_one_projection_equals_projecting_every_occluded_copy():
     torch.manual_seed(0)
-    attention = RegionSelfAttention(40, 8, 6, 8, norm="layer")
+    attention = RegionSelfAttention(40, 8, 6, 8, norm="layer", std_floor=0.1)
     regions = torch.randn(3, 8, 40)
     b, r, d = regions.shape
     occluded = (regions[:, None] * (1 - torch.eye(r))[None, :, :, None]).reshape(b * r, r, d)

@@ -60,14 +60,14 @@ def test_connectivity_screening_keeps_the_pair_whose_coupling_differs():
     fitted screening keeps that pair, its feature separates the classes, and a scaled copy of
     the input gives the same features (correlations)."""
     g = torch.Generator().manual_seed(1)
-    conn = PairConnectivity((2, 2, 2), 1, keep=1, num_classes=2).double()
+    conn = PairConnectivity((2, 2, 2), 1, keep=1, num_classes=2, std_floor=0.1).double()
     coupled, uncoupled = _coupled_subjects(6, True, g), _coupled_subjects(6, False, g)
     conn.screen.begin_fit()
     for x, label in ((coupled, 1), (uncoupled, 0)):
         conn.screen.set_labels(torch.full((x.shape[0],), label))
         conn(x)
     conn.screen.end_fit()
-    assert conn.kept_cells()[:, 0].tolist() == [0, 7]
+    assert [int(c) for c in pair_cells(conn.screen.kept, conn.num_cells)] == [0, 7]
     # the model keeps the chosen pair's statistics only, not the candidates'
     assert {k: tuple(v.shape) for k, v in conn.state_dict().items()} == {
         "screen.kept": (1,), "screen.mean": (1,), "screen.std": (1,), "screen.fitted_samples": ()}
@@ -78,7 +78,7 @@ def test_connectivity_screening_keeps_the_pair_whose_coupling_differs():
 
 def test_connectivity_needs_a_pair_count():
     with pytest.raises(ValueError, match="connectivity_keep"):
-        PairConnectivity((2, 2, 2), 1, keep=29, num_classes=2)  # 8 cells have 28 pairs
+        PairConnectivity((2, 2, 2), 1, keep=29, num_classes=2, std_floor=0.1)  # 8 cells have 28 pairs
     with pytest.raises(ConfigError, match="connectivity_keep"):
         load_config(None, ["model.connectivity_cells=2"])
 

@@ -5,10 +5,14 @@ date, a session or an issue number goes stale the day the code changes, and nobo
 measurement to fix the comment. Those belong in docs/ (under a dated heading) and in commit
 messages; the code states the reason and points there, e.g. ``(docs/performance.md, "Where
 the step went")``. This test scans every Python file of masan/, launch/, data_tools/, bench/ and
-experiments/.
+experiments/; the comments and docstrings of masan/ and launch/ also for any measured size or
+speed-up (:data:`MEASURED`).
 """
 
+import ast
+import io
 import re
+import tokenize
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,9 +38,22 @@ HISTORY = {
 }
 """What history looks like in source text, by kind (the kind is named in the failure)."""
 
-ALLOWED: dict[tuple[str, str], str] = {}
+PROSE_SCANNED = ("masan", "launch")
+"""Where comments and docstrings may state no measured figure at all (bench/ and experiments/
+print their measurements; their prose is held to :data:`HISTORY` only)."""
+MEASURED = re.compile(rf"\b{_NUM} ?(?:ms|[kKMGT]i?B)\b|\b{_NUM} ?x (?:faster|slower)\b")
+"""A time, a size or a speed-up as a number: in prose it is a measurement (or depends on the
+machine) and goes stale; the prose says why in words and points to docs/. What the program
+prints is not prose (an f-string of computed values is not a comment), and neither is an
+inline literal (````...````: code, or an example of the output)."""
+
+ALLOWED: dict[tuple[str, str], str] = {
+    ("masan/convert/nifti.py",
+     "header, e.g. dims of 30000^3 in a 300 KB file, would otherwise end in a bare MemoryError)."):
+        "an invented corrupt header illustrating the check (a size far below its shape's), not a measurement",
+}
 """(path relative to the repository root, the stripped line) -> why it is not history and
-cannot be reworded. Empty: every hit so far could say its reason in words instead."""
+cannot be reworded."""
 
 
 def history_lines(text: str) -> list[tuple[int, str, str]]:
@@ -48,6 +65,31 @@ def history_lines(text: str) -> list[tuple[int, str, str]]:
                 hits.append((n, kind, line.strip()))
                 break
     return hits
+
+
+def prose(text: str) -> list[tuple[int, str]]:
+    """(first line, text) of each comment and each docstring (a string standing as a statement:
+    a module's, class's, function's or attribute's) of the Python source ``text``, inline
+    literals blanked out (their line breaks kept, so line numbers stay right)."""
+    found = [(tok.start[0], tok.string) for tok in tokenize.generate_tokens(io.StringIO(text).readline)
+             if tok.type == tokenize.COMMENT]
+    found += [(node.lineno, node.value.value) for node in ast.walk(ast.parse(text))
+              if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)
+              and isinstance(node.value.value, str)]
+    return [(line, re.sub(r"``.*?``", lambda m: "\n" * m.group().count("\n"), body, flags=re.DOTALL))
+            for line, body in found]
+
+
+def measured_lines(text: str) -> list[tuple[int, str]]:
+    """(line number, source line) of each comment or docstring line of ``text`` holding a
+    :data:`MEASURED` figure."""
+    source = text.splitlines()
+    hits = set()
+    for first, body in prose(text):
+        for offset, line in enumerate(body.splitlines()):
+            if MEASURED.search(line):
+                hits.add((first + offset, source[first + offset - 1].strip()))
+    return sorted(hits)
 
 
 def test_no_history_in_code():
@@ -62,6 +104,20 @@ def test_no_history_in_code():
         "history in code (say why in words; put figures, machines, dates, sessions and issue numbers in "
         "docs/ under a dated heading and point there, e.g. (docs/performance.md, \"Where the step went\"); "
         "a line that is genuinely not history goes into ALLOWED with its reason):\n" + "\n".join(found))
+
+
+def test_no_measured_figures_in_comments_and_docstrings():
+    found = []
+    for top in PROSE_SCANNED:
+        for path in sorted((ROOT / top).rglob("*.py")):
+            rel = path.relative_to(ROOT).as_posix()
+            for n, line in measured_lines(path.read_text(encoding="utf-8")):
+                if (rel, line) not in ALLOWED:
+                    found.append(f"{rel}:{n}: {line}")
+    assert not found, (
+        "a measured size, time or speed-up in a comment or docstring (say why in words and point to "
+        "docs/performance.md or docs/architecture.md, which hold the figure; a size derived from shapes "
+        "can be said as its formula):\n" + "\n".join(found))
 
 
 def test_allowed_lines_still_exist():
@@ -103,3 +159,27 @@ def test_the_patterns_catch_history_and_pass_ordinary_text():
     ]
     assert [line for line in history if not history_lines(line)] == []
     assert [hit for line in ordinary for hit in history_lines(line)] == []
+
+
+def test_measured_figures_are_found_in_prose_only():
+    source = '''"""Module: an import that takes ~1 s is fine, ``peak RSS 2.10 GiB`` is an example."""
+import torch
+
+LIMIT = 4 * 2**30
+"""Most memory a pass may need: a few GiB fit on a training GPU."""
+
+
+def f(need):
+    """Reuse the buffers (a fresh 660 MB tensor per sample costs page faults)."""
+    x = 1  # the taps are 1.2-1.7x faster than oneDNN's conv
+    message = f"needs {need / 2**30:.1f} GiB, over the 4 GiB limit"
+    # the (2, 64) patches of a 4x4x4 grid, one 1x1 conv
+    return message, x
+
+
+class C:
+    size: int = 0
+    """It is ~2.6 GB in bf16 at
+    60x64x44 x 976 frames."""
+'''
+    assert [n for n, _ in measured_lines(source)] == [9, 10, 18]

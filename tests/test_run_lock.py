@@ -30,8 +30,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from masan.rundir import RunDir
 from masan.train.checkpoint import POINTER
-from masan.train.runlock import LOCK_NAME, RunLock, RunLockedError
+from masan.train.runlock import RunLock, RunLockedError
 from test_train_reliability import snapshot
 from test_train_run import LAUNCH, REPO, RUN_TIMEOUT_S, TRAIN_CONFIG, launch, manifests
 
@@ -208,7 +209,7 @@ def test_the_lock_protocol(tmp_path):
     lock = RunLock(run)
     assert not lock.take_existing() and not run.exists()  # nothing is created before the checks
     lock.take()
-    assert (run / LOCK_NAME).is_file() and lock.held
+    assert (run / RunDir.LOCK_NAME).is_file() and lock.held
     with pytest.raises(RunLockedError, match=rf"in use by another run: pid {os.getpid()} on host "):
         RunLock(run).take_existing()
 

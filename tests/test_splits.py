@@ -10,7 +10,7 @@ from collections import Counter
 import pytest
 
 from masan.config import SplitConfig
-from masan.data.splits import Split, SplitError, load_or_make_split, make_split
+from masan.data.splits import Split, SplitError, make_split
 
 PAPER_COHORT = {"AD": 72, "EMCI": 34, "LMCI": 36, "NC": 64}  # ADNI3 counts of the paper
 
@@ -87,18 +87,6 @@ def test_bad_inputs_are_clear_errors():
         make_split(["a", "b"], [0], SplitConfig())
     with pytest.raises(SplitError, match="test_fraction"):
         make_split(["a", "b"], [0, 1], SplitConfig(test_fraction=1.0))
-
-
-def test_load_or_make_split_keeps_a_runs_split(tmp_path):
-    subjects, labels = cohort({"NC": 6, "AD": 6})
-    cfg = SplitConfig(repeat=1)
-    first = load_or_make_split(tmp_path, subjects, labels, cfg)
-    assert (tmp_path / "split.json").is_file()
-    assert load_or_make_split(tmp_path, list(reversed(subjects)), list(reversed(labels)), cfg) == first
-    with pytest.raises(SplitError, match="does not match"):
-        load_or_make_split(tmp_path, subjects + ["sub-NC999", "sub-AD999"], labels + ["NC", "AD"], cfg)
-    with pytest.raises(SplitError, match="repeat"):
-        load_or_make_split(tmp_path, subjects, labels, SplitConfig(repeat=2))
 
 
 def test_validation_part_is_carved_from_training_stratified_and_saved(tmp_path):

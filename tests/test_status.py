@@ -499,6 +499,9 @@ def test_partition_check_refuses_what_can_never_start_and_warns_what_waits():
     assert [(g.partition, g.default, g.nodes, g.gpus, g.time_limit_min, g.max_job_nodes, g.up) for g in groups] == [
         ("debug", True, 2, 0, None, None, True), ("gpu", False, 3, 4, 1440, 2, True),
         ("gpu", False, 1, 4, 1440, 2, False), ("big", False, 4, 8, 240, None, False)]
+    # one GRES parser for the partition check and the default --gpus-per-node: a socket list's
+    # comma does not split the entry
+    assert [jobs.gres_gpus(g) for g in ("gpu:h100:8(S:0,1)", "shard:2,gpu:4", "(null)", "gpu:a100")] == [8, 4, 0, 0]
 
     def fit(**given):
         return submit.partition_fit(groups, Resources(**{"time_min": 60, **given}))

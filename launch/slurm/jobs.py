@@ -19,6 +19,7 @@ import datetime
 import fcntl
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -29,6 +30,8 @@ from masan.files import atomic_write_json
 from masan.rundir import RunDir
 
 QUERY_TIMEOUT_S = 30
+"""Seconds a SLURM query (sinfo, squeue, sacct, scontrol) may take: a controller that is down
+or overloaded must not hang a submission or a status table."""
 
 # States in which a job still holds (or will hold) its run directory.
 ACTIVE_STATES = frozenset({
@@ -60,11 +63,9 @@ EXIT_DIVERGED = 3
 it would take the same steps and diverge again."""
 
 
-class SlurmUnavailable(RuntimeError):
-    """No SLURM here: sbatch is missing or the controller does not answer."""
-
-
-def _run(cmd: list[str]) -> subprocess.CompletedProcess | None:
+def query(cmd: list[str]) -> subprocess.CompletedProcess | None:
+    """Run a SLURM query (output captured as text); None when the command is missing or the
+    controller did not answer within :data:`QUERY_TIMEOUT_S`."""
     if shutil.which(cmd[0]) is None:
         return None
     try:
@@ -77,7 +78,7 @@ def slurm_available() -> tuple[bool, str]:
     """(True, "") when sbatch exists and the controller answers; else (False, why)."""
     if shutil.which("sbatch") is None:
         return False, "sbatch was not found on PATH"
-    res = _run(["sinfo", "-h", "-o", "%P"])
+    res = query(["sinfo", "-h", "-o", "%P"])
     if res is None or res.returncode != 0:
         detail = (res.stderr.strip() if res is not None else "no answer") or "no answer"
         return False, f"the SLURM controller did not answer sinfo ({detail})"
@@ -94,18 +95,18 @@ def job_state(job_id: str) -> str:
 
     Tries squeue, scontrol, then sacct; returns ``UNKNOWN`` when none knows the job.
     """
-    res = _run(["squeue", "-h", "-r", "-j", job_id, "-o", "%i|%T"])
+    res = query(["squeue", "-h", "-r", "-j", job_id, "-o", "%i|%T"])
     if res is not None and res.returncode == 0:
         for line in res.stdout.splitlines():
             jid, _, state = line.partition("|")
             if jid.strip() == job_id and state.strip():
                 return _state_word(state)
-    res = _run(["scontrol", "show", "job", "-o", job_id])
+    res = query(["scontrol", "show", "job", "-o", job_id])
     if res is not None and res.returncode == 0:
         fields = dict(tok.split("=", 1) for tok in res.stdout.split() if "=" in tok)
         if fields.get("JobState"):
             return _state_word(fields["JobState"])
-    res = _run(["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "JobID,State"])
+    res = query(["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "JobID,State"])
     if res is not None and res.returncode == 0:
         for line in res.stdout.splitlines():
             jid, _, state = line.partition("|")
@@ -116,7 +117,7 @@ def job_state(job_id: str) -> str:
 
 def job_field(job_id: str, name: str) -> str | None:
     """One ``scontrol show job`` field (e.g. ``Restarts``, ``Reason``), None when unknown."""
-    res = _run(["scontrol", "show", "job", "-o", job_id])
+    res = query(["scontrol", "show", "job", "-o", job_id])
     if res is None or res.returncode != 0:
         return None
     fields = dict(tok.split("=", 1) for tok in res.stdout.split() if "=" in tok)
@@ -125,7 +126,7 @@ def job_field(job_id: str, name: str) -> str | None:
 
 def requeue(job_id: str) -> None:
     """``scontrol requeue`` this job (from inside it, after the stop checkpoint is complete)."""
-    res = _run(["scontrol", "requeue", job_id])
+    res = query(["scontrol", "requeue", job_id])
     if res is None or res.returncode != 0:
         why = res.stderr.strip() if res is not None else "scontrol not found or no answer"
         raise RuntimeError(f"scontrol requeue {job_id} failed: {why}")
@@ -142,7 +143,7 @@ def node_address(node: str) -> str:
         return node
     except socket.gaierror:
         pass
-    res = _run(["scontrol", "show", "node", "-o", node])
+    res = query(["scontrol", "show", "node", "-o", node])
     if res is not None and res.returncode == 0:
         fields = dict(tok.split("=", 1) for tok in res.stdout.split() if "=" in tok)
         if fields.get("NodeAddr"):
@@ -307,13 +308,17 @@ def detect_gpus_per_node(partition: str | None = None) -> int:
     to choose.
     """
     cmd = ["sinfo", "-h", "-o", "%G"] + (["-p", partition] if partition else [])
-    res = _run(cmd)
+    res = query(cmd)
     if res is None or res.returncode != 0:
         return 0
-    counts = [0]
-    for gres in res.stdout.replace(",", "\n").split():
-        if gres.startswith("gpu:"):
-            count = gres.split("(")[0].rsplit(":", 1)[-1]
-            if count.isdigit():
-                counts.append(int(count))
-    return max(counts)
+    return max([0] + [gres_gpus(line) for line in res.stdout.split()])
+
+
+def gres_gpus(gres: str) -> int:
+    """GPUs per node in a GRES list: ``gpu:8``, ``gpu:a100:4(S:0-1)``, ``(null)`` -> 8, 4, 0
+    (commas inside parentheses, e.g. a socket list, do not split the list)."""
+    for item in re.split(r",(?![^(]*\))", gres):
+        parts = item.split("(")[0].split(":")
+        if parts[0] == "gpu" and len(parts) > 1 and parts[-1].isdigit():
+            return int(parts[-1])
+    return 0

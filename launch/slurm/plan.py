@@ -61,7 +61,7 @@ class Resources:
     gpus_per_node: int = sbatch("gpus_per_node", 0, omit=(None, 0))
     cpus_per_task: int | None = sbatch("cpus_per_task")
     mem: str | None = sbatch("mem")
-    time_min: int = sbatch("time", 60)
+    time_min: int = sbatch("time", 240)
     partition: str | None = sbatch("partition")
     account: str | None = sbatch("account")
     qos: str | None = sbatch("qos")

@@ -7,14 +7,10 @@ submitted (:func:`never_starts`), and the result file submitit writes when a job
 from __future__ import annotations
 
 import pickle
-import shutil
-import subprocess
 from pathlib import Path
 from typing import NamedTuple
 
 from launch.slurm import jobs
-
-SQUEUE_TIMEOUT_S = 30
 
 
 class Queued(NamedTuple):
@@ -52,14 +48,8 @@ def never_starts(reason: str | None) -> str | None:
 def squeue_states() -> dict[str, Queued] | None:
     """Job id (array tasks as ``123_4``) -> state and reason of every job squeue lists; None when
     there is no squeue or the controller does not answer (then scontrol would not either)."""
-    if shutil.which("squeue") is None:
-        return None
-    try:
-        res = subprocess.run(["squeue", "-h", "-r", "-o", "%i|%T|%r"], capture_output=True, text=True,
-                             timeout=SQUEUE_TIMEOUT_S, check=False)
-    except subprocess.TimeoutExpired:
-        return None
-    if res.returncode != 0:
+    res = jobs.query(["squeue", "-h", "-r", "-o", "%i|%T|%r"])
+    if res is None or res.returncode != 0:
         return None
     out = {}
     for line in res.stdout.splitlines():

@@ -150,7 +150,8 @@ class ModelConfig:
     """Temporal conv stride (frames); the responses are then averaged over time."""
     temporal_chunk: int = 16384
     """Voxels per checkpointed piece of the temporal conv when activation_checkpointing is on
-    (0: all voxels at once); its full-resolution response is ~2.6 GB in bf16 otherwise."""
+    (0: all voxels at once); unchunked, its full-resolution response is large (about
+    ``temporal_features / temporal_stride`` times the fMRI input)."""
     groups: int = 8
     """GroupNorm groups."""
     decoder_skips: Literal["all", "coarse", "none"] = "all"
@@ -248,7 +249,8 @@ class ModelConfig:
     around each, a noticeable share of a CUDA step: docs/performance.md, "the engine's step")
     and the fast paths keep it. Eager CUDA
     GroupNorm converts back, so it is meant with ``model.compile`` (inductor's norm follows the
-    layout); not yet measured on a GPU with the layout kept end to end (docs/performance.md)."""
+    layout); what it gains on a GPU with the layout kept end to end: docs/performance.md,
+    "Without a GPU"."""
     compile: bool = field(default=False, metadata=PLUMBING)
     """Training compiles the modality modules (sPM, fPM: the autoencoders and their region
     pooling, nearly all of a step's time; the H-FCN's patch encoder) with ``torch.compile``, in

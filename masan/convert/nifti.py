@@ -38,6 +38,10 @@ from nibabel.orientations import aff2axcodes, apply_orientation, inv_ornt_aff, i
 # Voxel types a model can consume; NIfTI's complex and RGB types are refused.
 SUPPORTED_KINDS = "iuf"
 _TIME_UNIT_SECONDS = {"sec": 1.0, "msec": 1e-3, "usec": 1e-6}
+SAME_VALUE_RTOL = 0.01
+"""Voxel sizes (mm) or TRs (s) within this relative difference are one value: headers round
+them differently (1 vs 0.9999 mm). The converter, the training contract and the QC report all
+compare by it."""
 FORM_TOLERANCE_MM = 0.01
 """Largest entry-wise difference (mm, or mm per voxel for the axes) between a header's sform
 and qform still taken as one affine: the qform's float32 quaternion rounds the sform's matrix
@@ -399,12 +403,6 @@ def _check_stream_end(f: gzip.GzipFile | BinaryIO) -> None:
     if isinstance(f, gzip.GzipFile):
         while f.read(_DRAIN_BLOCK):
             pass
-
-
-def read_volume(img: nib.Nifti1Pair, path: str | Path | None = None) -> np.ndarray:
-    """All stored voxels of a 3D image (or X,Y,Z,1) as (X, Y, Z), native dtype, unscaled."""
-    (_, slab), = iter_frame_slabs(img, 1, path)
-    return slab[..., 0]
 
 
 def write_nifti_slabs(path: str | Path, affine: np.ndarray, shape: tuple[int, ...], dtype: np.dtype,

@@ -255,7 +255,7 @@ def repetition_time(info: dict, path: str, sidecar: str | None, warn: list[str])
                 raise nifti.NiftiError(f"{sidecar}: RepetitionTime {json.dumps(value)} is not a TR in seconds (BIDS: "
                                        f"a number of seconds, {TR_MIN_SECONDS:g} to {TR_SUSPECT_SECONDS:g}, e.g. 0.8 "
                                        "for 800 ms); fix the sidecar")
-            if header and not math.isclose(header, value, rel_tol=0.01):
+            if header and not math.isclose(header, value, rel_tol=nifti.SAME_VALUE_RTOL):
                 warn.append(f"{path}: header TR {header:g} s, sidecar {sidecar} {value:g} s; used the sidecar's "
                             "(BIDS: the sidecar is authoritative)")
             return float(value), "sidecar"

@@ -115,8 +115,8 @@ class Batches:
     scaling on the side stream, then hands its tensors to the current stream. Stopping early
     (:meth:`close`, or dropping the iterator) ends the thread.
 
-    On the CPU the float32 images are written into ``depth + 2`` reused buffers (a fresh 660 MB
-    tensor per full-resolution sample costs more in page faults than the scaling itself), so a
+    On the CPU the float32 images are written into ``depth + 2`` reused buffers (a fresh
+    full-resolution sample's tensor costs more in page faults than the scaling itself), so a
     batch stays valid until ``depth + 1`` further batches were taken: the training loop holds
     one at a time; clone a batch to keep it longer.
     """

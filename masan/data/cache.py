@@ -1,8 +1,9 @@
 """Cohort cache (``data.cache``): decode each subject once per node, scale it on the device.
 
 Without a cache (``none``) every training step decodes its subjects from the Zarr store
-(LZ4 + bitshuffle) and z-scores them in float32 on the CPU: ~1 GB of memory traffic per
-full-resolution sample, the pace-setter of a GPU step. With a cache:
+(LZ4 + bitshuffle) and z-scores them in float32 on the CPU: the memory traffic of every
+full-resolution sample sets the pace of a GPU step (docs/performance.md, "Sizes and costs behind
+the code"). With a cache:
 
 * ``host``: the ranks of a node split the subjects, each decodes its share from the store once
   into ``data.cache_dir`` (a tmpfs such as /dev/shm, i.e. shared RAM) as the *stored integers*

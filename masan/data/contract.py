@@ -23,12 +23,9 @@ import nibabel as nib
 
 from masan.config import ConfigError, RunConfig
 from masan.convert import resample
+from masan.convert.nifti import SAME_VALUE_RTOL
 from masan.store.cohort import CohortStore
 
-SPACING_RTOL = 0.01
-"""Voxel sizes (mm) within 1 % are one size (headers round differently)."""
-TR_RTOL = 0.01
-"""TRs within 1 % are one TR."""
 REGISTRATION_KEYS = ("type", "template", "t1_grid", "fmri_grid")
 """What of a store's registration settings decides what a voxel holds."""
 
@@ -110,7 +107,7 @@ def store_geometry(store: CohortStore, subjects: list[str], modalities: list[str
             if entry.get("sha256"):  # the source file's, recorded at conversion
                 copies[(m, entry["sha256"])].append(s)
         flag = "--t1-shape" if m == "t1" else "--fmri-shape"
-        sizes = _cluster(spacing, SPACING_RTOL)
+        sizes = _cluster(spacing, SAME_VALUE_RTOL)
         if len(sizes) > 1:
             raise ContractError(f"{m} voxel sizes in {store.path} differ ({_listing(sizes, ' mm')}): the same "
                                 "voxel holds different anatomy per scanner; reconvert with data_tools/to_zarr.py "
@@ -139,7 +136,7 @@ def store_geometry(store: CohortStore, subjects: list[str], modalities: list[str
         trs = {s: store.row(s)["fmri"].get("tr_seconds") for s in subjects}
         known = {s: (float(t),) for s, t in trs.items() if t}
         unknown = sorted(s for s, t in trs.items() if not t)
-        groups = _cluster(known, TR_RTOL)
+        groups = _cluster(known, SAME_VALUE_RTOL)
         if len(groups) > 1:
             shown = {k[0]: v for k, v in groups.items()}
             raise ContractError(f"fMRI runs in {store.path} have different TRs ({_listing(shown, ' s')}): N frames are "
@@ -230,13 +227,13 @@ def mismatches(trained: dict, geo: Geometry, frames: int | None) -> list[str]:
                        f"{'x'.join(map(str, a))}; {fix}")
     for key, what in (("t1_spacing_mm", "T1 voxel size"), ("fmri_spacing_mm", "fMRI voxel size")):
         a, b = trained.get(key), getattr(geo, key)
-        if a and b and not all(math.isclose(x, y, rel_tol=SPACING_RTOL) for x, y in zip(a, b)):
+        if a and b and not all(math.isclose(x, y, rel_tol=SAME_VALUE_RTOL) for x, y in zip(a, b)):
             out.append(f"{what} {b} mm in {geo.store}, the run was trained on {a} mm; {fix} (--spacing)")
     a, b = trained.get("orientation"), geo.orientation
     if a and b and a != b:
         out.append(f"orientation {b} in {geo.store}, the run was trained on {a}; {fix}")
     a, b = trained.get("tr_seconds"), geo.tr_seconds
-    if a and b and not math.isclose(a, b, rel_tol=TR_RTOL):
+    if a and b and not math.isclose(a, b, rel_tol=SAME_VALUE_RTOL):
         out.append(f"fMRI TR {b:g} s in {geo.store}, the run was trained on {a:g} s: its frames are another "
                    "duration; predict runs of the run's TR")
     if frames is not None and geo.frames_min is not None and geo.frames_min < frames:

@@ -28,7 +28,6 @@ from sklearn.model_selection import train_test_split
 
 from masan.config import SplitConfig
 from masan.files import atomic_write_json
-from masan.rundir import RunDir
 
 PARTS = ("train", "val", "test")
 
@@ -229,42 +228,3 @@ def _carve_val(train: list[str], label_of: dict, split_cfg: SplitConfig,
     n_val = max(math.ceil(v * len(train) - 1e-9), len(counts))
     return _stratified(train, label_of, n_val, "split.val_fraction", v, "the training part's",
                        ("training", "validation"), split_cfg.seed + split_cfg.repeat, names)
-
-
-def load_or_make_split(
-    run_dir: str | os.PathLike, subjects: Sequence[str], labels: Sequence[Hashable], split_cfg: SplitConfig,
-    class_names: Sequence[str] | None = None,
-) -> Split:
-    """The split of a run: made and saved as ``run_dir/split.json`` on the first start,
-    then reloaded on every resume and checked against what the config gives now
-    (``class_names`` as :func:`make_split` takes them).
-
-    Raises:
-        SplitError: the saved split differs (subjects or labels changed since the run began,
-            or the split section was edited); the message names the difference.
-    """
-    path = RunDir(run_dir).split
-    fresh = make_split(subjects, labels, split_cfg, class_names)
-    if not path.exists():
-        fresh.save(path)
-        return fresh
-    saved = Split.load(path)
-    if saved.to_dict() != fresh.to_dict():
-        diffs = []
-        for part in PARTS:
-            gone = sorted(set(saved.part(part)) - set(fresh.part(part)))
-            new = sorted(set(fresh.part(part)) - set(saved.part(part)))
-            if gone or new:
-                diffs.append(f"{part}: saved-only {gone[:5]}, now-only {new[:5]}")
-        for key in ("repeat", "seed", "test_fraction", "val_fraction"):
-            if getattr(saved, key) != getattr(fresh, key):
-                diffs.append(f"{key}: {getattr(saved, key)!r} -> {getattr(fresh, key)!r}")
-        relabelled = sorted(s for s in saved.labels if s in fresh.labels and saved.labels[s] != fresh.labels[s])
-        if relabelled:
-            diffs.append(f"labels changed for {relabelled[:5]}")
-        raise SplitError(
-            f"{path} does not match the split the current cohort and config give "
-            f"({'; '.join(diffs) or 'stored fields differ'}). A run must keep its split: use a new "
-            f"run_dir for the changed cohort/config, or delete {path} if the old run is abandoned"
-        )
-    return saved

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from masan import argtypes
 from masan.access import describe_mode, write_restricted
-from masan.evaluate.plots import VIEWS
+from masan.evaluate.plots import TOP_K, VIEWS
 from masan.evaluate.region_ranking import RegionError, load_atlas_labels, open_atlas
 from masan.evaluate.report import (
     FIGURES_DIR,
@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rank-method", choices=("mean", "difference"), default="mean",
                    help="region ranking: mean weight over the positive class, or positive minus rest "
                         "(default: %(default)s)")
-    p.add_argument("--top-k", type=argtypes.number(int, 1), default=15,
+    p.add_argument("--top-k", type=argtypes.number(int, 1), default=TOP_K,
                    help="regions in the ranking chart, at least 1 (default: %(default)s)")
     p.add_argument("--views", nargs="+", choices=VIEWS, default=list(VIEWS),
                    help="slice orientations of the region map (default: all three)")

@@ -112,15 +112,6 @@ def _record_masks(effect: dict, key: str, shape: Sequence[int], affine: np.ndarr
                                       modality, float(effect.get("gm_threshold", structures.GM_THRESHOLD)), motion)
 
 
-def partner_mask(effect: dict, shape: Sequence[int], affine: np.ndarray, subject: str | None = None
-                 ) -> np.ndarray | None:
-    """The partner network's fMRI mask (MNI152 records; ``subject`` as in :func:`planted_masks`),
-    None when the record has none."""
-    if _kind(effect) != "mni152":
-        return None
-    return _partner_union(effect, shape, affine, _subject_motion(effect, subject, "fmri"))
-
-
 def _partner_union(effect: dict, shape: Sequence[int], affine: np.ndarray, motion) -> np.ndarray | None:
     if not effect.get("partner"):
         return None

@@ -26,6 +26,8 @@ from masan.evaluate.region_ranking import RankMethod, paint_regions, region_cent
 from masan.files import atomic_writer
 
 VIEWS = ("axial", "coronal", "sagittal")
+TOP_K = 15
+"""Regions in the ranking chart unless ``--top-k`` says otherwise."""
 _VIEW_AXIS = {"sagittal": 0, "coronal": 1, "axial": 2}
 """RAS voxel axis held fixed by each view."""
 _VIEW_EDGES = {"axial": ("R", "A"), "coronal": ("R", "S"), "sagittal": ("A", "S")}
@@ -140,7 +142,7 @@ def ranking_figure(
     region_names: Sequence[str],
     positive_index: int | None = None,
     method: RankMethod = "mean",
-    top_k: int = 15,
+    top_k: int = TOP_K,
     title: str = "",
 ) -> Figure:
     """Horizontal bars of the top-``top_k`` regions ranked by

@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from masan.config import ConfigError
-from masan.evaluate.plots import VIEWS, ranking_figure, region_map_figure, save_figure
+from masan.evaluate.plots import TOP_K, VIEWS, ranking_figure, region_map_figure, save_figure
 from masan.evaluate.region_ranking import (
     RankMethod,
     atlas_on_grid,
@@ -188,9 +188,19 @@ def plan_figures(
     rank_method: RankMethod = "mean",
     name: str | None = None,
 ) -> FigurePlan | None:
-    """Choose and read what :func:`draw_figures` draws for one row's runs (see :func:`method_figures`
-    for the arguments); None when the runs have no region weights. Raises
-    :class:`masan.evaluate.region_ranking.RegionError` for an atlas that labels no region."""
+    """Choose and read what :func:`draw_figures` draws for one row's runs; None when the runs
+    have no region weights. Raises :class:`masan.evaluate.region_ranking.RegionError` for an
+    atlas that labels no region.
+
+    Args:
+        members: runs of one method (sorted by repeat).
+        store: cohort store with the T1s; default the first run's ``data.store``. A store
+            that cannot show the chosen run's test subjects (:func:`store_problem`) gives no map.
+        atlas, atlas_labels: label volume (NIfTI) and optional index->name table.
+        subject: test subject for the map (default: first positive-class test subject).
+        rank_method: ``"mean"`` or ``"difference"`` (see ``region_scores``).
+        name: the table row (file names and titles); default the runs' method.
+    """
     method = name or members[0].method
     w, y, class_names, runs = _pooled(method, members)
     if w.shape[1] == 0:
@@ -234,7 +244,7 @@ def plan_figures(
                       picked if t1 is not None else None, t1)
 
 
-def draw_figures(plan: FigurePlan, out_dir: str | os.PathLike, top_k: int = 15, views: Sequence[str] = VIEWS,
+def draw_figures(plan: FigurePlan, out_dir: str | os.PathLike, top_k: int = TOP_K, views: Sequence[str] = VIEWS,
                  record: Callable[[Path], object] = lambda path: path) -> list[Path]:
     """Write the figures of ``plan`` into ``out_dir``, each atomically, calling ``record(path)``
     after each (:meth:`masan.evaluate.report_folder.ReportFolder.record`); returns the files."""
@@ -275,33 +285,3 @@ def draw_figures(plan: FigurePlan, out_dir: str | os.PathLike, top_k: int = 15, 
                                   f"test prediction(s) over the T1 of {under}")
     saved(save_figure(fig, out / f"{stem}_region_map_mean_{slug(class_names[pos])}.png"))
     return files
-
-
-def method_figures(
-    members: Sequence[RunResult],
-    out_dir: str | os.PathLike,
-    store: str | os.PathLike | None = None,
-    atlas: str | os.PathLike | None = None,
-    atlas_labels: str | os.PathLike | None = None,
-    subject: str | None = None,
-    rank_method: RankMethod = "mean",
-    top_k: int = 15,
-    views: Sequence[str] = VIEWS,
-    name: str | None = None,
-) -> list[Path]:
-    """Draw the region figures of one method's runs into ``out_dir``; returns the files
-    (:func:`plan_figures`, then :func:`draw_figures`).
-
-    Args:
-        members: runs of one method (sorted by repeat).
-        store: cohort store with the T1s; default the first run's ``data.store``. A store
-            that cannot show the chosen run's test subjects (:func:`store_problem`) gives no map.
-        atlas, atlas_labels: label volume (NIfTI) and optional index->name table.
-        subject: test subject for the map (default: first positive-class test subject).
-        rank_method: ``"mean"`` or ``"difference"`` (see ``region_scores``).
-        top_k: regions in the bar chart.
-        views: slice orientations of the map.
-        name: the table row (file names and titles); default the runs' method.
-    """
-    plan = plan_figures(members, store, atlas, atlas_labels, subject, rank_method, name)
-    return [] if plan is None else draw_figures(plan, out_dir, top_k, views)

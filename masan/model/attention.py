@@ -10,7 +10,8 @@ each region by its mean and std over the training subjects (:class:`~masan.model
 which removes the anatomy every subject shares and keeps what differs between subjects; ``layer``
 is the Transformer's LayerNorm over each region's features, which only equalises the very
 different scales of the pooled levels (on the phantom cohort the model then does not learn:
-the between-subject differences stay ~5 % of a common offset). The scores and the softmax run
+the between-subject differences stay a small fraction of a common offset, docs/architecture.md,
+"Model"). The scores and the softmax run
 in fp32 whatever the autocast dtype.
 """
 
@@ -31,8 +32,8 @@ class RegionSelfAttention(nn.Module):
     Each row of ``weights`` is a distribution over the regions attended to (sums to 1).
     """
 
-    def __init__(self, in_features: int, attn_dim: int, value_dim: int, num_regions: int, norm: str = "cohort",
-                 std_floor: float = 0.1, screen: int = 0, num_classes: int = 1):
+    def __init__(self, in_features: int, attn_dim: int, value_dim: int, num_regions: int, norm: str,
+                 std_floor: float, screen: int = 0, num_classes: int = 1):
         super().__init__()
         if norm == "cohort":
             self.norm: nn.Module = FittedStandardize((num_regions, in_features), std_floor, keep=screen,

@@ -23,7 +23,7 @@ from masan.model.fastpaths import FastPaths, TakesFastPaths, resolve
 
 AUTOCAST_DEVICE_TYPES = frozenset(t for t in ("cpu", "cuda", "xpu", "mps", "hpu") if torch.amp.is_autocast_available(t))
 """Device types with autocast, read once: ``torch.amp.is_autocast_available`` inside a forward
-is a graph break for ``torch.compile`` on torch 2.11 (one per GroupNorm)."""
+is a graph break for ``torch.compile`` (one per GroupNorm; docs/performance.md, "the engine's step")."""
 
 
 def autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
@@ -377,8 +377,8 @@ class OutputStage(TakesFastPaths, nn.Module):
 
     Where the conv runs as per-tap maps (:class:`NarrowConv3d` ``taps``) and ``fast_paths.fold``
     is on (by default on CUDA, where it saves time and memory per sample: docs/performance.md,
-    "On the target card"; the CPU keeps the unfolded stage, whose results the CPU benchmarks
-    were measured with),
+    "On the target card"; the CPU keeps the unfolded stage, so its results stay comparable with
+    the CPU figures there),
     the taps' 1x1 conv of the upsampled half is folded into ``UpConcat``'s 1x1 conv and applied
     *before* upsampling (both are linear and channel-wise, and the upsampling weights sum to 1,
     so the bias folds too): the same parameters and result to rounding, but the full-resolution
@@ -420,8 +420,8 @@ class TemporalConv(nn.Module):
     Input ``(B, T, X, Y, Z)`` with ``T >= kernel`` -> output ``(B, features, X, Y, Z)``.
 
     ``voxel_chunk`` > 0 processes that many voxels per checkpointed piece, so the
-    ``(voxels, features, T')`` response never exists whole (it is ~2.6 GB in bf16 at
-    60x64x44 x 976 frames); 0 processes all voxels at once.
+    ``(voxels, features, T')`` response never exists whole (about ``features / stride`` times
+    the size of the fMRI input); 0 processes all voxels at once.
     """
 
     def __init__(self, features: int, kernel: int, stride: int, voxel_chunk: int = 0):

@@ -31,10 +31,10 @@ OCCLUSION_LIMIT_BYTES = 4 * 2**30
 """Most memory the occlusion pass (``model.region_weights=occlusion``) may need per rank. It
 runs at every validation evaluation and at the end of the run, after training, on the device
 the run trained on, beside the weights, the optimizer state, DeepSpeed's buckets, a device cache
-of the cohort and the blocks the caching allocator kept from training: a few GiB fit there on the
-project's GPUs (40 to 80 GB) and in a CPU rank's share of a node, tens of GiB fail after hours of
-training. Per subject (default widths) the paper's 4x4x4 grid needs 6 MiB, an 8x8x8 grid 1.25 GiB,
-16x16x16 528 GiB (one allocation of 256 GiB of it: a run that crashed at its final evaluation)."""
+of the cohort and the blocks the caching allocator kept from training: a few GiB fit there on a
+training GPU and in a CPU rank's share of a node, tens of GiB fail only after hours of training.
+Its need grows with the cube of the regions, so a finer ``model.patch_grid`` crosses the limit
+quickly (what each grid needs: docs/performance.md, "Sizes and costs behind the code")."""
 
 
 def meta_model(model_cfg: ModelConfig, num_classes: int) -> nn.Module:
@@ -61,7 +61,8 @@ def meta_model(model_cfg: ModelConfig, num_classes: int) -> nn.Module:
 def check_model(cfg: RunConfig) -> None:
     """Refuse a resolved run config whose model cannot be built or evaluated, with one line
     naming the keys and the fix (ConfigError). Pure and fast: builds on the meta device, reads
-    no data, writes nothing; with ``model.compile`` it imports ``torch._dynamo`` (about 1 s).
+    no data, writes nothing; with ``model.compile`` it imports ``torch._dynamo``, a slow import
+    that the training start makes anyway.
 
     Raises ValueError when ``cfg`` still has the null input shape the model is built for
     (``model.fmri_frames``): resolve it from the store first.
@@ -98,8 +99,8 @@ def occlusion_bytes(model_cfg: ModelConfig, batch: int) -> int:
     """Peak memory of the occlusion pass over ``batch`` subjects
     (:meth:`~masan.model.attention.RegionSelfAttention.attend_occluded`): each subject's ``R``
     occluded copies hold ``R x R`` fp32 attention scores, twice (the scores and their softmax
-    live together), and their queries, keys, values and new regions. Measured on the CPU within
-    5 % of this (R = 216 and 343)."""
+    live together), and their queries, keys, values and new regions (checked against the
+    measured peak: docs/performance.md, "Sizes and costs behind the code")."""
     r = num_regions(model_cfg.patch_grid)
     copies = batch * r
     return FP32_BYTES * copies * r * (2 * r + 2 * model_cfg.attn_dim + 2 * model_cfg.value_dim)
@@ -125,7 +126,7 @@ def _check_occlusion(cfg: RunConfig) -> None:
 
 
 def _check_compile_backend(backend: str) -> None:
-    import torch._dynamo  # the compiler's registry: ~1 s to import, as the training start does anyway
+    import torch._dynamo  # the compiler's registry: a slow import, but the training start does it anyway
 
     known = set(torch._dynamo.list_backends(exclude_tags=())) | {"inductor"}
     if backend not in known:

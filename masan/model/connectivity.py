@@ -94,7 +94,7 @@ class PairScreen(FittedStatistics):
 
     FP32_BUFFERS = ("mean", "std")
 
-    def __init__(self, candidates: int, keep: int, num_classes: int, std_floor: float = 0.1, eps: float = 1e-6):
+    def __init__(self, candidates: int, keep: int, num_classes: int, std_floor: float, eps: float = 1e-6):
         if num_classes < 2:
             raise ValueError("the connectivity screening (model.connectivity_keep) needs at least 2 classes")
         super().__init__(num_classes)
@@ -150,7 +150,7 @@ class PairConnectivity(nn.Module):
         std_floor: as the region features' (``model.region_std_floor``).
     """
 
-    def __init__(self, grid: Sequence[int], cells: int, keep: int, num_classes: int, std_floor: float = 0.1):
+    def __init__(self, grid: Sequence[int], cells: int, keep: int, num_classes: int, std_floor: float):
         super().__init__()
         if cells < 1:
             raise ValueError(f"model.connectivity_cells={cells}: use 0 (off) or a positive number of cells")
@@ -166,18 +166,15 @@ class PairConnectivity(nn.Module):
     def num_cells(self) -> int:
         return num_regions(self.grid) * self.cells**3
 
-    def kept_cells(self) -> torch.Tensor:
-        """``(2, keep)`` int64: the two cells (indices of :func:`cell_time_courses`) of each kept pair."""
-        return torch.stack(pair_cells(self.screen.kept, self.num_cells))
-
     def forward(self, fmri: torch.Tensor) -> torch.Tensor:
         if fmri.shape[1] < 2:
             raise ValueError(f"connectivity needs at least 2 fMRI frames; got {fmri.shape[1]} "
                              "(model.fmri_frames, or set model.connectivity_cells=0)")
-        unit = unit_rows(cell_time_courses(fmri.float(), self.grid, self.cells))  # (B, N, T)
+        courses = cell_time_courses(fmri.float(), self.grid, self.cells)  # (B, N, T)
         if self.screen.collecting:
             n = self.num_cells
-            upper = torch.ones(n, n, dtype=torch.bool, device=unit.device).triu(1)
-            self.screen.accumulate(fisher_z(unit @ unit.transpose(1, 2))[:, upper])
+            upper = torch.ones(n, n, dtype=torch.bool, device=courses.device).triu(1)
+            self.screen.accumulate(fisher_z(correlations(courses))[:, upper])
+        unit = unit_rows(courses)
         i, j = pair_cells(self.screen.kept, self.num_cells)
         return self.screen(fisher_z((unit[:, i] * unit[:, j]).sum(-1)))

@@ -60,10 +60,10 @@ class FastPaths:
     @classmethod
     def for_device(cls, device_type: str) -> FastPaths:
         """The paths the model takes on ``device_type`` unless told otherwise: on CUDA every
-        fast path; on the CPU only the output conv's taps (1.2-1.7x faster than oneDNN's conv
-        there; the adaptive pooling kernels and oneDNN's 1x1 convs are the faster ones, and
-        the CPU benchmarks were measured with the unfolded stage); elsewhere (meta, mps) the
-        plain operators."""
+        fast path; on the CPU only the output conv's taps (faster than oneDNN's conv there; the
+        adaptive pooling kernels and oneDNN's 1x1 convs are the faster ones, and the unfolded
+        output stage keeps the CPU's results comparable with the CPU figures of
+        docs/performance.md); elsewhere (meta, mps) the plain operators."""
         if device_type == "cuda":
             return cls(outconv="taps", pointwise="bmm", fold=True, reshaped_pool=True, separable_mean=True)
         if device_type == "cpu":

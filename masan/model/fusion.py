@@ -1,7 +1,7 @@
 """T1-guided fusion of structural and functional region maps (eq. 6, Fig. 2) and its ablation.
 
 Both modalities arrive as region maps of one encoder level, ``(B, C, Gx*k, Gy*k, Gz*k)``
-(:func:`masan.model.regions.pool_patches` / :func:`~masan.model.regions.pool_volume`), so
+(:func:`masan.model.regions.pool_cells` per patch / :func:`~masan.model.regions.pool_volume`), so
 cell ``j`` is the same part of the brain in T1 and fMRI. Following eq. 6, both attentions are
 computed from the T1 features only ("T1-guided") and re-weight the fMRI features, which are
 then added to the T1 features::

@@ -158,13 +158,6 @@ def pool_cells(p: torch.Tensor, cells: int, modes: Sequence[str], paths: FastPat
     return _adaptive_pool(p, (cells,) * 3, modes, paths)
 
 
-def pool_patches(p: torch.Tensor, grid: Sequence[int], cells: int, modes: Sequence[str],
-                 paths: FastPaths | None = None) -> torch.Tensor:
-    """Pool each patch's feature map (:func:`pool_cells`) and lay the patches out as the grid:
-    ``(B*R, C, d, h, w)`` -> region map ``(B, M*C, Gx*k, Gy*k, Gz*k)``."""
-    return merge_patches(pool_cells(p, cells, modes, paths), grid)
-
-
 def pool_volume(v: torch.Tensor, grid: Sequence[int], cells: int, modes: Sequence[str],
                 paths: FastPaths | None = None) -> torch.Tensor:
     """Pool a whole-volume feature map onto the grid's cells: ``(B, C, D, H, W)`` ->

@@ -1,8 +1,9 @@
 """Cohort standardisation of region features, fitted on the training subjects.
 
 Registered MRI of different subjects share most of their anatomy, so each pooled region
-feature is mostly an offset every subject has (about 95 % of its magnitude on the phantom
-cohort) with the between-subject differences that carry the diagnosis small on top of it.
+feature is mostly an offset every subject has (nearly all of its magnitude on the phantom
+cohort: docs/architecture.md, "Model") with the between-subject differences that carry the
+diagnosis small on top of it.
 A classifier fed raw features sees a nearly constant input; a per-subject norm (LayerNorm)
 cannot remove a shared offset. :class:`FittedStandardize` subtracts the cohort mean of each
 feature and divides by its cohort standard deviation.
@@ -12,7 +13,7 @@ subject (:func:`masan.train.standardize.fit_standardizers`, after pretraining an
 refreshes) accumulates sums and sums of squares in fp64, all-reduced over the data-parallel
 ranks, so every rank holds the same statistics, they are frozen between fits, and a model
 behaves identically in training and evaluation. They live in fp32 buffers even when an engine
-casts the model to bf16 (a bf16 mean of a 95 % offset would leave only quantisation noise),
+casts the model to bf16 (a bf16 mean of so large an offset would leave only quantisation noise),
 and they are part of the checkpoint, so evaluation is reproducible from it alone on any number
 of ranks.
 
@@ -164,7 +165,7 @@ class FittedStandardize(FittedStatistics):
 
     FP32_BUFFERS = ("mean", "std", "keep_mask")
 
-    def __init__(self, shape: tuple[int, ...], std_floor: float = 0.1, eps: float = 1e-6, keep: int = 0,
+    def __init__(self, shape: tuple[int, ...], std_floor: float, eps: float = 1e-6, keep: int = 0,
                  num_classes: int = 1):
         if keep < 0:
             raise ValueError(f"model.screen_features={keep} must be >= 0 (0: no screening)")

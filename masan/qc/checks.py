@@ -219,10 +219,17 @@ def summarize_fmri(store: CohortStore, subject: str, carpet_voxels: int) -> Fmri
                        vmin, vmax, at_max, nonzero, crc)
 
 
+def foreground_level(volume: np.ndarray) -> float | None:
+    """The intensity above which a voxel is head: :data:`FOREGROUND` of the 99th percentile;
+    None for a volume without a positive one."""
+    top = float(np.percentile(volume, 99))
+    return FOREGROUND * top if top > 0 else None
+
+
 def foreground(volume: np.ndarray) -> np.ndarray:
-    """Boolean mask of the head: above :data:`FOREGROUND` of the 99th percentile."""
-    top = np.percentile(volume, 99)
-    return volume > FOREGROUND * top if top > 0 else np.zeros(volume.shape, bool)
+    """Boolean mask of the head (:func:`foreground_level`)."""
+    level = foreground_level(volume)
+    return volume > level if level is not None else np.zeros(volume.shape, bool)
 
 
 def fov_overlap(fmri_mean: np.ndarray, fmri_affine: np.ndarray, t1_shape: tuple[int, ...],

@@ -20,7 +20,7 @@ from matplotlib.figure import Figure
 from scipy import ndimage
 
 from masan.convert import registration
-from masan.qc.checks import FOREGROUND, FmriSummary, foreground
+from masan.qc.checks import FmriSummary, foreground, foreground_level
 
 Rect = tuple[float, float, float, float]
 WORLD_AXES = {"x": ("y", "z"), "y": ("x", "z"), "z": ("x", "y")}
@@ -134,9 +134,9 @@ def t1_views_figure(t1: np.ndarray, t1_affine: np.ndarray, fmri_mean: np.ndarray
     display = ortho(fig, (0, 0, 1, 0.92), t1, t1_affine)
     if fmri_mean is not None:
         field_of_view(display, fmri_mean.shape, fmri_affine, colors="yellow", linewidths=0.8, linestyles="--")
-        top = float(np.percentile(fmri_mean, 99))
-        if top > 0:
-            contour(display, fmri_mean, fmri_affine, FOREGROUND * top, colors="red", linewidths=0.8)
+        level = foreground_level(fmri_mean)  # the outline of the mask the QC checks measure
+        if level is not None:
+            contour(display, fmri_mean, fmri_affine, level, colors="red", linewidths=0.8)
     orientation_markers(display)
     _title(fig, "T1 in world space (RAS mm, neurological: L on the left) with the fMRI mean outline (red) and the "
                 "fMRI field of view (dashed yellow)")

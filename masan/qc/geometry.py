@@ -4,8 +4,8 @@ A cohort's images are meant to share one voxel size (mm), one fMRI sampling inte
 and one voxel-axis orientation; a subject that differs is flagged with both values and the fix:
 
 - ``voxel_size``: the stored affine's voxel size differs from the cohort's most common one by
-  more than :data:`TOLERANCE` on some axis (the model's patches then cover other anatomy);
-- ``tr``: the fMRI TR differs from the cohort's most common one by more than :data:`TOLERANCE`,
+  more than :data:`SAME_VALUE_RTOL` on some axis (the model's patches then cover other anatomy);
+- ``tr``: the fMRI TR differs from the cohort's most common one by more than :data:`SAME_VALUE_RTOL`,
   or the run has none (neither the image's ``tr_seconds`` nor its header's);
 - ``mirrored``: the stored voxel axes have the other handedness than the cohort majority's (sign
   of det(affine[:3, :3]): LAS among RAS): each header may be right, but the voxel arrays are
@@ -23,11 +23,9 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
+from masan.convert.nifti import SAME_VALUE_RTOL
 from masan.qc.checks import Flag
 
-TOLERANCE = 0.01
-"""Relative difference (per voxel axis, or of the TR) that still counts as the same value:
-headers round voxel sizes and TRs differently (1 vs 0.9999 mm)."""
 CANONICAL_FIX = ("reconvert the cohort with data_tools/to_zarr.py --canonical, which stores every image's voxel "
                  "axes as RAS")
 HANDEDNESS = {1: "right-handed", -1: "left-handed"}
@@ -70,9 +68,9 @@ def majority(values: dict[str, object]) -> Majority | None:
 
 
 def _differs(a, b) -> bool:
-    """More than :data:`TOLERANCE` relative difference (per element of tuples)."""
+    """More than :data:`SAME_VALUE_RTOL` relative difference (per element of tuples)."""
     pairs = zip(a, b) if isinstance(a, tuple) else [(a, b)]
-    return any(abs(x - y) > TOLERANCE * max(abs(y), 1e-9) for x, y in pairs)
+    return any(abs(x - y) > SAME_VALUE_RTOL * max(abs(y), 1e-9) for x, y in pairs)
 
 
 def _properties(facts: dict[str, dict[str, dict]]) -> dict[tuple[str, str], dict[str, object]]:

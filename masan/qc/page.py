@@ -15,8 +15,8 @@ from collections import Counter
 from typing import TYPE_CHECKING
 
 from masan.convert import registration
+from masan.convert.nifti import SAME_VALUE_RTOL
 from masan.qc.checks import SubjectQC
-from masan.qc.geometry import TOLERANCE
 from masan.store.cohort import CohortStore
 
 if TYPE_CHECKING:
@@ -71,7 +71,7 @@ def cohort_html(store: CohortStore, results: list[SubjectQC], opts: QCOptions, m
         parts.append(f"<p>{m} stored shapes: " + ", ".join(f"<code>{list(s)}</code> x{n}" for s, n in
                                                              shapes.most_common()) + "</p>")
     parts.append("<h3 id='geometry'>Geometry</h3><p>the most common voxel size, TR and voxel axes per modality; "
-                 f"a subject off by more than {100 * TOLERANCE:g}% or stored mirrored is flagged</p>"
+                 f"a subject off by more than {100 * SAME_VALUE_RTOL:g}% or stored mirrored is flagged</p>"
                  + _table(["modality", "property", "most common", "others"], geometry))
     report = store.report()
     failed = report.get("failed", [])

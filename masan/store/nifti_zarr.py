@@ -34,7 +34,6 @@ import numpy as np
 import zarr
 
 OME_VERSION = "0.5"
-LEVEL0 = "0"
 HEADER = "nifti"
 ATTRS = "masan"
 """Group attribute holding our facts (nifti, affine, transform, stats, checksum, levels)."""

@@ -65,6 +65,9 @@ ORPHAN_WAIT_S = 10.0
 """How long a new run waits for workers of a killed run to notice and exit (they poll each 0.5 s)."""
 _PR_SET_PDEATHSIG = 1
 _WATCHDOG_S = 0.5
+ORPHAN_EXIT = 70
+"""A worker's exit status when its converter is gone (EX_SOFTWARE): it stops before publishing,
+which would race whoever holds the store's lock next."""
 
 
 class LockError(ValueError):
@@ -199,10 +202,10 @@ def _die_with_parent(parent: int) -> None:
     def watch() -> None:
         while os.getppid() == parent:
             time.sleep(_WATCHDOG_S)
-        os._exit(70)  # the converter is gone: publishing now would race whoever holds the lock next
+        os._exit(ORPHAN_EXIT)
 
     if os.getppid() != parent:
-        os._exit(70)
+        os._exit(ORPHAN_EXIT)
     threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
 
 
@@ -254,7 +257,7 @@ def publish_version(root: Path, subject: str, staging: Path, version: str) -> st
     A new subject's folder gets its group file at once (``current`` None until the table
     lists it), so a tree walk never meets a subject folder that is not a Zarr group."""
     if not parent_alive():
-        os._exit(70)
+        os._exit(ORPHAN_EXIT)
     key = version_group(subject, version)
     folder = root / SUBJECTS / subject
     folder.mkdir(parents=True, exist_ok=True)

@@ -90,7 +90,8 @@ FMRI_EFFECTS = ("amplitude", "connectivity")
 DEFAULT_STRENGTH = (0.6, 0.7)
 """(T1, fMRI) effect at severity 1. Chosen so that at the default size (16 per class, T1
 48x56x48, fMRI 12x14x12 x 16) a logistic regression on the planted features separates NC
-from AD (>0.9) while the 4 classes overlap (about 0.65): see docs/validation-cohort.md."""
+from AD nearly perfectly while the 4 classes overlap: the oracle accuracies are in
+docs/validation-cohort.md, "Measured"."""
 DEFAULT_STAGES = {"t1": (0.0, 1.0), "fmri": (0.0, 1.0)}
 """Per modality, the window ``(start, end)`` of disease severity over which its effect grows
 from 0 to full (:func:`stage`). ``(0, 1)`` for both: one severity drives both modalities

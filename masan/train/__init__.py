@@ -8,23 +8,4 @@ below, which the data cache uses too): :mod:`~masan.train.engine` (derived DeepS
 :mod:`~masan.train.logging` (TensorBoard on rank 0), :mod:`~masan.train.loop` (the loop),
 :mod:`~masan.train.run` (``run_training``), :mod:`~masan.train.runlock` (one writer per run
 directory), :mod:`~masan.train.stop` (stop requests).
-
-``run_training`` and ``TrainOutcome`` are imported lazily, so ``masan.train.stop`` stays
-cheap to import for launchers.
 """
-
-from __future__ import annotations
-
-__all__ = ["run_training", "TrainOutcome", "StopRequest"]
-
-
-def __getattr__(name: str):
-    if name in ("run_training", "TrainOutcome"):
-        from masan.train import run
-
-        return getattr(run, name)
-    if name == "StopRequest":
-        from masan.train.stop import StopRequest
-
-        return StopRequest
-    raise AttributeError(f"module 'masan.train' has no attribute {name!r}")

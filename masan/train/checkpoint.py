@@ -344,8 +344,9 @@ class CheckpointManager:
 
         Returns None when there is none (a fresh start). Raises ResumeError when the newest
         intact checkpoint belongs to an incompatible config. A different data-parallel world
-        size loads the weights only (ZeRO's partitioned Adam state cannot be re-sharded,
-        DeepSpeed #3810) and restarts Adam's moments; the training position is kept.
+        size loads the weights only (ZeRO's partitioned Adam state cannot be re-sharded: the
+        upstream issue is :data:`ISSUE_ZERO_RESHAPE`) and restarts Adam's moments; the training
+        position is kept.
         """
         skip: set[str] = set()
         while True:

@@ -152,9 +152,10 @@ def build_engine(model: torch.nn.Module, cfg: RunConfig, world_size: int, schedu
 
     if os.environ.get("MASAN_DS_SHM_COMM", "0") != "1":
         # On the CPU accelerator DeepSpeed JIT-compiles a shared-memory all-reduce op with g++
-        # in every fresh environment (about 70 s on 2 cores, and rebuilt whenever two
-        # environments share ~/.cache/torch_extensions). Training all-reduces through the gloo
-        # group just as well; MASAN_DS_SHM_COMM=1 brings the op back. No effect on CUDA.
+        # in every fresh environment (slow: docs/performance.md, "Sizes and costs behind the
+        # code"; and rebuilt whenever two environments share ~/.cache/torch_extensions). Training
+        # all-reduces through the gloo group just as well; MASAN_DS_SHM_COMM=1 brings the op
+        # back. No effect on CUDA.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
     # DeepSpeed's ZeRO all-gathers through a torch call that newer torch marks deprecated; every

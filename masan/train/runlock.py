@@ -59,7 +59,6 @@ from masan.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
-LOCK_NAME = RunDir.LOCK_NAME
 LAUNCHER_PID_ENV = "MASAN_LAUNCHER_PID"
 """Set by launch/train_local.py for its ranks: the pid they die with, recorded in the lock."""
 SLURM_WAIT_S = 180.0

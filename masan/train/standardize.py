@@ -9,8 +9,6 @@ the same statistics. They then stay frozen until the next fit and travel in the 
 
 from __future__ import annotations
 
-import logging
-
 import torch
 import torch.distributed as dist
 from torch.utils.data import Dataset
@@ -20,8 +18,6 @@ from masan.config import DataConfig
 from masan.data.workers import data_loader
 from masan.model.autoencoder import encoders_only
 from masan.model.standardize import standardizers
-
-log = logging.getLogger(__name__)
 
 
 def _all_reduce(tensors: list[torch.Tensor]) -> None:
