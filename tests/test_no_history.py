@@ -15,6 +15,8 @@ import re
 import tokenize
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 SCANNED = ("masan", "launch", "data_tools", "bench", "experiments")
 
@@ -92,32 +94,32 @@ def measured_lines(text: str) -> list[tuple[int, str]]:
     return sorted(hits)
 
 
-def test_no_history_in_code():
+def _not_allowed(tops, finder) -> list[str]:
+    """``path:line: finding`` of every line ``finder(source)`` reports in the .py files under
+    ``tops`` that ALLOWED does not list (``finder`` yields (line number, *what, line text))."""
     found = []
-    for top in SCANNED:
+    for top in tops:
         for path in sorted((ROOT / top).rglob("*.py")):
             rel = path.relative_to(ROOT).as_posix()
-            for n, kind, line in history_lines(path.read_text(encoding="utf-8")):
+            for n, *what, line in finder(path.read_text(encoding="utf-8")):
                 if (rel, line) not in ALLOWED:
-                    found.append(f"{rel}:{n}: {kind}: {line}")
-    assert not found, (
-        "history in code (say why in words; put figures, machines, dates, sessions and issue numbers in "
-        "docs/ under a dated heading and point there, e.g. (docs/performance.md, \"Where the step went\"); "
-        "a line that is genuinely not history goes into ALLOWED with its reason):\n" + "\n".join(found))
+                    found.append(": ".join([f"{rel}:{n}", *what, line]))
+    return found
 
 
-def test_no_measured_figures_in_comments_and_docstrings():
-    found = []
-    for top in PROSE_SCANNED:
-        for path in sorted((ROOT / top).rglob("*.py")):
-            rel = path.relative_to(ROOT).as_posix()
-            for n, line in measured_lines(path.read_text(encoding="utf-8")):
-                if (rel, line) not in ALLOWED:
-                    found.append(f"{rel}:{n}: {line}")
-    assert not found, (
-        "a measured size, time or speed-up in a comment or docstring (say why in words and point to "
-        "docs/performance.md or docs/architecture.md, which hold the figure; a size derived from shapes "
-        "can be said as its formula):\n" + "\n".join(found))
+@pytest.mark.parametrize("tops, finder, rule", [
+    (SCANNED, history_lines,
+     "history in code (say why in words; put figures, machines, dates, sessions and issue numbers in docs/ under a "
+     "dated heading and point there, e.g. (docs/performance.md, \"Where the step went\"); a line that is genuinely "
+     "not history goes into ALLOWED with its reason)"),
+    (PROSE_SCANNED, measured_lines,
+     "a measured size, time or speed-up in a comment or docstring (say why in words and point to "
+     "docs/performance.md or docs/architecture.md, which hold the figure; a size derived from shapes can be said "
+     "as its formula)"),
+], ids=["history", "measured figures in prose"])
+def test_no_history_in_code(tops, finder, rule):
+    found = _not_allowed(tops, finder)
+    assert not found, f"{rule}:\n" + "\n".join(found)
 
 
 def test_allowed_lines_still_exist():
