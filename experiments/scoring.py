@@ -70,9 +70,11 @@ def cell(values: list, digits: int = 2) -> str:
 
 def signed(values: list[float], digits: int = 2) -> str:
     """A difference's cell: "+mean ± std" (sample std), one value alone with its sign."""
+    mean = statistics.mean(values)
+    mean = 0.0 if abs(mean) < 0.5 * 10**-digits else mean  # no "-0.00"
     if len(values) == 1:
-        return f"{values[0]:+.{digits}f}"
-    return f"{statistics.mean(values):+.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+        return f"{mean:+.{digits}f}"
+    return f"{mean:+.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
 def run_line(name: str, repeat: int, r: dict) -> str:

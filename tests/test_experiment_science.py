@@ -326,6 +326,7 @@ def test_rows_are_compared_with_masan_split_by_split():
     assert lines["hfcn"] == "| hfcn | 1 | -0.10 (0/0/1) | -0.10 (0/0/1) | +0.02 (1/0/0) |"  # only the splits both ran
     assert lines["t1_only"] == "| t1_only | 0 | - | - | - |"  # a failed run compares with nothing
     assert "masan" not in lines and "masan (first 1)" not in lines
+    assert scoring.signed([0.1, -0.1001]) == "+0.00 ± 0.14"  # a mean that rounds to zero has no sign of its own
 
 
 @pytest.mark.slow
