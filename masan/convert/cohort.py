@@ -322,6 +322,7 @@ def convert_cohort(sources: list[SubjectSource], out: str | Path, options: Conve
             report.aborted = f"{type(e).__name__}: {e}"
             if isinstance(e, Interrupted):
                 report.aborted, e.report = str(e), report
+            publish.settle_io()
             with contextlib.suppress(Exception):  # the store's own record of it; the error itself goes on
                 root.update_attributes({LAST_CONVERSION: _last_conversion(report, finished=False)})
             raise

@@ -21,11 +21,13 @@
   kill -9) fails only the subject it held, the pool is rebuilt and the others go on.
 - :func:`stop_signals`: SIGINT and SIGTERM stop a conversion as an :class:`Interrupted`
   exception in the converting process, which stops its workers (they ignore both signals) and
-  writes its report; what was published stays, and a rerun resumes.
+  writes its report; what was published stays, and a rerun resumes. :func:`settle_io` first
+  lets the zarr writes the signal cut short end.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import fcntl
@@ -37,6 +39,7 @@ import secrets
 import shutil
 import signal
 import stat
+import sys
 import threading
 import time
 from collections import deque
@@ -167,7 +170,8 @@ def stop_signals() -> Iterator[None]:
     """While inside, SIGINT and SIGTERM raise :class:`Interrupted` in the main thread, so a
     conversion stops as on an error: workers killed, report written, what was published kept.
     The first signal gives both back their default action, so a second one ends the process at
-    once (as safe for the store as kill -9). Python sets handlers only in the main thread:
+    once (as safe for the store as kill -9). Whatever ends the block first lets zarr's writes
+    and reads in flight end (:func:`settle_io`). Python sets handlers only in the main thread:
     elsewhere nothing changes."""
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -181,9 +185,36 @@ def stop_signals() -> Iterator[None]:
     before = {sig: signal.signal(sig, stop) for sig in STOP_SIGNALS}
     try:
         yield
+    except BaseException:
+        settle_io()
+        raise
     finally:
         for sig, handler in before.items():
             signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+
+
+SETTLE_S = 10.0
+"""How long a stopped tool waits for the zarr reads and writes a signal cut short to end."""
+
+
+def settle_io(timeout_s: float = SETTLE_S) -> None:
+    """Wait (at most ``timeout_s``) for zarr's background I/O to end. A signal that stops the
+    main thread inside a zarr call stops only the waiting: the writes go on in zarr's event-loop
+    thread, into staging that the next run removes. Waiting for them lets the store's own record
+    of the stop be written after them, and lets the interpreter exit without zarr reporting every
+    task it cut short."""
+    zarr_sync = sys.modules.get("zarr.core.sync")  # zarr's I/O loop is module state there, made on first use
+    loop = getattr(zarr_sync, "loop", [None])[0]
+    if loop is None or loop.is_closed() or not loop.is_running():
+        return
+
+    async def drain() -> None:
+        others = asyncio.all_tasks() - {asyncio.current_task()}
+        if others:
+            await asyncio.wait(others, timeout=timeout_s)
+
+    with contextlib.suppress(Exception):  # a loop that stopped meanwhile has nothing left to wait for
+        asyncio.run_coroutine_threadsafe(drain(), loop).result(timeout_s + 1)
 
 
 # ====================================================================== workers
