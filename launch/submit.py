@@ -47,32 +47,23 @@ the run in progress as Ctrl-C does (a checkpoint, then exit 128 + the signal).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
-import re
 import shutil
-import signal
-import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
+from launch.local_runs import run_locally
 from launch.slurm import jobs
-from launch.slurm.plan import DEFAULT_RUN_DIR, Resources, RunSpec, base_run_dir, parse_time_min, plan_runs, slurm_time
+from launch.slurm.partition import check_partition
+from launch.slurm.plan import DEFAULT_RUN_DIR, Resources, RunSpec, base_run_dir, plan_runs, slurm_time, time_text
 from launch.slurm.submission import SubmitError, failure_logs, log_path, submit_slurm
 from masan.access import creation_umask, restrictive_mode
 from masan.argtypes import number
-from masan.config import ConfigError, add_override_arguments, save_config
+from masan.config import ConfigError, add_override_arguments
 from masan.rundir import RunDir
-from masan.train.runlock import LAUNCHER_PID_ENV, RunLock, RunLockedError
-from masan.train.stop import EXIT_INTERRUPTED
 
-TRAIN_LOCAL = Path(__file__).resolve().parent / "train_local.py"
-EXIT_REFUSED = jobs.EXIT_REFUSED
-EXIT_FAILED = 1
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
-"""Signals that stop a local run as Ctrl-C does (SIGHUP: the terminal was closed)."""
+EXIT_REFUSED, EXIT_FAILED = jobs.EXIT_REFUSED, jobs.EXIT_FAILED
 UNKNOWN_GRACE_POLLS = 3  # polls a job may be unknown to squeue/scontrol/sacct before it counts as gone
 
 
@@ -99,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--cpus-per-task", type=number(int, 1), default=None, help="CPU cores per rank (data workers + 1)")
     r.add_argument("--mem", default=None, help="memory per node, SLURM syntax (e.g. 64G)")
     r.add_argument("--time", dest="time_min", type=slurm_time, default=base.time_min,
-                   help=f"time limit per job, SLURM syntax (default: {_duration(base.time_min)})")
+                   help=f"time limit per job, SLURM syntax (default: {time_text(base.time_min)})")
     r.add_argument("--partition")
     r.add_argument("--account")
     r.add_argument("--qos")
@@ -126,124 +117,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-# --------------------------------------------------------------------------- the partition
-
-
-SINFO_FORMAT = "%P|%D|%G|%l|%s|%T"
-"""One sinfo line per group of a partition's nodes alike in GRES and state: partition (``*``:
-the default), node count, GRES, time limit, job size limit in nodes, state."""
-UP_STATES = frozenset({"idle", "mixed", "allocated", "completing", "reserved", "planned", "blocked"})
-"""Node states that can take a job now (or once the jobs on them end); the others (down,
-drained, future, ...) may come back."""
-
-
-@dataclass(frozen=True)
-class NodeGroup:
-    """One sinfo line (:data:`SINFO_FORMAT`)."""
-
-    partition: str
-    default: bool
-    nodes: int
-    gpus: int
-    """GPUs per node (GRES ``gpu:N`` or ``gpu:type:N``)."""
-    time_limit_min: int | None
-    """None: no limit."""
-    max_job_nodes: int | None
-    """The largest job in nodes the partition accepts; None: no limit."""
-    up: bool
-
-
-def _limit(text: str, parse) -> int | None:
-    text = text.strip().lower()
-    return None if text in ("infinite", "unlimited", "n/a", "") else parse(text)
-
-
-def parse_sinfo(text: str) -> list[NodeGroup]:
-    """``sinfo -h -o SINFO_FORMAT`` output -> node groups (unparsable lines are left out)."""
-    groups = []
-    for line in text.splitlines():
-        fields = line.split("|")
-        if len(fields) != 6 or not fields[1].strip().isdigit():
-            continue
-        part, count, gres, time_limit, size, state = (f.strip() for f in fields)
-        try:
-            limit_min = _limit(time_limit, parse_time_min)
-            max_nodes = _limit(size.rpartition("-")[2], int)
-        except ValueError:
-            continue
-        groups.append(NodeGroup(part.rstrip("*"), part.endswith("*"), int(count), jobs.gres_gpus(gres), limit_min,
-                                max_nodes, re.split(r"[^a-z_]", state.lower())[0] in UP_STATES))
-    return groups
-
-
-def _duration(minutes: int) -> str:
-    """Minutes in --time's D-HH:MM:SS form."""
-    days, rest = divmod(minutes, 1440)
-    return f"{days}-{rest // 60:02d}:{rest % 60:02d}:00" if days else f"{rest // 60}:{rest % 60:02d}:00"
-
-
-def partition_fit(groups: list[NodeGroup], res: Resources) -> tuple[list[str], list[str]]:
-    """(why a job of ``res`` can never start on the partition(s) it asks for, each with the fix;
-    warnings for one that waits until nodes come back). SLURM accepts such a job unless the
-    cluster enforces partition limits at submission, and it then stays PENDING forever.
-
-    --partition may list several (``a,b``): the job fits when one of them fits. Without it the
-    default partition is checked; with none known, nothing is. --constraint and --exclude are
-    left to SLURM (it refuses what no node matches at submission).
-    """
-    names = res.partition.split(",") if res.partition else sorted({g.partition for g in groups if g.default})
-    known = sorted({g.partition for g in groups})
-    problems: list[str] = []
-    for name in names:
-        mine = [g for g in groups if g.partition == name]
-        if not mine:
-            problems.append(f"partition {name!r} does not exist (sinfo lists {', '.join(known) or 'none'}); "
-                            f"use --partition with one of those")
-            continue
-        why, waits = _fit(name, mine, res)
-        if not why:
-            return [], waits
-        problems += why
-    return problems, []
-
-
-def _fit(name: str, groups: list[NodeGroup], res: Resources) -> tuple[list[str], list[str]]:
-    """:func:`partition_fit` of one partition."""
-    why = []
-    limit = max((g.time_limit_min for g in groups), key=lambda t: float("inf") if t is None else t)
-    if limit is not None and res.time_min > limit:
-        why.append(f"--time {_duration(res.time_min)} is above partition {name}'s time limit "
-                   f"{_duration(limit)}; use --time {_duration(limit)} or less")
-    max_nodes = groups[0].max_job_nodes
-    if max_nodes is not None and res.nodes > max_nodes:
-        why.append(f"--nodes {res.nodes} is above partition {name}'s limit of {max_nodes} node(s) per job; "
-                   f"use --nodes {max_nodes} or less")
-    most_gpus = max(g.gpus for g in groups)
-    fitting = [g for g in groups if g.gpus >= res.gpus_per_node]
-    total, up = sum(g.nodes for g in fitting), sum(g.nodes for g in fitting if g.up)
-    gpus = f" with {res.gpus_per_node} GPU(s) each" if res.gpus_per_node else ""
-    if res.gpus_per_node > most_gpus:
-        why.append(f"--gpus-per-node {res.gpus_per_node}: partition {name}'s nodes have at most {most_gpus} "
-                   f"GPU(s); use --gpus-per-node {most_gpus} or less (one rank per GPU) and more --nodes")
-    elif res.nodes > total:
-        why.append(f"--nodes {res.nodes}: partition {name} has {total} node(s){gpus} in all; use --nodes "
-                   f"{total} or less")
-    if why:
-        return why, []
-    if res.nodes > up:
-        return [], [f"partition {name} has {total} node(s){gpus} but only {up} can take jobs now (the others "
-                    f"are down, drained or not yet there: sinfo -p {name}); the job waits until {res.nodes} can"]
-    return [], []
-
-
-def check_partition(res: Resources) -> tuple[list[str], list[str]]:
-    """:func:`partition_fit` on this cluster's sinfo; nothing to say when sinfo does not answer."""
-    out = jobs.query(["sinfo", "-h", "-a", "-o", SINFO_FORMAT])
-    if out is None or out.returncode != 0:
-        return [], []
-    return partition_fit(parse_sinfo(out.stdout), res)
-
-
 # --------------------------------------------------------------------------- SLURM
 
 
@@ -267,7 +140,7 @@ def watch(pending: dict[str, RunSpec], res: Resources, folder: Path, args) -> in
                 unknown[jid] += 1  # a slow or restarting controller: ask again before concluding
                 continue
             del pending[jid]
-            if finished(spec):
+            if spec.done() is not None:
                 print(f"  run finished: {spec.run_dir}", flush=True)
                 continue
             key = str(spec.run_dir)
@@ -296,162 +169,6 @@ def watch(pending: dict[str, RunSpec], res: Resources, folder: Path, args) -> in
                   f"see {logs}; submit again to resume)", flush=True)
             failed.append(key)
     return EXIT_REFUSED if refused and not failed else EXIT_FAILED if failed else 0
-
-
-# --------------------------------------------------------------------------- local
-
-
-def run_locally(specs: list[RunSpec], res: Resources, max_restarts: int) -> int:
-    """Train the runs one after the other with launch/train_local.py (nodes x gpus ranks each).
-
-    SIGTERM or SIGHUP to this command stops the run in progress as Ctrl-C does (its ranks save a
-    checkpoint and stop), starts no other run and exits 128 + the signal (:class:`LocalStop`).
-    """
-    with LocalStop() as stop:
-        return _run_locally(specs, res, max_restarts, stop)
-
-
-def _run_locally(specs: list[RunSpec], res: Resources, max_restarts: int, stop: LocalStop) -> int:
-    failed, refused, stopped, diverged = [], [], [], []
-    code = 0
-    for spec in specs:
-        if stop.signum is not None:
-            break  # asked to stop: the runs not begun stay as they are, the same command starts them
-        busy = _lock_holder(spec.run_dir)
-        if busy is not None:  # refused before anything is written into that run's folder
-            print(f"refused: {busy}", file=sys.stderr, flush=True)
-            refused.append(spec.run_dir)
-            continue
-        cfg_file = save_config(spec.cfg, RunDir(spec.run_dir).submitted_config)
-        cmd = [sys.executable, str(TRAIN_LOCAL), "--config", str(cfg_file), "--nproc", str(res.world_size)]
-        previous = None
-        for attempt in range(max_restarts + 1):
-            print(f"local run {spec.run_dir}: {res.world_size} rank(s)"
-                  f"{f', restart {attempt}' if attempt else ''}", flush=True)
-            proc = stop.start(cmd)
-            jobs.record_job(spec.run_dir, str(proc.pid), "local", "(this terminal)", world_size=res.world_size)
-            if previous is not None:
-                jobs.record_restart(spec.run_dir, str(proc.pid), after=str(previous.pid), restart=attempt,
-                                    code=previous.returncode)
-            code = _wait_child(proc)
-            jobs.record_event(spec.run_dir, str(proc.pid), jobs.EXITED, code=code)
-            if code in (0, EXIT_REFUSED, jobs.EXIT_DIVERGED, EXIT_INTERRUPTED) or stop.signum is not None \
-                    or finished(spec):
-                break  # finished, stopped on request (STOP, Ctrl-C, a signal), or an end a restart cannot cure
-            print(f"  local run {jobs.exit_text(code)}", flush=True)
-            previous = proc
-        if code == EXIT_REFUSED:
-            refused.append(spec.run_dir)
-        elif code == jobs.EXIT_DIVERGED:
-            diverged.append(spec.run_dir)
-        elif code in (0, EXIT_INTERRUPTED) and not finished(spec):
-            stopped.append(spec.run_dir)
-            if code == EXIT_INTERRUPTED:
-                break  # a second Ctrl-C: the user wants the terminal back, not the next run
-        elif not finished(spec):
-            failed.append(spec.run_dir)
-    for d in refused:
-        _say(f"run REFUSED: {d} (see the error above; fix it and run again)")
-    for d in stopped:
-        _say(f"run STOPPED: {d} (on request; run the same command again to resume from its last checkpoint)")
-    for d in failed:
-        _say(f"run NOT finished: {d} (run the same command again to resume)")
-    for d in diverged:
-        _say(f"run DIVERGED: {d} (see the error above; resumed, it would diverge again)")
-    if stop.signum is not None:
-        return 128 + stop.signum  # what a shell reports for a command that a signal ended
-    if failed or diverged:
-        return EXIT_FAILED
-    return EXIT_REFUSED if refused else EXIT_INTERRUPTED if code == EXIT_INTERRUPTED else 0
-
-
-def finished(spec: RunSpec) -> bool:
-    """The run wrote DONE for this config's epoch target (a stale DONE of a shorter target does
-    not count: the same check run_training makes before training)."""
-    return RunDir(spec.run_dir).finished(spec.cfg) is not None
-
-
-def _lock_holder(run_dir: Path) -> str | None:
-    """Why another run holds ``run_dir`` (its ``run.lock``: a launch/train_local.py started by
-    hand has no jobs.json entry), or None. Locks and unlocks at once, creating and writing
-    nothing: the run's own start takes the lock again."""
-    lock = RunLock(run_dir)
-    try:
-        lock.take_existing()
-    except RunLockedError as e:
-        return str(e)
-    finally:
-        lock.release()
-    return None
-
-
-def _say(text: str) -> None:
-    """A line on stdout that a closed terminal (SIGHUP) cannot turn into a traceback."""
-    with contextlib.suppress(OSError):
-        print(text, flush=True)
-
-
-class LocalStop:
-    """:data:`STOP_SIGNALS` to this command while it runs local children.
-
-    A child is stopped with SIGTERM, which its ranks take as a stop request (checkpoint, then
-    exit 0). It runs with :data:`masan.train.runlock.LAUNCHER_PID_ENV` set to this process, so
-    it dies with it (kill -9 included) instead of training on with nobody to stop it, and with
-    SIGHUP ignored: a closed terminal signals the whole process group, and SIGHUP's default
-    action would kill the child without a checkpoint before the SIGTERM from here reaches it.
-    It stays in this process group so that a Ctrl-C in the terminal reaches it once, directly.
-    """
-
-    def __init__(self):
-        self.signum: int | None = None
-        self.child: subprocess.Popen | None = None
-        self._before: dict[int, object] = {}
-
-    def __enter__(self) -> "LocalStop":
-        for sig in STOP_SIGNALS:
-            self._before[sig] = signal.signal(sig, self._on_signal)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._before.items():  # main() may run inside a longer-lived program
-            signal.signal(sig, handler)
-
-    def start(self, cmd: list[str]) -> subprocess.Popen:
-        """Start ``cmd`` as the child that a stop signal reaches."""
-        env = dict(os.environ, **{LAUNCHER_PID_ENV: str(os.getpid())})
-        # preexec_fn is unsafe only beside other threads, and this command starts none
-        self.child = subprocess.Popen(cmd, env=env, preexec_fn=_ignore_hangup)
-        if self.signum is not None:  # the signal came while it was being started
-            self.child.send_signal(signal.SIGTERM)
-        return self.child
-
-    def _on_signal(self, signum, frame) -> None:  # noqa: ARG002 - signal handler signature
-        first = self.signum is None
-        if first:
-            self.signum = signum
-        if self.child is None or self.child.poll() is not None:
-            return
-        self.child.send_signal(signal.SIGTERM)
-        if first:
-            # a raw write: the handler may have interrupted a print, and a closed terminal raises
-            with contextlib.suppress(OSError):
-                os.write(2, f"\n{signal.Signals(signum).name}: the ranks save a checkpoint at the end of this "
-                            f"step, then stop; this command then exits {128 + signum}\n".encode())
-
-
-def _ignore_hangup() -> None:
-    """In the child, before it executes: SIGHUP ignored (an ignored signal stays ignored across exec)."""
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
-
-
-def _wait_child(proc: subprocess.Popen) -> int:
-    """Wait for a local run; Ctrl-C reaches it too (it saves and stops), so keep waiting.
-    (SIGTERM and SIGHUP are forwarded by :class:`LocalStop`'s handler while this waits.)"""
-    while True:
-        try:
-            return proc.wait()
-        except KeyboardInterrupt:
-            _say("interrupted: waiting for the ranks to save a checkpoint and stop ...")
 
 
 # --------------------------------------------------------------------------- main
@@ -531,7 +248,7 @@ def _select(specs: list[RunSpec]) -> list[RunSpec] | None:
         return None
     todo = []
     for s in specs:
-        done = RunDir(s.run_dir).finished(s.cfg)
+        done = s.done()
         if done is not None:
             print(f"already finished (DONE at step {done['step']}): {s.run_dir}; nothing to do for it")
         else:

@@ -27,8 +27,8 @@ from pathlib import Path
 
 import pytest
 
-from launch import run_status, status, submit
-from launch.slurm import jobs, queue
+from launch import run_status, status
+from launch.slurm import jobs, partition, queue
 from launch.slurm.plan import Resources
 
 REPO = Path(__file__).resolve().parents[1]
@@ -495,7 +495,7 @@ big|4|gpu:8,shard:2|4:00:00|infinite|drained
 
 
 def test_partition_check_refuses_what_can_never_start_and_warns_what_waits():
-    groups = submit.parse_sinfo(SINFO + "a line sinfo would not write\n")
+    groups = partition.parse_sinfo(SINFO + "a line sinfo would not write\n")
     assert [(g.partition, g.default, g.nodes, g.gpus, g.time_limit_min, g.max_job_nodes, g.up) for g in groups] == [
         ("debug", True, 2, 0, None, None, True), ("gpu", False, 3, 4, 1440, 2, True),
         ("gpu", False, 1, 4, 1440, 2, False), ("big", False, 4, 8, 240, None, False)]
@@ -504,7 +504,7 @@ def test_partition_check_refuses_what_can_never_start_and_warns_what_waits():
     assert [jobs.gres_gpus(g) for g in ("gpu:h100:8(S:0,1)", "shard:2,gpu:4", "(null)", "gpu:a100")] == [8, 4, 0, 0]
 
     def fit(**given):
-        return submit.partition_fit(groups, Resources(**{"time_min": 60, **given}))
+        return partition.partition_fit(groups, Resources(**{"time_min": 60, **given}))
 
     assert fit(nodes=2) == ([], [])  # the default partition
     assert fit(nodes=4) == (["--nodes 4: partition debug has 2 node(s) in all; use --nodes 2 or less"], [])

@@ -50,6 +50,8 @@ LOCAL_RUNNING, LOCAL_ENDED = "RUNNING (local)", "ended (local)"
 EXITED = "exited"
 """jobs.json event of a local run that ended, with its exit status ``code`` (negative: killed by
 that signal); launch/status.py reads it back, as SLURM's state says how a SLURM job ended."""
+EXIT_FAILED = 1
+"""Exit status of the submitting command when a run did not finish (it may be resumed)."""
 EXIT_REFUSED = 2
 """Exit status of bad input (arguments, config, a refused resume), never restarted: the
 submitting command's, and a training task's whose run refused to start."""

@@ -37,6 +37,11 @@ class RunSpec:
     repeat: int
     cfg: RunConfig
 
+    def done(self) -> dict | None:
+        """The run's DONE record for this config's epoch target, or None (a stale DONE of a
+        shorter target does not count: the same check run_training makes before training)."""
+        return RunDir(self.run_dir).finished(self.cfg)
+
 
 SUBMITIT = "submitit"
 """Field metadata key: the ``submitit.SlurmExecutor`` parameter a :class:`Resources` field sets."""
@@ -98,6 +103,12 @@ class Resources:
         params = {f.metadata[SUBMITIT]: getattr(self, f.name) for f in fields(self)
                   if getattr(self, f.name) not in f.metadata["omit"]}
         return {**params, "ntasks_per_node": self.tasks_per_node}
+
+
+def time_text(minutes: int) -> str:
+    """Minutes in --time's D-HH:MM:SS form (what :func:`parse_time_min` reads)."""
+    days, rest = divmod(minutes, 1440)
+    return f"{days}-{rest // 60:02d}:{rest % 60:02d}:00" if days else f"{rest // 60}:{rest % 60:02d}:00"
 
 
 def slurm_time(text: str) -> int:
