@@ -18,6 +18,7 @@ from launch import run_status
 from launch.slurm import jobs
 from launch.slurm.plan import DEFAULT_RUN_DIR, Resources, base_run_dir, parse_time_min, plan_runs
 from masan.config import ConfigError, load_config
+from processes import children, gone
 
 REPO = Path(__file__).resolve().parents[1]
 SLURM_COMMANDS = {"sbatch", "srun", "squeue", "sinfo", "scontrol", "scancel", "sacct"}
@@ -254,27 +255,6 @@ class LocalSubmit:
         return int(job["job_id"])
 
 
-def _gone(pid: int, timeout_s: float = 30) -> bool:
-    """Whether process ``pid`` ended within ``timeout_s``: it runs no more code, its main
-    thread having exited or a SIGKILL being pending for it. (Tearing down its other threads can
-    take minutes on some virtual machines: seen here, threads with SIGKILL pending left
-    runnable but unscheduled, until a later signal woke them.)"""
-    deadline = time.monotonic() + timeout_s
-    while _runs(pid) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return not _runs(pid)
-
-
-def _runs(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        pending = next(line.split()[1] for line in Path(f"/proc/{pid}/status").read_text().splitlines()
-                       if line.startswith("ShdPnd:"))
-    except (OSError, IndexError, StopIteration):
-        return False
-    return state not in ("Z", "X") and not int(pending, 16) & (1 << (signal.SIGKILL - 1))
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("signum, to_group", [(signal.SIGTERM, False), (signal.SIGHUP, True)],
                          ids=["SIGTERM", "SIGHUP-of-a-closed-terminal"])
@@ -292,7 +272,7 @@ def test_a_signal_to_submit_local_stops_the_run_with_a_checkpoint_and_the_same_c
     code = started.proc.wait(timeout=180)
     log = started.log()
     assert code == 128 + signum, log[-4000:]
-    assert _gone(child), "the run outlived submit.py"
+    assert gone(child), "the run outlived submit.py"
     stopped = re.search(r"status: stopped at step (\d+)", log)
     assert stopped and f"run STOPPED: {run}" in log, log[-4000:]
     step = int(stopped[1])
@@ -309,8 +289,6 @@ def test_a_signal_to_submit_local_stops_the_run_with_a_checkpoint_and_the_same_c
 @pytest.mark.parametrize("nodes", [1, 2])
 def test_kill_9_of_submit_local_takes_its_run_with_it(tiny_config, tmp_path, nodes):
     """With one rank the run is train_local.py itself; with two, its launcher and their ranks."""
-    from test_run_lock import children
-
     run = tmp_path / "run"
     started = LocalSubmit(tiny_config, run, "--nodes", str(nodes), *LONG_RUN)
     started.wait_for_steps()
@@ -320,7 +298,7 @@ def test_kill_9_of_submit_local_takes_its_run_with_it(tiny_config, tmp_path, nod
     started.proc.kill()
     started.proc.wait()
     for pid in [child, *ranks]:
-        assert _gone(pid), "the run trains on after kill -9 of submit.py, with nobody to stop it"
+        assert gone(pid), "the run trains on after kill -9 of submit.py, with nobody to stop it"
 
 
 def test_a_refused_local_start_writes_nothing_into_the_live_runs_folder(tiny_config, tmp_path):

@@ -27,6 +27,7 @@ import pytest
 import yaml
 
 from launch.slurm import jobs
+from launch.slurm.plan import parse_time_min
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -132,16 +133,18 @@ def test_scontrol_requeue_mid_run_resumes_from_checkpoint(slurm_cluster, tiny_co
 def test_time_limit_stops_saves_requeues_and_finishes(slurm_cluster, tiny_config, tmp_path):
     run_dir = tmp_path / "time_limit"
     # Whatever this machine's speed, the job must meet its time limit mid-run: once it has a
-    # first checkpoint its limit is cut to 2 minutes (as if it had run for hours), so SLURM
-    # sends USR2 (100 s ahead of the limit) at its next periodic check, leaving a minute or
-    # more to save. Once the job has requeued itself, the limit is raised again so the next
+    # first checkpoint its limit is cut to 2 minutes past the time it has run (as if it had run
+    # for hours), so SLURM sends USR2 (100 s ahead of the limit) at its next periodic check,
+    # leaving a minute or more to save. Once the job has requeued itself, the limit is raised again so the next
     # allocation can finish the run (about 2 minutes of training on 2 quiet cores).
     res = submit("--nodes", 2, "--time", 15, "--signal-delay", 100, "--config", tiny_config,
                  "--run-dir", run_dir, "train.joint_epochs=300", "checkpoint.every_steps=10")
     assert res.returncode == 0, res.stdout
     (jid,) = job_ids(run_dir)
     wait_until(lambda: (run_dir / "checkpoints" / "latest_complete").exists(), "a first checkpoint")
-    subprocess.run(["scontrol", "update", f"JobId={jid}", "TimeLimit=2"], check=True)
+    shown = subprocess.run(["scontrol", "-o", "show", "job", jid], capture_output=True, text=True, check=True).stdout
+    ran_min = parse_time_min(re.search(r"RunTime=(\S+)", shown)[1])  # rounded up
+    subprocess.run(["scontrol", "update", f"JobId={jid}", f"TimeLimit={ran_min + 2}"], check=True)
     wait_until(lambda: events(run_dir, "requeued"), "the job to stop at its time limit and requeue itself")
     subprocess.run(["scontrol", "update", f"JobId={jid}", "TimeLimit=15"], check=True)
     wait_until(lambda: jobs.job_state(jid) not in jobs.ACTIVE_STATES, f"job {jid} to end", timeout=900)

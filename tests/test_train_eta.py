@@ -5,6 +5,7 @@ the loop's logging step on stand-ins)."""
 import logging
 import time
 from types import SimpleNamespace
+from unittest import mock
 
 import pytest
 import torch
@@ -72,9 +73,12 @@ def _log(cfg, state, run, seconds: float, caplog) -> tuple[str, float]:
     parts = SimpleNamespace(cfg=cfg, engine=engine, train_set=list(range(N)), logger=_Recorder(),
                             info=DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"),
                                           backend="gloo"))
-    interval = loop._Interval(start=time.perf_counter() - seconds, samples=2 * PER_STEP)
+    now = time.perf_counter()
+    interval = loop._Interval(start=now - seconds, samples=2 * PER_STEP)
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger=loop.log.name):
+    # the interval ends at ``now`` however long this process is held up before it is logged
+    with caplog.at_level(logging.INFO, logger=loop.log.name), mock.patch.object(loop.time, "perf_counter",
+                                                                                return_value=now):
         loop._log_interval(parts, run, state, {"total": 1.0}, None, interval)
     (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
     return line, parts.logger.values["eta_s"]

@@ -18,7 +18,10 @@ import yaml
 from masan.evaluate.region_ranking import rank_regions
 from masan.predictions import load_predictions
 
-pytestmark = pytest.mark.slow  # every test trains until the model learns
+TRAIN_TIMEOUT_S = 1500
+"""A training run's limit: far above its quiet time, since CI runs it on 2 loaded cores."""
+# every test trains until the model learns; pytest's own limit covers a module fixture's cohort too
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(TRAIN_TIMEOUT_S + 300)]
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = yaml.safe_load((REPO / "hpc" / "configs" / "tiny.yaml").read_text())
@@ -42,7 +45,7 @@ def _train(tmp_path: Path, cfg: dict) -> dict:
     path = tmp_path / "learn.yaml"
     path.write_text(yaml.safe_dump(cfg))
     res = subprocess.run([sys.executable, str(REPO / "launch/train_local.py"), "--config", str(path)],
-                         capture_output=True, text=True, timeout=900, check=False, cwd=REPO)
+                         capture_output=True, text=True, timeout=TRAIN_TIMEOUT_S, check=False, cwd=REPO)
     assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
     metrics = json.loads((Path(cfg["run_dir"]) / "metrics.json").read_text())
     if LOG:  # the grid of tests/learning_grid.py: every point's metrics, passed or not
@@ -108,7 +111,7 @@ def test_demo_config_in_bf16_skips_no_step(tmp_path, realistic_store):
                           "data.classes=[NC, AD]",
                           "train.pretrain_epochs=1", "train.joint_epochs=2", "train.precision=bf16",
                           "log.every_steps=1", "log.grad_norm_every_steps=4", "log.eval_every_epochs=1"],
-                         capture_output=True, text=True, timeout=600, check=False, cwd=REPO)
+                         capture_output=True, text=True, timeout=TRAIN_TIMEOUT_S, check=False, cwd=REPO)
     assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
     acc = EventAccumulator(str(run / "tb"), size_guidance={"scalars": 0})
     acc.Reload()
