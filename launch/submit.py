@@ -36,7 +36,8 @@ warning. launch/status.py shows a pending job's reason.
 
 --repeats N and --ablation key=value submit one job array with one run directory per
 (variant, repeat): run_dir/repeat_R or run_dir/<variant>/repeat_R (variant "baseline" plus
-one per --ablation); repeat R uses split.repeat=R.
+one per --ablation, which may hold several overrides: "model.arch=hfcn data.use_fmri=false");
+repeat R uses split.repeat=R.
 
 Without SLURM (no sbatch on PATH) or with --local, the
 same runs train on this machine, one after the other, with nodes x gpus-per-node gloo ranks
@@ -79,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_override_arguments(g, "config overrides, e.g. optim.lr=3e-4 model.fusion=add")
     g.add_argument("--repeats", type=number(int, 1), default=1, help="repeats (different splits) per variant")
     g.add_argument("--ablation", action="append", default=[], metavar="KEY=VALUE",
-                   help="one ablation variant (repeatable); submitted with the baseline as one array")
+                   help="one ablation variant (repeatable): one override, or several in one quoted argument "
+                        "(\"model.arch=hfcn data.use_fmri=false\"); submitted with the baseline as one array")
     g.add_argument("--no-baseline", action="store_true", help="with --ablation: leave out the baseline")
     base = Resources()  # the SLURM defaults live in one place: the dataclass
     r = p.add_argument_group("SLURM resources")

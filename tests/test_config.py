@@ -18,24 +18,28 @@ def test_yaml_and_overrides(tmp_path):
     assert cfg.loss.alpha == 0.5 and cfg.loss.beta == 0.5  # the paper's defaults
 
 
-def test_a_checkpoint_resumes_under_settings_made_resumable_since_it_was_written(tmp_path):
-    """data.positive_class changes only the reported metrics: a resume may change it, also for a
-    checkpoint whose fingerprint was taken when it still counted (the saved config is
-    fingerprinted again under today's rules); a setting that still counts is refused."""
+@pytest.mark.parametrize("change, shown", [("data.positive_class=NC", "data.positive_class: 'AD' -> 'NC'"),
+                                           ("data.decision=expected_stage",
+                                            "data.decision: 'argmax' -> 'expected_stage'")])
+def test_a_checkpoint_resumes_under_settings_made_resumable_since_it_was_written(tmp_path, change, shown):
+    """data.positive_class and data.decision change only how the outputs are called and scored: a
+    resume may change them, also for a checkpoint whose fingerprint was taken when they still
+    counted (the saved config is fingerprinted again under today's rules), and says what changed;
+    a setting that still counts is refused."""
     import json
 
     from masan.train.checkpoint import MARKER, CheckpointManager, ResumeError
 
     binary = ["data.classes=[NC,AD]"]
     saved = load_config(None, binary)
-    assert config_hash(saved) == config_hash(load_config(None, [*binary, "data.positive_class=NC"]))
+    assert config_hash(saved) == config_hash(load_config(None, [*binary, change]))
     ckpt = CheckpointManager(tmp_path, keep=1)
     (ckpt.dir / "step_000001").mkdir(parents=True)
     state = {"config_hash": "written-before", "phase": "pretrain", "epoch": 0, "consumed": 1}
     manifest = {"state": state, "config": json.loads(json.dumps(config_to_dict(saved)))}
     (ckpt.dir / "step_000001" / MARKER).write_text(json.dumps(manifest))
-    now = load_config(None, [*binary, "data.positive_class=NC"])
-    ckpt.check_compatible("step_000001", now, config_hash(now))
+    now = load_config(None, [*binary, change])
+    assert ckpt.check_compatible("step_000001", now, config_hash(now)) == [shown]
     other = load_config(None, [*binary, "optim.lr=0.5"])
     with pytest.raises(ResumeError, match="optim.lr: 0.001 -> 0.5"):
         ckpt.check_compatible("step_000001", other, config_hash(other))

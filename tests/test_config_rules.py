@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from masan.config import ConfigError, SplitConfig, load_config, validate_for_training
+from masan.config import ConfigError, SplitConfig, load_config, unused_inputs, validate_for_training
 from masan.config.validation import REGION_POOL_MODES
 from masan.data.splits import SplitError, make_split
 from masan.model import small_model_config
@@ -44,6 +44,11 @@ REFUSED = [  # (overrides, what the message must name)
     (["train.zero_bucket_elements=1"], ["train.zero_bucket_elements=1", "multiple of 2"]),
     (["model.groups=3"], ["model.groups=3", "model.channels=[32, 64, 128, 128]", "model.groups=2"]),
     (["model.modalities=fmri", "model.fmri_channels=[8, 12, 24, 24]"], ["model.groups=8", "model.fmri_channels"]),
+    (["split.seed=-5"], ["split.seed=-5", "from 0 to 4294967295"]),
+    (["split.seed=4294967295", "split.repeat=1"], ["split.seed=4294967295 + split.repeat=1", "lower split.seed"]),
+    (["data.use_t1=false"], ["model.modalities=both reads the t1 images", "data.use_t1=false"]),
+    (["model.arch=hfcn", "data.use_t1=false"], ["model.arch=hfcn reads the t1 images"]),
+    (["model.modalities=fmri", "data.use_fmri=false"], ["model.modalities=fmri reads the fmri images"]),
 ]
 
 
@@ -67,6 +72,8 @@ NOT_TO_TRAIN = [  # loadable (a finished run's config.yaml may hold them), refus
     (["loss.beta=0"], ["loss.beta=0.0 weighs the fmri autoencoder", "never learn"]),
     (["model.modalities=t1", "loss.alpha=0"], ["loss.alpha=0.0", "identically 0"]),  # fMRI's beta weighs nothing
     (["model.arch=hfcn", "loss.alpha=0"], ["loss.alpha=0.0", "identically 0"]),  # the H-FCN reconstructs T1 only
+    (["data.cache_dir="], ["data.cache_dir=''", "/dev/shm"]),
+    (["data.cache_reserve_gib=-5"], ["data.cache_reserve_gib=-5.0", "0 or more GiB"]),
 ]
 
 
@@ -92,9 +99,21 @@ def test_what_no_training_should_start_with_loads_but_is_refused_at_a_start(over
     ["model.modalities=t1", "loss.beta=0"],
     ["loss.alpha=0", "loss.beta=0", "train.pretrain_epochs=0", "model.head_grad_to_encoders=1"],  # end to end
     ["split.test_fraction=0.5", "split.val_fraction=0.5"],  # a quarter trains
+    ["model.modalities=t1", "data.use_fmri=false"], ["model.arch=hfcn", "data.use_fmri=false"],
+    ["model.modalities=fmri", "data.use_t1=false"], ["data.cache_reserve_gib=0"],
 ], ids=" ".join)
 def test_the_legitimate_neighbours_of_a_refused_value_still_load(overrides):
     validate_for_training(load_config(None, overrides))
+
+
+def test_images_the_model_never_reads_are_named_at_the_start():
+    """Loaded for nothing: the start warns (store_contract) with the key that stops it."""
+    assert unused_inputs(load_config(None, [])) == []
+    (note,) = unused_inputs(load_config(None, ["model.arch=hfcn"]))
+    assert note.startswith("data.use_fmri=true, but model.arch=hfcn never reads the fmri images") and \
+        note.endswith("set data.use_fmri=false")
+    assert unused_inputs(load_config(None, ["model.modalities=fmri"]))[0].startswith("data.use_t1=true")
+    assert unused_inputs(load_config(None, ["model.arch=hfcn", "data.use_fmri=false"])) == []
 
 
 @pytest.mark.parametrize("channels, groups", [
@@ -122,6 +141,24 @@ def test_the_region_pool_modes_of_the_config_are_the_models():
 @pytest.mark.parametrize("path", [None, *SHIPPED], ids=lambda p: p.name if p else "defaults")
 def test_the_defaults_and_every_shipped_config_load_and_pass_the_model_check(path):
     check_model(load_config(path))
+
+
+def test_the_paper_exact_config_writes_out_every_setting_of_the_method():
+    """Its claim: a changed default can never change the paper's model unnoticed. Every key a
+    resume may not change (the method's, not the run's plumbing) is in the file."""
+    import yaml
+
+    from masan.config import RESUMABLE, SAME_METHOD, config_to_dict, flagged_keys
+
+    def keys(tree: dict, prefix: str = "") -> set[str]:
+        return {k for name, v in tree.items()
+                for k in (keys(v, f"{prefix}{name}.") if isinstance(v, dict) and v else {f"{prefix}{name}"})}
+
+    written = keys(yaml.safe_load((REPO / "hpc" / "configs" / "paper-exact.yaml").read_text()))
+    free = flagged_keys(RESUMABLE) + flagged_keys(SAME_METHOD)
+    method = {k for k in keys(config_to_dict(load_config(None)))
+              if not any(k == f or k.startswith(f"{f}.") for f in free)}
+    assert not method - written, f"hpc/configs/paper-exact.yaml leaves out {sorted(method - written)}"
 
 
 def _tiny(**model_changes):

@@ -16,7 +16,7 @@ import pytest
 
 from launch import run_status
 from launch.slurm import jobs
-from launch.slurm.plan import DEFAULT_RUN_DIR, Resources, base_run_dir, parse_time_min, plan_runs
+from launch.slurm.plan import DEFAULT_RUN_DIR, Resources, base_run_dir, parse_time_min, plan_runs, variant_overrides
 from masan.config import ConfigError, load_config
 from processes import children, gone
 
@@ -60,14 +60,16 @@ def test_without_slurm_the_same_command_trains_locally(tiny_config, tiny_store, 
 
 def test_repeats_and_ablations_expand_to_one_run_dir_each(tiny_config, tmp_path):
     specs = plan_runs(tmp_path / "abl", str(tiny_config), ["optim.lr=3e-4"], repeats=2,
-                      ablations=["model.fusion=add", "model.arch=hfcn"])
+                      ablations=["model.fusion=add", "model.arch=hfcn data.use_fmri=false"])
     got = {(s.run_dir.relative_to(tmp_path / "abl").as_posix(), s.cfg.split.repeat, s.cfg.model.fusion,
-            s.cfg.model.arch) for s in specs}
+            s.cfg.model.arch, s.cfg.data.use_fmri) for s in specs}
+    hfcn = "model.arch-hfcn-data.use_fmri-false"  # a variant of two overrides, the H-FCN reading no fMRI
     assert got == {
-        ("baseline/repeat_0", 0, "attention", "masan"), ("baseline/repeat_1", 1, "attention", "masan"),
-        ("model.fusion-add/repeat_0", 0, "add", "masan"), ("model.fusion-add/repeat_1", 1, "add", "masan"),
-        ("model.arch-hfcn/repeat_0", 0, "attention", "hfcn"), ("model.arch-hfcn/repeat_1", 1, "attention", "hfcn"),
+        ("baseline/repeat_0", 0, "attention", "masan", True), ("baseline/repeat_1", 1, "attention", "masan", True),
+        ("model.fusion-add/repeat_0", 0, "add", "masan", True), ("model.fusion-add/repeat_1", 1, "add", "masan", True),
+        (f"{hfcn}/repeat_0", 0, "attention", "hfcn", False), (f"{hfcn}/repeat_1", 1, "attention", "hfcn", False),
     }
+    assert variant_overrides("model.channels=[4, 8] optim.lr=1e-3") == ["model.channels=[4, 8]", "optim.lr=1e-3"]
     assert all(s.cfg.optim.lr == 3e-4 and s.cfg.run_dir == str(s.run_dir) for s in specs)
     single = plan_runs(tmp_path / "one", str(tiny_config), ["split.repeat=3"])
     assert [(s.run_dir, s.cfg.split.repeat) for s in single] == [((tmp_path / "one").resolve(), 3)]

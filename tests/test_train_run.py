@@ -316,6 +316,7 @@ def test_a_run_continues_with_its_own_config_when_no_config_is_given(tmp_path, r
     log = ok(res, "completed")
     assert f"no --config: continuing with the run's own {run / 'config.yaml'}" in log
     assert "resumed step_000021" in log and manifests(run)[-1]["step"] == 28  # one more epoch of 7 steps
+    assert "settings changed since it was written: " in log and "train.joint_epochs: 2 -> 3" in log, log[-4000:]
     assert "holds other data" not in log
 
 

@@ -1,6 +1,7 @@
 """What one submission trains: run directories x resolved configs, and SLURM resources.
 
-``--repeats N`` and ``--ablation key=value`` expand into one run per (variant, repeat):
+``--repeats N`` and ``--ablation key=value`` (or several overrides in one quoted variant) expand
+into one run per (variant, repeat):
 
     run_dir/                       one run (no ablation, one repeat)
     run_dir/repeat_R/              --repeats N
@@ -142,6 +143,15 @@ def parse_time_min(text: str) -> int:
     return max(1, -(-seconds // 60))
 
 
+_NEXT_OVERRIDE = re.compile(r"\s+(?=[A-Za-z_][\w.]*=)")
+"""Whitespace that starts another ``key=value`` (a value may hold spaces: ``[4, 8]``)."""
+
+
+def variant_overrides(variant: str) -> list[str]:
+    """An --ablation variant's overrides: ``"model.arch=hfcn data.use_fmri=false"`` -> both."""
+    return _NEXT_OVERRIDE.split(variant.strip())
+
+
 def variant_dir_name(variant: str) -> str:
     """``model.fusion=add`` -> ``model.fusion-add`` (safe as one path component)."""
     return re.sub(r"[^A-Za-z0-9._-]+", "-", variant.replace("=", "-")).strip("-")
@@ -200,7 +210,7 @@ def plan_runs(run_dir: str | Path, config: str | None, overrides: list[str],
     variants = ([BASELINE] if baseline or not ablations else []) + list(ablations)
     specs = []
     for variant in variants:
-        extra = [] if variant == BASELINE else [variant]
+        extra = [] if variant == BASELINE else variant_overrides(variant)
         for r in range(repeats):
             if not ablations:
                 d = base if repeats == 1 else base / f"repeat_{r}"

@@ -45,12 +45,13 @@ from masan.config.schema import (
     SplitConfig,
     TrainConfig,
 )
-from masan.config.validation import validate_config, validate_for_training
+from masan.config.validation import unused_inputs, validate_config, validate_for_training
 
 __all__ = [
     "HASHED_WHEN_SET", "PLUMBING", "RESUMABLE", "SAME_METHOD", "AugmentConfig", "CheckpointConfig", "ConfigError",
     "DataConfig", "LogConfig", "LossConfig", "ModelConfig", "OptimConfig", "RunConfig", "SplitConfig", "TrainConfig",
     "add_config_arguments", "add_override_arguments", "config_diff", "config_from_args", "config_from_dict",
     "config_hash", "config_or_exit", "config_to_dict",
-    "flagged_keys", "load_config", "parse_override", "save_config", "validate_config", "validate_for_training",
+    "flagged_keys", "load_config", "parse_override", "save_config", "unused_inputs", "validate_config",
+    "validate_for_training",
 ]

@@ -65,12 +65,13 @@ class DataConfig:
     positive_class: str = field(default="AD", metadata={RESUMABLE: True})
     """Positive class for precision/recall (the paper: AD vs the rest), one of ``classes``. It
     changes only the reported metrics, so a resume may change it."""
-    decision: Literal["argmax", "expected_stage"] = field(default="argmax", metadata={HASHED_WHEN_SET: True})
+    decision: Literal["argmax", "expected_stage"] = field(default="argmax", metadata={RESUMABLE: True})
     """How a subject's class is called from its class probabilities p (masan.predictions.decide):
     ``argmax`` (the paper); ``expected_stage``: ``classes`` are ordered stages (NC < EMCI < LMCI <
     AD) and the call is the stage nearest the expected stage sum_k k p_k, so a subject whose
     probability is split between two neighbouring stages is not called the larger one by a hair
-    and the middle stages get called. With two classes both rules call the same class."""
+    and the middle stages get called. With two classes both rules call the same class. It changes
+    only how the trained model's outputs are called (predictions, metrics), so a resume may change it."""
     fmri_frames: int | None = None
     """Frames fed to the model: the first N of each run (None: all; runs must then agree)."""
     use_t1: bool = True

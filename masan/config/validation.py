@@ -18,6 +18,8 @@ ZERO_STAGES = (0, 1, 2)
 ZERO_BUCKET_ALIGN = 2
 """DeepSpeed's ZeRO 1/2 optimizer asserts that its all-gather bucket is a multiple of this
 (``nccl_start_alignment_factor``: 4 bytes of fp16), while it is built, after the run started."""
+SPLIT_SEEDS = 2**32
+"""scikit-learn's random states: ``split.seed + split.repeat`` must lie in ``[0, SPLIT_SEEDS)``."""
 MIN_TRAIN_SHARE = 0.25
 """Smallest share of the cohort the training part may keep, ``(1 - split.test_fraction) x (1 -
 split.val_fraction)`` (the validation part is carved from the training part). The paper trains
@@ -92,6 +94,7 @@ _RULES: tuple[tuple[str, typing.Callable[[Any], bool], str], ...] = (
     ("split.test_fraction", _fraction_open, "a fraction strictly between 0 and 1 (the paper: 0.3)"),
     ("split.val_fraction", _fraction_right_open, "0 (no validation part) or a fraction below 1, e.g. 0.1"),
     ("split.repeat", _non_negative, "a repeat index of 0 or more"),
+    ("split.seed", lambda v: 0 <= v < SPLIT_SEEDS, f"a seed from 0 to {SPLIT_SEEDS - 1}, e.g. 1234"),
     ("checkpoint.every_steps", _non_negative, "0 (never by step count) or more steps"),
     ("checkpoint.every_minutes", _non_negative, "0 (never by time) or more minutes"),
     ("checkpoint.keep", _positive, "at least 1 complete checkpoint"),
@@ -175,6 +178,10 @@ def validate_config(cfg: RunConfig) -> None:
                           "count as positive (the paper: AD)")
     if not (cfg.data.use_t1 or cfg.data.use_fmri):
         raise ConfigError("data.use_t1 and data.use_fmri are both false; a run needs at least one modality")
+    _check_inputs(cfg)
+    if cfg.split.seed + cfg.split.repeat >= SPLIT_SEEDS:
+        raise ConfigError(f"split.seed={cfg.split.seed} + split.repeat={cfg.split.repeat} is past the largest split "
+                          f"seed {SPLIT_SEEDS - 1} (repeat r splits with seed + r); lower split.seed")
     if bool(cfg.model.connectivity_cells) != bool(cfg.model.connectivity_keep):
         raise ConfigError(f"model.connectivity_cells={cfg.model.connectivity_cells} and model.connectivity_keep="
                           f"{cfg.model.connectivity_keep}: set both (connectivity on) or neither")
@@ -187,7 +194,8 @@ def validate_config(cfg: RunConfig) -> None:
 def validate_for_training(cfg: RunConfig) -> None:
     """Refuse what a config may hold but no new training should start with (ConfigError, naming
     the keys and the fix): an even spatial kernel, loss weights that leave an autoencoder or the
-    pretraining nothing to learn, a training share under :data:`MIN_TRAIN_SHARE`. Checked at
+    pretraining nothing to learn, a training share under :data:`MIN_TRAIN_SHARE`, a cache folder
+    or reserve that would overrun memory. Checked at
     every start (and on the login node before a job is queued), not when a config loads: a
     finished run's config.yaml holding one of them must still be read by evaluate, predict and
     status."""
@@ -197,6 +205,12 @@ def validate_for_training(cfg: RunConfig) -> None:
                           "kernel)")
     _check_encoders_learn(cfg)
     _check_train_share(cfg.split)
+    if not cfg.data.cache_dir.strip():
+        raise ConfigError("data.cache_dir='' would put the host cache in the current folder; give a shared-memory "
+                          "folder, e.g. /dev/shm")
+    if cfg.data.cache_reserve_gib < 0:
+        raise ConfigError(f"data.cache_reserve_gib={cfg.data.cache_reserve_gib} would let the cache take more than "
+                          "the free memory; give 0 or more GiB to leave free, e.g. 8")
 
 
 def _autoencoders(model: ModelConfig) -> dict[str, tuple[str, list[int]]]:
@@ -208,6 +222,30 @@ def _autoencoders(model: ModelConfig) -> dict[str, tuple[str, list[int]]]:
     if model.arch == "masan" and model.modalities in ("both", "fmri"):
         out["fmri"] = ("model.fmri_channels", model.fmri_channels)
     return out
+
+
+def _model_choice(model: ModelConfig) -> str:
+    """The keys that decide which images the model reads, as the user would set them."""
+    return "model.arch=hfcn" if model.arch == "hfcn" else f"model.modalities={model.modalities}"
+
+
+def _check_inputs(cfg: RunConfig) -> None:
+    """Every autoencoder the model builds has its images loaded: without them the first step
+    fails on a batch that lacks them."""
+    for m in _autoencoders(cfg.model):
+        key = f"data.use_{m}"
+        if not get_dotted(cfg, key):
+            raise ConfigError(f"{_model_choice(cfg.model)} reads the {m} images, but {key}=false leaves them out of "
+                              f"every batch; set {key}=true, or choose a model without them (model.modalities)")
+
+
+def unused_inputs(cfg: RunConfig) -> list[str]:
+    """One line per modality the data loads and the model never reads (each sample would read,
+    decode and cache it for nothing; the store must still hold it for every subject)."""
+    used = _autoencoders(cfg.model)
+    return [f"data.use_{m}=true, but {_model_choice(cfg.model)} never reads the {m} images: every sample reads "
+            f"them for nothing (and subjects without them are refused); set data.use_{m}=false"
+            for m in ("t1", "fmri") if get_dotted(cfg, f"data.use_{m}") and m not in used]
 
 
 def _check_groups(model: ModelConfig) -> None:

@@ -316,7 +316,9 @@ class CheckpointManager:
                 return None
         return None
 
-    def check_compatible(self, tag: str, cfg: RunConfig, config_hash: str) -> None:
+    def check_compatible(self, tag: str, cfg: RunConfig, config_hash: str) -> list[str]:
+        """Raise ResumeError when checkpoint ``tag`` cannot go on under ``cfg``; else the settings
+        a resume may change that did change since it was written (``key: old -> new``)."""
         saved = self.manifest(tag)
         try:
             before = config_from_dict(saved["config"])
@@ -327,10 +329,11 @@ class CheckpointManager:
             raise ResumeError(f"checkpoint {self.dir / tag} {past}; start it again with at least those epochs, or "
                               f"train the shorter schedule in a new run directory (run_dir=...), leaving "
                               f"{self.dir.parent} as it is")
+        changed = [] if before is None else config_diff(before, cfg)
         if saved["state"]["config_hash"] == config_hash:
-            return
+            return changed
         if before is not None and fingerprint(before) == config_hash:
-            return  # the settings that differ have since become resumable (e.g. data.positive_class)
+            return changed  # the settings that differ have since become resumable (e.g. data.positive_class)
         diffs = [unreadable] if before is None else config_diff(before, cfg, resumable=False)
         raise ResumeError(
             f"checkpoint {self.dir / tag} was written with a different config "
@@ -355,10 +358,10 @@ class CheckpointManager:
                 if skip:
                     log.warning("no loadable checkpoint left in %s; starting from scratch", self.dir)
                 return None
-            error = None
+            error, changed = None, []
             if self.rank == 0:
                 try:
-                    self.check_compatible(tag, cfg, config_hash)
+                    changed = self.check_compatible(tag, cfg, config_hash)
                 except ResumeError as e:
                     error = str(e)
             error = D.broadcast_object(error)
@@ -387,6 +390,8 @@ class CheckpointManager:
                         f"re-seeded per-rank RNGs; the rest of the epoch is re-dealt over the new ranks")
             else:
                 note = f"resumed {tag}: weights, Adam state, position, LR schedule and per-rank RNG states"
+            if changed:  # rank 0's, which alone logs the note
+                note += "; settings changed since it was written: " + ", ".join(changed)
             return Resumed(tag=tag, state=client, world_changed=world_changed, note=note)
 
 

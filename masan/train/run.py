@@ -43,7 +43,7 @@ from masan.access import (
     restrictive_mode,
     write_refusal,
 )
-from masan.config import ConfigError, RunConfig, config_hash, save_config, validate_for_training
+from masan.config import ConfigError, RunConfig, config_hash, save_config, unused_inputs, validate_for_training
 from masan.files import atomic_write_json
 from masan.predictions import write_predictions
 from masan.rundir import RunDir
@@ -307,7 +307,7 @@ def store_contract(cfg: RunConfig):
     subjects, _, _ = select_subjects(store, cfg.data)
     geo = store_geometry(store, subjects, used_modalities(cfg.data))
     filled = resolve_inputs(cfg, geo)
-    for note in [*geo.notes, store.unfinished_conversion()]:
+    for note in [*geo.notes, store.unfinished_conversion(), *unused_inputs(cfg)]:
         if note:
             log.warning(note)
     if filled:
