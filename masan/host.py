@@ -9,6 +9,9 @@ from __future__ import annotations
 import os
 import resource
 
+GIB = 2**30
+"""Bytes in a GiB, the unit of every memory setting and report."""
+
 
 def usable_cores() -> int:
     """CPU cores this process may run on: its affinity mask (a SLURM job's or ``taskset``'s

@@ -195,8 +195,10 @@ def test_check_model_refuses_an_occlusion_pass_too_large_for_memory_and_names_th
     fits = load_config(None, ["model.patch_grid=[8, 8, 8]"])
     check_model(fits)  # 1.25 GiB per subject
     fits.optim.micro_batch = 4
-    with pytest.raises(ConfigError, match=r"optim.micro_batch \(now 4\)"):
+    with pytest.raises(ConfigError, match=r"optim.micro_batch \(now 4\).*raise model.occlusion_limit_gib"):
         check_model(fits)
+    fits.model.occlusion_limit_gib = 6  # a card with room: 5 GiB for 4 subjects
+    check_model(fits)
 
 
 def test_check_model_refuses_a_temporal_kernel_longer_than_the_run():

@@ -73,9 +73,14 @@ class DataConfig:
     and the middle stages get called. With two classes both rules call the same class. It changes
     only how the trained model's outputs are called (predictions, metrics), so a resume may change it."""
     fmri_frames: int | None = None
-    """Frames fed to the model: the first N of each run (None: all; runs must then agree)."""
+    """Frames fed to the model: the first N of each run. None: ``model.fmri_frames``'s count, or,
+    when that is null too, all frames (every run must then have the same count)."""
     use_t1: bool = True
+    """Load each subject's T1 image. The model must not read what is not loaded (refused when
+    the config loads); one that never reads it (``model.modalities=fmri``) gets a warning."""
     use_fmri: bool = True
+    """Load each subject's fMRI run (the largest input by far). Set it false for a model that
+    never reads it (``model.modalities=t1``, ``model.arch=hfcn``)."""
     normalize: bool = True
     """Z-score each subject with the statistics stored at conversion time (the fMRI only when
     ``fmri_temporal=none``)."""
@@ -210,12 +215,19 @@ class ModelConfig:
     spatial_kernel: int = 3
     """Kernel of the spatial-attention conv over the region map (odd)."""
     modalities: Literal["both", "t1", "fmri"] = "both"
+    """Which patch modules MASAN builds: ``both`` (sPM and fPM, fused), or one of them alone (the
+    single-modality ablations; its region maps go straight to the attention)."""
     region_weights: Literal["occlusion", "attention", "embedding"] = "occlusion"
     """What ``out["region_weights"]`` (the region ranking and figures) reports: ``occlusion``:
     how much the predicted class probabilities change when the region's features are set to the
     cohort mean (which regions carry the decision); ``attention``: attention each region
     receives (column mean of eq. 4: where the model looks, not what decides); ``embedding``:
     the norm of each region's fused embedding (the paper's Fig. 4)."""
+    occlusion_limit_gib: float = field(default=4.0, metadata=PLUMBING)
+    """Most memory the occlusion pass (``region_weights=occlusion``) may need per rank, GiB; a
+    config past it is refused before training (masan/model/checks.py). It runs at every
+    validation evaluation and at the end of the run, on the training device beside the weights,
+    the optimizer state and DeepSpeed's buckets; raise it on a card with room to spare."""
     head_grad_to_encoders: float = 0.0
     """Scale of the classifier's gradient (eq. 7) flowing back into sPM/fPM through the region
     maps. 0 (default): the encoders learn from the reconstruction terms of eq. 8 only and the
@@ -229,6 +241,7 @@ class ModelConfig:
     """Hidden width of the classifier MLP (Sec. 2.3: Linear -> ReLU -> Dropout -> Linear); 0: one
     fully connected layer after the dropout (Sec. 3.2's "a fully connected layer")."""
     dropout: float = 0.2
+    """Dropout probability before the classifier's last layer (Sec. 2.3)."""
     head: Literal["softmax", "ordinal"] = field(default="softmax", metadata={HASHED_WHEN_SET: True})
     """The classifier head (masan/model/heads.py): ``softmax``, one logit per class (the paper);
     ``ordinal``, the classes as ordered stages in ``data.classes`` order (NC < EMCI < LMCI < AD):
@@ -288,10 +301,13 @@ class LossConfig:
     """L = alpha * Ls + beta * Lf + CE (eq. 8), Ls/Lf with the L1 sparsity term of eq. 1."""
 
     alpha: float = 0.5
+    """Weight of sPM's (T1) reconstruction loss Ls in eq. 8."""
     beta: float = 0.5
+    """Weight of fPM's (fMRI) reconstruction loss Lf in eq. 8."""
     sparsity: float = 1e-4
     """lambda of eq. 1, on the mean absolute bottleneck encoding."""
     recon: Literal["mse", "l1"] = "mse"
+    """The reconstruction error of eq. 2: mean squared (``mse``) or mean absolute (``l1``) over voxels."""
     class_weights: Literal["none", "balanced"] = field(default="none", metadata={HASHED_WHEN_SET: True})
     """Weights of the classes in the cross-entropy (eq. 7, which has none): ``balanced`` weighs
     class c by ``n / (k * n_c)`` over the training subjects (scikit-learn's convention), so a
@@ -312,7 +328,9 @@ class OptimConfig:
     lr: float = 1e-3
     """Peak learning rate (the paper: 1e-3)."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """Adam's (beta1, beta2): decay rates of its first and second moment estimates."""
     weight_decay: float = 0.0
+    """L2 penalty added to the gradient by ``torch.optim.Adam`` (coupled, not AdamW's decoupled decay)."""
     grad_clip: float = 1.0
     """Global gradient-norm clip (DeepSpeed ``gradient_clipping``); 0 disables it."""
     micro_batch: int = 1
@@ -325,6 +343,7 @@ class OptimConfig:
     """Per phase: warmup, then constant or cosine decay to ``lr * min_lr_ratio`` at the
     phase's last step. Each phase (pretrain, joint) runs its own schedule."""
     min_lr_ratio: float = 0.05
+    """The cosine schedule's final LR as a fraction of ``lr``."""
 
 
 @dataclass
@@ -398,6 +417,7 @@ class LogConfig:
     every_steps: int = 10
     """Scalars (loss terms, LR, samples/s, GPU memory) every N optimizer steps."""
     tensorboard: bool = True
+    """Write TensorBoard event files (false: the text log only)."""
     eval_every_epochs: int = 10
     """Validation-part metrics (``split.val_fraction``) and region-weight images every N joint
     epochs (0: never), logged under ``monitor_val/``. The test part is touched only by the final
@@ -406,6 +426,7 @@ class LogConfig:
     """Log the gradient norm of each loss term (``train/grad_norm_<term>``) every N optimizer
     steps, from a side pass (one forward and one backward per term there); 0: never."""
     flush_secs: int = 30
+    """Seconds between TensorBoard's writes of its event files to disk."""
 
 
 @dataclass

@@ -144,6 +144,7 @@ _RULES: tuple[tuple[str, typing.Callable[[Any], bool], str], ...] = (
     ("model.dropout", _fraction_right_open, "a probability in [0, 1), e.g. 0.2"),
     ("model.region_std_floor", _non_negative, "0 or more, e.g. 0.1"),
     ("model.head_grad_to_encoders", _non_negative, "0 (default) or a positive scale, e.g. 1"),
+    ("model.occlusion_limit_gib", _positive, "a positive number of GiB, e.g. 4"),
 )
 
 

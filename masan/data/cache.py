@@ -47,12 +47,11 @@ import torch
 from masan import distributed as D
 from masan.config import ConfigError, DataConfig
 from masan.data.batches import Batches, Scale
-from masan.host import available_bytes
+from masan.host import GIB, available_bytes
 from masan.store.cohort import CohortStore, normalized_float32, scaled_float32
 
 log = logging.getLogger(__name__)
 
-GIB = 2**30
 PREFIX = "masan-cache-"
 OWNER = "owner"
 """File in a cache directory holding ``<host> <pid>`` of the rank that deletes it."""

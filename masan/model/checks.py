@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from masan.config import ConfigError, ModelConfig, RunConfig
+from masan.host import GIB
 from masan.model import build_model
 from masan.model.regions import num_regions
 
@@ -27,14 +28,6 @@ BUILD_ERRORS = (ValueError, RuntimeError, AssertionError, TypeError, ArithmeticE
 naming the key), and torch's (a zero width: RuntimeError or TypeError; ``1 / sqrt(0)``)."""
 FP32_BYTES = 4
 """Bytes of one float32: the occlusion pass scores in fp32 whatever the model's dtype."""
-OCCLUSION_LIMIT_BYTES = 4 * 2**30
-"""Most memory the occlusion pass (``model.region_weights=occlusion``) may need per rank. It
-runs at every validation evaluation and at the end of the run, after training, on the device
-the run trained on, beside the weights, the optimizer state, DeepSpeed's buckets, a device cache
-of the cohort and the blocks the caching allocator kept from training: a few GiB fit there on a
-training GPU and in a CPU rank's share of a node, tens of GiB fail only after hours of training.
-Its need grows with the cube of the regions, so a finer ``model.patch_grid`` crosses the limit
-quickly (what each grid needs: docs/performance.md, "Sizes and costs behind the code")."""
 
 
 def meta_model(model_cfg: ModelConfig, num_classes: int) -> nn.Module:
@@ -110,19 +103,24 @@ def _check_occlusion(cfg: RunConfig) -> None:
     m = cfg.model
     if m.arch != "masan" or m.region_weights != "occlusion":  # the H-FCN's weights are its patch gates
         return
+    # the pass runs beside everything training keeps on its device: a few GiB fit there on a
+    # training GPU and in a CPU rank's share of a node, tens of GiB fail only after hours of
+    # training; its need grows with the cube of the regions, so a finer grid crosses the limit
+    # quickly (what each grid needs: docs/performance.md, "Sizes and costs behind the code")
     batch = cfg.optim.micro_batch  # evaluation batches are training's micro-batches
+    limit = m.occlusion_limit_gib * GIB
     need = occlusion_bytes(m, batch)
-    if need > OCCLUSION_LIMIT_BYTES:
+    if need > limit:
         side = 1
-        while occlusion_bytes(dataclasses.replace(m, patch_grid=[side + 1] * 3), batch) <= OCCLUSION_LIMIT_BYTES:
+        while occlusion_bytes(dataclasses.replace(m, patch_grid=[side + 1] * 3), batch) <= limit:
             side += 1
         smaller = f", or a smaller optim.micro_batch (now {batch})" if batch > 1 else ""
         raise ConfigError(f"model.region_weights=occlusion with model.patch_grid={list(m.patch_grid)} "
-                          f"({num_regions(m.patch_grid)} regions) needs {need / 2**30:.1f} GiB per evaluation batch "
-                          f"(regions^3 attention scores) at every evaluation, over the "
-                          f"{OCCLUSION_LIMIT_BYTES / 2**30:.0f} GiB limit; set model.region_weights=attention (or "
-                          f"embedding), or a coarser model.patch_grid (at most {side ** 3} regions: {side} or fewer "
-                          f"per axis){smaller}")
+                          f"({num_regions(m.patch_grid)} regions) needs {need / GIB:.1f} GiB per evaluation batch "
+                          f"(regions^3 attention scores) at every evaluation, over model.occlusion_limit_gib="
+                          f"{m.occlusion_limit_gib:g}; set model.region_weights=attention (or embedding), or a coarser "
+                          f"model.patch_grid (at most {side ** 3} regions: {side} or fewer per axis){smaller}, or "
+                          "raise model.occlusion_limit_gib on a device with that much to spare")
 
 
 def _check_compile_backend(backend: str) -> None:
