@@ -38,13 +38,16 @@ def path_without_slurm(tmp_path: Path) -> str:
 @pytest.mark.slow
 def test_without_slurm_the_same_command_trains_locally(tiny_config, tiny_store, tmp_path):
     """... with the store named relative to the folder it is started in: the run's config.yaml
-    records where that is, so predict and evaluate find the store from any folder."""
+    records where that is, so predict and evaluate find the store from any folder. The input
+    shapes are the store's (null, as the README advises): the finished run is still known as
+    finished, by this command and by the same command again."""
     run_dir = tmp_path / "run"
     env = dict(os.environ, PATH=path_without_slurm(tmp_path))
     cmd = [sys.executable, str(REPO / "launch" / "submit.py"), "--nodes", "1", "--config", str(tiny_config),
-           "--run-dir", str(run_dir), f"data.store={tiny_store.name}"]
+           "--run-dir", str(run_dir), f"data.store={tiny_store.name}", "model.t1_shape=null", "model.fmri_shape=null"]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tiny_store.parent)
     assert res.returncode == 0, res.stdout + res.stderr
+    assert "run STOPPED" not in res.stdout, res.stdout
     assert "sbatch was not found" in res.stdout and "running locally" in res.stdout
     assert f"tensorboard --logdir {run_dir}" in res.stdout
     done = json.loads((run_dir / "DONE").read_text())

@@ -15,6 +15,7 @@ resumed with that config unless ``--config`` is given, so resubmitting needs no 
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import re
 from dataclasses import dataclass, field, fields
@@ -40,8 +41,20 @@ class RunSpec:
 
     def done(self) -> dict | None:
         """The run's DONE record for this config's epoch target, or None (a stale DONE of a
-        shorter target does not count: the same check run_training makes before training)."""
-        return RunDir(self.run_dir).finished(self.cfg)
+        shorter target does not count: the same check run_training makes before training).
+        Null input shapes are the store's, as the run resolved them before it wrote DONE."""
+        done = RunDir(self.run_dir).finished(self.cfg)
+        m = self.cfg.model
+        if done is not None or None not in (m.t1_shape, m.fmri_shape, m.fmri_frames, self.cfg.data.fmri_frames):
+            return done
+        from masan.train.run import USER_ERRORS, resolve_from_store  # torch: only for such a config
+
+        resolved = copy.deepcopy(self.cfg)
+        try:
+            resolve_from_store(resolved)
+        except USER_ERRORS:  # no store to resolve from: the run's start says why
+            return None
+        return RunDir(self.run_dir).finished(resolved)
 
 
 SUBMITIT = "submitit"

@@ -296,18 +296,24 @@ def open_store(cfg: RunConfig):
     return store
 
 
-def store_contract(cfg: RunConfig):
-    """The geometry of the run's subjects in its store (:mod:`masan.data.contract`), with the
-    model's null input shapes filled from it in ``cfg``; raises ContractError (a ConfigError)
-    when the store or the config breaks the contract. Read-only."""
+def resolve_from_store(cfg: RunConfig):
+    """(the geometry of the run's subjects in its store (:mod:`masan.data.contract`), what was
+    filled, the store's notes), with the model's null input shapes filled from it in ``cfg``;
+    raises ContractError (a ConfigError) when the store or the config breaks the contract.
+    Read-only and silent (:func:`store_contract` says what it found)."""
     from masan.data.contract import resolve_inputs, store_geometry
     from masan.data.dataset import select_subjects, used_modalities
 
     store = open_store(cfg)
     subjects, _, _ = select_subjects(store, cfg.data)
     geo = store_geometry(store, subjects, used_modalities(cfg.data))
-    filled = resolve_inputs(cfg, geo)
-    for note in [*geo.notes, store.unfinished_conversion(), *unused_inputs(cfg)]:
+    return geo, resolve_inputs(cfg, geo), [*geo.notes, store.unfinished_conversion()]
+
+
+def store_contract(cfg: RunConfig):
+    """:func:`resolve_from_store`, its warnings and what it filled logged; returns the geometry."""
+    geo, filled, notes = resolve_from_store(cfg)
+    for note in [*notes, *unused_inputs(cfg)]:
         if note:
             log.warning(note)
     if filled:
@@ -347,13 +353,15 @@ def _run(cfg: RunConfig, stop: StopRequest | None, info: D.DistInfo, lock: RunLo
     cfg.data.store, cfg.run_dir = os.path.abspath(cfg.data.store), os.path.abspath(cfg.run_dir)
     run_dir = Path(cfg.run_dir)
     done = RunDir(run_dir).finished(cfg)
+    if done is None:
+        # before the hash: null input shapes take the store's (rank 0 reads the store's metadata once)
+        geometry = _on_main(info, lambda: store_contract(cfg))
+        if not info.is_main:
+            resolve_inputs(cfg, geometry)
+        done = RunDir(run_dir).finished(cfg)  # a config with null shapes names its finished run only now
     if done is not None:
         log.info("%s is finished (DONE at step %d); nothing to do", run_dir, done["step"])
         return TrainOutcome("completed", done["step"], done["epochs_done"], str(run_dir))
-    # before the hash: null input shapes take the store's (rank 0 reads the store's metadata once)
-    geometry = _on_main(info, lambda: store_contract(cfg))
-    if not info.is_main:
-        resolve_inputs(cfg, geometry)
     check_settings(cfg, info.device.type)
     ckpt = CheckpointManager(run_dir, cfg.checkpoint.keep, info.rank, info.world_size)
     chash = config_hash(cfg)
