@@ -72,8 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     partial = f"; NOT FINISHED: {res['unfinished']}" if res["unfinished"] else ""
     print(f"wrote {res['index']} ({res['subjects']} subjects, {len(res['flagged'])} flagged; {res['access']})"
           + partial)
-    for subject, codes in res["flagged"].items():
-        print(f"  FLAGGED {subject}: {', '.join(codes)}")
+    for subject, flags in res["flags"].items():  # each flag in words, not only its code: a terminal is all some have
+        for code, message in flags:
+            if code != "unreadable":  # said below, on stderr
+                print(f"  FLAGGED {subject}: {code}: {message}")
     for cause in res["unreadable"].values():  # each names its subject
         print(f"  UNREADABLE {cause}", file=sys.stderr)
     return 1 if res["unreadable"] or res["unfinished"] else 0

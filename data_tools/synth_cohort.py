@@ -109,8 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--full", action="store_true",
                    help=f"the paper's sizes: T1 {ModelConfig().t1_shape}, "
                    f"fMRI {ModelConfig().fmri_shape} x {FULL_FRAMES}")
-    p.add_argument("--tr", type=number(float, above=0), default=2.0, help="repetition time in seconds (header)")
-    p.add_argument("--seed", type=number(int, 0), default=0)
+    p.add_argument("--tr", type=number(float, above=0), default=2.0,
+                   help="repetition time in seconds (header; default %(default)s)")
+    p.add_argument("--seed", type=number(int, 0), default=0, help="random seed (default %(default)s)")
     ph = p.add_argument_group("phantom")
     ph.add_argument("--center", nargs=3, type=number(float, 0, 1), default=None,
                     help=f"planted ball centre, fractions of X Y Z (default {list(PlantedEffect.center)}: "

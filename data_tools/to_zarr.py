@@ -73,10 +73,12 @@ def _add_layout_arguments(p: argparse.ArgumentParser, model: ModelConfig) -> Non
     lay.add_argument("--fmri-shard-frames", type=number(int, 1), default=d.fmri_shard_frames,
                      help="frames per fMRI shard file, a multiple of --fmri-chunk-frames (default %(default)s); "
                           "also the streaming slab (memory per worker)")
-    lay.add_argument("--codec", default=d.codec, choices=["zstd", "lz4", "lz4hc", "blosclz", "zlib"])
+    lay.add_argument("--codec", default=d.codec, choices=["zstd", "lz4", "lz4hc", "blosclz", "zlib"],
+                     help="Blosc compressor (default %(default)s)")
     lay.add_argument("--clevel", type=int, default=d.clevel, choices=range(10), metavar="0-9",
                      help="compression level (default %(default)s)")
-    lay.add_argument("--shuffle", default=d.shuffle, choices=["bitshuffle", "shuffle", "noshuffle"])
+    lay.add_argument("--shuffle", default=d.shuffle, choices=["bitshuffle", "shuffle", "noshuffle"],
+                     help="Blosc bit or byte shuffle before compression (default %(default)s)")
     lay.add_argument("--levels", type=number(int, 1), default=d.levels,
                      help="resolution levels per image (default %(default)s: full resolution only); each further "
                           "level halves X, Y, Z for OME-Zarr viewers (training reads level 0)")
@@ -153,7 +155,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="a file whose header states no orientation (sform and qform codes 0: left and right are "
                         "a guess): refuse (default: its subject fails, the message says how to fix the header) "
                         "or assume-las (nibabel's and FSL's assumption, with a warning)")
-    p.add_argument("--workers", type=number(int, 1), default=1, help="subjects converted in parallel (processes)")
+    p.add_argument("--workers", type=number(int, 1), default=1,
+                   help="subjects converted in parallel (processes; default %(default)s)")
     p.add_argument("--verify", action="store_true",
                    help="re-read already converted subjects and reconvert any whose checksum differs")
     p.add_argument("--prune", action="store_true",

@@ -78,14 +78,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--run-dir", help="run directory (default: a run_dir=... override, else the --config file's "
                    f"run_dir, else {DEFAULT_RUN_DIR})")
     add_override_arguments(g, "config overrides, e.g. optim.lr=3e-4 model.fusion=add")
-    g.add_argument("--repeats", type=number(int, 1), default=1, help="repeats (different splits) per variant")
+    g.add_argument("--repeats", type=number(int, 1), default=1,
+                   help="repeats (different splits) per variant (default: %(default)s)")
     g.add_argument("--ablation", action="append", default=[], metavar="KEY=VALUE",
                    help="one ablation variant (repeatable): one override, or several in one quoted argument "
                         "(\"model.arch=hfcn data.use_fmri=false\"); submitted with the baseline as one array")
     g.add_argument("--no-baseline", action="store_true", help="with --ablation: leave out the baseline")
     base = Resources()  # the SLURM defaults live in one place: the dataclass
     r = p.add_argument_group("SLURM resources")
-    r.add_argument("--nodes", type=number(int, 1), default=base.nodes)
+    r.add_argument("--nodes", type=number(int, 1), default=base.nodes, help="nodes per job (default: %(default)s)")
     r.add_argument("--gpus-per-node", type=number(int, 0), default=None,
                    help="GPUs (= ranks) per node; default: the GPUs the partition's nodes have (sinfo), "
                    "0 on CPU nodes (then one rank per node)")
@@ -98,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--qos")
     r.add_argument("--constraint")
     r.add_argument("--exclude", help="nodes to avoid, e.g. node[3-4]")
-    r.add_argument("--job-name", default=base.job_name)
+    r.add_argument("--job-name", default=base.job_name, help="SLURM job name (default: %(default)s)")
     f = p.add_argument_group("time limits, preemption, crashes")
     f.add_argument("--signal-delay", dest="signal_delay_s", type=number(int, 0), default=base.signal_delay_s,
                    help="seconds before the time limit at which SLURM sends USR2 (default: %(default)s); "
@@ -113,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run every check a submission makes (the runs' starts, the partition) and print what would "
                         "be trained where, then stop: nothing is written or submitted")
     m.add_argument("--wait", action="store_true", help="follow the job(s) until they end; exit 0 if all runs finished")
-    m.add_argument("--poll", type=number(float, above=0), default=10.0, help="seconds between state checks with --wait")
+    m.add_argument("--poll", type=number(float, above=0), default=10.0,
+                   help="seconds between state checks with --wait (default: %(default)s)")
     m.add_argument("--status", nargs="+", metavar="RUN_DIR",
                    help="only print the table of every run under these directories (launch/status.py) and exit")
     return p

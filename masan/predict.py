@@ -213,10 +213,16 @@ def _subjects(cfg: RunConfig, run_dir: Path, store: str | None, part: str) -> Se
     has none the run can predict."""
     from masan.data.dataset import select_subjects
     from masan.data.splits import Split
+    from masan.store.cohort import FIX as STORE_FIX
     from masan.store.cohort import CohortStore
 
     if store is None:
         store = cfg.data.store
+        if not Path(store).exists():  # moved, or purged from scratch: the user knows where it went, if anywhere
+            raise PredictRefused(
+                f"the cohort store {store} that {run_dir} trained on (its data.store) does not exist: moved or "
+                f"deleted? Pass where it is now with --store PATH (every subject of it is then predicted), or put it "
+                f"back at that path (a symlink will do) to predict the run's {part} part; if it is lost, {STORE_FIX}")
         split_file = RunDir(run_dir).split
         split = Split.load(split_file)
         chosen = split.part(part)
@@ -310,19 +316,20 @@ def seen_in_training(cfg: RunConfig, run_dir: Path, store: CohortStore, subjects
     def scans(of, s: str) -> list:
         return [(of.row(s)[m] or {}).get("sha256") for m in modalities]
 
-    basis = ""
+    basis = restore = ""
     try:
         own = CohortStore(cfg.data.store)
         in_own = set(own.subjects)
         seen = [s for s in seen if s in in_own and scans(own, s) == scans(store, s)]
     except (StoreError, OSError):
         basis = f" (by id: the run's store {cfg.data.store} cannot be read to compare the scans)"
+        restore = f" with its store back at {cfg.data.store} (a symlink will do)"  # without it, predict refuses
     if not seen:
         return None
     n = {name: sum(s in part for s in seen) for name, part in parts.items()}
     return (f"{len(seen)} of the {len(subjects)} subjects of {store.path} are in {run_dir}'s training ({n['train']}) "
             f"or validation ({n['val']}) part{basis}, so the accuracy is not a test accuracy; for that, predict "
-            f"its test part: python -m masan.predict {run_dir} --out DIR (no --store)")
+            f"its test part{restore}: python -m masan.predict {run_dir} --out DIR (no --store)")
 
 
 def check_contract(cfg: RunConfig, run_dir: Path, store: str, subjects: list[str]) -> None:

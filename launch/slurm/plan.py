@@ -126,19 +126,29 @@ def time_text(minutes: int) -> str:
 
 
 def slurm_time(text: str) -> int:
-    """argparse type of ``--time``: :func:`parse_time_min`, its message as argparse's error."""
+    """argparse type of ``--time``: :func:`parse_time_min`, its message as argparse's error.
+    Refuses a limit of 0, which SLURM reads as none: the job is told when to save (USR2,
+    --signal-delay before its limit) only when it has one."""
     try:
+        if parse_time_s(text) == 0:
+            raise ValueError(f"--time {text}: give a limit, e.g. --time {time_text(Resources.time_min)}; SLURM's 0 "
+                             "(no limit) is not supported: a run needs its limit to save before it")
         return parse_time_min(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def parse_time_min(text: str) -> int:
-    """SLURM time formats -> whole minutes, rounded up.
+    """SLURM time formats -> whole minutes, rounded up (at least 1).
 
     ``"90"`` (minutes), ``"90:30"`` (min:s), ``"2:00:00"`` (h:min:s), ``"1-12"`` (d-h),
     ``"1-12:30"`` (d-h:min), ``"1-12:30:00"`` (d-h:min:s).
     """
+    return max(1, -(-parse_time_s(text) // 60))
+
+
+def parse_time_s(text: str) -> int:
+    """A SLURM time (the formats of :func:`parse_time_min`) in seconds."""
     m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text.strip())
     if m is None:
         raise ValueError(f"--time {text!r}: use minutes, MM:SS, HH:MM:SS or D-HH[:MM[:SS]]")
@@ -153,7 +163,7 @@ def parse_time_min(text: str) -> int:
         seconds = parts[0] * 60 + parts[1]
     else:
         seconds = parts[0] * 3600 + parts[1] * 60 + parts[2]
-    return max(1, -(-seconds // 60))
+    return seconds
 
 
 _NEXT_OVERRIDE = re.compile(r"\s+(?=[A-Za-z_][\w.]*=)")

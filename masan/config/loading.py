@@ -7,6 +7,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import sys
 import types
 import typing
@@ -52,7 +53,7 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         if isinstance(value, tuple):
             value = list(value)
         if not isinstance(value, list):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
+            raise ConfigError(f"{where}: expected a list, got {value!r}{_as_list_hint(value)}")
         return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)] if args else value
     if origin is dict:
         if not isinstance(value, dict):
@@ -80,6 +81,15 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             return str(value)
         raise ConfigError(f"{where}: expected a string, got {value!r}")
     return value
+
+
+def _as_list_hint(value: Any) -> str:
+    """``"; write it as [NC,AD]"`` for ``"NC,AD"``: the brackets make YAML (file or override)
+    read a list; empty where brackets would not help (true/false, a mapping, nothing)."""
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        return ""
+    items = [item for item in re.split(r"[,\s]+", str(value)) if item]
+    return f"; write it as [{','.join(items)}]" if items else ""
 
 
 def _build(cls: type, values: dict, where: str = "") -> Any:

@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -144,10 +145,23 @@ def _chosen_spacing(opts: ConvertOptions, jobs: list[Job]) -> tuple[ConvertOptio
                 except (OSError, ValueError):  # the subject fails with its own message when converted
                     continue
         spacing[i] = resample.common_spacing(sizes) if sizes else 1.0
-        notes.append(f"--spacing: {modality} resampled to {spacing[i]:g} mm, the cohort's most common voxel size "
-                     + (f"(all {len(sizes)} files have it)" if len(set(sizes)) == 1 else
-                        f"({len(set(sizes))} different sizes among {len(sizes)} files)"))
+        notes.append(f"--spacing: {modality} resampled to {spacing[i]:g} mm isotropic voxels, "
+                     + _spacing_source(spacing[i], sizes))
     return replace(opts, spacing=(spacing[0], spacing[1])), notes
+
+
+def _spacing_source(spacing: float, sizes: list[tuple[float, float, float]]) -> str:
+    """Where ``spacing`` (:func:`resample.common_spacing` of ``sizes``) comes from, for the note:
+    the grid is isotropic, so an anisotropic voxel size gives its finest axis, said as such."""
+    if not sizes:
+        return "as no file's header gave a voxel size"
+    counts = Counter(sizes).most_common()
+    size = next(s for s, n in counts if n == counts[0][1] and min(s) == spacing)
+    held = (f"all {len(sizes)} files have it" if len(counts) == 1 else
+            f"{counts[0][1]} of {len(sizes)} files have it, {len(counts)} different sizes")
+    if len(set(size)) == 1:
+        return f"the cohort's most common voxel size ({held})"
+    return f"the finest axis of the cohort's most common voxel size {'x'.join(f'{z:g}' for z in size)} mm ({held})"
 
 
 def _check_store_or_empty(path: Path) -> None:

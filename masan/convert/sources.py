@@ -46,6 +46,10 @@ REST_ABBREVIATIONS = ("rs", "rsfmri", "rsbold", "rsfc")
 """Resting-state task labels without "rest" in them that cohorts use (lower case)."""
 
 
+MANIFEST_COLUMNS = ("subject", "t1", "fmri", "label")
+"""A manifest's columns (matched ignoring case and surrounding spaces)."""
+
+
 class ConvertError(ValueError):
     """The conversion as a whole cannot start (bad inputs or options); exit code 2."""
 
@@ -71,6 +75,9 @@ class SubjectSource:
     fmri_refused: str | None = None
     """Why its BOLD runs were not taken (none is of the task wanted: :func:`bold_refusal`); the
     subject fails with it when fMRI is required or it has no T1, else it is stored without fMRI."""
+    other_sessions: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    """When the session used lacks a modality: the subject's other session folders holding any
+    image, and the modalities each holds, so that the failure can say where the missing one is."""
 
 
 @dataclass
@@ -109,10 +116,17 @@ def read_manifest(path: str | Path, bold_task: str | None = None) -> list[Subjec
     if not path.is_file():
         raise ConvertError(f"manifest {path} not found; pass a CSV with columns subject,t1,fmri,label")
     cols, rows = _read_table(path, ",")
-    missing = {"subject", "t1", "fmri", "label"} - set(cols)
+    # Spreadsheets capitalise headers (Subject, T1, fMRI): a column is its name in any case and spacing.
+    names = Counter(c.strip().lower() for c in cols)
+    twice = [n for n in MANIFEST_COLUMNS if names[n] > 1]
+    if twice:
+        raise ConvertError(f"manifest {path} has the column {twice[0]!r} more than once (as "
+                           f"{[c for c in cols if c.strip().lower() == twice[0]]}; names match in any case); keep one")
+    missing = set(MANIFEST_COLUMNS) - set(names)
     if missing:
         raise ConvertError(f"manifest {path} lacks column(s) {sorted(missing)} "
-                           f"(has {cols}{_delimiter_hint(cols, ',')}); it needs subject,t1,fmri,label")
+                           f"(has {cols}{_delimiter_hint(cols, ',')}); it needs {','.join(MANIFEST_COLUMNS)}")
+    rows = [(i, {k if k is None else k.strip().lower(): v for k, v in r.items()}) for i, r in rows]
     out = []
     for i, r in rows:
         def p(key: str, r: dict = r) -> Path | None:
@@ -363,6 +377,8 @@ def discover_bids(bids: str | Path, label_column: str = "diagnosis", session: st
     runs, the first by name; the choice is noted.
     """
     bids = Path(bids)
+    if not bids.is_dir():
+        raise ConvertError(_not_bids_folder(bids))
     table = bids / "participants.tsv"
     if not table.is_file():
         raise ConvertError(f"{table} not found; a BIDS folder needs participants.tsv with "
@@ -392,6 +408,20 @@ def discover_bids(bids: str | Path, label_column: str = "diagnosis", session: st
     return sources
 
 
+def _not_bids_folder(bids: Path) -> str:
+    """Why --bids ``bids`` (not a folder) is refused, and what to pass instead: checked before
+    participants.tsv, whose "not found" would hide a typo or a file given for its folder."""
+    if not bids.exists():
+        return f"--bids {bids} does not exist; pass the BIDS folder (the one holding participants.tsv)"
+    if bids.name == "participants.tsv":
+        fix = f"pass its folder: --bids {bids.parent}"
+    elif bids.suffix.lower() == ".csv":
+        fix = "for a CSV manifest use --manifest"
+    else:
+        fix = "pass the folder holding participants.tsv"
+    return f"--bids {bids} is a file, not the BIDS folder; {fix}"
+
+
 def _bids_subject(bids: Path, sid: str, want: str | None, session: str | None, found_sessions: set[str],
                   label: str | None, origin: str, table: Path | None, bold_task: str | None) -> SubjectSource:
     """One subject's files in the BIDS folder (the session ``want``, else the first holding both
@@ -416,8 +446,37 @@ def _bids_subject(bids: Path, sid: str, want: str | None, session: str | None, f
         notes.append(f"no session folders; used its files outside sessions (--session {session} not applied)")
     found = _bids_files(folder, bold_task)
     sidecar, tr_notes = bold_sidecar(found.bold, bids) if found.bold else (None, [])
+    other = _sessions_holding(sessions, folder, bold_task) if not (found.t1 and found.bold) else {}
     return SubjectSource(sid, label, found.t1, found.bold, origin, notes + found.notes + tr_notes, sidecar, table,
-                         folder.name if sessions else None, found.bold_refused)
+                         folder.name if sessions else None, found.bold_refused, other)
+
+
+def _sessions_holding(sessions: list[Path], used: Path, bold_task: str | None) -> dict[str, tuple[str, ...]]:
+    """Session folder name -> the modalities it holds, for a subject's sessions other than
+    ``used`` that hold any image."""
+    held = {}
+    for p in sessions:
+        if p == used:
+            continue
+        found = _bids_files(p, bold_task)
+        has = tuple(m for m, f in (("t1", found.t1), ("fmri", found.bold)) if f)
+        if has:
+            held[p.name] = has
+    return held
+
+
+def _elsewhere(s: SubjectSource, missing: list[str]) -> str:
+    """Where a subject's ``missing`` modalities are instead (its other sessions), and what to do:
+    --session picks one session for every subject, so it helps only where a session holds both."""
+    where = [f"its {m} is in {', '.join(ses for ses, has in s.other_sessions.items() if m in has)}"
+             for m in missing if any(m in has for has in s.other_sessions.values())]
+    if not where:
+        return ""
+    both = [ses for ses, has in s.other_sessions.items() if set(has) >= set(MODALITIES)]
+    if both:
+        return f" ({'; '.join(where)}; {both[0]} holds both: pick it with --session {both[0].removeprefix('ses-')})"
+    return (f" ({'; '.join(where)}, and no session holds both: a subject's images are taken from one session, "
+            "so if they are of the same visit move them into one session folder)")
 
 
 def _check_participant_ids(bids: Path, table: Path, rows: list[tuple[int, dict]]) -> None:
@@ -502,8 +561,7 @@ def check_sources(sources: list[SubjectSource], label_map: dict[str, str], requi
             continue
         cls = None if s.label is None else label_map.get(s.label.upper())
         if cls is None and s.label is not None:
-            fail(f"label {s.label!r} is not a known class; known labels {sorted(label_map)}; "
-                 "map it with --label-map RAW=CLASS or fix the table")
+            fail(f"label {s.label!r} is not a known class; known labels {sorted(label_map)}; {_label_fix(s.label)}")
             continue
         notes = s.notes
         if s.fmri_refused is not None:
@@ -522,7 +580,7 @@ def check_sources(sources: list[SubjectSource], label_map: dict[str, str], requi
                  f"or remove {where}")
             continue
         if missing:
-            where = f" in {s.session}" if s.session else ""
+            where = f" in {s.session}{_elsewhere(s, missing)}" if s.session else ""
             fail(f"has no {' and no '.join(missing)} file{where}; add it, or convert with --require "
                  f"{' '.join(m for m in MODALITIES if m not in missing)} to allow this (--require none: every "
                  "subject with the images it has)")
@@ -543,6 +601,17 @@ def check_sources(sources: list[SubjectSource], label_map: dict[str, str], requi
             paths[FMRI_SIDECAR] = os.path.abspath(s.fmri_sidecar)
         jobs.append(Job(s.subject, cls, paths, notes))
     return jobs, failures
+
+
+def _label_fix(label: str) -> str:
+    """How to fix a label that is no class: map it; for one that spells a default class (or an
+    ADNI alias of one) that --classes left out, adding that class back is a fix too."""
+    raw = label.strip().upper()
+    default = next((c for c in DEFAULT_CLASSES if c.upper() == ADNI_ALIASES.get(raw, raw)), None)
+    mapped = "map it with --label-map RAW=CLASS"
+    if default:
+        return f"add {default} to --classes to keep it as a class, {mapped}, or fix the table"
+    return f"{mapped} or fix the table"
 
 
 def _file_id(path: Path) -> tuple[int, int]:

@@ -12,9 +12,11 @@ transforms (augmentation, :mod:`masan.data.transforms`) hook in through
 from __future__ import annotations
 
 import copy
+import functools
+import logging
 import os
 import warnings
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 
 import torch
@@ -23,6 +25,8 @@ from torch.utils.data import Dataset
 from masan.config import ConfigError, DataConfig
 from masan.data.temporal import fluctuations
 from masan.store.cohort import CohortStore
+
+log = logging.getLogger(__name__)
 
 
 def used_modalities(cfg: DataConfig) -> list[str]:
@@ -45,15 +49,21 @@ def unserved_classes(have: Sequence[str], data_cfg: DataConfig) -> tuple[list[st
     return unknown, [c for c in data_cfg.classes if c not in reachable]
 
 
+@functools.cache
+def _log_once(message: str) -> None:
+    # a start selects its subjects more than once (the store's contract, then the preflight)
+    log.info(message)
+
+
 def select_subjects(store: CohortStore | str | os.PathLike, data_cfg: DataConfig, unlabeled: bool = False
                     ) -> tuple[list[str], list[int], list[str]]:
     """-> (subjects, labels as indices into class_names, class_names = data_cfg.classes).
 
     A store class maps to ``data_cfg.merge.get(c, c)``; subjects whose mapped class is not
-    in ``data_cfg.classes`` are left out silently (that is the selection), subjects lacking
-    a used modality are left out with one warning naming them. Subjects stored without a
-    diagnosis (``to_zarr.py --allow-unlabeled``) are left out with a warning, or with
-    ``unlabeled`` (prediction) kept with label :data:`UNLABELED`.
+    in ``data_cfg.classes`` are left out (that is the selection: counted per class in one INFO
+    line, once per process), subjects lacking a used modality are left out with one warning
+    naming them. Subjects stored without a diagnosis (``to_zarr.py --allow-unlabeled``) are
+    left out with a warning, or with ``unlabeled`` (prediction) kept with label :data:`UNLABELED`.
     """
     store = store if isinstance(store, CohortStore) else CohortStore(store)
     classes = list(data_cfg.classes)
@@ -68,12 +78,14 @@ def select_subjects(store: CohortStore | str | os.PathLike, data_cfg: DataConfig
                           f"data.merge {data_cfg.merge}; fix data.classes or data.merge")
     used = used_modalities(data_cfg)
     subjects, labels, lacking, unknown_dx = [], [], [], []
+    other_classes: Counter[str] = Counter()
     for s in store.subjects:
         cls = data_cfg.merge.get(store.label(s), store.label(s))
         if store.label(s) is None and not unlabeled:
             unknown_dx.append(s)
             continue
         if cls not in classes and store.label(s) is not None:
+            other_classes[store.label(s)] += 1
             continue
         absent = [m for m in used if not store.has(s, m)]
         if absent:
@@ -81,6 +93,10 @@ def select_subjects(store: CohortStore | str | os.PathLike, data_cfg: DataConfig
             continue
         subjects.append(s)
         labels.append(UNLABELED if cls is None else classes.index(cls))
+    if other_classes:
+        _log_once(f"data.classes=[{', '.join(classes)}]: {sum(other_classes.values())} subject(s) of {store.path} "
+                  f"of other classes left out ({', '.join(f'{c} {n}' for c, n in sorted(other_classes.items()))}); "
+                  "data.merge pools classes into one of data.classes")
     if unknown_dx:
         warnings.warn(f"{len(unknown_dx)} subject(s) of {store.path} have no diagnosis and are left out of training: "
                       f"{', '.join(unknown_dx[:5])}{'...' if len(unknown_dx) > 5 else ''} (predict them with "

@@ -161,10 +161,24 @@ def load_atlas_labels(path: str | os.PathLike) -> dict[int, str]:
     return names
 
 
+ATLAS_MIN_SHARED = 0.4
+"""Fewest neighbouring voxel pairs (both non-zero) that share a label in an atlas: its regions
+are blobs, so most pairs do (about 0.7 and more even for thousands of regions on a 2 mm grid);
+in an intensity image (a T1) a few percent do."""
+
+
 def open_atlas(path: str | os.PathLike) -> nib.spatialimages.SpatialImage:
-    """The atlas image with its header read (voxels not yet), checked to be a 3-D label volume
-    (X, Y, Z), or 4-D with one volume; raises :class:`RegionError` naming the fix otherwise.
-    Cheap: callers check the atlas with it before writing anything."""
+    """The atlas image, checked to be a label volume (:func:`_atlas_volume`); raises
+    :class:`RegionError` naming the fix otherwise. Callers check the atlas with it before
+    writing anything."""
+    return _atlas_volume(path)[0]
+
+
+def _atlas_volume(path: str | os.PathLike) -> tuple[nib.spatialimages.SpatialImage, np.ndarray]:
+    """(the atlas image, its (X, Y, Z) voxels): a 3-D volume (or 4-D with one volume) of
+    integer labels whose regions are blobs; :class:`RegionError` naming the fix otherwise.
+    The voxels are read: an intensity image (a T1 passed by mistake) passes every header check,
+    and would name regions by its intensities ("label 7")."""
     p = Path(path)
     try:
         img = nib.load(p)
@@ -173,7 +187,37 @@ def open_atlas(path: str | os.PathLike) -> nib.spatialimages.SpatialImage:
                           f"(.nii or .nii.gz), or no atlas to name regions by grid cell") from None
     if not (len(img.shape) == 3 or (len(img.shape) == 4 and img.shape[3] == 1)):
         raise RegionError(f"atlas {p} has shape {img.shape}; expected a 3-D label volume (X, Y, Z)")
-    return img
+    try:
+        data = np.asanyarray(img.dataobj)
+    except Exception as e:  # noqa: BLE001 - nibabel/gzip raise several types for a truncated file
+        raise RegionError(f"cannot read the label volume of atlas {p}: {e}") from None
+    data = data.reshape(img.shape[:3])
+    fix = "pass an atlas label volume (integer labels, 0 = background), or no --atlas to name regions by grid cell"
+    if data.dtype.kind == "f":
+        fractional = data[~(np.isfinite(data) & (data == np.rint(data)))]
+        if fractional.size:
+            raise RegionError(f"atlas {p} holds non-integer values (e.g. {fractional.flat[0]:g}), so it is no label "
+                              f"volume (a T1 or a probability map?); {fix}")
+    shared = _shared_neighbours(data)
+    if shared < ATLAS_MIN_SHARED:
+        count = len(np.unique(data[data != 0]))
+        raise RegionError(f"atlas {p} has {count} distinct non-zero values, and only {shared:.0%} of neighbouring "
+                          f"voxels share one (an atlas's regions are blobs: most do), so it is an intensity image "
+                          f"(a T1?), not a label volume; {fix}")
+    return img, data
+
+
+def _shared_neighbours(volume: np.ndarray) -> float:
+    """The fraction of face-neighbouring voxel pairs, both non-zero, that hold the same value
+    (1 when there are none)."""
+    same = pairs = 0
+    for axis in range(volume.ndim):
+        a = volume[(slice(None),) * axis + (slice(None, -1),)]
+        b = volume[(slice(None),) * axis + (slice(1, None),)]
+        both = (a != 0) & (b != 0)
+        same += int(np.count_nonzero(both & (a == b)))
+        pairs += int(np.count_nonzero(both))
+    return same / pairs if pairs else 1.0
 
 
 def resample_atlas(
@@ -201,13 +245,7 @@ def atlas_on_grid(
 ) -> tuple[np.ndarray, float]:
     """:func:`resample_atlas`, and the fraction (0..1) of the T1 grid's voxels that fall inside
     the atlas volume (a small one: atlas and T1 are probably not in one world space)."""
-    img = open_atlas(atlas_path)
-    try:
-        data = np.asanyarray(img.dataobj)
-    except Exception as e:  # noqa: BLE001 - nibabel/gzip raise several types for a truncated file
-        raise RegionError(f"cannot read the label volume of atlas {atlas_path}: {e}") from None
-    if data.ndim == 4:
-        data = data[..., 0]
+    img, data = _atlas_volume(atlas_path)
     vox_map = np.linalg.inv(img.affine) @ np.asarray(target_affine, dtype=np.float64)  # T1 voxel -> atlas voxel
     # grid-constant: a T1 voxel whose nearest atlas voxel exists keeps it, even within half a
     # voxel of the edge ("constant" would zero those)

@@ -212,9 +212,10 @@ def write_report(store_path: str | os.PathLike, out: str | os.PathLike, opts: QC
     never more readable than the store (it shows subjects' images and labels): files are created
     under a umask from the store's mode, then the folder gets the store's mode and group
     (:mod:`masan.access`). Returns ``{"index", "subjects", "flagged" (subject -> flag codes),
-    "unreadable" (subject -> the cause), "unfinished" (why the store may be partial, and what to
-    do; None when its last conversion finished), "access"}``. Raises :class:`QCError` naming the
-    fix for a bad store, subject or output folder.
+    "flags" (subject -> its (code, message) pairs, as the page lists them), "unreadable"
+    (subject -> the cause), "unfinished" (why the store may be partial, and what to do; None
+    when its last conversion finished), "access"}``. Raises :class:`QCError` naming the fix for
+    a bad store, subject or output folder.
     """
     opts = opts or QCOptions()
     out = Path(out)
@@ -251,5 +252,6 @@ def write_report(store_path: str | os.PathLike, out: str | os.PathLike, opts: QC
     applied = apply_access(out, mode, gid)
     return {"index": out / INDEX, "subjects": len(results),
             "flagged": {r.subject: sorted({f.code for f in r.flags}) for r in results if r.flags},
+            "flags": {r.subject: [(f.code, f.message) for f in r.flags] for r in results if r.flags},
             "unreadable": {r.subject: f.message for r in results for f in r.flags if f.code == "unreadable"},
             "unfinished": unfinished, "access": describe_mode(*applied)}

@@ -127,8 +127,13 @@ class RunLock:
     def take(self) -> None:
         """Create ``run.lock`` when missing, lock it and write this process's record into it."""
         if not self.held and not self.unsupported:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            self._lock(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666))
+            try:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            except OSError as e:  # the start's writability check passes some such paths (/proc, for root)
+                raise ConfigError(f"run_dir={self.run_dir}: cannot create {e.filename or self.path} ({e.strerror}); "
+                                  "choose a run_dir in a folder you may write, e.g. run_dir=runs/NAME") from None
+            self._lock(fd)
         if self.held:
             record = {"pid": os.getpid(), "host": socket.gethostname(), "since": datetime.now().isoformat(
                 timespec="seconds"), "launcher_pid": os.environ.get(LAUNCHER_PID_ENV),
