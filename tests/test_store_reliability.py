@@ -32,7 +32,7 @@ from masan.convert import nifti
 from masan.store.cohort import REPORT, STAGING, SUBJECTS, CohortStore, StoreError
 from masan.synth.phantom import synthesize_cohort
 from masan.train.run import store_contract
-from processes import gone
+from processes import children, gone
 from test_data_convert import write_manifest
 
 pytestmark = pytest.mark.slow  # every test converts cohorts with killed and racing processes
@@ -120,17 +120,14 @@ def test_concurrent_conversions_into_a_new_store_one_refuses(tmp_path, capfd):
 def _children(pid):
     """Live child processes of ``pid`` that are pool workers (not the resource tracker)."""
     out = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
+    for child in children(pid):
         try:
-            st = (d / "stat").read_text()
-            cmd = (d / "cmdline").read_bytes()
-        except OSError:
+            state = Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            cmd = Path(f"/proc/{child}/cmdline").read_bytes()
+        except (OSError, IndexError):
             continue
-        fields = st.rsplit(")", 1)[1].split()
-        if int(fields[1]) == pid and fields[0] != "Z" and b"spawn_main" in cmd:
-            out.append(int(d.name))
+        if state != "Z" and b"spawn_main" in cmd:
+            out.append(child)
     return out
 
 

@@ -43,10 +43,12 @@ class RunSpec:
         """The run's DONE record for this config's epoch target, or None (a stale DONE of a
         shorter target does not count: the same check run_training makes before training).
         Null input shapes are the store's, as the run resolved them before it wrote DONE."""
-        done = RunDir(self.run_dir).finished(self.cfg)
+        rd = RunDir(self.run_dir)
+        done = rd.finished(self.cfg)
         m = self.cfg.model
-        if done is not None or None not in (m.t1_shape, m.fmri_shape, m.fmri_frames, self.cfg.data.fmri_frames):
-            return done
+        if done is not None or not rd.done.exists() or None not in (m.t1_shape, m.fmri_shape, m.fmri_frames,
+                                                                      self.cfg.data.fmri_frames):
+            return done  # a run that never finished reads no store here: its start check does
         from masan.train.run import USER_ERRORS, resolve_from_store  # torch: only for such a config
 
         resolved = copy.deepcopy(self.cfg)
@@ -54,7 +56,7 @@ class RunSpec:
             resolve_from_store(resolved)
         except USER_ERRORS:  # no store to resolve from: the run's start says why
             return None
-        return RunDir(self.run_dir).finished(resolved)
+        return rd.finished(resolved)
 
 
 SUBMITIT = "submitit"
