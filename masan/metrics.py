@@ -52,6 +52,8 @@ class Scored:
     """Index of the positive class."""
     probs: np.ndarray | None
     """(N, C) float64 class probabilities, or None."""
+    ranking: np.ndarray | None = None
+    """(N, C) float64 scores that rank subjects within a class for the AUC (None: ``probs``)."""
 
     @property
     def y_pos(self) -> np.ndarray:
@@ -88,7 +90,7 @@ def _nll(s: Scored) -> float | None:
 def _auc(s: Scored) -> float | None:
     if s.probs is None or not 0 < s.y_pos.sum() < s.y.size:
         return None  # no probabilities, or the positive class absent (or alone) in the labels
-    return float(roc_auc_score(s.y_pos, s.probs[:, s.pos]))
+    return float(roc_auc_score(s.y_pos, (s.probs if s.ranking is None else s.ranking)[:, s.pos]))
 
 
 @dataclass(frozen=True)
@@ -154,6 +156,7 @@ def classification_metrics(
     class_names: Sequence[str],
     positive_class: str,
     probs: np.ndarray | None = None,
+    scores: np.ndarray | None = None,
 ) -> dict:
     """All metrics of one set of predictions, as JSON-ready plain Python values.
 
@@ -163,6 +166,8 @@ def classification_metrics(
         class_names: the C class names in model output order.
         positive_class: the class treated as positive (the paper: ``"AD"``).
         probs: optional (N, C) float class probabilities, for ``auc`` and ``nll``.
+        scores: optional (N, C) float scores the AUC ranks by instead of ``probs`` (the head's
+            own softmax where ``probs`` had label smoothing undone: :func:`masan.predictions.unsmoothed`).
 
     Returns:
         dict with ``n``, ``class_names``, ``positive_class``, ``accuracy`` (multi-class),
@@ -186,12 +191,8 @@ def classification_metrics(
         raise MetricsError(f"class indices {bad} are outside the {len(names)} classes {names}")
     pos = positive_index(names, positive_class)
     ind = list(range(len(names)))
-    pr = None
-    if probs is not None:
-        pr = np.asarray(probs, dtype=np.float64)
-        if pr.shape != (y.size, len(names)):
-            raise MetricsError(f"probs have shape {pr.shape}; expected ({y.size}, {len(names)})")
-    scored = Scored(y, p, pos, pr)
+    pr, sc = (_per_class(a, what, y.size, names) for a, what in ((probs, "probs"), (scores, "scores")))
+    scored = Scored(y, p, pos, pr, sc)
     cls_p, cls_r, cls_f, cls_n = precision_recall_fscore_support(y, p, labels=ind, zero_division=0)
     called = np.bincount(p, minlength=len(names))
     return {
@@ -208,6 +209,16 @@ def classification_metrics(
     }
 
 
+def _per_class(values: np.ndarray | None, what: str, n: int, names: Sequence[str]) -> np.ndarray | None:
+    """``values`` as float64 (n, C), checked; None stays None."""
+    if values is None:
+        return None
+    out = np.asarray(values, dtype=np.float64)
+    if out.shape != (n, len(names)):
+        raise MetricsError(f"{what} have shape {out.shape}; expected ({n}, {len(names)})")
+    return out
+
+
 def flat_scalars(metrics: dict) -> dict[str, float]:
     """The scalar metrics of :func:`classification_metrics` as a flat ``name -> float`` dict,
     per-class ones as ``precision/<class>``, ``recall/<class>``, ``f1/<class>`` (TensorBoard tags,
@@ -222,8 +233,9 @@ def flat_scalars(metrics: dict) -> dict[str, float]:
 
 def prediction_metrics(preds, class_names: Sequence[str], positive_class: str) -> dict:
     """:func:`classification_metrics` of a :class:`masan.predictions.Predictions` (anything with
-    ``labels``, ``preds`` and ``probs``)."""
-    return classification_metrics(preds.labels, preds.preds, class_names, positive_class, preds.probs)
+    ``labels``, ``preds``, ``probs`` and optionally ``scores``)."""
+    return classification_metrics(preds.labels, preds.preds, class_names, positive_class, preds.probs,
+                                  getattr(preds, "scores", None))
 
 
 def undefined_note(metrics: dict) -> str | None:

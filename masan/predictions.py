@@ -8,8 +8,10 @@ training writes them without importing :mod:`masan.evaluate`.
 
 Files written by :func:`write_predictions` (read back by :func:`load_predictions`)::
 
-    run_dir/predictions.csv     subject, split, label, pred, prob_<class>...   (class names in
-                                label/pred; the prob_ columns give the class order; rows of the
+    run_dir/predictions.csv     subject, split, label, pred, prob_<class>... [, score_<class>...]
+                                (class names in label/pred; the prob_ columns give the class
+                                order; score_ columns only when label smoothing was undone on
+                                the prob_ ones, :attr:`Predictions.scores`; rows of the
                                 evaluated split first, sorted by subject)
     run_dir/region_weights.npy  (N_eval, R) float32, row i = i-th evaluated-split row of the CSV
     run_dir/metrics.json        metrics of the evaluated split (masan.metrics), plus
@@ -38,6 +40,7 @@ from masan.metrics import prediction_metrics
 from masan.rundir import RunDir
 
 PROB_PREFIX = "prob_"
+SCORE_PREFIX = "score_"
 DECISIONS = ("argmax", "expected_stage")
 """The rules of :func:`decide` (``data.decision``)."""
 
@@ -69,8 +72,9 @@ def unsmoothed(probs: np.ndarray, smoothing: float) -> np.ndarray:
     ``q = (1 - eps) p + eps / C``, not ``p``: every class keeps at least ``eps / C``, and under the
     expected stage every call is pulled towards the middle stage by about eps of a stage. The
     smoothing is a training device, so predictions report ``p = (q - eps / C) / (1 - eps)``,
-    clipped at 0 and renormalised. Rank order within a class, and so the arg-max and the AUC,
-    are unchanged (but classes below ``eps / C`` tie at 0); ``smoothing`` 0 returns ``probs``."""
+    clipped at 0 and renormalised. The arg-max is unchanged; the order of subjects within a
+    class is not always (a row with a class clipped is scaled down), so the AUC ranks by the
+    head's own ``q`` (:attr:`Predictions.scores`). ``smoothing`` 0 returns ``probs``."""
     probs = np.asarray(probs, dtype=np.float32)
     if smoothing == 0 or probs.size == 0:
         return probs
@@ -89,6 +93,9 @@ class Predictions:
         probs: (N, C) float32 class probabilities (the softmax, label smoothing undone: :func:`unsmoothed`).
         region_weights: (N, R) float32 region weights (R = 0 when the model gives none).
         decision: how :attr:`preds` calls a class from ``probs`` (:func:`decide`).
+        scores: (N, C) float32 the head's own softmax when ``probs`` had label smoothing undone,
+            else None. The AUC ranks subjects by them: undoing the smoothing clips and
+            renormalises each row, which can reorder subjects within a class.
     """
 
     subjects: list[str]
@@ -96,6 +103,14 @@ class Predictions:
     probs: np.ndarray
     region_weights: np.ndarray
     decision: str = "argmax"
+    scores: np.ndarray | None = None
+
+    def take(self, rows: Sequence[int]) -> Predictions:
+        """The predictions of ``rows`` (indices), in that order."""
+        rows = list(rows)
+        return Predictions([self.subjects[i] for i in rows], self.labels[rows], self.probs[rows],
+                           self.region_weights[rows], self.decision,
+                           None if self.scores is None else self.scores[rows])
 
     @property
     def preds(self) -> np.ndarray:
@@ -116,22 +131,27 @@ def merge_predictions(parts: Iterable[Predictions]) -> Predictions:
     first = {}
     for i, s in enumerate(subjects):
         first.setdefault(s, i)
-    keep = [first[s] for s in sorted(first)]
-    return Predictions(
-        subjects=sorted(first),
-        labels=np.concatenate([p.labels for p in parts])[keep],
-        probs=np.concatenate([p.probs for p in parts])[keep],
-        region_weights=np.concatenate([p.region_weights for p in parts])[keep],
+    scored = all(p.scores is not None for p in parts)
+    whole = Predictions(
+        subjects=subjects,
+        labels=np.concatenate([p.labels for p in parts]),
+        probs=np.concatenate([p.probs for p in parts]),
+        region_weights=np.concatenate([p.region_weights for p in parts]),
         decision=parts[0].decision,
+        scores=np.concatenate([p.scores for p in parts]) if scored else None,
     )
+    return whole.take(first[s] for s in sorted(first))
 
 
 def prediction_csv_rows(preds: Predictions, split: str, class_names: Sequence[str]) -> list[dict]:
-    """predictions.csv rows: subject, split, label, pred (class names), prob_<class>."""
+    """predictions.csv rows: subject, split, label, pred (class names), prob_<class> (and
+    score_<class> when ``preds`` has :attr:`~Predictions.scores`)."""
     rows = []
-    for s, y, p, pr in zip(preds.subjects, preds.labels, preds.preds, preds.probs):
+    for i, (s, y, p, pr) in enumerate(zip(preds.subjects, preds.labels, preds.preds, preds.probs)):
         row = {"subject": s, "split": split, "label": class_names[y] if y >= 0 else "", "pred": class_names[p]}
         row.update({f"{PROB_PREFIX}{c}": f"{v:.6g}" for c, v in zip(class_names, pr)})
+        if preds.scores is not None:
+            row.update({f"{SCORE_PREFIX}{c}": f"{v:.6g}" for c, v in zip(class_names, preds.scores[i])})
         rows.append(row)
     return rows
 
@@ -142,10 +162,7 @@ def split_metrics(preds: Predictions, class_names: Sequence[str], positive_class
     labeled = preds.labels >= 0
     out = {"n_unlabeled": int((~labeled).sum())} if not labeled.all() else {}
     if labeled.any():
-        keep = np.flatnonzero(labeled)
-        part = Predictions([preds.subjects[i] for i in keep], preds.labels[keep], preds.probs[keep],
-                           preds.region_weights[keep], preds.decision)
-        out.update(prediction_metrics(part, class_names, positive_class))
+        out.update(prediction_metrics(preds.take(np.flatnonzero(labeled)), class_names, positive_class))
     return out
 
 
@@ -187,7 +204,7 @@ def write_predictions(
             rows += prediction_csv_rows(p, name, names)
 
     with atomic_writer(run.predictions, newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["subject", "split", "label", "pred"] + [PROB_PREFIX + c for c in names])
+        w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
         w.writeheader()
         w.writerows(rows)
     with atomic_writer(run.region_weights, "wb") as f:
@@ -239,6 +256,8 @@ def load_predictions(run_dir: str | os.PathLike, split: str = "test") -> tuple[P
     try:
         labels = np.array([names.index(r["label"]) if r["label"] else -1 for r in rows], dtype=np.int64)
         probs = np.array([[float(r[PROB_PREFIX + c]) for c in names] for r in rows], dtype=np.float32)
+        scores = (np.array([[float(r[SCORE_PREFIX + c]) for c in names] for r in rows], dtype=np.float32)
+                  .reshape(len(rows), len(names)) if SCORE_PREFIX + names[0] in reader.fieldnames else None)
     except ValueError as e:
         raise PredictionsError(f"{path}: a label is not one of {names} or a probability is not a number ({e})"
                                ) from None
@@ -254,4 +273,5 @@ def load_predictions(run_dir: str | os.PathLike, split: str = "test") -> tuple[P
                 f"the files come from different runs: rerun the evaluation of this run"
             )
     probs = probs.reshape(len(rows), len(names))
-    return Predictions([r["subject"] for r in rows], labels, probs, rw, metrics.get("decision", "argmax")), names
+    return Predictions([r["subject"] for r in rows], labels, probs, rw, metrics.get("decision", "argmax"),
+                       scores), names

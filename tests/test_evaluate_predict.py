@@ -216,3 +216,25 @@ def test_predict_subjects_reports_the_probabilities_with_the_runs_smoothing_undo
     raw = predict(model, DataLoader(data, batch_size=2), torch.device("cpu"), class_names=CLASSES)
     np.testing.assert_allclose(preds.probs, unsmoothed(raw.probs, smoothing), atol=1e-6)
     assert preds.decision == "expected_stage" and np.allclose(preds.probs.sum(1), 1)
+    if smoothing:  # the AUC ranks by the head's own probabilities
+        np.testing.assert_allclose(preds.scores, raw.probs, atol=1e-6)
+    else:
+        assert preds.scores is None
+
+
+def test_the_auc_of_undone_smoothing_ranks_by_the_heads_own_probabilities(tmp_path):
+    """Undoing the smoothing clips a row's classes below eps / C and renormalises the row, which
+    can put one subject's P(AD) above another's that the head ranked higher: the AUC, in
+    metrics.json and read back from predictions.csv, is the head's ranking."""
+    eps = 0.1
+    q = np.array([[0.02, 0.46, 0.52], [0.2, 0.285, 0.515], [0.9, 0.05, 0.05]], np.float32)  # AD, MCI, NC
+    p = unsmoothed(q, eps)
+    assert q[0, 2] > q[1, 2] and p[0, 2] < p[1, 2]  # the head ranks the AD subject higher; p does not
+    labels = np.array([2, 1, 0])
+    preds = Predictions(["a", "b", "c"], labels, p, np.zeros((3, 0), np.float32), scores=q)
+    assert write_predictions(preds, tmp_path, CLASSES, "AD")["auc"] == 1.0
+    back, _ = load_predictions(tmp_path)
+    np.testing.assert_allclose(back.scores, q, atol=1e-6)
+    assert prediction_metrics(back, CLASSES, "AD")["auc"] == 1.0
+    assert prediction_metrics(Predictions(["a", "b", "c"], labels, p, np.zeros((3, 0), np.float32)),
+                              CLASSES, "AD")["auc"] == 0.5

@@ -100,6 +100,21 @@ def test_table_is_mean_and_std_over_repeats(runs):
         assert rows[method]["runs"] == 3 and rows[method]["repeats"] == [0, 1, 2]
 
 
+def test_rows_that_tested_other_subjects_in_a_repeat_are_warned_about(tmp_path, recwarn):
+    """An H-FCN run with data.use_fmri=false keeps the subjects without fMRI that MASAN leaves out,
+    so its repeat 0 is another split: the table says the rows' difference is partly of subjects."""
+    make_run(tmp_path, "masan_r0", [], 0, 2)
+    make_run(tmp_path, "hfcn_r0", ["model.arch=hfcn"], 0, 2)
+    group_runs(collect_runs([tmp_path])[0])
+    assert not [w for w in recwarn if "tested different subjects" in str(w.message)]
+    p = fake_predictions(2, seed=0)
+    more = Predictions(p.subjects + ["sub-999"], np.append(p.labels, 0), np.vstack([p.probs, p.probs[:1]]),
+                       np.vstack([p.region_weights, p.region_weights[:1]]))
+    write_predictions(more, tmp_path / "hfcn_r0", CLASSES, "AD")
+    with pytest.warns(UserWarning, match=r"repeat 0: the rows tested different subjects \(H-FCN: 13; MASAN: 12 test"):
+        group_runs(collect_runs([tmp_path])[0])
+
+
 def test_cli_writes_tables_predictions_and_figures(runs, capsys):
     root, made = runs
     out = root.parent / "report"

@@ -38,6 +38,22 @@ def test_probabilities_give_auc_and_nll():
     assert 0.0 <= m["auc"] <= 1.0
 
 
+def test_auc_ranks_by_the_positive_class_column_by_hand():
+    """AD is neither the first nor the last class, and the NC column ranks the other way round:
+    AUC = the share of (AD, other) pairs in which the AD subject has the higher P(AD)."""
+    classes = ["NC", "AD", "MCI"]
+    labels = np.array([0, 1, 2, 1, 0, 1])
+    #                    NC    AD    MCI   AD    NC    AD
+    p_ad = np.array([0.30, 0.60, 0.10, 0.20, 0.50, 0.90])
+    probs = np.stack([0.9 - p_ad, p_ad, np.full(6, 0.1)], axis=1)
+    # AD 0.60 beats 0.30, 0.10, 0.50; AD 0.20 beats 0.10 only; AD 0.90 beats all three: 7 of 9 pairs
+    m = classification_metrics(labels, probs.argmax(1), classes, "AD", probs)
+    assert m["auc"] == pytest.approx(7 / 9)
+    # scores given: they rank, the probabilities do not (reversed here: 2 of 9 pairs)
+    m = classification_metrics(labels, probs.argmax(1), classes, "AD", probs, scores=1 - probs)
+    assert m["auc"] == pytest.approx(2 / 9) and m["nll"] == pytest.approx(-np.mean(np.log(probs[range(6), labels])))
+
+
 def test_no_positive_prediction_gives_zero_precision():
     m = classification_metrics([0, 2], [0, 0], CLASSES, "AD")
     assert m["precision"] == 0.0 and m["recall"] == 0.0 and m["binary_accuracy"] == 0.5

@@ -303,7 +303,28 @@ def group_runs(runs: Sequence[RunResult]) -> dict[str, list[RunResult]]:
             warnings.warn(f"{name}: repeat(s) {dup} appear more than once; their splits are the same", stacklevel=2)
         _warn_shared_test_sets(name, members)
     _warn_rows_differ(ordered)
+    _warn_test_sets_differ(ordered)
     return ordered
+
+
+def _warn_test_sets_differ(rows: Mapping[str, Sequence[RunResult]]) -> None:
+    """Warn when comparable rows (the same :data:`COMPARABLE`) tested other subjects in the same
+    repeat: a row whose model reads a modality some subjects lack leaves them out before its
+    split is made (:func:`masan.data.dataset.select_subjects`), so its repeat r is another split,
+    and the difference between the rows is partly one of subjects."""
+    tested: dict[tuple, dict[frozenset, list[str]]] = {}
+    for name, members in rows.items():
+        for r in members:
+            key = (tuple(_comparable(r).items()), r.repeat)
+            tested.setdefault(key, {}).setdefault(frozenset(r.predictions.subjects), []).append(name)
+    for (_, repeat), sets in sorted(tested.items(), key=lambda kv: kv[0][1]):
+        if len(sets) > 1:
+            shown = "; ".join(f"{', '.join(sorted(set(names)))}: {len(subjects)}"
+                              for subjects, names in sorted(sets.items(), key=lambda kv: -len(kv[0])))
+            warnings.warn(f"repeat {repeat}: the rows tested different subjects ({shown} test subjects), so their "
+                          "scores differ partly by subjects, not only by method: a model that reads a modality some "
+                          "subjects lack leaves them out before its split (convert with --require t1 fmri to give "
+                          "every row the same subjects), or the runs' split settings differ", stacklevel=3)
 
 
 def _warn_rows_differ(rows: Mapping[str, Sequence[RunResult]]) -> None:
