@@ -142,7 +142,7 @@ class LoopParts:
 def train(p: LoopParts, state: TrainState) -> str:
     """Train from ``state`` to the end; returns ``"completed"``, ``"stopped"`` or ``"max_steps"``."""
     run = _setup(p, state)
-    epochs = p.cfg.epochs  # H-FCN: no pretraining
+    epochs = p.cfg.epochs
     for phase in PHASES[PHASES.index(state.phase):]:
         state = _start_phase(p, run, state, phase)
         while state.epoch < epochs[phase]:
