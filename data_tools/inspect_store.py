@@ -86,6 +86,16 @@ def access_line(store: CohortStore) -> str:
             f"{acc['chosen_by']}): changed since by chmod or chgrp")
 
 
+def _tr(meta: dict) -> str:
+    """The TR the store uses for a run and where it came from (the file's header TR may differ:
+    a sidecar wins, a unit error is dropped)."""
+    tr = meta.get("tr_seconds")
+    if tr is None:
+        return " TR none (see the conversion's warnings)"
+    source = meta.get("tr_source")
+    return f" TR {tr:g} s" + (f" (from the {source})" if source else "")
+
+
 def subject_detail(store: CohortStore, subject: str) -> list[str]:
     lines = [f"{subject}: label {store.label(subject) or 'none (no diagnosis: predicted, not trained on)'}"]
     for m in ("t1", "fmri"):
@@ -95,7 +105,7 @@ def subject_detail(store: CohortStore, subject: str) -> list[str]:
         meta = store.meta(subject, m)
         nii = meta["nifti"]
         lines.append(f"  {m}: shape {list(store.shape(subject, m))} from {nii['shape']} {nii['dtype']} "
-                     f"axcodes {nii['axcodes']} zooms {nii['zooms']} TR {nii['tr_seconds']} s "
+                     f"axcodes {nii['axcodes']} zooms {nii['zooms']}{_tr(meta) if m == 'fmri' else ''} "
                      f"scaling {nii['scl_slope']:g}x+{nii['scl_inter']:g}")
         lines.append(f"     transform {meta['transform']}  stats mean {meta['stats']['mean']:.4g} "
                      f"std {meta['stats']['std']:.4g}")

@@ -5,14 +5,16 @@ own integer or float type made native-endian; ``scl_slope``/``scl_inter`` are re
 applied by the reader (:mod:`masan.store.cohort`), so no float64 copy of a volume is ever made
 and the stored values are exactly the file's.
 
-- :func:`open_image` loads a header (clear errors for missing, non-NIfTI or corrupt files, or
-  a singular affine); :func:`check_data_size` refuses a header promising more voxels than the
-  file can hold; :func:`form_disagreement` warns when sform and qform say different things.
+- :func:`open_image` loads a header (clear errors for missing, non-NIfTI, misnamed or corrupt
+  files, or a singular affine; a header in meters or microns is read in mm);
+  :func:`check_data_size` refuses a header promising more voxels than the file can hold;
+  :func:`form_disagreement` warns when sform and qform say different things.
 - :func:`describe` gives the NIfTI-Zarr-like attribute block (affine, sform/qform and codes,
   zooms, units, TR in seconds, orientation, scaling, the raw header bytes).
 - :class:`SpatialPlan` is the optional reorientation to RAS (``--canonical``) followed by a
   centre crop/pad to a fixed shape, with the affine kept true; :func:`stored_header` is the
-  binary NIfTI header of the array so stored (the NIfTI-Zarr ``nifti`` array).
+  binary NIfTI header of the array so stored (the NIfTI-Zarr ``nifti`` array), carrying the
+  TR the store uses.
 - :func:`iter_frame_slabs` streams a 4D run in frame slabs through one sequential pass over
   the (possibly gzipped) file: memory is one slab, and a .nii.gz is decompressed once.
 - :func:`write_nifti_slabs` writes a 3D/4D NIfTI from frame slabs (synthetic cohorts).
@@ -37,7 +39,13 @@ from nibabel.orientations import aff2axcodes, apply_orientation, inv_ornt_aff, i
 
 # Voxel types a model can consume; NIfTI's complex and RGB types are refused.
 SUPPORTED_KINDS = "iuf"
-_TIME_UNIT_SECONDS = {"sec": 1.0, "msec": 1e-3, "usec": 1e-6}
+TIME_UNIT_SECONDS = {"sec": 1.0, "msec": 1e-3, "usec": 1e-6, "unknown": 1.0}
+"""Seconds per NIfTI time unit ('unknown': NIfTI readers conventionally take seconds); the other
+units of the t field (hz, ppm, rads) are no time, so their pixdim[4] is no TR."""
+MM_PER_SPACE_UNIT = {"meter": 1000.0, "micron": 1e-3}
+"""Millimetres per NIfTI space unit that :func:`open_image` rescales to mm ('mm' and 'unknown'
+are taken as mm), so that every later step (orientation, --spacing, registration, the stored
+header) sees one unit."""
 SAME_VALUE_RTOL = 0.01
 """Voxel sizes (mm) or TRs (s) within this relative difference are one value: headers round
 them differently (1 vs 0.9999 mm). The converter, the training contract and the QC report all
@@ -57,11 +65,17 @@ class NiftiError(ValueError):
     """A NIfTI file cannot be used; the message names the file and what to do."""
 
 
-def open_image(path: str | Path) -> nib.Nifti1Pair:
-    """Load a NIfTI-1/-2 header (data stay on disk). Raises NiftiError naming the file."""
+def open_image(path: str | Path, warn: list[str] | None = None) -> nib.Nifti1Pair:
+    """Load a NIfTI-1/-2 header (data stay on disk). Raises NiftiError naming the file.
+
+    A header whose space unit is meter or micron is rescaled to mm here (affine, sform, qform,
+    zooms, xyzt_units), with a warning appended to ``warn`` when given."""
     p = Path(path)
     if not p.is_file():
         raise NiftiError(f"{p}: file not found; fix the path in the manifest/BIDS folder")
+    misnamed = _misnamed_compression(p)
+    if misnamed:
+        raise NiftiError(misnamed)
     try:
         img = nib.load(p)
     except Exception as e:  # nibabel raises many types for unreadable headers
@@ -74,7 +88,48 @@ def open_image(path: str | Path) -> nib.Nifti1Pair:
         raise NiftiError(f"{p}: voxel type {dtype} is not supported (need integer or float voxels); "
                          "convert it to int16 or float32")
     _check_affine(img, p)
+    note = _to_millimetres(img, p)
+    if note and warn is not None:
+        warn.append(note)
     return img
+
+
+def _misnamed_compression(path: Path) -> str | None:
+    """The fix when a file's compression contradicts its name (nibabel picks its reader by the
+    name, and its error then reads like a corrupt file): gzip bytes in a ``.nii``, or an
+    uncompressed NIfTI header (sizeof_hdr 348 or 540, either byte order) in a ``.nii.gz``."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    name = path.name.lower()
+    if name.endswith(".nii") and head[:2] == GZIP_MAGIC:
+        return f"{path}: is gzip-compressed but named .nii: rename it to .nii.gz"
+    sizes = {int.from_bytes(head, order) for order in ("little", "big")} if len(head) == 4 else set()
+    if name.endswith(".nii.gz") and head[:2] != GZIP_MAGIC and sizes & {348, 540}:
+        return f"{path}: is uncompressed but named .nii.gz: rename it to .nii or gzip it"
+    return None
+
+
+def _to_millimetres(img: nib.Nifti1Pair, path: Path) -> str | None:
+    """Rescale a header in meters or microns (:data:`MM_PER_SPACE_UNIT`) to mm in place:
+    ``img.affine``, sform, qform (their codes kept), the voxel sizes and the unit. Returns the
+    warning for it (None: the header was in mm or unknown units already)."""
+    hdr = img.header
+    unit, time_unit = hdr.get_xyzt_units()
+    mm = MM_PER_SPACE_UNIT.get(unit)
+    if mm is None:
+        return None
+    to_mm = np.diag([mm, mm, mm, 1.0])
+    zooms = [float(z) for z in hdr.get_zooms()]
+    sform, sform_code = hdr.get_sform(coded=True)
+    qform, qform_code = hdr.get_qform(coded=True)
+    # the voxel sizes first: with both codes 0 they are the affine (set_qform then re-reads them)
+    hdr.set_zooms([z * mm for z in zooms[:3]] + zooms[3:])
+    hdr.set_xyzt_units("mm", time_unit)
+    img.set_qform(None if qform is None else to_mm @ qform, code=int(qform_code))
+    img.set_sform(None if sform is None else to_mm @ sform, code=int(sform_code))
+    sizes = "x".join(f"{z:g}" for z in zooms[:3])
+    return (f"{path}: the header gives voxel sizes and positions in {unit}s (xyzt_units), not mm: read as "
+            f"{mm:g} mm per {unit} ({sizes} {unit} voxels are {'x'.join(f'{z * mm:g}' for z in zooms[:3])} mm)")
 
 
 def unoriented(img: nib.Nifti1Pair) -> bool:
@@ -222,18 +277,18 @@ def describe(img: nib.Nifti1Pair) -> dict:
     """NIfTI facts recorded beside each stored array (JSON-ready).
 
     Keys: format, shape, dtype (as on disk), affine (4x4 world mm, nibabel's ``img.affine``),
-    sform/qform with their codes, zooms, space_unit, time_unit, tr_seconds (None when the
-    header has no usable TR), axcodes, scl_slope, scl_inter (as nibabel applies them),
-    header_b64 (the raw header bytes, to rebuild the file).
+    sform/qform with their codes, zooms, space_unit, time_unit, tr_seconds (the header's TR in
+    seconds; None when pixdim[4] is 0 or its unit is no time: hz, ppm, rads), axcodes,
+    scl_slope, scl_inter (as nibabel applies them), header_b64 (the raw header bytes, to
+    rebuild the file). A header in meters or microns reads in mm here (:func:`open_image`).
     """
     hdr = img.header
     space_unit, time_unit = hdr.get_xyzt_units()
     zooms = [float(z) for z in hdr.get_zooms()]
+    factor = TIME_UNIT_SECONDS.get(time_unit)
     tr = None
-    if len(img.shape) >= 4 and len(zooms) >= 4 and zooms[3] > 0:
-        factor = _TIME_UNIT_SECONDS.get(time_unit)
-        # 'unknown' time units: NIfTI readers conventionally take seconds.
-        tr = zooms[3] * (factor if factor is not None else 1.0)
+    if len(img.shape) >= 4 and len(zooms) >= 4 and zooms[3] > 0 and factor is not None:
+        tr = zooms[3] * factor
     sform, sform_code = hdr.get_sform(coded=True)
     qform, qform_code = hdr.get_qform(coded=True)
     return {
@@ -318,25 +373,52 @@ class SpatialPlan:
         }
 
 
-def stored_header(img: nib.Nifti1Pair, plan: SpatialPlan, shape: tuple[int, ...]) -> bytes:
+def stored_header(img: nib.Nifti1Pair, plan: SpatialPlan, shape: tuple[int, ...], tr: float | None) -> bytes:
     """Binary NIfTI-1/-2 header (348 or 540 bytes, the file's byte order, no extensions) of
-    the array as stored: ``shape`` in NIfTI order (X, Y, Z[, T]), the plan's affine, and the
-    scaling nibabel took out of the loaded header (``scl_slope``/``scl_inter`` restored).
+    the array as stored: :func:`header_base` (``shape`` (X, Y, Z[, T]), scaling, a run's TR
+    ``tr``) and the plan's affine.
 
-    With an identity plan it is the file's own header; a reoriented or cropped array gets
+    With an identity plan the rest is the file's own header; a reoriented or cropped array gets
     ``plan.affine`` in both sform and qform, keeping their codes (``aligned`` when the file
-    had neither, so readers do not fall back to the zooms)."""
-    hdr = img.header.copy()
-    hdr.set_slope_inter(float(img.dataobj.slope), float(img.dataobj.inter))
-    if tuple(int(n) for n in hdr.get_data_shape()) != tuple(shape):
-        hdr.set_data_shape(shape)
+    had neither, so readers do not fall back to the zooms), and no acquisition axes
+    (:func:`clear_acquisition_axes`)."""
+    hdr = header_base(img, shape, tr)
     if not plan.is_identity:
         sform_code, qform_code = int(hdr["sform_code"]), int(hdr["qform_code"])
         if not sform_code and not qform_code:
             sform_code = 2
         hdr.set_sform(plan.affine, code=sform_code)
         hdr.set_qform(plan.affine, code=qform_code)
+        clear_acquisition_axes(hdr)
     return hdr.binaryblock
+
+
+def header_base(img: nib.Nifti1Pair, shape: tuple[int, ...], tr: float | None) -> nib.Nifti1Header:
+    """A copy of the file's header (its byte order, type and space unit) made the base of a
+    stored array's: ``shape`` (X, Y, Z[, T]), the scaling nibabel took out of the loaded header
+    put back (``scl_slope``/``scl_inter``) and, for a run, the TR the store uses: pixdim[4]
+    ``tr`` seconds (0 when None, NIfTI's "no TR") with the time unit ``sec``, so that the
+    header, the OME metadata and ``tr_seconds`` say one thing."""
+    hdr = img.header.copy()
+    hdr.set_slope_inter(float(img.dataobj.slope), float(img.dataobj.inter))
+    if tuple(int(n) for n in hdr.get_data_shape()) != tuple(shape):
+        hdr.set_data_shape(shape)
+    if len(shape) > 3:
+        zooms = list(hdr.get_zooms())
+        zooms[3] = tr or 0.0
+        hdr.set_zooms(zooms)
+        hdr.set_xyzt_units(hdr.get_xyzt_units()[0], "sec")
+    return hdr
+
+
+def clear_acquisition_axes(hdr: nib.Nifti1Header) -> None:
+    """Clear the frequency, phase and slice axes (dim_info) and the slice timing fields
+    (slice_code, slice_start, slice_end, slice_duration) of a header whose voxels no longer
+    follow the acquisition's (reoriented, cropped or resampled): kept, they would name the
+    wrong axis and slice range to slice-timing tools."""
+    hdr.set_dim_info(None, None, None)
+    for field in ("slice_code", "slice_start", "slice_end", "slice_duration"):
+        hdr[field] = 0
 
 
 def _native(dtype: np.dtype) -> np.dtype:

@@ -14,18 +14,32 @@ Conventions: ``volume`` arrays are ``(X, Y, Z[, n])`` in the file's voxel order;
 
 from __future__ import annotations
 
+import math
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from masan.convert.nifti import NiftiError, clear_acquisition_axes, header_base
+
 SPACING_DECIMALS = 2
 """Voxel sizes are compared and chosen rounded to 0.01 mm (headers round differently)."""
+MAX_GRID_VOXELS = 10**9
+"""Most voxels a resampled grid may have (4 GB as float32; over 7 times a 0.5 mm whole-head
+grid of 512 voxels a side): more is a header in the wrong unit (microns read as mm: a 1000
+times wider field of view) or a --spacing far too fine, refused before anything is allocated."""
+
+
+def voxel_edges(affine: np.ndarray) -> list[float]:
+    """Edge lengths (mm) of a voxel of ``affine`` (4, 4) along its voxel axes i, j, k: the
+    column norms of its linear part."""
+    return [float(z) for z in np.sqrt((np.asarray(affine, dtype=float)[:3, :3] ** 2).sum(axis=0))]
 
 
 def voxel_size(affine: np.ndarray) -> tuple[float, float, float]:
     """Edge lengths (mm) of a voxel of ``affine``, rounded to :data:`SPACING_DECIMALS`."""
-    return tuple(round(float(z), SPACING_DECIMALS) for z in np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0)))
+    return tuple(round(z, SPACING_DECIMALS) for z in voxel_edges(affine))
 
 
 def common_spacing(sizes: list[tuple[float, float, float]]) -> float:
@@ -38,17 +52,25 @@ def common_spacing(sizes: list[tuple[float, float, float]]) -> float:
     return float(min(best))
 
 
-def target_grid(affine: np.ndarray, shape: tuple[int, ...], spacing: float,
+def target_grid(affine: np.ndarray, shape: tuple[int, ...], spacing: float, path: str | Path,
                 out_shape: tuple[int, int, int] | None = None) -> tuple[tuple[int, int, int], np.ndarray]:
     """(shape, affine) of the RAS grid of ``spacing`` mm over the field of view of an image of
     ``shape`` (its first three axes) and ``affine``; with ``out_shape``, that shape centred on
-    the same field of view."""
+    the same field of view. Raises NiftiError naming the file ``path`` when the grid would have
+    more than :data:`MAX_GRID_VOXELS` voxels."""
     corners = np.array([[i, j, k, 1.0] for i in (0, shape[0] - 1) for j in (0, shape[1] - 1)
                         for k in (0, shape[2] - 1)])
     world = (np.asarray(affine, dtype=float) @ corners.T)[:3]
     lo, hi = world.min(axis=1), world.max(axis=1)
     fitted = tuple(int(n) for n in np.floor((hi - lo) / spacing + 1e-6) + 1)
     size = tuple(int(n) for n in out_shape) if out_shape is not None else fitted
+    if math.prod(size) > MAX_GRID_VOXELS:
+        fov = "x".join(f"{v:.6g}" for v in hi - lo)
+        edges = "x".join(f"{v:.6g}" for v in voxel_edges(affine))
+        raise NiftiError(f"{path}: resampling its field of view of {fov} mm to {spacing:g} mm voxels would make a "
+                         f"grid of {'x'.join(map(str, size))} voxels (more than {MAX_GRID_VOXELS:,}): its voxel sizes "
+                         f"{edges} mm are probably in another unit than the header's xyzt_units says (fix its pixdim "
+                         "or unit), or --spacing is too fine (give a coarser one)")
     centre = (lo + hi) / 2
     grid = np.diag([spacing, spacing, spacing, 1.0])
     grid[:3, 3] = centre - spacing * (np.asarray(size) - 1) / 2
@@ -80,16 +102,15 @@ def resample(volume: np.ndarray, affine: np.ndarray, out_shape: tuple[int, int, 
     return out[..., 0] if volume.ndim == 3 else out
 
 
-def grid_header(img: Any, affine: np.ndarray, shape: tuple[int, ...], code: str) -> bytes:
-    """Binary NIfTI header of an image resampled onto a new grid: the source's (its byte
-    order, type, TR, the scaling nibabel took out put back) with ``shape`` (X, Y, Z[, T]) and
-    the grid's ``affine`` as sform and qform with ``code`` (``scanner``, ``aligned``, ``mni``);
-    the slice, phase and frequency axes are cleared, since the voxels no longer follow the
-    acquisition's."""
-    hdr = img.header.copy()
-    hdr.set_slope_inter(float(img.dataobj.slope), float(img.dataobj.inter))
-    hdr.set_data_shape(shape)
+def grid_header(img: Any, affine: np.ndarray, shape: tuple[int, ...], code: str, tr: float | None) -> bytes:
+    """Binary NIfTI header of an image resampled onto a new grid: the source's
+    (:func:`masan.convert.nifti.header_base`: its byte order and type, ``shape`` (X, Y, Z[, T]),
+    the scaling nibabel took out put back, a run's TR ``tr`` in seconds) with the grid's
+    ``affine`` as sform and qform with ``code`` (``scanner``, ``aligned``, ``mni``); the slice,
+    phase and frequency axes and slice timing are cleared, since the voxels no longer follow
+    the acquisition's."""
+    hdr = header_base(img, shape, tr)
     hdr.set_sform(affine, code=code)
     hdr.set_qform(affine, code=code)
-    hdr.set_dim_info(None, None, None)
+    clear_acquisition_axes(hdr)
     return hdr.binaryblock

@@ -66,7 +66,8 @@ class SubjectSource:
     """E.g. ``manifest.csv row 4`` (for error messages)."""
     notes: list[str] = field(default_factory=list)
     fmri_sidecar: Path | None = None
-    """The JSON sidecar the BOLD run's ``RepetitionTime`` comes from (:func:`bold_sidecar`), if any."""
+    """The JSON sidecar the BOLD run's frame timing (``RepetitionTime``, or ``VolumeTiming``: none) comes from
+    (:func:`bold_sidecar`), if any."""
     table: Path | None = None
     """The table its label was read from (participants.tsv, the manifest): the store holds the
     labels, so the table counts among the sources for the store's permissions."""
@@ -223,25 +224,28 @@ def _dataset_root(path: Path) -> Path:
     return next((d for d in path.parents if (d / "dataset_description.json").is_file()), path.parent)
 
 
-def _sets_repetition_time(sidecar: Path) -> bool:
-    """Whether a sidecar decides the TR: it sets ``RepetitionTime``, or it cannot be read (then
-    the subject fails naming it, rather than silently taking a farther file's TR)."""
+def _sets_timing(sidecar: Path) -> bool:
+    """Whether a sidecar decides the TR: it sets ``RepetitionTime``, or ``VolumeTiming`` (BIDS:
+    the two exclusive ways to time frames; the latter, frames at uneven times, means no TR), or
+    it cannot be read (then the subject fails naming it, rather than silently taking a farther
+    file's TR)."""
     try:
         meta = json.loads(sidecar.read_text(encoding="utf-8-sig"))
     except (OSError, ValueError):
         return True
-    return not isinstance(meta, dict) or meta.get("RepetitionTime") is not None
+    return not isinstance(meta, dict) or any(meta.get(key) is not None for key in ("RepetitionTime", "VolumeTiming"))
 
 
 def bold_sidecar(bold: Path, root: Path | None = None) -> tuple[Path | None, list[str]]:
-    """The JSON sidecar a BOLD run's ``RepetitionTime`` comes from, and notes on a choice BIDS
-    leaves open.
+    """The JSON sidecar a BOLD run's frame timing (``RepetitionTime`` or ``VolumeTiming``) comes
+    from, and notes on a choice BIDS leaves open.
 
     BIDS inheritance: a ``*_bold.json`` applies when its entities are a subset of the run's,
     and it lies in the run's folder or any folder above it up to the dataset ``root`` (None: the
     folder above the file holding dataset_description.json, else the file's own folder); a
     nearer file's keys override a farther one's, key by key. So the TR is the nearest
-    ``RepetitionTime``: e.g. ``sub-01/ses-1/func/sub-01_ses-1_task-rest_bold.json``, else
+    ``RepetitionTime`` (none when a nearer file gives ``VolumeTiming``: a sparse run): e.g.
+    ``sub-01/ses-1/func/sub-01_ses-1_task-rest_bold.json``, else
     ``sub-01/ses-1/sub-01_ses-1_task-rest_bold.json``, ``sub-01/sub-01_task-rest_bold.json``,
     ``task-rest_bold.json``. BIDS allows one applicable file per folder; datasets that keep a
     general and a specific one side by side mean the specific one, so within a folder the file
@@ -263,7 +267,7 @@ def bold_sidecar(bold: Path, root: Path | None = None) -> tuple[Path | None, lis
             meta_name = _bids_name(f.name)
             if meta_name is not None and meta_name[1] == suffix and meta_name[0].items() <= entities.items():
                 applies.append((len(meta_name[0]), f.name, f))
-        deciding = sorted(a for a in applies if _sets_repetition_time(a[2]))
+        deciding = sorted(a for a in applies if _sets_timing(a[2]))
         if deciding:
             n, _, used = deciding[-1]
             rivals = [f.name for m, _, f in deciding[:-1] if m == n]

@@ -38,6 +38,8 @@ TR_SUSPECT_SECONDS = 20.0
 TR_MIN_SECONDS = 0.1
 """A TR below this is faster than any fMRI protocol (multiband EPI reaches about 0.3 s, MREG and
 inverse imaging 0.1 s): a unit error too (seconds with the unit 'msec'), not stored as a TR."""
+TR_FIX = "give RepetitionTime in seconds in the run's JSON sidecar (BIDS) and convert again"
+"""The fix every warning about a run stored without a TR ends with (the sidecar's TR wins)."""
 
 
 def source_record(path: str) -> dict:
@@ -144,21 +146,22 @@ class _Source:
 class _Placement:
     """Where a source's voxels go in the store: the stored (X, Y, Z) ``space``, its voxel -> world
     (mm) ``affine``, binary NIfTI ``header``, the image's ``transform`` record (and ``registration``
-    record when registered), the header facts for the OME metadata, and ``slabs(n)``: the stored
-    values ``(t0, (X, Y, Z, n))``, n frames at a time."""
+    record when registered), the NIfTI ``space_unit`` of the affine (for the OME metadata), and
+    ``slabs(n)``: the stored values ``(t0, (X, Y, Z, n))``, n frames at a time."""
 
     space: tuple[int, int, int]
     affine: np.ndarray
     header: bytes
     transform: dict
-    ome_info: dict
+    space_unit: str
     slabs: Callable[[int], Iterator[tuple[int, np.ndarray]]]
     registration: dict | None = None
 
 
-def _as_in_file(img: Any, shape: tuple[int, ...], modality: str, info: dict, source: _Source,
+def _as_in_file(img: Any, shape: tuple[int, ...], modality: str, tr: float | None, source: _Source,
                 opts: ConvertOptions) -> _Placement:
-    """The file's voxels, reoriented (``canonical``) and centre cropped/padded (``t1_shape``/``fmri_shape``)."""
+    """The file's voxels, reoriented (``canonical``) and centre cropped/padded (``t1_shape``/``fmri_shape``);
+    ``tr``: the run's TR in seconds, for the stored header (None: none, or a T1)."""
     plan = nifti.SpatialPlan.make(img.affine, shape, opts.canonical, opts.t1_shape if modality == "t1"
                                   else opts.fmri_shape)
 
@@ -166,11 +169,11 @@ def _as_in_file(img: Any, shape: tuple[int, ...], modality: str, info: dict, sou
         for t0, slab in source.slabs(frames):
             yield t0, plan.apply(slab)
 
-    header = nifti.stored_header(img, plan, plan.out_shape + tuple(shape[3:]))
-    return _Placement(plan.out_shape, plan.affine, header, plan.record(), info, slabs)
+    header = nifti.stored_header(img, plan, plan.out_shape + tuple(shape[3:]), tr)
+    return _Placement(plan.out_shape, plan.affine, header, plan.record(), img.header.get_xyzt_units()[0], slabs)
 
 
-def _registered(img: Any, shape: tuple[int, ...], modality: str, info: dict, source: _Source,
+def _registered(img: Any, shape: tuple[int, ...], modality: str, tr: float | None, source: _Source,
                 opts: ConvertOptions, reg: registration.SubjectRegistration) -> _Placement:
     """The voxels resampled onto the template grid (:mod:`masan.convert.registration`). The T1 is
     registered here; an fMRI file is read twice: once for its temporal mean (registered to the
@@ -187,38 +190,36 @@ def _registered(img: Any, shape: tuple[int, ...], modality: str, info: dict, sou
         total = np.zeros(shape[:3], dtype=np.float64)
         for _, slab in source.slabs(opts.fmri_shard_frames, count=False):
             total += slab.sum(axis=3, dtype=np.float64)
-        record = reg.fmri_prepare((total / shape[3]).astype(np.float32), img.affine, info["tr_seconds"], source.path)
+        record = reg.fmri_prepare((total / shape[3]).astype(np.float32), img.affine, tr, source.path)
 
         def slabs(frames: int) -> Iterator[tuple[int, np.ndarray]]:
             for t0, slab in source.slabs(frames):
                 yield t0, reg.fmri_frames(slab.astype(np.float32), dtype)
 
-    voxel = float(np.sqrt((affine[:3, :3] ** 2).sum(axis=0)).max())
-    ome_info = {**info, "zooms": [voxel] * 3 + info["zooms"][3:], "space_unit": "mm"}
     transform = {"registered_to": reg.template, "in_shape": list(shape[:3]), "out_shape": list(space), "pad_value": 0}
-    header = resample.grid_header(img, affine, space + tuple(shape[3:]), "mni")
-    return _Placement(space, affine, header, transform, ome_info, slabs, record)
+    header = resample.grid_header(img, affine, space + tuple(shape[3:]), "mni", tr)
+    return _Placement(space, affine, header, transform, "mm", slabs, record)
 
 
-def _resampled(img: Any, shape: tuple[int, ...], modality: str, info: dict, source: _Source,
+def _resampled(img: Any, shape: tuple[int, ...], modality: str, tr: float | None, source: _Source,
                opts: ConvertOptions) -> _Placement:
     """The voxels resampled onto the RAS grid of ``opts.spacing`` over the file's field of view
     (:mod:`masan.convert.resample`), centred into ``t1_shape``/``fmri_shape`` when given."""
     mm = opts.spacing[0 if modality == "t1" else 1]
-    space, affine = resample.target_grid(img.affine, shape, mm, opts.t1_shape if modality == "t1" else opts.fmri_shape)
+    space, affine = resample.target_grid(img.affine, shape, mm, source.path,
+                                         opts.t1_shape if modality == "t1" else opts.fmri_shape)
     dtype = img.header.get_data_dtype().newbyteorder("=")
 
     def slabs(frames: int) -> Iterator[tuple[int, np.ndarray]]:
         for t0, slab in source.slabs(frames):
             yield t0, resample.resample(slab, img.affine, space, affine, dtype)
 
-    ome_info = {**info, "zooms": [mm] * 3 + info["zooms"][3:], "space_unit": "mm"}
     transform = {"resampled_to_mm": mm, "reoriented_to": "RAS", "interpolation": "linear",
                  "in_shape": list(shape[:3]), "in_voxel_mm": list(resample.voxel_size(img.affine)),
                  "out_shape": list(space), "pad_value": 0}
     code = "scanner" if int(img.header["sform_code"] or img.header["qform_code"]) == 1 else "aligned"
-    header = resample.grid_header(img, affine, space + tuple(shape[3:]), code)
-    return _Placement(space, affine, header, transform, ome_info, slabs)
+    header = resample.grid_header(img, affine, space + tuple(shape[3:]), code, tr)
+    return _Placement(space, affine, header, transform, "mm", slabs)
 
 
 def _codec(opts: ConvertOptions) -> BloscCodec:
@@ -238,7 +239,9 @@ def repetition_time(info: dict, path: str, sidecar: str | None, warn: list[str])
     is a unit error (milliseconds written as seconds, or seconds with the unit 'msec'): in a
     sidecar it fails the subject (so does a value that is not a number, e.g. ``true``), in a
     header the run is stored without a TR (None) and a warning names the fix, rather than
-    storing a wrong duration."""
+    storing a wrong duration. A sidecar with ``VolumeTiming`` and no ``RepetitionTime`` (BIDS:
+    frames at uneven times, a sparse acquisition) gives no TR either, with a warning: no single
+    TR describes such a run, whatever its header's pixdim[4] says."""
     header = info["tr_seconds"]
     if sidecar is not None:
         try:
@@ -259,16 +262,23 @@ def repetition_time(info: dict, path: str, sidecar: str | None, warn: list[str])
                 warn.append(f"{path}: header TR {header:g} s, sidecar {sidecar} {value:g} s; used the sidecar's "
                             "(BIDS: the sidecar is authoritative)")
             return float(value), "sidecar"
+        if meta.get("VolumeTiming") is not None:
+            warn.append(f"{path}: its sidecar {sidecar} gives VolumeTiming and no RepetitionTime (BIDS: frames at "
+                        "uneven times, a sparse or clustered acquisition); stored without a TR, since no single TR "
+                        "spaces its frames (the header's pixdim[4] is not used); training needs one TR for the "
+                        "cohort: leave such runs out of it")
+            return None, None
     if header is not None and not _plausible_tr(header):
         unit = ("milliseconds?" if header > TR_SUSPECT_SECONDS else
                 f"under {TR_MIN_SECONDS:g} s, faster than any fMRI protocol: seconds, not {info['time_unit']}?")
         warn.append(f"{path}: header TR {header:g} s ({info['zooms'][3]:g} {info['time_unit']}) is a unit error "
-                    f"({unit}); stored without a TR: give RepetitionTime in seconds in the run's JSON "
-                    "sidecar (BIDS) and convert again")
+                    f"({unit}); stored without a TR: {TR_FIX}")
         return None, None
-    if header is None:
-        warn.append(f"{path}: no TR in the header or a JSON sidecar; stored without one (add RepetitionTime, in "
-                    "seconds, to the run's sidecar)")
+    if header is None and info["time_unit"] not in nifti.TIME_UNIT_SECONDS:
+        warn.append(f"{path}: the header's time unit is '{info['time_unit']}', not a time, so its pixdim[4] "
+                    f"{info['zooms'][3]:g} is no TR; stored without one: {TR_FIX}")
+    elif header is None:
+        warn.append(f"{path}: no TR in the header or a JSON sidecar; stored without one: {TR_FIX}")
     return header, None if header is None else "header"
 
 
@@ -277,7 +287,7 @@ def _write_modality(group: Any, modality: str, path: str, opts: ConvertOptions, 
     """Stream one NIfTI file into the NIfTI-Zarr image ``group[modality]`` (registered onto the
     template grid when ``reg`` is given); returns its table entry. ``sidecar``: the fMRI run's
     BIDS JSON (its TR wins over the header's)."""
-    img = nifti.open_image(path)
+    img = nifti.open_image(path, warn)
     if nifti.unoriented(img):
         if opts.unoriented == "refuse":
             raise nifti.NiftiError(nifti.unoriented_refusal(path))
@@ -287,19 +297,24 @@ def _write_modality(group: Any, modality: str, path: str, opts: ConvertOptions, 
     shape = nifti.data_shape(img, 3 if modality == "t1" else 4, path)
     nifti.check_data_size(img, path)  # before any array of that shape is made (a registered run's mean)
     info = nifti.describe(img)
+    # before the stored header and OME metadata are made: they carry the TR the store uses
+    tr, tr_source = repetition_time(info, path, sidecar, warn) if modality == "fmri" else (None, None)
     source = _Source(img, path, opts.nan)
     if reg is not None:
-        place = _registered(img, shape, modality, info, source, opts, reg)
+        place = _registered(img, shape, modality, tr, source, opts, reg)
     elif opts.spacing is not None:
-        place = _resampled(img, shape, modality, info, source, opts)
+        place = _resampled(img, shape, modality, tr, source, opts)
     else:
-        place = _as_in_file(img, shape, modality, info, source, opts)
+        place = _as_in_file(img, shape, modality, tr, source, opts)
     frames = 1 if modality == "t1" else shape[3]
     out_shape = place.space if modality == "t1" else (frames,) + place.space
     dtype = img.header.get_data_dtype().newbyteorder("=")
     chunks, shards = _chunking(modality, out_shape, opts)
+    # the OME scale is the stored voxel's (the affine's column norms: a reoriented image's axes
+    # are permuted from the file's zooms)
+    ome_info = {"zooms": resample.voxel_edges(place.affine), "space_unit": place.space_unit, "tr_seconds": tr}
     image = nifti_zarr.ImageWriter(group, modality, out_shape, dtype, chunks, shards, _codec(opts), opts.levels,
-                                   place.header, place.ome_info)
+                                   place.header, ome_info)
     stats = _Stats()
     for t0, out in place.slabs(shards[0] if modality == "fmri" else 1):  # (X', Y', Z', n)
         out = np.ascontiguousarray(out[..., 0] if modality == "t1" else np.moveaxis(out, 3, 0))
@@ -310,7 +325,6 @@ def _write_modality(group: Any, modality: str, path: str, opts: ConvertOptions, 
     if modality == "fmri" and frames == 1:
         warn.append(f"{path}: the fMRI run has a single frame (no time course); stored as is, "
                     "check that the right BOLD file is listed")
-    tr, tr_source = repetition_time(info, path, sidecar, warn) if modality == "fmri" else (None, None)
     checksum = image.checksums()
     attrs = {
         "nifti": info,

@@ -9,8 +9,9 @@ as ``subjects/<id>/current/t1``, ``current`` being a symlink to the subject's ve
     <image>/nifti       uint8 (348,) or (540,): the binary NIfTI-1/-2 header of the stored array
 
 The ``nifti`` header describes the stored array (shape, affine after ``--canonical`` or
-crop/pad, ``scl_slope``/``scl_inter``, TR) and wins over the OME metadata on conflict, as
-NIfTI-Zarr says; the OME ``scale`` carries the voxel sizes (and TR on ``t``) for viewers.
+crop/pad, ``scl_slope``/``scl_inter``, the TR the store uses in seconds) and wins over the OME
+metadata on conflict, as NIfTI-Zarr says; the OME ``scale`` carries the stored voxel sizes (and
+that TR on ``t``) for viewers.
 
 Axis order. The NIfTI-Zarr writer stores [t, z, y, x]; we keep the (X, Y, Z) C order and
 name the axes ``[t,] x, y, z``. OME-Zarr requires only time before space, and readers (the
@@ -41,7 +42,6 @@ POOL_FRAMES = 16
 """Frames pooled at once for the lower levels (bounds the float32 temporary)."""
 
 _SPACE_UNITS = {"meter": "meter", "mm": "millimeter", "micron": "micrometer"}
-_TIME_UNITS = {"sec": "second", "msec": "millisecond", "usec": "microsecond"}
 
 
 def axes(modality: str) -> list[str]:
@@ -71,18 +71,19 @@ def halve(block: np.ndarray) -> np.ndarray:
 
 def ome_metadata(modality: str, shapes: list[tuple[int, ...]], info: dict) -> dict:
     """The ``ome`` group attribute: one multiscale image, axes in array order, each level's
-    voxel size (mm or the header's space unit) and block-centre translation; TR on ``t``.
+    voxel size (mm or the header's space unit) and block-centre translation; the TR on ``t``.
 
-    ``info`` is :func:`masan.convert.nifti.describe` of the source (zooms, units)."""
+    ``info``: the stored array's voxel sizes ``zooms`` (x, y, z: the stored affine's column
+    norms), their NIfTI ``space_unit`` and ``tr_seconds``, the TR the store uses (None: none;
+    the ``t`` scale is then 1, the neutral value NIfTI-Zarr's own writer uses)."""
     names = axes(modality)
     zooms = [z if z > 0 else 1.0 for z in info["zooms"][:3]]
     space_unit = _SPACE_UNITS.get(info["space_unit"])
-    time_unit = _TIME_UNITS.get(info["time_unit"])
-    tr = info["zooms"][3] if len(info["zooms"]) > 3 and info["zooms"][3] > 0 else 1.0
+    tr = info.get("tr_seconds") or 1.0
 
     def axis(name: str) -> dict:
         kind = "time" if name == "t" else "space"
-        unit = time_unit if kind == "time" else space_unit
+        unit = "second" if kind == "time" else space_unit
         return {"name": name, "type": kind, **({"unit": unit} if unit else {})}
 
     lead = [1.0] * (len(names) - 3)
