@@ -48,6 +48,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
@@ -243,9 +244,9 @@ def _subjects(cfg: RunConfig, run_dir: Path, store: str | None, part: str) -> Se
     cohort = CohortStore(store)
     check_classes(cfg, run_dir, cohort)
     subjects, labels, _ = select_subjects(cohort, cfg.data, unlabeled=True)
-    check_contract(cfg, run_dir, store, subjects)
+    unchecked = check_contract(cfg, run_dir, store, subjects)
     seen = seen_in_training(cfg, run_dir, cohort, subjects)
-    notes = [n for n in (left_out_classes(cfg, run_dir, cohort), seen) if n]
+    notes = [n for n in (unchecked, left_out_classes(cfg, run_dir, cohort), seen) if n]
     return Selection(store, subjects, labels, "external", notes, seen is not None)
 
 
@@ -332,23 +333,50 @@ def seen_in_training(cfg: RunConfig, run_dir: Path, store: CohortStore, subjects
             f"its test part{restore}: python -m masan.predict {run_dir} --out DIR (no --store)")
 
 
-def check_contract(cfg: RunConfig, run_dir: Path, store: str, subjects: list[str]) -> None:
+def check_contract(cfg: RunConfig, run_dir: Path, store: str, subjects: list[str]) -> str | None:
     """Refuse (ContractError) a store whose geometry differs from the one the run trained on
-    (``store_geometry.json``; for runs older than it, the model's input shapes)."""
-    from masan.data.contract import ContractError, Geometry, mismatches, store_geometry
+    (``store_geometry.json``; for runs older than it, that of the run's own store when it can be
+    read, else the model's input shapes alone). Returns a note when orientation and voxel size
+    could not be checked (an older run whose own store is gone), else None."""
+    from masan.data.contract import ContractError, mismatches, store_geometry
     from masan.data.dataset import used_modalities
     from masan.store.cohort import CohortStore
 
+    used = used_modalities(cfg.data)
     path = RunDir(run_dir).store_geometry
-    trained = (json.loads(path.read_text()) if path.is_file() else
-               Geometry(t1_shape=cfg.model.t1_shape if cfg.data.use_t1 else None,
-                        fmri_shape=cfg.model.fmri_shape if cfg.data.use_fmri else None).to_json())
-    geo = store_geometry(CohortStore(store), subjects, used_modalities(cfg.data))
+    trained, note = ((json.loads(path.read_text()), None) if path.is_file()
+                     else _older_runs_geometry(cfg, run_dir, store, used))
+    geo = store_geometry(CohortStore(store), subjects, used)
     frames = (cfg.data.fmri_frames or cfg.model.fmri_frames) if cfg.data.use_fmri else None
     problems = mismatches(trained, geo, frames)
     if problems:
         raise ContractError(f"{store} does not have the geometry {run_dir} was trained on:\n  - "
                             + "\n  - ".join(problems))
+    return note
+
+
+def _older_runs_geometry(cfg: RunConfig, run_dir: Path, store: str, used: list[str]) -> tuple[dict, str | None]:
+    """(geometry, note): the geometry a run older than ``store_geometry.json`` trained on, its own
+    store's (the subjects of its classes and modalities there), else its input shapes alone, with
+    a note (another store of the same shapes, stored mirrored, would pass)."""
+    from masan.data.contract import ContractError, Geometry, store_geometry
+    from masan.data.dataset import select_subjects
+    from masan.store.cohort import CohortStore, StoreError
+
+    own = cfg.data.store
+    try:
+        own_store = CohortStore(own)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the subjects it leaves out were named when the run trained
+            subjects, _, _ = select_subjects(own_store, cfg.data)
+        return store_geometry(own_store, subjects, used).to_json(), None
+    except (OSError, ValueError, StoreError, ContractError):  # ConfigError is a ValueError
+        pass  # the run's own store moved, changed or never was: fall back to the shapes
+    shapes = Geometry(t1_shape=cfg.model.t1_shape if cfg.data.use_t1 else None,
+                      fmri_shape=cfg.model.fmri_shape if cfg.data.use_fmri else None).to_json()
+    return shapes, (f"{run_dir} predates {RunDir.STORE_GEOMETRY_NAME} and its store {own} cannot be read: only the "
+                    f"input shapes of {store} are checked, not its orientation or voxel size (a store of the same "
+                    "shapes stored mirrored would pass); put the run's store back at its path to check them")
 
 
 def main(argv: list[str] | None = None) -> int:

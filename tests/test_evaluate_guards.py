@@ -190,6 +190,42 @@ def test_store_that_holds_the_runs_subjects_draws_the_map(tiny_store, tmp_path, 
     assert len(list((out / "figures").glob("masan_region_map_*.png"))) == 2
 
 
+def test_runs_whose_regions_are_other_boxes_are_not_pooled_into_one_map(tiny_store, tmp_path, capsys):
+    """Repeats of one method trained on the store in another orientation, or on another patch
+    grid of as many regions, number other boxes (or the mirrored side) alike: pooled, their mean
+    map would paint each weight in two places."""
+    root = tmp_path / "runs"
+    store_run(root, "r0", tiny_store, repeat=0)
+    mirrored = store_run(root, "r1", tiny_store, repeat=1, orientation="LAS")
+    other_grid = store_run(root, "r2", tiny_store, repeat=2)
+    cfg = load_config(other_grid / "config.yaml")
+    cfg.model.patch_grid = [4, 2, 1]
+    save_config(cfg, other_grid / "config.yaml")
+    RunDir(other_grid).mark_done(load_config(other_grid / "config.yaml"), step=10, epochs_done=800)
+    assert main([str(root), "--out", str(tmp_path / "rep"), "--views", "axial"]) == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"{mirrored}, {other_grid} have other classes, region counts, patch grids or store geometries" in err
+    assert "left out of the region figures" in err and table(tmp_path / "rep")["MASAN"]["runs"] == 3
+
+
+def test_a_run_older_than_store_geometry_says_what_it_cannot_check(tiny_store, tmp_path, capsys):
+    """A run from before store_geometry.json: its own store gives the geometry it trained on; when
+    that store is gone, another --store is checked by its shapes alone, and the user is told."""
+    gone = tmp_path / "gone.zarr"
+    run = store_run(tmp_path / "runs", "old", tiny_store)
+    RunDir(run).store_geometry.unlink()
+    assert main([str(run), "--out", str(tmp_path / "a"), "--store", str(tiny_store), "--views", "axial"]) == 0
+    assert "predates store_geometry.json" not in capsys.readouterr().err  # its own store: all checked
+    cfg = load_config(run / "config.yaml")
+    cfg.data.store = str(gone)
+    save_config(cfg, run / "config.yaml")
+    RunDir(run).mark_done(load_config(run / "config.yaml"), step=10, epochs_done=800)
+    assert main([str(run), "--out", str(tmp_path / "b"), "--store", str(tiny_store), "--views", "axial"]) == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"{run} predates store_geometry.json and its store {gone} cannot be read" in err
+    assert "not its orientation or voxel size" in err
+
+
 # ---------------------------------------------------------------------- what the table pools and how
 
 

@@ -30,6 +30,7 @@ one that holds them with the run's diagnoses, in the geometry the run trained on
 from __future__ import annotations
 
 import csv
+import json
 import os
 import re
 import warnings
@@ -103,15 +104,33 @@ def store_problem(run: RunResult, store: str | os.PathLike) -> str | None:
             return (f"store {store} gives {len(other)} test subject(s) of {run.run_dir} another diagnosis (e.g. {s}: "
                     f"{run.class_names[have[s]]} there, {run.class_names[y]} in the run): another cohort under the "
                     f"same subject ids; {fix}")
-        check_contract(cfg, run.run_dir, store, list(preds.subjects))
+        unchecked = check_contract(cfg, run.run_dir, store, list(preds.subjects))
+        if unchecked:
+            warnings.warn(unchecked, stacklevel=3)
     except (ConfigError, StoreError, OSError, ValueError) as e:
         return f"store {store} cannot show the test subjects of {run.run_dir}: " + str(e).replace("\n  - ", "; ")
     return None
 
 
+def _region_places(run: RunResult) -> tuple:
+    """What makes region r of ``run`` one box of the brain: its patch grid and the T1 geometry
+    it trained on (``store_geometry.json``: grid, voxel size, orientation, registration; None
+    for runs older than that file)."""
+    path = RunDir(run.run_dir).store_geometry
+    try:
+        geo = json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, ValueError):
+        geo = None
+    place = None if not isinstance(geo, dict) else json.dumps(
+        {k: geo.get(k) for k in ("t1_shape", "t1_spacing_mm", "orientation", "registration")}, sort_keys=True)
+    return tuple(run.config.model.patch_grid), place
+
+
 def _pooled(name: str, members: Sequence[RunResult]) -> tuple[np.ndarray, np.ndarray, list[str], list[RunResult]]:
     """Region weights (N, R) and labels (N,) of the test subjects of all runs sharing the first
-    run's classes and region count, among the runs that have region weights."""
+    run's classes, region count and region places (:func:`_region_places`: another grid or a
+    store of another orientation numbers other boxes, or the mirrored side, alike), among the
+    runs that have region weights."""
     def runs(rs: Sequence[RunResult]) -> str:
         return ", ".join(str(r.run_dir) for r in rs)
 
@@ -123,11 +142,13 @@ def _pooled(name: str, members: Sequence[RunResult]) -> tuple[np.ndarray, np.nda
     have = [r for r in members if r not in lost] or list(members)
     ref = have[0]
     same = [r for r in have if r.class_names == ref.class_names
-            and r.predictions.region_weights.shape[1] == ref.predictions.region_weights.shape[1]]
+            and r.predictions.region_weights.shape[1] == ref.predictions.region_weights.shape[1]
+            and _region_places(r) == _region_places(ref)]
     other = [r for r in have if r not in same]
     if other:
-        warnings.warn(f"{name}: {runs(other)} have other classes or region counts than {ref.run_dir}; left out of "
-                      f"the region figures", stacklevel=3)
+        warnings.warn(f"{name}: {runs(other)} have other classes, region counts, patch grids or store geometries "
+                      f"(orientation, T1 grid, voxel size, registration) than {ref.run_dir}, so their region numbers "
+                      "name other boxes of the brain; left out of the region figures", stacklevel=3)
     w = np.concatenate([r.predictions.region_weights for r in same])
     y = np.concatenate([r.predictions.labels for r in same])
     return w, y, ref.class_names, same
