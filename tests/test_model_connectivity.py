@@ -124,6 +124,25 @@ def test_weighted_cross_entropy_counts_a_rare_class_more():
     assert torch.isclose(g[2, 1] / g[0, 0], torch.tensor(4.0), rtol=1e-5)
 
 
+def test_class_weights_act_the_same_whatever_the_micro_batch():
+    """A micro-batch of one subject (paper.yaml's) is weighted like the whole batch: the mean of
+    the micro-batches' losses, as gradient accumulation and the ranks average them, is the whole
+    batch's loss (a weighted mean over the batch's weight sum cancelled a lone subject's weight)."""
+    torch.manual_seed(0)
+    logits, labels = torch.randn(6, 3), torch.tensor([0, 0, 0, 1, 2, 2])
+    weight = class_weights(labels.tolist(), 3, "balanced")
+    cfg = LossConfig(label_smoothing=0.1)
+
+    def ce(rows) -> torch.Tensor:
+        return masan_loss({"logits": logits[rows]}, {"label": labels[rows]}, cfg, class_weight=weight)["ce"]
+
+    whole = ce(slice(None))
+    for size in (1, 2, 3):
+        parts = [ce(slice(i, i + size)) for i in range(0, 6, size)]
+        torch.testing.assert_close(torch.stack(parts).mean(), whole)
+    assert not torch.isclose(ce(slice(3, 4)), masan_loss({"logits": logits[3:4]}, {"label": labels[3:4]}, cfg)["ce"])
+
+
 def test_screen_fraction_keeps_a_fraction_and_excludes_the_count():
     cfg = dataclasses.replace(small_model_config(), screen_fraction=0.01)
     model = build_model(cfg, 4)

@@ -20,7 +20,7 @@ from masan.train.engine import (
     main,
     readme_markdown,
 )
-from masan.train.gradients import check_grad_norm
+from masan.train.gradients import check_grad_norm, term_grad_norms
 from masan.train.loop import ResumableSampler, steps_left
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,6 +64,22 @@ def test_a_non_finite_gradient_norm_stops_the_run_naming_step_rank_and_fixes():
     assert check_grad_norm(_Stepped(math.inf, applied=False), 9, "joint", 0) == math.inf  # fp16: skipped, not lost
     with pytest.raises(FloatingPointError, match=r"joint gradient norm is nan at step 10 on rank 3.*optim.lr"):
         check_grad_norm(_Stepped(torch.tensor(float("nan"))), 9, "joint", 3)
+
+
+def test_logging_the_gradient_norms_leaves_the_dropout_stream_alone():
+    """log.grad_norm_every_steps is plumbing: its side pass (a train-mode forward with dropout)
+    must not move the random stream the training's own dropout masks come from."""
+    from masan.config import LossConfig
+    from masan.model import build_model, small_model_config
+
+    torch.manual_seed(0)
+    cfg = small_model_config(dropout=0.5)
+    model = build_model(cfg, 2).train()
+    batch = {"t1": torch.randn(2, 1, *cfg.t1_shape), "fmri": torch.randn(2, cfg.fmri_frames, *cfg.fmri_shape),
+             "label": torch.tensor([0, 1])}
+    before = torch.get_rng_state()
+    norms = term_grad_norms(model, batch, LossConfig(), "joint")
+    assert norms["grad_norm_ce"] > 0 and torch.equal(torch.get_rng_state(), before)
 
 
 def test_zero_buckets_capped_at_model_size_and_aligned():

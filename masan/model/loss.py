@@ -59,16 +59,22 @@ def masan_loss(out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], los
     ``"label" (B,) int64`` and ``"t1"``/``"fmri"`` for the modalities reconstructed.
     ``loss_cfg.label_smoothing`` smooths the cross-entropy's targets (an ordinal head's
     log-probabilities pass ``log_softmax`` unchanged, so it applies to both heads alike).
-    ``class_weight``: ``(C,)`` weights of the cross-entropy (:func:`class_weights`); each
-    batch's loss is the weighted sum over the weighted count, as ``F.cross_entropy`` does.
+    ``class_weight``: ``(C,)`` weights of the cross-entropy (:func:`class_weights`): each
+    subject's (smoothed) cross-entropy is multiplied by its class's weight and the batch takes
+    the mean. Balanced weights average 1 over the training part, so a batch's loss is an
+    unbiased estimate of the training part's weighted loss whatever the micro-batch, gradient
+    accumulation or number of ranks. (``F.cross_entropy``'s weighted mean divides by the batch's
+    weight sum instead, which cancels the weights of a batch of one class: at micro-batch 1 they
+    did nothing.)
     """
     if phase not in PHASES:
         raise ValueError(f"phase={phase!r}: use one of {PHASES}")
     logits = out["logits"]
     zero = logits.new_zeros((), dtype=torch.float32)
     weight = None if class_weight is None else class_weight.to(logits.device, torch.float32)
-    terms = {"ce": F.cross_entropy(logits.float(), batch["label"].to(logits.device), weight=weight,
-                                   label_smoothing=loss_cfg.label_smoothing)}
+    labels = batch["label"].to(logits.device)
+    per_subject = F.cross_entropy(logits.float(), labels, reduction="none", label_smoothing=loss_cfg.label_smoothing)
+    terms = {"ce": (per_subject if weight is None else per_subject * weight[labels]).mean()}
     modality = {}
     for name in ("t1", "fmri"):
         if f"{name}_recon" in out:

@@ -52,7 +52,9 @@ def term_grad_norms(model: torch.nn.Module, batch: dict, loss_cfg, phase: str,
     visible.
 
     A side pass on detached copies of the weights (``torch.func.functional_call``): the
-    engine's gradient hooks (ZeRO buckets) never see it, and the step's gradients are untouched.
+    engine's gradient hooks (ZeRO buckets) never see it, the step's gradients are untouched, and
+    the random streams (dropout) are left where they were, so the trained weights do not depend
+    on whether norms are logged.
     Costs one forward and one backward per term, every ``log.grad_norm_every_steps`` steps.
     Eager also where ``model.compile`` compiled the modality modules: swapped-in weights would
     fail the compiled graphs' guards (a recompile each time), and one forward with a backward
@@ -61,7 +63,11 @@ def term_grad_norms(model: torch.nn.Module, batch: dict, loss_cfg, phase: str,
     params = {n: q.detach().requires_grad_(q.requires_grad) for n, q in model.named_parameters()}
     leaves = [q for q in params.values() if q.requires_grad]
     weights = {"recon_t1": loss_cfg.alpha, "recon_fmri": loss_cfg.beta, "ce": 1.0 if phase == "joint" else 0.0}
-    with torch.compiler.set_stance("force_eager"):
+    device = next(iter(params.values())).device
+    # the side pass's dropout draws from a forked generator: with the step's own stream shared,
+    # every later dropout mask would move, and a logging setting (plumbing) would change the weights
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
+            torch.compiler.set_stance("force_eager"):
         out = torch.func.functional_call(model, params, kwargs={k: batch.get(k) for k in MODALITY_KEYS},
                                          strict=False)
     loss = masan_loss(out, batch, loss_cfg, phase=phase, class_weight=class_weight)
