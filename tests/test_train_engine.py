@@ -145,6 +145,22 @@ def test_lr_warmup_then_cosine_per_phase():
     assert {const.factor(i) for i in range(5)} == {1.0}
 
 
+def test_lr_curve_goes_on_from_where_it_was_when_the_steps_left_change():
+    """A resume on another number of ranks plans the rest of the phase in another number of
+    steps: the cosine continues from the progress it had (no jump) and still ends at the floor."""
+    cfg = load_config(None, ["optim.warmup_steps=4", "optim.min_lr_ratio=0.1"]).optim
+    before = LRSchedule(cfg)
+    before.set_phase(10, 40)  # 40 steps planned; stopped after step 25
+    after = LRSchedule(cfg)
+    after.set_phase(10, 70, anchor=(25, before.progress(25)))  # 70 at the new number of ranks
+    assert after.factor(25) == pytest.approx(before.factor(25)) and 0 < before.progress(25) < 1
+    f = [after.factor(i) for i in range(25, 80)]
+    assert all(a >= b for a, b in zip(f, f[1:])) and f[-1] == pytest.approx(0.1)
+    plain = LRSchedule(cfg)
+    plain.set_phase(10, 70)  # re-planned from the phase start instead: the LR would jump back up
+    assert plain.factor(25) > 1.15 * before.factor(25)
+
+
 class _Items:
     def __init__(self, n):
         self.n = n

@@ -133,6 +133,7 @@ def test_two_ranks_stop_resume_and_resize(tmp_path, train_config):
     # one more joint epoch on ONE rank: weights and position carry over, Adam moments restart
     log = ok(launch(train_config, run, "train.joint_epochs=3", *ordinal, nproc=1), "completed")
     assert "written by 2 data-parallel ranks on 1" in log and "RESET Adam" in log, log[-3000:]
+    assert "the LR curve goes on from 100% of its decay" in log  # not warmed up or raised again
     last = manifests(run)[-1]["state"]
     assert last["step"] == 9 + 7 and last["epochs_done"] == 4 and last["dp_world_size"] == 1
     assert_monotonic(run)

@@ -115,19 +115,34 @@ class LRSchedule:
     """LR factor per optimizer step; the current phase's span is set by the training loop.
 
     ``factor(s)`` is the multiplier of ``optim.lr`` for the optimizer step with global index
-    ``s`` (0-based). The schedule is a pure function of the step and the phase span, so it
-    needs no state of its own in a checkpoint: the step, the phase start and the phase length
-    (recomputed for a new world size) restore it.
+    ``s`` (0-based). The schedule is a pure function of the step, the phase span and an anchor,
+    all restored from the checkpoint's training state: the cosine's progress runs linearly from
+    0 at the end of the warm-up to 1 at the phase's last step, or, after a resume on another
+    number of ranks (the rest of the phase then has another number of steps), from the progress
+    reached at the resume (the anchor) to 1 over the steps left, so the LR goes on from where it
+    was instead of jumping.
     """
 
     def __init__(self, optim_cfg: OptimConfig):
         self.cfg = optim_cfg
         self.phase_start = 0
         self.phase_steps = 1
+        self.anchor: tuple[int, float] | None = None
 
-    def set_phase(self, start_step: int, total_steps: int) -> None:
-        """The current phase runs optimizer steps ``start_step .. start_step + total_steps - 1``."""
+    def set_phase(self, start_step: int, total_steps: int, anchor: tuple[int, float] | None = None) -> None:
+        """The current phase runs optimizer steps ``start_step .. start_step + total_steps - 1``;
+        ``anchor``: (global step, cosine progress at it) the curve continues from (None: progress
+        0 at the end of the warm-up)."""
         self.phase_start, self.phase_steps = int(start_step), max(1, int(total_steps))
+        self.anchor = None if anchor is None else (int(anchor[0]), float(anchor[1]))
+
+    def progress(self, step: int) -> float:
+        """Progress along the cosine, 0 to 1, at global step ``step`` (0 during the warm-up)."""
+        local = step - self.phase_start
+        at, start = (self.cfg.warmup_steps, 0.0) if self.anchor is None else (self.anchor[0] - self.phase_start,
+                                                                               self.anchor[1])
+        span = max(1, self.phase_steps - 1 - at)
+        return min(1.0, max(0.0, start + (local - at) * (1.0 - start) / span))
 
     def factor(self, step: int) -> float:
         c = self.cfg
@@ -136,9 +151,7 @@ class LRSchedule:
             return (local + 1) / c.warmup_steps
         if c.schedule == "constant":
             return 1.0
-        span = max(1, self.phase_steps - c.warmup_steps - 1)
-        progress = min(1.0, max(0.0, (local - c.warmup_steps) / span))
-        return c.min_lr_ratio + (1.0 - c.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        return c.min_lr_ratio + (1.0 - c.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * self.progress(step)))
 
 
 def build_engine(model: torch.nn.Module, cfg: RunConfig, world_size: int, schedule: LRSchedule):

@@ -73,13 +73,20 @@ class TrainState:
     """Global step at which this phase began (start of its LR curve)."""
     epochs_done: int = 0
     """Finished epochs over both phases (seeds the data order, x-axis of epoch metrics)."""
+    phase_steps: int = 0
+    """Optimizer steps the phase's LR curve runs over, as last planned (0: not recorded, a
+    checkpoint from before it was); another number of ranks plans another."""
+    lr_anchor: tuple[int, float] | None = None
+    """(global step, cosine progress) the phase's LR curve continues from after a resume on
+    another number of ranks (:class:`masan.train.engine.LRSchedule`); None: the phase's start."""
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainState":
-        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls)})
+        state = cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
+        return state if state.lr_anchor is None else dataclasses.replace(state, lr_anchor=tuple(state.lr_anchor))
 
 
 class ResumableSampler(DistributedSampler):
@@ -198,9 +205,20 @@ def _setup(p: LoopParts, state: TrainState) -> _Run:
 def _start_phase(p: LoopParts, run: _Run, state: TrainState, phase: str) -> TrainState:
     """Enter ``phase`` (a new one: fresh epoch count and LR curve; or the one resumed into)."""
     if state.phase != phase:
-        state = dataclasses.replace(state, phase=phase, epoch=0, consumed=0, phase_start=state.step)
+        state = dataclasses.replace(state, phase=phase, epoch=0, consumed=0, phase_start=state.step, phase_steps=0,
+                                    lr_anchor=None)
     n_epochs = p.cfg.epochs[phase]
-    p.schedule.set_phase(state.phase_start, phase_steps(p, state, n_epochs, run.per_step))
+    total, anchor = phase_steps(p, state, n_epochs, run.per_step), state.lr_anchor
+    if state.phase_steps and total != state.phase_steps and p.schedule.cfg.schedule != "constant" \
+            and state.step - state.phase_start > p.schedule.cfg.warmup_steps:
+        # resumed on another number of ranks: the curve goes on from where it was, over the steps left
+        p.schedule.set_phase(state.phase_start, state.phase_steps, anchor)
+        anchor = (state.step, p.schedule.progress(state.step))
+        if p.info.is_main:
+            log.info("phase %s: %d optimizer steps in all at this number of ranks (%d before): the LR curve goes on "
+                     "from %.0f%% of its decay", phase, total, state.phase_steps, 100 * anchor[1])
+    state = dataclasses.replace(state, phase_steps=total, lr_anchor=anchor)
+    p.schedule.set_phase(state.phase_start, total, anchor)
     set_schedule_step(p.engine, state.step)
     if p.info.is_main:
         n, per_step = len(p.train_set), run.per_step
@@ -212,8 +230,8 @@ def _start_phase(p: LoopParts, run: _Run, state: TrainState, phase: str) -> Trai
 
 def _epoch(p: LoopParts, run: _Run, state: TrainState, phase: str) -> tuple[str | None, float]:
     """The steps left of the current epoch (advancing ``state`` in place). Returns (``"stopped"``
-    or ``"max_steps"`` when the run ends inside it, else None; the last step's loss, nan when
-    the epoch had no step left)."""
+    or ``"max_steps"`` when the run ends inside it, else None; the last step's loss averaged
+    over the ranks, nan when the epoch had no step left). Collective, as every step is."""
     cfg = p.cfg
     if at_max_steps(cfg, state):
         return "max_steps", math.nan  # resumed at or past the cap: not one step more (that step's checkpoint exists)
@@ -247,6 +265,8 @@ def _epoch(p: LoopParts, run: _Run, state: TrainState, phase: str) -> tuple[str 
         if i < n_steps - 1 and save_due(cfg, state, run.last_save):  # the epoch-end save follows
             save(p, state, run.last_save)
     bar.close()
+    if n_steps and not log_due:  # a log step's terms are averaged over the ranks already
+        terms = D.mean_over_ranks({"total": terms.get("total", float("nan"))})
     return None, terms.get("total", float("nan")) if n_steps else float("nan")
 
 
