@@ -26,8 +26,8 @@ from masan.convert.nifti import NiftiError, clear_acquisition_axes, header_base
 SPACING_DECIMALS = 2
 """Voxel sizes are compared and chosen rounded to 0.01 mm (headers round differently)."""
 MAX_GRID_VOXELS = 10**9
-"""Most voxels a resampled grid may have (4 GB as float32; over 7 times a 0.5 mm whole-head
-grid of 512 voxels a side): more is a header in the wrong unit (microns read as mm: a 1000
+"""Most voxels a resampled grid may have (over seven times a whole-head grid of 512 voxels a
+side, 0.5 mm voxels): more is a header in the wrong unit (microns read as mm: a 1000
 times wider field of view) or a --spacing far too fine, refused before anything is allocated."""
 
 
