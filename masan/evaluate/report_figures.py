@@ -141,9 +141,10 @@ def _pooled(name: str, members: Sequence[RunResult]) -> tuple[np.ndarray, np.nda
                       "figures", stacklevel=3)
     have = [r for r in members if r not in lost] or list(members)
     ref = have[0]
+    places = _region_places(ref)  # one read of the reference's store_geometry.json, not one per run
     same = [r for r in have if r.class_names == ref.class_names
             and r.predictions.region_weights.shape[1] == ref.predictions.region_weights.shape[1]
-            and _region_places(r) == _region_places(ref)]
+            and _region_places(r) == places]
     other = [r for r in have if r not in same]
     if other:
         warnings.warn(f"{name}: {runs(other)} have other classes, region counts, patch grids or store geometries "
