@@ -48,7 +48,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import warnings
 from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
@@ -366,9 +365,7 @@ def _older_runs_geometry(cfg: RunConfig, run_dir: Path, store: str, used: list[s
     own = cfg.data.store
     try:
         own_store = CohortStore(own)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the subjects it leaves out were named when the run trained
-            subjects, _, _ = select_subjects(own_store, cfg.data)
+        subjects, _, _ = select_subjects(own_store, cfg.data, quiet=True)
         return store_geometry(own_store, subjects, used).to_json(), None
     except (OSError, ValueError, StoreError, ContractError):  # ConfigError is a ValueError
         pass  # the run's own store moved, changed or never was: fall back to the shapes

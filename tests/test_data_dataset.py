@@ -42,6 +42,9 @@ def test_subjects_lacking_a_modality_are_left_out_with_one_warning(store):
     with pytest.warns(UserWarning, match=r"1 subject\(s\).*sub-008 \(no fmri\)") as rec:
         subjects, labels, _ = select_subjects(store, DataConfig())
     assert len(rec) == 1 and "sub-008" not in subjects and len(subjects) == 7
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # quiet: the same subjects, not a word (a caller names them itself)
+        assert select_subjects(store, DataConfig(), quiet=True) == (subjects, labels, list(DataConfig().classes))
 
 
 @pytest.mark.parametrize("cfg, fragment", [

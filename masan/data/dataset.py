@@ -55,8 +55,8 @@ def _log_once(message: str) -> None:
     log.info(message)
 
 
-def select_subjects(store: CohortStore | str | os.PathLike, data_cfg: DataConfig, unlabeled: bool = False
-                    ) -> tuple[list[str], list[int], list[str]]:
+def select_subjects(store: CohortStore | str | os.PathLike, data_cfg: DataConfig, unlabeled: bool = False,
+                    quiet: bool = False) -> tuple[list[str], list[int], list[str]]:
     """-> (subjects, labels as indices into class_names, class_names = data_cfg.classes).
 
     A store class maps to ``data_cfg.merge.get(c, c)``; subjects whose mapped class is not
@@ -64,6 +64,8 @@ def select_subjects(store: CohortStore | str | os.PathLike, data_cfg: DataConfig
     line, once per process), subjects lacking a used modality are left out with one warning
     naming them. Subjects stored without a diagnosis (``to_zarr.py --allow-unlabeled``) are
     left out with a warning, or with ``unlabeled`` (prediction) kept with label :data:`UNLABELED`.
+    ``quiet`` leaves out the same subjects without a word: for a caller that names them itself,
+    or that selects again the subjects of a run that named them when it trained.
     """
     store = store if isinstance(store, CohortStore) else CohortStore(store)
     classes = list(data_cfg.classes)
@@ -93,15 +95,15 @@ def select_subjects(store: CohortStore | str | os.PathLike, data_cfg: DataConfig
             continue
         subjects.append(s)
         labels.append(UNLABELED if cls is None else classes.index(cls))
-    if other_classes:
+    if other_classes and not quiet:
         _log_once(f"data.classes=[{', '.join(classes)}]: {sum(other_classes.values())} subject(s) of {store.path} "
                   f"of other classes left out ({', '.join(f'{c} {n}' for c, n in sorted(other_classes.items()))}); "
                   "data.merge pools classes into one of data.classes")
-    if unknown_dx:
+    if unknown_dx and not quiet:
         warnings.warn(f"{len(unknown_dx)} subject(s) of {store.path} have no diagnosis and are left out of training: "
                       f"{', '.join(unknown_dx[:5])}{'...' if len(unknown_dx) > 5 else ''} (predict them with "
                       "python -m masan.predict RUN --store STORE)", stacklevel=2)
-    if lacking:
+    if lacking and not quiet:
         warnings.warn(f"{len(lacking)} subject(s) of {store.path} left out for lacking a modality this run uses: "
                       f"{', '.join(lacking)}", stacklevel=2)
     if not subjects:

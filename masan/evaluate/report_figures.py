@@ -90,9 +90,7 @@ def store_problem(run: RunResult, store: str | os.PathLike) -> str | None:
     cfg, preds = run.config, run.predictions
     fix = f"pass the store {run.run_dir} was trained on (its data.store: {cfg.data.store})"
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the subjects it leaves out are named below
-            subjects, labels, _ = select_subjects(store, cfg.data, unlabeled=True)
+        subjects, labels, _ = select_subjects(store, cfg.data, unlabeled=True, quiet=True)  # absences named below
         have = dict(zip(subjects, labels))
         absent = [s for s in preds.subjects if s not in have]
         if absent:
