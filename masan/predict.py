@@ -46,6 +46,7 @@ subject with a diagnosis), so an owner-only store or run gives owner-only predic
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 from collections import Counter
@@ -192,7 +193,18 @@ def load_trained_model(run_dir: Path, device: torch.device, checkpoint: str | No
         note = f"UNFINISHED run, {_progress(run_dir, cfg, state)}"
     elif tag != final_tag(run_dir, cfg)[0]:
         note = f"NOT the final checkpoint: {_progress(run_dir, cfg, state)}"
-    return load_model(run_dir, cfg, tag, device), cfg, list(cfg.data.classes), tag, note
+    return load_model(run_dir, cfg, tag, device), frames_as_built(cfg), list(cfg.data.classes), tag, note
+
+
+def frames_as_built(cfg: RunConfig) -> RunConfig:
+    """``cfg`` (a copy) whose ``data.fmri_frames`` is the count the model was built for:
+    ``data.fmri_frames: null`` (every frame) held that count in the run's own store, whose runs
+    were all that long; another store's longer runs must be cut to it as well."""
+    if not cfg.data.use_fmri or cfg.data.fmri_frames is not None:
+        return cfg
+    cfg = copy.deepcopy(cfg)
+    cfg.data.fmri_frames = cfg.model.fmri_frames
+    return cfg
 
 
 class Selection(NamedTuple):

@@ -267,12 +267,12 @@ def test_an_empty_part_is_refused_before_loading(tmp_path, run, no_model, capsys
     assert not (tmp_path / "out").exists()
 
 
-def _cohort(root: Path, classes: tuple[str, ...], n_per_class: int | dict[str, int]) -> Path:
+def _cohort(root: Path, classes: tuple[str, ...], n_per_class: int | dict[str, int], frames: int = 6) -> Path:
     """A phantom cohort of the tiny store's geometry (tests/conftest.py), other scans (seed)."""
     from masan.convert.cohort import ConvertOptions, convert_cohort, discover_bids
     from masan.synth.phantom import synthesize_cohort
 
-    bids = synthesize_cohort(root / "bids", n_per_class=n_per_class, classes=classes, frames=6, seed=9)
+    bids = synthesize_cohort(root / "bids", n_per_class=n_per_class, classes=classes, frames=frames, seed=9)
     report = convert_cohort(discover_bids(bids), root / "other.zarr", ConvertOptions(patch_grid=(2, 2, 2)),
                             classes=classes, progress=False)
     assert not report.failed, report.failed
@@ -310,6 +310,19 @@ def test_another_cohort_names_the_classes_left_out_and_not_its_own_ids(tmp_path,
     assert f"warning: 2 subject(s) of {store} left out, of classes {run} does not predict (EMCI 2; " in err, err
     assert "training" not in err and "not a test accuracy" not in out, (out, err)
     assert "4 subjects of" in out, out
+
+
+def test_longer_runs_of_another_store_are_cut_to_the_frames_the_model_was_built_for(tmp_path, tiny_config, capsys):
+    """A run trained with data.fmri_frames: null (all 6 frames of every run); another store's
+    10-frame runs feed their first 6, as the docs promise, not all 10 into a 6-frame model."""
+    import masan.predict as P
+
+    run = tmp_path / "run"
+    _train(tiny_config, run, "data.fmri_frames=null", "model.fmri_frames=null")
+    assert "  fmri_frames: null" in (run / "config.yaml").read_text()
+    store = _cohort(tmp_path, ("NC", "AD"), 2, frames=10)
+    assert P.main([str(run), "--store", str(store), "--out", str(tmp_path / "out")]) == 0, capsys.readouterr().err
+    assert "4 subjects of" in capsys.readouterr().out
 
 
 def test_the_summary_names_the_runs_positive_class(tmp_path, copy, capsys):
