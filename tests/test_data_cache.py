@@ -3,6 +3,7 @@ store path, one decode per node shared by real gloo ranks, memory refused with t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -236,3 +237,37 @@ def test_a_ranks_config_error_is_a_config_error_on_every_rank(tmp_path):
     assert (tmp_path / "rank1").read_text() == "ConfigError: data.cache_dir=/nope does not exist"
     assert (tmp_path / "rank0").read_text() == ("ConfigError: another rank failed to build the cohort cache: "
                                                 "CacheConfigError: data.cache_dir=/nope does not exist")
+
+
+def test_augmented_batches_from_the_cache_equal_the_store_loaders_in_bf16(store, tmp_path):
+    """With data.augment on in a bf16 run, the cache path transforms float32 samples and casts
+    after, as the store's loader does (a bf16 volume resampled differs in a sixth of its voxels)."""
+    from types import SimpleNamespace
+
+    from masan.config import AugmentConfig, RunConfig
+    from masan.data.transforms import Augment
+    from masan.train.loop import ResumableSampler, make_loader
+
+    cfg = RunConfig()
+    cfg.train.precision, cfg.optim.micro_batch = "bf16", 2
+    cfg.data = _cfg(tmp_path, augment=AugmentConfig(flip=True, rotate_deg=8.0, shift=0.05, intensity=0.1))
+    augment = Augment.from_config(cfg.data.augment, cfg.seed)
+    cpu = torch.device("cpu")
+
+    def loader_batches(dataset, cache=None):
+        parts = SimpleNamespace(cfg=cfg, train_set=dataset, info=SimpleNamespace(device=cpu))
+        sampler = ResumableSampler(dataset, 1, 0, shuffle=True, seed=cfg.seed)
+        sampler.set_epoch(1, start=0)
+        return [to_device(_kept(b), cpu, torch.bfloat16) for b in make_loader(parts, sampler, 1, cache, augment)]
+
+    want = loader_batches(_dataset(store, cfg.data))
+    cached = _dataset(store, cfg.data)
+    cache = open_cache(cached, dataclasses.replace(cfg.data, cache="host"), cpu)
+    try:
+        got = loader_batches(cached, cache)
+    finally:
+        cache.close()
+    assert len(got) == len(want) == 3
+    for g, w in zip(got, want):
+        for k in ("t1", "fmri", "label", "index"):
+            assert g[k].dtype == w[k].dtype and torch.equal(g[k], w[k]), k

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 
@@ -76,6 +77,31 @@ def test_t1_and_fmri_get_the_same_flip():
     assert torch.equal(out["t1"], x["t1"].flip(1)) and torch.equal(out["fmri"], x["fmri"].flip(1))
     kept = Augment(cfg, seed=0)(x, index=no, epoch=0)
     assert torch.equal(kept["t1"], x["t1"]) and torch.equal(kept["fmri"], x["fmri"])
+
+
+@pytest.mark.parametrize("orientation, axis", [("RAS", 0), ("LPS", 0), ("PIR", 2), ("ASL", 2), ("SRA", 1)])
+def test_the_flip_mirrors_left_right_whatever_the_stores_orientation(orientation, axis):
+    """A store kept in scanner order (``to_zarr.py --keep-orientation``) holds left-right on
+    another voxel axis: mirroring its first axis would swap front and back."""
+    cfg = AugmentConfig(flip=True)
+    yes, _ = flipped_draw(cfg)
+    x = item()
+    out = Augment(cfg, seed=0, geometry={"orientation": orientation})(x, index=yes, epoch=0)
+    assert torch.equal(out["t1"], x["t1"].flip(1 + axis)) and torch.equal(out["fmri"], x["fmri"].flip(1 + axis))
+
+
+def test_rotations_are_rigid_in_millimetres_for_voxels_that_are_not_cubic():
+    """The draw's map, taken back from normalised field-of-view units to millimetres (extent =
+    grid shape x voxel size), is a rotation: singular values 1."""
+    shape, spacing = (16, 16, 12), (7.5, 8.0, 5.5)
+    aug = Augment(AugmentConfig(rotate_deg=10.0), seed=0, geometry={"t1_spacing_mm": list(spacing)})
+    half = np.asarray(shape) * np.asarray(spacing)
+    for index in range(5):
+        a = aug.draw(index, 0, shape, aug.spacing["t1"]).theta[:, :3]
+        world = np.diag(half) @ a @ np.diag(1 / half)
+        np.testing.assert_allclose(np.linalg.svd(world, compute_uv=False), 1.0, atol=1e-12)
+    cubic = Augment(AugmentConfig(rotate_deg=10.0), seed=0).draw(0, 0, shape).theta[:, :3]
+    assert not np.allclose(cubic, aug.draw(0, 0, shape, aug.spacing["t1"]).theta[:, :3])
 
 
 def test_t1_and_fmri_move_to_the_same_place():

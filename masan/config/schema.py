@@ -38,7 +38,7 @@ class AugmentConfig:
     the fitted cohort standardisers) never see one."""
 
     flip: bool = False
-    """Mirror the first axis (left-right in a store reoriented to RAS) with probability 0.5."""
+    """Mirror the left-right axis (found from the store's orientation) with probability 0.5."""
     rotate_deg: float = 0.0
     """Rotation about each axis through the volume centre, uniform in ±rotate_deg degrees."""
     shift: float = 0.0

@@ -16,9 +16,11 @@ cover the same field of view on different grids, so the transform is expressed i
 normalised to that field of view (``[-1, 1]`` along each axis: ``torch.nn.functional.affine_grid``
 with ``align_corners=False``) and resampled onto each grid (trilinear ``grid_sample``, edge
 values beyond the border): a voxel of either modality moves to the same place of the brain,
-and every fMRI frame moves alike. Rotations and zooms are rigid in world space for a field of
-view whose extent is proportional to the T1 grid shape (cubic T1 voxels, as the stores hold);
-the flip mirrors the first axis (left-right in a store reoriented to RAS) of both.
+and every fMRI frame moves alike. Rotations and zooms are rigid in world space: the field of
+view's extent is the grid shape times its voxel size (the store's geometry; without one, cubic
+voxels). The flip mirrors the left-right axis of both, found from the store's orientation (the
+first axis without one): a store kept in scanner order (``--keep-orientation``, e.g. PIR) holds
+left-right on another axis.
 
 **Reproducible draws.** The parameters of a sample come from a generator seeded with
 (``seed``, epoch, subject index) only: a resumed run, any number of ranks or loader workers,
@@ -28,7 +30,7 @@ transform on leaves the others' draws as they were.
 
 Example::
 
-    augment = Augment.from_config(cfg.data.augment, cfg.seed)     # None: all off
+    augment = Augment.from_config(cfg.data.augment, cfg.seed, geometry)  # None: all off
     item = augment(dataset[i], index=i, epoch=3)                   # same shapes and dtypes
 """
 
@@ -54,7 +56,7 @@ class Draw:
     """The transform of one sample."""
 
     flip: bool
-    """Mirror the first spatial axis."""
+    """Mirror the left-right axis (:attr:`Augment.mirror_axis`)."""
     theta: np.ndarray | None
     """(3, 4) affine, output -> input position in normalised (axis 0, 1, 2) coordinates; None:
     no resampling (rotation, shift and zoom all off)."""
@@ -74,29 +76,45 @@ def _rotation(angles: np.ndarray) -> np.ndarray:
     return out
 
 
-class Augment:
-    """The configured train-only transforms; call on one sample, or :meth:`batch` on a batch."""
+def mirror_axis(orientation: str | None) -> int:
+    """The spatial axis (0-2) that runs left-right in a store of ``orientation`` (nibabel axis
+    codes, e.g. ``RAS`` -> 0, ``PIR`` -> 2); 0 when unknown."""
+    return next((i for i, code in enumerate(orientation or "") if code in "LR"), 0)
 
-    def __init__(self, cfg: AugmentConfig, seed: int):
+
+class Augment:
+    """The configured train-only transforms; call on one sample, or :meth:`batch` on a batch.
+
+    ``geometry`` (:class:`masan.data.contract.Geometry` as JSON, the store's): its orientation
+    gives the axis a flip mirrors, its voxel sizes (mm) the field of view's proportions; None or
+    missing keys: the first axis, cubic voxels."""
+
+    def __init__(self, cfg: AugmentConfig, seed: int, geometry: dict | None = None):
         self.cfg = cfg
         self.seed = seed
+        geometry = geometry or {}
+        self.mirror_axis = mirror_axis(geometry.get("orientation"))
+        self.spacing = {m: geometry.get(f"{m}_spacing_mm") for m in MODALITY_KEYS}
+        """Modality -> (3,) voxel size in mm, or None (cubic)."""
 
     @classmethod
-    def from_config(cls, cfg: AugmentConfig, seed: int) -> Augment | None:
+    def from_config(cls, cfg: AugmentConfig, seed: int, geometry: dict | None = None) -> Augment | None:
         """The transforms of ``data.augment``, or None when every one is off."""
         on = cfg.flip or cfg.rotate_deg or cfg.shift or cfg.scale or cfg.intensity
-        return cls(cfg, seed) if on else None
+        return cls(cfg, seed, geometry) if on else None
 
-    def draw(self, index: int, epoch: int, shape: tuple[int, int, int]) -> Draw:
+    def draw(self, index: int, epoch: int, shape: tuple[int, int, int],
+             spacing: tuple[float, float, float] | None = None) -> Draw:
         """The transform of dataset item ``index`` in ``epoch``; ``shape``: the (X, Y, Z) grid that
-        gives the field of view's proportions (the T1 grid when there is one)."""
+        gives the field of view's extent (the T1 grid when there is one), ``spacing`` its voxel
+        size in mm (None: cubic)."""
         c = self.cfg
         seq = np.random.SeedSequence([STREAM, self.seed % 2**63, epoch, index])
         u = np.random.default_rng(seq).uniform(-1.0, 1.0, 12)  # fixed order: see the module docstring
         theta = None
         if c.rotate_deg or c.shift or c.scale:
             m = _rotation(np.deg2rad(c.rotate_deg) * u[1:4]) * (1.0 + c.scale * u[7])
-            half = np.asarray(shape, dtype=np.float64)  # proportional to the half-extents
+            half = np.asarray(shape, dtype=np.float64) * (1.0 if spacing is None else np.asarray(spacing))  # mm
             a = m * half[None, :] / half[:, None]  # E^-1 M E: rigid in world space, in [-1, 1] units
             theta = np.concatenate([a, (2.0 * c.shift * u[4:7])[:, None]], axis=1)
         intensity = {}
@@ -111,10 +129,10 @@ class Augment:
         keys = [k for k in MODALITY_KEYS if k in item]
         if not keys:
             return item
-        d = self.draw(index, epoch, tuple(item[keys[0]].shape[1:]))
+        d = self.draw(index, epoch, tuple(item[keys[0]].shape[1:]), self.spacing.get(keys[0]))
         out = dict(item)
         for k in keys:
-            out[k] = apply(item[k], d, k)
+            out[k] = apply(item[k], d, k, self.mirror_axis)
         return out
 
     def batch(self, batch: dict[str, torch.Tensor], epoch: int) -> dict[str, torch.Tensor]:
@@ -126,11 +144,12 @@ class Augment:
         return {**batch, **{k: torch.stack([s[k] for s in samples]) for k in keys}}
 
 
-def apply(volume: torch.Tensor, d: Draw, modality: str) -> torch.Tensor:
-    """One image (C, X, Y, Z) under the draw ``d``: flip, then resampling, then intensity."""
+def apply(volume: torch.Tensor, d: Draw, modality: str, mirror: int = 0) -> torch.Tensor:
+    """One image (C, X, Y, Z) under the draw ``d``: flip (of spatial axis ``mirror``), then
+    resampling, then intensity."""
     x = volume.float()
     if d.flip:
-        x = x.flip(1)
+        x = x.flip(1 + mirror)
     if d.theta is not None:
         # affine_grid's coordinates run (W, H, D) = spatial axes (2, 1, 0): reverse the axes
         theta = torch.as_tensor(d.theta[::-1, [2, 1, 0, 3]].copy(), dtype=torch.float32, device=x.device)

@@ -144,6 +144,8 @@ class LoopParts:
     config_hash: str
     data: dict[str, str] = dataclasses.field(default_factory=dict)
     """Subject -> digest of its data (:func:`masan.train.run.data_fingerprint`), saved with each checkpoint."""
+    geometry: dict = dataclasses.field(default_factory=dict)
+    """The store's geometry (:class:`masan.data.contract.Geometry` as JSON): orientation and voxel sizes."""
 
 
 def train(p: LoopParts, state: TrainState) -> str:
@@ -198,7 +200,7 @@ def _setup(p: LoopParts, state: TrainState) -> _Run:
                 per_step=cfg.optim.micro_batch * cfg.optim.grad_accum * p.info.world_size,
                 last_save={"step": state.step, "time": time.monotonic()},
                 cache=open_cache(p.train_set, cfg.data, p.info.device),
-                augment=Augment.from_config(cfg.data.augment, cfg.seed),
+                augment=Augment.from_config(cfg.data.augment, cfg.seed, p.geometry),
                 weight=class_weights(p.train_set.labels, len(p.class_names), cfg.loss.class_weights))
 
 
@@ -388,9 +390,12 @@ def make_loader(p: LoopParts, sampler, epoch: int, cache=None, augment: Augment 
     if cache is not None:
         following = copy.copy(sampler)  # the next epoch's order, prepared ahead at this one's end
         following.set_epoch(epoch + 1, start=0)
-        batches = cache.batches(sampler, p.cfg.optim.micro_batch, DTYPES[p.cfg.train.precision], d.prefetch_factor,
-                                then=following)
-        return batches if augment is None else (augment.batch(b, epoch) for b in batches)
+        dtype = DTYPES[p.cfg.train.precision]
+        if augment is None:
+            return cache.batches(sampler, p.cfg.optim.micro_batch, dtype, d.prefetch_factor, then=following)
+        # augmented in float32, then cast, as the store's loader does: a bf16 batch resampled differs
+        batches = cache.batches(sampler, p.cfg.optim.micro_batch, torch.float32, d.prefetch_factor, then=following)
+        return (to_device(augment.batch(b, epoch), p.info.device, dtype) for b in batches)
     g = torch.Generator()
     g.manual_seed(p.cfg.seed + epoch)
     dataset = p.train_set if augment is None else p.train_set.with_transform(augment, epoch)

@@ -434,7 +434,7 @@ def _train(cfg: RunConfig, stop: StopRequest, info: D.DistInfo, ckpt: Checkpoint
         logger.hparams(cfg)
     parts = LoopParts(cfg=cfg, info=info, engine=engine, schedule=schedule, train_set=train_set,
                       val_set=val_set, class_names=class_names, ckpt=ckpt, logger=logger, stop=stop,
-                      config_hash=chash, data=pre.data)
+                      config_hash=chash, data=pre.data, geometry=pre.geometry)
     try:
         status = train(parts, state)
         state = _final_state(ckpt)
