@@ -271,3 +271,33 @@ def test_augmented_batches_from_the_cache_equal_the_store_loaders_in_bf16(store,
     for g, w in zip(got, want):
         for k in ("t1", "fmri", "label", "index"):
             assert g[k].dtype == w[k].dtype and torch.equal(g[k], w[k]), k
+
+
+def test_a_subject_reconverted_while_the_cache_is_built_is_refused(store, tmp_path, monkeypatch):
+    """sub-002 reconverted (new values) while sub-001 is being decoded: its new integers must not
+    be cached under the scales taken at start (they were, silently, unless it was the first decoded)."""
+    import shutil
+
+    copy, bids = tmp_path / "s.zarr", tmp_path / "bids"
+    shutil.copytree(store, copy)
+    shutil.copytree(store.parent / "bids", bids)
+    cfg = _cfg(tmp_path / "shm", cache="host")
+    (tmp_path / "shm").mkdir()
+    ds = _dataset(copy, cfg)
+    assert ds.subjects[:2] == ["sub-001", "sub-002"]
+    decode = cache_module.CohortCache._decode
+
+    def reconverting(self, subject):
+        if subject == "sub-001":
+            t1 = next((bids / "sub-002" / "anat").glob("*_T1w.nii.gz"))
+            img = nib.load(t1)
+            nib.save(nib.Nifti1Image(np.asarray(img.dataobj) * 3 + 100, img.affine, img.header), t1)
+            report = convert_cohort(discover_bids(bids), copy, ConvertOptions(patch_grid=(2, 2, 2)),
+                                    classes=("NC", "AD"), progress=False)
+            assert not report.failed and CohortStore(copy).group_path("sub-002") != self.versions["sub-002"]
+        decode(self, subject)
+
+    monkeypatch.setattr(cache_module.CohortCache, "_decode", reconverting)
+    with pytest.raises(RuntimeError, match="sub-002 was reconverted .* while data.cache was being built"):
+        open_cache(ds, cfg, torch.device("cpu"))
+    assert not any((tmp_path / "shm").iterdir()), "no half-built cache left"

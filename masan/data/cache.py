@@ -31,6 +31,7 @@ the next cache built on that node.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import logging
 import os
@@ -186,6 +187,8 @@ class CohortCache:
         if self.device.type == "cuda" and self.device.index is None:  # set_device and mem_get_info need an index
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.modalities = [m for m, on in (("t1", data_cfg.use_t1), ("fmri", data_cfg.use_fmri)) if on]
+        self.versions = {s: self.store.group_path(s) for s in self.subjects}
+        """Subject -> its store version when the scales were taken: what every decode must read."""
         self.scales = {(s, m): self._scale(s, m) for s in self.subjects for m in self.modalities}
         self.local_rank, self.local_world = node_peers()
         self.decoded: list[str] = []
@@ -196,6 +199,10 @@ class CohortCache:
         # waiting in a barrier
         self.host: dict[tuple[str, str], np.ndarray] = {}
         self.on_device: dict[tuple[str, str], torch.Tensor] = {}
+        if any(v != self.versions for v in D.all_gather_objects(self.versions)):  # the same verdict on every rank
+            raise CacheError(f"a subject of {self.store.path} was reconverted while the ranks were starting: they "
+                             "took different versions of it. Let the conversion finish, then restart the run "
+                             "(it resumes)")
         _agree(self._create if self.local_rank == 0 else None)
         try:
             _agree(lambda: [self._decode(s) for i, s in enumerate(self.subjects)
@@ -270,13 +277,15 @@ class CohortCache:
         """Stored integers of the subject's arrays -> ``.npy`` files (written under a temporary name,
         then renamed, so a file that exists is complete); a shard of frames at a time. Refuses a
         subject whose store version changed meanwhile (a reconversion under a run), so the cache
-        never mixes two versions or holds data that disagrees with the scales taken at start."""
-        before = self.store.group_path(subject)
+        never mixes two versions or holds data that disagrees with the scales taken at start
+        (:attr:`versions`: an earlier subject's decode rereads the table)."""
+        before = self.versions[subject]
         for m in self.modalities:
             final = self._file(subject, m)
             dtype = np.dtype(self.store.row(subject)[m]["dtype"])
             tmp = final.with_name(final.name + ".tmp")
             out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=self._shape(subject, m))
+            self._reserve(tmp)
             if m == "t1":
                 out[...] = self.store.read_raw(subject, m)
             else:  # a shard of frames at a time: no whole-run intermediate beside the file
@@ -289,11 +298,26 @@ class CohortCache:
             del out
             os.replace(tmp, final)
         self.store._refresh()
-        if self.store.group_path(subject) != before:
+        if self.store.group_path(subject) != before:  # also when it changed before its own decode began
             raise RuntimeError(
                 f"{subject} was reconverted in {self.store.path} while data.cache was being built; the cache would "
                 "mix two versions of it. Let the conversion finish, then restart the run (it resumes)")
         self.decoded.append(subject)
+
+    def _reserve(self, path: Path) -> None:
+        """Allocate the whole (sparse) file now: a full folder (another run's cache sharing
+        data.cache_dir filled it since the space check) is then an error naming it, not a SIGBUS
+        that kills the rank without a word when a write through the map finds no page."""
+        with open(path, "r+b") as f:
+            try:
+                os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+            except OSError as e:
+                if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                raise CacheConfigError(
+                    f"{self.cfg.cache_dir} ran out of space while data.cache={self.cfg.cache} was being built "
+                    f"({e.strerror}; another run's cache in the same data.cache_dir may have taken it since this "
+                    f"run's check); {FIX}") from e
 
     def close(self) -> None:
         """Drop this rank's views and device copies; the node's lead rank deletes the files (others
