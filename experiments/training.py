@@ -10,6 +10,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import os
 import shlex
 import shutil
 import subprocess
@@ -21,6 +22,7 @@ from experiments import REPO
 from masan.config import RunConfig, load_config
 from masan.files import atomic_write_json
 from masan.rundir import RunDir
+from masan.train.runlock import LAUNCHER_PID_ENV, RunLock, RunLockedError
 
 PAPER_EXACT = REPO / "hpc/configs/paper-exact.yaml"
 MAIN = "masan"
@@ -123,8 +125,15 @@ def train(cmd: list[str], run_dir: Path, cohort: dict, env: dict, cfg_hash: str,
     stamp_file = run.bench_stamp
     old = json.loads(stamp_file.read_text()) if stamp_file.is_file() else None
     if run_dir.exists() and (old is None or {k: old.get(k) for k in stamp} != stamp):
+        lock = RunLock(run_dir)
+        try:
+            lock.take_existing()  # a training still at work there (an earlier benchmark's) keeps its folder
+        except RunLockedError as e:
+            print(f"FAILED: {run_dir} was made with other arguments, code or cohort, but {e}", flush=True)
+            return {"status": "failed", "minutes": 0.0}
         print(f"{run_dir}: made with other arguments, code or cohort: starting it afresh", flush=True)
         shutil.rmtree(run_dir)
+        lock.release()
         old = None
     if old is not None and old.get("done") and run.predictions.is_file():
         return {"status": "cached", "minutes": old["minutes"]}
@@ -134,6 +143,7 @@ def train(cmd: list[str], run_dir: Path, cohort: dict, env: dict, cfg_hash: str,
     log = run.train_log
     print("$", shlex.join(cmd), ">", shlex.quote(str(log)), flush=True)
     t = time.perf_counter()
+    env = {**env, LAUNCHER_PID_ENV: str(os.getpid())}  # the training ends with the benchmark, kill -9 included
     with log.open("a") as f:
         rc = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, env=env, check=False).returncode
     minutes += (time.perf_counter() - t) / 60

@@ -61,6 +61,31 @@ def test_a_change_of_the_training_code_is_not_scored_with_old_runs(tmp_path, mon
     assert training.code_fingerprint() != before
 
 
+def test_a_run_still_training_is_not_deleted_and_trainings_end_with_the_benchmark(tmp_path, capsys):
+    """A benchmark killed with its trainings still at work, then started again with other code:
+    a run folder whose run.lock is held is left alone (it was deleted under the live training);
+    the command trains with the benchmark's pid as its launcher (train_local.py then dies with it)."""
+    from masan.rundir import RunDir
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    RunDir(run_dir).bench_stamp.write_text(json.dumps({"code": "older"}))
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from masan.train.runlock import RunLock; "
+                               f"RunLock({str(run_dir)!r}).take(); print('held', flush=True); time.sleep(60)"],
+                              cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        show_pid = [sys.executable, "-c", "import os; print('launcher', os.environ['MASAN_LAUNCHER_PID'])"]
+        assert training.train(show_pid, run_dir, {}, dict(os.environ), "h", "new")["status"] == "failed"
+        assert RunDir(run_dir).bench_stamp.is_file()  # the folder is as it was
+        assert f"FAILED: {run_dir} was made with other arguments, code or cohort, but " in capsys.readouterr().out
+    finally:
+        holder.kill()
+        holder.wait()
+    assert training.train(show_pid, run_dir, {}, dict(os.environ), "h", "new")["status"] == "failed"  # no predictions
+    assert f"launcher {os.getpid()}" in RunDir(run_dir).train_log.read_text()
+
+
 def cohort_of(argv: list[str]) -> tuple[object, dict, list[list[str]]]:
     """(args, stamp, [synth_cohort, to_zarr] command) as main() makes them at the science.yaml sizes."""
     args = science.parse_args(argv)
