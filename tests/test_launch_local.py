@@ -361,3 +361,26 @@ def test_train_local_does_not_start_fresh_beside_a_run_in_the_former_default_fol
                          text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert res.returncode == 2 and "pass --run-dir runs/default to resume it" in res.stderr, res.stderr[-2000:]
     assert not (tmp_path / "runs" / "masan").exists()
+
+
+def test_a_refused_sbatch_removes_its_own_files_not_another_submissions(tmp_path, monkeypatch):
+    """RUN_DIR/slurm is shared by every submission into the run folder: when sbatch refuses, only
+    what submitit wrote for the refused job (named by a temporary uuid) goes; job files another
+    submission wrote meanwhile (named by their job id) stay. sbatch here is a stand-in that lets
+    another job land in the folder, then refuses as sbatch does."""
+    from launch.slurm.plan import RunSpec
+    from launch.slurm.submission import SubmitError, submit_slurm
+
+    folder, bin_dir = tmp_path / "run" / "slurm", tmp_path / "bin"
+    folder.mkdir(parents=True)
+    (folder / "100_submitted.pkl").write_text("an earlier job")
+    bin_dir.mkdir()
+    sbatch = bin_dir / "sbatch"
+    sbatch.write_text(f"#!/bin/sh\ntouch {folder}/101_submitted.pkl {folder}/101_submission.sh\n"
+                      "echo 'sbatch: error: Invalid qos specification' >&2\nexit 1\n")
+    sbatch.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    spec = RunSpec(run_dir=tmp_path / "run", variant="baseline", repeat=0, cfg=load_config(None))
+    with pytest.raises(SubmitError, match="Invalid qos specification"):
+        submit_slurm([spec], Resources(), folder, max_requeues=0)
+    assert sorted(p.name for p in folder.iterdir()) == ["100_submitted.pkl", "101_submission.sh", "101_submitted.pkl"]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import re
 import shutil
 from functools import lru_cache
 from pathlib import Path
@@ -80,6 +81,11 @@ class SubmitError(RuntimeError):
     nothing was submitted; the message is sbatch's."""
 
 
+SUBMITIT_TEMPORARY = re.compile(r"[0-9a-f]{32}(\.pkl|\.sh)$")
+"""What submitit writes before sbatch answers: ``<uuid>.pkl``, ``.submission_file_<uuid>.sh`` (renamed
+after the job id once sbatch accepts); ``RUN_DIR/slurm`` is shared by every submission into it."""
+
+
 def submit_slurm(specs: list[RunSpec], res: Resources, folder: Path, max_requeues: int) -> list[str]:
     """Submit the runs (one job, or one array for several) and record them; returns job ids.
     Raises :class:`SubmitError` when sbatch refuses, leaving ``folder`` as it was."""
@@ -100,8 +106,9 @@ def submit_slurm(specs: list[RunSpec], res: Resources, folder: Path, max_requeue
                     submitted = [ex.submit(t) for t in tasks]
     except FailedJobError as e:
         for left in set(folder.iterdir()) - before:  # the submission script and pickles of a job that never was
-            shutil.rmtree(left) if left.is_dir() and not left.is_symlink() else left.unlink()
-        if not existed:
+            if SUBMITIT_TEMPORARY.search(left.name):  # another submission's job files, named by their ids, stay
+                shutil.rmtree(left) if left.is_dir() and not left.is_symlink() else left.unlink(missing_ok=True)
+        if not existed and not any(folder.iterdir()):
             folder.rmdir()
         said = [line.strip() for line in str(e).splitlines() if line.strip()]
         raise SubmitError("; ".join(said) or "sbatch failed without a message") from None
