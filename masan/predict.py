@@ -348,8 +348,9 @@ def check_contract(cfg: RunConfig, run_dir: Path, store: str, subjects: list[str
     """Refuse (ContractError) a store whose geometry differs from the one the run trained on
     (``store_geometry.json``; for runs older than it, that of the run's own store when it can be
     read, else the model's input shapes alone). Returns a note when orientation and voxel size
-    could not be checked (an older run whose own store is gone), else None."""
-    from masan.data.contract import ContractError, mismatches, store_geometry
+    could not be checked (an older run whose own store is gone) or the TR (recorded on one side
+    only), else None."""
+    from masan.data.contract import ContractError, mismatches, store_geometry, unchecked_tr
     from masan.data.dataset import used_modalities
     from masan.store.cohort import CohortStore
 
@@ -363,7 +364,8 @@ def check_contract(cfg: RunConfig, run_dir: Path, store: str, subjects: list[str
     if problems:
         raise ContractError(f"{store} does not have the geometry {run_dir} was trained on:\n  - "
                             + "\n  - ".join(problems))
-    return note
+    notes = [n for n in (note, unchecked_tr(trained, geo)) if n]
+    return "; ".join(notes) or None
 
 
 def _older_runs_geometry(cfg: RunConfig, run_dir: Path, store: str, used: list[str]) -> tuple[dict, str | None]:

@@ -20,7 +20,7 @@ import yaml
 
 from masan.config import RunConfig
 from masan.convert.cohort import ConvertOptions, convert_cohort, discover_bids
-from masan.data.contract import ContractError, Geometry, mismatches, resolve_inputs, store_geometry
+from masan.data.contract import ContractError, Geometry, mismatches, resolve_inputs, store_geometry, unchecked_tr
 from masan.data.dataset import UNLABELED, select_subjects
 from masan.store.cohort import CohortStore
 
@@ -241,6 +241,15 @@ def test_a_store_is_compared_with_the_geometry_a_run_trained_on():
     assert len(found) == 6, found
     for text in ("T1 grid 28x32x32", "voxel size", "orientation LAS", "TR 0.8 s", "4 fMRI frames", "registered"):
         assert any(text in f for f in found), (text, found)
+
+
+def test_a_tr_recorded_on_one_side_only_is_named_as_unchecked():
+    timed, untimed = _geometry(tr_seconds=2.0), _geometry()
+    assert mismatches(timed.to_json(), untimed, 6) == [] and mismatches(untimed.to_json(), timed, 6) == []
+    assert "the run trained on 2 s, s.zarr holds runs without a TR" in unchecked_tr(timed.to_json(), untimed)
+    assert "the run trained on runs without a TR, s.zarr holds 2 s" in unchecked_tr(untimed.to_json(), timed)
+    assert unchecked_tr(timed.to_json(), timed) is None and unchecked_tr(untimed.to_json(), untimed) is None
+    assert unchecked_tr(timed.to_json(), _geometry(fmri_shape=None)) is None  # no fMRI read: nothing to say
 
 
 # ---------------------------------------------------------------------- the real entry points

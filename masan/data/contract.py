@@ -214,6 +214,16 @@ def _check_grid(cfg: RunConfig, geo: Geometry) -> None:
                                 f"model.patch_grid or reconvert with data_tools/to_zarr.py {flag} X Y Z")
 
 
+def unchecked_tr(trained: dict, geo: Geometry) -> str | None:
+    """A note when one side records an fMRI TR and the other none (runs stored without one):
+    :func:`mismatches` cannot compare them, so frames of another duration would pass."""
+    a, b = trained.get("tr_seconds"), geo.tr_seconds
+    if geo.fmri_shape is None or (a is None) == (b is None):
+        return None
+    return (f"the fMRI TR cannot be checked: the run trained on {f'{a:g} s' if a else 'runs without a TR'}, "
+            f"{geo.store} holds {f'{b:g} s' if b else 'runs without a TR'}; its frames may be of another duration")
+
+
 def mismatches(trained: dict, geo: Geometry, frames: int | None) -> list[str]:
     """Differences between the geometry a run ``trained`` on (:meth:`Geometry.to_json`) and
     another store's ``geo`` that the run's model cannot bridge, as messages naming the field,
