@@ -114,6 +114,13 @@ def test_images_the_model_never_reads_are_named_at_the_start():
         note.endswith("set data.use_fmri=false")
     assert unused_inputs(load_config(None, ["model.modalities=fmri"]))[0].startswith("data.use_t1=true")
     assert unused_inputs(load_config(None, ["model.arch=hfcn", "data.use_fmri=false"])) == []
+    # connectivity pairs asked of a model without fMRI (an ablation keeping the preset's settings)
+    pairs = ["model.connectivity_cells=3", "model.connectivity_keep=5"]
+    for choice in (["model.arch=hfcn"], ["model.modalities=t1"]):
+        notes = unused_inputs(load_config(None, [*choice, "data.use_fmri=false", *pairs]))
+        assert notes == [f"model.connectivity_cells=3 is ignored: {choice[0]} reads no fMRI, so the model has no "
+                         "connectivity pairs; set model.connectivity_cells=0"], notes
+    assert unused_inputs(load_config(None, pairs)) == []
 
 
 @pytest.mark.parametrize("channels, groups", [

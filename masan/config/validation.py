@@ -242,11 +242,16 @@ def _check_inputs(cfg: RunConfig) -> None:
 
 def unused_inputs(cfg: RunConfig) -> list[str]:
     """One line per modality the data loads and the model never reads (each sample would read,
-    decode and cache it for nothing; the store must still hold it for every subject)."""
+    decode and cache it for nothing; the store must still hold it for every subject), and for
+    connectivity pairs asked of a model that reads no fMRI (its config.yaml would say they are on)."""
     used = _autoencoders(cfg.model)
-    return [f"data.use_{m}=true, but {_model_choice(cfg.model)} never reads the {m} images: every sample reads "
-            f"them for nothing (and subjects without them are refused); set data.use_{m}=false"
-            for m in ("t1", "fmri") if get_dotted(cfg, f"data.use_{m}") and m not in used]
+    out = [f"data.use_{m}=true, but {_model_choice(cfg.model)} never reads the {m} images: every sample reads "
+           f"them for nothing (and subjects without them are refused); set data.use_{m}=false"
+           for m in ("t1", "fmri") if get_dotted(cfg, f"data.use_{m}") and m not in used]
+    if cfg.model.connectivity_cells and "fmri" not in used:
+        out.append(f"model.connectivity_cells={cfg.model.connectivity_cells} is ignored: {_model_choice(cfg.model)} "
+                   "reads no fMRI, so the model has no connectivity pairs; set model.connectivity_cells=0")
+    return out
 
 
 def _check_groups(model: ModelConfig) -> None:

@@ -14,7 +14,8 @@ Data flow for one subject at full resolution (defaults, shapes without the batch
      joined to the MLP's input]
 
 The region head (fusion, attention, classifier) holds well under 1% of the FLOPs; it runs with
-autocast off in the parameters' dtype, so sigmoid gates and attention logits never see fp16.
+autocast off in the parameters' dtype (the engine's bf16, or fp16 with ``train.precision=fp16``:
+the fusion gates then run in fp16), with the attention scores in fp32.
 """
 
 from __future__ import annotations

@@ -15,7 +15,9 @@ ranks, so every rank holds the same statistics, they are frozen between fits, an
 behaves identically in training and evaluation. They live in fp32 buffers even when an engine
 casts the model to bf16 (a bf16 mean of so large an offset would leave only quantisation noise),
 and they are part of the checkpoint, so evaluation is reproducible from it alone on any number
-of ranks.
+of ranks. The features themselves arrive in the engine's dtype: in a bf16 run, a feature whose
+mean is large against its spread carries its bf16 rounding (relative 2^-9 of its value) into
+the standardised value.
 
 A small ``std_floor`` (a fraction of the median std of the layer's features) keeps a nearly
 constant feature (a region of background, say) from being divided by ~0 and amplifying noise
