@@ -306,6 +306,71 @@ def test_deepspeeds_own_collectives_time_out_at_the_runs_timeout(tmp_path):
     assert outcome.startswith("raised") and float(took) < 2 * timeout_s, (took, outcome)
 
 
+def _resaving_rank(rank: int, port: int, run: str) -> None:
+    """Saves of one step again, on a real single-rank engine: cut short after DeepSpeed wrote its
+    files, stopped between the two renames, then whole; the checkpoint's epoch after each."""
+    from masan.config import config_hash, load_config
+    from masan.distributed import init_distributed
+    from masan.train.checkpoint import REPLACED
+    from masan.train.engine import LRSchedule, build_engine
+    from masan.train.loop import TrainState
+
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    cfg = load_config(None, ["train.device=cpu", "train.precision=fp32"])
+    init_distributed(cfg.train)
+    engine = build_engine(torch.nn.Linear(4, 2), cfg, 1, LRSchedule(cfg.optim))
+    mgr, seen, chash = CheckpointManager(run, keep=1), {}, config_hash(cfg)
+
+    def state(epoch: int) -> dict:
+        return {**TrainState(epoch=epoch, step=7).to_dict(), "dp_world_size": 1, "config_hash": chash}
+
+    def epoch() -> int:
+        return mgr.manifest("step_000007")["state"]["epoch"]
+
+    mgr.save(engine, 7, state(0), cfg)
+    real = engine.save_checkpoint
+
+    def killed_after_deepspeed(*args, **kwargs):
+        real(*args, **kwargs)
+        raise KeyboardInterrupt  # stands for kill -9: nothing after it runs
+
+    engine.save_checkpoint = killed_after_deepspeed
+    try:
+        mgr.save(engine, 7, state(1), cfg)
+    except KeyboardInterrupt:
+        pass
+    seen["cut_short"] = [mgr.complete_tags(), epoch()]
+    engine.save_checkpoint = real
+    mgr._install = lambda saved, tag: (mgr.dir / tag).rename(mgr.dir / (tag + REPLACED))  # stopped there
+    mgr._prune = lambda: None
+    mgr.save(engine, 7, state(2), cfg)
+    seen["between_renames"] = sorted(p.name for p in mgr.dir.glob("step_*"))
+    CheckpointManager(run, keep=1).resume(engine, cfg, chash)  # the next start finishes the replacement
+    seen["recovered"] = [mgr.complete_tags(), epoch()]
+    mgr = CheckpointManager(run, keep=1)
+    mgr.save(engine, 7, state(3), cfg)
+    seen["whole"] = [sorted(p.name for p in mgr.dir.glob("step_*")), epoch()]
+    Path(run, "seen.json").write_text(json.dumps(seen))
+    os._exit(0)
+
+
+def test_saving_a_step_again_never_loses_the_complete_checkpoint_of_that_step(tmp_path):
+    """A run stopped at an epoch's last step resumes with no step of that epoch left and saves
+    the same step again at the epoch's end: a kill during that save must leave the checkpoint it
+    resumed from (with keep=1 it is the only one)."""
+    import torch.multiprocessing as mp
+
+    from masan.distributed import free_port
+
+    run = tmp_path / "run"
+    mp.spawn(_resaving_rank, args=(free_port(), str(run)), nprocs=1)
+    seen = json.loads((run / "seen.json").read_text())
+    assert seen["cut_short"] == [["step_000007"], 0]
+    assert seen["between_renames"] == ["step_000007.replaced", "step_000007.saving"]
+    assert seen["recovered"] == [["step_000007"], 2]
+    assert seen["whole"] == [["step_000007"], 3]  # and no leftover beside it
+
+
 def test_a_run_continues_with_its_own_config_when_no_config_is_given(tmp_path, reference_run):
     """`train_local.py run_dir=R train.joint_epochs=N` extends a run: without --config the run's
     own config.yaml applies (the built-in defaults would name another store and model)."""

@@ -7,6 +7,9 @@ Layout under ``run_dir/checkpoints``::
                             {"tag", "step", "files": {name: {"bytes", "sha256"}}, "state":
                             client state without RNG, "config": the resolved run config}
     latest_complete         the newest complete tag (atomic rename), for people and tools
+    step_000123.saving/     a save in progress: renamed to ``step_000123`` once marked, so a
+                            save cut short never touches a complete checkpoint of that step
+                            (a resume at an epoch's last step saves that step again)
 
 DeepSpeed's own ``latest`` is written by rank 0 right after its own files with no barrier,
 so it can name a checkpoint another rank never finished; it is not used. On start the
@@ -70,6 +73,10 @@ log = logging.getLogger(__name__)
 MARKER = "COMPLETE"
 POINTER = "latest_complete"
 TAG_RE = re.compile(r"^step_(\d+)$")
+SAVING, REPLACED = ".saving", ".replaced"
+"""Suffixes of a checkpoint folder being written, and of the complete one of the same step that
+it replaces (for the moment between two renames)."""
+ASIDE_RE = re.compile(r"^step_\d+(\.saving|\.replaced)$")
 SHARD_RE = re.compile(r"zero_pp_rank_(\d+)_")
 """DeepSpeed's per-rank ZeRO optimizer shard (``[bf16_]zero_pp_rank_R_mp_rank_00_optim_states.pt``)."""
 MODEL_STATES = "mp_rank_00_model_states.pt"
@@ -246,14 +253,15 @@ class CheckpointManager:
             the tag.
         """
         tag = tag_for(step)
-        folder = self.dir / tag
+        folder = self.dir / (tag + SAVING)  # renamed to tag once marked: see the module docstring
         if self.rank == 0:
             self.dir.mkdir(parents=True, exist_ok=True)
-            if folder.exists():  # a damaged leftover of an earlier attempt at this step
-                shutil.rmtree(folder)
+            if (self.dir / tag).exists() and self.problem(tag) is not None:  # a damaged leftover at this step
+                shutil.rmtree(self.dir / tag)
+            shutil.rmtree(folder, ignore_errors=True)  # an earlier save of this step cut short
         D.barrier()
         client = dict(state, rng=D.all_gather_objects(rng_state()))
-        engine.save_checkpoint(str(self.dir), tag=tag, client_state=client, save_latest=False)
+        engine.save_checkpoint(str(self.dir), tag=folder.name, client_state=client, save_latest=False)
         D.barrier()
         mine = {}  # each rank makes its own files durable and hashes them (in parallel, from its page cache)
         for f in sorted(p for p in folder.rglob("*") if p.is_file()):
@@ -266,10 +274,38 @@ class CheckpointManager:
             files = dict(sorted(kv for part in gathered for kv in part.items()))
             manifest = {"tag": tag, "step": step, "files": files, "state": state, "config": config_to_dict(cfg)}
             atomic_write_json(folder / MARKER, manifest)
+            self._install(folder, tag)
             atomic_write_text(self.dir / POINTER, tag + "\n")
             self._prune()
         D.barrier()
         return tag
+
+    def _install(self, saved: Path, tag: str) -> None:
+        """Rank 0: the marked folder ``saved`` becomes checkpoint ``tag``; a complete one of that
+        step is set aside first and deleted only after (a stop between the two renames leaves
+        both whole: :meth:`_recover` puts the new one in place)."""
+        target, aside = self.dir / tag, self.dir / (tag + REPLACED)
+        if target.exists():
+            shutil.rmtree(aside, ignore_errors=True)
+            target.rename(aside)
+        saved.rename(target)
+        _fsync(self.dir)
+        shutil.rmtree(aside, ignore_errors=True)
+
+    def _recover(self) -> None:
+        """Rank 0, before choosing: finish a replacement that stopped between its two renames
+        (the new marked folder goes in place, else the one set aside goes back)."""
+        if not self.dir.is_dir():
+            return
+        for aside in self.dir.glob("step_*" + REPLACED):
+            tag = aside.name[: -len(REPLACED)]
+            if (self.dir / tag).exists():
+                continue
+            saved = self.dir / (tag + SAVING)
+            if saved.is_dir() and (saved / MARKER).is_file():
+                saved.rename(self.dir / tag)
+            else:
+                aside.rename(self.dir / tag)
 
     def _prune(self) -> None:
         """Keep the newest ``keep`` complete checkpoints; drop anything older than the oldest kept."""
@@ -281,6 +317,9 @@ class CheckpointManager:
         for tag in self.tags():
             if tag not in kept and step_of(tag) < oldest_kept:
                 shutil.rmtree(self.dir / tag, ignore_errors=True)
+        for leftover in self.dir.iterdir():  # saves cut short (a kill during the save)
+            if ASIDE_RE.match(leftover.name):
+                shutil.rmtree(leftover, ignore_errors=True)
 
     # ------------------------------------------------------------------ resuming
 
@@ -352,6 +391,8 @@ class CheckpointManager:
         position is kept.
         """
         skip: set[str] = set()
+        if self.rank == 0:
+            self._recover()
         while True:
             tag = D.broadcast_object(self._choose(skip) if self.rank == 0 else None)
             if tag is None:
