@@ -64,6 +64,7 @@ from bench.harness import (
     measure_model,
     note,
     resolve_device,
+    section_names,
 )
 from masan.argtypes import number
 from masan.config import RunConfig, config_or_exit, config_to_dict
@@ -206,7 +207,7 @@ def deepspeed_section(store: str, cache_dir: str, args, config: Path, work: Path
         return
     if res.returncode != 0:
         note("deepspeed", variant, f"exit {res.returncode}")
-        _tail(res.stdout + res.stderr)
+    _tail(res.stdout + res.stderr, 25 if res.returncode else 8)  # the run's own last lines: its work dir goes
     _report_ds(run_dir, variant)
 
 
@@ -250,6 +251,7 @@ def parse_args(argv: list[str] | None):
                     help="epochs per loader: the first is warm-up, the median of the rest counts (bench/io.py)")
     ap.add_argument("--ds-steps", type=number(int, 1), default=30)
     ap.add_argument("--sections", default="masan,hfcn,loader,deepspeed,compile",
+                    type=section_names("masan", "hfcn", "loader", "deepspeed", "compile"),
                     help="comma-separated sections to run")
     ap.add_argument("--work", type=Path, default=None, help="scratch directory (default: a temp dir, removed)")
     args = ap.parse_args(argv)
@@ -266,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     budget = Budget(args.budget_s)
     cfg = config_or_exit(args.config, args.set, TINY if args.tiny else (), "the --tiny settings")
-    sections = set(args.sections.split(","))
+    sections = set(args.sections)
     work = args.work or Path(tempfile.mkdtemp(prefix="masan-gpu-check-"))
     work.mkdir(parents=True, exist_ok=True)
     for sub in ("cohort", "config"):  # the store must not sit inside a directory holding a run config

@@ -33,6 +33,18 @@ REPO = Path(__file__).resolve().parents[1]
 PAPER = REPO / "hpc/configs/paper.yaml"
 
 
+def section_names(*known: str) -> Callable[[str], list[str]]:
+    """An argparse type: comma-separated section names, each one of ``known`` (a misspelt name
+    would skip its section and spend a GPU call measuring nothing)."""
+    def parse(text: str) -> list[str]:
+        names = [n for n in text.split(",") if n]
+        unknown = [n for n in names if n not in known]
+        if unknown or not names:
+            raise argparse.ArgumentTypeError(f"unknown section(s) {unknown or text!r}; choose from {','.join(known)}")
+        return names
+    return parse
+
+
 def config_overrides(path: Path) -> list[str]:
     """A config file as ``section.key=value`` overrides (applied on top of ``--config``)."""
     return [f"{section}.{key}={json.dumps(value)}" for section, keys in yaml.safe_load(path.read_text()).items()

@@ -317,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--top", type=number(int, 1), default=25, help="operators listed by the profile")
     ap.add_argument("--trace", type=Path, default=None, help="also write the profile as a Chrome trace here")
     ap.add_argument("--sections", default="split,variant,profile,layout,engine",
+                    type=harness.section_names("split", "variant", "profile", "layout", "engine"),
                     help="comma-separated sections to run")
     ap.add_argument("--variants", default="",
                     help="names of the variant rows to run, separated by ; (default: all), e.g. 'current;current, mb2'")
@@ -335,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"profile_step: {harness.device_name(args.device)}, torch {torch.__version__}, {args.dtype}, "
           f"budget {args.budget_s:.0f} s", flush=True)
     harness.emit("section", "variant", "ms/sample", "peak GiB", "GiB/sample", "note")
-    sections = args.sections.split(",")
+    sections = args.sections
     t0 = time.monotonic()
     for name, fn in (("split", split_section), ("variant", variant_section), ("profile", profile_section),
                      ("layout", layout_section), ("engine", engine_section)):

@@ -86,3 +86,12 @@ def test_tiny_profile_prints_every_variant_and_the_top_operators(tmp_path):
         assert float(engine[f"{name}: as the loop (loss read back every step)"][2]) > 0, out
         assert "forward" in engine[f"{name}: split"][-1] and "step" in engine[f"{name}: split"][-1], out
     assert "the optimizer step's operators by host time" in out, out
+
+
+@pytest.mark.parametrize("module, known", [("bench.gpu_check", "deepspeed"), ("bench.profile_step", "engine")])
+def test_a_misspelt_section_is_refused_before_anything_runs(module, known):
+    """A section name that matches none would skip its section silently and spend the GPU call
+    (device time is scarce) measuring nothing."""
+    res = subprocess.run([sys.executable, "-m", module, "--sections", f"{known}d"], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[1], timeout=120, check=False)
+    assert res.returncode == 2 and f"unknown section(s) ['{known}d']; choose from" in res.stderr, res.stderr

@@ -239,6 +239,33 @@ def test_compiled_modality_modules_give_the_eager_values_and_gradients():
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-9, atol=1e-12, msg=lambda m, n=name: f"{n}: {m}")
 
 
+def test_passes_without_gradients_run_the_modules_eager_where_cuda_graphs_replay():
+    """With model.compile_mode=reduce-overhead each compiled call without a pending backward
+    starts a new CUDA-graph generation: fPM's replay would overwrite sPM's outputs before the
+    fusion reads them. Predictions, monitoring and standardiser fits therefore run sPM and fPM
+    eager (nothing is compiled for them), with the eager values."""
+    import copy
+
+    from masan.model import build_model, compile_modality_modules, small_model_config
+
+    cfg = small_model_config(fusion_cells=2)
+    torch.manual_seed(0)
+    eager = build_model(cfg, 2).eval()
+    compiled = copy.deepcopy(eager)
+    compile_modality_modules(compiled, "inductor", "reduce-overhead")
+    assert compiled.graphs_replayed
+    other = copy.deepcopy(eager)
+    compile_modality_modules(other, "inductor", "default")
+    assert not other.graphs_replayed
+    x = {"t1": torch.randn(1, 1, *cfg.t1_shape), "fmri": torch.randn(1, cfg.fmri_frames, *cfg.fmri_shape)}
+    torch._dynamo.reset()
+    frames = torch._dynamo.utils.counters["frames"]["total"]
+    with torch.no_grad():
+        got, want = compiled(**x), eager(**x)
+    assert torch._dynamo.utils.counters["frames"]["total"] == frames  # no compile: eager
+    torch.testing.assert_close(got["logits"], want["logits"], rtol=0, atol=0)
+
+
 def _layout_cases():
     """Each fast path as ``(name, fn(x, skip) -> y, whether y is a feature map)``: pooled cells
     only go to the region features (one gathering copy) and the reconstruction to the loss

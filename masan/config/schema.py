@@ -424,7 +424,9 @@ class LogConfig:
     evaluation."""
     grad_norm_every_steps: int = 50
     """Log the gradient norm of each loss term (``train/grad_norm_<term>``) every N optimizer
-    steps, from a side pass (one forward and one backward per term there); 0: never."""
+    steps, from a side pass (one forward and one backward per term there); 0: never. Each rank's
+    norm on its last micro-batch, averaged over the ranks: the terms' balance, at a scale that
+    depends on the micro-batch size (the step's ``train/grad_norm`` does not)."""
     flush_secs: int = 30
     """Seconds between TensorBoard's writes of its event files to disk."""
 

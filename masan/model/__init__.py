@@ -71,9 +71,13 @@ def compile_modality_modules(model: nn.Module, backend: str = "inductor", mode: 
     the fusion, attention, heads and fitted standardisers are small and stay eager. Each module
     traces to one graph (tests/test_model_blocks.py), so a new mode (``eval``, ``no_grad``,
     :func:`~masan.model.autoencoder.encoders_only`) costs one more compile, not a slow path.
+    With ``reduce-overhead`` (CUDA graphs), MASAN's passes without gradients run them eager
+    (:attr:`masan.model.masan.MASAN.graphs_replayed`).
     """
     names = [n for n in COMPILED_MODULES if isinstance(getattr(model, n, None), nn.Module)]
     options = {"mode": mode} if backend == "inductor" and mode != "default" else {}
     for n in names:
         getattr(model, n).compile(backend=backend, **options)
+    if hasattr(model, "graphs_replayed"):
+        model.graphs_replayed = options.get("mode") == "reduce-overhead"
     return names

@@ -20,6 +20,8 @@ the fusion gates then run in fp16), with the attention scores in fp32.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -73,6 +75,9 @@ class MASAN(nn.Module):
         self.use_fmri = cfg.modalities in ("both", "fmri")
         self.region_weight_source = cfg.region_weights
         self.head_grad_to_encoders = cfg.head_grad_to_encoders
+        self.graphs_replayed = False
+        """Set by :func:`masan.model.compile_modality_modules` when sPM and fPM replay CUDA graphs:
+        passes without gradients then run them eager (see :meth:`region_inputs`)."""
         pools = len(cfg.region_pool)
         widths = [pools * c for c in (cfg.channels if self.use_t1 else cfg.fmri_channels)]
         self.spm = build_spm(cfg) if self.use_t1 else None
@@ -135,8 +140,13 @@ class MASAN(nn.Module):
         ``D = sum_l M * c_l * fusion_cells^3``; ``out`` (when given) receives the encoders' outputs
         (reconstructions, codes) as :meth:`forward` returns them."""
         out = {} if out is None else out
-        s = self._encode("t1", self.spm, t1, out)
-        f = self._encode("fmri", self.fpm, fmri, out)
+        # without a pending backward, each compiled call starts a new CUDA-graph generation, so
+        # fPM's replay would overwrite sPM's outputs before the fusion reads them: passes without
+        # gradients (predictions, monitoring, standardiser fits) run the modules eager instead
+        eager = self.graphs_replayed and not torch.is_grad_enabled()
+        with torch.compiler.set_stance("force_eager") if eager else contextlib.nullcontext():
+            s = self._encode("t1", self.spm, t1, out)
+            f = self._encode("fmri", self.fpm, fmri, out)
         with autocast_off((t1 if s is not None else fmri).device):
             return torch.cat([region_features(m, self.grid) for m in self._fuse(s, f)], dim=2)
 
