@@ -295,3 +295,21 @@ def test_syn_with_one_itk_thread_per_worker_repeats_every_byte(cohort):
     assert len(chunks[0]) > 0 and chunks[0].keys() == chunks[1].keys()
     assert any("registration" in k for k in chunks[0])  # the transforms are compared too
     assert [k for k in chunks[0] if chunks[0][k] != chunks[1][k]] == []
+
+
+def test_a_fit_under_the_qc_floor_or_a_large_move_within_the_session_is_warned_at_conversion(tmp_path):
+    """Stored all the same (the QC report shows it; the user decides), but said at conversion, naming
+    the subject: a registration can also fail from a poor start (no header placement to compare),
+    and a bad T1 fit drags its session's fMRI far off through the within-session rigid fit."""
+    reg = registration.SubjectRegistration("rigid", "mni152", T1_SHAPE, FMRI_SHAPE, tmp_path, "sub-9")
+    reg._check("t1.nii.gz", "correlation with the template", {"before": None, "after": 0.10},
+               registration.MIN_TEMPLATE_CORRELATION)
+    reg._check("t1.nii.gz", "correlation with the template", {"before": 0.95, "after": 0.96},
+               registration.MIN_TEMPLATE_CORRELATION)
+    (under,) = reg.warnings
+    assert "the correlation with the template is 0.100, under 0.7" in under and "subject sub-9" in under
+    moved = np.eye(4)
+    moved[:3, 3] = [-70.0, 48.0, -60.0]
+    reg._check_session_motion("bold.nii.gz", moved.tolist(), (32, 38, 32), np.eye(4))
+    reg._check_session_motion("bold.nii.gz", np.eye(4).tolist(), (32, 38, 32), np.eye(4))
+    assert len(reg.warnings) == 2 and "moves the run's centre 104 mm and turns it 0 degrees" in reg.warnings[1]

@@ -53,7 +53,10 @@ from masan.convert.resample import as_stored
 
 TYPES = ("none", "rigid", "affine", "syn")
 """``--register`` choices; ``none`` writes the store exactly as without registration."""
-_ANTS_TYPES = {"rigid": "Rigid", "affine": "Affine", "syn": "SyN"}
+_ANTS_TYPES = {"rigid": "Rigid", "affine": "TRSAA", "syn": "SyN"}
+"""antspyx's type per ``--register``: ``affine`` is TRSAA (translation, rigid, similarity, then
+affine stages, one composite transform): a single affine stage from the centres of mass fell into
+wrong fits on T1s with the neck in their field of view, where the rigid stages do not."""
 TEMPLATES = ("mni152",)
 """``--template`` choices: the MNI152 T1 that :func:`masan.convert.template.load_template` loads."""
 GROUP = "registration"
@@ -68,6 +71,16 @@ DEFAULT_VOXEL_MM = {"t1": 1.0, "fmri": 3.0}
 """Voxel size of the default grids (no ``--t1-shape``/``--fmri-shape``): 1 mm for T1, 3 mm for fMRI."""
 GRID_MARGIN_MM = 4.0
 """Margin around the template's brain box on every side of a grid."""
+MIN_TEMPLATE_CORRELATION = 0.7
+"""A registered T1 less correlated with the template than this (over its brain) is a conversion
+warning, and flagged by data_tools/qc_report.py (``--min-template-corr``)."""
+MIN_BRAIN_DICE = 0.8
+"""A registered fMRI mean whose brain overlaps the template's less than this (Dice) is a conversion
+warning, and flagged by data_tools/qc_report.py (``--min-brain-dice``)."""
+MAX_SESSION_MOTION = (20.0, 20.0)
+"""(mm, degrees): a rigid fit of the fMRI mean to its own session's T1 that moves the run's centre
+further, or turns it more, than the two scans of one session plausibly differ is a warning (a bad
+T1 fit, or a header error in one of them)."""
 WORSE_BY = 0.05
 """A registration that lowers a similarity by more than this is a conversion warning (resampling
 alone blurs a little: a well registered image may score slightly below its header placement)."""
@@ -306,7 +319,7 @@ class SubjectRegistration:
                                           "inverse_warp": _warp_file(list(self._t1_inverse), True)}
         sim = {"template_correlation": {"before": correlation(before, tpl, brain), "after": after,
                                         "over": "template brain voxels"}}
-        self._worse(path, "correlation with the template", sim["template_correlation"])
+        self._check(path, "correlation with the template", sim["template_correlation"], MIN_TEMPLATE_CORRELATION)
         return as_stored(out, dtype), self._image_record(shape, sim)
 
     def fmri_prepare(self, mean: np.ndarray, affine: np.ndarray, tr: float | None, path: str) -> dict:
@@ -327,18 +340,37 @@ class SubjectRegistration:
                                               compose=str(self.workdir / "fmri_to_template_"))
         self._fmri = (target, field_file, affine, tr)
         self.records["fmri_to_t1"] = {"affine": _affine_record(reg["fwdtransforms"][0])}
+        self._check_session_motion(path, self.records["fmri_to_t1"]["affine"]["matrix_ras"], mean.shape, affine)
         before = _ants().resample_image_to_target(moving, target, interp_type="linear")
         after = self._apply(moving)
         sim = {"brain_dice": {"before": self._brain_dice(before, brain), "after": self._brain_dice(after, brain),
                               "over": "ants.get_mask of the fMRI mean vs the template's brain"}}
-        self._worse(path, "brain overlap (Dice) with the template", sim["brain_dice"])
+        self._check(path, "brain overlap (Dice) with the template", sim["brain_dice"], MIN_BRAIN_DICE)
         return self._image_record(shape, sim)
 
-    def _worse(self, path: str, what: str, similarity: dict) -> None:
+    def _check(self, path: str, what: str, similarity: dict, floor: float) -> None:
+        """A warning when the registration left ``what`` under ``floor`` or lowered it (the
+        subject is stored all the same: the QC report shows it, and the user decides)."""
         before, after = similarity["before"], similarity["after"]
-        if before is not None and after < before - WORSE_BY:
+        look = f"look at subject {self.subject} in the QC report (data_tools/qc_report.py)"
+        if after < floor:
+            self.warnings.append(f"{path}: after registration the {what} is {after:.3f}, under {floor:g}: probably "
+                                 f"a failed fit; {look}, and leave the subject out or fix its image if it is")
+        elif before is not None and after < before - WORSE_BY:
             self.warnings.append(f"{path}: registration lowered the {what} from {before:.3f} (header placement) to "
-                                 f"{after:.3f}; look at it in the QC report (data_tools/qc_report.py)")
+                                 f"{after:.3f}; {look}")
+
+    def _check_session_motion(self, path: str, matrix_ras: list, shape: tuple, affine: np.ndarray) -> None:
+        m = np.asarray(matrix_ras, dtype=np.float64)
+        centre = affine @ np.append((np.asarray(shape[:3], dtype=np.float64) - 1) / 2, 1.0)
+        moved = float(np.linalg.norm(m @ centre - centre))
+        turned = float(np.degrees(np.arccos(np.clip((np.trace(m[:3, :3]) - 1) / 2, -1.0, 1.0))))
+        max_mm, max_deg = MAX_SESSION_MOTION
+        if moved > max_mm or turned > max_deg:
+            self.warnings.append(f"{path}: the fMRI's rigid fit to subject {self.subject}'s own T1 moves the run's "
+                                 f"centre {moved:.0f} mm and turns it {turned:.0f} degrees (more than {max_mm:g} mm "
+                                 f"or {max_deg:g} degrees within one session): a bad fit or a header error in the T1 "
+                                 "or the BOLD; look at it in the QC report (data_tools/qc_report.py)")
 
     def _apply(self, image: Any, series: bool = False) -> Any:
         target, field_file, _, _ = self._fmri

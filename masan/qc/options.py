@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 
 from masan.argtypes import number
+from masan.convert.registration import MIN_BRAIN_DICE, MIN_TEMPLATE_CORRELATION
 
 
 class QCError(ValueError):
@@ -33,10 +34,12 @@ class QCOptions:
                                  "nonzero voxels at the maximum", type=number(float, 0, 1))
     fov_overlap: float = _flag(0.5, "--fov-overlap", "flag a subject with less than this share of the fMRI "
                                "foreground inside the T1 volume", type=number(float, 0, 1))
-    min_template_corr: float = _flag(0.7, "--min-template-corr", "registered stores: flag a T1 whose correlation "
-                                     "with the template over its brain voxels is below this", type=number(float, -1, 1))
-    min_brain_dice: float = _flag(0.8, "--min-brain-dice", "registered stores: flag an fMRI whose mean's brain "
-                                  "mask overlaps the template's brain less (Dice)", type=number(float, 0, 1))
+    min_template_corr: float = _flag(MIN_TEMPLATE_CORRELATION, "--min-template-corr", "registered stores: flag a "
+                                     "T1 whose correlation with the template over its brain voxels is below this",
+                                     type=number(float, -1, 1))
+    min_brain_dice: float = _flag(MIN_BRAIN_DICE, "--min-brain-dice", "registered stores: flag an fMRI whose "
+                                  "mean's brain mask overlaps the template's brain less (Dice)",
+                                  type=number(float, 0, 1))
     carpet_voxels: int = _flag(1500, None, "voxel time series in the carpet (an evenly spaced sample of the "
                                "fMRI foreground)")
     dpi: int = _flag(80, None, "resolution of the figures")
