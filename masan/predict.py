@@ -196,14 +196,21 @@ def load_trained_model(run_dir: Path, device: torch.device, checkpoint: str | No
     return load_model(run_dir, cfg, tag, device), frames_as_built(cfg), list(cfg.data.classes), tag, note
 
 
+def fed_frames(cfg: RunConfig) -> int | None:
+    """Frames per fMRI run the run's model takes (None: it reads no fMRI): ``data.fmri_frames``,
+    or with ``null`` (every frame: all runs of its own store were that long) ``model.fmri_frames``."""
+    if not cfg.data.use_fmri:
+        return None
+    return cfg.data.fmri_frames if cfg.data.fmri_frames is not None else cfg.model.fmri_frames
+
+
 def frames_as_built(cfg: RunConfig) -> RunConfig:
-    """``cfg`` (a copy) whose ``data.fmri_frames`` is the count the model was built for:
-    ``data.fmri_frames: null`` (every frame) held that count in the run's own store, whose runs
-    were all that long; another store's longer runs must be cut to it as well."""
+    """``cfg`` (a copy when it changes) whose ``data.fmri_frames`` is :func:`fed_frames`: another
+    store's longer runs must be cut to the count the model was built for."""
     if not cfg.data.use_fmri or cfg.data.fmri_frames is not None:
         return cfg
     cfg = copy.deepcopy(cfg)
-    cfg.data.fmri_frames = cfg.model.fmri_frames
+    cfg.data.fmri_frames = fed_frames(cfg)
     return cfg
 
 
@@ -359,8 +366,7 @@ def check_contract(cfg: RunConfig, run_dir: Path, store: str, subjects: list[str
     trained, note = ((json.loads(path.read_text()), None) if path.is_file()
                      else _older_runs_geometry(cfg, run_dir, store, used))
     geo = store_geometry(CohortStore(store), subjects, used)
-    frames = (cfg.data.fmri_frames or cfg.model.fmri_frames) if cfg.data.use_fmri else None
-    problems = mismatches(trained, geo, frames)
+    problems = mismatches(trained, geo, fed_frames(cfg))
     if problems:
         raise ContractError(f"{store} does not have the geometry {run_dir} was trained on:\n  - "
                             + "\n  - ".join(problems))

@@ -352,7 +352,7 @@ class SubjectRegistration:
         """A warning when the registration left ``what`` under ``floor`` or lowered it (the
         subject is stored all the same: the QC report shows it, and the user decides)."""
         before, after = similarity["before"], similarity["after"]
-        look = f"look at subject {self.subject} in the QC report (data_tools/qc_report.py)"
+        look = self._look()
         if after < floor:
             self.warnings.append(f"{path}: after registration the {what} is {after:.3f}, under {floor:g}: probably "
                                  f"a failed fit; {look}, and leave the subject out or fix its image if it is")
@@ -370,7 +370,10 @@ class SubjectRegistration:
             self.warnings.append(f"{path}: the fMRI's rigid fit to subject {self.subject}'s own T1 moves the run's "
                                  f"centre {moved:.0f} mm and turns it {turned:.0f} degrees (more than {max_mm:g} mm "
                                  f"or {max_deg:g} degrees within one session): a bad fit or a header error in the T1 "
-                                 "or the BOLD; look at it in the QC report (data_tools/qc_report.py)")
+                                 f"or the BOLD; {self._look()}")
+
+    def _look(self) -> str:
+        return f"look at subject {self.subject} in the QC report (data_tools/qc_report.py)"
 
     def _apply(self, image: Any, series: bool = False) -> Any:
         target, field_file, _, _ = self._fmri

@@ -76,7 +76,7 @@ TAG_RE = re.compile(r"^step_(\d+)$")
 SAVING, REPLACED = ".saving", ".replaced"
 """Suffixes of a checkpoint folder being written, and of the complete one of the same step that
 it replaces (for the moment between two renames)."""
-ASIDE_RE = re.compile(r"^step_\d+(\.saving|\.replaced)$")
+ASIDE_RE = re.compile(rf"^step_\d+({re.escape(SAVING)}|{re.escape(REPLACED)})$")
 SHARD_RE = re.compile(r"zero_pp_rank_(\d+)_")
 """DeepSpeed's per-rank ZeRO optimizer shard (``[bf16_]zero_pp_rank_R_mp_rank_00_optim_states.pt``)."""
 MODEL_STATES = "mp_rank_00_model_states.pt"
