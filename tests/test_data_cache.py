@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import nibabel as nib
@@ -166,9 +167,14 @@ def test_the_next_epochs_first_batches_are_prepared_ahead(store, tmp_path, monke
     assert prepared == [[i] for i in first] + [[5], [3]] + [[i] for i in second[reused:]]
 
 
-def _rank_worker(rank: int, world: int, init: str, store: str, cache_dir: str, out: str) -> None:
+def _rank_worker(rank: int, world: int, init: str, store: str, cache_dir: str, out: str,
+                 hosts: list | None = None) -> None:
+    import socket
+
     import torch.distributed as dist
 
+    if hosts:  # each rank on a node of its own, as SLURM places them
+        socket.gethostname = lambda: hosts[rank]
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     cfg = _cfg(Path(cache_dir), cache="host")
     ds = _dataset(Path(store), cfg)
@@ -199,6 +205,32 @@ def test_two_ranks_decode_once_per_node_and_share_the_files(store, tmp_path):
     assert sorted(decoded) == sorted(set(decoded)) and len(decoded) == 6, "each subject decoded exactly once"
     assert len(ranks[0]["files"]) == 2 * 6
     assert not any(cache_dir.iterdir()), "the node's lead deleted the cache"
+
+
+def test_nodes_sharing_a_cache_dir_each_build_their_own(store, tmp_path):
+    cache_dir, out = tmp_path / "shared", tmp_path / "out"
+    cache_dir.mkdir()
+    out.mkdir()
+    mp.spawn(_rank_worker, args=(2, f"file://{tmp_path}/rendezvous", str(store), str(cache_dir), str(out),
+                                 ["node-a", "node-b"]), nprocs=2)
+    ranks = [json.loads((out / f"{r}.json").read_text()) for r in range(2)]
+    assert all(r["same"] for r in ranks)
+    assert ranks[0]["dir"] != ranks[1]["dir"], "one directory per node, though the folder is shared"
+    assert sorted(ranks[0]["decoded"]) == sorted(ranks[1]["decoded"]), "each node decodes the whole cohort"
+    assert not any(cache_dir.iterdir()), "each node's lead deleted its own"
+
+
+def test_a_live_cache_holds_its_owner_lock(store, tmp_path):
+    from masan.data.cache import OWNER, sweep_stale
+
+    cfg = _cfg(tmp_path, cache="host")
+    cache = open_cache(_dataset(store, cfg), cfg, torch.device("cpu"))
+    try:
+        assert (cache.dir / OWNER).read_text().split()[1] == str(os.getpid())
+        assert sweep_stale(tmp_path) == [], "a cache in use is never swept, whatever its pid says"
+    finally:
+        cache.close()
+    assert not cache.dir.exists()
 
 
 def test_cache_is_built_only_when_asked(store, tmp_path):

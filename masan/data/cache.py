@@ -25,13 +25,18 @@ Memory is checked before anything is written (host: free space of ``cache_dir`` 
 available RAM; device: free GPU memory), leaving ``data.cache_reserve_gib`` free; a cohort that
 does not fit is refused with the numbers and the fix. The node's lead rank deletes the files
 when the cache is closed or the process exits; a directory left by a killed run is removed by
-the next cache built on that node.
+the next cache built on that node. Each node has a directory of its own (the host name is part
+of its name), so a ``data.cache_dir`` that several nodes share is not a clash. Liveness is a
+``flock`` the lead holds on the directory's :data:`OWNER` file for the cache's life (the kernel
+drops it however the process ends), not a pid: a pid can be reused, and a run in another
+container of the node may have one this process cannot see.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import logging
 import os
@@ -55,7 +60,8 @@ log = logging.getLogger(__name__)
 
 PREFIX = "masan-cache-"
 OWNER = "owner"
-"""File in a cache directory holding ``<host> <pid>`` of the rank that deletes it."""
+"""File in a cache directory holding ``<host> <pid>`` of the rank that deletes it, which holds an
+exclusive ``flock`` on it while the cache lives."""
 FIX = ("use data.cache=none, cache fewer frames (data.fmri_frames) or subjects, or run on a node with more "
        "memory (or lower data.cache_reserve_gib)")
 
@@ -86,14 +92,16 @@ def node_peers() -> tuple[int, int]:
     return mine.index(rank), len(mine)
 
 
-def _pid_alive(pid: int) -> bool:
+def _owner_alive(owner: Path) -> bool:
+    """Whether a live process holds the ``flock`` on ``owner`` (False: its cache was left behind)."""
+    fd = os.open(owner, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
         return True
-    return True
+    finally:
+        os.close(fd)  # releases the probe's lock, if it got it
+    return False
 
 
 def _bytes_under(folder: Path) -> int:
@@ -105,7 +113,7 @@ def _bytes_under(folder: Path) -> int:
 
 
 def sweep_stale(cache_dir: Path) -> list[Path]:
-    """Remove cache directories of this host whose owning process is gone (a killed run); -> removed.
+    """Remove cache directories of this host whose owner no longer holds its lock (a killed run); -> removed.
 
     Each removal is logged with its name and size: shared memory a killed run held until now
     (its node's RAM), which would otherwise vanish without a trace."""
@@ -114,15 +122,16 @@ def sweep_stale(cache_dir: Path) -> list[Path]:
     for d in cache_dir.glob(PREFIX + "*"):
         try:
             owner_host, pid = (d / OWNER).read_text().split()
+            if owner_host != host or _owner_alive(d / OWNER):
+                continue
         except (OSError, ValueError):
-            continue  # being created right now, or not ours
-        if owner_host == host and not _pid_alive(int(pid)):
-            size = _bytes_under(d)
-            shutil.rmtree(d, ignore_errors=True)
-            log.warning("removed %s (%.2f GiB, %d bytes): the host cache of a run that ended without closing it "
-                        "(pid %s on %s, killed or crashed), found at the start of this one", d, size / GIB, size,
-                        pid, host)
-            removed.append(d)
+            continue  # being created right now, removed meanwhile, or not ours
+        size = _bytes_under(d)
+        shutil.rmtree(d, ignore_errors=True)
+        log.warning("removed %s (%.2f GiB, %d bytes): the host cache of a run that ended without closing it "
+                    "(pid %s on %s, killed or crashed), found at the start of this one", d, size / GIB, size,
+                    pid, host)
+        removed.append(d)
     return removed
 
 
@@ -193,7 +202,7 @@ class CohortCache:
         self.local_rank, self.local_world = node_peers()
         self.decoded: list[str] = []
         """Subjects this rank decoded from the store (its share of the node's)."""
-        self.dir = Path(data_cfg.cache_dir) / (PREFIX + D.broadcast_object(self._token()))
+        self.dir = Path(data_cfg.cache_dir) / f"{PREFIX}{D.broadcast_object(self._token())}-{socket.gethostname()}"
         self.index = {s: i for i, s in enumerate(self.subjects)}
         # every step below is agreed by all ranks, so that a refusal on one never leaves the others
         # waiting in a barrier
@@ -221,7 +230,7 @@ class CohortCache:
 
     def __getstate__(self) -> dict:
         """For spawned DataLoader workers: paths and numbers, not the mapped arrays (re-mapped there)."""
-        state = {k: v for k, v in self.__dict__.items() if k not in ("host", "on_device", "_finalizer", "_producer")}
+        state = {k: v for k, v in self.__dict__.items() if k not in ("host", "on_device", "_finalizer", "_producer", "_owner")}
         return {**state, "device": torch.device("cpu")}
 
     def __setstate__(self, state: dict) -> None:
@@ -252,8 +261,19 @@ class CohortCache:
         check_host_fits(self.store, self.subjects, self.cfg)
         sweep_stale(Path(self.cfg.cache_dir))
         self.dir.mkdir(parents=True)
-        (self.dir / OWNER).write_text(f"{socket.gethostname()} {os.getpid()}")
-        self._finalizer = weakref.finalize(self, shutil.rmtree, str(self.dir), True)
+        # locked and written under another name, then renamed: a sweep on another rank of the node
+        # never finds an owner file that is not yet locked (the lock stays with the file)
+        staged = self.dir / (OWNER + ".tmp")
+        self._owner = os.open(staged, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(self._owner, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:  # a file system without flock: the cache works, only its sweep is blind
+            log.warning("%s cannot be locked (%s): if this run is killed, the next one cannot tell its cache is "
+                        "left behind; delete %s* there by hand then, or point data.cache_dir at a tmpfs such as "
+                        "/dev/shm", staged, e.strerror, PREFIX)
+        os.write(self._owner, f"{socket.gethostname()} {os.getpid()}".encode())
+        os.replace(staged, self.dir / OWNER)
+        self._finalizer = weakref.finalize(self, _remove, str(self.dir), self._owner)
 
     def _check_device(self) -> None:
         need = self.nbytes()
@@ -377,6 +397,12 @@ class CohortCache:
         """Stored integers of one array: the device copy (``device`` cache) or a view of the shared file."""
         key = (subject, modality)
         return self.on_device[key] if key in self.on_device else torch.from_numpy(self.host[key])
+
+
+def _remove(folder: str, owner: int) -> None:
+    """A cache's end: its files, then its owner's lock (a sweep never sees a half-deleted cache unlocked)."""
+    shutil.rmtree(folder, ignore_errors=True)
+    os.close(owner)
 
 
 def _agree(step) -> None:
