@@ -134,6 +134,7 @@ def test_moved_heads_land_on_the_template_grid(registered, cohort):
         rec = store.meta(s, "t1")["registration"]["template_correlation"]
         assert corr > MIN_CORR_AFTER and abs(corr - rec["after"]) < 0.01, (s, corr, rec)
         reg = dict(zarr.open_group(str(store.path / store.group_path(s) / "registration"), mode="r").attrs)["masan"]
+        assert reg["itk_threads"] == registration.threads() >= 1
         # ANTs' forward transform maps template points to subject points: the head's move itself
         found = np.asarray(reg["t1_to_template"]["affine"]["matrix_ras"])
         assert mean_error_mm(found, truth[s]) < MAX_T1_ERR_MM, s
@@ -295,6 +296,10 @@ def test_syn_with_one_itk_thread_per_worker_repeats_every_byte(cohort):
     assert len(chunks[0]) > 0 and chunks[0].keys() == chunks[1].keys()
     assert any("registration" in k for k in chunks[0])  # the transforms are compared too
     assert [k for k in chunks[0] if chunks[0][k] != chunks[1][k]] == []
+    store = CohortStore(tmp / "syn_a.zarr")
+    threads = {dict(zarr.open_group(str(store.path / store.group_path(s) / "registration"), mode="r").attrs)
+               ["masan"]["itk_threads"] for s in store.subjects}
+    assert threads == {1}, "each subject records the ITK threads that make its bytes repeatable"
 
 
 def test_a_fit_under_the_qc_floor_or_a_large_move_within_the_session_is_warned_at_conversion(tmp_path):

@@ -20,7 +20,6 @@ import fcntl
 import logging
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess

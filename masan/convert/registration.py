@@ -170,6 +170,13 @@ def set_threads(n: int) -> None:
     os.environ[THREADS_ENV] = str(max(1, int(n)))
 
 
+def threads() -> int | None:
+    """ITK threads this process asked for (:func:`set_threads`; None: ITK's default, the cores):
+    1 means this subject's transforms are repeatable to the byte."""
+    value = os.environ.get(THREADS_ENV)
+    return int(value) if value and value.isdigit() else None
+
+
 def _ants() -> Any:
     import ants  # seconds to import, and only registration needs it
 
@@ -401,7 +408,7 @@ class SubjectRegistration:
 
     def write(self, parent: Any, compressors: Any) -> None:
         """The ``registration`` group in ``parent`` (a subject version): attributes ``masan``
-        (type, template, seed, tool, the transform records with the ANTs affine parameters) and,
+        (type, template, seed, tool, ITK threads, the transform records with the ANTs affine parameters) and,
         for SyN, the T1 grid's warp fields ``t1_warp``/``t1_inverse_warp`` ((X, Y, Z, 3) float32,
         LPS mm displacements) with their CRC-32s."""
         group = parent.create_group(GROUP, overwrite=True)
@@ -421,6 +428,7 @@ class SubjectRegistration:
         shape, grid_aff = self.grid("t1")
         group.update_attributes({ATTRS: {
             "type": self.kind, "template": self.template, "seed": SEED, "antspyx": tool_version(),
+            "itk_threads": threads(),
             "t1_grid": {"shape": list(shape), "affine": grid_aff.tolist()}, **records, "checksum": checksums}})
 
 

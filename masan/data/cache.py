@@ -230,7 +230,8 @@ class CohortCache:
 
     def __getstate__(self) -> dict:
         """For spawned DataLoader workers: paths and numbers, not the mapped arrays (re-mapped there)."""
-        state = {k: v for k, v in self.__dict__.items() if k not in ("host", "on_device", "_finalizer", "_producer", "_owner")}
+        local = ("host", "on_device", "_finalizer", "_producer", "_owner")
+        state = {k: v for k, v in self.__dict__.items() if k not in local}
         return {**state, "device": torch.device("cpu")}
 
     def __setstate__(self, state: dict) -> None:
