@@ -46,6 +46,17 @@ def _input_dtype(model: torch.nn.Module) -> torch.dtype:
     return torch.float32
 
 
+def _check_finite(probs: np.ndarray, subjects: list[str]) -> None:
+    """Refuse (PredictionsError) a batch whose probabilities are not finite, naming its subjects: a
+    NaN row would be called the first class."""
+    bad = [s for s, row in zip(subjects, probs) if not np.isfinite(row).all()]
+    if bad:
+        raise PredictionsError(f"the model's output is not finite for subject(s) {', '.join(bad)}: their images hold "
+                               "values it cannot take (look at them: python data_tools/inspect_store.py --verify, "
+                               "data_tools/qc_report.py) or, if every subject fails, the model's weights are not "
+                               "finite; no prediction is written for them")
+
+
 def predict(
     model: torch.nn.Module,
     loader: Iterable[Mapping[str, torch.Tensor]],
@@ -103,10 +114,12 @@ def predict(
                     )
                 rw = out.get("region_weights")
                 index = batch["index"].reshape(-1).tolist()
+                probs = torch.softmax(logits, dim=1).cpu().numpy().astype(np.float32)
+                _check_finite(probs, [subjects[i] for i in index])
                 rows.append(Predictions(
                     subjects=[subjects[i] for i in index],
                     labels=batch["label"].reshape(-1).cpu().numpy().astype(np.int64),
-                    probs=torch.softmax(logits, dim=1).cpu().numpy().astype(np.float32),
+                    probs=probs,
                     region_weights=(rw.float().cpu().numpy().astype(np.float32) if rw is not None
                                     else np.zeros((len(index), 0), np.float32)),
                 ))

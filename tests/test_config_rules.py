@@ -74,6 +74,7 @@ NOT_TO_TRAIN = [  # loadable (a finished run's config.yaml may hold them), refus
     (["model.arch=hfcn", "loss.alpha=0"], ["loss.alpha=0.0", "identically 0"]),  # the H-FCN reconstructs T1 only
     (["data.cache_dir="], ["data.cache_dir=''", "/dev/shm"]),
     (["data.cache_reserve_gib=-5"], ["data.cache_reserve_gib=-5.0", "0 or more GiB"]),
+    (["train.precision=fp16", "data.normalize=false"], ["data.normalize=false", "65504", "bf16"]),
 ]
 
 
@@ -101,6 +102,7 @@ def test_what_no_training_should_start_with_loads_but_is_refused_at_a_start(over
     ["split.test_fraction=0.5", "split.val_fraction=0.5"],  # a quarter trains
     ["model.modalities=t1", "data.use_fmri=false"], ["model.arch=hfcn", "data.use_fmri=false"],
     ["model.modalities=fmri", "data.use_t1=false"], ["data.cache_reserve_gib=0"],
+    ["train.precision=fp16"], ["train.precision=bf16", "data.normalize=false"],
 ], ids=" ".join)
 def test_the_legitimate_neighbours_of_a_refused_value_still_load(overrides):
     validate_for_training(load_config(None, overrides))

@@ -147,6 +147,16 @@ def _huge(path: Path) -> Path:
     return path
 
 
+def _float_t1(path: Path, dtype: str, extreme: float) -> Path:
+    """A float T1 (a brain of 100 +- 10) with one voxel at ``extreme`` (16^3 voxels: one outlier
+    lies at most sqrt(n) std from the mean)."""
+    values = np.random.default_rng(3).normal(100.0, 10.0, (16, 16, 16)).astype(dtype)
+    values[0, 0, 0] = extreme
+    img = nib.Nifti1Image(values, np.diag([2.0, 2.0, 2.0, 1.0]))
+    nib.save(img, path)
+    return path
+
+
 @pytest.fixture(scope="module")
 def header_cases(tmp_path_factory):
     """(store, files) after one conversion of a manifest whose subjects each have one header case."""
@@ -166,6 +176,8 @@ def header_cases(tmp_path_factory):
         "shifted": (_image(tmp / "shifted_t1.nii.gz", T1_SHAPE, qform=shifted), ""),
         "huge_gz": (_huge(tmp / "huge_t1.nii.gz"), ""),
         "huge_raw": (_huge(tmp / "huge_t1.nii"), ""),
+        "beyond_f32": (_float_t1(tmp / "beyond_f32_t1.nii.gz", "float64", 1e39), ""),
+        "hot_voxel": (_float_t1(tmp / "hot_voxel_t1.nii.gz", "float32", 1e30), ""),
     }
     (tmp / "bool_tr_bold.json").write_text(json.dumps({"RepetitionTime": True}))
     (tmp / "fast_sidecar_bold.json").write_text(json.dumps({"RepetitionTime": 0.05}))
@@ -181,6 +193,19 @@ def _warnings(store: CohortStore, subject: str) -> list[str]:
 
 def _failures(store: CohortStore) -> dict[str, str]:
     return {f["subject"]: f["error"] for f in store.report()["failed"]}
+
+
+def test_values_past_float32_fail_their_subject_and_a_corrupt_voxel_is_named(header_cases):
+    """Training reads float32: a voxel past its range would be Inf there and every prediction of the
+    subject NaN (called the first class); one voxel at 1e30 flattens the normalised brain."""
+    store, files = header_cases
+    failed = _failures(store)
+    assert "beyond_f32" in failed and files["beyond_f32"][0] in failed["beyond_f32"]
+    assert "1e+39" in failed["beyond_f32"] and "float32's range" in failed["beyond_f32"]
+    assert "hot_voxel" in store.subjects and "hot_voxel" not in failed
+    [hot] = [w for w in _warnings(store, "hot_voxel") if "standard deviations" in w]
+    assert files["hot_voxel"][0] in hot and "1e+30" in hot
+    assert not [w for w in _warnings(store, "ok") if "standard deviations" in w]
 
 
 def test_a_header_tr_faster_than_any_protocol_is_not_stored(header_cases):

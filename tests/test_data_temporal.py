@@ -54,3 +54,13 @@ def test_mean_psc_adds_the_anatomy_back():
 def test_unknown_mode_is_refused():
     with pytest.raises(ValueError, match="data.fmri_temporal"):
         fluctuations(np.ones((2, 2, 2, 2), np.float32), "none")
+
+
+@pytest.mark.parametrize("stored", ["demeaned", "sign-flipped"])
+def test_psc_refuses_a_run_without_a_positive_baseline(stored):
+    run, _ = _run()
+    run = run - run.mean(axis=0) if stored == "demeaned" else -run
+    for mode in ("psc", "mean_psc"):
+        with pytest.raises(ValueError, match=r"subject sub-7: .*positive temporal mean.*fmri_temporal=demean"):
+            fluctuations(run, mode, "sub-7")
+    assert np.isfinite(fluctuations(run, "demean", "sub-7")).all()  # the modes that need no baseline take it

@@ -349,3 +349,28 @@ def test_a_cohort_without_the_positive_class_gets_null_recall_and_a_note(tmp_pat
     called = metrics["confusion_matrix"][0][1]
     assert metrics["precision"] == (0.0 if called else None)
     assert "note: no AD subject among the 3 with a diagnosis, so " in err and "null in metrics.json, not 0" in err
+
+
+def test_a_subject_whose_output_is_not_finite_is_named_not_called_the_first_class():
+    """A NaN row of probabilities would be called class 0 (arg-max of NaN) and written as a
+    diagnosis: predict refuses, naming the subject (the model here is a stand-in that passes its
+    input's mean through, as a network passes on a non-finite voxel)."""
+    from masan.inference import predict
+    from masan.predictions import PredictionsError
+
+    class MeanOfInput(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.ones(2))
+
+        def forward(self, t1=None, fmri=None):
+            return {"logits": t1.mean(dim=(1, 2, 3, 4))[:, None] * self.scale}
+
+    t1 = torch.zeros(3, 1, 2, 2, 2)
+    t1[1, 0, 0, 0, 0] = float("inf")
+    batches = [{"t1": t1[i:i + 1], "label": torch.tensor([0]), "index": torch.tensor([i])} for i in range(3)]
+    subjects = ["sub-a", "sub-b", "sub-c"]
+    with pytest.raises(PredictionsError, match=r"not finite for subject\(s\) sub-b: "):
+        predict(MeanOfInput(), batches, "cpu", subjects=subjects)
+    fine = predict(MeanOfInput(), batches[:1] + batches[2:], "cpu", subjects=subjects)
+    assert fine.subjects == ["sub-a", "sub-c"]

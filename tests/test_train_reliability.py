@@ -389,6 +389,7 @@ def test_a_diverged_local_run_ends_on_every_rank_without_a_restart(tiny_config, 
     for rank in (0, 1):
         assert re.search(rf"diverged \(rank {rank}\): the pretrain loss is not finite at step \d+ on rank", res.stderr)
     assert "a lower optim.lr" in res.stderr and "were stopped" not in res.stderr and "Traceback" not in res.stderr
+    assert re.search(r"subjects [\w-]+(, [\w-]+)*: inputs t1 finite", res.stderr), "the first suspects are named"
     [job] = jobs.read_record(run_dir)["jobs"]
     assert [e["code"] for e in jobs.read_record(run_dir)["events"] if e["event"] == jobs.EXITED] == [3]
     (row,) = run_status.collect([run_dir])

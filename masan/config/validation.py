@@ -195,8 +195,8 @@ def validate_config(cfg: RunConfig) -> None:
 def validate_for_training(cfg: RunConfig) -> None:
     """Refuse what a config may hold but no new training should start with (ConfigError, naming
     the keys and the fix): an even spatial kernel, loss weights that leave an autoencoder or the
-    pretraining nothing to learn, a training share under :data:`MIN_TRAIN_SHARE`, a cache folder
-    or reserve that would overrun memory. Checked at
+    pretraining nothing to learn, a training share under :data:`MIN_TRAIN_SHARE`, fp16 on raw
+    intensities, a cache folder or reserve that would overrun memory. Checked at
     every start (and on the login node before a job is queued), not when a config loads: a
     finished run's config.yaml holding one of them must still be read by evaluate, predict and
     status."""
@@ -209,6 +209,10 @@ def validate_for_training(cfg: RunConfig) -> None:
     if not cfg.data.cache_dir.strip():
         raise ConfigError("data.cache_dir='' would put the host cache in the current folder; give a shared-memory "
                           "folder, e.g. /dev/shm")
+    if cfg.train.precision == "fp16" and not cfg.data.normalize:
+        raise ConfigError("train.precision=fp16 with data.normalize=false feeds raw intensities to the model, where "
+                          "fp16's largest value (65504) is within reach of T1 scanners' units and of the first "
+                          "layers' sums; use data.normalize=true (the default) or train.precision=bf16")
     if cfg.data.cache_reserve_gib < 0:
         raise ConfigError(f"data.cache_reserve_gib={cfg.data.cache_reserve_gib} would let the cache take more than "
                           "the free memory; give 0 or more GiB to leave free, e.g. 8")

@@ -33,11 +33,16 @@ from masan.store import nifti_zarr, publish
 from masan.store.cohort import MODALITIES, STAGING, StrictLocalStore
 
 SOURCE_HASH_BLOCK = 1 << 22
+EXTREME_Z = 50.0
+"""Standard deviations from the mean beyond which a voxel is named in a warning: in whole brain
+images the brightest voxels (vessels, fat) lie a few std out, while one corrupt voxel at ~1e30
+widens the std until the z-scored brain is flat."""
 TR_SUSPECT_SECONDS = 20.0
 """A TR above this is a unit error (headers often hold ms with the unit 'sec'): not stored as a TR."""
 TR_MIN_SECONDS = 0.1
 """A TR below this is faster than any fMRI protocol (multiband EPI reaches about 0.3 s, MREG and
 inverse imaging 0.1 s): a unit error too (seconds with the unit 'msec'), not stored as a TR."""
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 TR_FIX = "give RepetitionTime in seconds in the run's JSON sidecar (BIDS) and convert again"
 """The fix every warning about a run stored without a TR ends with (the sidecar's TR wins)."""
 
@@ -64,7 +69,8 @@ def _chunking(modality: str, shape: tuple[int, ...], opts: ConvertOptions) -> tu
 
 
 class _Stats:
-    """Streaming count, sum and sum of squares of the nonzero stored values (float64).
+    """Streaming count, sum and sum of squares of the nonzero stored values (float64), and the
+    stored values' range.
 
     Zeros add nothing to either sum, so no masking is needed. Each block's sums are exact
     for integer voxels (they stay below 2**53); the running totals are float64.
@@ -74,9 +80,14 @@ class _Stats:
 
     def __init__(self) -> None:
         self.n, self.s1, self.s2 = 0, 0.0, 0.0
+        self.lo, self.hi = math.inf, -math.inf
 
     def add(self, values: np.ndarray) -> None:
         flat = values.reshape(-1)
+        if flat.size:
+            self.lo, self.hi = min(self.lo, float(flat.min())), max(self.hi, float(flat.max()))
+        if max(abs(self.lo), abs(self.hi)) > FLOAT32_MAX:
+            return  # refused by scaled(); its squares would overflow float64
         for i in range(0, flat.size, self.BLOCK):
             part = flat[i:i + self.BLOCK]
             x = part.astype(np.float64)
@@ -93,13 +104,25 @@ class _Stats:
         return max(self.s2 / self.n - self.mean ** 2, 0.0) if self.n else 0.0
 
     def scaled(self, slope: float, inter: float, path: str, warn: list[str]) -> dict:
-        """Mean/std of the scaled values; a blank or constant image (a mask) gets std 1 and a warning."""
+        """Mean/std of the scaled values; a blank or constant image (a mask) gets std 1 and a warning,
+        one whose extreme voxels lie more than :data:`EXTREME_Z` std from the mean a warning. Raises
+        NiftiError when a scaled value is beyond float32's range (training reads float32: it
+        would be Inf, and every prediction of the subject NaN)."""
+        ends = [slope * v + inter for v in (self.lo, self.hi) if math.isfinite(v)]
+        if any(abs(v) > FLOAT32_MAX for v in ends) or max(abs(self.lo), abs(self.hi), 0.0) > FLOAT32_MAX:
+            raise nifti.NiftiError(f"{path}: values reach {max(ends, key=abs):.3g} (after the header's scaling), "
+                                   f"beyond float32's range ({FLOAT32_MAX:.3g}) that training reads; the file is "
+                                   "corrupt or its scl_slope wrong: re-export it")
         std = abs(slope) * self.var ** 0.5
+        mean = slope * self.mean + inter if self.n else inter
         if std == 0:
             warn.append(f"{path}: {'every voxel is 0' if not self.n else 'all nonzero voxels have one value'}; "
                         "normalisation uses std 1 (is it the right file?)")
-        return {"mean": slope * self.mean + inter if self.n else inter, "std": std or 1.0, "count": self.n,
-                "over": "nonzero stored voxels"}
+        elif (far := max(abs(v - mean) for v in ends) / std) > EXTREME_Z:
+            warn.append(f"{path}: a voxel of {max(ends, key=lambda v: abs(v - mean)):.4g} lies {far:.0f} standard "
+                        f"deviations from the image's mean ({mean:.4g}): one corrupt voxel widens the std until the "
+                        "normalised image is flat; look at it (data_tools/qc_report.py) and re-export the file")
+        return {"mean": mean, "std": std or 1.0, "count": self.n, "over": "nonzero stored voxels"}
 
 
 def _check_finite(slab: np.ndarray, nan: str, path: str, t0: int) -> tuple[int, np.ndarray]:

@@ -271,7 +271,8 @@ class _Producer:
             self.events[slot].synchronize()  # this slot's pinned buffers were copied out
         for m in c.modalities:
             if m == "fmri" and c.cfg.fmri_temporal != "none":  # per-voxel statistics: on the CPU, as the dataset
-                runs = [fluctuations(c.read_fmri(s, normalize=False), c.cfg.fmri_temporal) for s in subjects]
+                runs = [fluctuations(c.read_fmri(s, normalize=False), c.cfg.fmri_temporal, s)
+                        for s in subjects]
                 values = self._upload(slot, m, [torch.from_numpy(r) for r in runs])
                 with self._on_side_stream():
                     batch[m] = torch.stack(values).to(self.dtype)

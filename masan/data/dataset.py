@@ -198,7 +198,7 @@ class CohortDataset(Dataset):
             if n is not None and fmri.shape[0] < n:
                 self._short(s, fmri.shape[0])
             if temporal != "none":
-                fmri = fluctuations(fmri, temporal)
+                fmri = fluctuations(fmri, temporal, s)
             item["fmri"] = torch.from_numpy(fmri)
         item["label"] = torch.tensor(self.labels[i], dtype=torch.int64)
         item["index"] = torch.tensor(i, dtype=torch.int64)

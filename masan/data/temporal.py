@@ -19,7 +19,10 @@ the mean EPI. The per-voxel modes remove the static image first (``data.fmri_tem
   regional amplitude differences stay and values are O(1).
 * ``zscore``: ``(x - m) / s`` per voxel: amplitude removed, only the correlations remain.
 
-All take and return float32 ``(T, X, Y, Z)`` of scaled (not z-scored) values.
+All take and return float32 ``(T, X, Y, Z)`` of scaled (not z-scored) values. ``psc`` and
+``mean_psc`` need the scanner's intensities (a positive baseline in every voxel): a run stored
+demeaned or sign-flipped (by a denoising pipeline) is refused, naming the subject, as its ratios
+would keep a random half of the head.
 """
 
 from __future__ import annotations
@@ -27,13 +30,18 @@ from __future__ import annotations
 import numpy as np
 
 MODES = ("none", "psc", "mean_psc", "demean", "zscore")
+PSC_MIN_POSITIVE = 0.9
+"""Share of the voxels with a nonzero temporal mean that must have a positive one for ``psc``
+(raw BOLD, air included, is positive throughout; a demeaned run is positive in about half)."""
 PSC_MIN_MEAN = 0.1
 """Voxels whose temporal mean is below this fraction of the run's mean over non-zero voxels get 0 in ``psc``."""
 EPS = 1e-6
 
 
-def fluctuations(run: np.ndarray, mode: str) -> np.ndarray:
-    """``run`` float32 ``(T, X, Y, Z)`` scaled values -> float32 per ``mode`` (see module doc)."""
+def fluctuations(run: np.ndarray, mode: str, subject: str = "") -> np.ndarray:
+    """``run`` float32 ``(T, X, Y, Z)`` scaled values -> float32 per ``mode`` (see module doc).
+    ValueError (naming ``subject``) for an unknown mode, or a run without a positive baseline
+    under ``psc``/``mean_psc``."""
     if mode not in MODES[1:]:
         raise ValueError(f"data.fmri_temporal={mode!r}: use one of {list(MODES)}")
     x = run.astype(np.float32, copy=False)
@@ -41,6 +49,12 @@ def fluctuations(run: np.ndarray, mode: str) -> np.ndarray:
     out = x - mean
     if mode in ("psc", "mean_psc"):
         positive = mean[mean > 0]
+        nonzero = int(np.count_nonzero(mean))
+        if nonzero and positive.size < PSC_MIN_POSITIVE * nonzero:
+            raise ValueError(f"subject {subject}: data.fmri_temporal={mode} needs the scanner's BOLD intensities, "
+                             f"but only {positive.size} of the run's {nonzero} voxels have a positive temporal "
+                             "mean (stored demeaned or sign-flipped?): convert the raw BOLD series, or use "
+                             "data.fmri_temporal=demean or zscore")
         floor = PSC_MIN_MEAN * float(positive.mean()) if positive.size else np.inf
         keep = mean > floor
         out *= np.where(keep, 1.0 / np.maximum(mean, EPS), 0.0).astype(np.float32)

@@ -272,6 +272,15 @@ def _epoch(p: LoopParts, run: _Run, state: TrainState, phase: str) -> tuple[str 
     return None, terms.get("total", float("nan")) if n_steps else float("nan")
 
 
+def _batch_inputs(p: LoopParts, batch: dict) -> str:
+    """The micro-batch's subjects and whether each input was finite: a diverged step's first suspect."""
+    subjects = getattr(p.train_set, "subjects", None)
+    names = [subjects[i] if subjects else f"index {i}" for i in batch["index"].reshape(-1).tolist()]
+    finite = ", ".join(f"{k} {'finite' if torch.isfinite(batch[k]).all() else 'NOT finite'}"
+                       for k in MODALITY_KEYS if batch.get(k) is not None)
+    return f"subjects {', '.join(names)}: inputs {finite}"
+
+
 def _step(p: LoopParts, run: _Run, state: TrainState, phase: str, batches, interval: _Interval):
     """One optimizer step over ``optim.grad_accum`` micro-batches. Returns (this rank's loss
     terms, averaged over the micro-batches; the gradient norm before clipping, or None)."""
@@ -289,7 +298,7 @@ def _step(p: LoopParts, run: _Run, state: TrainState, phase: str, batches, inter
         for k, v in loss.items():
             terms[k] = terms.get(k, 0.0) + float(v.detach()) / cfg.optim.grad_accum
         if bad is None and not torch.isfinite(loss["total"].detach()):
-            bad = f"rank {p.info.rank} ({ {k: float(v.detach()) for k, v in loss.items()} })"
+            bad = f"rank {p.info.rank} ({ {k: float(v.detach()) for k, v in loss.items()} }; {_batch_inputs(p, batch)})"
     if D.any_rank(bad is not None):
         raise Diverged(f"the {phase} loss is not finite at step {state.step} on "
                        f"{bad or 'another rank (its log names it)'}; {DIVERGED_FIX}")
