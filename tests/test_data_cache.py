@@ -220,13 +220,14 @@ def test_nodes_sharing_a_cache_dir_each_build_their_own(store, tmp_path):
     assert not any(cache_dir.iterdir()), "each node's lead deleted its own"
 
 
-def test_a_live_cache_holds_its_owner_lock(store, tmp_path):
+def test_a_live_cache_is_private_and_holds_its_owner_lock(store, tmp_path):
     from masan.data.cache import OWNER, sweep_stale
 
     cfg = _cfg(tmp_path, cache="host")
     cache = open_cache(_dataset(store, cfg), cfg, torch.device("cpu"))
     try:
         assert (cache.dir / OWNER).read_text().split()[1] == str(os.getpid())
+        assert cache.dir.stat().st_mode & 0o777 == 0o700, "the images in /dev/shm: for this user's ranks only"
         assert sweep_stale(tmp_path) == [], "a cache in use is never swept, whatever its pid says"
     finally:
         cache.close()

@@ -25,8 +25,10 @@ Memory is checked before anything is written (host: free space of ``cache_dir`` 
 available RAM; device: free GPU memory), leaving ``data.cache_reserve_gib`` free; a cohort that
 does not fit is refused with the numbers and the fix. The node's lead rank deletes the files
 when the cache is closed or the process exits; a directory left by a killed run is removed by
-the next cache built on that node. Each node has a directory of its own (the host name is part
-of its name), so a ``data.cache_dir`` that several nodes share is not a clash. Liveness is a
+the next cache built on that node. The directory is the owner's alone (mode 0700): it holds
+the subjects' images, in a folder every user of the node can list. Each node has a directory
+of its own (the host name is part of its name), so a ``data.cache_dir`` that several nodes
+share is not a clash. Liveness is a
 ``flock`` the lead holds on the directory's :data:`OWNER` file for the cache's life (the kernel
 drops it however the process ends), not a pid: a pid can be reused, and a run in another
 container of the node may have one this process cannot see.
@@ -261,7 +263,10 @@ class CohortCache:
         """Node lead: check the memory, remove stale caches, make this cache's directory (deleted at close/exit)."""
         check_host_fits(self.store, self.subjects, self.cfg)
         sweep_stale(Path(self.cfg.cache_dir))
-        self.dir.mkdir(parents=True)
+        # the subjects' images, in a folder every user of the node can list (/dev/shm): only this
+        # user's ranks may enter it, whatever the umask and the user's group
+        self.dir.mkdir(mode=0o700)
+        self.dir.chmod(0o700)
         # locked and written under another name, then renamed: a sweep on another rank of the node
         # never finds an owner file that is not yet locked (the lock stays with the file)
         staged = self.dir / (OWNER + ".tmp")
