@@ -2,8 +2,13 @@
 another thread of the training process holds at the instant it starts, or it can hang in its
 own start-up (a rank always has such threads: gloo, the launcher's watchdog, TensorBoard)."""
 
+import contextlib
+import os
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +17,7 @@ from torch.utils.data import Dataset
 from masan.config import DataConfig
 from masan.data.workers import WorkerTimeout, data_loader
 
+REPO = Path(__file__).resolve().parents[1]
 HELD = threading.Lock()
 """Stands in for a lock of the interpreter or a library, held by a thread of the rank."""
 
@@ -81,3 +87,55 @@ def test_a_stuck_worker_stops_the_rank_with_an_error_that_says_so():
                  "stalled file system", "restarts the run from its last checkpoint"):
         assert frag in str(e.value), (frag, str(e.value))
     assert data_loader(Stuck(), DataConfig(num_workers=1, worker_timeout_minutes=0), batch_size=1).timeout == 0
+
+
+RANK = """
+import time
+import torch
+from torch.utils.data import TensorDataset
+from masan.config import DataConfig
+from masan.data.workers import data_loader
+batches = iter(data_loader(TensorDataset(torch.arange(64)), DataConfig(num_workers=2), batch_size=1))
+next(batches)
+print("ready", flush=True)
+time.sleep(600)
+"""
+
+
+def _live() -> dict[int, int]:
+    """pid -> parent pid of every live (not zombie) process, from /proc."""
+    parents = {}
+    for d in os.listdir("/proc"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            with open(f"/proc/{d}/stat") as f:
+                state, ppid = f.read().rsplit(")", 1)[1].split()[:2]
+            if state != "Z":
+                parents[int(d)] = int(ppid)
+    return parents
+
+
+def _descendants(pid: int) -> set[int]:
+    parents, found, frontier = _live(), set(), {pid}
+    while frontier:
+        frontier = {p for p, pp in parents.items() if pp in frontier} - found
+        found |= frontier
+    return found
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_killed_rank_leaves_no_fork_server_or_worker_behind():
+    """kill -9 of a rank (or a second Ctrl-C, or the OOM killer) closes nothing: its fork server
+    and the workers forked from it, each holding prefetched batches in shared memory, must end
+    with it rather than live on for good."""
+    rank = subprocess.Popen([sys.executable, "-c", RANK], stdout=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        assert rank.stdout.readline().strip() == "ready"
+        below = _descendants(rank.pid)
+        assert len(below) >= 3, "a fork server and two workers (and a resource tracker)"
+    finally:
+        rank.kill()
+        rank.wait()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and below & set(_live()):
+        time.sleep(0.2)
+    assert not below & set(_live()), "left behind by the killed rank"

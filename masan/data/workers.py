@@ -28,13 +28,15 @@ from multiprocessing.context import BaseContext
 from torch.utils.data import DataLoader, Dataset
 
 from masan.config import DataConfig
+from masan.data import forkserver
 
 TORCH_TIMEOUT = "DataLoader timed out"
 """How torch's own timeout error begins (the one the loader's ``timeout`` raises)."""
 
-WORKER_IMPORTS = ("torch", "masan.data.dataset")
+WORKER_IMPORTS = ("masan.data.forkserver", "torch", "masan.data.dataset")
 """Modules the fork server imports once, so that workers forked from it start without importing
-them (the dataset's module brings torch, numpy, zarr and the store)."""
+them (the dataset's module brings torch, numpy, zarr and the store); the first ends the server
+with its rank (:mod:`masan.data.forkserver`)."""
 
 
 def worker_context(start: str) -> BaseContext:
@@ -43,6 +45,7 @@ def worker_context(start: str) -> BaseContext:
     when it starts, i.e. for the first loader of a process)."""
     context = multiprocessing.get_context(start)
     if start == "forkserver":
+        forkserver.mark_parent()
         context.set_forkserver_preload(list(WORKER_IMPORTS))
     return context
 
