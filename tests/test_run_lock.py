@@ -120,8 +120,11 @@ def test_ctrl_c_saves_a_complete_checkpoint_and_a_second_one_stops_at_once(tmp_p
     assert "Ctrl-C: every rank saves a checkpoint" in log
     assert "Traceback" not in log and "KeyboardInterrupt" not in log, log[-4000:]
 
-    second = Started(config, run, *LONG)
+    shm = tmp_path / "shm"
+    shm.mkdir()
+    second = Started(config, run, *LONG, "data.cache=host", f"data.cache_dir={shm}", "data.cache_reserve_gib=0")
     second.wait_for(lambda: any(s > stopped + 1 for s in second.steps()))
+    assert list(shm.glob("masan-cache-*")), "the resumed run holds the cohort in its host cache"
     assert f"resumed step_{stopped:06d}" in second.log()
     ranks = children(second.proc.pid)
     logged = len(second.steps())
@@ -141,6 +144,7 @@ def test_ctrl_c_saves_a_complete_checkpoint_and_a_second_one_stops_at_once(tmp_p
     assert since and int(since.group(1)) == manifests(run)[-1]["step"] >= stopped, log[-4000:]
     assert "status:" not in log
     assert not any(alive(p) for p in ranks)
+    assert not list(shm.glob("masan-cache-*")), "ended at once, yet no shared memory left behind"
 
 
 def test_one_run_per_directory_and_ranks_die_with_their_launcher(tmp_path, config):

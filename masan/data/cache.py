@@ -345,6 +345,13 @@ class CohortCache:
                     f"({e.strerror}; another run's cache in the same data.cache_dir may have taken it since this "
                     f"run's check); {FIX}") from e
 
+    def discard_files(self) -> None:
+        """Node lead: delete the cache's folder now (nothing else; the other ranks' maps keep their
+        pages); others: nothing. For a process about to end without unwinding."""
+        fin = getattr(self, "_finalizer", None)
+        if fin is not None:
+            fin()
+
     def close(self) -> None:
         """Drop this rank's views and device copies; the node's lead rank deletes the files (others
         may still map them: their pages stay valid until they drop them)."""
@@ -353,9 +360,7 @@ class CohortCache:
             producer.stop()
             self._producer = None
         self.host, self.on_device = {}, {}
-        fin = getattr(self, "_finalizer", None)
-        if fin is not None:
-            fin()
+        self.discard_files()
 
     # ------------------------------------------------------------------ the store's read API
     def read_t1(self, subject: str, normalize: bool = True) -> np.ndarray:

@@ -196,10 +196,13 @@ class _Interval:
 
 def _setup(p: LoopParts, state: TrainState) -> _Run:
     cfg = p.cfg
+    cache = open_cache(p.train_set, cfg.data, p.info.device)
+    if cache is not None:  # a second Ctrl-C ends the rank without unwinding: no shared memory left behind
+        p.stop.before_exit(cache.discard_files)
     return _Run(sampler=ResumableSampler(p.train_set, p.info.world_size, p.info.rank, shuffle=True, seed=cfg.seed),
                 per_step=cfg.optim.micro_batch * cfg.optim.grad_accum * p.info.world_size,
                 last_save={"step": state.step, "time": time.monotonic()},
-                cache=open_cache(p.train_set, cfg.data, p.info.device),
+                cache=cache,
                 augment=Augment.from_config(cfg.data.augment, cfg.seed, p.geometry),
                 weight=class_weights(p.train_set.labels, len(p.class_names), cfg.loss.class_weights))
 

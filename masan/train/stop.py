@@ -42,6 +42,7 @@ class StopRequest:
         self.reason = ""
         self._interrupts = 0
         self._settled = False
+        self._before_exit: list = []
 
     def install(self, signals: tuple[int, ...] = (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)) -> "StopRequest":
         """Make these signals set the flag (main thread only). Never use SIGUSR1: NCCL owns it.
@@ -53,13 +54,24 @@ class StopRequest:
     def _on_signal(self, signum, frame) -> None:  # noqa: ARG002 - signal handler signature
         self.request(f"signal {signal.Signals(signum).name}")
 
+    def before_exit(self, cleanup) -> None:
+        """Run ``cleanup()`` (quick, needing no other rank: e.g. deleting this node's host cache)
+        when a second Ctrl-C ends the process without unwinding."""
+        self._before_exit.append(cleanup)
+
+    def _exit(self, status: int) -> None:
+        for cleanup in self._before_exit:
+            with contextlib.suppress(Exception):
+                cleanup()
+        os._exit(status)  # no unwinding: the other ranks may never reach a collective again
+
     def _on_interrupt(self, signum, frame) -> None:  # noqa: ARG002 - signal handler signature
         if self._settled:
-            os._exit(0)  # the outcome is saved and reported: ending now loses nothing
+            self._exit(0)  # the outcome is saved and reported: ending now loses nothing
         self._interrupts += 1
         if self._interrupts > 1:
             self._say(f"second Ctrl-C: stopping at once, without a checkpoint: {self.lost()}")
-            os._exit(EXIT_INTERRUPTED)  # no unwinding: the other ranks may never reach a collective again
+            self._exit(EXIT_INTERRUPTED)
         self.request("Ctrl-C (SIGINT)")
         self._say("Ctrl-C: every rank saves a checkpoint at the end of this step, then stops (press Ctrl-C again "
                   "to stop at once, losing the steps since the last checkpoint)")
