@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import yaml
 
-from masan.config import RunConfig
+from masan.config import RunConfig, load_config
 from masan.convert.cohort import ConvertOptions, convert_cohort, discover_bids
 from masan.data.contract import ContractError, Geometry, mismatches, resolve_inputs, store_geometry, unchecked_tr
 from masan.data.dataset import UNLABELED, select_subjects
@@ -324,3 +324,53 @@ def test_predict_refuses_another_geometry_and_scores_unlabeled_subjects(tmp_path
     assert len(rows) == 5 and sum(r.split(",")[2] == "" for r in rows[1:]) == 2
     metrics = json.loads((tmp_path / "p2" / "metrics.json").read_text())
     assert metrics["n_unlabeled"] == 2 and metrics["n"] == 2
+
+
+def _placed(**kw) -> Geometry:
+    """:func:`_geometry` with voxel sizes and an orientation."""
+    return _geometry(**{"t1_spacing_mm": [1.0] * 3, "fmri_spacing_mm": [3.0] * 3, "orientation": "RAS", **kw})
+
+
+def test_a_run_trained_on_another_fmri_grid_or_voxel_size_is_a_mismatch():
+    trained = _placed().to_json()
+    assert mismatches(trained, _placed(), 6) == []
+    assert any("fMRI grid 16x16x12" in m for m in mismatches(trained, _placed(fmri_shape=[16, 16, 12]), 6))
+    assert any("fMRI voxel size" in m for m in mismatches(trained, _placed(fmri_spacing_mm=[2.0] * 3), 6))
+
+
+def test_a_store_registered_onto_another_grid_is_a_mismatch():
+    reg = {"type": "syn", "template": "mni152", "t1_grid": [[48, 56, 48]], "fmri_grid": [[12, 14, 12]]}
+    trained = _placed(registration=reg).to_json()
+    for key, grid in (("t1_grid", [[24, 28, 24]]), ("fmri_grid", [[6, 7, 6]])):
+        assert len(mismatches(trained, _placed(registration={**reg, key: grid}), 6)) == 1, key
+
+
+class _Store:
+    """The part of a CohortStore that store_geometry reads, for two T1 images of other shapes."""
+
+    path, attrs = "s.zarr", {}
+
+    def __init__(self, shapes):
+        self.shapes = shapes
+
+    def shape(self, s, m):
+        return self.shapes[s]
+
+    def row(self, s):
+        return {"t1": {"voxel_mm": [1.0, 1.0, 1.0], "axcodes": "RAS"}}
+
+
+def test_t1_images_of_different_shapes_break_the_contract():
+    store = _Store({"sub-a": (32, 32, 32), "sub-b": (32, 32, 30)})
+    with pytest.raises(ContractError, match="differ in shape"):
+        store_geometry(store, ["sub-a", "sub-b"], ["t1"])
+    assert store_geometry(store, ["sub-a"], ["t1"]).t1_shape == [32, 32, 32]
+
+
+def test_runs_of_several_lengths_fix_the_frames_the_data_gives():
+    """Runs of 6-8 frames and only model.fmri_frames=6 set: the data must give 6 frames too."""
+    cfg = load_config(None, [])
+    cfg.model.t1_shape = cfg.model.fmri_shape = None
+    cfg.model.fmri_frames, cfg.data.fmri_frames = 6, None
+    filled = resolve_inputs(cfg, _placed())
+    assert cfg.data.fmri_frames == 6 and "data.fmri_frames=6" in filled

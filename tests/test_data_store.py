@@ -11,7 +11,7 @@ import pytest
 import zarr
 
 from masan.convert.cohort import ConvertOptions, convert_cohort, discover_bids
-from masan.store.cohort import CohortStore, StoreError
+from masan.store.cohort import CohortStore, StoreError, scaled_float32
 from masan.synth.phantom import synthesize_cohort
 
 T1, FMRI, FRAMES = (32, 24, 16), (12, 16, 8), 20
@@ -127,3 +127,10 @@ def test_missing_damaged_and_foreign_stores_say_how_to_fix(cohort, tmp_path):
     shutil.rmtree(broken / store.group_path("sub-001") / "t1")
     with pytest.raises(StoreError, match=r"sub-001/v\d+/t1 is missing or damaged.*to_zarr.py"):
         CohortStore(broken).read_t1("sub-001")
+
+
+def test_an_intercept_is_applied_when_the_slope_is_one():
+    """scl_slope 1 with scl_inter != 0 (e.g. an offset CT-like or unsigned-shifted file)."""
+    raw = np.array([0, 1, 200], dtype=np.int16)
+    assert scaled_float32(raw, 1.0, -3.0).tolist() == [-3.0, -2.0, 197.0]
+    assert scaled_float32(raw, 1.0, 0.0).tolist() == [0.0, 1.0, 200.0]

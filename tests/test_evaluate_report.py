@@ -228,3 +228,23 @@ def test_out_that_is_a_file_or_a_run_and_missing_runs_are_clear_errors(runs, tmp
     assert (run / "predictions.csv").read_bytes() == before and not (run / "report").exists()
     assert main([str(tmp_path / "nowhere"), "--out", str(tmp_path / "rep")]) == 1
     assert "nowhere: does not exist" in capsys.readouterr().err and not (tmp_path / "rep").exists()
+
+
+def _runs(tmp_path, repeats):
+    for i, (repeat, errors) in enumerate(repeats):
+        make_run(tmp_path / "runs", f"MASAN_{i}", [], repeat, errors)
+    return collect_runs([tmp_path / "runs"])[0]
+
+
+def test_a_single_run_has_no_std_in_the_summary(tmp_path):
+    """One run: the std is None ("± n/a"), not NaN printed as a number."""
+    row, = summary_table(group_runs(_runs(tmp_path, [(0, 2)])))
+    for m in ("binary_accuracy", "precision", "recall", "accuracy"):
+        assert row[f"{m}_mean"] is not None and row[f"{m}_std"] is None and row[f"{m}_n"] == 1
+
+
+def test_one_repeat_given_twice_is_warned_about(tmp_path):
+    """Two runs of one repeat are the same split: counted twice they shrink the std."""
+    results = _runs(tmp_path, [(0, 2), (0, 3), (1, 1)])
+    with pytest.warns(UserWarning, match=r"repeat\(s\) \[0\] appear more than once"):
+        group_runs(results)

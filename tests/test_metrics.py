@@ -93,3 +93,21 @@ def test_without_a_true_positive_recall_and_f1_are_undefined_not_zero():
     # AD subjects that are never called AD: precision 0 (Table 2 punishes a model that never calls AD)
     never = classification_metrics([0, 2], [0, 0], CLASSES, "AD")
     assert never["precision"] == 0.0 and never["recall"] == 0.0 and undefined_note(never) is None
+
+
+def test_auc_is_undefined_not_a_crash_when_every_test_subject_is_positive():
+    """A test part of AD subjects only (a tiny or binary cohort): the AUC is None, the other
+    metrics are still computed (scikit-learn's roc_auc_score would raise)."""
+    y = np.array([2, 2, 2])
+    probs = np.array([[0.1, 0.1, 0.8], [0.6, 0.2, 0.2], [0.2, 0.2, 0.6]])
+    m = classification_metrics(y, probs.argmax(1), CLASSES, "AD", probs)
+    assert m["auc"] is None
+    assert m["recall"] == pytest.approx(2 / 3) and m["precision"] == 1.0
+
+
+def test_a_class_index_equal_to_the_class_count_is_refused():
+    """Index C of C classes (an off-by-one in a label map) must not be scored silently."""
+    with pytest.raises(MetricsError, match=r"class indices \[3\]"):
+        classification_metrics([0, 1, 3], [0, 1, 2], CLASSES, "AD")
+    with pytest.raises(MetricsError, match=r"class indices \[3\]"):
+        classification_metrics([0, 1, 2], [0, 3, 2], CLASSES, "AD")

@@ -3,6 +3,8 @@ rank (real gloo processes), in the checkpointed state, and region importance by 
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -146,3 +148,43 @@ def test_occlusion_region_weights_measure_what_decides():
     with torch.no_grad():
         w = model(t1=t1, fmri=fmri)["region_weights"]
     assert torch.all(w[:, 5] < 1e-4) and torch.allclose(w.sum(1), torch.ones(3))
+
+
+class _ModeProbe(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm = FittedStandardize((6,), std_floor=0.0, num_classes=3)
+        self.seen: list[bool] = []
+
+    def forward(self, t1=None, fmri=None):
+        self.seen.append(self.training)
+        if torch.isnan(t1).any():
+            raise ValueError("a bad subject")
+        return self.norm(t1.flatten(1))
+
+
+def _mode_items(n=6, bad=None):
+    g = torch.Generator().manual_seed(0)
+    return [{"t1": torch.full((1, 2, 3, 1), float("nan")) if i == bad else torch.randn(1, 2, 3, 1, generator=g),
+             "label": torch.tensor(i % 3)} for i in range(n)]
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_the_fit_runs_in_eval_mode_and_restores_the_mode(training):
+    probe = _ModeProbe().train(training)
+    fit_standardizers(probe, _mode_items(), 0, 1, torch.device("cpu"), torch.float32, 2)
+    assert probe.seen and not any(probe.seen)  # no dropout noise in the statistics
+    assert probe.training is training
+
+
+def test_a_fit_that_fails_part_way_leaves_the_statistics_and_stops_accumulating():
+    probe = _ModeProbe()
+    before = probe.norm.mean.clone()
+    with pytest.raises(ValueError, match="a bad subject"):
+        fit_standardizers(probe, _mode_items(bad=3), 0, 1, torch.device("cpu"), torch.float32, 2)
+    assert torch.equal(probe.norm.mean, before)
+    with pytest.raises(RuntimeError, match="outside begin_fit"):
+        probe.norm.sums()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        probe(t1=torch.randn(2, 1, 2, 3, 1))  # an ordinary forward afterwards

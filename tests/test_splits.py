@@ -109,3 +109,25 @@ def test_validation_part_needs_two_training_subjects_per_class():
     with pytest.raises(SplitError, match="val_fraction"):
         make_split([f"s{i}" for i in range(6)], ["NC", "AD"] * 3, SplitConfig(test_fraction=0.5, val_fraction=0.2))
     assert make_split([f"s{i}" for i in range(6)], ["NC", "AD"] * 3, SplitConfig(test_fraction=0.5)).val == []
+
+
+def test_a_small_val_fraction_still_gets_one_subject_of_every_class():
+    """val_fraction * n below the class count: the validation part takes one per class (as the
+    config documents) instead of refusing the split."""
+    subjects = [f"s{i:02d}" for i in range(30)]
+    labels = [i % 3 for i in range(30)]
+    split = make_split(subjects, labels, SplitConfig(test_fraction=0.3, val_fraction=0.05))
+    assert sorted({split.labels[s] for s in split.val}) == [0, 1, 2]
+    assert not set(split.val) & set(split.train) and not set(split.val) & set(split.test)
+
+
+def test_an_imbalanced_cohort_gets_one_validation_subject_of_every_class():
+    """Classes of 4, 4, 5 and 11 subjects, test 0.3, val 0.1: every class has >= 2 training
+    subjects, so the promise of at least one of every class is kept: scikit-learn's proportional
+    allocation alone gives a large class two and a small one none in 9 of 10 repeats."""
+    sizes = [4, 4, 5, 11]
+    subjects = [f"c{c}s{i}" for c, n in enumerate(sizes) for i in range(n)]
+    labels = [c for c, n in enumerate(sizes) for _ in range(n)]
+    for repeat in range(10):
+        split = make_split(subjects, labels, SplitConfig(test_fraction=0.3, val_fraction=0.1, repeat=repeat))
+        assert sorted({split.labels[s] for s in split.val}) == [0, 1, 2, 3]

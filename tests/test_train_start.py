@@ -10,7 +10,8 @@ import json
 
 import pytest
 
-from masan.config import ConfigError, config_diff, config_hash, config_to_dict, load_config
+from masan.config import ConfigError, SplitConfig, config_diff, config_hash, config_to_dict, load_config
+from masan.data.splits import make_split
 from masan.train.checkpoint import MARKER, CheckpointManager, ResumeError, past_target
 from masan.train.run import check_start, preflight
 
@@ -106,3 +107,23 @@ def test_a_config_no_training_should_start_with_is_refused_at_the_start_not_when
     with pytest.raises(ConfigError, match="loss.alpha=0.0 weighs the t1 autoencoder"):
         check_start(cfg, 1, None)
     assert not (tmp_path / "run").exists()
+
+
+def test_training_monitors_the_validation_part_and_tests_on_the_test_part(monkeypatch):
+    """The datasets a run trains, monitors and tests on are the split's train, val and test
+    parts (never the test part for monitoring, never val subjects in training)."""
+    from types import SimpleNamespace
+
+    import masan.data.dataset as dataset
+    from masan.train.run import _datasets
+
+    monkeypatch.setattr(dataset, "CohortDataset", lambda store, part, labels, cfg: (list(part), list(labels)))
+    subjects = [f"s{i:02d}" for i in range(30)]
+    labels = [i % 3 for i in range(30)]
+    split = make_split(subjects, labels, SplitConfig(val_fraction=0.2))
+    train, val, test = _datasets(load_config(None, []), SimpleNamespace(subjects=subjects, labels=labels, split=split))
+    label_of = dict(zip(subjects, labels))
+    for got, part in ((train, split.train), (val, split.val), (test, split.test)):
+        assert got == (part, [label_of[s] for s in part])
+    no_val = make_split(subjects, labels, SplitConfig())
+    assert _datasets(load_config(None, []), SimpleNamespace(subjects=subjects, labels=labels, split=no_val))[1] is None

@@ -19,6 +19,7 @@ import dataclasses
 import json
 import math
 import os
+import random
 from collections import Counter
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
@@ -155,6 +156,30 @@ def _stratified(subjects: list[str], label_of: dict, held: int | float, key: str
     except ValueError as e:  # scikit-learn's other refusals, in its words
         raise SplitError(f"{key}={value} cannot split {whole} {n} subjects ({_describe(counts, names)}) stratified "
                          f"by class: {e}. Add subjects, pool classes (data.merge) or change {key}{also}") from None
+    return _every_class_in_both(sorted(kept), sorted(out), label_of, random_state)
+
+
+def _every_class_in_both(kept: list[str], out: list[str], label_of: dict,
+                         random_state: int) -> tuple[list[str], list[str]]:
+    """Both parts with a subject of every class, sizes unchanged. scikit-learn allocates a part's
+    count in proportion to the classes, so a part of a few subjects (a validation part of one per
+    class) can miss a small class while a large one has two: a subject of the missing class
+    changes places with one of the class most numerous in that part, both drawn with the split's
+    seed. Needs two subjects of every class and parts of at least as many subjects as classes
+    (checked before). A split scikit-learn makes whole is returned as it is."""
+    rng = random.Random(random_state)
+    for src, dst in ((kept, out), (out, kept)):
+        for c in sorted({label_of[s] for s in kept + out}, key=str):
+            if any(label_of[s] == c for s in dst):
+                continue
+            there = Counter(label_of[s] for s in dst)
+            donor = max(sorted(there, key=str), key=lambda d: there[d])  # >= 2 there: the part has room
+            give = rng.choice(sorted(s for s in src if label_of[s] == c))
+            take = rng.choice(sorted(s for s in dst if label_of[s] == donor))
+            src.remove(give)
+            dst.remove(take)
+            src.append(take)
+            dst.append(give)
     return sorted(kept), sorted(out)
 
 

@@ -1,0 +1,65 @@
+"""Which checkpoints a run keeps and which one it resumes from (masan/train/checkpoint.py), on
+files alone: a stand-in engine writes a model file and a ZeRO shard per save, the real
+CheckpointManager does the rest (the DeepSpeed engines themselves: test_train_reliability.py)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from masan.config import config_hash, load_config
+from masan.train.checkpoint import MARKER, POINTER, CheckpointManager
+
+
+class _FakeEngine:
+    """What CheckpointManager asks of a DeepSpeed engine, on files: a model-states file and one
+    ZeRO shard per save; load returns the saved client state."""
+
+    def save_checkpoint(self, save_dir, tag, client_state, save_latest):
+        folder = os.path.join(save_dir, tag)
+        os.makedirs(folder, exist_ok=True)
+        torch.save({"client": client_state}, f"{folder}/mp_rank_00_model_states.pt")
+        with open(f"{folder}/zero_pp_rank_0_mp_rank_00_optim_states.pt", "wb") as f:
+            f.write(bytes(range(256)) * 4)
+
+    def load_checkpoint(self, load_dir, tag, **_):
+        path = f"{load_dir}/{tag}/mp_rank_00_model_states.pt"
+        return path, torch.load(path, weights_only=False)["client"]
+
+
+def _saved(tmp_path, steps, keep):
+    cfg = load_config(None, ["train.device=cpu", "train.precision=fp32"])
+    chash = config_hash(cfg)
+    mgr = CheckpointManager(tmp_path / "run", keep=keep)
+    for s in steps:
+        state = {"phase": "pretrain", "epoch": 0, "consumed": s, "step": s, "dp_world_size": 1, "config_hash": chash}
+        mgr.save(_FakeEngine(), s, state, cfg)
+    return mgr, cfg, chash
+
+
+def test_keep_k_keeps_exactly_the_newest_k_complete_checkpoints(tmp_path):
+    mgr, _, _ = _saved(tmp_path, [1, 2, 3, 4, 5], keep=2)
+    assert mgr.tags() == ["step_000005", "step_000004"]
+    assert (mgr.dir / POINTER).read_text().strip() == "step_000005"
+    mgr, _, _ = _saved(tmp_path / "one", [1, 2, 3], keep=1)
+    assert mgr.tags() == ["step_000003"]
+
+
+def test_resume_takes_the_newest_complete_intact_checkpoint(tmp_path):
+    """Newest without its marker, the next damaged in place (same size), the next truncated:
+    the one before them loads."""
+    mgr, cfg, chash = _saved(tmp_path, [1, 2, 3, 4, 5], keep=10)
+    assert mgr.complete_tags() == [f"step_00000{s}" for s in (5, 4, 3, 2, 1)]
+    assert mgr.resume(_FakeEngine(), cfg, chash).tag == "step_000005"
+    (mgr.dir / "step_000005" / MARKER).unlink()
+    shard = mgr.dir / "step_000004" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    data = bytearray(shard.read_bytes())
+    data[10] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    assert mgr.problem("step_000004") is None and "damaged in place" in mgr.damage("step_000004")
+    shard = mgr.dir / "step_000003" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    shard.write_bytes(shard.read_bytes()[:100])
+    assert "truncated" in mgr.problem("step_000003")
+    got = mgr.resume(_FakeEngine(), cfg, chash)
+    assert got.tag == "step_000002" and got.state["step"] == 2
