@@ -7,7 +7,7 @@ that every worker forked from it also holds: a rank that ended without closing i
 each worker holding its prefetched batches in shared memory, more with every such end. Linux's
 ``PR_SET_PDEATHSIG`` kills the server with its rank; the workers, whose parent is the server,
 then end by torch's own watchdog (it checks their parent). Linux ties the signal to the rank's
-thread that started the server: loaders are made on the main thread.
+thread that started the server, so only a server started from the main thread is tied.
 
 Importing this module anywhere else does nothing: it acts only in a process whose parent is
 the pid that :func:`mark_parent` wrote into :data:`PARENT_ENV`.
@@ -19,6 +19,7 @@ import contextlib
 import ctypes
 import os
 import signal
+import threading
 
 PARENT_ENV = "MASAN_FORKSERVER_PARENT"
 """The pid of the rank that starts the fork server (inherited by the server through its environment)."""
@@ -26,8 +27,13 @@ _PR_SET_PDEATHSIG = 1
 
 
 def mark_parent() -> None:
-    """In a rank, before its first loader starts the fork server: name this process its parent."""
-    os.environ[PARENT_ENV] = str(os.getpid())
+    """In a rank, before its first loader starts the fork server: name this process its parent.
+    From another thread than the main one it unnames it: the signal would come when that thread
+    ends, and take the server from the loaders that come after."""
+    if threading.current_thread() is threading.main_thread():
+        os.environ[PARENT_ENV] = str(os.getpid())
+    else:
+        os.environ.pop(PARENT_ENV, None)
 
 
 def _die_with_parent() -> None:
