@@ -629,3 +629,23 @@ def test_one_scan_under_two_subject_ids_is_warned_at_conversion_and_training(tmp
     assert any(note in w and "--prune" in w for w in CohortStore(out).report()["warnings"])
     # a run's start logs the geometry's notes
     assert any(note in n for n in store_geometry(CohortStore(out), ["a", "b"], ["t1"]).notes)
+
+
+def test_the_cohort_table_is_written_in_batches_and_holds_every_subject(tmp_path, monkeypatch):
+    """The table is one JSON of every row: written after each subject it cost O(n^2) bytes. Rows
+    join it in batches (a share of its size), and every converted subject is in it at the end."""
+    from masan.convert import cohort
+
+    bids = _synth(tmp_path, n=5)  # 5 per class: 20 subjects
+    sizes = []
+    write = cohort._write_table
+    monkeypatch.setattr(cohort, "_write_table", lambda root, rows, *a, **kw: (sizes.append(len(rows)),
+                                                                              write(root, rows, *a, **kw)))
+    monkeypatch.setattr(cohort, "TABLE_EVERY_FRACTION", 0.5)
+    out = tmp_path / "s.zarr"
+    assert to_zarr.main(["--bids", str(bids), "--out", str(out), "--no-progress"]) == 0
+    store = CohortStore(out)
+    assert len(store.subjects) == 20 and sorted(store.report()["converted"]) == store.subjects
+    assert all(CohortStore(out).read_t1(s).shape == (16, 16, 16) for s in store.subjects)
+    during = sizes[1:-1]  # between the start's write and the end's
+    assert len(during) < 10 and sum(during) < 20 * 21 // 2 / 2, sizes

@@ -69,6 +69,14 @@ from masan.store.cohort import (
 from masan.store.permissions import StoreAccess
 from masan.store.publish import Interrupted, stop_signals  # noqa: F401  (re-exported for to_zarr.py)
 
+TABLE_EVERY_S = 30.0
+TABLE_EVERY_FRACTION = 0.1
+"""Converted subjects join the cohort table in batches: when they are this share of its rows or
+:data:`TABLE_EVERY_S` after the last write (and at the end). The table is one JSON of every row,
+so writing it after each subject wrote O(n^2) bytes: half of a 2000-subject conversion's time.
+A subject published but not yet in the table is invisible to readers, and redone if the run is
+killed before its batch is written."""
+
 
 @dataclass
 class Report:
@@ -400,14 +408,28 @@ def _convert_locked(root: Any, out: Path, jobs: list[Job], opts: ConvertOptions,
         else:
             todo.append(job)
 
+    pending: list[tuple[str, str]] = []
+    """(subject, its new version) published since the table was last written."""
+    written = [time.monotonic()]
+
+    def flush() -> None:
+        if pending:
+            _write_table(root, rows, classes, opts, extra, report)
+            for subject, group in pending:
+                publish.drop_versions(out, subject, keep=group)  # only now unreferenced
+            pending.clear()
+        written[0] = time.monotonic()
+
     def record(result: dict) -> None:
         if result["ok"]:
             subject = result["subject"]
             rows[subject] = result["row"]
             report.converted.append(subject)
             report.warnings.extend(f"{subject}: {w}" for w in result["warnings"])
-            _write_table(root, rows, classes, opts, extra, report)
-            publish.drop_versions(out, subject, keep=result["row"]["group"])  # only now unreferenced
+            pending.append((subject, result["row"]["group"]))
+            if (len(pending) >= TABLE_EVERY_FRACTION * len(rows)
+                    or time.monotonic() - written[0] >= TABLE_EVERY_S):
+                flush()
         else:
             report.failed.append(Failure(**result["failure"]))
 
@@ -420,13 +442,16 @@ def _convert_locked(root: Any, out: Path, jobs: list[Job], opts: ConvertOptions,
         opts = replace(opts, threads=max(1, usable_cores() // max(1, min(workers, len(todo)))))
     # closed however it ends, so that an interruption's message starts on a line of its own
     with tqdm(total=len(todo), desc=f"to_zarr {out.name}", unit="subject", disable=not progress) as bar:
-        if workers <= 1 or len(todo) <= 1:
-            for job in todo:
-                record(convert_subject(job, str(out), opts))
-                bar.update()
-        else:
-            publish.run_pool(todo, convert_subject, (str(out), opts), min(workers, len(todo)), out, record, died,
-                             bar.update)
+        try:
+            if workers <= 1 or len(todo) <= 1:
+                for job in todo:
+                    record(convert_subject(job, str(out), opts))
+                    bar.update()
+            else:
+                publish.run_pool(todo, convert_subject, (str(out), opts), min(workers, len(todo)), out, record,
+                                 died, bar.update)
+        finally:  # an interrupted run keeps what it converted
+            flush()
     _settle_stale(out, root, rows, report, prune, classes, opts, extra)
     publish.drop_unreferenced(out, rows)
     for leftover in (STAGING, TRASH):

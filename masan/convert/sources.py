@@ -236,7 +236,7 @@ def _sets_timing(sidecar: Path) -> bool:
     return not isinstance(meta, dict) or any(meta.get(key) is not None for key in ("RepetitionTime", "VolumeTiming"))
 
 
-def bold_sidecar(bold: Path, root: Path | None = None) -> tuple[Path | None, list[str]]:
+def bold_sidecar(bold: Path, root: Path | None = None, listings: dict | None = None) -> tuple[Path | None, list[str]]:
     """The JSON sidecar a BOLD run's frame timing (``RepetitionTime`` or ``VolumeTiming``) comes
     from, and notes on a choice BIDS leaves open.
 
@@ -251,6 +251,9 @@ def bold_sidecar(bold: Path, root: Path | None = None) -> tuple[Path | None, lis
     general and a specific one side by side mean the specific one, so within a folder the file
     naming more entities (``task-rest_acq-fast_bold.json``) is taken as the nearer. A run whose
     name is not a BIDS name has only its own ``<name>.json``.
+
+    ``listings`` (a dict kept over one cohort's subjects) holds each folder's sidecars once
+    listed: the dataset root is every subject's ancestor, and holds every subject's folder.
     """
     bold = Path(os.path.abspath(bold))
     name = _bids_name(bold.name)
@@ -263,7 +266,13 @@ def bold_sidecar(bold: Path, root: Path | None = None) -> tuple[Path | None, lis
     folders = [bold.parent] if inside is None else [top.joinpath(*inside[:i]) for i in range(len(inside) + 1)]
     for folder in reversed(folders):  # nearest first
         applies = []
-        for f in folder.glob(f"*_{suffix}.json"):
+        key = (folder, suffix)
+        found = listings.get(key) if listings is not None else None
+        if found is None:
+            found = sorted(folder.glob(f"*_{suffix}.json"))
+            if listings is not None:
+                listings[key] = found
+        for f in found:
             meta_name = _bids_name(f.name)
             if meta_name is not None and meta_name[1] == suffix and meta_name[0].items() <= entities.items():
                 applies.append((len(meta_name[0]), f.name, f))
@@ -396,15 +405,16 @@ def discover_bids(bids: str | Path, label_column: str = "diagnosis", session: st
     want = None if not session else session if session.startswith("ses-") else f"ses-{session}"
     sources = []
     found_sessions: set[str] = set()
+    listings: dict = {}  # the sidecars' folders, each listed once: the root holds every subject's folder
     for i, r in rows:
         sid = (r["participant_id"] or "").strip()
         sources.append(_bids_subject(bids, sid, want, session, found_sessions, _label(r.get(label_column)),
-                                     f"participants.tsv row {i}", table, bold_task))
+                                     f"participants.tsv row {i}", table, bold_task, listings))
     listed = {s.subject for s in sources}
     for folder in sorted(bids.glob("sub-*")):
         if folder.is_dir() and folder.name not in listed:
             sources.append(_bids_subject(bids, folder.name, want, session, found_sessions, None,
-                                         f"folder {folder} (not in participants.tsv)", None, bold_task))
+                                         f"folder {folder} (not in participants.tsv)", None, bold_task, listings))
     if want and want not in found_sessions:
         fix = (f"its sessions are {', '.join(sorted(found_sessions))}: pass one of those" if found_sessions else
                "the cohort has no session folders (sub-*/ses-*): leave --session out")
@@ -427,7 +437,8 @@ def _not_bids_folder(bids: Path) -> str:
 
 
 def _bids_subject(bids: Path, sid: str, want: str | None, session: str | None, found_sessions: set[str],
-                  label: str | None, origin: str, table: Path | None, bold_task: str | None) -> SubjectSource:
+                  label: str | None, origin: str, table: Path | None, bold_task: str | None,
+                  listings: dict | None = None) -> SubjectSource:
     """One subject's files in the BIDS folder (the session ``want``, else the first holding both
     modalities); the sessions it has join ``found_sessions``."""
     if not sid:  # an empty participant_id: fails in check_sources as an unsafe id, naming the row
@@ -449,7 +460,7 @@ def _bids_subject(bids: Path, sid: str, want: str | None, session: str | None, f
     elif want and folder.is_dir():
         notes.append(f"no session folders; used its files outside sessions (--session {session} not applied)")
     found = _bids_files(folder, bold_task)
-    sidecar, tr_notes = bold_sidecar(found.bold, bids) if found.bold else (None, [])
+    sidecar, tr_notes = bold_sidecar(found.bold, bids, listings) if found.bold else (None, [])
     other = _sessions_holding(sessions, folder, bold_task) if not (found.t1 and found.bold) else {}
     return SubjectSource(sid, label, found.t1, found.bold, origin, notes + found.notes + tr_notes, sidecar, table,
                          folder.name if sessions else None, found.bold_refused, other)
