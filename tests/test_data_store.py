@@ -134,3 +134,15 @@ def test_an_intercept_is_applied_when_the_slope_is_one():
     raw = np.array([0, 1, 200], dtype=np.int16)
     assert scaled_float32(raw, 1.0, -3.0).tolist() == [-3.0, -2.0, 197.0]
     assert scaled_float32(raw, 1.0, 0.0).tolist() == [0.0, 1.0, 200.0]
+
+
+def test_a_store_keeps_a_bounded_number_of_open_arrays(cohort, monkeypatch):
+    """Each opened array holds its metadata: a process reading a large cohort must not keep all."""
+    from masan.store import cohort as store_module
+
+    monkeypatch.setattr(store_module, "OPEN_ARRAYS", 3)
+    store = CohortStore(cohort[1].path)
+    first = [store.read_t1(s) for s in store.subjects]
+    assert len(store._arrays) == 3
+    again = [store.read_t1(s) for s in store.subjects]  # evicted arrays reopen and read the same
+    assert all(np.array_equal(a, b) for a, b in zip(first, again))

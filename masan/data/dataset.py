@@ -105,7 +105,7 @@ def select_subjects(store: CohortStore | str | os.PathLike, data_cfg: DataConfig
                       "python -m masan.predict RUN --store STORE)", stacklevel=2)
     if lacking and not quiet:
         warnings.warn(f"{len(lacking)} subject(s) of {store.path} left out for lacking a modality this run uses: "
-                      f"{', '.join(lacking)}", stacklevel=2)
+                      f"{', '.join(lacking[:5])}{'...' if len(lacking) > 5 else ''}", stacklevel=2)
     if not subjects:
         raise ConfigError(f"no subject of {store.path} has classes {classes} with {' and '.join(used)}; "
                           "check data.classes, data.merge, data.use_t1/use_fmri")

@@ -43,6 +43,7 @@ redoes the whole read from the new version, so it never mixes or loses a subject
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Callable
@@ -67,6 +68,9 @@ REPORT = "conversion_report.json"
 MODALITIES = ("t1", "fmri")
 CHUNK_DIR = "c"
 """Zarr v3 default chunk-key prefix: ``<array>/c/0/0/0``."""
+OPEN_ARRAYS = 64
+"""Opened image arrays a :class:`CohortStore` keeps (the most recently read): each holds its
+metadata, so keeping every one grew a process by tens of KiB per subject of a large cohort."""
 FIX = "run `python data_tools/to_zarr.py --bids DIR --out STORE` (or --manifest CSV) to (re)build it"
 ROOT_META = "zarr.json"
 INPUTS = "inputs"
@@ -250,7 +254,7 @@ class CohortStore:
     def _array(self, subject: str, modality: str) -> Any:
         self._open()
         key = modality_path(subject, modality, self._rows.get(subject, {}).get("group"))
-        arr = self._arrays.get(key)
+        arr = self._arrays.pop(key, None)  # put back last: the most recently read are kept
         if arr is None:
             if not self.has(subject, modality):
                 have = [m for m in MODALITIES if self.has(subject, m)] if subject in self._rows else None
@@ -261,7 +265,11 @@ class CohortStore:
             except Exception as e:
                 raise StoreError(f"{self.path}: array {key} is missing or damaged ({type(e).__name__}: {e}); "
                                  f"{FIX}") from e
-            self._arrays[key] = arr
+        self._arrays[key] = arr
+        if len(self._arrays) > OPEN_ARRAYS:
+            # another thread reading the store may evict the same one: the loser just skips it
+            with contextlib.suppress(KeyError, RuntimeError, StopIteration):
+                del self._arrays[next(iter(self._arrays))]
         return arr
 
     # ------------------------------------------------------------------ cohort table
