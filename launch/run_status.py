@@ -10,6 +10,7 @@ launch.slurm.queue. A source that cannot be read leaves its columns unknown and 
 
 from __future__ import annotations
 
+import collections
 import errno
 import json
 import logging
@@ -165,6 +166,24 @@ def _scalars(run: Path, tags: tuple[str, ...]) -> dict[str, list]:
     acc.Reload()
     have = set(acc.Tags().get("scalars", []))
     return {t: acc.Scalars(t) for t in tags if t in have}
+
+
+Logged = collections.namedtuple("Logged", "wall_time step value")
+"""A logged value: wall time (s since the epoch), optimizer step, value (as TensorBoard's scalars)."""
+
+
+def _logged(run: Path) -> dict[str, list]:
+    """The ``train/epoch`` events (the last logged intervals) and the last ``train/total`` of a run,
+    from its ``progress.json`` (:meth:`masan.train.logging.TrainLogger.progress`), or from its
+    TensorBoard events for a run trained before that file existed (a file it cannot read raises
+    OSError, as :func:`_scalars` does)."""
+    try:
+        record = json.loads(RunDir(run).progress.read_text())
+        return {EPOCH_TAG: [Logged(*e) for e in record["intervals"]], LOSS_TAG: [Logged(*record["loss"])]}
+    except FileNotFoundError:
+        return _scalars(run, (LOSS_TAG, EPOCH_TAG))
+    except (ValueError, KeyError, TypeError):  # not ours, or from another version: the events still say it
+        return _scalars(run, (LOSS_TAG, EPOCH_TAG))
 
 
 def eta_from_epochs(epoch_events: list, epochs_target: int, max_steps: int | None) -> float | None:
@@ -432,7 +451,7 @@ def _epoch_fraction(run: Path, state: dict) -> float:
 
 
 def _tb_columns(run: Path, st: RunStatus, cfg, now: float | None) -> None:
-    events = _scalars(run, (LOSS_TAG, EPOCH_TAG))
+    events = _logged(run)
     if events.get(LOSS_TAG):
         st.loss = events[LOSS_TAG][-1].value
     if events.get(EPOCH_TAG):

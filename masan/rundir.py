@@ -10,6 +10,7 @@ or added here and nowhere else. Layout (docs/architecture.md explains each file)
     split.json             the split of this repeat
     checkpoints/           complete checkpoints (layout: masan.train.checkpoint)
     tb/                    TensorBoard events (rank 0)
+    progress.json          the last logged intervals (wall time, step, epochs) and loss: what status reads
     STOP                   created by a user: every rank stops at the next step and saves
     predictions.csv        test predictions, end of the run (masan.predictions)
     region_weights.npy     region weights of the test subjects
@@ -67,6 +68,7 @@ class RunDir:
     LOCK_NAME = "run.lock"
     CHECKPOINTS_NAME = "checkpoints"
     TB_NAME = "tb"
+    PROGRESS_NAME = "progress.json"
     STOP_NAME = "STOP"
     PREDICTIONS_NAME = "predictions.csv"
     REGION_WEIGHTS_NAME = "region_weights.npy"
@@ -115,6 +117,11 @@ class RunDir:
     @property
     def tb(self) -> Path:
         return self.root / self.TB_NAME
+
+    @property
+    def progress(self) -> Path:
+        """The last logged intervals and loss (:meth:`masan.train.logging.TrainLogger.progress`)."""
+        return self.root / self.PROGRESS_NAME
 
     @property
     def stop(self) -> Path:

@@ -85,8 +85,12 @@ def test_finished_and_unfinished_runs(runs):
     assert done.checkpoint == f"step_{done.step:06d}" and done.step > 5
     assert done.variant == "MASAN" and done.repeat == 0 and done.slurm == "-" and done.loss is not None
     # whole epochs when done, though the last logged fraction stops short (it used to show 2.857/3)
-    logged = run_status._scalars(Path(done.path), (run_status.EPOCH_TAG,))[run_status.EPOCH_TAG][-1]
+    logged = run_status._logged(Path(done.path))[run_status.EPOCH_TAG][-1]
     assert logged.step == done.step and logged.value == pytest.approx(2 + 6 / 7)
+    events = run_status._scalars(Path(done.path), (run_status.EPOCH_TAG,))[run_status.EPOCH_TAG]
+    assert [(e.step, e.value) for e in events[-len(run_status._logged(Path(done.path))[run_status.EPOCH_TAG]):]] \
+        == [(e.step, pytest.approx(e.value)) for e in run_status._logged(Path(done.path))[run_status.EPOCH_TAG]], \
+        "progress.json holds the events' last intervals"
 
     assert not going.done and going.phase == "pretrain" and going.step == 5
     assert going.checkpoint == "step_000005" and 0 <= going.checkpoint_age_s < 600
@@ -335,7 +339,7 @@ def test_runs_another_user_may_not_read_are_rows_naming_file_and_permission(runs
         ckpt = run_status.collect([base / "good"])[0].checkpoint
         assert f"cannot read config.yaml (mode {file_mode:o}, owner {who})" in note["files_closed"]
         assert f"checkpoints/{ckpt}/COMPLETE (mode {file_mode:o}" in note["files_closed"]
-        assert "tb/events.out.tfevents" in note["files_closed"] and "permission denied for" in note["files_closed"]
+        assert "progress.json" in note["files_closed"] and "permission denied for" in note["files_closed"]
         assert "chmod -R g+rX" in note["files_closed"]
         assert f"cannot read this folder (mode {dir_mode:o}, owner {who})" in note["folder_closed"]
         assert "it may hold runs not listed here" in note["folder_closed"]
@@ -367,6 +371,30 @@ def test_a_resumed_runs_tensorboard_log_is_read_without_noise(tmp_path, caplog):
     assert not [r for r in caplog.records if "out of order" in r.getMessage()]
     tb_logging.get_logger().warning("any other TensorBoard warning")  # the filter is that narrow
     assert [r.getMessage() for r in caplog.records] == ["any other TensorBoard warning"]
+
+
+def test_progress_json_keeps_the_last_intervals_and_a_resume_drops_what_its_checkpoint_lost(tmp_path):
+    """status reads progress.json, not every TensorBoard event: it must say what the events say,
+    a resumed run included (killed after step 10, resumed from its step-5 checkpoint)."""
+    from masan.config import load_config
+    from masan.train.eta import ETA_INTERVALS
+    from masan.train.logging import TrainLogger
+
+    cfg = load_config(None, [])
+    first = TrainLogger(tmp_path, cfg.log, enabled=True)
+    for step in range(1, 21):
+        first.progress(step, step / 10, 1.0 / step)
+    first.close()
+    logged = run_status._logged(tmp_path)
+    assert [e.step for e in logged[run_status.EPOCH_TAG]] == list(range(20 - ETA_INTERVALS, 21))
+    assert (logged[run_status.LOSS_TAG][-1].step, logged[run_status.LOSS_TAG][-1].value) == (20, 1.0 / 20)
+    resumed = TrainLogger(tmp_path, cfg.log, enabled=True, purge_step=16)
+    resumed.progress(17, 1.7, 0.5)
+    resumed.close()
+    steps = [e.step for e in run_status._logged(tmp_path)[run_status.EPOCH_TAG]]
+    assert steps == [*range(20 - ETA_INTERVALS, 16), 17], "the killed start's steps past the checkpoint are gone"
+    assert not TrainLogger(tmp_path / "rank1", cfg.log, enabled=False).progress(1, 0.1, 1.0)
+    assert not (tmp_path / "rank1").exists()
 
 
 def test_a_start_that_logs_nothing_leaves_no_events_file(tmp_path):
@@ -438,7 +466,7 @@ def test_a_running_job_that_stopped_logging_gets_a_note_and_a_pending_ones_eta_w
     shutil.copytree(runs / "sweep" / "repeat_1", run)
     (run / "jobs.json").unlink()
     jobs.record_job(run, "91", "slurm", str(run / "slurm" / "91_0_log.out"))
-    last = run_status._scalars(run, (run_status.EPOCH_TAG,))[run_status.EPOCH_TAG][-1].wall_time
+    last = run_status._logged(run)[run_status.EPOCH_TAG][-1].wall_time
     running = {"91": queue.Queued("RUNNING", "None")}
     live = run_status.run_status(tmp_path, run, running, now=last + 60)
     assert live.note == "" and live.logged_age_s == pytest.approx(60)

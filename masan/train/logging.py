@@ -17,10 +17,18 @@ ranks) and the peak memory of the interval, largest over ranks (:func:`interval_
 ``monitor_val/<metric>`` for the validation-part metrics computed every
 ``log.eval_every_epochs``, the confusion-matrix figure and the region-weight / attention
 images. The test part never appears here.
+
+Beside the events, ``RUN_DIR/progress.json`` holds the last logged intervals (wall time s,
+step, epochs as a fraction) and the last loss: what ``launch/status.py`` needs for its epoch,
+loss and ETA columns, which it would otherwise parse from every event of the run (tens of
+thousands over a long run, a second per few thousand). A resumed run drops the entries past
+its checkpoint as the events' purge does.
 """
 
 from __future__ import annotations
 
+import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -28,9 +36,11 @@ import torch
 import yaml
 
 from masan.config import LogConfig, RunConfig, config_to_dict
+from masan.files import atomic_write_json
 from masan.host import peak_rss_bytes
 from masan.metrics import HPARAM_METRICS, flat_scalars
 from masan.rundir import RunDir
+from masan.train.eta import ETA_INTERVALS
 
 MONITOR_PREFIX = "monitor_val"
 """Prefix of validation-part metrics (carved from the training subjects; the test part is only
@@ -71,6 +81,9 @@ class TrainLogger:
     def __init__(self, run_dir: str | Path, log_cfg: LogConfig, enabled: bool, purge_step: int | None = None):
         self.writer = None
         self._open = None
+        self._progress_file = RunDir(run_dir).progress if enabled else None
+        self._intervals: list | None = None
+        self._purge = purge_step
         if enabled and log_cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -90,6 +103,24 @@ class TrainLogger:
             return
         for name, v in values.items():
             writer.add_scalar(f"{prefix}/{name}", float(v), step)
+
+    def progress(self, step: int, epochs: float, loss: float) -> None:
+        """Record a logged interval in ``progress.json`` (see the module doc): the last
+        ``ETA_INTERVALS + 1`` of ``[wall time s, step, epochs]``, and ``loss`` as
+        ``[wall time s, step, value]``. Entries at or past ``step`` (a killed run's, after a
+        resume) are dropped first."""
+        if self._progress_file is None:
+            return
+        if self._intervals is None:  # a resumed run's: what it logged up to its checkpoint
+            try:
+                logged = list(json.loads(self._progress_file.read_text())["intervals"])
+            except (OSError, ValueError, KeyError, TypeError):
+                logged = []
+            self._intervals = [e for e in logged if self._purge is not None and e[1] < self._purge]
+        now = time.time()
+        self._intervals = [e for e in self._intervals if e[1] < step][-ETA_INTERVALS:] + [[now, step, float(epochs)]]
+        atomic_write_json(self._progress_file, {"intervals": self._intervals, "loss": [now, step, float(loss)]},
+                          indent=None)
 
     def interval(self, per_rank: list[dict[str, float]], step: int) -> str:
         """Data wait, compute and peak memory of one logging interval (one :func:`interval_stats`

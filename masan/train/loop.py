@@ -325,9 +325,10 @@ def _log_interval(p: LoopParts, run: _Run, state: TrainState, terms: dict, norm,
     if skipped and p.info.is_main:
         log.warning("%d optimizer step(s) skipped so far for non-finite gradients", skipped)
     norm_log = {} if norm is None else {"grad_norm": norm}  # this step's, before clipping
+    epochs = state.epochs_done + state.consumed / len(p.train_set)
     p.logger.scalars({**terms, **norm_log, "lr": current_lr(p.engine), "samples_per_s": rate, "eta_s": eta,
-                      "skipped_steps": skipped,
-                      "epoch": state.epochs_done + state.consumed / len(p.train_set)}, state.step)
+                      "skipped_steps": skipped, "epoch": epochs}, state.step)
+    p.logger.progress(state.step, epochs, terms["total"])
     line = p.logger.interval(D.all_gather_objects(interval_stats(interval.waited, elapsed, p.info.device)),
                              state.step)
     if p.info.is_main:
