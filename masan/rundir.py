@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from masan.access import not_a_folder
-from masan.config import ConfigError, RunConfig, config_hash
+from masan.config import ConfigError, RunConfig, config_from_dict, config_hash, config_to_dict, load_config
 from masan.files import atomic_write_json
 
 
@@ -209,14 +209,35 @@ class RunDir:
                               f"access mode; choose a new or empty folder, e.g. run_dir={self.root / 'run'}")
 
     def finished(self, cfg: RunConfig) -> dict | None:
-        """The DONE record (``step``, ``epochs_done``, ``target``) when the run finished this
-        config's target (:func:`done_target`), else None: no DONE, an unreadable one (a write
-        that never finished counts as not done), or one of a shorter target or other config."""
+        """The DONE record (``step``, ``epochs_done``, ``target``, ``config``) when the run finished
+        this config's target (:func:`done_target`), else None: no DONE, an unreadable one (a write
+        that never finished counts as not done), or one of a shorter target or other config.
+
+        A record whose fingerprint alone differs is this config's when the config it was written
+        for (its ``config``; a record from before it was kept: the run's config.yaml, which every
+        start that could change it rewrites with DONE) fingerprints as ``cfg`` does now: a newer
+        version may fingerprint the same settings otherwise (a setting made resumable drops out
+        of every fingerprint), and must not call every finished run unfinished."""
         try:
             record = json.loads(self.done.read_text())
         except (FileNotFoundError, IsADirectoryError, ValueError):
             return None
-        return record if isinstance(record, dict) and record.get("target") == done_target(cfg) else None
+        if not isinstance(record, dict) or not isinstance(record.get("target"), dict):
+            return None
+        want = done_target(cfg)
+        if record["target"] == want:
+            return record
+        if {k: v for k, v in record["target"].items() if k != "config_hash"} != \
+                {k: v for k, v in want.items() if k != "config_hash"}:
+            return None
+        return record if self._fingerprint_now(record.get("config")) == want["config_hash"] else None
+
+    def _fingerprint_now(self, written_for: dict | None) -> str | None:
+        """Today's fingerprint of the config a DONE record was written for (None: unreadable)."""
+        try:
+            return config_hash(load_config(self.config) if written_for is None else config_from_dict(written_for))
+        except Exception:  # noqa: BLE001 - missing, damaged or of a layout this code cannot read: not finished
+            return None
 
     def unfinished(self, cfg: RunConfig) -> str | None:
         """Why the run has not finished this config's target, in words that name the file (None:
@@ -236,7 +257,7 @@ class RunDir:
     def mark_done(self, cfg: RunConfig, step: int, epochs_done: int) -> Path:
         """Write DONE (atomically: a reader never sees half a record) for this config's target."""
         return atomic_write_json(self.done, {"step": step, "epochs_done": epochs_done,
-                                             "target": done_target(cfg)}, indent=None)
+                                             "target": done_target(cfg), "config": config_to_dict(cfg)}, indent=None)
 
     def reopen(self) -> None:
         """Remove DONE: a run started again with a changed target is not finished."""

@@ -53,6 +53,33 @@ def test_done_is_for_this_configs_target(tmp_path):
     assert not run.done.exists() and os.fspath(run) == str(tmp_path)
 
 
+@pytest.mark.parametrize("record", ["with its config", "before DONE kept the config"])
+def test_a_finished_run_stays_finished_when_a_newer_version_fingerprints_its_settings_otherwise(tmp_path, record):
+    """A setting made resumable drops out of every fingerprint: DONE then holds another hash for
+    the same settings, and evaluate, predict and status must not call the run unfinished. A DONE
+    written for other settings is still not this config's."""
+    import json
+
+    from masan.config import config_to_dict, save_config
+
+    run = RunDir(tmp_path)
+    cfg = RunConfig(run_dir=str(tmp_path))
+    save_config(cfg, run.config)
+    run.mark_done(cfg, step=7, epochs_done=sum(cfg.epochs.values()))
+    done = json.loads(run.done.read_text())
+    done["target"]["config_hash"] = "0123456789abcdef"  # what an older version's rules gave
+    if record != "with its config":
+        del done["config"]  # read from config.yaml then
+    run.done.write_text(json.dumps(done))
+    assert run.finished(cfg)["step"] == 7 and run.unfinished(cfg) is None
+    other = config_from_dict({"run_dir": str(tmp_path), "model": {"dropout": 0.123}})
+    assert run.finished(other) is None, "other settings: not this config's DONE"
+    if record == "with its config":
+        done["config"] = config_to_dict(other)
+        run.done.write_text(json.dumps(done))
+        assert run.finished(cfg) is None, "written for other settings"
+
+
 def test_finished_needs_no_torch(tmp_path):
     """launch/submit.py asks it on a login node: importing torch there costs seconds."""
     code = ("import sys; sys.modules['torch'] = None\n"
