@@ -649,3 +649,25 @@ def test_the_cohort_table_is_written_in_batches_and_holds_every_subject(tmp_path
     assert all(CohortStore(out).read_t1(s).shape == (16, 16, 16) for s in store.subjects)
     during = sizes[1:-1]  # between the start's write and the end's
     assert len(during) < 10 and sum(during) < 20 * 21 // 2 / 2, sizes
+
+
+def test_verify_finds_statistics_an_older_version_let_past_float32(tmp_path):
+    """A store converted before values past float32's range were refused holds Inf statistics
+    (its subject's every prediction NaN): --verify names and reconverts it, inspect_store flags it."""
+    from masan.convert.cohort import verify_published
+
+    bids = _synth(tmp_path, n=1)
+    out = tmp_path / "s.zarr"
+    args = ["--bids", str(bids), "--out", str(out), "--no-progress"]
+    assert to_zarr.main(args) == 0
+    store = CohortStore(out)
+    subject = store.subjects[0]
+    meta = out / store.group_path(subject) / "t1" / "zarr.json"
+    record = json.loads(meta.read_text())
+    record["attributes"]["masan"]["stats"]["std"] = float("inf")
+    meta.write_text(json.dumps(record))  # as Python's json writes it: Infinity
+    [bad] = verify_published(out, store.group_path(subject))
+    assert "t1's normalisation statistics are not finite" in bad and "std inf" in bad
+    assert to_zarr.main([*args, "--verify"]) == 0
+    assert CohortStore(out).report()["converted"] == [subject]
+    assert verify_published(out, CohortStore(out).group_path(subject)) == []

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import time
@@ -52,7 +53,7 @@ from masan.convert.sources import (  # noqa: F401  (re-exported: the converter's
 from masan.convert.subject import convert_subject, open_strict, source_record, verify_group
 from masan.files import atomic_write_json
 from masan.host import usable_cores
-from masan.store import permissions, places, publish
+from masan.store import nifti_zarr, permissions, places, publish
 from masan.store.cohort import (
     FORMAT,
     FORMAT_VERSION,
@@ -254,12 +255,18 @@ def verify_published(store: Path, key: str, slab_frames: int = ConvertOptions.fm
     bad = ([f"{group_file.relative_to(store)} is damaged (not JSON)"]
            if publish.VERSION.match(folder.name) and group_file.is_file() and not _reads_as_json(group_file) else [])
     try:
-        mismatched = verify_group(open_strict(folder), slab_frames)
+        group = open_strict(folder)
+        mismatched = verify_group(group, slab_frames)
+        stats = {m: nifti_zarr.open_image(group[m])[1].get("stats", {}) for m in MODALITIES if m in group}
     except Exception as e:  # noqa: BLE001 - whatever keeps the version from being read is damage
         return bad + _unreadable(store, key, f"{key} cannot be read ({type(e).__name__}: {e})")
     for name in mismatched:  # an image's own metadata that does not read fails its check too: name it
         bad += _unreadable(store, f"{key}/{name}", f"{name} does not match its recorded checksum (or a chunk file "
                                                    "is missing)")
+    for m, st in stats.items():  # stored by a version that let values past float32's range through
+        if st and not all(isinstance(st.get(k), int | float) and math.isfinite(st[k]) for k in ("mean", "std")):
+            bad.append(f"{key}/{m}'s normalisation statistics are not finite (mean {st.get('mean')}, std "
+                       f"{st.get('std')}): its values reach past float32's range")
     return bad
 
 
