@@ -26,6 +26,7 @@ import torch
 import yaml
 
 from masan.train.checkpoint import MARKER, POINTER, CheckpointManager
+from masan.train.revision import TRAINING_REVISION
 
 pytestmark = pytest.mark.slow  # every test trains real DeepSpeed runs
 
@@ -114,6 +115,7 @@ def test_two_ranks_stop_resume_and_resize(tmp_path, train_config):
     assert not (run / "STOP").exists(), "the consumed STOP file must be removed"
     [first] = manifests(run)
     assert first["step"] == 1 and first["state"]["dp_world_size"] == 2
+    assert first["state"]["training_revision"] == TRAINING_REVISION, "what a later version's resume compares"
     assert (run / "checkpoints" / POINTER).read_text().strip() == first["tag"]
     assert any("zero_pp_rank_1" in f for f in first["files"]), "rank 1 wrote no optimizer shard"
 

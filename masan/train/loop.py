@@ -47,6 +47,7 @@ from masan.metrics import prediction_metrics
 from masan.model import masan_loss
 from masan.model.inputs import PRECISION_DTYPES as DTYPES
 from masan.model.loss import PHASES, class_weights
+from masan.train import revision
 from masan.train.checkpoint import CheckpointManager
 from masan.train.engine import LRSchedule, current_lr, set_schedule_step
 from masan.train.eta import ETA_INTERVALS, duration_text, eta_seconds
@@ -435,7 +436,8 @@ def save(p: LoopParts, state: TrainState, last_save: dict) -> None:
     """One complete checkpoint on all ranks (skipped if this step is already saved)."""
     if last_save.get("saved") == state.step:
         return
-    client = {**state.to_dict(), "dp_world_size": p.info.world_size, "config_hash": p.config_hash, "data": p.data}
+    client = {**state.to_dict(), "dp_world_size": p.info.world_size, "config_hash": p.config_hash, "data": p.data,
+              revision.KEY: revision.TRAINING_REVISION}
     tag = p.ckpt.save(p.engine, state.step, client, p.cfg)
     if p.info.is_main:
         log.info("saved complete checkpoint %s", tag)

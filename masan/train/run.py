@@ -50,6 +50,7 @@ from masan.rundir import RunDir
 from masan.train.checkpoint import CheckpointManager, ResumeError, set_rng_state
 from masan.train.logging import TrainLogger
 from masan.train.loop import LoopParts, TrainState, evaluate, train
+from masan.train.revision import resume_warning
 from masan.train.runlock import RunLock, RunLockedError, default_wait_s
 from masan.train.stop import StopRequest
 
@@ -422,8 +423,9 @@ def _train(cfg: RunConfig, stop: StopRequest, info: D.DistInfo, ckpt: Checkpoint
         if info.is_main:
             log.warning(resumed.note)
             changed = changed_data_note(resumed.state.get("data"), pre.data, resumed.tag, cfg.data.store)
-            if changed:
-                log.warning(changed)
+            for note in (changed, resume_warning(resumed.state, cfg, resumed.tag)):
+                if note:
+                    log.warning(note)
     elif info.is_main:
         log.info("no complete checkpoint in %s: starting from scratch", rd.checkpoints)
 
