@@ -337,3 +337,21 @@ def test_a_cohort_of_t1_only_and_fmri_only_subjects_converts_with_require_none(t
     assert store.row("sub-001")["fmri"] is None and store.row("sub-002")["t1"] is None
     assert to_zarr.main(["--bids", str(bids), "--out", str(out), "--require", "none", "t1"]) == 2
     assert "none stands alone" in capsys.readouterr().err
+
+
+def test_a_store_from_before_inputs_were_recorded_is_not_mixed_with_another_cohort(header_cases, tmp_path, capsys):
+    """Stores converted before the label tables were recorded have no ``inputs``: a run whose
+    subjects are none of the store's is another cohort, and refused likewise."""
+    store, files = header_cases
+    bids = _synth(tmp_path, n=1)
+    out = tmp_path / "old.zarr"
+    assert to_zarr.main(["--bids", str(bids), "--out", str(out), "--no-progress"]) == 0
+    meta = out / "zarr.json"
+    record = json.loads(meta.read_text())
+    del record["attributes"]["inputs"]  # as an older version wrote it
+    meta.write_text(json.dumps(record))
+    man = str(Path(files["ok"][0]).parent / "m.csv")
+    assert to_zarr.main(["--manifest", man, "--out", str(out), "--require", "t1", "--no-progress"]) == 2
+    assert "none of them in the store: converting into it would mix two cohorts" in capsys.readouterr().err
+    assert to_zarr.main(["--bids", str(bids), "--out", str(out), "--no-progress"]) == 0, "its own cohort again"
+    assert "inputs" in CohortStore(out).attrs

@@ -339,7 +339,7 @@ def convert_cohort(sources: list[SubjectSource], out: str | Path, options: Conve
         root, notes = _open_root(out)
         inputs = [{"path": str(t), "sha256": source_record(str(t))["sha256"]} for t in tables]
         if not new_input:
-            _check_same_input(out, root, inputs)
+            _check_same_input(out, root, inputs, [j.subject for j in jobs])
         extra_attrs = {**(extra_attrs or {}), INPUTS: inputs}
         report = Report(failed=failed, warnings=chosen + notes)
         try:
@@ -361,12 +361,18 @@ def convert_cohort(sources: list[SubjectSource], out: str | Path, options: Conve
     return report
 
 
-def _check_same_input(out: Path, root: Any, inputs: list[dict]) -> None:
+def _check_same_input(out: Path, root: Any, inputs: list[dict], subjects: list[str]) -> None:
     """ConvertError when the store holds subjects converted from other label tables: none of
     this run's is one of those the store recorded, by path (edited labels are picked up) or by
-    content (the same table moved)."""
+    content (the same table moved). A store from before the tables were recorded: when none of
+    this run's ``subjects`` is among its own."""
     attrs = dict(root.attrs)
     before = [b for b in attrs.get(INPUTS) or [] if isinstance(b, dict)]
+    stored = {r.get("subject") for r in attrs.get("cohort") or [] if isinstance(r, dict)}
+    if INPUTS not in attrs and stored and subjects and not stored & set(subjects):
+        raise ConvertError(f"{out} holds {len(stored)} subjects and this run converts {len(subjects)} others, none of "
+                           "them in the store: converting into it would mix two cohorts. Choose a new --out; or, if "
+                           "the store is to hold both, pass --new-input; nothing was changed")
     same = any(b.get("path") == t["path"] or b.get("sha256") == t["sha256"] for b in before for t in inputs)
     if before and attrs.get("cohort") and not same:
         raise ConvertError(f"{out} was converted from {', '.join(b.get('path', '?') for b in before)}, and this run "
