@@ -28,10 +28,9 @@ when the cache is closed or the process exits; a directory left by a killed run 
 the next cache built on that node. The directory is the owner's alone (mode 0700): it holds
 the subjects' images, in a folder every user of the node can list. Each node has a directory
 of its own (the host name is part of its name), so a ``data.cache_dir`` that several nodes
-share is not a clash. Liveness is a
-``flock`` the lead holds on the directory's :data:`OWNER` file for the cache's life (the kernel
-drops it however the process ends), not a pid: a pid can be reused, and a run in another
-container of the node may have one this process cannot see.
+share is not a clash. Liveness is a ``flock`` the lead holds on the directory's :data:`OWNER`
+file for the cache's life (the kernel drops it however the process ends), not a pid: a pid can
+be reused, and a run in another container of the node may have one this process cannot see.
 """
 
 from __future__ import annotations
