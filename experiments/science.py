@@ -69,6 +69,7 @@ from experiments.cohort import DEFAULT_REGISTER, FULL, REGISTRATIONS, TEMPLATE, 
 from experiments.scoring import paired, planted_regions, region_result, run_line, score_run, table
 from experiments.training import (
     CACHE_DIR,
+    CHOSEN_ON,
     MAIN,
     PAPER_EXACT,
     PRESET_MODEL,
@@ -350,7 +351,10 @@ def table_header(args: argparse.Namespace, planted: dict, repeats: dict[str, int
             + ("; fitted rows: the rule more accurate inside each training part" if args.fitted_rule == "nested"
                else f"; fitted rows: {args.fitted_rule.replace('_', ' ')}")
             + ". Cells: mean ± std over repeats; planted rank: best rank of a planted region in the model's "
-              "region ranking (1 = top).")
+              "region ranking (1 = top)."
+            + (f" Not a held-out result: the {args.preset} settings were chosen inside training parts of this "
+               "cohort, which hold most of these splits' test subjects; cohorts of other seeds (--seed) are held "
+               "out." if CHOSEN_ON.get(args.preset) == args.seed else ""))
 
 
 def write_results(args: argparse.Namespace, text: str, raw: dict) -> None:

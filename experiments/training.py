@@ -46,11 +46,14 @@ the variant's own overrides; not to :data:`OWN_CONFIG`'s): adni-like's fMRI effe
 change, which the connectivity pairs see (masan/model/connectivity.py), and its T1 effect is of
 realistic size in small structures, which finer region cells keep. The pairs' cells and count, the
 region cells and the screened fraction were chosen by cross-validation inside the training part of
-the benchmark cohort's split 0 (split 1's confirmed): no test subject of split 0 was seen, but
-most test subjects of the later repeats were, so only split 0 of that cohort is clean, and the
-cohorts of other seeds (never used to choose anything) are the held-out check. The longer joint
+the benchmark cohort's split 0 (and confirmed inside those of splits 1 and 2): most test subjects
+of every repeat of that cohort were seen by one of those training parts, so none of its splits is
+held out (:data:`CHOSEN_ON`), and the cohorts of other seeds (never used to choose anything) are
+the held-out check. The longer joint
 phase, the ordinal head, the expected-stage decision (the classes are ordered stages) and the
 label smoothing were chosen on development cohorts of other seeds (docs/validation-cohort.md)."""
+CHOSEN_ON = {"adni-like": 0}
+"""The cohort seed each preset's settings were chosen on: its splits are not a held-out result."""
 OWN_CONFIG = {"paper_exact": PAPER_EXACT}
 """Variants trained from their own config instead of --config, at the bench's scale (:data:`BENCH_SCALE`)."""
 BENCH_SCALE = ("model.t1_shape", "model.fmri_shape", "model.fmri_frames", "model.patch_grid", "model.channels",

@@ -413,3 +413,16 @@ def test_the_cohort_stamp_reads_back_equal_so_the_cohort_is_reused(tmp_path, pre
     science.cohort_sizes(args, load_config(science.CONFIG))
     stamp = cohort.cohort_args(args, [4, 4, 4])
     assert json.loads(json.dumps(stamp)) == stamp
+
+
+def test_the_table_says_when_its_cohort_chose_the_presets_settings():
+    """The adni-like settings were chosen inside training parts of the seed-0 cohort, which hold
+    most of its splits' test subjects: its table must not read as a held-out result."""
+    planted = {"by_structure": {"hippocampus": [1]}}
+    shapes = ["--t1-shape", "8", "8", "8", "--fmri-shape", "4", "4", "4"]
+    for seed, held_out in ((0, False), (3, True)):
+        args = science.parse_args(["--preset", "adni-like", "--seed", str(seed), *shapes])
+        header = science.table_header(args, planted, {"masan": args.repeats}, "expected_stage")
+        assert ("Not a held-out result" in header) is not held_out, header
+    easy = science.parse_args(["--preset", "easy", *shapes])
+    assert "held-out" not in science.table_header(easy, planted, {"masan": easy.repeats}, "argmax")
