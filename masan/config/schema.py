@@ -83,7 +83,8 @@ class DataConfig:
     never reads it (``model.modalities=t1``, ``model.arch=hfcn``)."""
     normalize: bool = True
     """Z-score each subject with the statistics stored at conversion time (the fMRI only when
-    ``fmri_temporal=none``)."""
+    ``fmri_temporal=none``). ``train.precision=fp16`` needs it (raw intensities reach fp16's
+    largest value)."""
     fmri_temporal: Literal["none", "psc", "mean_psc", "demean", "zscore"] = "none"
     """How the fMRI run reaches fPM (masan/data/temporal.py): ``none``: the whole 4-D run z-scored
     with one mean/std (fPM then mostly sees the static EPI image); ``psc``: each voxel's percent
