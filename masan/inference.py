@@ -23,6 +23,7 @@ from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
 from masan.batch import MODALITY_KEYS
+from masan.config import ConfigError
 from masan.data.workers import data_loader
 from masan.model.autoencoder import encoders_only
 from masan.predictions import Predictions, PredictionsError, merge_predictions, unsmoothed
@@ -46,15 +47,22 @@ def _input_dtype(model: torch.nn.Module) -> torch.dtype:
     return torch.float32
 
 
-def _check_finite(probs: np.ndarray, subjects: list[str]) -> None:
-    """Refuse (PredictionsError) a batch whose probabilities are not finite, naming its subjects: a
-    NaN row would be called the first class."""
-    bad = [s for s, row in zip(subjects, probs) if not np.isfinite(row).all()]
+class NonFiniteOutput(PredictionsError, ConfigError):
+    """The model's output is not finite for some subjects: their data (or the weights) are at
+    fault, so a restart cannot cure it (launchers exit 2, as for a config error)."""
+
+
+def check_finite(preds: Predictions) -> Predictions:
+    """``preds``, or NonFiniteOutput naming the subjects whose probabilities are not finite (a NaN
+    row would be called the first class). On merged predictions every rank raises alike."""
+    bad = [s for s, row in zip(preds.subjects, preds.probs) if not np.isfinite(row).all()]
     if bad:
-        raise PredictionsError(f"the model's output is not finite for subject(s) {', '.join(bad)}: their images hold "
-                               "values it cannot take (look at them: python data_tools/inspect_store.py --verify, "
-                               "data_tools/qc_report.py) or, if every subject fails, the model's weights are not "
-                               "finite; no prediction is written for them")
+        raise NonFiniteOutput(f"the model's output is not finite for subject(s) {', '.join(bad[:5])}"
+                              f"{'...' if len(bad) > 5 else ''} ({len(bad)} of {len(preds.subjects)}): their images "
+                              "hold values it cannot take (look at them: python data_tools/inspect_store.py --verify, "
+                              "data_tools/qc_report.py) or, if every subject fails, the model's weights are not "
+                              "finite; no prediction was written")
+    return preds
 
 
 def predict(
@@ -115,7 +123,6 @@ def predict(
                 rw = out.get("region_weights")
                 index = batch["index"].reshape(-1).tolist()
                 probs = torch.softmax(logits, dim=1).cpu().numpy().astype(np.float32)
-                _check_finite(probs, [subjects[i] for i in index])
                 rows.append(Predictions(
                     subjects=[subjects[i] for i in index],
                     labels=batch["label"].reshape(-1).cpu().numpy().astype(np.int64),
@@ -142,7 +149,7 @@ def predict_subjects(model: torch.nn.Module, dataset, cfg, device: torch.device,
     sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=False)
     loader = data_loader(dataset, cfg.data, batch_size=cfg.optim.micro_batch, sampler=sampler,
                          generator=torch.Generator().manual_seed(seed))
-    preds = gather_predictions(predict(model, loader, device, class_names=class_names))
+    preds = check_finite(gather_predictions(predict(model, loader, device, class_names=class_names)))
     if cfg.loss.label_smoothing:
         preds.scores, preds.probs = preds.probs, unsmoothed(preds.probs, cfg.loss.label_smoothing)
     preds.decision = cfg.data.decision

@@ -226,7 +226,7 @@ def test_a_live_cache_is_private_and_holds_its_owner_lock(store, tmp_path):
     cfg = _cfg(tmp_path, cache="host")
     cache = open_cache(_dataset(store, cfg), cfg, torch.device("cpu"))
     try:
-        assert (cache.dir / OWNER).read_text().split()[1] == str(os.getpid())
+        assert (cache.dir / OWNER).read_text().split()[1:] == [str(os.getpid()), "flock"]
         assert cache.dir.stat().st_mode & 0o777 == 0o700, "the images in /dev/shm: for this user's ranks only"
         assert sweep_stale(tmp_path) == [], "a cache in use is never swept, whatever its pid says"
     finally:
@@ -334,3 +334,17 @@ def test_a_subject_reconverted_while_the_cache_is_built_is_refused(store, tmp_pa
     with pytest.raises(RuntimeError, match="sub-002 was reconverted .* while data.cache was being built"):
         open_cache(ds, cfg, torch.device("cpu"))
     assert not any((tmp_path / "shm").iterdir()), "no half-built cache left"
+
+
+def test_a_cache_whose_start_fails_leaves_no_folder(store, tmp_path, monkeypatch):
+    """A folder without its owner file is never swept: a start that fails in between removes it."""
+    cfg = _cfg(tmp_path, cache="host")
+
+    def full(*_):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(cache_module.os, "replace", full)
+    with pytest.raises(Exception, match="No space left"):
+        open_cache(_dataset(store, cfg), cfg, torch.device("cpu"))
+    monkeypatch.undo()
+    assert not list(tmp_path.glob("masan-cache-*"))

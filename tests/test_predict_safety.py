@@ -355,8 +355,8 @@ def test_a_subject_whose_output_is_not_finite_is_named_not_called_the_first_clas
     """A NaN row of probabilities would be called class 0 (arg-max of NaN) and written as a
     diagnosis: predict refuses, naming the subject (the model here is a stand-in that passes its
     input's mean through, as a network passes on a non-finite voxel)."""
-    from masan.inference import predict
-    from masan.predictions import PredictionsError
+    from masan.config import ConfigError
+    from masan.inference import NonFiniteOutput, check_finite, predict
 
     class MeanOfInput(torch.nn.Module):
         def __init__(self):
@@ -370,7 +370,8 @@ def test_a_subject_whose_output_is_not_finite_is_named_not_called_the_first_clas
     t1[1, 0, 0, 0, 0] = float("inf")
     batches = [{"t1": t1[i:i + 1], "label": torch.tensor([0]), "index": torch.tensor([i])} for i in range(3)]
     subjects = ["sub-a", "sub-b", "sub-c"]
-    with pytest.raises(PredictionsError, match=r"not finite for subject\(s\) sub-b: "):
-        predict(MeanOfInput(), batches, "cpu", subjects=subjects)
-    fine = predict(MeanOfInput(), batches[:1] + batches[2:], "cpu", subjects=subjects)
+    with pytest.raises(NonFiniteOutput, match=r"not finite for subject\(s\) sub-b \(1 of 3\): ") as e:
+        check_finite(predict(MeanOfInput(), batches, "cpu", subjects=subjects))  # on every rank's merged rows
+    assert isinstance(e.value, ConfigError), "a restart cannot cure it: launchers exit 2"
+    fine = check_finite(predict(MeanOfInput(), batches[:1] + batches[2:], "cpu", subjects=subjects))
     assert fine.subjects == ["sub-a", "sub-c"]

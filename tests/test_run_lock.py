@@ -251,7 +251,7 @@ def test_the_cache_sweep_says_what_it_removed(tmp_path, caplog):
     (stale / "0-t1.npy").write_bytes(b"\0" * 4096)
     live = tmp_path / "masan-cache-live"
     live.mkdir()
-    (live / OWNER).write_text(f"{socket.gethostname()} 999999998")  # a pid this process cannot see ...
+    (live / OWNER).write_text(f"{socket.gethostname()} 999999998 flock")  # a pid this process cannot see ...
     held = os.open(live / OWNER, os.O_RDONLY)
     fcntl.flock(held, fcntl.LOCK_EX)  # ... whose owner is alive: it holds the lock
     owner = (stale / OWNER).stat().st_size
@@ -262,7 +262,11 @@ def test_the_cache_sweep_says_what_it_removed(tmp_path, caplog):
         os.close(held)
     assert f"removed {stale} (0.00 GiB, {4096 + owner} bytes)" in caplog.text
     assert "pid 999999999" in caplog.text and live.exists()
+    earlier = tmp_path / "masan-cache-of-an-earlier-version"  # took no lock: its live pid keeps it
+    earlier.mkdir()
+    (earlier / OWNER).write_text(f"{socket.gethostname()} {os.getpid()}")
     assert sweep_stale(tmp_path) == [live], "its lock released, the cache is left behind"
+    assert earlier.exists()
 
 
 def test_compile_keeps_precompiled_headers_in_the_run_cache(tmp_path):

@@ -395,6 +395,9 @@ def test_progress_json_keeps_the_last_intervals_and_a_resume_drops_what_its_chec
     assert steps == [*range(20 - ETA_INTERVALS, 16), 17], "the killed start's steps past the checkpoint are gone"
     assert not TrainLogger(tmp_path / "rank1", cfg.log, enabled=False).progress(1, 0.1, 1.0)
     assert not (tmp_path / "rank1").exists()
+    blocked = TrainLogger(tmp_path / "gone", cfg.log, enabled=True)  # its folder is missing: the write fails
+    blocked.progress(1, 0.1, 1.0)
+    blocked.progress(2, 0.2, 1.0)  # the training goes on, without the file
 
 
 def test_a_start_that_logs_nothing_leaves_no_events_file(tmp_path):

@@ -30,7 +30,8 @@ the subjects' images, in a folder every user of the node can list. Each node has
 of its own (the host name is part of its name), so a ``data.cache_dir`` that several nodes
 share is not a clash. Liveness is a ``flock`` the lead holds on the directory's :data:`OWNER`
 file for the cache's life (the kernel drops it however the process ends), not a pid: a pid can
-be reused, and a run in another container of the node may have one this process cannot see.
+be reused, and a run in another container of the node may have one this process cannot see
+(caches of earlier versions, which took no lock, and file systems without ``flock``: the pid).
 """
 
 from __future__ import annotations
@@ -61,8 +62,10 @@ log = logging.getLogger(__name__)
 
 PREFIX = "masan-cache-"
 OWNER = "owner"
-"""File in a cache directory holding ``<host> <pid>`` of the rank that deletes it, which holds an
-exclusive ``flock`` on it while the cache lives."""
+"""File in a cache directory holding ``<host> <pid> flock`` of the rank that deletes it, which
+holds an exclusive ``flock`` on it while the cache lives (``<host> <pid>`` alone: a cache of an
+earlier version, which took no lock: alive while that pid is)."""
+LOCKED = "flock"
 FIX = ("use data.cache=none, cache fewer frames (data.fmri_frames) or subjects, or run on a node with more "
        "memory (or lower data.cache_reserve_gib)")
 
@@ -91,6 +94,16 @@ def node_peers() -> tuple[int, int]:
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     mine = [r for r, h in enumerate(hosts) if h == hosts[rank]]
     return mine.index(rank), len(mine)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _owner_alive(owner: Path) -> bool:
@@ -122,8 +135,8 @@ def sweep_stale(cache_dir: Path) -> list[Path]:
     host = socket.gethostname()
     for d in cache_dir.glob(PREFIX + "*"):
         try:
-            owner_host, pid = (d / OWNER).read_text().split()
-            if owner_host != host or _owner_alive(d / OWNER):
+            owner_host, pid, *how = (d / OWNER).read_text().split()
+            if owner_host != host or (_owner_alive(d / OWNER) if how == [LOCKED] else _pid_alive(int(pid))):
                 continue
         except (OSError, ValueError):
             continue  # being created right now, removed meanwhile, or not ours
@@ -260,25 +273,34 @@ class CohortCache:
 
     def _create(self) -> None:
         """Node lead: check the memory, remove stale caches, make this cache's directory (deleted at close/exit)."""
+        sweep_stale(Path(self.cfg.cache_dir))  # first: a killed run's leftovers count against the fit
         check_host_fits(self.store, self.subjects, self.cfg)
-        sweep_stale(Path(self.cfg.cache_dir))
         # the subjects' images, in a folder every user of the node can list (/dev/shm): only this
         # user's ranks may enter it, whatever the umask and the user's group
         self.dir.mkdir(mode=0o700)
-        self.dir.chmod(0o700)
-        # locked and written under another name, then renamed: a sweep on another rank of the node
-        # never finds an owner file that is not yet locked (the lock stays with the file)
-        staged = self.dir / (OWNER + ".tmp")
-        self._owner = os.open(staged, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o600)
+        owner = None
         try:
-            fcntl.flock(self._owner, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:  # a file system without flock: the cache works, only its sweep is blind
-            log.warning("%s cannot be locked (%s): if this run is killed, the next one cannot tell its cache is "
-                        "left behind; delete %s* there by hand then, or point data.cache_dir at a tmpfs such as "
-                        "/dev/shm", staged, e.strerror, PREFIX)
-        os.write(self._owner, f"{socket.gethostname()} {os.getpid()}".encode())
-        os.replace(staged, self.dir / OWNER)
-        self._finalizer = weakref.finalize(self, _remove, str(self.dir), self._owner)
+            self.dir.chmod(0o700)
+            # locked and written under another name, then renamed: a sweep on another rank of the
+            # node never finds an owner file that is not yet locked (the lock stays with the file)
+            staged = self.dir / (OWNER + ".tmp")
+            owner = os.open(staged, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o600)
+            how = LOCKED
+            try:
+                fcntl.flock(owner, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:  # a file system without flock: the cache works, its sweep trusts the pid
+                how = ""
+                log.warning("%s cannot be locked (%s): a cache left by a killed run is found by its pid alone; "
+                            "point data.cache_dir at a tmpfs such as /dev/shm", staged, e.strerror)
+            os.write(owner, f"{socket.gethostname()} {os.getpid()} {how}".strip().encode())
+            os.replace(staged, self.dir / OWNER)
+        except BaseException:
+            if owner is not None:
+                os.close(owner)
+            shutil.rmtree(self.dir, ignore_errors=True)
+            raise
+        self._owner = owner
+        self._finalizer = weakref.finalize(self, _remove, str(self.dir), owner)
 
     def _check_device(self) -> None:
         need = self.nbytes()

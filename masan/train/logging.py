@@ -27,7 +27,9 @@ its checkpoint as the events' purge does.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -41,6 +43,8 @@ from masan.host import peak_rss_bytes
 from masan.metrics import HPARAM_METRICS, flat_scalars
 from masan.rundir import RunDir
 from masan.train.eta import ETA_INTERVALS
+
+log = logging.getLogger(__name__)
 
 MONITOR_PREFIX = "monitor_val"
 """Prefix of validation-part metrics (carved from the training subjects; the test part is only
@@ -113,14 +117,22 @@ class TrainLogger:
             return
         if self._intervals is None:  # a resumed run's: what it logged up to its checkpoint
             try:
-                logged = list(json.loads(self._progress_file.read_text())["intervals"])
-            except (OSError, ValueError, KeyError, TypeError):
-                logged = []
-            self._intervals = [e for e in logged if self._purge is not None and e[1] < self._purge]
+                logged = json.loads(self._progress_file.read_text())["intervals"]
+                self._intervals = [[float(t), int(s), float(e)] for t, s, e in logged
+                                   if self._purge is not None and s < self._purge]
+            except (OSError, ValueError, KeyError, TypeError):  # none, or not ours: start it afresh
+                self._intervals = []
         now = time.time()
         self._intervals = [e for e in self._intervals if e[1] < step][-ETA_INTERVALS:] + [[now, step, float(epochs)]]
-        atomic_write_json(self._progress_file, {"intervals": self._intervals, "loss": [now, step, float(loss)]},
-                          indent=None)
+        try:
+            atomic_write_json(self._progress_file, {"intervals": self._intervals, "loss": [now, step, float(loss)]},
+                              indent=None)
+        except OSError as e:  # only status reads it: the training goes on, status reads the events
+            log.warning("cannot write %s (%s): launch/status.py reads the TensorBoard events instead",
+                        self._progress_file, e.strerror or e)
+            with contextlib.suppress(OSError):  # an older one would show status a stale position
+                self._progress_file.unlink()
+            self._progress_file = None
 
     def interval(self, per_rank: list[dict[str, float]], step: int) -> str:
         """Data wait, compute and peak memory of one logging interval (one :func:`interval_stats`

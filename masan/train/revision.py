@@ -44,7 +44,8 @@ TRAINING_REVISION = max((c.revision for c in CHANGES), default=0)
 
 def saved_revision(state: dict) -> int:
     """The training revision of a checkpoint's state. Checkpoints from before the field existed:
-    1 when they hold the LR anchor (added with revision 1's change), else 0."""
+    1 when they hold the LR anchor (added right after revision 1's change, so a checkpoint of the
+    code between the two is warned about needlessly), else 0."""
     if KEY in state:
         return int(state[KEY])
     return 1 if "lr_anchor" in state else 0

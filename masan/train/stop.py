@@ -21,6 +21,7 @@ import os
 import signal
 import sys
 import threading
+import weakref
 from pathlib import Path
 
 from masan.rundir import RunDir
@@ -55,14 +56,17 @@ class StopRequest:
         self.request(f"signal {signal.Signals(signum).name}")
 
     def before_exit(self, cleanup) -> None:
-        """Run ``cleanup()`` (quick, needing no other rank: e.g. deleting this node's host cache)
-        when a second Ctrl-C ends the process without unwinding."""
-        self._before_exit.append(cleanup)
+        """Run ``cleanup()`` (a bound method, quick, needing no other rank: e.g. deleting this
+        node's host cache) when a second Ctrl-C ends the process without unwinding. Held weakly:
+        its object still goes when the run drops it."""
+        self._before_exit.append(weakref.WeakMethod(cleanup))
 
     def _exit(self, status: int) -> None:
-        for cleanup in self._before_exit:
-            with contextlib.suppress(Exception):
-                cleanup()
+        for ref in self._before_exit:
+            cleanup = ref()
+            if cleanup is not None:
+                with contextlib.suppress(Exception):
+                    cleanup()
         os._exit(status)  # no unwinding: the other ranks may never reach a collective again
 
     def _on_interrupt(self, signum, frame) -> None:  # noqa: ARG002 - signal handler signature
