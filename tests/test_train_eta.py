@@ -65,6 +65,9 @@ class _Recorder:
     def interval(self, per_rank, step):
         return "data wait ..."
 
+    def progress(self, step, epochs, loss):
+        self.values["progress"] = (step, epochs, loss)
+
 
 def _log(cfg, state, run, seconds: float, caplog) -> tuple[str, float]:
     """The log line of an interval of ``seconds`` that just ended at ``state``, on stand-ins for
