@@ -180,9 +180,7 @@ def _logged(run: Path) -> dict[str, list]:
     try:
         record = json.loads(RunDir(run).progress.read_text())
         return {EPOCH_TAG: [Logged(*e) for e in record["intervals"]], LOSS_TAG: [Logged(*record["loss"])]}
-    except FileNotFoundError:
-        return _scalars(run, (LOSS_TAG, EPOCH_TAG))
-    except (ValueError, KeyError, TypeError):  # not ours, or from another version: the events still say it
+    except (FileNotFoundError, ValueError, KeyError, TypeError):  # none, not ours, or another version's
         return _scalars(run, (LOSS_TAG, EPOCH_TAG))
 
 
