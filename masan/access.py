@@ -10,8 +10,9 @@ readable than the NIfTI files it came from, whatever the user's umask. The polic
   does not let through.
 - :func:`creation_umask` keeps every file created while writing at most that open, so no
   file is ever briefly world-readable.
-- :func:`apply_access` sets the mode (directories get ``x`` where they have ``r``) and the
-  group on a whole tree; directories get set-gid so files created later inherit the group.
+- :func:`tighten` (:func:`apply_access` without its report) sets the mode (directories get
+  ``x`` where they have ``r``) and the group on a whole tree in one walk, and lists what was
+  more open before; directories get set-gid so files created later inherit the group.
 - :func:`more_open_than` lists the paths of an existing tree that are more open (warnings).
 - :func:`write_restricted` does all three for a tool writing into an output folder: the
   folders it creates get the mode, an existing folder only the files it wrote.
@@ -179,15 +180,17 @@ def creation_umask(file_mode: int) -> Iterator[None]:
         os.umask(old)
 
 
-def _walk(root: Path) -> Iterator[tuple[Path, os.stat_result]]:
+def _walk(root: Path, settled: Iterable[Path] = ()) -> Iterator[tuple[Path, os.stat_result]]:
     """``root`` and everything under it, without following symlinks (they are skipped:
-    their targets are not ours to change)."""
+    their targets are not ours to change). A directory in ``settled`` is yielded but not
+    entered (a tree whose contents are known to be as they should)."""
     st = os.lstat(root)
     if stat.S_ISLNK(st.st_mode):
         return
     yield root, st
     if not stat.S_ISDIR(st.st_mode):
         return
+    settled = {Path(s) for s in settled}
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
         for name in dirnames + filenames:
             p = Path(dirpath) / name
@@ -197,48 +200,68 @@ def _walk(root: Path) -> Iterator[tuple[Path, os.stat_result]]:
                 continue
             if not stat.S_ISLNK(st.st_mode):
                 yield p, st
+        if settled:
+            dirnames[:] = [d for d in dirnames if Path(dirpath) / d not in settled]
 
 
-def apply_access(root: str | os.PathLike, file_mode: int, gid: int | None = None) -> tuple[int, int | None]:
+def _more_open(st: os.stat_result, file_mode: int, gid: int | None) -> bool:
+    """Whether a path (its lstat) grants group or others more than ``file_mode`` allows (a
+    directory: more than :func:`dir_mode`), or, with ``gid``, group bits to another group."""
+    bits = stat.S_IMODE(st.st_mode) & 0o077
+    if stat.S_ISDIR(st.st_mode):
+        allowed = dir_mode(file_mode) & 0o077
+    else:
+        allowed, bits = file_mode & 0o066, bits & 0o066  # a file's x bit shares nothing
+    return bool(bits & ~allowed or (gid is not None and bits & 0o070 and st.st_gid != gid))
+
+
+def tighten(root: str | os.PathLike, file_mode: int, gid: int | None = None,
+            settled: Iterable[Path] = ()) -> tuple[int, int | None, list[Path]]:
     """Give every file under ``root`` ``file_mode`` and every directory :func:`dir_mode` of it
     (plus set-gid when ``gid`` is given, so later files inherit the group); chown to ``gid``.
+    One walk of the tree (a store of thousands of subjects on a parallel file system pays for
+    every ``lstat``); directories in ``settled`` keep their contents unvisited.
 
     When the group cannot be set (the user is not a member), group bits are dropped instead
-    of leaving the data readable by whatever group it has. Returns the (mode, gid) applied.
+    of leaving the data readable by whatever group it has. Returns the (mode, gid) applied and
+    the paths that were more open than that before (sorted, for a warning).
     """
-    file_mode &= 0o666
-    file_mode |= OWNER_RW
+    file_mode = (file_mode & 0o666) | OWNER_RW
     root = Path(root)
-    if gid is not None:
-        try:
-            for p, st in _walk(root):
-                if st.st_gid != gid:
-                    os.chown(p, -1, gid, follow_symlinks=False)
-        except PermissionError:
-            gid, file_mode = None, file_mode & ~0o070
+    try:
+        return _tighten(root, file_mode, gid, settled)
+    except PermissionError:
+        if gid is None:
+            raise
+    return _tighten(root, file_mode & ~0o070, None, settled)
+
+
+def _tighten(root: Path, file_mode: int, gid: int | None, settled: Iterable[Path]
+             ) -> tuple[int, int | None, list[Path]]:
     dmode = dir_mode(file_mode) | (stat.S_ISGID if gid is not None else 0)
-    for p, st in _walk(root):
+    loose = []
+    for p, st in _walk(root, settled):
+        if _more_open(st, file_mode, gid):
+            loose.append(p)
+        if gid is not None and st.st_gid != gid:
+            os.chown(p, -1, gid, follow_symlinks=False)  # PermissionError: not a member of gid
         want = dmode if stat.S_ISDIR(st.st_mode) else file_mode
         if stat.S_IMODE(st.st_mode) != want:
-            os.chmod(p, want)
-    return file_mode, gid
+            os.chmod(p, want)  # after chown, which clears a directory's set-gid for non-members
+    return file_mode, gid, sorted(loose)
+
+
+def apply_access(root: str | os.PathLike, file_mode: int, gid: int | None = None,
+                 settled: Iterable[Path] = ()) -> tuple[int, int | None]:
+    """:func:`tighten` without the list: the (mode, gid) applied."""
+    return tighten(root, file_mode, gid, settled)[:2]
 
 
 def more_open_than(path: str | os.PathLike, file_mode: int, gid: int | None = None) -> list[Path]:
     """Paths under ``path`` granting group or others more than ``file_mode`` allows (for a
     directory: more than :func:`dir_mode`); with ``gid``, also any path with group bits that
     belongs to another group. Sorted; empty when the tree is as closed as asked."""
-    allowed_file = file_mode & 0o066
-    allowed_dir = dir_mode(file_mode) & 0o077
-    out = []
-    for p, st in _walk(Path(path)):
-        bits = stat.S_IMODE(st.st_mode) & 0o077
-        allowed = allowed_dir if stat.S_ISDIR(st.st_mode) else allowed_file
-        if not stat.S_ISDIR(st.st_mode):
-            bits &= 0o066  # a file's x bit shares nothing
-        if bits & ~allowed or (gid is not None and bits & 0o070 and st.st_gid != gid):
-            out.append(p)
-    return sorted(out)
+    return sorted(p for p, st in _walk(Path(path)) if _more_open(st, file_mode, gid))
 
 
 def outermost_missing(path: str | os.PathLike) -> Path | None:
@@ -319,10 +342,3 @@ def describe_mode(file_mode: int, gid: int | None) -> str:
     """``0o640`` + gid -> ``"files 640, folders 750, group staff"`` for messages."""
     group = "" if gid is None else f", group {_group_name(gid)}"
     return f"files {file_mode:03o}, folders {dir_mode(file_mode):03o}{group}"
-
-
-def _group_name(gid: int) -> str:
-    try:
-        return grp.getgrgid(gid).gr_name
-    except KeyError:
-        return str(gid)

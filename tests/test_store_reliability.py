@@ -483,6 +483,55 @@ def test_access_helpers(tmp_path):
     assert access.more_open_than(tmp_path, 0o600) == []
 
 
+def test_tighten_reports_what_it_closed_and_leaves_settled_folders_unentered(tmp_path):
+    os.chmod(tmp_path, 0o700)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    for name in ("a/f", "b/g"):
+        (tmp_path / name).write_text("x")
+        os.chmod(tmp_path / name, 0o644)
+    os.chmod(tmp_path / "b", 0o755)
+    assert access.tighten(tmp_path, 0o600, settled=[tmp_path / "b"]) == (
+        0o600, None, [tmp_path / "a", tmp_path / "a" / "f", tmp_path / "b"])
+    assert stat.S_IMODE((tmp_path / "b").stat().st_mode) == 0o700  # the settled folder itself is closed
+    assert stat.S_IMODE((tmp_path / "b" / "g").stat().st_mode) == 0o644  # its contents were not visited
+    assert access.more_open_than(tmp_path, 0o600) == [tmp_path / "b" / "g"]
+
+
+def test_rerun_gives_a_reconverted_subject_the_store_mode_without_walking_the_unchanged(tmp_path, monkeypatch):
+    """A store of thousands of subjects on a parallel file system pays for every lstat: a rerun
+    walks the store once to close it, then only what it wrote, whatever the user's umask."""
+    bids = _tiny(tmp_path / "bids", n_per_class={"NC": 2, "AD": 1})
+    out = tmp_path / "s.zarr"
+    assert to_zarr.main(_args(bids, out, "--mode", "640")) == 0
+    subjects = CohortStore(out).subjects
+    changed = subjects[0]
+    t1 = bids / changed / "anat" / f"{changed}_T1w.nii.gz"
+    img = nib.load(t1)
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj) + 1, img.affine, img.header), t1)
+    walked = []
+    walk = access._walk
+
+    def recording(root, settled=()):
+        for p, st in walk(root, settled):
+            walked.append(p)
+            yield p, st
+    monkeypatch.setattr(access, "_walk", recording)
+    old = os.umask(0o077)  # new files are made owner-only: the final pass must open them to the store's mode
+    try:
+        assert to_zarr.main(_args(bids, out, "--mode", "640")) == 0
+    finally:
+        os.umask(old)
+    for subject in subjects:
+        folder = out / SUBJECTS / subject
+        inside = [p for p in walked if folder in p.parents]
+        files = [p for p in folder.rglob("*") if p.is_file() and not p.is_symlink()]
+        assert files and all(stat.S_IMODE(p.stat().st_mode) == 0o640 for p in files), subject
+        if subject != changed:  # entered once, by the pass that closes the store, not by the final one
+            assert inside and len(inside) == len(set(inside)), subject
+    assert access.more_open_than(out, 0o640) == []
+
+
 # ====================================================================== 13. small conversion-side items
 
 

@@ -387,12 +387,12 @@ def _convert_locked(root: Any, out: Path, jobs: list[Job], opts: ConvertOptions,
                     perms: tuple[int, int | None, str], extra_attrs: dict | None) -> None:
     """The conversion proper, under the store lock (see :func:`convert_cohort`)."""
     mode, gid, chosen_by = perms
-    loose = access.more_open_than(out, mode, gid)
+    asked = access.describe_mode(mode, gid)
+    mode, gid, loose = access.tighten(out, mode, gid)
     if loose:
         report.warnings.append(
-            f"{out}: {len(loose)} path(s) were more open than the sources allow ({access.describe_mode(mode, gid)}), "
+            f"{out}: {len(loose)} path(s) were more open than the sources allow ({asked}), "
             f"e.g. {', '.join(map(str, loose[:3]))}; tightened (pass --mode/--group to share on purpose)")
-    mode, gid = access.apply_access(out, mode, gid)
     report.access = access.describe_mode(mode, gid)
     extra = {**(extra_attrs or {}), "access": {"file_mode": f"{mode:03o}", "gid": gid, "chosen_by": chosen_by}}
     for leftover in (STAGING, TRASH):  # half-written subjects of an interrupted run
@@ -470,7 +470,8 @@ def _convert_locked(root: Any, out: Path, jobs: list[Job], opts: ConvertOptions,
     for leftover in (STAGING, TRASH):
         shutil.rmtree(out / leftover, ignore_errors=True)
     _write_table(root, rows, classes, opts, extra, report, finished=True)
-    access.apply_access(out, mode, gid)
+    # what this run wrote; an unchanged subject's folder was tightened above and left alone since
+    access.apply_access(out, mode, gid, settled=[out / SUBJECTS / s for s in report.skipped])
 
 
 def _settle_stale(out: Path, root: Any, rows: dict[str, dict], report: Report, prune: bool,

@@ -30,6 +30,9 @@ positive class or the cohort store (``data.store``, resolved) measure different 
 each such variant is its own row, named by what differs, e.g. ``MASAN [classes NC/AD]``.
 Rows of different methods that differ in them (a binary NC/AD run beside a 4-class one) are
 warned about, and table.md shows each row's classes (and positive class) when they differ.
+A run's positive class is the one its metrics.json was computed with (``positive_class`` there),
+checked against its prediction files; the run's config.yaml decides only for metrics files that
+do not name one.
 """
 
 from __future__ import annotations
