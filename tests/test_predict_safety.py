@@ -18,6 +18,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -87,19 +88,65 @@ def test_same_size_damage_to_the_weights_is_refused_naming_the_file(tmp_path, co
     refused(res, tmp_path / "out", str(copy / "checkpoints" / FINAL), STATES, "sha256", f"--checkpoint {EARLIER}")
 
 
+def _as_saved(folder: Path) -> None:
+    """Give the model-states file's size and checksum to the checkpoint's marker, as if training
+    itself had saved it."""
+    manifest = json.loads((folder / MARKER).read_text())
+    manifest["files"][STATES] = {"bytes": (folder / STATES).stat().st_size,
+                                 "sha256": hashlib.sha256((folder / STATES).read_bytes()).hexdigest()}
+    (folder / MARKER).write_text(json.dumps(manifest))
+
+
 def test_non_finite_weights_with_a_matching_checksum_are_refused(tmp_path, copy):
     folder = copy / "checkpoints" / FINAL
     states = torch.load(folder / STATES, map_location="cpu", weights_only=False)
     name = next(k for k, v in states["module"].items() if v.is_floating_point())
     states["module"][name].view(-1)[:2] = float("nan")  # 8 bytes of NaN
     torch.save(states, folder / STATES)
-    manifest = json.loads((folder / MARKER).read_text())  # as if training itself had saved them
-    manifest["files"][STATES] = {"bytes": (folder / STATES).stat().st_size,
-                                 "sha256": hashlib.sha256((folder / STATES).read_bytes()).hexdigest()}
-    (folder / MARKER).write_text(json.dumps(manifest))
+    _as_saved(folder)
 
     res = predict(copy, tmp_path / "out")
     refused(res, tmp_path / "out", str(folder / STATES), "non-finite", name)
+
+
+class _Payload:
+    """Unpickling it creates a file: what a model file from someone else could do instead."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __reduce__(self):
+        return open, (str(self.path), "w")
+
+
+def test_a_model_file_that_would_run_code_is_refused_without_running_it(tmp_path, copy):
+    """A trained run may be a colleague's: predicting with it must not run what its files hold."""
+    folder = copy / "checkpoints" / FINAL
+    states = torch.load(folder / STATES, map_location="cpu", weights_only=False)
+    ran = tmp_path / "ran"
+    torch.save({**states, "extra": _Payload(ran)}, folder / STATES)
+    _as_saved(folder)
+
+    res = predict(copy, tmp_path / "out")
+    refused(res, tmp_path / "out", str(folder / STATES), "could run code", "--checkpoint")
+    assert not ran.exists()
+
+
+def test_a_run_saved_under_numpy_1_is_read_under_numpy_2(tmp_path, copy):
+    """The RNG states a checkpoint holds pickle NumPy's arrays under its module names of the day."""
+    folder = copy / "checkpoints" / FINAL
+    with zipfile.ZipFile(folder / STATES) as z:
+        files = {i: z.read(i) for i in z.infolist()}
+    pkl = next(i for i in files if i.filename.endswith("data.pkl"))
+    assert b"numpy._core.multiarray" in files[pkl]  # as saved under NumPy 2
+    files[pkl] = files[pkl].replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+    with zipfile.ZipFile(folder / STATES, "w", zipfile.ZIP_STORED) as z:
+        for info, data in files.items():
+            z.writestr(info, data)
+    _as_saved(folder)
+
+    res = predict(copy, tmp_path / "out")
+    assert res.returncode == 0, res.stderr[-3000:]
 
 
 def test_a_truncated_newest_checkpoint_is_refused_not_replaced_by_an_older_one(tmp_path, copy):

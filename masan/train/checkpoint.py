@@ -48,9 +48,11 @@ and :func:`load_model` (the config's model with them, in the run's precision).
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import logging
 import os
+import pickle
 import random
 import re
 import shutil
@@ -485,6 +487,16 @@ def previous_intact(run_dir: Path, tag: str) -> str | None:
     return next((t for t in older if checkpoint_problem(run_dir, t) is None), None)
 
 
+def _numpy_globals() -> list:
+    """What a model-states file holds besides tensors, for ``torch.load(weights_only=True)``: the
+    NumPy arrays of each rank's saved RNG state (``np.random.get_state()``), under the module names
+    of NumPy 1 and 2 (a run trained under either is read under either)."""
+    multiarray = importlib.import_module("numpy._core.multiarray" if hasattr(np, "_core") else "numpy.core.multiarray")
+    dtypes = [type(np.dtype(t)) for t in (np.uint32, np.uint64, np.int64, np.float64)]
+    return [*((multiarray._reconstruct, f"{m}.multiarray._reconstruct") for m in ("numpy.core", "numpy._core")),
+            np.ndarray, np.dtype, *dtypes]
+
+
 def load_weights(run_dir: Path, tag: str) -> dict:
     """The module weights (name -> tensor, on the CPU) of checkpoint ``tag``'s model-states
     file; CheckpointUnusable for a file torch cannot read or weights that are not all finite
@@ -492,8 +504,16 @@ def load_weights(run_dir: Path, tag: str) -> dict:
     success)."""
     path = RunDir(run_dir).checkpoints / tag / MODEL_STATES
     try:
-        states = torch.load(path, map_location="cpu", weights_only=False)
+        # weights only: a run may be someone else's, and a pickle can run any code when loaded
+        with torch.serialization.safe_globals(_numpy_globals()):
+            states = torch.load(path, map_location="cpu", weights_only=True)
         module = states["module"]
+    except pickle.UnpicklingError as e:
+        raise CheckpointUnusable(
+            f"{path} holds objects other than tensors and the numbers this tool saves "
+            f"({str(e).split('WeightsUnpickler error: ')[-1].splitlines()[0][:200]}): it was not written by this "
+            "tool, or was altered, and loading it could run code hidden in it, so it is not loaded. Predict with "
+            f"another checkpoint of {RunDir(run_dir).checkpoints} (--checkpoint TAG), or retrain") from None
     except Exception as e:  # noqa: BLE001 - whatever the unpickler raises, the file is unusable
         raise CheckpointUnusable(f"{path} cannot be loaded ({type(e).__name__}: {e}); restore it from a backup, or "
                                  f"predict with another checkpoint of {RunDir(run_dir).checkpoints} "
