@@ -11,7 +11,9 @@ Examples:
       --t1-shape --fmri-shape                      # registered onto MNI152 grids of the paper's shapes
 
 Rerun it after adding subjects or fixing files: finished subjects whose sources are unchanged
-are skipped, half-written ones are redone. Subjects leave the store only with --prune.
+are skipped, half-written ones are redone (a changed label is applied, with a warning naming
+the subject). Subjects leave the store only with --prune. The summary counts the store's
+subjects by class.
 The store is as closed as its most restricted source (e.g. sources 600 -> store 600/700)
 unless --mode/--group share it on purpose. Layout and safety: docs/data-format.md.
 Exit status: 0 all converted, 1 some subjects failed (see STORE/conversion_report.json;
@@ -25,6 +27,7 @@ import argparse
 import os
 import signal
 import sys
+from collections import Counter
 from pathlib import Path
 
 from masan.access import AccessError, parse_group, parse_mode
@@ -122,6 +125,16 @@ def contract_warnings(out: Path) -> list[str]:
     return warnings
 
 
+def class_counts(out: Path) -> str:
+    """The store's subjects by class, in class order, then the unlabeled (``NC 16, AD 14,
+    unlabeled 2``): what training will have, whatever this run changed."""
+    store = CohortStore(out)
+    counts = Counter(store.label(s) for s in store.subjects)
+    shown = [f"{c} {counts[c]}" for c in store.classes] + [f"{c} {n}" for c, n in counts.items()
+                                                          if c is not None and c not in store.classes]
+    return ", ".join(shown + ([f"unlabeled {counts[None]}"] if counts[None] else [])) or "no subjects"
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     model = ModelConfig()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -132,7 +145,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--label-column", default="diagnosis",
                    help="participants.tsv column holding the diagnosis (default %(default)s)")
     p.add_argument("--label-map", default=None,
-                   help="extra RAW=CLASS pairs, e.g. 'Dementia=AD,MCI=LMCI' (CN=NC is built in; case-insensitive)")
+                   help="extra RAW=CLASS pairs, e.g. 'Dementia=AD,SMC=NC' (CN=NC is built in; case-insensitive; "
+                        "a raw label maps to one class)")
     p.add_argument("--classes", nargs="+", default=list(DEFAULT_CLASSES),
                    help=f"class names, in order, each once (default {' '.join(DEFAULT_CLASSES)})")
     p.add_argument("--session", default=None, help="BIDS session to use (default: first with T1w and BOLD)")
@@ -239,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.out}: {len(report.converted)} converted, {len(report.skipped)} unchanged (skipped), "
               f"{len(report.kept)} kept from earlier, {len(report.removed)} removed, {len(report.failed)} failed "
               f"in {report.seconds:.1f} s; access {report.access}")
+        if report.converted or report.skipped or report.kept:
+            print(f"  subjects by class: {class_counts(args.out)}")
         for w in report.warnings:
             print(f"  warning: {w}")
         sys.stdout.flush()  # a closed pipe raises here rather than in the interpreter's exit

@@ -355,3 +355,142 @@ def test_a_store_from_before_inputs_were_recorded_is_not_mixed_with_another_coho
     assert "none of them in the store: converting into it would mix two cohorts" in capsys.readouterr().err
     assert to_zarr.main(["--bids", str(bids), "--out", str(out), "--no-progress"]) == 0, "its own cohort again"
     assert "inputs" in CohortStore(out).attrs
+
+
+# ---------------------------------------------------------------------- BIDS folders as real cohorts arrive
+
+
+def test_a_participants_table_with_a_used_column_twice_is_refused(tmp_path):
+    """csv.DictReader keeps the last of two same-named columns: a pasted table paired ids with
+    another table's rows, and a second diagnosis column relabelled every subject, silently."""
+    (tmp_path / "participants.tsv").write_text("participant_id\tdiagnosis\tage\tdiagnosis\nsub-01\tNC\t70\tAD\n")
+    with pytest.raises(ConvertError, match="has the column 'diagnosis' 2 times"):
+        discover_bids(tmp_path)
+    (tmp_path / "participants.tsv").write_text("participant_id\tdiagnosis\tparticipant_id\tage\n"
+                                               "sub-01\tNC\tsub-02\t7\n")
+    with pytest.raises(ConvertError, match="has the column 'participant_id' 2 times"):
+        discover_bids(tmp_path)
+
+
+def test_an_unclosed_quote_that_swallows_rows_is_refused(tmp_path):
+    (tmp_path / "participants.tsv").write_text(
+        'participant_id\tdiagnosis\tnotes\nsub-01\tNC\t"motion, see QC\nsub-02\tAD\tok\nsub-03\tAD\tok\n')
+    with pytest.raises(ConvertError, match="a double quote that is never closed swallows the rows after it"):
+        discover_bids(tmp_path)
+
+
+def test_an_image_named_for_another_subject_or_session_fails_its_subject(tmp_path):
+    """A scan copied into the wrong folder would be converted under that folder's diagnosis."""
+    bids = _synth(tmp_path, n=1)
+    a, b = bids / "sub-001" / "anat", bids / "sub-002" / "anat"
+    (a / "sub-001_T1w.nii.gz").rename(tmp_path / "t.nii.gz")
+    (b / "sub-002_T1w.nii.gz").rename(a / "sub-002_T1w.nii.gz")
+    (tmp_path / "t.nii.gz").rename(b / "sub-001_T1w.nii.gz")
+    ses = bids / "sub-003" / "ses-bl"
+    ses.mkdir()
+    for m in ("anat", "func"):
+        (bids / "sub-003" / m).rename(ses / m)
+    (ses / "anat" / "sub-003_T1w.nii.gz").rename(ses / "anat" / "sub-003_ses-m12_T1w.nii.gz")
+    jobs, failed = _check(bids)
+    assert "is named for sub-002 but lies in" in failed["sub-001"] and "sub-001_T1w" in failed["sub-002"]
+    assert "is named for ses-m12 but lies in" in failed["sub-003"], failed["sub-003"]
+    assert set(jobs) == {"sub-004"}
+
+
+def test_runs_and_sessions_are_taken_in_natural_order(tmp_path):
+    """run-10 sorted before run-2, and ses-M108 (nine years on) before ses-M12, by name."""
+    bids = _synth(tmp_path, n=1)
+    anat = bids / "sub-001" / "anat"
+    shutil.copy(anat / "sub-001_T1w.nii.gz", anat / "sub-001_run-10_T1w.nii.gz")
+    (anat / "sub-001_T1w.nii.gz").rename(anat / "sub-001_run-2_T1w.nii.gz")
+    sub = bids / "sub-002"
+    for visit in ("M108", "M12"):
+        for m, name in (("anat", "T1w"), ("func", "task-rest_bold")):
+            (sub / f"ses-{visit}" / m).mkdir(parents=True)
+            target = sub / f"ses-{visit}" / m / f"sub-002_ses-{visit}_{name}.nii.gz"
+            shutil.copy(next((sub / m).glob("*.nii.gz")), target)
+    for m in ("anat", "func"):
+        shutil.rmtree(sub / m)
+    jobs, failed = _check(bids)
+    assert not failed, failed
+    assert Path(jobs["sub-001"].sources["t1"]).name == "sub-001_run-2_T1w.nii.gz"
+    assert Path(jobs["sub-002"].sources["t1"]).name == "sub-002_ses-M12_T1w.nii.gz"
+
+
+def test_a_bold_run_without_a_task_label_is_used_with_a_note(tmp_path):
+    """As documented: taken as resting-state when no run states a task (it failed the subject,
+    and with --require t1 was stored while the report said 'stored without fMRI')."""
+    bids = _synth(tmp_path, n=1)
+    func = bids / "sub-001" / "func"
+    (func / "sub-001_task-rest_bold.nii.gz").rename(func / "sub-001_bold.nii.gz")
+    for require in (("t1", "fmri"), ("t1",)):
+        jobs, failed = _check(bids, require)
+        assert not failed, failed
+        job = jobs["sub-001"]
+        assert Path(job.sources["fmri"]).name == "sub-001_bold.nii.gz"
+        assert any("no task label read from the name" in n for n in job.notes), job.notes
+        assert not any("without fMRI" in n for n in job.notes), job.notes
+
+
+def test_a_broken_link_fails_its_subject_naming_the_fetch(tmp_path, capsys):
+    """DataLad / git-annex datasets hold links whose content may not be fetched: a sidecar's
+    crashed the whole conversion with a traceback."""
+    bids = _synth(tmp_path, n=1)
+    (bids / "sub-003" / "func" / "sub-003_task-rest_bold.json").symlink_to("../../.git/annex/objects/XX/k.json")
+    t1 = bids / "sub-002" / "anat" / "sub-002_T1w.nii.gz"
+    t1.unlink()
+    t1.symlink_to("../../.git/annex/objects/XX/k.nii.gz")
+    assert to_zarr.main(["--bids", str(bids), "--out", str(tmp_path / "s.zarr"), "--no-progress"]) == 1
+    cap = capsys.readouterr()
+    out = cap.out + cap.err
+    for subject, what in (("sub-003", "fMRI sidecar file"), ("sub-002", "t1 file")):
+        line = next(x for x in out.splitlines() if f"FAILED {subject}" in x)
+        assert what in line and "does not exist" in line and "datalad get" in line, line
+    assert CohortStore(tmp_path / "s.zarr").subjects == ["sub-001", "sub-004"]
+
+
+def test_a_folder_missing_from_the_table_is_stored_unlabeled_with_a_note(tmp_path):
+    bids = _synth(tmp_path, n=1)
+    table = bids / "participants.tsv"
+    table.write_text(table.read_text().replace("sub-004", "sub-4"))
+    jobs, failed = check_sources(discover_bids(bids), LABELS, ("t1", "fmri"), allow_unlabeled=True)
+    job = next(j for j in jobs if j.subject == "sub-004")
+    assert job.label is None and any("not in participants.tsv: stored unlabeled" in n for n in job.notes)
+
+
+def test_the_label_map_refuses_a_label_given_twice_or_a_class_emptied():
+    with pytest.raises(ConvertError, match="maps 'mci' twice"):
+        parse_label_map("Dementia=AD,MCI=LMCI,mci=EMCI", DEFAULT_CLASSES)
+    with pytest.raises(ConvertError, match="AD is one of the classes"):
+        parse_label_map("AD=NC", DEFAULT_CLASSES)
+    assert parse_label_map("AD=NC", ("NC", "LMCI"))["AD"] == "NC"  # merging a class left out is fine
+    assert parse_label_map("MCI=LMCI,mci=LMCI", DEFAULT_CLASSES)["MCI"] == "LMCI"
+
+
+def test_a_table_that_is_nearly_right_is_named(tmp_path):
+    (tmp_path / "participants.csv").write_text("participant_id,diagnosis\nsub-01,AD\n")
+    with pytest.raises(ConvertError, match="participants.csv is there"):
+        discover_bids(tmp_path)
+    (tmp_path / "participants.tsv").write_text("participant_id\tDiagnosis \nsub-01\tAD\n")
+    with pytest.raises(ConvertError, match="'Diagnosis ' differs only in case or spaces"):
+        discover_bids(tmp_path)
+    with pytest.raises(ConvertError, match=f"pass its folder with --bids {tmp_path}"):
+        to_zarr.read_manifest(tmp_path / "participants.tsv")
+
+
+def test_the_summary_counts_classes_and_names_a_relabelled_subject(tmp_path, capsys):
+    bids = _synth(tmp_path, n=1)
+    out = tmp_path / "s.zarr"
+    args = ["--bids", str(bids), "--out", str(out), "--no-progress"]
+    assert to_zarr.main(args) == 0
+    assert "subjects by class: NC 1, EMCI 1, LMCI 1, AD 1\n" in capsys.readouterr().out
+    table = bids / "participants.tsv"
+    lines = table.read_text().splitlines()
+    (ad,) = [i for i, line in enumerate(lines) if line.split("\t")[1:2] == ["AD"]]
+    subject = lines[ad].split("\t")[0]
+    lines[ad] = lines[ad].replace("\tAD", "\tLMCI", 1)
+    table.write_text("\n".join(lines) + "\n")
+    assert to_zarr.main(args) == 0
+    printed = capsys.readouterr().out
+    assert "0 converted, 4 unchanged" in printed and "subjects by class: NC 1, EMCI 1, LMCI 2, AD 0\n" in printed
+    assert f"warning: {subject}: relabelled AD -> LMCI" in printed

@@ -603,7 +603,9 @@ def test_a_modality_missing_in_the_chosen_session_names_the_session(tmp_path):
     _, failed = check_sources(discover_bids(bids, session="01"), parse_label_map(None, DEFAULT_CLASSES),
                               ("t1", "fmri"))
     assert [f.subject for f in failed] == ["sub-002"]
-    assert "has no fmri file in ses-01; add it, or convert with --require t1" in failed[0].error
+    assert "has no fmri file in ses-01 (" in failed[0].error and "; add it, or convert with --require t1" in \
+        failed[0].error
+    assert "sub-002_task-rest_bold.nii.gz outside its session folders left out" in failed[0].error  # where it is
 
 
 def test_help_shows_the_label_column_and_classes_defaults(capsys):

@@ -416,6 +416,9 @@ def _convert_locked(root: Any, out: Path, jobs: list[Job], opts: ConvertOptions,
                     row[modality] = dict(row[modality], source=job.sources[modality])
             rows[job.subject] = row
             report.skipped.append(job.subject)
+            if found[1]["row"].get("label") != job.label:  # the table was corrected: say what training will see
+                report.warnings.append(f"{job.subject}: relabelled {found[1]['row'].get('label')} -> {job.label} "
+                                       "(its label table changed; its images are unchanged)")
             # its conversion's warnings still hold (the report is rewritten by every run)
             report.warnings.extend(f"{job.subject}: {w}" for w in [*found[1].get("warnings", []), *job.notes])
         else:

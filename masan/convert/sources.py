@@ -79,6 +79,9 @@ class SubjectSource:
     other_sessions: dict[str, tuple[str, ...]] = field(default_factory=dict)
     """When the session used lacks a modality: the subject's other session folders holding any
     image, and the modalities each holds, so that the failure can say where the missing one is."""
+    misplaced: tuple[Path, str] | None = None
+    """A chosen image named for another subject or session than its folder's, and why the
+    subject fails for it (:func:`_named_elsewhere`)."""
 
 
 @dataclass
@@ -124,6 +127,9 @@ def read_manifest(path: str | Path, bold_task: str | None = None) -> list[Subjec
         raise ConvertError(f"manifest {path} has the column {twice[0]!r} more than once (as "
                            f"{[c for c in cols if c.strip().lower() == twice[0]]}; names match in any case); keep one")
     missing = set(MANIFEST_COLUMNS) - set(names)
+    if missing and path.name == "participants.tsv":
+        raise ConvertError(f"manifest {path} is a BIDS participants table, not a manifest: pass its folder with "
+                           f"--bids {path.parent}")
     if missing:
         raise ConvertError(f"manifest {path} lacks column(s) {sorted(missing)} "
                            f"(has {cols}{_delimiter_hint(cols, ',')}); it needs {','.join(MANIFEST_COLUMNS)}")
@@ -176,23 +182,43 @@ def _read_table(path: Path, delimiter: str) -> tuple[list[str], list[tuple[int, 
         with path.open(newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f, delimiter=delimiter)
             cols = list(reader.fieldnames or [])
-            return cols, [(reader.line_num, r) for r in reader if not _blank(r)]
+            rows = []
+            for r in reader:
+                broken = next((v for v in _values(r) if "\n" in v or "\r" in v), None)
+                if broken is not None:  # a lone '"' opened a quoted field: the rows after it went into one cell
+                    raise ConvertError(
+                        f"{path}: a field of the row ending at line {reader.line_num} runs over several lines "
+                        f"({broken[:60]!r}...): a double quote that is never closed swallows the rows after it; "
+                        "remove that quote, or close it")
+                if not _blank(r):
+                    rows.append((reader.line_num, r))
+            return cols, rows
     except UnicodeDecodeError as e:
         raise ConvertError(f"{path} is not UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 1]!r}); "
                            f"save it as UTF-8, e.g. `iconv -f latin1 -t utf-8 {path.name} > fixed` "
                            "and use the fixed file") from None
 
 
+def _values(row: dict) -> list[str]:
+    """Every field of a csv.DictReader row (extra fields sit in a list under None)."""
+    return [v or "" for k, v in row.items() if k is not None] + [v or "" for v in row.get(None) or []]
+
+
 def _blank(row: dict) -> bool:
-    """Every field of a csv.DictReader row is empty (extra fields sit in a list under None)."""
-    values = [v for k, v in row.items() if k is not None] + list(row.get(None) or [])
-    return not any((v or "").strip() for v in values)
+    """Every field of a csv.DictReader row is empty."""
+    return not any(v.strip() for v in _values(row))
+
+
+def natural(path: Path) -> list:
+    """Sort key of a file or folder name with its numbers compared as numbers (``run-2`` before
+    ``run-10``, ``ses-M12`` before ``ses-M108``): the order scanners and ADNI number visits in."""
+    return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", path.name)]
 
 
 def _pick(files: list[Path], kind: str, usable: list[Path] | None = None) -> tuple[Path | None, list[str]]:
-    """The file to use: the first by name among ``usable`` (default: all ``files``), and a note
-    when ``files`` held a choice."""
-    usable = sorted(files if usable is None else usable)
+    """The file to use: the first in natural order (:func:`natural`) among ``usable`` (default:
+    all ``files``), and a note when ``files`` held a choice."""
+    usable = sorted(files if usable is None else usable, key=natural)
     notes = [f"{len(files)} {kind} files; used {usable[0].name}"] if len(files) > 1 and usable else []
     return (usable[0] if usable else None), notes
 
@@ -356,15 +382,16 @@ class _Found(NamedTuple):
 
 def _bids_files(folder: Path, bold_task: str | None = None) -> _Found:
     """The T1w image and the BOLD run of ``bold_task`` (None: resting-state; a run whose name
-    states no task only when no run does) in ``folder/anat`` and ``folder/func``, the first by
-    name when several; notes on each choice and on look-alike files left out."""
+    states no task only when no run does) in ``folder/anat`` and ``folder/func``, the first in
+    natural order when several; notes on each choice and on look-alike files left out."""
     t1s, odd = _bids_images(folder / "anat", "T1w")
     runs, odd_runs = _bids_images(folder / "func", "bold")
     t1, notes = _pick(t1s, "T1w")
     usable = [r for r in runs if _wanted(_task(r), bold_task)]
     if not usable and not bold_task:  # not a BIDS name (BIDS requires the task): cannot tell, take it
         usable = [r for r in runs if _task(r) is None]
-        notes += [f"{_names(usable)}: no task label in the name; used as resting-state"] if usable else []
+        notes += [f"{_names(usable)}: no task label read from the name (BIDS names are entity-label pairs of "
+                  "letters and digits joined by '_'); used as resting-state"] if usable else []
     bold, more = _pick(runs, "BOLD", usable)
     left = sorted({t for r in runs if r not in usable and (t := _task(r)) is not None})
     if bold is not None and left:
@@ -374,7 +401,33 @@ def _bids_files(folder: Path, bold_task: str | None = None) -> _Found:
         n = len(odd + odd_runs)
         notes.append(f"ignored {n} file{'s' if n > 1 else ''} in {folder.name} that only look like images "
                      f"({_names(odd + odd_runs)}): BIDS images are named *_T1w.nii[.gz], *_bold.nii[.gz]")
-    return _Found(t1, bold, notes + more, bold_refusal(runs, bold_task))
+    return _Found(t1, bold, notes + more + _space_note(t1, bold), None if bold else bold_refusal(runs, bold_task))
+
+
+def _space_note(t1: Path | None, bold: Path | None) -> list[str]:
+    """A note when the T1 and the BOLD run chosen name different ``space-`` entities (an
+    fMRIPrep derivatives folder passed as --bids: native T1 beside a template-space BOLD)."""
+    spaces = [(_bids_name(f.name) or ({}, ""))[0].get("space") for f in (t1, bold) if f is not None]
+    if len(spaces) < 2 or spaces[0] == spaces[1]:
+        return []
+    return [f"{t1.name} and {bold.name} lie in different spaces ({spaces[0] or 'native'} vs {spaces[1] or 'native'}): "
+            "--bids takes raw BIDS data; for preprocessed derivatives list the files in a manifest (--manifest)"]
+
+
+def _named_elsewhere(found: _Found, sid: str, folder: Path) -> tuple[Path, str] | None:
+    """(file, why) when the images chosen in ``folder`` (``sid``'s, or one of its session folders) cannot be
+    taken as this subject's visit: a file whose ``sub-``/``ses-`` entity names another subject or
+    session (copied into the wrong folder, it would convert another scan under this diagnosis)."""
+    session = folder.name if folder.name.startswith("ses-") else None
+    for f in (found.t1, found.bold):
+        entities = (_bids_name(f.name) or ({}, ""))[0] if f is not None else {}
+        wrong = [f"{k}-{entities[k]}" for k, own in (("sub", sid), ("ses", session))
+                 if k in entities and own is not None and f"{k}-{entities[k]}" != own]
+        if wrong:
+            return f, (f"{f} is named for {' '.join(wrong)} but lies in {folder}: a file copied into the wrong "
+                       "folder would convert another subject's or visit's scan under this one's diagnosis; move it "
+                       "to its own folder, or rename it if it is this one's")
+    return None
 
 
 def discover_bids(bids: str | Path, label_column: str = "diagnosis", session: str | None = None,
@@ -384,22 +437,34 @@ def discover_bids(bids: str | Path, label_column: str = "diagnosis", session: st
     ``*_T1w.nii.gz.bak``, are left out with a note).
 
     With sessions, ``session`` (e.g. ``bl`` or ``ses-bl``) picks one; otherwise the first
-    session (sorted) holding both modalities is used, else the first session. BOLD runs are
+    session (:func:`natural` order) holding both modalities is used, else the first session. BOLD runs are
     the resting-state ones (:data:`REST_TASK`), or those of ``bold_task`` when given; a subject
     with BOLD runs but none of those gets :attr:`SubjectSource.fmri_refused`. With several
-    runs, the first by name; the choice is noted.
+    runs, the first in natural order; the choice is noted. Refused (ConvertError): a table with
+    ``participant_id`` or ``label_column`` twice, or a field over several lines.
     """
     bids = Path(bids)
     if not bids.is_dir():
         raise ConvertError(_not_bids_folder(bids))
     table = bids / "participants.tsv"
     if not table.is_file():
-        raise ConvertError(f"{table} not found; a BIDS folder needs participants.tsv with "
-                           f"participant_id and a {label_column!r} column")
+        raise ConvertError(f"{table} {_absence(table) if table.is_symlink() else 'not found'}; a BIDS folder needs "
+                           f"participants.tsv with participant_id and a {label_column!r} column"
+                           + (" (participants.csv is there: BIDS wants the table tab-separated, as participants.tsv)"
+                              if (bids / "participants.csv").is_file() else ""))
     sep = "\t"
     cols, rows = _read_table(table, sep)
+    twice = [c for c in ("participant_id", label_column) if cols.count(c) > 1]
+    if twice:
+        raise ConvertError(f"{table} has the column {twice[0]!r} {cols.count(twice[0])} times (columns {cols}): only "
+                           "the last would be read, and a table pasted from two may pair its ids with another "
+                           "table's rows; keep one column of each name")
     if "participant_id" not in cols or label_column not in cols:
-        raise ConvertError(f"{table} has columns {cols}{_delimiter_hint(cols, sep)}; it needs participant_id "
+        near = [c for c in cols if c.strip().lower() in ("participant_id", label_column.lower())
+                and c not in ("participant_id", label_column)]
+        hint = (f" ({', '.join(map(repr, near))} differs only in case or spaces: BIDS column names are exact)"
+                if near else "")
+        raise ConvertError(f"{table} has columns {cols}{_delimiter_hint(cols, sep)}{hint}; it needs participant_id "
                            f"and {label_column!r} (pick the label column with --label-column)")
     _check_participant_ids(bids, table, rows)
     want = None if not session else session if session.startswith("ses-") else f"ses-{session}"
@@ -445,8 +510,13 @@ def _bids_subject(bids: Path, sid: str, want: str | None, session: str | None, f
         return SubjectSource(sid, label, None, None, origin, table=table)
     folder = bids / sid
     notes: list[str] = []
-    sessions = sorted(p for p in folder.glob("ses-*") if p.is_dir())
+    sessions = sorted((p for p in folder.glob("ses-*") if p.is_dir()), key=natural)
     found_sessions.update(p.name for p in sessions)
+    if sessions:
+        outside = [f for f in _bids_files(folder, bold_task)[:2] if f is not None]
+        if outside:
+            notes.append(f"{_names(outside)} outside its session folders left out: a subject's images are taken "
+                         "from one session folder (move them into the session of their visit)")
     if sessions and want:
         if not (folder / want).is_dir():  # fails in check_sources as a subject without images
             notes.append(f"no {want} folder; its sessions: {', '.join(p.name for p in sessions)}")
@@ -462,8 +532,10 @@ def _bids_subject(bids: Path, sid: str, want: str | None, session: str | None, f
     found = _bids_files(folder, bold_task)
     sidecar, tr_notes = bold_sidecar(found.bold, bids, listings) if found.bold else (None, [])
     other = _sessions_holding(sessions, folder, bold_task) if not (found.t1 and found.bold) else {}
+    wrong = _named_elsewhere(found, sid, folder)
     return SubjectSource(sid, label, found.t1, found.bold, origin, notes + found.notes + tr_notes, sidecar, table,
-                         folder.name if sessions else None, found.bold_refused, other)
+                         folder.name if sessions else None, found.bold_refused, other,
+                         wrong)
 
 
 def _sessions_holding(sessions: list[Path], used: Path, bold_task: str | None) -> dict[str, tuple[str, ...]]:
@@ -536,6 +608,7 @@ def parse_label_map(text: str | None, classes: tuple[str, ...] | list[str]) -> d
                            "give each class once, in order")
     mapping = {c.upper(): c for c in classes}
     mapping.update({k: v for k, v in ADNI_ALIASES.items() if v in classes})
+    given: dict[str, str] = {}
     for item in filter(None, (s.strip() for s in (text or "").split(","))):
         if "=" not in item:
             raise ConvertError(f"label map entry {item!r} must look like RAW=CLASS (e.g. CN=NC)")
@@ -546,7 +619,14 @@ def parse_label_map(text: str | None, classes: tuple[str, ...] | list[str]) -> d
                                "in the table instead")
         if cls not in classes:
             raise ConvertError(f"label map {item!r}: {cls!r} is not one of the classes {list(classes)}")
-        mapping[raw.upper()] = cls
+        if raw.upper() in given and given[raw.upper()] != cls:
+            raise ConvertError(f"label map maps {raw!r} twice ({given[raw.upper()]} and {cls}; labels match in any "
+                               "case); give each raw label one class")
+        own = next((c for c in classes if c.upper() == raw.upper()), None)
+        if own is not None and own != cls:
+            raise ConvertError(f"label map {item!r}: {own} is one of the classes, and would be left without subjects; "
+                               f"to merge it into {cls}, leave it out of --classes as well")
+        given[raw.upper()] = mapping[raw.upper()] = cls
     return mapping
 
 
@@ -578,7 +658,13 @@ def check_sources(sources: list[SubjectSource], label_map: dict[str, str], requi
         if cls is None and s.label is not None:
             fail(f"label {s.label!r} is not a known class; known labels {sorted(label_map)}; {_label_fix(s.label)}")
             continue
+        if s.misplaced is not None:
+            fail(s.misplaced[1], s.misplaced[0])
+            continue
         notes = s.notes
+        if s.label is None and s.table is None and s.origin.startswith("folder "):
+            notes = notes + ["not in participants.tsv: stored unlabeled (if it is listed under another id, e.g. "
+                             "without zero padding, write its folder's name there)"]
         if s.fmri_refused is not None:
             if "fmri" in require or s.t1 is None:
                 t1_only = "; or convert with --require t1 to store its T1 without fMRI" if s.t1 is not None else ""
@@ -587,7 +673,8 @@ def check_sources(sources: list[SubjectSource], label_map: dict[str, str], requi
             notes = notes + [f"stored without fMRI: {s.fmri_refused}"]
         files = {"t1": s.t1, "fmri": s.fmri}
         missing = [m for m in require if files[m] is None]
-        absent = [(m, f) for m, f in files.items() if f is not None and not f.is_file()]
+        absent = [(m, f) for m, f in {**files, "fMRI sidecar": s.fmri_sidecar}.items()
+                  if f is not None and not f.is_file()]
         if not any(files.values()):  # no --require value accepts it: say what can work
             why = f" ({'; '.join(s.notes)})" if s.notes else ""
             where = f"its row from {s.table.name}" if s.table is not None else "it from the input"
@@ -596,13 +683,14 @@ def check_sources(sources: list[SubjectSource], label_map: dict[str, str], requi
             continue
         if missing:
             where = f" in {s.session}{_elsewhere(s, missing)}" if s.session else ""
+            where += f" ({'; '.join(s.notes)})" if s.notes else ""
             fail(f"has no {' and no '.join(missing)} file{where}; add it, or convert with --require "
                  f"{' '.join(m for m in MODALITIES if m not in missing)} to allow this (--require none: every "
                  "subject with the images it has)")
             continue
         if absent:
             m, f = absent[0]
-            fail(f"{m} file {f} does not exist; fix the path", f)
+            fail(f"{m} file {f} {_absence(f)}", f)
             continue
         clash = [(f, shared[_file_id(f)]) for f in files.values() if f is not None and len(shared[_file_id(f)]) > 1]
         if clash:
@@ -616,6 +704,15 @@ def check_sources(sources: list[SubjectSource], label_map: dict[str, str], requi
             paths[FMRI_SIDECAR] = os.path.abspath(s.fmri_sidecar)
         jobs.append(Job(s.subject, cls, paths, notes))
     return jobs, failures
+
+
+def _absence(path: Path) -> str:
+    """Why a listed file cannot be read, and the fix: a broken symbolic link is most often a
+    DataLad / git-annex file whose content was never fetched."""
+    if path.is_symlink():
+        return (f"is a symbolic link to {os.readlink(path)}, which does not exist: if the dataset is a DataLad or "
+                "git-annex one, fetch its content (`datalad get` or `git annex get`), else fix the link")
+    return "does not exist; fix the path"
 
 
 def _label_fix(label: str) -> str:
