@@ -38,6 +38,7 @@ import signal
 import sys
 from pathlib import Path
 
+from masan.files import disk_refusal
 from masan.qc.options import QCError, QCOptions, add_option_arguments
 from masan.qc.report import left_behind, write_report
 from masan.store.publish import Interrupted, stop_signals
@@ -69,6 +70,12 @@ def main(argv: list[str] | None = None) -> int:
         signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
         print(f"qc_report: interrupted by {signal.Signals(signum).name}: {left_behind(args.out)}", file=sys.stderr)
         return 128 + signum
+    except OSError as e:
+        if disk_refusal(e) is None:
+            raise
+        print(f"qc_report: {disk_refusal(e)}: {left_behind(args.out)} once there is space (free it, or pass "
+              "another --out)", file=sys.stderr)
+        return 2
     partial = f"; NOT FINISHED: {res['unfinished']}" if res["unfinished"] else ""
     print(f"wrote {res['index']} ({res['subjects']} subjects, {len(res['flagged'])} flagged; {res['access']})"
           + partial)

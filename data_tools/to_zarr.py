@@ -17,7 +17,8 @@ subjects by class.
 The store is as closed as its most restricted source (e.g. sources 600 -> store 600/700)
 unless --mode/--group share it on purpose. Layout and safety: docs/data-format.md.
 Exit status: 0 all converted, 1 some subjects failed (see STORE/conversion_report.json;
-0 with --allow-failures), 2 the inputs or options are unusable (nothing changed), 130/143
+0 with --allow-failures), 2 the inputs or options are unusable (nothing changed), or the
+store's disk filled up or is read-only (what was converted is kept; nothing pruned), 130/143
 stopped by Ctrl-C/SIGTERM (what was converted is kept: rerun the same command to resume).
 """
 
@@ -47,6 +48,7 @@ from masan.convert.cohort import (
 )
 from masan.convert.registration import DEFAULT_VOXEL_MM, TEMPLATES, TYPES
 from masan.data.contract import ContractError, store_geometry
+from masan.files import disk_refusal
 from masan.store.cohort import MODALITIES, REPORT, CohortStore
 
 
@@ -237,6 +239,13 @@ def main(argv: list[str] | None = None) -> int:
                                     share=share, review=contract_warnings, new_input=args.new_input)
     except (ConvertError, AccessError) as e:
         print(f"to_zarr: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if disk_refusal(e) is None:
+            raise
+        print(f"to_zarr: {disk_refusal(e)}: the conversion stopped; the store keeps what was converted. Free space "
+              f"(or raise the quota, or make it writable) where {args.out} lies, then run the same command again",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:  # an Interrupted from stop_signals, or Ctrl-C while the inputs were read
         signum, done = (e.signum, e.report) if isinstance(e, Interrupted) else (signal.SIGINT, None)

@@ -28,7 +28,7 @@ from launch.slurm import jobs
 from launch.slurm.queue import Queued, never_starts, slurm_state, squeue_states
 from launch.slurm.submission import failure_logs
 from masan.rundir import RunDir, ended_early
-from masan.train.eta import ETA_INTERVALS, duration_text, eta_seconds
+from masan.train.eta import ETA_INTERVALS, duration_text, epoch_fraction, eta_seconds
 from masan.train.runlock import holder_record, local_holders
 from masan.train.stop import EXIT_INTERRUPTED
 
@@ -301,7 +301,7 @@ def run_status(root: Path, run: Path, queued: dict[str, Queued] | None, now: flo
         st.repeat = int(repeat_dir.group(1))
 
     done = None
-    sources = (lambda: _jobs_columns(run, st, queued), lambda: _checkpoint_columns(run, st, now),
+    sources = (lambda: _jobs_columns(run, st, queued), lambda: _checkpoint_columns(run, st, cfg, now),
                lambda: _tb_columns(run, st, cfg, now), lambda: RunDir(run).finished(cfg) if cfg is not None else None)
     for source in sources:
         try:
@@ -320,9 +320,14 @@ def run_status(root: Path, run: Path, queued: dict[str, Queued] | None, now: flo
     if done is None and not _may_be_live(run, st):
         st.eta_s = None  # a stopped run has no end time to promise: it ends when it is started again
         started = st.step is not None or RunDir(run).lock.exists()  # a start takes the lock after its checks
-        if st.slurm == NO_JOB and started:  # started by hand: no exit status was recorded
-            st.add_note("not running (no process on this host holds its run.lock) and not finished: it stopped or "
-                        "failed; run the command that started it again to resume from its newest complete checkpoint")
+        stopped = RunDir(run).stopped_record() if st.slurm in (NO_JOB, jobs.LOCAL_ENDED) else None
+        if stopped is not None:
+            st.add_note(f"stopped on request ({stopped.get('reason')}) at step {stopped['step']}, with a complete "
+                        "checkpoint there; run the command that started it again to resume")
+        elif st.slurm == NO_JOB and started:  # started by hand: no exit status was recorded
+            st.add_note("not running (no process on this host holds its run.lock) and not finished, and it recorded "
+                        "no stop: it crashed or was killed; run the command that started it again to resume from its "
+                        "newest complete checkpoint")
     if done is not None:
         # the DONE record's whole epochs: the last logged fraction of a run whose epochs do not
         # divide into steps (or that resumed on another rank count) stops short of the target
@@ -417,7 +422,7 @@ def _local_failure(record: dict, st: RunStatus) -> None:
                     "started it; run that command again to resume from the newest complete checkpoint")
 
 
-def _checkpoint_columns(run: Path, st: RunStatus, now: float | None) -> None:
+def _checkpoint_columns(run: Path, st: RunStatus, cfg, now: float | None) -> None:
     from masan.train.checkpoint import MARKER, CheckpointManager
 
     ckpt = CheckpointManager(run, keep=1)
@@ -429,14 +434,15 @@ def _checkpoint_columns(run: Path, st: RunStatus, now: float | None) -> None:
         if ckpt.problem(tag) is None:
             state = ckpt.manifest(tag)["state"]
             st.checkpoint, st.step = tag, state["step"]
-            st.phase, st.epochs_done = state["phase"], state["epochs_done"] + _epoch_fraction(run, state)
+            st.phase, st.epochs_done = state["phase"], state["epochs_done"] + _epoch_fraction(run, state, cfg)
             st.checkpoint_age_s = (time.time() if now is None else now) - marker.stat().st_mtime
             break
 
 
-def _epoch_fraction(run: Path, state: dict) -> float:
+def _epoch_fraction(run: Path, state: dict, cfg) -> float:
     """The part of its current epoch a checkpoint saved mid-epoch had done (its ``consumed``
-    samples of the training part in split.json; 0 when either is unknown): a stopped run's epoch
+    samples of the training part in split.json, :func:`masan.train.eta.epoch_fraction` with the
+    samples per step of ``cfg`` and the checkpoint's ranks; 0 when unknown): a stopped run's epoch
     column then stays where the live run's was."""
     consumed = state.get("consumed") or 0
     if not consumed:
@@ -445,7 +451,9 @@ def _epoch_fraction(run: Path, state: dict) -> float:
         train = json.loads(RunDir(run).split.read_text())["train"]
     except (OSError, ValueError, KeyError, TypeError):
         return 0.0
-    return min(consumed / len(train), 1.0) if train else 0.0
+    per_step = (cfg.optim.micro_batch * cfg.optim.grad_accum * int(state.get("dp_world_size") or 1)
+                if cfg is not None else 1)
+    return epoch_fraction(consumed, len(train), per_step)
 
 
 def _tb_columns(run: Path, st: RunStatus, cfg, now: float | None) -> None:

@@ -22,6 +22,7 @@ A failed write removes its temporary file and leaves the old file as it was.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import secrets
@@ -81,3 +82,18 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 def atomic_write_json(path: str | os.PathLike, data: Any, indent: int | None = 1) -> Path:
     """Replace ``path`` with ``data`` as JSON atomically; returns the path."""
     return atomic_write_text(path, json.dumps(data, indent=indent))
+
+
+DISK_REFUSALS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "the disk quota is exceeded",
+                 errno.EROFS: "the file system is read-only"}
+"""Errors of the file system, not of the data: every later write there fails alike until the
+user frees space, raises the quota or remounts; a retry or the next subject cannot help."""
+
+
+def disk_refusal(e: BaseException) -> str | None:
+    """What a write met when the file system refused it (full, over quota, read-only), with the
+    file when the error names one; None for any other error."""
+    if not isinstance(e, OSError) or e.errno not in DISK_REFUSALS:
+        return None
+    return DISK_REFUSALS[e.errno] + (f" writing {e.filename}" if e.filename else "")
+

@@ -57,6 +57,7 @@ import torch
 
 from masan import argtypes
 from masan.config import ConfigError, RunConfig, load_config
+from masan.files import disk_refusal
 from masan.inference import predict_subjects
 from masan.metrics import undefined_note
 from masan.predictions import write_predictions
@@ -440,8 +441,10 @@ def main(argv: list[str] | None = None) -> int:
         metrics = write_access(chosen.store, args.run_dir, args.out,
                                lambda: write_predictions(preds, args.out, names, positive, split=chosen.part))
     except OSError as e:
-        print(f"error: could not write the predictions into --out {args.out} ({e.strerror}: {e.filename}); "
-              "pass a folder you may write, with space, as --out", file=sys.stderr)
+        why = disk_refusal(e) or f"{e.strerror}{f': {e.filename}' if e.filename else ''}"
+        print(f"error: could not write the predictions into --out {args.out} ({why}); its earlier files, if any, "
+              "are as they were: free space there, or pass a folder you may write, with space, as --out",
+              file=sys.stderr)
         return 2
     scores = (f"accuracy {metrics['accuracy']:.3f}, {positive}-vs-rest accuracy {metrics['binary_accuracy']:.3f}"
               if "accuracy" in metrics else "no diagnoses: probabilities only")

@@ -26,6 +26,7 @@ Example (end of training, rank 0)::
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -35,7 +36,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from masan.files import atomic_write_json, atomic_writer
+from masan.files import atomic_writer
 from masan.metrics import prediction_metrics
 from masan.rundir import RunDir
 
@@ -203,13 +204,19 @@ def write_predictions(
             metrics["by_split"][name] = split_metrics(p, names, positive_class)
             rows += prediction_csv_rows(p, name, names)
 
-    with atomic_writer(run.predictions, newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
+    # All three are written and flushed before any replaces its old file: a full disk leaves the
+    # old set whole, never new predictions beside old metrics.
+    with contextlib.ExitStack() as stack:
+        table, weights, summary = (stack.enter_context(atomic_writer(path, mode, **kw)) for path, mode, kw in (
+            (run.predictions, "w", {"newline": ""}), (run.region_weights, "wb", {}), (run.metrics, "w", {})))
+        w = csv.DictWriter(table, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
         w.writeheader()
         w.writerows(rows)
-    with atomic_writer(run.region_weights, "wb") as f:
-        np.save(f, preds.region_weights.astype(np.float32))
-    atomic_write_json(run.metrics, metrics)
+        np.save(weights, preds.region_weights.astype(np.float32))
+        json.dump(metrics, summary, indent=1)
+        for f in (table, weights, summary):
+            f.flush()
+            os.fsync(f.fileno())
     return metrics
 
 

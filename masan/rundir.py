@@ -12,6 +12,8 @@ or added here and nowhere else. Layout (docs/architecture.md explains each file)
     tb/                    TensorBoard events (rank 0)
     progress.json          the last logged intervals (wall time, step, epochs) and loss: what status reads
     STOP                   created by a user: every rank stops at the next step and saves
+    STOPPED                the last start stopped on request with a checkpoint (JSON: step, reason,
+                           time); removed by the next accepted start: status tells a stop from a crash
     predictions.csv        test predictions, end of the run (masan.predictions)
     region_weights.npy     region weights of the test subjects
     metrics.json           test metrics
@@ -70,6 +72,7 @@ class RunDir:
     TB_NAME = "tb"
     PROGRESS_NAME = "progress.json"
     STOP_NAME = "STOP"
+    STOPPED_NAME = "STOPPED"
     PREDICTIONS_NAME = "predictions.csv"
     REGION_WEIGHTS_NAME = "region_weights.npy"
     METRICS_NAME = "metrics.json"
@@ -126,6 +129,19 @@ class RunDir:
     @property
     def stop(self) -> Path:
         return self.root / self.STOP_NAME
+
+    @property
+    def stopped(self) -> Path:
+        """Written when a start stops on request with a complete checkpoint (:meth:`stopped_record`)."""
+        return self.root / self.STOPPED_NAME
+
+    def stopped_record(self) -> dict | None:
+        """The STOPPED record (``step``, ``reason``, ``time``), None when absent or unreadable."""
+        try:
+            record = json.loads(self.stopped.read_text())
+        except (OSError, ValueError):
+            return None
+        return record if isinstance(record, dict) and isinstance(record.get("step"), int) else None
 
     @property
     def predictions(self) -> Path:
@@ -260,5 +276,7 @@ class RunDir:
                                              "target": done_target(cfg), "config": config_to_dict(cfg)}, indent=None)
 
     def reopen(self) -> None:
-        """Remove DONE: a run started again with a changed target is not finished."""
+        """Remove DONE (a run started again with a changed target is not finished) and STOPPED
+        (this start is running)."""
         self.done.unlink(missing_ok=True)
+        self.stopped.unlink(missing_ok=True)

@@ -4,8 +4,11 @@ CheckpointManager does the rest (the DeepSpeed engines themselves: test_train_re
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 
+import pytest
 import torch
 
 from masan.config import config_hash, load_config
@@ -63,3 +66,42 @@ def test_resume_takes_the_newest_complete_intact_checkpoint(tmp_path):
     assert "truncated" in mgr.problem("step_000003")
     got = mgr.resume(_FakeEngine(), cfg, chash)
     assert got.tag == "step_000002" and got.state["step"] == 2
+
+
+class _FullDiskEngine(_FakeEngine):
+    """Writes part of a save, then fails as a full disk makes torch's zip writer fail (``error``)."""
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+    def save_checkpoint(self, save_dir, tag, client_state, save_latest):
+        os.makedirs(f"{save_dir}/{tag}", exist_ok=True)
+        with open(f"{save_dir}/{tag}/mp_rank_00_model_states.pt", "wb") as f:
+            f.write(b"\0" * 1000)
+        raise self.error
+
+
+def test_a_save_on_a_full_disk_says_so_gives_its_space_back_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    mgr, cfg, chash = _saved(tmp_path, [1], keep=3)
+    state = {"phase": "pretrain", "epoch": 0, "consumed": 2, "step": 2, "dp_world_size": 1, "config_hash": chash}
+    cut = mgr.dir / "step_000002.saving"
+    enospc = OSError(errno.ENOSPC, "No space left on device", str(cut / "mp_rank_00_model_states.pt"))
+    with pytest.raises(OSError) as e:
+        mgr.save(_FullDiskEngine(enospc), 2, state, cfg)
+    assert e.value.errno == errno.ENOSPC and not cut.exists()
+
+    torch_says = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 15168 vs 15060")
+    free = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: free._replace(free=4096))  # what a full disk leaves
+    with pytest.raises(OSError) as e:
+        mgr.save(_FullDiskEngine(torch_says), 2, state, cfg)
+    assert e.value.errno == errno.ENOSPC and "unexpected pos" in str(e.value) and e.value.filename == str(cut)
+    assert not cut.exists() and mgr.complete_tags() == ["step_000001"]
+    assert (mgr.dir / POINTER).read_text().strip() == "step_000001"
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: free._replace(free=2**40))  # another failure: as it was
+    with pytest.raises(RuntimeError, match="unexpected pos"):
+        mgr.save(_FullDiskEngine(torch_says), 2, state, cfg)
+    assert cut.exists()
+    mgr._recover()  # the next start removes a save cut short
+    assert not cut.exists() and mgr.complete_tags() == ["step_000001"]

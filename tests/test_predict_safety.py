@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from disks import fill, small_disk
 from masan.train.checkpoint import MARKER, POINTER
 
 pytestmark = pytest.mark.slow  # every test needs a trained run
@@ -422,3 +423,17 @@ def test_a_subject_whose_output_is_not_finite_is_named_not_called_the_first_clas
     assert isinstance(e.value, ConfigError), "a restart cannot cure it: launchers exit 2"
     fine = check_finite(predict(MeanOfInput(), batches[:1] + batches[2:], "cpu", subjects=subjects))
     assert fine.subjects == ["sub-a", "sub-c"]
+
+
+def test_a_full_disk_under_out_leaves_the_earlier_predictions_whole(tmp_path, run, tiny_store):
+    """New predictions.csv beside the old metrics.json and region weights, and nothing said."""
+    with small_disk(tmp_path / "disk", "1m") as disk:
+        out = disk / "pred"
+        assert predict(run, out).returncode == 0
+        before = {p.name: p.read_bytes() for p in out.iterdir()}
+        assert sorted(before) == ["metrics.json", "predictions.csv", "region_weights.npy"]
+        fill(disk, 0)
+        res = predict(run, out, "--store", str(tiny_store))
+        assert res.returncode == 2, res.stdout[-2000:] + res.stderr[-2000:]
+        assert "no space left on the device" in res.stderr and "as they were" in res.stderr, res.stderr
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no temporary file left either

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import zarr
 
+from disks import fill, small_disk
 from masan.access import apply_access
 from masan.qc.report import MARKER
 from masan.store.cohort import LAST_CONVERSION, CohortStore
@@ -120,3 +121,15 @@ def test_a_stopped_report_says_what_it_left_in_one_line_and_a_rerun_replaces_it(
     code, _, err = _run(capsys, store, out, "sub-002")
     assert code == 0, err
     assert sorted(p.name for p in out.iterdir()) == [MARKER, "index.html", "sub-002_fmri.png", "sub-002_views.png"]
+
+
+def test_a_full_disk_under_out_is_one_line_saying_what_was_left(tiny_store, tmp_path, capsys):
+    store = _copy(tiny_store, tmp_path)
+    subjects = CohortStore(store).subjects[:2]
+    with small_disk(tmp_path / "disk", "4m") as disk:
+        out = disk / "qc"
+        fill(disk, 64 * 1024)  # room for the marker, not for the figures
+        code, _, err = _run(capsys, store, out, *subjects)
+        assert code == 2, err
+        assert "no space left on the device" in err and "Traceback" not in err, err
+        assert len(err.strip().splitlines()) == 1, err

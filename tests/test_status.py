@@ -84,9 +84,10 @@ def test_finished_and_unfinished_runs(runs):
     assert done.epochs_done == done.epochs_target == 3
     assert done.checkpoint == f"step_{done.step:06d}" and done.step > 5
     assert done.variant == "MASAN" and done.repeat == 0 and done.slurm == "-" and done.loss is not None
-    # whole epochs when done, though the last logged fraction stops short (it used to show 2.857/3)
+    # whole epochs when done: the epoch fraction counts the samples whole steps use (it read 2 + 6/7
+    # of 3 at the end, one subject rotating out of each epoch, and status's ETA ran long by as much)
     logged = run_status._logged(Path(done.path))[run_status.EPOCH_TAG][-1]
-    assert logged.step == done.step and logged.value == pytest.approx(2 + 6 / 7)
+    assert logged.step == done.step and logged.value == pytest.approx(3)
     events = run_status._scalars(Path(done.path), (run_status.EPOCH_TAG,))[run_status.EPOCH_TAG]
     assert [(e.step, e.value) for e in events[-len(run_status._logged(Path(done.path))[run_status.EPOCH_TAG]):]] \
         == [(e.step, pytest.approx(e.value)) for e in run_status._logged(Path(done.path))[run_status.EPOCH_TAG]], \
@@ -114,7 +115,12 @@ def test_a_stopped_run_shows_no_eta(runs, tmp_path):
     assert rows["ended"].slurm == jobs.LOCAL_ENDED and rows["unowned"].slurm == run_status.NO_JOB
     for row in rows.values():
         assert not row.done and row.eta_s is None and row.step == 5, row
-    assert rows["unowned"].note.startswith("not running (no process on this host holds its run.lock)")
+    for row in rows.values():  # by hand or by submit.py --local, a stop on request is told from a crash
+        assert row.note.startswith("stopped on request (") and "at step 5, with a complete checkpoint" in row.note, row
+    (unowned / "STOPPED").unlink()  # as a crash leaves it
+    assert run_status.run_status(tmp_path, unowned, {}).note.startswith(
+        "not running (no process on this host holds its run.lock) and not finished, and it recorded no stop: it "
+        "crashed or was killed")
 
     # without its TensorBoard log, the checkpoint's own position: 5 of the 7 training subjects of epoch 0
     shutil.rmtree(unowned / "tb")
@@ -373,9 +379,11 @@ def test_a_resumed_runs_tensorboard_log_is_read_without_noise(tmp_path, caplog):
     assert [r.getMessage() for r in caplog.records] == ["any other TensorBoard warning"]
 
 
-def test_progress_json_keeps_the_last_intervals_and_a_resume_drops_what_its_checkpoint_lost(tmp_path):
+def test_progress_json_keeps_the_last_intervals_and_a_resume_starts_them_afresh(tmp_path):
     """status reads progress.json, not every TensorBoard event: it must say what the events say,
-    a resumed run included (killed after step 10, resumed from its step-5 checkpoint)."""
+    a resumed run included (killed after step 20, resumed from its step-15 checkpoint), whose
+    first interval must not be timed from the killed start's last (the downtime read as a slow
+    step: an ETA minutes too long)."""
     from masan.config import load_config
     from masan.train.eta import ETA_INTERVALS
     from masan.train.logging import TrainLogger
@@ -390,9 +398,10 @@ def test_progress_json_keeps_the_last_intervals_and_a_resume_drops_what_its_chec
     assert (logged[run_status.LOSS_TAG][-1].step, logged[run_status.LOSS_TAG][-1].value) == (20, 1.0 / 20)
     resumed = TrainLogger(tmp_path, cfg.log, enabled=True, purge_step=16)
     resumed.progress(17, 1.7, 0.5)
+    assert [e.step for e in run_status._logged(tmp_path)[run_status.EPOCH_TAG]] == [17]
+    resumed.progress(18, 1.8, 0.5)
     resumed.close()
-    steps = [e.step for e in run_status._logged(tmp_path)[run_status.EPOCH_TAG]]
-    assert steps == [*range(20 - ETA_INTERVALS, 16), 17], "the killed start's steps past the checkpoint are gone"
+    assert [e.step for e in run_status._logged(tmp_path)[run_status.EPOCH_TAG]] == [17, 18]
     assert not TrainLogger(tmp_path / "rank1", cfg.log, enabled=False).progress(1, 0.1, 1.0)
     assert not (tmp_path / "rank1").exists()
     blocked = TrainLogger(tmp_path / "gone", cfg.log, enabled=True)  # its folder is missing: the write fails

@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 
 from data_tool import load_tool
+from disks import fill, small_disk
 from masan import access
 from masan.config import load_config
 from masan.convert import nifti
@@ -699,3 +700,27 @@ def test_a_stop_signal_ends_the_conversion_cleanly_and_a_rerun_resumes(many_bids
     assert to_zarr.main(_args(many_bids, out, "--workers", str(workers))) == 0
     assert CohortStore(out).report()["skipped"] == sorted(report["converted"])  # nothing redone
     assert _exact(many_bids, out).unfinished_conversion() is None
+
+
+def test_a_full_store_disk_stops_the_conversion_and_prunes_nothing(tmp_path):
+    """A full disk failed every remaining subject as if its input were bad, and --prune then
+    removed every earlier good subject (they 'failed now')."""
+    bids = _tiny(tmp_path / "bids")
+    with small_disk(tmp_path / "disk", "4m") as disk:
+        out = disk / "s.zarr"
+        assert to_zarr.main(_args(bids, out)) == 0
+        before = {s: _sources(bids, s) for s in CohortStore(out).subjects}
+        filler = fill(disk, 8 * 1024)
+        res = subprocess.run([sys.executable, str(ROOT / "data_tools/to_zarr.py"), *_args(bids, out, "--codec", "zstd",
+                                                                                          "--prune", "--workers", "2")],
+                             capture_output=True, text=True, timeout=300, check=False)
+        assert res.returncode == 2, res.stdout + res.stderr
+        assert "no space left on the device" in res.stderr and "nothing was pruned" in res.stderr, res.stderr
+        assert "Traceback" not in res.stderr
+        store = CohortStore(out)
+        assert store.subjects == sorted(before)  # the earlier conversion, whole
+        for s, (t1, _) in before.items():
+            np.testing.assert_array_equal(store.read_t1(s, normalize=False), t1)
+        filler.unlink()
+        assert to_zarr.main(_args(bids, out, "--codec", "zstd", "--prune")) == 0
+        assert CohortStore(out).subjects == sorted(before)

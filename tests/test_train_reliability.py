@@ -32,6 +32,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from disks import resize, small_disk
 from masan.access import apply_access
 from masan.train.checkpoint import CheckpointManager
 from test_train_run import LAUNCH, REPO, TRAIN_CONFIG, launch, manifests, ok
@@ -224,6 +225,39 @@ def test_read_only_checkpoint_folder_is_refused_at_start(tmp_path, config):
     assert f"{run / 'checkpoints'} is on a read-only file system" in res.stderr, res.stderr[-3000:]
     assert "Traceback" not in res.stderr
     assert sorted(p.name for p in run.iterdir()) == ["checkpoints"]
+
+
+def test_a_full_checkpoint_disk_stops_the_run_in_one_line_and_a_rerun_resumes(tmp_path, config):
+    """Torch reports a full disk as a RuntimeError about zip stream positions: the run said
+    neither disk nor fix, left its cut-short save taking the space, and exit 1 spent a restart."""
+    run = tmp_path / "run"
+    with small_disk(run / "checkpoints", "96k"):
+        res = subprocess.run([sys.executable, str(LAUNCH), "--config", str(config), f"run_dir={run}",
+                              "train.max_steps=2", "checkpoint.every_steps=1"],
+                             capture_output=True, text=True, timeout=300, cwd=REPO, check=False)
+        assert res.returncode == 2, res.stdout[-2000:] + res.stderr[-3000:]
+        assert "no space left on the device writing" in res.stderr and "run the same command again to resume" \
+            in res.stderr, res.stderr[-3000:]
+        assert "Traceback" not in res.stderr
+        assert list((run / "checkpoints").iterdir()) == []  # the cut-short save gave its space back
+        resize(run / "checkpoints", "64m")
+        ok(launch(config, run, "train.max_steps=2", "checkpoint.every_steps=1"), "completed")
+
+
+def test_a_small_dev_shm_is_one_line_naming_num_workers(tmp_path, config):
+    """Containers often give 64 MB of /dev/shm, where loader workers hand batches over: torch's
+    own error named neither the setting nor the fix."""
+    if os.geteuid() != 0:
+        pytest.skip("a private /dev/shm needs root")
+    script = (f"mount -t tmpfs -o size=64k tmpfs /dev/shm && exec {sys.executable} {LAUNCH} --config {config} "
+              f"run_dir={tmp_path / 'run'} data.num_workers=1 data.cache=none train.max_steps=2")
+    res = subprocess.run(["unshare", "-m", "--propagation", "private", "bash", "-c", script], capture_output=True,
+                         text=True, timeout=300, cwd=REPO, check=False)
+    if "mount:" in res.stderr or "unshare:" in res.stderr:
+        pytest.skip(f"cannot give a process its own /dev/shm here ({res.stderr.strip()[:200]})")
+    assert res.returncode == 2, res.stdout[-2000:] + res.stderr[-3000:]
+    assert "data.num_workers=0" in res.stderr and "/dev/shm" in res.stderr, res.stderr[-3000:]
+    assert "Traceback" not in res.stderr
 
 
 def test_a_bad_value_exits_2_naming_the_key(tmp_path, config):

@@ -113,6 +113,7 @@ def test_two_ranks_stop_resume_and_resize(tmp_path, train_config):
     ordinal = ("model.head=ordinal", "data.decision=expected_stage")
     log = ok(launch(train_config, run, *ordinal, nproc=2), "stopped at step 1")
     assert not (run / "STOP").exists(), "the consumed STOP file must be removed"
+    assert json.loads((run / "STOPPED").read_text())["step"] == 1  # status tells this stop from a crash
     [first] = manifests(run)
     assert first["step"] == 1 and first["state"]["dp_world_size"] == 2
     assert first["state"]["training_revision"] == TRAINING_REVISION, "what a later version's resume compares"
@@ -120,7 +121,7 @@ def test_two_ranks_stop_resume_and_resize(tmp_path, train_config):
     assert any("zero_pp_rank_1" in f for f in first["files"]), "rank 1 wrote no optimizer shard"
 
     log = ok(launch(train_config, run, *ordinal, nproc=2), "completed")
-    assert "resumed step_000001" in log
+    assert "resumed step_000001" in log and not (run / "STOPPED").exists()
     assert "FutureWarning" not in log  # torch's deprecation of DeepSpeed's ZeRO all-gather, once per rank
     for f in ("DONE", "predictions.csv", "metrics.json", "region_weights.npy", "config.yaml", "split.json"):
         assert (run / f).is_file(), f
@@ -411,3 +412,34 @@ def test_a_resume_past_train_max_steps_takes_no_step(tmp_path, reference_run, tr
     shutil.copytree(reference_run, run)
     log = ok(launch(train_config, run, "train.max_steps=5", "deterministic=true"), "completed")
     assert "status: completed at step 21" in log and manifests(run)[-1]["step"] == 21, log[-3000:]
+
+
+def test_the_logged_lr_is_the_one_each_step_used_and_each_epoch_logs_its_mean_loss(reference_run):
+    """train/lr was read after the step had moved the schedule on: one step ahead, and each phase's
+    first warm-up rate never appeared; the epoch line gave its last step's loss as the epoch's."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(reference_run / "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    values = {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
+    cfg = yaml.safe_load((reference_run / "config.yaml").read_text())
+    lr, warmup = cfg["optim"]["lr"], cfg["optim"]["warmup_steps"]
+    per_epoch = 7  # steps of an epoch here (TRAIN_CONFIG)
+    for first in (1, per_epoch + 1):  # each phase starts its warm-up: step 1 of it uses lr / warmup
+        assert values["train/lr"][first] == pytest.approx(lr / warmup, rel=1e-6), (first, values["train/lr"])
+    assert values["train/lr"][warmup] == pytest.approx(lr, rel=1e-6)
+    ends = sorted(values["train/epoch_loss"])
+    assert ends == [per_epoch * k for k in (1, 2, 3)]
+    for end in ends:
+        losses = [values["train/total"][s] for s in range(end - per_epoch + 1, end + 1)]
+        assert values["train/epoch_loss"][end] == pytest.approx(sum(losses) / len(losses), rel=1e-5)
+
+
+def test_a_start_from_scratch_over_a_killed_starts_events_logs_no_step_twice(tmp_path, train_config, reference_run):
+    """A run killed before its first checkpoint left events; the next start, from scratch, logged
+    its steps again beside them (steps 1, 2, 1, 2, 3, ... in TensorBoard)."""
+    run = tmp_path / "run"
+    shutil.copytree(reference_run / "tb", run / "tb")  # what such a run leaves: events, no checkpoint
+    ok(launch(train_config, run, "deterministic=true", "train.max_steps=3"), "completed")
+    steps = assert_monotonic(run)
+    assert steps["train/total"] == [1, 2, 3]

@@ -448,6 +448,11 @@ def _convert_locked(root: Any, out: Path, jobs: list[Job], opts: ConvertOptions,
                 flush()
         else:
             report.failed.append(Failure(**result["failure"]))
+            if result.get("disk"):  # every later subject would fail alike, and --prune must not follow
+                raise ConvertError(
+                    f"{result['disk']}: the conversion stopped at subject {result['subject']}; the store keeps the "
+                    f"subjects converted before and its earlier conversions (nothing was pruned). Free space (or "
+                    f"raise the quota, or make it writable) where {out} lies, then run the same command again")
 
     def died(job: Job, why: str) -> None:
         report.failed.append(Failure(job.subject, None, f"{why}; rerun to retry it"))

@@ -29,6 +29,7 @@ from zarr.storage import LocalStore
 from masan.convert import nifti, registration, resample
 from masan.convert.options import ConvertOptions
 from masan.convert.sources import FMRI_SIDECAR, Failure, Job
+from masan.files import disk_refusal
 from masan.store import nifti_zarr, publish
 from masan.store.cohort import MODALITIES, STAGING, StrictLocalStore
 
@@ -425,6 +426,10 @@ def convert_subject(job: Job, store: str, opts: ConvertOptions) -> dict:
         return {"subject": job.subject, "ok": True, "row": row, "warnings": warn + job.notes}
     except Exception as e:  # noqa: BLE001 - any failure fails this subject only, reported with its file
         shutil.rmtree(staging, ignore_errors=True)
+        disk = disk_refusal(e)
+        if disk is not None:  # the store's file system, not this subject: the conversion stops (cohort.py)
+            return {"subject": job.subject, "ok": False, "disk": disk,
+                    "failure": asdict(Failure(job.subject, e.filename, disk))}
         msg = str(e) if isinstance(e, nifti.NiftiError) else f"{type(e).__name__}: {e}"
         return {"subject": job.subject, "ok": False, "failure": asdict(Failure(job.subject, current, msg))}
     finally:

@@ -47,6 +47,7 @@ and :func:`load_model` (the config's model with them, in the run's precision).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import importlib
 import json
@@ -65,7 +66,7 @@ import torch
 from masan import distributed as D
 from masan.config import RunConfig, config_diff, config_from_dict, config_to_dict
 from masan.config import config_hash as fingerprint
-from masan.files import atomic_write_json, atomic_write_text
+from masan.files import atomic_write_json, atomic_write_text, disk_refusal
 from masan.model import build_model
 from masan.model.inputs import PRECISION_DTYPES
 from masan.rundir import RunDir
@@ -76,6 +77,8 @@ MARKER = "COMPLETE"
 POINTER = "latest_complete"
 TAG_RE = re.compile(r"^step_(\d+)$")
 SAVING, REPLACED = ".saving", ".replaced"
+FULL_DISK_BYTES = 64 * 2**20
+"""A file system with less free space than this after a failed save counts as full."""
 """Suffixes of a checkpoint folder being written, and of the complete one of the same step that
 it replaces (for the moment between two renames)."""
 ASIDE_RE = re.compile(rf"^step_\d+({re.escape(SAVING)}|{re.escape(REPLACED)})$")
@@ -263,7 +266,13 @@ class CheckpointManager:
             shutil.rmtree(folder, ignore_errors=True)  # an earlier save of this step cut short
         D.barrier()
         client = dict(state, rng=D.all_gather_objects(rng_state()))
-        engine.save_checkpoint(str(self.dir), tag=folder.name, client_state=client, save_latest=False)
+        try:
+            engine.save_checkpoint(str(self.dir), tag=folder.name, client_state=client, save_latest=False)
+        except Exception as e:
+            full = self._full_disk(e, folder)
+            if full is None:
+                raise
+            raise full from e
         D.barrier()
         mine = {}  # each rank makes its own files durable and hashes them (in parallel, from its page cache)
         for f in sorted(p for p in folder.rglob("*") if p.is_file()):
@@ -282,6 +291,24 @@ class CheckpointManager:
         D.barrier()
         return tag
 
+    def _full_disk(self, e: Exception, folder: Path) -> OSError | None:
+        """For a save that failed because the checkpoints' file system is full (or over quota, or
+        read-only): an OSError saying so, naming ``folder``, which is removed to give its space
+        back (the previous checkpoint stays the newest complete one). torch's zip writer reports a
+        full disk as a RuntimeError about stream positions, so a failed save that leaves less than
+        :data:`FULL_DISK_BYTES` free counts as one. None for any other failure."""
+        if disk_refusal(e) is None:
+            try:
+                free = shutil.disk_usage(self.dir).free
+            except OSError:
+                return None
+            if free >= FULL_DISK_BYTES:
+                return None
+            e = OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} ({free} bytes free after a failed save: "
+                        f"{type(e).__name__}: {str(e)[:200]})", str(folder))
+        shutil.rmtree(folder, ignore_errors=True)
+        return e if isinstance(e, OSError) else None
+
     def _install(self, saved: Path, tag: str) -> None:
         """Rank 0: the marked folder ``saved`` becomes checkpoint ``tag``; a complete one of that
         step is set aside first and deleted only after (a stop between the two renames leaves
@@ -295,10 +322,14 @@ class CheckpointManager:
         shutil.rmtree(aside, ignore_errors=True)
 
     def _recover(self) -> None:
-        """Rank 0, before choosing: finish a replacement that stopped between its two renames
-        (the new marked folder goes in place, else the one set aside goes back)."""
+        """Rank 0, before choosing: remove saves cut short (unmarked), and finish a replacement
+        that stopped between its two renames (the new marked folder goes in place, else the one
+        set aside goes back)."""
         if not self.dir.is_dir():
             return
+        for cut in self.dir.glob("step_*" + SAVING):  # a save cut short: its space back before the next save
+            if not (cut / MARKER).is_file() and not (self.dir / (cut.name[: -len(SAVING)] + REPLACED)).exists():
+                shutil.rmtree(cut, ignore_errors=True)
         for aside in self.dir.glob("step_*" + REPLACED):
             tag = aside.name[: -len(REPLACED)]
             if (self.dir / tag).exists():

@@ -17,6 +17,15 @@ one slow interval (a restart, the first step's compile, an epoch end's evaluatio
 does not dominate it."""
 
 
+def epoch_fraction(consumed: int, n: int, per_step: int) -> float:
+    """How far through its epoch a position of ``consumed`` samples is, 0 to 1, counted over the
+    samples whole optimizer steps use (``n // per_step * per_step`` of the ``n`` training
+    subjects; the rest rotate out of the epoch): its last step reads 1, not 6/7 when one of 7
+    subjects rotates out, so the epoch column and the ETA from it are right."""
+    usable = (n // per_step) * per_step if per_step > 0 else n
+    return min(1.0, consumed / usable) if usable > 0 else 0.0
+
+
 def eta_seconds(step_seconds: Sequence[float], steps_left: float) -> float | None:
     """Seconds until ``steps_left`` more optimizer steps are done.
 

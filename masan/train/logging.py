@@ -2,12 +2,17 @@
 
 Steps are global optimizer steps. After a resume the writer is opened with
 ``purge_step=<resumed step + 1>``: points a killed run logged past its last complete
-checkpoint are dropped (those up to its step were logged before it was saved), so every
-tag's steps increase without duplicates or rewinds. The writer is flushed at each checkpoint
-and closed before the run returns.
+checkpoint are dropped (those up to its step were logged before it was saved), and a start
+from scratch over earlier events (a run killed before its first checkpoint) with
+``purge_step=0``, so every tag's steps increase without duplicates or rewinds for readers
+that apply TensorBoard's purge events (TensorBoard itself; a raw reader of the event files,
+such as tbparse, sees the dropped points too). The writer is flushed at each checkpoint and
+closed before the run returns.
 
-Tags: ``train/<loss term>``, ``train/lr``, ``train/samples_per_s``, ``train/eta_s`` (seconds left
-of the whole run, :mod:`masan.train.eta`), ``train/epoch``,
+Tags: ``train/<loss term>`` (the logged step's loss, over ranks and micro-batches),
+``train/epoch_loss`` (an epoch's mean loss, at its last step; not for the rest of an epoch a
+resume ran), ``train/lr`` (the rate the logged step's update used), ``train/samples_per_s``,
+``train/eta_s`` (seconds left of the whole run, :mod:`masan.train.eta`), ``train/epoch``,
 per logging interval ``train/data_wait_frac`` (the largest share of the interval any rank spent
 waiting for its next batch), ``train/data_wait_s`` and ``train/compute_s`` (seconds, mean over
 ranks) and the peak memory of the interval, largest over ranks (:func:`interval_stats`):
@@ -21,14 +26,13 @@ images. The test part never appears here.
 Beside the events, ``RUN_DIR/progress.json`` holds the last logged intervals (wall time s,
 step, epochs as a fraction) and the last loss: what ``launch/status.py`` needs for its epoch,
 loss and ETA columns, which it would otherwise parse from every event of the run (tens of
-thousands over a long run, a second per few thousand). A resumed run drops the entries past
-its checkpoint as the events' purge does.
+thousands over a long run, a second per few thousand). A resumed run starts the intervals
+afresh, so status times only its own steps (its ETA appears at its second logged interval).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import time
 from pathlib import Path
@@ -87,7 +91,6 @@ class TrainLogger:
         self._open = None
         self._progress_file = RunDir(run_dir).progress if enabled else None
         self._intervals: list | None = None
-        self._purge = purge_step
         if enabled and log_cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -110,18 +113,14 @@ class TrainLogger:
 
     def progress(self, step: int, epochs: float, loss: float) -> None:
         """Record a logged interval in ``progress.json`` (see the module doc): the last
-        ``ETA_INTERVALS + 1`` of ``[wall time s, step, epochs]``, and ``loss`` as
-        ``[wall time s, step, value]``. Entries at or past ``step`` (a killed run's, after a
-        resume) are dropped first."""
+        ``ETA_INTERVALS + 1`` of ``[wall time s, step, epochs]`` of this start, and ``loss`` as
+        ``[wall time s, step, value]``. A start's first entry replaces every earlier one: the
+        time from a stopped start's last interval to a resumed one's first is the downtime
+        and the restart, not training (status would have taken it for a slow step)."""
         if self._progress_file is None:
             return
-        if self._intervals is None:  # a resumed run's: what it logged up to its checkpoint
-            try:
-                logged = json.loads(self._progress_file.read_text())["intervals"]
-                self._intervals = [[float(t), int(s), float(e)] for t, s, e in logged
-                                   if self._purge is not None and s < self._purge]
-            except (OSError, ValueError, KeyError, TypeError):  # none, or not ours: start it afresh
-                self._intervals = []
+        if self._intervals is None:
+            self._intervals = []
         now = time.time()
         self._intervals = [e for e in self._intervals if e[1] < step][-ETA_INTERVALS:] + [[now, step, float(epochs)]]
         try:

@@ -30,6 +30,7 @@ import math
 import sys
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch.utils.data import Dataset, DistributedSampler
@@ -50,7 +51,7 @@ from masan.model.loss import PHASES, class_weights
 from masan.train import revision
 from masan.train.checkpoint import CheckpointManager
 from masan.train.engine import LRSchedule, current_lr, set_schedule_step
-from masan.train.eta import ETA_INTERVALS, duration_text, eta_seconds
+from masan.train.eta import ETA_INTERVALS, duration_text, epoch_fraction, eta_seconds
 from masan.train.gradients import DIVERGED_FIX, Diverged, check_grad_norm, skipped_steps, term_grad_norms
 from masan.train.logging import TrainLogger, interval_stats
 from masan.train.standardize import fit_standardizers
@@ -156,10 +157,10 @@ def train(p: LoopParts, state: TrainState) -> str:
     for phase in PHASES[PHASES.index(state.phase):]:
         state = _start_phase(p, run, state, phase)
         while state.epoch < epochs[phase]:
-            ended, last_loss = _epoch(p, run, state, phase)
+            ended, loss = _epoch(p, run, state, phase)
             if ended:
                 return ended
-            state = _end_epoch(p, run, state, phase, last_loss)
+            state = _end_epoch(p, run, state, phase, loss)
     return "completed"
 
 
@@ -185,6 +186,16 @@ class _Run:
     """Seconds per optimizer step of the recent logged intervals, oldest first (for the ETA)."""
 
 
+class EpochLoss(NamedTuple):
+    """The loss of an epoch as one start ran it: the mean over its ``steps`` (all ranks and
+    micro-batches; nan when none was left), and whether they were the ``whole`` epoch (not a
+    resume's rest of it)."""
+
+    mean: float = math.nan
+    steps: int = 0
+    whole: bool = False
+
+
 @dataclass
 class _Interval:
     """Since the last logged step: its start (time.perf_counter() s), the samples over all ranks
@@ -193,6 +204,8 @@ class _Interval:
     start: float = dataclasses.field(default_factory=time.perf_counter)
     samples: int = 0
     waited: float = 0.0
+    lr: float = math.nan
+    """The learning rate of its last optimizer step (read before the step moves the schedule on)."""
 
 
 def _setup(p: LoopParts, state: TrainState) -> _Run:
@@ -234,13 +247,13 @@ def _start_phase(p: LoopParts, run: _Run, state: TrainState, phase: str) -> Trai
     return state
 
 
-def _epoch(p: LoopParts, run: _Run, state: TrainState, phase: str) -> tuple[str | None, float]:
+def _epoch(p: LoopParts, run: _Run, state: TrainState, phase: str) -> tuple[str | None, EpochLoss]:
     """The steps left of the current epoch (advancing ``state`` in place). Returns (``"stopped"``
-    or ``"max_steps"`` when the run ends inside it, else None; the last step's loss averaged
-    over the ranks, nan when the epoch had no step left). Collective, as every step is."""
+    or ``"max_steps"`` when the run ends inside it, else None; the mean loss of the steps this
+    start ran of it, over all ranks and micro-batches). Collective, as every step is."""
     cfg = p.cfg
     if at_max_steps(cfg, state):
-        return "max_steps", math.nan  # resumed at or past the cap: not one step more (that step's checkpoint exists)
+        return "max_steps", EpochLoss()  # resumed at or past the cap: not one step more (that step's checkpoint exists)
     if phase == "joint" and state.consumed == 0 and refit_due(cfg, state.epoch):
         fit_norms(p)
     run.sampler.set_epoch(state.epochs_done, start=state.consumed)
@@ -249,10 +262,12 @@ def _epoch(p: LoopParts, run: _Run, state: TrainState, phase: str) -> tuple[str 
     n_steps = steps_left(len(p.train_set), state.consumed, run.per_step)
     bar = tqdm(total=n_steps, desc=f"{phase} epoch {state.epoch}", unit="step", leave=False,
                disable=not (p.info.is_main and sys.stderr.isatty()))
-    terms: dict[str, float] = {}
+    whole = state.consumed == 0
+    total = 0.0  # this rank's step losses (each the mean over its micro-batches)
     for i in range(n_steps):
         log_due = (state.step + 1) % cfg.log.every_steps == 0
         terms, norm = _step(p, run, state, phase, batches, interval)
+        total += terms["total"]
         state.step += 1
         state.consumed += run.per_step
         interval.samples += run.per_step
@@ -264,16 +279,17 @@ def _epoch(p: LoopParts, run: _Run, state: TrainState, phase: str) -> tuple[str 
             if p.info.is_main:  # e.g. a STOP file left from before the start: the log says what stopped it
                 log.warning("stopping at step %d: asked by %s; saving a checkpoint", state.step, p.stop.reason)
             save(p, state, run.last_save)
-            return "stopped", math.nan
+            return "stopped", EpochLoss()
         if at_max_steps(cfg, state):
             save(p, state, run.last_save)
-            return "max_steps", math.nan
+            return "max_steps", EpochLoss()
         if i < n_steps - 1 and save_due(cfg, state, run.last_save):  # the epoch-end save follows
             save(p, state, run.last_save)
     bar.close()
-    if n_steps and not log_due:  # a log step's terms are averaged over the ranks already
-        terms = D.mean_over_ranks({"total": terms.get("total", float("nan"))})
-    return None, terms.get("total", float("nan")) if n_steps else float("nan")
+    if not n_steps:
+        return None, EpochLoss()
+    # every rank ran as many steps, so the mean of the ranks' means is the mean over all
+    return None, EpochLoss(D.mean_over_ranks({"total": total / n_steps})["total"], n_steps, whole)
 
 
 def _batch_inputs(p: LoopParts, batch: dict) -> str:
@@ -290,6 +306,7 @@ def _step(p: LoopParts, run: _Run, state: TrainState, phase: str, batches, inter
     terms, averaged over the micro-batches; the gradient norm before clipping, or None)."""
     cfg, engine = p.cfg, p.engine
     terms: dict[str, float] = {}
+    interval.lr = current_lr(engine)  # what this step's optimizer update uses: engine.step() advances it
     bad = None  # this rank's first non-finite loss: every rank stops together (a restart would diverge again)
     for _ in range(cfg.optim.grad_accum):
         t_wait = time.perf_counter()  # blocked on the loader (and the host-to-device copy)
@@ -326,8 +343,8 @@ def _log_interval(p: LoopParts, run: _Run, state: TrainState, terms: dict, norm,
     if skipped and p.info.is_main:
         log.warning("%d optimizer step(s) skipped so far for non-finite gradients", skipped)
     norm_log = {} if norm is None else {"grad_norm": norm}  # this step's, before clipping
-    epochs = state.epochs_done + state.consumed / len(p.train_set)
-    p.logger.scalars({**terms, **norm_log, "lr": current_lr(p.engine), "samples_per_s": rate, "eta_s": eta,
+    epochs = state.epochs_done + epoch_fraction(state.consumed, len(p.train_set), run.per_step)
+    p.logger.scalars({**terms, **norm_log, "lr": interval.lr, "samples_per_s": rate, "eta_s": eta,
                       "skipped_steps": skipped, "epoch": epochs}, state.step)
     p.logger.progress(state.step, epochs, terms["total"])
     line = p.logger.interval(D.all_gather_objects(interval_stats(interval.waited, elapsed, p.info.device)),
@@ -338,15 +355,19 @@ def _log_interval(p: LoopParts, run: _Run, state: TrainState, terms: dict, norm,
     return terms
 
 
-def _end_epoch(p: LoopParts, run: _Run, state: TrainState, phase: str, last_loss: float) -> TrainState:
-    """Count the finished epoch; validation monitoring and the epoch-end save when due."""
+def _end_epoch(p: LoopParts, run: _Run, state: TrainState, phase: str, loss: EpochLoss) -> TrainState:
+    """Count the finished epoch; its mean loss, validation monitoring and the epoch-end save when due."""
     cfg, n_epochs = p.cfg, p.cfg.epochs[phase]
     state = dataclasses.replace(state, epoch=state.epoch + 1, consumed=0, epochs_done=state.epochs_done + 1)
+    if loss.whole:  # a resume's rest of an epoch is not the epoch's mean: logged in words only
+        p.logger.scalars({"epoch_loss": loss.mean}, state.step)
     if p.info.is_main:
-        # nan: no step of it was left (resumed from a checkpoint saved at its last step); a loss that
-        # is not finite stops the run (Diverged) before an epoch can end
-        loss = f"loss {last_loss:.4g}" if math.isfinite(last_loss) else "resumed at its end: no step left"
-        log.info("%s epoch %d/%d done at step %d (%s)", phase, state.epoch, n_epochs, state.step, loss)
+        # no step: resumed from a checkpoint saved at its last step; a loss that is not finite stops
+        # the run (Diverged) before an epoch can end
+        said = ("resumed at its end: no step left" if not loss.steps else
+                f"mean loss {loss.mean:.4g} over its {loss.steps} steps" if loss.whole else
+                f"mean loss {loss.mean:.4g} over its last {loss.steps} steps, run since the resume")
+        log.info("%s epoch %d/%d done at step %d (%s)", phase, state.epoch, n_epochs, state.step, said)
     if phase == "joint" and cfg.log.eval_every_epochs and state.epoch % cfg.log.eval_every_epochs == 0:
         monitor_val(p, state.step)
     # the same decision on every rank: save_due is collective, the rest is config and state

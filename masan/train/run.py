@@ -21,13 +21,16 @@ to the same mode (and the store's group) once the start is accepted.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
 import logging
 import os
 import random
+import shutil
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +47,7 @@ from masan.access import (
     write_refusal,
 )
 from masan.config import ConfigError, RunConfig, config_hash, save_config, unused_inputs, validate_for_training
-from masan.files import atomic_write_json
+from masan.files import atomic_write_json, disk_refusal
 from masan.predictions import write_predictions
 from masan.rundir import RunDir
 from masan.train.checkpoint import CheckpointManager, ResumeError, set_rng_state
@@ -58,8 +61,16 @@ log = logging.getLogger(__name__)
 
 SPLIT_KEYS = ("repeat", "seed", "test_fraction", "val_fraction")
 """The split settings a saved split.json records (:class:`masan.data.splits.Split`)."""
+
+
+class DiskRefused(ConfigError):
+    """The run directory's file system refused a write (full, over quota, read-only): a restart
+    would fail alike until the user frees space, so launchers do not restart it."""
+
+
 USER_ERRORS = (ConfigError, ResumeError)
-"""Errors of the input, not of the machine: launchers exit 2 and never restart them."""
+"""Errors of the input, not of the machine: launchers exit 2 and never restart them (a full
+disk under the run directory among them: :class:`DiskRefused`)."""
 
 
 @dataclass
@@ -253,6 +264,14 @@ def _datasets(cfg: RunConfig, pre: Preflight):
     return dataset(split.train), (dataset(split.val) if split.val else None), dataset(split.test)
 
 
+def _shm_free() -> str:
+    """Free space of /dev/shm, where DataLoader workers hand their batches over, for a message."""
+    try:
+        return f"{shutil.disk_usage('/dev/shm').free / 2**20:.0f} MiB free in /dev/shm"
+    except OSError:
+        return "no /dev/shm"
+
+
 def run_training(cfg: RunConfig, stop: StopRequest | None = None) -> TrainOutcome:
     """Train one run (see docs/architecture.md); collective over all ranks of the process group.
 
@@ -271,10 +290,20 @@ def run_training(cfg: RunConfig, stop: StopRequest | None = None) -> TrainOutcom
     try:
         _on_main(info, take_existing_folder)
         outcome = _run(cfg, stop, info, lock)
-    except BaseException:
+    except BaseException as e:
         lock.release()
         if created_group:
             D.shutdown()
+        why = disk_refusal(e)
+        if why is not None:
+            raise DiskRefused(f"{why}: training stopped; its last complete checkpoint is intact. Free space (or "
+                              f"raise the quota, or make it writable) where run_dir={cfg.run_dir} lies, then run the "
+                              "same command again to resume") from e
+        if isinstance(e, RuntimeError) and "shared memory" in str(e) and cfg.data.num_workers:
+            raise DiskRefused(f"the data loader's workers could not get shared memory ({str(e).splitlines()[-1]}; "
+                              f"{_shm_free()}): training stopped. Set data.num_workers=0 (items read in the rank), "
+                              "or give the job a larger /dev/shm (containers: --shm-size), then run the same command "
+                              "again to resume") from e
         raise
     lock.release()
     if created_group:
@@ -429,9 +458,11 @@ def _train(cfg: RunConfig, stop: StopRequest, info: D.DistInfo, ckpt: Checkpoint
     elif info.is_main:
         log.info("no complete checkpoint in %s: starting from scratch", rd.checkpoints)
 
+    # points up to the checkpoint's step were logged before it was saved; a start from scratch
+    # drops every point an earlier start logged (killed before its first checkpoint)
+    earlier = rd.tb.is_dir() and any(rd.tb.iterdir())
     logger = TrainLogger(run_dir, cfg.log, enabled=info.is_main,
-                         # points up to the checkpoint's step were logged before it was saved
-                         purge_step=state.step + 1 if resumed is not None else None)
+                         purge_step=state.step + 1 if resumed is not None else 0 if earlier else None)
     if resumed is None:
         logger.hparams(cfg)
     parts = LoopParts(cfg=cfg, info=info, engine=engine, schedule=schedule, train_set=train_set,
@@ -443,6 +474,9 @@ def _train(cfg: RunConfig, stop: StopRequest, info: D.DistInfo, ckpt: Checkpoint
         if status == "stopped":
             if info.is_main:
                 stop.clear_file()
+                with contextlib.suppress(OSError):  # only status reads it
+                    atomic_write_json(rd.stopped, {"step": state.step, "reason": stop.reason or "a stop request",
+                                                   "time": datetime.now().astimezone().isoformat(timespec="seconds")})
             return TrainOutcome("stopped", state.step, state.epochs_done, str(run_dir))
         finish(parts, state, test_set)
         return TrainOutcome("completed", state.step, state.epochs_done, str(run_dir))

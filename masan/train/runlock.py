@@ -121,6 +121,10 @@ class RunLock:
             return False
         except PermissionError:
             return False  # the start's writability check refuses it, naming the folder
+        except OSError as e:
+            if e.errno != errno.EROFS:
+                raise
+            return False  # a read-only file system: the same check names it
         self._lock(fd)
         return self.held
 
