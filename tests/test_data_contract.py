@@ -117,7 +117,7 @@ def test_subjects_without_a_diagnosis_are_stored_for_prediction_and_left_out_of_
         subjects, labels, _ = select_subjects(store, cfg)
     assert subjects == ["sub-0", "sub-1"] and "no diagnosis" in str(caught[0].message)
     with warnings.catch_warnings():
-        warnings.simplefilter("error")
+        warnings.simplefilter("error", UserWarning)  # ours, not a library's deprecations
         subjects, labels, _ = select_subjects(store, cfg, unlabeled=True)
     assert subjects == ["sub-0", "sub-1", "sub-2"] and labels == [0, 1, UNLABELED]
 

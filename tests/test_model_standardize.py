@@ -186,5 +186,5 @@ def test_a_fit_that_fails_part_way_leaves_the_statistics_and_stops_accumulating(
     with pytest.raises(RuntimeError, match="outside begin_fit"):
         probe.norm.sums()
     with warnings.catch_warnings():
-        warnings.simplefilter("error")
+        warnings.simplefilter("error", UserWarning)  # ours, not a library's deprecations
         probe(t1=torch.randn(2, 1, 2, 3, 1))  # an ordinary forward afterwards

@@ -47,13 +47,16 @@ and :func:`load_model` (the config's model with them, in the run's precision).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import importlib
+import importlib.metadata
 import json
 import logging
 import os
 import pickle
+import platform
 import random
 import re
 import shutil
@@ -157,6 +160,20 @@ class Resumed:
     world_changed: bool
     note: str
     """Human-readable summary of what was restored and what was reset."""
+
+
+VERSIONED = ("python", "torch", "deepspeed", "numpy", "zarr")
+"""What a checkpoint records of the environment that wrote it (:func:`library_versions`)."""
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of Python and the libraries whose numbers a run's results depend on: recorded in
+    every checkpoint's manifest, and named at a resume in an environment rebuilt since."""
+    out = {"python": platform.python_version()}
+    for name in VERSIONED[1:]:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            out[name] = importlib.metadata.version(name)
+    return out
 
 
 def past_target(state: dict, before: RunConfig | None, cfg: RunConfig) -> str | None:
@@ -283,7 +300,8 @@ class CheckpointManager:
         gathered = D.all_gather_objects(mine)
         if self.rank == 0:
             files = dict(sorted(kv for part in gathered for kv in part.items()))
-            manifest = {"tag": tag, "step": step, "files": files, "state": state, "config": config_to_dict(cfg)}
+            manifest = {"tag": tag, "step": step, "files": files, "state": state, "config": config_to_dict(cfg),
+                        "versions": library_versions()}
             atomic_write_json(folder / MARKER, manifest)
             self._install(folder, tag)
             atomic_write_text(self.dir / POINTER, tag + "\n")
@@ -466,6 +484,10 @@ class CheckpointManager:
                 note = f"resumed {tag}: weights, Adam state, position, LR schedule and per-rank RNG states"
             if changed:  # rank 0's, which alone logs the note
                 note += "; settings changed since it was written: " + ", ".join(changed)
+            then, now = self.manifest(tag).get("versions") or {}, library_versions()
+            moved = [f"{k} {then[k]} -> {now[k]}" for k in now if k in then and then[k] != now[k]]
+            if moved:  # a rebuilt environment: the numbers may differ from an unbroken run's
+                note += "; written under other library versions: " + ", ".join(moved)
             return Resumed(tag=tag, state=client, world_changed=world_changed, note=note)
 
 
