@@ -230,7 +230,7 @@ def train_runs(args: argparse.Namespace, jobs: list[tuple[int, str]], run_dirs: 
     code = code_fingerprint()
     results: dict[tuple[int, str], dict] = {}
     with ThreadPoolExecutor(args.jobs) as pool:
-        futures = {pool.submit(train, commands[job], run_dirs[job], cohort, env, hashes[job], code): job
+        futures = {pool.submit(train, commands[job], run_dirs[job], cohort, env, hashes[job], code, args.work): job
                    for job in jobs}
         for fut in as_completed(futures):
             r, v = futures[fut]

@@ -115,18 +115,36 @@ def code_fingerprint() -> str:
     return digest.hexdigest()
 
 
-def train(cmd: list[str], run_dir: Path, cohort: dict, env: dict, cfg_hash: str, code: str) -> dict:
-    """Train one run: skipped when it finished before with the same command, resolved config
+def portable(cmd: list[str], work: Path | None) -> list[str]:
+    """``cmd`` as a run's stamp compares it: the work folder written ``<work>`` and the repository
+    ``<repo>``, so a work folder moved (copied to another node) or trained from another clone is
+    the same command, as its config hash already says (it leaves paths out)."""
+    places = [(str(REPO), "<repo>")] + ([(str(work), "<work>"), (str(work.resolve()), "<work>")] if work else [])
+    places.sort(key=lambda place: -len(place[0]))  # the work folder may lie inside the repository
+    out = []
+    for arg in cmd:
+        for path, name in places:
+            arg = arg.replace(path, name)
+        out.append(arg)
+    return out
+
+
+def train(cmd: list[str], run_dir: Path, cohort: dict, env: dict, cfg_hash: str, code: str,
+          work: Path | None = None) -> dict:
+    """Train one run: skipped when it finished before with the same command (:func:`portable`
+    under ``work``: paths do not count), resolved config
     (``cfg_hash``: :func:`masan.config.config_hash`, so the config file and the code's defaults
     count), training code (``code``: :func:`code_fingerprint`) and cohort; resumed when it was
     interrupted; started afresh when one of them changed (or the run dir was not made by this
     benchmark: its checkpoints would refuse the config).
 
     Returns {"status": "trained" | "cached" | "failed", "minutes": training minutes so far}."""
-    stamp = {"command": cmd[1:], "config_hash": cfg_hash, "code": code, "cohort": cohort}
+    stamp = {"command": portable(cmd[1:], work), "config_hash": cfg_hash, "code": code, "cohort": cohort}
     run = RunDir(run_dir)
     stamp_file = run.bench_stamp
     old = json.loads(stamp_file.read_text()) if stamp_file.is_file() else None
+    if old is not None and isinstance(old.get("command"), list):  # a stamp of before paths were written portably
+        old["command"] = portable([str(a) for a in old["command"]], work)
     if run_dir.exists() and (old is None or {k: old.get(k) for k in stamp} != stamp):
         lock = RunLock(run_dir)
         try:

@@ -108,12 +108,14 @@ def test_a_save_on_a_full_disk_says_so_gives_its_space_back_and_keeps_the_last_c
     assert not cut.exists() and mgr.complete_tags() == ["step_000001"]
 
 
-def test_a_checkpoint_records_the_libraries_that_wrote_it_and_a_resume_names_a_change(tmp_path):
+def test_a_checkpoint_records_the_environment_that_wrote_it_and_a_resume_names_a_change(tmp_path):
     mgr, cfg, chash = _saved(tmp_path, [1], keep=3)
     manifest = mgr.manifest("step_000001")
-    assert manifest["versions"]["torch"] == torch.__version__ and "deepspeed" in manifest["versions"]
-    assert "library versions" not in mgr.resume(_FakeEngine(), cfg, chash).note
-    manifest["versions"]["torch"] = "2.0.0"  # as if the environment was rebuilt since
+    assert manifest["environment"]["torch"] == torch.__version__ and "deepspeed" in manifest["environment"]
+    assert manifest["environment"]["cpu_threads"] == torch.get_num_threads()
+    assert "another environment" not in mgr.resume(_FakeEngine(), cfg, chash).note
+    manifest["environment"].update(torch="2.0.0", cpu_threads=torch.get_num_threads() + 1)  # as on another node
     (mgr.dir / "step_000001" / MARKER).write_text(json.dumps(manifest))
     note = mgr.resume(_FakeEngine(), cfg, chash).note
-    assert f"written under other library versions: torch 2.0.0 -> {torch.__version__}" in note, note
+    assert (f"written under another environment: cpu_threads {torch.get_num_threads() + 1} -> "
+            f"{torch.get_num_threads()}, torch 2.0.0 -> {torch.__version__}") in note, note

@@ -411,9 +411,18 @@ def test_runs_and_sessions_are_taken_in_natural_order(tmp_path):
             shutil.copy(next((sub / m).glob("*.nii.gz")), target)
     for m in ("anat", "func"):
         shutil.rmtree(sub / m)
+    ties = bids / "sub-003"  # equal as numbers: the name decides, whatever order the folder lists them in
+    for visit in ("1", "01"):
+        for m, name in (("anat", "T1w"), ("func", "task-rest_bold")):
+            (ties / f"ses-{visit}" / m).mkdir(parents=True)
+            target = ties / f"ses-{visit}" / m / f"sub-003_ses-{visit}_{name}.nii.gz"
+            shutil.copy(next((ties / m).glob("*.nii.gz")), target)
+    for m in ("anat", "func"):
+        shutil.rmtree(ties / m)
     jobs, failed = _check(bids)
     assert not failed, failed
     assert Path(jobs["sub-001"].sources["t1"]).name == "sub-001_run-2_T1w.nii.gz"
+    assert Path(jobs["sub-003"].sources["t1"]).name == "sub-003_ses-01_T1w.nii.gz"
     assert Path(jobs["sub-002"].sources["t1"]).name == "sub-002_ses-M12_T1w.nii.gz"
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -426,3 +427,25 @@ def test_the_table_says_when_its_cohort_chose_the_presets_settings():
         assert ("Not a held-out result" in header) is not held_out, header
     easy = science.parse_args(["--preset", "easy", *shapes])
     assert "held-out" not in science.table_header(easy, planted, {"masan": easy.repeats}, "argmax")
+
+
+def test_a_moved_work_folder_keeps_its_finished_runs(tmp_path, capsys):
+    """A run's stamp held the work folder's absolute paths: a work folder copied to another node
+    (or trained from another clone) deleted every finished run and trained it again."""
+    from masan.rundir import RunDir
+
+    def finish_in(work: Path) -> tuple[list[str], Path]:
+        run_dir = work / "runs" / "masan" / "r0"
+        write = f"import pathlib; pathlib.Path({str(run_dir / 'predictions.csv')!r}).write_text('done')"
+        return [sys.executable, "-c", write, f"run_dir={run_dir}", f"data.cache_dir={work / 'cache'}"], run_dir
+
+    cmd, run_a = finish_in(tmp_path / "a")
+    assert training.train(cmd, run_a, {}, dict(os.environ), "h", "c", tmp_path / "a")["status"] == "trained"
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    cmd, run_b = finish_in(tmp_path / "b")
+    assert training.train(cmd, run_b, {}, dict(os.environ), "h", "c", tmp_path / "b")["status"] == "cached"
+    assert "starting it afresh" not in capsys.readouterr().out and RunDir(run_b).predictions.is_file()
+    cmd, run_c = finish_in(tmp_path / "b")
+    assert training.train([*cmd, "optim.lr=1"], run_c, {}, dict(os.environ), "h", "c", tmp_path / "b")["status"] \
+        == "trained"  # another command is still another run
+    assert "starting it afresh" in capsys.readouterr().out

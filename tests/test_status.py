@@ -115,6 +115,14 @@ def test_a_stopped_run_shows_no_eta(runs, tmp_path):
     assert rows["ended"].slurm == jobs.LOCAL_ENDED and rows["unowned"].slurm == run_status.NO_JOB
     for row in rows.values():
         assert not row.done and row.eta_s is None and row.step == 5, row
+    # a pid is reused: a recorded exit ends the job whatever process holds its pid now
+    reused = tmp_path / "reused"
+    shutil.copytree(ended, reused)
+    jobs.record_job(reused, str(os.getpid()), "local", "(this terminal)")  # this live process: the pid's new owner
+    assert jobs.active_jobs(reused) == [(str(os.getpid()), jobs.LOCAL_RUNNING)]
+    jobs.record_event(reused, str(os.getpid()), jobs.EXITED, code=0)  # as local_runs.py records the run's end
+    assert jobs.active_jobs(reused) == []
+    assert run_status.run_status(tmp_path, reused, {}).slurm == jobs.LOCAL_ENDED
     for row in rows.values():  # by hand or by submit.py --local, a stop on request is told from a crash
         assert row.note.startswith("stopped on request (") and "at step 5, with a complete checkpoint" in row.note, row
     (unowned / "STOPPED").unlink()  # as a crash leaves it

@@ -242,6 +242,10 @@ def record_event(run_dir: str | Path, job_id: str, event: str, **extra) -> None:
     """Append an event (``started``, ``requeued``, ``restarted``, ...) to jobs.json."""
     with _locked_record(Path(run_dir)) as rec:
         rec["events"].append({"time": _now(), "job_id": str(job_id), "event": event, **extra})
+        if event == EXITED:  # on the job too: its pid may be another process's by the time anyone asks
+            for job in rec["jobs"]:
+                if job["job_id"] == str(job_id) and job["kind"] == "local":
+                    job["exited"] = extra.get("code")
 
 
 def record_restart(run_dir: str | Path, job_id: str, after: str, restart: int, **why) -> None:
@@ -280,7 +284,9 @@ def final_end(record: dict, job_id: str) -> tuple[str, str] | None:
 
 
 def _local_alive(job: dict) -> bool:
-    if job.get("host") != socket.gethostname():
+    """Whether a local run's process still runs: not recorded as exited, and its pid alive on
+    this host (a pid alone is reused: a finished run looked alive, and submit.py refused it)."""
+    if "exited" in job or job.get("host") != socket.gethostname():
         return False  # cannot tell from here; a local run elsewhere does not block
     try:
         os.kill(int(job["job_id"]), 0)

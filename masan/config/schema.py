@@ -441,7 +441,10 @@ class RunConfig:
     seed: int = 0
     """Seeds model init, dropout and data order (per epoch: seed + epoch)."""
     deterministic: bool = False
-    """Deterministic algorithms and data order (bit-identical resume on the same hardware)."""
+    """Deterministic algorithms and data order (bit-identical resume on the same hardware with the
+    same number of CPU threads per rank: the launcher gives each rank the cores it may use unless
+    OMP_NUM_THREADS says otherwise, and reductions split over another thread count round
+    differently; checkpoints record the count, and a resume under another names it)."""
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)

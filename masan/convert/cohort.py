@@ -100,6 +100,7 @@ class Report:
 
     def to_json(self) -> dict:
         d = asdict(self)
+        d["converted"] = sorted(self.converted)  # not the order the workers finished in
         d["failed"] = [asdict(f) for f in self.failed]
         return d
 

@@ -162,15 +162,17 @@ class Resumed:
     """Human-readable summary of what was restored and what was reset."""
 
 
-VERSIONED = ("python", "torch", "deepspeed", "numpy", "zarr")
-"""What a checkpoint records of the environment that wrote it (:func:`library_versions`)."""
+VERSIONED = ("torch", "deepspeed", "numpy", "zarr")
+"""The libraries whose versions a checkpoint records (:func:`environment`)."""
 
 
-def library_versions() -> dict[str, str]:
-    """Versions of Python and the libraries whose numbers a run's results depend on: recorded in
-    every checkpoint's manifest, and named at a resume in an environment rebuilt since."""
-    out = {"python": platform.python_version()}
-    for name in VERSIONED[1:]:
+def environment() -> dict[str, str | int]:
+    """What a run's numbers depend on beyond its config and code: the versions of Python and
+    :data:`VERSIONED`, and this rank's CPU threads (reductions split over another count round
+    differently, ``deterministic`` or not). Recorded in every checkpoint's manifest; a resume
+    under another names what changed."""
+    out: dict[str, str | int] = {"python": platform.python_version(), "cpu_threads": torch.get_num_threads()}
+    for name in VERSIONED:
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             out[name] = importlib.metadata.version(name)
     return out
@@ -301,7 +303,7 @@ class CheckpointManager:
         if self.rank == 0:
             files = dict(sorted(kv for part in gathered for kv in part.items()))
             manifest = {"tag": tag, "step": step, "files": files, "state": state, "config": config_to_dict(cfg),
-                        "versions": library_versions()}
+                        "environment": environment()}
             atomic_write_json(folder / MARKER, manifest)
             self._install(folder, tag)
             atomic_write_text(self.dir / POINTER, tag + "\n")
@@ -484,10 +486,10 @@ class CheckpointManager:
                 note = f"resumed {tag}: weights, Adam state, position, LR schedule and per-rank RNG states"
             if changed:  # rank 0's, which alone logs the note
                 note += "; settings changed since it was written: " + ", ".join(changed)
-            then, now = self.manifest(tag).get("versions") or {}, library_versions()
+            then, now = self.manifest(tag).get("environment") or {}, environment()
             moved = [f"{k} {then[k]} -> {now[k]}" for k in now if k in then and then[k] != now[k]]
-            if moved:  # a rebuilt environment: the numbers may differ from an unbroken run's
-                note += "; written under other library versions: " + ", ".join(moved)
+            if moved:  # the numbers may differ from an unbroken run's, deterministic or not
+                note += "; written under another environment: " + ", ".join(moved)
             return Resumed(tag=tag, state=client, world_changed=world_changed, note=note)
 
 
