@@ -77,7 +77,8 @@ def _run_locally(specs: list[RunSpec], res: Resources, max_restarts: int, stop: 
         elif spec.done() is None:
             failed.append(spec.run_dir)
     for d in refused:
-        _say(f"run REFUSED: {d} (see the error above; fix it and run again)")
+        _say(f"run REFUSED: {d} (its config, resume or run directory, or a full disk: see the error above; fix it and "
+             "run again)")
     for d in stopped:
         _say(f"run STOPPED: {d} (on request; run the same command again to resume from its last checkpoint)")
     for d in failed:

@@ -412,8 +412,9 @@ def _local_failure(record: dict, st: RunStatus) -> None:
     if code is None or code in (0, EXIT_INTERRUPTED):  # done, stopped (a second Ctrl-C too), or unknown
         return
     if code == jobs.EXIT_REFUSED:
-        st.add_note(f"local run {st.job_id} was refused at its start (exit {code}: a config, resume or run-directory "
-                    "error, printed by the command that started it); fix it and run that command again")
+        st.add_note(f"local run {st.job_id} was refused (exit {code}: a config, resume or run-directory error at its "
+                    "start, or a full or read-only disk later, printed by the command that started it); fix it and "
+                    "run that command again")
     elif code == jobs.EXIT_DIVERGED:
         st.add_note(f"local run {st.job_id} diverged (exit {code}; its error, in the output of the command that "
                     "started it, says what to change): resumed, it would diverge again, so train in a new run_dir")

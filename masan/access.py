@@ -10,7 +10,7 @@ readable than the NIfTI files it came from, whatever the user's umask. The polic
   does not let through.
 - :func:`creation_umask` keeps every file created while writing at most that open, so no
   file is ever briefly world-readable.
-- :func:`tighten` (:func:`apply_access` without its report) sets the mode (directories get
+- :func:`tighten` (:func:`apply_access` with a report) sets the mode (directories get
   ``x`` where they have ``r``) and the group on a whole tree in one walk, and lists what was
   more open before; directories get set-gid so files created later inherit the group.
 - :func:`more_open_than` lists the paths of an existing tree that are more open (warnings).
@@ -230,10 +230,12 @@ def tighten(root: str | os.PathLike, file_mode: int, gid: int | None = None,
     root = Path(root)
     try:
         return _tighten(root, file_mode, gid, settled)
-    except PermissionError:
-        if gid is None:
-            raise
-    return _tighten(root, file_mode & ~0o070, None, settled)
+    except _NotMember:
+        return _tighten(root, file_mode & ~0o070, None, settled)
+
+
+class _NotMember(Exception):
+    """chown to the requested group was refused: this user is not a member of it."""
 
 
 def _tighten(root: Path, file_mode: int, gid: int | None, settled: Iterable[Path]
@@ -244,7 +246,10 @@ def _tighten(root: Path, file_mode: int, gid: int | None, settled: Iterable[Path
         if _more_open(st, file_mode, gid):
             loose.append(p)
         if gid is not None and st.st_gid != gid:
-            os.chown(p, -1, gid, follow_symlinks=False)  # PermissionError: not a member of gid
+            try:
+                os.chown(p, -1, gid, follow_symlinks=False)
+            except PermissionError:  # only this means "not a member": a refused chmod is raised as it is
+                raise _NotMember from None
         want = dmode if stat.S_ISDIR(st.st_mode) else file_mode
         if stat.S_IMODE(st.st_mode) != want:
             os.chmod(p, want)  # after chown, which clears a directory's set-gid for non-members

@@ -212,7 +212,9 @@ def write_predictions(
         w = csv.DictWriter(table, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
         w.writeheader()
         w.writerows(rows)
-        np.save(weights, preds.region_weights.astype(np.float32))
+        npy = io.BytesIO()  # np.save's own writes report a full disk without its errno
+        np.save(npy, preds.region_weights.astype(np.float32))
+        weights.write(npy.getvalue())
         json.dump(metrics, summary, indent=1)
         for f in (table, weights, summary):
             f.flush()

@@ -13,7 +13,8 @@ or added here and nowhere else. Layout (docs/architecture.md explains each file)
     progress.json          the last logged intervals (wall time, step, epochs) and loss: what status reads
     STOP                   created by a user: every rank stops at the next step and saves
     STOPPED                the last start stopped on request with a checkpoint (JSON: step, reason,
-                           time); removed by the next accepted start: status tells a stop from a crash
+                           time); removed by the next accepted start (ignored once a later start took
+                           run.lock): status tells a stop from a crash
     predictions.csv        test predictions, end of the run (masan.predictions)
     region_weights.npy     region weights of the test subjects
     metrics.json           test metrics
@@ -136,9 +137,13 @@ class RunDir:
         return self.root / self.STOPPED_NAME
 
     def stopped_record(self) -> dict | None:
-        """The STOPPED record (``step``, ``reason``, ``time``), None when absent or unreadable."""
+        """The STOPPED record (``step``, ``reason``, ``time``); None when absent, unreadable, or
+        older than the run lock's record: a later start took the lock (it writes its record there
+        before anything that may fail) and did not get as far as removing STOPPED."""
         try:
             record = json.loads(self.stopped.read_text())
+            if self.lock.is_file() and self.lock.stat().st_mtime > self.stopped.stat().st_mtime:
+                return None
         except (OSError, ValueError):
             return None
         return record if isinstance(record, dict) and isinstance(record.get("step"), int) else None

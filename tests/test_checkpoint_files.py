@@ -4,14 +4,15 @@ CheckpointManager does the rest (the DeepSpeed engines themselves: test_train_re
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
-import shutil
 
 import pytest
 import torch
 
+from disks import fill, small_disk
 from masan.config import config_hash, load_config
 from masan.train.checkpoint import MARKER, POINTER, CheckpointManager
 
@@ -77,35 +78,40 @@ class _FullDiskEngine(_FakeEngine):
 
     def save_checkpoint(self, save_dir, tag, client_state, save_latest):
         os.makedirs(f"{save_dir}/{tag}", exist_ok=True)
-        with open(f"{save_dir}/{tag}/mp_rank_00_model_states.pt", "wb") as f:
-            f.write(b"\0" * 1000)
+        with contextlib.suppress(OSError), open(f"{save_dir}/{tag}/mp_rank_00_model_states.pt", "wb") as f:
+            f.write(b"\0" * 1000)  # what fits (torch's writer keeps the errno of what does not to itself)
         raise self.error
 
 
-def test_a_save_on_a_full_disk_says_so_gives_its_space_back_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+def test_a_save_on_a_full_disk_says_so_gives_its_space_back_and_keeps_the_last_checkpoint(tmp_path):
+    def state(step):
+        return {"phase": "pretrain", "epoch": 0, "consumed": step, "step": step, "dp_world_size": 1,
+                "config_hash": chash}
+
     mgr, cfg, chash = _saved(tmp_path, [1], keep=3)
-    state = {"phase": "pretrain", "epoch": 0, "consumed": 2, "step": 2, "dp_world_size": 1, "config_hash": chash}
     cut = mgr.dir / "step_000002.saving"
     enospc = OSError(errno.ENOSPC, "No space left on device", str(cut / "mp_rank_00_model_states.pt"))
     with pytest.raises(OSError) as e:
-        mgr.save(_FullDiskEngine(enospc), 2, state, cfg)
+        mgr.save(_FullDiskEngine(enospc), 2, state(2), cfg)
     assert e.value.errno == errno.ENOSPC and not cut.exists()
 
+    # torch's zip writer says a full disk without an error number: the disk is asked
     torch_says = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 15168 vs 15060")
-    free = shutil.disk_usage(tmp_path)
-    monkeypatch.setattr(shutil, "disk_usage", lambda _: free._replace(free=4096))  # what a full disk leaves
-    with pytest.raises(OSError) as e:
-        mgr.save(_FullDiskEngine(torch_says), 2, state, cfg)
-    assert e.value.errno == errno.ENOSPC and "unexpected pos" in str(e.value) and e.value.filename == str(cut)
-    assert not cut.exists() and mgr.complete_tags() == ["step_000001"]
-    assert (mgr.dir / POINTER).read_text().strip() == "step_000001"
-
-    monkeypatch.setattr(shutil, "disk_usage", lambda _: free._replace(free=2**40))  # another failure: as it was
-    with pytest.raises(RuntimeError, match="unexpected pos"):
-        mgr.save(_FullDiskEngine(torch_says), 2, state, cfg)
+    with pytest.raises(RuntimeError, match="unexpected pos"):  # a disk with room: another failure, as it was
+        mgr.save(_FullDiskEngine(torch_says), 2, state(2), cfg)
     assert cut.exists()
     mgr._recover()  # the next start removes a save cut short
     assert not cut.exists() and mgr.complete_tags() == ["step_000001"]
+
+    with small_disk(tmp_path / "disk", "1m") as disk:
+        mgr, cfg, chash = _saved(disk, [1], keep=3)
+        fill(disk, 0)
+        with pytest.raises(OSError) as e:
+            mgr.save(_FullDiskEngine(torch_says), 2, state(2), cfg)
+        cut = mgr.dir / "step_000002.saving"
+        assert e.value.errno == errno.ENOSPC and "unexpected pos" in str(e.value) and e.value.filename == str(cut)
+        assert not cut.exists() and mgr.complete_tags() == ["step_000001"]
+        assert (mgr.dir / POINTER).read_text().strip() == "step_000001"
 
 
 def test_a_checkpoint_records_the_environment_that_wrote_it_and_a_resume_names_a_change(tmp_path):
@@ -119,3 +125,12 @@ def test_a_checkpoint_records_the_environment_that_wrote_it_and_a_resume_names_a
     note = mgr.resume(_FakeEngine(), cfg, chash).note
     assert (f"written under another environment: cpu_threads {torch.get_num_threads() + 1} -> "
             f"{torch.get_num_threads()}, torch 2.0.0 -> {torch.__version__}") in note, note
+
+
+def test_a_marked_save_stopped_before_its_rename_is_resumed(tmp_path):
+    """Rank 0 killed between marking a save and renaming it: the save is complete, and was left
+    unused beside the older checkpoint that was resumed instead."""
+    mgr, cfg, chash = _saved(tmp_path, [1, 2], keep=3)
+    (mgr.dir / "step_000002").rename(mgr.dir / "step_000002.saving")
+    assert mgr.resume(_FakeEngine(), cfg, chash).tag == "step_000002"
+    assert sorted(p.name for p in mgr.dir.iterdir() if p.name.startswith("step_")) == ["step_000001", "step_000002"]

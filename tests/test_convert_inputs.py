@@ -397,28 +397,25 @@ def test_an_image_named_for_another_subject_or_session_fails_its_subject(tmp_pat
     assert set(jobs) == {"sub-004"}
 
 
+def _into_sessions(subject: Path, visits: tuple[str, ...]) -> None:
+    """Move a subject's scans into a session folder per visit (a copy in each)."""
+    for visit in visits:
+        for m, name in (("anat", "T1w"), ("func", "task-rest_bold")):
+            (subject / f"ses-{visit}" / m).mkdir(parents=True)
+            target = subject / f"ses-{visit}" / m / f"{subject.name}_ses-{visit}_{name}.nii.gz"
+            shutil.copy(next((subject / m).glob("*.nii.gz")), target)
+    for m in ("anat", "func"):
+        shutil.rmtree(subject / m)
+
+
 def test_runs_and_sessions_are_taken_in_natural_order(tmp_path):
     """run-10 sorted before run-2, and ses-M108 (nine years on) before ses-M12, by name."""
     bids = _synth(tmp_path, n=1)
     anat = bids / "sub-001" / "anat"
     shutil.copy(anat / "sub-001_T1w.nii.gz", anat / "sub-001_run-10_T1w.nii.gz")
     (anat / "sub-001_T1w.nii.gz").rename(anat / "sub-001_run-2_T1w.nii.gz")
-    sub = bids / "sub-002"
-    for visit in ("M108", "M12"):
-        for m, name in (("anat", "T1w"), ("func", "task-rest_bold")):
-            (sub / f"ses-{visit}" / m).mkdir(parents=True)
-            target = sub / f"ses-{visit}" / m / f"sub-002_ses-{visit}_{name}.nii.gz"
-            shutil.copy(next((sub / m).glob("*.nii.gz")), target)
-    for m in ("anat", "func"):
-        shutil.rmtree(sub / m)
-    ties = bids / "sub-003"  # equal as numbers: the name decides, whatever order the folder lists them in
-    for visit in ("1", "01"):
-        for m, name in (("anat", "T1w"), ("func", "task-rest_bold")):
-            (ties / f"ses-{visit}" / m).mkdir(parents=True)
-            target = ties / f"ses-{visit}" / m / f"sub-003_ses-{visit}_{name}.nii.gz"
-            shutil.copy(next((ties / m).glob("*.nii.gz")), target)
-    for m in ("anat", "func"):
-        shutil.rmtree(ties / m)
+    _into_sessions(bids / "sub-002", ("M108", "M12"))
+    _into_sessions(bids / "sub-003", ("1", "01"))  # equal as numbers: the name decides, not the folder's listing
     jobs, failed = _check(bids)
     assert not failed, failed
     assert Path(jobs["sub-001"].sources["t1"]).name == "sub-001_run-2_T1w.nii.gz"
@@ -503,3 +500,19 @@ def test_the_summary_counts_classes_and_names_a_relabelled_subject(tmp_path, cap
     printed = capsys.readouterr().out
     assert "0 converted, 4 unchanged" in printed and "subjects by class: NC 1, EMCI 1, LMCI 2, AD 0\n" in printed
     assert f"warning: {subject}: relabelled AD -> LMCI" in printed
+
+
+def test_a_rerun_that_takes_another_file_for_a_subject_says_which(tmp_path, capsys):
+    """A choice rule or a folder that changed (runs now in natural order) swapped a subject's scan
+    with only the usual 'N T1w files; used X' note."""
+    bids = _synth(tmp_path, n=1)
+    out = tmp_path / "s.zarr"
+    args = ["--bids", str(bids), "--out", str(out), "--no-progress"]
+    assert to_zarr.main(args) == 0
+    anat = bids / "sub-001" / "anat"
+    (anat / "sub-001_T1w.nii.gz").rename(anat / "sub-001_run-2_T1w.nii.gz")
+    shutil.copy(bids / "sub-002" / "anat" / "sub-002_T1w.nii.gz", anat / "sub-001_run-1_T1w.nii.gz")
+    capsys.readouterr()
+    assert to_zarr.main(args) == 0
+    assert (f"warning: sub-001: its t1 is now {anat / 'sub-001_run-1_T1w.nii.gz'} (was "
+            f"{anat / 'sub-001_T1w.nii.gz'}); reconverted") in capsys.readouterr().out

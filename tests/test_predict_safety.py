@@ -426,13 +426,17 @@ def test_a_subject_whose_output_is_not_finite_is_named_not_called_the_first_clas
 
 
 def test_a_full_disk_under_out_leaves_the_earlier_predictions_whole(tmp_path, run, tiny_store):
-    """New predictions.csv beside the old metrics.json and region weights, and nothing said."""
+    """Room for the new predictions.csv, not for the rest: it replaced the old one, beside the
+    old metrics.json and region weights, and nothing said so."""
+    sizes = tmp_path / "sizes"
+    assert predict(run, sizes, "--store", str(tiny_store)).returncode == 0
+    pages = -(-(sizes / "predictions.csv").stat().st_size // 4096)  # tmpfs takes whole pages
     with small_disk(tmp_path / "disk", "1m") as disk:
         out = disk / "pred"
         assert predict(run, out).returncode == 0
         before = {p.name: p.read_bytes() for p in out.iterdir()}
         assert sorted(before) == ["metrics.json", "predictions.csv", "region_weights.npy"]
-        fill(disk, 0)
+        fill(disk, pages * 4096)
         res = predict(run, out, "--store", str(tiny_store))
         assert res.returncode == 2, res.stdout[-2000:] + res.stderr[-2000:]
         assert "no space left on the device" in res.stderr and "as they were" in res.stderr, res.stderr

@@ -125,7 +125,8 @@ def test_a_stopped_run_shows_no_eta(runs, tmp_path):
     assert run_status.run_status(tmp_path, reused, {}).slurm == jobs.LOCAL_ENDED
     for row in rows.values():  # by hand or by submit.py --local, a stop on request is told from a crash
         assert row.note.startswith("stopped on request (") and "at step 5, with a complete checkpoint" in row.note, row
-    (unowned / "STOPPED").unlink()  # as a crash leaves it
+    stopped_at = (unowned / "STOPPED").stat().st_mtime  # a later start took the lock, then crashed early
+    os.utime(unowned / "run.lock", (stopped_at + 5, stopped_at + 5))
     assert run_status.run_status(tmp_path, unowned, {}).note.startswith(
         "not running (no process on this host holds its run.lock) and not finished, and it recorded no stop: it "
         "crashed or was killed")
@@ -631,7 +632,8 @@ def test_a_live_run_lock_holder_shows_running_whatever_jobs_json_says(tmp_path):
         holder.kill()
         holder.wait()
     row = run_status.run_status(tmp_path, run, {})
-    assert row.slurm == "ended (local)" and row.note.startswith(f"local run {refused} was refused at its start")
+    assert row.slurm == "ended (local)"
+    assert row.note.startswith(f"local run {refused} was refused (exit 2: a config, resume or run-directory error")
 
     # a SLURM job's rank 0 on this host holds the lock too: its row keeps SLURM's state and job
     jobs.record_job(run, "77", "slurm", str(run / "slurm" / "77_0_log.out"))

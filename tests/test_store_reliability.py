@@ -499,6 +499,29 @@ def test_tighten_reports_what_it_closed_and_leaves_settled_folders_unentered(tmp
     assert access.more_open_than(tmp_path, 0o600) == [tmp_path / "b" / "g"]
 
 
+def test_a_refused_chmod_is_raised_and_leaves_the_group_its_access(tmp_path, monkeypatch):
+    """Only a refused chown means "not a member of the group": a colleague's file whose mode this
+    user may not change made tighten drop the group's bits from everything else, then fail anyway."""
+    gid = os.getgid()
+    os.chmod(tmp_path, 0o750)
+    mine, theirs = tmp_path / "mine", tmp_path / "theirs"
+    for f in (mine, theirs):
+        f.write_text("x")
+        os.chmod(f, 0o664)
+    chmod = os.chmod
+
+    def refuse_theirs(path, mode, *a, **kw):
+        if Path(path) == theirs:
+            raise PermissionError(1, "Operation not permitted", str(path))
+        chmod(path, mode, *a, **kw)
+    monkeypatch.setattr(os, "chmod", refuse_theirs)
+    with pytest.raises(PermissionError):
+        access.tighten(tmp_path, 0o640, gid)
+    monkeypatch.undo()
+    # whatever the walk reached first: the group keeps what it had (a retry without the group closed it)
+    assert stat.S_IMODE(mine.stat().st_mode) & 0o040 and stat.S_IMODE(tmp_path.stat().st_mode) & 0o050 == 0o050
+
+
 def test_rerun_gives_a_reconverted_subject_the_store_mode_without_walking_the_unchanged(tmp_path, monkeypatch):
     """A store of thousands of subjects on a parallel file system pays for every lstat: a rerun
     walks the store once to close it, then only what it wrote, whatever the user's umask."""

@@ -125,15 +125,18 @@ class TrainTask:
         log.info("rank %d/%d on node %s (job %s, restart %d): training %s", rank, env.num_tasks,
                  os.environ.get("SLURMD_NODENAME", env.hostname), env.job_id, restarts, self.cfg.run_dir)
         from masan.train.gradients import Diverged
-        from masan.train.run import USER_ERRORS
+        from masan.train.run import USER_ERRORS, DiskRefused
 
         try:
             outcome = resolve_entry(self.entry)(self.cfg, stop)
-        except USER_ERRORS as e:  # every rank gets the same error (the start is agreed collectively)
-            if rank == 0:
+        except USER_ERRORS as e:
+            # every rank gets the same error at the start (agreed collectively); a disk that refuses a
+            # write later may do so to this rank alone: it records it and exits 2 itself
+            alone = isinstance(e, DiskRefused)
+            if rank == 0 or alone:
                 jobs.record_event(self.cfg.run_dir, env.job_id, jobs.REFUSED, error=str(e))
             log.error("rank %d: refused: %s", rank, e)
-            sys.exit(jobs.EXIT_REFUSED if rank == 0 else 0)
+            sys.exit(jobs.EXIT_REFUSED if rank == 0 or alone else 0)
         except Diverged as e:  # raised on every rank at the same step
             if rank == 0:
                 jobs.record_event(self.cfg.run_dir, env.job_id, jobs.DIVERGED, error=str(e))

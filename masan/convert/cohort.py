@@ -423,6 +423,12 @@ def _convert_locked(root: Any, out: Path, jobs: list[Job], opts: ConvertOptions,
             # its conversion's warnings still hold (the report is rewritten by every run)
             report.warnings.extend(f"{job.subject}: {w}" for w in [*found[1].get("warnings", []), *job.notes])
         else:
+            if found:  # another file chosen for a modality (a choice rule or the folder changed): say which
+                before = found[1].get("row", {})
+                report.warnings.extend(
+                    f"{job.subject}: its {m} is now {job.sources[m]} (was {before[m]['source']}); reconverted"
+                    for m in MODALITIES if m in job.sources and isinstance(before.get(m), dict)
+                    and before[m].get("source") not in (None, job.sources[m]))
             todo.append(job)
 
     pending: list[tuple[str, str]] = []
@@ -479,8 +485,8 @@ def _convert_locked(root: Any, out: Path, jobs: list[Job], opts: ConvertOptions,
     for leftover in (STAGING, TRASH):
         shutil.rmtree(out / leftover, ignore_errors=True)
     _write_table(root, rows, classes, opts, extra, report, finished=True)
-    # what this run wrote; an unchanged subject's folder was tightened above and left alone since
-    access.apply_access(out, mode, gid, settled=[out / SUBJECTS / s for s in report.skipped])
+    # what this run wrote; an unchanged or kept subject's folder was tightened above, left alone since
+    access.apply_access(out, mode, gid, settled=[out / SUBJECTS / s for s in (*report.skipped, *report.kept)])
 
 
 def _settle_stale(out: Path, root: Any, rows: dict[str, dict], report: Report, prune: bool,

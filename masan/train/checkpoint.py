@@ -48,7 +48,6 @@ and :func:`load_model` (the config's model with them, in the run's precision).
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import importlib
 import importlib.metadata
@@ -80,10 +79,11 @@ MARKER = "COMPLETE"
 POINTER = "latest_complete"
 TAG_RE = re.compile(r"^step_(\d+)$")
 SAVING, REPLACED = ".saving", ".replaced"
-FULL_DISK_BYTES = 64 * 2**20
-"""A file system with less free space than this after a failed save counts as full."""
 """Suffixes of a checkpoint folder being written, and of the complete one of the same step that
 it replaces (for the moment between two renames)."""
+PROBE_BYTES = 2**20
+"""What a failed save writes to learn whether the checkpoints' disk refuses writes (full, over
+quota): torch's zip writer reports that as a RuntimeError without the error number."""
 ASIDE_RE = re.compile(rf"^step_\d+({re.escape(SAVING)}|{re.escape(REPLACED)})$")
 SHARD_RE = re.compile(r"zero_pp_rank_(\d+)_")
 """DeepSpeed's per-rank ZeRO optimizer shard (``[bf16_]zero_pp_rank_R_mp_rank_00_optim_states.pt``)."""
@@ -176,6 +176,23 @@ def environment() -> dict[str, str | int]:
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             out[name] = importlib.metadata.version(name)
     return out
+
+
+def _probe_refusal(folder: Path) -> OSError | None:
+    """The OSError with which ``folder``'s file system refuses a write of :data:`PROBE_BYTES`
+    (full, over quota, read-only: :func:`masan.files.disk_refusal`), None when it takes it."""
+    probe = folder / f".space_probe.{os.getpid()}"
+    try:
+        with open(probe, "wb") as f:
+            f.write(bytes(PROBE_BYTES))
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        return e if disk_refusal(e) is not None else None
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink()
+    return None
 
 
 def past_target(state: dict, before: RunConfig | None, cfg: RunConfig) -> str | None:
@@ -312,21 +329,20 @@ class CheckpointManager:
         return tag
 
     def _full_disk(self, e: Exception, folder: Path) -> OSError | None:
-        """For a save that failed because the checkpoints' file system is full (or over quota, or
-        read-only): an OSError saying so, naming ``folder``, which is removed to give its space
-        back (the previous checkpoint stays the newest complete one). torch's zip writer reports a
-        full disk as a RuntimeError about stream positions, so a failed save that leaves less than
-        :data:`FULL_DISK_BYTES` free counts as one. None for any other failure."""
+        """For a save that failed because the checkpoints' file system refuses writes (full, over
+        quota, read-only): an OSError saying so, naming ``folder``; rank 0 removes the folder to
+        give its space back (the previous checkpoint stays the newest complete one; another rank
+        may still be writing in it, and a start removes what is left). torch's zip writer reports
+        a full disk as a RuntimeError about stream positions, so after any other error a probe of
+        :data:`PROBE_BYTES` asks the disk. None for a failure of another kind."""
         if disk_refusal(e) is None:
-            try:
-                free = shutil.disk_usage(self.dir).free
-            except OSError:
+            refusal = _probe_refusal(self.dir)
+            if refusal is None:
                 return None
-            if free >= FULL_DISK_BYTES:
-                return None
-            e = OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} ({free} bytes free after a failed save: "
-                        f"{type(e).__name__}: {str(e)[:200]})", str(folder))
-        shutil.rmtree(folder, ignore_errors=True)
+            e = OSError(refusal.errno, f"{refusal.strerror} (after a failed save: {type(e).__name__}: "
+                        f"{str(e)[:200]})", str(folder))
+        if self.rank == 0:
+            shutil.rmtree(folder, ignore_errors=True)
         return e if isinstance(e, OSError) else None
 
     def _install(self, saved: Path, tag: str) -> None:
@@ -342,14 +358,19 @@ class CheckpointManager:
         shutil.rmtree(aside, ignore_errors=True)
 
     def _recover(self) -> None:
-        """Rank 0, before choosing: remove saves cut short (unmarked), and finish a replacement
-        that stopped between its two renames (the new marked folder goes in place, else the one
-        set aside goes back)."""
+        """Rank 0, before choosing: remove saves cut short (unmarked), put in place a marked save
+        stopped before its rename, and finish a replacement that stopped between its two renames
+        (the new marked folder goes in place, else the one set aside goes back)."""
         if not self.dir.is_dir():
             return
-        for cut in self.dir.glob("step_*" + SAVING):  # a save cut short: its space back before the next save
-            if not (cut / MARKER).is_file() and not (self.dir / (cut.name[: -len(SAVING)] + REPLACED)).exists():
-                shutil.rmtree(cut, ignore_errors=True)
+        for saved in self.dir.glob("step_*" + SAVING):
+            tag = saved.name[: -len(SAVING)]
+            if (self.dir / (tag + REPLACED)).exists():
+                continue  # a replacement between its two renames: below
+            if not (saved / MARKER).is_file():
+                shutil.rmtree(saved, ignore_errors=True)  # a save cut short: its space back before the next save
+            elif not (self.dir / tag).exists():
+                saved.rename(self.dir / tag)  # marked (complete), stopped before its rename: it is the newest
         for aside in self.dir.glob("step_*" + REPLACED):
             tag = aside.name[: -len(REPLACED)]
             if (self.dir / tag).exists():

@@ -83,7 +83,8 @@ class TrainLogger:
         run_dir: events go to ``run_dir/tb``.
         log_cfg: the ``log`` config section.
         enabled: True on rank 0 with ``log.tensorboard``.
-        purge_step: first step to drop from earlier event files (None on a fresh start).
+        purge_step: first step to drop from earlier event files (None: keep them all, a first
+            start; 0: drop them all, a start from scratch over a killed start's events).
     """
 
     def __init__(self, run_dir: str | Path, log_cfg: LogConfig, enabled: bool, purge_step: int | None = None):

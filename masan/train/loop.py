@@ -273,7 +273,7 @@ def _epoch(p: LoopParts, run: _Run, state: TrainState, phase: str) -> tuple[str 
         interval.samples += run.per_step
         bar.update()
         if log_due:
-            terms = _log_interval(p, run, state, terms, norm, interval)
+            _log_interval(p, run, state, terms, norm, interval)
             interval = _Interval()
         if p.stop.agreed():
             if p.info.is_main:  # e.g. a STOP file left from before the start: the log says what stopped it
@@ -331,8 +331,8 @@ def _step(p: LoopParts, run: _Run, state: TrainState, phase: str, batches, inter
     return terms, norm
 
 
-def _log_interval(p: LoopParts, run: _Run, state: TrainState, terms: dict, norm, interval: _Interval) -> dict:
-    """Log the step just taken (collective): the loss terms averaged over the ranks (returned), the
+def _log_interval(p: LoopParts, run: _Run, state: TrainState, terms: dict, norm, interval: _Interval) -> None:
+    """Log the step just taken (collective): the loss terms averaged over the ranks, the
     gradient norm, LR, throughput, the whole run's ETA and where the interval's time went."""
     terms = D.mean_over_ranks(terms)
     elapsed = time.perf_counter() - interval.start
@@ -352,7 +352,6 @@ def _log_interval(p: LoopParts, run: _Run, state: TrainState, terms: dict, norm,
     if p.info.is_main:
         log.info("step %d: loss %.4g, %.2f samples/s, ETA %s, %s", state.step, terms["total"], rate,
                  duration_text(eta), line)
-    return terms
 
 
 def _end_epoch(p: LoopParts, run: _Run, state: TrainState, phase: str, loss: EpochLoss) -> TrainState:
