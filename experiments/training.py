@@ -11,6 +11,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -119,12 +120,13 @@ def portable(cmd: list[str], work: Path | None) -> list[str]:
     """``cmd`` as a run's stamp compares it: the work folder written ``<work>`` and the repository
     ``<repo>``, so a work folder moved (copied to another node) or trained from another clone is
     the same command, as its config hash already says (it leaves paths out)."""
-    places = [(str(REPO), "<repo>")] + ([(str(work), "<work>"), (str(work.resolve()), "<work>")] if work else [])
+    places = [(str(REPO), "<repo>")] + ([(str(work.absolute()), "<work>"), (str(work.resolve()), "<work>")]
+                                          if work else [])
     places.sort(key=lambda place: -len(place[0]))  # the work folder may lie inside the repository
     out = []
     for arg in cmd:
-        for path, name in places:
-            arg = arg.replace(path, name)
+        for path, name in places:  # whole path components only: /x/w is not the start of /x/w2
+            arg = re.sub(re.escape(path) + r"(?=/|$)", name, arg)
         out.append(arg)
     return out
 

@@ -32,11 +32,21 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 from masan.access import not_a_folder
 from masan.config import ConfigError, RunConfig, config_from_dict, config_hash, config_to_dict, load_config
 from masan.files import atomic_write_json
+
+
+def _when(text: object) -> datetime | None:
+    """An ISO time of a run-directory record, in local time when it names no zone; None if none."""
+    try:
+        t = datetime.fromisoformat(text) if isinstance(text, str) else None
+    except ValueError:
+        return None
+    return None if t is None else t if t.tzinfo else t.astimezone()
 
 
 def done_target(cfg: RunConfig) -> dict:
@@ -138,15 +148,19 @@ class RunDir:
 
     def stopped_record(self) -> dict | None:
         """The STOPPED record (``step``, ``reason``, ``time``); None when absent, unreadable, or
-        older than the run lock's record: a later start took the lock (it writes its record there
-        before anything that may fail) and did not get as far as removing STOPPED."""
+        older than the start the run lock's record names (``since``): a later start took the lock
+        (it writes its record there before anything that may fail) and did not get as far as
+        removing STOPPED. Times, not file dates: a copy that does not keep them must not turn a
+        stop into a crash."""
         try:
             record = json.loads(self.stopped.read_text())
-            if self.lock.is_file() and self.lock.stat().st_mtime > self.stopped.stat().st_mtime:
-                return None
+            lock = json.loads(self.lock.read_text() or "{}") if self.lock.is_file() else {}
         except (OSError, ValueError):
             return None
-        return record if isinstance(record, dict) and isinstance(record.get("step"), int) else None
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+            return None
+        stopped, started = _when(record.get("time")), _when(lock.get("since") if isinstance(lock, dict) else None)
+        return None if stopped and started and started > stopped else record
 
     @property
     def predictions(self) -> Path:

@@ -420,6 +420,9 @@ def test_runs_and_sessions_are_taken_in_natural_order(tmp_path):
     assert not failed, failed
     assert Path(jobs["sub-001"].sources["t1"]).name == "sub-001_run-2_T1w.nii.gz"
     assert Path(jobs["sub-003"].sources["t1"]).name == "sub-003_ses-01_T1w.nii.gz"
+    from masan.convert.sources import natural
+    names = ["ses-bl2", "ses-M12", "ses-bl", "ses-M"]
+    assert sorted(names, key=lambda n: natural(Path(n))) == ["ses-M", "ses-M12", "ses-bl", "ses-bl2"]
     assert Path(jobs["sub-002"].sources["t1"]).name == "sub-002_ses-M12_T1w.nii.gz"
 
 
@@ -516,3 +519,6 @@ def test_a_rerun_that_takes_another_file_for_a_subject_says_which(tmp_path, caps
     assert to_zarr.main(args) == 0
     assert (f"warning: sub-001: its t1 is now {anat / 'sub-001_run-1_T1w.nii.gz'} (was "
             f"{anat / 'sub-001_T1w.nii.gz'}); reconverted") in capsys.readouterr().out
+    moved = bids.rename(tmp_path / "moved")  # the same files elsewhere, reconverted for another option
+    assert to_zarr.main(["--bids", str(moved), "--out", str(out), "--no-progress", "--clevel", "3"]) == 0
+    assert "is now" not in capsys.readouterr().out

@@ -449,3 +449,6 @@ def test_a_moved_work_folder_keeps_its_finished_runs(tmp_path, capsys):
     assert training.train([*cmd, "optim.lr=1"], run_c, {}, dict(os.environ), "h", "c", tmp_path / "b")["status"] \
         == "trained"  # another command is still another run
     assert "starting it afresh" in capsys.readouterr().out
+    # whole path components only: another folder whose name starts like the work folder's is not it
+    assert training.portable(["data.store=/x/w2/s.zarr"], Path("/x/w")) != \
+        training.portable(["data.store=/y/w2/s.zarr"], Path("/y/w"))

@@ -23,6 +23,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -125,8 +126,9 @@ def test_a_stopped_run_shows_no_eta(runs, tmp_path):
     assert run_status.run_status(tmp_path, reused, {}).slurm == jobs.LOCAL_ENDED
     for row in rows.values():  # by hand or by submit.py --local, a stop on request is told from a crash
         assert row.note.startswith("stopped on request (") and "at step 5, with a complete checkpoint" in row.note, row
-    stopped_at = (unowned / "STOPPED").stat().st_mtime  # a later start took the lock, then crashed early
-    os.utime(unowned / "run.lock", (stopped_at + 5, stopped_at + 5))
+    lock = json.loads((unowned / "run.lock").read_text())  # a later start took the lock, then crashed early
+    stopped_at = datetime.fromisoformat(json.loads((unowned / "STOPPED").read_text())["time"])
+    (unowned / "run.lock").write_text(json.dumps({**lock, "since": (stopped_at + timedelta(seconds=5)).isoformat()}))
     assert run_status.run_status(tmp_path, unowned, {}).note.startswith(
         "not running (no process on this host holds its run.lock) and not finished, and it recorded no stop: it "
         "crashed or was killed")

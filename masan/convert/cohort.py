@@ -428,7 +428,8 @@ def _convert_locked(root: Any, out: Path, jobs: list[Job], opts: ConvertOptions,
                 report.warnings.extend(
                     f"{job.subject}: its {m} is now {job.sources[m]} (was {before[m]['source']}); reconverted"
                     for m in MODALITIES if m in job.sources and isinstance(before.get(m), dict)
-                    and before[m].get("source") not in (None, job.sources[m]))
+                    and before[m].get("source") is not None  # a moved folder keeps its files' names
+                    and Path(before[m]["source"]).name != Path(job.sources[m]).name)
             todo.append(job)
 
     pending: list[tuple[str, str]] = []

@@ -209,11 +209,11 @@ def _blank(row: dict) -> bool:
     return not any(v.strip() for v in _values(row))
 
 
-def natural(path: Path) -> list:
+def natural(path: Path) -> tuple[list, str]:
     """Sort key of a file or folder name with its numbers compared as numbers (``run-2`` before
     ``run-10``, ``ses-M12`` before ``ses-M108``): the order scanners and ADNI number visits in."""
     tokens = [(0, int(t), "") if t.isascii() and t.isdigit() else (1, 0, t) for t in re.split(r"([0-9]+)", path.name)]
-    return [*tokens, (2, 0, path.name)]  # ses-1 and ses-01 tie on numbers: the name decides, not the listing
+    return tokens, path.name  # ses-1 and ses-01 tie on numbers: the name decides, not the listing
 
 
 def _pick(files: list[Path], kind: str, usable: list[Path] | None = None) -> tuple[Path | None, list[str]]:

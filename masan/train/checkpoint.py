@@ -330,19 +330,18 @@ class CheckpointManager:
 
     def _full_disk(self, e: Exception, folder: Path) -> OSError | None:
         """For a save that failed because the checkpoints' file system refuses writes (full, over
-        quota, read-only): an OSError saying so, naming ``folder``; rank 0 removes the folder to
-        give its space back (the previous checkpoint stays the newest complete one; another rank
-        may still be writing in it, and a start removes what is left). torch's zip writer reports
-        a full disk as a RuntimeError about stream positions, so after any other error a probe of
-        :data:`PROBE_BYTES` asks the disk. None for a failure of another kind."""
+        quota, read-only): an OSError saying so, naming ``folder`` (the previous checkpoint stays
+        the newest complete one; the next start removes the cut-short folder, not this rank: the
+        space it gave back would let another rank's probe find room, and call the full disk a
+        crash). torch's zip writer reports a full disk as a RuntimeError about stream positions,
+        so after any other error a probe of :data:`PROBE_BYTES` asks the disk. None for a failure
+        of another kind."""
         if disk_refusal(e) is None:
             refusal = _probe_refusal(self.dir)
             if refusal is None:
                 return None
             e = OSError(refusal.errno, f"{refusal.strerror} (after a failed save: {type(e).__name__}: "
                         f"{str(e)[:200]})", str(folder))
-        if self.rank == 0:
-            shutil.rmtree(folder, ignore_errors=True)
         return e if isinstance(e, OSError) else None
 
     def _install(self, saved: Path, tag: str) -> None:
@@ -358,19 +357,14 @@ class CheckpointManager:
         shutil.rmtree(aside, ignore_errors=True)
 
     def _recover(self) -> None:
-        """Rank 0, before choosing: remove saves cut short (unmarked), put in place a marked save
-        stopped before its rename, and finish a replacement that stopped between its two renames
-        (the new marked folder goes in place, else the one set aside goes back)."""
+        """Rank 0, before choosing: remove saves cut short (unmarked), and finish a replacement
+        that stopped between its two renames (the new marked folder goes in place, else the one
+        set aside goes back)."""
         if not self.dir.is_dir():
             return
-        for saved in self.dir.glob("step_*" + SAVING):
-            tag = saved.name[: -len(SAVING)]
-            if (self.dir / (tag + REPLACED)).exists():
-                continue  # a replacement between its two renames: below
-            if not (saved / MARKER).is_file():
-                shutil.rmtree(saved, ignore_errors=True)  # a save cut short: its space back before the next save
-            elif not (self.dir / tag).exists():
-                saved.rename(self.dir / tag)  # marked (complete), stopped before its rename: it is the newest
+        for cut in self.dir.glob("step_*" + SAVING):  # a save cut short: its space back before the next save
+            if not (cut / MARKER).is_file() and not (self.dir / (cut.name[: -len(SAVING)] + REPLACED)).exists():
+                shutil.rmtree(cut, ignore_errors=True)
         for aside in self.dir.glob("step_*" + REPLACED):
             tag = aside.name[: -len(REPLACED)]
             if (self.dir / tag).exists():
