@@ -301,7 +301,7 @@ def test_a_failed_write_after_inference_is_one_line_naming_the_folder(tmp_path, 
     monkeypatch.setattr(P, "write_predictions", full)
     assert P.main([str(run), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and f"--out {tmp_path / 'out'}" in err and "No space left" in err, err
+    assert err.count("\n") == 1 and f"--out {tmp_path / 'out'}" in err and "no space left on the device" in err, err
 
 
 # ---------------------------------------------------------------------- which subjects

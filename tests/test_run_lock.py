@@ -122,7 +122,10 @@ def test_ctrl_c_saves_a_complete_checkpoint_and_a_second_one_stops_at_once(tmp_p
 
     shm = tmp_path / "shm"
     shm.mkdir()
-    second = Started(config, run, *LONG, "data.cache=host", f"data.cache_dir={shm}", "data.cache_reserve_gib=0")
+    # each step also measures every loss term's gradient norm: a step several times as long, so that
+    # the second Ctrl-C lands inside it on a loaded machine too (it came after the save once)
+    second = Started(config, run, *LONG, "data.cache=host", f"data.cache_dir={shm}", "data.cache_reserve_gib=0",
+                     "log.grad_norm_every_steps=1")
     second.wait_for(lambda: any(s > stopped + 1 for s in second.steps()))
     assert list(shm.glob("masan-cache-*")), "the resumed run holds the cohort in its host cache"
     assert f"resumed step_{stopped:06d}" in second.log()
