@@ -434,15 +434,16 @@ def _convert_locked(root: Any, out: Path, jobs: list[Job], opts: ConvertOptions,
 
     pending: list[tuple[str, str]] = []
     """(subject, its new version) published since the table was last written."""
-    written = [time.monotonic()]
+    written = time.monotonic()
 
     def flush() -> None:
+        nonlocal written
         if pending:
             _write_table(root, rows, classes, opts, extra, report)
             for subject, group in pending:
                 publish.drop_versions(out, subject, keep=group)  # only now unreferenced
             pending.clear()
-        written[0] = time.monotonic()
+        written = time.monotonic()
 
     def record(result: dict) -> None:
         if result["ok"]:
@@ -452,7 +453,7 @@ def _convert_locked(root: Any, out: Path, jobs: list[Job], opts: ConvertOptions,
             report.warnings.extend(f"{subject}: {w}" for w in result["warnings"])
             pending.append((subject, result["row"]["group"]))
             if (len(pending) >= TABLE_EVERY_FRACTION * len(rows)
-                    or time.monotonic() - written[0] >= TABLE_EVERY_S):
+                    or time.monotonic() - written >= TABLE_EVERY_S):
                 flush()
         else:
             report.failed.append(Failure(**result["failure"]))

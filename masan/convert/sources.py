@@ -13,10 +13,12 @@ Writing the store from the jobs is :mod:`masan.convert.cohort`.
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import os
 import re
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -327,11 +329,17 @@ def _bids_images(folder: Path, suffix: str) -> tuple[list[Path], list[str]]:
     return images, others
 
 
+def _entities(path: Path) -> dict[str, str]:
+    """The BIDS entities of a file's name (``sub-01_task-rest_bold.nii.gz`` -> ``{"sub": "01",
+    "task": "rest"}``); empty for a name that is not a BIDS name."""
+    name = _bids_name(path.name)
+    return {} if name is None else name[0]
+
+
 def _task(run: Path) -> str | None:
     """The BIDS task label of a BOLD run's file name (``sub-01_task-rest_bold.nii.gz`` -> ``rest``),
     None when the name states none."""
-    name = _bids_name(run.name)
-    return None if name is None else name[0].get("task")
+    return _entities(run).get("task")
 
 
 def _wanted(task: str | None, bold_task: str | None) -> bool:
@@ -408,7 +416,7 @@ def _bids_files(folder: Path, bold_task: str | None = None) -> _Found:
 def _space_note(t1: Path | None, bold: Path | None) -> list[str]:
     """A note when the T1 and the BOLD run chosen name different ``space-`` entities (an
     fMRIPrep derivatives folder passed as --bids: native T1 beside a template-space BOLD)."""
-    spaces = [(_bids_name(f.name) or ({}, ""))[0].get("space") for f in (t1, bold) if f is not None]
+    spaces = [_entities(f).get("space") for f in (t1, bold) if f is not None]
     if len(spaces) < 2 or spaces[0] == spaces[1]:
         return []
     return [f"{t1.name} and {bold.name} lie in different spaces ({spaces[0] or 'native'} vs {spaces[1] or 'native'}): "
@@ -421,7 +429,7 @@ def _named_elsewhere(found: _Found, sid: str, folder: Path) -> tuple[Path, str] 
     session (copied into the wrong folder, it would convert another scan under this diagnosis)."""
     session = folder.name if folder.name.startswith("ses-") else None
     for f in (found.t1, found.bold):
-        entities = (_bids_name(f.name) or ({}, ""))[0] if f is not None else {}
+        entities = _entities(f) if f is not None else {}
         wrong = [f"{k}-{entities[k]}" for k, own in (("sub", sid), ("ses", session))
                  if k in entities and own is not None and f"{k}-{entities[k]}" != own]
         if wrong:
@@ -511,10 +519,11 @@ def _bids_subject(bids: Path, sid: str, want: str | None, session: str | None, f
         return SubjectSource(sid, label, None, None, origin, table=table)
     folder = bids / sid
     notes: list[str] = []
+    files = functools.cache(lambda f: _bids_files(f, bold_task))  # a folder's choice, looked at once
     sessions = sorted((p for p in folder.glob("ses-*") if p.is_dir()), key=natural)
     found_sessions.update(p.name for p in sessions)
     if sessions:
-        outside = [f for f in _bids_files(folder, bold_task)[:2] if f is not None]
+        outside = [f for f in files(folder)[:2] if f is not None]
         if outside:
             notes.append(f"{_names(outside)} outside its session folders left out: a subject's images are taken "
                          "from one session folder (move them into the session of their visit)")
@@ -523,30 +532,29 @@ def _bids_subject(bids: Path, sid: str, want: str | None, session: str | None, f
             notes.append(f"no {want} folder; its sessions: {', '.join(p.name for p in sessions)}")
         folder = folder / want
     elif sessions:
-        found = [(p, _bids_files(p, bold_task)) for p in sessions]
-        full = [p for p, f in found if f.t1 and f.bold]
+        full = [p for p in sessions if files(p).t1 and files(p).bold]
         folder = (full or sessions)[0]
         if len(sessions) > 1:
             notes.append(f"{len(sessions)} sessions; used {folder.name} (choose with --session)")
     elif want and folder.is_dir():
         notes.append(f"no session folders; used its files outside sessions (--session {session} not applied)")
-    found = _bids_files(folder, bold_task)
+    found = files(folder)
     sidecar, tr_notes = bold_sidecar(found.bold, bids, listings) if found.bold else (None, [])
-    other = _sessions_holding(sessions, folder, bold_task) if not (found.t1 and found.bold) else {}
-    wrong = _named_elsewhere(found, sid, folder)
+    other = _sessions_holding(sessions, folder, files) if not (found.t1 and found.bold) else {}
     return SubjectSource(sid, label, found.t1, found.bold, origin, notes + found.notes + tr_notes, sidecar, table,
                          folder.name if sessions else None, found.bold_refused, other,
-                         wrong)
+                         _named_elsewhere(found, sid, folder))
 
 
-def _sessions_holding(sessions: list[Path], used: Path, bold_task: str | None) -> dict[str, tuple[str, ...]]:
-    """Session folder name -> the modalities it holds, for a subject's sessions other than
-    ``used`` that hold any image."""
+def _sessions_holding(sessions: list[Path], used: Path, files: Callable[[Path], _Found]
+                      ) -> dict[str, tuple[str, ...]]:
+    """Session folder name -> the modalities it holds (``files``: a folder's :func:`_bids_files`),
+    for a subject's sessions other than ``used`` that hold any image."""
     held = {}
     for p in sessions:
         if p == used:
             continue
-        found = _bids_files(p, bold_task)
+        found = files(p)
         has = tuple(m for m, f in (("t1", found.t1), ("fmri", found.bold)) if f)
         if has:
             held[p.name] = has

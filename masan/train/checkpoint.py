@@ -336,13 +336,13 @@ class CheckpointManager:
         crash). torch's zip writer reports a full disk as a RuntimeError about stream positions,
         so after any other error a probe of :data:`PROBE_BYTES` asks the disk. None for a failure
         of another kind."""
-        if disk_refusal(e) is None:
-            refusal = _probe_refusal(self.dir)
-            if refusal is None:
-                return None
-            e = OSError(refusal.errno, f"{refusal.strerror} (after a failed save: {type(e).__name__}: "
-                        f"{str(e)[:200]})", str(folder))
-        return e if isinstance(e, OSError) else None
+        if disk_refusal(e) is not None:
+            return e
+        refusal = _probe_refusal(self.dir)
+        if refusal is None:
+            return None
+        return OSError(refusal.errno, f"{refusal.strerror} (after a failed save: {type(e).__name__}: {str(e)[:200]})",
+                       str(folder))
 
     def _install(self, saved: Path, tag: str) -> None:
         """Rank 0: the marked folder ``saved`` becomes checkpoint ``tag``; a complete one of that

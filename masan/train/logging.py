@@ -91,7 +91,7 @@ class TrainLogger:
         self.writer = None
         self._open = None
         self._progress_file = RunDir(run_dir).progress if enabled else None
-        self._intervals: list | None = None
+        self._intervals: list[list[float]] = []
         if enabled and log_cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -120,10 +120,8 @@ class TrainLogger:
         and the restart, not training (status would have taken it for a slow step)."""
         if self._progress_file is None:
             return
-        if self._intervals is None:
-            self._intervals = []
         now = time.time()
-        self._intervals = [e for e in self._intervals if e[1] < step][-ETA_INTERVALS:] + [[now, step, float(epochs)]]
+        self._intervals = self._intervals[-ETA_INTERVALS:] + [[now, step, float(epochs)]]
         try:
             atomic_write_json(self._progress_file, {"intervals": self._intervals, "loss": [now, step, float(loss)]},
                               indent=None)
