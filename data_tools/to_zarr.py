@@ -145,12 +145,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     src.add_argument("--manifest", type=Path, help="CSV with columns subject,t1,fmri,label (paths relative to it)")
     p.add_argument("--out", type=Path, required=True, help="store folder (created, or updated in place)")
     p.add_argument("--label-column", default="diagnosis",
-                   help="participants.tsv column holding the diagnosis (default %(default)s)")
+                   help="column holding the diagnosis, in participants.tsv or the sessions tables "
+                        "(default %(default)s)")
     p.add_argument("--label-map", default=None,
                    help="extra RAW=CLASS pairs, e.g. 'Dementia=AD,SMC=NC' (CN=NC is built in; case-insensitive; "
                         "a raw label maps to one class)")
     p.add_argument("--classes", nargs="+", default=list(DEFAULT_CLASSES),
                    help=f"class names, in order, each once (default {' '.join(DEFAULT_CLASSES)})")
+    p.add_argument("--label-source", default=None, choices=["participants", "sessions"],
+                   help="where the diagnosis is read: participants.tsv, or each subject's sub-X/sub-X_sessions.tsv "
+                        "(the row of the session converted: ADNI's BIDS converters write each visit's diagnosis "
+                        "there); default: participants.tsv when it has --label-column, else the sessions tables")
     p.add_argument("--session", default=None, help="BIDS session to use (default: first with T1w and BOLD)")
     p.add_argument("--bold-task", default=None, metavar="LABEL",
                    help="use the BOLD runs of this BIDS task (func/*_task-LABEL_*bold.nii[.gz]; e.g. nback) as the "
@@ -204,6 +209,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.workers < 1:
         print(f"to_zarr: --workers must be 1 or more, got {args.workers}", file=sys.stderr)
         return 2
+    if args.label_source is not None and not args.bids:
+        print("to_zarr: --label-source applies to --bids (a manifest's labels are its label column)", file=sys.stderr)
+        return 2
     if "none" in args.require and len(args.require) > 1:
         print(f"to_zarr: --require {' '.join(args.require)}: none stands alone (every subject with the images it "
               "has); or name the modalities every subject must have", file=sys.stderr)
@@ -228,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
             unoriented=args.unoriented, register=args.register, template=args.template, threads=args.threads,
             allow_unlabeled=args.allow_unlabeled, bold_task=args.bold_task)
         if args.bids:
-            sources = discover_bids(args.bids, args.label_column, args.session, opts.bold_task)
+            sources = discover_bids(args.bids, args.label_column, args.session, opts.bold_task, args.label_source)
             effect = planted_effect(args.bids)
             extra = {"planted_effect": effect} if effect else None
         else:

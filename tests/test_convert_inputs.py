@@ -426,6 +426,73 @@ def test_runs_and_sessions_are_taken_in_natural_order(tmp_path):
     assert Path(jobs["sub-002"].sources["t1"]).name == "sub-002_ses-M12_T1w.nii.gz"
 
 
+def _visits(bids: Path, diagnoses: dict[str, dict[str, str]]) -> None:
+    """Clinica's ADNI layout: each subject's scans in a session folder per visit, each visit's
+    diagnosis in its sessions table, and participants.tsv with the screening one only."""
+    rows = ["participant_id\tdiagnosis_sc"]
+    for sid, visits in diagnoses.items():
+        _into_sessions(bids / sid, tuple(visits))
+        rows.append(f"{sid}\tNC")
+        (bids / sid / f"{sid}_sessions.tsv").write_text(
+            "session_id\tage\tdiagnosis\n" + "".join(f"ses-{v}\t70\t{d}\n" for v, d in visits.items()))
+    (bids / "participants.tsv").write_text("\n".join(rows) + "\n")
+    for folder in bids.glob("sub-*"):
+        if folder.name not in diagnoses:
+            shutil.rmtree(folder)
+
+
+def test_labels_come_from_the_visit_converted_when_the_sessions_tables_hold_them(tmp_path, capsys):
+    """ADNI diagnoses change between visits and ADNI's BIDS converters write each visit's in
+    sub-X/sub-X_sessions.tsv: participants.tsv without --label-column was refused, and taking its
+    screening column would label month-24 AD scans NC."""
+    bids = _synth(tmp_path, n=1)
+    _visits(bids, {"sub-001": {"M00": "CN", "M24": "AD"}, "sub-002": {"M00": "EMCI", "M24": "LMCI"}})
+    jobs, failed = _check(bids)
+    assert not failed and {s: j.label for s, j in jobs.items()} == {"sub-001": "NC", "sub-002": "EMCI"}
+    jobs, failed = _check(bids, session="M24")
+    assert not failed and {s: j.label for s, j in jobs.items()} == {"sub-001": "AD", "sub-002": "LMCI"}
+    with pytest.raises(ConvertError, match="the subjects' sessions tables have 'diagnosis': pass --label-source sess"):
+        discover_bids(bids, label_source="participants")
+
+    # participants.tsv's column is used when it has it; a visit it contradicts is noted
+    (bids / "participants.tsv").write_text("participant_id\tdiagnosis\nsub-001\tNC\nsub-002\tEMCI\n")
+    jobs, _ = _check(bids, session="M24")
+    assert jobs["sub-001"].label == "NC"
+    assert any("while sub-001/sub-001_sessions.tsv row 3 says AD for ses-M24" in n for n in jobs["sub-001"].notes)
+    assert "--label-source sessions" in " ".join(jobs["sub-001"].notes)
+    jobs, _ = _check(bids, session="M00")
+    assert not any("sessions.tsv" in n for n in jobs["sub-001"].notes)  # CN is NC: the same class
+    jobs, _ = _check(bids, session="M24", label_source="sessions")
+    assert jobs["sub-001"].label == "AD" and not any("participants.tsv says" in n for n in jobs["sub-001"].notes)
+
+    out = tmp_path / "s.zarr"
+    (bids / "sub-002" / "sub-002_sessions.tsv").chmod(0o600)
+    assert to_zarr.main(["--bids", str(bids), "--out", str(out), "--no-progress", "--session", "M24",
+                         "--label-source", "sessions", "--classes", "NC", "EMCI", "LMCI", "AD"]) == 0
+    store = CohortStore(out)
+    assert {s: store.label(s) for s in store.subjects} == {"sub-001": "AD", "sub-002": "LMCI"}
+    assert str(bids / "sub-002" / "sub-002_sessions.tsv") in {t["path"] for t in store.attrs["inputs"]}
+    assert (out / "zarr.json").stat().st_mode & 0o077 == 0  # a label table closed to others closes the store
+    assert to_zarr.main(["--manifest", str(tmp_path / "m.csv"), "--out", str(out), "--label-source", "sessions"]) == 2
+    assert "--label-source applies to --bids" in capsys.readouterr().err
+
+
+def test_a_visit_the_sessions_table_cannot_label_fails_its_subject_naming_the_table(tmp_path):
+    bids = _synth(tmp_path, n=1)
+    _visits(bids, {"sub-001": {"M00": "CN"}, "sub-002": {"M00": "AD"}, "sub-003": {"M00": "AD"},
+                   "sub-004": {"M00": "MCI"}})
+    (bids / "sub-001" / "sub-001_sessions.tsv").unlink()
+    table = bids / "sub-002" / "sub-002_sessions.tsv"
+    table.write_text(table.read_text() + "ses-M00\t71\tNC\n")
+    table = bids / "sub-003" / "sub-003_sessions.tsv"
+    table.write_text(table.read_text().replace("ses-M00", "ses-M06"))
+    _, failed = _check(bids)
+    assert "sub-001/sub-001_sessions.tsv not found" in failed["sub-001"], failed
+    assert "has rows 2, 3 for ses-M00, the session converted; keep one" in failed["sub-002"], failed
+    assert "has no row for ses-M00" in failed["sub-003"], failed
+    assert "label 'MCI' (sub-004/sub-004_sessions.tsv row 2) is not a known class" in failed["sub-004"], failed
+
+
 def test_a_bold_run_without_a_task_label_is_used_with_a_note(tmp_path):
     """As documented: taken as resting-state when no run states a task (it failed the subject,
     and with --require t1 was stored while the report said 'stored without fMRI')."""

@@ -294,18 +294,18 @@ def convert_cohort(sources: list[SubjectSource], out: str | Path, options: Conve
 
     Subjects already published from unchanged sources with the same options are skipped
     (``verify`` re-reads them and redoes any whose checksum differs). Every failure is per
-    subject. Subjects the input no longer lists, whose source is missing or that fail now
-    keep their earlier conversion (reported as ``kept``) unless ``prune``. The store gets
-    the most restrictive permissions among its sources (images, sidecars, and the label
-    tables: :attr:`SubjectSource.table`) unless ``share`` says otherwise. The report
-    is returned, always stored in ``STORE/conversion_report.json`` and summarised in the root
-    attrs. A store converted from other label tables (:data:`INPUTS`) is refused unless
-    ``new_input`` (the same cohort, moved or listed anew): its subjects and this input's would
-    mix, those with the same id replaced. ``review(out)``, when given, looks at the store as
-    published (still under the lock) and its warnings join the report's (to_zarr.py: what
-    training would refuse). Raises
-    ConvertError (nothing changed) for unusable inputs, a locked store, an input listing no
-    subject, an ``out`` that is a file or cannot be written, or a store/run-directory nesting.
+    subject. Subjects the input no longer lists, whose source is missing or that fail now keep
+    their earlier conversion (reported as ``kept``) unless ``prune``. The store gets the most
+    restrictive permissions among its sources (images, sidecars, and the label tables:
+    :attr:`SubjectSource.table`, and the sessions tables labels were read from) unless ``share``
+    says otherwise. The report is returned, always stored in ``STORE/conversion_report.json``
+    and summarised in the root attrs. A store converted from other label tables (:data:`INPUTS`)
+    is refused unless ``new_input`` (the same cohort, moved or listed anew): its subjects and
+    this input's would mix, those with the same id replaced. ``review(out)``, when given, looks
+    at the store as published (still under the lock) and its warnings join the report's
+    (to_zarr.py: what training would refuse). Raises ConvertError (nothing changed) for unusable
+    inputs, a locked store, an input listing no subject, an ``out`` that is a file or cannot be
+    written, or a store/run-directory nesting.
     """
     opts = options or ConvertOptions()
     classes = tuple(classes)
@@ -321,7 +321,8 @@ def convert_cohort(sources: list[SubjectSource], out: str | Path, options: Conve
     jobs, failed = check_sources(sources, mapping, opts.require, opts.allow_unlabeled)
     opts, chosen = _chosen_spacing(opts, jobs)
     # The store holds every subject's label: the tables they were read from count as sources.
-    tables = sorted({Path(os.path.abspath(s.table)) for s in sources if s.table is not None})
+    tables = sorted({Path(os.path.abspath(t)) for s in sources
+                     for t in (s.table, s.visit.table if s.visit and s.labels_from_visits else None) if t is not None})
     images = [Path(p) for j in jobs for p in j.sources.values()]
     mode, gid, chosen_by = permissions.target_access(out, images, share or StoreAccess(), tables)
     narrow = access.narrowed_by(images + tables) if chosen_by == "sources" else []

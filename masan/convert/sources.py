@@ -84,6 +84,25 @@ class SubjectSource:
     misplaced: tuple[Path, str] | None = None
     """A chosen image named for another subject or session than its folder's, and why the
     subject fails for it (:func:`_named_elsewhere`)."""
+    visit: Visit | None = None
+    """The diagnosis of the visit converted, as its BIDS sessions table states it: the label itself
+    when labels come from the sessions tables (``label_source="sessions"``), else compared with
+    ``label`` (a subject whose diagnosis changed since participants.tsv's is noted)."""
+    labels_from_visits: bool = False
+    """``label`` is ``visit``'s: a label message names the sessions table's row, not ``origin``."""
+
+
+class Visit(NamedTuple):
+    """A subject's row of its BIDS sessions table (``sub-01/sub-01_sessions.tsv``) for the session
+    converted: its raw label, where it was read, or why it could not be."""
+
+    label: str | None
+    where: str
+    """E.g. ``sub-01/sub-01_sessions.tsv row 3`` (for messages)."""
+    table: Path | None
+    """The sessions table, when it exists: a label source, so it counts among the store's sources."""
+    problem: str | None = None
+    """Why the visit's label cannot be read (no table, no row for the session, a row twice...)."""
 
 
 @dataclass
@@ -440,7 +459,7 @@ def _named_elsewhere(found: _Found, sid: str, folder: Path) -> tuple[Path, str] 
 
 
 def discover_bids(bids: str | Path, label_column: str = "diagnosis", session: str | None = None,
-                  bold_task: str | None = None) -> list[SubjectSource]:
+                  bold_task: str | None = None, label_source: str | None = None) -> list[SubjectSource]:
     """Subjects of a BIDS folder: participants.tsv (participant_id + ``label_column``) and
     ``sub-*/[ses-*/]anat/*_T1w.nii[.gz]``, ``func/*_bold.nii[.gz]`` (other files, such as
     ``*_T1w.nii.gz.bak``, are left out with a note).
@@ -451,6 +470,12 @@ def discover_bids(bids: str | Path, label_column: str = "diagnosis", session: st
     with BOLD runs but none of those gets :attr:`SubjectSource.fmri_refused`. With several
     runs, the first in natural order; the choice is noted. Refused (ConvertError): a table with
     ``participant_id`` or ``label_column`` twice, or a field over several lines.
+
+    The diagnosis is read from participants.tsv's ``label_column``, or, with ``label_source``
+    ``"sessions"``, from each subject's sessions table (``sub-01/sub-01_sessions.tsv``: the row of
+    the session converted), as ADNI's BIDS converters write the diagnosis of each visit there.
+    ``label_source`` None: participants.tsv when it has the column, else the sessions tables when
+    one has it. Reading participants.tsv, a visit whose sessions-table diagnosis is another is noted.
     """
     bids = Path(bids)
     if not bids.is_dir():
@@ -468,13 +493,16 @@ def discover_bids(bids: str | Path, label_column: str = "diagnosis", session: st
         raise ConvertError(f"{table} has the column {twice[0]!r} {cols.count(twice[0])} times (columns {cols}): only "
                            "the last would be read, and a table pasted from two may pair its ids with another "
                            "table's rows; keep one column of each name")
-    if "participant_id" not in cols or label_column not in cols:
+    visits = label_source == "sessions" or (label_source is None and label_column not in cols
+                                             and _sessions_have(bids, label_column))
+    if "participant_id" not in cols or (label_column not in cols and not visits):
         near = [c for c in cols if c.strip().lower() in ("participant_id", label_column.lower())
                 and c not in ("participant_id", label_column)]
         hint = (f" ({', '.join(map(repr, near))} differs only in case or spaces: BIDS column names are exact)"
                 if near else "")
-        raise ConvertError(f"{table} has columns {cols}{_delimiter_hint(cols, sep)}{hint}; it needs participant_id "
-                           f"and {label_column!r} (pick the label column with --label-column)")
+        needs = "participant_id" if visits else f"participant_id and {label_column!r}"
+        raise ConvertError(f"{table} has columns {cols}{_delimiter_hint(cols, sep)}{hint}; it needs {needs} "
+                           f"(pick the label column with --label-column{_sessions_hint(bids, label_column)})")
     _check_participant_ids(bids, table, rows)
     want = None if not session else session if session.startswith("ses-") else f"ses-{session}"
     sources = []
@@ -489,11 +517,77 @@ def discover_bids(bids: str | Path, label_column: str = "diagnosis", session: st
         if folder.is_dir() and folder.name not in listed:
             sources.append(_bids_subject(bids, folder.name, want, session, found_sessions, None,
                                          f"folder {folder} (not in participants.tsv)", None, bold_task, listings))
+    for s in sources:
+        if s.subject:
+            s.visit = _visit(bids, s.subject, s.session, label_column)
+            s.labels_from_visits = visits
+            if visits:
+                s.label = s.visit.label
     if want and want not in found_sessions:
         fix = (f"its sessions are {', '.join(sorted(found_sessions))}: pass one of those" if found_sessions else
                "the cohort has no session folders (sub-*/ses-*): leave --session out")
         raise ConvertError(f"--session {session}: no subject in {bids} has a {want} folder; {fix}")
     return sources
+
+
+SESSIONS_TABLE = "{subject}_sessions.tsv"
+"""A subject's BIDS sessions table, in its folder: ``session_id`` and per-visit columns."""
+
+
+def _sessions_tables(bids: Path) -> list[Path]:
+    return sorted(p for p in bids.glob("sub-*/sub-*_sessions.tsv") if p.name == SESSIONS_TABLE.format(
+        subject=p.parent.name))
+
+
+def _header(table: Path) -> list[str]:
+    """The column names of a tab-separated table ([] when it cannot be read as UTF-8 text)."""
+    try:
+        with table.open(newline="", encoding="utf-8-sig") as f:
+            return next(csv.reader(f, delimiter="\t"), [])
+    except (OSError, UnicodeDecodeError):
+        return []
+
+
+def _sessions_have(bids: Path, column: str) -> bool:
+    """Whether a subject's sessions table of ``bids`` has the column ``column``."""
+    return any(column in _header(t) for t in _sessions_tables(bids))
+
+
+def _sessions_hint(bids: Path, column: str) -> str:
+    """What the sessions tables say of ``column``, for a participants.tsv without it."""
+    found = _sessions_tables(bids)
+    if not found:
+        return ""
+    if any(column in _header(t) for t in found):
+        return f"; the subjects' sessions tables have {column!r}: pass --label-source sessions to read each visit's"
+    return f"; nor do the subjects' sessions tables have it, e.g. {found[0]} has {_header(found[0])}"
+
+
+def _visit(bids: Path, sid: str, session: str | None, column: str) -> Visit:
+    """The row of ``sid``'s sessions table for ``session`` (the session folder converted)."""
+    table = bids / sid / SESSIONS_TABLE.format(subject=sid)
+    where = f"{sid}/{table.name}"
+    if session is None:
+        return Visit(None, where, None, "its images are in no session folder, so no row of a sessions table is their "
+                     "visit's: move them into their visit's ses-<label> folder")
+    if not table.is_file():
+        return Visit(None, where, None, f"{where} {_absence(table) if table.is_symlink() else 'not found'}: its "
+                     f"diagnosis is read from its sessions table (session_id and {column!r} columns); write it")
+    sep = "\t"
+    try:
+        cols, rows = _read_table(table, sep)
+    except ConvertError as e:
+        return Visit(None, where, table, str(e))
+    if "session_id" not in cols or column not in cols:
+        return Visit(None, where, table, f"{where} has columns {cols}{_delimiter_hint(cols, sep)}; it needs "
+                     f"session_id and {column!r}")
+    rows = [(i, r) for i, r in rows if (r["session_id"] or "").strip() in (session, session.removeprefix("ses-"))]
+    if len(rows) != 1:
+        shown = f"rows {', '.join(str(i) for i, _ in rows)}" if rows else "no row"
+        fix = "keep one" if rows else "add the visit's diagnosis"
+        return Visit(None, where, table, f"{where} has {shown} for {session}, the session converted; {fix}")
+    i, r = rows[0]
+    return Visit(_label(r.get(column)), f"{where} row {i}", table)
 
 
 def _not_bids_folder(bids: Path) -> str:
@@ -659,19 +753,26 @@ def check_sources(sources: list[SubjectSource], label_map: dict[str, str], requi
             fail(f"subject id {s.subject!r} is not a safe name; use 1-64 letters, digits, '-' or '_' "
                  "(starting with a letter or digit)")
             continue
+        visit = s.visit if s.visit is not None and s.labels_from_visits else None
+        if visit is not None and visit.problem:
+            fail(visit.problem, visit.table)
+            continue
         if s.label is None and not allow_unlabeled:
-            fail("has no label; fill in its diagnosis (a row in participants.tsv / the manifest), or convert "
-                 "with --allow-unlabeled to store it for prediction only")
+            where = visit.where if visit else "a row in participants.tsv / the manifest"
+            fail(f"has no label; fill in its diagnosis ({where}), or convert with --allow-unlabeled to store it "
+                 "for prediction only")
             continue
         cls = None if s.label is None else label_map.get(s.label.upper())
         if cls is None and s.label is not None:
-            fail(f"label {s.label!r} is not a known class; known labels {sorted(label_map)}; {_label_fix(s.label)}")
+            read = f" ({visit.where})" if visit else ""
+            fail(f"label {s.label!r}{read} is not a known class; known labels {sorted(label_map)}; "
+                 f"{_label_fix(s.label)}")
             continue
         if s.misplaced is not None:
             fail(s.misplaced[1], s.misplaced[0])
             continue
-        notes = s.notes
-        if s.label is None and s.table is None and s.origin.startswith("folder "):
+        notes = s.notes + _visit_differs(s, cls, label_map)
+        if s.label is None and s.table is None and s.origin.startswith("folder ") and visit is None:
             notes = notes + ["not in participants.tsv: stored unlabeled (if it is listed under another id, e.g. "
                              "without zero padding, write its folder's name there)"]
         if s.fmri_refused is not None:
@@ -713,6 +814,19 @@ def check_sources(sources: list[SubjectSource], label_map: dict[str, str], requi
             paths[FMRI_SIDECAR] = os.path.abspath(s.fmri_sidecar)
         jobs.append(Job(s.subject, cls, paths, notes))
     return jobs, failures
+
+
+def _visit_differs(s: SubjectSource, cls: str | None, label_map: dict[str, str]) -> list[str]:
+    """A note when participants.tsv's diagnosis (class ``cls``) is not the one its sessions table
+    states for the visit converted: ADNI diagnoses change between visits (MCI at baseline, AD at
+    month 24), and the images are that visit's."""
+    v = s.visit
+    if s.labels_from_visits or cls is None or v is None or v.problem or v.label is None:
+        return []
+    if label_map.get(v.label.upper(), v.label) == cls:
+        return []
+    return [f"labelled {cls} as participants.tsv says, while {v.where} says {v.label} for {s.session}, the visit its "
+            "images are from (pass --label-source sessions to label each subject by its visit)"]
 
 
 def _absence(path: Path) -> str:
