@@ -27,6 +27,7 @@ from pathlib import Path
 from launch.slurm import jobs
 from launch.slurm.queue import Queued, never_starts, slurm_state, squeue_states
 from launch.slurm.submission import failure_logs
+from masan.order import natural_path
 from masan.rundir import RunDir, ended_early
 from masan.train.eta import ETA_INTERVALS, duration_text, epoch_fraction, eta_seconds
 from masan.train.runlock import holder_record, local_holders
@@ -80,7 +81,8 @@ class RunStatus:
 
 
 def find_runs(paths: list[str | os.PathLike]) -> list[tuple[Path, Path, OSError | None]]:
-    """(root given, run directory, None) for every run directory at or below each path, sorted;
+    """(root given, run directory, None) for every run directory at or below each path, in
+    natural order (``repeat_2`` before ``repeat_10``: :func:`masan.order.natural_path`);
     nothing is searched inside a run directory (its checkpoints, tb, slurm folders). A folder
     this user may not list or look into is listed too, with the error: it may hold runs, and
     leaving it out would make the table look complete when it is not."""
@@ -100,7 +102,7 @@ def find_runs(paths: list[str | os.PathLike]) -> list[tuple[Path, Path, OSError 
                 found.setdefault(here, (root, None))
                 dirs.clear()
             dirs.sort()
-    return sorted(((root, run, err) for run, (root, err) in found.items()), key=lambda r: str(r[1]))
+    return sorted(((root, run, err) for run, (root, err) in found.items()), key=lambda r: natural_path(r[1]))
 
 
 def _user(uid: int) -> str:

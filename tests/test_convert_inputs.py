@@ -420,7 +420,7 @@ def test_runs_and_sessions_are_taken_in_natural_order(tmp_path):
     assert not failed, failed
     assert Path(jobs["sub-001"].sources["t1"]).name == "sub-001_run-2_T1w.nii.gz"
     assert Path(jobs["sub-003"].sources["t1"]).name == "sub-003_ses-01_T1w.nii.gz"
-    from masan.convert.sources import natural
+    from masan.order import natural
     names = ["ses-bl2", "ses-M12", "ses-bl", "ses-M"]
     assert sorted(names, key=lambda n: natural(Path(n))) == ["ses-M", "ses-M12", "ses-bl", "ses-bl2"]
     assert Path(jobs["sub-002"].sources["t1"]).name == "sub-002_ses-M12_T1w.nii.gz"

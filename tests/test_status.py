@@ -436,6 +436,15 @@ def test_a_start_that_logs_nothing_leaves_no_events_file(tmp_path):
     assert [p.name.startswith("events.out.tfevents") for p in (tmp_path / "tb").iterdir()] == [True]
 
 
+def test_runs_are_listed_in_natural_order(tmp_path):
+    """repeat_10 sorted before repeat_2 as strings: a table of ten repeats read out of order."""
+    for name in ("repeat_10", "repeat_2", "repeat_1", "b/repeat_3", "a10", "a9"):
+        (tmp_path / name).mkdir(parents=True)
+        (tmp_path / name / run_status.RUN_MARKERS[0]).write_text("{}")
+    found = [str(run.relative_to(tmp_path)) for _, run, _ in run_status.find_runs([tmp_path])]
+    assert found == ["a9", "a10", "b/repeat_3", "repeat_1", "repeat_2", "repeat_10"]
+
+
 # ====================================================================== a job that can never start
 
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
+from masan.order import natural
 from masan.store.cohort import MODALITIES
 
 PLANTED_EFFECT_FILE = "planted_effect.json"
@@ -228,13 +229,6 @@ def _values(row: dict) -> list[str]:
 def _blank(row: dict) -> bool:
     """Every field of a csv.DictReader row is empty."""
     return not any(v.strip() for v in _values(row))
-
-
-def natural(path: Path) -> tuple[list, str]:
-    """Sort key of a file or folder name with its numbers compared as numbers (``run-2`` before
-    ``run-10``, ``ses-M12`` before ``ses-M108``): the order scanners and ADNI number visits in."""
-    tokens = [(0, int(t), "") if t.isascii() and t.isdigit() else (1, 0, t) for t in re.split(r"([0-9]+)", path.name)]
-    return tokens, path.name  # ses-1 and ses-01 tie on numbers: the name decides, not the listing
 
 
 def _pick(files: list[Path], kind: str, usable: list[Path] | None = None) -> tuple[Path | None, list[str]]:
