@@ -612,7 +612,7 @@ def test_help_shows_the_label_column_and_classes_defaults(capsys):
     with pytest.raises(SystemExit):
         to_zarr.parse_args(["--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "the diagnosis (default diagnosis)" in text and "(default NC EMCI LMCI AD)" in text
+    assert "sessions tables (default diagnosis)" in text and "(default NC EMCI LMCI AD)" in text
 
 
 def test_one_scan_under_two_subject_ids_is_warned_at_conversion_and_training(tmp_path):
