@@ -181,16 +181,17 @@ def creation_umask(file_mode: int) -> Iterator[None]:
 
 
 def _walk(root: Path, settled: Iterable[Path] = ()) -> Iterator[tuple[Path, os.stat_result]]:
-    """``root`` and everything under it, without following symlinks (they are skipped:
-    their targets are not ours to change). A directory in ``settled`` is yielded but not
-    entered (a tree whose contents are known to be as they should)."""
+    """``root`` and everything under it, without following symlinks below it (they are
+    skipped: their targets are not ours to change). ``root`` itself is followed when it is a
+    link: the user named it (``--out`` a link to the real folder), and skipping it would leave
+    the whole tree as open as it was. A directory in ``settled`` is yielded but not entered (a
+    tree whose contents are known to be as they should)."""
+    root = Path(os.path.realpath(root))
     st = os.lstat(root)
-    if stat.S_ISLNK(st.st_mode):
-        return
     yield root, st
     if not stat.S_ISDIR(st.st_mode):
         return
-    settled = {Path(s) for s in settled}
+    settled = {Path(os.path.realpath(s)) for s in settled}
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
         for name in dirnames + filenames:
             p = Path(dirpath) / name

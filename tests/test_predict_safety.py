@@ -133,6 +133,23 @@ def test_a_model_file_that_would_run_code_is_refused_without_running_it(tmp_path
     assert not ran.exists()
 
 
+def test_a_resume_from_a_file_that_would_run_code_refuses_without_running_it(tmp_path, tiny_config, copy):
+    """DeepSpeed unpickles whatever a checkpoint holds: a colleague's planted object ran in the
+    resumed run (and a resume that skipped such a file would restart from scratch)."""
+    folder = copy / "checkpoints" / FINAL
+    states = torch.load(folder / STATES, map_location="cpu", weights_only=False)
+    ran = tmp_path / "ran"
+    torch.save({**states, "extra": _Payload(ran)}, folder / STATES)
+    _as_saved(folder)
+    res = subprocess.run([sys.executable, str(REPO / "launch/train_local.py"), "--config", str(tiny_config),
+                          f"run_dir={copy}", "train.pretrain_epochs=1", "train.joint_epochs=2"],
+                         capture_output=True, text=True, timeout=600, cwd=REPO, check=False)
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert "could run code" in res.stderr and "checkpoint.trust_objects=true" in res.stderr, res.stderr[-3000:]
+    assert not ran.exists() and "Traceback" not in res.stderr
+    assert not (copy / "checkpoints" / "step_000021").exists()
+
+
 def test_a_run_saved_under_numpy_1_is_read_under_numpy_2(tmp_path, copy):
     """The RNG states a checkpoint holds pickle NumPy's arrays under its module names of the day."""
     folder = copy / "checkpoints" / FINAL

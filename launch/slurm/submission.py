@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import io
 import re
+import shlex
 import shutil
 from functools import lru_cache
 from pathlib import Path
@@ -35,7 +36,10 @@ def make_executor(folder: Path, res: Resources, max_requeues: int):
     import submitit  # lazy: --help and local runs need no submitit
 
     ex = submitit.SlurmExecutor(folder=folder, max_num_timeout=max_requeues)
-    ex.update_parameters(**res.executor_parameters(), stderr_to_stdout=True, setup=[f"source {ENV_SCRIPT}"],
+    # Quoted (a checkout path with spaces); a job whose environment script fails stops there
+    # instead of training without its thread counts, NCCL settings and preemption signal.
+    setup = [f"source {shlex.quote(str(ENV_SCRIPT))} || exit 1"]
+    ex.update_parameters(**res.executor_parameters(), stderr_to_stdout=True, setup=setup,
                          additional_parameters={"requeue": True}, srun_args=list(SRUN_ARGS))
     return ex
 

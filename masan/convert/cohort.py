@@ -66,6 +66,7 @@ from masan.store.cohort import (
     SUBJECTS,
     TRASH,
     damaged_root,
+    table_rows,
 )
 from masan.store.permissions import StoreAccess
 from masan.store.publish import Interrupted, stop_signals  # noqa: F401  (re-exported for to_zarr.py)
@@ -401,7 +402,10 @@ def _convert_locked(root: Any, out: Path, jobs: list[Job], opts: ConvertOptions,
         shutil.rmtree(out / leftover, ignore_errors=True)
     # The table keeps every published subject until a new version replaces it: readers never
     # see a subject vanish while it is reconverted.
-    rows: dict[str, dict] = {r["subject"]: r for r in dict(root.attrs).get("cohort", [])}
+    try:
+        rows = table_rows(out, dict(root.attrs))
+    except ValueError as e:
+        raise ConvertError(str(e)) from None
     publish.drop_unreferenced(out, rows)
     todo = []
     for job in jobs:

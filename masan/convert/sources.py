@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from masan.order import natural
-from masan.store.cohort import MODALITIES
+from masan.store.cohort import MODALITIES, SAFE_ID
 
 PLANTED_EFFECT_FILE = "planted_effect.json"
 """A synthetic cohort's truth record beside participants.tsv (written by masan.synth.phantom and
@@ -33,7 +33,6 @@ masan.synth.anatomy, copied into the store's root attributes by to_zarr)."""
 DEFAULT_CLASSES = ("NC", "EMCI", "LMCI", "AD")
 ADNI_ALIASES = {"CN": "NC"}
 """Diagnosis spellings of ADNI tables mapped to the class names by default."""
-SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 MISSING_LABEL = frozenset({"", "n/a", "na", "nan"})
 """Label cells that mean "no diagnosis" (lower-cased, stripped), in participants.tsv and a
 manifest alike: BIDS writes ``n/a``, R ``NA``, pandas ``nan``."""
@@ -743,7 +742,7 @@ def check_sources(sources: list[SubjectSource], label_map: dict[str, str], requi
             fail(f"subject id {s.subject!r} appears {counts[s.subject]} times ({', '.join(where)}); "
                  "give each subject exactly one row")
             continue
-        if not SAFE_ID.match(s.subject):
+        if not SAFE_ID.fullmatch(s.subject):
             fail(f"subject id {s.subject!r} is not a safe name; use 1-64 letters, digits, '-' or '_' "
                  "(starting with a letter or digit)")
             continue

@@ -44,6 +44,7 @@ import logging
 import os
 import shutil
 import socket
+import stat
 import time
 import weakref
 from collections.abc import Iterable
@@ -106,9 +107,37 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+OWNER_RECORD_BYTES = 4096
+"""At most this much of an owner file is read (the record is one short line)."""
+
+
+def _open_owner(owner: Path) -> int:
+    """A read descriptor of a cache's ``owner`` file. The cache folder lies where every user may
+    write (``/dev/shm``): a link or a pipe planted under that name is refused (OSError), never
+    followed or waited on."""
+    fd = os.open(owner, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(f"{owner} is not a plain file")
+    return fd
+
+
+def _owner_record(folder: Path) -> str:
+    """The owner line of a cache folder of this user (OSError for a folder that is a link or
+    another user's: not ours to judge or remove)."""
+    st = os.lstat(folder)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+        raise OSError(f"{folder} is not a cache folder of this user")
+    fd = _open_owner(folder / OWNER)
+    try:
+        return os.read(fd, OWNER_RECORD_BYTES).decode(errors="replace")
+    finally:
+        os.close(fd)
+
+
 def _owner_alive(owner: Path) -> bool:
     """Whether a live process holds the ``flock`` on ``owner`` (False: its cache was left behind)."""
-    fd = os.open(owner, os.O_RDONLY | os.O_CLOEXEC)
+    fd = _open_owner(owner)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -127,7 +156,8 @@ def _bytes_under(folder: Path) -> int:
 
 
 def sweep_stale(cache_dir: Path) -> list[Path]:
-    """Remove cache directories of this host whose owner no longer holds its lock (a killed run); -> removed.
+    """Remove this user's cache directories of this host whose owner no longer holds its lock (a
+    killed run); -> removed.
 
     Each removal is logged with its name and size: shared memory a killed run held until now
     (its node's RAM), which would otherwise vanish without a trace."""
@@ -135,7 +165,7 @@ def sweep_stale(cache_dir: Path) -> list[Path]:
     host = socket.gethostname()
     for d in cache_dir.glob(PREFIX + "*"):
         try:
-            owner_host, pid, *how = (d / OWNER).read_text().split()
+            owner_host, pid, *how = _owner_record(d).split()
             if owner_host != host or (_owner_alive(d / OWNER) if how == [LOCKED] else _pid_alive(int(pid))):
                 continue
         except (OSError, ValueError):

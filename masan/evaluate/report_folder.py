@@ -86,10 +86,13 @@ class ReportFolder:
         return p
 
     def _inside(self, name: str) -> Path | None:
-        """The listed file ``name`` if it is a plain file under the folder (a hand-edited list
-        must not reach files elsewhere), else None."""
+        """The listed file ``name`` if it is a plain file under the folder, reached through no
+        symbolic link (a hand-edited list, or a subfolder replaced by a link, must not reach files
+        elsewhere), else None."""
         p = self.root / name
-        if Path(name).is_absolute() or ".." in Path(name).parts or p.is_symlink() or not p.is_file():
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            return None
+        if any((self.root / part).is_symlink() for part in _prefixes(Path(name))) or not p.is_file():
             return None
         return p
 
@@ -119,3 +122,8 @@ class ReportFolder:
             return f"the report in {self.root} is complete"
         return (f"the report in {self.root} is incomplete ({self.incomplete} marks it): rerun the same command "
                 "(the same --out) to complete it")
+
+
+def _prefixes(name: Path) -> list[Path]:
+    """``a``, ``a/b``, ``a/b/c`` of the relative path ``a/b/c``: every step from a folder down to it."""
+    return [Path(*name.parts[: i + 1]) for i in range(len(name.parts))]

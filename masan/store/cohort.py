@@ -46,6 +46,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -96,6 +97,28 @@ def damaged_root(path: str | os.PathLike, error: BaseException) -> str:
             f"store {path}, which holds its cohort table, is damaged. The subjects' data may be intact, but no tool "
             f"can tell which of their versions are current: restore that file from a backup, or move the store "
             f"aside (mv {path} {path}.damaged) and convert again with data_tools/to_zarr.py and the same inputs")
+
+
+SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+"""A subject id (``fullmatch``): it names the subject's folder of the store and files of reports,
+so nothing that would leave those folders (``..``, ``/``, ``.``) is one."""
+
+
+def table_rows(path: str | os.PathLike, attrs: dict) -> dict[str, dict]:
+    """Subject -> row of a store's cohort table (root attributes ``attrs``). ValueError when a row
+    names no safe subject id (:data:`SAFE_ID`): the table is written only by to_zarr, so such a
+    row was edited in, and ``subjects/<id>`` would reach outside the store (a prune would delete
+    there, a report write there)."""
+    rows = {}
+    for r in attrs.get("cohort") or []:
+        subject = r.get("subject") if isinstance(r, dict) else None
+        if not isinstance(subject, str) or not SAFE_ID.fullmatch(subject):
+            raise ValueError(f"{Path(path) / ROOT_META}: its cohort table has a row whose subject is "
+                             f"{subject!r}, not a subject id (letters, digits, '-' and '_'): the table was edited "
+                             "or damaged; no tool reads or changes a store through it. Restore that file from a "
+                             "backup, or convert the cohort again into a new store with data_tools/to_zarr.py")
+        rows[subject] = r
+    return rows
 
 
 class MissingChunkError(FileNotFoundError):
@@ -206,8 +229,12 @@ class CohortStore:
                 raise StoreError(damaged_root(self.path, e)) from e
             if attrs.get("masan_store", {}).get("format") != FORMAT:
                 raise StoreError(f"{self.path} is a Zarr group but not a MASAN cohort store; {FIX}")
+            try:
+                rowmap = table_rows(self.path, attrs)
+            except ValueError as e:
+                raise StoreError(str(e)) from None
             self._root, self._attrs, self._arrays, self._pid = root, attrs, {}, os.getpid()
-            self._rowmap = {r["subject"]: r for r in attrs.get("cohort", [])}
+            self._rowmap = rowmap
         return self._root
 
     @property

@@ -52,7 +52,7 @@ from typing import IO, Any
 
 from masan import access
 from masan.files import atomic_writer
-from masan.store.cohort import CURRENT, SUBJECTS
+from masan.store.cohort import CURRENT, SAFE_ID, SUBJECTS
 
 LOCK = ".lock"
 WORKERS_LOCK = ".lock.workers"
@@ -362,12 +362,14 @@ def drop_versions(root: Path, subject: str, keep: str | None) -> None:
     the old, unversioned layout (``subjects/<id>/t1`` directly) counts as one old version;
     its ``zarr.json`` becomes the subject's group. Reruns call this for every subject, which
     also gives stores written before subject groups their ``zarr.json`` and ``current``."""
+    if not SAFE_ID.fullmatch(subject):  # the callers check the table; a deletion is checked again here
+        raise ValueError(f"{subject!r} is not a subject id: nothing of {root / SUBJECTS} is named so")
     folder = root / SUBJECTS / subject
     if keep is None:
         shutil.rmtree(folder, ignore_errors=True)
         return
     keep_name = keep.rsplit("/", 1)[-1]
-    if not (folder / keep_name).is_dir():
+    if not VERSION.match(keep_name) or not (folder / keep_name).is_dir():
         return  # the table names a version that is gone (a damaged store): change nothing, verify reports it
     point_current(root, subject, keep_name)
     for child in folder.iterdir():
@@ -394,7 +396,7 @@ def drop_unreferenced(out: Path, rows: dict[str, dict]) -> None:
     reader can know them), and point each listed subject's ``current`` at its row's version.
     Folders that are not subject data are left alone."""
     for folder in sorted((out / SUBJECTS).iterdir()) if (out / SUBJECTS).is_dir() else ():
-        if not folder.is_dir() or folder.is_symlink():
+        if not folder.is_dir() or folder.is_symlink() or not SAFE_ID.fullmatch(folder.name):
             continue
         row = rows.get(folder.name)
         if row is None:

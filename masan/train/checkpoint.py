@@ -482,13 +482,20 @@ class CheckpointManager:
             if self._any_rank_failed(tag, "damaged", self.damage(tag, shards=not world_changed)):
                 skip.add(tag)
                 continue
+            unknown = None
             try:
-                path, client = engine.load_checkpoint(
-                    str(self.dir), tag=tag, load_module_only=world_changed,
-                    load_optimizer_states=not world_changed, load_lr_scheduler_states=False)
+                with checked_objects(engine, trusted=cfg.checkpoint.trust_objects):
+                    path, client = engine.load_checkpoint(
+                        str(self.dir), tag=tag, load_module_only=world_changed,
+                        load_optimizer_states=not world_changed, load_lr_scheduler_states=False)
                 why = "DeepSpeed found nothing to load" if path is None or client is None else None
+            except UnknownObject as e:  # not a damaged file to skip: every older one would hold the same
+                why, unknown = str(e), str(e)
             except Exception as e:  # noqa: BLE001 - any load failure means: try the previous one
                 why = f"load failed: {type(e).__name__}: {e}"
+            refused = next((u for u in D.all_gather_objects(unknown) if u), None)
+            if refused:
+                raise ResumeError(refused)
             if self._any_rank_failed(tag, "unloadable", why):
                 skip.add(tag)
                 continue
@@ -565,6 +572,56 @@ def _numpy_globals() -> list:
     dtypes = [type(np.dtype(t)) for t in (np.uint32, np.uint64, np.int64, np.float64)]
     return [*((multiarray._reconstruct, f"{m}.multiarray._reconstruct") for m in ("numpy.core", "numpy._core")),
             np.ndarray, np.dtype, *dtypes]
+
+
+def _deepspeed_globals() -> list:
+    """What DeepSpeed's own optimizer shards hold besides tensors and plain values: the ZeRO stage,
+    the loss scaler (bf16: static, fp16: dynamic) and the fragment map of each parameter."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [ZeroStageEnum, fragment_address, LossScaler, DynamicLossScaler]
+
+
+class UnknownObject(ResumeError):
+    """A checkpoint file holds an object of a type a checkpoint of this tool never holds."""
+
+
+@contextlib.contextmanager
+def checked_objects(engine, trusted: bool = False):
+    """While inside, ``engine`` reads checkpoint files with ``torch.load(weights_only=True)``:
+    tensors, plain values and the NumPy and DeepSpeed types a checkpoint holds
+    (:func:`_numpy_globals`, :func:`_deepspeed_globals`). DeepSpeed itself unpickles whatever the
+    file holds, and a pickle can run any code: a run directory others may write (a shared project
+    folder) must not hand them this process. A file holding anything else raises
+    :class:`UnknownObject`. ``trusted`` (``checkpoint.trust_objects``) leaves DeepSpeed's loader
+    as it is."""
+    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+
+    ce = getattr(engine, "checkpoint_engine", None)
+    if trusted or not isinstance(ce, TorchCheckpointEngine):
+        yield
+        return
+    allowed = [*_numpy_globals(), *_deepspeed_globals()]
+
+    def load(path: str, map_location=None):
+        try:
+            with torch.serialization.safe_globals(allowed):
+                return torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as e:
+            what = str(e).split("WeightsUnpickler error: ")[-1].splitlines()[0][:200]
+            raise UnknownObject(
+                f"{path} holds an object a checkpoint of this tool never holds ({what}): the file was altered, or "
+                "written by another tool or DeepSpeed version, and loading it could run code hidden in it, so it "
+                "was not loaded. If the run directory is yours alone and its files came from this tool, resume "
+                "with checkpoint.trust_objects=true; else start afresh in a new run_dir") from None
+
+    ce.load = load  # the engine's every read (model states, optimizer shards) goes through it
+    try:
+        yield
+    finally:
+        del ce.load
 
 
 def load_weights(run_dir: Path, tag: str) -> dict:

@@ -49,6 +49,7 @@ import logging
 import os
 import signal
 import socket
+import stat
 import threading
 import time
 from datetime import datetime
@@ -116,16 +117,19 @@ class RunLock:
         if self.held or self.unsupported:
             return self.held
         try:
-            fd = os.open(self.path, os.O_RDWR)  # write access: NFS grants exclusive locks only to writers
+            # write access: NFS grants exclusive locks only to writers
+            fd = os.open(self.path, os.O_RDWR | os.O_NOFOLLOW)
         except FileNotFoundError:
             return False
         except PermissionError:
             return False  # the start's writability check refuses it, naming the folder
         except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise self._not_a_file() from None
             if e.errno != errno.EROFS:
                 raise
             return False  # a read-only file system: the same check names it
-        self._lock(fd)
+        self._lock(self._plain(fd))
         return self.held
 
     def take(self) -> None:
@@ -133,11 +137,13 @@ class RunLock:
         if not self.held and not self.unsupported:
             try:
                 self.run_dir.mkdir(parents=True, exist_ok=True)
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
             except OSError as e:  # the start's writability check passes some such paths (/proc, for root)
+                if e.errno == errno.ELOOP:
+                    raise self._not_a_file() from None
                 raise ConfigError(f"run_dir={self.run_dir}: cannot create {e.filename or self.path} ({e.strerror}); "
                                   "choose a run_dir in a folder you may write, e.g. run_dir=runs/NAME") from None
-            self._lock(fd)
+            self._lock(self._plain(fd))
         if self.held:
             record = {"pid": os.getpid(), "host": socket.gethostname(), "since": datetime.now().isoformat(
                 timespec="seconds"), "launcher_pid": os.environ.get(LAUNCHER_PID_ENV),
@@ -145,6 +151,19 @@ class RunLock:
             data = (json.dumps(record) + "\n").encode()
             os.ftruncate(self.fd, 0)  # in place: a new file would not be the one locked
             os.pwrite(self.fd, data, 0)
+
+    def _not_a_file(self) -> ConfigError:
+        """A run.lock that is a symbolic link (or another kind of file): the lock record is written
+        into it, so following it would overwrite whatever it points at."""
+        return ConfigError(f"{self.path} is not a plain file (a symbolic link, a pipe...): a run's lock file is its "
+                           "own; nothing was written through it. Remove it if the run is yours, then start again")
+
+    def _plain(self, fd: int) -> int:
+        """``fd`` when it is a regular file; else closed, and the refusal raised."""
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise self._not_a_file()
+        return fd
 
     def _lock(self, fd: int) -> None:
         deadline = time.monotonic() + self.wait_s

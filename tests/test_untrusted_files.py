@@ -1,0 +1,142 @@
+"""Files that a colleague with write access to a shared folder, a damaged copy or an unusual
+checkout may have put where the tools look: a table row naming a path, a link in place of a
+file or folder, a pipe in /dev/shm. Nothing the tools delete, overwrite or open reaches outside
+the folder it belongs to, and no run waits forever on such a file."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from masan import access
+from masan.config import ConfigError
+from masan.evaluate.report_folder import MANIFEST_NAME, ReportFolder
+from masan.store.cohort import CohortStore, StoreError
+from masan.train.runlock import RunLock
+from test_data_convert import ROOT, _synth, to_zarr
+
+
+def _add_row(store: Path, subject: str) -> None:
+    """Edit a row naming ``subject`` into the store's cohort table (a copy of the first row)."""
+    meta = store / "zarr.json"
+    doc = json.loads(meta.read_text())
+    rows = doc["attributes"]["cohort"]
+    rows.append(dict(rows[0], subject=subject))
+    meta.write_text(json.dumps(doc))
+
+
+@pytest.mark.parametrize("subject", ["../../victim", "."])
+def test_a_table_row_naming_a_path_is_refused_and_prune_deletes_nothing(tmp_path, capsys, subject):
+    """--prune removed subjects/<id> for a row the input no longer lists: '../../victim' deleted
+    a folder beside the store, '.' every subject's data."""
+    bids = _synth(tmp_path, n=1)
+    out = tmp_path / "s.zarr"
+    args = ["--bids", str(bids), "--out", str(out), "--no-progress"]
+    assert to_zarr.main(args) == 0
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "data.txt").write_text("mine")
+    _add_row(out, subject)
+    assert to_zarr.main([*args, "--prune"]) == 2
+    assert "its cohort table has a row whose subject is" in capsys.readouterr().err
+    assert (victim / "data.txt").read_text() == "mine"
+    assert len(list((out / "subjects").iterdir())) == 5  # four subjects and the group's zarr.json
+    with pytest.raises(StoreError, match="the table was edited or damaged"):
+        CohortStore(out).subjects
+
+
+def test_an_output_folder_given_as_a_link_is_closed_like_the_folder_itself(tmp_path):
+    """tighten skipped a root that is a symbolic link: the store, report or run directory behind
+    `--out link` stayed as open as it was while the tool said it was closed."""
+    real = tmp_path / "real"
+    (real / "sub").mkdir(parents=True)
+    (real / "sub" / "f").write_text("x")
+    os.chmod(real, 0o755)
+    os.chmod(real / "sub", 0o755)
+    os.chmod(real / "sub" / "f", 0o644)
+    link = tmp_path / "link"
+    link.symlink_to("real")
+    assert access.more_open_than(link, 0o600)
+    access.tighten(link, 0o600)
+    assert not access.more_open_than(link, 0o600)
+    assert oct((real / "sub" / "f").stat().st_mode & 0o777) == oct(0o600)
+    assert oct(real.stat().st_mode & 0o777) == oct(0o700)
+
+
+def test_a_report_subfolder_replaced_by_a_link_loses_nothing_elsewhere(tmp_path):
+    """The list of an earlier report's files is followed to remove what a new report no longer
+    writes: through a figures/ that is a link it deleted files outside the report folder."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "notes.txt").write_text("mine")
+    report = tmp_path / "report"
+    report.mkdir()
+    (report / "figures").symlink_to(elsewhere)
+    (report / "old.png").write_text("old")
+    (report / MANIFEST_NAME).write_text(json.dumps(["figures/notes.txt", "old.png"]))
+    folder = ReportFolder(report)
+    folder.begin()
+    removed = folder.finish()
+    assert removed == [report / "old.png"]
+    assert (elsewhere / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("take", ["take", "take_existing"])
+def test_a_run_lock_that_is_a_link_is_refused_and_its_target_kept(tmp_path, take):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("mine")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.lock").symlink_to(victim)
+    with pytest.raises(ConfigError, match="is not a plain file"):
+        getattr(RunLock(run), take)()
+    assert victim.read_text() == "mine"
+    (run / "run.lock").unlink()
+    os.mkfifo(run / "run.lock")
+    with pytest.raises(ConfigError, match="is not a plain file"):
+        RunLock(run).take()
+
+
+def test_a_pipe_planted_in_the_shared_cache_folder_does_not_hang_a_start(tmp_path):
+    """/dev/shm is writable by every user: a folder named like a cache with a pipe as its owner
+    file blocked every data.cache=host start of the node in the sweep of stale caches."""
+    planted = tmp_path / "masan-cache-planted"
+    planted.mkdir()
+    os.mkfifo(planted / "owner")
+    other = tmp_path / "masan-cache-linked"
+    other.mkdir()
+    (other / "owner").symlink_to(planted / "owner")
+    code = ("import sys; from pathlib import Path; from masan.data.cache import sweep_stale; "
+            "print(sweep_stale(Path(sys.argv[1])))")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=120,
+                          cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr
+    assert planted.is_dir() and other.is_dir()
+
+
+def test_the_job_script_sources_the_cluster_environment_from_a_path_with_spaces(tmp_path, monkeypatch):
+    """Unquoted, `source /x/my proj/...` failed and the job trained on without its environment."""
+    from launch.slurm import submission
+    from launch.slurm.plan import Resources
+
+    env = tmp_path / "my proj $(touch pwned)" / "cluster_env.sh"
+    env.parent.mkdir()
+    env.write_text("export MASAN_ENV_READ=yes\n")
+    monkeypatch.setattr(submission, "ENV_SCRIPT", env)
+    ex = submission.make_executor(tmp_path / "logs", Resources(), max_requeues=0)
+    text = ex._make_submission_file_text("echo run", "uid")
+    line = next(x for x in text.splitlines() if "cluster_env.sh" in x)
+    shown = subprocess.run(["bash", "-c", f"{line}\necho $MASAN_ENV_READ"], capture_output=True, text=True,
+                           cwd=tmp_path)
+    assert shown.stdout.strip() == "yes", (line, shown.stderr)
+    assert not (tmp_path / "pwned").exists()
+    env.unlink()
+    gone = subprocess.run(["bash", "-c", f"{line}\necho trained"], capture_output=True, text=True, cwd=tmp_path)
+    assert gone.returncode != 0 and "trained" not in gone.stdout
+    shutil.rmtree(env.parent)
