@@ -48,7 +48,7 @@ def test_a_table_row_naming_a_path_is_refused_and_prune_deletes_nothing(tmp_path
     assert (victim / "data.txt").read_text() == "mine"
     assert len(list((out / "subjects").iterdir())) == 5  # four subjects and the group's zarr.json
     with pytest.raises(StoreError, match="the table was edited or damaged"):
-        CohortStore(out).subjects
+        CohortStore(out).label("sub-001")
 
 
 def test_an_output_folder_given_as_a_link_is_closed_like_the_folder_itself(tmp_path):
