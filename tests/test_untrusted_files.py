@@ -51,6 +51,22 @@ def test_a_table_row_naming_a_path_is_refused_and_prune_deletes_nothing(tmp_path
         CohortStore(out).label("sub-001")
 
 
+def test_a_subject_linked_in_from_outside_the_store_is_not_read(tmp_path):
+    """Outputs follow the access of the store's root: a version folder linked to another (closed)
+    store's put that store's images into a QC report as open as this one."""
+    bids = _synth(tmp_path, n=1)
+    out = tmp_path / "s.zarr"
+    assert to_zarr.main(["--bids", str(bids), "--out", str(out), "--no-progress"]) == 0
+    closed = Path(shutil.copytree(out, tmp_path / "closed.zarr"))
+    version = Path(CohortStore(out).group_path("sub-001")).name
+    shutil.rmtree(out / "subjects" / "sub-001" / version)
+    (out / "subjects" / "sub-001" / version).symlink_to(closed / "subjects" / "sub-001" / version)
+    store = CohortStore(out)
+    with pytest.raises(StoreError, match="outside the store"):
+        store.read_t1("sub-001")
+    assert store.read_t1("sub-002").shape == (16, 16, 16)
+
+
 def test_an_output_folder_given_as_a_link_is_closed_like_the_folder_itself(tmp_path):
     """tighten skipped a root that is a symbolic link: the store, report or run directory behind
     `--out link` stayed as open as it was while the tool said it was closed."""

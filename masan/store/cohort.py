@@ -287,6 +287,7 @@ class CohortStore:
                 have = [m for m in MODALITIES if self.has(subject, m)] if subject in self._rows else None
                 what = f"has only {have}" if have is not None else "is not in the store"
                 raise KeyError(f"subject {subject!r} {what}; cannot read {modality!r} from {self.path}")
+            self._check_inside(key)
             try:
                 arr = nifti_zarr.open_image(self._root[key])
             except Exception as e:
@@ -298,6 +299,15 @@ class CohortStore:
             with contextlib.suppress(KeyError, RuntimeError, StopIteration):
                 del self._arrays[next(iter(self._arrays))]
         return arr
+
+    def _check_inside(self, key: str) -> None:
+        """StoreError when the array ``key`` lies outside the store, reached through a link: what
+        the tools write from a store is as open as the store (its root's access), so data linked
+        in from a closed store would be shown in files more readable than it is."""
+        real, root = os.path.realpath(self.path / key), os.path.realpath(self.path)
+        if os.path.commonpath([real, root]) != root:
+            raise StoreError(f"{self.path}: array {key} is a link to {real}, outside the store: the tools read a "
+                             f"subject only from inside its store, whose access their outputs follow; {FIX}")
 
     # ------------------------------------------------------------------ cohort table
     @property
