@@ -60,6 +60,18 @@ for ((i = 1; i <= NODES; i++)); do NODE_NAMES+=("node$i"); done
 
 die() { echo "local_cluster.sh: $*" >&2; exit 1; }
 
+# DIR holds the pid files `stop` kills and the config root's daemons read: one that another user
+# could have prepared (the default lies in /tmp, where everyone may create it) is refused.
+check_dir() {
+  [[ -e "$DIR" || -L "$DIR" ]] || return 0
+  [[ -d "$DIR" && ! -L "$DIR" ]] || bad_usage "--dir $DIR is not a folder (a link or a file); remove it or choose another --dir"
+  local owner mode
+  owner="$(stat -c %u "$DIR")"; mode="$(stat -c %a "$DIR")"
+  [[ "$owner" == "$(id -u)" ]] || bad_usage "--dir $DIR belongs to uid $owner, not to you: another user may have prepared its pid files and config; choose another --dir"
+  (( (8#$mode & 8#022) == 0 )) || bad_usage "--dir $DIR may be written by group or others (mode $mode): anyone could plant its pid files and config; run chmod go-w $DIR, or choose another --dir"
+}
+check_dir
+
 pid_alive() { [[ -f "$1" ]] && kill -0 "$(cat "$1")" 2>/dev/null; }
 
 install_if_missing() {
@@ -158,6 +170,8 @@ stop_daemons() {
   for pidfile in "$DIR/slurmctld.pid" "$DIR"/slurmd-node*.pid; do
     [[ -f "$pidfile" ]] || continue
     pid="$(cat "$pidfile")"
+    # only a SLURM daemon: a pid file left by a stopped cluster may name another process by now
+    if [[ ! "$(cat "/proc/$pid/comm" 2>/dev/null)" =~ ^slurm(ctld|d)$ ]]; then rm -f "$pidfile"; continue; fi
     if kill -0 "$pid" 2>/dev/null; then kill "$pid"; fi
     for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
     kill -0 "$pid" 2>/dev/null && kill -9 "$pid"
@@ -206,7 +220,7 @@ status() {
 
 case "$ACTION" in
   start)
-    mkdir -p "$DIR"
+    mkdir -p "$DIR" && chmod go-w "$DIR"
     install_if_missing
     changed=0
     write_config && changed=1

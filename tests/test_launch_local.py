@@ -223,6 +223,35 @@ def test_the_local_cluster_script_checks_its_arguments_before_doing_anything(arg
     assert not (tmp_path / "c").exists()  # nothing installed, written or started
 
 
+@pytest.mark.parametrize("action", ["start", "stop", "status"])
+def test_the_local_cluster_script_refuses_a_folder_others_may_write(action, tmp_path):
+    """Its daemons run as root: a /tmp folder another user prepared could hand them a config and
+    have stop kill any process its pid files name."""
+    folder = tmp_path / "c"
+    folder.mkdir()
+    folder.chmod(0o777)
+    (folder / "slurmctld.pid").write_text(str(os.getpid()))
+    res = subprocess.run(["bash", str(REPO / "hpc" / "local_cluster.sh"), action, "--dir", str(folder)],
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert res.returncode == 2 and "may be written by group or others" in res.stderr, res.stdout + res.stderr
+    assert sorted(p.name for p in folder.iterdir()) == ["slurmctld.pid"]
+
+
+def test_the_local_cluster_stop_kills_only_slurm_daemons(tmp_path):
+    """A pid file of a cluster stopped long ago may name another process by now."""
+    folder = tmp_path / "c"
+    folder.mkdir()
+    other = subprocess.Popen(["sleep", "60"])
+    try:
+        (folder / "slurmctld.pid").write_text(str(other.pid))
+        res = subprocess.run(["bash", str(REPO / "hpc" / "local_cluster.sh"), "stop", "--dir", str(folder)],
+                             capture_output=True, text=True, timeout=60, check=False)
+        assert res.returncode == 0 and other.poll() is None, res.stdout + res.stderr
+    finally:
+        other.kill()
+        other.wait()
+
+
 # ====================================================================== signals, the run lock, crashes
 
 SUBMIT = REPO / "launch" / "submit.py"
