@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import grp
 import os
+import pwd
 import stat
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -119,7 +120,9 @@ def _combine(path_stats: list[os.stat_result], folder_stats: list[os.stat_result
     gid = gids.pop() if len(gids) == 1 else None
     if gid is None:
         mode &= ~0o070
-    return mode | OWNER_RW, gid
+    # Writing is never shared with every user, whatever the sources allow (files copied from a
+    # CIFS share or an archive come as 666): anyone could swap a checkpoint or a label.
+    return (mode & ~0o002) | OWNER_RW, gid
 
 
 def narrowed_by(paths: Iterable[str | os.PathLike]) -> list[str]:
@@ -141,6 +144,13 @@ def _group_name(gid: int) -> str:
         return grp.getgrgid(gid).gr_name
     except KeyError:
         return str(gid)
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
 
 
 def parse_mode(text: str) -> int:
@@ -243,9 +253,17 @@ def _tighten(root: Path, file_mode: int, gid: int | None, settled: Iterable[Path
              ) -> tuple[int, int | None, list[Path]]:
     dmode = dir_mode(file_mode) | (stat.S_ISGID if gid is not None else 0)
     loose = []
+    me = os.geteuid()
     for p, st in _walk(root, settled):
-        if _more_open(st, file_mode, gid):
+        more = _more_open(st, file_mode, gid)
+        if more:
             loose.append(p)
+        if st.st_uid != me and me != 0:  # a group member's file (a shared run or store): not ours to chmod
+            if more:
+                raise AccessError(f"{p} belongs to {_user_name(st.st_uid)} and is more open than {root} may be "
+                                  f"({stat.S_IMODE(st.st_mode):o}, wanted at most {file_mode:o}); ask them to run "
+                                  f"chmod go-rwx (or the group bits the folder allows) on it, then start again")
+            continue
         if gid is not None and st.st_gid != gid:
             try:
                 os.chown(p, -1, gid, follow_symlinks=False)

@@ -107,3 +107,54 @@ def tiny_config(tmp_path_factory, tiny_store) -> Path:
     path = tmp_path_factory.mktemp("config") / "tiny.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+SECOND_USER = "masan-reader"
+"""A user of its own group, created when missing: what another user of a cluster may do."""
+
+
+def second_user() -> tuple[int, int]:
+    """(uid, gid) of :data:`SECOND_USER` (root only: created with useradd when missing)."""
+    import pwd
+
+    if subprocess.run(["id", SECOND_USER], capture_output=True, check=False).returncode != 0:
+        res = subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", SECOND_USER],
+                             capture_output=True, text=True, check=False)
+        assert res.returncode in (0, 9), res.stderr  # 9: created meanwhile by another test
+    pw = pwd.getpwnam(SECOND_USER)
+    return pw.pw_uid, pw.pw_gid
+
+
+def as_second_user(fn, groups: tuple[int, ...] = ()) -> tuple[int, str]:
+    """(exit code, output) of ``fn()`` (returning an exit code) run as :func:`second_user`, also
+    a member of ``groups``: as root, in a forked child that drops to that user. The interpreter
+    lives where that user may not look, so the child keeps the modules this process imported:
+    import what ``fn`` needs first. An exception in the child comes back as its traceback."""
+    import contextlib
+    import io
+
+    uid, gid = second_user()
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        code = 99
+        try:
+            os.close(read_end)
+            os.setgroups(list(groups))
+            os.setgid(gid)
+            os.setuid(uid)
+            out = io.StringIO()
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+                code = fn()
+            os.write(write_end, out.getvalue().encode())
+        except BaseException:  # noqa: BLE001 - report anything to the parent, which fails the test
+            import traceback
+
+            os.write(write_end, traceback.format_exc().encode())
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as f:
+        text = f.read().decode()
+    _, wait = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(wait), text

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import as_second_user
 from launch import run_status, status
 from launch.slurm import jobs, partition, queue
 from launch.slurm.plan import Resources
@@ -279,55 +280,17 @@ def test_a_damaged_run_is_one_row_with_its_problem(runs, tmp_path, capsys):
     assert run_status.collect([corrupt])[0].note.startswith("jobs.json is corrupt (not the record launch/submit.py")
 
 
-READER = "masan-reader"
-"""The second user of tests/test_train_reliability.py (created when missing)."""
-
-
-def _reader_uid() -> tuple[int, int]:
-    if subprocess.run(["id", READER], capture_output=True, check=False).returncode != 0:
-        res = subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", READER],
-                             capture_output=True, text=True, check=False)
-        assert res.returncode in (0, 9), res.stderr  # 9: created meanwhile by another test
-    pw = pwd.getpwnam(READER)
-    return pw.pw_uid, pw.pw_gid
-
-
 def status_as_reader(paths: list[Path]) -> tuple[int, str]:
-    """launch/status.py's main as a user the runs' owner did not open them to: as root, in a
-    forked child that drops to a second user (this interpreter lives where that user may not
-    look, so the child keeps the modules this process has already imported); otherwise as this
-    user, for whom the test closed them (mode 0)."""
+    """launch/status.py's main as a user the runs' owner did not open them to: as root, a second
+    user (:func:`conftest.as_second_user`); otherwise as this user, for whom the test closed them
+    (mode 0)."""
     if os.geteuid() != 0:
         out = io.StringIO()
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
             code = status.main([str(p) for p in paths])
         return code, out.getvalue()
-    uid, gid = _reader_uid()
     run_status.collect(paths)  # imports everything the reading needs, while they can be read
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: never returns into pytest
-        code = 99
-        try:
-            os.close(read_end)
-            os.setgroups([])
-            os.setgid(gid)
-            os.setuid(uid)
-            out = io.StringIO()
-            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
-                code = status.main([str(p) for p in paths])
-            os.write(write_end, out.getvalue().encode())
-        except BaseException:  # noqa: BLE001 - report anything to the parent, which fails the test
-            import traceback
-
-            os.write(write_end, traceback.format_exc().encode())
-        finally:
-            os._exit(code)
-    os.close(write_end)
-    with os.fdopen(read_end, "rb") as f:
-        text = f.read().decode()
-    _, wait = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(wait), text
+    return as_second_user(lambda: status.main([str(p) for p in paths]))
 
 
 def test_runs_another_user_may_not_read_are_rows_naming_file_and_permission(runs):

@@ -10,10 +10,12 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
+from conftest import as_second_user, second_user
 from masan import access
 from masan.config import ConfigError
 from masan.evaluate.report_folder import MANIFEST_NAME, ReportFolder
@@ -156,3 +158,72 @@ def test_the_job_script_sources_the_cluster_environment_from_a_path_with_spaces(
     gone = subprocess.run(["bash", "-c", f"{line}\necho trained"], capture_output=True, text=True, cwd=tmp_path)
     assert gone.returncode != 0 and "trained" not in gone.stdout
     shutil.rmtree(env.parent)
+
+
+@pytest.fixture
+def shared(tmp_path):
+    """A folder outside pytest's (which only root may enter) that a second user may reach."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root, to act as a second user")
+    top = Path(tempfile.mkdtemp(prefix="masan-shared-", dir="/tmp"))
+    top.chmod(0o755)
+    yield top
+    shutil.rmtree(top, ignore_errors=True)
+
+
+def test_a_group_members_files_are_left_as_they_are_when_closed_enough(shared):
+    """A resume of a colleague's run chmod-ed their files back to the run's mode (DeepSpeed gives
+    its zero_to_fp32.py an owner x bit at every save) and crashed on every start: only the owner
+    may chmod."""
+    _, gid = second_user()
+    run = shared / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    script = run / "checkpoints" / "zero_to_fp32.py"
+    script.write_text("")
+    for path, mode in ((run, 0o2770), (run / "checkpoints", 0o2770), (script, 0o760)):
+        os.chown(path, 0, gid)
+        path.chmod(mode)
+    code, out = as_second_user(lambda: access.tighten(run, 0o660, gid) and 0)
+    assert code == 0, out
+    assert script.stat().st_mode & 0o777 == 0o760
+    script.chmod(0o764)  # readable by every user: not the run's to leave so, and not ours to change
+    code, out = as_second_user(lambda: access.tighten(run, 0o660, gid) and 0)
+    assert code != 0 and "belongs to root and is more open than" in out and "AccessError" in out, out
+
+
+def test_sources_any_user_may_write_give_outputs_only_their_owner_and_group_may(tmp_path):
+    """Files copied from a CIFS share or an archive come as 666: a store, run directory or
+    checkpoint as open would let any user of the node change labels or swap a checkpoint."""
+    source, shared_only = tmp_path / "t1.nii.gz", tmp_path / "bold.nii.gz"
+    for path, mode in ((source, 0o666), (shared_only, 0o664)):
+        path.write_text("")
+        path.chmod(mode)
+    tmp_path.chmod(0o777)
+    assert access.restrictive_mode([source]) == access.restrictive_mode([shared_only])  # reading stays as shared
+    assert access.restrictive_mode([source])[0] & 0o002 == 0
+    tmp_path.chmod(0o700)
+
+
+def test_a_group_members_live_local_run_counts_as_running(shared):
+    """Signalling another user's process is refused: that meant dead, and a second submission
+    queued behind a colleague's live run (to be refused at its start, after its wait)."""
+    import socket
+
+    from launch.slurm import jobs
+
+    job = {"job_id": str(os.getpid()), "host": socket.gethostname()}
+    code, out = as_second_user(lambda: 0 if jobs._local_alive(job) else 1)
+    assert code == 0, out
+
+
+def test_the_run_lock_records_its_start_with_the_time_zone(tmp_path):
+    """Written without its offset, a user in another zone read a stop as older or newer than the
+    start and status got a stopped run wrong."""
+    from datetime import datetime
+
+    from masan.train.runlock import holder_record
+
+    lock = RunLock(tmp_path)
+    lock.take()
+    since = datetime.fromisoformat(holder_record(tmp_path / "run.lock")["since"])
+    assert since.tzinfo is not None

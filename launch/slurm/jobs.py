@@ -290,6 +290,8 @@ def _local_alive(job: dict) -> bool:
         return False  # cannot tell from here; a local run elsewhere does not block
     try:
         os.kill(int(job["job_id"]), 0)
+    except PermissionError:  # alive, another user's: a group member's run in a shared run directory
+        return True
     except (OSError, ValueError):
         return False
     return True

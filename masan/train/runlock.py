@@ -145,8 +145,9 @@ class RunLock:
                                   "choose a run_dir in a folder you may write, e.g. run_dir=runs/NAME") from None
             self._lock(self._plain(fd))
         if self.held:
-            record = {"pid": os.getpid(), "host": socket.gethostname(), "since": datetime.now().isoformat(
-                timespec="seconds"), "launcher_pid": os.environ.get(LAUNCHER_PID_ENV),
+            since = datetime.now().astimezone().isoformat(timespec="seconds")  # with its offset: users' zones differ
+            record = {"pid": os.getpid(), "host": socket.gethostname(), "since": since,
+                      "launcher_pid": os.environ.get(LAUNCHER_PID_ENV),
                 "slurm_job": os.environ.get("SLURM_JOB_ID")}
             data = (json.dumps(record) + "\n").encode()
             os.ftruncate(self.fd, 0)  # in place: a new file would not be the one locked
