@@ -19,7 +19,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from masan.access import describe_mode, restrictive_mode
+from masan.access import describe_mode, reports_denied, restrictive_mode
 from masan.convert.cohort import verify_published
 from masan.store.cohort import LAST_CONVERSION, CohortStore, StoreError
 
@@ -116,6 +116,7 @@ def subject_detail(store: CohortStore, subject: str) -> list[str]:
     return lines
 
 
+@reports_denied("inspect_store")
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("store", type=Path)

@@ -38,6 +38,7 @@ import signal
 import sys
 from pathlib import Path
 
+from masan.access import reports_denied
 from masan.files import disk_refusal
 from masan.qc.options import QCError, QCOptions, add_option_arguments
 from masan.qc.report import left_behind, write_report
@@ -57,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@reports_denied("qc_report")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     opts = QCOptions.from_args(args, progress=not args.no_progress)

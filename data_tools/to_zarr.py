@@ -31,7 +31,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from masan.access import AccessError, parse_group, parse_mode
+from masan.access import AccessError, parse_group, parse_mode, reports_denied
 from masan.argtypes import number
 from masan.config import ModelConfig
 from masan.convert.cohort import (
@@ -204,6 +204,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+@reports_denied("to_zarr")
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.workers < 1:

@@ -47,6 +47,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from launch.run_status import RunStatus, collect
+from masan.access import reports_denied
 from masan.train.eta import duration_text
 
 COLUMNS = ("run", "variant", "repeat", "slurm", "phase", "epoch", "step", "checkpoint", "age", "requeues",
@@ -101,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@reports_denied("status")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.watch is not None and not args.watch > 0:

@@ -59,7 +59,7 @@ from launch.slurm import jobs
 from launch.slurm.partition import check_partition
 from launch.slurm.plan import DEFAULT_RUN_DIR, Resources, RunSpec, base_run_dir, plan_runs, slurm_time, time_text
 from launch.slurm.submission import SubmitError, failure_logs, log_path, submit_slurm
-from masan.access import creation_umask, restrictive_mode
+from masan.access import creation_umask, reports_denied, restrictive_mode
 from masan.argtypes import number
 from masan.config import ConfigError, add_override_arguments
 from masan.rundir import RunDir
@@ -260,6 +260,7 @@ def _select(specs: list[RunSpec]) -> list[RunSpec] | None:
     return todo
 
 
+@reports_denied("submit")
 def main(argv: list[str] | None = None) -> int:
     try:
         return _main(argv)

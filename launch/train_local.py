@@ -32,6 +32,7 @@ import sys
 import time
 from pathlib import Path
 
+from masan.access import reports_denied
 from masan.argtypes import number
 
 FORWARDED_SIGNALS = (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
@@ -305,6 +306,7 @@ def strip_nproc(argv: list[str]) -> list[str]:
     return out
 
 
+@reports_denied("train_local")
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)

@@ -28,10 +28,12 @@ derives the directory mode. The owner always keeps read and write (the writer is
 from __future__ import annotations
 
 import contextlib
+import functools
 import grp
 import os
 import pwd
 import stat
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TypeVar
@@ -366,3 +368,37 @@ def describe_mode(file_mode: int, gid: int | None) -> str:
     """``0o640`` + gid -> ``"files 640, folders 750, group staff"`` for messages."""
     group = "" if gid is None else f", group {_group_name(gid)}"
     return f"files {file_mode:03o}, folders {dir_mode(file_mode):03o}{group}"
+
+
+def denied(e: PermissionError) -> str:
+    """One line for a path this user may not reach (``e``): the path, the first folder on the
+    way that stops this user, with its owner, group and mode, and what to do. A shared project
+    folder is often open to its group only."""
+    if not e.filename:
+        return f"permission denied ({e.strerror or e}); ask the owner of the files for access"
+    path = Path(os.path.abspath(e.filename))
+    # from / down: the first folder this user may not enter, else the path itself
+    stop = next((f for f in reversed(path.parents) if not os.access(f, os.X_OK)), path)
+    try:
+        st = os.stat(stop)
+        where = (f"{stop} (owner {_user_name(st.st_uid)}, group {_group_name(st.st_gid)}, mode "
+                 f"{stat.S_IMODE(st.st_mode):o})")
+    except OSError:
+        where = str(stop)
+    return (f"{path}: permission denied ({e.strerror}): {where} is not open to you; ask its owner for access "
+            "(e.g. to add you to its group), or work on a copy you may read")
+
+
+def reports_denied(prog: str) -> Callable:
+    """Decorator of a tool's ``main``: a path this user may not reach (PermissionError) ends it
+    in one line (:func:`denied`) with exit status 2, not a traceback."""
+    def wrap(main: Callable) -> Callable:
+        @functools.wraps(main)
+        def run(*args, **kwargs):
+            try:
+                return main(*args, **kwargs)
+            except PermissionError as e:
+                print(f"{prog}: {denied(e)}", file=sys.stderr)
+                return 2
+        return run
+    return wrap

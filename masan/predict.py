@@ -56,6 +56,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 
 from masan import argtypes
+from masan.access import reports_denied
 from masan.config import ConfigError, RunConfig, load_config
 from masan.files import disk_refusal
 from masan.inference import predict_subjects
@@ -397,6 +398,7 @@ def _older_runs_geometry(cfg: RunConfig, run_dir: Path, store: str, used: list[s
                     "shapes stored mirrored would pass); put the run's store back at its path to check them")
 
 
+@reports_denied("predict")
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m masan.predict", description=__doc__.split("\n\n")[0],

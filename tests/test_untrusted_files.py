@@ -227,3 +227,23 @@ def test_the_run_lock_records_its_start_with_the_time_zone(tmp_path):
     lock.take()
     since = datetime.fromisoformat(holder_record(tmp_path / "run.lock")["since"])
     assert since.tzinfo is not None
+
+
+def test_a_path_behind_a_folder_closed_to_the_user_is_one_line_naming_it(shared):
+    """pathlib raises on a folder the user may not enter: every tool ended in a traceback."""
+    from data_tools import inspect_store
+    from launch import status
+    from masan.evaluate import __main__ as evaluate
+
+    closed = shared / "alice"
+    (closed / "runs" / "r1").mkdir(parents=True)
+    closed.chmod(0o700)
+    mine = shared / "bob"
+    mine.mkdir(mode=0o777)
+    mine.chmod(0o777)
+    for main, args in ((status.main, [str(closed / "runs")]),
+                       (evaluate.main, [str(closed / "runs" / "r1"), "--out", str(mine / "report")]),
+                       (inspect_store.main, [str(closed / "c.zarr")])):
+        code, out = as_second_user(lambda main=main, args=args: main(args))
+        assert code == 2 and "Traceback" not in out, out
+        assert f"{closed} (owner root, group root, mode 700) is not open to you" in out, out

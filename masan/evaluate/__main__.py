@@ -19,7 +19,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from masan import argtypes
-from masan.access import describe_mode, write_restricted
+from masan.access import describe_mode, reports_denied, write_restricted
 from masan.evaluate.plots import TOP_K, VIEWS
 from masan.evaluate.region_ranking import RegionError, load_atlas_labels, open_atlas
 from masan.evaluate.report import (
@@ -95,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@reports_denied("evaluate")
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     folder = ReportFolder(args.out)
