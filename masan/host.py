@@ -1,16 +1,22 @@
 """This host as Linux reports it to this process: the cores it may run on, the memory the kernel
-can still give, and what this process holds now and at its peak (bytes). One owner for the
-reads that the converter and the launchers (how many threads?), the cohort cache (is there
-room?), the training log (peak per interval) and the benchmarks (growth per step) all need;
-off Linux each falls back to what :mod:`os` and :mod:`resource` know."""
+can still give, what this process holds now and at its peak (bytes), and how a file system that
+cannot lock files answers. One owner for the reads that the converter and the launchers (how
+many threads?), the cohort cache (is there room?), the training log (peak per interval) and the
+benchmarks (growth per step) all need; off Linux each falls back to what :mod:`os` and
+:mod:`resource` know."""
 
 from __future__ import annotations
 
+import errno
 import os
 import resource
 
 GIB = 2**30
 """Bytes in a GiB, the unit of every memory setting and report."""
+
+FLOCK_UNSUPPORTED = frozenset({errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL})
+"""What ``flock`` fails with on a file system that cannot lock files (NFS without its lock
+daemon, Lustre mounted without ``-o flock``), as opposed to a lock another process holds."""
 
 
 def usable_cores() -> int:

@@ -247,3 +247,24 @@ def test_a_path_behind_a_folder_closed_to_the_user_is_one_line_naming_it(shared)
         code, out = as_second_user(lambda main=main, args=args: main(args))
         assert code == 2 and "Traceback" not in out, out
         assert f"{closed} (owner root, group root, mode 700) is not open to you" in out, out
+
+
+def test_a_file_system_without_locks_is_named_and_a_submission_goes_on(tmp_path, monkeypatch, capsys, caplog):
+    """NFS without its lock daemon, Lustre without -o flock: to_zarr said the disk could not be
+    written (it could), and submit.py crashed with a traceback after printing its plan."""
+    import errno
+    import fcntl
+
+    from launch.slurm import jobs
+
+    def no_locks(*args):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    bids = _synth(tmp_path, n=1)
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    assert to_zarr.main(["--bids", str(bids), "--out", str(tmp_path / "s.zarr"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot lock files (flock: No locks available)" in err and "reading a store needs no lock" in err, err
+    with jobs._record_lock(tmp_path / "run"):
+        pass
+    assert "cannot lock files" in caplog.text

@@ -18,6 +18,7 @@ import contextlib
 import datetime
 import fcntl
 import json
+import logging
 import os
 import re
 import shutil
@@ -27,7 +28,10 @@ import subprocess
 from pathlib import Path
 
 from masan.files import atomic_write_json
+from masan.host import FLOCK_UNSUPPORTED
 from masan.rundir import RunDir
+
+log = logging.getLogger(__name__)
 
 QUERY_TIMEOUT_S = 30
 """Seconds a SLURM query (sinfo, squeue, sacct, scontrol) may take: a controller that is down
@@ -174,7 +178,14 @@ def _record_lock(run_dir: Path):
         yield
         return
     with open(path, "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        except OSError as e:
+            if e.errno not in FLOCK_UNSUPPORTED:
+                raise
+            log.warning("the file system of %s cannot lock files (flock: %s): jobs.json is written WITHOUT its "
+                        "lock, so two submissions into this run directory at once could both pass the busy check; "
+                        "submit each run directory once at a time (or mount with flock)", run_dir, e.strerror)
         _HELD.add(path)
         try:
             yield

@@ -52,7 +52,7 @@ from masan.convert.sources import (  # noqa: F401  (re-exported: the converter's
 )
 from masan.convert.subject import convert_subject, open_strict, source_record, verify_group
 from masan.files import atomic_write_json
-from masan.host import usable_cores
+from masan.host import FLOCK_UNSUPPORTED, usable_cores
 from masan.store import nifti_zarr, permissions, places, publish
 from masan.store.cohort import (
     FORMAT,
@@ -338,6 +338,12 @@ def convert_cohort(sources: list[SubjectSource], out: str | Path, options: Conve
         except publish.LockError as e:
             raise ConvertError(str(e)) from None
         except OSError as e:  # passed _check_writable, yet the file system refused (e.g. a lock file not ours)
+            if e.errno in FLOCK_UNSUPPORTED:  # not a disk to write elsewhere: a file system without locks
+                raise ConvertError(
+                    f"the file system of {out} cannot lock files (flock: {e.strerror}), and a store is written "
+                    "under a lock that keeps a second conversion and a killed run's workers out; convert to a "
+                    "local disk (or a file system mounted with flock, e.g. Lustre -o flock), then move the store "
+                    "there: reading a store needs no lock") from None
             raise _out_error(out, f"cannot create the store or its lock file ({e.strerror})") from None
         root, notes = _open_root(out)
         inputs = [{"path": str(t), "sha256": source_record(str(t))["sha256"]} for t in tables]

@@ -56,6 +56,7 @@ from datetime import datetime
 from pathlib import Path
 
 from masan.config import ConfigError
+from masan.host import FLOCK_UNSUPPORTED
 from masan.rundir import RunDir
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,6 @@ SLURM_WAIT_S = 180.0
 preempted job may still be ending, and an NFS server frees a crashed node's locks only when
 its lease expires."""
 POLL_S = 1.0
-_UNSUPPORTED = {errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL}
 _PR_SET_PDEATHSIG = 1
 _held_fds: set[int] = set()
 
@@ -189,7 +189,7 @@ class RunLock:
                 time.sleep(POLL_S)
             except OSError as e:
                 os.close(fd)
-                if e.errno not in _UNSUPPORTED:
+                if e.errno not in FLOCK_UNSUPPORTED:
                     raise
                 self.unsupported = True
                 log.warning("the file system of %s cannot lock files (flock: %s): this run goes on WITHOUT the "
