@@ -63,6 +63,20 @@ def test_training_starts_workers_from_a_fork_server_by_default():
     assert data_loader(LockProbe(), DataConfig(num_workers=0), batch_size=1).num_workers == 0
 
 
+def test_workers_start_from_a_fork_server_under_a_long_job_tmpdir(tmp_path):
+    """The fork server's socket lies in TMPDIR; a cluster job's per-job scratch path is often
+    long, and every loader failed with "AF_UNIX path too long"."""
+    long = tmp_path / ("scratch-of-job-" + "7" * 90)
+    long.mkdir()
+    code = ("from masan.config import DataConfig; from masan.data.workers import data_loader; "
+            "import tempfile; print(sum(int(b) for b in data_loader(list(range(4)), DataConfig(num_workers=1), "
+            "batch_size=1)), tempfile.gettempdir())")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO,
+                         env={**os.environ, "TMPDIR": str(long), "PYTHONPATH": str(REPO)})
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.split() == ["6", str(long)]  # the rest of the run keeps its TMPDIR
+
+
 class Stuck(Dataset):
     """Item 0 arrives; item 1 takes far longer than any timeout of the test."""
 

@@ -23,11 +23,14 @@ run stops and its launcher restarts it from the last checkpoint.
 from __future__ import annotations
 
 import multiprocessing
+import multiprocessing.util
+import os
+import tempfile
 from multiprocessing.context import BaseContext
 
 from torch.utils.data import DataLoader, Dataset
 
-from masan.config import DataConfig
+from masan.config import ConfigError, DataConfig
 from masan.data import forkserver
 
 TORCH_TIMEOUT = "DataLoader timed out"
@@ -45,9 +48,39 @@ def worker_context(start: str) -> BaseContext:
     when it starts, i.e. for the first loader of a process)."""
     context = multiprocessing.get_context(start)
     if start == "forkserver":
+        _short_socket_folder()
         forkserver.mark_parent()
         context.set_forkserver_preload(list(WORKER_IMPORTS))
     return context
+
+
+SOCKET_PATH_MAX = 107
+"""Characters of a Unix socket's path (``sun_path`` holds 108 bytes with the closing NUL)."""
+SHORT_TEMP_FOLDERS = ("/tmp", "/dev/shm", "/var/tmp")
+"""Where the fork server's socket goes when ``TMPDIR`` is too long for it."""
+
+
+def _short_socket_folder() -> None:
+    """The fork server listens on a socket in multiprocessing's temporary folder
+    (``TMPDIR/pymp-*/listener-*``); a job's ``TMPDIR`` on a cluster is often a long per-job
+    scratch path, past :data:`SOCKET_PATH_MAX`, and every loader then failed with "AF_UNIX path
+    too long". That folder alone is then made in a short place (the rest of the run keeps
+    ``TMPDIR``): multiprocessing creates it once per process, on first use."""
+    probe = os.path.join(tempfile.gettempdir(), "pymp-xxxxxxxx", "listener-xxxxxxxx")
+    if len(probe) <= SOCKET_PATH_MAX:
+        return
+    short = next((d for d in SHORT_TEMP_FOLDERS if os.access(d, os.W_OK | os.X_OK)), None)
+    if short is None:
+        raise ConfigError(f"TMPDIR={tempfile.gettempdir()} is too long for the DataLoader fork server's socket "
+                          f"(its path would pass {SOCKET_PATH_MAX} characters) and none of "
+                          f"{', '.join(SHORT_TEMP_FOLDERS)} may be written; set a shorter TMPDIR for the job, or "
+                          "data.worker_start=spawn")
+    before = tempfile.tempdir
+    tempfile.tempdir = short
+    try:
+        multiprocessing.util.get_temp_dir()
+    finally:
+        tempfile.tempdir = before
 
 
 class WorkerTimeout(RuntimeError):
