@@ -148,7 +148,8 @@ def _group_name(gid: int) -> str:
         return str(gid)
 
 
-def _user_name(uid: int) -> str:
+def owner_name(uid: int) -> str:
+    """A user's name, else ``uid N``."""
     try:
         return pwd.getpwuid(uid).pw_name
     except KeyError:
@@ -262,7 +263,7 @@ def _tighten(root: Path, file_mode: int, gid: int | None, settled: Iterable[Path
             loose.append(p)
         if st.st_uid != me and me != 0:  # a group member's file (a shared run or store): not ours to chmod
             if more:
-                raise AccessError(f"{p} belongs to {_user_name(st.st_uid)} and is more open than {root} may be "
+                raise AccessError(f"{p} belongs to {owner_name(st.st_uid)} and is more open than {root} may be "
                                   f"({stat.S_IMODE(st.st_mode):o}, wanted at most {file_mode:o}); ask them to run "
                                   f"chmod go-rwx (or the group bits the folder allows) on it, then start again")
             continue
@@ -381,7 +382,7 @@ def denied(e: PermissionError) -> str:
     stop = next((f for f in reversed(path.parents) if not os.access(f, os.X_OK)), path)
     try:
         st = os.stat(stop)
-        where = (f"{stop} (owner {_user_name(st.st_uid)}, group {_group_name(st.st_gid)}, mode "
+        where = (f"{stop} (owner {owner_name(st.st_uid)}, group {_group_name(st.st_gid)}, mode "
                  f"{stat.S_IMODE(st.st_mode):o})")
     except OSError:
         where = str(stop)

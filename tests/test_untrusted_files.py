@@ -268,3 +268,22 @@ def test_a_file_system_without_locks_is_named_and_a_submission_goes_on(tmp_path,
     with jobs._record_lock(tmp_path / "run"):
         pass
     assert "cannot lock files" in caplog.text
+
+
+def test_a_run_dir_of_a_colleague_names_its_owner_not_chmod(shared):
+    """'chmod u+wx' cannot help a user who does not own the folder."""
+    from masan.train.run import check_writable
+
+    run = shared / "alice-run"
+    run.mkdir(mode=0o755)
+
+    def start() -> int:
+        try:
+            check_writable(run)
+        except ConfigError as e:
+            print(e)
+            return 2
+        return 0
+
+    code, out = as_second_user(start)
+    assert code == 2 and "it belongs to root: ask them to let your group write it" in out, out

@@ -43,6 +43,7 @@ from masan.access import (
     describe_mode,
     nearest_existing,
     on_read_only_mount,
+    owner_name,
     restrictive_mode,
     write_refusal,
 )
@@ -108,8 +109,11 @@ def check_writable(run_dir: Path) -> None:
     for d in folders:
         why = write_refusal(d)
         if why is not None:
+            owner = d.stat().st_uid if d.exists() else os.geteuid()
             fix = ("choose a run_dir=... on a writable one" if on_read_only_mount(d) else
-                   f"make it writable (chmod u+wx {d}) or choose another run_dir=...")
+                   f"make it writable (chmod u+wx {d}) or choose another run_dir=..." if owner == os.geteuid() else
+                   f"it belongs to {owner_name(owner)}: ask them to let your group write it (chmod g+w {d}), or "
+                   "choose another run_dir=...")
             raise ConfigError(f"{why}: checkpoints and results of run_dir={run_dir} could not be saved there; {fix}")
 
 
