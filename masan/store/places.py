@@ -107,6 +107,7 @@ def output_folder_problem(out: str | os.PathLike, suggestion: str | os.PathLike,
             return f"--out {out} is {'' if found == real else 'inside '}{what} {found}: {why}; {fix}"
     parent = nearest_existing(real)
     why = write_refusal(parent)
-    if why:
-        return f"--out {out} cannot be {'written' if parent.is_dir() else 'created'}: {why}; {fix}"
+    if why:  # a folder beside it would be refused alike: the fix is another place
+        return (f"--out {out} cannot be {'written' if parent.is_dir() else 'created'}: {why}; pass a folder you may "
+                "write, e.g. one in your home or scratch folder")
     return None
