@@ -56,6 +56,7 @@ import dataclasses
 import fcntl
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -110,6 +111,10 @@ LOCK_FILE = "science.lock"
 # --------------------------------------------------------------------------- command line
 
 
+OVERRIDE_WORD = re.compile(r"^[A-Za-z_]\w*(\.\w+)+=")
+"""A config override on the command line (``section.key=value``)."""
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m experiments.science", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -157,11 +162,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="runs trained in parallel, each on usable cores / jobs threads (default 2: on 2 CPU cores two "
                          "one-thread runs finish sooner than one run on both; 1 for one GPU); also the processes that "
                          "fit the linear rows' cross-validation grids")
-    ap.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides for every run")
+    ap.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                    help="config overrides section.key=value for every run (keys: masan/config/schema.py)")
+    ap.add_argument("--set", nargs="+", metavar="KEY=VALUE", help="the same overrides, spelled as the bench tools "
+                    "take them")
     argv = sys.argv[1:] if argv is None else list(argv)
-    # KEY=VALUE may follow --variants/--structures (nargs="+"): take them out before parsing
-    overrides = [a for a in argv if "=" in a and not a.startswith("-")]
-    args = ap.parse_args([a for a in argv if a not in overrides])
+    # KEY=VALUE may follow --variants/--structures (nargs="+"): take them out before parsing, and
+    # the words after --set; an option's value with '=' in it (--out reports/lr=3e-4.md) names no
+    # section.key and stays
+    rest, overrides, after_set = [], [], False
+    for a in argv:
+        after_set = a == "--set" or (after_set and not a.startswith("-"))
+        if a != "--set":
+            (overrides if after_set or OVERRIDE_WORD.match(a) else rest).append(a)
+    args = ap.parse_args(rest)
+    if args.overrides:  # a word that is no override: a value split from its key by a space, a typo
+        ap.error(f"override {args.overrides[0]!r} must look like section.key=value (e.g. optim.lr=3e-4)")
     args.overrides = overrides
     args.ablation_repeats = min(args.ablation_repeats, args.repeats)
     size, other = ("--per-class", "--subjects") if balanced(args.preset) else ("--subjects", "--per-class")
@@ -373,6 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     start = time.perf_counter()
     args.work = args.work.resolve()
+    args.config = args.config.resolve()  # the runs train from the repository's folder, not this one
     lock = lock_work(args.work)  # held until the process ends
     if lock is None:
         return 2

@@ -32,6 +32,16 @@ def test_overrides_may_follow_the_variant_list():
     assert args.variants == ["masan", "hfcn"] and args.overrides == ["train.joint_epochs=2"] and args.repeats == 2
 
 
+def test_a_word_that_is_no_override_is_refused_and_set_is_taken():
+    """A value split from its key by a space was dropped without a word: the runs trained at
+    the defaults while the user believed otherwise; --set is the overrides' other spelling."""
+    with pytest.raises(SystemExit) as e:
+        science.parse_args(["--repeats", "1", "train.joint_epochs", "40"])
+    assert e.value.code == 2
+    args = science.parse_args(["--set", "optim.lr=1e-3", "log.every_steps=2", "--out", "reports/lr=3e-4.md"])
+    assert args.overrides == ["optim.lr=1e-3", "log.every_steps=2"] and str(args.out) == "reports/lr=3e-4.md"
+
+
 def test_cells_are_mean_and_sample_std_over_repeats():
     cell = scoring.cell
     assert cell([0.5, 0.7]) == "0.60 ± 0.14"
