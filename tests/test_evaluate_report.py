@@ -226,8 +226,10 @@ def test_out_that_is_a_file_or_a_run_and_missing_runs_are_clear_errors(runs, tmp
     assert f"inside the training run directory {run}" in err
     assert f"e.g. --out {root / 'MASAN_r0_report'}" in err  # outside the run: not refused in turn
     assert (run / "predictions.csv").read_bytes() == before and not (run / "report").exists()
-    assert main([str(tmp_path / "nowhere"), "--out", str(tmp_path / "rep")]) == 1
-    assert "nowhere: does not exist" in capsys.readouterr().err and not (tmp_path / "rep").exists()
+    # a typo among run directories: refused (it was skipped, and the table lacked that method's row)
+    assert main([str(root), str(tmp_path / "nowhere"), "--out", str(tmp_path / "rep")]) == 2
+    assert "nowhere does not exist: give run directories" in capsys.readouterr().err
+    assert not (tmp_path / "rep").exists()
 
 
 def _runs(tmp_path, repeats):

@@ -131,6 +131,11 @@ def evaluate(args: argparse.Namespace, folder: ReportFolder) -> int:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
 
+    wrong = [(d, "is a file" if Path(d).exists() else "does not exist") for d in args.run_dirs if not Path(d).is_dir()]
+    if wrong:  # a typo would drop a method's row from the table while the report looked complete
+        print(f"error: {'; '.join(f'{d} {why}' for d, why in wrong)}: give run directories (or folders holding "
+              "them), e.g. the --run-dir of launch/submit.py; nothing was written", file=sys.stderr)
+        return EXIT_BAD_INPUT
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         runs, skipped = collect_runs(args.run_dirs, require_done=not args.allow_unfinished)
