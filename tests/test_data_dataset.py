@@ -99,3 +99,17 @@ def test_dataloader_workers(store, start):
     fmri = torch.cat([b["fmri"] for b in batches])
     want = np.stack([store.read_fmri(s) for s in subjects])
     assert np.array_equal(fmri.numpy(), want)
+
+
+def test_a_class_without_subjects_is_refused_for_training(tmp_path):
+    """A store converted with the default classes holds none of some: data.classes naming one
+    trained a model that never saw it, and its metrics looked like a result."""
+    bids = synthesize_cohort(tmp_path / "bids", n_per_class=2, classes=("NC", "AD"), frames=4, t1_shape=(8, 8, 8),
+                             fmri_shape=(4, 4, 4))
+    store = tmp_path / "s.zarr"
+    convert_cohort(discover_bids(bids), store, ConvertOptions(), classes=("NC", "LMCI", "AD"), progress=False)
+    cfg = DataConfig(store=str(store), classes=["NC", "LMCI"])
+    with pytest.raises(ConfigError, match=r"data.classes \['LMCI'\] have no subject .*NC 2, LMCI 0, AD 2"):
+        select_subjects(store, cfg)
+    subjects, _, _ = select_subjects(store, cfg, unlabeled=True, quiet=True)  # predicting new patients: allowed
+    assert len(subjects) == 2

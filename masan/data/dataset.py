@@ -109,7 +109,18 @@ def select_subjects(store: CohortStore | str | os.PathLike, data_cfg: DataConfig
     if not subjects:
         raise ConfigError(f"no subject of {store.path} has classes {classes} with {' and '.join(used)}; "
                           "check data.classes, data.merge, data.use_t1/use_fmri")
+    empty = [c for i, c in enumerate(classes) if i not in labels]
+    if empty and not unlabeled:  # a model of classes it never sees: its metrics would look like a result
+        raise ConfigError(f"data.classes {empty} have no subject of {store.path} with {' and '.join(used)} "
+                          f"(its subjects by class: {_class_counts(store)}); leave them out of data.classes, "
+                          "pool them with data.merge, or convert their subjects (to_zarr.py --label-map)")
     return subjects, labels, classes
+
+
+def _class_counts(store: CohortStore) -> str:
+    """``NC 16, AD 14``: the store's labelled subjects by class, in the store's class order."""
+    counts = Counter(store.label(s) for s in store.subjects)
+    return ", ".join(f"{c} {counts[c]}" for c in store.classes) or "none"
 
 
 class CohortDataset(Dataset):
