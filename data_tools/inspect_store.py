@@ -20,6 +20,7 @@ from collections import Counter
 from pathlib import Path
 
 from masan.access import describe_mode, reports_denied, restrictive_mode
+from masan.argtypes import path
 from masan.convert.cohort import verify_published
 from masan.store.cohort import LAST_CONVERSION, CohortStore, StoreError
 
@@ -119,7 +120,7 @@ def subject_detail(store: CohortStore, subject: str) -> list[str]:
 @reports_denied("inspect_store")
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("store", type=Path)
+    p.add_argument("store", type=path)
     p.add_argument("--subject", help="show this subject's arrays")
     p.add_argument("--verify", action="store_true", help="re-read every array and compare its checksum")
     args = p.parse_args(argv)

@@ -36,9 +36,9 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
-from pathlib import Path
 
 from masan.access import reports_denied
+from masan.argtypes import path
 from masan.files import disk_refusal
 from masan.qc.options import QCError, QCOptions, add_option_arguments
 from masan.qc.report import left_behind, write_report
@@ -49,8 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="data_tools/qc_report.py", description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("store", type=Path, help="cohort store written by data_tools/to_zarr.py")
-    p.add_argument("--out", type=Path, required=True,
+    p.add_argument("store", type=path, help="cohort store written by data_tools/to_zarr.py")
+    p.add_argument("--out", type=path, required=True,
                    help="report folder (new, empty, or an earlier report, finished or interrupted, which is "
                         "replaced), outside every store and run directory")
     add_option_arguments(p)  # --subjects, --min-frames, the thresholds (masan.qc.report.QCOptions)

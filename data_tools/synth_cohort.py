@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from masan.access import not_a_folder
-from masan.argtypes import number
+from masan.argtypes import number, path
 from masan.config import ModelConfig
 from masan.convert.sources import PLANTED_EFFECT_FILE
 from masan.synth import anatomy, presets, structures
@@ -89,7 +89,7 @@ def _generator_arguments(p: argparse.ArgumentParser, args: argparse.Namespace, p
 def build_parser() -> argparse.ArgumentParser:
     """The tool's options: the shared ones, the phantom's, then the MNI152 cohort's."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, required=True,
+    p.add_argument("--out", type=path, required=True,
                    help=f"BIDS folder to write: new, empty, or a cohort this tool wrote earlier (it has "
                         f"{PLANTED_EFFECT_FILE}), which is replaced whole (its sub-* folders and tables: rerunning "
                         "with other options is how a cohort is remade), so no subject of the old cohort stays "

@@ -32,7 +32,7 @@ from collections import Counter
 from pathlib import Path
 
 from masan.access import AccessError, parse_group, parse_mode, reports_denied
-from masan.argtypes import number
+from masan.argtypes import number, path
 from masan.config import ModelConfig
 from masan.convert.cohort import (
     DEFAULT_CLASSES,
@@ -141,9 +141,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     model = ModelConfig()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--bids", type=Path, help="BIDS folder with participants.tsv and sub-*/[ses-*/]anat|func")
-    src.add_argument("--manifest", type=Path, help="CSV with columns subject,t1,fmri,label (paths relative to it)")
-    p.add_argument("--out", type=Path, required=True, help="store folder (created, or updated in place)")
+    src.add_argument("--bids", type=path, help="BIDS folder with participants.tsv and sub-*/[ses-*/]anat|func")
+    src.add_argument("--manifest", type=path, help="CSV with columns subject,t1,fmri,label (paths relative to it)")
+    p.add_argument("--out", type=path, required=True, help="store folder (created, or updated in place)")
     p.add_argument("--label-column", default="diagnosis",
                    help="column holding the diagnosis, in participants.tsv or the sessions tables "
                         "(default %(default)s)")

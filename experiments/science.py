@@ -81,7 +81,7 @@ from experiments.training import (
     train_command,
 )
 from masan.access import not_a_folder
-from masan.argtypes import number
+from masan.argtypes import number, path
 from masan.config import ConfigError, RunConfig, config_hash, load_config
 from masan.host import usable_cores
 from masan.predictions import DECISIONS
@@ -120,11 +120,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="Trailing KEY=VALUE overrides go to every training run "
                                         "(e.g. train.joint_epochs=40 optim.lr=3e-4).")
-    ap.add_argument("--work", type=Path, default=None,
+    ap.add_argument("--work", type=path, default=None,
                     help="work dir (default runs/science; runs/science-adni-like for --preset adni-like)")
-    ap.add_argument("--out", type=Path, default=None,
+    ap.add_argument("--out", type=path, default=None,
                     help="the markdown table's file (default WORK/science.md; checked before any work starts)")
-    ap.add_argument("--config", type=Path, default=CONFIG, help="run config (default hpc/configs/science.yaml)")
+    ap.add_argument("--config", type=path, default=CONFIG, help="run config (default hpc/configs/science.yaml)")
     ap.add_argument("--repeats", type=number(int, 1), default=3, help="splits (split.repeat = seed = 0..N-1)")
     ap.add_argument("--ablation-repeats", type=number(int, 1), default=ABLATION_REPEATS, metavar="K",
                     help=f"train the variants other than {MAIN} on the first K repeats only (default "

@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from masan.argtypes import number
+from masan.argtypes import number, path
 from masan.config import load_config
 from masan.rundir import RunDir
 from masan.synth.anatomy import ANATOMY
@@ -91,7 +91,7 @@ def _mismatch(effect: dict, bids: Path, model, n_classes: int, per_class: int) -
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--root", type=Path, default=Path.cwd(),
+    p.add_argument("--root", type=path, default=Path.cwd(),
                    help="folder for demo/ (cohort), runs/demo/ (training) and reports/demo/ (evaluation); "
                         "default: the current folder")
     p.add_argument("--per-class", type=number(int, 4), default=PER_CLASS,

@@ -60,7 +60,7 @@ from launch.slurm.partition import check_partition
 from launch.slurm.plan import DEFAULT_RUN_DIR, Resources, RunSpec, base_run_dir, plan_runs, slurm_time, time_text
 from launch.slurm.submission import SubmitError, failure_logs, log_path, submit_slurm
 from masan.access import creation_umask, reports_denied, restrictive_mode
-from masan.argtypes import number
+from masan.argtypes import number, str_path
 from masan.config import ConfigError, add_override_arguments
 from masan.rundir import RunDir
 
@@ -73,10 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="launch/submit.py", description=__doc__.split("\n\n")[0],
         epilog=__doc__.split("\n\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("what to train")
-    g.add_argument("--config", help="YAML run config (see hpc/configs/); default: the run directory's "
+    g.add_argument("--config", type=str_path, help="YAML run config (see hpc/configs/); default: the run directory's "
                    "config.yaml when resuming, else the built-in defaults")
-    g.add_argument("--run-dir", help="run directory (default: a run_dir=... override, else the --config file's "
-                   f"run_dir, else {DEFAULT_RUN_DIR})")
+    g.add_argument("--run-dir", type=str_path,
+                   help="run directory (default: a run_dir=... override, else the --config file's "
+                        f"run_dir, else {DEFAULT_RUN_DIR})")
     add_override_arguments(g, "config overrides, e.g. optim.lr=3e-4 model.fusion=add")
     g.add_argument("--repeats", type=number(int, 1), default=1,
                    help="repeats (different splits) per variant (default: %(default)s)")

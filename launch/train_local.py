@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 from masan.access import reports_denied
-from masan.argtypes import number
+from masan.argtypes import number, str_path
 
 FORWARDED_SIGNALS = (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
 POLL_S = 0.5
@@ -56,8 +56,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--nproc", type=number(int, 1), default=1, help="processes (data-parallel ranks) on this machine")
     ap.add_argument("--port", type=number(int, 1, 65535), default=None,
                     help="rendezvous port for --nproc > 1 (default: a free one)")
-    ap.add_argument("--run-dir", help="run directory, as launch/submit.py takes it (the same as run_dir=...; "
-                    "default: the --config file's run_dir, else the built-in one)")
+    ap.add_argument("--run-dir", type=str_path,
+                    help="run directory, as launch/submit.py takes it (the same as run_dir=...; "
+                         "default: the --config file's run_dir, else the built-in one)")
     add_config_arguments(ap)
     args = ap.parse_intermixed_args(argv)  # overrides may come before, between or after the options
     if args.run_dir is not None:

@@ -1,12 +1,14 @@
-"""argparse types for the tools' numeric and device options: a value out of its range, or a
+"""argparse types for the tools' numeric, device and path options: a value out of its range, or a
 device this machine lacks, is a usage error (argparse exits 2 naming the flag, what it takes and
-the value given), never a silent nonsense run or a traceback from the first tensor moved."""
+the value given), never a silent nonsense run or a traceback from the first tensor moved; a path's
+``~`` is expanded (a shell leaves it in ``--out=~/x``)."""
 
 from __future__ import annotations
 
 import argparse
 import math
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -54,3 +56,14 @@ def torch_device(text: str) -> torch.device:
         raise argparse.ArgumentTypeError(f"{text}: this machine has {torch.cuda.device_count()} usable CUDA "
                                          "device(s); use cpu or one it has (nvidia-smi lists them)")
     return dev
+
+
+def path(text: str) -> Path:
+    """An argparse ``type`` for a path: ``~`` and ``~user`` expanded, as a shell does only at
+    the start of a word (``--out ~/x``, not ``--out=~/x``, where a folder named ``~`` was made)."""
+    return Path(text).expanduser()
+
+
+def str_path(text: str) -> str:
+    """:func:`path` as text, for options kept as strings (a config value, a run directory)."""
+    return str(path(text))

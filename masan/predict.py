@@ -57,6 +57,7 @@ import torch
 
 from masan import argtypes
 from masan.access import reports_denied
+from masan.argtypes import path, str_path
 from masan.config import ConfigError, RunConfig, load_config
 from masan.files import disk_refusal
 from masan.inference import predict_subjects
@@ -403,11 +404,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m masan.predict", description=__doc__.split("\n\n")[0],
         epilog="Example: python -m masan.predict runs/demo --store other/cohort.zarr --out predictions/demo_other")
-    ap.add_argument("run_dir", type=Path, help="a training run directory (config.yaml + checkpoints/)")
-    ap.add_argument("--store", help="cohort store to predict (default: the run's own store and --split part)")
+    ap.add_argument("run_dir", type=path, help="a training run directory (config.yaml + checkpoints/)")
+    ap.add_argument("--store", type=str_path,
+                    help="cohort store to predict (default: the run's own store and --split part)")
     ap.add_argument("--split", default="test", choices=("train", "val", "test"),
                     help="part of the run's own split to predict when --store is omitted (default %(default)s)")
-    ap.add_argument("--out", type=Path, required=True,
+    ap.add_argument("--out", type=path, required=True,
                     help="folder for predictions.csv, region_weights.npy, metrics.json (not inside a store or a "
                          "run directory)")
     ap.add_argument("--device", default="cpu", type=argtypes.torch_device,

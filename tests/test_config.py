@@ -170,3 +170,18 @@ def test_yaml_merge_keys_still_work_and_explicit_keys_beside_them_win(tmp_path):
     path.write_text("? [a, b]\n: 1\n")
     with pytest.raises(ConfigError, match="unhashable key"):
         load_config(path)
+
+
+def test_a_home_folder_tilde_is_expanded_in_paths_a_shell_leaves_it_in():
+    """`data.store=~/x` and `--out=~/x` reach the tools with '~' (no shell expands it there), and
+    a folder named '~' was made in the current one: `rm -rf ~` is then one step away."""
+    from pathlib import Path
+
+    from data_tools import to_zarr
+    from masan.config import load_config
+
+    home = Path.home()
+    cfg = load_config(None, ["data.store=~/c.zarr", "run_dir=~/runs/a", "data.cache_dir=~/shm"])
+    assert (cfg.data.store, cfg.run_dir, cfg.data.cache_dir) == (f"{home}/c.zarr", f"{home}/runs/a", f"{home}/shm")
+    args = to_zarr.parse_args(["--bids=~/bids", "--out=~/s.zarr"])
+    assert (args.bids, args.out) == (home / "bids", home / "s.zarr")

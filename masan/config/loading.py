@@ -135,6 +135,9 @@ def config_from_dict(values: dict | None, overrides: list[str] | tuple[str, ...]
         k, v = parse_override(o)
         _set_dotted(tree, k, v)
     cfg = _build(RunConfig, tree)
+    # '~' reaches here unexpanded: a shell leaves it in `data.store=~/x` (no assignment) and in YAML
+    cfg.run_dir, cfg.data.store, cfg.data.cache_dir = (
+        os.path.expanduser(p) for p in (cfg.run_dir, cfg.data.store, cfg.data.cache_dir))
     validate_config(cfg)
     return cfg
 

@@ -66,10 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
                    help="run directories; a folder without config.yaml is searched below "
                         "(e.g. runs/<variant>/repeat_R)")
-    p.add_argument("--out", required=True,
+    p.add_argument("--out", type=argtypes.str_path, required=True,
                    help="report directory (created; in an existing one, the report's files are replaced and "
                         "others left alone); no more readable than the run directories and store it reads")
-    p.add_argument("--store", default=None,
+    p.add_argument("--store", type=argtypes.str_path, default=None,
                    help="cohort store for the T1 under the region map (default: each run's data.store); it must "
                         "hold every run's test subjects, in the geometry the run trained on")
     p.add_argument("--atlas", default=None,
