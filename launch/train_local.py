@@ -149,7 +149,9 @@ def train_here(args: argparse.Namespace) -> int:
         print(f"diverged (rank {rank}): {e}", file=sys.stderr)
         return EXIT_DIVERGED
     if rank == 0:
-        hint = "; run the same command again to continue" if outcome.status == "stopped" else ""
+        hint = {"stopped": "; run the same command again to continue",
+                "max_steps": "; train.max_steps ended it before its epochs: start it again with a larger "
+                             "train.max_steps to go on"}.get(outcome.status, "")
         print(f"status: {outcome.status} at step {outcome.step} (epoch {outcome.epoch}) in {outcome.run_dir}{hint}",
               flush=True)
     stop.settle()  # a Ctrl-C during the interpreter's teardown must not read as work lost

@@ -87,7 +87,7 @@ def config(shared_dir, tiny_store) -> Path:
 @pytest.fixture(scope="module")
 def two_rank_run(shared_dir, config) -> Path:
     run = shared_dir / "run"
-    ok(launch(config, run, f"train.max_steps={TWO_RANK_STEPS}", "checkpoint.every_steps=1", nproc=2), "completed")
+    ok(launch(config, run, f"train.max_steps={TWO_RANK_STEPS}", "checkpoint.every_steps=1", nproc=2), "max_steps")
     return run
 
 
@@ -186,7 +186,7 @@ def test_damage_seen_by_one_rank_makes_both_fall_back_together(shared_dir, confi
     # a rank left waiting in a collective would fail the run after 1 minute
     res = launch(config, run, f"train.max_steps={TWO_RANK_STEPS + 1}", "checkpoint.every_steps=1",
                  "train.dist_timeout_minutes=1", nproc=2)
-    log = ok(res, "completed")
+    log = ok(res, "max_steps")
     assert re.search(rf"skipping damaged checkpoint {run / 'checkpoints' / newest}: rank 1: file {shard.name} has "
                      r"sha256 \w+\.\.\., the manifest says", log), log[-4000:]
     assert f"skipping damaged checkpoint {run / 'checkpoints' / second}: rank 0: file {model.name}" in log
@@ -240,7 +240,7 @@ def test_a_full_checkpoint_disk_stops_the_run_in_one_line_and_a_rerun_resumes(tm
             in res.stderr, res.stderr[-3000:]
         assert "Traceback" not in res.stderr
         resize(run / "checkpoints", "64m")
-        ok(launch(config, run, "train.max_steps=2", "checkpoint.every_steps=1"), "completed")
+        ok(launch(config, run, "train.max_steps=2", "checkpoint.every_steps=1"), "max_steps")
         assert not list((run / "checkpoints").glob("*.saving"))  # the cut-short save was removed at the start
 
 

@@ -440,6 +440,6 @@ def test_a_start_from_scratch_over_a_killed_starts_events_logs_no_step_twice(tmp
     its steps again beside them (steps 1, 2, 1, 2, 3, ... in TensorBoard)."""
     run = tmp_path / "run"
     shutil.copytree(reference_run / "tb", run / "tb")  # what such a run leaves: events, no checkpoint
-    ok(launch(train_config, run, "deterministic=true", "train.max_steps=3"), "completed")
+    ok(launch(train_config, run, "deterministic=true", "train.max_steps=3"), "max_steps")
     steps = assert_monotonic(run)
     assert steps["train/total"] == [1, 2, 3]

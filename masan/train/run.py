@@ -50,7 +50,7 @@ from masan.access import (
 from masan.config import ConfigError, RunConfig, config_hash, save_config, unused_inputs, validate_for_training
 from masan.files import atomic_write_json, disk_refusal
 from masan.predictions import write_predictions
-from masan.rundir import RunDir
+from masan.rundir import RunDir, ended_early
 from masan.train.checkpoint import CheckpointManager, ResumeError, set_rng_state
 from masan.train.logging import TrainLogger
 from masan.train.loop import LoopParts, TrainState, evaluate, train
@@ -76,14 +76,21 @@ disk under the run directory among them: :class:`DiskRefused`)."""
 
 @dataclass
 class TrainOutcome:
-    """How run_training ended: ``completed`` (all epochs or train.max_steps done, predictions
-    written) or ``stopped`` (a stop request; a complete checkpoint was saved; run again to go on)."""
+    """How run_training ended: ``completed`` (all epochs done, predictions written), ``max_steps``
+    (``train.max_steps`` ended it before its epochs; predictions written, and predict and evaluate
+    call the run unfinished) or ``stopped`` (a stop request; a complete checkpoint was saved; run
+    again to go on)."""
 
     status: str
     step: int
     epoch: int
     """Epochs finished over both phases."""
     run_dir: str
+
+
+def _ended(epochs_done: int, cfg: RunConfig) -> str:
+    """``max_steps`` when the run ended before its epochs (:func:`masan.rundir.ended_early`), else ``completed``."""
+    return "max_steps" if ended_early({"epochs_done": epochs_done}, cfg) else "completed"
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -395,7 +402,7 @@ def _run(cfg: RunConfig, stop: StopRequest | None, info: D.DistInfo, lock: RunLo
         done = RunDir(run_dir).finished(cfg)  # a config with null shapes names its finished run only now
     if done is not None:
         log.info("%s is finished (DONE at step %d); nothing to do", run_dir, done["step"])
-        return TrainOutcome("completed", done["step"], done["epochs_done"], str(run_dir))
+        return TrainOutcome(_ended(done["epochs_done"], cfg), done["step"], done["epochs_done"], str(run_dir))
     check_settings(cfg, info.device.type)
     ckpt = CheckpointManager(run_dir, cfg.checkpoint.keep, info.rank, info.world_size)
     chash = config_hash(cfg)
@@ -483,7 +490,7 @@ def _train(cfg: RunConfig, stop: StopRequest, info: D.DistInfo, ckpt: Checkpoint
                                                    "time": datetime.now().astimezone().isoformat(timespec="seconds")})
             return TrainOutcome("stopped", state.step, state.epochs_done, str(run_dir))
         finish(parts, state, test_set)
-        return TrainOutcome("completed", state.step, state.epochs_done, str(run_dir))
+        return TrainOutcome(_ended(state.epochs_done, cfg), state.step, state.epochs_done, str(run_dir))
     finally:
         logger.close()
 
