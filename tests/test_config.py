@@ -185,3 +185,16 @@ def test_a_home_folder_tilde_is_expanded_in_paths_a_shell_leaves_it_in():
     assert (cfg.data.store, cfg.run_dir, cfg.data.cache_dir) == (f"{home}/c.zarr", f"{home}/runs/a", f"{home}/shm")
     args = to_zarr.parse_args(["--bids=~/bids", "--out=~/s.zarr"])
     assert (args.bids, args.out) == (home / "bids", home / "s.zarr")
+
+
+@pytest.mark.parametrize("override, hint", [("model.t1_shape=None", "write null for no value"),
+                                            ("train.max_steps=None", "write null for no value"),
+                                            ("model.t1_shape=(32,32,32)", "write it as [32,32,32]")])
+def test_the_hint_for_a_value_of_another_language_is_one_that_works(override, hint):
+    """'None' and '(32,32,32)' are Python: the hint said to write [None] and [(32,32,32)], which fail too."""
+    from masan.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=re.escape(hint)):
+        load_config(None, [override])
+    fixed = override.split("=")[0] + "=" + ("null" if "null" in hint else "[32,32,32]")
+    load_config(None, [fixed])

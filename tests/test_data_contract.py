@@ -208,7 +208,7 @@ def test_model_input_shapes_come_from_the_store_and_one_frame_count_rules():
     assert cfg.model.fmri_frames == 6 and "model.fmri_frames=6" in filled
 
     cfg = RunConfig()  # the paper's 240x256x176 on a 32^3 store
-    with pytest.raises(ContractError, match=r"model.t1_shape=\[240, 256, 176\].*set model.t1_shape=\[32, 32, 32\]"):
+    with pytest.raises(ContractError, match=r"model.t1_shape=\[240, 256, 176\].*set model.t1_shape=\[32,32,32\]"):
         resolve_inputs(cfg, _geometry())
     cfg = RunConfig()
     cfg.model.t1_shape, cfg.model.fmri_shape, cfg.model.fmri_frames, cfg.data.fmri_frames = None, None, 6, 5

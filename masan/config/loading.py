@@ -36,6 +36,8 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        if type(None) in args and isinstance(value, str) and value.strip().lower() == "none":
+            raise ConfigError(f"{where}: {value!r} is text to YAML; write null for no value")
         errors = []
         for a in args:
             if a is type(None):
@@ -88,7 +90,7 @@ def _as_list_hint(value: Any) -> str:
     read a list; empty where brackets would not help (true/false, a mapping, nothing)."""
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
         return ""
-    items = [item for item in re.split(r"[,\s]+", str(value)) if item]
+    items = [item for item in re.split(r"[,\s()\[\]]+", str(value)) if item]
     return f"; write it as [{','.join(items)}]" if items else ""
 
 

@@ -170,7 +170,8 @@ def resolve_inputs(cfg: RunConfig, geo: Geometry) -> list[str]:
             filled.append(f"model.{key}={list(have)}")
         elif list(want) != list(have):
             raise ContractError(f"model.{key}={list(want)} but the {mod} images of {geo.store} are "
-                                f"{'x'.join(map(str, have))}; set model.{key}={list(have)} (or null: the store's)")
+                                f"{'x'.join(map(str, have))}; set model.{key}=[{','.join(map(str, have))}] (one "
+                                "shell word; or null: the store's)")
     _check_grid(cfg, geo)
     if geo.frames_min is None:
         return filled
