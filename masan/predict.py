@@ -407,8 +407,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("run_dir", type=path, help="a training run directory (config.yaml + checkpoints/)")
     ap.add_argument("--store", type=str_path,
                     help="cohort store to predict (default: the run's own store and --split part)")
-    ap.add_argument("--split", default="test", choices=("train", "val", "test"),
-                    help="part of the run's own split to predict when --store is omitted (default %(default)s)")
+    ap.add_argument("--split", default=None, choices=("train", "val", "test"),
+                    help="part of the run's own split to predict when --store is omitted (default test)")
     ap.add_argument("--out", type=path, required=True,
                     help="folder for predictions.csv, region_weights.npy, metrics.json (not inside a store or a "
                          "run directory)")
@@ -419,6 +419,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--checkpoint", metavar="TAG",
                     help="predict with this checkpoint (e.g. step_000123) instead of the run's final one")
     args = ap.parse_args(argv)
+    if args.store and args.split:  # --store predicts every subject of that store: a part would be ignored
+        ap.error(f"--split {args.split} names a part of the run's own split; with --store every subject of that "
+                 "store is predicted: leave one of them out")
+    args.split = args.split or "test"
 
     from masan.data.dataset import CohortDataset
     from masan.store.cohort import StoreError

@@ -348,13 +348,13 @@ def test_top_k_must_be_a_positive_integer(tmp_path, capsys, value):
     assert e.value.code == 2 and "argument --top-k" in capsys.readouterr().err
 
 
-def test_a_subject_in_no_test_part_keeps_the_class_mean_map(tiny_store, tmp_path, capsys):
+def test_a_subject_in_no_test_part_is_refused_before_writing(tiny_store, tmp_path, capsys):
+    """A typo in --subject drew the report without that subject's map, exit 0 and one warning."""
     run = store_run(tmp_path / "runs", "good", tiny_store)
     out = tmp_path / "rep"
-    assert main([str(run), "--out", str(out), "--views", "axial", "--subject", "sub-999"]) == 0
+    assert main([str(run), "--out", str(out), "--views", "axial", "--subject", "sub-999"]) == 2
     err = capsys.readouterr().err
-    assert "subject 'sub-999' is in no run's test part; no map of it (the class-mean map is drawn over the T1" in err
-    assert [p.name for p in (out / "figures").glob("*_region_map_*")] == ["masan_region_map_mean_ad.png"]
+    assert "--subject sub-999 is in no run's test part (its subjects: sub-" in err and not out.exists()
 
 
 def _atlas(path: Path, store: Path, shift_mm: float, cells: int) -> Path:

@@ -135,3 +135,13 @@ def test_help_shows_the_defaults_of_every_resource_and_mode_option():
                   f"--poll POLL seconds between state checks with --wait (default: {default('poll')})",
                   f"--job-name JOB_NAME SLURM job name (default: {Resources().job_name})"):
         assert shown in text
+
+
+def test_predict_refuses_a_split_part_with_another_store(tmp_path, capsys):
+    """--store predicts every subject of that store: --split val beside it was silently ignored."""
+    from masan.predict import main as predict_main
+
+    with pytest.raises(SystemExit) as e:
+        predict_main([str(tmp_path), "--store", str(tmp_path / "c.zarr"), "--split", "val",
+                      "--out", str(tmp_path / "o")])
+    assert e.value.code == 2 and "with --store every subject of that store is predicted" in capsys.readouterr().err

@@ -150,6 +150,12 @@ def evaluate(args: argparse.Namespace, folder: ReportFolder) -> int:
             if problem:
                 print(f"error: --store: {problem}; or leave --store out (each run's own store)", file=sys.stderr)
                 return EXIT_BAD_INPUT
+        tested = {s for r in runs for s in r.predictions.subjects}
+        if args.subject is not None and not args.no_figures and args.subject not in tested:
+            print(f"error: --subject {args.subject} is in no run's test part (its subjects: "
+                  f"{', '.join(sorted(tested)[:5])}{' ...' if len(tested) > 5 else ''}); name one of them, or leave "
+                  "--subject out (the first positive-class test subject)", file=sys.stderr)
+            return EXIT_BAD_INPUT
         groups = group_runs(runs)
         try:  # the figures' subjects, T1s and atlas are read (and refused) before anything is written
             plans = {} if args.no_figures else {
