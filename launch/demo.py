@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 from masan.argtypes import number, path
-from masan.config import load_config
+from masan.config import ConfigError, add_override_arguments, load_config
 from masan.rundir import RunDir
 from masan.synth.anatomy import ANATOMY
 
@@ -98,16 +98,20 @@ def main(argv: list[str] | None = None) -> int:
                    help="subjects per class, at least 4 for a 70/30 split with validation (default %(default)s)")
     p.add_argument("--ranks", type=number(int, 1), default=1,
                    help="local gloo ranks for training (default %(default)s)")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                   help="config overrides for training, e.g. train.joint_epochs=5")
-    args = p.parse_args(argv)
+    add_override_arguments(p, "config overrides for training, e.g. train.joint_epochs=5 (keys: "
+                              "masan/config/schema.py)")
+    args = p.parse_intermixed_args(argv)
 
     root = args.root.resolve()
     bids, store, run_dir = root / "demo" / "bids", root / "demo" / "cohort.zarr", root / "runs" / "demo"
     report = root / "reports" / "demo"  # beside the run, not in it: the run's folder is the run's own
     py = sys.executable
     timings = {}
-    cfg = load_config(DEMO_CONFIG)
+    try:  # refused now, not after a cohort was made and converted for them
+        cfg = load_config(DEMO_CONFIG, args.overrides)
+    except ConfigError as e:
+        print(f"demo: {e}", file=sys.stderr)
+        return 2
     model = cfg.model  # the cohort is made at the shapes the model expects
     stale = _stale_cohort(bids, cfg, args.per_class)
     if stale:  # e.g. the phantom cohort of an earlier version: its run is stale too

@@ -145,3 +145,11 @@ def test_predict_refuses_a_split_part_with_another_store(tmp_path, capsys):
         predict_main([str(tmp_path), "--store", str(tmp_path / "c.zarr"), "--split", "val",
                       "--out", str(tmp_path / "o")])
     assert e.value.code == 2 and "with --store every subject of that store is predicted" in capsys.readouterr().err
+
+
+def test_the_demo_refuses_a_bad_override_before_making_anything(tmp_path, capsys):
+    """It was checked at step 3, after a cohort was made and converted for nothing."""
+    from launch.demo import main as demo_main
+
+    assert demo_main(["--root", str(tmp_path), "--set", "optim.lrr=1"]) == 2
+    assert "unknown config key(s) optim.lrr" in capsys.readouterr().err and not any(tmp_path.iterdir())

@@ -217,7 +217,7 @@ class OverrideList(argparse.Action):
 
 
 def add_override_arguments(parser, help_text: str = "config overrides section.key=value, e.g. optim.lr=3e-4 "
-                           "model.fusion=add") -> None:
+                           "model.fusion=add (keys: masan/config/schema.py)") -> None:
     """Give an argparse parser the config overrides: bare ``KEY=VALUE`` words and ``--set KEY=VALUE``
     (repeatable), both into ``args.overrides``."""
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", action=OverrideList, default=[], help=help_text)
