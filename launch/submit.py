@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "0 on CPU nodes (then one rank per node)")
     r.add_argument("--cpus-per-task", type=number(int, 1), default=None, help="CPU cores per rank (data workers + 1)")
     r.add_argument("--mem", default=None, help="memory per node, SLURM syntax (e.g. 64G)")
-    r.add_argument("--time", dest="time_min", type=slurm_time, default=base.time_min,
+    r.add_argument("--time", dest="time_min", type=slurm_time, default=base.time_min, metavar="TIME",
                    help=f"time limit per job, SLURM syntax (default: {time_text(base.time_min)})")
     r.add_argument("--partition")
     r.add_argument("--account")

@@ -139,17 +139,19 @@ def predict(
 
 
 def predict_subjects(model: torch.nn.Module, dataset, cfg, device: torch.device, class_names: list[str],
-                     rank: int = 0, world_size: int = 1, seed: int = 0) -> Predictions:
+                     rank: int = 0, world_size: int = 1, seed: int = 0, progress: bool = False) -> Predictions:
     """Collective when ``world_size > 1``: predictions of every subject of ``dataset`` (its
     ``subjects``), sharded over the ranks and merged on every rank. ``cfg`` (a RunConfig) gives
     ``optim.micro_batch``, the loader's ``data`` fields (:func:`~masan.data.workers.data_loader`),
     ``data.decision`` (how a class is called) and ``loss.label_smoothing`` (undone on the
     probabilities: :func:`masan.predictions.unsmoothed`; the head's own kept as ``scores``, which the AUC ranks by);
-    ``seed`` seeds the loader's own generator, so the caller's RNG is untouched."""
+    ``seed`` seeds the loader's own generator, so the caller's RNG is untouched; ``progress``: a
+    bar of the batches."""
     sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=False)
     loader = data_loader(dataset, cfg.data, batch_size=cfg.optim.micro_batch, sampler=sampler,
                          generator=torch.Generator().manual_seed(seed))
-    preds = check_finite(gather_predictions(predict(model, loader, device, class_names=class_names)))
+    preds = check_finite(gather_predictions(predict(model, loader, device, class_names=class_names,
+                                                    progress=progress)))
     if cfg.loss.label_smoothing:
         preds.scores, preds.probs = preds.probs, unsmoothed(preds.probs, cfg.loss.label_smoothing)
     preds.decision = cfg.data.decision

@@ -443,7 +443,9 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ConfigError, ValueError, StoreError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    preds = predict_subjects(model, dataset, cfg, args.device, names, seed=cfg.seed)
+    print(f"predicting {len(chosen.subjects)} subjects with {RunDir(args.run_dir).checkpoints / tag}", file=sys.stderr,
+          flush=True)  # a cohort on the CPU takes a while: the bar shows on a terminal
+    preds = predict_subjects(model, dataset, cfg, args.device, names, seed=cfg.seed, progress=sys.stderr.isatty())
     positive = cfg.data.positive_class
     try:
         metrics = write_access(chosen.store, args.run_dir, args.out,
