@@ -37,7 +37,7 @@ import argparse
 import signal
 import sys
 
-from masan.access import reports_denied
+from masan.access import AccessError, reports_denied
 from masan.argtypes import path
 from masan.files import disk_refusal
 from masan.qc.options import QCError, QCOptions, add_option_arguments
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with stop_signals():  # SIGTERM too (kill, SLURM's time limit) ends as Ctrl-C does: in one line
             res = write_report(args.store, args.out, opts)
-    except QCError as e:
+    except (QCError, AccessError) as e:
         print(f"qc_report: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:  # an Interrupted from stop_signals, or Ctrl-C before they were set

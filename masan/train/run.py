@@ -38,6 +38,7 @@ import torch
 
 from masan import distributed as D
 from masan.access import (
+    AccessError,
     apply_access,
     creation_umask,
     describe_mode,
@@ -443,7 +444,10 @@ def _train(cfg: RunConfig, stop: StopRequest, info: D.DistInfo, ckpt: Checkpoint
     engine = build_engine(model, cfg, info.world_size, schedule)
     resumed = ckpt.resume(engine, cfg, chash)
     if info.is_main:  # the start is accepted: only now change what was there
-        applied = apply_access(run_dir, pre.file_mode, pre.gid)
+        try:
+            applied = apply_access(run_dir, pre.file_mode, pre.gid)
+        except AccessError as e:  # a group member's file more open than the run may be: theirs to close
+            raise ConfigError(str(e)) from None
         log.info("run directory %s: %s (never more open than the store %s)", run_dir, describe_mode(*applied),
                  cfg.data.store)
         rd.reopen()  # a changed target reopens the run
