@@ -747,3 +747,33 @@ def test_a_full_store_disk_stops_the_conversion_and_prunes_nothing(tmp_path):
         filler.unlink()
         assert to_zarr.main(_args(bids, out, "--codec", "zstd", "--prune")) == 0
         assert CohortStore(out).subjects == sorted(before)
+
+
+def square(job: int) -> int:
+    """A conversion worker's stand-in (imported by spawned workers from this module)."""
+    return job * job
+
+
+def test_a_worker_dying_as_the_next_subject_is_handed_out_costs_no_subject(tmp_path, monkeypatch):
+    """A worker killed while the parent recorded a finished subject broke the pool for the next
+    submit(), which was unguarded: the whole conversion stopped with a traceback. Now every job
+    is converted or failed alone, and the run goes on."""
+
+    from masan.store.publish import run_pool
+
+    real, calls = ProcessPoolExecutor.submit, []
+
+    def submit(pool, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:  # a worker dies now: the pool is broken before this job is handed out
+            proc = next(iter(pool._processes.values()))
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.join(30)
+            time.sleep(0.5)  # the executor's manager thread marks the pool broken
+        return real(pool, *args, **kwargs)
+
+    monkeypatch.setattr(ProcessPoolExecutor, "submit", submit)
+    results, dead = [], []
+    run_pool(list(range(8)), square, (), 2, tmp_path, results.append, lambda job, why: dead.append(job))
+    # the job in flight on the killed worker, if it was alone in flight, is taken for the culprit
+    assert sorted(results + [j * j for j in dead]) == [j * j for j in range(8)] and len(dead) <= 1

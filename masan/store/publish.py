@@ -442,15 +442,23 @@ def _drain(queue: deque, solo: deque, n: int, fn: Callable, args: tuple, store: 
         try:
             while queue or solo or inflight:
                 while not suspects:
+                    # a worker that died while results were recorded breaks the pool for submit() too:
+                    # the job stays where it was, and those in flight are the suspects
                     if solo:
                         if inflight:
                             break  # let the others finish, then the suspect runs alone
-                        fut = pool.submit(fn, solo[0], *args)
+                        try:
+                            fut = pool.submit(fn, solo[0], *args)
+                        except BrokenProcessPool:
+                            return []
                         inflight[fut] = solo.popleft()
                         suspects.add(fut)
                     elif queue and len(inflight) < n:
-                        job = queue.popleft()
-                        inflight[pool.submit(fn, job, *args)] = job
+                        try:
+                            fut = pool.submit(fn, queue[0], *args)
+                        except BrokenProcessPool:
+                            return list(inflight.values())
+                        inflight[fut] = queue.popleft()
                     else:
                         break
                 done, _ = wait(inflight, return_when=FIRST_COMPLETED)
