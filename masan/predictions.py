@@ -16,7 +16,9 @@ Files written by :func:`write_predictions` (read back by :func:`load_predictions
     run_dir/region_weights.npy  (N_eval, R) float32, row i = i-th evaluated-split row of the CSV
     run_dir/metrics.json        metrics of the evaluated split (masan.metrics), plus
                                 "split", "decision" (:func:`decide`'s rule that made the
-                                pred column) and, for extra splits, "by_split": {name: metrics}
+                                pred column), for extra splits "by_split": {name: metrics},
+                                and "written_with": the SHA-256 of the two files above (a
+                                set from two writes is refused when read)
 
 Example (end of training, rank 0)::
 
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import io
 import json
 import os
@@ -204,22 +207,47 @@ def write_predictions(
             metrics["by_split"][name] = split_metrics(p, names, positive_class)
             rows += prediction_csv_rows(p, name, names)
 
+    csv_text = io.StringIO(newline="")
+    w = csv.DictWriter(csv_text, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
+    w.writeheader()
+    w.writerows(rows)
+    npy = io.BytesIO()  # np.save's own writes report a full disk without its errno
+    np.save(npy, preds.region_weights.astype(np.float32))
+    # metrics.json names the other two files' contents: the three are put in place one after
+    # another, and a kill between two renames would leave a set that looks whole but is not
+    together = {run.predictions.name: _sha256(csv_text.getvalue().encode()),
+                run.region_weights.name: _sha256(npy.getvalue())}
     # All three are written and flushed before any replaces its old file: a full disk leaves the
     # old set whole, never new predictions beside old metrics.
     with contextlib.ExitStack() as stack:
         table, weights, summary = (stack.enter_context(atomic_writer(path, mode, **kw)) for path, mode, kw in (
             (run.predictions, "w", {"newline": ""}), (run.region_weights, "wb", {}), (run.metrics, "w", {})))
-        w = csv.DictWriter(table, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
-        w.writeheader()
-        w.writerows(rows)
-        npy = io.BytesIO()  # np.save's own writes report a full disk without its errno
-        np.save(npy, preds.region_weights.astype(np.float32))
+        table.write(csv_text.getvalue())
         weights.write(npy.getvalue())
+        metrics[WRITTEN_WITH] = together
         json.dump(metrics, summary, indent=1)
         for f in (table, weights, summary):
             f.flush()
             os.fsync(f.fileno())
     return metrics
+
+
+WRITTEN_WITH = "written_with"
+"""metrics.json's key for the SHA-256 of the predictions.csv and region_weights.npy written with it."""
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _check_written_together(run: RunDir, metrics: dict) -> None:
+    """PredictionsError when predictions.csv or region_weights.npy is not the file metrics.json
+    was written with (a write stopped between its renames; files copied from two runs)."""
+    for path in (run.predictions, run.region_weights):
+        want = (metrics.get(WRITTEN_WITH) or {}).get(path.name)
+        if want is not None and path.is_file() and _sha256(path.read_bytes()) != want:
+            raise PredictionsError(f"{path} is not the file {run.metrics.name} was written with (a write was stopped "
+                                   "between its files, or they were copied from two writes)")
 
 
 def load_predictions(run_dir: str | os.PathLike, split: str = "test") -> tuple[Predictions, list[str]]:
@@ -282,5 +310,6 @@ def load_predictions(run_dir: str | os.PathLike, split: str = "test") -> tuple[P
                 f"the files come from different runs: rerun the evaluation of this run"
             )
     probs = probs.reshape(len(rows), len(names))
+    _check_written_together(run, metrics)  # last: the checks above name what is wrong more closely
     return Predictions([r["subject"] for r in rows], labels, probs, rw, metrics.get("decision", "argmax"),
                        scores), names

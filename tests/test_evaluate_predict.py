@@ -238,3 +238,23 @@ def test_the_auc_of_undone_smoothing_ranks_by_the_heads_own_probabilities(tmp_pa
     assert prediction_metrics(back, CLASSES, "AD")["auc"] == 1.0
     assert prediction_metrics(Predictions(["a", "b", "c"], labels, p, np.zeros((3, 0), np.float32)),
                               CLASSES, "AD")["auc"] == 0.5
+
+
+def test_prediction_files_from_two_writes_are_refused_when_read(tmp_path):
+    """The three files are put in place one after another: a kill between two renames left a
+    new metrics.json beside the old predictions, equal in rows, and nothing could tell."""
+    from masan.predictions import PredictionsError, load_predictions, write_predictions
+
+    names = ["NC", "AD"]
+
+    def preds(p_ad: float) -> Predictions:
+        return Predictions(["s1", "s2"], np.array([0, 1]), np.array([[1 - p_ad, p_ad], [0.2, 0.8]], np.float32),
+                           np.zeros((2, 8), np.float32))
+
+    write_predictions(preds(0.3), tmp_path, names, "AD")
+    old = (tmp_path / "predictions.csv").read_bytes()
+    write_predictions(preds(0.6), tmp_path, names, "AD")
+    assert load_predictions(tmp_path)[0].probs[0, 1] == pytest.approx(0.6)
+    (tmp_path / "predictions.csv").write_bytes(old)  # as if the write stopped after metrics.json's rename
+    with pytest.raises(PredictionsError, match="is not the file metrics.json was written with"):
+        load_predictions(tmp_path)
