@@ -48,6 +48,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import signal
 import sys
 from collections import Counter
 from pathlib import Path
@@ -64,6 +65,7 @@ from masan.inference import predict_subjects
 from masan.metrics import undefined_note
 from masan.predictions import write_predictions
 from masan.rundir import RunDir
+from masan.store.publish import Interrupted, stop_signals
 from masan.train.checkpoint import TAG_RE, CheckpointManager, checkpoint_problem, final_tag, load_model, previous_intact
 
 if TYPE_CHECKING:
@@ -419,6 +421,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--checkpoint", metavar="TAG",
                     help="predict with this checkpoint (e.g. step_000123) instead of the run's final one")
     args = ap.parse_args(argv)
+    try:
+        with stop_signals():  # SIGTERM too (kill, a job's time limit) ends as Ctrl-C does: in one line
+            return _predict(ap, args)
+    except KeyboardInterrupt as e:  # an Interrupted from stop_signals, or Ctrl-C before they were set
+        signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
+        print(f"error: interrupted by {signal.Signals(signum).name}: {args.out} holds its earlier predictions, if "
+              "any (a set the stop cut between two files is refused when read); run the same command again",
+              file=sys.stderr)
+        return 128 + signum
+
+
+def _predict(ap: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """The work of :func:`main` once its arguments are parsed; returns the exit status."""
     if args.store and args.split:  # --store predicts every subject of that store: a part would be ignored
         ap.error(f"--split {args.split} names a part of the run's own split; with --store every subject of that "
                  "store is predicted: leave one of them out")

@@ -458,3 +458,16 @@ def test_a_full_disk_under_out_leaves_the_earlier_predictions_whole(tmp_path, ru
         assert res.returncode == 2, res.stdout[-2000:] + res.stderr[-2000:]
         assert "no space left on the device" in res.stderr and "as they were" in res.stderr, res.stderr
         assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no temporary file left either
+
+
+def test_a_stop_while_predicting_is_one_line(tmp_path, run, monkeypatch, capsys):
+    """Ctrl-C printed a KeyboardInterrupt traceback, and SIGTERM ended it without a word."""
+    from masan import predict as tool
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tool, "predict_subjects", interrupted)
+    assert tool.main([str(run), "--out", str(tmp_path / "out")]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted by SIGINT" in err and "run the same command again" in err and "Traceback" not in err

@@ -79,7 +79,7 @@ from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
 from masan.access import apply_access, creation_umask, describe_mode, restrictive_mode
-from masan.files import atomic_write_text
+from masan.files import atomic_write_text, atomic_writer
 from masan.qc import figures
 from masan.qc.checks import (
     Flag,
@@ -158,9 +158,11 @@ def left_behind(out: str | os.PathLike) -> str:
 
 
 def _save(fig: Figure, path: Path, dpi: int) -> str:
-    """PNG of ``fig`` at ``path``; returns its file name. (Not masan.evaluate.plots.save_figure:
+    """PNG of ``fig`` at ``path``, atomically (a report stopped while drawing leaves no empty PNG
+    under the final name); returns its file name. (Not masan.evaluate.plots.save_figure:
     importing masan.evaluate loads torch, seconds for a tool that needs none of it.)"""
-    fig.savefig(path, dpi=dpi)
+    with atomic_writer(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=dpi)
     return path.name
 
 
