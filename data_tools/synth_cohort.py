@@ -45,6 +45,7 @@ from masan.access import not_a_folder
 from masan.argtypes import number, path
 from masan.config import ModelConfig
 from masan.convert.sources import PLANTED_EFFECT_FILE
+from masan.convert.sources import SYNTH_STAGING as STAGING
 from masan.synth import anatomy, presets, structures
 from masan.synth.options import add_effect_arguments, add_shape_arguments
 from masan.synth.phantom import DEFAULT_CLASSES, DEFAULT_SEVERITY, PlantedEffect, synthesize_cohort
@@ -58,8 +59,6 @@ ANATOMY_ONLY = {"center": "phantom", "radius": "phantom", "structures": "mni152"
                 "severity_sd": "mni152", "partner": "mni152", "orientation": "mni152",
                 "stages": "mni152", "preset": "mni152", "subjects": "mni152", "warp_rms": "mni152",
                 "motion": "mni152"}
-STAGING = ".synth-partial"
-"""The folder inside --out the cohort is written to before it moves in (a failure leaves --out as it was)."""
 WRITTEN = ("participants.tsv", "dataset_description.json", PLANTED_EFFECT_FILE)
 """The tables this tool writes beside the sub-* folders (the truth record marks a cohort it wrote)."""
 
@@ -210,12 +209,12 @@ def _severity(p: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str,
 
 def _check_out(p: argparse.ArgumentParser, out: Path) -> None:
     """Exit 2 unless ``out`` may take the cohort: a new or empty folder, or a cohort this tool wrote
-    (with :data:`PLANTED_EFFECT_FILE`, or only the :data:`STAGING` folder a failed first run left)."""
+    (with :data:`PLANTED_EFFECT_FILE`, or the :data:`STAGING` folder a stopped run left)."""
     why = not_a_folder(out)
     if why:
         p.error(f"--out {out} {why}; give a folder for the BIDS cohort")
-    if not out.is_dir() or (out / PLANTED_EFFECT_FILE).is_file():
-        return
+    if not out.is_dir() or (out / PLANTED_EFFECT_FILE).is_file() or (out / STAGING).is_dir():
+        return  # (the staging folder: a run of this tool was stopped there)
     try:
         others = [e.name for e in out.iterdir() if e.name != STAGING]
     except OSError as e:
@@ -228,15 +227,18 @@ def _check_out(p: argparse.ArgumentParser, out: Path) -> None:
 def _move_in(staging: Path, out: Path) -> None:
     """Replace the cohort in ``out`` by the one written in ``staging``: the old participants.tsv goes
     first and the new one comes last, so a cohort half moved in has none and reads as incomplete;
-    the truth record is replaced in one step, so ``out`` never loses the mark of a cohort this tool wrote."""
+    the truth record is replaced in one step before any subject moves, so ``out`` never lacks the
+    mark of a cohort this tool wrote (a rerun after a stop part way takes the folder back)."""
     (out / "participants.tsv").unlink(missing_ok=True)
     for old in out.glob("sub-*"):
         shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
     (out / "dataset_description.json").unlink(missing_ok=True)
+    (staging / PLANTED_EFFECT_FILE).replace(out / PLANTED_EFFECT_FILE)
     for new in sorted(staging.glob("sub-*")):
         new.replace(out / new.name)
-    for name in WRITTEN[::-1]:  # planted_effect.json, dataset_description.json, then participants.tsv
-        (staging / name).replace(out / name)
+    for name in WRITTEN[::-1]:  # dataset_description.json, then participants.tsv
+        if name != PLANTED_EFFECT_FILE:
+            (staging / name).replace(out / name)
     staging.rmdir()
 
 

@@ -185,3 +185,31 @@ def test_cli_takes_the_folder_a_killed_first_run_left(tmp_path):
     assert cli.main(["--out", str(out), "--per-class", "1", *TINY]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["dataset_description.json", "participants.tsv",
                                                       "planted_effect.json", "sub-001", "sub-002"]
+
+
+@pytest.mark.parametrize("earlier", [False, True])
+def test_a_stop_while_the_cohort_moves_in_is_taken_back_by_a_rerun(tmp_path, monkeypatch, capsys, earlier):
+    """Stopped after a few subjects had moved in: the folder held them without the tool's mark
+    (first run: the rerun refused it as someone else's) or beside the old one (to_zarr then asked
+    for a participants.tsv)."""
+    from masan.convert.sources import ConvertError, discover_bids
+
+    cli, out = _cli(), tmp_path / "b"
+    if earlier:
+        assert cli.main(["--out", str(out), "--per-class", "1", *TINY]) == 0
+    real, moved = Path.replace, []
+
+    def replace(self, target):
+        if self.parent.name == cli.STAGING and len(moved) == 2:
+            raise KeyboardInterrupt  # a stop between two moves
+        moved.append(self)
+        return real(self, target)
+
+    monkeypatch.setattr(Path, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(["--out", str(out), "--per-class", "2", "--seed", "3", *TINY])
+    monkeypatch.setattr(Path, "replace", real)
+    with pytest.raises(ConvertError, match="synth_cohort.py was stopped while writing this cohort; run it again"):
+        discover_bids(out)
+    assert cli.main(["--out", str(out), "--per-class", "2", "--seed", "3", *TINY]) == 0
+    assert len(discover_bids(out)) == 4 and not (out / cli.STAGING).exists()

@@ -29,6 +29,9 @@ from masan.store.cohort import MODALITIES, SAFE_ID
 PLANTED_EFFECT_FILE = "planted_effect.json"
 """A synthetic cohort's truth record beside participants.tsv (written by masan.synth.phantom and
 masan.synth.anatomy, copied into the store's root attributes by to_zarr)."""
+SYNTH_STAGING = ".synth-partial"
+"""The folder inside a synthetic cohort's folder that data_tools/synth_cohort.py writes it to before
+it moves in: where it is, a run of that tool stopped part way."""
 
 DEFAULT_CLASSES = ("NC", "EMCI", "LMCI", "AD")
 ADNI_ALIASES = {"CN": "NC"}
@@ -475,6 +478,9 @@ def discover_bids(bids: str | Path, label_column: str = "diagnosis", session: st
         raise ConvertError(_not_bids_folder(bids))
     table = bids / "participants.tsv"
     if not table.is_file():
+        if (bids / SYNTH_STAGING).is_dir():
+            raise ConvertError(f"{table} not found, and {bids / SYNTH_STAGING} is there: data_tools/synth_cohort.py "
+                               "was stopped while writing this cohort; run it again (the same command)")
         raise ConvertError(f"{table} {_absence(table) if table.is_symlink() else 'not found'}; a BIDS folder needs "
                            f"participants.tsv with participant_id and a {label_column!r} column"
                            + (" (participants.csv is there: BIDS wants the table tab-separated, as participants.tsv)"
