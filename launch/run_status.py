@@ -312,6 +312,8 @@ def run_status(root: Path, run: Path, queued: dict[str, Queued] | None, now: flo
             denied.append(Path(e.filename or run))
     if denied:
         st.add_note(_denied(run, denied))
+    if done is None and st.slurm == jobs.LOCAL_ENDED:  # a finished run's exit status says nothing more
+        _local_failure(job_record(run)[0], st)
     if done is None and st.slurm == "COMPLETED":  # SLURM's word for a job that exited 0, also one that stopped
         spent = any(e.get("event") == jobs.REQUEUES_SPENT and e.get("job_id") == st.job_id
                     for e in job_record(run)[0]["events"])
@@ -370,8 +372,6 @@ def _jobs_columns(run: Path, st: RunStatus, queued: dict[str, Queued] | None) ->
         # the lock is the truth about a live local run: launch/train_local.py started by hand keeps
         # no job record, and a newer record may be a start that was refused or never began
         st.job_id, st.slurm, st.reason = holder, jobs.LOCAL_RUNNING, None
-    elif record["jobs"] and record["jobs"][-1]["kind"] == "local":
-        _local_failure(record, st)
     # a requeue shows when it is asked for (rank 0's event, while the job waits to start again) or,
     # for one SLURM made itself (preemption, scontrol requeue), when the job starts again
     asked = sum(1 for e in record["events"] if e.get("event") == "requeued")
@@ -407,11 +407,15 @@ def _local_holder(run: Path) -> str | None:
 
 
 def _local_failure(record: dict, st: RunStatus) -> None:
-    """A note for a local run that ended in failure, from the exit status submit.py recorded."""
+    """A note for a local run that ended unfinished, from the exit status submit.py recorded."""
     if st.slurm != jobs.LOCAL_ENDED:
         return
     code = jobs.local_exit(record, st.job_id)
-    if code is None or code in (0, EXIT_INTERRUPTED):  # done, stopped (a second Ctrl-C too), or unknown
+    if code is None:  # submit.py itself was killed (kill -9, a closed session): no exit status recorded
+        st.add_note(f"local run {st.job_id} ended without recording how (the command that started it was killed); "
+                    "run that command again to resume from the newest complete checkpoint")
+        return
+    if code in (0, EXIT_INTERRUPTED):  # done, or stopped (a second Ctrl-C too)
         return
     if code == jobs.EXIT_REFUSED:
         st.add_note(f"local run {st.job_id} was refused (exit {code}: a config, resume or run-directory error at its "

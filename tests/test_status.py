@@ -636,6 +636,26 @@ def test_a_local_run_that_ended_in_failure_gets_a_note_and_its_restarts_count(tm
     assert run_status.run_status(tmp_path, run, {}).note == ""
 
 
+def test_a_local_run_whose_launcher_was_killed_or_that_finished_gets_the_right_note(tmp_path, tiny_config):
+    """kill -9 of submit.py left no exit status and no note; a Ctrl-C as the run finished left
+    'killed by SIGINT: run that command again' beside its DONE, for good."""
+    from masan.config import config_to_dict, load_config, save_config
+    from masan.rundir import done_target
+
+    run = tmp_path / "run"
+    killed = _ended_pid()
+    jobs.record_job(run, killed, "local", "(this terminal)")
+    row = run_status.run_status(tmp_path, run, {})
+    assert row.slurm == "ended (local)" and "ended without recording how" in row.note, row.note
+    jobs.record_event(run, killed, jobs.EXITED, code=-2)
+    cfg = load_config(tiny_config, [f"run_dir={run}"])
+    save_config(cfg, run / "config.yaml")
+    (run / "DONE").write_text(json.dumps({"step": 21, "epochs_done": sum(cfg.epochs.values()),
+                                          "target": done_target(cfg), "config": config_to_dict(cfg)}))
+    row = run_status.run_status(tmp_path, run, {})
+    assert "SIGINT" not in row.note and "again" not in row.note, row.note
+
+
 def test_epochs_show_one_decimal_rounded_down():
     """A stop mid-epoch used to show 31.57/201 beside 3/3; and no unfinished run may look done."""
     def cell(done, target):
