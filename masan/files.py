@@ -25,10 +25,13 @@ import contextlib
 import errno
 import json
 import os
+import re
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
+
+from masan.host import pid_alive
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -70,6 +73,25 @@ def atomic_writer(path: str | os.PathLike, mode: str = "w", **open_kwargs: Any) 
         tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(final.parent)
+
+
+_TEMPORARY = re.compile(r"^\..+\.(\d+)\.[0-9a-f]{8}\.tmp$")
+"""The name :func:`atomic_writer` gives its temporary file (the writer's pid is in it)."""
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Remove the temporary files of :func:`atomic_writer` in ``folder`` whose writer no longer
+    runs on this host (a write killed before its rename: hidden, they would stay for good); those
+    of a live writer are left. Returns the files removed."""
+    removed = []
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+        for entry in os.scandir(folder):
+            m = _TEMPORARY.match(entry.name)
+            if m and entry.is_file(follow_symlinks=False) and not pid_alive(int(m.group(1))):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
+                    removed.append(Path(entry.path))
+    return removed
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

@@ -1,9 +1,9 @@
 """This host as Linux reports it to this process: the cores it may run on, the memory the kernel
-can still give, what this process holds now and at its peak (bytes), and how a file system that
-cannot lock files answers. One owner for the reads that the converter and the launchers (how
-many threads?), the cohort cache (is there room?), the training log (peak per interval) and the
-benchmarks (growth per step) all need; off Linux each falls back to what :mod:`os` and
-:mod:`resource` know."""
+can still give, what this process holds now and at its peak (bytes), whether a process runs, and
+how a file system that cannot lock files answers. One owner for the reads that the converter and
+the launchers (how many threads?), the cohort cache (is there room?), the training log (peak per
+interval) and the benchmarks (growth per step) all need; off Linux each falls back to what
+:mod:`os` and :mod:`resource` know."""
 
 from __future__ import annotations
 
@@ -63,3 +63,14 @@ def peak_rss_bytes(reset: bool = False) -> int:
         except OSError:
             pass  # not Linux, or no permission: later peaks are lifetime peaks
     return peak
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this host (another user's counts: signalling it is refused)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

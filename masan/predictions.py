@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from masan.files import atomic_writer
+from masan.files import atomic_writer, remove_stale_temporaries
 from masan.metrics import prediction_metrics
 from masan.rundir import RunDir
 
@@ -196,6 +196,7 @@ def write_predictions(
     """
     run = RunDir(run_dir)
     run.root.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(run.root)  # of a write killed before its renames
     names = list(class_names)
     if preds.probs.shape[1:] != (len(names),):
         raise PredictionsError(f"predictions have {preds.probs.shape[1:]} classes, class_names {names}")

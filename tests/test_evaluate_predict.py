@@ -4,6 +4,8 @@ sampling with a real 2-process gloo group) and the run directory's prediction fi
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 
 import numpy as np
 import pytest
@@ -258,3 +260,23 @@ def test_prediction_files_from_two_writes_are_refused_when_read(tmp_path):
     (tmp_path / "predictions.csv").write_bytes(old)  # as if the write stopped after metrics.json's rename
     with pytest.raises(PredictionsError, match="is not the file metrics.json was written with"):
         load_predictions(tmp_path)
+
+
+def test_a_killed_writes_hidden_temporaries_are_removed_by_the_next_write(tmp_path):
+    """A write killed before its renames left hidden .NAME.PID.HEX.tmp files that no run removed."""
+    from masan.evaluate.report_folder import ReportFolder
+    from masan.predictions import write_predictions
+
+    gone = subprocess.Popen(["true"])  # a writer that has ended
+    gone.wait()
+    for folder in (tmp_path / "pred", tmp_path / "rep" / "figures"):
+        folder.mkdir(parents=True)
+        (folder / f".predictions.csv.{gone.pid}.0123abcd.tmp").write_text("half")
+        (folder / f".metrics.json.{os.getpid()}.0123abcd.tmp").write_text("a live writer's")
+    preds = Predictions(["s1", "s2"], np.array([0, 1]), np.array([[0.7, 0.3], [0.2, 0.8]], np.float32),
+                        np.zeros((2, 8), np.float32))
+    write_predictions(preds, tmp_path / "pred", ["NC", "AD"], "AD")
+    ReportFolder(tmp_path / "rep").begin()
+    for folder in (tmp_path / "pred", tmp_path / "rep" / "figures"):
+        left = sorted(p.name for p in folder.glob(".*.tmp"))
+        assert left == [f".metrics.json.{os.getpid()}.0123abcd.tmp"], left

@@ -19,7 +19,6 @@ import datetime
 import fcntl
 import json
 import logging
-import os
 import re
 import shutil
 import signal
@@ -28,7 +27,7 @@ import subprocess
 from pathlib import Path
 
 from masan.files import atomic_write_json
-from masan.host import FLOCK_UNSUPPORTED
+from masan.host import FLOCK_UNSUPPORTED, pid_alive
 from masan.rundir import RunDir
 
 log = logging.getLogger(__name__)
@@ -300,12 +299,9 @@ def _local_alive(job: dict) -> bool:
     if "exited" in job or job.get("host") != socket.gethostname():
         return False  # cannot tell from here; a local run elsewhere does not block
     try:
-        os.kill(int(job["job_id"]), 0)
-    except PermissionError:  # alive, another user's: a group member's run in a shared run directory
-        return True
+        return pid_alive(int(job["job_id"]))  # another user's counts: a group member's run in a shared folder
     except (OSError, ValueError):
         return False
-    return True
 
 
 def active_jobs(run_dir: str | Path) -> list[tuple[str, str]]:

@@ -56,7 +56,7 @@ import torch
 from masan import distributed as D
 from masan.config import ConfigError, DataConfig
 from masan.data.batches import Batches, Scale
-from masan.host import GIB, available_bytes
+from masan.host import GIB, available_bytes, pid_alive
 from masan.store.cohort import CohortStore, normalized_float32, scaled_float32
 
 log = logging.getLogger(__name__)
@@ -95,16 +95,6 @@ def node_peers() -> tuple[int, int]:
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     mine = [r for r, h in enumerate(hosts) if h == hosts[rank]]
     return mine.index(rank), len(mine)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 OWNER_RECORD_BYTES = 4096
@@ -166,7 +156,7 @@ def sweep_stale(cache_dir: Path) -> list[Path]:
     for d in cache_dir.glob(PREFIX + "*"):
         try:
             owner_host, pid, *how = _owner_record(d).split()
-            if owner_host != host or (_owner_alive(d / OWNER) if how == [LOCKED] else _pid_alive(int(pid))):
+            if owner_host != host or (_owner_alive(d / OWNER) if how == [LOCKED] else pid_alive(int(pid))):
                 continue
         except (OSError, ValueError):
             continue  # being created right now, removed meanwhile, or not ours

@@ -24,7 +24,7 @@ import json
 import os
 from pathlib import Path
 
-from masan.files import atomic_write_json, atomic_write_text
+from masan.files import atomic_write_json, atomic_write_text, remove_stale_temporaries
 
 MANIFEST_NAME = ".masan_evaluate_files.json"
 """The list of the files the report tool wrote into the folder (relative paths)."""
@@ -71,6 +71,8 @@ class ReportFolder:
     def begin(self) -> None:
         """Create the folder and ``INCOMPLETE`` (the first file written), read the earlier list."""
         self.root.mkdir(parents=True, exist_ok=True)
+        for folder in (self.root, *(d for d in self.root.iterdir() if d.is_dir() and not d.is_symlink())):
+            remove_stale_temporaries(folder)  # of a report killed mid-write
         self.state = "writing"
         atomic_write_text(self.incomplete, INCOMPLETE_TEXT)
         self._earlier = self._listed()
