@@ -55,3 +55,18 @@ def test_a_reader_that_stops_early_gets_no_traceback(tiny_store):
     assert "Traceback" not in res.stderr and "BrokenPipe" not in res.stderr, res.stderr
     assert res.returncode == 1
 
+
+
+def test_verify_names_a_current_link_left_at_another_version(tmp_path, tiny_store, capsys):
+    """A conversion stopped between the table's write and the link's left `current` at the old
+    version: readers follow the table, but --verify said '0 damaged' to one who opened files."""
+    store = Path(shutil.copytree(tiny_store, tmp_path / "s.zarr", symlinks=True))
+    subject = CohortStore(store).subjects[0]
+    folder = store / "subjects" / subject
+    version = Path(CohortStore(store).group_path(subject)).name
+    shutil.copytree(folder / version, folder / "v1")
+    (folder / "current").unlink()
+    (folder / "current").symlink_to("v1")
+    assert _main()([str(store), "--verify"]) == 1
+    out = capsys.readouterr()
+    assert f"subjects/{subject}/current does not point at {version}" in out.out + out.err

@@ -55,6 +55,7 @@ from masan.files import atomic_write_json
 from masan.host import FLOCK_UNSUPPORTED, usable_cores
 from masan.store import nifti_zarr, permissions, places, publish
 from masan.store.cohort import (
+    CURRENT,
     FORMAT,
     FORMAT_VERSION,
     INPUTS,
@@ -269,6 +270,10 @@ def verify_published(store: Path, key: str, slab_frames: int = ConvertOptions.fm
         if st and not all(isinstance(st.get(k), int | float) and math.isfinite(st[k]) for k in ("mean", "std")):
             bad.append(f"{key}/{m}'s normalisation statistics are not finite (mean {st.get('mean')}, std "
                        f"{st.get('std')}): its values reach past float32's range")
+    current = folder.parent / CURRENT
+    if publish.VERSION.match(folder.name) and current.is_symlink() and os.path.realpath(current) != \
+            os.path.realpath(folder):  # readers follow the table; the link is for people (a stop left it behind)
+        bad.append(f"{current.relative_to(store)} does not point at {folder.name}, the version the table names")
     return bad
 
 
