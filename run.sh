@@ -67,5 +67,6 @@ case "$cmd" in
         fi
         # the slowest tests listed, so that the markers of the quick tier stay honest
         exec .venv/bin/python -m pytest tests --durations=25 "$@" ;;
-    *) echo "usage: bash run.sh demo|test|setup [args]" >&2; exit 2 ;;
+    -h|--help) sed -n '2,6p' "$0" | sed 's/^# \{0,1\}//' ;;
+    *) echo "usage: bash run.sh demo [demo.py args] | test [--quick] [pytest args] | setup  (see --help)" >&2; exit 2 ;;
 esac

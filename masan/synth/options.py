@@ -6,7 +6,7 @@ other for its options."""
 from __future__ import annotations
 
 from masan.argtypes import number
-from masan.synth import anatomy, structures
+from masan.synth import presets, structures
 from masan.synth.phantom import PlantedEffect
 
 
@@ -28,8 +28,9 @@ def add_effect_arguments(parser, anatomy_group=None) -> None:
     group = anatomy_group or parser
     parser.add_argument("--strength", nargs="+", type=number(float, 0, 1), default=None, metavar="K",
                         help="effect at severity 1, in [0, 1] (phantom: one value, default %s; mni152: one "
-                             "value for both modalities or T1 and fMRI, default %s %s)" % ((PlantedEffect.strength,)
-                                                                            + anatomy.DEFAULT_STRENGTH))
+                             "value for both modalities or T1 and fMRI, default the --preset's: %s)" % (
+                                 PlantedEffect.strength, ", ".join(f"{name} {' '.join(map(str, p.strength))}"
+                                                                   for name, p in presets.PRESETS.items())))
     group.add_argument("--structures", nargs="+", default=None, choices=sorted(structures.STRUCTURES), metavar="NAME",
                        help="structures carrying the effect (default: hippocampus amygdala); one of "
                             + ", ".join(sorted(structures.STRUCTURES)))
