@@ -111,8 +111,9 @@ LOCK_FILE = "science.lock"
 # --------------------------------------------------------------------------- command line
 
 
-OVERRIDE_WORD = re.compile(r"^[A-Za-z_]\w*(\.\w+)+=")
-"""A config override on the command line (``section.key=value``)."""
+OVERRIDE_WORD = re.compile(r"^[A-Za-z_]\w*(\.\w+)*=")
+"""A config override on the command line (``section.key=value``, or ``key=value`` for a key at the
+top, e.g. ``deterministic=true``); a path with '=' in it (``reports/lr=3e-4.md``) is none."""
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -167,14 +168,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--set", nargs="+", metavar="KEY=VALUE", help="the same overrides, spelled as the bench tools "
                     "take them")
     argv = sys.argv[1:] if argv is None else list(argv)
-    # KEY=VALUE may follow --variants/--structures (nargs="+"): take them out before parsing, and
-    # the words after --set; an option's value with '=' in it (--out reports/lr=3e-4.md) names no
-    # section.key and stays
-    rest, overrides, after_set = [], [], False
+    # KEY=VALUE may follow --variants/--structures (nargs="+"): take them out before parsing; an
+    # option's value with '=' in it (--out reports/lr=3e-4.md) names no key and stays
+    rest, overrides = [], []
     for a in argv:
-        after_set = a == "--set" or (after_set and not a.startswith("-"))
-        if a != "--set":
-            (overrides if after_set or OVERRIDE_WORD.match(a) else rest).append(a)
+        if a != "--set":  # --set KEY=VALUE ... takes what every bare KEY=VALUE word is anyway
+            (overrides if OVERRIDE_WORD.match(a) else rest).append(a)
     args = ap.parse_args(rest)
     if args.overrides:  # a word that is no override: a value split from its key by a space, a typo
         ap.error(f"override {args.overrides[0]!r} must look like section.key=value (e.g. optim.lr=3e-4)")

@@ -411,6 +411,11 @@ def _local_failure(record: dict, st: RunStatus) -> None:
     if st.slurm != jobs.LOCAL_ENDED:
         return
     code = jobs.local_exit(record, st.job_id)
+    host = next((j.get("host") for j in reversed(record["jobs"]) if j["job_id"] == st.job_id), None)
+    if code is None and host != socket.gethostname():  # its process can be looked for only there
+        st.add_note(f"local run {st.job_id} was started on host {host}: only there can status tell whether it still "
+                    "runs")
+        return
     if code is None:  # submit.py itself was killed (kill -9, a closed session): no exit status recorded
         st.add_note(f"local run {st.job_id} ended without recording how (the command that started it was killed); "
                     "run that command again to resume from the newest complete checkpoint")

@@ -263,9 +263,11 @@ def _tighten(root: Path, file_mode: int, gid: int | None, settled: Iterable[Path
             loose.append(p)
         if st.st_uid != me and me != 0:  # a group member's file (a shared run or store): not ours to chmod
             if more:
-                raise AccessError(f"{p} belongs to {owner_name(st.st_uid)} and is more open than {root} may be "
-                                  f"({stat.S_IMODE(st.st_mode):o}, wanted at most {file_mode:o}); ask them to run "
-                                  f"chmod go-rwx (or the group bits the folder allows) on it, then start again")
+                wanted = dir_mode(file_mode) if stat.S_ISDIR(st.st_mode) else file_mode
+                raise AccessError(f"{p} belongs to {owner_name(st.st_uid)} and is more open than "
+                                  f"{os.path.realpath(root)} may be (mode {stat.S_IMODE(st.st_mode):o}, at most "
+                                  f"{wanted:o} wanted); ask them to close it (chmod {wanted:o} {p}), then run "
+                                  "the same command again")
             continue
         if gid is not None and st.st_gid != gid:
             try:

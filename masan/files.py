@@ -5,7 +5,7 @@ QC reports and stores are read while they are written (``launch/status.py``, a r
 another rank), and a crash or a full disk must not leave a truncated file that a later start
 trusts. Every such write goes through :func:`atomic_writer` (or its ``atomic_write_*`` forms):
 
-1. the data go to a hidden temporary file in the same folder (``.NAME.PID.RANDOM.tmp``: the
+1. the data go to a hidden temporary file in the same folder (``.NAME.PID@HOST.RANDOM.tmp``: the
    same file system, so the rename is atomic; hidden and unique, so concurrent writers and
    folder listings never see it as the real file);
 2. the file is flushed and fsync'ed, so the rename never publishes data still in the page
@@ -27,6 +27,7 @@ import json
 import os
 import re
 import secrets
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -61,7 +62,7 @@ def atomic_writer(path: str | os.PathLike, mode: str = "w", **open_kwargs: Any) 
     if mode not in ("w", "wb"):
         raise ValueError(f"atomic_writer mode {mode!r}: use 'w' (text) or 'wb' (bytes)")
     final = Path(path)
-    tmp = final.with_name(f".{final.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    tmp = final.with_name(temporary_name(final.name))
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask decides, as for open()
     try:
         with os.fdopen(fd, mode, **open_kwargs) as f:
@@ -75,19 +76,28 @@ def atomic_writer(path: str | os.PathLike, mode: str = "w", **open_kwargs: Any) 
     _fsync_dir(final.parent)
 
 
-_TEMPORARY = re.compile(r"^\..+\.(\d+)\.[0-9a-f]{8}\.tmp$")
-"""The name :func:`atomic_writer` gives its temporary file (the writer's pid is in it)."""
+_TEMPORARY = re.compile(r"^\..+\.(\d+)@(.+)\.[0-9a-f]{8}\.tmp$")
+"""How :func:`temporary_name` names a temporary file: its writer's pid and host are in it."""
+
+
+def temporary_name(name: str) -> str:
+    """The hidden, unique name of a temporary file to write ``name`` through
+    (``.NAME.PID@HOST.RANDOM.tmp``, :data:`_TEMPORARY`): the writer is named, so a later write
+    can tell a dead writer's file from a live one's, on this host or another that shares the
+    folder."""
+    return f".{name}.{os.getpid()}@{socket.gethostname()}.{secrets.token_hex(4)}.tmp"
 
 
 def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
-    """Remove the temporary files of :func:`atomic_writer` in ``folder`` whose writer no longer
-    runs on this host (a write killed before its rename: hidden, they would stay for good); those
-    of a live writer are left. Returns the files removed."""
-    removed = []
+    """Remove the temporary files of :func:`atomic_writer` in ``folder`` that a writer of this host
+    left and that no longer runs (a write killed before its rename: hidden, they would stay for
+    good); those of a live writer, or of another host's (it alone can tell), are left. Returns the
+    files removed."""
+    removed, host = [], socket.gethostname()
     with contextlib.suppress(FileNotFoundError, NotADirectoryError):
         for entry in os.scandir(folder):
             m = _TEMPORARY.match(entry.name)
-            if m and entry.is_file(follow_symlinks=False) and not pid_alive(int(m.group(1))):
+            if m and m.group(2) == host and entry.is_file(follow_symlinks=False) and not pid_alive(int(m.group(1))):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(entry.path)
                     removed.append(Path(entry.path))

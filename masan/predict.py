@@ -57,7 +57,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 
 from masan import argtypes
-from masan.access import reports_denied
+from masan.access import AccessError, reports_denied
 from masan.argtypes import path, str_path
 from masan.config import ConfigError, RunConfig, load_config
 from masan.files import disk_refusal
@@ -465,6 +465,9 @@ def _predict(ap: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     try:
         metrics = write_access(chosen.store, args.run_dir, args.out,
                                lambda: write_predictions(preds, args.out, names, positive, split=chosen.part))
+    except AccessError as e:  # a colleague's file in --out more open than the predictions may be
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except OSError as e:
         why = disk_refusal(e) or f"{e.strerror}{f': {e.filename}' if e.filename else ''}"
         print(f"error: could not write the predictions into --out {args.out} ({why}); its earlier files, if any, "

@@ -110,6 +110,6 @@ def test_a_class_without_subjects_is_refused_for_training(tmp_path):
     convert_cohort(discover_bids(bids), store, ConvertOptions(), classes=("NC", "LMCI", "AD"), progress=False)
     cfg = DataConfig(store=str(store), classes=["NC", "LMCI"])
     with pytest.raises(ConfigError, match=r"data.classes \['LMCI'\] have no subject .*NC 2, LMCI 0, AD 2"):
-        select_subjects(store, cfg)
-    subjects, _, _ = select_subjects(store, cfg, unlabeled=True, quiet=True)  # predicting new patients: allowed
+        select_subjects(store, cfg, every_class=True)
+    subjects, _, _ = select_subjects(store, cfg, quiet=True)  # predicting with a trained run: allowed
     assert len(subjects) == 2

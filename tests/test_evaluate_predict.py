@@ -263,7 +263,11 @@ def test_prediction_files_from_two_writes_are_refused_when_read(tmp_path):
 
 
 def test_a_killed_writes_hidden_temporaries_are_removed_by_the_next_write(tmp_path):
-    """A write killed before its renames left hidden .NAME.PID.HEX.tmp files that no run removed."""
+    """A write killed before its renames left hidden temporary files that no run removed; another
+    host's, or a live writer's, are not this write's to judge."""
+    import socket
+
+    host = socket.gethostname()
     from masan.evaluate.report_folder import ReportFolder
     from masan.predictions import write_predictions
 
@@ -271,12 +275,14 @@ def test_a_killed_writes_hidden_temporaries_are_removed_by_the_next_write(tmp_pa
     gone.wait()
     for folder in (tmp_path / "pred", tmp_path / "rep" / "figures"):
         folder.mkdir(parents=True)
-        (folder / f".predictions.csv.{gone.pid}.0123abcd.tmp").write_text("half")
-        (folder / f".metrics.json.{os.getpid()}.0123abcd.tmp").write_text("a live writer's")
+        (folder / f".predictions.csv.{gone.pid}@{host}.0123abcd.tmp").write_text("half")
+        (folder / f".metrics.json.{os.getpid()}@{host}.0123abcd.tmp").write_text("a live writer's")
+        (folder / f".metrics.json.{gone.pid}@othernode.0123abcd.tmp").write_text("another node's")
     preds = Predictions(["s1", "s2"], np.array([0, 1]), np.array([[0.7, 0.3], [0.2, 0.8]], np.float32),
                         np.zeros((2, 8), np.float32))
     write_predictions(preds, tmp_path / "pred", ["NC", "AD"], "AD")
     ReportFolder(tmp_path / "rep").begin()
     for folder in (tmp_path / "pred", tmp_path / "rep" / "figures"):
-        left = sorted(p.name for p in folder.glob(".*.tmp"))
-        assert left == [f".metrics.json.{os.getpid()}.0123abcd.tmp"], left
+        left = {p.name for p in folder.glob(".*.tmp")}
+        assert left == {f".metrics.json.{gone.pid}@othernode.0123abcd.tmp",
+                        f".metrics.json.{os.getpid()}@{host}.0123abcd.tmp"}, left

@@ -38,8 +38,12 @@ def test_a_word_that_is_no_override_is_refused_and_set_is_taken():
     with pytest.raises(SystemExit) as e:
         science.parse_args(["--repeats", "1", "train.joint_epochs", "40"])
     assert e.value.code == 2
-    args = science.parse_args(["--set", "optim.lr=1e-3", "log.every_steps=2", "--out", "reports/lr=3e-4.md"])
-    assert args.overrides == ["optim.lr=1e-3", "log.every_steps=2"] and str(args.out) == "reports/lr=3e-4.md"
+    args = science.parse_args(["--set", "optim.lr=1e-3", "log.every_steps=2", "--out", "reports/lr=3e-4.md",
+                               "deterministic=true"])
+    assert args.overrides == ["optim.lr=1e-3", "log.every_steps=2", "deterministic=true"]
+    assert str(args.out) == "reports/lr=3e-4.md"
+    with pytest.raises(SystemExit):
+        science.parse_args(["--set", "optim.lr=1e-3", "oops"])
 
 
 def test_cells_are_mean_and_sample_std_over_repeats():

@@ -145,7 +145,7 @@ def test_a_resume_from_a_file_that_would_run_code_refuses_without_running_it(tmp
                           f"run_dir={copy}", "train.pretrain_epochs=1", "train.joint_epochs=2"],
                          capture_output=True, text=True, timeout=600, cwd=REPO, check=False)
     assert res.returncode == 2, res.stderr[-3000:]
-    assert "could run code" in res.stderr and "checkpoint.trust_objects=true" in res.stderr, res.stderr[-3000:]
+    assert "could run code" in res.stderr and "MASAN_TRUST_CHECKPOINT_OBJECTS=1" in res.stderr, res.stderr[-3000:]
     assert not ran.exists() and "Traceback" not in res.stderr
     assert not (copy / "checkpoints" / "step_000021").exists()
 

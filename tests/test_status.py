@@ -654,6 +654,10 @@ def test_a_local_run_whose_launcher_was_killed_or_that_finished_gets_the_right_n
                                           "target": done_target(cfg), "config": config_to_dict(cfg)}))
     row = run_status.run_status(tmp_path, run, {})
     assert "SIGINT" not in row.note and "again" not in row.note, row.note
+    elsewhere = tmp_path / "elsewhere"  # started on another node of a shared file system: maybe still running
+    jobs.record_job(elsewhere, str(os.getpid()), "local", "(this terminal)", host="computenode-17")
+    row = run_status.run_status(tmp_path, elsewhere, {})
+    assert "started on host computenode-17: only there" in row.note and "killed" not in row.note, row.note
 
 
 def test_epochs_show_one_decimal_rounded_down():

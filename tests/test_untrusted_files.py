@@ -286,4 +286,4 @@ def test_a_run_dir_of_a_colleague_names_its_owner_not_chmod(shared):
         return 0
 
     code, out = as_second_user(start)
-    assert code == 2 and "it belongs to root: ask them to let your group write it" in out, out
+    assert code == 2 and "it belongs to root: choose a run_dir=... in a folder you may write" in out, out

@@ -409,12 +409,6 @@ class CheckpointConfig:
     """Also save at the end of every epoch. Turn off when epochs last a few steps (a small
     cohort on many ranks), where epoch-end saves would cost more than the training itself;
     every_steps / every_minutes then bound what a crash can lose."""
-    trust_objects: bool = field(default=False, metadata=PLUMBING)
-    """Resume by loading checkpoint files as DeepSpeed does, objects of any type included (a
-    pickle can run code when loaded). Off: tensors, plain values and the NumPy and DeepSpeed types
-    a checkpoint of this tool holds only, and a resume names any other. On only for a run directory
-    no one else can write, when a resume names an object type its files hold from another
-    DeepSpeed version."""
 
 
 @dataclass

@@ -517,7 +517,7 @@ def discover_bids(bids: str | Path, label_column: str = "diagnosis", session: st
             sources.append(_bids_subject(bids, folder.name, want, session, found_sessions, None,
                                          f"folder {folder} (not in participants.tsv)", None, bold_task, listings))
     for s in sources:
-        if s.subject:
+        if SAFE_ID.fullmatch(s.subject):  # an unsafe id names no folder of the cohort (it fails its check)
             s.visit = _visit(bids, s.subject, s.session, label_column)
             s.labels_from_visits = visits
             if visits:
@@ -577,6 +577,8 @@ def _visit(bids: Path, sid: str, session: str | None, column: str) -> Visit:
         cols, rows = _read_table(table, sep)
     except ConvertError as e:
         return Visit(None, where, table, str(e))
+    except OSError as e:  # e.g. a table only its owner may read: a problem of this subject, not of the run
+        return Visit(None, where, table, f"{where} cannot be read ({e.strerror}); make it readable")
     if "session_id" not in cols or column not in cols:
         return Visit(None, where, table, f"{where} has columns {cols}{_delimiter_hint(cols, sep)}; it needs "
                      f"session_id and {column!r}")

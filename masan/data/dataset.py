@@ -56,7 +56,7 @@ def _log_once(message: str) -> None:
 
 
 def select_subjects(store: CohortStore | str | os.PathLike, data_cfg: DataConfig, unlabeled: bool = False,
-                    quiet: bool = False) -> tuple[list[str], list[int], list[str]]:
+                    quiet: bool = False, every_class: bool = False) -> tuple[list[str], list[int], list[str]]:
     """-> (subjects, labels as indices into class_names, class_names = data_cfg.classes).
 
     A store class maps to ``data_cfg.merge.get(c, c)``; subjects whose mapped class is not
@@ -65,7 +65,9 @@ def select_subjects(store: CohortStore | str | os.PathLike, data_cfg: DataConfig
     naming them. Subjects stored without a diagnosis (``to_zarr.py --allow-unlabeled``) are
     left out with a warning, or with ``unlabeled`` (prediction) kept with label :data:`UNLABELED`.
     ``quiet`` leaves out the same subjects without a word: for a caller that names them itself,
-    or that selects again the subjects of a run that named them when it trained.
+    or that selects again the subjects of a run that named them when it trained. ``every_class``
+    (a training start) refuses a class of ``data.classes`` with no subject: a model would be
+    trained for a class it never sees, and its metrics would look like a result.
     """
     store = store if isinstance(store, CohortStore) else CohortStore(store)
     classes = list(data_cfg.classes)
@@ -109,8 +111,8 @@ def select_subjects(store: CohortStore | str | os.PathLike, data_cfg: DataConfig
     if not subjects:
         raise ConfigError(f"no subject of {store.path} has classes {classes} with {' and '.join(used)}; "
                           "check data.classes, data.merge, data.use_t1/use_fmri")
-    empty = [c for i, c in enumerate(classes) if i not in labels]
-    if empty and not unlabeled:  # a model of classes it never sees: its metrics would look like a result
+    empty = [c for i, c in enumerate(classes) if i not in labels] if every_class else []
+    if empty:
         raise ConfigError(f"data.classes {empty} have no subject of {store.path} with {' and '.join(used)} "
                           f"(its subjects by class: {_class_counts(store)}); leave them out of data.classes, "
                           "pool them with data.merge, or convert their subjects (to_zarr.py --label-map)")

@@ -19,7 +19,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from masan import argtypes
-from masan.access import describe_mode, reports_denied, write_restricted
+from masan.access import AccessError, describe_mode, reports_denied, write_restricted
 from masan.evaluate.plots import TOP_K, VIEWS
 from masan.evaluate.region_ranking import RegionError, load_atlas_labels, open_atlas
 from masan.evaluate.report import (
@@ -182,7 +182,7 @@ def evaluate(args: argparse.Namespace, folder: ReportFolder) -> int:
 
         try:
             (report, figures, removed), access = write_restricted(sources, out, written, write)
-        except (RegionError, MetricsError) as e:
+        except (RegionError, MetricsError, AccessError) as e:  # AccessError: a colleague's file too open
             print(f"error: {e}; {folder.left_behind()}", file=sys.stderr)
             return EXIT_BAD_INPUT
         except OSError as e:  # e.g. a folder the system does not let anyone create (/proc/...)

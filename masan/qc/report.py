@@ -79,7 +79,7 @@ from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
 from masan.access import apply_access, creation_umask, describe_mode, restrictive_mode
-from masan.files import atomic_write_text, atomic_writer
+from masan.files import atomic_write_text, atomic_writer, remove_stale_temporaries
 from masan.qc import figures
 from masan.qc.checks import (
     Flag,
@@ -140,6 +140,7 @@ def _start_out(out: Path, mode: int, gid: int | None) -> None:
                       "write") from None
     apply_access(out, mode, gid)  # set-gid folder: the files made in it take the store's group
     atomic_write_text(out / MARKER, MARKER_TEXT)
+    remove_stale_temporaries(out)  # of a report killed mid-write
     for p in out.iterdir():
         if p.name == INDEX or p.suffix == ".png":
             p.unlink()

@@ -450,14 +450,14 @@ def _drain(queue: deque, solo: deque, n: int, fn: Callable, args: tuple, store: 
                         try:
                             fut = pool.submit(fn, solo[0], *args)
                         except BrokenProcessPool:
-                            return []
+                            return _suspects(pool, inflight, record, tick)
                         inflight[fut] = solo.popleft()
                         suspects.add(fut)
                     elif queue and len(inflight) < n:
                         try:
                             fut = pool.submit(fn, queue[0], *args)
                         except BrokenProcessPool:
-                            return list(inflight.values())
+                            return _suspects(pool, inflight, record, tick)
                         inflight[fut] = queue.popleft()
                     else:
                         break
@@ -466,7 +466,7 @@ def _drain(queue: deque, solo: deque, n: int, fn: Callable, args: tuple, store: 
                     try:
                         result = fut.result()
                     except BrokenProcessPool:
-                        return list(inflight.values())
+                        return _suspects(pool, inflight, record, tick)
                     inflight.pop(fut)
                     suspects.discard(fut)
                     record(result)
@@ -475,6 +475,24 @@ def _drain(queue: deque, solo: deque, n: int, fn: Callable, args: tuple, store: 
             _stop_workers(pool)
             raise
     return []
+
+
+def _suspects(pool: ProcessPoolExecutor, inflight: dict, record: Callable[[dict], None],
+              tick: Callable[[], None]) -> list:
+    """The jobs in flight when the broken ``pool`` broke that may have broken it: a job whose
+    result came before the break is recorded, not rerun or failed (alone in flight, it would be
+    taken for the culprit). The pool's other workers are ended here: the executor would end them
+    with SIGTERM, which they ignore (:func:`worker_init`), and one waiting for a task behind the
+    queue's lock that the killed worker held would wait for good, and the pool's shutdown with it."""
+    _stop_workers(pool)
+    left = []
+    for fut, job in inflight.items():
+        if fut.done() and not fut.cancelled() and fut.exception() is None:
+            record(fut.result())
+            tick()
+        else:
+            left.append(job)
+    return left
 
 
 def _stop_workers(pool: ProcessPoolExecutor) -> None:

@@ -484,7 +484,7 @@ class CheckpointManager:
                 continue
             unknown = None
             try:
-                with checked_objects(engine, trusted=cfg.checkpoint.trust_objects):
+                with checked_objects(engine, trusted=os.environ.get(TRUST_OBJECTS_ENV) == "1"):
                     path, client = engine.load_checkpoint(
                         str(self.dir), tag=tag, load_module_only=world_changed,
                         load_optimizer_states=not world_changed, load_lr_scheduler_states=False)
@@ -584,6 +584,12 @@ def _deepspeed_globals() -> list:
     return [ZeroStageEnum, fragment_address, LossScaler, DynamicLossScaler]
 
 
+TRUST_OBJECTS_ENV = "MASAN_TRUST_CHECKPOINT_OBJECTS"
+"""Set to 1 in the environment of one start, it loads checkpoint files as DeepSpeed does, objects
+of any type included. Not a config key: a run's config.yaml lies in the run directory, where whoever
+could plant a pickle could also switch the check off, and a saved key would stay on for good."""
+
+
 class UnknownObject(ResumeError):
     """A checkpoint file holds an object of a type a checkpoint of this tool never holds."""
 
@@ -595,8 +601,8 @@ def checked_objects(engine, trusted: bool = False):
     (:func:`_numpy_globals`, :func:`_deepspeed_globals`). DeepSpeed itself unpickles whatever the
     file holds, and a pickle can run any code: a run directory others may write (a shared project
     folder) must not hand them this process. A file holding anything else raises
-    :class:`UnknownObject`. ``trusted`` (``checkpoint.trust_objects``) leaves DeepSpeed's loader
-    as it is."""
+    :class:`UnknownObject`. ``trusted`` (:data:`TRUST_OBJECTS_ENV`) leaves DeepSpeed's loader as
+    it is."""
     from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
 
     ce = getattr(engine, "checkpoint_engine", None)
@@ -614,8 +620,8 @@ def checked_objects(engine, trusted: bool = False):
             raise UnknownObject(
                 f"{path} holds an object a checkpoint of this tool never holds ({what}): the file was altered, or "
                 "written by another tool or DeepSpeed version, and loading it could run code hidden in it, so it "
-                "was not loaded. If the run directory is yours alone and its files came from this tool, resume "
-                "with checkpoint.trust_objects=true; else start afresh in a new run_dir") from None
+                f"was not loaded. If the run directory is yours alone and its files came from this tool, start it "
+                f"once with {TRUST_OBJECTS_ENV}=1 in the environment; else start afresh in a new run_dir") from None
 
     ce.load = load  # the engine's every read (model states, optimizer shards) goes through it
     try:

@@ -120,8 +120,9 @@ def check_writable(run_dir: Path) -> None:
             owner = d.stat().st_uid if d.exists() else os.geteuid()
             fix = ("choose a run_dir=... on a writable one" if on_read_only_mount(d) else
                    f"make it writable (chmod u+wx {d}) or choose another run_dir=..." if owner == os.geteuid() else
-                   f"it belongs to {owner_name(owner)}: ask them to let your group write it (chmod g+w {d}), or "
-                   "choose another run_dir=...")
+                   f"it belongs to {owner_name(owner)}: choose a run_dir=... in a folder you may write (e.g. in "
+                   f"your home or scratch folder), or, if it is a shared project folder of your group, ask them "
+                   f"to let the group write it (chmod g+w {d})")
             raise ConfigError(f"{why}: checkpoints and results of run_dir={run_dir} could not be saved there; {fix}")
 
 
@@ -205,7 +206,7 @@ def preflight(cfg: RunConfig, world_size: int, ckpt: CheckpointManager, chash: s
     check_place(cfg)
     check_writable(run_dir)
     store = open_store(cfg)
-    subjects, labels, class_names = select_subjects(store, cfg.data)
+    subjects, labels, class_names = select_subjects(store, cfg.data, every_class=True)
     split_path = RunDir(run_dir).split
     # a split.json without a complete checkpoint is from a start that never trained: the config decides
     trained = split_path.is_file() and bool(ckpt.complete_tags())
