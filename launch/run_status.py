@@ -312,8 +312,8 @@ def run_status(root: Path, run: Path, queued: dict[str, Queued] | None, now: flo
             denied.append(Path(e.filename or run))
     if denied:
         st.add_note(_denied(run, denied))
-    if done is None and st.slurm == jobs.LOCAL_ENDED:  # a finished run's exit status says nothing more
-        _local_failure(job_record(run)[0], st)
+    if done is None and st.slurm == jobs.LOCAL_ENDED and RunDir(run).stopped_record() is None:
+        _local_failure(job_record(run)[0], st)  # a finished or stopped run's exit status says nothing more
     if done is None and st.slurm == "COMPLETED":  # SLURM's word for a job that exited 0, also one that stopped
         spent = any(e.get("event") == jobs.REQUEUES_SPENT and e.get("job_id") == st.job_id
                     for e in job_record(run)[0]["events"])
