@@ -458,7 +458,7 @@ def _predict(ap: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     except (OSError, ConfigError, ValueError, StoreError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"predicting {len(chosen.subjects)} subjects with {RunDir(args.run_dir).checkpoints / tag}", file=sys.stderr,
+    print(f"predicting {len(chosen.subjects)} subjects with {RunDir(args.run_dir).checkpoints / tag}",
           flush=True)  # a cohort on the CPU takes a while: the bar shows on a terminal
     preds = predict_subjects(model, dataset, cfg, args.device, names, seed=cfg.seed, progress=sys.stderr.isatty())
     positive = cfg.data.positive_class
