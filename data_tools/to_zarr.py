@@ -28,6 +28,7 @@ import argparse
 import os
 import signal
 import sys
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -257,6 +258,9 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:  # an Interrupted from stop_signals, or Ctrl-C while the inputs were read
+        # a zarr write the signal cut short leaves its coroutine unawaited: its warning, printed when
+        # it is collected, would trail the one line this stop is told in
+        warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
         signum, done = (e.signum, e.report) if isinstance(e, Interrupted) else (signal.SIGINT, None)
         name = signal.Signals(signum).name
         if done is None:
